@@ -1,0 +1,1 @@
+"""fairgpu: api.routers package."""

@@ -1,0 +1,1 @@
+"""fairgpu: migrations package."""

@@ -1,0 +1,211 @@
+"""The scheduling core's contract: frozen snapshot types in, decision types out.
+
+Times are float seconds (UTC epoch on a real cluster, virtual seconds in the simulator) so that
+the same code runs in both. Ids are ints: database ids on a server, generated ids in the
+simulator. Nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+DAY_S = 86_400.0
+
+
+class DependencyState(StrEnum):
+    """Where a job's `afterok` dependencies stand."""
+
+    NONE = "none"
+    SATISFIED = "satisfied"
+    WAITING = "waiting"
+    NEVER = "never"  # a dependency ended other than COMPLETED: the job can never start
+
+
+class ReasonCode(StrEnum):
+    """Why a job waits, in Slurm's vocabulary where Slurm has a word for it."""
+
+    PRIORITY = "Priority"  # jobs ahead of it take the resources it would fit in
+    RESOURCES = "Resources"  # it is at the head, but no placement fits now
+    RESERVATION = "Reservation"  # GPUs it could use are reserved for a higher job
+    QUOTA_GUARANTEED = "QuotaGuaranteed"  # beyond its org's guarantee and not preemptible
+    ORG_LIMIT = "OrgLimit"  # starting it would exceed the org's (or an ancestor's) limit
+    DEPENDENCY = "Dependency"
+    DEPENDENCY_NEVER_SATISFIED = "DependencyNeverSatisfied"
+    JOB_HELD_USER = "JobHeldUser"
+    BAD_CONSTRAINTS = "BadConstraints"  # no node in the cluster could ever run it
+    PREEMPTING = "Preempting"  # waiting for GPUs held by jobs being preempted for it
+
+
+class PreemptionReason(StrEnum):
+    RECLAIM = "reclaim"  # an org takes its guarantee back from a borrower
+    PRIORITY = "priority"  # a higher priority class inside the same org
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A schedulable GPU server. Nodes are homogeneous in GPU type, as in practice."""
+
+    id: int
+    name: str
+    site: str
+    domain: str  # topology domain (NVLink / rack / switch) inside the site
+    gpu_type: str
+    gpus: tuple[int, ...]  # every GPU index on the node
+    unhealthy_gpus: frozenset[int] = frozenset()
+    schedulable: bool = True  # False when draining, drained, down or unhealthy
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """GPUs of one node given to one task of a job."""
+
+    node_id: int
+    gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    """A node of the organisation tree.
+
+    `usage` is this org's own decayed, billing-weighted GPU-seconds (children not included: the
+    core sums along the tree). `guaranteed` and `limit` are per GPU type; a type missing from
+    `limit` means no limit beyond the cluster, a type missing from `guaranteed` means 0.
+    """
+
+    id: int
+    name: str
+    parent_id: int | None = None
+    shares: float = 1.0
+    guaranteed: Mapping[str, int] = field(default_factory=dict)
+    limit: Mapping[str, int] = field(default_factory=dict)
+    usage: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningJob:
+    """A job holding GPUs now (STARTING or RUNNING, or being preempted)."""
+
+    job_id: int
+    org_id: int
+    user_id: int
+    gpu_type: str
+    placements: tuple[Placement, ...]
+    started_at: float
+    time_limit_s: float
+    priority_class: str = "normal"
+    preemptible: bool = False
+    preempting: bool = False  # a preemption was already sent; its GPUs free by `preempt_deadline`
+    preempt_deadline: float | None = None
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(len(p.gpus) for p in self.placements)
+
+    @property
+    def expected_end(self) -> float:
+        return self.started_at + self.time_limit_s
+
+
+@dataclass(frozen=True, slots=True)
+class PendingJob:
+    job_id: int
+    org_id: int
+    user_id: int
+    gpus_per_node: int
+    nodes: int
+    time_limit_s: float
+    submitted_at: float
+    gpu_type: str | None = None  # None: any type
+    site: str | None = None  # None: any site
+    priority_class: str = "normal"
+    preemptible: bool = False
+    held: bool = False
+    dependency: DependencyState = DependencyState.NONE
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Every tunable of the policy, with its default; docs/SCHEDULING.md says why each."""
+
+    half_life_s: float = 7 * DAY_S
+    gpu_weights: Mapping[str, float] = field(default_factory=dict)  # missing type: 1.0
+    priority_classes: Mapping[str, int] = field(
+        default_factory=lambda: {"low": 0, "normal": 1, "high": 2}
+    )
+    weight_fairshare: float = 10_000.0
+    weight_class: float = 5_000.0
+    weight_age: float = 1_000.0
+    weight_size: float = 500.0
+    age_max_s: float = 7 * DAY_S
+    min_runtime_s: float = 600.0
+    preemption_grace_s: float = 30.0
+    backfill_reservations: int = 8  # blocked jobs at the head that hold a reservation
+    backfill_depth: int = 50_000  # pending jobs examined per cycle
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    now: float
+    nodes: tuple[Node, ...]
+    orgs: tuple[Org, ...]
+    running: tuple[RunningJob, ...] = ()
+    pending: tuple[PendingJob, ...] = ()
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    job_id: int
+    placements: tuple[Placement, ...]  # one per task, node rank = position
+    borrowed: bool = False  # beyond the org's guarantee: may be reclaimed
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    job_id: int
+    reason: PreemptionReason
+    preemptor_job_id: int
+    deadline: float  # SIGKILL after this (now + grace)
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One machine-readable reason a job waits, with the numbers behind it."""
+
+    code: ReasonCode
+    message: str
+    details: Mapping[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInfo:
+    job_id: int
+    priority: float
+    reasons: tuple[Reason, ...]
+    estimated_start: float | None  # None: cannot be estimated (held, dependency, never fits)
+
+
+@dataclass(frozen=True, slots=True)
+class OrgStanding:
+    """An org's fair-share position this cycle, for `shares` and the metrics."""
+
+    org_id: int
+    fairshare_factor: float
+    shares_norm: float
+    usage_norm: float
+    allocated: Mapping[str, int]  # GPUs held now, per GPU type (this org and its subtree)
+    borrowed: Mapping[str, int]  # of those, beyond the guarantee
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    starts: tuple[Start, ...] = ()
+    preemptions: tuple[Preemption, ...] = ()
+    pending: Mapping[int, PendingInfo] = field(default_factory=dict)
+    standings: Mapping[int, OrgStanding] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""fairgpu: scheduler.sim package."""

@@ -1,0 +1,1 @@
+"""fairgpu: tests package."""
