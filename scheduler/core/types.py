@@ -147,6 +147,13 @@ class PolicyConfig:
     preemption_grace_s: float = 30.0
     backfill_reservations: int = 8  # blocked jobs at the head that hold a reservation
     backfill_depth: int = 50_000  # pending jobs examined per cycle
+    # Switches that turn the fairgpu policy into the baselines the simulator compares with:
+    # `fifo` = ordering "fifo", no backfill, no borrowing, no preemption;
+    # `slurm-like` = ordering "multifactor", backfill, no borrowing (guarantees act as limits).
+    ordering: str = "multifactor"  # "multifactor" | "fifo"
+    backfill: bool = True
+    borrowing: bool = True
+    preemption: bool = True
 
 
 @dataclass(frozen=True, slots=True)
