@@ -1,0 +1,19 @@
+"""The `fairgpu` command: one Typer app; each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import bench
+
+app = typer.Typer(
+    name="fairgpu",
+    help="fairgpu: fair-share GPU scheduling for shared GPU data centres.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(bench.app, name="bench")
+
+
+def main() -> None:
+    app()
