@@ -1,0 +1,211 @@
+"""The agent protocol: what a node agent and the server say to each other over HTTP.
+
+Agents *pull*: they sit behind NAT and firewalls in other data centres, so they only ever make
+outbound requests, and the server answers each heartbeat with the work for that node.
+
+    POST /v1/agent/register   Authorization: Bearer <join token>   AgentRegister -> AgentRegistered
+    POST /v1/agent/heartbeat  Authorization: Bearer <node credential>  Heartbeat -> HeartbeatReply
+
+Contract (both sides rely on it):
+
+- Registration is idempotent by (site, name): registering again with a valid join token returns
+  the same `node_id` and a *new* credential (the old one is revoked). An agent that lost its state
+  directory therefore recovers by registering again. A bad join token is 401.
+- A heartbeat with an unknown or revoked credential is 401; the agent then stops heartbeating and
+  says so (it re-registers only if it still has a join token).
+- Every heartbeat reports every task the agent knows that is not yet acknowledged as ended: live
+  tasks with their current state, ended ones with their final state. A 2xx reply acknowledges
+  every report and log chunk in the request; the agent drops them then, not before. So the server
+  must apply reports idempotently (the same final report may arrive twice if a reply is lost).
+- The server puts a task in `start` on every reply until the agent has reported it in any state;
+  the agent ignores a `start` for a task id it already knows (a task never starts twice). The
+  server puts a task in `stop` on every reply until the agent reports it ended; stopping is
+  idempotent on the agent too.
+- `wait_s` makes a heartbeat a long-poll: when the request carries nothing urgent (no task state
+  changed) the server may hold it up to `wait_s` seconds and answer as soon as it has a task to
+  start or stop for this node. This is what makes a job start quickly on an idle cluster.
+- Task states map to job states on the server: `exited` with exit code 0 -> COMPLETED, `exited`
+  otherwise -> FAILED, `timeout` -> TIMEOUT, `stopped` -> whatever the server asked the stop for
+  (CANCELLED, PREEMPTED), `failed_to_start` -> FAILED, `lost` -> NODE_FAIL.
+
+Ids are the server's database ids (ints). Sizes are bytes, durations seconds, times timezone-aware.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+# Bounds shared by both sides: the agent splits its reports to fit, the server rejects larger.
+MAX_GPUS_PER_NODE = 64
+MAX_TASKS_PER_HEARTBEAT = 256
+MAX_LOG_CHUNKS_PER_HEARTBEAT = 64
+MAX_LOG_CHUNK_CHARS = 64 * 1024
+MAX_PROCESSES_PER_GPU = 64
+MAX_XID_EVENTS_PER_SAMPLE = 64
+MAX_WAIT_S = 60.0
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ShortText = Annotated[str, Field(max_length=1024)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+GpuIndex = Annotated[int, Field(ge=0, lt=MAX_GPUS_PER_NODE)]
+Uuid = Annotated[str, Field(min_length=1, max_length=96)]
+
+GpuHealth = Literal["healthy", "unhealthy", "lost"]
+TaskState = Literal[
+    "starting", "running", "exited", "stopped", "timeout", "failed_to_start", "lost"
+]
+TERMINAL_TASK_STATES: frozenset[str] = frozenset(
+    {"exited", "stopped", "timeout", "failed_to_start", "lost"}
+)
+
+
+class _Model(BaseModel):
+    # Unknown fields are an error so that a typo or a version skew is loud, not silently dropped.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class GpuInfo(_Model):
+    """One GPU as the agent found it at start-up; the scheduler places jobs from this."""
+
+    index: GpuIndex
+    uuid: Uuid
+    model: Annotated[str, Field(min_length=1, max_length=64)]
+    """Normalised type the scheduler matches jobs against: "H100", "A100-80GB", "L40S"."""
+    name: ShortText = ""
+    """The raw product name NVML reports ("NVIDIA H100 80GB HBM3"), for operators."""
+    memory_bytes: NonNegInt
+    mig_enabled: bool = False
+    nvlink_peers: Annotated[list[GpuIndex], Field(max_length=MAX_GPUS_PER_NODE)] = []
+    """Indices of GPUs on this node reachable over NVLink; placement prefers such groups."""
+
+
+class AgentRegister(_Model):
+    """First call of an agent, authorised by a join token an administrator handed out."""
+
+    name: Name
+    site: Name
+    domain: Name
+    """Topology domain inside the site (rack, NVLink or switch group) for gang placement."""
+    hostname: Annotated[str, Field(min_length=1, max_length=255)]
+    address: Annotated[str, Field(min_length=1, max_length=255)]
+    """Address other nodes reach this one at; used as MASTER_ADDR when it holds rank 0."""
+    agent_version: Annotated[str, Field(min_length=1, max_length=64)]
+    gpus: Annotated[list[GpuInfo], Field(max_length=MAX_GPUS_PER_NODE)]
+
+
+class AgentRegistered(_Model):
+    node_id: int
+    node_name: Name
+    credential: Annotated[str, Field(min_length=16, max_length=512)]
+    """The node's bearer token for heartbeats; shown once, the server keeps only a hash."""
+    heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)]
+
+
+class GpuProcess(_Model):
+    pid: NonNegInt
+    used_memory_bytes: NonNegInt | None = None
+
+
+class GpuSample(_Model):
+    """One GPU's state at `sampled_at`. A field the device cannot report is None, not zero."""
+
+    index: GpuIndex
+    uuid: Uuid
+    sampled_at: AwareDatetime
+    utilization_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
+    memory_used_bytes: NonNegInt | None = None
+    memory_total_bytes: NonNegInt | None = None
+    temperature_c: float | None = None
+    power_w: NonNegFloat | None = None
+    energy_joules: NonNegFloat | None = None
+    """Monotonic counter since the driver loaded; the server takes differences for accounting."""
+    ecc_uncorrected_total: NonNegInt | None = None
+    ecc_corrected_total: NonNegInt | None = None
+    xid_events: Annotated[list[NonNegInt], Field(max_length=MAX_XID_EVENTS_PER_SAMPLE)] = []
+    """XID error codes seen since the previous sample (an XID is a driver-reported GPU fault)."""
+    health: GpuHealth = "healthy"
+    health_reason: ShortText = ""
+    processes: Annotated[list[GpuProcess], Field(max_length=MAX_PROCESSES_PER_GPU)] = []
+
+
+class TaskReport(_Model):
+    """Where one task stands. Sent every heartbeat until a final state has been acknowledged."""
+
+    task_id: int
+    job_id: int
+    state: TaskState
+    pid: NonNegInt | None = None
+    started_at: AwareDatetime | None = None
+    ended_at: AwareDatetime | None = None
+    exit_code: int | None = None
+    signal: NonNegInt | None = None
+    """Signal number that ended the process, when one did (exit_code is then None)."""
+    reason: ShortText = ""
+
+
+class LogChunk(_Model):
+    """A piece of a task's combined stdout/stderr log, starting at byte `offset` of the log file.
+
+    Chunks of one task arrive in order and without gaps; `data` is decoded as UTF-8 with
+    replacement, so the server appends text and keeps `offset` only to drop duplicates.
+    """
+
+    task_id: int
+    offset: NonNegInt
+    data: Annotated[str, Field(max_length=MAX_LOG_CHUNK_CHARS)]
+    eof: bool = False
+    """True on the last chunk of an ended task: the log is complete."""
+
+
+class Heartbeat(_Model):
+    samples: Annotated[list[GpuSample], Field(max_length=MAX_GPUS_PER_NODE)] = []
+    tasks: Annotated[list[TaskReport], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = []
+    logs: Annotated[list[LogChunk], Field(max_length=MAX_LOG_CHUNKS_PER_HEARTBEAT)] = []
+    wait_s: Annotated[float, Field(ge=0, le=MAX_WAIT_S)] = 0.0
+    """Long-poll: the server may hold the request up to this long until it has work to give."""
+
+
+class TaskSpec(_Model):
+    """A task to start: one node's share of a job (a gang of `num_nodes` tasks).
+
+    The agent sets CUDA_VISIBLE_DEVICES (to `gpus`, or `gpu_uuids` when configured), FAIRGPU_JOB_ID,
+    FAIRGPU_TASK_ID, FAIRGPU_NODE_RANK, FAIRGPU_NUM_NODES; for num_nodes > 1 also MASTER_ADDR,
+    MASTER_PORT, NODE_RANK and WORLD_SIZE = num_nodes (one launcher process per node, as
+    `torchrun --nnodes=$WORLD_SIZE --node_rank=$NODE_RANK` expects).
+    """
+
+    task_id: int
+    job_id: int
+    org: Annotated[str, Field(max_length=128)] = ""
+    """Owning organisation's name, only for the agent's allocation metric label."""
+    node_rank: Annotated[int, Field(ge=0)]
+    num_nodes: Annotated[int, Field(ge=1)]
+    gpus: Annotated[list[GpuIndex], Field(max_length=MAX_GPUS_PER_NODE)]
+    gpu_uuids: Annotated[list[Uuid], Field(max_length=MAX_GPUS_PER_NODE)] = []
+    command: Annotated[
+        list[Annotated[str, Field(max_length=8192)]], Field(min_length=1, max_length=1024)
+    ]
+    env: Annotated[dict[str, Annotated[str, Field(max_length=8192)]], Field(max_length=256)] = {}
+    workdir: Annotated[str, Field(max_length=4096)] | None = None
+    image: Annotated[str, Field(max_length=512)] | None = None
+    """Container image; when set the agent launches through its configured container runtime."""
+    time_limit_s: Annotated[float, Field(gt=0)]
+    master_addr: Annotated[str, Field(max_length=255)] | None = None
+    master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+
+class TaskStop(_Model):
+    task_id: int
+    reason: Annotated[str, Field(max_length=256)] = ""
+    grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    """Seconds between SIGTERM and SIGKILL."""
+
+
+class HeartbeatReply(_Model):
+    start: Annotated[list[TaskSpec], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = []
+    stop: Annotated[list[TaskStop], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = []
+    heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)]
+    server_time: AwareDatetime
