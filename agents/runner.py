@@ -1,0 +1,300 @@
+"""Runs tasks as process groups, enforces time limits and stops, and finds them after a restart.
+
+Each task runs under a tiny `sh` wrapper that is the leader of a new session (so a signal to the
+group reaches everything the job started) and writes the command's exit status to a file. The
+task writes its log itself, not through a pipe to the agent, so neither the log nor the task
+dies with the agent; the exit file gives the exit status even when the agent that started the
+task is not the one that sees it end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import psutil
+
+from agents.container import Runtime, container_launch
+from agents.state import StateDir, TaskRecord, utcnow
+from api.schemas.agent import TERMINAL_TASK_STATES, TaskSpec, TaskState
+
+log = logging.getLogger(__name__)
+
+# `trap :` (a handler, not "ignore") lets the wrapper outlive SIGTERM to record the status while
+# the command itself still gets SIGTERM's default action: ignored signals would be inherited.
+_WRAPPER = 'trap : TERM INT HUP; "$@"; s=$?; echo $s > "$0.tmp" && mv "$0.tmp" "$0"; exit $s'
+# Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
+_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME", "TMPDIR")
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    cuda_by_uuid: bool = False
+    """CUDA_VISIBLE_DEVICES as GPU uuids (stable under renumbering) instead of indices."""
+    container_runtime: Runtime | None = None
+    container_binary: str | None = None
+    time_limit_grace_s: float = 30.0
+    log_max_bytes: int = 64 * 1024 * 1024
+
+
+def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool) -> dict[str, str]:
+    """The variables fairgpu sets for a task, on top of the job's own environment."""
+    env = dict(spec.env)
+    visible = spec.gpu_uuids if cuda_by_uuid and spec.gpu_uuids else [str(g) for g in spec.gpus]
+    env.update(
+        CUDA_VISIBLE_DEVICES=",".join(visible),
+        FAIRGPU_JOB_ID=str(spec.job_id),
+        FAIRGPU_TASK_ID=str(spec.task_id),
+        FAIRGPU_NODE_RANK=str(spec.node_rank),
+        FAIRGPU_NUM_NODES=str(spec.num_nodes),
+        FAIRGPU_GPUS_PER_NODE=str(len(spec.gpus)),
+    )
+    if spec.num_nodes > 1:
+        env.update(NODE_RANK=str(spec.node_rank), WORLD_SIZE=str(spec.num_nodes))
+        if spec.master_addr:
+            env["MASTER_ADDR"] = spec.master_addr
+        if spec.master_port:
+            env["MASTER_PORT"] = str(spec.master_port)
+    return env
+
+
+class Runner:
+    """The tasks of this node. Not thread-safe: the daemon calls it from one place."""
+
+    def __init__(self, state: StateDir, config: RunnerConfig | None = None) -> None:
+        self.state = state
+        self.config = config or RunnerConfig()
+        self.records: dict[int, TaskRecord] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # lifecycle -------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Load the state directory: adopt tasks still running, settle the ones that ended."""
+        for record in self.state.load_all():
+            self.records[record.task_id] = record
+            if record.state in TERMINAL_TASK_STATES:
+                continue
+            if record.pid is None:
+                self._end(record, "lost", reason="agent stopped while starting the task")
+            elif _alive(record.pid, record.pid_create_time):
+                log.info("task %d: found running as pid %d", record.task_id, record.pid)
+            else:
+                self._settle_exit(record, wrapper_returncode=None)
+
+    def start(self, spec: TaskSpec) -> bool:
+        """Start a task unless this node already knows it (a task never starts twice)."""
+        if spec.task_id in self.records:
+            return False
+        record = TaskRecord(spec=spec)
+        self.records[spec.task_id] = record
+        self.state.save(record)  # before the process exists: see agents.state
+        try:
+            self._spawn(record)
+        except OSError as exc:
+            self._end(record, "failed_to_start", reason=f"{type(exc).__name__}: {exc}")
+        return True
+
+    def stop(self, task_id: int, *, grace_s: float, reason: str) -> None:
+        record = self.records.get(task_id)
+        if record is None or record.state in TERMINAL_TASK_STATES or record.stop_reason:
+            return
+        self._terminate(record, grace_s=grace_s, reason=reason or "stop requested")
+
+    def poll(self, now: dt.datetime | None = None) -> bool:
+        """Notice exits, enforce time limits and kill deadlines. True when a state changed."""
+        now = now or utcnow()
+        changed = False
+        for record in list(self.records.values()):
+            if record.state in TERMINAL_TASK_STATES:
+                continue
+            child = self._children.get(record.task_id)
+            if child is not None:
+                returncode = child.poll()
+                if returncode is not None:
+                    self._settle_exit(record, wrapper_returncode=returncode)
+                    changed = True
+                    continue
+            elif not _alive(record.pid, record.pid_create_time):
+                self._settle_exit(record, wrapper_returncode=None)
+                changed = True
+                continue
+            if record.kill_at is not None and now >= record.kill_at and not record.killed:
+                self._kill(record)
+            elif record.stop_reason is None and record.started_at is not None:
+                elapsed_s = (now - record.started_at).total_seconds()
+                if elapsed_s >= record.spec.time_limit_s:
+                    self._terminate(
+                        record, grace_s=self.config.time_limit_grace_s, reason="time limit"
+                    )
+        return changed
+
+    def acknowledge(self, task_ids: set[int]) -> None:
+        """The server has the final reports of these tasks; keep only what prevents a restart."""
+        for task_id in task_ids:
+            record = self.records.get(task_id)
+            if record is not None and record.state in TERMINAL_TASK_STATES:
+                record.final_acked = True
+                self.state.save(record)
+
+    # queries ---------------------------------------------------------------------------------
+    def unacknowledged(self) -> list[TaskRecord]:
+        return [r for r in self.records.values() if not r.final_acked]
+
+    def busy_gpus(self) -> dict[int, list[int]]:
+        busy: dict[int, list[int]] = {}
+        for r in self.records.values():
+            if r.state in ("starting", "running") and r.pid is not None:
+                for gpu in r.spec.gpus:
+                    busy.setdefault(gpu, []).append(r.pid)
+        return busy
+
+    def running(self) -> list[TaskRecord]:
+        return [r for r in self.records.values() if r.state in ("starting", "running")]
+
+    # internals -------------------------------------------------------------------------------
+    def _spawn(self, record: TaskRecord) -> None:
+        spec, cfg = record.spec, self.config
+        job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid)
+        env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ} | job_env
+        argv = list(spec.command)
+        if spec.image and cfg.container_runtime:
+            launch = container_launch(
+                runtime=cfg.container_runtime,
+                binary=cfg.container_binary,
+                task_id=spec.task_id,
+                image=spec.image,
+                command=argv,
+                gpus=spec.gpus,
+                gpu_uuids=spec.gpu_uuids,
+                env=job_env,
+                workdir=spec.workdir,
+            )
+            argv, record.container_name = launch.argv, launch.name
+        elif spec.image:
+            raise OSError("the job asks for a container image but no container runtime is set")
+        exit_path = self.state.exit_path(spec.task_id)
+        exit_path.unlink(missing_ok=True)
+        log_fd = os.open(
+            self.state.log_path(spec.task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
+        )
+        try:
+            child = subprocess.Popen(
+                ["/bin/sh", "-c", _WRAPPER, str(exit_path), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd=spec.workdir or None,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log_fd)
+        self._children[spec.task_id] = child
+        record.pid = child.pid
+        record.pid_create_time = _create_time(child.pid)
+        record.state = "running"
+        record.started_at = utcnow()
+        self.state.save(record)
+        log.info("task %d: started pid %d", spec.task_id, child.pid)
+
+    def _terminate(self, record: TaskRecord, *, grace_s: float, reason: str) -> None:
+        record.stop_reason = reason
+        record.kill_at = utcnow() + dt.timedelta(seconds=grace_s)
+        self.state.save(record)
+        self._signal(record, signal.SIGTERM)
+
+    def _kill(self, record: TaskRecord) -> None:
+        record.killed = True
+        self.state.save(record)
+        self._signal(record, signal.SIGKILL)
+        if record.container_name and self.config.container_runtime in ("docker", "podman"):
+            binary = self.config.container_binary or self.config.container_runtime
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    [binary, "kill", record.container_name], capture_output=True, timeout=30
+                )
+
+    def _signal(self, record: TaskRecord, sig: signal.Signals) -> None:
+        if record.pid is None or not _alive(record.pid, record.pid_create_time):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.pid, sig)  # the wrapper leads its own session and group
+
+    def _settle_exit(self, record: TaskRecord, *, wrapper_returncode: int | None) -> None:
+        """Final state from the exit file, else from how the wrapper itself ended."""
+        self._children.pop(record.task_id, None)
+        exit_code: int | None = None
+        sig: int | None = None
+        try:
+            status = int(self.state.exit_path(record.task_id).read_text().strip())
+        except (OSError, ValueError):
+            status = None
+        if status is not None:
+            if status > 128 and status - 128 in _SIGNALS:  # the shell's encoding of a signal
+                sig = status - 128
+            else:
+                exit_code = status
+        elif wrapper_returncode is not None and wrapper_returncode < 0:
+            sig = -wrapper_returncode
+        elif record.killed:
+            sig = int(signal.SIGKILL)
+        else:
+            self._end(record, "lost", reason="the task ended while the agent was away")
+            return
+        state: TaskState
+        if record.stop_reason == "time limit":
+            state, reason = "timeout", f"time limit of {record.spec.time_limit_s:g} s reached"
+        elif record.stop_reason is not None:
+            state, reason = "stopped", record.stop_reason
+        else:
+            state, reason = "exited", ""
+        if record.killed:
+            reason = f"{reason}; killed after the grace period".lstrip("; ")
+        record.exit_code, record.signal = exit_code, sig
+        self._end(record, state, reason=reason)
+
+    def _end(self, record: TaskRecord, state: TaskState, *, reason: str) -> None:
+        record.state = state
+        record.reason = reason
+        record.ended_at = utcnow()
+        self.state.save(record)
+        log.info("task %d: %s %s", record.task_id, state, reason)
+
+
+_SIGNALS = frozenset(int(s) for s in signal.Signals)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(pid: int | None, create_time: float | None) -> bool:
+    """The process is there, is the one we started (not a reused pid), and is not a zombie."""
+    if pid is None:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if create_time is not None and abs(process.create_time() - create_time) > 0.01:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def allocations(records: Mapping[int, TaskRecord]) -> list[tuple[int, int, str]]:
+    """(gpu index, job id, org) for every running task: the allocation metric and dcgm files."""
+    return [
+        (gpu, r.spec.job_id, r.spec.org)
+        for r in records.values()
+        if r.state in ("starting", "running")
+        for gpu in r.spec.gpus
+    ]

@@ -1,0 +1,277 @@
+"""The runner with real subprocesses: environment, logs, exits, time limits, stops, adoption."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.runner import Runner, RunnerConfig
+from agents.state import StateDir
+from tests.agents.helpers import spec, wait_for
+
+PY = sys.executable
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> StateDir:
+    return StateDir(tmp_path / "state")
+
+
+@pytest.fixture(autouse=True)
+def reap_children(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Kill and reap whatever a test left running, so no Popen is collected while alive."""
+    runners: list[Runner] = []
+    original_init = Runner.__init__
+
+    def tracking_init(self: Runner, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        runners.append(self)
+
+    monkeypatch.setattr(Runner, "__init__", tracking_init)
+    yield
+    for runner in runners:
+        for child in runner._children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def run_to_end(runner: Runner, task_id: int, timeout_s: float = 10.0) -> None:
+    wait_for(
+        lambda: runner.poll() or runner.records[task_id].state not in ("starting", "running"),
+        timeout_s,
+    )
+    wait_for(
+        lambda: (runner.poll(), runner.records[task_id].state)[1] not in ("starting", "running"),
+        timeout_s,
+    )
+
+
+def test_environment_of_a_multi_node_task(
+    state: StateDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAIRGPU_JOIN_TOKEN", "secret")  # the agent's secrets stay with the agent
+    out = tmp_path / "env.json"
+    code = (
+        f"import json, os; json.dump(dict(os.environ), open({str(out)!r}, 'w')); print(os.getcwd())"
+    )
+    runner = Runner(state)
+    task = spec(
+        7,
+        [PY, "-c", code],
+        job_id=42,
+        node_rank=1,
+        num_nodes=2,
+        gpus=[2, 3],
+        gpu_uuids=["GPU-a", "GPU-b"],
+        env={"MY_VAR": "x y"},
+        workdir=str(tmp_path),
+        master_addr="10.0.0.1",
+        master_port=29500,
+    )
+    assert runner.start(task)
+    run_to_end(runner, 7)
+    record = runner.records[7]
+    assert (record.state, record.exit_code, record.signal) == ("exited", 0, None)
+    env = json.loads(out.read_text())
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert env["FAIRGPU_JOB_ID"] == "42"
+    assert env["FAIRGPU_NODE_RANK"] == env["NODE_RANK"] == "1"
+    assert env["FAIRGPU_NUM_NODES"] == env["WORLD_SIZE"] == "2"
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.1", "29500")
+    assert env["MY_VAR"] == "x y"
+    assert "FAIRGPU_JOIN_TOKEN" not in env
+    assert state.log_path(7).read_text().strip() == str(tmp_path)
+
+
+def test_uuids_when_configured_and_no_torchrun_vars_for_one_node(
+    state: StateDir, tmp_path: Path
+) -> None:
+    out = tmp_path / "env.json"
+    code = f"import json, os; json.dump(dict(os.environ), open({str(out)!r}, 'w'))"
+    runner = Runner(state, RunnerConfig(cuda_by_uuid=True))
+    runner.start(spec(1, [PY, "-c", code], gpus=[0, 1], gpu_uuids=["GPU-a", "GPU-b"]))
+    run_to_end(runner, 1)
+    env = json.loads(out.read_text())
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    assert "WORLD_SIZE" not in env
+    assert "MASTER_ADDR" not in env
+
+
+def test_exit_code_and_log_capture(state: StateDir) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, ["sh", "-c", "echo out; echo err >&2; exit 3"]))
+    run_to_end(runner, 1)
+    r = runner.records[1]
+    assert (r.state, r.exit_code, r.signal) == ("exited", 3, None)
+    assert sorted(state.log_path(1).read_text().split()) == ["err", "out"]
+    assert r.report().ended_at is not None
+
+
+def test_killed_by_signal_is_reported(state: StateDir) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, ["sh", "-c", "kill -SEGV $$"]))
+    run_to_end(runner, 1)
+    r = runner.records[1]
+    assert (r.state, r.exit_code, r.signal) == ("exited", None, signal.SIGSEGV)
+
+
+def test_missing_program_or_workdir_fails_to_start(state: StateDir, tmp_path: Path) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, ["true"], workdir=str(tmp_path / "nope")))
+    assert runner.records[1].state == "failed_to_start"
+    assert "nope" in runner.records[1].reason
+    runner.start(spec(2, ["/no/such/program"]))
+    run_to_end(runner, 2)
+    assert runner.records[2].exit_code == 127  # the shell's "command not found"
+
+
+def test_a_task_never_starts_twice(state: StateDir) -> None:
+    runner = Runner(state)
+    assert runner.start(spec(1, ["true"]))
+    assert not runner.start(spec(1, ["true"]))
+
+
+def test_time_limit_gives_timeout(state: StateDir) -> None:
+    runner = Runner(state, RunnerConfig(time_limit_grace_s=5))
+    runner.start(spec(1, [PY, "-c", "import time; time.sleep(30)"], time_limit_s=0.3))
+    run_to_end(runner, 1)
+    r = runner.records[1]
+    assert r.state == "timeout"
+    assert r.signal == signal.SIGTERM
+    assert not r.killed
+
+
+def test_stop_sigterm_ignored_then_sigkill_after_grace(state: StateDir, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    code = (
+        "import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
+    runner = Runner(state)
+    runner.start(spec(1, [PY, "-c", code]))
+    wait_for(ready.exists)
+    runner.stop(1, grace_s=0.5, reason="cancelled by user")
+    runner.poll()
+    assert runner.records[1].state == "running"  # SIGTERM ignored, still in its grace period
+    run_to_end(runner, 1)
+    r = runner.records[1]
+    assert (r.state, r.signal, r.killed) == ("stopped", signal.SIGKILL, True)
+    assert r.reason.startswith("cancelled by user")
+    assert (r.ended_at - r.started_at).total_seconds() >= 0.5
+
+
+def test_stop_reaches_the_whole_process_group(state: StateDir, tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    runner = Runner(state)
+    runner.start(spec(1, ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+    grandchild = int(pidfile.read_text())
+    runner.stop(1, grace_s=5, reason="preempted")
+    run_to_end(runner, 1)
+    assert runner.records[1].state == "stopped"
+    wait_for(lambda: not _running(grandchild))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_restart_adopts_a_running_task_and_sees_its_exit(state: StateDir, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    code = (
+        f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\n"
+        "raise SystemExit(5)"
+    )
+    first = Runner(state)
+    first.start(spec(1, [PY, "-c", code]))
+    pid = first.records[1].pid
+    # A new agent process: same state directory, no child handles.
+    second = Runner(state)
+    second.recover()
+    assert second.records[1].state == "running"
+    assert not second.start(spec(1, [PY, "-c", code]))  # not started twice
+    go.touch()
+    wait_for(lambda: first._children[1].poll() is not None)  # reap it as init would
+    run_to_end(second, 1)
+    r = second.records[1]
+    assert (r.state, r.exit_code, r.pid) == ("exited", 5, pid)
+
+
+def test_restart_after_task_vanished_without_status_is_lost(state: StateDir) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, [PY, "-c", "import time; time.sleep(60)"]))
+    pid = runner.records[1].pid
+    os.killpg(pid, signal.SIGKILL)  # the task and its wrapper die together, no exit file
+    runner._children[1].wait()
+    again = Runner(state)
+    again.recover()
+    assert again.records[1].state == "lost"
+
+
+def test_reused_pid_is_not_adopted(state: StateDir) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, [PY, "-c", "import time; time.sleep(60)"]))
+    record = runner.records[1]
+    record.pid_create_time = (record.pid_create_time or 0) - 1000  # as if another process
+    state.save(record)
+    again = Runner(state)
+    again.recover()
+    assert again.records[1].state == "lost"
+    os.killpg(record.pid, signal.SIGKILL)
+    runner._children[1].wait()
+
+
+def test_record_without_pid_is_lost_not_restarted(state: StateDir) -> None:
+    state.save(__import__("agents.state", fromlist=["TaskRecord"]).TaskRecord(spec=spec(9)))
+    runner = Runner(state)
+    runner.recover()
+    assert runner.records[9].state == "lost"
+    assert not runner.start(spec(9))
+
+
+def test_container_task_without_runtime_fails_to_start(state: StateDir) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, ["python", "train.py"], image="nvcr.io/nvidia/pytorch:24.05-py3"))
+    assert runner.records[1].state == "failed_to_start"
+    assert "container runtime" in runner.records[1].reason
+
+
+def test_container_task_runs_through_the_runtime(state: StateDir, tmp_path: Path) -> None:
+    fake_docker = tmp_path / "docker"
+    fake_docker.write_text(
+        f'#!/bin/sh\necho "$@" > {tmp_path}/argv\necho "$FAIRGPU_JOB_ID" >> {tmp_path}/argv\n'
+    )
+    fake_docker.chmod(0o755)
+    runner = Runner(
+        state, RunnerConfig(container_runtime="docker", container_binary=str(fake_docker))
+    )
+    runner.start(spec(1, ["python", "train.py"], image="pytorch:24", gpus=[4, 5]))
+    run_to_end(runner, 1)
+    argv, job = (tmp_path / "argv").read_text().splitlines()
+    assert argv.startswith("run --rm --name fairgpu-task-1")
+    assert '--gpus "device=4,5"' in argv
+    assert argv.endswith("pytorch:24 python train.py")
+    assert job == "101"
+    assert runner.records[1].exit_code == 0
+
+
+def test_reaped_child_subprocess_module_is_not_confused() -> None:
+    # sanity for the test helper: a normal exit is not mistaken for a zombie
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert not _running(p.pid)
