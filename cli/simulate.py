@@ -1,0 +1,139 @@
+"""`fairgpu simulate`: replay a job trace through the scheduling core under several policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scheduler.sim.config import POLICY_NAMES, SimConfig, TimeLimitModel
+
+if TYPE_CHECKING:
+    from scheduler.sim.engine import ProgressFn
+
+
+def simulate(
+    trace: Annotated[
+        Path | None, typer.Option(help="Trace CSV: job_id, submit_time_s, duration_s, ...")
+    ] = None,
+    quotas: Annotated[
+        Path | None, typer.Option(help="Quotas CSV: tenant, gpus (guaranteed GPUs per tenant).")
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Node groups, comma-separated, as SITE:NODESxGPUSxTYPE/DOMAINS (site, type and "
+            "domains optional), e.g. a:176x8xH100/2; default: one 8-GPU node per 8 guaranteed GPUs."
+        ),
+    ] = None,
+    time_scale: Annotated[
+        float, typer.Option(help="Divide submit times by K to add contention.", min=0.001)
+    ] = 1.0,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Policy to run (repeatable): {', '.join(POLICY_NAMES)}; default all."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for summary.json, report.md, plots.")] = Path(
+        "sim-out"
+    ),
+    time_limit: Annotated[
+        TimeLimitModel, typer.Option(help="Time limit users ask: exact, factor or hour.")
+    ] = TimeLimitModel.HOUR,
+    time_limit_factor: Annotated[
+        float, typer.Option(help="Duration x this with --time-limit factor.", min=0.01)
+    ] = 1.5,
+    checkpoint_interval_s: Annotated[
+        float, typer.Option(help="A preempted job keeps the work up to its last checkpoint.", min=1)
+    ] = 1_800.0,
+    cycle_interval_s: Annotated[
+        float, typer.Option(help="Least virtual time between scheduling cycles.", min=0.001)
+    ] = 30.0,
+    half_life_s: Annotated[
+        float, typer.Option(help="Half-life of decayed usage for fair share.", min=1)
+    ] = 7 * 86_400.0,
+    from_db_: Annotated[
+        bool,
+        typer.Option("--from-db", help="Replay the server's recorded jobs (not yet available)."),
+    ] = False,
+) -> None:
+    """Simulate a trace under each policy and write a scheduling-quality report."""
+    # Imported here: numpy and matplotlib would slow every other `fairgpu` command's start.
+    from scheduler.sim.report import headline_rows
+    from scheduler.sim.runner import (
+        FromDbNotAvailableError,
+        compare,
+        from_db,
+        load_workload,
+        write_outputs,
+    )
+    from scheduler.sim.trace import TraceError
+
+    console = Console(stderr=True)
+    if from_db_:
+        try:
+            from_db()
+        except FromDbNotAvailableError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    if trace is None or quotas is None:
+        raise typer.BadParameter("--trace and --quotas are both required")
+    policies = policy or list(POLICY_NAMES)
+    unknown = sorted(set(policies) - set(POLICY_NAMES))
+    if unknown:
+        raise typer.BadParameter(f"unknown policy {', '.join(unknown)}", param_hint="--policy")
+    config = SimConfig(
+        time_limit_model=time_limit,
+        time_limit_factor=time_limit_factor,
+        checkpoint_interval_s=checkpoint_interval_s,
+        cycle_interval_s=cycle_interval_s,
+        half_life_s=half_life_s,
+    )
+    try:
+        workload = load_workload(trace, quotas, cluster, time_scale)
+    except (TraceError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    total_jobs = len(workload.trace)
+    with Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} jobs · day {task.fields[day]:.1f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+
+        def track(name: str) -> ProgressFn:
+            task = progress.add_task(name, total=total_jobs, day=0.0)
+
+            def update(now_s: float, finished: int) -> None:
+                progress.update(task, completed=finished, day=now_s / 86_400)
+
+            return update
+
+        comparison = compare(workload, policies, config, progress=track)
+    inputs = {**workload.description, "policies": policies, **_config_inputs(config)}
+    write_outputs(out, inputs, comparison)
+    table = Table(title=f"{trace.name} x{time_scale:g} on {workload.description['gpus']:,} GPUs")
+    table.add_column("figure")
+    for name in policies:
+        table.add_column(name, justify="right")
+    for row in headline_rows(comparison.summaries):
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"wrote {out}/summary.json, report.md and plots")
+
+
+def _config_inputs(config: SimConfig) -> dict[str, object]:
+    return {
+        "time_limit": str(config.time_limit_model),
+        "time_limit_factor": config.time_limit_factor,
+        "checkpoint_interval_s": config.checkpoint_interval_s,
+        "cycle_interval_s": config.cycle_interval_s,
+        "half_life_s": config.half_life_s,
+    }

@@ -1,0 +1,108 @@
+"""The simulated cluster: node spec parsing, and tenants turned into organisations."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scheduler.core.types import Node, Org
+from scheduler.sim.trace import Quota, TraceError
+
+DEFAULT_GPU_TYPE = "H100"
+DEFAULT_SITE = "sim"
+DEFAULT_DOMAINS = 2  # the default cluster spreads over a couple of topology domains
+
+_GROUP = re.compile(
+    r"^(?:(?P<site>[\w.-]+):)?(?P<nodes>\d+)x(?P<gpus>\d+)(?:x(?P<type>[\w.-]+))?"
+    r"(?:/(?P<domains>\d+))?$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeGroup:
+    """`nodes` identical servers of `gpus_per_node` GPUs, split evenly over `domains`."""
+
+    site: str
+    nodes: int
+    gpus_per_node: int
+    gpu_type: str
+    domains: int = 1
+
+
+def parse_cluster_spec(spec: str) -> list[NodeGroup]:
+    """Parse `[SITE:]NODESxGPUS[xTYPE][/DOMAINS]`, comma-separated: `a:176x8xH100/2,b:8x4xA100`."""
+    groups: list[NodeGroup] = []
+    for part in (p.strip() for p in spec.split(",")):
+        match = _GROUP.match(part)
+        if not match:
+            raise TraceError(f"bad cluster group {part!r}: want [SITE:]NODESxGPUS[xTYPE][/DOMAINS]")
+        nodes, gpus = int(match["nodes"]), int(match["gpus"])
+        domains = int(match["domains"] or 1)
+        if nodes < 1 or gpus < 1 or not 1 <= domains <= nodes:
+            raise TraceError(f"bad cluster group {part!r}: counts must be positive")
+        site = match["site"] or DEFAULT_SITE
+        groups.append(NodeGroup(site, nodes, gpus, match["type"] or DEFAULT_GPU_TYPE, domains))
+    return groups
+
+
+def default_cluster(quotas: Sequence[Quota], gpus_per_node: int = 8) -> list[NodeGroup]:
+    """One node per `gpus_per_node` guaranteed GPUs, as the quota file describes the cluster."""
+    total = sum(q.gpus for q in quotas)
+    nodes = max(1, -(-total // gpus_per_node))
+    return [
+        NodeGroup(DEFAULT_SITE, nodes, gpus_per_node, DEFAULT_GPU_TYPE, min(DEFAULT_DOMAINS, nodes))
+    ]
+
+
+def build_nodes(groups: Sequence[NodeGroup]) -> tuple[Node, ...]:
+    nodes: list[Node] = []
+    for group in groups:
+        per_domain = -(-group.nodes // group.domains)
+        indices = tuple(range(group.gpus_per_node))
+        for i in range(group.nodes):
+            node_id = len(nodes) + 1
+            nodes.append(
+                Node(
+                    id=node_id,
+                    name=f"{group.site}-n{node_id:04d}",
+                    site=group.site,
+                    domain=f"{group.site}-d{i // per_domain}",
+                    gpu_type=group.gpu_type,
+                    gpus=indices,
+                )
+            )
+    return tuple(nodes)
+
+
+def build_orgs(
+    quotas: Sequence[Quota], extra_tenants: Sequence[str], default_gpu_type: str
+) -> tuple[Org, ...]:
+    """Flat orgs, one per tenant: guarantees from the quotas, shares proportional to them.
+
+    A tenant that submits jobs but has no quota gets no guarantee and a token share (one
+    GPU's worth), so it runs only on idle GPUs it borrows.
+    """
+    orgs = [
+        Org(
+            id=i + 1,
+            name=q.tenant,
+            shares=float(max(q.gpus, 1)),
+            guaranteed={q.gpu_type or default_gpu_type: q.gpus},
+        )
+        for i, q in enumerate(quotas)
+    ]
+    known = {q.tenant for q in quotas}
+    for tenant in sorted(set(extra_tenants) - known):
+        orgs.append(Org(id=len(orgs) + 1, name=tenant, shares=1.0, guaranteed={}))
+    return tuple(orgs)
+
+
+def gang_shape(num_gpus: int, gpus_per_node: int) -> tuple[int, int]:
+    """(GPUs per node, nodes) for a job: one node when it fits, else the fewest equal tasks."""
+    if num_gpus <= gpus_per_node:
+        return num_gpus, 1
+    nodes = -(-num_gpus // gpus_per_node)
+    while num_gpus % nodes:
+        nodes += 1
+    return num_gpus // nodes, nodes

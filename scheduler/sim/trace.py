@@ -1,0 +1,168 @@
+"""Workload input for the simulator: trace and quota CSV files, and a synthetic generator."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TRACE_COLUMNS = ("job_id", "submit_time_s", "duration_s", "num_gpus", "tenant")
+
+
+class TraceError(ValueError):
+    """A trace or quota file that cannot be read as the README describes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceJob:
+    """One job as recorded: when it was submitted, how long it ran, how many GPUs it held."""
+
+    name: str
+    tenant: str
+    submit_time_s: float
+    duration_s: float
+    num_gpus: int
+    gpu_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One tenant's guaranteed GPUs (the quotas file's `gpus` column)."""
+
+    tenant: str
+    gpus: int
+    gpu_type: str | None = None
+
+
+def _rows(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or ())]
+        if missing:
+            raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
+        yield from enumerate(reader, start=2)
+
+
+def load_trace(path: Path, time_scale: float = 1.0) -> list[TraceJob]:
+    """Read a trace sorted by submit time; `time_scale` K divides submit times to add contention."""
+    if time_scale <= 0:
+        raise TraceError("time scale must be positive")
+    jobs: list[TraceJob] = []
+    for line, row in _rows(path, TRACE_COLUMNS):
+        try:
+            submit_s = float(row["submit_time_s"]) / time_scale
+            duration_s = float(row["duration_s"])
+            num_gpus = int(row["num_gpus"])
+        except ValueError as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from exc
+        if num_gpus < 1 or duration_s < 0 or submit_s < 0 or not math.isfinite(duration_s):
+            raise TraceError(f"{path}:{line}: GPUs, duration and submit time must be positive")
+        gpu_type = (row.get("gpu_type") or "").strip() or None
+        jobs.append(
+            TraceJob(row["job_id"], row["tenant"], submit_s, duration_s, num_gpus, gpu_type)
+        )
+    jobs.sort(key=lambda j: j.submit_time_s)  # stable: ties keep file order
+    return jobs
+
+
+def load_quotas(path: Path) -> list[Quota]:
+    """Read guarantees; the README's file gives each tenant's size in `gpus` (and `nodes`)."""
+    quotas: list[Quota] = []
+    seen: set[str] = set()
+    for line, row in _rows(path, ("tenant", "gpus")):
+        try:
+            gpus = int(row["gpus"])
+        except ValueError as exc:
+            raise TraceError(f"{path}:{line}: {exc}") from exc
+        if gpus < 0 or row["tenant"] in seen:
+            raise TraceError(f"{path}:{line}: negative or repeated quota for {row['tenant']}")
+        seen.add(row["tenant"])
+        quotas.append(Quota(row["tenant"], gpus, (row.get("gpu_type") or "").strip() or None))
+    if not quotas:
+        raise TraceError(f"{path}: no quotas")
+    return quotas
+
+
+def write_trace(path: Path, jobs: Iterable[TraceJob]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TRACE_COLUMNS)
+        for job in jobs:
+            writer.writerow(
+                [
+                    job.name,
+                    f"{job.submit_time_s:g}",
+                    f"{job.duration_s:g}",
+                    job.num_gpus,
+                    job.tenant,
+                ]
+            )
+
+
+def write_quotas(path: Path, quotas: Iterable[Quota], gpus_per_node: int = 8) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["tenant", "nodes", "gpus"])
+        for quota in quotas:
+            writer.writerow([quota.tenant, quota.gpus // gpus_per_node, quota.gpus])
+
+
+# Shapes of the whole Philly extract (traces/README.md): GPUs per job and duration percentiles.
+_SIZE_WEIGHTS = ((1, 76_627), (2, 1_818), (4, 1_870), (8, 1_643), (16, 199), (32, 67), (64, 6))
+_DURATION_PCTS = (
+    (0.0, 30.0),
+    (0.10, 61.0),
+    (0.25, 115.0),
+    (0.50, 1_144.0),
+    (0.75, 2_932.0),
+    (0.90, 11_265.0),
+    (0.95, 43_646.0),
+    (0.99, 254_758.0),
+    (1.0, 600_000.0),
+)
+
+
+def _duration(rng: random.Random) -> float:
+    """Log-linear interpolation between the README's duration percentiles."""
+    u = rng.random()
+    for (p0, d0), (p1, d1) in itertools.pairwise(_DURATION_PCTS):
+        if u <= p1:
+            frac = (u - p0) / (p1 - p0)
+            return round(math.exp(math.log(d0) + frac * (math.log(d1) - math.log(d0))))
+    return _DURATION_PCTS[-1][1]
+
+
+def generate_trace(
+    *,
+    jobs: int,
+    tenants: Sequence[str],
+    mean_interarrival_s: float = 114.0,
+    max_gpus: int = 64,
+    seed: int = 0,
+) -> list[TraceJob]:
+    """A Philly-shaped synthetic workload, for tests and demos that must not need the real files.
+
+    One tenant submits about half the jobs, as in the README; the rest share the remainder.
+    """
+    rng = random.Random(seed)
+    sizes = [s for s, _ in _SIZE_WEIGHTS if s <= max_gpus]
+    weights = [w for s, w in _SIZE_WEIGHTS if s <= max_gpus]
+    tenant_weights = [float(len(tenants))] + [1.0] * (len(tenants) - 1)
+    out: list[TraceJob] = []
+    t = 0.0
+    for i in range(jobs):
+        t += rng.expovariate(1.0 / mean_interarrival_s)
+        out.append(
+            TraceJob(
+                name=f"synth-{i:06d}",
+                tenant=rng.choices(tenants, tenant_weights)[0],
+                submit_time_s=round(t),
+                duration_s=_duration(rng),
+                num_gpus=rng.choices(sizes, weights)[0],
+            )
+        )
+    return out
