@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench
+from cli import bench, simulate
 
 app = typer.Typer(
     name="fairgpu",
@@ -13,6 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(bench.app, name="bench")
+app.command("simulate")(simulate.simulate)
 
 
 def main() -> None:
