@@ -147,14 +147,18 @@ class TaskReport(_Model):
 
 
 class LogChunk(_Model):
-    """A piece of a task's combined stdout/stderr log, starting at byte `offset` of the log file.
+    """Bytes [offset, next_offset) of a task's combined stdout/stderr log, decoded as UTF-8.
 
-    Chunks of one task arrive in order and without gaps; `data` is decoded as UTF-8 with
-    replacement, so the server appends text and keeps `offset` only to drop duplicates.
+    Chunks of one task arrive in order; a chunk not acknowledged is sent again with the same
+    bounds. The server keeps per task the offset it holds up to: a chunk whose `next_offset` is
+    not beyond it is a duplicate and dropped, any other is appended. (`data` may hold fewer
+    characters than bytes: invalid UTF-8 is replaced; a gap left by the node's log size cap
+    arrives as a one-line marker.)
     """
 
     task_id: int
     offset: NonNegInt
+    next_offset: NonNegInt
     data: Annotated[str, Field(max_length=MAX_LOG_CHUNK_CHARS)]
     eof: bool = False
     """True on the last chunk of an ended task: the log is complete."""
