@@ -1,1 +1,24 @@
 """Pure scheduling policy: a cluster snapshot in, decisions out (no I/O, no clock)."""
+
+from scheduler.core.cycle import reason_codes, schedule
+from scheduler.core.usage import (
+    capacity_usage,
+    decay_factor,
+    decay_usage,
+    fairshare_factor,
+    interval_usage,
+    recovery_time,
+    tree_standing,
+)
+
+__all__ = [
+    "capacity_usage",
+    "decay_factor",
+    "decay_usage",
+    "fairshare_factor",
+    "interval_usage",
+    "reason_codes",
+    "recovery_time",
+    "schedule",
+    "tree_standing",
+]

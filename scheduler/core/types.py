@@ -216,3 +216,18 @@ class Decisions:
     preemptions: tuple[Preemption, ...] = ()
     pending: Mapping[int, PendingInfo] = field(default_factory=dict)
     standings: Mapping[int, OrgStanding] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInterval:
+    """GPUs an org held from `start` to `end` (a finished allocation, or a running one up to now).
+
+    `decay_usage` folds these into an org's decayed usage; only the part after the previous fold
+    counts, so callers may pass a running allocation again every cycle.
+    """
+
+    org_id: int
+    gpu_type: str
+    gpus: int
+    start: float
+    end: float

@@ -1,0 +1,301 @@
+"""One scheduling cycle: order, admit in quota, preempt or reserve, lend to borrowers, explain.
+
+Pass 1 walks pending jobs in priority order and starts those that fit in their org's guarantee;
+an in-quota job that does not fit reclaims (preemption) or gets a backfill reservation. Pass 2
+lends what is still free to preemptible jobs beyond their guarantee, org by org in order of
+weighted share (lowest first). Then every job left waiting gets its reasons and an estimated start.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from scheduler.core.backfill import Reservations
+from scheduler.core.capacity import FreeIndex
+from scheduler.core.explain import Explainer, Wait
+from scheduler.core.preempt import Plan, Preemptor
+from scheduler.core.quota import OrgBooks
+from scheduler.core.types import (
+    Decisions,
+    DependencyState,
+    PendingJob,
+    Placement,
+    Preemption,
+    PreemptionReason,
+    Reason,
+    ReasonCode,
+    Snapshot,
+    Start,
+)
+from scheduler.core.usage import capacity_usage, tree_standing
+
+
+def schedule(snapshot: Snapshot) -> Decisions:
+    """Decide starts, preemptions and every pending job's reasons for one snapshot (pure)."""
+    return _Cycle(snapshot).run()
+
+
+class _Cycle:
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self.cfg = cfg = snap.config
+        self.now = snap.now
+        held: dict[int, set[int]] = {}
+        for r in snap.running:
+            for p in r.placements:
+                held.setdefault(p.node_id, set()).update(p.gpus)
+        self.index = FreeIndex(snap.nodes, held)
+        self.books = OrgBooks(snap.orgs, self.index.capacity)
+        self.books.add_running(snap.running)
+        cap = capacity_usage(self.index.nodes.values(), cfg)
+        self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
+        self.pre = Preemptor(snap.running, self.index, self.books, cfg, self.now)
+        self.res = Reservations(self.index, snap.running, self.now)
+        self.ex = Explainer(self)
+        self.starts: list[tuple[Start, PendingJob, str]] = []
+        self.preemptions: list[Preemption] = []
+        self.waits: dict[int, Wait] = {}
+        self.failed: dict[tuple[str, str | None, int], int] = {}
+        self.blocked_by: int | None = None  # strict order: the job everyone waits behind
+        self._static_memo: dict[tuple[str | None, str | None, int, int], tuple[str, ...]] = {}
+
+    # -- ordering ----------------------------------------------------------------------------
+
+    def order(self) -> list[tuple[PendingJob, float]]:
+        cfg, now = self.cfg, self.now
+        pending = self.snap.pending
+        if cfg.ordering == "fifo":
+            jobs = sorted(pending, key=lambda j: (j.submitted_at, j.job_id))
+            return [(j, 0.0) for j in jobs]
+        classes = cfg.priority_classes
+        top = max(classes.values(), default=1) or 1
+        total = sum(self.index.capacity.values()) or 1
+        factor = self.factor
+        w_fs, w_cls, w_age, w_size = (
+            cfg.weight_fairshare,
+            cfg.weight_class,
+            cfg.weight_age,
+            cfg.weight_size,
+        )
+        age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
+        keyed = []
+        for j in pending:
+            age = (now - j.submitted_at) / age_max
+            p = (
+                w_fs * factor.get(j.org_id, 0.0)
+                + w_cls * classes.get(j.priority_class, 0) / top
+                + w_age * (1.0 if age > 1.0 else (age if age > 0 else 0.0))
+                + w_size * min(1.0, j.gpus_per_node * j.nodes / total)
+            )
+            keyed.append((-p, j.submitted_at, j.job_id, j))
+        keyed.sort(key=lambda x: (x[0], x[1], x[2]))
+        return [(x[3], -x[0]) for x in keyed]
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def static_types(self, job: PendingJob) -> tuple[str, ...] | None:
+        """GPU types the job could ever run on; records why not when there are none."""
+        ex = self.ex
+        if job.held:
+            self.waits[job.job_id] = ex.fixed(ReasonCode.JOB_HELD_USER)
+            return None
+        if job.dependency == DependencyState.WAITING:
+            self.waits[job.job_id] = ex.fixed(ReasonCode.DEPENDENCY)
+            return None
+        if job.dependency == DependencyState.NEVER:
+            self.waits[job.job_id] = ex.fixed(ReasonCode.DEPENDENCY_NEVER_SATISFIED)
+            return None
+        if job.org_id not in self.books.orgs:
+            self.waits[job.job_id] = ex.bad(job, "unknown organisation")
+            return None
+        key = (job.gpu_type, job.site, job.gpus_per_node, job.nodes)
+        types = self._static_memo.get(key)
+        if types is None:
+            cands = (job.gpu_type,) if job.gpu_type is not None else tuple(self.index.types)
+            types = tuple(
+                t
+                for t in cands
+                if job.time_limit_s > 0
+                and self.index.possible(t, job.site, job.gpus_per_node, job.nodes)
+            )
+            self._static_memo[key] = types
+        if not types:
+            self.waits[job.job_id] = ex.bad(job, None)
+            return None
+        ok = tuple(t for t in types if self.books.limit_never(job.org_id, t, job.gpu_count) is None)
+        if not ok:
+            lim = self.books.limit_never(job.org_id, types[0], job.gpu_count)
+            assert lim is not None
+            self.waits[job.job_id] = ex.limit(job, types[0], lim, never=True)
+            return None
+        return ok
+
+    def place(self, job: PendingJob, gpu_type: str) -> tuple[list[int], bool] | None:
+        """Nodes for the job, and whether they are reserved nodes it may use because it is short."""
+        key = (gpu_type, job.site, job.gpus_per_node)
+        if self.failed.get(key, job.nodes + 1) > job.nodes:
+            nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes)
+            if nodes is not None:
+                return nodes, False
+            self.failed[key] = job.nodes
+        if self.res.reserved:
+            short = self.res.short_fit(job, gpu_type, self.now + job.time_limit_s)
+            if short is not None:
+                return short, True
+        return None
+
+    def start(
+        self, job: PendingJob, gpu_type: str, where: tuple[list[int], bool], borrowed: bool
+    ) -> None:
+        gpn = job.gpus_per_node
+        end = self.now + job.time_limit_s
+        nodes, short = where
+        placements = []
+        for nid in nodes:
+            gpus = self.res.take_short(nid, gpn) if short else self.index.allocate(nid, gpn)
+            placements.append(Placement(nid, gpus))
+            self.res.note_start(nid, gpn, end)
+        self.books.add(job.org_id, gpu_type, job.gpu_count)
+        self.starts.append((Start(job.job_id, tuple(placements), borrowed), job, gpu_type))
+        # Capacity went down: shapes that failed still fail; nothing else to invalidate.
+
+    # -- passes ------------------------------------------------------------------------------
+
+    def run(self) -> Decisions:
+        cfg = self.cfg
+        order = self.order()
+        deferred: dict[int, deque[tuple[PendingJob, tuple[str, ...]]]] = {}
+        books = self.books
+        depth = cfg.backfill_depth
+        for rank, (job, _prio) in enumerate(order):
+            types = self.static_types(job)
+            if types is None:
+                continue
+            if rank >= depth or self.blocked_by is not None:
+                self.waits[job.job_id] = self.ex.queued(job, types[0], self.blocked_by)
+                continue
+            n = job.gpu_count
+            in_quota: list[str] = []
+            borrow: list[str] = []
+            quota_wait: Wait | None = None
+            for t in types:
+                lim = books.limit_block(job.org_id, t, n)
+                if lim is not None:
+                    quota_wait = quota_wait or self.ex.limit(job, t, lim, never=False)
+                elif books.in_quota(job.org_id, t, n):
+                    in_quota.append(t)
+                elif cfg.borrowing and job.preemptible:
+                    borrow.append(t)
+                else:
+                    quota_wait = quota_wait or self.ex.guarantee(job, t)
+            if self._admit(job, in_quota, borrow):
+                continue
+            if borrow:
+                deferred.setdefault(job.org_id, deque()).append((job, tuple(borrow)))
+            elif in_quota or not self._bump(job, types):
+                assert quota_wait is not None
+                self.waits[job.job_id] = quota_wait
+        self._lend(deferred)
+        return self.ex.finish(order)
+
+    def _admit(self, job: PendingJob, in_quota: list[str], borrow: list[str]) -> bool:
+        """Try an in-quota start; else reclaim or reserve. True when the job is settled."""
+        for t in in_quota:
+            nodes = self.place(job, t)
+            if nodes is not None:
+                self.start(job, t, nodes, borrowed=False)
+                return True
+        if not in_quota:
+            return False
+        t = in_quota[0]
+        if self.cfg.preemption:
+            plan = self.pre.plan(job, t, in_quota=True)
+            if plan is not None:
+                self._commit(job, t, plan)
+                return True
+        if borrow:
+            return False
+        if not self.cfg.backfill:
+            self.blocked_by = job.job_id
+            self.waits[job.job_id] = self.ex.resources(job, t, None)
+            return True
+        if self.res.count < self.cfg.backfill_reservations:
+            got = self.res.reserve(job, t)
+            self.waits[job.job_id] = self.ex.resources(job, t, got[0] if got else None)
+        else:
+            self.waits[job.job_id] = self.ex.queued(job, t, None)
+        return True
+
+    def _bump(self, job: PendingJob, types: tuple[str, ...]) -> bool:
+        """Priority-class preemption inside the job's own org, for a job beyond its guarantee.
+
+        The org's allocation does not grow, so this is allowed whenever the job would be in quota
+        (or may borrow) once its own lower-class jobs are gone.
+        """
+        if not self.cfg.preemption:
+            return False
+        books = self.books
+        for t in types:
+            if books.limit_block(job.org_id, t, job.gpu_count) is not None:
+                continue
+            plan = self.pre.plan(job, t, in_quota=False)
+            if plan is None:
+                continue
+            freed = sum(v.gpu_count for v in plan.victims)
+            may_borrow = self.cfg.borrowing and job.preemptible
+            if not may_borrow and not books.in_quota_after(job.org_id, t, job.gpu_count, freed):
+                continue
+            self._commit(job, t, plan)
+            return True
+        return False
+
+    def _commit(self, job: PendingJob, t: str, plan: Plan) -> None:
+        ready_at = self.pre.commit(job, t, plan)
+        deadline = self.now + self.cfg.preemption_grace_s
+        for v in plan.victims:
+            why = PreemptionReason.PRIORITY if v.org_id == job.org_id else PreemptionReason.RECLAIM
+            self.preemptions.append(Preemption(v.job_id, why, job.job_id, deadline))
+        self.waits[job.job_id] = self.ex.preempting(job, t, plan, ready_at)
+
+    def _lend(self, deferred: dict[int, deque[tuple[PendingJob, tuple[str, ...]]]]) -> None:
+        """Pass 2: idle GPUs to borrowers, lowest weighted share first (Kueue fair sharing)."""
+        books = self.books
+        heap = [(books.dominant_share(oid), oid) for oid in deferred]
+        heapq.heapify(heap)
+        while heap:
+            _, oid = heapq.heappop(heap)
+            queue = deferred[oid]
+            job, types = queue.popleft()
+            wait: Wait | None = None
+            started = False
+            if self.blocked_by is not None:
+                wait = self.ex.queued(job, types[0], self.blocked_by)
+            else:
+                for t in types:
+                    lim = books.limit_block(job.org_id, t, job.gpu_count)
+                    if lim is not None:
+                        wait = wait or self.ex.limit(job, t, lim, never=False)
+                        continue
+                    nodes = self.place(job, t)
+                    if nodes is not None:
+                        self.start(job, t, nodes, borrowed=True)
+                        started = True
+                        break
+                    wait = wait or self.ex.queued(job, t, None, borrowing=True)
+                if not started and self._bump(job, types):
+                    started, wait = True, None
+            if not started:
+                assert wait is not None
+                self.waits[job.job_id] = wait
+            if queue:
+                heapq.heappush(heap, (books.dominant_share(oid), oid))
+
+
+def reason_codes(decisions: Decisions, job_id: int) -> list[ReasonCode]:
+    """The reason codes of a pending job (a convenience for callers and tests)."""
+    info = decisions.pending.get(job_id)
+    return [r.code for r in info.reasons] if info is not None else []
+
+
+__all__ = ["Reason", "reason_codes", "schedule"]

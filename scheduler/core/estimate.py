@@ -1,0 +1,87 @@
+"""Estimated starts from release profiles: cheap, shared per GPU type and per org.
+
+Per GPU type the free GPUs over time form a step function (now free, plus each running job's GPUs
+at its expected end, which the time limit bounds). A waiting job is estimated to start once the
+GPU-seconds available since now cover the work (GPUs x time limit) of every waiting job ahead of
+it of that type, and no earlier than the moment enough GPUs are free at once. That is a fluid
+approximation: exact for the head job, pessimistic-but-cheap deeper in the queue (time limits
+overstate work, as Slurm's estimates do).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+
+class Profile:
+    """Free GPUs of one type (or all types) from now on, and their running integral."""
+
+    __slots__ = ("cum", "levels", "times")
+
+    def __init__(self, now: float, free_now: int, releases: Iterable[tuple[float, int]]) -> None:
+        times = [now]
+        levels = [free_now]
+        cum = [0.0]
+        for t, g in sorted(releases):
+            if t <= times[-1]:
+                levels[-1] += g
+                continue
+            cum.append(cum[-1] + levels[-1] * (t - times[-1]))
+            times.append(t)
+            levels.append(levels[-1] + g)
+        self.times = times
+        self.levels = levels
+        self.cum = cum
+
+    def start_for(self, work_gpu_s: float, gpus: int) -> float | None:
+        """Earliest time with `work_gpu_s` GPU-seconds gone by and `gpus` free at once."""
+        times, levels, cum = self.times, self.levels, self.cum
+        j = bisect.bisect_left(levels, gpus)
+        if j == len(levels):
+            return None
+        t_gpus = times[j]
+        if work_gpu_s <= 0:
+            return t_gpus
+        i = bisect.bisect_left(cum, work_gpu_s)
+        if i == len(cum):
+            rate = levels[-1]
+            if rate <= 0:
+                return None
+            t_work = times[-1] + (work_gpu_s - cum[-1]) / rate
+        else:
+            t_work = times[i - 1] + (work_gpu_s - cum[i - 1]) / levels[i - 1]
+        return max(t_gpus, t_work)
+
+
+class OrgReleases:
+    """When an org's subtree will have handed back enough GPUs of a type (quota and limit waits)."""
+
+    def __init__(self) -> None:
+        self._ends: dict[tuple[int, str], list[tuple[float, int]]] = {}
+        self._cum: dict[tuple[int, str], tuple[list[float], list[int]]] = {}
+
+    def add(self, path: Iterable[int], gpu_type: str, gpus: int, end: float) -> None:
+        for a in path:
+            self._ends.setdefault((a, gpu_type), []).append((end, gpus))
+
+    def when(self, org_id: int, gpu_type: str, gpus_needed: int, now: float) -> float | None:
+        if gpus_needed <= 0:
+            return now
+        key = (org_id, gpu_type)
+        cached = self._cum.get(key)
+        if cached is None:
+            ends = sorted(self._ends.get(key, ()))
+            times: list[float] = []
+            cums: list[int] = []
+            total = 0
+            for t, g in ends:
+                total += g
+                times.append(t)
+                cums.append(total)
+            cached = self._cum[key] = (times, cums)
+        times, cums = cached
+        i = bisect.bisect_left(cums, gpus_needed)
+        if i == len(cums):
+            return None
+        return max(now, times[i])

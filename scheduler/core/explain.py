@@ -1,0 +1,306 @@
+"""Reasons with numbers and estimated starts for every waiting job, shared per shape and org.
+
+Reasons are frozen, so one `Reason` object serves every job with the same cause (same org, GPU
+type, site and gang shape): explaining 50,000 jobs builds a few thousand reasons, not 50,000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from scheduler.core.estimate import OrgReleases, Profile
+from scheduler.core.types import (
+    Decisions,
+    OrgStanding,
+    PendingInfo,
+    PendingJob,
+    Reason,
+    ReasonCode,
+)
+
+if TYPE_CHECKING:
+    from scheduler.core.cycle import _Cycle
+    from scheduler.core.preempt import Plan
+
+ANY = "*"
+
+_FIXED_TEXT = {
+    ReasonCode.JOB_HELD_USER: "held by its user",
+    ReasonCode.DEPENDENCY: "waiting for its dependencies to complete",
+    ReasonCode.DEPENDENCY_NEVER_SATISFIED: "a dependency ended without completing",
+}
+
+
+@dataclass(slots=True)
+class Wait:
+    """Why a job waits; `lazy` reasons are built at the end, once capacity is final."""
+
+    reasons: tuple[Reason, ...] | None
+    gpu_type: str | None = None  # profile the estimate reads; None: no estimate at all
+    hint: float | None = None  # known lower bound (reservation, preemption deadline)
+    quota: tuple[int, str, int] | None = None  # (org, type, GPUs the org must hand back first)
+    lazy: tuple[int, str, str | None, int, int, bool] | None = None
+    exact: bool = False  # the hint is the estimate (its GPUs are reserved or being freed for it)
+
+
+class Explainer:
+    def __init__(self, cycle: _Cycle) -> None:
+        self.c = cycle
+        self.cache: dict[tuple[object, ...], Reason] = {}
+        self._rank: dict[int, int] | None = None
+
+    def _reason(self, key: tuple[object, ...], build: object) -> Reason:
+        r = self.cache.get(key)
+        if r is None:
+            assert callable(build)
+            r = self.cache[key] = build()
+        return r
+
+    # -- immediate reasons -------------------------------------------------------------------
+
+    def fixed(self, code: ReasonCode) -> Wait:
+        r = self._reason((code,), lambda: Reason(code, _FIXED_TEXT[code]))
+        return Wait((r,))
+
+    def bad(self, job: PendingJob, why: str | None) -> Wait:
+        idx = self.c.index
+        if why is None:
+            if job.gpu_type is not None and job.gpu_type not in idx.capacity:
+                why = f"no {job.gpu_type} GPUs in the cluster"
+            elif job.site is not None and not any((t, job.site) in idx.static for t in idx.types):
+                why = f"no site named {job.site}"
+            else:
+                why = (
+                    f"no {job.nodes} node(s) with {job.gpus_per_node} "
+                    f"{job.gpu_type or 'GPUs'} each in one site"
+                )
+        details: dict[str, float | int | str] = {
+            "gpus_per_node": job.gpus_per_node,
+            "nodes": job.nodes,
+            "max_gpus_per_node": idx.max_g,
+            "gpu_type": job.gpu_type or "",
+            "site": job.site or "",
+            "available_types": ",".join(idx.types),
+        }
+        return Wait((Reason(ReasonCode.BAD_CONSTRAINTS, why, details),))
+
+    def limit(self, job: PendingJob, t: str, lim_org: int, never: bool) -> Wait:
+        books = self.c.books
+        n = job.gpu_count
+        limit = books.orgs[lim_org].limit.get(t, 0)
+        alloc = books.alloc[lim_org].get(t, 0)
+
+        def build() -> Reason:
+            org = books.orgs[lim_org]
+            text = (
+                f"asks {n} {t} GPUs, above the limit of {limit} of org {org.name}"
+                if never
+                else f"org {org.name} holds {alloc} of its {limit} {t} GPU limit"
+            )
+            details: dict[str, float | int | str] = {
+                "org_id": lim_org,
+                "gpu_type": t,
+                "limit": limit,
+                "allocated": alloc,
+                "requested": n,
+            }
+            return Reason(ReasonCode.ORG_LIMIT, text, details)
+
+        r = self._reason(("lim", lim_org, t, n, never), build)
+        if never:
+            return Wait((r,))
+        return Wait((r,), gpu_type=t, quota=(lim_org, t, alloc + n - limit))
+
+    def guarantee(self, job: PendingJob, t: str) -> Wait:
+        books = self.c.books
+        n = job.gpu_count
+        oid = job.org_id
+        guar = books.orgs[oid].guaranteed.get(t, 0)
+        alloc = books.alloc[oid].get(t, 0)
+        never = n > guar
+
+        def build() -> Reason:
+            if never:
+                text = f"asks {n} {t} GPUs, its org's guarantee is {guar}; mark it preemptible"
+            elif not self.c.cfg.borrowing:
+                text = f"guarantees act as limits: org holds {alloc} of {guar} {t} GPUs"
+            else:
+                text = f"beyond its org's guarantee ({alloc} of {guar} {t}) and not preemptible"
+            details: dict[str, float | int | str] = {
+                "org_id": oid,
+                "gpu_type": t,
+                "guaranteed": guar,
+                "allocated": alloc,
+                "requested": n,
+                "headroom": guar - alloc,
+            }
+            return Reason(ReasonCode.QUOTA_GUARANTEED, text, details)
+
+        r = self._reason(("guar", oid, t, n, self.c.cfg.borrowing), build)
+        if never:
+            return Wait((r,))
+        return Wait((r,), gpu_type=t, quota=(oid, t, alloc + n - guar))
+
+    def resources(self, job: PendingJob, t: str, reservation_start: float | None) -> Wait:
+        largest = self.c.index.largest_gang(t, job.site, job.gpus_per_node)
+        details: dict[str, float | int | str] = {
+            "gpu_type": t,
+            "gpus_per_node": job.gpus_per_node,
+            "nodes": job.nodes,
+            "largest_free_gang_nodes": largest,
+        }
+        text = f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs; {largest} node(s) fit now"
+        if reservation_start is not None:
+            details["reservation_start"] = reservation_start
+            text += "; GPUs reserved for it"
+        return Wait(
+            (Reason(ReasonCode.RESOURCES, text, details),),
+            gpu_type=t,
+            hint=reservation_start,
+            exact=reservation_start is not None,
+        )
+
+    def preempting(self, job: PendingJob, t: str, plan: Plan, ready_at: float) -> Wait:
+        details: dict[str, float | int | str] = {
+            "gpu_type": t,
+            "victims": len(plan.victims),
+            "victim_job_ids": ",".join(str(v.job_id) for v in plan.victims),
+            "ready_at": ready_at,
+        }
+        text = f"waiting for GPUs of {len(plan.victims)} job(s) being preempted for it"
+        if not plan.victims:
+            text = "waiting for GPUs of jobs already being preempted"
+        reason = Reason(ReasonCode.PREEMPTING, text, details)
+        return Wait((reason,), gpu_type=t, hint=ready_at, exact=True)
+
+    def queued(
+        self, job: PendingJob, t: str, blocked_by: int | None, *, borrowing: bool = False
+    ) -> Wait:
+        key = (job.org_id, t, job.site, job.gpus_per_node, blocked_by or 0, borrowing)
+        return Wait(None, gpu_type=t if job.gpu_type is not None else ANY, lazy=key)
+
+    def _lazy_reason(self, key: tuple[int, str, str | None, int, int, bool]) -> Reason:
+        c = self.c
+        oid, t, site, gpn, blocked_by, borrowing = key
+        res_holder = c.res.holder.get(t)
+
+        def build() -> Reason:
+            rank = self.rank()
+            largest = c.index.largest_gang(t, site, gpn)
+            details: dict[str, float | int | str] = {
+                "gpu_type": t,
+                "largest_free_gang_nodes": largest,
+                "free_gpus": c.index.free_of_type(t),
+                "org_fairshare": round(c.factor.get(oid, 0.0), 6),
+                "org_share_rank": rank.get(oid, 0),
+                "orgs": len(rank),
+            }
+            if blocked_by:
+                details["behind_job_id"] = blocked_by
+                text = f"strict order: behind job {blocked_by}, which cannot start yet"
+                return Reason(ReasonCode.PRIORITY, text, details)
+            if borrowing:
+                details["weighted_share"] = round(c.books.dominant_share(oid), 6)
+                text = f"borrowing: no idle {t} GPUs left for it this cycle"
+                return Reason(ReasonCode.RESOURCES, text, details)
+            if res_holder is not None and c.index.hidden.get(t, 0) > 0:
+                details["reserved_for_job_id"] = res_holder
+                text = f"{t} GPUs it could use are reserved for job {res_holder}"
+                return Reason(ReasonCode.RESERVATION, text, details)
+            text = f"higher-priority jobs come first (org rank {rank.get(oid, 0)} of {len(rank)})"
+            return Reason(ReasonCode.PRIORITY, text, details)
+
+        return self._reason(("lazy", *key), build)
+
+    def rank(self) -> dict[int, int]:
+        if self._rank is None:
+            f = self.c.factor
+            ordered = sorted(f, key=lambda o: (-f[o], o))
+            self._rank = {o: i + 1 for i, o in enumerate(ordered)}
+        return self._rank
+
+    # -- the end of the cycle ----------------------------------------------------------------
+
+    def finish(self, order: list[tuple[PendingJob, float]]) -> Decisions:
+        c = self.c
+        now = c.now
+        events: dict[str, list[tuple[float, int]]] = {}
+        org_rel = OrgReleases()
+        path = c.books.path
+        for r in c.snap.running:
+            end = r.preempt_deadline if r.preempting and r.preempt_deadline else r.expected_end
+            if r.job_id in c.pre.chosen:
+                end = now + c.cfg.preemption_grace_s
+            n = r.gpu_count
+            events.setdefault(r.gpu_type, []).append((end, n))
+            org_rel.add(path.get(r.org_id, ()), r.gpu_type, n, end)
+        for _start, job, t in c.starts:
+            end = now + job.time_limit_s
+            events.setdefault(t, []).append((end, job.gpu_count))
+            org_rel.add(path.get(job.org_id, ()), t, job.gpu_count, end)
+        profiles: dict[str, Profile] = {}
+
+        def profile(t: str) -> Profile:
+            p = profiles.get(t)
+            if p is None:
+                if t == ANY:
+                    free = sum(c.index.free_of_type(x) for x in c.index.types)
+                    free += sum(c.index.hidden.values())
+                    rel = [e for lst in events.values() for e in lst]
+                else:
+                    free = c.index.free_of_type(t) + c.index.hidden.get(t, 0)
+                    rel = events.get(t, [])
+                p = profiles[t] = Profile(now, free, rel)
+            return p
+
+        work: dict[str, float] = {}
+        infos: dict[int, PendingInfo] = {}
+        waits = c.waits
+        for job, prio in order:
+            w = waits.get(job.job_id)
+            if w is None:
+                continue
+            reasons = w.reasons if w.reasons is not None else (self._lazy_reason(w.lazy),)  # type: ignore[arg-type]
+            est: float | None = None
+            if w.gpu_type is not None:
+                t = w.gpu_type
+                n = job.gpu_count
+                done = work.get(t, 0.0)
+                est = w.hint if w.exact else profile(t).start_for(done, n)
+                work[t] = done + n * job.time_limit_s
+                if t != ANY:
+                    work[ANY] = work.get(ANY, 0.0) + n * job.time_limit_s
+                if est is not None and w.hint is not None:
+                    est = max(est, w.hint)
+                if est is not None and w.quota is not None:
+                    q = org_rel.when(w.quota[0], w.quota[1], w.quota[2], now)
+                    est = None if q is None else max(est, q)
+            infos[job.job_id] = PendingInfo(job.job_id, prio, reasons, est)
+        return Decisions(
+            starts=tuple(s for s, _, _ in c.starts),
+            preemptions=tuple(c.preemptions),
+            pending=infos,
+            standings=self.standings(),
+        )
+
+    def standings(self) -> dict[int, OrgStanding]:
+        c = self.c
+        books = c.books
+        out: dict[int, OrgStanding] = {}
+        for oid, org in books.orgs.items():
+            alloc = dict(books.alloc[oid])
+            borrowed = {
+                t: a - org.guaranteed.get(t, 0)
+                for t, a in alloc.items()
+                if a > org.guaranteed.get(t, 0)
+            }
+            out[oid] = OrgStanding(
+                oid,
+                c.factor.get(oid, 0.0),
+                c.shares_norm.get(oid, 0.0),
+                c.usage_norm.get(oid, 0.0),
+                alloc,
+                borrowed,
+            )
+        return out

@@ -1,0 +1,200 @@
+"""Choosing victims: reclaim of guarantees from borrowers, and priority classes inside an org.
+
+A plan is all or nothing: victims are taken in order (most-over-share org first, then the
+youngest job) only until the preemptor's gang fits; GPUs of jobs already being preempted count
+first, so one need never causes two rounds of preemption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.core.capacity import FreeIndex
+from scheduler.core.quota import OrgBooks
+from scheduler.core.types import PendingJob, PolicyConfig, RunningJob
+
+
+@dataclass(slots=True)
+class Incoming:
+    """GPUs on a node that become free at `deadline` (a job being preempted)."""
+
+    gpus: int
+    deadline: float
+
+
+@dataclass(slots=True)
+class Plan:
+    nodes: list[int]  # node rank order
+    victims: list[RunningJob]
+    ready_at: float  # when the last GPU it waits for is free
+
+
+class Preemptor:
+    def __init__(
+        self,
+        running: tuple[RunningJob, ...],
+        index: FreeIndex,
+        books: OrgBooks,
+        config: PolicyConfig,
+        now: float,
+    ) -> None:
+        self.index = index
+        self.books = books
+        self.config = config
+        self.now = now
+        self.classes = config.priority_classes
+        self.incoming: dict[int, Incoming] = {}
+        for r in running:
+            if r.preempting:
+                self._add_incoming(r, r.preempt_deadline if r.preempt_deadline else now)
+        self.chosen: set[int] = set()
+        self._candidates: dict[str, list[RunningJob]] = {}
+        self._all = running
+        self.failed: dict[tuple[str, str | None, int, int], int] = {}
+
+    def _add_incoming(self, r: RunningJob, deadline: float) -> None:
+        for p in r.placements:
+            if p.node_id not in self.index.nodes:
+                continue
+            inc = self.incoming.get(p.node_id)
+            if inc is None:
+                self.incoming[p.node_id] = Incoming(len(p.gpus), deadline)
+            else:
+                inc.gpus += len(p.gpus)
+                inc.deadline = max(inc.deadline, deadline)
+
+    def candidates(self, gpu_type: str) -> list[RunningJob]:
+        """Preemptible jobs of the type old enough to preempt, most-over-share org first."""
+        out = self._candidates.get(gpu_type)
+        if out is None:
+            oldest = self.now - self.config.min_runtime_s
+            books = self.books
+            out = [
+                r
+                for r in self._all
+                if r.gpu_type == gpu_type
+                and r.preemptible
+                and not r.preempting
+                and r.started_at <= oldest
+                and r.org_id in books.orgs
+            ]
+            share = {r.org_id: books.weighted_share(r.org_id, gpu_type) for r in out}
+            out.sort(key=lambda r: (-share[r.org_id], -r.started_at, r.job_id))
+            self._candidates[gpu_type] = out
+        return out
+
+    def plan(self, job: PendingJob, gpu_type: str, in_quota: bool) -> Plan | None:
+        """Victims that make the job's gang fit, or None (nothing is preempted then)."""
+        gpn, k, site = job.gpus_per_node, job.nodes, job.site
+        memo = (gpu_type, site, gpn, self.classes.get(job.priority_class, 0))
+        if self.failed.get(memo, k + 1) <= k:
+            return None
+        index, books = self.index, self.books
+        free = index.free
+        nodes = index.nodes
+        extra: dict[int, int] = {}
+        added: dict[int, list[tuple[RunningJob | None, int]]] = {}
+        ready: list[int] = []  # touched nodes that now fit, in the order they came to fit
+        per_site: dict[str, int] = {}
+        base: dict[str, int] = {}
+
+        def touch(nid: int, g: int, victim: RunningJob | None) -> None:
+            node = nodes[nid]
+            if node.gpu_type != gpu_type or (site is not None and node.site != site):
+                return
+            before = free[nid] + extra.get(nid, 0)
+            extra[nid] = extra.get(nid, 0) + g
+            added.setdefault(nid, []).append((victim, g))
+            if free[nid] < gpn <= before + g and before < gpn:
+                ready.append(nid)
+                per_site[node.site] = per_site.get(node.site, 0) + 1
+
+        def fits() -> str | None:
+            if k == 1:
+                return nodes[ready[0]].site if ready else None
+            for s in sorted(per_site):
+                if s not in base:
+                    lvl = index.levels.get((gpu_type, s))
+                    base[s] = lvl.count_ge(gpn) if lvl is not None else 0
+                if base[s] + per_site[s] >= k:
+                    return s
+            return None
+
+        for nid in sorted(self.incoming):
+            inc = self.incoming[nid]
+            if inc.gpus > 0:
+                touch(nid, inc.gpus, None)
+        fit_site = fits()
+        victims_order: list[RunningJob] = []
+        if fit_site is None:
+            cls = self.classes.get(job.priority_class, 0)
+            after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count)
+            over_left: dict[int, int] = {}
+            for r in self.candidates(gpu_type):
+                if r.job_id in self.chosen:
+                    continue
+                g = r.gpu_count
+                if r.org_id == job.org_id:
+                    if self.classes.get(r.priority_class, 0) >= cls:
+                        continue
+                elif in_quota:
+                    left = over_left.get(r.org_id)
+                    if left is None:
+                        left = books.over(r.org_id, gpu_type)
+                    if left <= 0:
+                        continue
+                    # No-loop rule: the preemptor must not end up above the victim's share.
+                    if after_share > books.weighted_share(r.org_id, gpu_type, -g):
+                        continue
+                    over_left[r.org_id] = left - g
+                else:
+                    continue
+                victims_order.append(r)
+                for p in r.placements:
+                    if p.node_id in nodes:
+                        touch(p.node_id, len(p.gpus), r)
+                fit_site = fits()
+                if fit_site is not None:
+                    break
+        if fit_site is None:
+            self.failed[memo] = min(k, self.failed.get(memo, k + 1))
+            return None
+        chosen_ready = [n for n in ready if nodes[n].site == fit_site][:k]
+        rest = k - len(chosen_ready)
+        from_index: list[int] = []
+        if rest > 0:
+            lvl = index.levels[(gpu_type, fit_site)]
+            from_index = index.take(lvl, gpn, rest)
+        plan_nodes = from_index + chosen_ready
+        needed: list[RunningJob] = []
+        need_ids: set[int] = set()
+        ready_at = self.now
+        for nid in chosen_ready:
+            short = gpn - free[nid]
+            for victim, g in added[nid]:
+                if short <= 0:
+                    break
+                short -= g
+                if victim is None:
+                    ready_at = max(ready_at, self.incoming[nid].deadline)
+                elif victim.job_id not in need_ids:
+                    need_ids.add(victim.job_id)
+                    needed.append(victim)
+        return Plan(plan_nodes, needed, ready_at)
+
+    def commit(self, job: PendingJob, gpu_type: str, plan: Plan) -> float:
+        """Book the plan: victims leave, the job's GPUs are withheld for it. Returns ready time."""
+        deadline = self.now + self.config.preemption_grace_s
+        for v in plan.victims:
+            self.chosen.add(v.job_id)
+            self.books.add_leaving(v.org_id, v.gpu_type, v.gpu_count)
+            self._add_incoming(v, deadline)
+        ready_at = plan.ready_at if not plan.victims else max(plan.ready_at, deadline)
+        gpn = job.gpus_per_node
+        for nid in plan.nodes:
+            taken = self.index.hide(nid, gpn)
+            inc = self.incoming.get(nid)
+            if inc is not None and taken < gpn:
+                inc.gpus -= gpn - taken
+        self.books.add(job.org_id, gpu_type, job.gpu_count)
+        return ready_at

@@ -1,0 +1,114 @@
+"""The org tree's allocation books: guarantees (nominal quota), limits and borrowing per GPU type.
+
+An org's allocation counts its whole subtree. A job is *in quota* when its org's subtree stays
+within the org's guarantee for that GPU type (and so does every ancestor that has a guarantee for
+it); otherwise it *borrows*, which only preemptible jobs may do, and never beyond any `limit` on
+the path to the root. Kueue's ClusterQueue nominal quota / borrowingLimit, with cohorts as the tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from scheduler.core.types import Org, RunningJob
+
+
+class OrgBooks:
+    def __init__(self, orgs: Iterable[Org], capacity: dict[str, int]) -> None:
+        self.orgs: dict[int, Org] = {}
+        for o in orgs:
+            self.orgs.setdefault(o.id, o)
+        self.capacity = capacity
+        self.path: dict[int, tuple[int, ...]] = {}
+        for oid in self.orgs:
+            chain = [oid]
+            parent = self.orgs[oid].parent_id
+            while parent is not None and parent in self.orgs and parent not in chain:
+                chain.append(parent)
+                parent = self.orgs[parent].parent_id
+            self.path[oid] = tuple(chain)
+        self.alloc: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
+        # GPUs of jobs being preempted (sent before or this cycle): leaving, not yet gone.
+        self.leaving: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
+
+    def add(self, org_id: int, gpu_type: str, gpus: int) -> None:
+        for a in self.path.get(org_id, ()):
+            book = self.alloc[a]
+            book[gpu_type] = book.get(gpu_type, 0) + gpus
+
+    def add_leaving(self, org_id: int, gpu_type: str, gpus: int) -> None:
+        for a in self.path.get(org_id, ()):
+            book = self.leaving[a]
+            book[gpu_type] = book.get(gpu_type, 0) + gpus
+
+    def add_running(self, running: Iterable[RunningJob]) -> None:
+        for r in running:
+            n = r.gpu_count
+            self.add(r.org_id, r.gpu_type, n)
+            if r.preempting:
+                self.add_leaving(r.org_id, r.gpu_type, n)
+
+    def in_quota(self, org_id: int, gpu_type: str, gpus: int) -> bool:
+        """The job fits in its org's unused guarantee (and its guaranteed ancestors')."""
+        chain = self.path[org_id]
+        own = self.orgs[org_id].guaranteed.get(gpu_type, 0)
+        if self.alloc[org_id].get(gpu_type, 0) + gpus > own:
+            return False
+        for a in chain[1:]:
+            g = self.orgs[a].guaranteed.get(gpu_type)
+            if g is not None and g > 0 and self.alloc[a].get(gpu_type, 0) + gpus > g:
+                return False
+        return True
+
+    def limit_block(self, org_id: int, gpu_type: str, gpus: int) -> int | None:
+        """The org on the path whose `limit` this job would break, or None."""
+        for a in self.path[org_id]:
+            lim = self.orgs[a].limit.get(gpu_type)
+            if lim is not None and self.alloc[a].get(gpu_type, 0) + gpus > lim:
+                return a
+        return None
+
+    def limit_never(self, org_id: int, gpu_type: str, gpus: int) -> int | None:
+        """The org whose `limit` is below the job's size: it can never start."""
+        for a in self.path[org_id]:
+            lim = self.orgs[a].limit.get(gpu_type)
+            if lim is not None and gpus > lim:
+                return a
+        return None
+
+    def over(self, org_id: int, gpu_type: str) -> int:
+        """GPUs the org holds beyond its guarantee, not counting those already leaving."""
+        held = self.alloc[org_id].get(gpu_type, 0) - self.leaving[org_id].get(gpu_type, 0)
+        return max(0, held - self.orgs[org_id].guaranteed.get(gpu_type, 0))
+
+    def weighted_share(self, org_id: int, gpu_type: str, delta: int = 0) -> float:
+        """Borrowed GPUs ÷ the type's capacity ÷ shares (Kueue's weighted share, per GPU type)."""
+        o = self.orgs[org_id]
+        cap = self.capacity.get(gpu_type, 0)
+        if cap <= 0:
+            return 0.0
+        held = self.alloc[org_id].get(gpu_type, 0) - self.leaving[org_id].get(gpu_type, 0)
+        over = max(0, held + delta - o.guaranteed.get(gpu_type, 0))
+        if over == 0:
+            return 0.0
+        if o.shares <= 0:
+            return float("inf")
+        return over / cap / o.shares
+
+    def dominant_share(self, org_id: int) -> float:
+        """The largest weighted share over GPU types: borrowing goes to the lowest first."""
+        return max((self.weighted_share(org_id, t) for t in self.capacity), default=0.0)
+
+    def in_quota_after(self, org_id: int, gpu_type: str, gpus: int, freed: int) -> bool:
+        """In quota once `freed` GPUs of the org's own jobs (and all leaving ones) are gone."""
+        for a in self.path[org_id]:
+            g = self.orgs[a].guaranteed.get(gpu_type)
+            if a != org_id and (g is None or g <= 0):
+                continue
+            held = self.alloc[a].get(gpu_type, 0) - self.leaving[a].get(gpu_type, 0) - freed
+            if held + gpus > (g or 0):
+                return False
+        return True
+
+    def headroom(self, org_id: int, gpu_type: str) -> int:
+        return self.orgs[org_id].guaranteed.get(gpu_type, 0) - self.alloc[org_id].get(gpu_type, 0)

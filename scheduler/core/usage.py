@@ -1,0 +1,151 @@
+"""Billing-weighted usage with exponential decay, and the fair-share factor built on it.
+
+Usage is GPU-seconds x the GPU type's billing weight, decayed with a half-life so that old usage
+counts less (Slurm's `PriorityDecayHalfLife`). The fair-share factor is Slurm's classic
+`F = 2^(-U/S)`, with `S` the org's shares normalised along the tree and `U` its subtree usage
+normalised by the decayed usage of the whole cluster running flat out (see docs/SCHEDULING.md for
+why the cluster, and not the sum of everyone's usage, is the yardstick).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from scheduler.core.types import Node, Org, PolicyConfig, Snapshot, UsageInterval
+
+LN2 = math.log(2.0)
+
+
+def decay_factor(elapsed_s: float, half_life_s: float) -> float:
+    """Weight left after `elapsed_s` of decay."""
+    if half_life_s <= 0:
+        return 0.0 if elapsed_s > 0 else 1.0
+    return float(2.0 ** (-max(0.0, elapsed_s) / half_life_s))
+
+
+def interval_usage(
+    gpus: int, weight: float, start: float, end: float, now: float, half_life_s: float
+) -> float:
+    """Decayed usage at `now` of `gpus` held from `start` to `end`: the integral of the decay."""
+    if end <= start or gpus <= 0:
+        return 0.0
+    if half_life_s <= 0:
+        return 0.0 if end < now else gpus * weight * (end - start)
+    tau = half_life_s / LN2
+    return (
+        gpus
+        * weight
+        * tau
+        * (decay_factor(now - end, half_life_s) - decay_factor(now - start, half_life_s))
+    )
+
+
+def decay_usage(
+    previous: Mapping[int, float],
+    previous_at: float,
+    intervals: Iterable[UsageInterval],
+    now: float,
+    *,
+    half_life_s: float = PolicyConfig().half_life_s,
+    gpu_weights: Mapping[str, float] | None = None,
+) -> dict[int, float]:
+    """Org id → decayed usage at `now`, folding `intervals` into usage last folded at `previous_at`.
+
+    Only the part of each interval after `previous_at` (and up to `now`) is added, so that a
+    running allocation can be passed every cycle with `end=now` without double counting.
+    """
+    weights = gpu_weights or {}
+    keep = decay_factor(now - previous_at, half_life_s)
+    out = {org_id: value * keep for org_id, value in previous.items()}
+    for iv in intervals:
+        start = max(iv.start, previous_at)
+        end = min(iv.end, now)
+        add = interval_usage(iv.gpus, weights.get(iv.gpu_type, 1.0), start, end, now, half_life_s)
+        if add > 0:
+            out[iv.org_id] = out.get(iv.org_id, 0.0) + add
+    return out
+
+
+def capacity_usage(nodes: Iterable[Node], config: PolicyConfig) -> float:
+    """Decayed usage of the whole cluster busy forever: the yardstick of normalised usage."""
+    weights = config.gpu_weights
+    total = sum(len(n.gpus) * weights.get(n.gpu_type, 1.0) for n in nodes)
+    if config.half_life_s <= 0:
+        return float(total)
+    return total * config.half_life_s / LN2
+
+
+def fairshare_factor(usage_norm: float, shares_norm: float) -> float:
+    """Slurm's classic factor: 1 unused, 0.5 at exactly its share, towards 0 above it."""
+    if shares_norm <= 0:
+        return 0.0
+    return float(2.0 ** (-usage_norm / shares_norm))
+
+
+def tree_standing(
+    orgs: Iterable[Org], cap_usage: float
+) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    """(shares_norm, usage_norm, factor) per org id, along the tree.
+
+    `shares_norm` is the product along the path of shares ÷ siblings' shares; `usage_norm` is the
+    org's subtree usage ÷ the cluster's capacity usage.
+    """
+    by_id = {o.id: o for o in orgs}
+    children: dict[int | None, list[int]] = {}
+    for o in by_id.values():
+        parent = o.parent_id if o.parent_id in by_id else None
+        children.setdefault(parent, []).append(o.id)
+    subtree_usage = {oid: max(0.0, o.usage) for oid, o in by_id.items()}
+    # Post-order accumulation; a depth guard ignores cycles in a malformed tree.
+    order: list[int] = []
+    stack: list[tuple[int | None, int]] = [(None, 0)]
+    seen: set[int] = set()
+    while stack:
+        oid, depth = stack.pop()
+        if oid is not None:
+            order.append(oid)
+        if depth > 64:
+            continue
+        for child in children.get(oid, ()):
+            if child not in seen:
+                seen.add(child)
+                stack.append((child, depth + 1))
+    shares_norm: dict[int, float] = {}
+    for oid in order:
+        o = by_id[oid]
+        parent = o.parent_id if o.parent_id in by_id else None
+        siblings = children.get(parent, ())
+        total = sum(max(0.0, by_id[s].shares) for s in siblings)
+        own = max(0.0, o.shares) / total if total > 0 else 0.0
+        shares_norm[oid] = own * (shares_norm.get(parent, 1.0) if parent is not None else 1.0)
+    for oid in reversed(order):
+        parent = by_id[oid].parent_id
+        if parent in by_id and parent is not None:
+            subtree_usage[parent] += subtree_usage[oid]
+    usage_norm = {oid: (subtree_usage[oid] / cap_usage if cap_usage > 0 else 0.0) for oid in by_id}
+    factor = {oid: fairshare_factor(usage_norm[oid], shares_norm.get(oid, 0.0)) for oid in by_id}
+    for oid in by_id:
+        shares_norm.setdefault(oid, 0.0)
+    return shares_norm, usage_norm, factor
+
+
+def recovery_time(snapshot: Snapshot, org_id: int, target_factor: float) -> float | None:
+    """When the org's fair-share factor climbs back to `target_factor` if it uses nothing more.
+
+    Returns `snapshot.now` when it is already there, None when it never can (no shares, or a
+    target of 1 or more with some usage left). Other orgs' usage does not move the answer,
+    because usage is normalised by the cluster's capacity, not by everyone's usage.
+    """
+    cap = capacity_usage(snapshot.nodes, snapshot.config)
+    shares_norm, usage_norm, factor = tree_standing(snapshot.orgs, cap)
+    if org_id not in factor:
+        return None
+    if factor[org_id] >= target_factor:
+        return snapshot.now
+    s = shares_norm[org_id]
+    if s <= 0 or target_factor >= 1.0 or target_factor <= 0 or snapshot.config.half_life_s <= 0:
+        return None
+    # F(t) = 2^(-u·2^(-t/h)/s) = target  ⇔  t = h·log2(u / (s·(-log2 target)))
+    needed = s * -math.log2(target_factor)
+    return snapshot.now + snapshot.config.half_life_s * math.log2(usage_norm[org_id] / needed)
