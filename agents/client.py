@@ -1,0 +1,78 @@
+"""The agent's HTTP client for the agent protocol (api/schemas/agent.py); outbound calls only."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from api.schemas.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class AuthError(Exception):
+    """The server refused the join token or the node credential: retrying will not help."""
+
+
+class ServerUnavailable(Exception):
+    """The server could not be reached or failed; the agent keeps its reports and retries."""
+
+
+class AgentClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), transport=transport, timeout=timeout_s
+        )
+
+    async def register(self, join_token: str, body: AgentRegister) -> AgentRegistered:
+        return await self._post(
+            "/v1/agent/register", join_token, body, AgentRegistered, self._timeout_s
+        )
+
+    async def heartbeat(self, credential: str, body: Heartbeat) -> HeartbeatReply:
+        # The server may hold a long-poll for wait_s: the read timeout must outlast it.
+        timeout_s = self._timeout_s + body.wait_s
+        return await self._post("/v1/agent/heartbeat", credential, body, HeartbeatReply, timeout_s)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(
+        self, path: str, token: str, body: BaseModel, reply: type[M], timeout_s: float
+    ) -> M:
+        try:
+            response = await self._http.post(
+                path,
+                content=body.model_dump_json(),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                timeout=timeout_s,
+            )
+        except httpx.HTTPError as exc:
+            raise ServerUnavailable(f"{path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise AuthError(f"{path}: {response.status_code} {_detail(response)}")
+        if response.status_code >= 400:
+            raise ServerUnavailable(f"{path}: {response.status_code} {_detail(response)}")
+        try:
+            return reply.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ServerUnavailable(f"{path}: unexpected reply: {exc}") from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("title") or body)[:200]
+    return str(body)[:200]

@@ -1,0 +1,269 @@
+"""The agent's main loop: register once, then heartbeat (long-poll) and act on the replies.
+
+One loop owns the runner. While a heartbeat is held by the server, a watcher keeps polling the
+runner (exits, time limits, kill deadlines); when a task changes state it cuts the held request
+short so that the server hears at once. Cutting a request loses nothing: the protocol re-sends
+starts and stops until the agent has reported the task, and reports until a reply arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from agents.client import AgentClient, AuthError, ServerUnavailable
+from agents.gpu import GpuBackend
+from agents.logs import LogShipper
+from agents.metrics import AgentMetrics, DcgmJobMapping
+from agents.runner import Runner, RunnerConfig, allocations
+from agents.state import Credential, StateDir
+from api.schemas.agent import (
+    MAX_TASKS_PER_HEARTBEAT,
+    MAX_WAIT_S,
+    TERMINAL_TASK_STATES,
+    AgentRegister,
+    Heartbeat,
+    HeartbeatReply,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str
+    state_dir: Path
+    name: str
+    site: str = "default"
+    domain: str = "default"
+    join_token: str | None = None
+    address: str | None = None
+    poll_interval_s: float = 0.1
+    """How often the runner is checked for exits and deadlines."""
+    max_backoff_s: float = 30.0
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    dcgm_mapping_dir: Path | None = None
+
+
+class AgentError(Exception):
+    """A condition the agent cannot recover from by itself (bad token, no credential)."""
+
+
+def agent_version() -> str:
+    try:
+        return version("fairgpu")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def outbound_address(server: str) -> str:
+    """The local address the server's host is reached from; UDP connect sends no packet."""
+    parts = urlsplit(server)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 443
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return socket.gethostname()
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        backend: GpuBackend,
+        client: AgentClient,
+        *,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.client = client
+        self.state = StateDir(config.state_dir)
+        self.runner = Runner(self.state, config.runner)
+        self.logs = LogShipper(self.state, max_bytes=config.runner.log_max_bytes)
+        self.metrics = metrics
+        self.dcgm = (
+            DcgmJobMapping(config.dcgm_mapping_dir, [g.index for g in backend.devices()])
+            if config.dcgm_mapping_dir
+            else None
+        )
+        self.credential: Credential | None = None
+        self.heartbeat_interval_s = 10.0
+        self.connected = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    async def register(self) -> Credential:
+        """Use the stored credential for this server, or register with the join token."""
+        stored = self.state.load_credential()
+        if stored is not None and stored.server == self.config.server:
+            self.credential = stored
+            return stored
+        if not self.config.join_token:
+            raise AgentError("this node is not registered: pass --join-token to register it")
+        body = AgentRegister(
+            name=self.config.name,
+            site=self.config.site,
+            domain=self.config.domain,
+            hostname=socket.gethostname(),
+            address=self.config.address or outbound_address(self.config.server),
+            agent_version=agent_version(),
+            gpus=self.backend.devices(),
+        )
+        try:
+            reply = await self.client.register(self.config.join_token, body)
+        except AuthError as exc:
+            raise AgentError(f"the server refused the join token ({exc})") from exc
+        self.credential = Credential(
+            server=self.config.server,
+            node_id=reply.node_id,
+            node_name=reply.node_name,
+            credential=reply.credential,
+        )
+        self.state.save_credential(self.credential)
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
+        log.info("registered as node %s (id %d)", reply.node_name, reply.node_id)
+        return self.credential
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set. Tasks keep running after the agent stops (see Runner)."""
+        self.runner.recover()
+        await self._register_with_retry(stop)
+        watcher = asyncio.create_task(self._watch(stop))
+        backoff_s = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    await self._heartbeat_once(stop)
+                    backoff_s = 0.5
+                except ServerUnavailable as exc:
+                    self.connected.clear()
+                    log.warning("server unavailable, retrying in %.1f s: %s", backoff_s, exc)
+                    await _sleep_or(stop, backoff_s * random.uniform(0.8, 1.2))
+                    backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
+                except AuthError as exc:
+                    self.connected.clear()
+                    if not self.config.join_token:
+                        raise AgentError(
+                            f"the server refused this node's credential ({exc})"
+                        ) from exc
+                    log.warning("credential refused; registering again with the join token")
+                    self.state.forget_credential()
+                    await self._register_with_retry(stop)
+                except (AgentError, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    # A bug or a surprise must not stop the heartbeats of a node running jobs.
+                    log.exception("heartbeat failed; retrying in %.1f s", backoff_s)
+                    await _sleep_or(stop, backoff_s)
+                    backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _register_with_retry(self, stop: asyncio.Event) -> None:
+        backoff_s = 0.5
+        while not stop.is_set():
+            try:
+                await self.register()
+                return
+            except ServerUnavailable as exc:
+                log.warning("cannot register yet, retrying in %.1f s: %s", backoff_s, exc)
+                await _sleep_or(stop, backoff_s)
+                backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if self.runner.poll():
+                self._changed.set()
+            self.logs.enforce_cap(self.runner.running())
+            await _sleep_or(stop, self.config.poll_interval_s)
+
+    async def _heartbeat_once(self, stop: asyncio.Event) -> None:
+        assert self.credential is not None
+        self._changed.clear()
+        self.runner.poll()
+        samples = await asyncio.to_thread(self.backend.sample, self.runner.busy_gpus())
+        allocated = allocations(self.runner.records)
+        if self.metrics is not None:
+            self.metrics.update(samples, allocated)
+        if self.dcgm is not None:
+            self.dcgm.write(allocated)
+        records = self.runner.unacknowledged()[:MAX_TASKS_PER_HEARTBEAT]
+        reports = [r.report() for r in records]
+        chunks = self.logs.chunks(self.runner.records.values())
+        # Hold the request only when there is nothing to flush after it: not on the first
+        # heartbeat after (re)connecting, nor while an ended task's log is still being sent.
+        flushing = any(
+            not r.log_complete
+            for r in self.runner.records.values()
+            if r.state in TERMINAL_TASK_STATES
+        )
+        held = self.connected.is_set() and not flushing
+        wait_s = min(self.heartbeat_interval_s, MAX_WAIT_S) if held else 0.0
+        body = Heartbeat(samples=samples, tasks=reports, logs=chunks, wait_s=wait_s)
+        sent_at = asyncio.get_running_loop().time()
+        reply = await self._send_unless_changed(body, stop)
+        if reply is None:
+            return  # a task changed state locally: report it now, the reply comes again
+        self.connected.set()
+        self.runner.acknowledge({r.task_id for r in reports if r.state in TERMINAL_TASK_STATES})
+        self.logs.acknowledge(self.runner.records, chunks)
+        self._apply(reply)
+        if not reply.start and not reply.stop:
+            # A server that does not hold requests must not make the agent spin.
+            elapsed_s = asyncio.get_running_loop().time() - sent_at
+            await _wait_any(stop, self._changed, timeout_s=wait_s - elapsed_s)
+
+    async def _send_unless_changed(
+        self, body: Heartbeat, stop: asyncio.Event
+    ) -> HeartbeatReply | None:
+        assert self.credential is not None
+        send = asyncio.create_task(self.client.heartbeat(self.credential.credential, body))
+        changed = asyncio.create_task(self._changed.wait())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({send, changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (changed, stopping):
+                task.cancel()
+            await asyncio.gather(changed, stopping, return_exceptions=True)
+            if not send.done():
+                send.cancel()
+                await asyncio.gather(send, return_exceptions=True)
+        if send.cancelled():
+            return None
+        return send.result()
+
+    def _apply(self, reply: HeartbeatReply) -> None:
+        self.heartbeat_interval_s = reply.heartbeat_interval_s
+        for spec in reply.start:
+            if self.runner.start(spec):
+                self._changed.set()
+        for stop in reply.stop:
+            self.runner.stop(stop.task_id, grace_s=stop.grace_s, reason=stop.reason)
+
+
+async def _wait_any(stop: asyncio.Event, changed: asyncio.Event, *, timeout_s: float) -> None:
+    if timeout_s <= 0:
+        return
+    waits = {asyncio.create_task(stop.wait()), asyncio.create_task(changed.wait())}
+    _done, pending = await asyncio.wait(
+        waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

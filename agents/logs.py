@@ -1,0 +1,119 @@
+"""Ships task logs to the server in bounded chunks, and caps their size on the node.
+
+A chunk stays in flight until a heartbeat reply acknowledges it and is sent again with the same
+bounds until then, so the server can recognise duplicates by offset. The cap drops the front of
+a log only once the server has it, unless the log grows past twice the cap while the server is
+away: then the node's disk wins and the server gets a marker for the gap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from agents.state import StateDir, TaskRecord
+from api.schemas.agent import (
+    MAX_LOG_CHUNK_CHARS,
+    MAX_LOG_CHUNKS_PER_HEARTBEAT,
+    TERMINAL_TASK_STATES,
+    LogChunk,
+)
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """Length of `data` without a trailing incomplete UTF-8 sequence (kept for the next chunk)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        if byte & 0x80 == 0:
+            return len(data)
+        needed = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4
+        return len(data) if back >= needed else len(data) - back
+    return len(data)
+
+
+class LogShipper:
+    def __init__(self, state: StateDir, *, max_bytes: int, chunk_bytes: int = MAX_LOG_CHUNK_CHARS):
+        self.state = state
+        self.max_bytes = max_bytes
+        self.chunk_bytes = min(chunk_bytes, MAX_LOG_CHUNK_CHARS)
+        self.in_flight: dict[int, list[LogChunk]] = {}
+
+    def chunks(
+        self, records: Iterable[TaskRecord], limit: int = MAX_LOG_CHUNKS_PER_HEARTBEAT
+    ) -> list[LogChunk]:
+        """In-flight chunks first (same bounds as before), then new output, at most `limit`."""
+        out: list[LogChunk] = []
+        for record in records:
+            if len(out) >= limit:
+                break
+            if record.log_complete:
+                continue
+            pending = self.in_flight.setdefault(record.task_id, [])
+            while len(out) + len(pending) < limit and not (pending and pending[-1].eof):
+                chunk = self._next(record, pending)
+                if chunk is None:
+                    break
+                pending.append(chunk)
+            out.extend(pending[: limit - len(out)])
+        return out
+
+    def _next(self, record: TaskRecord, pending: list[LogChunk]) -> LogChunk | None:
+        position = pending[-1].next_offset if pending else record.log_shipped_bytes
+        task_id = record.task_id
+        ended = record.state in TERMINAL_TASK_STATES
+        if position < record.log_base_bytes:
+            dropped = record.log_base_bytes - position
+            marker = f"[fairgpu: {dropped} bytes of log dropped on the node (size cap)]\n"
+            return LogChunk(
+                task_id=task_id, offset=position, next_offset=record.log_base_bytes, data=marker
+            )
+        try:
+            with open(self.state.log_path(task_id), "rb") as f:
+                f.seek(position - record.log_base_bytes)
+                data = f.read(self.chunk_bytes)
+                at_end = f.read(1) == b""
+        except FileNotFoundError:
+            data, at_end = b"", True
+        if not ended:
+            data = data[: _utf8_boundary(data)]
+        if not data and not ended:
+            return None
+        return LogChunk(
+            task_id=task_id,
+            offset=position,
+            next_offset=position + len(data),
+            data=data.decode("utf-8", errors="replace"),
+            eof=ended and at_end,
+        )
+
+    def acknowledge(self, records: dict[int, TaskRecord], sent: Iterable[LogChunk]) -> None:
+        for chunk in sent:
+            record = records.get(chunk.task_id)
+            pending = self.in_flight.get(chunk.task_id, [])
+            if chunk in pending:
+                pending.remove(chunk)
+            if record is None:
+                continue
+            record.log_shipped_bytes = max(record.log_shipped_bytes, chunk.next_offset)
+            if chunk.eof:
+                record.log_complete = True
+            self.state.save(record)
+
+    def enforce_cap(self, records: Iterable[TaskRecord]) -> None:
+        for record in records:
+            if record.state in TERMINAL_TASK_STATES:
+                continue
+            path = self.state.log_path(record.task_id)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            shipped_all = record.log_shipped_bytes >= record.log_base_bytes + size
+            if size > self.max_bytes and (shipped_all or size > 2 * self.max_bytes):
+                # The task appends (O_APPEND), so after truncation it writes from 0 again.
+                os.truncate(path, 0)
+                record.log_base_bytes += size
+                self.in_flight.pop(record.task_id, None)
+                self.state.save(record)

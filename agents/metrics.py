@@ -1,0 +1,129 @@
+"""The agent's /metrics: per-GPU series and the GPU-to-job join, plus dcgm-exporter job files.
+
+Job ids never label the per-GPU series (they churn); `fairgpu_gpu_allocation_info` carries them
+so that dashboards join on (node, gpu). The registry is the agent's own, not the global one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agents.state import write_atomic
+from api.schemas.agent import GpuInfo, GpuSample
+
+log = logging.getLogger(__name__)
+_HEALTH_VALUE = {"healthy": 1.0, "unhealthy": 0.0, "lost": 0.0}
+
+
+class AgentMetrics(Collector):
+    """Holds the latest samples; Prometheus reads them at scrape time (no per-sample cost)."""
+
+    def __init__(self, node: str, devices: Sequence[GpuInfo]) -> None:
+        self.node = node
+        self.devices = {d.index: d for d in devices}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._lock = threading.Lock()
+        self._samples: list[GpuSample] = []
+        self._xid_totals: dict[int, int] = {}
+        self._allocations: list[tuple[int, int, str]] = []
+        self.registry.register(self)
+
+    def update(
+        self, samples: Iterable[GpuSample], allocations: Iterable[tuple[int, int, str]]
+    ) -> None:
+        with self._lock:
+            self._samples = list(samples)
+            for s in self._samples:
+                self._xid_totals[s.index] = self._xid_totals.get(s.index, 0) + len(s.xid_events)
+            self._allocations = sorted(allocations)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["node", "gpu", "uuid", "model"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"fairgpu_gpu_{name}", doc, labels=labels)
+
+        util = gauge("utilization_ratio", "Fraction of time a kernel ran on the GPU.")
+        used = gauge("memory_used_bytes", "GPU memory in use.")
+        total = gauge("memory_total_bytes", "GPU memory installed.")
+        power = gauge("power_watts", "Power draw.")
+        temp = gauge("temperature_celsius", "GPU die temperature.")
+        healthy = gauge("healthy", "1 when the GPU is healthy, 0 when unhealthy or lost.")
+        energy = CounterMetricFamily(
+            "fairgpu_gpu_energy_joules", "Energy used since the driver loaded.", labels=labels
+        )
+        ecc = CounterMetricFamily(
+            "fairgpu_gpu_ecc_errors",
+            "ECC memory errors since the driver loaded.",
+            labels=[*labels, "type"],
+        )
+        xid = CounterMetricFamily(
+            "fairgpu_gpu_xid_errors", "XID errors seen since the agent started.", labels=labels
+        )
+        alloc = GaugeMetricFamily(
+            "fairgpu_gpu_allocation_info",
+            "1 for each GPU held by a job; join on node and gpu.",
+            labels=["node", "gpu", "job", "org"],
+        )
+        with self._lock:
+            samples, allocations = list(self._samples), list(self._allocations)
+            xid_totals = dict(self._xid_totals)
+        for s in samples:
+            device = self.devices.get(s.index)
+            values = [self.node, str(s.index), s.uuid, device.model if device else "unknown"]
+            for family, value in (
+                (util, s.utilization_ratio),
+                (used, s.memory_used_bytes),
+                (total, s.memory_total_bytes),
+                (power, s.power_w),
+                (temp, s.temperature_c),
+                (energy, s.energy_joules),
+            ):
+                if value is not None:
+                    family.add_metric(values, float(value))
+            healthy.add_metric(values, _HEALTH_VALUE[s.health])
+            if s.ecc_corrected_total is not None:
+                ecc.add_metric([*values, "corrected"], float(s.ecc_corrected_total))
+            if s.ecc_uncorrected_total is not None:
+                ecc.add_metric([*values, "uncorrected"], float(s.ecc_uncorrected_total))
+            xid.add_metric(values, float(xid_totals.get(s.index, 0)))
+        for gpu, job, org in allocations:
+            alloc.add_metric([self.node, str(gpu), str(job), org], 1.0)
+        yield from (util, used, total, power, temp, healthy, energy, ecc, xid, alloc)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+
+
+class DcgmJobMapping:
+    """dcgm-exporter's HPC job mapping: one file per GPU index holding its job ids, one a line.
+
+    Point dcgm-exporter's `--hpc-job-mapping-dir` at the same directory and every DCGM series
+    gets an `hpc_job` label. Files are rewritten only when the allocation changes.
+    """
+
+    def __init__(self, directory: Path, gpu_indices: Iterable[int]) -> None:
+        self.directory = directory
+        self.gpu_indices = sorted(gpu_indices)
+        self._written: dict[int, str] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, allocations: Iterable[tuple[int, int, str]]) -> None:
+        jobs: dict[int, list[str]] = {i: [] for i in self.gpu_indices}
+        for gpu, job, _org in allocations:
+            jobs.setdefault(gpu, []).append(str(job))
+        for gpu, ids in jobs.items():
+            text = "".join(f"{job}\n" for job in sorted(set(ids)))
+            if self._written.get(gpu) != text:
+                try:
+                    write_atomic(self.directory / str(gpu), text)
+                    self._written[gpu] = text
+                except OSError as exc:
+                    log.warning("cannot write dcgm job mapping for GPU %d: %s", gpu, exc)
