@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, simulate
+from cli import agent, bench, simulate
 
 app = typer.Typer(
     name="fairgpu",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(bench.app, name="bench")
 app.command("simulate")(simulate.simulate)
+app.command("agent")(agent.agent)
 
 
 def main() -> None:

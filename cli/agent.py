@@ -1,0 +1,164 @@
+"""`fairgpu agent`: the node agent that runs on every GPU server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli.common import fail
+
+if TYPE_CHECKING:
+    from agents.daemon import AgentConfig
+
+
+def _default_name() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "node"
+
+
+def agent(
+    server: Annotated[
+        str, typer.Option(help="fairgpu server URL.", envvar="FAIRGPU_SERVER", show_envvar=True)
+    ],
+    join_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Join token to register this node (not needed once registered).",
+            envvar="FAIRGPU_JOIN_TOKEN",
+            show_envvar=True,
+        ),
+    ] = None,
+    simulate: Annotated[
+        str | None,
+        typer.Option(
+            help="Simulate GPUs instead of NVML, e.g. 8xH100 or 4xA100-80GB,2xL40S.",
+            envvar="FAIRGPU_AGENT_SIMULATE",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Credential, task records and logs (default: ./fairgpu-state/agent-NAME).",
+            envvar="FAIRGPU_AGENT_STATE_DIR",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus /metrics on this port.", envvar="FAIRGPU_AGENT_METRICS_PORT"
+        ),
+    ] = None,
+    metrics_addr: Annotated[str, typer.Option(help="Address for /metrics.")] = "0.0.0.0",
+    name: Annotated[
+        str | None, typer.Option(help="Node name (default: host name).", envvar="FAIRGPU_NODE_NAME")
+    ] = None,
+    site: Annotated[
+        str, typer.Option(help="Site (data centre) of this node.", envvar="FAIRGPU_SITE")
+    ] = "default",
+    domain: Annotated[
+        str,
+        typer.Option(help="Topology domain (rack, NVLink group).", envvar="FAIRGPU_DOMAIN"),
+    ] = "default",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Address other nodes reach this one at (MASTER_ADDR); default: auto."),
+    ] = None,
+    cuda_uuids: Annotated[
+        bool, typer.Option(help="Set CUDA_VISIBLE_DEVICES to GPU uuids, not indices.")
+    ] = False,
+    container_runtime: Annotated[
+        str | None,
+        typer.Option(help="Run jobs with an image through docker, podman or apptainer."),
+    ] = None,
+    container_binary: Annotated[
+        str | None, typer.Option(help="Path of the container runtime's command.")
+    ] = None,
+    dcgm_mapping_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write dcgm-exporter HPC job-mapping files (one per GPU) here."),
+    ] = None,
+    log_max_bytes: Annotated[
+        int, typer.Option(help="Cap on each task's log kept on the node.", min=4096)
+    ] = 64 * 1024 * 1024,
+    time_limit_grace_s: Annotated[
+        float, typer.Option(help="Seconds between SIGTERM and SIGKILL at the time limit.", min=0)
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Register this node, report its GPUs and run the tasks the server gives it."""
+    from agents.container import RUNTIMES
+    from agents.daemon import AgentConfig, AgentError
+    from agents.gpu import GpuBackendError
+    from agents.runner import RunnerConfig
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if container_runtime is not None and container_runtime not in RUNTIMES:
+        fail(f"--container-runtime must be one of {', '.join(RUNTIMES)}", 2)
+    node_name = name or _default_name()
+    config = AgentConfig(
+        server=server,
+        state_dir=state_dir or Path("fairgpu-state") / f"agent-{node_name}",
+        name=node_name,
+        site=site,
+        domain=domain,
+        join_token=join_token,
+        address=address,
+        runner=RunnerConfig(
+            cuda_by_uuid=cuda_uuids,
+            container_runtime=container_runtime,
+            container_binary=container_binary,
+            time_limit_grace_s=time_limit_grace_s,
+            log_max_bytes=log_max_bytes,
+        ),
+        dcgm_mapping_dir=dcgm_mapping_dir,
+    )
+    try:
+        asyncio.run(
+            run_agent(
+                config, simulate=simulate, metrics_port=metrics_port, metrics_addr=metrics_addr
+            )
+        )
+    except (AgentError, GpuBackendError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+async def run_agent(
+    config: AgentConfig, *, simulate: str | None, metrics_port: int | None, metrics_addr: str
+) -> None:
+    """Build the agent from its parts and run it until SIGTERM or SIGINT."""
+    from agents.client import AgentClient
+    from agents.daemon import Agent
+    from agents.gpu import GpuBackend, SimulatedBackend, open_backend, parse_simulate_spec
+    from agents.metrics import AgentMetrics
+
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    backend: GpuBackend
+    if simulate:
+        backend = SimulatedBackend(
+            parse_simulate_spec(simulate),
+            seed=f"{config.site}/{config.name}",
+            faults_file=config.state_dir / "simulate-faults",
+        )
+    else:
+        backend = open_backend(None)
+    metrics = AgentMetrics(config.name, backend.devices())
+    if metrics_port is not None:
+        metrics.serve(metrics_port, metrics_addr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    client = AgentClient(config.server)
+    try:
+        await Agent(config, backend, client, metrics=metrics).run(stop)
+    finally:
+        await client.aclose()
+        backend.close()
