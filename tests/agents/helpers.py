@@ -17,7 +17,7 @@ def spec(task_id: int = 1, command: list[str] | None = None, **overrides: Any) -
         "node_rank": 0,
         "num_nodes": 1,
         "gpus": [0],
-        "command": command or ["true"],
+        "command": ["true"] if command is None else command,
         "time_limit_s": 60,
     }
     fields.update(overrides)

@@ -89,7 +89,16 @@ async def test_register_run_and_report_a_task(harness: Harness) -> None:
     assert credential_file.stat().st_mode & 0o777 == 0o600
 
     server.submit(spec(1, ["sh", "-c", "echo hello; echo world >&2"], gpus=[1]))
-    await until(lambda: 1 in server.log_complete, debug=lambda: (server.reports, server.logs, agent.runner.records, agent.logs.in_flight, [(len(h.tasks), len(h.logs), h.wait_s) for h in server.heartbeats]))
+    await until(
+        lambda: 1 in server.log_complete,
+        debug=lambda: (
+            server.reports,
+            server.logs,
+            agent.runner.records,
+            agent.logs.in_flight,
+            [(len(h.tasks), len(h.logs), h.wait_s) for h in server.heartbeats],
+        ),
+    )
     report = server.reports[1]
     assert (report.state, report.exit_code) == ("exited", 0)
     assert sorted(server.logs[1].split()) == ["hello", "world"]

@@ -1,0 +1,70 @@
+"""The agent's /metrics exposition and dcgm-exporter job-mapping files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agents.gpu import SimulatedBackend, parse_simulate_spec
+from agents.metrics import AgentMetrics, DcgmJobMapping
+
+
+def scrape(metrics: AgentMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_per_gpu_series_and_allocation_info() -> None:
+    backend = SimulatedBackend(parse_simulate_spec("2xH100"), seed="n1")
+    uuid0 = backend.devices()[0].uuid
+    metrics = AgentMetrics("n1", backend.devices())
+    backend.inject_xid(1, 79)
+    metrics.update(backend.sample({0: [123]}), [(0, 42, "acme")])
+    metrics.update(backend.sample({0: [123]}), [(0, 42, "acme")])
+    series = scrape(metrics)
+    gpu0 = frozenset({("node", "n1"), ("gpu", "0"), ("uuid", uuid0), ("model", "H100")})
+    assert series[("fairgpu_gpu_utilization_ratio", gpu0)] > 0.9
+    assert series[("fairgpu_gpu_memory_total_bytes", gpu0)] == 80 * 1024**3
+    assert series[("fairgpu_gpu_power_watts", gpu0)] > 600
+    assert ("fairgpu_gpu_temperature_celsius", gpu0) in series
+    assert ("fairgpu_gpu_energy_joules_total", gpu0) in series
+    assert series[("fairgpu_gpu_healthy", gpu0)] == 1.0
+    assert series[("fairgpu_gpu_ecc_errors_total", gpu0 | {("type", "uncorrected")})] == 0
+    xid1 = {k: v for k, v in series.items() if k[0] == "fairgpu_gpu_xid_errors_total"}
+    assert sorted(xid1.values()) == [0.0, 1.0]  # counted once although sampled twice
+    info = {k: v for k, v in series.items() if k[0] == "fairgpu_gpu_allocation_info"}
+    assert info == {
+        (
+            "fairgpu_gpu_allocation_info",
+            frozenset({("node", "n1"), ("gpu", "0"), ("job", "42"), ("org", "acme")}),
+        ): 1.0
+    }
+    unhealthy = [k for k, v in series.items() if k[0] == "fairgpu_gpu_healthy" and v == 0.0]
+    assert len(unhealthy) == 1
+
+
+def test_unsupported_fields_have_no_series() -> None:
+    backend = SimulatedBackend(parse_simulate_spec("1xH100"))
+    backend.lose(0)
+    metrics = AgentMetrics("n1", backend.devices())
+    metrics.update(backend.sample({}), [])
+    names = {name for name, _ in scrape(metrics)}
+    assert "fairgpu_gpu_power_watts" not in names
+    assert "fairgpu_gpu_healthy" in names
+
+
+def test_dcgm_job_mapping_files(tmp_path: Path) -> None:
+    mapping = DcgmJobMapping(tmp_path / "jobs", range(4))
+    mapping.write([(0, 7, "a"), (1, 7, "a"), (3, 9, "b")])
+    assert (tmp_path / "jobs" / "0").read_text() == "7\n"
+    assert (tmp_path / "jobs" / "2").read_text() == ""
+    assert (tmp_path / "jobs" / "3").read_text() == "9\n"
+    mapping.write([(3, 9, "b")])
+    assert (tmp_path / "jobs" / "0").read_text() == ""
+    assert (tmp_path / "jobs" / "3").read_text() == "9\n"
