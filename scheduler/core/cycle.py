@@ -236,15 +236,20 @@ class _Cycle:
         if not self.cfg.preemption:
             return False
         books = self.books
+        may_borrow = self.cfg.borrowing and job.preemptible
+        cls = self.cfg.priority_classes.get(job.priority_class, 0)
+        n = job.gpu_count
         for t in types:
-            if books.limit_block(job.org_id, t, job.gpu_count) is not None:
+            most = self.pre.own_lower_gpus(job.org_id, t, cls)
+            if most == 0 or books.limit_block(job.org_id, t, n) is not None:
+                continue
+            if not may_borrow and not books.in_quota_after(job.org_id, t, n, most):
                 continue
             plan = self.pre.plan(job, t, in_quota=False)
-            if plan is None:
+            if plan is None or not plan.victims:
                 continue
             freed = sum(v.gpu_count for v in plan.victims)
-            may_borrow = self.cfg.borrowing and job.preemptible
-            if not may_borrow and not books.in_quota_after(job.org_id, t, job.gpu_count, freed):
+            if not may_borrow and not books.in_quota_after(job.org_id, t, n, freed):
                 continue
             self._commit(job, t, plan)
             return True

@@ -50,7 +50,10 @@ class Preemptor:
         self.chosen: set[int] = set()
         self._candidates: dict[str, list[RunningJob]] = {}
         self._all = running
-        self.failed: dict[tuple[str, str | None, int, int], int] = {}
+        self.failed: dict[tuple[str, str | None, int, int, int], int] = {}
+        self._lowest: dict[tuple[int, str], int] = {}  # (org, type) → lowest victim class
+        self._own: dict[tuple[int, str], list[RunningJob]] = {}  # (org, type) → its candidates
+        self._own_gpus: dict[tuple[int, str], int] = {}
 
     def _add_incoming(self, r: RunningJob, deadline: float) -> None:
         for p in r.placements:
@@ -62,6 +65,19 @@ class Preemptor:
             else:
                 inc.gpus += len(p.gpus)
                 inc.deadline = max(inc.deadline, deadline)
+
+    def own_lower_gpus(self, org_id: int, gpu_type: str, cls: int) -> int:
+        """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
+        self.candidates(gpu_type)
+        if self._lowest.get((org_id, gpu_type), cls) >= cls:
+            return 0
+        return self._own_gpus.get((org_id, gpu_type), 0)
+
+    def _incoming_of(self, gpu_type: str) -> list[int]:
+        nodes = self.index.nodes
+        return sorted(
+            n for n, inc in self.incoming.items() if inc.gpus > 0 and nodes[n].gpu_type == gpu_type
+        )
 
     def candidates(self, gpu_type: str) -> list[RunningJob]:
         """Preemptible jobs of the type old enough to preempt, most-over-share org first."""
@@ -81,13 +97,27 @@ class Preemptor:
             share = {r.org_id: books.weighted_share(r.org_id, gpu_type) for r in out}
             out.sort(key=lambda r: (-share[r.org_id], -r.started_at, r.job_id))
             self._candidates[gpu_type] = out
+            for r in out:
+                c = self.classes.get(r.priority_class, 0)
+                key = (r.org_id, gpu_type)
+                if c < self._lowest.get(key, c + 1):
+                    self._lowest[key] = c
+                self._own.setdefault(key, []).append(r)
+                self._own_gpus[key] = self._own_gpus.get(key, 0) + r.gpu_count
         return out
 
     def plan(self, job: PendingJob, gpu_type: str, in_quota: bool) -> Plan | None:
         """Victims that make the job's gang fit, or None (nothing is preempted then)."""
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
-        memo = (gpu_type, site, gpn, self.classes.get(job.priority_class, 0))
+        cls = self.classes.get(job.priority_class, 0)
+        # Beyond quota only the org's own jobs are victims: the memo is then per org.
+        memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id)
         if self.failed.get(memo, k + 1) <= k:
+            return None
+        cands = self.candidates(gpu_type)
+        if not in_quota and self._lowest.get((job.org_id, gpu_type), cls) >= cls:
+            return None  # no lower-class job of its own org to preempt
+        if in_quota and not cands and not self._incoming_of(gpu_type):
             return None
         index, books = self.index, self.books
         free = index.free
@@ -120,17 +150,16 @@ class Preemptor:
                     return s
             return None
 
-        for nid in sorted(self.incoming):
-            inc = self.incoming[nid]
-            if inc.gpus > 0:
-                touch(nid, inc.gpus, None)
-        fit_site = fits()
+        fit_site = None
+        if in_quota:  # GPUs already leaving serve in-quota needs first; never a job beyond quota
+            for nid in self._incoming_of(gpu_type):
+                touch(nid, self.incoming[nid].gpus, None)
+            fit_site = fits()
         victims_order: list[RunningJob] = []
         if fit_site is None:
-            cls = self.classes.get(job.priority_class, 0)
             after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count)
             over_left: dict[int, int] = {}
-            for r in self.candidates(gpu_type):
+            for r in cands if in_quota else self._own.get((job.org_id, gpu_type), ()):
                 if r.job_id in self.chosen:
                     continue
                 g = r.gpu_count
