@@ -54,7 +54,8 @@ class FakeNvml:
 
         def p2p(a: int, b: int, caps: int) -> int:
             ok = frozenset({a, b}) in fake.nvlink_pairs
-            return real.NVML_P2P_STATUS_OK if ok else real.NVML_P2P_STATUS_NOT_SUPPORTED
+            status: int = real.NVML_P2P_STATUS_OK if ok else real.NVML_P2P_STATUS_NOT_SUPPORTED
+            return status
 
         def memory(h: int) -> Any:
             total, used = call(h, "memory_total"), call(h, "memory_used")

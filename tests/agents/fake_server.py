@@ -44,6 +44,7 @@ class FakeServer:
         self.resend_starts_forever = False
         self.down = False
         self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.app = self._build()
 
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -58,8 +59,9 @@ class FakeServer:
         self.wake()
 
     def wake(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        """Release a held heartbeat; safe from any thread (uvicorn runs the app in its own)."""
+        if self._wake is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def _build(self) -> FastAPI:
         app = FastAPI()
@@ -103,6 +105,7 @@ class FakeServer:
                     self.log_complete.add(chunk.task_id)
             if self._wake is None:
                 self._wake = asyncio.Event()
+                self._loop = asyncio.get_running_loop()
             deadline = asyncio.get_running_loop().time() + body.wait_s
             while not (self.to_start or self.to_stop):
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -134,3 +137,33 @@ class _Switchable(httpx.AsyncBaseTransport):
         if self._server.down:
             raise httpx.ConnectError("connection refused (server down in test)", request=request)
         return await self._inner.handle_async_request(request)
+
+
+class ServedFakeServer:
+    """The fake server on a real socket (uvicorn on 127.0.0.1) for agents in other processes."""
+
+    def __init__(self, server: FakeServer) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.server = server
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(server.app, lifespan="off", ws="none", log_level="warning")
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._uvicorn.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def __enter__(self) -> ServedFakeServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uvicorn.should_exit = True
+        self.server.wake()
+        self._thread.join(timeout=10)
+        self._sock.close()

@@ -35,13 +35,20 @@ def test_load_follows_tasks_and_energy_grows() -> None:
     backend = SimulatedBackend(parse_simulate_spec("2xH100"))
     first = backend.sample({0: [111]})
     busy, idle = first
+    assert busy.utilization_ratio is not None
     assert busy.utilization_ratio > 0.9
+    assert busy.memory_used_bytes is not None
+    assert busy.memory_total_bytes is not None
     assert busy.memory_used_bytes > 0.5 * busy.memory_total_bytes
     assert [p.pid for p in busy.processes] == [111]
+    assert busy.power_w is not None
+    assert idle.power_w is not None
     assert busy.power_w > 600 > idle.power_w
     assert idle.utilization_ratio == 0.0
     assert idle.memory_used_bytes == 0
     second = backend.sample({})
+    assert second[0].energy_joules is not None
+    assert first[0].energy_joules is not None
     assert second[0].energy_joules >= first[0].energy_joules
     assert second[0].utilization_ratio == 0.0
 

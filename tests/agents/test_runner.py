@@ -167,6 +167,8 @@ def test_stop_sigterm_ignored_then_sigkill_after_grace(state: StateDir, tmp_path
     r = runner.records[1]
     assert (r.state, r.signal, r.killed) == ("stopped", signal.SIGKILL, True)
     assert r.reason.startswith("cancelled by user")
+    assert r.ended_at is not None
+    assert r.started_at is not None
     assert (r.ended_at - r.started_at).total_seconds() >= 0.5
 
 
@@ -216,6 +218,7 @@ def test_restart_after_task_vanished_without_status_is_lost(state: StateDir) -> 
     runner = Runner(state)
     runner.start(spec(1, [PY, "-c", "import time; time.sleep(60)"]))
     pid = runner.records[1].pid
+    assert pid is not None
     os.killpg(pid, signal.SIGKILL)  # the task and its wrapper die together, no exit file
     runner._children[1].wait()
     again = Runner(state)
@@ -232,6 +235,7 @@ def test_reused_pid_is_not_adopted(state: StateDir) -> None:
     again = Runner(state)
     again.recover()
     assert again.records[1].state == "lost"
+    assert record.pid is not None
     os.killpg(record.pid, signal.SIGKILL)
     runner._children[1].wait()
 
