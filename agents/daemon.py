@@ -50,6 +50,8 @@ class AgentConfig:
     max_backoff_s: float = 30.0
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     dcgm_mapping_dir: Path | None = None
+    keep_ended_tasks_s: float = 86_400.0
+    """How long records and logs of reported tasks stay on the node after the server has them."""
 
 
 class AgentError(Exception):
@@ -185,6 +187,7 @@ class Agent:
             if self.runner.poll():
                 self._changed.set()
             self.logs.enforce_cap(self.runner.running())
+            self.runner.prune(older_than_s=self.config.keep_ended_tasks_s)
             await _sleep_or(stop, self.config.poll_interval_s)
 
     async def _heartbeat_once(self, stop: asyncio.Event) -> None:
@@ -217,9 +220,11 @@ class Agent:
         self.connected.set()
         self.runner.acknowledge({r.task_id for r in reports if r.state in TERMINAL_TASK_STATES})
         self.logs.acknowledge(self.runner.records, chunks)
-        self._apply(reply)
-        if not reply.start and not reply.stop:
-            # A server that does not hold requests must not make the agent spin.
+        if self._apply(reply):
+            self._changed.set()  # report the new states at once
+        else:
+            # A reply that changed nothing (a server that does not hold requests, or repeats
+            # what the agent already did) must not make the agent spin.
             elapsed_s = asyncio.get_running_loop().time() - sent_at
             await _wait_any(stop, self._changed, timeout_s=wait_s - elapsed_s)
 
@@ -243,13 +248,17 @@ class Agent:
             return None
         return send.result()
 
-    def _apply(self, reply: HeartbeatReply) -> None:
+    def _apply(self, reply: HeartbeatReply) -> bool:
+        """Start and stop what the reply says; True when that changed anything here."""
         self.heartbeat_interval_s = reply.heartbeat_interval_s
+        changed = False
+        stopping = {stop.task_id for stop in reply.stop}
         for spec in reply.start:
-            if self.runner.start(spec):
-                self._changed.set()
+            if spec.task_id not in stopping and self.runner.start(spec):
+                changed = True
         for stop in reply.stop:
-            self.runner.stop(stop.task_id, grace_s=stop.grace_s, reason=stop.reason)
+            changed |= self.runner.stop(stop.task_id, grace_s=stop.grace_s, reason=stop.reason)
+        return changed
 
 
 async def _wait_any(stop: asyncio.Event, changed: asyncio.Event, *, timeout_s: float) -> None:

@@ -100,11 +100,13 @@ class Runner:
             self._end(record, "failed_to_start", reason=f"{type(exc).__name__}: {exc}")
         return True
 
-    def stop(self, task_id: int, *, grace_s: float, reason: str) -> None:
+    def stop(self, task_id: int, *, grace_s: float, reason: str) -> bool:
+        """SIGTERM now, SIGKILL after `grace_s`. False when there was nothing (new) to stop."""
         record = self.records.get(task_id)
         if record is None or record.state in TERMINAL_TASK_STATES or record.stop_reason:
-            return
+            return False
         self._terminate(record, grace_s=grace_s, reason=reason or "stop requested")
+        return True
 
     def poll(self, now: dt.datetime | None = None) -> bool:
         """Notice exits, enforce time limits and kill deadlines. True when a state changed."""
@@ -141,6 +143,14 @@ class Runner:
             if record is not None and record.state in TERMINAL_TASK_STATES:
                 record.final_acked = True
                 self.state.save(record)
+
+    def prune(self, *, older_than_s: float, now: dt.datetime | None = None) -> None:
+        """Forget tasks the server has fully (final report and log) after a while."""
+        cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than_s)
+        for task_id, r in list(self.records.items()):
+            if r.final_acked and r.log_complete and r.ended_at is not None and r.ended_at < cutoff:
+                self.state.remove(task_id)
+                del self.records[task_id]
 
     # queries ---------------------------------------------------------------------------------
     def unacknowledged(self) -> list[TaskRecord]:

@@ -20,7 +20,10 @@ Contract (both sides rely on it):
 - The server puts a task in `start` on every reply until the agent has reported it in any state;
   the agent ignores a `start` for a task id it already knows (a task never starts twice). The
   server puts a task in `stop` on every reply until the agent reports it ended; stopping is
-  idempotent on the agent too.
+  idempotent on the agent too. The agent ignores a stop for a task it does not know and never
+  starts a task that is in `stop` of the same reply, so the server may end a task the agent has
+  never reported on its own; if such a task is later reported live, the server answers with a
+  stop for it.
 - `wait_s` makes a heartbeat a long-poll: when the request carries nothing urgent (no task state
   changed) the server may hold it up to `wait_s` seconds and answer as soon as it has a task to
   start or stop for this node. This is what makes a job start quickly on an idle cluster.

@@ -16,6 +16,7 @@ import pytest
 from agents.client import AgentClient
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
+from api.schemas.agent import TaskStop
 from tests.agents.fake_server import JOIN_TOKEN, FakeServer
 from tests.agents.helpers import spec
 
@@ -184,3 +185,28 @@ async def test_a_bad_join_token_is_an_error(harness: Harness) -> None:
     with pytest.raises(AgentError, match="join token"):
         await harness.agents[0][2]
     harness.agents.clear()
+
+
+async def test_time_limit_is_reported_as_timeout(harness: Harness) -> None:
+    server = harness.server
+    agent = harness.start()
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    server.submit(spec(1, [PY, "-c", "import time; time.sleep(30)"], time_limit_s=0.3))
+    await until(lambda: 1 in server.reports and server.reports[1].state == "timeout")
+    assert server.reports[1].signal == signal.SIGTERM
+    assert "time limit" in server.reports[1].reason
+
+
+async def test_a_task_started_and_stopped_in_one_reply_never_runs_and_nothing_spins(
+    harness: Harness,
+) -> None:
+    server = harness.server
+    agent = harness.start()
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    server.to_stop[1] = TaskStop(task_id=1)  # a server that keeps repeating an unknown stop
+    server.submit(spec(1, ["true"]))
+    before = len(server.heartbeats)
+    await asyncio.sleep(0.5)
+    assert 1 not in agent.runner.records
+    assert 1 not in server.reports
+    assert len(server.heartbeats) - before <= 2  # one reply per heartbeat interval, not a flood

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -279,3 +280,21 @@ def test_reaped_child_subprocess_module_is_not_confused() -> None:
     p = subprocess.Popen(["true"])
     p.wait()
     assert not _running(p.pid)
+
+
+def test_prune_forgets_only_fully_delivered_old_tasks(state: StateDir) -> None:
+    runner = Runner(state)
+    runner.start(spec(1, ["true"]))
+    runner.start(spec(2, ["true"]))
+    run_to_end(runner, 1)
+    run_to_end(runner, 2)
+    runner.acknowledge({1, 2})
+    runner.records[1].log_complete = True  # task 2's log has not reached the server yet
+    ended_at = runner.records[1].ended_at
+    assert ended_at is not None
+    later = ended_at + dt.timedelta(days=2)
+    runner.prune(older_than_s=86_400, now=later)
+    assert sorted(runner.records) == [2]
+    assert not state.task_dir(1).exists()
+    runner.prune(older_than_s=86_400)
+    assert sorted(runner.records) == [2]
