@@ -122,7 +122,7 @@ def build(size: Size, seed: int = 1) -> Snapshot:
     sites = [f"site{i}" for i in range(4)]
     nodes: list[Node] = []
     for i in range(size.nodes):
-        gpu_type = "H100" if i % 10 < 7 else "A100"
+        node_type = "H100" if i % 10 < 7 else "A100"
         site = sites[i % len(sites)]
         unhealthy = frozenset({rng.randrange(8)}) if rng.random() < 0.01 else frozenset()
         nodes.append(
@@ -131,7 +131,7 @@ def build(size: Size, seed: int = 1) -> Snapshot:
                 f"n{i + 1}",
                 site,
                 f"{site}-d{i // 128}",
-                gpu_type,
+                node_type,
                 tuple(range(8)),
                 unhealthy,
                 rng.random() > 0.01,

@@ -48,7 +48,10 @@ class Explainer:
     def __init__(self, cycle: _Cycle) -> None:
         self.c = cycle
         self.cache: dict[tuple[object, ...], Reason] = {}
+        self.waits: dict[tuple[object, ...], Wait] = {}  # shared: a Wait is never changed
         self._rank: dict[int, int] | None = None
+        self._shape: dict[tuple[str, str | None, int], dict[str, float | int | str]] = {}
+        self._free: dict[str, int] = {}
 
     def _reason(self, key: tuple[object, ...], build: object) -> Reason:
         r = self.cache.get(key)
@@ -107,10 +110,17 @@ class Explainer:
             }
             return Reason(ReasonCode.ORG_LIMIT, text, details)
 
-        r = self._reason(("lim", lim_org, t, n, never), build)
-        if never:
-            return Wait((r,))
-        return Wait((r,), gpu_type=t, quota=(lim_org, t, alloc + n - limit))
+        wkey = ("lim", lim_org, t, n, never, alloc)
+        w = self.waits.get(wkey)
+        if w is None:
+            r = self._reason(wkey, build)
+            w = (
+                Wait((r,))
+                if never
+                else Wait((r,), gpu_type=t, quota=(lim_org, t, alloc + n - limit))
+            )
+            self.waits[wkey] = w
+        return w
 
     def guarantee(self, job: PendingJob, t: str) -> Wait:
         books = self.c.books
@@ -137,10 +147,13 @@ class Explainer:
             }
             return Reason(ReasonCode.QUOTA_GUARANTEED, text, details)
 
-        r = self._reason(("guar", oid, t, n, self.c.cfg.borrowing), build)
-        if never:
-            return Wait((r,))
-        return Wait((r,), gpu_type=t, quota=(oid, t, alloc + n - guar))
+        wkey = ("guar", oid, t, n, alloc)
+        w = self.waits.get(wkey)
+        if w is None:
+            r = self._reason(wkey, build)
+            w = Wait((r,)) if never else Wait((r,), gpu_type=t, quota=(oid, t, alloc + n - guar))
+            self.waits[wkey] = w
+        return w
 
     def resources(self, job: PendingJob, t: str, reservation_start: float | None) -> Wait:
         largest = self.c.index.largest_gang(t, job.site, job.gpus_per_node)
@@ -178,40 +191,46 @@ class Explainer:
         self, job: PendingJob, t: str, blocked_by: int | None, *, borrowing: bool = False
     ) -> Wait:
         key = (job.org_id, t, job.site, job.gpus_per_node, blocked_by or 0, borrowing)
-        return Wait(None, gpu_type=t if job.gpu_type is not None else ANY, lazy=key)
+        untyped = job.gpu_type is None
+        w = self.waits.get((key, untyped))
+        if w is None:
+            w = self.waits[(key, untyped)] = Wait(None, gpu_type=ANY if untyped else t, lazy=key)
+        return w
 
     def _lazy_reason(self, key: tuple[int, str, str | None, int, int, bool]) -> Reason:
+        """Built once per (org, shape) at the end of the cycle, from shared per-shape numbers."""
         c = self.c
         oid, t, site, gpn, blocked_by, borrowing = key
-        res_holder = c.res.holder.get(t)
-
-        def build() -> Reason:
-            rank = self.rank()
-            largest = c.index.largest_gang(t, site, gpn)
-            details: dict[str, float | int | str] = {
+        shape = (t, site, gpn)
+        shared = self._shape.get(shape)
+        if shared is None:
+            if t not in self._free:
+                self._free[t] = c.index.free_of_type(t)
+            shared = self._shape[shape] = {
                 "gpu_type": t,
-                "largest_free_gang_nodes": largest,
-                "free_gpus": c.index.free_of_type(t),
-                "org_fairshare": round(c.factor.get(oid, 0.0), 6),
-                "org_share_rank": rank.get(oid, 0),
-                "orgs": len(rank),
+                "largest_free_gang_nodes": c.index.largest_gang(t, site, gpn),
+                "free_gpus": self._free[t],
             }
-            if blocked_by:
-                details["behind_job_id"] = blocked_by
-                text = f"strict order: behind job {blocked_by}, which cannot start yet"
-                return Reason(ReasonCode.PRIORITY, text, details)
-            if borrowing:
-                details["weighted_share"] = round(c.books.dominant_share(oid), 6)
-                text = f"borrowing: no idle {t} GPUs left for it this cycle"
-                return Reason(ReasonCode.RESOURCES, text, details)
-            if res_holder is not None and c.index.hidden.get(t, 0) > 0:
-                details["reserved_for_job_id"] = res_holder
-                text = f"{t} GPUs it could use are reserved for job {res_holder}"
-                return Reason(ReasonCode.RESERVATION, text, details)
-            text = f"higher-priority jobs come first (org rank {rank.get(oid, 0)} of {len(rank)})"
+        rank = self.rank()
+        details = dict(shared)
+        details["org_fairshare"] = round(c.factor.get(oid, 0.0), 6)
+        details["org_share_rank"] = rank.get(oid, 0)
+        details["orgs"] = len(rank)
+        if blocked_by:
+            details["behind_job_id"] = blocked_by
+            text = f"strict order: behind job {blocked_by}, which cannot start yet"
             return Reason(ReasonCode.PRIORITY, text, details)
-
-        return self._reason(("lazy", *key), build)
+        if borrowing:
+            details["weighted_share"] = round(c.books.dominant_share(oid), 6)
+            text = f"borrowing: no idle {t} GPUs left for it this cycle"
+            return Reason(ReasonCode.RESOURCES, text, details)
+        res_holder = c.res.holder.get(t)
+        if res_holder is not None and c.index.hidden.get(t, 0) > 0:
+            details["reserved_for_job_id"] = res_holder
+            text = f"{t} GPUs it could use are reserved for job {res_holder}"
+            return Reason(ReasonCode.RESERVATION, text, details)
+        text = f"higher-priority jobs come first (org rank {details['org_share_rank']})"
+        return Reason(ReasonCode.PRIORITY, text, details)
 
     def rank(self) -> dict[int, int]:
         if self._rank is None:
@@ -257,25 +276,37 @@ class Explainer:
         work: dict[str, float] = {}
         infos: dict[int, PendingInfo] = {}
         waits = c.waits
+        quota_at: dict[tuple[int, str, int], float | None] = {}
         for job, prio in order:
             w = waits.get(job.job_id)
             if w is None:
                 continue
-            reasons = w.reasons if w.reasons is not None else (self._lazy_reason(w.lazy),)  # type: ignore[arg-type]
+            reasons = w.reasons
+            if reasons is None:
+                assert w.lazy is not None
+                reasons = w.reasons = (self._lazy_reason(w.lazy),)
             est: float | None = None
-            if w.gpu_type is not None:
-                t = w.gpu_type
-                n = job.gpu_count
+            t = w.gpu_type or ""
+            if t:
+                n = job.gpus_per_node * job.nodes
                 done = work.get(t, 0.0)
-                est = w.hint if w.exact else profile(t).start_for(done, n)
-                work[t] = done + n * job.time_limit_s
+                if w.exact:
+                    est = w.hint
+                else:
+                    prof = profiles.get(t) or profile(t)
+                    est = prof.start_for(done, n)
+                    if est is not None and w.hint is not None and w.hint > est:
+                        est = w.hint
+                job_work = n * job.time_limit_s
+                work[t] = done + job_work
                 if t != ANY:
-                    work[ANY] = work.get(ANY, 0.0) + n * job.time_limit_s
-                if est is not None and w.hint is not None:
-                    est = max(est, w.hint)
+                    work[ANY] = work.get(ANY, 0.0) + job_work
                 if est is not None and w.quota is not None:
-                    q = org_rel.when(w.quota[0], w.quota[1], w.quota[2], now)
-                    est = None if q is None else max(est, q)
+                    if w.quota in quota_at:
+                        q = quota_at[w.quota]
+                    else:
+                        q = quota_at[w.quota] = org_rel.when(*w.quota, now)
+                    est = None if q is None else (q if q > est else est)
             infos[job.job_id] = PendingInfo(job.job_id, prio, reasons, est)
         return Decisions(
             starts=tuple(s for s, _, _ in c.starts),

@@ -27,6 +27,14 @@ class OrgBooks:
                 chain.append(parent)
                 parent = self.orgs[parent].parent_id
             self.path[oid] = tuple(chain)
+        # Only orgs that set a limit or a guarantee need looking at on the way up.
+        self.limited = {
+            oid: tuple(a for a in chain if self.orgs[a].limit) for oid, chain in self.path.items()
+        }
+        self.guarded = {
+            oid: tuple(a for a in chain[1:] if any(v > 0 for v in self.orgs[a].guaranteed.values()))
+            for oid, chain in self.path.items()
+        }
         self.alloc: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
         # GPUs of jobs being preempted (sent before or this cycle): leaving, not yet gone.
         self.leaving: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
@@ -50,11 +58,10 @@ class OrgBooks:
 
     def in_quota(self, org_id: int, gpu_type: str, gpus: int) -> bool:
         """The job fits in its org's unused guarantee (and its guaranteed ancestors')."""
-        chain = self.path[org_id]
         own = self.orgs[org_id].guaranteed.get(gpu_type, 0)
         if self.alloc[org_id].get(gpu_type, 0) + gpus > own:
             return False
-        for a in chain[1:]:
+        for a in self.guarded[org_id]:
             g = self.orgs[a].guaranteed.get(gpu_type)
             if g is not None and g > 0 and self.alloc[a].get(gpu_type, 0) + gpus > g:
                 return False
@@ -62,7 +69,7 @@ class OrgBooks:
 
     def limit_block(self, org_id: int, gpu_type: str, gpus: int) -> int | None:
         """The org on the path whose `limit` this job would break, or None."""
-        for a in self.path[org_id]:
+        for a in self.limited[org_id]:
             lim = self.orgs[a].limit.get(gpu_type)
             if lim is not None and self.alloc[a].get(gpu_type, 0) + gpus > lim:
                 return a
@@ -70,7 +77,7 @@ class OrgBooks:
 
     def limit_never(self, org_id: int, gpu_type: str, gpus: int) -> int | None:
         """The org whose `limit` is below the job's size: it can never start."""
-        for a in self.path[org_id]:
+        for a in self.limited[org_id]:
             lim = self.orgs[a].limit.get(gpu_type)
             if lim is not None and gpus > lim:
                 return a
