@@ -138,10 +138,11 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set. Tasks keep running after the agent stops (see Runner)."""
         self.runner.recover()
-        await self._register_with_retry(stop)
+        # Time limits and stops are enforced even before the server is reachable.
         watcher = asyncio.create_task(self._watch(stop))
         backoff_s = 0.5
         try:
+            await self._register_with_retry(stop)
             while not stop.is_set():
                 try:
                     await self._heartbeat_once(stop)
@@ -184,10 +185,13 @@ class Agent:
 
     async def _watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if self.runner.poll():
-                self._changed.set()
-            self.logs.enforce_cap(self.runner.running())
-            self.runner.prune(older_than_s=self.config.keep_ended_tasks_s)
+            try:
+                if self.runner.poll():
+                    self._changed.set()
+                self.logs.enforce_cap(self.runner.running())
+                self.runner.prune(older_than_s=self.config.keep_ended_tasks_s)
+            except Exception:
+                log.exception("checking tasks failed; trying again")  # e.g. a full disk
             await _sleep_or(stop, self.config.poll_interval_s)
 
     async def _heartbeat_once(self, stop: asyncio.Event) -> None:

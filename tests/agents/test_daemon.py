@@ -210,3 +210,25 @@ async def test_a_task_started_and_stopped_in_one_reply_never_runs_and_nothing_sp
     assert 1 not in agent.runner.records
     assert 1 not in server.reports
     assert len(server.heartbeats) - before <= 2  # one reply per heartbeat interval, not a flood
+
+
+async def test_registration_waits_for_the_server_to_come_up(harness: Harness) -> None:
+    harness.server.down = True
+    agent = harness.start()
+    await asyncio.sleep(0.4)
+    assert not harness.server.registrations
+    harness.server.down = False
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    assert len(harness.server.registrations) == 1
+
+
+async def test_a_revoked_credential_registers_again_with_the_join_token(harness: Harness) -> None:
+    server = harness.server
+    agent = harness.start()
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    server.credentials.clear()  # revoked on the server
+    server.wake()
+    await until(lambda: len(server.registrations) == 2)
+    await asyncio.wait_for(agent.connected.wait(), 5)
+    assert agent.credential is not None
+    assert agent.credential.credential in server.credentials
