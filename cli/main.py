@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import agent, bench, simulate
+from cli import agent, bench, db, simulate
 
 app = typer.Typer(
     name="fairgpu",
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.add_typer(bench.app, name="bench")
 app.command("simulate")(simulate.simulate)
 app.command("agent")(agent.agent)
+app.add_typer(db.app, name="db")
 
 
 def main() -> None:

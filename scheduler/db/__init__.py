@@ -1,1 +1,35 @@
-"""fairgpu: scheduler.db package."""
+"""Database layer: ORM rows, engine and session handling, migrations runner."""
+
+from scheduler.db.base import Base
+from scheduler.db.jobs import Allocation, Event, Job, JobDependency, LogChunk, Task, UsageRecord
+from scheduler.db.models import (
+    ApiToken,
+    Gpu,
+    Node,
+    Org,
+    OrgUsage,
+    Quota,
+    SchedulerLease,
+    Site,
+    User,
+)
+
+__all__ = [
+    "Allocation",
+    "ApiToken",
+    "Base",
+    "Event",
+    "Gpu",
+    "Job",
+    "JobDependency",
+    "LogChunk",
+    "Node",
+    "Org",
+    "OrgUsage",
+    "Quota",
+    "SchedulerLease",
+    "Site",
+    "Task",
+    "UsageRecord",
+    "User",
+]

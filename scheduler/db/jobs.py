@@ -1,0 +1,210 @@
+"""ORM rows for the work: jobs, their tasks, GPU allocations, events, usage and logs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from scheduler.db.base import Base
+from scheduler.db.models import _enum
+from scheduler.db.types import BigId, utcnow
+from scheduler.states import JobState
+
+
+class Job(Base):
+    """A gang of `num_nodes` tasks × `gpus_per_node` GPUs, all or nothing."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key"),
+        CheckConstraint("gpus_per_node >= 0", name="gpus_per_node_nonneg"),
+        CheckConstraint("num_nodes >= 1", name="num_nodes_positive"),
+        CheckConstraint("time_limit_s > 0", name="time_limit_positive"),
+        Index("ix_jobs_org_id_state", "org_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="RESTRICT"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    command: Mapped[list[str]] = mapped_column()
+    image: Mapped[str | None] = mapped_column(String(512))
+    env: Mapped[dict[str, str]] = mapped_column(default=dict)
+    workdir: Mapped[str | None] = mapped_column(String(1024))
+    gpus_per_node: Mapped[int] = mapped_column(Integer)
+    num_nodes: Mapped[int] = mapped_column(Integer, default=1)
+    gpu_type: Mapped[str | None] = mapped_column(String(64))
+    site: Mapped[str | None] = mapped_column(String(63))
+    time_limit_s: Mapped[int] = mapped_column(Integer)
+    priority_class: Mapped[str] = mapped_column(String(32), default="normal")
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=False)
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    state: Mapped[JobState] = mapped_column(
+        _enum(JobState, 16), default=JobState.PENDING, index=True
+    )
+    state_reason: Mapped[str | None] = mapped_column(String(1024))
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    requeue_count: Mapped[int] = mapped_column(Integer, default=0)
+    submitted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    # Written by each scheduling cycle for pending jobs: what `explain` shows.
+    priority: Mapped[float | None] = mapped_column(Float)
+    pending_reasons: Mapped[list[dict[str, Any]] | None] = mapped_column()
+    estimated_start_at: Mapped[datetime | None] = mapped_column()
+    # Set when a preemption was decided: SIGKILL deadline for its tasks.
+    preempt_deadline: Mapped[datetime | None] = mapped_column()
+    borrowed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class JobDependency(Base):
+    """`afterok`: the job may start only once `depends_on_id` has COMPLETED."""
+
+    __tablename__ = "job_dependencies"
+
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    depends_on_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="RESTRICT"), primary_key=True, index=True
+    )
+
+
+class Task(Base):
+    """One node's part of a job for one attempt (a requeued job gets new tasks)."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "node_rank"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    node_rank: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[int | None] = mapped_column(
+        ForeignKey("nodes.id", ondelete="SET NULL"), index=True
+    )
+    state: Mapped[JobState] = mapped_column(
+        _enum(JobState, 16), default=JobState.STARTING, index=True
+    )
+    reason: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    signal: Mapped[int | None] = mapped_column(Integer)
+    stop_requested_at: Mapped[datetime | None] = mapped_column()
+    stop_reason: Mapped[str | None] = mapped_column(String(255))
+    stop_grace_s: Mapped[float | None] = mapped_column(Float)
+    log_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Allocation(Base):
+    """A GPU held by a task from `started_at` until `ended_at`.
+
+    The partial unique index is the database's own guarantee that a GPU is held by at most one
+    open allocation, whatever the code above it does.
+    """
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        Index(
+            "uq_allocations_gpu_id_active",
+            "gpu_id",
+            unique=True,
+            postgresql_where=text("ended_at IS NULL"),
+            sqlite_where=text("ended_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("tasks.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="RESTRICT"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="RESTRICT"))
+    gpu_type: Mapped[str] = mapped_column(String(64))
+    borrowed: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+
+class Event(Base):
+    """Every state transition: who, when, why. Append-only."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # job.state, task.state, node.state, quota, ...
+    job_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    from_state: Mapped[str | None] = mapped_column(String(32))
+    to_state: Mapped[str | None] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))  # user:<name>, scheduler, agent:<node>
+    reason: Mapped[str | None] = mapped_column(String(1024))
+    details: Mapped[dict[str, Any] | None] = mapped_column()
+
+
+class UsageRecord(Base):
+    """The usage ledger: one row per allocation per hour it was open.
+
+    Summing `gpu_seconds_allocated` over an allocation's rows gives its interval length; reports
+    roll these up by org, user, GPU type and period.
+    """
+
+    __tablename__ = "usage_ledger"
+    __table_args__ = (
+        UniqueConstraint("allocation_id", "period_start"),
+        Index("ix_usage_ledger_org_id_period_start", "org_id", "period_start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    allocation_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("allocations.id", ondelete="CASCADE")
+    )
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="RESTRICT"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"))
+    gpu_type: Mapped[str] = mapped_column(String(64))
+    period_start: Mapped[datetime] = mapped_column()
+    gpu_seconds_allocated: Mapped[float] = mapped_column(Float, default=0.0)
+    gpu_seconds_busy: Mapped[float] = mapped_column(Float, default=0.0)
+    billed_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    energy_joules: Mapped[float] = mapped_column(Float, default=0.0)
+    preempted: Mapped[bool] = mapped_column(Boolean, default=False)  # lost to preemption
+
+
+class LogChunk(Base):
+    """Task output shipped by the agent, so that the server can serve logs without reaching it."""
+
+    __tablename__ = "log_chunks"
+    __table_args__ = (UniqueConstraint("task_id", "offset"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(BigId, ForeignKey("tasks.id", ondelete="CASCADE"))
+    offset: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,174 @@
+"""ORM rows for organisations, people, credentials and the machines: who and what."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from scheduler.db.base import Base
+from scheduler.db.types import utcnow
+from scheduler.states import GpuHealth, NodeState, Role, TokenKind
+
+
+def _enum(cls: type[Any], length: int = 32) -> Enum:
+    """Enums stored as checked strings: portable, and new values need no type migration."""
+    return Enum(
+        cls,
+        native_enum=False,
+        length=length,
+        validate_strings=True,
+        create_constraint=True,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Org(Base):
+    """A node of the organisation tree (a company, a programme, or a group inside one)."""
+
+    __tablename__ = "orgs"
+    __table_args__ = (CheckConstraint("shares > 0", name="shares_positive"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("orgs.id", ondelete="RESTRICT"), index=True
+    )
+    shares: Mapped[float] = mapped_column(Float, default=1.0)
+    default_time_limit_s: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Quota(Base):
+    """Per GPU type: `guaranteed` GPUs (nominal quota) and `limit` (borrowing included)."""
+
+    __tablename__ = "quotas"
+    __table_args__ = (
+        UniqueConstraint("org_id", "gpu_type"),
+        CheckConstraint("guaranteed >= 0", name="guaranteed_nonneg"),
+        CheckConstraint('"limit" IS NULL OR "limit" >= guaranteed', name="limit_ge_guaranteed"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    gpu_type: Mapped[str] = mapped_column(String(64))
+    guaranteed: Mapped[int] = mapped_column(Integer, default=0)
+    limit: Mapped[int | None] = mapped_column(Integer)  # None: no limit beyond the cluster
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OrgUsage(Base):
+    """An org's decayed, billing-weighted GPU-seconds, kept incrementally for the core."""
+
+    __tablename__ = "org_usage"
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True)
+    decayed_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    as_of: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[int | None] = mapped_column(
+        ForeignKey("orgs.id", ondelete="RESTRICT"), index=True
+    )
+    role: Mapped[Role] = mapped_column(_enum(Role), default=Role.MEMBER)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column()
+
+
+class ApiToken(Base):
+    """A bearer credential. Only its SHA-256 is stored; the secret is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[TokenKind] = mapped_column(_enum(TokenKind))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    node_id: Mapped[int | None] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), index=True
+    )
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    uses_left: Mapped[int | None] = mapped_column(Integer)  # join tokens: None = unlimited
+    created_by_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()
+
+
+class Site(Base):
+    """A data centre."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="RESTRICT"), index=True)
+    domain: Mapped[str] = mapped_column(String(128), default="")  # NVLink / rack domain
+    state: Mapped[NodeState] = mapped_column(_enum(NodeState), default=NodeState.READY, index=True)
+    state_reason: Mapped[str | None] = mapped_column(String(1024))
+    labels: Mapped[dict[str, str]] = mapped_column(default=dict)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    address: Mapped[str] = mapped_column(String(255), default="")
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column()
+
+
+class Gpu(Base):
+    __tablename__ = "gpus"
+    __table_args__ = (UniqueConstraint("node_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    uuid: Mapped[str] = mapped_column(String(96), unique=True)
+    model: Mapped[str] = mapped_column(String(64))  # the GPU type used by quotas and jobs
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    health: Mapped[GpuHealth] = mapped_column(_enum(GpuHealth), default=GpuHealth.HEALTHY)
+    health_reason: Mapped[str | None] = mapped_column(String(1024))
+    last_sample: Mapped[dict[str, Any] | None] = mapped_column()
+    last_sample_at: Mapped[datetime | None] = mapped_column()
+
+
+class SchedulerLease(Base):
+    """Who runs the scheduling cycle. `epoch` fences out a leader that lost the lease."""
+
+    __tablename__ = "scheduler_lease"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    renewed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,104 @@
+"""One typed configuration for every fairgpu process, read from `FAIRGPU_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_FILE = "fairgpu.db"
+
+
+def normalise_database_url(url: str) -> str:
+    """Choose the async driver for the user: plain `postgresql://` and `sqlite:///` URLs work.
+
+    PostgreSQL goes through asyncpg, SQLite through aiosqlite. A URL that already names a driver
+    is left alone only when it names one of those two.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(
+            f"not a database URL: {url!r} (expected postgresql://... or sqlite:///...)"
+        )
+    base = scheme.split("+", 1)[0].lower()
+    if base in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if base == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    raise ValueError(f"unsupported database {scheme!r}: fairgpu runs on PostgreSQL or SQLite")
+
+
+class Settings(BaseSettings):
+    """Settings for the server, the scheduler, the agent and the CLI.
+
+    Every field reads from `FAIRGPU_<NAME>`; every duration and size carries its unit in its name.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FAIRGPU_", extra="ignore")
+
+    database_url: str = Field(
+        default_factory=lambda: f"sqlite:///{Path.cwd() / DEFAULT_SQLITE_FILE}",
+        description="PostgreSQL (postgresql://user@host/db) or SQLite (sqlite:///path) URL.",
+    )
+    database_pool_size: int = Field(10, ge=1, le=200, description="Connections per server process.")
+    database_echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+    migrate_on_start: bool = Field(True, description="Run migrations when the server starts.")
+
+    host: str = Field("127.0.0.1", description="Address the server listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the server listens on.")
+
+    cycle_interval_s: float = Field(
+        5.0, gt=0, description="Longest time between two scheduling cycles."
+    )
+    cycle_min_gap_s: float = Field(
+        0.05, ge=0, description="Shortest time between two cycles: events arriving faster coalesce."
+    )
+    lease_timeout_s: float = Field(
+        10.0, gt=0, description="A standby replica takes the scheduler lease after this long."
+    )
+    heartbeat_interval_s: float = Field(
+        10.0, gt=0, description="How often agents report in when nothing else happens."
+    )
+    heartbeat_long_poll_s: float = Field(
+        25.0, ge=0, description="Longest time the server holds an agent's heartbeat for news."
+    )
+    node_timeout_s: float = Field(
+        60.0, gt=0, description="A node that has not reported for this long is marked down."
+    )
+    preemption_grace_s: float = Field(
+        30.0, ge=0, description="Time between SIGTERM and SIGKILL when a task is stopped."
+    )
+    min_runtime_s: float = Field(
+        600.0, ge=0, description="A job that has run less than this is never preempted."
+    )
+    usage_half_life_s: float = Field(
+        7 * 86_400.0, gt=0, description="Half-life of decayed usage for fair share."
+    )
+    gpu_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Billing weight per GPU type (H100 = 1.0 by default; missing types 1.0).",
+    )
+    default_time_limit_s: int = Field(
+        86_400, gt=0, description="Time limit of a job whose org sets no default."
+    )
+    max_time_limit_s: int = Field(
+        30 * 86_400, gt=0, description="Longest time limit a job may ask for."
+    )
+    token_ttl_s: int = Field(
+        90 * 86_400, gt=0, description="Lifetime of a new API token unless one is given."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        normalise_database_url(value)  # raises a clear error for a bad URL
+        return value
+
+    @property
+    def async_database_url(self) -> str:
+        return normalise_database_url(self.database_url)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.async_database_url.startswith("sqlite")
