@@ -31,6 +31,8 @@ from scheduler.core.types import (
 )
 from scheduler.core.usage import capacity_usage, tree_standing
 
+_RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
+
 
 def schedule(snapshot: Snapshot) -> Decisions:
     """Decide starts, preemptions and every pending job's reasons for one snapshot (pure).
@@ -73,6 +75,7 @@ class _Cycle:
         self.waits: dict[int, Wait] = {}
         self.failed: dict[tuple[str, str | None, int], int] = {}
         self.blocked_by: int | None = None  # strict order: the job everyone waits behind
+        self._bump_failed: set[tuple[object, ...]] = set()
         self._static_memo: dict[tuple[str | None, str | None, int, int], tuple[str, ...]] = {}
         self._static_full: dict[
             tuple[int, str | None, str | None, int, int], tuple[str, ...] | Wait
@@ -152,6 +155,8 @@ class _Cycle:
             self._static_memo[key] = types
         if not types or job.time_limit_s <= 0:
             return ex.bad(job, None)
+        if not self.books.limited[job.org_id]:
+            return types
         ok = tuple(t for t in types if self.books.limit_never(job.org_id, t, job.gpu_count) is None)
         if not ok:
             lim = self.books.limit_never(job.org_id, types[0], job.gpu_count)
@@ -196,34 +201,50 @@ class _Cycle:
         deferred: dict[int, deque[tuple[PendingJob, tuple[str, ...]]]] = {}
         books = self.books
         depth = cfg.backfill_depth
+        waits = self.waits
+        static_full = self._static_full
+        ex = self.ex
+        may_borrow = cfg.borrowing
+        limited = books.limited
         for rank, (job, _prio) in enumerate(order):
-            types = self.static_types(job)
-            if types is None:
+            org_id = job.org_id
+            known = static_full.get((org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes))
+            if known is None or job.held or job.dependency not in _RUNNABLE:
+                types = self.static_types(job)
+                if types is None:
+                    continue
+            elif isinstance(known, Wait):
+                waits[job.job_id] = known
                 continue
+            else:
+                types = known
             if rank >= depth or self.blocked_by is not None:
-                self.waits[job.job_id] = self.ex.queued(job, types[0], self.blocked_by)
+                waits[job.job_id] = ex.queued(job, types[0], self.blocked_by)
                 continue
-            n = job.gpu_count
+            n = job.gpus_per_node * job.nodes
             in_quota: list[str] = []
             borrow: list[str] = []
             quota_wait: Wait | None = None
             for t in types:
-                lim = books.limit_block(job.org_id, t, n)
+                lim = books.limit_block(org_id, t, n) if limited[org_id] else None
                 if lim is not None:
-                    quota_wait = quota_wait or self.ex.limit(job, t, lim, never=False)
-                elif books.in_quota(job.org_id, t, n):
+                    quota_wait = quota_wait or ex.limit(job, t, lim, never=False)
+                elif books.in_quota(org_id, t, n):
                     in_quota.append(t)
-                elif cfg.borrowing and job.preemptible:
+                elif may_borrow and job.preemptible:
                     borrow.append(t)
                 else:
-                    quota_wait = quota_wait or self.ex.guarantee(job, t)
-            if self._admit(job, in_quota, borrow):
+                    quota_wait = quota_wait or ex.guarantee(job, t)
+            if in_quota and self._admit(job, in_quota, borrow):
                 continue
             if borrow:
-                deferred.setdefault(job.org_id, deque()).append((job, tuple(borrow)))
+                queue = deferred.get(org_id)
+                if queue is None:
+                    queue = deferred[org_id] = deque()
+                queue.append((job, tuple(borrow)))
             elif in_quota or not self._bump(job, types):
                 assert quota_wait is not None
-                self.waits[job.job_id] = quota_wait
+                waits[job.job_id] = quota_wait
         self._lend(deferred)
         return self.ex.finish(order)
 
@@ -263,10 +284,16 @@ class _Cycle:
         """
         if not self.cfg.preemption:
             return False
+        cls = self.cfg.priority_classes.get(job.priority_class, 0)
+        if not self.pre.has_lower(job.org_id, types, cls):
+            return False
         books = self.books
         may_borrow = self.cfg.borrowing and job.preemptible
-        cls = self.cfg.priority_classes.get(job.priority_class, 0)
-        n = job.gpu_count
+        # Victims only get fewer and allocations only grow in a cycle: a failure stays one.
+        memo = (job.org_id, types, cls, job.site, job.gpus_per_node, job.nodes, may_borrow)
+        if memo in self._bump_failed:
+            return False
+        n = job.gpus_per_node * job.nodes
         for t in types:
             most = self.pre.own_lower_gpus(job.org_id, t, cls)
             if most == 0 or books.limit_block(job.org_id, t, n) is not None:
@@ -281,6 +308,7 @@ class _Cycle:
                 continue
             self._commit(job, t, plan)
             return True
+        self._bump_failed.add(memo)
         return False
 
     def _commit(self, job: PendingJob, t: str, plan: Plan) -> None:
@@ -299,31 +327,37 @@ class _Cycle:
         while heap:
             _share, oid = heapq.heappop(heap)
             queue = deferred[oid]
-            job, types = queue.popleft()
-            wait: Wait | None = None
-            started = False
-            if self.blocked_by is not None:
-                wait = self.ex.queued(job, types[0], self.blocked_by)
-            else:
-                for t in types:
-                    lim = books.limit_block(job.org_id, t, job.gpu_count)
-                    if lim is not None:
-                        wait = wait or self.ex.limit(job, t, lim, never=False)
-                        continue
-                    nodes = self.place(job, t)
-                    if nodes is not None:
-                        self.start(job, t, nodes, borrowed=True)
-                        started = True
-                        break
-                    wait = wait or self.ex.queued(job, t, None, borrowing=True)
-                if not started and self._bump(job, types):
-                    started, wait = True, None
-            if not started:
-                assert wait is not None
-                self.waits[job.job_id] = wait
+            # The org stays the lowest share until one of its jobs starts: no heap work till then.
+            while queue:
+                job, types = queue.popleft()
+                if self._borrow(job, types):
+                    break
             if queue:
-                share = books.dominant_share(oid) if started else _share
-                heapq.heappush(heap, (share, oid))
+                heapq.heappush(heap, (books.dominant_share(oid), oid))
+
+    def _borrow(self, job: PendingJob, types: tuple[str, ...]) -> bool:
+        """Start a borrower if idle GPUs fit it (or its own lower classes make room)."""
+        if self.blocked_by is not None:
+            self.waits[job.job_id] = self.ex.queued(job, types[0], self.blocked_by)
+            return False
+        books = self.books
+        wait: Wait | None = None
+        n = job.gpus_per_node * job.nodes
+        for t in types:
+            lim = books.limit_block(job.org_id, t, n)
+            if lim is not None:
+                wait = wait or self.ex.limit(job, t, lim, never=False)
+                continue
+            nodes = self.place(job, t)
+            if nodes is not None:
+                self.start(job, t, nodes, borrowed=True)
+                return True
+            wait = wait or self.ex.queued(job, t, None, borrowing=True)
+        if self._bump(job, types):
+            return True
+        assert wait is not None
+        self.waits[job.job_id] = wait
+        return False
 
 
 def reason_codes(decisions: Decisions, job_id: int) -> list[ReasonCode]:

@@ -90,69 +90,59 @@ class Explainer:
 
     def limit(self, job: PendingJob, t: str, lim_org: int, never: bool) -> Wait:
         books = self.c.books
-        n = job.gpu_count
-        limit = books.orgs[lim_org].limit.get(t, 0)
+        n = job.gpus_per_node * job.nodes
         alloc = books.alloc[lim_org].get(t, 0)
-
-        def build() -> Reason:
-            org = books.orgs[lim_org]
-            text = (
-                f"asks {n} {t} GPUs, above the limit of {limit} of org {org.name}"
-                if never
-                else f"org {org.name} holds {alloc} of its {limit} {t} GPU limit"
-            )
-            details: dict[str, float | int | str] = {
-                "org_id": lim_org,
-                "gpu_type": t,
-                "limit": limit,
-                "allocated": alloc,
-                "requested": n,
-            }
-            return Reason(ReasonCode.ORG_LIMIT, text, details)
-
         wkey = ("lim", lim_org, t, n, never, alloc)
         w = self.waits.get(wkey)
-        if w is None:
-            r = self._reason(wkey, build)
-            w = (
-                Wait((r,))
-                if never
-                else Wait((r,), gpu_type=t, quota=(lim_org, t, alloc + n - limit))
-            )
-            self.waits[wkey] = w
+        if w is not None:
+            return w
+        org = books.orgs[lim_org]
+        limit = org.limit.get(t, 0)
+        text = (
+            f"asks {n} {t} GPUs, above the limit of {limit} of org {org.name}"
+            if never
+            else f"org {org.name} holds {alloc} of its {limit} {t} GPU limit"
+        )
+        details: dict[str, float | int | str] = {
+            "org_id": lim_org,
+            "gpu_type": t,
+            "limit": limit,
+            "allocated": alloc,
+            "requested": n,
+        }
+        r = Reason(ReasonCode.ORG_LIMIT, text, details)
+        w = Wait((r,)) if never else Wait((r,), gpu_type=t, quota=(lim_org, t, alloc + n - limit))
+        self.waits[wkey] = w
         return w
 
     def guarantee(self, job: PendingJob, t: str) -> Wait:
         books = self.c.books
-        n = job.gpu_count
+        n = job.gpus_per_node * job.nodes
         oid = job.org_id
-        guar = books.orgs[oid].guaranteed.get(t, 0)
         alloc = books.alloc[oid].get(t, 0)
-        never = n > guar
-
-        def build() -> Reason:
-            if never:
-                text = f"asks {n} {t} GPUs, its org's guarantee is {guar}; mark it preemptible"
-            elif not self.c.cfg.borrowing:
-                text = f"guarantees act as limits: org holds {alloc} of {guar} {t} GPUs"
-            else:
-                text = f"beyond its org's guarantee ({alloc} of {guar} {t}) and not preemptible"
-            details: dict[str, float | int | str] = {
-                "org_id": oid,
-                "gpu_type": t,
-                "guaranteed": guar,
-                "allocated": alloc,
-                "requested": n,
-                "headroom": guar - alloc,
-            }
-            return Reason(ReasonCode.QUOTA_GUARANTEED, text, details)
-
         wkey = ("guar", oid, t, n, alloc)
         w = self.waits.get(wkey)
-        if w is None:
-            r = self._reason(wkey, build)
-            w = Wait((r,)) if never else Wait((r,), gpu_type=t, quota=(oid, t, alloc + n - guar))
-            self.waits[wkey] = w
+        if w is not None:
+            return w
+        guar = books.orgs[oid].guaranteed.get(t, 0)
+        never = n > guar
+        if never:
+            text = f"asks {n} {t} GPUs, its org's guarantee is {guar}; mark it preemptible"
+        elif not self.c.cfg.borrowing:
+            text = f"guarantees act as limits: org holds {alloc} of {guar} {t} GPUs"
+        else:
+            text = f"beyond its org's guarantee ({alloc} of {guar} {t}) and not preemptible"
+        details: dict[str, float | int | str] = {
+            "org_id": oid,
+            "gpu_type": t,
+            "guaranteed": guar,
+            "allocated": alloc,
+            "requested": n,
+            "headroom": guar - alloc,
+        }
+        r = Reason(ReasonCode.QUOTA_GUARANTEED, text, details)
+        w = Wait((r,)) if never else Wait((r,), gpu_type=t, quota=(oid, t, alloc + n - guar))
+        self.waits[wkey] = w
         return w
 
     def resources(self, job: PendingJob, t: str, reservation_start: float | None) -> Wait:

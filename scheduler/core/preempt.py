@@ -66,6 +66,16 @@ class Preemptor:
                 inc.gpus += len(p.gpus)
                 inc.deadline = max(inc.deadline, deadline)
 
+    def has_lower(self, org_id: int, types: tuple[str, ...], cls: int) -> bool:
+        """Whether the org runs any preemptible job of a lower class on one of the types."""
+        lowest = self._lowest
+        for t in types:
+            if t not in self._candidates:
+                self.candidates(t)
+            if lowest.get((org_id, t), cls) < cls:
+                return True
+        return False
+
     def own_lower_gpus(self, org_id: int, gpu_type: str, cls: int) -> int:
         """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
         self.candidates(gpu_type)
