@@ -1,0 +1,175 @@
+"""Request dependencies: one database session per request, and who is calling.
+
+Authentication is one indexed query (token hash joined to its user), with no ORM identity map
+work: it runs on every request, including every agent heartbeat, so it has to stay cheap.
+`last_used_at` is refreshed at most once per `LAST_USED_RESOLUTION_S`, so a busy token does not
+turn every read into a write.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, Request
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from scheduler.db import ApiToken, User
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Forbidden, Unauthenticated
+from scheduler.services.tokens import hash_token
+from scheduler.states import Role, TokenKind
+
+LAST_USED_RESOLUTION_S = 300.0
+MAX_TOKEN_CHARS = 256
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request. The route commits; anything not committed is rolled back."""
+    maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with maker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a person (with an org and a role) or a node agent (with its node)."""
+
+    kind: Literal["user", "agent"]
+    token_id: int
+    user_id: int | None = None
+    user_name: str | None = None
+    org_id: int | None = None
+    role: Role | None = None
+    node_id: int | None = None
+
+    @property
+    def is_platform_admin(self) -> bool:
+        return self.role is Role.PLATFORM_ADMIN
+
+    @property
+    def actor(self) -> str:
+        """How events name who did something."""
+        if self.kind == "agent":
+            return f"agent:{self.node_id}"
+        return f"user:{self.user_name}"
+
+    def can_see_org(self, org_id: int | None) -> bool:
+        return self.is_platform_admin or (org_id is not None and org_id == self.org_id)
+
+    def can_admin_org(self, org_id: int | None) -> bool:
+        if self.is_platform_admin:
+            return True
+        return self.role is Role.ORG_ADMIN and org_id is not None and org_id == self.org_id
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret or len(secret) > MAX_TOKEN_CHARS:
+        raise Unauthenticated("malformed Authorization header: expected 'Bearer <token>'")
+    return secret
+
+
+_TOKEN_QUERY = select(
+    ApiToken.id,
+    ApiToken.kind,
+    ApiToken.token_hash,
+    ApiToken.user_id,
+    ApiToken.node_id,
+    ApiToken.expires_at,
+    ApiToken.revoked_at,
+    ApiToken.last_used_at,
+    User.name,
+    User.org_id,
+    User.role,
+    User.disabled_at,
+).outerjoin(User, User.id == ApiToken.user_id)
+
+
+async def authenticate(session: AsyncSession, secret: str, now: datetime) -> Principal:
+    """The principal for a user or agent token; join tokens only register nodes (S2 checks)."""
+    digest = hash_token(secret)
+    stmt = _TOKEN_QUERY.where(ApiToken.token_hash == digest)
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        raise Unauthenticated("unknown token")
+    if row.revoked_at is not None:
+        raise Unauthenticated("token revoked")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthenticated("token expired")
+    if row.last_used_at is None or now - row.last_used_at > timedelta(
+        seconds=LAST_USED_RESOLUTION_S
+    ):
+        await session.execute(
+            update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now)
+        )
+        await session.commit()
+    if row.kind == TokenKind.AGENT:
+        if row.node_id is None:
+            raise Unauthenticated("agent credential without a node")
+        return Principal(kind="agent", token_id=row.id, node_id=row.node_id)
+    if row.kind == TokenKind.USER:
+        if row.user_id is None or row.disabled_at is not None:
+            raise Unauthenticated("user disabled")
+        return Principal(
+            kind="user",
+            token_id=row.id,
+            user_id=row.user_id,
+            user_name=row.name,
+            org_id=row.org_id,
+            role=Role(row.role),
+        )
+    raise Forbidden("a join token only registers nodes (POST /v1/agent/register)")
+
+
+async def current_principal(request: Request, session: SessionDep) -> Principal:
+    return await authenticate(session, _bearer(request), utcnow())
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def user_principal(principal: CurrentPrincipal) -> Principal:
+    if principal.kind != "user":
+        raise Forbidden("agent credentials speak only the agent protocol")
+    return principal
+
+
+UserPrincipal = Annotated[Principal, Depends(user_principal)]
+
+
+async def agent_principal(principal: CurrentPrincipal) -> Principal:
+    if principal.kind != "agent":
+        raise Forbidden("this endpoint is for node agents only")
+    return principal
+
+
+AgentPrincipal = Annotated[Principal, Depends(agent_principal)]
+
+
+def require_role(*roles: Role) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
+    """A dependency admitting user principals with one of `roles` (platform admins always)."""
+    allowed = frozenset(roles) | {Role.PLATFORM_ADMIN}
+
+    async def check(principal: UserPrincipal) -> Principal:
+        if principal.role not in allowed:
+            names = ", ".join(sorted(r.value for r in allowed))
+            raise Forbidden(f"needs one of the roles: {names}")
+        return principal
+
+    return check
+
+
+PlatformAdmin = Annotated[Principal, Depends(require_role(Role.PLATFORM_ADMIN))]
+OrgAdmin = Annotated[Principal, Depends(require_role(Role.ORG_ADMIN))]

@@ -1,0 +1,157 @@
+"""RFC 9457 problem responses: every error a client sees is `application/problem+json`.
+
+Domain errors carry their own status and detail; validation errors list the fields; an
+unreachable database is 503 with `Retry-After` (the client should simply try again); anything
+else is a 500 that names no internals (the traceback goes to the server log only).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scheduler.services.errors import DomainError
+
+log = logging.getLogger("fairgpu.api")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://fairgpu.dev/problems/"
+RETRY_AFTER_S = 5
+MAX_LISTED_ERRORS = 20
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Invalid input",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+def _slug(title: str) -> str:
+    return title.lower().replace(" ", "-")
+
+
+def problem(
+    request: Request,
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    title = title or _TITLES.get(status, "Error")
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + _slug(title),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    for key, value in extra.items():
+        body.setdefault(key, value)
+    return JSONResponse(
+        body,
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=dict(headers) if headers else None,
+    )
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return problem(request, exc.status, exc.detail, title=exc.title, headers=headers, **exc.extra)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _location(err.get("loc", ())), "message": str(err.get("msg", "invalid"))}
+        for err in exc.errors()[:MAX_LISTED_ERRORS]
+    ]
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+    more = len(exc.errors()) - 3
+    if more > 0:
+        summary += f" (and {more} more)"
+    return problem(request, 422, summary or "invalid request", errors=errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "Error")
+    return problem(request, exc.status_code, detail, headers=exc.headers)
+
+
+async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
+    """A uniqueness or reference race the service could not see coming: the client may retry."""
+    log.info("integrity error on %s: %s", request.url.path, exc)
+    return problem(request, 409, "the request conflicts with data stored meanwhile; retry")
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable on %s: %s", request.url.path, exc)
+    return problem(
+        request,
+        503,
+        "the database is unavailable; retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    if exc.connection_invalidated or _is_connect_failure(exc):
+        return await _database_unavailable(request, exc)
+    return await _unexpected(request, exc)
+
+
+def _is_connect_failure(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    if isinstance(orig, OSError | ConnectionError):
+        return True
+    name = type(orig).__name__ if orig is not None else ""
+    text = str(orig).lower()
+    return name in ("OperationalError", "InterfaceError", "CannotConnectNowError") and any(
+        word in text
+        for word in ("connect", "connection", "refused", "closed", "unable to open", "locked")
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(request, 500, "internal error; it has been logged")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(DisconnectionError, _database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, _database_unavailable)
+    app.add_exception_handler(ConnectionError, _database_unavailable)
+    app.add_exception_handler(Exception, _unexpected)
