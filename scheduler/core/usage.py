@@ -91,7 +91,9 @@ def tree_standing(
     `shares_norm` is the product along the path of shares ÷ siblings' shares; `usage_norm` is the
     org's subtree usage ÷ the cluster's capacity usage.
     """
-    by_id = {o.id: o for o in orgs}
+    by_id: dict[int, Org] = {}
+    for o in sorted(orgs, key=lambda o: o.id):  # id order: float sums independent of input order
+        by_id.setdefault(o.id, o)
     children: dict[int | None, list[int]] = {}
     for o in by_id.values():
         parent = o.parent_id if o.parent_id in by_id else None

@@ -1,0 +1,293 @@
+"""Property tests of the core's invariants over random snapshots (hypothesis)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduler.core import schedule
+from scheduler.core.types import (
+    Decisions,
+    DependencyState,
+    Node,
+    Org,
+    PendingJob,
+    Placement,
+    PolicyConfig,
+    RunningJob,
+    Snapshot,
+)
+
+TYPES = ("H100", "A100")
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def snapshots(draw: st.DrawFn) -> Snapshot:
+    nodes = []
+    for i in range(draw(st.integers(1, 8))):
+        g = draw(st.sampled_from([8, 8, 4, 2]))
+        nodes.append(
+            Node(
+                id=i + 1,
+                name=f"n{i + 1}",
+                site=draw(st.sampled_from(["s1", "s1", "s2"])),
+                domain=draw(st.sampled_from(["d1", "d2"])),
+                gpu_type=draw(st.sampled_from([*TYPES, "H100"])),
+                gpus=tuple(range(g)),
+                unhealthy_gpus=draw(st.frozensets(st.integers(0, g - 1), max_size=1)),
+                schedulable=draw(st.sampled_from([True, True, True, False])),
+            )
+        )
+    orgs: list[Org] = []
+    for i in range(draw(st.integers(1, 4))):
+        parent = draw(st.sampled_from([None] + [o.id for o in orgs]))
+        guaranteed = {t: draw(st.integers(0, 16)) for t in TYPES if draw(st.integers(0, 3)) > 0}
+        limit = {t: draw(st.integers(0, 24)) for t in TYPES if draw(st.integers(0, 3)) == 0}
+        orgs.append(
+            Org(
+                id=i + 1,
+                name=f"o{i + 1}",
+                parent_id=parent,
+                shares=draw(st.sampled_from([0.5, 1.0, 2.0])),
+                guaranteed=guaranteed,
+                limit=limit,
+                usage=draw(st.floats(0, 1e6)),
+            )
+        )
+    org_ids = [o.id for o in orgs]
+    free = {n.id: [g for g in n.gpus if g not in n.unhealthy_gpus] for n in nodes}
+    running = []
+    for j in range(draw(st.integers(0, 12))):
+        node = draw(st.sampled_from(nodes))
+        avail = free[node.id]
+        if not avail:
+            continue
+        k = draw(st.integers(1, len(avail)))
+        gpus = tuple(avail[:k])
+        del avail[:k]
+        preempting = draw(st.integers(0, 5)) == 0
+        running.append(
+            RunningJob(
+                job_id=1000 + j,
+                org_id=draw(st.sampled_from(org_ids)),
+                user_id=1,
+                gpu_type=node.gpu_type,
+                placements=(Placement(node.id, gpus),),
+                started_at=draw(st.sampled_from([-5000.0, -5000.0, -700.0, -100.0, 0.0])),
+                time_limit_s=draw(st.sampled_from([600.0, 3600.0, 7200.0])),
+                priority_class=draw(st.sampled_from(["low", "normal", "high"])),
+                preemptible=draw(st.integers(0, 2)) > 0,
+                preempting=preempting,
+                preempt_deadline=20.0 if preempting else None,
+            )
+        )
+    pending = []
+    for j in range(draw(st.integers(1, 12))):
+        pending.append(
+            PendingJob(
+                job_id=1 + j,
+                org_id=draw(st.sampled_from([*org_ids * 4, 99])),
+                user_id=1,
+                gpus_per_node=draw(st.sampled_from([1, 1, 2, 2, 4, 8, 9])),
+                nodes=draw(st.sampled_from([1, 1, 1, 2, 3])),
+                time_limit_s=draw(st.sampled_from([300.0, 3600.0])),
+                submitted_at=draw(st.sampled_from([-100.0, -50.0, 0.0])),
+                gpu_type=draw(st.sampled_from([None, "H100", "H100", "A100", "A100", "B200"])),
+                site=draw(st.sampled_from([None, None, "s1", "s2"])),
+                priority_class=draw(st.sampled_from(["low", "normal", "high"])),
+                preemptible=draw(st.booleans()),
+                held=draw(st.integers(0, 19)) == 0,
+                dependency=draw(
+                    st.sampled_from([DependencyState.NONE] * 12 + list(DependencyState))
+                ),
+            )
+        )
+    config = PolicyConfig(
+        ordering=draw(st.sampled_from(["multifactor", "fifo"])),
+        backfill=draw(st.booleans()),
+        borrowing=draw(st.booleans()),
+        preemption=draw(st.booleans()),
+        backfill_reservations=draw(st.sampled_from([0, 1, 8])),
+    )
+    return Snapshot(0.0, tuple(nodes), tuple(orgs), tuple(running), tuple(pending), config)
+
+
+def subtree_alloc(snap: Snapshot, extra: list[tuple[int, str, int]]) -> dict[tuple[int, str], int]:
+    parent = {o.id: o.parent_id for o in snap.orgs}
+    out: dict[tuple[int, str], int] = {}
+    items = [(r.org_id, r.gpu_type, r.gpu_count) for r in snap.running] + extra
+    for org_id, t, n in items:
+        seen = set()
+        a: int | None = org_id
+        while a is not None and a in parent and a not in seen:
+            seen.add(a)
+            out[(a, t)] = out.get((a, t), 0) + n
+            a = parent[a]
+    return out
+
+
+def check_invariants(snap: Snapshot, d: Decisions) -> None:
+    nodes = {n.id: n for n in snap.nodes}
+    jobs = {j.job_id: j for j in snap.pending}
+    held = {(p.node_id, g) for r in snap.running for p in r.placements for g in p.gpus}
+    given: set[tuple[int, int]] = set()
+    added: list[tuple[int, str, int]] = []
+    for s in d.starts:
+        job = jobs[s.job_id]
+        # Gangs whole: one placement per node asked, each with exactly gpus_per_node GPUs.
+        assert len(s.placements) == job.nodes
+        assert len({p.node_id for p in s.placements}) == job.nodes
+        types = {nodes[p.node_id].gpu_type for p in s.placements}
+        sites = {nodes[p.node_id].site for p in s.placements}
+        assert len(types) == 1
+        assert len(sites) == 1
+        if job.gpu_type is not None:
+            assert types == {job.gpu_type}
+        if job.site is not None:
+            assert sites == {job.site}
+        for p in s.placements:
+            node = nodes[p.node_id]
+            assert node.schedulable
+            assert len(p.gpus) == job.gpus_per_node == len(set(p.gpus))
+            for g in p.gpus:
+                # No GPU given twice, nor one that a running job holds, nor an unhealthy one.
+                assert (p.node_id, g) not in given
+                assert (p.node_id, g) not in held
+                assert g in node.gpus
+                assert g not in node.unhealthy_gpus
+                given.add((p.node_id, g))
+        assert not job.held
+        assert job.dependency in (DependencyState.NONE, DependencyState.SATISFIED)
+        if s.borrowed:
+            assert job.preemptible
+            assert snap.config.borrowing
+        added.append((job.org_id, types.pop(), job.gpu_count))
+    # No org (nor ancestor) above its limit because of a start.
+    before = subtree_alloc(snap, [])
+    after = subtree_alloc(snap, added)
+    for o in snap.orgs:
+        for t, lim in o.limit.items():
+            if after.get((o.id, t), 0) > before.get((o.id, t), 0):
+                assert after[(o.id, t)] <= lim
+    # Preemptions: only when enabled, only preemptible, old enough, not already being preempted.
+    running = {r.job_id: r for r in snap.running}
+    if d.preemptions:
+        assert snap.config.preemption
+    assert len({p.job_id for p in d.preemptions}) == len(d.preemptions)
+    for p in d.preemptions:
+        r = running[p.job_id]
+        assert r.preemptible
+        assert not r.preempting
+        assert snap.now - r.started_at >= snap.config.min_runtime_s
+    # Every job still pending is explained; started jobs are not.
+    started = {s.job_id for s in d.starts}
+    assert set(d.pending) == set(jobs) - started
+    for info in d.pending.values():
+        assert info.reasons
+        if info.estimated_start is not None:
+            assert info.estimated_start >= snap.now
+
+
+@SETTINGS
+@given(snapshots())
+def test_decisions_keep_the_invariants(snap: Snapshot) -> None:
+    check_invariants(snap, schedule(snap))
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_same_snapshot_same_decisions_whatever_the_input_order(
+    snap: Snapshot, rnd: random.Random
+) -> None:
+    first = schedule(snap)
+    assert schedule(snap) == first
+
+    def shuffled(items: tuple) -> tuple:  # type: ignore[type-arg]
+        out = list(items)
+        rnd.shuffle(out)
+        return tuple(out)
+
+    permuted = replace(
+        snap,
+        nodes=shuffled(snap.nodes),
+        orgs=shuffled(snap.orgs),
+        running=shuffled(snap.running),
+        pending=shuffled(snap.pending),
+    )
+    assert schedule(permuted) == first
+
+
+def advance(snap: Snapshot, d: Decisions, step_s: float) -> Snapshot:
+    """Apply decisions, let time pass; victims leave at their deadline and requeue."""
+    by_id = {j.job_id: j for j in snap.pending}
+    nodes = {n.id: n for n in snap.nodes}
+    now = snap.now + step_s
+    preempted = {p.job_id: p.deadline for p in d.preemptions}
+    running: list[RunningJob] = []
+    requeued: list[PendingJob] = []
+    for r in snap.running:
+        deadline = preempted.get(r.job_id, r.preempt_deadline if r.preempting else None)
+        if deadline is not None and deadline <= now:
+            if r.preemptible:
+                requeued.append(
+                    PendingJob(
+                        r.job_id,
+                        r.org_id,
+                        r.user_id,
+                        r.placements[0].gpus.__len__(),
+                        len(r.placements),
+                        r.time_limit_s,
+                        snap.now,
+                        r.gpu_type,
+                        None,
+                        r.priority_class,
+                        True,
+                    )
+                )
+            continue
+        if r.job_id in preempted:
+            r = replace(r, preempting=True, preempt_deadline=preempted[r.job_id])
+        running.append(r)
+    started = set()
+    for s in d.starts:
+        j = by_id[s.job_id]
+        running.append(
+            RunningJob(
+                j.job_id,
+                j.org_id,
+                j.user_id,
+                nodes[s.placements[0].node_id].gpu_type,
+                s.placements,
+                snap.now,
+                1e9,
+                j.priority_class,
+                j.preemptible,
+            )
+        )
+        started.add(j.job_id)
+    pending = tuple(j for j in snap.pending if j.job_id not in started) + tuple(requeued)
+    return replace(snap, now=now, running=tuple(running), pending=pending)
+
+
+@SETTINGS
+@given(snapshots(), st.sampled_from([40.0, 700.0]))
+def test_applying_decisions_converges_without_back_and_forth(snap: Snapshot, step_s: float) -> None:
+    preempted: list[int] = []
+    s = snap
+    quiet = 0
+    for _ in range(10):
+        d = schedule(s)
+        check_invariants(s, d)
+        preempted += [p.job_id for p in d.preemptions]
+        quiet = quiet + 1 if not d.starts and not d.preemptions else 0
+        if quiet >= 2:
+            break
+        s = advance(s, d, step_s)
+    # Nothing ends in this world, so a job preempted once is never preempted again ...
+    assert len(preempted) == len(set(preempted)), preempted
+    # ... and the cluster settles: two quiet cycles in a row.
+    assert quiet >= 2
