@@ -261,7 +261,10 @@ def measure(size: Size, repeats: int, seed: int = 1) -> dict[str, object]:
 
 def run(names: tuple[str, ...], repeats: int | None = None) -> Iterator[dict[str, object]]:
     """Measure each named size; big sizes get fewer repeats unless told otherwise."""
+    baseline = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     for name in names:
         size = SIZES[name]
         reps = repeats if repeats is not None else (20 if size.pending <= 5_000 else 7)
-        yield measure(size, reps)
+        row = measure(size, reps)
+        row["rss_before_mb"] = baseline  # the interpreter and imports, before any snapshot
+        yield row
