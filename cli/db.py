@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from cli.common import DatabaseUrlOption, errors_as_lines, fail, load_settings
-from scheduler.db.engine import make_engine
+from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.db.migrate import check_schema, current_revision, head_revisions, migrate_url
+from scheduler.services.invariants import InvariantReport, check_invariants
 
 app = typer.Typer(help="Database schema: upgrade, downgrade, check.", no_args_is_help=True)
 
@@ -74,3 +75,26 @@ def current(database_url: DatabaseUrlOption = None) -> None:
     with errors_as_lines():
         revs = asyncio.run(_current(settings.database_url))
     typer.echo(", ".join(revs) or "(empty database)")
+
+
+async def _invariants(url: str) -> InvariantReport:
+    engine = make_engine(url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            return await check_invariants(session)
+    finally:
+        await engine.dispose()
+
+
+@app.command()
+def invariants(database_url: DatabaseUrlOption = None) -> None:
+    """Check the stored state against fairgpu's invariants; exit non-zero on any violation."""
+    settings = load_settings(database_url)
+    with errors_as_lines():
+        report = asyncio.run(_invariants(settings.database_url))
+    checked = ", ".join(f"{n} {what}" for what, n in sorted(report.checked.items()))
+    for violation in report.violations:
+        typer.echo(violation, err=True)
+    if not report.ok:
+        fail(f"{len(report.violations)} invariant violation(s) (checked {checked})")
+    typer.echo(f"all invariants hold (checked {checked})")
