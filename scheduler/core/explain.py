@@ -69,7 +69,9 @@ class Explainer:
     def bad(self, job: PendingJob, why: str | None) -> Wait:
         idx = self.c.index
         if why is None:
-            if job.gpu_type is not None and job.gpu_type not in idx.capacity:
+            if job.time_limit_s <= 0 or job.gpus_per_node <= 0 or job.nodes <= 0:
+                why = "time limit, GPUs per node and nodes must all be positive"
+            elif job.gpu_type is not None and job.gpu_type not in idx.capacity:
                 why = f"no {job.gpu_type} GPUs in the cluster"
             elif job.site is not None and not any((t, job.site) in idx.static for t in idx.types):
                 why = f"no site named {job.site}"
