@@ -59,9 +59,13 @@ class _Cycle:
         self.cfg = cfg = snap.config
         self.now = snap.now
         held: dict[int, set[int]] = {}
+        self.running_gpus: list[int] = []
         for r in snap.running:
+            n = 0
             for p in r.placements:
                 held.setdefault(p.node_id, set()).update(p.gpus)
+                n += len(p.gpus)
+            self.running_gpus.append(n)
         self.index = FreeIndex(snap.nodes, held)
         self.books = OrgBooks(snap.orgs, self.index.capacity)
         self.books.add_running(snap.running)

@@ -236,16 +236,26 @@ class Explainer:
     def finish(self, order: list[tuple[PendingJob, float]]) -> Decisions:
         c = self.c
         now = c.now
+        if not c.cfg.explain:
+            return self._reasons_only(order)
         events: dict[str, list[tuple[float, int]]] = {}
         org_rel = OrgReleases()
         path = c.books.path
-        for r in c.snap.running:
-            end = r.preempt_deadline if r.preempting and r.preempt_deadline else r.expected_end
-            if r.job_id in c.pre.chosen:
-                end = now + c.cfg.preemption_grace_s
-            n = r.gpu_count
-            events.setdefault(r.gpu_type, []).append((end, n))
-            org_rel.add(path.get(r.org_id, ()), r.gpu_type, n, end)
+        chosen = c.pre.chosen
+        grace_end = now + c.cfg.preemption_grace_s
+        for r, n in zip(c.snap.running, c.running_gpus, strict=True):
+            if r.job_id in chosen:
+                end = grace_end
+            elif r.preempting and r.preempt_deadline:
+                end = r.preempt_deadline
+            else:
+                end = r.started_at + r.time_limit_s
+            t = r.gpu_type
+            lst = events.get(t)
+            if lst is None:
+                lst = events[t] = []
+            lst.append((end, n))
+            org_rel.add(path.get(r.org_id, ()), t, n, end)
         for _start, job, t in c.starts:
             end = now + job.time_limit_s
             events.setdefault(t, []).append((end, job.gpu_count))
@@ -300,6 +310,27 @@ class Explainer:
                         q = quota_at[w.quota] = org_rel.when(*w.quota, now)
                     est = None if q is None else (q if q > est else est)
             infos[job.job_id] = PendingInfo(job.job_id, prio, reasons, est)
+        return Decisions(
+            starts=tuple(s for s, _, _ in c.starts),
+            preemptions=tuple(c.preemptions),
+            pending=infos,
+            standings=self.standings(),
+        )
+
+    def _reasons_only(self, order: list[tuple[PendingJob, float]]) -> Decisions:
+        """`explain=False` (the simulator): reasons, but no estimated starts."""
+        c = self.c
+        infos: dict[int, PendingInfo] = {}
+        waits = c.waits
+        for job, prio in order:
+            w = waits.get(job.job_id)
+            if w is None:
+                continue
+            reasons = w.reasons
+            if reasons is None:
+                assert w.lazy is not None
+                reasons = w.reasons = (self._lazy_reason(w.lazy),)
+            infos[job.job_id] = PendingInfo(job.job_id, prio, reasons, None)
         return Decisions(
             starts=tuple(s for s, _, _ in c.starts),
             preemptions=tuple(c.preemptions),

@@ -154,6 +154,8 @@ class PolicyConfig:
     backfill: bool = True
     borrowing: bool = True
     preemption: bool = True
+    # False: waiting jobs get their reasons but no estimated start (the simulator's fast path).
+    explain: bool = True
 
 
 @dataclass(frozen=True, slots=True)
