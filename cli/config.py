@@ -1,0 +1,64 @@
+"""Where the CLI finds its server and token: a 0600 file, overridden by FAIRGPU_SERVER/TOKEN."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    server: str
+    token: str | None
+
+
+def config_dir() -> Path:
+    """`FAIRGPU_CONFIG_DIR` (tests, several identities) or the platform's per-user config dir."""
+    override = os.environ.get("FAIRGPU_CONFIG_DIR")
+    if override:
+        return Path(override)
+    return Path(typer.get_app_dir("fairgpu"))
+
+
+def config_path() -> Path:
+    return config_dir() / CONFIG_FILE
+
+
+def read_config() -> dict[str, str]:
+    """What `fairgpu login` saved; an unreadable or foreign file reads as empty."""
+    try:
+        data = json.loads(config_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
+
+
+def write_config(server: str, token: str) -> Path:
+    """Write the file with mode 0600 from the start: a token must never be world-readable."""
+    directory = config_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / CONFIG_FILE
+    body = json.dumps({"server": server.rstrip("/"), "token": token}, indent=2) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(body)
+    path.chmod(0o600)  # an existing file keeps its old mode through O_CREAT: fix it
+    return path
+
+
+def resolve(server: str | None = None, token: str | None = None) -> Credentials | None:
+    """Explicit values, then FAIRGPU_SERVER / FAIRGPU_TOKEN, then the config file."""
+    saved = read_config()
+    url = server or os.environ.get("FAIRGPU_SERVER") or saved.get("server")
+    secret = token or os.environ.get("FAIRGPU_TOKEN") or saved.get("token")
+    if not url:
+        return None
+    return Credentials(server=url.rstrip("/"), token=secret or None)
