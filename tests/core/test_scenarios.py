@@ -321,3 +321,90 @@ def test_every_pending_job_has_an_estimate_when_it_can_run() -> None:
     assert all(e is not None for e in ests)
     assert ests == sorted(ests)  # type: ignore[type-var]
     assert ests[0] == 1000.0
+
+
+def test_idle_gpus_are_lent_lowest_weighted_share_first() -> None:
+    # Org 2 already borrows 8 GPUs, org 3 nothing: the 8 idle GPUs go to org 3 first.
+    s = snapshot(
+        nodes=nodes(2),
+        orgs=[org(1, guaranteed=16), org(2), org(3)],
+        running=[run(100, 2, [(1, range(8))], preemptible=True)],
+        pending=[job(1, 2, 8, preemptible=True, at=0.0), job(2, 3, 8, preemptible=True, at=5.0)],
+    )
+    d = schedule(s)
+    assert [(st.job_id, st.borrowed) for st in d.starts] == [(2, True)]
+    assert codes(d, 1) == [ReasonCode.RESOURCES]
+    assert d.pending[1].reasons[0].details["weighted_share"] > 0
+
+
+def test_reclaim_takes_from_the_most_over_share_org_first() -> None:
+    # Orgs 2 and 3 both borrow; org 2 borrows 12 GPUs, org 3 only 4 (equal shares). Org 2's
+    # youngest job goes; org 3's job, though as small, stays.
+    s = snapshot(
+        nodes=nodes(2),
+        orgs=[org(1, guaranteed=8), org(2), org(3)],
+        running=[
+            run(100, 2, [(1, range(8))], preemptible=True, started=-1e4),
+            run(101, 2, [(2, range(4))], preemptible=True, started=-5e3),
+            run(102, 3, [(2, range(4, 8))], preemptible=True, started=-1e4),
+        ],
+        pending=[job(1, 1, 4)],
+    )
+    d = schedule(s)
+    assert [p.job_id for p in d.preemptions] == [101]
+
+
+def test_borrowers_never_preempt_other_orgs() -> None:
+    s = snapshot(
+        nodes=nodes(1),
+        orgs=[org(1), org(2)],
+        running=[run(100, 2, [(1, range(8))], preemptible=True, started=-1e4)],
+        pending=[job(1, 1, 8, preemptible=True, priority_class="high")],
+    )
+    d = schedule(s)
+    assert d.preemptions == ()
+    assert d.starts == ()
+
+
+def test_any_type_job_and_site_constraint() -> None:
+    cluster = nodes(1, gpu_type="A100", site="north") + nodes(1, site="south", first_id=2)
+    s = snapshot(
+        nodes=cluster,
+        orgs=[org(1, guaranteed={"A100": 8, "H100": 8})],
+        pending=[job(1, 1, 8, gpu_type=None, site="south"), job(2, 1, 8, gpu_type=None)],
+    )
+    d = schedule(s)
+    where = {st.job_id: st.placements[0].node_id for st in d.starts}
+    assert where == {1: 2, 2: 1}
+
+
+def test_reserved_gpus_are_explained_as_reservation() -> None:
+    # Job 1 (16 GPUs) reserves both nodes; job 2 (1 GPU, long) may not use the withheld GPUs.
+    s = snapshot(
+        nodes=nodes(2),
+        orgs=[org(1, guaranteed=64)],
+        running=[run(100, 1, [(1, range(4)), (2, range(4))], limit_s=600.0)],
+        pending=[job(1, 1, 8, nodes=2, at=0.0), job(2, 1, 1, at=1.0, limit_s=7200.0)],
+        backfill_reservations=1,
+    )
+    d = schedule(s)
+    assert d.starts == ()
+    assert d.pending[1].reasons[0].details["reservation_start"] == 600.0
+    assert d.pending[1].estimated_start == 600.0
+    assert codes(d, 2) == [ReasonCode.RESERVATION]
+    assert d.pending[2].reasons[0].details["reserved_for_job_id"] == 1
+    assert d.pending[2].estimated_start is not None
+    assert d.pending[2].estimated_start >= 600.0
+
+
+def test_explain_off_keeps_reasons_but_skips_estimates() -> None:
+    s = snapshot(
+        nodes=nodes(1),
+        orgs=[org(1, guaranteed=16)],
+        running=[run(100, 1, [(1, range(8))])],
+        pending=[job(1, 1, 8)],
+        explain=False,
+    )
+    d = schedule(s)
+    assert codes(d, 1) == [ReasonCode.RESOURCES]
+    assert d.pending[1].estimated_start is None
