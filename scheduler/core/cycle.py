@@ -341,9 +341,7 @@ class _Cycle:
 
     def _borrow(self, job: PendingJob, types: tuple[str, ...]) -> bool:
         """Start a borrower if idle GPUs fit it (or its own lower classes make room)."""
-        if self.blocked_by is not None:
-            self.waits[job.job_id] = self.ex.queued(job, types[0], self.blocked_by)
-            return False
+        # In strict order only jobs ahead of the blocked one were deferred: they may go.
         books = self.books
         wait: Wait | None = None
         n = job.gpus_per_node * job.nodes
