@@ -167,7 +167,9 @@ class Preemptor:
             fit_site = fits()
         victims_order: list[RunningJob] = []
         if fit_site is None:
-            after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count)
+            after_share = (
+                books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
+            )
             over_left: dict[int, int] = {}
             for r in cands if in_quota else self._own.get((job.org_id, gpu_type), ()):
                 if r.job_id in self.chosen:
