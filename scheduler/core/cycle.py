@@ -29,7 +29,7 @@ from scheduler.core.types import (
     Snapshot,
     Start,
 )
-from scheduler.core.usage import capacity_usage, tree_standing
+from scheduler.core.usage import capacity_usage, fair_tree_factors, tree_standing
 
 _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
@@ -71,6 +71,8 @@ class _Cycle:
         self.books.add_running(snap.running)
         cap = capacity_usage(self.index.nodes.values(), cfg)
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
+        if cfg.fairshare_algorithm == "fairtree":
+            self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
         self.pre = Preemptor(snap.running, self.index, self.books, cfg, self.now)
         self.res = Reservations(self.index, snap.running, self.now)
         self.ex = Explainer(self)

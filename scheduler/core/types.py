@@ -156,6 +156,8 @@ class PolicyConfig:
     preemption: bool = True
     # False: waiting jobs get their reasons but no estimated start (the simulator's fast path).
     explain: bool = True
+    # "classic": Slurm's 2^(-U/S) along the tree; "fairtree": Slurm's Fair Tree ranks.
+    fairshare_algorithm: str = "classic"
 
 
 @dataclass(frozen=True, slots=True)

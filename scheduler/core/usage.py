@@ -132,6 +132,57 @@ def tree_standing(
     return shares_norm, usage_norm, factor
 
 
+def fair_tree_factors(
+    orgs: Iterable[Org], shares_norm: Mapping[int, float], usage_norm: Mapping[int, float]
+) -> dict[int, float]:
+    """Slurm's Fair Tree: rank orgs depth first, siblings by level fair share, factor from rank.
+
+    Among siblings, level fair share is (shares ÷ siblings' shares) ÷ (usage ÷ siblings' usage);
+    higher goes first (ties: org id). Walking the tree depth first in that order ranks every org,
+    an org before its children; the factor is (N − rank + 1) ÷ N, so 1 for the most deserving.
+    A whole subtree that over-used ranks below a sibling subtree that did not, whatever happens
+    inside it: the isolation between programmes that Fair Tree was built for.
+    """
+    by_id: dict[int, Org] = {}
+    for o in sorted(orgs, key=lambda o: o.id):
+        by_id.setdefault(o.id, o)
+    children: dict[int | None, list[int]] = {}
+    for o in by_id.values():
+        parent = o.parent_id if o.parent_id in by_id else None
+        children.setdefault(parent, []).append(o.id)
+
+    def level_fs(siblings: list[int]) -> dict[int, float]:
+        s_total = sum(max(0.0, by_id[x].shares) for x in siblings)
+        u_total = sum(usage_norm.get(x, 0.0) for x in siblings)
+        out = {}
+        for x in siblings:
+            s = max(0.0, by_id[x].shares) / s_total if s_total > 0 else 0.0
+            u = usage_norm.get(x, 0.0) / u_total if u_total > 0 else 0.0
+            out[x] = math.inf if u == 0 and s > 0 else (s / u if u > 0 else 0.0)
+        return out
+
+    ranked: list[int] = []
+    stack: list[tuple[int, int]] = []
+    roots = children.get(None, [])
+    lf = level_fs(roots)
+    for x in sorted(roots, key=lambda x: (-lf[x], x), reverse=True):
+        stack.append((x, 0))
+    seen: set[int] = set()
+    while stack:
+        oid, depth = stack.pop()
+        if oid in seen:
+            continue
+        seen.add(oid)
+        ranked.append(oid)
+        kids = children.get(oid, [])
+        if kids and depth < 64:
+            lf = level_fs(kids)
+            for x in sorted(kids, key=lambda x: (-lf[x], x), reverse=True):
+                stack.append((x, depth + 1))
+    n = len(ranked)
+    return {oid: (n - i) / n for i, oid in enumerate(ranked)}
+
+
 def recovery_time(snapshot: Snapshot, org_id: int, target_factor: float) -> float | None:
     """When the org's fair-share factor climbs back to `target_factor` if it uses nothing more.
 

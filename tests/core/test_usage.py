@@ -96,3 +96,48 @@ def test_recovery_time_is_when_the_factor_gets_back_to_the_target() -> None:
     assert recovery_time(s, 2, 0.5) == 1000.0  # already there
     assert recovery_time(s, 1, 1.0) is None  # never exactly 1 with usage left
     assert recovery_time(s, 42, 0.5) is None  # unknown org
+
+
+def test_fair_tree_ranks_whole_subtrees_before_their_members() -> None:
+    from scheduler.core.usage import fair_tree_factors
+
+    # Programme 1 over-used (all in member 11); programme 2 used little, all in member 21.
+    orgs = [
+        org(1),
+        org(2),
+        org(11, parent=1, usage=900.0),
+        org(12, parent=1),
+        org(21, parent=2, usage=100.0),
+        org(22, parent=2, usage=0.0),
+    ]
+    shares, usage, classic = tree_standing(orgs, 10_000.0)
+    tree = fair_tree_factors(orgs, shares, usage)
+    # Classic: the idle member 12 of the greedy programme beats the busy member 21.
+    assert classic[12] > classic[21]
+    # Fair Tree: programme 2's whole subtree ranks first, then programme 1's.
+    order = sorted(tree, key=lambda o: -tree[o])
+    assert order == [2, 22, 21, 1, 12, 11]
+    assert tree[2] == 1.0
+    assert tree[11] == pytest.approx(1 / 6)
+
+
+def test_fair_tree_ordering_is_used_when_configured() -> None:
+    from scheduler.core import schedule
+    from tests.core.builder import job
+
+    orgs = [
+        org(1),
+        org(2),
+        org(11, parent=1, guaranteed=8, usage=0.0),
+        org(21, parent=2, guaranteed=8, usage=5e5),
+        org(12, parent=1, usage=5e7),
+    ]
+    s = snapshot(nodes=nodes(1), orgs=orgs, pending=[job(1, 11, 8), job(2, 21, 8)])
+    assert [st.job_id for st in schedule(s).starts] == [1]
+    tree = snapshot(
+        nodes=nodes(1),
+        orgs=orgs,
+        pending=[job(1, 11, 8), job(2, 21, 8)],
+        fairshare_algorithm="fairtree",
+    )
+    assert [st.job_id for st in schedule(tree).starts] == [2]
