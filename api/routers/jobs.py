@@ -1,0 +1,337 @@
+"""`/v1/jobs`: submit, list, inspect, cancel, hold and release jobs; explain, logs, events.
+
+A job of another organisation answers 404, exactly like a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import Principal, SessionDep, UserPrincipal
+from api.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from api.schemas.jobs import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    CancelRequest,
+    EventPublic,
+    EventsPublic,
+    JobCreate,
+    JobExplain,
+    JobLogs,
+    JobPublic,
+    JobsPublic,
+)
+from scheduler.db import Job, Org, User
+from scheduler.services import jobs as svc
+from scheduler.services.errors import InvalidInput, NotFound
+from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, read_log
+from scheduler.settings import Settings
+from scheduler.states import JobState
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_FOLLOW_WAIT_S = 30.0
+FOLLOW_POLL_S = 0.5
+
+
+def scope_of(principal: Principal) -> int | None:
+    """The org a caller's view is limited to; None for platform admins. -1 sees nothing."""
+    if principal.is_platform_admin:
+        return None
+    return principal.org_id if principal.org_id is not None else -1
+
+
+def _public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        org_id=job.org_id,
+        user_id=job.user_id,
+        name=job.name,
+        command=job.command,
+        image=job.image,
+        env=job.env,
+        workdir=job.workdir,
+        gpus_per_node=job.gpus_per_node,
+        nodes=job.num_nodes,
+        gpu_type=job.gpu_type,
+        site=job.site,
+        time_limit_s=job.time_limit_s,
+        priority_class=job.priority_class,
+        preemptible=job.preemptible,
+        held=job.held,
+        state=job.state,
+        state_reason=job.state_reason,
+        exit_code=job.exit_code,
+        requeue_count=job.requeue_count,
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        estimated_start_at=job.estimated_start_at,
+        depends_on=depends_on or [],
+    )
+
+
+def _notify(request: Request, reason: str, nodes: list[int] | None = None) -> None:
+    runtime = request.app.state.runtime
+    if nodes:
+        runtime.wake_nodes(nodes)
+    runtime.notify(reason)
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = value.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
+        raise InvalidInput(
+            f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable characters"
+        )
+    return key
+
+
+@router.post("", status_code=201, responses={200: {"description": "Same Idempotency-Key"}})
+async def submit_job(
+    request: Request,
+    response: Response,
+    body: JobCreate,
+    session: SessionDep,
+    principal: UserPrincipal,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobPublic:
+    """Submit a job to the caller's organisation.
+
+    With an `Idempotency-Key`, a retry of the same submission by the same user returns the job
+    stored the first time, with status 200 instead of 201, and stores nothing new.
+    """
+    if principal.org_id is None or principal.user_id is None:
+        raise InvalidInput("jobs belong to an organisation, and this user has none")
+    key = _idempotency_key(idempotency_key)
+    settings: Settings = request.app.state.settings
+    spec = svc.JobSpec(**body.model_dump())
+    try:
+        result = await svc.submit_job(
+            session,
+            org_id=principal.org_id,
+            user_id=principal.user_id,
+            actor=principal.actor,
+            spec=spec,
+            idempotency_key=key,
+            default_time_limit_s=settings.default_time_limit_s,
+            max_time_limit_s=settings.max_time_limit_s,
+        )
+        await session.commit()
+    except IntegrityError:
+        # Two submissions with one key raced; the other one won. Return its job.
+        await session.rollback()
+        existing = (
+            await svc.find_by_idempotency_key(session, principal.user_id, key) if key else None
+        )
+        if existing is None:
+            raise
+        result = svc.Submitted(existing, created=False)
+    if result.created:
+        _notify(request, "submit")
+        return _public(result.job, spec.depends_on)
+    response.status_code = 200
+    deps = await svc.dependencies_of(session, [result.job.id])
+    return _public(result.job, deps.get(result.job.id))
+
+
+async def _org_id(session: SessionDep, ref: str) -> int | None:
+    if ref.isdigit():
+        return int(ref)
+    return await session.scalar(select(Org.id).where(Org.name == ref))
+
+
+@router.get("")
+async def list_jobs(
+    session: SessionDep,
+    principal: UserPrincipal,
+    state: Annotated[list[JobState], Query(max_length=16)] = [],  # noqa: B006
+    org: Annotated[str | None, Query(max_length=63, description="Org name or id.")] = None,
+    user: Annotated[str | None, Query(max_length=64, description="User name or id.")] = None,
+    mine: bool = False,
+    cursor: Annotated[str | None, Query(max_length=24, pattern=r"^\d+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+) -> JobsPublic:
+    """Jobs the caller may see, newest first; filter by state (repeatable), org, user, mine."""
+    scope = scope_of(principal)
+    org_id = user_id = None
+    empty = JobsPublic(data=[], count=0, next_cursor=None)
+    if org is not None:
+        org_id = await _org_id(session, org)
+        if org_id is None or (scope is not None and org_id != scope):
+            raise NotFound(f"org {org!r} not found")
+    if user is not None:
+        user_id = (
+            int(user)
+            if user.isdigit()
+            else await session.scalar(select(User.id).where(User.name == user))
+        )
+        if user_id is None:
+            return empty
+    if mine:
+        if user_id is not None and user_id != principal.user_id:
+            return empty
+        user_id = principal.user_id
+    before = int(cursor) if cursor is not None else None
+    if before is not None and before >= 2**63:
+        before = None
+    rows, more = await svc.list_jobs(
+        session,
+        scope_org_id=scope,
+        org_id=org_id,
+        user_id=user_id,
+        states=state,
+        before_id=before,
+        limit=limit,
+    )
+    deps = await svc.dependencies_of(session, [j.id for j in rows])
+    data = [_public(j, deps.get(j.id)) for j in rows]
+    return JobsPublic(
+        data=data, count=len(data), next_cursor=str(rows[-1].id) if more and rows else None
+    )
+
+
+@router.get("/{job_id}")
+async def get_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobPublic:
+    """One job."""
+    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    deps = await svc.dependencies_of(session, [job.id])
+    return _public(job, deps.get(job.id))
+
+
+async def _job_to_change(session: SessionDep, job_id: int, principal: Principal) -> Job:
+    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    assert principal.user_id is not None
+    svc.check_may_act(
+        job, user_id=principal.user_id, may_admin_org=principal.can_admin_org(job.org_id)
+    )
+    return job
+
+
+@router.post("/{job_id}/cancel")
+async def cancel_job(
+    request: Request,
+    job_id: int,
+    session: SessionDep,
+    principal: UserPrincipal,
+    body: Annotated[CancelRequest | None, Body()] = None,
+) -> JobPublic:
+    """Cancel: a pending job ends at once; a running one is stopped (SIGTERM, grace, SIGKILL)
+    and becomes CANCELLED when its node reports the exit. A finished job answers 409."""
+    job = await _job_to_change(session, job_id, principal)
+    settings: Settings = request.app.state.settings
+    nodes = await svc.cancel_job(
+        session,
+        job,
+        actor=principal.actor,
+        reason=body.reason if body else None,
+        grace_s=settings.preemption_grace_s,
+    )
+    await session.commit()
+    _notify(request, "cancel", nodes)
+    return _public(job)
+
+
+@router.post("/{job_id}/hold")
+async def hold_job(
+    request: Request, job_id: int, session: SessionDep, principal: UserPrincipal
+) -> JobPublic:
+    """Keep a pending job from starting until it is released."""
+    job = await _job_to_change(session, job_id, principal)
+    await svc.set_held(session, job, held=True, actor=principal.actor)
+    await session.commit()
+    _notify(request, "hold")
+    return _public(job)
+
+
+@router.post("/{job_id}/release")
+async def release_job(
+    request: Request, job_id: int, session: SessionDep, principal: UserPrincipal
+) -> JobPublic:
+    """Let a held job be scheduled again."""
+    job = await _job_to_change(session, job_id, principal)
+    await svc.set_held(session, job, held=False, actor=principal.actor)
+    await session.commit()
+    _notify(request, "release")
+    return _public(job)
+
+
+@router.get("/{job_id}/explain")
+async def explain_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobExplain:
+    """Why a job waits (Slurm's reason words, with numbers) and when it is expected to start,
+    as the last scheduling cycle saw it."""
+    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    return JobExplain.model_validate(svc.explain(job))
+
+
+@router.get("/{job_id}/logs")
+async def job_logs(
+    request: Request,
+    job_id: int,
+    session: SessionDep,
+    principal: UserPrincipal,
+    rank: Annotated[int, Query(ge=0, lt=512)] = 0,
+    attempt: Annotated[int | None, Query(ge=0, le=10_000)] = None,
+    offset: Annotated[int | None, Query(ge=0, lt=2**62)] = None,
+    tail: Annotated[
+        int | None, Query(ge=0, le=MAX_LOG_RESPONSE_BYTES, description="Bytes.")
+    ] = None,
+    max_bytes: Annotated[int, Query(ge=1, le=MAX_LOG_RESPONSE_BYTES)] = 256 * 1024,
+    wait_s: Annotated[float, Query(ge=0, le=MAX_FOLLOW_WAIT_S)] = 0.0,
+) -> JobLogs:
+    """The output of the job's task at `rank` (latest attempt unless `attempt`), from byte
+    `offset` or the last `tail` bytes. To follow, call again with `offset=next_offset`; with
+    `wait_s` the call waits up to that long for new output (long poll) before answering."""
+    if offset is not None and tail is not None:
+        raise InvalidInput("give offset or tail, not both")
+    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    kwargs: dict[str, Any] = {
+        "rank": rank,
+        "attempt": attempt,
+        "offset": offset,
+        "tail_bytes": tail,
+        "max_bytes": max_bytes,
+    }
+    piece = await read_log(session, job, **kwargs)
+    deadline = time.monotonic() + wait_s
+    while not piece.data and not piece.eof and time.monotonic() < deadline:
+        await session.rollback()  # end the read transaction: no session held open while waiting
+        await asyncio.sleep(min(FOLLOW_POLL_S, max(0.0, deadline - time.monotonic())))
+        await session.refresh(job)
+        kwargs["offset"], kwargs["tail_bytes"] = piece.offset, None
+        piece = await read_log(session, job, **kwargs)
+    return JobLogs(
+        job_id=job.id,
+        rank=rank,
+        attempt=piece.attempt,
+        task_id=piece.task_id,
+        offset=piece.offset,
+        next_offset=piece.next_offset,
+        data=piece.data,
+        eof=piece.eof,
+    )
+
+
+@router.get("/{job_id}/events")
+async def job_events(
+    job_id: int,
+    session: SessionDep,
+    principal: UserPrincipal,
+    cursor: Annotated[str | None, Query(max_length=24, pattern=r"^\d+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+) -> EventsPublic:
+    """The job's history: every state change with who, when and why, oldest first."""
+    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    after = int(cursor) if cursor is not None and int(cursor) < 2**63 else None
+    rows, more = await svc.job_events(session, job.id, after_id=after, limit=limit)
+    data = [EventPublic.model_validate(e) for e in rows]
+    return EventsPublic(
+        data=data, count=len(data), next_cursor=str(rows[-1].id) if more and rows else None
+    )

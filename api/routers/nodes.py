@@ -1,0 +1,101 @@
+"""`/v1/nodes`: the machines, their GPUs and health; platform admins drain and resume them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Request
+
+from api.deps import PlatformAdmin, SessionDep, UserPrincipal
+from api.schemas.nodes import DrainRequest, GpuPublic, NodePublic, NodesPublic
+from scheduler.services import nodes as svc
+from scheduler.services.errors import NotFound
+from scheduler.states import GpuHealth
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+NodeId = Annotated[int, Path(gt=0, lt=2**31)]
+
+
+def _public(view: svc.NodeView) -> NodePublic:
+    n = view.node
+    gpus = [
+        GpuPublic(
+            id=g.id,
+            index=g.index,
+            uuid=g.uuid,
+            model=g.model,
+            memory_bytes=g.memory_bytes,
+            health=g.health,
+            health_reason=g.health_reason,
+            allocated_job_id=view.allocated.get(g.id),
+            last_sample=g.last_sample,
+            last_sample_at=g.last_sample_at,
+        )
+        for g in view.gpus
+    ]
+    return NodePublic(
+        id=n.id,
+        name=n.name,
+        site=view.site,
+        domain=n.domain,
+        state=n.state,
+        state_reason=n.state_reason,
+        hostname=n.hostname,
+        agent_version=n.agent_version,
+        registered_at=n.registered_at,
+        last_heartbeat_at=n.last_heartbeat_at,
+        gpus=gpus,
+        gpus_total=len(gpus),
+        gpus_allocated=sum(1 for g in gpus if g.allocated_job_id is not None),
+        gpus_healthy=sum(1 for g in gpus if g.health is GpuHealth.HEALTHY),
+    )
+
+
+async def _one(session: SessionDep, node_id: int) -> NodePublic:
+    views = await svc.list_nodes(session, node_id)
+    if not views:
+        raise NotFound(f"node {node_id} not found")
+    return _public(views[0])
+
+
+@router.get("")
+async def list_nodes(session: SessionDep, principal: UserPrincipal) -> NodesPublic:
+    """Every node with its GPUs, their health and the job each GPU is allocated to."""
+    views = await svc.list_nodes(session)
+    return NodesPublic(data=[_public(v) for v in views], count=len(views))
+
+
+@router.get("/{node_id}")
+async def get_node(node_id: NodeId, session: SessionDep, principal: UserPrincipal) -> NodePublic:
+    """One node."""
+    return await _one(session, node_id)
+
+
+@router.post("/{node_id}/drain")
+async def drain_node(
+    request: Request,
+    node_id: NodeId,
+    session: SessionDep,
+    principal: PlatformAdmin,
+    body: Annotated[DrainRequest | None, Body()] = None,
+) -> NodePublic:
+    """Stop placing work on the node; running tasks finish (platform admins)."""
+    node = await svc.get_node(session, node_id)
+    reason = body.reason if body else DrainRequest().reason
+    await svc.drain_node(session, node, reason=reason, actor=principal.actor)
+    await session.commit()
+    request.app.state.runtime.notify("drain")
+    return await _one(session, node_id)
+
+
+@router.post("/{node_id}/resume")
+async def resume_node(
+    request: Request, node_id: NodeId, session: SessionDep, principal: PlatformAdmin
+) -> NodePublic:
+    """Put a draining or drained node back in service (platform admins)."""
+    node = await svc.get_node(session, node_id)
+    await svc.resume_node(session, node, actor=principal.actor)
+    await session.commit()
+    request.app.state.runtime.notify("resume")
+    return await _one(session, node_id)

@@ -1,0 +1,173 @@
+"""`/v1/orgs` and `/v1/shares`: the organisation tree, shares, quotas and fair-share standing.
+
+Everyone sees their own org and the orgs below it; platform admins see and change everything.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+
+from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
+from api.schemas.common import GpuType
+from api.schemas.orgs import (
+    OrgCreate,
+    OrgPublic,
+    OrgsPublic,
+    OrgUpdate,
+    QuotaPublic,
+    QuotaSet,
+    SharePublic,
+    SharesPublic,
+)
+from scheduler.db import Org
+from scheduler.db.types import utcnow
+from scheduler.services import orgs as svc
+from scheduler.services.errors import NotFound
+from scheduler.services.shares import standings
+from scheduler.settings import Settings
+
+router = APIRouter(tags=["orgs"])
+
+OrgRef = Annotated[str, Path(max_length=63, description="Org name or id.")]
+
+
+def _scope(principal: Principal) -> int | None:
+    if principal.is_platform_admin:
+        return None
+    return principal.org_id if principal.org_id is not None else -1
+
+
+def _public(view: svc.OrgView) -> OrgPublic:
+    o = view.org
+    return OrgPublic(
+        id=o.id,
+        name=o.name,
+        parent_id=o.parent_id,
+        path=view.path,
+        depth=view.depth,
+        shares=o.shares,
+        default_time_limit_s=o.default_time_limit_s,
+        created_at=o.created_at,
+        quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
+    )
+
+
+async def _visible_view(session: SessionDep, principal: Principal, ref: str) -> svc.OrgView:
+    org = await svc.find_org(session, ref)
+    for view in await svc.list_orgs(session, scope_org_id=_scope(principal)):
+        if view.org.id == org.id:
+            return view
+    raise NotFound(f"org {ref!r} not found")
+
+
+@router.get("/v1/orgs")
+async def list_orgs(session: SessionDep, principal: UserPrincipal) -> OrgsPublic:
+    """The organisation tree in depth-first order (`path`, `depth`, `parent_id`), with quotas."""
+    views = await svc.list_orgs(session, scope_org_id=_scope(principal))
+    return OrgsPublic(data=[_public(v) for v in views], count=len(views))
+
+
+@router.post("/v1/orgs", status_code=201)
+async def create_org(
+    request: Request, body: OrgCreate, session: SessionDep, principal: PlatformAdmin
+) -> OrgPublic:
+    """Create an organisation, optionally under a parent (platform admins)."""
+    org = await svc.create_org(
+        session,
+        name=body.name,
+        parent=body.parent,
+        shares=body.shares,
+        default_time_limit_s=body.default_time_limit,
+        actor=principal.actor,
+    )
+    await session.commit()
+    request.app.state.runtime.notify("org")
+    return _public(await _visible_view(session, principal, str(org.id)))
+
+
+@router.get("/v1/orgs/{org}")
+async def get_org(org: OrgRef, session: SessionDep, principal: UserPrincipal) -> OrgPublic:
+    """One organisation with its quotas."""
+    return _public(await _visible_view(session, principal, org))
+
+
+@router.patch("/v1/orgs/{org}")
+async def update_org(
+    request: Request, org: OrgRef, body: OrgUpdate, session: SessionDep, principal: PlatformAdmin
+) -> OrgPublic:
+    """Change shares (fair-share weight) or the default time limit (platform admins)."""
+    row: Org = await svc.find_org(session, org)
+    await svc.update_org(
+        session,
+        row,
+        shares=body.shares,
+        default_time_limit_s=body.default_time_limit,
+        fields=set(body.model_fields_set),
+        actor=principal.actor,
+    )
+    await session.commit()
+    request.app.state.runtime.notify("org")
+    return _public(await _visible_view(session, principal, str(row.id)))
+
+
+@router.get("/v1/orgs/{org}/quota")
+async def get_quota(
+    org: OrgRef, session: SessionDep, principal: UserPrincipal
+) -> list[QuotaPublic]:
+    """The org's quota per GPU type."""
+    view = await _visible_view(session, principal, org)
+    return [QuotaPublic.model_validate(q) for q in view.quotas]
+
+
+@router.put("/v1/orgs/{org}/quota/{gpu_type}")
+async def set_quota(
+    request: Request,
+    org: OrgRef,
+    gpu_type: Annotated[GpuType, Path()],
+    body: QuotaSet,
+    session: SessionDep,
+    principal: PlatformAdmin,
+) -> QuotaPublic:
+    """Set guaranteed GPUs and the limit for one GPU type (platform admins).
+
+    Refused (409) when the children's guarantees would exceed the parent's, or a limit would
+    exceed the parent's limit.
+    """
+    row = await svc.find_org(session, org)
+    quota = await svc.set_quota(
+        session,
+        row,
+        gpu_type=gpu_type,
+        guaranteed=body.guaranteed,
+        limit=body.limit,
+        actor=principal.actor,
+    )
+    await session.commit()
+    request.app.state.runtime.notify("quota")
+    return QuotaPublic.model_validate(quota)
+
+
+@router.get("/v1/shares")
+async def shares(request: Request, session: SessionDep, principal: UserPrincipal) -> SharesPublic:
+    """Fair-share standing of each visible org: shares, normalised shares, decayed usage,
+    factor, and when the factor will be back at 0.5 if the org uses nothing more."""
+    settings: Settings = request.app.state.settings
+    scope = _scope(principal)
+    visible = None
+    if scope is not None:
+        visible = {v.org.id for v in await svc.list_orgs(session, scope_org_id=scope)}
+    now = utcnow()
+    rows = await standings(
+        session,
+        half_life_s=settings.usage_half_life_s,
+        gpu_weights=settings.gpu_weights,
+        org_ids=visible,
+        now=now,
+    )
+    return SharesPublic(
+        data=[SharePublic.model_validate(r) for r in rows],
+        half_life_s=settings.usage_half_life_s,
+        as_of=now,
+    )

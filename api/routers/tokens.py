@@ -1,0 +1,141 @@
+"""`/v1/tokens` (people's API tokens) and `/v1/join-tokens` (for registering node agents).
+
+A secret is returned once, by the call that creates it; lists never show it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+
+from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
+from api.schemas.users import (
+    JoinTokenCreate,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    TokensPublic,
+)
+from scheduler.db import ApiToken, User
+from scheduler.services import users as svc
+from scheduler.services.errors import Forbidden, NotFound
+from scheduler.services.tokens import IssuedToken
+from scheduler.settings import Settings
+from scheduler.states import Role, TokenKind
+
+router = APIRouter(tags=["tokens"])
+
+TokenId = Annotated[int, Path(gt=0, lt=2**31)]
+
+
+async def _may_manage(session: SessionDep, principal: Principal, user_id: int) -> User:
+    """The user whose tokens the caller may manage: itself, its org's users for org admins."""
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    if principal.user_id == user_id or principal.is_platform_admin:
+        return user
+    if principal.role is Role.ORG_ADMIN and user.org_id == principal.org_id:
+        if user.role is Role.PLATFORM_ADMIN:
+            raise Forbidden("only platform admins manage platform admins' tokens")
+        return user
+    raise NotFound(f"user {user_id} not found")
+
+
+def _created(issued: IssuedToken) -> TokenCreated:
+    public = TokenPublic.model_validate(issued.row)
+    return TokenCreated(**public.model_dump(), token=issued.secret)
+
+
+@router.post("/v1/tokens", status_code=201)
+async def create_token(
+    request: Request, body: TokenCreate, session: SessionDep, principal: UserPrincipal
+) -> TokenCreated:
+    """Issue an API token for yourself (or, as an admin, for a user you manage). The secret is
+    in this response only."""
+    assert principal.user_id is not None
+    user = await _may_manage(session, principal, body.user_id or principal.user_id)
+    if user.disabled_at is not None:
+        raise Forbidden(f"user {user.name} is disabled")
+    settings: Settings = request.app.state.settings
+    issued = await svc.create_user_token(
+        session,
+        user=user,
+        name=body.name,
+        ttl_s=body.ttl or settings.token_ttl_s,
+        created_by_user_id=principal.user_id,
+    )
+    await session.commit()
+    return _created(issued)
+
+
+@router.get("/v1/tokens")
+async def list_tokens(
+    session: SessionDep, principal: UserPrincipal, user_id: int | None = None
+) -> TokensPublic:
+    """Your tokens; org admins see their org's users' tokens, platform admins everyone's.
+    Secrets are never listed."""
+    assert principal.user_id is not None
+    if user_id is not None:
+        ids: list[int] | None = [(await _may_manage(session, principal, user_id)).id]
+    elif principal.is_platform_admin:
+        ids = None
+    elif principal.role is Role.ORG_ADMIN and principal.org_id is not None:
+        ids = [u.id for u in await svc.list_users(session, scope_org_id=principal.org_id)]
+    else:
+        ids = [principal.user_id]
+    rows = await svc.list_tokens(session, kind=TokenKind.USER, user_ids=ids)
+    return TokensPublic(data=[TokenPublic.model_validate(t) for t in rows], count=len(rows))
+
+
+@router.delete("/v1/tokens/{token_id}")
+async def revoke_token(
+    token_id: TokenId, session: SessionDep, principal: UserPrincipal
+) -> TokenPublic:
+    """Revoke a token at once; requests with it are refused from now on."""
+    token: ApiToken = await svc.get_token(session, token_id)
+    if token.kind is not TokenKind.USER or token.user_id is None:
+        raise NotFound(f"token {token_id} not found")
+    await _may_manage(session, principal, token.user_id)
+    await svc.revoke_token(session, token, actor=principal.actor)
+    await session.commit()
+    return TokenPublic.model_validate(token)
+
+
+@router.post("/v1/join-tokens", status_code=201)
+async def create_join_token(
+    request: Request, body: JoinTokenCreate, session: SessionDep, principal: PlatformAdmin
+) -> TokenCreated:
+    """A token that lets node agents register (`fairgpu agent --join-token`). Platform admins."""
+    settings: Settings = request.app.state.settings
+    issued = await svc.create_join_token(
+        session,
+        name=body.name,
+        site=body.site,
+        uses=body.uses,
+        ttl_s=body.ttl or settings.token_ttl_s,
+        created_by_user_id=principal.user_id,
+    )
+    await session.commit()
+    return _created(issued)
+
+
+@router.get("/v1/join-tokens")
+async def list_join_tokens(session: SessionDep, principal: PlatformAdmin) -> TokensPublic:
+    """Join tokens, without their secrets."""
+    rows = await svc.list_tokens(session, kind=TokenKind.JOIN, user_ids=None)
+    return TokensPublic(data=[TokenPublic.model_validate(t) for t in rows], count=len(rows))
+
+
+@router.delete("/v1/join-tokens/{token_id}")
+async def revoke_join_token(
+    token_id: TokenId, session: SessionDep, principal: PlatformAdmin
+) -> TokenPublic:
+    """Revoke a join token: no more nodes register with it (registered ones stay)."""
+    token = await svc.get_token(session, token_id)
+    if token.kind is not TokenKind.JOIN:
+        raise NotFound(f"join token {token_id} not found")
+    await svc.revoke_token(session, token, actor=principal.actor)
+    await session.commit()
+    return TokenPublic.model_validate(token)

@@ -1,0 +1,86 @@
+"""`/v1/users`: org admins manage their org's users; platform admins manage everyone."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from api.deps import OrgAdmin, Principal, SessionDep, UserPrincipal
+from api.schemas.users import UserCreate, UserPublic, UsersPublic
+from scheduler.db import User
+from scheduler.services import users as svc
+from scheduler.services.errors import Forbidden, InvalidInput, NotFound
+from scheduler.services.orgs import find_org
+from scheduler.states import Role
+
+router = APIRouter(prefix="/v1/users", tags=["users"])
+
+UserId = Annotated[int, Path(gt=0, lt=2**31)]
+
+
+def admin_scope(principal: Principal) -> int | None:
+    """The org whose users the caller administers; None for platform admins."""
+    if principal.is_platform_admin:
+        return None
+    return principal.org_id if principal.org_id is not None else -1
+
+
+@router.get("/me")
+async def me(session: SessionDep, principal: UserPrincipal) -> UserPublic:
+    """The caller."""
+    assert principal.user_id is not None
+    return UserPublic.model_validate(await session.get(User, principal.user_id))
+
+
+@router.get("")
+async def list_users(session: SessionDep, principal: OrgAdmin) -> UsersPublic:
+    """Users of the caller's org (org admins) or of every org (platform admins)."""
+    rows = await svc.list_users(session, scope_org_id=admin_scope(principal))
+    return UsersPublic(data=[UserPublic.model_validate(u) for u in rows], count=len(rows))
+
+
+@router.post("", status_code=201)
+async def create_user(body: UserCreate, session: SessionDep, principal: OrgAdmin) -> UserPublic:
+    """Create a user. Org admins create members and org admins of their own org; only platform
+    admins create users elsewhere or other platform admins."""
+    if principal.is_platform_admin:
+        org_id = (await find_org(session, body.org)).id if body.org is not None else None
+        if org_id is None and body.role is not Role.PLATFORM_ADMIN:
+            raise InvalidInput("members and org admins belong to an org: give `org`")
+    else:
+        if body.role is Role.PLATFORM_ADMIN:
+            raise Forbidden("only platform admins create platform admins")
+        org_id = principal.org_id
+        if body.org is not None and (await find_org(session, body.org)).id != org_id:
+            raise Forbidden("org admins create users in their own org only")
+    user = await svc.create_user(
+        session, name=body.name, org_id=org_id, role=body.role, actor=principal.actor
+    )
+    await session.commit()
+    return UserPublic.model_validate(user)
+
+
+async def _visible_user(session: SessionDep, principal: Principal, user_id: int) -> User:
+    if principal.user_id == user_id:
+        return await svc.get_user(session, user_id, scope_org_id=None)
+    if principal.role is Role.MEMBER:
+        raise NotFound(f"user {user_id} not found")
+    return await svc.get_user(session, user_id, scope_org_id=admin_scope(principal))
+
+
+@router.get("/{user_id}")
+async def get_user(user_id: UserId, session: SessionDep, principal: UserPrincipal) -> UserPublic:
+    """A user: yourself, or one you administer."""
+    return UserPublic.model_validate(await _visible_user(session, principal, user_id))
+
+
+@router.delete("/{user_id}")
+async def disable_user(user_id: UserId, session: SessionDep, principal: OrgAdmin) -> UserPublic:
+    """Disable a user and revoke all its tokens; its jobs stay."""
+    user = await _visible_user(session, principal, user_id)
+    if user.role is Role.PLATFORM_ADMIN and not principal.is_platform_admin:
+        raise Forbidden("only platform admins disable platform admins")
+    await svc.disable_user(session, user, actor=principal.actor)
+    await session.commit()
+    return UserPublic.model_validate(user)

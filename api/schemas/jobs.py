@@ -1,0 +1,198 @@
+"""Job schemas: what a submission may contain (with its limits) and what the API shows back."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+
+from api.schemas.common import (
+    DurationS,
+    GpuType,
+    InputModel,
+    Name,
+    OutputModel,
+    Printable,
+    SiteName,
+)
+from scheduler.core.types import PolicyConfig
+from scheduler.states import JobState
+
+MAX_GPUS_PER_NODE = 64
+MAX_NODES = 512
+MAX_ARGS = 256
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_ENV_VARS = 256
+MAX_ENV_BYTES = 64 * 1024
+MAX_DEPENDENCIES = 64
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+PRIORITY_CLASSES = tuple(PolicyConfig().priority_classes)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV_PREFIX = "FAIRGPU_"
+RESERVED_ENV = frozenset(
+    {"CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK"}
+)
+
+Arg = Annotated[str, Field(max_length=MAX_COMMAND_BYTES)]
+
+
+class JobCreate(InputModel):
+    """A job: `nodes` tasks × `gpus_per_node` GPUs, started all at once or not at all."""
+
+    name: Name = "job"
+    command: Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGS)]
+    """argv; the first element is the program."""
+    image: Annotated[str, Printable, Field(min_length=1, max_length=512)] | None = None
+    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]] = {}
+    workdir: Annotated[str, Printable, Field(min_length=1, max_length=1024)] | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] = 1
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
+    gpu_type: GpuType | None = None
+    site: SiteName | None = None
+    time_limit: DurationS | None = None
+    """Walltime; the org's default when omitted. Seconds, or '1h30m'-style."""
+    priority_class: str = "normal"
+    preemptible: bool = False
+    hold: bool = False
+    """Submit held: the job waits until released."""
+    depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = []
+    """`afterok`: job ids (of the same org) that must complete first."""
+
+    @field_validator("command")
+    @classmethod
+    def _command_size(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise ValueError("the program (first argument) must not be empty")
+        total = sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in value)
+        if total > MAX_COMMAND_BYTES:
+            raise ValueError(f"command is {total} bytes; at most {MAX_COMMAND_BYTES}")
+        if any("\x00" in a for a in value):
+            raise ValueError("arguments must not contain NUL bytes")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_ENV_VARS:
+            raise ValueError(f"{len(value)} variables; at most {MAX_ENV_VARS}")
+        total = 0
+        for key, val in value.items():
+            if not _ENV_NAME.match(key) or len(key) > 256:
+                raise ValueError(f"bad variable name {key[:64]!r}: [A-Za-z_][A-Za-z0-9_]*")
+            if key.startswith(RESERVED_ENV_PREFIX) or key in RESERVED_ENV:
+                raise ValueError(f"{key} is set by fairgpu and cannot be overridden")
+            if "\x00" in val:
+                raise ValueError(f"{key}: values must not contain NUL bytes")
+            total += len(key) + len(val.encode("utf-8", "surrogatepass")) + 2
+        if total > MAX_ENV_BYTES:
+            raise ValueError(f"environment is {total} bytes; at most {MAX_ENV_BYTES}")
+        return value
+
+    @field_validator("priority_class")
+    @classmethod
+    def _known_class(cls, value: str) -> str:
+        if value not in PRIORITY_CLASSES:
+            raise ValueError(f"unknown priority class; one of {', '.join(PRIORITY_CLASSES)}")
+        return value
+
+    @field_validator("depends_on")
+    @classmethod
+    def _ids(cls, value: list[int]) -> list[int]:
+        if any(v <= 0 or v >= 2**63 for v in value):
+            raise ValueError("job ids are positive integers")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _gang(self) -> JobCreate:
+        if self.nodes * self.gpus_per_node > MAX_GPUS_PER_NODE * MAX_NODES:
+            raise ValueError("too many GPUs")
+        return self
+
+
+class JobPublic(OutputModel):
+    id: int
+    org_id: int
+    user_id: int
+    name: str
+    command: list[str]
+    image: str | None
+    env: dict[str, str]
+    workdir: str | None
+    gpus_per_node: int
+    nodes: int
+    gpu_type: str | None
+    site: str | None
+    time_limit_s: int
+    priority_class: str
+    preemptible: bool
+    held: bool
+    state: JobState
+    state_reason: str | None
+    exit_code: int | None
+    requeue_count: int
+    submitted_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    estimated_start_at: datetime | None
+    depends_on: list[int] = []
+
+
+class JobsPublic(OutputModel):
+    data: list[JobPublic]
+    count: int
+    next_cursor: str | None
+    """Pass as `cursor` for the next page; null on the last page."""
+
+
+class PendingReason(OutputModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class JobExplain(OutputModel):
+    job_id: int
+    state: JobState
+    held: bool
+    evaluated: bool
+    """False while no scheduling cycle has looked at the job yet."""
+    message: str
+    priority: float | None
+    reasons: list[PendingReason]
+    estimated_start_at: datetime | None
+
+
+class JobLogs(OutputModel):
+    job_id: int
+    rank: int
+    attempt: int | None
+    task_id: int | None
+    offset: int
+    next_offset: int
+    """Byte offset to ask for next (follow mode: poll with offset=next_offset)."""
+    data: str
+    eof: bool
+    """The task has ended and everything it wrote is here."""
+
+
+class EventPublic(OutputModel):
+    id: int
+    at: datetime
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    actor: str
+    reason: str | None
+    details: dict[str, Any] | None
+
+
+class EventsPublic(OutputModel):
+    data: list[EventPublic]
+    count: int
+    next_cursor: str | None
+
+
+class CancelRequest(InputModel):
+    reason: Annotated[str, Printable, Field(max_length=1024)] | None = None

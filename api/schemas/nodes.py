@@ -1,0 +1,67 @@
+"""Node, GPU and usage-report schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from api.schemas.common import InputModel, OutputModel, Reason
+from scheduler.states import GpuHealth, NodeState
+
+
+class GpuPublic(OutputModel):
+    id: int
+    index: int
+    uuid: str
+    model: str
+    memory_bytes: int
+    health: GpuHealth
+    health_reason: str | None
+    allocated_job_id: int | None = None
+    last_sample: dict[str, Any] | None
+    last_sample_at: datetime | None
+
+
+class NodePublic(OutputModel):
+    id: int
+    name: str
+    site: str
+    domain: str
+    state: NodeState
+    state_reason: str | None
+    hostname: str
+    agent_version: str
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+    gpus: list[GpuPublic]
+    gpus_total: int
+    gpus_allocated: int
+    gpus_healthy: int
+
+
+class NodesPublic(OutputModel):
+    data: list[NodePublic]
+    count: int
+
+
+class DrainRequest(InputModel):
+    reason: Reason = "drained by an administrator"
+
+
+class UsageRow(OutputModel):
+    period_start: datetime
+    key: str
+    """The org, user or GPU type this row is about (see `by`)."""
+    gpu_hours_allocated: float
+    gpu_hours_busy: float
+    billed_gpu_hours: float
+    energy_joules: float
+    preempted_gpu_hours: float
+
+
+class UsageReport(OutputModel):
+    by: str
+    period: str
+    since: datetime
+    until: datetime
+    data: list[UsageRow]

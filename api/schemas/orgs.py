@@ -1,0 +1,90 @@
+"""Organisation, quota and fair-share schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from api.schemas.common import DurationS, InputModel, OrgName, OutputModel
+
+MAX_SHARES = 1_000_000.0
+MAX_QUOTA_GPUS = 1_000_000
+
+Shares = Annotated[float, Field(gt=0, le=MAX_SHARES, allow_inf_nan=False)]
+GpuCount = Annotated[int, Field(ge=0, le=MAX_QUOTA_GPUS)]
+
+
+class OrgCreate(InputModel):
+    name: OrgName
+    parent: OrgName | None = None
+    """Name of the parent organisation (a programme pooling its members); none for a root."""
+    shares: Shares = 1.0
+    default_time_limit: DurationS | None = None
+
+
+class OrgUpdate(InputModel):
+    shares: Shares | None = None
+    default_time_limit: DurationS | None = None
+
+
+class QuotaSet(InputModel):
+    guaranteed: GpuCount
+    """GPUs of this type the org gets back within the grace period when it asks for them."""
+    limit: GpuCount | None = None
+    """The most GPUs of this type it may hold, borrowing included; null: no limit."""
+
+    @model_validator(mode="after")
+    def _limit_covers_guarantee(self) -> QuotaSet:
+        if self.limit is not None and self.limit < self.guaranteed:
+            raise ValueError("limit must be at least guaranteed")
+        return self
+
+
+class QuotaPublic(OutputModel):
+    gpu_type: str
+    guaranteed: int
+    limit: int | None
+
+
+class OrgPublic(OutputModel):
+    id: int
+    name: str
+    parent_id: int | None
+    path: str
+    """Names from the root down, joined by '/'."""
+    depth: int
+    shares: float
+    default_time_limit_s: int | None
+    created_at: datetime
+    quotas: list[QuotaPublic] = []
+
+
+class OrgsPublic(OutputModel):
+    data: list[OrgPublic]
+    count: int
+
+
+class SharePublic(OutputModel):
+    org_id: int
+    org: str
+    parent_id: int | None
+    shares: float
+    shares_norm: float
+    """Shares ÷ siblings' shares, multiplied down the tree: the fraction of the cluster owed."""
+    decayed_usage_gpu_s: float
+    """Billing-weighted GPU-seconds, decayed with the configured half-life, as of now."""
+    usage_norm: float
+    fairshare_factor: float
+    """Slurm's classic 2^(-usage_norm/shares_norm): 1 unused, 0.5 at its share."""
+    recovers_at: datetime | None
+    """When the factor climbs back to 0.5 if the org uses nothing more; null if it is there
+    already or never can."""
+    recover_s: float | None
+
+
+class SharesPublic(OutputModel):
+    data: list[SharePublic]
+    half_life_s: float
+    as_of: datetime

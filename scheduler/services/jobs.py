@@ -1,0 +1,339 @@
+"""Job use cases: submit (idempotent per user and key), find, cancel, hold, release, explain.
+
+Services flush and never commit: the route owns the transaction. Visibility is passed in as
+`scope_org_id` (None = every org, for platform admins), so that a job of another org is simply
+not found: ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Event, Job, JobDependency, Org, Task
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Conflict, Forbidden, InvalidInput, NotFound
+from scheduler.services.jobstate import STOP_CANCEL, transition_job
+from scheduler.states import JobState
+
+# Afterok dependencies that ended like this can never be met.
+_DEAD_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL})
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A validated submission (the API has checked sizes and formats)."""
+
+    command: list[str]
+    name: str = "job"
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    gpus_per_node: int = 1
+    nodes: int = 1
+    gpu_type: str | None = None
+    site: str | None = None
+    time_limit: int | None = None
+    priority_class: str = "normal"
+    preemptible: bool = False
+    hold: bool = False
+    depends_on: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    job: Job
+    created: bool  # False: an earlier submission with the same idempotency key
+
+
+async def find_by_idempotency_key(session: AsyncSession, user_id: int, key: str) -> Job | None:
+    return await session.scalar(
+        select(Job).where(Job.user_id == user_id, Job.idempotency_key == key)
+    )
+
+
+async def _time_limit_s(
+    session: AsyncSession, org_id: int, asked: int | None, default_s: int, max_s: int
+) -> int:
+    if asked is None:
+        org_default = await session.scalar(select(Org.default_time_limit_s).where(Org.id == org_id))
+        asked = org_default or default_s
+    if asked > max_s:
+        raise InvalidInput(
+            f"time limit {asked} s exceeds the maximum of {max_s} s", max_time_limit_s=max_s
+        )
+    return asked
+
+
+async def _check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[int]) -> None:
+    if not ids:
+        return
+    rows = (
+        await session.execute(select(Job.id, Job.org_id, Job.state).where(Job.id.in_(ids)))
+    ).all()
+    found = {r.id: r for r in rows if r.org_id == org_id}
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        raise InvalidInput(f"unknown job id(s) in depends_on: {unknown}", unknown=unknown)
+    dead = [i for i in ids if found[i].state in _DEAD_ENDS]
+    if dead:
+        raise InvalidInput(f"depends_on job(s) {dead} ended without completing", ended=dead)
+
+
+async def submit_job(
+    session: AsyncSession,
+    *,
+    org_id: int,
+    user_id: int,
+    actor: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    default_time_limit_s: int,
+    max_time_limit_s: int,
+    now: datetime | None = None,
+) -> Submitted:
+    """Store a PENDING job and its submit event. The same key from the same user returns the
+    job stored the first time (the caller retried after a lost reply), and changes nothing."""
+    if idempotency_key is not None:
+        existing = await find_by_idempotency_key(session, user_id, idempotency_key)
+        if existing is not None:
+            return Submitted(existing, created=False)
+    now = now or utcnow()
+    time_limit_s = await _time_limit_s(
+        session, org_id, spec.time_limit, default_time_limit_s, max_time_limit_s
+    )
+    await _check_dependencies(session, org_id, spec.depends_on)
+    job = Job(
+        org_id=org_id,
+        user_id=user_id,
+        name=spec.name,
+        command=list(spec.command),
+        image=spec.image,
+        env=dict(spec.env),
+        workdir=spec.workdir,
+        gpus_per_node=spec.gpus_per_node,
+        num_nodes=spec.nodes,
+        gpu_type=spec.gpu_type,
+        site=spec.site,
+        time_limit_s=time_limit_s,
+        priority_class=spec.priority_class,
+        preemptible=spec.preemptible,
+        held=spec.hold,
+        idempotency_key=idempotency_key,
+        state=JobState.PENDING,
+        submitted_at=now,
+        requeue_count=0,
+        borrowed=False,
+    )
+    session.add(job)
+    await session.flush()
+    session.add(
+        Event(
+            at=now,
+            kind="job.state",
+            job_id=job.id,
+            org_id=org_id,
+            from_state=None,
+            to_state=str(JobState.PENDING),
+            actor=actor,
+            reason="submitted (held)" if spec.hold else "submitted",
+        )
+    )
+    if spec.depends_on:
+        session.add_all(JobDependency(job_id=job.id, depends_on_id=d) for d in spec.depends_on)
+    await session.flush()
+    return Submitted(job, created=True)
+
+
+async def get_job(session: AsyncSession, job_id: int, *, scope_org_id: int | None) -> Job:
+    """The job, if the caller may see it; NotFound otherwise (also for another org's job)."""
+    if not 0 < job_id < 2**63:
+        raise NotFound(f"job {job_id} not found")
+    job = await session.get(Job, job_id)
+    if job is None or (scope_org_id is not None and job.org_id != scope_org_id):
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+async def dependencies_of(session: AsyncSession, job_ids: Sequence[int]) -> dict[int, list[int]]:
+    if not job_ids:
+        return {}
+    rows = await session.execute(
+        select(JobDependency.job_id, JobDependency.depends_on_id)
+        .where(JobDependency.job_id.in_(job_ids))
+        .order_by(JobDependency.depends_on_id)
+    )
+    out: dict[int, list[int]] = {}
+    for job_id, dep in rows:
+        out.setdefault(job_id, []).append(dep)
+    return out
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    scope_org_id: int | None,
+    org_id: int | None = None,
+    user_id: int | None = None,
+    states: Sequence[JobState] = (),
+    before_id: int | None = None,
+    limit: int = 100,
+) -> tuple[list[Job], bool]:
+    """Newest first. Returns (jobs, more): `more` says a next page exists."""
+    stmt = select(Job)
+    if scope_org_id is not None:
+        stmt = stmt.where(Job.org_id == scope_org_id)
+    if org_id is not None:
+        stmt = stmt.where(Job.org_id == org_id)
+    if user_id is not None:
+        stmt = stmt.where(Job.user_id == user_id)
+    if states:
+        stmt = stmt.where(Job.state.in_(list(states)))
+    if before_id is not None:
+        stmt = stmt.where(Job.id < before_id)
+    rows = list((await session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1))).all())
+    return rows[:limit], len(rows) > limit
+
+
+def check_may_act(job: Job, *, user_id: int, may_admin_org: bool) -> None:
+    """Members act on their own jobs; org admins and platform admins on every job they see."""
+    if not may_admin_org and job.user_id != user_id:
+        raise Forbidden("only the job's owner or an org admin may change this job")
+
+
+async def cancel_job(
+    session: AsyncSession,
+    job: Job,
+    *,
+    actor: str,
+    reason: str | None,
+    grace_s: float,
+    now: datetime | None = None,
+) -> list[int]:
+    """Cancel at once when pending; otherwise ask each active task to stop (the job becomes
+    CANCELLED when its agent reports the exit). Returns the node ids whose agents to wake."""
+    now = now or utcnow()
+    if job.state.is_terminal:
+        raise Conflict(f"job {job.id} already ended ({job.state})", state=str(job.state))
+    why = reason or "cancelled"
+    if job.state is JobState.PENDING:
+        transition_job(session, job, JobState.CANCELLED, actor=actor, reason=why, at=now)
+        await session.flush()
+        return []
+    tasks = (
+        await session.scalars(
+            select(Task).where(
+                Task.job_id == job.id,
+                Task.state.in_([JobState.STARTING, JobState.RUNNING]),
+            )
+        )
+    ).all()
+    nodes: list[int] = []
+    for task in tasks:
+        if task.stop_requested_at is None:
+            task.stop_requested_at = now
+            task.stop_reason = STOP_CANCEL
+            task.stop_grace_s = grace_s
+        if task.node_id is not None:
+            nodes.append(task.node_id)
+    session.add(
+        Event(
+            at=now,
+            kind="job.cancel",
+            job_id=job.id,
+            org_id=job.org_id,
+            actor=actor,
+            reason=why[:1024],
+            details={"tasks": [t.id for t in tasks]},
+        )
+    )
+    await session.flush()
+    return sorted(set(nodes))
+
+
+async def set_held(
+    session: AsyncSession, job: Job, *, held: bool, actor: str, now: datetime | None = None
+) -> None:
+    """Hold or release a pending job; the scheduler skips held jobs (reason `JobHeldUser`)."""
+    if job.state is not JobState.PENDING:
+        raise Conflict(
+            f"only pending jobs can be {'held' if held else 'released'}; job {job.id} is "
+            f"{job.state}",
+            state=str(job.state),
+        )
+    if job.held == held:
+        return
+    job.held = held
+    session.add(
+        Event(
+            at=now or utcnow(),
+            kind="job.hold" if held else "job.release",
+            job_id=job.id,
+            org_id=job.org_id,
+            actor=actor,
+        )
+    )
+    await session.flush()
+
+
+def explain(job: Job) -> dict[str, Any]:
+    """Why the job waits and until when, as the last scheduling cycle saw it."""
+    base: dict[str, Any] = {
+        "job_id": job.id,
+        "state": job.state,
+        "held": job.held,
+        "priority": job.priority,
+        "reasons": [],
+        "estimated_start_at": None,
+        "evaluated": job.pending_reasons is not None,
+    }
+    if job.state is not JobState.PENDING:
+        since = job.started_at if job.state.is_active else job.ended_at
+        when = f" since {since.isoformat()}" if since else ""
+        base["evaluated"] = True
+        base["message"] = f"job is {job.state}{when}" + (
+            f": {job.state_reason}" if job.state_reason else ""
+        )
+        return base
+    if job.pending_reasons is None:
+        base["message"] = "pending; no scheduling cycle has looked at this job yet"
+        if job.held:
+            base["reasons"] = [{"code": "JobHeldUser", "message": "held by a user", "details": {}}]
+        return base
+    base["reasons"] = [
+        {
+            "code": str(r.get("code", "")),
+            "message": str(r.get("message", "")),
+            "details": dict(r.get("details") or {}),
+        }
+        for r in job.pending_reasons
+    ]
+    base["estimated_start_at"] = job.estimated_start_at
+    codes = ", ".join(r["code"] for r in base["reasons"]) or "none"
+    base["message"] = f"pending ({codes})"
+    return base
+
+
+async def job_events(
+    session: AsyncSession, job_id: int, *, after_id: int | None, limit: int
+) -> tuple[list[Event], bool]:
+    stmt = select(Event).where(Event.job_id == job_id)
+    if after_id is not None:
+        stmt = stmt.where(Event.id > after_id)
+    rows = list((await session.scalars(stmt.order_by(Event.id).limit(limit + 1))).all())
+    return rows[:limit], len(rows) > limit
+
+
+async def count_pending(session: AsyncSession, org_id: int) -> int:
+    """Pending jobs of an org (for quick checks and tests)."""
+    return int(
+        await session.scalar(
+            select(func.count()).where(Job.org_id == org_id, Job.state == JobState.PENDING)
+        )
+        or 0
+    )

@@ -1,0 +1,100 @@
+"""Serving task logs from the LogChunk rows agents ship with their heartbeats.
+
+Offsets are byte offsets in the task's log as the agent wrote it. A chunk's end is the next
+chunk's start (or the task's `log_bytes` for the last one): chunks' `data` is decoded text and
+may hold fewer or more bytes than it covered, so the stored offsets, not the text, are the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Job, LogChunk, Task
+from scheduler.services.errors import NotFound
+
+MAX_LOG_RESPONSE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LogSlice:
+    task_id: int | None
+    attempt: int | None
+    offset: int
+    next_offset: int
+    data: str
+    eof: bool
+
+
+async def _task(session: AsyncSession, job: Job, rank: int, attempt: int | None) -> Task | None:
+    stmt = select(Task).where(Task.job_id == job.id, Task.node_rank == rank)
+    if attempt is not None:
+        stmt = stmt.where(Task.attempt == attempt)
+    return await session.scalar(stmt.order_by(Task.attempt.desc()).limit(1))
+
+
+async def read_log(
+    session: AsyncSession,
+    job: Job,
+    *,
+    rank: int,
+    attempt: int | None = None,
+    offset: int | None = None,
+    tail_bytes: int | None = None,
+    max_bytes: int = MAX_LOG_RESPONSE_BYTES,
+) -> LogSlice:
+    """Bytes from `offset` (or the last `tail_bytes`) of the log of the job's task at `rank`."""
+    if rank >= job.num_nodes:
+        raise NotFound(f"job {job.id} has no rank {rank} (it has {job.num_nodes} node(s))")
+    task = await _task(session, job, rank, attempt)
+    if task is None:
+        if attempt is not None:
+            raise NotFound(f"job {job.id} has no attempt {attempt} at rank {rank}")
+        start = offset or 0
+        return LogSlice(None, None, start, start, "", job.state.is_terminal)
+    last = await session.scalar(
+        select(func.max(LogChunk.offset)).where(LogChunk.task_id == task.id)
+    )
+    last_chunk = (
+        await session.scalar(
+            select(LogChunk).where(LogChunk.task_id == task.id, LogChunk.offset == last)
+        )
+        if last is not None
+        else None
+    )
+    # The agent's own byte count when the heartbeat service keeps it; else the text's size.
+    end_total = task.log_bytes or 0
+    if last_chunk is not None and end_total <= last_chunk.offset:
+        end_total = last_chunk.offset + len(last_chunk.data.encode())
+    start = max(0, end_total - tail_bytes) if tail_bytes is not None else max(0, offset or 0)
+    # The chunk holding `start` (the one with the greatest offset ≤ start), then what follows.
+    first_offset = await session.scalar(
+        select(func.max(LogChunk.offset)).where(
+            LogChunk.task_id == task.id, LogChunk.offset <= start
+        )
+    )
+    stmt = select(LogChunk.offset, LogChunk.data).where(LogChunk.task_id == task.id)
+    stmt = stmt.where(LogChunk.offset >= (first_offset if first_offset is not None else start))
+    rows = (await session.execute(stmt.order_by(LogChunk.offset).limit(256))).all()
+    parts: list[str] = []
+    size = 0
+    pos = start
+    for i, row in enumerate(rows):
+        chunk_end = rows[i + 1].offset if i + 1 < len(rows) else end_total
+        chunk_end = max(chunk_end, row.offset)
+        if chunk_end <= pos:
+            continue
+        raw = row.data.encode()
+        skip = max(0, pos - row.offset)
+        piece = raw[skip:] if skip else raw
+        if size and size + len(piece) > max_bytes:
+            break
+        parts.append(piece.decode("utf-8", "replace"))
+        size += len(piece)
+        pos = chunk_end
+        if size >= max_bytes:
+            break
+    eof = task.state.is_terminal and pos >= end_total
+    return LogSlice(task.id, task.attempt, start, max(pos, start), "".join(parts), eof)

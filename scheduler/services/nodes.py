@@ -1,0 +1,105 @@
+"""Node use cases for operators: list with GPUs and health, drain and resume.
+
+Draining stops new work from landing on a node; running tasks finish. A node with nothing
+running is `drained` at once; otherwise the scheduling service moves it from `draining` to
+`drained` when its last task ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Allocation, Event, Gpu, Node, Site, Task
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Conflict, NotFound
+from scheduler.states import JobState, NodeState
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    node: Node
+    site: str
+    gpus: list[Gpu]
+    allocated: dict[int, int]  # gpu id -> job id
+
+
+async def list_nodes(session: AsyncSession, node_id: int | None = None) -> list[NodeView]:
+    stmt = select(Node, Site.name).join(Site, Site.id == Node.site_id).order_by(Node.name)
+    if node_id is not None:
+        stmt = stmt.where(Node.id == node_id)
+    rows = (await session.execute(stmt)).all()
+    ids = [n.id for n, _ in rows]
+    gpus: dict[int, list[Gpu]] = {}
+    allocated: dict[int, int] = {}
+    if ids:
+        gpu_stmt = select(Gpu).where(Gpu.node_id.in_(ids)).order_by(Gpu.node_id, Gpu.index)
+        for g in (await session.scalars(gpu_stmt)).all():
+            gpus.setdefault(g.node_id, []).append(g)
+        alloc_stmt = (
+            select(Allocation.gpu_id, Allocation.job_id)
+            .join(Gpu, Gpu.id == Allocation.gpu_id)
+            .where(Allocation.ended_at.is_(None), Gpu.node_id.in_(ids))
+        )
+        allocated = {row.gpu_id: row.job_id for row in (await session.execute(alloc_stmt)).all()}
+    return [NodeView(n, site, gpus.get(n.id, []), allocated) for n, site in rows]
+
+
+async def get_node(session: AsyncSession, node_id: int) -> Node:
+    node = await session.get(Node, node_id) if 0 < node_id < 2**31 else None
+    if node is None:
+        raise NotFound(f"node {node_id} not found")
+    return node
+
+
+def _event(node: Node, to: NodeState, actor: str, reason: str | None, at: datetime) -> Event:
+    return Event(
+        at=at,
+        kind="node.state",
+        node_id=node.id,
+        from_state=str(node.state),
+        to_state=str(to),
+        actor=actor,
+        reason=reason,
+    )
+
+
+async def drain_node(
+    session: AsyncSession, node: Node, *, reason: str, actor: str, now: datetime | None = None
+) -> Node:
+    now = now or utcnow()
+    if node.state in (NodeState.DRAINING, NodeState.DRAINED):
+        return node
+    busy = await session.scalar(
+        select(Task.id)
+        .where(Task.node_id == node.id, Task.state.in_([JobState.STARTING, JobState.RUNNING]))
+        .limit(1)
+    )
+    to = NodeState.DRAINING if busy is not None else NodeState.DRAINED
+    session.add(_event(node, to, actor, reason, now))
+    node.state = to
+    node.state_reason = reason
+    await session.flush()
+    return node
+
+
+async def resume_node(
+    session: AsyncSession, node: Node, *, actor: str, now: datetime | None = None
+) -> Node:
+    """Back to `ready` from draining or drained. A down or unhealthy node recovers by itself
+    when its agent reports in healthy; resuming it by hand is refused."""
+    if node.state is NodeState.READY:
+        return node
+    if node.state not in (NodeState.DRAINING, NodeState.DRAINED):
+        raise Conflict(
+            f"node {node.name} is {node.state}; only draining or drained nodes can be resumed",
+            state=str(node.state),
+        )
+    session.add(_event(node, NodeState.READY, actor, "resumed", now or utcnow()))
+    node.state = NodeState.READY
+    node.state_reason = None
+    await session.flush()
+    return node

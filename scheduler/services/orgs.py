@@ -1,0 +1,248 @@
+"""Organisation tree and quota use cases.
+
+A child's guarantees fit inside its parent's: for every GPU type, the children's guaranteed
+GPUs add up to at most the parent's, and a child's limit is at most its parent's. Both sides of
+that rule are checked whenever a quota changes, so the tree can never be put into a state the
+scheduler would have to second-guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Event, Org, Quota
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Conflict, InvalidInput, NotFound
+
+MAX_TREE_DEPTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class OrgView:
+    org: Org
+    path: str
+    depth: int
+    quotas: list[Quota]
+
+
+async def find_org(session: AsyncSession, ref: str | int) -> Org:
+    """By name, or by id when `ref` is all digits."""
+    if isinstance(ref, int) or ref.isdigit():
+        oid = int(ref)
+        row = await session.get(Org, oid) if 0 < oid < 2**31 else None
+    else:
+        row = await session.scalar(select(Org).where(Org.name == ref))
+    if row is None:
+        raise NotFound(f"org {ref!r} not found")
+    return row
+
+
+async def all_orgs(session: AsyncSession) -> list[Org]:
+    return list((await session.scalars(select(Org).order_by(Org.id))).all())
+
+
+def subtree_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
+    children: dict[int | None, list[int]] = {}
+    for o in orgs:
+        children.setdefault(o.parent_id, []).append(o.id)
+    out: set[int] = set()
+    stack = [root_id]
+    while stack:
+        oid = stack.pop()
+        if oid in out:
+            continue
+        out.add(oid)
+        stack.extend(children.get(oid, ()))
+    return out
+
+
+async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[OrgView]:
+    """The tree in depth-first order; non-admins see their org and the orgs below it."""
+    orgs = await all_orgs(session)
+    by_id = {o.id: o for o in orgs}
+    visible = set(by_id) if scope_org_id is None else subtree_ids(orgs, scope_org_id)
+    quotas: dict[int, list[Quota]] = {}
+    for q in (await session.scalars(select(Quota).order_by(Quota.gpu_type))).all():
+        quotas.setdefault(q.org_id, []).append(q)
+
+    def path(o: Org) -> list[str]:
+        names = [o.name]
+        seen = {o.id}
+        while o.parent_id is not None and o.parent_id in by_id and o.parent_id not in seen:
+            o = by_id[o.parent_id]
+            seen.add(o.id)
+            names.append(o.name)
+        return names[::-1]
+
+    views = [
+        OrgView(o, "/".join(p), len(p) - 1, quotas.get(o.id, []))
+        for o in orgs
+        if o.id in visible
+        for p in [path(o)]
+    ]
+    views.sort(key=lambda v: v.path)
+    return views
+
+
+async def create_org(
+    session: AsyncSession,
+    *,
+    name: str,
+    parent: str | None,
+    shares: float,
+    default_time_limit_s: int | None,
+    actor: str,
+) -> Org:
+    if await session.scalar(select(Org.id).where(Org.name == name)) is not None:
+        raise Conflict(f"org {name!r} already exists")
+    parent_id = None
+    if parent is not None:
+        parent_row = await find_org(session, parent)
+        depth = len(await _ancestors(session, parent_row))
+        if depth >= MAX_TREE_DEPTH:
+            raise InvalidInput(f"the org tree may be at most {MAX_TREE_DEPTH} levels deep")
+        parent_id = parent_row.id
+    org = Org(
+        name=name,
+        parent_id=parent_id,
+        shares=shares,
+        default_time_limit_s=default_time_limit_s,
+    )
+    session.add(org)
+    await session.flush()
+    session.add(
+        Event(kind="org.create", org_id=org.id, actor=actor, details={"parent_id": parent_id})
+    )
+    await session.flush()
+    return org
+
+
+async def _ancestors(session: AsyncSession, org: Org) -> list[Org]:
+    out: list[Org] = []
+    current = org
+    while current.parent_id is not None and len(out) <= MAX_TREE_DEPTH:
+        parent = await session.get(Org, current.parent_id)
+        if parent is None:
+            break
+        out.append(parent)
+        current = parent
+    return out
+
+
+async def update_org(
+    session: AsyncSession,
+    org: Org,
+    *,
+    shares: float | None,
+    default_time_limit_s: int | None,
+    fields: set[str],
+    actor: str,
+) -> Org:
+    changes: dict[str, object] = {}
+    if "shares" in fields and shares is not None:
+        org.shares = shares
+        changes["shares"] = shares
+    if "default_time_limit" in fields:
+        org.default_time_limit_s = default_time_limit_s
+        changes["default_time_limit_s"] = default_time_limit_s
+    if changes:
+        session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
+    await session.flush()
+    return org
+
+
+async def _guaranteed(session: AsyncSession, org_id: int, gpu_type: str) -> tuple[int, int | None]:
+    row = await session.scalar(
+        select(Quota).where(Quota.org_id == org_id, Quota.gpu_type == gpu_type)
+    )
+    return (row.guaranteed, row.limit) if row is not None else (0, None)
+
+
+async def set_quota(
+    session: AsyncSession,
+    org: Org,
+    *,
+    gpu_type: str,
+    guaranteed: int,
+    limit: int | None,
+    actor: str,
+    now: datetime | None = None,
+) -> Quota:
+    """Set (or replace) the org's quota for one GPU type, keeping the tree consistent."""
+    if limit is not None and limit < guaranteed:
+        raise InvalidInput("limit must be at least guaranteed")
+    if org.parent_id is not None:
+        parent_guaranteed, parent_limit = await _guaranteed(session, org.parent_id, gpu_type)
+        siblings = await session.scalar(
+            select(func.coalesce(func.sum(Quota.guaranteed), 0))
+            .join(Org, Org.id == Quota.org_id)
+            .where(Org.parent_id == org.parent_id, Org.id != org.id, Quota.gpu_type == gpu_type)
+        )
+        if int(siblings or 0) + guaranteed > parent_guaranteed:
+            raise Conflict(
+                f"{gpu_type}: children of the parent would be guaranteed "
+                f"{int(siblings or 0) + guaranteed} GPUs, more than the parent's "
+                f"{parent_guaranteed}",
+                parent_guaranteed=parent_guaranteed,
+                siblings_guaranteed=int(siblings or 0),
+            )
+        if parent_limit is not None and (limit is None or limit > parent_limit):
+            raise Conflict(
+                f"{gpu_type}: limit must be at most the parent's limit of {parent_limit}",
+                parent_limit=parent_limit,
+            )
+    children = await session.scalar(
+        select(func.coalesce(func.sum(Quota.guaranteed), 0))
+        .join(Org, Org.id == Quota.org_id)
+        .where(Org.parent_id == org.id, Quota.gpu_type == gpu_type)
+    )
+    if int(children or 0) > guaranteed:
+        raise Conflict(
+            f"{gpu_type}: the org's children are guaranteed {int(children or 0)} GPUs; "
+            f"its own guarantee cannot be less",
+            children_guaranteed=int(children or 0),
+        )
+    if limit is not None:
+        child_limit = await session.scalar(
+            select(func.max(Quota.limit))
+            .join(Org, Org.id == Quota.org_id)
+            .where(Org.parent_id == org.id, Quota.gpu_type == gpu_type)
+        )
+        if child_limit is not None and child_limit > limit:
+            raise Conflict(
+                f"{gpu_type}: a child's limit is {child_limit}; the org's cannot be less",
+                children_limit=int(child_limit),
+            )
+    row = await session.scalar(
+        select(Quota).where(Quota.org_id == org.id, Quota.gpu_type == gpu_type)
+    )
+    now = now or utcnow()
+    before = {"guaranteed": row.guaranteed, "limit": row.limit} if row is not None else None
+    if row is None:
+        row = Quota(org_id=org.id, gpu_type=gpu_type, guaranteed=guaranteed, limit=limit)
+        session.add(row)
+    else:
+        row.guaranteed = guaranteed
+        row.limit = limit
+    row.updated_at = now
+    session.add(
+        Event(
+            at=now,
+            kind="quota",
+            org_id=org.id,
+            actor=actor,
+            details={
+                "gpu_type": gpu_type,
+                "guaranteed": guaranteed,
+                "limit": limit,
+                "before": before,
+            },
+        )
+    )
+    await session.flush()
+    return row

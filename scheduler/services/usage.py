@@ -1,0 +1,85 @@
+"""Usage reports from the ledger: GPU-hours allocated and busy, energy, by org, user or GPU
+type, per day, week (ISO, from Monday) or month, in UTC.
+
+The database sums the hourly ledger rows per key and hour; the roll-up to days, weeks and
+months happens here, so the same code serves PostgreSQL and SQLite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Org, UsageRecord, User
+
+By = Literal["org", "user", "gpu_type"]
+Period = Literal["day", "week", "month"]
+MAX_REPORT_DAYS = 3 * 366
+
+
+@dataclass(slots=True)
+class UsageLine:
+    period_start: datetime
+    key: str
+    gpu_hours_allocated: float = 0.0
+    gpu_hours_busy: float = 0.0
+    billed_gpu_hours: float = 0.0
+    energy_joules: float = 0.0
+    preempted_gpu_hours: float = 0.0
+
+
+def period_start(at: datetime, period: Period) -> datetime:
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+async def usage_report(
+    session: AsyncSession,
+    *,
+    by: By,
+    period: Period,
+    since: datetime,
+    until: datetime,
+    org_ids: set[int] | None,
+) -> list[UsageLine]:
+    """Rows ordered by period, then key. `org_ids` limits the report (None: every org)."""
+    key_col = {"org": Org.name, "user": User.name, "gpu_type": UsageRecord.gpu_type}[by]
+    stmt = (
+        select(
+            key_col.label("key"),
+            UsageRecord.period_start,
+            UsageRecord.preempted,
+            func.sum(UsageRecord.gpu_seconds_allocated).label("alloc"),
+            func.sum(UsageRecord.gpu_seconds_busy).label("busy"),
+            func.sum(UsageRecord.billed_gpu_seconds).label("billed"),
+            func.sum(UsageRecord.energy_joules).label("energy"),
+        )
+        .where(UsageRecord.period_start >= since, UsageRecord.period_start < until)
+        .group_by(key_col, UsageRecord.period_start, UsageRecord.preempted)
+    )
+    if by == "org":
+        stmt = stmt.join(Org, Org.id == UsageRecord.org_id)
+    elif by == "user":
+        stmt = stmt.join(User, User.id == UsageRecord.user_id)
+    if org_ids is not None:
+        stmt = stmt.where(UsageRecord.org_id.in_(sorted(org_ids)))
+    lines: dict[tuple[datetime, str], UsageLine] = {}
+    for row in (await session.execute(stmt)).all():
+        start = period_start(row.period_start, period)
+        line = lines.setdefault((start, row.key), UsageLine(start, row.key))
+        alloc_h = float(row.alloc or 0.0) / 3600.0
+        line.gpu_hours_allocated += alloc_h
+        line.gpu_hours_busy += float(row.busy or 0.0) / 3600.0
+        line.billed_gpu_hours += float(row.billed or 0.0) / 3600.0
+        line.energy_joules += float(row.energy or 0.0)
+        if row.preempted:
+            line.preempted_gpu_hours += alloc_h
+    return [lines[k] for k in sorted(lines)]

@@ -1,0 +1,155 @@
+"""Users and their API tokens: create, list, disable, issue and revoke.
+
+Who may do what is decided by the caller (the API's dependencies); these functions check only
+what the data itself requires.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import ApiToken, Event, Site, User
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Conflict, NotFound
+from scheduler.services.tokens import IssuedToken, issue_token
+from scheduler.states import Role, TokenKind
+
+
+async def create_user(
+    session: AsyncSession, *, name: str, org_id: int | None, role: Role, actor: str
+) -> User:
+    if await session.scalar(select(User.id).where(User.name == name)) is not None:
+        raise Conflict(f"user {name!r} already exists")
+    user = User(name=name, org_id=org_id, role=role)
+    session.add(user)
+    await session.flush()
+    session.add(
+        Event(kind="user.create", org_id=org_id, actor=actor, details={"user": name, "role": role})
+    )
+    await session.flush()
+    return user
+
+
+async def get_user(session: AsyncSession, user_id: int, *, scope_org_id: int | None) -> User:
+    user = await session.get(User, user_id) if 0 < user_id < 2**31 else None
+    if user is None or (scope_org_id is not None and user.org_id != scope_org_id):
+        raise NotFound(f"user {user_id} not found")
+    return user
+
+
+async def list_users(session: AsyncSession, *, scope_org_id: int | None) -> list[User]:
+    stmt = select(User).order_by(User.id)
+    if scope_org_id is not None:
+        stmt = stmt.where(User.org_id == scope_org_id)
+    return list((await session.scalars(stmt)).all())
+
+
+async def disable_user(
+    session: AsyncSession, user: User, *, actor: str, now: datetime | None = None
+) -> None:
+    """Disable the user and revoke every token it holds (stored jobs stay)."""
+    now = now or utcnow()
+    if user.disabled_at is None:
+        user.disabled_at = now
+        session.add(
+            Event(
+                at=now,
+                kind="user.disable",
+                org_id=user.org_id,
+                actor=actor,
+                details={"user": user.name},
+            )
+        )
+    await session.execute(
+        update(ApiToken)
+        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    await session.flush()
+
+
+async def create_user_token(
+    session: AsyncSession,
+    *,
+    user: User,
+    name: str,
+    ttl_s: float,
+    created_by_user_id: int | None,
+) -> IssuedToken:
+    return await issue_token(
+        session,
+        kind=TokenKind.USER,
+        name=name,
+        user_id=user.id,
+        created_by_user_id=created_by_user_id,
+        ttl_s=ttl_s,
+    )
+
+
+async def list_tokens(
+    session: AsyncSession, *, kind: TokenKind, user_ids: list[int] | None
+) -> list[ApiToken]:
+    """Tokens of `kind`; for `user_ids` only (None: all)."""
+    stmt = select(ApiToken).where(ApiToken.kind == kind).order_by(ApiToken.id)
+    if user_ids is not None:
+        stmt = stmt.where(ApiToken.user_id.in_(user_ids))
+    return list((await session.scalars(stmt)).all())
+
+
+async def get_token(session: AsyncSession, token_id: int) -> ApiToken:
+    row = await session.get(ApiToken, token_id) if 0 < token_id < 2**31 else None
+    if row is None:
+        raise NotFound(f"token {token_id} not found")
+    return row
+
+
+async def revoke_token(
+    session: AsyncSession, token: ApiToken, *, actor: str, now: datetime | None = None
+) -> None:
+    """Revoking twice is harmless; the first time is the one recorded."""
+    if token.revoked_at is None:
+        token.revoked_at = now or utcnow()
+        session.add(
+            Event(
+                at=token.revoked_at,
+                kind="token.revoke",
+                actor=actor,
+                details={"token_id": token.id, "kind": str(token.kind)},
+            )
+        )
+    await session.flush()
+
+
+async def create_join_token(
+    session: AsyncSession,
+    *,
+    name: str,
+    site: str | None,
+    uses: int | None,
+    ttl_s: float,
+    created_by_user_id: int | None,
+) -> IssuedToken:
+    site_id = None
+    if site is not None:
+        site_id = await session.scalar(select(Site.id).where(Site.name == site))
+        if site_id is None:
+            row = Site(name=site)
+            session.add(row)
+            await session.flush()
+            site_id = row.id
+    return await issue_token(
+        session,
+        kind=TokenKind.JOIN,
+        name=name,
+        site_id=site_id,
+        uses_left=uses,
+        ttl_s=ttl_s,
+        created_by_user_id=created_by_user_id,
+    )
+
+
+def is_platform_admin(user: User) -> bool:
+    return user.role is Role.PLATFORM_ADMIN
