@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import agent, bench, db, simulate
+from cli import admin, agent, bench, db, server, simulate
 
 app = typer.Typer(
     name="fairgpu",
@@ -16,6 +16,8 @@ app.add_typer(bench.app, name="bench")
 app.command("simulate")(simulate.simulate)
 app.command("agent")(agent.agent)
 app.add_typer(db.app, name="db")
+app.command("server")(server.server)
+app.add_typer(admin.app, name="admin")
 
 
 def main() -> None:
