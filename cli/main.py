@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli import admin, agent, bench, db, server, simulate
+from cli import commands as user_commands
 
 app = typer.Typer(
     name="fairgpu",
@@ -18,6 +19,7 @@ app.command("agent")(agent.agent)
 app.add_typer(db.app, name="db")
 app.command("server")(server.server)
 app.add_typer(admin.app, name="admin")
+user_commands.register(app)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.box import SIMPLE_HEAD
 from rich.console import Console
 from rich.table import Table
 
@@ -78,9 +77,11 @@ def render(
         return
     shown = [c for c in columns if fmt is Format.WIDE or not c.wide_only]
     table = Table(
-        box=None if no_headers else SIMPLE_HEAD,
+        box=None,
         show_header=not no_headers,
+        show_edge=False,
         pad_edge=False,
+        padding=(0, 3, 0, 0),
         header_style="bold",
     )
     for c in shown:

@@ -1,0 +1,340 @@
+"""Everyday job commands, with Slurm's words: submit, queue, describe, explain, cancel, hold.
+
+Each command is a thin Typer function over `/v1/jobs`; logs and history live in `cli/history.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+
+from cli.client import ApiError, Client, connect, report
+from cli.common import fail
+from cli.output import (
+    Column,
+    Format,
+    NoHeadersOption,
+    OutputOption,
+    cell,
+    elapsed,
+    human_duration,
+    local_time,
+    print_data,
+    relative,
+    render,
+)
+from cli.parse import parse_duration, parse_env, parse_gpus
+
+ACTIVE_STATES = ("PENDING", "STARTING", "RUNNING")
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
+SHORT_STATE = {
+    "PENDING": "PD",
+    "STARTING": "CF",
+    "RUNNING": "R",
+    "COMPLETED": "CD",
+    "FAILED": "F",
+    "CANCELLED": "CA",
+    "TIMEOUT": "TO",
+    "NODE_FAIL": "NF",
+    "PREEMPTED": "PR",
+}
+PAGE_SIZE = 500
+MAX_LIST_JOBS = 10_000
+EXPLAIN_AT_MOST = 200  # pending jobs whose reason `queue` looks up one by one
+
+JobArg = Annotated[int, typer.Argument(help="Job id.", min=1, show_default=False)]
+
+
+def iter_jobs(
+    client: Client, limit: int = MAX_LIST_JOBS, **filters: Any
+) -> Iterator[dict[str, Any]]:
+    """Every job matching `filters`, newest first, following the server's cursor."""
+    cursor: str | None = None
+    seen = 0
+    while seen < limit:
+        page = client.get("/v1/jobs", cursor=cursor, limit=min(PAGE_SIZE, limit - seen), **filters)
+        for job in page["data"]:
+            yield job
+            seen += 1
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return
+
+
+class Names:
+    """Org and user names for ids, fetched once per command; ids when the caller may not look."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._orgs: dict[int, str] | None = None
+        self._users: dict[int, str] | None = None
+
+    def _load(self, path: str) -> dict[int, str]:
+        try:
+            body = self._client.get(path, limit=PAGE_SIZE)
+        except ApiError:
+            return {}
+        rows = body.get("data", body) if isinstance(body, dict) else body
+        return {int(r["id"]): str(r["name"]) for r in rows if isinstance(r, dict) and "id" in r}
+
+    def org(self, org_id: int) -> str:
+        if self._orgs is None:
+            self._orgs = self._load("/v1/orgs")
+        return self._orgs.get(org_id, str(org_id))
+
+    def user(self, user_id: int) -> str:
+        if self._users is None:
+            self._users = self._load("/v1/users")
+        return self._users.get(user_id, str(user_id))
+
+
+def gpus_text(job: dict[str, Any]) -> str:
+    """`H100:16` for a 2x8 H100 gang; `8` when any type will do."""
+    total = int(job["gpus_per_node"]) * int(job["nodes"])
+    return f"{job['gpu_type']}:{total}" if job.get("gpu_type") else str(total)
+
+
+def first_reason(explain: dict[str, Any]) -> str:
+    reasons = explain.get("reasons") or []
+    if reasons:
+        return str(reasons[0].get("code", ""))
+    return "None" if explain.get("evaluated") else "NotYetEvaluated"
+
+
+def submit(
+    command: Annotated[list[str], typer.Argument(help="The program and its arguments.")],
+    gpus: Annotated[
+        str, typer.Option("--gpus", "-G", help="GPUs per node: N or TYPE:N (e.g. H100:8).")
+    ] = "1",
+    name: Annotated[str | None, typer.Option("--job-name", "-J", help="Job name.")] = None,
+    account: Annotated[
+        str | None, typer.Option("--account", "-A", help="Org (must be your own).")
+    ] = None,
+    nodes: Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes (a gang).")] = 1,
+    time_limit: Annotated[
+        str | None,
+        typer.Option("--time", "-t", help="Time limit: 1h30m, 90m, 2-00:00:00 (bare N = minutes)."),
+    ] = None,
+    priority: Annotated[
+        str, typer.Option("--priority", help="Priority class: low, normal, high.")
+    ] = "normal",
+    preemptible: Annotated[
+        bool, typer.Option("--preemptible", help="May borrow idle GPUs beyond the quota.")
+    ] = False,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="K=V for the job (repeatable).")
+    ] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Container image.")] = None,
+    site: Annotated[str | None, typer.Option("--site", help="Run in this site only.")] = None,
+    after: Annotated[
+        list[int] | None, typer.Option("--after", help="Start after job N completed (afterok).")
+    ] = None,
+    hold: Annotated[bool, typer.Option("--hold", help="Submit held (see `release`).")] = False,
+    parsable: Annotated[bool, typer.Option("--parsable", help="Print only the job id.")] = False,
+) -> None:
+    """Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`."""
+    request = parse_gpus(gpus)
+    if request.count < 1:
+        raise typer.BadParameter("at least one GPU per node", param_hint="'-G'")
+    body: dict[str, Any] = {
+        "command": command,
+        "name": name or command[0].rsplit("/", 1)[-1][:128],
+        "gpus_per_node": request.count,
+        "nodes": nodes,
+        "gpu_type": request.gpu_type,
+        "priority_class": priority,
+        "preemptible": preemptible,
+        "hold": hold,
+        "env": parse_env(env or []),
+        "depends_on": after or [],
+    }
+    if time_limit is not None:
+        body["time_limit"] = parse_duration(time_limit)
+    for key, value in (("workdir", workdir), ("image", image), ("site", site)):
+        if value is not None:
+            body[key] = value
+    with connect("submit") as client:
+        if account is not None:
+            check_account(client, account)
+        job = client.post("/v1/jobs", body)
+    typer.echo(str(job["id"]) if parsable else f"Submitted job {job['id']}")
+
+
+def check_account(client: Client, account: str) -> None:
+    """Jobs go to the submitter's own org; `-A` states which, and a mismatch is an error."""
+    me = client.get("/v1/users/me")
+    org = client.get(f"/v1/orgs/{account}")
+    if org["id"] != me.get("org_id"):
+        fail(f"you submit to your own org (id {me.get('org_id')}), not {account!r}", 2)
+
+
+def queue(
+    output: OutputOption = Format.TABLE,
+    no_headers: NoHeadersOption = False,
+    me: Annotated[bool, typer.Option("--me", help="Only my jobs.")] = False,
+    account: Annotated[str | None, typer.Option("--account", "-A", help="Only this org.")] = None,
+    states: Annotated[
+        str | None,
+        typer.Option("--states", "-t", help="Comma-separated states (default: active ones)."),
+    ] = None,
+    start: Annotated[bool, typer.Option("--start", help="Show the estimated START.")] = False,
+) -> None:
+    """The queue, like squeue: running and pending jobs with why each waits."""
+    wanted = [s.strip().upper() for s in states.split(",")] if states else list(ACTIVE_STATES)
+    wanted = [{v: k for k, v in SHORT_STATE.items()}.get(s, s) for s in wanted]
+    with connect("queue") as client:
+        jobs = list(iter_jobs(client, state=wanted, org=account, mine=me or None))
+        jobs.reverse()  # oldest first, as squeue
+        names = Names(client)
+        reasons: dict[int, str] = {}
+        pending = [j for j in jobs if j["state"] == "PENDING"][:EXPLAIN_AT_MOST]
+        for job in pending:
+            try:
+                reasons[job["id"]] = first_reason(client.get(f"/v1/jobs/{job['id']}/explain"))
+            except ApiError:
+                reasons[job["id"]] = "?"
+        now = datetime.now(UTC)
+        columns = [
+            Column("JOBID", lambda j: j["id"], justify="right"),
+            Column("ORG", lambda j: names.org(j["org_id"])),
+            Column("NAME", lambda j: j["name"][:24]),
+            Column("USER", lambda j: names.user(j["user_id"])),
+            Column("ST", lambda j: SHORT_STATE.get(j["state"], j["state"])),
+            Column("TIME", lambda j: elapsed(j["started_at"], j["ended_at"], now)),
+            Column("TIME_LIMIT", lambda j: human_duration(j["time_limit_s"]), wide_only=True),
+            Column("GPUS", gpus_text, justify="right"),
+            Column("NODES", lambda j: j["nodes"], wide_only=True, justify="right"),
+            Column("PRIO", lambda j: j.get("priority_class"), wide_only=True),
+            Column("NODELIST(REASON)", lambda j: _where(j, reasons)),
+        ]
+        if start:
+            columns.insert(6, Column("START", lambda j: _start(j, now)))
+        render(jobs, columns, output, no_headers=no_headers, empty="no jobs")
+
+
+def _where(job: dict[str, Any], reasons: dict[int, str]) -> str:
+    if job["state"] == "PENDING":
+        held = "JobHeldUser" if job.get("held") else None
+        return f"({held or reasons.get(job['id'], '-')})"
+    nodes = job.get("node_names") or job.get("nodelist")
+    if isinstance(nodes, list):
+        return ",".join(str(n) for n in nodes)
+    return str(nodes) if nodes else f"{job['nodes']} node(s)"
+
+
+def _start(job: dict[str, Any], now: datetime) -> str:
+    if job["state"] != "PENDING":
+        return local_time(job.get("started_at"))
+    return relative(job.get("estimated_start_at"), now) if job.get("estimated_start_at") else "-"
+
+
+def describe(
+    job_id: JobArg,
+    output: OutputOption = Format.TABLE,
+) -> None:
+    """Everything about one job: its request, its state and its history."""
+    with connect() as client:
+        job = client.get(f"/v1/jobs/{job_id}")
+        events = client.get(f"/v1/jobs/{job_id}/events", limit=500)["data"]
+        names = Names(client)
+    if output in (Format.JSON, Format.YAML):
+        print_data({**job, "events": events}, output)
+        return
+    now = datetime.now(UTC)
+    fields = [
+        ("JobId", job["id"]),
+        ("Name", job["name"]),
+        ("Org", names.org(job["org_id"])),
+        ("User", names.user(job["user_id"])),
+        ("State", job["state"] + (f" ({job['state_reason']})" if job.get("state_reason") else "")),
+        ("GPUs", f"{job['nodes']} node(s) x {job['gpus_per_node']} {job.get('gpu_type') or 'any'}"),
+        ("Site", job.get("site") or "any"),
+        ("TimeLimit", human_duration(job["time_limit_s"])),
+        ("Priority", job["priority_class"] + (" preemptible" if job["preemptible"] else "")),
+        ("Held", job["held"]),
+        ("Submitted", f"{local_time(job['submitted_at'])} ({relative(job['submitted_at'], now)})"),
+        ("Started", local_time(job.get("started_at"))),
+        ("Ended", local_time(job.get("ended_at"))),
+        ("RunTime", elapsed(job.get("started_at"), job.get("ended_at"), now)),
+        ("ExitCode", job.get("exit_code")),
+        ("Requeued", job.get("requeue_count", 0)),
+        ("DependsOn", ",".join(str(d) for d in job.get("depends_on") or []) or None),
+        ("Command", " ".join(job["command"])),
+        ("Image", job.get("image")),
+        ("WorkDir", job.get("workdir")),
+        ("Env", " ".join(f"{k}={v}" for k, v in (job.get("env") or {}).items()) or None),
+    ]
+    if job["state"] == "PENDING":
+        fields.append(("EstimatedStart", relative(job.get("estimated_start_at"), now)))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        typer.echo(f"{key:>{width}}: {cell(value)}")
+    typer.echo("\nEvents:")
+    render(
+        events,
+        [
+            Column("AT", lambda e: local_time(e["at"])),
+            Column("KIND", lambda e: e["kind"]),
+            Column("FROM", lambda e: e.get("from_state")),
+            Column("TO", lambda e: e.get("to_state")),
+            Column("BY", lambda e: e["actor"]),
+            Column("WHY", lambda e: e.get("reason")),
+        ],
+    )
+
+
+def explain(job_id: JobArg, output: OutputOption = Format.TABLE) -> None:
+    """Why a job waits, every reason with its numbers, and when it should start."""
+    with connect() as client:
+        info = client.get(f"/v1/jobs/{job_id}/explain")
+    if output in (Format.JSON, Format.YAML):
+        print_data(info, output)
+        return
+    typer.echo(f"Job {job_id}: {info['message']}")
+    if info.get("priority") is not None:
+        typer.echo(f"Priority: {info['priority']:.1f}")
+    for reason in info.get("reasons") or []:
+        typer.echo(f"  {reason['code']}: {reason['message']}")
+        for key, value in (reason.get("details") or {}).items():
+            typer.echo(f"      {key} = {cell(value)}")
+    if info["state"] == "PENDING":
+        when = info.get("estimated_start_at")
+        est = f"{relative(when)} ({local_time(when)})" if when else "unknown"
+        typer.echo(f"Estimated start: {est}")
+
+
+def _act(verb: str, path: str, job_ids: list[int], done: str) -> None:
+    """POST `path` for each job; a failure for one job is reported and the rest go on."""
+    failed = 0
+    with connect() as client:
+        for job_id in job_ids:
+            try:
+                job = client.post(f"/v1/jobs/{job_id}/{path}")
+            except ApiError as exc:
+                failed += 1
+                if exc.status in (401, 403) and len(job_ids) == 1:
+                    report(exc, f"{verb} {job_id}")
+                typer.echo(f"fairgpu: error: {verb} {job_id}: {exc.detail}", err=True)
+                continue
+            typer.echo(done.format(id=job_id, state=job["state"]))
+    if failed:
+        raise typer.Exit(1)
+
+
+def cancel(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
+    """Cancel jobs: pending ones at once, running ones after SIGTERM and the grace period."""
+    _act("cancel", "cancel", job_ids, "Cancelled job {id} ({state})")
+
+
+def hold(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
+    """Keep pending jobs from starting until released."""
+    _act("hold", "hold", job_ids, "Held job {id}")
+
+
+def release(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
+    """Let held jobs be scheduled again."""
+    _act("release", "release", job_ids, "Released job {id}")

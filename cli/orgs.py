@@ -1,0 +1,152 @@
+"""Organisations, quotas and fair-share standing: `org`, `quota`, `share` (like sshare)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from cli.client import connect
+from cli.output import (
+    Column,
+    Format,
+    NoHeadersOption,
+    OutputOption,
+    human_duration,
+    relative,
+    render,
+)
+from cli.parse import parse_duration
+
+org_app = typer.Typer(
+    help="Organisations (platform admins create and delete).", no_args_is_help=True
+)
+quota_app = typer.Typer(help="Guaranteed GPUs and limits per GPU type.", no_args_is_help=True)
+
+OrgArg = Annotated[str, typer.Argument(help="Org name or id.", show_default=False)]
+
+
+def _quotas(org: dict[str, Any]) -> str:
+    parts = []
+    for q in org.get("quotas") or []:
+        limit = "-" if q["limit"] is None else q["limit"]
+        parts.append(f"{q['gpu_type']}:{q['guaranteed']}/{limit}")
+    return " ".join(parts) or "-"
+
+
+ORG_COLUMNS = [
+    Column("ID", lambda o: o["id"], justify="right"),
+    Column("NAME", lambda o: "  " * int(o.get("depth", 0)) + o["name"]),
+    Column("SHARES", lambda o: o["shares"], justify="right"),
+    Column("QUOTA(GUAR/LIMIT)", _quotas),
+    Column("PATH", lambda o: o.get("path"), wide_only=True),
+    Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
+    Column("CREATED", lambda o: relative(o["created_at"]), wide_only=True),
+]
+
+
+@org_app.command("create")
+def org_create(
+    name: Annotated[str, typer.Argument(help="Org name.")],
+    parent: Annotated[str | None, typer.Option(help="Parent org (a programme).")] = None,
+    shares: Annotated[float, typer.Option(min=0.0, help="Fair-share weight.")] = 1.0,
+    default_time: Annotated[
+        str | None, typer.Option("--default-time", help="Default job time limit (e.g. 4h).")
+    ] = None,
+    output: OutputOption = Format.TABLE,
+) -> None:
+    """Create an organisation."""
+    body: dict[str, Any] = {"name": name, "shares": shares}
+    if parent:
+        body["parent"] = parent
+    if default_time:
+        body["default_time_limit"] = parse_duration(default_time)
+    with connect("org create") as client:
+        org = client.post("/v1/orgs", body)
+    if output is Format.TABLE:
+        typer.echo(f"Created org {org['name']} (id {org['id']})")
+    else:
+        render([org], ORG_COLUMNS, output)
+
+
+@org_app.command("list")
+def org_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
+    """The organisation tree with shares and quotas (guaranteed/limit per GPU type)."""
+    with connect("org list") as client:
+        body = client.get("/v1/orgs")
+    render(body["data"], ORG_COLUMNS, output, no_headers=no_headers, empty="no organisations")
+
+
+@org_app.command("delete")
+def org_delete(org: OrgArg) -> None:
+    """Delete an organisation that has no users, jobs or children left."""
+    with connect("org delete") as client:
+        client.delete(f"/v1/orgs/{org}")
+    typer.echo(f"Deleted org {org}")
+
+
+QUOTA_COLUMNS = [
+    Column("GPU_TYPE", lambda q: q["gpu_type"]),
+    Column("GUARANTEED", lambda q: q["guaranteed"], justify="right"),
+    Column("LIMIT", lambda q: q["limit"], justify="right"),
+]
+
+
+@quota_app.command("set")
+def quota_set(
+    org: OrgArg,
+    gpu_type: Annotated[str, typer.Option("--gpu-type", help="GPU type, e.g. H100.")],
+    guaranteed: Annotated[int, typer.Option(min=0, help="Guaranteed GPUs (nominal quota).")],
+    limit: Annotated[
+        int | None, typer.Option(min=0, help="Most GPUs it may hold, borrowing included.")
+    ] = None,
+) -> None:
+    """Set an org's guaranteed GPUs and limit for one GPU type."""
+    if limit is not None and limit < guaranteed:
+        raise typer.BadParameter("--limit must be at least --guaranteed", param_hint="'--limit'")
+    with connect("quota set") as client:
+        q = client.put(
+            f"/v1/orgs/{org}/quota/{gpu_type}", {"guaranteed": guaranteed, "limit": limit}
+        )
+    shown = "none" if q["limit"] is None else q["limit"]
+    typer.echo(f"Quota of {org} for {q['gpu_type']}: guaranteed {q['guaranteed']}, limit {shown}")
+
+
+@quota_app.command("show")
+def quota_show(
+    org: OrgArg, output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False
+) -> None:
+    """An org's quota per GPU type."""
+    with connect("quota show") as client:
+        rows = client.get(f"/v1/orgs/{org}/quota")
+    render(rows, QUOTA_COLUMNS, output, no_headers=no_headers, empty="no quota set")
+
+
+def share(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
+    """Fair-share standing, like sshare: shares, decayed usage, factor, time to recover."""
+    with connect("share") as client:
+        body = client.get("/v1/shares")
+        depth = {o["id"]: o.get("depth", 0) for o in client.get("/v1/orgs")["data"]}
+    render(
+        body["data"],
+        [
+            Column("ORG", lambda r: "  " * int(depth.get(r["org_id"], 0)) + r["org"]),
+            Column("SHARES", lambda r: r["shares"], justify="right"),
+            Column("NORM_SHARES", lambda r: f"{r['shares_norm']:.3f}", justify="right"),
+            Column(
+                "GPU_HOURS", lambda r: f"{r['decayed_usage_gpu_s'] / 3600:.2f}", justify="right"
+            ),
+            Column("NORM_USAGE", lambda r: f"{r['usage_norm']:.3f}", justify="right"),
+            Column("FAIRSHARE", lambda r: f"{r['fairshare_factor']:.3f}", justify="right"),
+            Column(
+                "RECOVERS",
+                lambda r: relative(r.get("recovers_at")) if r.get("recovers_at") else "-",
+            ),
+        ],
+        output,
+        no_headers=no_headers,
+        data=body,
+        empty="no organisations",
+    )
+    if output in (Format.TABLE, Format.WIDE) and not no_headers:
+        typer.echo(f"(usage decays with a half-life of {human_duration(body['half_life_s'])})")

@@ -1,0 +1,114 @@
+"""The CLI against the real server: `create_app` served by uvicorn on 127.0.0.1 in a thread.
+
+Each test gets a clean database (SQLite and PostgreSQL through `database_url`), a platform admin
+with a token written straight into the database (as `fairgpu admin bootstrap` would), and `cli`,
+which runs `fairgpu ARGS...` through Typer's CliRunner with FAIRGPU_SERVER / FAIRGPU_TOKEN set.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import Result
+from typer.testing import CliRunner
+
+from api.app import create_app
+from cli.main import app as cli_app
+from scheduler.db import User
+from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.services.tokens import issue_token
+from scheduler.settings import Settings
+from scheduler.states import Role, TokenKind
+from tests.conftest import run_async
+
+
+def seed_admin(database_url: str, name: str = "root") -> str:
+    """A platform admin and its token, the way `fairgpu admin bootstrap` makes them."""
+
+    async def seed() -> str:
+        engine = make_engine(database_url)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                user = User(name=name, org_id=None, role=Role.PLATFORM_ADMIN)
+                session.add(user)
+                await session.flush()
+                issued = await issue_token(session, kind=TokenKind.USER, name="t", user_id=user.id)
+                await session.commit()
+                return issued.secret
+        finally:
+            await engine.dispose()
+
+    return run_async(seed)
+
+
+@dataclass
+class Served:
+    url: str
+    admin_token: str
+    config_dir: Path
+    runner: CliRunner = field(default_factory=CliRunner)
+
+    def env(self, token: str | None = None, server: str | None = None) -> dict[str, str]:
+        return {
+            "FAIRGPU_SERVER": server or self.url,
+            "FAIRGPU_TOKEN": token or self.admin_token,
+            "FAIRGPU_CONFIG_DIR": str(self.config_dir),
+            "COLUMNS": "200",
+        }
+
+    def run(self, *args: str, token: str | None = None, server: str | None = None) -> Result:
+        return self.runner.invoke(cli_app, list(args), env=self.env(token, server))
+
+    def ok(self, *args: str, token: str | None = None) -> str:
+        result = self.run(*args, token=token)
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        return result.stdout
+
+
+@pytest.fixture
+def served(database_url: str, tmp_path: Path) -> Iterator[Served]:
+    settings = Settings(
+        database_url=database_url,
+        migrate_on_start=False,
+        cycle_interval_s=0.5,
+        heartbeat_long_poll_s=1.0,
+    )
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(app, ws="none", log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    token = seed_admin(database_url)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "server thread died"
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield Served(url=url, admin_token=token, config_dir=tmp_path / "config")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+def wait_for(predicate: object, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not callable(predicate) or not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def get_json(url: str, path: str, token: str) -> object:
+    return httpx.get(url + path, headers={"Authorization": f"Bearer {token}"}).json()
