@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     heartbeat_long_poll_s: float = Field(
         25.0, ge=0, description="Longest time the server holds an agent's heartbeat for news."
     )
+    long_poll_recheck_s: float = Field(
+        1.0,
+        gt=0,
+        description="With several replicas, how often a held heartbeat re-checks the database.",
+    )
     node_timeout_s: float = Field(
         60.0, gt=0, description="A node that has not reported for this long is marked down."
     )

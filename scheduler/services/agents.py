@@ -1,0 +1,523 @@
+"""The agent protocol's use cases: register a node, and apply a heartbeat and answer it.
+
+The protocol contract is in api/schemas/agent.py. What matters here: reports may arrive twice
+(a lost reply makes the agent resend), so every report is applied idempotently; a task stays in
+`start` until the agent has reported it once (the first report stamps `started_at`, which is how
+the server knows the agent has it) and in `stop` until the agent reports it ended; a task the
+agent runs that the server does not know, or has already ended, is stopped as stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.schemas.agent import (
+    TERMINAL_TASK_STATES,
+    AgentRegister,
+    AgentRegistered,
+    GpuSample,
+    Heartbeat,
+    HeartbeatReply,
+    TaskReport,
+    TaskSpec,
+    TaskStop,
+)
+from scheduler.db import Allocation, ApiToken, Event, Gpu, Job, LogChunk, Org, Site, Task
+from scheduler.db import Node as NodeRow
+from scheduler.db.types import utcnow
+from scheduler.services.accounting import SampleUsage, record_sample_usage, sample_usage
+from scheduler.services.errors import Conflict, Forbidden, Unauthenticated
+from scheduler.services.jobstate import STOP_STALE, transition_job, transition_task
+from scheduler.services.scheduling.tasks import (
+    ACTIVE_STATES,
+    STOP_REASON_STATE,
+    EndEffects,
+    end_task,
+)
+from scheduler.services.tokens import find_valid_token, issue_token
+from scheduler.settings import Settings
+from scheduler.states import GpuHealth, JobState, NodeState, TokenKind
+
+MASTER_PORT_BASE = 29_500  # torchrun's default; offset per job so gangs sharing a node differ
+MASTER_PORT_SPAN = 10_000
+_LOGS: Table = LogChunk.__table__  # type: ignore[assignment]
+_TASKS: Table = Task.__table__  # type: ignore[assignment]
+
+
+# -- register ----------------------------------------------------------------------------------
+
+
+async def register_node(
+    session: AsyncSession,
+    *,
+    join_secret: str,
+    body: AgentRegister,
+    settings: Settings,
+    now: datetime | None = None,
+) -> AgentRegistered:
+    """Create or refresh the node and its GPUs; a new credential replaces any earlier one."""
+    now = now or utcnow()
+    token = await find_valid_token(session, join_secret, now=now)
+    if token is None or token.kind is not TokenKind.JOIN:
+        raise Unauthenticated("not a valid join token")
+    if token.uses_left is not None:
+        used = await session.execute(
+            update(ApiToken)
+            .where(ApiToken.id == token.id, ApiToken.uses_left > 0)
+            .values(uses_left=ApiToken.uses_left - 1)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(used, "rowcount", 0) != 1:
+            raise Unauthenticated("join token used up")
+    site = await session.scalar(select(Site).where(Site.name == body.site))
+    if token.site_id is not None and (site is None or site.id != token.site_id):
+        raise Forbidden(f"this join token is not for site {body.site!r}")
+    if site is None:
+        site = Site(name=body.site, created_at=now)
+        session.add(site)
+        await session.flush()
+    node = await session.scalar(select(NodeRow).where(NodeRow.name == body.name))
+    if node is None:
+        node = NodeRow(name=body.name, site_id=site.id, registered_at=now, state=NodeState.READY)
+        session.add(node)
+    elif node.site_id != site.id:
+        raise Conflict(f"node {body.name!r} is registered at another site")
+    node.domain = body.domain
+    node.hostname = body.hostname
+    node.address = body.address
+    node.agent_version = body.agent_version
+    node.last_heartbeat_at = now
+    await session.flush()
+    await _register_gpus(session, node, body, now)
+    await session.execute(
+        update(ApiToken)
+        .where(
+            ApiToken.node_id == node.id,
+            ApiToken.kind == TokenKind.AGENT,
+            ApiToken.revoked_at.is_(None),
+        )
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    issued = await issue_token(
+        session,
+        kind=TokenKind.AGENT,
+        name=f"node {body.name}",
+        node_id=node.id,
+        site_id=site.id,
+        created_by_user_id=token.created_by_user_id,
+        now=now,
+    )
+    session.add(Event(at=now, kind="node.register", node_id=node.id, actor=f"agent:{node.id}"))
+    return AgentRegistered(
+        node_id=node.id,
+        node_name=node.name,
+        credential=issued.secret,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
+
+
+async def _register_gpus(
+    session: AsyncSession, node: NodeRow, body: AgentRegister, now: datetime
+) -> None:
+    existing = {
+        g.index: g for g in await session.scalars(select(Gpu).where(Gpu.node_id == node.id))
+    }
+    reported = set()
+    for info in body.gpus:
+        reported.add(info.index)
+        gpu = existing.get(info.index)
+        if gpu is None:
+            gpu = Gpu(node_id=node.id, index=info.index, health=GpuHealth.HEALTHY)
+            session.add(gpu)
+        elif gpu.health is GpuHealth.LOST:
+            gpu.health = GpuHealth.HEALTHY  # it is back on the bus
+            gpu.health_reason = None
+        gpu.uuid = info.uuid
+        gpu.model = info.model
+        gpu.memory_bytes = info.memory_bytes
+    for index, gpu in existing.items():
+        if index not in reported and gpu.health is not GpuHealth.LOST:
+            gpu.health = GpuHealth.LOST
+            gpu.health_reason = f"not reported when the agent registered at {now.isoformat()}"
+    await session.flush()
+
+
+# -- heartbeat ---------------------------------------------------------------------------------
+
+
+@dataclass
+class HeartbeatOutcome:
+    reply: HeartbeatReply
+    changed: bool = False  # something the scheduling cycle should see now
+    urgent: bool = False  # the request carried news: answer at once, do not hold it
+    wake_nodes: set[int] = field(default_factory=set)
+
+
+async def heartbeat(
+    session: AsyncSession,
+    *,
+    node_id: int,
+    body: Heartbeat,
+    settings: Settings,
+    now: datetime | None = None,
+) -> HeartbeatOutcome:
+    """Apply the node's samples, task reports and logs; return the work for it. Caller commits."""
+    now = now or utcnow()
+    # Write first: on SQLite the write lock is then taken before anything is read.
+    await session.execute(
+        update(NodeRow)
+        .where(NodeRow.id == node_id)
+        .values(last_heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    node = await session.get(NodeRow, node_id)
+    if node is None:
+        raise Unauthenticated("this node is no longer registered")
+    outcome = HeartbeatOutcome(reply=_reply(settings, now))
+    actor = f"agent:{node.name}"
+    if node.state is NodeState.DOWN:
+        session.add(
+            Event(
+                at=now,
+                kind="node.state",
+                node_id=node.id,
+                from_state=str(node.state),
+                to_state=str(NodeState.READY),
+                actor=actor,
+                reason="heartbeat received again",
+            )
+        )
+        node.state = NodeState.READY
+        node.state_reason = None
+        outcome.changed = outcome.urgent = True
+    if body.samples:
+        await _apply_samples(session, node, body.samples, settings, now, outcome)
+    stale: set[int] = set()
+    effects = EndEffects()
+    if body.tasks:
+        await _apply_reports(
+            session, node, body.tasks, settings, now, actor, outcome, stale, effects
+        )
+    if body.logs:
+        await _apply_logs(session, node.id, body)
+    await session.flush()
+    outcome.wake_nodes = effects.wake_nodes - {node.id}
+    if effects.gpus_freed or effects.jobs_requeued:
+        outcome.changed = True
+    starts, stops = await node_work(session, node_id=node.id, settings=settings)
+    stops.extend(
+        TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.preemption_grace_s)
+        for t in sorted(stale)
+    )
+    outcome.reply = _reply(settings, now, starts, stops)
+    return outcome
+
+
+def _reply(
+    settings: Settings,
+    now: datetime,
+    starts: list[TaskSpec] | None = None,
+    stops: list[TaskStop] | None = None,
+) -> HeartbeatReply:
+    return HeartbeatReply(
+        start=starts or [],
+        stop=stops or [],
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        server_time=now,
+    )
+
+
+def _sample_json(sample: GpuSample) -> dict[str, Any]:
+    data = sample.model_dump(mode="json", exclude={"processes"})
+    data["process_count"] = len(sample.processes)
+    return data
+
+
+async def _apply_samples(
+    session: AsyncSession,
+    node: NodeRow,
+    samples: list[GpuSample],
+    settings: Settings,
+    now: datetime,
+    outcome: HeartbeatOutcome,
+) -> None:
+    gpus = {g.index: g for g in await session.scalars(select(Gpu).where(Gpu.node_id == node.id))}
+    holding = {
+        a.gpu_id: a
+        for a in await session.scalars(
+            select(Allocation).where(
+                Allocation.gpu_id.in_([g.id for g in gpus.values()]),
+                Allocation.ended_at.is_(None),
+            )
+        )
+    }
+    usages: list[SampleUsage] = []
+    max_gap_s = max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
+    for sample in samples:
+        gpu = gpus.get(sample.index)
+        if gpu is None or gpu.uuid != sample.uuid:
+            continue  # a GPU this node did not register: ignore rather than guess
+        previous_at = gpu.last_sample_at
+        if previous_at is not None and sample.sampled_at <= previous_at:
+            continue  # resent or out of order: already counted
+        alloc = holding.get(gpu.id)
+        if alloc is not None:
+            previous_energy = (gpu.last_sample or {}).get("energy_joules")
+            usage = sample_usage(
+                alloc,
+                previous_at=previous_at,
+                previous_energy_joules=previous_energy,
+                at=sample.sampled_at,
+                utilization_ratio=sample.utilization_ratio,
+                energy_joules=sample.energy_joules,
+                max_gap_s=max_gap_s,
+            )
+            if usage is not None:
+                usages.append(usage)
+        gpu.last_sample = _sample_json(sample)
+        gpu.last_sample_at = sample.sampled_at
+        health = GpuHealth(sample.health)
+        if health is not gpu.health:
+            session.add(
+                Event(
+                    at=now,
+                    kind="gpu.health",
+                    node_id=node.id,
+                    from_state=str(gpu.health),
+                    to_state=str(health),
+                    actor=f"agent:{node.name}",
+                    reason=sample.health_reason or None,
+                    details={"gpu_index": gpu.index, "uuid": gpu.uuid, "xids": sample.xid_events},
+                )
+            )
+            gpu.health = health
+            gpu.health_reason = sample.health_reason or None
+            outcome.changed = True
+    await record_sample_usage(session, usages)
+
+
+def _end_state(report: TaskReport, task: Task) -> tuple[JobState, str]:
+    """What a final report means for the task, as the protocol contract says."""
+    asked = STOP_REASON_STATE.get(task.stop_reason or "") if task.stop_requested_at else None
+    detail = report.reason or ""
+    if report.state == "lost":
+        return JobState.NODE_FAIL, detail or "the agent lost the task"
+    if report.state == "timeout":
+        return JobState.TIMEOUT, detail or "time limit reached"
+    if report.state == "failed_to_start":
+        return JobState.FAILED, detail or "failed to start"
+    if asked is not None and report.state in ("stopped", "exited"):
+        return asked, f"stopped: {task.stop_reason}"
+    if report.state == "exited":
+        if report.exit_code == 0:
+            return JobState.COMPLETED, detail or "exit code 0"
+        if report.exit_code is None:
+            return JobState.FAILED, detail or f"killed by signal {report.signal}"
+        return JobState.FAILED, detail or f"exit code {report.exit_code}"
+    return JobState.FAILED, detail or "stopped on the node without a request"
+
+
+async def _apply_reports(
+    session: AsyncSession,
+    node: NodeRow,
+    reports: list[TaskReport],
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    outcome: HeartbeatOutcome,
+    stale: set[int],
+    effects: EndEffects,
+) -> None:
+    ids = [r.task_id for r in reports]
+    found = {
+        task.id: (task, job)
+        for task, job in (
+            await session.execute(
+                select(Task, Job).join(Job, Job.id == Task.job_id).where(Task.id.in_(ids))
+            )
+        ).tuples()
+    }
+    weights = dict(settings.gpu_weights)
+    for report in reports:
+        live = report.state not in TERMINAL_TASK_STATES
+        pair = found.get(report.task_id)
+        if pair is None or pair[0].node_id != node.id or pair[0].state.is_terminal:
+            if live:
+                stale.add(report.task_id)
+            continue
+        task, job = pair
+        if task.started_at is None:  # the first report: the agent has the task
+            task.started_at = report.started_at or now
+            outcome.urgent = True
+        if report.state == "running" and task.state is JobState.STARTING:
+            transition_task(session, task, JobState.RUNNING, actor=actor, at=now)
+            if job.state is JobState.STARTING and task.attempt == job.requeue_count:
+                transition_job(session, job, JobState.RUNNING, actor=actor, at=now)
+            outcome.urgent = True
+        elif not live:
+            state, reason = _end_state(report, task)
+            await end_task(
+                session,
+                task,
+                job,
+                state,
+                actor=actor,
+                at=report.ended_at or now,
+                grace_s=settings.preemption_grace_s,
+                gpu_weights=weights,
+                reason=reason,
+                exit_code=report.exit_code,
+                signal=report.signal,
+                effects=effects,
+            )
+            outcome.urgent = outcome.changed = True
+
+
+def _insert(session: AsyncSession, table: Table) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return pg_insert(table)
+    return sqlite_insert(table)
+
+
+async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> None:
+    """Append new chunks; a chunk whose end is not beyond what is held is a resend."""
+    task_ids = {c.task_id for c in body.logs}
+    held = dict(
+        (
+            await session.execute(
+                select(Task.id, Task.log_bytes).where(
+                    Task.id.in_(task_ids), Task.node_id == node_id
+                )
+            )
+        ).tuples()
+    )
+    rows: list[dict[str, Any]] = []
+    for chunk in sorted(body.logs, key=lambda c: (c.task_id, c.offset)):
+        upto = held.get(chunk.task_id)
+        if upto is None or chunk.next_offset <= upto:
+            continue
+        rows.append({"task_id": chunk.task_id, "offset": chunk.offset, "data": chunk.data})
+        held[chunk.task_id] = chunk.next_offset
+    if not rows:
+        return
+    now = utcnow()
+    for row in rows:
+        row["created_at"] = now
+    stmt = _insert(session, _LOGS).values(rows).on_conflict_do_nothing()
+    await session.execute(stmt)
+    sizes = [
+        {"b_id": t, "b_bytes": n} for t, n in held.items() if t in {r["task_id"] for r in rows}
+    ]
+    conn = await session.connection()
+    await conn.execute(
+        update(_TASKS)
+        .where(_TASKS.c.id == bindparam("b_id"))
+        .values(log_bytes=bindparam("b_bytes")),
+        sizes,
+    )
+
+
+# -- work for a node ---------------------------------------------------------------------------
+
+
+async def node_work(
+    session: AsyncSession, *, node_id: int, settings: Settings
+) -> tuple[list[TaskSpec], list[TaskStop]]:
+    """Tasks the node must start (not yet acknowledged) and stop (asked, not yet ended)."""
+    rows = (
+        (
+            await session.execute(
+                select(Task, Job)
+                .join(Job, Job.id == Task.job_id)
+                .where(
+                    Task.node_id == node_id,
+                    Task.state.in_(ACTIVE_STATES),
+                    or_(Task.stop_requested_at.is_not(None), Task.started_at.is_(None)),
+                )
+                .order_by(Task.id)
+            )
+        )
+        .tuples()
+        .all()
+    )
+    if not rows:
+        return [], []
+    stops = [
+        TaskStop(
+            task_id=t.id,
+            reason=t.stop_reason or "",
+            grace_s=t.stop_grace_s if t.stop_grace_s is not None else settings.preemption_grace_s,
+        )
+        for t, _ in rows
+        if t.stop_requested_at is not None
+    ]
+    to_start = [(t, j) for t, j in rows if t.stop_requested_at is None]
+    return await _task_specs(session, to_start), stops
+
+
+async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> list[TaskSpec]:
+    if not pairs:
+        return []
+    task_ids = [t.id for t, _ in pairs]
+    gpus: dict[int, list[tuple[int, str]]] = {}
+    for task_id, index, uuid in await session.execute(
+        select(Allocation.task_id, Gpu.index, Gpu.uuid)
+        .join(Gpu, Gpu.id == Allocation.gpu_id)
+        .where(Allocation.task_id.in_(task_ids), Allocation.ended_at.is_(None))
+    ):
+        gpus.setdefault(task_id, []).append((index, uuid))
+    gang_jobs = {j.id: j.requeue_count for _, j in pairs if j.num_nodes > 1}
+    masters: dict[int, str] = {}
+    if gang_jobs:
+        for job_id, attempt, address in await session.execute(
+            select(Task.job_id, Task.attempt, NodeRow.address)
+            .join(NodeRow, NodeRow.id == Task.node_id)
+            .where(Task.job_id.in_(list(gang_jobs)), Task.node_rank == 0)
+        ):
+            if gang_jobs.get(job_id) == attempt:
+                masters[job_id] = address
+    org_ids = {j.org_id for _, j in pairs}
+    orgs = dict(
+        (await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).tuples()
+    )
+    specs: list[TaskSpec] = []
+    for task, job in pairs:
+        held = sorted(gpus.get(task.id, []))
+        gang = job.num_nodes > 1
+        specs.append(
+            TaskSpec(
+                task_id=task.id,
+                job_id=job.id,
+                org=orgs.get(job.org_id, ""),
+                node_rank=task.node_rank,
+                num_nodes=job.num_nodes,
+                gpus=[i for i, _ in held],
+                gpu_uuids=[u for _, u in held],
+                command=list(job.command),
+                env=dict(job.env or {}),
+                workdir=job.workdir,
+                image=job.image,
+                time_limit_s=float(job.time_limit_s),
+                master_addr=masters.get(job.id) if gang else None,
+                master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
+            )
+        )
+    return specs
+
+
+async def pending_reply(
+    session: AsyncSession, *, node_id: int, settings: Settings
+) -> HeartbeatReply | None:
+    """For a held heartbeat: a reply when the node has work now, else None. Read only."""
+    starts, stops = await node_work(session, node_id=node_id, settings=settings)
+    if not starts and not stops:
+        return None
+    return _reply(settings, utcnow(), starts, stops)

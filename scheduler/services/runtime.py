@@ -1,0 +1,216 @@
+"""The scheduler inside a server process: lease, cycle loop, and long-poll wake-ups.
+
+Every replica runs a `SchedulerRuntime`. The one holding the lease runs cycles: on `notify`
+(a submit, a finished task, a heartbeat that changed something) and at least every
+`cycle_interval_s`, never closer together than `cycle_min_gap_s`, so a burst of events costs one
+cycle. The others keep trying to take the lease. Every replica serves long-polls: a held
+heartbeat waits on its node's event, set by `wake_nodes` (an apply or a cancel on this replica);
+with several replicas a held heartbeat also re-checks the database every `long_poll_recheck_s`,
+since the news may have been written by another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from scheduler.metrics import SchedulerMetrics
+from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
+from scheduler.settings import Settings
+
+log = logging.getLogger("fairgpu.scheduler")
+T = TypeVar("T")
+
+
+class SchedulerRuntime:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.engine = engine
+        self.metrics = SchedulerMetrics()
+        self.lease = Lease(engine, ttl_s=settings.lease_timeout_s)
+        self.last_cycle_at: datetime | None = None
+        self.last_cycle_error: str | None = None
+        self.last_result: CycleResult | None = None
+        self.cycles = 0
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._node_events: dict[int, asyncio.Event] = {}
+        self._previously_open: frozenset[int] | None = None
+        self._cycle_done = asyncio.Condition()
+
+    # -- the contract ------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lease.held
+
+    @property
+    def multi_replica(self) -> bool:
+        """Other replicas may write work for our nodes: held heartbeats must poll the database."""
+        return self.lease.is_postgres
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="fairgpu-scheduler")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for event in self._node_events.values():
+            event.set()
+        self._node_events.clear()
+        if self.lease.held and not self.lease.is_postgres:
+            with contextlib.suppress(Exception):
+                async with self.sessionmaker() as session:
+                    await self.lease.give_up_row(session)
+        await self.lease.release()
+        self.metrics.leader.set(0)
+
+    def notify(self, reason: str) -> None:
+        """Ask for a cycle soon; cheap and non-blocking, bursts coalesce into one cycle."""
+        log.debug("cycle requested: %s", reason)
+        self._wake.set()
+
+    def wake_nodes(self, node_ids: Iterable[int]) -> None:
+        """Release the long-polls held for these nodes on this replica."""
+        for node_id in node_ids:
+            event = self._node_events.pop(node_id, None)
+            if event is not None:
+                event.set()
+
+    # -- long-poll support ---------------------------------------------------------------------
+
+    def node_waiter(self, node_id: int) -> asyncio.Event:
+        """The event `wake_nodes` sets for this node; take it *before* checking for work."""
+        event = self._node_events.get(node_id)
+        if event is None or event.is_set():
+            event = self._node_events[node_id] = asyncio.Event()
+        if self._stopping.is_set():
+            event.set()
+        return event
+
+    async def hold(
+        self,
+        node_id: int,
+        timeout_s: float,
+        check: Callable[[], Awaitable[T | None]],
+    ) -> T | None:
+        """Long-poll: `check()` until it returns something, waking on `wake_nodes` or timer.
+
+        With one replica only a wake-up can bring news; with several, news may be written by
+        another replica, so `check` also runs every `long_poll_recheck_s`.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            event = self.node_waiter(node_id)
+            found = await check()
+            remaining = deadline - time.monotonic()
+            if found is not None or remaining <= 0 or self._stopping.is_set():
+                return found
+            if self.multi_replica:
+                remaining = min(remaining, self.settings.long_poll_recheck_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+            if time.monotonic() >= deadline and not event.is_set():
+                return None
+
+    async def wait_cycles(self, count: int = 1, timeout_s: float = 10.0) -> None:
+        """Wait until `count` more cycles completed (tests and tools; notify first)."""
+        target = self.cycles + count
+        async with self._cycle_done:
+            await asyncio.wait_for(
+                self._cycle_done.wait_for(lambda: self.cycles >= target), timeout_s
+            )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        retry_s = min(1.0, self.settings.lease_timeout_s / 4)
+        last_started = 0.0
+        while not self._stopping.is_set():
+            try:
+                if not self.lease.held:
+                    async with self.sessionmaker() as session:
+                        acquired = await self.lease.try_acquire(session)
+                    self.metrics.leader.set(1 if acquired else 0)
+                    if not acquired:
+                        await self._sleep(retry_s)
+                        continue
+                    self._previously_open = None
+                    self._wake.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.cycle_interval_s)
+                gap_s = self.settings.cycle_min_gap_s - (time.monotonic() - last_started)
+                if gap_s > 0:
+                    await self._sleep(gap_s)
+                if self._stopping.is_set():
+                    break
+                self._wake.clear()
+                last_started = time.monotonic()
+                await self._cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must survive a bad cycle or a database outage
+                log.exception("scheduler loop error")
+                self.last_cycle_error = f"{type(exc).__name__}: {exc}"
+                self.metrics.cycles.labels(result="error").inc()
+                await self._sleep(retry_s)
+
+    async def _cycle(self) -> None:
+        if not await self.lease.still_held():
+            self.metrics.leader.set(0)
+            return
+        epoch = self.lease.epoch
+        assert epoch is not None
+        try:
+            result = await run_cycle(
+                self.sessionmaker,
+                epoch=epoch,
+                settings=self.settings,
+                previously_open=self._previously_open,
+            )
+        except LeaseLost as exc:
+            log.warning("scheduler lease lost: %s", exc)
+            self.last_cycle_error = f"LeaseLost: {exc}"
+            self.metrics.cycles.labels(result="fenced").inc()
+            await self.lease.release()
+            self.metrics.leader.set(0)
+            self._previously_open = None
+            return
+        except Exception:
+            self._previously_open = None
+            raise
+        self._previously_open = result.open_allocation_ids
+        self.last_result = result
+        self.last_cycle_at = result.at
+        self.last_cycle_error = None
+        self.metrics.observe_cycle(result)
+        self.wake_nodes(result.applied.wake_nodes | result.lifecycle.wake_nodes)
+        async with self._cycle_done:
+            self.cycles += 1
+            self._cycle_done.notify_all()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

@@ -1,0 +1,253 @@
+"""APPLY: write the core's decisions in one transaction, guarded so stale ones change nothing.
+
+The snapshot was read before the core ran, with no transaction open since; meanwhile jobs may
+have been cancelled or held, GPUs may have gone bad and nodes down. So every start is checked
+again against the rows as they are now (job still PENDING and not held, every GPU healthy on a
+ready node and not held by an open allocation), and is skipped whole if anything moved. The
+partial unique index on open allocations is the last line of defence: a start that trips it is
+rolled back to its savepoint and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.core.types import Decisions, PendingInfo, Preemption, Start
+from scheduler.db import Allocation, Event, Gpu, Job, Task
+from scheduler.db import Node as NodeRow
+from scheduler.services.jobstate import STOP_PREEMPT, transition_job
+from scheduler.services.scheduling.load import Loaded, from_epoch
+from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop
+from scheduler.states import GpuHealth, JobState, NodeState
+
+log = logging.getLogger("fairgpu.scheduler")
+ACTOR = "scheduler"
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+
+@dataclass
+class Applied:
+    started: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # stale starts
+    preempted: list[tuple[int, str]] = field(default_factory=list)  # (job id, reason)
+    wake_nodes: set[int] = field(default_factory=set)
+    new_allocation_ids: set[int] = field(default_factory=set)
+    admission_waits: list[tuple[str, float]] = field(default_factory=list)  # (org name, seconds)
+    pending_written: int = 0
+
+
+async def _apply_start(
+    session: AsyncSession,
+    start: Start,
+    job: Job,
+    gpus: Mapping[tuple[int, int], Gpu],
+    ready: set[int],
+    taken: set[int],
+    now: datetime,
+    applied: Applied,
+) -> bool:
+    chosen: list[list[Gpu]] = []
+    for placement in start.placements:
+        if placement.node_id not in ready:
+            return False
+        row: list[Gpu] = []
+        for index in placement.gpus:
+            gpu = gpus.get((placement.node_id, index))
+            if gpu is None or gpu.health is not GpuHealth.HEALTHY or gpu.id in taken:
+                return False
+            row.append(gpu)
+        chosen.append(row)
+    try:
+        async with session.begin_nested():
+            tasks = [
+                Task(
+                    job_id=job.id,
+                    attempt=job.requeue_count,
+                    node_rank=rank,
+                    node_id=placement.node_id,
+                    state=JobState.STARTING,
+                    created_at=now,
+                )
+                for rank, placement in enumerate(start.placements)
+            ]
+            session.add_all(tasks)
+            await session.flush()
+            allocations = [
+                Allocation(
+                    task_id=task.id,
+                    job_id=job.id,
+                    org_id=job.org_id,
+                    user_id=job.user_id,
+                    gpu_id=gpu.id,
+                    gpu_type=gpu.model,
+                    borrowed=start.borrowed,
+                    started_at=now,
+                )
+                for task, row in zip(tasks, chosen, strict=True)
+                for gpu in row
+            ]
+            session.add_all(allocations)
+            job.borrowed = start.borrowed
+            job.priority = None
+            job.pending_reasons = None
+            job.estimated_start_at = None
+            transition_job(
+                session,
+                job,
+                JobState.STARTING,
+                actor=ACTOR,
+                reason="borrowing idle GPUs" if start.borrowed else None,
+                at=now,
+                details={"nodes": [p.node_id for p in start.placements]},
+            )
+            await session.flush()
+    except IntegrityError:
+        log.warning("start of job %s lost a race for its GPUs; skipped", job.id)
+        await session.refresh(job)
+        return False
+    taken.update(g.id for row in chosen for g in row)
+    applied.new_allocation_ids.update(a.id for a in allocations)
+    applied.wake_nodes.update(p.node_id for p in start.placements)
+    return True
+
+
+async def apply_starts(
+    session: AsyncSession,
+    starts: tuple[Start, ...],
+    now: datetime,
+    applied: Applied,
+    org_names: Mapping[int, str],
+) -> None:
+    if not starts:
+        return
+    job_ids = [s.job_id for s in starts]
+    jobs = {j.id: j for j in await session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+    node_ids = {p.node_id for s in starts for p in s.placements}
+    ready = set(
+        await session.scalars(
+            select(NodeRow.id).where(NodeRow.id.in_(node_ids), NodeRow.state == NodeState.READY)
+        )
+    )
+    gpus = {
+        (g.node_id, g.index): g
+        for g in await session.scalars(select(Gpu).where(Gpu.node_id.in_(node_ids)))
+    }
+    taken = set(
+        await session.scalars(
+            select(Allocation.gpu_id).where(
+                Allocation.ended_at.is_(None),
+                Allocation.gpu_id.in_([g.id for g in gpus.values()]),
+            )
+        )
+    )
+    for start in starts:
+        job = jobs.get(start.job_id)
+        ok = (
+            job is not None
+            and job.state is JobState.PENDING
+            and not job.held
+            and await _apply_start(session, start, job, gpus, ready, taken, now, applied)
+        )
+        if ok and job is not None:
+            applied.started.append(job.id)
+            applied.admission_waits.append(
+                (
+                    org_names.get(job.org_id, str(job.org_id)),
+                    max(0.0, (now - job.submitted_at).total_seconds()),
+                )
+            )
+        else:
+            applied.skipped.append(start.job_id)
+
+
+async def apply_preemptions(
+    session: AsyncSession,
+    preemptions: tuple[Preemption, ...],
+    now: datetime,
+    grace_s: float,
+    applied: Applied,
+) -> None:
+    if not preemptions:
+        return
+    by_job = {p.job_id: p for p in preemptions}
+    jobs = {j.id: j for j in await session.scalars(select(Job).where(Job.id.in_(list(by_job))))}
+    tasks = await session.scalars(
+        select(Task).where(Task.job_id.in_(list(by_job)), Task.state.in_(ACTIVE_STATES))
+    )
+    tasks_by_job: dict[int, list[Task]] = {}
+    for t in tasks:
+        tasks_by_job.setdefault(t.job_id, []).append(t)
+    for job_id, p in by_job.items():
+        job = jobs.get(job_id)
+        if job is None or not job.state.is_active or job.preempt_deadline is not None:
+            continue  # ended or already being preempted: nothing to do
+        job.preempt_deadline = from_epoch(p.deadline)
+        for t in tasks_by_job.get(job_id, ()):
+            if (
+                t.attempt == job.requeue_count
+                and request_stop(t, STOP_PREEMPT, at=now, grace_s=grace_s)
+                and t.node_id is not None
+            ):
+                applied.wake_nodes.add(t.node_id)
+        session.add(
+            Event(
+                at=now,
+                kind="job.preempt",
+                job_id=job_id,
+                org_id=job.org_id,
+                actor=ACTOR,
+                reason=f"{p.reason.value} for job {p.preemptor_job_id}",
+                details={"preemptor_job_id": p.preemptor_job_id, "reason": p.reason.value},
+            )
+        )
+        applied.preempted.append((job_id, p.reason.value))
+
+
+def _reasons_json(info: PendingInfo) -> list[dict[str, Any]]:
+    return [
+        {"code": r.code.value, "message": r.message, "details": dict(r.details)}
+        for r in info.reasons
+    ]
+
+
+async def write_pending(
+    session: AsyncSession, decisions: Decisions, loaded: Loaded, started: set[int]
+) -> int:
+    """One executemany UPDATE of the pending jobs whose explanation changed since last cycle.
+
+    The WHERE keeps it harmless for jobs that left PENDING since the snapshot was read.
+    """
+    rows: list[dict[str, Any]] = []
+    for job_id, info in decisions.pending.items():
+        if job_id in started:
+            continue
+        reasons = _reasons_json(info)
+        estimate = from_epoch(info.estimated_start) if info.estimated_start is not None else None
+        stored = loaded.stored_pending.get(job_id)
+        if stored is not None and stored == (info.priority, reasons, estimate):
+            continue
+        rows.append(
+            {"b_id": job_id, "b_priority": info.priority, "b_reasons": reasons, "b_est": estimate}
+        )
+    if not rows:
+        return 0
+    stmt = (
+        update(_JOBS)
+        .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == JobState.PENDING.value)
+        .values(
+            priority=bindparam("b_priority"),
+            pending_reasons=bindparam("b_reasons", type_=_JOBS.c.pending_reasons.type),
+            estimated_start_at=bindparam("b_est", type_=_JOBS.c.estimated_start_at.type),
+        )
+    )
+    conn = await session.connection()
+    await conn.execute(stmt, rows)
+    return len(rows)

@@ -1,0 +1,116 @@
+"""One scheduling cycle in dstack's three phases: load, decide with nothing open, apply fenced.
+
+maintenance  (fenced write, only when there is something to do) node timeouts, drains,
+             time limits
+LOAD         one short read transaction → `Snapshot`
+DECIDE       `scheduler.core.schedule(snapshot)` in a worker thread, no session open
+APPLY        one transaction: fence check → starts (guarded) → preemptions → pending
+             reasons (bulk) → decayed usage
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from scheduler.core import schedule
+from scheduler.core.types import Decisions
+from scheduler.db.types import utcnow
+from scheduler.services.accounting import write_org_usage
+from scheduler.services.scheduling import lifecycle
+from scheduler.services.scheduling.apply import (
+    Applied,
+    apply_preemptions,
+    apply_starts,
+    write_pending,
+)
+from scheduler.services.scheduling.lease import check_fence
+from scheduler.services.scheduling.load import Loaded, load_snapshot, policy_config
+from scheduler.services.scheduling.tasks import EndEffects
+from scheduler.settings import Settings
+
+
+@dataclass
+class CycleResult:
+    """What one cycle did, for the runtime (waking nodes) and the metrics."""
+
+    at: datetime
+    duration_s: float = 0.0
+    load_s: float = 0.0
+    decide_s: float = 0.0
+    apply_s: float = 0.0
+    loaded: Loaded | None = None
+    decisions: Decisions | None = None
+    applied: Applied = field(default_factory=Applied)
+    lifecycle: EndEffects = field(default_factory=EndEffects)
+    open_allocation_ids: frozenset[int] = frozenset()
+
+
+async def run_maintenance(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    epoch: int,
+    settings: Settings,
+    now: datetime,
+) -> EndEffects:
+    async with sessionmaker() as session:
+        work = await lifecycle.find_work(session, now=now, settings=settings)
+        await session.rollback()
+        if not work:
+            return EndEffects()
+        async with session.begin():
+            await check_fence(session, epoch, now=now, ttl_s=settings.lease_timeout_s)
+            return await lifecycle.apply_work(session, work, now=now, settings=settings)
+
+
+async def run_cycle(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    epoch: int,
+    settings: Settings,
+    previously_open: frozenset[int] | None,
+    now: datetime | None = None,
+) -> CycleResult:
+    """Run one cycle. Raises `LeaseLost` when the fence refuses the apply (nothing written)."""
+    began = time.perf_counter()
+    now = now or utcnow()
+    result = CycleResult(at=now)
+    result.lifecycle = await run_maintenance(sessionmaker, epoch=epoch, settings=settings, now=now)
+    config = policy_config(settings)
+    t0 = time.perf_counter()
+    async with sessionmaker() as session, session.begin():
+        if session.get_bind().dialect.name == "postgresql":
+            # One consistent view for every query of the load (READ COMMITTED would mix).
+            await session.connection(
+                execution_options={
+                    "isolation_level": "REPEATABLE READ",
+                    "postgresql_readonly": True,
+                }
+            )
+        loaded = await load_snapshot(
+            session, now=now, config=config, previously_open=previously_open
+        )
+    t1 = time.perf_counter()
+    decisions = await asyncio.to_thread(schedule, loaded.snapshot)
+    t2 = time.perf_counter()
+    applied = Applied()
+    async with sessionmaker() as session, session.begin():
+        await check_fence(session, epoch, now=now, ttl_s=settings.lease_timeout_s)
+        await apply_starts(session, decisions.starts, now, applied, loaded.org_names)
+        await apply_preemptions(
+            session, decisions.preemptions, now, settings.preemption_grace_s, applied
+        )
+        applied.pending_written = await write_pending(
+            session, decisions, loaded, set(applied.started)
+        )
+        await write_org_usage(session, loaded.org_usage, now)
+    t3 = time.perf_counter()
+    result.load_s, result.decide_s, result.apply_s = t1 - t0, t2 - t1, t3 - t2
+    result.duration_s = t3 - began
+    result.loaded, result.decisions, result.applied = loaded, decisions, applied
+    result.open_allocation_ids = loaded.open_allocation_ids | frozenset(applied.new_allocation_ids)
+    return result

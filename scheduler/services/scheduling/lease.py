@@ -1,0 +1,179 @@
+"""The scheduler lease: exactly one replica runs the cycle, and a deposed one applies nothing.
+
+On PostgreSQL the lease is a session-level advisory lock held on a dedicated connection: when
+the holder dies its connection drops and PostgreSQL frees the lock, so a standby that keeps
+trying takes over at once (TCP keepalives bound how long a silently vanished holder keeps it).
+On acquiring, the holder bumps the epoch of the `scheduler_lease` row. Every apply transaction
+locks that row (`SELECT … FOR UPDATE`) and proceeds only if the epoch is still its own, so a
+leader that lost its lock without noticing has its decisions refused: fencing, not hope.
+
+With SQLite there is one server process: it takes the row directly (or after the previous
+holder's `expires_at` passed) and renews it every cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from scheduler.db import SchedulerLease
+from scheduler.db.types import utcnow
+
+log = logging.getLogger("fairgpu.scheduler")
+
+LEASE_ROW_ID = 1
+# pg_try_advisory_lock key: the first 8 bytes of "fairgpu-scheduler" as a signed bigint.
+LEASE_LOCK_KEY = int.from_bytes(b"fairgpu-scheduler"[:8], "big", signed=True)
+
+
+class LeaseLost(Exception):
+    """The epoch moved on: another replica leads now. Nothing of this cycle may be applied."""
+
+
+def holder_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def _bump_epoch(session: AsyncSession, holder: str, now: datetime, ttl_s: float) -> int:
+    row = await session.get(SchedulerLease, LEASE_ROW_ID, with_for_update=True)
+    expires = now + timedelta(seconds=ttl_s)
+    if row is None:
+        row = SchedulerLease(
+            id=LEASE_ROW_ID,
+            holder=holder,
+            epoch=1,
+            acquired_at=now,
+            renewed_at=now,
+            expires_at=expires,
+        )
+        session.add(row)
+    else:
+        row.holder = holder
+        row.epoch += 1
+        row.acquired_at = now
+        row.renewed_at = now
+        row.expires_at = expires
+    await session.flush()
+    return row.epoch
+
+
+async def check_fence(session: AsyncSession, epoch: int, *, now: datetime, ttl_s: float) -> None:
+    """First statement of every apply: lock the lease row, check the epoch, renew the lease.
+
+    Being an UPDATE-first transaction also matters on SQLite: the write lock is taken before
+    anything is read, so the transaction can never need to upgrade a stale read snapshot.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        current = await session.scalar(
+            select(SchedulerLease.epoch).where(SchedulerLease.id == LEASE_ROW_ID).with_for_update()
+        )
+        if current != epoch:
+            raise LeaseLost(f"lease epoch is {current}, this replica holds {epoch}")
+    result = await session.execute(
+        update(SchedulerLease)
+        .where(SchedulerLease.id == LEASE_ROW_ID, SchedulerLease.epoch == epoch)
+        .values(renewed_at=now, expires_at=now + timedelta(seconds=ttl_s))
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        raise LeaseLost(f"lease epoch moved on from {epoch}")
+
+
+class Lease:
+    """Acquire, hold and check the lease; `epoch` is what apply transactions fence on."""
+
+    def __init__(self, engine: AsyncEngine, *, ttl_s: float) -> None:
+        self.engine = engine
+        self.ttl_s = ttl_s
+        self.holder = holder_name()
+        self.epoch: int | None = None
+        self._conn: AsyncConnection | None = None
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    @property
+    def held(self) -> bool:
+        return self.epoch is not None
+
+    async def try_acquire(self, session: AsyncSession) -> bool:
+        """One attempt; True when this replica now leads (with a fresh epoch)."""
+        if self.is_postgres:
+            return await self._try_acquire_postgres(session)
+        return await self._try_acquire_row(session)
+
+    async def _try_acquire_row(self, session: AsyncSession) -> bool:
+        now = utcnow()
+        async with session.begin():
+            row = await session.get(SchedulerLease, LEASE_ROW_ID)
+            if row is not None and row.holder != self.holder and row.expires_at > now:
+                return False
+            self.epoch = await _bump_epoch(session, self.holder, now, self.ttl_s)
+        log.info("scheduler lease taken (epoch %s)", self.epoch)
+        return True
+
+    async def _try_acquire_postgres(self, session: AsyncSession) -> bool:
+        if self._conn is None:
+            self._conn = await self.engine.connect()
+            # Bound how long a holder that vanished without closing its socket keeps the lock.
+            keepalive_s = max(1, int(self.ttl_s / 3))
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval"):
+                await self._conn.execute(text(f"SET {name} = {keepalive_s}"))
+            await self._conn.execute(text("SET tcp_keepalives_count = 2"))
+            await self._conn.commit()
+        got = await self._conn.scalar(
+            text("SELECT pg_try_advisory_lock(:k)"), {"k": LEASE_LOCK_KEY}
+        )
+        await self._conn.commit()
+        if not got:
+            return False
+        now = utcnow()
+        async with session.begin():
+            self.epoch = await _bump_epoch(session, self.holder, now, self.ttl_s)
+        log.info("scheduler lease taken (epoch %s)", self.epoch)
+        return True
+
+    async def still_held(self) -> bool:
+        """Is the lock connection alive? (On SQLite, the fence check in apply is the test.)"""
+        if not self.is_postgres or self.epoch is None:
+            return self.epoch is not None
+        if self._conn is None:
+            return False
+        try:
+            await self._conn.scalar(text("SELECT 1"))
+            await self._conn.commit()
+        except Exception:  # the connection is gone, and with it the lock
+            log.warning("scheduler lease connection lost", exc_info=True)
+            await self.release()
+            return False
+        return True
+
+    async def release(self) -> None:
+        """Give the lease up: unlock and close the connection (the lock dies with it anyway)."""
+        self.epoch = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.execute(text("SELECT pg_advisory_unlock_all()"))
+            await conn.commit()
+        except Exception:  # already broken: closing is all that is left
+            log.debug("unlock on a broken lease connection", exc_info=True)
+        try:
+            await conn.close()
+        except Exception:
+            log.debug("closing the lease connection failed", exc_info=True)
+
+    async def give_up_row(self, session: AsyncSession) -> None:
+        """On a clean stop with SQLite: expire the row so a restart takes over at once."""
+        if self.is_postgres or self.epoch is None:
+            return
+        async with session.begin():
+            row = await session.get(SchedulerLease, LEASE_ROW_ID)
+            if row is not None and row.holder == self.holder:
+                row.expires_at = utcnow()
+        self.epoch = None

@@ -1,0 +1,154 @@
+"""Ending tasks and their jobs: one rule shared by agent reports, lost nodes and the cycle.
+
+A job is a gang: it ends when every task of its current attempt has ended, and the first task
+that ended other than COMPLETED decides the job's state ("first failure wins"). When one task of
+a gang fails, the others are asked to stop, since a gang with a missing member cannot progress.
+A job that ends PREEMPTED or NODE_FAIL is requeued to PENDING (attempt + 1) when it is
+preemptible: a preemptible job declares that it can be restarted, so a lost node costs it only
+time. A non-preemptible job ends NODE_FAIL and its owner resubmits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Allocation, Job, Task
+from scheduler.services.accounting import settle_allocations
+from scheduler.services.jobstate import (
+    STOP_CANCEL,
+    STOP_NODE_LOST,
+    STOP_PREEMPT,
+    STOP_STALE,
+    STOP_TIMEOUT,
+    transition_job,
+    transition_task,
+)
+from scheduler.states import JobState
+
+ACTIVE_STATES = (JobState.STARTING, JobState.RUNNING)
+
+# What a task that was asked to stop ends as, by the reason it was asked.
+STOP_REASON_STATE = {
+    STOP_CANCEL: JobState.CANCELLED,
+    STOP_PREEMPT: JobState.PREEMPTED,
+    STOP_TIMEOUT: JobState.TIMEOUT,
+    STOP_NODE_LOST: JobState.NODE_FAIL,
+    STOP_STALE: JobState.CANCELLED,
+}
+REQUEUE_STATES = frozenset({JobState.PREEMPTED, JobState.NODE_FAIL})
+
+
+@dataclass
+class EndEffects:
+    """What ending tasks changed beyond the tasks themselves, for the caller to act on."""
+
+    wake_nodes: set[int] = field(default_factory=set)  # nodes whose tasks were asked to stop
+    jobs_ended: list[tuple[int, JobState]] = field(default_factory=list)
+    jobs_requeued: list[int] = field(default_factory=list)
+    gpus_freed: int = 0
+
+
+def request_stop(task: Task, reason: str, *, at: datetime, grace_s: float) -> bool:
+    """Ask the task's agent to stop it; False when a stop was already asked (the first wins)."""
+    if task.stop_requested_at is not None or task.state.is_terminal:
+        return False
+    task.stop_requested_at = at
+    task.stop_reason = reason
+    task.stop_grace_s = grace_s
+    return True
+
+
+async def end_task(
+    session: AsyncSession,
+    task: Task,
+    job: Job,
+    state: JobState,
+    *,
+    actor: str,
+    at: datetime,
+    grace_s: float,
+    gpu_weights: dict[str, float],
+    reason: str | None = None,
+    exit_code: int | None = None,
+    signal: int | None = None,
+    effects: EndEffects | None = None,
+) -> EndEffects:
+    """End one task, close its allocations (and charge them), and end its job if it was last."""
+    effects = effects or EndEffects()
+    if task.state.is_terminal:
+        return effects
+    transition_task(session, task, state, actor=actor, reason=reason, at=at)
+    task.exit_code = exit_code
+    task.signal = signal
+    allocations = list(
+        await session.scalars(
+            select(Allocation).where(Allocation.task_id == task.id, Allocation.ended_at.is_(None))
+        )
+    )
+    for alloc in allocations:
+        alloc.ended_at = max(at, alloc.started_at)
+    effects.gpus_freed += len(allocations)
+    await settle_allocations(
+        session, allocations, preempted=state is JobState.PREEMPTED, gpu_weights=gpu_weights
+    )
+    if task.attempt != job.requeue_count or not job.state.is_active:
+        return effects  # a late report of an earlier attempt: the job has moved on
+    siblings = list(
+        await session.scalars(
+            select(Task).where(
+                Task.job_id == job.id, Task.attempt == task.attempt, Task.id != task.id
+            )
+        )
+    )
+    live = [t for t in siblings if not t.state.is_terminal]
+    if live:
+        if state is not JobState.COMPLETED:
+            sibling_reason = STOP_NODE_LOST if state is JobState.NODE_FAIL else STOP_CANCEL
+            if state is JobState.PREEMPTED:
+                sibling_reason = STOP_PREEMPT
+            for t in live:
+                if request_stop(t, sibling_reason, at=at, grace_s=grace_s) and t.node_id:
+                    effects.wake_nodes.add(t.node_id)
+        return effects
+    _end_job(session, job, [task, *siblings], actor=actor, at=at, effects=effects)
+    return effects
+
+
+def _end_job(
+    session: AsyncSession,
+    job: Job,
+    tasks: Iterable[Task],
+    *,
+    actor: str,
+    at: datetime,
+    effects: EndEffects,
+) -> None:
+    ordered = sorted(tasks, key=lambda t: (t.ended_at or at, t.node_rank))
+    failures = [t for t in ordered if t.state is not JobState.COMPLETED]
+    decisive = failures[0] if failures else min(ordered, key=lambda t: t.node_rank)
+    final = decisive.state
+    job.exit_code = decisive.exit_code
+    transition_job(session, job, final, actor=actor, reason=decisive.reason, at=at)
+    job.preempt_deadline = None
+    if final in REQUEUE_STATES and job.preemptible:
+        transition_job(
+            session,
+            job,
+            JobState.PENDING,
+            actor=actor,
+            reason=f"requeued after {final.value} (attempt {job.requeue_count + 1})",
+            at=at,
+        )
+        job.requeue_count += 1
+        job.started_at = None
+        job.ended_at = None
+        job.exit_code = None
+        job.borrowed = False
+        effects.jobs_requeued.append(job.id)
+    else:
+        effects.jobs_ended.append((job.id, final))
