@@ -151,6 +151,7 @@ class Simulator:
         for node in self.nodes:
             per_type.setdefault(node.gpu_type, []).append(len(node.gpus))
         gpn = max((len(n.gpus) for n in self.nodes), default=self.sim.gpus_per_node)
+        can_borrow = self.config.borrowing and self.sim.preemptible
         jobs: list[SimJob] = []
         for i, row in enumerate(trace):
             org = self.org_index[row.tenant]
@@ -176,7 +177,8 @@ class Simulator:
             job = SimJob(
                 job_id, row, org, row.num_gpus, pending, row.duration_s, pending.time_limit_s
             )
-            if not fits:
+            if not fits or (not can_borrow and row.num_gpus > self.guaranteed[org]):
+                # No node set could hold it, or hard limits never let its org hold that much.
                 job.pending, job.outcome = None, "UNSCHEDULABLE"
             jobs.append(job)
         return jobs
@@ -203,9 +205,8 @@ class Simulator:
                 _, _, kind, job_id, attempt = heapq.heappop(events)
                 changed = self._on_end(t, self.jobs[job_id - 1], attempt, kind)
             elif t_arrival == t:
-                self._on_arrival(t, arrivals[ai])
+                changed = self._on_arrival(t, arrivals[ai])
                 ai += 1
-                changed = True
             else:
                 last_cycle = t
                 next_cycle = _INF
@@ -244,8 +245,8 @@ class Simulator:
             protected[0][0] <= t or self.jobs[protected[0][1] - 1].job_id not in self.running
         ):
             heapq.heappop(protected)
-        if protected:
-            wake = min(wake, protected[0][0])
+        if protected and any(s is not None for s in self.starved_since):
+            wake = min(wake, protected[0][0])  # a starved org may reclaim from it then
         return wake
 
     def _push(self, t: float, kind: int, job: SimJob) -> None:
@@ -285,7 +286,24 @@ class Simulator:
         )
         self.timeline.cluster_changed(t, self.allocated, bool(self.pending))
 
-    def _on_arrival(self, t: float, job: SimJob) -> None:
+    def _may_start(self, job: SimJob) -> bool:
+        """False only when this arrival cannot change the next cycle's decisions.
+
+        With no GPUs freed since the last cycle, a new job can start only if it fits in the free
+        GPUs within what its org may hold, or cause a reclaim if it fits in its org's unused
+        guarantee. Jobs that waited before still cannot start; what time alone changes (ageing,
+        decay, the end of protected runtime) is caught by the idle and protected-runtime wakes.
+        """
+        if not self.sim.gate_cycles:
+            return True
+        org = job.org_index
+        in_quota = self.org_alloc[org] + job.gpus <= self.guaranteed[org]
+        if self.config.preemption and in_quota:
+            return True
+        fits = job.gpus <= self.total_gpus - self.allocated
+        return fits and (in_quota or (self.config.borrowing and self.sim.preemptible))
+
+    def _on_arrival(self, t: float, job: SimJob) -> bool:
         self.now = t
         assert job.pending is not None
         self.pending[job.job_id] = job.pending
@@ -294,6 +312,7 @@ class Simulator:
         job.queued_since_s = t
         self.org_demand[job.org_index] += job.gpus
         self._record(t, job.org_index)
+        return self._may_start(job)
 
     def _on_end(self, t: float, job: SimJob, attempt: int, kind: int) -> bool:
         if attempt != job.attempt or job.job_id not in self.running:

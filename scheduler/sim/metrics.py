@@ -114,7 +114,7 @@ def summarize(result: SimResult, bucket_s: float, grace_s: float) -> tuple[dict[
     alloc_arrivals = float(np.diff(cluster.cumulative(alloc, arrival_edges))[0])
     allocation = {
         "overall_ratio": round(float(alloc_b.sum()) / (total * horizon), 4),
-        "during_arrivals_ratio": round(alloc_arrivals / (total * arrival_edges[1]), 4),
+        "during_arrivals_ratio": round(alloc_arrivals / (total * float(arrival_edges[1])), 4),
         "while_waiting_ratio": round(
             float(busy_waiting_b.sum()) / max(total * float(waiting_b.sum()), 1e-9), 4
         ),
