@@ -339,11 +339,20 @@ class Explainer:
         )
 
     def standings(self) -> dict[int, OrgStanding]:
+        """GPUs held after this cycle's starts (claims of waiting preemptors not counted)."""
         c = self.c
         books = c.books
+        claimed: dict[tuple[int, str], int] = {}
+        for org_id, t, n in c.pre.claims:
+            for a in books.path.get(org_id, ()):
+                claimed[(a, t)] = claimed.get((a, t), 0) + n
         out: dict[int, OrgStanding] = {}
         for oid, org in books.orgs.items():
-            alloc = dict(books.alloc[oid])
+            alloc = {
+                t: a - claimed.get((oid, t), 0)
+                for t, a in books.alloc[oid].items()
+                if a - claimed.get((oid, t), 0) > 0
+            }
             borrowed = {
                 t: a - org.guaranteed.get(t, 0)
                 for t, a in alloc.items()

@@ -48,6 +48,8 @@ class Preemptor:
             if r.preempting:
                 self._add_incoming(r, r.preempt_deadline if r.preempt_deadline else now)
         self.chosen: set[int] = set()
+        # GPUs booked to preemptors that have not started: not held yet, so not in standings.
+        self.claims: list[tuple[int, str, int]] = []
         self._candidates: dict[str, list[RunningJob]] = {}
         self._all = running
         self.failed: dict[tuple[str, str | None, int, int, int], int] = {}
@@ -238,4 +240,5 @@ class Preemptor:
             if inc is not None and taken < gpn:
                 inc.gpus -= gpn - taken
         self.books.add(job.org_id, gpu_type, job.gpu_count)
+        self.claims.append((job.org_id, gpu_type, job.gpu_count))
         return ready_at

@@ -173,6 +173,10 @@ def check_invariants(snap: Snapshot, d: Decisions) -> None:
         for t, lim in o.limit.items():
             if after.get((o.id, t), 0) > before.get((o.id, t), 0):
                 assert after[(o.id, t)] <= lim
+    # Standings report what each org's subtree holds after the starts.
+    for o in snap.orgs:
+        held_after = {t: n for (oid, t), n in after.items() if oid == o.id and n > 0}
+        assert dict(d.standings[o.id].allocated) == held_after
     # Preemptions: only when enabled, only preemptible, old enough, not already being preempted.
     running = {r.job_id: r for r in snap.running}
     if d.preemptions:
