@@ -1,0 +1,350 @@
+"""Authorisation matrix: every role × every endpoint × own/other org, over real HTTP.
+
+Each row names an endpoint and a target (own org, other org); each column a caller. Mutating
+calls get fresh targets, so rows do not depend on each other. All mismatches are reported at
+once, so a failure shows the whole shape of what went wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tests.api.helpers import World
+
+CALLERS = ("anon", "join", "agent", "member_a", "admin_a", "platform")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    method: str
+    # Builds the path (and body) from the world; may create fresh rows.
+    target: Callable[[World], Awaitable[tuple[str, Any]]]
+    expect: dict[str, int]  # caller -> status; callers not listed expect `default`
+    default: int = 0
+
+
+def fixed(path: str, body: Any = None) -> Callable[[World], Awaitable[tuple[str, Any]]]:
+    async def build(w: World) -> tuple[str, Any]:
+        return path.format(a=w.org_a.id, b=w.org_b.id, node=w.node.id if w.node else 0), body
+
+    return build
+
+
+def on_job(owner: str, suffix: str = "", body: Any = None) -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        job = await w.job(owner)
+        return f"/v1/jobs/{job.id}{suffix}", body
+
+    return build
+
+
+def on_user(key: str, suffix: str = "") -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        return f"/v1/users/{w.users[key].id}{suffix}", None
+
+    return build
+
+
+def token_for(key: str) -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        return "/v1/tokens", {"user_id": w.users[key].id, "name": "t"}
+
+    return build
+
+
+def revoke_token_of(key: str) -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        async with w.client("platform") as c:
+            r = await c.post("/v1/tokens", json={"user_id": w.users[key].id})
+            assert r.status_code == 201, r.text
+        return f"/v1/tokens/{r.json()['id']}", None
+
+    return build
+
+
+def new_join_token() -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        async with w.client("platform") as c:
+            r = await c.post("/v1/join-tokens", json={"uses": 1})
+            assert r.status_code == 201, r.text
+        return f"/v1/join-tokens/{r.json()['id']}", None
+
+    return build
+
+
+_seq = iter(range(10_000))
+
+
+def new_org(parent: str | None = None) -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        return "/v1/orgs", {"name": f"new-{next(_seq)}", "parent": parent}
+
+    return build
+
+
+def new_user(org: str | None, role: str = "member") -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        body: dict[str, Any] = {"name": f"u-{next(_seq)}", "role": role}
+        if org is not None:
+            body["org"] = org
+        return "/v1/users", body
+
+    return build
+
+
+JOB = {"command": ["python", "train.py"], "gpus_per_node": 1, "time_limit": 60}
+USERS_ONLY = {"anon": 401, "join": 403, "agent": 403}
+ALL_USERS_OK = {**USERS_ONLY, "member_a": 200, "admin_a": 200, "platform": 200}
+ADMIN = {**USERS_ONLY, "member_a": 403, "admin_a": 403}
+
+CASES = [
+    # Jobs of the caller's own org (owned by member_a) and of another org (owned by member_b).
+    # The platform admin here has no org, so it cannot own jobs: 422.
+    Case("submit", "POST", fixed("/v1/jobs", JOB), {**USERS_ONLY, "platform": 422}, 201),
+    Case("list jobs", "GET", fixed("/v1/jobs"), ALL_USERS_OK),
+    Case(
+        "list jobs org=other",
+        "GET",
+        fixed("/v1/jobs?org=org-b"),
+        {**ALL_USERS_OK, "member_a": 404, "admin_a": 404},
+    ),
+    Case("get own job", "GET", on_job("member_a"), ALL_USERS_OK),
+    Case("get other org's job", "GET", on_job("member_b"), {**USERS_ONLY, "platform": 200}, 404),
+    Case("explain own", "GET", on_job("member_a", "/explain"), ALL_USERS_OK),
+    Case(
+        "explain other", "GET", on_job("member_b", "/explain"), {**USERS_ONLY, "platform": 200}, 404
+    ),
+    Case("logs own", "GET", on_job("member_a", "/logs"), ALL_USERS_OK),
+    Case("logs other", "GET", on_job("member_b", "/logs"), {**USERS_ONLY, "platform": 200}, 404),
+    Case("events own", "GET", on_job("member_a", "/events"), ALL_USERS_OK),
+    Case(
+        "events other", "GET", on_job("member_b", "/events"), {**USERS_ONLY, "platform": 200}, 404
+    ),
+    Case("cancel own", "POST", on_job("member_a", "/cancel"), ALL_USERS_OK),
+    Case(
+        "cancel colleague's",
+        "POST",
+        on_job("member_a2", "/cancel"),
+        {**ALL_USERS_OK, "member_a": 403},
+    ),
+    Case(
+        "cancel other org's",
+        "POST",
+        on_job("member_b", "/cancel"),
+        {**USERS_ONLY, "platform": 200},
+        404,
+    ),
+    Case("hold own", "POST", on_job("member_a", "/hold"), ALL_USERS_OK),
+    Case("hold other", "POST", on_job("member_b", "/hold"), {**USERS_ONLY, "platform": 200}, 404),
+    Case("release own", "POST", on_job("member_a", "/release"), ALL_USERS_OK),
+    Case(
+        "release other",
+        "POST",
+        on_job("member_b", "/release"),
+        {**USERS_ONLY, "platform": 200},
+        404,
+    ),
+    # Orgs, quotas, shares.
+    Case("list orgs", "GET", fixed("/v1/orgs"), ALL_USERS_OK),
+    Case("get own org", "GET", fixed("/v1/orgs/{a}"), ALL_USERS_OK),
+    Case("get other org", "GET", fixed("/v1/orgs/{b}"), {**USERS_ONLY, "platform": 200}, 404),
+    Case("create org", "POST", new_org(), {**ADMIN, "platform": 201}),
+    Case("create sub-org", "POST", new_org("org-a"), {**ADMIN, "platform": 201}),
+    Case(
+        "update own org", "PATCH", fixed("/v1/orgs/{a}", {"shares": 2}), {**ADMIN, "platform": 200}
+    ),
+    Case("get own quota", "GET", fixed("/v1/orgs/{a}/quota"), ALL_USERS_OK),
+    Case(
+        "get other quota", "GET", fixed("/v1/orgs/{b}/quota"), {**USERS_ONLY, "platform": 200}, 404
+    ),
+    Case(
+        "set own quota",
+        "PUT",
+        fixed("/v1/orgs/{a}/quota/H100", {"guaranteed": 1}),
+        {**ADMIN, "platform": 200},
+    ),
+    Case(
+        "set other quota",
+        "PUT",
+        fixed("/v1/orgs/{b}/quota/H100", {"guaranteed": 1}),
+        {**ADMIN, "platform": 200},
+    ),
+    Case("shares", "GET", fixed("/v1/shares"), ALL_USERS_OK),
+    Case("usage", "GET", fixed("/v1/usage"), ALL_USERS_OK),
+    Case("usage csv", "GET", fixed("/v1/usage?format=csv&by=user"), ALL_USERS_OK),
+    Case(
+        "usage of other org",
+        "GET",
+        fixed("/v1/usage?org=org-b"),
+        {**USERS_ONLY, "platform": 200},
+        404,
+    ),
+    # Users.
+    Case("me", "GET", fixed("/v1/users/me"), ALL_USERS_OK),
+    Case("list users", "GET", fixed("/v1/users"), {**ADMIN, "admin_a": 200, "platform": 200}),
+    Case(
+        "create user in own org",
+        "POST",
+        new_user("org-a"),
+        {**ADMIN, "admin_a": 201, "platform": 201},
+    ),
+    Case(
+        "create user in other org",
+        "POST",
+        new_user("org-b"),
+        {**ADMIN, "admin_a": 403, "platform": 201},
+    ),
+    Case(
+        "create platform admin",
+        "POST",
+        new_user(None, "platform-admin"),
+        {**ADMIN, "admin_a": 403, "platform": 201},
+    ),
+    Case(
+        "get colleague",
+        "GET",
+        on_user("member_a2"),
+        {**USERS_ONLY, "member_a": 404, "admin_a": 200, "platform": 200},
+    ),
+    Case("get other org's user", "GET", on_user("member_b"), {**USERS_ONLY, "platform": 200}, 404),
+    # Tokens.
+    Case("list tokens", "GET", fixed("/v1/tokens"), ALL_USERS_OK),
+    Case("token for self", "POST", fixed("/v1/tokens", {"name": "mine"}), {**USERS_ONLY}, 201),
+    Case(
+        "token for colleague",
+        "POST",
+        token_for("member_a2"),
+        {**USERS_ONLY, "member_a": 404, "admin_a": 201, "platform": 201},
+    ),
+    Case(
+        "token for other org's user",
+        "POST",
+        token_for("member_b"),
+        {**USERS_ONLY, "platform": 201},
+        404,
+    ),
+    Case(
+        "revoke colleague's token",
+        "DELETE",
+        revoke_token_of("member_a2"),
+        {**USERS_ONLY, "member_a": 404, "admin_a": 200, "platform": 200},
+    ),
+    Case(
+        "revoke other org's token",
+        "DELETE",
+        revoke_token_of("member_b"),
+        {**USERS_ONLY, "platform": 200},
+        404,
+    ),
+    Case(
+        "create join token",
+        "POST",
+        fixed("/v1/join-tokens", {"uses": 1}),
+        {**ADMIN, "platform": 201},
+    ),
+    Case("list join tokens", "GET", fixed("/v1/join-tokens"), {**ADMIN, "platform": 200}),
+    Case("revoke join token", "DELETE", new_join_token(), {**ADMIN, "platform": 200}),
+    # Nodes.
+    Case("list nodes", "GET", fixed("/v1/nodes"), ALL_USERS_OK),
+    Case("get node", "GET", fixed("/v1/nodes/{node}"), ALL_USERS_OK),
+    Case("drain node", "POST", fixed("/v1/nodes/{node}/drain"), {**ADMIN, "platform": 200}),
+    Case("resume node", "POST", fixed("/v1/nodes/{node}/resume"), {**ADMIN, "platform": 200}),
+    # Open to all.
+    Case("healthz", "GET", fixed("/healthz"), {}, 200),
+    Case("readyz", "GET", fixed("/readyz"), {}, 200),
+    # Last: these disable users the rows above act as.
+    Case(
+        "disable colleague",
+        "DELETE",
+        on_user("member_a2"),
+        {**ADMIN, "admin_a": 200, "platform": 200},
+    ),
+    Case(
+        "disable other org's user",
+        "DELETE",
+        on_user("member_b"),
+        {**ADMIN, "admin_a": 404, "platform": 200},
+    ),
+]
+
+
+async def test_authorisation_matrix(world: World) -> None:
+    mismatches: list[str] = []
+    checked = 0
+    for case in CASES:
+        for caller in CALLERS:
+            expected = case.expect.get(caller, case.default)
+            path, body = await case.target(world)
+            async with world.client(None if caller == "anon" else caller) as c:
+                r = await c.request(case.method, path, json=body)
+            checked += 1
+            if r.status_code != expected:
+                mismatches.append(
+                    f"{case.name} as {caller}: {case.method} {path} -> {r.status_code}, "
+                    f"expected {expected}: {r.text[:160]}"
+                )
+            elif r.status_code >= 400:
+                assert r.headers["content-type"].startswith("application/problem+json"), path
+                assert r.json()["status"] == r.status_code
+    assert not mismatches, "\n".join(mismatches)
+    assert checked > 250
+
+
+async def test_other_orgs_job_is_indistinguishable_from_a_missing_one(world: World) -> None:
+    other = await world.job("member_b")
+    async with world.client("member_a") as c:
+        hidden = await c.get(f"/v1/jobs/{other.id}")
+        missing = await c.get(f"/v1/jobs/{other.id + 10_000}")
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["title"] == missing.json()["title"]
+    assert hidden.json()["detail"].replace(str(other.id), "N") == missing.json()["detail"].replace(
+        str(other.id + 10_000), "N"
+    )
+
+
+async def test_revoked_and_expired_tokens_are_refused(world: World) -> None:
+    async with world.client("member_a") as c:
+        created = (await c.post("/v1/tokens", json={"name": "short"})).json()
+        r = await c.delete(f"/v1/tokens/{created['id']}")
+        assert r.status_code == 200
+    async with world.client(None) as c:
+        c.headers["Authorization"] = f"Bearer {created['token']}"
+        r = await c.get("/v1/jobs")
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == "Bearer"
+        c.headers["Authorization"] = "Basic abc"
+        assert (await c.get("/v1/jobs")).status_code == 401
+        c.headers["Authorization"] = "Bearer " + "x" * 5000
+        assert (await c.get("/v1/jobs")).status_code == 401
+
+
+async def test_disabled_user_loses_access(world: World) -> None:
+    async with world.client("admin_a") as c:
+        assert (await c.delete(f"/v1/users/{world.users['member_a2'].id}")).status_code == 200
+    async with world.client("member_a2") as c:
+        assert (await c.get("/v1/jobs")).status_code == 401
+
+
+async def test_listing_shows_only_own_org_jobs(world: World) -> None:
+    mine = await world.job("member_a")
+    theirs = await world.job("member_b")
+    async with world.client("member_a") as c:
+        ids = {j["id"] for j in (await c.get("/v1/jobs")).json()["data"]}
+    assert mine.id in ids
+    assert theirs.id not in ids
+    async with world.client("platform") as c:
+        ids = {j["id"] for j in (await c.get("/v1/jobs")).json()["data"]}
+    assert {mine.id, theirs.id} <= ids
+
+
+async def test_token_secret_shown_once(world: World) -> None:
+    async with world.client("member_a") as c:
+        created = (await c.post("/v1/tokens", json={"name": "ci"})).json()
+        listed = (await c.get("/v1/tokens")).json()["data"]
+    assert created["token"].startswith("fg_u_")
+    assert all("token" not in t for t in listed)
+    assert any(t["id"] == created["id"] for t in listed)
+    assert created["token"] not in str(listed)
