@@ -137,7 +137,7 @@ class ClusterStats:
 
 async def read_cluster(session: AsyncSession, config: PolicyConfig) -> ClusterStats:
     stats = ClusterStats()
-    names = dict((await session.execute(select(OrgRow.id, OrgRow.name))).tuples().all())
+    names = dict((await session.execute(select(OrgRow.id, OrgRow.name))).all())
     for org_id, state, n in await session.execute(
         select(Job.org_id, Job.state, func.count())
         .where(Job.state.in_([JobState.PENDING, JobState.STARTING, JobState.RUNNING]))
@@ -169,7 +169,7 @@ async def read_cluster(session: AsyncSession, config: PolicyConfig) -> ClusterSt
         if borrowed:
             stats.borrowed[key] = stats.borrowed.get(key, 0) + n
     usage = dict(
-        (await session.execute(select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds))).tuples()
+        (await session.execute(select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds))).all()
     )
     orgs = [
         Org(id=o.id, name=o.name, parent_id=o.parent_id, shares=o.shares, usage=usage.get(o.id, 0))

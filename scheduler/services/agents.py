@@ -343,7 +343,7 @@ async def _apply_reports(
             await session.execute(
                 select(Task, Job).join(Job, Job.id == Task.job_id).where(Task.id.in_(ids))
             )
-        ).tuples()
+        )
     }
     weights = dict(settings.gpu_weights)
     for report in reports:
@@ -397,7 +397,7 @@ async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> N
                     Task.id.in_(task_ids), Task.node_id == node_id
                 )
             )
-        ).tuples()
+        ).all()
     )
     rows: list[dict[str, Any]] = []
     for chunk in sorted(body.logs, key=lambda c: (c.task_id, c.offset)):
@@ -433,21 +433,17 @@ async def node_work(
 ) -> tuple[list[TaskSpec], list[TaskStop]]:
     """Tasks the node must start (not yet acknowledged) and stop (asked, not yet ended)."""
     rows = (
-        (
-            await session.execute(
-                select(Task, Job)
-                .join(Job, Job.id == Task.job_id)
-                .where(
-                    Task.node_id == node_id,
-                    Task.state.in_(ACTIVE_STATES),
-                    or_(Task.stop_requested_at.is_not(None), Task.started_at.is_(None)),
-                )
-                .order_by(Task.id)
+        await session.execute(
+            select(Task, Job)
+            .join(Job, Job.id == Task.job_id)
+            .where(
+                Task.node_id == node_id,
+                Task.state.in_(ACTIVE_STATES),
+                or_(Task.stop_requested_at.is_not(None), Task.started_at.is_(None)),
             )
+            .order_by(Task.id)
         )
-        .tuples()
-        .all()
-    )
+    ).all()
     if not rows:
         return [], []
     stops = [
@@ -485,9 +481,7 @@ async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> l
             if gang_jobs.get(job_id) == attempt:
                 masters[job_id] = address
     org_ids = {j.org_id for _, j in pairs}
-    orgs = dict(
-        (await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).tuples()
-    )
+    orgs = dict((await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).all())
     specs: list[TaskSpec] = []
     for task, job in pairs:
         held = sorted(gpus.get(task.id, []))

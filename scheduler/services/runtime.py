@@ -52,6 +52,7 @@ class SchedulerRuntime:
         self._node_events: dict[int, asyncio.Event] = {}
         self._previously_open: frozenset[int] | None = None
         self._cycle_done = asyncio.Condition()
+        self._in_cycle = False
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -136,8 +137,8 @@ class SchedulerRuntime:
                 return None
 
     async def wait_cycles(self, count: int = 1, timeout_s: float = 10.0) -> None:
-        """Wait until `count` more cycles completed (tests and tools; notify first)."""
-        target = self.cycles + count
+        """Wait until `count` cycles that start from now on have completed (tests, tools)."""
+        target = self.cycles + count + (1 if self._in_cycle else 0)
         async with self._cycle_done:
             await asyncio.wait_for(
                 self._cycle_done.wait_for(lambda: self.cycles >= target), timeout_s
@@ -168,7 +169,11 @@ class SchedulerRuntime:
                     break
                 self._wake.clear()
                 last_started = time.monotonic()
-                await self._cycle()
+                self._in_cycle = True
+                try:
+                    await self._cycle()
+                finally:
+                    self._in_cycle = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop must survive a bad cycle or a database outage
