@@ -25,7 +25,9 @@ async def test_submit_run_complete_and_usage(cluster: Cluster) -> None:
     reply = await cluster.heartbeat(cred)
     (spec,) = reply["start"]
     assert spec["job_id"] == job["id"]
-    assert len(spec["gpus"]) == 2 and spec["num_nodes"] == 1 and spec["env"] == {"A": "1"}
+    assert len(spec["gpus"]) == 2
+    assert spec["num_nodes"] == 1
+    assert spec["env"] == {"A": "1"}
     assert spec["org"] == org
     # Until the agent reports the task, every reply repeats the start.
     assert [s["task_id"] for s in (await cluster.heartbeat(cred))["start"]] == [spec["task_id"]]
@@ -41,7 +43,8 @@ async def test_submit_run_complete_and_usage(cluster: Cluster) -> None:
         tasks=[report(spec["task_id"], job["id"], "running", started_at=t0.isoformat())],
         samples=samples0,
     )
-    assert reply["start"] == [] and reply["stop"] == []
+    assert reply["start"] == []
+    assert reply["stop"] == []
     assert (await cluster.job(token, job["id"]))["state"] == "RUNNING"
 
     t1 = t0 + timedelta(seconds=10)
