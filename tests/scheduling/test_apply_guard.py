@@ -1,0 +1,128 @@
+"""A stale decision changes nothing, and a deposed leader's decisions are never applied."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from scheduler.core import schedule
+from scheduler.core.types import Start
+from scheduler.db import Allocation, Gpu, Job, Quota, SchedulerLease
+from scheduler.db.engine import make_sessionmaker
+from scheduler.services.scheduling import Lease, LeaseLost, run_cycle
+from scheduler.services.scheduling.apply import Applied, _apply_start, apply_starts
+from scheduler.services.scheduling.lease import check_fence
+from scheduler.services.scheduling.load import load_snapshot, policy_config
+from scheduler.settings import Settings
+from scheduler.states import GpuHealth, JobState
+from tests import factories
+
+
+async def _seed(engine: AsyncEngine) -> tuple[int, list[int]]:
+    async with make_sessionmaker(engine)() as s:
+        org = await factories.org(s)
+        s.add(Quota(org_id=org.id, gpu_type="H100", guaranteed=2, limit=2))
+        user = await factories.user(s, org)
+        _, gpus = await factories.node(s, gpus=2)
+        job = await factories.job(s, org, user, gpus_per_node=2)
+        await s.commit()
+        return job.id, [g.id for g in gpus]
+
+
+async def _decide(engine: AsyncEngine) -> tuple[Start, ...]:
+    settings = Settings(database_url="sqlite:///unused.db")
+    async with make_sessionmaker(engine)() as s:
+        loaded = await load_snapshot(
+            s, now=datetime.now(UTC), config=policy_config(settings), previously_open=None
+        )
+    return schedule(loaded.snapshot).starts
+
+
+async def _open_allocations(engine: AsyncEngine) -> int:
+    async with make_sessionmaker(engine)() as s:
+        count = await s.scalar(
+            select(func.count()).select_from(Allocation).where(Allocation.ended_at.is_(None))
+        )
+        return int(count or 0)
+
+
+@pytest.mark.parametrize("change", ["gpu-unhealthy", "job-cancelled", "job-held"])
+async def test_stale_start_is_skipped(engine: AsyncEngine, change: str) -> None:
+    job_id, gpu_ids = await _seed(engine)
+    starts = await _decide(engine)
+    assert [s.job_id for s in starts] == [job_id]
+    maker = make_sessionmaker(engine)
+    async with maker() as s:  # the world moves on while the core decides
+        if change == "gpu-unhealthy":
+            gpu = await s.get(Gpu, gpu_ids[1])
+            assert gpu is not None
+            gpu.health = GpuHealth.UNHEALTHY
+        else:
+            job = await s.get(Job, job_id)
+            assert job is not None
+            if change == "job-cancelled":
+                job.state = JobState.CANCELLED
+            else:
+                job.held = True
+        await s.commit()
+    applied = Applied()
+    async with maker() as s, s.begin():
+        await apply_starts(s, starts, datetime.now(UTC), applied, {})
+    assert applied.started == []
+    assert applied.skipped == [job_id]
+    assert await _open_allocations(engine) == 0
+
+
+async def test_unique_index_is_the_last_line_of_defence(engine: AsyncEngine) -> None:
+    """Even when the in-code guard is fooled, a GPU is never given twice."""
+    job_id, gpu_ids = await _seed(engine)
+    (start,) = await _decide(engine)
+    maker = make_sessionmaker(engine)
+    async with maker() as s, s.begin():
+        applied = Applied()
+        await apply_starts(s, (start,), datetime.now(UTC), applied, {})
+        assert applied.started == [job_id]
+    async with maker() as s:  # a second, identical decision, with a guard that saw nothing
+        job = await s.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.PENDING  # pretend it is startable again
+        gpus = {(g.node_id, g.index): g for g in await s.scalars(select(Gpu))}
+        ready = {node_id for node_id, _ in gpus}
+        ok = await _apply_start(s, start, job, gpus, ready, set(), datetime.now(UTC), Applied())
+        assert ok is False
+        await s.rollback()
+    assert await _open_allocations(engine) == 2
+
+
+async def test_deposed_leader_applies_nothing(engine: AsyncEngine) -> None:
+    job_id, _ = await _seed(engine)
+    maker = make_sessionmaker(engine)
+    settings = Settings(database_url=str(engine.url), lease_timeout_s=5.0)
+    old = Lease(engine, ttl_s=5.0)
+    async with maker() as s:
+        assert await old.try_acquire(s)
+    epoch = old.epoch
+    assert epoch is not None
+    async with maker() as s:  # a new leader takes over and bumps the epoch
+        row = await s.get(SchedulerLease, 1)
+        assert row is not None
+        row.epoch += 1
+        await s.commit()
+    with pytest.raises(LeaseLost):
+        await run_cycle(maker, epoch=epoch, settings=settings, previously_open=None)
+    assert await _open_allocations(engine) == 0
+    async with maker() as s:
+        job = await s.get(Job, job_id)
+        assert job is not None
+        assert job.state is JobState.PENDING
+        await s.rollback()
+        with pytest.raises(LeaseLost):
+            async with s.begin():
+                await check_fence(s, epoch, now=datetime.now(UTC), ttl_s=5.0)
+        # The current epoch passes and the cycle runs.
+        result = await run_cycle(maker, epoch=epoch + 1, settings=settings, previously_open=None)
+    assert result.applied.started == [job_id]
+    await old.release()
