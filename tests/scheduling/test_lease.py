@@ -1,0 +1,82 @@
+"""Exactly one leader; another replica takes over within the lease timeout when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from sqlalchemy import text
+
+from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.services.runtime import SchedulerRuntime
+from scheduler.settings import Settings
+from tests.scheduling.harness import fast_settings
+
+LEASE_TIMEOUT_S = 2.0
+
+
+@asynccontextmanager
+async def replica(settings: Settings) -> AsyncIterator[SchedulerRuntime]:
+    engine = make_engine(settings.database_url, pool_size=3)
+    runtime = SchedulerRuntime(
+        settings=settings, sessionmaker=make_sessionmaker(engine), engine=engine
+    )
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+        await engine.dispose()
+
+
+async def _until(predicate: object, timeout_s: float) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        if predicate():  # type: ignore[operator]
+            return time.monotonic() - began
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s")
+
+
+async def _kill_lock_connection(runtime: SchedulerRuntime) -> None:
+    """Simulate the leader's process dying: its lock connection goes away, uncleanly."""
+    if runtime.lease.is_postgres:
+        conn = runtime.lease._conn
+        assert conn is not None
+        pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+        await conn.commit()
+        url = runtime.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+    # Stop its loop without a clean release (on SQLite the row then simply expires).
+    task = runtime._task
+    assert task is not None
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    runtime._task = None
+
+
+async def test_one_leader_and_takeover_when_it_dies(database_url: str) -> None:
+    settings = fast_settings(database_url, lease_timeout_s=LEASE_TIMEOUT_S)
+    async with replica(settings) as first:
+        await _until(lambda: first.is_leader and first.cycles > 0, 10)
+        async with replica(settings) as second:
+            await asyncio.sleep(0.5)
+            assert first.is_leader
+            assert not second.is_leader
+            deposed_epoch = first.lease.epoch
+            await _kill_lock_connection(first)
+            took_s = await _until(lambda: second.is_leader, LEASE_TIMEOUT_S + 2.0)
+            assert took_s <= LEASE_TIMEOUT_S + 1.0, took_s
+            assert second.lease.epoch is not None
+            assert deposed_epoch is not None
+            assert second.lease.epoch > deposed_epoch
+            cycles = second.cycles
+            await _until(lambda: second.cycles > cycles, 5)
+            assert second.metrics.leader._value.get() == 1
