@@ -1,0 +1,247 @@
+"""`fairgpu demo`: the whole system on this machine, in about a minute and a half.
+
+A server on a temporary SQLite file, four agents with simulated GPUs in two sites, three
+organisations with quotas, and a time-compressed Philly-shaped workload; the scenario in
+`cli/demo_run.py` makes sure a gang, a backfill and a reclaim preemption happen. Every process
+it starts is stopped in `finally`, also on Ctrl-C, and their children with them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Annotated
+
+import httpx
+import psutil
+import typer
+
+from cli.common import fail
+
+SERVER_START_S = 30.0
+AGENTS_READY_S = 30.0
+
+# The demo's cluster: two sites, two nodes each.
+NODES = (
+    ("h100-a1", "site-a", "8xH100"),
+    ("h100-a2", "site-a", "8xH100"),
+    ("a100-b1", "site-b", "8xA100-80GB"),
+    ("a100-b2", "site-b", "8xA100-80GB"),
+)
+
+# Short cycles, grace and minimum runtime so that preemption fits in a one-minute demo.
+SERVER_ENV = {
+    "FAIRGPU_CYCLE_INTERVAL_S": "1",
+    "FAIRGPU_CYCLE_MIN_GAP_S": "0.2",
+    "FAIRGPU_HEARTBEAT_INTERVAL_S": "2",
+    "FAIRGPU_HEARTBEAT_LONG_POLL_S": "2",
+    "FAIRGPU_PREEMPTION_GRACE_S": "2",
+    "FAIRGPU_MIN_RUNTIME_S": "4",
+    "FAIRGPU_NODE_TIMEOUT_S": "30",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def fairgpu_command() -> list[str]:
+    """This very installation's `fairgpu`, whatever PATH says."""
+    script = Path(sys.executable).parent / "fairgpu"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from cli.main import main; main()"]
+
+
+@dataclass
+class Processes:
+    """Children started by the demo; `stop_all` ends them and anything they started."""
+
+    workdir: Path
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        self.logs.append(log)
+        proc = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,  # Ctrl-C reaches the demo only; it stops the rest in order
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                tail = self.tail(name)
+                fail(f"{name} exited with status {proc.returncode}: {tail}")
+
+    def tail(self, name: str, lines: int = 3) -> str:
+        try:
+            text = (self.workdir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def stop_all(self, timeout_s: float = 8.0) -> None:
+        """Agents first (SIGTERM stops their tasks' reports), then the server; then stragglers."""
+        everyone: list[psutil.Process] = []
+        for _, proc in self.procs:
+            with suppress(psutil.Error):
+                everyone.extend(psutil.Process(proc.pid).children(recursive=True))
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for child in everyone:  # job processes: their own process groups, so signal each
+            with suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(everyone, timeout=3)
+        for log in self.logs:
+            log.close()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str
+    admin_token: str
+    agent_metrics: list[str]
+    workdir: Path
+
+
+@contextmanager
+def cluster(workdir: Path, say: typer.Typer | None = None) -> Iterator[Cluster]:
+    """Server + bootstrap + join token + four agents, all stopped on the way out."""
+    db_url = f"sqlite:///{workdir / 'fairgpu.db'}"
+    env = {**os.environ, **SERVER_ENV, "FAIRGPU_DATABASE_URL": db_url}
+    env.pop("FAIRGPU_SERVER", None)
+    env.pop("FAIRGPU_TOKEN", None)
+    procs = Processes(workdir)
+    cmd = fairgpu_command()
+    try:
+        boot = subprocess.run(
+            [*cmd, "admin", "bootstrap", "--name", "admin"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            timeout=60,
+            check=False,
+        )
+        if boot.returncode != 0:
+            fail(f"admin bootstrap failed: {boot.stderr.strip() or boot.stdout.strip()}")
+        token = boot.stdout.strip().splitlines()[-1]
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server_args = [*cmd, "server", "--host", "127.0.0.1", "--port", str(port)]
+        procs.start("server", [*server_args, "--log-level", "warning", "--no-access-log"], env)
+        _wait_healthy(url, procs)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+            join = http.post("/v1/join-tokens", json={"name": "demo", "uses": len(NODES)})
+            if join.status_code != 201:
+                fail(f"could not create a join token: {join.status_code} {join.text[:200]}")
+            join_token = join.json()["token"]
+            metrics = []
+            agent_env = {k: v for k, v in env.items() if k != "FAIRGPU_DATABASE_URL"}
+            for name, site, gpus in NODES:
+                mport = free_port()
+                metrics.append(f"http://127.0.0.1:{mport}/metrics")
+                procs.start(
+                    name,
+                    [
+                        *cmd, "agent", "--server", url, "--join-token", join_token,
+                        "--simulate", gpus, "--name", name, "--site", site,
+                        "--domain", f"{site}-rack1", "--state-dir", str(workdir / name),
+                        "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
+                        "--time-limit-grace-s", "2", "--log-level", "warning",
+                    ],
+                    agent_env,
+                )  # fmt: skip
+            _wait_nodes(http, procs)
+        yield Cluster(url=url, admin_token=token, agent_metrics=metrics, workdir=workdir)
+    finally:
+        procs.stop_all()
+
+
+def _wait_healthy(url: str, procs: Processes) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    fail(f"the server did not become ready in {SERVER_START_S:.0f} s: {procs.tail('server')}")
+
+
+def _wait_nodes(http: httpx.Client, procs: Processes) -> None:
+    deadline = time.monotonic() + AGENTS_READY_S
+    ready = 0
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        nodes = http.get("/v1/nodes").json().get("data", [])
+        ready = sum(1 for n in nodes if n["state"] == "ready" and n["gpus_total"] > 0)
+        if ready == len(NODES):
+            return
+        time.sleep(0.3)
+    fail(f"only {ready} of {len(NODES)} agents registered in {AGENTS_READY_S:.0f} s")
+
+
+def demo(
+    seed: Annotated[int, typer.Option(help="Seed of the generated workload.")] = 7,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the temporary directory (database, logs).")
+    ] = False,
+    live: Annotated[
+        bool, typer.Option(help="Live queue display (off: a line per event, for logs).")
+    ] = True,
+    workload_s: Annotated[
+        float, typer.Option(min=20, max=90, help="Seconds of submissions (compressed trace).")
+    ] = 50.0,
+) -> None:
+    """Run the whole system here: a server, four simulated GPU nodes, three orgs, a workload."""
+    from cli.demo_run import run_scenario
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="fairgpu-demo-"))
+    typer.echo(f"fairgpu demo: starting a server and 4 agents (work dir {workdir})")
+    try:
+        with cluster(workdir) as c:
+            typer.echo(f"cluster up in {time.monotonic() - started:.1f} s: {c.url}")
+            run_scenario(c, seed=seed, live=live, workload_s=workload_s, started=started)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: everything the demo started has been stopped", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        if keep:
+            typer.echo(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    typer.echo(f"demo finished in {time.monotonic() - started:.0f} s; nothing left running")
