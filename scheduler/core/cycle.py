@@ -82,6 +82,7 @@ class _Cycle:
         self.failed: dict[tuple[str, str | None, int], int] = {}
         self.blocked_by: int | None = None  # strict order: the job everyone waits behind
         self._bump_failed: set[tuple[object, ...]] = set()
+        self._borrow_failed: dict[tuple[object, ...], Wait] = {}
         self._static_memo: dict[tuple[str | None, str | None, int, int], tuple[str, ...]] = {}
         self._static_full: dict[
             tuple[int, str | None, str | None, int, int], tuple[str, ...] | Wait
@@ -307,7 +308,7 @@ class _Cycle:
             if not may_borrow and not books.in_quota_after(job.org_id, t, n, most):
                 continue
             plan = self.pre.plan(job, t, in_quota=False)
-            if plan is None or not plan.victims:
+            if plan is None:
                 continue
             freed = sum(v.gpu_count for v in plan.victims)
             if not may_borrow and not books.in_quota_after(job.org_id, t, n, freed):
@@ -345,22 +346,36 @@ class _Cycle:
         """Start a borrower if idle GPUs fit it (or its own lower classes make room)."""
         # In strict order only jobs ahead of the blocked one were deferred: they may go.
         books = self.books
-        wait: Wait | None = None
         n = job.gpus_per_node * job.nodes
+        if books.limited[job.org_id]:
+            for t in types:
+                lim = books.limit_block(job.org_id, t, n)
+                if lim is not None:
+                    self.waits[job.job_id] = self.ex.limit(job, t, lim, never=False)
+                    return False
+        # The same shape of the same org failed before: capacity and victims only shrank since.
+        key = (
+            job.org_id,
+            types,
+            job.site,
+            job.gpus_per_node,
+            job.nodes,
+            job.priority_class,
+            job.time_limit_s,
+        )
+        failed = self._borrow_failed.get(key)
+        if failed is not None:
+            self.waits[job.job_id] = failed
+            return False
         for t in types:
-            lim = books.limit_block(job.org_id, t, n)
-            if lim is not None:
-                wait = wait or self.ex.limit(job, t, lim, never=False)
-                continue
             nodes = self.place(job, t)
             if nodes is not None:
                 self.start(job, t, nodes, borrowed=True)
                 return True
-            wait = wait or self.ex.queued(job, t, None, borrowing=True)
         if self._bump(job, types):
             return True
-        assert wait is not None
-        self.waits[job.job_id] = wait
+        wait = self.ex.queued(job, types[0], None, borrowing=True)
+        self._borrow_failed[key] = self.waits[job.job_id] = wait
         return False
 
 

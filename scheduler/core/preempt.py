@@ -20,6 +20,7 @@ class Incoming:
 
     gpus: int
     deadline: float
+    by_org: dict[int, int]  # whose jobs are leaving: a bump may only wait for its own org's
 
 
 @dataclass(slots=True)
@@ -44,6 +45,9 @@ class Preemptor:
         self.now = now
         self.classes = config.priority_classes
         self.incoming: dict[int, Incoming] = {}
+        self.own_incoming: dict[tuple[int, str], int] = {}  # (org, type) → GPUs of its leaving
+        self._inc_by_org: dict[tuple[int, str], set[int]] = {}  # (org, type) → nodes
+        self._inc_sorted: dict[str, list[int]] = {}  # type → nodes with leaving GPUs, by id
         for r in running:
             if r.preempting:
                 self._add_incoming(r, r.preempt_deadline if r.preempt_deadline else now)
@@ -62,34 +66,60 @@ class Preemptor:
             if p.node_id not in self.index.nodes:
                 continue
             inc = self.incoming.get(p.node_id)
+            g = len(p.gpus)
             if inc is None:
-                self.incoming[p.node_id] = Incoming(len(p.gpus), deadline)
+                self.incoming[p.node_id] = Incoming(g, deadline, {r.org_id: g})
             else:
-                inc.gpus += len(p.gpus)
+                inc.gpus += g
                 inc.deadline = max(inc.deadline, deadline)
+                inc.by_org[r.org_id] = inc.by_org.get(r.org_id, 0) + g
+            key = (r.org_id, r.gpu_type)
+            self.own_incoming[key] = self.own_incoming.get(key, 0) + g
+            self._inc_by_org.setdefault(key, set()).add(p.node_id)
+            self._inc_sorted.pop(r.gpu_type, None)
+
+    def _consume(self, inc: Incoming, used: int, org_id: int, gpu_type: str) -> None:
+        """A claim takes leaving GPUs: its own org's first, then others' in org id order."""
+        used = min(used, inc.gpus)
+        inc.gpus -= used
+        for o in [org_id, *sorted(x for x in inc.by_org if x != org_id)]:
+            if used <= 0:
+                break
+            take = min(used, inc.by_org.get(o, 0))
+            if take:
+                inc.by_org[o] -= take
+                self.own_incoming[(o, gpu_type)] -= take
+                used -= take
 
     def has_lower(self, org_id: int, types: tuple[str, ...], cls: int) -> bool:
-        """Whether the org runs any preemptible job of a lower class on one of the types."""
+        """Whether the org runs a preemptible lower-class job, or has jobs leaving, on a type."""
         lowest = self._lowest
         for t in types:
             if t not in self._candidates:
                 self.candidates(t)
-            if lowest.get((org_id, t), cls) < cls:
+            if lowest.get((org_id, t), cls) < cls or self.own_incoming.get((org_id, t)):
                 return True
         return False
 
     def own_lower_gpus(self, org_id: int, gpu_type: str, cls: int) -> int:
         """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
         self.candidates(gpu_type)
+        leaving = self.own_incoming.get((org_id, gpu_type), 0)
         if self._lowest.get((org_id, gpu_type), cls) >= cls:
-            return 0
-        return self._own_gpus.get((org_id, gpu_type), 0)
+            return leaving
+        return self._own_gpus.get((org_id, gpu_type), 0) + leaving
 
-    def _incoming_of(self, gpu_type: str) -> list[int]:
-        nodes = self.index.nodes
-        return sorted(
-            n for n, inc in self.incoming.items() if inc.gpus > 0 and nodes[n].gpu_type == gpu_type
-        )
+    def _incoming_of(self, gpu_type: str, org_id: int | None = None) -> list[int]:
+        """Nodes with leaving GPUs of the type (of one org's jobs when given), by id."""
+        if org_id is not None:
+            return sorted(self._inc_by_org.get((org_id, gpu_type), ()))
+        out = self._inc_sorted.get(gpu_type)
+        if out is None:
+            nodes = self.index.nodes
+            out = self._inc_sorted[gpu_type] = sorted(
+                n for n in self.incoming if nodes[n].gpu_type == gpu_type
+            )
+        return out
 
     def candidates(self, gpu_type: str) -> list[RunningJob]:
         """Preemptible jobs of the type old enough to preempt, most-over-share org first."""
@@ -127,8 +157,12 @@ class Preemptor:
         if self.failed.get(memo, k + 1) <= k:
             return None
         cands = self.candidates(gpu_type)
-        if not in_quota and self._lowest.get((job.org_id, gpu_type), cls) >= cls:
-            return None  # no lower-class job of its own org to preempt
+        if (
+            not in_quota
+            and self._lowest.get((job.org_id, gpu_type), cls) >= cls
+            and not self.own_incoming.get((job.org_id, gpu_type))
+        ):
+            return None  # no lower-class job of its own org to preempt, none leaving
         if in_quota and not cands and not self._incoming_of(gpu_type):
             return None
         index, books = self.index, self.books
@@ -162,11 +196,17 @@ class Preemptor:
                     return s
             return None
 
-        fit_site = None
-        if in_quota:  # GPUs already leaving serve in-quota needs first; never a job beyond quota
-            for nid in self._incoming_of(gpu_type):
-                touch(nid, self.incoming[nid].gpus, None)
-            fit_site = fits()
+        # GPUs already leaving count first, so one need never preempts twice. In quota, any
+        # leaving GPUs serve; beyond quota only those of the org's own leaving jobs (its bumps).
+        for nid in self._incoming_of(gpu_type, None if in_quota else job.org_id):
+            inc = self.incoming[nid]
+            g = inc.gpus if in_quota else min(inc.gpus, inc.by_org.get(job.org_id, 0))
+            if g > 0:
+                before = len(ready)
+                touch(nid, g, None)
+                if len(ready) > before and fits() is not None:
+                    break  # enough: the rest of the leaving GPUs stay for other needs
+        fit_site = fits()
         victims_order: list[RunningJob] = []
         if fit_site is None:
             after_share = (
@@ -238,7 +278,7 @@ class Preemptor:
             taken = self.index.hide(nid, gpn)
             inc = self.incoming.get(nid)
             if inc is not None and taken < gpn:
-                inc.gpus -= gpn - taken
+                self._consume(inc, gpn - taken, job.org_id, gpu_type)
         self.books.add(job.org_id, gpu_type, job.gpu_count)
         self.claims.append((job.org_id, gpu_type, job.gpu_count))
         return ready_at

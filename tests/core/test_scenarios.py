@@ -408,3 +408,27 @@ def test_explain_off_keeps_reasons_but_skips_estimates() -> None:
     d = schedule(s)
     assert codes(d, 1) == [ReasonCode.RESOURCES]
     assert d.pending[1].estimated_start is None
+
+
+def test_priority_preemption_does_not_repeat_while_its_victim_leaves() -> None:
+    s = snapshot(
+        nodes=nodes(2),
+        orgs=[org(1, guaranteed=16)],
+        running=[
+            run(
+                100 + i,
+                1,
+                [(1 + i, range(8))],
+                preemptible=True,
+                priority_class="low",
+                started=-1e4,
+            )
+            for i in range(2)
+        ],
+        pending=[job(1, 1, 8, priority_class="high")],
+    )
+    d = schedule(s)
+    assert len(d.preemptions) == 1
+    again = schedule(apply(s, d, now=10.0))
+    assert again.preemptions == ()
+    assert codes(again, 1) == [ReasonCode.PREEMPTING]
