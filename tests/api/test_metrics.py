@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
@@ -47,10 +47,16 @@ async def test_metrics_are_valid_and_describe_the_cluster(cluster: Cluster) -> N
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    checked = subprocess.run(
-        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    promtool = await asyncio.create_subprocess_exec(
+        PROMTOOL,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    out, _ = await promtool.communicate(text.encode())
+    assert promtool.returncode == 0, out.decode()
 
     m = _samples(text)
     assert m[("fairgpu_scheduler_leader", ())] == 1
