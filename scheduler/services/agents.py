@@ -172,23 +172,28 @@ async def heartbeat(
     """Apply the node's samples, task reports and logs; return the work for it. Caller commits."""
     now = now or utcnow()
     # Write first: on SQLite the write lock is then taken before anything is read.
-    await session.execute(
-        update(NodeRow)
-        .where(NodeRow.id == node_id)
-        .values(last_heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    node = await session.get(NodeRow, node_id)
-    if node is None:
+    touched = (
+        await session.execute(
+            update(NodeRow)
+            .where(NodeRow.id == node_id)
+            .values(last_heartbeat_at=now)
+            .returning(NodeRow.name, NodeRow.state)
+            .execution_options(synchronize_session=False)
+        )
+    ).one_or_none()
+    if touched is None:
         raise Unauthenticated("this node is no longer registered")
+    node_name, node_state = touched
     outcome = HeartbeatOutcome(reply=_reply(settings, now))
-    actor = f"agent:{node.name}"
-    if node.state is NodeState.DOWN:
+    actor = f"agent:{node_name}"
+    if NodeState(node_state) is NodeState.DOWN:
+        node = await session.get(NodeRow, node_id)
+        assert node is not None
         session.add(
             Event(
                 at=now,
                 kind="node.state",
-                node_id=node.id,
+                node_id=node_id,
                 from_state=str(node.state),
                 to_state=str(NodeState.READY),
                 actor=actor,
@@ -199,20 +204,20 @@ async def heartbeat(
         node.state_reason = None
         outcome.changed = outcome.urgent = True
     if body.samples:
-        await _apply_samples(session, node, body.samples, settings, now, outcome)
+        await _apply_samples(session, node_id, node_name, body.samples, settings, now, outcome)
     stale: set[int] = set()
     effects = EndEffects()
     if body.tasks:
         await _apply_reports(
-            session, node, body.tasks, settings, now, actor, outcome, stale, effects
+            session, node_id, body.tasks, settings, now, actor, outcome, stale, effects
         )
     if body.logs:
-        await _apply_logs(session, node.id, body)
+        await _apply_logs(session, node_id, body)
     await session.flush()
-    outcome.wake_nodes = effects.wake_nodes - {node.id}
+    outcome.wake_nodes = effects.wake_nodes - {node_id}
     if effects.gpus_freed or effects.jobs_requeued:
         outcome.changed = True
-    starts, stops = await node_work(session, node_id=node.id, settings=settings)
+    starts, stops = await node_work(session, node_id=node_id, settings=settings)
     stops.extend(
         TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.preemption_grace_s)
         for t in sorted(stale)
@@ -243,13 +248,14 @@ def _sample_json(sample: GpuSample) -> dict[str, Any]:
 
 async def _apply_samples(
     session: AsyncSession,
-    node: NodeRow,
+    node_id: int,
+    node_name: str,
     samples: list[GpuSample],
     settings: Settings,
     now: datetime,
     outcome: HeartbeatOutcome,
 ) -> None:
-    gpus = {g.index: g for g in await session.scalars(select(Gpu).where(Gpu.node_id == node.id))}
+    gpus = {g.index: g for g in await session.scalars(select(Gpu).where(Gpu.node_id == node_id))}
     holding = {
         a.gpu_id: a
         for a in await session.scalars(
@@ -290,10 +296,10 @@ async def _apply_samples(
                 Event(
                     at=now,
                     kind="gpu.health",
-                    node_id=node.id,
+                    node_id=node_id,
                     from_state=str(gpu.health),
                     to_state=str(health),
-                    actor=f"agent:{node.name}",
+                    actor=f"agent:{node_name}",
                     reason=sample.health_reason or None,
                     details={"gpu_index": gpu.index, "uuid": gpu.uuid, "xids": sample.xid_events},
                 )
@@ -327,7 +333,7 @@ def _end_state(report: TaskReport, task: Task) -> tuple[JobState, str]:
 
 async def _apply_reports(
     session: AsyncSession,
-    node: NodeRow,
+    node_id: int,
     reports: list[TaskReport],
     settings: Settings,
     now: datetime,
@@ -349,7 +355,7 @@ async def _apply_reports(
     for report in reports:
         live = report.state not in TERMINAL_TASK_STATES
         pair = found.get(report.task_id)
-        if pair is None or pair[0].node_id != node.id or pair[0].state.is_terminal:
+        if pair is None or pair[0].node_id != node_id or pair[0].state.is_terminal:
             if live:
                 stale.add(report.task_id)
             continue
