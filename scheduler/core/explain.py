@@ -52,6 +52,7 @@ class Explainer:
         self._rank: dict[int, int] | None = None
         self._shape: dict[tuple[str, str | None, int], dict[str, float | int | str]] = {}
         self._free: dict[str, int] = {}
+        self._share: dict[int, float] = {}
 
     def _reason(self, key: tuple[object, ...], build: object) -> Reason:
         r = self.cache.get(key)
@@ -213,7 +214,10 @@ class Explainer:
             text = f"strict order: behind job {blocked_by}, which cannot start yet"
             return Reason(ReasonCode.PRIORITY, text, details)
         if borrowing:
-            details["weighted_share"] = round(c.books.dominant_share(oid), 6)
+            share = self._share.get(oid)
+            if share is None:
+                share = self._share[oid] = round(c.books.dominant_share(oid), 6)
+            details["weighted_share"] = share
             text = f"borrowing: no idle {t} GPUs left for it this cycle"
             return Reason(ReasonCode.RESOURCES, text, details)
         res_holder = c.res.holder.get(t)
