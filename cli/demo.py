@@ -132,10 +132,18 @@ class Cluster:
     admin_token: str
     agent_metrics: list[str]
     workdir: Path
+    server_ready_s: float
+    procs: Processes
+
+    def wait_nodes(self) -> None:
+        """Block until every agent has registered its GPUs and the node is ready."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        with httpx.Client(base_url=self.url, headers=headers) as http:
+            _wait_nodes(http, self.procs)
 
 
 @contextmanager
-def cluster(workdir: Path, say: typer.Typer | None = None) -> Iterator[Cluster]:
+def cluster(workdir: Path) -> Iterator[Cluster]:
     """Server + bootstrap + join token + four agents, all stopped on the way out."""
     db_url = f"sqlite:///{workdir / 'fairgpu.db'}"
     env = {**os.environ, **SERVER_ENV, "FAIRGPU_DATABASE_URL": db_url}
@@ -143,47 +151,62 @@ def cluster(workdir: Path, say: typer.Typer | None = None) -> Iterator[Cluster]:
     env.pop("FAIRGPU_TOKEN", None)
     procs = Processes(workdir)
     cmd = fairgpu_command()
+    t0 = time.monotonic()
     try:
-        boot = subprocess.run(
-            [*cmd, "admin", "bootstrap", "--name", "admin"],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=workdir,
-            timeout=60,
-            check=False,
-        )
-        if boot.returncode != 0:
-            fail(f"admin bootstrap failed: {boot.stderr.strip() or boot.stdout.strip()}")
-        token = boot.stdout.strip().splitlines()[-1]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server_args = [*cmd, "server", "--host", "127.0.0.1", "--port", str(port)]
         procs.start("server", [*server_args, "--log-level", "warning", "--no-access-log"], env)
+        # Bootstrap while the server starts: both migrate, and migrating is safe to race.
+        boot = subprocess.Popen(
+            [*cmd, "admin", "bootstrap", "--name", "admin"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=workdir,
+        )
+        try:
+            out, err = boot.communicate(timeout=SERVER_START_S)
+        finally:
+            if boot.poll() is None:
+                boot.kill()
+                boot.wait()
+        if boot.returncode != 0 or not out.strip():
+            fail(f"admin bootstrap failed: {err.strip() or out.strip()}")
+        token = out.strip().splitlines()[-1]
         _wait_healthy(url, procs)
+        ready_s = time.monotonic() - t0
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
             join = http.post("/v1/join-tokens", json={"name": "demo", "uses": len(NODES)})
             if join.status_code != 201:
                 fail(f"could not create a join token: {join.status_code} {join.text[:200]}")
             join_token = join.json()["token"]
-            metrics = []
-            agent_env = {k: v for k, v in env.items() if k != "FAIRGPU_DATABASE_URL"}
-            for name, site, gpus in NODES:
-                mport = free_port()
-                metrics.append(f"http://127.0.0.1:{mport}/metrics")
-                procs.start(
-                    name,
-                    [
-                        *cmd, "agent", "--server", url, "--join-token", join_token,
-                        "--simulate", gpus, "--name", name, "--site", site,
-                        "--domain", f"{site}-rack1", "--state-dir", str(workdir / name),
-                        "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
-                        "--time-limit-grace-s", "2", "--log-level", "warning",
-                    ],
-                    agent_env,
-                )  # fmt: skip
-            _wait_nodes(http, procs)
-        yield Cluster(url=url, admin_token=token, agent_metrics=metrics, workdir=workdir)
+        metrics = []
+        agent_env = {k: v for k, v in env.items() if k != "FAIRGPU_DATABASE_URL"}
+        for name, site, gpus in NODES:
+            mport = free_port()
+            metrics.append(f"http://127.0.0.1:{mport}/metrics")
+            procs.start(
+                name,
+                [
+                    *cmd, "agent", "--server", url, "--join-token", join_token,
+                    "--simulate", gpus, "--name", name, "--site", site,
+                    "--domain", f"{site}-rack1", "--state-dir", str(workdir / name),
+                    "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
+                    "--time-limit-grace-s", "2", "--log-level", "warning",
+                ],
+                agent_env,
+            )  # fmt: skip
+        yield Cluster(
+            url=url,
+            admin_token=token,
+            agent_metrics=metrics,
+            workdir=workdir,
+            server_ready_s=ready_s,
+            procs=procs,
+        )
     finally:
         procs.stop_all()
 
@@ -215,7 +238,7 @@ def _wait_nodes(http: httpx.Client, procs: Processes) -> None:
 
 
 def demo(
-    seed: Annotated[int, typer.Option(help="Seed of the generated workload.")] = 7,
+    seed: Annotated[int, typer.Option(help="Seed of the generated workload.")] = 3,
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the temporary directory (database, logs).")
     ] = False,
@@ -224,7 +247,7 @@ def demo(
     ] = True,
     workload_s: Annotated[
         float, typer.Option(min=20, max=90, help="Seconds of submissions (compressed trace).")
-    ] = 50.0,
+    ] = 45.0,
 ) -> None:
     """Run the whole system here: a server, four simulated GPU nodes, three orgs, a workload."""
     from cli.demo_run import run_scenario
@@ -234,7 +257,7 @@ def demo(
     typer.echo(f"fairgpu demo: starting a server and 4 agents (work dir {workdir})")
     try:
         with cluster(workdir) as c:
-            typer.echo(f"cluster up in {time.monotonic() - started:.1f} s: {c.url}")
+            typer.echo(f"server ready in {c.server_ready_s:.1f} s at {c.url}; agents starting")
             run_scenario(c, seed=seed, live=live, workload_s=workload_s, started=started)
     except KeyboardInterrupt:
         typer.echo("\ninterrupted: everything the demo started has been stopped", err=True)

@@ -42,7 +42,7 @@ BACKGROUND_TYPE = {"aurora": H100, "borealis": H100, "cirrus": A100}
 SUBMIT_SHARE = {"aurora": 0.5, "borealis": 0.3, "cirrus": 0.2}  # Philly: one tenant ~half
 TIME_SCALE = 360.0  # one trace hour = ten demo seconds
 CIRRUS_QUIET_UNTIL_S = 16.0  # keep the A100 gap free for the backfill moment
-DRAIN_S = 30.0  # after the last submission, time for running jobs to end
+DRAIN_S = 25.0  # after the last submission, time for running jobs to end
 POLL_S = 0.5
 CLASS_RANK = {"low": 0, "normal": 1, "high": 2}
 
@@ -76,7 +76,7 @@ class Planned:
 
 
 SCRIPTED = (
-    Planned(0.0, "aurora", "pretrain-gang", 8, H100, 45.0, nodes=2, preemptible=True),
+    Planned(0.0, "aurora", "pretrain-gang", 8, H100, 30.0, nodes=2, preemptible=True),
     Planned(0.0, "borealis", "a100-blocker", 8, A100, 30.0, limit_s=36),
     Planned(0.5, "cirrus", "a100-eval", 4, A100, 30.0, limit_s=36),
     Planned(4.0, "cirrus", "a100-finetune", 8, A100, 12.0, limit_s=30),
@@ -93,7 +93,7 @@ def plan(seed: int, workload_s: float) -> list[Planned]:
         trace_hours=max(1, int(workload_s * TIME_SCALE / 3600)),
         orgs=SUBMIT_SHARE,
         time_scale=TIME_SCALE,
-        rate_scale=0.35,
+        rate_scale=0.5,
         max_gpus=8,
         min_duration_s=3.0,
         max_duration_s=20.0,
@@ -136,11 +136,14 @@ class Story:
     backfill: list[int] = field(default_factory=list)
     reclaim: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    echo: bool = False  # print each moment as it happens (no live display)
 
     def add(self, kind: list[int], job_id: int, line: str) -> None:
         if job_id not in kind:
             kind.append(job_id)
             self.highlights.append(line)
+            if self.echo:
+                typer.echo(f"* {line}")
 
 
 def setup_orgs(http: httpx.Client) -> dict[str, httpx.Client]:
@@ -181,12 +184,15 @@ def run_scenario(
     )
     clients = setup_orgs(admin)
     todo = plan(seed, workload_s)
+    cluster.wait_nodes()
+    console.print(f"4 nodes ready ({time.monotonic() - started:.1f} s after start)")
     console.print(
         f"3 orgs, {len(todo)} jobs over {workload_s:.0f} s "
         f"(Philly-shaped, time compressed {TIME_SCALE:.0f}x: one trace hour = "
         f"{3600 / TIME_SCALE:.0f} s)"
     )
     observer = Observer(admin, console)
+    observer.story.echo = not live
     t0 = time.monotonic()
     deadline = t0 + workload_s + DRAIN_S
     try:
@@ -235,9 +241,6 @@ class Observer:
 
     def active(self) -> int:
         return sum(1 for s in self.seen.values() if s.state in ("PENDING", "STARTING", "RUNNING"))
-
-    def note(self, line: str) -> None:
-        self.console.log(line)
 
     def poll(self, now: float) -> None:
         r = self.admin.get("/v1/jobs", params={"limit": 500})

@@ -105,7 +105,9 @@ def summary(
     """Per org: GPU-hours received against guaranteed, waits; the moments; the live URLs."""
     from cli.demo_run import ORGS
 
-    since = (datetime.now(UTC) - timedelta(seconds=elapsed_s + 120)).isoformat()
+    # The ledger keeps one row per allocation per hour: ask from the start of the hour.
+    began = datetime.now(UTC) - timedelta(seconds=elapsed_s + 60)
+    since = began.replace(minute=0, second=0, microsecond=0).isoformat()
     received: dict[str, float] = {}
     r = admin.get("/v1/usage", params={"by": "org", "period": "day", "since": since})
     if r.status_code == 200:
