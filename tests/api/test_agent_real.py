@@ -1,0 +1,79 @@
+"""The real node agent (simulated GPUs, real processes) against the real app and database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agents.client import AgentClient
+from agents.daemon import Agent, AgentConfig
+from agents.gpu import SimulatedBackend, parse_simulate_spec
+from tests.scheduling.harness import Cluster, fast_settings, running_cluster
+
+
+@pytest.fixture
+async def cluster(database_url: str) -> AsyncIterator[Cluster]:
+    async with running_cluster(fast_settings(database_url)) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def agent(cluster: Cluster, tmp_path: Path, join: str) -> AsyncIterator[Agent]:
+    config = AgentConfig(
+        server="http://fairgpu",
+        state_dir=tmp_path / "agent",
+        name="sim-node",
+        join_token=join,
+        address="127.0.0.1",
+        poll_interval_s=0.02,
+        max_backoff_s=0.2,
+    )
+    transport = httpx.ASGITransport(app=cluster.app)
+    client = AgentClient(config.server, transport=transport)
+    node = Agent(config, SimulatedBackend(parse_simulate_spec("2xH100"), seed="sim"), client)
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    try:
+        yield node
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()
+
+
+async def _wait_state(cluster: Cluster, token: str, job_id: int, want: str) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < 20:
+        job = await cluster.job(token, job_id)
+        if job["state"] == want:
+            return time.monotonic() - began
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} is {job['state']}, not {want}")
+
+
+async def test_real_agent_runs_and_cancels_jobs(cluster: Cluster, tmp_path: Path) -> None:
+    org = await cluster.org(guaranteed=2)
+    token = await cluster.user_token(org)
+    async with agent(cluster, tmp_path, await cluster.join_token()):
+        done = await cluster.submit(
+            token, command=["sh", "-c", "echo hello from $FAIRGPU_JOB_ID"], gpus_per_node=1
+        )
+        await _wait_state(cluster, token, done["id"], "COMPLETED")
+        for _ in range(100):  # the log's last chunk may follow the exit report
+            logs = await cluster.call("GET", f"/v1/jobs/{done['id']}/logs", token)
+            if f"hello from {done['id']}" in str(logs):
+                break
+            await asyncio.sleep(0.05)
+        assert f"hello from {done['id']}" in str(logs)
+
+        long = await cluster.submit(token, command=["sleep", "60"], gpus_per_node=2)
+        await _wait_state(cluster, token, long["id"], "RUNNING")
+        await cluster.call("POST", f"/v1/jobs/{long['id']}/cancel", token)
+        took_s = await _wait_state(cluster, token, long["id"], "CANCELLED")
+        assert took_s < 5.0, took_s  # long-poll delivers the stop at once; sleep dies on TERM
