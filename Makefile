@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install lint fmt test test-fast test-faults demo bench clean
+.PHONY: install lint fmt test test-fast test-faults test-dashboards demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ fmt: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q -ra
+
+# Slow (about a minute): Debian's Prometheus scrapes a live server and agents running a small
+# workload, and every Grafana panel's query must return data (tests/deploy/dashboards_live.py).
+test-dashboards: $(STAMP)
+	$(BIN)/pytest -q -ra -p no:cacheprovider tests/deploy/dashboards_live.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -x -m 'not slow'

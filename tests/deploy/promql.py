@@ -73,6 +73,7 @@ class PanelQuery:
     panel: str
     ref_id: str
     expr: str
+    instant: bool = False
 
 
 def load_dashboard(path: Path) -> dict[str, Any]:
@@ -96,7 +97,13 @@ def panel_queries() -> list[PanelQuery]:
         for panel in panels(board):
             for target in panel.get("targets", []):
                 queries.append(
-                    PanelQuery(board["uid"], panel["title"], target["refId"], target["expr"])
+                    PanelQuery(
+                        board["uid"],
+                        panel["title"],
+                        target["refId"],
+                        target["expr"],
+                        bool(target.get("instant")),
+                    )  # fmt: skip
                 )
     return queries
 
@@ -132,9 +139,11 @@ def recorded_names() -> set[str]:
     return names
 
 
-def fill_variables(expr: str, values: dict[str, str]) -> str:
+def fill_variables(
+    expr: str, values: dict[str, str], grafana: dict[str, str] = GRAFANA_VARIABLES
+) -> str:
     """Replace Grafana's and the dashboard's variables the way Grafana would before querying."""
-    for name, value in GRAFANA_VARIABLES.items():
+    for name, value in grafana.items():
         expr = expr.replace(name, value)
     for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)

@@ -165,7 +165,7 @@ class Stack:
             self.check_alive()
             with self.admin() as http:
                 nodes_now: list[dict[str, Any]] = http.get("/v1/nodes").json()["data"]
-            return sum(n["state"] == "ready" for n in nodes_now) == len(nodes)
+            return sum(bool(n["state"] == "ready") for n in nodes_now) == len(nodes)
 
         wait_until("agents registered", all_ready, START_TIMEOUT_S)
 
@@ -222,6 +222,7 @@ def _kill_recorded_tasks(state_dir: Path) -> None:
 
 @contextmanager
 def running_stack(workdir: Path, nodes: list[tuple[str, str, str]]) -> Iterator[Stack]:
+    workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(workdir)
     try:
         stack.start_server()
