@@ -149,7 +149,12 @@ class Preemptor:
         return out
 
     def plan(self, job: PendingJob, gpu_type: str, in_quota: bool) -> Plan | None:
-        """Victims that make the job's gang fit, or None (nothing is preempted then)."""
+        """The cheapest nodes to free for the job's gang, or None (nothing is preempted then).
+
+        Per node: GPUs free now, then GPUs already leaving, then victims in candidate order
+        until the node fits; its cost is the GPUs those victims hold. Nodes whose victims stay
+        within what their orgs borrow come first, then the cheapest, then the lowest id.
+        """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
         cls = self.classes.get(job.priority_class, 0)
         # Beyond quota only the org's own jobs are victims: the memo is then per org.
@@ -166,104 +171,110 @@ class Preemptor:
         if in_quota and not cands and not self._incoming_of(gpu_type):
             return None
         index, books = self.index, self.books
-        free = index.free
-        nodes = index.nodes
-        extra: dict[int, int] = {}
-        added: dict[int, list[tuple[RunningJob | None, int]]] = {}
-        ready: list[int] = []  # touched nodes that now fit, in the order they came to fit
-        per_site: dict[str, int] = {}
-        base: dict[str, int] = {}
+        free, nodes = index.free, index.nodes
 
-        def touch(nid: int, g: int, victim: RunningJob | None) -> None:
-            node = nodes[nid]
-            if node.gpu_type != gpu_type or (site is not None and node.site != site):
-                return
-            before = free[nid] + extra.get(nid, 0)
-            extra[nid] = extra.get(nid, 0) + g
-            added.setdefault(nid, []).append((victim, g))
-            if free[nid] < gpn <= before + g and before < gpn:
-                ready.append(nid)
-                per_site[node.site] = per_site.get(node.site, 0) + 1
+        def matches(nid: int) -> bool:
+            node = nodes.get(nid)
+            return (
+                node is not None
+                and node.gpu_type == gpu_type
+                and (site is None or node.site == site)
+                and free[nid] < gpn
+            )
 
-        def fits() -> str | None:
-            if k == 1:
-                return nodes[ready[0]].site if ready else None
-            for s in sorted(per_site):
-                if s not in base:
-                    lvl = index.levels.get((gpu_type, s))
-                    base[s] = lvl.count_ge(gpn) if lvl is not None else 0
-                if base[s] + per_site[s] >= k:
-                    return s
-            return None
-
-        # GPUs already leaving count first, so one need never preempts twice. In quota, any
-        # leaving GPUs serve; beyond quota only those of the org's own leaving jobs (its bumps).
+        # Leaving GPUs first: in quota any serve; beyond quota only the org's own (its bumps).
+        leaving: dict[int, int] = {}
         for nid in self._incoming_of(gpu_type, None if in_quota else job.org_id):
             inc = self.incoming[nid]
             g = inc.gpus if in_quota else min(inc.gpus, inc.by_org.get(job.org_id, 0))
-            if g > 0:
-                before = len(ready)
-                touch(nid, g, None)
-                if len(ready) > before and fits() is not None:
-                    break  # enough: the rest of the leaving GPUs stay for other needs
-        fit_site = fits()
-        victims_order: list[RunningJob] = []
-        if fit_site is None:
-            after_share = (
-                books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
-            )
-            over_left: dict[int, int] = {}
-            for r in cands if in_quota else self._own.get((job.org_id, gpu_type), ()):
-                if r.job_id in self.chosen:
+            if g > 0 and matches(nid):
+                leaving[nid] = g
+        # Eligible victims, grouped by the nodes they would free, in candidate order.
+        after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
+        over: dict[int, int] = {}
+        by_node: dict[int, list[tuple[RunningJob, int]]] = {}
+        pool = cands if in_quota else self._own.get((job.org_id, gpu_type), ())
+        for r in pool:
+            if r.job_id in self.chosen:
+                continue
+            if r.org_id == job.org_id:
+                if self.classes.get(r.priority_class, 0) >= cls:
                     continue
-                g = r.gpu_count
-                if r.org_id == job.org_id:
-                    if self.classes.get(r.priority_class, 0) >= cls:
-                        continue
-                elif in_quota:
-                    left = over_left.get(r.org_id)
-                    if left is None:
-                        left = books.over(r.org_id, gpu_type)
-                    if left <= 0:
-                        continue
-                    # No-loop rule: the preemptor must not end up above the victim's share.
-                    if after_share > books.weighted_share(r.org_id, gpu_type, -g):
-                        continue
-                    over_left[r.org_id] = left - g
-                else:
+            elif in_quota:
+                left = over.get(r.org_id)
+                if left is None:
+                    left = over[r.org_id] = books.over(r.org_id, gpu_type)
+                # No-loop rule: the preemptor must not end up above the victim's share.
+                if left <= 0 or after_share > books.weighted_share(
+                    r.org_id, gpu_type, -r.gpu_count
+                ):
                     continue
-                victims_order.append(r)
-                for p in r.placements:
-                    if p.node_id in nodes:
-                        touch(p.node_id, len(p.gpus), r)
-                fit_site = fits()
-                if fit_site is not None:
+            else:
+                continue
+            for p in r.placements:
+                if matches(p.node_id):
+                    by_node.setdefault(p.node_id, []).append((r, len(p.gpus)))
+        # Per node: the victims it needs, whether they stay within borrowing, and their cost.
+        options: list[tuple[bool, int, int, list[RunningJob]]] = []  # (beyond, cost, id, victims)
+        for nid in sorted(set(leaving) | set(by_node)):
+            have = free[nid] + leaving.get(nid, 0)
+            victims: list[RunningJob] = []
+            cost = 0
+            spent: dict[int, int] = {}
+            for r, g in by_node.get(nid, ()):
+                if have >= gpn:
                     break
-        if fit_site is None:
+                victims.append(r)
+                have += g
+                cost += r.gpu_count
+                if r.org_id != job.org_id:
+                    spent[r.org_id] = spent.get(r.org_id, 0) + r.gpu_count
+            if have < gpn:
+                continue
+            beyond = any(n > over.get(o, 0) for o, n in spent.items())
+            options.append((beyond, cost, nid, victims))
+        options.sort(key=lambda o: (o[0], o[1], o[2]))
+        chosen_site: str | None = None
+        picked: list[tuple[bool, int, int, list[RunningJob]]] = []
+        from_index: list[int] = []
+        if k == 1:
+            if options:
+                picked = options[:1]
+                chosen_site = nodes[options[0][2]].site
+        else:
+            best: tuple[bool, int, str] | None = None
+            for s in sorted({nodes[o[2]].site for o in options}):
+                lvl = index.levels.get((gpu_type, s))
+                base = min(k, lvl.count_ge(gpn) if lvl is not None else 0)
+                here = [o for o in options if nodes[o[2]].site == s][: k - base]
+                if base + len(here) < k:
+                    continue
+                key = (any(o[0] for o in here), sum(o[1] for o in here), s)
+                if best is None or key < best:
+                    best = key
+            if best is not None:
+                chosen_site = best[2]
+                lvl = index.levels.get((gpu_type, chosen_site))
+                base = min(k, lvl.count_ge(gpn) if lvl is not None else 0)
+                picked = [o for o in options if nodes[o[2]].site == chosen_site][: k - base]
+                if base and lvl is not None:
+                    from_index = index.take(lvl, gpn, base)
+        if chosen_site is None:
             self.failed[memo] = min(k, self.failed.get(memo, k + 1))
             return None
-        chosen_ready = [n for n in ready if nodes[n].site == fit_site][:k]
-        rest = k - len(chosen_ready)
-        from_index: list[int] = []
-        if rest > 0:
-            lvl = index.levels[(gpu_type, fit_site)]
-            from_index = index.take(lvl, gpn, rest)
-        plan_nodes = from_index + chosen_ready
         needed: list[RunningJob] = []
-        need_ids: set[int] = set()
+        seen: set[int] = set()
         ready_at = self.now
-        for nid in chosen_ready:
-            short = gpn - free[nid]
-            for victim, g in added[nid]:
-                if short <= 0:
-                    break
-                short -= g
-                if victim is None:
-                    ready_at = max(ready_at, self.incoming[nid].deadline)
-                elif victim.job_id not in need_ids:
-                    need_ids.add(victim.job_id)
-                    needed.append(victim)
-        return Plan(plan_nodes, needed, ready_at)
+        for _, _, nid, victims in picked:
+            ids = {r.job_id for r in victims}
+            from_victims = sum(g for r, g in by_node.get(nid, ()) if r.job_id in ids)
+            if free[nid] + from_victims < gpn:  # it also waits for GPUs already leaving
+                ready_at = max(ready_at, self.incoming[nid].deadline)
+            for r in victims:
+                if r.job_id not in seen:
+                    seen.add(r.job_id)
+                    needed.append(r)
+        return Plan(from_index + [o[2] for o in picked], needed, ready_at)
 
     def commit(self, job: PendingJob, gpu_type: str, plan: Plan) -> float:
         """Book the plan: victims leave, the job's GPUs are withheld for it. Returns ready time."""
