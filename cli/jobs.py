@@ -5,7 +5,7 @@ Each command is a thin Typer function over `/v1/jobs`; logs and history live in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -241,6 +241,7 @@ def describe(
         job = client.get(f"/v1/jobs/{job_id}")
         events = client.get(f"/v1/jobs/{job_id}/events", limit=500)["data"]
         names = Names(client)
+        org, user = names.org(job["org_id"]), names.user(job["user_id"])
     if output in (Format.JSON, Format.YAML):
         print_data({**job, "events": events}, output)
         return
@@ -248,8 +249,8 @@ def describe(
     fields = [
         ("JobId", job["id"]),
         ("Name", job["name"]),
-        ("Org", names.org(job["org_id"])),
-        ("User", names.user(job["user_id"])),
+        ("Org", org),
+        ("User", user),
         ("State", job["state"] + (f" ({job['state_reason']})" if job.get("state_reason") else "")),
         ("GPUs", f"{job['nodes']} node(s) x {job['gpus_per_node']} {job.get('gpu_type') or 'any'}"),
         ("Site", job.get("site") or "any"),
@@ -307,7 +308,9 @@ def explain(job_id: JobArg, output: OutputOption = Format.TABLE) -> None:
         typer.echo(f"Estimated start: {est}")
 
 
-def _act(verb: str, path: str, job_ids: list[int], done: str) -> None:
+def _act(
+    verb: str, path: str, job_ids: list[int], done: str | Callable[[dict[str, Any]], str]
+) -> None:
     """POST `path` for each job; a failure for one job is reported and the rest go on."""
     failed = 0
     with connect() as client:
@@ -320,14 +323,20 @@ def _act(verb: str, path: str, job_ids: list[int], done: str) -> None:
                     report(exc, f"{verb} {job_id}")
                 typer.echo(f"fairgpu: error: {verb} {job_id}: {exc.detail}", err=True)
                 continue
-            typer.echo(done.format(id=job_id, state=job["state"]))
+            typer.echo(done(job) if callable(done) else done.format(id=job_id))
     if failed:
         raise typer.Exit(1)
 
 
 def cancel(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
     """Cancel jobs: pending ones at once, running ones after SIGTERM and the grace period."""
-    _act("cancel", "cancel", job_ids, "Cancelled job {id} ({state})")
+    _act("cancel", "cancel", job_ids, _cancelled)
+
+
+def _cancelled(job: dict[str, Any]) -> str:
+    if job["state"] == "CANCELLED":
+        return f"Cancelled job {job['id']}"
+    return f"Cancelling job {job['id']}: stopping its tasks ({job['state']})"
 
 
 def hold(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:

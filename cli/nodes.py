@@ -61,7 +61,7 @@ def node_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption =
     """Every node with its state, GPUs, allocation and last heartbeat."""
     with connect("node list") as client:
         body = client.get("/v1/nodes")
-    render(body["data"], NODE_COLUMNS, output, no_headers=no_headers, data=body, empty="no nodes")
+    render(body["data"], NODE_COLUMNS, output, no_headers=no_headers, empty="no nodes")
 
 
 @node_app.command("show")

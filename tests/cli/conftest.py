@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from click.testing import Result
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from api.app import create_app
 from cli.main import app as cli_app

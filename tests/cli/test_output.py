@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import yaml
@@ -40,7 +41,7 @@ def test_relative_times() -> None:
 
 
 COLUMNS = [Column("ID", lambda r: r["id"]), Column("NAME", lambda r: r["name"], wide_only=True)]
-ROWS = [{"id": 1, "name": "train"}, {"id": 22, "name": None}]
+ROWS: list[dict[str, Any]] = [{"id": 1, "name": "train"}, {"id": 22, "name": None}]
 
 
 def test_table_wide_and_no_headers(capsys: pytest.CaptureFixture[str]) -> None:

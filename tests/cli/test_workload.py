@@ -18,7 +18,10 @@ from cli.workload import (
 def test_durations_follow_the_published_quantiles() -> None:
     rng = random.Random(7)
     xs = sorted(sample_duration_s(rng) for _ in range(20_000))
-    q = lambda p: xs[int(p * len(xs))]  # noqa: E731
+
+    def q(p: float) -> float:
+        return xs[int(p * len(xs))]
+
     assert 50 < q(0.10) < 75
     assert 950 < q(0.50) < 1_350
     assert 9_000 < q(0.90) < 14_000
