@@ -182,8 +182,8 @@ def check_invariants(snap: Snapshot, d: Decisions) -> None:
     if d.preemptions:
         assert snap.config.preemption
     assert len({p.job_id for p in d.preemptions}) == len(d.preemptions)
-    for p in d.preemptions:
-        r = running[p.job_id]
+    for pre in d.preemptions:
+        r = running[pre.job_id]
         assert r.preemptible
         assert not r.preempting
         assert snap.now - r.started_at >= snap.config.min_runtime_s

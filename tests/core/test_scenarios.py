@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 from scheduler.core import decay_usage, schedule
-from scheduler.core.types import PreemptionReason, ReasonCode, Snapshot, UsageInterval
+from scheduler.core.types import (
+    Decisions,
+    PreemptionReason,
+    ReasonCode,
+    Snapshot,
+    UsageInterval,
+)
 from tests.core.builder import apply, job, nodes, org, run, snapshot
 
 
-def codes(d, job_id):  # type: ignore[no-untyped-def]
+def codes(d: Decisions, job_id: int) -> list[ReasonCode]:
     return [r.code for r in d.pending[job_id].reasons]
 
 
@@ -334,7 +340,7 @@ def test_idle_gpus_are_lent_lowest_weighted_share_first() -> None:
     d = schedule(s)
     assert [(st.job_id, st.borrowed) for st in d.starts] == [(2, True)]
     assert codes(d, 1) == [ReasonCode.RESOURCES]
-    assert d.pending[1].reasons[0].details["weighted_share"] > 0
+    assert float(d.pending[1].reasons[0].details["weighted_share"]) > 0
 
 
 def test_reclaim_takes_from_the_most_over_share_org_first() -> None:
