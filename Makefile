@@ -34,5 +34,8 @@ test-dashboards: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -x -m 'not slow'
 
+demo: $(STAMP)
+	$(BIN)/fairgpu demo
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
