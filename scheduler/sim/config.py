@@ -55,8 +55,8 @@ class SimConfig:
     # While jobs wait, a cycle also runs at least this often so that ageing, decayed usage and
     # the end of preemption-protected runtime are noticed without any event.
     idle_cycle_interval_s: float = 600.0
-    # Skip the cycle an arrival would trigger when that arrival provably cannot start or
-    # reclaim anything (see Simulator._may_start); False runs a cycle after every change.
+    # Skip a cycle when the core provably could neither start nor preempt anything (see
+    # Simulator._worth_cycling); False runs one after every change.
     gate_cycles: bool = True
     preemptible: bool = True  # trace jobs may borrow (and so be reclaimed)
     half_life_s: float = 7 * DAY_S

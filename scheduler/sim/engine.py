@@ -23,6 +23,7 @@ from scheduler.core.types import (
     PendingJob,
     Placement,
     PolicyConfig,
+    ReasonCode,
     RunningJob,
     Snapshot,
 )
@@ -76,6 +77,7 @@ class RunStats:
     starts: int = 0
     preemptions_sent: int = 0
     max_pending: int = 0
+    skipped_cycles: int = 0
     end_s: float = 0.0
     starved_max_s: list[float] = field(default_factory=list)  # per org, longest span
     starved_total_s: list[float] = field(default_factory=list)
@@ -139,6 +141,8 @@ class Simulator:
         self._running_tuple: tuple[RunningJob, ...] | None = ()
         self._protected: list[tuple[float, int]] = []  # (end of min runtime, job) of borrowers
         self.finished = 0
+        self._strict_fifo = policy_config.ordering == "fifo" and not policy_config.backfill
+        self._head_gpus = 0  # GPUs of the strict-FIFO head that could not start, or 0
         # In-quota starvation: an org has a pending job that fits in its unused guarantee.
         self.org_pending_sizes: list[dict[int, int]] = [{} for _ in orgs]
         self.starved_since: list[float | None] = [None] * len(orgs)
@@ -208,12 +212,15 @@ class Simulator:
                 changed = self._on_arrival(t, arrivals[ai])
                 ai += 1
             else:
-                last_cycle = t
                 next_cycle = _INF
-                self._cycle(t)
+                if self._worth_cycling():
+                    last_cycle = t
+                    self._cycle(t)
+                else:
+                    self.stats.skipped_cycles += 1
                 wake = self._next_wake(t, bool(events) or ai < n_arrivals)
                 if wake < _INF:
-                    next_cycle = max(wake, t + interval)
+                    next_cycle = max(wake, last_cycle + interval)
             if changed and next_cycle == _INF:
                 next_cycle = max(t, last_cycle + interval)
             elif changed:
@@ -234,6 +241,33 @@ class Simulator:
         return SimResult(
             self.policy, self.jobs, self.timeline, self.orgs, self.total_gpus, self.stats
         )
+
+    def _worth_cycling(self) -> bool:
+        """False only when the core could neither start nor preempt anything now.
+
+        A start needs a pending job that fits in the free GPUs (by count) within what its org
+        may hold; under strict FIFO, the blocked head must fit first. A reclaim needs an org
+        with a pending job inside its unused guarantee. Checking this costs a few operations
+        per org, while a cycle costs the core time proportional to the queue.
+        """
+        if not self.pending:
+            return False
+        if not self.sim.gate_cycles:
+            return True
+        if self.config.preemption and any(s is not None for s in self.starved_since):
+            return True
+        free = self.total_gpus - self.allocated
+        if self._head_gpus:
+            return self._head_gpus <= free
+        can_borrow = self.config.borrowing and self.sim.preemptible
+        for org, sizes in enumerate(self.org_pending_sizes):
+            if sizes:
+                smallest = min(sizes)
+                if smallest <= free and (
+                    can_borrow or self.org_alloc[org] + smallest <= self.guaranteed[org]
+                ):
+                    return True
+        return False
 
     def _next_wake(self, t: float, more_to_come: bool) -> float:
         """When to look again with no event: while jobs wait and anything can still change."""
@@ -286,23 +320,6 @@ class Simulator:
         )
         self.timeline.cluster_changed(t, self.allocated, bool(self.pending))
 
-    def _may_start(self, job: SimJob) -> bool:
-        """False only when this arrival cannot change the next cycle's decisions.
-
-        With no GPUs freed since the last cycle, a new job can start only if it fits in the free
-        GPUs within what its org may hold, or cause a reclaim if it fits in its org's unused
-        guarantee. Jobs that waited before still cannot start; what time alone changes (ageing,
-        decay, the end of protected runtime) is caught by the idle and protected-runtime wakes.
-        """
-        if not self.sim.gate_cycles:
-            return True
-        org = job.org_index
-        in_quota = self.org_alloc[org] + job.gpus <= self.guaranteed[org]
-        if self.config.preemption and in_quota:
-            return True
-        fits = job.gpus <= self.total_gpus - self.allocated
-        return fits and (in_quota or (self.config.borrowing and self.sim.preemptible))
-
     def _on_arrival(self, t: float, job: SimJob) -> bool:
         self.now = t
         assert job.pending is not None
@@ -312,7 +329,7 @@ class Simulator:
         job.queued_since_s = t
         self.org_demand[job.org_index] += job.gpus
         self._record(t, job.org_index)
-        return self._may_start(job)
+        return True
 
     def _on_end(self, t: float, job: SimJob, attempt: int, kind: int) -> bool:
         if attempt != job.attempt or job.job_id not in self.running:
@@ -405,6 +422,15 @@ class Simulator:
         self.stats.core_s += t2 - t1
         self.stats.cycles += 1
         self.stats.max_pending = max(self.stats.max_pending, len(self.pending))
+        if self._strict_fifo:  # the head that blocks the queue, if any (Resources)
+            self._head_gpus = next(
+                (
+                    self.jobs[job_id - 1].gpus
+                    for job_id, info in decisions.pending.items()
+                    if info.reasons and info.reasons[0].code is ReasonCode.RESOURCES
+                ),
+                0,
+            )
         for preemption in decisions.preemptions:
             self._preempt(t, preemption.job_id, preemption.deadline)
         for start in decisions.starts:
