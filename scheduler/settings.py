@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     cycle_min_gap_s: float = Field(
         0.05, ge=0, description="Shortest time between two cycles: events arriving faster coalesce."
     )
+    explain_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="How often every pending job's reasons and estimate are rewritten "
+        "(new jobs are explained at their first cycle).",
+    )
     lease_timeout_s: float = Field(
         10.0, gt=0, description="A standby replica takes the scheduler lease after this long."
     )

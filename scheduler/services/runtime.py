@@ -53,6 +53,7 @@ class SchedulerRuntime:
         self._previously_open: frozenset[int] | None = None
         self._cycle_done = asyncio.Condition()
         self._in_cycle = False
+        self._explained_at = float("-inf")
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -188,12 +189,15 @@ class SchedulerRuntime:
             return
         epoch = self.lease.epoch
         assert epoch is not None
+        since_s = time.monotonic() - self._explained_at
+        explain_all = since_s >= self.settings.explain_interval_s
         try:
             result = await run_cycle(
                 self.sessionmaker,
                 epoch=epoch,
                 settings=self.settings,
                 previously_open=self._previously_open,
+                explain_all=explain_all,
             )
         except LeaseLost as exc:
             log.warning("scheduler lease lost: %s", exc)
@@ -207,6 +211,8 @@ class SchedulerRuntime:
             self._previously_open = None
             raise
         self._previously_open = result.open_allocation_ids
+        if result.explained_all:
+            self._explained_at = time.monotonic()
         self.last_result = result
         self.last_cycle_at = result.at
         self.last_cycle_error = None

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler.core import schedule
@@ -13,7 +14,8 @@ from scheduler.core.types import Start
 from scheduler.db import Allocation, Gpu, Job, Quota, SchedulerLease
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.scheduling import Lease, LeaseLost, run_cycle
-from scheduler.services.scheduling.apply import Applied, _apply_start, apply_starts
+from scheduler.services.scheduling import apply as apply_module
+from scheduler.services.scheduling.apply import Applied, apply_starts
 from scheduler.services.scheduling.lease import check_fence
 from scheduler.services.scheduling.load import load_snapshot, policy_config
 from scheduler.settings import Settings
@@ -76,23 +78,40 @@ async def test_stale_start_is_skipped(engine: AsyncEngine, change: str) -> None:
     assert await _open_allocations(engine) == 0
 
 
-async def test_unique_index_is_the_last_line_of_defence(engine: AsyncEngine) -> None:
+async def test_unique_index_is_the_last_line_of_defence(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Even when the in-code guard is fooled, a GPU is never given twice."""
-    job_id, gpu_ids = await _seed(engine)
+    job_id, _ = await _seed(engine)
     (start,) = await _decide(engine)
     maker = make_sessionmaker(engine)
     async with maker() as s, s.begin():
         applied = Applied()
         await apply_starts(s, (start,), datetime.now(UTC), applied, {})
         assert applied.started == [job_id]
-    async with maker() as s:  # a second, identical decision, with a guard that saw nothing
+    # A guard that sees nothing held (as if another writer committed between its read and our
+    # insert), and the same decision again for a job made startable again.
+    real_check = apply_module._check
+    monkeypatch.setattr(
+        apply_module, "_check", lambda st, gpus, ready, taken: real_check(st, gpus, ready, set())
+    )
+    async with maker() as s:
         job = await s.get(Job, job_id)
         assert job is not None
-        job.state = JobState.PENDING  # pretend it is startable again
-        gpus = {(g.node_id, g.index): g for g in await s.scalars(select(Gpu))}
-        ready = {node_id for node_id, _ in gpus}
-        ok = await _apply_start(s, start, job, gpus, ready, set(), datetime.now(UTC), Applied())
-        assert ok is False
+        job.state = JobState.PENDING
+        await s.flush()
+        with pytest.raises(IntegrityError):  # the batch fails whole; the cycle then retries
+            await apply_starts(s, (start,), datetime.now(UTC), Applied(), {})
+        await s.rollback()
+    async with maker() as s:
+        job = await s.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.PENDING
+        await s.flush()
+        applied = Applied()
+        await apply_starts(s, (start,), datetime.now(UTC), applied, {}, one_by_one=True)
+        assert applied.skipped == [job_id]  # only that start is skipped; the session lives on
+        assert applied.started == []
         await s.rollback()
     assert await _open_allocations(engine) == 2
 

@@ -10,13 +10,14 @@ rolled back to its savepoint and skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,79 +45,80 @@ class Applied:
     pending_written: int = 0
 
 
-async def _apply_start(
-    session: AsyncSession,
+def _check(
     start: Start,
-    job: Job,
     gpus: Mapping[tuple[int, int], Gpu],
     ready: set[int],
     taken: set[int],
-    now: datetime,
-    applied: Applied,
-) -> bool:
+) -> list[list[Gpu]] | None:
+    """The GPUs of each placement, or None when any is gone, unhealthy, held or off a ready node."""
     chosen: list[list[Gpu]] = []
     for placement in start.placements:
         if placement.node_id not in ready:
-            return False
+            return None
         row: list[Gpu] = []
         for index in placement.gpus:
             gpu = gpus.get((placement.node_id, index))
             if gpu is None or gpu.health is not GpuHealth.HEALTHY or gpu.id in taken:
-                return False
+                return None
             row.append(gpu)
         chosen.append(row)
-    try:
-        async with session.begin_nested():
-            tasks = [
-                Task(
-                    job_id=job.id,
-                    attempt=job.requeue_count,
-                    node_rank=rank,
-                    node_id=placement.node_id,
-                    state=JobState.STARTING,
-                    created_at=now,
-                )
-                for rank, placement in enumerate(start.placements)
-            ]
-            session.add_all(tasks)
-            await session.flush()
-            allocations = [
-                Allocation(
-                    task_id=task.id,
-                    job_id=job.id,
-                    org_id=job.org_id,
-                    user_id=job.user_id,
-                    gpu_id=gpu.id,
-                    gpu_type=gpu.model,
-                    borrowed=start.borrowed,
-                    started_at=now,
-                )
-                for task, row in zip(tasks, chosen, strict=True)
-                for gpu in row
-            ]
-            session.add_all(allocations)
-            job.borrowed = start.borrowed
-            job.priority = None
-            job.pending_reasons = None
-            job.estimated_start_at = None
-            transition_job(
-                session,
-                job,
-                JobState.STARTING,
-                actor=ACTOR,
-                reason="borrowing idle GPUs" if start.borrowed else None,
-                at=now,
-                details={"nodes": [p.node_id for p in start.placements]},
-            )
-            await session.flush()
-    except IntegrityError:
-        log.warning("start of job %s lost a race for its GPUs; skipped", job.id)
-        await session.refresh(job)
-        return False
-    taken.update(g.id for row in chosen for g in row)
-    applied.new_allocation_ids.update(a.id for a in allocations)
-    applied.wake_nodes.update(p.node_id for p in start.placements)
-    return True
+    return chosen
+
+
+def _stage_tasks(session: AsyncSession, start: Start, job: Job, now: datetime) -> list[Task]:
+    tasks = [
+        Task(
+            job_id=job.id,
+            attempt=job.requeue_count,
+            node_rank=rank,
+            node_id=placement.node_id,
+            state=JobState.STARTING,
+            created_at=now,
+        )
+        for rank, placement in enumerate(start.placements)
+    ]
+    session.add_all(tasks)
+    job.borrowed = start.borrowed
+    job.priority = None
+    job.pending_reasons = None
+    job.estimated_start_at = None
+    transition_job(
+        session,
+        job,
+        JobState.STARTING,
+        actor=ACTOR,
+        reason="borrowing idle GPUs" if start.borrowed else None,
+        at=now,
+        details={"nodes": [p.node_id for p in start.placements]},
+    )
+    return tasks
+
+
+def _stage_allocations(
+    session: AsyncSession,
+    start: Start,
+    job: Job,
+    tasks: list[Task],
+    chosen: list[list[Gpu]],
+    now: datetime,
+) -> list[Allocation]:
+    allocations = [
+        Allocation(
+            task_id=task.id,
+            job_id=job.id,
+            org_id=job.org_id,
+            user_id=job.user_id,
+            gpu_id=gpu.id,
+            gpu_type=gpu.model,
+            borrowed=start.borrowed,
+            started_at=now,
+        )
+        for task, row in zip(tasks, chosen, strict=True)
+        for gpu in row
+    ]
+    session.add_all(allocations)
+    return allocations
 
 
 async def apply_starts(
@@ -125,7 +127,15 @@ async def apply_starts(
     now: datetime,
     applied: Applied,
     org_names: Mapping[int, str],
+    *,
+    one_by_one: bool = False,
 ) -> None:
+    """Apply the starts that still hold. Batched (two INSERTs in all) unless `one_by_one`.
+
+    The batch trusts the in-code guard; if the unique index still fires, the caller rolls the
+    whole transaction back and applies again `one_by_one`, each start in its own savepoint, so
+    that only the start that lost the race is skipped.
+    """
     if not starts:
         return
     job_ids = [s.job_id for s in starts]
@@ -148,24 +158,45 @@ async def apply_starts(
             )
         )
     )
+    batch: list[tuple[Start, Job, list[Task], list[list[Gpu]]]] = []
     for start in starts:
         job = jobs.get(start.job_id)
-        ok = (
-            job is not None
-            and job.state is JobState.PENDING
-            and not job.held
-            and await _apply_start(session, start, job, gpus, ready, taken, now, applied)
-        )
-        if ok and job is not None:
-            applied.started.append(job.id)
-            applied.admission_waits.append(
-                (
-                    org_names.get(job.org_id, str(job.org_id)),
-                    max(0.0, (now - job.submitted_at).total_seconds()),
-                )
-            )
-        else:
+        chosen = None
+        if job is not None and job.state is JobState.PENDING and not job.held:
+            chosen = _check(start, gpus, ready, taken)
+        if job is None or chosen is None:
             applied.skipped.append(start.job_id)
+            continue
+        if one_by_one:
+            try:
+                async with session.begin_nested():
+                    tasks = _stage_tasks(session, start, job, now)
+                    await session.flush()
+                    allocs = _stage_allocations(session, start, job, tasks, chosen, now)
+                    await session.flush()
+            except IntegrityError:
+                # The savepoint rolled back and expired the job: reload it before any access.
+                log.warning("start of job %s lost a race for its GPUs; skipped", start.job_id)
+                await session.refresh(job)
+                applied.skipped.append(start.job_id)
+                continue
+            applied.new_allocation_ids.update(a.id for a in allocs)
+        else:
+            batch.append((start, job, _stage_tasks(session, start, job, now), chosen))
+        taken.update(g.id for row in chosen for g in row)
+        applied.started.append(job.id)
+        applied.wake_nodes.update(p.node_id for p in start.placements)
+        wait_s = max(0.0, (now - job.submitted_at).total_seconds())
+        applied.admission_waits.append((org_names.get(job.org_id, str(job.org_id)), wait_s))
+    if batch:
+        await session.flush()  # tasks (one INSERT … RETURNING): their ids for the allocations
+        staged = [
+            a
+            for start, job, tasks, chosen in batch
+            for a in _stage_allocations(session, start, job, tasks, chosen, now)
+        ]
+        await session.flush()
+        applied.new_allocation_ids.update(a.id for a in staged)
 
 
 async def apply_preemptions(
@@ -219,26 +250,42 @@ def _reasons_json(info: PendingInfo) -> list[dict[str, Any]]:
 
 
 async def write_pending(
-    session: AsyncSession, decisions: Decisions, loaded: Loaded, started: set[int]
+    session: AsyncSession,
+    decisions: Decisions,
+    loaded: Loaded,
+    started: set[int],
+    *,
+    everything: bool,
 ) -> int:
-    """One executemany UPDATE of the pending jobs whose explanation changed since last cycle.
+    """Store priority, reasons and estimated start of pending jobs; one statement.
 
-    The WHERE keeps it harmless for jobs that left PENDING since the snapshot was read.
+    Priorities (age) and estimates move every cycle, so rewriting every pending job each cycle
+    would make the database's busiest write the least useful one. `everything` is set once per
+    `explain_interval_s`; in between only jobs never explained yet (new or requeued) are written.
+    The state condition keeps the write harmless for jobs that left PENDING meanwhile.
     """
-    rows: list[dict[str, Any]] = []
-    for job_id, info in decisions.pending.items():
-        if job_id in started:
-            continue
-        reasons = _reasons_json(info)
-        estimate = from_epoch(info.estimated_start) if info.estimated_start is not None else None
-        stored = loaded.stored_pending.get(job_id)
-        if stored is not None and stored == (info.priority, reasons, estimate):
-            continue
-        rows.append(
-            {"b_id": job_id, "b_priority": info.priority, "b_reasons": reasons, "b_est": estimate}
-        )
+    rows = [
+        (job_id, info)
+        for job_id, info in decisions.pending.items()
+        if job_id not in started and (everything or job_id not in loaded.explained)
+    ]
     if not rows:
         return 0
+    conn = await session.connection()
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            _PG_PENDING_UPDATE,
+            {
+                "ids": [job_id for job_id, _ in rows],
+                "prios": [info.priority for _, info in rows],
+                "reasons": [json.dumps(_reasons_json(info)) for _, info in rows],
+                "ests": [
+                    from_epoch(info.estimated_start) if info.estimated_start is not None else None
+                    for _, info in rows
+                ],
+            },
+        )
+        return len(rows)
     stmt = (
         update(_JOBS)
         .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == JobState.PENDING.value)
@@ -248,6 +295,27 @@ async def write_pending(
             estimated_start_at=bindparam("b_est", type_=_JOBS.c.estimated_start_at.type),
         )
     )
-    conn = await session.connection()
-    await conn.execute(stmt, rows)
+    params = [
+        {
+            "b_id": job_id,
+            "b_priority": info.priority,
+            "b_reasons": _reasons_json(info),
+            "b_est": from_epoch(info.estimated_start) if info.estimated_start is not None else None,
+        }
+        for job_id, info in rows
+    ]
+    await conn.execute(stmt, params)
     return len(rows)
+
+
+# One UPDATE for any number of jobs on PostgreSQL: arrays in, joined by id (no executemany).
+_PG_PENDING_UPDATE = text(
+    """
+    UPDATE jobs SET priority = v.priority,
+                    pending_reasons = CAST(v.reasons AS JSON),
+                    estimated_start_at = v.est
+    FROM unnest(CAST(:ids AS BIGINT[]), CAST(:prios AS FLOAT8[]), CAST(:reasons AS TEXT[]),
+                CAST(:ests AS TIMESTAMPTZ[])) AS v(id, priority, reasons, est)
+    WHERE jobs.id = v.id AND jobs.state = 'PENDING'
+    """
+)

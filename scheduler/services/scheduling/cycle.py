@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scheduler.core import schedule
@@ -48,6 +49,7 @@ class CycleResult:
     applied: Applied = field(default_factory=Applied)
     lifecycle: EndEffects = field(default_factory=EndEffects)
     open_allocation_ids: frozenset[int] = frozenset()
+    explained_all: bool = True  # every pending job's explanation was rewritten
 
 
 async def run_maintenance(
@@ -67,18 +69,46 @@ async def run_maintenance(
             return await lifecycle.apply_work(session, work, now=now, settings=settings)
 
 
+async def _apply(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    loaded: Loaded,
+    decisions: Decisions,
+    epoch: int,
+    settings: Settings,
+    now: datetime,
+    everything: bool,
+    *,
+    one_by_one: bool = False,
+) -> Applied:
+    applied = Applied()
+    async with sessionmaker() as session, session.begin():
+        await check_fence(session, epoch, now=now, ttl_s=settings.lease_timeout_s)
+        await apply_starts(
+            session, decisions.starts, now, applied, loaded.org_names, one_by_one=one_by_one
+        )
+        await apply_preemptions(
+            session, decisions.preemptions, now, settings.preemption_grace_s, applied
+        )
+        applied.pending_written = await write_pending(
+            session, decisions, loaded, set(applied.started), everything=everything
+        )
+        await write_org_usage(session, loaded.org_usage, now)
+    return applied
+
+
 async def run_cycle(
     sessionmaker: async_sessionmaker[AsyncSession],
     *,
     epoch: int,
     settings: Settings,
     previously_open: frozenset[int] | None,
+    explain_all: bool = True,
     now: datetime | None = None,
 ) -> CycleResult:
     """Run one cycle. Raises `LeaseLost` when the fence refuses the apply (nothing written)."""
     began = time.perf_counter()
     now = now or utcnow()
-    result = CycleResult(at=now)
+    result = CycleResult(at=now, explained_all=explain_all)
     result.lifecycle = await run_maintenance(sessionmaker, epoch=epoch, settings=settings, now=now)
     config = policy_config(settings)
     t0 = time.perf_counter()
@@ -97,17 +127,13 @@ async def run_cycle(
     t1 = time.perf_counter()
     decisions = await asyncio.to_thread(schedule, loaded.snapshot)
     t2 = time.perf_counter()
-    applied = Applied()
-    async with sessionmaker() as session, session.begin():
-        await check_fence(session, epoch, now=now, ttl_s=settings.lease_timeout_s)
-        await apply_starts(session, decisions.starts, now, applied, loaded.org_names)
-        await apply_preemptions(
-            session, decisions.preemptions, now, settings.preemption_grace_s, applied
+    try:
+        applied = await _apply(sessionmaker, loaded, decisions, epoch, settings, now, explain_all)
+    except IntegrityError:
+        # The batch lost a race the guard did not see: again, one savepoint per start.
+        applied = await _apply(
+            sessionmaker, loaded, decisions, epoch, settings, now, explain_all, one_by_one=True
         )
-        applied.pending_written = await write_pending(
-            session, decisions, loaded, set(applied.started)
-        )
-        await write_org_usage(session, loaded.org_usage, now)
     t3 = time.perf_counter()
     result.load_s, result.decide_s, result.apply_s = t1 - t0, t2 - t1, t3 - t2
     result.duration_s = t3 - began

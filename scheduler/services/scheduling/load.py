@@ -56,9 +56,7 @@ class Loaded:
     """A snapshot plus what apply needs to write only what changed."""
 
     snapshot: Snapshot
-    stored_pending: dict[int, tuple[float | None, Any, datetime | None]] = field(
-        default_factory=dict
-    )
+    explained: set[int] = field(default_factory=set)  # pending jobs with an explanation stored
     org_usage: dict[int, float] = field(default_factory=dict)  # folded to snapshot.now
     open_allocation_ids: frozenset[int] = frozenset()
     org_names: dict[int, str] = field(default_factory=dict)
@@ -193,9 +191,7 @@ async def _dependencies(session: AsyncSession) -> dict[int, DependencyState]:
     return out
 
 
-async def _pending(
-    session: AsyncSession,
-) -> tuple[tuple[PendingJob, ...], dict[int, tuple[float | None, Any, datetime | None]]]:
+async def _pending(session: AsyncSession) -> tuple[tuple[PendingJob, ...], set[int]]:
     deps = await _dependencies(session)
     stmt = select(
         Job.id,
@@ -211,11 +207,9 @@ async def _pending(
         Job.preemptible,
         Job.held,
         Job.priority,
-        Job.pending_reasons,
-        Job.estimated_start_at,
     ).where(Job.state == JobState.PENDING)
     pending: list[PendingJob] = []
-    stored: dict[int, tuple[float | None, Any, datetime | None]] = {}
+    explained: set[int] = set()
     for r in await session.execute(stmt.order_by(Job.id)):
         pending.append(
             PendingJob(
@@ -234,8 +228,9 @@ async def _pending(
                 dependency=deps.get(r.id, DependencyState.NONE),
             )
         )
-        stored[r.id] = (r.priority, r.pending_reasons, r.estimated_start_at)
-    return tuple(pending), stored
+        if r.priority is not None:
+            explained.add(r.id)
+    return tuple(pending), explained
 
 
 async def closed_intervals(
@@ -308,7 +303,7 @@ async def load_snapshot(
     """
     nodes = await _nodes(session)
     running, held = await _running(session)
-    pending, stored = await _pending(session)
+    pending, explained = await _pending(session)
     previous = {
         r.org_id: (r.decayed_gpu_seconds, epoch(r.as_of))
         for r in await session.execute(
@@ -339,7 +334,7 @@ async def load_snapshot(
     )
     return Loaded(
         snapshot=snapshot,
-        stored_pending=stored,
+        explained=explained,
         org_usage={k: v for k, v in usage.items() if k in names},
         open_allocation_ids=open_ids,
         org_names=names,
