@@ -68,7 +68,7 @@ class _Cycle:
             self.running_gpus.append(n)
         self.index = FreeIndex(snap.nodes, held)
         self.books = OrgBooks(snap.orgs, self.index.capacity)
-        self.books.add_running(snap.running)
+        self.books.add_running(snap.running, self.running_gpus)
         cap = capacity_usage(self.index.nodes.values(), cfg)
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
         if cfg.fairshare_algorithm == "fairtree":

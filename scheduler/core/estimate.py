@@ -11,7 +11,7 @@ overstate work, as Slurm's estimates do).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class Profile:
@@ -55,15 +55,34 @@ class Profile:
 
 
 class OrgReleases:
-    """When an org's subtree will have handed back enough GPUs of a type (quota and limit waits)."""
+    """When an org's subtree will have handed back enough GPUs of a type (quota and limit waits).
 
-    def __init__(self) -> None:
-        self._ends: dict[tuple[int, str], list[tuple[float, int]]] = {}
+    Ends are kept per org and gathered over a subtree only when a wait asks for it.
+    """
+
+    def __init__(self, children: Mapping[int, list[int]]) -> None:
+        self._children = children
+        self._own: dict[tuple[int, str], list[tuple[float, int]]] = {}
         self._cum: dict[tuple[int, str], tuple[list[float], list[int]]] = {}
 
-    def add(self, path: Iterable[int], gpu_type: str, gpus: int, end: float) -> None:
-        for a in path:
-            self._ends.setdefault((a, gpu_type), []).append((end, gpus))
+    def add(self, org_id: int, gpu_type: str, gpus: int, end: float) -> None:
+        lst = self._own.get((org_id, gpu_type))
+        if lst is None:
+            lst = self._own[(org_id, gpu_type)] = []
+        lst.append((end, gpus))
+
+    def _subtree(self, org_id: int, gpu_type: str) -> list[tuple[float, int]]:
+        out: list[tuple[float, int]] = []
+        stack = [org_id]
+        seen: set[int] = set()
+        while stack:
+            o = stack.pop()
+            if o in seen:
+                continue
+            seen.add(o)
+            out.extend(self._own.get((o, gpu_type), ()))
+            stack.extend(self._children.get(o, ()))
+        return out
 
     def when(self, org_id: int, gpu_type: str, gpus_needed: int, now: float) -> float | None:
         if gpus_needed <= 0:
@@ -71,7 +90,7 @@ class OrgReleases:
         key = (org_id, gpu_type)
         cached = self._cum.get(key)
         if cached is None:
-            ends = sorted(self._ends.get(key, ()))
+            ends = sorted(self._subtree(org_id, gpu_type))
             times: list[float] = []
             cums: list[int] = []
             total = 0

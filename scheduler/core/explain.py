@@ -243,8 +243,7 @@ class Explainer:
         if not c.cfg.explain:
             return self._reasons_only(order)
         events: dict[str, list[tuple[float, int]]] = {}
-        org_rel = OrgReleases()
-        path = c.books.path
+        org_rel = OrgReleases(c.books.children)
         chosen = c.pre.chosen
         grace_end = now + c.cfg.preemption_grace_s
         for r, n in zip(c.snap.running, c.running_gpus, strict=True):
@@ -259,11 +258,12 @@ class Explainer:
             if lst is None:
                 lst = events[t] = []
             lst.append((end, n))
-            org_rel.add(path.get(r.org_id, ()), t, n, end)
+            org_rel.add(r.org_id, t, n, end)
         for _start, job, t in c.starts:
             end = now + job.time_limit_s
-            events.setdefault(t, []).append((end, job.gpu_count))
-            org_rel.add(path.get(job.org_id, ()), t, job.gpu_count, end)
+            n = job.gpus_per_node * job.nodes
+            events.setdefault(t, []).append((end, n))
+            org_rel.add(job.org_id, t, n, end)
         profiles: dict[str, Profile] = {}
 
         def profile(t: str) -> Profile:

@@ -35,6 +35,10 @@ class OrgBooks:
             oid: tuple(a for a in chain[1:] if any(v > 0 for v in self.orgs[a].guaranteed.values()))
             for oid, chain in self.path.items()
         }
+        self.children: dict[int, list[int]] = {}
+        for oid, up in self.path.items():
+            if len(up) > 1:
+                self.children.setdefault(up[1], []).append(oid)
         self.alloc: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
         # GPUs of jobs being preempted (sent before or this cycle): leaving, not yet gone.
         self.leaving: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
@@ -49,12 +53,19 @@ class OrgBooks:
             book = self.leaving[a]
             book[gpu_type] = book.get(gpu_type, 0) + gpus
 
-    def add_running(self, running: Iterable[RunningJob]) -> None:
-        for r in running:
-            n = r.gpu_count
-            self.add(r.org_id, r.gpu_type, n)
+    def add_running(self, running: Iterable[RunningJob], gpus: Iterable[int]) -> None:
+        """Book running jobs (`gpus`: each one's GPU count), summed per org before the walk up."""
+        held: dict[tuple[int, str], int] = {}
+        leaving: dict[tuple[int, str], int] = {}
+        for r, n in zip(running, gpus, strict=True):
+            key = (r.org_id, r.gpu_type)
+            held[key] = held.get(key, 0) + n
             if r.preempting:
-                self.add_leaving(r.org_id, r.gpu_type, n)
+                leaving[key] = leaving.get(key, 0) + n
+        for (org_id, t), n in held.items():
+            self.add(org_id, t, n)
+        for (org_id, t), n in leaving.items():
+            self.add_leaving(org_id, t, n)
 
     def in_quota(self, org_id: int, gpu_type: str, gpus: int) -> bool:
         """The job fits in its org's unused guarantee (and its guaranteed ancestors')."""
