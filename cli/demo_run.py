@@ -44,6 +44,7 @@ TIME_SCALE = 360.0  # one trace hour = ten demo seconds
 CIRRUS_QUIET_UNTIL_S = 16.0  # keep the A100 gap free for the backfill moment
 DRAIN_S = 25.0  # after the last submission, time for running jobs to end
 POLL_S = 0.5
+EXPLAINED_PER_POLL = 8
 CLASS_RANK = {"low": 0, "normal": 1, "high": 2}
 
 
@@ -235,6 +236,7 @@ class Observer:
         self.story = Story()
         self._pending_before: set[int] = set()
         self._explain: dict[int, dict[str, Any]] = {}
+        self._explained_at: dict[int, float] = {}
 
     def track(self, job: dict[str, Any], planned: Planned, now: float) -> None:
         self.seen[job["id"]] = Seen(job=job, planned=planned, submitted_s=now)
@@ -272,6 +274,15 @@ class Observer:
                 )
             self._check_backfill(s)
         self._pending_before = {i for i, s in self.seen.items() if s.state == "PENDING"}
+        self._refresh_reasons(now)
+
+    def _refresh_reasons(self, now: float) -> None:
+        """Why the first few pending jobs wait, for the live view; each at most every 2 s."""
+        pending = sorted(self._pending_before)[:EXPLAINED_PER_POLL]
+        for job_id in pending:
+            if now - self._explained_at.get(job_id, -10.0) >= 2.0:
+                self._explained(job_id, fresh=True)
+                self._explained_at[job_id] = now
 
     def _preempted(self, s: Seen) -> None:
         r = self.admin.get(f"/v1/jobs/{s.job['id']}/events", params={"limit": 500})
@@ -320,6 +331,10 @@ class Observer:
             r = self.admin.get(f"/v1/jobs/{job_id}/explain")
             self._explain[job_id] = r.json() if r.status_code == 200 else {}
         return self._explain[job_id]
+
+    def reasons(self, job_id: int) -> dict[str, Any]:
+        """The last `explain` seen for a job (no request)."""
+        return self._explain.get(job_id) or {}
 
     def cancel_active(self, clients: dict[str, httpx.Client]) -> int:
         left = 0

@@ -12,6 +12,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from cli.jobs import SHORT_STATE
 from cli.output import human_duration
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def render_view(obs: Observer, now: float, workload_s: float) -> Group:
             str(s.job["id"]),
             s.planned.org,
             s.planned.name,
-            Text(s.state[:4], style=STATE_STYLE.get(s.state, "")),
+            Text(SHORT_STATE.get(s.state, s.state), style=STATE_STYLE.get(s.state, "")),
             f"{s.job['nodes']}x{s.job['gpus_per_node']} {s.planned.gpu_type}",
             bar if s.state != "PENDING" else Text("queued", style="dim"),
             human_duration(run_s) if s.state != "PENDING" else human_duration(now - s.submitted_s),
@@ -88,7 +89,7 @@ def _run_s(s: Seen) -> float:
 def _why(obs: Observer, s: Seen) -> str:
     if s.state != "PENDING":
         return ""
-    info = obs._explain.get(s.job["id"]) or {}
+    info = obs.reasons(s.job["id"])
     codes = [r["code"] for r in info.get("reasons") or []]
     return ",".join(codes)
 
