@@ -36,3 +36,34 @@ def core(
         raise typer.BadParameter(f"unknown size(s): {', '.join(unknown)}", param_hint="--size")
     for row in core_bench.run(names, repeats):
         typer.echo(json.dumps(row))
+
+
+@app.command("api")
+def api(
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Use this PostgreSQL database as is (default: create and drop one)."),
+    ] = None,
+    postgres_url: Annotated[
+        str,
+        typer.Option(help="PostgreSQL server in which to create the throwaway database."),
+    ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Server processes.")] = 2,
+    connections: Annotated[int, typer.Option(min=1, max=1024, help="Client connections.")] = 32,
+    submit_s: Annotated[float, typer.Option(min=0, help="Seconds of job submissions.")] = 10.0,
+    heartbeat_s: Annotated[float, typer.Option(min=0, help="Seconds of heartbeats.")] = 10.0,
+    nodes: Annotated[int, typer.Option(min=1, help="Registered nodes sending heartbeats.")] = 1000,
+) -> None:
+    """Submissions/s and heartbeats/s with p50/p99 latency of a real server; one JSON line."""
+    from scheduler.bench.api import run_api_bench
+
+    result = run_api_bench(
+        database_url=database_url,
+        postgres_url=postgres_url,
+        workers=workers,
+        concurrency=connections,
+        submit_s=submit_s,
+        heartbeat_s=heartbeat_s,
+        nodes=nodes,
+    )
+    typer.echo(json.dumps(result))

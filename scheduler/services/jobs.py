@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import Event, Job, JobDependency, Org, Task
@@ -20,6 +21,9 @@ from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from scheduler.services.jobstate import STOP_CANCEL, transition_job
 from scheduler.states import JobState
+
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+_EVENTS: Table = Event.__table__  # type: ignore[assignment]
 
 # Afterok dependencies that ended like this can never be met.
 _DEAD_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL})
@@ -99,7 +103,8 @@ async def submit_job(
 ) -> Submitted:
     """Store a PENDING job and its submit event. The same key from the same user returns the
     job stored the first time (the caller retried after a lost reply), and changes nothing."""
-    if idempotency_key is not None:
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if idempotency_key is not None and not postgres:  # PostgreSQL: ON CONFLICT below
         existing = await find_by_idempotency_key(session, user_id, idempotency_key)
         if existing is not None:
             return Submitted(existing, created=False)
@@ -108,46 +113,82 @@ async def submit_job(
         session, org_id, spec.time_limit, default_time_limit_s, max_time_limit_s
     )
     await _check_dependencies(session, org_id, spec.depends_on)
-    job = Job(
-        org_id=org_id,
-        user_id=user_id,
-        name=spec.name,
-        command=list(spec.command),
-        image=spec.image,
-        env=dict(spec.env),
-        workdir=spec.workdir,
-        gpus_per_node=spec.gpus_per_node,
-        num_nodes=spec.nodes,
-        gpu_type=spec.gpu_type,
-        site=spec.site,
-        time_limit_s=time_limit_s,
-        priority_class=spec.priority_class,
-        preemptible=spec.preemptible,
-        held=spec.hold,
-        idempotency_key=idempotency_key,
-        state=JobState.PENDING,
-        submitted_at=now,
-        requeue_count=0,
-        borrowed=False,
-    )
-    session.add(job)
-    await session.flush()
-    session.add(
-        Event(
-            at=now,
-            kind="job.state",
-            job_id=job.id,
-            org_id=org_id,
-            from_state=None,
-            to_state=str(JobState.PENDING),
-            actor=actor,
-            reason="submitted (held)" if spec.hold else "submitted",
-        )
-    )
+    values: dict[str, Any] = {
+        "org_id": org_id,
+        "user_id": user_id,
+        "name": spec.name,
+        "command": list(spec.command),
+        "image": spec.image,
+        "env": dict(spec.env),
+        "workdir": spec.workdir,
+        "gpus_per_node": spec.gpus_per_node,
+        "num_nodes": spec.nodes,
+        "gpu_type": spec.gpu_type,
+        "site": spec.site,
+        "time_limit_s": time_limit_s,
+        "priority_class": spec.priority_class,
+        "preemptible": spec.preemptible,
+        "held": spec.hold,
+        "idempotency_key": idempotency_key,
+        "state": JobState.PENDING,
+        "submitted_at": now,
+        "requeue_count": 0,
+        "borrowed": False,
+    }
+    event: dict[str, Any] = {
+        "at": now,
+        "kind": "job.state",
+        "org_id": org_id,
+        "from_state": None,
+        "to_state": str(JobState.PENDING),
+        "actor": actor,
+        "reason": "submitted (held)" if spec.hold else "submitted",
+    }
+    if postgres:
+        job_id = await _insert_job_and_event_pg(session, values, event)
+        if job_id is None:  # a job with this key exists: this is a retry
+            existing = await find_by_idempotency_key(session, user_id, idempotency_key or "")
+            assert existing is not None
+            return Submitted(existing, created=False)
+        job = Job(id=job_id, **values)
+        job.pending_reasons = job.priority = job.estimated_start_at = None
+        job.started_at = job.ended_at = job.state_reason = job.exit_code = None
+    else:
+        job = Job(**values)
+        session.add(job)
+        await session.flush()
+        session.add(Event(job_id=job.id, **event))
     if spec.depends_on:
         session.add_all(JobDependency(job_id=job.id, depends_on_id=d) for d in spec.depends_on)
     await session.flush()
     return Submitted(job, created=True)
+
+
+async def _insert_job_and_event_pg(
+    session: AsyncSession, values: dict[str, Any], event: dict[str, Any]
+) -> int | None:
+    """The job row and its PENDING event in one statement (one round trip, atomic by itself).
+
+    A conflicting idempotency key inserts nothing and returns None.
+    """
+    jobs, events = _JOBS, _EVENTS
+    job_cte = (
+        pg_insert(jobs)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
+        .returning(jobs.c.id)
+        .cte("new_job")
+    )
+    names = ["job_id", *event]
+    params = [
+        job_cte.c.id,
+        *(bindparam(f"ev_{k}", v, type_=events.c[k].type) for k, v in event.items()),
+    ]
+    event_cte = (
+        insert(events).from_select(names, select(*params)).returning(events.c.id).cte("new_event")
+    )
+    stmt = select(job_cte.c.id).add_cte(event_cte)
+    return await session.scalar(stmt)
 
 
 async def get_job(session: AsyncSession, job_id: int, *, scope_org_id: int | None) -> Job:

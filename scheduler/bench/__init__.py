@@ -1,0 +1,1 @@
+"""Benchmarks of the running server (`fairgpu bench api`)."""

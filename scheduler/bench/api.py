@@ -1,0 +1,175 @@
+"""`fairgpu bench api`: a real server on PostgreSQL, loaded from a separate client process.
+
+The server runs as `fairgpu server` (uvicorn, `--workers` processes) on a fresh database this
+benchmark creates and drops; the load generator (scheduler.bench.loadgen) is another process,
+so client and server compete for the same cores exactly as they would on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from scheduler.db import Org, User
+from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.db.migrate import migrate_url
+from scheduler.services.tokens import issue_token
+from scheduler.states import Role, TokenKind
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+READY_TIMEOUT_S = 60.0
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _create_database(server_url: str, name: str) -> str:
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _seed(database_url: str, run_id: str) -> tuple[str, str]:
+    """An org, a member with a token, and a join token for the nodes."""
+    await migrate_url(database_url)
+    engine = make_engine(database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            org = Org(name=f"bench-{run_id}")
+            session.add(org)
+            await session.flush()
+            user = User(name=f"bench-{run_id}", org_id=org.id, role=Role.MEMBER)
+            session.add(user)
+            await session.flush()
+            token = await issue_token(session, kind=TokenKind.USER, user_id=user.id, ttl_s=86_400)
+            join = await issue_token(session, kind=TokenKind.JOIN, ttl_s=86_400)
+            await session.commit()
+            return token.secret, join.secret
+    finally:
+        await engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become ready")
+
+
+def run_api_bench(
+    *,
+    database_url: str | None = None,
+    postgres_url: str = DEFAULT_POSTGRES_URL,
+    workers: int = 2,
+    concurrency: int = 32,
+    submit_s: float = 10.0,
+    heartbeat_s: float = 10.0,
+    nodes: int = 1000,
+    job_gpu_type: str = "H100",
+    server_log: Path | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-ready result."""
+    run_id = uuid.uuid4().hex[:8]
+    db_name = f"fairgpu_bench_{os.getpid()}_{run_id}"
+    created = database_url is None
+    url = asyncio.run(_create_database(postgres_url, db_name)) if created else database_url
+    assert url is not None
+    if not make_url(url).drivername.startswith("postgres"):
+        raise ValueError("fairgpu bench api runs on PostgreSQL")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        user_token, join_token = asyncio.run(_seed(url, run_id))
+        port = _free_port()
+        fairgpu = str(Path(sys.executable).parent / "fairgpu")
+        log = server_log.open("wb") if server_log else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            [
+                fairgpu, "server", "--port", str(port), "--database-url", url,
+                "--workers", str(workers), "--no-access-log", "--log-level", "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FAIRGPU_MIGRATE_ON_START": "false"},
+        )  # fmt: skip
+        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        params = {
+            "host": "127.0.0.1",
+            "port": port,
+            "user_token": user_token,
+            "join_token": join_token,
+            "concurrency": concurrency,
+            "submit_s": submit_s,
+            "heartbeat_s": heartbeat_s,
+            "nodes": nodes,
+            "run_id": run_id,
+            "job_gpu_type": job_gpu_type,
+            "server_pid": proc.pid,
+        }
+        client = subprocess.run(
+            [sys.executable, "-m", "scheduler.bench.loadgen"],
+            input=json.dumps(params),
+            capture_output=True,
+            text=True,
+            timeout=submit_s + heartbeat_s + 600,
+            check=False,
+        )
+        if client.returncode != 0:
+            raise RuntimeError(f"load generator failed: {client.stderr.strip()[-2000:]}")
+        measured = json.loads(client.stdout)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if created:
+            asyncio.run(_drop_database(postgres_url, db_name))
+    return {
+        "bench": "api",
+        "database": "postgresql",
+        "server_workers": workers,
+        "client_connections": concurrency,
+        "cpu_count": os.cpu_count(),
+        **measured,
+    }
