@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from sqlalchemy import select
 
 from scheduler.db import Node, Task
 from scheduler.services.invariants import check_invariants
 from scheduler.states import NodeState
-from tests.scheduling.harness import fast_settings, report, running_cluster
+from tests.scheduling.harness import Cluster, fast_settings, report, running_cluster
 
 
 async def test_node_timeout_fails_or_requeues_its_jobs(database_url: str) -> None:
@@ -59,3 +60,48 @@ async def test_node_timeout_fails_or_requeues_its_jobs(database_url: str) -> Non
                 await session.scalar(select(Node.state).where(Node.id == node["node_id"]))
                 is NodeState.READY
             )
+
+
+async def test_draining_node_becomes_drained_when_empty(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=8)
+    token = await cluster.user_token(org)
+    node = await cluster.register(await cluster.join_token(), gpus=8)
+    cred = node["credential"]
+    job = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    (spec,) = (await cluster.heartbeat(cred))["start"]
+    await cluster.heartbeat(cred, tasks=[report(spec["task_id"], job["id"], "running")])
+    await cluster.call("POST", f"/v1/nodes/{node['node_id']}/drain", cluster.admin, {})
+    later = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    assert await _node_state(cluster, node["node_id"]) is NodeState.DRAINING
+    assert (await cluster.job(token, later["id"]))["state"] == "PENDING"  # no new work
+    await cluster.heartbeat(cred, tasks=[report(spec["task_id"], job["id"], "exited", exit_code=0)])
+    await cluster.cycle()
+    assert await _node_state(cluster, node["node_id"]) is NodeState.DRAINED
+
+
+async def test_server_stops_a_task_past_its_time_limit(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=8)
+    token = await cluster.user_token(org)
+    node = await cluster.register(await cluster.join_token(), gpus=8)
+    cred = node["credential"]
+    job = await cluster.submit(token, gpus_per_node=1, time_limit=60)
+    await cluster.cycle()
+    (spec,) = (await cluster.heartbeat(cred))["start"]
+    await cluster.heartbeat(cred, tasks=[report(spec["task_id"], job["id"], "running")])
+    async with cluster.sessionmaker() as session:  # it started long ago, as the agent says
+        task = await session.get(Task, spec["task_id"])
+        assert task is not None
+        task.started_at = task.started_at - timedelta(seconds=120)
+        await session.commit()
+    await cluster.cycle()
+    reply = await cluster.heartbeat(cred)
+    assert [(s["task_id"], s["reason"]) for s in reply["stop"]] == [(spec["task_id"], "timeout")]
+    await cluster.heartbeat(cred, tasks=[report(spec["task_id"], job["id"], "stopped", signal=9)])
+    assert (await cluster.job(token, job["id"]))["state"] == "TIMEOUT"
+
+
+async def _node_state(cluster: Cluster, node_id: int) -> NodeState | None:
+    async with cluster.sessionmaker() as session:
+        return await session.scalar(select(Node.state).where(Node.id == node_id))
