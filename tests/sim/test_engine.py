@@ -62,7 +62,7 @@ def newest_first_with_preemption(snapshot: Snapshot) -> Decisions:
 
 def test_preempted_job_loses_work_since_checkpoint_and_is_requeued() -> None:
     trace = [TraceJob("long", "a", 0, 4_000, 8), TraceJob("short", "b", 2_000, 100, 8)]
-    workload = make_workload(trace, [Quota("a", 4), Quota("b", 4)], ONE_NODE)
+    workload = make_workload(trace, [Quota("a", 8), Quota("b", 8)], ONE_NODE)
     config = SimConfig(checkpoint_interval_s=1_800)
     result = run_policy(workload, "fairgpu", config, schedule=newest_first_with_preemption)
     long, short = result.jobs
