@@ -114,6 +114,7 @@ async def test_ledger_equals_allocation_intervals(session: AsyncSession) -> None
         )
     billed = await session.scalar(select(func.sum(UsageRecord.billed_gpu_seconds)))
     allocated = await session.scalar(select(func.sum(UsageRecord.gpu_seconds_allocated)))
+    assert allocated is not None
     assert billed == pytest.approx(2.0 * allocated)
     assert (await session.scalar(select(func.count()).select_from(UsageRecord))) == 6
     report = await check_invariants(session)

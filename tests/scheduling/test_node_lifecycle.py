@@ -93,6 +93,7 @@ async def test_server_stops_a_task_past_its_time_limit(cluster: Cluster) -> None
     async with cluster.sessionmaker() as session:  # it started long ago, as the agent says
         task = await session.get(Task, spec["task_id"])
         assert task is not None
+        assert task.started_at is not None
         task.started_at = task.started_at - timedelta(seconds=120)
         await session.commit()
     await cluster.cycle()
