@@ -217,7 +217,28 @@ async def heartbeat(
     outcome.wake_nodes = effects.wake_nodes - {node_id}
     if effects.gpus_freed or effects.jobs_requeued:
         outcome.changed = True
-    starts, stops = await node_work(session, node_id=node_id, settings=settings)
+    starts, stops, unreported = await _node_work(session, node_id=node_id, settings=settings)
+    for task, job in unreported:
+        # Asked to stop before the agent ever reported it: the agent ignores stops for tasks it
+        # does not know, so the server ends it (a late live report gets a stale stop).
+        await end_task(
+            session,
+            task,
+            job,
+            STOP_REASON_STATE.get(task.stop_reason or "", JobState.CANCELLED),
+            actor=actor,
+            at=now,
+            grace_s=settings.preemption_grace_s,
+            gpu_weights=dict(settings.gpu_weights),
+            reason=f"stopped ({task.stop_reason}) before the node started it",
+            effects=effects,
+        )
+        outcome.changed = True
+    if unreported:
+        outcome.wake_nodes = effects.wake_nodes - {node_id}
+        ended = {task.id for task, _ in unreported}
+        stops = [stop for stop in stops if stop.task_id not in ended]
+        await session.flush()
     stops.extend(
         TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.preemption_grace_s)
         for t in sorted(stale)
@@ -438,6 +459,14 @@ async def node_work(
     session: AsyncSession, *, node_id: int, settings: Settings
 ) -> tuple[list[TaskSpec], list[TaskStop]]:
     """Tasks the node must start (not yet acknowledged) and stop (asked, not yet ended)."""
+    starts, stops, _ = await _node_work(session, node_id=node_id, settings=settings)
+    return starts, stops
+
+
+async def _node_work(
+    session: AsyncSession, *, node_id: int, settings: Settings
+) -> tuple[list[TaskSpec], list[TaskStop], list[tuple[Task, Job]]]:
+    """`node_work`, plus the tasks asked to stop that the agent has never reported."""
     rows = (
         await session.execute(
             select(Task, Job)
@@ -451,7 +480,7 @@ async def node_work(
         )
     ).all()
     if not rows:
-        return [], []
+        return [], [], []
     stops = [
         TaskStop(
             task_id=t.id,
@@ -462,7 +491,10 @@ async def node_work(
         if t.stop_requested_at is not None
     ]
     to_start = [(t, j) for t, j in rows if t.stop_requested_at is None]
-    return await _task_specs(session, to_start), stops
+    unreported = [
+        (t, j) for t, j in rows if t.stop_requested_at is not None and t.started_at is None
+    ]
+    return await _task_specs(session, to_start), stops, unreported
 
 
 async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> list[TaskSpec]:

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from scheduler.db import Gpu, Task
+from scheduler.services.invariants import check_invariants
 from scheduler.states import GpuHealth
 from tests.scheduling.harness import Cluster, fast_settings, now, report, running_cluster, sample
 
@@ -142,3 +143,21 @@ async def test_cancel_of_a_running_job_reaches_the_agent(cluster: Cluster) -> No
         task = await session.get(Task, spec["task_id"])
         assert task is not None
         assert task.ended_at is not None
+
+
+async def test_stop_before_the_agent_reported_the_task_ends_it_at_once(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=8)
+    token = await cluster.user_token(org)
+    node = await cluster.register(await cluster.join_token())
+    job = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    assert (await cluster.job(token, job["id"]))["state"] == "STARTING"
+    await cluster.call("POST", f"/v1/jobs/{job['id']}/cancel", token)
+    # The agent never saw the start (a lost reply): the server ends the task itself.
+    reply = await cluster.heartbeat(node["credential"])
+    assert reply["start"] == []
+    assert reply["stop"] == []
+    assert (await cluster.job(token, job["id"]))["state"] == "CANCELLED"
+    async with cluster.sessionmaker() as session:
+        report_ = await check_invariants(session)
+    assert report_.ok, report_.violations
