@@ -70,7 +70,7 @@ class AgentMetrics(Collector):
         alloc = GaugeMetricFamily(
             "fairgpu_gpu_allocation_info",
             "1 for each GPU held by a job; join on node and gpu.",
-            labels=["node", "gpu", "job", "org"],
+            labels=["node", "gpu", "job_id", "org"],
         )
         with self._lock:
             samples, allocations = list(self._samples), list(self._allocations)

@@ -42,7 +42,7 @@ def test_per_gpu_series_and_allocation_info() -> None:
     assert info == {
         (
             "fairgpu_gpu_allocation_info",
-            frozenset({("node", "n1"), ("gpu", "0"), ("job", "42"), ("org", "acme")}),
+            frozenset({("node", "n1"), ("gpu", "0"), ("job_id", "42"), ("org", "acme")}),
         ): 1.0
     }
     unhealthy = [k for k, v in series.items() if k[0] == "fairgpu_gpu_healthy" and v == 0.0]
