@@ -60,6 +60,7 @@ class Preemptor:
         self._lowest: dict[tuple[int, str], int] = {}  # (org, type) → lowest victim class
         self._own: dict[tuple[int, str], list[RunningJob]] = {}  # (org, type) → its candidates
         self._own_gpus: dict[tuple[int, str], int] = {}
+        self._own_left: dict[tuple[int, str], int] = {}  # its candidates not yet chosen
 
     def _add_incoming(self, r: RunningJob, deadline: float) -> None:
         for p in r.placements:
@@ -97,7 +98,10 @@ class Preemptor:
         for t in types:
             if t not in self._candidates:
                 self.candidates(t)
-            if lowest.get((org_id, t), cls) < cls or self.own_incoming.get((org_id, t)):
+            key = (org_id, t)
+            if (lowest.get(key, cls) < cls and self._own_left.get(key)) or self.own_incoming.get(
+                key
+            ):
                 return True
         return False
 
@@ -146,6 +150,7 @@ class Preemptor:
                     self._lowest[key] = c
                 self._own.setdefault(key, []).append(r)
                 self._own_gpus[key] = self._own_gpus.get(key, 0) + r.gpu_count
+                self._own_left[key] = self._own_left.get(key, 0) + 1
         return out
 
     def plan(self, job: PendingJob, gpu_type: str, in_quota: bool) -> Plan | None:
@@ -281,6 +286,9 @@ class Preemptor:
         deadline = self.now + self.config.preemption_grace_s
         for v in plan.victims:
             self.chosen.add(v.job_id)
+            key = (v.org_id, v.gpu_type)
+            if key in self._own_left:
+                self._own_left[key] -= 1
             self.books.add_leaving(v.org_id, v.gpu_type, v.gpu_count)
             self._add_incoming(v, deadline)
         ready_at = plan.ready_at if not plan.victims else max(plan.ready_at, deadline)
