@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.sim.engine import SimJob, SimResult
+from scheduler.sim.records import SimJob, SimResult
 from scheduler.sim.timeline import FloatArray
 
 SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (

@@ -18,9 +18,10 @@ from scheduler.sim.cluster import (
     parse_cluster_spec,
 )
 from scheduler.sim.config import POLICY_NAMES, SimConfig, policy_config
-from scheduler.sim.engine import ProgressFn, ScheduleFn, SimResult, Simulator
+from scheduler.sim.engine import ProgressFn, ScheduleFn, Simulator
 from scheduler.sim.metrics import Series, summarize
 from scheduler.sim.plots import write_plots
+from scheduler.sim.records import SimResult
 from scheduler.sim.report import render_markdown, write_summary
 from scheduler.sim.trace import Quota, TraceJob, load_quotas, load_trace
 

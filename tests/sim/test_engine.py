@@ -6,8 +6,8 @@ import pytest
 
 from scheduler.core.types import Decisions, Placement, Preemption, PreemptionReason, Snapshot, Start
 from scheduler.sim.config import SimConfig, TimeLimitModel
-from scheduler.sim.engine import SimulationError
 from scheduler.sim.metrics import summarize
+from scheduler.sim.records import SimulationError
 from scheduler.sim.runner import make_workload, run_policy
 from scheduler.sim.trace import Quota, TraceJob
 from tests.sim.greedy import greedy

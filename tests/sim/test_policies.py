@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler.sim.config import POLICY_NAMES, SimConfig, TimeLimitModel
-from scheduler.sim.engine import SimResult
+from scheduler.sim.records import SimResult
 from scheduler.sim.runner import make_workload, run_policy
 from scheduler.sim.trace import Quota, TraceJob
 
