@@ -13,6 +13,7 @@ from api.schemas.agent import AgentRegister, AgentRegistered, Heartbeat, Heartbe
 from scheduler.services import agents as svc
 from scheduler.services.errors import Unauthenticated
 from scheduler.services.runtime import SchedulerRuntime
+from scheduler.services.scheduling.work import pending_reply
 from scheduler.settings import Settings
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -70,7 +71,7 @@ async def heartbeat(
 
     async def check() -> HeartbeatReply | None:
         try:
-            return await svc.pending_reply(session, node_id=node_id, settings=settings)
+            return await pending_reply(session, node_id=node_id, settings=settings)
         finally:
             await session.rollback()  # end the read: nothing stays open while we wait
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,27 +26,24 @@ from api.schemas.agent import (
     Heartbeat,
     HeartbeatReply,
     TaskReport,
-    TaskSpec,
     TaskStop,
 )
-from scheduler.db import Allocation, ApiToken, Event, Gpu, Job, LogChunk, Org, Site, Task
+from scheduler.db import Allocation, ApiToken, Event, Gpu, Job, LogChunk, Site, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
 from scheduler.services.accounting import SampleUsage, record_sample_usage, sample_usage
 from scheduler.services.errors import Conflict, Forbidden, Unauthenticated
 from scheduler.services.jobstate import STOP_STALE, transition_job, transition_task
 from scheduler.services.scheduling.tasks import (
-    ACTIVE_STATES,
     STOP_REASON_STATE,
     EndEffects,
     end_task,
 )
+from scheduler.services.scheduling.work import node_work_and_unreported, reply
 from scheduler.services.tokens import find_valid_token, issue_token
 from scheduler.settings import Settings
 from scheduler.states import GpuHealth, JobState, NodeState, TokenKind
 
-MASTER_PORT_BASE = 29_500  # torchrun's default; offset per job so gangs sharing a node differ
-MASTER_PORT_SPAN = 10_000
 _LOGS: Table = LogChunk.__table__  # type: ignore[assignment]
 _TASKS: Table = Task.__table__  # type: ignore[assignment]
 
@@ -184,7 +181,7 @@ async def heartbeat(
     if touched is None:
         raise Unauthenticated("this node is no longer registered")
     node_name, node_state = touched
-    outcome = HeartbeatOutcome(reply=_reply(settings, now))
+    outcome = HeartbeatOutcome(reply=reply(settings, now))
     actor = f"agent:{node_name}"
     if NodeState(node_state) is NodeState.DOWN:
         node = await session.get(NodeRow, node_id)
@@ -217,7 +214,9 @@ async def heartbeat(
     outcome.wake_nodes = effects.wake_nodes - {node_id}
     if effects.gpus_freed or effects.jobs_requeued:
         outcome.changed = True
-    starts, stops, unreported = await _node_work(session, node_id=node_id, settings=settings)
+    starts, stops, unreported = await node_work_and_unreported(
+        session, node_id=node_id, settings=settings
+    )
     for task, job in unreported:
         # Asked to stop before the agent ever reported it: the agent ignores stops for tasks it
         # does not know, so the server ends it (a late live report gets a stale stop).
@@ -243,22 +242,8 @@ async def heartbeat(
         TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.preemption_grace_s)
         for t in sorted(stale)
     )
-    outcome.reply = _reply(settings, now, starts, stops)
+    outcome.reply = reply(settings, now, starts, stops)
     return outcome
-
-
-def _reply(
-    settings: Settings,
-    now: datetime,
-    starts: list[TaskSpec] | None = None,
-    stops: list[TaskStop] | None = None,
-) -> HeartbeatReply:
-    return HeartbeatReply(
-        start=starts or [],
-        stop=stops or [],
-        heartbeat_interval_s=settings.heartbeat_interval_s,
-        server_time=now,
-    )
 
 
 def _sample_json(sample: GpuSample) -> dict[str, Any]:
@@ -450,106 +435,3 @@ async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> N
         .values(log_bytes=bindparam("b_bytes")),
         sizes,
     )
-
-
-# -- work for a node ---------------------------------------------------------------------------
-
-
-async def node_work(
-    session: AsyncSession, *, node_id: int, settings: Settings
-) -> tuple[list[TaskSpec], list[TaskStop]]:
-    """Tasks the node must start (not yet acknowledged) and stop (asked, not yet ended)."""
-    starts, stops, _ = await _node_work(session, node_id=node_id, settings=settings)
-    return starts, stops
-
-
-async def _node_work(
-    session: AsyncSession, *, node_id: int, settings: Settings
-) -> tuple[list[TaskSpec], list[TaskStop], list[tuple[Task, Job]]]:
-    """`node_work`, plus the tasks asked to stop that the agent has never reported."""
-    rows = (
-        await session.execute(
-            select(Task, Job)
-            .join(Job, Job.id == Task.job_id)
-            .where(
-                Task.node_id == node_id,
-                Task.state.in_(ACTIVE_STATES),
-                or_(Task.stop_requested_at.is_not(None), Task.started_at.is_(None)),
-            )
-            .order_by(Task.id)
-        )
-    ).all()
-    if not rows:
-        return [], [], []
-    stops = [
-        TaskStop(
-            task_id=t.id,
-            reason=t.stop_reason or "",
-            grace_s=t.stop_grace_s if t.stop_grace_s is not None else settings.preemption_grace_s,
-        )
-        for t, _ in rows
-        if t.stop_requested_at is not None
-    ]
-    to_start = [(t, j) for t, j in rows if t.stop_requested_at is None]
-    unreported = [
-        (t, j) for t, j in rows if t.stop_requested_at is not None and t.started_at is None
-    ]
-    return await _task_specs(session, to_start), stops, unreported
-
-
-async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> list[TaskSpec]:
-    if not pairs:
-        return []
-    task_ids = [t.id for t, _ in pairs]
-    gpus: dict[int, list[tuple[int, str]]] = {}
-    for task_id, index, uuid in await session.execute(
-        select(Allocation.task_id, Gpu.index, Gpu.uuid)
-        .join(Gpu, Gpu.id == Allocation.gpu_id)
-        .where(Allocation.task_id.in_(task_ids), Allocation.ended_at.is_(None))
-    ):
-        gpus.setdefault(task_id, []).append((index, uuid))
-    gang_jobs = {j.id: j.requeue_count for _, j in pairs if j.num_nodes > 1}
-    masters: dict[int, str] = {}
-    if gang_jobs:
-        for job_id, attempt, address in await session.execute(
-            select(Task.job_id, Task.attempt, NodeRow.address)
-            .join(NodeRow, NodeRow.id == Task.node_id)
-            .where(Task.job_id.in_(list(gang_jobs)), Task.node_rank == 0)
-        ):
-            if gang_jobs.get(job_id) == attempt:
-                masters[job_id] = address
-    org_ids = {j.org_id for _, j in pairs}
-    orgs = dict((await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).all())
-    specs: list[TaskSpec] = []
-    for task, job in pairs:
-        held = sorted(gpus.get(task.id, []))
-        gang = job.num_nodes > 1
-        specs.append(
-            TaskSpec(
-                task_id=task.id,
-                job_id=job.id,
-                org=orgs.get(job.org_id, ""),
-                node_rank=task.node_rank,
-                num_nodes=job.num_nodes,
-                gpus=[i for i, _ in held],
-                gpu_uuids=[u for _, u in held],
-                command=list(job.command),
-                env=dict(job.env or {}),
-                workdir=job.workdir,
-                image=job.image,
-                time_limit_s=float(job.time_limit_s),
-                master_addr=masters.get(job.id) if gang else None,
-                master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
-            )
-        )
-    return specs
-
-
-async def pending_reply(
-    session: AsyncSession, *, node_id: int, settings: Settings
-) -> HeartbeatReply | None:
-    """For a held heartbeat: a reply when the node has work now, else None. Read only."""
-    starts, stops = await node_work(session, node_id=node_id, settings=settings)
-    if not starts and not stops:
-        return None
-    return _reply(settings, utcnow(), starts, stops)
