@@ -292,14 +292,15 @@ class _Cycle:
         if not self.cfg.preemption:
             return False
         cls = self.cfg.priority_classes.get(job.priority_class, 0)
-        if not self.pre.has_lower(job.org_id, types, cls):
-            return False
-        books = self.books
         may_borrow = self.cfg.borrowing and job.preemptible
         # Victims only get fewer and allocations only grow in a cycle: a failure stays one.
         memo = (job.org_id, types, cls, job.site, job.gpus_per_node, job.nodes, may_borrow)
         if memo in self._bump_failed:
             return False
+        if not self.pre.has_lower(job.org_id, types, cls):
+            self._bump_failed.add(memo)
+            return False
+        books = self.books
         n = job.gpus_per_node * job.nodes
         for t in types:
             most = self.pre.own_lower_gpus(job.org_id, t, cls)
@@ -354,6 +355,7 @@ class _Cycle:
                     self.waits[job.job_id] = self.ex.limit(job, t, lim, never=False)
                     return False
         # The same shape of the same org failed before: capacity and victims only shrank since.
+        # The time limit matters only where a short job may use reserved GPUs.
         key = (
             job.org_id,
             types,
@@ -361,7 +363,7 @@ class _Cycle:
             job.gpus_per_node,
             job.nodes,
             job.priority_class,
-            job.time_limit_s,
+            job.time_limit_s if self.res.reserved else 0.0,
         )
         failed = self._borrow_failed.get(key)
         if failed is not None:

@@ -107,7 +107,8 @@ class Preemptor:
 
     def own_lower_gpus(self, org_id: int, gpu_type: str, cls: int) -> int:
         """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
-        self.candidates(gpu_type)
+        if gpu_type not in self._candidates:
+            self.candidates(gpu_type)
         leaving = self.own_incoming.get((org_id, gpu_type), 0)
         if self._lowest.get((org_id, gpu_type), cls) >= cls:
             return leaving
