@@ -9,9 +9,9 @@ def greedy(snapshot: Snapshot) -> Decisions:
     """Submit order, first fit, every org capped at its guarantee unless borrowing is on."""
     free: dict[int, list[int]] = {n.id: list(n.gpus) for n in snapshot.nodes}
     held: dict[int, int] = {}
-    for job in snapshot.running:
-        held[job.org_id] = held.get(job.org_id, 0) + job.gpu_count
-        for p in job.placements:
+    for run in snapshot.running:
+        held[run.org_id] = held.get(run.org_id, 0) + run.gpu_count
+        for p in run.placements:
             for gpu in p.gpus:
                 free[p.node_id].remove(gpu)
     limits = {o.id: sum(o.guaranteed.values()) for o in snapshot.orgs}
