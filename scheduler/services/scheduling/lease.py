@@ -102,9 +102,13 @@ class Lease:
 
     async def try_acquire(self, session: AsyncSession) -> bool:
         """One attempt; True when this replica now leads (with a fresh epoch)."""
-        if self.is_postgres:
-            return await self._try_acquire_postgres(session)
-        return await self._try_acquire_row(session)
+        try:
+            if self.is_postgres:
+                return await self._try_acquire_postgres(session)
+            return await self._try_acquire_row(session)
+        except Exception:
+            await self.release()  # a broken lock connection must not be reused
+            raise
 
     async def _try_acquire_row(self, session: AsyncSession) -> bool:
         now = utcnow()
