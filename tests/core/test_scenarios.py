@@ -438,3 +438,16 @@ def test_priority_preemption_does_not_repeat_while_its_victim_leaves() -> None:
     again = schedule(apply(s, d, now=10.0))
     assert again.preemptions == ()
     assert codes(again, 1) == [ReasonCode.PREEMPTING]
+
+
+def test_odd_inputs_are_explained_not_crashed_on() -> None:
+    ghost = run(100, 1, [(99, range(8))])  # a running job on a node the snapshot lacks
+    empty = snapshot(nodes=(), orgs=[org(1, guaranteed=8)], running=[ghost], pending=[job(1, 1, 1)])
+    d = schedule(empty)
+    assert codes(d, 1) == [ReasonCode.BAD_CONSTRAINTS]
+    looped = [org(1, parent=2, guaranteed=8), org(2, parent=1)]  # a malformed tree
+    other = run(101, 2, [(99, range(8))])
+    s = snapshot(nodes=nodes(1), orgs=looped, running=[other], pending=[job(1, 1, 1)])
+    assert [st.job_id for st in schedule(s).starts] == [1]
+    zero = snapshot(nodes=nodes(1), orgs=[org(1, guaranteed=8)], pending=[job(1, 1, 0)])
+    assert codes(schedule(zero), 1) == [ReasonCode.BAD_CONSTRAINTS]
