@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scheduler.sim.config import POLICIES
 from scheduler.sim.metrics import SIZE_BUCKETS
 
 HEADLINE: tuple[tuple[str, str], ...] = (
@@ -54,8 +55,50 @@ def headline_rows(summaries: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 def write_summary(
     path: Path, inputs: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]]
 ) -> None:
-    document = {"inputs": inputs, "policies": {s["policy"]: s for s in summaries}}
+    document = {
+        "inputs": inputs,
+        "policies": {s["policy"]: s for s in summaries},
+        "checks": checks(summaries),
+    }
     path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def checks(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The claims fairgpu's policy must meet against the baselines, each with its numbers.
+
+    `holds` is None where the comparison cannot be made (a policy not run, no such jobs).
+    """
+    by = {s["policy"]: s for s in summaries}
+    out: list[dict[str, Any]] = []
+    fair, fifo, slurm = by.get("fairgpu"), by.get("fifo"), by.get("slurm-like")
+    if fair and slurm:
+        for key in ("during_arrivals_ratio", "while_waiting_ratio"):
+            a, b = fair["allocation"][key], slurm["allocation"][key]
+            out.append(_check(f"allocation {key}: fairgpu >= slurm-like", a, b, a >= b))
+    if fair and fifo:
+        for bucket in ("33+", "9-32"):
+            for stat in ("mean", "p99"):
+                a = fair["wait_s"][bucket].get(stat)
+                b = fifo["wait_s"][bucket].get(stat)
+                holds = None if a is None or b is None else a < b
+                out.append(_check(f"wait {bucket} GPUs {stat}: fairgpu < fifo", a, b, holds))
+    if fair:
+        bound = 3_600.0 + POLICIES["fairgpu"].preemption_grace_s
+        worst = fair["fairness"]["longest_in_quota_wait_s"]
+        who = fair["fairness"]["longest_in_quota_wait_tenant"]
+        out.append(
+            _check(
+                f"longest in-quota wait of any tenant ({who}) <= 1 h + grace",
+                worst,
+                bound,
+                worst <= bound,
+            )
+        )
+    return out
+
+
+def _check(claim: str, value: Any, against: Any, holds: bool | None) -> dict[str, Any]:
+    return {"claim": claim, "value": value, "against": against, "holds": holds}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -138,6 +181,14 @@ def render_markdown(
             for name, t in s["tenants"].items()
         ]
         out += _table(header, rows)
+    claims = checks(summaries)
+    if claims:
+        out += ["## Checks", ""]
+        verdict = {True: "holds", False: "does NOT hold", None: "n/a (no such jobs)"}
+        out += _table(
+            ["claim", "value", "against", "verdict"],
+            [[c["claim"], str(c["value"]), str(c["against"]), verdict[c["holds"]]] for c in claims],
+        )
     out += ["## Run", ""]
     out += _table(
         ["policy", "wall s", "core s", "cycles", "max pending"],

@@ -36,6 +36,8 @@ def test_simulate_writes_every_output_for_every_policy(tmp_path: Path) -> None:
                      "tenants.png", "wait_cdf.png"}  # fmt: skip
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(summary["policies"]) == ["fairgpu", "fifo", "slurm-like"]
+    claims = {c["claim"].split(":")[0] for c in summary["checks"]}
+    assert "allocation during_arrivals_ratio" in claims
     for figures in summary["policies"].values():
         assert figures["jobs"]["completed"] + figures["jobs"]["unschedulable"] == 300
         assert set(figures["tenants"]) == set(TENANTS)
