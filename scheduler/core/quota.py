@@ -26,7 +26,9 @@ class OrgBooks:
             while parent is not None and parent in self.orgs and parent not in chain:
                 chain.append(parent)
                 parent = self.orgs[parent].parent_id
-            self.path[oid] = tuple(chain)
+            # A malformed tree (a parent cycle) must not make orgs charge each other: such an
+            # org stands alone.
+            self.path[oid] = (oid,) if parent is not None and parent in chain else tuple(chain)
         # Only orgs that set a limit or a guarantee need looking at on the way up.
         self.limited = {
             oid: tuple(a for a in chain if self.orgs[a].limit) for oid, chain in self.path.items()
