@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from cli import admin, agent, bench, db, server, simulate
@@ -23,4 +25,22 @@ user_commands.register(app)
 
 
 def main() -> None:
-    app()
+    """Run the CLI; whatever escapes a command ends as one line on stderr, never a traceback.
+
+    `python -X dev -m cli.main ...` (or PYTHONDEVMODE=1) shows the traceback for debugging.
+    """
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("fairgpu: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence for a person at a shell
+        if sys.flags.dev_mode:
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"fairgpu: error: {exc.__class__.__name__}: {detail}".rstrip(": "), err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
