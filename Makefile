@@ -3,12 +3,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
 
 .PHONY: install lint fmt test test-fast test-faults test-dashboards demo bench clean
 
-$(STAMP): pyproject.toml
+# The demo needs only the runtime dependencies; tests, lint and benchmarks need the dev extra.
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
 	touch $(STAMP)
 
@@ -34,7 +40,7 @@ test-dashboards: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -x -m 'not slow'
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/fairgpu demo
 
 clean:
