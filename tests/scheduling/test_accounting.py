@@ -68,7 +68,9 @@ def test_incremental_fold_equals_one_fold(
         {},
         float("-inf"),
         [
-            UsageInterval(iv.org_id, iv.gpu_type, 1, iv.start, iv.end if iv.end is not None else final)
+            UsageInterval(
+                iv.org_id, iv.gpu_type, 1, iv.start, iv.end if iv.end is not None else final
+            )
             for iv in intervals
             if iv.start <= final
         ],
