@@ -2,8 +2,9 @@
 
 Every replica runs a `SchedulerRuntime`. The one holding the lease runs cycles: on `notify`
 (a submit, a finished task, a heartbeat that changed something) and at least every
-`cycle_interval_s`, never closer together than `cycle_min_gap_s`, so a burst of events costs one
-cycle. The others keep trying to take the lease. Every replica serves long-polls: a held
+`cycle_interval_s`. Cycles are never closer together than `cycle_min_gap_s`, so a burst of events
+costs one cycle, nor than the last cycle took, so the scheduler never takes more than about half
+of the process from the requests it serves. The others keep trying to take the lease. Every replica serves long-polls: a held
 heartbeat waits on its node's event, set by `wake_nodes` (an apply or a cancel on this replica);
 with several replicas a held heartbeat also re-checks the database every `long_poll_recheck_s`,
 since the news may have been written by another replica.
@@ -54,6 +55,7 @@ class SchedulerRuntime:
         self._cycle_done = asyncio.Condition()
         self._in_cycle = False
         self._explained_at = float("-inf")
+        self._last_duration_s = 0.0
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -163,7 +165,8 @@ class SchedulerRuntime:
                     self._wake.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.cycle_interval_s)
-                gap_s = self.settings.cycle_min_gap_s - (time.monotonic() - last_started)
+                min_gap_s = max(self.settings.cycle_min_gap_s, self._last_duration_s)
+                gap_s = min_gap_s - (time.monotonic() - last_started)
                 if gap_s > 0:
                     await self._sleep(gap_s)
                 if self._stopping.is_set():
@@ -214,6 +217,7 @@ class SchedulerRuntime:
         if result.explained_all:
             self._explained_at = time.monotonic()
         self.last_result = result
+        self._last_duration_s = result.duration_s
         self.last_cycle_at = result.at
         self.last_cycle_error = None
         self.metrics.observe_cycle(result)
