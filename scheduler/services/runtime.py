@@ -4,8 +4,9 @@ Every replica runs a `SchedulerRuntime`. The one holding the lease runs cycles: 
 (a submit, a finished task, a heartbeat that changed something) and at least every
 `cycle_interval_s`. Cycles are never closer together than `cycle_min_gap_s`, so a burst of events
 costs one cycle, nor than the last cycle took, so the scheduler never takes more than about half
-of the process from the requests it serves. The others keep trying to take the lease. Every replica serves long-polls: a held
-heartbeat waits on its node's event, set by `wake_nodes` (an apply or a cancel on this replica);
+of the process from the requests it serves. The others keep trying to take the lease.
+
+Every replica serves long-polls: a held heartbeat waits on its node's event, set by `wake_nodes` (an apply or a cancel on this replica);
 with several replicas a held heartbeat also re-checks the database every `long_poll_recheck_s`,
 since the news may have been written by another replica.
 """
