@@ -229,6 +229,23 @@ class _Cycle:
                 waits[job.job_id] = ex.queued(job, types[0], self.blocked_by)
                 continue
             n = job.gpus_per_node * job.nodes
+            if len(types) == 1:  # the common case, without the lists
+                t = types[0]
+                if limited[org_id]:
+                    lim = books.limit_block(org_id, t, n)
+                    if lim is not None:
+                        waits[job.job_id] = ex.limit(job, t, lim, never=False)
+                        continue
+                if books.in_quota(org_id, t, n):
+                    self._admit(job, [t], [])
+                elif may_borrow and job.preemptible:
+                    queue = deferred.get(org_id)
+                    if queue is None:
+                        queue = deferred[org_id] = deque()
+                    queue.append((job, types))
+                elif not self._bump(job, types):
+                    waits[job.job_id] = ex.guarantee(job, t)
+                continue
             in_quota: list[str] = []
             borrow: list[str] = []
             quota_wait: Wait | None = None

@@ -283,6 +283,8 @@ class Explainer:
         infos: dict[int, PendingInfo] = {}
         waits = c.waits
         quota_at: dict[tuple[int, str, int], float | None] = {}
+        # Jobs that run on any type wait behind every type's work; only then is it summed.
+        any_type = any(w.gpu_type == ANY for w in waits.values())
         for job, prio in order:
             w = waits.get(job.job_id)
             if w is None:
@@ -305,7 +307,7 @@ class Explainer:
                         est = w.hint
                 job_work = n * job.time_limit_s
                 work[t] = done + job_work
-                if t != ANY:
+                if any_type and t != ANY:
                     work[ANY] = work.get(ANY, 0.0) + job_work
                 if est is not None and w.quota is not None:
                     if w.quota in quota_at:
