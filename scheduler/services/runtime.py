@@ -6,9 +6,9 @@ Every replica runs a `SchedulerRuntime`. The one holding the lease runs cycles: 
 costs one cycle, nor than the last cycle took, so the scheduler never takes more than about half
 of the process from the requests it serves. The others keep trying to take the lease.
 
-Every replica serves long-polls: a held heartbeat waits on its node's event, set by `wake_nodes` (an apply or a cancel on this replica);
-with several replicas a held heartbeat also re-checks the database every `long_poll_recheck_s`,
-since the news may have been written by another replica.
+Every replica serves long-polls: a held heartbeat waits on its node's event, set by `wake_nodes`
+(an apply or a cancel on this replica); with several replicas a held heartbeat also re-checks
+the database every `long_poll_recheck_s`, since the news may have been written by another one.
 """
 
 from __future__ import annotations
