@@ -24,7 +24,6 @@ from scheduler.core.types import (
     Placement,
     Preemption,
     PreemptionReason,
-    Reason,
     ReasonCode,
     Snapshot,
     Start,
@@ -404,4 +403,4 @@ def reason_codes(decisions: Decisions, job_id: int) -> list[ReasonCode]:
     return [r.code for r in info.reasons] if info is not None else []
 
 
-__all__ = ["Reason", "reason_codes", "schedule"]
+__all__ = ["reason_codes", "schedule"]
