@@ -264,11 +264,11 @@ async def write_pending(
     `explain_interval_s`; in between only jobs never explained yet (new or requeued) are written.
     The state condition keeps the write harmless for jobs that left PENDING meanwhile.
     """
-    rows = [
+    rows = sorted(  # id order: concurrent writers of these rows lock them in one order
         (job_id, info)
         for job_id, info in decisions.pending.items()
         if job_id not in started and (everything or job_id not in loaded.explained)
-    ]
+    )
     if not rows:
         return 0
     conn = await session.connection()

@@ -89,10 +89,14 @@ async def _apply(
         await apply_preemptions(
             session, decisions.preemptions, now, settings.preemption_grace_s, applied
         )
+        await write_org_usage(session, loaded.org_usage, now)
+    # Explanations in a transaction of their own: it locks only PENDING jobs, which agents'
+    # heartbeats never lock, so it cannot deadlock with them, and it keeps the apply short.
+    async with sessionmaker() as session, session.begin():
+        await check_fence(session, epoch, now=now, ttl_s=settings.lease_timeout_s)
         applied.pending_written = await write_pending(
             session, decisions, loaded, set(applied.started), everything=everything
         )
-        await write_org_usage(session, loaded.org_usage, now)
     return applied
 
 
