@@ -54,11 +54,17 @@ def create_app(
             settings.database_url,
             pool_size=settings.database_pool_size,
             echo=settings.database_echo,
+            pre_ping=settings.database_pre_ping,
         )
         try:
             if settings.migrate_on_start:
                 await run_migrations(engine)
             sessionmaker = make_sessionmaker(engine)
+            app.state.autocommit_sessionmaker = (
+                make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+                if engine.dialect.name == "postgresql"
+                else sessionmaker
+            )
             runtime = make_runtime(settings, sessionmaker, engine)
             app.state.settings = settings
             app.state.engine = engine

@@ -38,6 +38,18 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+async def get_autocommit_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A session whose statements each commit on their own (PostgreSQL; elsewhere a normal
+    session). For routes whose one write is a single atomic statement: no BEGIN and COMMIT
+    round trips around it. Job submission is the one that matters."""
+    maker: async_sessionmaker[AsyncSession] = request.app.state.autocommit_sessionmaker
+    async with maker() as session:
+        yield session
+
+
+AutocommitSessionDep = Annotated[AsyncSession, Depends(get_autocommit_session)]
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling: a person (with an org and a role) or a node agent (with its node)."""
@@ -147,6 +159,17 @@ async def user_principal(principal: CurrentPrincipal) -> Principal:
 
 
 UserPrincipal = Annotated[Principal, Depends(user_principal)]
+
+
+async def autocommit_user_principal(request: Request, session: AutocommitSessionDep) -> Principal:
+    """`UserPrincipal`, authenticated on the request's autocommit session."""
+    principal = await authenticate(session, _bearer(request), utcnow())
+    if principal.kind != "user":
+        raise Forbidden("agent credentials speak only the agent protocol")
+    return principal
+
+
+AutocommitUserPrincipal = Annotated[Principal, Depends(autocommit_user_principal)]
 
 
 async def agent_principal(principal: CurrentPrincipal) -> Principal:

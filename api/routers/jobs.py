@@ -13,7 +13,13 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import Principal, SessionDep, UserPrincipal
+from api.deps import (
+    AutocommitSessionDep,
+    AutocommitUserPrincipal,
+    Principal,
+    SessionDep,
+    UserPrincipal,
+)
 from api.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from api.schemas.jobs import (
     MAX_IDEMPOTENCY_KEY_CHARS,
@@ -99,11 +105,14 @@ async def submit_job(
     request: Request,
     response: Response,
     body: JobCreate,
-    session: SessionDep,
-    principal: UserPrincipal,
+    session: AutocommitSessionDep,
+    principal: AutocommitUserPrincipal,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobPublic:
     """Submit a job to the caller's organisation.
+
+    On PostgreSQL the job, its event and its dependencies are one atomic statement, run on an
+    autocommit session: authentication plus that statement are the request's only round trips.
 
     With an `Idempotency-Key`, a retry of the same submission by the same user returns the job
     stored the first time, with status 200 instead of 201, and stores nothing new.

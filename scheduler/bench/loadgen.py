@@ -303,7 +303,15 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
             for stop in reply.get("stop", []):
                 running[n].pop(stop["task_id"], None)
 
-        res = await run_phase(host, port, args["concurrency"], args["heartbeat_s"], make_hb, on_hb)
+        res = await run_phase(
+            host,
+            port,
+            args["concurrency"],
+            args["heartbeat_s"],
+            make_hb,
+            on_hb,
+            args.get("server_pid"),
+        )
         out["heartbeat"] = res.summary()
         out["heartbeat"]["nodes"] = len(creds)
         out["heartbeat"]["tasks_reported"] = sum(len(r) for r in running)

@@ -3,6 +3,10 @@
 Services flush and never commit: the route owns the transaction. Visibility is passed in as
 `scope_org_id` (None = every org, for platform admins), so that a job of another org is simply
 not found: ids cannot be probed.
+
+Submission is the hot path (hundreds per second): on PostgreSQL it is one prepared statement
+built once at import, inserting the job, its PENDING event and its dependencies together, with
+ON CONFLICT handling idempotency keys; atomic without an explicit transaction around it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select
+from sqlalchemy import ARRAY, BigInteger, Table, bindparam, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,6 +28,7 @@ from scheduler.states import JobState
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
+_DEPS: Table = JobDependency.__table__  # type: ignore[assignment]
 
 # Afterok dependencies that ended like this can never be met.
 _DEAD_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL})
@@ -145,7 +150,7 @@ async def submit_job(
         "reason": "submitted (held)" if spec.hold else "submitted",
     }
     if postgres:
-        job_id = await _insert_job_and_event_pg(session, values, event)
+        job_id = await _insert_job_and_event_pg(session, values, event, spec.depends_on)
         if job_id is None:  # a job with this key exists: this is a retry
             existing = await find_by_idempotency_key(session, user_id, idempotency_key or "")
             assert existing is not None
@@ -153,42 +158,68 @@ async def submit_job(
         job = Job(id=job_id, **values)
         job.pending_reasons = job.priority = job.estimated_start_at = None
         job.started_at = job.ended_at = job.state_reason = job.exit_code = None
-    else:
-        job = Job(**values)
-        session.add(job)
-        await session.flush()
-        session.add(Event(job_id=job.id, **event))
-    if spec.depends_on:
-        session.add_all(JobDependency(job_id=job.id, depends_on_id=d) for d in spec.depends_on)
+        return Submitted(job, created=True)
+    job = Job(**values)
+    session.add(job)
+    await session.flush()
+    session.add(Event(job_id=job.id, **event))
+    session.add_all(JobDependency(job_id=job.id, depends_on_id=d) for d in spec.depends_on)
     await session.flush()
     return Submitted(job, created=True)
 
 
+_JOB_FIELDS = (
+    "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
+    "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
+    "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed",
+)  # fmt: skip
+_EVENT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
+
+
+def _build_submit_statement() -> Any:
+    """Built once: per request only the parameters change, so nothing is compiled again."""
+    job_cte = (
+        pg_insert(_JOBS)
+        .values({f: bindparam(f"j_{f}", type_=_JOBS.c[f].type) for f in _JOB_FIELDS})
+        .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
+        .returning(_JOBS.c.id)
+        .cte("new_job")
+    )
+    params = [bindparam(f"e_{f}", type_=_EVENTS.c[f].type) for f in _EVENT_FIELDS]
+    event_cte = (
+        insert(_EVENTS)
+        .from_select(["job_id", *_EVENT_FIELDS], select(job_cte.c.id, *params))
+        .returning(_EVENTS.c.id)
+        .cte("new_event")
+    )
+    deps_cte = (
+        insert(_DEPS)
+        .from_select(
+            ["job_id", "depends_on_id"],
+            select(job_cte.c.id, func.unnest(bindparam("deps", type_=ARRAY(BigInteger)))),
+        )
+        .returning(_DEPS.c.job_id)
+        .cte("new_deps")
+    )
+    return select(job_cte.c.id).add_cte(event_cte).add_cte(deps_cte)
+
+
+_SUBMIT_PG = _build_submit_statement()
+
+
 async def _insert_job_and_event_pg(
-    session: AsyncSession, values: dict[str, Any], event: dict[str, Any]
+    session: AsyncSession, values: dict[str, Any], event: dict[str, Any], depends_on: list[int]
 ) -> int | None:
-    """The job row and its PENDING event in one statement (one round trip, atomic by itself).
+    """The job row, its PENDING event and its dependencies in one statement: one round trip,
+    and atomic by itself, so the API can run it outside an explicit transaction.
 
     A conflicting idempotency key inserts nothing and returns None.
     """
-    jobs, events = _JOBS, _EVENTS
-    job_cte = (
-        pg_insert(jobs)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
-        .returning(jobs.c.id)
-        .cte("new_job")
-    )
-    names = ["job_id", *event]
-    params = [
-        job_cte.c.id,
-        *(bindparam(f"ev_{k}", v, type_=events.c[k].type) for k, v in event.items()),
-    ]
-    event_cte = (
-        insert(events).from_select(names, select(*params)).returning(events.c.id).cte("new_event")
-    )
-    stmt = select(job_cte.c.id).add_cte(event_cte)
-    return await session.scalar(stmt)
+    params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
+    params.update({f"e_{k}": v for k, v in event.items()})
+    params["deps"] = list(depends_on)
+    job_id: int | None = await session.scalar(_SUBMIT_PG, params)
+    return job_id
 
 
 async def get_job(session: AsyncSession, job_id: int, *, scope_org_id: int | None) -> Job:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from sqlalchemy import text
 
 from api.app import create_app
@@ -71,3 +72,24 @@ async def test_lifespan_migrates_an_empty_database(tmp_path: object) -> None:
         runtime = app.state.runtime
     assert runtime.started
     assert runtime.stopped
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_connections_lost_to_a_database_restart_fail_softly(world: World) -> None:
+    """Without pre-ping, a pooled connection killed under us fails one request with 503 and is
+    replaced; the next requests succeed."""
+    async with world.client("member_a") as c:
+        assert (await c.get("/v1/jobs")).status_code == 200
+        async with world.app.state.engine.connect() as conn:
+            await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        statuses = [(await c.get("/v1/jobs")) for _ in range(3)]
+    assert statuses[0].status_code in (200, 503)
+    if statuses[0].status_code == 503:
+        assert statuses[0].headers["retry-after"] == "5"
+    assert [r.status_code for r in statuses[1:]] == [200, 200]
