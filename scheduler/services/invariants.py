@@ -138,6 +138,59 @@ async def _allocations_on_known_gpus(session: AsyncSession, report: InvariantRep
         report.violations.append(f"{orphans} allocation(s) on GPUs that do not exist")
 
 
+async def _gangs_whole(session: AsyncSession, report: InvariantReport) -> None:
+    """A start is all or nothing: an active job has one task per node of its current attempt,
+    each active task holds exactly `gpus_per_node` GPUs of its own node, and an ended task
+    holds none. A half-applied cycle (a server killed mid-apply) would break one of these."""
+    jobs = {
+        row.id: row
+        for row in await session.execute(
+            select(Job.id, Job.state, Job.num_nodes, Job.gpus_per_node, Job.requeue_count)
+        )
+    }
+    tasks = {
+        row.id: row
+        for row in await session.execute(
+            select(Task.id, Task.job_id, Task.state, Task.attempt, Task.node_id)
+        )
+    }
+    held: dict[int, int] = defaultdict(int)
+    rows = await session.execute(
+        select(Allocation.task_id, Gpu.node_id)
+        .join(Gpu, Gpu.id == Allocation.gpu_id)
+        .where(Allocation.ended_at.is_(None))
+    )
+    for task_id, gpu_node_id in rows:
+        held[task_id] += 1
+        task = tasks.get(task_id)
+        if task is None or task.state not in (JobState.STARTING, JobState.RUNNING):
+            state = task.state if task is not None else "missing"
+            report.violations.append(f"task {task_id} is {state} but holds a GPU")
+        elif task.node_id != gpu_node_id:
+            report.violations.append(
+                f"task {task_id} on node {task.node_id} holds a GPU of node {gpu_node_id}"
+            )
+    current: dict[int, int] = defaultdict(int)
+    for task in tasks.values():
+        job = jobs.get(task.job_id)
+        if job is None:
+            continue
+        active = task.state in (JobState.STARTING, JobState.RUNNING)
+        if active and held[task.id] != job.gpus_per_node:
+            report.violations.append(
+                f"task {task.id} of job {job.id} holds {held[task.id]} GPU(s), "
+                f"the job asks {job.gpus_per_node} per node"
+            )
+        if task.attempt == job.requeue_count:
+            current[job.id] += 1
+    for job in jobs.values():
+        if job.state in (JobState.STARTING, JobState.RUNNING) and current[job.id] != job.num_nodes:
+            report.violations.append(
+                f"job {job.id} is {job.state} with {current[job.id]} task(s) in attempt "
+                f"{job.requeue_count}, {job.num_nodes} node(s) asked"
+            )
+
+
 async def check_invariants(session: AsyncSession) -> InvariantReport:
     """Check all invariants in one read; the caller opens (and ends) the transaction."""
     report = InvariantReport()
@@ -146,4 +199,5 @@ async def check_invariants(session: AsyncSession) -> InvariantReport:
     await _orgs_within_limits(session, report)
     await _ledger_matches_allocations(session, report)
     await _allocations_on_known_gpus(session, report)
+    await _gangs_whole(session, report)
     return report

@@ -64,8 +64,7 @@ def test_agent_sigkill_then_restart(tmp_path: Path) -> None:
         )
         _never_duplicated(org, [*requeued, failing])
         assert not org.live_pids(failing)
-        for job_id in requeued:
-            wait_for(f"job {job_id} runs again", lambda j=job_id: org.live_pids(j), 20)
+        wait_for("requeued jobs run again", lambda: all(org.live_pids(j) for j in requeued), 20)
         assert_invariants(db)
 
 

@@ -76,3 +76,42 @@ async def test_ledger_must_equal_allocation_intervals(session: AsyncSession) -> 
     assert report.violations == [
         f"allocation {allocation.id}: ledger 3000.0 GPU-s, interval 3600.0 s"
     ]
+
+
+async def test_half_applied_gang_is_reported(session: AsyncSession) -> None:
+    """A job RUNNING on fewer nodes (tasks) than it asked for: a start applied by halves."""
+    *_, j = await _running_job(session, gpus=2)
+    j.num_nodes = 2
+    await session.commit()
+    report = await check_invariants(session)
+    assert any(
+        f"job {j.id} is RUNNING with 1 task(s) in attempt 0, 2 node(s) asked" in v
+        for v in report.violations
+    ), report.violations
+
+
+async def test_task_holding_fewer_gpus_than_asked_is_reported(session: AsyncSession) -> None:
+    *_, j = await _running_job(session, gpus=2)
+    j.gpus_per_node = 3
+    await session.commit()
+    report = await check_invariants(session)
+    assert any("holds 2 GPU(s), the job asks 3 per node" in v for v in report.violations)
+
+
+async def test_ended_task_still_holding_gpus_is_reported(session: AsyncSession) -> None:
+    _o, _u, _n, _g, j = await _running_job(session, gpus=1)
+    task = (await session.execute(Task.__table__.select())).first()
+    assert task is not None
+    await session.execute(Task.__table__.update().values(state=JobState.FAILED))
+    await session.commit()
+    report = await check_invariants(session)
+    assert any(f"task {task.id} is FAILED but holds a GPU" in v for v in report.violations)
+
+
+async def test_gpu_of_another_node_is_reported(session: AsyncSession) -> None:
+    *_, j = await _running_job(session, gpus=1)
+    other, _gpus = await f.node(session, gpus=1)
+    await session.execute(Task.__table__.update().values(node_id=other.id))
+    await session.commit()
+    report = await check_invariants(session)
+    assert any(f"on node {other.id} holds a GPU of node" in v for v in report.violations)
