@@ -349,6 +349,17 @@ async def _apply_reports(
     effects: EndEffects,
 ) -> None:
     ids = [r.task_id for r in reports]
+    # Lock the reported tasks' jobs (in id order, so two heartbeats cannot deadlock) before
+    # reading any task: two nodes ending the last two tasks of a gang at once would otherwise
+    # each see the other's task still running (READ COMMITTED) and neither would end the job.
+    # Statements after the lock see what the other transaction committed. (SQLite serialises
+    # writers anyway; FOR UPDATE is not rendered there.)
+    await session.execute(
+        select(Job.id)
+        .where(Job.id.in_(select(Task.job_id).where(Task.id.in_(ids))))
+        .order_by(Job.id)
+        .with_for_update()
+    )
     found = {
         task.id: (task, job)
         for task, job in (
