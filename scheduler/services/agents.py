@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, and_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -261,16 +261,15 @@ async def _apply_samples(
     now: datetime,
     outcome: HeartbeatOutcome,
 ) -> None:
-    gpus = {g.index: g for g in await session.scalars(select(Gpu).where(Gpu.node_id == node_id))}
-    holding = {
-        a.gpu_id: a
-        for a in await session.scalars(
-            select(Allocation).where(
-                Allocation.gpu_id.in_([g.id for g in gpus.values()]),
-                Allocation.ended_at.is_(None),
-            )
-        )
-    }
+    gpus: dict[int, Gpu] = {}
+    holding: dict[int, Allocation] = {}
+    open_allocation = and_(Allocation.gpu_id == Gpu.id, Allocation.ended_at.is_(None))
+    for row, held in await session.execute(
+        select(Gpu, Allocation).outerjoin(Allocation, open_allocation).where(Gpu.node_id == node_id)
+    ):
+        gpus[row.index] = row
+        if held is not None:
+            holding[row.id] = held
     usages: list[SampleUsage] = []
     max_gap_s = max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
     for sample in samples:
