@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +73,11 @@ class Processes:
     workdir: Path
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("wb")
+        self.commands[name] = (args, env)
+        log = (self.workdir / f"{name}.log").open("ab")  # a restarted process appends
         self.logs.append(log)
         proc = subprocess.Popen(
             args,
@@ -88,6 +90,22 @@ class Processes:
         )
         self.procs.append((name, proc))
         return proc
+
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        return next(p for n, p in reversed(self.procs) if n == name)
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL, timeout_s: float = 15.0) -> int:
+        """Signal one process (not its tasks) and wait for it; returns its exit status."""
+        proc = self.proc(name)
+        self.procs.remove((name, proc))
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return proc.wait(timeout=timeout_s)
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a process killed with `kill` again, with the same command and environment."""
+        args, env = self.commands[name]
+        return self.start(name, args, env)
 
     def check_alive(self) -> None:
         for name, proc in self.procs:
@@ -128,6 +146,7 @@ class Processes:
 
 @dataclass(frozen=True)
 class Cluster:
+    nodes: int
     url: str
     admin_token: str
     agent_metrics: list[str]
@@ -139,14 +158,22 @@ class Cluster:
         """Block until every agent has registered its GPUs and the node is ready."""
         headers = {"Authorization": f"Bearer {self.admin_token}"}
         with httpx.Client(base_url=self.url, headers=headers) as http:
-            _wait_nodes(http, self.procs)
+            _wait_nodes(http, self.procs, self.nodes)
 
 
 @contextmanager
-def cluster(workdir: Path) -> Iterator[Cluster]:
-    """Server + bootstrap + join token + four agents, all stopped on the way out."""
-    db_url = f"sqlite:///{workdir / 'fairgpu.db'}"
-    env = {**os.environ, **SERVER_ENV, "FAIRGPU_DATABASE_URL": db_url}
+def cluster(
+    workdir: Path,
+    *,
+    nodes: Sequence[tuple[str, str, str]] = NODES,
+    server_env: Mapping[str, str] = SERVER_ENV,
+    database_url: str | None = None,
+    agent_args: Sequence[str] = ("--time-limit-grace-s", "2"),
+) -> Iterator[Cluster]:
+    """Server + bootstrap + join token + agents (name, site, --simulate), all stopped on the way
+    out. The demo's cluster by default; tests and benchmarks pass their own."""
+    db_url = database_url or f"sqlite:///{workdir / 'fairgpu.db'}"
+    env = {**os.environ, **server_env, "FAIRGPU_DATABASE_URL": db_url}
     env.pop("FAIRGPU_SERVER", None)
     env.pop("FAIRGPU_TOKEN", None)
     procs = Processes(workdir)
@@ -179,13 +206,13 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
         _wait_healthy(url, procs)
         ready_s = time.monotonic() - t0
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
-            join = http.post("/v1/join-tokens", json={"name": "demo", "uses": len(NODES)})
+            join = http.post("/v1/join-tokens", json={"name": "demo", "uses": len(nodes)})
             if join.status_code != 201:
                 fail(f"could not create a join token: {join.status_code} {join.text[:200]}")
             join_token = join.json()["token"]
         metrics = []
         agent_env = {k: v for k, v in env.items() if k != "FAIRGPU_DATABASE_URL"}
-        for name, site, gpus in NODES:
+        for name, site, gpus in nodes:
             mport = free_port()
             metrics.append(f"http://127.0.0.1:{mport}/metrics")
             procs.start(
@@ -195,11 +222,12 @@ def cluster(workdir: Path) -> Iterator[Cluster]:
                     "--simulate", gpus, "--name", name, "--site", site,
                     "--domain", f"{site}-rack1", "--state-dir", str(workdir / name),
                     "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
-                    "--time-limit-grace-s", "2", "--log-level", "warning",
+                    "--log-level", "warning", *agent_args,
                 ],
                 agent_env,
             )  # fmt: skip
         yield Cluster(
+            nodes=len(nodes),
             url=url,
             admin_token=token,
             agent_metrics=metrics,
@@ -224,17 +252,17 @@ def _wait_healthy(url: str, procs: Processes) -> None:
     fail(f"the server did not become ready in {SERVER_START_S:.0f} s: {procs.tail('server')}")
 
 
-def _wait_nodes(http: httpx.Client, procs: Processes) -> None:
+def _wait_nodes(http: httpx.Client, procs: Processes, expected: int) -> None:
     deadline = time.monotonic() + AGENTS_READY_S
     ready = 0
     while time.monotonic() < deadline:
         procs.check_alive()
         nodes = http.get("/v1/nodes").json().get("data", [])
         ready = sum(1 for n in nodes if n["state"] == "ready" and n["gpus_total"] > 0)
-        if ready == len(NODES):
+        if ready == expected:
             return
-        time.sleep(0.3)
-    fail(f"only {ready} of {len(NODES)} agents registered in {AGENTS_READY_S:.0f} s")
+        time.sleep(0.1)
+    fail(f"only {ready} of {expected} agents registered in {AGENTS_READY_S:.0f} s")
 
 
 def demo(
