@@ -115,9 +115,9 @@ class Preemptor:
         return self._own_gpus.get((org_id, gpu_type), 0) + leaving
 
     def _incoming_of(self, gpu_type: str, org_id: int | None = None) -> list[int]:
-        """Nodes with leaving GPUs of the type (of one org's jobs when given), by id."""
-        if org_id is not None:
-            return sorted(self._inc_by_org.get((org_id, gpu_type), ()))
+        """Nodes with leaving GPUs of the type (of one org's jobs when given)."""
+        if org_id is not None:  # callers do not depend on the order
+            return list(self._inc_by_org.get((org_id, gpu_type), ()))
         out = self._inc_sorted.get(gpu_type)
         if out is None:
             nodes = self.index.nodes
@@ -222,7 +222,9 @@ class Preemptor:
                     by_node.setdefault(p.node_id, []).append((r, len(p.gpus)))
         # Per node: the victims it needs, whether they stay within borrowing, and their cost.
         options: list[tuple[bool, int, int, list[RunningJob]]] = []  # (beyond, cost, id, victims)
-        for nid in sorted(set(leaving) | set(by_node)):
+        touched = list(by_node)
+        touched.extend(n for n in leaving if n not in by_node)
+        for nid in touched:  # any order: options are sorted below
             have = free[nid] + leaving.get(nid, 0)
             victims: list[RunningJob] = []
             cost = 0
@@ -239,15 +241,16 @@ class Preemptor:
                 continue
             beyond = any(n > over.get(o, 0) for o, n in spent.items())
             options.append((beyond, cost, nid, victims))
-        options.sort(key=lambda o: (o[0], o[1], o[2]))
         chosen_site: str | None = None
         picked: list[tuple[bool, int, int, list[RunningJob]]] = []
         from_index: list[int] = []
         if k == 1:
             if options:
-                picked = options[:1]
-                chosen_site = nodes[options[0][2]].site
+                best_one = min(options, key=lambda o: (o[0], o[1], o[2]))
+                picked = [best_one]
+                chosen_site = nodes[best_one[2]].site
         else:
+            options.sort(key=lambda o: (o[0], o[1], o[2]))
             best: tuple[bool, int, str] | None = None
             for s in sorted({nodes[o[2]].site for o in options}):
                 lvl = index.levels.get((gpu_type, s))
