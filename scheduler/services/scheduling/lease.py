@@ -28,8 +28,9 @@ from scheduler.db.types import utcnow
 log = logging.getLogger("fairgpu.scheduler")
 
 LEASE_ROW_ID = 1
-# pg_try_advisory_lock key: the first 8 bytes of "fairgpu-scheduler" as a signed bigint.
-LEASE_LOCK_KEY = int.from_bytes(b"fairgpu-scheduler"[:8], "big", signed=True)
+# pg_try_advisory_lock key: "fg-sched" as a signed bigint. It must differ from the migration
+# lock's key (scheduler.db.migrate), or a leader blocks every migration, bootstrap included.
+LEASE_LOCK_KEY = int.from_bytes(b"fg-sched", "big", signed=True)
 
 
 class LeaseLost(Exception):
