@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,6 +54,9 @@ def api(
     submit_s: Annotated[float, typer.Option(min=0, help="Seconds of job submissions.")] = 10.0,
     heartbeat_s: Annotated[float, typer.Option(min=0, help="Seconds of heartbeats.")] = 10.0,
     nodes: Annotated[int, typer.Option(min=1, help="Registered nodes sending heartbeats.")] = 1000,
+    server_log: Annotated[
+        Path | None, typer.Option(help="Write the server's output to this file.")
+    ] = None,
 ) -> None:
     """Submissions/s and heartbeats/s with p50/p99 latency of a real server; one JSON line."""
     from scheduler.bench.api import run_api_bench
@@ -65,5 +69,6 @@ def api(
         submit_s=submit_s,
         heartbeat_s=heartbeat_s,
         nodes=nodes,
+        server_log=server_log,
     )
     typer.echo(json.dumps(result))

@@ -100,15 +100,19 @@ def _idempotency_key(value: str | None) -> str | None:
     return key
 
 
-@router.post("", status_code=201, responses={200: {"description": "Same Idempotency-Key"}})
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    responses={200: {"description": "Same Idempotency-Key: the job stored the first time"}},
+)
 async def submit_job(
     request: Request,
-    response: Response,
     body: JobCreate,
     session: AutocommitSessionDep,
     principal: AutocommitUserPrincipal,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JobPublic:
+) -> Response:
     """Submit a job to the caller's organisation.
 
     On PostgreSQL the job, its event and its dependencies are one atomic statement, run on an
@@ -143,12 +147,14 @@ async def submit_job(
         if existing is None:
             raise
         result = svc.Submitted(existing, created=False)
+    # Serialised once, straight to JSON: this is the hot path.
     if result.created:
         _notify(request, "submit")
-        return _public(result.job, spec.depends_on)
-    response.status_code = 200
+        public = _public(result.job, spec.depends_on)
+        return Response(public.model_dump_json(), status_code=201, media_type="application/json")
     deps = await svc.dependencies_of(session, [result.job.id])
-    return _public(result.job, deps.get(result.job.id))
+    public = _public(result.job, deps.get(result.job.id))
+    return Response(public.model_dump_json(), status_code=200, media_type="application/json")
 
 
 async def _org_id(session: SessionDep, ref: str) -> int | None:

@@ -23,7 +23,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
-from scheduler.db import Org, User
+from scheduler.db import Org, Quota, User
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.db.migrate import migrate_url
 from scheduler.services.tokens import issue_token
@@ -54,8 +54,9 @@ async def _drop_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
-async def _seed(database_url: str, run_id: str) -> tuple[str, str]:
-    """An org, a member with a token, and a join token for the nodes."""
+async def _seed(database_url: str, run_id: str, gpus: int) -> tuple[str, str]:
+    """An org guaranteed every GPU (so its jobs start and nodes report real tasks), a member
+    with a token, and a join token for the nodes."""
     await migrate_url(database_url)
     engine = make_engine(database_url)
     try:
@@ -63,6 +64,7 @@ async def _seed(database_url: str, run_id: str) -> tuple[str, str]:
             org = Org(name=f"bench-{run_id}")
             session.add(org)
             await session.flush()
+            session.add(Quota(org_id=org.id, gpu_type="H100", guaranteed=gpus, limit=gpus))
             user = User(name=f"bench-{run_id}", org_id=org.id, role=Role.MEMBER)
             session.add(user)
             await session.flush()
@@ -117,7 +119,7 @@ def run_api_bench(
         raise ValueError("fairgpu bench api runs on PostgreSQL")
     proc: subprocess.Popen[bytes] | None = None
     try:
-        user_token, join_token = asyncio.run(_seed(url, run_id))
+        user_token, join_token = asyncio.run(_seed(url, run_id, nodes * 8))
         port = _free_port()
         fairgpu = str(Path(sys.executable).parent / "fairgpu")
         log = server_log.open("wb") if server_log else subprocess.DEVNULL

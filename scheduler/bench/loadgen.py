@@ -39,6 +39,17 @@ def server_cpu_s(pid: int) -> float:
     return total
 
 
+def postgres_cpu_s() -> float:
+    """CPU seconds of every PostgreSQL process on the machine (includes other clients' work)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info.get("name") in ("postgres", "postmaster"):
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 @dataclass
 class PhaseResult:
     requests: int = 0
@@ -48,6 +59,7 @@ class PhaseResult:
     elapsed_s: float = 0.0
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    postgres_cpu_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
@@ -73,8 +85,18 @@ class PhaseResult:
             if self.requests
             else None,
             "server_cpu_s": round(self.server_cpu_s, 2),
+            "postgres_cpu_s": round(self.postgres_cpu_s, 2),
             "client_cpu_s": round(self.client_cpu_s, 2),
+            # What the machine could sustain if server, database and client had every core to
+            # themselves: cores ÷ CPU seconds per request. An estimate, labelled as one.
+            "cpu_bound_estimate_per_s": self.cpu_estimate(),
         }
+
+    def cpu_estimate(self) -> float | None:
+        used = self.server_cpu_s + self.postgres_cpu_s + self.client_cpu_s
+        if not self.requests or used <= 0:
+            return None
+        return round((psutil.cpu_count() or 1) * self.requests / used, 1)
 
 
 class Connection:
@@ -133,6 +155,7 @@ async def run_phase(
     conns = [Connection(host, port) for _ in range(concurrency)]
     await asyncio.gather(*(c.open() for c in conns))
     cpu_before = server_cpu_s(server_pid) if server_pid else 0.0
+    pg_before = postgres_cpu_s()
     client_before = time.process_time()
     start = time.perf_counter()
     stop_at = start + duration_s
@@ -161,6 +184,7 @@ async def run_phase(
     await asyncio.gather(*(worker(w, c) for w, c in enumerate(conns)))
     result.elapsed_s = time.perf_counter() - start
     result.client_cpu_s = time.process_time() - client_before
+    result.postgres_cpu_s = postgres_cpu_s() - pg_before
     if server_pid:
         result.server_cpu_s = server_cpu_s(server_pid) - cpu_before
     for c in conns:
