@@ -60,14 +60,25 @@ async def settle_allocations(
     *,
     preempted: bool,
     gpu_weights: Mapping[str, float],
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> None:
-    """Write the allocated (and billed) GPU-seconds of closed allocations to the ledger."""
+    """Write the allocated (and billed) GPU-seconds of allocations to the ledger.
+
+    Closed allocations are settled whole. Open ones are settled from `since` to `until` (both
+    on hour boundaries), so that a job running for weeks shows in hourly reports before it ends;
+    the settle at close rewrites every bucket with the same values plus the last, partial one.
+    """
     rows: list[dict[str, Any]] = []
     for alloc in allocations:
-        if alloc.ended_at is None:
+        end = alloc.ended_at or until
+        if end is None:
+            continue
+        start = alloc.started_at if since is None else max(alloc.started_at, since)
+        if alloc.ended_at is None and start >= end:
             continue
         weight = gpu_weights.get(alloc.gpu_type, 1.0)
-        for bucket, seconds in hour_buckets(alloc.started_at, alloc.ended_at):
+        for bucket, seconds in hour_buckets(start, end):
             rows.append(
                 {
                     "allocation_id": alloc.id,

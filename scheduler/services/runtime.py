@@ -23,7 +23,9 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
+from scheduler.services.accounting import bucket_start
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
 from scheduler.settings import Settings
 
@@ -57,6 +59,7 @@ class SchedulerRuntime:
         self._in_cycle = False
         self._explained_at = float("-inf")
         self._last_duration_s = 0.0
+        self._settled_until: datetime | None = None  # open allocations in the ledger up to here
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ class SchedulerRuntime:
             return
         epoch = self.lease.epoch
         assert epoch is not None
+        settle_until = bucket_start(utcnow())
         since_s = time.monotonic() - self._explained_at
         explain_all = since_s >= self.settings.explain_interval_s
         try:
@@ -202,6 +206,7 @@ class SchedulerRuntime:
                 settings=self.settings,
                 previously_open=self._previously_open,
                 explain_all=explain_all,
+                settle_until=settle_until if settle_until != self._settled_until else None,
             )
         except LeaseLost as exc:
             log.warning("scheduler lease lost: %s", exc)
@@ -215,6 +220,7 @@ class SchedulerRuntime:
             self._previously_open = None
             raise
         self._previously_open = result.open_allocation_ids
+        self._settled_until = settle_until
         if result.explained_all:
             self._explained_at = time.monotonic()
         self.last_result = result

@@ -8,19 +8,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from scheduler.core import decay_usage
 from scheduler.core.types import UsageInterval
 from scheduler.db import Allocation, OrgUsage, UsageRecord
+from scheduler.db.engine import make_sessionmaker
 from scheduler.services.accounting import (
     HeldInterval,
+    bucket_start,
     fold_usage,
     hour_buckets,
     settle_allocations,
     write_org_usage,
 )
 from scheduler.services.invariants import check_invariants
+from scheduler.services.scheduling import Lease, run_cycle
+from scheduler.settings import Settings
+from scheduler.states import JobState
 from tests import factories
 
 T0 = datetime(2026, 11, 1, 10, 20, 30, tzinfo=UTC)
@@ -134,3 +139,48 @@ async def test_org_usage_upsert(session: AsyncSession) -> None:
     await session.refresh(row)
     assert row.decayed_gpu_seconds == 7.5
     assert row.as_of == T0 + timedelta(seconds=1)
+
+
+async def test_open_allocations_reach_the_ledger_hourly(engine: AsyncEngine) -> None:
+    maker = make_sessionmaker(engine)
+    now = datetime.now(UTC)
+    async with maker() as s:
+        org = await factories.org(s)
+        user = await factories.user(s, org)
+        node, gpus = await factories.node(s, gpus=1)
+        job = await factories.job(s, org, user, state=JobState.RUNNING)
+        task = await factories.running_task(s, job, node, gpus)
+        alloc = await s.scalar(select(Allocation).where(Allocation.task_id == task.id))
+        assert alloc is not None
+        alloc.started_at = now - timedelta(hours=1, minutes=30)
+        await s.commit()
+        alloc_id = alloc.id
+    lease = Lease(engine, ttl_s=5.0)
+    async with maker() as s:
+        assert await lease.try_acquire(s)
+    assert lease.epoch is not None
+    settings = Settings(database_url=str(engine.url))
+    hour = bucket_start(now)
+    await run_cycle(
+        maker, epoch=lease.epoch, settings=settings, previously_open=None, settle_until=hour
+    )
+    async with maker() as s:
+        settled = await s.scalar(
+            select(func.sum(UsageRecord.gpu_seconds_allocated)).where(
+                UsageRecord.allocation_id == alloc_id
+            )
+        )
+        alloc = await s.get(Allocation, alloc_id)
+        assert alloc is not None
+        assert settled == pytest.approx((hour - alloc.started_at).total_seconds())
+        # Closing it settles the rest: the ledger equals the interval, nothing counted twice.
+        alloc.ended_at = now
+        await settle_allocations(s, [alloc], preempted=False, gpu_weights={})
+        await s.commit()
+        total = await s.scalar(
+            select(func.sum(UsageRecord.gpu_seconds_allocated)).where(
+                UsageRecord.allocation_id == alloc_id
+            )
+        )
+    assert total == pytest.approx(90 * 60.0)
+    await lease.release()

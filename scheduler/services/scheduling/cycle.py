@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scheduler.core import schedule
 from scheduler.core.types import Decisions
+from scheduler.db import Allocation
 from scheduler.db.types import utcnow
-from scheduler.services.accounting import write_org_usage
+from scheduler.services.accounting import settle_allocations, write_org_usage
 from scheduler.services.scheduling import lifecycle
 from scheduler.services.scheduling.apply import (
     Applied,
@@ -69,6 +71,27 @@ async def run_maintenance(
             return await lifecycle.apply_work(session, work, now=now, settings=settings)
 
 
+# Open allocations are settled to the ledger once an hour, for the last complete hours; a
+# longer gap (no leader for hours) is filled when the allocation closes.
+SETTLE_LOOKBACK = timedelta(hours=2)
+
+
+async def _settle_open(
+    session: AsyncSession, settings: Settings, *, since: datetime, until: datetime
+) -> None:
+    allocations = list(
+        await session.scalars(select(Allocation).where(Allocation.ended_at.is_(None)))
+    )
+    await settle_allocations(
+        session,
+        allocations,
+        preempted=False,
+        gpu_weights=dict(settings.gpu_weights),
+        since=since,
+        until=until,
+    )
+
+
 async def _apply(
     sessionmaker: async_sessionmaker[AsyncSession],
     loaded: Loaded,
@@ -77,6 +100,7 @@ async def _apply(
     settings: Settings,
     now: datetime,
     everything: bool,
+    settle_until: datetime | None,
     *,
     one_by_one: bool = False,
 ) -> Applied:
@@ -90,6 +114,10 @@ async def _apply(
             session, decisions.preemptions, now, settings.preemption_grace_s, applied
         )
         await write_org_usage(session, loaded.org_usage, now)
+        if settle_until is not None:
+            await _settle_open(
+                session, settings, since=settle_until - SETTLE_LOOKBACK, until=settle_until
+            )
     # Explanations in a transaction of their own: it locks only PENDING jobs, which agents'
     # heartbeats never lock, so it cannot deadlock with them, and it keeps the apply short.
     async with sessionmaker() as session, session.begin():
@@ -107,6 +135,7 @@ async def run_cycle(
     settings: Settings,
     previously_open: frozenset[int] | None,
     explain_all: bool = True,
+    settle_until: datetime | None = None,
     now: datetime | None = None,
 ) -> CycleResult:
     """Run one cycle. Raises `LeaseLost` when the fence refuses the apply (nothing written)."""
@@ -132,11 +161,21 @@ async def run_cycle(
     decisions = await asyncio.to_thread(schedule, loaded.snapshot)
     t2 = time.perf_counter()
     try:
-        applied = await _apply(sessionmaker, loaded, decisions, epoch, settings, now, explain_all)
+        applied = await _apply(
+            sessionmaker, loaded, decisions, epoch, settings, now, explain_all, settle_until
+        )
     except IntegrityError:
         # The batch lost a race the guard did not see: again, one savepoint per start.
         applied = await _apply(
-            sessionmaker, loaded, decisions, epoch, settings, now, explain_all, one_by_one=True
+            sessionmaker,
+            loaded,
+            decisions,
+            epoch,
+            settings,
+            now,
+            explain_all,
+            settle_until,
+            one_by_one=True,
         )
     t3 = time.perf_counter()
     result.load_s, result.decide_s, result.apply_s = t1 - t0, t2 - t1, t3 - t2
