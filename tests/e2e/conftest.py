@@ -42,6 +42,19 @@ class E2E:
         job_id: int = r.json()["id"]
         return job_id
 
+    def restart_server(self) -> None:
+        """Start the server stopped with `procs.kill("server")` again; wait until it is ready."""
+        self.cluster.procs.restart("server")
+
+        def ready() -> bool:
+            self.cluster.procs.check_alive()
+            try:
+                return httpx.get(f"{self.cluster.url}/readyz", timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, "the server is ready again")
+
     def job(self, job_id: int) -> dict[str, Any]:
         r = self.member.get(f"/v1/jobs/{job_id}")
         assert r.status_code == 200, r.text
