@@ -82,6 +82,7 @@ class _Cycle:
         self.blocked_by: int | None = None  # strict order: the job everyone waits behind
         self._bump_failed: set[tuple[object, ...]] = set()
         self._borrow_failed: dict[tuple[object, ...], Wait] = {}
+        self._quota_floor: dict[tuple[int, str, int], int] = {}
         self._static_memo: dict[tuple[str | None, str | None, int, int], tuple[str, ...]] = {}
         self._static_full: dict[
             tuple[int, str | None, str | None, int, int], tuple[str, ...] | Wait
@@ -322,8 +323,15 @@ class _Cycle:
             most = self.pre.own_lower_gpus(job.org_id, t, cls)
             if most == 0 or books.limit_block(job.org_id, t, n) is not None:
                 continue
-            if not may_borrow and not books.in_quota_after(job.org_id, t, n, most):
-                continue
+            if not may_borrow:
+                # Not even all its own lower-class jobs gone would bring it into quota; a larger
+                # job of the same org and class will not fare better this cycle.
+                floor = (job.org_id, t, cls)
+                if n >= self._quota_floor.get(floor, n + 1):
+                    continue
+                if not books.in_quota_after(job.org_id, t, n, most):
+                    self._quota_floor[floor] = n
+                    continue
             plan = self.pre.plan(job, t, in_quota=False)
             if plan is None:
                 continue
