@@ -128,9 +128,18 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return await _unexpected(request, exc)
 
 
+# SQLSTATEs of a server that is unreachable or going away: class 08 (connection exception),
+# 57P01..57P03 (admin/crash shutdown, "the database system is shutting down/starting up").
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
 def _is_connect_failure(exc: DBAPIError) -> bool:
     orig = exc.orig
     if isinstance(orig, OSError | ConnectionError):
+        return True
+    driver = getattr(orig, "driver_exception", None) or getattr(orig, "__cause__", None)
+    sqlstate = str(getattr(driver, "sqlstate", "") or "")
+    if sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
         return True
     name = type(orig).__name__ if orig is not None else ""
     text = str(orig).lower()
