@@ -112,6 +112,17 @@ async def update_org(
     return _public(await _visible_view(session, principal, str(row.id)))
 
 
+@router.delete("/v1/orgs/{org}", status_code=204)
+async def delete_org(
+    request: Request, org: OrgRef, session: SessionDep, principal: PlatformAdmin
+) -> None:
+    """Delete an organisation with no child orgs, users or jobs left (409 otherwise)."""
+    row = await svc.find_org(session, org)
+    await svc.delete_org(session, row, actor=principal.actor)
+    await session.commit()
+    request.app.state.runtime.notify("org")
+
+
 @router.get("/v1/orgs/{org}/quota")
 async def get_quota(
     org: OrgRef, session: SessionDep, principal: UserPrincipal

@@ -39,15 +39,21 @@ def server_cpu_s(pid: int) -> float:
     return total
 
 
-def postgres_cpu_s() -> float:
-    """CPU seconds of every PostgreSQL process on the machine (includes other clients' work)."""
-    total = 0.0
+def postgres_cpu_s() -> dict[int, float]:
+    """CPU seconds so far of every PostgreSQL process on the machine, by pid (this includes
+    work done for other clients of the same server)."""
+    out: dict[int, float] = {}
     for proc in psutil.process_iter(["name"]):
         if proc.info.get("name") in ("postgres", "postmaster"):
             with contextlib.suppress(psutil.Error):
                 times = proc.cpu_times()
-                total += times.user + times.system
-    return total
+                out[proc.pid] = times.user + times.system
+    return out
+
+
+def postgres_cpu_since(before: dict[int, float]) -> float:
+    """CPU used since `before` by PostgreSQL processes alive now (exited ones are not seen)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpu_s().items())
 
 
 @dataclass
@@ -184,7 +190,7 @@ async def run_phase(
     await asyncio.gather(*(worker(w, c) for w, c in enumerate(conns)))
     result.elapsed_s = time.perf_counter() - start
     result.client_cpu_s = time.process_time() - client_before
-    result.postgres_cpu_s = postgres_cpu_s() - pg_before
+    result.postgres_cpu_s = postgres_cpu_since(pg_before)
     if server_pid:
         result.server_cpu_s = server_cpu_s(server_pid) - cpu_before
     for c in conns:

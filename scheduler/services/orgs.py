@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scheduler.db import Event, Org, Quota
+from scheduler.db import Event, Job, Org, Quota, User
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, InvalidInput, NotFound
 
@@ -246,3 +246,17 @@ async def set_quota(
     )
     await session.flush()
     return row
+
+
+async def delete_org(session: AsyncSession, org: Org, *, actor: str) -> None:
+    """Delete an org that nothing refers to any more: no child orgs, users or jobs."""
+    for what, stmt in (
+        ("child orgs", select(Org.id).where(Org.parent_id == org.id)),
+        ("users", select(User.id).where(User.org_id == org.id)),
+        ("jobs", select(Job.id).where(Job.org_id == org.id)),
+    ):
+        if await session.scalar(stmt.limit(1)) is not None:
+            raise Conflict(f"org {org.name!r} still has {what}; remove them first")
+    session.add(Event(kind="org.delete", actor=actor, details={"org": org.name, "id": org.id}))
+    await session.delete(org)
+    await session.flush()

@@ -85,6 +85,16 @@ def new_org(parent: str | None = None) -> Callable[..., Any]:
     return build
 
 
+def empty_org() -> Callable[..., Any]:
+    async def build(w: World) -> tuple[str, Any]:
+        name = f"gone-{next(_seq)}"
+        async with w.client("platform") as c:
+            assert (await c.post("/v1/orgs", json={"name": name})).status_code == 201
+        return f"/v1/orgs/{name}", None
+
+    return build
+
+
 def new_user(org: str | None, role: str = "member") -> Callable[..., Any]:
     async def build(w: World) -> tuple[str, Any]:
         body: dict[str, Any] = {"name": f"u-{next(_seq)}", "role": role}
@@ -156,6 +166,7 @@ CASES = [
     Case(
         "update own org", "PATCH", fixed("/v1/orgs/{a}", {"shares": 2}), {**ADMIN, "platform": 200}
     ),
+    Case("delete org", "DELETE", empty_org(), {**ADMIN, "platform": 204}),
     Case("get own quota", "GET", fixed("/v1/orgs/{a}/quota"), ALL_USERS_OK),
     Case(
         "get other quota", "GET", fixed("/v1/orgs/{b}/quota"), {**USERS_ONLY, "platform": 200}, 404

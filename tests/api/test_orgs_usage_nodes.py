@@ -48,6 +48,14 @@ async def test_org_tree_and_quota_rules(world: World) -> None:
         r = await c.patch("/v1/orgs/acme", json={"shares": 3, "default_time_limit": "2h"})
         assert r.json()["shares"] == 3
         assert r.json()["default_time_limit_s"] == 7200
+    async with world.client("platform") as c:
+        assert (await c.delete("/v1/orgs/prog")).status_code == 409  # has children
+        assert (await c.delete("/v1/orgs/org-a")).status_code == 409  # has users
+        assert (await c.post("/v1/orgs", json={"name": "empty"})).status_code == 201
+        assert (await c.delete("/v1/orgs/empty")).status_code == 204
+        assert (await c.get("/v1/orgs/empty")).status_code == 404
+    async with world.client("admin_a") as c:
+        assert (await c.delete("/v1/orgs/org-a")).status_code == 403
     paths = [o["path"] for o in tree]
     assert paths == sorted(paths)
     assert {"prog/acme", "prog/beta", "prog"} <= set(paths)
