@@ -72,3 +72,20 @@ def api(
         server_log=server_log,
     )
     typer.echo(json.dumps(result))
+
+
+@app.command("latency")
+def latency(
+    jobs: Annotated[int, typer.Option(min=1, help="Jobs measured (after the warm-up).")] = 100,
+    warmup: Annotated[int, typer.Option(min=0, help="Jobs run first and not measured.")] = 3,
+    nodes: Annotated[int, typer.Option(min=1, max=16, help="Simulated agents.")] = 2,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="An EMPTY database to use (PostgreSQL); default: a temporary SQLite."),
+    ] = None,
+) -> None:
+    """Submit → process start of 1-GPU jobs, one at a time, on an idle simulated cluster."""
+    from scheduler.bench.latency import run_latency_bench
+
+    result = run_latency_bench(jobs=jobs, warmup=warmup, nodes=nodes, database_url=database_url)
+    typer.echo(json.dumps(result))
