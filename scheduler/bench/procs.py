@@ -179,13 +179,15 @@ class Fleet:
         )
         return out.stdout.strip().splitlines()[-1]
 
-    def server(self, name: str = "server", port: int | None = None, **env: str) -> str:
+    def server(
+        self, name: str = "server", port: int | None = None, log_level: str = "info", **env: str
+    ) -> str:
         """Start (or restart) a server; returns its base URL once it is ready."""
         port = port or free_port()
         extra = {**FAST_SERVER_ENV, **self.server_env, **env}
         extra["FAIRGPU_DATABASE_URL"] = self.database_url
         args = [*fairgpu_command(), "server", "--host", "127.0.0.1", "--port", str(port)]
-        proc = Proc(name, [*args, "--log-level", "info"], self._env(extra), self._log(name))
+        proc = Proc(name, [*args, "--log-level", log_level], self._env(extra), self._log(name))
         self.procs[name] = proc
         proc.start()
         url = f"http://127.0.0.1:{port}"
