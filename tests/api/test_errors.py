@@ -57,9 +57,14 @@ async def test_readyz_wants_the_schema_at_head(database_url: str) -> None:
         async with client(app) as c:
             assert (await c.get("/readyz")).json()["status"] == "ready"
         async with app.state.engine.begin() as conn:
+            head = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
             await conn.execute(text("UPDATE alembic_version SET version_num = 'old'"))
-        async with client(app) as c:
-            r = await c.get("/readyz")
+        try:
+            async with client(app) as c:
+                r = await c.get("/readyz")
+        finally:  # the PostgreSQL test database is shared by the session: put it back
+            async with app.state.engine.begin() as conn:
+                await conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head})
         assert r.status_code == 503
         assert "old" in r.json()["detail"]
         assert app.state.runtime.started
