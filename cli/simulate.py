@@ -59,6 +59,9 @@ def simulate(
         bool,
         typer.Option("--from-db", help="Replay the server's recorded jobs (not yet available)."),
     ] = False,
+    since: Annotated[
+        str | None, typer.Option(help="With --from-db: how far back to replay, e.g. 30d.")
+    ] = None,
 ) -> None:
     """Simulate a trace under each policy and write a scheduling-quality report."""
     # Imported here: numpy and matplotlib would slow every other `fairgpu` command's start.
@@ -75,7 +78,7 @@ def simulate(
     console = Console(stderr=True)
     if from_db_:
         try:
-            from_db()
+            from_db(since, quotas)
         except FromDbNotAvailableError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc

@@ -56,7 +56,8 @@ def test_same_input_gives_identical_summary(tmp_path: Path) -> None:
 
 
 def test_from_db_says_it_is_not_yet_available(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["simulate", "--from-db"])
+    args = ["simulate", "--from-db", "--since", "30d", "--quotas", "proposed.csv"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "not yet available" in result.output
 
