@@ -127,11 +127,12 @@ def summarize(result: SimResult, bucket_s: float, grace_s: float) -> tuple[dict[
     for name, figures in tenants.items():
         figures["entitled_fair_gpu_h"] = round(float(fair[name]) / HOUR_S, 2)
         if fair[name] > 0:
-            ratio = figures["received_gpu_h"] / (fair[name] / HOUR_S)
+            ratio = float(series_alloc[name].sum()) * bucket_s / fair[name]
             figures["received_over_fair"] = round(ratio, 4)
             ratios.append(ratio)
     x = np.asarray(ratios)
-    jain = float(x.sum() ** 2 / (x.size * (x**2).sum())) if x.size else 1.0
+    squares = float((x**2).sum())
+    jain = float(x.sum() ** 2 / (x.size * squares)) if squares > 0 else 1.0
     worst = max(tenants.items(), key=lambda kv: kv[1]["worst_1h_shortfall_gpus"], default=None)
     starved = max(tenants.items(), key=lambda kv: kv[1]["longest_in_quota_wait_s"], default=None)
 
