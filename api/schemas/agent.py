@@ -51,7 +51,11 @@ MAX_WAIT_S = 60.0
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 ShortText = Annotated[str, Field(max_length=1024)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Integers are bounded by the columns that store them (BIGINT, INTEGER): a larger number is a
+# 422, not a driver overflow (500).
+NonNegInt = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 GpuIndex = Annotated[int, Field(ge=0, lt=MAX_GPUS_PER_NODE)]
 Uuid = Annotated[str, Field(min_length=1, max_length=96)]
@@ -137,14 +141,14 @@ class GpuSample(_Model):
 class TaskReport(_Model):
     """Where one task stands. Sent every heartbeat until a final state has been acknowledged."""
 
-    task_id: int
-    job_id: int
+    task_id: Int64
+    job_id: Int64
     state: TaskState
     pid: NonNegInt | None = None
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime | None = None
-    exit_code: int | None = None
-    signal: NonNegInt | None = None
+    exit_code: Int32 | None = None
+    signal: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     """Signal number that ended the process, when one did (exit_code is then None)."""
     reason: ShortText = ""
 
@@ -159,7 +163,7 @@ class LogChunk(_Model):
     arrives as a one-line marker.)
     """
 
-    task_id: int
+    task_id: Int64
     offset: NonNegInt
     next_offset: NonNegInt
     data: Annotated[str, Field(max_length=MAX_LOG_CHUNK_CHARS)]
