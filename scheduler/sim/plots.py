@@ -65,6 +65,8 @@ def plot_wait_cdf(path: Path, runs: Mapping[str, Series]) -> None:
             if waits.size:
                 y = np.arange(1, waits.size + 1) / waits.size
                 ax.step(np.maximum(waits / HOUR_S, 1e-3), y, where="post", label=name)
+        if not any(series.waits_by_size[bucket].size for series in runs.values()):
+            ax.text(0.5, 0.5, "no jobs of this size", ha="center", transform=ax.transAxes)
         ax.set_xscale("log")
         ax.set_title(f"{bucket} GPUs")
         ax.set_xlabel("queueing delay (h)")
