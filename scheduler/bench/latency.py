@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from cli.demo import cluster
+from scheduler.settings import Settings
 
 GPU_MODEL = "H100"
 PROCESS_START_TIMEOUT_S = 30.0
@@ -92,6 +93,13 @@ def _cycle_mean_s(url: str) -> float | None:
     return round(totals["_sum"] / totals["_count"], 4) if totals["_count"] else None
 
 
+def _settings_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The server settings this run changed from the defaults (never a URL or a token)."""
+    names = {f"FAIRGPU_{n.upper()}" for n in Settings.model_fields} - {"FAIRGPU_DATABASE_URL"}
+    merged = {**os.environ, **extra}
+    return {k: merged[k] for k in sorted(names & merged.keys())}
+
+
 def run_latency_bench(
     *,
     jobs: int = 100,
@@ -156,7 +164,7 @@ def run_latency_bench(
         "nodes": nodes,
         "gpus_per_node": gpus_per_node,
         "warmup_jobs": warmup,
-        "server_env": {k: v for k, v in os.environ.items() if k.startswith("FAIRGPU_")} | env,
+        "server_env": _settings_env(env),
         "split": {
             "submit_http": summarise([r["answered"] - r["submit"] for r in rows]),
             "to_scheduled": summarise([r["scheduled"] - r["submit"] for r in scheduled]),
