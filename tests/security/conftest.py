@@ -1,5 +1,6 @@
 """A real `fairgpu server` (uvicorn, SQLite) seeded with two orgs, a user of every role and a
-registered node, shared by the security tests; its log is kept so tests can grep it."""
+registered node, one per test module (the fuzzer may revoke tokens and cancel jobs); its log is
+kept so tests can grep it."""
 
 from __future__ import annotations
 
@@ -75,14 +76,16 @@ def seed(live: Live, admin_token: str) -> None:
             live.ids[f"job_{key}"] = job["id"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-sec-"))
     fleet = Fleet(workdir=workdir, database_url=f"sqlite:///{workdir / 'fairgpu.db'}")
     try:
         admin = fleet.bootstrap()
         # debug logging and the access log: the secrets test greps everything the server wrote
-        url = fleet.server(log_level="debug", FAIRGPU_CYCLE_INTERVAL_S="1")
+        url = fleet.server(
+            log_level="debug", FAIRGPU_CYCLE_INTERVAL_S="1", FAIRGPU_NODE_TIMEOUT_S="3600"
+        )
         live = Live(url=url, fleet=fleet)
         seed(live, admin)
         yield live

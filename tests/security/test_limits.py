@@ -103,3 +103,19 @@ def test_agent_register_with_huge_memory_is_4xx(live: Live) -> None:
     }  # fmt: skip
     with live.client("join") as c:
         _problem(c.post("/v1/agent/register", json=body), 422)
+
+
+def test_huge_ids_in_queries_are_4xx(live: Live) -> None:
+    """Found by schemathesis: an id beyond the column's range reached the database (500)."""
+    with live.client("platform") as c:
+        _problem(c.get("/v1/tokens", params={"user_id": 2**70}), 404, 422)
+
+
+def test_csv_usage_is_documented(live: Live) -> None:
+    """Found by schemathesis: `format=csv` answers text/csv, which the schema did not say."""
+    spec = httpx.get(f"{live.url}/openapi.json").json()
+    content = spec["paths"]["/v1/usage"]["get"]["responses"]["200"]["content"]
+    assert "text/csv" in content
+    with live.client("member_a") as c:
+        r = c.get("/v1/usage", params={"format": "csv"})
+    assert r.headers["content-type"].startswith("text/csv")
