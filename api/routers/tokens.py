@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
 from api.schemas.users import (
@@ -72,7 +72,9 @@ async def create_token(
 
 @router.get("/v1/tokens")
 async def list_tokens(
-    session: SessionDep, principal: UserPrincipal, user_id: int | None = None
+    session: SessionDep,
+    principal: UserPrincipal,
+    user_id: Annotated[int | None, Query(gt=0, lt=2**31)] = None,
 ) -> TokensPublic:
     """Your tokens; org admins see their org's users' tokens, platform admins everyone's.
     Secrets are never listed."""
@@ -91,7 +93,7 @@ async def list_tokens(
 
 @router.delete("/v1/tokens/{token_id}")
 async def revoke_token(
-    token_id: TokenId, session: SessionDep, principal: UserPrincipal
+    request: Request, token_id: TokenId, session: SessionDep, principal: UserPrincipal
 ) -> TokenPublic:
     """Revoke a token at once; requests with it are refused from now on."""
     token: ApiToken = await svc.get_token(session, token_id)
@@ -100,6 +102,7 @@ async def revoke_token(
     await _may_manage(session, principal, token.user_id)
     await svc.revoke_token(session, token, actor=principal.actor)
     await session.commit()
+    request.app.state.auth_cache.clear()
     return TokenPublic.model_validate(token)
 
 
@@ -130,7 +133,7 @@ async def list_join_tokens(session: SessionDep, principal: PlatformAdmin) -> Tok
 
 @router.delete("/v1/join-tokens/{token_id}")
 async def revoke_join_token(
-    token_id: TokenId, session: SessionDep, principal: PlatformAdmin
+    request: Request, token_id: TokenId, session: SessionDep, principal: PlatformAdmin
 ) -> TokenPublic:
     """Revoke a join token: no more nodes register with it (registered ones stay)."""
     token = await svc.get_token(session, token_id)
@@ -138,4 +141,5 @@ async def revoke_join_token(
         raise NotFound(f"join token {token_id} not found")
     await svc.revoke_token(session, token, actor=principal.actor)
     await session.commit()
+    request.app.state.auth_cache.clear()
     return TokenPublic.model_validate(token)
