@@ -57,7 +57,11 @@ def _utc(value: datetime | None, default: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-@router.get("/v1/usage", response_model=UsageReport)
+@router.get(
+    "/v1/usage",
+    response_model=UsageReport,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+)
 async def usage(
     session: SessionDep,
     principal: UserPrincipal,
