@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.authcache import AuthCache
 from api.problems import install_problem_handlers
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
@@ -85,6 +86,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     install_problem_handlers(app)
     for name in _ROUTERS:
         if importlib.util.find_spec(name) is None:

@@ -3,7 +3,8 @@
 Authentication is one indexed query (token hash joined to its user), with no ORM identity map
 work: it runs on every request, including every agent heartbeat, so it has to stay cheap.
 `last_used_at` is refreshed at most once per `LAST_USED_RESOLUTION_S`, so a busy token does not
-turn every read into a write.
+turn every read into a write; and a token seen in the last `auth_cache_ttl_s` is not looked up
+again (api/authcache.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi import Depends, Request
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.authcache import AuthCache
 from scheduler.db import ApiToken, User
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Forbidden, Unauthenticated
@@ -109,9 +111,22 @@ _TOKEN_QUERY = select(
 ).outerjoin(User, User.id == ApiToken.user_id)
 
 
-async def authenticate(session: AsyncSession, secret: str, now: datetime) -> Principal:
+async def authenticate(
+    session: AsyncSession, secret: str, now: datetime, cache: AuthCache | None = None
+) -> Principal:
     """The principal for a user or agent token; join tokens only register nodes (S2 checks)."""
     digest = hash_token(secret)
+    if cache is not None and (hit := cache.get(digest, now)) is not None:
+        return hit
+    principal, expires_at = await _lookup(session, digest, now)
+    if cache is not None:
+        cache.put(digest, principal, expires_at)
+    return principal
+
+
+async def _lookup(
+    session: AsyncSession, digest: str, now: datetime
+) -> tuple[Principal, datetime | None]:
     stmt = _TOKEN_QUERY.where(ApiToken.token_hash == digest)
     row = (await session.execute(stmt)).one_or_none()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
@@ -130,11 +145,11 @@ async def authenticate(session: AsyncSession, secret: str, now: datetime) -> Pri
     if row.kind == TokenKind.AGENT:
         if row.node_id is None:
             raise Unauthenticated("agent credential without a node")
-        return Principal(kind="agent", token_id=row.id, node_id=row.node_id)
+        return Principal(kind="agent", token_id=row.id, node_id=row.node_id), row.expires_at
     if row.kind == TokenKind.USER:
         if row.user_id is None or row.disabled_at is not None:
             raise Unauthenticated("user disabled")
-        return Principal(
+        principal = Principal(
             kind="user",
             token_id=row.id,
             user_id=row.user_id,
@@ -142,11 +157,17 @@ async def authenticate(session: AsyncSession, secret: str, now: datetime) -> Pri
             org_id=row.org_id,
             role=Role(row.role),
         )
+        return principal, row.expires_at
     raise Forbidden("a join token only registers nodes (POST /v1/agent/register)")
 
 
+def auth_cache(request: Request) -> AuthCache | None:
+    cache: AuthCache | None = getattr(request.app.state, "auth_cache", None)
+    return cache
+
+
 async def current_principal(request: Request, session: SessionDep) -> Principal:
-    return await authenticate(session, _bearer(request), utcnow())
+    return await authenticate(session, _bearer(request), utcnow(), auth_cache(request))
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
@@ -163,7 +184,7 @@ UserPrincipal = Annotated[Principal, Depends(user_principal)]
 
 async def autocommit_user_principal(request: Request, session: AutocommitSessionDep) -> Principal:
     """`UserPrincipal`, authenticated on the request's autocommit session."""
-    principal = await authenticate(session, _bearer(request), utcnow())
+    principal = await authenticate(session, _bearer(request), utcnow(), auth_cache(request))
     if principal.kind != "user":
         raise Forbidden("agent credentials speak only the agent protocol")
     return principal

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         "request with 503 + Retry-After and is replaced.",
     )
     migrate_on_start: bool = Field(True, description="Run migrations when the server starts.")
+    auth_cache_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="How long a server process remembers a token it has checked. A revocation "
+        "made through another replica takes effect within this time; 0 checks every request.",
+    )
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the server listens on.")

@@ -40,6 +40,7 @@ async def register(request: Request, body: AgentRegister, session: SessionDep) -
         session, join_secret=_join_token(request), body=body, settings=settings
     )
     await session.commit()
+    request.app.state.auth_cache.clear()  # the node's previous credential was just revoked
     runtime: SchedulerRuntime = request.app.state.runtime
     runtime.notify("node registered")
     return registered

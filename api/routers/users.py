@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
 from api.deps import OrgAdmin, Principal, SessionDep, UserPrincipal
 from api.schemas.users import UserCreate, UserPublic, UsersPublic
@@ -76,11 +76,14 @@ async def get_user(user_id: UserId, session: SessionDep, principal: UserPrincipa
 
 
 @router.delete("/{user_id}")
-async def disable_user(user_id: UserId, session: SessionDep, principal: OrgAdmin) -> UserPublic:
+async def disable_user(
+    request: Request, user_id: UserId, session: SessionDep, principal: OrgAdmin
+) -> UserPublic:
     """Disable a user and revoke all its tokens; its jobs stay."""
     user = await _visible_user(session, principal, user_id)
     if user.role is Role.PLATFORM_ADMIN and not principal.is_platform_admin:
         raise Forbidden("only platform admins disable platform admins")
     await svc.disable_user(session, user, actor=principal.actor)
     await session.commit()
+    request.app.state.auth_cache.clear()
     return UserPublic.model_validate(user)

@@ -7,11 +7,17 @@ once, so a failure shows the whole shape of what went wrong.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from tests.api.helpers import World
+import pytest
+from sqlalchemy import update
+
+from scheduler.db import ApiToken
+from tests.api.helpers import World, running_app, seed_world
 
 CALLERS = ("anon", "join", "agent", "member_a", "admin_a", "platform")
 
@@ -359,3 +365,20 @@ async def test_token_secret_shown_once(world: World) -> None:
     assert all("token" not in t for t in listed)
     assert any(t["id"] == created["id"] for t in listed)
     assert created["token"] not in str(listed)
+
+
+@pytest.mark.parametrize(("ttl_s", "wait_s"), [(0.2, 0.3), (0.0, 0.0)])
+async def test_revocation_elsewhere_takes_effect_within_the_cache_ttl(
+    database_url: str, ttl_s: float, wait_s: float
+) -> None:
+    """A token revoked in the database by another replica stops working within the TTL here;
+    with a TTL of 0 at once."""
+    async with running_app(database_url, auth_cache_ttl_s=ttl_s) as app:
+        world = await seed_world(app)
+        async with world.client("member_a") as c:
+            assert (await c.get("/v1/jobs")).status_code == 200
+            async with app.state.sessionmaker() as s:
+                await s.execute(update(ApiToken).values(revoked_at=datetime.now(UTC)))
+                await s.commit()
+            await asyncio.sleep(wait_s)
+            assert (await c.get("/v1/jobs")).status_code == 401
