@@ -8,11 +8,13 @@ the milder twin: both nodes moved the job STARTING → RUNNING, two events for o
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from api.schemas.agent import Heartbeat, TaskReport
 from scheduler.services.agents import heartbeat
-from tests.scheduling.harness import Cluster
+from scheduler.services.scheduling.lifecycle import LifecycleWork, apply_work
+from tests.scheduling.harness import Cluster, report
 
 
 async def test_two_nodes_reporting_at_once_move_the_gang_once(cluster: Cluster) -> None:
@@ -51,3 +53,37 @@ async def test_two_nodes_reporting_at_once_move_the_gang_once(cluster: Cluster) 
     moves = [(e["from_state"], e["to_state"]) for e in events["data"] if e["kind"] == "job.state"]
     assert moves == [(None, "PENDING"), ("PENDING", "STARTING"), ("STARTING", "RUNNING"),
                      ("RUNNING", "COMPLETED")]  # fmt: skip
+
+
+async def test_lost_node_and_a_sibling_ending_at_once_end_the_job(cluster: Cluster) -> None:
+    """The cycle finds rank 0's node lost while rank 1's exit report is being applied.
+
+    The heartbeat's job lock covers this too: the cycle's event rows reference the job, and the
+    foreign key's KEY SHARE lock waits for FOR UPDATE, so the cycle reads rank 1 as ended.
+    """
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    join = await cluster.join_token()
+    nodes = [await cluster.register(join, gpus=8) for _ in range(2)]
+    job = await cluster.submit(token, gpus_per_node=8, nodes=2)
+    await cluster.cycle()
+    specs = [(await cluster.heartbeat(n["credential"]))["start"][0] for n in nodes]
+    for spec, node in zip(specs, nodes, strict=True):
+        await cluster.heartbeat(
+            node["credential"], tasks=[report(spec["task_id"], job["id"], "running")]
+        )
+    settings = cluster.app.state.settings
+    exited = TaskReport(task_id=specs[1]["task_id"], job_id=job["id"], state="exited", exit_code=0)
+    later = datetime.now(UTC) + timedelta(seconds=settings.node_timeout_s * 2)
+    lost = LifecycleWork(stale_nodes=[nodes[0]["node_id"]])
+    async with cluster.sessionmaker() as agent, cluster.sessionmaker() as cycle:
+        await heartbeat(
+            agent, node_id=nodes[1]["node_id"], body=Heartbeat(tasks=[exited]), settings=settings
+        )
+        other = asyncio.create_task(apply_work(cycle, lost, now=later, settings=settings))
+        await asyncio.sleep(0.3)
+        await agent.commit()
+        await other
+        await cycle.commit()
+    ended = await cluster.job(token, job["id"])
+    assert ended["state"] == "NODE_FAIL"
