@@ -89,3 +89,32 @@ def latency(
 
     result = run_latency_bench(jobs=jobs, warmup=warmup, nodes=nodes, database_url=database_url)
     typer.echo(json.dumps(result))
+
+
+@app.command("soak")
+def soak(
+    duration: Annotated[str, typer.Option(help="How long to run, with a unit: 90s, 10m.")] = "10m",
+    nodes: Annotated[int, typer.Option(min=1, help="Simulated nodes (8 H100 each).")] = 500,
+    rate: Annotated[float, typer.Option(min=0.1, help="Job submissions per second.")] = 3.0,
+    fault_every: Annotated[
+        str, typer.Option(help="Time between injected faults (server kill, DB restart, cut).")
+    ] = "1m",
+    seed: Annotated[int, typer.Option(help="Seed of the workload and fault choices.")] = 1,
+) -> None:
+    """A real server on a private PostgreSQL under load with a fault a minute; one JSON line.
+
+    Exits 1 when a job was lost, an invariant broke or a request failed other than by a fault.
+    """
+    from cli.parse import parse_duration
+    from scheduler.bench.soak import run_soak
+
+    result = run_soak(
+        duration_s=parse_duration(duration),
+        nodes=nodes,
+        rate_per_s=rate,
+        fault_interval_s=parse_duration(fault_every),
+        seed=seed,
+    )
+    typer.echo(json.dumps(result))
+    if not result["ok"]:
+        raise typer.Exit(1)
