@@ -37,6 +37,12 @@ test: lint
 test-dashboards: $(STAMP)
 	$(BIN)/pytest -q -ra -p no:cacheprovider tests/deploy/dashboards_live.py
 
+# Slow (about ten minutes): the fault and abuse suite in full: real servers, agents and a private
+# PostgreSQL killed and cut off, schemathesis with 40 examples per operation and role, a
+# two-minute soak. `make test` runs the quick variants (tests/faults, tests/security).
+test-faults: $(STAMP)
+	$(BIN)/pytest -q -ra -p no:cacheprovider tests/faults tests/security tests/faults/full_suite.py
+
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -x -m 'not slow'
 

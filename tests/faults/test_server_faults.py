@@ -36,6 +36,12 @@ def _database(pg: PgInstance) -> str:
 def test_server_sigkill_mid_cycle_leaves_no_half_applied_decision(
     tmp_path: Path, pg: PgInstance
 ) -> None:
+    sigkill_mid_cycle(tmp_path, pg, kills=2)
+
+
+def sigkill_mid_cycle(tmp_path: Path, pg: PgInstance, *, kills: int) -> None:
+    """Bursts of submissions, each followed by a SIGKILL at a random moment of the cycles they
+    wake; the database is checked while the server is dead, then it restarts on the same port."""
     db = _database(pg)
     rng = random.Random(7)
     with fleet(tmp_path, db) as f, ExitStack() as stack:
@@ -46,7 +52,7 @@ def test_server_sigkill_mid_cycle_leaves_no_half_applied_decision(
             f.agent(name, url, org.join_token, gpus="8xH100")
         wait_for("nodes", lambda: org.node_state("n1") == org.node_state("n2") == "ready", 30)
         submitted: list[int] = []
-        for kill in range(4):
+        for kill in range(kills):
             # A burst of submissions (each one wakes the cycle), then a kill at a random moment.
             for _ in range(12):
                 gpus, nodes = rng.choice([(1, 1), (2, 1), (4, 1), (8, 1), (4, 2)])

@@ -1,7 +1,7 @@
 """schemathesis against the live server's /openapi.json: every operation, generated inputs (valid
 and invalid), each sent with the token of every role. No 5xx; every documented response matches
-its schema and content type. `make test` runs a few examples per operation; `make test-faults`
-sets FAIRGPU_FUZZ_EXAMPLES higher.
+its schema and content type. `make test` runs a few examples per operation (FAIRGPU_FUZZ_EXAMPLES
+changes it); `make test-faults` runs 40 (tests/faults/full_suite.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ def _call_as_every_role(case: schemathesis.Case[Any], live: Live) -> None:
 
 
 def test_every_operation_as_every_role(live: Live) -> None:
+    fuzz(live, examples=EXAMPLES)
+
+
+def fuzz(live: Live, *, examples: int) -> None:
     api = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
     failures: list[str] = []
     operations = 0
@@ -46,7 +50,7 @@ def test_every_operation_as_every_role(live: Live) -> None:
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=EXAMPLES,
+            max_examples=examples,
             deadline=None,
             derandomize=True,
             suppress_health_check=list(HealthCheck),
