@@ -351,13 +351,14 @@ async def _apply_reports(
     # Lock the reported tasks' jobs (in id order, so two heartbeats cannot deadlock) before
     # reading any task: two nodes ending the last two tasks of a gang at once would otherwise
     # each see the other's task still running (READ COMMITTED) and neither would end the job.
-    # Statements after the lock see what the other transaction committed. (SQLite serialises
-    # writers anyway; FOR UPDATE is not rendered there.)
+    # Statements after the lock see what the other transaction committed. FOR NO KEY UPDATE,
+    # not FOR UPDATE: rows that merely reference the job (events, tasks) take KEY SHARE locks,
+    # which must not wait for it. (SQLite serialises writers anyway; nothing is rendered there.)
     await session.execute(
         select(Job.id)
         .where(Job.id.in_(select(Task.job_id).where(Task.id.in_(ids))))
         .order_by(Job.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     found = {
         task.id: (task, job)

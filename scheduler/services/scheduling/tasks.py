@@ -82,6 +82,18 @@ async def end_task(
     effects = effects or EndEffects()
     if task.state.is_terminal:
         return effects
+    # The job's row lock (taken first, as heartbeats take it) orders everyone who ends tasks of
+    # one gang: without it two transactions can each see the other's task still running and
+    # neither ends the job. Reload job and task: the lock may have waited for another ending.
+    await session.execute(
+        select(Job)
+        .where(Job.id == job.id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
+    await session.refresh(task)
+    if task.state.is_terminal:
+        return effects
     transition_task(session, task, state, actor=actor, reason=reason, at=at)
     task.exit_code = exit_code
     task.signal = signal
