@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,6 +14,7 @@ from api.problems import RETRY_AFTER_S, problem
 from scheduler.db.migrate import head_revisions
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("fairgpu.api")
 
 
 @router.get("/healthz")
@@ -30,8 +32,9 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
         async with engine.connect() as conn:
             rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
     except Exception as exc:  # any failure here means "not ready", whatever the driver raised
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return problem(request, 503, f"database unreachable: {detail[:200]}", headers=headers)
+        # Anyone may call this probe: the reason goes to the log, not to the caller.
+        log.warning("readyz: database unreachable: %s", exc)
+        return problem(request, 503, "database unreachable", headers=headers)
     current = {r[0] for r in rows}
     expected = set(head_revisions())
     if current != expected:

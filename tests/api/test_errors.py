@@ -49,6 +49,8 @@ async def test_database_away_is_503_with_retry_after() -> None:
     assert "nobody" not in jobs.text
     assert ready.status_code == 503
     assert ready.headers["retry-after"] == "5"
+    assert "nobody" not in ready.text
+    assert "127.0.0.1" not in ready.text
     assert alive.status_code == 200
 
 
