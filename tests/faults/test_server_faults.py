@@ -5,6 +5,7 @@ killed mid-cycle, PostgreSQL restarted under load, and leader failover between t
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 import uuid
@@ -191,3 +192,56 @@ def test_leader_failover_between_two_replicas(tmp_path: Path, pg: PgInstance) ->
         org.wait_states([second], {"COMPLETED"}, timeout_s=40)
         print(f"takeover in {takeover_s:.2f} s")
         assert_invariants(db)
+
+
+def test_frozen_leader_loses_its_lease_and_is_fenced(tmp_path: Path, pg: PgInstance) -> None:
+    """The leader is frozen (SIGSTOP) and its lock connection dropped, as when a host stalls
+    and the network drops its sessions: the standby takes over; when the old leader thaws it
+    must not lead again beside the new one, nor apply what it decided before."""
+    db = _database(pg)
+    with fleet(tmp_path, db) as f, ExitStack() as stack:
+        a = f.server("server-a")
+        b = f.server("server-b")
+        org = stack.enter_context(setup_org(b, f.bootstrap(), tmp_path / "pids"))
+        leader = wait_for("a leader", lambda: _leaders([a, b]), 15)[0]
+        standby = b if leader == a else a
+        old = f.procs["server-a" if leader == a else "server-b"]
+        org.member.base_url = org.admin.base_url = httpx.URL(standby)
+        f.agent("n1", standby, org.join_token, gpus="8xH100")
+        wait_for("node ready", lambda: org.node_state("n1") == "ready", 30)
+        jobs = [org.submit(command=["sleep", "2"], gpus_per_node=2) for _ in range(4)]
+
+        old.popen.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            _terminate_lock_holders(pg, db)
+            wait_for("standby takes over", lambda: _leaders([standby]), 15, interval_s=0.1)
+            jobs += [org.submit(command=["sleep", "2"], gpus_per_node=2) for _ in range(4)]
+        finally:
+            old.popen.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        for _ in range(30):  # never two leaders once the old one runs again
+            assert len(_leaders([a, b])) <= 1, "two replicas lead at once"
+            time.sleep(0.2)
+        assert _leaders([a, b]) == [standby]
+        org.wait_states(jobs, {"COMPLETED"}, timeout_s=90)
+        assert_invariants(db)
+
+
+def _terminate_lock_holders(pg: PgInstance, db: str) -> None:
+    """Drop the connections holding advisory locks in `db`: the frozen leader's lease."""
+
+    async def terminate() -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg.url())
+        try:
+            rows = await conn.fetch(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = $1",
+                db.rsplit("/", 1)[1],
+            )
+            return len(rows)
+        finally:
+            await conn.close()
+
+    assert run_async(terminate) >= 1
