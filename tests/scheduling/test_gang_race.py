@@ -58,8 +58,7 @@ async def test_two_nodes_reporting_at_once_move_the_gang_once(cluster: Cluster) 
 async def test_lost_node_and_a_sibling_ending_at_once_end_the_job(cluster: Cluster) -> None:
     """The cycle finds rank 0's node lost while rank 1's exit report is being applied.
 
-    The heartbeat's job lock covers this too: the cycle's event rows reference the job, and the
-    foreign key's KEY SHARE lock waits for FOR UPDATE, so the cycle reads rank 1 as ended.
+    `end_task` takes the job's lock as the heartbeat does, so the cycle reads rank 1 as ended.
     """
     org = await cluster.org(guaranteed=16)
     token = await cluster.user_token(org)
