@@ -109,6 +109,7 @@ async def apply_work(
                 select(Task, Job)
                 .join(Job, Job.id == Task.job_id)
                 .where(Task.node_id == node.id, Task.state.in_(ACTIVE_STATES))
+                .order_by(Job.id)  # end_task locks jobs: in id order, as heartbeats do
             )
             for task, job in rows.all():
                 await end_task(
