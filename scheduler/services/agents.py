@@ -46,6 +46,7 @@ from scheduler.states import GpuHealth, JobState, NodeState, TokenKind
 
 _LOGS: Table = LogChunk.__table__  # type: ignore[assignment]
 _TASKS: Table = Task.__table__  # type: ignore[assignment]
+_SITES: Table = Site.__table__  # type: ignore[assignment]
 
 
 # -- register ----------------------------------------------------------------------------------
@@ -77,9 +78,7 @@ async def register_node(
     if token.site_id is not None and (site is None or site.id != token.site_id):
         raise Forbidden(f"this join token is not for site {body.site!r}")
     if site is None:
-        site = Site(name=body.site, created_at=now)
-        session.add(site)
-        await session.flush()
+        site = await _create_site(session, body.site, now)
     node = await session.scalar(select(NodeRow).where(NodeRow.name == body.name))
     if node is None:
         node = NodeRow(name=body.name, site_id=site.id, registered_at=now, state=NodeState.READY)
@@ -119,6 +118,24 @@ async def register_node(
         credential=issued.secret,
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
+
+
+async def _create_site(session: AsyncSession, name: str, now: datetime) -> Site:
+    """The site, created unless an agent registering at the same moment created it first.
+
+    ON CONFLICT DO NOTHING then SELECT: on PostgreSQL the insert waits for the other
+    transaction and the select (a new statement under READ COMMITTED) sees its row; on SQLite
+    writers are serialised, so the other row is committed before this insert runs.
+    """
+    await session.execute(
+        _insert(session, _SITES).values(name=name, created_at=now).on_conflict_do_nothing()
+    )
+    site = await session.scalar(
+        select(Site).where(Site.name == name).execution_options(populate_existing=True)
+    )
+    if site is None:  # sites are never deleted; only a concurrent manual delete gets here
+        raise Conflict(f"site {name!r} changed during registration; retry")
+    return site
 
 
 async def _register_gpus(
