@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import (
     AutocommitSessionDep,
@@ -30,11 +32,14 @@ from api.schemas.jobs import (
     JobExplain,
     JobLogs,
     JobPublic,
+    JobReason,
     JobsPublic,
 )
 from scheduler.db import Job, Org, User
 from scheduler.services import jobs as svc
-from scheduler.services.errors import InvalidInput, NotFound
+from scheduler.services.errors import Forbidden, InvalidInput, NotFound
+from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
+from scheduler.services.joblist import list_jobs as list_listed
 from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, read_log
 from scheduler.settings import Settings
 from scheduler.states import JobState
@@ -82,6 +87,20 @@ def _public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
     )
 
 
+def _listed_public(listed: ListedJob) -> JobPublic:
+    public = _public(listed.job, listed.depends_on)
+    public.org_name = listed.org_name
+    public.user_name = listed.user_name
+    public.node_names = listed.node_names
+    reason = first_reason(listed.job)
+    public.pending_reason = JobReason(code=reason[0], message=reason[1]) if reason else None
+    return public
+
+
+async def _read_public(session: SessionDep, job: Job) -> JobPublic:
+    return _listed_public(await get_listed(session, job))
+
+
 def _notify(request: Request, reason: str, nodes: list[int] | None = None) -> None:
     runtime = request.app.state.runtime
     if nodes:
@@ -100,6 +119,31 @@ def _idempotency_key(value: str | None) -> str | None:
     return key
 
 
+async def _submit_org(session: AsyncSession, principal: Principal, ref: str | None) -> int:
+    """The org a submission goes to: the caller's own, or `ref` when the caller may submit
+    there (its own org, by anyone in it; any org, by a platform admin)."""
+    if ref is None:
+        if principal.org_id is None:
+            raise InvalidInput("jobs belong to an organisation, and this user has none: name one")
+        return principal.org_id
+    ref = ref.strip()
+    if ref.isdigit():
+        wanted = int(ref) if int(ref) < 2**31 else None
+        found = await session.scalar(select(Org.id).where(Org.id == wanted)) if wanted else None
+    else:
+        found = await session.scalar(select(Org.id).where(Org.name == ref))
+    if found is not None and found == principal.org_id:
+        return found
+    if not principal.is_platform_admin:
+        raise Forbidden(
+            f"you may submit only to your own organisation, not {ref!r} "
+            "(submitting on behalf of another org needs a platform admin)"
+        )
+    if found is None:
+        raise NotFound(f"org {ref!r} not found")
+    return found
+
+
 @router.post(
     "",
     status_code=201,
@@ -113,7 +157,8 @@ async def submit_job(
     principal: AutocommitUserPrincipal,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Response:
-    """Submit a job to the caller's organisation.
+    """Submit a job to the caller's organisation, or with `org` on behalf of another one
+    (platform admins only; naming one's own org is always allowed).
 
     On PostgreSQL the job, its event and its dependencies are one atomic statement, run on an
     autocommit session: authentication plus that statement are the request's only round trips.
@@ -121,15 +166,16 @@ async def submit_job(
     With an `Idempotency-Key`, a retry of the same submission by the same user returns the job
     stored the first time, with status 200 instead of 201, and stores nothing new.
     """
-    if principal.org_id is None or principal.user_id is None:
-        raise InvalidInput("jobs belong to an organisation, and this user has none")
+    if principal.user_id is None:
+        raise InvalidInput("jobs belong to a user")
+    org_id = await _submit_org(session, principal, body.org)
     key = _idempotency_key(idempotency_key)
     settings: Settings = request.app.state.settings
-    spec = svc.JobSpec(**body.model_dump())
+    spec = svc.JobSpec(**body.model_dump(exclude={"org"}))
     try:
         result = await svc.submit_job(
             session,
-            org_id=principal.org_id,
+            org_id=org_id,
             user_id=principal.user_id,
             actor=principal.actor,
             spec=spec,
@@ -157,6 +203,18 @@ async def submit_job(
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
 
 
+_SINCE = "ISO-8601 with a timezone, e.g. 2026-01-01T00:00:00Z; inclusive."
+_UNTIL = "ISO-8601 with a timezone; exclusive."
+
+
+def _aware(name: str, value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise InvalidInput(f"{name} needs a timezone (e.g. 2026-01-01T00:00:00Z)")
+    return value.astimezone(UTC)
+
+
 async def _org_id(session: SessionDep, ref: str) -> int | None:
     if ref.isdigit():
         return int(ref)
@@ -171,10 +229,25 @@ async def list_jobs(
     org: Annotated[str | None, Query(max_length=63, description="Org name or id.")] = None,
     user: Annotated[str | None, Query(max_length=64, description="User name or id.")] = None,
     mine: bool = False,
+    submitted_since: Annotated[datetime | None, Query(description=_SINCE)] = None,
+    submitted_until: Annotated[datetime | None, Query(description=_UNTIL)] = None,
+    ended_since: Annotated[datetime | None, Query(description=_SINCE)] = None,
+    ended_until: Annotated[datetime | None, Query(description=_UNTIL)] = None,
     cursor: Annotated[str | None, Query(max_length=24, pattern=r"^\d+$")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
 ) -> JobsPublic:
-    """Jobs the caller may see, newest first; filter by state (repeatable), org, user, mine."""
+    """Jobs the caller may see, newest first; filter by state (repeatable), org, user, mine,
+    and submit or end time (ISO-8601 with a timezone; `since` inclusive, `until` exclusive).
+
+    Each job carries its org and user names, the nodes it runs on and the first reason it
+    waits, so that a queue view needs one call per page (the full reasons: `explain`).
+    """
+    window = TimeWindow(
+        submitted_since=_aware("submitted_since", submitted_since),
+        submitted_until=_aware("submitted_until", submitted_until),
+        ended_since=_aware("ended_since", ended_since),
+        ended_until=_aware("ended_until", ended_until),
+    )
     scope = scope_of(principal)
     org_id = user_id = None
     empty = JobsPublic(data=[], count=0, next_cursor=None)
@@ -197,19 +270,19 @@ async def list_jobs(
     before = int(cursor) if cursor is not None else None
     if before is not None and before >= 2**63:
         before = None
-    rows, more = await svc.list_jobs(
+    rows, more = await list_listed(
         session,
         scope_org_id=scope,
         org_id=org_id,
         user_id=user_id,
         states=state,
+        window=window,
         before_id=before,
         limit=limit,
     )
-    deps = await svc.dependencies_of(session, [j.id for j in rows])
-    data = [_public(j, deps.get(j.id)) for j in rows]
+    data = [_listed_public(r) for r in rows]
     return JobsPublic(
-        data=data, count=len(data), next_cursor=str(rows[-1].id) if more and rows else None
+        data=data, count=len(data), next_cursor=str(rows[-1].job.id) if more and rows else None
     )
 
 
@@ -217,8 +290,7 @@ async def list_jobs(
 async def get_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobPublic:
     """One job."""
     job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
-    deps = await svc.dependencies_of(session, [job.id])
-    return _public(job, deps.get(job.id))
+    return await _read_public(session, job)
 
 
 async def _job_to_change(session: SessionDep, job_id: int, principal: Principal) -> Job:
@@ -251,7 +323,7 @@ async def cancel_job(
     )
     await session.commit()
     _notify(request, "cancel", nodes)
-    return _public(job)
+    return await _read_public(session, job)
 
 
 @router.post("/{job_id}/hold")
@@ -263,7 +335,7 @@ async def hold_job(
     await svc.set_held(session, job, held=True, actor=principal.actor)
     await session.commit()
     _notify(request, "hold")
-    return _public(job)
+    return await _read_public(session, job)
 
 
 @router.post("/{job_id}/release")
@@ -275,7 +347,7 @@ async def release_job(
     await svc.set_held(session, job, held=False, actor=principal.actor)
     await session.commit()
     _notify(request, "release")
-    return _public(job)
+    return await _read_public(session, job)
 
 
 @router.get("/{job_id}/explain")

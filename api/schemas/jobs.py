@@ -59,6 +59,10 @@ class JobCreate(InputModel):
     """Submit held: the job waits until released."""
     depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = []
     """`afterok`: job ids (of the same org) that must complete first."""
+    org: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    """Org (name or id) to submit on behalf of; the caller's own org when omitted. Another org
+    needs a platform admin: org admins admit only their own org (not its child orgs, whose jobs
+    they could then neither see nor cancel)."""
 
     @field_validator("command")
     @classmethod
@@ -111,10 +115,23 @@ class JobCreate(InputModel):
         return self
 
 
+class JobReason(OutputModel):
+    """The first reason a pending job waits: a Slurm reason word and a short message."""
+
+    code: str
+    message: str
+
+
 class JobPublic(OutputModel):
+    """A job. `org_name`, `user_name`, `node_names` and `pending_reason` are filled in by the
+    reads (list, get) and by cancel, hold and release; a submission's reply leaves them empty
+    (it is the hot path: one statement, no joins)."""
+
     id: int
     org_id: int
+    org_name: str | None = None
     user_id: int
+    user_name: str | None = None
     name: str
     command: list[str]
     image: str | None
@@ -137,6 +154,10 @@ class JobPublic(OutputModel):
     ended_at: datetime | None
     estimated_start_at: datetime | None
     depends_on: list[int] = []
+    node_names: list[str] = []
+    """Where the latest attempt runs or ran, by node rank (Slurm's NODELIST); empty if pending."""
+    pending_reason: JobReason | None = None
+    """Why a pending job waits, as the last scheduling cycle saw it (all of it: `explain`)."""
 
 
 class JobsPublic(OutputModel):

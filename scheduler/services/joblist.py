@@ -1,0 +1,157 @@
+"""Job listings that carry what a queue view shows, so that a client needs one call per page.
+
+A page is three queries whatever its size, never one per job: the jobs joined to their org
+and user names; the node names of the jobs' latest attempts; their dependencies. The first
+pending reason comes from `jobs.pending_reasons`, which every scheduling cycle writes.
+Visibility is `scope_org_id`, as in `scheduler/services/jobs.py`: None sees every org.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from scheduler.db import Job, Org, Task, User
+from scheduler.db import Node as NodeRow
+from scheduler.services.jobs import dependencies_of
+from scheduler.states import JobState
+
+MAX_REASON_MESSAGE_CHARS = 200
+HELD = ("JobHeldUser", "held by a user")
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """Bounds on submit and end times: `since` inclusive, `until` exclusive, all UTC-aware."""
+
+    submitted_since: datetime | None = None
+    submitted_until: datetime | None = None
+    ended_since: datetime | None = None
+    ended_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedJob:
+    job: Job
+    org_name: str
+    user_name: str
+    node_names: list[str] = field(default_factory=list)
+    """Where the latest attempt runs or ran, by node rank; empty while pending."""
+    depends_on: list[int] = field(default_factory=list)
+
+
+def first_reason(job: Job) -> tuple[str, str] | None:
+    """(code, short message) of the first reason a pending job waits, as the last cycle saw it.
+
+    A held job not yet looked at by a cycle waits for its release (as `explain` says); any
+    other job not yet looked at has no reason yet (None, Slurm's `(None)`).
+    """
+    if job.state is not JobState.PENDING:
+        return None
+    reasons: list[dict[str, Any]] = job.pending_reasons or []
+    if reasons:
+        first = reasons[0]
+        message = str(first.get("message", ""))
+        if len(message) > MAX_REASON_MESSAGE_CHARS:
+            message = message[: MAX_REASON_MESSAGE_CHARS - 1] + "…"
+        return str(first.get("code", "")), message
+    return HELD if job.held and job.pending_reasons is None else None
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    scope_org_id: int | None,
+    org_id: int | None = None,
+    user_id: int | None = None,
+    states: Sequence[JobState] = (),
+    window: TimeWindow = TimeWindow(),
+    before_id: int | None = None,
+    limit: int = 100,
+) -> tuple[list[ListedJob], bool]:
+    """Newest first. Returns (jobs, more): `more` says a next page exists."""
+    stmt = (
+        select(Job, Org.name, User.name)
+        .join(Org, Org.id == Job.org_id)
+        .join(User, User.id == Job.user_id)
+    )
+    if scope_org_id is not None:
+        stmt = stmt.where(Job.org_id == scope_org_id)
+    if org_id is not None:
+        stmt = stmt.where(Job.org_id == org_id)
+    if user_id is not None:
+        stmt = stmt.where(Job.user_id == user_id)
+    if states:
+        stmt = stmt.where(Job.state.in_(list(states)))
+    if window.submitted_since is not None:
+        stmt = stmt.where(Job.submitted_at >= window.submitted_since)
+    if window.submitted_until is not None:
+        stmt = stmt.where(Job.submitted_at < window.submitted_until)
+    if window.ended_since is not None:
+        stmt = stmt.where(Job.ended_at >= window.ended_since)
+    if window.ended_until is not None:
+        stmt = stmt.where(Job.ended_at < window.ended_until)
+    if before_id is not None:
+        stmt = stmt.where(Job.id < before_id)
+    rows = (await session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1))).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    ids = [job.id for job, _, _ in rows]
+    placed = [job.id for job, _, _ in rows if job.state is not JobState.PENDING]
+    nodes = await node_names_of(session, placed)
+    deps = await dependencies_of(session, ids)
+    listed = [
+        ListedJob(
+            job=job,
+            org_name=org_name,
+            user_name=user_name,
+            node_names=nodes.get(job.id, []),
+            depends_on=deps.get(job.id, []),
+        )
+        for job, org_name, user_name in rows
+    ]
+    return listed, more
+
+
+async def get_listed(session: AsyncSession, job: Job) -> ListedJob:
+    """One job as a listing shows it (for the replies that return a single job)."""
+    org_name = select(Org.name).where(Org.id == job.org_id).scalar_subquery()
+    user_name = select(User.name).where(User.id == job.user_id).scalar_subquery()
+    names = (await session.execute(select(org_name, user_name))).one()
+    placed = [] if job.state is JobState.PENDING else [job.id]
+    nodes = await node_names_of(session, placed)
+    deps = await dependencies_of(session, [job.id])
+    return ListedJob(
+        job=job,
+        org_name=names[0],
+        user_name=names[1],
+        node_names=nodes.get(job.id, []),
+        depends_on=deps.get(job.id, []),
+    )
+
+
+async def node_names_of(session: AsyncSession, job_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Node names of each job's latest attempt, by node rank: one query for all the jobs."""
+    if not job_ids:
+        return {}
+    latest = (
+        select(Task.job_id, func.max(Task.attempt).label("attempt"))
+        .where(Task.job_id.in_(list(job_ids)))
+        .group_by(Task.job_id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(Task.job_id, NodeRow.name)
+        .join(latest, and_(latest.c.job_id == Task.job_id, latest.c.attempt == Task.attempt))
+        .join(NodeRow, NodeRow.id == Task.node_id)
+        .order_by(Task.job_id, Task.node_rank)
+    )
+    out: dict[int, list[str]] = {}
+    for job_id, name in rows:
+        out.setdefault(job_id, []).append(name)
+    return out
