@@ -146,7 +146,8 @@ def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
         wait_for(lambda: 'job_id="77"' in _metrics(port), timeout_s=10)
         text = _metrics(port)
         assert (
-            'fairgpu_gpu_allocation_info{gpu="1",job_id="77",node="gpu-node-1",org="acme"} 1.0' in text
+            'fairgpu_gpu_allocation_info{gpu="1",job_id="77",node="gpu-node-1",org="acme"} 1.0'
+            in text
         )
         assert 'fairgpu_gpu_utilization_ratio{gpu="1"' in text
         assert (state_dir / "dcgm" / "2").read_text() == "77\n"
