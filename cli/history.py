@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
 
 from cli.client import connect
-from cli.jobs import TERMINAL_STATES, JobArg, Names, gpus_text, iter_jobs
+from cli.jobs import TERMINAL_STATES, JobArg, gpus_text, iter_jobs, org_of, user_of
 from cli.output import (
     Column,
     Format,
@@ -24,9 +23,6 @@ from cli.parse import parse_since
 
 FOLLOW_WAIT_S = 20.0
 PAGE_BYTES = 256 * 1024
-# Jobs are listed newest first; stop once submissions are this much older than SINCE (longer
-# than any time limit, so that no job that ended after SINCE is missed).
-HISTORY_LOOKBACK = timedelta(days=31)
 
 
 def logs(
@@ -75,46 +71,44 @@ def history(
         str,
         typer.Option("--starttime", "-S", help="Ended since: ISO date or a duration ago (2d)."),
     ] = "1d",
+    until: Annotated[
+        str | None,
+        typer.Option("--endtime", "-E", help="Ended before: ISO date or a duration ago."),
+    ] = None,
     me: Annotated[bool, typer.Option("--me", help="Only my jobs.")] = False,
     account: Annotated[str | None, typer.Option("--account", "-A", help="Only this org.")] = None,
 ) -> None:
-    """Finished jobs, like sacct: state, exit code, run time, GPUs."""
-    after = parse_since(since)
+    """Finished jobs, like sacct: state, exit code, run time, GPUs.
+
+    The server filters on end time (`ended_since` / `ended_until`): only the period's jobs
+    cross the network, however long the history.
+    """
+    window: dict[str, Any] = {"ended_since": parse_since(since).isoformat()}
+    if until is not None:
+        window["ended_until"] = parse_since(until).isoformat()
     with connect("history") as client:
-        rows: list[dict[str, Any]] = []
-        for job in iter_jobs(client, state=list(TERMINAL_STATES), org=account, mine=me or None):
-            ended = _time(job.get("ended_at"))
-            if ended is not None and ended >= after:
-                rows.append(job)
-            submitted = _time(job["submitted_at"])
-            if submitted is not None and submitted < after - HISTORY_LOOKBACK:
-                break
-        rows.sort(key=lambda j: (j.get("ended_at") or "", j["id"]))
-        names = Names(client)
-        render(
-            rows,
-            [
-                Column("JOBID", lambda j: j["id"], justify="right"),
-                Column("ORG", lambda j: names.org(j["org_id"])),
-                Column("NAME", lambda j: j["name"][:24]),
-                Column("USER", lambda j: names.user(j["user_id"])),
-                Column("STATE", lambda j: j["state"]),
-                Column("EXIT", lambda j: j.get("exit_code"), justify="right"),
-                Column("ELAPSED", lambda j: elapsed(j.get("started_at"), j.get("ended_at"))),
-                Column("GPUS", gpus_text, justify="right"),
-                Column("SUBMIT", lambda j: local_time(j["submitted_at"]), wide_only=True),
-                Column("START", lambda j: local_time(j.get("started_at")), wide_only=True),
-                Column("END", lambda j: local_time(j.get("ended_at"))),
-                Column("REASON", lambda j: j.get("state_reason"), wide_only=True),
-            ],
-            output,
-            no_headers=no_headers,
-            empty="no finished jobs in that period",
+        rows = list(
+            iter_jobs(client, state=list(TERMINAL_STATES), org=account, mine=me or None, **window)
         )
-
-
-def _time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    rows.sort(key=lambda j: (j.get("ended_at") or "", j["id"]))
+    render(
+        rows,
+        [
+            Column("JOBID", lambda j: j["id"], justify="right"),
+            Column("ORG", org_of),
+            Column("NAME", lambda j: j["name"][:24]),
+            Column("USER", user_of),
+            Column("STATE", lambda j: j["state"]),
+            Column("EXIT", lambda j: j.get("exit_code"), justify="right"),
+            Column("ELAPSED", lambda j: elapsed(j.get("started_at"), j.get("ended_at"))),
+            Column("GPUS", gpus_text, justify="right"),
+            Column("SUBMIT", lambda j: local_time(j["submitted_at"]), wide_only=True),
+            Column("START", lambda j: local_time(j.get("started_at")), wide_only=True),
+            Column("END", lambda j: local_time(j.get("ended_at"))),
+            Column("NODELIST", lambda j: ",".join(j.get("node_names") or []), wide_only=True),
+            Column("REASON", lambda j: j.get("state_reason"), wide_only=True),
+        ],
+        output,
+        no_headers=no_headers,
+        empty="no finished jobs in that period",
+    )
