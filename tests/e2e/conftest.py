@@ -38,7 +38,7 @@ class E2E:
     def submit(self, command: list[str], **fields: Any) -> int:
         body = {"command": command, "gpu_type": "H100", "time_limit": 120, **fields}
         r = self.member.post("/v1/jobs", json=body)
-        assert r.status_code == 201, r.text
+        assert r.status_code == 201, (r.status_code, r.text, self.cluster.procs.tail("server", 20))
         job_id: int = r.json()["id"]
         return job_id
 
