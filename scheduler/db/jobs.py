@@ -36,6 +36,9 @@ class Job(Base):
         CheckConstraint("num_nodes >= 1", name="num_nodes_positive"),
         CheckConstraint("time_limit_s > 0", name="time_limit_positive"),
         Index("ix_jobs_org_id_state", "org_id", "state"),
+        # History and accounting filter finished jobs by when they ended or were submitted.
+        Index("ix_jobs_ended_at", "ended_at"),
+        Index("ix_jobs_submitted_at", "submitted_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
