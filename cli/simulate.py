@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -10,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.common import DatabaseUrlOption
 from scheduler.sim.config import POLICY_NAMES, SimConfig, TimeLimitModel
 
 if TYPE_CHECKING:
@@ -57,37 +60,53 @@ def simulate(
     ] = 7 * 86_400.0,
     from_db_: Annotated[
         bool,
-        typer.Option("--from-db", help="Replay the server's recorded jobs (not yet available)."),
+        typer.Option(
+            "--from-db",
+            help="Replay the jobs recorded in the server's database under the proposed --quotas "
+            "(org, gpu_type, guaranteed, limit[, shares]) and compare with what happened.",
+        ),
     ] = False,
     since: Annotated[
-        str | None, typer.Option(help="With --from-db: how far back to replay, e.g. 30d.")
+        str | None,
+        typer.Option(help="With --from-db: replay jobs submitted since, e.g. 30d or 2026-11-01."),
     ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="With --from-db: ... and before this time (default: now)."),
+    ] = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Simulate a trace under each policy and write a scheduling-quality report."""
+    """Simulate a trace (or the server's own history) under each policy and write a report."""
     # Imported here: numpy and matplotlib would slow every other `fairgpu` command's start.
     from scheduler.sim.report import headline_rows
-    from scheduler.sim.runner import (
-        FromDbNotAvailableError,
-        compare,
-        from_db,
-        load_workload,
-        write_outputs,
-    )
+    from scheduler.sim.runner import compare, load_workload, write_outputs
     from scheduler.sim.trace import TraceError
 
     console = Console(stderr=True)
-    if from_db_:
-        try:
-            from_db(since, quotas)
-        except FromDbNotAvailableError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
-    if trace is None or quotas is None:
-        raise typer.BadParameter("--trace and --quotas are both required")
     policies = policy or list(POLICY_NAMES)
     unknown = sorted(set(policies) - set(POLICY_NAMES))
     if unknown:
         raise typer.BadParameter(f"unknown policy {', '.join(unknown)}", param_hint="--policy")
+    if from_db_:
+        from cli.simulate_db import simulate_from_db
+
+        if trace is not None or time_scale != 1.0:
+            raise typer.BadParameter("--from-db replays recorded times: no --trace, --time-scale")
+        if quotas is None or since is None:
+            raise typer.BadParameter("--from-db needs --since and --quotas (the proposed set)")
+        simulate_from_db(
+            database_url=database_url,
+            since=since,
+            until=until,
+            quotas=quotas,
+            cluster=cluster,
+            policies=policies,
+            out=out,
+            config=_config(checkpoint_interval_s, cycle_interval_s, half_life_s),
+        )
+        return
+    if trace is None or quotas is None:
+        raise typer.BadParameter("--trace and --quotas are both required")
     config = SimConfig(
         time_limit_model=time_limit,
         time_limit_factor=time_limit_factor,
@@ -100,25 +119,7 @@ def simulate(
     except (TraceError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    total_jobs = len(workload.trace)
-    with Progress(
-        TextColumn("{task.description:>12}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f} jobs · day {task.fields[day]:.1f}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-
-        def track(name: str) -> ProgressFn:
-            task = progress.add_task(name, total=total_jobs, day=0.0)
-
-            def update(now_s: float, finished: int) -> None:
-                progress.update(task, completed=finished, day=now_s / 86_400)
-
-            return update
-
+    with progress_bars(console, len(workload.trace)) as track:
         comparison = compare(workload, policies, config, progress=track)
     inputs = {**workload.description, "policies": policies, **_config_inputs(config)}
     write_outputs(out, inputs, comparison)
@@ -140,3 +141,36 @@ def _config_inputs(config: SimConfig) -> dict[str, object]:
         "cycle_interval_s": config.cycle_interval_s,
         "half_life_s": config.half_life_s,
     }
+
+
+def _config(checkpoint_interval_s: float, cycle_interval_s: float, half_life_s: float) -> SimConfig:
+    """`--from-db` jobs carry their own time limits; the time-limit model does not apply."""
+    return SimConfig(
+        checkpoint_interval_s=checkpoint_interval_s,
+        cycle_interval_s=cycle_interval_s,
+        half_life_s=half_life_s,
+    )
+
+
+@contextmanager
+def progress_bars(console: Console, total_jobs: int) -> Iterator[Callable[[str], ProgressFn]]:
+    """One bar per policy: jobs finished and the simulated day."""
+    with Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} jobs · day {task.fields[day]:.1f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+
+        def track(name: str) -> ProgressFn:
+            task = progress.add_task(name, total=total_jobs, day=0.0)
+
+            def update(now_s: float, finished: int) -> None:
+                progress.update(task, completed=finished, day=now_s / 86_400)
+
+            return update
+
+        yield track

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scheduler.db import Allocation, Gpu, Job, Node, Org, Site, Task, User
+from scheduler.db import Allocation, Gpu, Job, Node, Org, Quota, Site, Task, User
 from scheduler.states import JobState, Role
 
 _seq = itertools.count(1)
@@ -76,6 +76,65 @@ async def running_task(
             gpu_id=g.id,
             gpu_type=g.model,
             started_at=now,
+        )
+        for g in gpu_rows
+    )
+    await session.flush()
+    return task_row
+
+
+async def quota(
+    session: AsyncSession,
+    org_row: Org,
+    gpu_type: str = "H100",
+    guaranteed: int = 0,
+    limit: int | None = None,
+) -> Quota:
+    row = Quota(org_id=org_row.id, gpu_type=gpu_type, guaranteed=guaranteed, limit=limit)
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def attempt(
+    session: AsyncSession,
+    job_row: Job,
+    node_row: Node,
+    gpu_rows: list[Gpu],
+    *,
+    start: datetime,
+    end: datetime | None,
+    number: int = 0,
+    borrowed: bool = False,
+    state: JobState = JobState.COMPLETED,
+) -> Task:
+    """A past run of `job_row` on one node: a task that held `gpu_rows` from `start` to `end`.
+
+    `end=None` leaves the task RUNNING with its allocations open.
+    """
+    task_row = Task(
+        job_id=job_row.id,
+        attempt=number,
+        node_rank=0,
+        node_id=node_row.id,
+        state=JobState.RUNNING if end is None else state,
+        created_at=start,
+        started_at=start,
+        ended_at=end,
+    )
+    session.add(task_row)
+    await session.flush()
+    session.add_all(
+        Allocation(
+            task_id=task_row.id,
+            job_id=job_row.id,
+            org_id=job_row.org_id,
+            user_id=job_row.user_id,
+            gpu_id=g.id,
+            gpu_type=g.model,
+            borrowed=borrowed,
+            started_at=start,
+            ended_at=end,
         )
         for g in gpu_rows
     )

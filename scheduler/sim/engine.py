@@ -64,6 +64,7 @@ class Simulator:
         self.total_gpus = sum(len(n.gpus) for n in nodes)
         self.org_index = {o.name: i for i, o in enumerate(orgs)}
         self.guaranteed = [sum(o.guaranteed.values()) for o in orgs]
+        self.gpu_types = {n.gpu_type for n in nodes}
         self.jobs = self._make_jobs(trace)
         self.timeline = Timeline(len(orgs))
         self.stats = RunStats()
@@ -101,11 +102,15 @@ class Simulator:
         for node in self.nodes:
             per_type.setdefault(node.gpu_type, []).append(len(node.gpus))
         gpn = max((len(n.gpus) for n in self.nodes), default=self.sim.gpus_per_node)
-        can_borrow = self.config.borrowing and self.sim.preemptible
         jobs: list[SimJob] = []
         for i, row in enumerate(trace):
             org = self.org_index[row.tenant]
-            per_node, count = gang_shape(row.num_gpus, gpn)
+            preemptible = self.sim.preemptible if row.preemptible is None else row.preemptible
+            can_borrow = self.config.borrowing and preemptible
+            if row.gpus_per_node:
+                per_node, count = row.gpus_per_node, row.num_gpus // row.gpus_per_node
+            else:
+                per_node, count = gang_shape(row.num_gpus, gpn)
             sizes = (
                 per_type.get(row.gpu_type, [])
                 if row.gpu_type
@@ -119,16 +124,23 @@ class Simulator:
                 user_id=org + 1,
                 gpus_per_node=per_node,
                 nodes=count,
-                time_limit_s=self.sim.time_limit_s(row.duration_s),
+                time_limit_s=row.time_limit_s or self.sim.time_limit_s(row.duration_s),
                 submitted_at=row.submit_time_s,
                 gpu_type=row.gpu_type,
-                preemptible=self.sim.preemptible,
+                site=row.site,
+                priority_class=row.priority_class,
+                preemptible=preemptible,
             )
             job = SimJob(
                 job_id, row, org, row.num_gpus, pending, row.duration_s, pending.time_limit_s
             )
-            if not fits or (not can_borrow and row.num_gpus > self.guaranteed[org]):
-                # No node set could hold it, or hard limits never let its org hold that much.
+            limit = _limit(self.orgs[org], row.gpu_type, self.gpu_types)
+            if (
+                not fits
+                or (not can_borrow and row.num_gpus > self.guaranteed[org])
+                or (limit is not None and row.num_gpus > limit)
+            ):
+                # No node set could hold it, or its org may never hold that much.
                 job.pending, job.outcome = None, "UNSCHEDULABLE"
             jobs.append(job)
         return jobs
@@ -454,3 +466,11 @@ class Simulator:
         self.stats.starts += 1
         self._push(t + min(job.remaining_s, job.time_limit_s), _END, job)
         self._record(t, org)
+
+
+def _limit(org: Org, gpu_type: str | None, gpu_types: set[str]) -> int | None:
+    """The most GPUs `org` may hold for a job of `gpu_type` (any type: None), if bounded."""
+    types = {gpu_type} if gpu_type else gpu_types
+    if not types or any(t not in org.limit for t in types):
+        return None
+    return sum(org.limit[t] for t in types)

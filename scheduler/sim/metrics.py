@@ -184,6 +184,10 @@ def _tenants(
     series_alloc: dict[str, FloatArray] = {}
     series_demand: dict[str, FloatArray] = {}
     demand_rows = []
+    finished: list[list[SimJob]] = [[] for _ in result.orgs]
+    for job in result.jobs:
+        if job.outcome in ("COMPLETED", "TIMEOUT"):
+            finished[job.org_index].append(job)
     for index, org in enumerate(result.orgs):
         log = result.timeline.orgs[index]
         alloc, demand, borrowed = log.column(0), log.column(1), log.column(2)
@@ -211,6 +215,8 @@ def _tenants(
             "worst_1h_shortfall_gpus": round(worst_1h, 2),
             "longest_in_quota_wait_s": round(starved_s, 1),
             "in_quota_wait_within_bound": starved_s <= HOUR_S + grace_s,
+            "wait_s": distribution([j.wait_s for j in finished[index]]),
+            "jct_s": distribution([_value(j, "jct") for j in finished[index]]),
         }
     return tenants, series_alloc, series_demand, np.array(demand_rows)
 

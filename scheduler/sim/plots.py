@@ -72,7 +72,9 @@ def plot_wait_cdf(path: Path, runs: Mapping[str, Series]) -> None:
         ax.set_xlabel("queueing delay (h)")
         ax.set_ylim(0, 1.02)
     axes[0, 0].set_ylabel("fraction of jobs")
-    axes[0, 0].legend()
+    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if labelled:  # on the first panel with jobs (a small history may have no 1-GPU jobs)
+        labelled[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -115,7 +115,16 @@ def render_markdown(
 ) -> str:
     names = [s["policy"] for s in summaries]
     out = ["# Simulation report", ""]
-    out += [f"- {key}: `{value}`" for key, value in inputs.items()]
+    out += [f"- {key}: `{value}`" for key, value in inputs.items() if not key.startswith("quotas_")]
+    if "quotas_proposed" in inputs:
+        out += ["", "## Quotas: recorded → proposed (guaranteed / limit per GPU type, shares)", ""]
+        out += _table(
+            ["org", "recorded", "proposed"],
+            [
+                [name, _quota(inputs["quotas_recorded"][name]), _quota(proposed)]
+                for name, proposed in inputs["quotas_proposed"].items()
+            ],
+        )
     out += ["", "## Headline (times in hours)", ""]
     out += _table(["figure", *names], headline_rows(summaries))
     for title, key in (("Queueing delay", "wait_s"), ("Job completion time", "jct_s")):
@@ -164,6 +173,8 @@ def render_markdown(
             "borrowed GPU-h",
             "worst 1-h short",
             "longest in-quota wait (h)",
+            "wait mean / p95 (h)",
+            "JCT mean (h)",
         ]
         rows = [
             [
@@ -177,6 +188,8 @@ def render_markdown(
                 f"{t['borrowed_gpu_h']:,.0f}",
                 f"{t['worst_1h_shortfall_gpus']:.1f}",
                 f"{t['longest_in_quota_wait_s'] / 3600:.2f}",
+                _hours(t["wait_s"], "mean", "p95"),
+                _hours(t["jct_s"], "mean"),
             ]
             for name, t in s["tenants"].items()
         ]
@@ -209,3 +222,13 @@ def render_markdown(
 
 def _pair(d: Mapping[str, Any]) -> str:
     return "-" if not d["count"] else f"{d['mean']:.2f} / {d['p99']:.2f}"
+
+
+def _hours(d: Mapping[str, Any], *stats: str) -> str:
+    return "-" if not d.get("count") else " / ".join(f"{d[k] / 3600:.2f}" for k in stats)
+
+
+def _quota(q: Mapping[str, Any]) -> str:
+    types = sorted(set(q["guaranteed"]) | set(q["limit"]))
+    parts = [f"{t} {q['guaranteed'].get(t, 0)} / {q['limit'].get(t, '-')}" for t in types]
+    return ", ".join(parts or ["none"]) + f"; shares {q['shares']:g}"

@@ -26,10 +26,6 @@ from scheduler.sim.report import render_markdown, write_summary
 from scheduler.sim.trace import Quota, TraceJob, load_quotas, load_trace
 
 
-class FromDbNotAvailableError(RuntimeError):
-    """`--from-db` needs the server's database, which this build does not have yet."""
-
-
 @dataclass(frozen=True, slots=True)
 class Workload:
     trace: list[TraceJob]
@@ -157,10 +153,3 @@ def write_outputs(out_dir: Path, inputs: Mapping[str, Any], comparison: Comparis
     (out_dir / "report.md").write_text(report)
     names = ["summary.json", "timings.json", "report.md", *plots]
     return [out_dir / n for n in names]
-
-
-def from_db(*_: object) -> None:
-    raise FromDbNotAvailableError(
-        "--from-db is not yet available: replaying recorded jobs needs the server's database "
-        "(scheduler/db), which has no job history to read yet; use --trace CSV for now"
-    )

@@ -27,6 +27,12 @@ class TraceJob:
     duration_s: float
     num_gpus: int
     gpu_type: str | None = None
+    # What a recorded job asked for (`--from-db`); None: the simulator's models decide.
+    gpus_per_node: int | None = None  # gang shape; None: the fewest equal tasks
+    time_limit_s: float | None = None  # None: SimConfig's time-limit model
+    preemptible: bool | None = None  # None: SimConfig.preemptible
+    site: str | None = None
+    priority_class: str = "normal"
 
 
 @dataclass(frozen=True, slots=True)

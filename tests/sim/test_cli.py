@@ -55,11 +55,14 @@ def test_same_input_gives_identical_summary(tmp_path: Path) -> None:
     assert json.loads(first)["policies"]["fairgpu"]["jobs"]["total"] == 300
 
 
-def test_from_db_says_it_is_not_yet_available(tmp_path: Path) -> None:
-    args = ["simulate", "--from-db", "--since", "30d", "--quotas", "proposed.csv"]
+def test_from_db_reads_the_quotas_file_first(tmp_path: Path) -> None:
+    """--from-db is real now (tests/sim/test_from_db.py); a missing file fails before the DB."""
+    missing = tmp_path / "proposed.csv"
+    args = ["simulate", "--from-db", "--since", "30d", "--quotas", str(missing)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "not yet available" in result.output
+    assert "No such file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_policy_is_refused(tmp_path: Path) -> None:
