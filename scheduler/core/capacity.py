@@ -10,9 +10,11 @@ memo valid.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Mapping
 
-from scheduler.core.types import Node
+from scheduler.core.types import Node, PolicyConfig
+from scheduler.core.usage import capacity_usage
 
 
 class Level:
@@ -41,21 +43,47 @@ class Level:
         return waste
 
 
-class FreeIndex:
-    def __init__(self, nodes: Iterable[Node], held: Mapping[int, set[int]]) -> None:
+class _Layout:
+    """What a cycle's index needs from the nodes alone, built once per `nodes` tuple.
+
+    Levels, shape counts and each node's usable GPUs do not depend on the running jobs, so the
+    simulator and the server, which pass the same tuple object while no node changed, pay for
+    them once; each cycle copies the counts and heaps (a few hundred small lists) and corrects
+    them for the nodes that hold GPUs.
+    """
+
+    __slots__ = (
+        "by_type",
+        "cap_usage",
+        "capacity",
+        "free",
+        "gpus",
+        "keys",
+        "level_cnt",
+        "level_heaps",
+        "max_g",
+        "node_lv",
+        "nodes",
+        "site_domains",
+        "static",
+        "type_sites",
+        "types",
+    )
+
+    def __init__(self, nodes: Iterable[Node]) -> None:
         node_list = sorted(nodes, key=lambda n: n.id)
-        self.max_g = max((len(n.gpus) for n in node_list), default=0)
+        self.max_g = max_g = max((len(n.gpus) for n in node_list), default=0)
         self.nodes: dict[int, Node] = {}
-        self.free_gpus: dict[int, list[int]] = {}
+        self.gpus: dict[int, tuple[int, ...]] = {}  # usable GPUs when nothing runs
         self.free: dict[int, int] = {}
-        self.levels: dict[tuple[str, ...], Level] = {}
-        self.node_levels: dict[int, tuple[Level, Level, Level]] = {}
-        self.type_sites: dict[str, list[str]] = {}
-        self.site_domains: dict[tuple[str, str], list[str]] = {}
         self.capacity: dict[str, int] = {}  # every GPU of the type, usable or not
         # Static shape check: nodes by GPU count per (type, site), whatever their state.
         self.static: dict[tuple[str, str], list[int]] = {}
-        max_g = self.max_g
+        slot: dict[tuple[str, ...], int] = {}
+        self.keys: list[tuple[str, ...]] = []
+        self.level_cnt: list[list[int]] = []
+        self.level_heaps: list[list[list[int]]] = []
+        self.node_lv: dict[int, tuple[int, int, int]] = {}
         for n in node_list:
             if n.id in self.nodes:
                 continue
@@ -63,23 +91,34 @@ class FreeIndex:
             self.capacity[n.gpu_type] = self.capacity.get(n.gpu_type, 0) + len(n.gpus)
             st = self.static.setdefault((n.gpu_type, n.site), [0] * (max_g + 1))
             st[len(n.gpus)] += 1
-            lt = self._level((n.gpu_type,))
-            ls = self._level((n.gpu_type, n.site))
-            ld = self._level((n.gpu_type, n.site, n.domain))
-            self.node_levels[n.id] = (lt, ls, ld)
+            ids = []
+            three: tuple[tuple[str, ...], ...] = (
+                (n.gpu_type,),
+                (n.gpu_type, n.site),
+                (n.gpu_type, n.site, n.domain),
+            )
+            for key in three:
+                i = slot.get(key)
+                if i is None:
+                    i = slot[key] = len(self.keys)
+                    self.keys.append(key)
+                    self.level_cnt.append([0] * (max_g + 1))
+                    self.level_heaps.append([[] for _ in range(max_g + 1)])
+                ids.append(i)
+            self.node_lv[n.id] = (ids[0], ids[1], ids[2])
             if n.schedulable:
-                busy = held.get(n.id, set())
-                gpus = sorted(g for g in set(n.gpus) if g not in n.unhealthy_gpus and g not in busy)
+                gpus = tuple(sorted(g for g in set(n.gpus) if g not in n.unhealthy_gpus))
             else:
-                gpus = []
-            self.free_gpus[n.id] = gpus
-            f = len(gpus)
-            self.free[n.id] = f
-            for lvl in (lt, ls, ld):
-                lvl.cnt[f] += 1
+                gpus = ()
+            self.gpus[n.id] = gpus
+            f = self.free[n.id] = len(gpus)
+            for i in ids:
+                self.level_cnt[i][f] += 1
                 if f:
-                    lvl.heaps[f].append(n.id)  # ids ascend: already a heap
-        for key in self.levels:
+                    self.level_heaps[i][f].append(n.id)  # ids ascend: already a heap
+        self.type_sites: dict[str, list[str]] = {}
+        self.site_domains: dict[tuple[str, str], list[str]] = {}
+        for key in self.keys:
             if len(key) == 2:
                 self.type_sites.setdefault(key[0], []).append(key[1])
             elif len(key) == 3:
@@ -89,18 +128,98 @@ class FreeIndex:
         for domains in self.site_domains.values():
             domains.sort()
         self.types = sorted(self.capacity)
+        self.cap_usage: dict[tuple[object, ...], float] = {}  # per (half-life, GPU weights)
         self.by_type: dict[str, list[int]] = {}
         for n in node_list:
             if n.schedulable and self.nodes.get(n.id) is n:
                 self.by_type.setdefault(n.gpu_type, []).append(n.id)
+
+
+# The last few `nodes` tuples seen, by identity; the tuple itself is kept so that its id cannot
+# be reused by another object while the entry lives. Tuples and nodes are immutable.
+_LAYOUTS: OrderedDict[int, tuple[tuple[Node, ...], _Layout]] = OrderedDict()
+_LAYOUTS_KEPT = 4
+
+
+def _layout(nodes: Iterable[Node]) -> _Layout:
+    if not isinstance(nodes, tuple):
+        return _Layout(nodes)
+    key = id(nodes)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is nodes:
+        _LAYOUTS.move_to_end(key)
+        return hit[1]
+    layout = _Layout(nodes)
+    _LAYOUTS[key] = (nodes, layout)
+    _LAYOUTS.move_to_end(key)
+    while len(_LAYOUTS) > _LAYOUTS_KEPT:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+class FreeIndex:
+    def __init__(self, nodes: Iterable[Node], held: Mapping[int, Collection[int]]) -> None:
+        self._layout = lay = _layout(nodes)
+        self.max_g = lay.max_g
+        self.nodes = lay.nodes
+        self.capacity = lay.capacity
+        self.static = lay.static
+        self.type_sites = lay.type_sites
+        self.site_domains = lay.site_domains
+        self.types = lay.types
+        self.by_type = lay.by_type
+        self._gpus = lay.gpus
+        self.free_gpus: dict[int, list[int]] = {}  # nodes whose GPUs changed; others: `_gpus`
+        self.free = free = lay.free.copy()
+        cnts = [c.copy() for c in lay.level_cnt]
+        heaps = [[h.copy() for h in hs] for hs in lay.level_heaps]
+        node_lv = lay.node_lv
+        base = lay.gpus
+        push = heapq.heappush
+        for nid, busy in held.items():
+            gpus = base.get(nid)
+            if not gpus:
+                continue
+            left = [g for g in gpus if g not in busy]
+            f = len(left)
+            old = free[nid]
+            if f == old:
+                continue
+            self.free_gpus[nid] = left
+            free[nid] = f
+            for i in node_lv[nid]:
+                c = cnts[i]
+                c[old] -= 1
+                c[f] += 1
+                if f:
+                    push(heaps[i][f], nid)  # its entry under `old` is stale: `take` skips it
+        self.levels: dict[tuple[str, ...], Level] = {}
+        lv: list[Level] = []
+        for key, c, h in zip(lay.keys, cnts, heaps, strict=True):
+            lvl = Level.__new__(Level)
+            lvl.cnt = c
+            lvl.heaps = h
+            self.levels[key] = lvl
+            lv.append(lvl)
+        self._lv = lv
+        self._node_lv = node_lv
         self.hidden: dict[str, int] = {}  # GPUs withheld per type (claims, reservations)
         self.withheld: dict[int, list[int]] = {}  # node → GPU indices withheld
 
-    def _level(self, key: tuple[str, ...]) -> Level:
-        lvl = self.levels.get(key)
-        if lvl is None:
-            lvl = self.levels[key] = Level(self.max_g)
-        return lvl
+    def capacity_usage(self, config: PolicyConfig) -> float:
+        """`usage.capacity_usage` of the nodes, computed once per nodes tuple and policy."""
+        memo = self._layout.cap_usage
+        key = (config.half_life_s, tuple(sorted(config.gpu_weights.items())))
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = capacity_usage(self.nodes.values(), config)
+        return got
+
+    def _gpu_list(self, nid: int) -> list[int]:
+        gpus = self.free_gpus.get(nid)
+        if gpus is None:
+            gpus = self.free_gpus[nid] = list(self._gpus[nid])
+        return gpus
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -189,7 +308,9 @@ class FreeIndex:
         if new == old:
             return
         self.free[nid] = new
-        for lvl in self.node_levels[nid]:
+        lv = self._lv
+        for i in self._node_lv[nid]:
+            lvl = lv[i]
             lvl.cnt[old] -= 1
             lvl.cnt[new] += 1
             if new:
@@ -197,7 +318,7 @@ class FreeIndex:
 
     def allocate(self, nid: int, g: int) -> tuple[int, ...]:
         """Give g free GPUs of the node (lowest indices: neighbours on the NVLink fabric)."""
-        gpus = self.free_gpus[nid]
+        gpus = self._gpu_list(nid)
         taken = tuple(gpus[:g])
         del gpus[:g]
         self._set_free(nid, len(gpus))
@@ -209,7 +330,7 @@ class FreeIndex:
         if g > 0:
             t = self.nodes[nid].gpu_type
             self.hidden[t] = self.hidden.get(t, 0) + g
-            gpus = self.free_gpus[nid]
+            gpus = self._gpu_list(nid)
             self.withheld.setdefault(nid, []).extend(gpus[-g:])
             del gpus[-g:]
             self._set_free(nid, self.free[nid] - g)
@@ -217,7 +338,7 @@ class FreeIndex:
 
     def allocate_withheld(self, nid: int, g: int) -> tuple[int, ...]:
         """Give g GPUs of the node: free ones first, then withheld ones (short backfill)."""
-        gpus = self.free_gpus[nid]
+        gpus = self._gpu_list(nid)
         from_free = min(g, len(gpus))
         taken = gpus[:from_free]
         del gpus[:from_free]

@@ -28,7 +28,7 @@ from scheduler.core.types import (
     Snapshot,
     Start,
 )
-from scheduler.core.usage import capacity_usage, fair_tree_factors, tree_standing
+from scheduler.core.usage import fair_tree_factors, tree_standing
 
 _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
@@ -57,22 +57,25 @@ class _Cycle:
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
-        held: dict[int, set[int]] = {}
-        self.running_gpus: list[int] = []
+        held: dict[int, tuple[int, ...]] = {}  # node → GPUs running jobs hold (a few each)
+        gpus_of: list[int] = []
+        self.running_gpus = gpus_of
         for r in snap.running:
             n = 0
             for p in r.placements:
-                held.setdefault(p.node_id, set()).update(p.gpus)
-                n += len(p.gpus)
-            self.running_gpus.append(n)
+                g = p.gpus
+                had = held.get(p.node_id)
+                held[p.node_id] = g if had is None else had + g
+                n += len(g)
+            gpus_of.append(n)
         self.index = FreeIndex(snap.nodes, held)
         self.books = OrgBooks(snap.orgs, self.index.capacity)
         self.books.add_running(snap.running, self.running_gpus)
-        cap = capacity_usage(self.index.nodes.values(), cfg)
+        cap = self.index.capacity_usage(cfg)
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
         if cfg.fairshare_algorithm == "fairtree":
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
-        self.pre = Preemptor(snap.running, self.index, self.books, cfg, self.now)
+        self.pre = Preemptor(snap.running, self.running_gpus, self.index, self.books, cfg, self.now)
         self.res = Reservations(self.index, snap.running, self.now)
         self.ex = Explainer(self)
         self.starts: list[tuple[Start, PendingJob, str]] = []
@@ -335,7 +338,7 @@ class _Cycle:
             plan = self.pre.plan(job, t, in_quota=False)
             if plan is None:
                 continue
-            freed = sum(v.gpu_count for v in plan.victims)
+            freed = sum(self.pre.gpus_of(v) for v in plan.victims)
             if not may_borrow and not books.in_quota_after(job.org_id, t, n, freed):
                 continue
             self._commit(job, t, plan)

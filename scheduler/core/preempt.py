@@ -30,10 +30,15 @@ class Plan:
     ready_at: float  # when the last GPU it waits for is free
 
 
+def _youngest_first(r: RunningJob) -> tuple[float, int]:
+    return (-r.started_at, r.job_id)
+
+
 class Preemptor:
     def __init__(
         self,
         running: tuple[RunningJob, ...],
+        gpus: list[int],
         index: FreeIndex,
         books: OrgBooks,
         config: PolicyConfig,
@@ -55,7 +60,10 @@ class Preemptor:
         # GPUs booked to preemptors that have not started: not held yet, so not in standings.
         self.claims: list[tuple[int, str, int]] = []
         self._candidates: dict[str, list[RunningJob]] = {}
+        self._scanned: dict[str, list[RunningJob]] = {}
         self._all = running
+        self._gpus = gpus
+        self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
         self.failed: dict[tuple[str, str | None, int, int, int], int] = {}
         self._lowest: dict[tuple[int, str], int] = {}  # (org, type) → lowest victim class
         self._own: dict[tuple[int, str], list[RunningJob]] = {}  # (org, type) → its candidates
@@ -96,8 +104,8 @@ class Preemptor:
         """Whether the org runs a preemptible lower-class job, or has jobs leaving, on a type."""
         lowest = self._lowest
         for t in types:
-            if t not in self._candidates:
-                self.candidates(t)
+            if t not in self._scanned:
+                self._scan(t)
             key = (org_id, t)
             if (lowest.get(key, cls) < cls and self._own_left.get(key)) or self.own_incoming.get(
                 key
@@ -107,8 +115,8 @@ class Preemptor:
 
     def own_lower_gpus(self, org_id: int, gpu_type: str, cls: int) -> int:
         """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
-        if gpu_type not in self._candidates:
-            self.candidates(gpu_type)
+        if gpu_type not in self._scanned:
+            self._scan(gpu_type)
         leaving = self.own_incoming.get((org_id, gpu_type), 0)
         if self._lowest.get((org_id, gpu_type), cls) >= cls:
             return leaving
@@ -126,32 +134,63 @@ class Preemptor:
             )
         return out
 
+    def _scan(self, gpu_type: str) -> list[RunningJob]:
+        """Preemptible jobs of the type old enough to preempt, youngest first (then job id).
+
+        Per-org facts (lowest class, GPUs, jobs left) need no share order: has_lower and
+        own_lower_gpus, asked every cycle, stop here; the share order is sorted only for a plan.
+        """
+        out = self._scanned.get(gpu_type)
+        if out is not None:
+            return out
+        oldest = self.now - self.config.min_runtime_s
+        orgs = self.books.orgs
+        count = self._count
+        out = []
+        for r, n in zip(self._all, self._gpus, strict=True):
+            if (
+                r.preemptible
+                and r.gpu_type == gpu_type
+                and not r.preempting
+                and r.started_at <= oldest
+                and r.org_id in orgs
+            ):
+                out.append(r)
+                count[id(r)] = n
+        out.sort(key=_youngest_first)
+        self._scanned[gpu_type] = out
+        classes = self.classes
+        lowest, own, own_gpus, own_left = self._lowest, self._own, self._own_gpus, self._own_left
+        for r in out:
+            c = classes.get(r.priority_class, 0)
+            key = (r.org_id, gpu_type)
+            if c < lowest.get(key, c + 1):
+                lowest[key] = c
+            lst = own.get(key)
+            if lst is None:
+                own[key] = [r]
+                own_gpus[key] = count[id(r)]
+                own_left[key] = 1
+            else:
+                lst.append(r)
+                own_gpus[key] += count[id(r)]
+                own_left[key] += 1
+        return out
+
+    def gpus_of(self, r: RunningJob) -> int:
+        """GPUs a candidate holds (counted once, when the candidates were scanned)."""
+        return self._count[id(r)]
+
     def candidates(self, gpu_type: str) -> list[RunningJob]:
         """Preemptible jobs of the type old enough to preempt, most-over-share org first."""
         out = self._candidates.get(gpu_type)
         if out is None:
-            oldest = self.now - self.config.min_runtime_s
             books = self.books
-            out = [
-                r
-                for r in self._all
-                if r.gpu_type == gpu_type
-                and r.preemptible
-                and not r.preempting
-                and r.started_at <= oldest
-                and r.org_id in books.orgs
-            ]
-            share = {r.org_id: books.weighted_share(r.org_id, gpu_type) for r in out}
-            out.sort(key=lambda r: (-share[r.org_id], -r.started_at, r.job_id))
+            young = self._scan(gpu_type)
+            share = {o: books.weighted_share(o, gpu_type) for o in {r.org_id for r in young}}
+            # A stable sort of the youngest-first list: ties keep (-started_at, job_id) order.
+            out = sorted(young, key=lambda r: -share[r.org_id])
             self._candidates[gpu_type] = out
-            for r in out:
-                c = self.classes.get(r.priority_class, 0)
-                key = (r.org_id, gpu_type)
-                if c < self._lowest.get(key, c + 1):
-                    self._lowest[key] = c
-                self._own.setdefault(key, []).append(r)
-                self._own_gpus[key] = self._own_gpus.get(key, 0) + r.gpu_count
-                self._own_left[key] = self._own_left.get(key, 0) + 1
         return out
 
     def plan(self, job: PendingJob, gpu_type: str, in_quota: bool) -> Plan | None:
@@ -178,6 +217,7 @@ class Preemptor:
             return None
         index, books = self.index, self.books
         free, nodes = index.free, index.nodes
+        count = self._count
 
         def matches(nid: int) -> bool:
             node = nodes.get(nid)
@@ -212,7 +252,7 @@ class Preemptor:
                     left = over[r.org_id] = books.over(r.org_id, gpu_type)
                 # No-loop rule: the preemptor must not end up above the victim's share.
                 if left <= 0 or after_share > books.weighted_share(
-                    r.org_id, gpu_type, -r.gpu_count
+                    r.org_id, gpu_type, -count[id(r)]
                 ):
                     continue
             else:
@@ -234,9 +274,9 @@ class Preemptor:
                     break
                 victims.append(r)
                 have += g
-                cost += r.gpu_count
+                cost += count[id(r)]
                 if r.org_id != job.org_id:
-                    spent[r.org_id] = spent.get(r.org_id, 0) + r.gpu_count
+                    spent[r.org_id] = spent.get(r.org_id, 0) + count[id(r)]
             if have < gpn:
                 continue
             beyond = any(n > over.get(o, 0) for o, n in spent.items())
@@ -293,7 +333,7 @@ class Preemptor:
             key = (v.org_id, v.gpu_type)
             if key in self._own_left:
                 self._own_left[key] -= 1
-            self.books.add_leaving(v.org_id, v.gpu_type, v.gpu_count)
+            self.books.add_leaving(v.org_id, v.gpu_type, self._count[id(v)])
             self._add_incoming(v, deadline)
         ready_at = plan.ready_at if not plan.victims else max(plan.ready_at, deadline)
         gpn = job.gpus_per_node
