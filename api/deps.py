@@ -202,6 +202,17 @@ async def agent_principal(principal: CurrentPrincipal) -> Principal:
 AgentPrincipal = Annotated[Principal, Depends(agent_principal)]
 
 
+async def autocommit_agent_principal(request: Request, session: AutocommitSessionDep) -> Principal:
+    """`AgentPrincipal`, authenticated on the request's autocommit session (heartbeats)."""
+    principal = await authenticate(session, _bearer(request), utcnow(), auth_cache(request))
+    if principal.kind != "agent":
+        raise Forbidden("this endpoint is for node agents only")
+    return principal
+
+
+AutocommitAgentPrincipal = Annotated[Principal, Depends(autocommit_agent_principal)]
+
+
 def require_role(*roles: Role) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
     """A dependency admitting user principals with one of `roles` (platform admins always)."""
     allowed = frozenset(roles) | {Role.PLATFORM_ADMIN}

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     node_timeout_s: float = Field(
         60.0, gt=0, description="A node that has not reported for this long is marked down."
     )
+    heartbeat_flush_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Heartbeats that change nothing are remembered in memory and their liveness "
+        "and GPU samples written in one batch this often (a crash loses at most this much of "
+        "samples); keep it far below node_timeout_s. 0 writes every heartbeat at once.",
+    )
     preemption_grace_s: float = Field(
         30.0, ge=0, description="Time between SIGTERM and SIGKILL when a task is stopped."
     )

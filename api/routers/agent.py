@@ -6,14 +6,18 @@ never keeps a transaction (or a pooled connection) open while it waits.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.deps import AgentPrincipal, SessionDep
+from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep
 from api.schemas.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+from scheduler.db.types import utcnow
 from scheduler.services import agents as svc
 from scheduler.services.errors import Unauthenticated
+from scheduler.services.livebuffer import LiveBuffer
+from scheduler.services.quickbeat import Quick, quick_heartbeat
 from scheduler.services.runtime import SchedulerRuntime
-from scheduler.services.scheduling.work import pending_reply
+from scheduler.services.scheduling import work
 from scheduler.settings import Settings
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -42,39 +46,88 @@ async def register(request: Request, body: AgentRegister, session: SessionDep) -
     await session.commit()
     request.app.state.auth_cache.clear()  # the node's previous credential was just revoked
     runtime: SchedulerRuntime = request.app.state.runtime
+    live: LiveBuffer | None = getattr(runtime, "live", None)
+    if live is not None:
+        live.forget(registered.node_id)  # its GPUs may have changed
     runtime.notify("node registered")
     return registered
 
 
 @router.post("/heartbeat", response_model=HeartbeatReply)
 async def heartbeat(
-    request: Request, body: Heartbeat, principal: AgentPrincipal, session: SessionDep
-) -> HeartbeatReply:
+    request: Request,
+    body: Heartbeat,
+    principal: AutocommitAgentPrincipal,
+    quick: AutocommitSessionDep,
+) -> Response:
     """GPU samples, task states and log chunks in; tasks to start and to stop out.
 
     With `wait_s` > 0 and nothing new to say on either side, the reply is held up to
     min(`wait_s`, the server's `heartbeat_long_poll_s`) and sent as soon as the node has work.
+    A heartbeat that changes nothing is answered after one read; its liveness and samples reach
+    the database within `heartbeat_flush_interval_s` (scheduler/services/livebuffer.py).
     """
     settings: Settings = request.app.state.settings
     runtime: SchedulerRuntime = request.app.state.runtime
     assert principal.node_id is not None
     node_id = principal.node_id
-    outcome = await svc.heartbeat(session, node_id=node_id, body=body, settings=settings)
-    await session.commit()
-    if outcome.changed:
-        runtime.notify("heartbeat")
-    if outcome.wake_nodes:
-        runtime.wake_nodes(outcome.wake_nodes)
-    reply = outcome.reply
-    wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
-    if wait_s <= 0 or outcome.urgent or reply.start or reply.stop:
-        return reply
+    now = utcnow()
+    live: LiveBuffer | None = getattr(runtime, "live", None)
+    if live is not None and settings.heartbeat_flush_interval_s > 0:
+        conn = await quick.connection()
+        done = await quick_heartbeat(conn, node_id=node_id, body=body, buffer=live, now=now)
+        await quick.rollback()  # ends the read (a no-op on an autocommit connection)
+        if done is Quick.UNKNOWN_NODE:
+            raise Unauthenticated("this node is no longer registered")
+        if done is Quick.DONE:
+            wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
+            reply = work.reply(settings, now)
+            if wait_s > 0:
+                reply = await _hold(request, runtime, node_id, wait_s, reply)
+            return _json(reply)
+    maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    buffered = live.take_node(node_id) if live is not None else []
+    if buffered:  # counted before this heartbeat's reports may end their allocations
+        body = body.model_copy(update={"samples": [*buffered, *body.samples]})
+    async with maker() as session:
+        try:
+            outcome = await svc.heartbeat(session, node_id=node_id, body=body, settings=settings)
+            await session.commit()
+        except BaseException:
+            if live is not None and buffered:
+                live.put_back_node(node_id, buffered)
+            raise
+        if live is not None and outcome.gpus is not None:
+            live.learn(node_id, outcome.gpus)
+        if outcome.changed:
+            runtime.notify("heartbeat")
+        if outcome.wake_nodes:
+            runtime.wake_nodes(outcome.wake_nodes)
+        reply = outcome.reply
+        wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
+        if wait_s <= 0 or outcome.urgent or reply.start or reply.stop:
+            return _json(reply)
+    return _json(await _hold(request, runtime, node_id, wait_s, reply))
+
+
+async def _hold(
+    request: Request,
+    runtime: SchedulerRuntime,
+    node_id: int,
+    wait_s: float,
+    reply: HeartbeatReply,
+) -> HeartbeatReply:
+    """Hold the long-poll; each check is a short read in a session of its own."""
+    settings: Settings = request.app.state.settings
+    maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
 
     async def check() -> HeartbeatReply | None:
-        try:
-            return await pending_reply(session, node_id=node_id, settings=settings)
-        finally:
-            await session.rollback()  # end the read: nothing stays open while we wait
+        async with maker() as session:
+            return await work.pending_reply(session, node_id=node_id, settings=settings)
 
     held = await runtime.hold(node_id, wait_s, check)
     return held if held is not None else reply
+
+
+def _json(reply: HeartbeatReply) -> Response:
+    return Response(reply.model_dump_json(), media_type="application/json")

@@ -152,8 +152,10 @@ async def run_phase(
     make: Callable[[int, int], tuple[str, str, str, bytes, str]],
     on_reply: Callable[[int, int, bytes], None] | None = None,
     server_pid: int | None = None,
+    stop_after: int | None = None,
 ) -> PhaseResult:
-    """`concurrency` connections, each sending back-to-back requests for `duration_s`.
+    """`concurrency` connections, each sending back-to-back requests for `duration_s` (or
+    `stop_after` requests each).
 
     `make(worker, i)` builds (method, path, token, body, extra headers) for request `i`.
     """
@@ -168,7 +170,7 @@ async def run_phase(
 
     async def worker(w: int, conn: Connection) -> None:
         i = 0
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at and (stop_after is None or i < stop_after):
             method, path, token, body, extra = make(w, i)
             t0 = time.perf_counter()
             try:
@@ -333,6 +335,18 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
             for stop in reply.get("stop", []):
                 running[n].pop(stop["task_id"], None)
 
+        # Warm-up, not measured: one heartbeat per node, as every agent sends right after it
+        # registers (it acknowledges any task started meanwhile). The measured phase is then
+        # the steady state of a running cluster, not a burst of first contacts.
+        warm = await run_phase(
+            host,
+            port,
+            args["concurrency"],
+            float("inf"),
+            make_hb,
+            on_hb,
+            stop_after=per_worker,
+        )
         res = await run_phase(
             host,
             port,
@@ -344,6 +358,7 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
         )
         out["heartbeat"] = res.summary()
         out["heartbeat"]["nodes"] = len(creds)
+        out["heartbeat"]["warmup_requests"] = warm.requests
         out["heartbeat"]["tasks_reported"] = sum(len(r) for r in running)
     return out
 

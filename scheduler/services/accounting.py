@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Table
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -108,18 +108,35 @@ async def settle_allocations(
     await session.execute(stmt)
 
 
+class HeldGpu(Protocol):
+    """What sample accounting reads of an allocation: an ORM row or a plain record."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def org_id(self) -> int: ...
+    @property
+    def user_id(self) -> int: ...
+    @property
+    def job_id(self) -> int: ...
+    @property
+    def gpu_type(self) -> str: ...
+    @property
+    def started_at(self) -> datetime: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SampleUsage:
     """Busy seconds and energy one GPU sample adds to the allocation holding that GPU."""
 
-    allocation: Allocation
+    allocation: HeldGpu
     at: datetime
     busy_s: float
     energy_joules: float
 
 
 def sample_usage(
-    allocation: Allocation,
+    allocation: HeldGpu,
     *,
     previous_at: datetime | None,
     previous_energy_joules: float | None,

@@ -173,6 +173,8 @@ class HeartbeatOutcome:
     changed: bool = False  # something the scheduling cycle should see now
     urgent: bool = False  # the request carried news: answer at once, do not hold it
     wake_nodes: set[int] = field(default_factory=set)
+    # The node's GPUs as this heartbeat left them (index → uuid, health), for the fast path.
+    gpus: dict[int, tuple[str, GpuHealth]] | None = None
 
 
 async def heartbeat(
@@ -329,6 +331,7 @@ async def _apply_samples(
             gpu.health = health
             gpu.health_reason = sample.health_reason or None
             outcome.changed = True
+    outcome.gpus = {g.index: (g.uuid, g.health) for g in gpus.values()}
     await record_sample_usage(session, usages)
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
+from scheduler.services.livebuffer import FlushResult, LiveBuffer
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
 from scheduler.settings import Settings
 
@@ -60,6 +61,8 @@ class SchedulerRuntime:
         self._explained_at = float("-inf")
         self._last_duration_s = 0.0
         self._settled_until: datetime | None = None  # open allocations in the ledger up to here
+        self.live = LiveBuffer()  # liveness and samples of quiet heartbeats, flushed in batches
+        self._flusher: asyncio.Task[None] | None = None
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -76,6 +79,8 @@ class SchedulerRuntime:
         if self._task is None:
             self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name="fairgpu-scheduler")
+        if self._flusher is None and self.settings.heartbeat_flush_interval_s > 0:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="fairgpu-flush")
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -85,6 +90,15 @@ class SchedulerRuntime:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        try:
+            await self.flush_heartbeats()
+        except Exception:  # shutting down: the next heartbeat of each node brings it back
+            log.exception("last heartbeat flush failed")
         for event in self._node_events.values():
             event.set()
         self._node_events.clear()
@@ -106,6 +120,24 @@ class SchedulerRuntime:
             event = self._node_events.pop(node_id, None)
             if event is not None:
                 event.set()
+
+    async def flush_heartbeats(self) -> FlushResult:
+        """Write buffered liveness and samples now (the loop does it every flush interval)."""
+        result = await self.live.flush(self.sessionmaker, self.settings, utcnow())
+        if result.health_changed:
+            self.notify("gpu health")
+        return result
+
+    async def _flush_loop(self) -> None:
+        interval_s = self.settings.heartbeat_flush_interval_s
+        while not self._stopping.is_set():
+            await self._sleep(interval_s)
+            try:
+                await self.flush_heartbeats()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # kept in the buffer; the next flush tries again
+                log.exception("heartbeat flush failed")
 
     # -- long-poll support ---------------------------------------------------------------------
 

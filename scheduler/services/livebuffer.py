@@ -1,0 +1,289 @@
+"""Heartbeat liveness and GPU samples kept in memory and written to the database in batches.
+
+Most heartbeats say only "still here, here are my GPUs". Writing each one at once costs a write
+transaction per heartbeat; instead each server process remembers the newest heartbeat time per
+node and the samples per GPU, and `flush()` writes them every `heartbeat_flush_interval_s`
+(default 1 s) in one transaction: one statement for `nodes.last_heartbeat_at`, one for
+`gpus.last_sample`, one upsert of busy seconds and energy into the usage ledger.
+
+What this costs: the database sees liveness up to one flush interval late (node timeouts are
+tens of seconds, so a node still goes down on time), and a process that crashes loses at most
+one interval of samples (busy seconds and energy of that interval). Several replicas each flush
+their own buffer; the GPU rows are locked while a flush computes usage from them, so two
+replicas never count the same interval twice (a sample not newer than the stored one is skipped,
+as a resend is). A failed flush keeps its data for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.schemas.agent import GpuSample
+from scheduler.db import Allocation, Event, Gpu, Node
+from scheduler.services.accounting import SampleUsage, record_sample_usage, sample_usage
+from scheduler.settings import Settings
+from scheduler.states import GpuHealth
+
+log = logging.getLogger("fairgpu.heartbeats")
+
+_NODES: Table = Node.__table__  # type: ignore[assignment]
+_GPUS: Table = Gpu.__table__  # type: ignore[assignment]
+_ALLOCS: Table = Allocation.__table__  # type: ignore[assignment]
+
+# Samples kept per GPU between flushes; more (a database away for long) drops the oldest.
+MAX_SAMPLES_PER_GPU = 32
+
+# What the fast path must know of a node's GPUs to accept its samples without a transaction:
+# index → (uuid, health). A sample that disagrees takes the full path.
+KnownGpus = dict[int, tuple[str, GpuHealth]]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAllocation:
+    """The fields of an open allocation that usage accounting needs (no ORM object)."""
+
+    id: int
+    org_id: int
+    user_id: int
+    job_id: int
+    gpu_type: str
+    started_at: datetime
+
+
+@dataclass
+class FlushResult:
+    nodes: int = 0
+    gpus: int = 0
+    health_changed: bool = False
+
+
+@dataclass
+class LiveBuffer:
+    """Per process: the newest heartbeat per node and the samples per GPU not yet written."""
+
+    liveness: dict[int, datetime] = field(default_factory=dict)
+    samples: dict[int, dict[int, list[GpuSample]]] = field(default_factory=dict)
+    known: dict[int, KnownGpus] = field(default_factory=dict)
+    flushes: int = 0
+    failures: int = 0
+
+    def note(self, node_id: int, at: datetime, samples: Iterable[GpuSample]) -> None:
+        previous = self.liveness.get(node_id)
+        if previous is None or at > previous:
+            self.liveness[node_id] = at
+        per_gpu = self.samples.setdefault(node_id, {})
+        for sample in samples:
+            kept = per_gpu.setdefault(sample.index, [])
+            kept.append(sample)
+            if len(kept) > MAX_SAMPLES_PER_GPU:
+                del kept[0]
+
+    def matches(self, node_id: int, samples: Iterable[GpuSample]) -> bool:
+        """True when every sample is of a GPU we know, with the health we know it has."""
+        known = self.known.get(node_id)
+        if known is None:
+            return False
+        for sample in samples:
+            entry = known.get(sample.index)
+            if entry is None or entry[0] != sample.uuid or entry[1] != sample.health:
+                return False
+        return True
+
+    def learn(self, node_id: int, gpus: KnownGpus) -> None:
+        self.known[node_id] = gpus
+
+    def forget(self, node_id: int) -> None:
+        self.known.pop(node_id, None)
+
+    def take_node(self, node_id: int) -> list[GpuSample]:
+        """The node's buffered samples, oldest first, for a full heartbeat to apply itself:
+        it may end the allocation they must be counted to."""
+        per_gpu = self.samples.pop(node_id, {})
+        return sorted((s for kept in per_gpu.values() for s in kept), key=lambda s: s.sampled_at)
+
+    def put_back_node(self, node_id: int, samples: Iterable[GpuSample]) -> None:
+        """After a failed full heartbeat: keep what `take_node` took for the next flush."""
+        per_gpu: dict[int, list[GpuSample]] = {}
+        for sample in samples:
+            per_gpu.setdefault(sample.index, []).append(sample)
+        self._put_back({}, {node_id: per_gpu})
+
+    def pending(self) -> bool:
+        return bool(self.liveness or self.samples)
+
+    def _take(self) -> tuple[dict[int, datetime], dict[int, dict[int, list[GpuSample]]]]:
+        taken = self.liveness, self.samples
+        self.liveness, self.samples = {}, {}
+        return taken
+
+    def _put_back(
+        self, liveness: Mapping[int, datetime], samples: Mapping[int, dict[int, list[GpuSample]]]
+    ) -> None:
+        """Merge what a failed flush took back in front of what arrived since."""
+        for node_id, at in liveness.items():
+            now_at = self.liveness.get(node_id)
+            if now_at is None or at > now_at:
+                self.liveness[node_id] = at
+        for node_id, per_gpu in samples.items():
+            mine = self.samples.setdefault(node_id, {})
+            for index, older in per_gpu.items():
+                merged = older + mine.get(index, [])
+                mine[index] = merged[-MAX_SAMPLES_PER_GPU:]
+
+    async def flush(
+        self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, now: datetime
+    ) -> FlushResult:
+        """Write everything buffered in one transaction; on failure keep it and re-raise."""
+        if not self.pending():
+            return FlushResult()
+        liveness, samples = self._take()
+        try:
+            async with sessionmaker() as session, session.begin():
+                result = await _write(session, liveness, samples, settings, now, self)
+        except BaseException:
+            self.failures += 1
+            self._put_back(liveness, samples)
+            raise
+        self.flushes += 1
+        return result
+
+
+_TOUCH = (
+    update(_NODES)
+    .where(
+        _NODES.c.id == bindparam("n_id"),
+        or_(_NODES.c.last_heartbeat_at.is_(None), _NODES.c.last_heartbeat_at < bindparam("n_at")),
+    )
+    .values(last_heartbeat_at=bindparam("n_at"))
+)
+_STORE_SAMPLE = (
+    update(_GPUS)
+    .where(_GPUS.c.id == bindparam("g_id"))
+    .values(last_sample=bindparam("g_sample"), last_sample_at=bindparam("g_at"))
+)
+
+
+def sample_json(sample: GpuSample) -> dict[str, Any]:
+    data = sample.model_dump(mode="json", exclude={"processes"})
+    data["process_count"] = len(sample.processes)
+    return data
+
+
+async def _write(
+    session: AsyncSession,
+    liveness: Mapping[int, datetime],
+    samples: Mapping[int, dict[int, list[GpuSample]]],
+    settings: Settings,
+    now: datetime,
+    buffer: LiveBuffer,
+) -> FlushResult:
+    result = FlushResult(nodes=len(liveness))
+    conn = await session.connection()
+    if liveness:
+        await conn.execute(_TOUCH, [{"n_id": n, "n_at": at} for n, at in sorted(liveness.items())])
+    if not samples:
+        return result
+    open_alloc = and_(_ALLOCS.c.gpu_id == _GPUS.c.id, _ALLOCS.c.ended_at.is_(None))
+    columns = (
+        _GPUS.c.id, _GPUS.c.node_id, _GPUS.c.index, _GPUS.c.uuid, _GPUS.c.health,
+        _GPUS.c.last_sample_at, _GPUS.c.last_sample, _ALLOCS.c.id, _ALLOCS.c.org_id,
+        _ALLOCS.c.user_id, _ALLOCS.c.job_id, _ALLOCS.c.gpu_type, _ALLOCS.c.started_at,
+    )  # fmt: skip
+    stmt = (
+        select(*columns)
+        .select_from(_GPUS.outerjoin(_ALLOCS, open_alloc))
+        .where(_GPUS.c.node_id.in_(sorted(samples)))
+        .order_by(_GPUS.c.id)
+    )
+    if conn.dialect.name == "postgresql":
+        # Two replicas flushing the same GPU must not both count the interval since the stored
+        # sample. NO KEY UPDATE: allocations referencing the GPU (KEY SHARE) are not blocked.
+        stmt = stmt.with_for_update(of=_GPUS, key_share=True)
+    rows = (await conn.execute(stmt)).all()
+    max_gap_s = max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
+    usages: list[SampleUsage] = []
+    stored: list[dict[str, Any]] = []
+    known: dict[int, KnownGpus] = {}
+    for row in rows:
+        gpu_id, node_id, index, uuid, health, last_at, last_sample = row[:7]
+        health = GpuHealth(health)
+        alloc = (
+            OpenAllocation(row[7], row[8], row[9], row[10], row[11], row[12])
+            if row[7] is not None
+            else None
+        )
+        previous_at: datetime | None = last_at
+        previous_energy = (last_sample or {}).get("energy_joules")
+        newest: GpuSample | None = None
+        for sample in sorted(samples[node_id].get(index, ()), key=lambda s: s.sampled_at):
+            seen = previous_at is not None and sample.sampled_at <= previous_at
+            if sample.uuid != uuid or seen:
+                continue  # another GPU now, or already counted (a resend, another replica)
+            if alloc is not None:
+                usage = sample_usage(
+                    alloc,
+                    previous_at=previous_at,
+                    previous_energy_joules=previous_energy,
+                    at=sample.sampled_at,
+                    utilization_ratio=sample.utilization_ratio,
+                    energy_joules=sample.energy_joules,
+                    max_gap_s=max_gap_s,
+                )
+                if usage is not None:
+                    usages.append(usage)
+            previous_at, previous_energy, newest = sample.sampled_at, sample.energy_joules, sample
+        if newest is not None:
+            stored.append(
+                {"g_id": gpu_id, "g_sample": sample_json(newest), "g_at": newest.sampled_at}
+            )
+            reported = GpuHealth(newest.health)
+            if reported is not health:
+                # Stale knowledge let it through the fast path: apply it now, as the full
+                # path would have.
+                await _health_change(session, gpu_id, node_id, index, uuid, health, newest, now)
+                health = reported
+                result.health_changed = True
+        known.setdefault(node_id, {})[index] = (uuid, health)
+    if stored:
+        await conn.execute(_STORE_SAMPLE, stored)
+    await record_sample_usage(session, usages)
+    buffer.known.update(known)
+    result.gpus = len(stored)
+    return result
+
+
+async def _health_change(
+    session: AsyncSession,
+    gpu_id: int,
+    node_id: int,
+    index: int,
+    uuid: str,
+    was: GpuHealth,
+    sample: GpuSample,
+    now: datetime,
+) -> None:
+    health = GpuHealth(sample.health)
+    await session.execute(
+        update(_GPUS)
+        .where(_GPUS.c.id == gpu_id)
+        .values(health=health, health_reason=sample.health_reason or None)
+    )
+    session.add(
+        Event(
+            at=now,
+            kind="gpu.health",
+            node_id=node_id,
+            from_state=str(was),
+            to_state=str(health),
+            actor=f"agent:{node_id}",
+            reason=sample.health_reason or None,
+            details={"gpu_index": index, "uuid": uuid, "xids": sample.xid_events},
+        )
+    )
