@@ -68,6 +68,7 @@ class _Layout:
         "static",
         "type_sites",
         "types",
+        "usable",
     )
 
     def __init__(self, nodes: Iterable[Node]) -> None:
@@ -75,6 +76,7 @@ class _Layout:
         self.max_g = max_g = max((len(n.gpus) for n in node_list), default=0)
         self.nodes: dict[int, Node] = {}
         self.gpus: dict[int, tuple[int, ...]] = {}  # usable GPUs when nothing runs
+        self.usable: dict[int, frozenset[int]] = {}
         self.free: dict[int, int] = {}
         self.capacity: dict[str, int] = {}  # every GPU of the type, usable or not
         # Static shape check: nodes by GPU count per (type, site), whatever their state.
@@ -111,6 +113,7 @@ class _Layout:
             else:
                 gpus = ()
             self.gpus[n.id] = gpus
+            self.usable[n.id] = frozenset(gpus)
             f = self.free[n.id] = len(gpus)
             for i in ids:
                 self.level_cnt[i][f] += 1
@@ -174,18 +177,18 @@ class FreeIndex:
         cnts = [c.copy() for c in lay.level_cnt]
         heaps = [[h.copy() for h in hs] for hs in lay.level_heaps]
         node_lv = lay.node_lv
-        base = lay.gpus
+        usable = lay.usable
+        self._busy: dict[int, Collection[int]] = {}  # GPUs running jobs hold, where that counts
         push = heapq.heappush
         for nid, busy in held.items():
-            gpus = base.get(nid)
-            if not gpus:
+            mine = usable.get(nid)
+            if not mine:
                 continue
-            left = [g for g in gpus if g not in busy]
-            f = len(left)
+            f = len(mine.difference(busy))
             old = free[nid]
             if f == old:
                 continue
-            self.free_gpus[nid] = left
+            self._busy[nid] = busy
             free[nid] = f
             for i in node_lv[nid]:
                 c = cnts[i]
@@ -218,7 +221,10 @@ class FreeIndex:
     def _gpu_list(self, nid: int) -> list[int]:
         gpus = self.free_gpus.get(nid)
         if gpus is None:
-            gpus = self.free_gpus[nid] = list(self._gpus[nid])
+            busy = self._busy.get(nid)
+            base = self._gpus[nid]
+            gpus = list(base) if busy is None else [g for g in base if g not in busy]
+            self.free_gpus[nid] = gpus
         return gpus
 
     # -- queries -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from scheduler.core.types import (
     Preemption,
     PreemptionReason,
     ReasonCode,
+    RunningJob,
     Snapshot,
     Start,
 )
@@ -57,9 +58,15 @@ class _Cycle:
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
+        # One pass over the running jobs gathers what the index, the books and the preemptor need.
         held: dict[int, tuple[int, ...]] = {}  # node → GPUs running jobs hold (a few each)
         gpus_of: list[int] = []
         self.running_gpus = gpus_of
+        booked: dict[tuple[int, str], int] = {}
+        leaving: dict[tuple[int, str], int] = {}
+        preempting: list[RunningJob] = []
+        aged: list[tuple[RunningJob, int]] = []  # preemptible, past the minimum runtime
+        oldest = self.now - cfg.min_runtime_s
         for r in snap.running:
             n = 0
             for p in r.placements:
@@ -68,14 +75,21 @@ class _Cycle:
                 held[p.node_id] = g if had is None else had + g
                 n += len(g)
             gpus_of.append(n)
+            key = (r.org_id, r.gpu_type)
+            booked[key] = booked.get(key, 0) + n
+            if r.preempting:
+                leaving[key] = leaving.get(key, 0) + n
+                preempting.append(r)
+            elif r.preemptible and r.started_at <= oldest:
+                aged.append((r, n))
         self.index = FreeIndex(snap.nodes, held)
         self.books = OrgBooks(snap.orgs, self.index.capacity)
-        self.books.add_running(snap.running, self.running_gpus)
+        self.books.add_totals(booked, leaving)
         cap = self.index.capacity_usage(cfg)
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
         if cfg.fairshare_algorithm == "fairtree":
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
-        self.pre = Preemptor(snap.running, self.running_gpus, self.index, self.books, cfg, self.now)
+        self.pre = Preemptor(preempting, aged, self.index, self.books, cfg, self.now)
         self.res = Reservations(self.index, snap.running, self.now)
         self.ex = Explainer(self)
         self.starts: list[tuple[Start, PendingJob, str]] = []

@@ -37,8 +37,8 @@ def _youngest_first(r: RunningJob) -> tuple[float, int]:
 class Preemptor:
     def __init__(
         self,
-        running: tuple[RunningJob, ...],
-        gpus: list[int],
+        preempting: list[RunningJob],
+        aged: list[tuple[RunningJob, int]],
         index: FreeIndex,
         books: OrgBooks,
         config: PolicyConfig,
@@ -53,16 +53,14 @@ class Preemptor:
         self.own_incoming: dict[tuple[int, str], int] = {}  # (org, type) → GPUs of its leaving
         self._inc_by_org: dict[tuple[int, str], set[int]] = {}  # (org, type) → nodes
         self._inc_sorted: dict[str, list[int]] = {}  # type → nodes with leaving GPUs, by id
-        for r in running:
-            if r.preempting:
-                self._add_incoming(r, r.preempt_deadline if r.preempt_deadline else now)
+        for r in preempting:
+            self._add_incoming(r, r.preempt_deadline if r.preempt_deadline else now)
         self.chosen: set[int] = set()
         # GPUs booked to preemptors that have not started: not held yet, so not in standings.
         self.claims: list[tuple[int, str, int]] = []
         self._candidates: dict[str, list[RunningJob]] = {}
         self._scanned: dict[str, list[RunningJob]] = {}
-        self._all = running
-        self._gpus = gpus
+        self._aged = aged  # running jobs not leaving, preemptible and past the minimum runtime
         self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
         self.failed: dict[tuple[str, str | None, int, int, int], int] = {}
         self._lowest: dict[tuple[int, str], int] = {}  # (org, type) → lowest victim class
@@ -143,18 +141,11 @@ class Preemptor:
         out = self._scanned.get(gpu_type)
         if out is not None:
             return out
-        oldest = self.now - self.config.min_runtime_s
         orgs = self.books.orgs
         count = self._count
         out = []
-        for r, n in zip(self._all, self._gpus, strict=True):
-            if (
-                r.preemptible
-                and r.gpu_type == gpu_type
-                and not r.preempting
-                and r.started_at <= oldest
-                and r.org_id in orgs
-            ):
+        for r, n in self._aged:
+            if r.gpu_type == gpu_type and r.org_id in orgs:
                 out.append(r)
                 count[id(r)] = n
         out.sort(key=_youngest_first)

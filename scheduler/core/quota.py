@@ -64,6 +64,12 @@ class OrgBooks:
             held[key] = held.get(key, 0) + n
             if r.preempting:
                 leaving[key] = leaving.get(key, 0) + n
+        self.add_totals(held, leaving)
+
+    def add_totals(
+        self, held: dict[tuple[int, str], int], leaving: dict[tuple[int, str], int]
+    ) -> None:
+        """Book GPUs held (and of those, leaving) per (org, GPU type)."""
         for (org_id, t), n in held.items():
             self.add(org_id, t, n)
         for (org_id, t), n in leaving.items():
