@@ -53,8 +53,13 @@ def simulate(
         float, typer.Option(help="A preempted job keeps the work up to its last checkpoint.", min=1)
     ] = 1_800.0,
     cycle_interval_s: Annotated[
-        float, typer.Option(help="Least virtual time between scheduling cycles.", min=0.001)
-    ] = 30.0,
+        float | None,
+        typer.Option(
+            help="Least virtual time between scheduling cycles (default 30 s for a trace; 1 s "
+            "with --from-db, closer to the server, which cycles on every event).",
+            min=0.001,
+        ),
+    ] = None,
     half_life_s: Annotated[
         float, typer.Option(help="Half-life of decayed usage for fair share.", min=1)
     ] = 7 * 86_400.0,
@@ -102,7 +107,7 @@ def simulate(
             cluster=cluster,
             policies=policies,
             out=out,
-            config=_config(checkpoint_interval_s, cycle_interval_s, half_life_s),
+            config=_config(checkpoint_interval_s, cycle_interval_s or 1.0, half_life_s),
         )
         return
     if trace is None or quotas is None:
@@ -111,7 +116,7 @@ def simulate(
         time_limit_model=time_limit,
         time_limit_factor=time_limit_factor,
         checkpoint_interval_s=checkpoint_interval_s,
-        cycle_interval_s=cycle_interval_s,
+        cycle_interval_s=30.0 if cycle_interval_s is None else cycle_interval_s,
         half_life_s=half_life_s,
     )
     try:

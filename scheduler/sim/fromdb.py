@@ -157,7 +157,7 @@ async def _jobs(
                     gpus_per_node=j.gpus_per_node,
                     nodes=j.num_nodes,
                     time_limit_s=float(j.time_limit_s),
-                    attempts=tuple(ran),
+                    attempts=_in_order(epoch(j.submitted_at), ran),
                     state=str(state) if state.is_terminal else str(JobState.RUNNING),
                     gpu_type=j.gpu_type,
                     site=j.site,
@@ -166,3 +166,18 @@ async def _jobs(
                 )
             )
     return tuple(jobs), dict(sorted(left_out.items()))
+
+
+def _in_order(submitted_s: float, attempts: list[RecordedAttempt]) -> tuple[RecordedAttempt, ...]:
+    """Attempts that start no earlier than the submission and the previous attempt's end.
+
+    A cycle stamps allocations with the `now` it read before loading the queue, so a job
+    submitted during that load can show GPUs given a few milliseconds before it was submitted.
+    """
+    out: list[RecordedAttempt] = []
+    floor_s = submitted_s
+    for a in attempts:
+        start_s = max(a.start_s, floor_s)
+        out.append(RecordedAttempt(start_s, max(a.end_s, start_s), a.borrowed))
+        floor_s = out[-1].end_s
+    return tuple(out)

@@ -106,7 +106,8 @@ def test_a_guarantee_ends_the_wait_behind_borrowers(database_url: str, tmp_path:
 
 async def _requeued_history(url: str) -> None:
     """A job preempted after 40 min and requeued, then done in 20 min; one still running at
-    the end of the window; one pending; one cancelled before it ever ran."""
+    the end of the window, whose GPUs were given 5 ms before its recorded submission; one
+    pending; one cancelled before it ever ran."""
     engine = make_engine(url)
     async with make_sessionmaker(engine)() as session, session.begin():
         node, gpus = await factories.node(session, gpus=8, model="H100")
@@ -122,9 +123,10 @@ async def _requeued_history(url: str) -> None:
                                 state=JobState.PREEMPTED, borrowed=True)  # fmt: skip
         await factories.attempt(session, job, node, gpus[2:4], start=at(3000), end=at(4200),
                                 number=1)  # fmt: skip
+        # GPUs given 5 ms before the submission: a cycle's clock is read before it loads.
         running = await factories.job(
             session, c, uc, gpus_per_node=4, time_limit_s=86_400, state=JobState.RUNNING,
-            submitted_at=at(10 * H), started_at=at(10 * H),
+            submitted_at=at(10 * H + 0.005), started_at=at(10 * H),
         )  # fmt: skip
         await factories.attempt(session, running, node, gpus[4:], start=at(10 * H), end=None)
         await factories.job(session, c, uc, submitted_at=at(5 * H))  # still PENDING
@@ -152,6 +154,7 @@ def test_requeues_censored_and_left_out_jobs(database_url: str, tmp_path: Path) 
     assert rec["preemptions"] == {"count": 1, "gpu_hours_lost": round(600 * 2 / H, 2),
                                   "jobs_preempted": 1}  # fmt: skip
     assert rec["wait_s"]["2-8"]["count"] == 2
+    assert rec["wait_s"]["2-8"]["p50"] == 300.0  # 600 s requeued, 0 s (not -5 ms)
     # The running job is censored at the window's end: 14 h on 4 GPUs so far.
     assert rec["tenants"]["C"]["received_gpu_h"] == round((2400 + 1200) * 2 / H + 6 * 4, 2)
     # Replayed: the requeued job needs 30 + 20 min of work and, in the empty cluster, waits 0.
