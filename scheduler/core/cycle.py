@@ -128,17 +128,27 @@ class _Cycle:
         cls = {c: w_cls * v / top for c, v in classes.items()}
         age_w = w_age / age_max
         size_w = w_size / total
-        keyed = []
-        for i, j in enumerate(pending):
-            age = now - j.submitted_at
-            size = j.gpus_per_node * j.nodes
-            p = (
-                fs.get(j.org_id, 0.0)
-                + cls.get(j.priority_class, 0.0)
-                + (w_age if age >= age_max else (age * age_w if age > 0 else 0.0))
-                + (w_size if size >= total else size * size_w)
+        fs_get, cls_get = fs.get, cls.get
+        # priority = fair share + class + age + size, summed in that order; sorted by
+        # (-priority, submitted_at, job_id, position).
+        keyed = [
+            (
+                -(
+                    fs_get(j.org_id, 0.0)
+                    + cls_get(j.priority_class, 0.0)
+                    + (
+                        w_age
+                        if (age := now - j.submitted_at) >= age_max
+                        else (age * age_w if age > 0 else 0.0)
+                    )
+                    + (w_size if (size := j.gpus_per_node * j.nodes) >= total else size * size_w)
+                ),
+                j.submitted_at,
+                j.job_id,
+                i,
             )
-            keyed.append((-p, j.submitted_at, j.job_id, i))
+            for i, j in enumerate(pending)
+        ]
         keyed.sort()
         return [(pending[x[3]], -x[0]) for x in keyed]
 

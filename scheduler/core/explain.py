@@ -53,6 +53,7 @@ class Explainer:
         self._shape: dict[tuple[str, str | None, int], dict[str, float | int | str]] = {}
         self._free: dict[str, int] = {}
         self._share: dict[int, float] = {}
+        self.any_type = False  # some wait is estimated on every type's profile (ANY)
 
     def _reason(self, key: tuple[object, ...], build: object) -> Reason:
         r = self.cache.get(key)
@@ -188,6 +189,8 @@ class Explainer:
         w = self.waits.get((key, untyped))
         if w is None:
             w = self.waits[(key, untyped)] = Wait(None, gpu_type=ANY if untyped else t, lazy=key)
+            if untyped:
+                self.any_type = True
         return w
 
     def _lazy_reason(self, key: tuple[int, str, str | None, int, int, bool]) -> Reason:
@@ -281,41 +284,46 @@ class Explainer:
 
         work: dict[str, float] = {}
         infos: dict[int, PendingInfo] = {}
-        waits = c.waits
+        waits_get = c.waits.get
         quota_at: dict[tuple[int, str, int], float | None] = {}
         # Jobs that run on any type wait behind every type's work; only then is it summed.
-        any_type = any(w.gpu_type == ANY for w in waits.values())
+        any_type = self.any_type
+        lazy_reason = self._lazy_reason
+        info = PendingInfo
         for job, prio in order:
-            w = waits.get(job.job_id)
+            jid = job.job_id
+            w = waits_get(jid)
             if w is None:
                 continue
             reasons = w.reasons
             if reasons is None:
                 assert w.lazy is not None
-                reasons = w.reasons = (self._lazy_reason(w.lazy),)
-            est: float | None = None
-            t = w.gpu_type or ""
-            if t:
-                n = job.gpus_per_node * job.nodes
-                done = work.get(t, 0.0)
-                if w.exact:
+                reasons = w.reasons = (lazy_reason(w.lazy),)
+            wt = w.gpu_type
+            if not wt:
+                infos[jid] = info(jid, prio, reasons, None)
+                continue
+            est: float | None
+            n = job.gpus_per_node * job.nodes
+            done = work.get(wt, 0.0)
+            if w.exact:
+                est = w.hint
+            else:
+                prof = profiles.get(wt) or profile(wt)
+                est = prof.start_for(done, n)
+                if est is not None and w.hint is not None and w.hint > est:
                     est = w.hint
+            job_work = n * job.time_limit_s
+            work[wt] = done + job_work
+            if any_type and wt != ANY:
+                work[ANY] = work.get(ANY, 0.0) + job_work
+            if est is not None and w.quota is not None:
+                if w.quota in quota_at:
+                    q = quota_at[w.quota]
                 else:
-                    prof = profiles.get(t) or profile(t)
-                    est = prof.start_for(done, n)
-                    if est is not None and w.hint is not None and w.hint > est:
-                        est = w.hint
-                job_work = n * job.time_limit_s
-                work[t] = done + job_work
-                if any_type and t != ANY:
-                    work[ANY] = work.get(ANY, 0.0) + job_work
-                if est is not None and w.quota is not None:
-                    if w.quota in quota_at:
-                        q = quota_at[w.quota]
-                    else:
-                        q = quota_at[w.quota] = org_rel.when(*w.quota, now)
-                    est = None if q is None else (q if q > est else est)
-            infos[job.job_id] = PendingInfo(job.job_id, prio, reasons, est)
+                    q = quota_at[w.quota] = org_rel.when(*w.quota, now)
+                est = None if q is None else (q if q > est else est)
+            infos[jid] = info(jid, prio, reasons, est)
         return Decisions(
             starts=tuple(s for s, _, _ in c.starts),
             preemptions=tuple(c.preemptions),
