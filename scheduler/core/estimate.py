@@ -62,13 +62,13 @@ class OrgReleases:
 
     def __init__(self, children: Mapping[int, list[int]]) -> None:
         self._children = children
-        self._own: dict[tuple[int, str], list[tuple[float, int]]] = {}
+        self.own: dict[tuple[int, str], list[tuple[float, int]]] = {}  # (org, type) → (end, GPUs)
         self._cum: dict[tuple[int, str], tuple[list[float], list[int]]] = {}
 
     def add(self, org_id: int, gpu_type: str, gpus: int, end: float) -> None:
-        lst = self._own.get((org_id, gpu_type))
+        lst = self.own.get((org_id, gpu_type))
         if lst is None:
-            lst = self._own[(org_id, gpu_type)] = []
+            lst = self.own[(org_id, gpu_type)] = []
         lst.append((end, gpus))
 
     def _subtree(self, org_id: int, gpu_type: str) -> list[tuple[float, int]]:
@@ -80,7 +80,7 @@ class OrgReleases:
             if o in seen:
                 continue
             seen.add(o)
-            out.extend(self._own.get((o, gpu_type), ()))
+            out.extend(self.own.get((o, gpu_type), ()))
             stack.extend(self._children.get(o, ()))
         return out
 

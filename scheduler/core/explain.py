@@ -249,6 +249,7 @@ class Explainer:
         org_rel = OrgReleases(c.books.children)
         chosen = c.pre.chosen
         grace_end = now + c.cfg.preemption_grace_s
+        own = org_rel.own
         for r, n in zip(c.snap.running, c.running_gpus, strict=True):
             if r.job_id in chosen:
                 end = grace_end
@@ -257,11 +258,18 @@ class Explainer:
             else:
                 end = r.started_at + r.time_limit_s
             t = r.gpu_type
+            e = (end, n)
             lst = events.get(t)
             if lst is None:
-                lst = events[t] = []
-            lst.append((end, n))
-            org_rel.add(r.org_id, t, n, end)
+                events[t] = [e]
+            else:
+                lst.append(e)
+            key = (r.org_id, t)
+            lst = own.get(key)
+            if lst is None:
+                own[key] = [e]
+            else:
+                lst.append(e)
         for _start, job, t in c.starts:
             end = now + job.time_limit_s
             n = job.gpus_per_node * job.nodes
