@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 
-.PHONY: install lint fmt test test-fast test-faults test-dashboards demo bench clean
+.PHONY: install lint fmt test test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
 
 # The demo needs only the runtime dependencies; tests, lint and benchmarks need the dev extra.
 $(RUNTIME_STAMP): pyproject.toml
@@ -51,3 +51,19 @@ demo: $(RUNTIME_STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Each benchmark prints JSON lines on stdout (issue figures: docs/SCHEDULING.md, SIMULATION.md).
+# bench-sim needs the Philly trace: make bench-sim TRACE_DIR=../shared/traces
+TRACE_DIR ?= ../shared/traces
+bench: $(STAMP)
+	$(BIN)/fairgpu bench core
+	$(BIN)/fairgpu bench latency
+	$(BIN)/fairgpu bench api
+
+bench-sim: $(STAMP)
+	$(BIN)/fairgpu simulate --trace $(TRACE_DIR)/philly_sep_oct.csv \
+		--quotas $(TRACE_DIR)/philly_vc_quotas.csv --time-scale 6 --out out/simulation
+
+bench-soak: $(STAMP)
+	$(BIN)/fairgpu bench soak --duration 10m
+
