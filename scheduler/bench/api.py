@@ -130,7 +130,13 @@ def run_api_bench(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "FAIRGPU_MIGRATE_ON_START": "false"},
+            env={
+                **os.environ,
+                "FAIRGPU_MIGRATE_ON_START": "false",
+                # Enough pooled connections for the client's concurrency: connections opened
+                # and closed past the pool would be measured instead of the server.
+                "FAIRGPU_DATABASE_POOL_SIZE": str(max(10, -(-concurrency // workers) + 4)),
+            },
         )  # fmt: skip
         _wait_ready(f"http://127.0.0.1:{port}", proc)
         params = {

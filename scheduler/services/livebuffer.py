@@ -86,10 +86,15 @@ class LiveBuffer:
                 del kept[0]
 
     def matches(self, node_id: int, samples: Iterable[GpuSample]) -> bool:
-        """True when every sample is of a GPU we know, with the health we know it has."""
+        """True when every sample is of a GPU we know, with the health we know it has.
+
+        A node this process has not seen yet (a heartbeat that another replica, or before a
+        restart this one, used to answer) passes when all its GPUs say healthy: the flush
+        compares them with the database and applies any difference, as the full path would.
+        """
         known = self.known.get(node_id)
         if known is None:
-            return False
+            return all(sample.health == "healthy" for sample in samples)
         for sample in samples:
             entry = known.get(sample.index)
             if entry is None or entry[0] != sample.uuid or entry[1] != sample.health:
