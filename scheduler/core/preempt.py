@@ -63,10 +63,13 @@ class Preemptor:
         self._aged = aged  # running jobs not leaving, preemptible and past the minimum runtime
         self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
         self.failed: dict[tuple[str, str | None, int, int, int], int] = {}
-        self._lowest: dict[tuple[int, str], int] = {}  # (org, type) → lowest victim class
-        self._own: dict[tuple[int, str], list[RunningJob]] = {}  # (org, type) → its candidates
-        self._own_gpus: dict[tuple[int, str], int] = {}
-        self._own_left: dict[tuple[int, str], int] = {}  # its candidates not yet chosen
+        # Per (org, type), filled on demand: its candidates in running order, the same youngest
+        # first, and [lowest class, GPUs, candidates not yet chosen].
+        self._groups: dict[tuple[int, str], list[RunningJob]] = {}
+        self._own: dict[tuple[int, str], list[RunningJob]] = {}
+        self._stats: dict[tuple[int, str], list[int]] = {}
+        self._victims: set[int] = set()  # id() of every victim committed this cycle
+        self._shares: dict[str, dict[int, float]] = {}  # weighted shares when a type was scanned
 
     def _add_incoming(self, r: RunningJob, deadline: float) -> None:
         for p in r.placements:
@@ -98,16 +101,28 @@ class Preemptor:
                 self.own_incoming[(o, gpu_type)] -= take
                 used -= take
 
+    def _stat(self, key: tuple[int, str]) -> list[int] | None:
+        st = self._stats.get(key)
+        if st is None:
+            grp = self._groups.get(key)
+            if grp is None:
+                return None
+            classes, count, victims = self.classes, self._count, self._victims
+            st = self._stats[key] = [
+                min(classes.get(r.priority_class, 0) for r in grp),
+                sum(count[id(r)] for r in grp),
+                sum(1 for r in grp if id(r) not in victims),
+            ]
+        return st
+
     def has_lower(self, org_id: int, types: tuple[str, ...], cls: int) -> bool:
         """Whether the org runs a preemptible lower-class job, or has jobs leaving, on a type."""
-        lowest = self._lowest
         for t in types:
             if t not in self._scanned:
                 self._scan(t)
             key = (org_id, t)
-            if (lowest.get(key, cls) < cls and self._own_left.get(key)) or self.own_incoming.get(
-                key
-            ):
+            st = self._stat(key)
+            if (st is not None and st[0] < cls and st[2]) or self.own_incoming.get(key):
                 return True
         return False
 
@@ -115,10 +130,12 @@ class Preemptor:
         """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
         if gpu_type not in self._scanned:
             self._scan(gpu_type)
-        leaving = self.own_incoming.get((org_id, gpu_type), 0)
-        if self._lowest.get((org_id, gpu_type), cls) >= cls:
+        key = (org_id, gpu_type)
+        leaving = self.own_incoming.get(key, 0)
+        st = self._stat(key)
+        if st is None or st[0] >= cls:
             return leaving
-        return self._own_gpus.get((org_id, gpu_type), 0) + leaving
+        return st[1] + leaving
 
     def _incoming_of(self, gpu_type: str, org_id: int | None = None) -> list[int]:
         """Nodes with leaving GPUs of the type (of one org's jobs when given)."""
@@ -133,40 +150,42 @@ class Preemptor:
         return out
 
     def _scan(self, gpu_type: str) -> list[RunningJob]:
-        """Preemptible jobs of the type old enough to preempt, youngest first (then job id).
+        """Preemptible jobs of the type old enough to preempt, in running order, grouped by org.
 
-        Per-org facts (lowest class, GPUs, jobs left) need no share order: has_lower and
-        own_lower_gpus, asked every cycle, stop here; the share order is sorted only for a plan.
+        The weighted shares that order candidates are taken now, at the first question about
+        the type; the orders themselves are sorted only when a plan needs them.
         """
         out = self._scanned.get(gpu_type)
         if out is not None:
             return out
         orgs = self.books.orgs
         count = self._count
+        groups = self._groups
         out = []
         for r, n in self._aged:
             if r.gpu_type == gpu_type and r.org_id in orgs:
                 out.append(r)
                 count[id(r)] = n
-        out.sort(key=_youngest_first)
+                key = (r.org_id, gpu_type)
+                grp = groups.get(key)
+                if grp is None:
+                    groups[key] = [r]
+                else:
+                    grp.append(r)
         self._scanned[gpu_type] = out
-        classes = self.classes
-        lowest, own, own_gpus, own_left = self._lowest, self._own, self._own_gpus, self._own_left
-        for r in out:
-            c = classes.get(r.priority_class, 0)
-            key = (r.org_id, gpu_type)
-            if c < lowest.get(key, c + 1):
-                lowest[key] = c
-            lst = own.get(key)
-            if lst is None:
-                own[key] = [r]
-                own_gpus[key] = count[id(r)]
-                own_left[key] = 1
-            else:
-                lst.append(r)
-                own_gpus[key] += count[id(r)]
-                own_left[key] += 1
+        books = self.books
+        self._shares[gpu_type] = {
+            o: books.weighted_share(o, gpu_type) for o in {r.org_id for r in out}
+        }
         return out
+
+    def _own_order(self, org_id: int, gpu_type: str) -> list[RunningJob]:
+        """The org's own candidates of the type, youngest first (then job id)."""
+        key = (org_id, gpu_type)
+        own = self._own.get(key)
+        if own is None:
+            own = self._own[key] = sorted(self._groups.get(key, ()), key=_youngest_first)
+        return own
 
     def gpus_of(self, r: RunningJob) -> int:
         """GPUs a candidate holds (counted once, when the candidates were scanned)."""
@@ -176,9 +195,11 @@ class Preemptor:
         """Preemptible jobs of the type old enough to preempt, most-over-share org first."""
         out = self._candidates.get(gpu_type)
         if out is None:
-            books = self.books
-            young = self._scan(gpu_type)
-            share = {o: books.weighted_share(o, gpu_type) for o in {r.org_id for r in young}}
+            share = self._shares[gpu_type] if gpu_type in self._scanned else None
+            if share is None:
+                self._scan(gpu_type)
+                share = self._shares[gpu_type]
+            young = sorted(self._scanned[gpu_type], key=_youngest_first)
             # A stable sort of the youngest-first list: ties keep (-started_at, job_id) order.
             out = sorted(young, key=lambda r: -share[r.org_id])
             self._candidates[gpu_type] = out
@@ -197,15 +218,17 @@ class Preemptor:
         memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id)
         if self.failed.get(memo, k + 1) <= k:
             return None
-        cands = self.candidates(gpu_type)
-        if (
-            not in_quota
-            and self._lowest.get((job.org_id, gpu_type), cls) >= cls
-            and not self.own_incoming.get((job.org_id, gpu_type))
-        ):
-            return None  # no lower-class job of its own org to preempt, none leaving
-        if in_quota and not cands and not self._incoming_of(gpu_type):
-            return None
+        if in_quota:
+            cands = self.candidates(gpu_type)
+            if not cands and not self._incoming_of(gpu_type):
+                return None
+        else:
+            if gpu_type not in self._scanned:
+                self._scan(gpu_type)
+            st = self._stat((job.org_id, gpu_type))
+            if (st is None or st[0] >= cls) and not self.own_incoming.get((job.org_id, gpu_type)):
+                return None  # no lower-class job of its own org to preempt, none leaving
+            cands = self._own_order(job.org_id, gpu_type)
         index, books = self.index, self.books
         free, nodes = index.free, index.nodes
         count = self._count
@@ -230,7 +253,7 @@ class Preemptor:
         after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
         over: dict[int, int] = {}
         by_node: dict[int, list[tuple[RunningJob, int]]] = {}
-        pool = cands if in_quota else self._own.get((job.org_id, gpu_type), ())
+        pool = cands
         for r in pool:
             if r.job_id in self.chosen:
                 continue
@@ -321,9 +344,10 @@ class Preemptor:
         deadline = self.now + self.config.preemption_grace_s
         for v in plan.victims:
             self.chosen.add(v.job_id)
-            key = (v.org_id, v.gpu_type)
-            if key in self._own_left:
-                self._own_left[key] -= 1
+            self._victims.add(id(v))
+            st = self._stats.get((v.org_id, v.gpu_type))
+            if st is not None:
+                st[2] -= 1
             self.books.add_leaving(v.org_id, v.gpu_type, self._count[id(v)])
             self._add_incoming(v, deadline)
         ready_at = plan.ready_at if not plan.victims else max(plan.ready_at, deadline)
