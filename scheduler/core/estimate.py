@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Mapping
+from itertools import accumulate
+from operator import itemgetter, mul, sub
+
+_time = itemgetter(0)
+_gpus = itemgetter(1)
 
 
 class Profile:
@@ -20,19 +25,21 @@ class Profile:
     __slots__ = ("cum", "levels", "times")
 
     def __init__(self, now: float, free_now: int, releases: Iterable[tuple[float, int]]) -> None:
-        times = [now]
-        levels = [free_now]
-        cum = [0.0]
-        for t, g in sorted(releases):
-            if t <= times[-1]:
-                levels[-1] += g
-                continue
-            cum.append(cum[-1] + levels[-1] * (t - times[-1]))
-            times.append(t)
-            levels.append(levels[-1] + g)
+        rel = sorted(releases)
+        # Releases due by now add to the first level; later ones each open a step. Equal times
+        # make zero-width steps, which `start_for` answers exactly as if they were merged.
+        k = bisect.bisect_right(rel, now, key=_time)
+        first = free_now
+        for _t, g in rel[:k]:
+            first += g
+        later = rel[k:]
+        times: list[float] = [now, *map(_time, later)]
+        levels: list[int] = list(accumulate(map(_gpus, later), initial=first))
         self.times = times
         self.levels = levels
-        self.cum = cum
+        self.cum: list[float] = list(
+            accumulate(map(mul, levels, map(sub, times[1:], times)), initial=0.0)
+        )
 
     def start_for(self, work_gpu_s: float, gpus: int) -> float | None:
         """Earliest time with `work_gpu_s` GPU-seconds gone by and `gpus` free at once."""
