@@ -54,6 +54,7 @@ class Explainer:
         self._free: dict[str, int] = {}
         self._share: dict[int, float] = {}
         self.any_type = False  # some wait is estimated on every type's profile (ANY)
+        self.quota_waits = False  # some wait also waits for its org to hand GPUs back
 
     def _reason(self, key: tuple[object, ...], build: object) -> Reason:
         r = self.cache.get(key)
@@ -116,6 +117,7 @@ class Explainer:
         }
         r = Reason(ReasonCode.ORG_LIMIT, text, details)
         w = Wait((r,)) if never else Wait((r,), gpu_type=t, quota=(lim_org, t, alloc + n - limit))
+        self.quota_waits = self.quota_waits or not never
         self.waits[wkey] = w
         return w
 
@@ -146,6 +148,7 @@ class Explainer:
         }
         r = Reason(ReasonCode.QUOTA_GUARANTEED, text, details)
         w = Wait((r,)) if never else Wait((r,), gpu_type=t, quota=(oid, t, alloc + n - guar))
+        self.quota_waits = self.quota_waits or not never
         self.waits[wkey] = w
         return w
 
@@ -250,6 +253,7 @@ class Explainer:
         chosen = c.pre.chosen
         grace_end = now + c.cfg.preemption_grace_s
         own = org_rel.own
+        by_org = self.quota_waits  # org release times are read only by quota and limit waits
         for r, n in zip(c.snap.running, c.running_gpus, strict=True):
             if r.job_id in chosen:
                 end = grace_end
@@ -264,12 +268,13 @@ class Explainer:
                 events[t] = [e]
             else:
                 lst.append(e)
-            key = (r.org_id, t)
-            lst = own.get(key)
-            if lst is None:
-                own[key] = [e]
-            else:
-                lst.append(e)
+            if by_org:
+                key = (r.org_id, t)
+                lst = own.get(key)
+                if lst is None:
+                    own[key] = [e]
+                else:
+                    lst.append(e)
         for _start, job, t in c.starts:
             end = now + job.time_limit_s
             n = job.gpus_per_node * job.nodes
