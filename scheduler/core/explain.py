@@ -25,6 +25,29 @@ if TYPE_CHECKING:
 
 ANY = "*"
 
+_new = object.__new__
+_set_job_id = vars(PendingInfo)["job_id"].__set__  # the slot descriptor
+_set_priority = vars(PendingInfo)["priority"].__set__  # the slot descriptor
+_set_reasons = vars(PendingInfo)["reasons"].__set__  # the slot descriptor
+_set_estimate = vars(PendingInfo)["estimated_start"].__set__  # the slot descriptor
+
+
+def _info(
+    job_id: int, priority: float, reasons: tuple[Reason, ...], estimate: float | None
+) -> PendingInfo:
+    """`PendingInfo(...)` without the frozen dataclass's `__init__` (a third of the cost).
+
+    It sets the same slots the generated `__init__` sets with `object.__setattr__`; there is no
+    `__post_init__`. One per pending job: 50,000 a cycle at national scale.
+    """
+    info: PendingInfo = _new(PendingInfo)
+    _set_job_id(info, job_id)
+    _set_priority(info, priority)
+    _set_reasons(info, reasons)
+    _set_estimate(info, estimate)
+    return info
+
+
 _FIXED_TEXT = {
     ReasonCode.JOB_HELD_USER: "held by its user",
     ReasonCode.DEPENDENCY: "waiting for its dependencies to complete",
@@ -302,7 +325,7 @@ class Explainer:
         # Jobs that run on any type wait behind every type's work; only then is it summed.
         any_type = self.any_type
         lazy_reason = self._lazy_reason
-        info = PendingInfo
+        info = _info
         for job, prio in order:
             jid = job.job_id
             w = waits_get(jid)
@@ -357,7 +380,7 @@ class Explainer:
             if reasons is None:
                 assert w.lazy is not None
                 reasons = w.reasons = (self._lazy_reason(w.lazy),)
-            infos[job.job_id] = PendingInfo(job.job_id, prio, reasons, None)
+            infos[job.job_id] = _info(job.job_id, prio, reasons, None)
         return Decisions(
             starts=tuple(s for s, _, _ in c.starts),
             preemptions=tuple(c.preemptions),

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from tests.core.golden import record
+import pytest
+
+from scheduler.core import schedule
+from scheduler.core.types import PendingInfo
+from tests.core.golden import CONFIGS, random_snapshot, record
 
 RECORDED = Path(__file__).with_name("golden_decisions.json")
 
@@ -22,3 +27,12 @@ def test_the_digest_sees_a_changed_decision() -> None:
     # Guard against a digest that cannot fail: a different snapshot gives different digests.
     expected = json.loads(RECORDED.read_text())
     assert len({v[0] for v in expected.values()}) == len(expected)
+
+
+def test_pending_infos_are_the_frozen_dataclass() -> None:
+    # The explainer builds them without the generated __init__: they must be the same thing.
+    info = next(iter(schedule(random_snapshot(3, CONFIGS["fairgpu"])).pending.values()))
+    assert info == PendingInfo(info.job_id, info.priority, info.reasons, info.estimated_start)
+    assert type(info) is PendingInfo
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.priority = 0.0  # type: ignore[misc]
