@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy import BigInteger, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.schemas.agent import GpuSample
@@ -201,16 +202,17 @@ async def _write(
         _GPUS.c.last_sample_at, _GPUS.c.last_sample, _ALLOCS.c.id, _ALLOCS.c.org_id,
         _ALLOCS.c.user_id, _ALLOCS.c.job_id, _ALLOCS.c.gpu_type, _ALLOCS.c.started_at,
     )  # fmt: skip
-    stmt = (
-        select(*columns)
-        .select_from(_GPUS.outerjoin(_ALLOCS, open_alloc))
-        .where(_GPUS.c.node_id.in_(sorted(samples)))
-        .order_by(_GPUS.c.id)
-    )
+    stmt = select(*columns).select_from(_GPUS.outerjoin(_ALLOCS, open_alloc)).order_by(_GPUS.c.id)
+    node_ids = sorted(samples)
     if conn.dialect.name == "postgresql":
+        # One array parameter rather than an IN list rendered with a thousand parameters.
+        ids = bindparam("node_ids", node_ids, type_=ARRAY(BigInteger))
+        stmt = stmt.where(_GPUS.c.node_id == func.any(ids))
         # Two replicas flushing the same GPU must not both count the interval since the stored
         # sample. NO KEY UPDATE: allocations referencing the GPU (KEY SHARE) are not blocked.
         stmt = stmt.with_for_update(of=_GPUS, key_share=True)
+    else:
+        stmt = stmt.where(_GPUS.c.node_id.in_(node_ids))
     rows = (await conn.execute(stmt)).all()
     max_gap_s = max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
     usages: list[SampleUsage] = []

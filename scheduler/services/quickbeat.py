@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import Table, and_, bindparam, select
+from sqlalchemy import Table, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.schemas.agent import TERMINAL_TASK_STATES, Heartbeat
@@ -36,7 +36,12 @@ _NODE_AND_TASKS = (
     )
     .select_from(
         _NODES.outerjoin(
-            _TASKS, and_(_TASKS.c.node_id == _NODES.c.id, _TASKS.c.state.in_(ACTIVE_STATES))
+            _TASKS,
+            and_(
+                _TASKS.c.node_id == _NODES.c.id,
+                # Not IN (...): an expanding parameter is re-rendered on every execution.
+                or_(*(_TASKS.c.state == state for state in ACTIVE_STATES)),
+            ),
         )
     )
     .where(_NODES.c.id == bindparam("node_id"))

@@ -3,8 +3,9 @@
 Every replica runs a `SchedulerRuntime`. The one holding the lease runs cycles: on `notify`
 (a submit, a finished task, a heartbeat that changed something) and at least every
 `cycle_interval_s`. Cycles are never closer together than `cycle_min_gap_s`, so a burst of events
-costs one cycle, nor than the last cycle took, so the scheduler never takes more than about half
-of the process from the requests it serves. The others keep trying to take the lease.
+costs one cycle, nor closer than four times the last cycle's duration (start to start), so the
+scheduler never takes more than a quarter of the process from the requests it serves. The
+others keep trying to take the lease.
 
 Every replica serves long-polls: a held heartbeat waits on its node's event, set by `wake_nodes`
 (an apply or a cancel on this replica); with several replicas a held heartbeat also re-checks
@@ -31,6 +32,10 @@ from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cyc
 from scheduler.settings import Settings
 
 log = logging.getLogger("fairgpu.scheduler")
+
+# The leader also serves requests: under a stream of submissions, a cycle that took d seconds
+# is followed by at least 3·d without one (cycles at most a quarter of the process).
+MAX_CYCLE_SHARE = 0.25
 T = TypeVar("T")
 
 
@@ -201,7 +206,11 @@ class SchedulerRuntime:
                     self._wake.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.cycle_interval_s)
-                min_gap_s = max(self.settings.cycle_min_gap_s, self._last_duration_s)
+                # Start to start: at least the minimum gap, and long enough that cycles take
+                # at most MAX_CYCLE_SHARE of this process under a stream of events.
+                min_gap_s = max(
+                    self.settings.cycle_min_gap_s, self._last_duration_s / MAX_CYCLE_SHARE
+                )
                 gap_s = min_gap_s - (time.monotonic() - last_started)
                 if gap_s > 0:
                     await self._sleep(gap_s)
