@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import Allocation, Quota, Task, UsageRecord
@@ -57,9 +58,9 @@ async def test_ledger_must_equal_allocation_intervals(session: AsyncSession) -> 
     assert allocation is not None
     start = utcnow() - timedelta(hours=2)
     end = start + timedelta(seconds=3600)
-    await session.execute(Allocation.__table__.update().values(started_at=start, ended_at=end))
+    await session.execute(update(Allocation).values(started_at=start, ended_at=end))
     j.state = JobState.COMPLETED
-    await session.execute(Task.__table__.update().values(state=JobState.COMPLETED, ended_at=end))
+    await session.execute(update(Task).values(state=JobState.COMPLETED, ended_at=end))
     session.add(
         UsageRecord(
             allocation_id=allocation.id,
@@ -102,7 +103,7 @@ async def test_ended_task_still_holding_gpus_is_reported(session: AsyncSession) 
     _o, _u, _n, _g, j = await _running_job(session, gpus=1)
     task = (await session.execute(Task.__table__.select())).first()
     assert task is not None
-    await session.execute(Task.__table__.update().values(state=JobState.FAILED))
+    await session.execute(update(Task).values(state=JobState.FAILED))
     await session.commit()
     report = await check_invariants(session)
     assert any(f"task {task.id} is FAILED but holds a GPU" in v for v in report.violations)
@@ -111,7 +112,7 @@ async def test_ended_task_still_holding_gpus_is_reported(session: AsyncSession) 
 async def test_gpu_of_another_node_is_reported(session: AsyncSession) -> None:
     *_, j = await _running_job(session, gpus=1)
     other, _gpus = await f.node(session, gpus=1)
-    await session.execute(Task.__table__.update().values(node_id=other.id))
+    await session.execute(update(Task).values(node_id=other.id))
     await session.commit()
     report = await check_invariants(session)
     assert any(f"on node {other.id} holds a GPU of node" in v for v in report.violations)
