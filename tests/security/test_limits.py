@@ -4,6 +4,7 @@ tests/api/test_jobs.py; this is what only a real server, or another endpoint, sh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -119,3 +120,30 @@ def test_csv_usage_is_documented(live: Live) -> None:
     with live.client("member_a") as c:
         r = c.get("/v1/usage", params={"format": "csv"})
     assert r.headers["content-type"].startswith("text/csv")
+
+
+def test_bodies_over_the_limit_are_413_before_being_read(live: Live) -> None:
+    big = b'{"command": ["x"], "time_limit": 60, "name": "' + b"n" * (2 * 1024 * 1024) + b'"}'
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    with live.client("member_a") as c:
+        declared = c.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+        streamed = c.post(
+            "/v1/jobs", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in streamed.request.headers
+        body = _problem(declared, 413)
+        assert "larger than" in body["detail"]
+        _problem(streamed, 413)
+        assert c.get("/v1/jobs").status_code == 200
+    with live.client("agent") as c:  # a heartbeat full of logs is larger, and allowed
+        logs = [
+            {"task_id": 987654, "offset": i * 60000, "next_offset": (i + 1) * 60000,
+             "data": "y" * 60000}
+            for i in range(40)
+        ]  # fmt: skip
+        r = c.post("/v1/agent/heartbeat", json={"logs": logs, "wait_s": 0})
+        assert r.status_code == 200, r.text[:300]
