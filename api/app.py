@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.authcache import AuthCache
+from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
@@ -88,6 +89,7 @@ def create_app(
     app.state.settings = settings
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     install_problem_handlers(app)
+    app.add_middleware(BodySizeLimit)
     for name in _ROUTERS:
         if importlib.util.find_spec(name) is None:
             continue
