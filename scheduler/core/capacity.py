@@ -10,6 +10,7 @@ memo valid.
 from __future__ import annotations
 
 import heapq
+import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping
 
@@ -142,21 +143,24 @@ class _Layout:
 # be reused by another object while the entry lives. Tuples and nodes are immutable.
 _LAYOUTS: OrderedDict[int, tuple[tuple[Node, ...], _Layout]] = OrderedDict()
 _LAYOUTS_KEPT = 4
+_LAYOUTS_LOCK = threading.Lock()
 
 
 def _layout(nodes: Iterable[Node]) -> _Layout:
     if not isinstance(nodes, tuple):
         return _Layout(nodes)
     key = id(nodes)
-    hit = _LAYOUTS.get(key)
-    if hit is not None and hit[0] is nodes:
-        _LAYOUTS.move_to_end(key)
-        return hit[1]
+    with _LAYOUTS_LOCK:  # cycles may run in several threads of one server
+        hit = _LAYOUTS.get(key)
+        if hit is not None and hit[0] is nodes:
+            _LAYOUTS.move_to_end(key)
+            return hit[1]
     layout = _Layout(nodes)
-    _LAYOUTS[key] = (nodes, layout)
-    _LAYOUTS.move_to_end(key)
-    while len(_LAYOUTS) > _LAYOUTS_KEPT:
-        _LAYOUTS.popitem(last=False)
+    with _LAYOUTS_LOCK:
+        _LAYOUTS[key] = (nodes, layout)
+        _LAYOUTS.move_to_end(key)
+        while len(_LAYOUTS) > _LAYOUTS_KEPT:
+            _LAYOUTS.popitem(last=False)
     return layout
 
 
