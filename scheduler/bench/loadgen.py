@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 GPUS_PER_NODE = 8
+MAX_WARMUP_ROUNDS = 10
 
 
 def server_cpu_s(pid: int) -> float:
@@ -305,6 +306,7 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
         creds = await register_nodes(host, port, args["join_token"], args["nodes"], args["run_id"])
         running: list[dict[int, dict[str, Any]]] = [{} for _ in creds]
         energy = [0.0]
+        started = [0]
         per_worker = max(1, len(creds) // int(args["concurrency"]))
 
         def node_of(w: int, i: int) -> int:
@@ -325,6 +327,7 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
             n = node_of(w, i)
             now = datetime.now(UTC).isoformat()
             for spec in reply.get("start", []):
+                started[0] += spec["task_id"] not in running[n]
                 running[n][spec["task_id"]] = {
                     "task_id": spec["task_id"],
                     "job_id": spec["job_id"],
@@ -335,18 +338,21 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
             for stop in reply.get("stop", []):
                 running[n].pop(stop["task_id"], None)
 
-        # Warm-up, not measured: one heartbeat per node, as every agent sends right after it
-        # registers (it acknowledges any task started meanwhile). The measured phase is then
-        # the steady state of a running cluster, not a burst of first contacts.
-        warm = await run_phase(
-            host,
-            port,
-            args["concurrency"],
-            float("inf"),
-            make_hb,
-            on_hb,
-            stop_after=per_worker,
-        )
+        # Warm-up, not measured: rounds of one heartbeat per node, as agents send them, until
+        # a round brings no task to start (every job submitted above is placed and its start
+        # acknowledged). The measured phase is then the steady state of a running cluster:
+        # heartbeats with running tasks and samples, not the start-up of thousands of jobs
+        # (`fairgpu bench latency` measures starts).
+        warm_requests, rounds = 0, 0
+        while rounds < MAX_WARMUP_ROUNDS:
+            rounds += 1
+            before = started[0]
+            warm = await run_phase(
+                host, port, args["concurrency"], float("inf"), make_hb, on_hb, stop_after=per_worker
+            )
+            warm_requests += warm.requests
+            if started[0] == before:
+                break
         res = await run_phase(
             host,
             port,
@@ -358,7 +364,8 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
         )
         out["heartbeat"] = res.summary()
         out["heartbeat"]["nodes"] = len(creds)
-        out["heartbeat"]["warmup_requests"] = warm.requests
+        out["heartbeat"]["warmup_requests"] = warm_requests
+        out["heartbeat"]["warmup_rounds"] = rounds
         out["heartbeat"]["tasks_reported"] = sum(len(r) for r in running)
     return out
 
