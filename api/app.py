@@ -57,6 +57,9 @@ def create_app(
             pool_size=settings.database_pool_size,
             echo=settings.database_echo,
             pre_ping=settings.database_pre_ping,
+            # No server transaction waits on anything: one idle this long belongs to a frozen
+            # process, and holding the lease row it would block failover.
+            idle_in_transaction_timeout_s=settings.lease_timeout_s,
         )
         try:
             if settings.migrate_on_start:

@@ -28,10 +28,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(
-    database_url: str, *, pool_size: int = 10, echo: bool = False, pre_ping: bool = True
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    echo: bool = False,
+    pre_ping: bool = True,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> AsyncEngine:
     """`pre_ping` checks each pooled connection before use: safer across database restarts, but
-    on PostgreSQL it costs three round trips (BEGIN; SELECT 1; ROLLBACK) per checkout."""
+    on PostgreSQL it costs three round trips (BEGIN; SELECT 1; ROLLBACK) per checkout.
+
+    `idle_in_transaction_timeout_s` (PostgreSQL) lets the database end a transaction whose client
+    stopped talking: a server frozen in the middle of a scheduling apply would otherwise keep the
+    lease row locked, and no standby could take over until it woke up.
+    """
     url = normalise_database_url(database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(
@@ -39,6 +49,10 @@ def make_engine(
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    connect_args: dict[str, object] = {}
+    if idle_in_transaction_timeout_s is not None:
+        timeout_ms = max(1, int(idle_in_transaction_timeout_s * 1000))
+        connect_args["server_settings"] = {"idle_in_transaction_session_timeout": str(timeout_ms)}
     return create_async_engine(
         url,
         echo=echo,
@@ -46,6 +60,7 @@ def make_engine(
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
+        connect_args=connect_args,
     )
 
 
