@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import typer
 
@@ -24,11 +25,19 @@ app.add_typer(admin.app, name="admin")
 user_commands.register(app)
 
 
+def _quiet_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """A library's worker thread failing after its command already failed (aiosqlite delivering
+    a result to an event loop `asyncio.run` has closed) must not print a traceback either."""
+    if sys.flags.dev_mode:
+        threading.__excepthook__(args)
+
+
 def main() -> None:
     """Run the CLI; whatever escapes a command ends as one line on stderr, never a traceback.
 
     `python -X dev -m cli.main ...` (or PYTHONDEVMODE=1) shows the traceback for debugging.
     """
+    threading.excepthook = _quiet_thread_exception
     try:
         app()
     except KeyboardInterrupt:

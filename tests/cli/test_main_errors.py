@@ -40,3 +40,25 @@ def test_main_turns_any_escaping_exception_into_one_line(
         cli.main.main()
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == "fairgpu: error: RuntimeError: boom\n"
+
+
+def test_a_failing_background_thread_prints_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As when aiosqlite's worker thread outlives the event loop of a failed command."""
+    import threading
+
+    import cli.main
+
+    def app_with_a_dying_thread() -> None:
+        def worker() -> None:
+            raise RuntimeError("Event loop is closed")
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+
+    monkeypatch.setattr(cli.main, "app", app_with_a_dying_thread)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored after the test
+    cli.main.main()
+    assert "Traceback" not in capsys.readouterr().err
