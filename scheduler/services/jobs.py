@@ -246,32 +246,6 @@ async def dependencies_of(session: AsyncSession, job_ids: Sequence[int]) -> dict
     return out
 
 
-async def list_jobs(
-    session: AsyncSession,
-    *,
-    scope_org_id: int | None,
-    org_id: int | None = None,
-    user_id: int | None = None,
-    states: Sequence[JobState] = (),
-    before_id: int | None = None,
-    limit: int = 100,
-) -> tuple[list[Job], bool]:
-    """Newest first. Returns (jobs, more): `more` says a next page exists."""
-    stmt = select(Job)
-    if scope_org_id is not None:
-        stmt = stmt.where(Job.org_id == scope_org_id)
-    if org_id is not None:
-        stmt = stmt.where(Job.org_id == org_id)
-    if user_id is not None:
-        stmt = stmt.where(Job.user_id == user_id)
-    if states:
-        stmt = stmt.where(Job.state.in_(list(states)))
-    if before_id is not None:
-        stmt = stmt.where(Job.id < before_id)
-    rows = list((await session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1))).all())
-    return rows[:limit], len(rows) > limit
-
-
 def check_may_act(job: Job, *, user_id: int, may_admin_org: bool) -> None:
     """Members act on their own jobs; org admins and platform admins on every job they see."""
     if not may_admin_org and job.user_id != user_id:
