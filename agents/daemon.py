@@ -188,7 +188,7 @@ class Agent:
             try:
                 if self.runner.poll():
                     self._changed.set()
-                self.logs.enforce_cap(self.runner.running())
+                self.logs.enforce_cap(list(self.runner.records.values()))
                 self.runner.prune(older_than_s=self.config.keep_ended_tasks_s)
             except Exception:
                 log.exception("checking tasks failed; trying again")  # e.g. a full disk

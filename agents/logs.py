@@ -104,6 +104,8 @@ class LogShipper:
     def enforce_cap(self, records: Iterable[TaskRecord]) -> None:
         for record in records:
             if record.state in TERMINAL_TASK_STATES:
+                if not record.log_complete:
+                    self._trim_ended(record)
                 continue
             path = self.state.log_path(record.task_id)
             try:
@@ -117,3 +119,33 @@ class LogShipper:
                 record.log_base_bytes += size
                 self.in_flight.pop(record.task_id, None)
                 self.state.save(record)
+
+    def _trim_ended(self, record: TaskRecord) -> None:
+        """An ended task's unshipped log beyond the cap keeps only its last `max_bytes`.
+
+        A task that floods its log can end between two checks of the cap with far more than the
+        cap on disk; without this it would stay there, and all of it would be shipped. Nothing
+        writes to an ended task's log, so it can be rewritten; the tail (how it ended) is kept,
+        the server gets the usual marker for the gap.
+        """
+        path = self.state.log_path(record.task_id)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        unshipped = record.log_base_bytes + size - record.log_shipped_bytes
+        if unshipped <= self.max_bytes:
+            return
+        with path.open("rb") as f:
+            f.seek(size - self.max_bytes)
+            tail = f.read()
+        start = 0
+        while start < len(tail) and tail[start] & 0xC0 == 0x80:  # begin on a character
+            start += 1
+        tail = tail[start:]
+        tmp = path.with_name(path.name + ".trim")
+        tmp.write_bytes(tail)
+        os.replace(tmp, path)
+        record.log_base_bytes += size - len(tail)
+        self.in_flight.pop(record.task_id, None)
+        self.state.save(record)

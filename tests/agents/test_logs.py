@@ -96,3 +96,20 @@ def test_cap_with_the_server_away_leaves_a_marker(state: StateDir) -> None:
     [marker] = shipper.chunks([record])
     assert (marker.offset, marker.next_offset) == (0, 250)
     assert "250 bytes of log dropped" in marker.data
+
+
+def test_an_ended_task_keeps_only_the_tail_of_an_oversized_log(state: StateDir) -> None:
+    """A flood that ends between two cap checks: the node keeps the cap's worth of its end."""
+    flood = b"x" * 5000 + "é".encode() * 10 + b"\nTerminated\n"
+    record = record_with_log(state, flood, task_id=7)
+    record.state = "timeout"
+    shipper = LogShipper(state, max_bytes=100)
+    shipper.enforce_cap([record])
+    kept = state.log_path(7).read_bytes()
+    assert len(kept) <= 100
+    assert kept.endswith(b"\nTerminated\n")
+    kept.decode("utf-8")  # cut on a character boundary
+    assert record.log_base_bytes == len(flood) - len(kept)
+    chunks = shipper.chunks([record])
+    assert chunks[0].data.startswith("[fairgpu: ")  # the server is told about the gap
+    assert "".join(c.data for c in chunks).endswith("\nTerminated\n")
