@@ -19,6 +19,21 @@ STOP_NODE_LOST = "node-lost"
 STOP_STALE = "stale"  # the server no longer knows the task (e.g. after a node came back)
 
 
+REASON_MAX_CHARS = 1024
+
+
+def _clip(reason: str | None) -> str | None:
+    return reason[:REASON_MAX_CHARS] if reason else None
+
+
+def _stamp(row: Job | Task, to_state: JobState, at: datetime) -> None:
+    """The start and end times a state implies, shared by jobs and tasks."""
+    if to_state is JobState.RUNNING and row.started_at is None:
+        row.started_at = at
+    if to_state.is_terminal:
+        row.ended_at = at
+
+
 def transition_job(
     session: AsyncSession,
     job: Job,
@@ -39,15 +54,12 @@ def transition_job(
         from_state=str(job.state) if job.state is not None else None,
         to_state=str(to_state),
         actor=actor,
-        reason=reason[:1024] if reason else None,
+        reason=_clip(reason),
         details=details,
     )
     job.state = to_state
-    job.state_reason = reason[:1024] if reason else None
-    if to_state is JobState.RUNNING and job.started_at is None:
-        job.started_at = at
-    if to_state.is_terminal:
-        job.ended_at = at
+    job.state_reason = _clip(reason)
+    _stamp(job, to_state, at)
     session.add(event)
     return event
 
@@ -70,14 +82,11 @@ def transition_task(
         from_state=str(task.state) if task.state is not None else None,
         to_state=str(to_state),
         actor=actor,
-        reason=reason[:1024] if reason else None,
+        reason=_clip(reason),
         details={"task_id": task.id, "node_rank": task.node_rank, "attempt": task.attempt},
     )
     task.state = to_state
-    task.reason = reason[:1024] if reason else None
-    if to_state is JobState.RUNNING and task.started_at is None:
-        task.started_at = at
-    if to_state.is_terminal:
-        task.ended_at = at
+    task.reason = _clip(reason)
+    _stamp(task, to_state, at)
     session.add(event)
     return event
