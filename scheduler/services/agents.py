@@ -34,6 +34,7 @@ from scheduler.db.types import utcnow
 from scheduler.services.accounting import SampleUsage, record_sample_usage, sample_usage
 from scheduler.services.errors import Conflict, Forbidden, Unauthenticated
 from scheduler.services.jobstate import STOP_STALE, transition_job, transition_task
+from scheduler.services.livebuffer import sample_json
 from scheduler.services.scheduling.tasks import (
     STOP_REASON_STATE,
     EndEffects,
@@ -265,12 +266,6 @@ async def heartbeat(
     return outcome
 
 
-def _sample_json(sample: GpuSample) -> dict[str, Any]:
-    data = sample.model_dump(mode="json", exclude={"processes"})
-    data["process_count"] = len(sample.processes)
-    return data
-
-
 async def _apply_samples(
     session: AsyncSession,
     node_id: int,
@@ -312,7 +307,7 @@ async def _apply_samples(
             )
             if usage is not None:
                 usages.append(usage)
-        gpu.last_sample = _sample_json(sample)
+        gpu.last_sample = sample_json(sample)
         gpu.last_sample_at = sample.sampled_at
         health = GpuHealth(sample.health)
         if health is not gpu.health:
