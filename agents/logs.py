@@ -1,9 +1,13 @@
-"""Ships task logs to the server in bounded chunks, and caps their size on the node.
+"""Ships task logs to the server in bounded chunks.
 
 A chunk stays in flight until a heartbeat reply acknowledges it and is sent again with the same
-bounds until then, so the server can recognise duplicates by offset. The cap drops the front of
-a log only once the server has it, unless the log grows past twice the cap while the server is
-away: then the node's disk wins and the server gets a marker for the gap.
+bounds until then, so the server can recognise duplicates by offset. The node's copy is capped
+as it is written (agents.logcap): output dropped before the server had it reaches the server as
+a marker that says how many bytes are missing.
+
+Tasks started before the copier existed write one file, `log`, themselves; for those the cap is
+enforced here (`enforce_cap`): the front of the log is dropped only once the server has it,
+unless the log grows past twice the cap while the server is away.
 """
 
 from __future__ import annotations
@@ -63,19 +67,11 @@ class LogShipper:
         position = pending[-1].next_offset if pending else record.log_shipped_bytes
         task_id = record.task_id
         ended = record.state in TERMINAL_TASK_STATES
-        if position < record.log_base_bytes:
-            dropped = record.log_base_bytes - position
+        start, data, at_end = self._read(record, position)
+        if start > position:
+            dropped = start - position
             marker = f"[fairgpu: {dropped} bytes of log dropped on the node (size cap)]\n"
-            return LogChunk(
-                task_id=task_id, offset=position, next_offset=record.log_base_bytes, data=marker
-            )
-        try:
-            with open(self.state.log_path(task_id), "rb") as f:
-                f.seek(position - record.log_base_bytes)
-                data = f.read(self.chunk_bytes)
-                at_end = f.read(1) == b""
-        except FileNotFoundError:
-            data, at_end = b"", True
+            return LogChunk(task_id=task_id, offset=position, next_offset=start, data=marker)
         if not ended:
             data = data[: _utf8_boundary(data)]
         if not data and not ended:
@@ -87,6 +83,42 @@ class LogShipper:
             data=data.decode("utf-8", errors="replace"),
             eof=ended and at_end,
         )
+
+    def _read(self, record: TaskRecord, position: int) -> tuple[int, bytes, bool]:
+        """Up to a chunk of the log from `position`, across segments: (start, data, at_end).
+
+        `start` is past `position` when the bytes before it are no longer on the node; `at_end`
+        says that nothing follows the data (yet). A segment the copier drops while this reads
+        it is read again from the new list.
+        """
+        for _attempt in range(3):
+            segments = self.state.log_segments(record)
+            if not segments:
+                return position, b"", True
+            if position < segments[0][0]:
+                return segments[0][0], b"", False
+            data = bytearray()
+            try:
+                for i, (first, path) in enumerate(segments):
+                    following = segments[i + 1][0] if i + 1 < len(segments) else None
+                    pos = position + len(data)
+                    if following is not None and following <= pos:
+                        continue
+                    if first > pos:  # a gap (a failed write): ship what comes before it first
+                        return (position, bytes(data), False) if data else (first, b"", False)
+                    with open(path, "rb") as f:
+                        f.seek(pos - first)
+                        data += f.read(self.chunk_bytes - len(data))
+                        at_end = f.read(1) == b""
+                    if following is None:
+                        return position, bytes(data), at_end
+                    if len(data) >= self.chunk_bytes:
+                        return position, bytes(data), False
+                    if position + len(data) < following:  # this segment ends short of the next
+                        return (position, bytes(data), False) if data else (following, b"", False)
+            except FileNotFoundError:
+                continue
+        return position, b"", False
 
     def acknowledge(self, records: dict[int, TaskRecord], sent: Iterable[LogChunk]) -> None:
         for chunk in sent:

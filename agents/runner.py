@@ -1,34 +1,53 @@
 """Runs tasks as process groups, enforces time limits and stops, and finds them after a restart.
 
 Each task runs under a tiny `sh` wrapper that is the leader of a new session (so a signal to the
-group reaches everything the job started) and writes the command's exit status to a file. The
-task writes its log itself, not through a pipe to the agent, so neither the log nor the task
-dies with the agent; the exit file gives the exit status even when the agent that started the
-task is not the one that sees it end.
+group reaches everything the job started) and writes the command's exit status to a file; the
+exit file gives the exit status even when the agent that started the task is not the one that
+sees it end. The task's output goes through a pipe to a copier the wrapper starts in the same
+session (agents.logcap), never to the agent, so neither the log nor the task dies with the agent,
+and the copier keeps the log on disk within `log_max_bytes` however fast the task writes. The
+copier holds a lock the agent took for it until it has written the last byte: a task has ended
+once its wrapper has exited and that lock is free (or `output_drain_s` has passed: processes the
+task left behind may keep the pipe open).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
+from agents import logcap
 from agents.container import Runtime, container_launch
 from agents.state import StateDir, TaskRecord, utcnow
 from api.schemas.agent import TERMINAL_TASK_STATES, TaskSpec, TaskState
 
 log = logging.getLogger(__name__)
 
-# `trap :` (a handler, not "ignore") lets the wrapper outlive SIGTERM to record the status while
-# the command itself still gets SIGTERM's default action: ignored signals would be inherited.
-_WRAPPER = 'trap : TERM INT HUP; "$@"; s=$?; echo $s > "$0.tmp" && mv "$0.tmp" "$0"; exit $s'
+# Started with the output pipe's read end on stdin, its write end on stdout and the copier's lock
+# on stderr. The copier inherits "ignore" for TERM, INT and HUP, the read end and the lock (as fd
+# 3); the wrapper then keeps only the write end (for its own "Terminated" lines too). `trap :`
+# (a handler, not "ignore") lets the wrapper outlive SIGTERM to record the status while the
+# command itself still gets SIGTERM's default action: ignored signals would be inherited.
+# (A background command's stdin would be /dev/null without an explicit redirection: hence fd 4.)
+_WRAPPER = (
+    "trap '' TERM INT HUP; exec 4<&0; "
+    '"$1" -I -S "$2" "$3" "$4" "$5" <&4 4<&- 3>&2 >/dev/null 2>>"$3/logcap.err" & '
+    "trap : TERM INT HUP; exec 2>&1 </dev/null 4<&-; shift 5; "
+    '"$@"; s=$?; echo $s > "$0.tmp" && mv "$0.tmp" "$0"; exit $s'
+)
+_LOGCAP = str(Path(logcap.__file__).resolve())
 # Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
 _INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME", "TMPDIR")
 
@@ -41,6 +60,12 @@ class RunnerConfig:
     container_binary: str | None = None
     time_limit_grace_s: float = 30.0
     log_max_bytes: int = 64 * 1024 * 1024
+    """The most of a task's log kept on the node's disk (its latest output)."""
+    log_max_rate_bytes_per_s: int = 64 * 1024 * 1024
+    """Output beyond this (after a burst of a few seconds' worth) makes the task's writes wait:
+    it bounds what a task flooding its log costs the node. 0: no limit."""
+    output_drain_s: float = 5.0
+    """How long after the wrapper exits the copier may take to write the rest of the output."""
 
 
 def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool) -> dict[str, str]:
@@ -72,6 +97,7 @@ class Runner:
         self.config = config or RunnerConfig()
         self.records: dict[int, TaskRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._draining_since: dict[int, float] = {}
 
     # lifecycle -------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -84,8 +110,9 @@ class Runner:
                 self._end(record, "lost", reason="agent stopped while starting the task")
             elif _alive(record.pid, record.pid_create_time):
                 log.info("task %d: found running as pid %d", record.task_id, record.pid)
-            else:
+            elif not self._output_pending(record):
                 self._settle_exit(record, wrapper_returncode=None)
+            # else: the wrapper has exited and the copier is still writing; poll settles it.
 
     def start(self, spec: TaskSpec) -> bool:
         """Start a task unless this node already knows it (a task never starts twice)."""
@@ -118,13 +145,13 @@ class Runner:
             child = self._children.get(record.task_id)
             if child is not None:
                 returncode = child.poll()
-                if returncode is not None:
+                exited = returncode is not None
+            else:
+                returncode, exited = None, not _alive(record.pid, record.pid_create_time)
+            if exited:
+                if not self._output_pending(record):
                     self._settle_exit(record, wrapper_returncode=returncode)
                     changed = True
-                    continue
-            elif not _alive(record.pid, record.pid_create_time):
-                self._settle_exit(record, wrapper_returncode=None)
-                changed = True
                 continue
             if record.kill_at is not None and now >= record.kill_at and not record.killed:
                 self._kill(record)
@@ -190,21 +217,33 @@ class Runner:
             raise OSError("the job asks for a container image but no container runtime is set")
         exit_path = self.state.exit_path(spec.task_id)
         exit_path.unlink(missing_ok=True)
-        log_fd = os.open(
-            self.state.log_path(spec.task_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
-        )
+        copier = [
+            sys.executable,
+            _LOGCAP,
+            str(self.state.task_dir(spec.task_id)),
+            str(cfg.log_max_bytes),
+            str(cfg.log_max_rate_bytes_per_s),
+        ]
+        read_fd, write_fd = os.pipe()
         try:
-            child = subprocess.Popen(
-                ["/bin/sh", "-c", _WRAPPER, str(exit_path), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                cwd=spec.workdir or None,
-                env=env,
-                start_new_session=True,
-            )
+            lock_path = self.state.output_lock_path(spec.task_id)
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)  # the copier holds it from here on
+                child = subprocess.Popen(
+                    ["/bin/sh", "-c", _WRAPPER, str(exit_path), *copier, *argv],
+                    stdin=read_fd,
+                    stdout=write_fd,
+                    stderr=lock_fd,
+                    cwd=spec.workdir or None,
+                    env=env,
+                    start_new_session=True,
+                )
+            finally:
+                os.close(lock_fd)
         finally:
-            os.close(log_fd)
+            os.close(read_fd)
+            os.close(write_fd)
         self._children[spec.task_id] = child
         record.pid = child.pid
         record.pid_create_time = _create_time(child.pid)
@@ -239,6 +278,7 @@ class Runner:
     def _settle_exit(self, record: TaskRecord, *, wrapper_returncode: int | None) -> None:
         """Final state from the exit file, else from how the wrapper itself ended."""
         self._children.pop(record.task_id, None)
+        self._draining_since.pop(record.task_id, None)
         exit_code: int | None = None
         sig: int | None = None
         try:
@@ -269,6 +309,18 @@ class Runner:
         record.exit_code, record.signal = exit_code, sig
         self._end(record, state, reason=reason)
 
+    def _output_pending(self, record: TaskRecord) -> bool:
+        """The wrapper has exited; True while its copier may still be writing the output."""
+        if _lock_free(self.state.output_lock_path(record.task_id)):
+            return False
+        since = self._draining_since.setdefault(record.task_id, time.monotonic())
+        if time.monotonic() - since < self.config.output_drain_s:
+            return True
+        log.warning(
+            "task %d: ended, but processes it left behind still hold its output", record.task_id
+        )
+        return False
+
     def _end(self, record: TaskRecord, state: TaskState, *, reason: str) -> None:
         record.state = state
         record.reason = reason
@@ -278,6 +330,21 @@ class Runner:
 
 
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
+
+
+def _lock_free(path: Path) -> bool:
+    """Nobody holds the lock (a task started before the copier existed has no lock file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases the lock if it was taken
+    return True
 
 
 def _create_time(pid: int) -> float | None:

@@ -2,7 +2,10 @@
 
     credential.json        node id, name and bearer token (mode 0600)
     tasks/<id>/record.json the task spec, pid and pid start time, state, log and report progress
-    tasks/<id>/log         the task's combined stdout and stderr, written by the task itself
+    tasks/<id>/log.<offset> the task's combined stdout and stderr in at most two segments, each
+                           named by the offset of its first byte (agents.logcap writes them)
+    tasks/<id>/log         the same as one file, from tasks started before the copier existed
+    tasks/<id>/output.lock held by the copier until it has written the task's last byte
     tasks/<id>/exit        the command's exit status, written by the launch wrapper
 
 Every write goes to a temporary file and is renamed into place, so a crash leaves either the old
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from pydantic import AwareDatetime, BaseModel
 
+from agents.logcap import list_segments
 from api.schemas.agent import TaskReport, TaskSpec, TaskState
 
 
@@ -49,7 +53,8 @@ class TaskRecord(BaseModel):
     """When SIGKILL follows the SIGTERM already sent."""
     killed: bool = False
     log_base_bytes: int = 0
-    """Bytes dropped from the front of the local log (size cap): log offsets continue past it."""
+    """Bytes dropped from the front of a single-file `log` (size cap): offsets continue past it.
+    Segmented logs carry this in their names."""
     log_shipped_bytes: int = 0
     """Logical offset up to which the server has acknowledged the log."""
     log_complete: bool = False
@@ -86,10 +91,10 @@ def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
 
 class StateDir:
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tasks_dir = root / "tasks"
+        self.root = root.absolute()  # tasks run in their own working directories
+        self.tasks_dir = self.root / "tasks"
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o700)
+        os.chmod(self.root, 0o700)
 
     # credential
     @property
@@ -117,6 +122,28 @@ class StateDir:
 
     def exit_path(self, task_id: int) -> Path:
         return self.task_dir(task_id) / "exit"
+
+    def output_lock_path(self, task_id: int) -> Path:
+        return self.task_dir(task_id) / "output.lock"
+
+    def log_segments(self, record: TaskRecord) -> list[tuple[int, Path]]:
+        """(offset of the first byte, path) of the parts of a task's log on disk, oldest first."""
+        directory = str(self.task_dir(record.task_id))
+        segments = [(start, Path(path)) for start, path in list_segments(directory)]
+        single = self.log_path(record.task_id)
+        if not segments and single.exists():
+            segments.append((record.log_base_bytes, single))
+        return segments
+
+    def read_log(self, record: TaskRecord) -> bytes:
+        """What the node still holds of a task's log (for people and tests; agents.logs ships)."""
+        data = bytearray()
+        for _start, path in self.log_segments(record):
+            try:
+                data += path.read_bytes()
+            except FileNotFoundError:
+                continue  # dropped while reading: the copier moved on
+        return bytes(data)
 
     def save(self, record: TaskRecord) -> None:
         directory = self.task_dir(record.task_id)

@@ -86,6 +86,22 @@ def agent(
     log_max_bytes: Annotated[
         int, typer.Option(help="Cap on each task's log kept on the node.", min=4096)
     ] = 64 * 1024 * 1024,
+    log_max_rate: Annotated[
+        int,
+        typer.Option(
+            help="Bytes per second a task may write to its log (after a short burst); a job "
+            "printing faster waits on its writes.",
+            min=4096,
+        ),
+    ] = 64 * 1024 * 1024,
+    output_drain_s: Annotated[
+        float,
+        typer.Option(
+            help="Seconds an ended task's leftover child processes may keep its output open "
+            "before the task is reported ended anyway.",
+            min=0,
+        ),
+    ] = 5.0,
     time_limit_grace_s: Annotated[
         float, typer.Option(help="Seconds between SIGTERM and SIGKILL at the time limit.", min=0)
     ] = 30.0,
@@ -117,6 +133,8 @@ def agent(
             container_binary=container_binary,
             time_limit_grace_s=time_limit_grace_s,
             log_max_bytes=log_max_bytes,
+            log_max_rate_bytes_per_s=log_max_rate,
+            output_drain_s=output_drain_s,
         ),
         dcgm_mapping_dir=dcgm_mapping_dir,
     )

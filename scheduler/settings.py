@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         "request with 503 + Retry-After and is replaced.",
     )
     migrate_on_start: bool = Field(True, description="Run migrations when the server starts.")
+    hot_paths: bool = Field(
+        True,
+        description="Answer quiet heartbeats and plain submissions on raw asyncpg before "
+        "FastAPI routes them (PostgreSQL only; api/hot.py). Off: every request is routed.",
+    )
     auth_cache_ttl_s: float = Field(
         2.0,
         ge=0,
@@ -118,6 +123,13 @@ class Settings(BaseSettings):
     )
     token_ttl_s: int = Field(
         90 * 86_400, gt=0, description="Lifetime of a new API token unless one is given."
+    )
+    task_log_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="The most of one task's log the server keeps: beyond it the oldest output "
+        "is dropped (the latest is kept) and reading the dropped range gives a marker that says "
+        "how many bytes are gone.",
     )
 
     @field_validator("database_url")

@@ -3,6 +3,8 @@
 Offsets are byte offsets in the task's log as the agent wrote it. A chunk's end is the next
 chunk's start (or the task's `log_bytes` for the last one): chunks' `data` is decoded text and
 may hold fewer or more bytes than it covered, so the stored offsets, not the text, are the truth.
+The server keeps the last `task_log_max_bytes` of each task's log (scheduler.services.agents
+drops older chunks as new ones arrive): a read of the dropped range gets a marker in their place.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class LogSlice:
     next_offset: int
     data: str
     eof: bool
+
+
+def _dropped_marker(dropped: int) -> str:
+    return f"[fairgpu: {dropped} bytes of log dropped on the server (size cap)]\n"
 
 
 async def _task(session: AsyncSession, job: Job, rank: int, attempt: int | None) -> Task | None:
@@ -86,6 +92,9 @@ async def read_log(
         chunk_end = max(chunk_end, row.offset)
         if chunk_end <= pos:
             continue
+        if row.offset > pos:  # only before the first chunk kept: the server dropped the rest
+            parts.append(_dropped_marker(row.offset - pos))
+            pos = row.offset
         raw = row.data.encode()
         skip = max(0, pos - row.offset)
         piece = raw[skip:] if skip else raw

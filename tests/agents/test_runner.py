@@ -91,7 +91,7 @@ def test_environment_of_a_multi_node_task(
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.1", "29500")
     assert env["MY_VAR"] == "x y"
     assert "FAIRGPU_JOIN_TOKEN" not in env
-    assert state.log_path(7).read_text().strip() == str(tmp_path)
+    assert state.read_log(record).decode().strip() == str(tmp_path)
 
 
 def test_uuids_when_configured_and_no_torchrun_vars_for_one_node(
@@ -114,7 +114,7 @@ def test_exit_code_and_log_capture(state: StateDir) -> None:
     run_to_end(runner, 1)
     r = runner.records[1]
     assert (r.state, r.exit_code, r.signal) == ("exited", 3, None)
-    assert sorted(state.log_path(1).read_text().split()) == ["err", "out"]
+    assert sorted(state.read_log(r).decode().split()) == ["err", "out"]
     assert r.report().ended_at is not None
 
 
@@ -224,6 +224,7 @@ def test_restart_after_task_vanished_without_status_is_lost(state: StateDir) -> 
     runner._children[1].wait()
     again = Runner(state)
     again.recover()
+    run_to_end(again, 1)  # the copier (not killed: its own group) finishes the log first
     assert again.records[1].state == "lost"
 
 
@@ -233,7 +234,8 @@ def test_reused_pid_is_not_adopted(state: StateDir) -> None:
     record = runner.records[1]
     record.pid_create_time = (record.pid_create_time or 0) - 1000  # as if another process
     state.save(record)
-    again = Runner(state)
+    # The task's copier still holds the output lock (its writer lives on): no time to drain it.
+    again = Runner(state, RunnerConfig(output_drain_s=0))
     again.recover()
     assert again.records[1].state == "lost"
     assert record.pid is not None
