@@ -2,7 +2,7 @@
 
 Authentication is one indexed query (token hash joined to its user), with no ORM identity map
 work: it runs on every request, including every agent heartbeat, so it has to stay cheap.
-`last_used_at` is refreshed at most once per `LAST_USED_RESOLUTION_S`, so a busy token does not
+`last_used_at` is refreshed at most once per `LAST_USED_RESOLUTION`, so a busy token does not
 turn every read into a write; and a token seen in the last `auth_cache_ttl_s` is not looked up
 again (api/authcache.py).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
@@ -23,10 +23,9 @@ from api.authcache import AuthCache
 from scheduler.db import ApiToken, User
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Forbidden, Unauthenticated
-from scheduler.services.tokens import hash_token
+from scheduler.services.tokens import LAST_USED_RESOLUTION, hash_token
 from scheduler.states import Role, TokenKind
 
-LAST_USED_RESOLUTION_S = 300.0
 MAX_TOKEN_CHARS = 256
 
 
@@ -84,13 +83,21 @@ class Principal:
         return self.role is Role.ORG_ADMIN and org_id is not None and org_id == self.org_id
 
 
+def parse_bearer(header: str) -> str | None:
+    """The secret of an `Authorization: Bearer <secret>` header; None when malformed."""
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret or len(secret) > MAX_TOKEN_CHARS:
+        return None
+    return secret
+
+
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise Unauthenticated("missing bearer token (Authorization: Bearer <token>)")
-    scheme, _, secret = header.partition(" ")
-    secret = secret.strip()
-    if scheme.lower() != "bearer" or not secret or len(secret) > MAX_TOKEN_CHARS:
+    secret = parse_bearer(header)
+    if secret is None:
         raise Unauthenticated("malformed Authorization header: expected 'Bearer <token>'")
     return secret
 
@@ -135,9 +142,7 @@ async def _lookup(
         raise Unauthenticated("token revoked")
     if row.expires_at is not None and row.expires_at <= now:
         raise Unauthenticated("token expired")
-    if row.last_used_at is None or now - row.last_used_at > timedelta(
-        seconds=LAST_USED_RESOLUTION_S
-    ):
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         await session.execute(
             update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now)
         )

@@ -47,6 +47,23 @@ def _slug(title: str) -> str:
     return title.lower().replace(" ", "-")
 
 
+def problem_body(
+    status: int, detail: str, instance: str, *, title: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The RFC 9457 document for `status`; `instance` is the request's path."""
+    title = title or _TITLES.get(status, "Error")
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + _slug(title),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    for key, value in extra.items():
+        body.setdefault(key, value)
+    return body
+
+
 def problem(
     request: Request,
     status: int,
@@ -56,18 +73,8 @@ def problem(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    title = title or _TITLES.get(status, "Error")
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + _slug(title),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "instance": request.url.path,
-    }
-    for key, value in extra.items():
-        body.setdefault(key, value)
     return JSONResponse(
-        body,
+        problem_body(status, detail, request.url.path, title=title, **extra),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=dict(headers) if headers else None,

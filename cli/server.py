@@ -36,7 +36,7 @@ def server(
     # Workers build their own app from FAIRGPU_* variables: pass the URL on through them.
     os.environ["FAIRGPU_DATABASE_URL"] = settings.database_url
     uvicorn.run(
-        "api.app:create_app",
+        "api.app:create_server_app",
         factory=True,
         host=host,
         port=port,

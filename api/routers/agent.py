@@ -6,10 +6,12 @@ never keeps a transaction (or a pooled connection) open while it waits.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep
+from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep, parse_bearer
 from api.schemas.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
 from scheduler.db.types import utcnow
 from scheduler.services import agents as svc
@@ -21,13 +23,11 @@ from scheduler.services.scheduling import work
 from scheduler.settings import Settings
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
-MAX_TOKEN_CHARS = 256
 
 
 def _join_token(request: Request) -> str:
-    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-    secret = secret.strip()
-    if scheme.lower() != "bearer" or not secret or len(secret) > MAX_TOKEN_CHARS:
+    secret = parse_bearer(request.headers.get("authorization", ""))
+    if secret is None:
         raise Unauthenticated("registration needs 'Authorization: Bearer <join token>'")
     return secret
 
@@ -73,7 +73,9 @@ async def heartbeat(
     node_id = principal.node_id
     now = utcnow()
     live: LiveBuffer | None = getattr(runtime, "live", None)
-    if live is not None and settings.heartbeat_flush_interval_s > 0:
+    # The hot path (api/hot.py) has already read the node and found it needs the full path.
+    tried = getattr(request.state, "hot_path_tried", False)
+    if live is not None and settings.heartbeat_flush_interval_s > 0 and not tried:
         conn = await quick.connection()
         done = await quick_heartbeat(conn, node_id=node_id, body=body, buffer=live, now=now)
         await quick.rollback()  # ends the read (a no-op on an autocommit connection)
@@ -83,7 +85,7 @@ async def heartbeat(
             wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
             reply = work.reply(settings, now)
             if wait_s > 0:
-                reply = await _hold(request, runtime, node_id, wait_s, reply)
+                reply = await hold_heartbeat(request.app.state, node_id, wait_s, reply)
             return _json(reply)
     maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     buffered = live.take_node(node_id) if live is not None else []
@@ -107,19 +109,17 @@ async def heartbeat(
         wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
         if wait_s <= 0 or outcome.urgent or reply.start or reply.stop:
             return _json(reply)
-    return _json(await _hold(request, runtime, node_id, wait_s, reply))
+    return _json(await hold_heartbeat(request.app.state, node_id, wait_s, reply))
 
 
-async def _hold(
-    request: Request,
-    runtime: SchedulerRuntime,
-    node_id: int,
-    wait_s: float,
-    reply: HeartbeatReply,
+async def hold_heartbeat(
+    state: Any, node_id: int, wait_s: float, reply: HeartbeatReply
 ) -> HeartbeatReply:
-    """Hold the long-poll; each check is a short read in a session of its own."""
-    settings: Settings = request.app.state.settings
-    maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    """Hold the long-poll (`state` is the app's); each check is a short read in a session of
+    its own."""
+    settings: Settings = state.settings
+    runtime: SchedulerRuntime = state.runtime
+    maker: async_sessionmaker[AsyncSession] = state.sessionmaker
 
     async def check() -> HeartbeatReply | None:
         async with maker() as session:

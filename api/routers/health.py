@@ -45,8 +45,9 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
             headers=headers,
         )
     runtime = getattr(request.app.state, "runtime", None)
-    return {
-        "status": "ready",
-        "revision": sorted(current),
-        "scheduler_leader": bool(getattr(runtime, "is_leader", False)),
-    }
+    confirm = getattr(runtime, "confirm_leader", None)
+    if confirm is not None:
+        leader = bool(await confirm())
+    else:
+        leader = bool(getattr(runtime, "is_leader", False))
+    return {"status": "ready", "revision": sorted(current), "scheduler_leader": leader}

@@ -57,7 +57,7 @@ def scope_of(principal: Principal) -> int | None:
     return principal.org_id if principal.org_id is not None else -1
 
 
-def _public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
+def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
     return JobPublic(
         id=job.id,
         org_id=job.org_id,
@@ -88,7 +88,7 @@ def _public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
 
 
 def _listed_public(listed: ListedJob) -> JobPublic:
-    public = _public(listed.job, listed.depends_on)
+    public = job_public(listed.job, listed.depends_on)
     public.org_name = listed.org_name
     public.user_name = listed.user_name
     public.node_names = listed.node_names
@@ -108,7 +108,7 @@ def _notify(request: Request, reason: str, nodes: list[int] | None = None) -> No
     runtime.notify(reason)
 
 
-def _idempotency_key(value: str | None) -> str | None:
+def checked_idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
     key = value.strip()
@@ -169,7 +169,7 @@ async def submit_job(
     if principal.user_id is None:
         raise InvalidInput("jobs belong to a user")
     org_id = await _submit_org(session, principal, body.org)
-    key = _idempotency_key(idempotency_key)
+    key = checked_idempotency_key(idempotency_key)
     settings: Settings = request.app.state.settings
     spec = svc.JobSpec(**body.model_dump(exclude={"org"}))
     try:
@@ -196,10 +196,10 @@ async def submit_job(
     # Serialised once, straight to JSON: this is the hot path.
     if result.created:
         _notify(request, "submit")
-        public = _public(result.job, spec.depends_on)
+        public = job_public(result.job, spec.depends_on)
         return Response(public.model_dump_json(), status_code=201, media_type="application/json")
     deps = await svc.dependencies_of(session, [result.job.id])
-    public = _public(result.job, deps.get(result.job.id))
+    public = job_public(result.job, deps.get(result.job.id))
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
 
 

@@ -71,7 +71,10 @@ TERMINAL_TASK_STATES: frozenset[str] = frozenset(
 
 class _Model(BaseModel):
     # Unknown fields are an error so that a typo or a version skew is loud, not silently dropped.
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # NaN and infinities are refused: they are not JSON, and a stored sample must be.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 class GpuInfo(_Model):
@@ -85,7 +88,9 @@ class GpuInfo(_Model):
     """The raw product name NVML reports ("NVIDIA H100 80GB HBM3"), for operators."""
     memory_bytes: NonNegInt
     mig_enabled: bool = False
-    nvlink_peers: Annotated[list[GpuIndex], Field(max_length=MAX_GPUS_PER_NODE)] = []
+    nvlink_peers: Annotated[list[GpuIndex], Field(max_length=MAX_GPUS_PER_NODE)] = Field(
+        default_factory=list
+    )
     """Indices of GPUs on this node reachable over NVLink; placement prefers such groups."""
 
 
@@ -131,11 +136,15 @@ class GpuSample(_Model):
     """Monotonic counter since the driver loaded; the server takes differences for accounting."""
     ecc_uncorrected_total: NonNegInt | None = None
     ecc_corrected_total: NonNegInt | None = None
-    xid_events: Annotated[list[NonNegInt], Field(max_length=MAX_XID_EVENTS_PER_SAMPLE)] = []
+    xid_events: Annotated[list[NonNegInt], Field(max_length=MAX_XID_EVENTS_PER_SAMPLE)] = Field(
+        default_factory=list
+    )
     """XID error codes seen since the previous sample (an XID is a driver-reported GPU fault)."""
     health: GpuHealth = "healthy"
     health_reason: ShortText = ""
-    processes: Annotated[list[GpuProcess], Field(max_length=MAX_PROCESSES_PER_GPU)] = []
+    processes: Annotated[list[GpuProcess], Field(max_length=MAX_PROCESSES_PER_GPU)] = Field(
+        default_factory=list
+    )
 
 
 class TaskReport(_Model):
@@ -172,9 +181,15 @@ class LogChunk(_Model):
 
 
 class Heartbeat(_Model):
-    samples: Annotated[list[GpuSample], Field(max_length=MAX_GPUS_PER_NODE)] = []
-    tasks: Annotated[list[TaskReport], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = []
-    logs: Annotated[list[LogChunk], Field(max_length=MAX_LOG_CHUNKS_PER_HEARTBEAT)] = []
+    samples: Annotated[list[GpuSample], Field(max_length=MAX_GPUS_PER_NODE)] = Field(
+        default_factory=list
+    )
+    tasks: Annotated[list[TaskReport], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = Field(
+        default_factory=list
+    )
+    logs: Annotated[list[LogChunk], Field(max_length=MAX_LOG_CHUNKS_PER_HEARTBEAT)] = Field(
+        default_factory=list
+    )
     wait_s: Annotated[float, Field(ge=0, le=MAX_WAIT_S)] = 0.0
     """Long-poll: the server may hold the request up to this long until it has work to give."""
 
@@ -195,11 +210,15 @@ class TaskSpec(_Model):
     node_rank: Annotated[int, Field(ge=0)]
     num_nodes: Annotated[int, Field(ge=1)]
     gpus: Annotated[list[GpuIndex], Field(max_length=MAX_GPUS_PER_NODE)]
-    gpu_uuids: Annotated[list[Uuid], Field(max_length=MAX_GPUS_PER_NODE)] = []
+    gpu_uuids: Annotated[list[Uuid], Field(max_length=MAX_GPUS_PER_NODE)] = Field(
+        default_factory=list
+    )
     command: Annotated[
         list[Annotated[str, Field(max_length=8192)]], Field(min_length=1, max_length=1024)
     ]
-    env: Annotated[dict[str, Annotated[str, Field(max_length=8192)]], Field(max_length=256)] = {}
+    env: Annotated[dict[str, Annotated[str, Field(max_length=8192)]], Field(max_length=256)] = (
+        Field(default_factory=dict)
+    )
     workdir: Annotated[str, Field(max_length=4096)] | None = None
     image: Annotated[str, Field(max_length=512)] | None = None
     """Container image; when set the agent launches through its configured container runtime."""
@@ -216,7 +235,11 @@ class TaskStop(_Model):
 
 
 class HeartbeatReply(_Model):
-    start: Annotated[list[TaskSpec], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = []
-    stop: Annotated[list[TaskStop], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = []
+    start: Annotated[list[TaskSpec], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = Field(
+        default_factory=list
+    )
+    stop: Annotated[list[TaskStop], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = Field(
+        default_factory=list
+    )
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)]
     server_time: AwareDatetime

@@ -98,7 +98,7 @@ DurationS = Annotated[
 class InputModel(BaseModel):
     """Request bodies: unknown fields are an error, so that a typo is loud."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN is not JSON
 
 
 class OutputModel(BaseModel):

@@ -45,7 +45,7 @@ class JobCreate(InputModel):
     command: Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGS)]
     """argv; the first element is the program."""
     image: Annotated[str, Printable, Field(min_length=1, max_length=512)] | None = None
-    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]] = {}
+    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]] = Field(default_factory=dict)
     workdir: Annotated[str, Printable, Field(min_length=1, max_length=1024)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] = 1
     nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
@@ -57,7 +57,9 @@ class JobCreate(InputModel):
     preemptible: bool = False
     hold: bool = False
     """Submit held: the job waits until released."""
-    depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = []
+    depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = Field(
+        default_factory=list
+    )
     """`afterok`: job ids (of the same org) that must complete first."""
     org: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     """Org (name or id) to submit on behalf of; the caller's own org when omitted. Another org
@@ -153,8 +155,8 @@ class JobPublic(OutputModel):
     started_at: datetime | None
     ended_at: datetime | None
     estimated_start_at: datetime | None
-    depends_on: list[int] = []
-    node_names: list[str] = []
+    depends_on: list[int] = Field(default_factory=list)
+    node_names: list[str] = Field(default_factory=list)
     """Where the latest attempt runs or ran, by node rank (Slurm's NODELIST); empty if pending."""
     pending_reason: JobReason | None = None
     """Why a pending job waits, as the last scheduling cycle saw it (all of it: `explain`)."""
@@ -170,7 +172,7 @@ class JobsPublic(OutputModel):
 class PendingReason(OutputModel):
     code: str
     message: str
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobExplain(OutputModel):

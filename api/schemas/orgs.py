@@ -58,7 +58,7 @@ class OrgPublic(OutputModel):
     shares: float
     default_time_limit_s: int | None
     created_at: datetime
-    quotas: list[QuotaPublic] = []
+    quotas: list[QuotaPublic] = Field(default_factory=list)
 
 
 class OrgsPublic(OutputModel):

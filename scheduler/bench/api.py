@@ -31,6 +31,13 @@ from scheduler.states import Role, TokenKind
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60.0
+MAX_SERVER_CONNECTIONS = 90  # of PostgreSQL's default 100, a few kept for everyone else
+
+
+def pool_size(concurrency: int, workers: int) -> int:
+    """Per server process: the client's share of connections, within MAX_SERVER_CONNECTIONS."""
+    wanted = max(8, -(-concurrency // workers) * 3 // 4)
+    return max(2, min(wanted, MAX_SERVER_CONNECTIONS // (3 * workers)))
 
 
 def _asyncpg_dsn(url: str) -> str:
@@ -133,9 +140,11 @@ def run_api_bench(
             env={
                 **os.environ,
                 "FAIRGPU_MIGRATE_ON_START": "false",
-                # Enough pooled connections for the client's concurrency: connections opened
-                # and closed past the pool would be measured instead of the server.
-                "FAIRGPU_DATABASE_POOL_SIZE": str(max(10, -(-concurrency // workers) + 4)),
+                # Enough pooled connections for the client's concurrency (connections opened
+                # and closed past the pool would be measured instead of the server), and few
+                # enough for PostgreSQL's default max_connections of 100: each process opens
+                # up to three times this (ORM pool and overflow, hot-path pool).
+                "FAIRGPU_DATABASE_POOL_SIZE": str(pool_size(concurrency, workers)),
             },
         )  # fmt: skip
         _wait_ready(f"http://127.0.0.1:{port}", proc)

@@ -23,7 +23,9 @@ from typing import Any
 import psutil
 
 GPUS_PER_NODE = 8
-MAX_WARMUP_ROUNDS = 10
+MAX_WARMUP_ROUNDS = 40
+MAX_QUIET_WARMUP_ROUNDS = 10
+WARMUP_PAUSE_S = 1.0
 
 
 def server_cpu_s(pid: int) -> float:
@@ -276,6 +278,7 @@ def _samples(now: str, energy: float) -> list[dict[str, Any]]:
 async def main(args: dict[str, Any]) -> dict[str, Any]:
     host, port = args["host"], args["port"]
     out: dict[str, Any] = {}
+    accepted = 0  # jobs submitted: the warm-up waits for as many as fit to run
     submit_body = json.dumps(
         {
             "name": "bench",
@@ -301,6 +304,7 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
             server_pid=args.get("server_pid"),
         )
         out["submit"] = res.summary()
+        accepted += res.statuses.get(201, 0)
 
     if args["heartbeat_s"] > 0 and args["nodes"] > 0:
         creds = await register_nodes(host, port, args["join_token"], args["nodes"], args["run_id"])
@@ -339,11 +343,12 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
                 running[n].pop(stop["task_id"], None)
 
         # Warm-up, not measured: rounds of one heartbeat per node, as agents send them, until
-        # a round brings no task to start (every job submitted above is placed and its start
-        # acknowledged). The measured phase is then the steady state of a running cluster:
-        # heartbeats with running tasks and samples, not the start-up of thousands of jobs
-        # (`fairgpu bench latency` measures starts).
-        warm_requests, rounds = 0, 0
+        # every GPU that the submissions above can fill runs a task whose start is acknowledged
+        # (or the scheduler places nothing more for a few rounds). The measured phase is then
+        # the steady state of a running cluster: heartbeats with running tasks and samples, not
+        # the start-up of thousands of jobs (`fairgpu bench latency` measures starts).
+        target = min(len(creds) * GPUS_PER_NODE, accepted)
+        warm_requests, rounds, quiet = 0, 0, 0
         while rounds < MAX_WARMUP_ROUNDS:
             rounds += 1
             before = started[0]
@@ -351,8 +356,13 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
                 host, port, args["concurrency"], float("inf"), make_hb, on_hb, stop_after=per_worker
             )
             warm_requests += warm.requests
-            if started[0] == before:
+            if started[0] != before:
+                quiet = 0
+                continue
+            quiet += 1
+            if sum(len(r) for r in running) >= target or quiet >= MAX_QUIET_WARMUP_ROUNDS:
                 break
+            await asyncio.sleep(WARMUP_PAUSE_S)  # a scheduling cycle at a long queue takes time
         res = await run_phase(
             host,
             port,

@@ -34,6 +34,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         assert isinstance(value, datetime)
+        if value.tzinfo is UTC:  # asyncpg's timestamptz: already what we want (the hot case)
+            return value
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Table
+from sqlalchemy import Table, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -169,33 +169,71 @@ def sample_usage(
     return SampleUsage(allocation=allocation, at=at, busy_s=busy_s, energy_joules=energy)
 
 
+# PostgreSQL: thousands of ledger rows as one statement of eight array parameters. Per-row
+# parameters cost more CPU in the server than the database spends on the upsert.
+_LEDGER_UPSERT_PG = text(
+    "INSERT INTO usage_ledger (allocation_id, org_id, user_id, job_id, gpu_type, period_start,"
+    " gpu_seconds_allocated, gpu_seconds_busy, billed_gpu_seconds, energy_joules, preempted)"
+    " SELECT v.a, v.o, v.u, v.j, v.g, v.p, 0, v.b, 0, v.e, false FROM unnest("
+    "CAST(:allocation_id AS BIGINT[]), CAST(:org_id AS INTEGER[]), CAST(:user_id AS INTEGER[]),"
+    " CAST(:job_id AS BIGINT[]), CAST(:gpu_type AS VARCHAR[]),"
+    " CAST(:period_start AS TIMESTAMPTZ[]), CAST(:gpu_seconds_busy AS FLOAT8[]),"
+    " CAST(:energy_joules AS FLOAT8[])) AS v(a, o, u, j, g, p, b, e)"
+    " ON CONFLICT (allocation_id, period_start) DO UPDATE SET"
+    " gpu_seconds_busy = usage_ledger.gpu_seconds_busy + excluded.gpu_seconds_busy,"
+    " energy_joules = usage_ledger.energy_joules + excluded.energy_joules"
+)
+
+
 async def record_sample_usage(session: AsyncSession, usages: Iterable[SampleUsage]) -> None:
-    """Add busy seconds and energy to the ledger, one upsert statement for a heartbeat."""
-    merged: dict[tuple[int, datetime], dict[str, Any]] = {}
+    """Add busy seconds and energy to the ledger: one upsert per few thousand rows."""
+    # (allocation, hour) → [allocation, busy seconds, joules]: usages of one bucket add up.
+    sums: dict[tuple[int, datetime], list[Any]] = {}
     for u in usages:
-        a = u.allocation
-        key = (a.id, bucket_start(u.at))
-        row = merged.setdefault(
-            key,
+        key = (u.allocation.id, bucket_start(u.at))
+        entry = sums.get(key)
+        if entry is None:
+            sums[key] = [u.allocation, u.busy_s, u.energy_joules]
+        else:
+            entry[1] += u.busy_s
+            entry[2] += u.energy_joules
+    if not sums:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        allocs = [entry[0] for entry in sums.values()]
+        await session.execute(
+            _LEDGER_UPSERT_PG,
             {
-                "allocation_id": a.id,
-                "org_id": a.org_id,
-                "user_id": a.user_id,
-                "job_id": a.job_id,
-                "gpu_type": a.gpu_type,
-                "period_start": key[1],
-                "gpu_seconds_allocated": 0.0,
-                "gpu_seconds_busy": 0.0,
-                "billed_gpu_seconds": 0.0,
-                "energy_joules": 0.0,
-                "preempted": False,
+                "allocation_id": [a.id for a in allocs],
+                "org_id": [a.org_id for a in allocs],
+                "user_id": [a.user_id for a in allocs],
+                "job_id": [a.job_id for a in allocs],
+                "gpu_type": [a.gpu_type for a in allocs],
+                "period_start": [period for _, period in sums],
+                "gpu_seconds_busy": [entry[1] for entry in sums.values()],
+                "energy_joules": [entry[2] for entry in sums.values()],
             },
         )
-        row["gpu_seconds_busy"] += u.busy_s
-        row["energy_joules"] += u.energy_joules
-    if not merged:
         return
-    stmt = _insert(session, _LEDGER).values(list(merged.values()))
+    merged = [
+        {
+            "allocation_id": a.id,
+            "org_id": a.org_id,
+            "user_id": a.user_id,
+            "job_id": a.job_id,
+            "gpu_type": a.gpu_type,
+            "period_start": period,
+            "gpu_seconds_allocated": 0.0,
+            "gpu_seconds_busy": busy,
+            "billed_gpu_seconds": 0.0,
+            "energy_joules": joules,
+            "preempted": False,
+        }
+        for (_, period), (a, busy, joules) in sums.items()
+    ]
+    # Parameters as an executemany: SQLAlchemy batches the rows into multi-row statements
+    # within the driver's limit on parameters (asyncpg: 32,767, about 3,000 ledger rows).
+    stmt = _insert(session, _LEDGER)
     stmt = stmt.on_conflict_do_update(
         index_elements=["allocation_id", "period_start"],
         set_={
@@ -203,7 +241,7 @@ async def record_sample_usage(session: AsyncSession, usages: Iterable[SampleUsag
             "energy_joules": _LEDGER.c.energy_joules + stmt.excluded.energy_joules,
         },
     )
-    await session.execute(stmt)
+    await session.execute(stmt, merged)
 
 
 @dataclass(frozen=True, slots=True)

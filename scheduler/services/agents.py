@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy import Table, and_, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,10 +31,10 @@ from api.schemas.agent import (
 from scheduler.db import Allocation, ApiToken, Event, Gpu, Job, LogChunk, Site, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
-from scheduler.services.accounting import SampleUsage, record_sample_usage, sample_usage
+from scheduler.services.accounting import SampleUsage, record_sample_usage
 from scheduler.services.errors import Conflict, Forbidden, Unauthenticated
 from scheduler.services.jobstate import STOP_STALE, transition_job, transition_task
-from scheduler.services.livebuffer import sample_json
+from scheduler.services.livebuffer import max_sample_gap_s, sample_json, usage_of
 from scheduler.services.scheduling.tasks import (
     STOP_REASON_STATE,
     EndEffects,
@@ -229,7 +229,7 @@ async def heartbeat(
             session, node_id, body.tasks, settings, now, actor, outcome, stale, effects
         )
     if body.logs:
-        await _apply_logs(session, node_id, body)
+        await _apply_logs(session, node_id, body, max_bytes=settings.task_log_max_bytes)
     await session.flush()
     outcome.wake_nodes = effects.wake_nodes - {node_id}
     if effects.gpus_freed or effects.jobs_requeued:
@@ -285,7 +285,7 @@ async def _apply_samples(
         if held is not None:
             holding[row.id] = held
     usages: list[SampleUsage] = []
-    max_gap_s = max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
+    max_gap_s = max_sample_gap_s(settings)
     for sample in samples:
         gpu = gpus.get(sample.index)
         if gpu is None or gpu.uuid != sample.uuid:
@@ -295,14 +295,11 @@ async def _apply_samples(
             continue  # resent or out of order: already counted
         alloc = holding.get(gpu.id)
         if alloc is not None:
-            previous_energy = (gpu.last_sample or {}).get("energy_joules")
-            usage = sample_usage(
+            usage = usage_of(
                 alloc,
+                sample,
                 previous_at=previous_at,
-                previous_energy_joules=previous_energy,
-                at=sample.sampled_at,
-                utilization_ratio=sample.utilization_ratio,
-                energy_joules=sample.energy_joules,
+                previous_energy=(gpu.last_sample or {}).get("energy_joules"),
                 max_gap_s=max_gap_s,
             )
             if usage is not None:
@@ -425,8 +422,15 @@ def _insert(session: AsyncSession, table: Table) -> Any:
     return sqlite_insert(table)
 
 
-async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> None:
-    """Append new chunks; a chunk whose end is not beyond what is held is a resend."""
+async def _apply_logs(
+    session: AsyncSession, node_id: int, body: Heartbeat, *, max_bytes: int
+) -> None:
+    """Append new chunks; a chunk whose end is not beyond what is held is a resend.
+
+    A task keeps at most `max_bytes` of log: the chunks that start before its new end minus
+    that are deleted (one indexed range per task, only what this heartbeat pushed out), never
+    the newest one. Reading that range gives a marker (scheduler.services.logs).
+    """
     task_ids = {c.task_id for c in body.logs}
     held = dict(
         (
@@ -438,12 +442,14 @@ async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> N
         ).all()
     )
     rows: list[dict[str, Any]] = []
+    newest: dict[int, int] = {}
     for chunk in sorted(body.logs, key=lambda c: (c.task_id, c.offset)):
         upto = held.get(chunk.task_id)
         if upto is None or chunk.next_offset <= upto:
             continue
         rows.append({"task_id": chunk.task_id, "offset": chunk.offset, "data": chunk.data})
         held[chunk.task_id] = chunk.next_offset
+        newest[chunk.task_id] = chunk.offset
     if not rows:
         return
     now = utcnow()
@@ -451,9 +457,7 @@ async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> N
         row["created_at"] = now
     stmt = _insert(session, _LOGS).values(rows).on_conflict_do_nothing()
     await session.execute(stmt)
-    sizes = [
-        {"b_id": t, "b_bytes": n} for t, n in held.items() if t in {r["task_id"] for r in rows}
-    ]
+    sizes = [{"b_id": t, "b_bytes": held[t]} for t in newest]
     conn = await session.connection()
     await conn.execute(
         update(_TASKS)
@@ -461,3 +465,15 @@ async def _apply_logs(session: AsyncSession, node_id: int, body: Heartbeat) -> N
         .values(log_bytes=bindparam("b_bytes")),
         sizes,
     )
+    cuts = [
+        {"b_id": t, "b_cut": min(held[t] - max_bytes, newest_offset)}
+        for t, newest_offset in newest.items()
+        if held[t] > max_bytes
+    ]
+    if cuts:
+        await conn.execute(
+            delete(_LOGS).where(
+                _LOGS.c.task_id == bindparam("b_id"), _LOGS.c.offset < bindparam("b_cut")
+            ),
+            cuts,
+        )

@@ -94,30 +94,17 @@ async def _check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[
         raise InvalidInput(f"depends_on job(s) {dead} ended without completing", ended=dead)
 
 
-async def submit_job(
-    session: AsyncSession,
+def submission_rows(
     *,
     org_id: int,
     user_id: int,
     actor: str,
     spec: JobSpec,
-    idempotency_key: str | None = None,
-    default_time_limit_s: int,
-    max_time_limit_s: int,
-    now: datetime | None = None,
-) -> Submitted:
-    """Store a PENDING job and its submit event. The same key from the same user returns the
-    job stored the first time (the caller retried after a lost reply), and changes nothing."""
-    postgres = session.get_bind().dialect.name == "postgresql"
-    if idempotency_key is not None and not postgres:  # PostgreSQL: ON CONFLICT below
-        existing = await find_by_idempotency_key(session, user_id, idempotency_key)
-        if existing is not None:
-            return Submitted(existing, created=False)
-    now = now or utcnow()
-    time_limit_s = await _time_limit_s(
-        session, org_id, spec.time_limit, default_time_limit_s, max_time_limit_s
-    )
-    await _check_dependencies(session, org_id, spec.depends_on)
+    idempotency_key: str | None,
+    time_limit_s: int,
+    now: datetime,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The new job's row and its PENDING event's row (without ids), column by column."""
     values: dict[str, Any] = {
         "org_id": org_id,
         "user_id": user_id,
@@ -149,16 +136,57 @@ async def submit_job(
         "actor": actor,
         "reason": "submitted (held)" if spec.hold else "submitted",
     }
+    return values, event
+
+
+def new_job(job_id: int, values: dict[str, Any]) -> Job:
+    """The Job just inserted from `values`, without reading it back."""
+    job = Job(id=job_id, **values)
+    job.pending_reasons = job.priority = job.estimated_start_at = None
+    job.started_at = job.ended_at = job.state_reason = job.exit_code = None
+    return job
+
+
+async def submit_job(
+    session: AsyncSession,
+    *,
+    org_id: int,
+    user_id: int,
+    actor: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    default_time_limit_s: int,
+    max_time_limit_s: int,
+    now: datetime | None = None,
+) -> Submitted:
+    """Store a PENDING job and its submit event. The same key from the same user returns the
+    job stored the first time (the caller retried after a lost reply), and changes nothing."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if idempotency_key is not None and not postgres:  # PostgreSQL: ON CONFLICT below
+        existing = await find_by_idempotency_key(session, user_id, idempotency_key)
+        if existing is not None:
+            return Submitted(existing, created=False)
+    now = now or utcnow()
+    time_limit_s = await _time_limit_s(
+        session, org_id, spec.time_limit, default_time_limit_s, max_time_limit_s
+    )
+    await _check_dependencies(session, org_id, spec.depends_on)
+    values, event = submission_rows(
+        org_id=org_id,
+        user_id=user_id,
+        actor=actor,
+        spec=spec,
+        idempotency_key=idempotency_key,
+        time_limit_s=time_limit_s,
+        now=now,
+    )
     if postgres:
         job_id = await _insert_job_and_event_pg(session, values, event, spec.depends_on)
         if job_id is None:  # a job with this key exists: this is a retry
             existing = await find_by_idempotency_key(session, user_id, idempotency_key or "")
             assert existing is not None
             return Submitted(existing, created=False)
-        job = Job(id=job_id, **values)
-        job.pending_reasons = job.priority = job.estimated_start_at = None
-        job.started_at = job.ended_at = job.state_reason = job.exit_code = None
-        return Submitted(job, created=True)
+        return Submitted(new_job(job_id, values), created=True)
     job = Job(**values)
     session.add(job)
     await session.flush()
@@ -168,27 +196,27 @@ async def submit_job(
     return Submitted(job, created=True)
 
 
-_JOB_FIELDS = (
+JOB_INSERT_FIELDS = (
     "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed",
 )  # fmt: skip
-_EVENT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
+EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 
 
 def _build_submit_statement() -> Any:
     """Built once: per request only the parameters change, so nothing is compiled again."""
     job_cte = (
         pg_insert(_JOBS)
-        .values({f: bindparam(f"j_{f}", type_=_JOBS.c[f].type) for f in _JOB_FIELDS})
+        .values({f: bindparam(f"j_{f}", type_=_JOBS.c[f].type) for f in JOB_INSERT_FIELDS})
         .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
         .returning(_JOBS.c.id)
         .cte("new_job")
     )
-    params = [bindparam(f"e_{f}", type_=_EVENTS.c[f].type) for f in _EVENT_FIELDS]
+    params = [bindparam(f"e_{f}", type_=_EVENTS.c[f].type) for f in EVENT_INSERT_FIELDS]
     event_cte = (
         insert(_EVENTS)
-        .from_select(["job_id", *_EVENT_FIELDS], select(job_cte.c.id, *params))
+        .from_select(["job_id", *EVENT_INSERT_FIELDS], select(job_cte.c.id, *params))
         .returning(_EVENTS.c.id)
         .cte("new_event")
     )
@@ -204,7 +232,7 @@ def _build_submit_statement() -> Any:
     return select(job_cte.c.id).add_cte(event_cte).add_cte(deps_cte)
 
 
-_SUBMIT_PG = _build_submit_statement()
+SUBMIT_PG = _build_submit_statement()
 
 
 async def _insert_job_and_event_pg(
@@ -218,7 +246,7 @@ async def _insert_job_and_event_pg(
     params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
     params.update({f"e_{k}": v for k, v in event.items()})
     params["deps"] = list(depends_on)
-    job_id: int | None = await session.scalar(_SUBMIT_PG, params)
+    job_id: int | None = await session.scalar(SUBMIT_PG, params)
     return job_id
 
 

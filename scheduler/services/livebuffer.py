@@ -20,15 +20,21 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import BigInteger, Table, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.schemas.agent import GpuSample
 from scheduler.db import Allocation, Event, Gpu, Node
-from scheduler.services.accounting import SampleUsage, record_sample_usage, sample_usage
+from scheduler.services.accounting import (
+    HeldGpu,
+    SampleUsage,
+    record_sample_usage,
+    sample_usage,
+)
 from scheduler.settings import Settings
 from scheduler.states import GpuHealth
 
@@ -37,6 +43,9 @@ log = logging.getLogger("fairgpu.heartbeats")
 _NODES: Table = Node.__table__  # type: ignore[assignment]
 _GPUS: Table = Gpu.__table__  # type: ignore[assignment]
 _ALLOCS: Table = Allocation.__table__  # type: ignore[assignment]
+
+# GPUs a flush reads, computes and writes at a time (see `_write`).
+FLUSH_CHUNK_GPUS = 500
 
 # Samples kept per GPU between flushes; more (a database away for long) drops the oldest.
 MAX_SAMPLES_PER_GPU = 32
@@ -176,10 +185,60 @@ _STORE_SAMPLE = (
 )
 
 
+# PostgreSQL: the same two writes as one statement of array parameters each (thousands of
+# rows a flush: per-row parameters cost more server CPU than the database spends on them).
+_TOUCH_PG = text(
+    "UPDATE nodes SET last_heartbeat_at = v.at"
+    " FROM unnest(CAST(:ids AS INTEGER[]), CAST(:ats AS TIMESTAMPTZ[])) AS v(id, at)"
+    " WHERE nodes.id = v.id"
+    " AND (nodes.last_heartbeat_at IS NULL OR nodes.last_heartbeat_at < v.at)"
+)
+_STORE_SAMPLES_PG = text(
+    "UPDATE gpus SET last_sample = CAST(v.sample AS JSON), last_sample_at = v.at"
+    " FROM unnest(CAST(:ids AS BIGINT[]), CAST(:samples AS TEXT[]), CAST(:ats AS TIMESTAMPTZ[]))"
+    " AS v(id, sample, at) WHERE gpus.id = v.id"
+)
+
+
 def sample_json(sample: GpuSample) -> dict[str, Any]:
     data = sample.model_dump(mode="json", exclude={"processes"})
     data["process_count"] = len(sample.processes)
     return data
+
+
+def max_sample_gap_s(settings: Settings) -> float:
+    """The longest interval one sample may stand for (an agent away claims no more)."""
+    return max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
+
+
+def usage_of(
+    allocation: HeldGpu,
+    sample: GpuSample,
+    *,
+    previous_at: datetime | None,
+    previous_energy: float | None,
+    max_gap_s: float,
+) -> SampleUsage | None:
+    """What `sample` adds to the allocation holding its GPU, since the previous sample."""
+    return sample_usage(
+        allocation,
+        previous_at=previous_at,
+        previous_energy_joules=previous_energy,
+        at=sample.sampled_at,
+        utilization_ratio=sample.utilization_ratio,
+        energy_joules=sample.energy_joules,
+        max_gap_s=max_gap_s,
+    )
+
+
+def sample_json_text(sample: GpuSample) -> str:
+    """`sample_json` as JSON text, serialised by pydantic (PostgreSQL's bulk write)."""
+    text = sample.model_dump_json(exclude={"processes"})
+    return f'{text[:-1]},"process_count":{len(sample.processes)}}}'
+
+
+_HEALTH = {h.value: h for h in GpuHealth}
+_SAMPLED_AT = attrgetter("sampled_at")
 
 
 async def _write(
@@ -192,15 +251,21 @@ async def _write(
 ) -> FlushResult:
     result = FlushResult(nodes=len(liveness))
     conn = await session.connection()
-    if liveness:
+    if liveness and conn.dialect.name == "postgresql":
+        ordered = sorted(liveness.items())
+        await conn.execute(
+            _TOUCH_PG, {"ids": [n for n, _ in ordered], "ats": [at for _, at in ordered]}
+        )
+    elif liveness:
         await conn.execute(_TOUCH, [{"n_id": n, "n_at": at} for n, at in sorted(liveness.items())])
     if not samples:
         return result
     open_alloc = and_(_ALLOCS.c.gpu_id == _GPUS.c.id, _ALLOCS.c.ended_at.is_(None))
     columns = (
         _GPUS.c.id, _GPUS.c.node_id, _GPUS.c.index, _GPUS.c.uuid, _GPUS.c.health,
-        _GPUS.c.last_sample_at, _GPUS.c.last_sample, _ALLOCS.c.id, _ALLOCS.c.org_id,
-        _ALLOCS.c.user_id, _ALLOCS.c.job_id, _ALLOCS.c.gpu_type, _ALLOCS.c.started_at,
+        _GPUS.c.last_sample_at, _GPUS.c.last_sample["energy_joules"].as_float(), _ALLOCS.c.id,
+        _ALLOCS.c.org_id, _ALLOCS.c.user_id, _ALLOCS.c.job_id, _ALLOCS.c.gpu_type,
+        _ALLOCS.c.started_at,
     )  # fmt: skip
     stmt = select(*columns).select_from(_GPUS.outerjoin(_ALLOCS, open_alloc)).order_by(_GPUS.c.id)
     node_ids = sorted(samples)
@@ -213,56 +278,70 @@ async def _write(
         stmt = stmt.with_for_update(of=_GPUS, key_share=True)
     else:
         stmt = stmt.where(_GPUS.c.node_id.in_(node_ids))
-    rows = (await conn.execute(stmt)).all()
-    max_gap_s = max(settings.node_timeout_s, 3 * settings.heartbeat_interval_s)
-    usages: list[SampleUsage] = []
-    stored: list[dict[str, Any]] = []
+    max_gap_s = max_sample_gap_s(settings)
     known: dict[int, KnownGpus] = {}
-    for row in rows:
-        gpu_id, node_id, index, uuid, health, last_at, last_sample = row[:7]
-        health = GpuHealth(health)
-        alloc = (
-            OpenAllocation(row[7], row[8], row[9], row[10], row[11], row[12])
-            if row[7] is not None
-            else None
-        )
-        previous_at: datetime | None = last_at
-        previous_energy = (last_sample or {}).get("energy_joules")
-        newest: GpuSample | None = None
-        for sample in sorted(samples[node_id].get(index, ()), key=lambda s: s.sampled_at):
-            seen = previous_at is not None and sample.sampled_at <= previous_at
-            if sample.uuid != uuid or seen:
-                continue  # another GPU now, or already counted (a resend, another replica)
-            if alloc is not None:
-                usage = sample_usage(
-                    alloc,
-                    previous_at=previous_at,
-                    previous_energy_joules=previous_energy,
-                    at=sample.sampled_at,
-                    utilization_ratio=sample.utilization_ratio,
-                    energy_joules=sample.energy_joules,
-                    max_gap_s=max_gap_s,
-                )
-                if usage is not None:
-                    usages.append(usage)
-            previous_at, previous_energy, newest = sample.sampled_at, sample.energy_joules, sample
-        if newest is not None:
-            stored.append(
-                {"g_id": gpu_id, "g_sample": sample_json(newest), "g_at": newest.sampled_at}
+    # In chunks, each written before the next is read: a flush of thousands of GPUs lets the
+    # server's event loop answer requests in between instead of stalling it for its duration.
+    streamed = await conn.stream(stmt)
+    async for rows in streamed.partitions(FLUSH_CHUNK_GPUS):
+        usages: list[SampleUsage] = []
+        stored: list[dict[str, Any]] = []
+        for row in rows:
+            gpu_id, node_id, index, uuid, health, last_at, previous_energy = row[:7]
+            health = _HEALTH[health]
+            kept = samples[node_id].get(index, ())
+            alloc = (
+                OpenAllocation(row[7], row[8], row[9], row[10], row[11], row[12])
+                if row[7] is not None and kept
+                else None
             )
-            reported = GpuHealth(newest.health)
-            if reported is not health:
-                # Stale knowledge let it through the fast path: apply it now, as the full
-                # path would have.
-                await _health_change(session, gpu_id, node_id, index, uuid, health, newest, now)
-                health = reported
-                result.health_changed = True
-        known.setdefault(node_id, {})[index] = (uuid, health)
-    if stored:
-        await conn.execute(_STORE_SAMPLE, stored)
-    await record_sample_usage(session, usages)
+            previous_at: datetime | None = last_at
+            newest: GpuSample | None = None
+            for sample in sorted(kept, key=_SAMPLED_AT) if len(kept) > 1 else kept:
+                seen = previous_at is not None and sample.sampled_at <= previous_at
+                if sample.uuid != uuid or seen:
+                    continue  # another GPU now, or already counted (a resend, another replica)
+                if alloc is not None:
+                    usage = usage_of(
+                        alloc,
+                        sample,
+                        previous_at=previous_at,
+                        previous_energy=previous_energy,
+                        max_gap_s=max_gap_s,
+                    )
+                    if usage is not None:
+                        usages.append(usage)
+                previous_at, previous_energy, newest = (
+                    sample.sampled_at,
+                    sample.energy_joules,
+                    sample,
+                )
+            if newest is not None:
+                stored.append({"g_id": gpu_id, "g_sample": newest, "g_at": newest.sampled_at})
+                reported = _HEALTH[newest.health]
+                if reported is not health:
+                    # Stale knowledge let it through the fast path: apply it now, as the full
+                    # path would have.
+                    await _health_change(session, gpu_id, node_id, index, uuid, health, newest, now)
+                    health = reported
+                    result.health_changed = True
+            known.setdefault(node_id, {})[index] = (uuid, health)
+        if stored and conn.dialect.name == "postgresql":
+            await conn.execute(
+                _STORE_SAMPLES_PG,
+                {
+                    "ids": [r["g_id"] for r in stored],
+                    "samples": [sample_json_text(r["g_sample"]) for r in stored],
+                    "ats": [r["g_at"] for r in stored],
+                },
+            )
+        elif stored:
+            for r in stored:
+                r["g_sample"] = sample_json(r["g_sample"])
+            await conn.execute(_STORE_SAMPLE, stored)
+        await record_sample_usage(session, usages)
+        result.gpus += len(stored)
     buffer.known.update(known)
-    result.gpus = len(stored)
     return result
 
 

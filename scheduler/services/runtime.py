@@ -75,6 +75,18 @@ class SchedulerRuntime:
     def is_leader(self) -> bool:
         return self.lease.held
 
+    async def confirm_leader(self) -> bool:
+        """Leadership as the database sees it now, for readiness probes: a process frozen
+        while a standby took over still believes it leads until its loop checks the lease;
+        this checks it at once (one round trip on the lock connection)."""
+        if not self.lease.held:
+            return False
+        if await self.lease.still_held():
+            return True
+        self.metrics.leader.set(0)
+        self._wake.set()  # the loop tries to take the lease again
+        return False
+
     @property
     def multi_replica(self) -> bool:
         """Other replicas may write work for our nodes: held heartbeats must poll the database."""

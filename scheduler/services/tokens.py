@@ -25,6 +25,10 @@ _PREFIX = {TokenKind.USER: "fg_u_", TokenKind.AGENT: "fg_a_", TokenKind.JOIN: "f
 SHOWN_PREFIX_CHARS = 12
 
 
+# A token's `last_used_at` is refreshed at most this often: a busy token is not a write per use.
+LAST_USED_RESOLUTION = timedelta(seconds=300)
+
+
 def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 

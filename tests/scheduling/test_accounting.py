@@ -16,13 +16,16 @@ from scheduler.db import Allocation, OrgUsage, UsageRecord
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.accounting import (
     HeldInterval,
+    SampleUsage,
     bucket_start,
     fold_usage,
     hour_buckets,
+    record_sample_usage,
     settle_allocations,
     write_org_usage,
 )
 from scheduler.services.invariants import check_invariants
+from scheduler.services.livebuffer import OpenAllocation
 from scheduler.services.scheduling import Lease, run_cycle
 from scheduler.settings import Settings
 from scheduler.states import JobState
@@ -184,3 +187,40 @@ async def test_open_allocations_reach_the_ledger_hourly(engine: AsyncEngine) -> 
         )
     assert total == pytest.approx(90 * 60.0)
     await lease.release()
+
+
+async def test_sample_usage_beyond_the_drivers_parameter_limit(session: AsyncSession) -> None:
+    """One flush may carry thousands of ledger rows: more than asyncpg's 32,767 parameters
+    in one statement (11 per row) once past about 3,000. All of them land."""
+    org = await factories.org(session)
+    user = await factories.user(session, org)
+    node, gpus = await factories.node(session, gpus=1)
+    job = await factories.job(session, org, user)
+    task = await factories.running_task(session, job, node, gpus)
+    alloc = await session.scalar(select(Allocation).where(Allocation.task_id == task.id))
+    assert alloc is not None
+    open_alloc = OpenAllocation(
+        id=alloc.id,
+        org_id=alloc.org_id,
+        user_id=alloc.user_id,
+        job_id=alloc.job_id,
+        gpu_type=alloc.gpu_type,
+        started_at=T0,
+    )
+    hours = 3_500  # 38,500 parameters as one multi-row statement
+    usages = [
+        SampleUsage(allocation=open_alloc, at=T0 + timedelta(hours=h), busy_s=1.5, energy_joules=2)
+        for h in range(hours)
+    ]
+    await record_sample_usage(session, usages)
+    await record_sample_usage(session, usages[:10])  # the same buckets again: added up
+    await session.commit()
+    rows, busy = (
+        await session.execute(
+            select(func.count(), func.sum(UsageRecord.gpu_seconds_busy)).where(
+                UsageRecord.allocation_id == alloc.id
+            )
+        )
+    ).one()
+    assert rows == hours
+    assert busy == pytest.approx(1.5 * (hours + 10))

@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import pytest
 from sqlalchemy import text
 
 from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.services.hotpath import asyncpg_dsn
 from scheduler.services.runtime import SchedulerRuntime
 from scheduler.settings import Settings
-from tests.scheduling.harness import fast_settings
+from tests.scheduling.harness import fast_settings, running_cluster
 
 LEASE_TIMEOUT_S = 2.0
 
@@ -80,3 +82,26 @@ async def test_one_leader_and_takeover_when_it_dies(database_url: str) -> None:
             cycles = second.cycles
             await _until(lambda: second.cycles > cycles, 5)
             assert second.metrics.leader._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_readiness_asks_the_database_whether_this_replica_still_leads(
+    database_url: str,
+) -> None:
+    """A leader whose lock connection died (as when it was frozen while a standby took over)
+    must not report itself leader until its loop notices: /readyz checks the lease at once."""
+    settings = fast_settings(database_url, cycle_interval_s=600.0)
+    async with running_cluster(settings) as cluster:
+        assert (await cluster.http.get("/readyz")).json()["scheduler_leader"] is True
+        admin = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        ready = (await cluster.http.get("/readyz")).json()
+        assert ready["scheduler_leader"] is False

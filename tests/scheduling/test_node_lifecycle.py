@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler.db import Node, Task
+from scheduler.db.engine import make_sessionmaker
 from scheduler.services.invariants import check_invariants
-from scheduler.states import NodeState
+from scheduler.services.scheduling import lifecycle
+from scheduler.settings import Settings
+from scheduler.states import JobState, NodeState
+from tests import factories
 from tests.scheduling.harness import Cluster, fast_settings, report, running_cluster
 
 
@@ -106,3 +111,22 @@ async def test_server_stops_a_task_past_its_time_limit(cluster: Cluster) -> None
 async def _node_state(cluster: Cluster, node_id: int) -> NodeState | None:
     async with cluster.sessionmaker() as session:
         return await session.scalar(select(Node.state).where(Node.id == node_id))
+
+
+async def test_time_limit_check_is_exact_to_the_microsecond(engine: AsyncEngine) -> None:
+    """Overdue once started_at + time limit + grace is before now, not at now (both databases)."""
+    settings = Settings(database_url="sqlite:///unused.db", preemption_grace_s=30.000001)
+    now = datetime(2025, 6, 1, 12, 0, 0, 500, tzinfo=UTC)
+    span = timedelta(seconds=86_400) + timedelta(seconds=settings.preemption_grace_s)
+    async with make_sessionmaker(engine)() as s:
+        org = await factories.org(s)
+        user = await factories.user(s, org)
+        node, gpus = await factories.node(s, gpus=3)
+        tasks = {}
+        for offset_us, gpu in zip((1, 0, -1), gpus, strict=True):
+            job = await factories.job(s, org, user, state=JobState.RUNNING, time_limit_s=86_400)
+            start = now - span - timedelta(microseconds=offset_us)
+            tasks[offset_us] = await factories.attempt(s, job, node, [gpu], start=start, end=None)
+        await s.commit()
+        work = await lifecycle.find_work(s, now=now, settings=settings)
+    assert work.overdue_tasks == [tasks[1].id]

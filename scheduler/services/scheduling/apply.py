@@ -10,14 +10,15 @@ rolled back to its savepoint and skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import Table, Text, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,6 +33,15 @@ from scheduler.states import GpuHealth, JobState, NodeState
 log = logging.getLogger("fairgpu.scheduler")
 ACTOR = "scheduler"
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
+T = TypeVar("T")
+
+
+class GpuRef(NamedTuple):
+    """What a start needs of a GPU row (read as a plain row: thousands per big cycle)."""
+
+    id: int
+    model: str
+    health: GpuHealth
 
 
 @dataclass
@@ -47,16 +57,16 @@ class Applied:
 
 def _check(
     start: Start,
-    gpus: Mapping[tuple[int, int], Gpu],
+    gpus: Mapping[tuple[int, int], GpuRef],
     ready: set[int],
     taken: set[int],
-) -> list[list[Gpu]] | None:
+) -> list[list[GpuRef]] | None:
     """The GPUs of each placement, or None when any is gone, unhealthy, held or off a ready node."""
-    chosen: list[list[Gpu]] = []
+    chosen: list[list[GpuRef]] = []
     for placement in start.placements:
         if placement.node_id not in ready:
             return None
-        row: list[Gpu] = []
+        row: list[GpuRef] = []
         for index in placement.gpus:
             gpu = gpus.get((placement.node_id, index))
             if gpu is None or gpu.health is not GpuHealth.HEALTHY or gpu.id in taken:
@@ -100,7 +110,7 @@ def _stage_allocations(
     start: Start,
     job: Job,
     tasks: list[Task],
-    chosen: list[list[Gpu]],
+    chosen: list[list[GpuRef]],
     now: datetime,
 ) -> list[Allocation]:
     allocations = [
@@ -139,7 +149,9 @@ async def apply_starts(
     if not starts:
         return
     job_ids = [s.job_id for s in starts]
-    jobs = {j.id: j for j in await session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+    jobs: dict[int, Job] = {}
+    for chunk in _chunks(job_ids, JOB_LOAD_CHUNK):  # ORM loads, a short stretch of loop each
+        jobs.update((j.id, j) for j in await session.scalars(select(Job).where(Job.id.in_(chunk))))
     node_ids = {p.node_id for s in starts for p in s.placements}
     ready = set(
         await session.scalars(
@@ -147,8 +159,12 @@ async def apply_starts(
         )
     )
     gpus = {
-        (g.node_id, g.index): g
-        for g in await session.scalars(select(Gpu).where(Gpu.node_id.in_(node_ids)))
+        (node_id, index): GpuRef(gpu_id, model, health)
+        for node_id, index, gpu_id, model, health in await session.execute(
+            select(Gpu.node_id, Gpu.index, Gpu.id, Gpu.model, Gpu.health).where(
+                Gpu.node_id.in_(node_ids)
+            )
+        )
     }
     taken = set(
         await session.scalars(
@@ -158,7 +174,7 @@ async def apply_starts(
             )
         )
     )
-    batch: list[tuple[Start, Job, list[Task], list[list[Gpu]]]] = []
+    batch: list[tuple[Start, Job, list[list[GpuRef]]]] = []
     for start in starts:
         job = jobs.get(start.job_id)
         chosen = None
@@ -182,21 +198,43 @@ async def apply_starts(
                 continue
             applied.new_allocation_ids.update(a.id for a in allocs)
         else:
-            batch.append((start, job, _stage_tasks(session, start, job, now), chosen))
+            batch.append((start, job, chosen))
+            if len(batch) == START_CHUNK:
+                await _write_batch(session, batch, now, applied)
+                batch = []
         taken.update(g.id for row in chosen for g in row)
         applied.started.append(job.id)
         applied.wake_nodes.update(p.node_id for p in start.placements)
         wait_s = max(0.0, (now - job.submitted_at).total_seconds())
         applied.admission_waits.append((org_names.get(job.org_id, str(job.org_id)), wait_s))
     if batch:
-        await session.flush()  # tasks (one INSERT … RETURNING): their ids for the allocations
-        staged = [
-            a
-            for start, job, tasks, chosen in batch
-            for a in _stage_allocations(session, start, job, tasks, chosen, now)
-        ]
-        await session.flush()
-        applied.new_allocation_ids.update(a.id for a in staged)
+        await _write_batch(session, batch, now, applied)
+
+
+# Starts written per flush: the ORM stages and flushes a chunk in one stretch of the event loop
+# (about a millisecond per start), so a cycle starting a thousand jobs is written in many short
+# stretches, with the loop serving requests between them, rather than in one of a second.
+START_CHUNK = 16
+JOB_LOAD_CHUNK = 128
+
+
+async def _write_batch(
+    session: AsyncSession,
+    batch: list[tuple[Start, Job, list[list[GpuRef]]]],
+    now: datetime,
+    applied: Applied,
+) -> None:
+    staged = [
+        (start, job, _stage_tasks(session, start, job, now), chosen) for start, job, chosen in batch
+    ]
+    await session.flush()  # tasks (one INSERT … RETURNING): their ids for the allocations
+    allocations = [
+        a
+        for start, job, tasks, chosen in staged
+        for a in _stage_allocations(session, start, job, tasks, chosen, now)
+    ]
+    await session.flush()
+    applied.new_allocation_ids.update(a.id for a in allocations)
 
 
 async def apply_preemptions(
@@ -249,6 +287,31 @@ def _reasons_json(info: PendingInfo) -> list[dict[str, Any]]:
     ]
 
 
+# Rows per statement: each chunk's parameters are encoded on the event loop in one go, so a
+# chunk is kept to a few milliseconds of it (PostgreSQL sends arrays; SQLite binds row by row).
+PENDING_CHUNK_PG = 2000
+PENDING_CHUNK_SQLITE = 500
+
+
+def _pending_rows(
+    decisions: Decisions, explained: set[int], started: set[int], everything: bool
+) -> list[tuple[int, float, str, datetime | None]]:
+    """(id, priority, reasons as JSON text, estimated start) of the jobs to write, in id order.
+
+    Plain Python over every pending job: run in a worker thread, off the event loop.
+    """
+    return [
+        (
+            job_id,
+            info.priority,
+            json.dumps(_reasons_json(info)),
+            from_epoch(info.estimated_start) if info.estimated_start is not None else None,
+        )
+        for job_id, info in sorted(decisions.pending.items())
+        if job_id not in started and (everything or job_id not in explained)
+    ]
+
+
 async def write_pending(
     session: AsyncSession,
     decisions: Decisions,
@@ -257,55 +320,46 @@ async def write_pending(
     *,
     everything: bool,
 ) -> int:
-    """Store priority, reasons and estimated start of pending jobs; one statement.
+    """Store priority, reasons and estimated start of pending jobs; one statement per chunk.
 
     Priorities (age) and estimates move every cycle, so rewriting every pending job each cycle
     would make the database's busiest write the least useful one. `everything` is set once per
     `explain_interval_s`; in between only jobs never explained yet (new or requeued) are written.
-    The state condition keeps the write harmless for jobs that left PENDING meanwhile.
+    The state condition keeps the write harmless for jobs that left PENDING meanwhile. Rows go
+    in id order (concurrent writers of these rows lock them in one order).
     """
-    rows = sorted(  # id order: concurrent writers of these rows lock them in one order
-        (job_id, info)
-        for job_id, info in decisions.pending.items()
-        if job_id not in started and (everything or job_id not in loaded.explained)
-    )
-    if not rows:
-        return 0
+    rows = await asyncio.to_thread(_pending_rows, decisions, loaded.explained, started, everything)
     conn = await session.connection()
     if conn.dialect.name == "postgresql":
-        await conn.execute(
-            _PG_PENDING_UPDATE,
-            {
-                "ids": [job_id for job_id, _ in rows],
-                "prios": [info.priority for _, info in rows],
-                "reasons": [json.dumps(_reasons_json(info)) for _, info in rows],
-                "ests": [
-                    from_epoch(info.estimated_start) if info.estimated_start is not None else None
-                    for _, info in rows
-                ],
-            },
-        )
+        for chunk in _chunks(rows, PENDING_CHUNK_PG):
+            ids, prios, reasons, ests = (list(column) for column in zip(*chunk, strict=True))
+            await conn.execute(
+                _PG_PENDING_UPDATE, {"ids": ids, "prios": prios, "reasons": reasons, "ests": ests}
+            )
         return len(rows)
     stmt = (
         update(_JOBS)
         .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == JobState.PENDING.value)
         .values(
             priority=bindparam("b_priority"),
-            pending_reasons=bindparam("b_reasons", type_=_JOBS.c.pending_reasons.type),
+            pending_reasons=bindparam("b_reasons", type_=Text()),  # JSON text already
             estimated_start_at=bindparam("b_est", type_=_JOBS.c.estimated_start_at.type),
         )
     )
-    params = [
-        {
-            "b_id": job_id,
-            "b_priority": info.priority,
-            "b_reasons": _reasons_json(info),
-            "b_est": from_epoch(info.estimated_start) if info.estimated_start is not None else None,
-        }
-        for job_id, info in rows
-    ]
-    await conn.execute(stmt, params)
+    for chunk in _chunks(rows, PENDING_CHUNK_SQLITE):
+        await conn.execute(
+            stmt,
+            [
+                {"b_id": job_id, "b_priority": prio, "b_reasons": reasons, "b_est": est}
+                for job_id, prio, reasons, est in chunk
+            ],
+        )
     return len(rows)
+
+
+def _chunks(rows: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
 
 
 # One UPDATE for any number of jobs on PostgreSQL: arrays in, joined by id (no executemany).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import time
@@ -92,6 +93,35 @@ async def seed(database_url: str, *, nodes: int, pending: int, orgs: int, seed: 
     await engine.dispose()
 
 
+class LoopLag:
+    """The longest the event loop was kept from waking a 5 ms sleeper (loop-blocking stretches).
+
+    Requests served by the leader wait as long as the loop is blocked; this is what they see.
+    """
+
+    def __init__(self, tick_s: float = 0.005) -> None:
+        self.tick_s = tick_s
+        self.max_s = 0.0
+        self.over_20ms = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _probe(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.tick_s)
+            late_s = time.perf_counter() - before - self.tick_s
+            self.max_s = max(self.max_s, late_s)
+            self.over_20ms += late_s > 0.020
+
+    def __enter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._probe())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 async def measure(database_url: str, cycles: int) -> list[dict[str, float | int | bool]]:
     engine = make_engine(database_url)
     maker = make_sessionmaker(engine)
@@ -103,18 +133,26 @@ async def measure(database_url: str, cycles: int) -> list[dict[str, float | int 
     out: list[dict[str, float | int | bool]] = []
     previous: frozenset[int] | None = None
     for i in range(cycles):
-        began = time.perf_counter()
-        result = await run_cycle(
-            maker,
-            epoch=lease.epoch,
-            settings=settings,
-            previously_open=previous,
-            explain_all=i % 2 == 0,  # odd cycles: the steady state between full explanations
-        )
+        began, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+        with LoopLag() as lag:
+            result = await run_cycle(
+                maker,
+                epoch=lease.epoch,
+                settings=settings,
+                previously_open=previous,
+                explain_all=i % 2 == 0,  # odd cycles: the steady state between full explanations
+            )
+            total_s, cpu_s = time.perf_counter() - began, time.process_time() - cpu
+            loop_cpu_s = time.thread_time() - loop_cpu
+            await asyncio.sleep(2 * lag.tick_s)  # the probe's last wake-up
         previous = result.open_allocation_ids
         out.append(
             {
-                "total_s": round(time.perf_counter() - began, 3),
+                "total_s": round(total_s, 3),
+                "cpu_s": round(cpu_s, 3),  # all threads (decide included)
+                "loop_cpu_s": round(loop_cpu_s, 3),  # the event loop's thread
+                "max_loop_stall_s": round(lag.max_s, 3),
+                "loop_stalls_over_20ms": lag.over_20ms,
                 "load_s": round(result.load_s, 3),
                 "decide_s": round(result.decide_s, 3),
                 "apply_s": round(result.apply_s, 3),
@@ -136,6 +174,12 @@ def main() -> None:
     parser.add_argument("--orgs", type=int, default=50)
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() the heap before the cycles, as a server may after start-up: full"
+        " collections then scan only what was allocated since",
+    )
     args = parser.parse_args()
     asyncio.run(
         seed(
@@ -146,8 +190,20 @@ def main() -> None:
             seed=args.seed,
         )
     )
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     cycles = asyncio.run(measure(args.database_url, args.cycles))
-    print(json.dumps({"nodes": args.nodes, "pending": args.pending, "cycles": cycles}))
+    print(
+        json.dumps(
+            {
+                "nodes": args.nodes,
+                "pending": args.pending,
+                "gc_freeze": args.gc_freeze,
+                "cycles": cycles,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

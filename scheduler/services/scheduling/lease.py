@@ -13,6 +13,7 @@ holder's `expires_at` passed) and renews it every cycle.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -96,6 +97,9 @@ class Lease:
         self.epoch: int | None = None
         self._conn: AsyncConnection | None = None
         self.is_postgres = engine.dialect.name == "postgresql"
+        # The lock connection serves one statement at a time: the cycle loop's checks and a
+        # readiness probe's (`still_held`) may come at once.
+        self._conn_lock = asyncio.Lock()
 
     @property
     def held(self) -> bool:
@@ -146,21 +150,23 @@ class Lease:
         """Is the lock connection alive? (On SQLite, the fence check in apply is the test.)"""
         if not self.is_postgres or self.epoch is None:
             return self.epoch is not None
-        if self._conn is None:
-            return False
-        try:
-            await self._conn.scalar(text("SELECT 1"))
-            await self._conn.commit()
-        except Exception:  # the connection is gone, and with it the lock
-            log.warning("scheduler lease connection lost", exc_info=True)
-            await self.release()
-            return False
-        return True
+        async with self._conn_lock:
+            if self._conn is None:
+                return False
+            try:
+                await self._conn.scalar(text("SELECT 1"))
+                await self._conn.commit()
+                return True
+            except Exception:  # the connection is gone, and with it the lock
+                log.warning("scheduler lease connection lost", exc_info=True)
+        await self.release()
+        return False
 
     async def release(self) -> None:
         """Give the lease up: unlock and close the connection (the lock dies with it anyway)."""
         self.epoch = None
-        conn, self._conn = self._conn, None
+        async with self._conn_lock:
+            conn, self._conn = self._conn, None
         if conn is None:
             return
         try:

@@ -7,14 +7,15 @@ reasons already stored, the allocations open at load time) travels alongside the
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Executable, Result, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from scheduler.core.types import (
     DependencyState,
@@ -30,6 +31,7 @@ from scheduler.db import Allocation, Gpu, Job, JobDependency, OrgUsage, Quota, S
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
 from scheduler.services.accounting import HeldInterval, fold_usage
+from scheduler.services.scheduling.sqltime import epoch_s
 from scheduler.settings import Settings
 from scheduler.states import GpuHealth, JobState, NodeState
 
@@ -62,21 +64,155 @@ class Loaded:
     org_names: dict[int, str] = field(default_factory=dict)
 
 
-async def _nodes(session: AsyncSession) -> tuple[Node, ...]:
-    rows = (
-        await session.execute(
-            select(NodeRow.id, NodeRow.name, NodeRow.state, NodeRow.domain, Site.name).join(
-                Site, Site.id == NodeRow.site_id
-            )
-        )
-    ).all()
+Rows = Sequence[Any]  # plain result rows (tuple-like), unpacked by position
+
+
+@dataclass
+class _Fetched:
+    """What the read transaction returned, before any per-row Python work."""
+
+    nodes: Rows
+    gpus: Rows
+    held: Rows
+    running_jobs: Rows
+    dependencies: Rows
+    pending: Rows
+    usage: Rows
+    closed: Rows
+    quotas: Rows
+    orgs: Rows
+
+
+async def _rows(conn: AsyncConnection, stmt: Executable) -> Rows:
+    """Execute on the loop (the driver buffers the rows), turn them into rows in a thread.
+
+    Row construction and type processing of tens of thousands of rows would otherwise run on
+    the server's event loop in one stretch, stalling every request it serves meanwhile.
+    """
+    result = await conn.execute(stmt)
+    return await asyncio.to_thread(_plain, result)
+
+
+def _plain(result: Result[Any]) -> list[tuple[Any, ...]]:
+    # Plain tuples of numbers and strings leave the garbage collector's lists at its next pass;
+    # Row objects stay tracked and, kept for the build, push it into full collections.
+    return [tuple(row) for row in result]
+
+
+_NODES = select(NodeRow.id, NodeRow.name, NodeRow.state, NodeRow.domain, Site.name).join(
+    Site, Site.id == NodeRow.site_id
+)
+_GPUS = select(Gpu.node_id, Gpu.index, Gpu.model, Gpu.health)
+_HELD = (
+    select(
+        Allocation.id,
+        Allocation.job_id,
+        Allocation.org_id,
+        Allocation.user_id,
+        Allocation.gpu_type,
+        epoch_s(Allocation.started_at),
+        Task.node_id,
+        Task.node_rank,
+        Gpu.index,
+    )
+    .join(Task, Task.id == Allocation.task_id)
+    .join(Gpu, Gpu.id == Allocation.gpu_id)
+    .where(Allocation.ended_at.is_(None))
+)
+_RUNNING_JOBS = select(
+    Job.id,
+    Job.time_limit_s,
+    Job.priority_class,
+    Job.preemptible,
+    epoch_s(Job.preempt_deadline),
+).where(Job.id.in_(select(Allocation.job_id).where(Allocation.ended_at.is_(None))))
+_PENDING = (
+    select(
+        Job.id,
+        Job.org_id,
+        Job.user_id,
+        Job.gpus_per_node,
+        Job.num_nodes,
+        Job.time_limit_s,
+        epoch_s(Job.submitted_at),
+        Job.gpu_type,
+        Job.site,
+        Job.priority_class,
+        Job.preemptible,
+        Job.held,
+        Job.priority.is_not(None),
+    )
+    .where(Job.state == JobState.PENDING)
+    .order_by(Job.id)
+)
+_USAGE = select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds, epoch_s(OrgUsage.as_of))
+_QUOTAS = select(Quota.org_id, Quota.gpu_type, Quota.guaranteed, Quota.limit)
+_ORGS = select(OrgRow.id, OrgRow.name, OrgRow.parent_id, OrgRow.shares).order_by(OrgRow.id)
+
+
+def _dependencies_stmt() -> Executable:
+    parent = Job.__table__.alias("parent")
+    child = Job.__table__.alias("child")
+    return (
+        select(JobDependency.job_id, parent.c.state, func.count())
+        .join(child, child.c.id == JobDependency.job_id)
+        .join(parent, parent.c.id == JobDependency.depends_on_id)
+        .where(child.c.state == JobState.PENDING)
+        .group_by(JobDependency.job_id, parent.c.state)
+    )
+
+
+_DEPENDENCIES = _dependencies_stmt()
+
+
+def _closed_stmt(allocation_ids: Iterable[int] | None, since: datetime | None) -> Executable:
+    """Allocations closed since the last fold: by id when the caller knows which, else by time."""
+    stmt = select(
+        Allocation.id,
+        Allocation.org_id,
+        Allocation.gpu_type,
+        epoch_s(Allocation.started_at),
+        epoch_s(Allocation.ended_at),
+    ).where(Allocation.ended_at.is_not(None))
+    if allocation_ids is not None:
+        stmt = stmt.where(Allocation.id.in_(list(allocation_ids)))
+    elif since is not None:
+        stmt = stmt.where(Allocation.ended_at > since)
+    return stmt
+
+
+async def _fetch(session: AsyncSession, previously_open: frozenset[int] | None) -> _Fetched:
+    conn = await session.connection()
+    nodes = await _rows(conn, _NODES)
+    gpus = await _rows(conn, _GPUS)
+    held = await _rows(conn, _HELD)
+    running_jobs = await _rows(conn, _RUNNING_JOBS) if held else []
+    dependencies = await _rows(conn, _DEPENDENCIES)
+    pending = await _rows(conn, _PENDING)
+    usage = await _rows(conn, _USAGE)
+    if previously_open is not None:
+        gone = previously_open - {row[0] for row in held}
+        closed = await _rows(conn, _closed_stmt(gone, None)) if gone else []
+    else:
+        oldest = min((row[2] for row in usage), default=None)
+        since = from_epoch(oldest) if oldest is not None else None
+        closed = await _rows(conn, _closed_stmt(None, since))
+    quotas = await _rows(conn, _QUOTAS)
+    orgs = await _rows(conn, _ORGS)
+    return _Fetched(
+        nodes, gpus, held, running_jobs, dependencies, pending, usage, closed, quotas, orgs
+    )
+
+
+# -- building the snapshot: plain Python over the fetched rows, run in a worker thread ----------
+
+
+def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
     gpus: dict[int, list[tuple[int, str, GpuHealth]]] = defaultdict(list)
-    for node_id, index, model, health in await session.execute(
-        select(Gpu.node_id, Gpu.index, Gpu.model, Gpu.health)
-    ):
+    for node_id, index, model, health in fetched.gpus:
         gpus[node_id].append((index, model, health))
     nodes: list[Node] = []
-    for node_id, name, state, domain, site in rows:
+    for node_id, name, state, domain, site in fetched.nodes:
         node_gpus = sorted(gpus.get(node_id, ()))
         if not node_gpus:
             continue
@@ -98,87 +234,48 @@ async def _nodes(session: AsyncSession) -> tuple[Node, ...]:
     return tuple(nodes)
 
 
-async def _running(
-    session: AsyncSession,
-) -> tuple[tuple[RunningJob, ...], list[HeldInterval]]:
-    stmt = (
-        select(
-            Allocation.id,
-            Allocation.job_id,
-            Allocation.org_id,
-            Allocation.user_id,
-            Allocation.gpu_type,
-            Allocation.started_at,
-            Task.node_id,
-            Task.node_rank,
-            Gpu.index,
-        )
-        .join(Task, Task.id == Allocation.task_id)
-        .join(Gpu, Gpu.id == Allocation.gpu_id)
-        .where(Allocation.ended_at.is_(None))
-    )
+def _running(fetched: _Fetched) -> tuple[tuple[RunningJob, ...], list[HeldInterval]]:
     by_job: dict[int, list[Any]] = defaultdict(list)
     held: list[HeldInterval] = []
-    for row in await session.execute(stmt):
-        by_job[row.job_id].append(row)
-        held.append(HeldInterval(row.id, row.org_id, row.gpu_type, epoch(row.started_at), end=None))
-    if not by_job:
-        return (), held
-    jobs = {
-        j.id: j
-        for j in await session.execute(
-            select(
-                Job.id,
-                Job.time_limit_s,
-                Job.priority_class,
-                Job.preemptible,
-                Job.preempt_deadline,
-            ).where(Job.id.in_(list(by_job)))
-        )
-    }
+    for row in fetched.held:
+        alloc_id, job_id, org_id, _, gpu_type, started_s, _, _, _ = row
+        by_job[job_id].append(row)
+        held.append(HeldInterval(alloc_id, org_id, gpu_type, started_s, end=None))
+    jobs = {row[0]: row for row in fetched.running_jobs}
     running: list[RunningJob] = []
     for job_id in sorted(by_job):
         rows = by_job[job_id]
-        job = jobs[job_id]
+        _, time_limit_s, priority_class, preemptible, deadline_s = jobs[job_id]
         per_node: dict[tuple[int, int], list[int]] = defaultdict(list)
         for r in rows:
-            per_node[(r.node_rank, r.node_id)].append(r.index)
+            per_node[(r[7], r[6])].append(r[8])  # (node rank, node id) -> GPU indexes
         placements = tuple(
             Placement(node_id=node_id, gpus=tuple(sorted(idx)))
             for (_, node_id), idx in sorted(per_node.items())
         )
-        deadline = job.preempt_deadline
+        first = rows[0]
         running.append(
             RunningJob(
                 job_id=job_id,
-                org_id=rows[0].org_id,
-                user_id=rows[0].user_id,
-                gpu_type=rows[0].gpu_type,
+                org_id=first[2],
+                user_id=first[3],
+                gpu_type=first[4],
                 placements=placements,
-                started_at=min(epoch(r.started_at) for r in rows),
-                time_limit_s=float(job.time_limit_s),
-                priority_class=job.priority_class,
-                preemptible=job.preemptible,
-                preempting=deadline is not None,
-                preempt_deadline=epoch(deadline) if deadline is not None else None,
+                started_at=min(r[5] for r in rows),
+                time_limit_s=float(time_limit_s),
+                priority_class=priority_class,
+                preemptible=preemptible,
+                preempting=deadline_s is not None,
+                preempt_deadline=deadline_s,
             )
         )
     return tuple(running), held
 
 
-async def _dependencies(session: AsyncSession) -> dict[int, DependencyState]:
+def _dependencies(fetched: _Fetched) -> dict[int, DependencyState]:
     """Per pending job with `afterok` dependencies: satisfied, waiting or never."""
-    parent = Job.__table__.alias("parent")
-    child = Job.__table__.alias("child")
-    stmt = (
-        select(JobDependency.job_id, parent.c.state, func.count())
-        .join(child, child.c.id == JobDependency.job_id)
-        .join(parent, parent.c.id == JobDependency.depends_on_id)
-        .where(child.c.state == JobState.PENDING)
-        .group_by(JobDependency.job_id, parent.c.state)
-    )
     states: dict[int, set[JobState]] = defaultdict(set)
-    for job_id, state, _ in await session.execute(stmt):
+    for job_id, state, _ in fetched.dependencies:
         states[job_id].add(JobState(state))
     out: dict[int, DependencyState] = {}
     for job_id, seen in states.items():
@@ -191,101 +288,103 @@ async def _dependencies(session: AsyncSession) -> dict[int, DependencyState]:
     return out
 
 
-async def _pending(session: AsyncSession) -> tuple[tuple[PendingJob, ...], set[int]]:
-    deps = await _dependencies(session)
-    stmt = select(
-        Job.id,
-        Job.org_id,
-        Job.user_id,
-        Job.gpus_per_node,
-        Job.num_nodes,
-        Job.time_limit_s,
-        Job.submitted_at,
-        Job.gpu_type,
-        Job.site,
-        Job.priority_class,
-        Job.preemptible,
-        Job.held,
-        Job.priority,
-    ).where(Job.state == JobState.PENDING)
+def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
+    deps = _dependencies(fetched)
+    none = DependencyState.NONE
     pending: list[PendingJob] = []
     explained: set[int] = set()
-    for r in await session.execute(stmt.order_by(Job.id)):
+    for (
+        job_id,
+        org_id,
+        user_id,
+        gpus_per_node,
+        num_nodes,
+        time_limit_s,
+        submitted_s,
+        gpu_type,
+        site,
+        priority_class,
+        preemptible,
+        held,
+        has_priority,
+    ) in fetched.pending:
         pending.append(
             PendingJob(
-                job_id=r.id,
-                org_id=r.org_id,
-                user_id=r.user_id,
-                gpus_per_node=r.gpus_per_node,
-                nodes=r.num_nodes,
-                time_limit_s=float(r.time_limit_s),
-                submitted_at=epoch(r.submitted_at),
-                gpu_type=r.gpu_type,
-                site=r.site,
-                priority_class=r.priority_class,
-                preemptible=r.preemptible,
-                held=r.held,
-                dependency=deps.get(r.id, DependencyState.NONE),
+                job_id=job_id,
+                org_id=org_id,
+                user_id=user_id,
+                gpus_per_node=gpus_per_node,
+                nodes=num_nodes,
+                time_limit_s=float(time_limit_s),
+                submitted_at=submitted_s,
+                gpu_type=gpu_type,
+                site=site,
+                priority_class=priority_class,
+                preemptible=preemptible,
+                held=held,
+                dependency=deps.get(job_id, none),
             )
         )
-        if r.priority is not None:
-            explained.add(r.id)
+        if has_priority:
+            explained.add(job_id)
     return tuple(pending), explained
 
 
-async def closed_intervals(
-    session: AsyncSession, allocation_ids: Iterable[int] | None, since: datetime | None
-) -> list[HeldInterval]:
-    """Allocations closed since the last fold: by id when the caller knows which, else by time."""
-    stmt = select(
-        Allocation.id,
-        Allocation.org_id,
-        Allocation.gpu_type,
-        Allocation.started_at,
-        Allocation.ended_at,
-    ).where(Allocation.ended_at.is_not(None))
-    if allocation_ids is not None:
-        ids = list(allocation_ids)
-        if not ids:
-            return []
-        stmt = stmt.where(Allocation.id.in_(ids))
-    elif since is not None:
-        stmt = stmt.where(Allocation.ended_at > since)
-    return [
-        HeldInterval(r.id, r.org_id, r.gpu_type, epoch(r.started_at), epoch(r.ended_at))
-        for r in await session.execute(stmt)
-    ]
-
-
-async def _orgs(
-    session: AsyncSession, usage: Mapping[int, float]
-) -> tuple[tuple[Org, ...], dict[int, str]]:
+def _orgs(fetched: _Fetched, usage: Mapping[int, float]) -> tuple[tuple[Org, ...], dict[int, str]]:
     guaranteed: dict[int, dict[str, int]] = defaultdict(dict)
     limit: dict[int, dict[str, int]] = defaultdict(dict)
-    for q in await session.execute(
-        select(Quota.org_id, Quota.gpu_type, Quota.guaranteed, Quota.limit)
-    ):
-        guaranteed[q.org_id][q.gpu_type] = q.guaranteed
-        if q.limit is not None:
-            limit[q.org_id][q.gpu_type] = q.limit
+    for org_id, gpu_type, quota_guaranteed, quota_limit in fetched.quotas:
+        guaranteed[org_id][gpu_type] = quota_guaranteed
+        if quota_limit is not None:
+            limit[org_id][gpu_type] = quota_limit
     orgs: list[Org] = []
     names: dict[int, str] = {}
-    for o in await session.execute(
-        select(OrgRow.id, OrgRow.name, OrgRow.parent_id, OrgRow.shares).order_by(OrgRow.id)
-    ):
-        names[o.id] = o.name
+    for org_id, name, parent_id, shares in fetched.orgs:
+        names[org_id] = name
         orgs.append(
             Org(
-                id=o.id,
-                name=o.name,
-                parent_id=o.parent_id,
-                shares=o.shares,
-                guaranteed=guaranteed.get(o.id, {}),
-                limit=limit.get(o.id, {}),
-                usage=usage.get(o.id, 0.0),
+                id=org_id,
+                name=name,
+                parent_id=parent_id,
+                shares=shares,
+                guaranteed=guaranteed.get(org_id, {}),
+                limit=limit.get(org_id, {}),
+                usage=usage.get(org_id, 0.0),
             )
         )
     return tuple(orgs), names
+
+
+def _build(fetched: _Fetched, *, now: datetime, config: PolicyConfig) -> Loaded:
+    nodes = _nodes(fetched)
+    running, held = _running(fetched)
+    pending, explained = _pending(fetched)
+    previous = {org_id: (value, as_of_s) for org_id, value, as_of_s in fetched.usage}
+    closed = [
+        HeldInterval(alloc_id, org_id, gpu_type, started_s, ended_s)
+        for alloc_id, org_id, gpu_type, started_s, ended_s in fetched.closed
+    ]
+    now_s = epoch(now)
+    usage = fold_usage(
+        previous,
+        [*held, *closed],
+        now_s,
+        half_life_s=config.half_life_s,
+        gpu_weights=config.gpu_weights,
+    )
+    orgs, names = _orgs(fetched, usage)
+    for org in orgs:
+        usage.setdefault(org.id, 0.0)
+    snapshot = Snapshot(
+        now=now_s, nodes=nodes, orgs=orgs, running=running, pending=pending, config=config
+    )
+    return Loaded(
+        snapshot=snapshot,
+        explained=explained,
+        org_usage={k: v for k, v in usage.items() if k in names},
+        open_allocation_ids=frozenset(h.allocation_id for h in held),
+        org_names=names,
+    )
 
 
 async def load_snapshot(
@@ -301,41 +400,6 @@ async def load_snapshot(
     those no longer open were closed since and are folded by id. Without it (a new leader) the
     allocations closed since the oldest `as_of` are found by time, once.
     """
-    nodes = await _nodes(session)
-    running, held = await _running(session)
-    pending, explained = await _pending(session)
-    previous = {
-        r.org_id: (r.decayed_gpu_seconds, epoch(r.as_of))
-        for r in await session.execute(
-            select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds, OrgUsage.as_of)
-        )
-    }
-    open_ids = frozenset(h.allocation_id for h in held)
-    if previously_open is not None:
-        closed = await closed_intervals(session, previously_open - open_ids, None)
-    else:
-        oldest = min((as_of for _, as_of in previous.values()), default=None)
-        closed = await closed_intervals(
-            session, None, from_epoch(oldest) if oldest is not None else None
-        )
-    now_s = epoch(now)
-    usage = fold_usage(
-        previous,
-        [*held, *closed],
-        now_s,
-        half_life_s=config.half_life_s,
-        gpu_weights=config.gpu_weights,
-    )
-    orgs, names = await _orgs(session, usage)
-    for org in orgs:
-        usage.setdefault(org.id, 0.0)
-    snapshot = Snapshot(
-        now=now_s, nodes=nodes, orgs=orgs, running=running, pending=pending, config=config
-    )
-    return Loaded(
-        snapshot=snapshot,
-        explained=explained,
-        org_usage={k: v for k, v in usage.items() if k in names},
-        open_allocation_ids=open_ids,
-        org_names=names,
-    )
+    fetched = await _fetch(session, previously_open)
+    # Tens of thousands of rows become frozen dataclasses: off the loop, which keeps serving.
+    return await asyncio.to_thread(_build, fetched, now=now, config=config)

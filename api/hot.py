@@ -1,0 +1,292 @@
+"""The hot paths: quiet heartbeats and plain submissions, answered before FastAPI routes them.
+
+At a thousand nodes a server answers thousands of heartbeats a second, and nearly all of them
+say only "still here, same tasks, here are my GPUs". Through FastAPI's routing, dependency
+injection, validation and response model each costs several times the database work (about
+2.5 ms of CPU against 0.3 ms), so `FairgpuApp.__call__` gives these requests to `HotPaths`
+first, which answers the common case itself:
+
+- `POST /v1/agent/heartbeat` from a live agent credential with nothing to report or receive:
+  one read (credential, node and active tasks, scheduler/services/hotpath.py) proves it, the
+  liveness and samples go to the `LiveBuffer` as on the ordinary route, and the reply is the
+  same `HeartbeatReply`, long-poll included.
+- `POST /v1/jobs` by a user whose token this process authenticated in the last
+  `auth_cache_ttl_s`, to their own org, with a time limit and no dependencies: one insert.
+
+Everything else — a body that does not validate, an unknown or stale credential, a heartbeat
+that changes something, a submission naming an org, a database error before anything was
+written — is handed, body and all, to the ordinary routes, which remain the one place that
+decides errors and every other case. Both paths give the same answers (tests/api/test_hot.py
+runs the protocol with the hot paths on and off). The hot paths need PostgreSQL (raw asyncpg);
+on SQLite every request takes the ordinary routes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from prometheus_client import Counter
+from pydantic import ValidationError
+from starlette.types import Message, Receive, Scope, Send
+
+from api.deps import parse_bearer
+from api.limits import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
+from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
+from api.routers.agent import hold_heartbeat
+from api.routers.jobs import checked_idempotency_key, job_public
+from api.schemas.agent import Heartbeat
+from api.schemas.jobs import JobCreate
+from scheduler.db.types import utcnow
+from scheduler.services import hotpath
+from scheduler.services.errors import InvalidInput
+from scheduler.services.jobs import JobSpec, new_job, submission_rows
+from scheduler.services.quickbeat import Quick, decide, may_be_quick
+from scheduler.services.scheduling import work
+from scheduler.services.tokens import hash_token
+
+if TYPE_CHECKING:
+    from api.app import FairgpuApp
+
+log = logging.getLogger("fairgpu.api")
+
+HEARTBEAT_PATH = "/v1/agent/heartbeat"
+JOBS_PATH = "/v1/jobs"
+
+HOT_REQUESTS = Counter(
+    "fairgpu_api_hot_path_requests",
+    "Heartbeats and submissions by whether the hot path answered them or handed them on.",
+    ["route", "outcome"],
+)
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _bearer(scope: Scope) -> str | None:
+    content_type = b""
+    authorization = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"content-type":
+            content_type = value
+    if not content_type.startswith(b"application/json"):
+        return None  # the ordinary route says what it thinks of other media types
+    return parse_bearer(authorization.decode("latin-1"))
+
+
+def _header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool, bool]:
+    """(body, complete, disconnected). Stops once past `limit`: the caller hands the request on
+    and the size limit answers it."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"", False, True
+        chunk = message.get("body", b"")
+        parts.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts), True, False
+        if size > limit:
+            return b"".join(parts), False, False
+
+
+def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """`receive` for the ordinary route: the bytes already read, then the rest of the stream."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": not complete}
+        return await receive()
+
+    return again
+
+
+async def _send(send: Send, status: int, payload: bytes, headers: list[Any] | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                *(headers or _JSON_HEADERS),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def send_problem(
+    send: Send, status: int, detail: str, path: str, headers: list[Any] | None = None
+) -> None:
+    """An RFC 9457 problem, as api/problems.py writes them, without a Request."""
+    payload = json.dumps(problem_body(status, detail, path)).encode()
+    await _send(
+        send, status, payload, [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), *(headers or [])]
+    )
+
+
+class HotPaths:
+    def __init__(self, app: FairgpuApp, pool: hotpath.LeanPool) -> None:
+        self.app = app
+        self.pool = pool
+
+    def route(self, scope: Scope) -> Handler | None:
+        if scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        if path == HEARTBEAT_PATH:
+            return self.heartbeat
+        if path == JOBS_PATH:
+            return self.submit
+        return None
+
+    async def _hand_on(
+        self, route: str, scope: Scope, receive: Receive, send: Send, body: bytes, complete: bool
+    ) -> None:
+        HOT_REQUESTS.labels(route, "handed_on").inc()
+        scope.setdefault("state", {})["hot_path_tried"] = True
+        await self.app.ordinary(scope, _replay(body, complete, receive), send)
+
+    # -- heartbeats ---------------------------------------------------------------------------
+
+    async def heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body, complete, gone = await _read_body(receive, MAX_AGENT_BODY_BYTES)
+        if gone:
+            return
+        answered = False
+        if complete and (secret := _bearer(scope)) is not None:
+            answered = await self._quiet_heartbeat(secret, body, scope, receive, send)
+        if not answered:
+            await self._hand_on("heartbeat", scope, receive, send, body, complete)
+
+    async def _quiet_heartbeat(
+        self, secret: str, raw: bytes, scope: Scope, receive: Receive, send: Send
+    ) -> bool:
+        state = self.app.state
+        live = getattr(state.runtime, "live", None)
+        if live is None or state.settings.heartbeat_flush_interval_s <= 0:
+            return False
+        try:
+            body = Heartbeat.model_validate_json(raw)
+        except ValidationError:
+            return False
+        try:
+            rows = await hotpath.node_read(self.pool, hash_token(secret))
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as exc:
+            log.debug("hot heartbeat read failed, handing on: %s", exc)
+            return False
+        now = utcnow()
+        if not rows or not hotpath.agent_row_valid(rows[0], now):
+            return False
+        node_id = int(rows[0][6])
+        if not may_be_quick(body, live, node_id):
+            return False
+        if decide(rows, body=body, buffer=live, node_id=node_id, now=now) is not Quick.DONE:
+            return False
+        HOT_REQUESTS.labels("heartbeat", "answered").inc()
+        settings = state.settings
+        reply = work.reply(settings, now)
+        wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
+        if wait_s > 0:
+            reply = await hold_heartbeat(state, node_id, wait_s, reply)
+        await _send(send, 200, reply.model_dump_json().encode())
+        return True
+
+    # -- submissions --------------------------------------------------------------------------
+
+    async def submit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body, complete, gone = await _read_body(receive, MAX_BODY_BYTES)
+        if gone:
+            return
+        answered = False
+        if complete and (secret := _bearer(scope)) is not None:
+            answered = await self._plain_submit(secret, body, scope, send)
+        if not answered:
+            await self._hand_on("submit", scope, receive, send, body, complete)
+
+    async def _plain_submit(self, secret: str, raw: bytes, scope: Scope, send: Send) -> bool:
+        state = self.app.state
+        settings = state.settings
+        now = utcnow()
+        principal = state.auth_cache.get(hash_token(secret), now)
+        if (
+            principal is None
+            or principal.kind != "user"
+            or principal.user_id is None
+            or principal.org_id is None
+        ):
+            return False
+        try:
+            key = checked_idempotency_key(_header(scope, b"idempotency-key"))
+        except InvalidInput:
+            return False
+        try:
+            create = JobCreate.model_validate_json(raw)
+        except ValidationError:
+            return False
+        if create.org is not None or create.depends_on or create.time_limit is None:
+            return False  # another org, dependencies, the org's default limit: ordinary route
+        if create.time_limit > settings.max_time_limit_s:
+            return False
+        spec = JobSpec(**create.model_dump(exclude={"org"}))
+        values, event = submission_rows(
+            org_id=principal.org_id,
+            user_id=principal.user_id,
+            actor=principal.actor,
+            spec=spec,
+            idempotency_key=key,
+            time_limit_s=create.time_limit,
+            now=now,
+        )
+        try:
+            job_id = await hotpath.insert_job(self.pool, values, event)
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as exc:
+            # The insert may or may not have happened: not retried here. The client retries
+            # (with its Idempotency-Key, exactly once), as after any 503.
+            log.warning("database unavailable on %s: %s", JOBS_PATH, exc)
+            HOT_REQUESTS.labels("submit", "unavailable").inc()
+            await send_problem(
+                send,
+                503,
+                "the database is unavailable; retry shortly",
+                JOBS_PATH,
+                [(b"retry-after", str(RETRY_AFTER_S).encode())],
+            )
+            return True
+        except asyncpg.PostgresError as exc:
+            log.info("hot submission refused by the database, handing on: %s", exc)
+            return False
+        if job_id is None:
+            return False  # the key is taken: the ordinary route answers with the first job
+        HOT_REQUESTS.labels("submit", "answered").inc()
+        self.app.state.runtime.notify("submit")
+        public = job_public(new_job(job_id, values))
+        await _send(send, 201, public.model_dump_json().encode())
+        return True

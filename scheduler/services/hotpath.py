@@ -1,0 +1,239 @@
+"""The API's two hot statements on PostgreSQL, run on raw asyncpg (api/hot.py serves them).
+
+A quiet heartbeat and a plain submission are most of what a server does: thousands a second
+from a thousand nodes, hundreds a second from a busy CLI user. Through SQLAlchemy's session and
+pool each costs more CPU than the statement itself, so these two run on an asyncpg pool of
+their own, as prepared statements, each in one round trip with no transaction around it:
+
+- `node_read`: the agent credential, its node and the node's active tasks, by token hash. The
+  token check is folded into the read the quick heartbeat does anyway.
+- `insert_job`: the job and its PENDING event (with ON CONFLICT for idempotency keys): the
+  very statement scheduler/services/jobs.py runs for a submission on a session.
+
+Both are SQLAlchemy statements compiled once for asyncpg (`Prepared`), so the SQL has one
+source. They decide nothing: api/hot.py hands every case they do not cover to the ordinary
+routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy import Table, bindparam, select
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
+
+from scheduler.db import ApiToken, Node, Task
+from scheduler.services.jobs import SUBMIT_PG
+from scheduler.services.quickbeat import ACTIVE_TASK_OF_NODE, NODE_AND_TASK_COLUMNS
+from scheduler.services.tokens import LAST_USED_RESOLUTION
+from scheduler.settings import normalise_database_url
+from scheduler.states import TokenKind
+
+# SQLSTATE classes of errors that concern the statement alone (data, integrity, syntax and
+# access): the connection stays usable. After any other error it is dropped: a server going
+# down (57P01) reports an error just before it closes the connection.
+STATEMENT_ERROR_CLASSES = frozenset({"22", "23", "42"})
+STATEMENT_TIMEOUT_S = 30.0  # connect and statement timeout of the hot paths' connections
+
+
+_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
+_TOKENS: Table = ApiToken.__table__  # type: ignore[assignment]
+_NODES: Table = Node.__table__  # type: ignore[assignment]
+_TASKS: Table = Task.__table__  # type: ignore[assignment]
+
+
+class Prepared:
+    """A statement compiled once for asyncpg: `$n` SQL and its parameters' converters."""
+
+    def __init__(self, statement: ClauseElement) -> None:
+        compiled = statement.compile(dialect=_DIALECT)
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = str(compiled)
+        self.names: list[str] = list(compiled.positiontup or ())
+        self.defaults = dict(compiled.params)  # literal values bound in the statement itself
+        self._convert: list[Callable[[Any], Any] | None] = [
+            compiled.binds[name].type.bind_processor(_DIALECT) for name in self.names
+        ]
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        out: list[Any] = []
+        for name, convert in zip(self.names, self._convert, strict=True):
+            value = params[name] if name in params else self.defaults[name]
+            out.append(convert(value) if convert is not None and value is not None else value)
+        return out
+
+
+# The first five columns are scheduler.services.quickbeat's NodeTaskRow.
+NODE_READ = Prepared(
+    select(
+        *NODE_AND_TASK_COLUMNS,
+        _TOKENS.c.kind,
+        _TOKENS.c.node_id,
+        _TOKENS.c.expires_at,
+        _TOKENS.c.revoked_at,
+        _TOKENS.c.last_used_at,
+    )
+    .select_from(
+        _TOKENS.join(_NODES, _NODES.c.id == _TOKENS.c.node_id).outerjoin(
+            _TASKS, ACTIVE_TASK_OF_NODE
+        )
+    )
+    .where(_TOKENS.c.token_hash == bindparam("token_hash"))
+)
+INSERT_JOB = Prepared(SUBMIT_PG)
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    url = make_url(normalise_database_url(database_url))
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class LeanPool:
+    """Connections for one-statement requests, handed out with no more work than a deque.
+
+    asyncpg's `Pool` costs about 50 µs of CPU per acquire and release (proxies, timeouts, a
+    reset), as much as the statement; these statements need none of that: each is a single
+    autocommit statement that leaves no session state. Connections open on first use (a
+    server starts while its database is away); one that fails or is interrupted is closed and
+    replaced later, never reused in an unknown state.
+    """
+
+    def __init__(
+        self, dsn: str, *, size: int, server_settings: dict[str, str], timeout_s: float
+    ) -> None:
+        self.dsn = dsn
+        self.size = size
+        self.server_settings = server_settings
+        self.timeout_s = timeout_s
+        self._idle: deque[asyncpg.Connection] = deque()
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
+        self._open = 0  # connections open or being opened
+        self._closed = False
+
+    async def _take(self) -> asyncpg.Connection:
+        while True:
+            if self._closed:
+                raise asyncpg.InterfaceError("the hot-path pool is closed")
+            if self._idle:
+                return self._idle.pop()
+            if self._open < self.size:
+                self._open += 1
+                try:
+                    conn: asyncpg.Connection = await asyncpg.connect(
+                        self.dsn, timeout=self.timeout_s, server_settings=self.server_settings
+                    )
+                except BaseException:
+                    self._open -= 1
+                    self._wake(None)
+                    raise
+                return conn
+            waiter: asyncio.Future[asyncpg.Connection | None] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self._give(waiter.result())  # handed over just as we were cancelled
+                raise
+            if handed is not None:
+                return handed
+            # None: a connection was dropped, so there is room to open one: loop.
+
+    def _wake(self, conn: asyncpg.Connection | None) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _give(self, conn: asyncpg.Connection) -> None:
+        if self._closed or conn.is_closed():
+            self._drop(conn)
+        elif not self._wake(conn):
+            self._idle.append(conn)
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        self._open -= 1
+        conn.terminate()
+        self._wake(None)
+
+    async def run(self, method: str, sql: str, *args: Any) -> Any:
+        conn = await self._take()
+        try:
+            result = await getattr(conn, method)(sql, *args, timeout=self.timeout_s)
+        except asyncpg.PostgresError as exc:
+            if str(exc.sqlstate or "")[:2] in STATEMENT_ERROR_CLASSES:
+                self._give(conn)  # the server refused the statement; the connection is fine
+            else:
+                self._drop(conn)  # shutting down, out of resources...: not to be reused
+            raise
+        except BaseException:
+            self._drop(conn)  # broken or cancelled mid-statement: its state is unknown
+            raise
+        self._give(conn)
+        return result
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            conn = self._idle.pop()
+            self._open -= 1
+            await conn.close(timeout=self.timeout_s)
+        self._wake(None)
+
+
+def create_pool(database_url: str, *, size: int, idle_in_transaction_timeout_s: float) -> LeanPool:
+    timeout_ms = max(1, int(idle_in_transaction_timeout_s * 1000))
+    return LeanPool(
+        asyncpg_dsn(database_url),
+        size=size,
+        timeout_s=STATEMENT_TIMEOUT_S,
+        server_settings={
+            "application_name": "fairgpu-hot",
+            "idle_in_transaction_session_timeout": str(timeout_ms),
+        },
+    )
+
+
+def agent_row_valid(row: Any, now: datetime) -> bool:
+    """The credential is a live agent token whose `last_used_at` needs no refresh (the
+    ordinary route refreshes it)."""
+    kind, _node_id, expires_at, revoked_at, last_used_at = tuple(row[5:10])
+    return bool(
+        kind == TokenKind.AGENT.value
+        and revoked_at is None
+        and (expires_at is None or expires_at > now)
+        and last_used_at is not None
+        and now - last_used_at <= LAST_USED_RESOLUTION
+    )
+
+
+async def node_read(pool: LeanPool, token_hash: str) -> list[Any]:
+    """The credential's node and its active tasks (one row with NULL tasks when none)."""
+    rows: list[Any] = await pool.run(
+        "fetch", NODE_READ.sql, *NODE_READ.args({"token_hash": token_hash})
+    )
+    return rows
+
+
+async def insert_job(
+    pool: LeanPool, values: Mapping[str, Any], event: Mapping[str, Any]
+) -> int | None:
+    """The job and its event, no dependencies; None when the user's idempotency key is
+    taken (a retry)."""
+    params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
+    params.update({f"e_{k}": v for k, v in event.items()})
+    params["deps"] = []
+    job_id: int | None = await pool.run("fetchval", INSERT_JOB.sql, *INSERT_JOB.args(params))
+    return job_id
