@@ -18,7 +18,7 @@ from api.authcache import AuthCache
 from api.hot import Handler, HotPaths, send_problem
 from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
-from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.db.engine import make_server_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
 from scheduler.services import hotpath
 from scheduler.settings import Settings
@@ -121,15 +121,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(
-            settings.database_url,
-            pool_size=settings.database_pool_size,
-            echo=settings.database_echo,
-            pre_ping=settings.database_pre_ping,
-            # No server transaction waits on anything: one idle this long belongs to a frozen
-            # process, and holding the lease row it would block failover.
-            idle_in_transaction_timeout_s=settings.lease_timeout_s,
-        )
+        engine = make_server_engine(settings)
         try:
             if settings.migrate_on_start:
                 await run_migrations(engine)

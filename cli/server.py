@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
 
 from cli.common import DatabaseUrlOption, load_settings
+from scheduler.process import SchedulerProcess
 
 
 def server(
@@ -22,29 +26,63 @@ def server(
         typer.Option(
             min=1,
             max=64,
-            help="Server processes (PostgreSQL only; one of them holds the scheduler lease).",
+            help="HTTP worker processes (PostgreSQL only).",
         ),
     ] = 1,
+    scheduler_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--scheduler-process/--no-scheduler-process",
+            help="Run the scheduler in a process of its own beside the HTTP workers "
+            "(PostgreSQL; default: on when --workers > 1).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve the API (and run the scheduler) until interrupted."""
     settings = load_settings(database_url)
-    if workers > 1 and settings.is_sqlite:
-        typer.echo("fairgpu: error: --workers > 1 needs PostgreSQL", err=True)
+    separate = workers > 1 if scheduler_process is None else scheduler_process
+    if settings.is_sqlite and (workers > 1 or separate):
+        flag = "--workers > 1" if workers > 1 else "--scheduler-process"
+        typer.echo(f"fairgpu: error: {flag} needs PostgreSQL", err=True)
         raise typer.Exit(2)
     # Workers build their own app from FAIRGPU_* variables: pass the URL on through them.
     os.environ["FAIRGPU_DATABASE_URL"] = settings.database_url
-    uvicorn.run(
-        "api.app:create_server_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-        access_log=access_log,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
+    metrics_dir: str | None = None
+    if workers > 1 or separate:
+        # Set before any worker starts (they read it on import): each scrape, whichever worker
+        # answers it, sums every process's instruments. A directory of the operator's choosing
+        # is emptied first: values of an earlier run would be added to this one's.
+        given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if given:
+            for stale in Path(given).glob("*.db"):
+                stale.unlink(missing_ok=True)
+        else:
+            metrics_dir = tempfile.mkdtemp(prefix="fairgpu-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    scheduler: SchedulerProcess | None = None
+    if separate:
+        scheduler = SchedulerProcess(log_level=log_level)
+        scheduler.start()
+        os.environ["FAIRGPU_RUN_SCHEDULER"] = "false"  # read by the HTTP workers only
+    try:
+        uvicorn.run(
+            "api.app:create_server_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=access_log,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -4,7 +4,13 @@ Two sources: instruments updated by the scheduler loop on the leader (cycles, th
 preemptions, admission waits, pending reasons of the last cycle), and gauges read from the
 database at scrape time with a few grouped queries (jobs, nodes, GPUs, quotas, allocations, fair
 share), so any replica answers a scrape with the cluster's state. Each runtime has its own
-`CollectorRegistry`: several apps in one process (tests) never collide.
+`CollectorRegistry`: several apps in one process (tests) never collide. A scrape also carries
+the process's default registry: the API's hot-path counters, process and GC figures.
+
+With several processes on a host (`fairgpu server --workers N` and its scheduler process),
+`fairgpu server` sets `PROMETHEUS_MULTIPROC_DIR`: every process writes its instruments there and
+whichever worker answers a scrape sums them (Prometheus' multiprocess mode), so the scheduler
+process's cycles and the leader gauge are seen through any worker.
 
 | fairgpu                                   | Kueue                                        |
 | ----------------------------------------- | -------------------------------------------- |
@@ -23,13 +29,22 @@ share), so any replica answers a scrape with the cluster's state. Each runtime h
 
 from __future__ import annotations
 
+import os
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -63,6 +78,7 @@ class SchedulerMetrics:
             f"{PREFIX}_scheduler_leader",
             "1 when this replica holds the scheduler lease and runs the cycle.",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.cycles = Counter(
             f"{PREFIX}_scheduling_cycles",
@@ -94,6 +110,13 @@ class SchedulerMetrics:
             "Jobs given GPUs by the scheduler.",
             registry=r,
         )
+        self.pending = Gauge(
+            f"{PREFIX}_pending_jobs",
+            "Pending jobs by org and their first reason at the last cycle (Slurm's words).",
+            ["org", "reason"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.pending_by_reason: dict[tuple[str, str], int] = {}
         self.cycles.labels(result="ok")
         self.leader.set(0)
@@ -118,6 +141,11 @@ class SchedulerMetrics:
             reason = info.reasons[0].code.value if info.reasons else "None"
             org_id = org_of.get(job_id)
             tally[(loaded.org_names.get(org_id, str(org_id)) if org_id else "", reason)] += 1
+        for key in self.pending_by_reason.keys() - tally.keys():
+            self.pending.labels(*key).set(0)  # what another process's scrape reads from now on
+            self.pending.remove(*key)
+        for key, n in tally.items():
+            self.pending.labels(*key).set(n)
         self.pending_by_reason = dict(tally)
 
 
@@ -205,13 +233,11 @@ class _Scrape(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
-        yield from self.metrics.registry.collect()
-        yield _gauge(
-            "pending_jobs",
-            "Pending jobs by org and their first reason at the last cycle (Slurm's words).",
-            ["org", "reason"],
-            self.metrics.pending_by_reason.items(),
-        )
+        if multiprocess_dir() is not None:
+            yield from MultiProcessCollector(None).collect()  # type: ignore[no-untyped-call]
+        else:
+            yield from self.metrics.registry.collect()
+            yield from REGISTRY.collect()
         yield _gauge(
             "jobs",
             "Jobs not yet ended, by org and state (PENDING, STARTING, RUNNING).",
@@ -247,6 +273,11 @@ class _Scrape(Collector):
         )
         yield _gauge("nodes", "Nodes by state.", ["state"], (((k,), n) for k, n in s.nodes.items()))
         yield _gauge("gpus", "GPUs by type and health.", ["gpu_type", "health"], s.gpus.items())
+
+
+def multiprocess_dir() -> str | None:
+    """Where the host's processes share their instruments, when `fairgpu server` set it."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 def render(metrics: SchedulerMetrics, stats: ClusterStats) -> bytes:

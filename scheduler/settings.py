@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         description="Answer quiet heartbeats and plain submissions on raw asyncpg before "
         "FastAPI routes them (PostgreSQL only; api/hot.py). Off: every request is routed.",
     )
+    run_scheduler: bool = Field(
+        True,
+        description="This process competes for the scheduler lease and runs cycles when it "
+        "holds it. Off: it serves the API only and asks the lease holder for cycles through "
+        "PostgreSQL (LISTEN/NOTIFY); `fairgpu server --workers N` turns it off in its HTTP "
+        "workers and runs the scheduler in a process of its own.",
+    )
     auth_cache_ttl_s: float = Field(
         2.0,
         ge=0,

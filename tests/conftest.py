@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from scheduler.db import Base
-from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.db.engine import asyncpg_dsn, make_engine, make_sessionmaker
 from scheduler.db.migrate import migrate_url
 
 T = TypeVar("T")
@@ -41,14 +41,10 @@ def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(fn())).result()
 
 
-def _asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session")
 def postgres_server_url() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session; dropped at the end."""
-    admin = _asyncpg_dsn(POSTGRES_URL)
+    admin = asyncpg_dsn(POSTGRES_URL)
     name = f"fairgpu_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
     async def create() -> None:
@@ -91,7 +87,7 @@ TABLES = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
 
 def _truncate_postgres(url: str) -> None:
     async def truncate() -> None:
-        conn = await asyncpg.connect(_asyncpg_dsn(url), timeout=5)
+        conn = await asyncpg.connect(asyncpg_dsn(url), timeout=5)
         try:
             await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
         finally:

@@ -24,28 +24,32 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from scheduler.db import Org, Quota, User
-from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.db.engine import asyncpg_dsn, make_engine, make_sessionmaker
 from scheduler.db.migrate import migrate_url
+from scheduler.process import POOL_SIZE as SCHEDULER_POOL_SIZE
 from scheduler.services.tokens import issue_token
 from scheduler.states import Role, TokenKind
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60.0
 MAX_SERVER_CONNECTIONS = 90  # of PostgreSQL's default 100, a few kept for everyone else
+# The scheduler process: its pool and overflow, the lease, wake-ups.
+SCHEDULER_CONNECTIONS = 2 * SCHEDULER_POOL_SIZE + 2
 
 
 def pool_size(concurrency: int, workers: int) -> int:
-    """Per server process: the client's share of connections, within MAX_SERVER_CONNECTIONS."""
+    """Per HTTP worker: the client's share of connections, within MAX_SERVER_CONNECTIONS.
+
+    A worker opens up to three pools' worth (ORM pool, its overflow, the hot paths) and one for
+    wake-ups; with several workers the scheduler process takes its own few.
+    """
     wanted = max(8, -(-concurrency // workers) * 3 // 4)
-    return max(2, min(wanted, MAX_SERVER_CONNECTIONS // (3 * workers)))
-
-
-def _asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    scheduler = SCHEDULER_CONNECTIONS if workers > 1 else 1
+    return max(2, min(wanted, (MAX_SERVER_CONNECTIONS - scheduler - workers) // (3 * workers)))
 
 
 async def _create_database(server_url: str, name: str) -> str:
-    conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=5)
+    conn = await asyncpg.connect(asyncpg_dsn(server_url), timeout=5)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -54,7 +58,7 @@ async def _create_database(server_url: str, name: str) -> str:
 
 
 async def _drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(server_url), timeout=5)
+    conn = await asyncpg.connect(asyncpg_dsn(server_url), timeout=5)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from scheduler.settings import normalise_database_url
+from scheduler.settings import Settings, normalise_database_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -64,6 +65,25 @@ def make_engine(
     )
 
 
+def make_server_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+    """The engine of a server process (HTTP worker or scheduler) from its settings."""
+    return make_engine(
+        settings.database_url,
+        pool_size=pool_size or settings.database_pool_size,
+        echo=settings.database_echo,
+        pre_ping=settings.database_pre_ping,
+        # No server transaction waits on anything: one idle this long belongs to a frozen
+        # process, and holding the lease row it would block failover.
+        idle_in_transaction_timeout_s=settings.lease_timeout_s,
+    )
+
+
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions keep loaded rows usable after commit: callers read results once committed."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """The URL as asyncpg's own `connect` takes it (no SQLAlchemy driver suffix)."""
+    url = make_url(normalise_database_url(database_url))
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)

@@ -26,15 +26,14 @@ from typing import Any
 import asyncpg
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.engine import make_url
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
 from scheduler.db import ApiToken, Node, Task
+from scheduler.db.engine import asyncpg_dsn
 from scheduler.services.jobs import SUBMIT_PG
 from scheduler.services.quickbeat import ACTIVE_TASK_OF_NODE, NODE_AND_TASK_COLUMNS
 from scheduler.services.tokens import LAST_USED_RESOLUTION
-from scheduler.settings import normalise_database_url
 from scheduler.states import TokenKind
 
 # SQLSTATE classes of errors that concern the statement alone (data, integrity, syntax and
@@ -89,11 +88,6 @@ NODE_READ = Prepared(
     .where(_TOKENS.c.token_hash == bindparam("token_hash"))
 )
 INSERT_JOB = Prepared(SUBMIT_PG)
-
-
-def asyncpg_dsn(database_url: str) -> str:
-    url = make_url(normalise_database_url(database_url))
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class LeanPool:

@@ -8,8 +8,14 @@ scheduler never takes more than a quarter of the process from the requests it se
 others keep trying to take the lease.
 
 Every replica serves long-polls: a held heartbeat waits on its node's event, set by `wake_nodes`
-(an apply or a cancel on this replica); with several replicas a held heartbeat also re-checks
-the database every `long_poll_recheck_s`, since the news may have been written by another one.
+(an apply or a cancel); with several replicas a held heartbeat also re-checks the database every
+`long_poll_recheck_s`, since the news may have been written by another one.
+
+On PostgreSQL the processes tell each other (scheduler/services/wakeups.py): `notify` in a
+process that does not hold the lease asks the holder for a cycle, and `wake_nodes` releases the
+long-polls every process holds for those nodes. A process with `run_scheduler` off never takes
+the lease: `fairgpu server --workers N` runs its cycles in a scheduler process of its own, so a
+cycle's CPU never stalls the requests of an HTTP worker.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from scheduler.db.engine import asyncpg_dsn
 from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
 from scheduler.services.livebuffer import FlushResult, LiveBuffer
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
+from scheduler.services.wakeups import Wakeups
 from scheduler.settings import Settings
 
 log = logging.getLogger("fairgpu.scheduler")
@@ -68,6 +76,15 @@ class SchedulerRuntime:
         self._settled_until: datetime | None = None  # open allocations in the ledger up to here
         self.live = LiveBuffer()  # liveness and samples of quiet heartbeats, flushed in batches
         self._flusher: asyncio.Task[None] | None = None
+        self.wakeups: Wakeups | None = None
+        if self.lease.is_postgres:
+            self.wakeups = Wakeups(
+                asyncpg_dsn(settings.database_url),
+                on_cycle=self._heard_cycle,
+                on_nodes=self._wake_local,
+                on_reconnect=self._reconnected,
+                cycle_min_gap_s=settings.cycle_min_gap_s,
+            )
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -93,8 +110,10 @@ class SchedulerRuntime:
         return self.lease.is_postgres
 
     async def start(self) -> None:
-        if self._task is None:
-            self._stopping.clear()
+        self._stopping.clear()
+        if self.wakeups is not None:
+            await self.wakeups.start()
+        if self._task is None and self.settings.run_scheduler:
             self._task = asyncio.create_task(self._run(), name="fairgpu-scheduler")
         if self._flusher is None and self.settings.heartbeat_flush_interval_s > 0:
             self._flusher = asyncio.create_task(self._flush_loop(), name="fairgpu-flush")
@@ -119,6 +138,8 @@ class SchedulerRuntime:
         for event in self._node_events.values():
             event.set()
         self._node_events.clear()
+        if self.wakeups is not None:
+            await self.wakeups.stop()
         if self.lease.held and not self.lease.is_postgres:
             with contextlib.suppress(Exception):
                 async with self.sessionmaker() as session:
@@ -127,16 +148,38 @@ class SchedulerRuntime:
         self.metrics.leader.set(0)
 
     def notify(self, reason: str) -> None:
-        """Ask for a cycle soon; cheap and non-blocking, bursts coalesce into one cycle."""
+        """Ask for a cycle soon; cheap and non-blocking, bursts coalesce into one cycle. When
+        another process holds the lease, it is asked through PostgreSQL."""
         log.debug("cycle requested: %s", reason)
         self._wake.set()
+        if self.wakeups is not None and not self.lease.held:
+            self.wakeups.request_cycle()
 
     def wake_nodes(self, node_ids: Iterable[int]) -> None:
-        """Release the long-polls held for these nodes on this replica."""
+        """Release the long-polls held for these nodes, in this process and (on PostgreSQL)
+        in every other server process."""
+        node_ids = list(node_ids)
+        if not node_ids:
+            return
+        self._wake_local(node_ids)
+        if self.wakeups is not None:
+            self.wakeups.wake_nodes(node_ids)
+
+    def _wake_local(self, node_ids: Iterable[int]) -> None:
         for node_id in node_ids:
             event = self._node_events.pop(node_id, None)
             if event is not None:
                 event.set()
+
+    def _heard_cycle(self) -> None:
+        if self._task is not None:  # only a process that runs cycles cares
+            self._wake.set()
+
+    def _reconnected(self) -> None:
+        """The wake-up channel was down: what it carried meanwhile is lost, so the loop looks
+        again and every held long-poll re-checks the database."""
+        self._heard_cycle()
+        self._wake_local(list(self._node_events))
 
     async def flush_heartbeats(self) -> FlushResult:
         """Write buffered liveness and samples now (the loop does it every flush interval)."""
