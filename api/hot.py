@@ -41,6 +41,7 @@ from api.routers.jobs import checked_idempotency_key, job_public
 from api.schemas.agent import Heartbeat
 from api.schemas.jobs import JobCreate
 from scheduler.db.types import utcnow
+from scheduler.metrics import PROCESS_REGISTRY
 from scheduler.services import hotpath
 from scheduler.services.errors import InvalidInput
 from scheduler.services.jobs import JobSpec, new_job, submission_rows
@@ -60,6 +61,7 @@ HOT_REQUESTS = Counter(
     "fairgpu_api_hot_path_requests",
     "Heartbeats and submissions by whether the hot path answered them or handed them on.",
     ["route", "outcome"],
+    registry=PROCESS_REGISTRY,
 )
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 

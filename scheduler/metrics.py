@@ -5,7 +5,8 @@ preemptions, admission waits, pending reasons of the last cycle), and gauges rea
 database at scrape time with a few grouped queries (jobs, nodes, GPUs, quotas, allocations, fair
 share), so any replica answers a scrape with the cluster's state. Each runtime has its own
 `CollectorRegistry`: several apps in one process (tests) never collide. A scrape also carries
-the process's default registry: the API's hot-path counters, process and GC figures.
+`PROCESS_REGISTRY`: instruments of the process as a whole (the API's hot-path counters) and
+its CPU and memory.
 
 With several processes on a host (`fairgpu server --workers N` and its scheduler process),
 `fairgpu server` sets `PROMETHEUS_MULTIPROC_DIR`: every process writes its instruments there and
@@ -36,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
-    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -65,6 +66,10 @@ ADMISSION_WAIT_BUCKETS_S = (
     1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400, 172800,
     345600, 604800,
 )  # fmt: skip
+# Instruments of the whole process, whichever app in it they count for.
+PROCESS_REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=PROCESS_REGISTRY)
+
 CYCLE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -237,7 +242,7 @@ class _Scrape(Collector):
             yield from MultiProcessCollector(None).collect()  # type: ignore[no-untyped-call]
         else:
             yield from self.metrics.registry.collect()
-            yield from REGISTRY.collect()
+            yield from PROCESS_REGISTRY.collect()
         yield _gauge(
             "jobs",
             "Jobs not yet ended, by org and state (PENDING, STARTING, RUNNING).",

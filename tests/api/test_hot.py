@@ -13,18 +13,18 @@ from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from scheduler.bench.proxy import CuttableProxy
 from scheduler.db import Job, Node
+from scheduler.metrics import PROCESS_REGISTRY
 from scheduler.services.hotpath import asyncpg_dsn
 from tests.scheduling.harness import Cluster, fast_settings, now, report, running_cluster, sample
 
 
 def _hot(route: str, outcome: str) -> float:
-    value = REGISTRY.get_sample_value(
+    value = PROCESS_REGISTRY.get_sample_value(
         "fairgpu_api_hot_path_requests_total", {"route": route, "outcome": outcome}
     )
     return value or 0.0
@@ -85,6 +85,10 @@ async def test_a_protocol_run_reads_the_same_with_and_without_hot_paths(
         async with running_cluster(fast_settings(database_url, hot_paths=hot)) as cluster:
             assert (cluster.app.hot is not None) == (hot and "postgresql" in database_url)
             transcripts.append(await _protocol_run(cluster))
+            if hot and "postgresql" in database_url:  # the counters reach /metrics
+                scrape = (await cluster.http.get("/metrics")).text
+                series = 'fairgpu_api_hot_path_requests_total{outcome="answered",route="heartbeat"}'
+                assert f"{series} {_hot('heartbeat', 'answered')}" in scrape
     assert transcripts[0] == transcripts[1]
     assert transcripts[1][-1] == "RUNNING"
     heartbeats = _hot("heartbeat", "answered") - answered_before[0]
