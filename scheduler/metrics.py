@@ -148,7 +148,8 @@ class SchedulerMetrics:
             tally[(loaded.org_names.get(org_id, str(org_id)) if org_id else "", reason)] += 1
         for key in self.pending_by_reason.keys() - tally.keys():
             self.pending.labels(*key).set(0)  # what another process's scrape reads from now on
-            self.pending.remove(*key)
+            if multiprocess_dir() is None:  # (multiprocess mode cannot remove a series)
+                self.pending.remove(*key)
         for key, n in tally.items():
             self.pending.labels(*key).set(n)
         self.pending_by_reason = dict(tally)
