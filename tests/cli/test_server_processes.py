@@ -222,3 +222,18 @@ def _alive(pids: set[int]) -> set[int]:
         if state != "Z":
             alive.add(pid)
     return alive
+
+
+@pytest.mark.parametrize(
+    ("flags", "refusal"),
+    [(["--workers", "2"], "--workers > 1"), (["--scheduler-process"], "--scheduler-process")],
+)
+def test_several_processes_need_postgresql(tmp_path: Path, flags: list[str], refusal: str) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    r = subprocess.run(
+        [FAIRGPU, "server", "--database-url", url, *flags],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"fairgpu: error: {refusal} needs PostgreSQL"
+    assert not (tmp_path / "f.db").exists()  # refused before touching anything
