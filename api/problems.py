@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scheduler.db.engine import sqlstate
 from scheduler.services.errors import DomainError
 
 log = logging.getLogger("fairgpu.api")
@@ -144,9 +145,7 @@ def _is_connect_failure(exc: DBAPIError) -> bool:
     orig = exc.orig
     if isinstance(orig, OSError | ConnectionError):
         return True
-    driver = getattr(orig, "driver_exception", None) or getattr(orig, "__cause__", None)
-    sqlstate = str(getattr(driver, "sqlstate", "") or "")
-    if sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+    if sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES):
         return True
     name = type(orig).__name__ if orig is not None else ""
     text = str(orig).lower()

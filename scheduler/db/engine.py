@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -87,3 +88,10 @@ def asyncpg_dsn(database_url: str) -> str:
     """The URL as asyncpg's own `connect` takes it (no SQLAlchemy driver suffix)."""
     url = make_url(normalise_database_url(database_url))
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def sqlstate(exc: DBAPIError) -> str:
+    """PostgreSQL's SQLSTATE of a driver error ("" when it has none, as on SQLite)."""
+    orig = exc.orig
+    driver = getattr(orig, "driver_exception", None) or getattr(orig, "__cause__", None)
+    return str(getattr(driver, "sqlstate", "") or getattr(orig, "sqlstate", "") or "")

@@ -105,3 +105,35 @@ async def test_readiness_asks_the_database_whether_this_replica_still_leads(
             await admin.close()
         ready = (await cluster.http.get("/readyz")).json()
         assert ready["scheduler_leader"] is False
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_a_deposed_leader_holding_the_lease_row_does_not_block_the_takeover(
+    database_url: str,
+) -> None:
+    """A leader frozen in the middle of an apply holds the lease row in a session the database
+    does not end (it is not idle in transaction). The next holder of the lock ends it."""
+    settings = fast_settings(database_url, lease_timeout_s=600.0)  # no idle timeout to help
+    async with replica(settings) as first:  # the lease row exists from now on
+        await _until(lambda: first.is_leader, 10)
+    stuck = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await stuck.execute("BEGIN")
+        locked = await stuck.fetch("SELECT epoch FROM scheduler_lease FOR UPDATE")
+        assert len(locked) == 1  # the frozen apply's lock
+        async with replica(settings) as runtime:
+            took = await _until(lambda: runtime.is_leader, 10)
+            assert took < 5
+            assert stuck.is_closed() or not await _alive(stuck)
+    finally:
+        await stuck.close()
+
+
+async def _alive(conn: asyncpg.Connection) -> bool:
+    try:
+        await asyncio.wait_for(conn.fetchval("SELECT 1"), 2)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        return False
+    return True

@@ -21,9 +21,11 @@ import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from scheduler.db import SchedulerLease
+from scheduler.db.engine import sqlstate
 from scheduler.db.types import utcnow
 
 log = logging.getLogger("fairgpu.scheduler")
@@ -87,6 +89,11 @@ async def check_fence(session: AsyncSession, epoch: int, *, now: datetime, ttl_s
         raise LeaseLost(f"lease epoch moved on from {epoch}")
 
 
+# A new leader waits this long for the lease row before ending the deposed leader's session.
+ROW_WAIT_MS = 1000
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 class Lease:
     """Acquire, hold and check the lease; `epoch` is what apply transactions fence on."""
 
@@ -140,11 +147,34 @@ class Lease:
         await self._conn.commit()
         if not got:
             return False
-        now = utcnow()
-        async with session.begin():
-            self.epoch = await _bump_epoch(session, self.holder, now, self.ttl_s)
+        while True:
+            try:
+                async with session.begin():
+                    await session.execute(text(f"SET LOCAL lock_timeout = '{ROW_WAIT_MS}ms'"))
+                    self.epoch = await _bump_epoch(session, self.holder, utcnow(), self.ttl_s)
+                break
+            except DBAPIError as exc:
+                if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                    raise
+                await self._end_deposed_transactions()
         log.info("scheduler lease taken (epoch %s)", self.epoch)
         return True
+
+    async def _end_deposed_transactions(self) -> None:
+        """We hold the lock, so whoever holds the lease row is a leader that lost it: frozen
+        in the middle of an apply, its session neither idle (the database would end it after
+        `idle_in_transaction_session_timeout`) nor gone. Its transaction would fail the epoch
+        check anyway; end it so that we can lead now."""
+        assert self._conn is not None
+        ended = await self._conn.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
+                "WHERE relation = 'scheduler_lease'::regclass AND granted "
+                "AND pid <> pg_backend_pid()"
+            )
+        )
+        await self._conn.commit()
+        log.warning("scheduler lease row held by a deposed leader: ended %s session(s)", ended)
 
     async def still_held(self) -> bool:
         """Is the lock connection alive? (On SQLite, the fence check in apply is the test.)"""
