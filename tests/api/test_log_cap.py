@@ -62,14 +62,20 @@ async def stored(cluster: Cluster, task_id: int) -> tuple[int, int, int | None]:
     return int(row[0]), int(row[1]), row[2]
 
 
-async def test_a_flooding_task_keeps_the_latest_cap_on_the_server(cluster: Cluster) -> None:
+async def _started_task(cluster: Cluster) -> tuple[str, str, dict[str, Any], int]:
+    """A node's credential, a member's token, their one-GPU job and its task's id, the task
+    handed to the node."""
     org = await cluster.org(guaranteed=8)
     token = await cluster.user_token(org)
     cred = (await cluster.register(await cluster.join_token()))["credential"]
     job = await cluster.submit(token, gpus_per_node=1)
     await cluster.cycle()
     (spec,) = (await cluster.heartbeat(cred))["start"]
-    task_id = spec["task_id"]
+    return cred, token, job, int(spec["task_id"])
+
+
+async def test_a_flooding_task_keeps_the_latest_cap_on_the_server(cluster: Cluster) -> None:
+    cred, token, job, task_id = await _started_task(cluster)
     await cluster.heartbeat(cred, tasks=[report(task_id, job["id"], "running")])
 
     data = flood(10 * CAP_BYTES + 1234)
@@ -112,13 +118,7 @@ async def test_a_flooding_task_keeps_the_latest_cap_on_the_server(cluster: Clust
 
 
 async def test_under_the_cap_nothing_is_dropped(cluster: Cluster) -> None:
-    org = await cluster.org(guaranteed=8)
-    token = await cluster.user_token(org)
-    cred = (await cluster.register(await cluster.join_token()))["credential"]
-    job = await cluster.submit(token, gpus_per_node=1)
-    await cluster.cycle()
-    (spec,) = (await cluster.heartbeat(cred))["start"]
-    task_id = spec["task_id"]
+    cred, token, job, task_id = await _started_task(cluster)
     data = flood(CAP_BYTES)
     await cluster.heartbeat(
         cred,
