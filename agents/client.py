@@ -7,7 +7,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from api.schemas.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -24,14 +24,14 @@ from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir
-from api.schemas.agent import (
+from protocol.agent import (
     MAX_TASKS_PER_HEARTBEAT,
     MAX_WAIT_S,
-    TERMINAL_TASK_STATES,
     AgentRegister,
     Heartbeat,
     HeartbeatReply,
 )
+from protocol.states import TERMINAL_TASK_STATES
 
 log = logging.getLogger(__name__)
 

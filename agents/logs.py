@@ -16,12 +16,8 @@ import os
 from collections.abc import Iterable
 
 from agents.state import StateDir, TaskRecord
-from api.schemas.agent import (
-    MAX_LOG_CHUNK_CHARS,
-    MAX_LOG_CHUNKS_PER_HEARTBEAT,
-    TERMINAL_TASK_STATES,
-    LogChunk,
-)
+from protocol.agent import MAX_LOG_CHUNK_CHARS, MAX_LOG_CHUNKS_PER_HEARTBEAT, LogChunk
+from protocol.states import TERMINAL_TASK_STATES
 
 
 def _utf8_boundary(data: bytes) -> int:

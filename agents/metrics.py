@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agents.state import write_atomic
-from api.schemas.agent import GpuInfo, GpuSample
+from protocol.agent import GpuInfo, GpuSample
 
 log = logging.getLogger(__name__)
 _HEALTH_VALUE = {"healthy": 1.0, "unhealthy": 0.0, "lost": 0.0}

@@ -31,7 +31,8 @@ import psutil
 from agents import logcap
 from agents.container import Runtime, container_launch
 from agents.state import StateDir, TaskRecord, utcnow
-from api.schemas.agent import TERMINAL_TASK_STATES, TaskSpec, TaskState
+from protocol.agent import TaskSpec
+from protocol.states import TERMINAL_TASK_STATES, TaskState
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from pydantic import AwareDatetime, BaseModel
 
 from agents.logcap import list_segments
-from api.schemas.agent import TaskReport, TaskSpec, TaskState
+from protocol.agent import TaskReport, TaskSpec
+from protocol.states import TaskState
 
 
 class Credential(BaseModel):

@@ -38,8 +38,8 @@ from api.limits import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
 from api.routers.agent import hold_heartbeat
 from api.routers.jobs import checked_idempotency_key, job_public
-from api.schemas.agent import Heartbeat
 from api.schemas.jobs import JobCreate
+from protocol.agent import Heartbeat
 from scheduler.db.types import utcnow
 from scheduler.metrics import PROCESS_REGISTRY
 from scheduler.services import hotpath

@@ -50,12 +50,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import GpuHealth, JobState
 from scheduler.core import capacity_usage, tree_standing
 from scheduler.core.types import Node, Org, PolicyConfig
 from scheduler.db import Allocation, Gpu, Job, OrgUsage, Quota
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
-from scheduler.states import GpuHealth, JobState, NodeState
+from scheduler.states import NodeState
 
 if TYPE_CHECKING:
     from scheduler.services.scheduling import CycleResult

@@ -1,43 +1,8 @@
-"""Domain enumerations shared by the database, the services, the API and the CLI."""
+"""Server-side domain enumerations (job and GPU states shared with agents live in `protocol`)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
-
-
-class JobState(StrEnum):
-    """Slurm's words where they fit; tasks use the same states as their job."""
-
-    PENDING = "PENDING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMEOUT = "TIMEOUT"
-    NODE_FAIL = "NODE_FAIL"
-    PREEMPTED = "PREEMPTED"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-    @property
-    def is_active(self) -> bool:
-        """Holding (or about to hold) GPUs."""
-        return self in (JobState.STARTING, JobState.RUNNING)
-
-
-TERMINAL_STATES = frozenset(
-    {
-        JobState.COMPLETED,
-        JobState.FAILED,
-        JobState.CANCELLED,
-        JobState.TIMEOUT,
-        JobState.NODE_FAIL,
-        JobState.PREEMPTED,
-    }
-)
 
 
 class NodeState(StrEnum):
@@ -46,12 +11,6 @@ class NodeState(StrEnum):
     DRAINED = "drained"  # draining and empty
     DOWN = "down"  # missed heartbeats
     UNHEALTHY = "unhealthy"  # GPU errors
-
-
-class GpuHealth(StrEnum):
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"  # XID or ECC errors: not allocated
-    LOST = "lost"  # fell off the bus
 
 
 class Role(StrEnum):

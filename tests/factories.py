@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Allocation, Gpu, Job, Node, Org, Quota, Site, Task, User
-from scheduler.states import JobState, Role
+from scheduler.states import Role
 
 _seq = itertools.count(1)
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from api.schemas.agent import GpuInfo, GpuSample
+from protocol.agent import GpuInfo, GpuSample
 
 
 class GpuBackendError(RuntimeError):

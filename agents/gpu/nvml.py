@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agents.gpu.base import GpuBackendError, normalise_model, xid_marks_unhealthy
-from api.schemas.agent import MAX_XID_EVENTS_PER_SAMPLE, GpuHealth, GpuInfo, GpuProcess, GpuSample
+from protocol.agent import MAX_XID_EVENTS_PER_SAMPLE, GpuInfo, GpuProcess, GpuSample
+from protocol.states import GpuHealth
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +36,7 @@ class _Device:
     index: int
     handle: Any
     info: GpuInfo
-    health: GpuHealth = "healthy"
+    health: GpuHealth = GpuHealth.HEALTHY
     health_reason: str = ""
     pending_xids: list[int] = field(default_factory=list)
 
@@ -104,15 +105,15 @@ class NvmlBackend:
             if device is not None:
                 xid = int(data.eventData)
                 device.pending_xids.append(xid)
-                if xid_marks_unhealthy(xid) and device.health == "healthy":
-                    device.health, device.health_reason = "unhealthy", f"XID {xid}"
+                if xid_marks_unhealthy(xid) and device.health is GpuHealth.HEALTHY:
+                    device.health, device.health_reason = GpuHealth.UNHEALTHY, f"XID {xid}"
 
     def _sample_one(self, device: _Device, now: dt.datetime) -> GpuSample:
         xids, device.pending_xids = device.pending_xids[-MAX_XID_EVENTS_PER_SAMPLE:], []
         base = {"index": device.index, "uuid": device.info.uuid, "sampled_at": now}
-        if device.health == "lost":
+        if device.health is GpuHealth.LOST:
             return GpuSample(
-                **base, xid_events=xids, health="lost", health_reason=device.health_reason
+                **base, xid_events=xids, health=GpuHealth.LOST, health_reason=device.health_reason
             )
         nv, h = self._nv, device.handle
         read = _Reader(nv, device)
@@ -135,7 +136,7 @@ class NvmlBackend:
             procs = read(lambda: nv.nvmlDeviceGetComputeRunningProcesses(h)) or []
         except _Lost:
             return GpuSample(
-                **base, xid_events=xids, health="lost", health_reason=device.health_reason
+                **base, xid_events=xids, health=GpuHealth.LOST, health_reason=device.health_reason
             )
         return GpuSample(
             **base,
@@ -165,11 +166,14 @@ class _Reader:
         try:
             return fn()
         except nv.NVMLError_GpuIsLost as exc:
-            self._device.health, self._device.health_reason = "lost", str(exc)
+            self._device.health, self._device.health_reason = GpuHealth.LOST, str(exc)
             raise _Lost from exc
         except nv.NVMLError_Unknown as exc:
-            if self._device.health == "healthy":
-                self._device.health, self._device.health_reason = "unhealthy", f"NVML: {exc}"
+            if self._device.health is GpuHealth.HEALTHY:
+                self._device.health, self._device.health_reason = (
+                    GpuHealth.UNHEALTHY,
+                    f"NVML: {exc}",
+                )
             return None
         except nv.NVMLError:
             return None  # NotSupported, NoPermission, ...: this field only
@@ -204,7 +208,7 @@ def _open_device(nv: Any, index: int) -> _Device:
     except (nv.NVMLError_GpuIsLost, nv.NVMLError_Unknown) as exc:
         # Keep the slot so the index stays stable and the server sees a lost GPU, not fewer GPUs.
         info = GpuInfo(index=index, uuid=f"GPU-lost-{index}", model="unknown", memory_bytes=0)
-        return _Device(index, None, info, health="lost", health_reason=str(exc))
+        return _Device(index, None, info, health=GpuHealth.LOST, health_reason=str(exc))
     mig = False
     try:
         current, _pending = nv.nvmlDeviceGetMigMode(handle)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.gpu.base import xid_marks_unhealthy
-from api.schemas.agent import MAX_GPUS_PER_NODE, GpuHealth, GpuInfo, GpuProcess, GpuSample
+from protocol.agent import MAX_GPUS_PER_NODE, GpuInfo, GpuProcess, GpuSample
+from protocol.states import GpuHealth
 
 GIB = 1024**3
 _UUID_NAMESPACE = uuid.UUID("8f2b5f52-4f4e-4a3e-9a55-2f6f1d0c9e11")
@@ -71,7 +72,7 @@ class _SimGpu:
     info: GpuInfo
     model: SimModel
     energy_joules: float = 0.0
-    health: GpuHealth = "healthy"
+    health: GpuHealth = GpuHealth.HEALTHY
     health_reason: str = ""
     pending_xids: list[int] = field(default_factory=list)
     ecc_uncorrected_total: int = 0
@@ -111,15 +112,15 @@ class SimulatedBackend:
             gpu.pending_xids.append(xid)
             if xid == 48:  # double-bit ECC error
                 gpu.ecc_uncorrected_total += 1
-            if xid_marks_unhealthy(xid) and gpu.health == "healthy":
-                gpu.health, gpu.health_reason = "unhealthy", f"XID {xid}"
+            if xid_marks_unhealthy(xid) and gpu.health is GpuHealth.HEALTHY:
+                gpu.health, gpu.health_reason = GpuHealth.UNHEALTHY, f"XID {xid}"
 
     def lose(self, index: int) -> None:
         """The GPU falls off the bus, as XID 79 reports on real hardware."""
         with self._lock:
             gpu = self._gpus[index]
             gpu.pending_xids.append(79)
-            gpu.health, gpu.health_reason = "lost", "GPU has fallen off the bus (simulated)"
+            gpu.health, gpu.health_reason = GpuHealth.LOST, "GPU has fallen off the bus (simulated)"
 
     def sample(self, busy: Mapping[int, Sequence[int]]) -> list[GpuSample]:
         self._read_faults_file()
@@ -139,9 +140,9 @@ class SimulatedBackend:
     ) -> GpuSample:
         xids, gpu.pending_xids = gpu.pending_xids, []
         base = {"index": gpu.info.index, "uuid": gpu.info.uuid, "sampled_at": now}
-        if gpu.health == "lost":
+        if gpu.health is GpuHealth.LOST:
             return GpuSample(
-                **base, xid_events=xids, health="lost", health_reason=gpu.health_reason
+                **base, xid_events=xids, health=GpuHealth.LOST, health_reason=gpu.health_reason
             )
         utilization = _BUSY_UTILIZATION if pids else 0.0
         power_w = (

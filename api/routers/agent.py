@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep, parse_bearer
-from api.schemas.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
 from scheduler.db.types import utcnow
 from scheduler.services import agents as svc
 from scheduler.services.errors import Unauthenticated

@@ -35,6 +35,7 @@ from api.schemas.jobs import (
     JobReason,
     JobsPublic,
 )
+from protocol.states import JobState
 from scheduler.db import Job, Org, User
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
@@ -42,7 +43,6 @@ from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_
 from scheduler.services.joblist import list_jobs as list_listed
 from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, read_log
 from scheduler.settings import Settings
-from scheduler.states import JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Body, Path, Request
 
 from api.deps import PlatformAdmin, SessionDep, UserPrincipal
 from api.schemas.nodes import DrainRequest, GpuPublic, NodePublic, NodesPublic
+from protocol.states import GpuHealth
 from scheduler.services import nodes as svc
 from scheduler.services.errors import NotFound
-from scheduler.states import GpuHealth
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 

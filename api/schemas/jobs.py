@@ -17,8 +17,8 @@ from api.schemas.common import (
     Printable,
     SiteName,
 )
+from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
-from scheduler.states import JobState
 
 MAX_GPUS_PER_NODE = 64
 MAX_NODES = 512

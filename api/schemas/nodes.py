@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from api.schemas.common import InputModel, OutputModel, Reason
-from scheduler.states import GpuHealth, NodeState
+from protocol.states import GpuHealth
+from scheduler.states import NodeState
 
 
 class GpuPublic(OutputModel):

@@ -20,10 +20,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from protocol.states import JobState
 from scheduler.db.base import Base
 from scheduler.db.models import _enum
 from scheduler.db.types import BigId, utcnow
-from scheduler.states import JobState
 
 
 class Job(Base):

@@ -17,9 +17,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from protocol.states import GpuHealth
 from scheduler.db.base import Base
 from scheduler.db.types import utcnow
-from scheduler.states import GpuHealth, NodeState, Role, TokenKind
+from scheduler.states import NodeState, Role, TokenKind
 
 
 def _enum(cls: type[Any], length: int = 32) -> Enum:

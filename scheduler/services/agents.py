@@ -18,8 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.schemas.agent import (
-    TERMINAL_TASK_STATES,
+from protocol.agent import (
     AgentRegister,
     AgentRegistered,
     GpuSample,
@@ -28,6 +27,7 @@ from api.schemas.agent import (
     TaskReport,
     TaskStop,
 )
+from protocol.states import TERMINAL_TASK_STATES, GpuHealth, JobState
 from scheduler.db import Allocation, ApiToken, Event, Gpu, Job, LogChunk, Site, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
@@ -43,7 +43,7 @@ from scheduler.services.scheduling.tasks import (
 from scheduler.services.scheduling.work import node_work_and_unreported, reply
 from scheduler.services.tokens import find_valid_token, issue_token
 from scheduler.settings import Settings
-from scheduler.states import GpuHealth, JobState, NodeState, TokenKind
+from scheduler.states import NodeState, TokenKind
 
 _LOGS: Table = LogChunk.__table__  # type: ignore[assignment]
 _TASKS: Table = Task.__table__  # type: ignore[assignment]

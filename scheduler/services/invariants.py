@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Allocation, Gpu, Job, Org, Quota, Task, UsageRecord
-from scheduler.states import JobState
 
 # Float GPU-seconds summed over hour buckets: allow rounding, not missing time.
 LEDGER_TOLERANCE_S = 0.5

@@ -16,10 +16,10 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Job, Org, Task, User
 from scheduler.db import Node as NodeRow
 from scheduler.services.jobs import dependencies_of
-from scheduler.states import JobState
 
 MAX_REASON_MESSAGE_CHARS = 200
 HELD = ("JobHeldUser", "held by a user")

@@ -20,11 +20,11 @@ from sqlalchemy import ARRAY, BigInteger, Table, bindparam, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Event, Job, JobDependency, Org, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from scheduler.services.jobstate import STOP_CANCEL, transition_job
-from scheduler.states import JobState
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]

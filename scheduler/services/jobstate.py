@@ -7,9 +7,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Event, Job, Task
 from scheduler.db.types import utcnow
-from scheduler.states import JobState
 
 # Why a task is asked to stop; the agent's exit report turns it into the job's end state.
 STOP_CANCEL = "cancel"

@@ -27,7 +27,8 @@ from sqlalchemy import BigInteger, Table, and_, bindparam, func, or_, select, te
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.schemas.agent import GpuSample
+from protocol.agent import GpuSample
+from protocol.states import GpuHealth
 from scheduler.db import Allocation, Event, Gpu, Node
 from scheduler.services.accounting import (
     HeldGpu,
@@ -36,7 +37,6 @@ from scheduler.services.accounting import (
     sample_usage,
 )
 from scheduler.settings import Settings
-from scheduler.states import GpuHealth
 
 log = logging.getLogger("fairgpu.heartbeats")
 

@@ -13,10 +13,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Allocation, Event, Gpu, Node, Site, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, NotFound
-from scheduler.states import JobState, NodeState
+from scheduler.states import NodeState
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,12 @@ from typing import Any
 from sqlalchemy import Table, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from api.schemas.agent import TERMINAL_TASK_STATES, Heartbeat
+from protocol.agent import Heartbeat
+from protocol.states import TERMINAL_TASK_STATES, JobState
 from scheduler.db import Node, Task
 from scheduler.services.livebuffer import LiveBuffer
 from scheduler.services.scheduling.tasks import ACTIVE_STATES
-from scheduler.states import JobState, NodeState
+from scheduler.states import NodeState
 
 _NODES: Table = Node.__table__  # type: ignore[assignment]
 _TASKS: Table = Task.__table__  # type: ignore[assignment]

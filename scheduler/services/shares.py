@@ -12,11 +12,12 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import GpuHealth
 from scheduler.core import types as core
 from scheduler.core.usage import capacity_usage, decay_factor, recovery_time, tree_standing
 from scheduler.db import Gpu, Node, Org, OrgUsage
 from scheduler.db.types import utcnow
-from scheduler.states import GpuHealth, NodeState
+from scheduler.states import NodeState
 
 TARGET_FACTOR = 0.5  # "recovered": back at its fair share
 

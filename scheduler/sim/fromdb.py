@@ -18,12 +18,12 @@ from datetime import UTC, datetime
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.core.types import Node, Org
 from scheduler.db import Allocation, Gpu, Job, Quota, Site, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
 from scheduler.sim.history import History, RecordedAttempt, RecordedJob
-from scheduler.states import JobState
 
 
 def epoch(when: datetime) -> float:

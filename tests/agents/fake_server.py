@@ -14,8 +14,7 @@ from typing import Annotated
 import httpx
 from fastapi import FastAPI, Header, HTTPException
 
-from api.schemas.agent import (
-    TERMINAL_TASK_STATES,
+from protocol.agent import (
     AgentRegister,
     AgentRegistered,
     Heartbeat,
@@ -24,6 +23,7 @@ from api.schemas.agent import (
     TaskSpec,
     TaskStop,
 )
+from protocol.states import TERMINAL_TASK_STATES
 
 JOIN_TOKEN = "join-token-for-tests"
 

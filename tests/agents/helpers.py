@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from api.schemas.agent import TaskSpec
+from protocol.agent import TaskSpec
 
 
 def spec(task_id: int = 1, command: list[str] | None = None, **overrides: Any) -> TaskSpec:

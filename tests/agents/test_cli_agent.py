@@ -135,7 +135,8 @@ def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
                  master_addr="10.1.1.1", master_port=29400)
         )  # fmt: skip
         wait_for(lambda: 5 in server.reports and server.reports[5].state == "running", 30)
-        wait_for(out.exists)
+        # json.dump writes in pieces: wait for the whole object, not just the file.
+        wait_for(lambda: out.exists() and out.read_text().endswith("}"))
         env = json.loads(out.read_text())
         assert (env["CUDA_VISIBLE_DEVICES"], env["WORLD_SIZE"], env["NODE_RANK"]) == (
             "1,2",

@@ -16,7 +16,7 @@ import pytest
 from agents.client import AgentClient
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
-from api.schemas.agent import TaskStop
+from protocol.agent import TaskStop
 from tests.agents.fake_server import JOIN_TOKEN, FakeServer
 from tests.agents.helpers import spec
 

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from pydantic import ValidationError
 
-from api.schemas.agent import (
+from protocol.agent import (
     MAX_LOG_CHUNK_CHARS,
     AgentRegister,
     GpuSample,

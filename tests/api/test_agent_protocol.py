@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import select
 
+from protocol.states import GpuHealth
 from scheduler.db import Gpu, Task
 from scheduler.services.invariants import check_invariants
-from scheduler.states import GpuHealth
 from tests.scheduling.harness import Cluster, fast_settings, now, report, running_cluster, sample
 
 

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from protocol.states import JobState
 from scheduler.db import Job, Task
-from scheduler.states import JobState
 from tests import factories
 from tests.api.helpers import World
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from protocol.states import JobState
 from scheduler.db import Event, Job, LogChunk, Task
-from scheduler.states import JobState
 from tests.api.helpers import World
 
 JOB: dict[str, Any] = {"command": ["python", "train.py"], "gpus_per_node": 8, "time_limit": "1h30m"}

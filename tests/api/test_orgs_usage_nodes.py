@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
+from protocol.states import JobState
 from scheduler.db import Allocation, Gpu, Node, OrgUsage, Task, UsageRecord
-from scheduler.states import JobState, NodeState
+from scheduler.states import NodeState
 from tests.api.helpers import World
 
 

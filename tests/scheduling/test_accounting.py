@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from protocol.states import JobState
 from scheduler.core import decay_usage
 from scheduler.core.types import UsageInterval
 from scheduler.db import Allocation, OrgUsage, UsageRecord
@@ -28,7 +29,6 @@ from scheduler.services.invariants import check_invariants
 from scheduler.services.livebuffer import OpenAllocation
 from scheduler.services.scheduling import Lease, run_cycle
 from scheduler.settings import Settings
-from scheduler.states import JobState
 from tests import factories
 
 T0 = datetime(2026, 11, 1, 10, 20, 30, tzinfo=UTC)

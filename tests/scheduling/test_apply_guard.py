@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from protocol.states import GpuHealth, JobState
 from scheduler.core import schedule
 from scheduler.core.types import Start
 from scheduler.db import Allocation, Gpu, Job, Quota, SchedulerLease
@@ -19,7 +20,6 @@ from scheduler.services.scheduling.apply import Applied, apply_starts
 from scheduler.services.scheduling.lease import check_fence
 from scheduler.services.scheduling.load import load_snapshot, policy_config
 from scheduler.settings import Settings
-from scheduler.states import GpuHealth, JobState
 from tests import factories
 
 

@@ -11,7 +11,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from api.schemas.agent import Heartbeat, TaskReport
+from protocol.agent import Heartbeat, TaskReport
 from scheduler.services.agents import heartbeat
 from scheduler.services.scheduling.lifecycle import LifecycleWork, apply_work
 from tests.scheduling.harness import Cluster, report

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from protocol.states import GpuHealth
 from scheduler.db import Gpu, Node, UsageRecord
 from scheduler.db.engine import make_engine, make_sessionmaker
-from scheduler.states import GpuHealth, NodeState
+from scheduler.states import NodeState
 from tests.scheduling.harness import Cluster, fast_settings, now, report, running_cluster, sample
 
 NEVER_S = 3600.0  # a flush interval the loop never reaches during a test

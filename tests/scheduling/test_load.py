@@ -11,13 +11,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from protocol.states import GpuHealth, JobState
 from scheduler.core.types import DependencyState, PendingJob, Placement, RunningJob
 from scheduler.db import Allocation, Job, JobDependency, OrgUsage
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.accounting import HeldInterval, fold_usage
 from scheduler.services.scheduling.load import Loaded, load_snapshot, policy_config
 from scheduler.settings import Settings
-from scheduler.states import GpuHealth, JobState, NodeState
+from scheduler.states import NodeState
 from tests import factories
 
 # Microseconds that a float round trip through text or a julianday would get wrong.

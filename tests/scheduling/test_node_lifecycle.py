@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from protocol.states import JobState
 from scheduler.db import Node, Task
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.invariants import check_invariants
 from scheduler.services.scheduling import lifecycle
 from scheduler.settings import Settings
-from scheduler.states import JobState, NodeState
+from scheduler.states import NodeState
 from tests import factories
 from tests.scheduling.harness import Cluster, fast_settings, report, running_cluster
 

@@ -7,10 +7,10 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Allocation, Quota, Task, UsageRecord
 from scheduler.db.types import utcnow
 from scheduler.services.invariants import check_invariants
-from scheduler.states import JobState
 from tests import factories as f
 
 

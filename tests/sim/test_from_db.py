@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from protocol.states import JobState
 from scheduler.db.engine import make_engine, make_sessionmaker
-from scheduler.states import JobState
 from tests import factories
 from tests.conftest import run_async
 

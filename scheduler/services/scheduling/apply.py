@@ -22,13 +22,14 @@ from sqlalchemy import Table, Text, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import GpuHealth, JobState
 from scheduler.core.types import Decisions, PendingInfo, Preemption, Start
 from scheduler.db import Allocation, Event, Gpu, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.services.jobstate import STOP_PREEMPT, transition_job
 from scheduler.services.scheduling.load import Loaded, from_epoch
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop
-from scheduler.states import GpuHealth, JobState, NodeState
+from scheduler.states import NodeState
 
 log = logging.getLogger("fairgpu.scheduler")
 ACTOR = "scheduler"

@@ -16,13 +16,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import BigInteger, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Event, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.services.jobstate import STOP_NODE_LOST, STOP_TIMEOUT
 from scheduler.services.scheduling.sqltime import epoch_us
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, EndEffects, end_task, request_stop
 from scheduler.settings import Settings
-from scheduler.states import JobState, NodeState
+from scheduler.states import NodeState
 
 ACTOR = "scheduler"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

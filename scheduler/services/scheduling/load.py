@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Executable, Result, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from protocol.states import GpuHealth, JobState
 from scheduler.core.types import (
     DependencyState,
     Node,
@@ -33,7 +34,7 @@ from scheduler.db import Org as OrgRow
 from scheduler.services.accounting import HeldInterval, fold_usage
 from scheduler.services.scheduling.sqltime import epoch_s
 from scheduler.settings import Settings
-from scheduler.states import GpuHealth, JobState, NodeState
+from scheduler.states import NodeState
 
 
 def epoch(at: datetime) -> float:

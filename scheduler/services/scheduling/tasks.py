@@ -17,6 +17,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Allocation, Job, Task
 from scheduler.services.accounting import settle_allocations
 from scheduler.services.jobstate import (
@@ -28,7 +29,6 @@ from scheduler.services.jobstate import (
     transition_job,
     transition_task,
 )
-from scheduler.states import JobState
 
 ACTIVE_STATES = (JobState.STARTING, JobState.RUNNING)
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.schemas.agent import HeartbeatReply, TaskSpec, TaskStop
+from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
 from scheduler.db import Allocation, Gpu, Job, Org, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow

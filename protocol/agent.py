@@ -36,9 +36,11 @@ Ids are the server's database ids (ints). Sizes are bytes, durations seconds, ti
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from protocol.states import GpuHealth, TaskState
 
 # Bounds shared by both sides: the agent splits its reports to fit, the server rejects larger.
 MAX_GPUS_PER_NODE = 64
@@ -59,14 +61,6 @@ Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 GpuIndex = Annotated[int, Field(ge=0, lt=MAX_GPUS_PER_NODE)]
 Uuid = Annotated[str, Field(min_length=1, max_length=96)]
-
-GpuHealth = Literal["healthy", "unhealthy", "lost"]
-TaskState = Literal[
-    "starting", "running", "exited", "stopped", "timeout", "failed_to_start", "lost"
-]
-TERMINAL_TASK_STATES: frozenset[str] = frozenset(
-    {"exited", "stopped", "timeout", "failed_to_start", "lost"}
-)
 
 
 class _Model(BaseModel):
@@ -140,7 +134,7 @@ class GpuSample(_Model):
         default_factory=list
     )
     """XID error codes seen since the previous sample (an XID is a driver-reported GPU fault)."""
-    health: GpuHealth = "healthy"
+    health: GpuHealth = GpuHealth.HEALTHY
     health_reason: ShortText = ""
     processes: Annotated[list[GpuProcess], Field(max_length=MAX_PROCESSES_PER_GPU)] = Field(
         default_factory=list

@@ -1,0 +1,1 @@
+"""What the server and the node agents share: the agent wire models, their limits and states."""
