@@ -36,11 +36,17 @@ Ids are the server's database ids (ints). Sizes are bytes, durations seconds, ti
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from protocol.states import GpuHealth, TaskState
+
+Isolation = Literal["strict", "none"]
+"""How an agent confines its tasks (docs/ISOLATION.md). "strict": each task as its org's uid, in
+its own cgroup and mount namespace, with only its own GPUs' device files. "none": tasks run as the
+agent's user, unconfined; only for a single-tenant or demo node, and never given the jobs of an
+org that requires isolation."""
 
 # Bounds shared by both sides: the agent splits its reports to fit, the server rejects larger.
 MAX_GPUS_PER_NODE = 64
@@ -100,6 +106,8 @@ class AgentRegister(_Model):
     """Address other nodes reach this one at; used as MASTER_ADDR when it holds rank 0."""
     agent_version: Annotated[str, Field(min_length=1, max_length=64)]
     gpus: Annotated[list[GpuInfo], Field(max_length=MAX_GPUS_PER_NODE)]
+    isolation: Isolation = "none"
+    """How this agent confines tasks; an agent that does not say is taken as unconfined."""
 
 
 class AgentRegistered(_Model):
@@ -186,6 +194,9 @@ class Heartbeat(_Model):
     )
     wait_s: Annotated[float, Field(ge=0, le=MAX_WAIT_S)] = 0.0
     """Long-poll: the server may hold the request up to this long until it has work to give."""
+    isolation: Isolation | None = None
+    """Sent on the first heartbeat after the agent starts (it may restart with another mode
+    while keeping its credential); None: unchanged since the last report."""
 
 
 class TaskSpec(_Model):
@@ -200,7 +211,11 @@ class TaskSpec(_Model):
     task_id: int
     job_id: int
     org: Annotated[str, Field(max_length=128)] = ""
-    """Owning organisation's name, only for the agent's allocation metric label."""
+    """Owning organisation's name: the allocation metric label and `{org}` in the agent's
+    allowed data roots."""
+    org_id: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    """Owning organisation's id: under strict isolation the task's uid is the agent's
+    `--task-uid-base` plus this (unless the agent maps the org's name to a uid itself)."""
     node_rank: Annotated[int, Field(ge=0)]
     num_nodes: Annotated[int, Field(ge=1)]
     gpus: Annotated[list[GpuIndex], Field(max_length=MAX_GPUS_PER_NODE)]
@@ -219,6 +234,12 @@ class TaskSpec(_Model):
     time_limit_s: Annotated[float, Field(gt=0)]
     master_addr: Annotated[str, Field(max_length=255)] | None = None
     master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    memory_bytes: Annotated[int, Field(gt=0, le=2**63 - 1)] | None = None
+    """The job's own memory request per node (`submit --mem`); None: the agent's per-GPU default
+    times the task's GPUs. Under strict isolation the task's cgroup is held to it."""
+    job_secret: Annotated[str, Field(min_length=16, max_length=128)] | None = None
+    """A random secret per job, the same on every node of a gang, set as FAIRGPU_JOB_SECRET for
+    frameworks that can authenticate their rendezvous with one."""
 
 
 class TaskStop(_Model):
