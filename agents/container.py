@@ -2,14 +2,22 @@
 
 docker and podman expose only the task's GPUs inside the container (renumbered from 0), so the
 host's CUDA_VISIBLE_DEVICES is not passed in; apptainer's `--nv` exposes every GPU, so there it
-is. Environment values are passed by name (`-e NAME`) so they never appear in `ps` output.
+is (and the agent's sandbox fences the device files around it). Environment values are passed by
+name (`-e NAME`) so they never appear in `ps` output.
+
+Under strict isolation a container runs as the task's uid with no capabilities and no way to
+gain privileges, with its own IPC namespace, the task's memory, pids and CPU limits, and only the
+task's directory and its org's data roots mounted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from agents.cgroups import Limits
 
 Runtime = Literal["docker", "podman", "apptainer"]
 RUNTIMES: tuple[Runtime, ...] = ("docker", "podman", "apptainer")
@@ -35,16 +43,38 @@ def container_launch(
     gpu_uuids: Sequence[str],
     env: Mapping[str, str],
     workdir: str | None,
+    user: int | None = None,
+    mounts: Sequence[Path] = (),
+    limits: Limits | None = None,
 ) -> ContainerLaunch:
     exe = binary or runtime
+    binds = [str(m) for m in mounts]
+    if workdir and not any(_under(workdir, m) for m in binds):
+        binds.append(workdir)
     if runtime == "apptainer":
         argv = [exe, "exec", "--nv"]
+        if user is not None:
+            argv += ["--contain", "--home", env.get("HOME", binds[0] if binds else "/tmp")]  # noqa: S108
+        for bind in binds:
+            argv += ["--bind", bind]
         if workdir:
-            argv += ["--bind", workdir, "--pwd", workdir]
+            argv += ["--pwd", workdir]
         return ContainerLaunch([*argv, image, *command], None, None)
     name = f"fairgpu-task-{task_id}"
     devices = list(gpu_uuids) if gpu_uuids else [str(g) for g in gpus]
-    argv = [exe, "run", "--rm", "--name", name, "--network=host", "--ipc=host", "--init"]
+    argv = [exe, "run", "--rm", "--name", name, "--network=host", "--ipc=private", "--init"]
+    if user is not None:
+        argv += [
+            "--user", f"{user}:{user}", "--cap-drop=ALL", "--security-opt=no-new-privileges",
+        ]  # fmt: skip
+    if limits is not None:
+        if limits.memory_bytes is not None:
+            memory = limits.memory_bytes
+            # No swap beyond the limit; /dev/shm (charged to the same memory) up to half of it.
+            argv += [f"--memory={memory}", f"--memory-swap={memory}", f"--shm-size={memory // 2}"]
+        if limits.pids_max is not None:
+            argv.append(f"--pids-limit={limits.pids_max}")
+        argv.append(f"--cpu-shares={max(2, limits.cpu_weight * 1024 // 100)}")
     if runtime == "docker":
         argv += ["--gpus", f'"device={",".join(devices)}"'] if devices else []
     else:  # podman: the Container Device Interface names
@@ -53,6 +83,12 @@ def container_launch(
     for key in sorted(env):
         if key != "CUDA_VISIBLE_DEVICES":
             argv += ["-e", key]
+    for bind in binds:
+        argv += ["-v", f"{bind}:{bind}"]
     if workdir:
-        argv += ["-v", f"{workdir}:{workdir}", "-w", workdir]
+        argv += ["-w", workdir]
     return ContainerLaunch([*argv, image, *command], name, [exe, "kill", name])
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import random
 import socket
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit
 
 from agents.client import AgentClient, AuthError, ServerUnavailable
 from agents.gpu import GpuBackend
+from agents.isolation import Confinement, IsolationConfig
 from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.runner import Runner, RunnerConfig, allocations
@@ -52,6 +55,7 @@ class AgentConfig:
     dcgm_mapping_dir: Path | None = None
     keep_ended_tasks_s: float = 86_400.0
     """How long records and logs of reported tasks stay on the node after the server has them."""
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
 
 
 class AgentError(Exception):
@@ -90,7 +94,7 @@ class Agent:
         self.backend = backend
         self.client = client
         self.state = StateDir(config.state_dir)
-        self.runner = Runner(self.state, config.runner)
+        self.runner = Runner(self.state, config.runner, confinement(config, backend, self.state))
         self.logs = LogShipper(self.state, max_bytes=config.runner.log_max_bytes)
         self.metrics = metrics
         self.dcgm = (
@@ -99,6 +103,9 @@ class Agent:
             else None
         )
         self.credential: Credential | None = None
+        self._join_token = config.join_token
+        """Kept only until the node is registered: a join token never takes over a node."""
+        self._isolation_reported = False
         self.heartbeat_interval_s = 10.0
         self.connected = asyncio.Event()
         self._changed = asyncio.Event()
@@ -108,8 +115,9 @@ class Agent:
         stored = self.state.load_credential()
         if stored is not None and stored.server == self.config.server:
             self.credential = stored
+            self._forget_join_token()
             return stored
-        if not self.config.join_token:
+        if not self._join_token:
             raise AgentError("this node is not registered: pass --join-token to register it")
         body = AgentRegister(
             name=self.config.name,
@@ -119,9 +127,10 @@ class Agent:
             address=self.config.address or outbound_address(self.config.server),
             agent_version=agent_version(),
             gpus=self.backend.devices(),
+            isolation=self.runner.confinement.mode,
         )
         try:
-            reply = await self.client.register(self.config.join_token, body)
+            reply = await self.client.register(self._join_token, body)
         except AuthError as exc:
             raise AgentError(f"the server refused the join token ({exc})") from exc
         self.credential = Credential(
@@ -132,8 +141,15 @@ class Agent:
         )
         self.state.save_credential(self.credential)
         self.heartbeat_interval_s = reply.heartbeat_interval_s
+        self._isolation_reported = True
+        self._forget_join_token()
         log.info("registered as node %s (id %d)", reply.node_name, reply.node_id)
         return self.credential
+
+    def _forget_join_token(self) -> None:
+        """Registered: the join token leaves the agent's memory and environment."""
+        self._join_token = None
+        os.environ.pop("FAIRGPU_JOIN_TOKEN", None)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set. Tasks keep running after the agent stops (see Runner)."""
@@ -154,13 +170,10 @@ class Agent:
                     backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
                 except AuthError as exc:
                     self.connected.clear()
-                    if not self.config.join_token:
-                        raise AgentError(
-                            f"the server refused this node's credential ({exc})"
-                        ) from exc
-                    log.warning("credential refused; registering again with the join token")
-                    self.state.forget_credential()
-                    await self._register_with_retry(stop)
+                    raise AgentError(
+                        f"the server refused this node's credential ({exc}); a platform admin "
+                        "can let it register again (fairgpu node approve) with a new join token"
+                    ) from exc
                 except (AgentError, asyncio.CancelledError):
                     raise
                 except Exception:
@@ -216,12 +229,19 @@ class Agent:
         )
         held = self.connected.is_set() and not flushing
         wait_s = min(self.heartbeat_interval_s, MAX_WAIT_S) if held else 0.0
-        body = Heartbeat(samples=samples, tasks=reports, logs=chunks, wait_s=wait_s)
+        body = Heartbeat(
+            samples=samples,
+            tasks=reports,
+            logs=chunks,
+            wait_s=wait_s,
+            isolation=None if self._isolation_reported else self.runner.confinement.mode,
+        )
         sent_at = asyncio.get_running_loop().time()
         reply = await self._send_unless_changed(body, stop)
         if reply is None:
             return  # a task changed state locally: report it now, the reply comes again
         self.connected.set()
+        self._isolation_reported = True
         self.runner.acknowledge({r.task_id for r in reports if r.state in TERMINAL_TASK_STATES})
         self.logs.acknowledge(self.runner.records, chunks)
         if self._apply(reply):
@@ -263,6 +283,21 @@ class Agent:
         for stop in reply.stop:
             changed |= self.runner.stop(stop.task_id, grace_s=stop.grace_s, reason=stop.reason)
         return changed
+
+
+def confinement(config: AgentConfig, backend: GpuBackend, state: StateDir) -> Confinement:
+    """The agent's isolation settings completed from its GPUs and its state directory."""
+    isolation = config.isolation
+    root = state.root
+    return Confinement(
+        dataclasses.replace(
+            isolation,
+            task_root=isolation.task_root or root.with_name(f"{root.name}-tasks"),
+            gpu_minors=isolation.gpu_minors or backend.device_minors(),
+            hide=(*isolation.hide, root),
+        ),
+        total_gpus=len(backend.devices()),
+    )
 
 
 async def _wait_any(stop: asyncio.Event, changed: asyncio.Event, *, timeout_s: float) -> None:

@@ -30,6 +30,7 @@ import psutil
 
 from agents import logcap
 from agents.container import Runtime, container_launch
+from agents.isolation import Confinement, IsolationConfig, TaskRefused
 from agents.state import StateDir, TaskRecord, utcnow
 from protocol.agent import TaskSpec
 from protocol.states import TERMINAL_TASK_STATES, TaskState
@@ -50,7 +51,8 @@ _WRAPPER = (
 )
 _LOGCAP = str(Path(logcap.__file__).resolve())
 # Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
-_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "USER", "LOGNAME", "TMPDIR")
+# HOME is the task's own directory; USER and LOGNAME would name the agent's user.
+_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +71,10 @@ class RunnerConfig:
     """How long after the wrapper exits the copier may take to write the rest of the output."""
 
 
-def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool) -> dict[str, str]:
+def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[str, str]:
     """The variables fairgpu sets for a task, on top of the job's own environment."""
     env = dict(spec.env)
+    env.setdefault("TMPDIR", "/tmp")  # noqa: S108 - private to the task under strict isolation
     visible = spec.gpu_uuids if cuda_by_uuid and spec.gpu_uuids else [str(g) for g in spec.gpus]
     env.update(
         CUDA_VISIBLE_DEVICES=",".join(visible),
@@ -80,7 +83,10 @@ def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool) -> dict[str, str]:
         FAIRGPU_NODE_RANK=str(spec.node_rank),
         FAIRGPU_NUM_NODES=str(spec.num_nodes),
         FAIRGPU_GPUS_PER_NODE=str(len(spec.gpus)),
+        HOME=str(home),
     )
+    if spec.job_secret:
+        env["FAIRGPU_JOB_SECRET"] = spec.job_secret
     if spec.num_nodes > 1:
         env.update(NODE_RANK=str(spec.node_rank), WORLD_SIZE=str(spec.num_nodes))
         if spec.master_addr:
@@ -93,9 +99,17 @@ def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool) -> dict[str, str]:
 class Runner:
     """The tasks of this node. Not thread-safe: the daemon calls it from one place."""
 
-    def __init__(self, state: StateDir, config: RunnerConfig | None = None) -> None:
+    def __init__(
+        self,
+        state: StateDir,
+        config: RunnerConfig | None = None,
+        confinement: Confinement | None = None,
+    ) -> None:
         self.state = state
         self.config = config or RunnerConfig()
+        self.confinement = confinement or Confinement(
+            IsolationConfig(task_root=state.root.with_name(f"{state.root.name}-tasks"))
+        )
         self.records: dict[int, TaskRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._draining_since: dict[int, float] = {}
@@ -124,6 +138,8 @@ class Runner:
         self.state.save(record)  # before the process exists: see agents.state
         try:
             self._spawn(record)
+        except TaskRefused as exc:
+            self._end(record, "failed_to_start", reason=str(exc))
         except OSError as exc:
             self._end(record, "failed_to_start", reason=f"{type(exc).__name__}: {exc}")
         return True
@@ -150,6 +166,8 @@ class Runner:
             else:
                 returncode, exited = None, not _alive(record.pid, record.pid_create_time)
             if exited:
+                # What the task left running ends with it (under isolation: its whole cgroup).
+                self.confinement.kill(record.task_id)
                 if not self._output_pending(record):
                     self._settle_exit(record, wrapper_returncode=returncode)
                     changed = True
@@ -198,24 +216,34 @@ class Runner:
     # internals -------------------------------------------------------------------------------
     def _spawn(self, record: TaskRecord) -> None:
         spec, cfg = record.spec, self.config
-        job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid)
+        if spec.image and not cfg.container_runtime:
+            raise TaskRefused(
+                "the job asks for a container image but this node has no container runtime"
+            )
+        error_path = self.state.sandbox_error_path(spec.task_id)
+        prepared = self.confinement.prepare(spec, error_path)
+        job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ} | job_env
-        argv = list(spec.command)
+        argv = [*prepared.prefix, *spec.command]
         if spec.image and cfg.container_runtime:
             launch = container_launch(
                 runtime=cfg.container_runtime,
                 binary=cfg.container_binary,
                 task_id=spec.task_id,
                 image=spec.image,
-                command=argv,
+                command=list(spec.command),
                 gpus=spec.gpus,
                 gpu_uuids=spec.gpu_uuids,
                 env=job_env,
-                workdir=spec.workdir,
+                workdir=str(prepared.cwd),
+                user=prepared.uid,
+                mounts=prepared.container_mounts,
+                limits=self.confinement.limits(spec) if prepared.uid is not None else None,
             )
-            argv, record.container_name = launch.argv, launch.name
-        elif spec.image:
-            raise OSError("the job asks for a container image but no container runtime is set")
+            # docker and podman confine the container themselves (their client needs root);
+            # apptainer runs as the task's uid inside the sandbox.
+            argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
+            record.container_name = launch.name
         exit_path = self.state.exit_path(spec.task_id)
         exit_path.unlink(missing_ok=True)
         copier = [
@@ -236,7 +264,8 @@ class Runner:
                     stdin=read_fd,
                     stdout=write_fd,
                     stderr=lock_fd,
-                    cwd=spec.workdir or None,
+                    # Under isolation the sandbox enters the working directory as the task's uid.
+                    cwd=prepared.home if prepared.prefix else prepared.cwd,
                     env=env,
                     start_new_session=True,
                 )
@@ -258,11 +287,13 @@ class Runner:
         record.kill_at = utcnow() + dt.timedelta(seconds=grace_s)
         self.state.save(record)
         self._signal(record, signal.SIGTERM)
+        self.confinement.signal(record.task_id, signal.SIGTERM)
 
     def _kill(self, record: TaskRecord) -> None:
         record.killed = True
         self.state.save(record)
         self._signal(record, signal.SIGKILL)
+        self.confinement.kill(record.task_id)
         if record.container_name and self.config.container_runtime in ("docker", "podman"):
             binary = self.config.container_binary or self.config.container_runtime
             with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -280,6 +311,10 @@ class Runner:
         """Final state from the exit file, else from how the wrapper itself ended."""
         self._children.pop(record.task_id, None)
         self._draining_since.pop(record.task_id, None)
+        refused = self._sandbox_error(record.task_id)
+        if refused:
+            self._end(record, "failed_to_start", reason=refused)
+            return
         exit_code: int | None = None
         sig: int | None = None
         try:
@@ -301,6 +336,8 @@ class Runner:
         state: TaskState
         if record.stop_reason == "time limit":
             state, reason = "timeout", f"time limit of {record.spec.time_limit_s:g} s reached"
+        elif self.confinement.oom_killed(record.task_id):
+            state, reason = "exited", "out of memory"
         elif record.stop_reason is not None:
             state, reason = "stopped", record.stop_reason
         else:
@@ -322,11 +359,18 @@ class Runner:
         )
         return False
 
+    def _sandbox_error(self, task_id: int) -> str:
+        try:
+            return self.state.sandbox_error_path(task_id).read_text().strip()[:1024]
+        except FileNotFoundError:
+            return ""
+
     def _end(self, record: TaskRecord, state: TaskState, *, reason: str) -> None:
         record.state = state
         record.reason = reason
         record.ended_at = utcnow()
         self.state.save(record)
+        self.confinement.finish(record.task_id)
         log.info("task %d: %s %s", record.task_id, state, reason)
 
 

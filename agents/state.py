@@ -7,6 +7,10 @@
     tasks/<id>/log         the same as one file, from tasks started before the copier existed
     tasks/<id>/output.lock held by the copier until it has written the task's last byte
     tasks/<id>/exit        the command's exit status, written by the launch wrapper
+    tasks/<id>/sandbox.err why agents.sandbox could not start the task, when it could not
+
+The directory is the agent's alone (0700, root in production): tasks run elsewhere, in their own
+directories (agents.isolation), and never see the credential or another task's record.
 
 Every write goes to a temporary file and is renamed into place, so a crash leaves either the old
 or the new record, never half of one. A record is written *before* its process is started: a
@@ -126,6 +130,10 @@ class StateDir:
 
     def output_lock_path(self, task_id: int) -> Path:
         return self.task_dir(task_id) / "output.lock"
+
+    def sandbox_error_path(self, task_id: int) -> Path:
+        """Written by agents.sandbox when it cannot confine and start the task."""
+        return self.task_dir(task_id) / "sandbox.err"
 
     def log_segments(self, record: TaskRecord) -> list[tuple[int, Path]]:
         """(offset of the first byte, path) of the parts of a task's log on disk, oldest first."""

@@ -39,6 +39,8 @@ class _Device:
     health: GpuHealth = GpuHealth.HEALTHY
     health_reason: str = ""
     pending_xids: list[int] = field(default_factory=list)
+    minor: int | None = None
+    """/dev/nvidia<minor>: the driver's numbering, which need not follow NVML's indices."""
 
 
 class NvmlBackend:
@@ -70,6 +72,9 @@ class NvmlBackend:
 
     def devices(self) -> list[GpuInfo]:
         return [d.info for d in self._devices]
+
+    def device_minors(self) -> dict[int, int]:
+        return {d.index: d.minor for d in self._devices if d.minor is not None}
 
     def sample(self, busy: Mapping[int, Sequence[int]]) -> list[GpuSample]:
         del busy  # the driver knows which processes use each GPU
@@ -223,7 +228,10 @@ def _open_device(nv: Any, index: int) -> _Device:
         memory_bytes=memory_bytes,
         mig_enabled=mig,
     )
-    return _Device(index, handle, info)
+    minor: int | None = None  # unknown: the fence takes the index as the minor number
+    with contextlib.suppress(nv.NVMLError):
+        minor = int(nv.nvmlDeviceGetMinorNumber(handle))
+    return _Device(index, handle, info, minor=minor)
 
 
 def _find_nvlink_peers(nv: Any, devices: list[_Device]) -> None:

@@ -106,6 +106,9 @@ class SimulatedBackend:
     def devices(self) -> list[GpuInfo]:
         return [g.info for g in self._gpus]
 
+    def device_minors(self) -> dict[int, int]:
+        return {g.info.index: g.info.index for g in self._gpus}
+
     def inject_xid(self, index: int, xid: int) -> None:
         with self._lock:
             gpu = self._gpus[index]

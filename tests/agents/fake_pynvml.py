@@ -79,6 +79,9 @@ class FakeNvml:
             nvmlDeviceGetHandleByIndex=lambda i: (call(i, "handle"), i)[1],
             nvmlDeviceGetUUID=lambda h: call(h, "uuid"),
             nvmlDeviceGetName=lambda h: call(h, "name"),
+            nvmlDeviceGetMinorNumber=lambda h: (
+                call(h, "minor") if "minor" in fake.devices[h] else h
+            ),
             nvmlDeviceGetMemoryInfo=memory,
             nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(
                 gpu=call(h, "utilization_percent"), memory=0

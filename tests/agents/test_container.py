@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from agents.cgroups import Limits
 from agents.container import container_launch
 
 
@@ -24,7 +27,7 @@ def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
 def test_docker() -> None:
     launch = build("docker")
     assert launch.argv == [
-        "docker", "run", "--rm", "--name", "fairgpu-task-12", "--network=host", "--ipc=host",
+        "docker", "run", "--rm", "--name", "fairgpu-task-12", "--network=host", "--ipc=private",
         "--init", "--gpus", '"device=2,3"', "-e", "FAIRGPU_JOB_ID", "-e", "SECRET",
         "-v", "/data/run:/data/run", "-w", "/data/run",
         "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
@@ -55,3 +58,41 @@ def test_apptainer_keeps_cuda_visible_devices_in_the_environment() -> None:
         "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
     ]  # fmt: skip
     assert launch.kill_argv is None
+
+
+def test_docker_under_strict_isolation_runs_as_the_org_uid_with_its_limits_and_roots() -> None:
+    launch = build(
+        "docker",
+        user=200_003,
+        mounts=[Path("/var/lib/fairgpu/tasks/12"), Path("/data/acme")],
+        workdir="/data/acme/run",
+        limits=Limits(memory_bytes=2**30, pids_max=512, cpu_weight=200),
+    )
+    argv = launch.argv
+    assert "--ipc=host" not in argv
+    assert argv[argv.index("--user") + 1] == "200003:200003"
+    for flag in ("--cap-drop=ALL", "--security-opt=no-new-privileges", "--pids-limit=512"):
+        assert flag in argv
+    assert f"--memory={2**30}" in argv
+    assert f"--memory-swap={2**30}" in argv
+    mounted = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+    # Only the task's directory and the org's roots; the workdir lies inside a root.
+    assert mounted == [
+        "/var/lib/fairgpu/tasks/12:/var/lib/fairgpu/tasks/12",
+        "/data/acme:/data/acme",
+    ]
+    assert argv[argv.index("-w") + 1] == "/data/acme/run"
+
+
+def test_apptainer_under_strict_isolation_is_contained() -> None:
+    launch = build(
+        "apptainer",
+        user=200_003,
+        mounts=[Path("/var/lib/fairgpu/tasks/12")],
+        workdir="/var/lib/fairgpu/tasks/12",
+        env={"HOME": "/var/lib/fairgpu/tasks/12"},
+    )
+    assert launch.argv[:6] == [
+        "apptainer", "exec", "--nv", "--contain", "--home", "/var/lib/fairgpu/tasks/12",
+    ]  # fmt: skip
+    assert launch.argv.count("--bind") == 1

@@ -222,13 +222,26 @@ async def test_registration_waits_for_the_server_to_come_up(harness: Harness) ->
     assert len(harness.server.registrations) == 1
 
 
-async def test_a_revoked_credential_registers_again_with_the_join_token(harness: Harness) -> None:
+async def test_a_revoked_credential_stops_the_agent_without_registering_again(
+    harness: Harness,
+) -> None:
+    """A join token only ever creates new nodes: it never takes a node back after a revocation."""
     server = harness.server
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
     server.credentials.clear()  # revoked on the server
     server.wake()
-    await until(lambda: len(server.registrations) == 2)
+    [(_agent, _stop, task)] = harness.agents
+    with pytest.raises(AgentError, match="refused this node's credential"):
+        await asyncio.wait_for(task, 5)
+    assert len(server.registrations) == 1
+
+
+async def test_the_join_token_leaves_the_environment_once_registered(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAIRGPU_JOIN_TOKEN", JOIN_TOKEN)
+    agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
-    assert agent.credential is not None
-    assert agent.credential.credential in server.credentials
+    assert "FAIRGPU_JOIN_TOKEN" not in os.environ
+    assert agent._join_token is None

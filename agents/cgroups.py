@@ -1,0 +1,296 @@
+"""One cgroup per task: memory, pids and CPU limits, and an end that takes every process with it.
+
+Two layouts, found at start-up (`open_hierarchy`):
+
+- cgroup v2 (the unified hierarchy at /sys/fs/cgroup, the default of current distributions):
+  `<root>/<parent>/task-<id>`, with memory, pids and cpu enabled for the parent's children.
+  The whole task is killed through `cgroup.kill` (Linux 5.14), or by freezing it and sending
+  SIGKILL to every member where that file is missing. `memory.oom.group` makes the kernel's OOM
+  killer take the whole task, not one of its processes.
+- cgroup v1, alone or beside an empty unified hierarchy ("hybrid"): one directory per controller,
+  `<memory|pids|cpu|freezer mount>/<agent's own cgroup>/<parent>/task-<id>`. The freezer stops
+  the task so that nothing forks while it is killed.
+
+A process joins its task's cgroup before it becomes the task (agents.sandbox writes its pid to
+`procs_files`), so every process the task starts, double-forked or `setsid`, is a member, and
+`kill()` leaves none behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+_V2_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+class CgroupError(RuntimeError):
+    """The host cannot give tasks cgroups of their own; the message says what is missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory_bytes: int | None
+    """None: no limit of the task's own (the node's memory bounds it)."""
+    pids_max: int | None
+    cpu_weight: int
+    """cgroup v2's scale, 1..10000 with 100 the default share; v1 gets shares = weight × 10.24."""
+
+
+class TaskCgroup(ABC):
+    """The cgroup of one task, on whichever hierarchy the host has."""
+
+    @property
+    @abstractmethod
+    def procs_files(self) -> list[Path]:
+        """Where a process writes its pid to join (every controller's directory on v1)."""
+
+    @abstractmethod
+    def pids(self) -> list[int]: ...
+
+    @abstractmethod
+    def oom_killed(self) -> bool:
+        """The kernel's OOM killer ended a process of this task."""
+
+    @abstractmethod
+    def _kill_all(self) -> None: ...
+
+    @abstractmethod
+    def _directories(self) -> list[Path]: ...
+
+    def exists(self) -> bool:
+        return any(d.is_dir() for d in self._directories())
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def kill(self, timeout_s: float = 10.0) -> bool:
+        """SIGKILL every member and wait until none is left. False if some survived."""
+        deadline = time.monotonic() + timeout_s
+        while self.exists() and self.pids():
+            self._kill_all()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def remove(self) -> None:
+        """Kill what is left and delete the cgroup (its counters with it)."""
+        self.kill()
+        for directory in self._directories():
+            with contextlib.suppress(FileNotFoundError):
+                directory.rmdir()
+
+
+class Hierarchy(ABC):
+    """Where task cgroups are made on this host."""
+
+    version: int
+
+    @abstractmethod
+    def task(self, task_id: int) -> TaskCgroup:
+        """The cgroup of a task, made or not (recovery finds the cgroups of adopted tasks)."""
+
+    @abstractmethod
+    def create(self, task_id: int, limits: Limits) -> TaskCgroup: ...
+
+
+# cgroup v2 -------------------------------------------------------------------------------------
+class _V2Task(TaskCgroup):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return [self.path / "cgroup.procs"]
+
+    def pids(self) -> list[int]:
+        return _read_pids(self.path / "cgroup.procs")
+
+    def oom_killed(self) -> bool:
+        return _counter(self.path / "memory.events", "oom_kill") > 0
+
+    def _kill_all(self) -> None:
+        kill_file = self.path / "cgroup.kill"
+        if kill_file.exists():
+            with contextlib.suppress(FileNotFoundError):
+                kill_file.write_text("1")
+            return
+        freeze = self.path / "cgroup.freeze"
+        with contextlib.suppress(FileNotFoundError):
+            freeze.write_text("1")
+            self.signal_all(signal.SIGKILL)
+            freeze.write_text("0")
+
+    def _directories(self) -> list[Path]:
+        return [self.path]
+
+
+class _V2(Hierarchy):
+    version = 2
+
+    def __init__(self, root: Path, parent: str) -> None:
+        self.parent = root / parent
+        missing = set(_V2_CONTROLLERS) - set((root / "cgroup.controllers").read_text().split())
+        if missing:
+            raise CgroupError(
+                f"cgroup v2 at {root} lacks the {', '.join(sorted(missing))} controller(s)"
+            )
+        self.parent.mkdir(exist_ok=True)
+        # The parent holds no process itself, so its children may have controllers.
+        for directory in (root, self.parent):
+            enabled = set((directory / "cgroup.subtree_control").read_text().split())
+            wanted = [f"+{c}" for c in _V2_CONTROLLERS if c not in enabled]
+            if wanted:
+                (directory / "cgroup.subtree_control").write_text(" ".join(wanted))
+
+    def task(self, task_id: int) -> TaskCgroup:
+        return _V2Task(self.parent / f"task-{task_id}")
+
+    def create(self, task_id: int, limits: Limits) -> TaskCgroup:
+        group = _V2Task(self.parent / f"task-{task_id}")
+        group.path.mkdir(exist_ok=True)
+        if limits.memory_bytes is not None:
+            (group.path / "memory.max").write_text(str(limits.memory_bytes))
+            _write_if_present(group.path / "memory.swap.max", "0")
+        _write_if_present(group.path / "memory.oom.group", "1")
+        if limits.pids_max is not None:
+            (group.path / "pids.max").write_text(str(limits.pids_max))
+        (group.path / "cpu.weight").write_text(str(limits.cpu_weight))
+        return group
+
+
+# cgroup v1 -------------------------------------------------------------------------------------
+class _V1Task(TaskCgroup):
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = paths
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return [path / "cgroup.procs" for path in self.paths.values()]
+
+    def pids(self) -> list[int]:
+        # Every member joined every controller; the freezer's list is the one kill() acts on.
+        return _read_pids(self.paths["freezer"] / "cgroup.procs")
+
+    def oom_killed(self) -> bool:
+        return _counter(self.paths["memory"] / "memory.oom_control", "oom_kill") > 0
+
+    def _kill_all(self) -> None:
+        state = self.paths["freezer"] / "freezer.state"
+        try:
+            state.write_text("FROZEN")
+            self.signal_all(signal.SIGKILL)
+        except FileNotFoundError:
+            return
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                state.write_text("THAWED")  # SIGKILL takes effect once thawed
+
+    def _directories(self) -> list[Path]:
+        return list(self.paths.values())
+
+
+class _V1(Hierarchy):
+    version = 1
+
+    def __init__(self, mounts: dict[str, Path], parent: str) -> None:
+        own = _own_v1_cgroups()
+        self.parents = {
+            controller: mounts[controller] / own.get(controller, "/").lstrip("/") / parent
+            for controller in _V1_CONTROLLERS
+        }
+        for directory in self.parents.values():
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def task(self, task_id: int) -> TaskCgroup:
+        return _V1Task({c: p / f"task-{task_id}" for c, p in self.parents.items()})
+
+    def create(self, task_id: int, limits: Limits) -> TaskCgroup:
+        group = _V1Task({c: p / f"task-{task_id}" for c, p in self.parents.items()})
+        for directory in group.paths.values():
+            directory.mkdir(exist_ok=True)
+        memory = group.paths["memory"]
+        if limits.memory_bytes is not None:
+            (memory / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+            # Swap would let a task run past its limit at the node's expense.
+            _write_if_present(memory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        if limits.pids_max is not None:
+            (group.paths["pids"] / "pids.max").write_text(str(limits.pids_max))
+        (group.paths["cpu"] / "cpu.shares").write_text(str(max(2, limits.cpu_weight * 1024 // 100)))
+        return group
+
+
+# discovery -------------------------------------------------------------------------------------
+def open_hierarchy(parent: str = "fairgpu", *, root: Path = Path("/sys/fs/cgroup")) -> Hierarchy:
+    """The host's cgroups for task groups under `parent`; CgroupError says what is missing."""
+    if not parent or "/" in parent.strip("/") or parent.startswith("."):
+        raise CgroupError(f"cgroup parent must be one directory name, not {parent!r}")
+    try:
+        if (root / "cgroup.controllers").exists():
+            return _V2(root, parent)
+        mounts = _v1_mounts()
+        missing = [c for c in _V1_CONTROLLERS if c not in mounts]
+        if missing:
+            raise CgroupError(
+                f"no cgroup v2 hierarchy at {root} and no cgroup v1 "
+                f"{', '.join(missing)} controller(s) mounted"
+            )
+        return _V1(mounts, parent)
+    except PermissionError as exc:
+        raise CgroupError(f"cannot manage cgroups ({exc}): run the agent as root") from exc
+    except OSError as exc:
+        raise CgroupError(f"cannot manage cgroups: {exc}") from exc
+
+
+def _v1_mounts() -> dict[str, Path]:
+    mounts: dict[str, Path] = {}
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] == "cgroup":
+            for option in fields[3].split(","):
+                if option in _V1_CONTROLLERS:
+                    mounts.setdefault(option, Path(fields[1]))
+    return mounts
+
+
+def _own_v1_cgroups() -> dict[str, str]:
+    """The agent's own cgroup in each v1 controller: tasks nest below it (and its limits)."""
+    own: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _id, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            own[controller] = path
+    return own
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _counter(path: Path, name: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (FileNotFoundError, ValueError):
+        pass
+    return 0
+
+
+def _write_if_present(path: Path, value: str) -> None:
+    if path.exists():
+        with contextlib.suppress(OSError):  # e.g. swap accounting off: the limit still holds
+            path.write_text(value)

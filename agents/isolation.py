@@ -1,0 +1,213 @@
+"""What confines a task on its node: its uid, its directories, its cgroup, its GPUs' device files.
+
+`Confinement` holds the agent's settings and prepares each task: `prepare(spec)` checks what the
+job asks for against them (a refusal is one line, reported as the task's reason) and returns the
+command prefix that confines it (agents.sandbox) with the directory it runs in; `finish(task_id)`
+ends whatever the task left running and removes its cgroup and directory. docs/ISOLATION.md has
+the threat model.
+
+With `mode="none"` (asked for explicitly, e.g. a demo as an ordinary user) tasks still get a
+directory and HOME of their own and the data-root check, but run as the agent's user, unconfined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from agents import sandbox
+from agents.cgroups import CgroupError, Hierarchy, Limits, TaskCgroup, open_hierarchy
+from protocol.agent import Isolation, TaskSpec
+
+log = logging.getLogger(__name__)
+
+_SANDBOX = str(Path(sandbox.__file__).resolve())
+_MAX_UID = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid
+
+
+class TaskRefused(Exception):
+    """The task cannot run here as asked; the message is the one-line reason users see."""
+
+
+class IsolationUnavailable(RuntimeError):
+    """The agent cannot give the isolation it was asked for; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class IsolationConfig:
+    mode: Isolation = "none"
+    task_root: Path | None = None
+    """Parent of every task's own directory (its HOME, and its working directory unless the job
+    names one). Default: `<state dir>-tasks` beside the state directory."""
+    task_uid_base: int | None = None
+    """Task uid (and gid) = this + the org's id, where `org_uids` has no entry for the org."""
+    org_uids: Mapping[str, int] = field(default_factory=dict)
+    org_roots: tuple[str, ...] = ()
+    """Directories an org's jobs may work in, `{org}` standing for the org's name."""
+    memory_per_gpu_bytes: int | None = None
+    """A task's memory limit per GPU unless its job asks for its own. None: the node's memory
+    divided by its GPUs."""
+    pids_max: int | None = 8192
+    cgroup_parent: str = "fairgpu"
+    dev_dir: Path = Path("/dev")
+    gpu_minors: Mapping[int, int] = field(default_factory=dict)
+    """GPU index → device minor number (/dev/nvidiaN); the index where absent."""
+    hide: tuple[Path, ...] = ()
+    """Directories a task must not see at all (the agent's state directory)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    prefix: list[str]
+    """Put before the job's command; empty when the task runs unconfined."""
+    cwd: Path
+    home: Path
+    container_mounts: tuple[Path, ...]
+    """Directories a container of this task may mount: its own and its org's data roots."""
+    uid: int | None
+
+
+class Confinement:
+    def __init__(self, config: IsolationConfig, *, total_gpus: int = 1) -> None:
+        self.config = config
+        self.total_gpus = max(total_gpus, 1)
+        self.cgroups: Hierarchy | None = None
+        if config.mode == "strict":
+            if os.geteuid() != 0:
+                raise IsolationUnavailable(
+                    "strict isolation needs the agent to run as root (to give each task its "
+                    "org's uid, a cgroup and a mount namespace); pass --isolation none to run "
+                    "tasks unconfined as this user"
+                )
+            if config.task_uid_base is None and not config.org_uids:
+                raise IsolationUnavailable(
+                    "strict isolation needs task uids: pass --task-uid-base (uid = base + org "
+                    "id) or --org-uid ORG=UID"
+                )
+            try:
+                self.cgroups = open_hierarchy(config.cgroup_parent)
+            except CgroupError as exc:
+                raise IsolationUnavailable(str(exc)) from exc
+
+    @property
+    def mode(self) -> Isolation:
+        return self.config.mode
+
+    # per task ---------------------------------------------------------------------------------
+    def prepare(self, spec: TaskSpec, error_file: Path) -> Prepared:
+        """Make the task's directory and cgroup; TaskRefused when the job cannot run here."""
+        roots = self.org_roots(spec.org)
+        cwd = self._workdir(spec, roots)
+        uid = self.task_uid(spec) if self.cgroups is not None else None
+        home = self.task_dir(spec.task_id)
+        home.parent.mkdir(parents=True, exist_ok=True)
+        # Tasks pass through to their own directory and list nothing.
+        os.chmod(home.parent, 0o711)  # noqa: S103
+        home.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None:
+            os.chown(home, uid, uid)
+        if cwd is None:
+            cwd = home
+        mounts = (home, *(root for root in roots if root.is_dir()))
+        if self.cgroups is None or uid is None:
+            return Prepared([], cwd, home, mounts, None)
+        group = self.cgroups.create(spec.task_id, self.limits(spec))
+        config = {
+            "uid": uid,
+            "gid": uid,
+            "cwd": str(cwd),
+            "cgroup_procs": [str(p) for p in group.procs_files],
+            "dev_dir": str(self.config.dev_dir),
+            "gpu_minors": [self.config.gpu_minors.get(i, i) for i in spec.gpus],
+            "hide": [str(p) for p in self.config.hide],
+            "keep": [str(p) for p in {home, cwd, self.config.dev_dir, *mounts}],
+            "error_file": str(error_file),
+        }
+        prefix = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
+        return Prepared(prefix, cwd, home, mounts, uid)
+
+    def limits(self, spec: TaskSpec) -> Limits:
+        gpus = max(len(spec.gpus), 1)
+        memory = spec.memory_bytes
+        if memory is None:
+            per_gpu = self.config.memory_per_gpu_bytes
+            if per_gpu is None:
+                per_gpu = psutil.virtual_memory().total // self.total_gpus
+            memory = per_gpu * gpus
+        return Limits(
+            memory_bytes=memory,
+            pids_max=self.config.pids_max,
+            cpu_weight=min(10_000, 100 * gpus),
+        )
+
+    def task_uid(self, spec: TaskSpec) -> int:
+        uid = self.config.org_uids.get(spec.org)
+        if uid is None and self.config.task_uid_base is not None and spec.org_id is not None:
+            uid = self.config.task_uid_base + spec.org_id
+        if uid is None:
+            raise TaskRefused(f"this node has no uid for org {spec.org or '?'}")
+        if not 0 < uid <= _MAX_UID:
+            raise TaskRefused(f"uid {uid} for org {spec.org} is out of range")
+        return uid
+
+    def org_roots(self, org: str) -> list[Path]:
+        return [Path(template.replace("{org}", org)) for template in self.config.org_roots]
+
+    def _workdir(self, spec: TaskSpec, roots: list[Path]) -> Path | None:
+        if spec.workdir is None:
+            return None
+        if not roots and self.config.mode == "none":
+            return Path(spec.workdir)  # a node with no data roots and no isolation: as asked
+        # Symlinks resolved as the agent sees them: a link under a root pointing elsewhere is
+        # outside it. (What the task then reaches is bounded by its own uid anyway.)
+        resolved = Path(os.path.realpath(spec.workdir))
+        for root in roots:
+            real_root = Path(os.path.realpath(root))
+            if resolved == real_root or real_root in resolved.parents:
+                return resolved
+        allowed = ", ".join(str(r) for r in roots) or "none configured on this node"
+        raise TaskRefused(
+            f"workdir {spec.workdir} is outside the data roots allowed to org {spec.org} "
+            f"({allowed})"
+        )
+
+    def task_dir(self, task_id: int) -> Path:
+        assert self.config.task_root is not None
+        return self.config.task_root / str(task_id)
+
+    def cgroup(self, task_id: int) -> TaskCgroup | None:
+        return self.cgroups.task(task_id) if self.cgroups is not None else None
+
+    def signal(self, task_id: int, sig: signal.Signals) -> None:
+        """Every process of the task, wherever it moved in the process tree."""
+        group = self.cgroup(task_id)
+        if group is not None:
+            group.signal_all(sig)
+
+    def kill(self, task_id: int) -> None:
+        group = self.cgroup(task_id)
+        if group is not None and group.exists() and not group.kill():
+            log.warning("task %d: processes survived SIGKILL of its cgroup", task_id)
+
+    def oom_killed(self, task_id: int) -> bool:
+        group = self.cgroup(task_id)
+        return group is not None and group.oom_killed()
+
+    def finish(self, task_id: int) -> None:
+        """End what the task left and remove its cgroup and directory."""
+        group = self.cgroup(task_id)
+        if group is not None and group.exists():
+            group.remove()
+        if self.config.task_root is not None:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.task_dir(task_id))

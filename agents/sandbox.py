@@ -1,0 +1,158 @@
+"""Turns the launch wrapper's process into a confined task, then becomes the task's command.
+
+Run by path (`python -I -S sandbox.py CONFIG_JSON COMMAND...`) as root, between the wrapper that
+records the exit status and the job's command, so it imports nothing but the standard library:
+every task start pays for its start-up. In order, it
+
+1. joins the task's cgroup (every process the task starts is then a member);
+2. enters a mount namespace of its own, with mounts private to it: a fresh `/tmp`, `/var/tmp`
+   and `/dev/shm` (charged to the task's memory), `/proc` showing only the task's own processes
+   (hidepid), and every NVIDIA GPU device file other than the task's own covered by an
+   unreadable file, so unsetting CUDA_VISIBLE_DEVICES finds nothing;
+3. drops to the task's uid and gid with no supplementary groups, sets no_new_privs (setuid
+   programs give nothing back) and enters the working directory as that uid;
+4. execs the command: same pid, so the wrapper waits for the command itself.
+
+A step that fails writes one line to the error file (opened before privileges are dropped) and
+exits 126 (127: command not found): the runner reports that line as the task's reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import sys
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+PR_SET_NO_NEW_PRIVS = 38
+_GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SandboxError(Exception):
+    pass
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def join_cgroup(procs_files: list[str]) -> None:
+    pid = str(os.getpid())
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write(pid)
+
+
+def private_mounts(config: dict[str, Any]) -> None:
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Nothing mounted from here on propagates back to the host, nor to other tasks.
+    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    fresh = [t for t in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(t)]  # noqa: S108
+    # Directories the task needs that lie under one of those (its own, its data roots, the GPU
+    # device directory) are held open and bound back into the fresh mounts.
+    kept = [
+        (path, os.open(path, os.O_PATH | os.O_CLOEXEC))
+        for path in config.get("keep", [])
+        if any(_under(path, target) for target in fresh) and os.path.isdir(path)
+    ]
+    for target in fresh:
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for path, fd in kept:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+        os.close(fd)
+    if config.get("hide_processes", True):
+        try:
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+        except SandboxError:  # kernels before 5.8 know only the number
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
+    fence_gpus(config["dev_dir"], set(config["gpu_minors"]))
+    for directory in config.get("hide", []):
+        if os.path.isdir(directory):
+            _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=000")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def fence_gpus(dev_dir: str, allowed_minors: set[int]) -> None:
+    """Cover every GPU device file but the task's own with a file nobody may open."""
+    try:
+        names = os.listdir(dev_dir)
+    except FileNotFoundError:
+        return
+    foreign = [
+        os.path.join(dev_dir, name)
+        for name in names
+        if (match := _GPU_DEVICE.match(name)) and int(match.group(1)) not in allowed_minors
+    ]
+    if not foreign:
+        return
+    mask = "/tmp/.fairgpu-device-mask"  # noqa: S108 - the private /tmp mounted above
+    os.close(os.open(mask, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o000))
+    for device in foreign:
+        _mount(mask, device, None, MS_BIND, None)
+    os.unlink(mask)  # the bind mounts keep the inode
+
+
+def become(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[1])
+    command = argv[2:]
+    error_fd = os.open(
+        config["error_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+    )
+    step = "starting the sandbox"
+    try:
+        step = "joining the task's cgroup"
+        join_cgroup(config["cgroup_procs"])
+        step = "setting up the task's mounts"
+        private_mounts(config)
+        step = "switching to the task's user"
+        become(config["uid"], config["gid"])
+        step = f"entering the working directory {config['cwd']}"
+        os.chdir(config["cwd"])
+        step = f"starting {command[0]}"
+        os.execvp(command[0], command)  # noqa: S606 - argv as the job gave it, no shell
+    except FileNotFoundError as exc:
+        if step.startswith("starting "):
+            os.write(error_fd, f"command not found: {command[0]}\n".encode())
+            return 127
+        os.write(error_fd, f"{step}: {exc.strerror or exc}\n".encode())
+    except (OSError, SandboxError, ValueError, KeyError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        os.write(error_fd, f"{step}: {detail}\n".encode())
+    return 126
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
