@@ -102,6 +102,15 @@ class Hierarchy(ABC):
     @abstractmethod
     def create(self, task_id: int, limits: Limits) -> TaskCgroup: ...
 
+    @abstractmethod
+    def parents(self) -> list[Path]: ...
+
+    def remove(self) -> None:
+        """Delete the parent cgroup(s) once no task cgroup is left (tests, decommissioning)."""
+        for directory in self.parents():
+            with contextlib.suppress(FileNotFoundError, OSError):
+                directory.rmdir()
+
 
 # cgroup v2 -------------------------------------------------------------------------------------
 class _V2Task(TaskCgroup):
@@ -155,6 +164,9 @@ class _V2(Hierarchy):
     def task(self, task_id: int) -> TaskCgroup:
         return _V2Task(self.parent / f"task-{task_id}")
 
+    def parents(self) -> list[Path]:
+        return [self.parent]
+
     def create(self, task_id: int, limits: Limits) -> TaskCgroup:
         group = _V2Task(self.parent / f"task-{task_id}")
         group.path.mkdir(exist_ok=True)
@@ -204,18 +216,21 @@ class _V1(Hierarchy):
 
     def __init__(self, mounts: dict[str, Path], parent: str) -> None:
         own = _own_v1_cgroups()
-        self.parents = {
+        self.by_controller = {
             controller: mounts[controller] / own.get(controller, "/").lstrip("/") / parent
             for controller in _V1_CONTROLLERS
         }
-        for directory in self.parents.values():
+        for directory in self.by_controller.values():
             directory.mkdir(parents=True, exist_ok=True)
 
     def task(self, task_id: int) -> TaskCgroup:
-        return _V1Task({c: p / f"task-{task_id}" for c, p in self.parents.items()})
+        return _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})
+
+    def parents(self) -> list[Path]:
+        return list(self.by_controller.values())
 
     def create(self, task_id: int, limits: Limits) -> TaskCgroup:
-        group = _V1Task({c: p / f"task-{task_id}" for c, p in self.parents.items()})
+        group = _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})
         for directory in group.paths.values():
             directory.mkdir(exist_ok=True)
         memory = group.paths["memory"]

@@ -105,12 +105,65 @@ def agent(
     time_limit_grace_s: Annotated[
         float, typer.Option(help="Seconds between SIGTERM and SIGKILL at the time limit.", min=0)
     ] = 30.0,
+    isolation: Annotated[
+        str,
+        typer.Option(
+            help="strict: each task as its org's uid, in its own cgroup and mount namespace, "
+            "seeing only its GPUs (needs root). none: tasks run unconfined as the agent's user "
+            "(single-tenant or demo nodes; the server keeps isolation-requiring orgs off them).",
+            envvar="FAIRGPU_AGENT_ISOLATION",
+        ),
+    ] = "strict",
+    task_uid_base: Annotated[
+        int,
+        typer.Option(
+            help="Tasks of org N run as uid and gid BASE+N; the range must be unused on the "
+            "host (no /etc/passwd entry needed).",
+            min=1000,
+            envvar="FAIRGPU_AGENT_TASK_UID_BASE",
+        ),
+    ] = 200_000,
+    org_uid: Annotated[
+        list[str] | None,
+        typer.Option(help="ORG=UID: this org's tasks run as UID (repeatable; wins over the base)."),
+    ] = None,
+    org_root: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A directory an org's jobs may work in, {org} standing for its name, e.g. "
+            "'/data/{org}' (repeatable). A job's workdir elsewhere fails at start.",
+        ),
+    ] = None,
+    task_dir_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where each task gets its own directory and HOME (default: beside "
+            "the state directory, STATE-tasks)."
+        ),
+    ] = None,
+    mem_per_gpu: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory limit of a task per GPU, e.g. 120G, unless its job asks (submit "
+            "--mem). Default: the node's memory divided by its GPUs.",
+        ),
+    ] = None,
+    task_pids_max: Annotated[
+        int, typer.Option(help="Most processes and threads one task may have.", min=16)
+    ] = 8192,
+    cgroup_parent: Annotated[
+        str, typer.Option(help="Name of the cgroup holding every task's cgroup.")
+    ] = "fairgpu",
+    gpu_dev_dir: Annotated[
+        Path, typer.Option(help="Where the GPU device files (nvidiaN) are.")
+    ] = Path("/dev"),
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Register this node, report its GPUs and run the tasks the server gives it."""
     from agents.container import RUNTIMES
     from agents.daemon import AgentConfig, AgentError
     from agents.gpu import GpuBackendError
+    from agents.isolation import IsolationConfig, IsolationUnavailable
     from agents.runner import RunnerConfig
 
     logging.basicConfig(
@@ -118,6 +171,13 @@ def agent(
     )
     if container_runtime is not None and container_runtime not in RUNTIMES:
         fail(f"--container-runtime must be one of {', '.join(RUNTIMES)}", 2)
+    if isolation not in ("strict", "none"):
+        fail("--isolation must be strict or none", 2)
+    if isolation == "none":
+        logging.getLogger("fairgpu.agent").warning(
+            "isolation none: tasks run unconfined as this user and can see and signal each "
+            "other; the server will not place jobs of orgs that require isolation here"
+        )
     node_name = name or _default_name()
     config = AgentConfig(
         server=server,
@@ -137,6 +197,17 @@ def agent(
             output_drain_s=output_drain_s,
         ),
         dcgm_mapping_dir=dcgm_mapping_dir,
+        isolation=IsolationConfig(
+            mode="strict" if isolation == "strict" else "none",
+            task_root=task_dir_root.absolute() if task_dir_root else None,
+            task_uid_base=task_uid_base,
+            org_uids=_org_uids(org_uid or []),
+            org_roots=tuple(org_root or ()),
+            memory_per_gpu_bytes=parse_size(mem_per_gpu, "--mem-per-gpu") if mem_per_gpu else None,
+            pids_max=task_pids_max,
+            cgroup_parent=cgroup_parent,
+            dev_dir=gpu_dev_dir,
+        ),
     )
     try:
         asyncio.run(
@@ -144,8 +215,29 @@ def agent(
                 config, simulate=simulate, metrics_port=metrics_port, metrics_addr=metrics_addr
             )
         )
-    except (AgentError, GpuBackendError, ValueError, OSError) as exc:
+    except (AgentError, GpuBackendError, IsolationUnavailable, ValueError, OSError) as exc:
         fail(str(exc))
+
+
+_SIZE_UNITS = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """Slurm's memory sizes: a number with K, M, G or T (binary units); a bare number is MiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, flags=re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        fail(f"{option}: {text!r} is not a size such as 512M, 64G or 1T", 2)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _org_uids(pairs: list[str]) -> dict[str, int]:
+    uids: dict[str, int] = {}
+    for pair in pairs:
+        org, _, uid = pair.partition("=")
+        if not org or not uid.isdigit() or int(uid) < 1000:
+            fail(f"--org-uid {pair!r}: expected ORG=UID with a uid of 1000 or more", 2)
+        uids[org] = int(uid)
+    return uids
 
 
 async def run_agent(

@@ -1,0 +1,323 @@
+"""Strict isolation with real processes, as root: two orgs' tasks on one node with fake GPUs.
+
+The GPU device files are real character devices made with mknod (major 195, as the NVIDIA
+driver's) in a temporary directory: opening one without a driver fails with ENXIO once the
+permission check has passed, and with EACCES where the task's fence covers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agents.cgroups import CgroupError, open_hierarchy
+from agents.isolation import Confinement, IsolationConfig, IsolationUnavailable
+from agents.runner import Runner
+from agents.state import StateDir
+from tests.agents.helpers import spec, wait_for
+
+# Tasks run as other uids: they need an interpreter those can reach (the test's own may live
+# under root's home). The probes use only the standard library.
+PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+UID_BASE = 231_000
+ACME, RIVAL = {"org": "acme", "org_id": 1}, {"org": "rival", "org_id": 2}
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
+
+
+class Node:
+    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+        self.root = tmp_path
+        self.dev = tmp_path / "dev"
+        self.dev.mkdir()
+        for name, minor in [*((f"nvidia{m}", m) for m in range(4)), ("nvidiactl", 255)]:
+            os.mknod(self.dev / name, 0o666 | stat.S_IFCHR, os.makedev(195, minor))
+            os.chmod(self.dev / name, 0o666)  # as the driver's own: the fence is what stops it
+        self.data = tmp_path / "data"
+        for org in ("acme", "rival"):
+            (self.data / org).mkdir(parents=True)
+        self.state = StateDir(tmp_path / "state")
+        fields: dict[str, Any] = {
+            "mode": "strict",
+            "task_root": tmp_path / "tasks",
+            "task_uid_base": UID_BASE,
+            "org_roots": (str(self.data / "{org}"),),
+            "memory_per_gpu_bytes": 512 * 2**20,
+            "pids_max": 256,
+            "cgroup_parent": f"fairgpu-test-{uuid.uuid4().hex[:8]}",
+            "dev_dir": self.dev,
+            "hide": (self.state.root,),
+        }
+        fields.update(overrides)
+        self.confinement = Confinement(IsolationConfig(**fields), total_gpus=4)
+        self.runner = Runner(self.state, confinement=self.confinement)
+
+    def run(self, task_id: int, command: list[str], **fields: Any) -> dict[str, Any]:
+        self.runner.start(spec(task_id, command, **fields))
+        return self.finish(task_id)
+
+    def finish(self, task_id: int, timeout_s: float = 20.0) -> dict[str, Any]:
+        wait_for(
+            lambda: (
+                (self.runner.poll(), self.runner.records[task_id].state)[1]
+                not in ("starting", "running")
+            ),
+            timeout_s,
+        )
+        record = self.runner.records[task_id]
+        return {
+            "state": record.state,
+            "exit_code": record.exit_code,
+            "signal": record.signal,
+            "reason": record.reason,
+            "log": self.state.read_log(record).decode(),
+        }
+
+    def task_pids(self, task_id: int) -> list[int]:
+        group = self.confinement.cgroup(task_id)
+        assert group is not None
+        return group.pids()
+
+    def close(self) -> None:
+        for task_id, record in self.runner.records.items():
+            if record.state in ("starting", "running"):
+                self.confinement.kill(task_id)
+            self.confinement.finish(task_id)
+        for child in self.runner._children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        assert self.confinement.cgroups is not None
+        self.confinement.cgroups.remove()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    try:
+        open_hierarchy("fairgpu-probe").remove()
+    except CgroupError as exc:
+        pytest.fail(f"this host has no usable cgroups: {exc}")
+    n = Node(tmp_path)
+    yield n
+    n.close()
+
+
+def gone(pid: int) -> bool:
+    """Ended (a zombie waits only for the host's init to reap it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def python(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def test_a_task_runs_as_its_org_uid_in_its_own_directory(node: Node) -> None:
+    code = (
+        "import json, os; print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), "
+        "'groups': os.getgroups(), 'cwd': os.getcwd(), 'home': os.environ['HOME'], "
+        "'mode': oct(os.stat(os.environ['HOME']).st_mode & 0o777), "
+        "'user': os.environ.get('USER')}))"
+    )
+    result = node.run(1, python(code), **ACME)
+    assert result["state"] == "exited", result
+    seen = json.loads(result["log"])
+    home = str(node.root / "tasks" / "1")
+    assert seen == {
+        "uid": UID_BASE + 1,
+        "gid": UID_BASE + 1,
+        "groups": [],
+        "cwd": home,
+        "home": home,
+        "mode": "0o700",
+        "user": None,
+    }
+    assert not Path(home).exists()  # removed when the task ended
+
+
+def test_a_workdir_must_lie_under_the_org_roots(node: Node) -> None:
+    refused = node.run(1, ["true"], workdir="/etc", **ACME)
+    assert refused["state"] == "failed_to_start"
+    assert refused["reason"] == (
+        f"workdir /etc is outside the data roots allowed to org acme ({node.data / 'acme'})"
+    )
+    other_org = node.run(2, ["true"], workdir=str(node.data / "rival"), **ACME)
+    assert other_org["state"] == "failed_to_start"
+    os.chown(node.data / "acme", UID_BASE + 1, UID_BASE + 1)
+    allowed = node.run(3, ["sh", "-c", "pwd; touch out"], workdir=str(node.data / "acme"), **ACME)
+    assert (allowed["state"], allowed["exit_code"]) == ("exited", 0), allowed
+    assert allowed["log"] == f"{node.data / 'acme'}\n"
+    assert (node.data / "acme" / "out").stat().st_uid == UID_BASE + 1
+
+
+def test_an_org_without_a_uid_is_refused(node: Node) -> None:
+    result = node.run(1, ["true"], org="nobody", org_id=None)
+    assert result == {**result, "state": "failed_to_start"}
+    assert result["reason"] == "this node has no uid for org nobody"
+
+
+def test_one_org_cannot_reach_another_orgs_task(node: Node) -> None:
+    secret = "acme-model-weights-key"
+    node.runner.start(
+        spec(1, ["sh", "-c", "echo private > $HOME/notes; exec sleep 60"],
+             env={"ACME_SECRET": secret}, gpus=[0], **ACME)
+    )  # fmt: skip
+    wait_for(lambda: len(node.task_pids(1)) == 1 and (node.root / "tasks/1/notes").exists())
+    [victim] = node.task_pids(1)
+    probe = f"""
+import json, os, signal
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as exc:
+        return type(exc).__name__
+tried = {{
+    "environ": attempt(lambda: open("/proc/{victim}/environ").read()),
+    "cmdline": attempt(lambda: open("/proc/{victim}/cmdline").read()),
+    "visible": str({victim}) in os.listdir("/proc"),
+    "signal": attempt(lambda: os.kill({victim}, signal.SIGTERM)),
+    "home": attempt(lambda: open("{node.root}/tasks/1/notes").read()),
+    "credential": attempt(lambda: open("{node.state.credential_path}").read()),
+    "record": attempt(lambda: open("{node.state.task_dir(1)}/record.json").read()),
+    "log": attempt(lambda: os.listdir("{node.state.task_dir(1)}")),
+    "data": attempt(lambda: os.listdir("{node.data / "acme"}")),
+    "gpu": attempt(lambda: os.close(os.open("{node.dev}/nvidia0", os.O_RDWR))),
+}}
+print(json.dumps(tried))
+"""
+    node.state.credential_path.write_text("{}")
+    os.chmod(node.data / "acme", 0o700)
+    os.chown(node.data / "acme", UID_BASE + 1, UID_BASE + 1)
+    result = node.run(2, python(probe), gpus=[1], **RIVAL)
+    assert result["state"] == "exited", result
+    tried = json.loads(result["log"])
+    assert all(v != "allowed" for k, v in tried.items() if k != "visible"), tried
+    assert tried["visible"] is False  # /proc shows a task its own processes only
+    assert tried["signal"] == "PermissionError"
+    assert tried["gpu"] == "PermissionError"
+    assert psutil.pid_exists(victim)
+    assert secret not in result["log"]
+
+
+def test_a_task_opens_only_its_own_gpu_device_files(node: Node) -> None:
+    code = f"""
+import errno, os
+for name in sorted(os.listdir("{node.dev}")):
+    try:
+        os.close(os.open("{node.dev}/" + name, os.O_RDWR))
+        print(name, "opened")
+    except OSError as exc:
+        print(name, errno.errorcode[exc.errno])
+"""
+    # Without CUDA_VISIBLE_DEVICES the task still finds nothing else to open.
+    result = node.run(1, python(code), gpus=[1, 3], env={"CUDA_VISIBLE_DEVICES": ""}, **ACME)
+    lines = dict(line.split() for line in result["log"].splitlines())
+    # ENXIO: allowed through, no driver behind it; EACCES: fenced off.
+    assert lines == {
+        "nvidia0": "EACCES",
+        "nvidia1": "ENXIO",
+        "nvidia2": "EACCES",
+        "nvidia3": "ENXIO",
+        "nvidiactl": "ENXIO",
+    }
+    # The host's own view is unchanged: no driver, but no fence either.
+    with pytest.raises(OSError, match="No such device or address"):
+        os.open(node.dev / "nvidia0", os.O_RDWR)
+
+
+def test_a_setsid_child_does_not_outlive_its_task(node: Node) -> None:
+    code = (
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen(['setsid', 'sleep', '300'], start_new_session=True,\n"
+        "                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    result = node.run(1, python(code), **ACME)
+    assert (result["state"], result["exit_code"]) == ("exited", 0)
+    orphan = int(result["log"].split()[0])
+    wait_for(lambda: gone(orphan))
+
+
+def test_a_double_forked_daemon_ends_when_its_task_is_stopped(node: Node) -> None:
+    node.runner.start(
+        spec(1, ["sh", "-c", "(setsid sh -c 'exec sleep 300' &) ; exec sleep 300"], **ACME)
+    )
+    wait_for(lambda: len(node.task_pids(1)) == 2)
+    pids = node.task_pids(1)
+    node.runner.stop(1, grace_s=0.2, reason="cancelled")
+    result = node.finish(1)
+    assert result["state"] == "stopped"
+    assert all(gone(p) for p in pids)
+
+
+def test_a_fork_bomb_is_held_by_the_pids_limit(node: Node) -> None:
+    code = (
+        "import os, time\n"
+        "children = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(60); os._exit(0)\n"
+        "        children += 1\n"
+        "except OSError as exc:\n"
+        "    print('stopped after', children, exc.strerror, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    node.runner.start(spec(1, python(code), **ACME))
+    wait_for(lambda: "stopped after" in node.state.read_log(node.runner.records[1]).decode(), 30)
+    log = node.state.read_log(node.runner.records[1]).decode()
+    children = int(log.split()[2])
+    assert children < 256
+    # The node still starts work for others while the bomb holds its limit.
+    assert node.run(2, ["true"], **RIVAL)["state"] == "exited"
+    node.runner.stop(1, grace_s=0, reason="cancelled")
+    assert node.finish(1)["state"] == "stopped"
+    assert node.task_pids(1) == []
+
+
+def test_a_memory_hog_dies_alone_with_out_of_memory(node: Node) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], **ACME))
+    hog = "x = []\nwhile True:\n    x.append(bytearray(16 * 2**20))\n"
+    result = node.run(2, python(hog), memory_bytes=96 * 2**20, **RIVAL)
+    assert result["state"] == "exited"
+    assert result["reason"] == "out of memory"
+    assert result["signal"] == signal.SIGKILL
+    assert node.runner.records[1].state == "running"
+    node.runner.stop(1, grace_s=0, reason="done")
+    node.finish(1)
+
+
+def test_private_tmp_and_shm(node: Node) -> None:
+    (Path("/tmp") / "fairgpu-host-file").write_text("host")
+    try:
+        result = node.run(
+            1,
+            ["sh", "-c", "ls -A /tmp /dev/shm; echo mine > /dev/shm/x; cat /dev/shm/x"],
+            **ACME,
+        )
+    finally:
+        (Path("/tmp") / "fairgpu-host-file").unlink()
+    assert "fairgpu-host-file" not in result["log"]
+    assert result["log"].rstrip().endswith("mine")
+    assert not Path("/dev/shm/x").exists()
+
+
+def test_strict_isolation_needs_uids() -> None:
+    with pytest.raises(IsolationUnavailable, match="task uids"):
+        Confinement(IsolationConfig(mode="strict", task_uid_base=None))
