@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from cli.common import fail
 
 app = typer.Typer(help="Benchmarks; each prints JSON lines on stdout.", no_args_is_help=True)
 
@@ -83,11 +86,21 @@ def latency(
         str | None,
         typer.Option(help="An EMPTY database to use (PostgreSQL); default: a temporary SQLite."),
     ] = None,
+    isolation: Annotated[
+        str,
+        typer.Option(
+            help="The agents' --isolation: strict (as root: uid, cgroup, namespaces) or none."
+        ),
+    ] = "strict" if os.geteuid() == 0 else "none",
 ) -> None:
     """Submit → process start of 1-GPU jobs, one at a time, on an idle simulated cluster."""
     from scheduler.bench.latency import run_latency_bench
 
-    result = run_latency_bench(jobs=jobs, warmup=warmup, nodes=nodes, database_url=database_url)
+    if isolation not in ("strict", "none"):
+        fail("--isolation must be strict or none", 2)
+    result = run_latency_bench(
+        jobs=jobs, warmup=warmup, nodes=nodes, database_url=database_url, isolation=isolation
+    )
     typer.echo(json.dumps(result))
 
 

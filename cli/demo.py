@@ -169,9 +169,14 @@ def cluster(
     server_env: Mapping[str, str] = SERVER_ENV,
     database_url: str | None = None,
     agent_args: Sequence[str] = ("--time-limit-grace-s", "2"),
+    isolation: str = "none",
 ) -> Iterator[Cluster]:
     """Server + bootstrap + join token + agents (name, site, --simulate), all stopped on the way
-    out. The demo's cluster by default; tests and benchmarks pass their own."""
+    out. The demo's cluster by default; tests and benchmarks pass their own. Under strict
+    isolation (as root) tasks reach their directories beside the agents' state through
+    `workdir`, which must then be traversable (0711)."""
+    if isolation == "strict":
+        os.chmod(workdir, 0o711)  # noqa: S103 - traversable, not listable
     db_url = database_url or f"sqlite:///{workdir / 'fairgpu.db'}"
     env = {**os.environ, **server_env, "FAIRGPU_DATABASE_URL": db_url}
     env.pop("FAIRGPU_SERVER", None)
@@ -222,7 +227,7 @@ def cluster(
                     "--simulate", gpus, "--name", name, "--site", site,
                     "--domain", f"{site}-rack1", "--state-dir", str(workdir / name),
                     "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
-                    "--log-level", "warning", *agent_args,
+                    "--log-level", "warning", "--isolation", isolation, *agent_args,
                 ],
                 agent_env,
             )  # fmt: skip
@@ -283,8 +288,14 @@ def demo(
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-demo-"))
     typer.echo(f"fairgpu demo: starting a server and 4 agents (work dir {workdir})")
+    isolation = "strict" if os.geteuid() == 0 else "none"
+    if isolation == "none":
+        typer.echo(
+            "warning: not root, so the agents run with --isolation none: tasks are not "
+            "confined (docs/ISOLATION.md)"
+        )
     try:
-        with cluster(workdir) as c:
+        with cluster(workdir, isolation=isolation) as c:
             typer.echo(f"server ready in {c.server_ready_s:.1f} s at {c.url}; agents starting")
             run_scenario(c, seed=seed, live=live, workload_s=workload_s, started=started)
     except KeyboardInterrupt:

@@ -108,11 +108,17 @@ def run_latency_bench(
     gpus_per_node: int = 4,
     database_url: str | None = None,
     server_env: Mapping[str, str] | None = None,
+    isolation: str = "none",
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-ready result (seconds)."""
+    """Run the benchmark; returns the JSON-ready result (seconds). Under strict isolation
+    (root only) each job runs as its org's uid and writes its marker into a data root."""
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-bench-latency-"))
     markers = workdir / "started"
     markers.mkdir()
+    agent_args: tuple[str, ...] = ()
+    if isolation == "strict":
+        os.chmod(markers, 0o1777)  # noqa: S103 - the bench org's uid writes its markers here
+        agent_args = ("--org-root", str(markers))
     spec = f"{gpus_per_node}x{GPU_MODEL}"
     node_specs = [(f"bench-{i + 1}", "bench", spec) for i in range(nodes)]
     env = dict(server_env or {})
@@ -120,7 +126,12 @@ def run_latency_bench(
     cycle_mean_s: float | None = None
     try:
         with cluster(
-            workdir, nodes=node_specs, server_env=env, database_url=database_url, agent_args=()
+            workdir,
+            nodes=node_specs,
+            server_env=env,
+            database_url=database_url,
+            agent_args=agent_args,
+            isolation=isolation,
         ) as c:
             admin_headers = {"Authorization": f"Bearer {c.admin_token}"}
             with httpx.Client(base_url=c.url, headers=admin_headers, timeout=30) as admin:
@@ -163,6 +174,7 @@ def run_latency_bench(
         "database": "postgresql" if database_url and "postgres" in database_url else "sqlite",
         "nodes": nodes,
         "gpus_per_node": gpus_per_node,
+        "isolation": isolation,
         "warmup_jobs": warmup,
         "server_env": _settings_env(env),
         "split": {

@@ -211,7 +211,7 @@ class Fleet:
         args = [
             *fairgpu_command(), "agent", "--server", server_url, "--join-token", join_token,
             "--simulate", gpus, "--name", name, "--state-dir", str(state),
-            "--time-limit-grace-s", "1", "--log-level", "info", *extra,
+            "--time-limit-grace-s", "1", "--log-level", "info", "--isolation", "none", *extra,
         ]  # fmt: skip
         proc = Proc(name, args, self._env({}), self._log(name))
         self.procs[name] = proc

@@ -103,6 +103,8 @@ def _popen(url: str, state_dir: Path, metrics_port: int, err: IO[bytes]) -> subp
             str(state_dir / "dcgm"),
             "--log-level",
             "warning",
+            "--isolation",
+            "none",
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=err,

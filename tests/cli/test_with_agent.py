@@ -25,7 +25,7 @@ def test_a_job_runs_on_an_agent_and_its_logs_follow(served: Served, tmp_path: Pa
         [
             *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
             "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
-            "--log-level", "warning",
+            "--log-level", "warning", "--isolation", "none",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
