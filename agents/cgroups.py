@@ -147,15 +147,20 @@ class _V2(Hierarchy):
     version = 2
 
     def __init__(self, root: Path, parent: str) -> None:
-        self.parent = root / parent
+        self.parent = root / parent.strip("/")
         missing = set(_V2_CONTROLLERS) - set((root / "cgroup.controllers").read_text().split())
         if missing:
             raise CgroupError(
                 f"cgroup v2 at {root} lacks the {', '.join(sorted(missing))} controller(s)"
             )
-        self.parent.mkdir(exist_ok=True)
-        # The parent holds no process itself, so its children may have controllers.
-        for directory in (root, self.parent):
+        self.parent.mkdir(parents=True, exist_ok=True)
+        # Controllers are handed down level by level; none of these levels may hold a process
+        # itself (v2's rule), which is why a systemd unit gives the agent a subgroup of its own
+        # (DelegateSubgroup=) and tasks a sibling.
+        chain = [root]
+        for part in self.parent.relative_to(root).parts:
+            chain.append(chain[-1] / part)
+        for directory in chain:
             enabled = set((directory / "cgroup.subtree_control").read_text().split())
             wanted = [f"+{c}" for c in _V2_CONTROLLERS if c not in enabled]
             if wanted:
@@ -217,7 +222,9 @@ class _V1(Hierarchy):
     def __init__(self, mounts: dict[str, Path], parent: str) -> None:
         own = _own_v1_cgroups()
         self.by_controller = {
-            controller: mounts[controller] / own.get(controller, "/").lstrip("/") / parent
+            controller: mounts[controller]
+            / own.get(controller, "/").lstrip("/")
+            / parent.strip("/")
             for controller in _V1_CONTROLLERS
         }
         for directory in self.by_controller.values():
@@ -247,8 +254,9 @@ class _V1(Hierarchy):
 # discovery -------------------------------------------------------------------------------------
 def open_hierarchy(parent: str = "fairgpu", *, root: Path = Path("/sys/fs/cgroup")) -> Hierarchy:
     """The host's cgroups for task groups under `parent`; CgroupError says what is missing."""
-    if not parent or "/" in parent.strip("/") or parent.startswith("."):
-        raise CgroupError(f"cgroup parent must be one directory name, not {parent!r}")
+    parts = parent.strip("/").split("/")
+    if not parent or any(part in ("", ".", "..") for part in parts):
+        raise CgroupError(f"cgroup parent must be a relative path of names, not {parent!r}")
     try:
         if (root / "cgroup.controllers").exists():
             return _V2(root, parent)

@@ -1,0 +1,207 @@
+"""Two companies on one strict node: a real server, a `fairgpu agent --isolation strict` process
+as root with mknod GPU device files, and jobs submitted through the CLI. What one org's job tries
+against the other's comes back through `fairgpu logs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from cli.demo import fairgpu_command
+from tests.cli.conftest import Served, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
+PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+UID_BASE = 232_000
+
+
+class Pool:
+    def __init__(self, served: Served, tmp_path: Path) -> None:
+        self.served = served
+        self.tmp = tmp_path
+        self.dev = tmp_path / "dev"
+        self.dev.mkdir()
+        for minor in range(4):
+            os.mknod(self.dev / f"nvidia{minor}", 0o666 | stat.S_IFCHR, os.makedev(195, minor))
+            os.chmod(self.dev / f"nvidia{minor}", 0o666)
+        self.state = tmp_path / "state"
+        self.tokens: dict[str, str] = {}
+        self.org_ids: dict[str, int] = {}
+        for org in ("acme", "rival"):
+            created = _one(served.ok("org", "create", org, "-o", "json"))
+            self.org_ids[org] = created["id"]
+            served.ok("quota", "set", org, "--gpu-type", "H100", "--guaranteed", "2")
+            user = _one(
+                served.ok("user", "create", f"{org}-eng", "--org", org, "--token", "-o", "json")
+            )
+            self.tokens[org] = user["token"]
+            (tmp_path / "data" / org).mkdir(parents=True)
+        self.cgroup_parent = f"fairgpu-e2e-{uuid.uuid4().hex[:8]}"
+        join = _one(served.ok("join-token", "create", "-o", "json"))["token"]
+        self.log = (tmp_path / "agent.log").open("wb")
+        self.agent = subprocess.Popen(
+            [
+                *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
+                "--simulate", "4xH100", "--name", "shared-node", "--state-dir", str(self.state),
+                "--isolation", "strict", "--gpu-dev-dir", str(self.dev),
+                "--org-root", str(tmp_path / "data" / "{org}"),
+                "--org-uid", f"acme={UID_BASE + self.org_ids['acme']}",
+                "--org-uid", f"rival={UID_BASE + self.org_ids['rival']}",
+                "--task-pids-max", "128", "--cgroup-parent", self.cgroup_parent,
+                "--log-level", "warning",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
+        )  # fmt: skip
+
+    def submit(self, org: str, *args: str) -> str:
+        return self.served.ok(
+            "submit", "--parsable", "-G", "H100:1", "-t", "5m", *args, token=self.tokens[org]
+        ).strip()
+
+    def job(self, org: str, job_id: str) -> dict[str, object]:
+        return _one(self.served.ok("describe", job_id, "-o", "json", token=self.tokens[org]))
+
+    def wait_state(self, org: str, job_id: str, states: set[str], timeout_s: float = 30) -> None:
+        wait_for(lambda: self.job(org, job_id)["state"] in states, timeout_s)
+
+    def close(self) -> None:
+        self.agent.terminate()
+        try:
+            self.agent.wait(timeout=15)
+        finally:
+            self.log.close()
+        # Tasks outlive their agent by design; the test's own end with their cgroups.
+        for proc in psutil.process_iter(["uids"]):
+            uids = proc.info["uids"]
+            if uids and UID_BASE <= uids.real < UID_BASE + 1000:
+                proc.kill()
+        for controller_dir in Path("/sys/fs/cgroup").rglob(self.cgroup_parent):
+            for task in controller_dir.glob("task-*"):
+                task.rmdir()
+            controller_dir.rmdir()
+
+
+@pytest.fixture
+def pool(served: Served, tmp_path: Path) -> Iterator[Pool]:
+    p = Pool(served, tmp_path)
+    yield p
+    p.close()
+
+
+def test_two_orgs_on_one_strict_node(pool: Pool) -> None:
+    secret = f"acme-secret-{uuid.uuid4().hex}"
+    acme = pool.submit(
+        "acme", "-e", f"ACME_KEY={secret}", "--", "sh", "-c", "echo up > $HOME/notes; sleep 120"
+    )
+    pool.wait_state("acme", acme, {"RUNNING"})
+    acme_uid = UID_BASE + pool.org_ids["acme"]
+    wait_for(
+        lambda: any(
+            p.info["uids"] and p.info["uids"].real == acme_uid
+            for p in psutil.process_iter(["uids"])
+        )
+    )
+    [victim] = [
+        p.pid for p in psutil.process_iter(["uids", "name"])
+        if p.info["uids"] and p.info["uids"].real == acme_uid and p.info["name"] == "sleep"
+    ]  # fmt: skip
+    probe = f"""
+import json, os, signal
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as exc:
+        return type(exc).__name__
+mine = set(os.environ["CUDA_VISIBLE_DEVICES"].split(","))
+print(json.dumps({{
+    "uid": os.getuid(),
+    "environ": attempt(lambda: open("/proc/{victim}/environ").read()),
+    "signal": attempt(lambda: os.kill({victim}, signal.SIGTERM)),
+    "credential": attempt(lambda: open("{pool.state}/credential.json").read()),
+    "state": attempt(lambda: os.listdir("{pool.state}/tasks")),
+    "other_gpus": sorted({{attempt(lambda: os.close(os.open("{pool.dev}/nvidia" + str(i),
+                                                             os.O_RDWR)))
+                          for i in range(4) if str(i) not in mine}}),
+    "acme_files": attempt(lambda: os.listdir("{pool.tmp}/data/acme")),
+}}))
+"""
+    rival = pool.submit("rival", "--", PY, "-c", probe)
+    pool.wait_state("rival", rival, {"COMPLETED", "FAILED"})
+    out = pool.served.ok("logs", rival, token=pool.tokens["rival"])
+    tried = json.loads(out.strip().splitlines()[-1])
+    assert tried == {
+        "uid": UID_BASE + pool.org_ids["rival"],
+        "environ": "FileNotFoundError",  # hidden: /proc shows the task its own processes
+        "signal": "PermissionError",
+        "credential": "FileNotFoundError",  # the agent's state directory is hidden
+        "state": "FileNotFoundError",
+        "other_gpus": ["PermissionError"],
+        "acme_files": tried["acme_files"],
+    }
+    assert tried["acme_files"] in ("PermissionError", "FileNotFoundError")
+    assert secret not in out
+    assert pool.job("acme", acme)["state"] == "RUNNING"
+    assert psutil.pid_exists(victim)
+
+    # A workdir outside the org's roots fails that job alone, with the reason in describe.
+    refused = pool.submit("rival", "--workdir", "/etc", "--", "true")
+    pool.wait_state("rival", refused, {"FAILED"})
+    described = pool.served.ok("describe", refused, token=pool.tokens["rival"])
+    assert "outside the data roots allowed to org rival" in described
+
+    # A fork bomb holds its own pids limit; the node keeps heartbeating and starting work.
+    bomb = pool.submit(
+        "rival", "--", PY, "-c",
+        "import os, time\n"
+        "while True:\n"
+        "    try:\n"
+        "        os.fork() or time.sleep(300)\n"
+        "    except OSError:\n"
+        "        time.sleep(0.01)\n",
+    )  # fmt: skip
+    pool.wait_state("rival", bomb, {"RUNNING"})
+    time.sleep(2)
+    beat = _last_heartbeat(pool)
+    after = pool.submit("rival", "--", "echo", "still here")
+    pool.wait_state("rival", after, {"COMPLETED"}, timeout_s=30)
+    assert _last_heartbeat(pool) > beat
+    pool.served.ok("cancel", bomb, token=pool.tokens["rival"])
+    pool.wait_state("rival", bomb, {"CANCELLED"})
+    rival_uid = UID_BASE + pool.org_ids["rival"]
+    wait_for(
+        lambda: not [
+            p for p in psutil.process_iter(["uids", "status"])
+            if p.info["uids"] and p.info["uids"].real == rival_uid
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+    )  # fmt: skip
+
+
+def _one(out: str) -> dict[str, Any]:
+    """The object a `-o json` command printed (alone, or as a list of one)."""
+    value = json.loads(out)
+    if isinstance(value, list):
+        [value] = value
+    return value  # type: ignore[no-any-return]
+
+
+def _last_heartbeat(pool: Pool) -> str:
+    nodes = json.loads(pool.served.ok("node", "list", "-o", "json"))
+    [node] = nodes if isinstance(nodes, list) else nodes["data"]
+    return str(node["last_heartbeat_at"])
