@@ -321,3 +321,22 @@ def test_private_tmp_and_shm(node: Node) -> None:
 def test_strict_isolation_needs_uids() -> None:
     with pytest.raises(IsolationUnavailable, match="task uids"):
         Confinement(IsolationConfig(mode="strict", task_uid_base=None))
+
+
+def test_strict_isolation_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(IsolationUnavailable, match="pass --isolation none"):
+        Confinement(IsolationConfig(mode="strict", task_uid_base=UID_BASE))
+
+
+def test_a_restarted_agent_adopts_a_confined_task_and_still_ends_all_of_it(node: Node) -> None:
+    node.runner.start(spec(1, ["sh", "-c", "(setsid sleep 300 &); exec sleep 300"], **ACME))
+    wait_for(lambda: len(node.task_pids(1)) == 2)
+    pids = node.task_pids(1)
+    restarted = Runner(node.state, confinement=node.confinement)  # same state, same cgroups
+    restarted.recover()
+    assert restarted.records[1].state == "running"
+    restarted.stop(1, grace_s=0.2, reason="cancelled")
+    wait_for(lambda: (restarted.poll(), restarted.records[1].state)[1] == "stopped")
+    assert all(gone(p) for p in pids)
+    assert not (node.root / "tasks" / "1").exists()

@@ -1,0 +1,76 @@
+"""Task cgroups: the real v1 hierarchy of this host, and v2's file protocol on a directory tree.
+
+This host is cgroup v1 with an empty unified hierarchy ("hybrid"), so v2 cannot be exercised
+for real here: its test lays out the files a v2 kernel shows and checks what the agent writes
+and reads there (the kernel's side is the boundary we do not own).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agents.cgroups import CgroupError, Limits, open_hierarchy
+
+LIMITS = Limits(memory_bytes=256 * 2**20, pids_max=100, cpu_weight=200)
+
+
+def test_v2_hands_controllers_down_and_writes_the_limits(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    (root / "cgroup.subtree_control").write_text("memory\n")
+    for level in ("system.slice", "system.slice/fairgpu-agent.service"):
+        (root / level).mkdir()
+        (root / level / "cgroup.subtree_control").write_text("")
+    (root / "system.slice/fairgpu-agent.service/tasks").mkdir()
+    (root / "system.slice/fairgpu-agent.service/tasks/cgroup.subtree_control").write_text("")
+
+    hierarchy = open_hierarchy("system.slice/fairgpu-agent.service/tasks", root=root)
+    assert hierarchy.version == 2
+    # Each level enables for its children what it does not already.
+    assert (root / "cgroup.subtree_control").read_text() == "+pids +cpu"
+    for level in ("system.slice", "system.slice/fairgpu-agent.service"):
+        assert (root / level / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+
+    task = root / "system.slice/fairgpu-agent.service/tasks/task-7"
+    group = hierarchy.create(7, LIMITS)
+    assert {f.name: f.read_text() for f in task.iterdir()} == {
+        "memory.max": str(256 * 2**20),
+        "pids.max": "100",
+        "cpu.weight": "200",
+    }
+    assert group.procs_files == [task / "cgroup.procs"]
+    assert not group.oom_killed()
+    (task / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n")
+    assert group.oom_killed()
+
+
+def test_a_parent_outside_the_hierarchy_is_refused(tmp_path: Path) -> None:
+    for parent in ("../escape", "a/../../b", ""):
+        with pytest.raises(CgroupError, match="relative path of names"):
+            open_hierarchy(parent, root=tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make cgroups")
+def test_v1_limits_on_this_host() -> None:
+    hierarchy = open_hierarchy(f"fairgpu-test-{uuid.uuid4().hex[:8]}")
+    try:
+        group = hierarchy.create(1, LIMITS)
+        if hierarchy.version == 1:
+            paths = group.paths  # type: ignore[attr-defined]
+            assert (paths["memory"] / "memory.limit_in_bytes").read_text().strip() == str(
+                256 * 2**20
+            )
+            assert (paths["pids"] / "pids.max").read_text().strip() == "100"
+            assert (paths["cpu"] / "cpu.shares").read_text().strip() == "2048"
+        assert group.pids() == []
+        assert group.kill()
+        group.remove()
+        assert not group.exists()
+    finally:
+        hierarchy.remove()
+    assert not any(p.exists() for p in hierarchy.parents())
