@@ -155,9 +155,12 @@ class StateDir:
         return bytes(data)
 
     def save(self, record: TaskRecord) -> None:
+        """Without the job's environment and secret: a task never starts from its record
+        (recovery only adopts or settles), so they never need to touch the disk."""
         directory = self.task_dir(record.task_id)
         directory.mkdir(exist_ok=True)
-        write_atomic(directory / "record.json", record.model_dump_json())
+        data = record.model_dump_json(exclude={"spec": {"env", "job_secret"}})
+        write_atomic(directory / "record.json", data, mode=0o600)
 
     def load_all(self) -> list[TaskRecord]:
         records = []

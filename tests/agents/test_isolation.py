@@ -340,3 +340,15 @@ def test_a_restarted_agent_adopts_a_confined_task_and_still_ends_all_of_it(node:
     wait_for(lambda: (restarted.poll(), restarted.records[1].state)[1] == "stopped")
     assert all(gone(p) for p in pids)
     assert not (node.root / "tasks" / "1").exists()
+
+
+def test_the_job_environment_and_secret_never_reach_the_nodes_disk(node: Node) -> None:
+    secret, key = f"tok-{uuid.uuid4().hex}", f"rdv-{uuid.uuid4().hex}"
+    code = "import os; print(os.environ['API_TOKEN'], os.environ['FAIRGPU_JOB_SECRET'])"
+    result = node.run(1, python(code), env={"API_TOKEN": secret}, job_secret=key, **ACME)
+    assert result["log"] == f"{secret} {key}\n"  # the task has them (and prints them to its log)
+    files = [p for p in node.state.root.rglob("*") if p.is_file() and not p.name.startswith("log")]
+    assert files
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+        assert key.encode() not in path.read_bytes(), path
