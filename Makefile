@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 
-.PHONY: install lint fmt test test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
+.PHONY: install lint fmt test test-services test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
 
 # The demo needs only the runtime dependencies; tests, lint and benchmarks need the dev extra.
 $(RUNTIME_STAMP): pyproject.toml
@@ -29,7 +29,11 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# PostgreSQL and promtool, installed and started when missing (tests/services.sh).
+test-services:
+	bash tests/services.sh
+
+test: lint test-services
 	$(BIN)/pytest -q -ra
 
 # Slow (about a minute): Debian's Prometheus scrapes a live server and agents running a small

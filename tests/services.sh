@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What `make test` needs besides Python packages: PostgreSQL answering on 127.0.0.1:5432 and
+# Prometheus' promtool (tests/deploy checks the rules with it). Installs them with apt-get when
+# missing (as root, or through sudo without a password) and starts PostgreSQL; with neither,
+# says in one line what to install. FAIRGPU_TEST_POSTGRES_URL pointing elsewhere skips the
+# PostgreSQL part.
+set -euo pipefail
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo "$@"
+  else return 1
+  fi
+}
+
+url="${FAIRGPU_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}"
+local_pg=0
+case "$url" in *@127.0.0.1:5432/*|*@localhost:5432/*) local_pg=1 ;; esac
+
+need=()
+if [ "$local_pg" = 1 ] && ! command -v pg_ctlcluster >/dev/null 2>&1; then need+=(postgresql); fi
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  if ! { as_root apt-get update -qq &&
+         DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+           "${need[@]}" >/dev/null; }; then
+    echo "make test: needs ${need[*]} (Debian packages); install them as root, or run as root" >&2
+    exit 1
+  fi
+fi
+
+if [ "$local_pg" = 1 ] && ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  version="$(ls /etc/postgresql | sort -V | tail -n1)"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || {
+    echo "make test: PostgreSQL $version is installed but would not start (pg_ctlcluster)" >&2
+    exit 1
+  }
+  for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+  pg_isready -h 127.0.0.1 -p 5432 -q || { echo "make test: PostgreSQL did not come up" >&2; exit 1; }
+fi
