@@ -1,7 +1,9 @@
-"""The agent's HTTP client for the agent protocol (api/schemas/agent.py); outbound calls only."""
+"""The agent's HTTP client for the agent protocol (protocol/agent.py); outbound calls only."""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -20,6 +22,17 @@ class ServerUnavailable(Exception):
     """The server could not be reached or failed; the agent keeps its reports and retries."""
 
 
+def tls_context(
+    *, ca_file: Path | None, client_cert: Path | None, client_key: Path | None
+) -> ssl.SSLContext:
+    """Server certificates checked against `ca_file` (else the system's CAs); the node's own
+    certificate presented when the server asks for one (mutual TLS)."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if client_cert is not None:
+        context.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+    return context
+
+
 class AgentClient:
     def __init__(
         self,
@@ -27,10 +40,14 @@ class AgentClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout_s = timeout_s
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), transport=transport, timeout=timeout_s
+            base_url=base_url.rstrip("/"),
+            transport=transport,
+            timeout=timeout_s,
+            verify=tls if tls is not None else True,
         )
 
     async def register(self, join_token: str, body: AgentRegister) -> AgentRegistered:

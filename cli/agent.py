@@ -7,12 +7,14 @@ import logging
 import re
 import signal
 import socket
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cli.common import fail
+from protocol.transport import plain_http_refusal
 
 if TYPE_CHECKING:
     from agents.daemon import AgentConfig
@@ -157,9 +159,35 @@ def agent(
     gpu_dev_dir: Annotated[
         Path, typer.Option(help="Where the GPU device files (nvidiaN) are.")
     ] = Path("/dev"),
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA bundle the server's certificate is checked against.",
+            envvar="FAIRGPU_AGENT_CA_FILE",
+        ),
+    ] = None,
+    client_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="This node's TLS certificate, for servers that ask for one.",
+            envvar="FAIRGPU_AGENT_CLIENT_CERT",
+        ),
+    ] = None,
+    client_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The key of --client-cert (if not in the same file).",
+            envvar="FAIRGPU_AGENT_CLIENT_KEY",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Allow plain http:// to another machine (credentials in clear)."),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Register this node, report its GPUs and run the tasks the server gives it."""
+    from agents.client import tls_context
     from agents.container import RUNTIMES
     from agents.daemon import AgentConfig, AgentError
     from agents.gpu import GpuBackendError
@@ -173,6 +201,11 @@ def agent(
         fail(f"--container-runtime must be one of {', '.join(RUNTIMES)}", 2)
     if isolation not in ("strict", "none"):
         fail("--isolation must be strict or none", 2)
+    refusal = plain_http_refusal(server)
+    if refusal and not insecure:
+        fail(refusal, 2)
+    if client_key is not None and client_cert is None:
+        fail("--client-key needs --client-cert", 2)
     if isolation == "none":
         logging.getLogger("fairgpu.agent").warning(
             "isolation none: tasks run unconfined as this user and can see and signal each "
@@ -212,7 +245,11 @@ def agent(
     try:
         asyncio.run(
             run_agent(
-                config, simulate=simulate, metrics_port=metrics_port, metrics_addr=metrics_addr
+                config,
+                simulate=simulate,
+                metrics_port=metrics_port,
+                metrics_addr=metrics_addr,
+                tls=tls_context(ca_file=ca_file, client_cert=client_cert, client_key=client_key),
             )
         )
     except (AgentError, GpuBackendError, IsolationUnavailable, ValueError, OSError) as exc:
@@ -241,7 +278,12 @@ def _org_uids(pairs: list[str]) -> dict[str, int]:
 
 
 async def run_agent(
-    config: AgentConfig, *, simulate: str | None, metrics_port: int | None, metrics_addr: str
+    config: AgentConfig,
+    *,
+    simulate: str | None,
+    metrics_port: int | None,
+    metrics_addr: str,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Build the agent from its parts and run it until SIGTERM or SIGINT."""
     from agents.client import AgentClient
@@ -266,7 +308,7 @@ async def run_agent(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = AgentClient(config.server)
+    client = AgentClient(config.server, tls=tls)
     try:
         await Agent(config, backend, client, metrics=metrics).run(stop)
     finally:

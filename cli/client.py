@@ -16,6 +16,7 @@ import httpx
 
 from cli.common import fail
 from cli.config import Credentials, resolve
+from protocol.transport import plain_http_refusal
 
 # Tests set this to route every request to an app in the same process.
 transport_override: httpx.BaseTransport | None = None
@@ -60,6 +61,9 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        refusal = plain_http_refusal(creds.server)
+        if refusal and not creds.insecure:
+            fail(refusal, 2)
         headers = {"User-Agent": "fairgpu-cli"}
         if creds.token:
             headers["Authorization"] = f"Bearer {creds.token}"

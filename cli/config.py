@@ -16,6 +16,8 @@ CONFIG_FILE = "config.json"
 class Credentials:
     server: str
     token: str | None
+    insecure: bool = False
+    """Plain http:// to another machine was asked for (`--insecure`, FAIRGPU_INSECURE=1)."""
 
 
 def config_dir() -> Path:
@@ -41,12 +43,15 @@ def read_config() -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
 
 
-def write_config(server: str, token: str) -> Path:
+def write_config(server: str, token: str, *, insecure: bool = False) -> Path:
     """Write the file with mode 0600 from the start: a token must never be world-readable."""
     directory = config_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / CONFIG_FILE
-    body = json.dumps({"server": server.rstrip("/"), "token": token}, indent=2) + "\n"
+    saved = {"server": server.rstrip("/"), "token": token}
+    if insecure:
+        saved["insecure"] = "true"
+    body = json.dumps(saved, indent=2) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(body)
@@ -61,4 +66,7 @@ def resolve(server: str | None = None, token: str | None = None) -> Credentials 
     secret = token or os.environ.get("FAIRGPU_TOKEN") or saved.get("token")
     if not url:
         return None
-    return Credentials(server=url.rstrip("/"), token=secret or None)
+    insecure = os.environ.get("FAIRGPU_INSECURE", saved.get("insecure", "")).lower()
+    return Credentials(
+        server=url.rstrip("/"), token=secret or None, insecure=insecure in ("1", "true", "yes")
+    )

@@ -7,9 +7,11 @@ from typing import Annotated, Any
 import typer
 
 from cli.client import ApiError, Client, connect, report
+from cli.common import fail
 from cli.config import Credentials, write_config
 from cli.output import Column, Format, NoHeadersOption, OutputOption, print_data, relative, render
 from cli.parse import parse_duration
+from protocol.transport import plain_http_refusal
 
 user_app = typer.Typer(help="Users of an organisation (admins).", no_args_is_help=True)
 token_app = typer.Typer(help="Your API tokens.", no_args_is_help=True)
@@ -24,18 +26,26 @@ def login(
     server: Annotated[str, typer.Option(help="Server URL, e.g. https://gpu.example.org.")],
     token: Annotated[str, typer.Option(help="Your API token.", prompt=True, hide_input=True)],
     verify: Annotated[bool, typer.Option(help="Check the token with the server first.")] = True,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Allow plain http:// to another machine (the token travels in clear)."),
+    ] = False,
 ) -> None:
     """Save the server and token (mode 0600); FAIRGPU_SERVER and FAIRGPU_TOKEN override them."""
     if not server.startswith(("http://", "https://")):
         raise typer.BadParameter("the server URL starts with http:// or https://")
+    refusal = plain_http_refusal(server)
+    if refusal and not insecure:
+        fail(refusal, 2)
     who = None
     if verify:
-        with Client(Credentials(server=server.rstrip("/"), token=token)) as client:
+        creds = Credentials(server=server.rstrip("/"), token=token, insecure=insecure)
+        with Client(creds) as client:
             try:
                 who = client.get("/v1/users/me")
             except ApiError as exc:
                 report(exc, "login")
-    path = write_config(server, token)
+    path = write_config(server, token, insecure=insecure)
     name = f" as {who['name']} ({who['role']})" if who else ""
     typer.echo(f"Logged in to {server}{name}; saved to {path}")
 

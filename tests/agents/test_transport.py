@@ -1,0 +1,172 @@
+"""The agent over TLS to the real server (uvicorn on loopback, certificates made with openssl),
+mutual TLS, and plain http:// refused to other machines by the agent and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+import cli.client
+from agents.client import AgentClient, AuthError, ServerUnavailable, tls_context
+from api.app import create_app
+from cli.main import app as cli_app
+from protocol.agent import AgentRegister
+from protocol.transport import plain_http_refusal
+from scheduler.settings import Settings
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-subj", "/CN=fairgpu test CA", "-days", "1", cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=node-1")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", subject, cwd=d)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+                *(["-extfile", "san.ext"] if name == "server" else []), cwd=d)  # fmt: skip
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
+def serve_tls(database_url: str, pki: Pki, *, require_client_cert: bool) -> Iterator[str]:
+    app = create_app(Settings(database_url=database_url, migrate_on_start=False))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app,
+        ws="none",
+        log_level="warning",
+        ssl_certfile=str(pki.server_cert),
+        ssl_keyfile=str(pki.server_key),
+        ssl_ca_certs=str(pki.ca) if require_client_cert else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "server thread died"
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+@pytest.fixture
+def tls_url(database_url: str, pki: Pki) -> Iterator[str]:
+    yield from serve_tls(database_url, pki, require_client_cert=False)
+
+
+@pytest.fixture
+def mtls_url(database_url: str, pki: Pki) -> Iterator[str]:
+    yield from serve_tls(database_url, pki, require_client_cert=True)
+
+
+BODY = AgentRegister(
+    name="n1", site="dc1", domain="r1", hostname="n1", address="127.0.0.1",
+    agent_version="test", gpus=[],
+)  # fmt: skip
+
+
+async def register(url: str, tls: ssl.SSLContext | None) -> None:
+    client = AgentClient(url, tls=tls, timeout_s=5)
+    try:
+        await client.register("fg_j_not-a-real-token", BODY)
+    finally:
+        await client.aclose()
+
+
+def test_the_agent_checks_the_servers_certificate_against_its_ca(tls_url: str, pki: Pki) -> None:
+    ours = tls_context(ca_file=pki.ca, client_cert=None, client_key=None)
+    with pytest.raises(AuthError):  # TLS held; the server read the request and refused the token
+        asyncio.run(register(tls_url, ours))
+    with pytest.raises(ServerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(register(tls_url, None))  # the system CAs do not know the test CA
+
+
+def test_mutual_tls_needs_the_nodes_certificate(mtls_url: str, pki: Pki) -> None:
+    anonymous = tls_context(ca_file=pki.ca, client_cert=None, client_key=None)
+    with pytest.raises(ServerUnavailable):
+        asyncio.run(register(mtls_url, anonymous))
+    node = tls_context(ca_file=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
+    with pytest.raises(AuthError):
+        asyncio.run(register(mtls_url, node))
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://127.0.0.1:8080", False),
+        ("http://127.9.9.9", False),
+        ("http://[::1]:8080", False),
+        ("http://localhost:8080", False),
+        ("https://gpu.example.org", False),
+        ("http://gpu.example.org", True),
+        ("http://10.0.0.5:8080", True),
+    ],
+)
+def test_plain_http_is_refused_to_other_machines(url: str, refused: bool) -> None:
+    assert (plain_http_refusal(url) is not None) is refused
+
+
+def test_the_agent_refuses_plain_http_to_another_machine(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli_app,
+        ["agent", "--server", "http://gpu.example.org", "--isolation", "none",
+         "--state-dir", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "refusing to send credentials over plain http:// to gpu.example.org" in result.output
+
+
+def test_the_cli_refuses_plain_http_unless_insecure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"FAIRGPU_SERVER": "http://gpu.example.org", "FAIRGPU_TOKEN": "fg_u_x",
+           "FAIRGPU_CONFIG_DIR": str(tmp_path)}  # fmt: skip
+    refused = CliRunner().invoke(cli_app, ["whoami"], env=env)
+    assert refused.exit_code == 2
+    assert "use https://, or pass --insecure" in refused.output
+    # Asked for: the request goes out (to an in-process stand-in for the remote server).
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(401, json={"title": "Unauthorized", "detail": "bad token"})
+
+    monkeypatch.setattr(cli.client, "transport_override", httpx.MockTransport(answer))
+    allowed = CliRunner().invoke(cli_app, ["whoami"], env={**env, "FAIRGPU_INSECURE": "1"})
+    assert allowed.exit_code == 4, allowed.output
+    assert seen == ["http://gpu.example.org/v1/users/me"]
