@@ -38,10 +38,24 @@ def server(
             show_default=False,
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve HTTPS with this certificate (PEM, chain included).",
+            envvar="FAIRGPU_TLS_CERT",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="The private key of --tls-cert.", envvar="FAIRGPU_TLS_KEY"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve the API (and run the scheduler) until interrupted."""
+    if (tls_cert is None) != (tls_key is None):
+        typer.echo("fairgpu: error: --tls-cert and --tls-key go together", err=True)
+        raise typer.Exit(2)
     settings = load_settings(database_url)
     separate = workers > 1 if scheduler_process is None else scheduler_process
     if settings.is_sqlite and (workers > 1 or separate):
@@ -80,6 +94,8 @@ def server(
             http="httptools",
             lifespan="on",
             timeout_graceful_shutdown=10,
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None,
         )
     finally:
         if scheduler is not None:
