@@ -6,12 +6,16 @@ so that dashboards join on (node, gpu). The registry is the agent's own, not the
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -98,8 +102,38 @@ class AgentMetrics(Collector):
             alloc.add_metric([self.node, str(gpu), str(job), org], 1.0)
         yield from (util, used, total, power, temp, healthy, energy, ecc, xid, alloc)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0", *, token: str | None = None) -> None:
+        """In a thread. With `token`, a scrape must bring it as a bearer token: tasks share the
+        node's network, and the allocation series name every org's jobs on the node."""
+        app = make_wsgi_app(self.registry)
+        guarded = _bearer_guard(app, token) if token else app
+        server = make_server(addr, port, guarded, _ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+_Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _bearer_guard(app: _Wsgi, token: str) -> _Wsgi:
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        given = str(environ.get("HTTP_AUTHORIZATION", "")).encode()
+        if hmac.compare_digest(given, expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+        return [b"/metrics needs the agent's metrics token\n"]
+
+    return guarded
 
 
 class DcgmJobMapping:

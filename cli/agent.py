@@ -57,6 +57,13 @@ def agent(
         ),
     ] = None,
     metrics_addr: Annotated[str, typer.Option(help="Address for /metrics.")] = "0.0.0.0",
+    metrics_token: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token /metrics asks for (tasks share the node's network).",
+            envvar="FAIRGPU_AGENT_METRICS_TOKEN",
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Node name (default: host name).", envvar="FAIRGPU_NODE_NAME")
     ] = None,
@@ -249,6 +256,7 @@ def agent(
                 simulate=simulate,
                 metrics_port=metrics_port,
                 metrics_addr=metrics_addr,
+                metrics_token=metrics_token,
                 tls=tls_context(ca_file=ca_file, client_cert=client_cert, client_key=client_key),
             )
         )
@@ -283,6 +291,7 @@ async def run_agent(
     simulate: str | None,
     metrics_port: int | None,
     metrics_addr: str,
+    metrics_token: str | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> None:
     """Build the agent from its parts and run it until SIGTERM or SIGINT."""
@@ -303,7 +312,7 @@ async def run_agent(
         backend = open_backend(None)
     metrics = AgentMetrics(config.name, backend.devices())
     if metrics_port is not None:
-        metrics.serve(metrics_port, metrics_addr)
+        metrics.serve(metrics_port, metrics_addr, token=metrics_token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

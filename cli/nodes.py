@@ -81,7 +81,13 @@ def node_show(node: NodeArg, output: OutputOption = Format.TABLE) -> None:
             Column("MODEL", lambda g: g["model"]),
             Column("MEMORY", lambda g: gib(g["memory_bytes"]), justify="right"),
             Column("HEALTH", lambda g: g["health"]),
-            Column("JOB", lambda g: g.get("allocated_job_id"), justify="right"),
+            Column(
+                "JOB",
+                lambda g: (
+                    g.get("allocated_job_id") or ("other org" if g.get("allocated") else None)
+                ),
+                justify="right",
+            ),
             Column("UTIL", lambda g: _sample(g, "utilization_ratio", pct=True), justify="right"),
             Column("TEMP", lambda g: _sample(g, "temperature_c"), justify="right"),
             Column("UUID", lambda g: g["uuid"]),

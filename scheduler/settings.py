@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_FILE = "fairgpu.db"
@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         "request with 503 + Retry-After and is replaced.",
     )
     migrate_on_start: bool = Field(True, description="Run migrations when the server starts.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token /metrics asks for (Prometheus' `authorization` setting); unset, "
+        "/metrics is open: it shows org names and counts, never job ids or user names.",
+    )
     hot_paths: bool = Field(
         True,
         description="Answer quiet heartbeats and plain submissions on raw asyncpg before "

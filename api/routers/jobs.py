@@ -42,6 +42,7 @@ from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
 from scheduler.services.joblist import list_jobs as list_listed
 from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, read_log
+from scheduler.services.redact import hidden_from, redact, redact_text
 from scheduler.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -87,18 +88,28 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
     )
 
 
-def _listed_public(listed: ListedJob) -> JobPublic:
+def _listed_public(listed: ListedJob, hidden: set[int]) -> JobPublic:
     public = job_public(listed.job, listed.depends_on)
     public.org_name = listed.org_name
     public.user_name = listed.user_name
     public.node_names = listed.node_names
     reason = first_reason(listed.job)
-    public.pending_reason = JobReason(code=reason[0], message=reason[1]) if reason else None
+    if reason:
+        public.pending_reason = JobReason(code=reason[0], message=redact_text(reason[1], hidden))
     return public
 
 
-async def _read_public(session: SessionDep, job: Job) -> JobPublic:
-    return _listed_public(await get_listed(session, job))
+async def _hidden(session: AsyncSession, principal: Principal, jobs: list[Job]) -> set[int]:
+    """Jobs of other orgs that these jobs' reasons name: shown to members without their ids."""
+    if principal.is_platform_admin:
+        return set()
+    reasons = [r for job in jobs for r in job.pending_reasons or []]
+    return await hidden_from(session, reasons, principal.org_id)
+
+
+async def _read_public(session: SessionDep, job: Job, principal: Principal) -> JobPublic:
+    hidden = await _hidden(session, principal, [job])
+    return _listed_public(await get_listed(session, job), hidden)
 
 
 def _notify(request: Request, reason: str, nodes: list[int] | None = None) -> None:
@@ -280,7 +291,8 @@ async def list_jobs(
         before_id=before,
         limit=limit,
     )
-    data = [_listed_public(r) for r in rows]
+    hidden = await _hidden(session, principal, [r.job for r in rows])
+    data = [_listed_public(r, hidden) for r in rows]
     return JobsPublic(
         data=data, count=len(data), next_cursor=str(rows[-1].job.id) if more and rows else None
     )
@@ -290,7 +302,7 @@ async def list_jobs(
 async def get_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobPublic:
     """One job."""
     job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
-    return await _read_public(session, job)
+    return await _read_public(session, job, principal)
 
 
 async def _job_to_change(session: SessionDep, job_id: int, principal: Principal) -> Job:
@@ -323,7 +335,7 @@ async def cancel_job(
     )
     await session.commit()
     _notify(request, "cancel", nodes)
-    return await _read_public(session, job)
+    return await _read_public(session, job, principal)
 
 
 @router.post("/{job_id}/hold")
@@ -335,7 +347,7 @@ async def hold_job(
     await svc.set_held(session, job, held=True, actor=principal.actor)
     await session.commit()
     _notify(request, "hold")
-    return await _read_public(session, job)
+    return await _read_public(session, job, principal)
 
 
 @router.post("/{job_id}/release")
@@ -347,7 +359,7 @@ async def release_job(
     await svc.set_held(session, job, held=False, actor=principal.actor)
     await session.commit()
     _notify(request, "release")
-    return await _read_public(session, job)
+    return await _read_public(session, job, principal)
 
 
 @router.get("/{job_id}/explain")
@@ -355,7 +367,10 @@ async def explain_job(job_id: int, session: SessionDep, principal: UserPrincipal
     """Why a job waits (Slurm's reason words, with numbers) and when it is expected to start,
     as the last scheduling cycle saw it."""
     job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
-    return JobExplain.model_validate(svc.explain(job))
+    explained = svc.explain(job)
+    hidden = await _hidden(session, principal, [job])
+    explained["reasons"] = redact(explained["reasons"], hidden)
+    return JobExplain.model_validate(explained)
 
 
 @router.get("/{job_id}/logs")

@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Request
 
-from api.deps import PlatformAdmin, SessionDep, UserPrincipal
+from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
 from api.schemas.nodes import DrainRequest, GpuPublic, NodePublic, NodesPublic
 from protocol.states import GpuHealth
+from scheduler.db import Gpu
 from scheduler.services import nodes as svc
 from scheduler.services.errors import NotFound
 
@@ -17,23 +18,31 @@ router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 NodeId = Annotated[int, Path(gt=0, lt=2**31)]
 
 
-def _public(view: svc.NodeView) -> NodePublic:
+def _gpu(view: svc.NodeView, gpu: Gpu, viewer: Principal) -> GpuPublic:
+    """Another org's job on a GPU is shown as "allocated", without its id or processes."""
+    job_id = view.allocated.get(gpu.id)
+    ours = job_id is not None and viewer.can_see_org(view.allocated_orgs.get(gpu.id))
+    sample = gpu.last_sample
+    if job_id is not None and not ours and sample is not None:
+        sample = {k: v for k, v in sample.items() if k != "processes"}
+    return GpuPublic(
+        id=gpu.id,
+        index=gpu.index,
+        uuid=gpu.uuid,
+        model=gpu.model,
+        memory_bytes=gpu.memory_bytes,
+        health=gpu.health,
+        health_reason=gpu.health_reason,
+        allocated=job_id is not None,
+        allocated_job_id=job_id if ours else None,
+        last_sample=sample,
+        last_sample_at=gpu.last_sample_at,
+    )
+
+
+def _public(view: svc.NodeView, viewer: Principal) -> NodePublic:
     n = view.node
-    gpus = [
-        GpuPublic(
-            id=g.id,
-            index=g.index,
-            uuid=g.uuid,
-            model=g.model,
-            memory_bytes=g.memory_bytes,
-            health=g.health,
-            health_reason=g.health_reason,
-            allocated_job_id=view.allocated.get(g.id),
-            last_sample=g.last_sample,
-            last_sample_at=g.last_sample_at,
-        )
-        for g in view.gpus
-    ]
+    gpus = [_gpu(view, g, viewer) for g in view.gpus]
     return NodePublic(
         id=n.id,
         name=n.name,
@@ -47,29 +56,30 @@ def _public(view: svc.NodeView) -> NodePublic:
         last_heartbeat_at=n.last_heartbeat_at,
         gpus=gpus,
         gpus_total=len(gpus),
-        gpus_allocated=sum(1 for g in gpus if g.allocated_job_id is not None),
+        gpus_allocated=sum(1 for g in gpus if g.allocated),
         gpus_healthy=sum(1 for g in gpus if g.health is GpuHealth.HEALTHY),
     )
 
 
-async def _one(session: SessionDep, node_id: int) -> NodePublic:
+async def _one(session: SessionDep, node_id: int, viewer: Principal) -> NodePublic:
     views = await svc.list_nodes(session, node_id)
     if not views:
         raise NotFound(f"node {node_id} not found")
-    return _public(views[0])
+    return _public(views[0], viewer)
 
 
 @router.get("")
 async def list_nodes(session: SessionDep, principal: UserPrincipal) -> NodesPublic:
-    """Every node with its GPUs, their health and the job each GPU is allocated to."""
+    """Every node with its GPUs, their health, and the job of the caller's org on each GPU
+    (other orgs' jobs show only as allocated GPUs)."""
     views = await svc.list_nodes(session)
-    return NodesPublic(data=[_public(v) for v in views], count=len(views))
+    return NodesPublic(data=[_public(v, principal) for v in views], count=len(views))
 
 
 @router.get("/{node_id}")
 async def get_node(node_id: NodeId, session: SessionDep, principal: UserPrincipal) -> NodePublic:
     """One node."""
-    return await _one(session, node_id)
+    return await _one(session, node_id, principal)
 
 
 @router.post("/{node_id}/drain")
@@ -86,7 +96,7 @@ async def drain_node(
     await svc.drain_node(session, node, reason=reason, actor=principal.actor)
     await session.commit()
     request.app.state.runtime.notify("drain")
-    return await _one(session, node_id)
+    return await _one(session, node_id, principal)
 
 
 @router.post("/{node_id}/resume")
@@ -98,4 +108,4 @@ async def resume_node(
     await svc.resume_node(session, node, actor=principal.actor)
     await session.commit()
     request.app.state.runtime.notify("resume")
-    return await _one(session, node_id)
+    return await _one(session, node_id, principal)

@@ -18,8 +18,11 @@ class GpuPublic(OutputModel):
     memory_bytes: int
     health: GpuHealth
     health_reason: str | None
+    allocated: bool = False
     allocated_job_id: int | None = None
+    """Only for jobs of the caller's own org (platform admins: every job)."""
     last_sample: dict[str, Any] | None
+    """The GPU's latest sample; without its process list when another org's job holds it."""
     last_sample_at: datetime | None
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Allocation, Event, Gpu, Node, Site, Task
+from scheduler.db import Allocation, Event, Gpu, Job, Node, Site, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, NotFound
 from scheduler.states import NodeState
@@ -26,6 +26,7 @@ class NodeView:
     site: str
     gpus: list[Gpu]
     allocated: dict[int, int]  # gpu id -> job id
+    allocated_orgs: dict[int, int]  # gpu id -> org id of that job
 
 
 async def list_nodes(session: AsyncSession, node_id: int | None = None) -> list[NodeView]:
@@ -36,17 +37,21 @@ async def list_nodes(session: AsyncSession, node_id: int | None = None) -> list[
     ids = [n.id for n, _ in rows]
     gpus: dict[int, list[Gpu]] = {}
     allocated: dict[int, int] = {}
+    allocated_orgs: dict[int, int] = {}
     if ids:
         gpu_stmt = select(Gpu).where(Gpu.node_id.in_(ids)).order_by(Gpu.node_id, Gpu.index)
         for g in (await session.scalars(gpu_stmt)).all():
             gpus.setdefault(g.node_id, []).append(g)
         alloc_stmt = (
-            select(Allocation.gpu_id, Allocation.job_id)
+            select(Allocation.gpu_id, Allocation.job_id, Job.org_id)
             .join(Gpu, Gpu.id == Allocation.gpu_id)
+            .join(Job, Job.id == Allocation.job_id)
             .where(Allocation.ended_at.is_(None), Gpu.node_id.in_(ids))
         )
-        allocated = {row.gpu_id: row.job_id for row in (await session.execute(alloc_stmt)).all()}
-    return [NodeView(n, site, gpus.get(n.id, []), allocated) for n, site in rows]
+        for row in (await session.execute(alloc_stmt)).all():
+            allocated[row.gpu_id] = row.job_id
+            allocated_orgs[row.gpu_id] = row.org_id
+    return [NodeView(n, site, gpus.get(n.id, []), allocated, allocated_orgs) for n, site in rows]
 
 
 async def get_node(session: AsyncSession, node_id: int) -> Node:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
+import httpx
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -68,3 +71,27 @@ def test_dcgm_job_mapping_files(tmp_path: Path) -> None:
     mapping.write([(3, 9, "b")])
     assert (tmp_path / "jobs" / "0").read_text() == ""
     assert (tmp_path / "jobs" / "3").read_text() == "9\n"
+
+
+def test_metrics_behind_a_token_refuse_a_scrape_without_it() -> None:
+    backend = SimulatedBackend(parse_simulate_spec("2xH100"), seed="n")
+    metrics = AgentMetrics("n1", backend.devices())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics.serve(port, "127.0.0.1", token="scrape-me")
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            anonymous = httpx.get(url, timeout=2)
+            break
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert anonymous.status_code == 401
+    wrong = httpx.get(url, headers={"Authorization": "Bearer nope"}, timeout=2)
+    assert wrong.status_code == 401
+    scraped = httpx.get(url, headers={"Authorization": "Bearer scrape-me"}, timeout=2)
+    assert scraped.status_code == 200
+    assert "fairgpu_gpu_memory_total_bytes" in scraped.text

@@ -1,0 +1,120 @@
+"""What a member sees of other orgs (#14): allocated GPUs and "a job of another org", no ids;
+/metrics closed by its own token when one is set."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select
+
+from protocol.states import JobState
+from scheduler.db import Gpu, Job
+from tests import factories
+from tests.api.helpers import World, running_app, seed_world
+from tests.scheduling.harness import fast_settings, running_cluster
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url) as app:
+        yield await seed_world(app)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _run_on_node(world: World, owner: str, gpu_indices: list[int]) -> Job:
+    job = await world.job(owner, state=JobState.RUNNING)
+    async with world.app.state.sessionmaker() as session:
+        assert world.node is not None
+        gpus = (
+            await session.scalars(
+                select(Gpu).where(Gpu.node_id == world.node.id, Gpu.index.in_(gpu_indices))
+            )
+        ).all()
+        for gpu in gpus:
+            gpu.last_sample = {"utilization_ratio": 0.5, "processes": [{"pid": 4242}]}
+        row = await session.get(Job, job.id)
+        assert row is not None
+        await factories.running_task(session, row, world.node, list(gpus))
+        await session.commit()
+    return job
+
+
+async def test_members_see_other_orgs_jobs_on_a_node_only_as_allocated_gpus(world: World) -> None:
+    ours = await _run_on_node(world, "member_a", [0, 1])
+    theirs = await _run_on_node(world, "member_b", [2])
+    async with world.client("member_a") as c:
+        [node] = (await c.get("/v1/nodes")).json()["data"]
+    gpus = {g["index"]: g for g in node["gpus"]}
+    assert (gpus[0]["allocated"], gpus[0]["allocated_job_id"]) == (True, ours.id)
+    assert gpus[0]["last_sample"]["processes"] == [{"pid": 4242}]
+    assert (gpus[2]["allocated"], gpus[2]["allocated_job_id"]) == (True, None)
+    assert "processes" not in gpus[2]["last_sample"]
+    assert gpus[2]["last_sample"]["utilization_ratio"] == 0.5
+    assert (gpus[3]["allocated"], gpus[3]["allocated_job_id"]) == (False, None)
+    assert node["gpus_allocated"] == 3
+    async with world.client("platform") as c:
+        [node] = (await c.get("/v1/nodes")).json()["data"]
+    assert {g["index"]: g["allocated_job_id"] for g in node["gpus"]}[2] == theirs.id
+
+
+async def test_reasons_name_other_orgs_jobs_without_their_ids(world: World) -> None:
+    theirs = await world.job("member_b", name="secret-project")
+    mine_first = await world.job("member_a2")
+    reasons = [
+        {
+            "code": "Reservation",
+            "message": f"H100 GPUs it could use are reserved for job {theirs.id}",
+            "details": {"reserved_for_job_id": theirs.id, "gpu_type": "H100"},
+        },
+        {
+            "code": "Priority",
+            "message": f"strict order: behind job {mine_first.id}, which cannot start yet",
+            "details": {"behind_job_id": mine_first.id},
+        },
+        {
+            "code": "Preempting",
+            "message": "waiting for GPUs of 2 job(s) being preempted for it",
+            "details": {"victim_job_ids": f"{mine_first.id},{theirs.id}"},
+        },
+    ]
+    waiting = await world.job("member_a", pending_reasons=reasons)
+    async with world.client("member_a") as c:
+        explained = (await c.get(f"/v1/jobs/{waiting.id}/explain")).json()
+        listed = (await c.get("/v1/jobs")).json()["data"]
+    reserved, behind, preempting = explained["reasons"]
+    assert reserved["message"] == "H100 GPUs it could use are reserved for a job of another org"
+    assert reserved["details"] == {"reserved_for_other_org": True, "gpu_type": "H100"}
+    # A job of the caller's own org keeps its id.
+    assert behind["details"] == {"behind_job_id": mine_first.id}
+    assert f"job {mine_first.id}" in behind["message"]
+    assert preempting["details"] == {
+        "victim_job_ids": str(mine_first.id),
+        "victims_of_other_orgs": 1,
+    }
+    assert not re.search(rf"\bjob {theirs.id}\b", str(explained["reasons"]))
+    assert "secret-project" not in str(explained)
+    [row] = [j for j in listed if j["id"] == waiting.id]
+    assert row["pending_reason"]["message"].endswith("reserved for a job of another org")
+    async with world.client("platform") as c:
+        explained = (await c.get(f"/v1/jobs/{waiting.id}/explain")).json()
+    assert explained["reasons"][0]["details"]["reserved_for_job_id"] == theirs.id
+
+
+async def test_metrics_ask_for_their_token_when_one_is_set(database_url: str) -> None:
+    settings = fast_settings(database_url, metrics_token="prom-scrape-secret")
+    async with running_cluster(settings) as cluster:
+        anonymous = await cluster.http.get("/metrics")
+        assert anonymous.status_code == 401
+        assert anonymous.headers["content-type"].startswith("application/problem+json")
+        as_admin = await cluster.http.get("/metrics", headers=bearer(cluster.admin))
+        assert as_admin.status_code == 401  # a user token, even an admin's, is not the one
+        scraped = await cluster.http.get("/metrics", headers=bearer("prom-scrape-secret"))
+        assert scraped.status_code == 200
+        assert "fairgpu_" in scraped.text
+    async with running_cluster(fast_settings(database_url)) as cluster:
+        assert (await cluster.http.get("/metrics")).status_code == 200  # no token set: open
