@@ -1,34 +1,91 @@
-"""Registers the user and admin commands on the `fairgpu` app (kept out of the shared main.py)."""
+"""Every `fairgpu` command: where it lives and its one-line help (cli/lazy.py loads it on use)."""
 
 from __future__ import annotations
 
-import typer
-
-from cli import demo, history, jobs, nodes, orgs, usage, users
+from cli.lazy import Lazy
 
 # Everything after the first word of the command belongs to it: `submit -- python x.py --lr 3`
 # and `submit python x.py --lr 3` both work.
 _COMMAND_LINE = {"allow_interspersed_args": False}
 
-
-def register(app: typer.Typer) -> None:
-    app.command("login")(users.login)
-    app.command("whoami")(users.whoami)
-    app.command("submit", context_settings=_COMMAND_LINE)(jobs.submit)
-    app.command("queue")(jobs.queue)
-    app.command("describe")(jobs.describe)
-    app.command("explain")(jobs.explain)
-    app.command("logs")(history.logs)
-    app.command("cancel")(jobs.cancel)
-    app.command("hold")(jobs.hold)
-    app.command("release")(jobs.release)
-    app.command("history")(history.history)
-    app.command("share")(orgs.share)
-    app.command("usage")(usage.usage)
-    app.add_typer(orgs.org_app, name="org")
-    app.add_typer(orgs.quota_app, name="quota")
-    app.add_typer(users.user_app, name="user")
-    app.add_typer(users.token_app, name="token")
-    app.add_typer(users.join_app, name="join-token")
-    app.add_typer(nodes.node_app, name="node")
-    app.command("demo")(demo.demo)
+COMMANDS: dict[str, Lazy] = {
+    "login": Lazy(
+        "cli.users",
+        "login",
+        "Save the server and token (mode 0600); FAIRGPU_SERVER and FAIRGPU_TOKEN override them.",
+    ),
+    "whoami": Lazy("cli.users", "whoami", "Who the configured token belongs to."),
+    "submit": Lazy(
+        "cli.jobs",
+        "submit",
+        "Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`.",
+        _COMMAND_LINE,
+    ),
+    "queue": Lazy(
+        "cli.jobs", "queue", "The queue, like squeue: running and pending jobs with why each waits."
+    ),
+    "describe": Lazy(
+        "cli.jobs", "describe", "Everything about one job: its request, its state and its history."
+    ),
+    "explain": Lazy(
+        "cli.jobs",
+        "explain",
+        "Why a job waits, every reason with its numbers, and when it should start.",
+    ),
+    "logs": Lazy(
+        "cli.history",
+        "logs",
+        "A job's output (stdout and stderr), as its node shipped it to the server.",
+    ),
+    "cancel": Lazy(
+        "cli.jobs",
+        "cancel",
+        "Cancel jobs: pending ones at once, running ones after SIGTERM and the grace period.",
+    ),
+    "hold": Lazy("cli.jobs", "hold", "Keep pending jobs from starting until released."),
+    "release": Lazy("cli.jobs", "release", "Let held jobs be scheduled again."),
+    "history": Lazy(
+        "cli.history", "history", "Finished jobs, like sacct: state, exit code, run time, GPUs."
+    ),
+    "share": Lazy(
+        "cli.orgs",
+        "share",
+        "Fair-share standing, like sshare: shares, decayed usage, factor, time to recover.",
+    ),
+    "usage": Lazy(
+        "cli.usage",
+        "usage",
+        "GPU-hours allocated, busy and billed, energy, and GPU-hours lost to preemption.",
+    ),
+    "org": Lazy("cli.orgs", "org_app", "Organisations (platform admins create and delete)."),
+    "quota": Lazy("cli.orgs", "quota_app", "Guaranteed GPUs and limits per GPU type."),
+    "user": Lazy("cli.users", "user_app", "Users of an organisation (admins)."),
+    "token": Lazy("cli.users", "token_app", "Your API tokens."),
+    "join-token": Lazy(
+        "cli.users", "join_app", "Tokens that let node agents join (platform admins)."
+    ),
+    "node": Lazy(
+        "cli.nodes", "node_app", "GPU nodes: list, drain, resume (platform admins change)."
+    ),
+    "demo": Lazy(
+        "cli.demo",
+        "demo",
+        "Run the whole system here: a server, four simulated GPU nodes, three orgs, a workload.",
+    ),
+    "bench": Lazy("cli.bench", "app", "Benchmarks; each prints JSON lines on stdout."),
+    "simulate": Lazy(
+        "cli.simulate",
+        "simulate",
+        "Simulate a trace (or the server's own history) under each policy and write a report.",
+    ),
+    "agent": Lazy(
+        "cli.agent",
+        "agent",
+        "Register this node, report its GPUs and run the tasks the server gives it.",
+    ),
+    "db": Lazy("cli.db", "app", "Database schema: upgrade, downgrade, check."),
+    "server": Lazy(
+        "cli.server", "server", "Serve the API (and run the scheduler) until interrupted."
+    ),
+    "admin": Lazy("cli.admin", "app", "Administration directly on the database."),
+}

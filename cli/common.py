@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from pydantic import ValidationError
 
-from scheduler.settings import Settings
+if TYPE_CHECKING:
+    from scheduler.settings import Settings
 
 DatabaseUrlOption = Annotated[
     str | None,
@@ -30,6 +30,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def load_settings(database_url: str | None = None) -> Settings:
+    """The server-side settings (commands that talk to the database, not the user commands)."""
+    from pydantic import ValidationError
+
+    from scheduler.settings import Settings
+
     try:
         if database_url is not None:
             return Settings(database_url=database_url)

@@ -1,4 +1,5 @@
-"""The `fairgpu` command: one Typer app; each command group lives in its own module."""
+"""The `fairgpu` command: one Typer app; each command lives in its own module, imported only
+when it runs (cli/lazy.py, cli/commands.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,26 @@ import threading
 
 import typer
 
-from cli import admin, agent, bench, db, server, simulate
-from cli import commands as user_commands
+from cli.commands import COMMANDS
+from cli.lazy import LazyGroup
+
+
+class _Fairgpu(LazyGroup):
+    commands_lazy = COMMANDS
+
 
 app = typer.Typer(
     name="fairgpu",
     help="fairgpu: fair-share GPU scheduling for shared GPU data centres.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=_Fairgpu,
 )
-app.add_typer(bench.app, name="bench")
-app.command("simulate")(simulate.simulate)
-app.command("agent")(agent.agent)
-app.add_typer(db.app, name="db")
-app.command("server")(server.server)
-app.add_typer(admin.app, name="admin")
-user_commands.register(app)
+
+
+@app.callback()
+def _root() -> None:
+    """fairgpu: fair-share GPU scheduling for shared GPU data centres."""
 
 
 def _quiet_thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -1,0 +1,38 @@
+"""A person waits for every start-up: the CLI imports only what the command it runs needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cli.commands import COMMANDS
+
+HEAVY = ("sqlalchemy", "alembic", "fastapi", "matplotlib", "pynvml", "uvicorn")
+USER_MODULES = ("cli.main", "cli.jobs", "cli.history", "cli.orgs", "cli.users", "cli.nodes",
+                "cli.usage")  # fmt: skip
+
+
+def _imported_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {name.split(".")[0] for name in out.stdout.split()}
+
+
+@pytest.mark.parametrize("module", USER_MODULES)
+def test_user_commands_import_no_server_database_or_gpu_library(module: str) -> None:
+    assert _imported_after(f"import {module}") & set(HEAVY) == set()
+
+
+def test_the_entry_point_imports_no_command_module() -> None:
+    loaded = _imported_after("import cli.main")
+    assert not loaded & {"httpx", "rich", "yaml", "scheduler", "api", "agents", *HEAVY}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_the_listed_help_is_the_commands_own(name: str) -> None:
+    entry = COMMANDS[name]
+    command = entry.load(name)
+    own = (command.help or "").strip().splitlines()[0]
+    assert entry.help == own
