@@ -90,6 +90,7 @@ async def register_node(
     node.hostname = body.hostname
     node.address = body.address
     node.agent_version = body.agent_version
+    node.isolation = body.isolation
     node.last_heartbeat_at = now
     await session.flush()
     await _register_gpus(session, node, body, now)
@@ -189,11 +190,14 @@ async def heartbeat(
     """Apply the node's samples, task reports and logs; return the work for it. Caller commits."""
     now = now or utcnow()
     # Write first: on SQLite the write lock is then taken before anything is read.
+    values: dict[str, Any] = {"last_heartbeat_at": now}
+    if body.isolation is not None:  # the agent (re)started, perhaps in another mode
+        values["isolation"] = body.isolation
     touched = (
         await session.execute(
             update(NodeRow)
             .where(NodeRow.id == node_id)
-            .values(last_heartbeat_at=now)
+            .values(values)
             .returning(NodeRow.name, NodeRow.state)
             .execution_options(synchronize_session=False)
         )
@@ -202,6 +206,8 @@ async def heartbeat(
         raise Unauthenticated("this node is no longer registered")
     node_name, node_state = touched
     outcome = HeartbeatOutcome(reply=reply(settings, now))
+    if body.isolation is not None:
+        outcome.changed = True  # which jobs the node may run may have changed
     actor = f"agent:{node_name}"
     if NodeState(node_state) is NodeState.DOWN:
         node = await session.get(NodeRow, node_id)
