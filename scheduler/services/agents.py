@@ -113,7 +113,15 @@ async def register_node(
         created_by_user_id=token.created_by_user_id,
         now=now,
     )
-    session.add(Event(at=now, kind="node.register", node_id=node.id, actor=f"agent:{node.id}"))
+    session.add(
+        Event(
+            at=now,
+            kind="node.register",
+            node_id=node.id,
+            actor=f"agent:{node.id}",
+            details={"isolation": body.isolation},
+        )
+    )
     return AgentRegistered(
         node_id=node.id,
         node_name=node.name,
@@ -190,14 +198,11 @@ async def heartbeat(
     """Apply the node's samples, task reports and logs; return the work for it. Caller commits."""
     now = now or utcnow()
     # Write first: on SQLite the write lock is then taken before anything is read.
-    values: dict[str, Any] = {"last_heartbeat_at": now}
-    if body.isolation is not None:  # the agent (re)started, perhaps in another mode
-        values["isolation"] = body.isolation
     touched = (
         await session.execute(
             update(NodeRow)
             .where(NodeRow.id == node_id)
-            .values(values)
+            .values(last_heartbeat_at=now)
             .returning(NodeRow.name, NodeRow.state)
             .execution_options(synchronize_session=False)
         )
@@ -206,9 +211,9 @@ async def heartbeat(
         raise Unauthenticated("this node is no longer registered")
     node_name, node_state = touched
     outcome = HeartbeatOutcome(reply=reply(settings, now))
-    if body.isolation is not None:
-        outcome.changed = True  # which jobs the node may run may have changed
     actor = f"agent:{node_name}"
+    if body.isolation is not None:  # the agent (re)started, perhaps in another mode
+        await _set_isolation(session, node_id, body.isolation, actor, now, outcome)
     if NodeState(node_state) is NodeState.DOWN:
         node = await session.get(NodeRow, node_id)
         assert node is not None
@@ -270,6 +275,38 @@ async def heartbeat(
     )
     outcome.reply = reply(settings, now, starts, stops)
     return outcome
+
+
+async def _set_isolation(
+    session: AsyncSession,
+    node_id: int,
+    isolation: str,
+    actor: str,
+    now: datetime,
+    outcome: HeartbeatOutcome,
+) -> None:
+    """Store the mode the agent reports; a change is an event and news for the scheduler."""
+    before = await session.scalar(select(NodeRow.isolation).where(NodeRow.id == node_id))
+    if before == isolation:
+        return
+    await session.execute(
+        update(NodeRow)
+        .where(NodeRow.id == node_id)
+        .values(isolation=isolation)
+        .execution_options(synchronize_session=False)
+    )
+    session.add(
+        Event(
+            at=now,
+            kind="node.isolation",
+            node_id=node_id,
+            from_state=before,
+            to_state=isolation,
+            actor=actor,
+            reason="reported by the agent",
+        )
+    )
+    outcome.changed = True  # which jobs the node may run has changed
 
 
 async def _apply_samples(

@@ -11,6 +11,9 @@ import itertools
 import json
 from typing import Any
 
+from sqlalchemy import select
+
+from scheduler.db import Event
 from scheduler.metrics import PROCESS_REGISTRY
 from tests.scheduling.harness import Cluster, report
 
@@ -68,7 +71,17 @@ async def test_node_isolation_from_registration_and_heartbeats(cluster: Cluster)
     assert _hot_answered() == answered
     assert await _isolation_of(cluster, strict["node_id"]) == "none"
     await cluster.heartbeat(cred, isolation="strict")
+    await cluster.heartbeat(cred, isolation="strict")  # the same again: no change, no event
     assert await _isolation_of(cluster, strict["node_id"]) == "strict"
+    async with cluster.sessionmaker() as session:
+        changes = (
+            await session.execute(
+                select(Event.from_state, Event.to_state)
+                .where(Event.node_id == strict["node_id"], Event.kind == "node.isolation")
+                .order_by(Event.id)
+            )
+        ).all()
+    assert [tuple(c) for c in changes] == [("strict", "none"), ("none", "strict")]
     bad = await cluster.http.post(
         "/v1/agent/heartbeat", json={"isolation": "loose"}, headers=_auth(cred)
     )
