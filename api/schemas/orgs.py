@@ -13,7 +13,8 @@ MAX_SHARES = 1_000_000.0
 MAX_QUOTA_GPUS = 1_000_000
 MAX_IMAGE_PATTERNS = 64
 
-ImagePattern = Annotated[str, Printable, Field(min_length=1, max_length=512)]
+# An image reference never holds whitespace: a pattern with some could never match.
+ImagePattern = Annotated[str, Printable, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
 
 Shares = Annotated[float, Field(gt=0, le=MAX_SHARES, allow_inf_nan=False)]
 GpuCount = Annotated[int, Field(ge=0, le=MAX_QUOTA_GPUS)]

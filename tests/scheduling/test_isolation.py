@@ -284,7 +284,7 @@ async def test_image_allow_list(cluster: Cluster) -> None:
     cleared = await cluster.call("PATCH", f"/v1/orgs/{org}", cluster.admin, {"image_patterns": []})
     assert cleared["image_patterns"] == []
     await cluster.submit(token, image="evil.example/miner:latest")
-    for bad in ([""], ["x"] * 65, "registry/*", [1], ["a\nb"]):
+    for bad in ([""], [" "], ["a b"], ["x"] * 65, "registry/*", [1], ["a\nb"]):
         r = await cluster.http.patch(
             f"/v1/orgs/{org}", json={"image_patterns": bad}, headers=_auth(cluster.admin)
         )
