@@ -38,8 +38,9 @@ class OrgUpdate(InputModel):
         None
     )
     """Shell-style patterns (fnmatch: `*`, `?`, `[...]`) a submitted job's image must match,
-    e.g. `registry.example/acme/*`; an empty list allows any image. Checked at submission:
-    narrowing the list stops no job already accepted."""
+    e.g. `registry.example/acme/*`; an empty list allows any image. The orgs below it are bound
+    too (an image must pass every list from the job's org up). Checked at submission: narrowing
+    the list stops no job already accepted."""
 
 
 class QuotaSet(InputModel):

@@ -98,17 +98,29 @@ async def _check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[
 
 
 async def check_image_allowed(session: AsyncSession, org_id: int, image: str) -> None:
-    """Refuse an image that matches none of the org's patterns (no patterns: any image).
+    """Refuse an image that the patterns of the org, or of any org above it, do not allow.
 
-    Only submissions are checked: narrowing the list later stops no job already accepted.
+    An org without patterns allows any image; a programme's list binds its members too. Only
+    submissions are checked: narrowing a list later stops no job already accepted.
     """
-    patterns = await session.scalar(select(Org.image_patterns).where(Org.id == org_id))
-    if not patterns or any(fnmatchcase(image, p) for p in patterns):
-        return
-    raise InvalidInput(
-        f"image {image!r} is not allowed for this organisation; allowed: {', '.join(patterns)}",
-        allowed_images=list(patterns),
-    )
+    current: int | None = org_id
+    seen: set[int] = set()
+    while current is not None and current not in seen:  # `seen`: the tree has no cycles
+        seen.add(current)
+        row = (
+            await session.execute(
+                select(Org.name, Org.parent_id, Org.image_patterns).where(Org.id == current)
+            )
+        ).one_or_none()
+        if row is None:
+            return
+        name, current, patterns = row
+        if patterns and not any(fnmatchcase(image, p) for p in patterns):
+            raise InvalidInput(
+                f"image {image!r} is not allowed in org {name}; allowed: {', '.join(patterns)}",
+                org=name,
+                allowed_images=list(patterns),
+            )
 
 
 def submission_rows(

@@ -280,6 +280,25 @@ async def test_image_allow_list(cluster: Cluster) -> None:
     problem = refused.json()
     assert "registry.example/acme/*" in problem["detail"]
     assert problem["allowed_images"] == patterns
+    # A programme's list binds the orgs below it as well as their own lists.
+    member = await cluster.org(parent=org)
+    member_token = await cluster.user_token(member)
+    await cluster.submit(member_token, image="registry.example/acme/train:v3")
+    await cluster.call(
+        "PATCH", f"/v1/orgs/{member}", cluster.admin, {"image_patterns": ["registry.example/*"]}
+    )
+    await cluster.submit(member_token, image="registry.example/acme/train:v3")
+    for image, refused_by in (
+        ("registry.example/other/x", org),
+        ("evil.example/miner:latest", member),
+    ):
+        r = await cluster.http.post(
+            "/v1/jobs",
+            json={"command": ["x"], "time_limit": 60, "image": image},
+            headers=_auth(member_token),
+        )
+        assert r.status_code == 422, (image, r.text)
+        assert r.json()["org"] == refused_by
     # Cleared: any image again.
     cleared = await cluster.call("PATCH", f"/v1/orgs/{org}", cluster.admin, {"image_patterns": []})
     assert cleared["image_patterns"] == []
