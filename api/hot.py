@@ -248,8 +248,15 @@ class HotPaths:
             create = JobCreate.model_validate_json(raw)
         except ValidationError:
             return False
-        if create.org is not None or create.depends_on or create.time_limit is None:
-            return False  # another org, dependencies, the org's default limit: ordinary route
+        if (
+            create.org is not None
+            or create.depends_on
+            or create.time_limit is None
+            or create.image is not None
+        ):
+            # Another org, dependencies, the org's default limit, an image to check against
+            # the org's allow-list: the ordinary route.
+            return False
         if create.time_limit > settings.max_time_limit_s:
             return False
         spec = JobSpec(**create.model_dump(exclude={"org"}))

@@ -25,7 +25,7 @@ from cli.output import (
     relative,
     render,
 )
-from cli.parse import parse_duration, parse_env, parse_gpus
+from cli.parse import format_memory, parse_duration, parse_env, parse_gpus, parse_memory
 
 ACTIVE_STATES = ("PENDING", "STARTING", "RUNNING")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
@@ -115,6 +115,12 @@ def submit(
     workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
     image: Annotated[str | None, typer.Option("--image", help="Container image.")] = None,
     site: Annotated[str | None, typer.Option("--site", help="Run in this site only.")] = None,
+    mem: Annotated[
+        str | None,
+        typer.Option(
+            "--mem", help="Memory per node: 64G, 512M, 1T (binary units; bare N = MiB, as Slurm)."
+        ),
+    ] = None,
     after: Annotated[
         list[int] | None, typer.Option("--after", help="Start after job N completed (afterok).")
     ] = None,
@@ -139,6 +145,8 @@ def submit(
     }
     if time_limit is not None:
         body["time_limit"] = parse_duration(time_limit)
+    if mem is not None:
+        body["memory_bytes"] = parse_memory(mem)
     for key, value in (("workdir", workdir), ("image", image), ("site", site)):
         if value is not None:
             body[key] = value
@@ -211,6 +219,12 @@ def _start(job: dict[str, Any], now: datetime) -> str:
     return relative(job.get("estimated_start_at"), now) if job.get("estimated_start_at") else "-"
 
 
+def _memory(memory_bytes: int | None) -> str:
+    if memory_bytes is None:
+        return "node default per GPU"
+    return f"{format_memory(memory_bytes)} per node"
+
+
 def describe(
     job_id: JobArg,
     output: OutputOption = Format.TABLE,
@@ -231,6 +245,7 @@ def describe(
         ("User", user),
         ("State", job["state"] + (f" ({job['state_reason']})" if job.get("state_reason") else "")),
         ("GPUs", f"{job['nodes']} node(s) x {job['gpus_per_node']} {job.get('gpu_type') or 'any'}"),
+        ("Memory", _memory(job.get("memory_bytes"))),
         ("Site", job.get("site") or "any"),
         ("TimeLimit", human_duration(job["time_limit_s"])),
         ("Priority", job["priority_class"] + (" preemptible" if job["preemptible"] else "")),

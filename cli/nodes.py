@@ -43,6 +43,7 @@ NODE_COLUMNS = [
     Column("HEARTBEAT", lambda n: relative(n.get("last_heartbeat_at"))),
     Column("DOMAIN", lambda n: n.get("domain"), wide_only=True),
     Column("AGENT", lambda n: n.get("agent_version"), wide_only=True),
+    Column("ISOLATION", lambda n: n.get("isolation"), wide_only=True),
     Column("REASON", lambda n: n.get("state_reason"), wide_only=True),
 ]
 

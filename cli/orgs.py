@@ -34,11 +34,19 @@ def _quotas(org: dict[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
+def _isolation(org: dict[str, Any]) -> str:
+    if org.get("require_isolation"):
+        return "required"
+    return "inherited" if org.get("isolation_required") else "-"
+
+
 ORG_COLUMNS = [
     Column("ID", lambda o: o["id"], justify="right"),
     Column("NAME", lambda o: "  " * int(o.get("depth", 0)) + o["name"]),
     Column("SHARES", lambda o: o["shares"], justify="right"),
     Column("QUOTA(GUAR/LIMIT)", _quotas),
+    Column("ISOLATION", _isolation),
+    Column("IMAGES", lambda o: ",".join(o.get("image_patterns") or []) or "any", wide_only=True),
     Column("PATH", lambda o: o.get("path"), wide_only=True),
     Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
     Column("CREATED", lambda o: relative(o["created_at"]), wide_only=True),
@@ -75,6 +83,60 @@ def org_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = 
     with connect("org list") as client:
         body = client.get("/v1/orgs")
     render(body["data"], ORG_COLUMNS, output, no_headers=no_headers, empty="no organisations")
+
+
+@org_app.command("get")
+def org_get(org: OrgArg, output: OutputOption = Format.WIDE) -> None:
+    """One organisation: shares, quotas, isolation requirement and allowed images."""
+    with connect("org get") as client:
+        body = client.get(f"/v1/orgs/{org}")
+    render([body], ORG_COLUMNS, output, data=body)
+
+
+@org_app.command("update")
+def org_update(
+    org: OrgArg,
+    shares: Annotated[float | None, typer.Option(min=0.0, help="Fair-share weight.")] = None,
+    default_time: Annotated[
+        str | None, typer.Option("--default-time", help="Default job time limit (e.g. 4h).")
+    ] = None,
+    require_isolation: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-isolation/--no-require-isolation",
+            help="Run its jobs (and those of the orgs below it) only on nodes with strict "
+            "isolation.",
+            show_default=False,
+        ),
+    ] = None,
+    images: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--images",
+            help="Images its jobs may use, as shell patterns (registry.example/acme/*); "
+            "repeatable; --images '' allows any image.",
+        ),
+    ] = None,
+    output: OutputOption = Format.TABLE,
+) -> None:
+    """Change an organisation (platform admins)."""
+    body: dict[str, Any] = {}
+    if shares is not None:
+        body["shares"] = shares
+    if default_time:
+        body["default_time_limit"] = parse_duration(default_time)
+    if require_isolation is not None:
+        body["require_isolation"] = require_isolation
+    if images is not None:
+        body["image_patterns"] = [p for p in images if p.strip()]
+    if not body:
+        raise typer.BadParameter("nothing to change: give at least one option")
+    with connect("org update") as client:
+        updated = client.patch(f"/v1/orgs/{org}", body)
+    if output is Format.TABLE:
+        typer.echo(f"Updated org {updated['name']}")
+    else:
+        render([updated], ORG_COLUMNS, output)
 
 
 @org_app.command("delete")

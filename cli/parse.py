@@ -1,4 +1,5 @@
-"""Parsing what people type: durations (Slurm's and `1h30m`), `-G [TYPE:]N`, `-S SINCE`, `K=V`.
+"""Parsing what people type: durations (Slurm's and `1h30m`), `-G [TYPE:]N`, `--mem 64G`,
+`-S SINCE`, `K=V`.
 
 Every parser raises `typer.BadParameter`, which Typer prints as a usage error (exit 2) without a
 traceback, so a bad `-t` never reaches the server.
@@ -48,6 +49,32 @@ def parse_duration(text: str) -> int:
     if seconds <= 0:
         raise typer.BadParameter(f"duration {text!r} must be positive")
     return round(seconds)
+
+
+_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+_MEMORY_UNITS = {"k": 1 << 10, "": 1 << 20, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_MEMORY_BYTES = 1 << 20  # the server's bounds (api/schemas/jobs.py), checked here first
+MAX_MEMORY_BYTES = 1 << 46
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from Slurm's `--mem` spelling: `64G`, `512M`, `1.5T`, `800K`, binary units (G =
+    GiB); a bare number is MiB, as in Slurm (`--mem 4096` is 4 GiB). `GB`/`GiB` are accepted."""
+    m = _MEMORY.match(text.strip().lower())
+    if m is None:
+        raise typer.BadParameter(f"bad memory size {text!r}: use 64G, 512M, 1T (bare N = MiB)")
+    value = round(float(m.group(1)) * _MEMORY_UNITS[m.group(2)])
+    if not MIN_MEMORY_BYTES <= value <= MAX_MEMORY_BYTES:
+        raise typer.BadParameter(f"memory {text!r} must be between 1M and 64T per node")
+    return value
+
+
+def format_memory(memory_bytes: int) -> str:
+    """`64G`, `1536M`: the largest binary unit that divides it, as `--mem` takes it back."""
+    for suffix, size in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if memory_bytes % size == 0:
+            return f"{memory_bytes // size}{suffix}"
+    return f"{memory_bytes}B"
 
 
 @dataclass(frozen=True, slots=True)

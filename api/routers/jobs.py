@@ -70,6 +70,7 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         workdir=job.workdir,
         gpus_per_node=job.gpus_per_node,
         nodes=job.num_nodes,
+        memory_bytes=job.memory_bytes,
         gpu_type=job.gpu_type,
         site=job.site,
         time_limit_s=job.time_limit_s,

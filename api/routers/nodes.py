@@ -52,6 +52,7 @@ def _public(view: svc.NodeView, viewer: Principal) -> NodePublic:
         state_reason=n.state_reason,
         hostname=n.hostname,
         agent_version=n.agent_version,
+        isolation=n.isolation,
         registered_at=n.registered_at,
         last_heartbeat_at=n.last_heartbeat_at,
         gpus=gpus,

@@ -49,6 +49,9 @@ def _public(view: svc.OrgView) -> OrgPublic:
         depth=view.depth,
         shares=o.shares,
         default_time_limit_s=o.default_time_limit_s,
+        require_isolation=o.require_isolation,
+        isolation_required=view.isolation_required,
+        image_patterns=list(o.image_patterns or []),
         created_at=o.created_at,
         quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
     )
@@ -97,13 +100,20 @@ async def get_org(org: OrgRef, session: SessionDep, principal: UserPrincipal) ->
 async def update_org(
     request: Request, org: OrgRef, body: OrgUpdate, session: SessionDep, principal: PlatformAdmin
 ) -> OrgPublic:
-    """Change shares (fair-share weight) or the default time limit (platform admins)."""
+    """Change shares (fair-share weight), the default time limit, whether the org's jobs need
+    nodes with strict isolation (`require_isolation`, inherited by the orgs below it), or the
+    images its jobs may use (`image_patterns`, fnmatch; [] allows any) (platform admins).
+
+    A narrower image list refuses new submissions only; jobs already accepted keep running.
+    """
     row: Org = await svc.find_org(session, org)
     await svc.update_org(
         session,
         row,
         shares=body.shares,
         default_time_limit_s=body.default_time_limit,
+        require_isolation=body.require_isolation,
+        image_patterns=body.image_patterns,
         fields=set(body.model_fields_set),
         actor=principal.actor,
     )

@@ -28,6 +28,8 @@ MAX_ENV_VARS = 256
 MAX_ENV_BYTES = 64 * 1024
 MAX_DEPENDENCIES = 64
 MAX_IDEMPOTENCY_KEY_CHARS = 128
+MIN_MEMORY_BYTES = 1 << 20  # 1 MiB
+MAX_MEMORY_BYTES = 1 << 46  # 64 TiB per node
 PRIORITY_CLASSES = tuple(PolicyConfig().priority_classes)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV_PREFIX = "FAIRGPU_"
@@ -49,6 +51,9 @@ class JobCreate(InputModel):
     workdir: Annotated[str, Printable, Field(min_length=1, max_length=1024)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] = 1
     nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
+    memory_bytes: Annotated[int, Field(ge=MIN_MEMORY_BYTES, le=MAX_MEMORY_BYTES)] | None = None
+    """Memory per node, in bytes (`submit --mem 64G`); on nodes with strict isolation the task's
+    cgroup is held to it. Omitted: the node's default per GPU times the GPUs asked for."""
     gpu_type: GpuType | None = None
     site: SiteName | None = None
     time_limit: DurationS | None = None
@@ -141,6 +146,8 @@ class JobPublic(OutputModel):
     workdir: str | None
     gpus_per_node: int
     nodes: int
+    memory_bytes: int | None = None
+    """Memory asked for per node; null: the node's default per GPU."""
     gpu_type: str | None
     site: str | None
     time_limit_s: int

@@ -35,6 +35,10 @@ class NodePublic(OutputModel):
     state_reason: str | None
     hostname: str
     agent_version: str
+    isolation: str = "none"
+    """How its agent confines tasks: "strict" (each task as its org's uid, in its own cgroup and
+    mount namespace, with only its own GPUs) or "none". Jobs of an org that requires isolation
+    run only on "strict" nodes."""
     registered_at: datetime
     last_heartbeat_at: datetime | None
     gpus: list[GpuPublic]

@@ -7,10 +7,14 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from api.schemas.common import DurationS, InputModel, OrgName, OutputModel
+from api.schemas.common import DurationS, InputModel, OrgName, OutputModel, Printable
 
 MAX_SHARES = 1_000_000.0
 MAX_QUOTA_GPUS = 1_000_000
+MAX_IMAGE_PATTERNS = 64
+
+# An image reference never holds whitespace: a pattern with some could never match.
+ImagePattern = Annotated[str, Printable, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
 
 Shares = Annotated[float, Field(gt=0, le=MAX_SHARES, allow_inf_nan=False)]
 GpuCount = Annotated[int, Field(ge=0, le=MAX_QUOTA_GPUS)]
@@ -27,6 +31,16 @@ class OrgCreate(InputModel):
 class OrgUpdate(InputModel):
     shares: Shares | None = None
     default_time_limit: DurationS | None = None
+    require_isolation: bool | None = None
+    """True: the org's jobs, and those of every org below it, run only on nodes whose agent
+    confines tasks (strict isolation)."""
+    image_patterns: Annotated[list[ImagePattern], Field(max_length=MAX_IMAGE_PATTERNS)] | None = (
+        None
+    )
+    """Shell-style patterns (fnmatch: `*`, `?`, `[...]`) a submitted job's image must match,
+    e.g. `registry.example/acme/*`; an empty list allows any image. The orgs below it are bound
+    too (an image must pass every list from the job's org up). Checked at submission: narrowing
+    the list stops no job already accepted."""
 
 
 class QuotaSet(InputModel):
@@ -57,6 +71,13 @@ class OrgPublic(OutputModel):
     depth: int
     shares: float
     default_time_limit_s: int | None
+    require_isolation: bool = False
+    """Whether its jobs run only on nodes with strict isolation (set here or on an ancestor:
+    see `isolation_required`)."""
+    isolation_required: bool = False
+    """Whether its jobs need strict isolation: set on it or on an org above it."""
+    image_patterns: list[str] = Field(default_factory=list)
+    """Images its jobs may use (fnmatch patterns); empty: any."""
     created_at: datetime
     quotas: list[QuotaPublic] = Field(default_factory=list)
 

@@ -2,9 +2,11 @@
 
 A placement query costs O(distinct free counts x domains), never O(nodes): each level keeps
 `cnt[f]` (how many nodes have exactly f free GPUs) and a lazy min-heap of node ids per f, so the
-tightest node (best fit) with the lowest id comes out first. Within one cycle free GPUs only ever
-go down (starts, claims, reservations), which keeps the lazy heaps and the "this shape failed"
-memo valid.
+tightest node (best fit) with the lowest id comes out first. Nodes with strict isolation are also
+counted in a second set of levels (`strict_levels`), the only ones a job that needs isolation is
+placed from: its placement costs the same, and filters no node one by one. Within one cycle free
+GPUs only ever go down (starts, claims, reservations), which keeps the lazy heaps and the "this
+shape failed" memo valid.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class _Layout:
         "capacity",
         "free",
         "gpus",
+        "key_strict",
         "keys",
         "level_cnt",
         "level_heaps",
@@ -67,6 +70,7 @@ class _Layout:
         "nodes",
         "site_domains",
         "static",
+        "static_strict",
         "type_sites",
         "types",
         "usable",
@@ -82,11 +86,13 @@ class _Layout:
         self.capacity: dict[str, int] = {}  # every GPU of the type, usable or not
         # Static shape check: nodes by GPU count per (type, site), whatever their state.
         self.static: dict[tuple[str, str], list[int]] = {}
-        slot: dict[tuple[str, ...], int] = {}
+        self.static_strict: dict[tuple[str, str], list[int]] = {}  # strict-isolation nodes only
+        slot: dict[tuple[bool, tuple[str, ...]], int] = {}
         self.keys: list[tuple[str, ...]] = []
+        self.key_strict: list[bool] = []  # per key: the strict-isolation level of that key
         self.level_cnt: list[list[int]] = []
         self.level_heaps: list[list[list[int]]] = []
-        self.node_lv: dict[int, tuple[int, int, int]] = {}
+        self.node_lv: dict[int, tuple[int, ...]] = {}
         for n in node_list:
             if n.id in self.nodes:
                 continue
@@ -94,21 +100,26 @@ class _Layout:
             self.capacity[n.gpu_type] = self.capacity.get(n.gpu_type, 0) + len(n.gpus)
             st = self.static.setdefault((n.gpu_type, n.site), [0] * (max_g + 1))
             st[len(n.gpus)] += 1
+            if n.strict_isolation:
+                st = self.static_strict.setdefault((n.gpu_type, n.site), [0] * (max_g + 1))
+                st[len(n.gpus)] += 1
             ids = []
             three: tuple[tuple[str, ...], ...] = (
                 (n.gpu_type,),
                 (n.gpu_type, n.site),
                 (n.gpu_type, n.site, n.domain),
             )
-            for key in three:
-                i = slot.get(key)
-                if i is None:
-                    i = slot[key] = len(self.keys)
-                    self.keys.append(key)
-                    self.level_cnt.append([0] * (max_g + 1))
-                    self.level_heaps.append([[] for _ in range(max_g + 1)])
-                ids.append(i)
-            self.node_lv[n.id] = (ids[0], ids[1], ids[2])
+            for strict in (False, True) if n.strict_isolation else (False,):
+                for key in three:
+                    i = slot.get((strict, key))
+                    if i is None:
+                        i = slot[(strict, key)] = len(self.keys)
+                        self.keys.append(key)
+                        self.key_strict.append(strict)
+                        self.level_cnt.append([0] * (max_g + 1))
+                        self.level_heaps.append([[] for _ in range(max_g + 1)])
+                    ids.append(i)
+            self.node_lv[n.id] = tuple(ids)
             if n.schedulable:
                 gpus = tuple(sorted(g for g in set(n.gpus) if g not in n.unhealthy_gpus))
             else:
@@ -122,7 +133,9 @@ class _Layout:
                     self.level_heaps[i][f].append(n.id)  # ids ascend: already a heap
         self.type_sites: dict[str, list[str]] = {}
         self.site_domains: dict[tuple[str, str], list[str]] = {}
-        for key in self.keys:
+        for key, strict in zip(self.keys, self.key_strict, strict=True):
+            if strict:
+                continue  # a subset of the same keys without isolation
             if len(key) == 2:
                 self.type_sites.setdefault(key[0], []).append(key[1])
             elif len(key) == 3:
@@ -171,6 +184,7 @@ class FreeIndex:
         self.nodes = lay.nodes
         self.capacity = lay.capacity
         self.static = lay.static
+        self.static_strict = lay.static_strict
         self.type_sites = lay.type_sites
         self.site_domains = lay.site_domains
         self.types = lay.types
@@ -201,12 +215,13 @@ class FreeIndex:
                 if f:
                     push(heaps[i][f], nid)  # its entry under `old` is stale: `take` skips it
         self.levels: dict[tuple[str, ...], Level] = {}
+        self.strict_levels: dict[tuple[str, ...], Level] = {}  # strict-isolation nodes only
         lv: list[Level] = []
-        for key, c, h in zip(lay.keys, cnts, heaps, strict=True):
+        for key, strict, c, h in zip(lay.keys, lay.key_strict, cnts, heaps, strict=True):
             lvl = Level.__new__(Level)
             lvl.cnt = c
             lvl.heaps = h
-            self.levels[key] = lvl
+            (self.strict_levels if strict else self.levels)[key] = lvl
             lv.append(lvl)
         self._lv = lv
         self._node_lv = node_lv
@@ -233,25 +248,33 @@ class FreeIndex:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def possible(self, gpu_type: str, site: str | None, gpn: int, k: int) -> bool:
+    def levels_for(self, strict: bool) -> dict[tuple[str, ...], Level]:
+        """The levels a job may be placed from: every node, or strict-isolation nodes only."""
+        return self.strict_levels if strict else self.levels
+
+    def possible(
+        self, gpu_type: str, site: str | None, gpn: int, k: int, strict: bool = False
+    ) -> bool:
         """Could the cluster run this shape at all, were every node empty and healthy?"""
         if gpn > self.max_g or gpn <= 0 or k <= 0:
             return False
+        static = self.static_strict if strict else self.static
         sites = [site] if site is not None else self.type_sites.get(gpu_type, [])
         for s in sites:
-            st = self.static.get((gpu_type, s))
+            st = static.get((gpu_type, s))
             if st is not None and sum(st[gpn:]) >= k:
                 return True
         return False
 
-    def largest_gang(self, gpu_type: str, site: str | None, gpn: int) -> int:
+    def largest_gang(self, gpu_type: str, site: str | None, gpn: int, strict: bool = False) -> int:
         """Most nodes with ≥ gpn free GPUs inside one site now."""
         if gpn > self.max_g:
             return 0
+        levels = self.strict_levels if strict else self.levels
         sites = [site] if site is not None else self.type_sites.get(gpu_type, [])
         best = 0
         for s in sites:
-            lvl = self.levels.get((gpu_type, s))
+            lvl = levels.get((gpu_type, s))
             if lvl is not None:
                 best = max(best, lvl.count_ge(gpn))
         return best
@@ -262,11 +285,17 @@ class FreeIndex:
             return 0
         return sum(f * c for f, c in enumerate(lvl.cnt))
 
-    def find(self, gpu_type: str, site: str | None, gpn: int, k: int) -> list[int] | None:
-        """Nodes for a gang of k x gpn: one node, else one domain, else one site; best fit."""
+    def find(
+        self, gpu_type: str, site: str | None, gpn: int, k: int, strict: bool = False
+    ) -> list[int] | None:
+        """Nodes for a gang of k x gpn: one node, else one domain, else one site; best fit.
+
+        `strict`: from strict-isolation nodes only (their levels hold a subset of the keys).
+        """
         if gpn > self.max_g:
             return None
-        top = self.levels.get((gpu_type,) if site is None else (gpu_type, site))
+        levels = self.strict_levels if strict else self.levels
+        top = levels.get((gpu_type,) if site is None else (gpu_type, site))
         if top is None or top.count_ge(gpn) < k:
             return None
         if k == 1:
@@ -274,12 +303,12 @@ class FreeIndex:
         best: tuple[int, int, str, str] | None = None
         sites = [site] if site is not None else self.type_sites.get(gpu_type, [])
         for s in sites:
-            ls = self.levels[(gpu_type, s)]
-            if ls.count_ge(gpn) < k:
+            ls = levels.get((gpu_type, s))
+            if ls is None or ls.count_ge(gpn) < k:
                 continue
             for d in self.site_domains[(gpu_type, s)]:
-                ld = self.levels[(gpu_type, s, d)]
-                if ld.count_ge(gpn) >= k:
+                ld = levels.get((gpu_type, s, d))
+                if ld is not None and ld.count_ge(gpn) >= k:
                     cand = (0, ld.waste(gpn, k), s, d)
                     if best is None or cand < best:
                         best = cand
@@ -289,7 +318,7 @@ class FreeIndex:
         if best is None:
             return None
         key = (gpu_type, best[2], best[3]) if best[0] == 0 else (gpu_type, best[2])
-        return self.take(self.levels[key], gpn, k)
+        return self.take(levels[key], gpn, k)
 
     def take(self, lvl: Level, gpn: int, k: int) -> list[int]:
         """The k tightest nodes with ≥ gpn free (lowest id first among equals); heaps untouched."""

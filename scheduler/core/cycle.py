@@ -95,14 +95,14 @@ class _Cycle:
         self.starts: list[tuple[Start, PendingJob, str]] = []
         self.preemptions: list[Preemption] = []
         self.waits: dict[int, Wait] = {}
-        self.failed: dict[tuple[str, str | None, int], int] = {}
+        self.failed: dict[tuple[str, str | None, int, bool], int] = {}
         self.blocked_by: int | None = None  # strict order: the job everyone waits behind
         self._bump_failed: set[tuple[object, ...]] = set()
         self._borrow_failed: dict[tuple[object, ...], Wait] = {}
         self._quota_floor: dict[tuple[int, str, int], int] = {}
-        self._static_memo: dict[tuple[str | None, str | None, int, int], tuple[str, ...]] = {}
+        self._static_memo: dict[tuple[str | None, str | None, int, int, bool], tuple[str, ...]] = {}
         self._static_full: dict[
-            tuple[int, str | None, str | None, int, int], tuple[str, ...] | Wait
+            tuple[int, str | None, str | None, int, int, bool], tuple[str, ...] | Wait
         ] = {}
 
     # -- ordering ----------------------------------------------------------------------------
@@ -166,7 +166,14 @@ class _Cycle:
         if job.dependency == DependencyState.NEVER:
             self.waits[job.job_id] = ex.fixed(ReasonCode.DEPENDENCY_NEVER_SATISFIED)
             return None
-        full = (job.org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes)
+        full = (
+            job.org_id,
+            job.gpu_type,
+            job.site,
+            job.gpus_per_node,
+            job.nodes,
+            job.needs_isolation,
+        )
         known = self._static_full.get(full)
         if known is None:
             known = self._static_full[full] = self._static_types(job)
@@ -179,16 +186,16 @@ class _Cycle:
         ex = self.ex
         if job.org_id not in self.books.orgs:
             return ex.bad(job, "unknown organisation")
-        key = (job.gpu_type, job.site, job.gpus_per_node, job.nodes)
-        types = self._static_memo.get(key)
-        if types is None:
-            cands = (job.gpu_type,) if job.gpu_type is not None else tuple(self.index.types)
-            types = tuple(
-                t for t in cands if self.index.possible(t, job.site, job.gpus_per_node, job.nodes)
-            )
-            self._static_memo[key] = types
+        types = self._possible_types(job, job.needs_isolation)
         if not types or job.time_limit_s <= 0:
-            return ex.bad(job, None)
+            if (
+                types
+                or job.time_limit_s <= 0
+                or not job.needs_isolation
+                or not self._possible_types(job, False)
+            ):
+                return ex.bad(job, None)
+            return ex.isolation(job)  # it would fit the cluster, but not its isolated nodes
         if not self.books.limited[job.org_id]:
             return types
         ok = tuple(t for t in types if self.books.limit_never(job.org_id, t, job.gpu_count) is None)
@@ -198,11 +205,31 @@ class _Cycle:
             return ex.limit(job, types[0], lim, never=True)
         return ok
 
+    def _possible_types(self, job: PendingJob, strict: bool) -> tuple[str, ...]:
+        """GPU types whose nodes (strict-isolation ones when `strict`) could ever fit the job."""
+        key = (job.gpu_type, job.site, job.gpus_per_node, job.nodes, strict)
+        types = self._static_memo.get(key)
+        if types is None:
+            index = self.index
+            cands = (job.gpu_type,) if job.gpu_type is not None else tuple(index.types)
+            types = tuple(
+                t
+                for t in cands
+                if index.possible(t, job.site, job.gpus_per_node, job.nodes, strict)
+            )
+            self._static_memo[key] = types
+        return types
+
     def place(self, job: PendingJob, gpu_type: str) -> tuple[list[int], bool] | None:
-        """Nodes for the job, and whether they are reserved nodes it may use because it is short."""
-        key = (gpu_type, job.site, job.gpus_per_node)
+        """Nodes for the job, and whether they are reserved nodes it may use because it is short.
+
+        This is where a job that needs isolation is kept to strict-isolation nodes: the index
+        places it from their levels only, and reservations and preemption plans take only them.
+        """
+        strict = job.needs_isolation
+        key = (gpu_type, job.site, job.gpus_per_node, strict)
         if self.failed.get(key, job.nodes + 1) > job.nodes:
-            nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes)
+            nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes, strict)
             if nodes is not None:
                 return nodes, False
             self.failed[key] = job.nodes
@@ -242,7 +269,9 @@ class _Cycle:
         limited = books.limited
         for rank, (job, _prio) in enumerate(order):
             org_id = job.org_id
-            known = static_full.get((org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes))
+            known = static_full.get(
+                (org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes, job.needs_isolation)
+            )
             if known is None or job.held or job.dependency not in _RUNNABLE:
                 types = self.static_types(job)
                 if types is None:
@@ -338,7 +367,16 @@ class _Cycle:
         cls = self.cfg.priority_classes.get(job.priority_class, 0)
         may_borrow = self.cfg.borrowing and job.preemptible
         # Victims only get fewer and allocations only grow in a cycle: a failure stays one.
-        memo = (job.org_id, types, cls, job.site, job.gpus_per_node, job.nodes, may_borrow)
+        memo = (
+            job.org_id,
+            types,
+            cls,
+            job.site,
+            job.gpus_per_node,
+            job.nodes,
+            may_borrow,
+            job.needs_isolation,
+        )
         if memo in self._bump_failed:
             return False
         if not self.pre.has_lower(job.org_id, types, cls):
@@ -415,6 +453,7 @@ class _Cycle:
             job.nodes,
             job.priority_class,
             job.time_limit_s if self.res.reserved else 0.0,
+            job.needs_isolation,
         )
         failed = self._borrow_failed.get(key)
         if failed is not None:

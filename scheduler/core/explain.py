@@ -63,7 +63,7 @@ class Wait:
     gpu_type: str | None = None  # profile the estimate reads; None: no estimate at all
     hint: float | None = None  # known lower bound (reservation, preemption deadline)
     quota: tuple[int, str, int] | None = None  # (org, type, GPUs the org must hand back first)
-    lazy: tuple[int, str, str | None, int, int, bool] | None = None
+    lazy: tuple[int, str, str | None, int, int, bool, bool] | None = None
     exact: bool = False  # the hint is the estimate (its GPUs are reserved or being freed for it)
 
 
@@ -73,7 +73,7 @@ class Explainer:
         self.cache: dict[tuple[object, ...], Reason] = {}
         self.waits: dict[tuple[object, ...], Wait] = {}  # shared: a Wait is never changed
         self._rank: dict[int, int] | None = None
-        self._shape: dict[tuple[str, str | None, int], dict[str, float | int | str]] = {}
+        self._shape: dict[tuple[str, str | None, int, bool], dict[str, float | int | str]] = {}
         self._free: dict[str, int] = {}
         self._share: dict[int, float] = {}
         self.any_type = False  # some wait is estimated on every type's profile (ANY)
@@ -115,6 +115,31 @@ class Explainer:
             "available_types": ",".join(idx.types),
         }
         return Wait((Reason(ReasonCode.BAD_CONSTRAINTS, why, details),))
+
+    def isolation(self, job: PendingJob) -> Wait:
+        """The job would fit the cluster's nodes, but not those with strict isolation, the only
+        ones its org allows: it waits for agents to start (or restart) in strict mode."""
+        idx = self.c.index
+        key = ("iso", job.gpu_type, job.site, job.gpus_per_node, job.nodes)
+        w = self.waits.get(key)
+        if w is not None:
+            return w
+        what = f"{job.nodes}x{job.gpus_per_node} {job.gpu_type or 'GPUs'}"
+        strict_nodes = sum(sum(st) for st in idx.static_strict.values())
+        details: dict[str, float | int | str] = {
+            "isolation": "strict",
+            "gpus_per_node": job.gpus_per_node,
+            "nodes": job.nodes,
+            "gpu_type": job.gpu_type or "",
+            "site": job.site or "",
+            "strict_isolation_nodes": strict_nodes,
+        }
+        text = (
+            f"needs a node with strict isolation (its org requires it); "
+            f"none of the {strict_nodes} such node(s) can hold {what}"
+        )
+        w = self.waits[key] = Wait((Reason(ReasonCode.RESOURCES, text, details),))
+        return w
 
     def limit(self, job: PendingJob, t: str, lim_org: int, never: bool) -> Wait:
         books = self.c.books
@@ -176,7 +201,8 @@ class Explainer:
         return w
 
     def resources(self, job: PendingJob, t: str, reservation_start: float | None) -> Wait:
-        largest = self.c.index.largest_gang(t, job.site, job.gpus_per_node)
+        strict = job.needs_isolation
+        largest = self.c.index.largest_gang(t, job.site, job.gpus_per_node, strict)
         details: dict[str, float | int | str] = {
             "gpu_type": t,
             "gpus_per_node": job.gpus_per_node,
@@ -184,6 +210,12 @@ class Explainer:
             "largest_free_gang_nodes": largest,
         }
         text = f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs; {largest} node(s) fit now"
+        if strict:
+            details["isolation"] = "strict"
+            text = (
+                f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs on nodes with strict "
+                f"isolation; {largest} such node(s) fit now"
+            )
         if reservation_start is not None:
             details["reservation_start"] = reservation_start
             text += "; GPUs reserved for it"
@@ -210,7 +242,15 @@ class Explainer:
     def queued(
         self, job: PendingJob, t: str, blocked_by: int | None, *, borrowing: bool = False
     ) -> Wait:
-        key = (job.org_id, t, job.site, job.gpus_per_node, blocked_by or 0, borrowing)
+        key = (
+            job.org_id,
+            t,
+            job.site,
+            job.gpus_per_node,
+            blocked_by or 0,
+            borrowing,
+            job.needs_isolation,
+        )
         untyped = job.gpu_type is None
         w = self.waits.get((key, untyped))
         if w is None:
@@ -219,20 +259,22 @@ class Explainer:
                 self.any_type = True
         return w
 
-    def _lazy_reason(self, key: tuple[int, str, str | None, int, int, bool]) -> Reason:
+    def _lazy_reason(self, key: tuple[int, str, str | None, int, int, bool, bool]) -> Reason:
         """Built once per (org, shape) at the end of the cycle, from shared per-shape numbers."""
         c = self.c
-        oid, t, site, gpn, blocked_by, borrowing = key
-        shape = (t, site, gpn)
+        oid, t, site, gpn, blocked_by, borrowing, strict = key
+        shape = (t, site, gpn, strict)
         shared = self._shape.get(shape)
         if shared is None:
             if t not in self._free:
                 self._free[t] = c.index.free_of_type(t)
             shared = self._shape[shape] = {
                 "gpu_type": t,
-                "largest_free_gang_nodes": c.index.largest_gang(t, site, gpn),
+                "largest_free_gang_nodes": c.index.largest_gang(t, site, gpn, strict),
                 "free_gpus": self._free[t],
             }
+            if strict:
+                shared["isolation"] = "strict"
         rank = self.rank()
         details = dict(shared)
         details["org_fairshare"] = round(c.factor.get(oid, 0.0), 6)

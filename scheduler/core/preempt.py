@@ -62,7 +62,7 @@ class Preemptor:
         self._scanned: dict[str, list[RunningJob]] = {}
         self._aged = aged  # running jobs not leaving, preemptible and past the minimum runtime
         self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
-        self.failed: dict[tuple[str, str | None, int, int, int], int] = {}
+        self.failed: dict[tuple[str, str | None, int, int, int, bool], int] = {}
         # Per (org, type), filled on demand: its candidates in running order, the same youngest
         # first, and [lowest class, GPUs, candidates not yet chosen].
         self._groups: dict[tuple[int, str], list[RunningJob]] = {}
@@ -213,9 +213,10 @@ class Preemptor:
         within what their orgs borrow come first, then the cheapest, then the lowest id.
         """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
+        strict = job.needs_isolation  # then only strict-isolation nodes are freed for it
         cls = self.classes.get(job.priority_class, 0)
         # Beyond quota only the org's own jobs are victims: the memo is then per org.
-        memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id)
+        memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id, strict)
         if self.failed.get(memo, k + 1) <= k:
             return None
         if in_quota:
@@ -231,6 +232,7 @@ class Preemptor:
             cands = self._own_order(job.org_id, gpu_type)
         index, books = self.index, self.books
         free, nodes = index.free, index.nodes
+        levels = index.levels_for(strict)
         count = self._count
 
         def matches(nid: int) -> bool:
@@ -239,6 +241,7 @@ class Preemptor:
                 node is not None
                 and node.gpu_type == gpu_type
                 and (site is None or node.site == site)
+                and (not strict or node.strict_isolation)
                 and free[nid] < gpn
             )
 
@@ -307,7 +310,7 @@ class Preemptor:
             options.sort(key=lambda o: (o[0], o[1], o[2]))
             best: tuple[bool, int, str] | None = None
             for s in sorted({nodes[o[2]].site for o in options}):
-                lvl = index.levels.get((gpu_type, s))
+                lvl = levels.get((gpu_type, s))
                 base = min(k, lvl.count_ge(gpn) if lvl is not None else 0)
                 here = [o for o in options if nodes[o[2]].site == s][: k - base]
                 if base + len(here) < k:
@@ -317,7 +320,7 @@ class Preemptor:
                     best = key
             if best is not None:
                 chosen_site = best[2]
-                lvl = index.levels.get((gpu_type, chosen_site))
+                lvl = levels.get((gpu_type, chosen_site))
                 base = min(k, lvl.count_ge(gpn) if lvl is not None else 0)
                 picked = [o for o in options if nodes[o[2]].site == chosen_site][: k - base]
                 if base and lvl is not None:

@@ -55,6 +55,7 @@ class Node:
     gpus: tuple[int, ...]  # every GPU index on the node
     unhealthy_gpus: frozenset[int] = frozenset()
     schedulable: bool = True  # False when draining, drained, down or unhealthy
+    strict_isolation: bool = False  # its agent confines each task (own uid, cgroup, mounts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class PendingJob:
     preemptible: bool = False
     held: bool = False
     dependency: DependencyState = DependencyState.NONE
+    needs_isolation: bool = False  # its org (or one above) runs only on strict-isolation nodes
 
     @property
     def gpu_count(self) -> int:

@@ -43,11 +43,17 @@ def make_engine(
     `idle_in_transaction_timeout_s` (PostgreSQL) lets the database end a transaction whose client
     stopped talking: a server frozen in the middle of a scheduling apply would otherwise keep the
     lease row locked, and no standby could take over until it woke up.
+
+    Statement parameters are never logged nor put in error messages: they carry job secrets,
+    environments and token hashes.
     """
     url = normalise_database_url(database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(
-            url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            url,
+            echo=echo,
+            hide_parameters=True,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -58,6 +64,7 @@ def make_engine(
     return create_async_engine(
         url,
         echo=echo,
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,

@@ -49,6 +49,9 @@ class Job(Base):
     image: Mapped[str | None] = mapped_column(String(512))
     env: Mapped[dict[str, str]] = mapped_column(default=dict)
     workdir: Mapped[str | None] = mapped_column(String(1024))
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # per node; None: by GPUs
+    # Sent to its tasks as FAIRGPU_JOB_SECRET; never returned by the API nor logged.
+    job_secret: Mapped[str | None] = mapped_column(String(128))
     gpus_per_node: Mapped[int] = mapped_column(Integer)
     num_nodes: Mapped[int] = mapped_column(Integer, default=1)
     gpu_type: Mapped[str | None] = mapped_column(String(64))

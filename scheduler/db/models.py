@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Enum,
     Float,
@@ -48,6 +49,10 @@ class Org(Base):
     )
     shares: Mapped[float] = mapped_column(Float, default=1.0)
     default_time_limit_s: Mapped[int | None] = mapped_column(Integer)
+    # Its jobs, and those of every org below it, run only on nodes with strict isolation.
+    require_isolation: Mapped[bool] = mapped_column(Boolean, default=False)
+    # fnmatch patterns a job's image must match; empty: any image.
+    image_patterns: Mapped[list[str]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -142,6 +147,8 @@ class Node(Base):
     hostname: Mapped[str] = mapped_column(String(255), default="")
     address: Mapped[str] = mapped_column(String(255), default="")
     agent_version: Mapped[str] = mapped_column(String(64), default="")
+    # How its agent confines tasks (protocol.agent.Isolation): "strict" or "none".
+    isolation: Mapped[str] = mapped_column(String(16), default="none")
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column()
 

@@ -90,6 +90,7 @@ async def register_node(
     node.hostname = body.hostname
     node.address = body.address
     node.agent_version = body.agent_version
+    node.isolation = body.isolation
     node.last_heartbeat_at = now
     await session.flush()
     await _register_gpus(session, node, body, now)
@@ -112,7 +113,15 @@ async def register_node(
         created_by_user_id=token.created_by_user_id,
         now=now,
     )
-    session.add(Event(at=now, kind="node.register", node_id=node.id, actor=f"agent:{node.id}"))
+    session.add(
+        Event(
+            at=now,
+            kind="node.register",
+            node_id=node.id,
+            actor=f"agent:{node.id}",
+            details={"isolation": body.isolation},
+        )
+    )
     return AgentRegistered(
         node_id=node.id,
         node_name=node.name,
@@ -203,6 +212,8 @@ async def heartbeat(
     node_name, node_state = touched
     outcome = HeartbeatOutcome(reply=reply(settings, now))
     actor = f"agent:{node_name}"
+    if body.isolation is not None:  # the agent (re)started, perhaps in another mode
+        await _set_isolation(session, node_id, body.isolation, actor, now, outcome)
     if NodeState(node_state) is NodeState.DOWN:
         node = await session.get(NodeRow, node_id)
         assert node is not None
@@ -264,6 +275,38 @@ async def heartbeat(
     )
     outcome.reply = reply(settings, now, starts, stops)
     return outcome
+
+
+async def _set_isolation(
+    session: AsyncSession,
+    node_id: int,
+    isolation: str,
+    actor: str,
+    now: datetime,
+    outcome: HeartbeatOutcome,
+) -> None:
+    """Store the mode the agent reports; a change is an event and news for the scheduler."""
+    before = await session.scalar(select(NodeRow.isolation).where(NodeRow.id == node_id))
+    if before == isolation:
+        return
+    await session.execute(
+        update(NodeRow)
+        .where(NodeRow.id == node_id)
+        .values(isolation=isolation)
+        .execution_options(synchronize_session=False)
+    )
+    session.add(
+        Event(
+            at=now,
+            kind="node.isolation",
+            node_id=node_id,
+            from_state=before,
+            to_state=isolation,
+            actor=actor,
+            reason="reported by the agent",
+        )
+    )
+    outcome.changed = True  # which jobs the node may run has changed
 
 
 async def _apply_samples(

@@ -11,9 +11,11 @@ ON CONFLICT handling idempotency keys; atomic without an explicit transaction ar
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Table, bindparam, func, insert, select
@@ -45,6 +47,7 @@ class JobSpec:
     workdir: str | None = None
     gpus_per_node: int = 1
     nodes: int = 1
+    memory_bytes: int | None = None
     gpu_type: str | None = None
     site: str | None = None
     time_limit: int | None = None
@@ -94,6 +97,32 @@ async def _check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[
         raise InvalidInput(f"depends_on job(s) {dead} ended without completing", ended=dead)
 
 
+async def check_image_allowed(session: AsyncSession, org_id: int, image: str) -> None:
+    """Refuse an image that the patterns of the org, or of any org above it, do not allow.
+
+    An org without patterns allows any image; a programme's list binds its members too. Only
+    submissions are checked: narrowing a list later stops no job already accepted.
+    """
+    current: int | None = org_id
+    seen: set[int] = set()
+    while current is not None and current not in seen:  # `seen`: the tree has no cycles
+        seen.add(current)
+        row = (
+            await session.execute(
+                select(Org.name, Org.parent_id, Org.image_patterns).where(Org.id == current)
+            )
+        ).one_or_none()
+        if row is None:
+            return
+        name, current, patterns = row
+        if patterns and not any(fnmatchcase(image, p) for p in patterns):
+            raise InvalidInput(
+                f"image {image!r} is not allowed in org {name}; allowed: {', '.join(patterns)}",
+                org=name,
+                allowed_images=list(patterns),
+            )
+
+
 def submission_rows(
     *,
     org_id: int,
@@ -115,6 +144,7 @@ def submission_rows(
         "workdir": spec.workdir,
         "gpus_per_node": spec.gpus_per_node,
         "num_nodes": spec.nodes,
+        "memory_bytes": spec.memory_bytes,
         "gpu_type": spec.gpu_type,
         "site": spec.site,
         "time_limit_s": time_limit_s,
@@ -126,6 +156,8 @@ def submission_rows(
         "submitted_at": now,
         "requeue_count": 0,
         "borrowed": False,
+        # The same on every node of the gang (FAIRGPU_JOB_SECRET); never shown by the API.
+        "job_secret": secrets.token_urlsafe(32),
     }
     event: dict[str, Any] = {
         "at": now,
@@ -171,6 +203,8 @@ async def submit_job(
         session, org_id, spec.time_limit, default_time_limit_s, max_time_limit_s
     )
     await _check_dependencies(session, org_id, spec.depends_on)
+    if spec.image is not None:
+        await check_image_allowed(session, org_id, spec.image)
     values, event = submission_rows(
         org_id=org_id,
         user_id=user_id,
@@ -199,7 +233,8 @@ async def submit_job(
 JOB_INSERT_FIELDS = (
     "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
-    "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed",
+    "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
+    "job_secret",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

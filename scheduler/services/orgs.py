@@ -28,6 +28,7 @@ class OrgView:
     path: str
     depth: int
     quotas: list[Quota]
+    isolation_required: bool = False  # set on it or on an ancestor
 
 
 async def find_org(session: AsyncSession, ref: str | int) -> Org:
@@ -70,20 +71,26 @@ async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[
     for q in (await session.scalars(select(Quota).order_by(Quota.gpu_type))).all():
         quotas.setdefault(q.org_id, []).append(q)
 
-    def path(o: Org) -> list[str]:
-        names = [o.name]
+    def lineage(o: Org) -> list[Org]:
+        line = [o]
         seen = {o.id}
         while o.parent_id is not None and o.parent_id in by_id and o.parent_id not in seen:
             o = by_id[o.parent_id]
             seen.add(o.id)
-            names.append(o.name)
-        return names[::-1]
+            line.append(o)
+        return line[::-1]
 
     views = [
-        OrgView(o, "/".join(p), len(p) - 1, quotas.get(o.id, []))
+        OrgView(
+            o,
+            "/".join(a.name for a in line),
+            len(line) - 1,
+            quotas.get(o.id, []),
+            any(a.require_isolation for a in line),
+        )
         for o in orgs
         if o.id in visible
-        for p in [path(o)]
+        for line in [lineage(o)]
     ]
     views.sort(key=lambda v: v.path)
     return views
@@ -140,9 +147,13 @@ async def update_org(
     *,
     shares: float | None,
     default_time_limit_s: int | None,
+    require_isolation: bool | None = None,
+    image_patterns: list[str] | None = None,
     fields: set[str],
     actor: str,
 ) -> Org:
+    """Change what `fields` names; a field sent as null leaves it as it is, except the default
+    time limit, which null clears."""
     changes: dict[str, object] = {}
     if "shares" in fields and shares is not None:
         org.shares = shares
@@ -150,6 +161,12 @@ async def update_org(
     if "default_time_limit" in fields:
         org.default_time_limit_s = default_time_limit_s
         changes["default_time_limit_s"] = default_time_limit_s
+    if "require_isolation" in fields and require_isolation is not None:
+        org.require_isolation = require_isolation
+        changes["require_isolation"] = require_isolation
+    if "image_patterns" in fields and image_patterns is not None:
+        org.image_patterns = list(dict.fromkeys(image_patterns))  # once each, in order
+        changes["image_patterns"] = org.image_patterns
     if changes:
         session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
     await session.flush()

@@ -4,8 +4,8 @@ A heartbeat usually reports the same running tasks and healthy GPUs as the one b
 nothing to receive. One read of the node's state and active tasks proves that; liveness and
 samples then go to the process's `LiveBuffer`, flushed in batches. Anything else (the node is
 down, a task report that changes something, a task to start or stop, a GPU whose health or uuid
-differs from what this process knows, log chunks) takes the full transactional path in
-scheduler/services/agents.py, which this never replaces, only skips.
+differs from what this process knows, log chunks, an isolation mode to store) takes the full
+transactional path in scheduler/services/agents.py, which this never replaces, only skips.
 """
 
 from __future__ import annotations
@@ -67,8 +67,13 @@ async def quick_heartbeat(
 
 
 def may_be_quick(body: Heartbeat, buffer: LiveBuffer, node_id: int) -> bool:
-    """What the body alone says: no logs, no task ended, GPUs as this process knows them."""
-    if body.logs or (body.samples and not buffer.matches(node_id, body.samples)):
+    """What the body alone says: no logs, no task ended, no isolation mode to store, GPUs as
+    this process knows them."""
+    if (
+        body.logs
+        or body.isolation is not None
+        or (body.samples and not buffer.matches(node_id, body.samples))
+    ):
         return False
     return not any(r.state in TERMINAL_TASK_STATES for r in body.tasks)
 

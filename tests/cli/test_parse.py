@@ -9,7 +9,15 @@ import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.parse import GpuRequest, parse_duration, parse_env, parse_gpus, parse_since
+from cli.parse import (
+    GpuRequest,
+    format_memory,
+    parse_duration,
+    parse_env,
+    parse_gpus,
+    parse_memory,
+    parse_since,
+)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +91,35 @@ def test_env_pairs() -> None:
     for bad in (["A"], ["1A=2"], ["=x"]):
         with pytest.raises(typer.BadParameter):
             parse_env(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64G", 64 << 30),
+        ("64g", 64 << 30),
+        ("64GB", 64 << 30),
+        ("64GiB", 64 << 30),
+        ("512M", 512 << 20),
+        ("1T", 1 << 40),
+        ("1.5G", 3 << 29),
+        ("4096", 4 << 30),  # Slurm: a bare number is MiB
+        ("2048K", 2 << 20),
+        (" 8G ", 8 << 30),
+    ],
+)
+def test_memory_sizes(text: str, size: int) -> None:
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "64X", "-1G", "0", "1K", "65T", "64 G B", "1e3G"])
+def test_bad_memory_sizes_are_usage_errors(text: str) -> None:
+    with pytest.raises(typer.BadParameter):
+        parse_memory(text)
+
+
+@given(st.integers(1, 64 << 10), st.sampled_from(["M", "G"]))
+def test_memory_formats_back_as_typed(n: int, unit: str) -> None:
+    size = parse_memory(f"{n}{unit}")
+    if size <= 1 << 46:
+        assert parse_memory(format_memory(size)) == size

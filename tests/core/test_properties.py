@@ -352,3 +352,54 @@ def test_guarantee_comes_back_within_grace_plus_one_cycle(
     held_by_2 = sum(r.gpu_count for r in running)
     if set(borrower_sizes) == {1}:
         assert held_by_2 - taken >= min(held_by_2, capacity - guarantee)
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_isolated_jobs_start_only_on_strict_isolation_nodes(
+    snap: Snapshot, rnd: random.Random
+) -> None:
+    """No job of an org requiring isolation is ever started on (or reserved GPUs freed on) a
+    node without strict isolation; a job that can never fit such a node says so."""
+    nodes = tuple(replace(n, strict_isolation=rnd.random() < 0.5) for n in snap.nodes)
+    isolated = {o.id for o in snap.orgs if rnd.random() < 0.5}
+    pending = tuple(replace(j, needs_isolation=j.org_id in isolated) for j in snap.pending)
+    snap = replace(snap, nodes=nodes, pending=pending)
+    decisions = schedule(snap)
+    check_invariants(snap, decisions)
+    strict = {n.id for n in nodes if n.strict_isolation}
+    needs = {j.job_id for j in pending if j.needs_isolation}
+    for start in decisions.starts:
+        if start.job_id in needs:
+            assert all(p.node_id in strict for p in start.placements), start
+    placed = {r.job_id: {p.node_id for p in r.placements} for r in snap.running}
+    for pre in decisions.preemptions:
+        if pre.preemptor_job_id in needs:  # its victims free GPUs on a strict node
+            assert placed[pre.job_id] & strict, pre
+    for job_id, info in decisions.pending.items():
+        for reason in info.reasons:
+            if reason.details.get("isolation") == "strict":
+                assert job_id in needs
+
+
+@SETTINGS
+@given(snapshots())
+def test_isolation_everywhere_decides_as_isolation_nowhere(snap: Snapshot) -> None:
+    """Every node strict and every job needing it: the same starts and preemptions as without
+    isolation (the strict-isolation levels then hold every node), so the strict paths of the
+    index, reservations and preemption plans place exactly like the ordinary ones."""
+    plain = schedule(snap)
+    everywhere = replace(
+        snap,
+        nodes=tuple(replace(n, strict_isolation=True) for n in snap.nodes),
+        pending=tuple(replace(j, needs_isolation=True) for j in snap.pending),
+    )
+    strict = schedule(everywhere)
+    assert strict.starts == plain.starts
+    assert strict.preemptions == plain.preemptions
+    assert {k: v.estimated_start for k, v in strict.pending.items()} == {
+        k: v.estimated_start for k, v in plain.pending.items()
+    }
+    assert {k: [r.code for r in v.reasons] for k, v in strict.pending.items()} == {
+        k: [r.code for r in v.reasons] for k, v in plain.pending.items()
+    }

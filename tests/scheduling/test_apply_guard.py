@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from protocol.states import GpuHealth, JobState
 from scheduler.core import schedule
 from scheduler.core.types import Start
-from scheduler.db import Allocation, Gpu, Job, Quota, SchedulerLease
+from scheduler.db import Allocation, Gpu, Job, Node, Quota, SchedulerLease
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.scheduling import Lease, LeaseLost, run_cycle
 from scheduler.services.scheduling import apply as apply_module
@@ -145,3 +145,47 @@ async def test_deposed_leader_applies_nothing(engine: AsyncEngine) -> None:
         result = await run_cycle(maker, epoch=epoch + 1, settings=settings, previously_open=None)
     assert result.applied.started == [job_id]
     await old.release()
+
+
+@pytest.mark.parametrize("agent_restarts_unconfined", [False, True])
+async def test_isolated_start_needs_a_node_still_strict_at_apply(
+    engine: AsyncEngine, agent_restarts_unconfined: bool
+) -> None:
+    """The snapshot carries the requirement (inherited from the parent org) and the node's mode;
+    a node whose agent restarted unconfined between load and apply takes no isolated job."""
+    async with make_sessionmaker(engine)() as s:
+        parent = await factories.org(s, require_isolation=True)
+        org = await factories.org(s, parent_id=parent.id)
+        s.add(Quota(org_id=parent.id, gpu_type="H100", guaranteed=2, limit=2))
+        s.add(Quota(org_id=org.id, gpu_type="H100", guaranteed=2, limit=2))
+        user = await factories.user(s, org)
+        node, _ = await factories.node(s, gpus=2)
+        node.isolation = "strict"
+        job = await factories.job(s, org, user, gpus_per_node=2)
+        await s.commit()
+        job_id, node_id = job.id, node.id
+    settings = Settings(database_url="sqlite:///unused.db")
+    async with make_sessionmaker(engine)() as s:
+        loaded = await load_snapshot(
+            s, now=datetime.now(UTC), config=policy_config(settings), previously_open=None
+        )
+    assert [j.needs_isolation for j in loaded.snapshot.pending] == [True]
+    assert [n.strict_isolation for n in loaded.snapshot.nodes] == [True]
+    starts = schedule(loaded.snapshot).starts
+    assert [s.job_id for s in starts] == [job_id]
+    maker = make_sessionmaker(engine)
+    if agent_restarts_unconfined:
+        async with maker() as s:
+            row = await s.get(Node, node_id)
+            assert row is not None
+            row.isolation = "none"
+            await s.commit()
+    applied = Applied()
+    async with maker() as s, s.begin():
+        await apply_starts(s, starts, datetime.now(UTC), applied, {})
+    if agent_restarts_unconfined:
+        assert (applied.started, applied.skipped) == ([], [job_id])
+        assert await _open_allocations(engine) == 0
+    else:
+        assert (applied.started, applied.skipped) == ([job_id], [])
+        assert await _open_allocations(engine) == 2

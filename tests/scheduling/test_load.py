@@ -16,7 +16,7 @@ from scheduler.core.types import DependencyState, PendingJob, Placement, Running
 from scheduler.db import Allocation, Job, JobDependency, OrgUsage
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.accounting import HeldInterval, fold_usage
-from scheduler.services.scheduling.load import Loaded, load_snapshot, policy_config
+from scheduler.services.scheduling.load import Loaded, isolated_orgs, load_snapshot, policy_config
 from scheduler.settings import Settings
 from scheduler.states import NodeState
 from tests import factories
@@ -191,3 +191,17 @@ async def test_allocations_closed_since_the_last_fold_are_folded_once(
         gpu_weights=dict(SETTINGS.gpu_weights),
     )
     assert second.org_usage[org.id] == expected[org.id]
+
+
+def test_isolation_requirement_is_inherited_down_the_tree() -> None:
+    orgs = [
+        (1, None, True),
+        (2, 1, False),
+        (3, 2, False),  # a grandchild inherits too
+        (4, None, False),
+        (5, 4, True),  # set below an org that does not require it
+        (6, 7, False),  # a cycle (the API never makes one) ends the walk
+        (7, 6, False),
+    ]
+    assert isolated_orgs(orgs) == {1, 2, 3, 5}
+    assert isolated_orgs([(1, None, False)]) == frozenset()

@@ -116,3 +116,21 @@ def test_a_node_cannot_report_for_another_nodes_task(live: Live) -> None:
         db.close()
     assert exit_code is None
     assert state in ("STARTING", "RUNNING"), state
+
+
+def test_job_secrets_reach_the_task_only(live: Live) -> None:
+    """The per-job secret is in the task's spec, and in no API answer and no server log line."""
+    task_id, job_id = _task_of(live, "job_member_a")
+    reply = _heartbeat(live.tokens["agent"], live)
+    (spec,) = [s for s in reply["start"] if s["task_id"] == task_id]
+    secret = spec["job_secret"]
+    assert isinstance(secret, str)
+    assert len(secret) >= 32
+    for who in ("member_a", "admin_a", "platform"):
+        with live.client(who) as c:
+            for path in (f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/events"):
+                r = c.get(path)
+                assert r.status_code == 200, (who, path, r.text)
+                assert secret not in r.text
+                assert "job_secret" not in r.text
+    assert secret not in live.server_log

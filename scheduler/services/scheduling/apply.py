@@ -26,8 +26,9 @@ from protocol.states import GpuHealth, JobState
 from scheduler.core.types import Decisions, PendingInfo, Preemption, Start
 from scheduler.db import Allocation, Event, Gpu, Job, Task
 from scheduler.db import Node as NodeRow
+from scheduler.db import Org as OrgRow
 from scheduler.services.jobstate import STOP_PREEMPT, transition_job
-from scheduler.services.scheduling.load import Loaded, from_epoch
+from scheduler.services.scheduling.load import Loaded, from_epoch, isolated_orgs
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop
 from scheduler.states import NodeState
 
@@ -132,6 +133,14 @@ def _stage_allocations(
     return allocations
 
 
+async def _isolated_orgs(session: AsyncSession) -> frozenset[int]:
+    """Orgs whose jobs need strict isolation now (one small read, none when no org asks)."""
+    if await session.scalar(select(OrgRow.id).where(OrgRow.require_isolation).limit(1)) is None:
+        return frozenset()
+    rows = await session.execute(select(OrgRow.id, OrgRow.parent_id, OrgRow.require_isolation))
+    return isolated_orgs((org_id, parent_id, required) for org_id, parent_id, required in rows)
+
+
 async def apply_starts(
     session: AsyncSession,
     starts: tuple[Start, ...],
@@ -154,11 +163,17 @@ async def apply_starts(
     for chunk in _chunks(job_ids, JOB_LOAD_CHUNK):  # ORM loads, a short stretch of loop each
         jobs.update((j.id, j) for j in await session.scalars(select(Job).where(Job.id.in_(chunk))))
     node_ids = {p.node_id for s in starts for p in s.placements}
-    ready = set(
-        await session.scalars(
-            select(NodeRow.id).where(NodeRow.id.in_(node_ids), NodeRow.state == NodeState.READY)
+    ready: set[int] = set()
+    unconfined: set[int] = set()  # ready nodes without strict isolation
+    for node_id, isolation in await session.execute(
+        select(NodeRow.id, NodeRow.isolation).where(
+            NodeRow.id.in_(node_ids), NodeRow.state == NodeState.READY
         )
-    )
+    ):
+        ready.add(node_id)
+        if isolation != "strict":
+            unconfined.add(node_id)
+    isolated = await _isolated_orgs(session) if unconfined else frozenset()
     gpus = {
         (node_id, index): GpuRef(gpu_id, model, health)
         for node_id, index, gpu_id, model, health in await session.execute(
@@ -180,7 +195,9 @@ async def apply_starts(
         job = jobs.get(start.job_id)
         chosen = None
         if job is not None and job.state is JobState.PENDING and not job.held:
-            chosen = _check(start, gpus, ready, taken)
+            # A node whose agent restarted unconfined since the load takes no isolated job.
+            usable = ready - unconfined if job.org_id in isolated else ready
+            chosen = _check(start, gpus, usable, taken)
         if job is None or chosen is None:
             applied.skipped.append(start.job_id)
             continue

@@ -100,9 +100,9 @@ def _plain(result: Result[Any]) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in result]
 
 
-_NODES = select(NodeRow.id, NodeRow.name, NodeRow.state, NodeRow.domain, Site.name).join(
-    Site, Site.id == NodeRow.site_id
-)
+_NODES = select(
+    NodeRow.id, NodeRow.name, NodeRow.state, NodeRow.domain, Site.name, NodeRow.isolation
+).join(Site, Site.id == NodeRow.site_id)
 _GPUS = select(Gpu.node_id, Gpu.index, Gpu.model, Gpu.health)
 _HELD = (
     select(
@@ -148,7 +148,9 @@ _PENDING = (
 )
 _USAGE = select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds, epoch_s(OrgUsage.as_of))
 _QUOTAS = select(Quota.org_id, Quota.gpu_type, Quota.guaranteed, Quota.limit)
-_ORGS = select(OrgRow.id, OrgRow.name, OrgRow.parent_id, OrgRow.shares).order_by(OrgRow.id)
+_ORGS = select(
+    OrgRow.id, OrgRow.name, OrgRow.parent_id, OrgRow.shares, OrgRow.require_isolation
+).order_by(OrgRow.id)
 
 
 def _dependencies_stmt() -> Executable:
@@ -213,7 +215,7 @@ def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
     for node_id, index, model, health in fetched.gpus:
         gpus[node_id].append((index, model, health))
     nodes: list[Node] = []
-    for node_id, name, state, domain, site in fetched.nodes:
+    for node_id, name, state, domain, site, isolation in fetched.nodes:
         node_gpus = sorted(gpus.get(node_id, ()))
         if not node_gpus:
             continue
@@ -230,6 +232,7 @@ def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
                     i for i, m, h in node_gpus if h is not GpuHealth.HEALTHY or m != gpu_type
                 ),
                 schedulable=state is NodeState.READY,
+                strict_isolation=isolation == "strict",
             )
         )
     return tuple(nodes)
@@ -289,8 +292,35 @@ def _dependencies(fetched: _Fetched) -> dict[int, DependencyState]:
     return out
 
 
+def isolated_orgs(orgs: Iterable[tuple[int, int | None, bool]]) -> frozenset[int]:
+    """Orgs whose jobs need strict isolation: those that require it and every org below them.
+
+    `orgs` is (id, parent id, requires isolation) per org.
+    """
+    parent: dict[int, int | None] = {}
+    own: set[int] = set()
+    for org_id, parent_id, required in orgs:
+        parent[org_id] = parent_id
+        if required:
+            own.add(org_id)
+    if not own:
+        return frozenset()
+    out: set[int] = set()
+    for org_id in parent:
+        seen: set[int] = set()
+        current: int | None = org_id
+        while current is not None and current not in seen:  # `seen`: a cycle ends the walk
+            if current in own:
+                out.add(org_id)
+                break
+            seen.add(current)
+            current = parent.get(current)
+    return frozenset(out)
+
+
 def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
     deps = _dependencies(fetched)
+    isolated = isolated_orgs((row[0], row[2], row[4]) for row in fetched.orgs)
     none = DependencyState.NONE
     pending: list[PendingJob] = []
     explained: set[int] = set()
@@ -324,6 +354,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 preemptible=preemptible,
                 held=held,
                 dependency=deps.get(job_id, none),
+                needs_isolation=org_id in isolated,
             )
         )
         if has_priority:
@@ -340,7 +371,7 @@ def _orgs(fetched: _Fetched, usage: Mapping[int, float]) -> tuple[tuple[Org, ...
             limit[org_id][gpu_type] = quota_limit
     orgs: list[Org] = []
     names: dict[int, str] = {}
-    for org_id, name, parent_id, shares in fetched.orgs:
+    for org_id, name, parent_id, shares, _ in fetched.orgs:
         names[org_id] = name
         orgs.append(
             Org(

@@ -110,6 +110,7 @@ async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> l
                 task_id=task.id,
                 job_id=job.id,
                 org=orgs.get(job.org_id, ""),
+                org_id=job.org_id,
                 node_rank=task.node_rank,
                 num_nodes=job.num_nodes,
                 gpus=[i for i, _ in held],
@@ -121,6 +122,8 @@ async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> l
                 time_limit_s=float(job.time_limit_s),
                 master_addr=masters.get(job.id) if gang else None,
                 master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
+                memory_bytes=job.memory_bytes,
+                job_secret=job.job_secret,
             )
         )
     return specs

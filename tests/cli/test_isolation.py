@@ -1,0 +1,136 @@
+"""Tenant isolation from the CLI (#13): `org update`, `org get`, `submit --mem`, `describe`,
+`node list -o wide`, against the real server on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from tests.cli.conftest import Served, wait_for
+from tests.cli.test_errors import one_line
+
+REFUSED = "workdir /etc is outside the data roots allowed to org acme (/data/acme)"
+
+
+def _as_json(served: Served, *args: str, token: str | None = None) -> Any:
+    return json.loads(served.ok(*args, "-o", "json", token=token))
+
+
+def _register(served: Served, name: str, isolation: str) -> str:
+    join = _as_json(served, "join-token", "create", "--uses", "1", "--ttl", "1h")
+    body = {
+        "name": name,
+        "site": "dc1",
+        "domain": "rack1",
+        "hostname": name,
+        "address": "127.0.0.1",
+        "agent_version": "test",
+        "isolation": isolation,
+        "gpus": [
+            {"index": i, "uuid": f"GPU-{name}-{i}", "model": "H100", "memory_bytes": 80 << 30}
+            for i in range(2)
+        ],
+    }
+    r = httpx.post(
+        f"{served.url}/v1/agent/register",
+        json=body,
+        headers={"Authorization": f"Bearer {join['token']}"},
+    )
+    assert r.status_code in (200, 201), r.text
+    return str(r.json()["credential"])
+
+
+def _heartbeat(served: Served, credential: str, **body: Any) -> dict[str, Any]:
+    r = httpx.post(
+        f"{served.url}/v1/agent/heartbeat",
+        json=body,
+        headers={"Authorization": f"Bearer {credential}"},
+    )
+    assert r.status_code == 200, r.text
+    reply: dict[str, Any] = r.json()
+    return reply
+
+
+def test_org_isolation_and_images(served: Served) -> None:
+    served.ok("org", "create", "acme")
+    served.ok("org", "create", "acme-lab", "--parent", "acme")
+    assert "Updated org acme" in served.ok("org", "update", "acme", "--require-isolation")
+    got = served.ok("org", "get", "acme")
+    assert "ISOLATION" in got
+    assert "required" in got
+    listed = {o["name"]: o for o in _as_json(served, "org", "list")}
+    assert listed["acme"]["require_isolation"] is True
+    assert listed["acme-lab"]["isolation_required"] is True
+    assert "inherited" in served.ok("org", "get", "acme-lab")
+
+    served.ok("org", "update", "acme", "--images", "registry.example/acme/*", "--images", "base/*")
+    org = _as_json(served, "org", "get", "acme")
+    assert org["image_patterns"] == ["registry.example/acme/*", "base/*"]
+    assert "registry.example/acme/*,base/*" in served.ok("org", "list", "-o", "wide")
+    user = _as_json(served, "user", "create", "ada", "--org", "acme", "--token")["token"]
+    served.ok(
+        "submit", "--image", "registry.example/acme/train:1", "-t", "1h", "--", "x", token=user
+    )
+    refused = served.run("submit", "--image", "evil.example/x", "-t", "1h", "--", "x", token=user)
+    assert refused.exit_code != 0
+    line = one_line(refused.stderr)
+    assert "registry.example/acme/*" in line
+    assert refused.stdout == ""
+    denied = served.run("org", "update", "acme", "--no-require-isolation", token=user)
+    assert denied.exit_code != 0
+    one_line(denied.stderr)
+
+    served.ok("org", "update", "acme", "--images", "", "--no-require-isolation")
+    org = _as_json(served, "org", "get", "acme")
+    assert (org["image_patterns"], org["require_isolation"]) == ([], False)
+    served.ok("submit", "--image", "evil.example/x", "-t", "1h", "--", "x", token=user)
+    nothing = served.run("org", "update", "acme")
+    assert nothing.exit_code == 2
+
+
+def test_mem_describe_and_a_refused_task(served: Served) -> None:
+    served.ok("org", "create", "acme")
+    served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")
+    user = _as_json(served, "user", "create", "ada", "--org", "acme", "--token")["token"]
+    cred = _register(served, "iso1", "strict")
+    _register(served, "loose1", "none")
+    wide = served.ok("node", "list", "-o", "wide")
+    assert "ISOLATION" in wide
+    rows = {line.split()[1]: line for line in wide.splitlines()[1:]}
+    assert "strict" in rows["iso1"]
+    assert "none" in rows["loose1"]
+
+    bad = served.run("submit", "--mem", "lots", "-t", "1h", "--", "x", token=user)
+    assert bad.exit_code == 2
+    assert "memory" in bad.stderr
+    job_id = served.ok(
+        "submit", "--mem", "64G", "--workdir", "/etc", "-t", "1h", "--parsable", "--", "x",
+        token=user,
+    ).strip()  # fmt: skip
+    assert "64G per node" in served.ok("describe", job_id, token=user)
+    assert _as_json(served, "describe", job_id, token=user)["memory_bytes"] == 64 << 30
+
+    specs: list[dict[str, Any]] = []
+
+    def started() -> bool:
+        specs.extend(_heartbeat(served, cred)["start"])
+        return bool(specs)
+
+    wait_for(started)
+    spec = specs[0]
+    assert spec["job_id"] == int(job_id)
+    assert spec["memory_bytes"] == 64 << 30
+    report = {
+        "task_id": spec["task_id"],
+        "job_id": spec["job_id"],
+        "state": "failed_to_start",
+        "reason": REFUSED,
+    }
+    _heartbeat(served, cred, tasks=[report])
+    described = served.ok("describe", job_id, token=user)
+    assert f"FAILED ({REFUSED})" in described
+    events = described.split("Events:")[1]
+    assert "FAILED" in events
+    assert "outside the data roots" in events
