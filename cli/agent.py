@@ -200,6 +200,7 @@ def agent(
     from agents.gpu import GpuBackendError
     from agents.isolation import IsolationConfig, IsolationUnavailable
     from agents.runner import RunnerConfig
+    from cli.parse import parse_memory
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -243,7 +244,7 @@ def agent(
             task_uid_base=task_uid_base,
             org_uids=_org_uids(org_uid or []),
             org_roots=tuple(org_root or ()),
-            memory_per_gpu_bytes=parse_size(mem_per_gpu, "--mem-per-gpu") if mem_per_gpu else None,
+            memory_per_gpu_bytes=parse_memory(mem_per_gpu) if mem_per_gpu else None,
             pids_max=task_pids_max,
             cgroup_parent=cgroup_parent,
             dev_dir=gpu_dev_dir,
@@ -262,17 +263,6 @@ def agent(
         )
     except (AgentError, GpuBackendError, IsolationUnavailable, ValueError, OSError) as exc:
         fail(str(exc))
-
-
-_SIZE_UNITS = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_size(text: str, option: str) -> int:
-    """Slurm's memory sizes: a number with K, M, G or T (binary units); a bare number is MiB."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, flags=re.IGNORECASE)
-    if match is None or float(match.group(1)) <= 0:
-        fail(f"{option}: {text!r} is not a size such as 512M, 64G or 1T", 2)
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 def _org_uids(pairs: list[str]) -> dict[str, int]:

@@ -104,6 +104,17 @@ def latency(
     typer.echo(json.dumps(result))
 
 
+@app.command("cli")
+def cli_bench(
+    runs: Annotated[int, typer.Option(min=1, help="Runs of each command.")] = 10,
+    queue_jobs: Annotated[int, typer.Option(min=10, help="Held jobs in the queue.")] = 100,
+) -> None:
+    """Wall time of `fairgpu --help`, `submit --hold` and `queue` as fresh processes."""
+    from scheduler.bench.cli import run_cli_bench
+
+    typer.echo(json.dumps(run_cli_bench(runs=runs, queue_jobs=queue_jobs)))
+
+
 @app.command("soak")
 def soak(
     duration: Annotated[str, typer.Option(help="How long to run, with a unit: 90s, 10m.")] = "10m",

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.deps import SessionDep, parse_bearer
-from scheduler.services.errors import Unauthenticated
 from scheduler.metrics import read_cluster, render
+from scheduler.services.errors import Unauthenticated
 from scheduler.services.runtime import SchedulerRuntime
 from scheduler.services.scheduling.load import policy_config
 

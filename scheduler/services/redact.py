@@ -62,7 +62,7 @@ def redact(reasons: list[dict[str, Any]], foreign: set[int]) -> list[dict[str, A
 
 
 def redact_text(message: str, foreign: set[int]) -> str:
-    """"job 812" → "a job of another org" for every job of `foreign` the message names."""
+    """ "job 812" → "a job of another org" for every job of `foreign` the message names."""
     for job_id in foreign:
         message = re.sub(rf"\bjob {job_id}\b", "a job of another org", message)
     return message

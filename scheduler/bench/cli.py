@@ -1,0 +1,69 @@
+"""`fairgpu bench cli`: what a person waits for at the shell, `fairgpu` process start to exit.
+
+A real `fairgpu server` on a temporary SQLite (started by `cli.demo.cluster`, one simulated node
+so that the cluster is a real one); then `fairgpu --help`, `fairgpu submit --hold` and
+`fairgpu queue` (with `queue_jobs` held jobs in it) each run `runs` times as fresh processes,
+as a user would type them. Figures are wall seconds from spawn to exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cli.demo import cluster, fairgpu_command
+from scheduler.bench.latency import GPU_MODEL, _setup_org, summarise
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[-3:])}: exit {done.returncode}: {done.stderr[:200]}")
+    return elapsed
+
+
+def run_cli_bench(*, runs: int = 10, queue_jobs: int = 100) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="fairgpu-bench-cli-"))
+    fairgpu = fairgpu_command()
+    try:
+        with cluster(workdir, nodes=[("bench-1", "bench", f"8x{GPU_MODEL}")]) as c:
+            with httpx.Client(
+                base_url=c.url, headers={"Authorization": f"Bearer {c.admin_token}"}, timeout=30
+            ) as admin:
+                token = _setup_org(admin, 8)
+            env = {**os.environ, "FAIRGPU_SERVER": c.url, "FAIRGPU_TOKEN": token,
+                   "FAIRGPU_CONFIG_DIR": str(workdir / "config")}  # fmt: skip
+            submit = [*fairgpu, "submit", "--hold", "--parsable", "-G", f"{GPU_MODEL}:1",
+                      "-t", "10", "--", "true"]  # fmt: skip
+            with httpx.Client(
+                base_url=c.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+            ) as member:
+                for i in range(queue_jobs - runs):
+                    body = {"name": f"q{i}", "command": ["true"], "gpu_type": GPU_MODEL,
+                            "time_limit": 600, "hold": True}  # fmt: skip
+                    r = member.post("/v1/jobs", json=body)
+                    if r.status_code != 201:
+                        raise RuntimeError(f"submit: {r.status_code} {r.text[:200]}")
+            figures = {
+                "help": [_timed([*fairgpu, "--help"], env) for _ in range(runs)],
+                "submit_hold": [_timed(submit, env) for _ in range(runs)],
+                "queue": [_timed([*fairgpu, "queue", "-t", "PENDING"], env) for _ in range(runs)],
+            }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "bench": "cli",
+        "runs": runs,
+        "queue_jobs": queue_jobs,
+        "unit": "s",
+        **{name: summarise(values) for name, values in figures.items()},
+    }
