@@ -26,6 +26,7 @@ from tests.cli.conftest import Served, wait_for
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
 UID_BASE = 232_000
+RIVAL_UID = 232_900
 
 
 class Pool:
@@ -58,8 +59,8 @@ class Pool:
                 "--simulate", "4xH100", "--name", "shared-node", "--state-dir", str(self.state),
                 "--isolation", "strict", "--gpu-dev-dir", str(self.dev),
                 "--org-root", str(tmp_path / "data" / "{org}"),
-                "--org-uid", f"acme={UID_BASE + self.org_ids['acme']}",
-                "--org-uid", f"rival={UID_BASE + self.org_ids['rival']}",
+                # acme's uid from the base and its id (in the task spec), rival's from a map.
+                "--task-uid-base", str(UID_BASE), "--org-uid", f"rival={RIVAL_UID}",
                 "--task-pids-max", "128", "--cgroup-parent", self.cgroup_parent,
                 "--log-level", "warning",
             ],
@@ -146,7 +147,7 @@ print(json.dumps({{
     out = pool.served.ok("logs", rival, token=pool.tokens["rival"])
     tried = json.loads(out.strip().splitlines()[-1])
     assert tried == {
-        "uid": UID_BASE + pool.org_ids["rival"],
+        "uid": RIVAL_UID,
         "environ": "FileNotFoundError",  # hidden: /proc shows the task its own processes
         "signal": "PermissionError",
         "credential": "FileNotFoundError",  # the agent's state directory is hidden
@@ -164,6 +165,15 @@ print(json.dumps({{
     pool.wait_state("rival", refused, {"FAILED"})
     described = pool.served.ok("describe", refused, token=pool.tokens["rival"])
     assert "outside the data roots allowed to org rival" in described
+
+    # A memory hog held to its --mem dies alone, FAILED with the reason.
+    hog = pool.submit(
+        "rival", "--mem", "96M", "--", PY, "-c",
+        "x = []\nwhile True:\n    x.append(bytearray(16 * 2**20))\n",
+    )  # fmt: skip
+    pool.wait_state("rival", hog, {"FAILED"})
+    assert "out of memory" in pool.served.ok("describe", hog, token=pool.tokens["rival"])
+    assert pool.job("acme", acme)["state"] == "RUNNING"
 
     # A fork bomb holds its own pids limit; the node keeps heartbeating and starting work.
     bomb = pool.submit(
@@ -183,7 +193,7 @@ print(json.dumps({{
     assert _last_heartbeat(pool) > beat
     pool.served.ok("cancel", bomb, token=pool.tokens["rival"])
     pool.wait_state("rival", bomb, {"CANCELLED"})
-    rival_uid = UID_BASE + pool.org_ids["rival"]
+    rival_uid = RIVAL_UID
     wait_for(
         lambda: not [
             p for p in psutil.process_iter(["uids", "status"])
