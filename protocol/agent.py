@@ -40,6 +40,16 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from protocol.limits import (
+    MAX_GPUS_PER_NODE as MAX_GPUS_PER_NODE,
+)
+from protocol.limits import (
+    MAX_TIME_LIMIT_S,
+    Command,
+    Environment,
+    Image,
+    Workdir,
+)
 from protocol.states import GpuHealth, TaskState
 
 Isolation = Literal["strict", "none"]
@@ -49,7 +59,8 @@ agent's user, unconfined; only for a single-tenant or demo node, and never given
 org that requires isolation."""
 
 # Bounds shared by both sides: the agent splits its reports to fit, the server rejects larger.
-MAX_GPUS_PER_NODE = 64
+# A job's payload (command, environment...) is bounded in protocol/limits.py, which the submit
+# schema shares.
 MAX_TASKS_PER_HEARTBEAT = 256
 MAX_LOG_CHUNKS_PER_HEARTBEAT = 64
 MAX_LOG_CHUNK_CHARS = 64 * 1024
@@ -222,16 +233,12 @@ class TaskSpec(_Model):
     gpu_uuids: Annotated[list[Uuid], Field(max_length=MAX_GPUS_PER_NODE)] = Field(
         default_factory=list
     )
-    command: Annotated[
-        list[Annotated[str, Field(max_length=8192)]], Field(min_length=1, max_length=1024)
-    ]
-    env: Annotated[dict[str, Annotated[str, Field(max_length=8192)]], Field(max_length=256)] = (
-        Field(default_factory=dict)
-    )
-    workdir: Annotated[str, Field(max_length=4096)] | None = None
-    image: Annotated[str, Field(max_length=512)] | None = None
+    command: Command
+    env: Environment = Field(default_factory=dict)
+    workdir: Workdir | None = None
+    image: Image | None = None
     """Container image; when set the agent launches through its configured container runtime."""
-    time_limit_s: Annotated[float, Field(gt=0)]
+    time_limit_s: Annotated[float, Field(gt=0, le=MAX_TIME_LIMIT_S)]
     master_addr: Annotated[str, Field(max_length=255)] | None = None
     master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     memory_bytes: Annotated[int, Field(gt=0, le=2**63 - 1)] | None = None
