@@ -166,6 +166,9 @@ class _Cycle:
         if job.dependency == DependencyState.NEVER:
             self.waits[job.job_id] = ex.fixed(ReasonCode.DEPENDENCY_NEVER_SATISFIED)
             return None
+        if job.not_before is not None and job.not_before > self.now:
+            self.waits[job.job_id] = ex.begin_time(job.not_before)
+            return None
         full = (job.org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes)
         known = self._static_full.get(full)
         if known is None:
@@ -243,7 +246,12 @@ class _Cycle:
         for rank, (job, _prio) in enumerate(order):
             org_id = job.org_id
             known = static_full.get((org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes))
-            if known is None or job.held or job.dependency not in _RUNNABLE:
+            if (
+                known is None
+                or job.held
+                or job.dependency not in _RUNNABLE
+                or (job.not_before is not None and job.not_before > self.now)
+            ):
                 types = self.static_types(job)
                 if types is None:
                     continue

@@ -34,6 +34,7 @@ class ReasonCode(StrEnum):
     DEPENDENCY = "Dependency"
     DEPENDENCY_NEVER_SATISFIED = "DependencyNeverSatisfied"
     JOB_HELD_USER = "JobHeldUser"
+    BEGIN_TIME = "BeginTime"  # requeued: it may not start before its `not_before`
     BAD_CONSTRAINTS = "BadConstraints"  # no node in the cluster could ever run it
     PREEMPTING = "Preempting"  # waiting for GPUs held by jobs being preempted for it
 
@@ -123,6 +124,8 @@ class PendingJob:
     preemptible: bool = False
     held: bool = False
     dependency: DependencyState = DependencyState.NONE
+    not_before: float | None = None
+    """It may not start before this time (a requeued job's backoff); None: at once."""
 
     @property
     def gpu_count(self) -> int:

@@ -21,7 +21,13 @@ from scheduler.db import Event, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.services.jobstate import STOP_NODE_LOST, STOP_TIMEOUT
 from scheduler.services.scheduling.sqltime import epoch_us
-from scheduler.services.scheduling.tasks import ACTIVE_STATES, EndEffects, end_task, request_stop
+from scheduler.services.scheduling.tasks import (
+    ACTIVE_STATES,
+    EndEffects,
+    RequeuePolicy,
+    end_task,
+    request_stop,
+)
 from scheduler.settings import Settings
 from scheduler.states import NodeState
 
@@ -126,6 +132,7 @@ async def apply_work(
                     at=now,
                     grace_s=settings.preemption_grace_s,
                     gpu_weights=weights,
+                    requeue=RequeuePolicy.of(settings),
                     reason=f"node {node.name} lost: {reason}",
                     effects=effects,
                 )
