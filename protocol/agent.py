@@ -8,9 +8,14 @@ outbound requests, and the server answers each heartbeat with the work for that 
 
 Contract (both sides rely on it):
 
-- Registration is idempotent by (site, name): registering again with a valid join token returns
-  the same `node_id` and a *new* credential (the old one is revoked). An agent that lost its state
-  directory therefore recovers by registering again. A bad join token is 401.
+- A join token only creates new nodes. Registering an existing (site, name) needs the node's
+  current credential as the bearer (it returns the same `node_id` and a *new* credential; the
+  old one is revoked), or a platform admin's `fairgpu node approve NAME`, after which one join
+  token registration of that name takes the node over. A join token alone for an existing name
+  is 409. A bad join token or credential is 401.
+- Node credentials expire (`node_credential_ttl_s`); a heartbeat reply carries a renewed one
+  in `credential` when less than half the lifetime is left. A revoked node's credential is 401
+  at once, held long-polls included.
 - A heartbeat with an unknown or revoked credential is 401; the agent then stops heartbeating and
   says so (it re-registers only if it still has a join token).
 - Every heartbeat reports every task the agent knows that is not yet acknowledged as ended: live
@@ -265,3 +270,7 @@ class HeartbeatReply(_Model):
     )
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)]
     server_time: AwareDatetime
+    credential: Annotated[str, Field(min_length=16, max_length=512)] | None = None
+    """A renewed node credential, sent when less than half of the current one's lifetime is
+    left. The agent saves it (replacing the old one, atomically) and presents it from its next
+    request on; the old one stays valid until the new one is first used or it expires."""

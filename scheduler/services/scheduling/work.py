@@ -57,6 +57,14 @@ class NodeWork:
     """To start, but no TaskSpec can be built for them: the caller fails them."""
 
 
+def reply_json(reply: HeartbeatReply) -> str:
+    """The reply as sent. `credential` is left out unless set: an agent older than that field
+    refuses unknown fields, and only a renewal needs it."""
+    if reply.credential is None:
+        return reply.model_dump_json(exclude={"credential"})
+    return reply.model_dump_json()
+
+
 async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) -> NodeWork:
     """Tasks the node must start (not yet acknowledged) and stop (asked, not yet ended)."""
     rows = (
