@@ -146,6 +146,13 @@ class Agent:
         log.info("registered as node %s (id %d)", reply.node_name, reply.node_id)
         return self.credential
 
+    def _renew(self, credential: str) -> None:
+        """The server renewed the node's credential: keep it (atomically) and use it next."""
+        assert self.credential is not None
+        self.credential = self.credential.model_copy(update={"credential": credential})
+        self.state.save_credential(self.credential)
+        log.info("node credential renewed")
+
     def _forget_join_token(self) -> None:
         """Registered: the join token leaves the agent's memory and environment."""
         self._join_token = None
@@ -169,10 +176,15 @@ class Agent:
                     await _sleep_or(stop, backoff_s * random.uniform(0.8, 1.2))
                     backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
                 except AuthError as exc:
+                    # Revoked or expired: it will never work again. Forgetting it lets the
+                    # agent, restarted with a new join token after `fairgpu node approve`,
+                    # register the node anew instead of presenting the dead one forever.
                     self.connected.clear()
+                    self.state.forget_credential()
                     raise AgentError(
-                        f"the server refused this node's credential ({exc}); a platform admin "
-                        "can let it register again (fairgpu node approve) with a new join token"
+                        f"the server refused this node's credential ({exc}): a platform admin "
+                        f"runs `fairgpu node approve {self.config.name}`, then start the agent "
+                        "with a new join token"
                     ) from exc
                 except (AgentError, asyncio.CancelledError):
                     raise
@@ -242,6 +254,8 @@ class Agent:
             return  # a task changed state locally: report it now, the reply comes again
         self.connected.set()
         self._isolation_reported = True
+        if reply.credential is not None:
+            self._renew(reply.credential)
         self.runner.acknowledge({r.task_id for r in reports if r.state in TERMINAL_TASK_STATES})
         self.logs.acknowledge(self.runner.records, chunks)
         if self._apply(reply):

@@ -62,6 +62,7 @@ class Principal:
     org_id: int | None = None
     role: Role | None = None
     node_id: int | None = None
+    expires_at: datetime | None = None
 
     @property
     def is_platform_admin(self) -> bool:
@@ -125,15 +126,19 @@ async def authenticate(
     digest = hash_token(secret)
     if cache is not None and (hit := cache.get(digest, now)) is not None:
         return hit
-    principal, expires_at = await _lookup(session, digest, now)
+    principal, expires_at, superseded = await _lookup(session, digest, now)
     if cache is not None:
+        if superseded:
+            cache.clear()  # the node's older credentials may be cached here
         cache.put(digest, principal, expires_at)
     return principal
 
 
 async def _lookup(
     session: AsyncSession, digest: str, now: datetime
-) -> tuple[Principal, datetime | None]:
+) -> tuple[Principal, datetime | None, bool]:
+    """The principal, its expiry, and whether this first use of a node credential revoked the
+    node's older ones."""
     stmt = _TOKEN_QUERY.where(ApiToken.token_hash == digest)
     row = (await session.execute(stmt)).one_or_none()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
@@ -142,15 +147,32 @@ async def _lookup(
         raise Unauthenticated("token revoked")
     if row.expires_at is not None and row.expires_at <= now:
         raise Unauthenticated("token expired")
+    superseded = False
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
         await session.execute(
             update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now)
         )
+        if row.kind == TokenKind.AGENT and row.last_used_at is None and row.node_id is not None:
+            # A renewed credential's first use: the node's older credentials end now.
+            superseded = True
+            await session.execute(
+                update(ApiToken)
+                .where(
+                    ApiToken.node_id == row.node_id,
+                    ApiToken.kind == TokenKind.AGENT,
+                    ApiToken.id < row.id,
+                    ApiToken.revoked_at.is_(None),
+                )
+                .values(revoked_at=now)
+            )
         await session.commit()
     if row.kind == TokenKind.AGENT:
         if row.node_id is None:
             raise Unauthenticated("agent credential without a node")
-        return Principal(kind="agent", token_id=row.id, node_id=row.node_id), row.expires_at
+        principal = Principal(
+            kind="agent", token_id=row.id, node_id=row.node_id, expires_at=row.expires_at
+        )
+        return principal, row.expires_at, superseded
     if row.kind == TokenKind.USER:
         if row.user_id is None or row.disabled_at is not None:
             raise Unauthenticated("user disabled")
@@ -162,7 +184,7 @@ async def _lookup(
             org_id=row.org_id,
             role=Role(row.role),
         )
-        return principal, row.expires_at
+        return principal, row.expires_at, False
     raise Forbidden("a join token only registers nodes (POST /v1/agent/register)")
 
 

@@ -36,14 +36,14 @@ from starlette.types import Message, Receive, Scope, Send
 from api.deps import parse_bearer
 from api.limits import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
-from api.routers.agent import hold_heartbeat
+from api.routers.agent import hold_heartbeat, needs_renewal
 from api.routers.jobs import checked_idempotency_key, job_public
 from api.schemas.jobs import JobCreate
 from protocol.agent import Heartbeat
 from scheduler.db.types import utcnow
 from scheduler.metrics import PROCESS_REGISTRY
 from scheduler.services import hotpath
-from scheduler.services.errors import InvalidInput
+from scheduler.services.errors import InvalidInput, Unauthenticated
 from scheduler.services.jobs import JobSpec, new_job, submission_rows
 from scheduler.services.quickbeat import Quick, decide, may_be_quick
 from scheduler.services.scheduling import work
@@ -202,6 +202,8 @@ class HotPaths:
         now = utcnow()
         if not rows or not hotpath.agent_row_valid(rows[0], now):
             return False
+        if needs_renewal(rows[0][7], now, state.settings):
+            return False  # the ordinary route renews the credential
         node_id = int(rows[0][6])
         if not may_be_quick(body, live, node_id):
             return False
@@ -212,8 +214,12 @@ class HotPaths:
         reply = work.reply(settings, now)
         wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
         if wait_s > 0:
-            reply = await hold_heartbeat(state, node_id, wait_s, reply)
-        await _send(send, 200, reply.model_dump_json().encode())
+            try:
+                reply = await hold_heartbeat(state, node_id, hash_token(secret), wait_s, reply)
+            except Unauthenticated as exc:  # revoked while held
+                await send_problem(send, 401, str(exc), HEARTBEAT_PATH)
+                return True
+        await _send(send, 200, work.reply_json(reply).encode())
         return True
 
     # -- submissions --------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from cli.output import (
 )
 
 node_app = typer.Typer(
-    help="GPU nodes: list, drain, resume (platform admins change).", no_args_is_help=True
+    help="GPU nodes: list, drain, resume, approve, revoke, delete (platform admins change).",
+    no_args_is_help=True,
 )
 
 NodeArg = Annotated[str, typer.Argument(help="Node name or id.", show_default=False)]
@@ -126,3 +127,30 @@ def node_resume(nodes: Annotated[list[str], typer.Argument(help="Node names or i
         for ref in nodes:
             body = client.post(f"/v1/nodes/{_node_id(client, ref)}/resume")
             typer.echo(f"Node {body['name']}: {body['state']}")
+
+
+@node_app.command("approve")
+def node_approve(node: NodeArg) -> None:
+    """Let the next registration of this node's name with a join token take it over (once):
+    for an agent that lost its credential. A join token alone never takes over a node."""
+    with connect("node approve") as client:
+        body = client.post(f"/v1/nodes/{_node_id(client, node)}/approve")
+    typer.echo(
+        f"Node {body['name']}: one join-token registration allowed until {body['approved_until']}"
+    )
+
+
+@node_app.command("revoke")
+def node_revoke(node: NodeArg) -> None:
+    """Revoke the node's credential now; its tasks end as on a lost node (NODE_FAIL, requeue)."""
+    with connect("node revoke") as client:
+        body = client.post(f"/v1/nodes/{_node_id(client, node)}/revoke")
+    typer.echo(f"Node {body['name']}: credential revoked, {body['state']}")
+
+
+@node_app.command("delete")
+def node_delete(node: NodeArg) -> None:
+    """Remove a drained or down node with no running task, with its GPUs; history stays."""
+    with connect("node delete") as client:
+        client.delete(f"/v1/nodes/{_node_id(client, node)}")
+    typer.echo(f"Deleted node {node}")

@@ -192,18 +192,16 @@ def join_create(
     site: Annotated[
         str | None, typer.Option(help="Nodes joining with it belong to this site.")
     ] = None,
-    uses: Annotated[int | None, typer.Option(min=1, help="How many nodes may join.")] = None,
-    ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 1d (server default).")] = None,
+    uses: Annotated[int, typer.Option(min=1, help="How many nodes may join with it.")] = 1,
+    ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 12h or 7d.")] = "1d",
     output: OutputOption = Format.TABLE,
 ) -> None:
     """A token for `fairgpu agent --join-token`; its secret is printed once."""
     body: dict[str, Any] = {"name": name}
     if site:
         body["site"] = site
-    if uses is not None:
-        body["uses"] = uses
-    if ttl:
-        body["ttl"] = parse_duration(ttl)
+    body["uses"] = uses
+    body["ttl"] = parse_duration(ttl)
     with connect("join-token create") as client:
         token = client.post("/v1/join-tokens", body)
     _created(token, output, "join token")

@@ -8,9 +8,14 @@ outbound requests, and the server answers each heartbeat with the work for that 
 
 Contract (both sides rely on it):
 
-- Registration is idempotent by (site, name): registering again with a valid join token returns
-  the same `node_id` and a *new* credential (the old one is revoked). An agent that lost its state
-  directory therefore recovers by registering again. A bad join token is 401.
+- A join token only creates new nodes. Registering an existing (site, name) needs the node's
+  current credential as the bearer (it returns the same `node_id` and a *new* credential; the
+  old one is revoked), or a platform admin's `fairgpu node approve NAME`, after which one join
+  token registration of that name takes the node over. A join token alone for an existing name
+  is 409. A bad join token or credential is 401.
+- Node credentials expire (`node_credential_ttl_s`); a heartbeat reply carries a renewed one
+  in `credential` when less than half the lifetime is left. A revoked node's credential is 401
+  at once, held long-polls included.
 - A heartbeat with an unknown or revoked credential is 401; the agent then stops heartbeating and
   says so (it re-registers only if it still has a join token).
 - Every heartbeat reports every task the agent knows that is not yet acknowledged as ended: live
@@ -40,6 +45,16 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from protocol.limits import (
+    MAX_GPUS_PER_NODE as MAX_GPUS_PER_NODE,
+)
+from protocol.limits import (
+    MAX_TIME_LIMIT_S,
+    Command,
+    Environment,
+    Image,
+    Workdir,
+)
 from protocol.states import GpuHealth, TaskState
 
 Isolation = Literal["strict", "none"]
@@ -49,7 +64,8 @@ agent's user, unconfined; only for a single-tenant or demo node, and never given
 org that requires isolation."""
 
 # Bounds shared by both sides: the agent splits its reports to fit, the server rejects larger.
-MAX_GPUS_PER_NODE = 64
+# A job's payload (command, environment...) is bounded in protocol/limits.py, which the submit
+# schema shares.
 MAX_TASKS_PER_HEARTBEAT = 256
 MAX_LOG_CHUNKS_PER_HEARTBEAT = 64
 MAX_LOG_CHUNK_CHARS = 64 * 1024
@@ -222,16 +238,12 @@ class TaskSpec(_Model):
     gpu_uuids: Annotated[list[Uuid], Field(max_length=MAX_GPUS_PER_NODE)] = Field(
         default_factory=list
     )
-    command: Annotated[
-        list[Annotated[str, Field(max_length=8192)]], Field(min_length=1, max_length=1024)
-    ]
-    env: Annotated[dict[str, Annotated[str, Field(max_length=8192)]], Field(max_length=256)] = (
-        Field(default_factory=dict)
-    )
-    workdir: Annotated[str, Field(max_length=4096)] | None = None
-    image: Annotated[str, Field(max_length=512)] | None = None
+    command: Command
+    env: Environment = Field(default_factory=dict)
+    workdir: Workdir | None = None
+    image: Image | None = None
     """Container image; when set the agent launches through its configured container runtime."""
-    time_limit_s: Annotated[float, Field(gt=0)]
+    time_limit_s: Annotated[float, Field(gt=0, le=MAX_TIME_LIMIT_S)]
     master_addr: Annotated[str, Field(max_length=255)] | None = None
     master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     memory_bytes: Annotated[int, Field(gt=0, le=2**63 - 1)] | None = None
@@ -258,3 +270,7 @@ class HeartbeatReply(_Model):
     )
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=3600)]
     server_time: AwareDatetime
+    credential: Annotated[str, Field(min_length=16, max_length=512)] | None = None
+    """A renewed node credential, sent when less than half of the current one's lifetime is
+    left. The agent saves it (replacing the old one, atomically) and presents it from its next
+    request on; the old one stays valid until the new one is first used or it expires."""

@@ -120,6 +120,19 @@ class Settings(BaseSettings):
     min_runtime_s: float = Field(
         600.0, ge=0, description="A job that has run less than this is never preempted."
     )
+    max_requeues: int = Field(
+        3,
+        ge=0,
+        description="A preemptible job is requeued after NODE_FAIL or preemption at most this "
+        "many times; after that it ends in that state, with the reason in its events.",
+    )
+    requeue_backoff_s: float = Field(
+        30.0,
+        ge=0,
+        description="A requeued job may start again only after this long, doubled for each "
+        "requeue before it (30 s, 60 s, 120 s...), so that a job that breaks its nodes does "
+        "not go round them at cycle speed.",
+    )
     usage_half_life_s: float = Field(
         7 * 86_400.0, gt=0, description="Half-life of decayed usage for fair share."
     )
@@ -135,6 +148,16 @@ class Settings(BaseSettings):
     )
     token_ttl_s: int = Field(
         90 * 86_400, gt=0, description="Lifetime of a new API token unless one is given."
+    )
+    join_token_ttl_s: int = Field(
+        86_400, gt=0, description="Lifetime of a new join token unless one is given."
+    )
+    node_credential_ttl_s: int = Field(
+        30 * 86_400,
+        gt=0,
+        description="Lifetime of a node's credential. A heartbeat renews it once less than half "
+        "is left (the reply carries the new one); a node away longer than this re-registers "
+        "with an operator's approval.",
     )
     task_log_max_bytes: int = Field(
         64 * 1024 * 1024,

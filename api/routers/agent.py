@@ -6,6 +6,7 @@ never keeps a transaction (or a pooled connection) open while it waits.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,6 +21,7 @@ from scheduler.services.livebuffer import LiveBuffer
 from scheduler.services.quickbeat import Quick, quick_heartbeat
 from scheduler.services.runtime import SchedulerRuntime
 from scheduler.services.scheduling import work
+from scheduler.services.tokens import credential_live, hash_token
 from scheduler.settings import Settings
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -34,10 +36,12 @@ def _join_token(request: Request) -> str:
 
 @router.post("/register", response_model=AgentRegistered)
 async def register(request: Request, body: AgentRegister, session: SessionDep) -> AgentRegistered:
-    """Register a node with a join token (`Authorization: Bearer <join token>`).
+    """Register a new node with a join token (`Authorization: Bearer <join token>`).
 
-    Registering the same node name again returns the same `node_id` and a new credential; the
-    previous credential is revoked. A bad, expired or used-up join token is 401.
+    An existing node re-registers with its current credential as the bearer (same `node_id`, a
+    new credential; the previous one is revoked). A join token for an existing node's name is
+    409, unless a platform admin approved the takeover (`POST /v1/nodes/{id}/approve`). A bad,
+    expired or used-up token is 401.
     """
     settings: Settings = request.app.state.settings
     registered = await svc.register_node(
@@ -72,10 +76,12 @@ async def heartbeat(
     assert principal.node_id is not None
     node_id = principal.node_id
     now = utcnow()
+    credential = hash_token(parse_bearer(request.headers.get("authorization", "")) or "")
+    renew = needs_renewal(principal.expires_at, now, settings)
     live: LiveBuffer | None = getattr(runtime, "live", None)
     # The hot path (api/hot.py) has already read the node and found it needs the full path.
     tried = getattr(request.state, "hot_path_tried", False)
-    if live is not None and settings.heartbeat_flush_interval_s > 0 and not tried:
+    if live is not None and settings.heartbeat_flush_interval_s > 0 and not tried and not renew:
         conn = await quick.connection()
         done = await quick_heartbeat(conn, node_id=node_id, body=body, buffer=live, now=now)
         await quick.rollback()  # ends the read (a no-op on an autocommit connection)
@@ -85,7 +91,7 @@ async def heartbeat(
             wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
             reply = work.reply(settings, now)
             if wait_s > 0:
-                reply = await hold_heartbeat(request.app.state, node_id, wait_s, reply)
+                reply = await hold_heartbeat(request.app.state, node_id, credential, wait_s, reply)
             return _json(reply)
     maker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     buffered = live.take_node(node_id) if live is not None else []
@@ -93,7 +99,13 @@ async def heartbeat(
         body = body.model_copy(update={"samples": [*buffered, *body.samples]})
     async with maker() as session:
         try:
-            outcome = await svc.heartbeat(session, node_id=node_id, body=body, settings=settings)
+            outcome = await svc.heartbeat(
+                session,
+                node_id=node_id,
+                body=body,
+                settings=settings,
+                renew_token_id=principal.token_id if renew else None,
+            )
             await session.commit()
         except BaseException:
             if live is not None and buffered:
@@ -109,20 +121,30 @@ async def heartbeat(
         wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
         if wait_s <= 0 or outcome.urgent or reply.start or reply.stop:
             return _json(reply)
-    return _json(await hold_heartbeat(request.app.state, node_id, wait_s, reply))
+    return _json(await hold_heartbeat(request.app.state, node_id, credential, wait_s, reply))
+
+
+def needs_renewal(expires_at: datetime | None, now: datetime, settings: Settings) -> bool:
+    """Less than half of the credential's lifetime is left: the reply carries a new one."""
+    if expires_at is None:
+        return False
+    return (expires_at - now).total_seconds() < settings.node_credential_ttl_s / 2
 
 
 async def hold_heartbeat(
-    state: Any, node_id: int, wait_s: float, reply: HeartbeatReply
+    state: Any, node_id: int, credential_hash: str, wait_s: float, reply: HeartbeatReply
 ) -> HeartbeatReply:
     """Hold the long-poll (`state` is the app's); each check is a short read in a session of
-    its own."""
+    its own, and ends the hold with 401 once the credential is revoked (`node revoke` wakes
+    it)."""
     settings: Settings = state.settings
     runtime: SchedulerRuntime = state.runtime
     maker: async_sessionmaker[AsyncSession] = state.sessionmaker
 
     async def check() -> HeartbeatReply | None:
         async with maker() as session:
+            if not await credential_live(session, credential_hash, utcnow()):
+                raise Unauthenticated("this node's credential was revoked")
             return await work.pending_reply(session, node_id=node_id, settings=settings)
 
     held = await runtime.hold(node_id, wait_s, check)
@@ -130,4 +152,4 @@ async def hold_heartbeat(
 
 
 def _json(reply: HeartbeatReply) -> Response:
-    return Response(reply.model_dump_json(), media_type="application/json")
+    return Response(work.reply_json(reply), media_type="application/json")

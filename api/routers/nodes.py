@@ -1,15 +1,18 @@
-"""`/v1/nodes`: the machines, their GPUs and health; platform admins drain and resume them."""
+"""`/v1/nodes`: the machines, their GPUs and health; platform admins drain, resume, approve,
+revoke and delete them."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Path, Request, Response
 
 from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
-from api.schemas.nodes import DrainRequest, GpuPublic, NodePublic, NodesPublic
+from api.schemas.nodes import DrainRequest, GpuPublic, NodeApproved, NodePublic, NodesPublic
 from protocol.states import GpuHealth
 from scheduler.db import Gpu
+from scheduler.db.types import utcnow
+from scheduler.services import nodeidentity as identity
 from scheduler.services import nodes as svc
 from scheduler.services.errors import NotFound
 
@@ -110,3 +113,50 @@ async def resume_node(
     await session.commit()
     request.app.state.runtime.notify("resume")
     return await _one(session, node_id, principal)
+
+
+@router.post("/{node_id}/approve")
+async def approve_node(
+    request: Request, node_id: NodeId, session: SessionDep, principal: PlatformAdmin
+) -> NodeApproved:
+    """Let the next registration of this node's name with a join token take the node over,
+    once, within a join token's lifetime: for an agent that lost its credential (platform
+    admins). Without it a join token only creates new nodes."""
+    node = await svc.get_node(session, node_id)
+    until = await identity.approve_takeover(
+        session, node, actor=principal.actor, now=utcnow(), settings=request.app.state.settings
+    )
+    await session.commit()
+    return NodeApproved(node_id=node.id, name=node.name, approved_until=until)
+
+
+@router.post("/{node_id}/revoke")
+async def revoke_node(
+    request: Request, node_id: NodeId, session: SessionDep, principal: PlatformAdmin
+) -> NodePublic:
+    """Revoke the node's credential at once (held heartbeats end with 401) and handle it as a
+    lost node: down, its tasks NODE_FAIL, preemptible jobs requeued (platform admins)."""
+    node = await svc.get_node(session, node_id)
+    effects = await identity.revoke_node(
+        session, node, actor=principal.actor, now=utcnow(), settings=request.app.state.settings
+    )
+    await session.commit()
+    request.app.state.auth_cache.clear()
+    runtime = request.app.state.runtime
+    runtime.wake_nodes({node_id, *effects.wake_nodes})
+    runtime.notify("node revoked")
+    return await _one(session, node_id, principal)
+
+
+@router.delete("/{node_id}", status_code=204)
+async def delete_node(
+    request: Request, node_id: NodeId, session: SessionDep, principal: PlatformAdmin
+) -> Response:
+    """Remove a drained or down node with no running task, with its GPUs and credentials; its
+    history stays (platform admins). 409 while it runs tasks."""
+    node = await svc.get_node(session, node_id)
+    await identity.delete_node(session, node)
+    await session.commit()
+    request.app.state.auth_cache.clear()
+    request.app.state.runtime.wake_nodes({node_id})
+    return Response(status_code=204)

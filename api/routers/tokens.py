@@ -63,7 +63,7 @@ async def create_token(
         session,
         user=user,
         name=body.name,
-        ttl_s=body.ttl or settings.token_ttl_s,
+        ttl_s=body.ttl or settings.join_token_ttl_s,
         created_by_user_id=principal.user_id,
     )
     await session.commit()
@@ -117,7 +117,7 @@ async def create_join_token(
         name=body.name,
         site=body.site,
         uses=body.uses,
-        ttl_s=body.ttl or settings.token_ttl_s,
+        ttl_s=body.ttl or settings.join_token_ttl_s,
         created_by_user_id=principal.user_id,
     )
     await session.commit()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,38 +16,38 @@ from api.schemas.common import (
     Printable,
     SiteName,
 )
+from protocol.limits import (
+    MAX_GPUS_PER_NODE,
+    MAX_TIME_LIMIT_S,
+    Command,
+    Environment,
+    Image,
+    Workdir,
+)
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
 
-MAX_GPUS_PER_NODE = 64
 MAX_NODES = 512
-MAX_ARGS = 256
-MAX_COMMAND_BYTES = 64 * 1024
-MAX_ENV_VARS = 256
-MAX_ENV_BYTES = 64 * 1024
 MAX_DEPENDENCIES = 64
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 MIN_MEMORY_BYTES = 1 << 20  # 1 MiB
 MAX_MEMORY_BYTES = 1 << 46  # 64 TiB per node
 PRIORITY_CLASSES = tuple(PolicyConfig().priority_classes)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV_PREFIX = "FAIRGPU_"
 RESERVED_ENV = frozenset(
     {"CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK"}
 )
-
-Arg = Annotated[str, Field(max_length=MAX_COMMAND_BYTES)]
 
 
 class JobCreate(InputModel):
     """A job: `nodes` tasks × `gpus_per_node` GPUs, started all at once or not at all."""
 
     name: Name = "job"
-    command: Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGS)]
+    command: Command
     """argv; the first element is the program."""
-    image: Annotated[str, Printable, Field(min_length=1, max_length=512)] | None = None
-    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]] = Field(default_factory=dict)
-    workdir: Annotated[str, Printable, Field(min_length=1, max_length=1024)] | None = None
+    image: Annotated[Image, Printable] | None = None
+    env: Environment = Field(default_factory=dict)
+    workdir: Annotated[Workdir, Printable] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] = 1
     nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
     memory_bytes: Annotated[int, Field(ge=MIN_MEMORY_BYTES, le=MAX_MEMORY_BYTES)] | None = None
@@ -56,7 +55,7 @@ class JobCreate(InputModel):
     cgroup is held to it. Omitted: the node's default per GPU times the GPUs asked for."""
     gpu_type: GpuType | None = None
     site: SiteName | None = None
-    time_limit: DurationS | None = None
+    time_limit: Annotated[DurationS, Field(le=MAX_TIME_LIMIT_S)] | None = None
     """Walltime; the org's default when omitted. Seconds, or '1h30m'-style."""
     priority_class: str = "normal"
     preemptible: bool = False
@@ -71,34 +70,12 @@ class JobCreate(InputModel):
     needs a platform admin: org admins admit only their own org (not its child orgs, whose jobs
     they could then neither see nor cancel)."""
 
-    @field_validator("command")
-    @classmethod
-    def _command_size(cls, value: list[str]) -> list[str]:
-        if not value[0]:
-            raise ValueError("the program (first argument) must not be empty")
-        total = sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in value)
-        if total > MAX_COMMAND_BYTES:
-            raise ValueError(f"command is {total} bytes; at most {MAX_COMMAND_BYTES}")
-        if any("\x00" in a for a in value):
-            raise ValueError("arguments must not contain NUL bytes")
-        return value
-
     @field_validator("env")
     @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > MAX_ENV_VARS:
-            raise ValueError(f"{len(value)} variables; at most {MAX_ENV_VARS}")
-        total = 0
-        for key, val in value.items():
-            if not _ENV_NAME.match(key) or len(key) > 256:
-                raise ValueError(f"bad variable name {key[:64]!r}: [A-Za-z_][A-Za-z0-9_]*")
+    def _env_not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
             if key.startswith(RESERVED_ENV_PREFIX) or key in RESERVED_ENV:
                 raise ValueError(f"{key} is set by fairgpu and cannot be overridden")
-            if "\x00" in val:
-                raise ValueError(f"{key}: values must not contain NUL bytes")
-            total += len(key) + len(val.encode("utf-8", "surrogatepass")) + 2
-        if total > MAX_ENV_BYTES:
-            raise ValueError(f"environment is {total} bytes; at most {MAX_ENV_BYTES}")
         return value
 
     @field_validator("priority_class")

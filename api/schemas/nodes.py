@@ -73,3 +73,10 @@ class UsageReport(OutputModel):
     since: datetime
     until: datetime
     data: list[UsageRow]
+
+
+class NodeApproved(OutputModel):
+    node_id: int
+    name: str
+    approved_until: datetime
+    """One join-token registration of this name may take the node over until then."""

@@ -80,6 +80,7 @@ class JoinTokenCreate(InputModel):
     name: Name = "join"
     site: SiteName | None = None
     """Restrict registration to this site (created when it does not exist)."""
-    uses: Annotated[int, Field(ge=1, le=MAX_JOIN_USES)] | None = None
-    """How many nodes may register with it; unlimited when omitted."""
+    uses: Annotated[int, Field(ge=1, le=MAX_JOIN_USES)] = 1
+    """How many nodes may register with it: one unless said (a leaked token then creates at
+    most that many nodes, and never takes over an existing one)."""
     ttl: Annotated[DurationS, Field(le=MAX_TOKEN_TTL_S)] | None = None

@@ -166,6 +166,9 @@ class _Cycle:
         if job.dependency == DependencyState.NEVER:
             self.waits[job.job_id] = ex.fixed(ReasonCode.DEPENDENCY_NEVER_SATISFIED)
             return None
+        if job.not_before is not None and job.not_before > self.now:
+            self.waits[job.job_id] = ex.begin_time(job.not_before)
+            return None
         full = (
             job.org_id,
             job.gpu_type,
@@ -272,7 +275,12 @@ class _Cycle:
             known = static_full.get(
                 (org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes, job.needs_isolation)
             )
-            if known is None or job.held or job.dependency not in _RUNNABLE:
+            if (
+                known is None
+                or job.held
+                or job.dependency not in _RUNNABLE
+                or (job.not_before is not None and job.not_before > self.now)
+            ):
                 types = self.static_types(job)
                 if types is None:
                     continue

@@ -92,6 +92,16 @@ class Explainer:
         r = self._reason((code,), lambda: Reason(code, _FIXED_TEXT[code]))
         return Wait((r,))
 
+    def begin_time(self, not_before: float) -> Wait:
+        """A requeued job in its backoff: it waits until `not_before`, whatever is free."""
+        wait_s = not_before - self.c.now
+        r = Reason(
+            ReasonCode.BEGIN_TIME,
+            f"requeued; may start again in {wait_s:.0f} s",
+            {"not_before": not_before},
+        )
+        return Wait((r,))
+
     def bad(self, job: PendingJob, why: str | None) -> Wait:
         idx = self.c.index
         if why is None:

@@ -34,6 +34,7 @@ class ReasonCode(StrEnum):
     DEPENDENCY = "Dependency"
     DEPENDENCY_NEVER_SATISFIED = "DependencyNeverSatisfied"
     JOB_HELD_USER = "JobHeldUser"
+    BEGIN_TIME = "BeginTime"  # requeued: it may not start before its `not_before`
     BAD_CONSTRAINTS = "BadConstraints"  # no node in the cluster could ever run it
     PREEMPTING = "Preempting"  # waiting for GPUs held by jobs being preempted for it
 
@@ -125,6 +126,8 @@ class PendingJob:
     held: bool = False
     dependency: DependencyState = DependencyState.NONE
     needs_isolation: bool = False  # its org (or one above) runs only on strict-isolation nodes
+    not_before: float | None = None
+    """It may not start before this time (a requeued job's backoff); None: at once."""
 
     @property
     def gpu_count(self) -> int:

@@ -67,6 +67,8 @@ class Job(Base):
     state_reason: Mapped[str | None] = mapped_column(String(1024))
     exit_code: Mapped[int | None] = mapped_column(Integer)
     requeue_count: Mapped[int] = mapped_column(Integer, default=0)
+    # A requeued job may not start before this (the requeue backoff); None: at once.
+    not_before: Mapped[datetime | None] = mapped_column()
     submitted_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
@@ -147,7 +149,8 @@ class Allocation(Base):
     )
     org_id: Mapped[int] = mapped_column(ForeignKey("orgs.id", ondelete="RESTRICT"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
-    gpu_id: Mapped[int] = mapped_column(ForeignKey("gpus.id", ondelete="RESTRICT"))
+    # NULL once the GPU's node was deleted: the allocation stays in the ledger (`gpu_type`).
+    gpu_id: Mapped[int | None] = mapped_column(ForeignKey("gpus.id", ondelete="SET NULL"))
     gpu_type: Mapped[str] = mapped_column(String(64))
     borrowed: Mapped[bool] = mapped_column(Boolean, default=False)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -165,7 +168,8 @@ class Event(Base):
     job_id: Mapped[int | None] = mapped_column(
         BigId, ForeignKey("jobs.id", ondelete="CASCADE"), index=True
     )
-    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    # A deleted node's events stay (their reasons name it): SET NULL, not CASCADE.
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"))
     org_id: Mapped[int | None] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     from_state: Mapped[str | None] = mapped_column(String(32))
     to_state: Mapped[str | None] = mapped_column(String(32))

@@ -151,6 +151,9 @@ class Node(Base):
     isolation: Mapped[str] = mapped_column(String(16), default="none")
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column()
+    # Until then, one registration with a join token alone may take this node over (an
+    # operator's `fairgpu node approve`); otherwise re-registering needs the node's credential.
+    takeover_approved_until: Mapped[datetime | None] = mapped_column()
 
 
 class Gpu(Base):

@@ -38,9 +38,10 @@ from scheduler.services.livebuffer import max_sample_gap_s, sample_json, usage_o
 from scheduler.services.scheduling.tasks import (
     STOP_REASON_STATE,
     EndEffects,
+    RequeuePolicy,
     end_task,
 )
-from scheduler.services.scheduling.work import node_work_and_unreported, reply
+from scheduler.services.scheduling.work import node_work, reply
 from scheduler.services.tokens import find_valid_token, issue_token
 from scheduler.settings import Settings
 from scheduler.states import NodeState, TokenKind
@@ -61,11 +62,26 @@ async def register_node(
     settings: Settings,
     now: datetime | None = None,
 ) -> AgentRegistered:
-    """Create or refresh the node and its GPUs; a new credential replaces any earlier one."""
+    """Create a node with a join token, or refresh one with its own credential.
+
+    A join token only ever creates new nodes: registering an existing name with one is refused,
+    unless a platform admin approved a takeover of that node (`fairgpu node approve`), which it
+    then uses up. An agent that still holds its credential re-registers with it. Either way the
+    node's earlier credentials are revoked and a new one, valid `node_credential_ttl_s`, issued.
+    """
     now = now or utcnow()
     token = await find_valid_token(session, join_secret, now=now)
-    if token is None or token.kind is not TokenKind.JOIN:
-        raise Unauthenticated("not a valid join token")
+    if token is None or token.kind not in (TokenKind.JOIN, TokenKind.AGENT):
+        raise Unauthenticated("not a valid join token or node credential")
+    if token.kind is TokenKind.AGENT:
+        node = await session.get(NodeRow, token.node_id) if token.node_id else None
+        if node is None or node.name != body.name:
+            raise Forbidden("a node credential re-registers only its own node")
+        site = await session.get(Site, node.site_id)
+        assert site is not None
+        if site.name != body.site:
+            raise Conflict(f"node {body.name!r} is registered at site {site.name!r}")
+        return await _registered(session, node, site, body, settings, now, token.created_by_user_id)
     if token.uses_left is not None:
         used = await session.execute(
             update(ApiToken)
@@ -86,6 +102,36 @@ async def register_node(
         session.add(node)
     elif node.site_id != site.id:
         raise Conflict(f"node {body.name!r} is registered at another site")
+    elif node.takeover_approved_until is None or node.takeover_approved_until <= now:
+        raise Conflict(
+            f"node {body.name!r} is already registered; a join token only creates new nodes. "
+            "Re-register with the node's current credential, or have a platform admin run "
+            f"`fairgpu node approve {body.name}` and register again with a join token",
+            node=body.name,
+        )
+    else:
+        node.takeover_approved_until = None  # the approval is used up
+        session.add(
+            Event(
+                at=now,
+                kind="node.takeover",
+                node_id=node.id,
+                actor=f"join-token:{token.id}",
+                reason="re-registered with a join token, as approved",
+            )
+        )
+    return await _registered(session, node, site, body, settings, now, token.created_by_user_id)
+
+
+async def _registered(
+    session: AsyncSession,
+    node: NodeRow,
+    site: Site,
+    body: AgentRegister,
+    settings: Settings,
+    now: datetime,
+    created_by_user_id: int | None,
+) -> AgentRegistered:
     node.domain = body.domain
     node.hostname = body.hostname
     node.address = body.address
@@ -94,24 +140,8 @@ async def register_node(
     node.last_heartbeat_at = now
     await session.flush()
     await _register_gpus(session, node, body, now)
-    await session.execute(
-        update(ApiToken)
-        .where(
-            ApiToken.node_id == node.id,
-            ApiToken.kind == TokenKind.AGENT,
-            ApiToken.revoked_at.is_(None),
-        )
-        .values(revoked_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    issued = await issue_token(
-        session,
-        kind=TokenKind.AGENT,
-        name=f"node {body.name}",
-        node_id=node.id,
-        site_id=site.id,
-        created_by_user_id=token.created_by_user_id,
-        now=now,
+    credential = await issue_node_credential(
+        session, node, site_id=site.id, settings=settings, now=now, by=created_by_user_id
     )
     session.add(
         Event(
@@ -125,9 +155,46 @@ async def register_node(
     return AgentRegistered(
         node_id=node.id,
         node_name=node.name,
-        credential=issued.secret,
+        credential=credential,
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
+
+
+async def issue_node_credential(
+    session: AsyncSession,
+    node: NodeRow,
+    *,
+    site_id: int,
+    settings: Settings,
+    now: datetime,
+    by: int | None = None,
+    keep_token_id: int | None = None,
+) -> str:
+    """A new credential for the node; every other live one is revoked, but `keep_token_id`
+    (the one a renewing heartbeat presented: it stays valid until the agent uses the new one
+    or it expires, so a lost reply locks nobody out)."""
+    await session.execute(
+        update(ApiToken)
+        .where(
+            ApiToken.node_id == node.id,
+            ApiToken.kind == TokenKind.AGENT,
+            ApiToken.revoked_at.is_(None),
+            ApiToken.id != (keep_token_id or 0),
+        )
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    issued = await issue_token(
+        session,
+        kind=TokenKind.AGENT,
+        name=f"node {node.name}",
+        node_id=node.id,
+        site_id=site_id,
+        created_by_user_id=by,
+        ttl_s=settings.node_credential_ttl_s,
+        now=now,
+    )
+    return issued.secret
 
 
 async def _create_site(session: AsyncSession, name: str, now: datetime) -> Site:
@@ -194,8 +261,12 @@ async def heartbeat(
     body: Heartbeat,
     settings: Settings,
     now: datetime | None = None,
+    renew_token_id: int | None = None,
 ) -> HeartbeatOutcome:
-    """Apply the node's samples, task reports and logs; return the work for it. Caller commits."""
+    """Apply the node's samples, task reports and logs; return the work for it. Caller commits.
+
+    With `renew_token_id` (the presented credential, past half its lifetime) the reply carries
+    a new credential."""
     now = now or utcnow()
     # Write first: on SQLite the write lock is then taken before anything is read.
     touched = (
@@ -245,10 +316,9 @@ async def heartbeat(
     outcome.wake_nodes = effects.wake_nodes - {node_id}
     if effects.gpus_freed or effects.jobs_requeued:
         outcome.changed = True
-    starts, stops, unreported = await node_work_and_unreported(
-        session, node_id=node_id, settings=settings
-    )
-    for task, job in unreported:
+    work = await node_work(session, node_id=node_id, settings=settings)
+    ended: set[int] = set()
+    for task, job in work.unreported:
         # Asked to stop before the agent ever reported it: the agent ignores stops for tasks it
         # does not know, so the server ends it (a late live report gets a stale stop).
         await end_task(
@@ -260,20 +330,46 @@ async def heartbeat(
             at=now,
             grace_s=settings.preemption_grace_s,
             gpu_weights=dict(settings.gpu_weights),
+            requeue=RequeuePolicy.of(settings),
             reason=f"stopped ({task.stop_reason}) before the node started it",
             effects=effects,
         )
+        ended.add(task.id)
+    for failed in work.unbuildable:
+        # Its job does not fit the agent protocol: it fails alone, before the node sees it.
+        await end_task(
+            session,
+            failed.task,
+            failed.job,
+            JobState.FAILED,
+            actor="server",
+            at=now,
+            grace_s=settings.preemption_grace_s,
+            gpu_weights=dict(settings.gpu_weights),
+            requeue=RequeuePolicy.of(settings),
+            reason=f"cannot be sent to node {node_name}: {failed.error}",
+            effects=effects,
+        )
+    stops = work.stops
+    if ended or work.unbuildable:
         outcome.changed = True
-    if unreported:
         outcome.wake_nodes = effects.wake_nodes - {node_id}
-        ended = {task.id for task, _ in unreported}
         stops = [stop for stop in stops if stop.task_id not in ended]
         await session.flush()
     stops.extend(
         TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.preemption_grace_s)
         for t in sorted(stale)
     )
-    outcome.reply = reply(settings, now, starts, stops)
+    outcome.reply = reply(settings, now, work.starts, stops)
+    if renew_token_id is not None:
+        node = await session.get(NodeRow, node_id)
+        assert node is not None
+        renewed = await issue_node_credential(
+            session, node, site_id=node.site_id, settings=settings, now=now,
+            keep_token_id=renew_token_id,
+        )  # fmt: skip
+        outcome.reply = outcome.reply.model_copy(update={"credential": renewed})
+        outcome.urgent = True  # not held: a held reply would not carry it
     return outcome
 
 
@@ -451,6 +547,7 @@ async def _apply_reports(
                 at=report.ended_at or now,
                 grace_s=settings.preemption_grace_s,
                 gpu_weights=weights,
+                requeue=RequeuePolicy.of(settings),
                 reason=reason,
                 exit_code=report.exit_code,
                 signal=report.signal,

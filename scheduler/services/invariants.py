@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
@@ -128,11 +128,13 @@ async def _ledger_matches_allocations(session: AsyncSession, report: InvariantRe
 
 
 async def _allocations_on_known_gpus(session: AsyncSession, report: InvariantReport) -> None:
+    """Every open allocation holds a GPU that exists. A closed one may have lost its GPU
+    (`gpu_id` NULL): its node was deleted, and the ledger keeps its `gpu_type`."""
     orphans = await session.scalar(
         select(func.count())
         .select_from(Allocation)
         .outerjoin(Gpu, Gpu.id == Allocation.gpu_id)
-        .where(Gpu.id.is_(None))
+        .where(Gpu.id.is_(None), or_(Allocation.gpu_id.is_not(None), Allocation.ended_at.is_(None)))
     )
     if orphans:
         report.violations.append(f"{orphans} allocation(s) on GPUs that do not exist")

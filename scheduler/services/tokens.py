@@ -93,3 +93,15 @@ async def find_valid_token(
     if row.uses_left is not None and row.uses_left <= 0:
         return None
     return row
+
+
+async def credential_live(session: AsyncSession, token_hash: str, now: datetime) -> bool:
+    """The credential with this hash is neither revoked nor expired (a held long-poll's check)."""
+    row = (
+        await session.execute(
+            select(ApiToken.id, ApiToken.expires_at).where(
+                ApiToken.token_hash == token_hash, ApiToken.revoked_at.is_(None)
+            )
+        )
+    ).one_or_none()
+    return row is not None and (row.expires_at is None or row.expires_at > now)

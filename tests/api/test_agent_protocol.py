@@ -21,10 +21,10 @@ async def cluster(database_url: str) -> AsyncIterator[Cluster]:
         yield c
 
 
-async def test_register_is_idempotent_and_rotates_the_credential(cluster: Cluster) -> None:
+async def test_register_again_with_the_credential_rotates_it(cluster: Cluster) -> None:
     join = await cluster.join_token()
     first = await cluster.register(join, name="gpu-a", gpus=4)
-    second = await cluster.register(join, name="gpu-a", gpus=4)
+    second = await cluster.register(first["credential"], name="gpu-a", gpus=4)
     assert first["node_id"] == second["node_id"]
     assert first["credential"] != second["credential"]
     await cluster.call("POST", "/v1/agent/heartbeat", first["credential"], {}, expect=401)

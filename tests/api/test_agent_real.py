@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from agents.client import AgentClient
-from agents.daemon import Agent, AgentConfig
+from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
 from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
@@ -77,3 +77,46 @@ async def test_real_agent_runs_and_cancels_jobs(cluster: Cluster, tmp_path: Path
         await cluster.call("POST", f"/v1/jobs/{long['id']}/cancel", token)
         took_s = await _wait_state(cluster, token, long["id"], "CANCELLED")
         assert took_s < 5.0, took_s  # long-poll delivers the stop at once; sleep dies on TERM
+
+
+async def test_the_agent_keeps_a_renewed_credential_and_stops_once_revoked(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A lifetime of 6 s: renewed from the third second on, at the agent's next heartbeat.
+    settings = fast_settings(database_url, node_credential_ttl_s=6.0, heartbeat_interval_s=0.5)
+    async with running_cluster(settings) as cluster:
+        config = AgentConfig(
+            server="http://fairgpu", state_dir=tmp_path / "agent", name="sim-node",
+            join_token=await cluster.join_token(), address="127.0.0.1", poll_interval_s=0.02,
+        )  # fmt: skip
+        client = AgentClient(config.server, transport=httpx.ASGITransport(app=cluster.app))
+        node = Agent(config, SimulatedBackend(parse_simulate_spec("2xH100"), seed="s"), client)
+        run = asyncio.create_task(node.run(asyncio.Event()))
+        try:
+            await asyncio.wait_for(node.connected.wait(), 10)
+            assert node.credential is not None
+            first = node.credential.credential
+            deadline = time.monotonic() + 15
+            while node.credential.credential == first:
+                assert time.monotonic() < deadline, "never renewed"
+                await asyncio.sleep(0.1)
+            stored = node.state.load_credential()
+            assert stored is not None
+            assert stored.credential == node.credential.credential  # on disk for a restart
+            before = await _last_heartbeat(cluster)
+            await asyncio.sleep(1.5)
+            assert await _last_heartbeat(cluster) > before  # the renewed credential works
+            [row] = (await cluster.call("GET", "/v1/nodes", cluster.admin))["data"]
+            await cluster.call("POST", f"/v1/nodes/{row['id']}/revoke", cluster.admin)
+            with pytest.raises(AgentError, match="fairgpu node approve sim-node"):
+                await asyncio.wait_for(run, 10)
+            assert node.state.load_credential() is None  # a restart registers anew
+        finally:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            await client.aclose()
+
+
+async def _last_heartbeat(cluster: Cluster) -> str:
+    [row] = (await cluster.call("GET", "/v1/nodes", cluster.admin))["data"]
+    return str(row["last_heartbeat_at"])

@@ -151,8 +151,8 @@ async def test_what_the_hot_paths_do_not_cover_gets_the_ordinary_answers(
             headers={"Authorization": f"Bearer {cred}", "Content-Type": "text/plain"},
         )
         assert raw.status_code in (200, 415, 422), raw.text
-        # Registering again rotates the credential: the old one is refused at once.
-        again = await cluster.register(await cluster.join_token(), gpus=1, name=node["node_name"])
+        # Registering again (with the credential) rotates it: the old one is refused at once.
+        again = await cluster.register(cred, gpus=1, name=node["node_name"])
         assert (await post("/v1/agent/heartbeat", cred, {})).status_code == 401
         assert (await post("/v1/agent/heartbeat", again["credential"], {})).status_code == 200
 

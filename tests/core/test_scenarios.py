@@ -451,3 +451,18 @@ def test_odd_inputs_are_explained_not_crashed_on() -> None:
     assert [st.job_id for st in schedule(s).starts] == [1]
     zero = snapshot(nodes=nodes(1), orgs=[org(1, guaranteed=8)], pending=[job(1, 1, 0)])
     assert codes(schedule(zero), 1) == [ReasonCode.BAD_CONSTRAINTS]
+
+
+def test_requeued_job_waits_for_its_begin_time_and_nothing_waits_for_it() -> None:
+    s = snapshot(
+        nodes=nodes(1, gpus=2),
+        orgs=[org(1, guaranteed=2)],
+        pending=[job(1, 1, 2, not_before=100.0), job(2, 1, 2, at=50.0)],
+        now=10.0,
+    )
+    d = schedule(s)
+    assert [st.job_id for st in d.starts] == [2]
+    assert codes(d, 1) == [ReasonCode.BEGIN_TIME]
+    assert d.pending[1].reasons[0].details == {"not_before": 100.0}
+    later = schedule(replace(s, now=100.0, pending=(job(1, 1, 2, not_before=100.0),)))
+    assert [st.job_id for st in later.starts] == [1]

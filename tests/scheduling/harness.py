@@ -35,6 +35,7 @@ def fast_settings(database_url: str, **overrides: Any) -> Settings:
         "node_timeout_s": 60.0,
         "preemption_grace_s": 1.0,
         "min_runtime_s": 0.0,
+        "requeue_backoff_s": 0.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -92,7 +93,9 @@ class Cluster:
         return str(token["token"])
 
     async def join_token(self) -> str:
-        created = await self.call("POST", "/v1/join-tokens", self.admin, {"name": "join"})
+        created = await self.call(
+            "POST", "/v1/join-tokens", self.admin, {"name": "join", "uses": 100}
+        )
         return str(created["token"])
 
     async def register(

@@ -182,14 +182,16 @@ async def apply_starts(
             )
         )
     }
-    taken = set(
-        await session.scalars(
+    taken = {
+        gpu_id
+        for gpu_id in await session.scalars(
             select(Allocation.gpu_id).where(
                 Allocation.ended_at.is_(None),
                 Allocation.gpu_id.in_([g.id for g in gpus.values()]),
             )
         )
-    )
+        if gpu_id is not None
+    }
     batch: list[tuple[Start, Job, list[list[GpuRef]]]] = []
     for start in starts:
         job = jobs.get(start.job_id)

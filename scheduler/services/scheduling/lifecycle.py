@@ -21,7 +21,13 @@ from scheduler.db import Event, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.services.jobstate import STOP_NODE_LOST, STOP_TIMEOUT
 from scheduler.services.scheduling.sqltime import epoch_us
-from scheduler.services.scheduling.tasks import ACTIVE_STATES, EndEffects, end_task, request_stop
+from scheduler.services.scheduling.tasks import (
+    ACTIVE_STATES,
+    EndEffects,
+    RequeuePolicy,
+    end_task,
+    request_stop,
+)
 from scheduler.settings import Settings
 from scheduler.states import NodeState
 
@@ -89,13 +95,49 @@ def _node_event(node: NodeRow, to_state: NodeState, reason: str, now: datetime) 
     return event
 
 
+async def lose_node(
+    session: AsyncSession,
+    node: NodeRow,
+    reason: str,
+    *,
+    actor: str,
+    now: datetime,
+    settings: Settings,
+    effects: EndEffects,
+) -> None:
+    """The node is `down`; its active tasks end NODE_FAIL (their jobs requeue or end)."""
+    event = _node_event(node, NodeState.DOWN, reason, now)
+    event.actor = actor
+    session.add(event)
+    rows = await session.execute(
+        select(Task, Job)
+        .join(Job, Job.id == Task.job_id)
+        .where(Task.node_id == node.id, Task.state.in_(ACTIVE_STATES))
+        .order_by(Job.id)  # end_task locks jobs: in id order, as heartbeats do
+    )
+    for task, job in rows.all():
+        await end_task(
+            session,
+            task,
+            job,
+            JobState.NODE_FAIL,
+            actor=actor,
+            at=now,
+            grace_s=settings.preemption_grace_s,
+            gpu_weights=dict(settings.gpu_weights),
+            requeue=RequeuePolicy.of(settings),
+            reason=f"node {node.name} lost: {reason}",
+            effects=effects,
+        )
+        task.stop_reason = task.stop_reason or STOP_NODE_LOST
+
+
 async def apply_work(
     session: AsyncSession, work: LifecycleWork, *, now: datetime, settings: Settings
 ) -> EndEffects:
     """Apply `work` in the caller's (fenced) transaction, re-checking each row as it is now."""
     effects = EndEffects()
     cutoff = now - timedelta(seconds=settings.node_timeout_s)
-    weights = dict(settings.gpu_weights)
     if work.stale_nodes:
         nodes = await session.scalars(
             select(NodeRow).where(
@@ -108,28 +150,15 @@ async def apply_work(
             )
         )
         for node in nodes:
-            reason = f"no heartbeat for {settings.node_timeout_s:g} s"
-            session.add(_node_event(node, NodeState.DOWN, reason, now))
-            rows = await session.execute(
-                select(Task, Job)
-                .join(Job, Job.id == Task.job_id)
-                .where(Task.node_id == node.id, Task.state.in_(ACTIVE_STATES))
-                .order_by(Job.id)  # end_task locks jobs: in id order, as heartbeats do
+            await lose_node(
+                session,
+                node,
+                f"no heartbeat for {settings.node_timeout_s:g} s",
+                actor=ACTOR,
+                now=now,
+                settings=settings,
+                effects=effects,
             )
-            for task, job in rows.all():
-                await end_task(
-                    session,
-                    task,
-                    job,
-                    JobState.NODE_FAIL,
-                    actor=ACTOR,
-                    at=now,
-                    grace_s=settings.preemption_grace_s,
-                    gpu_weights=weights,
-                    reason=f"node {node.name} lost: {reason}",
-                    effects=effects,
-                )
-                task.stop_reason = task.stop_reason or STOP_NODE_LOST
     if work.drained_nodes:
         busy = select(Task.node_id).where(Task.state.in_(ACTIVE_STATES), Task.node_id.is_not(None))
         for node in await session.scalars(

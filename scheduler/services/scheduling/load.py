@@ -142,6 +142,7 @@ _PENDING = (
         Job.preemptible,
         Job.held,
         Job.priority.is_not(None),
+        epoch_s(Job.not_before),
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
@@ -338,6 +339,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         preemptible,
         held,
         has_priority,
+        not_before_s,
     ) in fetched.pending:
         pending.append(
             PendingJob(
@@ -355,6 +357,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 held=held,
                 dependency=deps.get(job_id, none),
                 needs_isolation=org_id in isolated,
+                not_before=not_before_s,
             )
         )
         if has_priority:

@@ -5,14 +5,16 @@ that ended other than COMPLETED decides the job's state ("first failure wins"). 
 a gang fails, the others are asked to stop, since a gang with a missing member cannot progress.
 A job that ends PREEMPTED or NODE_FAIL is requeued to PENDING (attempt + 1) when it is
 preemptible: a preemptible job declares that it can be restarted, so a lost node costs it only
-time. A non-preemptible job ends NODE_FAIL and its owner resubmits.
+time. A non-preemptible job ends NODE_FAIL and its owner resubmits. Requeues are capped
+(`max_requeues`) and spaced (`not_before`, a delay doubling per requeue): a job that kills
+every node it lands on ends NODE_FAIL after a few tries instead of going round the cluster.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,6 +31,7 @@ from scheduler.services.jobstate import (
     transition_job,
     transition_task,
 )
+from scheduler.settings import Settings
 
 ACTIVE_STATES = (JobState.STARTING, JobState.RUNNING)
 
@@ -41,6 +44,23 @@ STOP_REASON_STATE = {
     STOP_STALE: JobState.CANCELLED,
 }
 REQUEUE_STATES = frozenset({JobState.PREEMPTED, JobState.NODE_FAIL})
+MAX_REQUEUE_DELAY_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequeuePolicy:
+    """How often, and how soon again, a preemptible job is requeued (scheduler/settings.py)."""
+
+    max_requeues: int
+    backoff_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> RequeuePolicy:
+        return cls(settings.max_requeues, settings.requeue_backoff_s)
+
+    def delay_s(self, requeue: int) -> float:
+        """Seconds the `requeue`-th requeue (1, 2, ...) waits before it may start."""
+        return min(self.backoff_s * 2.0 ** min(requeue - 1, 32), MAX_REQUEUE_DELAY_S)
 
 
 @dataclass
@@ -73,6 +93,7 @@ async def end_task(
     at: datetime,
     grace_s: float,
     gpu_weights: dict[str, float],
+    requeue: RequeuePolicy,
     reason: str | None = None,
     exit_code: int | None = None,
     signal: int | None = None,
@@ -127,7 +148,7 @@ async def end_task(
                 if request_stop(t, sibling_reason, at=at, grace_s=grace_s) and t.node_id:
                     effects.wake_nodes.add(t.node_id)
         return effects
-    _end_job(session, job, [task, *siblings], actor=actor, at=at, effects=effects)
+    _end_job(session, job, [task, *siblings], actor=actor, at=at, requeue=requeue, effects=effects)
     return effects
 
 
@@ -138,29 +159,42 @@ def _end_job(
     *,
     actor: str,
     at: datetime,
+    requeue: RequeuePolicy,
     effects: EndEffects,
 ) -> None:
     ordered = sorted(tasks, key=lambda t: (t.ended_at or at, t.node_rank))
     failures = [t for t in ordered if t.state is not JobState.COMPLETED]
     decisive = failures[0] if failures else min(ordered, key=lambda t: t.node_rank)
     final = decisive.state
-    job.exit_code = decisive.exit_code
-    transition_job(session, job, final, actor=actor, reason=decisive.reason, at=at)
-    job.preempt_deadline = None
-    if final in REQUEUE_STATES and job.preemptible:
-        transition_job(
-            session,
-            job,
-            JobState.PENDING,
-            actor=actor,
-            reason=f"requeued after {final.value} (attempt {job.requeue_count + 1})",
-            at=at,
+    reason = decisive.reason
+    requeues = final in REQUEUE_STATES and job.preemptible
+    if requeues and job.requeue_count >= requeue.max_requeues:
+        requeues = False
+        reason = (
+            f"{reason or final.value}; not requeued: it was requeued {job.requeue_count} "
+            f"time(s) already, the most allowed (max_requeues = {requeue.max_requeues})"
         )
-        job.requeue_count += 1
-        job.started_at = None
-        job.ended_at = None
-        job.exit_code = None
-        job.borrowed = False
-        effects.jobs_requeued.append(job.id)
-    else:
+    job.exit_code = decisive.exit_code
+    transition_job(session, job, final, actor=actor, reason=reason, at=at)
+    job.preempt_deadline = None
+    if not requeues:
         effects.jobs_ended.append((job.id, final))
+        return
+    delay_s = requeue.delay_s(job.requeue_count + 1)
+    transition_job(
+        session,
+        job,
+        JobState.PENDING,
+        actor=actor,
+        reason=f"requeued after {final.value} (attempt {job.requeue_count + 1}); "
+        f"may start again in {delay_s:g} s",
+        at=at,
+        details={"not_before_s": delay_s},
+    )
+    job.requeue_count += 1
+    job.not_before = at + timedelta(seconds=delay_s) if delay_s > 0 else None
+    job.started_at = None
+    job.ended_at = None
+    job.exit_code = None
+    job.borrowed = False
+    effects.jobs_requeued.append(job.id)

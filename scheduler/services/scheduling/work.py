@@ -6,8 +6,10 @@ on `tasks.node_id` when there is nothing to do, and a few more only when there i
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 
+from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -36,18 +38,35 @@ def reply(
     )
 
 
-async def node_work(
-    session: AsyncSession, *, node_id: int, settings: Settings
-) -> tuple[list[TaskSpec], list[TaskStop]]:
+@dataclass(frozen=True, slots=True)
+class Unbuildable:
+    """A task whose job does not fit the agent protocol: it fails alone, its node carries on."""
+
+    task: Task
+    job: Job
+    error: str
+
+
+@dataclass
+class NodeWork:
+    starts: list[TaskSpec] = field(default_factory=list)
+    stops: list[TaskStop] = field(default_factory=list)
+    unreported: list[tuple[Task, Job]] = field(default_factory=list)
+    """Asked to stop before the agent ever reported them."""
+    unbuildable: list[Unbuildable] = field(default_factory=list)
+    """To start, but no TaskSpec can be built for them: the caller fails them."""
+
+
+def reply_json(reply: HeartbeatReply) -> str:
+    """The reply as sent. `credential` is left out unless set: an agent older than that field
+    refuses unknown fields, and only a renewal needs it."""
+    if reply.credential is None:
+        return reply.model_dump_json(exclude={"credential"})
+    return reply.model_dump_json()
+
+
+async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) -> NodeWork:
     """Tasks the node must start (not yet acknowledged) and stop (asked, not yet ended)."""
-    starts, stops, _ = await node_work_and_unreported(session, node_id=node_id, settings=settings)
-    return starts, stops
-
-
-async def node_work_and_unreported(
-    session: AsyncSession, *, node_id: int, settings: Settings
-) -> tuple[list[TaskSpec], list[TaskStop], list[tuple[Task, Job]]]:
-    """`node_work`, plus the tasks asked to stop that the agent has never reported."""
     rows = (
         await session.execute(
             select(Task, Job)
@@ -60,9 +79,10 @@ async def node_work_and_unreported(
             .order_by(Task.id)
         )
     ).all()
+    work = NodeWork()
     if not rows:
-        return [], [], []
-    stops = [
+        return work
+    work.stops = [
         TaskStop(
             task_id=t.id,
             reason=t.stop_reason or "",
@@ -72,13 +92,16 @@ async def node_work_and_unreported(
         if t.stop_requested_at is not None
     ]
     to_start = [(t, j) for t, j in rows if t.stop_requested_at is None]
-    unreported = [
+    work.unreported = [
         (t, j) for t, j in rows if t.stop_requested_at is not None and t.started_at is None
     ]
-    return await _task_specs(session, to_start), stops, unreported
+    work.starts = await _task_specs(session, to_start, work.unbuildable)
+    return work
 
 
-async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> list[TaskSpec]:
+async def _task_specs(
+    session: AsyncSession, pairs: list[tuple[Task, Job]], unbuildable: list[Unbuildable]
+) -> list[TaskSpec]:
     if not pairs:
         return []
     task_ids = [t.id for t, _ in pairs]
@@ -103,37 +126,66 @@ async def _task_specs(session: AsyncSession, pairs: list[tuple[Task, Job]]) -> l
     orgs = dict((await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).all())
     specs: list[TaskSpec] = []
     for task, job in pairs:
-        held = sorted(gpus.get(task.id, []))
-        gang = job.num_nodes > 1
-        specs.append(
-            TaskSpec(
-                task_id=task.id,
-                job_id=job.id,
-                org=orgs.get(job.org_id, ""),
-                org_id=job.org_id,
-                node_rank=task.node_rank,
-                num_nodes=job.num_nodes,
-                gpus=[i for i, _ in held],
-                gpu_uuids=[u for _, u in held],
-                command=list(job.command),
-                env=dict(job.env or {}),
-                workdir=job.workdir,
-                image=job.image,
-                time_limit_s=float(job.time_limit_s),
-                master_addr=masters.get(job.id) if gang else None,
-                master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
-                memory_bytes=job.memory_bytes,
-                job_secret=job.job_secret,
+        try:
+            specs.append(
+                task_spec(
+                    task,
+                    job,
+                    org=orgs.get(job.org_id, ""),
+                    gpus=sorted(gpus.get(task.id, [])),
+                    master_addr=masters.get(job.id),
+                )
             )
-        )
+        except ValidationError as error:
+            unbuildable.append(Unbuildable(task, job, _first_error(error)))
     return specs
+
+
+def task_spec(
+    task: Task, job: Job, *, org: str, gpus: list[tuple[int, str]], master_addr: str | None
+) -> TaskSpec:
+    """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
+
+    Raises ValidationError when the stored job does not fit the protocol (it was stored under
+    other limits): the caller fails that task alone.
+    """
+    gang = job.num_nodes > 1
+    return TaskSpec(
+        task_id=task.id,
+        job_id=job.id,
+        org=org,
+        org_id=job.org_id,
+        node_rank=task.node_rank,
+        num_nodes=job.num_nodes,
+        gpus=[i for i, _ in gpus],
+        gpu_uuids=[u for _, u in gpus],
+        command=list(job.command),
+        env=dict(job.env or {}),
+        workdir=job.workdir,
+        image=job.image,
+        time_limit_s=float(job.time_limit_s),
+        master_addr=master_addr if gang else None,
+        master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
+        memory_bytes=job.memory_bytes,
+        job_secret=job.job_secret,
+    )
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
 async def pending_reply(
     session: AsyncSession, *, node_id: int, settings: Settings
 ) -> HeartbeatReply | None:
-    """For a held heartbeat: a reply when the node has work now, else None. Read only."""
-    starts, stops = await node_work(session, node_id=node_id, settings=settings)
-    if not starts and not stops:
+    """For a held heartbeat: a reply when the node has work now, else None. Read only.
+
+    A task that cannot be built ends the hold too (with what can be sent): the node's next
+    heartbeat takes the full path, which fails that task in a transaction.
+    """
+    work = await node_work(session, node_id=node_id, settings=settings)
+    if not work.starts and not work.stops and not work.unbuildable:
         return None
-    return reply(settings, utcnow(), starts, stops)
+    return reply(settings, utcnow(), work.starts, work.stops)

@@ -1,0 +1,120 @@
+"""Anything the server accepts can be sent: every valid JobCreate gives a valid TaskSpec."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from api.schemas.jobs import JobCreate
+from protocol.agent import TaskSpec
+from protocol.limits import MAX_ARGS, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_VARS
+from scheduler.db import Job, Task
+from scheduler.services.jobs import JobSpec, submission_rows
+from scheduler.services.scheduling.work import task_spec
+
+# Lengths near every limit, in characters of one, two and four UTF-8 bytes.
+_sized = st.builds(
+    lambda char, n: char * n,
+    st.sampled_from(["a", "é", "\U0001f600", "\x7f"]),
+    st.sampled_from([0, 1, 8191, 8192, 8193, 9000, MAX_COMMAND_BYTES // 4, MAX_COMMAND_BYTES]),
+)
+_text = st.one_of(st.text(max_size=64), _sized)
+_name = st.one_of(
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,40}", fullmatch=True), st.text(max_size=8)
+)
+_many = st.integers(0, MAX_ARGS + 2)
+
+
+@st.composite
+def submissions(draw: st.DrawFn) -> dict[str, Any]:
+    args = draw(st.lists(_text, min_size=1, max_size=4))
+    args += ["x"] * draw(st.sampled_from([0, MAX_ARGS - len(args), MAX_ARGS + 1 - len(args)]))
+    env = draw(st.dictionaries(_name, _text, max_size=4))
+    for i in range(draw(st.sampled_from([0, MAX_ENV_VARS - 8, MAX_ENV_VARS + 1]))):
+        env[f"V{i}"] = "v"
+    body: dict[str, Any] = {"command": args, "env": env}
+    body["workdir"] = draw(st.none() | st.text(max_size=8) | _sized)
+    body["image"] = draw(st.none() | st.text(max_size=8) | _sized)
+    body["time_limit"] = draw(st.none() | st.integers(-1, 2**32))
+    body["nodes"] = draw(st.integers(1, 3))
+    return body
+
+
+def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
+    """The TaskSpec the server builds for a job submitted as `create` (jobs.py, then work.py)."""
+    values, _ = submission_rows(
+        org_id=7,
+        user_id=3,
+        actor="user:test",
+        spec=JobSpec(**create.model_dump(exclude={"org"})),
+        idempotency_key=None,
+        time_limit_s=create.time_limit or 3600,
+        now=datetime.now(UTC),
+    )
+    job = Job(id=41, **values)
+    task = Task(id=99, job_id=job.id, attempt=0, node_rank=node_rank)
+    gpus = [(i, f"GPU-{i}") for i in range(create.gpus_per_node)]
+    return task_spec(task, job, org="acme", gpus=gpus, master_addr="10.0.0.1")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(submissions())
+def test_every_accepted_submission_can_be_sent(body: dict[str, Any]) -> None:
+    try:
+        create = JobCreate.model_validate(body)
+    except ValidationError:
+        assume(False)
+        return
+    for rank in range(create.nodes):
+        spec = spec_of(create, node_rank=rank)
+        # What goes over the wire is read back by the agent with the same model.
+        assert TaskSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"command": ["python", "-c", "x" * 9000]},
+        {"command": ["python", *["a"] * (MAX_ARGS - 1)]},
+        {"command": ["p", "y" * (MAX_COMMAND_BYTES - 4)]},
+        {"command": ["p"], "env": {"A": "v" * (MAX_ENV_BYTES - 4)}},
+        {"command": ["p"], "env": {f"V{i}": "" for i in range(MAX_ENV_VARS)}},
+        {"command": ["p"], "workdir": "/" + "d" * 1023, "image": "i" * 512},
+    ],
+)
+def test_boundary_submissions_can_be_sent(body: dict[str, Any]) -> None:
+    spec_of(JobCreate.model_validate({**body, "time_limit": 60}))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"command": ["p", "y" * (MAX_COMMAND_BYTES - 2)]},
+        {"command": ["p", *["a"] * MAX_ARGS]},
+        {"command": ["p"], "env": {"1A": "v"}},
+        {"command": ["p"], "env": {f"V{i}": "" for i in range(MAX_ENV_VARS + 1)}},
+        {"command": ["p"], "workdir": "/" + "d" * 1024},
+        {"command": ["p"], "time_limit": 2**31},
+    ],
+)
+def test_beyond_the_limits_is_refused_by_both(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        JobCreate.model_validate({"time_limit": 60, **body})
+    spec = {
+        "task_id": 1,
+        "job_id": 1,
+        "node_rank": 0,
+        "num_nodes": 1,
+        "gpus": [0],
+        "command": body["command"],
+        "env": body.get("env", {}),
+        "workdir": body.get("workdir"),
+        "time_limit_s": body.get("time_limit", 60),
+    }
+    with pytest.raises(ValidationError):
+        TaskSpec.model_validate(spec)
