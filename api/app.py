@@ -21,6 +21,7 @@ from api.problems import install_problem_handlers
 from scheduler.db.engine import make_server_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
 from scheduler.services import hotpath
+from scheduler.services.tenantlimits import SubmitLimits
 from scheduler.settings import Settings
 
 log = logging.getLogger("fairgpu.api")
@@ -169,6 +170,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
+    app.state.submit_limits = SubmitLimits.of(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)
     for name in _ROUTERS:

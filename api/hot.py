@@ -47,6 +47,7 @@ from scheduler.services.errors import InvalidInput, Unauthenticated
 from scheduler.services.jobs import JobSpec, new_job, submission_rows
 from scheduler.services.quickbeat import Quick, decide, may_be_quick
 from scheduler.services.scheduling import work
+from scheduler.services.tenantlimits import guard_params
 from scheduler.services.tokens import hash_token
 
 if TYPE_CHECKING:
@@ -276,7 +277,9 @@ class HotPaths:
             now=now,
         )
         try:
-            job_id = await hotpath.insert_job(self.pool, values, event)
+            job_id = await hotpath.insert_job(
+                self.pool, values, event, guard_params(spec.priority_class, state.submit_limits)
+            )
         except (
             OSError,
             asyncpg.PostgresConnectionError,
@@ -299,7 +302,9 @@ class HotPaths:
             log.info("hot submission refused by the database, handing on: %s", exc)
             return False
         if job_id is None:
-            return False  # the key is taken: the ordinary route answers with the first job
+            # The key is taken (the ordinary route answers with the first job) or a tenant
+            # limit refused it (the ordinary route says which, with the numbers).
+            return False
         HOT_REQUESTS.labels("submit", "answered").inc()
         self.app.state.runtime.notify("submit")
         public = job_public(new_job(job_id, values))

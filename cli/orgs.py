@@ -46,6 +46,8 @@ ORG_COLUMNS = [
     Column("SHARES", lambda o: o["shares"], justify="right"),
     Column("QUOTA(GUAR/LIMIT)", _quotas),
     Column("ISOLATION", _isolation),
+    Column("MAX_PRIORITY", lambda o: o.get("max_priority_class", "-")),
+    Column("MAX_PENDING", lambda o: o.get("max_pending_jobs", "-"), justify="right"),
     Column("IMAGES", lambda o: ",".join(o.get("image_patterns") or []) or "any", wide_only=True),
     Column("PATH", lambda o: o.get("path"), wide_only=True),
     Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
@@ -117,6 +119,22 @@ def org_update(
             "repeatable; --images '' allows any image.",
         ),
     ] = None,
+    max_priority: Annotated[
+        str | None,
+        typer.Option(
+            "--max-priority",
+            help="Highest priority class its members may submit at (low, normal, high); "
+            "'default' returns to the server's default.",
+        ),
+    ] = None,
+    max_pending_jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-pending-jobs",
+            min=-1,
+            help="Most pending jobs it may have at once; -1 returns to the server's default.",
+        ),
+    ] = None,
     output: OutputOption = Format.TABLE,
 ) -> None:
     """Change an organisation (platform admins)."""
@@ -129,6 +147,10 @@ def org_update(
         body["require_isolation"] = require_isolation
     if images is not None:
         body["image_patterns"] = [p for p in images if p.strip()]
+    if max_priority is not None:
+        body["max_priority_class"] = None if max_priority == "default" else max_priority
+    if max_pending_jobs is not None:
+        body["max_pending_jobs"] = None if max_pending_jobs < 0 else max_pending_jobs
     if not body:
         raise typer.BadParameter("nothing to change: give at least one option")
     with connect("org update") as client:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scheduler.core.types import PolicyConfig
+
 DEFAULT_SQLITE_FILE = "fairgpu.db"
 
 
@@ -166,6 +168,31 @@ class Settings(BaseSettings):
         "is dropped (the latest is kept) and reading the dropped range gives a marker that says "
         "how many bytes are gone.",
     )
+
+    default_max_priority_class: str = Field(
+        "normal",
+        description="The highest priority class an org may submit at unless a platform admin "
+        "sets its own (`fairgpu org update NAME --max-priority high`).",
+    )
+    max_pending_jobs_per_user: int = Field(
+        5_000,
+        ge=1,
+        description="Pending jobs one user may have at once; a submission beyond it is 409.",
+    )
+    max_pending_jobs_per_org: int = Field(
+        20_000,
+        ge=1,
+        description="Pending jobs one org may have at once unless the org sets its own "
+        "(`fairgpu org update NAME --max-pending-jobs N`); a submission beyond it is 409.",
+    )
+
+    @field_validator("default_max_priority_class")
+    @classmethod
+    def _check_priority_class(cls, value: str) -> str:
+        classes = PolicyConfig().priority_classes
+        if value not in classes:
+            raise ValueError(f"unknown priority class {value!r}; one of {', '.join(classes)}")
+        return value
 
     @field_validator("database_url")
     @classmethod

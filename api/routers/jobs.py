@@ -194,6 +194,7 @@ async def submit_job(
             idempotency_key=key,
             default_time_limit_s=settings.default_time_limit_s,
             max_time_limit_s=settings.max_time_limit_s,
+            limits=request.app.state.submit_limits,
         )
         await session.commit()
     except IntegrityError:

@@ -26,6 +26,7 @@ from scheduler.db.types import utcnow
 from scheduler.services import orgs as svc
 from scheduler.services.errors import NotFound
 from scheduler.services.shares import standings
+from scheduler.services.tenantlimits import SubmitLimits
 from scheduler.settings import Settings
 
 router = APIRouter(tags=["orgs"])
@@ -39,7 +40,7 @@ def _scope(principal: Principal) -> int | None:
     return principal.org_id if principal.org_id is not None else -1
 
 
-def _public(view: svc.OrgView) -> OrgPublic:
+def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
     o = view.org
     return OrgPublic(
         id=o.id,
@@ -52,6 +53,12 @@ def _public(view: svc.OrgView) -> OrgPublic:
         require_isolation=o.require_isolation,
         isolation_required=view.isolation_required,
         image_patterns=list(o.image_patterns or []),
+        max_priority_class=o.max_priority_class or limits.default_max_priority_class,
+        max_pending_jobs=(
+            o.max_pending_jobs
+            if o.max_pending_jobs is not None
+            else limits.max_pending_jobs_per_org
+        ),
         created_at=o.created_at,
         quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
     )
@@ -66,10 +73,12 @@ async def _visible_view(session: SessionDep, principal: Principal, ref: str) -> 
 
 
 @router.get("/v1/orgs")
-async def list_orgs(session: SessionDep, principal: UserPrincipal) -> OrgsPublic:
+async def list_orgs(request: Request, session: SessionDep, principal: UserPrincipal) -> OrgsPublic:
     """The organisation tree in depth-first order (`path`, `depth`, `parent_id`), with quotas."""
     views = await svc.list_orgs(session, scope_org_id=_scope(principal))
-    return OrgsPublic(data=[_public(v) for v in views], count=len(views))
+    return OrgsPublic(
+        data=[_public(v, request.app.state.submit_limits) for v in views], count=len(views)
+    )
 
 
 @router.post("/v1/orgs", status_code=201)
@@ -87,13 +96,17 @@ async def create_org(
     )
     await session.commit()
     request.app.state.runtime.notify("org")
-    return _public(await _visible_view(session, principal, str(org.id)))
+    return _public(
+        await _visible_view(session, principal, str(org.id)), request.app.state.submit_limits
+    )
 
 
 @router.get("/v1/orgs/{org}")
-async def get_org(org: OrgRef, session: SessionDep, principal: UserPrincipal) -> OrgPublic:
+async def get_org(
+    request: Request, org: OrgRef, session: SessionDep, principal: UserPrincipal
+) -> OrgPublic:
     """One organisation with its quotas."""
-    return _public(await _visible_view(session, principal, org))
+    return _public(await _visible_view(session, principal, org), request.app.state.submit_limits)
 
 
 @router.patch("/v1/orgs/{org}")
@@ -102,7 +115,9 @@ async def update_org(
 ) -> OrgPublic:
     """Change shares (fair-share weight), the default time limit, whether the org's jobs need
     nodes with strict isolation (`require_isolation`, inherited by the orgs below it), or the
-    images its jobs may use (`image_patterns`, fnmatch; [] allows any) (platform admins).
+    images its jobs may use (`image_patterns`, fnmatch; [] allows any), the highest priority
+    class its members may submit at (`max_priority_class`) or its cap on pending jobs
+    (`max_pending_jobs`); null for either returns it to the server's default (platform admins).
 
     A narrower image list refuses new submissions only; jobs already accepted keep running.
     """
@@ -114,12 +129,16 @@ async def update_org(
         default_time_limit_s=body.default_time_limit,
         require_isolation=body.require_isolation,
         image_patterns=body.image_patterns,
+        max_priority_class=body.max_priority_class,
+        max_pending_jobs=body.max_pending_jobs,
         fields=set(body.model_fields_set),
         actor=principal.actor,
     )
     await session.commit()
     request.app.state.runtime.notify("org")
-    return _public(await _visible_view(session, principal, str(row.id)))
+    return _public(
+        await _visible_view(session, principal, str(row.id)), request.app.state.submit_limits
+    )
 
 
 @router.delete("/v1/orgs/{org}", status_code=204)

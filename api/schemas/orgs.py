@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from api.schemas.common import DurationS, InputModel, OrgName, OutputModel, Printable
+from api.schemas.jobs import PRIORITY_CLASSES
 
 MAX_SHARES = 1_000_000.0
 MAX_QUOTA_GPUS = 1_000_000
 MAX_IMAGE_PATTERNS = 64
+MAX_PENDING_JOBS = 10_000_000
 
 # An image reference never holds whitespace: a pattern with some could never match.
 ImagePattern = Annotated[str, Printable, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
@@ -41,6 +43,18 @@ class OrgUpdate(InputModel):
     e.g. `registry.example/acme/*`; an empty list allows any image. The orgs below it are bound
     too (an image must pass every list from the job's org up). Checked at submission: narrowing
     the list stops no job already accepted."""
+    max_priority_class: str | None = None
+    """The highest priority class its members may submit at; null: the server's default
+    (`default_max_priority_class`, normal unless configured)."""
+    max_pending_jobs: Annotated[int, Field(ge=0, le=MAX_PENDING_JOBS)] | None = None
+    """The most pending jobs it may have at once; null: the server's `max_pending_jobs_per_org`."""
+
+    @field_validator("max_priority_class")
+    @classmethod
+    def _known_class(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRIORITY_CLASSES:
+            raise ValueError(f"unknown priority class; one of {', '.join(PRIORITY_CLASSES)}")
+        return value
 
 
 class QuotaSet(InputModel):
@@ -78,6 +92,10 @@ class OrgPublic(OutputModel):
     """Whether its jobs need strict isolation: set on it or on an org above it."""
     image_patterns: list[str] = Field(default_factory=list)
     """Images its jobs may use (fnmatch patterns); empty: any."""
+    max_priority_class: str = "normal"
+    """The highest priority class its members may submit at (its own or the server's)."""
+    max_pending_jobs: int = 0
+    """The most pending jobs it may have at once (its own or the server's)."""
     created_at: datetime
     quotas: list[QuotaPublic] = Field(default_factory=list)
 

@@ -37,6 +37,16 @@ MAX_SERVER_CONNECTIONS = 90  # of PostgreSQL's default 100, a few kept for every
 SCHEDULER_CONNECTIONS = 2 * SCHEDULER_POOL_SIZE + 2
 
 
+# The load generator is one user and a thousand nodes sending as fast as the server answers:
+# far beyond what the per-token rate limits and pending caps let one tenant do. The limits stay
+# on (their cost is measured) with bounds this load never reaches; the caps count pending jobs
+# up to the cap in each submission, so they are set to the defaults' order of magnitude.
+BENCH_LIMITS = {
+    "FAIRGPU_MAX_PENDING_JOBS_PER_USER": "100000",
+    "FAIRGPU_MAX_PENDING_JOBS_PER_ORG": "100000",
+}
+
+
 def pool_size(concurrency: int, workers: int) -> int:
     """Per HTTP worker: the client's share of connections, within MAX_SERVER_CONNECTIONS.
 
@@ -149,6 +159,7 @@ def run_api_bench(
                 # enough for PostgreSQL's default max_connections of 100: each process opens
                 # up to three times this (ORM pool and overflow, hot-path pool).
                 "FAIRGPU_DATABASE_POOL_SIZE": str(pool_size(concurrency, workers)),
+                **BENCH_LIMITS,
             },
         )  # fmt: skip
         _wait_ready(f"http://127.0.0.1:{port}", proc)

@@ -36,6 +36,8 @@ class Job(Base):
         CheckConstraint("num_nodes >= 1", name="num_nodes_positive"),
         CheckConstraint("time_limit_s > 0", name="time_limit_positive"),
         Index("ix_jobs_org_id_state", "org_id", "state"),
+        # A submission counts the user's pending jobs (the per-user cap).
+        Index("ix_jobs_user_id_state", "user_id", "state"),
         # History and accounting filter finished jobs by when they ended or were submitted.
         Index("ix_jobs_ended_at", "ended_at"),
         Index("ix_jobs_submitted_at", "submitted_at"),
@@ -98,7 +100,11 @@ class Task(Base):
     """One node's part of a job for one attempt (a requeued job gets new tasks)."""
 
     __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("job_id", "attempt", "node_rank"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", "node_rank"),
+        # Log retention finds the tasks that ended before its cutoff.
+        Index("ix_tasks_ended_at", "ended_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"))

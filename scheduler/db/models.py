@@ -53,6 +53,10 @@ class Org(Base):
     require_isolation: Mapped[bool] = mapped_column(Boolean, default=False)
     # fnmatch patterns a job's image must match; empty: any image.
     image_patterns: Mapped[list[str]] = mapped_column(default=list)
+    # The highest priority class its members may submit at; None: the server's default.
+    max_priority_class: Mapped[str | None] = mapped_column(String(32))
+    # Its pending jobs at most; None: the server's max_pending_jobs_per_org.
+    max_pending_jobs: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

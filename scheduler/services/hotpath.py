@@ -222,12 +222,13 @@ async def node_read(pool: LeanPool, token_hash: str) -> list[Any]:
 
 
 async def insert_job(
-    pool: LeanPool, values: Mapping[str, Any], event: Mapping[str, Any]
+    pool: LeanPool, values: Mapping[str, Any], event: Mapping[str, Any], guard: Mapping[str, Any]
 ) -> int | None:
     """The job and its event, no dependencies; None when the user's idempotency key is
-    taken (a retry)."""
+    taken (a retry) or a tenant limit refuses it (`guard`: tenantlimits.guard_params)."""
     params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
     params.update({f"e_{k}": v for k, v in event.items()})
     params["deps"] = []
+    params.update(guard)
     job_id: int | None = await pool.run("fetchval", INSERT_JOB.sql, *INSERT_JOB.args(params))
     return job_id

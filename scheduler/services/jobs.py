@@ -27,6 +27,12 @@ from scheduler.db import Event, Job, JobDependency, Org, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from scheduler.services.jobstate import STOP_CANCEL, transition_job
+from scheduler.services.tenantlimits import (
+    SubmitLimits,
+    check_submission,
+    guard_params,
+    submission_guard,
+)
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
@@ -69,12 +75,16 @@ async def find_by_idempotency_key(session: AsyncSession, user_id: int, key: str)
     )
 
 
-async def _time_limit_s(
-    session: AsyncSession, org_id: int, asked: int | None, default_s: int, max_s: int
-) -> int:
+async def _org(session: AsyncSession, org_id: int) -> Org:
+    org = await session.get(Org, org_id)
+    if org is None:
+        raise NotFound(f"org {org_id} not found")
+    return org
+
+
+def _time_limit_s(org: Org | None, asked: int | None, default_s: int, max_s: int) -> int:
     if asked is None:
-        org_default = await session.scalar(select(Org.default_time_limit_s).where(Org.id == org_id))
-        asked = org_default or default_s
+        asked = (org.default_time_limit_s if org is not None else None) or default_s
     if asked > max_s:
         raise InvalidInput(
             f"time limit {asked} s exceeds the maximum of {max_s} s", max_time_limit_s=max_s
@@ -189,19 +199,29 @@ async def submit_job(
     idempotency_key: str | None = None,
     default_time_limit_s: int,
     max_time_limit_s: int,
+    limits: SubmitLimits | None = None,
     now: datetime | None = None,
 ) -> Submitted:
     """Store a PENDING job and its submit event. The same key from the same user returns the
-    job stored the first time (the caller retried after a lost reply), and changes nothing."""
+    job stored the first time (the caller retried after a lost reply), and changes nothing.
+
+    The org's priority maximum and the pending caps (`limits`) refuse it with 403 or 409."""
+    limits = limits or SubmitLimits()
     postgres = session.get_bind().dialect.name == "postgresql"
-    if idempotency_key is not None and not postgres:  # PostgreSQL: ON CONFLICT below
-        existing = await find_by_idempotency_key(session, user_id, idempotency_key)
-        if existing is not None:
-            return Submitted(existing, created=False)
+    org: Org | None = None
+    if not postgres:  # PostgreSQL: ON CONFLICT and the limits' guard in the insert below
+        if idempotency_key is not None:
+            existing = await find_by_idempotency_key(session, user_id, idempotency_key)
+            if existing is not None:  # a retry is answered even when a cap is now reached
+                return Submitted(existing, created=False)
+        org = await _org(session, org_id)
+        await check_submission(
+            session, org=org, user_id=user_id, priority_class=spec.priority_class, limits=limits
+        )
+    if spec.time_limit is None and org is None:
+        org = await _org(session, org_id)
     now = now or utcnow()
-    time_limit_s = await _time_limit_s(
-        session, org_id, spec.time_limit, default_time_limit_s, max_time_limit_s
-    )
+    time_limit_s = _time_limit_s(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
     await _check_dependencies(session, org_id, spec.depends_on)
     if spec.image is not None:
         await check_image_allowed(session, org_id, spec.image)
@@ -215,10 +235,24 @@ async def submit_job(
         now=now,
     )
     if postgres:
-        job_id = await _insert_job_and_event_pg(session, values, event, spec.depends_on)
-        if job_id is None:  # a job with this key exists: this is a retry
-            existing = await find_by_idempotency_key(session, user_id, idempotency_key or "")
-            assert existing is not None
+        job_id = await _insert_job_and_event_pg(
+            session, values, event, spec.depends_on, guard_params(spec.priority_class, limits)
+        )
+        if job_id is None:  # a job with this key exists (a retry), or a limit was just reached
+            existing = (
+                await find_by_idempotency_key(session, user_id, idempotency_key)
+                if idempotency_key is not None
+                else None
+            )
+            if existing is None:  # say which limit, with its numbers
+                await check_submission(
+                    session,
+                    org=await _org(session, org_id),
+                    user_id=user_id,
+                    priority_class=spec.priority_class,
+                    limits=limits,
+                )
+                raise Conflict("a limit on pending jobs was reached; submit again shortly")
             return Submitted(existing, created=False)
         return Submitted(new_job(job_id, values), created=True)
     job = Job(**values)
@@ -240,10 +274,17 @@ EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor"
 
 
 def _build_submit_statement() -> Any:
-    """Built once: per request only the parameters change, so nothing is compiled again."""
+    """Built once: per request only the parameters change, so nothing is compiled again.
+
+    The job is inserted only when the tenant limits allow it (tenantlimits.submission_guard);
+    otherwise, as on an idempotency conflict, nothing is inserted and no id returned.
+    """
+    job_values = select(
+        *(bindparam(f"j_{f}", type_=_JOBS.c[f].type) for f in JOB_INSERT_FIELDS)
+    ).where(submission_guard())
     job_cte = (
         pg_insert(_JOBS)
-        .values({f: bindparam(f"j_{f}", type_=_JOBS.c[f].type) for f in JOB_INSERT_FIELDS})
+        .from_select(list(JOB_INSERT_FIELDS), job_values)
         .on_conflict_do_nothing(index_elements=["user_id", "idempotency_key"])
         .returning(_JOBS.c.id)
         .cte("new_job")
@@ -271,16 +312,22 @@ SUBMIT_PG = _build_submit_statement()
 
 
 async def _insert_job_and_event_pg(
-    session: AsyncSession, values: dict[str, Any], event: dict[str, Any], depends_on: list[int]
+    session: AsyncSession,
+    values: dict[str, Any],
+    event: dict[str, Any],
+    depends_on: list[int],
+    guard: dict[str, Any],
 ) -> int | None:
     """The job row, its PENDING event and its dependencies in one statement: one round trip,
     and atomic by itself, so the API can run it outside an explicit transaction.
 
-    A conflicting idempotency key inserts nothing and returns None.
+    A conflicting idempotency key, or a tenant limit the job would pass, inserts nothing and
+    returns None.
     """
     params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
     params.update({f"e_{k}": v for k, v in event.items()})
     params["deps"] = list(depends_on)
+    params.update(guard)
     job_id: int | None = await session.scalar(SUBMIT_PG, params)
     return job_id
 

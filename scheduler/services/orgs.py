@@ -149,11 +149,13 @@ async def update_org(
     default_time_limit_s: int | None,
     require_isolation: bool | None = None,
     image_patterns: list[str] | None = None,
+    max_priority_class: str | None = None,
+    max_pending_jobs: int | None = None,
     fields: set[str],
     actor: str,
 ) -> Org:
     """Change what `fields` names; a field sent as null leaves it as it is, except the default
-    time limit, which null clears."""
+    time limit and the two tenant limits, which null returns to the server's default."""
     changes: dict[str, object] = {}
     if "shares" in fields and shares is not None:
         org.shares = shares
@@ -167,6 +169,12 @@ async def update_org(
     if "image_patterns" in fields and image_patterns is not None:
         org.image_patterns = list(dict.fromkeys(image_patterns))  # once each, in order
         changes["image_patterns"] = org.image_patterns
+    if "max_priority_class" in fields:
+        org.max_priority_class = max_priority_class
+        changes["max_priority_class"] = max_priority_class
+    if "max_pending_jobs" in fields:
+        org.max_pending_jobs = max_pending_jobs
+        changes["max_pending_jobs"] = max_pending_jobs
     if changes:
         session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
     await session.flush()

@@ -27,7 +27,7 @@ async def count_jobs(world: World) -> int:
 
 async def test_submit_stores_pending_job_with_event_and_notifies(world: World) -> None:
     async with world.client("member_a") as c:
-        r = await c.post("/v1/jobs", json={**JOB, "env": {"SEED": "1"}, "priority_class": "high"})
+        r = await c.post("/v1/jobs", json={**JOB, "env": {"SEED": "1"}, "priority_class": "low"})
     assert r.status_code == 201, r.text
     job = r.json()
     assert job["state"] == "PENDING"

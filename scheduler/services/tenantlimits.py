@@ -1,0 +1,135 @@
+"""Per-tenant submission limits: the highest priority class an org may use and the caps on
+pending jobs per user and per org.
+
+The same rules run twice, in one place each: `submission_guard` folds them into the insert
+itself (no extra round trip, so the hot path keeps its one statement), and `check_submission`
+reads the numbers for a clear refusal. The guard counts in the statement's snapshot, so
+concurrent submissions of one user or org may overshoot a cap by at most the number of
+submissions in flight at that instant (each sees the others' rows only once they commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ARRAY, ColumnElement, Integer, String, and_, any_, bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from protocol.states import JobState
+from scheduler.core.types import PolicyConfig
+from scheduler.db import Job, Org
+from scheduler.services.errors import Conflict, Forbidden
+from scheduler.settings import Settings
+
+PRIORITY_CLASSES: Mapping[str, int] = PolicyConfig().priority_classes
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitLimits:
+    """The server's defaults (scheduler/settings.py); an org may override the first and last."""
+
+    default_max_priority_class: str = "normal"
+    max_pending_jobs_per_user: int = 5_000
+    max_pending_jobs_per_org: int = 20_000
+
+    @classmethod
+    def of(cls, settings: Settings) -> SubmitLimits:
+        return cls(
+            default_max_priority_class=settings.default_max_priority_class,
+            max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
+            max_pending_jobs_per_org=settings.max_pending_jobs_per_org,
+        )
+
+
+def classes_at_least(priority_class: str) -> list[str]:
+    """The org maxima that allow `priority_class`: it and every class above it."""
+    rank = PRIORITY_CLASSES[priority_class]
+    return [name for name, r in PRIORITY_CLASSES.items() if r >= rank]
+
+
+def _pending_of(column: Any, value: Any, cap: Any) -> Any:
+    """Pending jobs of one user or org, counted up to `cap` at most (an index range scan)."""
+    capped = select(Job.id).where(column == value, Job.state == JobState.PENDING).limit(cap)
+    return select(func.count()).select_from(capped.subquery()).scalar_subquery()
+
+
+def submission_guard() -> ColumnElement[bool]:
+    """True when a job of `j_org_id`, `j_user_id` at `j_priority_class` may be inserted.
+
+    Parameters: `allowed_max` (classes_at_least(priority)), `default_max_priority`,
+    `user_cap`, `org_cap_default` (SubmitLimits). Shares the job's own `j_` parameters.
+    """
+    org_id = bindparam("j_org_id", type_=Integer)
+    user_id = bindparam("j_user_id", type_=Integer)
+    org_max = select(Org.max_priority_class).where(Org.id == org_id).scalar_subquery()
+    org_cap = func.coalesce(
+        select(Org.max_pending_jobs).where(Org.id == org_id).scalar_subquery(),
+        bindparam("org_cap_default", type_=Integer),
+    )
+    user_cap = bindparam("user_cap", type_=Integer)
+    priority_ok = func.coalesce(org_max, bindparam("default_max_priority", type_=String)) == any_(
+        bindparam("allowed_max", type_=ARRAY(String))
+    )
+    return and_(
+        priority_ok,
+        _pending_of(Job.user_id, user_id, user_cap) < user_cap,
+        _pending_of(Job.org_id, org_id, org_cap) < org_cap,
+    )
+
+
+def guard_params(priority_class: str, limits: SubmitLimits) -> dict[str, Any]:
+    return {
+        "allowed_max": classes_at_least(priority_class),
+        "default_max_priority": limits.default_max_priority_class,
+        "user_cap": limits.max_pending_jobs_per_user,
+        "org_cap_default": limits.max_pending_jobs_per_org,
+    }
+
+
+async def _count_pending(session: AsyncSession, column: Any, value: int, cap: int) -> int:
+    return int(await session.scalar(select(_pending_of(column, value, cap))) or 0)
+
+
+async def check_submission(
+    session: AsyncSession,
+    *,
+    org: Org,
+    user_id: int,
+    priority_class: str,
+    limits: SubmitLimits,
+) -> None:
+    """Refuse a submission over the org's priority maximum (403) or a pending cap (409)."""
+    org_max = org.max_priority_class or limits.default_max_priority_class
+    if PRIORITY_CLASSES[priority_class] > PRIORITY_CLASSES.get(org_max, 0):
+        raise Forbidden(
+            f"org {org.name} may submit at priority {org_max} at most, not {priority_class}",
+            org=org.name,
+            max_priority_class=org_max,
+        )
+    user_cap = limits.max_pending_jobs_per_user
+    pending = await _count_pending(session, Job.user_id, user_id, user_cap)
+    if pending >= user_cap:
+        raise Conflict(
+            f"you have {pending} pending jobs, the most one user may have; submit again once "
+            "some have started or been cancelled",
+            limit="max_pending_jobs_per_user",
+            cap=user_cap,
+            count=pending,
+        )
+    org_cap = (
+        org.max_pending_jobs
+        if org.max_pending_jobs is not None
+        else limits.max_pending_jobs_per_org
+    )
+    pending = await _count_pending(session, Job.org_id, org.id, org_cap)
+    if pending >= org_cap:
+        raise Conflict(
+            f"org {org.name} has {pending} pending jobs, the most it may have; submit again "
+            "once some have started or been cancelled",
+            limit="max_pending_jobs_per_org",
+            org=org.name,
+            cap=org_cap,
+            count=pending,
+        )

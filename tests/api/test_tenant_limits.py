@@ -1,0 +1,154 @@
+"""Per-tenant limits through the real app (issue #14 item 4): the highest priority class an
+org may use and the caps on pending jobs, on the ordinary route (SQLite, PostgreSQL with the
+hot paths off) and through the hot path (PostgreSQL, hot paths on)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from scheduler.metrics import PROCESS_REGISTRY
+from tests.scheduling.harness import Cluster, fast_settings, running_cluster
+
+HOT = [pytest.param(False, id="routed"), pytest.param(True, id="hot")]
+
+
+def _handed_on() -> float:
+    value = PROCESS_REGISTRY.get_sample_value(
+        "fairgpu_api_hot_path_requests_total", {"route": "submit", "outcome": "handed_on"}
+    )
+    return value or 0.0
+
+
+async def _post(cluster: Cluster, token: str, **spec: Any) -> Any:
+    body = {"command": ["python", "train.py"], "time_limit": 3600, **spec}
+    return await cluster.http.post(
+        "/v1/jobs", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def _skip_hot_on_sqlite(hot: bool, database_url: str) -> None:
+    if hot and "postgresql" not in database_url:
+        pytest.skip("the hot paths exist only on PostgreSQL")
+
+
+@pytest.mark.parametrize("hot", HOT)
+async def test_an_org_submits_up_to_its_priority_class(database_url: str, hot: bool) -> None:
+    _skip_hot_on_sqlite(hot, database_url)
+    async with running_cluster(fast_settings(database_url, hot_paths=hot)) as cluster:
+        org = await cluster.org()
+        user = await cluster.user_token(org)
+        await cluster.submit(user)  # the token is now known: the next ones may go hot
+        handed_on = _handed_on()
+        high = await _post(cluster, user, priority_class="high")
+        assert high.status_code == 403, high.text
+        assert high.headers["content-type"].startswith("application/problem+json")
+        problem = high.json()
+        assert problem["max_priority_class"] == "normal"
+        assert "normal" in problem["detail"]
+        assert org in problem["detail"]
+        if hot:
+            assert _handed_on() > handed_on  # the guard in the hot insert refused it
+        assert (await _post(cluster, user, priority_class="normal")).status_code == 201
+
+        shown = await cluster.call("GET", f"/v1/orgs/{org}", cluster.admin)
+        assert shown["max_priority_class"] == "normal"
+        updated = await cluster.call(
+            "PATCH", f"/v1/orgs/{org}", cluster.admin, {"max_priority_class": "high"}
+        )
+        assert updated["max_priority_class"] == "high"
+        assert (await _post(cluster, user, priority_class="high")).status_code == 201
+
+        await cluster.call("PATCH", f"/v1/orgs/{org}", cluster.admin, {"max_priority_class": "low"})
+        low_only = await _post(cluster, user)
+        assert low_only.status_code == 403
+        assert low_only.json()["max_priority_class"] == "low"
+        assert (await _post(cluster, user, priority_class="low")).status_code == 201
+        back = await cluster.call(
+            "PATCH", f"/v1/orgs/{org}", cluster.admin, {"max_priority_class": None}
+        )
+        assert back["max_priority_class"] == "normal"
+        bad = await cluster.http.patch(
+            f"/v1/orgs/{org}",
+            json={"max_priority_class": "urgent"},
+            headers={"Authorization": f"Bearer {cluster.admin}"},
+        )
+        assert bad.status_code == 422
+        member = await cluster.http.patch(
+            f"/v1/orgs/{org}",
+            json={"max_priority_class": "high"},
+            headers={"Authorization": f"Bearer {user}"},
+        )
+        assert member.status_code == 403  # only platform admins raise it
+
+
+@pytest.mark.parametrize("hot", HOT)
+async def test_pending_jobs_are_capped_per_user_and_per_org(database_url: str, hot: bool) -> None:
+    _skip_hot_on_sqlite(hot, database_url)
+    settings = fast_settings(
+        database_url,
+        hot_paths=hot,
+        max_pending_jobs_per_user=3,
+        max_pending_jobs_per_org=5,
+        cycle_interval_s=60.0,  # nothing starts: the jobs stay pending
+    )
+    async with running_cluster(settings) as cluster:
+        org = await cluster.org()
+        alice, bob = await cluster.user_token(org), await cluster.user_token(org)
+        jobs = [await cluster.submit(alice) for _ in range(3)]
+        over = await _post(cluster, alice)
+        assert over.status_code == 409, over.text
+        assert over.headers["content-type"].startswith("application/problem+json")
+        problem = over.json()
+        assert (problem["limit"], problem["cap"], problem["count"]) == (
+            "max_pending_jobs_per_user",
+            3,
+            3,
+        )
+        assert "3 pending jobs" in problem["detail"]
+
+        for _ in range(2):
+            await cluster.submit(bob)
+        org_full = await _post(cluster, bob)
+        assert org_full.status_code == 409
+        assert (org_full.json()["limit"], org_full.json()["cap"]) == ("max_pending_jobs_per_org", 5)
+
+        raised = await cluster.call(
+            "PATCH", f"/v1/orgs/{org}", cluster.admin, {"max_pending_jobs": 6}
+        )
+        assert raised["max_pending_jobs"] == 6
+        assert (await _post(cluster, bob)).status_code == 201  # bob 3 of 3, the org 6 of 6
+        carol = await cluster.user_token(org)
+        assert (await _post(cluster, carol)).json()["cap"] == 6
+
+        # A job that leaves PENDING frees its place.
+        await cluster.call("POST", f"/v1/jobs/{jobs[0]['id']}/cancel", alice, {})
+        assert (await _post(cluster, carol)).status_code == 201
+        await cluster.call("PATCH", f"/v1/orgs/{org}", cluster.admin, {"max_pending_jobs": None})
+        listed = await cluster.call("GET", "/v1/orgs", cluster.admin)
+        assert {o["name"]: o["max_pending_jobs"] for o in listed["data"]}[org] == 5
+        back = await _post(cluster, carol)
+        assert (back.status_code, back.json()["cap"], back.json()["count"]) == (409, 5, 5)
+
+
+@pytest.mark.parametrize("hot", HOT)
+async def test_concurrent_submissions_overshoot_a_cap_by_at_most_those_in_flight(
+    database_url: str, hot: bool
+) -> None:
+    _skip_hot_on_sqlite(hot, database_url)
+    settings = fast_settings(
+        database_url, hot_paths=hot, max_pending_jobs_per_user=4, cycle_interval_s=60.0
+    )
+    async with running_cluster(settings) as cluster:
+        user = await cluster.user_token(await cluster.org())
+        await cluster.submit(user)
+        replies = await asyncio.gather(*(_post(cluster, user) for _ in range(12)))
+        codes = sorted(r.status_code for r in replies)
+        assert set(codes) <= {201, 409}, codes
+        created = codes.count(201)
+        # Each statement counts in its own snapshot: those in flight together may each see
+        # room. The pools bound how many run at once (database_pool_size and its overflow).
+        assert 3 <= created <= 3 + 2 * settings.database_pool_size, codes
+        assert (await _post(cluster, user)).status_code == 409
