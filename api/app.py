@@ -14,6 +14,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.types import Message, Receive, Scope, Send
 
+from api.admission import Admission
 from api.authcache import AuthCache
 from api.hot import Handler, HotPaths, send_problem
 from api.limits import BodySizeLimit
@@ -79,8 +80,13 @@ class FairgpuApp(FastAPI):
     """FastAPI, with the hot paths (api/hot.py) tried before routing when they are on."""
 
     hot: HotPaths | None = None
+    admission: Admission | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.admission is not None:
+            maker = getattr(self.state, "sessionmaker", None)
+            if not await self.admission.admit(scope, send, maker):
+                return
         if self.hot is not None and scope["type"] == "http":
             handler = self.hot.route(scope)
             if handler is not None:
@@ -171,6 +177,7 @@ def create_app(
     app.state.settings = settings
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     app.state.submit_limits = SubmitLimits.of(settings)
+    app.admission = Admission(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)
     for name in _ROUTERS:

@@ -185,6 +185,25 @@ class Settings(BaseSettings):
         description="Pending jobs one org may have at once unless the org sets its own "
         "(`fairgpu org update NAME --max-pending-jobs N`); a submission beyond it is 409.",
     )
+    submit_rate_per_s: float = Field(
+        20.0,
+        ge=0,
+        description="Job submissions per second one token may send on average (a token "
+        "bucket per token, per server process); beyond it 429 with Retry-After. 0: no limit.",
+    )
+    submit_burst: int = Field(
+        200, ge=1, description="Submissions one token may send at once before its rate applies."
+    )
+    heartbeat_rate_per_s: float = Field(
+        2.0,
+        ge=0,
+        description="Heartbeats per second one agent credential may send on average (per "
+        "server process); an agent at its normal cadence sends one per heartbeat_interval_s or "
+        "long poll, far below it. 0: no limit.",
+    )
+    heartbeat_burst: int = Field(
+        60, ge=1, description="Heartbeats one credential may send at once before its rate applies."
+    )
 
     @field_validator("default_max_priority_class")
     @classmethod

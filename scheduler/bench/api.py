@@ -42,6 +42,10 @@ SCHEDULER_CONNECTIONS = 2 * SCHEDULER_POOL_SIZE + 2
 # on (their cost is measured) with bounds this load never reaches; the caps count pending jobs
 # up to the cap in each submission, so they are set to the defaults' order of magnitude.
 BENCH_LIMITS = {
+    "FAIRGPU_SUBMIT_RATE_PER_S": "1000000",
+    "FAIRGPU_SUBMIT_BURST": "1000000",
+    "FAIRGPU_HEARTBEAT_RATE_PER_S": "1000000",
+    "FAIRGPU_HEARTBEAT_BURST": "1000000",
     "FAIRGPU_MAX_PENDING_JOBS_PER_USER": "100000",
     "FAIRGPU_MAX_PENDING_JOBS_PER_ORG": "100000",
 }

@@ -1,0 +1,195 @@
+"""What a request must pass before its body is read: the agent protocol's bearer, and the
+per-token rate limits on submissions and heartbeats.
+
+`FairgpuApp.__call__` asks `Admission.admit` first, before the hot paths and before FastAPI,
+so that both paths are bound alike and a refused request costs no body read:
+
+- The agent protocol accepts bodies up to 32 MiB (api/limits.py). A request to `/v1/agent/*`
+  without a bearer is 401 at once; one whose body may exceed the ordinary 1 MiB (a larger or
+  missing Content-Length) has its bearer checked first (one indexed read), and is 401 unless it
+  is a live agent or join token (403 for another live token). Ordinary heartbeats are small,
+  so they pay nothing here and the route authenticates them as before.
+- A token bucket per token (by its hash) for `POST /v1/jobs` and `POST /v1/agent/heartbeat`:
+  `submit_rate_per_s`/`submit_burst` and `heartbeat_rate_per_s`/`heartbeat_burst`; past it,
+  429 with Retry-After. The buckets live in this process: each server process (each worker of
+  `fairgpu server --workers N`, each replica) keeps its own, so a client spread over N
+  processes may reach N times the rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.types import Scope, Send
+
+from api.deps import parse_bearer
+from api.limits import AGENT_PREFIX, MAX_BODY_BYTES
+from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
+from scheduler.db.types import utcnow
+from scheduler.services.tokens import find_valid_token, hash_token
+from scheduler.settings import Settings
+from scheduler.states import TokenKind
+
+JOBS_PATH = "/v1/jobs"
+HEARTBEAT_PATH = "/v1/agent/heartbeat"
+MAX_BUCKETS = 100_000  # tokens remembered per kind of request before the full ones are dropped
+AGENT_KINDS = frozenset({TokenKind.AGENT, TokenKind.JOIN})
+
+
+class TokenBuckets:
+    """`rate_per_s` requests per second per key on average, `burst` at once; 0 rate: no limit.
+
+    A key's bucket starts full. Past MAX_BUCKETS keys, buckets that have refilled (and so
+    remember nothing) are dropped; if none has, all are (every key starts full again).
+    """
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = float(burst)
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens left, when counted]
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """0 when the request may go; otherwise the seconds until it may."""
+        if self.rate_per_s <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._prune(now)
+            bucket = self._buckets[key] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_s)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return 0.0
+        bucket[0] = tokens
+        return (1.0 - tokens) / self.rate_per_s
+
+    def _prune(self, now: float) -> None:
+        full_after_s = self.burst / self.rate_per_s
+        for key in [k for k, (_, at) in self._buckets.items() if now - at >= full_after_s]:
+            del self._buckets[key]
+        if len(self._buckets) >= MAX_BUCKETS:
+            self._buckets.clear()
+
+
+async def _refuse(
+    send: Send, status: int, detail: str, path: str, headers: list[Any], **extra: Any
+) -> None:
+    """A problem answered without reading the body; the connection closes with it, so that the
+    unread body is never taken for the next request."""
+    payload = json.dumps(problem_body(status, detail, path, **extra)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _headers(scope: Scope) -> tuple[bytes, bytes | None]:
+    authorization = b""
+    length: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"content-length":
+            length = value
+    return authorization, length
+
+
+class Admission:
+    def __init__(self, settings: Settings) -> None:
+        self.submits = TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
+        self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
+
+    async def admit(
+        self, scope: Scope, send: Send, sessionmaker: async_sessionmaker[AsyncSession] | None
+    ) -> bool:
+        """True: go on. False: the request was answered (401, 403 or 429)."""
+        path: str = scope["path"]
+        agent = path.startswith(AGENT_PREFIX)
+        limited = scope["method"] == "POST" and path in (JOBS_PATH, HEARTBEAT_PATH)
+        if not agent and not limited:
+            return True
+        authorization, length = _headers(scope)
+        secret = parse_bearer(authorization.decode("latin-1"))
+        if agent:
+            if secret is None:
+                await _refuse(
+                    send,
+                    401,
+                    "missing or malformed bearer token (Authorization: Bearer <token>)",
+                    path,
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return False
+            small = length is not None and length.isdigit() and int(length) <= MAX_BODY_BYTES
+            if (
+                not small
+                and sessionmaker is not None
+                and not await self._agent_token(secret, path, send, sessionmaker)
+            ):
+                return False
+        if limited and secret is not None:
+            buckets = self.submits if path == JOBS_PATH else self.heartbeats
+            wait_s = buckets.take(hash_token(secret))
+            if wait_s > 0:
+                retry_after = max(1, math.ceil(wait_s))
+                what = "submissions" if path == JOBS_PATH else "heartbeats"
+                await _refuse(
+                    send,
+                    429,
+                    f"more than {buckets.rate_per_s:g} {what} per second (bursts of "
+                    f"{buckets.burst:g}) from this token; retry after {retry_after} s",
+                    path,
+                    [(b"retry-after", str(retry_after).encode())],
+                    rate_per_s=buckets.rate_per_s,
+                    burst=int(buckets.burst),
+                    retry_after_s=retry_after,
+                )
+                return False
+        return True
+
+    async def _agent_token(
+        self,
+        secret: str,
+        path: str,
+        send: Send,
+        sessionmaker: async_sessionmaker[AsyncSession],
+    ) -> bool:
+        """A large agent-protocol body is read only for a live agent or join token."""
+        try:
+            async with sessionmaker() as session:
+                row = await find_valid_token(session, secret, now=utcnow())
+                kind = None if row is None else row.kind
+        except Exception:  # the database is away: the client retries, as after any 503
+            await _refuse(
+                send,
+                503,
+                "the database is unavailable; retry shortly",
+                path,
+                [(b"retry-after", str(RETRY_AFTER_S).encode())],
+            )
+            return False
+        if kind is None:
+            await _refuse(
+                send, 401, "invalid or expired token", path, [(b"www-authenticate", b"Bearer")]
+            )
+            return False
+        if kind not in AGENT_KINDS:
+            await _refuse(send, 403, "the agent protocol needs an agent or join token", path, [])
+            return False
+        return True
