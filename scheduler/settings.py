@@ -204,6 +204,12 @@ class Settings(BaseSettings):
     heartbeat_burst: int = Field(
         60, ge=1, description="Heartbeats one credential may send at once before its rate applies."
     )
+    task_log_retention_s: float = Field(
+        30 * 86_400.0,
+        gt=0,
+        description="Log chunks of a task that ended longer ago than this are deleted by the "
+        "scheduler (in batches), so that old output does not fill the database.",
+    )
 
     @field_validator("default_max_priority_class")
     @classmethod

@@ -35,6 +35,7 @@ from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
 from scheduler.services.livebuffer import FlushResult, LiveBuffer
+from scheduler.services.logretention import LogRetention
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
 from scheduler.services.wakeups import Wakeups
 from scheduler.settings import Settings
@@ -44,6 +45,8 @@ log = logging.getLogger("fairgpu.scheduler")
 # The leader also serves requests: under a stream of submissions, a cycle that took d seconds
 # is followed by at least 3·d without one (cycles at most a quarter of the process).
 MAX_CYCLE_SHARE = 0.25
+# How often the leader deletes expired log chunks (scheduler/services/logretention.py).
+LOG_RETENTION_INTERVAL_S = 60.0
 T = TypeVar("T")
 
 
@@ -72,6 +75,8 @@ class SchedulerRuntime:
         self._cycle_done = asyncio.Condition()
         self._in_cycle = False
         self._explained_at = float("-inf")
+        self.log_retention = LogRetention(settings.task_log_retention_s)
+        self.logs_expired_at = float("-inf")  # monotonic time of the last retention pass
         self._last_duration_s = 0.0
         self._settled_until: datetime | None = None  # open allocations in the ledger up to here
         self.live = LiveBuffer()  # liveness and samples of quiet heartbeats, flushed in batches
@@ -325,9 +330,24 @@ class SchedulerRuntime:
         self.last_cycle_error = None
         self.metrics.observe_cycle(result)
         self.wake_nodes(result.applied.wake_nodes | result.lifecycle.wake_nodes)
+        if time.monotonic() - self.logs_expired_at >= LOG_RETENTION_INTERVAL_S:
+            await self.expire_logs()
         async with self._cycle_done:
             self.cycles += 1
             self._cycle_done.notify_all()
+
+    async def expire_logs(self) -> int:
+        """One pass of log retention (the leader runs one every LOG_RETENTION_INTERVAL_S,
+        after a cycle): deletes the expired chunks, a bounded number per pass."""
+        self.logs_expired_at = time.monotonic()
+        try:
+            deleted = await self.log_retention.run_pass(self.sessionmaker)
+        except Exception:  # the next pass retries; the cycle has already been counted
+            log.exception("log retention pass failed")
+            return 0
+        if deleted:
+            log.info("deleted %d expired log chunks", deleted)
+        return deleted
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

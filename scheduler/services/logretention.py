@@ -1,0 +1,59 @@
+"""Log retention: the log chunks of tasks that ended longer ago than `task_log_retention_s`
+are deleted by the scheduler leader, a bounded batch per transaction, never by a request.
+
+Tasks are found through `ix_tasks_ended_at`; `LogRetention` remembers up to when everything
+has been deleted, so that each pass looks only at tasks that ended since the last complete one
+(the first pass after a start looks at them all once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from scheduler.db import LogChunk, Task
+from scheduler.db.types import utcnow
+
+BATCH_CHUNKS = 1_000  # chunks deleted per transaction (each up to 64 Ki characters)
+MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never holds up a cycle
+
+
+async def delete_expired_chunks(
+    session: AsyncSession, *, ended_before: datetime, ended_since: datetime | None, limit: int
+) -> int:
+    """Delete up to `limit` chunks of tasks that ended in [ended_since, ended_before)."""
+    tasks = select(Task.id).where(Task.ended_at < ended_before)
+    if ended_since is not None:
+        tasks = tasks.where(Task.ended_at >= ended_since)
+    chunks = select(LogChunk.id).where(LogChunk.task_id.in_(tasks)).limit(limit)
+    result = await session.execute(delete(LogChunk).where(LogChunk.id.in_(chunks)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass
+class LogRetention:
+    """One leader's passes; `done_until`: every chunk of a task that ended before it is gone."""
+
+    retention_s: float
+    done_until: datetime | None = None
+
+    async def run_pass(
+        self, sessionmaker: async_sessionmaker[AsyncSession], now: datetime | None = None
+    ) -> int:
+        """Delete expired chunks, at most MAX_BATCHES_PER_PASS batches; returns how many."""
+        cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
+        deleted = 0
+        for _ in range(MAX_BATCHES_PER_PASS):
+            async with sessionmaker() as session:
+                count = await delete_expired_chunks(
+                    session, ended_before=cutoff, ended_since=self.done_until, limit=BATCH_CHUNKS
+                )
+                await session.commit()
+            deleted += count
+            if count < BATCH_CHUNKS:
+                self.done_until = cutoff
+                break
+        return deleted
