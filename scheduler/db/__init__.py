@@ -1,7 +1,16 @@
 """Database layer: ORM rows, engine and session handling, migrations runner."""
 
 from scheduler.db.base import Base
-from scheduler.db.jobs import Allocation, Event, Job, JobDependency, LogChunk, Task, UsageRecord
+from scheduler.db.jobs import (
+    Allocation,
+    Event,
+    Job,
+    JobDependency,
+    LogChunk,
+    PendingJobCount,
+    Task,
+    UsageRecord,
+)
 from scheduler.db.models import (
     ApiToken,
     Gpu,
@@ -26,6 +35,7 @@ __all__ = [
     "Node",
     "Org",
     "OrgUsage",
+    "PendingJobCount",
     "Quota",
     "SchedulerLease",
     "Site",

@@ -224,3 +224,18 @@ class LogChunk(Base):
     offset: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PendingJobCount(Base):
+    """Pending jobs per user and per org, kept by a trigger on `jobs` (PostgreSQL only; see
+    migrations/versions/*_tenant_limits.py), so that a submission reads its caps' counts in a
+    few rows instead of counting jobs. Each owner's count is spread over
+    16 rows (a job's slot is its id modulo 16), so that concurrent submissions of one user
+    rarely wait for each other's row lock; the count is the sum of the slots."""
+
+    __tablename__ = "pending_job_counts"
+
+    owner_kind: Mapped[str] = mapped_column(String(4), primary_key=True)  # "user" | "org"
+    owner_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)

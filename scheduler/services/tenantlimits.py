@@ -2,10 +2,12 @@
 pending jobs per user and per org.
 
 The same rules run twice, in one place each: `submission_guard` folds them into the insert
-itself (no extra round trip, so the hot path keeps its one statement), and `check_submission`
-reads the numbers for a clear refusal. The guard counts in the statement's snapshot, so
-concurrent submissions of one user or org may overshoot a cap by at most the number of
-submissions in flight at that instant (each sees the others' rows only once they commit).
+itself on PostgreSQL (no extra round trip, so the hot path keeps its one statement), reading
+the counts a trigger keeps in `pending_job_counts` (a few rows, however many jobs wait); and
+`check_submission` counts the jobs themselves, up to the cap, for a clear refusal (and before
+every insert on SQLite). Both read in their statement's snapshot, so concurrent submissions of
+one user or org may overshoot a cap by at most the number of submissions in flight at that
+instant (each sees the others' jobs only once they commit).
 """
 
 from __future__ import annotations
@@ -14,12 +16,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, Integer, String, and_, any_, bindparam, func, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Integer,
+    String,
+    and_,
+    any_,
+    bindparam,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
-from scheduler.db import Job, Org
+from scheduler.db import Job, Org, PendingJobCount
 from scheduler.services.errors import Conflict, Forbidden
 from scheduler.settings import Settings
 
@@ -50,9 +63,19 @@ def classes_at_least(priority_class: str) -> list[str]:
 
 
 def _pending_of(column: Any, value: Any, cap: Any) -> Any:
-    """Pending jobs of one user or org, counted up to `cap` at most (an index range scan)."""
-    capped = select(Job.id).where(column == value, Job.state == JobState.PENDING).limit(cap)
+    """Pending jobs of one user or org, counted up to `cap` at most: a range of the (user_id,
+    state) or (org_id, state) index, whose columns are all it reads (an index-only scan)."""
+    capped = select(literal(1)).where(column == value, Job.state == JobState.PENDING).limit(cap)
     return select(func.count()).select_from(capped.subquery()).scalar_subquery()
+
+
+def _counted(kind: str, owner_id: Any) -> Any:
+    """Pending jobs of one user or org as the trigger counts them (PostgreSQL): a few rows."""
+    return (
+        select(func.coalesce(func.sum(PendingJobCount.n), 0))
+        .where(PendingJobCount.owner_kind == kind, PendingJobCount.owner_id == owner_id)
+        .scalar_subquery()
+    )
 
 
 def submission_guard() -> ColumnElement[bool]:
@@ -74,8 +97,8 @@ def submission_guard() -> ColumnElement[bool]:
     )
     return and_(
         priority_ok,
-        _pending_of(Job.user_id, user_id, user_cap) < user_cap,
-        _pending_of(Job.org_id, org_id, org_cap) < org_cap,
+        _counted("user", user_id) < user_cap,
+        _counted("org", org_id) < org_cap,
     )
 
 

@@ -8,7 +8,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import delete, func, select, update
 
+from protocol.states import JobState
+from scheduler.db import Job, PendingJobCount
 from scheduler.metrics import PROCESS_REGISTRY
 from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
@@ -152,3 +155,57 @@ async def test_concurrent_submissions_overshoot_a_cap_by_at_most_those_in_flight
         # room. The pools bound how many run at once (database_pool_size and its overflow).
         assert 3 <= created <= 3 + 2 * settings.database_pool_size, codes
         assert (await _post(cluster, user)).status_code == 409
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_the_pending_counts_follow_every_change_of_state(database_url: str) -> None:
+    """The trigger's counts (what the submit statement reads on PostgreSQL) equal the pending
+    jobs themselves after submissions, a cancel, starts, a requeue and a delete."""
+    settings = fast_settings(database_url, cycle_interval_s=60.0)
+    async with running_cluster(settings) as cluster:
+        org = await cluster.org(guaranteed=1)
+        user = await cluster.user_token(org)
+        jobs = [await cluster.submit(user, gpus_per_node=1) for _ in range(5)]
+        await cluster.call("POST", f"/v1/jobs/{jobs[0]['id']}/cancel", user, {})
+        await cluster.register(await cluster.join_token(), gpus=1)
+        await cluster.cycle()  # one job starts
+
+        async def counts() -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+            async with cluster.sessionmaker() as session:
+                kept = {
+                    (kind, owner): int(n)
+                    for kind, owner, n in (
+                        await session.execute(
+                            select(
+                                PendingJobCount.owner_kind,
+                                PendingJobCount.owner_id,
+                                func.sum(PendingJobCount.n),
+                            ).group_by(PendingJobCount.owner_kind, PendingJobCount.owner_id)
+                        )
+                    ).all()
+                    if n
+                }
+                real: dict[tuple[str, int], int] = {}
+                for user_id, org_id in (
+                    await session.execute(
+                        select(Job.user_id, Job.org_id).where(Job.state == JobState.PENDING)
+                    )
+                ).all():
+                    real[("user", user_id)] = real.get(("user", user_id), 0) + 1
+                    real[("org", org_id)] = real.get(("org", org_id), 0) + 1
+            return kept, real
+
+        kept, real = await counts()
+        assert kept == real
+        assert real[("org", jobs[0]["org_id"])] == 3
+        async with cluster.sessionmaker() as session:
+            await session.execute(
+                update(Job).where(Job.id == jobs[0]["id"]).values(state="PENDING")
+            )
+            await session.execute(delete(Job).where(Job.id == jobs[4]["id"]))
+            await session.commit()
+        kept, real = await counts()
+        assert kept == real
+        assert real[("org", jobs[0]["org_id"])] == 3
