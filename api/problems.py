@@ -133,7 +133,22 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
     if exc.connection_invalidated or _is_connect_failure(exc):
         return await _database_unavailable(request, exc)
+    if sqlstate(exc) in _TRANSIENT_SQLSTATES:
+        # The database aborted this transaction to break a deadlock (for instance a cancel
+        # meeting the scheduler's start of the same org's jobs over pending_job_counts):
+        # nothing was stored; the same request succeeds when sent again.
+        log.info("transient database conflict on %s: %s", request.url.path, exc)
+        return problem(
+            request,
+            503,
+            "the request met a concurrent change and was not applied; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     return await _unexpected(request, exc)
+
+
+# Deadlock detected, serialization failure: the transaction was rolled back as a whole.
+_TRANSIENT_SQLSTATES = ("40P01", "40001")
 
 
 # SQLSTATEs of a server that is unreachable or going away: class 08 (connection exception),

@@ -42,10 +42,12 @@ BEGIN
         job_id := NEW.id; user_id := NEW.user_id; org_id := NEW.org_id;
     END IF;
     IF delta <> 0 THEN
-        -- Always the user's row, then the org's: concurrent submissions lock in one order.
+        -- Always the org's row, then the user's: a one-job change (submit, cancel) waits
+        -- for the org's row before it holds any, so it never closes a cycle with a
+        -- many-job change (the scheduler starting jobs) of the same org.
         INSERT INTO pending_job_counts AS c (owner_kind, owner_id, slot, n)
-        VALUES ('user', user_id, job_id % 16, delta),
-               ('org', org_id, job_id % 16, delta)
+        VALUES ('org', org_id, job_id % 16, delta),
+               ('user', user_id, job_id % 16, delta)
         ON CONFLICT (owner_kind, owner_id, slot) DO UPDATE SET n = c.n + EXCLUDED.n;
     END IF;
     RETURN NULL;

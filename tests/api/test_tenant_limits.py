@@ -5,14 +5,17 @@ hot paths off) and through the hot path (PostgreSQL, hot paths on)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import delete, func, select, update
 
 from protocol.states import JobState
 from scheduler.db import Job, PendingJobCount
 from scheduler.metrics import PROCESS_REGISTRY
+from scheduler.services.hotpath import asyncpg_dsn
 from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
 HOT = [pytest.param(False, id="routed"), pytest.param(True, id="hot")]
@@ -209,3 +212,51 @@ async def test_the_pending_counts_follow_every_change_of_state(database_url: str
         kept, real = await counts()
         assert kept == real
         assert real[("org", jobs[0]["org_id"])] == 3
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_a_cancel_caught_in_a_deadlock_over_the_counts_is_503_and_changes_nothing(
+    database_url: str,
+) -> None:
+    """A transaction holding the org's count row (as the scheduler does while it starts jobs)
+    then wants the very job a cancel has changed: PostgreSQL aborts one of the two; when it is
+    the cancel, the client gets 503 + Retry-After, not a 500, and a retry works."""
+    settings = fast_settings(database_url, cycle_interval_s=60.0)
+    async with running_cluster(settings) as cluster:
+        org = await cluster.org()
+        user = await cluster.user_token(org)
+        job = await cluster.submit(user)
+        other = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute(
+                "UPDATE pending_job_counts SET n = n WHERE owner_kind = 'org' AND owner_id = $1 "
+                "AND slot = $2",
+                job["org_id"],
+                job["id"] % 16,
+            )
+            cancel = asyncio.create_task(
+                cluster.http.post(
+                    f"/v1/jobs/{job['id']}/cancel",
+                    json={},
+                    headers={"Authorization": f"Bearer {user}"},
+                )
+            )
+            await asyncio.sleep(0.3)  # the cancel now holds the job's row and waits for ours
+            with contextlib.suppress(asyncpg.PostgresError):
+                await other.execute("UPDATE jobs SET held = held WHERE id = $1", job["id"])
+            await tx.rollback()
+            reply = await cancel
+        finally:
+            await other.close()
+        if reply.status_code == 503:
+            assert reply.headers["retry-after"] == "1"
+            assert reply.headers["content-type"].startswith("application/problem+json")
+            reply = await cluster.http.post(
+                f"/v1/jobs/{job['id']}/cancel", json={}, headers={"Authorization": f"Bearer {user}"}
+            )
+        assert reply.status_code == 200, reply.text
+        assert (await cluster.job(user, job["id"]))["state"] == "CANCELLED"
