@@ -259,9 +259,10 @@ class HotPaths:
             or create.depends_on
             or create.time_limit is None
             or create.image is not None
+            or create.secret_env
         ):
             # Another org, dependencies, the org's default limit, an image to check against
-            # the org's allow-list: the ordinary route.
+            # the org's allow-list, secrets to encrypt: the ordinary route.
             return False
         if create.time_limit > settings.max_time_limit_s:
             return False
