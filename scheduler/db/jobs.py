@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    JSON,
     String,
     Text,
     UniqueConstraint,
@@ -50,7 +51,7 @@ class Job(Base):
     env: Mapped[dict[str, str]] = mapped_column(default=dict)
     # {name: Fernet token of the value} (scheduler/secretenv.py); None: no secret variables.
     # Opened only to build the TaskSpec; the API shows the names with "***".
-    secret_env_ciphertext: Mapped[dict[str, str] | None] = mapped_column()
+    secret_env_ciphertext: Mapped[dict[str, str] | None] = mapped_column(JSON(none_as_null=True))
     workdir: Mapped[str | None] = mapped_column(String(1024))
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # per node; None: by GPUs
     # Sent to its tasks as FAIRGPU_JOB_SECRET; never returned by the API nor logged.
