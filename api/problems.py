@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.db.engine import sqlstate
+from scheduler.db.engine import error_line, sqlstate
 from scheduler.services.errors import DomainError
 
 log = logging.getLogger("fairgpu.api")
@@ -130,12 +130,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
     """A uniqueness or reference race the service could not see coming: the client may retry."""
-    log.info("integrity error on %s: %s", request.url.path, exc)
+    log.info("integrity error on %s: %s", request.url.path, error_line(exc))
     return problem(request, 409, "the request conflicts with data stored meanwhile; retry")
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("database unavailable on %s: %s", request.url.path, exc)
+    log.warning("database unavailable on %s: %s", request.url.path, error_line(exc))
     return problem(
         request,
         503,

@@ -10,15 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import text, update
+from sqlalchemy.exc import IntegrityError
 
 from protocol.limits import MAX_ENV_BYTES
 from scheduler.bench.procs import Fleet, wait_for
 from scheduler.db import Job
-from scheduler.db.engine import make_engine
+from scheduler.db.engine import error_line, make_engine
 from scheduler.secretenv import MASK, cipher, generate_key, seal
 from scheduler.services.secretkeys import rotate_secret_env
 from tests.scheduling.harness import fast_settings, running_cluster
@@ -270,3 +272,14 @@ async def test_a_rotated_key_set_still_decrypts(database_url: str) -> None:
         async with cluster.sessionmaker() as session:
             leftover, _ = await rotate_secret_env(session, secret_cipher=cipher(new))
         assert leftover.unreadable == [lost["id"]]
+
+
+def test_database_errors_are_logged_without_the_failing_row() -> None:
+    """PostgreSQL's DETAIL repeats a failing row's values; the log gets the first line only."""
+    error = asyncpg.CheckViolationError('new row for relation "jobs" violates check constraint')
+    error.detail = "Failing row contains (7, s3cr3t-value)"
+    wrapped = IntegrityError("INSERT INTO jobs ...", {"env": "s3cr3t-value"}, error)
+    for exc in (error, wrapped):
+        line = error_line(exc)
+        assert "violates check constraint" in line
+        assert "s3cr3t" not in line
