@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from typer.testing import Result
 
+from cli.main import app as cli_app
 from scheduler.db import Job
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.secretenv import cipher, generate_key, unseal
@@ -106,3 +108,30 @@ def test_gen_secret_key(served: Served) -> None:
     key = served.ok("admin", "gen-secret-key").strip()
     cipher(key)  # a valid Fernet key
     assert served.ok("admin", "gen-secret-key").strip() != key
+
+
+def test_rotate_secrets(keyed_served: Served, database_url: str) -> None:
+    """`admin rotate-secrets` re-seals with the first key, after which the old key can go."""
+    served = keyed_served
+    served.ok("org", "create", "acme")
+    job_id = int(
+        served.ok(
+            "submit", "--parsable", "-A", "acme", "-t", "10", "--secret-env", "T=v1", "--", "true"
+        ).strip()
+    )
+    new = generate_key()
+
+    def rotate(keys: str | None) -> Result:
+        env = {"FAIRGPU_DATABASE_URL": database_url, "FAIRGPU_SECRET_KEYS": keys}
+        return served.runner.invoke(cli_app, ["admin", "rotate-secrets"], env=env)
+
+    refused = rotate(None)
+    assert refused.exit_code == 1, refused.output
+    assert "gen-secret-key" in refused.output
+    result = rotate(f"{new},{KEY}")
+    assert result.exit_code == 0, result.output
+    assert "re-encrypted the secrets of 1 job(s)" in result.output
+    assert unseal(cipher(new), _sealed(database_url, job_id)) == {"T": "v1"}
+    stranded = rotate(generate_key())
+    assert stranded.exit_code == 1, stranded.output
+    assert f"1 job(s) have secrets no listed key decrypts: {job_id}" in stranded.output
