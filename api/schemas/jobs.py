@@ -48,7 +48,7 @@ class JobCreate(InputModel):
     """argv; the first element is the program."""
     image: Annotated[Image, Printable] | None = None
     env: Environment = Field(default_factory=dict)
-    secret_env: Environment = Field(default_factory=dict)
+    secret_env: Environment = Field(default_factory=dict, repr=False)
     """Set in the task's environment like `env`, but stored encrypted and never shown: the API
     answers with the names only, each value "***". `env` and `secret_env` together stay within
     the limits of one environment, and no name may be in both."""

@@ -52,8 +52,8 @@ class JobSpec:
     name: str = "job"
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    secret_env: dict[str, str] = field(default_factory=dict)
-    """In clear; `submit_job` seals it before anything is stored."""
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    """In clear (and out of repr); `submit_job` seals it before anything is stored."""
     workdir: str | None = None
     gpus_per_node: int = 1
     nodes: int = 1
