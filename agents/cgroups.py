@@ -106,7 +106,16 @@ class Hierarchy(ABC):
     def parents(self) -> list[Path]: ...
 
     def remove(self) -> None:
-        """Delete the parent cgroup(s) once no task cgroup is left (tests, decommissioning)."""
+        """End every task cgroup left under the parent(s), then delete them (tests, clusters
+        that stop with their tasks, decommissioning)."""
+        task_ids = {
+            int(child.name.removeprefix("task-"))
+            for parent in self.parents()
+            for child in parent.glob("task-*")
+            if child.name.removeprefix("task-").isdigit()
+        }
+        for task_id in task_ids:
+            self.task(task_id).remove()
         for directory in self.parents():
             with contextlib.suppress(FileNotFoundError, OSError):
                 directory.rmdir()

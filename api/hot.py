@@ -40,6 +40,7 @@ from api.routers.agent import hold_heartbeat, needs_renewal
 from api.routers.jobs import checked_idempotency_key, job_public
 from api.schemas.jobs import JobCreate
 from protocol.agent import Heartbeat
+from scheduler.db.engine import error_line
 from scheduler.db.types import utcnow
 from scheduler.metrics import PROCESS_REGISTRY
 from scheduler.services import hotpath
@@ -198,7 +199,7 @@ class HotPaths:
             asyncpg.InterfaceError,
             asyncpg.InternalClientError,
         ) as exc:
-            log.debug("hot heartbeat read failed, handing on: %s", exc)
+            log.debug("hot heartbeat read failed, handing on: %s", error_line(exc))
             return False
         now = utcnow()
         if not rows or not hotpath.agent_row_valid(rows[0], now):
@@ -260,9 +261,10 @@ class HotPaths:
             or create.depends_on
             or create.time_limit is None
             or create.image is not None
+            or create.secret_env
         ):
             # Another org, dependencies, the org's default limit, an image to check against
-            # the org's allow-list: the ordinary route.
+            # the org's allow-list, secrets to encrypt: the ordinary route.
             return False
         if create.time_limit > settings.max_time_limit_s:
             return False
@@ -288,7 +290,7 @@ class HotPaths:
         ) as exc:
             # The insert may or may not have happened: not retried here. The client retries
             # (with its Idempotency-Key, exactly once), as after any 503.
-            log.warning("database unavailable on %s: %s", JOBS_PATH, exc)
+            log.warning("database unavailable on %s: %s", JOBS_PATH, error_line(exc))
             HOT_REQUESTS.labels("submit", "unavailable").inc()
             await send_problem(
                 send,
@@ -299,7 +301,7 @@ class HotPaths:
             )
             return True
         except asyncpg.PostgresError as exc:
-            log.info("hot submission refused by the database, handing on: %s", exc)
+            log.info("hot submission refused by the database, handing on: %s", error_line(exc))
             return False
         if job_id is None:
             # The key is taken (the ordinary route answers with the first job) or a tenant

@@ -1,8 +1,9 @@
 """RFC 9457 problem responses: every error a client sees is `application/problem+json`.
 
-Domain errors carry their own status and detail; validation errors list the fields; an
-unreachable database is 503 with `Retry-After` (the client should simply try again); anything
-else is a 500 that names no internals (the traceback goes to the server log only).
+Domain errors carry their own status and detail; validation errors list the fields and short
+messages, never the values sent; an unreachable database is 503 with `Retry-After` (the client
+should simply try again); anything else is a 500 that names no internals (the traceback goes to
+the server log only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.db.engine import sqlstate
+from scheduler.db.engine import error_line, sqlstate
 from scheduler.services.errors import DomainError
 
 log = logging.getLogger("fairgpu.api")
@@ -82,8 +83,17 @@ def problem(
     )
 
 
+MAX_ERROR_CHARS = 200
+"""A listed field or message is clipped to this: neither may carry much of what was sent."""
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def _location(loc: tuple[Any, ...] | list[Any]) -> str:
-    return ".".join(str(part) for part in loc)
+    # A dict key (an env name, an unknown field) is input too: each part is clipped.
+    return _clipped(".".join(str(part)[:64] for part in loc))
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -96,8 +106,13 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    # Only where and what: pydantic's `input` (and `ctx`) would echo what was sent, which may
+    # be a secret, into the answer and into anything that logs it.
     errors = [
-        {"field": _location(err.get("loc", ())), "message": str(err.get("msg", "invalid"))}
+        {
+            "field": _location(err.get("loc", ())),
+            "message": _clipped(str(err.get("msg", "invalid"))),
+        }
         for err in exc.errors()[:MAX_LISTED_ERRORS]
     ]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
@@ -115,12 +130,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
     """A uniqueness or reference race the service could not see coming: the client may retry."""
-    log.info("integrity error on %s: %s", request.url.path, exc)
+    log.info("integrity error on %s: %s", request.url.path, error_line(exc))
     return problem(request, 409, "the request conflicts with data stored meanwhile; retry")
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("database unavailable on %s: %s", request.url.path, exc)
+    log.warning("database unavailable on %s: %s", request.url.path, error_line(exc))
     return problem(
         request,
         503,

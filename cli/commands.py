@@ -65,7 +65,9 @@ COMMANDS: dict[str, Lazy] = {
         "cli.users", "join_app", "Tokens that let node agents join (platform admins)."
     ),
     "node": Lazy(
-        "cli.nodes", "node_app", "GPU nodes: list, drain, resume (platform admins change)."
+        "cli.nodes",
+        "node_app",
+        "GPU nodes: list, drain, resume, approve, revoke, delete (platform admins change).",
     ),
     "demo": Lazy(
         "cli.demo",

@@ -175,8 +175,10 @@ def cluster(
     out. The demo's cluster by default; tests and benchmarks pass their own. Under strict
     isolation (as root) tasks reach their directories beside the agents' state through
     `workdir`, which must then be traversable (0711)."""
+    cgroup_parent = f"fairgpu-{workdir.name}"  # this cluster's own, removed on the way out
     if isolation == "strict":
         os.chmod(workdir, 0o711)  # noqa: S103 - traversable, not listable
+        agent_args = (*agent_args, "--cgroup-parent", cgroup_parent)
     db_url = database_url or f"sqlite:///{workdir / 'fairgpu.db'}"
     env = {**os.environ, **server_env, "FAIRGPU_DATABASE_URL": db_url}
     env.pop("FAIRGPU_SERVER", None)
@@ -242,6 +244,11 @@ def cluster(
         )
     finally:
         procs.stop_all()
+        if isolation == "strict":
+            from agents.cgroups import CgroupError, open_hierarchy
+
+            with suppress(CgroupError):
+                open_hierarchy(cgroup_parent).remove()
 
 
 def _wait_healthy(url: str, procs: Processes) -> None:

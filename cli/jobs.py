@@ -25,7 +25,14 @@ from cli.output import (
     relative,
     render,
 )
-from cli.parse import format_memory, parse_duration, parse_env, parse_gpus, parse_memory
+from cli.parse import (
+    format_memory,
+    parse_duration,
+    parse_env,
+    parse_gpus,
+    parse_memory,
+    parse_secret_env,
+)
 
 ACTIVE_STATES = ("PENDING", "STARTING", "RUNNING")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
@@ -112,6 +119,14 @@ def submit(
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="K=V for the job (repeatable).")
     ] = None,
+    secret_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret-env",
+            help="NAME=VALUE or NAME=@file (the file's text) set in the job's environment, "
+            "stored encrypted and never shown back (repeatable). @file keeps it out of `ps`.",
+        ),
+    ] = None,
     workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
     image: Annotated[str | None, typer.Option("--image", help="Container image.")] = None,
     site: Annotated[str | None, typer.Option("--site", help="Run in this site only.")] = None,
@@ -143,6 +158,8 @@ def submit(
         "env": parse_env(env or []),
         "depends_on": after or [],
     }
+    if secret_env:
+        body["secret_env"] = parse_secret_env(secret_env)
     if time_limit is not None:
         body["time_limit"] = parse_duration(time_limit)
     if mem is not None:
@@ -262,6 +279,8 @@ def describe(
         ("Image", job.get("image")),
         ("WorkDir", job.get("workdir")),
         ("Env", " ".join(f"{k}={v}" for k, v in (job.get("env") or {}).items()) or None),
+        # The server sends the names only; never a value, whatever it answers.
+        ("SecretEnv", " ".join(f"{k}=***" for k in job.get("secret_env") or {}) or None),
     ]
     if job["state"] == "PENDING":
         fields.append(("Reason", reason_of(job) + (f": {_why(job)}" if _why(job) else "")))

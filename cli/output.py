@@ -17,7 +17,6 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -56,6 +55,8 @@ def print_data(data: Any, fmt: Format) -> None:
     if fmt is Format.JSON:
         typer.echo(json.dumps(data, indent=2, default=str))
     else:
+        import yaml  # only -o yaml pays for it
+
         typer.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
 
 

@@ -126,3 +126,37 @@ def parse_env(items: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"bad environment variable {item!r}: use NAME=VALUE")
         env[key] = value
     return env
+
+
+def parse_secret_env(items: list[str]) -> dict[str, str]:
+    """`--secret-env NAME=VALUE` or `NAME=@file` (the file's text, less one final newline).
+
+    A refused item is named by its variable, never its value: the message lands in terminals
+    and CI logs. `@file` keeps the value out of the shell history and the process list.
+    """
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise typer.BadParameter(
+                f"bad secret variable {key[:64]!r}: use NAME=VALUE or NAME=@file"
+            )
+        if value.startswith("@"):
+            value = _read_secret_file(key, value[1:])
+        env[key] = value
+    return env
+
+
+def _read_secret_file(key: str, path: str) -> str:
+    if not path:
+        raise typer.BadParameter(f"{key}=@ names no file: use {key}=@path")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {key} from {path}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"cannot read {key} from {path}: not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r")

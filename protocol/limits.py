@@ -62,6 +62,17 @@ def check_env(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+def check_env_with_secrets(env: dict[str, str], secret_env: dict[str, str]) -> dict[str, str]:
+    """The environment a task is sent: `env` and `secret_env` together, within the limits of
+    one environment (each alone is an `Environment`). A name in both is refused, so neither
+    silently wins; the message names the variables, never their values."""
+    both = sorted(set(env) & set(secret_env))
+    if both:
+        listed = ", ".join(name[:64] for name in both[:5])
+        raise ValueError(f"set in both env and secret_env: {listed}")
+    return check_env({**env, **secret_env})
+
+
 Arg = Annotated[str, Field(max_length=MAX_COMMAND_BYTES)]
 Command = Annotated[
     list[Arg], Field(min_length=1, max_length=MAX_ARGS), AfterValidator(check_command)

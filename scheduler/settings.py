@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scheduler.core.types import PolicyConfig
+from scheduler.secretenv import check_keys
 
 DEFAULT_SQLITE_FILE = "fairgpu.db"
 
@@ -37,7 +38,10 @@ class Settings(BaseSettings):
     Every field reads from `FAIRGPU_<NAME>`; every duration and size carries its unit in its name.
     """
 
-    model_config = SettingsConfigDict(env_prefix="FAIRGPU_", extra="ignore")
+    # A refused value is never echoed: it may be a key or a database password.
+    model_config = SettingsConfigDict(
+        env_prefix="FAIRGPU_", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = Field(
         default_factory=lambda: f"sqlite:///{Path.cwd() / DEFAULT_SQLITE_FILE}",
@@ -56,6 +60,12 @@ class Settings(BaseSettings):
         None,
         description="Bearer token /metrics asks for (Prometheus' `authorization` setting); unset, "
         "/metrics is open: it shows org names and counts, never job ids or user names.",
+    )
+    secret_keys: SecretStr | None = Field(
+        None,
+        description="Fernet keys that encrypt jobs' secret_env at rest, comma-separated: the "
+        "first encrypts, every one decrypts (add a new key first to rotate; `fairgpu admin "
+        "gen-secret-key` prints one). Unset, submissions with secret_env are refused.",
     )
     hot_paths: bool = Field(
         True,
@@ -217,6 +227,13 @@ class Settings(BaseSettings):
         classes = PolicyConfig().priority_classes
         if value not in classes:
             raise ValueError(f"unknown priority class {value!r}; one of {', '.join(classes)}")
+        return value
+
+    @field_validator("secret_keys")
+    @classmethod
+    def _check_secret_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_keys(value.get_secret_value())
         return value
 
     @field_validator("database_url")

@@ -37,6 +37,7 @@ from api.schemas.jobs import (
 )
 from protocol.states import JobState
 from scheduler.db import Job, Org, User
+from scheduler.secretenv import masked, settings_cipher
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
@@ -67,6 +68,7 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         command=job.command,
         image=job.image,
         env=job.env,
+        secret_env=masked(job.secret_env_ciphertext),
         workdir=job.workdir,
         gpus_per_node=job.gpus_per_node,
         nodes=job.num_nodes,
@@ -195,6 +197,7 @@ async def submit_job(
             default_time_limit_s=settings.default_time_limit_s,
             max_time_limit_s=settings.max_time_limit_s,
             limits=request.app.state.submit_limits,
+            secret_cipher=settings_cipher(settings),
         )
         await session.commit()
     except IntegrityError:

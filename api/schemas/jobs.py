@@ -23,6 +23,7 @@ from protocol.limits import (
     Environment,
     Image,
     Workdir,
+    check_env_with_secrets,
 )
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
@@ -47,6 +48,10 @@ class JobCreate(InputModel):
     """argv; the first element is the program."""
     image: Annotated[Image, Printable] | None = None
     env: Environment = Field(default_factory=dict)
+    secret_env: Environment = Field(default_factory=dict, repr=False)
+    """Set in the task's environment like `env`, but stored encrypted and never shown: the API
+    answers with the names only, each value "***". `env` and `secret_env` together stay within
+    the limits of one environment, and no name may be in both."""
     workdir: Annotated[Workdir, Printable] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] = 1
     nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
@@ -70,12 +75,12 @@ class JobCreate(InputModel):
     needs a platform admin: org admins admit only their own org (not its child orgs, whose jobs
     they could then neither see nor cancel)."""
 
-    @field_validator("env")
+    @field_validator("env", "secret_env")
     @classmethod
     def _env_not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
             if key.startswith(RESERVED_ENV_PREFIX) or key in RESERVED_ENV:
-                raise ValueError(f"{key} is set by fairgpu and cannot be overridden")
+                raise ValueError(f"{key[:64]} is set by fairgpu and cannot be overridden")
         return value
 
     @field_validator("priority_class")
@@ -96,6 +101,12 @@ class JobCreate(InputModel):
     def _gang(self) -> JobCreate:
         if self.nodes * self.gpus_per_node > MAX_GPUS_PER_NODE * MAX_NODES:
             raise ValueError("too many GPUs")
+        return self
+
+    @model_validator(mode="after")
+    def _env_with_secrets(self) -> JobCreate:
+        if self.secret_env:
+            check_env_with_secrets(self.env, self.secret_env)
         return self
 
 
@@ -120,6 +131,8 @@ class JobPublic(OutputModel):
     command: list[str]
     image: str | None
     env: dict[str, str]
+    secret_env: dict[str, str] = Field(default_factory=dict)
+    """The names of the job's secret variables, each value "***": values are never returned."""
     workdir: str | None
     gpus_per_node: int
     nodes: int

@@ -5,7 +5,7 @@ org, spread over 16 slot rows each) as jobs are inserted, change state or are
 deleted; the submit statement reads its caps' counts there. SQLite counts jobs instead.
 
 Revision ID: 5b0e2c7d9a41
-Revises: 64154f161e96
+Revises: 8abb79f63772
 Create Date: 2026-12-02 21:10:00.000000
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5b0e2c7d9a41"
-down_revision: str | None = "64154f161e96"
+down_revision: str | None = "8abb79f63772"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

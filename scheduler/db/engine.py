@@ -102,3 +102,12 @@ def sqlstate(exc: DBAPIError) -> str:
     orig = exc.orig
     driver = getattr(orig, "driver_exception", None) or getattr(orig, "__cause__", None)
     return str(getattr(driver, "sqlstate", "") or getattr(orig, "sqlstate", "") or "")
+
+
+def error_line(exc: BaseException) -> str:
+    """A database error for the log: its type and first line only. PostgreSQL's DETAIL (a
+    failing row's values, which may include a job's environment or secret) is left out, as
+    statement parameters are (`hide_parameters`)."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -50,6 +51,9 @@ class Job(Base):
     command: Mapped[list[str]] = mapped_column()
     image: Mapped[str | None] = mapped_column(String(512))
     env: Mapped[dict[str, str]] = mapped_column(default=dict)
+    # {name: Fernet token of the value} (scheduler/secretenv.py); None: no secret variables.
+    # Opened only to build the TaskSpec; the API shows the names with "***".
+    secret_env_ciphertext: Mapped[dict[str, str] | None] = mapped_column(JSON(none_as_null=True))
     workdir: Mapped[str | None] = mapped_column(String(1024))
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # per node; None: by GPUs
     # Sent to its tasks as FAIRGPU_JOB_SECRET; never returned by the API nor logged.

@@ -47,3 +47,10 @@ class Unavailable(DomainError):
 
     status = 503
     title = "Service unavailable"
+
+
+class SecretsNotConfigured(DomainError):
+    """A job with secret variables sent to a server that has no key to encrypt them."""
+
+    status = 422
+    title = "Secrets not configured"

@@ -18,6 +18,7 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
+from cryptography.fernet import MultiFernet
 from sqlalchemy import ARRAY, BigInteger, Table, bindparam, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,7 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.db import Event, Job, JobDependency, Org, Task
 from scheduler.db.types import utcnow
-from scheduler.services.errors import Conflict, Forbidden, InvalidInput, NotFound
+from scheduler.secretenv import HOW_TO_CONFIGURE, seal
+from scheduler.services.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    SecretsNotConfigured,
+)
 from scheduler.services.jobstate import STOP_CANCEL, transition_job
 from scheduler.services.tenantlimits import (
     SubmitLimits,
@@ -50,6 +58,8 @@ class JobSpec:
     name: str = "job"
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    """In clear (and out of repr); `submit_job` seals it before anything is stored."""
     workdir: str | None = None
     gpus_per_node: int = 1
     nodes: int = 1
@@ -142,8 +152,11 @@ def submission_rows(
     idempotency_key: str | None,
     time_limit_s: int,
     now: datetime,
+    secret_env_ciphertext: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The new job's row and its PENDING event's row (without ids), column by column."""
+    """The new job's row and its PENDING event's row (without ids), column by column.
+
+    `spec.secret_env` is never stored: only `secret_env_ciphertext`, its sealed form."""
     values: dict[str, Any] = {
         "org_id": org_id,
         "user_id": user_id,
@@ -151,6 +164,7 @@ def submission_rows(
         "command": list(spec.command),
         "image": spec.image,
         "env": dict(spec.env),
+        "secret_env_ciphertext": secret_env_ciphertext or None,
         "workdir": spec.workdir,
         "gpus_per_node": spec.gpus_per_node,
         "num_nodes": spec.nodes,
@@ -199,13 +213,19 @@ async def submit_job(
     idempotency_key: str | None = None,
     default_time_limit_s: int,
     max_time_limit_s: int,
+    secret_cipher: MultiFernet | None = None,
     limits: SubmitLimits | None = None,
     now: datetime | None = None,
 ) -> Submitted:
     """Store a PENDING job and its submit event. The same key from the same user returns the
     job stored the first time (the caller retried after a lost reply), and changes nothing.
 
+    `spec.secret_env` is sealed with `secret_cipher`; without one such a job is refused.
     The org's priority maximum and the pending caps (`limits`) refuse it with 403 or 409."""
+    if spec.secret_env and secret_cipher is None:
+        raise SecretsNotConfigured(
+            f"this server stores no secrets: it has no key to encrypt them ({HOW_TO_CONFIGURE})"
+        )
     limits = limits or SubmitLimits()
     postgres = session.get_bind().dialect.name == "postgresql"
     org: Org | None = None
@@ -225,6 +245,7 @@ async def submit_job(
     await _check_dependencies(session, org_id, spec.depends_on)
     if spec.image is not None:
         await check_image_allowed(session, org_id, spec.image)
+    sealed = seal(secret_cipher, spec.secret_env) if secret_cipher and spec.secret_env else None
     values, event = submission_rows(
         org_id=org_id,
         user_id=user_id,
@@ -233,6 +254,7 @@ async def submit_job(
         idempotency_key=idempotency_key,
         time_limit_s=time_limit_s,
         now=now,
+        secret_env_ciphertext=sealed,
     )
     if postgres:
         job_id = await _insert_job_and_event_pg(
@@ -268,7 +290,7 @@ JOB_INSERT_FIELDS = (
     "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
-    "job_secret",
+    "job_secret", "secret_env_ciphertext",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

@@ -74,6 +74,11 @@ class Served:
 
 @pytest.fixture
 def served(database_url: str, tmp_path: Path) -> Iterator[Served]:
+    yield from serve(database_url, tmp_path)
+
+
+def serve(database_url: str, tmp_path: Path) -> Iterator[Served]:
+    """The server of `served`; settings not given here come from FAIRGPU_* variables."""
     settings = Settings(
         database_url=database_url,
         migrate_on_start=False,

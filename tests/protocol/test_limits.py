@@ -14,6 +14,7 @@ from api.schemas.jobs import JobCreate
 from protocol.agent import TaskSpec
 from protocol.limits import MAX_ARGS, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_VARS
 from scheduler.db import Job, Task
+from scheduler.secretenv import cipher, generate_key, seal
 from scheduler.services.jobs import JobSpec, submission_rows
 from scheduler.services.scheduling.work import task_spec
 
@@ -37,7 +38,10 @@ def submissions(draw: st.DrawFn) -> dict[str, Any]:
     env = draw(st.dictionaries(_name, _text, max_size=4))
     for i in range(draw(st.sampled_from([0, MAX_ENV_VARS - 8, MAX_ENV_VARS + 1]))):
         env[f"V{i}"] = "v"
-    body: dict[str, Any] = {"command": args, "env": env}
+    secret_env = draw(st.dictionaries(_name, _text, max_size=3))
+    if draw(st.booleans()):  # as many variables as fit, split between the two
+        secret_env.update({f"S{i}": "s" for i in range(MAX_ENV_VARS - len(env) - len(secret_env))})
+    body: dict[str, Any] = {"command": args, "env": env, "secret_env": secret_env}
     body["workdir"] = draw(st.none() | st.text(max_size=8) | _sized)
     body["image"] = draw(st.none() | st.text(max_size=8) | _sized)
     body["time_limit"] = draw(st.none() | st.integers(-1, 2**32))
@@ -45,9 +49,13 @@ def submissions(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
+_CIPHER = cipher(generate_key())
+
+
 def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
     """The TaskSpec the server builds for a job submitted as `create` (jobs.py, then work.py)."""
     values, _ = submission_rows(
+        secret_env_ciphertext=seal(_CIPHER, create.secret_env),
         org_id=7,
         user_id=3,
         actor="user:test",
@@ -59,7 +67,9 @@ def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
     job = Job(id=41, **values)
     task = Task(id=99, job_id=job.id, attempt=0, node_rank=node_rank)
     gpus = [(i, f"GPU-{i}") for i in range(create.gpus_per_node)]
-    return task_spec(task, job, org="acme", gpus=gpus, master_addr="10.0.0.1")
+    return task_spec(
+        task, job, org="acme", gpus=gpus, master_addr="10.0.0.1", secret_cipher=_CIPHER
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -72,6 +82,7 @@ def test_every_accepted_submission_can_be_sent(body: dict[str, Any]) -> None:
         return
     for rank in range(create.nodes):
         spec = spec_of(create, node_rank=rank)
+        assert spec.env == {**create.env, **create.secret_env}
         # What goes over the wire is read back by the agent with the same model.
         assert TaskSpec.model_validate_json(spec.model_dump_json()) == spec
 
@@ -85,6 +96,12 @@ def test_every_accepted_submission_can_be_sent(body: dict[str, Any]) -> None:
         {"command": ["p"], "env": {"A": "v" * (MAX_ENV_BYTES - 4)}},
         {"command": ["p"], "env": {f"V{i}": "" for i in range(MAX_ENV_VARS)}},
         {"command": ["p"], "workdir": "/" + "d" * 1023, "image": "i" * 512},
+        {
+            "command": ["p"],
+            "env": {"A": "v" * 9000},
+            "secret_env": {"B": "v" * (MAX_ENV_BYTES - 9006)},
+        },
+        {"command": ["p"], "secret_env": {f"V{i}": "" for i in range(MAX_ENV_VARS)}},
     ],
 )
 def test_boundary_submissions_can_be_sent(body: dict[str, Any]) -> None:
@@ -118,3 +135,19 @@ def test_beyond_the_limits_is_refused_by_both(body: dict[str, Any]) -> None:
     }
     with pytest.raises(ValidationError):
         TaskSpec.model_validate(spec)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"env": {"A": "v" * 9000}, "secret_env": {"B": "v" * (MAX_ENV_BYTES - 9005)}},
+        {"env": {"A": ""}, "secret_env": {f"V{i}": "" for i in range(MAX_ENV_VARS)}},
+        {"env": {"A": "1"}, "secret_env": {"A": "2"}},
+        {"secret_env": {"FAIRGPU_JOB_SECRET": "x"}},
+        {"secret_env": {"1A": "v"}},
+    ],
+)
+def test_secret_env_shares_the_environments_limits(body: dict[str, Any]) -> None:
+    """env and secret_env are sent as one environment: together they fit its limits."""
+    with pytest.raises(ValidationError):
+        JobCreate.model_validate({"command": ["p"], "time_limit": 60, **body})

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
-from sqlalchemy import text
 
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.services.hotpath import asyncpg_dsn
@@ -46,14 +45,17 @@ async def _until(predicate: object, timeout_s: float) -> float:
 async def _kill_lock_connection(runtime: SchedulerRuntime) -> None:
     """Simulate the leader's process dying: its lock connection goes away, uncleanly."""
     if runtime.lease.is_postgres:
-        conn = runtime.lease._conn
-        assert conn is not None
-        pid = await conn.scalar(text("SELECT pg_backend_pid()"))
-        await conn.commit()
+        # The lock connection is found from outside (its advisory lock), never borrowed: the
+        # leader's own loop may be using it at that moment ("another operation is in progress").
         url = runtime.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         admin = await asyncpg.connect(url)
         try:
-            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            pids = await admin.fetch(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            assert len(pids) == 1, pids  # only the leader holds the lease lock
+            await admin.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
         finally:
             await admin.close()
     # Stop its loop without a clean release (on SQLite the row then simply expires).

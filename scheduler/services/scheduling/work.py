@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from cryptography.fernet import MultiFernet
 from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,6 +18,7 @@ from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
 from scheduler.db import Allocation, Gpu, Job, Org, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
+from scheduler.secretenv import SecretsUnreadable, settings_cipher, unseal
 from scheduler.services.scheduling.tasks import ACTIVE_STATES
 from scheduler.settings import Settings
 
@@ -95,12 +97,18 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
     work.unreported = [
         (t, j) for t, j in rows if t.stop_requested_at is not None and t.started_at is None
     ]
-    work.starts = await _task_specs(session, to_start, work.unbuildable)
+    work.starts = await _task_specs(
+        session, to_start, work.unbuildable, secret_cipher=settings_cipher(settings)
+    )
     return work
 
 
 async def _task_specs(
-    session: AsyncSession, pairs: list[tuple[Task, Job]], unbuildable: list[Unbuildable]
+    session: AsyncSession,
+    pairs: list[tuple[Task, Job]],
+    unbuildable: list[Unbuildable],
+    *,
+    secret_cipher: MultiFernet | None,
 ) -> list[TaskSpec]:
     if not pairs:
         return []
@@ -134,22 +142,37 @@ async def _task_specs(
                     org=orgs.get(job.org_id, ""),
                     gpus=sorted(gpus.get(task.id, [])),
                     master_addr=masters.get(job.id),
+                    secret_cipher=secret_cipher,
                 )
             )
         except ValidationError as error:
             unbuildable.append(Unbuildable(task, job, _first_error(error)))
+        except SecretsUnreadable as error:
+            unbuildable.append(Unbuildable(task, job, str(error)))
     return specs
 
 
 def task_spec(
-    task: Task, job: Job, *, org: str, gpus: list[tuple[int, str]], master_addr: str | None
+    task: Task,
+    job: Job,
+    *,
+    org: str,
+    gpus: list[tuple[int, str]],
+    master_addr: str | None,
+    secret_cipher: MultiFernet | None = None,
 ) -> TaskSpec:
     """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
 
+    The job's secret_env is decrypted here, the one place it is ever in clear on the server,
+    and sent in the spec's `env` (the agent keeps no copy of `env` on disk).
+
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
-    other limits): the caller fails that task alone.
+    other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
+    that task alone.
     """
     gang = job.num_nodes > 1
+    env = dict(job.env or {})
+    env.update(unseal(secret_cipher, job.secret_env_ciphertext or {}))
     return TaskSpec(
         task_id=task.id,
         job_id=job.id,
@@ -160,7 +183,7 @@ def task_spec(
         gpus=[i for i, _ in gpus],
         gpu_uuids=[u for _, u in gpus],
         command=list(job.command),
-        env=dict(job.env or {}),
+        env=env,
         workdir=job.workdir,
         image=job.image,
         time_limit_s=float(job.time_limit_s),
