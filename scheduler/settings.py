@@ -205,14 +205,15 @@ class Settings(BaseSettings):
         200, ge=1, description="Submissions one token may send at once before its rate applies."
     )
     heartbeat_rate_per_s: float = Field(
-        2.0,
+        20.0,
         ge=0,
         description="Heartbeats per second one agent credential may send on average (per "
-        "server process); an agent at its normal cadence sends one per heartbeat_interval_s or "
-        "long poll, far below it. 0: no limit.",
+        "server process). An idle agent sends one per long poll; a busy one also one per task "
+        "that starts or ends (a node running many short jobs reaches a few per second), so "
+        "the default leaves room. 0: no limit.",
     )
     heartbeat_burst: int = Field(
-        60, ge=1, description="Heartbeats one credential may send at once before its rate applies."
+        200, ge=1, description="Heartbeats one credential may send at once before its rate applies."
     )
     task_log_retention_s: float = Field(
         30 * 86_400.0,

@@ -41,16 +41,16 @@ def test_a_bucket_allows_its_burst_then_its_rate() -> None:
 
 
 def test_an_agent_at_its_cadence_never_meets_the_default_heartbeat_limit() -> None:
-    """Default settings: a long poll that returns at once with news, and the agent's next
-    heartbeat right after, for an hour, stays far inside 2/s with bursts of 60."""
+    """Default settings: a busy node whose short tasks start and end all the time (a heartbeat
+    every 0.2 s for an hour) and a restart's catch-up after it are never refused."""
     settings = fast_settings("sqlite:///unused.db")
     buckets = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
     now = 0.0
-    for _ in range(3600):
+    for _ in range(5 * 3600):
         assert buckets.take("node", now=now) == 0.0
-        now += 1.0  # a heartbeat every second: ten times the default interval of 10 s
-    burst = [buckets.take("node", now=now) for _ in range(30)]  # a restart's catch-up
-    assert burst == [0.0] * 30
+        now += 0.2
+    burst = [buckets.take("node", now=now) for _ in range(150)]  # a restart's catch-up
+    assert burst == [0.0] * 150
 
 
 @pytest.mark.parametrize("hot", HOT)
