@@ -4,18 +4,14 @@ mutual TLS, and plain http:// refused to other machines by the agent and the CLI
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 import cli.client
@@ -25,6 +21,7 @@ from cli.main import app as cli_app
 from protocol.agent import AgentRegister
 from protocol.transport import plain_http_refusal
 from scheduler.settings import Settings
+from tests.cli.conftest import serve_app
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -57,31 +54,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def serve_tls(database_url: str, pki: Pki, *, require_client_cert: bool) -> Iterator[str]:
     app = create_app(Settings(database_url=database_url, migrate_on_start=False))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
+    with serve_app(
         app,
-        ws="none",
-        log_level="warning",
         ssl_certfile=str(pki.server_cert),
         ssl_keyfile=str(pki.server_key),
         ssl_ca_certs=str(pki.ca) if require_client_cert else None,
         ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "server thread died"
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"https://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
+    ) as url:
+        yield url
 
 
 @pytest.fixture

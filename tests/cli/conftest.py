@@ -11,8 +11,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,14 +87,23 @@ def serve(database_url: str, tmp_path: Path) -> Iterator[Served]:
         cycle_interval_s=0.5,
         heartbeat_long_poll_s=1.0,
     )
-    app = create_app(settings)
+    token = seed_admin(database_url)
+    with serve_app(create_app(settings)) as url:
+        yield Served(url=url, admin_token=token, config_dir=tmp_path / "config")
+
+
+@contextmanager
+def serve_app(app: Any, **config: Any) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port in a thread; yields its URL (https when
+    `config` carries a certificate) and stops it on the way out."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app, ws="none", log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    scheme = "https" if config.get("ssl_certfile") else "http"
+    url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(app, ws="none", log_level="warning", lifespan="on", **config)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    token = seed_admin(database_url)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
@@ -100,7 +111,7 @@ def serve(database_url: str, tmp_path: Path) -> Iterator[Served]:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
-        yield Served(url=url, admin_token=token, config_dir=tmp_path / "config")
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=20)
