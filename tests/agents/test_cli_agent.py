@@ -43,7 +43,7 @@ def served() -> Iterator[ServedFakeServer]:
 def test_not_registered_without_join_token_is_one_line(tmp_path: Path) -> None:
     result = run_cli(
         "agent", "--server", "http://127.0.0.1:9", "--simulate", "1xH100",
-        "--state-dir", str(tmp_path),
+        "--state-dir", str(tmp_path), "--isolation", "none", "--log-level", "error",
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0
@@ -56,7 +56,7 @@ def test_no_nvml_names_the_simulate_option(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}")
     result = run_cli(
         "agent", "--server", "http://127.0.0.1:9", "--join-token", "t",
-        "--state-dir", str(tmp_path),
+        "--state-dir", str(tmp_path), "--isolation", "none", "--log-level", "error",
     env=env)  # fmt: skip
     assert result.returncode != 0
     assert "--simulate" in result.stderr
@@ -66,7 +66,7 @@ def test_no_nvml_names_the_simulate_option(tmp_path: Path) -> None:
 def test_bad_simulate_spec_is_one_line(tmp_path: Path) -> None:
     result = run_cli(
         "agent", "--server", "http://127.0.0.1:9", "--simulate", "8xQ9000",
-        "--state-dir", str(tmp_path),
+        "--state-dir", str(tmp_path), "--isolation", "none", "--log-level", "error",
     )  # fmt: skip
     assert result.returncode != 0
     assert "Q9000" in result.stderr

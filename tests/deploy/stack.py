@@ -158,7 +158,7 @@ class Stack:
                 ["agent", "--server", self.url, "--join-token", join_token, "--simulate", spec,
                  "--name", name, "--site", site, "--state-dir", str(agent.state_dir),
                  "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
-                 "--time-limit-grace-s", "1", "--log-level", "warning"],
+                 "--time-limit-grace-s", "1", "--log-level", "warning", "--isolation", "none"],
             )  # fmt: skip
 
         def all_ready() -> bool:
