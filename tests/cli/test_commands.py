@@ -16,7 +16,10 @@ def as_json(served: Served, *args: str, token: str | None = None) -> Any:
     return json.loads(served.ok(*args, "-o", "json", token=token))
 
 
-def register_node(served: Served, join_token: str, name: str = "n1") -> int:
+def register(
+    served: Served, join_token: str, name: str = "n1", isolation: str = "none"
+) -> dict[str, Any]:
+    """An agent's registration of a 2xH100 node, straight over HTTP; the server's reply."""
     body = {
         "name": name,
         "site": "dc1",
@@ -24,6 +27,7 @@ def register_node(served: Served, join_token: str, name: str = "n1") -> int:
         "hostname": name,
         "address": "127.0.0.1",
         "agent_version": "test",
+        "isolation": isolation,
         "gpus": [
             {"index": i, "uuid": f"GPU-{name}-{i}", "model": "H100", "memory_bytes": 80 << 30}
             for i in range(2)
@@ -35,7 +39,12 @@ def register_node(served: Served, join_token: str, name: str = "n1") -> int:
         headers={"Authorization": f"Bearer {join_token}"},
     )
     assert r.status_code in (200, 201), r.text
-    return int(r.json()["node_id"])
+    reply: dict[str, Any] = r.json()
+    return reply
+
+
+def register_node(served: Served, join_token: str, name: str = "n1") -> int:
+    return int(register(served, join_token, name)["node_id"])
 
 
 def test_admin_and_user_commands(served: Served) -> None:

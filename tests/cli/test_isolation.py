@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from tests.cli.conftest import Served, wait_for
+from tests.cli.test_commands import register
 from tests.cli.test_errors import one_line
 
 REFUSED = "workdir /etc is outside the data roots allowed to org acme (/data/acme)"
@@ -20,26 +21,7 @@ def _as_json(served: Served, *args: str, token: str | None = None) -> Any:
 
 def _register(served: Served, name: str, isolation: str) -> str:
     join = _as_json(served, "join-token", "create", "--uses", "1", "--ttl", "1h")
-    body = {
-        "name": name,
-        "site": "dc1",
-        "domain": "rack1",
-        "hostname": name,
-        "address": "127.0.0.1",
-        "agent_version": "test",
-        "isolation": isolation,
-        "gpus": [
-            {"index": i, "uuid": f"GPU-{name}-{i}", "model": "H100", "memory_bytes": 80 << 30}
-            for i in range(2)
-        ],
-    }
-    r = httpx.post(
-        f"{served.url}/v1/agent/register",
-        json=body,
-        headers={"Authorization": f"Bearer {join['token']}"},
-    )
-    assert r.status_code in (200, 201), r.text
-    return str(r.json()["credential"])
+    return str(register(served, join["token"], name, isolation)["credential"])
 
 
 def _heartbeat(served: Served, credential: str, **body: Any) -> dict[str, Any]:
