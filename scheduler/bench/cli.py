@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from cli.demo import cluster, fairgpu_command
-from scheduler.bench.latency import GPU_MODEL, _setup_org, summarise
+from scheduler.bench.latency import GPU_MODEL, setup_org, summarise
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> float:
@@ -39,7 +39,7 @@ def run_cli_bench(*, runs: int = 10, queue_jobs: int = 100) -> dict[str, Any]:
             with httpx.Client(
                 base_url=c.url, headers={"Authorization": f"Bearer {c.admin_token}"}, timeout=30
             ) as admin:
-                token = _setup_org(admin, 8)
+                token = setup_org(admin, 8)
             env = {**os.environ, "FAIRGPU_SERVER": c.url, "FAIRGPU_TOKEN": token,
                    "FAIRGPU_CONFIG_DIR": str(workdir / "config")}  # fmt: skip
             submit = [*fairgpu, "submit", "--hold", "--parsable", "-G", f"{GPU_MODEL}:1",

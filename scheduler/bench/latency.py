@@ -47,7 +47,7 @@ def summarise(values: list[float]) -> dict[str, float]:
     }
 
 
-def _setup_org(admin: httpx.Client, gpus: int) -> str:
+def setup_org(admin: httpx.Client, gpus: int) -> str:
     """An org guaranteed every GPU, a member and the member's token."""
     for method, path, body in (
         ("POST", "/v1/orgs", {"name": "bench"}),
@@ -135,7 +135,7 @@ def run_latency_bench(
         ) as c:
             admin_headers = {"Authorization": f"Bearer {c.admin_token}"}
             with httpx.Client(base_url=c.url, headers=admin_headers, timeout=30) as admin:
-                token = _setup_org(admin, nodes * gpus_per_node)
+                token = setup_org(admin, nodes * gpus_per_node)
             c.wait_nodes()
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=c.url, headers=headers, timeout=30) as member:
