@@ -16,9 +16,9 @@ COMMANDS: dict[str, Lazy] = {
     ),
     "whoami": Lazy("cli.users", "whoami", "Who the configured token belongs to."),
     "submit": Lazy(
-        "cli.jobs",
+        "cli.submit",
         "submit",
-        "Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`.",
+        "Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`, or a script.",
         _COMMAND_LINE,
     ),
     "queue": Lazy(

@@ -1,6 +1,7 @@
-"""Everyday job commands, with Slurm's words: submit, queue, describe, explain, cancel, hold.
+"""Everyday job commands, with Slurm's words: queue, describe, explain, cancel, hold.
 
-Each command is a thin Typer function over `/v1/jobs`; logs and history live in `cli/history.py`.
+Each command is a thin Typer function over `/v1/jobs`; submit lives in `cli/submit.py`, logs
+and history in `cli/history.py`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.client import ApiError, Client, connect, report
+from cli.common import fail
 from cli.output import (
     Column,
     Format,
@@ -25,14 +27,7 @@ from cli.output import (
     relative,
     render,
 )
-from cli.parse import (
-    format_memory,
-    parse_duration,
-    parse_env,
-    parse_gpus,
-    parse_memory,
-    parse_secret_env,
-)
+from cli.parse import format_memory
 
 ACTIVE_STATES = ("PENDING", "STARTING", "RUNNING")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
@@ -91,87 +86,6 @@ def reason_of(job: dict[str, Any]) -> str:
     if isinstance(reason, dict) and reason.get("code"):
         return str(reason["code"])
     return "JobHeldUser" if job.get("held") else "None"
-
-
-def submit(
-    command: Annotated[list[str], typer.Argument(help="The program and its arguments.")],
-    gpus: Annotated[
-        str, typer.Option("--gpus", "-G", help="GPUs per node: N or TYPE:N (e.g. H100:8).")
-    ] = "1",
-    name: Annotated[str | None, typer.Option("--job-name", "-J", help="Job name.")] = None,
-    account: Annotated[
-        str | None,
-        typer.Option(
-            "--account", "-A", help="Org to submit to: your own, or any (platform admins)."
-        ),
-    ] = None,
-    nodes: Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes (a gang).")] = 1,
-    time_limit: Annotated[
-        str | None,
-        typer.Option("--time", "-t", help="Time limit: 1h30m, 90m, 2-00:00:00 (bare N = minutes)."),
-    ] = None,
-    priority: Annotated[
-        str, typer.Option("--priority", help="Priority class: low, normal, high.")
-    ] = "normal",
-    preemptible: Annotated[
-        bool, typer.Option("--preemptible", help="May borrow idle GPUs beyond the quota.")
-    ] = False,
-    env: Annotated[
-        list[str] | None, typer.Option("--env", "-e", help="K=V for the job (repeatable).")
-    ] = None,
-    secret_env: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--secret-env",
-            help="NAME=VALUE or NAME=@file (the file's text) set in the job's environment, "
-            "stored encrypted and never shown back (repeatable). @file keeps it out of `ps`.",
-        ),
-    ] = None,
-    workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
-    image: Annotated[str | None, typer.Option("--image", help="Container image.")] = None,
-    site: Annotated[str | None, typer.Option("--site", help="Run in this site only.")] = None,
-    mem: Annotated[
-        str | None,
-        typer.Option(
-            "--mem", help="Memory per node: 64G, 512M, 1T (binary units; bare N = MiB, as Slurm)."
-        ),
-    ] = None,
-    after: Annotated[
-        list[int] | None, typer.Option("--after", help="Start after job N completed (afterok).")
-    ] = None,
-    hold: Annotated[bool, typer.Option("--hold", help="Submit held (see `release`).")] = False,
-    parsable: Annotated[bool, typer.Option("--parsable", help="Print only the job id.")] = False,
-) -> None:
-    """Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`."""
-    request = parse_gpus(gpus)
-    if request.count < 1:
-        raise typer.BadParameter("at least one GPU per node", param_hint="'-G'")
-    body: dict[str, Any] = {
-        "command": command,
-        "name": name or command[0].rsplit("/", 1)[-1][:128],
-        "gpus_per_node": request.count,
-        "nodes": nodes,
-        "gpu_type": request.gpu_type,
-        "priority_class": priority,
-        "preemptible": preemptible,
-        "hold": hold,
-        "env": parse_env(env or []),
-        "depends_on": after or [],
-    }
-    if secret_env:
-        body["secret_env"] = parse_secret_env(secret_env)
-    if time_limit is not None:
-        body["time_limit"] = parse_duration(time_limit)
-    if mem is not None:
-        body["memory_bytes"] = parse_memory(mem)
-    for key, value in (("workdir", workdir), ("image", image), ("site", site)):
-        if value is not None:
-            body[key] = value
-    if account is not None:
-        body["org"] = account
-    with connect("submit") as client:
-        job = client.post("/v1/jobs", body)
-    typer.echo(str(job["id"]) if parsable else f"Submitted job {job['id']}")
 
 
 def queue(
@@ -245,10 +159,18 @@ def _memory(memory_bytes: int | None) -> str:
 def describe(
     job_id: JobArg,
     output: OutputOption = Format.TABLE,
+    script: Annotated[
+        bool, typer.Option("--script", help="Print only the job's batch script.")
+    ] = False,
 ) -> None:
     """Everything about one job: its request, its state and its history."""
     with connect() as client:
         job = client.get(f"/v1/jobs/{job_id}")
+        if script:
+            if job.get("script") is None:
+                fail(f"job {job_id} was not submitted as a batch script")
+            typer.echo(job["script"], nl=not job["script"].endswith("\n"))
+            return
         events = client.get(f"/v1/jobs/{job_id}/events", limit=500)["data"]
     org, user = org_of(job), user_of(job)
     if output in (Format.JSON, Format.YAML):
@@ -276,6 +198,7 @@ def describe(
         ("Requeued", job.get("requeue_count", 0)),
         ("DependsOn", ",".join(str(d) for d in job.get("depends_on") or []) or None),
         ("Command", " ".join(job["command"])),
+        ("Script", "yes (fairgpu describe --script)" if job.get("script") else None),
         ("Image", job.get("image")),
         ("WorkDir", job.get("workdir")),
         ("Env", " ".join(f"{k}={v}" for k, v in (job.get("env") or {}).items()) or None),

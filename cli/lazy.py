@@ -57,7 +57,10 @@ class _Deferred(TyperCommand):
         parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
-        return self.real.make_context(info_name, args, parent=parent, **extra)
+        raw = list(args)  # parsing consumes `args`; `submit` asks whether a `--` was among them
+        ctx = self.real.make_context(info_name, args, parent=parent, **extra)
+        ctx.meta["fairgpu.args"] = raw
+        return ctx
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         return self.real.get_params(ctx)  # shell completion of its options

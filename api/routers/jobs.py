@@ -305,9 +305,11 @@ async def list_jobs(
 
 @router.get("/{job_id}")
 async def get_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobPublic:
-    """One job."""
+    """One job, with its batch script if it has one."""
     job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
-    return await _read_public(session, job, principal)
+    public = await _read_public(session, job, principal)
+    public.script = await session.scalar(select(Job.script).where(Job.id == job.id))
+    return public
 
 
 async def _job_to_change(session: SessionDep, job_id: int, principal: Principal) -> Job:

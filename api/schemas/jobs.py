@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from api.schemas.common import (
     DurationS,
@@ -25,6 +25,7 @@ from protocol.limits import (
     Workdir,
     check_env_with_secrets,
 )
+from protocol.script import check_script, script_command
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
 
@@ -45,7 +46,11 @@ class JobCreate(InputModel):
 
     name: Name = "job"
     command: Command
-    """argv; the first element is the program."""
+    """argv; the first element is the program. With `script`: the script's name and its
+    arguments (the script's `$0 $1...`)."""
+    script: Annotated[str, AfterValidator(check_script)] | None = None
+    """A batch script's text, starting with its `#!` line (at most 60 KiB). The node runs
+    `INTERPRETER -c SCRIPT NAME ARGS...` with `command` = [NAME, *ARGS]."""
     image: Annotated[Image, Printable] | None = None
     env: Environment = Field(default_factory=dict)
     secret_env: Environment = Field(default_factory=dict, repr=False)
@@ -104,6 +109,12 @@ class JobCreate(InputModel):
         return self
 
     @model_validator(mode="after")
+    def _script_fits(self) -> JobCreate:
+        if self.script is not None:
+            script_command(self.script, self.command)
+        return self
+
+    @model_validator(mode="after")
     def _env_with_secrets(self) -> JobCreate:
         if self.secret_env:
             check_env_with_secrets(self.env, self.secret_env)
@@ -129,6 +140,9 @@ class JobPublic(OutputModel):
     user_name: str | None = None
     name: str
     command: list[str]
+    script: str | None = None
+    """A batch job's script (`command` is then its name and arguments). In the reply of
+    `GET /v1/jobs/{id}` only; null in listings and every other reply."""
     image: str | None
     env: dict[str, str]
     secret_env: dict[str, str] = Field(default_factory=dict)

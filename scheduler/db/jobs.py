@@ -49,6 +49,9 @@ class Job(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     command: Mapped[list[str]] = mapped_column()
+    # A batch script's text (protocol/script.py); `command` is then [script name, *args].
+    # Deferred: listings never need it, only `describe --script` and the task's start.
+    script: Mapped[str | None] = mapped_column(Text, deferred=True)
     image: Mapped[str | None] = mapped_column(String(512))
     env: Mapped[dict[str, str]] = mapped_column(default=dict)
     # {name: Fernet token of the value} (scheduler/secretenv.py); None: no secret variables.

@@ -56,6 +56,7 @@ class JobSpec:
 
     command: list[str]
     name: str = "job"
+    script: str | None = None
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, str] = field(default_factory=dict, repr=False)
@@ -162,6 +163,7 @@ def submission_rows(
         "user_id": user_id,
         "name": spec.name,
         "command": list(spec.command),
+        "script": spec.script,
         "image": spec.image,
         "env": dict(spec.env),
         "secret_env_ciphertext": secret_env_ciphertext or None,
@@ -290,7 +292,7 @@ JOB_INSERT_FIELDS = (
     "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
-    "job_secret", "secret_env_ciphertext",
+    "job_secret", "secret_env_ciphertext", "script",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

@@ -13,8 +13,10 @@ from cryptography.fernet import MultiFernet
 from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import undefer
 
 from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
+from protocol.script import script_command
 from scheduler.db import Allocation, Gpu, Job, Org, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
@@ -73,6 +75,7 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
         await session.execute(
             select(Task, Job)
             .join(Job, Job.id == Task.job_id)
+            .options(undefer(Job.script))
             .where(
                 Task.node_id == node_id,
                 Task.state.in_(ACTIVE_STATES),
@@ -147,7 +150,7 @@ async def _task_specs(
             )
         except ValidationError as error:
             unbuildable.append(Unbuildable(task, job, _first_error(error)))
-        except SecretsUnreadable as error:
+        except (SecretsUnreadable, ValueError) as error:  # ValueError: a script too long to run
             unbuildable.append(Unbuildable(task, job, str(error)))
     return specs
 
@@ -182,7 +185,7 @@ def task_spec(
         num_nodes=job.num_nodes,
         gpus=[i for i, _ in gpus],
         gpu_uuids=[u for _, u in gpus],
-        command=list(job.command),
+        command=script_command(job.script, job.command) if job.script else list(job.command),
         env=env,
         workdir=job.workdir,
         image=job.image,
