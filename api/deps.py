@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.authcache import AuthCache
 from scheduler.db import ApiToken, User
+from scheduler.db.engine import run_to_end
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Forbidden, Unauthenticated
 from scheduler.services.tokens import LAST_USED_RESOLUTION, hash_token
@@ -149,23 +150,10 @@ async def _lookup(
         raise Unauthenticated("token expired")
     superseded = False
     if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
-        await session.execute(
-            update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now)
+        superseded = (
+            row.kind == TokenKind.AGENT and row.last_used_at is None and row.node_id is not None
         )
-        if row.kind == TokenKind.AGENT and row.last_used_at is None and row.node_id is not None:
-            # A renewed credential's first use: the node's older credentials end now.
-            superseded = True
-            await session.execute(
-                update(ApiToken)
-                .where(
-                    ApiToken.node_id == row.node_id,
-                    ApiToken.kind == TokenKind.AGENT,
-                    ApiToken.id < row.id,
-                    ApiToken.revoked_at.is_(None),
-                )
-                .values(revoked_at=now)
-            )
-        await session.commit()
+        await run_to_end(_touch(session, row.id, row.node_id if superseded else None, now))
     if row.kind == TokenKind.AGENT:
         if row.node_id is None:
             raise Unauthenticated("agent credential without a node")
@@ -186,6 +174,26 @@ async def _lookup(
         )
         return principal, row.expires_at, False
     raise Forbidden("a join token only registers nodes (POST /v1/agent/register)")
+
+
+async def _touch(
+    session: AsyncSession, token_id: int, supersede_node: int | None, now: datetime
+) -> None:
+    """Stamp the token's use; with `supersede_node` (a renewed credential's first use) the
+    node's older credentials end now."""
+    await session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=now))
+    if supersede_node is not None:
+        await session.execute(
+            update(ApiToken)
+            .where(
+                ApiToken.node_id == supersede_node,
+                ApiToken.kind == TokenKind.AGENT,
+                ApiToken.id < token_id,
+                ApiToken.revoked_at.is_(None),
+            )
+            .values(revoked_at=now)
+        )
+    await session.commit()
 
 
 def auth_cache(request: Request) -> AuthCache | None:

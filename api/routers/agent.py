@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep, parse_bearer
 from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+from scheduler.db.engine import run_to_end
 from scheduler.db.types import utcnow
 from scheduler.services import agents as svc
 from scheduler.services.errors import Unauthenticated
@@ -97,8 +98,9 @@ async def heartbeat(
     buffered = live.take_node(node_id) if live is not None else []
     if buffered:  # counted before this heartbeat's reports may end their allocations
         body = body.model_copy(update={"samples": [*buffered, *body.samples]})
-    async with maker() as session:
-        try:
+
+    async def apply() -> svc.HeartbeatOutcome:
+        async with maker() as session:
             outcome = await svc.heartbeat(
                 session,
                 node_id=node_id,
@@ -107,20 +109,25 @@ async def heartbeat(
                 renew_token_id=principal.token_id if renew else None,
             )
             await session.commit()
-        except BaseException:
-            if live is not None and buffered:
-                live.put_back_node(node_id, buffered)
-            raise
+        # Committed: what it changed is news even when the request has been cancelled.
         if live is not None and outcome.gpus is not None:
             live.learn(node_id, outcome.gpus)
         if outcome.changed:
             runtime.notify("heartbeat")
         if outcome.wake_nodes:
             runtime.wake_nodes(outcome.wake_nodes)
-        reply = outcome.reply
-        wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
-        if wait_s <= 0 or outcome.urgent or reply.start or reply.stop:
-            return _json(reply)
+        return outcome
+
+    try:
+        outcome = await run_to_end(apply())
+    except BaseException:
+        if live is not None and buffered:
+            live.put_back_node(node_id, buffered)
+        raise
+    reply = outcome.reply
+    wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
+    if wait_s <= 0 or outcome.urgent or reply.start or reply.stop:
+        return _json(reply)
     return _json(await hold_heartbeat(request.app.state, node_id, credential, wait_s, reply))
 
 

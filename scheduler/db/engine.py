@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -17,6 +19,8 @@ from sqlalchemy.ext.asyncio import (
 from scheduler.settings import Settings, normalise_database_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+T = TypeVar("T")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -111,3 +115,30 @@ def error_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     first = (str(orig).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:300]}"
+
+
+async def run_to_end(transaction: Awaitable[T]) -> T:
+    """Run a write transaction (begin to commit or rollback) to its end, even when the caller
+    is cancelled meanwhile; the cancellation is raised once the transaction has ended.
+
+    A cancellation that lands inside a transaction (a client giving up on its request, a
+    server stopping its background work) interrupts the driver mid-statement: the connection
+    is then neither committed nor rolled back nor closed. On SQLite that connection keeps the
+    database's one write lock, and every other writer waits out the busy timeout and fails
+    with "database is locked". Server transactions are short and bounded by the busy or
+    statement timeout, so finishing one costs at most that wait.
+    """
+    task = asyncio.ensure_future(transaction)
+    cancelled = False
+    while not task.done():
+        try:
+            # asyncio.wait, unlike awaiting the task, leaves it running when the waiter is
+            # cancelled (anyio's cancel scopes cancel the waiter again at each await).
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller's cancellation is what propagates
+        raise asyncio.CancelledError
+    return task.result()

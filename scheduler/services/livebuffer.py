@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from protocol.agent import GpuSample
 from protocol.states import GpuHealth
 from scheduler.db import Allocation, Event, Gpu, Node
+from scheduler.db.engine import run_to_end
 from scheduler.services.accounting import (
     HeldGpu,
     SampleUsage,
@@ -159,9 +160,13 @@ class LiveBuffer:
         if not self.pending():
             return FlushResult()
         liveness, samples = self._take()
-        try:
+
+        async def write() -> FlushResult:
             async with sessionmaker() as session, session.begin():
-                result = await _write(session, liveness, samples, settings, now, self)
+                return await _write(session, liveness, samples, settings, now, self)
+
+        try:
+            result = await run_to_end(write())
         except BaseException:
             self.failures += 1
             self._put_back(liveness, samples)
