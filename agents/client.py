@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -20,17 +19,6 @@ class AuthError(Exception):
 
 class ServerUnavailable(Exception):
     """The server could not be reached or failed; the agent keeps its reports and retries."""
-
-
-def tls_context(
-    *, ca_file: Path | None, client_cert: Path | None, client_key: Path | None
-) -> ssl.SSLContext:
-    """Server certificates checked against `ca_file` (else the system's CAs); the node's own
-    certificate presented when the server asks for one (mutual TLS)."""
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    if client_cert is not None:
-        context.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
-    return context
 
 
 class AgentClient:

@@ -194,13 +194,13 @@ def agent(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Register this node, report its GPUs and run the tasks the server gives it."""
-    from agents.client import tls_context
     from agents.container import RUNTIMES
     from agents.daemon import AgentConfig, AgentError
     from agents.gpu import GpuBackendError
     from agents.isolation import IsolationConfig, IsolationUnavailable
     from agents.runner import RunnerConfig
     from cli.parse import parse_memory
+    from protocol.transport import tls_context
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

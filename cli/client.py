@@ -2,24 +2,23 @@
 
 Commands call `api()` for a client bound to the configured server and token, and its `get`,
 `post`, `put`, `patch`, `delete` return decoded JSON. Problem JSON (RFC 9457), connection errors,
-timeouts and 401s are turned into `fairgpu: error: ...` by `fail`, never a traceback. The
-transport is swappable (httpx's seam) so that tests can point the CLI at an in-process app.
+timeouts and 401s are turned into `fairgpu: error: ...` by `fail`, never a traceback. The wire
+is cli/connection.py (standard library only, for start-up time).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
-
-import httpx
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cli.common import fail
 from cli.config import Credentials, resolve
+from cli.connection import Connection, Response, Timeout, TransportError
 from protocol.transport import plain_http_refusal
 
-# Tests set this to route every request to an app in the same process.
-transport_override: httpx.BaseTransport | None = None
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_TIMEOUT_S = 30.0
 EXIT_UNREACHABLE = 3
@@ -37,43 +36,37 @@ class ApiError(Exception):
         self.body = body
 
 
-def problem_detail(response: httpx.Response) -> str:
+def problem_detail(response: Response) -> str:
     """The sentence a person needs from an error reply, whatever shape the body has."""
     try:
         body = response.json()
     except ValueError:
         text = response.text.strip().splitlines()
-        return text[0][:300] if text else response.reason_phrase
+        return text[0][:300] if text else response.reason
     if isinstance(body, dict):
         detail = body.get("detail") or body.get("title")
         if isinstance(detail, list):  # FastAPI's own validation shape, should a route skip ours
             return "; ".join(str(d.get("msg", d)) for d in detail if isinstance(d, dict))[:300]
         if detail:
             return str(detail).splitlines()[0][:300]
-    return response.reason_phrase
+    return response.reason
 
 
 class Client:
-    def __init__(
-        self,
-        creds: Credentials,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, creds: Credentials, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         refusal = plain_http_refusal(creds.server)
         if refusal and not creds.insecure:
             fail(refusal, 2)
-        headers = {"User-Agent": "fairgpu-cli"}
+        headers = {"User-Agent": "fairgpu-cli", "Accept": "application/json"}
         if creds.token:
             headers["Authorization"] = f"Bearer {creds.token}"
         self.server = creds.server
-        self._http = httpx.Client(
-            base_url=creds.server,
-            headers=headers,
-            timeout=timeout_s,
-            transport=transport or transport_override,
-        )
+        try:
+            self._http = Connection(
+                creds.server, headers=headers, timeout_s=timeout_s, tls=_tls(creds)
+            )
+        except (ValueError, TransportError) as exc:
+            fail(f"server {creds.server}: {exc}", 2)
 
     def close(self) -> None:
         self._http.close()
@@ -94,23 +87,17 @@ class Client:
         timeout_s: float | None = None,
     ) -> Any:
         """Decoded JSON (None for 204); ApiError for any error reply; fail() when unreachable."""
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(
-                method,
-                path,
-                params=clean or None,
-                json=json,
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
+                method, path, params=params, json_body=json, timeout_s=timeout_s
             )
-        except httpx.TimeoutException:
+        except Timeout:
             fail(f"server {self.server} did not answer in time", EXIT_UNREACHABLE)
-        except httpx.HTTPError as exc:
-            reason = str(exc).split("\n")[0] or type(exc).__name__
-            fail(f"cannot reach server {self.server}: {reason}", EXIT_UNREACHABLE)
-        if response.status_code >= 400:
-            raise ApiError(response.status_code, problem_detail(response), _safe_json(response))
-        if response.status_code == 204 or not response.content:
+        except TransportError as exc:
+            fail(f"cannot reach server {self.server}: {exc}", EXIT_UNREACHABLE)
+        if response.status >= 400:
+            raise ApiError(response.status, problem_detail(response), _safe_json(response))
+        if response.status == 204 or not response.content:
             return None
         try:
             return response.json()
@@ -133,7 +120,24 @@ class Client:
         return self.request("DELETE", path)
 
 
-def _safe_json(response: httpx.Response) -> Any:
+def _tls(creds: Credentials) -> ssl.SSLContext | None:
+    """The TLS context for an https:// server given a CA file or a client certificate; None
+    (the system's CAs, made on first use) otherwise."""
+    if not creds.server.startswith("https://") or not (creds.ca_file or creds.client_cert):
+        return None
+    import ssl
+
+    from protocol.transport import tls_context
+
+    try:
+        return tls_context(
+            ca_file=creds.ca_file, client_cert=creds.client_cert, client_key=creds.client_key
+        )
+    except (OSError, ssl.SSLError) as exc:
+        fail(f"cannot load the TLS files: {exc}", 2)
+
+
+def _safe_json(response: Response) -> Any:
     try:
         return response.json()
     except ValueError:

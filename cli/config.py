@@ -18,6 +18,14 @@ class Credentials:
     token: str | None
     insecure: bool = False
     """Plain http:// to another machine was asked for (`--insecure`, FAIRGPU_INSECURE=1)."""
+    ca_file: str | None = None
+    """CA certificates that sign the server's (else the system's CAs)."""
+    client_cert: str | None = None
+    client_key: str | None = None
+    """Our certificate and key, for a server that asks for them (mutual TLS)."""
+
+
+TLS_FILES = ("ca_file", "client_cert", "client_key")
 
 
 def config_dir() -> Path:
@@ -43,14 +51,20 @@ def read_config() -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
 
 
-def write_config(server: str, token: str, *, insecure: bool = False) -> Path:
-    """Write the file with mode 0600 from the start: a token must never be world-readable."""
+def write_config(
+    server: str, token: str, *, insecure: bool = False, tls_files: dict[str, str] | None = None
+) -> Path:
+    """Write the file with mode 0600 from the start: a token must never be world-readable.
+
+    `tls_files` maps names of TLS_FILES to paths, saved as absolute paths."""
     directory = config_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / CONFIG_FILE
     saved = {"server": server.rstrip("/"), "token": token}
     if insecure:
         saved["insecure"] = "true"
+    for name, file in (tls_files or {}).items():
+        saved[name] = str(Path(file).expanduser().resolve())
     body = json.dumps(saved, indent=2) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -60,13 +74,18 @@ def write_config(server: str, token: str, *, insecure: bool = False) -> Path:
 
 
 def resolve(server: str | None = None, token: str | None = None) -> Credentials | None:
-    """Explicit values, then FAIRGPU_SERVER / FAIRGPU_TOKEN, then the config file."""
+    """Explicit values, then FAIRGPU_SERVER / FAIRGPU_TOKEN (and FAIRGPU_CA_FILE,
+    FAIRGPU_CLIENT_CERT, FAIRGPU_CLIENT_KEY), then the config file."""
     saved = read_config()
     url = server or os.environ.get("FAIRGPU_SERVER") or saved.get("server")
     secret = token or os.environ.get("FAIRGPU_TOKEN") or saved.get("token")
     if not url:
         return None
     insecure = os.environ.get("FAIRGPU_INSECURE", saved.get("insecure", "")).lower()
+    tls = {name: os.environ.get(f"FAIRGPU_{name.upper()}") or saved.get(name) for name in TLS_FILES}
     return Credentials(
-        server=url.rstrip("/"), token=secret or None, insecure=insecure in ("1", "true", "yes")
+        server=url.rstrip("/"),
+        token=secret or None,
+        insecure=insecure in ("1", "true", "yes"),
+        **{name: file or None for name, file in tls.items()},
     )

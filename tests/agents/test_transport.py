@@ -10,16 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
-import cli.client
-from agents.client import AgentClient, AuthError, ServerUnavailable, tls_context
+from agents.client import AgentClient, AuthError, ServerUnavailable
 from api.app import create_app
 from cli.main import app as cli_app
 from protocol.agent import AgentRegister
-from protocol.transport import plain_http_refusal
+from protocol.transport import plain_http_refusal, tls_context
 from scheduler.settings import Settings
 from tests.cli.conftest import serve_app
 
@@ -131,22 +129,32 @@ def test_the_agent_refuses_plain_http_to_another_machine(tmp_path: Path) -> None
     assert "refusing to send credentials over plain http:// to gpu.example.org" in result.output
 
 
-def test_the_cli_refuses_plain_http_unless_insecure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_cli_checks_the_servers_certificate_against_its_ca_file(
+    tls_url: str, pki: Pki, tmp_path: Path
 ) -> None:
-    env = {"FAIRGPU_SERVER": "http://gpu.example.org", "FAIRGPU_TOKEN": "fg_u_x",
+    env = {"FAIRGPU_SERVER": tls_url, "FAIRGPU_TOKEN": "fg_u_not-a-real-token",
            "FAIRGPU_CONFIG_DIR": str(tmp_path)}  # fmt: skip
-    refused = CliRunner().invoke(cli_app, ["whoami"], env=env)
-    assert refused.exit_code == 2
-    assert "use https://, or pass --insecure" in refused.output
-    # Asked for: the request goes out (to an in-process stand-in for the remote server).
-    seen: list[str] = []
+    unknown_ca = CliRunner().invoke(cli_app, ["whoami"], env=env)
+    assert unknown_ca.exit_code == 3, unknown_ca.output
+    assert "CERTIFICATE_VERIFY_FAILED" in unknown_ca.output
+    # TLS held: the server read the request and refused the token.
+    trusted = CliRunner().invoke(cli_app, ["whoami"], env={**env, "FAIRGPU_CA_FILE": str(pki.ca)})
+    assert trusted.exit_code == 4, trusted.output
+    missing = CliRunner().invoke(
+        cli_app, ["whoami"], env={**env, "FAIRGPU_CA_FILE": str(tmp_path / "none.pem")}
+    )
+    assert missing.exit_code == 2
+    assert "cannot load the TLS files" in missing.output
+    assert "Traceback" not in missing.output
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
-        return httpx.Response(401, json={"title": "Unauthorized", "detail": "bad token"})
 
-    monkeypatch.setattr(cli.client, "transport_override", httpx.MockTransport(answer))
-    allowed = CliRunner().invoke(cli_app, ["whoami"], env={**env, "FAIRGPU_INSECURE": "1"})
-    assert allowed.exit_code == 4, allowed.output
-    assert seen == ["http://gpu.example.org/v1/users/me"]
+def test_the_cli_presents_its_certificate_to_a_mutual_tls_server(
+    mtls_url: str, pki: Pki, tmp_path: Path
+) -> None:
+    env = {"FAIRGPU_SERVER": mtls_url, "FAIRGPU_TOKEN": "fg_u_not-a-real-token",
+           "FAIRGPU_CONFIG_DIR": str(tmp_path), "FAIRGPU_CA_FILE": str(pki.ca)}  # fmt: skip
+    anonymous = CliRunner().invoke(cli_app, ["whoami"], env=env)
+    assert anonymous.exit_code == 3, anonymous.output
+    ours = {"FAIRGPU_CLIENT_CERT": str(pki.client_cert), "FAIRGPU_CLIENT_KEY": str(pki.client_key)}
+    known = CliRunner().invoke(cli_app, ["whoami"], env={**env, **ours})
+    assert known.exit_code == 4, known.output
