@@ -9,7 +9,7 @@ import pytest
 
 from cli.commands import COMMANDS
 
-HEAVY = ("sqlalchemy", "alembic", "fastapi", "matplotlib", "pynvml", "uvicorn")
+HEAVY = ("sqlalchemy", "alembic", "fastapi", "matplotlib", "pynvml", "uvicorn", "httpx")
 USER_MODULES = ("cli.main", "cli.jobs", "cli.history", "cli.orgs", "cli.users", "cli.nodes",
                 "cli.usage")  # fmt: skip
 
