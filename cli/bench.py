@@ -32,7 +32,7 @@ def core(
     ] = None,
 ) -> None:
     """Time full scheduling cycles on synthetic snapshots; one JSON line per size."""
-    from scheduler.core import bench as core_bench
+    from scheduler.bench import core as core_bench
 
     names = tuple(size) if size else (core_bench.QUICK if quick else core_bench.DEFAULT)
     unknown = [n for n in names if n not in core_bench.SIZES]

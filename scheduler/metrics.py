@@ -141,10 +141,10 @@ class SchedulerMetrics:
         org_of = {p.job_id: p.org_id for p in loaded.snapshot.pending}
         started = set(result.applied.started)
         tally: Tally[tuple[str, str]] = Tally()
-        for job_id, info in decisions.pending.items():
+        for job_id, code in decisions.reasons.items():
             if job_id in started:
                 continue
-            reason = info.reasons[0].code.value if info.reasons else "None"
+            reason = code.value
             org_id = org_of.get(job_id)
             tally[(loaded.org_names.get(org_id, str(org_id)) if org_id else "", reason)] += 1
         for key in self.pending_by_reason.keys() - tally.keys():

@@ -1,6 +1,6 @@
 """Pure scheduling policy: a cluster snapshot in, decisions out (no I/O, no clock)."""
 
-from scheduler.core.cycle import reason_codes, schedule
+from scheduler.core.cycle import Scheduler, reason_codes, schedule
 from scheduler.core.usage import (
     capacity_usage,
     decay_factor,
@@ -12,6 +12,7 @@ from scheduler.core.usage import (
 )
 
 __all__ = [
+    "Scheduler",
     "capacity_usage",
     "decay_factor",
     "decay_usage",

@@ -12,8 +12,6 @@ shape failed" memo valid.
 from __future__ import annotations
 
 import heapq
-import threading
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping
 
 from scheduler.core.types import Node, PolicyConfig
@@ -46,13 +44,14 @@ class Level:
         return waste
 
 
-class _Layout:
+class Layout:
     """What a cycle's index needs from the nodes alone, built once per `nodes` tuple.
 
-    Levels, shape counts and each node's usable GPUs do not depend on the running jobs, so the
-    simulator and the server, which pass the same tuple object while no node changed, pay for
-    them once; each cycle copies the counts and heaps (a few hundred small lists) and corrects
-    them for the nodes that hold GPUs.
+    Levels, shape counts and each node's usable GPUs do not depend on the running jobs, so a
+    `Scheduler` keeps the layout of the last `nodes` tuple it saw: the simulator and the server,
+    which pass the same tuple object while no node changed, pay for it once; each cycle copies
+    the counts and heaps (a few hundred small lists) and corrects them for the nodes that hold
+    GPUs.
     """
 
     __slots__ = (
@@ -152,34 +151,9 @@ class _Layout:
                 self.by_type.setdefault(n.gpu_type, []).append(n.id)
 
 
-# The last few `nodes` tuples seen, by identity; the tuple itself is kept so that its id cannot
-# be reused by another object while the entry lives. Tuples and nodes are immutable.
-_LAYOUTS: OrderedDict[int, tuple[tuple[Node, ...], _Layout]] = OrderedDict()
-_LAYOUTS_KEPT = 4
-_LAYOUTS_LOCK = threading.Lock()
-
-
-def _layout(nodes: Iterable[Node]) -> _Layout:
-    if not isinstance(nodes, tuple):
-        return _Layout(nodes)
-    key = id(nodes)
-    with _LAYOUTS_LOCK:  # cycles may run in several threads of one server
-        hit = _LAYOUTS.get(key)
-        if hit is not None and hit[0] is nodes:
-            _LAYOUTS.move_to_end(key)
-            return hit[1]
-    layout = _Layout(nodes)
-    with _LAYOUTS_LOCK:
-        _LAYOUTS[key] = (nodes, layout)
-        _LAYOUTS.move_to_end(key)
-        while len(_LAYOUTS) > _LAYOUTS_KEPT:
-            _LAYOUTS.popitem(last=False)
-    return layout
-
-
 class FreeIndex:
-    def __init__(self, nodes: Iterable[Node], held: Mapping[int, Collection[int]]) -> None:
-        self._layout = lay = _layout(nodes)
+    def __init__(self, lay: Layout, held: Mapping[int, Collection[int]]) -> None:
+        self._layout = lay
         self.max_g = lay.max_g
         self.nodes = lay.nodes
         self.capacity = lay.capacity

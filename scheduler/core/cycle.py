@@ -8,18 +8,18 @@ weighted share (lowest first). Then every job left waiting gets its reasons and 
 
 from __future__ import annotations
 
-import gc
 import heapq
 from collections import deque
 
 from scheduler.core.backfill import Reservations
-from scheduler.core.capacity import FreeIndex
-from scheduler.core.explain import Explainer, Wait
+from scheduler.core.capacity import FreeIndex, Layout
+from scheduler.core.explain import CycleState, Ended, Explainer, Explanations, Wait
 from scheduler.core.preempt import Plan, Preemptor
 from scheduler.core.quota import OrgBooks
 from scheduler.core.types import (
     Decisions,
     DependencyState,
+    OrgStanding,
     PendingJob,
     Placement,
     Preemption,
@@ -34,27 +34,39 @@ from scheduler.core.usage import fair_tree_factors, tree_standing
 _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
 
-def schedule(snapshot: Snapshot) -> Decisions:
-    """Decide starts, preemptions and every pending job's reasons for one snapshot (pure).
+class Scheduler:
+    """Runs cycles, keeping what depends on the nodes alone from one cycle to the next.
 
-    The cyclic garbage collector is paused for the cycle: a big cycle allocates hundreds of
-    thousands of small objects, none of them in reference cycles, and collections triggered by
-    those allocations would walk the whole snapshot again and again (about a quarter of the time).
+    The caller owns it (the simulator, the bench): the layout of the last `nodes` tuple is
+    reused while the next snapshot passes the same tuple object. Tuples and
+    nodes are immutable, and the tuple itself is kept, so identity means "no node changed".
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        cycle = _Cycle(snapshot)
-        decisions = cycle.run()
-        cycle.ex.c = None  # type: ignore[assignment]  # break the back-reference: no cycle left
-        return decisions
-    finally:
-        if was_enabled:
-            gc.enable()
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[object, ...], Layout] | None = None
+
+    def layout(self, snap: Snapshot) -> Layout:
+        nodes = snap.nodes
+        last = self._last  # one read: cycles of one scheduler may run in different threads
+        if last is not None and last[0] is nodes:
+            return last[1]
+        layout = Layout(nodes)
+        if isinstance(nodes, tuple):
+            self._last = (nodes, layout)
+        return layout
+
+    def schedule(self, snapshot: Snapshot) -> Decisions:
+        """Decide starts, preemptions and every pending job's reasons for one snapshot (pure)."""
+        return _Cycle(snapshot, self.layout(snapshot)).run()
+
+
+def schedule(snapshot: Snapshot) -> Decisions:
+    """One cycle with nothing kept from earlier ones (tests, one-off callers)."""
+    return _Cycle(snapshot, Layout(snapshot.nodes)).run()
 
 
 class _Cycle:
-    def __init__(self, snap: Snapshot) -> None:
+    def __init__(self, snap: Snapshot, layout: Layout) -> None:
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
@@ -82,7 +94,7 @@ class _Cycle:
                 preempting.append(r)
             elif r.preemptible and r.started_at <= oldest:
                 aged.append((r, n))
-        self.index = FreeIndex(snap.nodes, held)
+        self.index = FreeIndex(layout, held)
         self.books = OrgBooks(snap.orgs, self.index.capacity)
         self.books.add_totals(booked, leaving)
         cap = self.index.capacity_usage(cfg)
@@ -91,7 +103,9 @@ class _Cycle:
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
         self.pre = Preemptor(preempting, aged, self.index, self.books, cfg, self.now)
         self.res = Reservations(self.index, snap.running, self.now)
-        self.ex = Explainer(self)
+        self.ex = Explainer(
+            CycleState(self.now, cfg, self.index, self.books, self.res, self.factor)
+        )
         self.starts: list[tuple[Start, PendingJob, str]] = []
         self.preemptions: list[Preemption] = []
         self.waits: dict[int, Wait] = {}
@@ -260,20 +274,22 @@ class _Cycle:
     # -- passes ------------------------------------------------------------------------------
 
     def run(self) -> Decisions:
-        cfg = self.cfg
         order = self.order()
         deferred: dict[int, deque[tuple[PendingJob, tuple[str, ...]]]] = {}
-        books = self.books
-        depth = cfg.backfill_depth
+        depth = self.cfg.backfill_depth
         waits = self.waits
         static_full = self._static_full
         ex = self.ex
-        may_borrow = cfg.borrowing
-        limited = books.limited
         for rank, (job, _prio) in enumerate(order):
-            org_id = job.org_id
             known = static_full.get(
-                (org_id, job.gpu_type, job.site, job.gpus_per_node, job.nodes, job.needs_isolation)
+                (
+                    job.org_id,
+                    job.gpu_type,
+                    job.site,
+                    job.gpus_per_node,
+                    job.nodes,
+                    job.needs_isolation,
+                )
             )
             if (
                 known is None
@@ -292,49 +308,64 @@ class _Cycle:
             if rank >= depth or self.blocked_by is not None:
                 waits[job.job_id] = ex.queued(job, types[0], self.blocked_by)
                 continue
-            n = job.gpus_per_node * job.nodes
-            if len(types) == 1:  # the common case, without the lists
-                t = types[0]
-                if limited[org_id]:
-                    lim = books.limit_block(org_id, t, n)
-                    if lim is not None:
-                        waits[job.job_id] = ex.limit(job, t, lim, never=False)
-                        continue
-                if books.in_quota(org_id, t, n):
-                    self._admit(job, [t], [])
-                elif may_borrow and job.preemptible:
-                    queue = deferred.get(org_id)
-                    if queue is None:
-                        queue = deferred[org_id] = deque()
-                    queue.append((job, types))
-                elif not self._bump(job, types):
-                    waits[job.job_id] = ex.guarantee(job, t)
-                continue
-            in_quota: list[str] = []
-            borrow: list[str] = []
-            quota_wait: Wait | None = None
-            for t in types:
-                lim = books.limit_block(org_id, t, n) if limited[org_id] else None
-                if lim is not None:
-                    quota_wait = quota_wait or ex.limit(job, t, lim, never=False)
-                elif books.in_quota(org_id, t, n):
-                    in_quota.append(t)
-                elif may_borrow and job.preemptible:
-                    borrow.append(t)
-                else:
-                    quota_wait = quota_wait or ex.guarantee(job, t)
-            if in_quota and self._admit(job, in_quota, borrow):
-                continue
+            borrow = self._consider(job, types)
             if borrow:
-                queue = deferred.get(org_id)
+                queue = deferred.get(job.org_id)
                 if queue is None:
-                    queue = deferred[org_id] = deque()
-                queue.append((job, tuple(borrow)))
-            elif in_quota or not self._bump(job, types):
-                assert quota_wait is not None
-                waits[job.job_id] = quota_wait
+                    queue = deferred[job.org_id] = deque()
+                queue.append((job, borrow))
         self._lend(deferred)
-        return self.ex.finish(order)
+        return self._decisions(order)
+
+    def _consider(self, job: PendingJob, types: tuple[str, ...]) -> tuple[str, ...]:
+        """Pass 1 for one job: start it in quota, reclaim, reserve, or say why it waits.
+
+        Returns the types it may borrow on in pass 2 (empty when it is settled here).
+        """
+        books = self.books
+        org_id = job.org_id
+        n = job.gpus_per_node * job.nodes
+        may_borrow = self.cfg.borrowing and job.preemptible
+        in_quota: list[str] = []
+        borrow: list[str] = []
+        quota_wait: Wait | None = None
+        limited = books.limited[org_id]
+        for t in types:
+            lim = books.limit_block(org_id, t, n) if limited else None
+            if lim is not None:
+                quota_wait = quota_wait or self.ex.limit(job, t, lim, never=False)
+            elif books.in_quota(org_id, t, n):
+                in_quota.append(t)
+            elif may_borrow:
+                borrow.append(t)
+            elif quota_wait is None:
+                quota_wait = self.ex.guarantee(job, t)
+        if in_quota and self._admit(job, in_quota, borrow):
+            return ()
+        if borrow:
+            return tuple(borrow) if len(borrow) < len(types) else types
+        if in_quota or not self._bump(job, types):
+            assert quota_wait is not None
+            self.waits[job.job_id] = quota_wait
+        return ()
+
+    def _decisions(self, order: list[tuple[PendingJob, float]]) -> Decisions:
+        """The cycle's decisions; full explanations are built when `pending` is first read."""
+        waits = self.waits
+        code = self.ex.code
+        reasons = {
+            job.job_id: code(w) for job, _ in order if (w := waits.get(job.job_id)) is not None
+        }
+        ended = Ended(self.snap.running, self.running_gpus, self.pre.chosen, self.starts)
+        explain = self.ex.explain
+        return Decisions(
+            starts=tuple(s for s, _, _ in self.starts),
+            preemptions=tuple(self.preemptions),
+            pending=Explanations(lambda: explain(order, waits, ended)),
+            standings=self.standings(),
+            reasons=reasons,
+            blocked_by=self.blocked_by,
+        )
 
     def _admit(self, job: PendingJob, in_quota: list[str], borrow: list[str]) -> bool:
         """Try an in-quota start; else reclaim or reserve. True when the job is settled."""
@@ -478,6 +509,36 @@ class _Cycle:
         self._borrow_failed[key] = self.waits[job.job_id] = wait
         return False
 
+    def standings(self) -> dict[int, OrgStanding]:
+        """GPUs held after this cycle's starts (claims of waiting preemptors not counted)."""
+        c = self
+        books = c.books
+        claimed: dict[tuple[int, str], int] = {}
+        for org_id, t, n in c.pre.claims:
+            for a in books.path.get(org_id, ()):
+                claimed[(a, t)] = claimed.get((a, t), 0) + n
+        out: dict[int, OrgStanding] = {}
+        for oid, org in books.orgs.items():
+            alloc = {
+                t: a - claimed.get((oid, t), 0)
+                for t, a in books.alloc[oid].items()
+                if a - claimed.get((oid, t), 0) > 0
+            }
+            borrowed = {
+                t: a - org.guaranteed.get(t, 0)
+                for t, a in alloc.items()
+                if a > org.guaranteed.get(t, 0)
+            }
+            out[oid] = OrgStanding(
+                oid,
+                c.factor.get(oid, 0.0),
+                c.shares_norm.get(oid, 0.0),
+                c.usage_norm.get(oid, 0.0),
+                alloc,
+                borrowed,
+            )
+        return out
+
 
 def reason_codes(decisions: Decisions, job_id: int) -> list[ReasonCode]:
     """The reason codes of a pending job (a convenience for callers and tests)."""
@@ -485,4 +546,4 @@ def reason_codes(decisions: Decisions, job_id: int) -> list[ReasonCode]:
     return [r.code for r in info.reasons] if info is not None else []
 
 
-__all__ = ["reason_codes", "schedule"]
+__all__ = ["Scheduler", "reason_codes", "schedule"]

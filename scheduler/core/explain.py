@@ -6,22 +6,27 @@ type, site and gang shape): explaining 50,000 jobs builds a few thousand reasons
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scheduler.core.estimate import OrgReleases, Profile
 from scheduler.core.types import (
-    Decisions,
-    OrgStanding,
     PendingInfo,
     PendingJob,
+    PolicyConfig,
     Reason,
     ReasonCode,
+    RunningJob,
+    Start,
 )
 
 if TYPE_CHECKING:
-    from scheduler.core.cycle import _Cycle
+    from scheduler.core.backfill import Reservations
+    from scheduler.core.capacity import FreeIndex
     from scheduler.core.preempt import Plan
+    from scheduler.core.quota import OrgBooks
 
 ANY = "*"
 
@@ -67,9 +72,67 @@ class Wait:
     exact: bool = False  # the hint is the estimate (its GPUs are reserved or being freed for it)
 
 
+@dataclass(frozen=True, slots=True)
+class CycleState:
+    """The part of a cycle the explainer reads; it never changes any of it.
+
+    `index`, `books` and `reservations` are the cycle's own, so a reason built at the end sees
+    the capacity, allocations and reservations the cycle ended with.
+    """
+
+    now: float
+    config: PolicyConfig
+    index: FreeIndex
+    books: OrgBooks
+    reservations: Reservations
+    factor: Mapping[int, float]  # fair-share factor per org
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """What the cycle decided that estimates depend on: who is chosen to go, who starts."""
+
+    running: Sequence[RunningJob]
+    running_gpus: Sequence[int]  # GPUs of each running job, in the same order
+    chosen: set[int]  # running jobs picked as victims this cycle
+    starts: Sequence[tuple[Start, PendingJob, str]]
+
+
+class Explanations(Mapping[int, PendingInfo]):
+    """Every waiting job's `PendingInfo`, built the first time any of it is read.
+
+    Estimates walk the whole queue in priority order, so the first read builds them all; the
+    lock makes concurrent first reads (metrics and the pending-row writer) build them once.
+    """
+
+    __slots__ = ("_build", "_built", "_lock")
+
+    def __init__(self, build: Callable[[], dict[int, PendingInfo]]) -> None:
+        self._build: Callable[[], dict[int, PendingInfo]] | None = build
+        self._built: dict[int, PendingInfo] = {}
+        self._lock = threading.Lock()
+
+    def _infos(self) -> dict[int, PendingInfo]:
+        if self._build is not None:
+            with self._lock:
+                if self._build is not None:
+                    self._built = self._build()
+                    self._build = None  # drops the cycle it read
+        return self._built
+
+    def __getitem__(self, job_id: int) -> PendingInfo:
+        return self._infos()[job_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._infos())
+
+    def __len__(self) -> int:
+        return len(self._infos())
+
+
 class Explainer:
-    def __init__(self, cycle: _Cycle) -> None:
-        self.c = cycle
+    def __init__(self, state: CycleState) -> None:
+        self.c = state
         self.cache: dict[tuple[object, ...], Reason] = {}
         self.waits: dict[tuple[object, ...], Wait] = {}  # shared: a Wait is never changed
         self._rank: dict[int, int] | None = None
@@ -192,7 +255,7 @@ class Explainer:
         never = n > guar
         if never:
             text = f"asks {n} {t} GPUs, its org's guarantee is {guar}; mark it preemptible"
-        elif not self.c.cfg.borrowing:
+        elif not self.c.config.borrowing:
             text = f"guarantees act as limits: org holds {alloc} of {guar} {t} GPUs"
         else:
             text = f"beyond its org's guarantee ({alloc} of {guar} {t}) and not preemptible"
@@ -301,7 +364,7 @@ class Explainer:
             details["weighted_share"] = share
             text = f"borrowing: no idle {t} GPUs left for it this cycle"
             return Reason(ReasonCode.RESOURCES, text, details)
-        res_holder = c.res.holder.get(t)
+        res_holder = c.reservations.holder.get(t)
         if res_holder is not None and c.index.hidden.get(t, 0) > 0:
             details["reserved_for_job_id"] = res_holder
             text = f"{t} GPUs it could use are reserved for job {res_holder}"
@@ -318,18 +381,36 @@ class Explainer:
 
     # -- the end of the cycle ----------------------------------------------------------------
 
-    def finish(self, order: list[tuple[PendingJob, float]]) -> Decisions:
+    def code(self, wait: Wait) -> ReasonCode:
+        """The first reason code of a wait, without building a lazy reason's numbers."""
+        if wait.reasons is not None:
+            return wait.reasons[0].code
+        assert wait.lazy is not None
+        _oid, t, _site, _gpn, blocked_by, borrowing, _strict = wait.lazy
+        if blocked_by:
+            return ReasonCode.PRIORITY
+        if borrowing:
+            return ReasonCode.RESOURCES
+        c = self.c
+        if c.reservations.holder.get(t) is not None and c.index.hidden.get(t, 0) > 0:
+            return ReasonCode.RESERVATION
+        return ReasonCode.PRIORITY
+
+    def explain(
+        self, order: list[tuple[PendingJob, float]], waits: Mapping[int, Wait], ended: Ended
+    ) -> dict[int, PendingInfo]:
+        """Reasons with numbers and an estimated start for every waiting job, in `order`."""
         c = self.c
         now = c.now
-        if not c.cfg.explain:
-            return self._reasons_only(order)
+        if not c.config.explain:
+            return self._reasons_only(order, waits)
         events: dict[str, list[tuple[float, int]]] = {}
         org_rel = OrgReleases(c.books.children)
-        chosen = c.pre.chosen
-        grace_end = now + c.cfg.preemption_grace_s
+        chosen = ended.chosen
+        grace_end = now + c.config.preemption_grace_s
         own = org_rel.own
         by_org = self.quota_waits  # org release times are read only by quota and limit waits
-        for r, n in zip(c.snap.running, c.running_gpus, strict=True):
+        for r, n in zip(ended.running, ended.running_gpus, strict=True):
             if r.job_id in chosen:
                 end = grace_end
             elif r.preempting and r.preempt_deadline:
@@ -350,7 +431,7 @@ class Explainer:
                     own[key] = [e]
                 else:
                     lst.append(e)
-        for _start, job, t in c.starts:
+        for _start, job, t in ended.starts:
             end = now + job.time_limit_s
             n = job.gpus_per_node * job.nodes
             events.setdefault(t, []).append((end, n))
@@ -372,7 +453,7 @@ class Explainer:
 
         work: dict[str, float] = {}
         infos: dict[int, PendingInfo] = {}
-        waits_get = c.waits.get
+        waits_get = waits.get
         quota_at: dict[tuple[int, str, int], float | None] = {}
         # Jobs that run on any type wait behind every type's work; only then is it summed.
         any_type = self.any_type
@@ -412,18 +493,13 @@ class Explainer:
                     q = quota_at[w.quota] = org_rel.when(*w.quota, now)
                 est = None if q is None else (q if q > est else est)
             infos[jid] = info(jid, prio, reasons, est)
-        return Decisions(
-            starts=tuple(s for s, _, _ in c.starts),
-            preemptions=tuple(c.preemptions),
-            pending=infos,
-            standings=self.standings(),
-        )
+        return infos
 
-    def _reasons_only(self, order: list[tuple[PendingJob, float]]) -> Decisions:
-        """`explain=False` (the simulator): reasons, but no estimated starts."""
-        c = self.c
+    def _reasons_only(
+        self, order: list[tuple[PendingJob, float]], waits: Mapping[int, Wait]
+    ) -> dict[int, PendingInfo]:
+        """`explain=False`: reasons, but no estimated starts."""
         infos: dict[int, PendingInfo] = {}
-        waits = c.waits
         for job, prio in order:
             w = waits.get(job.job_id)
             if w is None:
@@ -433,39 +509,4 @@ class Explainer:
                 assert w.lazy is not None
                 reasons = w.reasons = (self._lazy_reason(w.lazy),)
             infos[job.job_id] = _info(job.job_id, prio, reasons, None)
-        return Decisions(
-            starts=tuple(s for s, _, _ in c.starts),
-            preemptions=tuple(c.preemptions),
-            pending=infos,
-            standings=self.standings(),
-        )
-
-    def standings(self) -> dict[int, OrgStanding]:
-        """GPUs held after this cycle's starts (claims of waiting preemptors not counted)."""
-        c = self.c
-        books = c.books
-        claimed: dict[tuple[int, str], int] = {}
-        for org_id, t, n in c.pre.claims:
-            for a in books.path.get(org_id, ()):
-                claimed[(a, t)] = claimed.get((a, t), 0) + n
-        out: dict[int, OrgStanding] = {}
-        for oid, org in books.orgs.items():
-            alloc = {
-                t: a - claimed.get((oid, t), 0)
-                for t, a in books.alloc[oid].items()
-                if a - claimed.get((oid, t), 0) > 0
-            }
-            borrowed = {
-                t: a - org.guaranteed.get(t, 0)
-                for t, a in alloc.items()
-                if a > org.guaranteed.get(t, 0)
-            }
-            out[oid] = OrgStanding(
-                oid,
-                c.factor.get(oid, 0.0),
-                c.shares_norm.get(oid, 0.0),
-                c.usage_norm.get(oid, 0.0),
-                alloc,
-                borrowed,
-            )
-        return out
+        return infos

@@ -221,10 +221,20 @@ class OrgStanding:
 
 @dataclass(frozen=True, slots=True)
 class Decisions:
+    """What one cycle decided.
+
+    `pending` holds every waiting job's full explanation (reasons with numbers, estimated start)
+    in priority order; the core builds it the first time it is read, so a caller that only acts
+    on the decisions (the simulator) never pays for it. `reasons` (the first reason code of each
+    waiting job, in priority order) and `blocked_by` are computed by the cycle itself and cheap.
+    """
+
     starts: tuple[Start, ...] = ()
     preemptions: tuple[Preemption, ...] = ()
     pending: Mapping[int, PendingInfo] = field(default_factory=dict)
     standings: Mapping[int, OrgStanding] = field(default_factory=dict)
+    reasons: Mapping[int, ReasonCode] = field(default_factory=dict)
+    blocked_by: int | None = None  # strict order (no backfill): the job every other waits behind
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,9 +76,9 @@ def load_workload(
 
 
 def default_schedule() -> ScheduleFn:
-    from scheduler.core import schedule  # the core lands separately; import it when used
+    from scheduler.core import Scheduler  # imported when a simulation runs
 
-    fn: ScheduleFn = schedule
+    fn: ScheduleFn = Scheduler().schedule
     return fn
 
 

@@ -15,8 +15,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import replace
 
-from scheduler.core import schedule
-from scheduler.core.bench import Size, applied, build
+from scheduler.bench.core import Size, applied, build
+from scheduler.core import Scheduler, schedule
 from scheduler.core.types import (
     Decisions,
     DependencyState,
@@ -147,9 +147,11 @@ def cases() -> Iterator[tuple[str, list[Snapshot]]]:
 
 
 def chain_decisions(snap: Snapshot, cycles: int) -> Iterator[Decisions]:
-    """Cycles on one `nodes` tuple object, each on the state the previous one left."""
+    """Cycles of one `Scheduler` on one `nodes` tuple object, each on the state the previous one
+    left (the layout is reused until a node drains)."""
+    scheduler = Scheduler()
     for i in range(cycles):
-        d = schedule(snap)
+        d = scheduler.schedule(snap)
         yield d
         snap = applied(snap, d, 60.0)
         if i == cycles // 2:  # a node drains: a new `nodes` tuple, whatever was cached

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scheduler.core import bench, schedule
+from scheduler.bench import core as bench
+from scheduler.core import schedule
 
 
 def test_bench_core_prints_one_json_line_per_size() -> None:
