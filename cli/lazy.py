@@ -29,10 +29,21 @@ class Lazy:
         if isinstance(target, typer.Typer):
             group = typer.main.get_group(target)
             group.name = name
-            return group
-        single = typer.Typer()
+            return plain(group)
+        single = typer.Typer(add_completion=False)  # the root app's options, not each command's
         single.command(name, context_settings=self.context_settings or None)(target)
-        return typer.main.get_command(single)
+        return plain(typer.main.get_command(single))
+
+
+def plain(command: click.Command) -> click.Command:
+    """Help as click prints it, with its subcommands': Typer's rich help imports rich and
+    markdown-it (a tenth of a second) to print the same words in boxes."""
+    if isinstance(command, TyperCommand | TyperGroup):
+        command.rich_markup_mode = None
+    if isinstance(command, TyperGroup):
+        for sub in command.commands.values():
+            plain(sub)
+    return command
 
 
 class _Deferred(TyperCommand):

@@ -21,6 +21,7 @@ app = typer.Typer(
     help="fairgpu: fair-share GPU scheduling for shared GPU data centres.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: see cli/lazy.plain
     cls=_Fairgpu,
 )
 

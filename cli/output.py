@@ -1,4 +1,5 @@
-"""Listings as people and scripts read them: rich tables, or the API's own JSON / YAML.
+"""Listings as people and scripts read them: aligned plain-text tables, or the API's own JSON /
+YAML.
 
 `-o table` shows the default columns, `-o wide` adds the rest, `-o json` and `-o yaml` print
 the server's objects unchanged (so `json.loads` of the output is the API reply), and
@@ -9,7 +10,6 @@ the server's objects unchanged (so `json.loads` of the output is the API reply),
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,8 +17,8 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+COLUMN_GAP = "   "
 
 
 class Format(StrEnum):
@@ -42,12 +42,6 @@ class Column:
     value: Callable[[dict[str, Any]], Any]
     wide_only: bool = False
     justify: str = "left"
-
-
-def _console() -> Console:
-    # No terminal width guess when piped: lines stay whole for grep and awk.
-    wide = None if sys.stdout.isatty() else 10_000
-    return Console(width=wide, highlight=False, soft_wrap=False)
 
 
 def print_data(data: Any, fmt: Format) -> None:
@@ -77,19 +71,23 @@ def render(
         typer.echo(empty, err=True)
         return
     shown = [c for c in columns if fmt is Format.WIDE or not c.wide_only]
-    table = Table(
-        box=None,
-        show_header=not no_headers,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 3, 0, 0),
-        header_style="bold",
+    lines = [[cell(c.value(row)) for c in shown] for row in rows]
+    if not no_headers:
+        lines.insert(0, [c.header for c in shown])
+    typer.echo(table_text(lines, [c.justify == "right" for c in shown]), nl=bool(lines))
+
+
+def table_text(lines: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """Columns as wide as their widest cell, three spaces apart; one row per line whatever the
+    terminal's width (squeue's way: `grep` and `awk` see whole rows)."""
+    widths = [max((len(line[i]) for line in lines), default=0) for i in range(len(right))]
+    return "\n".join(
+        COLUMN_GAP.join(
+            text.rjust(width) if flush_right else text.ljust(width)
+            for text, width, flush_right in zip(line, widths, right, strict=True)
+        ).rstrip()
+        for line in lines
     )
-    for c in shown:
-        table.add_column(c.header, justify=c.justify, no_wrap=True)  # type: ignore[arg-type]
-    for row in rows:
-        table.add_row(*(cell(c.value(row)) for c in shown))
-    _console().print(table)
 
 
 def cell(value: Any) -> str:
@@ -99,7 +97,7 @@ def cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
+    return " ".join(str(value).splitlines())  # one row, one line
 
 
 def human_duration(seconds: float | None) -> str:

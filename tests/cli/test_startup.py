@@ -10,19 +10,27 @@ import pytest
 from cli.commands import COMMANDS
 
 HEAVY = ("sqlalchemy", "alembic", "fastapi", "matplotlib", "pynvml", "uvicorn", "httpx")
-USER_MODULES = ("cli.main", "cli.jobs", "cli.history", "cli.orgs", "cli.users", "cli.nodes",
-                "cli.usage")  # fmt: skip
+USER_MODULES = ("cli.main", "cli.jobs", "cli.submit", "cli.history", "cli.orgs", "cli.users",
+                "cli.nodes", "cli.usage")  # fmt: skip
+# What a person's everyday command needs none of: tables and help are plain text.
+PRESENTATION = ("rich", "markdown_it", "yaml")
 
 
 def _imported_after(statement: str) -> set[str]:
     code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return {name.split(".")[0] for name in out.stdout.split()}
+    return {name.split(".")[0] for name in out.stdout.splitlines()[-1].split()}
 
 
 @pytest.mark.parametrize("module", USER_MODULES)
 def test_user_commands_import_no_server_database_or_gpu_library(module: str) -> None:
-    assert _imported_after(f"import {module}") & set(HEAVY) == set()
+    assert _imported_after(f"import {module}") & {*HEAVY, *PRESENTATION} == set()
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["queue", "--help"], ["node", "list", "--help"]])
+def test_help_is_printed_without_rich(args: list[str]) -> None:
+    run = f"from cli.main import app\ntry: app({args!r})\nexcept SystemExit: pass"
+    assert _imported_after(f"exec({run!r})") & {*HEAVY, *PRESENTATION} == set()
 
 
 def test_the_entry_point_imports_no_command_module() -> None:
