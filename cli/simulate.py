@@ -122,12 +122,14 @@ def simulate(
     try:
         workload = load_workload(trace, quotas, cluster, time_scale)
     except (TraceError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc
+    for warning in workload.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     with progress_bars(console, len(workload.trace)) as track:
         comparison = compare(workload, policies, config, progress=track)
     inputs = {**workload.description, "policies": policies, **_config_inputs(config)}
-    write_outputs(out, inputs, comparison)
+    write_outputs(out, inputs, comparison, workload)
     table = Table(title=f"{trace.name} x{time_scale:g} on {workload.description['gpus']:,} GPUs")
     table.add_column("figure")
     for name in policies:

@@ -47,11 +47,49 @@ def parse_cluster_spec(spec: str) -> list[NodeGroup]:
 
 
 def default_cluster(quotas: Sequence[Quota], gpus_per_node: int = 8) -> list[NodeGroup]:
-    """One node per `gpus_per_node` guaranteed GPUs, as the quota file describes the cluster."""
-    total = sum(q.gpus for q in quotas)
-    nodes = max(1, -(-total // gpus_per_node))
+    """One node per `gpus_per_node` guaranteed GPUs of each type, as the quotas describe it."""
+    totals: dict[str, int] = {}
+    for q in quotas:
+        gpu_type = q.gpu_type or DEFAULT_GPU_TYPE
+        totals[gpu_type] = totals.get(gpu_type, 0) + q.gpus
+    groups = []
+    for gpu_type, total in totals.items():
+        nodes = max(1, -(-total // gpus_per_node))
+        domains = min(DEFAULT_DOMAINS, nodes)
+        groups.append(NodeGroup(DEFAULT_SITE, nodes, gpus_per_node, gpu_type, domains))
+    return groups
+
+
+def check_quotas(quotas: Sequence[Quota], groups: Sequence[NodeGroup], source: str) -> list[str]:
+    """Refuse quotas the cluster cannot hold as written; warn of oversubscribed types.
+
+    A quota without a type on a cluster of several types, or of a type the cluster lacks, is an
+    error naming `source` and the line; guarantees of one type above its capacity are allowed
+    (the simulation shows what that does) and returned as warnings.
+    """
+    capacity: dict[str, int] = {}
+    for g in groups:
+        capacity[g.gpu_type] = capacity.get(g.gpu_type, 0) + g.nodes * g.gpus_per_node
+    types = ", ".join(sorted(capacity))
+    guaranteed: dict[str, int] = {}
+    for q in quotas:
+        if q.gpu_type is None and len(capacity) > 1:
+            raise TraceError(
+                f"{source}:{q.line}: quota of {q.tenant} names no gpu_type, "
+                f"and the cluster has several ({types})"
+            )
+        gpu_type = q.gpu_type or next(iter(capacity))
+        if gpu_type not in capacity:
+            raise TraceError(
+                f"{source}:{q.line}: quota of {q.tenant} is for {gpu_type}, "
+                f"which the cluster lacks (it has {types})"
+            )
+        guaranteed[gpu_type] = guaranteed.get(gpu_type, 0) + q.gpus
     return [
-        NodeGroup(DEFAULT_SITE, nodes, gpus_per_node, DEFAULT_GPU_TYPE, min(DEFAULT_DOMAINS, nodes))
+        f"{source}: guarantees of {t} add up to {g:,} GPUs, "
+        f"above the cluster's {capacity[t]:,} {t} GPUs"
+        for t, g in sorted(guaranteed.items())
+        if g > capacity[t]
     ]
 
 
@@ -78,22 +116,28 @@ def build_nodes(groups: Sequence[NodeGroup]) -> tuple[Node, ...]:
 def build_orgs(
     quotas: Sequence[Quota], extra_tenants: Sequence[str], default_gpu_type: str
 ) -> tuple[Org, ...]:
-    """Flat orgs, one per tenant: guarantees from the quotas, shares proportional to them.
+    """Flat orgs, one per tenant: guarantees and limits per type from its rows, and shares as
+    given or else proportional to its guaranteed GPUs.
 
     A tenant that submits jobs but has no quota gets no guarantee and a token share (one
     GPU's worth), so it runs only on idle GPUs it borrows.
     """
-    orgs = [
-        Org(
-            id=i + 1,
-            name=q.tenant,
-            shares=float(max(q.gpus, 1)),
-            guaranteed={q.gpu_type or default_gpu_type: q.gpus},
+    rows: dict[str, list[Quota]] = {}
+    for q in quotas:
+        rows.setdefault(q.tenant, []).append(q)
+    orgs = []
+    for i, (tenant, own) in enumerate(rows.items()):
+        given = next((q.shares for q in own if q.shares is not None), None)
+        orgs.append(
+            Org(
+                id=i + 1,
+                name=tenant,
+                shares=given if given is not None else float(max(sum(q.gpus for q in own), 1)),
+                guaranteed={q.gpu_type or default_gpu_type: q.gpus for q in own},
+                limit={q.gpu_type or default_gpu_type: q.limit for q in own if q.limit is not None},
+            )
         )
-        for i, q in enumerate(quotas)
-    ]
-    known = {q.tenant for q in quotas}
-    for tenant in sorted(set(extra_tenants) - known):
+    for tenant in sorted(set(extra_tenants) - set(rows)):
         orgs.append(Org(id=len(orgs) + 1, name=tenant, shares=1.0, guaranteed={}))
     return tuple(orgs)
 

@@ -112,9 +112,20 @@ def render_markdown(
     summaries: Sequence[Mapping[str, Any]],
     timings: Mapping[str, Mapping[str, float]],
     plots: Sequence[str],
+    guarantees: Mapping[str, Mapping[str, int]] | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
+    """The report; `guarantees` (tenant → GPU type → GPUs) is its first table when given."""
     names = [s["policy"] for s in summaries]
     out = ["# Simulation report", ""]
+    if warnings:
+        out += [f"**Warning:** {w}" for w in warnings] + [""]
+    if guarantees:
+        types = sorted({t for by_type in guarantees.values() for t in by_type})
+        out += ["## Guaranteed GPUs by tenant and type", ""]
+        rows = [[tenant, *(str(g.get(t, 0)) for t in types)] for tenant, g in guarantees.items()]
+        totals = [str(sum(g.get(t, 0) for g in guarantees.values())) for t in types]
+        out += _table(["tenant", *types], [*rows, ["total", *totals]])
     out += [f"- {key}: `{value}`" for key, value in inputs.items() if not key.startswith("quotas_")]
     if "quotas_proposed" in inputs:
         out += ["", "## Quotas: recorded → proposed (guaranteed / limit per GPU type, shares)", ""]

@@ -14,6 +14,7 @@ from scheduler.sim.cluster import (
     DEFAULT_GPU_TYPE,
     build_nodes,
     build_orgs,
+    check_quotas,
     default_cluster,
     parse_cluster_spec,
 )
@@ -33,6 +34,7 @@ class Workload:
     nodes: tuple[Node, ...]
     orgs: tuple[Org, ...]
     description: dict[str, Any]
+    warnings: tuple[str, ...] = ()  # about the inputs; the report repeats them
 
 
 @dataclass(slots=True)
@@ -47,8 +49,10 @@ def make_workload(
     quotas: list[Quota],
     cluster_spec: str | None = None,
     description: Mapping[str, Any] | None = None,
+    quotas_source: str = "quotas",
 ) -> Workload:
     groups = parse_cluster_spec(cluster_spec) if cluster_spec else default_cluster(quotas)
+    warnings = check_quotas(quotas, groups, quotas_source)
     nodes = build_nodes(groups)
     orgs = build_orgs(quotas, [j.tenant for j in trace], groups[0].gpu_type or DEFAULT_GPU_TYPE)
     info = dict(description or {})
@@ -61,7 +65,7 @@ def make_workload(
             f"{g.site}:{g.nodes}x{g.gpus_per_node}x{g.gpu_type}/{g.domains}" for g in groups
         ),
     )
-    return Workload(trace, quotas, nodes, orgs, info)
+    return Workload(trace, quotas, nodes, orgs, info, tuple(warnings))
 
 
 def load_workload(
@@ -72,6 +76,7 @@ def load_workload(
         load_quotas(quotas_path),
         cluster_spec,
         {"trace": trace_path.name, "quotas": quotas_path.name, "time_scale": time_scale},
+        str(quotas_path),
     )
 
 
@@ -143,13 +148,31 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_outputs(out_dir: Path, inputs: Mapping[str, Any], comparison: Comparison) -> list[Path]:
-    """summary.json is deterministic; wall-clock figures go to timings.json and the report."""
+def write_outputs(
+    out_dir: Path,
+    inputs: Mapping[str, Any],
+    comparison: Comparison,
+    workload: Workload | None = None,
+) -> list[Path]:
+    """summary.json is deterministic; wall-clock figures go to timings.json and the report.
+
+    With the trace-mode `workload`, the report opens with its warnings and guarantees.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(out_dir / "summary.json", inputs, comparison.summaries)
     (out_dir / "timings.json").write_text(json.dumps(comparison.timings, indent=2) + "\n")
     plots = write_plots(out_dir, comparison.series)
-    report = render_markdown(inputs, comparison.summaries, comparison.timings, plots)
+    guarantees = None
+    if workload is not None:
+        guarantees = {o.name: dict(o.guaranteed) for o in workload.orgs if o.guaranteed}
+    report = render_markdown(
+        inputs,
+        comparison.summaries,
+        comparison.timings,
+        plots,
+        guarantees,
+        workload.warnings if workload is not None else (),
+    )
     (out_dir / "report.md").write_text(report)
     names = ["summary.json", "timings.json", "report.md", *plots]
     return [out_dir / n for n in names]

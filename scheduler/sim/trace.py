@@ -7,7 +7,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TRACE_COLUMNS = ("job_id", "submit_time_s", "duration_s", "num_gpus", "tenant")
@@ -37,11 +37,18 @@ class TraceJob:
 
 @dataclass(frozen=True, slots=True)
 class Quota:
-    """One tenant's guaranteed GPUs (the quotas file's `gpus` column)."""
+    """A tenant's guaranteed GPUs of one type (one row of the quotas file).
+
+    A tenant may have one row per GPU type. `gpu_type` None means the cluster's only type;
+    `limit` None, no limit; `shares` None, shares in proportion to the tenant's guarantees.
+    """
 
     tenant: str
     gpus: int
     gpu_type: str | None = None
+    limit: int | None = None
+    shares: float | None = None
+    line: int = field(default=0, compare=False)  # in the file, for errors against the cluster
 
 
 def _rows(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
@@ -76,21 +83,64 @@ def load_trace(path: Path, time_scale: float = 1.0) -> list[TraceJob]:
 
 
 def load_quotas(path: Path) -> list[Quota]:
-    """Read guarantees; the README's file gives each tenant's size in `gpus` (and `nodes`)."""
+    """Read guarantees: `tenant, gpus[, gpu_type][, limit][, shares]`, one row per tenant and type.
+
+    The README's file (`tenant, nodes, gpus`) is the one-type case: its `nodes` is ignored.
+    """
     quotas: list[Quota] = []
-    seen: set[str] = set()
+    typed: dict[str, set[str | None]] = {}
+    shares_of: dict[str, float] = {}
     for line, row in _rows(path, ("tenant", "gpus")):
-        try:
-            gpus = int(row["gpus"])
-        except ValueError as exc:
-            raise TraceError(f"{path}:{line}: {exc}") from exc
-        if gpus < 0 or row["tenant"] in seen:
-            raise TraceError(f"{path}:{line}: negative or repeated quota for {row['tenant']}")
-        seen.add(row["tenant"])
-        quotas.append(Quota(row["tenant"], gpus, (row.get("gpu_type") or "").strip() or None))
+        tenant = (row["tenant"] or "").strip()
+        if not tenant:
+            raise TraceError(f"{path}:{line}: tenant must not be empty")
+        gpus = _whole(path, line, "gpus", row["gpus"])
+        gpu_type = (row.get("gpu_type") or "").strip() or None
+        raw_limit = (row.get("limit") or "").strip()
+        limit = _whole(path, line, "limit", raw_limit) if raw_limit else None
+        if limit is not None and limit < gpus:
+            raise TraceError(f"{path}:{line}: limit {limit} is below gpus {gpus} for {tenant}")
+        shares = _positive(path, line, (row.get("shares") or "").strip())
+        types = typed.setdefault(tenant, set())
+        if gpu_type in types:
+            what = f"{tenant} {gpu_type}" if gpu_type else tenant
+            raise TraceError(f"{path}:{line}: a second row for {what}")
+        if types and (gpu_type is None or None in types):
+            raise TraceError(
+                f"{path}:{line}: {tenant} has several rows; each must name its gpu_type"
+            )
+        types.add(gpu_type)
+        if shares is not None and shares_of.setdefault(tenant, shares) != shares:
+            raise TraceError(
+                f"{path}:{line}: shares {shares:g} for {tenant}, "
+                f"which another row gives {shares_of[tenant]:g}"
+            )
+        quotas.append(Quota(tenant, gpus, gpu_type, limit, shares, line))
     if not quotas:
         raise TraceError(f"{path}: no quotas")
     return quotas
+
+
+def _whole(path: Path, line: int, column: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise TraceError(f"{path}:{line}: {column} must be a whole number, got {raw!r}") from None
+    if value < 0:
+        raise TraceError(f"{path}:{line}: {column} must not be negative, got {value}")
+    return value
+
+
+def _positive(path: Path, line: int, raw: str) -> float | None:
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise TraceError(f"{path}:{line}: shares must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise TraceError(f"{path}:{line}: shares must be positive, got {raw}")
+    return value
 
 
 def write_trace(path: Path, jobs: Iterable[TraceJob]) -> None:

@@ -71,3 +71,29 @@ def test_unknown_policy_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "lottery" in result.output
+
+
+def test_a_quota_the_cluster_cannot_hold_is_a_one_line_error(tmp_path: Path) -> None:
+    trace, _ = write_inputs(tmp_path)
+    quotas = tmp_path / "typed.csv"
+    quotas.write_text("tenant,gpus,gpu_type\nbig,16,H100\nmid,8,A100\nsmall,8\n")
+    args = ["simulate", "--trace", str(trace), "--quotas", str(quotas)]
+    result = CliRunner().invoke(app, [*args, "--cluster", "2x8xH100,4x4xA100"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {quotas}:4: quota of small names no gpu_type")
+
+
+def test_oversubscribed_guarantees_are_warned_of_and_repeated_in_the_report(
+    tmp_path: Path,
+) -> None:
+    trace, _ = write_inputs(tmp_path)
+    quotas = tmp_path / "typed.csv"
+    quotas.write_text("tenant,gpus,gpu_type\nbig,16,H100\nmid,24,A100\nsmall,8,H100\n")
+    out = tmp_path / "out"
+    args = ["simulate", "--trace", str(trace), "--quotas", str(quotas), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--cluster", "2x8xH100,4x4xA100", "--policy", "fifo"])
+    assert result.exit_code == 0, result.output
+    warning = f"{quotas}: guarantees of A100 add up to 24 GPUs, above the cluster's 16 A100 GPUs"
+    assert f"warning: {warning}" in result.stderr
+    assert f"**Warning:** {warning}" in (out / "report.md").read_text()

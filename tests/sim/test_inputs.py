@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from scheduler.sim.cluster import build_nodes, default_cluster, gang_shape, parse_cluster_spec
 from scheduler.sim.config import SimConfig, TimeLimitModel
+from scheduler.sim.runner import compare, make_workload, write_outputs
 from scheduler.sim.trace import (
     Quota,
     TraceError,
@@ -83,3 +84,91 @@ def test_generated_trace_is_philly_shaped_and_reproducible() -> None:
     single = sum(1 for j in a if j.num_gpus == 1) / len(a)
     assert 0.85 < single < 0.98
     assert sum(1 for j in a if j.tenant == "t0") > sum(1 for j in a if j.tenant == "t1")
+
+
+def _quotas(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "q.csv"
+    path.write_text(text)
+    return path
+
+
+def test_quotas_take_one_row_per_tenant_and_type_with_limits_and_shares(tmp_path: Path) -> None:
+    path = _quotas(
+        tmp_path,
+        "tenant,gpus,gpu_type,limit,shares\na,16,H100,32,3\na,8,A100,,\nb,4,A100,,\n",
+    )
+    quotas = load_quotas(path)
+    assert quotas == [
+        Quota("a", 16, "H100", 32, 3.0),
+        Quota("a", 8, "A100"),
+        Quota("b", 4, "A100"),
+    ]
+    workload = make_workload(
+        [TraceJob("j", "c", 0, 10, 1)], quotas, "2x8xH100,4x4xA100", quotas_source=str(path)
+    )
+    assert workload.warnings == ()
+    a, b, c = workload.orgs
+    assert (a.name, a.guaranteed, a.limit, a.shares) == (
+        "a",
+        {"H100": 16, "A100": 8},
+        {"H100": 32},
+        3.0,
+    )
+    assert (b.guaranteed, b.shares) == ({"A100": 4}, 4.0)
+    assert (c.name, c.guaranteed) == ("c", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tenant,gpus,gpu_type\na,8,H100\na,4,H100\n", r"q\.csv:3: a second row for a H100"),
+        ("tenant,gpus,gpu_type\na,8,\na,4,A100\n", r"q\.csv:3: a has several rows"),
+        ("tenant,gpus,limit\na,8,4\n", r"q\.csv:2: limit 4 is below gpus 8"),
+        ("tenant,gpus,shares\na,8,-1\n", r"q\.csv:2: shares must be positive"),
+        ("tenant,gpus\na,eight\n", r"q\.csv:2: gpus must be a whole number"),
+        (
+            "tenant,gpus,gpu_type,shares\na,8,H100,1\na,8,A100,2\n",
+            r"q\.csv:3: shares 2 for a, which another row gives 1",
+        ),
+    ],
+)
+def test_bad_quota_rows_name_the_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(TraceError, match=message):
+        load_quotas(_quotas(tmp_path, text))
+
+
+def test_quotas_that_do_not_fit_the_cluster_name_the_line(tmp_path: Path) -> None:
+    trace = [TraceJob("j", "a", 0, 10, 1)]
+    untyped = load_quotas(_quotas(tmp_path, "tenant,gpus\na,8\n"))
+    with pytest.raises(TraceError, match=r"q\.csv:2: quota of a names no gpu_type.*A100, H100"):
+        make_workload(trace, untyped, "2x8xH100,4x4xA100", quotas_source="q.csv")
+    # On a one-type cluster a quota without a type is for that type.
+    (org,) = make_workload(trace, untyped, "2x4xA100", quotas_source="q.csv").orgs
+    assert org.guaranteed == {"A100": 8}
+    absent = load_quotas(_quotas(tmp_path, "tenant,gpus,gpu_type\na,8,H100\nb,2,B200\n"))
+    with pytest.raises(TraceError, match=r"q\.csv:3: quota of b is for B200, which the cluster"):
+        make_workload(trace, absent, "2x8xH100", quotas_source="q.csv")
+
+
+def test_guarantees_above_a_types_capacity_are_a_warning_the_report_repeats(
+    tmp_path: Path,
+) -> None:
+    quotas = load_quotas(_quotas(tmp_path, "tenant,gpus,gpu_type\na,12,A100\nb,16,H100\n"))
+    workload = make_workload(
+        [TraceJob("j", "a", 0, 10, 1)], quotas, "2x8xH100,2x4xA100", quotas_source="q.csv"
+    )
+    assert workload.warnings == (
+        "q.csv: guarantees of A100 add up to 12 GPUs, above the cluster's 8 A100 GPUs",
+    )
+    comparison = compare(workload, ["fairgpu"])
+    write_outputs(tmp_path / "out", {"quotas": "q.csv"}, comparison, workload)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**Warning:** q.csv: guarantees of A100 add up to 12 GPUs" in report
+    first_table = report[report.index("## ") :].splitlines()
+    assert first_table[0] == "## Guaranteed GPUs by tenant and type"
+    assert first_table[2:6] == [
+        "| tenant | A100 | H100 |",
+        "|---|---|---|",
+        "| a | 12 | 0 |",
+        "| b | 0 | 16 |",
+    ]
