@@ -23,9 +23,13 @@ def core(
         list[str] | None,
         typer.Option(
             "--size",
-            help="A size to run (repeatable): tiny, small, medium, wide, deep, large.",
+            help="A size to run (repeatable): tiny, small, medium, wide, deep, hetero, large.",
         ),
     ] = None,
+    policy: Annotated[
+        str,
+        typer.Option(help="Policy of the cycles: fairgpu, fifo or slurm-like (as `simulate`)."),
+    ] = "fairgpu",
     repeats: Annotated[
         int | None,
         typer.Option(min=1, help="Cycles timed per size (default 20 small, 7 large)."),
@@ -33,12 +37,18 @@ def core(
 ) -> None:
     """Time full scheduling cycles on synthetic snapshots; one JSON line per size."""
     from scheduler.bench import core as core_bench
+    from scheduler.sim.config import POLICY_NAMES
 
     names = tuple(size) if size else (core_bench.QUICK if quick else core_bench.DEFAULT)
     unknown = [n for n in names if n not in core_bench.SIZES]
     if unknown:
         raise typer.BadParameter(f"unknown size(s): {', '.join(unknown)}", param_hint="--size")
-    for row in core_bench.run(names, repeats):
+    if policy not in POLICY_NAMES:
+        choices = ", ".join(POLICY_NAMES)
+        raise typer.BadParameter(
+            f"unknown policy {policy} (choose {choices})", param_hint="--policy"
+        )
+    for row in core_bench.run(names, repeats, policy):
         typer.echo(json.dumps(row))
 
 

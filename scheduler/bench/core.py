@@ -27,6 +27,7 @@ from scheduler.core.types import (
     RunningJob,
     Snapshot,
 )
+from scheduler.sim.config import POLICIES
 
 HOUR_S = 3600.0
 NOW = 1_800_000_000.0
@@ -39,6 +40,7 @@ class Size:
     pending: int
     running: int
     orgs: int
+    hetero: bool = False  # nodes of 1, 2, 4 and 8 GPUs of seven types instead of 8 GPUs of two
 
 
 SIZES = {
@@ -51,10 +53,13 @@ SIZES = {
         # Scaling checks: many nodes with a short queue, few nodes with a deep queue.
         Size("wide", 4_096, 5_000, 20_000, 1_000),
         Size("deep", 512, 50_000, 2_500, 1_000),
+        # A heterogeneous fleet: seven GPU types on nodes of 1, 2, 4 and 8 GPUs.
+        Size("hetero", 1_200, 20_000, 5_000, 200, hetero=True),
     )
 }
+HETERO_TYPES = ("H200", "H100", "A100", "L40S", "A10", "V100", "T4")
 QUICK = ("tiny", "small")
-DEFAULT = ("tiny", "small", "medium", "wide", "deep", "large")
+DEFAULT = ("tiny", "small", "medium", "wide", "deep", "hetero", "large")
 
 
 def _orgs(rng: random.Random, count: int, capacity: dict[str, int]) -> list[Org]:
@@ -125,8 +130,12 @@ def build(size: Size, seed: int = 1) -> Snapshot:
     nodes: list[Node] = []
     for i in range(size.nodes):
         node_type = "H100" if i % 10 < 7 else "A100"
+        width = 8
+        if size.hetero:
+            node_type = HETERO_TYPES[rng.randrange(len(HETERO_TYPES))]
+            width = rng.choice((1, 2, 4, 8))
         site = sites[i % len(sites)]
-        unhealthy = frozenset({rng.randrange(8)}) if rng.random() < 0.01 else frozenset()
+        unhealthy = frozenset({rng.randrange(width)}) if rng.random() < 0.01 else frozenset()
         nodes.append(
             Node(
                 i + 1,
@@ -134,11 +143,12 @@ def build(size: Size, seed: int = 1) -> Snapshot:
                 site,
                 f"{site}-d{i // 128}",
                 node_type,
-                tuple(range(8)),
+                tuple(range(width)),
                 unhealthy,
                 rng.random() > 0.01,
             )
         )
+    types = HETERO_TYPES if size.hetero else ("H100", "A100")
     capacity: dict[str, int] = {}
     for n in nodes:
         capacity[n.gpu_type] = capacity.get(n.gpu_type, 0) + len(n.gpus)
@@ -159,7 +169,7 @@ def build(size: Size, seed: int = 1) -> Snapshot:
         attempts += 1
         # Running jobs are mostly small: what fills a busy cluster 20,000 jobs deep.
         gpn, k = _shape(rng) if rng.random() < 0.15 else (1, 1)
-        t = "H100" if rng.random() < 0.7 else "A100"
+        t = rng.choice(types) if size.hetero else ("H100" if rng.random() < 0.7 else "A100")
         ids = by_type.get(t, [])
         # First fit from a moving cursor: at most 64 nodes looked at per job.
         found: list[int] = []
@@ -206,6 +216,8 @@ def build(size: Size, seed: int = 1) -> Snapshot:
         elif x < 0.025:
             dep = DependencyState.NEVER
         gpu_type: str | None = "H100" if rng.random() < 0.65 else "A100"
+        if size.hetero:
+            gpu_type = rng.choice(types)
         if rng.random() < 0.1:
             gpu_type = None
         if rng.random() < 0.002:
@@ -289,14 +301,15 @@ def _time(snap: Snapshot, repeats: int) -> tuple[list[float], list[float], list[
     return wall, cpu, decide, decisions
 
 
-def measure(size: Size, repeats: int, seed: int = 1) -> dict[str, object]:
+def measure(size: Size, repeats: int, seed: int = 1, policy: str = "fairgpu") -> dict[str, object]:
     """Time the first cycle on a fresh snapshot (a burst) and the cycle after it (steady)."""
-    snap = build(size, seed)
+    snap = replace(build(size, seed), config=POLICIES[policy])
     times_ms, cpu_ms, decide_ms, decisions = _time(snap, repeats)
     steady_ms, _, _, _ = _time(applied(snap, decisions, 30.0), max(1, repeats // 2))
     p95 = times_ms[min(len(times_ms) - 1, round(0.95 * (len(times_ms) - 1)))]
     return {
         "size": size.name,
+        "policy": policy,
         "nodes": len(snap.nodes),
         "gpus": sum(len(n.gpus) for n in snap.nodes),
         "pending": len(snap.pending),
@@ -320,12 +333,14 @@ def measure(size: Size, repeats: int, seed: int = 1) -> dict[str, object]:
     }
 
 
-def run(names: tuple[str, ...], repeats: int | None = None) -> Iterator[dict[str, object]]:
+def run(
+    names: tuple[str, ...], repeats: int | None = None, policy: str = "fairgpu"
+) -> Iterator[dict[str, object]]:
     """Measure each named size; big sizes get fewer repeats unless told otherwise."""
     baseline = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     for name in names:
         size = SIZES[name]
         reps = repeats if repeats is not None else (20 if size.pending <= 5_000 else 7)
-        row = measure(size, reps)
+        row = measure(size, reps, policy=policy)
         row["rss_before_mb"] = baseline  # the interpreter and imports, before any snapshot
         yield row
