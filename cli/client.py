@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cli.common import fail
-from cli.config import Credentials, resolve
+from cli.config import Credentials, login_command, resolve
 from cli.connection import Connection, Response, Timeout, TransportError
 from protocol.transport import plain_http_refusal
 
@@ -144,11 +144,12 @@ def _safe_json(response: Response) -> Any:
         return None
 
 
-def report(exc: ApiError, what: str | None = None) -> NoReturn:
+def report(exc: ApiError, what: str | None = None, *, server: str | None = None) -> NoReturn:
     """Turn an error reply into the one line a person reads, with an exit code per kind."""
     prefix = f"{what}: " if what else ""
     if exc.status == 401:
-        fail(f"{prefix}not authenticated: {exc.detail} (run `fairgpu login`)", EXIT_AUTH)
+        login = login_command(server) if server else "fairgpu login"
+        fail(f"{prefix}not authenticated: {exc.detail} (run `{login}`)", EXIT_AUTH)
     if exc.status == 403:
         fail(f"{prefix}forbidden: {exc.detail}", EXIT_AUTH)
     if exc.status == 404:
@@ -161,9 +162,15 @@ def api(server: str | None = None, token: str | None = None) -> Client:
     creds = resolve(server, token)
     if creds is None:
         fail(
-            "no server configured: run `fairgpu login --server URL --token TOKEN` "
+            f"no server configured: run `{login_command(None)}` "
             "or set FAIRGPU_SERVER and FAIRGPU_TOKEN",
             2,
+        )
+    if creds.token is None:
+        fail(
+            f"not logged in to {creds.server}: run `{login_command(creds.server, creds.insecure)}` "
+            "or set FAIRGPU_TOKEN",
+            EXIT_AUTH,
         )
     return Client(creds)
 
@@ -175,6 +182,6 @@ def connect(what: str | None = None) -> Iterator[Client]:
     try:
         yield client
     except ApiError as exc:
-        report(exc, what)
+        report(exc, what, server=client.server)
     finally:
         client.close()

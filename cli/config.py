@@ -28,6 +28,11 @@ class Credentials:
 TLS_FILES = ("ca_file", "client_cert", "client_key")
 
 
+def login_command(server: str | None, insecure: bool = False) -> str:
+    """What a person runs to log in (it asks for the token, which stays out of shell history)."""
+    return f"fairgpu login --server {server or 'URL'}" + (" --insecure" if insecure else "")
+
+
 def config_dir() -> Path:
     """`FAIRGPU_CONFIG_DIR` (tests, several identities) or the platform's per-user config dir."""
     override = os.environ.get("FAIRGPU_CONFIG_DIR")

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
 from cli.commands import COMMANDS
 from cli.lazy import LazyGroup
+
+if TYPE_CHECKING:
+    from cli.config import Credentials
 
 
 class _Fairgpu(LazyGroup):
@@ -19,7 +23,7 @@ class _Fairgpu(LazyGroup):
 app = typer.Typer(
     name="fairgpu",
     help="fairgpu: fair-share GPU scheduling for shared GPU data centres.",
-    no_args_is_help=True,
+    invoke_without_command=True,  # bare `fairgpu`: the help and where to start (_root)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: see cli/lazy.plain
     cls=_Fairgpu,
@@ -27,8 +31,39 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(ctx: typer.Context) -> None:
     """fairgpu: fair-share GPU scheduling for shared GPU data centres."""
+    if ctx.invoked_subcommand is None:
+        from cli.config import resolve
+
+        typer.echo(ctx.get_help())
+        typer.echo("\n" + start_here(resolve()))
+
+
+def start_here(creds: Credentials | None) -> str:
+    """The first commands to run, from what this shell has configured (read locally: bare
+    `fairgpu` answers at once, whatever the network)."""
+    from cli.config import login_command
+
+    if creds is None:
+        first = [
+            (login_command(None), "the URL and a token come from your cluster's admin"),
+            ("fairgpu whoami", "who the server thinks you are"),
+        ]
+    elif creds.token is None:
+        first = [(login_command(creds.server, creds.insecure), f"not logged in to {creds.server}")]
+    else:
+        first = [("fairgpu whoami", f"logged in to {creds.server}")]
+    first += [
+        ("fairgpu submit -G 1 -t 1h -- python train.py", "a job: 1 GPU for an hour"),
+        ("fairgpu submit train.sh", "a batch script with #FAIRGPU or #SBATCH lines"),
+        ("fairgpu queue --me", "your jobs, and why each waits"),
+        ("fairgpu --install-completion", "tab completion for your shell"),
+    ]
+    width = max(len(command) for command, _ in first)
+    lines = [f"  {command:<{width}}  # {why}" for command, why in first]
+    return "\n".join(["Start here:", *lines, "Coming from Slurm? docs/CLI.md maps sbatch, squeue "
+                       "and friends to fairgpu."])  # fmt: skip
 
 
 def _quiet_thread_exception(args: threading.ExceptHookArgs) -> None:

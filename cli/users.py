@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from cli.client import ApiError, Client, connect, report
 from cli.common import fail
-from cli.config import Credentials, write_config
+from cli.config import Credentials, read_config, write_config
 from cli.output import Column, Format, NoHeadersOption, OutputOption, print_data, relative, render
 from cli.parse import parse_duration
 from protocol.transport import plain_http_refusal
@@ -23,31 +25,87 @@ ROLES = ("member", "org-admin", "platform-admin")
 
 
 def login(
-    server: Annotated[str, typer.Option(help="Server URL, e.g. https://gpu.example.org.")],
-    token: Annotated[str, typer.Option(help="Your API token.", prompt=True, hide_input=True)],
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Server URL, e.g. https://gpu.example.org (default: FAIRGPU_SERVER, else the "
+            "saved one)."
+        ),
+    ] = None,
+    token: Annotated[
+        str,
+        typer.Option(
+            help="Your API token (asked for when not given: it stays out of shell history).",
+            prompt=True,
+            hide_input=True,
+            envvar="FAIRGPU_TOKEN",
+        ),
+    ] = "",
     verify: Annotated[bool, typer.Option(help="Check the token with the server first.")] = True,
     insecure: Annotated[
         bool,
         typer.Option(help="Allow plain http:// to another machine (the token travels in clear)."),
     ] = False,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA certificates that sign the server's (default: the system's).",
+            envvar="FAIRGPU_CA_FILE",
+            exists=True,
+            dir_okay=False,
+            resolve_path=True,
+        ),
+    ] = None,
+    client_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your certificate, for a server that asks for one (mutual TLS).",
+            envvar="FAIRGPU_CLIENT_CERT",
+            exists=True,
+            dir_okay=False,
+            resolve_path=True,
+        ),
+    ] = None,
+    client_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The key of --client-cert, when not in the same file.",
+            envvar="FAIRGPU_CLIENT_KEY",
+            exists=True,
+            dir_okay=False,
+            resolve_path=True,
+        ),
+    ] = None,
 ) -> None:
     """Save the server and token (mode 0600); FAIRGPU_SERVER and FAIRGPU_TOKEN override them."""
+    server = server or os.environ.get("FAIRGPU_SERVER") or read_config().get("server")
+    if not server:
+        fail("which server? run `fairgpu login --server URL` (your admin has the URL)", 2)
     if not server.startswith(("http://", "https://")):
         raise typer.BadParameter("the server URL starts with http:// or https://")
+    server = server.rstrip("/")
     refusal = plain_http_refusal(server)
     if refusal and not insecure:
         fail(refusal, 2)
+    if client_key is not None and client_cert is None:
+        raise typer.BadParameter("needs --client-cert", param_hint="'--client-key'")
+    files = {"ca_file": ca_file, "client_cert": client_cert, "client_key": client_key}
+    tls_files = {name: str(path) for name, path in files.items() if path is not None}
     who = None
     if verify:
-        creds = Credentials(server=server.rstrip("/"), token=token, insecure=insecure)
+        creds = Credentials(server=server, token=token, insecure=insecure, **tls_files)
         with Client(creds) as client:
             try:
                 who = client.get("/v1/users/me")
+                org = client.get(f"/v1/orgs/{who['org_id']}") if who.get("org_id") else None
             except ApiError as exc:
                 report(exc, "login")
-    path = write_config(server, token, insecure=insecure)
-    name = f" as {who['name']} ({who['role']})" if who else ""
-    typer.echo(f"Logged in to {server}{name}; saved to {path}")
+    path = write_config(server, token, insecure=insecure, tls_files=tls_files)
+    if who is None:
+        typer.echo(f"Saved {server} and the token to {path} (not checked with the server)")
+        return
+    where = f" in org {org['name']}" if org else ""
+    typer.echo(f"Logged in to {server} as {who['name']} ({who['role']}){where}; saved to {path}")
 
 
 def whoami(output: OutputOption = Format.TABLE) -> None:

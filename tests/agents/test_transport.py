@@ -19,7 +19,7 @@ from cli.main import app as cli_app
 from protocol.agent import AgentRegister
 from protocol.transport import plain_http_refusal, tls_context
 from scheduler.settings import Settings
-from tests.cli.conftest import serve_app
+from tests.cli.conftest import seed_admin, serve_app
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -146,6 +146,22 @@ def test_the_cli_checks_the_servers_certificate_against_its_ca_file(
     assert missing.exit_code == 2
     assert "cannot load the TLS files" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_login_saves_the_ca_file_the_commands_after_it_use(
+    database_url: str, tls_url: str, pki: Pki, tmp_path: Path
+) -> None:
+    token = seed_admin(database_url)
+    env = {"FAIRGPU_SERVER": None, "FAIRGPU_TOKEN": None, "FAIRGPU_CONFIG_DIR": str(tmp_path)}
+    login = ["login", "--server", tls_url, "--token", token]
+    unknown_ca = CliRunner().invoke(cli_app, login, env=env)
+    assert unknown_ca.exit_code == 3, unknown_ca.output
+    logged = CliRunner().invoke(cli_app, [*login, "--ca-file", str(pki.ca)], env=env)
+    assert logged.exit_code == 0, logged.output
+    assert "as root (platform-admin)" in logged.stdout
+    who = CliRunner().invoke(cli_app, ["whoami"], env=env)
+    assert who.exit_code == 0, who.output
+    assert who.stdout.startswith("root (platform-admin)")
 
 
 def test_the_cli_presents_its_certificate_to_a_mutual_tls_server(
