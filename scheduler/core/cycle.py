@@ -328,25 +328,32 @@ class _Cycle:
         may_borrow = self.cfg.borrowing and job.preemptible
         in_quota: list[str] = []
         borrow: list[str] = []
-        quota_wait: Wait | None = None
+        # The first type's quota cause (type, org whose limit blocks or None for the guarantee),
+        # turned into a Wait only if the job ends up waiting for it.
+        blocked: tuple[str, int | None] | None = None
         limited = books.limited[org_id]
         for t in types:
             lim = books.limit_block(org_id, t, n) if limited else None
             if lim is not None:
-                quota_wait = quota_wait or self.ex.limit(job, t, lim, never=False)
+                blocked = blocked or (t, lim)
             elif books.in_quota(org_id, t, n):
                 in_quota.append(t)
             elif may_borrow:
                 borrow.append(t)
-            elif quota_wait is None:
-                quota_wait = self.ex.guarantee(job, t)
+            else:
+                blocked = blocked or (t, None)
         if in_quota and self._admit(job, in_quota, borrow):
             return ()
         if borrow:
             return tuple(borrow) if len(borrow) < len(types) else types
         if in_quota or not self._bump(job, types):
-            assert quota_wait is not None
-            self.waits[job.job_id] = quota_wait
+            assert blocked is not None
+            t, lim = blocked
+            self.waits[job.job_id] = (
+                self.ex.guarantee(job, t)
+                if lim is None
+                else self.ex.limit(job, t, lim, never=False)
+            )
         return ()
 
     def _decisions(self, order: list[tuple[PendingJob, float]]) -> Decisions:
@@ -354,7 +361,9 @@ class _Cycle:
         waits = self.waits
         code = self.ex.code
         reasons = {
-            job.job_id: code(w) for job, _ in order if (w := waits.get(job.job_id)) is not None
+            job.job_id: code(w) if w.reasons is None else w.reasons[0].code
+            for job, _ in order
+            if (w := waits.get(job.job_id)) is not None
         }
         ended = Ended(self.snap.running, self.running_gpus, self.pre.chosen, self.starts)
         explain = self.ex.explain
