@@ -11,11 +11,11 @@ RUNTIME_STAMP := $(VENV)/.runtime-stamp
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e .
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e .
 	touch $(RUNTIME_STAMP)
 
 $(STAMP): $(RUNTIME_STAMP)
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,8 +33,15 @@ fmt: $(STAMP)
 test-services:
 	bash tests/services.sh
 
+# Tests that share nothing run in TEST_WORKERS processes (pytest-xdist); those marked serial
+# (tests/harness/serial.py: host-wide effects, timed failovers) run alone afterwards. Both passes
+# always run; either failing fails the target.
+TEST_WORKERS ?= 4
 test: lint test-services
-	$(BIN)/pytest -q -ra
+	status=0; \
+	$(BIN)/pytest -q -ra -n $(TEST_WORKERS) -m 'not serial' || status=1; \
+	$(BIN)/pytest -q -ra -m serial || status=1; \
+	exit $$status
 
 # Slow (about a minute): Debian's Prometheus scrapes a live server and agents running a small
 # workload, and every Grafana panel's query must return data (tests/deploy/dashboards_live.py).

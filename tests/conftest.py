@@ -4,7 +4,8 @@
 PostgreSQL variants. PostgreSQL gets a fresh database per test session (migrated once, truncated
 between tests); SQLite gets a copy of a migrated template file per test.
 `FAIRGPU_TEST_POSTGRES_URL` names the server; `FAIRGPU_REQUIRE_POSTGRES=1` turns an unreachable
-server, or any skipped PostgreSQL test, into a failure.
+server, or any skipped PostgreSQL test, into a failure (tests/harness/require_postgres.py).
+Under pytest-xdist each worker process makes its own PostgreSQL database (the name carries the pid).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ POSTGRES_URL = os.environ.get(
     "FAIRGPU_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_POSTGRES = os.environ.get("FAIRGPU_REQUIRE_POSTGRES") == "1"
+
+pytest_plugins = ["tests.harness.serial", "tests.harness.require_postgres"]
 
 
 def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -125,20 +128,3 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
     async with make_sessionmaker(engine)() as s:
         yield s
-
-
-_postgres_skips: list[str] = []
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "postgres" in report.keywords:
-        _postgres_skips.append(report.nodeid)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if REQUIRE_POSTGRES and _postgres_skips:
-        print(
-            f"\nFAIRGPU_REQUIRE_POSTGRES=1 but {len(_postgres_skips)} PostgreSQL test(s) were "
-            f"skipped, e.g. {_postgres_skips[0]}"
-        )
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
