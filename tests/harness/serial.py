@@ -15,6 +15,15 @@ SERIAL: dict[str, str] = {
     "tests/agents/test_isolation.py": "kills every process of a uid range; host cgroups",
     "tests/cli/test_isolated_agent.py": "kills every process of a uid range; host cgroups",
     "tests/faults/": "kills servers, agents and a private PostgreSQL; times failover and timeouts",
+    "tests/api/test_agent_protocol.py::test_long_poll_returns_as_soon_as_work_appears": (
+        "a held heartbeat must answer within 2 s of the job's submission"
+    ),
+    "tests/api/test_job_listing.py::test_a_page_costs_the_same_queries_for_1_or_40_jobs": (
+        "counts statements: on a crowded machine the 2 s token cache expires in between"
+    ),
+    "tests/scheduling/test_node_lifecycle.py::test_node_timeout_fails_or_requeues_its_jobs": (
+        "times a node timeout against the cycles"
+    ),
 }
 
 

@@ -28,7 +28,9 @@ def fast_settings(database_url: str, **overrides: Any) -> Settings:
         "database_pool_size": 5,
         "cycle_interval_s": 0.2,
         "cycle_min_gap_s": 0.0,
-        "lease_timeout_s": 2.0,
+        # Also the database's idle-in-transaction timeout (scheduler/db/engine.py): at 2 s, a
+        # machine crowded by parallel tests ended transactions that were merely waiting for CPU.
+        "lease_timeout_s": 10.0,
         "heartbeat_interval_s": 1.0,
         "heartbeat_long_poll_s": 5.0,
         "long_poll_recheck_s": 0.2,

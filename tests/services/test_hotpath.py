@@ -18,7 +18,8 @@ async def _backends(database_url: str) -> int:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         count: int = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fairgpu-hot'"
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'fairgpu-hot' AND datname = current_database()"
         )
         return count
     finally:
