@@ -5,6 +5,7 @@ proxy for http_proxy / no_proxy."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -65,7 +66,13 @@ def test_requests_share_one_kept_alive_connection(url: str) -> None:
 def test_a_connection_the_server_closed_while_idle_is_replaced_before_sending(url: str) -> None:
     conn = Connection(url, environ={})
     before = conn.request("GET", "/a").json()["port"]
-    time.sleep(1.5)  # uvicorn closes idle connections after timeout_keep_alive=1
+    # uvicorn closes idle connections after timeout_keep_alive=1: wait until it has (the
+    # socket reads as ready at its end), however late a loaded machine runs its timer.
+    sock = conn._conn.sock if conn._conn is not None else None
+    assert sock is not None
+    deadline = time.monotonic() + 30
+    while not select.select([sock], [], [], 0.1)[0]:
+        assert time.monotonic() < deadline, "the server kept the idle connection open"
     after = conn.request("POST", "/b", json_body={}).json()["port"]
     assert after != before
     conn.close()
