@@ -16,12 +16,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.admission import Admission
 from api.authcache import AuthCache
-from api.hot import Handler, HotPaths, send_problem
+from api.direct import DirectRoutes, Handler, send_problem
 from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
+from scheduler.db import leanpool
 from scheduler.db.engine import make_server_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
-from scheduler.services import hotpath
+from scheduler.services.heartbeat.service import Heartbeats
 from scheduler.services.tenantlimits import SubmitLimits
 from scheduler.settings import Settings
 
@@ -48,23 +49,23 @@ _ROUTERS = (
 
 
 @asynccontextmanager
-async def _hot_paths(
-    app: FairgpuApp, settings: Settings, engine: AsyncEngine
+async def _direct_routes(
+    app: FairgpuApp, settings: Settings, engine: AsyncEngine, heartbeats: Heartbeats
 ) -> AsyncIterator[None]:
-    """The hot paths' own asyncpg pool, on PostgreSQL when `hot_paths` is on."""
+    """The direct routes and their lean asyncpg pool, on PostgreSQL when `hot_paths` is on."""
     if not settings.hot_paths or engine.dialect.name != "postgresql":
         yield
         return
-    pool = hotpath.create_pool(
+    pool = leanpool.create_pool(
         settings.database_url,
         size=settings.database_pool_size,
         idle_in_transaction_timeout_s=settings.lease_timeout_s,
     )
-    app.hot = HotPaths(app, pool)
+    app.direct = DirectRoutes(app, pool, heartbeats)
     try:
         yield
     finally:
-        app.hot = None
+        app.direct = None
         await pool.close()
 
 
@@ -77,9 +78,9 @@ def _default_runtime(
 
 
 class FairgpuApp(FastAPI):
-    """FastAPI, with the hot paths (api/hot.py) tried before routing when they are on."""
+    """FastAPI, with the direct routes (api/direct.py) tried before routing when they are on."""
 
-    hot: HotPaths | None = None
+    direct: DirectRoutes | None = None
     admission: Admission | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,10 +88,10 @@ class FairgpuApp(FastAPI):
             maker = getattr(self.state, "sessionmaker", None)
             if not await self.admission.admit(scope, send, maker):
                 return
-        if self.hot is not None and scope["type"] == "http":
-            handler = self.hot.route(scope)
+        if self.direct is not None and scope["type"] == "http":
+            handler = self.direct.route(scope)
             if handler is not None:
-                await self._hot(handler, scope, receive, send)
+                await self._direct(handler, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -98,7 +99,7 @@ class FairgpuApp(FastAPI):
         """The request through FastAPI's middleware, routing and exception handlers."""
         await super().__call__(scope, receive, send)
 
-    async def _hot(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _direct(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watched(message: Message) -> None:
@@ -146,7 +147,11 @@ def create_app(
             app.state.engine = engine
             app.state.sessionmaker = sessionmaker
             app.state.runtime = runtime
-            async with _hot_paths(app, settings, engine):
+            heartbeats = Heartbeats(
+                settings, sessionmaker, app.state.autocommit_sessionmaker, runtime
+            )
+            app.state.heartbeats = heartbeats
+            async with _direct_routes(app, settings, engine, heartbeats):
                 await runtime.start()
                 if freeze_heap:
                     # What start-up built lives as long as the process: keep it out of every

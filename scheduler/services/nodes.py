@@ -17,6 +17,7 @@ from protocol.states import JobState
 from scheduler.db import Allocation, Event, Gpu, Job, Node, Site, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, NotFound
+from scheduler.services.heartbeat.events import node_state_event
 from scheduler.states import NodeState
 
 
@@ -62,15 +63,7 @@ async def get_node(session: AsyncSession, node_id: int) -> Node:
 
 
 def _event(node: Node, to: NodeState, actor: str, reason: str | None, at: datetime) -> Event:
-    return Event(
-        at=at,
-        kind="node.state",
-        node_id=node.id,
-        from_state=str(node.state),
-        to_state=str(to),
-        actor=actor,
-        reason=reason,
-    )
+    return node_state_event(node.id, node.state, to, actor=actor, reason=reason, at=at)
 
 
 async def drain_node(

@@ -34,7 +34,7 @@ from scheduler.db.engine import asyncpg_dsn
 from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
-from scheduler.services.livebuffer import FlushResult, LiveBuffer
+from scheduler.services.heartbeat.buffer import FlushResult, HeartbeatBuffer
 from scheduler.services.logretention import LogRetention
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
 from scheduler.services.wakeups import Wakeups
@@ -79,7 +79,9 @@ class SchedulerRuntime:
         self.logs_expired_at = float("-inf")  # monotonic time of the last retention pass
         self._last_duration_s = 0.0
         self._settled_until: datetime | None = None  # open allocations in the ledger up to here
-        self.live = LiveBuffer()  # liveness and samples of quiet heartbeats, flushed in batches
+        self.live = (
+            HeartbeatBuffer()
+        )  # liveness and samples of quiet heartbeats, flushed in batches
         self._flusher: asyncio.Task[None] | None = None
         self.wakeups: Wakeups | None = None
         if self.lease.is_postgres:

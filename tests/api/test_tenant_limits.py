@@ -14,8 +14,8 @@ from sqlalchemy import delete, func, select, update
 
 from protocol.states import JobState
 from scheduler.db import Job, PendingJobCount
+from scheduler.db.engine import asyncpg_dsn
 from scheduler.metrics import PROCESS_REGISTRY
-from scheduler.services.hotpath import asyncpg_dsn
 from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
 HOT = [pytest.param(False, id="routed"), pytest.param(True, id="hot")]

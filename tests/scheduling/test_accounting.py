@@ -25,8 +25,8 @@ from scheduler.services.accounting import (
     settle_allocations,
     write_org_usage,
 )
+from scheduler.services.heartbeat.buffer import OpenAllocation
 from scheduler.services.invariants import check_invariants
-from scheduler.services.livebuffer import OpenAllocation
 from scheduler.services.scheduling import Lease, run_cycle
 from scheduler.settings import Settings
 from tests import factories

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from protocol.agent import Heartbeat, TaskReport
-from scheduler.services.agents import heartbeat
+from scheduler.services.heartbeat.full import heartbeat
 from scheduler.services.scheduling.lifecycle import LifecycleWork, apply_work
 from tests.scheduling.harness import Cluster, report
 

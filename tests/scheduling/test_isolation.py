@@ -59,11 +59,11 @@ async def test_node_isolation_from_registration_and_heartbeats(cluster: Cluster)
     quiet_before = _hot_answered()
     for _ in range(3):
         await cluster.heartbeat(cred)
-    if cluster.app.hot is not None:  # PostgreSQL: the hot path answered some of them
+    if cluster.app.direct is not None:  # PostgreSQL: the direct route answered some of them
         assert _hot_answered() > quiet_before
     assert await _isolation_of(cluster, strict["node_id"]) == "strict"
     # The agent restarted unconfined: its first heartbeat says so, and is not swallowed by the
-    # quiet paths (api/hot.py on PostgreSQL, the route's quick read) although nothing else in
+    # quiet heartbeats (api/direct.py on PostgreSQL, the routed quiet read) although nothing else in
     # it changed.
     await cluster.heartbeat(cred)
     answered = _hot_answered()

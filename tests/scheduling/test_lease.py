@@ -10,8 +10,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 
-from scheduler.db.engine import make_engine, make_sessionmaker
-from scheduler.services.hotpath import asyncpg_dsn
+from scheduler.db.engine import asyncpg_dsn, make_engine, make_sessionmaker
 from scheduler.services.runtime import SchedulerRuntime
 from scheduler.settings import Settings
 from tests.scheduling.harness import fast_settings, running_cluster

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.db import Event, Job, Task
 from scheduler.db import Node as NodeRow
+from scheduler.services.heartbeat.events import node_state_event
 from scheduler.services.jobstate import STOP_NODE_LOST, STOP_TIMEOUT
 from scheduler.services.scheduling.sqltime import epoch_us
 from scheduler.services.scheduling.tasks import (
@@ -81,15 +82,7 @@ async def find_work(session: AsyncSession, *, now: datetime, settings: Settings)
 
 
 def _node_event(node: NodeRow, to_state: NodeState, reason: str, now: datetime) -> Event:
-    event = Event(
-        at=now,
-        kind="node.state",
-        node_id=node.id,
-        from_state=str(node.state),
-        to_state=str(to_state),
-        actor=ACTOR,
-        reason=reason,
-    )
+    event = node_state_event(node.id, node.state, to_state, actor=ACTOR, reason=reason, at=now)
     node.state = to_state
     node.state_reason = reason
     return event

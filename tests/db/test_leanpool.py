@@ -1,4 +1,4 @@
-"""The hot paths' connection pool (scheduler/services/hotpath.py `LeanPool`), on PostgreSQL."""
+"""The direct routes' connection pool (scheduler/db/leanpool.py `LeanPool`), on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import asyncio
 import asyncpg
 import pytest
 
-from scheduler.services.hotpath import asyncpg_dsn, create_pool
+from scheduler.db.engine import asyncpg_dsn
+from scheduler.db.leanpool import create_pool
 
 pytestmark = pytest.mark.parametrize(
     "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
@@ -19,7 +20,7 @@ async def _backends(database_url: str) -> int:
     try:
         count: int = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name = 'fairgpu-hot' AND datname = current_database()"
+            " WHERE application_name = 'fairgpu-lean' AND datname = current_database()"
         )
         return count
     finally:

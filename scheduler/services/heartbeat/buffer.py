@@ -1,4 +1,4 @@
-"""Heartbeat liveness and GPU samples kept in memory and written to the database in batches.
+"""Quiet heartbeats' liveness and GPU samples, kept in memory and written in batches.
 
 Most heartbeats say only "still here, here are my GPUs". Writing each one at once costs a write
 transaction per heartbeat; instead each server process remembers the newest heartbeat time per
@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol.agent import GpuSample
 from protocol.states import GpuHealth
-from scheduler.db import Allocation, Event, Gpu, Node
+from scheduler.db import Allocation, Gpu, Node
 from scheduler.db.engine import run_to_end
 from scheduler.services.accounting import (
     HeldGpu,
@@ -37,6 +37,7 @@ from scheduler.services.accounting import (
     record_sample_usage,
     sample_usage,
 )
+from scheduler.services.heartbeat.events import gpu_health_event
 from scheduler.settings import Settings
 
 log = logging.getLogger("fairgpu.heartbeats")
@@ -51,7 +52,7 @@ FLUSH_CHUNK_GPUS = 500
 # Samples kept per GPU between flushes; more (a database away for long) drops the oldest.
 MAX_SAMPLES_PER_GPU = 32
 
-# What the fast path must know of a node's GPUs to accept its samples without a transaction:
+# What this process must know of a node's GPUs to take its samples in a quiet heartbeat:
 # index → (uuid, health). A sample that disagrees takes the full path.
 KnownGpus = dict[int, tuple[str, GpuHealth]]
 
@@ -76,7 +77,7 @@ class FlushResult:
 
 
 @dataclass
-class LiveBuffer:
+class HeartbeatBuffer:
     """Per process: the newest heartbeat per node and the samples per GPU not yet written."""
 
     liveness: dict[int, datetime] = field(default_factory=dict)
@@ -252,7 +253,7 @@ async def _write(
     samples: Mapping[int, dict[int, list[GpuSample]]],
     settings: Settings,
     now: datetime,
-    buffer: LiveBuffer,
+    buffer: HeartbeatBuffer,
 ) -> FlushResult:
     result = FlushResult(nodes=len(liveness))
     conn = await session.connection()
@@ -325,8 +326,8 @@ async def _write(
                 stored.append({"g_id": gpu_id, "g_sample": newest, "g_at": newest.sampled_at})
                 reported = _HEALTH[newest.health]
                 if reported is not health:
-                    # Stale knowledge let it through the fast path: apply it now, as the full
-                    # path would have.
+                    # Stale knowledge let it through as quiet: apply it now, as the full path
+                    # would have.
                     await _health_change(session, gpu_id, node_id, index, uuid, health, newest, now)
                     health = reported
                     result.health_changed = True
@@ -367,14 +368,15 @@ async def _health_change(
         .values(health=health, health_reason=sample.health_reason or None)
     )
     session.add(
-        Event(
-            at=now,
-            kind="gpu.health",
-            node_id=node_id,
-            from_state=str(was),
-            to_state=str(health),
+        gpu_health_event(
+            node_id,
+            gpu_index=index,
+            uuid=uuid,
+            was=was,
+            to=health,
+            reason=sample.health_reason,
+            xids=sample.xid_events,
             actor=f"agent:{node_id}",
-            reason=sample.health_reason or None,
-            details={"gpu_index": index, "uuid": uuid, "xids": sample.xid_events},
+            at=now,
         )
     )

@@ -1,18 +1,11 @@
-"""The API's two hot statements on PostgreSQL, run on raw asyncpg (api/hot.py serves them).
+"""A lean asyncpg pool for one-statement requests, and statements compiled once for it.
 
 A quiet heartbeat and a plain submission are most of what a server does: thousands a second
 from a thousand nodes, hundreds a second from a busy CLI user. Through SQLAlchemy's session and
-pool each costs more CPU than the statement itself, so these two run on an asyncpg pool of
-their own, as prepared statements, each in one round trip with no transaction around it:
-
-- `node_read`: the agent credential, its node and the node's active tasks, by token hash. The
-  token check is folded into the read the quick heartbeat does anyway.
-- `insert_job`: the job and its PENDING event (with ON CONFLICT for idempotency keys): the
-  very statement scheduler/services/jobs.py runs for a submission on a session.
-
-Both are SQLAlchemy statements compiled once for asyncpg (`Prepared`), so the SQL has one
-source. They decide nothing: api/hot.py hands every case they do not cover to the ordinary
-routes.
+pool each costs more CPU than the statement itself, so the direct routes (api/direct.py) run
+their statements here, as prepared statements, each in one round trip with no transaction
+around it. The statements are SQLAlchemy statements compiled once for asyncpg (`Prepared`), so
+their SQL has one source. PostgreSQL only.
 """
 
 from __future__ import annotations
@@ -20,33 +13,23 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-from scheduler.db import ApiToken, Node, Task
 from scheduler.db.engine import asyncpg_dsn
-from scheduler.services.jobs import SUBMIT_PG
-from scheduler.services.quickbeat import ACTIVE_TASK_OF_NODE, NODE_AND_TASK_COLUMNS
-from scheduler.services.tokens import LAST_USED_RESOLUTION
-from scheduler.states import TokenKind
 
 # SQLSTATE classes of errors that concern the statement alone (data, integrity, syntax and
 # access): the connection stays usable. After any other error it is dropped: a server going
 # down (57P01) reports an error just before it closes the connection.
 STATEMENT_ERROR_CLASSES = frozenset({"22", "23", "42"})
-STATEMENT_TIMEOUT_S = 30.0  # connect and statement timeout of the hot paths' connections
+STATEMENT_TIMEOUT_S = 30.0  # connect and statement timeout of the lean pool's connections
 
 
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
-_TOKENS: Table = ApiToken.__table__  # type: ignore[assignment]
-_NODES: Table = Node.__table__  # type: ignore[assignment]
-_TASKS: Table = Task.__table__  # type: ignore[assignment]
 
 
 class Prepared:
@@ -68,26 +51,6 @@ class Prepared:
             value = params[name] if name in params else self.defaults[name]
             out.append(convert(value) if convert is not None and value is not None else value)
         return out
-
-
-# The first five columns are scheduler.services.quickbeat's NodeTaskRow.
-NODE_READ = Prepared(
-    select(
-        *NODE_AND_TASK_COLUMNS,
-        _TOKENS.c.kind,
-        _TOKENS.c.node_id,
-        _TOKENS.c.expires_at,
-        _TOKENS.c.revoked_at,
-        _TOKENS.c.last_used_at,
-    )
-    .select_from(
-        _TOKENS.join(_NODES, _NODES.c.id == _TOKENS.c.node_id).outerjoin(
-            _TASKS, ACTIVE_TASK_OF_NODE
-        )
-    )
-    .where(_TOKENS.c.token_hash == bindparam("token_hash"))
-)
-INSERT_JOB = Prepared(SUBMIT_PG)
 
 
 class LeanPool:
@@ -115,7 +78,7 @@ class LeanPool:
     async def _take(self) -> asyncpg.Connection:
         while True:
             if self._closed:
-                raise asyncpg.InterfaceError("the hot-path pool is closed")
+                raise asyncpg.InterfaceError("the lean pool is closed")
             if self._idle:
                 return self._idle.pop()
             if self._open < self.size:
@@ -194,41 +157,7 @@ def create_pool(database_url: str, *, size: int, idle_in_transaction_timeout_s: 
         size=size,
         timeout_s=STATEMENT_TIMEOUT_S,
         server_settings={
-            "application_name": "fairgpu-hot",
+            "application_name": "fairgpu-lean",
             "idle_in_transaction_session_timeout": str(timeout_ms),
         },
     )
-
-
-def agent_row_valid(row: Any, now: datetime) -> bool:
-    """The credential is a live agent token whose `last_used_at` needs no refresh (the
-    ordinary route refreshes it)."""
-    kind, _node_id, expires_at, revoked_at, last_used_at = tuple(row[5:10])
-    return bool(
-        kind == TokenKind.AGENT.value
-        and revoked_at is None
-        and (expires_at is None or expires_at > now)
-        and last_used_at is not None
-        and now - last_used_at <= LAST_USED_RESOLUTION
-    )
-
-
-async def node_read(pool: LeanPool, token_hash: str) -> list[Any]:
-    """The credential's node and its active tasks (one row with NULL tasks when none)."""
-    rows: list[Any] = await pool.run(
-        "fetch", NODE_READ.sql, *NODE_READ.args({"token_hash": token_hash})
-    )
-    return rows
-
-
-async def insert_job(
-    pool: LeanPool, values: Mapping[str, Any], event: Mapping[str, Any], guard: Mapping[str, Any]
-) -> int | None:
-    """The job and its event, no dependencies; None when the user's idempotency key is
-    taken (a retry) or a tenant limit refuses it (`guard`: tenantlimits.guard_params)."""
-    params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
-    params.update({f"e_{k}": v for k, v in event.items()})
-    params["deps"] = []
-    params.update(guard)
-    job_id: int | None = await pool.run("fetchval", INSERT_JOB.sql, *INSERT_JOB.args(params))
-    return job_id

@@ -1,24 +1,25 @@
-"""The hot paths: quiet heartbeats and plain submissions, answered before FastAPI routes them.
+"""Direct routes: quiet heartbeats and plain submissions, answered before FastAPI routes them.
 
 At a thousand nodes a server answers thousands of heartbeats a second, and nearly all of them
 say only "still here, same tasks, here are my GPUs". Through FastAPI's routing, dependency
 injection, validation and response model each costs several times the database work (about
-2.5 ms of CPU against 0.3 ms), so `FairgpuApp.__call__` gives these requests to `HotPaths`
+2.5 ms of CPU against 0.3 ms), so `FairgpuApp.__call__` gives these requests to `DirectRoutes`
 first, which answers the common case itself:
 
-- `POST /v1/agent/heartbeat` from a live agent credential with nothing to report or receive:
-  one read (credential, node and active tasks, scheduler/services/hotpath.py) proves it, the
-  liveness and samples go to the `LiveBuffer` as on the ordinary route, and the reply is the
-  same `HeartbeatReply`, long-poll included.
+- `POST /v1/agent/heartbeat` from a live agent credential: one read on the lean pool
+  (credential, node and active tasks, scheduler/services/heartbeat/read.py), then
+  `Heartbeats.answer` as on the routed path, which answers a quiet heartbeat (long-poll
+  included) and says when it needs the full path.
 - `POST /v1/jobs` by a user whose token this process authenticated in the last
-  `auth_cache_ttl_s`, to their own org, with a time limit and no dependencies: one insert.
+  `auth_cache_ttl_s`, to their own org, with a time limit and no dependencies: one insert
+  (scheduler/services/jobinsert.py).
 
 Everything else — a body that does not validate, an unknown or stale credential, a heartbeat
 that changes something, a submission naming an org, a database error before anything was
 written — is handed, body and all, to the ordinary routes, which remain the one place that
-decides errors and every other case. Both paths give the same answers (tests/api/test_hot.py
-runs the protocol with the hot paths on and off). The hot paths need PostgreSQL (raw asyncpg);
-on SQLite every request takes the ordinary routes.
+decides errors and every other case. Both give the same answers (tests/api/test_direct.py runs
+the protocol with the direct routes on and off; the setting is `hot_paths`). They need
+PostgreSQL (the lean asyncpg pool, scheduler/db/leanpool.py); on SQLite every request is routed.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ from starlette.types import Message, Receive, Scope, Send
 from api.deps import parse_bearer
 from api.limits import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
-from api.routers.agent import hold_heartbeat, needs_renewal
 from api.routers.jobs import checked_idempotency_key, job_public
 from api.schemas.jobs import JobCreate
 from protocol.agent import Heartbeat
 from scheduler.db.engine import error_line
+from scheduler.db.leanpool import LeanPool
 from scheduler.db.types import utcnow
 from scheduler.metrics import PROCESS_REGISTRY
-from scheduler.services import hotpath
 from scheduler.services.errors import InvalidInput, Unauthenticated
+from scheduler.services.heartbeat.read import read_by_credential
+from scheduler.services.heartbeat.service import Caller, Heartbeats
+from scheduler.services.jobinsert import insert_job
 from scheduler.services.jobs import JobSpec, new_job, submission_rows
-from scheduler.services.quickbeat import Quick, decide, may_be_quick
 from scheduler.services.scheduling import work
 from scheduler.services.tenantlimits import guard_params
 from scheduler.services.tokens import hash_token
@@ -59,9 +61,9 @@ log = logging.getLogger("fairgpu.api")
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
 JOBS_PATH = "/v1/jobs"
 
-HOT_REQUESTS = Counter(
+DIRECT_REQUESTS = Counter(
     "fairgpu_api_hot_path_requests",
-    "Heartbeats and submissions by whether the hot path answered them or handed them on.",
+    "Heartbeats and submissions by whether the direct route answered them or handed them on.",
     ["route", "outcome"],
     registry=PROCESS_REGISTRY,
 )
@@ -146,10 +148,11 @@ async def send_problem(
     )
 
 
-class HotPaths:
-    def __init__(self, app: FairgpuApp, pool: hotpath.LeanPool) -> None:
+class DirectRoutes:
+    def __init__(self, app: FairgpuApp, pool: LeanPool, heartbeats: Heartbeats) -> None:
         self.app = app
         self.pool = pool
+        self.heartbeats = heartbeats
 
     def route(self, scope: Scope) -> Handler | None:
         if scope["method"] != "POST":
@@ -164,8 +167,8 @@ class HotPaths:
     async def _hand_on(
         self, route: str, scope: Scope, receive: Receive, send: Send, body: bytes, complete: bool
     ) -> None:
-        HOT_REQUESTS.labels(route, "handed_on").inc()
-        scope.setdefault("state", {})["hot_path_tried"] = True
+        DIRECT_REQUESTS.labels(route, "handed_on").inc()
+        scope.setdefault("state", {})["direct_route_tried"] = True
         await self.app.ordinary(scope, _replay(body, complete, receive), send)
 
     # -- heartbeats ---------------------------------------------------------------------------
@@ -183,44 +186,40 @@ class HotPaths:
     async def _quiet_heartbeat(
         self, secret: str, raw: bytes, scope: Scope, receive: Receive, send: Send
     ) -> bool:
-        state = self.app.state
-        live = getattr(state.runtime, "live", None)
-        if live is None or state.settings.heartbeat_flush_interval_s <= 0:
-            return False
+        if self.heartbeats.buffer is None:
+            return False  # every heartbeat is written at once: the routed path does that
         try:
             body = Heartbeat.model_validate_json(raw)
         except ValidationError:
             return False
+        credential_hash = hash_token(secret)
         try:
-            rows = await hotpath.node_read(self.pool, hash_token(secret))
+            found = await read_by_credential(self.pool, credential_hash)
         except (
             OSError,
             asyncpg.PostgresError,
             asyncpg.InterfaceError,
             asyncpg.InternalClientError,
         ) as exc:
-            log.debug("hot heartbeat read failed, handing on: %s", error_line(exc))
+            log.debug("direct heartbeat read failed, handing on: %s", error_line(exc))
             return False
-        now = utcnow()
-        if not rows or not hotpath.agent_row_valid(rows[0], now):
+        if found is None or not found.credential.usable_without_routing(utcnow()):
             return False
-        if needs_renewal(rows[0][7], now, state.settings):
-            return False  # the ordinary route renews the credential
-        node_id = int(rows[0][6])
-        if not may_be_quick(body, live, node_id):
+        assert found.credential.node_id is not None
+        caller = Caller(
+            node_id=found.credential.node_id,
+            credential_hash=credential_hash,
+            expires_at=found.credential.expires_at,
+        )
+        try:
+            reply = await self.heartbeats.answer(caller, body, node=found.node, full_path=False)
+        except Unauthenticated as exc:  # revoked while held
+            DIRECT_REQUESTS.labels("heartbeat", "answered").inc()
+            await send_problem(send, 401, str(exc), HEARTBEAT_PATH)
+            return True
+        if reply is None:
             return False
-        if decide(rows, body=body, buffer=live, node_id=node_id, now=now) is not Quick.DONE:
-            return False
-        HOT_REQUESTS.labels("heartbeat", "answered").inc()
-        settings = state.settings
-        reply = work.reply(settings, now)
-        wait_s = min(body.wait_s, settings.heartbeat_long_poll_s)
-        if wait_s > 0:
-            try:
-                reply = await hold_heartbeat(state, node_id, hash_token(secret), wait_s, reply)
-            except Unauthenticated as exc:  # revoked while held
-                await send_problem(send, 401, str(exc), HEARTBEAT_PATH)
-                return True
+        DIRECT_REQUESTS.labels("heartbeat", "answered").inc()
         await _send(send, 200, work.reply_json(reply).encode())
         return True
 
@@ -279,7 +278,7 @@ class HotPaths:
             now=now,
         )
         try:
-            job_id = await hotpath.insert_job(
+            job_id = await insert_job(
                 self.pool, values, event, guard_params(spec.priority_class, state.submit_limits)
             )
         except (
@@ -291,7 +290,7 @@ class HotPaths:
             # The insert may or may not have happened: not retried here. The client retries
             # (with its Idempotency-Key, exactly once), as after any 503.
             log.warning("database unavailable on %s: %s", JOBS_PATH, error_line(exc))
-            HOT_REQUESTS.labels("submit", "unavailable").inc()
+            DIRECT_REQUESTS.labels("submit", "unavailable").inc()
             await send_problem(
                 send,
                 503,
@@ -301,13 +300,13 @@ class HotPaths:
             )
             return True
         except asyncpg.PostgresError as exc:
-            log.info("hot submission refused by the database, handing on: %s", error_line(exc))
+            log.info("direct submission refused by the database, handing on: %s", error_line(exc))
             return False
         if job_id is None:
             # The key is taken (the ordinary route answers with the first job) or a tenant
             # limit refused it (the ordinary route says which, with the numbers).
             return False
-        HOT_REQUESTS.labels("submit", "answered").inc()
+        DIRECT_REQUESTS.labels("submit", "answered").inc()
         self.app.state.runtime.notify("submit")
         public = job_public(new_job(job_id, values))
         await _send(send, 201, public.model_dump_json().encode())

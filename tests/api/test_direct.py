@@ -1,8 +1,8 @@
-"""The hot paths (api/hot.py) answer exactly what the ordinary routes answer.
+"""The direct routes (api/direct.py) answer exactly what the ordinary routes answer.
 
 On PostgreSQL quiet heartbeats and plain submissions are answered before FastAPI routes them;
-every other request is handed on. The same protocol run, with the hot paths on and off, must
-read the same; the cases the hot paths do not cover must still get the ordinary answers.
+every other request is handed on. The same protocol run, with the direct routes on and off, must
+read the same; the cases the direct routes do not cover must still get the ordinary answers.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from sqlalchemy.engine import make_url
 
 from scheduler.bench.proxy import CuttableProxy
 from scheduler.db import Job, Node
+from scheduler.db.engine import asyncpg_dsn
 from scheduler.metrics import PROCESS_REGISTRY
-from scheduler.services.hotpath import asyncpg_dsn
 from tests.scheduling.harness import Cluster, fast_settings, now, report, running_cluster, sample
 
 
-def _hot(route: str, outcome: str) -> float:
+def _direct(route: str, outcome: str) -> float:
     value = PROCESS_REGISTRY.get_sample_value(
         "fairgpu_api_hot_path_requests_total", {"route": route, "outcome": outcome}
     )
@@ -76,23 +76,23 @@ async def _protocol_run(cluster: Cluster) -> list[Any]:
     return seen
 
 
-async def test_a_protocol_run_reads_the_same_with_and_without_hot_paths(
+async def test_a_protocol_run_reads_the_same_with_and_without_direct_routes(
     database_url: str,
 ) -> None:
     transcripts = []
-    answered_before = (_hot("heartbeat", "answered"), _hot("submit", "answered"))
-    for hot in (False, True):
-        async with running_cluster(fast_settings(database_url, hot_paths=hot)) as cluster:
-            assert (cluster.app.hot is not None) == (hot and "postgresql" in database_url)
+    answered_before = (_direct("heartbeat", "answered"), _direct("submit", "answered"))
+    for direct in (False, True):
+        async with running_cluster(fast_settings(database_url, hot_paths=direct)) as cluster:
+            assert (cluster.app.direct is not None) == (direct and "postgresql" in database_url)
             transcripts.append(await _protocol_run(cluster))
-            if hot and "postgresql" in database_url:  # the counters reach /metrics
+            if direct and "postgresql" in database_url:  # the counters reach /metrics
                 scrape = (await cluster.http.get("/metrics")).text
                 series = 'fairgpu_api_hot_path_requests_total{outcome="answered",route="heartbeat"}'
-                assert f"{series} {_hot('heartbeat', 'answered')}" in scrape
+                assert f"{series} {_direct('heartbeat', 'answered')}" in scrape
     assert transcripts[0] == transcripts[1]
     assert transcripts[1][-1] == "RUNNING"
-    heartbeats = _hot("heartbeat", "answered") - answered_before[0]
-    submits = _hot("submit", "answered") - answered_before[1]
+    heartbeats = _direct("heartbeat", "answered") - answered_before[0]
+    submits = _direct("submit", "answered") - answered_before[1]
     if "postgresql" in database_url:
         # The quiet heartbeats, the submission after the first (the token is then known) and
         # the first of the keyed pair; the keyed retry is answered by the ordinary route.
@@ -102,7 +102,7 @@ async def test_a_protocol_run_reads_the_same_with_and_without_hot_paths(
         assert heartbeats == submits == 0
 
 
-async def test_what_the_hot_paths_do_not_cover_gets_the_ordinary_answers(
+async def test_what_the_direct_routes_do_not_cover_gets_the_ordinary_answers(
     database_url: str,
 ) -> None:
     async with running_cluster(fast_settings(database_url)) as cluster:
@@ -163,7 +163,7 @@ async def test_what_the_hot_paths_do_not_cover_gets_the_ordinary_answers(
 async def test_a_submission_cut_off_from_the_database_is_503_and_retried_once(
     database_url: str,
 ) -> None:
-    """The network to PostgreSQL fails while a hot insert waits: the client gets 503 +
+    """The network to PostgreSQL fails while a direct insert waits: the client gets 503 +
     Retry-After (the insert may have happened), and its retry with the same Idempotency-Key
     finds the job stored exactly once."""
     proxy = CuttableProxy(make_url(database_url).port or 5432)
@@ -173,9 +173,9 @@ async def test_a_submission_cut_off_from_the_database_is_503_and_retried_once(
     watch = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         async with running_cluster(fast_settings(via_proxy)) as cluster:
-            assert cluster.app.hot is not None
+            assert cluster.app.direct is not None
             user = await cluster.user_token(await cluster.org())
-            await cluster.submit(user)  # warms the hot pool and this process's token cache
+            await cluster.submit(user)  # warms the lean pool and this process's token cache
             headers = {"Authorization": f"Bearer {user}", "Idempotency-Key": "cut-1"}
             body = {"command": ["train"], "time_limit": 60}
             lock = admin.transaction()
@@ -185,12 +185,12 @@ async def test_a_submission_cut_off_from_the_database_is_503_and_retried_once(
             for _ in range(200):  # (pg_stat_activity is a snapshot inside a transaction)
                 waiting = await watch.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                    "'fairgpu-hot' AND wait_event_type = 'Lock'"
+                    "'fairgpu-lean' AND wait_event_type = 'Lock'"
                 )
                 if waiting:
                     break
                 await asyncio.sleep(0.02)
-            assert waiting, "the hot insert never waited for the lock"
+            assert waiting, "the direct insert never waited for the lock"
             proxy.cut()
             cut = await pending
             await lock.rollback()  # the orphaned insert now completes on the server

@@ -1,0 +1,162 @@
+"""`Heartbeats.answer`: the one entry point of a heartbeat, whichever way it arrived.
+
+The routed heartbeat (api/routers/agent.py, after authentication) and the direct one (api/
+direct.py, answered before routing on PostgreSQL) both call it. It classifies the heartbeat
+(classify.py) from the node's rows (read.py); a quiet one goes to the buffer (buffer.py), any
+other takes the full transactional path (full.py); either may then be held (longpoll.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from protocol.agent import Heartbeat, HeartbeatReply
+from scheduler.db.engine import run_to_end
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Unauthenticated
+from scheduler.services.heartbeat import full, longpoll
+from scheduler.services.heartbeat.buffer import HeartbeatBuffer
+from scheduler.services.heartbeat.classify import Verdict, body_may_be_quiet, classify
+from scheduler.services.heartbeat.read import NodeTaskRow, read_node
+from scheduler.services.scheduling import work
+from scheduler.settings import Settings
+
+if TYPE_CHECKING:
+    from scheduler.services.runtime import SchedulerRuntime
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The agent whose credential the heartbeat carries."""
+
+    node_id: int
+    credential_hash: str
+    expires_at: datetime | None
+    token_id: int | None = None  # needed to renew the credential (the full path only)
+
+
+def needs_renewal(expires_at: datetime | None, now: datetime, settings: Settings) -> bool:
+    """Less than half of the credential's lifetime is left: the reply carries a new one."""
+    if expires_at is None:
+        return False
+    return (expires_at - now).total_seconds() < settings.node_credential_ttl_s / 2
+
+
+class Heartbeats:
+    """Built once per server process (api/app.py's lifespan) and kept on `app.state`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        read_sessionmaker: async_sessionmaker[AsyncSession],
+        runtime: SchedulerRuntime,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.read_sessionmaker = read_sessionmaker  # autocommit on PostgreSQL
+        self.runtime = runtime
+        # The runtime's buffer, flushed by its loop; a runtime without one (or a flush
+        # interval of 0) writes every heartbeat on the full path.
+        buffer: HeartbeatBuffer | None = getattr(runtime, "live", None)
+        self.buffer = buffer if settings.heartbeat_flush_interval_s > 0 else None
+
+    def forget(self, node_id: int) -> None:
+        """The node registered again: its GPUs may have changed."""
+        if self.buffer is not None:
+            self.buffer.forget(node_id)
+
+    async def answer(
+        self,
+        caller: Caller,
+        body: Heartbeat,
+        *,
+        node: Sequence[NodeTaskRow] | None = None,
+        quiet: bool = True,
+        full_path: bool = True,
+    ) -> HeartbeatReply | None:
+        """The reply to the heartbeat. `node`: the node's rows when the caller has read them;
+        `quiet=False`: go straight to the full path (the caller has classified it already);
+        `full_path=False`: None instead of taking the full path."""
+        settings = self.settings
+        now = utcnow()
+        renew = needs_renewal(caller.expires_at, now, settings)
+        buffer = self.buffer
+        if quiet and buffer is not None and not renew:
+            known = buffer.matches(caller.node_id, body.samples)
+            if body_may_be_quiet(body, gpus_as_known=known):
+                if node is None:
+                    node = await self._read(caller.node_id)
+                verdict = classify(body, node, gpus_as_known=known)
+                if verdict is Verdict.UNKNOWN_NODE:
+                    raise Unauthenticated("this node is no longer registered")
+                if verdict is Verdict.QUIET:
+                    buffer.note(caller.node_id, now, body.samples)
+                    return await self._held(caller, body, work.reply(settings, now))
+        if not full_path:
+            return None
+        return await self._full(caller, body, renew)
+
+    async def _read(self, node_id: int) -> list[NodeTaskRow]:
+        async with self.read_sessionmaker() as session:
+            rows = await read_node(await session.connection(), node_id)
+            await session.rollback()  # ends the read (a no-op on an autocommit connection)
+        return rows
+
+    async def _held(self, caller: Caller, body: Heartbeat, reply: HeartbeatReply) -> HeartbeatReply:
+        wait_s = min(body.wait_s, self.settings.heartbeat_long_poll_s)
+        if wait_s <= 0:
+            return reply
+        return await longpoll.hold(
+            self.runtime,
+            self.sessionmaker,
+            self.settings,
+            node_id=caller.node_id,
+            credential_hash=caller.credential_hash,
+            wait_s=wait_s,
+            reply=reply,
+        )
+
+    async def _full(self, caller: Caller, body: Heartbeat, renew: bool) -> HeartbeatReply:
+        node_id = caller.node_id
+        buffer = self.buffer
+        buffered = buffer.take_node(node_id) if buffer is not None else []
+        if buffered:  # counted before this heartbeat's reports may end their allocations
+            body = body.model_copy(update={"samples": [*buffered, *body.samples]})
+
+        async def apply() -> full.HeartbeatOutcome:
+            async with self.sessionmaker() as session:
+                outcome = await full.heartbeat(
+                    session,
+                    node_id=node_id,
+                    body=body,
+                    settings=self.settings,
+                    renew_token_id=caller.token_id if renew else None,
+                )
+                await session.commit()
+            # Committed: what it changed is news even when the request has been cancelled.
+            if buffer is not None and outcome.gpus is not None:
+                buffer.learn(node_id, outcome.gpus)
+            if outcome.changed:
+                self.runtime.notify("heartbeat")
+            if outcome.wake_nodes:
+                self.runtime.wake_nodes(outcome.wake_nodes)
+            return outcome
+
+        try:
+            # A write transaction: it ends (commit or rollback) even when the request is
+            # cancelled, so SQLite's write lock is never left held (engine.run_to_end).
+            outcome = await run_to_end(apply())
+        except BaseException:
+            if buffer is not None and buffered:
+                buffer.put_back_node(node_id, buffered)
+            raise
+        reply = outcome.reply
+        if outcome.urgent or reply.start or reply.stop:
+            return reply
+        return await self._held(caller, body, reply)
