@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     hot_paths: bool = Field(
         True,
         description="Answer quiet heartbeats and plain submissions on raw asyncpg before "
-        "FastAPI routes them (PostgreSQL only; api/hot.py). Off: every request is routed.",
+        "FastAPI routes them (PostgreSQL only; api/direct.py). Off: every request is routed.",
     )
     run_scheduler: bool = Field(
         True,
