@@ -4,9 +4,13 @@ mutual TLS, and plain http:// refused to other machines by the agent and the CLI
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,3 +178,59 @@ def test_the_cli_presents_its_certificate_to_a_mutual_tls_server(
     ours = {"FAIRGPU_CLIENT_CERT": str(pki.client_cert), "FAIRGPU_CLIENT_KEY": str(pki.client_key)}
     known = CliRunner().invoke(cli_app, ["whoami"], env={**env, **ours})
     assert known.exit_code == 4, known.output
+
+
+@contextmanager
+def connect_proxy() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP proxy that serves CONNECT only: it records the request line and its
+    Proxy-Authorization, then relays bytes both ways (TLS runs end to end through it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[str] = []
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.recv(4096)
+            lines = head.decode().split("\r\n")
+            auth = [line for line in lines if line.lower().startswith("proxy-authorization:")]
+            seen.append(" ".join([*lines[0].split()[:2], *auth]))  # not the HTTP version
+            host, port = lines[0].split()[1].rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://user:secret@127.0.0.1:{listener.getsockname()[1]}", seen
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_the_cli_reaches_an_https_server_through_a_connect_proxy(
+    tls_url: str, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with connect_proxy() as (proxy, seen):
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        env = {"FAIRGPU_SERVER": tls_url, "FAIRGPU_TOKEN": "fg_u_not-a-real-token",
+               "FAIRGPU_CONFIG_DIR": str(tmp_path), "FAIRGPU_CA_FILE": str(pki.ca)}  # fmt: skip
+        result = CliRunner().invoke(cli_app, ["whoami"], env=env)
+    assert result.exit_code == 4, result.output  # TLS through the tunnel; the token refused
+    host_port = tls_url.removeprefix("https://")
+    assert seen == [f"CONNECT {host_port} Proxy-Authorization: Basic dXNlcjpzZWNyZXQ="]
