@@ -13,7 +13,7 @@ from collections import deque
 
 from scheduler.core.backfill import Reservations
 from scheduler.core.capacity import FreeIndex, Layout
-from scheduler.core.explain import CycleState, Ended, Explainer, Explanations, Wait
+from scheduler.core.explain import BuiltOnRead, CycleState, Ended, Explainer, Wait
 from scheduler.core.preempt import Plan, Preemptor
 from scheduler.core.quota import OrgBooks
 from scheduler.core.types import (
@@ -359,20 +359,14 @@ class _Cycle:
     def _decisions(self, order: list[tuple[PendingJob, float]]) -> Decisions:
         """The cycle's decisions; full explanations are built when `pending` is first read."""
         waits = self.waits
-        code = self.ex.code
-        reasons = {
-            job.job_id: code(w) if w.reasons is None else w.reasons[0].code
-            for job, _ in order
-            if (w := waits.get(job.job_id)) is not None
-        }
         ended = Ended(self.snap.running, self.running_gpus, self.pre.chosen, self.starts)
-        explain = self.ex.explain
+        ex = self.ex
         return Decisions(
             starts=tuple(s for s, _, _ in self.starts),
             preemptions=tuple(self.preemptions),
-            pending=Explanations(lambda: explain(order, waits, ended)),
+            pending=BuiltOnRead(lambda: ex.explain(order, waits, ended)),
             standings=self.standings(),
-            reasons=reasons,
+            reasons=BuiltOnRead(lambda: ex.codes(order, waits)),
             blocked_by=self.blocked_by,
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from scheduler.core.estimate import OrgReleases, Profile
 from scheduler.core.types import (
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from scheduler.core.quota import OrgBooks
 
 ANY = "*"
+V = TypeVar("V")
 
 _new = object.__new__
 _set_job_id = vars(PendingInfo)["job_id"].__set__  # the slot descriptor
@@ -98,21 +99,26 @@ class Ended:
     starts: Sequence[tuple[Start, PendingJob, str]]
 
 
-class Explanations(Mapping[int, PendingInfo]):
-    """Every waiting job's `PendingInfo`, built the first time any of it is read.
+class BuiltOnRead(Mapping[int, V]):
+    """A mapping built the first time any of it is read (`Decisions.pending` and `.reasons`).
 
-    Estimates walk the whole queue in priority order, so the first read builds them all; the
+    Estimates walk the whole queue in priority order, so the first read builds every entry; the
     lock makes concurrent first reads (metrics and the pending-row writer) build them once.
     """
 
     __slots__ = ("_build", "_built", "_lock")
 
-    def __init__(self, build: Callable[[], dict[int, PendingInfo]]) -> None:
-        self._build: Callable[[], dict[int, PendingInfo]] | None = build
-        self._built: dict[int, PendingInfo] = {}
+    def __init__(self, build: Callable[[], dict[int, V]]) -> None:
+        self._build: Callable[[], dict[int, V]] | None = build
+        self._built: dict[int, V] = {}
         self._lock = threading.Lock()
 
-    def _infos(self) -> dict[int, PendingInfo]:
+    @property
+    def built(self) -> bool:
+        """Whether the explanations have been built (read at least once)."""
+        return self._build is None
+
+    def _infos(self) -> dict[int, V]:
         if self._build is not None:
             with self._lock:
                 if self._build is not None:
@@ -120,7 +126,7 @@ class Explanations(Mapping[int, PendingInfo]):
                     self._build = None  # drops the cycle it read
         return self._built
 
-    def __getitem__(self, job_id: int) -> PendingInfo:
+    def __getitem__(self, job_id: int) -> V:
         return self._infos()[job_id]
 
     def __iter__(self) -> Iterator[int]:
@@ -395,6 +401,23 @@ class Explainer:
         if c.reservations.holder.get(t) is not None and c.index.hidden.get(t, 0) > 0:
             return ReasonCode.RESERVATION
         return ReasonCode.PRIORITY
+
+    def codes(
+        self, order: list[tuple[PendingJob, float]], waits: Mapping[int, Wait]
+    ) -> dict[int, ReasonCode]:
+        """The first reason code of every waiting job, in `order` (one `code` per shared wait)."""
+        seen: dict[int, ReasonCode] = {}  # id() of a wait, alive in `waits` → its code
+        out: dict[int, ReasonCode] = {}
+        waits_get = waits.get
+        for job, _ in order:
+            w = waits_get(job.job_id)
+            if w is None:
+                continue
+            c = seen.get(id(w))
+            if c is None:
+                c = seen[id(w)] = self.code(w)
+            out[job.job_id] = c
+        return out
 
     def explain(
         self, order: list[tuple[PendingJob, float]], waits: Mapping[int, Wait], ended: Ended

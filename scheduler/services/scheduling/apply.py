@@ -318,18 +318,31 @@ def _pending_rows(
 ) -> list[tuple[int, float, str, datetime | None]]:
     """(id, priority, reasons as JSON text, estimated start) of the jobs to write, in id order.
 
-    Plain Python over every pending job: run in a worker thread, off the event loop.
+    The core builds explanations when `decisions.pending` is first read, so a cycle with no job
+    to write (nothing new between two `everything` cycles) builds none. Plain Python over every
+    pending job: run in a worker thread, off the event loop.
     """
-    return [
-        (
-            job_id,
-            info.priority,
-            json.dumps(_reasons_json(info)),
-            from_epoch(info.estimated_start) if info.estimated_start is not None else None,
-        )
-        for job_id, info in sorted(decisions.pending.items())
+    wanted = sorted(
+        job_id
+        for job_id in decisions.reasons
         if job_id not in started and (everything or job_id not in explained)
-    ]
+    )
+    if not wanted:
+        return []
+    pending = decisions.pending
+    rows = []
+    for job_id in wanted:
+        info = pending[job_id]
+        estimate = info.estimated_start
+        rows.append(
+            (
+                job_id,
+                info.priority,
+                json.dumps(_reasons_json(info)),
+                from_epoch(estimate) if estimate is not None else None,
+            )
+        )
+    return rows
 
 
 async def write_pending(
