@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 from prometheus_client import Counter
 from pydantic import ValidationError
+from starlette.datastructures import State
 from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import parse_bearer
@@ -52,9 +53,6 @@ from scheduler.services.jobs import JobSpec, new_job, submission_rows
 from scheduler.services.scheduling import work
 from scheduler.services.tenantlimits import guard_params
 from scheduler.services.tokens import hash_token
-
-if TYPE_CHECKING:
-    from api.app import FairgpuApp
 
 log = logging.getLogger("fairgpu.api")
 
@@ -149,8 +147,11 @@ async def send_problem(
 
 
 class DirectRoutes:
-    def __init__(self, app: FairgpuApp, pool: LeanPool, heartbeats: Heartbeats) -> None:
-        self.app = app
+    def __init__(
+        self, state: State, ordinary: Handler, pool: LeanPool, heartbeats: Heartbeats
+    ) -> None:
+        self.state = state  # the app's
+        self.ordinary = ordinary  # the request through FastAPI (FairgpuApp.ordinary)
         self.pool = pool
         self.heartbeats = heartbeats
 
@@ -169,7 +170,7 @@ class DirectRoutes:
     ) -> None:
         DIRECT_REQUESTS.labels(route, "handed_on").inc()
         scope.setdefault("state", {})["direct_route_tried"] = True
-        await self.app.ordinary(scope, _replay(body, complete, receive), send)
+        await self.ordinary(scope, _replay(body, complete, receive), send)
 
     # -- heartbeats ---------------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class DirectRoutes:
             await self._hand_on("submit", scope, receive, send, body, complete)
 
     async def _plain_submit(self, secret: str, raw: bytes, scope: Scope, send: Send) -> bool:
-        state = self.app.state
+        state = self.state
         settings = state.settings
         now = utcnow()
         principal = state.auth_cache.get(hash_token(secret), now)
@@ -307,7 +308,7 @@ class DirectRoutes:
             # limit refused it (the ordinary route says which, with the numbers).
             return False
         DIRECT_REQUESTS.labels("submit", "answered").inc()
-        self.app.state.runtime.notify("submit")
+        state.runtime.notify("submit")
         public = job_public(new_job(job_id, values))
         await _send(send, 201, public.model_dump_json().encode())
         return True
