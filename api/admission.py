@@ -1,7 +1,7 @@
 """What a request must pass before its body is read: the agent protocol's bearer, and the
 per-token rate limits on submissions and heartbeats.
 
-`FairgpuApp.__call__` asks `Admission.admit` first, before the hot paths and before FastAPI,
+`FairgpuApp.__call__` asks `Admission.admit` first, before the direct routes and FastAPI,
 so that both paths are bound alike and a refused request costs no body read:
 
 - The agent protocol accepts bodies up to 32 MiB (api/limits.py). A request to `/v1/agent/*`

@@ -5,7 +5,7 @@ preemptions, admission waits, pending reasons of the last cycle), and gauges rea
 database at scrape time with a few grouped queries (jobs, nodes, GPUs, quotas, allocations, fair
 share), so any replica answers a scrape with the cluster's state. Each runtime has its own
 `CollectorRegistry`: several apps in one process (tests) never collide. A scrape also carries
-`PROCESS_REGISTRY`: instruments of the process as a whole (the API's hot-path counters) and
+`PROCESS_REGISTRY`: instruments of the process as a whole (the API's direct-route counters) and
 its CPU and memory.
 
 With several processes on a host (`fairgpu server --workers N` and its scheduler process),

@@ -55,8 +55,8 @@ BENCH_LIMITS = {
 def pool_size(concurrency: int, workers: int) -> int:
     """Per HTTP worker: the client's share of connections, within MAX_SERVER_CONNECTIONS.
 
-    A worker opens up to three pools' worth (ORM pool, its overflow, the hot paths) and one for
-    wake-ups; with several workers the scheduler process takes its own few.
+    A worker opens up to three pools' worth (ORM pool, its overflow, the direct routes' lean
+    pool) and one for wake-ups; with several workers the scheduler process takes its own few.
     """
     wanted = max(8, -(-concurrency // workers) * 3 // 4)
     scheduler = SCHEDULER_CONNECTIONS if workers > 1 else 1
@@ -162,7 +162,7 @@ def run_api_bench(
                 # Enough pooled connections for the client's concurrency (connections opened
                 # and closed past the pool would be measured instead of the server), and few
                 # enough for PostgreSQL's default max_connections of 100: each process opens
-                # up to three times this (ORM pool and overflow, hot-path pool).
+                # up to three times this (ORM pool and overflow, the lean pool).
                 "FAIRGPU_DATABASE_POOL_SIZE": str(pool_size(concurrency, workers)),
                 **BENCH_LIMITS,
             },

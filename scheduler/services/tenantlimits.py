@@ -2,12 +2,12 @@
 pending jobs per user and per org.
 
 The same rules run twice, in one place each: `submission_guard` folds them into the insert
-itself on PostgreSQL (no extra round trip, so the hot path keeps its one statement), reading
-the counts a trigger keeps in `pending_job_counts` (a few rows, however many jobs wait); and
-`check_submission` counts the jobs themselves, up to the cap, for a clear refusal (and before
-every insert on SQLite). Both read in their statement's snapshot, so concurrent submissions of
-one user or org may overshoot a cap by at most the number of submissions in flight at that
-instant (each sees the others' jobs only once they commit).
+itself on PostgreSQL (no extra round trip: the direct submission route keeps its one
+statement), reading the counts a trigger keeps in `pending_job_counts` (a few rows, however
+many jobs wait); and `check_submission` counts the jobs themselves, up to the cap, for a
+clear refusal (and before every insert on SQLite). Both read in their statement's snapshot,
+so concurrent submissions of one user or org may overshoot a cap by at most the number of
+submissions in flight at that instant (each sees the others' jobs only once they commit).
 """
 
 from __future__ import annotations
