@@ -125,6 +125,21 @@ def cli_bench(
     typer.echo(json.dumps(run_cli_bench(runs=runs, queue_jobs=queue_jobs)))
 
 
+@app.command("array")
+def array(
+    tasks: Annotated[int, typer.Option(min=1, max=10_000, help="Tasks in the array.")] = 10_000,
+    runs: Annotated[int, typer.Option(min=1, help="Arrays submitted and cancelled.")] = 3,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="An EMPTY database to use (PostgreSQL); default: a temporary SQLite."),
+    ] = None,
+) -> None:
+    """Submit and cancel an array of 10,000 tasks on a real server, one request each."""
+    from scheduler.bench.arrays import run_array_bench
+
+    typer.echo(json.dumps(run_array_bench(tasks=tasks, runs=runs, database_url=database_url)))
+
+
 @app.command("soak")
 def soak(
     duration: Annotated[str, typer.Option(help="How long to run, with a unit: 90s, 10m.")] = "10m",

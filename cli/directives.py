@@ -45,6 +45,8 @@ _FAIRGPU: dict[str, Option] = {
     "--mem": Option("mem"),
     "--after": Option("after"),
     "--hold": Option("hold", takes_value=False),
+    "-a": Option("array"),
+    "--array": Option("array"),
 }
 
 _IGNORED_OUTPUT = "ignored: the job's output is kept by the server (`fairgpu logs JOB`)"
@@ -64,6 +66,8 @@ _SBATCH: dict[str, Option] = {
     "--chdir": Option("workdir"),
     "-H": Option("hold", takes_value=False),
     "--hold": Option("hold", takes_value=False),
+    "-a": Option("array"),
+    "--array": Option("array"),
     "-d": Option("dependency"),
     "--dependency": Option("dependency"),
     "-o": Option("", note=_IGNORED_OUTPUT),

@@ -6,6 +6,7 @@ and history in `cli/history.py`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -45,7 +46,31 @@ SHORT_STATE = {
 PAGE_SIZE = 500
 MAX_LIST_JOBS = 10_000
 
-JobArg = Annotated[int, typer.Argument(help="Job id.", min=1, show_default=False)]
+_JOB_REF = re.compile(r"[1-9][0-9]{0,18}(_[0-9]{1,7})?")
+
+
+def _job_refs(value: Any) -> Any:
+    """Job ids as the server takes them: `42`, or `42_7` for task 7 of array 42."""
+    refs = [ref.strip() for ref in (value if isinstance(value, list) else [value])]
+    for ref in refs:
+        if not _JOB_REF.fullmatch(ref):
+            raise typer.BadParameter(f"{ref!r} is not a job id: use 42, or 42_7 for an array task")
+    return refs if isinstance(value, list) else refs[0]
+
+
+JobArg = Annotated[
+    str,
+    typer.Argument(
+        help="Job id (42), or an array's task (42_7).", show_default=False, callback=_job_refs
+    ),
+]
+JobsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Job ids (42), arrays (42: all their tasks) or array tasks (42_7).",
+        callback=_job_refs,
+    ),
+]
 
 
 def iter_jobs(
@@ -79,6 +104,45 @@ def gpus_text(job: dict[str, Any]) -> str:
     return f"{job['gpu_type']}:{total}" if job.get("gpu_type") else str(total)
 
 
+def job_ref(job: dict[str, Any]) -> str:
+    """`42`, or `42_7` for task 7 of array 42, as Slurm writes them."""
+    if job.get("array_job_id") is not None:
+        return f"{job['array_job_id']}_{job['array_task_id']}"
+    return str(job["id"])
+
+
+def task_ranges(task_ids: list[int]) -> str:
+    """`0-3,7,9-11` for sorted task ids."""
+    parts: list[str] = []
+    start = previous = task_ids[0]
+    for task_id in [*task_ids[1:], None]:
+        if task_id is not None and task_id == previous + 1:
+            previous = task_id
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if task_id is not None:
+            start = previous = task_id
+    return ",".join(parts)
+
+
+def fold_arrays(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An array's pending tasks as one row, at the place of its first: `42_[3-99%8]`."""
+    pending: dict[int, list[dict[str, Any]]] = {}
+    for job in jobs:
+        if job["state"] == "PENDING" and job.get("array_job_id") is not None:
+            pending.setdefault(job["array_job_id"], []).append(job)
+    out: list[dict[str, Any]] = []
+    for job in jobs:
+        group = pending.get(job.get("array_job_id") or 0) if job["state"] == "PENDING" else None
+        if group is None or len(group) == 1:
+            out.append(job)
+        elif group[0] is job:
+            ids = sorted(j["array_task_id"] for j in group)
+            limit = f"%{job['array_limit']}" if job.get("array_limit") else ""
+            out.append({**job, "ref": f"{job['array_job_id']}_[{task_ranges(ids)}{limit}]"})
+    return out
+
+
 def reason_of(job: dict[str, Any]) -> str:
     """A pending job's first reason word as the last cycle saw it; Slurm's `None` when no
     cycle has given one yet."""
@@ -108,9 +172,11 @@ def queue(
     with connect("queue") as client:
         jobs = list(iter_jobs(client, state=wanted, org=account, mine=me or None))
     jobs.reverse()  # oldest first, as squeue
+    if output in (Format.TABLE, Format.WIDE):
+        jobs = fold_arrays(jobs)
     now = datetime.now(UTC)
     columns = [
-        Column("JOBID", lambda j: j["id"], justify="right"),
+        Column("JOBID", lambda j: j.get("ref") or job_ref(j), justify="right"),
         Column("ORG", org_of),
         Column("NAME", lambda j: j["name"][:24]),
         Column("USER", user_of),
@@ -179,6 +245,8 @@ def describe(
     now = datetime.now(UTC)
     fields = [
         ("JobId", job["id"]),
+        ("ArrayTask", job_ref(job) if job.get("array_job_id") is not None else None),
+        ("ArrayLimit", job.get("array_limit")),
         ("Name", job["name"]),
         ("Org", org),
         ("User", user),
@@ -246,7 +314,7 @@ def explain(job_id: JobArg, output: OutputOption = Format.TABLE) -> None:
 
 
 def _act(
-    verb: str, path: str, job_ids: list[int], done: str | Callable[[dict[str, Any]], str]
+    verb: str, path: str, job_ids: list[str], done: str | Callable[[dict[str, Any], str], str]
 ) -> None:
     """POST `path` for each job; a failure for one job is reported and the rest go on."""
     failed = 0
@@ -260,27 +328,29 @@ def _act(
                     report(exc, f"{verb} {job_id}")
                 typer.echo(f"fairgpu: error: {verb} {job_id}: {exc.detail}", err=True)
                 continue
-            typer.echo(done(job) if callable(done) else done.format(id=job_id))
+            typer.echo(done(job, job_id) if callable(done) else done.format(id=job_id))
     if failed:
         raise typer.Exit(1)
 
 
-def cancel(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
+def cancel(job_ids: JobsArg) -> None:
     """Cancel jobs: pending ones at once, running ones after SIGTERM and the grace period."""
     _act("cancel", "cancel", job_ids, _cancelled)
 
 
-def _cancelled(job: dict[str, Any]) -> str:
+def _cancelled(job: dict[str, Any], ref: str) -> str:
+    if "_" not in ref and job.get("array_job_id") == job["id"]:
+        return f"Cancelled array {ref}: its pending tasks at once, running ones once stopped"
     if job["state"] == "CANCELLED":
-        return f"Cancelled job {job['id']}"
-    return f"Cancelling job {job['id']}: stopping its tasks ({job['state']})"
+        return f"Cancelled job {ref}"
+    return f"Cancelling job {ref}: stopping its tasks ({job['state']})"
 
 
-def hold(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
+def hold(job_ids: JobsArg) -> None:
     """Keep pending jobs from starting until released."""
     _act("hold", "hold", job_ids, "Held job {id}")
 
 
-def release(job_ids: Annotated[list[int], typer.Argument(help="Job ids.", min=1)]) -> None:
+def release(job_ids: JobsArg) -> None:
     """Let held jobs be scheduled again."""
     _act("release", "release", job_ids, "Released job {id}")

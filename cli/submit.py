@@ -81,15 +81,24 @@ def submit(
         list[int] | None, typer.Option("--after", help="Start after job N completed (afterok).")
     ] = None,
     hold: Annotated[bool, typer.Option("--hold", help="Submit held (see `release`).")] = False,
+    array: Annotated[
+        str | None,
+        typer.Option(
+            "--array",
+            "-a",
+            help="A job array: 0-99, 1,3,5-11:2, 0-99%8 (at most 8 tasks at once); each task "
+            "gets FAIRGPU_ARRAY_TASK_ID. At most 10,000 tasks (and your pending-job cap).",
+        ),
+    ] = None,
     parsable: Annotated[bool, typer.Option("--parsable", help="Print only the job id.")] = False,
 ) -> None:
     """Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`, or a script.
 
     `fairgpu submit train.sh ARGS` submits a batch script (it must start with `#!`): its leading
     comments may hold `#FAIRGPU` lines with these options (`#FAIRGPU -G H100:8 -t 4h`) and the
-    common `#SBATCH` ones (--gres, --gpus-per-node, -N, -t, -J, -A, --mem, -D, -H, -d afterok:N;
-    -o and -e are ignored). Options given here win over the script's. The node runs the
-    script's interpreter on its text, with ARGS as $1...; `describe --script` shows it.
+    common `#SBATCH` ones (--gres, --gpus-per-node, -N, -t, -J, -A, --mem, -D, -H, -a/--array,
+    -d afterok:N; -o and -e are ignored). Options given here win over the script's. The node
+    runs the script's interpreter on its text, with ARGS as $1...; `describe --script` shows it.
     """
     body: dict[str, Any] = {}
     directives = Directives()
@@ -144,6 +153,9 @@ def submit(
         value = given(key, value)
         if value is not None:
             body[key] = value
+    array_text = given("array", array)
+    if array_text is not None:
+        body["array"] = array_text
     org = given("account", account)
     if org is not None:
         body["org"] = org

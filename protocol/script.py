@@ -12,7 +12,7 @@ leaves room for the interpreter, the name and a few arguments.
 
 from __future__ import annotations
 
-from protocol.limits import check_command
+from protocol.limits import MAX_ARGS, check_command
 
 MAX_SCRIPT_BYTES = 60 * 1024
 
@@ -42,5 +42,8 @@ def check_script(script: str) -> str:
 
 def script_command(script: str, command: list[str]) -> list[str]:
     """The argv that runs `script` with `command` = [name, *args]; it fits one exec or raises
-    ValueError (check_command's limits)."""
-    return check_command([*interpreter(script), "-c", script, *command])
+    ValueError (the limits of a command: its arguments and their bytes)."""
+    argv = [*interpreter(script), "-c", script, *command]
+    if len(argv) > MAX_ARGS:
+        raise ValueError(f"a script takes at most {MAX_ARGS - len(argv) + len(command)} arguments")
+    return check_command(argv)

@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,6 +38,7 @@ from api.schemas.jobs import (
 from protocol.states import JobState
 from scheduler.db import Job, Org, User
 from scheduler.secretenv import masked, settings_cipher
+from scheduler.services import arrays
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
@@ -49,6 +50,14 @@ from scheduler.settings import Settings
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_FOLLOW_WAIT_S = 30.0
+JobRef = Annotated[
+    str,
+    Path(
+        pattern=r"^[0-9]{1,19}(_[0-9]{1,7})?$",
+        description="A job id (`42`), or an array element: the array's id and the task id "
+        "(`42_7`). Actions on an array's id apply to all its elements.",
+    ),
+]
 FOLLOW_POLL_S = 0.5
 
 
@@ -88,6 +97,9 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         ended_at=job.ended_at,
         estimated_start_at=job.estimated_start_at,
         depends_on=depends_on or [],
+        array_job_id=job.array_job_id,
+        array_task_id=job.array_task_id,
+        array_limit=job.array_limit,
     )
 
 
@@ -185,7 +197,9 @@ async def submit_job(
     org_id = await _submit_org(session, principal, body.org)
     key = checked_idempotency_key(idempotency_key)
     settings: Settings = request.app.state.settings
-    spec = svc.JobSpec(**body.model_dump(exclude={"org"}))
+    spec = svc.JobSpec(**body.model_dump(exclude={"org", "array"}))
+    if body.array is not None:
+        return await _submit_array(request, body.array, spec, org_id, principal, key)
     try:
         result = await svc.submit_job(
             session,
@@ -217,6 +231,43 @@ async def submit_job(
     deps = await svc.dependencies_of(session, [result.job.id])
     public = job_public(result.job, deps.get(result.job.id))
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
+
+
+async def _submit_array(
+    request: Request,
+    array: str,
+    spec: svc.JobSpec,
+    org_id: int,
+    principal: Principal,
+    key: str | None,
+) -> Response:
+    """An array's elements are several statements: a transaction of their own."""
+    settings: Settings = request.app.state.settings
+    assert principal.user_id is not None
+    async with request.app.state.sessionmaker() as session:
+        result = await arrays.submit_array(
+            session,
+            org_id=org_id,
+            user_id=principal.user_id,
+            actor=principal.actor,
+            spec=spec,
+            array=arrays.parse_array(array),
+            idempotency_key=key,
+            default_time_limit_s=settings.default_time_limit_s,
+            max_time_limit_s=settings.max_time_limit_s,
+            limits=request.app.state.submit_limits,
+            secret_cipher=settings_cipher(settings),
+        )
+        await session.commit()
+        deps = await svc.dependencies_of(session, [result.job.id])
+        public = job_public(result.job, deps.get(result.job.id))
+    if result.created:
+        _notify(request, "submit")
+    return Response(
+        public.model_dump_json(),
+        status_code=201 if result.created else 200,
+        media_type="application/json",
+    )
 
 
 _SINCE = "ISO-8601 with a timezone, e.g. 2026-01-01T00:00:00Z; inclusive."
@@ -304,16 +355,16 @@ async def list_jobs(
 
 
 @router.get("/{job_id}")
-async def get_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobPublic:
+async def get_job(job_id: JobRef, session: SessionDep, principal: UserPrincipal) -> JobPublic:
     """One job, with its batch script if it has one."""
-    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     public = await _read_public(session, job, principal)
     public.script = await session.scalar(select(Job.script).where(Job.id == job.id))
     return public
 
 
-async def _job_to_change(session: SessionDep, job_id: int, principal: Principal) -> Job:
-    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+async def _job_to_change(session: SessionDep, job_id: str, principal: Principal) -> Job:
+    job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     assert principal.user_id is not None
     svc.check_may_act(
         job, user_id=principal.user_id, may_admin_org=principal.can_admin_org(job.org_id)
@@ -324,16 +375,18 @@ async def _job_to_change(session: SessionDep, job_id: int, principal: Principal)
 @router.post("/{job_id}/cancel")
 async def cancel_job(
     request: Request,
-    job_id: int,
+    job_id: JobRef,
     session: SessionDep,
     principal: UserPrincipal,
     body: Annotated[CancelRequest | None, Body()] = None,
 ) -> JobPublic:
     """Cancel: a pending job ends at once; a running one is stopped (SIGTERM, grace, SIGKILL)
-    and becomes CANCELLED when its node reports the exit. A finished job answers 409."""
+    and becomes CANCELLED when its node reports the exit. A finished job answers 409.
+    An array's id (`42`) cancels all its elements; `42_7` one of them."""
     job = await _job_to_change(session, job_id, principal)
     settings: Settings = request.app.state.settings
-    nodes = await svc.cancel_job(
+    cancel = arrays.cancel_array if arrays.names_array(job, job_id) else svc.cancel_job
+    nodes = await cancel(
         session,
         job,
         actor=principal.actor,
@@ -347,11 +400,15 @@ async def cancel_job(
 
 @router.post("/{job_id}/hold")
 async def hold_job(
-    request: Request, job_id: int, session: SessionDep, principal: UserPrincipal
+    request: Request, job_id: JobRef, session: SessionDep, principal: UserPrincipal
 ) -> JobPublic:
-    """Keep a pending job from starting until it is released."""
+    """Keep a pending job (every pending element of an array `42`) from starting until it is
+    released."""
     job = await _job_to_change(session, job_id, principal)
-    await svc.set_held(session, job, held=True, actor=principal.actor)
+    if arrays.names_array(job, job_id):
+        await arrays.hold_array(session, job, held=True, actor=principal.actor)
+    else:
+        await svc.set_held(session, job, held=True, actor=principal.actor)
     await session.commit()
     _notify(request, "hold")
     return await _read_public(session, job, principal)
@@ -359,21 +416,24 @@ async def hold_job(
 
 @router.post("/{job_id}/release")
 async def release_job(
-    request: Request, job_id: int, session: SessionDep, principal: UserPrincipal
+    request: Request, job_id: JobRef, session: SessionDep, principal: UserPrincipal
 ) -> JobPublic:
-    """Let a held job be scheduled again."""
+    """Let a held job (every held element of an array `42`) be scheduled again."""
     job = await _job_to_change(session, job_id, principal)
-    await svc.set_held(session, job, held=False, actor=principal.actor)
+    if arrays.names_array(job, job_id):
+        await arrays.hold_array(session, job, held=False, actor=principal.actor)
+    else:
+        await svc.set_held(session, job, held=False, actor=principal.actor)
     await session.commit()
     _notify(request, "release")
     return await _read_public(session, job, principal)
 
 
 @router.get("/{job_id}/explain")
-async def explain_job(job_id: int, session: SessionDep, principal: UserPrincipal) -> JobExplain:
+async def explain_job(job_id: JobRef, session: SessionDep, principal: UserPrincipal) -> JobExplain:
     """Why a job waits (Slurm's reason words, with numbers) and when it is expected to start,
     as the last scheduling cycle saw it."""
-    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     explained = svc.explain(job)
     hidden = await _hidden(session, principal, [job])
     explained["reasons"] = redact(explained["reasons"], hidden)
@@ -383,7 +443,7 @@ async def explain_job(job_id: int, session: SessionDep, principal: UserPrincipal
 @router.get("/{job_id}/logs")
 async def job_logs(
     request: Request,
-    job_id: int,
+    job_id: JobRef,
     session: SessionDep,
     principal: UserPrincipal,
     rank: Annotated[int, Query(ge=0, lt=512)] = 0,
@@ -400,7 +460,7 @@ async def job_logs(
     `wait_s` the call waits up to that long for new output (long poll) before answering."""
     if offset is not None and tail is not None:
         raise InvalidInput("give offset or tail, not both")
-    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     kwargs: dict[str, Any] = {
         "rank": rank,
         "attempt": attempt,
@@ -430,14 +490,14 @@ async def job_logs(
 
 @router.get("/{job_id}/events")
 async def job_events(
-    job_id: int,
+    job_id: JobRef,
     session: SessionDep,
     principal: UserPrincipal,
     cursor: Annotated[str | None, Query(max_length=24, pattern=r"^\d+$")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
 ) -> EventsPublic:
     """The job's history: every state change with who, when and why, oldest first."""
-    job = await svc.get_job(session, job_id, scope_org_id=scope_of(principal))
+    job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     after = int(cursor) if cursor is not None and int(cursor) < 2**63 else None
     rows, more = await svc.job_events(session, job.id, after_id=after, limit=limit)
     data = [EventPublic.model_validate(e) for e in rows]

@@ -28,6 +28,7 @@ from protocol.limits import (
 from protocol.script import check_script, script_command
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
+from scheduler.services.arrays import parse_array
 
 MAX_NODES = 512
 MAX_DEPENDENCIES = 64
@@ -75,6 +76,10 @@ class JobCreate(InputModel):
         default_factory=list
     )
     """`afterok`: job ids (of the same org) that must complete first."""
+    array: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """A job array, Slurm's `--array`: `0-99`, `1,3,5-11:2`, `0-99%8` (at most 8 elements
+    active at once); at most 10,000 elements. Each element is a job; the reply is the first
+    one, whose id names the array (`42`, and `42_7` for task 7, in every job route)."""
     org: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     """Org (name or id) to submit on behalf of; the caller's own org when omitted. Another org
     needs a platform admin: org admins admit only their own org (not its child orgs, whose jobs
@@ -93,6 +98,13 @@ class JobCreate(InputModel):
     def _known_class(cls, value: str) -> str:
         if value not in PRIORITY_CLASSES:
             raise ValueError(f"unknown priority class; one of {', '.join(PRIORITY_CLASSES)}")
+        return value
+
+    @field_validator("array")
+    @classmethod
+    def _array(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_array(value)
         return value
 
     @field_validator("depends_on")
@@ -167,6 +179,11 @@ class JobPublic(OutputModel):
     ended_at: datetime | None
     estimated_start_at: datetime | None
     depends_on: list[int] = Field(default_factory=list)
+    array_job_id: int | None = None
+    """The array this job is an element of (its first element's id); null: not an array."""
+    array_task_id: int | None = None
+    array_limit: int | None = None
+    """At most this many of the array's elements active at once (`%N`); null: no limit."""
     node_names: list[str] = Field(default_factory=list)
     """Where the latest attempt runs or ran, by node rank (Slurm's NODELIST); empty if pending."""
     pending_reason: JobReason | None = None

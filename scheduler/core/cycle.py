@@ -174,6 +174,9 @@ class _Cycle:
         if job.held:
             self.waits[job.job_id] = ex.fixed(ReasonCode.JOB_HELD_USER)
             return None
+        if job.array_throttled:
+            self.waits[job.job_id] = ex.fixed(ReasonCode.JOB_ARRAY_TASK_LIMIT)
+            return None
         if job.dependency == DependencyState.WAITING:
             self.waits[job.job_id] = ex.fixed(ReasonCode.DEPENDENCY)
             return None
@@ -294,6 +297,7 @@ class _Cycle:
             if (
                 known is None
                 or job.held
+                or job.array_throttled
                 or job.dependency not in _RUNNABLE
                 or (job.not_before is not None and job.not_before > self.now)
             ):

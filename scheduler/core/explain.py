@@ -56,6 +56,7 @@ def _info(
 
 _FIXED_TEXT = {
     ReasonCode.JOB_HELD_USER: "held by its user",
+    ReasonCode.JOB_ARRAY_TASK_LIMIT: "its array has as many elements active as its %limit allows",
     ReasonCode.DEPENDENCY: "waiting for its dependencies to complete",
     ReasonCode.DEPENDENCY_NEVER_SATISFIED: "a dependency ended without completing",
 }

@@ -34,6 +34,7 @@ class ReasonCode(StrEnum):
     DEPENDENCY = "Dependency"
     DEPENDENCY_NEVER_SATISFIED = "DependencyNeverSatisfied"
     JOB_HELD_USER = "JobHeldUser"
+    JOB_ARRAY_TASK_LIMIT = "JobArrayTaskLimit"  # its array's `%N` elements are active already
     BEGIN_TIME = "BeginTime"  # requeued: it may not start before its `not_before`
     BAD_CONSTRAINTS = "BadConstraints"  # no node in the cluster could ever run it
     PREEMPTING = "Preempting"  # waiting for GPUs held by jobs being preempted for it
@@ -128,6 +129,8 @@ class PendingJob:
     needs_isolation: bool = False  # its org (or one above) runs only on strict-isolation nodes
     not_before: float | None = None
     """It may not start before this time (a requeued job's backoff); None: at once."""
+    array_throttled: bool = False
+    """An array element beyond the room its array's `%N` limit leaves (the load counts it)."""
 
     @property
     def gpu_count(self) -> int:

@@ -88,6 +88,11 @@ class Job(Base):
     # Set when a preemption was decided: SIGKILL deadline for its tasks.
     preempt_deadline: Mapped[datetime | None] = mapped_column()
     borrowed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # An array's elements share `array_job_id`, the id of its first element (scheduler/
+    # services/arrays.py); `array_limit` (`%N`): at most that many of them active at once.
+    array_job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    array_task_id: Mapped[int | None] = mapped_column(Integer)
+    array_limit: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobDependency(Base):

@@ -86,14 +86,14 @@ async def find_by_idempotency_key(session: AsyncSession, user_id: int, key: str)
     )
 
 
-async def _org(session: AsyncSession, org_id: int) -> Org:
+async def get_org(session: AsyncSession, org_id: int) -> Org:
     org = await session.get(Org, org_id)
     if org is None:
         raise NotFound(f"org {org_id} not found")
     return org
 
 
-def _time_limit_s(org: Org | None, asked: int | None, default_s: int, max_s: int) -> int:
+def time_limit_of(org: Org | None, asked: int | None, default_s: int, max_s: int) -> int:
     if asked is None:
         asked = (org.default_time_limit_s if org is not None else None) or default_s
     if asked > max_s:
@@ -103,7 +103,7 @@ def _time_limit_s(org: Org | None, asked: int | None, default_s: int, max_s: int
     return asked
 
 
-async def _check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[int]) -> None:
+async def check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[int]) -> None:
     if not ids:
         return
     rows = (
@@ -236,15 +236,15 @@ async def submit_job(
             existing = await find_by_idempotency_key(session, user_id, idempotency_key)
             if existing is not None:  # a retry is answered even when a cap is now reached
                 return Submitted(existing, created=False)
-        org = await _org(session, org_id)
+        org = await get_org(session, org_id)
         await check_submission(
             session, org=org, user_id=user_id, priority_class=spec.priority_class, limits=limits
         )
     if spec.time_limit is None and org is None:
-        org = await _org(session, org_id)
+        org = await get_org(session, org_id)
     now = now or utcnow()
-    time_limit_s = _time_limit_s(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
-    await _check_dependencies(session, org_id, spec.depends_on)
+    time_limit_s = time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
+    await check_dependencies(session, org_id, spec.depends_on)
     if spec.image is not None:
         await check_image_allowed(session, org_id, spec.image)
     sealed = seal(secret_cipher, spec.secret_env) if secret_cipher and spec.secret_env else None
@@ -271,7 +271,7 @@ async def submit_job(
             if existing is None:  # say which limit, with its numbers
                 await check_submission(
                     session,
-                    org=await _org(session, org_id),
+                    org=await get_org(session, org_id),
                     user_id=user_id,
                     priority_class=spec.priority_class,
                     limits=limits,

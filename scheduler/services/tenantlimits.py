@@ -122,8 +122,10 @@ async def check_submission(
     user_id: int,
     priority_class: str,
     limits: SubmitLimits,
+    adding: int = 1,
 ) -> None:
-    """Refuse a submission over the org's priority maximum (403) or a pending cap (409)."""
+    """Refuse a submission of `adding` jobs (an array's elements) over the org's priority
+    maximum (403) or a pending cap (409)."""
     org_max = org.max_priority_class or limits.default_max_priority_class
     if PRIORITY_CLASSES[priority_class] > PRIORITY_CLASSES.get(org_max, 0):
         raise Forbidden(
@@ -133,10 +135,13 @@ async def check_submission(
         )
     user_cap = limits.max_pending_jobs_per_user
     pending = await _count_pending(session, Job.user_id, user_id, user_cap)
-    if pending >= user_cap:
+    if pending + adding > user_cap:
         raise Conflict(
             f"you have {pending} pending jobs, the most one user may have; submit again once "
-            "some have started or been cancelled",
+            "some have started or been cancelled"
+            if adding == 1
+            else f"an array of {adding} jobs would take you to {pending + adding} pending jobs; "
+            f"one user may have {user_cap} (max_pending_jobs_per_user): submit a smaller array",
             limit="max_pending_jobs_per_user",
             cap=user_cap,
             count=pending,
@@ -147,10 +152,13 @@ async def check_submission(
         else limits.max_pending_jobs_per_org
     )
     pending = await _count_pending(session, Job.org_id, org.id, org_cap)
-    if pending >= org_cap:
+    if pending + adding > org_cap:
         raise Conflict(
             f"org {org.name} has {pending} pending jobs, the most it may have; submit again "
-            "once some have started or been cancelled",
+            "once some have started or been cancelled"
+            if adding == 1
+            else f"an array of {adding} jobs would take org {org.name} to {pending + adding} "
+            f"pending jobs; it may have {org_cap} (max_pending_jobs_per_org)",
             limit="max_pending_jobs_per_org",
             org=org.name,
             cap=org_cap,

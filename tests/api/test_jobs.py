@@ -138,7 +138,8 @@ async def test_bad_requests_elsewhere(world: World) -> None:
         r = await c.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": "k" * 129})
         assert r.status_code == 422
         assert (await c.get("/v1/jobs/99999999999999999999999")).status_code in (404, 422)
-        assert (await c.get("/v1/jobs/-1")).status_code == 404
+        assert (await c.get("/v1/jobs/-1")).status_code == 422  # not a job id (nor 42_7)
+        assert (await c.get("/v1/jobs/0")).status_code == 404
         assert (await c.get("/v1/jobs/abc")).status_code == 422
         assert (await c.get("/v1/jobs?limit=0")).status_code == 422
         assert (await c.get("/v1/jobs?limit=100000")).status_code == 422

@@ -45,6 +45,8 @@ def submissions(draw: st.DrawFn) -> dict[str, Any]:
     body["workdir"] = draw(st.none() | st.text(max_size=8) | _sized)
     body["image"] = draw(st.none() | st.text(max_size=8) | _sized)
     body["time_limit"] = draw(st.none() | st.integers(-1, 2**32))
+    # A batch script is sent inside the argv: script and arguments must fit one exec together.
+    body["script"] = draw(st.none() | (st.text(max_size=8) | _sized).map("#!/bin/sh\n".__add__))
     body["nodes"] = draw(st.integers(1, 3))
     return body
 
@@ -59,7 +61,7 @@ def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
         org_id=7,
         user_id=3,
         actor="user:test",
-        spec=JobSpec(**create.model_dump(exclude={"org"})),
+        spec=JobSpec(**create.model_dump(exclude={"org", "array"})),
         idempotency_key=None,
         time_limit_s=create.time_limit or 3600,
         now=datetime.now(UTC),

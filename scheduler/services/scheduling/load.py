@@ -82,6 +82,7 @@ class _Fetched:
     closed: Rows
     quotas: Rows
     orgs: Rows
+    array_active: Rows = ()  # (array_job_id, active elements) of arrays with a `%N` limit
 
 
 async def _rows(conn: AsyncConnection, stmt: Executable) -> Rows:
@@ -143,9 +144,19 @@ _PENDING = (
         Job.held,
         Job.priority.is_not(None),
         epoch_s(Job.not_before),
+        Job.array_job_id,
+        Job.array_limit,
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
+)
+_ARRAY_ACTIVE = (
+    select(Job.array_job_id, func.count())
+    .where(
+        Job.state.in_([JobState.STARTING, JobState.RUNNING]),
+        Job.array_limit.is_not(None),
+    )
+    .group_by(Job.array_job_id)
 )
 _USAGE = select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds, epoch_s(OrgUsage.as_of))
 _QUOTAS = select(Quota.org_id, Quota.gpu_type, Quota.guaranteed, Quota.limit)
@@ -203,8 +214,20 @@ async def _fetch(session: AsyncSession, previously_open: frozenset[int] | None) 
         closed = await _rows(conn, _closed_stmt(None, since))
     quotas = await _rows(conn, _QUOTAS)
     orgs = await _rows(conn, _ORGS)
+    limited = any(row[15] is not None for row in pending)
+    array_active = await _rows(conn, _ARRAY_ACTIVE) if limited else []
     return _Fetched(
-        nodes, gpus, held, running_jobs, dependencies, pending, usage, closed, quotas, orgs
+        nodes,
+        gpus,
+        held,
+        running_jobs,
+        dependencies,
+        pending,
+        usage,
+        closed,
+        quotas,
+        orgs,
+        array_active,
     )
 
 
@@ -323,6 +346,10 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
     deps = _dependencies(fetched)
     isolated = isolated_orgs((row[0], row[2], row[4]) for row in fetched.orgs)
     none = DependencyState.NONE
+    runnable = (DependencyState.NONE, DependencyState.SATISFIED)
+    # Room each limited array has for more active elements; its pending elements take it in
+    # id (= task) order, and those beyond it wait as JobArrayTaskLimit.
+    array_room = {array_job_id: -active for array_job_id, active in fetched.array_active}
     pending: list[PendingJob] = []
     explained: set[int] = set()
     for (
@@ -340,7 +367,15 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         held,
         has_priority,
         not_before_s,
+        array_job_id,
+        array_limit,
     ) in fetched.pending:
+        dependency = deps.get(job_id, none)
+        throttled = False
+        if array_limit is not None and not held and dependency in runnable:
+            room = array_room.get(array_job_id, 0) + array_limit
+            throttled = room <= 0
+            array_room[array_job_id] = array_room.get(array_job_id, 0) - (0 if throttled else 1)
         pending.append(
             PendingJob(
                 job_id=job_id,
@@ -355,9 +390,10 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 priority_class=priority_class,
                 preemptible=preemptible,
                 held=held,
-                dependency=deps.get(job_id, none),
+                dependency=dependency,
                 needs_isolation=org_id in isolated,
                 not_before=not_before_s,
+                array_throttled=throttled,
             )
         )
         if has_priority:

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from cryptography.fernet import MultiFernet
 from pydantic import ValidationError
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
@@ -21,6 +21,7 @@ from scheduler.db import Allocation, Gpu, Job, Org, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
 from scheduler.secretenv import SecretsUnreadable, settings_cipher, unseal
+from scheduler.services.arrays import array_env
 from scheduler.services.scheduling.tasks import ACTIVE_STATES
 from scheduler.settings import Settings
 
@@ -133,6 +134,20 @@ async def _task_specs(
         ):
             if gang_jobs.get(job_id) == attempt:
                 masters[job_id] = address
+    array_ids = {j.array_job_id for _, j in pairs if j.array_job_id is not None}
+    array_stats: dict[int, tuple[int, int, int]] = {}
+    if array_ids:
+        for array_job_id, count, low, high in await session.execute(  # all non-NULL here
+            select(
+                Job.array_job_id,
+                func.count(),
+                func.min(Job.array_task_id),
+                func.max(Job.array_task_id),
+            )
+            .where(Job.array_job_id.in_(array_ids))
+            .group_by(Job.array_job_id)
+        ):
+            array_stats[array_job_id] = (count, low, high)  # type: ignore[index,assignment]
     org_ids = {j.org_id for _, j in pairs}
     orgs = dict((await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).all())
     specs: list[TaskSpec] = []
@@ -146,6 +161,7 @@ async def _task_specs(
                     gpus=sorted(gpus.get(task.id, [])),
                     master_addr=masters.get(job.id),
                     secret_cipher=secret_cipher,
+                    array_stats=array_stats.get(job.array_job_id or 0),
                 )
             )
         except ValidationError as error:
@@ -163,11 +179,13 @@ def task_spec(
     gpus: list[tuple[int, str]],
     master_addr: str | None,
     secret_cipher: MultiFernet | None = None,
+    array_stats: tuple[int, int, int] | None = None,
 ) -> TaskSpec:
     """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
 
     The job's secret_env is decrypted here, the one place it is ever in clear on the server,
-    and sent in the spec's `env` (the agent keeps no copy of `env` on disk).
+    and sent in the spec's `env` (the agent keeps no copy of `env` on disk). An array's
+    element also gets FAIRGPU_ARRAY_* from `array_stats`: (count, min, max) of its task ids.
 
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
     other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
@@ -176,6 +194,7 @@ def task_spec(
     gang = job.num_nodes > 1
     env = dict(job.env or {})
     env.update(unseal(secret_cipher, job.secret_env_ciphertext or {}))
+    env.update(array_env(job, array_stats))
     return TaskSpec(
         task_id=task.id,
         job_id=job.id,
