@@ -16,6 +16,10 @@ import typer
 from typer import _click as click  # the click typer vendors (since 0.2x): its groups take these
 from typer.core import TyperCommand, TyperGroup
 
+from cli import coercion
+
+coercion.install()
+
 
 @dataclass(frozen=True, slots=True)
 class Lazy:

@@ -3,12 +3,15 @@
 A real `fairgpu server` on a temporary SQLite (started by `cli.demo.cluster`, one simulated node
 so that the cluster is a real one); then `fairgpu --help`, `fairgpu submit --hold` and
 `fairgpu queue` (with `queue_jobs` held jobs in it) each run `runs` times as fresh processes,
-as a user would type them. Figures are wall seconds from spawn to exit.
+as a user would type them. Figures are wall seconds from spawn to exit, and each command's CPU
+seconds (user + system, `*_cpu`): on a shared machine the wall time is mostly other people's
+work, while the CPU time is what the command itself costs.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -22,13 +25,26 @@ from cli.demo import cluster, fairgpu_command
 from scheduler.bench.latency import GPU_MODEL, setup_org, summarise
 
 
-def _timed(argv: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[-3:])}: exit {done.returncode}: {done.stderr[:200]}")
-    return elapsed
+def _cpu_s() -> float:
+    """CPU seconds of the children waited for so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def _timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of `runs` runs of `argv`."""
+    wall: list[float] = []
+    cpu: list[float] = []
+    for _ in range(runs):
+        cpu_before = _cpu_s()
+        started = time.perf_counter()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        wall.append(time.perf_counter() - started)
+        cpu.append(_cpu_s() - cpu_before)
+        if done.returncode != 0:
+            command = " ".join(argv[-3:])
+            raise RuntimeError(f"{command}: exit {done.returncode}: {done.stderr[:200]}")
+    return wall, cpu
 
 
 def run_cli_bench(*, runs: int = 10, queue_jobs: int = 100) -> dict[str, Any]:
@@ -53,11 +69,13 @@ def run_cli_bench(*, runs: int = 10, queue_jobs: int = 100) -> dict[str, Any]:
                     r = member.post("/v1/jobs", json=body)
                     if r.status_code != 201:
                         raise RuntimeError(f"submit: {r.status_code} {r.text[:200]}")
-            figures = {
-                "help": [_timed([*fairgpu, "--help"], env) for _ in range(runs)],
-                "submit_hold": [_timed(submit, env) for _ in range(runs)],
-                "queue": [_timed([*fairgpu, "queue", "-t", "PENDING"], env) for _ in range(runs)],
-            }
+            figures: dict[str, list[float]] = {}
+            for name, argv in (
+                ("help", [*fairgpu, "--help"]),
+                ("submit_hold", submit),
+                ("queue", [*fairgpu, "queue", "-t", "PENDING"]),
+            ):
+                figures[name], figures[f"{name}_cpu"] = _timed(argv, env, runs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
