@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from api.deps import AutocommitAgentPrincipal, SessionDep, parse_bearer
+from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep, parse_bearer
 from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
 from scheduler.services import agents as svc
 from scheduler.services.errors import Unauthenticated
@@ -51,7 +51,10 @@ async def register(request: Request, body: AgentRegister, session: SessionDep) -
 
 @router.post("/heartbeat", response_model=HeartbeatReply)
 async def heartbeat(
-    request: Request, body: Heartbeat, principal: AutocommitAgentPrincipal
+    request: Request,
+    body: Heartbeat,
+    principal: AutocommitAgentPrincipal,
+    auth_session: AutocommitSessionDep,
 ) -> Response:
     """GPU samples, task states and log chunks in; tasks to start and to stop out.
 
@@ -61,6 +64,8 @@ async def heartbeat(
     the database within `heartbeat_flush_interval_s` (scheduler/services/heartbeat/buffer.py).
     """
     assert principal.node_id is not None
+    # Authentication is done: its connection goes back to the pool, not held with the request.
+    await auth_session.close()
     heartbeats: Heartbeats = request.app.state.heartbeats
     caller = Caller(
         node_id=principal.node_id,

@@ -161,3 +161,28 @@ async def test_stop_before_the_agent_reported_the_task_ends_it_at_once(cluster: 
     async with cluster.sessionmaker() as session:
         report_ = await check_invariants(session)
     assert report_.ok, report_.violations
+
+
+async def test_held_heartbeats_hold_no_pooled_connection(database_url: str) -> None:
+    # Routed (no direct route): authentication's session must not stay checked out while the
+    # heartbeat is held, or a few idle nodes would take the whole pool.
+    async with running_cluster(fast_settings(database_url, hot_paths=False)) as cluster:
+        join = await cluster.join_token()
+        credentials = [(await cluster.register(join, gpus=1))["credential"] for _ in range(12)]
+        for credential in credentials:
+            await cluster.heartbeat(credential)  # each node's first heartbeat is not quiet
+        pool = cluster.app.state.engine.pool
+        idle = pool.checkedout()
+        held = [
+            asyncio.create_task(cluster.heartbeat(credential, wait_s=3))
+            for credential in credentials
+        ]
+        await asyncio.sleep(0.5)
+        fewest = len(credentials)
+        for _ in range(20):  # the long-poll's short rechecks come and go (PostgreSQL)
+            fewest = min(fewest, pool.checkedout() - idle)
+            await asyncio.sleep(0.02)
+        assert not any(task.done() for task in held)
+        assert fewest < len(credentials) // 2, fewest  # each held request would pin one
+        await asyncio.wait_for(cluster.call("GET", "/v1/jobs", cluster.admin), 5)
+        await asyncio.wait_for(asyncio.gather(*held), 10)
