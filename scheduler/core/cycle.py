@@ -3,7 +3,9 @@
 Pass 1 walks pending jobs in priority order and starts those that fit in their org's guarantee;
 an in-quota job that does not fit reclaims (preemption) or gets a backfill reservation. Pass 2
 lends what is still free to preemptible jobs beyond their guarantee, org by org in order of
-weighted share (lowest first). Then every job left waiting gets its reasons and an estimated start.
+weighted share (lowest first). Every job left waiting has a `Wait` (its cause); its reasons with
+numbers and its estimated start are built when the decisions' `pending` is first read. The order
+of pass 1 comes from `scheduler.core.order`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import deque
 from scheduler.core.backfill import Reservations
 from scheduler.core.capacity import FreeIndex, Layout
 from scheduler.core.explain import BuiltOnRead, CycleState, Ended, Explainer, Wait
+from scheduler.core.order import priority_order
 from scheduler.core.preempt import Plan, Preemptor
 from scheduler.core.quota import OrgBooks
 from scheduler.core.types import (
@@ -118,53 +121,6 @@ class _Cycle:
         self._static_full: dict[
             tuple[int, str | None, str | None, int, int, bool], tuple[str, ...] | Wait
         ] = {}
-
-    # -- ordering ----------------------------------------------------------------------------
-
-    def order(self) -> list[tuple[PendingJob, float]]:
-        cfg, now = self.cfg, self.now
-        pending = self.snap.pending
-        if cfg.ordering == "fifo":
-            jobs = sorted(pending, key=lambda j: (j.submitted_at, j.job_id))
-            return [(j, 0.0) for j in jobs]
-        classes = cfg.priority_classes
-        top = max(classes.values(), default=1) or 1
-        total = sum(self.index.capacity.values()) or 1
-        factor = self.factor
-        w_fs, w_cls, w_age, w_size = (
-            cfg.weight_fairshare,
-            cfg.weight_class,
-            cfg.weight_age,
-            cfg.weight_size,
-        )
-        age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
-        fs = {o: w_fs * f for o, f in factor.items()}
-        cls = {c: w_cls * v / top for c, v in classes.items()}
-        age_w = w_age / age_max
-        size_w = w_size / total
-        fs_get, cls_get = fs.get, cls.get
-        # priority = fair share + class + age + size, summed in that order; sorted by
-        # (-priority, submitted_at, job_id, position).
-        keyed = [
-            (
-                -(
-                    fs_get(j.org_id, 0.0)
-                    + cls_get(j.priority_class, 0.0)
-                    + (
-                        w_age
-                        if (age := now - j.submitted_at) >= age_max
-                        else (age * age_w if age > 0 else 0.0)
-                    )
-                    + (w_size if (size := j.gpus_per_node * j.nodes) >= total else size * size_w)
-                ),
-                j.submitted_at,
-                j.job_id,
-                i,
-            )
-            for i, j in enumerate(pending)
-        ]
-        keyed.sort()
-        return [(pending[x[3]], -x[0]) for x in keyed]
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -277,7 +233,9 @@ class _Cycle:
     # -- passes ------------------------------------------------------------------------------
 
     def run(self) -> Decisions:
-        order = self.order()
+        order = priority_order(
+            self.snap.pending, self.cfg, self.now, self.factor, sum(self.index.capacity.values())
+        )
         deferred: dict[int, deque[tuple[PendingJob, tuple[str, ...]]]] = {}
         depth = self.cfg.backfill_depth
         waits = self.waits
