@@ -263,13 +263,14 @@ class DirectRoutes:
             or create.image is not None
             or create.secret_env
             or create.array is not None
+            or create.dependency is not None
         ):
             # Another org, dependencies, the org's default limit, an image to check against
             # the org's allow-list, secrets to encrypt, an array's elements: the ordinary route.
             return False
         if create.time_limit > settings.max_time_limit_s:
             return False
-        spec = JobSpec(**create.model_dump(exclude={"org", "array"}))
+        spec = JobSpec(**create.spec_fields())
         values, event = submission_rows(
             org_id=principal.org_id,
             user_id=principal.user_id,

@@ -43,6 +43,11 @@ COMMANDS: dict[str, Lazy] = {
         "Cancel jobs: pending ones at once, running ones after SIGTERM and the grace period.",
     ),
     "hold": Lazy("cli.jobs", "hold", "Keep pending jobs from starting until released."),
+    "update": Lazy(
+        "cli.jobs",
+        "update",
+        "Change a pending job (or every pending task of an array): time limit, name, hold.",
+    ),
     "release": Lazy("cli.jobs", "release", "Let held jobs be scheduled again."),
     "history": Lazy(
         "cli.history", "history", "Finished jobs, like sacct: state, exit code, run time, GPUs."

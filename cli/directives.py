@@ -44,6 +44,8 @@ _FAIRGPU: dict[str, Option] = {
     "--site": Option("site"),
     "--mem": Option("mem"),
     "--after": Option("after"),
+    "-d": Option("dependency"),
+    "--dependency": Option("dependency"),
     "--hold": Option("hold", takes_value=False),
     "-a": Option("array"),
     "--array": Option("array"),

@@ -28,7 +28,7 @@ from cli.output import (
     relative,
     render,
 )
-from cli.parse import format_memory
+from cli.parse import format_memory, parse_duration
 
 ACTIVE_STATES = ("PENDING", "STARTING", "RUNNING")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
@@ -264,7 +264,10 @@ def describe(
         ("RunTime", elapsed(job.get("started_at"), job.get("ended_at"), now)),
         ("ExitCode", job.get("exit_code")),
         ("Requeued", job.get("requeue_count", 0)),
-        ("DependsOn", ",".join(str(d) for d in job.get("depends_on") or []) or None),
+        (
+            "Dependency",
+            job.get("dependency") or ",".join(str(d) for d in job.get("depends_on") or []) or None,
+        ),
         ("Command", " ".join(job["command"])),
         ("Script", "yes (fairgpu describe --script)" if job.get("script") else None),
         ("Image", job.get("image")),
@@ -354,3 +357,29 @@ def hold(job_ids: JobsArg) -> None:
 def release(job_ids: JobsArg) -> None:
     """Let held jobs be scheduled again."""
     _act("release", "release", job_ids, "Released job {id}")
+
+
+def update(
+    job_id: JobArg,
+    time_limit: Annotated[
+        str | None,
+        typer.Option("--time", "-t", help="New time limit (members may only lower it)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--job-name", "-J", help="New name.")] = None,
+    hold: Annotated[
+        bool | None, typer.Option("--hold/--release", help="Hold it, or release it.")
+    ] = None,
+) -> None:
+    """Change a pending job (or every pending task of an array): time limit, name, hold."""
+    body: dict[str, Any] = {}
+    if time_limit is not None:
+        body["time_limit"] = parse_duration(time_limit)
+    if name is not None:
+        body["name"] = name
+    if hold is not None:
+        body["hold"] = hold
+    if not body:
+        fail("nothing to change: give --time, --job-name, --hold or --release", 2)
+    with connect() as client:
+        job = client.patch(f"/v1/jobs/{job_id}", body)
+    typer.echo(f"Updated job {job_id} (time limit {human_duration(job['time_limit_s'])})")

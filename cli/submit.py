@@ -81,6 +81,15 @@ def submit(
         list[int] | None, typer.Option("--after", help="Start after job N completed (afterok).")
     ] = None,
     hold: Annotated[bool, typer.Option("--hold", help="Submit held (see `release`).")] = False,
+    dependency: Annotated[
+        str | None,
+        typer.Option(
+            "--dependency",
+            "-d",
+            help="afterok:JOB[:JOB...], afterany:JOB, afternotok:JOB, singleton (same name in "
+            "your org), joined by commas.",
+        ),
+    ] = None,
     array: Annotated[
         str | None,
         typer.Option(
@@ -97,7 +106,7 @@ def submit(
     `fairgpu submit train.sh ARGS` submits a batch script (it must start with `#!`): its leading
     comments may hold `#FAIRGPU` lines with these options (`#FAIRGPU -G H100:8 -t 4h`) and the
     common `#SBATCH` ones (--gres, --gpus-per-node, -N, -t, -J, -A, --mem, -D, -H, -a/--array,
-    -d afterok:N; -o and -e are ignored). Options given here win over the script's. The node
+    -d/--dependency; -o and -e are ignored). Options given here win over the script's. The node
     runs the script's interpreter on its text, with ARGS as $1...; `describe --script` shows it.
     """
     body: dict[str, Any] = {}
@@ -153,6 +162,10 @@ def submit(
         value = given(key, value)
         if value is not None:
             body[key] = value
+    if ctx.get_parameter_source("dependency") is _COMMANDLINE:
+        body["dependency"] = dependency
+    elif "dependency" in directives.values:
+        body["dependency"] = ",".join(directives.values["dependency"])
     array_text = given("array", array)
     if array_text is not None:
         body["array"] = array_text
@@ -214,18 +227,7 @@ def _many(ctx: typer.Context, param: str, value: list[str] | None, found: Direct
 
 
 def _after(ctx: typer.Context, after: list[int] | None, found: Directives) -> list[int]:
-    """Job ids to wait for: `--after` here, else the script's `--after` and `-d afterok:N`."""
+    """Job ids to wait for (afterok): `--after` here, else the script's `--after`."""
     if ctx.get_parameter_source("after") is _COMMANDLINE:
         return after or []
-    ids: list[int] = []
-    for text in found.values.get("after", []):
-        ids.append(_int(text, "--after"))
-    for text in found.values.get("dependency", []):
-        for item in text.split(","):
-            kind, _, jobs = item.partition(":")
-            if kind != "afterok" or not jobs:
-                raise typer.BadParameter(
-                    f"{item!r}: only afterok:JOB[:JOB...] is understood", param_hint="'-d'"
-                )
-            ids.extend(_int(job, "-d") for job in jobs.split(":"))
-    return ids
+    return [_int(text, "--after") for text in found.values.get("after", [])]

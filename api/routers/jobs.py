@@ -34,11 +34,12 @@ from api.schemas.jobs import (
     JobPublic,
     JobReason,
     JobsPublic,
+    JobUpdate,
 )
 from protocol.states import JobState
 from scheduler.db import Job, Org, User
 from scheduler.secretenv import masked, settings_cipher
-from scheduler.services import arrays
+from scheduler.services import arrays, dependencies, jobupdate
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
@@ -197,7 +198,7 @@ async def submit_job(
     org_id = await _submit_org(session, principal, body.org)
     key = checked_idempotency_key(idempotency_key)
     settings: Settings = request.app.state.settings
-    spec = svc.JobSpec(**body.model_dump(exclude={"org", "array"}))
+    spec = svc.JobSpec(**body.spec_fields())
     if body.array is not None:
         return await _submit_array(request, body.array, spec, org_id, principal, key)
     try:
@@ -360,7 +361,33 @@ async def get_job(job_id: JobRef, session: SessionDep, principal: UserPrincipal)
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     public = await _read_public(session, job, principal)
     public.script = await session.scalar(select(Job.script).where(Job.id == job.id))
+    public.dependency = await dependencies.dependency_text(session, job)
     return public
+
+
+@router.patch("/{job_id}")
+async def update_job(
+    request: Request, job_id: JobRef, body: JobUpdate, session: SessionDep, principal: UserPrincipal
+) -> JobPublic:
+    """Change a pending job's time limit, name or hold; an array's id (`42`) changes every
+    pending task of the array. A member may only lower a time limit (403 otherwise); org and
+    platform admins may raise it up to the server's maximum. A job that is not pending: 409."""
+    job = await _job_to_change(session, job_id, principal)
+    settings: Settings = request.app.state.settings
+    await jobupdate.update_job(
+        session,
+        job,
+        whole_array=arrays.names_array(job, job_id),
+        time_limit_s=body.time_limit,
+        name=body.name,
+        hold=body.hold,
+        may_raise_time=principal.can_admin_org(job.org_id),
+        max_time_limit_s=settings.max_time_limit_s,
+        actor=principal.actor,
+    )
+    await session.commit()
+    _notify(request, "update")
+    return await _read_public(session, job, principal)
 
 
 async def _job_to_change(session: SessionDep, job_id: str, principal: Principal) -> Job:
@@ -435,6 +462,12 @@ async def explain_job(job_id: JobRef, session: SessionDep, principal: UserPrinci
     as the last scheduling cycle saw it."""
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     explained = svc.explain(job)
+    waits_on = await dependencies.unmet(session, job) if job.state is JobState.PENDING else {}
+    for reason in explained["reasons"]:
+        if reason["code"] in ("Dependency", "DependencyNeverSatisfied") and waits_on:
+            listed = ", ".join(f"{dep} ({state})" for dep, state in waits_on.items())
+            reason["message"] = f"{reason['message']}: {listed}"
+            reason["details"] = {**reason["details"], **waits_on}
     hidden = await _hidden(session, principal, [job])
     explained["reasons"] = redact(explained["reasons"], hidden)
     return JobExplain.model_validate(explained)

@@ -29,6 +29,7 @@ from protocol.script import check_script, script_command
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
 from scheduler.services.arrays import parse_array
+from scheduler.services.dependencies import AFTEROK, Dependencies, parse_dependency
 
 MAX_NODES = 512
 MAX_DEPENDENCIES = 64
@@ -76,6 +77,10 @@ class JobCreate(InputModel):
         default_factory=list
     )
     """`afterok`: job ids (of the same org) that must complete first."""
+    dependency: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    """Slurm's `--dependency`: `afterok:12:13,afterany:14,afternotok:15,singleton` (jobs of the
+    same org). `afterany` waits for any end, `afternotok` for an end other than COMPLETED,
+    `singleton` for every earlier job of the org with this job's name to end."""
     array: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """A job array, Slurm's `--array`: `0-99`, `1,3,5-11:2`, `0-99%8` (at most 8 elements
     active at once); at most 10,000 elements. Each element is a job; the reply is the first
@@ -99,6 +104,23 @@ class JobCreate(InputModel):
         if value not in PRIORITY_CLASSES:
             raise ValueError(f"unknown priority class; one of {', '.join(PRIORITY_CLASSES)}")
         return value
+
+    @field_validator("dependency")
+    @classmethod
+    def _dependency(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_dependency(value)
+        return value
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The keyword arguments of the job's `JobSpec` (scheduler/services/jobs.py)."""
+        fields = self.model_dump(exclude={"org", "array", "dependency"})
+        parsed = parse_dependency(self.dependency) if self.dependency else Dependencies()
+        kinds = {**dict.fromkeys(self.depends_on, AFTEROK), **parsed.kinds}
+        fields["depends_on"] = sorted(kinds)
+        fields["dependency_kinds"] = {i: k for i, k in kinds.items() if k != AFTEROK}
+        fields["singleton"] = parsed.singleton
+        return fields
 
     @field_validator("array")
     @classmethod
@@ -131,6 +153,16 @@ class JobCreate(InputModel):
         if self.secret_env:
             check_env_with_secrets(self.env, self.secret_env)
         return self
+
+
+class JobUpdate(InputModel):
+    """Changes to a pending job (every pending task of an array `42`); omitted: unchanged."""
+
+    time_limit: Annotated[DurationS, Field(le=MAX_TIME_LIMIT_S)] | None = None
+    """Members may only lower it; org and platform admins may raise it up to the maximum."""
+    name: Name | None = None
+    hold: bool | None = None
+    """True holds it (`JobHeldUser`), False releases it."""
 
 
 class JobReason(OutputModel):
@@ -179,6 +211,10 @@ class JobPublic(OutputModel):
     ended_at: datetime | None
     estimated_start_at: datetime | None
     depends_on: list[int] = Field(default_factory=list)
+    """Every job it waits for, whatever the kind (the kinds: `dependency`)."""
+    dependency: str | None = None
+    """Its dependencies in Slurm's words (`afterok:12,afterany:14,singleton`): in the reply of
+    `GET /v1/jobs/{id}` only, null elsewhere."""
     array_job_id: int | None = None
     """The array this job is an element of (its first element's id); null: not an array."""
     array_task_id: int | None = None

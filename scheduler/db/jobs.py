@@ -93,10 +93,14 @@ class Job(Base):
     array_job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     array_task_id: Mapped[int | None] = mapped_column(Integer)
     array_limit: Mapped[int | None] = mapped_column(Integer)
+    # Slurm's `singleton`: it starts only once no earlier job of its org with its name is
+    # pending or active.
+    singleton: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class JobDependency(Base):
-    """`afterok`: the job may start only once `depends_on_id` has COMPLETED."""
+    """The job may start only once `depends_on_id` has ended as `kind` asks: `afterok`
+    (COMPLETED), `afterany` (ended at all), `afternotok` (ended other than COMPLETED)."""
 
     __tablename__ = "job_dependencies"
 
@@ -106,6 +110,7 @@ class JobDependency(Base):
     depends_on_id: Mapped[int] = mapped_column(
         BigId, ForeignKey("jobs.id", ondelete="RESTRICT"), primary_key=True, index=True
     )
+    kind: Mapped[str] = mapped_column(String(16), default="afterok", server_default="afterok")
 
 
 class Task(Base):

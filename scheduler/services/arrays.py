@@ -28,6 +28,7 @@ from scheduler.db import Event, Job, JobDependency
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
 from scheduler.services import jobs as svc
+from scheduler.services.dependencies import AFTEROK
 from scheduler.services.errors import Conflict, NotFound, SecretsNotConfigured
 from scheduler.services.tenantlimits import SubmitLimits, check_submission
 
@@ -111,7 +112,7 @@ async def submit_array(
     )
     now = now or utcnow()
     time_limit_s = svc.time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
-    await svc.check_dependencies(session, org_id, spec.depends_on)
+    await svc.check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
         await svc.check_image_allowed(session, org_id, spec.image)
     sealed = seal(secret_cipher, spec.secret_env) if secret_cipher and spec.secret_env else None
@@ -152,10 +153,14 @@ async def submit_array(
         )
     )
     for depends_on_id in spec.depends_on:
+        kind = spec.dependency_kinds.get(depends_on_id, AFTEROK)
         await session.execute(
             insert(_DEPS).from_select(
-                ["job_id", "depends_on_id"],
-                elements.add_columns(literal(depends_on_id, _DEPS.c.depends_on_id.type)),
+                ["job_id", "depends_on_id", "kind"],
+                elements.add_columns(
+                    literal(depends_on_id, _DEPS.c.depends_on_id.type),
+                    literal(kind, _DEPS.c.kind.type),
+                ),
             )
         )
     job = await session.get(Job, first_id)

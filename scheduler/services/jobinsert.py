@@ -23,6 +23,7 @@ async def insert_job(
     params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
     params.update({f"e_{k}": v for k, v in event.items()})
     params["deps"] = []
+    params["dep_kinds"] = []
     params.update(guard)
     job_id: int | None = await pool.run("fetchval", _INSERT_JOB.sql, *_INSERT_JOB.args(params))
     return job_id

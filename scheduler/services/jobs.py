@@ -19,7 +19,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import ARRAY, BigInteger, Table, bindparam, func, insert, select
+from sqlalchemy import ARRAY, BigInteger, String, Table, bindparam, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +27,7 @@ from protocol.states import JobState
 from scheduler.db import Event, Job, JobDependency, Org, Task
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
+from scheduler.services.dependencies import AFTEROK, met
 from scheduler.services.errors import (
     Conflict,
     Forbidden,
@@ -45,9 +46,6 @@ from scheduler.services.tenantlimits import (
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
 _DEPS: Table = JobDependency.__table__  # type: ignore[assignment]
-
-# Afterok dependencies that ended like this can never be met.
-_DEAD_ENDS = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +70,9 @@ class JobSpec:
     preemptible: bool = False
     hold: bool = False
     depends_on: list[int] = field(default_factory=list)
+    """Every job it waits for; `afterok` unless `dependency_kinds` says otherwise."""
+    dependency_kinds: dict[int, str] = field(default_factory=dict)
+    singleton: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +104,14 @@ def time_limit_of(org: Org | None, asked: int | None, default_s: int, max_s: int
     return asked
 
 
-async def check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[int]) -> None:
+async def check_dependencies(
+    session: AsyncSession, org_id: int, ids: Sequence[int], kinds: dict[int, str] | None = None
+) -> None:
+    """Refuse unknown jobs and dependencies that can no longer be met (`kinds`: the ones that
+    are not `afterok`)."""
     if not ids:
         return
+    kinds = kinds or {}
     rows = (
         await session.execute(select(Job.id, Job.org_id, Job.state).where(Job.id.in_(ids)))
     ).all()
@@ -113,9 +119,11 @@ async def check_dependencies(session: AsyncSession, org_id: int, ids: Sequence[i
     unknown = [i for i in ids if i not in found]
     if unknown:
         raise InvalidInput(f"unknown job id(s) in depends_on: {unknown}", unknown=unknown)
-    dead = [i for i in ids if found[i].state in _DEAD_ENDS]
+    dead = [i for i in ids if met(kinds.get(i, AFTEROK), found[i].state) is False]
     if dead:
-        raise InvalidInput(f"depends_on job(s) {dead} ended without completing", ended=dead)
+        raise InvalidInput(
+            f"depends_on job(s) {dead} ended so that the dependency can never be met", ended=dead
+        )
 
 
 async def check_image_allowed(session: AsyncSession, org_id: int, image: str) -> None:
@@ -182,6 +190,7 @@ def submission_rows(
         "submitted_at": now,
         "requeue_count": 0,
         "borrowed": False,
+        "singleton": spec.singleton,
         # The same on every node of the gang (FAIRGPU_JOB_SECRET); never shown by the API.
         "job_secret": secrets.token_urlsafe(32),
     }
@@ -244,7 +253,7 @@ async def submit_job(
         org = await get_org(session, org_id)
     now = now or utcnow()
     time_limit_s = time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
-    await check_dependencies(session, org_id, spec.depends_on)
+    await check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
         await check_image_allowed(session, org_id, spec.image)
     sealed = seal(secret_cipher, spec.secret_env) if secret_cipher and spec.secret_env else None
@@ -260,7 +269,11 @@ async def submit_job(
     )
     if postgres:
         job_id = await _insert_job_and_event_pg(
-            session, values, event, spec.depends_on, guard_params(spec.priority_class, limits)
+            session,
+            values,
+            event,
+            [(d, spec.dependency_kinds.get(d, AFTEROK)) for d in spec.depends_on],
+            guard_params(spec.priority_class, limits),
         )
         if job_id is None:  # a job with this key exists (a retry), or a limit was just reached
             existing = (
@@ -283,7 +296,10 @@ async def submit_job(
     session.add(job)
     await session.flush()
     session.add(Event(job_id=job.id, **event))
-    session.add_all(JobDependency(job_id=job.id, depends_on_id=d) for d in spec.depends_on)
+    session.add_all(
+        JobDependency(job_id=job.id, depends_on_id=d, kind=spec.dependency_kinds.get(d, AFTEROK))
+        for d in spec.depends_on
+    )
     await session.flush()
     return Submitted(job, created=True)
 
@@ -292,7 +308,7 @@ JOB_INSERT_FIELDS = (
     "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
-    "job_secret", "secret_env_ciphertext", "script",
+    "job_secret", "secret_env_ciphertext", "script", "singleton",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 
@@ -323,8 +339,13 @@ def _build_submit_statement() -> Any:
     deps_cte = (
         insert(_DEPS)
         .from_select(
-            ["job_id", "depends_on_id"],
-            select(job_cte.c.id, func.unnest(bindparam("deps", type_=ARRAY(BigInteger)))),
+            ["job_id", "depends_on_id", "kind"],
+            # Two arrays unnested side by side in the select list go in lockstep.
+            select(
+                job_cte.c.id,
+                func.unnest(bindparam("deps", type_=ARRAY(BigInteger))),
+                func.unnest(bindparam("dep_kinds", type_=ARRAY(String))),
+            ),
         )
         .returning(_DEPS.c.job_id)
         .cte("new_deps")
@@ -339,7 +360,7 @@ async def _insert_job_and_event_pg(
     session: AsyncSession,
     values: dict[str, Any],
     event: dict[str, Any],
-    depends_on: list[int],
+    depends_on: list[tuple[int, str]],
     guard: dict[str, Any],
 ) -> int | None:
     """The job row, its PENDING event and its dependencies in one statement: one round trip,
@@ -350,7 +371,8 @@ async def _insert_job_and_event_pg(
     """
     params: dict[str, Any] = {f"j_{k}": v for k, v in values.items()}
     params.update({f"e_{k}": v for k, v in event.items()})
-    params["deps"] = list(depends_on)
+    params["deps"] = [job_id for job_id, _ in depends_on]
+    params["dep_kinds"] = [kind for _, kind in depends_on]
     params.update(guard)
     job_id: int | None = await session.scalar(SUBMIT_PG, params)
     return job_id

@@ -61,7 +61,7 @@ def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
         org_id=7,
         user_id=3,
         actor="user:test",
-        spec=JobSpec(**create.model_dump(exclude={"org", "array"})),
+        spec=JobSpec(**create.spec_fields()),
         idempotency_key=None,
         time_limit_s=create.time_limit or 3600,
         now=datetime.now(UTC),

@@ -32,6 +32,7 @@ from scheduler.db import Allocation, Gpu, Job, JobDependency, OrgUsage, Quota, S
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
 from scheduler.services.accounting import HeldInterval, fold_usage
+from scheduler.services.dependencies import met
 from scheduler.services.scheduling.sqltime import epoch_s
 from scheduler.settings import Settings
 from scheduler.states import NodeState
@@ -83,6 +84,8 @@ class _Fetched:
     quotas: Rows
     orgs: Rows
     array_active: Rows = ()  # (array_job_id, active elements) of arrays with a `%N` limit
+    singletons: Rows = ()  # (id, org, name) of pending singleton jobs
+    named: Rows = ()  # (id, org, name) of jobs not ended with a singleton's name, by id
 
 
 async def _rows(conn: AsyncConnection, stmt: Executable) -> Rows:
@@ -158,6 +161,22 @@ _ARRAY_ACTIVE = (
     )
     .group_by(Job.array_job_id)
 )
+_SINGLETONS = select(Job.id, Job.org_id, Job.name).where(
+    Job.state == JobState.PENDING, Job.singleton.is_(True)
+)
+
+
+def _named_stmt(names: set[str]) -> Executable:
+    return (
+        select(Job.id, Job.org_id, Job.name)
+        .where(
+            Job.name.in_(sorted(names)),
+            Job.state.in_([JobState.PENDING, JobState.STARTING, JobState.RUNNING]),
+        )
+        .order_by(Job.id)
+    )
+
+
 _USAGE = select(OrgUsage.org_id, OrgUsage.decayed_gpu_seconds, epoch_s(OrgUsage.as_of))
 _QUOTAS = select(Quota.org_id, Quota.gpu_type, Quota.guaranteed, Quota.limit)
 _ORGS = select(
@@ -169,11 +188,11 @@ def _dependencies_stmt() -> Executable:
     parent = Job.__table__.alias("parent")
     child = Job.__table__.alias("child")
     return (
-        select(JobDependency.job_id, parent.c.state, func.count())
+        select(JobDependency.job_id, parent.c.state, JobDependency.kind)
         .join(child, child.c.id == JobDependency.job_id)
         .join(parent, parent.c.id == JobDependency.depends_on_id)
         .where(child.c.state == JobState.PENDING)
-        .group_by(JobDependency.job_id, parent.c.state)
+        .group_by(JobDependency.job_id, parent.c.state, JobDependency.kind)
     )
 
 
@@ -216,6 +235,8 @@ async def _fetch(session: AsyncSession, previously_open: frozenset[int] | None) 
     orgs = await _rows(conn, _ORGS)
     limited = any(row[15] is not None for row in pending)
     array_active = await _rows(conn, _ARRAY_ACTIVE) if limited else []
+    singletons = await _rows(conn, _SINGLETONS)
+    named = await _rows(conn, _named_stmt({row[2] for row in singletons})) if singletons else []
     return _Fetched(
         nodes,
         gpus,
@@ -228,6 +249,8 @@ async def _fetch(session: AsyncSession, previously_open: frozenset[int] | None) 
         quotas,
         orgs,
         array_active,
+        singletons,
+        named,
     )
 
 
@@ -301,17 +324,26 @@ def _running(fetched: _Fetched) -> tuple[tuple[RunningJob, ...], list[HeldInterv
 
 
 def _dependencies(fetched: _Fetched) -> dict[int, DependencyState]:
-    """Per pending job with `afterok` dependencies: satisfied, waiting or never."""
-    states: dict[int, set[JobState]] = defaultdict(set)
-    for job_id, state, _ in fetched.dependencies:
-        states[job_id].add(JobState(state))
+    """Per pending job with dependencies (services/dependencies.py): satisfied, waiting or
+    never. A singleton waits while an earlier job of its org with its name is not ended."""
+    seen: dict[int, set[bool | None]] = defaultdict(set)
+    for job_id, state, kind in fetched.dependencies:
+        seen[job_id].add(met(kind, JobState(state)))
     out: dict[int, DependencyState] = {}
-    for job_id, seen in states.items():
-        if any(s.is_terminal and s is not JobState.COMPLETED for s in seen):
+    for job_id, outcomes in seen.items():
+        if False in outcomes:
             out[job_id] = DependencyState.NEVER
-        elif seen == {JobState.COMPLETED}:
+        elif outcomes == {True}:
             out[job_id] = DependencyState.SATISFIED
         else:
+            out[job_id] = DependencyState.WAITING
+    first: dict[tuple[int, str], int] = {}  # (org, name) -> its earliest job not ended
+    for job_id, org_id, name in fetched.named:
+        first.setdefault((org_id, name), job_id)
+    for job_id, org_id, name in fetched.singletons:
+        if first.get((org_id, name), job_id) < job_id and out.get(job_id) is not (
+            DependencyState.NEVER
+        ):
             out[job_id] = DependencyState.WAITING
     return out
 

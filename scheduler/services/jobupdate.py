@@ -1,0 +1,80 @@
+"""Changing a pending job (`fairgpu update`, Slurm's `scontrol update job`): its time limit,
+name and hold. Members may only lower a time limit (a longer one would take a place in the
+backfill plan it was not given); org and platform admins may raise it up to the maximum.
+An array's id changes every pending task of the array alike.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, insert, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from protocol.states import JobState
+from scheduler.db import Event, Job
+from scheduler.db.types import utcnow
+from scheduler.services import arrays
+from scheduler.services import jobs as svc
+from scheduler.services.errors import Conflict, Forbidden, InvalidInput
+
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+_EVENTS: Table = Event.__table__  # type: ignore[assignment]
+
+
+async def update_job(
+    session: AsyncSession,
+    job: Job,
+    *,
+    whole_array: bool,
+    time_limit_s: int | None,
+    name: str | None,
+    hold: bool | None,
+    may_raise_time: bool,
+    max_time_limit_s: int,
+    actor: str,
+    now: datetime | None = None,
+) -> None:
+    """Apply the changes given (None: unchanged) to a pending job, or to every pending task of
+    its array when `whole_array`; 409 when there is none, 403 for a member raising the time."""
+    if job.state is not JobState.PENDING and not whole_array:
+        raise Conflict(f"only pending jobs can be updated; job {job.id} is {job.state}")
+    changes: dict[str, Any] = {}
+    if time_limit_s is not None:
+        if time_limit_s > max_time_limit_s:
+            raise InvalidInput(
+                f"time limit {time_limit_s} s exceeds the maximum of {max_time_limit_s} s",
+                max_time_limit_s=max_time_limit_s,
+            )
+        if time_limit_s > job.time_limit_s and not may_raise_time:
+            raise Forbidden(
+                f"members may only lower a pending job's time limit ({job.time_limit_s} s); "
+                "an org admin may raise it"
+            )
+        changes["time_limit_s"] = time_limit_s
+    if name is not None:
+        changes["name"] = name
+    if changes:
+        which = (
+            _JOBS.c.array_job_id == job.array_job_id if whole_array else _JOBS.c.id == job.id,
+            _JOBS.c.state == JobState.PENDING,
+        )
+        changed = await session.execute(update(_JOBS).where(*which).values(**changes))
+        if not changed.rowcount:  # type: ignore[attr-defined]
+            raise Conflict(f"job {job.id} has no pending job or task to update")
+        elements = select(_JOBS.c.id, _JOBS.c.org_id).where(*which)
+        fields = {"at": now or utcnow(), "kind": "job.update", "actor": actor, "details": changes}
+        await session.execute(
+            insert(_EVENTS).from_select(
+                ["job_id", "org_id", *fields],
+                elements.add_columns(*(literal(v, _EVENTS.c[k].type) for k, v in fields.items())),
+            )
+        )
+    if hold is not None:
+        if whole_array:
+            await arrays.hold_array(session, job, held=hold, actor=actor)
+        else:
+            await svc.set_held(session, job, held=hold, actor=actor)
+    await session.flush()
+    await session.refresh(job)
