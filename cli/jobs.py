@@ -328,7 +328,7 @@ def _act(
             except ApiError as exc:
                 failed += 1
                 if exc.status in (401, 403) and len(job_ids) == 1:
-                    report(exc, f"{verb} {job_id}")
+                    report(exc, f"{verb} {job_id}", server=client.server)
                 typer.echo(f"fairgpu: error: {verb} {job_id}: {exc.detail}", err=True)
                 continue
             typer.echo(done(job, job_id) if callable(done) else done.format(id=job_id))
