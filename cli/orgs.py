@@ -123,8 +123,9 @@ def org_update(
         str | None,
         typer.Option(
             "--max-priority",
-            help="Highest priority class its members may submit at (low, normal, high); "
-            "'default' returns to the server's default.",
+            help="Highest priority class its members may submit at, one the server configures "
+            "(FAIRGPU_POLICY_PRIORITY_CLASSES; low, normal, high by default); 'default' "
+            "returns to the server's default.",
         ),
     ] = None,
     max_pending_jobs: Annotated[

@@ -52,7 +52,12 @@ def submit(
         typer.Option("--time", "-t", help="Time limit: 1h30m, 90m, 2-00:00:00 (bare N = minutes)."),
     ] = None,
     priority: Annotated[
-        str, typer.Option("--priority", help="Priority class: low, normal, high.")
+        str,
+        typer.Option(
+            "--priority",
+            help="Priority class: one the server configures (FAIRGPU_POLICY_PRIORITY_CLASSES; "
+            "low, normal, high by default).",
+        ),
     ] = "normal",
     preemptible: Annotated[
         bool, typer.Option("--preemptible", help="May borrow idle GPUs beyond the quota.")

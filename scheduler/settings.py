@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    SerializationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from scheduler.core.types import PolicyConfig
+from scheduler.policysettings import RENAMED_ENV, PolicySettings
 from scheduler.secretenv import check_keys
 
 DEFAULT_SQLITE_FILE = "fairgpu.db"
@@ -40,7 +49,7 @@ class Settings(BaseSettings):
 
     # A refused value is never echoed: it may be a key or a database password.
     model_config = SettingsConfigDict(
-        env_prefix="FAIRGPU_", extra="ignore", hide_input_in_errors=True
+        env_prefix="FAIRGPU_", extra="forbid", hide_input_in_errors=True
     )
 
     database_url: str = Field(
@@ -126,12 +135,6 @@ class Settings(BaseSettings):
         "and GPU samples written in one batch this often (a crash loses at most this much of "
         "samples); keep it far below node_timeout_s. 0 writes every heartbeat at once.",
     )
-    preemption_grace_s: float = Field(
-        30.0, ge=0, description="Time between SIGTERM and SIGKILL when a task is stopped."
-    )
-    min_runtime_s: float = Field(
-        600.0, ge=0, description="A job that has run less than this is never preempted."
-    )
     max_requeues: int = Field(
         3,
         ge=0,
@@ -145,12 +148,9 @@ class Settings(BaseSettings):
         "requeue before it (30 s, 60 s, 120 s...), so that a job that breaks its nodes does "
         "not go round them at cycle speed.",
     )
-    usage_half_life_s: float = Field(
-        7 * 86_400.0, gt=0, description="Half-life of decayed usage for fair share."
-    )
-    gpu_weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="Billing weight per GPU type (H100 = 1.0 by default; missing types 1.0).",
+    policy: PolicySettings = Field(
+        default_factory=PolicySettings,
+        description="The scheduling policy, from FAIRGPU_POLICY_* (scheduler/policysettings.py).",
     )
     default_time_limit_s: int = Field(
         86_400, gt=0, description="Time limit of a job whose org sets no default."
@@ -222,13 +222,40 @@ class Settings(BaseSettings):
         "scheduler (in batches), so that old output does not fill the database.",
     )
 
-    @field_validator("default_max_priority_class")
+    @model_validator(mode="before")
     @classmethod
-    def _check_priority_class(cls, value: str) -> str:
-        classes = PolicyConfig().priority_classes
-        if value not in classes:
-            raise ValueError(f"unknown priority class {value!r}; one of {', '.join(classes)}")
-        return value
+    def _refuse_renamed(cls, data: Any) -> Any:
+        for old, new in RENAMED_ENV.items():
+            if old in os.environ:
+                raise ValueError(f"{old} is no longer read: set {new} instead")
+        return data
+
+    @model_validator(mode="after")
+    def _check_priority_class(self) -> Self:
+        classes = self.policy.priority_classes
+        if self.default_max_priority_class not in classes:
+            raise ValueError(
+                f"default_max_priority_class {self.default_max_priority_class!r} is not a "
+                f"configured priority class; one of {', '.join(classes)}"
+            )
+        return self
+
+    @field_serializer("metrics_token", "secret_keys", when_used="json")
+    def _secret(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        """Masked in JSON unless the dump is for a child process (`to_child_json`)."""
+        if value is None:
+            return None
+        reveal = isinstance(info.context, dict) and info.context.get("reveal_secrets")
+        return value.get_secret_value() if reveal else str(value)
+
+    def to_child_json(self) -> str:
+        """These settings, secrets included, for a process of ours (`from_child_json`)."""
+        return self.model_dump_json(context={"reveal_secrets": True})
+
+    @classmethod
+    def from_child_json(cls, text: str) -> Settings:
+        """Exactly the parent's settings: no variable of this process is read."""
+        return cls.model_validate_json(text)
 
     @field_validator("secret_keys")
     @classmethod

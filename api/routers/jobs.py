@@ -418,7 +418,7 @@ async def cancel_job(
         job,
         actor=principal.actor,
         reason=body.reason if body else None,
-        grace_s=settings.preemption_grace_s,
+        grace_s=settings.policy.preemption_grace_s,
     )
     await session.commit()
     _notify(request, "cancel", nodes)

@@ -12,7 +12,6 @@ from api.deps import SessionDep, parse_bearer
 from scheduler.metrics import read_cluster, render
 from scheduler.services.errors import Unauthenticated
 from scheduler.services.runtime import SchedulerRuntime
-from scheduler.services.scheduling.load import policy_config
 
 router = APIRouter(tags=["metrics"])
 
@@ -26,6 +25,6 @@ async def metrics(request: Request, session: SessionDep) -> Response:
         if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
             raise Unauthenticated("/metrics needs the metrics token (FAIRGPU_METRICS_TOKEN)")
     runtime: SchedulerRuntime = request.app.state.runtime
-    stats = await read_cluster(session, policy_config(request.app.state.settings))
+    stats = await read_cluster(session, request.app.state.settings.policy.to_policy_config())
     await session.rollback()
     return Response(content=render(runtime.metrics, stats), media_type=CONTENT_TYPE_LATEST)

@@ -121,6 +121,7 @@ async def update_org(
 
     A narrower image list refuses new submissions only; jobs already accepted keep running.
     """
+    request.app.state.submit_limits.check_class(body.max_priority_class)
     row: Org = await svc.find_org(session, org)
     await svc.update_org(
         session,
@@ -200,14 +201,10 @@ async def shares(request: Request, session: SessionDep, principal: UserPrincipal
         visible = {v.org.id for v in await svc.list_orgs(session, scope_org_id=scope)}
     now = utcnow()
     rows = await standings(
-        session,
-        half_life_s=settings.usage_half_life_s,
-        gpu_weights=settings.gpu_weights,
-        org_ids=visible,
-        now=now,
+        session, config=settings.policy.to_policy_config(), org_ids=visible, now=now
     )
     return SharesPublic(
         data=[SharePublic.model_validate(r) for r in rows],
-        half_life_s=settings.usage_half_life_s,
+        half_life_s=settings.policy.half_life_s,
         as_of=now,
     )

@@ -27,7 +27,6 @@ from protocol.limits import (
 )
 from protocol.script import check_script, script_command
 from protocol.states import JobState
-from scheduler.core.types import PolicyConfig
 from scheduler.services.arrays import parse_array
 from scheduler.services.dependencies import AFTEROK, Dependencies, parse_dependency
 
@@ -36,7 +35,10 @@ MAX_DEPENDENCIES = 64
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 MIN_MEMORY_BYTES = 1 << 20  # 1 MiB
 MAX_MEMORY_BYTES = 1 << 46  # 64 TiB per node
-PRIORITY_CLASSES = tuple(PolicyConfig().priority_classes)
+MAX_PRIORITY_CLASS_CHARS = 64
+# A priority class by name. Which names exist is the server's policy
+# (FAIRGPU_POLICY_PRIORITY_CLASSES), checked by the service (SubmitLimits.check_class).
+PriorityClass = Annotated[str, Field(min_length=1, max_length=MAX_PRIORITY_CLASS_CHARS)]
 RESERVED_ENV_PREFIX = "FAIRGPU_"
 RESERVED_ENV = frozenset(
     {"CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK"}
@@ -69,7 +71,8 @@ class JobCreate(InputModel):
     site: SiteName | None = None
     time_limit: Annotated[DurationS, Field(le=MAX_TIME_LIMIT_S)] | None = None
     """Walltime; the org's default when omitted. Seconds, or '1h30m'-style."""
-    priority_class: str = "normal"
+    priority_class: PriorityClass = "normal"
+    """One of the server's configured priority classes (low, normal, high by default)."""
     preemptible: bool = False
     hold: bool = False
     """Submit held: the job waits until released."""
@@ -96,13 +99,6 @@ class JobCreate(InputModel):
         for key in value:
             if key.startswith(RESERVED_ENV_PREFIX) or key in RESERVED_ENV:
                 raise ValueError(f"{key[:64]} is set by fairgpu and cannot be overridden")
-        return value
-
-    @field_validator("priority_class")
-    @classmethod
-    def _known_class(cls, value: str) -> str:
-        if value not in PRIORITY_CLASSES:
-            raise ValueError(f"unknown priority class; one of {', '.join(PRIORITY_CLASSES)}")
         return value
 
     @field_validator("dependency")

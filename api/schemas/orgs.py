@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from api.schemas.common import DurationS, InputModel, OrgName, OutputModel, Printable
-from api.schemas.jobs import PRIORITY_CLASSES
+from api.schemas.jobs import PriorityClass
 
 MAX_SHARES = 1_000_000.0
 MAX_QUOTA_GPUS = 1_000_000
@@ -43,18 +43,11 @@ class OrgUpdate(InputModel):
     e.g. `registry.example/acme/*`; an empty list allows any image. The orgs below it are bound
     too (an image must pass every list from the job's org up). Checked at submission: narrowing
     the list stops no job already accepted."""
-    max_priority_class: str | None = None
+    max_priority_class: PriorityClass | None = None
     """The highest priority class its members may submit at; null: the server's default
     (`default_max_priority_class`, normal unless configured)."""
     max_pending_jobs: Annotated[int, Field(ge=0, le=MAX_PENDING_JOBS)] | None = None
     """The most pending jobs it may have at once; null: the server's `max_pending_jobs_per_org`."""
-
-    @field_validator("max_priority_class")
-    @classmethod
-    def _known_class(cls, value: str | None) -> str | None:
-        if value is not None and value not in PRIORITY_CLASSES:
-            raise ValueError(f"unknown priority class; one of {', '.join(PRIORITY_CLASSES)}")
-        return value
 
 
 class QuotaSet(InputModel):
@@ -116,10 +109,11 @@ class SharePublic(OutputModel):
     """Billing-weighted GPU-seconds, decayed with the configured half-life, as of now."""
     usage_norm: float
     fairshare_factor: float
-    """Slurm's classic 2^(-usage_norm/shares_norm): 1 unused, 0.5 at its share."""
+    """The configured algorithm's factor: classic, 2^(-usage_norm/shares_norm) (1 unused, 0.5 at
+    its share); fairtree, Slurm's Fair Tree rank (1 for the org furthest below its share)."""
     recovers_at: datetime | None
-    """When the factor climbs back to 0.5 if the org uses nothing more; null if it is there
-    already or never can."""
+    """When the classic factor climbs back to 0.5 if the org uses nothing more; null if it is
+    there already, never can, or the algorithm is fairtree (a rank moves with other orgs too)."""
     recover_s: float | None
 
 

@@ -238,6 +238,7 @@ async def submit_job(
             f"this server stores no secrets: it has no key to encrypt them ({HOW_TO_CONFIGURE})"
         )
     limits = limits or SubmitLimits()
+    limits.check_class(spec.priority_class)
     postgres = session.get_bind().dialect.name == "postgresql"
     org: Org | None = None
     if not postgres:  # PostgreSQL: ON CONFLICT and the limits' guard in the insert below

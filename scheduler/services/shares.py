@@ -14,7 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import GpuHealth
 from scheduler.core import types as core
-from scheduler.core.usage import capacity_usage, decay_factor, recovery_time, tree_standing
+from scheduler.core.usage import (
+    capacity_usage,
+    decay_factor,
+    fair_tree_factors,
+    recovery_time,
+    tree_standing,
+)
 from scheduler.db import Gpu, Node, Org, OrgUsage
 from scheduler.db.types import utcnow
 from scheduler.states import NodeState
@@ -77,16 +83,21 @@ async def _cluster_nodes(session: AsyncSession) -> tuple[core.Node, ...]:
 async def standings(
     session: AsyncSession,
     *,
-    half_life_s: float,
-    gpu_weights: dict[str, float],
+    config: core.PolicyConfig,
     org_ids: set[int] | None = None,
     now: datetime | None = None,
 ) -> list[Standing]:
-    """Every org's standing (or those in `org_ids`); the tree is always computed whole."""
+    """Every org's standing (or those in `org_ids`); the tree is always computed whole.
+
+    The factor is the configured algorithm's (`config.fairshare_algorithm`). Under Fair Tree an
+    org's factor is its rank among its siblings, which moves with their usage too: there is no
+    recovery time to give, and `recovers_at` / `recover_s` stay empty.
+    """
     now = now or utcnow()
     now_s = now.timestamp()
     usage = {
-        u.org_id: u.decayed_gpu_seconds * decay_factor(now_s - u.as_of.timestamp(), half_life_s)
+        u.org_id: u.decayed_gpu_seconds
+        * decay_factor(now_s - u.as_of.timestamp(), config.half_life_s)
         for u in (await session.scalars(select(OrgUsage))).all()
     }
     orgs = (await session.scalars(select(Org).order_by(Org.id))).all()
@@ -100,18 +111,20 @@ async def standings(
         )
         for o in orgs
     )
-    config = core.PolicyConfig(half_life_s=half_life_s, gpu_weights=dict(gpu_weights))
     snapshot = core.Snapshot(
         now=now_s, nodes=await _cluster_nodes(session), orgs=core_orgs, config=config
     )
     shares_norm, usage_norm, factor = tree_standing(
         core_orgs, capacity_usage(snapshot.nodes, config)
     )
+    fair_tree = config.fairshare_algorithm == "fairtree"
+    if fair_tree:
+        factor = fair_tree_factors(core_orgs, shares_norm, usage_norm)
     out = []
     for o in orgs:
         if org_ids is not None and o.id not in org_ids:
             continue
-        at = recovery_time(snapshot, o.id, TARGET_FACTOR)
+        at = None if fair_tree else recovery_time(snapshot, o.id, TARGET_FACTOR)
         recover_s = None if at is None else max(0.0, at - now_s)
         out.append(
             Standing(

@@ -13,7 +13,7 @@ submissions in flight at that instant (each sees the others' jobs only once they
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -33,19 +33,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
 from scheduler.db import Job, Org, PendingJobCount
-from scheduler.services.errors import Conflict, Forbidden
+from scheduler.services.errors import Conflict, Forbidden, InvalidInput
 from scheduler.settings import Settings
-
-PRIORITY_CLASSES: Mapping[str, int] = PolicyConfig().priority_classes
 
 
 @dataclass(frozen=True, slots=True)
 class SubmitLimits:
-    """The server's defaults (scheduler/settings.py); an org may override the first and last."""
+    """The server's defaults (scheduler/settings.py); an org may override the maximum class and
+    the org cap. `priority_classes` are the policy's configured classes and their ranks."""
 
     default_max_priority_class: str = "normal"
     max_pending_jobs_per_user: int = 5_000
     max_pending_jobs_per_org: int = 20_000
+    priority_classes: Mapping[str, int] = field(
+        default_factory=lambda: PolicyConfig().priority_classes
+    )
 
     @classmethod
     def of(cls, settings: Settings) -> SubmitLimits:
@@ -53,13 +55,21 @@ class SubmitLimits:
             default_max_priority_class=settings.default_max_priority_class,
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
             max_pending_jobs_per_org=settings.max_pending_jobs_per_org,
+            priority_classes=dict(settings.policy.priority_classes),
         )
 
+    def check_class(self, priority_class: str | None) -> None:
+        """Refuse (422) a priority class this server's policy does not configure."""
+        if priority_class is not None and priority_class not in self.priority_classes:
+            raise InvalidInput(
+                f"unknown priority class {priority_class[:64]!r}; one of "
+                f"{', '.join(self.priority_classes)} (the server's FAIRGPU_POLICY_PRIORITY_CLASSES)"
+            )
 
-def classes_at_least(priority_class: str) -> list[str]:
-    """The org maxima that allow `priority_class`: it and every class above it."""
-    rank = PRIORITY_CLASSES[priority_class]
-    return [name for name, r in PRIORITY_CLASSES.items() if r >= rank]
+    def classes_at_least(self, priority_class: str) -> list[str]:
+        """The org maxima that allow `priority_class`: it and every class above it."""
+        rank = self.priority_classes[priority_class]
+        return [name for name, r in self.priority_classes.items() if r >= rank]
 
 
 def _pending_of(column: Any, value: Any, cap: Any) -> Any:
@@ -104,7 +114,7 @@ def submission_guard() -> ColumnElement[bool]:
 
 def guard_params(priority_class: str, limits: SubmitLimits) -> dict[str, Any]:
     return {
-        "allowed_max": classes_at_least(priority_class),
+        "allowed_max": limits.classes_at_least(priority_class),
         "default_max_priority": limits.default_max_priority_class,
         "user_cap": limits.max_pending_jobs_per_user,
         "org_cap_default": limits.max_pending_jobs_per_org,
@@ -127,7 +137,8 @@ async def check_submission(
     """Refuse a submission of `adding` jobs (an array's elements) over the org's priority
     maximum (403) or a pending cap (409)."""
     org_max = org.max_priority_class or limits.default_max_priority_class
-    if PRIORITY_CLASSES[priority_class] > PRIORITY_CLASSES.get(org_max, 0):
+    ranks = limits.priority_classes
+    if ranks[priority_class] > ranks.get(org_max, 0):
         raise Forbidden(
             f"org {org.name} may submit at priority {org_max} at most, not {priority_class}",
             org=org.name,

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.app import create_app
+from scheduler.policysettings import PolicySettings
 from scheduler.services.auth import bootstrap_admin
 from scheduler.services.runtime import SchedulerRuntime
 from scheduler.settings import Settings
@@ -35,9 +36,8 @@ def fast_settings(database_url: str, **overrides: Any) -> Settings:
         "heartbeat_long_poll_s": 5.0,
         "long_poll_recheck_s": 0.2,
         "node_timeout_s": 60.0,
-        "preemption_grace_s": 1.0,
-        "min_runtime_s": 0.0,
         "requeue_backoff_s": 0.0,
+        "policy": PolicySettings(preemption_grace_s=1.0, min_runtime_s=0.0),
     }
     values.update(overrides)
     return Settings(**values)

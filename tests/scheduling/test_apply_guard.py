@@ -18,7 +18,7 @@ from scheduler.services.scheduling import Lease, LeaseLost, run_cycle
 from scheduler.services.scheduling import apply as apply_module
 from scheduler.services.scheduling.apply import Applied, apply_starts
 from scheduler.services.scheduling.lease import check_fence
-from scheduler.services.scheduling.load import load_snapshot, policy_config
+from scheduler.services.scheduling.load import load_snapshot
 from scheduler.settings import Settings
 from tests import factories
 
@@ -38,7 +38,10 @@ async def _decide(engine: AsyncEngine) -> tuple[Start, ...]:
     settings = Settings(database_url="sqlite:///unused.db")
     async with make_sessionmaker(engine)() as s:
         loaded = await load_snapshot(
-            s, now=datetime.now(UTC), config=policy_config(settings), previously_open=None
+            s,
+            now=datetime.now(UTC),
+            config=settings.policy.to_policy_config(),
+            previously_open=None,
         )
     return schedule(loaded.snapshot).starts
 
@@ -167,7 +170,10 @@ async def test_isolated_start_needs_a_node_still_strict_at_apply(
     settings = Settings(database_url="sqlite:///unused.db")
     async with make_sessionmaker(engine)() as s:
         loaded = await load_snapshot(
-            s, now=datetime.now(UTC), config=policy_config(settings), previously_open=None
+            s,
+            now=datetime.now(UTC),
+            config=settings.policy.to_policy_config(),
+            previously_open=None,
         )
     assert [j.needs_isolation for j in loaded.snapshot.pending] == [True]
     assert [n.strict_isolation for n in loaded.snapshot.nodes] == [True]

@@ -16,7 +16,7 @@ from scheduler.core.types import DependencyState, PendingJob, Placement, Running
 from scheduler.db import Allocation, Job, JobDependency, OrgUsage
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.accounting import HeldInterval, fold_usage
-from scheduler.services.scheduling.load import Loaded, isolated_orgs, load_snapshot, policy_config
+from scheduler.services.scheduling.load import Loaded, isolated_orgs, load_snapshot
 from scheduler.settings import Settings
 from scheduler.states import NodeState
 from tests import factories
@@ -31,7 +31,7 @@ async def _load(
 ) -> Loaded:
     async with make_sessionmaker(engine)() as s, s.begin():
         return await load_snapshot(
-            s, now=now, config=policy_config(SETTINGS), previously_open=previously_open
+            s, now=now, config=SETTINGS.policy.to_policy_config(), previously_open=previously_open
         )
 
 
@@ -145,8 +145,7 @@ async def test_snapshot_matches_the_rows(engine: AsyncEngine) -> None:
         {org.id: (1234.5, (T0 - timedelta(hours=1)).timestamp())},
         [*held_intervals, *closed_intervals],
         now.timestamp(),
-        half_life_s=SETTINGS.usage_half_life_s,
-        gpu_weights=dict(SETTINGS.gpu_weights),
+        config=SETTINGS.policy.to_policy_config(),
     )
     assert loaded.org_usage[org.id] == expected[org.id]
     assert orgs[org.id].usage == expected[org.id]
@@ -187,8 +186,7 @@ async def test_allocations_closed_since_the_last_fold_are_folded_once(
             )
         ],
         (T0 + timedelta(seconds=30)).timestamp(),
-        half_life_s=SETTINGS.usage_half_life_s,
-        gpu_weights=dict(SETTINGS.gpu_weights),
+        config=SETTINGS.policy.to_policy_config(),
     )
     assert second.org_usage[org.id] == expected[org.id]
 

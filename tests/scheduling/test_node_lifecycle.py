@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from protocol.states import JobState
 from scheduler.db import Node, Task
 from scheduler.db.engine import make_sessionmaker
+from scheduler.policysettings import PolicySettings
 from scheduler.services.invariants import check_invariants
 from scheduler.services.scheduling import lifecycle
 from scheduler.settings import Settings
@@ -116,9 +117,11 @@ async def _node_state(cluster: Cluster, node_id: int) -> NodeState | None:
 
 async def test_time_limit_check_is_exact_to_the_microsecond(engine: AsyncEngine) -> None:
     """Overdue once started_at + time limit + grace is before now, not at now (both databases)."""
-    settings = Settings(database_url="sqlite:///unused.db", preemption_grace_s=30.000001)
+    settings = Settings(
+        database_url="sqlite:///unused.db", policy=PolicySettings(preemption_grace_s=30.000001)
+    )
     now = datetime(2025, 6, 1, 12, 0, 0, 500, tzinfo=UTC)
-    span = timedelta(seconds=86_400) + timedelta(seconds=settings.preemption_grace_s)
+    span = timedelta(seconds=86_400) + timedelta(seconds=settings.policy.preemption_grace_s)
     async with make_sessionmaker(engine)() as s:
         org = await factories.org(s)
         user = await factories.user(s, org)

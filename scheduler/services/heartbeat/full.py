@@ -125,8 +125,8 @@ async def heartbeat(
             STOP_REASON_STATE.get(task.stop_reason or "", JobState.CANCELLED),
             actor=actor,
             at=now,
-            grace_s=settings.preemption_grace_s,
-            gpu_weights=dict(settings.gpu_weights),
+            grace_s=settings.policy.preemption_grace_s,
+            gpu_weights=dict(settings.policy.gpu_weights),
             requeue=RequeuePolicy.of(settings),
             reason=f"stopped ({task.stop_reason}) before the node started it",
             effects=effects,
@@ -141,8 +141,8 @@ async def heartbeat(
             JobState.FAILED,
             actor="server",
             at=now,
-            grace_s=settings.preemption_grace_s,
-            gpu_weights=dict(settings.gpu_weights),
+            grace_s=settings.policy.preemption_grace_s,
+            gpu_weights=dict(settings.policy.gpu_weights),
             requeue=RequeuePolicy.of(settings),
             reason=f"cannot be sent to node {node_name}: {failed.error}",
             effects=effects,
@@ -154,7 +154,7 @@ async def heartbeat(
         stops = [stop for stop in stops if stop.task_id not in ended]
         await session.flush()
     stops.extend(
-        TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.preemption_grace_s)
+        TaskStop(task_id=t, reason=STOP_STALE, grace_s=settings.policy.preemption_grace_s)
         for t in sorted(stale)
     )
     outcome.reply = reply(settings, now, work.starts, stops)
@@ -317,7 +317,7 @@ async def _apply_reports(
             )
         )
     }
-    weights = dict(settings.gpu_weights)
+    weights = dict(settings.policy.gpu_weights)
     for report in reports:
         live = report.state not in TERMINAL_TASK_STATES
         pair = found.get(report.task_id)
@@ -343,7 +343,7 @@ async def _apply_reports(
                 state,
                 actor=actor,
                 at=report.ended_at or now,
-                grace_s=settings.preemption_grace_s,
+                grace_s=settings.policy.preemption_grace_s,
                 gpu_weights=weights,
                 requeue=RequeuePolicy.of(settings),
                 reason=reason,

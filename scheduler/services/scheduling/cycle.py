@@ -32,7 +32,7 @@ from scheduler.services.scheduling.apply import (
     write_pending,
 )
 from scheduler.services.scheduling.lease import check_fence
-from scheduler.services.scheduling.load import Loaded, load_snapshot, policy_config
+from scheduler.services.scheduling.load import Loaded, load_snapshot
 from scheduler.services.scheduling.tasks import EndEffects
 from scheduler.settings import Settings
 
@@ -86,7 +86,7 @@ async def _settle_open(
         session,
         allocations,
         preempted=False,
-        gpu_weights=dict(settings.gpu_weights),
+        gpu_weights=dict(settings.policy.gpu_weights),
         since=since,
         until=until,
     )
@@ -111,7 +111,7 @@ async def _apply(
             session, decisions.starts, now, applied, loaded.org_names, one_by_one=one_by_one
         )
         await apply_preemptions(
-            session, decisions.preemptions, now, settings.preemption_grace_s, applied
+            session, decisions.preemptions, now, settings.policy.preemption_grace_s, applied
         )
         await write_org_usage(session, loaded.org_usage, now)
         if settle_until is not None:
@@ -143,7 +143,7 @@ async def run_cycle(
     now = now or utcnow()
     result = CycleResult(at=now, explained_all=explain_all)
     result.lifecycle = await run_maintenance(sessionmaker, epoch=epoch, settings=settings, now=now)
-    config = policy_config(settings)
+    config = settings.policy.to_policy_config()
     t0 = time.perf_counter()
     async with sessionmaker() as session, session.begin():
         if session.get_bind().dialect.name == "postgresql":

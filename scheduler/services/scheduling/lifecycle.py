@@ -66,7 +66,7 @@ async def find_work(session: AsyncSession, *, now: datetime, settings: Settings)
     )
     # Past started_at + time limit + grace, in whole microseconds as datetimes add up: computed
     # by the database, so that thousands of running tasks are not read back every cycle.
-    grace_us = timedelta(seconds=settings.preemption_grace_s) // _US
+    grace_us = timedelta(seconds=settings.policy.preemption_grace_s) // _US
     overdue = await session.scalars(
         select(Task.id)
         .join(Job, Job.id == Task.job_id)
@@ -116,8 +116,8 @@ async def lose_node(
             JobState.NODE_FAIL,
             actor=actor,
             at=now,
-            grace_s=settings.preemption_grace_s,
-            gpu_weights=dict(settings.gpu_weights),
+            grace_s=settings.policy.preemption_grace_s,
+            gpu_weights=dict(settings.policy.gpu_weights),
             requeue=RequeuePolicy.of(settings),
             reason=f"node {node.name} lost: {reason}",
             effects=effects,
@@ -166,7 +166,9 @@ async def apply_work(
         for task in await session.scalars(
             select(Task).where(Task.id.in_(work.overdue_tasks), Task.state == JobState.RUNNING)
         ):
-            stopped = request_stop(task, STOP_TIMEOUT, at=now, grace_s=settings.preemption_grace_s)
+            stopped = request_stop(
+                task, STOP_TIMEOUT, at=now, grace_s=settings.policy.preemption_grace_s
+            )
             if stopped and task.node_id is not None:
                 effects.wake_nodes.add(task.node_id)
     await session.flush()

@@ -34,7 +34,6 @@ from scheduler.db import Org as OrgRow
 from scheduler.services.accounting import HeldInterval, fold_usage
 from scheduler.services.dependencies import met
 from scheduler.services.scheduling.sqltime import epoch_s
-from scheduler.settings import Settings
 from scheduler.states import NodeState
 
 
@@ -44,15 +43,6 @@ def epoch(at: datetime) -> float:
 
 def from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
-
-
-def policy_config(settings: Settings) -> PolicyConfig:
-    return PolicyConfig(
-        half_life_s=settings.usage_half_life_s,
-        gpu_weights=dict(settings.gpu_weights),
-        min_runtime_s=settings.min_runtime_s,
-        preemption_grace_s=settings.preemption_grace_s,
-    )
 
 
 @dataclass

@@ -92,7 +92,9 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
         TaskStop(
             task_id=t.id,
             reason=t.stop_reason or "",
-            grace_s=t.stop_grace_s if t.stop_grace_s is not None else settings.preemption_grace_s,
+            grace_s=t.stop_grace_s
+            if t.stop_grace_s is not None
+            else settings.policy.preemption_grace_s,
         )
         for t, _ in rows
         if t.stop_requested_at is not None
