@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gc
 import importlib
-import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.types import Message, Receive, Scope, Send
 
@@ -19,6 +18,7 @@ from api.authcache import AuthCache
 from api.direct import DirectRoutes, Handler, send_problem
 from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
+from api.routers import agent, health, jobs, metrics, nodes, orgs, tokens, usage, users
 from scheduler.db import leanpool
 from scheduler.db.engine import make_server_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
@@ -33,19 +33,6 @@ FULL_COLLECTION_EVERY = 100
 
 # Builds the scheduler runtime; tests may pass their own to observe notify()/wake_nodes().
 RuntimeFactory = Callable[[Settings, async_sessionmaker[AsyncSession], AsyncEngine], Any]
-
-# S1's routers, then S2's (agent protocol, metrics): included when their module exists.
-_ROUTERS = (
-    "api.routers.health",
-    "api.routers.jobs",
-    "api.routers.orgs",
-    "api.routers.users",
-    "api.routers.tokens",
-    "api.routers.nodes",
-    "api.routers.usage",
-    "api.routers.agent",
-    "api.routers.metrics",
-)
 
 
 @asynccontextmanager
@@ -185,15 +172,12 @@ def create_app(
     app.admission = Admission(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)
-    for name in _ROUTERS:
-        if importlib.util.find_spec(name) is None:
-            continue
-        router = getattr(importlib.import_module(name), "router", None)
-        if isinstance(router, APIRouter):
-            app.include_router(router)
+    for module in (health, jobs, orgs, users, tokens, nodes, usage, agent, metrics):
+        app.include_router(module.router)
     return app
 
 
-def create_server_app() -> FairgpuApp:
-    """uvicorn's factory for `fairgpu server`: settings from FAIRGPU_* variables."""
-    return create_app(freeze_heap=True)
+def create_server_app(settings: Settings) -> FairgpuApp:
+    """uvicorn's factory for `fairgpu server`, bound to the parent's settings (cli/server.py):
+    each HTTP worker process receives them pickled with uvicorn's config."""
+    return create_app(settings, freeze_heap=True)

@@ -42,7 +42,9 @@ def load_settings(database_url: str | None = None) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        fail(f"bad setting {where}: {first['msg']}", 2)
+        fail(
+            f"bad setting {where}: {first['msg']}" if where else f"bad settings: {first['msg']}", 2
+        )
 
 
 @contextmanager

@@ -5,21 +5,30 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from api.app import create_server_app
 from cli.common import DatabaseUrlOption, load_settings
 from scheduler.process import SchedulerProcess
 
 
 def server(
     host: Annotated[
-        str, typer.Option(help="Address to listen on.", envvar="FAIRGPU_HOST")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.", envvar="FAIRGPU_PORT")] = 8080,
+        str | None,
+        typer.Option(help="Address to listen on (default: FAIRGPU_HOST, else 127.0.0.1)."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Port to listen on (default: FAIRGPU_PORT, else 8080)."
+        ),
+    ] = None,
     database_url: DatabaseUrlOption = None,
     workers: Annotated[
         int,
@@ -57,13 +66,14 @@ def server(
         typer.echo("fairgpu: error: --tls-cert and --tls-key go together", err=True)
         raise typer.Exit(2)
     settings = load_settings(database_url)
+    settings = settings.model_copy(
+        update={"host": host or settings.host, "port": settings.port if port is None else port}
+    )
     separate = workers > 1 if scheduler_process is None else scheduler_process
     if settings.is_sqlite and (workers > 1 or separate):
         flag = "--workers > 1" if workers > 1 else "--scheduler-process"
         typer.echo(f"fairgpu: error: {flag} needs PostgreSQL", err=True)
         raise typer.Exit(2)
-    # Workers build their own app from FAIRGPU_* variables: pass the URL on through them.
-    os.environ["FAIRGPU_DATABASE_URL"] = settings.database_url
     metrics_dir: str | None = None
     if workers > 1 or separate:
         # Set before any worker starts (they read it on import): each scrape, whichever worker
@@ -78,27 +88,44 @@ def server(
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     scheduler: SchedulerProcess | None = None
     if separate:
-        scheduler = SchedulerProcess(log_level=log_level)
+        scheduler = SchedulerProcess(settings, log_level=log_level)
         scheduler.start()
-        os.environ["FAIRGPU_RUN_SCHEDULER"] = "false"  # read by the HTTP workers only
+        settings = settings.model_copy(update={"run_scheduler": False})
     try:
-        uvicorn.run(
-            "api.app:create_server_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            access_log=access_log,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-            ssl_certfile=str(tls_cert) if tls_cert else None,
-            ssl_keyfile=str(tls_key) if tls_key else None,
+        _serve(
+            uvicorn.Config(
+                partial(create_server_app, settings),
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=workers,
+                log_level=log_level,
+                access_log=access_log,
+                loop="uvloop",
+                http="httptools",
+                lifespan="on",
+                timeout_graceful_shutdown=10,
+                ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None,
+            )
         )
     finally:
         if scheduler is not None:
             scheduler.stop()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(config: uvicorn.Config) -> None:
+    """uvicorn.run's serving part, for an app factory bound to its settings (a partial):
+    uvicorn.run takes only an import string when there are several workers, and that would
+    leave the workers to read their settings from the environment."""
+    if config.workers > 1:
+        # The config, factory and settings included, is pickled to each worker process; the
+        # supervisor handles Ctrl-C itself and returns.
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn has logged why (the port taken, the lifespan failed)

@@ -8,7 +8,8 @@ and the scheduler wakes their held long-polls over PostgreSQL (scheduler/service
 
 The process serves no HTTP; its instruments reach `/metrics` through Prometheus' multiprocess
 mode (scheduler/metrics.py). `SchedulerProcess` is the parent's side: it starts the process
-(`python -m scheduler.process`, a fresh interpreter, as `ps` shows it), starts it again if it
+(`python -m scheduler.process`, a fresh interpreter, as `ps` shows it) with the parent's
+settings as JSON on its standard input (it reads no FAIRGPU_* variable), starts it again if it
 dies of anything but a stop request, and stops it with SIGTERM (the lease is released before it
 exits).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -76,13 +78,14 @@ async def _main(settings: Settings) -> None:
 
 
 def main(log_level: str = "info") -> None:
-    """The process: settings from FAIRGPU_* variables, as the HTTP workers read them."""
+    """The process: the parent's settings arrive as JSON on standard input."""
+    settings = Settings.from_child_json(sys.stdin.read())
     logging.basicConfig(
         level=log_level.upper(), format="%(levelname)s:     [scheduler] %(name)s: %(message)s"
     )
     import uvloop
 
-    uvloop.run(_main(Settings()))
+    uvloop.run(_main(settings))
 
 
 def forget_process_metrics(pid: int | None) -> None:
@@ -94,7 +97,8 @@ def forget_process_metrics(pid: int | None) -> None:
 class SchedulerProcess:
     """The parent's handle: start, keep running, stop."""
 
-    def __init__(self, *, log_level: str = "info") -> None:
+    def __init__(self, settings: Settings, *, log_level: str = "info") -> None:
+        self.settings_json = settings.to_child_json()
         self.log_level = log_level
         self.restarts = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -114,9 +118,16 @@ class SchedulerProcess:
         self._watchdog.start()
 
     def _spawn(self) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "scheduler.process", "--log-level", self.log_level]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.process", "--log-level", self.log_level],
+            stdin=subprocess.PIPE,
         )
+        assert process.stdin is not None
+        # Far below a pipe's buffer: the write does not wait for the child. One that died
+        # before reading is the watchdog's to start again.
+        with contextlib.suppress(BrokenPipeError), process.stdin:
+            process.stdin.write(self.settings_json.encode())
+        self._process = process
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
