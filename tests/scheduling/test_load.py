@@ -145,7 +145,8 @@ async def test_snapshot_matches_the_rows(engine: AsyncEngine) -> None:
         {org.id: (1234.5, (T0 - timedelta(hours=1)).timestamp())},
         [*held_intervals, *closed_intervals],
         now.timestamp(),
-        config=SETTINGS.policy.to_policy_config(),
+        half_life_s=SETTINGS.policy.half_life_s,
+        gpu_weights=dict(SETTINGS.policy.gpu_weights),
     )
     assert loaded.org_usage[org.id] == expected[org.id]
     assert orgs[org.id].usage == expected[org.id]
@@ -186,7 +187,8 @@ async def test_allocations_closed_since_the_last_fold_are_folded_once(
             )
         ],
         (T0 + timedelta(seconds=30)).timestamp(),
-        config=SETTINGS.policy.to_policy_config(),
+        half_life_s=SETTINGS.policy.half_life_s,
+        gpu_weights=dict(SETTINGS.policy.gpu_weights),
     )
     assert second.org_usage[org.id] == expected[org.id]
 
