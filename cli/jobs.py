@@ -263,7 +263,7 @@ def describe(
         ("NodeList", ",".join(job.get("node_names") or []) or None),
         ("RunTime", elapsed(job.get("started_at"), job.get("ended_at"), now)),
         ("ExitCode", job.get("exit_code")),
-        ("Requeued", job.get("requeue_count", 0)),
+        ("Restarts", _restarts(job, events)),
         (
             "Dependency",
             job.get("dependency") or ",".join(str(d) for d in job.get("depends_on") or []) or None,
@@ -294,6 +294,17 @@ def describe(
             Column("WHY", lambda e: e.get("reason")),
         ],
     )
+
+
+def _restarts(job: dict[str, Any], events: list[dict[str, Any]]) -> str:
+    """`2 (after PREEMPTED, NODE_FAIL)`: how often the job was requeued, and after what."""
+    after = [
+        str(e["from_state"])
+        for e in events
+        if e["kind"] == "job.state" and e.get("to_state") == "PENDING" and e.get("from_state")
+    ]
+    count = int(job.get("requeue_count") or 0)
+    return f"{count} (after {', '.join(after)})" if count and after else str(count)
 
 
 def explain(job_id: JobArg, output: OutputOption = Format.TABLE) -> None:

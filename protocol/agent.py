@@ -51,8 +51,8 @@ from protocol.limits import (
 from protocol.limits import (
     MAX_TIME_LIMIT_S,
     Command,
-    Environment,
     Image,
+    TaskEnvironment,
     Workdir,
 )
 from protocol.states import GpuHealth, TaskState
@@ -239,7 +239,7 @@ class TaskSpec(_Model):
         default_factory=list
     )
     command: Command
-    env: Environment = Field(default_factory=dict)
+    env: TaskEnvironment = Field(default_factory=dict)
     workdir: Workdir | None = None
     image: Image | None = None
     """Container image; when set the agent launches through its configured container runtime."""

@@ -47,9 +47,18 @@ def check_command(value: list[str]) -> list[str]:
     return value
 
 
-def check_env(value: dict[str, str]) -> dict[str, str]:
-    if len(value) > MAX_ENV_VARS:
-        raise ValueError(f"{len(value)} variables; at most {MAX_ENV_VARS}")
+SERVER_ENV_VARS = 16
+SERVER_ENV_BYTES = 1024
+"""Room a task's environment keeps beyond a job's for the variables the server adds to it
+(FAIRGPU_ARRAY_*, FAIRGPU_RESTART_COUNT and their SLURM_* aliases): a job at the limits of its
+environment can still be sent."""
+
+
+def check_env(
+    value: dict[str, str], max_vars: int = MAX_ENV_VARS, max_bytes: int = MAX_ENV_BYTES
+) -> dict[str, str]:
+    if len(value) > max_vars:
+        raise ValueError(f"{len(value)} variables; at most {max_vars}")
     total = 0
     for key, val in value.items():
         if not _ENV_NAME.match(key) or len(key) > MAX_ENV_NAME_CHARS:
@@ -57,9 +66,13 @@ def check_env(value: dict[str, str]) -> dict[str, str]:
         if "\x00" in val:
             raise ValueError(f"{key}: values must not contain NUL bytes")
         total += len(key) + _utf8_bytes(val) + 2
-    if total > MAX_ENV_BYTES:
-        raise ValueError(f"environment is {total} bytes; at most {MAX_ENV_BYTES}")
+    if total > max_bytes:
+        raise ValueError(f"environment is {total} bytes; at most {max_bytes}")
     return value
+
+
+def check_task_env(value: dict[str, str]) -> dict[str, str]:
+    return check_env(value, MAX_ENV_VARS + SERVER_ENV_VARS, MAX_ENV_BYTES + SERVER_ENV_BYTES)
 
 
 def check_env_with_secrets(env: dict[str, str], secret_env: dict[str, str]) -> dict[str, str]:
@@ -81,5 +94,9 @@ Command = Annotated[
 Environment = Annotated[
     dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]], AfterValidator(check_env)
 ]
+TaskEnvironment = Annotated[
+    dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]], AfterValidator(check_task_env)
+]
+"""A task's environment: the job's, and the few variables the server adds."""
 Workdir = Annotated[str, Field(min_length=1, max_length=MAX_WORKDIR_CHARS)]
 Image = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_CHARS)]

@@ -12,9 +12,16 @@ from pydantic import ValidationError
 
 from api.schemas.jobs import JobCreate
 from protocol.agent import TaskSpec
-from protocol.limits import MAX_ARGS, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_VARS
+from protocol.limits import (
+    MAX_ARGS,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    SERVER_ENV_VARS,
+)
 from scheduler.db import Job, Task
 from scheduler.secretenv import cipher, generate_key, seal
+from scheduler.services.arrays import MAX_ARRAY_TASK_ID, MAX_ARRAY_TASKS
 from scheduler.services.jobs import JobSpec, submission_rows
 from scheduler.services.scheduling.work import task_spec
 
@@ -54,7 +61,10 @@ def submissions(draw: st.DrawFn) -> dict[str, Any]:
 _CIPHER = cipher(generate_key())
 
 
-def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
+MAX_TASK_ENV_VARS = MAX_ENV_VARS + SERVER_ENV_VARS
+
+
+def spec_of(create: JobCreate, *, node_rank: int = 0, array: bool = False) -> TaskSpec:
     """The TaskSpec the server builds for a job submitted as `create` (jobs.py, then work.py)."""
     values, _ = submission_rows(
         secret_env_ciphertext=seal(_CIPHER, create.secret_env),
@@ -67,10 +77,20 @@ def spec_of(create: JobCreate, *, node_rank: int = 0) -> TaskSpec:
         now=datetime.now(UTC),
     )
     job = Job(id=41, **values)
+    stats = None
+    if array:  # the longest values the server adds: an array's last task, requeued often
+        job.array_job_id, job.array_task_id, job.requeue_count = 2**63 - 1, MAX_ARRAY_TASK_ID, 2**31
+        stats = (MAX_ARRAY_TASKS, MAX_ARRAY_TASK_ID, MAX_ARRAY_TASK_ID)
     task = Task(id=99, job_id=job.id, attempt=0, node_rank=node_rank)
     gpus = [(i, f"GPU-{i}") for i in range(create.gpus_per_node)]
     return task_spec(
-        task, job, org="acme", gpus=gpus, master_addr="10.0.0.1", secret_cipher=_CIPHER
+        task,
+        job,
+        org="acme",
+        gpus=gpus,
+        master_addr="10.0.0.1",
+        secret_cipher=_CIPHER,
+        array_stats=stats,
     )
 
 
@@ -84,7 +104,8 @@ def test_every_accepted_submission_can_be_sent(body: dict[str, Any]) -> None:
         return
     for rank in range(create.nodes):
         spec = spec_of(create, node_rank=rank)
-        assert spec.env == {**create.env, **create.secret_env}
+        restarts = {"FAIRGPU_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": "0"}
+        assert spec.env == {**create.env, **create.secret_env, **restarts}
         # What goes over the wire is read back by the agent with the same model.
         assert TaskSpec.model_validate_json(spec.model_dump_json()) == spec
 
@@ -108,6 +129,8 @@ def test_every_accepted_submission_can_be_sent(body: dict[str, Any]) -> None:
 )
 def test_boundary_submissions_can_be_sent(body: dict[str, Any]) -> None:
     spec_of(JobCreate.model_validate({**body, "time_limit": 60}))
+    spec = spec_of(JobCreate.model_validate({**body, "time_limit": 60}), array=True)
+    assert spec.env["SLURM_ARRAY_TASK_ID"] == str(MAX_ARRAY_TASK_ID)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +139,7 @@ def test_boundary_submissions_can_be_sent(body: dict[str, Any]) -> None:
         {"command": ["p", "y" * (MAX_COMMAND_BYTES - 2)]},
         {"command": ["p", *["a"] * MAX_ARGS]},
         {"command": ["p"], "env": {"1A": "v"}},
-        {"command": ["p"], "env": {f"V{i}": "" for i in range(MAX_ENV_VARS + 1)}},
+        {"command": ["p"], "env": {f"V{i}": "" for i in range(MAX_TASK_ENV_VARS + 1)}},
         {"command": ["p"], "workdir": "/" + "d" * 1024},
         {"command": ["p"], "time_limit": 2**31},
     ],

@@ -27,7 +27,7 @@ async def test_submit_run_complete_and_usage(cluster: Cluster) -> None:
     assert spec["job_id"] == job["id"]
     assert len(spec["gpus"]) == 2
     assert spec["num_nodes"] == 1
-    assert spec["env"] == {"A": "1"}
+    assert spec["env"] == {"A": "1", "FAIRGPU_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": "0"}
     assert spec["org"] == org
     # Until the agent reports the task, every reply repeats the start.
     assert [s["task_id"] for s in (await cluster.heartbeat(cred))["start"]] == [spec["task_id"]]

@@ -187,7 +187,8 @@ def task_spec(
 
     The job's secret_env is decrypted here, the one place it is ever in clear on the server,
     and sent in the spec's `env` (the agent keeps no copy of `env` on disk). An array's
-    element also gets FAIRGPU_ARRAY_* from `array_stats`: (count, min, max) of its task ids.
+    element also gets FAIRGPU_ARRAY_* from `array_stats`: (count, min, max) of its task ids;
+    every task FAIRGPU_RESTART_COUNT (and Slurm's SLURM_RESTART_COUNT).
 
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
     other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
@@ -197,6 +198,8 @@ def task_spec(
     env = dict(job.env or {})
     env.update(unseal(secret_cipher, job.secret_env_ciphertext or {}))
     env.update(array_env(job, array_stats))
+    # How many times the job was requeued before this attempt: a checkpointing job resumes.
+    env["FAIRGPU_RESTART_COUNT"] = env["SLURM_RESTART_COUNT"] = str(job.requeue_count or 0)
     return TaskSpec(
         task_id=task.id,
         job_id=job.id,
