@@ -28,7 +28,7 @@ from cli.demo_view import render_view, summary
 from cli.workload import generate
 
 if TYPE_CHECKING:
-    from cli.demo import Cluster
+    from scheduler.bench.cluster import Cluster
 
 H100 = "H100"
 A100 = "A100-80GB"

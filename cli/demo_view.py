@@ -16,8 +16,8 @@ from cli.jobs import SHORT_STATE
 from cli.output import human_duration
 
 if TYPE_CHECKING:
-    from cli.demo import Cluster
     from cli.demo_run import Observer, Seen
+    from scheduler.bench.cluster import Cluster
 
 CAPACITY = {"H100": 16, "A100-80GB": 16}
 SHOWN_JOBS = 14

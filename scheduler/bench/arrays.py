@@ -1,10 +1,10 @@
 """`fairgpu bench array`: submitting and cancelling a 10,000-task array on a real server.
 
-A real `fairgpu server` (started by `cli.demo.cluster`, with one simulated node) on a temporary
-SQLite, or on the EMPTY PostgreSQL database given; its pending-job caps are raised above the
-array's size (the default per-user cap, 5,000, would refuse it). Each run submits one held array
-in one request (held: nothing starts, so the cancel finds every task pending) and cancels it
-with one; figures are wall seconds of each request.
+A real `fairgpu server` (started by `scheduler.bench.cluster`, with one simulated node) on a
+temporary SQLite, or on the EMPTY PostgreSQL database given; its pending-job caps are raised
+above the array's size (the default per-user cap, 5,000, would refuse it). Each run submits one
+held array in one request (held: nothing starts, so the cancel finds every task pending) and
+cancels it with one; figures are wall seconds of each request.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from cli.demo import SERVER_ENV, cluster
+from scheduler.bench.cluster import QUICK_SERVER_ENV, cluster
 from scheduler.bench.latency import GPU_MODEL, setup_org, summarise
 
 
@@ -26,7 +26,7 @@ def run_array_bench(
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-bench-array-"))
     caps = str(tasks * (runs + 1))
-    env = {**SERVER_ENV, "FAIRGPU_MAX_PENDING_JOBS_PER_USER": caps,
+    env = {**QUICK_SERVER_ENV, "FAIRGPU_MAX_PENDING_JOBS_PER_USER": caps,
            "FAIRGPU_MAX_PENDING_JOBS_PER_ORG": caps}  # fmt: skip
     submit_s: list[float] = []
     cancel_s: list[float] = []

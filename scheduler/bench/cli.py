@@ -1,11 +1,11 @@
 """`fairgpu bench cli`: what a person waits for at the shell, `fairgpu` process start to exit.
 
-A real `fairgpu server` on a temporary SQLite (started by `cli.demo.cluster`, one simulated node
-so that the cluster is a real one); then `fairgpu --help`, `fairgpu submit --hold` and
-`fairgpu queue` (with `queue_jobs` held jobs in it) each run `runs` times as fresh processes,
-as a user would type them. Figures are wall seconds from spawn to exit, and each command's CPU
-seconds (user + system, `*_cpu`): on a shared machine the wall time is mostly other people's
-work, while the CPU time is what the command itself costs.
+A real `fairgpu server` on a temporary SQLite (started by `scheduler.bench.cluster`, one
+simulated node so that the cluster is a real one); then `fairgpu --help`, `fairgpu submit
+--hold` and `fairgpu queue` (with `queue_jobs` held jobs in it) each run `runs` times as fresh
+processes, as a user would type them. Figures are wall seconds from spawn to exit, and each
+command's CPU seconds (user + system, `*_cpu`): on a shared machine the wall time is mostly
+other people's work, while the CPU time is what the command itself costs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 
 import httpx
 
-from cli.demo import cluster, fairgpu_command
+from scheduler.bench.cluster import cluster
 from scheduler.bench.latency import GPU_MODEL, setup_org, summarise
+from scheduler.bench.procs import fairgpu_command
 
 
 def _cpu_s() -> float:
@@ -51,7 +52,9 @@ def run_cli_bench(*, runs: int = 10, queue_jobs: int = 100) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-bench-cli-"))
     fairgpu = fairgpu_command()
     try:
-        with cluster(workdir, nodes=[("bench-1", "bench", f"8x{GPU_MODEL}")]) as c:
+        # The server's default clocks: held jobs and the queue do not wait for cycles.
+        nodes = [("bench-1", "bench", f"8x{GPU_MODEL}")]
+        with cluster(workdir, nodes=nodes, server_env={}) as c:
             with httpx.Client(
                 base_url=c.url, headers={"Authorization": f"Bearer {c.admin_token}"}, timeout=30
             ) as admin:

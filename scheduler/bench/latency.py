@@ -1,9 +1,10 @@
 """`fairgpu bench latency`: submit → process start of 1-GPU jobs on an idle simulated cluster.
 
-A real `fairgpu server` and `fairgpu agent --simulate` processes (started by `cli.demo.cluster`,
-which also stops them and their tasks). Jobs go one at a time: the next is submitted once the
-previous one's process has started. The job's command writes `date +%s.%N` as its first act;
-the submit time is `time.time()` just before the POST, on the same machine and clock.
+A real `fairgpu server` and `fairgpu agent --simulate` processes (started by
+`scheduler.bench.cluster`, which also stops them and their tasks). Jobs go one at a time: the
+next is submitted once the previous one's process has started. The job's command writes
+`date +%s.%N` as its first act; the submit time is `time.time()` just before the POST, on the
+same machine and clock.
 
 The split shows where the time goes, from the job's own events (server clock, same machine):
 `submit_http` (the POST), `to_scheduled` (submit → the cycle's PENDING→STARTING), and
@@ -24,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from cli.demo import cluster
+from scheduler.bench.cluster import cluster
 from scheduler.settings import Settings
 
 GPU_MODEL = "H100"
@@ -150,7 +151,7 @@ def run_latency_bench(
                     if r.status_code != 201:
                         raise RuntimeError(f"submit: {r.status_code} {r.text[:200]}")
                     started = _wait_started(marker, time.monotonic() + PROCESS_START_TIMEOUT_S)
-                    c.procs.check_alive()
+                    c.fleet.check_alive()
                     if i >= warmup:
                         rows.append(
                             {"job": r.json()["id"], "submit": submitted, "answered": answered,

@@ -1,8 +1,10 @@
-"""Real processes for fault tests and the soak: a throwaway PostgreSQL, fairgpu servers, agents.
+"""Real fairgpu processes on this machine: the one harness of the demo, the benchmarks and the
+tests. A `Fleet` starts servers and agents (each a restartable `Proc` with its log) and ends
+them and their tasks; `PgInstance` is a throwaway PostgreSQL.
 
 Everything runs on loopback. The PostgreSQL instance is our own (`initdb` + `pg_ctl` on a free
 port, as the postgres user when we are root), so restarting it never disturbs the shared
-server other tests use. Process start/stop reuses `cli.demo`'s helpers.
+server other tests use.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,8 +25,6 @@ from typing import Any
 
 import httpx
 import psutil
-
-from cli.demo import fairgpu_command, free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 READY_TIMEOUT_S = 60.0
@@ -39,6 +41,25 @@ FAST_SERVER_ENV = {
     "FAIRGPU_NODE_TIMEOUT_S": "5",
     "FAIRGPU_LEASE_TIMEOUT_S": "5",
 }
+
+
+class HarnessError(RuntimeError):
+    """A process of the harness exited or never became ready; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def fairgpu_command() -> list[str]:
+    """This very installation's `fairgpu`, whatever PATH says."""
+    script = Path(sys.executable).parent / "fairgpu"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float, interval_s: float = 0.2) -> Any:
@@ -107,8 +128,10 @@ class Proc:
     env: dict[str, str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    stopped: bool = False  # by kill() or terminate(): its exit is no failure (Fleet.check_alive)
 
     def start(self) -> None:
+        self.stopped = False
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 self.args,
@@ -128,14 +151,17 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def kill(self) -> None:
-        """SIGKILL the process only (not its children): a crash, not a shutdown."""
-        if self.alive():
-            assert self.popen is not None
-            self.popen.send_signal(signal.SIGKILL)
-            self.popen.wait(timeout=10)
+    def kill(self, sig: signal.Signals = signal.SIGKILL, timeout_s: float = 15.0) -> int:
+        """Signal the process only (not its children; SIGKILL: a crash, not a shutdown) and
+        wait for it; returns its exit status."""
+        assert self.popen is not None
+        self.stopped = True
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        return self.popen.wait(timeout=timeout_s)
 
     def terminate(self, timeout_s: float = 10.0) -> None:
+        self.stopped = True
         if not self.alive():
             return
         assert self.popen is not None
@@ -152,6 +178,9 @@ class Proc:
         except OSError:
             return ""
 
+    def last_lines(self, lines: int = 3) -> str:
+        return " | ".join(self.tail(64 * 1024).strip().splitlines()[-lines:])
+
 
 @dataclass
 class Fleet:
@@ -162,13 +191,29 @@ class Fleet:
     server_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
 
-    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+    def env(self, extra: dict[str, str]) -> dict[str, str]:
+        """This environment less its FAIRGPU_* variables, plus `extra`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("FAIRGPU_")}
         return {**env, **extra}
 
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        """Start `args` as `name` (its log: workdir/name.log), with this environment's
+        variables less FAIRGPU_* plus `env`."""
+        proc = Proc(name, args, self.env(env or {}), self._log(name))
+        self.procs[name] = proc
+        proc.start()
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self.procs.values():
+            if not proc.stopped and proc.popen is not None and proc.popen.poll() is not None:
+                raise HarnessError(
+                    f"{proc.name} exited with status {proc.popen.returncode}: {proc.last_lines()}"
+                )
+
     def bootstrap(self) -> str:
         """Migrate and create the first platform admin; returns its token."""
-        env = self._env({"FAIRGPU_DATABASE_URL": self.database_url})
+        env = self.env({"FAIRGPU_DATABASE_URL": self.database_url})
         out = subprocess.run(
             [*fairgpu_command(), "admin", "bootstrap", "--name", "admin"],
             env=env,
@@ -187,16 +232,14 @@ class Fleet:
         extra = {**FAST_SERVER_ENV, **self.server_env, **env}
         extra["FAIRGPU_DATABASE_URL"] = self.database_url
         args = [*fairgpu_command(), "server", "--host", "127.0.0.1", "--port", str(port)]
-        proc = Proc(name, [*args, "--log-level", log_level], self._env(extra), self._log(name))
-        self.procs[name] = proc
-        proc.start()
+        proc = self.start(name, [*args, "--log-level", log_level], extra)
         url = f"http://127.0.0.1:{port}"
         wait_for(f"{name} ready", lambda: self._ready(url, proc), READY_TIMEOUT_S)
         return url
 
     def _ready(self, url: str, proc: Proc) -> bool:
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+            raise HarnessError(f"{proc.name} exited: {proc.tail()}")
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
 
     def agent(
@@ -213,10 +256,7 @@ class Fleet:
             "--simulate", gpus, "--name", name, "--state-dir", str(state),
             "--time-limit-grace-s", "1", "--log-level", "info", "--isolation", "none", *extra,
         ]  # fmt: skip
-        proc = Proc(name, args, self._env({}), self._log(name))
-        self.procs[name] = proc
-        proc.start()
-        return proc
+        return self.start(name, args)
 
     def _log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cli.demo import fairgpu_command
+from scheduler.bench.procs import fairgpu_command
 from scheduler.services.arrays import MAX_ARRAY_TASKS, parse_array
 from tests.cli.conftest import Served
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from cli.demo import fairgpu_command
+from scheduler.bench.procs import fairgpu_command
 from tests.cli.conftest import Served
 
 TRAIN = """#!/bin/bash

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from cli.demo import fairgpu_command
+from scheduler.bench.procs import fairgpu_command
 from tests.cli.conftest import Served, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.demo import fairgpu_command
+from scheduler.bench.procs import fairgpu_command
 from tests.cli.conftest import Served
 
 

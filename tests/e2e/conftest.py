@@ -1,7 +1,7 @@
 """End to end: a real `fairgpu server` and real `fairgpu agent --simulate` processes on loopback.
 
-`cli.demo.cluster` starts them (bootstrap, join token, agents) and stops everything on the way
-out; `E2E` adds an org with an H100 quota, a member's client and the waits the tests share.
+`scheduler.bench.cluster` starts them (bootstrap, join token, agents) and stops everything on the
+way out; `E2E` adds an org with an H100 quota, a member's client and the waits the tests share.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from cli.demo import Cluster, cluster
+from scheduler.bench.cluster import Cluster, cluster
 
 # Production defaults except where a test would otherwise wait for minutes.
 SERVER_ENV = {
@@ -38,16 +38,21 @@ class E2E:
     def submit(self, command: list[str], **fields: Any) -> int:
         body = {"command": command, "gpu_type": "H100", "time_limit": 120, **fields}
         r = self.member.post("/v1/jobs", json=body)
-        assert r.status_code == 201, (r.status_code, r.text, self.cluster.procs.tail("server", 20))
+        assert r.status_code == 201, (
+            r.status_code,
+            r.text,
+            self.cluster.fleet.procs["server"].last_lines(20),
+        )
         job_id: int = r.json()["id"]
         return job_id
 
     def restart_server(self) -> None:
-        """Start the server stopped with `procs.kill("server")` again; wait until it is ready."""
-        self.cluster.procs.restart("server")
+        """Start the server stopped with `fleet.procs["server"].kill()` again; wait until it is
+        ready."""
+        self.cluster.fleet.procs["server"].start()
 
         def ready() -> bool:
-            self.cluster.procs.check_alive()
+            self.cluster.fleet.check_alive()
             try:
                 return httpx.get(f"{self.cluster.url}/readyz", timeout=1.0).status_code == 200
             except httpx.HTTPError:
@@ -72,7 +77,7 @@ class E2E:
                 return job
             assert job["state"] not in TERMINAL, (job, self.events(job_id))
             assert time.monotonic() < deadline, (job, self.events(job_id))
-            self.cluster.procs.check_alive()
+            self.cluster.fleet.check_alive()
             time.sleep(0.1)
 
     def events(self, job_id: int) -> list[tuple[str, Any]]:

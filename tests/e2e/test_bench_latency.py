@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from cli.demo import fairgpu_command
 from scheduler.bench.latency import percentile
+from scheduler.bench.procs import fairgpu_command
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -74,10 +74,10 @@ def test_task_outlives_a_server_outage_and_its_end_is_recorded_after(
     go, finished = tmp_path / "go", tmp_path / "finished"
     script = f"echo started; while [ ! -e {go} ]; do sleep 0.1; done; echo done; touch {finished}"
     with running(tmp_path / "cluster", database_url=database_url) as e2e:
-        procs = e2e.cluster.procs
+        procs = e2e.cluster.fleet.procs
         job_id = e2e.submit(["sh", "-c", script])
         e2e.wait_state(job_id, ["RUNNING"])
-        procs.kill("server", sig)
+        procs["server"].kill(sig)
         go.touch()  # the task ends while there is no server to tell
         wait_until(finished.exists, 10, "the task ended without the server")
         time.sleep(1.0)  # the agent tries, fails, and keeps the report
@@ -85,7 +85,7 @@ def test_task_outlives_a_server_outage_and_its_end_is_recorded_after(
         job = e2e.wait_state(job_id, ["COMPLETED"], timeout_s=40)
         assert (job["exit_code"], job["requeue_count"]) == (0, 0)
         assert e2e.logs(job_id) == "started\ndone\n"
-        assert procs.proc("n1").poll() is None  # the agent rode it out
+        assert procs["n1"].alive()  # the agent rode it out
 
 
 def test_agent_killed_and_restarted_finds_its_task_and_does_not_start_it_again(
@@ -94,13 +94,13 @@ def test_agent_killed_and_restarted_finds_its_task_and_does_not_start_it_again(
     go, starts = tmp_path / "go", tmp_path / "starts"
     script = f"echo x >> {starts}; while [ ! -e {go} ]; do sleep 0.1; done; echo done"
     with running(tmp_path / "cluster") as e2e:
-        procs = e2e.cluster.procs
+        procs = e2e.cluster.fleet.procs
         job_id = e2e.submit(["sh", "-c", script])
         e2e.wait_state(job_id, ["RUNNING"])
         wait_until(starts.exists, 10, "the task started")
-        assert procs.kill("n1", signal.SIGKILL) == -signal.SIGKILL
+        assert procs["n1"].kill(signal.SIGKILL) == -signal.SIGKILL
         time.sleep(1.0)  # the server keeps offering nothing new; the task runs on alone
-        procs.restart("n1")
+        procs["n1"].start()
         time.sleep(3.0)  # a restarted agent that lost the task would start it again now
         go.touch()
         job = e2e.wait_state(job_id, ["COMPLETED"], timeout_s=30)
