@@ -62,6 +62,13 @@ def submit(
     preemptible: Annotated[
         bool, typer.Option("--preemptible", help="May borrow idle GPUs beyond the quota.")
     ] = False,
+    requeue: Annotated[
+        bool | None,
+        typer.Option(
+            "--requeue/--no-requeue",
+            help="Requeue after a preemption or a node failure (default: when --preemptible).",
+        ),
+    ] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="K=V for the job (repeatable).")
     ] = None,
@@ -111,8 +118,9 @@ def submit(
     `fairgpu submit train.sh ARGS` submits a batch script (it must start with `#!`): its leading
     comments may hold `#FAIRGPU` lines with these options (`#FAIRGPU -G H100:8 -t 4h`) and the
     common `#SBATCH` ones (--gres, --gpus-per-node, -N, -t, -J, -A, --mem, -D, -H, -a/--array,
-    -d/--dependency; -o and -e are ignored). Options given here win over the script's. The node
-    runs the script's interpreter on its text, with ARGS as $1...; `describe --script` shows it.
+    -d/--dependency, --requeue, --no-requeue; -o and -e are ignored). Options given here win
+    over the script's. The node runs the script's interpreter on its text, with ARGS as $1...;
+    `describe --script` shows it.
     """
     body: dict[str, Any] = {}
     directives = Directives()
@@ -167,6 +175,9 @@ def submit(
         value = given(key, value)
         if value is not None:
             body[key] = value
+    requeue_given = given("requeue", requeue)
+    if requeue_given is not None:
+        body["requeue"] = _flag(requeue_given)
     if ctx.get_parameter_source("dependency") is _COMMANDLINE:
         body["dependency"] = dependency
     elif "dependency" in directives.values:

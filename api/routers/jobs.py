@@ -88,6 +88,7 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         time_limit_s=job.time_limit_s,
         priority_class=job.priority_class,
         preemptible=job.preemptible,
+        requeue=job.requeue if job.requeue is not None else job.preemptible,
         held=job.held,
         state=job.state,
         state_reason=job.state_reason,

@@ -74,6 +74,9 @@ class JobCreate(InputModel):
     priority_class: PriorityClass = "normal"
     """One of the server's configured priority classes (low, normal, high by default)."""
     preemptible: bool = False
+    requeue: bool | None = None
+    """Put back in the queue after a preemption or a node failure (`--requeue`); null: when
+    it is preemptible."""
     hold: bool = False
     """Submit held: the job waits until released."""
     depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = Field(
@@ -197,6 +200,8 @@ class JobPublic(OutputModel):
     time_limit_s: int
     priority_class: str
     preemptible: bool
+    requeue: bool
+    """Requeued after a preemption or a node failure."""
     held: bool
     state: JobState
     state_reason: str | None

@@ -68,6 +68,8 @@ class Job(Base):
     time_limit_s: Mapped[int] = mapped_column(Integer)
     priority_class: Mapped[str] = mapped_column(String(32), default="normal")
     preemptible: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Requeued after PREEMPTED or NODE_FAIL; None: when preemptible (`--requeue/--no-requeue`).
+    requeue: Mapped[bool | None] = mapped_column(Boolean)
     held: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[JobState] = mapped_column(

@@ -68,6 +68,7 @@ class JobSpec:
     time_limit: int | None = None
     priority_class: str = "normal"
     preemptible: bool = False
+    requeue: bool | None = None
     hold: bool = False
     depends_on: list[int] = field(default_factory=list)
     """Every job it waits for; `afterok` unless `dependency_kinds` says otherwise."""
@@ -184,6 +185,7 @@ def submission_rows(
         "time_limit_s": time_limit_s,
         "priority_class": spec.priority_class,
         "preemptible": spec.preemptible,
+        "requeue": spec.requeue,
         "held": spec.hold,
         "idempotency_key": idempotency_key,
         "state": JobState.PENDING,
@@ -309,7 +311,7 @@ JOB_INSERT_FIELDS = (
     "org_id", "user_id", "name", "command", "image", "env", "workdir", "gpus_per_node",
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
-    "job_secret", "secret_env_ciphertext", "script", "singleton",
+    "job_secret", "secret_env_ciphertext", "script", "singleton", "requeue",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

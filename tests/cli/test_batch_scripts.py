@@ -69,9 +69,13 @@ def test_slurm_gres_dependency_and_hold(served: Served, tmp_path: Path) -> None:
     served.ok("org", "create", "acme")
     first = served.ok("submit", "--parsable", "-A", "acme", "--hold", "--", "true").strip()
     text = f"#!/bin/sh\n#SBATCH --gres=gpu:A100:3 -d afterok:{first} -H\n#SBATCH -t 1:30:00\n"
+    text += "#SBATCH --requeue\n"
     job = _job(served, served.ok("submit", "--parsable", "-A", "acme", _script(tmp_path, text)))
     assert (job["gpu_type"], job["gpus_per_node"], job["time_limit_s"]) == ("A100", 3, 5400)
-    assert (job["depends_on"], job["held"]) == ([int(first)], True)
+    assert (job["depends_on"], job["held"], job["requeue"]) == ([int(first)], True, True)
+    script = _script(tmp_path, text)
+    job = _job(served, served.ok("submit", "--parsable", "-A", "acme", "--no-requeue", script))
+    assert job["requeue"] is False
 
 
 def test_bad_scripts_are_one_line_errors(served: Served, tmp_path: Path) -> None:

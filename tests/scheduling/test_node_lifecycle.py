@@ -134,3 +134,45 @@ async def test_time_limit_check_is_exact_to_the_microsecond(engine: AsyncEngine)
         await s.commit()
         work = await lifecycle.find_work(s, now=now, settings=settings)
     assert work.overdue_tasks == [tasks[1].id]
+
+
+async def test_requeue_is_asked_for_apart_from_preemptible(database_url: str) -> None:
+    """`--requeue` requeues a job that is not preemptible, `--no-requeue` keeps a preemptible
+    one from it; the next attempt sees FAIRGPU_RESTART_COUNT."""
+    settings = fast_settings(database_url, node_timeout_s=1.0)
+    async with running_cluster(settings) as cluster:
+        org = await cluster.org(guaranteed=2)
+        token = await cluster.user_token(org)
+        node = await cluster.register(await cluster.join_token(), gpus=2)
+        cred = node["credential"]
+        again = await cluster.submit(token, gpus_per_node=1, requeue=True)
+        ends = await cluster.submit(token, gpus_per_node=1, preemptible=True, requeue=False)
+        assert (again["requeue"], ends["requeue"]) == (True, False)
+        await cluster.cycle()
+        specs = {s["job_id"]: s for s in (await cluster.heartbeat(cred))["start"]}
+        assert specs[again["id"]]["env"]["FAIRGPU_RESTART_COUNT"] == "0"
+        await cluster.heartbeat(
+            cred, tasks=[report(s["task_id"], job_id, "running") for job_id, s in specs.items()]
+        )
+        for _ in range(50):  # no heartbeats: the node times out
+            await asyncio.sleep(0.1)
+            if (await cluster.job(token, ends["id"]))["state"] == "NODE_FAIL":
+                break
+        assert (await cluster.job(token, ends["id"]))["state"] == "NODE_FAIL"
+        requeued = await cluster.job(token, again["id"])
+        assert requeued["state"] in ("PENDING", "STARTING")
+        assert requeued["requeue_count"] == 1
+
+        await cluster.heartbeat(cred)  # the node is back
+        started = None
+        for _ in range(50):  # the requeue backoff, then a cycle starts it again
+            await cluster.cycle()
+            start = (await cluster.heartbeat(cred))["start"]
+            if start:
+                started = start[0]
+                break
+            await asyncio.sleep(0.1)
+        assert started is not None
+        assert started["job_id"] == again["id"]
+        assert started["env"]["FAIRGPU_RESTART_COUNT"] == "1"
+        assert started["env"]["SLURM_RESTART_COUNT"] == "1"

@@ -167,7 +167,9 @@ def _end_job(
     decisive = failures[0] if failures else min(ordered, key=lambda t: t.node_rank)
     final = decisive.state
     reason = decisive.reason
-    requeues = final in REQUEUE_STATES and job.preemptible
+    requeues = final in REQUEUE_STATES and (
+        job.requeue if job.requeue is not None else job.preemptible
+    )
     if requeues and job.requeue_count >= requeue.max_requeues:
         requeues = False
         reason = (
