@@ -3,7 +3,7 @@
 `make test` runs everything else in parallel (`pytest -n N -m 'not serial'`, pytest-xdist), then
 these alone (`pytest -m serial`). A test belongs here when it acts host-wide or measures time
 against a deadline that a loaded machine would miss for reasons of its own: it kills processes by
-uid range, changes the host's cgroups, or times a failover, a node timeout or a restart.
+uid range, changes the host's cgroups, or times a failover or a restart.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ SERIAL: dict[str, str] = {
     ),
     "tests/api/test_job_listing.py::test_a_page_costs_the_same_queries_for_1_or_40_jobs": (
         "counts statements: on a crowded machine the 2 s token cache expires in between"
-    ),
-    "tests/scheduling/test_node_lifecycle.py::test_node_timeout_fails_or_requeues_its_jobs": (
-        "times a node timeout against the cycles"
     ),
 }
 

@@ -19,9 +19,29 @@ from scheduler.states import NodeState
 from tests import factories
 from tests.scheduling.harness import Cluster, fast_settings, report, running_cluster
 
+SILENT_SETTINGS = {"node_timeout_s": 30.0, "heartbeat_flush_interval_s": 0.0}
+
+
+async def fall_silent(cluster: Cluster, node_id: int, token: str, job_id: int) -> None:
+    """The node stops reporting, until `job_id` (which ran there) has ended NODE_FAIL.
+
+    Its last heartbeat is moved past the timeout rather than waited out: on a loaded machine a
+    short timeout ran out during a test's set-up. SILENT_SETTINGS writes every heartbeat at once,
+    so no buffered heartbeat can move it forward again.
+    """
+    async with cluster.sessionmaker() as session:
+        row = await session.get(Node, node_id)
+        assert row is not None
+        row.last_heartbeat_at = datetime.now(UTC) - timedelta(seconds=31)
+        await session.commit()
+    for _ in range(50):
+        await cluster.cycle()
+        if (await cluster.job(token, job_id))["state"] == "NODE_FAIL":
+            return
+
 
 async def test_node_timeout_fails_or_requeues_its_jobs(database_url: str) -> None:
-    settings = fast_settings(database_url, node_timeout_s=1.0)
+    settings = fast_settings(database_url, **SILENT_SETTINGS)
     async with running_cluster(settings) as cluster:
         org = await cluster.org(guaranteed=2)
         token = await cluster.user_token(org)
@@ -35,10 +55,7 @@ async def test_node_timeout_fails_or_requeues_its_jobs(database_url: str) -> Non
         old = [report(s["task_id"], job_id, "running") for job_id, s in specs.items()]
         await cluster.heartbeat(cred, tasks=old)
 
-        for _ in range(50):  # no heartbeats: the node times out
-            await asyncio.sleep(0.1)
-            if (await cluster.job(token, lose["id"]))["state"] == "NODE_FAIL":
-                break
+        await fall_silent(cluster, node["node_id"], token, lose["id"])
         assert (await cluster.job(token, lose["id"]))["state"] == "NODE_FAIL"
         requeued = await cluster.job(token, keep["id"])
         assert requeued["state"] in ("PENDING", "STARTING")
@@ -139,7 +156,7 @@ async def test_time_limit_check_is_exact_to_the_microsecond(engine: AsyncEngine)
 async def test_requeue_is_asked_for_apart_from_preemptible(database_url: str) -> None:
     """`--requeue` requeues a job that is not preemptible, `--no-requeue` keeps a preemptible
     one from it; the next attempt sees FAIRGPU_RESTART_COUNT."""
-    settings = fast_settings(database_url, node_timeout_s=1.0)
+    settings = fast_settings(database_url, **SILENT_SETTINGS)
     async with running_cluster(settings) as cluster:
         org = await cluster.org(guaranteed=2)
         token = await cluster.user_token(org)
@@ -154,10 +171,7 @@ async def test_requeue_is_asked_for_apart_from_preemptible(database_url: str) ->
         await cluster.heartbeat(
             cred, tasks=[report(s["task_id"], job_id, "running") for job_id, s in specs.items()]
         )
-        for _ in range(50):  # no heartbeats: the node times out
-            await asyncio.sleep(0.1)
-            if (await cluster.job(token, ends["id"]))["state"] == "NODE_FAIL":
-                break
+        await fall_silent(cluster, node["node_id"], token, ends["id"])
         assert (await cluster.job(token, ends["id"]))["state"] == "NODE_FAIL"
         requeued = await cluster.job(token, again["id"])
         assert requeued["state"] in ("PENDING", "STARTING")
