@@ -80,8 +80,14 @@ def test_login_checks_the_token_and_says_who_it_belongs_to(served: Served) -> No
 def test_install_completion_writes_bash_completion_that_completes(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "FAIRGPU_CONFIG_DIR": str(tmp_path / "cfg")}
     env["PATH"] = f"{FAIRGPU.parent}{os.pathsep}{env['PATH']}"
+    # The shell is the one the command is typed in (Typer looks at the parent process), so the
+    # command runs from bash, as a user's would: under `make` the test's own parent is sh (and
+    # `; exit` keeps bash from exec'ing the command, which would leave sh as its parent).
     installed = subprocess.run(
-        [FAIRGPU, "--install-completion", "bash"], env=env, capture_output=True, text=True
+        ["bash", "-c", f"'{FAIRGPU}' --install-completion; exit $?"],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert installed.returncode == 0, installed.stderr
     script = tmp_path / ".bash_completions" / "fairgpu.sh"
