@@ -18,7 +18,7 @@ CHUNK = b"x" * (64 * 1024)
 
 def _skip_hot_on_sqlite(hot: bool, database_url: str) -> None:
     if hot and "postgresql" not in database_url:
-        pytest.skip("the hot paths exist only on PostgreSQL")
+        pytest.skip("the direct routes (api/direct.py) exist only on PostgreSQL")
 
 
 def _retry_after(r: Any) -> int:

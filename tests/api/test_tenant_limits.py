@@ -37,7 +37,7 @@ async def _post(cluster: Cluster, token: str, **spec: Any) -> Any:
 
 def _skip_hot_on_sqlite(hot: bool, database_url: str) -> None:
     if hot and "postgresql" not in database_url:
-        pytest.skip("the hot paths exist only on PostgreSQL")
+        pytest.skip("the direct routes (api/direct.py) exist only on PostgreSQL")
 
 
 @pytest.mark.parametrize("hot", HOT)
