@@ -295,7 +295,9 @@ class Agent:
             if spec.task_id not in stopping and self.runner.start(spec):
                 changed = True
         for stop in reply.stop:
-            changed |= self.runner.stop(stop.task_id, grace_s=stop.grace_s, reason=stop.reason)
+            changed |= self.runner.stop(
+                stop.task_id, grace_s=stop.grace_s, reason=stop.reason, warn=bool(stop.signal)
+            )
         return changed
 
 

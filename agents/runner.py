@@ -144,12 +144,14 @@ class Runner:
             self._end(record, "failed_to_start", reason=f"{type(exc).__name__}: {exc}")
         return True
 
-    def stop(self, task_id: int, *, grace_s: float, reason: str) -> bool:
-        """SIGTERM now, SIGKILL after `grace_s`. False when there was nothing (new) to stop."""
+    def stop(self, task_id: int, *, grace_s: float, reason: str, warn: bool = False) -> bool:
+        """SIGTERM now (with `warn`, the task's warning signal if it has one), SIGKILL after
+        `grace_s`. False when there was nothing (new) to stop."""
         record = self.records.get(task_id)
         if record is None or record.state in TERMINAL_TASK_STATES or record.stop_reason:
             return False
-        self._terminate(record, grace_s=grace_s, reason=reason or "stop requested")
+        warning = _warning_signal(record) if warn else None
+        self._terminate(record, grace_s=grace_s, reason=reason or "stop requested", sig=warning)
         return True
 
     def poll(self, now: dt.datetime | None = None) -> bool:
@@ -180,6 +182,12 @@ class Runner:
                     self._terminate(
                         record, grace_s=self.config.time_limit_grace_s, reason="time limit"
                     )
+                elif (
+                    record.spec.signal is not None
+                    and not record.warned
+                    and elapsed_s >= record.spec.time_limit_s - record.spec.signal.lead_s
+                ):
+                    self._warn(record)
         return changed
 
     def acknowledge(self, task_ids: set[int]) -> None:
@@ -282,12 +290,57 @@ class Runner:
         self.state.save(record)
         log.info("task %d: started pid %d", spec.task_id, child.pid)
 
-    def _terminate(self, record: TaskRecord, *, grace_s: float, reason: str) -> None:
+    def _terminate(
+        self,
+        record: TaskRecord,
+        *,
+        grace_s: float,
+        reason: str,
+        sig: signal.Signals | None = None,
+    ) -> None:
+        """SIGTERM to the whole task, or `sig` as its warning signal says; SIGKILL later."""
         record.stop_reason = reason
         record.kill_at = utcnow() + dt.timedelta(seconds=grace_s)
         self.state.save(record)
+        if sig is not None:
+            self._send_warning(record, sig)
+            return
         self._signal(record, signal.SIGTERM)
         self.confinement.signal(record.task_id, signal.SIGTERM)
+
+    def _warn(self, record: TaskRecord) -> None:
+        """The warning signal, once, its lead time before the time limit."""
+        record.warned = True
+        self.state.save(record)
+        sig = _warning_signal(record)
+        if sig is not None:
+            log.info("task %d: %s ahead of the time limit", record.task_id, sig.name)
+            self._send_warning(record, sig)
+
+    def _send_warning(self, record: TaskRecord, sig: signal.Signals) -> None:
+        """To the batch shell alone (`B:`), or to every process of the task. Never to the wrapper
+        or the log copier, which a signal they do not handle would end: so not to the group."""
+        assert record.spec.signal is not None
+        if record.pid is None or not _alive(record.pid, record.pid_create_time):
+            return
+        try:
+            children = psutil.Process(record.pid).children()
+        except psutil.Error:
+            return
+        commands = [c for c in children if not _is_copier(c)]
+        if record.spec.signal.batch_only:
+            targets = commands  # under strict isolation the sandbox has exec'd the command
+        elif self.confinement.cgroup(record.task_id) is not None:
+            self.confinement.signal(record.task_id, sig)
+            return
+        else:
+            targets = [*commands]
+            for command in commands:
+                with contextlib.suppress(psutil.Error):
+                    targets.extend(command.children(recursive=True))
+        for process in targets:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(sig)
 
     def _kill(self, record: TaskRecord) -> None:
         record.killed = True
@@ -375,6 +428,25 @@ class Runner:
 
 
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
+
+
+def _warning_signal(record: TaskRecord) -> signal.Signals | None:
+    """The task's warning signal, if it has one that this platform knows."""
+    if record.spec.signal is None:
+        return None
+    try:
+        return signal.Signals["SIG" + record.spec.signal.name]
+    except KeyError:
+        log.warning("task %d: no signal %s here", record.task_id, record.spec.signal.name)
+        return None
+
+
+def _is_copier(process: psutil.Process) -> bool:
+    """The wrapper's log copier (agents.logcap), as opposed to the task's command."""
+    try:
+        return _LOGCAP in process.cmdline()
+    except psutil.Error:
+        return False
 
 
 def _lock_free(path: Path) -> bool:

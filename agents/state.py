@@ -57,6 +57,8 @@ class TaskRecord(BaseModel):
     kill_at: AwareDatetime | None = None
     """When SIGKILL follows the SIGTERM already sent."""
     killed: bool = False
+    warned: bool = False
+    """The warning signal (`TaskSpec.signal`) was sent ahead of the time limit."""
     log_base_bytes: int = 0
     """Bytes dropped from the front of a single-file `log` (size cap): offsets continue past it.
     Segmented logs carry this in their names."""

@@ -257,6 +257,7 @@ def describe(
         ("TimeLimit", human_duration(job["time_limit_s"])),
         ("Priority", job["priority_class"] + (" preemptible" if job["preemptible"] else "")),
         ("Requeue", job.get("requeue")),
+        ("Signal", job.get("signal")),
         ("Held", job["held"]),
         ("Submitted", f"{local_time(job['submitted_at'])} ({relative(job['submitted_at'], now)})"),
         ("Started", local_time(job.get("started_at"))),

@@ -24,6 +24,7 @@ from cli.parse import (
     parse_memory,
     parse_secret_env,
 )
+from protocol.signals import parse_signal
 
 MAX_SCRIPT_BYTES = 60 * 1024  # the server's bound (protocol/script.py), checked here first
 RAW_ARGS = "fairgpu.args"  # cli/lazy.py keeps a command's own arguments here in ctx.meta
@@ -67,6 +68,14 @@ def submit(
         typer.Option(
             "--requeue/--no-requeue",
             help="Requeue after a preemption or a node failure (default: when --preemptible).",
+        ),
+    ] = None,
+    signal: Annotated[
+        str | None,
+        typer.Option(
+            "--signal",
+            help="[B:]SIG[@SECONDS]: send SIG (USR1, TERM, 10...) SECONDS (default 60) before "
+            "the time limit, and instead of SIGTERM when preempted; B: only to the batch shell.",
         ),
     ] = None,
     env: Annotated[
@@ -118,9 +127,9 @@ def submit(
     `fairgpu submit train.sh ARGS` submits a batch script (it must start with `#!`): its leading
     comments may hold `#FAIRGPU` lines with these options (`#FAIRGPU -G H100:8 -t 4h`) and the
     common `#SBATCH` ones (--gres, --gpus-per-node, -N, -t, -J, -A, --mem, -D, -H, -a/--array,
-    -d/--dependency, --requeue, --no-requeue; -o and -e are ignored). Options given here win
-    over the script's. The node runs the script's interpreter on its text, with ARGS as $1...;
-    `describe --script` shows it.
+    -d/--dependency, --signal, --requeue, --no-requeue; -o and -e are ignored). Options given
+    here win over the script's. The node runs the script's interpreter on its text, with ARGS as
+    $1...; `describe --script` shows it.
     """
     body: dict[str, Any] = {}
     directives = Directives()
@@ -175,6 +184,12 @@ def submit(
         value = given(key, value)
         if value is not None:
             body[key] = value
+    signal_text = given("signal", signal)
+    if signal_text is not None:
+        try:
+            body["signal"] = str(parse_signal(signal_text))
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="'--signal'") from None
     requeue_given = given("requeue", requeue)
     if requeue_given is not None:
         body["requeue"] = _flag(requeue_given)

@@ -215,6 +215,17 @@ class Heartbeat(_Model):
     while keeping its credential); None: unchanged since the last report."""
 
 
+class TaskSignal(_Model):
+    """Sent `lead_s` before the time limit, and instead of SIGTERM at a stop that asks for it
+    (`TaskStop.signal`)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[A-Z0-9+-]+$")]
+    """Without SIG: "USR1". An agent that has no signal of this name leaves it unsent."""
+    lead_s: Annotated[float, Field(gt=0, le=MAX_TIME_LIMIT_S)]
+    batch_only: bool = False
+    """Only to the process the agent started (the batch shell), not to the whole task."""
+
+
 class TaskSpec(_Model):
     """A task to start: one node's share of a job (a gang of `num_nodes` tasks).
 
@@ -252,6 +263,9 @@ class TaskSpec(_Model):
     job_secret: Annotated[str, Field(min_length=16, max_length=128)] | None = None
     """A random secret per job, the same on every node of a gang, set as FAIRGPU_JOB_SECRET for
     frameworks that can authenticate their rendezvous with one."""
+    signal: TaskSignal | None = None
+    """The job's warning signal (`submit --signal`); None: none. Left out of the reply when
+    None, so agents older than the field still take the task."""
 
 
 class TaskStop(_Model):
@@ -259,6 +273,9 @@ class TaskStop(_Model):
     reason: Annotated[str, Field(max_length=256)] = ""
     grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     """Seconds between SIGTERM and SIGKILL."""
+    signal: bool | None = None
+    """True: the task's warning signal (`TaskSpec.signal`) instead of SIGTERM (a preemption);
+    None: SIGTERM. Left out when None, as agents older than the field refuse it."""
 
 
 class HeartbeatReply(_Model):

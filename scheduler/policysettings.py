@@ -69,6 +69,13 @@ class PolicySettings(BaseSettings):
         ge=0,
         description="Time between SIGTERM and SIGKILL when a task is stopped.",
     )
+    max_preemption_grace_s: float = Field(
+        _DEFAULT.max_preemption_grace_s,
+        ge=0,
+        le=3600,
+        description="The longest grace a preempted job with --signal SIG@SECONDS gets (its "
+        "SECONDS if longer than preemption_grace_s); no job's SECONDS may exceed it.",
+    )
     backfill_reservations: int = Field(
         _DEFAULT.backfill_reservations,
         ge=0,

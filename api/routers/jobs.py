@@ -89,6 +89,7 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         priority_class=job.priority_class,
         preemptible=job.preemptible,
         requeue=job.requeue if job.requeue is not None else job.preemptible,
+        signal=job.signal,
         held=job.held,
         state=job.state,
         state_reason=job.state_reason,
@@ -212,6 +213,7 @@ async def submit_job(
             idempotency_key=key,
             default_time_limit_s=settings.default_time_limit_s,
             max_time_limit_s=settings.max_time_limit_s,
+            max_preemption_grace_s=settings.policy.max_preemption_grace_s,
             limits=request.app.state.submit_limits,
             secret_cipher=settings_cipher(settings),
         )
@@ -257,6 +259,7 @@ async def _submit_array(
             idempotency_key=key,
             default_time_limit_s=settings.default_time_limit_s,
             max_time_limit_s=settings.max_time_limit_s,
+            max_preemption_grace_s=settings.policy.max_preemption_grace_s,
             limits=request.app.state.submit_limits,
             secret_cipher=settings_cipher(settings),
         )

@@ -26,6 +26,7 @@ from protocol.limits import (
     check_env_with_secrets,
 )
 from protocol.script import check_script, script_command
+from protocol.signals import parse_signal
 from protocol.states import JobState
 from scheduler.services.arrays import parse_array
 from scheduler.services.dependencies import AFTEROK, Dependencies, parse_dependency
@@ -77,6 +78,11 @@ class JobCreate(InputModel):
     requeue: bool | None = None
     """Put back in the queue after a preemption or a node failure (`--requeue`); null: when
     it is preemptible."""
+    signal: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    """Slurm's `--signal [B:]SIG[@SECONDS]`: SIG (a name, `USR1` or `SIGUSR1`, or a number)
+    SECONDS (default 60, at most the time limit and the server's `max_preemption_grace_s`)
+    before the time limit, and instead of SIGTERM at a preemption, whose grace is then at least
+    SECONDS. `B:` signals the batch shell only, not every process of the job."""
     hold: bool = False
     """Submit held: the job waits until released."""
     depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = Field(
@@ -120,6 +126,11 @@ class JobCreate(InputModel):
         fields["dependency_kinds"] = {i: k for i, k in kinds.items() if k != AFTEROK}
         fields["singleton"] = parsed.singleton
         return fields
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_signal(value))
 
     @field_validator("array")
     @classmethod
@@ -202,6 +213,8 @@ class JobPublic(OutputModel):
     preemptible: bool
     requeue: bool
     """Requeued after a preemption or a node failure."""
+    signal: str | None = None
+    """The warning signal, `[B:]NAME@SECONDS` (`--signal`); null: none."""
     held: bool
     state: JobState
     state_reason: str | None

@@ -153,6 +153,8 @@ class PolicyConfig:
     age_max_s: float = 7 * DAY_S
     min_runtime_s: float = 600.0
     preemption_grace_s: float = 30.0
+    # A job with `--signal SIG@SECONDS` is given max(preemption_grace_s, SECONDS) capped by this.
+    max_preemption_grace_s: float = 600.0
     backfill_reservations: int = 8  # blocked jobs at the head that hold a reservation
     backfill_depth: int = 50_000  # pending jobs examined per cycle
     # Switches that turn the fairgpu policy into the baselines the simulator compares with:

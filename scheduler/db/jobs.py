@@ -70,6 +70,8 @@ class Job(Base):
     preemptible: Mapped[bool] = mapped_column(Boolean, default=False)
     # Requeued after PREEMPTED or NODE_FAIL; None: when preemptible (`--requeue/--no-requeue`).
     requeue: Mapped[bool | None] = mapped_column(Boolean)
+    # `--signal`, normalised as `[B:]NAME@SECONDS` (protocol/signals.py); None: no warning signal.
+    signal: Mapped[str | None] = mapped_column(String(32))
     held: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[JobState] = mapped_column(

@@ -86,6 +86,7 @@ async def submit_array(
     idempotency_key: str | None = None,
     default_time_limit_s: int,
     max_time_limit_s: int,
+    max_preemption_grace_s: float = svc.DEFAULT_MAX_GRACE_S,
     secret_cipher: MultiFernet | None = None,
     limits: SubmitLimits | None = None,
     now: datetime | None = None,
@@ -112,6 +113,7 @@ async def submit_array(
     )
     now = now or utcnow()
     time_limit_s = svc.time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
+    svc.check_signal_lead(spec.signal, time_limit_s, max_preemption_grace_s)
     await svc.check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
         await svc.check_image_allowed(session, org_id, spec.image)

@@ -23,7 +23,9 @@ from sqlalchemy import ARRAY, BigInteger, String, Table, bindparam, func, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.signals import parse_signal
 from protocol.states import JobState
+from scheduler.core.types import PolicyConfig
 from scheduler.db import Event, Job, JobDependency, Org, Task
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
@@ -43,6 +45,7 @@ from scheduler.services.tenantlimits import (
     submission_guard,
 )
 
+DEFAULT_MAX_GRACE_S = PolicyConfig().max_preemption_grace_s
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
 _DEPS: Table = JobDependency.__table__  # type: ignore[assignment]
@@ -69,6 +72,8 @@ class JobSpec:
     priority_class: str = "normal"
     preemptible: bool = False
     requeue: bool | None = None
+    signal: str | None = None
+    """The warning signal, normalised (`B:USR1@60`); None: none."""
     hold: bool = False
     depends_on: list[int] = field(default_factory=list)
     """Every job it waits for; `afterok` unless `dependency_kinds` says otherwise."""
@@ -103,6 +108,31 @@ def time_limit_of(org: Org | None, asked: int | None, default_s: int, max_s: int
             f"time limit {asked} s exceeds the maximum of {max_s} s", max_time_limit_s=max_s
         )
     return asked
+
+
+def check_signal_lead(signal: str | None, time_limit_s: int, max_grace_s: float) -> None:
+    """Refuse a warning signal due before the job starts or beyond the longest grace."""
+    if signal is None:
+        return
+    lead_s = parse_signal(signal).lead_s
+    if lead_s > time_limit_s:
+        raise InvalidInput(
+            f"--signal {signal}: {lead_s} s is more than the time limit of {time_limit_s} s",
+            time_limit_s=time_limit_s,
+        )
+    if lead_s > max_grace_s:
+        raise InvalidInput(
+            f"--signal {signal}: {lead_s} s is more than the maximum of {max_grace_s:g} s",
+            max_preemption_grace_s=max_grace_s,
+        )
+
+
+def preemption_grace_of(job_signal: str | None, grace_s: float, max_grace_s: float) -> float:
+    """A preempted job's grace: the configured one, or its `--signal` lead time when longer
+    (up to `max_grace_s`)."""
+    if job_signal is None:
+        return grace_s
+    return max(grace_s, min(float(parse_signal(job_signal).lead_s), max_grace_s))
 
 
 async def check_dependencies(
@@ -186,6 +216,7 @@ def submission_rows(
         "priority_class": spec.priority_class,
         "preemptible": spec.preemptible,
         "requeue": spec.requeue,
+        "signal": spec.signal,
         "held": spec.hold,
         "idempotency_key": idempotency_key,
         "state": JobState.PENDING,
@@ -226,6 +257,7 @@ async def submit_job(
     idempotency_key: str | None = None,
     default_time_limit_s: int,
     max_time_limit_s: int,
+    max_preemption_grace_s: float = DEFAULT_MAX_GRACE_S,
     secret_cipher: MultiFernet | None = None,
     limits: SubmitLimits | None = None,
     now: datetime | None = None,
@@ -256,6 +288,7 @@ async def submit_job(
         org = await get_org(session, org_id)
     now = now or utcnow()
     time_limit_s = time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
+    check_signal_lead(spec.signal, time_limit_s, max_preemption_grace_s)
     await check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
         await check_image_allowed(session, org_id, spec.image)
@@ -312,6 +345,7 @@ JOB_INSERT_FIELDS = (
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
     "job_secret", "secret_env_ciphertext", "script", "singleton", "requeue",
+    "signal",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

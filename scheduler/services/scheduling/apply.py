@@ -27,6 +27,7 @@ from scheduler.core.types import Decisions, PendingInfo, Preemption, Start
 from scheduler.db import Allocation, Event, Gpu, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
+from scheduler.services.jobs import DEFAULT_MAX_GRACE_S, preemption_grace_of
 from scheduler.services.jobstate import STOP_PREEMPT, transition_job
 from scheduler.services.scheduling.load import Loaded, from_epoch, isolated_orgs
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop
@@ -263,6 +264,7 @@ async def apply_preemptions(
     now: datetime,
     grace_s: float,
     applied: Applied,
+    max_grace_s: float = DEFAULT_MAX_GRACE_S,
 ) -> None:
     if not preemptions:
         return
@@ -278,11 +280,13 @@ async def apply_preemptions(
         job = jobs.get(job_id)
         if job is None or not job.state.is_active or job.preempt_deadline is not None:
             continue  # ended or already being preempted: nothing to do
-        job.preempt_deadline = from_epoch(p.deadline)
+        # A job warned by --signal gets its lead time as the grace when that is longer.
+        job_grace_s = preemption_grace_of(job.signal, grace_s, max_grace_s)
+        job.preempt_deadline = from_epoch(p.deadline + (job_grace_s - grace_s))
         for t in tasks_by_job.get(job_id, ()):
             if (
                 t.attempt == job.requeue_count
-                and request_stop(t, STOP_PREEMPT, at=now, grace_s=grace_s)
+                and request_stop(t, STOP_PREEMPT, at=now, grace_s=job_grace_s)
                 and t.node_id is not None
             ):
                 applied.wake_nodes.add(t.node_id)

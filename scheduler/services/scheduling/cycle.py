@@ -111,7 +111,12 @@ async def _apply(
             session, decisions.starts, now, applied, loaded.org_names, one_by_one=one_by_one
         )
         await apply_preemptions(
-            session, decisions.preemptions, now, settings.policy.preemption_grace_s, applied
+            session,
+            decisions.preemptions,
+            now,
+            settings.policy.preemption_grace_s,
+            applied,
+            max_grace_s=settings.policy.max_preemption_grace_s,
         )
         await write_org_usage(session, loaded.org_usage, now)
         if settle_until is not None:

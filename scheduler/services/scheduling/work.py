@@ -15,13 +15,15 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
+from protocol.agent import HeartbeatReply, TaskSignal, TaskSpec, TaskStop
 from protocol.script import script_command
+from protocol.signals import parse_signal
 from scheduler.db import Allocation, Gpu, Job, Org, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
 from scheduler.secretenv import SecretsUnreadable, settings_cipher, unseal
 from scheduler.services.arrays import array_env
+from scheduler.services.jobstate import STOP_PREEMPT
 from scheduler.services.scheduling.tasks import ACTIVE_STATES
 from scheduler.settings import Settings
 
@@ -63,11 +65,9 @@ class NodeWork:
 
 
 def reply_json(reply: HeartbeatReply) -> str:
-    """The reply as sent. `credential` is left out unless set: an agent older than that field
-    refuses unknown fields, and only a renewal needs it."""
-    if reply.credential is None:
-        return reply.model_dump_json(exclude={"credential"})
-    return reply.model_dump_json()
+    """The reply as sent, without the fields that are None: an agent older than a field refuses
+    it (unknown fields are an error), and every field that may be None defaults to None."""
+    return reply.model_dump_json(exclude_none=True)
 
 
 async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) -> NodeWork:
@@ -95,8 +95,9 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
             grace_s=t.stop_grace_s
             if t.stop_grace_s is not None
             else settings.policy.preemption_grace_s,
+            signal=True if j.signal is not None and t.stop_reason == STOP_PREEMPT else None,
         )
-        for t, _ in rows
+        for t, j in rows
         if t.stop_requested_at is not None
     ]
     to_start = [(t, j) for t, j in rows if t.stop_requested_at is None]
@@ -218,7 +219,15 @@ def task_spec(
         master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
         memory_bytes=job.memory_bytes,
         job_secret=job.job_secret,
+        signal=_task_signal(job.signal),
     )
+
+
+def _task_signal(text: str | None) -> TaskSignal | None:
+    if text is None:
+        return None
+    warning = parse_signal(text)
+    return TaskSignal(name=warning.name, lead_s=warning.lead_s, batch_only=warning.batch_only)
 
 
 def _first_error(error: ValidationError) -> str:
