@@ -48,6 +48,7 @@ def test_every_policy_knob_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "age_max_s": ("60", 60.0),
         "min_runtime_s": ("5", 5.0),
         "preemption_grace_s": ("7", 7.0),
+        "max_preemption_grace_s": ("120", 120.0),
         "backfill_reservations": ("2", 2),
         "backfill_depth": ("100", 100),
         "ordering": ("fifo", "fifo"),

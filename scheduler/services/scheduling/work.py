@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from cryptography.fernet import MultiFernet
 from pydantic import ValidationError
@@ -65,9 +66,19 @@ class NodeWork:
 
 
 def reply_json(reply: HeartbeatReply) -> str:
-    """The reply as sent, without the fields that are None: an agent older than a field refuses
-    it (unknown fields are an error), and every field that may be None defaults to None."""
-    return reply.model_dump_json(exclude_none=True)
+    """The reply as sent. `credential` and the tasks' `signal` are left out unless set: an agent
+    older than those fields refuses unknown fields, and only a renewal or a job with `--signal`
+    needs them."""
+    exclude: dict[str, Any] = {}
+    if reply.credential is None:
+        exclude["credential"] = True
+    starts = {i: {"signal"} for i, spec in enumerate(reply.start) if spec.signal is None}
+    if starts:
+        exclude["start"] = starts
+    stops = {i: {"signal"} for i, stop in enumerate(reply.stop) if stop.signal is None}
+    if stops:
+        exclude["stop"] = stops
+    return reply.model_dump_json(exclude=exclude or None)
 
 
 async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) -> NodeWork:
