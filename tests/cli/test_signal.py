@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,7 +110,7 @@ def test_the_signal_comes_its_lead_before_the_time_limit(served: Served, tmp_pat
             "-e", f"OUT={out_batch}", str(script), token=token,
         ).strip()  # fmt: skip
         described = served.ok("describe", batch, token=token)
-        assert "Signal:" in described and "B:USR1@5" in described
+        assert re.search(r"^\s*Signal:\s+B:USR1@5$", described, re.MULTILINE), described
         assert json.loads(served.ok("describe", whole, "-o", "json"))["signal"] == "USR1@5"
         assert wait_state(served, whole, {"TIMEOUT", "COMPLETED", "FAILED"}) == "TIMEOUT"
         assert wait_state(served, batch, {"TIMEOUT", "COMPLETED", "FAILED"}) == "TIMEOUT"
@@ -131,8 +132,8 @@ def test_a_preempted_job_gets_its_signal_and_its_grace(preempting: Served, tmp_p
     out = tmp_path / "preempted.txt"
     # On USR1 it checkpoints for 3 s, longer than the 1 s grace, within its own 5 s.
     job = (
-        "trap 'echo \"got $(date +%s.%N)\" >> \"$OUT\"; sleep 3; "
-        "echo \"saved $(date +%s.%N)\" >> \"$OUT\"; exit 0' USR1; "
+        'trap \'echo "got $(date +%s.%N)" >> "$OUT"; sleep 3; '
+        'echo "saved $(date +%s.%N)" >> "$OUT"; exit 0\' USR1; '
         "while :; do sleep 0.1; done"
     )
     with agent(served, tmp_path):
@@ -161,7 +162,8 @@ def test_a_bad_signal_is_a_one_line_error(served: Served, tmp_path: Path) -> Non
         ("USR1@x", "seconds must be a positive integer"),
     ]:
         result = served.run("submit", "-t", "1h", "--signal", value, "--", "true", token=token)
-        assert result.exit_code != 0 and words in result.output, result.output
+        assert result.exit_code != 0, result.output
+        assert words in result.output, result.output
         assert "Traceback" not in result.output
     result = served.run("submit", "-t", "1m", "--signal", "USR1@61", "--", "true", token=token)
     assert result.exit_code != 0, result.output
@@ -170,4 +172,5 @@ def test_a_bad_signal_is_a_one_line_error(served: Served, tmp_path: Path) -> Non
     script = tmp_path / "bad.sh"
     script.write_text("#!/bin/sh\n#SBATCH --signal=USR1@abc\ntrue\n")
     result = served.run("submit", "-t", "1h", str(script), token=token)
-    assert result.exit_code != 0 and "positive integer" in result.output, result.output
+    assert result.exit_code != 0, result.output
+    assert "positive integer" in result.output, result.output
