@@ -6,6 +6,7 @@ An array's id changes every pending task of the array alike.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +53,8 @@ async def update_job(
                 f"members may only lower a pending job's time limit ({job.time_limit_s} s); "
                 "an org admin may raise it"
             )
+        # The warning signal still has to come after the start (every task of an array has one).
+        svc.check_signal_lead(job.signal, time_limit_s, math.inf)
         changes["time_limit_s"] = time_limit_s
     if name is not None:
         changes["name"] = name

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
+from protocol.agent import TaskSignal
 from tests.agents.helpers import spec, wait_for
 
 PY = sys.executable
@@ -300,3 +302,45 @@ def test_prune_forgets_only_fully_delivered_old_tasks(state: StateDir) -> None:
     assert not state.task_dir(1).exists()
     runner.prune(older_than_s=86_400)
     assert sorted(runner.records) == [2]
+
+
+def test_the_warning_signal_comes_once_then_again_instead_of_sigterm_at_a_stop(
+    state: StateDir, tmp_path: Path
+) -> None:
+    out, ready = tmp_path / "usr1", tmp_path / "ready"
+    code = (
+        "import pathlib, signal, time\n"
+        f"out = pathlib.Path({str(out)!r})\n"
+        "def got(*_):\n"
+        "    with out.open('a') as f: f.write('usr1\\n')\n"
+        "signal.signal(signal.SIGUSR1, got)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "while True: time.sleep(0.02)\n"
+    )
+    warning = TaskSignal(name="USR1", lead_s=50)
+    first = Runner(state)
+    first.start(spec(1, [PY, "-c", code], time_limit_s=60, signal=warning))
+    wait_for(ready.exists)
+    started = first.records[1].started_at
+    assert started is not None
+    first.poll(now=started + dt.timedelta(seconds=9))
+    assert not out.exists()  # 51 s before the limit: not yet
+    first.poll(now=started + dt.timedelta(seconds=10))
+    wait_for(lambda: out.exists() and out.read_text() == "usr1\n")
+    # Sent once, even by an agent that restarted since.
+    second = Runner(state)
+    second.recover()
+    assert second.records[1].warned
+    second.poll(now=started + dt.timedelta(seconds=20))
+    time.sleep(0.3)
+    assert out.read_text() == "usr1\n"
+    # A stop that asks for the warning sends it instead of SIGTERM: the task lives on.
+    assert second.stop(1, grace_s=0.5, reason="preempt", warn=True)
+    wait_for(lambda: out.read_text() == "usr1\nusr1\n")
+    assert second.records[1].state == "running"
+    wait_for(lambda: (second.poll(), second.records[1].killed)[1])
+    wait_for(lambda: first._children[1].poll() is not None)  # reap it as init would
+    run_to_end(second, 1)
+    r = second.records[1]
+    assert (r.state, r.signal) == ("stopped", signal.SIGKILL)
+    assert r.reason == "preempt; killed after the grace period"

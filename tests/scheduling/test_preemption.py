@@ -101,6 +101,11 @@ async def test_signal_validation(cluster: Cluster) -> None:
     user = await cluster.user_token(org)
     job = await cluster.submit(user, signal="b:SIGUSR2", time_limit=120)
     assert job["signal"] == "B:USR2@60"  # normalised; 60 s when SECONDS is left out
+    # `update --time` may not bring the limit under the signal's lead either.
+    path = f"/v1/jobs/{job['id']}"
+    problem = await cluster.call("PATCH", path, user, {"time_limit": 59}, expect=422)
+    assert "more than the time limit of 59 s" in problem["detail"], problem
+    await cluster.call("PATCH", path, user, {"time_limit": 60}, expect=200)
     assert (await cluster.submit(user, signal="10@5"))["signal"] == "USR1@5"
     for signal, time_limit, words in [
         ("USR1@121", 120, "more than the time limit of 120 s"),
