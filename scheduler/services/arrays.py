@@ -29,10 +29,13 @@ from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
 from scheduler.services import jobs as svc
 from scheduler.services.dependencies import AFTEROK
-from scheduler.services.errors import Conflict, NotFound, SecretsNotConfigured
+from scheduler.services.errors import Conflict, InvalidInput, NotFound, SecretsNotConfigured
 from scheduler.services.tenantlimits import SubmitLimits, check_submission
 
 MAX_ARRAY_TASKS = 10_000
+# Each task is a job row with its own copy of the command, environment and script: one request
+# may not make the server write (and hold, while it does) more than this.
+MAX_ARRAY_BYTES = 32 * 1024 * 1024
 MAX_ARRAY_TASK_ID = 9_999_999
 _ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
@@ -75,6 +78,33 @@ def parse_array(text: str) -> ArraySpec:
     return ArraySpec(tuple(sorted(ids)), limit)
 
 
+def task_payload_bytes(spec: svc.JobSpec) -> int:
+    """What every task of an array stores of its own: command, environment, secrets, script."""
+    pairs = {**spec.env, **spec.secret_env}
+    return (
+        sum(len(arg.encode()) for arg in spec.command)
+        + sum(len(k.encode()) + len(v.encode()) for k, v in pairs.items())
+        + len((spec.script or "").encode())
+        + len((spec.workdir or "").encode())
+        + len((spec.image or "").encode())
+    )
+
+
+def check_array_bytes(spec: svc.JobSpec, tasks: int) -> None:
+    """Refuse an array whose tasks together would store more than MAX_ARRAY_BYTES."""
+    per_task = task_payload_bytes(spec)
+    if per_task * tasks > MAX_ARRAY_BYTES:
+        fits = max(1, MAX_ARRAY_BYTES // max(per_task, 1))
+        raise InvalidInput(
+            f"an array of {tasks} tasks would store {per_task * tasks / 2**20:.1f} MiB of "
+            f"command, environment and script (each task keeps its own copy of {per_task} "
+            f"bytes); at most {MAX_ARRAY_BYTES // 2**20} MiB: submit at most {fits} tasks at "
+            "once, or keep the script in a file the job reads and run it by path",
+            max_array_bytes=MAX_ARRAY_BYTES,
+            task_bytes=per_task,
+        )
+
+
 async def submit_array(
     session: AsyncSession,
     *,
@@ -102,6 +132,7 @@ async def submit_array(
         existing = await svc.find_by_idempotency_key(session, user_id, idempotency_key)
         if existing is not None:
             return svc.Submitted(existing, created=False)
+    check_array_bytes(spec, len(array.task_ids))
     org = await svc.get_org(session, org_id)
     await check_submission(
         session,

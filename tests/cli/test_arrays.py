@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from scheduler.bench.procs import fairgpu_command
-from scheduler.services.arrays import MAX_ARRAY_TASKS, parse_array
+from scheduler.services.arrays import MAX_ARRAY_BYTES, MAX_ARRAY_TASKS, parse_array
 from tests.cli.conftest import Served
 
 
@@ -93,6 +93,37 @@ def test_an_array_over_the_pending_cap_says_so(served: Served) -> None:
     assert refused.exit_code != 0
     assert "an array of 10 jobs would take org acme to 10 pending jobs" in refused.stderr
     served.ok("submit", "-A", "acme", "--array", "0-4", "--", "x")
+
+
+def test_an_array_may_not_make_the_server_store_more_than_its_bound(served: Served) -> None:
+    """Every task keeps its own copy of the command, environment and script: 5,000 tasks of a
+    60 KiB environment would be 300 MiB written from one request of 60 KiB."""
+    served.ok("org", "create", "acme")
+    headers = {"Authorization": f"Bearer {served.admin_token}"}
+    env = {f"V{i}": "x" * 1000 for i in range(60)}  # about 60 KiB per task
+    before = len(_json(served, "queue", "-A", "acme", "-t", "PD,CA"))
+    r = httpx.post(
+        f"{served.url}/v1/jobs",
+        json={"command": ["x"], "org": "acme", "env": env, "array": "0-4999"},
+        headers=headers,
+    )
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["max_array_bytes"] == MAX_ARRAY_BYTES
+    assert "an array of 5000 tasks would store" in problem["detail"]
+    assert len(_json(served, "queue", "-A", "acme", "-t", "PD,CA")) == before  # nothing stored
+    fits = MAX_ARRAY_BYTES // problem["task_bytes"]
+    assert fits < 5000
+    r = httpx.post(
+        f"{served.url}/v1/jobs",
+        json={"command": ["x"], "org": "acme", "env": env, "array": f"0-{fits - 1}"},
+        headers=headers,
+    )
+    assert r.status_code == 201, r.text
+    refused = served.run("submit", "-A", "acme", "--array", "0-4999", "--", "x" * 10_000)
+    assert refused.exit_code != 0
+    assert "MiB of command, environment and script" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 @contextmanager
