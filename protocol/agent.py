@@ -93,6 +93,13 @@ class _Model(BaseModel):
     )
 
 
+class _Reply(_Model):
+    # What the server sends the agent: fields this agent does not know are left out rather than
+    # refused, so that a server newer than its agents (a rolling upgrade) still reaches them.
+    # What the agent sends stays strict: the server refuses what it does not know.
+    model_config = ConfigDict(extra="ignore")
+
+
 class GpuInfo(_Model):
     """One GPU as the agent found it at start-up; the scheduler places jobs from this."""
 
@@ -126,7 +133,7 @@ class AgentRegister(_Model):
     """How this agent confines tasks; an agent that does not say is taken as unconfined."""
 
 
-class AgentRegistered(_Model):
+class AgentRegistered(_Reply):
     node_id: int
     node_name: Name
     credential: Annotated[str, Field(min_length=16, max_length=512)]
@@ -215,7 +222,7 @@ class Heartbeat(_Model):
     while keeping its credential); None: unchanged since the last report."""
 
 
-class TaskSignal(_Model):
+class TaskSignal(_Reply):
     """Sent `lead_s` before the time limit, and instead of SIGTERM at a stop that asks for it
     (`TaskStop.signal`)."""
 
@@ -226,7 +233,7 @@ class TaskSignal(_Model):
     """Only to the process the agent started (the batch shell), not to the whole task."""
 
 
-class TaskSpec(_Model):
+class TaskSpec(_Reply):
     """A task to start: one node's share of a job (a gang of `num_nodes` tasks).
 
     The agent sets CUDA_VISIBLE_DEVICES (to `gpus`, or `gpu_uuids` when configured), FAIRGPU_JOB_ID,
@@ -265,10 +272,10 @@ class TaskSpec(_Model):
     frameworks that can authenticate their rendezvous with one."""
     signal: TaskSignal | None = None
     """The job's warning signal (`submit --signal`); None: none. Left out of the reply when
-    None, so agents older than the field still take the task."""
+    None, so agents older than the field (which refused unknown fields) still take the task."""
 
 
-class TaskStop(_Model):
+class TaskStop(_Reply):
     task_id: int
     reason: Annotated[str, Field(max_length=256)] = ""
     grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
@@ -278,7 +285,7 @@ class TaskStop(_Model):
     None: SIGTERM. Left out when None, as agents older than the field refuse it."""
 
 
-class HeartbeatReply(_Model):
+class HeartbeatReply(_Reply):
     start: Annotated[list[TaskSpec], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = Field(
         default_factory=list
     )

@@ -41,9 +41,28 @@ def test_limits() -> None:
         )  # fmt: skip
 
 
-def test_unknown_fields_are_an_error_not_silently_dropped() -> None:
+def test_unknown_fields_from_an_agent_are_an_error_not_silently_dropped() -> None:
     with pytest.raises(ValidationError):
         Heartbeat.model_validate({"samples": [], "surprise": 1})
+
+
+def test_a_reply_from_a_newer_server_still_reaches_the_agent() -> None:
+    """A field the agent does not know (a server upgraded before its agents) is left out: the
+    agent still starts and stops the tasks it is given."""
+    task = spec(3).model_dump(mode="json", exclude_none=True)
+    reply = HeartbeatReply.model_validate(
+        {
+            "start": [{**task, "checkpoint": {"path": "/ckpt"}}],
+            "stop": [{"task_id": 4, "grace_s": 5, "drain": True}],
+            "heartbeat_interval_s": 5,
+            "server_time": "2026-12-03T08:00:00+00:00",
+            "interactive": [{"stream": 1}],
+        }
+    )
+    assert reply.start == [spec(3)]
+    assert [(s.task_id, s.grace_s) for s in reply.stop] == [(4, 5.0)]
+    with pytest.raises(ValidationError):  # what it does know is still checked
+        HeartbeatReply.model_validate({**reply.model_dump(mode="json"), "heartbeat_interval_s": 0})
 
 
 def test_round_trip_through_json() -> None:
