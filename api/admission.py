@@ -11,9 +11,10 @@ so that both paths are bound alike and a refused request costs no body read:
   so they pay nothing here and the route authenticates them as before.
 - A token bucket per token (by its hash) for `POST /v1/jobs` and `POST /v1/agent/heartbeat`:
   `submit_rate_per_s`/`submit_burst` and `heartbeat_rate_per_s`/`heartbeat_burst`; past it,
-  429 with Retry-After. The buckets live in this process: each server process (each worker of
-  `fairgpu server --workers N`, each replica) keeps its own, so a client spread over N
-  processes may reach N times the rate.
+  429 with Retry-After. An array of N jobs pays for the other N - 1 (up to the burst) once its
+  body is read (`charge_submissions`). The buckets live in this process: each server process
+  (each worker of `fairgpu server --workers N`, each replica) keeps its own, so a client
+  spread over N processes may reach N times the rate.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from api.deps import parse_bearer
 from api.limits import AGENT_PREFIX, MAX_BODY_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
 from scheduler.db.types import utcnow
+from scheduler.services.errors import TooManyRequests
 from scheduler.services.tokens import find_valid_token, hash_token
 from scheduler.settings import Settings
 from scheduler.states import TokenKind
@@ -52,10 +54,12 @@ class TokenBuckets:
         self.burst = float(burst)
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens left, when counted]
 
-    def take(self, key: str, now: float | None = None) -> float:
-        """0 when the request may go; otherwise the seconds until it may."""
+    def take(self, key: str, now: float | None = None, cost: float = 1.0) -> float:
+        """0 when the request may go (and `cost` is taken); otherwise the seconds until it may.
+        A cost above the burst could never be paid: it is taken as the burst."""
         if self.rate_per_s <= 0:
             return 0.0
+        cost = min(cost, self.burst)
         now = time.monotonic() if now is None else now
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -64,11 +68,11 @@ class TokenBuckets:
             bucket = self._buckets[key] = [self.burst, now]
         tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_s)
         bucket[1] = now
-        if tokens >= 1.0:
-            bucket[0] = tokens - 1.0
+        if tokens >= cost:
+            bucket[0] = tokens - cost
             return 0.0
         bucket[0] = tokens
-        return (1.0 - tokens) / self.rate_per_s
+        return (cost - tokens) / self.rate_per_s
 
     def _prune(self, now: float) -> None:
         full_after_s = self.burst / self.rate_per_s
@@ -162,6 +166,25 @@ class Admission:
                 )
                 return False
         return True
+
+    def charge_submissions(self, authorization: str, jobs: int) -> None:
+        """An array is `jobs` submissions, not one: the request paid for one on admission,
+        the rest (up to the burst) is taken now, or TooManyRequests says when to retry."""
+        secret = parse_bearer(authorization)
+        if secret is None or jobs <= 1:
+            return
+        # Admission took one; at most the rest of a full bucket, so one large array can pass.
+        wait_s = self.submits.take(hash_token(secret), cost=min(jobs, self.submits.burst) - 1.0)
+        if wait_s > 0:
+            retry_after = max(1, math.ceil(wait_s))
+            raise TooManyRequests(
+                f"an array of {jobs} jobs counts as {jobs} submissions: more than "
+                f"{self.submits.rate_per_s:g} per second (bursts of {self.submits.burst:g}) "
+                f"from this token; retry after {retry_after} s",
+                rate_per_s=self.submits.rate_per_s,
+                burst=int(self.submits.burst),
+                retry_after_s=retry_after,
+            )
 
     async def _agent_token(
         self,

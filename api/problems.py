@@ -99,6 +99,8 @@ def _location(loc: tuple[Any, ...] | list[Any]) -> str:
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    if exc.status == 429:
+        headers = {"Retry-After": str(exc.extra.get("retry_after_s", 1))}
     if exc.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return problem(request, exc.status, exc.detail, title=exc.title, headers=headers, **exc.extra)

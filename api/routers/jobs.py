@@ -248,6 +248,11 @@ async def _submit_array(
     """An array's elements are several statements: a transaction of their own."""
     settings: Settings = request.app.state.settings
     assert principal.user_id is not None
+    tasks = arrays.parse_array(array)
+    arrays.check_array_bytes(spec, len(tasks.task_ids))  # before it is charged: a 422 is free
+    admission = getattr(request.app, "admission", None)
+    if admission is not None:
+        admission.charge_submissions(request.headers.get("authorization", ""), len(tasks.task_ids))
     async with request.app.state.sessionmaker() as session:
         result = await arrays.submit_array(
             session,
@@ -255,7 +260,7 @@ async def _submit_array(
             user_id=principal.user_id,
             actor=principal.actor,
             spec=spec,
-            array=arrays.parse_array(array),
+            array=tasks,
             idempotency_key=key,
             default_time_limit_s=settings.default_time_limit_s,
             max_time_limit_s=settings.max_time_limit_s,

@@ -42,6 +42,13 @@ class Conflict(DomainError):
     title = "Conflict"
 
 
+class TooManyRequests(DomainError):
+    """Over a rate limit; `retry_after_s` (in `extra`) says when to try again."""
+
+    status = 429
+    title = "Too many requests"
+
+
 class Unavailable(DomainError):
     """The database (or the scheduler) is away for now: try again."""
 

@@ -73,6 +73,29 @@ async def test_submissions_past_the_rate_are_429_with_retry_after(
         assert (await _post(cluster, "/v1/jobs", other, body)).status_code == 201
 
 
+async def test_an_array_counts_as_its_jobs_against_the_submission_rate(
+    database_url: str,
+) -> None:
+    settings = fast_settings(database_url, submit_rate_per_s=0.5, submit_burst=10)
+    async with running_cluster(settings) as cluster:
+        org = await cluster.org()
+        user, other = await cluster.user_token(org), await cluster.user_token(org)
+        array = {"command": ["x"], "time_limit": 60, "array": "0-5"}
+        assert (await _post(cluster, "/v1/jobs", user, array)).status_code == 201  # 6 of 10
+        refused = await _post(cluster, "/v1/jobs", user, array)  # 6 more: over the burst
+        assert refused.status_code == 429
+        assert _retry_after(refused) >= 2
+        assert "an array of 6 jobs counts as 6 submissions" in refused.json()["detail"]
+        assert (await _post(cluster, "/v1/jobs", user, {**array, "array": "0"})).status_code == 201
+        # One array larger than the burst still passes from a full bucket, and empties it.
+        assert (
+            await _post(cluster, "/v1/jobs", other, {**array, "array": "0-99"})
+        ).status_code == 201
+        assert (await _post(cluster, "/v1/jobs", other, {**array, "array": "0"})).status_code == 429
+        listed = (await cluster.call("GET", "/v1/jobs?limit=500", user))["data"]
+        assert len(listed) == 6 + 1 + 100  # the refused array stored nothing
+
+
 @pytest.mark.parametrize("hot", HOT)
 async def test_heartbeats_past_the_rate_are_429(database_url: str, hot: bool) -> None:
     _skip_hot_on_sqlite(hot, database_url)
