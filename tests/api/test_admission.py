@@ -76,7 +76,7 @@ async def test_submissions_past_the_rate_are_429_with_retry_after(
 async def test_an_array_counts_as_its_jobs_against_the_submission_rate(
     database_url: str,
 ) -> None:
-    settings = fast_settings(database_url, submit_rate_per_s=0.5, submit_burst=10)
+    settings = fast_settings(database_url, submit_rate_per_s=0.1, submit_burst=10)
     async with running_cluster(settings) as cluster:
         org = await cluster.org()
         user, other = await cluster.user_token(org), await cluster.user_token(org)

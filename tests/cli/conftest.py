@@ -7,7 +7,10 @@ which runs `fairgpu ARGS...` through Typer's CliRunner with FAIRGPU_SERVER / FAI
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from typer.testing import CliRunner, Result
 
 from api.app import create_app
 from cli.main import app as cli_app
+from scheduler.bench.procs import fairgpu_command
 from scheduler.db import User
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.services.tokens import issue_token
@@ -127,3 +131,26 @@ def wait_for(predicate: object, timeout_s: float = 15.0) -> None:
 
 def get_json(url: str, path: str, token: str) -> object:
     return httpx.get(url + path, headers={"Authorization": f"Bearer {token}"}).json()
+
+
+@contextmanager
+def simulated_agent(served: Served, tmp_path: Path, *extra: str) -> Iterator[None]:
+    """A real `fairgpu agent` process with two simulated H100s (node `n1`, no isolation) joined
+    to `served`; `extra` agent options are added. Its output goes to tmp_path/agent.log."""
+    join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
+    with (tmp_path / "agent.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
+                "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
+                "--log-level", "warning", "--isolation", "none", *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            process.terminate()
+            process.wait(timeout=15)

@@ -4,20 +4,15 @@ job route, `cancel 42` for all, the queue's folded rows, `%N` on a real agent.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from scheduler.bench.procs import fairgpu_command
 from scheduler.services.arrays import MAX_ARRAY_BYTES, MAX_ARRAY_TASKS, parse_array
-from tests.cli.conftest import Served
+from tests.cli.conftest import Served, simulated_agent
 
 
 def _json(served: Served, *args: str, token: str | None = None) -> Any:
@@ -114,38 +109,19 @@ def test_an_array_may_not_make_the_server_store_more_than_its_bound(served: Serv
     assert len(_json(served, "queue", "-A", "acme", "-t", "PD,CA")) == before  # nothing stored
     fits = MAX_ARRAY_BYTES // problem["task_bytes"]
     assert fits < 5000
+    # A token of its own: an array of N jobs takes N submissions (up to the burst) from its
+    # token's rate, and the admin's has just spent one on the refused request.
+    ada = _json(served, "user", "create", "ada", "--org", "acme", "--token")["token"]
     r = httpx.post(
         f"{served.url}/v1/jobs",
         json={"command": ["x"], "org": "acme", "env": env, "array": f"0-{fits - 1}"},
-        headers=headers,
+        headers={"Authorization": f"Bearer {ada}"},
     )
     assert r.status_code == 201, r.text
     refused = served.run("submit", "-A", "acme", "--array", "0-4999", "--", "x" * 10_000)
     assert refused.exit_code != 0
     assert "MiB of command, environment and script" in refused.stderr
     assert "Traceback" not in refused.stderr
-
-
-@contextmanager
-def _agent(served: Served, tmp_path: Path) -> Iterator[None]:
-    join = _json(served, "join-token", "create")["token"]
-    log = (tmp_path / "agent.log").open("wb")
-    agent = subprocess.Popen(
-        [
-            *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
-            "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
-            "--log-level", "warning", "--isolation", "none",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        agent.terminate()
-        agent.wait(timeout=15)
-        log.close()
 
 
 def _wait(what: str, check: Any, timeout_s: float = 30) -> Any:
@@ -160,7 +136,7 @@ def test_tasks_get_their_ids_and_the_limit_holds(served: Served, tmp_path: Path)
     served.ok("org", "create", "acme")
     served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")
     show = "echo $FAIRGPU_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $FAIRGPU_ARRAY_TASK_COUNT"
-    with _agent(served, tmp_path):
+    with simulated_agent(served, tmp_path):
         array_id = served.ok(
             "submit", "--parsable", "-A", "acme", "-G", "H100:1", "-t", "5m", "--array", "3-5",
             "--", "sh", "-c", f"{show} $FAIRGPU_ARRAY_TASK_MIN $SLURM_ARRAY_TASK_MAX",

@@ -4,16 +4,13 @@ real server (SQLite and PostgreSQL); the script really runs on an agent."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served
+from tests.cli.conftest import Served, simulated_agent
 
 TRAIN = """#!/bin/bash
 # A training run.
@@ -117,23 +114,11 @@ def test_double_dash_runs_the_file_as_a_program(served: Served, tmp_path: Path) 
 
 
 def test_the_script_runs_on_an_agent(served: Served, tmp_path: Path) -> None:
-    join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
     served.ok("org", "create", "acme")
     served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")
     ada = json.loads(served.ok("user", "create", "ada", "--org", "acme", "--token", "-o", "json"))
     text = '#!/bin/sh\n#FAIRGPU -G H100:1 -t 5m\necho "$0 got $# args: $1|$2"\n'
-    log = (tmp_path / "agent.log").open("wb")
-    agent = subprocess.Popen(
-        [
-            *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
-            "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
-            "--log-level", "warning", "--isolation", "none",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
-    )  # fmt: skip
-    try:
+    with simulated_agent(served, tmp_path):
         job = served.ok(
             "submit", "--parsable", _script(tmp_path, text, "run.sh"), "a b", "c",
             token=ada["token"],
@@ -144,7 +129,3 @@ def test_the_script_runs_on_an_agent(served: Served, tmp_path: Path) -> None:
             assert state not in ("FAILED", "CANCELLED"), state
             assert time.monotonic() < deadline, state
             time.sleep(0.2)
-    finally:
-        agent.terminate()
-        agent.wait(timeout=15)
-        log.close()

@@ -4,19 +4,15 @@ isolation), jobs that trap the signal and write what they saw to files."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served, serve
+from tests.cli.conftest import Served, serve, simulated_agent
 
 # Traps USR1 in the batch shell and in a child process; each writes a line to $OUT when it gets
 # one. The shell waits for the child in a loop, as a wait interrupted by a trap returns early.
@@ -44,28 +40,6 @@ def preempting(
     monkeypatch.setenv("FAIRGPU_POLICY_PREEMPTION_GRACE_S", "1")
     monkeypatch.setenv("FAIRGPU_POLICY_MIN_RUNTIME_S", "0")
     yield from serve(database_url, tmp_path)
-
-
-@contextmanager
-def agent(served: Served, tmp_path: Path) -> Iterator[None]:
-    join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
-    log = (tmp_path / "agent.log").open("wb")
-    process = subprocess.Popen(
-        [
-            *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
-            "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
-            "--log-level", "warning", "--isolation", "none", "--time-limit-grace-s", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-        log.close()
 
 
 def member(served: Served, org: str, guaranteed: int) -> str:
@@ -99,7 +73,7 @@ def test_the_signal_comes_its_lead_before_the_time_limit(served: Served, tmp_pat
     script = tmp_path / "train.sh"
     script.write_text(_SCRIPT)
     out_all, out_batch = tmp_path / "all.txt", tmp_path / "batch.txt"
-    with agent(served, tmp_path):
+    with simulated_agent(served, tmp_path, "--time-limit-grace-s", "1"):
         # The command line wins over the script's #SBATCH --signal=USR1@50.
         whole = served.ok(
             "submit", "--parsable", "-G", "H100:1", "-t", "8s", "--signal", "USR1@5",
@@ -136,7 +110,7 @@ def test_a_preempted_job_gets_its_signal_and_its_grace(preempting: Served, tmp_p
         'echo "saved $(date +%s.%N)" >> "$OUT"; exit 0\' USR1; '
         "while :; do sleep 0.1; done"
     )
-    with agent(served, tmp_path):
+    with simulated_agent(served, tmp_path, "--time-limit-grace-s", "1"):
         lent = served.ok(
             "submit", "--parsable", "-G", "H100:2", "-t", "10m", "--preemptible",
             "--signal", "USR1@5", "-e", f"OUT={out}", "--", "sh", "-c", job, token=borrower,

@@ -12,26 +12,14 @@ from pathlib import Path
 import pytest
 
 from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served
+from tests.cli.conftest import Served, simulated_agent
 
 
 def test_a_job_runs_on_an_agent_and_its_logs_follow(served: Served, tmp_path: Path) -> None:
-    join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
     served.ok("org", "create", "acme")
     served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")
     ada = json.loads(served.ok("user", "create", "ada", "--org", "acme", "--token", "-o", "json"))
-    log = (tmp_path / "agent.log").open("wb")
-    agent = subprocess.Popen(
-        [
-            *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
-            "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
-            "--log-level", "warning", "--isolation", "none",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
-    )  # fmt: skip
-    try:
+    with simulated_agent(served, tmp_path):
         job = served.ok(
             "submit", "--parsable", "-G", "H100:1", "-t", "5m", "--",
             "sh", "-c", "echo hello from $CUDA_VISIBLE_DEVICES; sleep 1; echo bye",
@@ -53,10 +41,6 @@ def test_a_job_runs_on_an_agent_and_its_logs_follow(served: Served, tmp_path: Pa
         ]
         assert served.ok("logs", job, "--tail", "4") == "bye\n"
         assert "n1" in served.ok("node", "list")
-    finally:
-        agent.terminate()
-        agent.wait(timeout=15)
-        log.close()
 
 
 @pytest.mark.slow
