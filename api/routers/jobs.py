@@ -199,7 +199,6 @@ async def submit_job(
         raise InvalidInput("jobs belong to a user")
     org_id = await _submit_org(session, principal, body.org)
     key = checked_idempotency_key(idempotency_key)
-    settings: Settings = request.app.state.settings
     spec = svc.JobSpec(**body.spec_fields())
     if body.array is not None:
         return await _submit_array(request, body.array, spec, org_id, principal, key)
@@ -211,11 +210,7 @@ async def submit_job(
             actor=principal.actor,
             spec=spec,
             idempotency_key=key,
-            default_time_limit_s=settings.default_time_limit_s,
-            max_time_limit_s=settings.max_time_limit_s,
-            max_preemption_grace_s=settings.policy.max_preemption_grace_s,
-            limits=request.app.state.submit_limits,
-            secret_cipher=settings_cipher(settings),
+            **_server_limits(request),
         )
         await session.commit()
     except IntegrityError:
@@ -237,6 +232,18 @@ async def submit_job(
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
 
 
+def _server_limits(request: Request) -> dict[str, Any]:
+    """What the server's settings say of every submission, single job or array."""
+    settings: Settings = request.app.state.settings
+    return {
+        "default_time_limit_s": settings.default_time_limit_s,
+        "max_time_limit_s": settings.max_time_limit_s,
+        "max_preemption_grace_s": settings.policy.max_preemption_grace_s,
+        "limits": request.app.state.submit_limits,
+        "secret_cipher": settings_cipher(settings),
+    }
+
+
 async def _submit_array(
     request: Request,
     array: str,
@@ -246,7 +253,6 @@ async def _submit_array(
     key: str | None,
 ) -> Response:
     """An array's elements are several statements: a transaction of their own."""
-    settings: Settings = request.app.state.settings
     assert principal.user_id is not None
     tasks = arrays.parse_array(array)
     arrays.check_array_bytes(spec, len(tasks.task_ids))  # before it is charged: a 422 is free
@@ -262,11 +268,7 @@ async def _submit_array(
             spec=spec,
             array=tasks,
             idempotency_key=key,
-            default_time_limit_s=settings.default_time_limit_s,
-            max_time_limit_s=settings.max_time_limit_s,
-            max_preemption_grace_s=settings.policy.max_preemption_grace_s,
-            limits=request.app.state.submit_limits,
-            secret_cipher=settings_cipher(settings),
+            **_server_limits(request),
         )
         await session.commit()
         deps = await svc.dependencies_of(session, [result.job.id])
