@@ -40,20 +40,24 @@ _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 class Scheduler:
     """Runs cycles, keeping what depends on the nodes alone from one cycle to the next.
 
-    The caller owns it (the simulator, the bench): the layout of the last `nodes` tuple is
-    reused while the next snapshot passes the same tuple object. Tuples and
-    nodes are immutable, and the tuple itself is kept, so identity means "no node changed".
+    The caller owns it (the simulator, the bench, the server's scheduling loop): the layout of
+    the last `nodes` tuple is reused while the next snapshot passes the same tuple object or an
+    equal one. Tuples and nodes are immutable and the tuple itself is kept, so identity means
+    "no node changed" at no cost; the server loads fresh Node objects every cycle, and comparing
+    them (about 1 ms at 4,096 nodes) is what spares it the layout's build (about 25 ms).
     """
 
     def __init__(self) -> None:
         self._last: tuple[tuple[object, ...], Layout] | None = None
+        self.layouts_built = 0  # how often the nodes changed (a figure for tests and benches)
 
     def layout(self, snap: Snapshot) -> Layout:
         nodes = snap.nodes
         last = self._last  # one read: cycles of one scheduler may run in different threads
-        if last is not None and last[0] is nodes:
+        if last is not None and (last[0] is nodes or last[0] == nodes):
             return last[1]
         layout = Layout(nodes)
+        self.layouts_built += 1
         if isinstance(nodes, tuple):
             self._last = (nodes, layout)
         return layout

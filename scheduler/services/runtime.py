@@ -30,6 +30,7 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from scheduler.core import Scheduler
 from scheduler.db.engine import asyncpg_dsn
 from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
@@ -72,6 +73,8 @@ class SchedulerRuntime:
         self._task: asyncio.Task[None] | None = None
         self._node_events: dict[int, asyncio.Event] = {}
         self._previously_open: frozenset[int] | None = None
+        # Kept across cycles: its node layout is rebuilt only when a node changed.
+        self.scheduler = Scheduler()
         self._cycle_done = asyncio.Condition()
         self._in_cycle = False
         self._explained_at = float("-inf")
@@ -310,6 +313,7 @@ class SchedulerRuntime:
                 previously_open=self._previously_open,
                 explain_all=explain_all,
                 settle_until=settle_until if settle_until != self._settled_until else None,
+                scheduler=self.scheduler,
             )
         except LeaseLost as exc:
             log.warning("scheduler lease lost: %s", exc)

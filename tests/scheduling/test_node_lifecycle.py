@@ -190,3 +190,30 @@ async def test_requeue_is_asked_for_apart_from_preemptible(database_url: str) ->
         assert started["job_id"] == again["id"]
         assert started["env"]["FAIRGPU_RESTART_COUNT"] == "1"
         assert started["env"]["SLURM_RESTART_COUNT"] == "1"
+
+
+async def test_the_loop_keeps_its_node_layout_until_a_node_changes(cluster: Cluster) -> None:
+    """The runtime's Scheduler reuses its layout across cycles, and a drain is seen at once."""
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    join = await cluster.join_token()
+    first = await cluster.register(join, gpus=8)
+    second = await cluster.register(join, gpus=8)
+    job = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    (spec,) = (await cluster.heartbeat(first["credential"]))["start"]  # best fit: lowest id
+    await cluster.heartbeat(
+        first["credential"], tasks=[report(spec["task_id"], job["id"], "running")]
+    )
+    scheduler = cluster.runtime.scheduler
+    built = scheduler.layouts_built
+    await cluster.cycle()
+    await cluster.cycle()
+    assert scheduler.layouts_built == built  # fresh Node rows each cycle, equal: layout kept
+    await cluster.call("POST", f"/v1/nodes/{second['node_id']}/drain", cluster.admin, {})
+    whole = await cluster.submit(token, gpus_per_node=8)  # fits only the drained node
+    await cluster.cycle()
+    await cluster.cycle()
+    assert scheduler.layouts_built > built
+    assert (await cluster.job(token, whole["id"]))["state"] == "PENDING"
+    assert (await cluster.heartbeat(second["credential"]))["start"] == []

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
+from scheduler.core import Scheduler
 from scheduler.db import Gpu, Job, Node, Org, Quota, Site, User
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
@@ -132,6 +133,7 @@ async def measure(database_url: str, cycles: int) -> list[dict[str, float | int 
     assert lease.epoch is not None
     out: list[dict[str, float | int | bool]] = []
     previous: frozenset[int] | None = None
+    scheduler = Scheduler()  # kept across cycles, as the server's loop keeps its own
     for i in range(cycles):
         began, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
         with LoopLag() as lag:
@@ -141,6 +143,7 @@ async def measure(database_url: str, cycles: int) -> list[dict[str, float | int 
                 settings=settings,
                 previously_open=previous,
                 explain_all=i % 2 == 0,  # odd cycles: the steady state between full explanations
+                scheduler=scheduler,
             )
             total_s, cpu_s = time.perf_counter() - began, time.process_time() - cpu
             loop_cpu_s = time.thread_time() - loop_cpu

@@ -3,7 +3,8 @@
 maintenance  (fenced write, only when there is something to do) node timeouts, drains,
              time limits
 LOAD         one short read transaction → `Snapshot`
-DECIDE       `scheduler.core.schedule(snapshot)` in a worker thread, no session open
+DECIDE       `Scheduler.schedule(snapshot)` in a worker thread, no session open; the caller's
+             `Scheduler` keeps the node layout while no node changed
 APPLY        one transaction: fence check → starts (guarded) → preemptions → pending
              reasons (bulk) → decayed usage
 """
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scheduler.core import schedule
+from scheduler.core import Scheduler
 from scheduler.core.types import Decisions
 from scheduler.db import Allocation
 from scheduler.db.types import utcnow
@@ -142,8 +143,12 @@ async def run_cycle(
     explain_all: bool = True,
     settle_until: datetime | None = None,
     now: datetime | None = None,
+    scheduler: Scheduler | None = None,
 ) -> CycleResult:
-    """Run one cycle. Raises `LeaseLost` when the fence refuses the apply (nothing written)."""
+    """Run one cycle. Raises `LeaseLost` when the fence refuses the apply (nothing written).
+
+    `scheduler`: the caller's, kept across its cycles (one cycle at a time); None: a fresh one.
+    """
     began = time.perf_counter()
     now = now or utcnow()
     result = CycleResult(at=now, explained_all=explain_all)
@@ -163,7 +168,8 @@ async def run_cycle(
             session, now=now, config=config, previously_open=previously_open
         )
     t1 = time.perf_counter()
-    decisions = await asyncio.to_thread(schedule, loaded.snapshot)
+    decide = (scheduler or Scheduler()).schedule
+    decisions = await asyncio.to_thread(decide, loaded.snapshot)
     t2 = time.perf_counter()
     try:
         applied = await _apply(

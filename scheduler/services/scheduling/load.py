@@ -97,6 +97,9 @@ def _plain(result: Result[Any]) -> list[tuple[Any, ...]]:
 _NODES = select(
     NodeRow.id, NodeRow.name, NodeRow.state, NodeRow.domain, Site.name, NodeRow.isolation
 ).join(Site, Site.id == NodeRow.site_id)
+# In id order: a cycle's nodes then equal the last cycle's while no node changed, which lets the
+# loop's Scheduler keep its layout (PostgreSQL returns updated rows in another order).
+_NODES = _NODES.order_by(NodeRow.id)
 _GPUS = select(Gpu.node_id, Gpu.index, Gpu.model, Gpu.health)
 _HELD = (
     select(
