@@ -125,6 +125,25 @@ async def _hidden(session: AsyncSession, principal: Principal, jobs: list[Job]) 
     return await hidden_from(session, reasons, principal.org_id)
 
 
+async def _redacted_events(
+    session: AsyncSession, principal: Principal, events: list[EventPublic]
+) -> list[EventPublic]:
+    """Events that name a job of another org (a preemptor) name it as such, without its id."""
+    as_reasons = [{"message": e.reason or "", "details": e.details or {}} for e in events]
+    hidden = await hidden_from(session, as_reasons, principal.org_id)
+    if not hidden:
+        return events
+    return [
+        event.model_copy(
+            update={
+                "reason": shown["message"] if event.reason is not None else None,
+                "details": shown["details"] if event.details is not None else None,
+            }
+        )
+        for event, shown in zip(events, redact(as_reasons, hidden), strict=True)
+    ]
+
+
 async def _read_public(session: SessionDep, job: Job, principal: Principal) -> JobPublic:
     hidden = await _hidden(session, principal, [job])
     return _listed_public(await get_listed(session, job), hidden)
@@ -545,6 +564,8 @@ async def job_events(
     after = int(cursor) if cursor is not None and int(cursor) < 2**63 else None
     rows, more = await svc.job_events(session, job.id, after_id=after, limit=limit)
     data = [EventPublic.model_validate(e) for e in rows]
+    if not principal.is_platform_admin:
+        data = await _redacted_events(session, principal, data)
     return EventsPublic(
         data=data, count=len(data), next_cursor=str(rows[-1].id) if more and rows else None
     )

@@ -1,9 +1,10 @@
-"""What a member may read of other orgs in a waiting job's reasons: that they exist, not who.
+"""What a member may read of other orgs in a job's reasons and events: that they exist, not who.
 
-The scheduling core explains a wait with the jobs it waits for ("reserved for job 812"); those
-may belong to another company. For a caller outside the platform admins, every such job of
-another org becomes "a job of another org" in the message and leaves the details; victims of a
-preemption are counted, not listed.
+The scheduling core explains a wait with the jobs it waits for ("reserved for job 812"), and a
+preempted job's event names the job it made room for ("reclaim for job 813"); those may belong
+to another company. For a caller outside the platform admins, every such job of another org
+becomes "a job of another org" in the message and leaves the details; victims of a preemption
+are counted, not listed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import Job
 
-_SINGLE_KEYS = ("behind_job_id", "reserved_for_job_id")
+_SINGLE_KEYS = ("behind_job_id", "reserved_for_job_id", "preemptor_job_id")
 _LIST_KEY = "victim_job_ids"
 
 
