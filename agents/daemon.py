@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agents import disk
 from agents.client import AgentClient, AuthError, ServerUnavailable
 from agents.gpu import GpuBackend
 from agents.isolation import Confinement, IsolationConfig
@@ -163,6 +164,7 @@ class Agent:
         self.runner.recover()
         # Time limits and stops are enforced even before the server is reachable.
         watcher = asyncio.create_task(self._watch(stop))
+        disk_watcher = asyncio.create_task(self._watch_disk(stop))
         backoff_s = 0.5
         try:
             await self._register_with_retry(stop)
@@ -195,7 +197,8 @@ class Agent:
                     backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
         finally:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            disk_watcher.cancel()
+            await asyncio.gather(watcher, disk_watcher, return_exceptions=True)
 
     async def _register_with_retry(self, stop: asyncio.Event) -> None:
         backoff_s = 0.5
@@ -218,6 +221,25 @@ class Agent:
             except Exception:
                 log.exception("checking tasks failed; trying again")  # e.g. a full disk
             await _sleep_or(stop, self.config.poll_interval_s)
+
+    async def _watch_disk(self, stop: asyncio.Event) -> None:
+        """Measure the tasks' disk use in a thread (a task of a million files takes a while to
+        walk: heartbeats and deadlines go on meanwhile), then end those over their limits."""
+        config = self.config.runner.disk
+        if not config.enabled:
+            return
+        while not stop.is_set():
+            await _sleep_or(stop, config.check_interval_s)
+            try:
+                targets = self.runner.disk_targets()
+                usage = await asyncio.to_thread(
+                    disk.measure_all, targets, max_files=config.task_max_files
+                )
+                space = await asyncio.to_thread(disk.space, self.runner.disk_root)
+                if self.runner.enforce_disk(usage, space):
+                    self._changed.set()
+            except Exception:
+                log.exception("measuring the tasks' disk use failed; trying again")
 
     async def _heartbeat_once(self, stop: asyncio.Event) -> None:
         assert self.credential is not None

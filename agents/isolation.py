@@ -121,7 +121,8 @@ class Confinement:
         mounts = (home, *(root for root in roots if root.is_dir()))
         if self.cgroups is None or uid is None:
             return Prepared([], cwd, home, mounts, None)
-        group = self.cgroups.create(spec.task_id, self.limits(spec))
+        limits = self.limits(spec)
+        group = self.cgroups.create(spec.task_id, limits)
         config = {
             "uid": uid,
             "gid": uid,
@@ -132,6 +133,7 @@ class Confinement:
             "hide": [str(p) for p in self.config.hide],
             "keep": [str(p) for p in {home, cwd, self.config.dev_dir, *mounts}],
             "error_file": str(error_file),
+            "tmpfs_bytes": limits.memory_bytes,
         }
         prefix = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
         return Prepared(prefix, cwd, home, mounts, uid)

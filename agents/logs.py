@@ -127,7 +127,16 @@ class LogShipper:
             record.log_shipped_bytes = max(record.log_shipped_bytes, chunk.next_offset)
             if chunk.eof:
                 record.log_complete = True
+                self._drop(record)
             self.state.save(record)
+
+    def _drop(self, record: TaskRecord) -> None:
+        """The server has the whole log: the node's copy goes at once, not with the record a
+        day later (a tenant running many short jobs that each print up to the cap would
+        otherwise hold that cap once per job on the node's disk)."""
+        for _start, path in self.state.log_segments(record):
+            path.unlink(missing_ok=True)
+        self.in_flight.pop(record.task_id, None)
 
     def enforce_cap(self, records: Iterable[TaskRecord]) -> None:
         for record in records:

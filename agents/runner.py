@@ -23,13 +23,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from agents import logcap
+from agents import disk, logcap
 from agents.container import Runtime, container_launch
+from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
 from agents.state import StateDir, TaskRecord, utcnow
 from protocol.agent import TaskSpec
@@ -69,6 +70,8 @@ class RunnerConfig:
     it bounds what a task flooding its log costs the node. 0: no limit."""
     output_drain_s: float = 5.0
     """How long after the wrapper exits the copier may take to write the rest of the output."""
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    """What each task may hold of the node's local disk, and the reserve kept free."""
 
 
 def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[str, str]:
@@ -189,6 +192,53 @@ class Runner:
                 ):
                     self._warn(record)
         return changed
+
+    def disk_targets(self) -> list[disk.Target]:
+        """The running tasks whose disk use counts: not those already being ended."""
+        targets = []
+        for record in self.running():
+            if record.stop_reason is not None:
+                continue
+            group = self.confinement.cgroup(record.task_id)
+            if group is not None:
+                pids = tuple(group.pids()) if group.exists() else ()
+            else:
+                pids = tuple(_descendants(record.pid, record.pid_create_time))
+            directory = self.confinement.task_dir(record.task_id)
+            targets.append(disk.Target(record.task_id, directory, pids))
+        return targets
+
+    def enforce_disk(self, usage: Mapping[int, disk.Usage], space: disk.Space | None) -> bool:
+        """End every task over its disk limits at once (no grace: the disk fills meanwhile);
+        with none over but the node under its reserve, the task holding the most. True when a
+        task was ended."""
+        ended = disk.over_limit(usage, self.config.disk)
+        if not ended:
+            pressure = disk.largest_under_pressure(usage, space, self.config.disk)
+            if pressure is not None:
+                ended[pressure[0]] = pressure[1]
+        changed = False
+        for task_id, reason in ended.items():
+            record = self.records.get(task_id)
+            if record is None or record.state not in ("starting", "running"):
+                continue
+            if record.stop_reason is not None:
+                continue
+            log.warning("task %d: %s", task_id, reason)
+            self._terminate(record, grace_s=0.0, reason=reason)
+            changed = True
+        return changed
+
+    def check_disk(self) -> bool:
+        """Measure and enforce in one go (the daemon measures in a thread instead)."""
+        usage = disk.measure_all(self.disk_targets(), max_files=self.config.disk.task_max_files)
+        return self.enforce_disk(usage, disk.space(self.disk_root))
+
+    @property
+    def disk_root(self) -> Path:
+        """Where the tasks' directories are: the filesystem whose free space is watched."""
+        root = self.confinement.config.task_root
+        return root if root is not None and root.exists() else self.state.root
 
     def acknowledge(self, task_ids: set[int]) -> None:
         """The server has the final reports of these tasks; keep only what prevents a restart."""
@@ -447,6 +497,15 @@ def _is_copier(process: psutil.Process) -> bool:
         return _LOGCAP in process.cmdline()
     except psutil.Error:
         return False
+
+
+def _descendants(pid: int | None, create_time: float | None) -> list[int]:
+    """The processes under an unconfined task's wrapper (it has no cgroup to list them)."""
+    if pid is None or not _alive(pid, create_time):
+        return []
+    with contextlib.suppress(psutil.Error):
+        return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    return []
 
 
 def _lock_free(path: Path) -> bool:

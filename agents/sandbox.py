@@ -5,10 +5,13 @@ records the exit status and the job's command, so it imports nothing but the sta
 every task start pays for its start-up. In order, it
 
 1. joins the task's cgroup (every process the task starts is then a member);
-2. enters a mount namespace of its own, with mounts private to it: a fresh `/tmp`, `/var/tmp`
-   and `/dev/shm` (charged to the task's memory), `/proc` showing only the task's own processes
-   (hidepid), and every NVIDIA GPU device file other than the task's own covered by an
-   unreadable file, so unsetting CUDA_VISIBLE_DEVICES finds nothing;
+2. enters a mount namespace of its own, with mounts private to it: a fresh `/tmp`, `/var/tmp`,
+   `/dev/shm` and the host's other world-writable directories (`PRIVATE_DIRS`), each a tmpfs no
+   larger than the task's memory and charged to it, `/proc` showing only the task's own
+   processes (hidepid), and every NVIDIA GPU device file other than the task's own covered by an
+   unreadable file, so unsetting CUDA_VISIBLE_DEVICES finds nothing; and an IPC namespace of its
+   own, so that System V shared memory, semaphores and message queues are the task's alone and
+   end with it (a segment left behind would otherwise hold the node's memory after the task);
 3. drops to the task's uid and gid with no supplementary groups, sets no_new_privs (setuid
    programs give nothing back) and enters the working directory as that uid;
 4. execs the command: same pid, so the wrapper waits for the command itself.
@@ -26,11 +29,14 @@ import re
 import sys
 from typing import Any
 
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_NO_NEW_PRIVS = 38
 _GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
+# Directories any user may write to on common distributions: each task gets empty ones of its
+# own, so that nothing it writes there reaches the host's disk or another task.
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/crash")  # noqa: S108
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -66,10 +72,11 @@ def join_cgroup(procs_files: list[str]) -> None:
 
 
 def private_mounts(config: dict[str, Any]) -> None:
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
     # Nothing mounted from here on propagates back to the host, nor to other tasks.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
-    fresh = [t for t in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(t)]  # noqa: S108
+    # A link (/var/lock -> /run/lock) is covered through its target; a directory only once.
+    fresh = list(dict.fromkeys(os.path.realpath(t) for t in PRIVATE_DIRS if os.path.isdir(t)))
     # Directories the task needs that lie under one of those (its own, its data roots, the GPU
     # device directory) are held open and bound back into the fresh mounts.
     kept = [
@@ -77,8 +84,15 @@ def private_mounts(config: dict[str, Any]) -> None:
         for path in config.get("keep", [])
         if any(_under(path, target) for target in fresh) and os.path.isdir(path)
     ]
+    size = config.get("tmpfs_bytes")
+    options = f"mode=1777,size={size}" if size else "mode=1777"
     for target in fresh:
-        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    if os.path.isdir("/dev/mqueue"):  # the new IPC namespace's POSIX message queues
+        try:
+            _mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        except SandboxError:
+            _mount("tmpfs", "/dev/mqueue", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=000")
     for path, fd in kept:
         os.makedirs(path, mode=0o755, exist_ok=True)
         _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)

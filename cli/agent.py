@@ -166,6 +166,29 @@ def agent(
     gpu_dev_dir: Annotated[
         Path, typer.Option(help="Where the GPU device files (nvidiaN) are.")
     ] = Path("/dev"),
+    task_disk_max_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Most of the node's local disk one task may hold in its directory (files it "
+            "deleted but keeps open included); over it the task ends FAILED 'disk limit'. "
+            "Default: no limit of its own.",
+            min=1,
+        ),
+    ] = None,
+    task_disk_max_files: Annotated[
+        int, typer.Option(help="Most files and directories one task's directory may hold.", min=1)
+    ] = 1_000_000,
+    node_disk_reserve_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Free space kept on the task directories' disk: under it the task holding the "
+            "most is ended. Default: 5% of that disk; 0: none.",
+            min=0,
+        ),
+    ] = None,
+    disk_check_interval_s: Annotated[
+        float, typer.Option(help="Seconds between two measures of the tasks' disk use.", min=0.1)
+    ] = 10.0,
     ca_file: Annotated[
         Path | None,
         typer.Option(
@@ -196,6 +219,7 @@ def agent(
     """Register this node, report its GPUs and run the tasks the server gives it."""
     from agents.container import RUNTIMES
     from agents.daemon import AgentConfig, AgentError
+    from agents.disk import DiskConfig
     from agents.gpu import GpuBackendError
     from agents.isolation import IsolationConfig, IsolationUnavailable
     from agents.runner import RunnerConfig
@@ -236,6 +260,12 @@ def agent(
             log_max_bytes=log_max_bytes,
             log_max_rate_bytes_per_s=log_max_rate,
             output_drain_s=output_drain_s,
+            disk=DiskConfig(
+                task_max_bytes=task_disk_max_bytes,
+                task_max_files=task_disk_max_files,
+                node_reserve_bytes=node_disk_reserve_bytes,
+                check_interval_s=disk_check_interval_s,
+            ),
         ),
         dcgm_mapping_dir=dcgm_mapping_dir,
         isolation=IsolationConfig(

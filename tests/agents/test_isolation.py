@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from agents.cgroups import CgroupError, open_hierarchy
+from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, IsolationUnavailable
-from agents.runner import Runner
+from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
 from tests.agents.helpers import spec, wait_for
 
@@ -38,7 +39,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation need
 
 
 class Node:
-    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, runner_config: RunnerConfig | None = None, **overrides: Any
+    ) -> None:
         self.root = tmp_path
         self.dev = tmp_path / "dev"
         self.dev.mkdir()
@@ -62,7 +65,7 @@ class Node:
         }
         fields.update(overrides)
         self.confinement = Confinement(IsolationConfig(**fields), total_gpus=4)
-        self.runner = Runner(self.state, confinement=self.confinement)
+        self.runner = Runner(self.state, runner_config, confinement=self.confinement)
 
     def run(self, task_id: int, command: list[str], **fields: Any) -> dict[str, Any]:
         self.runner.start(spec(task_id, command, **fields))
@@ -110,6 +113,15 @@ def node(tmp_path: Path) -> Iterator[Node]:
     except CgroupError as exc:
         pytest.fail(f"this host has no usable cgroups: {exc}")
     n = Node(tmp_path)
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def disk_node(tmp_path: Path) -> Iterator[Node]:
+    """A node whose tasks may hold 16 MiB and 200 files of its disk."""
+    limits = DiskConfig(task_max_bytes=16 * 2**20, task_max_files=200, node_reserve_bytes=0)
+    n = Node(tmp_path, RunnerConfig(disk=limits))
     yield n
     n.close()
 
@@ -352,3 +364,107 @@ def test_the_job_environment_and_secret_never_reach_the_nodes_disk(node: Node) -
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
         assert key.encode() not in path.read_bytes(), path
+
+
+def _until_disk_ends_a_task(node: Node, timeout_s: float = 20.0) -> None:
+    wait_for(node.runner.check_disk, timeout_s)
+
+
+# A writer that never stops: 1 MiB at a time, flushed to the disk (the blocks count at once).
+FILL = (
+    "import os\n"
+    "fd = os.open({path!r}, os.O_WRONLY | os.O_CREAT, 0o600)\n"
+    "{unlink}"
+    "while True:\n"
+    "    os.write(fd, os.urandom(2**20))\n"
+    "    os.fsync(fd)\n"
+)
+
+
+def test_a_task_writing_without_end_is_ended_at_its_disk_limit(disk_node: Node) -> None:
+    disk_node.runner.start(spec(1, ["sleep", "60"], **ACME))
+    fill = FILL.format(path="fill", unlink="")
+    disk_node.runner.start(spec(2, python(fill), **RIVAL))
+    _until_disk_ends_a_task(disk_node)
+    result = disk_node.finish(2)
+    assert result["state"] == "stopped"  # not asked by the server: the job ends FAILED
+    assert result["reason"].startswith("disk limit: the task holds ")
+    assert "over its limit of 16.0 MiB" in result["reason"]
+    assert not disk_node.confinement.task_dir(2).exists()  # its space is given back
+    assert disk_node.runner.records[1].state == "running"
+    assert not disk_node.runner.check_disk()  # the other org's task is within its limits
+
+
+def test_a_deleted_file_kept_open_counts_against_the_limit(disk_node: Node) -> None:
+    fill = FILL.format(path="hidden", unlink="os.unlink('hidden')\n")
+    disk_node.runner.start(spec(1, python(fill), **RIVAL))
+    _until_disk_ends_a_task(disk_node)
+    assert disk_node.finish(1)["reason"].startswith("disk limit: the task holds ")
+
+
+def test_a_task_making_files_without_end_is_ended_at_its_file_limit(disk_node: Node) -> None:
+    spray = "import itertools\nfor i in itertools.count():\n    open(f'f{i}', 'w').close()\n"
+    disk_node.runner.start(spec(1, python(spray), **RIVAL))
+    _until_disk_ends_a_task(disk_node)
+    result = disk_node.finish(1)
+    assert result["reason"].startswith(
+        "disk limit: the task's directory holds more than 200 files, this node's limit"
+    )
+
+
+def test_under_the_node_reserve_the_task_holding_the_most_is_ended(tmp_path: Path) -> None:
+    # A reserve above the disk's free space: the node is always under it.
+    pressed = Node(tmp_path, RunnerConfig(disk=DiskConfig(node_reserve_bytes=2**62)))
+    try:
+        write = "import time\nopen('data', 'wb').write(b'x' * {})\nopen('done', 'w')\n"
+        write += "time.sleep(60)"
+        pressed.runner.start(spec(1, python(write.format(2**16)), **ACME))
+        pressed.runner.start(spec(2, python(write.format(2**23)), **RIVAL))
+        for task_id in (1, 2):
+            wait_for(lambda t=task_id: (pressed.confinement.task_dir(t) / "done").exists())
+        os.sync()
+        _until_disk_ends_a_task(pressed)
+        result = pressed.finish(2)
+        assert "fell under its reserve" in result["reason"]
+        assert pressed.runner.records[1].state == "running"  # one task per check
+    finally:
+        pressed.close()
+
+
+def test_private_tmp_is_bounded_by_the_task_memory(node: Node) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], **ACME))
+    result = node.run(
+        2,
+        ["sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=1024; df -k /tmp /dev/shm"],
+        memory_bytes=64 * 2**20,
+        **RIVAL,
+    )
+    assert "No space left on device" in result["log"] or result["reason"] == "out of memory"
+    assert " 65536 " in result["log"] or result["reason"] == "out of memory"  # size = --mem
+    assert not Path("/tmp/fill").exists()
+    assert node.runner.records[1].state == "running"
+
+
+SYSV_SHM = (
+    "import ctypes, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "key = 0x7A11\n"
+    "if sys.argv[1] == 'make':\n"
+    "    print(libc.shmget(key, 2**20, 0o1000 | 0o666) >= 0)\n"  # IPC_CREAT, open to all
+    "else:\n"
+    "    print(libc.shmget(key, 0, 0) >= 0)\n"
+)
+
+
+def test_system_v_ipc_is_the_tasks_own_and_ends_with_it(node: Node) -> None:
+    made = node.run(1, [PY, "-c", SYSV_SHM, "make"], **ACME)
+    assert made["log"].strip() == "True"
+    assert not any(
+        int(line.split()[0]) == 0x7A11
+        for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    )
+    node.runner.start(spec(2, ["sleep", "60"], **ACME))
+    found = node.run(3, [PY, "-c", SYSV_SHM, "find"], **RIVAL)
+    assert found["log"].strip() == "False"
+    node.runner.stop(2, grace_s=0, reason="done")
+    node.finish(2)

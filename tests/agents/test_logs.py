@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.logcap import list_segments, segment_name
 from agents.logs import LogShipper, _utf8_boundary
 from agents.state import StateDir, TaskRecord
 from tests.agents.helpers import spec
@@ -47,9 +48,11 @@ def test_an_ended_task_gets_an_eof_chunk_then_nothing(state: StateDir) -> None:
     shipper = LogShipper(state, max_bytes=1000)
     chunks = shipper.chunks([record])
     assert [(c.data, c.eof) for c in chunks] == [("done\n", True)]
+    assert state.read_log(record) == b"done\n"
     shipper.acknowledge({1: record}, chunks)
     assert record.log_complete
     assert shipper.chunks([record]) == []
+    assert state.read_log(record) == b""  # the server has it: nothing stays on the node
 
 
 def test_a_split_multibyte_character_waits_for_its_end(state: StateDir) -> None:
@@ -113,3 +116,17 @@ def test_an_ended_task_keeps_only_the_tail_of_an_oversized_log(state: StateDir) 
     chunks = shipper.chunks([record])
     assert chunks[0].data.startswith("[fairgpu: ")  # the server is told about the gap
     assert "".join(c.data for c in chunks).endswith("\nTerminated\n")
+
+
+def test_a_shipped_segmented_log_leaves_the_node(state: StateDir) -> None:
+    record = TaskRecord(spec=spec(1), state="exited")
+    state.save(record)
+    for start, data in ((0, b"first\n"), (6, b"second\n")):
+        (state.task_dir(1) / segment_name(start)).write_bytes(data)
+    shipper = LogShipper(state, max_bytes=1000)
+    chunks = shipper.chunks([record])
+    assert "".join(c.data for c in chunks) == "first\nsecond\n"
+    shipper.acknowledge({1: record}, chunks)
+    assert record.log_complete
+    assert list_segments(str(state.task_dir(1))) == []
+    assert state.load_all()[0].log_complete  # the record stays: a task never starts twice

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation need
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
 UID_BASE = 232_000
 RIVAL_UID = 232_900
+DISK_MAX_BYTES = 32 * 2**20
 
 
 class Pool:
@@ -62,6 +63,7 @@ class Pool:
                 # acme's uid from the base and its id (in the task spec), rival's from a map.
                 "--task-uid-base", str(UID_BASE), "--org-uid", f"rival={RIVAL_UID}",
                 "--task-pids-max", "128", "--cgroup-parent", self.cgroup_parent,
+                "--task-disk-max-bytes", str(DISK_MAX_BYTES), "--disk-check-interval-s", "0.5",
                 "--log-level", "warning",
             ],
             stdout=self.log,
@@ -87,10 +89,14 @@ class Pool:
         finally:
             self.log.close()
         # Tasks outlive their agent by design; the test's own end with their cgroups.
-        for proc in psutil.process_iter(["uids"]):
-            uids = proc.info["uids"]
-            if uids and UID_BASE <= uids.real < UID_BASE + 1000:
-                proc.kill()
+        left = [
+            proc for proc in psutil.process_iter(["uids"])
+            if proc.info["uids"] and UID_BASE <= proc.info["uids"].real < UID_BASE + 1000
+        ]  # fmt: skip
+        for proc in left:
+            proc.kill()
+        # A killed process leaves its cgroup only once it has exited.
+        psutil.wait_procs(left, timeout=10)
         for controller_dir in Path("/sys/fs/cgroup").rglob(self.cgroup_parent):
             for task in controller_dir.glob("task-*"):
                 task.rmdir()
@@ -201,6 +207,27 @@ print(json.dumps({{
             and p.info["status"] != psutil.STATUS_ZOMBIE
         ]
     )  # fmt: skip
+
+
+def test_a_job_filling_the_disk_fails_alone(pool: Pool) -> None:
+    acme = pool.submit("acme", "--", "sleep", "120")
+    pool.wait_state("acme", acme, {"RUNNING"})
+    beat = _last_heartbeat(pool)
+    fill = pool.submit(
+        "rival", "--", PY, "-c",
+        "import os\n"
+        "fd = os.open('fill', os.O_WRONLY | os.O_CREAT, 0o600)\n"
+        "while True:\n"
+        "    os.write(fd, os.urandom(2**20))\n"
+        "    os.fsync(fd)\n",
+    )  # fmt: skip
+    pool.wait_state("rival", fill, {"FAILED", "COMPLETED", "CANCELLED"})
+    described = pool.served.ok("describe", fill, token=pool.tokens["rival"])
+    assert pool.job("rival", fill)["state"] == "FAILED"
+    assert "disk limit: the task holds" in described
+    assert "over its limit of 32.0 MiB" in described
+    assert pool.job("acme", acme)["state"] == "RUNNING"
+    wait_for(lambda: _last_heartbeat(pool) > beat)
 
 
 def _one(out: str) -> dict[str, Any]:
