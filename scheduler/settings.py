@@ -215,6 +215,18 @@ class Settings(BaseSettings):
     heartbeat_burst: int = Field(
         200, ge=1, description="Heartbeats one credential may send at once before its rate applies."
     )
+    max_tokens_per_user: int = Field(
+        100,
+        ge=1,
+        description="Live API tokens (neither revoked nor expired) one user may hold; one more "
+        "is 409. Rate limits are per token, so this also bounds the rate one user can reach.",
+    )
+    max_log_follows_per_user: int = Field(
+        8,
+        ge=1,
+        description="Log reads one user may hold open at once while they wait for output "
+        "(`wait_s`, `fairgpu logs -f`), per server process; one more is 429 with Retry-After.",
+    )
     task_log_retention_s: float = Field(
         30 * 86_400.0,
         gt=0,

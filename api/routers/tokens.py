@@ -53,7 +53,8 @@ async def create_token(
     request: Request, body: TokenCreate, session: SessionDep, principal: UserPrincipal
 ) -> TokenCreated:
     """Issue an API token for yourself (or, as an admin, for a user you manage). The secret is
-    in this response only."""
+    in this response only. Its lifetime is `ttl`, else the server's `token_ttl_s`. A user holds
+    at most `max_tokens_per_user` live tokens (409 beyond): rate limits count per token."""
     assert principal.user_id is not None
     user = await _may_manage(session, principal, body.user_id or principal.user_id)
     if user.disabled_at is not None:
@@ -63,8 +64,9 @@ async def create_token(
         session,
         user=user,
         name=body.name,
-        ttl_s=body.ttl or settings.join_token_ttl_s,
+        ttl_s=body.ttl or settings.token_ttl_s,
         created_by_user_id=principal.user_id,
+        max_live=settings.max_tokens_per_user,
     )
     await session.commit()
     return _created(issued)

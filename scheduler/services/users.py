@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import ApiToken, Event, Site, User
@@ -78,7 +78,27 @@ async def create_user_token(
     name: str,
     ttl_s: float,
     created_by_user_id: int | None,
+    max_live: int,
 ) -> IssuedToken:
+    """A new token for `user`, unless it already holds `max_live` live ones (409): rate limits
+    are per token, so an unbounded number of tokens would be an unbounded rate."""
+    now = utcnow()
+    live = await session.scalar(
+        select(func.count()).where(
+            ApiToken.kind == TokenKind.USER,
+            ApiToken.user_id == user.id,
+            ApiToken.revoked_at.is_(None),
+            or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now),
+        )
+    )
+    if (live or 0) >= max_live:
+        raise Conflict(
+            f"user {user.name} holds {live} live tokens, the most one user may hold "
+            "(max_tokens_per_user): revoke one first (fairgpu token revoke ID)",
+            limit="max_tokens_per_user",
+            cap=max_live,
+            count=live,
+        )
     return await issue_token(
         session,
         kind=TokenKind.USER,
@@ -86,6 +106,7 @@ async def create_user_token(
         user_id=user.id,
         created_by_user_id=created_by_user_id,
         ttl_s=ttl_s,
+        now=now,
     )
 
 

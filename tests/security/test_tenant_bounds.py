@@ -1,0 +1,58 @@
+"""Bounds that keep one tenant from taking the server away from the others, hit on purpose.
+
+Each bound answers a clear 4xx (problem JSON) and leaves what was stored intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import pytest
+
+from tests.api.helpers import World, running_app, seed_world
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url, max_tokens_per_user=3) as app:
+        yield await seed_world(app)
+
+
+async def test_a_user_cannot_multiply_its_rate_with_tokens(world: World) -> None:
+    """Rate limits are per token: a user minting tokens without end would mint rate. Past
+    `max_tokens_per_user` live tokens a new one is 409, whoever asks for it; revoking one (or
+    one expiring) makes room again."""
+    async with world.client("member_a") as c:
+        made = []
+        for _ in range(2):  # the seeded token is the first
+            r = await c.post("/v1/tokens", json={"name": "more"})
+            assert r.status_code == 201, r.text
+            made.append(r.json())
+        refused = await c.post("/v1/tokens", json={"name": "one-too-many"})
+        assert refused.status_code == 409
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.json()["limit"] == "max_tokens_per_user"
+        assert refused.json()["cap"] == 3
+        listed = (await c.get("/v1/tokens")).json()
+        assert listed["count"] == 3  # nothing half-made
+        # Every token still works; none was revoked to make room.
+        for token in made:
+            c.headers["Authorization"] = f"Bearer {token['token']}"
+            assert (await c.get("/v1/users/me")).status_code == 200
+        assert (await c.delete(f"/v1/tokens/{made[0]['id']}")).status_code == 200
+        assert (await c.post("/v1/tokens", json={"name": "again"})).status_code == 201
+    async with world.client("admin_a") as c:  # an admin cannot exceed it on the user's behalf
+        r = await c.post("/v1/tokens", json={"user_id": world.users["member_a"].id})
+        assert r.status_code == 409
+    async with world.client("member_a2") as c:  # the cap is each user's own
+        assert (await c.post("/v1/tokens", json={"name": "mine"})).status_code == 201
+
+
+async def test_a_new_token_lives_the_servers_token_lifetime(world: World) -> None:
+    async with world.client("member_a2") as c:
+        created = (await c.post("/v1/tokens", json={"name": "default"})).json()
+    expires = datetime.fromisoformat(created["expires_at"])
+    lifetime = expires - datetime.fromisoformat(created["created_at"])
+    settings = world.app.state.settings
+    assert abs(lifetime - timedelta(seconds=settings.token_ttl_s)) < timedelta(minutes=1)
