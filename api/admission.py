@@ -15,13 +15,19 @@ so that both paths are bound alike and a refused request costs no body read:
   body is read (`charge_submissions`). The buckets live in this process: each server process
   (each worker of `fairgpu server --workers N`, each replica) keeps its own, so a client
   spread over N processes may reach N times the rate.
+
+`Admission.follows` bounds another kind of load after authentication: the log reads one user
+holds open while they wait for output (`GET /v1/jobs/{id}/logs?wait_s=`), each of which reads
+the database twice a second. Also per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -82,6 +88,39 @@ class TokenBuckets:
             self._buckets.clear()
 
 
+class OpenRequests:
+    """At most `limit` requests held open at once per key (a user id)."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self._open: dict[int, int] = {}
+
+    def held(self, key: int) -> int:
+        return self._open.get(key, 0)
+
+    @contextlib.contextmanager
+    def slot(self, key: int) -> Iterator[None]:
+        """Held while the request runs; TooManyRequests when `key` holds `limit` already."""
+        held = self._open.get(key, 0)
+        if held >= self.limit:
+            raise TooManyRequests(
+                f"{held} {self.what} of yours are open on this server, the most one user may "
+                "hold at once; wait for one to end (or read without waiting)",
+                limit=self.limit,
+                retry_after_s=1,
+            )
+        self._open[key] = held + 1
+        try:
+            yield
+        finally:
+            left = self._open[key] - 1
+            if left:
+                self._open[key] = left
+            else:
+                del self._open[key]
+
+
 async def _refuse(
     send: Send, status: int, detail: str, path: str, headers: list[Any], **extra: Any
 ) -> None:
@@ -118,6 +157,7 @@ class Admission:
     def __init__(self, settings: Settings) -> None:
         self.submits = TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
         self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
+        self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads")
 
     async def admit(
         self, scope: Scope, send: Send, sessionmaker: async_sessionmaker[AsyncSession] | None

@@ -6,6 +6,7 @@ A job of another organisation answers 404, exactly like a job that does not exis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -44,7 +45,7 @@ from scheduler.services import jobs as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
 from scheduler.services.joblist import list_jobs as list_listed
-from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, read_log
+from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, LogSlice, read_log
 from scheduler.services.redact import hidden_from, redact, redact_text
 from scheduler.settings import Settings
 
@@ -520,7 +521,8 @@ async def job_logs(
 ) -> JobLogs:
     """The output of the job's task at `rank` (latest attempt unless `attempt`), from byte
     `offset` or the last `tail` bytes. To follow, call again with `offset=next_offset`; with
-    `wait_s` the call waits up to that long for new output (long poll) before answering."""
+    `wait_s` the call waits up to that long for new output (long poll) before answering; a
+    user holds at most `max_log_follows_per_user` such waits at once (429 beyond)."""
     if offset is not None and tail is not None:
         raise InvalidInput("give offset or tail, not both")
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
@@ -532,13 +534,12 @@ async def job_logs(
         "max_bytes": max_bytes,
     }
     piece = await read_log(session, job, **kwargs)
-    deadline = time.monotonic() + wait_s
-    while not piece.data and not piece.eof and time.monotonic() < deadline:
-        await session.rollback()  # end the read transaction: no session held open while waiting
-        await asyncio.sleep(min(FOLLOW_POLL_S, max(0.0, deadline - time.monotonic())))
-        await session.refresh(job)
-        kwargs["offset"], kwargs["tail_bytes"] = piece.offset, None
-        piece = await read_log(session, job, **kwargs)
+    if wait_s > 0 and not piece.data and not piece.eof:
+        admission = getattr(request.app, "admission", None)
+        assert principal.user_id is not None
+        # Each waiting read polls the database: a user holds a bounded number at once (429).
+        with admission.follows.slot(principal.user_id) if admission else contextlib.nullcontext():
+            piece = await _wait_for_output(session, job, piece, kwargs, wait_s)
     return JobLogs(
         job_id=job.id,
         rank=rank,
@@ -549,6 +550,19 @@ async def job_logs(
         data=piece.data,
         eof=piece.eof,
     )
+
+
+async def _wait_for_output(
+    session: AsyncSession, job: Job, piece: LogSlice, kwargs: dict[str, Any], wait_s: float
+) -> LogSlice:
+    deadline = time.monotonic() + wait_s
+    while not piece.data and not piece.eof and time.monotonic() < deadline:
+        await session.rollback()  # end the read transaction: no session held open while waiting
+        await asyncio.sleep(min(FOLLOW_POLL_S, max(0.0, deadline - time.monotonic())))
+        await session.refresh(job)
+        kwargs["offset"], kwargs["tail_bytes"] = piece.offset, None
+        piece = await read_log(session, job, **kwargs)
+    return piece
 
 
 @router.get("/{job_id}/events")

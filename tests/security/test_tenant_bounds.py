@@ -5,6 +5,7 @@ Each bound answers a clear 4xx (problem JSON) and leaves what was stored intact.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
@@ -56,3 +57,35 @@ async def test_a_new_token_lives_the_servers_token_lifetime(world: World) -> Non
     lifetime = expires - datetime.fromisoformat(created["created_at"])
     settings = world.app.state.settings
     assert abs(lifetime - timedelta(seconds=settings.token_ttl_s)) < timedelta(minutes=1)
+
+
+@pytest.fixture
+async def follows(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url, max_log_follows_per_user=2) as app:
+        yield await seed_world(app)
+
+
+async def test_a_user_holds_a_bounded_number_of_waiting_log_reads(follows: World) -> None:
+    """Each waiting log read polls the database twice a second: one user opening thousands
+    would load it for everyone. Past `max_log_follows_per_user` waits, 429 with Retry-After;
+    reads that do not wait, and other users, are unaffected; an ended wait frees its place."""
+    world = follows
+    job = await world.job("member_a")  # pending: no output yet, so a read with wait_s waits
+    path = f"/v1/jobs/{job.id}/logs"
+    async with world.client("member_a") as mine, world.client("member_a2") as colleague:
+        held = [asyncio.create_task(mine.get(path, params={"wait_s": 3})) for _ in range(2)]
+        user_id = world.users["member_a"].id
+        for _ in range(100):  # both are waiting once they hold their places
+            if world.app.admission.follows.held(user_id) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert not any(t.done() for t in held)
+        refused = await mine.get(path, params={"wait_s": 3})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.json()["limit"] == 2
+        assert (await mine.get(path)).status_code == 200  # no wait: no place taken
+        assert (await colleague.get(path, params={"wait_s": 0.2})).status_code == 200
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+        assert (await mine.get(path, params={"wait_s": 0.2})).status_code == 200
