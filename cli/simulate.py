@@ -36,6 +36,16 @@ def simulate(
     time_scale: Annotated[
         float, typer.Option(help="Divide submit times by K to add contention.", min=0.001)
     ] = 1.0,
+    big_gangs: Annotated[
+        int | None,
+        typer.Option(
+            help="Add 64- and 128-GPU gangs to the trace at the Philly README's rates, drawn "
+            "with this seed (the same seed gives the same gangs)."
+        ),
+    ] = None,
+    big_gang_rate_factor: Annotated[
+        float, typer.Option(help="With --big-gangs: multiply their rates by F.", min=0.0)
+    ] = 1.0,
     policy: Annotated[
         list[str] | None,
         typer.Option(help=f"Policy to run (repeatable): {', '.join(POLICY_NAMES)}; default all."),
@@ -84,7 +94,7 @@ def simulate(
     """Simulate a trace (or the server's own history) under each policy and write a report."""
     # Imported here: numpy and matplotlib would slow every other `fairgpu` command's start.
     from scheduler.sim.report import headline_rows
-    from scheduler.sim.runner import compare, load_workload, write_outputs
+    from scheduler.sim.runner import BigGangs, compare, load_workload, write_outputs
     from scheduler.sim.trace import TraceError
 
     console = Console(stderr=True)
@@ -95,8 +105,10 @@ def simulate(
     if from_db_:
         from cli.simulate_db import simulate_from_db
 
-        if trace is not None or time_scale != 1.0:
-            raise typer.BadParameter("--from-db replays recorded times: no --trace, --time-scale")
+        if trace is not None or time_scale != 1.0 or big_gangs is not None:
+            raise typer.BadParameter(
+                "--from-db replays recorded jobs: no --trace, --time-scale, --big-gangs"
+            )
         if quotas is None or since is None:
             raise typer.BadParameter("--from-db needs --since and --quotas (the proposed set)")
         simulate_from_db(
@@ -120,7 +132,8 @@ def simulate(
         half_life_s=half_life_s,
     )
     try:
-        workload = load_workload(trace, quotas, cluster, time_scale)
+        gangs = None if big_gangs is None else BigGangs(big_gangs, big_gang_rate_factor)
+        workload = load_workload(trace, quotas, cluster, time_scale, gangs)
     except (TraceError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc

@@ -29,6 +29,7 @@ from scheduler.core.types import (
 )
 from scheduler.sim.cluster import gang_shape
 from scheduler.sim.config import SimConfig
+from scheduler.sim.idle import IdleLedger, Shape
 from scheduler.sim.records import RunStats, SimJob, SimResult, SimulationError
 from scheduler.sim.timeline import Timeline
 from scheduler.sim.trace import TraceJob
@@ -68,6 +69,7 @@ class Simulator:
         self.gpu_types = {n.gpu_type for n in nodes}
         self.jobs = self._make_jobs(trace)
         self.timeline = Timeline(len(orgs))
+        self.idle = IdleLedger(nodes, policy_config.backfill)
         self.stats = RunStats()
         # Live state.
         self.now = 0.0
@@ -136,6 +138,15 @@ class Simulator:
                 job_id, row, org, row.num_gpus, pending, row.duration_s, pending.time_limit_s
             )
             limit = _limit(self.orgs[org], row.gpu_type, self.gpu_types)
+            cap = _INF if limit is None else limit
+            job.shape = Shape(
+                org,
+                per_node,
+                count,
+                row.gpu_type,
+                row.site,
+                cap if can_borrow else min(cap, self.guaranteed[org]),
+            )
             if (
                 not fits
                 or (not can_borrow and row.num_gpus > self.guaranteed[org])
@@ -192,9 +203,11 @@ class Simulator:
                     self._cycle(t)
                 else:
                     self.stats.skipped_cycles += 1
+                    self.idle.looked()
                 wake = self._next_wake(t, bool(events) or ai < n_arrivals)
                 if wake < _INF:
                     next_cycle = max(wake, last_cycle + interval)
+            self.idle.update(t, bool(self.pending), self.org_alloc)
             if changed and next_cycle == _INF:
                 next_cycle = max(t, last_cycle + interval)
             elif changed:
@@ -210,6 +223,7 @@ class Simulator:
                 self.starved_total_s[org] += self.now - since
         self.stats.starved_max_s = self.starved_max_s
         self.stats.starved_total_s = self.starved_total_s
+        self.stats.idle_gpu_s = self.idle.by_cause()
         if self.progress is not None:
             self.progress(self.now, self.finished)
         return SimResult(
@@ -272,6 +286,7 @@ class Simulator:
             self.usage_at[org] = t
 
     def _queue(self, job: SimJob, delta: int) -> None:
+        self.idle.queue(job.shape, delta)
         sizes = self.org_pending_sizes[job.org_index]
         count = sizes.get(job.gpus, 0) + delta
         if count:
@@ -340,6 +355,7 @@ class Simulator:
         del self.running[job.job_id]
         self._running_tuple = None
         for placement in job.placements:
+            self.idle.give(placement.node_id, len(placement.gpus))
             for gpu in placement.gpus:
                 self.busy.discard((placement.node_id, gpu))
         job.run_s += t - job.start_s
@@ -405,6 +421,7 @@ class Simulator:
                 ),
                 0,
             )
+        self.idle.looked()
         for preemption in decisions.preemptions:
             self._preempt(t, preemption.job_id, preemption.deadline)
         for start in decisions.starts:
@@ -447,6 +464,7 @@ class Simulator:
             raise SimulationError(f"core gave job {job_id} a placement of the wrong shape")
         busy = self.busy
         for placement in placements:
+            self.idle.take(placement.node_id, len(placement.gpus))
             for gpu in placement.gpus:
                 key = (placement.node_id, gpu)
                 if key in busy:

@@ -119,7 +119,10 @@ def summarize(result: SimResult, bucket_s: float, grace_s: float) -> tuple[dict[
             float(busy_waiting_b.sum()) / max(total * float(waiting_b.sum()), 1e-9), 4
         ),
         "time_with_waiting_work_h": round(float(waiting_b.sum()) / HOUR_S, 2),
+        "idle_while_waiting_gpu_h": _idle(result, total * float(waiting_b.sum()), busy_waiting_b),
     }
+    delivered_gpu_h = float(alloc_b.sum()) / HOUR_S
+    lost_gpu_h = sum(j.lost_gpu_s for j in jobs) / HOUR_S
 
     tenants, series_alloc, series_demand, fair_inputs = _tenants(result, edges, bucket_s, grace_s)
     fair = water_fill_over_time(fair_inputs, result, total, bucket_s)
@@ -137,18 +140,24 @@ def summarize(result: SimResult, bucket_s: float, grace_s: float) -> tuple[dict[
     starved = max(tenants.items(), key=lambda kv: kv[1]["longest_in_quota_wait_s"], default=None)
 
     preempted = [j for j in jobs if j.preemptions]
+    wait_s = _by_size(done, "wait")
     summary: dict[str, Any] = {
         "policy": result.policy,
         "gpus": result.total_gpus,
         "jobs": {"total": len(jobs), **{k.lower(): v for k, v in outcomes.items()}},
         "allocation": allocation,
         "jct_s": _by_size(done, "jct"),
-        "wait_s": _by_size(done, "wait"),
+        "wait_s": wait_s,
+        "wait_p99_33plus_over_all": _p99_ratio(wait_s["33+"], wait_s["all"]),
         "bounded_slowdown": _by_size(done, "slowdown"),
         "preemptions": {
             "count": sum(j.preemptions for j in jobs),
             "jobs_preempted": len(preempted),
-            "gpu_hours_lost": round(sum(j.lost_gpu_s for j in jobs) / HOUR_S, 2),
+            "gpu_hours_lost": round(lost_gpu_h, 2),
+            "gpu_hours_delivered": round(delivered_gpu_h, 2),
+            "lost_over_delivered": round(lost_gpu_h / delivered_gpu_h, 6)
+            if delivered_gpu_h
+            else 0.0,
         },
         "fairness": {
             "jain_index": round(jain, 4),
@@ -174,6 +183,24 @@ def summarize(result: SimResult, bucket_s: float, grace_s: float) -> tuple[dict[
         waits_by_size=waits,
     )
     return summary, series
+
+
+def _idle(result: SimResult, idle_gpu_s: float, busy_waiting: FloatArray) -> dict[str, float]:
+    """Idle GPU-hours while work waits, by cause, with their total from the timeline.
+
+    The causes come from the engine's ledger (none for a recorded history); `total` is the
+    same quantity integrated from the cluster timeline, which the causes add up to.
+    """
+    out = {cause: round(gpu_s / HOUR_S, 2) for cause, gpu_s in result.stats.idle_gpu_s.items()}
+    out["total"] = round((idle_gpu_s - float(busy_waiting.sum())) / HOUR_S, 2)
+    return out
+
+
+def _p99_ratio(big: dict[str, float | int], every: dict[str, float | int]) -> float | None:
+    """Wait p99 of the 33+ GPU jobs over that of all jobs (None without such jobs or waits)."""
+    if not big.get("count") or not every.get("p99"):
+        return None
+    return round(float(big["p99"]) / float(every["p99"]), 3)
 
 
 def _tenants(

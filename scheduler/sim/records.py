@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scheduler.core.types import Org, PendingJob, Placement
+from scheduler.sim.idle import NO_SHAPE, Shape
 from scheduler.sim.timeline import Timeline
 from scheduler.sim.trace import TraceJob
 
@@ -36,6 +37,7 @@ class SimJob:
     borrowed: bool = False
     outcome: str = "UNFINISHED"  # COMPLETED | TIMEOUT | UNSCHEDULABLE | UNFINISHED
     placements: tuple[Placement, ...] = ()
+    shape: Shape = NO_SHAPE  # for the idle ledger; set with `pending`
 
 
 @dataclass(slots=True)
@@ -51,6 +53,7 @@ class RunStats:
     end_s: float = 0.0
     starved_max_s: list[float] = field(default_factory=list)  # per org, longest span
     starved_total_s: list[float] = field(default_factory=list)
+    idle_gpu_s: dict[str, float] = field(default_factory=dict)  # while work waits, by cause
 
 
 @dataclass(slots=True)

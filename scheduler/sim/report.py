@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.sim.config import POLICIES
+from scheduler.sim.idle import IDLE_CAUSES
 from scheduler.sim.metrics import SIZE_BUCKETS
 
 HEADLINE: tuple[tuple[str, str], ...] = (
@@ -18,10 +19,14 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("wait 9-32 mean (h)", "wait_s.9-32.mean"),
     ("wait 9-32 p99 (h)", "wait_s.9-32.p99"),
     ("wait 33+ mean (h)", "wait_s.33+.mean"),
+    ("wait 33+ p99 (h)", "wait_s.33+.p99"),
+    ("wait p99: 33+ / all", "wait_p99_33plus_over_all"),
     ("JCT mean (h)", "jct_s.all.mean"),
     ("bounded slowdown mean", "bounded_slowdown.all.mean"),
     ("preemptions", "preemptions.count"),
     ("GPU-h lost to preemption", "preemptions.gpu_hours_lost"),
+    ("lost / delivered GPU-h", "preemptions.lost_over_delivered"),
+    ("idle GPU-h while waiting", "allocation.idle_while_waiting_gpu_h.total"),
     ("Jain's index", "fairness.jain_index"),
     ("worst 1-h shortfall (GPUs)", "fairness.worst_1h_shortfall_gpus"),
     ("longest in-quota wait (h)", "fairness.longest_in_quota_wait_s"),
@@ -43,6 +48,8 @@ def fmt(path: str, value: Any) -> str:
         return "-"
     if isinstance(value, float) and (path.endswith("_s") or "_s." in path):
         return f"{value / 3600:.2f}"
+    if isinstance(value, float) and path.endswith("over_delivered"):
+        return f"{value:.3%}"
     if isinstance(value, float):
         return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -153,6 +160,7 @@ def render_markdown(
                 )
             rows.append(row)
         out += _table(["GPUs", *names], rows)
+    out += _idle_table(names, summaries)
     out += ["## Bounded slowdown (mean / p99)", ""]
     out += _table(
         ["GPUs", *names],
@@ -229,6 +237,18 @@ def render_markdown(
     )
     out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def _idle_table(names: Sequence[str], summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Idle GPU-hours while work waits by cause (docs/SIMULATION.md defines each)."""
+    by_policy = [s["allocation"].get("idle_while_waiting_gpu_h", {}) for s in summaries]
+    causes = [*IDLE_CAUSES, "total"]
+    rows = [[c] + [_gpu_h(idle.get(c)) for idle in by_policy] for c in causes]
+    return ["## Idle GPU-hours while work waits, by cause", "", *_table(["cause", *names], rows)]
+
+
+def _gpu_h(value: Any) -> str:
+    return "-" if value is None else f"{value:,.1f}"
 
 
 def _pair(d: Mapping[str, Any]) -> str:

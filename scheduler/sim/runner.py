@@ -24,7 +24,7 @@ from scheduler.sim.metrics import Series, summarize
 from scheduler.sim.plots import write_plots
 from scheduler.sim.records import SimResult
 from scheduler.sim.report import render_markdown, write_summary
-from scheduler.sim.trace import Quota, TraceJob, load_quotas, load_trace
+from scheduler.sim.trace import Quota, TraceJob, add_big_gangs, load_quotas, load_trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +69,37 @@ def make_workload(
 
 
 def load_workload(
-    trace_path: Path, quotas_path: Path, cluster_spec: str | None, time_scale: float
+    trace_path: Path,
+    quotas_path: Path,
+    cluster_spec: str | None,
+    time_scale: float,
+    big_gangs: BigGangs | None = None,
 ) -> Workload:
+    """The trace file's workload, plus synthetic 64- and 128-GPU gangs when `big_gangs` asks."""
+    trace = load_trace(trace_path, time_scale)
+    description: dict[str, Any] = {
+        "trace": trace_path.name,
+        "quotas": quotas_path.name,
+        "time_scale": time_scale,
+    }
+    if big_gangs is not None:
+        trace = add_big_gangs(trace, big_gangs.seed, big_gangs.rate_factor)
+        description["big_gangs"] = {
+            "seed": big_gangs.seed,
+            "rate_factor": big_gangs.rate_factor,
+            "added": sum(1 for j in trace if j.name.startswith("big")),
+        }
     return make_workload(
-        load_trace(trace_path, time_scale),
-        load_quotas(quotas_path),
-        cluster_spec,
-        {"trace": trace_path.name, "quotas": quotas_path.name, "time_scale": time_scale},
-        str(quotas_path),
+        trace, load_quotas(quotas_path), cluster_spec, description, str(quotas_path)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BigGangs:
+    """Synthetic big gangs to add to a trace (`--big-gangs SEED`, `--big-gang-rate-factor`)."""
+
+    seed: int
+    rate_factor: float = 1.0
 
 
 def default_schedule() -> ScheduleFn:

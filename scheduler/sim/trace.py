@@ -222,3 +222,33 @@ def generate_trace(
             )
         )
     return out
+
+
+# Jobs of 64 and 128 GPUs per job of the whole Philly extract (traces/README.md: 6 and 3 of
+# 82,247), which the Sep-Oct extract lacks.
+BIG_GANG_RATES = ((64, 6 / 82_247), (128, 3 / 82_247))
+
+
+def add_big_gangs(trace: Sequence[TraceJob], seed: int, rate_factor: float = 1.0) -> list[TraceJob]:
+    """The trace plus 64- and 128-GPU gangs at the README's rates (times `rate_factor`).
+
+    Each trace job, independently with each size's rate, brings a gang submitted at the same
+    time by the same tenant, with a duration drawn from the README's percentiles: the gangs
+    arrive where the trace's load is, from the tenants that submit, reproducibly for a seed.
+    """
+    rng = random.Random(seed)
+    out = list(trace)
+    for job in trace:
+        for gpus, rate in BIG_GANG_RATES:
+            if rng.random() < rate * rate_factor:
+                out.append(
+                    TraceJob(
+                        name=f"big{gpus}-{len(out):06d}",
+                        tenant=job.tenant,
+                        submit_time_s=job.submit_time_s,
+                        duration_s=_duration(rng),
+                        num_gpus=gpus,
+                    )
+                )
+    out.sort(key=lambda j: j.submit_time_s)  # stable: a gang follows the job that brought it
+    return out

@@ -71,7 +71,14 @@ def test_preempted_job_loses_work_since_checkpoint_and_is_requeued() -> None:
     assert (long.preemptions, long.lost_gpu_s, long.end_s) == (1, 230 * 8, 2_130 + 2_200)
     assert long.wait_s == 100
     summary, _ = summarize(result, bucket_s=300, grace_s=30)
-    assert summary["preemptions"] == {"count": 1, "jobs_preempted": 1, "gpu_hours_lost": 0.51}
+    # Delivered: 8 GPUs for 2,030 + 100 + 2,200 s, of which the 230 s lost.
+    assert summary["preemptions"] == {
+        "count": 1,
+        "jobs_preempted": 1,
+        "gpu_hours_lost": 0.51,
+        "gpu_hours_delivered": round(8 * 4_330 / 3_600, 2),
+        "lost_over_delivered": round(230 / 4_330, 6),
+    }
 
 
 def double_booker(snapshot: Snapshot) -> Decisions:

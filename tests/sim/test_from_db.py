@@ -151,8 +151,10 @@ def test_requeues_censored_and_left_out_jobs(database_url: str, tmp_path: Path) 
     rec, sim = doc["policies"]["recorded"], doc["policies"]["fairgpu"]
     # Recorded: 40 min run, killed, 10 min requeued, 20 min run. With 30-min checkpoints the
     # first attempt kept 30 min and lost 10 min on 2 GPUs.
+    # Delivered: those 2 GPUs for 60 min, and the censored job's 4 GPUs for 6 h.
     assert rec["preemptions"] == {"count": 1, "gpu_hours_lost": round(600 * 2 / H, 2),
-                                  "jobs_preempted": 1}  # fmt: skip
+                                  "jobs_preempted": 1, "gpu_hours_delivered": 26.0,
+                                  "lost_over_delivered": round(600 * 2 / H / 26, 6)}  # fmt: skip
     assert rec["wait_s"]["2-8"]["count"] == 2
     assert rec["wait_s"]["2-8"]["p50"] == 300.0  # 600 s requeued, 0 s (not -5 ms)
     # The running job is censored at the window's end: 14 h on 4 GPUs so far.
