@@ -373,6 +373,8 @@ class Runner:
         assert record.spec.signal is not None
         if record.pid is None or not _alive(record.pid, record.pid_create_time):
             return
+        if self._container_kill(record, sig):
+            return
         try:
             children = psutil.Process(record.pid).children()
         except psutil.Error:
@@ -397,12 +399,21 @@ class Runner:
         self.state.save(record)
         self._signal(record, signal.SIGKILL)
         self.confinement.kill(record.task_id)
-        if record.container_name and self.config.container_runtime in ("docker", "podman"):
-            binary = self.config.container_binary or self.config.container_runtime
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    [binary, "kill", record.container_name], capture_output=True, timeout=30
-                )
+        self._container_kill(record, signal.SIGKILL)
+
+    def _container_kill(self, record: TaskRecord, sig: signal.Signals) -> bool:
+        """Through docker or podman for a container task (False for any other task): the
+        container's processes are the runtime's, in no cgroup or process group of the agent's.
+        The signal goes to the container's main process, whose init (`--init`) hands it to the
+        job's command, inside the container and as the task's uid's process."""
+        if not record.container_name or self.config.container_runtime not in ("docker", "podman"):
+            return False
+        binary = self.config.container_binary or self.config.container_runtime
+        assert binary is not None
+        argv = [binary, "kill", "--signal", sig.name, record.container_name]
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(argv, capture_output=True, timeout=30)
+        return True
 
     def _signal(self, record: TaskRecord, sig: signal.Signals) -> None:
         if record.pid is None or not _alive(record.pid, record.pid_create_time):

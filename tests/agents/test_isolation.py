@@ -13,7 +13,9 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, IsolationUnavailable
 from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
+from protocol.agent import TaskSignal
 from tests.agents.helpers import spec, wait_for
 
 # Tasks run as other uids: they need an interpreter those can reach (the test's own may live
@@ -468,3 +471,65 @@ def test_system_v_ipc_is_the_tasks_own_and_ends_with_it(node: Node) -> None:
     assert found["log"].strip() == "False"
     node.runner.stop(2, grace_s=0, reason="done")
     node.finish(2)
+
+
+# The batch shell traps USR1 and says who it is; a child it started traps it too.
+BATCH = (
+    "trap 'echo shell $(id -u) got USR1' USR1\n"
+    '{py} -c "import signal, time\n'
+    "signal.signal(signal.SIGUSR1, lambda *_: print('child got USR1', flush=True))\n"
+    'time.sleep(60)" &\n'
+    "touch $HOME/ready\n"
+    "while true; do sleep 0.05; done\n"
+)
+
+
+def test_a_batch_only_warning_reaches_the_batch_shell_alone(node: Node) -> None:
+    warning = TaskSignal(name="USR1", lead_s=59, batch_only=True)
+    script = BATCH.format(py=PY)
+    node.runner.start(spec(1, ["sh", "-c", script], time_limit_s=120, signal=warning, **ACME))
+    node.runner.start(spec(2, ["sh", "-c", script], time_limit_s=60, signal=warning, **RIVAL))
+    for task_id in (1, 2):
+        wait_for(lambda t=task_id: (node.confinement.task_dir(t) / "ready").exists())
+    wait_for(lambda: (node.runner.poll(), node.runner.records[2].warned)[1])
+    time.sleep(0.5)
+    for task_id in (1, 2):
+        node.runner.stop(task_id, grace_s=0, reason="done")
+    rival, acme = node.finish(2), node.finish(1)
+    assert f"shell {UID_BASE + 2} got USR1" in rival["log"]  # as rival's own uid
+    assert "child got USR1" not in rival["log"]
+    assert "USR1" not in acme["log"]  # the other org's task saw nothing
+
+
+def test_no_signal_reaches_a_process_that_took_an_ended_tasks_pid(
+    node: Node, tmp_path: Path
+) -> None:
+    warning = TaskSignal(name="USR1", lead_s=30)
+    node.run(1, ["true"], signal=warning, **ACME)
+    # Another process now holds the pid the record names (pid reuse, forged here).
+    got = tmp_path / "got"
+    bystander = subprocess.Popen(
+        [sys.executable, "-c",
+         "import pathlib, signal, sys, time\n"
+         "for s in (signal.SIGUSR1, signal.SIGTERM):\n"
+         f"    signal.signal(s, lambda n, _: pathlib.Path({str(got)!r}).write_text(str(n)))\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(30)\n"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert bystander.stdout is not None
+        assert bystander.stdout.readline() == b"ready\n"
+        record = node.runner.records[1]
+        record.state, record.pid, record.stop_reason = "running", bystander.pid, None
+        node.runner._warn(record)
+        node.runner._terminate(record, grace_s=0, reason="stop")
+        node.runner._kill(record)
+        time.sleep(0.3)
+        assert not got.exists()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+        if bystander.stdout is not None:
+            bystander.stdout.close()

@@ -344,3 +344,31 @@ def test_the_warning_signal_comes_once_then_again_instead_of_sigterm_at_a_stop(
     r = second.records[1]
     assert (r.state, r.signal) == ("stopped", signal.SIGKILL)
     assert r.reason == "preempt; killed after the grace period"
+
+
+def test_a_container_task_gets_its_warning_signal_through_the_runtime(
+    state: StateDir, tmp_path: Path
+) -> None:
+    # The fake runtime: `run` stays up like a container; `kill` records what it was asked.
+    fake_docker = tmp_path / "docker"
+    fake_docker.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = kill ]; then echo "$@" >> {tmp_path}/kills; exit 0; fi\n'
+        f"trap '' TERM; touch {tmp_path}/ready; exec sleep 60\n"  # ends only at SIGKILL
+    )
+    fake_docker.chmod(0o755)
+    runner = Runner(
+        state, RunnerConfig(container_runtime="docker", container_binary=str(fake_docker))
+    )
+    warning = TaskSignal(name="USR1", lead_s=50, batch_only=True)
+    runner.start(spec(1, ["python", "train.py"], image="pytorch:24", signal=warning))
+    wait_for((tmp_path / "ready").exists)
+    started = runner.records[1].started_at
+    assert started is not None
+    runner.poll(now=started + dt.timedelta(seconds=10))
+    kills = tmp_path / "kills"
+    assert kills.read_text() == "kill --signal SIGUSR1 fairgpu-task-1\n"
+    assert runner.records[1].state == "running"  # the runtime's client was not signalled
+    runner.stop(1, grace_s=0, reason="done")
+    wait_for(lambda: (runner.poll(), runner.records[1].state)[1] == "stopped")
+    assert kills.read_text().splitlines()[-1] == "kill --signal SIGKILL fairgpu-task-1"
