@@ -1,5 +1,5 @@
 """What a request must pass before its body is read: the agent protocol's bearer, and the
-per-token rate limits on submissions and heartbeats.
+per-token rate limits on submissions, heartbeats and every other change.
 
 `FairgpuApp.__call__` asks `Admission.admit` first, before the direct routes and FastAPI,
 so that both paths are bound alike and a refused request costs no body read:
@@ -9,12 +9,14 @@ so that both paths are bound alike and a refused request costs no body read:
   missing Content-Length) has its bearer checked first (one indexed read), and is 401 unless it
   is a live agent or join token (403 for another live token). Ordinary heartbeats are small,
   so they pay nothing here and the route authenticates them as before.
-- A token bucket per token (by its hash) for `POST /v1/jobs` and `POST /v1/agent/heartbeat`:
-  `submit_rate_per_s`/`submit_burst` and `heartbeat_rate_per_s`/`heartbeat_burst`; past it,
-  429 with Retry-After. An array of N jobs pays for the other N - 1 (up to the burst) once its
-  body is read (`charge_submissions`). The buckets live in this process: each server process
-  (each worker of `fairgpu server --workers N`, each replica) keeps its own, so a client
-  spread over N processes may reach N times the rate.
+- A token bucket per token (by its hash) for `POST /v1/jobs`, for `POST /v1/agent/heartbeat`
+  and for every other change under `/v1/` (PATCH, cancel, hold, release, tokens, users, orgs):
+  `submit_rate_per_s`/`submit_burst`, `heartbeat_rate_per_s`/`heartbeat_burst` and
+  `change_rate_per_s`/`change_burst`; past it, 429 with Retry-After. An array of N jobs pays
+  for the other N - 1 (up to the burst) once its body is read (`charge_submissions`). The
+  buckets live in this process: each server process (each worker of `fairgpu server --workers
+  N`, each replica) keeps its own, so a client spread over N processes may reach N times the
+  rate.
 
 `Admission.follows` bounds another kind of load after authentication: the log reads one user
 holds open while they wait for output (`GET /v1/jobs/{id}/logs?wait_s=`), each of which reads
@@ -46,6 +48,7 @@ JOBS_PATH = "/v1/jobs"
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
 MAX_BUCKETS = 100_000  # tokens remembered per kind of request before the full ones are dropped
 AGENT_KINDS = frozenset({TokenKind.AGENT, TokenKind.JOIN})
+CHANGE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
 
 class TokenBuckets:
@@ -157,7 +160,22 @@ class Admission:
     def __init__(self, settings: Settings) -> None:
         self.submits = TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
         self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
+        self.changes = TokenBuckets(settings.change_rate_per_s, settings.change_burst)
         self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads")
+
+    def _buckets(self, method: str, path: str) -> tuple[TokenBuckets, str] | None:
+        """The rate a request counts against, and what the refusal calls it."""
+        if method == "POST" and path == JOBS_PATH:
+            return self.submits, "submissions"
+        if method == "POST" and path == HEARTBEAT_PATH:
+            return self.heartbeats, "heartbeats"
+        if (
+            method in CHANGE_METHODS
+            and path.startswith("/v1/")
+            and not path.startswith(AGENT_PREFIX)
+        ):
+            return self.changes, "changes (POST, PATCH, PUT, DELETE)"
+        return None
 
     async def admit(
         self, scope: Scope, send: Send, sessionmaker: async_sessionmaker[AsyncSession] | None
@@ -165,8 +183,8 @@ class Admission:
         """True: go on. False: the request was answered (401, 403 or 429)."""
         path: str = scope["path"]
         agent = path.startswith(AGENT_PREFIX)
-        limited = scope["method"] == "POST" and path in (JOBS_PATH, HEARTBEAT_PATH)
-        if not agent and not limited:
+        limited = self._buckets(scope["method"], path)
+        if not agent and limited is None:
             return True
         authorization, length = _headers(scope)
         secret = parse_bearer(authorization.decode("latin-1"))
@@ -187,12 +205,11 @@ class Admission:
                 and not await self._agent_token(secret, path, send, sessionmaker)
             ):
                 return False
-        if limited and secret is not None:
-            buckets = self.submits if path == JOBS_PATH else self.heartbeats
+        if limited is not None and secret is not None:
+            buckets, what = limited
             wait_s = buckets.take(hash_token(secret))
             if wait_s > 0:
                 retry_after = max(1, math.ceil(wait_s))
-                what = "submissions" if path == JOBS_PATH else "heartbeats"
                 await _refuse(
                     send,
                     429,

@@ -215,6 +215,17 @@ class Settings(BaseSettings):
     heartbeat_burst: int = Field(
         200, ge=1, description="Heartbeats one credential may send at once before its rate applies."
     )
+    change_rate_per_s: float = Field(
+        20.0,
+        ge=0,
+        description="Other changes per second one token may send on average (POST, PATCH, PUT "
+        "and DELETE under /v1/ but submissions and the agent protocol: update, cancel, hold, "
+        "release, tokens, users, orgs; a bucket per token, per server process); beyond it 429 "
+        "with Retry-After. 0: no limit.",
+    )
+    change_burst: int = Field(
+        200, ge=1, description="Changes one token may send at once before its rate applies."
+    )
     max_tokens_per_user: int = Field(
         100,
         ge=1,

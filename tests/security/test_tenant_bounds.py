@@ -89,3 +89,39 @@ async def test_a_user_holds_a_bounded_number_of_waiting_log_reads(follows: World
         assert (await colleague.get(path, params={"wait_s": 0.2})).status_code == 200
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
         assert (await mine.get(path, params={"wait_s": 0.2})).status_code == 200
+
+
+@pytest.fixture
+async def changes(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url, change_rate_per_s=0.5, change_burst=3) as app:
+        yield await seed_world(app)
+
+
+async def test_changes_past_the_rate_are_429_and_change_nothing(changes: World) -> None:
+    """Update, hold, release, cancel and the other changes are write transactions: one token
+    sending them without pause would take the database's writes from everyone. Past the
+    change rate, 429 with Retry-After, before the body is read; the job is as the last
+    accepted change left it. Reads, submissions and other tokens are unaffected."""
+    world = changes
+    job = await world.job("member_a")
+    path = f"/v1/jobs/{job.id}"
+    async with world.client("member_a") as c:
+        accepted = [
+            (await c.post(f"{path}/hold")).status_code,
+            (await c.patch(path, json={"name": "renamed"})).status_code,
+            (await c.post(f"{path}/release")).status_code,
+        ]
+        assert accepted == [200, 200, 200]
+        refused = await c.patch(path, json={"hold": True, "name": "too-fast"})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "2"
+        assert "changes (POST, PATCH, PUT, DELETE) per second" in refused.json()["detail"]
+        assert (await c.post(f"{path}/cancel")).status_code == 429
+        assert (await c.post("/v1/tokens", json={"name": "t"})).status_code == 429
+        stored = (await c.get(path)).json()
+        assert (stored["state"], stored["held"], stored["name"]) == ("PENDING", False, "renamed")
+        submitted = await c.post("/v1/jobs", json={"command": ["x"], "time_limit": 60})
+        assert submitted.status_code == 201
+    async with world.client("member_a2") as c:
+        theirs = await world.job("member_a2")
+        assert (await c.post(f"/v1/jobs/{theirs.id}/hold")).status_code == 200
