@@ -10,8 +10,12 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
+from scheduler.db import JobDependency
 from tests.api.helpers import World, running_app, seed_world
+
+JOB = {"command": ["python", "train.py"], "gpus_per_node": 1, "time_limit": 60}
 
 
 @pytest.fixture
@@ -125,3 +129,31 @@ async def test_changes_past_the_rate_are_429_and_change_nothing(changes: World) 
     async with world.client("member_a2") as c:
         theirs = await world.job("member_a2")
         assert (await c.post(f"/v1/jobs/{theirs.id}/hold")).status_code == 200
+
+
+async def test_dependencies_are_bounded_and_cannot_close_a_cycle(world: World) -> None:
+    """A job names at most 64 jobs, each already stored and of its org, and its dependencies
+    never change after submission: a dependency graph grows only backwards in time (no cycle)
+    and by at most 64 edges per pending job (the pending caps bound the jobs)."""
+    first = await world.job("member_a")
+    async with world.client("member_a") as c:
+        wide = ":".join(str(first.id + i) for i in range(65))
+        r = await c.post("/v1/jobs", json={**JOB, "dependency": f"afterany:{wide}"})
+        assert r.status_code == 422
+        assert "at most 64" in r.text
+        r = await c.post("/v1/jobs", json={**JOB, "dependency": "afterok:1" + ":1" * 1100})
+        assert r.status_code == 422
+        ahead = first.id + 1  # the id the next job will get: not stored yet
+        r = await c.post("/v1/jobs", json={**JOB, "dependency": f"afterok:{ahead}"})
+        assert r.status_code == 422, r.text
+        r = await c.post("/v1/jobs", json={**JOB, "depends_on": [first.id]})
+        assert r.status_code == 201
+        second = r.json()["id"]
+        r = await c.patch(f"/v1/jobs/{first.id}", json={"dependency": f"afterok:{second}"})
+        assert r.status_code == 422  # no route changes a job's dependencies
+    async with world.app.state.sessionmaker() as session:
+        edges = (
+            await session.execute(select(JobDependency.job_id, JobDependency.depends_on_id))
+        ).all()
+    assert [tuple(e) for e in edges] == [(second, first.id)]
+
