@@ -46,7 +46,7 @@ from scheduler.states import TokenKind
 
 JOBS_PATH = "/v1/jobs"
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
-MAX_BUCKETS = 100_000  # tokens remembered per kind of request before the full ones are dropped
+MAX_BUCKETS = 100_000  # tokens remembered per kind of request before the fullest are dropped
 AGENT_KINDS = frozenset({TokenKind.AGENT, TokenKind.JOIN})
 CHANGE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 
@@ -54,14 +54,20 @@ CHANGE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 class TokenBuckets:
     """`rate_per_s` requests per second per key on average, `burst` at once; 0 rate: no limit.
 
-    A key's bucket starts full. Past MAX_BUCKETS keys, buckets that have refilled (and so
-    remember nothing) are dropped; if none has, all are (every key starts full again).
+    A key's bucket starts full. The buckets are taken before authentication, so anyone can add
+    keys: past `max_keys` the fullest half is dropped (a full bucket remembers nothing, and a key
+    sprayed once is nearly full), never the drained ones, so that a client cannot refill its
+    own bucket by spraying made-up tokens.
     """
 
-    def __init__(self, rate_per_s: float, burst: int) -> None:
+    def __init__(self, rate_per_s: float, burst: int, max_keys: int = MAX_BUCKETS) -> None:
         self.rate_per_s = rate_per_s
         self.burst = float(burst)
+        self.max_keys = max_keys
         self._buckets: dict[str, list[float]] = {}  # key -> [tokens left, when counted]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def take(self, key: str, now: float | None = None, cost: float = 1.0) -> float:
         """0 when the request may go (and `cost` is taken); otherwise the seconds until it may.
@@ -72,7 +78,7 @@ class TokenBuckets:
         now = time.monotonic() if now is None else now
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= MAX_BUCKETS:
+            if len(self._buckets) >= self.max_keys:
                 self._prune(now)
             bucket = self._buckets[key] = [self.burst, now]
         tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_s)
@@ -84,11 +90,12 @@ class TokenBuckets:
         return (cost - tokens) / self.rate_per_s
 
     def _prune(self, now: float) -> None:
-        full_after_s = self.burst / self.rate_per_s
-        for key in [k for k, (_, at) in self._buckets.items() if now - at >= full_after_s]:
-            del self._buckets[key]
-        if len(self._buckets) >= MAX_BUCKETS:
-            self._buckets.clear()
+        def level(item: tuple[str, list[float]]) -> float:
+            tokens, at = item[1]
+            return min(self.burst, tokens + (now - at) * self.rate_per_s)
+
+        emptiest = sorted(self._buckets.items(), key=level)[: self.max_keys // 2]
+        self._buckets = dict(emptiest)
 
 
 class OpenRequests:

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from api.admission import TokenBuckets
 from scheduler.db import JobDependency
 from tests.api.helpers import World, running_app, seed_world
 
@@ -157,3 +158,14 @@ async def test_dependencies_are_bounded_and_cannot_close_a_cycle(world: World) -
         ).all()
     assert [tuple(e) for e in edges] == [(second, first.id)]
 
+
+def test_spraying_made_up_tokens_does_not_refill_a_drained_bucket() -> None:
+    """Buckets are keyed by the bearer before it is checked, so anyone can add keys. A client
+    that has drained its bucket and then sends requests with many made-up tokens must not get
+    its own bucket forgotten (and so refilled); the memory stays bounded."""
+    buckets = TokenBuckets(rate_per_s=0.01, burst=5, max_keys=100)
+    assert [buckets.take("mine", now=0.0) for _ in range(5)] == [0.0] * 5
+    for i in range(1_000):
+        buckets.take(f"made-up-{i}", now=1.0)
+        assert len(buckets) <= 100
+    assert buckets.take("mine", now=1.0) > 0  # still drained: refused
