@@ -29,6 +29,7 @@ from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir
 from protocol.agent import (
+    AGENT_CAPABILITIES,
     MAX_TASKS_PER_HEARTBEAT,
     MAX_WAIT_S,
     AgentRegister,
@@ -129,6 +130,7 @@ class Agent:
             agent_version=agent_version(),
             gpus=self.backend.devices(),
             isolation=self.runner.confinement.mode,
+            capabilities=list(AGENT_CAPABILITIES),
         )
         try:
             reply = await self.client.register(self._join_token, body)
@@ -269,6 +271,7 @@ class Agent:
             logs=chunks,
             wait_s=wait_s,
             isolation=None if self._isolation_reported else self.runner.confinement.mode,
+            capabilities=None if self._isolation_reported else list(AGENT_CAPABILITIES),
         )
         sent_at = asyncio.get_running_loop().time()
         reply = await self._send_unless_changed(body, stop)

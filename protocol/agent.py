@@ -57,6 +57,15 @@ from protocol.limits import (
 )
 from protocol.states import GpuHealth, TaskState
 
+Capability = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9.-]*$")]
+"""Something an agent can do beyond what every agent of the protocol does; the server gives a
+node only the work its agent can carry out (and stores names it does not know yet, for a
+server upgraded after its agents)."""
+AGENT_CAPABILITIES: tuple[str, ...] = ("signal",)
+"""What this agent can do. "signal": it takes `TaskSpec.signal` and `TaskStop.signal` (a job's
+`--signal`) and delivers them; an agent that does not say so may refuse a reply that has them."""
+MAX_CAPABILITIES = 32
+
 Isolation = Literal["strict", "none"]
 """How an agent confines its tasks (docs/ISOLATION.md). "strict": each task as its org's uid, in
 its own cgroup and mount namespace, with only its own GPUs' device files. "none": tasks run as the
@@ -131,6 +140,9 @@ class AgentRegister(_Model):
     gpus: Annotated[list[GpuInfo], Field(max_length=MAX_GPUS_PER_NODE)]
     isolation: Isolation = "none"
     """How this agent confines tasks; an agent that does not say is taken as unconfined."""
+    capabilities: Annotated[list[Capability], Field(max_length=MAX_CAPABILITIES)] | None = None
+    """What the agent can do (`AGENT_CAPABILITIES`); None: an agent older than the field, which
+    can do none of them."""
 
 
 class AgentRegistered(_Reply):
@@ -220,6 +232,8 @@ class Heartbeat(_Model):
     isolation: Isolation | None = None
     """Sent on the first heartbeat after the agent starts (it may restart with another mode
     while keeping its credential); None: unchanged since the last report."""
+    capabilities: Annotated[list[Capability], Field(max_length=MAX_CAPABILITIES)] | None = None
+    """Sent with `isolation` (an upgraded agent keeps its credential); None: unchanged."""
 
 
 class TaskSignal(_Reply):

@@ -153,6 +153,8 @@ class Node(Base):
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     # How its agent confines tasks (protocol.agent.Isolation): "strict" or "none".
     isolation: Mapped[str] = mapped_column(String(16), default="none")
+    # What its agent can do (protocol.agent.AGENT_CAPABILITIES); NULL: an agent older than that.
+    capabilities: Mapped[list[str] | None] = mapped_column()
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column()
     # Until then, one registration with a join token alone may take this node over (an

@@ -116,6 +116,7 @@ async def _registered(
     node.address = body.address
     node.agent_version = body.agent_version
     node.isolation = body.isolation
+    node.capabilities = body.capabilities
     node.last_heartbeat_at = now
     await session.flush()
     await _register_gpus(session, node, body, now)

@@ -26,9 +26,11 @@ class Verdict(enum.Enum):
 
 
 def body_may_be_quiet(body: Heartbeat, *, gpus_as_known: bool) -> bool:
-    """What the body alone says: no logs, no task ended, no isolation mode to store, and
-    (`gpus_as_known`, the buffer's knowledge) its GPUs as this process knows them."""
-    if body.logs or body.isolation is not None or (body.samples and not gpus_as_known):
+    """What the body alone says: no logs, no task ended, no isolation mode or capabilities to
+    store, and (`gpus_as_known`, the buffer's knowledge) its GPUs as this process knows them."""
+    if body.logs or body.isolation is not None or body.capabilities is not None:
+        return False
+    if body.samples and not gpus_as_known:
         return False
     return not any(r.state in TERMINAL_TASK_STATES for r in body.tasks)
 

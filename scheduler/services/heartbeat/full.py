@@ -83,6 +83,13 @@ async def heartbeat(
     actor = f"agent:{node_name}"
     if body.isolation is not None:  # the agent (re)started, perhaps in another mode
         await _set_isolation(session, node_id, body.isolation, actor, now, outcome)
+    if body.capabilities is not None:  # the agent (re)started, perhaps upgraded
+        await session.execute(
+            update(NodeRow)
+            .where(NodeRow.id == node_id)
+            .values(capabilities=body.capabilities)
+            .execution_options(synchronize_session=False)
+        )
     if NodeState(node_state) is NodeState.DOWN:
         node = await session.get(NodeRow, node_id)
         assert node is not None

@@ -99,6 +99,7 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
     work = NodeWork()
     if not rows:
         return work
+    signals = any(j.signal is not None for _, j in rows) and await _can_signal(session, node_id)
     work.stops = [
         TaskStop(
             task_id=t.id,
@@ -106,7 +107,9 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
             grace_s=t.stop_grace_s
             if t.stop_grace_s is not None
             else settings.policy.preemption_grace_s,
-            signal=True if j.signal is not None and t.stop_reason == STOP_PREEMPT else None,
+            signal=True
+            if signals and j.signal is not None and t.stop_reason == STOP_PREEMPT
+            else None,
         )
         for t, j in rows
         if t.stop_requested_at is not None
@@ -116,9 +119,21 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
         (t, j) for t, j in rows if t.stop_requested_at is not None and t.started_at is None
     ]
     work.starts = await _task_specs(
-        session, to_start, work.unbuildable, secret_cipher=settings_cipher(settings)
+        session,
+        to_start,
+        work.unbuildable,
+        secret_cipher=settings_cipher(settings),
+        signals=signals,
     )
     return work
+
+
+async def _can_signal(session: AsyncSession, node_id: int) -> bool:
+    """The node's agent takes and delivers a job's warning signal. One that does not say so
+    (older than `capabilities`) may refuse every reply that carries one, which would stall the
+    whole node: it gets the job without it (SIGTERM at the time limit and at a preemption)."""
+    capabilities = await session.scalar(select(NodeRow.capabilities).where(NodeRow.id == node_id))
+    return "signal" in (capabilities or ())
 
 
 async def _task_specs(
@@ -127,6 +142,7 @@ async def _task_specs(
     unbuildable: list[Unbuildable],
     *,
     secret_cipher: MultiFernet | None,
+    signals: bool = True,
 ) -> list[TaskSpec]:
     if not pairs:
         return []
@@ -176,6 +192,7 @@ async def _task_specs(
                     master_addr=masters.get(job.id),
                     secret_cipher=secret_cipher,
                     array_stats=array_stats.get(job.array_job_id or 0),
+                    signals=signals,
                 )
             )
         except ValidationError as error:
@@ -194,13 +211,15 @@ def task_spec(
     master_addr: str | None,
     secret_cipher: MultiFernet | None = None,
     array_stats: tuple[int, int, int] | None = None,
+    signals: bool = True,
 ) -> TaskSpec:
     """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
 
     The job's secret_env is decrypted here, the one place it is ever in clear on the server,
     and sent in the spec's `env` (the agent keeps no copy of `env` on disk). An array's
     element also gets FAIRGPU_ARRAY_* from `array_stats`: (count, min, max) of its task ids;
-    every task FAIRGPU_RESTART_COUNT (and Slurm's SLURM_RESTART_COUNT).
+    every task FAIRGPU_RESTART_COUNT (and Slurm's SLURM_RESTART_COUNT). Without `signals` (a
+    node whose agent cannot take them) the job's warning signal is left out.
 
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
     other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
@@ -230,7 +249,7 @@ def task_spec(
         master_port=MASTER_PORT_BASE + job.id % MASTER_PORT_SPAN if gang else None,
         memory_bytes=job.memory_bytes,
         job_secret=job.job_secret,
-        signal=_task_signal(job.signal),
+        signal=_task_signal(job.signal) if signals else None,
     )
 
 
