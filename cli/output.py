@@ -97,7 +97,15 @@ def cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return " ".join(str(value).splitlines())  # one row, one line
+    return visible(" ".join(str(value).splitlines()))  # one row, one line
+
+
+def visible(text: str) -> str:
+    """Control characters as escapes (`\\x1b`): a job's command, environment or name is another
+    user's text, and must not drive the terminal of whoever reads it (an admin included)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def human_duration(seconds: float | None) -> str:
