@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.core import schedule
+from scheduler.core import Scheduler, schedule
 from scheduler.core.types import (
     Decisions,
     DependencyState,
@@ -20,6 +20,7 @@ from scheduler.core.types import (
     RunningJob,
     Snapshot,
 )
+from tests.core.golden import digest
 
 TYPES = ("H100", "A100")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -403,3 +404,39 @@ def test_isolation_everywhere_decides_as_isolation_nowhere(snap: Snapshot) -> No
     assert {k: [r.code for r in v.reasons] for k, v in strict.pending.items()} == {
         k: [r.code for r in v.reasons] for k, v in plain.pending.items()
     }
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    snapshots(),
+    st.lists(st.sampled_from(["submit", "end", "time", "same-nodes", "drain"]), max_size=8),
+    st.randoms(use_true_random=False),
+)
+def test_a_kept_scheduler_decides_as_a_fresh_one(
+    snap: Snapshot, steps: list[str], rnd: random.Random
+) -> None:
+    """What a `Scheduler` keeps across cycles never changes a decision: over random sequences
+    of submissions, ends, time steps and node changes (equal nodes in a new tuple, a drain), its
+    decisions are those of a cycle that keeps nothing, explanations and standings included."""
+    kept = Scheduler()
+    next_id = 10_000
+    s = snap
+    for step in [*steps, "time"]:
+        d = kept.schedule(s)
+        assert digest(d) == digest(schedule(s)), step
+        s = advance(s, d, 30.0 if step != "time" else rnd.choice([1.0, 700.0, 1e5]))
+        if step == "submit":
+            extra = []
+            for _ in range(rnd.randint(1, 4)):
+                next_id += 1
+                template = rnd.choice(snap.pending)
+                extra.append(replace(template, job_id=next_id, submitted_at=s.now))
+            s = replace(s, pending=s.pending + tuple(extra))
+        elif step == "end" and s.running:
+            gone = set(rnd.sample([r.job_id for r in s.running], rnd.randint(1, len(s.running))))
+            s = replace(s, running=tuple(r for r in s.running if r.job_id not in gone))
+        elif step == "same-nodes":
+            s = replace(s, nodes=tuple(replace(n) for n in s.nodes))
+        elif step == "drain":
+            victim = rnd.choice(s.nodes).id
+            s = replace(s, nodes=tuple(replace(n, schedulable=n.id != victim) for n in s.nodes))
