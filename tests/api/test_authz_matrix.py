@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, WebSocket
 from sqlalchemy import update
 
 from scheduler.db import ApiToken
@@ -387,9 +387,11 @@ def app_routes(app: FastAPI) -> Iterator[tuple[str, str]]:
             yield from contexts() if contexts is not None else [route]
 
     for route in flat(app.routes):
+        # A WebSocket route's context has no path of its own: its Starlette route has.
+        path = route.path or getattr(route, "starlette_route", route.original_route).path
         for method in sorted(getattr(route, "methods", None) or {"WEBSOCKET"}):
             if method != "HEAD":
-                yield method, route.path
+                yield method, path
 
 
 def route_of(app: FastAPI, method: str, path: str) -> tuple[str, str] | None:
@@ -524,3 +526,15 @@ async def test_revocation_elsewhere_takes_effect_within_the_cache_ttl(
                 await s.commit()
             await asyncio.sleep(wait_s)
             assert (await c.get("/v1/jobs")).status_code == 401
+
+
+def test_the_route_walk_sees_websocket_routes() -> None:
+    """A WebSocket route added to the app must show up as unclassified, like an HTTP one."""
+    router = APIRouter(prefix="/v1/jobs")
+
+    @router.websocket("/{job_id}/attach")
+    async def attach(websocket: WebSocket, job_id: int) -> None: ...
+
+    app = FastAPI()
+    app.include_router(router)
+    assert ("WEBSOCKET", "/v1/jobs/{job_id}/attach") in set(app_routes(app))
