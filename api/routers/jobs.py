@@ -314,9 +314,15 @@ def _aware(name: str, value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
+def _row_id(ref: str) -> int | None:
+    """A number that can be a row's id (an int4 column): one beyond it names no row, and must
+    not reach PostgreSQL, which refuses it (500)."""
+    return int(ref) if ref.isdigit() and 0 < int(ref) < 2**31 else None
+
+
 async def _org_id(session: SessionDep, ref: str) -> int | None:
     if ref.isdigit():
-        return int(ref)
+        return _row_id(ref)
     return await session.scalar(select(Org.id).where(Org.name == ref))
 
 
@@ -356,7 +362,7 @@ async def list_jobs(
             raise NotFound(f"org {org!r} not found")
     if user is not None:
         user_id = (
-            int(user)
+            _row_id(user)
             if user.isdigit()
             else await session.scalar(select(User.id).where(User.name == user))
         )

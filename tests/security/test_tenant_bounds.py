@@ -169,3 +169,17 @@ def test_spraying_made_up_tokens_does_not_refill_a_drained_bucket() -> None:
         buckets.take(f"made-up-{i}", now=1.0)
         assert len(buckets) <= 100
     assert buckets.take("mine", now=1.0) > 0  # still drained: refused
+
+
+@pytest.mark.parametrize("who", ["member_a", "platform"])
+async def test_numbers_beyond_an_id_in_job_filters_are_not_500(world: World, who: str) -> None:
+    """`?user=` and `?org=` take a name or an id; a number beyond the id column reached
+    PostgreSQL, which refused it: 500 for any member. Now it names no one."""
+    async with world.client(who) as c:
+        for number in ("9" * 11, "9" * 30, "0"):
+            users = await c.get("/v1/jobs", params={"user": number})
+            assert users.status_code == 200, users.text
+            assert users.json()["data"] == []
+            orgs = await c.get("/v1/jobs", params={"org": number})
+            assert orgs.status_code == 404, orgs.text
+            assert orgs.headers["content-type"].startswith("application/problem+json")
