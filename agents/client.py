@@ -31,6 +31,7 @@ class AgentClient:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._timeout_s = timeout_s
+        self.tls = tls  # also for the WebSocket streams (agents/streams.py)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             transport=transport,

@@ -28,6 +28,7 @@ from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir
+from agents.streams import Streams
 from protocol.agent import (
     AGENT_CAPABILITIES,
     MAX_TASKS_PER_HEARTBEAT,
@@ -99,6 +100,7 @@ class Agent:
         self.runner = Runner(self.state, config.runner, confinement(config, backend, self.state))
         self.logs = LogShipper(self.state, max_bytes=config.runner.log_max_bytes)
         self.metrics = metrics
+        self.streams = Streams(config.server, client.tls)
         self.dcgm = (
             DcgmJobMapping(config.dcgm_mapping_dir, [g.index for g in backend.devices()])
             if config.dcgm_mapping_dir
@@ -201,6 +203,7 @@ class Agent:
             watcher.cancel()
             disk_watcher.cancel()
             await asyncio.gather(watcher, disk_watcher, return_exceptions=True)
+            await self.streams.close()
 
     async def _register_with_retry(self, stop: asyncio.Event) -> None:
         backoff_s = 0.5
@@ -323,6 +326,10 @@ class Agent:
             changed |= self.runner.stop(
                 stop.task_id, grace_s=stop.grace_s, reason=stop.reason, warn=bool(stop.signal)
             )
+        if reply.streams and self.credential is not None:
+            for request in reply.streams:
+                terminal = self.runner.terminal(request.task_id)
+                self.streams.open(request, self.credential.credential, terminal)
         return changed
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from agents import disk, logcap
+from agents import disk, logcap, ptyhost
 from agents.container import Runtime, container_launch
 from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
@@ -51,6 +51,7 @@ _WRAPPER = (
     '"$@"; s=$?; echo $s > "$0.tmp" && mv "$0.tmp" "$0"; exit $s'
 )
 _LOGCAP = str(Path(logcap.__file__).resolve())
+_PTYHOST = str(Path(ptyhost.__file__).resolve())
 # Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
 # HOME is the task's own directory; USER and LOGNAME would name the agent's user.
 _INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -69,6 +70,9 @@ class RunnerConfig:
     """Output beyond this (after a burst of a few seconds' worth) makes the task's writes wait:
     it bounds what a task flooding its log costs the node. 0: no limit."""
     output_drain_s: float = 5.0
+    pty_attach_wait_s: float = 60.0
+    """An interactive task's command waits this long for its first attach (`run --pty` attaches
+    as soon as the job starts), then starts unattended, its output still in the log."""
     """How long after the wrapper exits the copier may take to write the rest of the output."""
     disk: DiskConfig = field(default_factory=DiskConfig)
     """What each task may hold of the node's local disk, and the reserve kept free."""
@@ -268,6 +272,14 @@ class Runner:
                     busy.setdefault(gpu, []).append(r.pid)
         return busy
 
+    def terminal(self, task_id: int) -> Path | None:
+        """The directory of the running task's terminal socket (ptyhost.SOCKET_NAME), if it
+        has a terminal."""
+        record = self.records.get(task_id)
+        if record is None or record.state != "running" or not record.spec.pty:
+            return None
+        return self.state.task_dir(task_id)
+
     def running(self) -> list[TaskRecord]:
         return [r for r in self.records.values() if r.state in ("starting", "running")]
 
@@ -302,6 +314,12 @@ class Runner:
             # apptainer runs as the task's uid inside the sandbox.
             argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
             record.container_name = launch.name
+        if spec.pty:
+            # The command on a terminal that streams attach to (agents/ptyhost.py); the
+            # terminal's output is the task's log as any task's output is.
+            task_dir = str(self.state.task_dir(spec.task_id))
+            wait_s = str(cfg.pty_attach_wait_s)
+            argv = [sys.executable, "-I", "-S", _PTYHOST, task_dir, wait_s, *argv]
         exit_path = self.state.exit_path(spec.task_id)
         exit_path.unlink(missing_ok=True)
         copier = [

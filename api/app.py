@@ -18,11 +18,23 @@ from api.authcache import AuthCache
 from api.direct import DirectRoutes, Handler, send_problem
 from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
-from api.routers import agent, health, jobs, metrics, nodes, orgs, tokens, usage, users
+from api.routers import (
+    agent,
+    health,
+    jobs,
+    metrics,
+    nodes,
+    orgs,
+    streams,
+    tokens,
+    usage,
+    users,
+)
 from scheduler.db import leanpool
 from scheduler.db.engine import make_server_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
 from scheduler.services.heartbeat.service import Heartbeats
+from scheduler.services.streams import StreamHub
 from scheduler.services.tenantlimits import SubmitLimits
 from scheduler.settings import Settings
 
@@ -134,8 +146,13 @@ def create_app(
             app.state.engine = engine
             app.state.sessionmaker = sessionmaker
             app.state.runtime = runtime
+            app.state.streams = StreamHub()
             heartbeats = Heartbeats(
-                settings, sessionmaker, app.state.autocommit_sessionmaker, runtime
+                settings,
+                sessionmaker,
+                app.state.autocommit_sessionmaker,
+                runtime,
+                streams=app.state.streams,
             )
             app.state.heartbeats = heartbeats
             async with _direct_routes(app, settings, engine, heartbeats):
@@ -172,7 +189,7 @@ def create_app(
     app.admission = Admission(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)
-    for module in (health, jobs, orgs, users, tokens, nodes, usage, agent, metrics):
+    for module in (health, jobs, orgs, users, tokens, nodes, usage, agent, metrics, streams):
         app.include_router(module.router)
     return app
 

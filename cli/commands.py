@@ -21,6 +21,17 @@ COMMANDS: dict[str, Lazy] = {
         "Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`, or a script.",
         _COMMAND_LINE,
     ),
+    "run": Lazy(
+        "cli.interactive",
+        "run",
+        "Run a program on allocated GPUs with this terminal attached: `run --pty -- bash`.",
+        _COMMAND_LINE,
+    ),
+    "attach": Lazy(
+        "cli.interactive",
+        "attach",
+        "Attach this terminal to a running interactive job (`run --pty`) again.",
+    ),
     "queue": Lazy(
         "cli.jobs", "queue", "The queue, like squeue: running and pending jobs with why each waits."
     ),

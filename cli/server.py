@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from api.app import create_server_app
+from api.routers.streams import UVICORN_WEBSOCKETS
 from cli.common import DatabaseUrlOption, load_settings
 from scheduler.process import SchedulerProcess
 
@@ -105,6 +106,7 @@ def server(
                 http="httptools",
                 lifespan="on",
                 timeout_graceful_shutdown=10,
+                **UVICORN_WEBSOCKETS,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None,
             )

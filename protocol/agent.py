@@ -61,9 +61,10 @@ Capability = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-
 """Something an agent can do beyond what every agent of the protocol does; the server gives a
 node only the work its agent can carry out (and stores names it does not know yet, for a
 server upgraded after its agents)."""
-AGENT_CAPABILITIES: tuple[str, ...] = ("signal",)
+AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty")
 """What this agent can do. "signal": it takes `TaskSpec.signal` and `TaskStop.signal` (a job's
-`--signal`) and delivers them; an agent that does not say so may refuse a reply that has them."""
+`--signal`) and delivers them; an agent that does not say so may refuse a reply that has them.
+"pty": it runs `TaskSpec.pty` tasks under a terminal and opens `HeartbeatReply.streams`."""
 MAX_CAPABILITIES = 32
 
 Isolation = Literal["strict", "none"]
@@ -287,6 +288,9 @@ class TaskSpec(_Reply):
     signal: TaskSignal | None = None
     """The job's warning signal (`submit --signal`); None: none. Left out of the reply when
     None, so agents older than the field (which refused unknown fields) still take the task."""
+    pty: bool | None = None
+    """True: run the command under a pseudo-terminal that streams attach to (rank 0 of an
+    interactive job, docs/INTERACTIVE.md). Left out when None, as `signal`."""
 
 
 class TaskStop(_Reply):
@@ -297,6 +301,20 @@ class TaskStop(_Reply):
     signal: bool | None = None
     """True: the task's warning signal (`TaskSpec.signal`) instead of SIGTERM (a preemption);
     None: SIGTERM. Left out when None, as agents older than the field refuse it."""
+
+
+StreamId = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class StreamOpen(_Reply):
+    """The server asks the agent to open `WS /v1/agent/streams/{id}` (outbound, with the node's
+    credential) and to join it to a task's terminal (docs/INTERACTIVE.md). Sent on every reply
+    until the agent connects or the request expires; the agent opens each id once."""
+
+    id: StreamId
+    task_id: int
+    kind: Literal["attach", "new"] = "attach"
+    """"attach": the task's own terminal; "new": a new shell in the task's sandbox."""
 
 
 class HeartbeatReply(_Reply):
@@ -312,3 +330,7 @@ class HeartbeatReply(_Reply):
     """A renewed node credential, sent when less than half of the current one's lifetime is
     left. The agent saves it (replacing the old one, atomically) and presents it from its next
     request on; the old one stays valid until the new one is first used or it expires."""
+    streams: Annotated[list[StreamOpen], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = Field(
+        default_factory=list
+    )
+    """Terminal streams to open now; left out of the reply when empty."""

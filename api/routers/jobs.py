@@ -92,6 +92,7 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         requeue=job.requeue if job.requeue is not None else job.preemptible,
         signal=job.signal,
         held=job.held,
+        interactive=job.interactive,
         state=job.state,
         state_reason=job.state_reason,
         exit_code=job.exit_code,

@@ -85,6 +85,9 @@ class JobCreate(InputModel):
     SECONDS. `B:` signals the batch shell only, not every process of the job."""
     hold: bool = False
     """Submit held: the job waits until released."""
+    interactive: bool = False
+    """Rank 0 runs its command under a pseudo-terminal that the owner attaches to
+    (`fairgpu run --pty`, `fairgpu attach`); see docs/INTERACTIVE.md."""
     depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = Field(
         default_factory=list
     )
@@ -216,6 +219,8 @@ class JobPublic(OutputModel):
     signal: str | None = None
     """The warning signal, `[B:]NAME@SECONDS` (`--signal`); null: none."""
     held: bool
+    interactive: bool = False
+    """Rank 0 runs under a pseudo-terminal (`run --pty`); `attach` connects to it."""
     state: JobState
     state_reason: str | None
     exit_code: int | None

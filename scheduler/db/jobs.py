@@ -73,6 +73,8 @@ class Job(Base):
     # `--signal`, normalised as `[B:]NAME@SECONDS` (protocol/signals.py); None: no warning signal.
     signal: Mapped[str | None] = mapped_column(String(32))
     held: Mapped[bool] = mapped_column(Boolean, default=False)
+    # `run --pty`: rank 0 runs under a pseudo-terminal that `attach` connects to (INTERACTIVE.md).
+    interactive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[JobState] = mapped_column(
         _enum(JobState, 16), default=JobState.PENDING, index=True

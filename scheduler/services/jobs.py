@@ -75,6 +75,7 @@ class JobSpec:
     signal: str | None = None
     """The warning signal, normalised (`B:USR1@60`); None: none."""
     hold: bool = False
+    interactive: bool = False
     depends_on: list[int] = field(default_factory=list)
     """Every job it waits for; `afterok` unless `dependency_kinds` says otherwise."""
     dependency_kinds: dict[int, str] = field(default_factory=dict)
@@ -218,6 +219,7 @@ def submission_rows(
         "requeue": spec.requeue,
         "signal": spec.signal,
         "held": spec.hold,
+        "interactive": spec.interactive,
         "idempotency_key": idempotency_key,
         "state": JobState.PENDING,
         "submitted_at": now,
@@ -345,7 +347,7 @@ JOB_INSERT_FIELDS = (
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
     "job_secret", "secret_env_ciphertext", "script", "singleton", "requeue",
-    "signal",
+    "signal", "interactive",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

@@ -47,14 +47,14 @@ async def test_an_agent_that_can_signal_gets_the_signal(cluster: Cluster) -> Non
     node = await cluster.register(await cluster.join_token())
     # An upgraded agent says so on its first heartbeat, keeping its credential.
     await cluster.heartbeat(node["credential"], capabilities=list(AGENT_CAPABILITIES))
-    assert await _capabilities(cluster, node["node_id"]) == ["signal"]
+    assert await _capabilities(cluster, node["node_id"]) == list(AGENT_CAPABILITIES)
     spec = await _signal_job_start(cluster, node["credential"])
     assert spec["signal"] == {"name": "USR1", "lead_s": 60.0, "batch_only": True}
     # Quiet heartbeats (no capabilities) leave them as they are.
     await cluster.heartbeat(
         node["credential"], tasks=[report(spec["task_id"], spec["job_id"], "running")]
     )
-    assert await _capabilities(cluster, node["node_id"]) == ["signal"]
+    assert await _capabilities(cluster, node["node_id"]) == list(AGENT_CAPABILITIES)
 
 
 async def test_registration_carries_capabilities_and_refuses_bad_ones(cluster: Cluster) -> None:

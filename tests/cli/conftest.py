@@ -25,6 +25,7 @@ import uvicorn
 from typer.testing import CliRunner, Result
 
 from api.app import create_app
+from api.routers.streams import UVICORN_WEBSOCKETS
 from cli.main import app as cli_app
 from scheduler.bench.procs import fairgpu_command
 from scheduler.db import User
@@ -105,7 +106,7 @@ def serve_app(app: Any, **config: Any) -> Iterator[str]:
     scheme = "https" if config.get("ssl_certfile") else "http"
     url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(
-        uvicorn.Config(app, ws="none", log_level="warning", lifespan="on", **config)
+        uvicorn.Config(app, log_level="warning", lifespan="on", **{**UVICORN_WEBSOCKETS, **config})
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -134,7 +135,9 @@ def get_json(url: str, path: str, token: str) -> object:
 
 
 @contextmanager
-def simulated_agent(served: Served, tmp_path: Path, *extra: str) -> Iterator[None]:
+def simulated_agent(
+    served: Served, tmp_path: Path, *extra: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real `fairgpu agent` process with two simulated H100s (node `n1`, no isolation) joined
     to `served`; `extra` agent options are added. Its output goes to tmp_path/agent.log."""
     join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
@@ -150,7 +153,7 @@ def simulated_agent(served: Served, tmp_path: Path, *extra: str) -> Iterator[Non
             env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
         )  # fmt: skip
         try:
-            yield
+            yield process
         finally:
             process.terminate()
             process.wait(timeout=15)

@@ -15,6 +15,7 @@ from protocol.agent import HeartbeatReply
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Unauthenticated
 from scheduler.services.scheduling import work
+from scheduler.services.streams import StreamHub
 from scheduler.services.tokens import credential_live
 from scheduler.settings import Settings
 
@@ -31,14 +32,20 @@ async def hold(
     credential_hash: str,
     wait_s: float,
     reply: HeartbeatReply,
+    streams: StreamHub | None = None,
 ) -> HeartbeatReply:
-    """`reply`, or a reply with work for the node as soon as it has some, within `wait_s`."""
+    """`reply`, or a reply with work for the node as soon as it has some, within `wait_s`.
+    Work includes a terminal stream to open (`streams`, this process's only)."""
 
     async def check() -> HeartbeatReply | None:
         async with sessionmaker() as session:
             if not await credential_live(session, credential_hash, utcnow()):
                 raise Unauthenticated("this node's credential was revoked")
-            return await work.pending_reply(session, node_id=node_id, settings=settings)
+            found = await work.pending_reply(session, node_id=node_id, settings=settings)
+        opened = streams.for_node(node_id) if streams is not None else []
+        if opened:
+            found = (found or reply).model_copy(update={"streams": opened})
+        return found
 
     held = await runtime.hold(node_id, wait_s, check)
     return held if held is not None else reply

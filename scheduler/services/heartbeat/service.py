@@ -24,6 +24,7 @@ from scheduler.services.heartbeat.buffer import HeartbeatBuffer
 from scheduler.services.heartbeat.classify import Verdict, body_may_be_quiet, classify
 from scheduler.services.heartbeat.read import NodeTaskRow, read_node
 from scheduler.services.scheduling import work
+from scheduler.services.streams import StreamHub
 from scheduler.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,8 +57,10 @@ class Heartbeats:
         sessionmaker: async_sessionmaker[AsyncSession],
         read_sessionmaker: async_sessionmaker[AsyncSession],
         runtime: SchedulerRuntime,
+        streams: StreamHub | None = None,
     ) -> None:
         self.settings = settings
+        self.streams = streams  # terminal streams for nodes to open (services/streams.py)
         self.sessionmaker = sessionmaker
         self.read_sessionmaker = read_sessionmaker  # autocommit on PostgreSQL
         self.runtime = runtime
@@ -108,9 +111,15 @@ class Heartbeats:
             await session.rollback()  # ends the read (a no-op on an autocommit connection)
         return rows
 
+    def _with_streams(self, node_id: int, reply: HeartbeatReply) -> HeartbeatReply:
+        """`reply` with the terminal streams the node must open now, if any."""
+        opened = self.streams.for_node(node_id) if self.streams is not None else []
+        return reply.model_copy(update={"streams": opened}) if opened else reply
+
     async def _held(self, caller: Caller, body: Heartbeat, reply: HeartbeatReply) -> HeartbeatReply:
+        reply = self._with_streams(caller.node_id, reply)
         wait_s = min(body.wait_s, self.settings.heartbeat_long_poll_s)
-        if wait_s <= 0:
+        if wait_s <= 0 or reply.streams:
             return reply
         return await longpoll.hold(
             self.runtime,
@@ -120,6 +129,7 @@ class Heartbeats:
             credential_hash=caller.credential_hash,
             wait_s=wait_s,
             reply=reply,
+            streams=self.streams,
         )
 
     async def _full(self, caller: Caller, body: Heartbeat, renew: bool) -> HeartbeatReply:
@@ -158,5 +168,5 @@ class Heartbeats:
             raise
         reply = outcome.reply
         if outcome.urgent or reply.start or reply.stop:
-            return reply
+            return self._with_streams(node_id, reply)
         return await self._held(caller, body, reply)

@@ -66,13 +66,19 @@ class NodeWork:
 
 
 def reply_json(reply: HeartbeatReply) -> str:
-    """The reply as sent. `credential` and the tasks' `signal` are left out unless set: an agent
-    older than those fields refuses unknown fields, and only a renewal or a job with `--signal`
-    needs them."""
+    """The reply as sent. `credential`, `streams` and the tasks' `signal` and `pty` are left out
+    unless set: an agent older than those fields refuses unknown fields, and only a renewal, an
+    attach, a job with `--signal` or an interactive job needs them."""
     exclude: dict[str, Any] = {}
     if reply.credential is None:
         exclude["credential"] = True
-    starts = {i: {"signal"} for i, spec in enumerate(reply.start) if spec.signal is None}
+    if not reply.streams:
+        exclude["streams"] = True
+    starts = {
+        i: {name for name in ("signal", "pty") if getattr(spec, name) is None}
+        for i, spec in enumerate(reply.start)
+        if spec.signal is None or spec.pty is None
+    }
     if starts:
         exclude["start"] = starts
     stops = {i: {"signal"} for i, stop in enumerate(reply.stop) if stop.signal is None}
@@ -99,7 +105,9 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
     work = NodeWork()
     if not rows:
         return work
-    signals = any(j.signal is not None for _, j in rows) and await _can_signal(session, node_id)
+    needs = any(j.signal is not None or j.interactive for _, j in rows)
+    capabilities = await _capabilities(session, node_id) if needs else set()
+    signals, terminals = "signal" in capabilities, "pty" in capabilities
     work.stops = [
         TaskStop(
             task_id=t.id,
@@ -124,16 +132,18 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
         work.unbuildable,
         secret_cipher=settings_cipher(settings),
         signals=signals,
+        terminals=terminals,
     )
     return work
 
 
-async def _can_signal(session: AsyncSession, node_id: int) -> bool:
-    """The node's agent takes and delivers a job's warning signal. One that does not say so
-    (older than `capabilities`) may refuse every reply that carries one, which would stall the
-    whole node: it gets the job without it (SIGTERM at the time limit and at a preemption)."""
+async def _capabilities(session: AsyncSession, node_id: int) -> set[str]:
+    """What the node's agent says it can do. One that does not say "signal" (older than
+    `capabilities`) may refuse every reply that carries a warning signal, which would stall the
+    whole node: it gets the job without it (SIGTERM at the time limit and at a preemption).
+    One that does not say "pty" runs an interactive job's rank 0 without a terminal."""
     capabilities = await session.scalar(select(NodeRow.capabilities).where(NodeRow.id == node_id))
-    return "signal" in (capabilities or ())
+    return set(capabilities or ())
 
 
 async def _task_specs(
@@ -143,6 +153,7 @@ async def _task_specs(
     *,
     secret_cipher: MultiFernet | None,
     signals: bool = True,
+    terminals: bool = True,
 ) -> list[TaskSpec]:
     if not pairs:
         return []
@@ -193,6 +204,7 @@ async def _task_specs(
                     secret_cipher=secret_cipher,
                     array_stats=array_stats.get(job.array_job_id or 0),
                     signals=signals,
+                    terminals=terminals,
                 )
             )
         except ValidationError as error:
@@ -212,6 +224,7 @@ def task_spec(
     secret_cipher: MultiFernet | None = None,
     array_stats: tuple[int, int, int] | None = None,
     signals: bool = True,
+    terminals: bool = True,
 ) -> TaskSpec:
     """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
 
@@ -219,7 +232,8 @@ def task_spec(
     and sent in the spec's `env` (the agent keeps no copy of `env` on disk). An array's
     element also gets FAIRGPU_ARRAY_* from `array_stats`: (count, min, max) of its task ids;
     every task FAIRGPU_RESTART_COUNT (and Slurm's SLURM_RESTART_COUNT). Without `signals` (a
-    node whose agent cannot take them) the job's warning signal is left out.
+    node whose agent cannot take them) the job's warning signal is left out; without
+    `terminals`, an interactive job's rank 0 runs without a terminal (`pty`).
 
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
     other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
@@ -250,6 +264,7 @@ def task_spec(
         memory_bytes=job.memory_bytes,
         job_secret=job.job_secret,
         signal=_task_signal(job.signal) if signals else None,
+        pty=True if job.interactive and task.node_rank == 0 and terminals else None,
     )
 
 

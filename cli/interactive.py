@@ -1,0 +1,183 @@
+"""`fairgpu run --pty` and `fairgpu attach`: a shell (or any program) on allocated GPUs.
+
+`run --pty` submits an interactive job (rank 0 runs under a pseudo-terminal), shows its queue
+standing live while it waits (explain's figures), then attaches this terminal to it and exits
+with the remote program's status. `attach` joins a running interactive job's terminal again.
+See docs/INTERACTIVE.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from cli.client import ApiError, Client, connect, report
+from cli.common import fail
+from cli.parse import parse_duration, parse_env, parse_gpus, parse_memory
+
+POLL_S = 0.5
+EXPLAIN_EVERY_S = 2.0
+START_GRACE_S = 30.0
+"""How long a job that has started may take before its terminal can be attached to."""
+
+
+def run(
+    command: Annotated[list[str], typer.Argument(help="The program and its arguments (bash).")],
+    pty: Annotated[
+        bool, typer.Option("--pty", help="Run rank 0 under a terminal and attach to it.")
+    ] = False,
+    gpus: Annotated[
+        str, typer.Option("--gpus", "-G", help="GPUs per node: N or TYPE:N (e.g. H100:1).")
+    ] = "1",
+    nodes: Annotated[
+        int, typer.Option("--nodes", "-N", min=1, help="Nodes; the terminal is on rank 0.")
+    ] = 1,
+    time_limit: Annotated[
+        str | None,
+        typer.Option("--time", "-t", help="Time limit: 2h, 90m, 1-00:00:00 (bare N = minutes)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--job-name", "-J", help="Job name.")] = None,
+    account: Annotated[
+        str | None, typer.Option("--account", "-A", help="Org to run in (platform admins).")
+    ] = None,
+    priority: Annotated[str, typer.Option("--priority", help="Priority class.")] = "normal",
+    preemptible: Annotated[
+        bool,
+        typer.Option("--preemptible", help="May be preempted (interactive jobs are not, unless)."),
+    ] = False,
+    mem: Annotated[str | None, typer.Option("--mem", help="Memory per node: 64G.")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE in the job's environment.")
+    ] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
+    site: Annotated[str | None, typer.Option("--site", help="Run only at this site.")] = None,
+) -> None:
+    """Run a program on allocated GPUs with this terminal attached: `run --pty -- bash`.
+
+    Like `srun --pty`: waits in the queue (showing why and until when), then attaches. Ctrl-]
+    then d detaches and leaves the job running; the exit status is the remote program's."""
+    if not pty:
+        fail("`fairgpu run` is for interactive jobs: add --pty (batch jobs: `fairgpu submit`)", 2)
+    request = parse_gpus(gpus)
+    job_env = parse_env(env or [])
+    if "TERM" in os.environ and "TERM" not in job_env:
+        job_env["TERM"] = os.environ["TERM"]  # the remote programs draw for this terminal
+    body: dict[str, Any] = {
+        "command": command,
+        "name": name or command[0].rsplit("/", 1)[-1][:128],
+        "gpus_per_node": request.count,
+        "gpu_type": request.gpu_type,
+        "nodes": nodes,
+        "priority_class": priority,
+        "preemptible": preemptible,
+        "interactive": True,
+        "env": job_env,
+    }
+    if time_limit is not None:
+        body["time_limit"] = parse_duration(time_limit)
+    if mem is not None:
+        body["memory_bytes"] = parse_memory(mem)
+    for key, value in (("workdir", workdir), ("site", site), ("org", account)):
+        if value is not None:
+            body[key] = value
+    with connect("run") as client:
+        job_id = str(client.post("/v1/jobs", body)["id"])
+        _say(f"job {job_id} submitted; waiting for it to start (Ctrl-C cancels it)")
+        try:
+            _wait_running(client, job_id)
+        except KeyboardInterrupt:
+            _end_line()
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            fail(f"interrupted: job {job_id} cancelled", 130)
+    raise typer.Exit(_attach_when_ready(job_id, 0))
+
+
+def attach(
+    job: Annotated[str, typer.Argument(help="The job's id.")],
+    rank: Annotated[
+        int, typer.Option("--rank", min=0, help="The node rank (0: the terminal).")
+    ] = 0,
+) -> None:
+    """Attach this terminal to a running interactive job (`run --pty`) again.
+
+    Ctrl-] then d detaches; the exit status is the remote program's when it ends."""
+    raise typer.Exit(_attach_when_ready(job, rank, retry=False))
+
+
+def _attach_when_ready(job_id: str, rank: int, *, retry: bool = True) -> int:
+    """Attach and relay. A job that has only just started may need a moment before its
+    terminal can be reached (409): `retry` waits for it up to START_GRACE_S."""
+    from cli.config import resolve
+    from cli.terminal import open_stream, relay
+
+    creds = resolve()
+    assert creds is not None  # api() has checked it
+    deadline = time.monotonic() + START_GRACE_S
+    while True:
+        try:
+            websocket = open_stream(creds, job_id, rank)
+            break
+        except ApiError as exc:
+            if not (retry and exc.status == 409 and time.monotonic() < deadline):
+                report(exc, f"attach {job_id}", server=creds.server)
+        time.sleep(POLL_S)
+    return relay(websocket, job_id)
+
+
+def _wait_running(client: Client, job_id: str) -> None:
+    """Until the job runs; its standing (explain's message and estimated start) meanwhile."""
+    shown = ""
+    explained_at = 0.0
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}")
+        state = job["state"]
+        if state == "RUNNING":
+            _end_line()
+            return
+        if state not in ("PENDING", "STARTING"):
+            _end_line()
+            reason = job.get("state_reason") or ""
+            fail(f"job {job_id} ended {state} before it could be attached: {reason}".rstrip(": "))
+        if state == "PENDING" and time.monotonic() - explained_at >= EXPLAIN_EVERY_S:
+            explained_at = time.monotonic()
+            info = client.get(f"/v1/jobs/{job_id}/explain")
+            line = _standing(info)
+            if line != shown:
+                _status(line)
+                shown = line
+        time.sleep(POLL_S)
+
+
+def _standing(info: dict[str, Any]) -> str:
+    from cli.output import local_time, relative
+
+    when = info.get("estimated_start_at")
+    start = f"estimated start {relative(when)} ({local_time(when)})" if when else "start unknown"
+    return f"fairgpu: waiting: {info['message']}; {start}"
+
+
+_LIVE = {"line": False}
+
+
+def _status(line: str) -> None:
+    """A line that replaces the previous one on a terminal, one line each elsewhere."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\x1b[K{line}")
+        _LIVE["line"] = True
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _end_line() -> None:
+    if _LIVE["line"]:
+        sys.stderr.write("\n")
+        _LIVE["line"] = False
+
+
+def _say(line: str) -> None:
+    typer.echo(f"fairgpu: {line}", err=True)

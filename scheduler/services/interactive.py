@@ -1,0 +1,92 @@
+"""Who may attach to which task of a job, and the attach event (docs/INTERACTIVE.md).
+
+A terminal reaches into a running task, so it is an act on the job: its owner, an org-admin of
+its org or a platform admin; a member of the same org who is not the owner is refused (403),
+anybody else does not see the job (404, as every job route). Every attach is an event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from protocol.states import JobState
+from scheduler.db import Event, Task
+from scheduler.db.types import utcnow
+from scheduler.services.errors import Conflict
+from scheduler.services.jobs import check_may_act, get_job
+
+ATTACH_EVENT = "job.attach"
+
+
+@dataclass(frozen=True, slots=True)
+class AttachTarget:
+    job_id: int
+    org_id: int
+    task_id: int
+    node_id: int
+    rank: int
+
+
+async def attach_target(
+    session: AsyncSession,
+    job_id: int,
+    *,
+    rank: int,
+    new: bool,
+    user_id: int,
+    scope_org_id: int | None,
+    may_admin_org: bool,
+) -> AttachTarget:
+    """The running task of rank `rank` of the job, if the caller may attach to it.
+
+    Without `new`, only rank 0 of an interactive job has a terminal to attach to; with `new`
+    (a new shell in the task's sandbox) any running task of any job will do."""
+    job = await get_job(session, job_id, scope_org_id=scope_org_id)
+    check_may_act(job, user_id=user_id, may_admin_org=may_admin_org)
+    if job.state is not JobState.RUNNING:
+        raise Conflict(f"job {job.id} is {job.state.value}: only a running job can be attached to")
+    if not new and not job.interactive:
+        raise Conflict(
+            f"job {job.id} has no terminal (it was not submitted with `run --pty`); "
+            "`attach --new` opens a shell in its sandbox"
+        )
+    if not new and rank != 0:
+        raise Conflict(
+            "an interactive job's terminal is on rank 0; `--new` opens a shell on others"
+        )
+    task = await session.scalar(
+        select(Task)
+        .where(
+            Task.job_id == job.id,
+            Task.attempt == job.requeue_count,
+            Task.node_rank == rank,
+        )
+        .limit(1)
+    )
+    if task is None:
+        raise Conflict(f"job {job.id} has no rank {rank} (it runs on {job.num_nodes} node(s))")
+    if task.state is not JobState.RUNNING or task.node_id is None:
+        raise Conflict(f"rank {rank} of job {job.id} is not running yet; try again in a moment")
+    return AttachTarget(
+        job_id=job.id, org_id=job.org_id, task_id=task.id, node_id=task.node_id, rank=rank
+    )
+
+
+def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str, new: bool) -> None:
+    """The event `describe` shows: who attached, when, to which rank."""
+    what = "a new shell" if new else "the terminal"
+    session.add(
+        Event(
+            at=utcnow(),
+            kind=ATTACH_EVENT,
+            job_id=target.job_id,
+            node_id=target.node_id,
+            org_id=target.org_id,
+            actor=actor,
+            reason=f"attached to {what} of rank {target.rank}",
+            details={"rank": target.rank, "new": new},
+        )
+    )
