@@ -111,7 +111,7 @@ class Terminal:
     def type(self, data: bytes) -> None:
         os.write(self.fd, data)
 
-    def expect(self, pattern: str, timeout_s: float = 30) -> re.Match[str]:
+    def expect(self, pattern: str, timeout_s: float = 60) -> re.Match[str]:
         """The next match of `pattern` in what the CLI printed after the previous match."""
         deadline = time.monotonic() + timeout_s
         while True:
