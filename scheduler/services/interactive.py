@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event, Task
+from scheduler.db import Event, Node, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict
 from scheduler.services.jobs import check_may_act, get_job
@@ -70,6 +70,11 @@ async def attach_target(
         raise Conflict(f"job {job.id} has no rank {rank} (it runs on {job.num_nodes} node(s))")
     if task.state is not JobState.RUNNING or task.node_id is None:
         raise Conflict(f"rank {rank} of job {job.id} is not running yet; try again in a moment")
+    capabilities = await session.scalar(select(Node.capabilities).where(Node.id == task.node_id))
+    if "pty" not in (capabilities or ()):
+        raise Conflict(
+            f"job {job.id} runs on a node whose agent has no terminals (older than `run --pty`)"
+        )
     return AttachTarget(
         job_id=job.id, org_id=job.org_id, task_id=task.id, node_id=task.node_id, rank=rank
     )
