@@ -313,8 +313,8 @@ class StreamOpen(_Reply):
 
     id: StreamId
     task_id: int
-    kind: Literal["attach", "new"] = "attach"
-    """"attach": the task's own terminal; "new": a new shell in the task's sandbox."""
+    kind: Literal["attach"] = "attach"
+    """"attach": the task's own terminal (the one kind so far)."""
 
 
 class HeartbeatReply(_Reply):

@@ -1,6 +1,6 @@
 """WebSocket terminal streams: a user's `attach` and the node agent's side, relayed frame by frame.
 
-    WS /v1/jobs/{job}/attach?rank=N[&new=1]   Authorization: Bearer <user token>
+    WS /v1/jobs/{job}/attach?rank=N           Authorization: Bearer <user token>
     WS /v1/agent/streams/{id}                 Authorization: Bearer <node credential>
 
 The user side registers a pending stream (services/streams.py) and wakes the node's long-poll;
@@ -70,11 +70,10 @@ async def _deny(websocket: WebSocket, error: DomainError) -> None:
 
 
 @router.websocket("/v1/jobs/{job_id}/attach")
-async def attach(websocket: WebSocket, job_id: int, rank: int = 0, new: bool = False) -> None:
-    """Attach to a running job's terminal (rank 0 of a `run --pty` job), or with `new=1` to a
-    new shell in the sandbox of rank `rank`'s task. The job's owner, an org-admin of its org
-    or a platform admin: a member who is not the owner gets 403, another org's user 404.
-    Every attach is an event on the job. Frames: protocol/streams.py."""
+async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
+    """Attach to a running job's terminal (rank 0 of a `run --pty` job). The job's owner, an
+    org-admin of its org or a platform admin: a member who is not the owner gets 403, another
+    org's user 404. Every attach is an event on the job. Frames: protocol/streams.py."""
     try:
         principal = await _principal(websocket)
         if principal.kind != "user" or principal.user_id is None:
@@ -84,12 +83,11 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0, new: bool = F
                 session,
                 job_id,
                 rank=rank,
-                new=new,
                 user_id=principal.user_id,
                 scope_org_id=scope_of(principal),
                 may_admin_org=principal.can_admin_org(principal.org_id),
             )
-            interactive.record_attach(session, target, actor=principal.actor, new=new)
+            interactive.record_attach(session, target, actor=principal.actor)
             await session.commit()
     except DomainError as error:
         await _deny(websocket, error)
@@ -99,7 +97,7 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0, new: bool = F
         job_id=target.job_id,
         task_id=target.task_id,
         node_id=target.node_id,
-        kind="new" if new else "attach",
+        kind="attach",
     )
     runtime: SchedulerRuntime = websocket.app.state.runtime
     runtime.wake_nodes([target.node_id])

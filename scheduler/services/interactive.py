@@ -35,28 +35,20 @@ async def attach_target(
     job_id: int,
     *,
     rank: int,
-    new: bool,
     user_id: int,
     scope_org_id: int | None,
     may_admin_org: bool,
 ) -> AttachTarget:
-    """The running task of rank `rank` of the job, if the caller may attach to it.
-
-    Without `new`, only rank 0 of an interactive job has a terminal to attach to; with `new`
-    (a new shell in the task's sandbox) any running task of any job will do."""
+    """The running task of rank `rank` of the job, if the caller may attach to it: only rank 0
+    of an interactive job has a terminal."""
     job = await get_job(session, job_id, scope_org_id=scope_org_id)
     check_may_act(job, user_id=user_id, may_admin_org=may_admin_org)
     if job.state is not JobState.RUNNING:
         raise Conflict(f"job {job.id} is {job.state.value}: only a running job can be attached to")
-    if not new and not job.interactive:
-        raise Conflict(
-            f"job {job.id} has no terminal (it was not submitted with `run --pty`); "
-            "`attach --new` opens a shell in its sandbox"
-        )
-    if not new and rank != 0:
-        raise Conflict(
-            "an interactive job's terminal is on rank 0; `--new` opens a shell on others"
-        )
+    if not job.interactive:
+        raise Conflict(f"job {job.id} has no terminal (it was not submitted with `run --pty`)")
+    if rank != 0:
+        raise Conflict(f"job {job.id}'s terminal is on rank 0; rank {rank} has none")
     task = await session.scalar(
         select(Task)
         .where(
@@ -80,9 +72,8 @@ async def attach_target(
     )
 
 
-def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str, new: bool) -> None:
+def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str) -> None:
     """The event `describe` shows: who attached, when, to which rank."""
-    what = "a new shell" if new else "the terminal"
     session.add(
         Event(
             at=utcnow(),
@@ -91,7 +82,7 @@ def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str, ne
             node_id=target.node_id,
             org_id=target.org_id,
             actor=actor,
-            reason=f"attached to {what} of rank {target.rank}",
-            details={"rank": target.rank, "new": new},
+            reason=f"attached to the terminal of rank {target.rank}",
+            details={"rank": target.rank},
         )
     )

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from protocol.agent import StreamOpen
 
-StreamKind = Literal["attach", "new"]
+StreamKind = Literal["attach"]
 
 
 @dataclass(eq=False)
