@@ -1,8 +1,8 @@
 """job interactive: jobs.interactive, rank 0 under a pseudo-terminal (`fairgpu run --pty`)
 
 Revision ID: e5a7c3d9b1f2
-Revises: c4e8a1f2d6b7
-Create Date: 2026-12-03 09:20:00.000000
+Revises: e5b2c7d9a4f1
+Create Date: 2026-12-03 09:50:00.000000
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "e5a7c3d9b1f2"
-down_revision: str | None = "c4e8a1f2d6b7"
+down_revision: str | None = "e5b2c7d9a4f1"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
