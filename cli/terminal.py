@@ -250,7 +250,8 @@ def relay(websocket: ClientConnection, job: str) -> int:
     """Relay until the end; the exit status for the CLI: the remote program's, 0 when detached."""
     if os.isatty(0):
         sys.stderr.write(f"fairgpu: attached to job {job} ({ESCAPE_HELP})\r\n")
-    outcome = Session(websocket).run()
+    with websocket:  # websockets wants its connections used as context managers
+        outcome = Session(websocket).run()
     if outcome.detached:
         sys.stderr.write(f"fairgpu: detached; `fairgpu attach {job}` returns to it\n")
         return 0

@@ -42,6 +42,10 @@ OPEN = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"})
 CHECKED_ELSEWHERE: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): "tests/security/test_tenant_views.py::"
     "test_metrics_ask_for_their_token_when_one_is_set",
+    ("WEBSOCKET", "/v1/jobs/{job_id}/attach"): "tests/cli/test_interactive.py::"
+    "test_only_the_owner_and_org_admins_attach",
+    ("WEBSOCKET", "/v1/agent/streams/{stream_id}"): "tests/cli/test_interactive_streams.py::"
+    "test_only_its_node_opens_a_stream_and_the_relay_carries_frames",
 }
 
 
