@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from api.schemas.common import DurationS, InputModel, OrgName, OutputModel, Printable
 from api.schemas.jobs import PriorityClass
+from protocol.limits import MAX_TIME_LIMIT_S
 
 MAX_SHARES = 1_000_000.0
 MAX_QUOTA_GPUS = 1_000_000
@@ -19,6 +20,7 @@ MAX_PENDING_JOBS = 10_000_000
 ImagePattern = Annotated[str, Printable, Field(min_length=1, max_length=512, pattern=r"^\S+$")]
 
 Shares = Annotated[float, Field(gt=0, le=MAX_SHARES, allow_inf_nan=False)]
+TimeLimit = Annotated[DurationS, Field(le=MAX_TIME_LIMIT_S)]  # an INTEGER column
 GpuCount = Annotated[int, Field(ge=0, le=MAX_QUOTA_GPUS)]
 
 
@@ -27,12 +29,12 @@ class OrgCreate(InputModel):
     parent: OrgName | None = None
     """Name of the parent organisation (a programme pooling its members); none for a root."""
     shares: Shares = 1.0
-    default_time_limit: DurationS | None = None
+    default_time_limit: TimeLimit | None = None
 
 
 class OrgUpdate(InputModel):
     shares: Shares | None = None
-    default_time_limit: DurationS | None = None
+    default_time_limit: TimeLimit | None = None
     require_isolation: bool | None = None
     """True: the org's jobs, and those of every org below it, run only on nodes whose agent
     confines tasks (strict isolation)."""

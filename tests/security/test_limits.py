@@ -59,6 +59,9 @@ def test_oversized_and_deeply_nested_bodies(live: Live) -> None:
         ("POST", "/v1/orgs", {"name": "x" * 10_000}),
         ("POST", "/v1/orgs", {"name": "ok-org", "shares": -1}),
         ("POST", "/v1/orgs", {"name": "ok-org", "shares": BIG}),
+        ("POST", "/v1/orgs", {"name": "ok-org", "default_time_limit": 2**31}),  # an INTEGER
+        ("PATCH", "/v1/orgs/acme", {"default_time_limit": 2**31}),
+        ("PATCH", "/v1/orgs/acme", {"default_time_limit": "99999999d"}),
         ("POST", "/v1/users", {"name": "bob\nroot", "org": "acme"}),
         ("POST", "/v1/users", {"name": "\u0000", "org": "acme"}),
         ("PUT", "/v1/orgs/acme/quota/H100", {"guaranteed": -1}),
@@ -66,6 +69,7 @@ def test_oversized_and_deeply_nested_bodies(live: Live) -> None:
         ("PUT", "/v1/orgs/acme/quota/H100", {"guaranteed": 4, "limit": 2}),
         ("POST", "/v1/tokens", {"name": "t", "ttl_s": -5}),
         ("POST", "/v1/tokens", {"name": "t", "ttl_s": BIG}),
+        ("POST", "/v1/tokens", {"name": "t", "ttl": BIG}),
         ("POST", "/v1/join-tokens", {"uses": -1}),
         ("POST", "/v1/join-tokens", {"uses": BIG}),
         ("POST", "/v1/jobs", {**JOB, "gpus_per_node": -1}),
