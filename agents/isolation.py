@@ -98,6 +98,11 @@ class Confinement:
                 self.cgroups = open_hierarchy(config.cgroup_parent)
             except CgroupError as exc:
                 raise IsolationUnavailable(str(exc)) from exc
+            if sandbox.landlock_abi() < sandbox.LANDLOCK_SCOPE_ABI:
+                log.warning(
+                    "this kernel has no Landlock scoping (Linux 6.12 or later): tasks of "
+                    "different orgs can reach each other's abstract unix sockets"
+                )
 
     @property
     def mode(self) -> Isolation:

@@ -13,7 +13,11 @@ every task start pays for its start-up. In order, it
    own, so that System V shared memory, semaphores and message queues are the task's alone and
    end with it (a segment left behind would otherwise hold the node's memory after the task);
 3. drops to the task's uid and gid with no supplementary groups, sets no_new_privs (setuid
-   programs give nothing back) and enters the working directory as that uid;
+   programs give nothing back), joins a session keyring of its own, enters a Landlock domain of
+   its own where the kernel has one that scopes (6.12 or later): the task can then neither
+   connect to an abstract unix socket nor signal a process outside its own domain, so another
+   task's abstract sockets (NCCL's, say: the host's network namespace shares them) are out of
+   its reach, and enters the working directory as that uid;
 4. execs the command: same pid, so the wrapper waits for the command itself.
 
 A step that fails writes one line to the error file (opened before privileges are dropped) and
@@ -33,6 +37,14 @@ CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_NO_NEW_PRIVS = 38
+# Landlock (linux/landlock.h); the numbers are the same on every architecture.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_RESTRICT_SELF = 444, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET, LANDLOCK_SCOPE_SIGNAL = 0x1, 0x2
+LANDLOCK_SCOPE_ABI = 6
+# keyctl(2), whose number differs between architectures; KEYCTL_JOIN_SESSION_KEYRING.
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+KEYCTL_JOIN_SESSION_KEYRING = 1
 _GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
 # Directories any user may write to on common distributions: each task gets empty ones of its
 # own, so that nothing it writes there reaches the host's disk or another task.
@@ -137,6 +149,52 @@ def become(uid: int, gid: int) -> None:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    own_session_keyring()
+
+
+def own_session_keyring() -> None:
+    """A new, empty session keyring owned by the task. Without it the task would possess the
+    agent's (systemd gives each service one), and with it every other task's keys: possession
+    grants read and write whatever the uid."""
+    if SYS_KEYCTL is None:
+        return
+    if _libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        raise SandboxError(f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(ctypes.get_errno())}")
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 where it has none (or it is disabled)."""
+    version = _libc.syscall(
+        SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION
+    )
+    return max(int(version), 0)
+
+
+def scope() -> bool:
+    """A Landlock domain scoping abstract unix sockets and signals to the task; no rule on
+    files or ports. False where the kernel cannot (before 6.12): the task runs without it.
+    Needs no_new_privs, which `become` has set."""
+    if landlock_abi() < LANDLOCK_SCOPE_ABI:
+        return False
+    attr = _LandlockRulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL)
+    fd = _libc.syscall(
+        SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0
+    )
+    if fd < 0:
+        raise SandboxError(f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
+    try:
+        _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0), "landlock_restrict_self")
+    finally:
+        os.close(fd)
+    return True
 
 
 def main(argv: list[str]) -> int:
@@ -153,6 +211,8 @@ def main(argv: list[str]) -> int:
         private_mounts(config)
         step = "switching to the task's user"
         become(config["uid"], config["gid"])
+        step = "scoping the task's abstract sockets and signals"
+        scope()
         step = f"entering the working directory {config['cwd']}"
         os.chdir(config["cwd"])
         step = f"starting {command[0]}"

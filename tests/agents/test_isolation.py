@@ -8,10 +8,12 @@ permission check has passed, and with EACCES where the task's fence covers it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from agents.cgroups import CgroupError, open_hierarchy
 from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, IsolationUnavailable
 from agents.runner import Runner, RunnerConfig
+from agents.sandbox import LANDLOCK_SCOPE_ABI, landlock_abi
 from agents.state import StateDir
 from protocol.agent import TaskSignal
 from tests.agents.helpers import spec, wait_for
@@ -533,3 +536,113 @@ def test_no_signal_reaches_a_process_that_took_an_ended_tasks_pid(
         bystander.wait()
         if bystander.stdout is not None:
             bystander.stdout.close()
+
+
+# Listens on an abstract unix socket (no file: any process of the network namespace may
+# connect, whatever its uid), or connects to one and says what came of it.
+ABSTRACT = (
+    "import os, socket, sys, time\n"
+    "name = b'\\0' + sys.argv[2].encode()\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+    "if sys.argv[1] == 'listen':\n"
+    "    s.bind(name); s.listen(); os.chmod(os.environ['HOME'], 0o711)\n"
+    "    open(os.environ['HOME'] + '/ready', 'w').close()\n"
+    "    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect(name)\n"
+    "    print('own connect allowed', flush=True)\n"
+    "    time.sleep(60)\n"
+    "try:\n"
+    "    s.connect(name)\n"
+    "    print('allowed')\n"
+    "except OSError as exc:\n"
+    "    print(type(exc).__name__)\n"
+)
+
+
+@pytest.mark.skipif(landlock_abi() < LANDLOCK_SCOPE_ABI, reason="needs Landlock scoping (6.12)")
+def test_another_orgs_abstract_socket_is_out_of_reach(node: Node) -> None:
+    name = f"fairgpu-test-{uuid.uuid4().hex}"
+    node.runner.start(spec(1, [PY, "-c", ABSTRACT, "listen", name], **ACME))
+    wait_for((node.confinement.task_dir(1) / "ready").exists)
+    rival = node.run(2, [PY, "-c", ABSTRACT, "connect", name], **RIVAL)
+    assert rival["log"].strip() == "PermissionError"
+    # The host itself (not in any task's domain) still reaches it: the wall is between tasks.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+        host.connect(b"\0" + name.encode())
+    node.runner.stop(1, grace_s=0, reason="done")
+    assert "own connect allowed" in node.finish(1)["log"]
+
+
+@pytest.mark.skipif(landlock_abi() < LANDLOCK_SCOPE_ABI, reason="needs Landlock scoping (6.12)")
+def test_tasks_of_one_org_cannot_signal_each_other_either(node: Node) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], **ACME))
+    wait_for(lambda: bool(node.task_pids(1)))
+    [victim] = node.task_pids(1)
+    probe = (
+        f"import os\ntry:\n    os.kill({victim}, 0)\n    print('allowed')\n"
+        "except OSError as exc:\n    print(type(exc).__name__)\n"
+    )
+    result = node.run(2, python(probe), **ACME)  # same org, same uid
+    assert result["log"].strip() in ("PermissionError", "ProcessLookupError")
+    assert node.runner.records[1].state == "running"
+    node.runner.stop(1, grace_s=0, reason="done")
+    node.finish(1)
+
+
+KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+KEYRING_PROBE = (
+    "import ctypes, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "own = libc.syscall({nr}, 0, ctypes.c_long(-3), 0)\n"  # the session keyring's id
+    "buf = ctypes.create_string_buffer(256)\n"
+    "agents = libc.syscall({nr}, 6, ctypes.c_long({agent}), buf, 256)\n"  # describe the agent's
+    "print(own, agents, buf.value.decode())\n"
+)
+
+
+@pytest.mark.skipif(KEYCTL is None, reason="keyctl's number is known for x86_64 and aarch64")
+def test_a_task_does_not_possess_the_agents_session_keyring(node: Node) -> None:
+    assert KEYCTL is not None
+    libc = ctypes.CDLL(None, use_errno=True)
+    # The agent's own session keyring, as systemd gives a service one (this test process).
+    agent_ring = libc.syscall(KEYCTL, 1, f"fairgpu-test-{uuid.uuid4().hex[:8]}".encode())
+    assert agent_ring > 0
+    result = node.run(1, python(KEYRING_PROBE.format(nr=KEYCTL, agent=agent_ring)), **ACME)
+    own, described, _ = (result["log"].split() + ["", ""])[:3]
+    assert int(own) != agent_ring
+    assert int(own) > 0
+    assert int(described) < 0  # not the task's to read
+
+
+NODE_PROBE = """
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(result):
+    return "allowed" if result >= 0 else os.strerror(ctypes.get_errno())
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as exc:
+        return exc.strerror
+inotify = libc.inotify_init1(0)
+print(json.dumps({
+    "sysctl": attempt(lambda: open("/proc/sys/kernel/core_pattern", "w").write("|/tmp/x")),
+    "inotify_other_org": errno_of(libc.inotify_add_watch(inotify, TARGET, 0xFFF)),
+    "fanotify": errno_of(libc.fanotify_init(0, 0)),
+}))
+"""
+
+
+def test_a_task_cannot_tune_the_node_nor_watch_another_org(node: Node) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], **ACME))
+    target = node.confinement.task_dir(1)
+    wait_for(target.exists)
+    probe = NODE_PROBE.replace("TARGET", repr(str(target).encode()))
+    result = node.run(2, python(probe), **RIVAL)
+    tried = json.loads(result["log"].strip().splitlines()[-1])
+    assert tried["sysctl"] == "Permission denied"
+    assert tried["fanotify"] == "Operation not permitted"
+    # Not readable by its uid, or (task directories under /tmp, as here) not even in its view.
+    assert tried["inotify_other_org"] in ("Permission denied", "No such file or directory")
+    node.runner.stop(1, grace_s=0, reason="done")
+    node.finish(1)
