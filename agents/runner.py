@@ -70,10 +70,10 @@ class RunnerConfig:
     """Output beyond this (after a burst of a few seconds' worth) makes the task's writes wait:
     it bounds what a task flooding its log costs the node. 0: no limit."""
     output_drain_s: float = 5.0
+    """How long after the wrapper exits the copier may take to write the rest of the output."""
     pty_attach_wait_s: float = 60.0
     """An interactive task's command waits this long for its first attach (`run --pty` attaches
     as soon as the job starts), then starts unattended, its output still in the log."""
-    """How long after the wrapper exits the copier may take to write the rest of the output."""
     disk: DiskConfig = field(default_factory=DiskConfig)
     """What each task may hold of the node's local disk, and the reserve kept free."""
 
