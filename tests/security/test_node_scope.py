@@ -10,6 +10,7 @@ through the one entry point `Heartbeats.answer`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -139,3 +140,41 @@ async def test_a_revoked_or_expired_node_credential_is_refused_on_every_path(
                               "memory_bytes": 1}],
                 }  # fmt: skip
                 await cluster.call("POST", "/v1/agent/register", cred, body, expect=401)
+
+
+async def test_one_credential_holds_at_most_two_long_polls(database_url: str, direct: bool) -> None:
+    """Every held long poll reads the database when its node is woken: a stolen credential
+    holding hundreds would turn each wake-up into hundreds of reads. An agent holds one (two
+    across a restart); beyond, a heartbeat is answered at once, as without `wait_s`."""
+    settings = fast_settings(database_url, hot_paths=direct, heartbeat_long_poll_s=30.0)
+    async with running_cluster(settings) as cluster:
+        node = await cluster.register(await cluster.join_token(), gpus=1)
+        cred = node["credential"]
+        for _ in range(2):
+            await cluster.heartbeat(cred, samples=_samples(node))
+        headers = {"Authorization": f"Bearer {cred}"}
+        polls = [
+            asyncio.create_task(
+                cluster.http.post(
+                    "/v1/agent/heartbeat",
+                    json={"wait_s": 30, "samples": _samples(node)},
+                    headers=headers,
+                )
+            )
+            for _ in range(6)
+        ]
+        answered: set[asyncio.Task[Any]] = set()
+        while len(answered) < 4:
+            done, _ = await asyncio.wait(
+                [p for p in polls if p not in answered],
+                timeout=15,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            assert done, "heartbeats beyond the second long poll were held"
+            answered |= done
+        assert all(p.result().status_code == 200 for p in answered)
+        assert len([p for p in polls if not p.done()]) == 2
+        assert cluster.app.state.heartbeats.long_polls_held(node["node_id"]) == 2
+        await cluster.call("POST", f"/v1/nodes/{node['node_id']}/revoke", cluster.admin)
+        held = await asyncio.wait_for(asyncio.gather(*polls), 10)
+        assert sorted(r.status_code for r in held) == [200, 200, 200, 200, 401, 401]

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from scheduler.services.runtime import SchedulerRuntime
 
 
+MAX_HELD_PER_NODE = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """The agent whose credential the heartbeat carries."""
@@ -68,6 +71,10 @@ class Heartbeats:
         # interval of 0) writes every heartbeat on the full path.
         buffer: HeartbeatBuffer | None = getattr(runtime, "live", None)
         self.buffer = buffer if settings.heartbeat_flush_interval_s > 0 else None
+        self._holding: dict[int, int] = {}  # node id -> its long polls held now
+
+    def long_polls_held(self, node_id: int) -> int:
+        return self._holding.get(node_id, 0)
 
     def forget(self, node_id: int) -> None:
         """The node registered again: its GPUs may have changed."""
@@ -117,20 +124,32 @@ class Heartbeats:
         return reply.model_copy(update={"streams": opened}) if opened else reply
 
     async def _held(self, caller: Caller, body: Heartbeat, reply: HeartbeatReply) -> HeartbeatReply:
-        reply = self._with_streams(caller.node_id, reply)
+        node_id = caller.node_id
+        reply = self._with_streams(node_id, reply)
         wait_s = min(body.wait_s, self.settings.heartbeat_long_poll_s)
-        if wait_s <= 0 or reply.streams:
+        held = self._holding.get(node_id, 0)
+        # An agent holds one long poll at a time (two across its restart); more from one
+        # credential would each read the database on every wake-up of the node: answer at once.
+        if wait_s <= 0 or reply.streams or held >= MAX_HELD_PER_NODE:
             return reply
-        return await longpoll.hold(
-            self.runtime,
-            self.sessionmaker,
-            self.settings,
-            node_id=caller.node_id,
-            credential_hash=caller.credential_hash,
-            wait_s=wait_s,
-            reply=reply,
-            streams=self.streams,
-        )
+        self._holding[node_id] = held + 1
+        try:
+            return await longpoll.hold(
+                self.runtime,
+                self.sessionmaker,
+                self.settings,
+                node_id=node_id,
+                credential_hash=caller.credential_hash,
+                wait_s=wait_s,
+                reply=reply,
+                streams=self.streams,
+            )
+        finally:
+            left = self._holding[node_id] - 1
+            if left:
+                self._holding[node_id] = left
+            else:
+                del self._holding[node_id]
 
     async def _full(self, caller: Caller, body: Heartbeat, renew: bool) -> HeartbeatReply:
         node_id = caller.node_id
