@@ -63,6 +63,9 @@ def container_launch(
     name = f"fairgpu-task-{task_id}"
     devices = list(gpu_uuids) if gpu_uuids else [str(g) for g in gpus]
     argv = [exe, "run", "--rm", "--name", name, "--network=host", "--ipc=private", "--init"]
+    # The output reaches the task's log through the attached client; a copy in the runtime's own
+    # log files (json-file keeps everything, unbounded, by default) would fill the node's disk.
+    argv.append("--log-driver=none")
     if user is not None:
         argv += [
             "--user", f"{user}:{user}", "--cap-drop=ALL", "--security-opt=no-new-privileges",

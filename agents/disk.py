@@ -5,14 +5,16 @@ the node's local disk beside the agent's state and the other tasks' directories.
 with project quotas are not everywhere, so the agent measures instead, as kubelet does for a
 pod's ephemeral storage: every `check_interval_s` it adds up the blocks each running task's
 directory holds, plus the files its processes hold open after deleting them (which a walk of the
-directory cannot see), and ends a task over `task_max_bytes` or `task_max_files`. When the
-filesystem's free space falls under `node_reserve_bytes`, it ends the task that holds the most,
-one per check, so that a job filling the disk between two checks cannot take the node (the
-agent's state and logs, the other tasks) with it.
+directory cannot see) and its container's writable layer, and ends a task over
+`task_max_bytes` or `task_max_files`. When the filesystem's free space falls under
+`node_reserve_bytes`, it ends the task that holds the most, one per check, so that a job filling
+the disk between two checks cannot take the node (the agent's state and logs, the other tasks)
+with it.
 
 The walk is bounded: it stops at `task_max_files` entries (a task over the file limit is ended
 for that), so a task making millions of empty files costs the agent one bounded walk, and it
-runs in a thread (`measure` touches nothing but the file system), never in the agent's loop.
+runs in a thread (`measure_all` touches nothing but the file system and the container
+runtime's `inspect`), never in the agent's loop.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import math
 import os
 import stat
+import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,9 @@ class Target:
     task_id: int
     directory: Path
     pids: tuple[int, ...] = ()
+    container: tuple[str, str] | None = None
+    """(runtime binary, container name) of a docker or podman task: its container's writable
+    layer is on the node's disk too."""
 
 
 def measure(directory: Path, *, max_files: int | None) -> Usage:
@@ -133,11 +139,28 @@ def deleted_open_bytes(pids: Iterable[int], device: int, *, max_fds: int = 100_0
     return total
 
 
+def container_layer(binary: str, name: str) -> Path | None:
+    """The writable layer of a running docker or podman container (overlay's upper directory);
+    None when the runtime cannot say (another storage driver, the container gone)."""
+    argv = [binary, "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", name]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = done.stdout.strip()
+    return Path(path) if done.returncode == 0 and path.startswith("/") else None
+
+
 def measure_all(targets: Iterable[Target], *, max_files: int | None) -> dict[int, Usage]:
-    """Every target's usage: its directory, and its deleted-but-open files on that disk."""
+    """Every target's usage: its directory, its deleted-but-open files on that disk, and its
+    container's writable layer."""
     usage: dict[int, Usage] = {}
     for target in targets:
         found = measure(target.directory, max_files=max_files)
+        layer = container_layer(*target.container) if target.container else None
+        if layer is not None:
+            inside = measure(layer, max_files=max_files)
+            found = Usage(found.bytes + inside.bytes, found.files + inside.files)
         try:
             device = os.lstat(target.directory).st_dev
         except OSError:

@@ -209,7 +209,11 @@ class Runner:
             else:
                 pids = tuple(_descendants(record.pid, record.pid_create_time))
             directory = self.confinement.task_dir(record.task_id)
-            targets.append(disk.Target(record.task_id, directory, pids))
+            container = None
+            runtime = self.config.container_runtime
+            if record.container_name and runtime in ("docker", "podman"):
+                container = (self.config.container_binary or str(runtime), record.container_name)
+            targets.append(disk.Target(record.task_id, directory, pids, container))
         return targets
 
     def enforce_disk(self, usage: Mapping[int, disk.Usage], space: disk.Space | None) -> bool:

@@ -28,7 +28,8 @@ def test_docker() -> None:
     launch = build("docker")
     assert launch.argv == [
         "docker", "run", "--rm", "--name", "fairgpu-task-12", "--network=host", "--ipc=private",
-        "--init", "--gpus", '"device=2,3"', "-e", "FAIRGPU_JOB_ID", "-e", "SECRET",
+        "--init", "--log-driver=none", "--gpus", '"device=2,3"', "-e", "FAIRGPU_JOB_ID",
+        "-e", "SECRET",
         "-v", "/data/run:/data/run", "-w", "/data/run",
         "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
     ]  # fmt: skip

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from agents.disk import DiskConfig
 from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
 from protocol.agent import TaskSignal
@@ -372,3 +373,31 @@ def test_a_container_task_gets_its_warning_signal_through_the_runtime(
     runner.stop(1, grace_s=0, reason="done")
     wait_for(lambda: (runner.poll(), runner.records[1].state)[1] == "stopped")
     assert kills.read_text().splitlines()[-1] == "kill --signal SIGKILL fairgpu-task-1"
+
+
+def test_a_container_filling_its_writable_layer_is_ended_at_the_disk_limit(
+    state: StateDir, tmp_path: Path
+) -> None:
+    # The fake runtime's container writes into its "writable layer", which `inspect` names.
+    layer = tmp_path / "overlay" / "upper"
+    layer.mkdir(parents=True)
+    fake_docker = tmp_path / "docker"
+    fake_docker.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = inspect ]; then echo {layer}; exit 0; fi\n'
+        f'if [ "$1" = kill ]; then exit 0; fi\n'
+        f"head -c 8388608 /dev/zero > {layer}/fill; sync; exec sleep 60\n"
+    )
+    fake_docker.chmod(0o755)
+    limits = DiskConfig(task_max_bytes=4 * 2**20, node_reserve_bytes=0)
+    runner = Runner(
+        state,
+        RunnerConfig(container_runtime="docker", container_binary=str(fake_docker), disk=limits),
+    )
+    runner.start(spec(1, ["python", "train.py"], image="pytorch:24"))
+    wait_for(runner.check_disk)
+    run_to_end(runner, 1)
+    record = runner.records[1]
+    assert record.state == "stopped"
+    assert record.reason.startswith("disk limit: the task holds ")
+    assert "over its limit of 4.0 MiB" in record.reason
