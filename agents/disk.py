@@ -40,6 +40,9 @@ class DiskConfig:
     """Free space under which the task holding the most is ended. 0: none. None:
     `node_reserve_ratio` of the filesystem's size."""
     node_reserve_ratio: float = 0.05
+    pressure_min_task_bytes: int = 64 * 2**20
+    """Under the reserve, a task holding less is never ended: it frees too little to matter
+    (the disk is full of something else, which ending every small task would not change)."""
     check_interval_s: float = 10.0
 
     @property
@@ -202,13 +205,14 @@ def largest_under_pressure(
 ) -> tuple[int, str] | None:
     """The task to end because the node's free space is under its reserve: the one holding the
     most (as kubelet ranks pods under disk pressure). None when there is no pressure, or no task
-    holds anything."""
+    holds at least `pressure_min_task_bytes`."""
     if found is None:
         return None
     reserve = config.reserve_bytes(found)
     if found.free_bytes >= reserve:
         return None
-    holding = [(used.bytes, task_id) for task_id, used in usage.items() if used.bytes > 0]
+    floor = max(config.pressure_min_task_bytes, 1)
+    holding = [(used.bytes, task_id) for task_id, used in usage.items() if used.bytes >= floor]
     if not holding:
         return None
     held, task_id = max(holding)

@@ -79,15 +79,21 @@ def test_over_limit_names_the_limit_in_its_reason() -> None:
 
 def test_under_the_reserve_the_largest_holder_is_ended() -> None:
     usage = {1: Usage(5 * MiB, 1), 2: Usage(9 * MiB, 1), 3: Usage(0, 1)}
-    config = DiskConfig(node_reserve_bytes=100 * MiB)
+    config = DiskConfig(node_reserve_bytes=100 * MiB, pressure_min_task_bytes=1)
     assert largest_under_pressure(usage, Space(200 * MiB, 10**12), config) is None
     chosen = largest_under_pressure(usage, Space(50 * MiB, 10**12), config)
     assert chosen is not None
     assert chosen[0] == 2
     assert "fell under its reserve of 100.0 MiB" in chosen[1]
     assert largest_under_pressure({3: Usage(0, 1)}, Space(0, 10**12), config) is None
+    # A disk full of something else: tasks holding little are not ended for it.
+    small = DiskConfig(node_reserve_bytes=100 * MiB, pressure_min_task_bytes=10 * MiB)
+    assert largest_under_pressure(usage, Space(50 * MiB, 10**12), small) is None
+    chosen = largest_under_pressure({**usage, 4: Usage(10 * MiB, 1)}, Space(0, 10**12), small)
+    assert chosen is not None
+    assert chosen[0] == 4
     # By default the reserve is 5% of the filesystem; 0 turns it off.
-    ratio = DiskConfig()
+    ratio = DiskConfig(pressure_min_task_bytes=1)
     assert largest_under_pressure(usage, Space(4 * MiB, 100 * MiB), ratio) is not None
     assert largest_under_pressure(usage, Space(6 * MiB, 100 * MiB), ratio) is None
     assert largest_under_pressure(usage, Space(0, 100), DiskConfig(node_reserve_bytes=0)) is None

@@ -420,7 +420,8 @@ def test_a_task_making_files_without_end_is_ended_at_its_file_limit(disk_node: N
 
 def test_under_the_node_reserve_the_task_holding_the_most_is_ended(tmp_path: Path) -> None:
     # A reserve above the disk's free space: the node is always under it.
-    pressed = Node(tmp_path, RunnerConfig(disk=DiskConfig(node_reserve_bytes=2**62)))
+    limits = DiskConfig(node_reserve_bytes=2**62, pressure_min_task_bytes=2**20)
+    pressed = Node(tmp_path, RunnerConfig(disk=limits))
     try:
         write = "import time\nopen('data', 'wb').write(b'x' * {})\nopen('done', 'w')\n"
         write += "time.sleep(60)"
