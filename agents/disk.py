@@ -34,7 +34,7 @@ class DiskConfig:
     task_max_bytes: int | None = None
     """The most a task's directory may hold (blocks allocated, not apparent sizes). None: no
     limit of its own (the node's reserve still holds)."""
-    task_max_files: int | None = 1_000_000
+    task_max_files: int | None = 500_000
     """The most files and directories a task's directory may hold: inodes are a disk too."""
     node_reserve_bytes: int | None = None
     """Free space under which the task holding the most is ended. 0: none. None:

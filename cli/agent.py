@@ -177,7 +177,7 @@ def agent(
     ] = None,
     task_disk_max_files: Annotated[
         int, typer.Option(help="Most files and directories one task's directory may hold.", min=1)
-    ] = 1_000_000,
+    ] = 500_000,
     node_disk_reserve_bytes: Annotated[
         int | None,
         typer.Option(
