@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from protocol.limits import (
     MAX_GPUS_PER_NODE as MAX_GPUS_PER_NODE,
@@ -83,8 +83,25 @@ MAX_PROCESSES_PER_GPU = 64
 MAX_XID_EVENTS_PER_SAMPLE = 64
 MAX_WAIT_S = 60.0
 
+
+def _without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _nul_replaced(value: str) -> str:
+    return value.replace("\x00", "\ufffd")
+
+
+# PostgreSQL's text holds no NUL character, and one in a statement would fail the whole
+# heartbeat, every time the agent sent it again, until the node was declared down with every
+# org's tasks on it. What a task writes (its output, and reasons that quote it) keeps NUL as
+# U+FFFD, as invalid UTF-8 already is; what names the node or its GPUs must not hold one (422).
+NoNul = AfterValidator(_without_nul)
+TaskText = AfterValidator(_nul_replaced)
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-ShortText = Annotated[str, Field(max_length=1024)]
+ShortText = Annotated[str, Field(max_length=1024), TaskText]
 # Integers are bounded by the columns that store them (BIGINT, INTEGER): a larger number is a
 # 422, not a driver overflow (500).
 NonNegInt = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -92,7 +109,7 @@ Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 GpuIndex = Annotated[int, Field(ge=0, lt=MAX_GPUS_PER_NODE)]
-Uuid = Annotated[str, Field(min_length=1, max_length=96)]
+Uuid = Annotated[str, Field(min_length=1, max_length=96), NoNul]
 
 
 class _Model(BaseModel):
@@ -115,7 +132,7 @@ class GpuInfo(_Model):
 
     index: GpuIndex
     uuid: Uuid
-    model: Annotated[str, Field(min_length=1, max_length=64)]
+    model: Annotated[str, Field(min_length=1, max_length=64), NoNul]
     """Normalised type the scheduler matches jobs against: "H100", "A100-80GB", "L40S"."""
     name: ShortText = ""
     """The raw product name NVML reports ("NVIDIA H100 80GB HBM3"), for operators."""
@@ -134,10 +151,10 @@ class AgentRegister(_Model):
     site: Name
     domain: Name
     """Topology domain inside the site (rack, NVLink or switch group) for gang placement."""
-    hostname: Annotated[str, Field(min_length=1, max_length=255)]
-    address: Annotated[str, Field(min_length=1, max_length=255)]
+    hostname: Annotated[str, Field(min_length=1, max_length=255), NoNul]
+    address: Annotated[str, Field(min_length=1, max_length=255), NoNul]
     """Address other nodes reach this one at; used as MASTER_ADDR when it holds rank 0."""
-    agent_version: Annotated[str, Field(min_length=1, max_length=64)]
+    agent_version: Annotated[str, Field(min_length=1, max_length=64), NoNul]
     gpus: Annotated[list[GpuInfo], Field(max_length=MAX_GPUS_PER_NODE)]
     isolation: Isolation = "none"
     """How this agent confines tasks; an agent that does not say is taken as unconfined."""
@@ -213,7 +230,7 @@ class LogChunk(_Model):
     task_id: Int64
     offset: NonNegInt
     next_offset: NonNegInt
-    data: Annotated[str, Field(max_length=MAX_LOG_CHUNK_CHARS)]
+    data: Annotated[str, Field(max_length=MAX_LOG_CHUNK_CHARS), TaskText]
     eof: bool = False
     """True on the last chunk of an ended task: the log is complete."""
 
