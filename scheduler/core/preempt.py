@@ -1,13 +1,19 @@
 """Choosing victims: reclaim of guarantees from borrowers, and priority classes inside an org.
 
-A plan is all or nothing: victims are taken in order (most-over-share org first, then the
-youngest job) only until the preemptor's gang fits; GPUs of jobs already being preempted count
-first, so one need never causes two rounds of preemption.
+A plan is all or nothing: nothing is preempted unless the preemptor's whole gang then fits.
+GPUs of jobs already being preempted count first, so one need never causes two rounds of
+preemption. Victims are chosen by the least work lost: the GPU-seconds each would lose at its
+kill (since its last checkpoint, or its start when none is known), so a job that just started
+or just checkpointed goes first; on each node they are taken until the gang's task fits and
+any the task then turns out not to need are kept running. Among nodes, the fewest GPUs taken
+still comes first and the work lost breaks ties: ranking nodes by work lost alone took more
+GPUs from more jobs, and on Philly ×12 cost 3 points of allocation while work waits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from scheduler.core.capacity import FreeIndex
 from scheduler.core.quota import OrgBooks
@@ -30,8 +36,25 @@ class Plan:
     ready_at: float  # when the last GPU it waits for is free
 
 
+class _Option(NamedTuple):
+    """One node a plan could free, in the order options are preferred (tuple order)."""
+
+    beyond: bool  # some victim org would drop below its guarantee
+    gpus: int  # GPUs its victims hold
+    lost: float  # GPU-seconds of work its victims would lose
+    node: int
+    victims: list[RunningJob]
+
+
 def _youngest_first(r: RunningJob) -> tuple[float, int]:
     return (-r.started_at, r.job_id)
+
+
+def work_lost_s(r: RunningJob, kill_at: float) -> float:
+    """Seconds of work a kill at `kill_at` loses: since its last checkpoint, or its start."""
+    ran = max(kill_at - r.started_at, 0.0)
+    interval = r.checkpoint_interval_s
+    return ran % interval if interval else ran
 
 
 class Preemptor:
@@ -62,6 +85,7 @@ class Preemptor:
         self._scanned: dict[str, list[RunningJob]] = {}
         self._aged = aged  # running jobs not leaving, preemptible and past the minimum runtime
         self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
+        self._lost: dict[int, float] = {}  # id() of a candidate → GPU-seconds a kill loses
         self.failed: dict[tuple[str, str | None, int, int, int, bool], int] = {}
         # Per (org, type), filled on demand: its candidates in running order, the same youngest
         # first, and [lowest class, GPUs, candidates not yet chosen].
@@ -159,13 +183,15 @@ class Preemptor:
         if out is not None:
             return out
         orgs = self.books.orgs
-        count = self._count
+        count, lost = self._count, self._lost
         groups = self._groups
+        kill_at = self.now + self.config.preemption_grace_s
         out = []
         for r, n in self._aged:
             if r.gpu_type == gpu_type and r.org_id in orgs:
                 out.append(r)
                 count[id(r)] = n
+                lost[id(r)] = n * work_lost_s(r, kill_at)
                 key = (r.org_id, gpu_type)
                 grp = groups.get(key)
                 if grp is None:
@@ -278,51 +304,53 @@ class Preemptor:
                 if matches(p.node_id):
                     by_node.setdefault(p.node_id, []).append((r, len(p.gpus)))
         # Per node: the victims it needs, whether they stay within borrowing, and their cost.
-        options: list[tuple[bool, int, int, list[RunningJob]]] = []  # (beyond, cost, id, victims)
+        options: list[_Option] = []
         touched = list(by_node)
         touched.extend(n for n in leaving if n not in by_node)
         for nid in touched:  # any order: options are sorted below
             have = free[nid] + leaving.get(nid, 0)
-            victims: list[RunningJob] = []
-            cost = 0
+            victims = self._least_lost(by_node.get(nid, []), gpn - have)
+            if victims is None:
+                continue
+            gpus, lost = 0, 0.0
             spent: dict[int, int] = {}
-            for r, g in by_node.get(nid, ()):
-                if have >= gpn:
-                    break
-                victims.append(r)
-                have += g
-                cost += count[id(r)]
+            for r in victims:
+                gpus += count[id(r)]
+                lost += self._lost[id(r)]
                 if r.org_id != job.org_id:
                     spent[r.org_id] = spent.get(r.org_id, 0) + count[id(r)]
-            if have < gpn:
-                continue
             beyond = any(n > over.get(o, 0) for o, n in spent.items())
-            options.append((beyond, cost, nid, victims))
+            options.append(_Option(beyond, gpus, lost, nid, victims))
         chosen_site: str | None = None
-        picked: list[tuple[bool, int, int, list[RunningJob]]] = []
+        picked: list[_Option] = []
         from_index: list[int] = []
         if k == 1:
             if options:
-                best_one = min(options, key=lambda o: (o[0], o[1], o[2]))
+                best_one = min(options)
                 picked = [best_one]
-                chosen_site = nodes[best_one[2]].site
+                chosen_site = nodes[best_one.node].site
         else:
-            options.sort(key=lambda o: (o[0], o[1], o[2]))
-            best: tuple[bool, int, str] | None = None
-            for s in sorted({nodes[o[2]].site for o in options}):
+            options.sort()
+            best: tuple[bool, int, float, str] | None = None
+            for s in sorted({nodes[o.node].site for o in options}):
                 lvl = levels.get((gpu_type, s))
                 base = min(k, lvl.count_ge(gpn) if lvl is not None else 0)
-                here = [o for o in options if nodes[o[2]].site == s][: k - base]
+                here = [o for o in options if nodes[o.node].site == s][: k - base]
                 if base + len(here) < k:
                     continue
-                key = (any(o[0] for o in here), sum(o[1] for o in here), s)
+                key = (
+                    any(o.beyond for o in here),
+                    sum(o.gpus for o in here),
+                    sum(o.lost for o in here),
+                    s,
+                )
                 if best is None or key < best:
                     best = key
             if best is not None:
-                chosen_site = best[2]
+                chosen_site = best[3]
                 lvl = levels.get((gpu_type, chosen_site))
                 base = min(k, lvl.count_ge(gpn) if lvl is not None else 0)
-                picked = [o for o in options if nodes[o[2]].site == chosen_site][: k - base]
+                picked = [o for o in options if nodes[o.node].site == chosen_site][: k - base]
                 if base and lvl is not None:
                     from_index = index.take(lvl, gpn, base)
         if chosen_site is None:
@@ -331,7 +359,7 @@ class Preemptor:
         needed: list[RunningJob] = []
         seen: set[int] = set()
         ready_at = self.now
-        for _, _, nid, victims in picked:
+        for _, _, _, nid, victims in picked:
             ids = {r.job_id for r in victims}
             from_victims = sum(g for r, g in by_node.get(nid, ()) if r.job_id in ids)
             if free[nid] + from_victims < gpn:  # it also waits for GPUs already leaving
@@ -340,7 +368,35 @@ class Preemptor:
                 if r.job_id not in seen:
                     seen.add(r.job_id)
                     needed.append(r)
-        return Plan(from_index + [o[2] for o in picked], needed, ready_at)
+        return Plan(from_index + [o.node for o in picked], needed, ready_at)
+
+    def _least_lost(
+        self, on_node: list[tuple[RunningJob, int]], short: int
+    ) -> list[RunningJob] | None:
+        """Victims on one node that free `short` GPUs losing the least work, or None.
+
+        Least work lost first (candidate order on ties) until enough are free; then every
+        victim the task does not need after all, costliest first, keeps running: no job is
+        preempted for GPUs the gang would not use.
+        """
+        if short <= 0:
+            return []
+        lost = self._lost
+        chosen: list[tuple[RunningJob, int]] = []
+        for entry in sorted(on_node, key=lambda e: lost[id(e[0])]):
+            if short <= 0:
+                break
+            chosen.append(entry)
+            short -= entry[1]
+        if short > 0:
+            return None
+        spare = -short
+        if spare:
+            for entry in sorted(chosen, key=lambda e: -lost[id(e[0])]):
+                if entry[1] <= spare:
+                    spare -= entry[1]
+                    chosen.remove(entry)
+        return [r for r, _ in chosen]
 
     def commit(self, job: PendingJob, gpu_type: str, plan: Plan) -> float:
         """Book the plan: victims leave, the job's GPUs are withheld for it. Returns ready time."""

@@ -101,6 +101,9 @@ class RunningJob:
     preemptible: bool = False
     preempting: bool = False  # a preemption was already sent; its GPUs free by `preempt_deadline`
     preempt_deadline: float | None = None
+    # It checkpoints this often from its start (the simulator's model); None: no checkpoint is
+    # known, so a preemption would lose everything since its start. Victims lose the least.
+    checkpoint_interval_s: float | None = None
 
     @property
     def gpu_count(self) -> int:

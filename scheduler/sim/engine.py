@@ -446,6 +446,7 @@ class Simulator:
             preemptible=current.preemptible,
             preempting=True,
             preempt_deadline=max(deadline, t),
+            checkpoint_interval_s=current.checkpoint_interval_s,
         )
         self._running_tuple = None
         self.stats.preemptions_sent += 1
@@ -489,6 +490,7 @@ class Simulator:
             time_limit_s=pending.time_limit_s,
             priority_class=pending.priority_class,
             preemptible=pending.preemptible,
+            checkpoint_interval_s=self.sim.checkpoint_interval_s,
         )
         self._running_tuple = None
         self.allocated += job.gpus

@@ -1,4 +1,5 @@
-"""The core decides exactly what it decided before its speed work (recorded at commit 9648a50)."""
+"""The core decides exactly what was recorded: at 9648a50 before its speed work, re-recorded only
+for deliberate policy changes (preemption victims by least work lost, #19 item 3)."""
 
 from __future__ import annotations
 
