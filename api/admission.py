@@ -4,6 +4,8 @@ per-token rate limits on submissions, heartbeats and every other change.
 `FairgpuApp.__call__` asks `Admission.admit` first, before the direct routes and FastAPI,
 so that both paths are bound alike and a refused request costs no body read:
 
+- A URL with a NUL character (in its path or, as `%00`, its query) is 400.
+
 - The agent protocol accepts bodies up to 32 MiB (api/limits.py). A request to `/v1/agent/*`
   without a bearer is 401 at once; one whose body may exceed the ordinary 1 MiB (a larger or
   missing Content-Length) has its bearer checked first (one indexed read), and is 401 unless it
@@ -187,8 +189,12 @@ class Admission:
     async def admit(
         self, scope: Scope, send: Send, sessionmaker: async_sessionmaker[AsyncSession] | None
     ) -> bool:
-        """True: go on. False: the request was answered (401, 403 or 429)."""
+        """True: go on. False: the request was answered (400, 401, 403 or 429)."""
         path: str = scope["path"]
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            # No name or id holds one, and PostgreSQL refuses it in a lookup (500).
+            await _refuse(send, 400, "a URL must not contain NUL characters", "", [])
+            return False
         agent = path.startswith(AGENT_PREFIX)
         limited = self._buckets(scope["method"], path)
         if not agent and limited is None:

@@ -100,7 +100,7 @@ class JobCreate(InputModel):
     """A job array, Slurm's `--array`: `0-99`, `1,3,5-11:2`, `0-99%8` (at most 8 elements
     active at once); at most 10,000 elements. Each element is a job; the reply is the first
     one, whose id names the array (`42`, and `42_7` for task 7, in every job route)."""
-    org: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    org: Annotated[str, Printable, Field(min_length=1, max_length=63)] | None = None
     """Org (name or id) to submit on behalf of; the caller's own org when omitted. Another org
     needs a platform admin: org admins admit only their own org (not its child orgs, whose jobs
     they could then neither see nor cancel)."""

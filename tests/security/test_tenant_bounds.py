@@ -183,3 +183,25 @@ async def test_numbers_beyond_an_id_in_job_filters_are_not_500(world: World, who
             orgs = await c.get("/v1/jobs", params={"org": number})
             assert orgs.status_code == 404, orgs.text
             assert orgs.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/jobs?user=a%00b",
+        "/v1/jobs?org=a%00b",
+        "/v1/usage?org=a%00b",
+        "/v1/orgs/a%00b",
+        "/v1/orgs/a%00b/quota",
+    ],
+)
+async def test_a_nul_in_a_url_is_400(world: World, url: str) -> None:
+    """A NUL character in a name looked up in the database (PostgreSQL refuses it): 500 for
+    any member. No name or id holds one."""
+    async with world.client("member_a") as c:
+        r = await c.get(url)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    async with world.client("member_a") as c:
+        r = await c.post("/v1/jobs", json={**JOB, "org": "a\x00b"})
+    assert r.status_code == 422, r.text
