@@ -51,6 +51,11 @@ ORG_COLUMNS = [
     Column("IMAGES", lambda o: ",".join(o.get("image_patterns") or []) or "any", wide_only=True),
     Column("PATH", lambda o: o.get("path"), wide_only=True),
     Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
+    Column(
+        "INTERACTIVE_MAX",
+        lambda o: human_duration(o.get("interactive_max_time_s")),
+        wide_only=True,
+    ),
     Column("CREATED", lambda o: relative(o["created_at"]), wide_only=True),
 ]
 
@@ -136,6 +141,15 @@ def org_update(
             help="Most pending jobs it may have at once; -1 returns to the server's default.",
         ),
     ] = None,
+    interactive_max_time: Annotated[
+        str | None,
+        typer.Option(
+            "--interactive-max-time",
+            help="Longest time limit of its interactive jobs (--pty, --jupyter), e.g. 8h; the "
+            "orgs below it that set none take it too; 'default' returns to its parent's or the "
+            "server's.",
+        ),
+    ] = None,
     output: OutputOption = Format.TABLE,
 ) -> None:
     """Change an organisation (platform admins)."""
@@ -152,6 +166,10 @@ def org_update(
         body["max_priority_class"] = None if max_priority == "default" else max_priority
     if max_pending_jobs is not None:
         body["max_pending_jobs"] = None if max_pending_jobs < 0 else max_pending_jobs
+    if interactive_max_time is not None:
+        body["interactive_max_time"] = (
+            None if interactive_max_time == "default" else parse_duration(interactive_max_time)
+        )
     if not body:
         raise typer.BadParameter("nothing to change: give at least one option")
     with connect("org update") as client:

@@ -158,6 +158,13 @@ class Settings(BaseSettings):
     max_time_limit_s: int = Field(
         30 * 86_400, gt=0, description="Longest time limit a job may ask for."
     )
+    interactive_max_time_s: int = Field(
+        8 * 3600,
+        gt=0,
+        description="Longest time limit of an interactive job (a terminal or a notebook holds "
+        "GPUs whether or not anybody types) unless its org, or an org above it, sets its own "
+        "(`fairgpu org update NAME --interactive-max-time 12h`).",
+    )
     token_ttl_s: int = Field(
         90 * 86_400, gt=0, description="Lifetime of a new API token unless one is given."
     )

@@ -421,6 +421,7 @@ async def update_job(
         hold=body.hold,
         may_raise_time=principal.can_admin_org(job.org_id),
         max_time_limit_s=settings.max_time_limit_s,
+        interactive_max_time_s=settings.interactive_max_time_s,
         actor=principal.actor,
     )
     await session.commit()

@@ -59,6 +59,11 @@ def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
             if o.max_pending_jobs is not None
             else limits.max_pending_jobs_per_org
         ),
+        interactive_max_time_s=(
+            view.interactive_max_time_s
+            if view.interactive_max_time_s is not None
+            else limits.interactive_max_time_s
+        ),
         created_at=o.created_at,
         quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
     )
@@ -117,7 +122,9 @@ async def update_org(
     nodes with strict isolation (`require_isolation`, inherited by the orgs below it), or the
     images its jobs may use (`image_patterns`, fnmatch; [] allows any), the highest priority
     class its members may submit at (`max_priority_class`) or its cap on pending jobs
-    (`max_pending_jobs`); null for either returns it to the server's default (platform admins).
+    (`max_pending_jobs`); null for either returns it to the server's default; or the longest
+    time limit of its interactive jobs (`interactive_max_time`, inherited by the orgs below it
+    that set none; null returns to the parent's or the server's) (platform admins).
 
     A narrower image list refuses new submissions only; jobs already accepted keep running.
     """
@@ -132,6 +139,7 @@ async def update_org(
         image_patterns=body.image_patterns,
         max_priority_class=body.max_priority_class,
         max_pending_jobs=body.max_pending_jobs,
+        interactive_max_time_s=body.interactive_max_time,
         fields=set(body.model_fields_set),
         actor=principal.actor,
     )

@@ -50,6 +50,10 @@ class OrgUpdate(InputModel):
     (`default_max_priority_class`, normal unless configured)."""
     max_pending_jobs: Annotated[int, Field(ge=0, le=MAX_PENDING_JOBS)] | None = None
     """The most pending jobs it may have at once; null: the server's `max_pending_jobs_per_org`."""
+    interactive_max_time: DurationS | None = None
+    """The longest time limit of its interactive jobs (`fairgpu run --pty`, `--jupyter`), and of
+    those of the orgs below it that set none; null: its parent's, or the server's
+    `interactive_max_time_s`."""
 
 
 class QuotaSet(InputModel):
@@ -91,6 +95,9 @@ class OrgPublic(OutputModel):
     """The highest priority class its members may submit at (its own or the server's)."""
     max_pending_jobs: int = 0
     """The most pending jobs it may have at once (its own or the server's)."""
+    interactive_max_time_s: int = 0
+    """The longest time limit of its interactive jobs: its own, an org above it's, or the
+    server's."""
     created_at: datetime
     quotas: list[QuotaPublic] = Field(default_factory=list)
 

@@ -57,6 +57,8 @@ class Org(Base):
     max_priority_class: Mapped[str | None] = mapped_column(String(32))
     # Its pending jobs at most; None: the server's max_pending_jobs_per_org.
     max_pending_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Longest time limit of its interactive jobs; None: its parent's, up to the server's default.
+    interactive_max_time_s: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

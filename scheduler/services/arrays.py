@@ -30,6 +30,7 @@ from scheduler.secretenv import HOW_TO_CONFIGURE, seal
 from scheduler.services import jobs as svc
 from scheduler.services.dependencies import AFTEROK
 from scheduler.services.errors import Conflict, InvalidInput, NotFound, SecretsNotConfigured
+from scheduler.services.interactivelimits import check_interactive_time
 from scheduler.services.tenantlimits import SubmitLimits, check_submission
 
 MAX_ARRAY_TASKS = 10_000
@@ -145,6 +146,13 @@ async def submit_array(
     now = now or utcnow()
     time_limit_s = svc.time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
     svc.check_signal_lead(spec.signal, time_limit_s, max_preemption_grace_s)
+    if spec.interactive:
+        await check_interactive_time(
+            session,
+            org_id=org_id,
+            time_limit_s=time_limit_s,
+            default_s=(limits or SubmitLimits()).interactive_max_time_s,
+        )
     await svc.check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
         await svc.check_image_allowed(session, org_id, spec.image)

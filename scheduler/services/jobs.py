@@ -37,6 +37,7 @@ from scheduler.services.errors import (
     NotFound,
     SecretsNotConfigured,
 )
+from scheduler.services.interactivelimits import check_interactive_time
 from scheduler.services.jobstate import STOP_CANCEL, transition_job
 from scheduler.services.tenantlimits import (
     SubmitLimits,
@@ -291,6 +292,13 @@ async def submit_job(
     now = now or utcnow()
     time_limit_s = time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
     check_signal_lead(spec.signal, time_limit_s, max_preemption_grace_s)
+    if spec.interactive:
+        await check_interactive_time(
+            session,
+            org_id=org_id,
+            time_limit_s=time_limit_s,
+            default_s=limits.interactive_max_time_s,
+        )
     await check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
         await check_image_allowed(session, org_id, spec.image)

@@ -19,6 +19,7 @@ from scheduler.db.types import utcnow
 from scheduler.services import arrays
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput
+from scheduler.services.interactivelimits import check_interactive_time
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
@@ -34,11 +35,13 @@ async def update_job(
     hold: bool | None,
     may_raise_time: bool,
     max_time_limit_s: int,
+    interactive_max_time_s: int,
     actor: str,
     now: datetime | None = None,
 ) -> None:
     """Apply the changes given (None: unchanged) to a pending job, or to every pending task of
-    its array when `whole_array`; 409 when there is none, 403 for a member raising the time."""
+    its array when `whole_array`; 409 when there is none, 403 for a member raising the time,
+    422 beyond the maximum (for an interactive job, its org's interactive maximum)."""
     if job.state is not JobState.PENDING and not whole_array:
         raise Conflict(f"only pending jobs can be updated; job {job.id} is {job.state}")
     changes: dict[str, Any] = {}
@@ -52,6 +55,13 @@ async def update_job(
             raise Forbidden(
                 f"members may only lower a pending job's time limit ({job.time_limit_s} s); "
                 "an org admin may raise it"
+            )
+        if job.interactive:  # the org's bound holds for a raised limit too
+            await check_interactive_time(
+                session,
+                org_id=job.org_id,
+                time_limit_s=time_limit_s,
+                default_s=interactive_max_time_s,
             )
         # The warning signal still has to come after the start (every task of an array has one).
         svc.check_signal_lead(job.signal, time_limit_s, math.inf)

@@ -8,7 +8,7 @@ scheduler would have to second-guess.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,6 +29,13 @@ class OrgView:
     depth: int
     quotas: list[Quota]
     isolation_required: bool = False  # set on it or on an ancestor
+    interactive_max_time_s: int | None = None  # its own or its nearest ancestor's; None: none set
+
+
+def nearest_set(values: Iterable[int | None]) -> int | None:
+    """The first value that is set, walking from an org up to its root: a child without a
+    setting of its own takes its parent's."""
+    return next((v for v in values if v is not None), None)
 
 
 async def find_org(session: AsyncSession, ref: str | int) -> Org:
@@ -87,6 +94,7 @@ async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[
             len(line) - 1,
             quotas.get(o.id, []),
             any(a.require_isolation for a in line),
+            nearest_set(a.interactive_max_time_s for a in reversed(line)),
         )
         for o in orgs
         if o.id in visible
@@ -151,11 +159,13 @@ async def update_org(
     image_patterns: list[str] | None = None,
     max_priority_class: str | None = None,
     max_pending_jobs: int | None = None,
+    interactive_max_time_s: int | None = None,
     fields: set[str],
     actor: str,
 ) -> Org:
     """Change what `fields` names; a field sent as null leaves it as it is, except the default
-    time limit and the two tenant limits, which null returns to the server's default."""
+    time limit, the two tenant limits and the interactive maximum, which null returns to the
+    default (the interactive maximum: its parent's, or the server's)."""
     changes: dict[str, object] = {}
     if "shares" in fields and shares is not None:
         org.shares = shares
@@ -175,6 +185,9 @@ async def update_org(
     if "max_pending_jobs" in fields:
         org.max_pending_jobs = max_pending_jobs
         changes["max_pending_jobs"] = max_pending_jobs
+    if "interactive_max_time" in fields:
+        org.interactive_max_time_s = interactive_max_time_s
+        changes["interactive_max_time_s"] = interactive_max_time_s
     if changes:
         session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
     await session.flush()

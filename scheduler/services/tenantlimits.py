@@ -39,12 +39,14 @@ from scheduler.settings import Settings
 
 @dataclass(frozen=True, slots=True)
 class SubmitLimits:
-    """The server's defaults (scheduler/settings.py); an org may override the maximum class and
-    the org cap. `priority_classes` are the policy's configured classes and their ranks."""
+    """The server's defaults (scheduler/settings.py); an org may override the maximum class,
+    the org cap and the interactive maximum time. `priority_classes` are the policy's
+    configured classes and their ranks."""
 
     default_max_priority_class: str = "normal"
     max_pending_jobs_per_user: int = 5_000
     max_pending_jobs_per_org: int = 20_000
+    interactive_max_time_s: int = 8 * 3600
     priority_classes: Mapping[str, int] = field(
         default_factory=lambda: PolicyConfig().priority_classes
     )
@@ -55,6 +57,7 @@ class SubmitLimits:
             default_max_priority_class=settings.default_max_priority_class,
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
             max_pending_jobs_per_org=settings.max_pending_jobs_per_org,
+            interactive_max_time_s=settings.interactive_max_time_s,
             priority_classes=dict(settings.policy.priority_classes),
         )
 

@@ -36,3 +36,18 @@ def test_org_priority_and_pending_limits(served: Served) -> None:
     assert org["max_pending_jobs"] > 1
     bad = served.run("org", "update", "acme", "--max-priority", "urgent")
     assert bad.exit_code != 0
+
+
+def test_org_interactive_max_time(served: Served) -> None:
+    served.ok("org", "create", "prog")
+    served.ok("org", "create", "lab", "--parent", "prog")
+    served.ok("org", "update", "prog", "--interactive-max-time", "2h")
+    assert _as_json(served, "org", "get", "lab")["interactive_max_time_s"] == 7200
+    assert "INTERACTIVE_MAX" in served.ok("org", "list", "-o", "wide")
+    served.ok("org", "update", "lab", "--interactive-max-time", "3h")
+    assert _as_json(served, "org", "get", "lab")["interactive_max_time_s"] == 3 * 3600
+    served.ok("org", "update", "lab", "--interactive-max-time", "default")
+    assert _as_json(served, "org", "get", "lab")["interactive_max_time_s"] == 7200
+    bad = served.run("org", "update", "lab", "--interactive-max-time", "soon")
+    assert bad.exit_code != 0
+    assert "Traceback" not in bad.stderr
