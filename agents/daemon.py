@@ -329,7 +329,8 @@ class Agent:
         if reply.streams and self.credential is not None:
             for request in reply.streams:
                 terminal = self.runner.terminal(request.task_id)
-                self.streams.open(request, self.credential.credential, terminal)
+                processes = self.runner.processes(request.task_id)
+                self.streams.open(request, self.credential.credential, terminal, processes)
         return changed
 
 

@@ -32,6 +32,7 @@ from agents import disk, logcap, ptyhost
 from agents.container import Runtime, container_launch
 from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
+from agents.ports import TaskProcesses, process_tree
 from agents.state import StateDir, TaskRecord, utcnow
 from protocol.agent import TaskSpec
 from protocol.states import TERMINAL_TASK_STATES, TaskState
@@ -286,6 +287,22 @@ class Runner:
 
     def running(self) -> list[TaskRecord]:
         return [r for r in self.records.values() if r.state in ("starting", "running")]
+
+    def processes(self, task_id: int) -> TaskProcesses | None:
+        """How to find a running task's processes when a port is forwarded to it: its cgroup
+        under strict isolation, else the wrapper's session (agents/ports.py)."""
+        record = self.records.get(task_id)
+        if record is None or record.state != "running" or record.pid is None:
+            return None
+        group = self.confinement.cgroup(task_id)
+        leader = record.pid
+
+        def pids() -> set[int]:
+            if group is not None and group.exists():
+                return set(group.pids())
+            return process_tree(leader)
+
+        return TaskProcesses(job_id=record.spec.job_id, pids=pids)
 
     # internals -------------------------------------------------------------------------------
     def _spawn(self, record: TaskRecord) -> None:

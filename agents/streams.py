@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agents import ptyhost
+from agents.forward import forward_port
+from agents.ports import TaskProcesses
 from protocol.agent import StreamOpen
 from protocol.streams import (
     AGENT_STREAM_PATH,
@@ -57,12 +59,19 @@ class Streams:
         self._seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def open(self, request: StreamOpen, credential: str, terminal: Path | None) -> None:
-        """Open the stream in the background (`terminal`: the task's socket directory)."""
+    def open(
+        self,
+        request: StreamOpen,
+        credential: str,
+        terminal: Path | None,
+        processes: TaskProcesses | None = None,
+    ) -> None:
+        """Open the stream in the background (`terminal`: the task's socket directory;
+        `processes`: the task's, for a "port" stream, agents/forward.py)."""
         if request.id in self._seen:
             return
         self._seen.add(request.id)
-        task = asyncio.create_task(self._run(request, credential, terminal))
+        task = asyncio.create_task(self._run(request, credential, terminal, processes))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -71,7 +80,13 @@ class Streams:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, request: StreamOpen, credential: str, terminal: Path | None) -> None:
+    async def _run(
+        self,
+        request: StreamOpen,
+        credential: str,
+        terminal: Path | None,
+        processes: TaskProcesses | None,
+    ) -> None:
         from websockets.asyncio.client import connect  # only an agent that relays needs it
 
         url = stream_url(self.server, request.id)
@@ -84,6 +99,9 @@ class Streams:
                 open_timeout=CONNECT_TIMEOUT_S,
                 ssl=self.tls if url.startswith("wss:") else None,
             ) as websocket:
+                if request.kind == "port":
+                    await forward_port(websocket, request.port, processes, request.task_id)
+                    return
                 if terminal is None:
                     await _refuse(websocket, f"task {request.task_id} has no terminal here")
                     return

@@ -20,6 +20,7 @@ from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
 from api.routers import (
     agent,
+    forward,
     health,
     jobs,
     metrics,
@@ -189,7 +190,19 @@ def create_app(
     app.admission = Admission(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)
-    for module in (health, jobs, orgs, users, tokens, nodes, usage, agent, metrics, streams):
+    for module in (
+        health,
+        jobs,
+        orgs,
+        users,
+        tokens,
+        nodes,
+        usage,
+        agent,
+        metrics,
+        streams,
+        forward,
+    ):
         app.include_router(module.router)
     return app
 

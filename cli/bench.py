@@ -114,6 +114,27 @@ def latency(
     typer.echo(json.dumps(result))
 
 
+@app.command("interactive")
+def interactive(
+    sessions: Annotated[int, typer.Option(min=1, help="`run --pty` sessions measured.")] = 10,
+    megabytes: Annotated[
+        int, typer.Option(min=1, help="Megabytes sent each way through a port-forward.")
+    ] = 200,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="An EMPTY database to use (PostgreSQL); default: a temporary SQLite."),
+    ] = None,
+) -> None:
+    """Attach latency (`run --pty` start → the job's prompt) and relay throughput through one
+    server process (`port-forward`), on an idle simulated cluster; one JSON line."""
+    from scheduler.bench.interactive import run_interactive_bench
+
+    result = run_interactive_bench(
+        sessions=sessions, megabytes=megabytes, database_url=database_url
+    )
+    typer.echo(json.dumps(result))
+
+
 @app.command("cli")
 def cli_bench(
     runs: Annotated[int, typer.Option(min=1, help="Runs of each command.")] = 10,

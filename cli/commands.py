@@ -32,6 +32,11 @@ COMMANDS: dict[str, Lazy] = {
         "attach",
         "Attach this terminal to a running interactive job (`run --pty`) again.",
     ),
+    "port-forward": Lazy(
+        "cli.forward",
+        "port_forward",
+        "Forward a local port to a port the job listens on: `port-forward 42 8888[:8888]`.",
+    ),
     "queue": Lazy(
         "cli.jobs", "queue", "The queue, like squeue: running and pending jobs with why each waits."
     ),

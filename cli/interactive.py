@@ -26,10 +26,23 @@ START_GRACE_S = 30.0
 
 
 def run(
-    command: Annotated[list[str], typer.Argument(help="The program and its arguments (bash).")],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The program and its arguments (bash).")
+    ] = None,
     pty: Annotated[
         bool, typer.Option("--pty", help="Run rank 0 under a terminal and attach to it.")
     ] = False,
+    jupyter: Annotated[
+        bool,
+        typer.Option(
+            "--jupyter",
+            help="Start a notebook server (jupyter lab or notebook, from the job's "
+            "environment) with a random token, forward a local port to it and print its URL.",
+        ),
+    ] = False,
+    address: Annotated[
+        str, typer.Option("--address", help="With --jupyter: the local address to listen on.")
+    ] = "127.0.0.1",
     gpus: Annotated[
         str, typer.Option("--gpus", "-G", help="GPUs per node: N or TYPE:N (e.g. H100:1).")
     ] = "1",
@@ -59,16 +72,22 @@ def run(
     """Run a program on allocated GPUs with this terminal attached: `run --pty -- bash`.
 
     Like `srun --pty`: waits in the queue (showing why and until when), then attaches. Ctrl-]
-    then d detaches and leaves the job running; the exit status is the remote program's."""
-    if not pty:
+    then d detaches and leaves the job running; the exit status is the remote program's.
+    `run --jupyter` starts a notebook server instead and prints its local URL."""
+    if not pty and not jupyter:
         fail("`fairgpu run` is for interactive jobs: add --pty (batch jobs: `fairgpu submit`)", 2)
+    if pty and jupyter:
+        fail("`fairgpu run`: --pty or --jupyter, not both", 2)
+    if not command and not jupyter:
+        fail("`fairgpu run --pty` needs a program: `fairgpu run --pty -- bash`", 2)
+    command = command or []
     request = parse_gpus(gpus)
     job_env = parse_env(env or [])
     if "TERM" in os.environ and "TERM" not in job_env:
         job_env["TERM"] = os.environ["TERM"]  # the remote programs draw for this terminal
     body: dict[str, Any] = {
         "command": command,
-        "name": name or command[0].rsplit("/", 1)[-1][:128],
+        "name": name or (command[0].rsplit("/", 1)[-1][:128] if command else "jupyter"),
         "gpus_per_node": request.count,
         "gpu_type": request.gpu_type,
         "nodes": nodes,
@@ -84,15 +103,26 @@ def run(
     for key, value in (("workdir", workdir), ("site", site), ("org", account)):
         if value is not None:
             body[key] = value
+    if jupyter:
+        from cli import notebook
+
     with connect("run") as client:
-        job_id = str(client.post("/v1/jobs", body)["id"])
+        if jupyter:
+            job_id, token = notebook.submit_notebook(client, body)
+        else:
+            job_id = str(client.post("/v1/jobs", body)["id"])
         _say(f"job {job_id} submitted; waiting for it to start (Ctrl-C cancels it)")
         try:
             _wait_running(client, job_id)
+            if jupyter:
+                kind, port = notebook.wait_ready(client, job_id)
         except KeyboardInterrupt:
             _end_line()
             client.post(f"/v1/jobs/{job_id}/cancel")
             fail(f"interrupted: job {job_id} cancelled", 130)
+    if jupyter:
+        notebook.serve_notebook(job_id, token, kind, port, address)
+        return
     raise typer.Exit(_attach_when_ready(job_id, 0))
 
 

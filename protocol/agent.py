@@ -61,10 +61,11 @@ Capability = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-
 """Something an agent can do beyond what every agent of the protocol does; the server gives a
 node only the work its agent can carry out (and stores names it does not know yet, for a
 server upgraded after its agents)."""
-AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty")
+AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward")
 """What this agent can do. "signal": it takes `TaskSpec.signal` and `TaskStop.signal` (a job's
 `--signal`) and delivers them; an agent that does not say so may refuse a reply that has them.
-"pty": it runs `TaskSpec.pty` tasks under a terminal and opens `HeartbeatReply.streams`."""
+"pty": it runs `TaskSpec.pty` tasks under a terminal and opens `HeartbeatReply.streams`.
+"port-forward": it opens `StreamOpen` of kind "port" (to a port its task listens on)."""
 MAX_CAPABILITIES = 32
 
 Isolation = Literal["strict", "none"]
@@ -330,8 +331,11 @@ class StreamOpen(_Reply):
 
     id: StreamId
     task_id: int
-    kind: Literal["attach"] = "attach"
-    """"attach": the task's own terminal (the one kind so far)."""
+    kind: Literal["attach", "port"] = "attach"
+    """"attach": the task's own terminal; "port": a TCP connection to `port`, if the task itself
+    listens there (`fairgpu port-forward`, an agent with the "port-forward" capability)."""
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """The task's TCP port, for a "port" stream."""
 
 
 class HeartbeatReply(_Reply):

@@ -5,6 +5,8 @@ Binary frames carry terminal bytes, both ways. Text frames carry one JSON contro
     CLI -> agent   {"type": "resize", "rows": R, "cols": C}
                    {"type": "signal", "name": "INT"}      (to the terminal's foreground group)
     agent -> CLI   {"type": "exit", "code": N}            (then the stream closes)
+    either way     {"type": "eof"}   a forwarded connection's sender shut down its writing half
+                                     (port streams, protocol/tcpstream.py)
     server -> CLI  {"type": "error", "message": "..."}    (then the stream closes)
 
 The server relays frame by frame and never holds more than one frame per direction; a frame
@@ -22,6 +24,7 @@ MAX_FRAME_BYTES = 256 * 1024
 """The largest frame any side sends or accepts (terminal bytes are sent in smaller reads)."""
 ATTACH_PATH = "/v1/jobs/{job}/attach"
 AGENT_STREAM_PATH = "/v1/agent/streams/{id}"
+FORWARD_PATH = "/v1/jobs/{job}/forward"
 SIGNALS = ("INT", "QUIT", "TERM", "HUP", "TSTP", "CONT", "USR1", "USR2", "WINCH")
 """Signals the CLI may send to the terminal's foreground process group."""
 
@@ -46,16 +49,20 @@ class Exit(_Control):
     code: Annotated[int, Field(ge=0, le=255)]
 
 
+class Eof(_Control):
+    type: Literal["eof"]
+
+
 class Error(_Control):
     type: Literal["error"]
     message: Annotated[str, Field(max_length=1024)]
 
 
-Control = Annotated[Resize | Signal | Exit | Error, Field(discriminator="type")]
-_CONTROL: TypeAdapter[Resize | Signal | Exit | Error] = TypeAdapter(Control)
+Control = Annotated[Resize | Signal | Exit | Eof | Error, Field(discriminator="type")]
+_CONTROL: TypeAdapter[Resize | Signal | Exit | Eof | Error] = TypeAdapter(Control)
 
 
-def parse_control(text: str) -> Resize | Signal | Exit | Error | None:
+def parse_control(text: str) -> Resize | Signal | Exit | Eof | Error | None:
     """The control message, or None when the text is not one (it is then ignored)."""
     try:
         return _CONTROL.validate_json(text)
@@ -63,5 +70,5 @@ def parse_control(text: str) -> Resize | Signal | Exit | Error | None:
         return None
 
 
-def control_text(message: Resize | Signal | Exit | Error) -> str:
+def control_text(message: Resize | Signal | Exit | Eof | Error) -> str:
     return message.model_dump_json()

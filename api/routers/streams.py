@@ -22,12 +22,14 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from api.routers.jobs import scope_of
+from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
 from scheduler.db.types import utcnow
 from scheduler.services import interactive
 from scheduler.services.errors import DomainError, Forbidden, NotFound, Unauthenticated
+from scheduler.services.interactive import AttachTarget
 from scheduler.services.runtime import SchedulerRuntime
-from scheduler.services.streams import PendingStream, StreamHub
+from scheduler.services.streams import PendingStream, StreamHub, StreamKind
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["interactive"])
@@ -92,12 +94,20 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
     except DomainError as error:
         await _deny(websocket, error)
         return
+    await relay_to_agent(websocket, target, "attach")
+
+
+async def relay_to_agent(
+    websocket: WebSocket, target: AttachTarget, kind: StreamKind, port: int | None = None
+) -> None:
+    """Ask the node's agent for its side of the stream, accept the user's, and relay."""
     hub: StreamHub = websocket.app.state.streams
     stream = hub.request(
         job_id=target.job_id,
         task_id=target.task_id,
         node_id=target.node_id,
-        kind="attach",
+        kind=kind,
+        port=port,
     )
     runtime: SchedulerRuntime = websocket.app.state.runtime
     runtime.wake_nodes([target.node_id])
@@ -149,8 +159,10 @@ async def _relay(user: WebSocket, agent: WebSocket, stream: PendingStream) -> No
             if message["type"] == "websocket.disconnect":
                 return
             if (data := message.get("bytes")) is not None:
+                meter.from_job(len(data))
                 await user.send_bytes(data)
             elif (text := message.get("text")) is not None:
+                meter.from_job(0)
                 if isinstance(parse_control(text), Exit):
                     exited.set()
                 await user.send_text(text)
@@ -162,13 +174,16 @@ async def _relay(user: WebSocket, agent: WebSocket, stream: PendingStream) -> No
                 user_left.set()  # a detach: the session goes on
                 return
             if (data := message.get("bytes")) is not None:
+                meter.to_job(len(data))
                 await agent.send_bytes(data)
             elif (text := message.get("text")) is not None:
                 await agent.send_text(text)
 
+    meter = StreamMeter(stream.kind, stream.requested_at)
     pumps = {asyncio.create_task(agent_to_user()), asyncio.create_task(user_to_agent())}
     try:
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        with meter:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for pump in pumps:
             pump.cancel()
@@ -178,7 +193,8 @@ async def _relay(user: WebSocket, agent: WebSocket, stream: PendingStream) -> No
             result, WebSocketDisconnect | RuntimeError | asyncio.CancelledError
         ):
             log.warning("stream %s: relay ended with %r", stream.id, result)
-    if not exited.is_set() and not user_left.is_set():
+    # A forwarded connection ends when its agent closes it; a terminal ends with its exit.
+    if stream.kind != "port" and not exited.is_set() and not user_left.is_set():
         await _fail(user, AGENT_GONE.format(job=stream.job_id))
     await _close(agent)
     await _close(user)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event, Node, Task
+from scheduler.db import Event, Job, Node, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict
 from scheduler.services.jobs import check_may_act, get_job
@@ -49,6 +49,16 @@ async def attach_target(
         raise Conflict(f"job {job.id} has no terminal (it was not submitted with `run --pty`)")
     if rank != 0:
         raise Conflict(f"job {job.id}'s terminal is on rank 0; rank {rank} has none")
+    return await task_target(
+        session, job, rank, capability="pty", lacking="has no terminals (older than `run --pty`)"
+    )
+
+
+async def task_target(
+    session: AsyncSession, job: Job, rank: int, *, capability: str, lacking: str
+) -> AttachTarget:
+    """The running task of rank `rank` of a running job, on a node whose agent has
+    `capability` (`lacking` says what its agent cannot do, for the 409)."""
     task = await session.scalar(
         select(Task)
         .where(
@@ -63,10 +73,8 @@ async def attach_target(
     if task.state is not JobState.RUNNING or task.node_id is None:
         raise Conflict(f"rank {rank} of job {job.id} is not running yet; try again in a moment")
     capabilities = await session.scalar(select(Node.capabilities).where(Node.id == task.node_id))
-    if "pty" not in (capabilities or ()):
-        raise Conflict(
-            f"job {job.id} runs on a node whose agent has no terminals (older than `run --pty`)"
-        )
+    if capability not in (capabilities or ()):
+        raise Conflict(f"job {job.id} runs on a node whose agent {lacking}")
     return AttachTarget(
         job_id=job.id, org_id=job.org_id, task_id=task.id, node_id=task.node_id, rank=rank
     )

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from protocol.agent import StreamOpen
+from protocol.agent import MAX_TASKS_PER_HEARTBEAT, StreamOpen
 
-StreamKind = Literal["attach"]
+StreamKind = Literal["attach", "port"]
 
 
 @dataclass(eq=False)
@@ -32,6 +32,9 @@ class PendingStream:
     kind: StreamKind
     expires_at: float
     """time.monotonic() after which an unclaimed stream is dropped."""
+    requested_at: float = field(default_factory=time.monotonic)
+    port: int | None = None
+    """The task's TCP port, for a "port" stream (`fairgpu port-forward`)."""
     agent: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -40,7 +43,7 @@ class PendingStream:
     """Set when the relay has ended: the agent's endpoint returns (and closes) then."""
 
     def open_message(self) -> StreamOpen:
-        return StreamOpen(id=self.id, task_id=self.task_id, kind=self.kind)
+        return StreamOpen(id=self.id, task_id=self.task_id, kind=self.kind, port=self.port)
 
 
 class StreamHub:
@@ -52,7 +55,13 @@ class StreamHub:
         self._by_node: dict[int, set[str]] = {}
 
     def request(
-        self, *, job_id: int, task_id: int, node_id: int, kind: StreamKind
+        self,
+        *,
+        job_id: int,
+        task_id: int,
+        node_id: int,
+        kind: StreamKind,
+        port: int | None = None,
     ) -> PendingStream:
         """A new stream for the node's agent to open; the caller wakes the node."""
         stream = PendingStream(
@@ -62,6 +71,7 @@ class StreamHub:
             node_id=node_id,
             kind=kind,
             expires_at=time.monotonic() + self.ttl_s,
+            port=port,
         )
         self._pending[stream.id] = stream
         self._by_node.setdefault(node_id, set()).add(stream.id)
@@ -75,7 +85,8 @@ class StreamHub:
         now = time.monotonic()
         expired = [i for i in ids if self._pending[i].expires_at < now]
         self._drop(expired)
-        return [self._pending[i].open_message() for i in sorted(self._by_node.get(node_id, ()))]
+        waiting = sorted(self._by_node.get(node_id, ()))[:MAX_TASKS_PER_HEARTBEAT]
+        return [self._pending[i].open_message() for i in waiting]
 
     def claim(self, stream_id: str, node_id: int) -> PendingStream | None:
         """The stream, taken out of the pending set, if it is pending for this node."""

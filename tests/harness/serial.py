@@ -15,6 +15,7 @@ SERIAL: dict[str, str] = {
     "tests/agents/test_isolation.py": "kills every process of a uid range; host cgroups",
     "tests/cli/test_isolated_agent.py": "kills every process of a uid range; host cgroups",
     "tests/cli/test_isolated_pty.py": "kills every process of a uid range; host cgroups",
+    "tests/cli/test_port_forward_strict.py": "kills every process of a uid range; host cgroups",
     "tests/faults/": "kills servers, agents and a private PostgreSQL; times failover and timeouts",
     "tests/api/test_agent_protocol.py::test_long_poll_returns_as_soon_as_work_appears": (
         "a held heartbeat must answer within 2 s of the job's submission"

@@ -1,0 +1,43 @@
+"""The agent's side of a port-forward: one stream, one TCP connection to a port of the task.
+
+The server asks for it in the heartbeat reply (`StreamOpen` of kind "port"); the agent has
+opened the stream outbound already (agents/streams.py) and here connects it to the port, but
+only when the task's own processes listen on it (agents/ports.py: jobs of other orgs share
+the node's network), then splices bytes both ways (protocol/tcpstream.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from agents.ports import PortRefused, TaskProcesses, connect_owned
+from protocol.streams import MAX_FRAME_BYTES, Error, control_text
+from protocol.tcpstream import splice
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+
+async def forward_port(
+    websocket: ClientConnection, port: int | None, task: TaskProcesses | None, task_id: int
+) -> None:
+    """Connect the stream to `port` of the task, or tell the user why not."""
+    if port is None:
+        await _refuse(websocket, "a port stream needs a port")
+        return
+    if task is None:
+        await _refuse(websocket, f"task {task_id} is not running on this node")
+        return
+    try:
+        pids = await asyncio.to_thread(task.pids)
+        conn = await asyncio.to_thread(connect_owned, port, pids, job_id=task.job_id)
+    except PortRefused as refused:
+        await _refuse(websocket, str(refused))
+        return
+    reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_FRAME_BYTES)
+    await splice(websocket, reader, writer)
+
+
+async def _refuse(websocket: ClientConnection, message: str) -> None:
+    await websocket.send(control_text(Error(type="error", message=message)))

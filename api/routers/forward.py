@@ -1,0 +1,89 @@
+"""WebSocket port-forward streams: one forwarded TCP connection each (`fairgpu port-forward`).
+
+    WS /v1/jobs/{job}/forward?port=P&rank=N   Authorization: Bearer <user token>
+
+Who may forward is who may attach (scheduler/services/interactive.py): the job's owner, an
+org-admin of its org or a platform admin; another org's user gets 404, a member who is not the
+owner 403. The node's agent opens the other side as for a terminal (api/routers/streams.py) and
+connects it only to a port that the job itself listens on (agents/ports.py). Every forward is
+an event on the job; a job has at most `MAX_FORWARDS_PER_JOB` open in one server process.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import APIRouter, WebSocket
+
+from api.routers.jobs import scope_of
+from api.routers.streams import _deny, _principal, relay_to_agent
+from scheduler.services import forwarding
+from scheduler.services.errors import DomainError, Forbidden, InvalidInput, TooManyRequests
+from scheduler.services.interactive import AttachTarget
+
+router = APIRouter(tags=["interactive"])
+
+MAX_FORWARDS_PER_JOB = 64
+"""Open forwarded connections of one job in one server process: what one user's browser tabs
+need, and a bound on the streams one tenant can ask a node's agent to open."""
+
+
+def _open_forwards(websocket: WebSocket) -> Counter[int]:
+    state = websocket.app.state
+    if not hasattr(state, "open_forwards"):
+        state.open_forwards = Counter()
+    forwards: Counter[int] = state.open_forwards
+    return forwards
+
+
+@router.websocket("/v1/jobs/{job_id}/forward")
+async def forward(websocket: WebSocket, job_id: int, port: int, rank: int = 0) -> None:
+    """Forward one TCP connection to `port` of rank `rank`'s task of a running job, which
+    must itself listen there (the agent refuses any other port, with a message). Binary frames
+    are the connection's bytes; `{"type": "eof"}` a half-close (protocol/tcpstream.py)."""
+    forwards = _open_forwards(websocket)
+    try:
+        target = await _authorised(websocket, job_id, port, rank, forwards)
+    except DomainError as error:
+        await _deny(websocket, error)
+        return
+    try:
+        await relay_to_agent(websocket, target, "port", port)
+    finally:
+        forwards[target.job_id] -= 1
+        if not forwards[target.job_id]:
+            del forwards[target.job_id]
+
+
+async def _authorised(
+    websocket: WebSocket, job_id: int, port: int, rank: int, forwards: Counter[int]
+) -> AttachTarget:
+    """The task to forward to, once the caller may and the job has room; its slot in
+    `forwards` is taken (the caller gives it back) and the event recorded."""
+    if not 0 < port < 65536:
+        raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
+    principal = await _principal(websocket)
+    if principal.kind != "user" or principal.user_id is None:
+        raise Forbidden("forwarding needs a user token")
+    async with websocket.app.state.sessionmaker() as session:
+        target = await forwarding.forward_target(
+            session,
+            job_id,
+            rank=rank,
+            user_id=principal.user_id,
+            scope_org_id=scope_of(principal),
+            may_admin_org=principal.can_admin_org(principal.org_id),
+        )
+        if forwards[target.job_id] >= MAX_FORWARDS_PER_JOB:
+            raise TooManyRequests(
+                f"job {target.job_id} has {MAX_FORWARDS_PER_JOB} forwarded connections open "
+                "already; close some first"
+            )
+        forwards[target.job_id] += 1  # no await since the check: no other request sneaks in
+        try:
+            forwarding.record_forward(session, target, actor=principal.actor, port=port)
+            await session.commit()
+        except BaseException:
+            forwards[target.job_id] -= 1
+            raise
+    return target

@@ -1,0 +1,71 @@
+"""The relay's Prometheus instruments: streams open, bytes relayed, attach latency.
+
+They live in the process registry (scheduler/metrics.py `PROCESS_REGISTRY`), so `/metrics`
+carries them on every replica, summed over a host's workers in multiprocess mode. No job, user
+or stream id is a label: `kind` (attach, new, port) and `direction` are the only ones.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from scheduler.metrics import PROCESS_REGISTRY
+
+TO_JOB = "to_job"
+FROM_JOB = "from_job"
+
+SESSIONS_OPEN = Gauge(
+    "fairgpu_interactive_sessions_open",
+    "Streams being relayed now (a terminal, a new shell, a forwarded connection), by kind.",
+    ["kind"],
+    registry=PROCESS_REGISTRY,
+    multiprocess_mode="livesum",
+)
+RELAYED_BYTES = Counter(
+    "fairgpu_interactive_relayed_bytes",
+    "Bytes relayed between users and jobs (binary frames), by direction (to_job, from_job).",
+    ["direction"],
+    registry=PROCESS_REGISTRY,
+)
+ATTACH_LATENCY = Histogram(
+    "fairgpu_interactive_attach_latency_seconds",
+    "From a stream's request to the first frame from the job's side, by kind.",
+    ["kind"],
+    registry=PROCESS_REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+
+class StreamMeter:
+    """One stream's measurements: opened when the relay starts, closed when it ends."""
+
+    def __init__(self, kind: str, requested_at: float) -> None:
+        self.kind = kind
+        self.requested_at = requested_at
+        """time.monotonic() when the user side asked for the stream."""
+        self._first_seen = False
+        self._open = False
+
+    def __enter__(self) -> StreamMeter:
+        SESSIONS_OPEN.labels(self.kind).inc()
+        self._open = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._open:
+            SESSIONS_OPEN.labels(self.kind).dec()
+            self._open = False
+
+    def from_job(self, size: int) -> None:
+        """A frame from the job's side (bytes or control): the first one ends the latency."""
+        if not self._first_seen:
+            self._first_seen = True
+            ATTACH_LATENCY.labels(self.kind).observe(time.monotonic() - self.requested_at)
+        if size:
+            RELAYED_BYTES.labels(FROM_JOB).inc(size)
+
+    @staticmethod
+    def to_job(size: int) -> None:
+        RELAYED_BYTES.labels(TO_JOB).inc(size)
