@@ -113,6 +113,8 @@ class Agent:
         self.heartbeat_interval_s = 10.0
         self.connected = asyncio.Event()
         self._changed = asyncio.Event()
+        self._reported: set[tuple[int, str]] = set()
+        """(task, state) pairs the last answered heartbeat reported."""
 
     async def register(self) -> Credential:
         """Use the stored credential for this server, or register with the join token."""
@@ -258,6 +260,8 @@ class Agent:
             self.dcgm.write(allocated)
         records = self.runner.unacknowledged()[:MAX_TASKS_PER_HEARTBEAT]
         reports = [r.report() for r in records]
+        states = {(r.task_id, str(r.state)) for r in reports}
+        news = bool(states - self._reported)
         chunks = self.logs.chunks(self.runner.records.values())
         # Hold the request only when there is nothing to flush after it: not on the first
         # heartbeat after (re)connecting, nor while an ended task's log is still being sent.
@@ -286,11 +290,15 @@ class Agent:
             self._renew(reply.credential)
         self.runner.acknowledge({r.task_id for r in reports if r.state in TERMINAL_TASK_STATES})
         self.logs.acknowledge(self.runner.records, chunks)
+        self._reported = states
         if self._apply(reply):
             self._changed.set()  # report the new states at once
-        else:
+        elif not news:
             # A reply that changed nothing (a server that does not hold requests, or repeats
-            # what the agent already did) must not make the agent spin.
+            # what the agent already did) must not make the agent spin. One to a heartbeat
+            # that carried news was answered at once, unheld: the next one, with none, is
+            # held, so that what the server has for this node meanwhile (a terminal stream
+            # for a task that has just started) reaches it at once, not a heartbeat later.
             elapsed_s = asyncio.get_running_loop().time() - sent_at
             await _wait_any(stop, self._changed, timeout_s=wait_s - elapsed_s)
 

@@ -36,7 +36,7 @@ import time
 FRAME_DATA, FRAME_RESIZE, FRAME_SIGNAL, FRAME_EXIT = b"D", b"R", b"S", b"X"
 HEADER = struct.Struct(">cI")  # frame type, payload length
 MAX_PAYLOAD = 1024 * 1024
-READ_BYTES = 64 * 1024
+READ_BYTES = 128 * 1024
 BACKLOG_BYTES = 256 * 1024
 SOCKET_NAME = "pty.sock"
 DRAIN_S = 0.2
@@ -68,18 +68,28 @@ class Host:
 
     # output ---------------------------------------------------------------------------------
     def read_terminal(self) -> bool:
-        """One read of the terminal's output; False when it has closed (EIO) or is empty."""
-        try:
-            data = os.read(self.master, READ_BYTES)
-        except BlockingIOError:
+        """What the terminal has printed, up to READ_BYTES in one frame; False when nothing
+        was there or it has closed (EIO). A pty hands out at most a few KiB per read: reading
+        on while more is ready makes one frame (one hop per relay) of many reads."""
+        chunks: list[bytes] = []
+        size = 0
+        while size < READ_BYTES:
+            try:
+                data = os.read(self.master, READ_BYTES - size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                data = b""
+            if not data:
+                self.terminal_open = False
+                break
+            chunks.append(data)
+            size += len(data)
+        if not chunks:
             return False
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            data = b""
-        if not data:
-            self.terminal_open = False
-            return False
+        data = b"".join(chunks)
         _write_all(1, data)
         message = frame(FRAME_DATA, data)
         for client in self.clients.values():

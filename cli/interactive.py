@@ -19,7 +19,7 @@ from cli.client import ApiError, Client, connect, report
 from cli.common import fail
 from cli.parse import parse_duration, parse_env, parse_gpus, parse_memory
 
-POLL_S = 0.5
+POLL_S = 0.2
 EXPLAIN_EVERY_S = 2.0
 START_GRACE_S = 30.0
 """How long a job that has started may take before its terminal can be attached to."""
