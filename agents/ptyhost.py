@@ -34,11 +34,14 @@ import termios
 import time
 
 FRAME_DATA, FRAME_RESIZE, FRAME_SIGNAL, FRAME_EXIT = b"D", b"R", b"S", b"X"
+FRAME_REFUSED = b"E"  # the host refuses this client (the payload says why), then closes
 HEADER = struct.Struct(">cI")  # frame type, payload length
 MAX_PAYLOAD = 1024 * 1024
 READ_BYTES = 128 * 1024
 BACKLOG_BYTES = 256 * 1024
 SOCKET_NAME = "pty.sock"
+MAX_CLIENTS = 8
+"""Attached at once; each may hold BACKLOG_BYTES here, so this bounds the host's memory."""
 DRAIN_S = 0.2
 """After the command exits: how long output its leftovers still print is waited for."""
 
@@ -105,6 +108,12 @@ class Host:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid():  # only the agent that started this task
+            sock.close()
+            return
+        if len(self.clients) >= MAX_CLIENTS:
+            with contextlib.suppress(OSError):
+                reason = f"the terminal has {MAX_CLIENTS} clients attached already".encode()
+                sock.send(frame(FRAME_REFUSED, reason))
             sock.close()
             return
         sock.setblocking(False)

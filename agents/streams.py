@@ -171,6 +171,9 @@ async def _relay(
             if kind == ptyhost.FRAME_DATA:
                 for start in range(0, len(payload), MAX_FRAME_BYTES):
                     await websocket.send(payload[start : start + MAX_FRAME_BYTES])
+            elif kind == ptyhost.FRAME_REFUSED:
+                await _refuse(websocket, payload.decode(errors="replace")[:1024])
+                return
             elif kind == ptyhost.FRAME_EXIT:
                 code = max(0, min(255, int(payload)))
                 await websocket.send(control_text(Exit(type="exit", code=code)))

@@ -163,7 +163,7 @@ async def _relay(user: WebSocket, agent: WebSocket, stream: PendingStream) -> No
                 await user.send_bytes(data)
             elif (text := message.get("text")) is not None:
                 meter.from_job(0)
-                if isinstance(parse_control(text), Exit):
+                if isinstance(parse_control(text), Exit | Error):
                     exited.set()
                 await user.send_text(text)
 

@@ -1,0 +1,80 @@
+"""The terminal host (agents/ptyhost.py) as the runner starts it, spoken to over its socket as
+the agent's streams do: the command waits for the first frame, its output and exit status come
+back in frames, and the number of clients is bounded."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agents import ptyhost
+
+
+def _connect(directory: Path) -> socket.socket:
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(directory / ptyhost.SOCKET_NAME))
+            sock.settimeout(10)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            assert time.monotonic() < deadline, "the host did not listen"
+            time.sleep(0.02)
+
+
+def _frames(sock: socket.socket) -> list[tuple[bytes, bytes]]:
+    """Every frame until the host closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    frames = []
+    while data:
+        kind, length = ptyhost.HEADER.unpack_from(data)
+        frames.append((kind, data[ptyhost.HEADER.size : ptyhost.HEADER.size + length]))
+        data = data[ptyhost.HEADER.size + length :]
+    return frames
+
+
+def test_a_terminal_session_over_the_hosts_socket(tmp_path: Path) -> None:
+    script = "stty size; read line; echo got:$line; exit 4"
+    host = subprocess.Popen(
+        [sys.executable, "-I", "-S", ptyhost.__file__, str(tmp_path), "30", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        first = _connect(tmp_path)
+        assert oct(os.stat(tmp_path / ptyhost.SOCKET_NAME).st_mode & 0o777) == "0o600"
+        others = [_connect(tmp_path) for _ in range(ptyhost.MAX_CLIENTS - 1)]
+        refused = _connect(tmp_path)
+        assert _frames(refused) == [
+            (ptyhost.FRAME_REFUSED, b"the terminal has 8 clients attached already")
+        ]
+        refused.close()
+        # The command starts on the first frame: the window's size.
+        first.sendall(ptyhost.frame(ptyhost.FRAME_RESIZE, struct.pack(">HH", 33, 101)))
+        first.sendall(ptyhost.frame(ptyhost.FRAME_DATA, b"hello\r"))
+        frames = _frames(first)
+        output = b"".join(p for k, p in frames if k == ptyhost.FRAME_DATA).replace(b"\r", b"")
+        assert b"33 101\n" in output
+        assert b"got:hello\n" in output
+        assert frames[-1] == (ptyhost.FRAME_EXIT, b"4")
+        for other in others:  # every client sees the same session end
+            assert _frames(other)[-1] == (ptyhost.FRAME_EXIT, b"4")
+            other.close()
+        first.close()
+        stdout, _ = host.communicate(timeout=10)
+        assert host.returncode == 4
+        assert b"got:hello" in stdout  # the session is the task's log too
+        assert not (tmp_path / ptyhost.SOCKET_NAME).exists()
+    finally:
+        host.kill()
+        host.wait()
+        assert host.stdout is not None
+        host.stdout.close()
