@@ -117,7 +117,10 @@ async def relay_to_agent(
     except TimeoutError:
         hub.cancel(stream)
         await _fail(
-            websocket, f"the node's agent did not open the stream within {AGENT_WAIT_S:g} s"
+            websocket,
+            f"the node's agent did not open the stream within {AGENT_WAIT_S:g} s (its node may "
+            "be down; a server of several processes relays only when one process holds both "
+            "sides, docs/INTERACTIVE.md)",
         )
         return
     try:
