@@ -36,7 +36,8 @@ async def _capabilities(cluster: Cluster, node_id: int) -> list[str] | None:
 
 
 async def test_an_agent_that_does_not_say_gets_no_signal_field(cluster: Cluster) -> None:
-    node = await cluster.register(await cluster.join_token())  # as an older agent: no field
+    # As an older agent: no field.
+    node = await cluster.register(await cluster.join_token(), capabilities=None)
     assert await _capabilities(cluster, node["node_id"]) is None
     spec = await _signal_job_start(cluster, node["credential"])
     assert "signal" not in spec  # an older agent would refuse the whole reply
@@ -44,7 +45,7 @@ async def test_an_agent_that_does_not_say_gets_no_signal_field(cluster: Cluster)
 
 
 async def test_an_agent_that_can_signal_gets_the_signal(cluster: Cluster) -> None:
-    node = await cluster.register(await cluster.join_token())
+    node = await cluster.register(await cluster.join_token(), capabilities=None)
     # An upgraded agent says so on its first heartbeat, keeping its credential.
     await cluster.heartbeat(node["credential"], capabilities=list(AGENT_CAPABILITIES))
     assert await _capabilities(cluster, node["node_id"]) == list(AGENT_CAPABILITIES)

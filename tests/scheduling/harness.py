@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.app import create_app
+from protocol.agent import AGENT_CAPABILITIES
 from scheduler.policysettings import PolicySettings
 from scheduler.services.auth import bootstrap_admin
 from scheduler.services.runtime import SchedulerRuntime
@@ -101,8 +102,15 @@ class Cluster:
         return str(created["token"])
 
     async def register(
-        self, join: str, gpus: int = 8, model: str = "H100", name: str | None = None
+        self,
+        join: str,
+        gpus: int = 8,
+        model: str = "H100",
+        name: str | None = None,
+        capabilities: Sequence[str] | None = AGENT_CAPABILITIES,
     ) -> dict[str, Any]:
+        """Register a node as a current agent does (every capability), or as an older one
+        (`capabilities=None`)."""
         name = name or f"node{next(_names)}"
         body = {
             "name": name,
@@ -116,6 +124,8 @@ class Cluster:
                 for i in range(gpus)
             ],
         }
+        if capabilities is not None:  # an older agent sends no such field
+            body["capabilities"] = list(capabilities)
         result: dict[str, Any] = await self.call("POST", "/v1/agent/register", join, body)
         result["gpu_uuids"] = [g["uuid"] for g in body["gpus"]]  # type: ignore[index]
         return result
