@@ -27,7 +27,7 @@ class Reservations:
         self.count = 0
         self.hidden: dict[int, int] = {}  # node → GPUs withheld for its reservation
         self.latest = float("-inf")  # the latest reservation start: longer jobs never fit short
-        self._short_failed: dict[tuple[str, str | None, int, int, bool], float] = {}
+        self._short_failed: dict[tuple[str, str | None, int, int, int], float] = {}
 
     def note_start(self, nid: int, gpus: int, end: float) -> None:
         """A job started this cycle: its GPUs come back at `end`."""
@@ -56,7 +56,7 @@ class Reservations:
         rel = self._releases if self._releases is not None else self._build()
         index = self.index
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
-        strict = job.needs_isolation
+        need = index.job_class(job)
         free = index.free
         nodes = index.nodes
         by_site: dict[str, list[tuple[float, int]]] = {}
@@ -64,7 +64,7 @@ class Reservations:
             if nid in self.reserved:
                 continue
             node = nodes[nid]
-            if (site is not None and node.site != site) or (strict and not node.strict_isolation):
+            if (site is not None and node.site != site) or (need and not index.in_class(nid, need)):
                 continue
             have = free[nid]
             when = self.now
@@ -108,11 +108,11 @@ class Reservations:
         if end > self.latest:
             return None
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
-        strict = job.needs_isolation
-        key = (gpu_type, site, gpn, k, strict)
+        index = self.index
+        need = index.job_class(job)
+        key = (gpu_type, site, gpn, k, need)
         if self._short_failed.get(key, float("inf")) <= end:
             return None
-        index = self.index
         by_site: dict[str, list[tuple[int, int]]] = {}
         for nid, (start, _holder) in self.reserved.items():
             node = index.nodes[nid]
@@ -120,7 +120,7 @@ class Reservations:
                 start < end
                 or node.gpu_type != gpu_type
                 or (site is not None and node.site != site)
-                or (strict and not node.strict_isolation)
+                or (need and not index.in_class(nid, need))
             ):
                 continue
             room = index.free[nid] + self.hidden.get(nid, 0)

@@ -2,9 +2,10 @@
 
 A placement query costs O(distinct free counts x domains), never O(nodes): each level keeps
 `cnt[f]` (how many nodes have exactly f free GPUs) and a lazy min-heap of node ids per f, so the
-tightest node (best fit) with the lowest id comes out first. Nodes with strict isolation are also
-counted in a second set of levels (`strict_levels`), the only ones a job that needs isolation is
-placed from: its placement costs the same, and filters no node one by one. Within one cycle free
+tightest node (best fit) with the lowest id comes out first. Jobs may need node features (agent
+capabilities, strict isolation: `PendingJob.needs`); the nodes having a set of them form a feature
+class, counted again in levels of their own, the only ones such a job is placed from: its
+placement costs the same, and filters no node one by one. Within one cycle free
 GPUs only ever go down (starts, claims, reservations), which keeps the lazy heaps and the "this
 shape failed" memo valid.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Iterable, Mapping
 
-from scheduler.core.types import Node, PolicyConfig
+from scheduler.core.types import Node, PendingJob, PolicyConfig
 from scheduler.core.usage import capacity_usage
 
 
@@ -44,6 +45,10 @@ class Level:
         return waste
 
 
+_NO_LEVELS: dict[tuple[str, ...], Level] = {}
+_NO_STATIC: dict[tuple[str, str], list[int]] = {}
+
+
 class Layout:
     """What a cycle's index needs from the nodes alone, built once per `nodes` tuple.
 
@@ -58,63 +63,68 @@ class Layout:
         "by_type",
         "cap_usage",
         "capacity",
+        "class_nodes",
         "free",
         "gpus",
-        "key_strict",
+        "key_class",
         "keys",
         "level_cnt",
         "level_heaps",
         "max_g",
+        "need_memo",
+        "node_classes",
         "node_lv",
         "nodes",
         "site_domains",
         "static",
-        "static_strict",
+        "statics",
         "type_sites",
         "types",
+        "union",
         "usable",
+        "varying",
     )
 
     def __init__(self, nodes: Iterable[Node]) -> None:
         node_list = sorted(nodes, key=lambda n: n.id)
         self.max_g = max_g = max((len(n.gpus) for n in node_list), default=0)
         self.nodes: dict[int, Node] = {}
+        for n in node_list:
+            self.nodes.setdefault(n.id, n)
+        self._classes()
         self.gpus: dict[int, tuple[int, ...]] = {}  # usable GPUs when nothing runs
         self.usable: dict[int, frozenset[int]] = {}
         self.free: dict[int, int] = {}
         self.capacity: dict[str, int] = {}  # every GPU of the type, usable or not
-        # Static shape check: nodes by GPU count per (type, site), whatever their state.
-        self.static: dict[tuple[str, str], list[int]] = {}
-        self.static_strict: dict[tuple[str, str], list[int]] = {}  # strict-isolation nodes only
-        slot: dict[tuple[bool, tuple[str, ...]], int] = {}
+        # Static shape check per feature class: nodes by GPU count per (type, site), whatever
+        # their state. Class 0 (every node) is `static`.
+        self.statics: dict[int, dict[tuple[str, str], list[int]]] = {0: {}}
+        self.static = self.statics[0]
+        slot: dict[tuple[int, tuple[str, ...]], int] = {}
         self.keys: list[tuple[str, ...]] = []
-        self.key_strict: list[bool] = []  # per key: the strict-isolation level of that key
+        self.key_class: list[int] = []  # per level: the feature class whose nodes it counts
         self.level_cnt: list[list[int]] = []
         self.level_heaps: list[list[list[int]]] = []
         self.node_lv: dict[int, tuple[int, ...]] = {}
-        for n in node_list:
-            if n.id in self.nodes:
-                continue
-            self.nodes[n.id] = n
+        for n in self.nodes.values():
             self.capacity[n.gpu_type] = self.capacity.get(n.gpu_type, 0) + len(n.gpus)
-            st = self.static.setdefault((n.gpu_type, n.site), [0] * (max_g + 1))
-            st[len(n.gpus)] += 1
-            if n.strict_isolation:
-                st = self.static_strict.setdefault((n.gpu_type, n.site), [0] * (max_g + 1))
-                st[len(n.gpus)] += 1
             ids = []
             three: tuple[tuple[str, ...], ...] = (
                 (n.gpu_type,),
                 (n.gpu_type, n.site),
                 (n.gpu_type, n.site, n.domain),
             )
-            for strict in (False, True) if n.strict_isolation else (False,):
+            for c in self.node_classes.get(n.id, (0,)):
+                st = self.statics.setdefault(c, {}).setdefault(
+                    (n.gpu_type, n.site), [0] * (max_g + 1)
+                )
+                st[len(n.gpus)] += 1
                 for key in three:
-                    i = slot.get((strict, key))
+                    i = slot.get((c, key))
                     if i is None:
-                        i = slot[(strict, key)] = len(self.keys)
+                        i = slot[(c, key)] = len(self.keys)
                         self.keys.append(key)
-                        self.key_strict.append(strict)
+                        self.key_class.append(c)
                         self.level_cnt.append([0] * (max_g + 1))
                         self.level_heaps.append([[] for _ in range(max_g + 1)])
                     ids.append(i)
@@ -132,9 +142,9 @@ class Layout:
                     self.level_heaps[i][f].append(n.id)  # ids ascend: already a heap
         self.type_sites: dict[str, list[str]] = {}
         self.site_domains: dict[tuple[str, str], list[str]] = {}
-        for key, strict in zip(self.keys, self.key_strict, strict=True):
-            if strict:
-                continue  # a subset of the same keys without isolation
+        for key, c in zip(self.keys, self.key_class, strict=True):
+            if c:
+                continue  # a subset of class 0's keys
             if len(key) == 2:
                 self.type_sites.setdefault(key[0], []).append(key[1])
             elif len(key) == 3:
@@ -150,6 +160,53 @@ class Layout:
             if n.schedulable and self.nodes.get(n.id) is n:
                 self.by_type.setdefault(n.gpu_type, []).append(n.id)
 
+    def _classes(self) -> None:
+        """Feature classes: the node sets a job's needs can select, each counted once.
+
+        Only features some nodes have and others lack (`varying`) select anything; each subset
+        of them picks the nodes having it all, and subsets picking the same nodes share a class.
+        Class 0 is every node. When every node has every feature (the common case) class 0 is
+        the only one, and placement costs what it would with no features at all.
+        """
+        feats = {nid: n.features for nid, n in self.nodes.items()}
+        every = list(feats.values())
+        self.union: frozenset[str] = frozenset().union(*every)
+        common = every[0].intersection(*every[1:]) if every else frozenset()
+        self.varying: frozenset[str] = self.union - common
+        self.need_memo: dict[frozenset[str], int] = {}
+        self.node_classes: dict[int, tuple[int, ...]] = {}
+        self.class_nodes: list[int] = [len(feats)]  # nodes per class
+        if not self.varying:
+            return
+        names = sorted(self.varying)
+        by_members: dict[tuple[int, ...], int] = {tuple(feats): 0}
+        for mask in range(1, 1 << len(names)):
+            need = frozenset(f for i, f in enumerate(names) if mask >> i & 1)
+            members = tuple(nid for nid, have in feats.items() if need <= have)
+            c = by_members.get(members)
+            if c is None:
+                c = by_members[members] = len(self.class_nodes)
+                self.class_nodes.append(len(members))
+            self.need_memo[need] = c
+        for members, c in by_members.items():
+            for nid in members:
+                self.node_classes[nid] = (*self.node_classes.get(nid, ()), c)
+
+    def need_class(self, needs: frozenset[str]) -> int:
+        """The feature class of the nodes that have every feature in `needs`."""
+        if not needs:
+            return 0
+        c = self.need_memo.get(needs)
+        if c is None:
+            # A feature no node has: -1, the class of no nodes.
+            c = self.need_memo.get(needs & self.varying, 0) if needs <= self.union else -1
+            self.need_memo[needs] = c
+        return c
+
+    def class_size(self, c: int) -> int:
+        """How many nodes (whatever their state) a feature class holds."""
+        return self.class_nodes[c] if c >= 0 else 0
+
 
 class FreeIndex:
     def __init__(self, lay: Layout, held: Mapping[int, Collection[int]]) -> None:
@@ -158,7 +215,8 @@ class FreeIndex:
         self.nodes = lay.nodes
         self.capacity = lay.capacity
         self.static = lay.static
-        self.static_strict = lay.static_strict
+        self.statics = lay.statics
+        self.node_classes = lay.node_classes
         self.type_sites = lay.type_sites
         self.site_domains = lay.site_domains
         self.types = lay.types
@@ -188,14 +246,18 @@ class FreeIndex:
                 c[f] += 1
                 if f:
                     push(heaps[i][f], nid)  # its entry under `old` is stale: `take` skips it
-        self.levels: dict[tuple[str, ...], Level] = {}
-        self.strict_levels: dict[tuple[str, ...], Level] = {}  # strict-isolation nodes only
+        # Per feature class, its levels; class 0 (every node) is `levels`.
+        self.class_levels: dict[int, dict[tuple[str, ...], Level]] = {0: {}}
+        self.levels = self.class_levels[0]
         lv: list[Level] = []
-        for key, strict, c, h in zip(lay.keys, lay.key_strict, cnts, heaps, strict=True):
+        for key, k, c, h in zip(lay.keys, lay.key_class, cnts, heaps, strict=True):
             lvl = Level.__new__(Level)
             lvl.cnt = c
             lvl.heaps = h
-            (self.strict_levels if strict else self.levels)[key] = lvl
+            levels = self.class_levels.get(k)
+            if levels is None:
+                levels = self.class_levels[k] = {}
+            levels[key] = lvl
             lv.append(lvl)
         self._lv = lv
         self._node_lv = node_lv
@@ -222,17 +284,31 @@ class FreeIndex:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def levels_for(self, strict: bool) -> dict[tuple[str, ...], Level]:
-        """The levels a job may be placed from: every node, or strict-isolation nodes only."""
-        return self.strict_levels if strict else self.levels
+    def job_class(self, job: PendingJob) -> int:
+        """The feature class of the nodes the job may run on (0: every node)."""
+        if not job.capabilities and not job.needs_isolation:
+            return 0
+        return self._layout.need_class(job.needs)
 
-    def possible(
-        self, gpu_type: str, site: str | None, gpn: int, k: int, strict: bool = False
-    ) -> bool:
+    def need_class(self, needs: frozenset[str]) -> int:
+        return self._layout.need_class(needs)
+
+    def class_size(self, c: int) -> int:
+        return self._layout.class_size(c)
+
+    def in_class(self, nid: int, c: int) -> bool:
+        """Whether the node has every feature of class `c`."""
+        return c == 0 or c in self.node_classes.get(nid, ())
+
+    def levels_for(self, c: int) -> dict[tuple[str, ...], Level]:
+        """The levels a job of feature class `c` may be placed from (none for the empty class)."""
+        return self.class_levels.get(c, _NO_LEVELS)
+
+    def possible(self, gpu_type: str, site: str | None, gpn: int, k: int, c: int = 0) -> bool:
         """Could the cluster run this shape at all, were every node empty and healthy?"""
         if gpn > self.max_g or gpn <= 0 or k <= 0:
             return False
-        static = self.static_strict if strict else self.static
+        static = self.statics.get(c, _NO_STATIC)
         sites = [site] if site is not None else self.type_sites.get(gpu_type, [])
         for s in sites:
             st = static.get((gpu_type, s))
@@ -240,11 +316,11 @@ class FreeIndex:
                 return True
         return False
 
-    def largest_gang(self, gpu_type: str, site: str | None, gpn: int, strict: bool = False) -> int:
-        """Most nodes with ≥ gpn free GPUs inside one site now."""
+    def largest_gang(self, gpu_type: str, site: str | None, gpn: int, c: int = 0) -> int:
+        """Most nodes (of feature class `c`) with ≥ gpn free GPUs inside one site now."""
         if gpn > self.max_g:
             return 0
-        levels = self.strict_levels if strict else self.levels
+        levels = self.levels_for(c)
         sites = [site] if site is not None else self.type_sites.get(gpu_type, [])
         best = 0
         for s in sites:
@@ -260,15 +336,15 @@ class FreeIndex:
         return sum(f * c for f, c in enumerate(lvl.cnt))
 
     def find(
-        self, gpu_type: str, site: str | None, gpn: int, k: int, strict: bool = False
+        self, gpu_type: str, site: str | None, gpn: int, k: int, c: int = 0
     ) -> list[int] | None:
         """Nodes for a gang of k x gpn: one node, else one domain, else one site; best fit.
 
-        `strict`: from strict-isolation nodes only (their levels hold a subset of the keys).
+        `c`: from the nodes of that feature class only (their levels hold a subset of the keys).
         """
         if gpn > self.max_g:
             return None
-        levels = self.strict_levels if strict else self.levels
+        levels = self.levels_for(c)
         top = levels.get((gpu_type,) if site is None else (gpu_type, site))
         if top is None or top.count_ge(gpn) < k:
             return None

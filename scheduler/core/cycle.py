@@ -116,14 +116,15 @@ class _Cycle:
         self.starts: list[tuple[Start, PendingJob, str]] = []
         self.preemptions: list[Preemption] = []
         self.waits: dict[int, Wait] = {}
-        self.failed: dict[tuple[str, str | None, int, bool], int] = {}
+        self.failed: dict[tuple[str, str | None, int, int], int] = {}
         self.blocked_by: int | None = None  # strict order: the job everyone waits behind
         self._bump_failed: set[tuple[object, ...]] = set()
         self._borrow_failed: dict[tuple[object, ...], Wait] = {}
         self._quota_floor: dict[tuple[int, str, int], int] = {}
-        self._static_memo: dict[tuple[str | None, str | None, int, int, bool], tuple[str, ...]] = {}
+        self._static_memo: dict[tuple[str | None, str | None, int, int, int], tuple[str, ...]] = {}
         self._static_full: dict[
-            tuple[int, str | None, str | None, int, int, bool], tuple[str, ...] | Wait
+            tuple[int, str | None, str | None, int, int, bool, frozenset[str]],
+            tuple[str, ...] | Wait,
         ] = {}
 
     # -- checks ------------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class _Cycle:
             job.gpus_per_node,
             job.nodes,
             job.needs_isolation,
+            job.capabilities,
         )
         known = self._static_full.get(full)
         if known is None:
@@ -166,16 +168,12 @@ class _Cycle:
         ex = self.ex
         if job.org_id not in self.books.orgs:
             return ex.bad(job, "unknown organisation")
-        types = self._possible_types(job, job.needs_isolation)
+        need = self.index.job_class(job)
+        types = self._possible_types(job, need)
         if not types or job.time_limit_s <= 0:
-            if (
-                types
-                or job.time_limit_s <= 0
-                or not job.needs_isolation
-                or not self._possible_types(job, False)
-            ):
+            if types or job.time_limit_s <= 0 or not need or not self._possible_types(job, 0):
                 return ex.bad(job, None)
-            return ex.isolation(job)  # it would fit the cluster, but not its isolated nodes
+            return ex.features(job)  # it would fit the cluster, but not the nodes it needs
         if not self.books.limited[job.org_id]:
             return types
         ok = tuple(t for t in types if self.books.limit_never(job.org_id, t, job.gpu_count) is None)
@@ -185,17 +183,15 @@ class _Cycle:
             return ex.limit(job, types[0], lim, never=True)
         return ok
 
-    def _possible_types(self, job: PendingJob, strict: bool) -> tuple[str, ...]:
-        """GPU types whose nodes (strict-isolation ones when `strict`) could ever fit the job."""
-        key = (job.gpu_type, job.site, job.gpus_per_node, job.nodes, strict)
+    def _possible_types(self, job: PendingJob, need: int) -> tuple[str, ...]:
+        """GPU types whose nodes (of feature class `need`) could ever fit the job."""
+        key = (job.gpu_type, job.site, job.gpus_per_node, job.nodes, need)
         types = self._static_memo.get(key)
         if types is None:
             index = self.index
             cands = (job.gpu_type,) if job.gpu_type is not None else tuple(index.types)
             types = tuple(
-                t
-                for t in cands
-                if index.possible(t, job.site, job.gpus_per_node, job.nodes, strict)
+                t for t in cands if index.possible(t, job.site, job.gpus_per_node, job.nodes, need)
             )
             self._static_memo[key] = types
         return types
@@ -203,13 +199,14 @@ class _Cycle:
     def place(self, job: PendingJob, gpu_type: str) -> tuple[list[int], bool] | None:
         """Nodes for the job, and whether they are reserved nodes it may use because it is short.
 
-        This is where a job that needs isolation is kept to strict-isolation nodes: the index
-        places it from their levels only, and reservations and preemption plans take only them.
+        This is where a job is kept to the nodes having the features it needs (`PendingJob.needs`:
+        agent capabilities, strict isolation): the index places it from the levels of their
+        feature class only, and reservations and preemption plans take only them.
         """
-        strict = job.needs_isolation
-        key = (gpu_type, job.site, job.gpus_per_node, strict)
+        need = self.index.job_class(job)
+        key = (gpu_type, job.site, job.gpus_per_node, need)
         if self.failed.get(key, job.nodes + 1) > job.nodes:
-            nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes, strict)
+            nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes, need)
             if nodes is not None:
                 return nodes, False
             self.failed[key] = job.nodes
@@ -254,6 +251,7 @@ class _Cycle:
                     job.gpus_per_node,
                     job.nodes,
                     job.needs_isolation,
+                    job.capabilities,
                 )
             )
             if (
@@ -384,6 +382,7 @@ class _Cycle:
             job.nodes,
             may_borrow,
             job.needs_isolation,
+            job.capabilities,
         )
         if memo in self._bump_failed:
             return False
@@ -462,6 +461,7 @@ class _Cycle:
             job.priority_class,
             job.time_limit_s if self.res.reserved else 0.0,
             job.needs_isolation,
+            job.capabilities,
         )
         failed = self._borrow_failed.get(key)
         if failed is not None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from scheduler.core.estimate import OrgReleases, Profile
 from scheduler.core.types import (
+    STRICT_ISOLATION,
     PendingInfo,
     PendingJob,
     PolicyConfig,
@@ -70,7 +71,7 @@ class Wait:
     gpu_type: str | None = None  # profile the estimate reads; None: no estimate at all
     hint: float | None = None  # known lower bound (reservation, preemption deadline)
     quota: tuple[int, str, int] | None = None  # (org, type, GPUs the org must hand back first)
-    lazy: tuple[int, str, str | None, int, int, bool, bool] | None = None
+    lazy: tuple[int, str, str | None, int, int, bool, frozenset[str]] | None = None
     exact: bool = False  # the hint is the estimate (its GPUs are reserved or being freed for it)
 
 
@@ -143,7 +144,9 @@ class Explainer:
         self.cache: dict[tuple[object, ...], Reason] = {}
         self.waits: dict[tuple[object, ...], Wait] = {}  # shared: a Wait is never changed
         self._rank: dict[int, int] | None = None
-        self._shape: dict[tuple[str, str | None, int, bool], dict[str, float | int | str]] = {}
+        self._shape: dict[
+            tuple[str, str | None, int, frozenset[str]], dict[str, float | int | str]
+        ] = {}
         self._free: dict[str, int] = {}
         self._share: dict[int, float] = {}
         self.any_type = False  # some wait is estimated on every type's profile (ANY)
@@ -196,28 +199,39 @@ class Explainer:
         }
         return Wait((Reason(ReasonCode.BAD_CONSTRAINTS, why, details),))
 
-    def isolation(self, job: PendingJob) -> Wait:
-        """The job would fit the cluster's nodes, but not those with strict isolation, the only
-        ones its org allows: it waits for agents to start (or restart) in strict mode."""
+    def features(self, job: PendingJob) -> Wait:
+        """The job would fit the cluster's nodes, but not those having the features it needs:
+        strict isolation (its org requires it) or agent capabilities (`--signal`, `run --pty`).
+        It waits for agents to start (or restart) in strict mode, or upgraded."""
         idx = self.c.index
-        key = ("iso", job.gpu_type, job.site, job.gpus_per_node, job.nodes)
+        needs = job.needs
+        key = ("feat", job.gpu_type, job.site, job.gpus_per_node, job.nodes, needs)
         w = self.waits.get(key)
         if w is not None:
             return w
         what = f"{job.nodes}x{job.gpus_per_node} {job.gpu_type or 'GPUs'}"
-        strict_nodes = sum(sum(st) for st in idx.static_strict.values())
-        details: dict[str, float | int | str] = {
-            "isolation": "strict",
-            "gpus_per_node": job.gpus_per_node,
-            "nodes": job.nodes,
-            "gpu_type": job.gpu_type or "",
-            "site": job.site or "",
-            "strict_isolation_nodes": strict_nodes,
-        }
-        text = (
-            f"needs a node with strict isolation (its org requires it); "
-            f"none of the {strict_nodes} such node(s) can hold {what}"
+        capable = idx.class_size(idx.job_class(job))
+        details: dict[str, float | int | str] = _feature_details(job)
+        details.update(
+            gpus_per_node=job.gpus_per_node,
+            nodes=job.nodes,
+            gpu_type=job.gpu_type or "",
+            site=job.site or "",
         )
+        if job.capabilities:
+            caps = details["capabilities"]
+            details["capable_nodes"] = capable
+            extra = " and strict isolation" if job.needs_isolation else ""
+            text = (
+                f"needs a node whose agent can do {caps}{extra}; "
+                f"none of the {capable} such node(s) can hold {what}"
+            )
+        else:
+            details["strict_isolation_nodes"] = capable
+            text = (
+                f"needs a node with strict isolation (its org requires it); "
+                f"none of the {capable} such node(s) can hold {what}"
+            )
         w = self.waits[key] = Wait((Reason(ReasonCode.RESOURCES, text, details),))
         return w
 
@@ -281,8 +295,8 @@ class Explainer:
         return w
 
     def resources(self, job: PendingJob, t: str, reservation_start: float | None) -> Wait:
-        strict = job.needs_isolation
-        largest = self.c.index.largest_gang(t, job.site, job.gpus_per_node, strict)
+        idx = self.c.index
+        largest = idx.largest_gang(t, job.site, job.gpus_per_node, idx.job_class(job))
         details: dict[str, float | int | str] = {
             "gpu_type": t,
             "gpus_per_node": job.gpus_per_node,
@@ -290,11 +304,16 @@ class Explainer:
             "largest_free_gang_nodes": largest,
         }
         text = f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs; {largest} node(s) fit now"
-        if strict:
-            details["isolation"] = "strict"
+        if job.needs_isolation or job.capabilities:
+            details.update(_feature_details(job))
+            on = []
+            if job.needs_isolation:
+                on.append("strict isolation")
+            if job.capabilities:
+                on.append(f"agents that can do {details['capabilities']}")
             text = (
-                f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs on nodes with strict "
-                f"isolation; {largest} such node(s) fit now"
+                f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs on nodes with "
+                f"{' and '.join(on)}; {largest} such node(s) fit now"
             )
         if reservation_start is not None:
             details["reservation_start"] = reservation_start
@@ -329,7 +348,7 @@ class Explainer:
             job.gpus_per_node,
             blocked_by or 0,
             borrowing,
-            job.needs_isolation,
+            job.needs,
         )
         untyped = job.gpu_type is None
         w = self.waits.get((key, untyped))
@@ -339,22 +358,28 @@ class Explainer:
                 self.any_type = True
         return w
 
-    def _lazy_reason(self, key: tuple[int, str, str | None, int, int, bool, bool]) -> Reason:
+    def _lazy_reason(
+        self, key: tuple[int, str, str | None, int, int, bool, frozenset[str]]
+    ) -> Reason:
         """Built once per (org, shape) at the end of the cycle, from shared per-shape numbers."""
         c = self.c
-        oid, t, site, gpn, blocked_by, borrowing, strict = key
-        shape = (t, site, gpn, strict)
+        oid, t, site, gpn, blocked_by, borrowing, needs = key
+        shape = (t, site, gpn, needs)
         shared = self._shape.get(shape)
         if shared is None:
             if t not in self._free:
                 self._free[t] = c.index.free_of_type(t)
+            need = c.index.need_class(needs)
             shared = self._shape[shape] = {
                 "gpu_type": t,
-                "largest_free_gang_nodes": c.index.largest_gang(t, site, gpn, strict),
+                "largest_free_gang_nodes": c.index.largest_gang(t, site, gpn, need),
                 "free_gpus": self._free[t],
             }
-            if strict:
+            if STRICT_ISOLATION in needs:
                 shared["isolation"] = "strict"
+            caps = needs - {STRICT_ISOLATION}
+            if caps:
+                shared["capabilities"] = ",".join(sorted(caps))
         rank = self.rank()
         details = dict(shared)
         details["org_fairshare"] = round(c.factor.get(oid, 0.0), 6)
@@ -393,7 +418,7 @@ class Explainer:
         if wait.reasons is not None:
             return wait.reasons[0].code
         assert wait.lazy is not None
-        _oid, t, _site, _gpn, blocked_by, borrowing, _strict = wait.lazy
+        _oid, t, _site, _gpn, blocked_by, borrowing, _needs = wait.lazy
         if blocked_by:
             return ReasonCode.PRIORITY
         if borrowing:
@@ -534,3 +559,13 @@ class Explainer:
                 reasons = w.reasons = (self._lazy_reason(w.lazy),)
             infos[job.job_id] = _info(job.job_id, prio, reasons, None)
         return infos
+
+
+def _feature_details(job: PendingJob) -> dict[str, float | int | str]:
+    """The node features a job needs, as a reason's details."""
+    details: dict[str, float | int | str] = {}
+    if job.needs_isolation:
+        details["isolation"] = "strict"
+    if job.capabilities:
+        details["capabilities"] = ",".join(sorted(job.capabilities))
+    return details

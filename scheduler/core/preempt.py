@@ -86,7 +86,7 @@ class Preemptor:
         self._aged = aged  # running jobs not leaving, preemptible and past the minimum runtime
         self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
         self._lost: dict[int, float] = {}  # id() of a candidate → GPU-seconds a kill loses
-        self.failed: dict[tuple[str, str | None, int, int, int, bool], int] = {}
+        self.failed: dict[tuple[str, str | None, int, int, int, int], int] = {}
         # Per (org, type), filled on demand: its candidates in running order, the same youngest
         # first, and [lowest class, GPUs, candidates not yet chosen].
         self._groups: dict[tuple[int, str], list[RunningJob]] = {}
@@ -239,10 +239,10 @@ class Preemptor:
         within what their orgs borrow come first, then the cheapest, then the lowest id.
         """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
-        strict = job.needs_isolation  # then only strict-isolation nodes are freed for it
+        need = self.index.job_class(job)  # only nodes with the features it needs are freed
         cls = self.classes.get(job.priority_class, 0)
         # Beyond quota only the org's own jobs are victims: the memo is then per org.
-        memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id, strict)
+        memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id, need)
         if self.failed.get(memo, k + 1) <= k:
             return None
         if in_quota:
@@ -258,7 +258,7 @@ class Preemptor:
             cands = self._own_order(job.org_id, gpu_type)
         index, books = self.index, self.books
         free, nodes = index.free, index.nodes
-        levels = index.levels_for(strict)
+        levels = index.levels_for(need)
         count = self._count
 
         def matches(nid: int) -> bool:
@@ -267,7 +267,7 @@ class Preemptor:
                 node is not None
                 and node.gpu_type == gpu_type
                 and (site is None or node.site == site)
-                and (not strict or node.strict_isolation)
+                and (not need or index.in_class(nid, need))
                 and free[nid] < gpn
             )
 

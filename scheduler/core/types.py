@@ -13,6 +13,13 @@ from enum import StrEnum
 
 DAY_S = 86_400.0
 
+JOB_CAPABILITIES: frozenset[str] = frozenset({"signal", "pty"})
+"""Agent capabilities a job may need (protocol.agent.AGENT_CAPABILITIES names them): "signal" for
+a job with `--signal`, "pty" for an interactive one. Others an agent reports play no part here."""
+STRICT_ISOLATION = "isolation=strict"
+"""The node feature of strict isolation, placed like a capability; "=" is outside the protocol's
+capability names, so no agent can claim it by reporting a capability."""
+
 
 class DependencyState(StrEnum):
     """Where a job's `afterok` dependencies stand."""
@@ -58,6 +65,13 @@ class Node:
     unhealthy_gpus: frozenset[int] = frozenset()
     schedulable: bool = True  # False when draining, drained, down or unhealthy
     strict_isolation: bool = False  # its agent confines each task (own uid, cgroup, mounts)
+    capabilities: frozenset[str] = JOB_CAPABILITIES  # what its agent said it can do
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What a job may need of this node: its agent's capabilities, and strict isolation."""
+        caps = self.capabilities & JOB_CAPABILITIES
+        return caps | {STRICT_ISOLATION} if self.strict_isolation else caps
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +144,7 @@ class PendingJob:
     held: bool = False
     dependency: DependencyState = DependencyState.NONE
     needs_isolation: bool = False  # its org (or one above) runs only on strict-isolation nodes
+    capabilities: frozenset[str] = frozenset()  # agent capabilities it needs (JOB_CAPABILITIES)
     not_before: float | None = None
     """It may not start before this time (a requeued job's backoff); None: at once."""
     array_throttled: bool = False
@@ -138,6 +153,12 @@ class PendingJob:
     @property
     def gpu_count(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Node features it may only run on (`Node.features`): capabilities and isolation."""
+        caps = self.capabilities
+        return caps | {STRICT_ISOLATION} if self.needs_isolation else caps
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """What an agent says it can do decides what its replies carry: a node whose agent does not
 take a job's warning signal (older than the field, so it may refuse a reply that has one and
-stall the whole node) gets the job without it."""
+stall the whole node) is not given the job: it waits for a node that takes it."""
 
 from __future__ import annotations
 
@@ -35,13 +35,17 @@ async def _capabilities(cluster: Cluster, node_id: int) -> list[str] | None:
         return await session.scalar(select(Node.capabilities).where(Node.id == node_id))
 
 
-async def test_an_agent_that_does_not_say_gets_no_signal_field(cluster: Cluster) -> None:
+async def test_an_agent_that_does_not_say_is_not_given_a_signal_job(cluster: Cluster) -> None:
     # As an older agent: no field.
     node = await cluster.register(await cluster.join_token(), capabilities=None)
     assert await _capabilities(cluster, node["node_id"]) is None
-    spec = await _signal_job_start(cluster, node["credential"])
-    assert "signal" not in spec  # an older agent would refuse the whole reply
-    assert spec["command"] == ["python", "train.py"]
+    org = await cluster.org(guaranteed=8)
+    token = await cluster.user_token(org)
+    job = await cluster.submit(token, gpus_per_node=1, signal="B:USR1@60")
+    await cluster.cycle()
+    # Placed only where the warning would arrive (tests/scheduling/test_capabilities.py).
+    assert (await cluster.heartbeat(node["credential"]))["start"] == []
+    assert (await cluster.job(token, job["id"]))["state"] == "PENDING"
 
 
 async def test_an_agent_that_can_signal_gets_the_signal(cluster: Cluster) -> None:

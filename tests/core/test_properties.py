@@ -383,6 +383,66 @@ def test_isolated_jobs_start_only_on_strict_isolation_nodes(
                 assert job_id in needs
 
 
+def _some(rnd: random.Random, names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(f for f in names if rnd.random() < 0.5)
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_jobs_start_only_on_nodes_with_every_feature_they_need(
+    snap: Snapshot, rnd: random.Random
+) -> None:
+    """Agent capabilities and strict isolation at random on nodes and jobs: no job is started on
+    (or has GPUs freed on) a node lacking a feature it needs, and every reason naming needed
+    capabilities belongs to a job that needs them."""
+    caps = ("signal", "pty")
+    nodes = tuple(
+        replace(n, capabilities=_some(rnd, caps), strict_isolation=rnd.random() < 0.3)
+        for n in snap.nodes
+    )
+    pending = tuple(
+        replace(j, capabilities=_some(rnd, caps), needs_isolation=rnd.random() < 0.2)
+        for j in snap.pending
+    )
+    snap = replace(snap, nodes=nodes, pending=pending)
+    decisions = schedule(snap)
+    check_invariants(snap, decisions)
+    features = {n.id: n.features for n in nodes}
+    needs = {j.job_id: j.needs for j in pending}
+    for start in decisions.starts:
+        assert all(needs[start.job_id] <= features[p.node_id] for p in start.placements), start
+    placed = {r.job_id: {p.node_id for p in r.placements} for r in snap.running}
+    for pre in decisions.preemptions:
+        need = needs[pre.preemptor_job_id]
+        assert any(need <= features[nid] for nid in placed[pre.job_id]), pre
+    for job_id, info in decisions.pending.items():
+        for reason in info.reasons:
+            named = reason.details.get("capabilities")
+            if named:
+                assert set(str(named).split(",")) <= needs[job_id]
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_capabilities_every_node_has_decide_as_none(snap: Snapshot, rnd: random.Random) -> None:
+    """Every agent able to do everything (the simulator's nodes, a current cluster): jobs that
+    need capabilities are decided exactly as jobs that need none."""
+    plain = schedule(snap)
+    needing = schedule(
+        replace(
+            snap,
+            pending=tuple(
+                replace(j, capabilities=_some(rnd, ("signal", "pty"))) for j in snap.pending
+            ),
+        )
+    )
+    assert needing.starts == plain.starts
+    assert needing.preemptions == plain.preemptions
+    assert {k: [r.code for r in v.reasons] for k, v in needing.pending.items()} == {
+        k: [r.code for r in v.reasons] for k, v in plain.pending.items()
+    }
+
+
 @SETTINGS
 @given(snapshots())
 def test_isolation_everywhere_decides_as_isolation_nowhere(snap: Snapshot) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from protocol.states import GpuHealth, JobState
 from scheduler.core.types import (
+    JOB_CAPABILITIES,
     DependencyState,
     Node,
     Org,
@@ -95,7 +96,13 @@ def _plain(result: Result[Any]) -> list[tuple[Any, ...]]:
 
 
 _NODES = select(
-    NodeRow.id, NodeRow.name, NodeRow.state, NodeRow.domain, Site.name, NodeRow.isolation
+    NodeRow.id,
+    NodeRow.name,
+    NodeRow.state,
+    NodeRow.domain,
+    Site.name,
+    NodeRow.isolation,
+    NodeRow.capabilities,
 ).join(Site, Site.id == NodeRow.site_id)
 # In id order: a cycle's nodes then equal the last cycle's while no node changed, which lets the
 # loop's Scheduler keep its layout (PostgreSQL returns updated rows in another order).
@@ -142,6 +149,8 @@ _PENDING = (
         epoch_s(Job.not_before),
         Job.array_job_id,
         Job.array_limit,
+        Job.signal.is_not(None),
+        Job.interactive,
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
@@ -255,7 +264,7 @@ def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
     for node_id, index, model, health in fetched.gpus:
         gpus[node_id].append((index, model, health))
     nodes: list[Node] = []
-    for node_id, name, state, domain, site, isolation in fetched.nodes:
+    for node_id, name, state, domain, site, isolation, capabilities in fetched.nodes:
         node_gpus = sorted(gpus.get(node_id, ()))
         if not node_gpus:
             continue
@@ -273,9 +282,28 @@ def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
                 ),
                 schedulable=state is NodeState.READY,
                 strict_isolation=isolation == "strict",
+                # An agent that never said (older than `capabilities`) can do none of them.
+                capabilities=_node_capabilities(capabilities),
             )
         )
     return tuple(nodes)
+
+
+def _node_capabilities(names: list[str] | None) -> frozenset[str]:
+    """The capabilities of a node's agent that jobs need, one shared set per combination."""
+    caps = frozenset(names or ()) & JOB_CAPABILITIES
+    return _CAPS.get(caps, caps)
+
+
+# Agent capabilities a pending job needs, by (has `--signal`, interactive): the warning signal
+# is delivered only by a "signal" agent, a terminal opened only by a "pty" one.
+_NEEDS = {
+    (False, False): frozenset[str](),
+    (True, False): frozenset({"signal"}),
+    (False, True): frozenset({"pty"}),
+    (True, True): frozenset({"signal", "pty"}),
+}
+_CAPS = {caps: caps for caps in _NEEDS.values()}
 
 
 def _running(fetched: _Fetched) -> tuple[tuple[RunningJob, ...], list[HeldInterval]]:
@@ -394,6 +422,8 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         not_before_s,
         array_job_id,
         array_limit,
+        signal,
+        interactive,
     ) in fetched.pending:
         dependency = deps.get(job_id, none)
         throttled = False
@@ -417,6 +447,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 held=held,
                 dependency=dependency,
                 needs_isolation=org_id in isolated,
+                capabilities=_NEEDS[(bool(signal), bool(interactive))],
                 not_before=not_before_s,
                 array_throttled=throttled,
             )
