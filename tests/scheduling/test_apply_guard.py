@@ -195,3 +195,49 @@ async def test_isolated_start_needs_a_node_still_strict_at_apply(
     else:
         assert (applied.started, applied.skipped) == ([job_id], [])
         assert await _open_allocations(engine) == 2
+
+
+@pytest.mark.parametrize("agent_restarts_older", [False, True])
+async def test_a_signal_start_needs_a_node_still_capable_at_apply(
+    engine: AsyncEngine, agent_restarts_older: bool
+) -> None:
+    """The snapshot carries the job's needs (`--signal`: signal) and the agent's capabilities; a
+    node whose agent restarted older (none said) between load and apply takes no such job."""
+    async with make_sessionmaker(engine)() as s:
+        org = await factories.org(s)
+        s.add(Quota(org_id=org.id, gpu_type="H100", guaranteed=2, limit=2))
+        user = await factories.user(s, org)
+        node, _ = await factories.node(s, gpus=2)
+        node.capabilities = ["signal", "pty", "port-forward"]
+        job = await factories.job(s, org, user, gpus_per_node=2)
+        job.signal = "USR1@30"
+        await s.commit()
+        job_id, node_id = job.id, node.id
+    settings = Settings(database_url="sqlite:///unused.db")
+    async with make_sessionmaker(engine)() as s:
+        loaded = await load_snapshot(
+            s,
+            now=datetime.now(UTC),
+            config=settings.policy.to_policy_config(),
+            previously_open=None,
+        )
+    assert [j.capabilities for j in loaded.snapshot.pending] == [frozenset({"signal"})]
+    assert [n.capabilities for n in loaded.snapshot.nodes] == [frozenset({"signal", "pty"})]
+    starts = schedule(loaded.snapshot).starts
+    assert [s.job_id for s in starts] == [job_id]
+    maker = make_sessionmaker(engine)
+    if agent_restarts_older:
+        async with maker() as s:
+            row = await s.get(Node, node_id)
+            assert row is not None
+            row.capabilities = None
+            await s.commit()
+    applied = Applied()
+    async with maker() as s, s.begin():
+        await apply_starts(s, starts, datetime.now(UTC), applied, {})
+    if agent_restarts_older:
+        assert (applied.started, applied.skipped) == ([], [job_id])
+        assert await _open_allocations(engine) == 0
+    else:
+        assert (applied.started, applied.skipped) == ([job_id], [])
+        assert await _open_allocations(engine) == 2

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import GpuHealth, JobState
-from scheduler.core.types import Decisions, PendingInfo, Preemption, Start
+from scheduler.core.types import JOB_CAPABILITIES, Decisions, PendingInfo, Preemption, Start
 from scheduler.db import Allocation, Event, Gpu, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
@@ -166,14 +166,18 @@ async def apply_starts(
     node_ids = {p.node_id for s in starts for p in s.placements}
     ready: set[int] = set()
     unconfined: set[int] = set()  # ready nodes without strict isolation
-    for node_id, isolation in await session.execute(
-        select(NodeRow.id, NodeRow.isolation).where(
+    lacking: dict[str, set[int]] = {cap: set() for cap in JOB_CAPABILITIES}  # ready nodes
+    for node_id, isolation, capabilities in await session.execute(
+        select(NodeRow.id, NodeRow.isolation, NodeRow.capabilities).where(
             NodeRow.id.in_(node_ids), NodeRow.state == NodeState.READY
         )
     ):
         ready.add(node_id)
         if isolation != "strict":
             unconfined.add(node_id)
+        for cap, nodes in lacking.items():
+            if cap not in (capabilities or ()):
+                nodes.add(node_id)
     isolated = await _isolated_orgs(session) if unconfined else frozenset()
     gpus = {
         (node_id, index): GpuRef(gpu_id, model, health)
@@ -198,8 +202,13 @@ async def apply_starts(
         job = jobs.get(start.job_id)
         chosen = None
         if job is not None and job.state is JobState.PENDING and not job.held:
-            # A node whose agent restarted unconfined since the load takes no isolated job.
+            # A node whose agent restarted unconfined, or older than a capability the job
+            # needs, since the load takes no such job.
             usable = ready - unconfined if job.org_id in isolated else ready
+            if job.signal is not None:
+                usable = usable - lacking["signal"]
+            if job.interactive:
+                usable = usable - lacking["pty"]
             chosen = _check(start, gpus, usable, taken)
         if job is None or chosen is None:
             applied.skipped.append(start.job_id)
