@@ -72,7 +72,7 @@ async def _authorised(
             rank=rank,
             user_id=principal.user_id,
             scope_org_id=scope_of(principal),
-            may_admin_org=principal.can_admin_org(principal.org_id),
+            may_admin_org=principal.can_admin_org,
         )
         if forwards[target.job_id] >= MAX_FORWARDS_PER_JOB:
             raise TooManyRequests(

@@ -87,7 +87,7 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
                 rank=rank,
                 user_id=principal.user_id,
                 scope_org_id=scope_of(principal),
-                may_admin_org=principal.can_admin_org(principal.org_id),
+                may_admin_org=principal.can_admin_org,
             )
             interactive.record_attach(session, target, actor=principal.actor)
             await session.commit()

@@ -7,6 +7,8 @@ org-admin of its org or a platform admin; a member who is not the owner gets 403
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
@@ -26,11 +28,11 @@ async def forward_target(
     rank: int,
     user_id: int,
     scope_org_id: int | None,
-    may_admin_org: bool,
+    may_admin_org: Callable[[int], bool],
 ) -> AttachTarget:
     """The running task of rank `rank` of the job, if the caller may forward to it."""
     job = await get_job(session, job_id, scope_org_id=scope_org_id)
-    check_may_act(job, user_id=user_id, may_admin_org=may_admin_org)
+    check_may_act(job, user_id=user_id, may_admin_org=may_admin_org(job.org_id))
     if job.state is not JobState.RUNNING:
         raise Conflict(f"job {job.id} is {job.state.value}: only a running job's ports forward")
     return await task_target(

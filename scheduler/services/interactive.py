@@ -7,6 +7,7 @@ anybody else does not see the job (404, as every job route). Every attach is an 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -37,12 +38,12 @@ async def attach_target(
     rank: int,
     user_id: int,
     scope_org_id: int | None,
-    may_admin_org: bool,
+    may_admin_org: Callable[[int], bool],
 ) -> AttachTarget:
     """The running task of rank `rank` of the job, if the caller may attach to it: only rank 0
     of an interactive job has a terminal."""
     job = await get_job(session, job_id, scope_org_id=scope_org_id)
-    check_may_act(job, user_id=user_id, may_admin_org=may_admin_org)
+    check_may_act(job, user_id=user_id, may_admin_org=may_admin_org(job.org_id))
     if job.state is not JobState.RUNNING:
         raise Conflict(f"job {job.id} is {job.state.value}: only a running job can be attached to")
     if not job.interactive:
