@@ -16,9 +16,9 @@ from collections import Counter
 from fastapi import APIRouter, WebSocket
 
 from api.routers.jobs import scope_of
-from api.routers.streams import _deny, _principal, relay_to_agent
+from api.routers.streams import deny, relay_to_agent, user_principal
 from scheduler.services import forwarding
-from scheduler.services.errors import DomainError, Forbidden, InvalidInput, TooManyRequests
+from scheduler.services.errors import DomainError, InvalidInput, TooManyRequests
 from scheduler.services.interactive import AttachTarget
 
 router = APIRouter(tags=["interactive"])
@@ -45,7 +45,7 @@ async def forward(websocket: WebSocket, job_id: int, port: int, rank: int = 0) -
     try:
         target = await _authorised(websocket, job_id, port, rank, forwards)
     except DomainError as error:
-        await _deny(websocket, error)
+        await deny(websocket, error)
         return
     try:
         await relay_to_agent(websocket, target, "port", port)
@@ -62,15 +62,13 @@ async def _authorised(
     `forwards` is taken (the caller gives it back) and the event recorded."""
     if not 0 < port < 65536:
         raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
-    principal = await _principal(websocket)
-    if principal.kind != "user" or principal.user_id is None:
-        raise Forbidden("forwarding needs a user token")
+    principal, user_id = await user_principal(websocket, "forwarding")
     async with websocket.app.state.sessionmaker() as session:
         target = await forwarding.forward_target(
             session,
             job_id,
             rank=rank,
-            user_id=principal.user_id,
+            user_id=user_id,
             scope_org_id=scope_of(principal),
             may_admin_org=principal.can_admin_org,
         )

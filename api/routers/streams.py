@@ -60,7 +60,16 @@ async def _principal(websocket: WebSocket) -> Principal:
     return principal
 
 
-async def _deny(websocket: WebSocket, error: DomainError) -> None:
+async def user_principal(websocket: WebSocket, doing: str) -> tuple[Principal, int]:
+    """The user behind a stream's token, and their id: a node credential or a join token opens
+    no user stream (`doing`: what was asked, for the 403)."""
+    principal = await _principal(websocket)
+    if principal.kind != "user" or principal.user_id is None:
+        raise Forbidden(f"{doing} needs a user token")
+    return principal, principal.user_id
+
+
+async def deny(websocket: WebSocket, error: DomainError) -> None:
     """A problem answer instead of the WebSocket handshake (RFC 9457, as every route)."""
     await websocket.send_denial_response(
         JSONResponse(
@@ -77,22 +86,20 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
     org-admin of its org or a platform admin: a member who is not the owner gets 403, another
     org's user 404. Every attach is an event on the job. Frames: protocol/streams.py."""
     try:
-        principal = await _principal(websocket)
-        if principal.kind != "user" or principal.user_id is None:
-            raise Forbidden("attaching needs a user token")
+        principal, user_id = await user_principal(websocket, "attaching")
         async with websocket.app.state.sessionmaker() as session:
             target = await interactive.attach_target(
                 session,
                 job_id,
                 rank=rank,
-                user_id=principal.user_id,
+                user_id=user_id,
                 scope_org_id=scope_of(principal),
                 may_admin_org=principal.can_admin_org,
             )
             interactive.record_attach(session, target, actor=principal.actor)
             await session.commit()
     except DomainError as error:
-        await _deny(websocket, error)
+        await deny(websocket, error)
         return
     await relay_to_agent(websocket, target, "attach")
 
@@ -141,7 +148,7 @@ async def agent_stream(websocket: WebSocket, stream_id: str) -> None:
         if stream is None:
             raise NotFound("no such stream for this node")
     except DomainError as error:
-        await _deny(websocket, error)
+        await deny(websocket, error)
         return
     await websocket.accept()
     if stream.agent.done():  # the user side gave up meanwhile

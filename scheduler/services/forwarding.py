@@ -12,10 +12,8 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event
-from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict
-from scheduler.services.interactive import AttachTarget, task_target
+from scheduler.services.interactive import AttachTarget, record_stream_event, task_target
 from scheduler.services.jobs import check_may_act, get_job
 
 FORWARD_EVENT = "job.forward"
@@ -45,16 +43,12 @@ async def forward_target(
 
 
 def record_forward(session: AsyncSession, target: AttachTarget, *, actor: str, port: int) -> None:
-    """The event `describe` shows: who forwarded a connection, when, to which port and rank."""
-    session.add(
-        Event(
-            at=utcnow(),
-            kind=FORWARD_EVENT,
-            job_id=target.job_id,
-            node_id=target.node_id,
-            org_id=target.org_id,
-            actor=actor,
-            reason=f"forwarded a connection to port {port} of rank {target.rank}",
-            details={"rank": target.rank, "port": port},
-        )
+    """Who forwarded a connection, when, to which port and rank."""
+    record_stream_event(
+        session,
+        target,
+        kind=FORWARD_EVENT,
+        actor=actor,
+        reason=f"forwarded a connection to port {port} of rank {target.rank}",
+        details={"rank": target.rank, "port": port},
     )

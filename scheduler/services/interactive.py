@@ -81,17 +81,37 @@ async def task_target(
     )
 
 
-def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str) -> None:
-    """The event `describe` shows: who attached, when, to which rank."""
+def record_stream_event(
+    session: AsyncSession,
+    target: AttachTarget,
+    *,
+    kind: str,
+    actor: str,
+    reason: str,
+    details: dict[str, int],
+) -> None:
+    """The event `describe` shows for a stream opened into a job: who, when, what."""
     session.add(
         Event(
             at=utcnow(),
-            kind=ATTACH_EVENT,
+            kind=kind,
             job_id=target.job_id,
             node_id=target.node_id,
             org_id=target.org_id,
             actor=actor,
-            reason=f"attached to the terminal of rank {target.rank}",
-            details={"rank": target.rank},
+            reason=reason,
+            details=details,
         )
+    )
+
+
+def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str) -> None:
+    """Who attached, when, to which rank."""
+    record_stream_event(
+        session,
+        target,
+        kind=ATTACH_EVENT,
+        actor=actor,
+        reason=f"attached to the terminal of rank {target.rank}",
+        details={"rank": target.rank},
     )
