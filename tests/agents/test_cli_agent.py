@@ -1,4 +1,4 @@
-"""`fairgpu agent` as a real process against a real HTTP server on loopback."""
+"""`fairgpu agent` as a real process against the real server (uvicorn on loopback)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import pytest
 
-from tests.agents.fake_server import JOIN_TOKEN, FakeServer, ServedFakeServer
-from tests.agents.helpers import spec, wait_for
+from api.app import create_app
+from tests.agents.helpers import wait_for
+from tests.cli.conftest import seed_admin, serve_app
+from tests.scheduling.harness import fast_settings
 
 FAIRGPU = [sys.executable, "-c", "from cli.main import main; main()"]
 PY = sys.executable
@@ -34,10 +36,30 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+class Api:
+    """The served app's URL and the calls this test makes as its platform admin."""
+
+    def __init__(self, url: str, admin: str) -> None:
+        self.url = url
+        self.admin = admin
+
+    def call(self, method: str, path: str, token: str | None = None, body: Any = None) -> Any:
+        response = httpx.request(
+            method,
+            self.url + path,
+            json=body,
+            headers={"Authorization": f"Bearer {token or self.admin}"},
+            timeout=30,
+        )
+        assert response.status_code < 400, (method, path, response.status_code, response.text)
+        return response.json() if response.content else None
+
+
 @pytest.fixture
-def served() -> Iterator[ServedFakeServer]:
-    with ServedFakeServer(FakeServer(heartbeat_interval_s=2.0)) as s:
-        yield s
+def served(database_url: str) -> Iterator[Api]:
+    admin = seed_admin(database_url)
+    with serve_app(create_app(fast_settings(database_url, heartbeat_interval_s=2.0))) as url:
+        yield Api(url, admin)
 
 
 def test_not_registered_without_join_token_is_one_line(tmp_path: Path) -> None:
@@ -73,12 +95,14 @@ def test_bad_simulate_spec_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0
 
 
-def start_agent(url: str, state_dir: Path, metrics_port: int) -> subprocess.Popen[bytes]:
+def start_agent(url: str, join: str, state_dir: Path, metrics_port: int) -> subprocess.Popen[bytes]:
     with (state_dir.parent / "agent.err").open("ab") as err:
-        return _popen(url, state_dir, metrics_port, err)
+        return _popen(url, join, state_dir, metrics_port, err)
 
 
-def _popen(url: str, state_dir: Path, metrics_port: int, err: IO[bytes]) -> subprocess.Popen[bytes]:
+def _popen(
+    url: str, join: str, state_dir: Path, metrics_port: int, err: IO[bytes]
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             *FAIRGPU,
@@ -86,7 +110,7 @@ def _popen(url: str, state_dir: Path, metrics_port: int, err: IO[bytes]) -> subp
             "--server",
             url,
             "--join-token",
-            JOIN_TOKEN,
+            join,
             "--simulate",
             "4xA100-80GB",
             "--state-dir",
@@ -112,60 +136,72 @@ def _popen(url: str, state_dir: Path, metrics_port: int, err: IO[bytes]) -> subp
 
 
 def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
-    served: ServedFakeServer, tmp_path: Path
+    served: Api, tmp_path: Path
 ) -> None:
-    server = served.server
     state_dir, go, out = tmp_path / "state", tmp_path / "go", tmp_path / "env.json"
+    served.call("POST", "/v1/orgs", body={"name": "acme"})
+    served.call("PUT", "/v1/orgs/acme/quota/A100-80GB", body={"guaranteed": 4, "limit": None})
+    user = served.call("POST", "/v1/users", body={"name": "ada", "org": "acme"})
+    token = served.call("POST", "/v1/tokens", body={"name": "t", "user_id": user["id"]})["token"]
+    join = served.call("POST", "/v1/join-tokens", body={"name": "join", "uses": 5})["token"]
     port = free_port()
-    agent = start_agent(served.url, state_dir, port)
+    agent = start_agent(served.url, join, state_dir, port)
     try:
-        wait_for(lambda: len(server.heartbeats) >= 1, timeout_s=30)
-        [registration] = server.registrations
-        assert (registration.name, registration.site, len(registration.gpus)) == (
-            "gpu-node-1",
-            "lab",
-            4,
-        )
+
+        def nodes() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = served.call("GET", "/v1/nodes")["data"]
+            return found
+
+        wait_for(lambda: [n["state"] for n in nodes()] == ["ready"], timeout_s=30)
+        [node] = nodes()
+        assert (node["name"], node["site"], len(node["gpus"])) == ("gpu-node-1", "lab", 4)
+        assert {g["model"] for g in node["gpus"]} == {"A100-80GB"}
         code = (
             "import json, os, pathlib, time\n"
             f"json.dump(dict(os.environ), open({str(out)!r}, 'w'))\n"
             f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n"
-            "print('rank', os.environ['NODE_RANK'])"
+            "print('rank', os.environ['FAIRGPU_NODE_RANK'])"
         )
-        server.submit(
-            spec(5, [PY, "-c", code], job_id=77, gpus=[1, 2], node_rank=1, num_nodes=2,
-                 master_addr="10.1.1.1", master_port=29400)
+        job = served.call(
+            "POST", "/v1/jobs", token,
+            {"command": [PY, "-c", code], "gpus_per_node": 2, "time_limit": 600},
         )  # fmt: skip
-        wait_for(lambda: 5 in server.reports and server.reports[5].state == "running", 30)
+        job_id = job["id"]
+
+        def state() -> str:
+            return str(served.call("GET", f"/v1/jobs/{job_id}", token)["state"])
+
+        wait_for(lambda: state() == "RUNNING", 30)
         # json.dump writes in pieces: wait for the whole object, not just the file.
         wait_for(lambda: out.exists() and out.read_text().endswith("}"))
         env = json.loads(out.read_text())
-        assert (env["CUDA_VISIBLE_DEVICES"], env["WORLD_SIZE"], env["NODE_RANK"]) == (
-            "1,2",
-            "2",
-            "1",
+        held = sorted(g["index"] for g in nodes()[0]["gpus"] if g["allocated_job_id"] == job_id)
+        assert len(held) == 2
+        assert (env["CUDA_VISIBLE_DEVICES"], env["FAIRGPU_JOB_ID"]) == (
+            ",".join(map(str, held)),
+            str(job_id),
         )
 
-        wait_for(lambda: 'job_id="77"' in _metrics(port), timeout_s=10)
+        wait_for(lambda: f'job_id="{job_id}"' in _metrics(port), timeout_s=10)
         text = _metrics(port)
-        assert (
-            'fairgpu_gpu_allocation_info{gpu="1",job_id="77",node="gpu-node-1",org="acme"} 1.0'
-            in text
-        )
-        assert 'fairgpu_gpu_utilization_ratio{gpu="1"' in text
-        assert (state_dir / "dcgm" / "2").read_text() == "77\n"
+        for gpu in held:
+            assert (
+                f'fairgpu_gpu_allocation_info{{gpu="{gpu}",job_id="{job_id}",node="gpu-node-1",'
+                'org="acme"} 1.0' in text
+            )
+            assert (state_dir / "dcgm" / str(gpu)).read_text() == f"{job_id}\n"
+        assert f'fairgpu_gpu_utilization_ratio{{gpu="{held[0]}"' in text
 
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=10)
-        server.resend_starts_forever = True  # a restarted agent must still not start it again
-        agent = start_agent(served.url, state_dir, free_port())
-        heartbeats = len(server.heartbeats)
-        wait_for(lambda: len(server.heartbeats) > heartbeats, timeout_s=30)
+        before = nodes()[0]["last_heartbeat_at"]
+        agent = start_agent(served.url, join, state_dir, free_port())
+        wait_for(lambda: nodes()[0]["last_heartbeat_at"] != before, timeout_s=30)
         go.touch()
-        wait_for(lambda: 5 in server.log_complete, timeout_s=30)
-        assert (server.reports[5].state, server.reports[5].exit_code) == ("exited", 0)
-        assert server.logs[5] == "rank 1\n"
-        assert len(server.registrations) == 1  # the credential survived in the state dir
+        wait_for(lambda: state() == "COMPLETED", timeout_s=30)
+        logs = served.call("GET", f"/v1/jobs/{job_id}/logs", token)
+        assert (logs["data"], logs["eof"]) == ("rank 0\n", True)
+        assert [n["id"] for n in nodes()] == [node["id"]]  # the credential survived
     finally:
         agent.send_signal(signal.SIGTERM)
         returncode = agent.wait(timeout=10)

@@ -1,56 +1,76 @@
-"""The daemon against a small real ASGI app speaking the agent protocol."""
+"""The daemon against the real app and database (tests/harness/wire.py records the wire)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agents.client import AgentClient
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
-from protocol.agent import TaskStop
-from tests.agents.fake_server import JOIN_TOKEN, FakeServer
-from tests.agents.helpers import spec
+from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
+from scheduler.settings import Settings
+from tests.harness.wire import Wire
+from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
 PY = sys.executable
 
 
 async def until(
-    predicate: Callable[[], bool], timeout_s: float = 10.0, debug: Callable[[], object] = str
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float = 10.0,
+    debug: Callable[[], object] = str,
 ) -> None:
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+    while True:
+        met = predicate()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in time: {debug()}")
         await asyncio.sleep(0.01)
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, server: FakeServer) -> None:
+    """A running cluster, an org with a user, and agents joined to it over a `Wire`."""
+
+    def __init__(self, tmp_path: Path, cluster: Cluster, wire: Wire) -> None:
         self.tmp_path = tmp_path
-        self.server = server
+        self.cluster = cluster
+        self.wire = wire
+        self.token = ""
+        self.join = ""
         self.agents: list[tuple[Agent, asyncio.Event, asyncio.Task[None]]] = []
 
-    def start(self, *, join_token: str | None = JOIN_TOKEN) -> Agent:
+    async def setup(self) -> None:
+        self.token = await self.cluster.user_token(await self.cluster.org(guaranteed=2))
+        self.join = await self.cluster.join_token()
+
+    def start(self, *, join_token: str | None = "") -> Agent:
+        """An agent with two simulated H100s; `join_token` defaults to a valid one."""
         config = AgentConfig(
-            server="http://fairgpu.test",
+            server="http://fairgpu",
             state_dir=self.tmp_path / "state",
             name="node-a",
-            join_token=join_token,
+            join_token=self.join if join_token == "" else join_token,
             address="127.0.0.1",
             poll_interval_s=0.02,
             max_backoff_s=0.2,
         )
         backend = SimulatedBackend(parse_simulate_spec("2xH100"), seed="node-a")
-        client = AgentClient(config.server, transport=self.server.transport())
+        client = AgentClient(config.server, transport=self.wire)
         agent = Agent(config, backend, client)
         stop = asyncio.Event()
         self.agents.append((agent, stop, asyncio.create_task(agent.run(stop))))
@@ -63,110 +83,162 @@ class Harness:
                 await task
                 await a.client.aclose()
 
+    async def submit(self, command: list[str], **spec: Any) -> int:
+        job = await self.cluster.submit(self.token, command=command, gpus_per_node=1, **spec)
+        return int(job["id"])
+
+    async def task_of(self, job_id: int) -> int:
+        """The job's task id, once a reply has carried its start."""
+        await until(lambda: self.wire.task_of(job_id) is not None, debug=self.wire.starts)
+        task_id = self.wire.task_of(job_id)
+        assert task_id is not None
+        return task_id
+
+    async def state(self, job_id: int) -> str:
+        return str((await self.cluster.job(self.token, job_id))["state"])
+
+    async def reaches(self, job_id: int, state: str, timeout_s: float = 10.0) -> None:
+        async def there() -> bool:
+            return await self.state(job_id) == state
+
+        await until(there, timeout_s, debug=lambda: (self.wire.reports, self.wire.starts()))
+
+    def reported(self, task_id: int, state: str) -> bool:
+        report = self.wire.reports.get(task_id)
+        return report is not None and report.state == state
+
+    async def close(self) -> None:
+        for agent, stop, task in self.agents:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await task
+            await agent.client.aclose()
+            for child in agent.runner._children.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+
+
+@contextlib.asynccontextmanager
+async def harnessed(tmp_path: Path, settings: Settings) -> AsyncIterator[Harness]:
+    async with running_cluster(settings) as cluster:
+        harness = Harness(tmp_path, cluster, Wire(cluster.app))
+        await harness.setup()
+        try:
+            yield harness
+        finally:
+            await harness.close()
+
 
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = Harness(tmp_path, FakeServer(heartbeat_interval_s=1.0))
-    yield h
-    for agent, stop, task in h.agents:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await task
-        await agent.client.aclose()
-        for child in agent.runner._children.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+async def harness(database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with harnessed(tmp_path, fast_settings(database_url)) as h:
+        yield h
 
 
 async def test_register_run_and_report_a_task(harness: Harness) -> None:
-    server = harness.server
+    wire = harness.wire
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
-    registration = server.registrations[0]
+    [registration] = wire.registrations
     assert [g.model for g in registration.gpus] == ["H100", "H100"]
     assert registration.address == "127.0.0.1"
     credential_file = harness.tmp_path / "state" / "credential.json"
     assert credential_file.stat().st_mode & 0o777 == 0o600
 
-    server.submit(spec(1, ["sh", "-c", "echo hello; echo world >&2"], gpus=[1]))
+    job_id = await harness.submit(["sh", "-c", "echo hello; echo world >&2"])
+    task_id = await harness.task_of(job_id)
     await until(
-        lambda: 1 in server.log_complete,
-        debug=lambda: (
-            server.reports,
-            server.logs,
-            agent.runner.records,
-            agent.logs.in_flight,
-            [(len(h.tasks), len(h.logs), h.wait_s) for h in server.heartbeats],
-        ),
+        lambda: task_id in wire.log_complete,
+        debug=lambda: (wire.reports, agent.runner.records, agent.logs.in_flight),
     )
-    report = server.reports[1]
+    report = wire.reports[task_id]
     assert (report.state, report.exit_code) == ("exited", 0)
-    assert sorted(server.logs[1].split()) == ["hello", "world"]
-    assert server.heartbeats[-1].samples[0].index == 0
+    await harness.reaches(job_id, "COMPLETED")
+    logs = await harness.cluster.call("GET", f"/v1/jobs/{job_id}/logs", harness.token)
+    assert (sorted(logs["data"].split()), logs["eof"]) == (["hello", "world"], True)
+    assert wire.heartbeats[-1].samples[0].index == 0
     # acknowledged final reports are not sent again
-    await until(lambda: len(server.heartbeats) >= 2 and not server.heartbeats[-1].tasks)
+    sent = len(wire.heartbeats)
+    await until(lambda: len(wire.heartbeats) > sent and not wire.heartbeats[-1].tasks)
 
 
-async def test_a_start_arrives_through_the_long_poll_at_once(harness: Harness) -> None:
-    server = FakeServer(heartbeat_interval_s=30.0)  # a timer tick would be far too late
-    harness.server = server
-    agent = harness.start()
-    await asyncio.wait_for(agent.connected.wait(), 5)
-    await asyncio.sleep(0.2)  # the agent is now held in a long-poll
-    submitted = time.monotonic()
-    server.submit(spec(1, [PY, "-c", "import time; time.sleep(30)"]))
-    await until(lambda: 1 in agent.runner.records and agent.runner.records[1].pid is not None)
-    assert time.monotonic() - submitted < 0.5
-    await until(lambda: 1 in server.reports and server.reports[1].state == "running")
-    server.cancel(1, grace_s=0.2)
-    await until(lambda: server.reports[1].state == "stopped")
-    assert server.reports[1].signal == signal.SIGTERM
+async def test_a_start_arrives_through_the_long_poll_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A timer tick (every 30 s) would be far too late: the start must come with the held poll.
+    settings = fast_settings(database_url, heartbeat_interval_s=30.0, heartbeat_long_poll_s=30.0)
+    async with harnessed(tmp_path, settings) as harness:
+        agent = harness.start()
+        await asyncio.wait_for(agent.connected.wait(), 5)
+        await asyncio.sleep(0.2)  # the agent is now held in a long-poll
+        submitted = time.monotonic()
+        job_id = await harness.submit([PY, "-c", "import time; time.sleep(30)"])
+        task_id = await harness.task_of(job_id)
+        await until(
+            lambda: (
+                task_id in agent.runner.records and agent.runner.records[task_id].pid is not None
+            )
+        )
+        assert time.monotonic() - submitted < 3.0  # a tenth of the heartbeat interval
+        await until(lambda: harness.reported(task_id, "running"))
+        await harness.cluster.call("POST", f"/v1/jobs/{job_id}/cancel", harness.token)
+        await until(lambda: harness.reported(task_id, "stopped"))
+        assert harness.wire.reports[task_id].signal == signal.SIGTERM
+        await harness.reaches(job_id, "CANCELLED")
 
 
 async def test_tasks_outlive_a_server_outage_and_are_reported_after(
     harness: Harness, tmp_path: Path
 ) -> None:
-    server = harness.server
+    wire = harness.wire
     go = tmp_path / "go"
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
     code = f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)"
-    server.submit(spec(1, [PY, "-c", code, "--", "finished"]))
-    await until(lambda: 1 in server.reports and server.reports[1].state == "running")
-    server.down = True
-    server.wake()  # let the held request go; the next ones fail to connect
+    job_id = await harness.submit([PY, "-c", code, "--", "finished"])
+    task_id = await harness.task_of(job_id)
+    await harness.reaches(job_id, "RUNNING")
+    wire.down = True  # the held request ends within a heartbeat; the next ones fail to connect
     await until(lambda: not agent.connected.is_set())
     go.touch()
-    await until(lambda: agent.runner.records[1].state == "exited")
+    await until(lambda: agent.runner.records[task_id].state == "exited")
     await asyncio.sleep(0.3)
-    assert server.reports[1].state == "running"  # the server has not heard yet
-    server.down = False
-    await until(lambda: server.reports[1].state == "exited")
-    assert server.reports[1].exit_code == 0
+    assert await harness.state(job_id) == "RUNNING"  # the server has not heard yet
+    wire.down = False
+    await harness.reaches(job_id, "COMPLETED")
+    assert wire.reports[task_id].exit_code == 0
 
 
 async def test_restarted_agent_finds_its_task_and_never_starts_it_twice(
     harness: Harness, tmp_path: Path
 ) -> None:
-    server = harness.server
-    server.resend_starts_forever = True  # the harshest server: it keeps asking
+    wire = harness.wire
+    seen: dict[int, TaskSpec] = {}
+
+    def replay(reply: HeartbeatReply) -> HeartbeatReply:
+        seen.update({spec.task_id: spec for spec in reply.start})
+        return reply.model_copy(update={"start": list(seen.values())})
+
+    wire.alter = replay  # the harshest server: it keeps asking
     go, starts = tmp_path / "go", tmp_path / "starts"
     code = (
         f"import pathlib, time\nopen({str(starts)!r}, 'a').write('x')\n"
         f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)"
     )
     first = harness.start()
-    server.submit(spec(1, [PY, "-c", code]))
-    await until(lambda: 1 in server.reports and server.reports[1].state == "running")
+    job_id = await harness.submit([PY, "-c", code])
+    task_id = await harness.task_of(job_id)
+    await until(lambda: harness.reported(task_id, "running"))
     await harness.stop(first)
     second = harness.start()
     await asyncio.wait_for(second.connected.wait(), 5)
-    assert second.runner.records[1].state == "running"
-    assert len(server.registrations) == 1  # the stored credential was used
+    assert second.runner.records[task_id].state == "running"
+    assert len(wire.registrations) == 1  # the stored credential was used
     go.touch()
-    first.runner._children[1].wait()  # reap as init would for a real restarted agent
-    await until(lambda: server.reports[1].state == "exited")
+    first.runner._children[task_id].wait()  # reap as init would for a real restarted agent
+    await harness.reaches(job_id, "COMPLETED")
+    assert wire.reports[task_id].state == "exited"
     assert starts.read_text() == "x"
 
 
@@ -178,69 +250,82 @@ async def test_without_credential_or_join_token_the_agent_says_what_to_do(
         await harness.agents[0][2]
     await agent.client.aclose()
     harness.agents.clear()
+    assert not harness.wire.registrations
 
 
 async def test_a_bad_join_token_is_an_error(harness: Harness) -> None:
-    harness.start(join_token="wrong")
+    agent = harness.start(join_token="wrong")
     with pytest.raises(AgentError, match="join token"):
         await harness.agents[0][2]
+    await agent.client.aclose()
     harness.agents.clear()
+    assert not harness.wire.registrations
 
 
 async def test_time_limit_is_reported_as_timeout(harness: Harness) -> None:
-    server = harness.server
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
-    server.submit(spec(1, [PY, "-c", "import time; time.sleep(30)"], time_limit_s=0.3))
-    await until(lambda: 1 in server.reports and server.reports[1].state == "timeout")
-    assert server.reports[1].signal == signal.SIGTERM
-    assert "time limit" in server.reports[1].reason
+    job_id = await harness.submit([PY, "-c", "import time; time.sleep(30)"], time_limit=1)
+    task_id = await harness.task_of(job_id)
+    await until(lambda: harness.reported(task_id, "timeout"))
+    report = harness.wire.reports[task_id]
+    assert report.signal == signal.SIGTERM
+    assert "time limit" in report.reason
+    await harness.reaches(job_id, "TIMEOUT")
 
 
 async def test_a_task_started_and_stopped_in_one_reply_never_runs_and_nothing_spins(
     harness: Harness,
 ) -> None:
-    server = harness.server
+    wire = harness.wire
+
+    def stop_every_start(reply: HeartbeatReply) -> HeartbeatReply:
+        stops = [*reply.stop, *(TaskStop(task_id=spec.task_id) for spec in reply.start)]
+        return reply.model_copy(update={"stop": stops})
+
+    wire.alter = stop_every_start  # and the server keeps sending the start, never reported
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
-    server.to_stop[1] = TaskStop(task_id=1)  # a server that keeps repeating an unknown stop
-    server.submit(spec(1, ["true"]))
-    before = len(server.heartbeats)
+    job_id = await harness.submit(["true"])
+    task_id = await harness.task_of(job_id)
+    before = len(wire.heartbeats)
     await asyncio.sleep(0.5)
-    assert 1 not in agent.runner.records
-    assert 1 not in server.reports
-    assert len(server.heartbeats) - before <= 2  # one reply per heartbeat interval, not a flood
+    assert task_id not in agent.runner.records
+    assert task_id not in wire.reports
+    assert len(wire.heartbeats) - before <= 2  # one reply per heartbeat interval, not a flood
+    assert await harness.state(job_id) == "STARTING"
 
 
 async def test_registration_waits_for_the_server_to_come_up(harness: Harness) -> None:
-    harness.server.down = True
+    harness.wire.down = True
     agent = harness.start()
     await asyncio.sleep(0.4)
-    assert not harness.server.registrations
-    harness.server.down = False
+    assert not harness.wire.registrations
+    harness.wire.down = False
     await asyncio.wait_for(agent.connected.wait(), 5)
-    assert len(harness.server.registrations) == 1
+    assert len(harness.wire.registrations) == 1
 
 
 async def test_a_revoked_credential_stops_the_agent_without_registering_again(
     harness: Harness,
 ) -> None:
     """A join token only ever creates new nodes: it never takes a node back after a revocation."""
-    server = harness.server
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
-    server.credentials.clear()  # revoked on the server
-    server.wake()
+    assert agent.credential is not None
+    cluster = harness.cluster
+    await cluster.call("POST", f"/v1/nodes/{agent.credential.node_id}/revoke", cluster.admin)
     [(_agent, _stop, task)] = harness.agents
     with pytest.raises(AgentError, match="refused this node's credential"):
         await asyncio.wait_for(task, 5)
-    assert len(server.registrations) == 1
+    assert len(harness.wire.registrations) == 1
+    assert not (harness.tmp_path / "state" / "credential.json").exists()
 
 
 async def test_the_join_token_leaves_the_environment_once_registered(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FAIRGPU_JOIN_TOKEN", JOIN_TOKEN)
+    monkeypatch.setenv("FAIRGPU_JOIN_TOKEN", harness.join)
     agent = harness.start()
     await asyncio.wait_for(agent.connected.wait(), 5)
     assert "FAIRGPU_JOIN_TOKEN" not in os.environ
