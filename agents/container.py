@@ -46,6 +46,7 @@ def container_launch(
     user: int | None = None,
     mounts: Sequence[Path] = (),
     limits: Limits | None = None,
+    netns: Path | None = None,
 ) -> ContainerLaunch:
     exe = binary or runtime
     binds = [str(m) for m in mounts]
@@ -62,7 +63,10 @@ def container_launch(
         return ContainerLaunch([*argv, image, *command], None, None)
     name = f"fairgpu-task-{task_id}"
     devices = list(gpu_uuids) if gpu_uuids else [str(g) for g in gpus]
-    argv = [exe, "run", "--rm", "--name", name, "--network=host", "--ipc=private", "--init"]
+    # The task's own network namespace (podman joins one by path; the runner refuses docker
+    # such a task), else the node's.
+    network = f"--network=ns:{netns}" if netns is not None else "--network=host"
+    argv = [exe, "run", "--rm", "--name", name, network, "--ipc=private", "--init"]
     # The output reaches the task's log through the attached client; a copy in the runtime's own
     # log files (json-file keeps everything, unbounded, by default) would fill the node's disk.
     argv.append("--log-driver=none")

@@ -26,6 +26,7 @@ from agents.gpu import GpuBackend
 from agents.isolation import Confinement, IsolationConfig
 from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
+from agents.netns import open_namespaces
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir
 from agents.streams import Streams
@@ -33,6 +34,7 @@ from protocol.agent import (
     AGENT_CAPABILITIES,
     MAX_TASKS_PER_HEARTBEAT,
     MAX_WAIT_S,
+    NETNS_CAPABILITY,
     AgentRegister,
     Heartbeat,
     HeartbeatReply,
@@ -134,7 +136,7 @@ class Agent:
             agent_version=agent_version(),
             gpus=self.backend.devices(),
             isolation=self.runner.confinement.mode,
-            capabilities=list(AGENT_CAPABILITIES),
+            capabilities=self.capabilities(),
         )
         try:
             reply = await self.client.register(self._join_token, body)
@@ -152,6 +154,11 @@ class Agent:
         self._forget_join_token()
         log.info("registered as node %s (id %d)", reply.node_name, reply.node_id)
         return self.credential
+
+    def capabilities(self) -> list[str]:
+        """What this agent can do: "netns" only where it can build the namespaces."""
+        extra = [NETNS_CAPABILITY] if self.runner.confinement.namespaces is not None else []
+        return [*AGENT_CAPABILITIES, *extra]
 
     def _renew(self, credential: str) -> None:
         """The server renewed the node's credential: keep it (atomically) and use it next."""
@@ -278,7 +285,7 @@ class Agent:
             logs=chunks,
             wait_s=wait_s,
             isolation=None if self._isolation_reported else self.runner.confinement.mode,
-            capabilities=None if self._isolation_reported else list(AGENT_CAPABILITIES),
+            capabilities=None if self._isolation_reported else self.capabilities(),
         )
         sent_at = asyncio.get_running_loop().time()
         reply = await self._send_unless_changed(body, stop)
@@ -346,6 +353,11 @@ def confinement(config: AgentConfig, backend: GpuBackend, state: StateDir) -> Co
     """The agent's isolation settings completed from its GPUs and its state directory."""
     isolation = config.isolation
     root = state.root
+    namespaces, why_not = None, "turned off (--no-netns)"
+    if isolation.network_namespaces:
+        namespaces, why_not = open_namespaces(root)
+        if namespaces is None:
+            log.warning("tasks cannot have a network namespace of their own: %s", why_not)
     return Confinement(
         dataclasses.replace(
             isolation,
@@ -354,6 +366,8 @@ def confinement(config: AgentConfig, backend: GpuBackend, state: StateDir) -> Co
             hide=(*isolation.hide, root),
         ),
         total_gpus=len(backend.devices()),
+        namespaces=namespaces,
+        no_namespaces=why_not,
     )
 
 

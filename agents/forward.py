@@ -3,14 +3,17 @@
 The server asks for it in the heartbeat reply (`StreamOpen` of kind "port"); the agent has
 opened the stream outbound already (agents/streams.py) and here connects it to the port, but
 only when the task's own processes listen on it (agents/ports.py: jobs of other orgs share
-the node's network), then splices bytes both ways (protocol/tcpstream.py).
+the node's network), then splices bytes both ways (protocol/tcpstream.py). A task with a network
+namespace of its own is connected to from inside it (agents/netns.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import TYPE_CHECKING
 
+from agents.netns import NetnsError, run_in_netns, thread_net_dir
 from agents.ports import PortRefused, TaskProcesses, connect_owned
 from protocol.streams import MAX_FRAME_BYTES, Error, control_text
 from protocol.tcpstream import splice
@@ -31,12 +34,23 @@ async def forward_port(
         return
     try:
         pids = await asyncio.to_thread(task.pids)
-        conn = await asyncio.to_thread(connect_owned, port, pids, job_id=task.job_id)
-    except PortRefused as refused:
+        conn = await asyncio.to_thread(_connect, task, port, pids)
+    except (PortRefused, NetnsError) as refused:
         await _refuse(websocket, str(refused))
         return
     reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_FRAME_BYTES)
     await splice(websocket, reader, writer)
+
+
+def _connect(task: TaskProcesses, port: int, pids: set[int]) -> socket.socket:
+    """In the task's own network namespace when it has one: its listeners are there (and the
+    node's port of the same number may be anyone's)."""
+    netns = task.netns
+    if netns is None:
+        return connect_owned(port, pids, job_id=task.job_id)
+    return run_in_netns(
+        netns, lambda: connect_owned(port, pids, job_id=task.job_id, net=thread_net_dir())
+    )
 
 
 async def _refuse(websocket: ClientConnection, message: str) -> None:

@@ -1,4 +1,5 @@
-"""What confines a task on its node: its uid, its directories, its cgroup, its GPUs' device files.
+"""What confines a task on its node: its uid, its directories, its cgroup, its GPUs' device files,
+its network namespace.
 
 `Confinement` holds the agent's settings and prepares each task: `prepare(spec)` checks what the
 job asks for against them (a refusal is one line, reported as the task's reason) and returns the
@@ -27,6 +28,7 @@ import psutil
 
 from agents import sandbox
 from agents.cgroups import CgroupError, Hierarchy, Limits, TaskCgroup, open_hierarchy
+from agents.netns import Namespaces, NetnsError
 from protocol.agent import Isolation, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class IsolationConfig:
     """GPU index → device minor number (/dev/nvidiaN); the index where absent."""
     hide: tuple[Path, ...] = ()
     """Directories a task must not see at all (the agent's state directory)."""
+    network_namespaces: bool = True
+    """Give tasks that ask for it (`TaskSpec.network="private"`) a network namespace of their
+    own, where the node can (agents/netns.py); False: never (the agent then does not say
+    "netns", and the server places no such job here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +81,28 @@ class Prepared:
     container_mounts: tuple[Path, ...]
     """Directories a container of this task may mount: its own and its org's data roots."""
     uid: int | None
+    network: list[str] = field(default_factory=list)
+    """Put before everything else: enters the task's own network namespace (empty: the
+    node's)."""
+    netns: Path | None = None
+    """The task's own network namespace, if it has one."""
 
 
 class Confinement:
-    def __init__(self, config: IsolationConfig, *, total_gpus: int = 1) -> None:
+    def __init__(
+        self,
+        config: IsolationConfig,
+        *,
+        total_gpus: int = 1,
+        namespaces: Namespaces | None = None,
+        no_namespaces: str = "",
+    ) -> None:
         self.config = config
         self.total_gpus = max(total_gpus, 1)
         self.cgroups: Hierarchy | None = None
+        self.namespaces = namespaces
+        self.no_namespaces = no_namespaces or "network namespaces are off on this node"
+        """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
         if config.mode == "strict":
             if os.geteuid() != 0:
                 raise IsolationUnavailable(
@@ -124,8 +145,9 @@ class Confinement:
         if cwd is None:
             cwd = home
         mounts = (home, *(root for root in roots if root.is_dir()))
+        network, netns = self._network(spec)
         if self.cgroups is None or uid is None:
-            return Prepared([], cwd, home, mounts, None)
+            return Prepared([], cwd, home, mounts, None, network, netns)
         limits = self.limits(spec)
         group = self.cgroups.create(spec.task_id, limits)
         config = {
@@ -140,8 +162,40 @@ class Confinement:
             "error_file": str(error_file),
             "tmpfs_bytes": limits.memory_bytes,
         }
+        if netns is not None and self.namespaces is not None:
+            # The sandbox joins it itself (`ip netns exec` would unmount the cgroups it joins).
+            network = []
+            config["netns"] = str(netns)
+            config["resolv_conf"] = str(self.namespaces.resolv_conf(spec.task_id))
         prefix = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
-        return Prepared(prefix, cwd, home, mounts, uid)
+        return Prepared(prefix, cwd, home, mounts, uid, network, netns)
+
+    def _network(self, spec: TaskSpec) -> tuple[list[str], Path | None]:
+        """The prefix entering the task's own network namespace, made now, and its path."""
+        if spec.network != "private":
+            return [], None
+        if self.namespaces is None:
+            raise TaskRefused(
+                f"this node cannot give the task a network of its own ({self.no_namespaces}); "
+                "submit with --network host to run in the node's network"
+            )
+        try:
+            prefix = self.namespaces.create(spec.task_id)
+        except NetnsError as exc:
+            raise TaskRefused(f"making the task's network namespace: {exc}") from exc
+        return prefix, self.namespaces.path(spec.task_id)
+
+    def netns(self, task_id: int) -> Path | None:
+        """The task's own network namespace while it has one."""
+        if self.namespaces is None or not self.namespaces.exists(task_id):
+            return None
+        return self.namespaces.path(task_id)
+
+    def sweep_namespaces(self, keep: set[int]) -> None:
+        """Remove the network namespaces (and their pasta) of tasks not in `keep`: those an
+        agent that stopped before their task ended left behind."""
+        if self.namespaces is not None:
+            self.namespaces.sweep(keep)
 
     def limits(self, spec: TaskSpec) -> Limits:
         gpus = max(len(spec.gpus), 1)
@@ -215,6 +269,8 @@ class Confinement:
         group = self.cgroup(task_id)
         if group is not None and group.exists():
             group.remove()
+        if self.namespaces is not None:
+            self.namespaces.remove(task_id)
         if self.config.task_root is not None:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.task_dir(task_id))

@@ -40,6 +40,8 @@ class TaskProcesses:
     job_id: int
     pids: Callable[[], set[int]]
     """Called at connect time: the task's processes then (its cgroup's, or its session's)."""
+    netns: Path | None = None
+    """The task's own network namespace (agents/netns.py); None: the node's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +60,13 @@ def _address(hex_address: str) -> str:
     return str(ipaddress.ip_address(raw))
 
 
-def listeners(port: int, proc: Path = PROC) -> list[Listener]:
-    """The sockets listening on `port` in this network namespace, IPv4 and IPv6."""
+def listeners(port: int, net: Path = PROC / "net") -> list[Listener]:
+    """The sockets listening on `port` in the network namespace whose /proc/net is `net`
+    (/proc/net: the agent's; /proc/thread-self/net: the calling thread's), IPv4 and IPv6."""
     found: list[Listener] = []
     for table in ("tcp", "tcp6"):
         try:
-            lines = (proc / "net" / table).read_text().splitlines()[1:]
+            lines = (net / table).read_text().splitlines()[1:]
         except FileNotFoundError:  # a kernel without IPv6
             continue
         for line in lines:
@@ -114,29 +117,37 @@ def _reachable(address: str) -> str:
     return address
 
 
-def _owned(port: int, pids: set[int], job_id: int, proc: Path) -> list[Listener]:
-    found = listeners(port, proc)
+def _owned(port: int, pids: set[int], job_id: int, proc: Path, net: Path) -> list[Listener]:
+    found = listeners(port, net)
     if not found or not {entry.inode for entry in found} <= socket_inodes(pids, proc):
         raise PortRefused(f"nothing in job {job_id} listens on port {port}")
     return found
 
 
 def connect_owned(
-    port: int, pids: Iterable[int], *, job_id: int, timeout_s: float = 10.0, proc: Path = PROC
+    port: int,
+    pids: Iterable[int],
+    *,
+    job_id: int,
+    timeout_s: float = 10.0,
+    proc: Path = PROC,
+    net: Path | None = None,
 ) -> socket.socket:
     """A connected socket to `port`, provided every listener on it belongs to `pids` before
-    and after connecting; PortRefused otherwise (or when the connection fails)."""
+    and after connecting; PortRefused otherwise (or when the connection fails). Run in the
+    task's network namespace with `net` its /proc/net when the task has one of its own."""
     task = set(pids)
+    net = net if net is not None else proc / "net"
     if not 0 < port < 65536:
         raise PortRefused(f"port {port} is not a TCP port")
-    before = _owned(port, task, job_id, proc)
+    before = _owned(port, task, job_id, proc, net)
     target = _reachable(before[0].address)
     try:
         conn = socket.create_connection((target, port), timeout=timeout_s)
     except OSError as exc:
         raise PortRefused(f"port {port} of job {job_id} refused the connection: {exc}") from exc
     try:
-        after = _owned(port, task, job_id, proc)
+        after = _owned(port, task, job_id, proc, net)
         if {entry.inode for entry in before} != {entry.inode for entry in after}:
             raise PortRefused(f"nothing in job {job_id} listens on port {port}")
     except PortRefused:

@@ -136,6 +136,11 @@ class Runner:
             elif not self._output_pending(record):
                 self._settle_exit(record, wrapper_returncode=None)
             # else: the wrapper has exited and the copier is still writing; poll settles it.
+        # Network namespaces whose task ended while the agent was away (or that a crash left
+        # half made) go with their pasta; a running task keeps its own.
+        self.confinement.sweep_namespaces(
+            {r.task_id for r in self.records.values() if r.state not in TERMINAL_TASK_STATES}
+        )
 
     def start(self, spec: TaskSpec) -> bool:
         """Start a task unless this node already knows it (a task never starts twice)."""
@@ -302,7 +307,8 @@ class Runner:
                 return set(group.pids())
             return process_tree(leader)
 
-        return TaskProcesses(job_id=record.spec.job_id, pids=pids)
+        netns = self.confinement.netns(task_id)
+        return TaskProcesses(job_id=record.spec.job_id, pids=pids, netns=netns)
 
     # internals -------------------------------------------------------------------------------
     def _spawn(self, record: TaskRecord) -> None:
@@ -316,6 +322,11 @@ class Runner:
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ} | job_env
         argv = [*prepared.prefix, *spec.command]
+        if spec.image and cfg.container_runtime == "docker" and prepared.netns is not None:
+            raise TaskRefused(
+                "docker cannot run a container in the task's own network namespace: submit "
+                "with --network host, or run the node's containers with podman or apptainer"
+            )
         if spec.image and cfg.container_runtime:
             launch = container_launch(
                 runtime=cfg.container_runtime,
@@ -330,11 +341,15 @@ class Runner:
                 user=prepared.uid,
                 mounts=prepared.container_mounts,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
+                netns=prepared.netns,
             )
             # docker and podman confine the container themselves (their client needs root);
             # apptainer runs as the task's uid inside the sandbox.
             argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
             record.container_name = launch.name
+        # The task's own network namespace, entered first: everything of the task is inside
+        # (a terminal's host, the sandbox, a container's client), the wrapper and copier not.
+        argv = [*prepared.network, *argv]
         if spec.pty:
             # The command on a terminal that streams attach to (agents/ptyhost.py); the
             # terminal's output is the task's log as any task's output is.

@@ -4,7 +4,9 @@ Run by path (`python -I -S sandbox.py CONFIG_JSON COMMAND...`) as root, between 
 records the exit status and the job's command, so it imports nothing but the standard library:
 every task start pays for its start-up. In order, it
 
-1. joins the task's cgroup (every process the task starts is then a member);
+1. joins the task's cgroup (every process the task starts is then a member), and the task's own
+   network namespace when it has one (agents/netns.py), whose resolver it binds over
+   /etc/resolv.conf in step 2;
 2. enters a mount namespace of its own, with mounts private to it: a fresh `/tmp`, `/var/tmp`,
    `/dev/shm` and the host's other world-writable directories (`PRIVATE_DIRS`), each a tmpfs no
    larger than the task's memory and charged to it, `/proc` showing only the task's own
@@ -33,7 +35,7 @@ import re
 import sys
 from typing import Any
 
-CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_NO_NEW_PRIVS = 38
@@ -83,10 +85,20 @@ def join_cgroup(procs_files: list[str]) -> None:
             f.write(pid)
 
 
+def join_netns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+    finally:
+        os.close(fd)
+
+
 def private_mounts(config: dict[str, Any]) -> None:
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS | CLONE_NEWIPC)")
     # Nothing mounted from here on propagates back to the host, nor to other tasks.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    if config.get("resolv_conf"):  # the resolver of the task's own network namespace
+        _mount(config["resolv_conf"], "/etc/resolv.conf", None, MS_BIND, None)
     # A link (/var/lock -> /run/lock) is covered through its target; a directory only once.
     fresh = list(dict.fromkeys(os.path.realpath(t) for t in PRIVATE_DIRS if os.path.isdir(t)))
     # Directories the task needs that lie under one of those (its own, its data roots, the GPU
@@ -207,6 +219,9 @@ def main(argv: list[str]) -> int:
     try:
         step = "joining the task's cgroup"
         join_cgroup(config["cgroup_procs"])
+        if config.get("netns"):
+            step = "entering the task's network namespace"
+            join_netns(config["netns"])
         step = "setting up the task's mounts"
         private_mounts(config)
         step = "switching to the task's user"

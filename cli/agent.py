@@ -123,6 +123,16 @@ def agent(
             envvar="FAIRGPU_AGENT_ISOLATION",
         ),
     ] = "strict",
+    netns: Annotated[
+        bool,
+        typer.Option(
+            "--netns/--no-netns",
+            help="Run tasks that ask for a private network (submit --network private, the "
+            "default for single-node jobs) in a network namespace of their own, where the node "
+            "can (root, pasta from the passt package, iproute2); --no-netns: never.",
+            envvar="FAIRGPU_AGENT_NETNS",
+        ),
+    ] = True,
     task_uid_base: Annotated[
         int,
         typer.Option(
@@ -278,6 +288,7 @@ def agent(
             pids_max=task_pids_max,
             cgroup_parent=cgroup_parent,
             dev_dir=gpu_dev_dir,
+            network_namespaces=netns,
         ),
     )
     try:

@@ -65,7 +65,10 @@ AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward")
 """What this agent can do. "signal": it takes `TaskSpec.signal` and `TaskStop.signal` (a job's
 `--signal`) and delivers them; an agent that does not say so may refuse a reply that has them.
 "pty": it runs `TaskSpec.pty` tasks under a terminal and opens `HeartbeatReply.streams`.
-"port-forward": it opens `StreamOpen` of kind "port" (to a port its task listens on)."""
+"port-forward": it opens `StreamOpen` of kind "port" (to a port its task listens on).
+"netns" (not in this tuple: an agent adds it only where it can build the namespace, see
+agents/netns.py): it runs `TaskSpec.network="private"` tasks in a network namespace of their own."""
+NETNS_CAPABILITY = "netns"
 MAX_CAPABILITIES = 32
 
 Isolation = Literal["strict", "none"]
@@ -309,6 +312,10 @@ class TaskSpec(_Reply):
     pty: bool | None = None
     """True: run the command under a pseudo-terminal that streams attach to (rank 0 of an
     interactive job, docs/INTERACTIVE.md). Left out when None, as `signal`."""
+    network: Literal["private", "host"] | None = None
+    """"private": the task in a network namespace of its own (an agent with the "netns"
+    capability), reaching the outside but no other task's listeners; "host" or None: the
+    node's network namespace. Left out when None, as `signal`."""
 
 
 class TaskStop(_Reply):

@@ -1,0 +1,393 @@
+"""The network wall between tasks (agents/netns.py), with real processes, namespaces and pasta,
+as root: two orgs' tasks on one node, under strict isolation and under none.
+
+An "outside" network namespace joined to the host by a veth pair stands in for the internet (no
+real one here): a task in its own namespace must reach it through pasta, and reach nothing that
+another task, or the node itself on loopback, listens on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agents.forward import _connect
+from agents.isolation import Confinement, IsolationConfig
+from agents.netns import DNS_ADDRESS, Namespaces, open_namespaces
+from agents.runner import Runner, RunnerConfig
+from agents.state import StateDir
+from tests.agents.helpers import spec, wait_for
+from tests.agents.test_isolation import ACME, PY, RIVAL, UID_BASE
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+OUTSIDE = "198.51.100.2"  # TEST-NET-2: the "internet" stand-in's address
+HOST_SIDE = "198.51.100.1"
+
+# Listens on TCP and UDP, on 127.0.0.1 and 0.0.0.0, at the ports in argv; answers each TCP
+# connection and UDP datagram with its NAME; then writes READY ("-": $HOME/ready).
+LISTENER = """
+import socket, sys, threading
+import os
+name, ready, ports = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
+ready = ready if ready != "-" else os.path.join(os.environ["HOME"], "ready")
+def tcp(host, port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port)); s.listen()
+    return lambda: [(c := s.accept()[0]).sendall(name.encode()) or c.close() for _ in iter(int, 1)]
+def udp(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((host, port))
+    def serve():
+        while True:
+            _, peer = s.recvfrom(100); s.sendto(name.encode(), peer)
+    return serve
+loops = [tcp("127.0.0.1", ports[0]), tcp("0.0.0.0", ports[1]),
+         udp("127.0.0.1", ports[2]), udp("0.0.0.0", ports[3])]
+for loop in loops:
+    threading.Thread(target=loop, daemon=True).start()
+open(ready, "w").close()
+threading.Event().wait()
+"""
+
+# Tries each "tcp|udp HOST PORT" of argv and prints {target: what answered, or the error}.
+PROBE = """
+import json, socket, sys
+out = {}
+for target in sys.argv[1:]:
+    kind, host, port = target.split()
+    try:
+        if kind == "tcp":
+            with socket.create_connection((host, int(port)), timeout=2) as c:
+                out[target] = c.recv(100).decode()
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(2); s.sendto(b"?", (host, int(port)))
+                out[target] = s.recv(100).decode()
+    except OSError as exc:
+        out[target] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free for TCP and UDP on the host (for the listeners in the node's namespace)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            t.bind(("0.0.0.0", 0))
+            port = t.getsockname()[1]
+            try:
+                u.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            if port not in ports:
+                ports.append(port)
+    return ports
+
+
+def _host_address() -> str:
+    """The node's own address on its default route (pasta copies it into each namespace)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.200", 9))
+        return str(s.getsockname()[0])
+
+
+class NetNode:
+    """One node's runner with network namespaces, strict or unconfined."""
+
+    def __init__(self, tmp_path: Path, mode: str) -> None:
+        self.root = tmp_path
+        self.state = StateDir(tmp_path / "state")
+        namespaces, why = open_namespaces(self.state.root)
+        if namespaces is None:
+            pytest.fail(f"this host cannot build network namespaces: {why}")
+        self.namespaces = namespaces
+        fields: dict[str, Any] = {"mode": mode, "task_root": tmp_path / "tasks"}
+        if mode == "strict":
+            fields |= {
+                "task_uid_base": UID_BASE,
+                "memory_per_gpu_bytes": 512 * 2**20,
+                "cgroup_parent": f"fairgpu-test-{uuid.uuid4().hex[:8]}",
+                "dev_dir": tmp_path / "dev",
+                "hide": (self.state.root,),
+            }
+        self.confinement = Confinement(
+            IsolationConfig(**fields), total_gpus=4, namespaces=namespaces
+        )
+        self.runner = Runner(
+            self.state, RunnerConfig(pty_attach_wait_s=0.2), confinement=self.confinement
+        )
+
+    def start_listener(self, task_id: int, name: str, ports: list[int], **fields: Any) -> None:
+        ready = self.confinement.task_dir(task_id) / "ready"
+        argv = [PY, "-c", LISTENER, name, "-", *map(str, ports)]
+        self.runner.start(spec(task_id, argv, gpus=[task_id % 4], **fields))
+        wait_for(lambda: ready.exists() or self._ended(task_id), 20)
+        assert ready.exists(), self.result(task_id)
+
+    def probe(self, task_id: int, targets: list[str], **fields: Any) -> dict[str, str]:
+        self.runner.start(spec(task_id, [PY, "-c", PROBE, *targets], gpus=[0], **fields))
+        result = self.result(task_id)
+        assert result["state"] == "exited", result
+        assert result["exit_code"] == 0, result
+        found: dict[str, str] = json.loads(result["log"])
+        return found
+
+    def result(self, task_id: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        wait_for(lambda: self._ended(task_id), timeout_s)
+        record = self.runner.records[task_id]
+        return {
+            "state": record.state,
+            "exit_code": record.exit_code,
+            "reason": record.reason,
+            "log": self.state.read_log(record).decode(),
+        }
+
+    def _ended(self, task_id: int) -> bool:
+        self.runner.poll()
+        return self.runner.records[task_id].state not in ("starting", "running")
+
+    def close(self) -> None:
+        for task_id, record in self.runner.records.items():
+            if record.state in ("starting", "running"):
+                self.runner.stop(task_id, grace_s=0, reason="test over")
+                self.confinement.kill(task_id)
+        for child in self.runner._children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        for task_id in self.runner.records:
+            self.confinement.finish(task_id)
+        if self.confinement.cgroups is not None:
+            self.confinement.cgroups.remove()
+        assert self.namespaces.sweep(set()) == []
+
+
+@pytest.fixture(params=["strict", "none"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetNode]:
+    n = NetNode(tmp_path, request.param)
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def outside() -> Iterator[list[int]]:
+    """A network namespace beyond the node, joined to it by a veth pair: the internet stand-in,
+    listening on TCP and UDP ports (returned)."""
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, far_if = f"fgtest-out-{tag}", f"fgo{tag}", f"fgi{tag}"
+    ports = [47101, 47102, 47103, 47104]
+    script = f"""
+set -e
+ip netns add {ns}
+ip link add {host_if} type veth peer name {far_if}
+ip link set {far_if} netns {ns}
+ip addr add {HOST_SIDE}/30 dev {host_if}
+ip link set {host_if} up
+ip netns exec {ns} ip addr add {OUTSIDE}/30 dev {far_if}
+ip netns exec {ns} ip link set {far_if} up
+ip netns exec {ns} ip link set lo up
+"""
+    subprocess.run(["sh", "-c", script], check=True)
+    ready = Path(f"/tmp/fgtest-outside-{tag}")  # noqa: S108
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns, PY, "-c", LISTENER, "outside", str(ready), *map(str, ports)]
+    )
+    try:
+        wait_for(ready.exists, 10)
+        yield ports
+    finally:
+        server.kill()
+        server.wait()
+        ready.unlink(missing_ok=True)
+        subprocess.run(["ip", "link", "delete", host_if], check=False)
+        subprocess.run(["ip", "netns", "delete", ns], check=True)
+
+
+def _targets(host: str, ports: list[int]) -> list[str]:
+    return [
+        f"tcp {host} {ports[0]}",
+        f"tcp {host} {ports[1]}",
+        f"udp {host} {ports[2]}",
+        f"udp {host} {ports[3]}",
+    ]
+
+
+def test_a_private_task_reaches_no_other_tasks_listener_but_reaches_outside(
+    node: NetNode, outside: list[int]
+) -> None:
+    host = _host_address()
+    ports = _free_ports(4)
+    node.start_listener(1, "acme-private", ports, network="private", **ACME)
+    # The node's own loopback: a service of the operator's, or of a host-network task.
+    with socket.socket() as local:
+        local.bind(("127.0.0.1", 0))
+        local.listen()
+        node_port = local.getsockname()[1]
+        targets = [
+            *_targets("127.0.0.1", ports),
+            *_targets(host, ports),
+            f"tcp 127.0.0.1 {node_port}",
+            *_targets(OUTSIDE, outside),
+        ]
+        tried = node.probe(2, targets, network="private", **RIVAL)
+    assert not any(v == "acme-private" for v in tried.values()), tried
+    # Nothing answers on the node's addresses, nor its loopback (no gateway mapping).
+    for target in [*_targets("127.0.0.1", ports), *_targets(host, ports)]:
+        assert tried[target] in ("ConnectionRefusedError", "TimeoutError"), (target, tried)
+    assert tried[f"tcp 127.0.0.1 {node_port}"] == "ConnectionRefusedError", tried
+    # Outbound works, TCP and UDP, as for downloading a data set (to what listens on the
+    # outside's address: its loopback listeners are its own).
+    for target in _targets(OUTSIDE, outside)[1::2]:
+        assert tried[target] == "outside", (target, tried)
+    # The rival's host-network task cannot reach the private one's listeners either.
+    from_host = node.probe(3, _targets("127.0.0.1", ports) + _targets(host, ports), **RIVAL)
+    assert not any(v == "acme-private" for v in from_host.values()), from_host
+
+
+def test_with_network_host_another_org_can_connect(node: NetNode) -> None:
+    """The documented opening: two host-network tasks share the node's network."""
+    ports = _free_ports(4)
+    node.start_listener(1, "acme-host", ports, network="host", **ACME)
+    tried = node.probe(2, _targets("127.0.0.1", ports), network="host", **RIVAL)
+    assert set(tried.values()) == {"acme-host"}, tried
+
+
+def test_a_private_task_gets_the_forwarded_resolver(node: NetNode) -> None:
+    query = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")
+    code = f"""
+import socket
+print(open("/etc/resolv.conf").read().split()[:2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.sendto(bytes.fromhex("{query.hex()}"), ("{DNS_ADDRESS}", 53))
+try:
+    print(s.recv(512)[:2].hex())
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+    node.runner.start(spec(1, [PY, "-c", code], network="private", **ACME))
+    lines = node.result(1)["log"].splitlines()
+    assert lines[0] == f"['nameserver', '{DNS_ADDRESS}']", lines
+    # The answer comes from the node's own resolver through pasta, when the node has one that
+    # answers: asked directly, it must answer the namespace the same way.
+    upstream = Path("/etc/resolv.conf").read_text().split("nameserver", 1)[-1].split()[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        try:
+            s.sendto(query, (upstream, 53))
+            answered = s.recv(512)[:2] == query[:2]
+        except OSError:
+            answered = False
+    if answered:
+        assert lines[1] == "abcd", lines
+
+
+def test_the_namespace_and_pasta_end_with_the_task(node: NetNode) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+    wait_for(lambda: node.namespaces.pasta_pid(1) is not None)
+    pasta = node.namespaces.pasta_pid(1)
+    assert pasta is not None
+    assert node.namespaces.exists(1)
+    node.runner.stop(1, grace_s=0.2, reason="cancelled")
+    assert node.result(1)["state"] == "stopped"
+    assert not node.namespaces.exists(1)
+    wait_for(lambda: not psutil.pid_exists(pasta) or _zombie(pasta))
+    assert not (node.namespaces.etc_dir / node.namespaces.name(1)).exists()
+
+
+def test_a_restarted_agent_removes_namespaces_whose_task_ended_meanwhile(node: NetNode) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+    node.runner.start(spec(2, ["sleep", "60"], network="private", **RIVAL))
+    wait_for(lambda: None not in (node.namespaces.pasta_pid(1), node.namespaces.pasta_pid(2)))
+    pasta_1 = node.namespaces.pasta_pid(1)
+    assert pasta_1 is not None
+    # The agent goes away; task 1 ends meanwhile. A namespace of a task the node never
+    # recorded (a crash between making it and saving the record) is left behind too.
+    record = node.runner.records[1]
+    assert record.pid is not None
+    node.confinement.kill(1)
+    os.killpg(record.pid, signal.SIGKILL)
+    node.runner._children[1].wait()
+    node.namespaces.create(77)
+    restarted = Runner(node.state, RunnerConfig(), confinement=node.confinement)
+    restarted.recover()
+    assert restarted.records[1].state not in ("starting", "running")
+    assert not node.namespaces.exists(1)
+    assert not node.namespaces.exists(77)
+    wait_for(lambda: not psutil.pid_exists(pasta_1) or _zombie(pasta_1))
+    assert node.namespaces.exists(2)
+    assert node.namespaces.pasta_pid(2) is not None
+    assert restarted.records[2].state == "running"
+
+
+def test_port_forward_connects_inside_the_tasks_namespace(node: NetNode) -> None:
+    ports = _free_ports(4)
+    node.start_listener(1, "acme-private", ports, network="private", **ACME)
+    # Someone else listens on the same port in the node's namespace: never the one reached.
+    with socket.socket() as decoy:
+        decoy.bind(("127.0.0.1", ports[0]))
+        decoy.listen()
+        task = node.runner.processes(1)
+        assert task is not None
+        assert task.netns == node.namespaces.path(1)
+        conn = _connect(task, ports[0], task.pids())
+        with conn:
+            assert conn.recv(100) == b"acme-private"
+        # A port that only the node's namespace has is not the task's.
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            from agents.ports import PortRefused
+
+            with pytest.raises(PortRefused, match="nothing in job 101 listens"):
+                _connect(task, other.getsockname()[1], task.pids())
+
+
+def test_a_terminal_task_runs_inside_its_namespace(node: NetNode) -> None:
+    host_ns = os.readlink("/proc/self/ns/net")
+    node.runner.start(
+        spec(1, ["sh", "-c", "readlink /proc/self/ns/net"], network="private", pty=True, **ACME)
+    )
+    log = node.result(1)["log"]
+    assert "net:[" in log, log
+    assert host_ns not in log, log
+
+
+def test_a_node_without_namespaces_refuses_a_private_task_in_one_line(tmp_path: Path) -> None:
+    confinement = Confinement(
+        IsolationConfig(mode="none", task_root=tmp_path / "tasks"), no_namespaces="pasta missing"
+    )
+    runner = Runner(StateDir(tmp_path / "state"), confinement=confinement)
+    runner.start(spec(1, ["true"], network="private"))
+    record = runner.records[1]
+    assert record.state == "failed_to_start"
+    assert record.reason == (
+        "this node cannot give the task a network of its own (pasta missing); submit with "
+        "--network host to run in the node's network"
+    )
+
+
+def test_namespaces_of_two_agents_on_one_host_never_collide(tmp_path: Path) -> None:
+    one = Namespaces(tmp_path / "a", pasta="pasta", ip="ip")
+    two = Namespaces(tmp_path / "b", pasta="pasta", ip="ip")
+    assert one.name(1) != two.name(1)
+    assert one.name(1).startswith("fairgpu-")
+    assert one.name(1).endswith("-1")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
