@@ -20,6 +20,13 @@ so that both paths are bound alike and a refused request costs no body read:
   N`, each replica) keeps its own, so a client spread over N processes may reach N times the
   rate.
 
+- A token bucket per token for opening WebSocket streams (`attach`, `port-forward`:
+  `stream_rate_per_s`/`stream_burst`; a node's side of a stream, `/v1/agent/streams/*`, in a
+  bucket of its own: `agent_stream_rate_per_s`/`agent_stream_burst`), before the token is
+  looked up; past it, 429 with Retry-After as the handshake's answer (a close with code 1013
+  and the sentence as its reason where the server cannot answer a handshake with a response
+  of its own). The user's and org's bounds follow authentication (api/streamlimits.py).
+
 `Admission.follows` bounds another kind of load after authentication: the log reads one user
 holds open while they wait for output (`GET /v1/jobs/{id}/logs?wait_s=`), each of which reads
 the database twice a second. Also per process.
@@ -35,7 +42,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from api.deps import parse_bearer
 from api.limits import AGENT_PREFIX, MAX_BODY_BYTES
@@ -154,6 +161,44 @@ async def _refuse(
     await send({"type": "http.response.body", "body": payload})
 
 
+DENIAL_EXTENSION = "websocket.http.response"
+CLOSE_TRY_AGAIN_LATER = 1013
+MAX_CLOSE_REASON_BYTES = 123
+
+
+async def _refuse_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    detail: str,
+    headers: list[Any],
+    **extra: Any,
+) -> None:
+    """A problem as the handshake's answer; without the server's denial extension, a close
+    (1013 for a 429, else 1008) whose reason is the sentence, clipped to what a close carries."""
+    await receive()  # websocket.connect
+    if DENIAL_EXTENSION in (scope.get("extensions") or {}):
+        payload = json.dumps(problem_body(status, detail, scope["path"], **extra)).encode()
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                    (b"content-length", str(len(payload)).encode()),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": payload})
+        return
+    reason = detail.encode()[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
+    await send({"type": "websocket.accept"})
+    code = CLOSE_TRY_AGAIN_LATER if status == 429 else 1008
+    await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
 def _headers(scope: Scope) -> tuple[bytes, bytes | None]:
     authorization = b""
     length: bytes | None = None
@@ -171,6 +216,40 @@ class Admission:
         self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
         self.changes = TokenBuckets(settings.change_rate_per_s, settings.change_burst)
         self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads")
+        self.streams = TokenBuckets(settings.stream_rate_per_s, settings.stream_burst)
+        self.agent_streams = TokenBuckets(
+            settings.agent_stream_rate_per_s, settings.agent_stream_burst
+        )
+
+    async def admit_websocket(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """True: go on. False: the handshake was refused (400 or 429)."""
+        path: str = scope["path"]
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            await _refuse_websocket(scope, receive, send, 400, "a URL must not contain NUL "
+                                    "characters", [])  # fmt: skip
+            return False
+        authorization, _ = _headers(scope)
+        secret = parse_bearer(authorization.decode("latin-1"))
+        if secret is None:
+            return True  # the route answers 401 without looking anything up
+        buckets = self.agent_streams if path.startswith(AGENT_PREFIX) else self.streams
+        wait_s = buckets.take(hash_token(secret))
+        if wait_s <= 0:
+            return True
+        retry_after = max(1, math.ceil(wait_s))
+        await _refuse_websocket(
+            scope,
+            receive,
+            send,
+            429,
+            f"more than {buckets.rate_per_s:g} streams per second (bursts of "
+            f"{buckets.burst:g}) from this token; retry after {retry_after} s",
+            [(b"retry-after", str(retry_after).encode())],
+            rate_per_s=buckets.rate_per_s,
+            burst=int(buckets.burst),
+            retry_after_s=retry_after,
+        )
+        return False
 
     def _buckets(self, method: str, path: str) -> tuple[TokenBuckets, str] | None:
         """The rate a request counts against, and what the refusal calls it."""

@@ -31,6 +31,7 @@ from api.routers import (
     usage,
     users,
 )
+from api.streamlimits import StreamLimits
 from scheduler.db import leanpool
 from scheduler.db.engine import make_server_engine, make_sessionmaker
 from scheduler.db.migrate import run_migrations
@@ -88,6 +89,12 @@ class FairgpuApp(FastAPI):
             maker = getattr(self.state, "sessionmaker", None)
             if not await self.admission.admit(scope, send, maker):
                 return
+        if (
+            scope["type"] == "websocket"
+            and self.admission is not None
+            and not await self.admission.admit_websocket(scope, receive, send)
+        ):
+            return
         if self.direct is not None and scope["type"] == "http":
             handler = self.direct.route(scope)
             if handler is not None:
@@ -188,6 +195,7 @@ def create_app(
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     app.state.submit_limits = SubmitLimits.of(settings)
     app.admission = Admission(settings)
+    app.state.stream_limits = StreamLimits(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)
     for module in (

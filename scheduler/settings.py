@@ -245,6 +245,57 @@ class Settings(BaseSettings):
         description="Log reads one user may hold open at once while they wait for output "
         "(`wait_s`, `fairgpu logs -f`), per server process; one more is 429 with Retry-After.",
     )
+    stream_rate_per_s: float = Field(
+        5.0,
+        ge=0,
+        description="WebSocket streams (`attach`, `port-forward`) one token, and one user over "
+        "all their tokens, may open per second on average (per server process); beyond it "
+        "429 with Retry-After. 0: no limit.",
+    )
+    stream_burst: int = Field(
+        50, ge=1, description="Streams one token or user may open at once before its rate applies."
+    )
+    org_stream_rate_per_s: float = Field(
+        20.0,
+        ge=0,
+        description="Streams all users of one org together may open per second on average "
+        "(per server process), so that one org's flood leaves the others their share. 0: no "
+        "limit.",
+    )
+    org_stream_burst: int = Field(
+        200, ge=1, description="Streams one org may open at once before its rate applies."
+    )
+    agent_stream_rate_per_s: float = Field(
+        20.0,
+        ge=0,
+        description="Sides of streams one node credential may open per second on average "
+        "(per server process, before the credential is looked up); beyond it 429. 0: no limit.",
+    )
+    agent_stream_burst: int = Field(
+        200, ge=1, description="Sides of streams a node may open at once before its rate applies."
+    )
+    max_streams_per_user: int = Field(
+        128,
+        ge=1,
+        description="Streams one user may hold open at once (waiting for the node or "
+        "relaying), per server process; one more is 429 with Retry-After.",
+    )
+    max_streams_per_org: int = Field(
+        512,
+        ge=1,
+        description="Streams the users of one org may hold open at once, per server process.",
+    )
+    max_pending_streams_per_user: int = Field(
+        32,
+        ge=1,
+        description="Streams of one user waiting for their node's agent to open its side "
+        "(at most 15 s each), per server process.",
+    )
+    max_pending_streams_per_job: int = Field(
+        32,
+        ge=1,
+        description="Streams into one job waiting for their node's agent, per server process.",
+    )
     task_log_retention_s: float = Field(
         30 * 86_400.0,
         gt=0,

@@ -11,12 +11,14 @@ an event on the job; a job has at most `MAX_FORWARDS_PER_JOB` open in one server
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 from fastapi import APIRouter, WebSocket
 
 from api.routers.jobs import scope_of
 from api.routers.streams import deny, relay_to_agent, user_principal
+from api.streamlimits import StreamLimits, Ticket
 from scheduler.services import forwarding
 from scheduler.services.errors import DomainError, InvalidInput, TooManyRequests
 from scheduler.services.interactive import AttachTarget
@@ -42,27 +44,36 @@ async def forward(websocket: WebSocket, job_id: int, port: int, rank: int = 0) -
     must itself listen there (the agent refuses any other port, with a message). Binary frames
     are the connection's bytes; `{"type": "eof"}` a half-close (protocol/tcpstream.py)."""
     forwards = _open_forwards(websocket)
-    try:
-        target = await _authorised(websocket, job_id, port, rank, forwards)
-    except DomainError as error:
-        await deny(websocket, error)
-        return
-    try:
-        await relay_to_agent(websocket, target, "port", port)
-    finally:
-        forwards[target.job_id] -= 1
-        if not forwards[target.job_id]:
-            del forwards[target.job_id]
+    with contextlib.ExitStack() as held:
+        try:
+            target, ticket = await _authorised(websocket, job_id, port, rank, forwards, held)
+        except DomainError as error:
+            await deny(websocket, error)
+            return
+        try:
+            await relay_to_agent(websocket, target, "port", port, ticket=ticket)
+        finally:
+            forwards[target.job_id] -= 1
+            if not forwards[target.job_id]:
+                del forwards[target.job_id]
 
 
 async def _authorised(
-    websocket: WebSocket, job_id: int, port: int, rank: int, forwards: Counter[int]
-) -> AttachTarget:
+    websocket: WebSocket,
+    job_id: int,
+    port: int,
+    rank: int,
+    forwards: Counter[int],
+    held: contextlib.ExitStack,
+) -> tuple[AttachTarget, Ticket]:
     """The task to forward to, once the caller may and the job has room; its slot in
-    `forwards` is taken (the caller gives it back) and the event recorded."""
+    `forwards` is taken (the caller gives it back), its place in the stream limits is held
+    in `held`, and the event recorded."""
     if not 0 < port < 65536:
         raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
     principal, user_id = await user_principal(websocket, "forwarding")
+    limits: StreamLimits = websocket.app.state.stream_limits
+    limits.charge(user_id=user_id, org_id=principal.org_id)
     async with websocket.app.state.sessionmaker() as session:
         target = await forwarding.forward_target(
             session,
@@ -77,6 +88,9 @@ async def _authorised(
                 f"job {target.job_id} has {MAX_FORWARDS_PER_JOB} forwarded connections open "
                 "already; close some first"
             )
+        ticket = held.enter_context(
+            limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
+        )
         forwards[target.job_id] += 1  # no await since the check: no other request sneaks in
         try:
             forwarding.record_forward(session, target, actor=principal.actor, port=port)
@@ -84,4 +98,4 @@ async def _authorised(
         except BaseException:
             forwards[target.job_id] -= 1
             raise
-    return target
+    return target, ticket

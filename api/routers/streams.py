@@ -22,6 +22,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from api.routers.jobs import scope_of
+from api.streamlimits import StreamLimits, Ticket
 from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
 from scheduler.db.types import utcnow
@@ -70,12 +71,17 @@ async def user_principal(websocket: WebSocket, doing: str) -> tuple[Principal, i
 
 
 async def deny(websocket: WebSocket, error: DomainError) -> None:
-    """A problem answer instead of the WebSocket handshake (RFC 9457, as every route)."""
+    """A problem answer instead of the WebSocket handshake (RFC 9457, as every route), with
+    Retry-After for a 429 as on every route."""
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.status == 429:
+        headers["Retry-After"] = str(error.extra.get("retry_after_s", 1))
     await websocket.send_denial_response(
         JSONResponse(
-            problem_body(error.status, str(error), websocket.url.path),
+            problem_body(error.status, str(error), websocket.url.path, **error.extra),
             status_code=error.status,
             media_type=PROBLEM_MEDIA_TYPE,
+            headers=headers,
         )
     )
 
@@ -85,29 +91,41 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
     """Attach to a running job's terminal (rank 0 of a `run --pty` job). The job's owner, an
     org-admin of its org or a platform admin: a member who is not the owner gets 403, another
     org's user 404. Every attach is an event on the job. Frames: protocol/streams.py."""
-    try:
-        principal, user_id = await user_principal(websocket, "attaching")
-        async with websocket.app.state.sessionmaker() as session:
-            target = await interactive.attach_target(
-                session,
-                job_id,
-                rank=rank,
-                user_id=user_id,
-                scope_org_id=scope_of(principal),
-                may_admin_org=principal.can_admin_org,
-            )
-            interactive.record_attach(session, target, actor=principal.actor)
-            await session.commit()
-    except DomainError as error:
-        await deny(websocket, error)
-        return
-    await relay_to_agent(websocket, target, "attach")
+    limits: StreamLimits = websocket.app.state.stream_limits
+    with contextlib.ExitStack() as held:
+        try:
+            principal, user_id = await user_principal(websocket, "attaching")
+            limits.charge(user_id=user_id, org_id=principal.org_id)
+            async with websocket.app.state.sessionmaker() as session:
+                target = await interactive.attach_target(
+                    session,
+                    job_id,
+                    rank=rank,
+                    user_id=user_id,
+                    scope_org_id=scope_of(principal),
+                    may_admin_org=principal.can_admin_org,
+                )
+                ticket = held.enter_context(
+                    limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
+                )
+                interactive.record_attach(session, target, actor=principal.actor)
+                await session.commit()
+        except DomainError as error:
+            await deny(websocket, error)
+            return
+        await relay_to_agent(websocket, target, "attach", ticket=ticket)
 
 
 async def relay_to_agent(
-    websocket: WebSocket, target: AttachTarget, kind: StreamKind, port: int | None = None
+    websocket: WebSocket,
+    target: AttachTarget,
+    kind: StreamKind,
+    port: int | None = None,
+    *,
+    ticket: Ticket,
 ) -> None:
-    """Ask the node's agent for its side of the stream, accept the user's, and relay."""
+    """Ask the node's agent for its side of the stream, accept the user's, and relay; the
+    stream stops counting as pending (`ticket`) once the agent came or the wait ended."""
     hub: StreamHub = websocket.app.state.streams
     stream = hub.request(
         job_id=target.job_id,
@@ -121,6 +139,7 @@ async def relay_to_agent(
     await websocket.accept()
     try:
         agent = await asyncio.wait_for(asyncio.shield(stream.agent), AGENT_WAIT_S)
+        ticket.claimed()
     except TimeoutError:
         hub.cancel(stream)
         await _fail(

@@ -85,8 +85,16 @@ class StreamHub:
         now = time.monotonic()
         expired = [i for i in ids if self._pending[i].expires_at < now]
         self._drop(expired)
-        waiting = sorted(self._by_node.get(node_id, ()))[:MAX_TASKS_PER_HEARTBEAT]
-        return [self._pending[i].open_message() for i in waiting]
+        # One job's streams after another's in turn, each job's oldest first: however many
+        # one tenant asks for, every job on the node is in the reply.
+        by_job: dict[int, list[PendingStream]] = {}
+        for stream_id in self._by_node.get(node_id, ()):
+            stream = self._pending[stream_id]
+            by_job.setdefault(stream.job_id, []).append(stream)
+        queues = [sorted(s, key=lambda p: p.requested_at) for _, s in sorted(by_job.items())]
+        fair = [q[turn] for turn in range(max(map(len, queues), default=0)) for q in queues
+                if turn < len(q)]  # fmt: skip
+        return [stream.open_message() for stream in fair[:MAX_TASKS_PER_HEARTBEAT]]
 
     def claim(self, stream_id: str, node_id: int) -> PendingStream | None:
         """The stream, taken out of the pending set, if it is pending for this node."""

@@ -33,13 +33,16 @@ def _refused(served: Served, path: str, token: str) -> int:
 class FakeAgent:
     """A node speaking the agent protocol over HTTP, as `fairgpu agent` does."""
 
-    def __init__(self, served: Served, name: str) -> None:
+    def __init__(self, served: Served, name: str, gpus: int = 1) -> None:
         self.served = served
         join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
         body = {
             "name": name, "site": "dc1", "domain": "rack1", "hostname": name,
             "address": "127.0.0.1", "agent_version": "test",
-            "gpus": [{"index": 0, "uuid": f"GPU-{name}", "model": "H100", "memory_bytes": 1 << 36}],
+            "gpus": [
+                {"index": i, "uuid": f"GPU-{name}-{i}", "model": "H100", "memory_bytes": 1 << 36}
+                for i in range(gpus)
+            ],
             "capabilities": list(AGENT_CAPABILITIES),
         }  # fmt: skip
         registered = self._post("/v1/agent/register", join, body)

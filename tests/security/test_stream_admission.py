@@ -1,0 +1,265 @@
+"""A tenant flooding the WebSocket stream routes (attach, port-forward) or a node flooding the
+agent's side: each opening is bounded per token before the token is looked up, per user and
+per org after, and while it waits for its node; past a bound, 429 with Retry-After as the
+handshake's answer, and another org's streams still open. Real server (uvicorn on loopback),
+real WebSockets, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from api.admission import Admission
+from api.app import create_app
+from cli.main import app as cli_app
+from protocol.agent import MAX_TASKS_PER_HEARTBEAT
+from scheduler.services.streams import StreamHub
+from scheduler.settings import Settings
+from tests.cli.conftest import Served, seed_admin, serve_app, wait_for
+from tests.cli.test_interactive_streams import FakeAgent
+
+
+def _ws(url: str, path: str, token: str) -> ClientConnection:
+    ws_url = url.replace("http://", "ws://") + path
+    return connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10)
+
+
+def _refusal(url: str, path: str, token: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    with pytest.raises(InvalidStatus) as refused:
+        _ws(url, path, token)
+    response = refused.value.response
+    body = json.loads(response.body or b"{}")
+    assert body["status"] == response.status_code  # a problem (RFC 9457)
+    return response.status_code, body, {k.lower(): v for k, v in response.headers.raw_items()}
+
+
+@dataclass
+class Pool:
+    served: Served
+    node: FakeAgent
+    tokens: dict[str, str]
+    jobs: dict[str, int]
+    reports: list[dict[str, Any]]
+
+    def attach(self, who: str, job: str) -> ClientConnection:
+        return _ws(self.served.url, f"/v1/jobs/{self.jobs[job]}/attach", self.tokens[who])
+
+    def streams_of(self, job: str) -> list[dict[str, Any]]:
+        """The streams the node is asked to open into `job`'s task."""
+        task = next(r["task_id"] for r in self.reports if r["job_id"] == self.jobs[job])
+        streams = self.node.heartbeat(tasks=self.reports)["streams"]
+        return [s for s in streams if s["task_id"] == task]
+
+
+def _pool(served: Served) -> Pool:
+    """Two orgs, a user each (two in acme), one node, one running interactive job per org."""
+    served.ok("org", "create", "acme")
+    served.ok("org", "create", "rival")
+    for org in ("acme", "rival"):
+        served.ok("quota", "set", org, "--gpu-type", "H100", "--guaranteed", "1")
+    tokens = {}
+    for name, org in (("ada", "acme"), ("bob", "acme"), ("eve", "rival")):
+        out = served.ok("user", "create", name, "--org", org, "--token", "-o", "json")
+        tokens[name] = json.loads(out)["token"]
+    node = FakeAgent(served, "n1", gpus=2)
+    jobs = {}
+    for who in ("ada", "eve"):
+        response = httpx.post(
+            served.url + "/v1/jobs",
+            json={"command": ["bash"], "gpus_per_node": 1, "time_limit": 600, "interactive": True},
+            headers={"Authorization": f"Bearer {tokens[who]}"},
+        )
+        assert response.status_code == 201, response.text
+        jobs[who] = response.json()["id"]
+    starts: dict[int, dict[str, Any]] = {}
+
+    def started() -> bool:
+        for spec in node.heartbeat(wait_s=1)["start"]:
+            starts[spec["job_id"]] = spec
+        return len(starts) == 2
+
+    wait_for(started)
+    at = datetime.now(UTC).isoformat()
+    reports = [
+        {"task_id": s["task_id"], "job_id": j, "state": "running", "started_at": at}
+        for j, s in starts.items()
+    ]
+    node.heartbeat(tasks=reports)
+    return Pool(served, node, tokens, jobs, reports)
+
+
+@pytest.fixture
+def limited(database_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pool]:
+    overrides: dict[str, Any] = getattr(request, "param", {})
+    settings = Settings(
+        database_url=database_url,
+        migrate_on_start=False,
+        cycle_interval_s=0.5,
+        heartbeat_long_poll_s=1.0,
+        **overrides,
+    )
+    token = seed_admin(database_url)
+    with serve_app(create_app(settings)) as url:
+        yield _pool(Served(url=url, admin_token=token, config_dir=tmp_path / "config"))
+
+
+# A token's burst of 3 openings, refilled one per 1000 s: the fourth is refused.
+@pytest.mark.parametrize(
+    "limited", [{"stream_rate_per_s": 0.001, "stream_burst": 3}], indirect=True
+)
+def test_a_token_flooding_attach_gets_429_before_any_lookup(limited: Pool) -> None:
+    url, path = limited.served.url, f"/v1/jobs/{limited.jobs['ada']}/attach"
+    for _ in range(3):
+        with limited.attach("ada", "ada"):
+            pass
+    status, body, headers = _refusal(url, path, limited.tokens["ada"])
+    assert status == 429
+    assert int(headers["retry-after"]) >= 1
+    assert "streams per second" in body["detail"]
+    assert body["retry_after_s"] >= 1
+    # Refused before the token is looked up: a made-up token pays from its own bucket alike.
+    for _ in range(3):
+        assert _refusal(url, path, "made-up")[0] == 401
+    assert _refusal(url, path, "made-up")[0] == 429
+    # Another org's user has a bucket of its own.
+    with limited.attach("eve", "eve"):
+        pass
+
+
+# The org may open 3 streams at once and one per 1000 s after; each user has plenty.
+@pytest.mark.parametrize(
+    "limited", [{"org_stream_rate_per_s": 0.001, "org_stream_burst": 3}], indirect=True
+)
+def test_one_orgs_flood_does_not_starve_another_orgs_attach(limited: Pool) -> None:
+    url, path = limited.served.url, f"/v1/jobs/{limited.jobs['ada']}/attach"
+    with limited.attach("ada", "ada"), limited.attach("ada", "ada"):
+        pass
+    # A colleague who may not attach (403) has still spent one of the org's openings.
+    assert _refusal(url, path, limited.tokens["bob"])[0] == 403
+    status, body, headers = _refusal(url, path, limited.tokens["ada"])
+    assert status == 429
+    assert "users of this org" in body["detail"]
+    assert int(headers["retry-after"]) >= 1
+    # rival's user attaches, and its terminal is relayed as before the flood.
+    with limited.attach("eve", "eve") as user:
+        streams = limited.streams_of("eve")
+        assert len(streams) == 1
+        with _ws(url, f"/v1/agent/streams/{streams[0]['id']}", limited.node.credential) as agent:
+            user.send(b"typed")
+            assert agent.recv(timeout=10) == b"typed"
+
+
+@pytest.mark.parametrize("limited", [{"max_pending_streams_per_job": 3}], indirect=True)
+def test_streams_waiting_for_their_node_are_bounded_per_job(limited: Pool) -> None:
+    url, path = limited.served.url, f"/v1/jobs/{limited.jobs['ada']}/attach"
+    with ExitStack() as held:
+        for _ in range(3):
+            held.enter_context(limited.attach("ada", "ada"))
+        status, body, _ = _refusal(url, path, limited.tokens["ada"])
+        assert status == 429
+        assert "wait for its node" in body["detail"]
+        # Another org's job on the same node: its stream is admitted and reaches the node.
+        with limited.attach("eve", "eve"):
+            assert len(limited.streams_of("eve")) == 1
+        # Once the node has opened its sides, the job's streams no longer wait.
+        for stream in limited.streams_of("ada"):
+            held.enter_context(
+                _ws(url, f"/v1/agent/streams/{stream['id']}", limited.node.credential)
+            )
+
+        def admitted() -> bool:
+            try:
+                held.enter_context(limited.attach("ada", "ada"))
+            except InvalidStatus:
+                return False
+            return True
+
+        wait_for(admitted)
+
+
+@pytest.mark.parametrize("limited", [{"max_streams_per_user": 2}], indirect=True)
+def test_open_streams_are_bounded_per_user_and_the_cli_says_so_in_one_line(
+    limited: Pool,
+) -> None:
+    with limited.attach("ada", "ada"), limited.attach("ada", "ada"):
+        status, body, _ = _refusal(
+            limited.served.url, f"/v1/jobs/{limited.jobs['ada']}/attach", limited.tokens["ada"]
+        )
+        assert status == 429
+        assert "streams of yours are open" in body["detail"]
+        result = CliRunner().invoke(
+            cli_app,
+            ["attach", str(limited.jobs["ada"])],
+            env=limited.served.env(limited.tokens["ada"]),
+        )
+        assert result.exit_code != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "streams of yours are open" in lines[0]
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "limited", [{"agent_stream_rate_per_s": 0.001, "agent_stream_burst": 3}], indirect=True
+)
+def test_a_node_flooding_its_side_of_streams_is_bounded_before_lookup(limited: Pool) -> None:
+    url = limited.served.url
+    for _ in range(3):
+        assert _refusal(url, "/v1/agent/streams/" + "x" * 32, limited.node.credential)[0] == 404
+    status, _, headers = _refusal(url, "/v1/agent/streams/" + "x" * 32, limited.node.credential)
+    assert status == 429
+    assert int(headers["retry-after"]) >= 1
+
+
+def test_a_hub_flooded_by_one_job_still_asks_for_every_other_jobs_streams() -> None:
+    async def run() -> None:
+        hub = StreamHub()
+        for _ in range(MAX_TASKS_PER_HEARTBEAT + 50):
+            hub.request(job_id=1, task_id=10, node_id=5, kind="port", port=80)
+        other = hub.request(job_id=2, task_id=20, node_id=5, kind="attach")
+        asked = hub.for_node(5)
+        assert len(asked) == MAX_TASKS_PER_HEARTBEAT
+        assert other.id in {s.id for s in asked}
+
+    asyncio.run(run())
+
+
+def test_without_the_denial_extension_a_refusal_is_a_close_with_its_reason() -> None:
+    admission = Admission(Settings(stream_rate_per_s=0.001, stream_burst=1))
+    scope = {
+        "type": "websocket",
+        "path": "/v1/jobs/1/attach",
+        "query_string": b"",
+        "headers": [(b"authorization", b"Bearer abc")],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def run() -> tuple[bool, bool]:
+        return (
+            await admission.admit_websocket(scope, receive, send),
+            await admission.admit_websocket(scope, receive, send),
+        )
+
+    assert asyncio.run(run()) == (True, False)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert sent[1]["code"] == 1013
+    assert sent[1]["reason"].startswith("more than 0.001 streams per second")
+    assert len(sent[1]["reason"].encode()) <= 123
