@@ -143,13 +143,26 @@ def fold_arrays(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _hold(job: dict[str, Any]) -> str | bool:
+    """`False`, or the hold: its level, who held it and why (an admin hold: only an admin
+    releases it)."""
+    if not job.get("held"):
+        return False
+    level = job.get("hold_level") or "user"
+    by = f" by {job['held_by']}" if job.get("held_by") else ""
+    why = f": {job['hold_reason']}" if job.get("hold_reason") else ""
+    return f"{level} hold{by}{why}"
+
+
 def reason_of(job: dict[str, Any]) -> str:
     """A pending job's first reason word as the last cycle saw it; Slurm's `None` when no
     cycle has given one yet."""
     reason = job.get("pending_reason")
     if isinstance(reason, dict) and reason.get("code"):
         return str(reason["code"])
-    return "JobHeldUser" if job.get("held") else "None"
+    if job.get("held"):
+        return "JobHeldAdmin" if job.get("hold_level") == "admin" else "JobHeldUser"
+    return "None"
 
 
 def queue(
@@ -258,7 +271,7 @@ def describe(
         ("Priority", job["priority_class"] + (" preemptible" if job["preemptible"] else "")),
         ("Requeue", job.get("requeue")),
         ("Signal", job.get("signal")),
-        ("Held", job["held"]),
+        ("Held", _hold(job)),
         ("Submitted", f"{local_time(job['submitted_at'])} ({relative(job['submitted_at'], now)})"),
         ("Started", local_time(job.get("started_at"))),
         ("Ended", local_time(job.get("ended_at"))),
@@ -330,14 +343,19 @@ def explain(job_id: JobArg, output: OutputOption = Format.TABLE) -> None:
 
 
 def _act(
-    verb: str, path: str, job_ids: list[str], done: str | Callable[[dict[str, Any], str], str]
+    verb: str,
+    path: str,
+    job_ids: list[str],
+    done: str | Callable[[dict[str, Any], str], str],
+    body: dict[str, Any] | None = None,
 ) -> None:
-    """POST `path` for each job; a failure for one job is reported and the rest go on."""
+    """POST `path` (with `body`) for each job; a failure for one job is reported and the rest
+    go on."""
     failed = 0
     with connect() as client:
         for job_id in job_ids:
             try:
-                job = client.post(f"/v1/jobs/{job_id}/{path}")
+                job = client.post(f"/v1/jobs/{job_id}/{path}", body)
             except ApiError as exc:
                 failed += 1
                 if exc.status in (401, 403) and len(job_ids) == 1:
@@ -362,9 +380,35 @@ def _cancelled(job: dict[str, Any], ref: str) -> str:
     return f"Cancelling job {ref}: stopping its tasks ({job['state']})"
 
 
-def hold(job_ids: JobsArg) -> None:
-    """Keep pending jobs from starting until released."""
-    _act("hold", "hold", job_ids, "Held job {id}")
+def hold(
+    job_ids: JobsArg,
+    reason: Annotated[
+        str | None,
+        typer.Option("--reason", help="Why: shown by describe and explain, kept in the events."),
+    ] = None,
+    user_hold: Annotated[
+        bool,
+        typer.Option(
+            "--user",
+            help="For admins: a user hold, which the job's owner may release (an admin's "
+            "hold is an admin hold by default, which only an admin releases).",
+        ),
+    ] = False,
+) -> None:
+    """Keep pending jobs from starting until released.
+
+    An org admin's or a platform admin's hold is an admin hold (Slurm's `scontrol hold`): the
+    job's owner cannot release it. Anybody else's is a user hold (`scontrol uhold`)."""
+    body: dict[str, Any] = {}
+    if reason is not None:
+        body["reason"] = reason
+    if user_hold:
+        body["level"] = "user"
+    _act("hold", "hold", job_ids, _held, body or None)
+
+
+def _held(job: dict[str, Any], ref: str) -> str:
+    return f"Held job {ref} ({job.get('hold_level') or 'user'} hold)"
 
 
 def release(job_ids: JobsArg) -> None:

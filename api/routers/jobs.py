@@ -29,6 +29,7 @@ from api.schemas.jobs import (
     CancelRequest,
     EventPublic,
     EventsPublic,
+    HoldRequest,
     JobCreate,
     JobExplain,
     JobLogs,
@@ -40,7 +41,7 @@ from api.schemas.jobs import (
 from protocol.states import JobState
 from scheduler.db import Job, Org, User
 from scheduler.secretenv import masked, settings_cipher
-from scheduler.services import arrays, dependencies, jobupdate
+from scheduler.services import arrays, dependencies, holds, jobupdate
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
@@ -92,6 +93,9 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         requeue=job.requeue if job.requeue is not None else job.preemptible,
         signal=job.signal,
         held=job.held,
+        hold_level=holds.level_of(job),
+        held_by=job.held_by if job.held else None,
+        hold_reason=job.hold_reason if job.held else None,
         interactive=job.interactive,
         state=job.state,
         state_reason=job.state_reason,
@@ -419,7 +423,7 @@ async def update_job(
         time_limit_s=body.time_limit,
         name=body.name,
         hold=body.hold,
-        may_raise_time=principal.can_admin_org(job.org_id),
+        may_admin=principal.can_admin_org(job.org_id),
         max_time_limit_s=settings.max_time_limit_s,
         interactive_max_time_s=settings.interactive_max_time_s,
         actor=principal.actor,
@@ -466,15 +470,27 @@ async def cancel_job(
 
 @router.post("/{job_id}/hold")
 async def hold_job(
-    request: Request, job_id: JobRef, session: SessionDep, principal: UserPrincipal
+    request: Request,
+    job_id: JobRef,
+    session: SessionDep,
+    principal: UserPrincipal,
+    body: Annotated[HoldRequest | None, Body()] = None,
 ) -> JobPublic:
     """Keep a pending job (every pending element of an array `42`) from starting until it is
-    released."""
+    released. An org admin of the job's org or a platform admin places an admin hold (its
+    owner cannot release it; `level: "user"` asks for a user hold instead), anybody else a
+    user hold; a member asking for `level: "admin"` gets 403."""
     job = await _job_to_change(session, job_id, principal)
-    if arrays.names_array(job, job_id):
-        await arrays.hold_array(session, job, held=True, actor=principal.actor)
-    else:
-        await svc.set_held(session, job, held=True, actor=principal.actor)
+    await holds.change_hold(
+        session,
+        job,
+        hold=True,
+        whole_array=arrays.names_array(job, job_id),
+        actor=principal.actor,
+        may_admin=principal.can_admin_org(job.org_id),
+        level=body.level if body else None,
+        reason=body.reason if body else None,
+    )
     await session.commit()
     _notify(request, "hold")
     return await _read_public(session, job, principal)
@@ -484,12 +500,17 @@ async def hold_job(
 async def release_job(
     request: Request, job_id: JobRef, session: SessionDep, principal: UserPrincipal
 ) -> JobPublic:
-    """Let a held job (every held element of an array `42`) be scheduled again."""
+    """Let a held job (every held element of an array `42`) be scheduled again. A member may
+    release a user hold only: an admin hold is 403, naming who held it and why."""
     job = await _job_to_change(session, job_id, principal)
-    if arrays.names_array(job, job_id):
-        await arrays.hold_array(session, job, held=False, actor=principal.actor)
-    else:
-        await svc.set_held(session, job, held=False, actor=principal.actor)
+    await holds.change_hold(
+        session,
+        job,
+        hold=False,
+        whole_array=arrays.names_array(job, job_id),
+        actor=principal.actor,
+        may_admin=principal.can_admin_org(job.org_id),
+    )
     await session.commit()
     _notify(request, "release")
     return await _read_public(session, job, principal)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
@@ -175,7 +175,8 @@ class JobUpdate(InputModel):
     """Members may only lower it; org and platform admins may raise it up to the maximum."""
     name: Name | None = None
     hold: bool | None = None
-    """True holds it (`JobHeldUser`), False releases it."""
+    """True holds it (as `POST .../hold` without a body: an admin hold for org and platform
+    admins, else a user hold), False releases it (403 for a member and an admin hold)."""
 
 
 class JobReason(OutputModel):
@@ -219,6 +220,12 @@ class JobPublic(OutputModel):
     signal: str | None = None
     """The warning signal, `[B:]NAME@SECONDS` (`--signal`); null: none."""
     held: bool
+    hold_level: Literal["user", "admin"] | None = None
+    """A held job's hold: "admin" only an org or platform admin may release, "user" its owner
+    too; null when not held."""
+    held_by: str | None = None
+    """Who held it (`user:NAME`); null when not held or held at submission."""
+    hold_reason: str | None = None
     interactive: bool = False
     """Rank 0 runs under a pseudo-terminal (`run --pty`); `attach` connects to it."""
     state: JobState
@@ -302,3 +309,14 @@ class EventsPublic(OutputModel):
 
 class CancelRequest(InputModel):
     reason: Annotated[str, Printable, Field(max_length=1024)] | None = None
+
+
+class HoldRequest(InputModel):
+    """How to hold a job (`POST /v1/jobs/{id}/hold`); the body may be omitted."""
+
+    level: Literal["user", "admin"] | None = None
+    """"admin": only an org admin of the job's org or a platform admin may release it (only
+    they may ask for it); "user": its owner may. Omitted: "admin" for those admins, else
+    "user"."""
+    reason: Annotated[str, Printable, Field(max_length=1024)] | None = None
+    """Why, shown by `describe` and `explain` and in the hold's event."""

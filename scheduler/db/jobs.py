@@ -73,6 +73,12 @@ class Job(Base):
     # `--signal`, normalised as `[B:]NAME@SECONDS` (protocol/signals.py); None: no warning signal.
     signal: Mapped[str | None] = mapped_column(String(32))
     held: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Who may release a hold (scheduler/services/holds.py): "admin" only an org or platform
+    # admin; "user" or None (held at submission) its owner too. Who held it and why, for
+    # `describe` and `explain`; all three None while not held.
+    hold_level: Mapped[str | None] = mapped_column(String(8))
+    held_by: Mapped[str | None] = mapped_column(String(255))
+    hold_reason: Mapped[str | None] = mapped_column(String(1024))
     # `run --pty`: rank 0 runs under a pseudo-terminal that `attach` connects to (INTERACTIVE.md).
     interactive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     idempotency_key: Mapped[str | None] = mapped_column(String(128))

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import Table, func, insert, literal, select, update
+from sqlalchemy import Table, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
@@ -291,35 +291,6 @@ async def cancel_array(
     await session.flush()
     await session.refresh(job)
     return sorted(nodes)
-
-
-async def hold_array(session: AsyncSession, job: Job, *, held: bool, actor: str) -> None:
-    """Hold or release every pending element of `job`'s array in one statement."""
-    now = utcnow()
-    changed = (
-        await session.execute(
-            update(_JOBS)
-            .where(
-                _JOBS.c.array_job_id == job.array_job_id,
-                _JOBS.c.state == JobState.PENDING,
-                _JOBS.c.held.is_not(held),
-            )
-            .values(held=held)
-            .returning(_JOBS.c.id, _JOBS.c.org_id)
-        )
-    ).all()
-    if not changed:
-        pending = await session.scalar(
-            select(func.count()).where(
-                Job.array_job_id == job.array_job_id, Job.state == JobState.PENDING
-            )
-        )
-        if not pending:
-            verb = "held" if held else "released"
-            raise Conflict(f"only pending jobs can be {verb}; array {job.id} has none")
-    kind = "job.hold" if held else "job.release"
-    await _events(session, changed, now, actor=actor, reason=None, kind=kind)
-    await session.refresh(job)
 
 
 async def _events(

@@ -19,10 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.db import Job, Org, Task, User
 from scheduler.db import Node as NodeRow
+from scheduler.services import holds
 from scheduler.services.jobs import dependencies_of
 
 MAX_REASON_MESSAGE_CHARS = 200
-HELD = ("JobHeldUser", "held by a user")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,19 +48,26 @@ class ListedJob:
 def first_reason(job: Job) -> tuple[str, str] | None:
     """(code, short message) of the first reason a pending job waits, as the last cycle saw it.
 
-    A held job not yet looked at by a cycle waits for its release (as `explain` says); any
-    other job not yet looked at has no reason yet (None, Slurm's `(None)`).
+    A held job waits for its release, whatever the last cycle saw (`JobHeldUser` or
+    `JobHeldAdmin`, with who held it and why); any other job not yet looked at has no reason
+    yet (None, Slurm's `(None)`).
     """
     if job.state is not JobState.PENDING:
         return None
+    held = holds.hold_reason(job)
+    if held is not None:  # as it is now: a cycle may not have seen the hold (or the release)
+        return _clip(held["code"], held["message"])
     reasons: list[dict[str, Any]] = job.pending_reasons or []
     if reasons:
         first = reasons[0]
-        message = str(first.get("message", ""))
-        if len(message) > MAX_REASON_MESSAGE_CHARS:
-            message = message[: MAX_REASON_MESSAGE_CHARS - 1] + "…"
-        return str(first.get("code", "")), message
-    return HELD if job.held and job.pending_reasons is None else None
+        return _clip(str(first.get("code", "")), str(first.get("message", "")))
+    return None
+
+
+def _clip(code: str, message: str) -> tuple[str, str]:
+    if len(message) > MAX_REASON_MESSAGE_CHARS:
+        message = message[: MAX_REASON_MESSAGE_CHARS - 1] + "…"
+    return code, message
 
 
 async def list_jobs(

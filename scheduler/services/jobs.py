@@ -1,4 +1,4 @@
-"""Job use cases: submit (idempotent per user and key), find, cancel, hold, release, explain.
+"""Job use cases: submit (idempotent per user and key), find, cancel, explain (holds: holds.py).
 
 Services flush and never commit: the route owns the transaction. Visibility is passed in as
 `scope_org_id` (None = every org, for platform admins), so that a job of another org is simply
@@ -29,6 +29,7 @@ from scheduler.core.types import PolicyConfig
 from scheduler.db import Event, Job, JobDependency, Org, Task
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
+from scheduler.services import holds
 from scheduler.services.dependencies import AFTEROK, met
 from scheduler.services.errors import (
     Conflict,
@@ -505,31 +506,6 @@ async def cancel_job(
     return sorted(set(nodes))
 
 
-async def set_held(
-    session: AsyncSession, job: Job, *, held: bool, actor: str, now: datetime | None = None
-) -> None:
-    """Hold or release a pending job; the scheduler skips held jobs (reason `JobHeldUser`)."""
-    if job.state is not JobState.PENDING:
-        raise Conflict(
-            f"only pending jobs can be {'held' if held else 'released'}; job {job.id} is "
-            f"{job.state}",
-            state=str(job.state),
-        )
-    if job.held == held:
-        return
-    job.held = held
-    session.add(
-        Event(
-            at=now or utcnow(),
-            kind="job.hold" if held else "job.release",
-            job_id=job.id,
-            org_id=job.org_id,
-            actor=actor,
-        )
-    )
-    await session.flush()
-
-
 def explain(job: Job) -> dict[str, Any]:
     """Why the job waits and until when, as the last scheduling cycle saw it."""
     base: dict[str, Any] = {
@@ -549,10 +525,11 @@ def explain(job: Job) -> dict[str, Any]:
             f": {job.state_reason}" if job.state_reason else ""
         )
         return base
+    held = holds.hold_reason(job)
     if job.pending_reasons is None:
         base["message"] = "pending; no scheduling cycle has looked at this job yet"
-        if job.held:
-            base["reasons"] = [{"code": "JobHeldUser", "message": "held by a user", "details": {}}]
+        if held is not None:
+            base["reasons"] = [held]
         return base
     base["reasons"] = [
         {
@@ -562,6 +539,8 @@ def explain(job: Job) -> dict[str, Any]:
         }
         for r in job.pending_reasons
     ]
+    if held is not None:  # the hold as it is now, with who held it and why
+        base["reasons"] = [held, *(r for r in base["reasons"] if r["code"] != held["code"])]
     base["estimated_start_at"] = job.estimated_start_at
     codes = ", ".join(r["code"] for r in base["reasons"]) or "none"
     base["message"] = f"pending ({codes})"

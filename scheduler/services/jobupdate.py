@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.db import Event, Job
 from scheduler.db.types import utcnow
-from scheduler.services import arrays
+from scheduler.services import holds
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput
 from scheduler.services.interactivelimits import check_interactive_time
@@ -33,14 +33,15 @@ async def update_job(
     time_limit_s: int | None,
     name: str | None,
     hold: bool | None,
-    may_raise_time: bool,
+    may_admin: bool,
     max_time_limit_s: int,
     interactive_max_time_s: int,
     actor: str,
     now: datetime | None = None,
 ) -> None:
     """Apply the changes given (None: unchanged) to a pending job, or to every pending task of
-    its array when `whole_array`; 409 when there is none, 403 for a member raising the time,
+    its array when `whole_array` (`may_admin`: the caller administers the job's org); 409 when
+    there is none, 403 for a member raising the time or releasing an admin hold,
     422 beyond the maximum (for an interactive job, its org's interactive maximum)."""
     if job.state is not JobState.PENDING and not whole_array:
         raise Conflict(f"only pending jobs can be updated; job {job.id} is {job.state}")
@@ -51,7 +52,7 @@ async def update_job(
                 f"time limit {time_limit_s} s exceeds the maximum of {max_time_limit_s} s",
                 max_time_limit_s=max_time_limit_s,
             )
-        if time_limit_s > job.time_limit_s and not may_raise_time:
+        if time_limit_s > job.time_limit_s and not may_admin:
             raise Forbidden(
                 f"members may only lower a pending job's time limit ({job.time_limit_s} s); "
                 "an org admin may raise it"
@@ -85,9 +86,8 @@ async def update_job(
             )
         )
     if hold is not None:
-        if whole_array:
-            await arrays.hold_array(session, job, held=hold, actor=actor)
-        else:
-            await svc.set_held(session, job, held=hold, actor=actor)
+        await holds.change_hold(
+            session, job, hold=hold, whole_array=whole_array, actor=actor, may_admin=may_admin
+        )
     await session.flush()
     await session.refresh(job)
