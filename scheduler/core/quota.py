@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 from scheduler.core.types import Org, RunningJob
 
+_NEVER = 1 << 62  # more GPUs than any job asks for
+
 
 class OrgBooks:
     def __init__(self, orgs: Iterable[Org], capacity: dict[str, int]) -> None:
@@ -44,6 +46,7 @@ class OrgBooks:
         self.alloc: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
         # GPUs of jobs being preempted (sent before or this cycle): leaving, not yet gone.
         self.leaving: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
+        self._no_quota: dict[tuple[int, str], int] = {}  # (org, type) → fewest GPUs out of quota
 
     def add(self, org_id: int, gpu_type: str, gpus: int) -> None:
         for a in self.path.get(org_id, ()):
@@ -77,14 +80,22 @@ class OrgBooks:
 
     def in_quota(self, org_id: int, gpu_type: str, gpus: int) -> bool:
         """The job fits in its org's unused guarantee (and its guaranteed ancestors')."""
-        own = self.orgs[org_id].guaranteed.get(gpu_type, 0)
-        if self.alloc[org_id].get(gpu_type, 0) + gpus > own:
+        # Allocations only grow while the books live (one cycle): a size that did not fit
+        # never fits again, nor does a larger one. Most jobs of a busy cluster stop here.
+        key = (org_id, gpu_type)
+        if gpus >= self._no_quota.get(key, _NEVER):
             return False
-        for a in self.guarded[org_id]:
-            g = self.orgs[a].guaranteed.get(gpu_type)
-            if g is not None and g > 0 and self.alloc[a].get(gpu_type, 0) + gpus > g:
-                return False
-        return True
+        own = self.orgs[org_id].guaranteed.get(gpu_type, 0)
+        fits = self.alloc[org_id].get(gpu_type, 0) + gpus <= own
+        if fits:
+            for a in self.guarded[org_id]:
+                g = self.orgs[a].guaranteed.get(gpu_type)
+                if g is not None and g > 0 and self.alloc[a].get(gpu_type, 0) + gpus > g:
+                    fits = False
+                    break
+        if not fits:
+            self._no_quota[key] = gpus
+        return fits
 
     def limit_block(self, org_id: int, gpu_type: str, gpus: int) -> int | None:
         """The org on the path whose `limit` this job would break, or None."""
