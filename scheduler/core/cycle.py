@@ -84,7 +84,9 @@ class _Cycle:
         booked: dict[tuple[int, str], int] = {}
         leaving: dict[tuple[int, str], int] = {}
         preempting: list[RunningJob] = []
-        aged: list[tuple[RunningJob, int]] = []  # preemptible, past the minimum runtime
+        # Preemptible jobs past the minimum runtime, with their GPUs, grouped per (org, type)
+        # in running order: the victim candidates, scanned per type only when asked about.
+        aged: dict[tuple[int, str], list[tuple[RunningJob, int]]] = {}
         oldest = self.now - cfg.min_runtime_s
         for r in snap.running:
             n = 0
@@ -100,7 +102,11 @@ class _Cycle:
                 leaving[key] = leaving.get(key, 0) + n
                 preempting.append(r)
             elif r.preemptible and r.started_at <= oldest:
-                aged.append((r, n))
+                group = aged.get(key)
+                if group is None:
+                    aged[key] = [(r, n)]
+                else:
+                    group.append((r, n))
         self.index = FreeIndex(layout, held)
         self.books = OrgBooks(snap.orgs, self.index.capacity)
         self.books.add_totals(booked, leaving)

@@ -61,7 +61,7 @@ class Preemptor:
     def __init__(
         self,
         preempting: list[RunningJob],
-        aged: list[tuple[RunningJob, int]],
+        aged: dict[tuple[int, str], list[tuple[RunningJob, int]]],
         index: FreeIndex,
         books: OrgBooks,
         config: PolicyConfig,
@@ -82,14 +82,16 @@ class Preemptor:
         # GPUs booked to preemptors that have not started: not held yet, so not in standings.
         self.claims: list[tuple[int, str, int]] = []
         self._candidates: dict[str, list[RunningJob]] = {}
-        self._scanned: dict[str, list[RunningJob]] = {}
-        self._aged = aged  # running jobs not leaving, preemptible and past the minimum runtime
+        # Per (org, type): running jobs not leaving, preemptible and past the minimum runtime,
+        # with their GPUs, in running order (gathered in the cycle's one pass over running jobs).
+        # What a question needs is derived from them per org, when first asked.
+        self._aged = aged
         self._count: dict[int, int] = {}  # id() of a candidate → GPUs it holds
         self._lost: dict[int, float] = {}  # id() of a candidate → GPU-seconds a kill loses
+        self._counted: set[tuple[int, str]] = set()  # groups whose candidates are in both
         self.failed: dict[tuple[str, str | None, int, int, int, int], int] = {}
-        # Per (org, type), filled on demand: its candidates in running order, the same youngest
-        # first, and [lowest class, GPUs, candidates not yet chosen].
-        self._groups: dict[tuple[int, str], list[RunningJob]] = {}
+        # Per (org, type), on demand: its candidates youngest first, and [lowest class, GPUs,
+        # candidates not yet chosen].
         self._own: dict[tuple[int, str], list[RunningJob]] = {}
         self._stats: dict[tuple[int, str], list[int]] = {}
         self._victims: set[int] = set()  # id() of every victim committed this cycle
@@ -128,21 +130,21 @@ class Preemptor:
     def _stat(self, key: tuple[int, str]) -> list[int] | None:
         st = self._stats.get(key)
         if st is None:
-            grp = self._groups.get(key)
-            if grp is None:
+            grp = self._aged.get(key)
+            if grp is None or key[0] not in self.books.orgs:
                 return None
-            classes, count, victims = self.classes, self._count, self._victims
+            classes, victims = self.classes, self._victims
             st = self._stats[key] = [
-                min(classes.get(r.priority_class, 0) for r in grp),
-                sum(count[id(r)] for r in grp),
-                sum(1 for r in grp if id(r) not in victims),
+                min(classes.get(r.priority_class, 0) for r, _ in grp),
+                sum(n for _, n in grp),
+                sum(1 for r, _ in grp if id(r) not in victims),
             ]
         return st
 
     def has_lower(self, org_id: int, types: tuple[str, ...], cls: int) -> bool:
         """Whether the org runs a preemptible lower-class job, or has jobs leaving, on a type."""
         for t in types:
-            if t not in self._scanned:
+            if t not in self._shares:
                 self._scan(t)
             key = (org_id, t)
             st = self._stat(key)
@@ -152,7 +154,7 @@ class Preemptor:
 
     def own_lower_gpus(self, org_id: int, gpu_type: str, cls: int) -> int:
         """At most this many GPUs could its own lower-class jobs free (an upper bound)."""
-        if gpu_type not in self._scanned:
+        if gpu_type not in self._shares:
             self._scan(gpu_type)
         key = (org_id, gpu_type)
         leaving = self.own_incoming.get(key, 0)
@@ -173,59 +175,53 @@ class Preemptor:
             )
         return out
 
-    def _scan(self, gpu_type: str) -> list[RunningJob]:
-        """Preemptible jobs of the type old enough to preempt, in running order, grouped by org.
+    def _scan(self, gpu_type: str) -> None:
+        """Take the weighted shares that order the type's candidates, at the first question.
 
-        The weighted shares that order candidates are taken now, at the first question about
-        the type; the orders themselves are sorted only when a plan needs them.
+        Nothing per job is done here: a group's facts are derived when its org is asked about.
         """
-        out = self._scanned.get(gpu_type)
-        if out is not None:
-            return out
-        orgs = self.books.orgs
-        count, lost = self._count, self._lost
-        groups = self._groups
-        kill_at = self.now + self.config.preemption_grace_s
-        out = []
-        for r, n in self._aged:
-            if r.gpu_type == gpu_type and r.org_id in orgs:
-                out.append(r)
+        if gpu_type in self._shares:
+            return
+        orgs, books = self.books.orgs, self.books
+        self._shares[gpu_type] = {
+            o: books.weighted_share(o, gpu_type)
+            for o, t in self._aged
+            if t == gpu_type and o in orgs
+        }
+
+    def _group(self, key: tuple[int, str]) -> list[tuple[RunningJob, int]]:
+        """An org's candidates of a type with their GPUs; their counts and losses noted once."""
+        grp = self._aged.get(key, [])
+        if key not in self._counted:
+            self._counted.add(key)
+            count, lost = self._count, self._lost
+            kill_at = self.now + self.config.preemption_grace_s
+            for r, n in grp:
                 count[id(r)] = n
                 lost[id(r)] = n * work_lost_s(r, kill_at)
-                key = (r.org_id, gpu_type)
-                grp = groups.get(key)
-                if grp is None:
-                    groups[key] = [r]
-                else:
-                    grp.append(r)
-        self._scanned[gpu_type] = out
-        books = self.books
-        self._shares[gpu_type] = {
-            o: books.weighted_share(o, gpu_type) for o in {r.org_id for r in out}
-        }
-        return out
+        return grp
 
     def _own_order(self, org_id: int, gpu_type: str) -> list[RunningJob]:
         """The org's own candidates of the type, youngest first (then job id)."""
         key = (org_id, gpu_type)
         own = self._own.get(key)
         if own is None:
-            own = self._own[key] = sorted(self._groups.get(key, ()), key=_youngest_first)
+            own = self._own[key] = sorted((r for r, _ in self._group(key)), key=_youngest_first)
         return own
 
     def gpus_of(self, r: RunningJob) -> int:
-        """GPUs a candidate holds (counted once, when the candidates were scanned)."""
+        """GPUs a candidate holds (counted once, when its org's candidates were first read)."""
         return self._count[id(r)]
 
     def candidates(self, gpu_type: str) -> list[RunningJob]:
         """Preemptible jobs of the type old enough to preempt, most-over-share org first."""
         out = self._candidates.get(gpu_type)
         if out is None:
-            share = self._shares[gpu_type] if gpu_type in self._scanned else None
-            if share is None:
-                self._scan(gpu_type)
-                share = self._shares[gpu_type]
-            young = sorted(self._scanned[gpu_type], key=_youngest_first)
+            self._scan(gpu_type)
+            share = self._shares[gpu_type]
+            jobs = [r for o in share for r, _ in self._group((o, gpu_type))]
+            # Job ids are unique, so the youngest-first order does not depend on the groups'.
+            young = sorted(jobs, key=_youngest_first)
             # A stable sort of the youngest-first list: ties keep (-started_at, job_id) order.
             out = sorted(young, key=lambda r: -share[r.org_id])
             self._candidates[gpu_type] = out
@@ -250,8 +246,7 @@ class Preemptor:
             if not cands and not self._incoming_of(gpu_type):
                 return None
         else:
-            if gpu_type not in self._scanned:
-                self._scan(gpu_type)
+            self._scan(gpu_type)
             st = self._stat((job.org_id, gpu_type))
             if (st is None or st[0] >= cls) and not self.own_incoming.get((job.org_id, gpu_type)):
                 return None  # no lower-class job of its own org to preempt, none leaving
