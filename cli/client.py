@@ -8,13 +8,16 @@ is cli/connection.py (standard library only, for start-up time).
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cli.common import fail
 from cli.config import Credentials, login_command, resolve
-from cli.connection import Connection, Response, Timeout, TransportError
+from cli.connection import RESENDABLE, Connection, Response, Timeout, TransportError
 from protocol.transport import plain_http_refusal
 
 if TYPE_CHECKING:
@@ -26,14 +29,70 @@ EXIT_AUTH = 4
 EXIT_NOT_FOUND = 5
 
 
+RETRY_MAX_WAIT_S = 120.0
+"""The longest one request waits in all for the server's Retry-After (429, and 503 for a
+read), unless FAIRGPU_RETRY_MAX_S says otherwise (0: fail at once)."""
+RETRY_MAX_EACH_S = 60.0
+"""A Retry-After beyond this is waited as this (a server's mistake must not hang a command)."""
+
+
 class ApiError(Exception):
     """The server answered with an error; `detail` is the problem's human sentence."""
 
-    def __init__(self, status: int, detail: str, body: Any = None) -> None:
+    def __init__(
+        self, status: int, detail: str, body: Any = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{detail} (HTTP {status})")
         self.status = status
         self.detail = detail
         self.body = body
+        self.retry_after_s = retry_after_s
+        """The server's Retry-After in seconds, when it sent one (delay-seconds only)."""
+
+
+def retry_after_of(value: str | None) -> float | None:
+    """Retry-After as seconds; None when absent or an HTTP date (fairgpu sends seconds)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class Patience:
+    """How long a command still waits for a busy server: each refusal with Retry-After is
+    waited (bounded) with one line on stderr, until the budget is spent."""
+
+    def __init__(self, budget_s: float | None = None) -> None:
+        if budget_s is None:
+            budget_s = _retry_budget_s()
+        self.left_s = budget_s
+
+    def wait(self, exc: ApiError, what: str) -> bool:
+        """Slept as the server asked: True (try again). False: no Retry-After, or no time."""
+        if exc.retry_after_s is None or self.left_s <= 0:
+            return False
+        delay = min(max(exc.retry_after_s, 0.1), RETRY_MAX_EACH_S, self.left_s)
+        self.left_s -= delay
+        sys.stderr.write(
+            f"fairgpu: {what}: server busy (HTTP {exc.status}): {exc.detail}; "
+            f"retrying in {delay:g} s\n"
+        )
+        sys.stderr.flush()
+        time.sleep(delay)
+        return True
+
+
+def _retry_budget_s() -> float:
+    raw = os.environ.get("FAIRGPU_RETRY_MAX_S")
+    if raw is None:
+        return RETRY_MAX_WAIT_S
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        fail(f"FAIRGPU_RETRY_MAX_S={raw!r}: expected seconds (0: never wait)", 2)
 
 
 def problem_detail(response: Response) -> str:
@@ -86,17 +145,33 @@ class Client:
         json: Any = None,
         timeout_s: float | None = None,
     ) -> Any:
-        """Decoded JSON (None for 204); ApiError for any error reply; fail() when unreachable."""
-        try:
-            response = self._http.request(
-                method, path, params=params, json_body=json, timeout_s=timeout_s
+        """Decoded JSON (None for 204); ApiError for any error reply; fail() when unreachable.
+
+        A 429 (refused before anything was done) is sent again after the server's Retry-After,
+        as is a 503 of a read; within `Patience`, one line on stderr per wait."""
+        patience: Patience | None = None
+        while True:
+            try:
+                response = self._http.request(
+                    method, path, params=params, json_body=json, timeout_s=timeout_s
+                )
+            except Timeout:
+                fail(f"server {self.server} did not answer in time", EXIT_UNREACHABLE)
+            except TransportError as exc:
+                fail(f"cannot reach server {self.server}: {exc}", EXIT_UNREACHABLE)
+            if response.status < 400:
+                break
+            error = ApiError(
+                response.status,
+                problem_detail(response),
+                _safe_json(response),
+                retry_after_of(response.headers.get("retry-after")),
             )
-        except Timeout:
-            fail(f"server {self.server} did not answer in time", EXIT_UNREACHABLE)
-        except TransportError as exc:
-            fail(f"cannot reach server {self.server}: {exc}", EXIT_UNREACHABLE)
-        if response.status >= 400:
-            raise ApiError(response.status, problem_detail(response), _safe_json(response))
+            if response.status == 429 or (response.status == 503 and method in RESENDABLE):
+                patience = patience or Patience()
+                if patience.wait(error, f"{method} {path}"):
+                    continue
+            raise error
         if response.status == 204 or not response.content:
             return None
         try:

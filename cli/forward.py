@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.client import EXIT_AUTH, ApiError, connect, report
+from cli.client import EXIT_AUTH, ApiError, connect, report, retry_after_of
 from cli.common import fail
 from protocol.streams import FORWARD_PATH, MAX_FRAME_BYTES
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
     from cli.config import Credentials
 
+CONNECTION_PATIENCE_S = 10.0
+"""How long one local connection waits for the server's Retry-After before it is closed."""
 FATAL_STATUSES = (401, 403, 404)
 """A refused stream that no later connection can change: the command ends."""
 
@@ -127,7 +129,7 @@ class Forwarder:
         from protocol.tcpstream import splice
 
         try:
-            websocket = await self.open()
+            websocket = await self._open_when_admitted()
         except ApiError as exc:
             if exc.status in FATAL_STATUSES and self._stop is not None:
                 self.fatal = exc
@@ -144,6 +146,21 @@ class Forwarder:
             error = await splice(websocket, reader, writer)
         if error:
             _say(f"port-forward {self.job}: {error}")
+
+    async def _open_when_admitted(self) -> ClientConnection:
+        """The stream; a 429 (too many streams at once) is waited as the server says, up to
+        CONNECTION_PATIENCE_S for this connection, with one line each."""
+        patience_s = CONNECTION_PATIENCE_S
+        while True:
+            try:
+                return await self.open()
+            except ApiError as exc:
+                if exc.status != 429 or exc.retry_after_s is None or patience_s <= 0:
+                    raise
+                delay = min(max(exc.retry_after_s, 0.1), patience_s)
+                patience_s -= delay
+                _say(f"port-forward {self.job}: {exc.detail}; retrying in {delay:g} s")
+                await asyncio.sleep(delay)
 
     async def open(self) -> ClientConnection:
         """The stream; ApiError for the server's refusal (404, 403, 409...)."""
@@ -163,17 +180,19 @@ class Forwarder:
                 ssl=_tls(self.creds) if self.url.startswith("wss:") else None,
             )
         except InvalidStatus as exc:
-            raise refusal(exc.response.status_code, bytes(exc.response.body or b"")) from None
+            response = exc.response
+            retry_after = retry_after_of(response.headers.get("Retry-After"))
+            raise refusal(response.status_code, bytes(response.body or b""), retry_after) from None
 
 
-def refusal(status: int, body: bytes) -> ApiError:
+def refusal(status: int, body: bytes, retry_after_s: float | None = None) -> ApiError:
     """The server's problem answer to a handshake, as the CLI's other errors."""
     try:
         problem: Any = json.loads(body)
         detail = str(problem.get("detail") or problem.get("title"))
     except (ValueError, AttributeError):
         problem, detail = None, f"the server refused the stream (HTTP {status})"
-    return ApiError(status, detail, problem)
+    return ApiError(status, detail, problem, retry_after_s)
 
 
 def _say(line: str) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.client import ApiError, Client, connect, report
+from cli.client import ApiError, Client, Patience, connect, report
 from cli.common import fail
 from cli.parse import parse_duration, parse_env, parse_gpus, parse_memory
 
@@ -147,11 +147,14 @@ def _attach_when_ready(job_id: str, rank: int, *, retry: bool = True) -> int:
     creds = resolve()
     assert creds is not None  # api() has checked it
     deadline = time.monotonic() + START_GRACE_S
+    patience = Patience()  # a 429 (too many streams) is waited as the server says, bounded
     while True:
         try:
             websocket = open_stream(creds, job_id, rank)
             break
         except ApiError as exc:
+            if exc.status == 429 and patience.wait(exc, f"attach {job_id}"):
+                continue
             if not (retry and exc.status == 409 and time.monotonic() < deadline):
                 report(exc, f"attach {job_id}", server=creds.server)
         time.sleep(POLL_S)

@@ -24,7 +24,7 @@ import tty
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cli.client import ApiError
+from cli.client import ApiError, retry_after_of
 from cli.common import fail
 from protocol.streams import ATTACH_PATH, MAX_FRAME_BYTES
 
@@ -81,7 +81,8 @@ def open_stream(creds: Credentials, job: str, rank: int) -> ClientConnection:
             detail = str(body.get("detail") or body.get("title"))
         except (ValueError, AttributeError):
             body, detail = None, response.reason_phrase
-        raise ApiError(response.status_code, detail, body) from None
+        retry_after = retry_after_of(response.headers.get("Retry-After"))
+        raise ApiError(response.status_code, detail, body, retry_after) from None
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         fail(f"cannot open a terminal stream to {creds.server}: {exc}", EXIT_STREAM_ERROR)
 

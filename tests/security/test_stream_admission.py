@@ -199,16 +199,25 @@ def test_open_streams_are_bounded_per_user_and_the_cli_says_so_in_one_line(
         )
         assert status == 429
         assert "streams of yours are open" in body["detail"]
+        env = limited.served.env(limited.tokens["ada"])
         result = CliRunner().invoke(
-            cli_app,
-            ["attach", str(limited.jobs["ada"])],
-            env=limited.served.env(limited.tokens["ada"]),
+            cli_app, ["attach", str(limited.jobs["ada"])], env={**env, "FAIRGPU_RETRY_MAX_S": "0"}
         )
         assert result.exit_code != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert "streams of yours are open" in lines[0]
         assert "Traceback" not in result.output
+        # Given time, the CLI waits as the server says (one line each), then gives up.
+        result = CliRunner().invoke(
+            cli_app, ["attach", str(limited.jobs["ada"])], env={**env, "FAIRGPU_RETRY_MAX_S": "2"}
+        )
+        assert result.exit_code != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 3, result.stderr
+        assert all("server busy (HTTP 429)" in line for line in lines[:2])
+        assert "retrying in 1 s" in lines[0]
+        assert "streams of yours are open" in lines[2]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,60 @@
+"""The CLI honours Retry-After: a command refused with 429 waits as the server says (one line
+on stderr per wait) and goes on, within FAIRGPU_RETRY_MAX_S; with no time left it fails in one
+line. Real server (uvicorn on loopback) on SQLite and PostgreSQL, the real CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api.app import create_app
+from scheduler.settings import Settings
+from tests.cli.conftest import Served, seed_admin, serve_app
+
+
+@pytest.fixture
+def slow_changes(database_url: str, tmp_path: Path) -> Iterator[Served]:
+    """A server that lets one token make one change, then one every 2 s."""
+    settings = Settings(
+        database_url=database_url,
+        migrate_on_start=False,
+        change_rate_per_s=0.5,
+        change_burst=1,
+    )
+    token = seed_admin(database_url)
+    with serve_app(create_app(settings)) as url:
+        yield Served(url=url, admin_token=token, config_dir=tmp_path / "config")
+
+
+def test_a_refused_change_waits_as_told_then_succeeds(slow_changes: Served) -> None:
+    slow_changes.ok("org", "create", "acme")
+    started = time.monotonic()
+    result = slow_changes.run("org", "create", "rival")
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started >= 1.0  # it waited rather than hammered
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "POST /v1/orgs: server busy (HTTP 429)" in lines[0]
+    assert "retrying in 2 s" in lines[0]
+    assert "rival" in slow_changes.ok("org", "list")
+
+
+def test_without_patience_a_429_is_one_line_and_a_failure(
+    slow_changes: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_changes.ok("org", "create", "acme")
+    monkeypatch.setenv("FAIRGPU_RETRY_MAX_S", "0")
+    result = slow_changes.run("org", "create", "rival")
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "(HTTP 429)" in lines[0]
+    monkeypatch.setenv("FAIRGPU_RETRY_MAX_S", "soon")
+    result = slow_changes.run("org", "list")
+    assert result.exit_code == 0  # a read that is not refused never looks at it
+    result = slow_changes.run("org", "create", "rival")
+    assert result.exit_code == 2
+    assert "FAIRGPU_RETRY_MAX_S='soon'" in result.stderr
