@@ -18,6 +18,7 @@ from api.authcache import AuthCache
 from api.direct import DirectRoutes, Handler, send_problem
 from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
+from api.relaylisten import relay_listener
 from api.routers import (
     agent,
     forward,
@@ -154,7 +155,10 @@ def create_app(
             app.state.engine = engine
             app.state.sessionmaker = sessionmaker
             app.state.runtime = runtime
-            app.state.streams = StreamHub()
+            app.state.streams = hub = StreamHub(sessionmaker, relay_url=settings.server_relay_url)
+            carry_streams = getattr(runtime, "carry_streams", None)
+            if carry_streams is not None:  # a test's runtime may not
+                carry_streams(hub)
             heartbeats = Heartbeats(
                 settings,
                 sessionmaker,
@@ -163,8 +167,9 @@ def create_app(
                 streams=app.state.streams,
             )
             app.state.heartbeats = heartbeats
-            async with _direct_routes(app, settings, engine, heartbeats):
+            async with _direct_routes(app, settings, engine, heartbeats), relay_listener(hub):
                 await runtime.start()
+                await hub.start()
                 if freeze_heap:
                     # What start-up built lives as long as the process: keep it out of every
                     # full garbage collection, each of which would otherwise scan it all while
@@ -181,6 +186,7 @@ def create_app(
                 try:
                     yield
                 finally:
+                    await hub.stop()
                     await runtime.stop()
         finally:
             await engine.dispose()

@@ -87,6 +87,10 @@ def server(
         else:
             metrics_dir = tempfile.mkdtemp(prefix="fairgpu-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if workers > 1 and settings.server_relay_url is None:
+        # The workers share the users' port: each takes a loopback port of its own for the
+        # interactive streams the others hand over (api/relaylisten.py).
+        settings = settings.model_copy(update={"server_relay_url": "http://127.0.0.1:0"})
     scheduler: SchedulerProcess | None = None
     if separate:
         scheduler = SchedulerProcess(settings, log_level=log_level)

@@ -96,6 +96,15 @@ class Settings(BaseSettings):
         "made through another replica takes effect within this time; 0 checks every request.",
     )
 
+    server_relay_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#\s]+$",
+        description="How the other server processes reach this one to hand over the node's "
+        "side of an interactive stream (docs/INTERACTIVE.md): http(s)://HOST:PORT, an address "
+        "of this replica (in Kubernetes its pod IP) that every other replica can reach. Port 0: "
+        "this process listens on a port of its own on HOST (each worker of `--workers N`). "
+        "Unset: the address a user's stream reached this process at, right for one process.",
+    )
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the server listens on.")
 

@@ -2,9 +2,12 @@
 
     WS /v1/jobs/{job}/attach?rank=N           Authorization: Bearer <user token>
     WS /v1/agent/streams/{id}                 Authorization: Bearer <node credential>
+    WS /v1/relay/streams/{id}                 Authorization: Bearer <relay secret>
 
-The user side registers a pending stream (services/streams.py) and wakes the node's long-poll;
-the agent, told in its heartbeat reply, opens the agent side outbound. Nodes never listen. The
+The user side opens a stream row (services/streams.py) naming this process and wakes the
+node's long-poll; the agent, told in a heartbeat reply by whichever process answers it, opens
+the agent side outbound, on whichever process it reaches. That process claims the stream and,
+when another one holds the user's side, relays to it (the third route). Nodes never listen. The
 frames are those of protocol/streams.py; docs/INTERACTIVE.md has the whole design.
 """
 
@@ -17,10 +20,12 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
+from api.relayhop import RELAY_PATH, carry, connect_holder
 from api.routers.jobs import scope_of
 from api.streamlimits import StreamLimits, Ticket
 from api.streammetrics import StreamMeter
@@ -90,7 +95,8 @@ async def deny(websocket: WebSocket, error: DomainError) -> None:
 async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
     """Attach to a running job's terminal (rank 0 of a `run --pty` job). The job's owner, an
     org-admin of its org or a platform admin: a member who is not the owner gets 403, another
-    org's user 404. Every attach is an event on the job. Frames: protocol/streams.py."""
+    org's user 404. Every attach is an event on the job; a terminal has at most 8 clients
+    (429 beyond). Frames: protocol/streams.py."""
     limits: StreamLimits = websocket.app.state.stream_limits
     with contextlib.ExitStack() as held:
         try:
@@ -109,69 +115,110 @@ async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
                     limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
                 )
                 interactive.record_attach(session, target, actor=principal.actor)
+                stream = await open_stream(websocket, session, target, "attach")
                 await session.commit()
         except DomainError as error:
             await deny(websocket, error)
             return
-        await relay_to_agent(websocket, target, "attach", ticket=ticket)
+        await relay_to_agent(websocket, stream, ticket=ticket)
 
 
-async def relay_to_agent(
+async def open_stream(
     websocket: WebSocket,
+    session: AsyncSession,
     target: AttachTarget,
     kind: StreamKind,
     port: int | None = None,
-    *,
-    ticket: Ticket,
-) -> None:
-    """Ask the node's agent for its side of the stream, accept the user's, and relay; the
-    stream stops counting as pending (`ticket`) once the agent came or the wait ended."""
+) -> PendingStream:
+    """The stream's row, in the caller's transaction, naming this process as its holder."""
     hub: StreamHub = websocket.app.state.streams
-    stream = hub.request(
-        job_id=target.job_id,
-        task_id=target.task_id,
-        node_id=target.node_id,
-        kind=kind,
-        port=port,
-    )
-    runtime: SchedulerRuntime = websocket.app.state.runtime
-    runtime.wake_nodes([target.node_id])
-    await websocket.accept()
+    return await hub.open(session, target, kind, holder_url=relay_url(websocket), port=port)
+
+
+def relay_url(websocket: WebSocket) -> str:
+    """Where the other server processes reach this one (`FAIRGPU_SERVER_RELAY_URL`), else the
+    address this connection reached it at: right when one process serves alone."""
+    hub: StreamHub = websocket.app.state.streams
+    if hub.relay_url is not None:
+        return hub.relay_url
+    host, port = websocket.scope.get("server") or ("127.0.0.1", 80)
+    scheme = "https" if websocket.url.scheme == "wss" else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+async def relay_to_agent(websocket: WebSocket, stream: PendingStream, *, ticket: Ticket) -> None:
+    """Ask the node's agent for its side of the committed stream, accept the user's, and
+    relay; the stream stops counting as pending (`ticket`) once the agent came or the wait
+    ended, and its row goes when it ends."""
+    hub: StreamHub = websocket.app.state.streams
+    hub.publish(stream)
     try:
-        agent = await asyncio.wait_for(asyncio.shield(stream.agent), AGENT_WAIT_S)
-        ticket.claimed()
-    except TimeoutError:
-        hub.cancel(stream)
-        await _fail(
-            websocket,
-            f"the node's agent did not open the stream within {AGENT_WAIT_S:g} s (its node may "
-            "be down; a server of several processes relays only when one process holds both "
-            "sides, docs/INTERACTIVE.md)",
-        )
-        return
-    try:
-        await _relay(websocket, agent, stream)
+        runtime: SchedulerRuntime = websocket.app.state.runtime
+        runtime.wake_nodes([stream.node_id])
+        await websocket.accept()
+        try:
+            agent = await asyncio.wait_for(asyncio.shield(stream.agent), AGENT_WAIT_S)
+            ticket.claimed()
+        except TimeoutError:
+            await _fail(
+                websocket,
+                f"the node's agent did not open the stream within {AGENT_WAIT_S:g} s (its node "
+                "may be down, or the server processes cannot reach each other: "
+                "FAIRGPU_SERVER_RELAY_URL, docs/OPERATIONS.md)",
+            )
+            return
+        try:
+            await _relay(websocket, agent, stream)
+        finally:
+            stream.done.set()
     finally:
-        stream.done.set()
+        if not stream.agent.done():
+            stream.agent.cancel()  # an agent's side arriving now is turned away
+        await hub.end(stream)
 
 
 @router.websocket("/v1/agent/streams/{stream_id}")
 async def agent_stream(websocket: WebSocket, stream_id: str) -> None:
     """The agent's side of a stream the heartbeat reply asked it to open; only the node the
-    stream is for may open it (404 otherwise, also for a user token)."""
+    stream is for may open it, once (404 otherwise, also for a user token). A stream whose
+    user's side another server process holds is relayed there (api/relayhop.py)."""
     try:
         principal = await _principal(websocket)
         hub: StreamHub = websocket.app.state.streams
         node_id = principal.node_id if principal.kind == "agent" else None
-        stream = hub.claim(stream_id, node_id) if node_id is not None else None
-        if stream is None:
+        claim = await hub.claim(stream_id, node_id) if node_id is not None else None
+        if claim is None:
             raise NotFound("no such stream for this node")
+        holder = await connect_holder(claim) if claim.holder_id != hub.holder_id else None
     except DomainError as error:
         await deny(websocket, error)
         return
+    if holder is not None:
+        await carry(websocket, holder)
+    else:
+        await _hand_over(websocket, claim.local)
+
+
+@router.websocket(RELAY_PATH)
+async def relay_hop(websocket: WebSocket, stream_id: str) -> None:
+    """Another server process's hop for a stream this one holds: the node's agent reached
+    that process. Only with the secret that process chose when it claimed the stream for the
+    node (its hash is in the stream's row); anything else is 404, whoever asks."""
+    hub: StreamHub = websocket.app.state.streams
+    secret = parse_bearer(websocket.headers.get("authorization", ""))
+    stream = hub.local(stream_id)
+    if secret is None or stream is None or not await hub.relay_secret_ok(stream_id, secret):
+        await deny(websocket, NotFound("no such stream here"))
+        return
+    await _hand_over(websocket, stream)
+
+
+async def _hand_over(websocket: WebSocket, stream: PendingStream | None) -> None:
+    """The agent's side (or the hop carrying it) to the waiting user's side, until the relay
+    ends."""
     await websocket.accept()
-    if stream.agent.done():  # the user side gave up meanwhile
-        await websocket.close()
+    if stream is None or stream.agent.done():  # the user's side gave up meanwhile
+        await _fail(websocket, "the user's side of this stream has left")
         return
     stream.agent.set_result(websocket)
     await stream.done.wait()

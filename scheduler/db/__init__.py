@@ -22,6 +22,7 @@ from scheduler.db.models import (
     Site,
     User,
 )
+from scheduler.db.streams import Stream
 
 __all__ = [
     "Allocation",
@@ -39,6 +40,7 @@ __all__ = [
     "Quota",
     "SchedulerLease",
     "Site",
+    "Stream",
     "Task",
     "UsageRecord",
     "User",

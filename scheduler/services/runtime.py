@@ -38,6 +38,7 @@ from scheduler.services.accounting import bucket_start
 from scheduler.services.heartbeat.buffer import FlushResult, HeartbeatBuffer
 from scheduler.services.logretention import LogRetention
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
+from scheduler.services.streams import StreamHub
 from scheduler.services.wakeups import Wakeups
 from scheduler.settings import Settings
 
@@ -87,6 +88,8 @@ class SchedulerRuntime:
         )  # liveness and samples of quiet heartbeats, flushed in batches
         self._flusher: asyncio.Task[None] | None = None
         self.wakeups: Wakeups | None = None
+        self._streams: StreamHub | None = None
+        self._resyncs: set[asyncio.Task[None]] = set()
         if self.lease.is_postgres:
             self.wakeups = Wakeups(
                 asyncpg_dsn(settings.database_url),
@@ -150,6 +153,8 @@ class SchedulerRuntime:
         self._node_events.clear()
         if self.wakeups is not None:
             await self.wakeups.stop()
+        for resync in list(self._resyncs):
+            resync.cancel()
         if self.lease.held and not self.lease.is_postgres:
             with contextlib.suppress(Exception):
                 async with self.sessionmaker() as session:
@@ -181,6 +186,21 @@ class SchedulerRuntime:
             if event is not None:
                 event.set()
 
+    def carry_streams(self, hub: StreamHub) -> None:
+        """Interactive streams waiting for a node go out in its heartbeat replies from every
+        process (services/streams.py): on PostgreSQL, through the wake-up channel."""
+        if self.wakeups is None:
+            return
+        self._streams = hub
+        hub.announce = self.wakeups.announce_stream
+        self.wakeups.on_streams = lambda payload: self._wake_local(hub.heard(payload))
+
+    async def _resync_streams(self, hub: StreamHub) -> None:
+        try:
+            self._wake_local(await hub.resync())
+        except Exception:  # the streams' own 15 s timeout bounds what is lost
+            log.exception("could not reload the waiting streams")
+
     def _heard_cycle(self) -> None:
         if self._task is not None:  # only a process that runs cycles cares
             self._wake.set()
@@ -190,6 +210,10 @@ class SchedulerRuntime:
         again and every held long-poll re-checks the database."""
         self._heard_cycle()
         self._wake_local(list(self._node_events))
+        if self._streams is not None:
+            resync = asyncio.create_task(self._resync_streams(self._streams))
+            self._resyncs.add(resync)
+            resync.add_done_callback(self._resyncs.discard)
 
     async def flush_heartbeats(self) -> FlushResult:
         """Write buffered liveness and samples now (the loop does it every flush interval)."""

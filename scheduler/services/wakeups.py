@@ -10,6 +10,10 @@ held by other processes. Two channels carry the news:
 - `fairgpu_nodes`: there is work for these nodes (the payload lists their ids). Every process
   releases the long-polls it holds for them, so a started task reaches its agent in
   milliseconds rather than at the next re-check (`long_poll_recheck_s`).
+- `fairgpu_streams`: an interactive stream waits for its node's agent, or no longer does (a
+  small JSON payload, scheduler/services/streams.py): every process then carries it in that
+  node's heartbeat replies, whichever process holds the user's side. Sent before the node
+  wake-ups queued with it, so that a released long-poll finds it.
 
 Each process keeps one connection for both (LISTEN and the NOTIFYs it sends, autocommit). A
 notification from our own connection is ignored: it was acted on locally already. When the
@@ -33,9 +37,11 @@ log = logging.getLogger("fairgpu.scheduler")
 
 CYCLE_CHANNEL = "fairgpu_cycle"
 NODES_CHANNEL = "fairgpu_nodes"
+STREAMS_CHANNEL = "fairgpu_streams"
 # PostgreSQL refuses payloads of 8,000 bytes or more; node ids go out in chunks below that.
 MAX_PAYLOAD_BYTES = 7_900
 CONNECT_TIMEOUT_S = 10.0
+MAX_QUEUED_STREAMS = 1_000
 
 
 def node_payloads(node_ids: Iterable[int]) -> list[str]:
@@ -88,6 +94,9 @@ class Wakeups:
         self._task: asyncio.Task[None] | None = None
         self._own_pid: int | None = None
         self._lost = asyncio.Event()  # the current connection was terminated
+        self._streams: list[str] = []
+        self.on_streams: Callable[[str], None] | None = None
+        """Called with each `fairgpu_streams` payload from another process."""
 
     # -- what the process asks for --------------------------------------------------------------
 
@@ -102,6 +111,15 @@ class Wakeups:
         self._nodes.update(node_ids)
         if len(self._nodes) != before:
             self._pending.set()
+
+    def announce_stream(self, payload: str) -> None:
+        """Tell every other process about a stream (services/streams.py; in order, never
+        blocks)."""
+        self._streams.append(payload)
+        # While the connection is down the others resync from the rows when theirs returns;
+        # what is queued here only has to be bounded.
+        del self._streams[:-MAX_QUEUED_STREAMS]
+        self._pending.set()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -136,6 +154,7 @@ class Wakeups:
                 self._own_pid = conn.get_server_pid()
                 await conn.add_listener(CYCLE_CHANNEL, self._heard)
                 await conn.add_listener(NODES_CHANNEL, self._heard)
+                await conn.add_listener(STREAMS_CHANNEL, self._heard)
                 self.connected.set()
                 # Whatever was sent while we were not listening is lost: look again.
                 self.on_reconnect()
@@ -157,7 +176,7 @@ class Wakeups:
         next_cycle_at = 0.0
         while not self._stopping and not lost.is_set():
             timeout: float | None = None  # nothing to send: wait for a request
-            if self._nodes:
+            if self._nodes or self._streams:
                 timeout = 0.0
             elif self._cycle_wanted:
                 timeout = max(0.0, next_cycle_at - time.monotonic())
@@ -167,6 +186,10 @@ class Wakeups:
             self._pending.clear()
             if self._stopping or lost.is_set():
                 return
+            while self._streams:
+                await conn.execute("SELECT pg_notify($1, $2)", STREAMS_CHANNEL, self._streams[0])
+                self._streams.pop(0)
+                self.sent += 1
             if self._nodes:
                 nodes, self._nodes = self._nodes, set()
                 try:
@@ -197,3 +220,5 @@ class Wakeups:
             self.on_cycle()
         elif channel == NODES_CHANNEL:
             self.on_nodes(parse_node_payload(payload))
+        elif channel == STREAMS_CHANNEL and self.on_streams is not None:
+            self.on_streams(payload)

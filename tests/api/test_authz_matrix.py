@@ -46,6 +46,8 @@ CHECKED_ELSEWHERE: dict[tuple[str, str], str] = {
     "test_only_the_owner_and_org_admins_attach",
     ("WEBSOCKET", "/v1/agent/streams/{stream_id}"): "tests/cli/test_interactive_streams.py::"
     "test_only_its_node_opens_a_stream_and_the_relay_carries_frames",
+    ("WEBSOCKET", "/v1/relay/streams/{stream_id}"): "tests/cli/test_relay_replicas.py::"
+    "test_a_stream_held_by_a_reaches_the_agent_through_b",
     ("WEBSOCKET", "/v1/jobs/{job_id}/forward"): "tests/cli/test_port_forward.py::"
     "test_another_orgs_port_on_the_same_node_is_refused",
 }

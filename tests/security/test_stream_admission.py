@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from typer.testing import CliRunner
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -233,16 +234,18 @@ def test_a_node_flooding_its_side_of_streams_is_bounded_before_lookup(limited: P
 
 
 def test_a_hub_flooded_by_one_job_still_asks_for_every_other_jobs_streams() -> None:
-    async def run() -> None:
-        hub = StreamHub()
-        for _ in range(MAX_TASKS_PER_HEARTBEAT + 50):
-            hub.request(job_id=1, task_id=10, node_id=5, kind="port", port=80)
-        other = hub.request(job_id=2, task_id=20, node_id=5, kind="attach")
-        asked = hub.for_node(5)
-        assert len(asked) == MAX_TASKS_PER_HEARTBEAT
-        assert other.id in {s.id for s in asked}
+    hub = StreamHub(async_sessionmaker())  # the waiting streams are in memory: no database
 
-    asyncio.run(run())
+    def waiting(stream_id: str, job_id: int, kind: str) -> None:
+        news = {"op": "open", "node": 5, "job": job_id, "id": stream_id, "task_id": job_id * 10}
+        assert hub.heard(json.dumps({**news, "kind": kind, "port": 80})) == [5]
+
+    for i in range(MAX_TASKS_PER_HEARTBEAT + 50):
+        waiting(f"flood-{i:04d}-of-job-one", 1, "port")
+    waiting("the-other-jobs-stream", 2, "attach")
+    asked = hub.for_node(5)
+    assert len(asked) == MAX_TASKS_PER_HEARTBEAT
+    assert "the-other-jobs-stream" in {s.id for s in asked}
 
 
 def test_without_the_denial_extension_a_refusal_is_a_close_with_its_reason() -> None:

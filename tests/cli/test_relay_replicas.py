@@ -1,0 +1,273 @@
+"""Interactive streams across server replicas: two servers on loopback sharing one PostgreSQL
+database, the node's agent heartbeating to B while the CLI attaches through A, so that every
+stream's agent side reaches a process that does not hold its user side and is relayed there
+(api/relayhop.py). Also the walls: the relay route takes only the claiming replica's secret,
+a node claims only its own streams, once; the per-job caps count every replica's streams; and
+a holder that is gone ends the agent's stream cleanly and the CLI with one line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from api.app import create_app
+from scheduler.db import Stream
+from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.settings import Settings
+from tests.cli.conftest import Served, seed_admin, serve_app, simulated_agent, wait_for
+from tests.cli.test_interactive import REMOTE, Terminal, fairgpu
+from tests.cli.test_interactive_streams import FakeAgent, _refused, _ws
+from tests.conftest import run_async
+
+pytestmark = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+FAIRGPU = str(Path(sys.executable).parent / "fairgpu")
+
+
+def _settings(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        migrate_on_start=False,
+        cycle_interval_s=0.5,
+        heartbeat_long_poll_s=1.0,
+    )
+
+
+@pytest.fixture
+def replicas(database_url: str, tmp_path: Path) -> Iterator[tuple[Served, Served]]:
+    """Replica A and replica B, in threads: each holds the user sides that reach it."""
+    token = seed_admin(database_url)
+    with (
+        serve_app(create_app(_settings(database_url))) as url_a,
+        serve_app(create_app(_settings(database_url))) as url_b,
+    ):
+        yield (
+            Served(url=url_a, admin_token=token, config_dir=tmp_path / "a"),
+            Served(url=url_b, admin_token=token, config_dir=tmp_path / "b"),
+        )
+
+
+def _owner(served: Served) -> str:
+    served.ok("org", "create", "acme")
+    served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")
+    made = served.ok("user", "create", "ada", "--org", "acme", "--token", "-o", "json")
+    return str(json.loads(made)["token"])
+
+
+def _running_interactive_job(served: Served, owner: str, node: FakeAgent) -> dict[str, Any]:
+    response = httpx.post(
+        served.url + "/v1/jobs",
+        json={"command": ["bash"], "gpus_per_node": 1, "time_limit": 600, "interactive": True},
+        headers={"Authorization": f"Bearer {owner}"},
+    )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    starts: list[dict[str, Any]] = []
+
+    def started() -> bool:
+        starts.extend(s for s in node.heartbeat(wait_s=1)["start"] if s["job_id"] == job_id)
+        return bool(starts)
+
+    wait_for(started)
+    at = datetime.now(UTC).isoformat()
+    report = {
+        "task_id": starts[0]["task_id"],
+        "job_id": job_id,
+        "state": "running",
+        "started_at": at,
+    }
+    node.heartbeat(tasks=[report])
+    return {"job_id": job_id, "task_id": starts[0]["task_id"], "report": report}
+
+
+def test_a_stream_held_by_a_reaches_the_agent_through_b(
+    replicas: tuple[Served, Served], database_url: str
+) -> None:
+    a, b = replicas
+    owner = _owner(a)
+    node = FakeAgent(b, "n1")
+    other = FakeAgent(b, "n2")
+    job = _running_interactive_job(a, owner, node)
+
+    with _ws(a, f"/v1/jobs/{job['job_id']}/attach", owner) as user:
+        # B carries A's stream in n1's heartbeat replies (A told it through PostgreSQL).
+        found: list[dict[str, Any]] = []
+        wait_for(lambda: found.extend(node.heartbeat(tasks=[job["report"]])["streams"]) or found)
+        assert [s["task_id"] for s in found] == [job["task_id"]]
+        stream_id = found[0]["id"]
+        relay = f"/v1/relay/streams/{stream_id}"
+        # Nobody reaches the holder's relay route without the claimer's secret.
+        for token in (owner, node.credential, a.admin_token, "x" * 43):
+            assert _refused(a, relay, token) == 404
+        path = f"/v1/agent/streams/{stream_id}"
+        assert _refused(b, path, owner) == 404  # a user token
+        assert _refused(b, path, other.credential) == 404  # another node
+        assert _refused(a, path, other.credential) == 404
+        with _ws(b, path, node.credential) as agent:  # B claims it and hops to A
+            user.send(b"typed")
+            assert agent.recv(timeout=10) == b"typed"
+            user.send(json.dumps({"type": "resize", "rows": 5, "cols": 7}))
+            assert json.loads(agent.recv(timeout=10)) == {"type": "resize", "rows": 5, "cols": 7}
+            agent.send(b"printed")
+            assert user.recv(timeout=10) == b"printed"
+            # Claimed: the secret B chose is not for anybody else, nor a second claim.
+            assert _refused(a, relay, node.credential) == 404
+            assert _refused(a, path, node.credential) == 404
+            agent.send(json.dumps({"type": "exit", "code": 7}))
+            assert json.loads(user.recv(timeout=10)) == {"type": "exit", "code": 7}
+    assert _refused(b, path, node.credential) == 404
+    wait_for(lambda: _stream_rows(database_url) == 0)  # the holder deleted its row
+
+
+def _stream_rows(database_url: str) -> int:
+    async def count() -> int:
+        engine = make_engine(database_url)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return len(list(await session.scalars(select(Stream))))
+        finally:
+            await engine.dispose()
+
+    return run_async(count)
+
+
+def test_the_caps_count_every_replicas_streams(
+    replicas: tuple[Served, Served], database_url: str
+) -> None:
+    a, b = replicas
+    owner = _owner(a)
+    node = FakeAgent(b, "n1")
+    job = _running_interactive_job(a, owner, node)
+    attach = f"/v1/jobs/{job['job_id']}/attach"
+    with contextlib.ExitStack() as users:
+        for i in range(8):
+            users.enter_context(_ws(a if i % 2 else b, attach, owner))
+        assert _stream_rows(database_url) == 8
+        assert _refused(a, attach, owner) == 429  # 8 clients per terminal, four through each
+        assert _refused(b, attach, owner) == 429
+
+
+def test_a_holder_that_is_gone_refuses_the_agent_with_502(
+    replicas: tuple[Served, Served], database_url: str
+) -> None:
+    a, b = replicas
+    owner = _owner(a)
+    node = FakeAgent(b, "n1")
+    job = _running_interactive_job(a, owner, node)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nobody listens there
+
+    async def orphan() -> None:  # what a replica killed while its stream waited leaves
+        engine = make_engine(database_url)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                now = datetime.now(UTC)
+                session.add(
+                    Stream(
+                        id="orphan" + "x" * 26,
+                        job_id=job["job_id"],
+                        task_id=job["task_id"],
+                        node_id=1,
+                        rank=0,
+                        kind="attach",
+                        holder_id="gone",
+                        holder_url=gone,
+                        expires_at=now + timedelta(seconds=30),
+                        alive_at=now,
+                    )  # fmt: skip
+                )
+                await session.commit()
+        finally:
+            await engine.dispose()
+
+    run_async(orphan)
+    assert _refused(b, "/v1/agent/streams/orphan" + "x" * 26, node.credential) == 502
+
+
+def test_the_cli_attaches_through_a_while_the_agent_reports_to_b(
+    replicas: tuple[Served, Served], tmp_path: Path
+) -> None:
+    a, b = replicas
+    owner = _owner(a)
+    with simulated_agent(b, tmp_path):
+        code, out, err = fairgpu(
+            a, owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
+            "bash", "-c", "stty size; echo gpus=$CUDA_VISIBLE_DEVICES; exit 3",
+        )  # fmt: skip
+    assert code == 3, (out, err)
+    lines = out.replace("\r", "").splitlines()
+    assert "31 97" in lines, out
+    assert "gpus=0" in lines, out
+
+
+def test_the_holder_killed_ends_the_cli_with_one_line_and_b_attaches_again(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Replica A as a real `fairgpu server` process, killed with SIGKILL mid-session."""
+    token = seed_admin(database_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "FAIRGPU_DATABASE_URL": database_url,
+        "FAIRGPU_MIGRATE_ON_START": "false",
+        "FAIRGPU_CYCLE_INTERVAL_S": "0.5",
+        "FAIRGPU_HEARTBEAT_LONG_POLL_S": "1",
+    }
+    holder = subprocess.Popen(
+        [FAIRGPU, "server", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        a = Served(url=f"http://127.0.0.1:{port}", admin_token=token, config_dir=tmp_path / "a")
+        wait_for(lambda: _up(a.url))
+        with serve_app(create_app(_settings(database_url))) as url_b:
+            b = Served(url=url_b, admin_token=token, config_dir=tmp_path / "b")
+            owner = _owner(b)
+            with simulated_agent(b, tmp_path):
+                run = Terminal.start(
+                    a, owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
+                    "python3", "-u", "-c", REMOTE, rows=30, cols=100,
+                )  # fmt: skip
+                job = run.expect(r"job (\d+) submitted")[1]
+                run.expect(r"user=0")
+                holder.send_signal(signal.SIGKILL)
+                holder.wait(timeout=10)
+                assert run.wait() == 255, run.seen
+                tail = run.seen[run.read_upto :].replace("\r", "").strip().splitlines()
+                assert len(tail) == 1, run.seen
+                assert tail[0].startswith("fairgpu: "), run.seen
+                # The job runs on; through B, its terminal is there again.
+                again = Terminal.start(b, owner, "attach", job, rows=20, cols=90)
+                again.expect(r"size=20x90")
+                again.type(b"quit\r")
+                assert again.wait() == 5, again.seen
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
