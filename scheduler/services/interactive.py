@@ -60,6 +60,8 @@ async def task_target(
 ) -> AttachTarget:
     """The running task of rank `rank` of a running job, on a node whose agent has
     `capability` (`lacking` says what its agent cannot do, for the 409)."""
+    if not 0 <= rank < job.num_nodes:  # before the query: a rank beyond the column is a 500
+        raise Conflict(f"job {job.id} has no rank {rank} (it runs on {job.num_nodes} node(s))")
     task = await session.scalar(
         select(Task)
         .where(

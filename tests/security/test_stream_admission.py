@@ -275,3 +275,15 @@ def test_without_the_denial_extension_a_refusal_is_a_close_with_its_reason() -> 
     assert sent[1]["code"] == 1013
     assert sent[1]["reason"].startswith("more than 0.001 streams per second")
     assert len(sent[1]["reason"].encode()) <= 123
+
+
+@pytest.mark.parametrize("rank", ["-1", str(2**31), str(2**63), "99999999999999999999999"])
+def test_a_rank_beyond_any_column_is_a_clear_refusal(limited: Pool, rank: str) -> None:
+    url, job = limited.served.url, limited.jobs["ada"]
+    for path in (
+        f"/v1/jobs/{job}/attach?rank={rank}",
+        f"/v1/jobs/{job}/forward?port=80&rank={rank}",
+    ):
+        status, body, _ = _refusal(url, path, limited.tokens["ada"])
+        assert status in (409, 422), body
+        assert "rank" in body["detail"]
