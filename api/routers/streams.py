@@ -174,6 +174,9 @@ async def relay_to_agent(websocket: WebSocket, stream: PendingStream, *, ticket:
     finally:
         if not stream.agent.done():
             stream.agent.cancel()  # an agent's side arriving now is turned away
+        # One that arrived just as the wait ended (its WebSocket set as a result nobody
+        # read) returns and closes, instead of holding its connection for ever.
+        stream.done.set()
         await hub.end(stream)
 
 
