@@ -26,6 +26,7 @@ from rich.live import Live
 
 from cli.demo_view import render_view, summary
 from cli.workload import generate
+from scheduler.bench.cluster import add_org
 
 if TYPE_CHECKING:
     from scheduler.bench.cluster import Cluster
@@ -151,27 +152,11 @@ def setup_orgs(http: httpx.Client) -> dict[str, httpx.Client]:
     """Orgs, quotas, one user each with a token; returns a client per org."""
     clients: dict[str, httpx.Client] = {}
     for name, spec in ORGS.items():
-        _ok(http.post("/v1/orgs", json={"name": name, "shares": spec["shares"]}), "create org")
-        for gpu_type, (guaranteed, limit) in spec["quota"].items():
-            _ok(
-                http.put(
-                    f"/v1/orgs/{name}/quota/{gpu_type}",
-                    json={"guaranteed": guaranteed, "limit": limit},
-                ),
-                "set quota",
-            )
-        user = _ok(http.post("/v1/users", json={"name": spec["user"], "org": name}), "create user")
-        token = _ok(http.post("/v1/tokens", json={"name": "demo", "user_id": user["id"]}), "token")
+        token = add_org(http, name, quotas=spec["quota"], user=spec["user"], shares=spec["shares"])
         clients[name] = httpx.Client(
-            base_url=str(http.base_url), headers={"Authorization": f"Bearer {token['token']}"}
+            base_url=str(http.base_url), headers={"Authorization": f"Bearer {token}"}
         )
     return clients
-
-
-def _ok(response: httpx.Response, what: str) -> Any:
-    if response.status_code >= 400:
-        raise typer.BadParameter(f"{what}: HTTP {response.status_code} {response.text[:300]}")
-    return response.json()
 
 
 def run_scenario(

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from scheduler.bench.cluster import QUICK_SERVER_ENV, cluster
-from scheduler.bench.latency import GPU_MODEL, setup_org, summarise
+from scheduler.bench.cluster import QUICK_SERVER_ENV, add_org, cluster
+from scheduler.bench.latency import GPU_MODEL, summarise
 
 
 def run_array_bench(
@@ -37,7 +37,7 @@ def run_array_bench(
             with httpx.Client(
                 base_url=c.url, headers={"Authorization": f"Bearer {c.admin_token}"}, timeout=120
             ) as admin:
-                token = setup_org(admin, 8)
+                token = add_org(admin, "bench", quotas={GPU_MODEL: (8, 8)}, user="bench")
             with httpx.Client(
                 base_url=c.url, headers={"Authorization": f"Bearer {token}"}, timeout=120
             ) as member:

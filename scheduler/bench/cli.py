@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from scheduler.bench.cluster import cluster
-from scheduler.bench.latency import GPU_MODEL, setup_org, summarise
+from scheduler.bench.cluster import add_org, cluster
+from scheduler.bench.latency import GPU_MODEL, summarise
 from scheduler.bench.procs import fairgpu_command
 
 
@@ -58,7 +58,7 @@ def run_cli_bench(*, runs: int = 10, queue_jobs: int = 100) -> dict[str, Any]:
             with httpx.Client(
                 base_url=c.url, headers={"Authorization": f"Bearer {c.admin_token}"}, timeout=30
             ) as admin:
-                token = setup_org(admin, 8)
+                token = add_org(admin, "bench", quotas={GPU_MODEL: (8, 8)}, user="bench")
             env = {**os.environ, "FAIRGPU_SERVER": c.url, "FAIRGPU_TOKEN": token,
                    "FAIRGPU_CONFIG_DIR": str(workdir / "config")}  # fmt: skip
             submit = [*fairgpu, "submit", "--hold", "--parsable", "-G", f"{GPU_MODEL}:1",

@@ -6,18 +6,17 @@ with simulated GPUs, all started through `procs.Fleet` and all stopped on the wa
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from scheduler.bench.procs import Fleet, HarnessError, fairgpu_command, free_port
+from scheduler.bench.procs import Fleet, HarnessError, free_port
 
-SERVER_START_S = 30.0
 AGENTS_READY_S = 30.0
 
 # Short cycles, grace and minimum runtime: preemption fits in a one-minute demo or benchmark.
@@ -78,20 +77,12 @@ def cluster(
         os.chmod(workdir, 0o711)  # noqa: S103 - traversable, not listable
         agent_args = (*agent_args, "--cgroup-parent", cgroup_parent)
     db_url = database_url or f"sqlite:///{workdir / 'fairgpu.db'}"
-    fleet = Fleet(workdir=workdir, database_url=db_url)
-    cmd = fairgpu_command()
+    fleet = Fleet(workdir=workdir, database_url=db_url, server_env=dict(server_env))
     t0 = time.monotonic()
     try:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server_args = [*cmd, "server", "--host", "127.0.0.1", "--port", str(port)]
-        server = fleet.start(
-            "server",
-            [*server_args, "--log-level", "warning", "--no-access-log"],
-            {**server_env, "FAIRGPU_DATABASE_URL": db_url},
-        )
-        token = _bootstrap(fleet, cmd, db_url)  # while the server starts: migrating may race
-        _wait_ready(url, fleet, server.name)
+        url = fleet.server(log_level="warning", access_log=False, wait=False)
+        token = fleet.bootstrap()  # while the server starts: migrating may race
+        fleet.wait_ready(url)
         ready_s = time.monotonic() - t0
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
             join = http.post("/v1/join-tokens", json={"name": "demo", "uses": len(nodes)})
@@ -102,17 +93,12 @@ def cluster(
             join_token = join.json()["token"]
         metrics = []
         for name, site, gpus in nodes:
-            mport = free_port()
-            metrics.append(f"http://127.0.0.1:{mport}/metrics")
-            fleet.start(
-                name,
-                [
-                    *cmd, "agent", "--server", url, "--join-token", join_token,
-                    "--simulate", gpus, "--name", name, "--site", site,
-                    "--domain", f"{site}-rack1", "--state-dir", str(workdir / name),
-                    "--metrics-port", str(mport), "--metrics-addr", "127.0.0.1",
-                    "--log-level", "warning", "--isolation", isolation, *agent_args,
-                ],
+            port = free_port()
+            metrics.append(f"http://127.0.0.1:{port}/metrics")
+            fleet.agent(
+                name, url, join_token, gpus, tuple(agent_args),
+                site=site, metrics_port=port, isolation=isolation, log_level="warning",
+                time_limit_grace_s=None,
             )  # fmt: skip
         yield Cluster(
             nodes=len(nodes),
@@ -132,38 +118,32 @@ def cluster(
                 open_hierarchy(cgroup_parent).remove()
 
 
-def _bootstrap(fleet: Fleet, cmd: list[str], db_url: str) -> str:
-    boot = subprocess.Popen(
-        [*cmd, "admin", "bootstrap", "--name", "admin"],
-        env=fleet.env({"FAIRGPU_DATABASE_URL": db_url}),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=fleet.workdir,
+def add_org(
+    admin: httpx.Client,
+    name: str,
+    *,
+    quotas: Mapping[str, tuple[int, int | None]],
+    user: str,
+    shares: float | None = None,
+    role: str = "member",
+) -> str:
+    """Create org `name` with `quotas` ({GPU type: (guaranteed, limit)}) and one user of it
+    (`role`); returns that user's token. `admin` is a platform admin's client."""
+    org: dict[str, object] = {"name": name} if shares is None else {"name": name, "shares": shares}
+    _ok(admin.post("/v1/orgs", json=org), f"create org {name}")
+    for gpu_type, (guaranteed, limit) in quotas.items():
+        quota = {"guaranteed": guaranteed, "limit": limit}
+        _ok(admin.put(f"/v1/orgs/{name}/quota/{gpu_type}", json=quota), f"set {name}'s quota")
+    created = _ok(
+        admin.post("/v1/users", json={"name": user, "org": name, "role": role}),
+        f"create user {user}",
     )
-    try:
-        out, err = boot.communicate(timeout=SERVER_START_S)
-    finally:
-        if boot.poll() is None:
-            boot.kill()
-            boot.wait()
-    if boot.returncode != 0 or not out.strip():
-        raise HarnessError(f"admin bootstrap failed: {err.strip() or out.strip()}")
-    return out.strip().splitlines()[-1]
+    issued = _ok(admin.post("/v1/tokens", json={"name": user, "user_id": created["id"]}), "token")
+    return str(issued["token"])
 
 
-def _wait_ready(url: str, fleet: Fleet, name: str) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        fleet.check_alive()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise HarnessError(
-        f"the server did not become ready in {SERVER_START_S:.0f} s: "
-        f"{fleet.procs[name].last_lines()}"
-    )
+def _ok(response: httpx.Response, what: str) -> dict[str, Any]:
+    if response.status_code >= 300:
+        raise HarnessError(f"{what}: HTTP {response.status_code} {response.text[:300]}")
+    body: dict[str, Any] = response.json()
+    return body

@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from scheduler.bench.cluster import cluster
-from scheduler.bench.latency import GPU_MODEL, percentile, setup_org, summarise
+from scheduler.bench.cluster import add_org, cluster
+from scheduler.bench.latency import GPU_MODEL, percentile, summarise
 from scheduler.bench.procs import fairgpu_command, free_port
 
 READY = b"FAIRGPU-BENCH-READY"
@@ -181,7 +181,7 @@ def run_interactive_bench(
         ) as c:
             admin_headers = {"Authorization": f"Bearer {c.admin_token}"}
             with httpx.Client(base_url=c.url, headers=admin_headers, timeout=30) as admin:
-                token = setup_org(admin, 2)
+                token = add_org(admin, "bench", quotas={GPU_MODEL: (2, 2)}, user="bench")
             c.wait_nodes()
             env = _cli_env(c.url, token, workdir / "cli")
             latencies = [_attach_once(env) for _ in range(warmup + sessions)][warmup:]

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from scheduler.bench.cluster import cluster
+from scheduler.bench.cluster import add_org, cluster
 from scheduler.settings import Settings
 
 GPU_MODEL = "H100"
@@ -46,23 +46,6 @@ def summarise(values: list[float]) -> dict[str, float]:
         "max": round(max(values), 4),
         "mean": round(statistics.fmean(values), 4),
     }
-
-
-def setup_org(admin: httpx.Client, gpus: int) -> str:
-    """An org guaranteed every GPU, a member and the member's token."""
-    for method, path, body in (
-        ("POST", "/v1/orgs", {"name": "bench"}),
-        ("PUT", f"/v1/orgs/bench/quota/{GPU_MODEL}", {"guaranteed": gpus, "limit": gpus}),
-        ("POST", "/v1/users", {"name": "bench", "org": "bench"}),
-    ):
-        r = admin.request(method, path, json=body)
-        if r.status_code >= 300:
-            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:200]}")
-    r2 = admin.post("/v1/tokens", json={"name": "bench", "user_id": r.json()["id"]})
-    if r2.status_code != 201:
-        raise RuntimeError(f"token: {r2.status_code} {r2.text[:200]}")
-    token: str = r2.json()["token"]
-    return token
 
 
 def _wait_started(marker: Path, deadline: float) -> float:
@@ -136,7 +119,8 @@ def run_latency_bench(
         ) as c:
             admin_headers = {"Authorization": f"Bearer {c.admin_token}"}
             with httpx.Client(base_url=c.url, headers=admin_headers, timeout=30) as admin:
-                token = setup_org(admin, nodes * gpus_per_node)
+                gpus = nodes * gpus_per_node
+                token = add_org(admin, "bench", quotas={GPU_MODEL: (gpus, gpus)}, user="bench")
             c.wait_nodes()
             headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=c.url, headers=headers, timeout=30) as member:

@@ -187,8 +187,10 @@ class Fleet:
     """The processes of one test: servers and agents; `close` ends them and their children."""
 
     workdir: Path
-    database_url: str
-    server_env: dict[str, str] = field(default_factory=dict)
+    database_url: str = ""
+    """The servers' database (agents need none)."""
+    server_env: dict[str, str] = field(default_factory=lambda: dict(FAST_SERVER_ENV))
+    """Every server's FAIRGPU_* settings (with the database's URL and each start's own)."""
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -214,33 +216,58 @@ class Fleet:
     def bootstrap(self) -> str:
         """Migrate and create the first platform admin; returns its token."""
         env = self.env({"FAIRGPU_DATABASE_URL": self.database_url})
-        out = subprocess.run(
-            [*fairgpu_command(), "admin", "bootstrap", "--name", "admin"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=READY_TIMEOUT_S,
-            check=True,
-        )
+        try:
+            out = subprocess.run(
+                [*fairgpu_command(), "admin", "bootstrap", "--name", "admin"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=READY_TIMEOUT_S,
+                cwd=self.workdir,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise HarnessError(f"admin bootstrap took over {READY_TIMEOUT_S:.0f} s") from exc
+        if out.returncode != 0 or not out.stdout.strip():
+            raise HarnessError(f"admin bootstrap failed: {out.stderr.strip() or out.stdout}")
         return out.stdout.strip().splitlines()[-1]
 
     def server(
-        self, name: str = "server", port: int | None = None, log_level: str = "info", **env: str
+        self,
+        name: str = "server",
+        port: int | None = None,
+        log_level: str = "info",
+        *,
+        access_log: bool = True,
+        wait: bool = True,
+        **env: str,
     ) -> str:
-        """Start (or restart) a server; returns its base URL once it is ready."""
+        """Start (or restart) a server; returns its base URL, once it is ready unless `wait`
+        is false (then call `wait_ready`)."""
         port = port or free_port()
-        extra = {**FAST_SERVER_ENV, **self.server_env, **env}
-        extra["FAIRGPU_DATABASE_URL"] = self.database_url
+        extra = {**self.server_env, **env, "FAIRGPU_DATABASE_URL": self.database_url}
         args = [*fairgpu_command(), "server", "--host", "127.0.0.1", "--port", str(port)]
-        proc = self.start(name, [*args, "--log-level", log_level], extra)
+        args += ["--log-level", log_level, *([] if access_log else ["--no-access-log"])]
+        self.start(name, args, extra)
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{name} ready", lambda: self._ready(url, proc), READY_TIMEOUT_S)
+        if wait:
+            self.wait_ready(url, name)
         return url
 
-    def _ready(self, url: str, proc: Proc) -> bool:
-        if not proc.alive():
-            raise HarnessError(f"{proc.name} exited: {proc.tail()}")
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    def wait_ready(self, url: str, name: str = "server") -> None:
+        """Until the server `name` at `url` answers /readyz; HarnessError if it exits first."""
+        proc = self.procs[name]
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise HarnessError(f"{proc.name} exited: {proc.tail()}")
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+
+        try:
+            wait_for(f"{name} ready", ready, READY_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise HarnessError(f"{exc}: {proc.last_lines()}") from exc
 
     def agent(
         self,
@@ -249,14 +276,29 @@ class Fleet:
         join_token: str,
         gpus: str = "4xH100",
         extra: tuple[str, ...] = (),
+        *,
+        site: str | None = None,
+        metrics_port: int | None = None,
+        isolation: str = "none",
+        log_level: str = "info",
+        time_limit_grace_s: float | None = 1.0,
     ) -> Proc:
+        """Start `fairgpu agent` with simulated GPUs (its state: workdir/NAME-state unless
+        `extra` names another --state-dir); `site` also names its domain SITE-rack1;
+        `time_limit_grace_s` None leaves the agent's default."""
         state = self.workdir / f"{name}-state"
         args = [
             *fairgpu_command(), "agent", "--server", server_url, "--join-token", join_token,
             "--simulate", gpus, "--name", name, "--state-dir", str(state),
-            "--time-limit-grace-s", "1", "--log-level", "info", "--isolation", "none", *extra,
+            "--log-level", log_level, "--isolation", isolation,
         ]  # fmt: skip
-        return self.start(name, args)
+        if time_limit_grace_s is not None:
+            args += ["--time-limit-grace-s", f"{time_limit_grace_s:g}"]
+        if site is not None:
+            args += ["--site", site, "--domain", f"{site}-rack1"]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port), "--metrics-addr", "127.0.0.1"]
+        return self.start(name, [*args, *extra])
 
     def _log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"

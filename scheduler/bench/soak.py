@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from scheduler.bench.procs import Fleet, PgInstance
+from scheduler.bench.procs import FAST_SERVER_ENV, Fleet, PgInstance
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.services.invariants import check_invariants
 
@@ -325,7 +325,8 @@ def run_soak(
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-soak-"))
     pg = PgInstance()
     pg.start()
-    fleet = Fleet(workdir=workdir, database_url=pg.create_database("soak"), server_env=SERVER_ENV)
+    server_env = {**FAST_SERVER_ENV, **SERVER_ENV}
+    fleet = Fleet(workdir=workdir, database_url=pg.create_database("soak"), server_env=server_env)
     try:
         admin = fleet.bootstrap()
         url = fleet.server(log_level="warning")

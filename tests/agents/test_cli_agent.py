@@ -5,29 +5,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
 
 from api.app import create_app
+from scheduler.bench.cluster import add_org
+from scheduler.bench.procs import Fleet, Proc, free_port
 from tests.agents.helpers import wait_for
 from tests.cli.conftest import seed_admin, serve_app
 from tests.scheduling.harness import fast_settings
 
 FAIRGPU = [sys.executable, "-c", "from cli.main import main; main()"]
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,29 +32,28 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 class Api:
-    """The served app's URL and the calls this test makes as its platform admin."""
+    """The served app's URL and the calls this test makes (as its platform admin by default)."""
 
     def __init__(self, url: str, admin: str) -> None:
         self.url = url
-        self.admin = admin
-
-    def call(self, method: str, path: str, token: str | None = None, body: Any = None) -> Any:
-        response = httpx.request(
-            method,
-            self.url + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token or self.admin}"},
-            timeout=30,
+        self.admin = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30
         )
-        assert response.status_code < 400, (method, path, response.status_code, response.text)
-        return response.json() if response.content else None
+
+    def get(self, path: str, token: str | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = self.admin.get(path, headers=headers)
+        assert response.status_code == 200, (path, response.status_code, response.text)
+        return response.json()
 
 
 @pytest.fixture
 def served(database_url: str) -> Iterator[Api]:
     admin = seed_admin(database_url)
     with serve_app(create_app(fast_settings(database_url, heartbeat_interval_s=2.0))) as url:
-        yield Api(url, admin)
+        api = Api(url, admin)
+        with api.admin:
+            yield api
 
 
 def test_not_registered_without_join_token_is_one_line(tmp_path: Path) -> None:
@@ -95,61 +89,30 @@ def test_bad_simulate_spec_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0
 
 
-def start_agent(url: str, join: str, state_dir: Path, metrics_port: int) -> subprocess.Popen[bytes]:
-    with (state_dir.parent / "agent.err").open("ab") as err:
-        return _popen(url, join, state_dir, metrics_port, err)
-
-
-def _popen(
-    url: str, join: str, state_dir: Path, metrics_port: int, err: IO[bytes]
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            *FAIRGPU,
-            "agent",
-            "--server",
-            url,
-            "--join-token",
-            join,
-            "--simulate",
-            "4xA100-80GB",
-            "--state-dir",
-            str(state_dir),
-            "--name",
-            "gpu-node-1",
-            "--site",
-            "lab",
-            "--metrics-port",
-            str(metrics_port),
-            "--metrics-addr",
-            "127.0.0.1",
-            "--dcgm-mapping-dir",
-            str(state_dir / "dcgm"),
-            "--log-level",
-            "warning",
-            "--isolation",
-            "none",
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=err,
-    )
+def start_agent(fleet: Fleet, url: str, join: str, metrics_port: int) -> Proc:
+    """The agent process (its state: tmp_path/gpu-node-1-state); restarted under the same
+    name, it finds that state again."""
+    state_dir = fleet.workdir / "gpu-node-1-state"
+    dcgm = ("--dcgm-mapping-dir", str(state_dir / "dcgm"))
+    return fleet.agent(
+        "gpu-node-1", url, join, "4xA100-80GB", dcgm,
+        site="lab", metrics_port=metrics_port, log_level="warning", time_limit_grace_s=None,
+    )  # fmt: skip
 
 
 def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
     served: Api, tmp_path: Path
 ) -> None:
-    state_dir, go, out = tmp_path / "state", tmp_path / "go", tmp_path / "env.json"
-    served.call("POST", "/v1/orgs", body={"name": "acme"})
-    served.call("PUT", "/v1/orgs/acme/quota/A100-80GB", body={"guaranteed": 4, "limit": None})
-    user = served.call("POST", "/v1/users", body={"name": "ada", "org": "acme"})
-    token = served.call("POST", "/v1/tokens", body={"name": "t", "user_id": user["id"]})["token"]
-    join = served.call("POST", "/v1/join-tokens", body={"name": "join", "uses": 5})["token"]
+    state_dir, go, out = tmp_path / "gpu-node-1-state", tmp_path / "go", tmp_path / "env.json"
+    token = add_org(served.admin, "acme", quotas={"A100-80GB": (4, None)}, user="ada")
+    join = served.admin.post("/v1/join-tokens", json={"name": "join", "uses": 5}).json()["token"]
+    fleet = Fleet(workdir=tmp_path)
     port = free_port()
-    agent = start_agent(served.url, join, state_dir, port)
+    agent = start_agent(fleet, served.url, join, port)
     try:
 
         def nodes() -> list[dict[str, Any]]:
-            found: list[dict[str, Any]] = served.call("GET", "/v1/nodes")["data"]
+            found: list[dict[str, Any]] = served.get("/v1/nodes")["data"]
             return found
 
         wait_for(lambda: [n["state"] for n in nodes()] == ["ready"], timeout_s=30)
@@ -162,14 +125,13 @@ def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
             f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n"
             "print('rank', os.environ['FAIRGPU_NODE_RANK'])"
         )
-        job = served.call(
-            "POST", "/v1/jobs", token,
-            {"command": [PY, "-c", code], "gpus_per_node": 2, "time_limit": 600},
-        )  # fmt: skip
-        job_id = job["id"]
+        body = {"command": [PY, "-c", code], "gpus_per_node": 2, "time_limit": 600}
+        submitted = served.admin.post("/v1/jobs", json=body, headers=_bearer(token))
+        assert submitted.status_code == 201, submitted.text
+        job_id = submitted.json()["id"]
 
         def state() -> str:
-            return str(served.call("GET", f"/v1/jobs/{job_id}", token)["state"])
+            return str(served.get(f"/v1/jobs/{job_id}", token)["state"])
 
         wait_for(lambda: state() == "RUNNING", 30)
         # json.dump writes in pieces: wait for the whole object, not just the file.
@@ -192,20 +154,23 @@ def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
             assert (state_dir / "dcgm" / str(gpu)).read_text() == f"{job_id}\n"
         assert f'fairgpu_gpu_utilization_ratio{{gpu="{held[0]}"' in text
 
-        agent.send_signal(signal.SIGKILL)
-        agent.wait(timeout=10)
+        agent.kill(signal.SIGKILL)
         before = nodes()[0]["last_heartbeat_at"]
-        agent = start_agent(served.url, join, state_dir, free_port())
+        agent = start_agent(fleet, served.url, join, free_port())
         wait_for(lambda: nodes()[0]["last_heartbeat_at"] != before, timeout_s=30)
         go.touch()
         wait_for(lambda: state() == "COMPLETED", timeout_s=30)
-        logs = served.call("GET", f"/v1/jobs/{job_id}/logs", token)
+        logs = served.get(f"/v1/jobs/{job_id}/logs", token)
         assert (logs["data"], logs["eof"]) == ("rank 0\n", True)
         assert [n["id"] for n in nodes()] == [node["id"]]  # the credential survived
+        returncode = agent.kill(signal.SIGTERM, timeout_s=10)
+        assert returncode == 0, agent.tail()
     finally:
-        agent.send_signal(signal.SIGTERM)
-        returncode = agent.wait(timeout=10)
-    assert returncode == 0, (tmp_path / "agent.err").read_text()
+        fleet.close()
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _metrics(port: int) -> str:

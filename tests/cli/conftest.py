@@ -8,9 +8,7 @@ which runs `fairgpu ARGS...` through Typer's CliRunner with FAIRGPU_SERVER / FAI
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from typer.testing import CliRunner, Result
 from api.app import create_app
 from api.routers.streams import UVICORN_WEBSOCKETS
 from cli.main import app as cli_app
-from scheduler.bench.procs import fairgpu_command
+from scheduler.bench.procs import Fleet, Proc
 from scheduler.db import User
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.services.tokens import issue_token
@@ -135,25 +133,15 @@ def get_json(url: str, path: str, token: str) -> object:
 
 
 @contextmanager
-def simulated_agent(
-    served: Served, tmp_path: Path, *extra: str
-) -> Iterator[subprocess.Popen[bytes]]:
+def simulated_agent(served: Served, tmp_path: Path, *extra: str) -> Iterator[Proc]:
     """A real `fairgpu agent` process with two simulated H100s (node `n1`, no isolation) joined
-    to `served`; `extra` agent options are added. Its output goes to tmp_path/agent.log."""
+    to `served`; `extra` agent options are added. Its output goes to tmp_path/n1.log; on the way
+    out it is stopped and its tasks' processes are killed."""
     join = json.loads(served.ok("join-token", "create", "-o", "json"))["token"]
-    with (tmp_path / "agent.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *fairgpu_command(), "agent", "--server", served.url, "--join-token", join,
-                "--simulate", "2xH100", "--name", "n1", "--state-dir", str(tmp_path / "state"),
-                "--log-level", "warning", "--isolation", "none", *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "FAIRGPU_SERVER": "", "FAIRGPU_TOKEN": ""},
-        )  # fmt: skip
-        try:
-            yield process
-        finally:
-            process.terminate()
-            process.wait(timeout=15)
+    fleet = Fleet(workdir=tmp_path)
+    try:
+        yield fleet.agent(
+            "n1", served.url, join, "2xH100", extra, log_level="warning", time_limit_grace_s=None
+        )
+    finally:
+        fleet.close()

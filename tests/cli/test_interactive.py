@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.bench.procs import fairgpu_command
+from scheduler.bench.procs import Proc, fairgpu_command
 from tests.cli.conftest import Served, simulated_agent, wait_for
 
 # The remote program of the terminal tests: its window size at start and on every SIGWINCH,
@@ -64,7 +64,7 @@ def org(served: Served) -> Org:
 
 
 @pytest.fixture
-def agent(served: Served, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def agent(served: Served, tmp_path: Path) -> Iterator[Proc]:
     with simulated_agent(served, tmp_path) as process:
         yield process
 
@@ -237,7 +237,7 @@ def test_only_the_owner_and_org_admins_attach(
 
 
 def test_killing_the_agent_ends_the_session_with_a_clear_line(
-    served: Served, org: Org, agent: subprocess.Popen[bytes]
+    served: Served, org: Org, agent: Proc
 ) -> None:
     run = Terminal.start(
         served, org.owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",

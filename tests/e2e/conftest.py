@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from scheduler.bench.cluster import Cluster, cluster
+from scheduler.bench.cluster import Cluster, add_org, cluster
 
 # Production defaults except where a test would otherwise wait for minutes.
 SERVER_ENV = {
@@ -120,17 +120,8 @@ def running(
     with cluster(workdir, nodes=nodes, server_env=SERVER_ENV, database_url=database_url) as c:
         headers = {"Authorization": f"Bearer {c.admin_token}"}
         with httpx.Client(base_url=c.url, headers=headers, timeout=15.0) as admin:
-            for method, path, body in (
-                ("POST", "/v1/orgs", {"name": "acme"}),
-                ("PUT", "/v1/orgs/acme/quota/H100", {"guaranteed": 8, "limit": 8}),
-                ("POST", "/v1/users", {"name": "ada", "org": "acme"}),
-            ):
-                r = admin.request(method, path, json=body)
-                assert r.status_code < 300, r.text
-            user_id = r.json()["id"]
-            r = admin.post("/v1/tokens", json={"name": "e2e", "user_id": user_id})
-            assert r.status_code == 201, r.text
-            member_headers = {"Authorization": f"Bearer {r.json()['token']}"}
+            token = add_org(admin, "acme", quotas={"H100": (8, 8)}, user="ada")
+            member_headers = {"Authorization": f"Bearer {token}"}
             with httpx.Client(base_url=c.url, headers=member_headers, timeout=15.0) as member:
                 c.wait_nodes()
                 yield E2E(cluster=c, admin=admin, member=member)

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import psutil
 
+from scheduler.bench.cluster import add_org
 from scheduler.bench.procs import Fleet, wait_for
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.services.invariants import InvariantReport, check_invariants
@@ -108,12 +109,8 @@ def setup_org(url: str, admin_token: str, pid_dir: Path, *, guaranteed: int = 8)
     admin = httpx.Client(
         base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
     )
-    ok = admin.post("/v1/orgs", json={"name": "acme"})
-    assert ok.status_code == 201, ok.text
-    quota = {"guaranteed": guaranteed, "limit": guaranteed * 2}
-    assert admin.put("/v1/orgs/acme/quota/H100", json=quota).status_code == 200
-    user = admin.post("/v1/users", json={"name": "ada", "org": "acme"}).json()
-    token = admin.post("/v1/tokens", json={"name": "t", "user_id": user["id"]}).json()["token"]
+    quotas = {"H100": (guaranteed, guaranteed * 2)}
+    token = add_org(admin, "acme", quotas=quotas, user="ada")
     join = admin.post("/v1/join-tokens", json={"name": "faults", "uses": 50}).json()["token"]
     member = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     pid_dir.mkdir(exist_ok=True)
