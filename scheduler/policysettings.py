@@ -81,6 +81,18 @@ class PolicySettings(BaseSettings):
         ge=0,
         description="Blocked jobs at the head of the queue that hold a reservation.",
     )
+    protect_gang_gpus: int = Field(
+        _DEFAULT.protect_gang_gpus,
+        ge=0,
+        description="Jobs of at least this many GPUs are protected once they have waited "
+        "protect_gang_after_s: settled first, with a reservation later jobs cannot push back "
+        "(0: off).",
+    )
+    protect_gang_after_s: float = Field(
+        _DEFAULT.protect_gang_after_s,
+        ge=0,
+        description="How long a big gang waits before it is protected.",
+    )
     backfill_depth: int = Field(
         _DEFAULT.backfill_depth, ge=1, description="Pending jobs examined per cycle."
     )

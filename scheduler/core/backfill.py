@@ -23,6 +23,7 @@ class Reservations:
         self._releases: dict[int, list[tuple[float, int]]] | None = None
         self._late: list[tuple[int, int, float]] = []
         self.reserved: dict[int, tuple[float, int]] = {}  # node → (start, job id)
+        self.protected: set[int] = set()  # nodes reserved for protected gangs: never reclaimed
         self.holder: dict[str, int] = {}  # GPU type → first job holding a reservation on it
         self.count = 0
         self.hidden: dict[int, int] = {}  # node → GPUs withheld for its reservation
@@ -51,8 +52,13 @@ class Reservations:
         self._releases = rel
         return rel
 
-    def reserve(self, job: PendingJob, gpu_type: str) -> tuple[float, list[int]] | None:
-        """Reserve nodes for the job; returns (start time, nodes) or None if none ever free."""
+    def reserve(
+        self, job: PendingJob, gpu_type: str, *, protected: bool = False
+    ) -> tuple[float, list[int]] | None:
+        """Reserve nodes for the job; returns (start time, nodes) or None if none ever free.
+
+        `protected`: a protected gang's nodes, which reclaim plans then leave alone.
+        """
         rel = self._releases if self._releases is not None else self._build()
         index = self.index
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
@@ -98,6 +104,8 @@ class Reservations:
             keep = max(0, min(free[nid], spare))
             self.hidden[nid] = index.hide(nid, free[nid] - keep)
             self.reserved[nid] = (start, job.job_id)
+            if protected:
+                self.protected.add(nid)
         self.holder.setdefault(gpu_type, job.job_id)
         self.count += 1
         self.latest = max(self.latest, start)

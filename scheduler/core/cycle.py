@@ -11,6 +11,7 @@ of pass 1 comes from `scheduler.core.order`.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 
 from scheduler.core.backfill import Reservations
@@ -114,8 +115,10 @@ class _Cycle:
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
         if cfg.fairshare_algorithm == "fairtree":
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
-        self.pre = Preemptor(preempting, aged, self.index, self.books, cfg, self.now)
         self.res = Reservations(self.index, snap.running, self.now)
+        self.pre = Preemptor(
+            preempting, aged, self.index, self.books, cfg, self.now, self.res.protected
+        )
         self.ex = Explainer(
             CycleState(self.now, cfg, self.index, self.books, self.res, self.factor)
         )
@@ -248,7 +251,10 @@ class _Cycle:
         waits = self.waits
         static_full = self._static_full
         ex = self.ex
+        settled = self._protect_first(order)
         for rank, (job, _prio) in enumerate(order):
+            if settled and job.job_id in settled:
+                continue
             known = static_full.get(
                 (
                     job.org_id,
@@ -286,6 +292,88 @@ class _Cycle:
                 queue.append((job, borrow))
         self._lend(deferred)
         return self._decisions(order)
+
+    def _protect_first(self, order: list[tuple[PendingJob, float]]) -> set[int]:
+        """Settle the protected big gangs before the rest of pass 1; returns those settled.
+
+        A job of at least `protect_gang_gpus` GPUs that has waited `protect_gang_after_s` is
+        protected: each org's oldest such job (one per org, so no org drains the cluster for
+        a series of gangs), all in submit order, is started (in quota or borrowing), reclaims
+        its guarantee, or reserves nodes before any other job is looked at. Its reservation
+        is then computed on the running jobs alone each cycle, so later jobs, in quota or
+        not, cannot push it back: they only backfill GPUs they hand back before it starts,
+        and reclaim plans leave its nodes alone.
+        """
+        cfg = self.cfg
+        least = cfg.protect_gang_gpus
+        if least <= 0 or not cfg.backfill:
+            return set()
+        since = self.now - cfg.protect_gang_after_s
+        oldest: dict[int, PendingJob] = {}
+        within = self._within_share
+        for job, _prio in itertools.islice(order, cfg.backfill_depth):
+            if job.submitted_at > since or job.gpus_per_node * job.nodes < least:
+                continue
+            have = oldest.get(job.org_id)
+            if have is not None and (have.submitted_at, have.job_id) < (
+                job.submitted_at,
+                job.job_id,
+            ):
+                continue
+            types = self.static_types(job)
+            if types is None:
+                continue
+            n = job.gpus_per_node * job.nodes
+            if within(job.org_id) or any(self.books.in_quota(job.org_id, t, n) for t in types):
+                oldest[job.org_id] = job
+        settled: set[int] = set()
+        for job in sorted(oldest.values(), key=lambda j: (j.submitted_at, j.job_id)):
+            types = self.static_types(job)
+            if types is not None and self._protect(job, types):
+                settled.add(job.job_id)
+        return settled
+
+    def _within_share(self, org_id: int) -> bool:
+        """Its subtree's decayed usage is no more than its share of the cluster (F ≥ 0.5)."""
+        return self.usage_norm.get(org_id, 0.0) <= self.shares_norm.get(org_id, 0.0)
+
+    def _protect(self, job: PendingJob, types: tuple[str, ...]) -> bool:
+        """Start, reclaim for or reserve nodes for a protected gang; False: treat it as usual."""
+        books = self.books
+        org_id = job.org_id
+        n = job.gpus_per_node * job.nodes
+        may_borrow = self.cfg.borrowing and job.preemptible
+        in_quota: list[str] = []
+        borrow: list[str] = []
+        limited = books.limited[org_id]
+        for t in types:
+            if limited and books.limit_block(org_id, t, n) is not None:
+                continue
+            if books.in_quota(org_id, t, n):
+                in_quota.append(t)
+            elif may_borrow:
+                borrow.append(t)
+        for allowed, borrowed in ((in_quota, False), (borrow, True)):
+            for t in allowed:
+                where = self.place(job, t)
+                if where is not None:
+                    self.start(job, t, where, borrowed=borrowed)
+                    return True
+        if in_quota and self.cfg.preemption:
+            plan = self.pre.plan(job, in_quota[0], in_quota=True)
+            if plan is not None:
+                self._commit(job, in_quota[0], plan)
+                return True
+        if not (in_quota or borrow) or self.res.count >= self.cfg.backfill_reservations:
+            return False
+        t = (in_quota or borrow)[0]
+        got = self.res.reserve(job, t, protected=True)
+        if got is None:
+            return False
+        start, nodes = got
+        since = job.submitted_at + self.cfg.protect_gang_after_s
+        self.waits[job.job_id] = self.ex.resources(job, t, start, protected=(nodes, since))
+        return True
 
     def _consider(self, job: PendingJob, types: tuple[str, ...]) -> tuple[str, ...]:
         """Pass 1 for one job: start it in quota, reclaim, reserve, or say why it waits.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from scheduler.core.estimate import OrgReleases, Profile
@@ -294,7 +295,15 @@ class Explainer:
         self.waits[wkey] = w
         return w
 
-    def resources(self, job: PendingJob, t: str, reservation_start: float | None) -> Wait:
+    def resources(
+        self,
+        job: PendingJob,
+        t: str,
+        reservation_start: float | None,
+        *,
+        protected: tuple[list[int], float] | None = None,
+    ) -> Wait:
+        """`protected`: the nodes reserved for a protected gang, and since when it is protected."""
         idx = self.c.index
         largest = idx.largest_gang(t, job.site, job.gpus_per_node, idx.job_class(job))
         details: dict[str, float | int | str] = {
@@ -317,7 +326,17 @@ class Explainer:
             )
         if reservation_start is not None:
             details["reservation_start"] = reservation_start
-            text += "; GPUs reserved for it"
+            if protected is None:
+                text += "; GPUs reserved for it"
+            else:
+                nodes, since = protected
+                names = ",".join(idx.nodes[nid].name for nid in nodes)
+                details["reserved_nodes"] = names
+                details["protected_since"] = since
+                text += (
+                    f"; protected big gang since {_utc(since)}: reserved nodes {names} "
+                    f"from {_utc(reservation_start)}, which later jobs cannot push back"
+                )
         return Wait(
             (Reason(ReasonCode.RESOURCES, text, details),),
             gpu_type=t,
@@ -559,6 +578,11 @@ class Explainer:
                 reasons = w.reasons = (self._lazy_reason(w.lazy),)
             infos[job.job_id] = _info(job.job_id, prio, reasons, None)
         return infos
+
+
+def _utc(t: float) -> str:
+    """A time for a message: ISO 8601 UTC to the second (virtual seconds read as 1970 dates)."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _feature_details(job: PendingJob) -> dict[str, float | int | str]:

@@ -66,8 +66,11 @@ class Preemptor:
         books: OrgBooks,
         config: PolicyConfig,
         now: float,
+        avoid: set[int] | None = None,
     ) -> None:
         self.index = index
+        # Nodes reserved for protected gangs (filled as the cycle goes): no plan frees them.
+        self.avoid: set[int] = avoid if avoid is not None else set()
         self.books = books
         self.config = config
         self.now = now
@@ -255,6 +258,7 @@ class Preemptor:
         free, nodes = index.free, index.nodes
         levels = index.levels_for(need)
         count = self._count
+        avoid = self.avoid
 
         def matches(nid: int) -> bool:
             node = nodes.get(nid)
@@ -264,6 +268,7 @@ class Preemptor:
                 and (site is None or node.site == site)
                 and (not need or index.in_class(nid, need))
                 and free[nid] < gpn
+                and nid not in avoid
             )
 
         # Leaving GPUs first: in quota any serve; beyond quota only the org's own (its bumps).

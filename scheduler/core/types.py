@@ -181,6 +181,12 @@ class PolicyConfig:
     max_preemption_grace_s: float = 600.0
     backfill_reservations: int = 8  # blocked jobs at the head that hold a reservation
     backfill_depth: int = 50_000  # pending jobs examined per cycle
+    # Big gangs are protected once they have waited: a job of at least `protect_gang_gpus`
+    # GPUs pending for `protect_gang_after_s` is settled before the rest of the queue (started,
+    # reclaiming, or holding a reservation that later jobs cannot push back), one per org, in
+    # submit order; 0 GPUs turns it off. docs/SCHEDULING.md section 6 gives the bound.
+    protect_gang_gpus: int = 33
+    protect_gang_after_s: float = 6 * 3_600.0
     # Switches that turn the fairgpu policy into the baselines the simulator compares with:
     # `fifo` = ordering "fifo", no backfill, no borrowing, no preemption;
     # `slurm-like` = ordering "multifactor", backfill, no borrowing (guarantees act as limits).

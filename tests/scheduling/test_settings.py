@@ -51,6 +51,8 @@ def test_every_policy_knob_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "max_preemption_grace_s": ("120", 120.0),
         "backfill_reservations": ("2", 2),
         "backfill_depth": ("100", 100),
+        "protect_gang_gpus": ("64", 64),
+        "protect_gang_after_s": ("7200", 7200.0),
         "ordering": ("fifo", "fifo"),
         "backfill": ("false", False),
         "borrowing": ("false", False),
