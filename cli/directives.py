@@ -38,6 +38,7 @@ _FAIRGPU: dict[str, Option] = {
     "--priority": Option("priority"),
     "--preemptible": Option("preemptible", takes_value=False),
     "--signal": Option("signal"),
+    "--network": Option("network"),
     "--requeue": Option("requeue", takes_value=False),
     "--no-requeue": Option("requeue", takes_value=False, flag_value="false"),
     "-e": Option("env"),

@@ -68,6 +68,16 @@ def run(
     ] = None,
     workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
     site: Annotated[str | None, typer.Option("--site", help="Run only at this site.")] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            help="private: a network of the job's own (no other job reaches what it listens on; "
+            "one-node jobs, on nodes that can); host: the node's, shared with every job there "
+            "(NCCL across nodes). Default: private where the node can, for a one-node job "
+            "without --image.",
+        ),
+    ] = None,
 ) -> None:
     """Run a program on allocated GPUs with this terminal attached: `run --pty -- bash`.
 
@@ -100,7 +110,14 @@ def run(
         body["time_limit"] = parse_duration(time_limit)
     if mem is not None:
         body["memory_bytes"] = parse_memory(mem)
-    for key, value in (("workdir", workdir), ("site", site), ("org", account)):
+    if network is not None and network not in ("private", "host"):
+        fail(f"--network {network!r}: private or host", 2)
+    for key, value in (
+        ("workdir", workdir),
+        ("site", site),
+        ("org", account),
+        ("network", network),
+    ):
         if value is not None:
             body[key] = value
     if jupyter:

@@ -271,6 +271,7 @@ def describe(
         ("Priority", job["priority_class"] + (" preemptible" if job["preemptible"] else "")),
         ("Requeue", job.get("requeue")),
         ("Signal", job.get("signal")),
+        ("Network", job.get("network") or "private where the node can (one node, no image)"),
         ("Held", _hold(job)),
         ("Submitted", f"{local_time(job['submitted_at'])} ({relative(job['submitted_at'], now)})"),
         ("Started", local_time(job.get("started_at"))),

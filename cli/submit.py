@@ -78,6 +78,16 @@ def submit(
             "the time limit, and instead of SIGTERM when preempted; B: only to the batch shell.",
         ),
     ] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            help="private: a network of the job's own (no other job reaches what it listens on; "
+            "one-node jobs, on nodes that can); host: the node's, shared with every job there "
+            "(NCCL across nodes). Default: private where the node can, for a one-node job "
+            "without --image.",
+        ),
+    ] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="K=V for the job (repeatable).")
     ] = None,
@@ -190,6 +200,9 @@ def submit(
             body["signal"] = str(parse_signal(signal_text))
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="'--signal'") from None
+    network_text = given("network", network)
+    if network_text is not None:
+        body["network"] = _network(network_text)
     requeue_given = given("requeue", requeue)
     if requeue_given is not None:
         body["requeue"] = _flag(requeue_given)
@@ -234,6 +247,12 @@ def _read_script(path: Path) -> str:
             "to run it as a program on the node, put -- before it",
             2,
         )
+    return text
+
+
+def _network(text: str) -> str:
+    if text not in ("private", "host"):
+        raise typer.BadParameter(f"{text!r}: private or host", param_hint="'--network'")
     return text
 
 

@@ -97,6 +97,7 @@ def job_public(job: Job, depends_on: list[int] | None = None) -> JobPublic:
         held_by=job.held_by if job.held else None,
         hold_reason=job.hold_reason if job.held else None,
         interactive=job.interactive,
+        network=job.network,
         state=job.state,
         state_reason=job.state_reason,
         exit_code=job.exit_code,

@@ -88,6 +88,12 @@ class JobCreate(InputModel):
     interactive: bool = False
     """Rank 0 runs its command under a pseudo-terminal that the owner attaches to
     (`fairgpu run --pty`, `fairgpu attach`); see docs/INTERACTIVE.md."""
+    network: Literal["private", "host"] | None = None
+    """`private`: the job's task in a network namespace of its own (only nodes that can give
+    one), where no other job reaches what it listens on and it reaches the outside but not
+    the node's own loopback; `host`: the node's network, shared with every job there (what
+    NCCL across nodes needs). Omitted: private for a one-node job without an image on nodes
+    that can, else host. A job over several nodes cannot be private. See docs/ISOLATION.md."""
     depends_on: Annotated[list[int], Field(max_length=MAX_DEPENDENCIES)] = Field(
         default_factory=list
     )
@@ -119,6 +125,15 @@ class JobCreate(InputModel):
         if value is not None:
             parse_dependency(value)
         return value
+
+    @model_validator(mode="after")
+    def _network_fits(self) -> JobCreate:
+        if self.network == "private" and self.nodes > 1:
+            raise ValueError(
+                "network private is for one-node jobs: a job over several nodes runs in its "
+                "nodes' network (--network host), which NCCL across nodes needs"
+            )
+        return self
 
     def spec_fields(self) -> dict[str, Any]:
         """The keyword arguments of the job's `JobSpec` (scheduler/services/jobs.py)."""
@@ -228,6 +243,8 @@ class JobPublic(OutputModel):
     hold_reason: str | None = None
     interactive: bool = False
     """Rank 0 runs under a pseudo-terminal (`run --pty`); `attach` connects to it."""
+    network: str | None = None
+    """`private`, `host`, or null: private where the node can (see the submission's field)."""
     state: JobState
     state_reason: str | None
     exit_code: int | None

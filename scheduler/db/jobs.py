@@ -81,6 +81,10 @@ class Job(Base):
     hold_reason: Mapped[str | None] = mapped_column(String(1024))
     # `run --pty`: rank 0 runs under a pseudo-terminal that `attach` connects to (INTERACTIVE.md).
     interactive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # `--network`: "private" (a network namespace of its own, nodes whose agent says "netns"
+    # only), "host" (the node's), None: private where the node can, for a one-node job without
+    # a container image, else the node's.
+    network: Mapped[str | None] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[JobState] = mapped_column(
         _enum(JobState, 16), default=JobState.PENDING, index=True

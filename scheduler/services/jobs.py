@@ -78,6 +78,8 @@ class JobSpec:
     """The warning signal, normalised (`B:USR1@60`); None: none."""
     hold: bool = False
     interactive: bool = False
+    network: str | None = None
+    """"private", "host", or None: private where the node can (api/schemas/jobs.py)."""
     depends_on: list[int] = field(default_factory=list)
     """Every job it waits for; `afterok` unless `dependency_kinds` says otherwise."""
     dependency_kinds: dict[int, str] = field(default_factory=dict)
@@ -222,6 +224,7 @@ def submission_rows(
         "signal": spec.signal,
         "held": spec.hold,
         "interactive": spec.interactive,
+        "network": spec.network,
         "idempotency_key": idempotency_key,
         "state": JobState.PENDING,
         "submitted_at": now,
@@ -356,7 +359,7 @@ JOB_INSERT_FIELDS = (
     "num_nodes", "gpu_type", "site", "time_limit_s", "priority_class", "preemptible", "held",
     "idempotency_key", "state", "submitted_at", "requeue_count", "borrowed", "memory_bytes",
     "job_secret", "secret_env_ciphertext", "script", "singleton", "requeue",
-    "signal", "interactive",
+    "signal", "interactive", "network",
 )  # fmt: skip
 EVENT_INSERT_FIELDS = ("at", "kind", "org_id", "from_state", "to_state", "actor", "reason")
 

@@ -62,19 +62,28 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _http_job(served: Served, token: str, directory: Path, port: int) -> str:
-    """A job serving `directory` over HTTP on 127.0.0.1:`port`, running once this returns."""
+def _http_job(served: Served, token: str, directory: Path, port: int, network: str = "host") -> str:
+    """A job serving `directory` over HTTP on 127.0.0.1:`port`, in the node's network (once
+    this returns it listens) or in a network of its own (nothing on the node reaches it)."""
     directory.mkdir()
     (directory / "hello.txt").write_text(BODY)
     out = served.ok(
-        "submit", "-G", "H100:1", "-t", "10m", "--parsable", "--",
+        "submit", "-G", "H100:1", "-t", "10m", "--parsable", "--network", network, "--",
         sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
         "--directory", str(directory),
         token=token,
     )  # fmt: skip
     job = out.strip()
-    wait_for(lambda: _listening(port), 60)
+    if network == "host":
+        wait_for(lambda: _listening(port), 60)
     return job
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/hello.txt", timeout=10).text == BODY
+    except httpx.HTTPError:
+        return False
 
 
 @contextmanager
@@ -127,10 +136,15 @@ def _raw_request(port: int) -> bytes:
 def test_forwarded_connections_reach_the_jobs_server(
     served: Served, people: People, tmp_path: Path
 ) -> None:
+    """The job runs in a network of its own (the default for a one-node job where the agent
+    can): the node cannot reach its server, the forward can."""
     with simulated_agent(served, tmp_path):
         port = _free_port()
-        job = _http_job(served, people.owner, tmp_path / "www", port)
+        job = _http_job(served, people.owner, tmp_path / "www", port, network="private")
+        assert served.ok("describe", job, token=people.owner).count("private") >= 1
         with forwarding(served, people.owner, job, port) as cli:
+            wait_for(lambda: _answers(cli.port), 60)  # the job's server is up
+            assert not _listening(port)  # and out of the node's reach
             answers: list[str] = []
 
             def get() -> None:
@@ -157,7 +171,8 @@ def test_forwarded_connections_reach_the_jobs_server(
 def test_another_orgs_port_on_the_same_node_is_refused(
     served: Served, people: People, tmp_path: Path
 ) -> None:
-    """Both jobs run on node n1: the rival forwards through its own job to acme's port."""
+    """Both jobs run on node n1 in its network: the rival forwards through its own job to
+    acme's port."""
     with simulated_agent(served, tmp_path):
         acme_port = _free_port()
         acme_job = _http_job(served, people.owner, tmp_path / "acme", acme_port)

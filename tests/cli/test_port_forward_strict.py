@@ -41,8 +41,9 @@ def test_a_strict_nodes_forward_reaches_only_the_jobs_own_port(
     pool = Pool(served, tmp_path)
     try:
         acme_port, rival_port = _free_port(), _free_port()
-        acme = pool.submit("acme", "--", PY, "-c", _GREETER, str(acme_port), "acme-says-hi")
-        rival = pool.submit("rival", "--", PY, "-c", _GREETER, str(rival_port), "rival")
+        host = ("--network", "host")  # both in the node's network: the ownership check
+        acme = pool.submit("acme", *host, "--", PY, "-c", _GREETER, str(acme_port), "acme-says-hi")
+        rival = pool.submit("rival", *host, "--", PY, "-c", _GREETER, str(rival_port), "rival")
         for org, job in (("acme", acme), ("rival", rival)):
             pool.wait_state(org, job, {"RUNNING"})
         wait_for(lambda: _listening(acme_port) and _listening(rival_port), 30)

@@ -209,6 +209,8 @@ async def apply_starts(
                 usable = usable - lacking["signal"]
             if job.interactive:
                 usable = usable - lacking["pty"]
+            if job.network == "private":
+                usable = usable - lacking["netns"]
             chosen = _check(start, gpus, usable, taken)
         if job is None or chosen is None:
             applied.skipped.append(start.job_id)

@@ -151,6 +151,7 @@ _PENDING = (
         Job.array_limit,
         Job.signal.is_not(None),
         Job.interactive,
+        Job.network == "private",
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
@@ -295,13 +296,17 @@ def _node_capabilities(names: list[str] | None) -> frozenset[str]:
     return _CAPS.get(caps, caps)
 
 
-# Agent capabilities a pending job needs, by (has `--signal`, interactive): the warning signal
-# is delivered only by a "signal" agent, a terminal opened only by a "pty" one.
+# Agent capabilities a pending job needs, by (has `--signal`, interactive, `--network
+# private`): the warning signal is delivered only by a "signal" agent, a terminal opened only by
+# a "pty" one, a network namespace made only by a "netns" one (a job that leaves its network
+# unsaid runs in one where the node can, in the node's elsewhere: it needs nothing).
 _NEEDS = {
-    (False, False): frozenset[str](),
-    (True, False): frozenset({"signal"}),
-    (False, True): frozenset({"pty"}),
-    (True, True): frozenset({"signal", "pty"}),
+    (signal, pty, private): frozenset(
+        name for name, wanted in (("signal", signal), ("pty", pty), ("netns", private)) if wanted
+    )
+    for signal in (False, True)
+    for pty in (False, True)
+    for private in (False, True)
 }
 _CAPS = {caps: caps for caps in _NEEDS.values()}
 
@@ -424,6 +429,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         array_limit,
         signal,
         interactive,
+        private,
     ) in fetched.pending:
         dependency = deps.get(job_id, none)
         throttled = False
@@ -447,7 +453,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 held=held,
                 dependency=dependency,
                 needs_isolation=org_id in isolated,
-                capabilities=_NEEDS[(bool(signal), bool(interactive))],
+                capabilities=_NEEDS[(bool(signal), bool(interactive), bool(private))],
                 not_before=not_before_s,
                 array_throttled=throttled,
             )

@@ -105,9 +105,10 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
     work = NodeWork()
     if not rows:
         return work
-    needs = any(j.signal is not None or j.interactive for _, j in rows)
+    needs = any(j.signal is not None or j.interactive or j.network != "host" for _, j in rows)
     capabilities = await _capabilities(session, node_id) if needs else set()
     signals, terminals = "signal" in capabilities, "pty" in capabilities
+    private = "netns" in capabilities
     work.stops = [
         TaskStop(
             task_id=t.id,
@@ -133,6 +134,7 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
         secret_cipher=settings_cipher(settings),
         signals=signals,
         terminals=terminals,
+        private=private,
     )
     return work
 
@@ -141,7 +143,9 @@ async def _capabilities(session: AsyncSession, node_id: int) -> set[str]:
     """What the node's agent says it can do. One that does not say "signal" (older than
     `capabilities`) may refuse every reply that carries a warning signal, which would stall the
     whole node: it gets the job without it (SIGTERM at the time limit and at a preemption).
-    One that does not say "pty" runs an interactive job's rank 0 without a terminal."""
+    One that does not say "pty" runs an interactive job's rank 0 without a terminal. One that
+    says "netns" gives a one-node job a network namespace of its own unless it asks for the
+    node's."""
     capabilities = await session.scalar(select(NodeRow.capabilities).where(NodeRow.id == node_id))
     return set(capabilities or ())
 
@@ -154,6 +158,7 @@ async def _task_specs(
     secret_cipher: MultiFernet | None,
     signals: bool = True,
     terminals: bool = True,
+    private: bool = False,
 ) -> list[TaskSpec]:
     if not pairs:
         return []
@@ -205,6 +210,7 @@ async def _task_specs(
                     array_stats=array_stats.get(job.array_job_id or 0),
                     signals=signals,
                     terminals=terminals,
+                    private=private,
                 )
             )
         except ValidationError as error:
@@ -225,6 +231,7 @@ def task_spec(
     array_stats: tuple[int, int, int] | None = None,
     signals: bool = True,
     terminals: bool = True,
+    private: bool = False,
 ) -> TaskSpec:
     """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
 
@@ -233,7 +240,10 @@ def task_spec(
     element also gets FAIRGPU_ARRAY_* from `array_stats`: (count, min, max) of its task ids;
     every task FAIRGPU_RESTART_COUNT (and Slurm's SLURM_RESTART_COUNT). Without `signals` (a
     node whose agent cannot take them) the job's warning signal is left out; without
-    `terminals`, an interactive job's rank 0 runs without a terminal (`pty`).
+    `terminals`, an interactive job's rank 0 runs without a terminal (`pty`). With `private`
+    (the node can make network namespaces) a one-node job without an image that leaves its
+    `--network` unsaid runs in one of its own; one that asks for it does wherever it was
+    placed (on such nodes only).
 
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
     other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
@@ -265,7 +275,15 @@ def task_spec(
         job_secret=job.job_secret,
         signal=_task_signal(job.signal) if signals else None,
         pty=True if job.interactive and task.node_rank == 0 and terminals else None,
+        network="private" if _private(job, private) else None,
     )
+
+
+def _private(job: Job, node_can: bool) -> bool:
+    if job.network is not None:
+        return job.network == "private"
+    # docker cannot join a namespace the agent makes: a job with an image asks for it itself.
+    return node_can and job.num_nodes == 1 and job.image is None
 
 
 def _task_signal(text: str | None) -> TaskSignal | None:

@@ -1,0 +1,98 @@
+"""`--network private|host` through the real app over HTTP on both databases: what is stored,
+what is refused, where the job is placed and what its task is told.
+
+A job that asks for `private` runs only on nodes whose agent says "netns" (it can make a
+network namespace per task) and waits with the reason elsewhere; a one-node job that leaves
+its network unsaid runs in one where the node can and in the node's network elsewhere; a gang,
+an image or `host` gets the node's network.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.agent import AGENT_CAPABILITIES
+from tests.scheduling.harness import Cluster
+
+EVERY = list(AGENT_CAPABILITIES)
+NETNS = [*EVERY, "netns"]
+
+
+async def _node(cluster: Cluster, gpus: int, capabilities: list[str] | None) -> dict[str, Any]:
+    node = await cluster.register(await cluster.join_token(), gpus=gpus, capabilities=capabilities)
+    await cluster.heartbeat(node["credential"])
+    return node
+
+
+async def _started(cluster: Cluster, node: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {s["job_id"]: s for s in (await cluster.heartbeat(node["credential"]))["start"]}
+
+
+async def test_the_choice_is_stored_and_a_private_gang_is_refused(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    body = {"command": ["python", "train.py"], "time_limit": 3600}
+    private = await cluster.call("POST", "/v1/jobs", token, {**body, "network": "private"}, 201)
+    assert (await cluster.job(token, private["id"]))["network"] == "private"
+    unsaid = await cluster.call("POST", "/v1/jobs", token, body, 201)
+    assert unsaid["network"] is None
+    gang = {**body, "network": "private", "nodes": 2}
+    problem = await cluster.call("POST", "/v1/jobs", token, gang, 422)
+    assert "network private is for one-node jobs" in str(problem), problem
+    await cluster.call("POST", "/v1/jobs", token, {**body, "network": "bridge"}, 422)
+    await cluster.call("POST", "/v1/jobs", token, {**gang, "network": "host"}, 201)
+
+
+async def test_a_private_job_goes_only_to_a_node_that_can_wall_it(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    # The node without namespaces is the tighter fit: best fit alone would pick it.
+    plain = await _node(cluster, 2, EVERY)
+    walled = await _node(cluster, 8, NETNS)
+    job = await cluster.submit(token, gpus_per_node=2, network="private")
+    await cluster.cycle()
+    assert await _started(cluster, plain) == {}
+    assert (await _started(cluster, walled))[job["id"]]["network"] == "private"
+
+
+async def test_with_no_node_able_the_private_job_waits_with_the_reason(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    plain = await _node(cluster, 8, EVERY)
+    job = await cluster.submit(token, gpus_per_node=1, network="private")
+    other = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    assert (await cluster.job(token, job["id"]))["state"] == "PENDING"
+    explain = await cluster.call("GET", f"/v1/jobs/{job['id']}/explain", token)
+    (reason,) = explain["reasons"]
+    assert reason["code"] == "Resources"
+    assert reason["details"]["capabilities"] == "netns"
+    assert "agent can do netns" in reason["message"]
+    # The job that left it unsaid runs there, in the node's network (the agent cannot wall).
+    spec = (await _started(cluster, plain))[other["id"]]
+    assert spec.get("network") is None
+    # The agent restarts able to: the private job goes there.
+    await cluster.heartbeat(plain["credential"], capabilities=NETNS)
+    await cluster.cycle()
+    assert (await _started(cluster, plain))[job["id"]]["network"] == "private"
+
+
+async def test_unsaid_is_private_for_one_node_and_host_for_gangs_images_and_host(
+    cluster: Cluster,
+) -> None:
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    nodes = [await _node(cluster, 8, NETNS) for _ in range(2)]
+    single = await cluster.submit(token, gpus_per_node=1)
+    host = await cluster.submit(token, gpus_per_node=1, network="host")
+    image = await cluster.submit(token, gpus_per_node=1, image="python:3.11")
+    gang = await cluster.submit(token, gpus_per_node=4, nodes=2)
+    await cluster.cycle()
+    specs: dict[int, list[dict[str, Any]]] = {}
+    for node in nodes:
+        for job_id, spec in (await _started(cluster, node)).items():
+            specs.setdefault(job_id, []).append(spec)
+    assert [s["network"] for s in specs[single["id"]]] == ["private"]
+    assert [s.get("network") for s in specs[host["id"]]] == [None]
+    assert [s.get("network") for s in specs[image["id"]]] == [None]
+    assert [s.get("network") for s in specs[gang["id"]]] == [None, None]
