@@ -282,12 +282,12 @@ class Preemptor:
         after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
         over: dict[int, int] = {}
         by_node: dict[int, list[tuple[RunningJob, int]]] = {}
-        pool = cands
-        for r in pool:
-            if r.job_id in self.chosen:
+        chosen, classes = self.chosen, self.classes
+        for r in cands:
+            if r.job_id in chosen:
                 continue
             if r.org_id == job.org_id:
-                if self.classes.get(r.priority_class, 0) >= cls:
+                if classes.get(r.priority_class, 0) >= cls:
                     continue
             elif in_quota:
                 left = over.get(r.org_id)
@@ -381,6 +381,9 @@ class Preemptor:
         """
         if short <= 0:
             return []
+        if len(on_node) == 1:  # the common case: one victim frees enough, or nothing does
+            r, g = on_node[0]
+            return [r] if g >= short else None
         lost = self._lost
         chosen: list[tuple[RunningJob, int]] = []
         for entry in sorted(on_node, key=lambda e: lost[id(e[0])]):
