@@ -126,3 +126,17 @@ async def test_another_orgs_admin_cannot_hold_or_release(world: World) -> None:
     done = await world.job("member_a", state=JobState.COMPLETED)
     async with world.client("admin_a") as c:
         assert (await c.post(f"/v1/jobs/{done.id}/hold")).status_code == 409
+
+
+async def test_a_hold_reason_cannot_drive_a_readers_terminal(world: World) -> None:
+    """The reason is shown to every member of the org by describe and explain."""
+    job = await world.job("member_a")
+    async with world.client("admin_a") as c:
+        refused = await c.post(
+            f"/v1/jobs/{job.id}/hold", json={"reason": "\x1b]52;c;cm0gLXJmIH4=\x07 ok"}
+        )
+        too_long = await c.post(f"/v1/jobs/{job.id}/hold", json={"reason": "x" * 1025})
+        got = (await c.get(f"/v1/jobs/{job.id}")).json()
+    assert refused.status_code == 422
+    assert too_long.status_code == 422
+    assert got["held"] is False
