@@ -266,12 +266,14 @@ class DirectRoutes:
             or create.dependency is not None
             or create.signal is not None
             or create.interactive
+            or (settings.private_network_required and create.network != "private")
             or create.priority_class not in state.submit_limits.priority_classes
         ):
             # Another org, dependencies, the org's default limit, an image to check against
             # the org's allow-list, secrets to encrypt, an array's elements, a warning signal
             # to check against the time limit and the longest grace, an interactive job's
-            # time limit to check against its org's maximum, a class the policy does
+            # time limit to check against its org's maximum, a network the server decides
+            # (FAIRGPU_PRIVATE_NETWORK_REQUIRED), a class the policy does
             # not know (the route's 422 names those it does): the ordinary route.
             return False
         if create.time_limit > settings.max_time_limit_s:

@@ -167,6 +167,13 @@ class Settings(BaseSettings):
     max_time_limit_s: int = Field(
         30 * 86_400, gt=0, description="Longest time limit a job may ask for."
     )
+    private_network_required: bool = Field(
+        False,
+        description="Every one-node job runs in a network namespace of its own (as `--network "
+        "private`: only on nodes whose agent can make one); a one-node job asking for "
+        "`--network host` is refused (422). Gangs still run in their nodes' network "
+        "(docs/ISOLATION.md, The network).",
+    )
     interactive_max_time_s: int = Field(
         8 * 3600,
         gt=0,

@@ -225,7 +225,7 @@ async def submit_job(
         raise InvalidInput("jobs belong to a user")
     org_id = await _submit_org(session, principal, body.org)
     key = checked_idempotency_key(idempotency_key)
-    spec = svc.JobSpec(**body.spec_fields())
+    spec = svc.JobSpec(**{**body.spec_fields(), **_network(request, body)})
     if body.array is not None:
         return await _submit_array(request, body.array, spec, org_id, principal, key)
     try:
@@ -256,6 +256,19 @@ async def submit_job(
     deps = await svc.dependencies_of(session, [result.job.id])
     public = job_public(result.job, deps.get(result.job.id))
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
+
+
+def _network(request: Request, body: JobCreate) -> dict[str, str]:
+    """Under FAIRGPU_PRIVATE_NETWORK_REQUIRED a one-node job runs in a network of its own."""
+    settings: Settings = request.app.state.settings
+    if not settings.private_network_required or body.nodes > 1:
+        return {}
+    if body.network == "host":
+        raise InvalidInput(
+            "this server runs every one-node job in a network of its own: leave --network "
+            "out or say private (gangs run in their nodes' network)"
+        )
+    return {"network": "private"}
 
 
 def _server_limits(request: Request) -> dict[str, Any]:

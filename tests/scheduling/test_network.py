@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocol.agent import AGENT_CAPABILITIES
-from tests.scheduling.harness import Cluster
+from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
 EVERY = list(AGENT_CAPABILITIES)
 NETNS = [*EVERY, "netns"]
@@ -96,3 +96,26 @@ async def test_unsaid_is_private_for_one_node_and_host_for_gangs_images_and_host
     assert [s.get("network") for s in specs[host["id"]]] == [None]
     assert [s.get("network") for s in specs[image["id"]]] == [None]
     assert [s.get("network") for s in specs[gang["id"]]] == [None, None]
+
+
+async def test_a_server_requiring_private_networks_makes_one_node_jobs_private(
+    database_url: str,
+) -> None:
+    settings = fast_settings(database_url, private_network_required=True)
+    async with running_cluster(settings) as cluster:
+        org = await cluster.org(guaranteed=16)
+        token = await cluster.user_token(org)
+        plain = await _node(cluster, 8, EVERY)
+        body = {"command": ["python", "train.py"], "time_limit": 3600}
+        unsaid = await cluster.call("POST", "/v1/jobs", token, body, 201)
+        assert unsaid["network"] == "private"
+        problem = await cluster.call("POST", "/v1/jobs", token, {**body, "network": "host"}, 422)
+        assert "network of its own" in str(problem), problem
+        gang = await cluster.call("POST", "/v1/jobs", token, {**body, "nodes": 2}, 201)
+        assert gang["network"] is None
+        # A node that cannot wall it does not get it; one that can does.
+        await cluster.cycle()
+        assert unsaid["id"] not in await _started(cluster, plain)
+        walled = await _node(cluster, 8, NETNS)
+        await cluster.cycle()
+        assert (await _started(cluster, walled))[unsaid["id"]]["network"] == "private"
