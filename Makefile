@@ -33,13 +33,16 @@ fmt: $(STAMP)
 test-services:
 	bash tests/services.sh
 
-# Tests that share nothing run in TEST_WORKERS processes (pytest-xdist); those marked serial
-# (tests/harness/serial.py: host-wide effects, timed failovers) run alone afterwards. Both passes
-# always run; either failing fails the target.
+# Three passes (tests/harness/serial.py): tests that share nothing in TEST_WORKERS processes
+# (pytest-xdist); then the fault tests (their own servers, agents and PostgreSQL, timed
+# failovers) FAULT_WORKERS at a time, away from the CPU-bound first pass; then those marked
+# serial (host-wide effects) alone. Every pass always runs; any failing fails the target.
 TEST_WORKERS ?= 4
+FAULT_WORKERS ?= 3
 test: lint test-services
 	status=0; \
-	$(BIN)/pytest -q -ra -n $(TEST_WORKERS) -m 'not serial' || status=1; \
+	$(BIN)/pytest -q -ra -n $(TEST_WORKERS) --dist worksteal -m 'not serial and not faults' || status=1; \
+	$(BIN)/pytest -q -ra -n $(FAULT_WORKERS) --dist worksteal -m faults || status=1; \
 	$(BIN)/pytest -q -ra -m serial || status=1; \
 	exit $$status
 
