@@ -167,7 +167,10 @@ def create_app(
                 streams=app.state.streams,
             )
             app.state.heartbeats = heartbeats
-            async with _direct_routes(app, settings, engine, heartbeats), relay_listener(hub):
+            async with (
+                _direct_routes(app, settings, engine, heartbeats),
+                relay_listener(hub, settings.port),
+            ):
                 await runtime.start()
                 await hub.start()
                 if freeze_heap:

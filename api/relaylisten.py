@@ -1,9 +1,12 @@
-"""A relay listener of this process's own, for `FAIRGPU_SERVER_RELAY_URL` with port 0.
+"""A relay listener of this process's own, when `FAIRGPU_SERVER_RELAY_URL` names a port other
+than the server's.
 
 The workers of `fairgpu server --workers N` share one listening socket: the address the users
 reach cannot name one worker. A worker that holds a stream's user side must be reachable by the
-others, so each listens on a port of its own on the relay URL's host, serving the relay route
-only (api/routers/streams.py, `WS /v1/relay/streams/{id}`), and the rows name that port.
+others, so each listens on a port of its own (port 0: a free one) on the relay URL's host,
+serving the relay route only (api/routers/streams.py, `WS /v1/relay/streams/{id}`), and the
+rows name that port. A replica may also keep the hop off its public port this way (a fixed
+internal port that only the other replicas may reach).
 """
 
 from __future__ import annotations
@@ -31,25 +34,25 @@ class _Listener(uvicorn.Server):
 
 
 @asynccontextmanager
-async def relay_listener(hub: StreamHub) -> AsyncIterator[None]:
-    """With a relay URL of port 0: listen on its host, on a free port, and make that the
-    hub's relay URL. Otherwise nothing."""
+async def relay_listener(hub: StreamHub, server_port: int) -> AsyncIterator[None]:
+    """With a relay URL whose port is not `server_port`: listen on its host and port (0: a
+    free one, which becomes the hub's relay URL). Otherwise nothing."""
     from api.relayhop import RELAY_PATH
     from api.routers import streams  # the relay route, and uvicorn's WebSocket settings
 
-    if hub.relay_url is None or urlsplit(hub.relay_url).port != 0:
+    parts = urlsplit(hub.relay_url or "")
+    if parts.port is None or parts.port == server_port:
         yield
         return
-    parts = urlsplit(hub.relay_url)
     if parts.scheme != "http" or parts.hostname is None:
         raise ValueError(
-            "FAIRGPU_SERVER_RELAY_URL with port 0 is http://HOST:0 (a listener of each worker's "
-            "own on HOST, for the other server processes only)"
+            "FAIRGPU_SERVER_RELAY_URL on a port of its own is http://HOST:PORT (a listener for "
+            "the other server processes only; HTTPS is served on the server's own port)"
         )
     family = socket.AF_INET6 if ":" in parts.hostname else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((parts.hostname, 0))
+    sock.bind((parts.hostname, parts.port))
     port = sock.getsockname()[1]
     host = f"[{parts.hostname}]" if family == socket.AF_INET6 else parts.hostname
     hub.relay_url = f"http://{host}:{port}"

@@ -271,3 +271,50 @@ def _up(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_workers_of_one_server_hand_streams_to_each_other(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`fairgpu server --workers 2`: the workers share the users' port, so the agent's side of
+    a stream reaches the worker holding its user's side only half of the time; each worker's
+    relay listener (api/relaylisten.py) takes the other half. Four sessions in a row: without
+    the hand-off all four would have to land on their holder (1 in 16)."""
+    token = seed_admin(database_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "FAIRGPU_DATABASE_URL": database_url,
+        "FAIRGPU_MIGRATE_ON_START": "false",
+        "FAIRGPU_CYCLE_INTERVAL_S": "0.5",
+        "FAIRGPU_HEARTBEAT_LONG_POLL_S": "1",
+    }
+    server = subprocess.Popen(
+        [FAIRGPU, "server", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        served = Served(
+            url=f"http://127.0.0.1:{port}", admin_token=token, config_dir=tmp_path / "cfg"
+        )
+        wait_for(lambda: _up(served.url), timeout_s=60)
+        owner = _owner(served)
+        with simulated_agent(served, tmp_path):
+            for status in (3, 4, 5, 6):
+                code, out, err = fairgpu(
+                    served, owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
+                    "sh", "-c", f"echo session-{status}; exit {status}",
+                )  # fmt: skip
+                assert code == status, (out, err)
+                assert f"session-{status}" in out
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
