@@ -38,6 +38,13 @@ pytestmark = pytest.mark.parametrize(
 FAIRGPU = str(Path(sys.executable).parent / "fairgpu")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def _settings(database_url: str) -> Settings:
     return Settings(
         database_url=database_url,
@@ -48,16 +55,21 @@ def _settings(database_url: str) -> Settings:
 
 
 @pytest.fixture
-def replicas(database_url: str, tmp_path: Path) -> Iterator[tuple[Served, Served]]:
-    """Replica A and replica B, in threads: each holds the user sides that reach it."""
+def replicas(database_url: str, tmp_path: Path) -> Iterator[tuple[Served, Served, str]]:
+    """Replica A and replica B, in threads: each holds the user sides that reach it. A takes
+    the hop on a relay port of its own (as the Kubernetes manifest sets it), B on its
+    server's port (FAIRGPU_SERVER_RELAY_URL unset)."""
     token = seed_admin(database_url)
+    relay_a = f"http://127.0.0.1:{_free_port()}"
+    settings_a = _settings(database_url).model_copy(update={"server_relay_url": relay_a})
     with (
-        serve_app(create_app(_settings(database_url))) as url_a,
+        serve_app(create_app(settings_a)) as url_a,
         serve_app(create_app(_settings(database_url))) as url_b,
     ):
         yield (
             Served(url=url_a, admin_token=token, config_dir=tmp_path / "a"),
             Served(url=url_b, admin_token=token, config_dir=tmp_path / "b"),
+            relay_a,
         )
 
 
@@ -95,9 +107,9 @@ def _running_interactive_job(served: Served, owner: str, node: FakeAgent) -> dic
 
 
 def test_a_stream_held_by_a_reaches_the_agent_through_b(
-    replicas: tuple[Served, Served], database_url: str
+    replicas: tuple[Served, Served, str], database_url: str
 ) -> None:
-    a, b = replicas
+    a, b, relay_a = replicas
     owner = _owner(a)
     node = FakeAgent(b, "n1")
     other = FakeAgent(b, "n2")
@@ -111,8 +123,10 @@ def test_a_stream_held_by_a_reaches_the_agent_through_b(
         stream_id = found[0]["id"]
         relay = f"/v1/relay/streams/{stream_id}"
         # Nobody reaches the holder's relay route without the claimer's secret.
+        relay_port = Served(url=relay_a, admin_token="", config_dir=Path())
         for token in (owner, node.credential, a.admin_token, "x" * 43):
             assert _refused(a, relay, token) == 404
+            assert _refused(relay_port, relay, token) == 404
         path = f"/v1/agent/streams/{stream_id}"
         assert _refused(b, path, owner) == 404  # a user token
         assert _refused(b, path, other.credential) == 404  # another node
@@ -146,9 +160,9 @@ def _stream_rows(database_url: str) -> int:
 
 
 def test_the_caps_count_every_replicas_streams(
-    replicas: tuple[Served, Served], database_url: str
+    replicas: tuple[Served, Served, str], database_url: str
 ) -> None:
-    a, b = replicas
+    a, b, _ = replicas
     owner = _owner(a)
     node = FakeAgent(b, "n1")
     job = _running_interactive_job(a, owner, node)
@@ -162,9 +176,9 @@ def test_the_caps_count_every_replicas_streams(
 
 
 def test_a_holder_that_is_gone_refuses_the_agent_with_502(
-    replicas: tuple[Served, Served], database_url: str
+    replicas: tuple[Served, Served, str], database_url: str
 ) -> None:
-    a, b = replicas
+    a, b, _ = replicas
     owner = _owner(a)
     node = FakeAgent(b, "n1")
     job = _running_interactive_job(a, owner, node)
@@ -200,9 +214,9 @@ def test_a_holder_that_is_gone_refuses_the_agent_with_502(
 
 
 def test_the_cli_attaches_through_a_while_the_agent_reports_to_b(
-    replicas: tuple[Served, Served], tmp_path: Path
+    replicas: tuple[Served, Served, str], tmp_path: Path
 ) -> None:
-    a, b = replicas
+    a, b, _ = replicas
     owner = _owner(a)
     with simulated_agent(b, tmp_path):
         code, out, err = fairgpu(
@@ -230,15 +244,10 @@ def test_the_holder_killed_ends_the_cli_with_one_line_and_b_attaches_again(
         "FAIRGPU_CYCLE_INTERVAL_S": "0.5",
         "FAIRGPU_HEARTBEAT_LONG_POLL_S": "1",
     }
-    holder = subprocess.Popen(
-        [FAIRGPU, "server", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    holder = _server(tmp_path / "a.log", env, "--port", str(port))
     try:
         a = Served(url=f"http://127.0.0.1:{port}", admin_token=token, config_dir=tmp_path / "a")
-        wait_for(lambda: _up(a.url))
+        _wait_up(holder, a.url, tmp_path / "a.log")
         with serve_app(create_app(_settings(database_url))) as url_b:
             b = Served(url=url_b, admin_token=token, config_dir=tmp_path / "b")
             owner = _owner(b)
@@ -266,11 +275,28 @@ def test_the_holder_killed_ends_the_cli_with_one_line_and_b_attaches_again(
             holder.wait(timeout=10)
 
 
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+def _server(log: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """`fairgpu server ARGS` as a real process, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [FAIRGPU, "server", "--log-level", "warning", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_up(server: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    """Until the server answers (a loaded machine takes a while to start one)."""
+
+    def up() -> bool:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout_s=120)
 
 
 def test_the_workers_of_one_server_hand_streams_to_each_other(
@@ -291,17 +317,12 @@ def test_the_workers_of_one_server_hand_streams_to_each_other(
         "FAIRGPU_CYCLE_INTERVAL_S": "0.5",
         "FAIRGPU_HEARTBEAT_LONG_POLL_S": "1",
     }
-    server = subprocess.Popen(
-        [FAIRGPU, "server", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _server(tmp_path / "server.log", env, "--port", str(port), "--workers", "2")
     try:
         served = Served(
             url=f"http://127.0.0.1:{port}", admin_token=token, config_dir=tmp_path / "cfg"
         )
-        wait_for(lambda: _up(served.url), timeout_s=60)
+        _wait_up(server, served.url, tmp_path / "server.log")
         owner = _owner(served)
         with simulated_agent(served, tmp_path):
             for status in (3, 4, 5, 6):
