@@ -88,6 +88,9 @@ def serve(database_url: str, tmp_path: Path) -> Iterator[Served]:
         database_url=database_url,
         migrate_on_start=False,
         cycle_interval_s=0.5,
+        # An agent whose heartbeat is held for less than its interval waits out the rest before
+        # the next one: at the default 10 s interval a new task reached it up to 9 s late.
+        heartbeat_interval_s=1.0,
         heartbeat_long_poll_s=1.0,
     )
     token = seed_admin(database_url)
