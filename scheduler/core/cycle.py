@@ -298,7 +298,8 @@ class _Cycle:
 
         A job of at least `protect_gang_gpus` GPUs that has waited `protect_gang_after_s` is
         protected: each org's oldest such job (one per org, so no org drains the cluster for
-        a series of gangs), all in submit order, is started (in quota or borrowing), reclaims
+        a series of gangs), the oldest `backfill_reservations` of those in submit order, is
+        started (in quota or borrowing), reclaims
         its guarantee, or reserves nodes before any other job is looked at. Its reservation
         is then computed on the running jobs alone each cycle, so later jobs, in quota or
         not, cannot push it back: they only backfill GPUs they hand back before it starts,
@@ -327,7 +328,11 @@ class _Cycle:
             if within(job.org_id) or any(self.books.in_quota(job.org_id, t, n) for t in types):
                 oldest[job.org_id] = job
         settled: set[int] = set()
-        for job in sorted(oldest.values(), key=lambda j: (j.submitted_at, j.job_id)):
+        # The oldest `backfill_reservations` only: as many as could hold a reservation, which
+        # bounds the work (one plan each) on a cluster of a thousand orgs. A gang among them
+        # stays among them until it starts, since only older ones are ahead of it.
+        first = sorted(oldest.values(), key=lambda j: (j.submitted_at, j.job_id))
+        for job in first[: cfg.backfill_reservations]:
             types = self.static_types(job)
             if types is not None and self._protect(job, types):
                 settled.add(job.job_id)
