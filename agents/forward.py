@@ -13,7 +13,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING
 
-from agents.netns import NetnsError, run_in_netns, thread_net_dir
+from agents.netns import NetnsError, entry, run_in_netns, thread_net_dir
 from agents.ports import PortRefused, TaskProcesses, connect_owned
 from protocol.streams import MAX_FRAME_BYTES, Error, control_text
 from protocol.tcpstream import splice
@@ -49,7 +49,8 @@ def _connect(task: TaskProcesses, port: int, pids: set[int]) -> socket.socket:
     if netns is None:
         return connect_owned(port, pids, job_id=task.job_id)
     return run_in_netns(
-        netns, lambda: connect_owned(port, pids, job_id=task.job_id, net=thread_net_dir())
+        entry(netns, pids),
+        lambda: connect_owned(port, pids, job_id=task.job_id, net=thread_net_dir()),
     )
 
 

@@ -195,6 +195,15 @@ class Namespaces:
             raise NetnsError(f"{Path(argv[0]).name} {argv[1]}: {detail}")
 
 
+def remove_all(state_root: Path) -> list[int]:
+    """Remove every network namespace (and pasta) of the agent with this state directory:
+    for whoever ends its tasks without it (a test harness, an operator retiring a node)."""
+    ip = shutil.which("ip")
+    if ip is None or os.geteuid() != 0:
+        return []
+    return Namespaces(state_root, pasta=shutil.which("pasta") or "pasta", ip=ip).sweep(set())
+
+
 def run_in_netns(path: Path, function: Callable[[], _T]) -> _T:
     """Call `function` in a fresh thread that first joins the network namespace at `path`."""
     result: list[_T] = []
@@ -224,6 +233,25 @@ def run_in_netns(path: Path, function: Callable[[], _T]) -> _T:
     if error:
         raise error[0]
     return result[0]
+
+
+def entry(named: Path, pids: set[int]) -> Path:
+    """Where to enter a task's namespace: its name, or where that is no longer a namespace (an
+    agent restarted in a mount namespace of its own, as systemd's ProtectSystem gives it, does
+    not see the mounts its predecessor made) the namespace of one of the task's processes that
+    is not the agent's own."""
+    try:
+        if os.stat(named).st_dev == os.stat("/proc/self/ns/net").st_dev:  # on nsfs
+            return named
+    except OSError:
+        pass
+    own = os.stat("/proc/self/ns/net").st_ino
+    for pid in sorted(pids):
+        path = Path(f"/proc/{pid}/ns/net")
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino != own:
+                return path
+    return named
 
 
 def thread_net_dir() -> Path:

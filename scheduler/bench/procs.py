@@ -192,6 +192,8 @@ class Fleet:
     server_env: dict[str, str] = field(default_factory=lambda: dict(FAST_SERVER_ENV))
     """Every server's FAIRGPU_* settings (with the database's URL and each start's own)."""
     procs: dict[str, Proc] = field(default_factory=dict)
+    agent_states: list[Path] = field(default_factory=list)
+    """The state directories of the agents started: their network namespaces go at close."""
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         """This environment less its FAIRGPU_* variables, plus `extra`."""
@@ -287,6 +289,7 @@ class Fleet:
         `extra` names another --state-dir); `site` also names its domain SITE-rack1;
         `time_limit_grace_s` None leaves the agent's default."""
         state = self.workdir / f"{name}-state"
+        self.agent_states.append(state)
         args = [
             *fairgpu_command(), "agent", "--server", server_url, "--join-token", join_token,
             "--simulate", gpus, "--name", name, "--state-dir", str(state),
@@ -315,3 +318,7 @@ class Fleet:
             with suppress(psutil.Error):
                 child.kill()
         psutil.wait_procs(everyone, timeout=3)
+        from agents.netns import remove_all
+
+        for state in self.agent_states:  # their network namespaces, as the agent would
+            remove_all(state)

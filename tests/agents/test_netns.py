@@ -354,6 +354,22 @@ def test_port_forward_connects_inside_the_tasks_namespace(node: NetNode) -> None
                 _connect(task, other.getsockname()[1], task.pids())
 
 
+def test_port_forward_finds_the_namespace_when_its_name_is_gone(node: NetNode) -> None:
+    """An agent restarted in a mount namespace of its own (systemd's ProtectSystem) no longer
+    sees the name's mount: it enters through one of the task's processes instead."""
+    ports = _free_ports(4)
+    node.start_listener(1, "acme-private", ports, network="private", **ACME)
+    done = subprocess.run(
+        ["umount", "--lazy", str(node.namespaces.path(1))], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    task = node.runner.processes(1)
+    assert task is not None
+    assert task.netns is not None
+    with _connect(task, ports[0], task.pids()) as conn:
+        assert conn.recv(100) == b"acme-private"
+
+
 def test_a_terminal_task_runs_inside_its_namespace(node: NetNode) -> None:
     host_ns = os.readlink("/proc/self/ns/net")
     node.runner.start(

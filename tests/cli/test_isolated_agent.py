@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from agents.netns import remove_all
 from scheduler.bench.procs import fairgpu_command
 from tests.cli.conftest import Served, wait_for
 
@@ -97,6 +98,7 @@ class Pool:
             proc.kill()
         # A killed process leaves its cgroup only once it has exited.
         psutil.wait_procs(left, timeout=10)
+        remove_all(self.state)
         for controller_dir in Path("/sys/fs/cgroup").rglob(self.cgroup_parent):
             for task in controller_dir.glob("task-*"):
                 task.rmdir()

@@ -23,6 +23,8 @@ from typing import IO, Any
 import httpx
 import psutil
 
+from agents.netns import remove_all
+
 FAST_SETTINGS = {
     "FAIRGPU_CYCLE_INTERVAL_S": "1",
     "FAIRGPU_CYCLE_MIN_GAP_S": "0.2",
@@ -206,6 +208,7 @@ class Stack:
             log.close()
         for agent in self.agents:
             _kill_recorded_tasks(agent.state_dir)
+            remove_all(agent.state_dir)
 
 
 def _kill_recorded_tasks(state_dir: Path) -> None:
