@@ -124,13 +124,25 @@ def interactive(
         str | None,
         typer.Option(help="An EMPTY database to use (PostgreSQL); default: a temporary SQLite."),
     ] = None,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=2,
+            help="2: the agent reports to a second server replica, so every stream is relayed "
+            "from one replica to the other (needs --database-url).",
+        ),
+    ] = 1,
 ) -> None:
     """Attach latency (`run --pty` start → the job's prompt) and relay throughput through one
-    server process (`port-forward`), on an idle simulated cluster; one JSON line."""
+    server process (`port-forward`), or across two replicas, on an idle simulated cluster; one
+    JSON line."""
     from scheduler.bench.interactive import run_interactive_bench
 
+    if replicas > 1 and database_url is None:
+        fail("--replicas 2 needs --database-url (PostgreSQL: replicas share one database)", 2)
     result = run_interactive_bench(
-        sessions=sessions, megabytes=megabytes, database_url=database_url
+        sessions=sessions, megabytes=megabytes, database_url=database_url, replicas=replicas
     )
     typer.echo(json.dumps(result))
 

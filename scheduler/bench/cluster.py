@@ -68,8 +68,11 @@ def cluster(
     database_url: str | None = None,
     agent_args: Sequence[str] = ("--time-limit-grace-s", "2"),
     isolation: str = "none",
+    replicas: int = 1,
 ) -> Iterator[Cluster]:
-    """Server + bootstrap + join token + agents (name, site, --simulate). Under strict isolation
+    """Server + bootstrap + join token + agents (name, site, --simulate). With `replicas` 2 (on
+    PostgreSQL) a second server replica takes the agents' reports while `url` is the first's,
+    so that every interactive stream crosses from one to the other. Under strict isolation
     (as root) tasks reach their directories beside the agents' state through `workdir`, which
     must then be traversable (0711). Raises HarnessError when a process exits or is not ready."""
     cgroup_parent = f"fairgpu-{workdir.name}"  # this cluster's own, removed on the way out
@@ -91,12 +94,15 @@ def cluster(
                     f"could not create a join token: {join.status_code} {join.text[:200]}"
                 )
             join_token = join.json()["token"]
+        agents_url = url
+        if replicas > 1:
+            agents_url = fleet.server("server-b", log_level="warning", access_log=False)
         metrics = []
         for name, site, gpus in nodes:
             port = free_port()
             metrics.append(f"http://127.0.0.1:{port}/metrics")
             fleet.agent(
-                name, url, join_token, gpus, tuple(agent_args),
+                name, agents_url, join_token, gpus, tuple(agent_args),
                 site=site, metrics_port=port, isolation=isolation, log_level="warning",
                 time_limit_grace_s=None,
             )  # fmt: skip
