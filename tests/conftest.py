@@ -128,3 +128,11 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
     async with make_sessionmaker(engine)() as s:
         yield s
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Task network namespaces left without a process (tests/harness/netns.py)."""
+    if not hasattr(session.config, "workerinput"):  # once, in the controlling process
+        from tests.harness.netns import remove_orphans
+
+        remove_orphans()

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_isolation import ACME, PY, RIVAL, UID_BASE
+from tests.harness.netns import remove_orphans
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -153,6 +155,15 @@ class NetNode:
             "reason": record.reason,
             "log": self.state.read_log(record).decode(),
         }
+
+    def task_processes_in_namespace(self, task_id: int) -> list[int]:
+        inode = os.stat(self.namespaces.path(task_id)).st_ino
+        found = []
+        for pid in psutil.pids():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
+                    found.append(pid)
+        return found
 
     def _ended(self, task_id: int) -> bool:
         self.runner.poll()
@@ -407,3 +418,22 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_the_session_janitor_removes_only_namespaces_without_a_process(node: NetNode) -> None:
+    node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+    wait_for(lambda: node.namespaces.pasta_pid(1) is not None)
+    node.namespaces.create(2)  # made for a task that never started: nothing runs there
+    orphan_pasta = node.namespaces.pasta_pid(2)
+    assert orphan_pasta is not None
+    wait_for(lambda: bool(node.task_processes_in_namespace(1)))
+    old = time.time() - 600
+    for task_id in (1, 2):
+        os.utime(node.namespaces.resolv_conf(task_id).parent, (old, old))
+    removed = remove_orphans()
+    assert node.namespaces.name(2) in removed
+    assert node.namespaces.name(1) not in removed
+    assert not node.namespaces.exists(2)
+    assert node.namespaces.exists(1)
+    wait_for(lambda: not psutil.pid_exists(orphan_pasta) or _zombie(orphan_pasta))
+    node.namespaces.remove(2)  # the agent's own record of it (its pid file) goes with the agent

@@ -1,0 +1,55 @@
+"""Removes the task network namespaces (agents/netns.py) that tests left without a process.
+
+Tasks outlive their agent by design, and their namespaces with them; harnesses that start agent
+processes remove their agents' own (`agents.netns.remove_all`), but an in-process agent or a
+test that failed half-way may leave one. At the end of a session every `fairgpu-*` namespace in
+which no process runs any more, made more than `min_age_s` ago (a task's namespace holds its
+processes for as long as it runs, and gets them within a moment of being made), is removed with
+its resolver file and its pasta. Namespaces of other test sessions on the host that still run
+something are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from agents.netns import ETC_DIR, RUN_DIR
+
+
+def remove_orphans(min_age_s: float = 120.0) -> list[str]:
+    if os.geteuid() != 0 or not RUN_DIR.is_dir() or shutil.which("ip") is None:
+        return []
+    in_use: set[int] = set()
+    pastas: dict[int, bytes] = {}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            in_use.add(os.stat(pid_dir / "ns" / "net").st_ino)
+            cmdline = (pid_dir / "cmdline").read_bytes()
+            if Path(cmdline.split(b"\0")[0].decode(errors="replace")).name == "pasta":
+                pastas[int(pid_dir.name)] = cmdline
+    removed: list[str] = []
+    now = time.time()
+    for path in RUN_DIR.glob("fairgpu-*"):
+        try:
+            made = (ETC_DIR / path.name).stat().st_mtime
+            inode = path.stat().st_ino
+        except OSError:
+            continue
+        if inode in in_use or now - made < min_age_s:
+            continue
+        for pid, cmdline in pastas.items():
+            if path.name.encode() in cmdline.split(b"\0"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", path.name], capture_output=True, check=False)
+        shutil.rmtree(ETC_DIR / path.name, ignore_errors=True)
+        removed.append(path.name)
+    return removed
