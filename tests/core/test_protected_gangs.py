@@ -281,3 +281,34 @@ def test_a_protected_gangs_start_never_moves_later_because_of_later_jobs(
     again = _reservation_start(d2)
     assert again is not None, reason
     assert again <= max(start, later.now)
+
+
+def test_higher_priority_jobs_in_quota_no_longer_push_an_in_quota_gang_back() -> None:
+    # slurm-like (no borrowing, no preemption): the gang of org 2 is in quota but org 2 has
+    # used a lot, so org 3's long 1-GPU job ranks first and, unprotected, takes the free node.
+    running = [r for r in busy_cluster() if r.placements[0].node_id != 1]
+    teams = [org(1, guaranteed=40), org(2, guaranteed=40, usage=1e9), org(3, guaranteed=8)]
+    pending = [
+        job(1, 2, 8, nodes=5, at=0.0, limit_s=4 * HOUR_S),
+        job(2, 3, 1, at=NOW - 60, limit_s=10 * HOUR_S),
+    ]
+
+    def decide(**config: object) -> tuple[set[int], object]:
+        s = snapshot(
+            nodes=nodes(5),
+            orgs=teams,
+            running=running,
+            pending=pending,
+            now=NOW,
+            borrowing=False,
+            preemption=False,
+            **config,
+        )
+        d = schedule(s)
+        return {st.job_id for st in d.starts}, d.pending[1].reasons[0].details.get(
+            "reservation_start"
+        )
+
+    assert decide() == (set(), NOW + 5 * HOUR_S)
+    # Unprotected, the long job takes a GPU of node 1, which is then free only at its end.
+    assert decide(protect_gang_gpus=0) == ({2}, NOW + 10 * HOUR_S)
