@@ -46,7 +46,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import parse_bearer
 from api.limits import AGENT_PREFIX, MAX_BODY_BYTES
-from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
+from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, WEBSOCKET_DENIAL, problem_body
 from scheduler.db.types import utcnow
 from scheduler.services.errors import TooManyRequests
 from scheduler.services.tokens import find_valid_token, hash_token
@@ -161,7 +161,6 @@ async def _refuse(
     await send({"type": "http.response.body", "body": payload})
 
 
-DENIAL_EXTENSION = "websocket.http.response"
 CLOSE_TRY_AGAIN_LATER = 1013
 MAX_CLOSE_REASON_BYTES = 123
 
@@ -178,7 +177,7 @@ async def _refuse_websocket(
     """A problem as the handshake's answer; without the server's denial extension, a close
     (1013 for a 429, else 1008) whose reason is the sentence, clipped to what a close carries."""
     await receive()  # websocket.connect
-    if DENIAL_EXTENSION in (scope.get("extensions") or {}):
+    if WEBSOCKET_DENIAL in (scope.get("extensions") or {}):
         payload = json.dumps(problem_body(status, detail, scope["path"], **extra)).encode()
         await send(
             {

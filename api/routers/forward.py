@@ -16,7 +16,7 @@ import contextlib
 
 from fastapi import APIRouter, WebSocket
 
-from api.routers.jobs import scope_of
+from api.routers.jobs import JobRef, scope_of
 from api.routers.streams import deny, open_stream, relay_to_agent, user_principal
 from api.streamlimits import StreamLimits, Ticket
 from scheduler.services import forwarding
@@ -27,7 +27,7 @@ router = APIRouter(tags=["interactive"])
 
 
 @router.websocket("/v1/jobs/{job_id}/forward")
-async def forward(websocket: WebSocket, job_id: int, port: int, rank: int = 0) -> None:
+async def forward(websocket: WebSocket, job_id: JobRef, port: int, rank: int = 0) -> None:
     """Forward one TCP connection to `port` of rank `rank`'s task of a running job, which
     must itself listen there (the agent refuses any other port, with a message). Binary frames
     are the connection's bytes; `{"type": "eof"}` a half-close (protocol/tcpstream.py)."""
@@ -41,7 +41,7 @@ async def forward(websocket: WebSocket, job_id: int, port: int, rank: int = 0) -
 
 
 async def _authorised(
-    websocket: WebSocket, job_id: int, port: int, rank: int, held: contextlib.ExitStack
+    websocket: WebSocket, job_id: str, port: int, rank: int, held: contextlib.ExitStack
 ) -> tuple[PendingStream, Ticket]:
     """The stream to the task, once the caller may and the job has room (429 beyond 64
     open), with its place in the stream limits held in `held` and the event recorded."""

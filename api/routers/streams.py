@@ -26,7 +26,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from api.relayhop import RELAY_PATH, carry, connect_holder
-from api.routers.jobs import scope_of
+from api.routers.jobs import JobRef, scope_of
 from api.streamlimits import StreamLimits, Ticket
 from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
@@ -92,7 +92,7 @@ async def deny(websocket: WebSocket, error: DomainError) -> None:
 
 
 @router.websocket("/v1/jobs/{job_id}/attach")
-async def attach(websocket: WebSocket, job_id: int, rank: int = 0) -> None:
+async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0) -> None:
     """Attach to a running job's terminal (rank 0 of a `run --pty` job). The job's owner, an
     org-admin of its org or a platform admin: a member who is not the owner gets 403, another
     org's user 404. Every attach is an event on the job; a terminal has at most 8 clients

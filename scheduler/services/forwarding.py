@@ -12,16 +12,17 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
+from scheduler.services.arrays import get_job_ref
 from scheduler.services.errors import Conflict
 from scheduler.services.interactive import AttachTarget, record_stream_event, task_target
-from scheduler.services.jobs import check_may_act, get_job
+from scheduler.services.jobs import check_may_act
 
 FORWARD_EVENT = "job.forward"
 
 
 async def forward_target(
     session: AsyncSession,
-    job_id: int,
+    job_ref: str,
     *,
     rank: int,
     user_id: int,
@@ -29,7 +30,7 @@ async def forward_target(
     may_admin_org: Callable[[int], bool],
 ) -> AttachTarget:
     """The running task of rank `rank` of the job, if the caller may forward to it."""
-    job = await get_job(session, job_id, scope_org_id=scope_org_id)
+    job = await get_job_ref(session, job_ref, scope_org_id=scope_org_id)
     check_may_act(job, user_id=user_id, may_admin_org=may_admin_org(job.org_id))
     if job.state is not JobState.RUNNING:
         raise Conflict(f"job {job.id} is {job.state.value}: only a running job's ports forward")

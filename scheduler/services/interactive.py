@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.db import Event, Job, Node, Task
 from scheduler.db.types import utcnow
+from scheduler.services.arrays import get_job_ref
 from scheduler.services.errors import Conflict
-from scheduler.services.jobs import check_may_act, get_job
+from scheduler.services.jobs import check_may_act
 
 ATTACH_EVENT = "job.attach"
 
@@ -33,7 +34,7 @@ class AttachTarget:
 
 async def attach_target(
     session: AsyncSession,
-    job_id: int,
+    job_ref: str,
     *,
     rank: int,
     user_id: int,
@@ -42,7 +43,7 @@ async def attach_target(
 ) -> AttachTarget:
     """The running task of rank `rank` of the job, if the caller may attach to it: only rank 0
     of an interactive job has a terminal."""
-    job = await get_job(session, job_id, scope_org_id=scope_org_id)
+    job = await get_job_ref(session, job_ref, scope_org_id=scope_org_id)
     check_may_act(job, user_id=user_id, may_admin_org=may_admin_org(job.org_id))
     if job.state is not JobState.RUNNING:
         raise Conflict(f"job {job.id} is {job.state.value}: only a running job can be attached to")

@@ -287,3 +287,23 @@ def test_a_rank_beyond_any_column_is_a_clear_refusal(limited: Pool, rank: str) -
         status, body, _ = _refusal(url, path, limited.tokens["ada"])
         assert status in (409, 422), body
         assert "rank" in body["detail"]
+
+
+def test_a_streams_bad_path_or_query_is_a_422_problem(limited: Pool) -> None:
+    """Not the bare 403 ("forbidden") a failed parameter gave, nor a job other than the one
+    named: `0_7` (an array's element) was read as job 7, `1e3` refused as forbidden."""
+    url, job, token = limited.served.url, limited.jobs["ada"], limited.tokens["ada"]
+    for path in (
+        f"/v1/jobs/{job}/attach?rank=abc",
+        f"/v1/jobs/{job}/forward",
+        f"/v1/jobs/{job}/forward?port=80&rank=x",
+        "/v1/jobs/1e3/attach",
+        "/v1/jobs/-1/forward?port=80",
+    ):
+        status, body, _ = _refusal(url, path, token)
+        assert status == 422, (path, body)
+        assert body["errors"], path
+    for path in (f"/v1/jobs/0_{job}/attach", f"/v1/jobs/0_{job}/forward?port=80"):
+        status, body, _ = _refusal(url, path, token)
+        assert status == 404, (path, body)
+        assert f"job 0_{job} not found" in body["detail"]
