@@ -437,3 +437,26 @@ def test_the_session_janitor_removes_only_namespaces_without_a_process(node: Net
     assert node.namespaces.exists(1)
     wait_for(lambda: not psutil.pid_exists(orphan_pasta) or _zombie(orphan_pasta))
     node.namespaces.remove(2)  # the agent's own record of it (its pid file) goes with the agent
+
+
+def test_a_private_task_keeps_its_network_through_its_grace_period(
+    node: NetNode, outside: list[int]
+) -> None:
+    """A job that uploads its checkpoint when told to stop still reaches the outside then:
+    pasta is not one of the task's processes, and no stop or warning signal reaches it."""
+    code = f"""
+import signal, socket, sys, time
+def upload(*_):
+    with socket.create_connection(("{OUTSIDE}", {outside[1]}), timeout=5) as c:
+        print("after SIGTERM:", c.recv(100).decode(), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, upload)
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+    ready = node.confinement.task_dir(1) / "ready"
+    node.runner.start(spec(1, [PY, "-c", code, str(ready)], network="private", **ACME))
+    wait_for(lambda: ready.exists(), 20)
+    node.runner.stop(1, grace_s=20, reason="preempted")
+    result = node.result(1)
+    assert "after SIGTERM: outside" in result["log"], result
