@@ -281,6 +281,9 @@ class Preemptor:
         # Eligible victims, grouped by the nodes they would free, in candidate order.
         after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
         over: dict[int, int] = {}
+        # A victim org's weighted share without a candidate's GPUs, per (org, GPUs): the books do
+        # not change during a plan, and a reclaim reads every candidate of the type.
+        share_without: dict[tuple[int, int], float] = {}
         by_node: dict[int, list[tuple[RunningJob, int]]] = {}
         chosen, classes = self.chosen, self.classes
         for r in cands:
@@ -293,10 +296,16 @@ class Preemptor:
                 left = over.get(r.org_id)
                 if left is None:
                     left = over[r.org_id] = books.over(r.org_id, gpu_type)
+                if left <= 0:
+                    continue
                 # No-loop rule: the preemptor must not end up above the victim's share.
-                if left <= 0 or after_share > books.weighted_share(
-                    r.org_id, gpu_type, -count[id(r)]
-                ):
+                sized = (r.org_id, count[id(r)])
+                victim_share = share_without.get(sized)
+                if victim_share is None:
+                    victim_share = share_without[sized] = books.weighted_share(
+                        r.org_id, gpu_type, -sized[1]
+                    )
+                if after_share > victim_share:
                     continue
             else:
                 continue
