@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,11 +23,13 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from websockets.sync.client import connect
 
 from api.app import create_app
 from scheduler.db import Stream
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.settings import Settings
+from tests.agents.test_transport import Pki, pki  # noqa: F401 - the certificates
 from tests.cli.conftest import Served, seed_admin, serve_app, simulated_agent, wait_for
 from tests.cli.test_interactive import REMOTE, Terminal, fairgpu
 from tests.cli.test_interactive_streams import FakeAgent, _refused, _ws
@@ -106,6 +109,18 @@ def _running_interactive_job(served: Served, owner: str, node: FakeAgent) -> dic
     return {"job_id": job_id, "task_id": starts[0]["task_id"], "report": report}
 
 
+def _streams_asked(node: FakeAgent, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The streams the node's heartbeat replies ask it to open, once they ask for any."""
+    found: list[dict[str, Any]] = []
+
+    def asked() -> bool:
+        found.extend(node.heartbeat(tasks=[job["report"]]).get("streams", []))
+        return bool(found)
+
+    wait_for(asked)
+    return found
+
+
 def test_a_stream_held_by_a_reaches_the_agent_through_b(
     replicas: tuple[Served, Served, str], database_url: str
 ) -> None:
@@ -117,8 +132,7 @@ def test_a_stream_held_by_a_reaches_the_agent_through_b(
 
     with _ws(a, f"/v1/jobs/{job['job_id']}/attach", owner) as user:
         # B carries A's stream in n1's heartbeat replies (A told it through PostgreSQL).
-        found: list[dict[str, Any]] = []
-        wait_for(lambda: found.extend(node.heartbeat(tasks=[job["report"]])["streams"]) or found)
+        found = _streams_asked(node, job)
         assert [s["task_id"] for s in found] == [job["task_id"]]
         stream_id = found[0]["id"]
         relay = f"/v1/relay/streams/{stream_id}"
@@ -339,3 +353,47 @@ def test_the_workers_of_one_server_hand_streams_to_each_other(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+def test_the_hop_to_a_holder_on_https_checks_its_certificate(
+    database_url: str,
+    tmp_path: Path,
+    pki: Pki,  # noqa: F811 - the fixture imported above
+    trusted: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A holder serving HTTPS (its relay URL: the wss:// address the user's side reached)
+    is reached over TLS, its certificate checked against the system's CAs (SSL_CERT_FILE):
+    one the claiming replica cannot verify is no holder (502 to the agent)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca if trusted else pki.client_cert))
+    token = seed_admin(database_url)
+    with (
+        serve_app(
+            create_app(_settings(database_url)),
+            ssl_certfile=str(pki.server_cert),
+            ssl_keyfile=str(pki.server_key),
+        ) as url_a,
+        serve_app(create_app(_settings(database_url))) as url_b,
+    ):
+        b = Served(url=url_b, admin_token=token, config_dir=tmp_path / "b")
+        owner = _owner(b)
+        node = FakeAgent(b, "n1")
+        job = _running_interactive_job(b, owner, node)
+        user_side = connect(
+            url_a.replace("https://", "wss://") + f"/v1/jobs/{job['job_id']}/attach",
+            additional_headers={"Authorization": f"Bearer {owner}"},
+            ssl=ssl.create_default_context(cafile=str(pki.ca)),
+            open_timeout=10,
+        )
+        with user_side as user:
+            found = _streams_asked(node, job)
+            path = f"/v1/agent/streams/{found[0]['id']}"
+            if not trusted:
+                assert _refused(b, path, node.credential) == 502
+                return
+            with _ws(b, path, node.credential) as agent:
+                user.send(b"over-tls")
+                assert agent.recv(timeout=10) == b"over-tls"
+                agent.send(json.dumps({"type": "exit", "code": 0}))
+                assert json.loads(user.recv(timeout=10)) == {"type": "exit", "code": 0}
