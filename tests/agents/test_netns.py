@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,8 +35,10 @@ from tests.harness.netns import remove_orphans
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
-OUTSIDE = "198.51.100.2"  # TEST-NET-2: the "internet" stand-in's address
-HOST_SIDE = "198.51.100.1"
+# TEST-NET-2: the "internet" stand-in's address, in a /30 of its own per test process, so that
+# two runs on one host (other worktrees') route each to its own outside.
+_NET = random.randrange(64) * 4
+OUTSIDE, HOST_SIDE = f"198.51.100.{_NET + 2}", f"198.51.100.{_NET + 1}"
 
 # Listens on TCP and UDP, on 127.0.0.1 and 0.0.0.0, at the ports in argv; answers each TCP
 # connection and UDP datagram with its NAME; then writes READY ("-": $HOME/ready).
@@ -198,7 +201,8 @@ def outside() -> Iterator[list[int]]:
     listening on TCP and UDP ports (returned)."""
     tag = uuid.uuid4().hex[:6]
     ns, host_if, far_if = f"fgtest-out-{tag}", f"fgo{tag}", f"fgi{tag}"
-    ports = [47101, 47102, 47103, 47104]
+    base = 47000 + random.randrange(500) * 4
+    ports = [base, base + 1, base + 2, base + 3]
     script = f"""
 set -e
 ip netns add {ns}
