@@ -314,6 +314,9 @@ class Fleet:
                     everyone.extend(psutil.Process(proc.pid).children(recursive=True))
         for proc in reversed(list(self.procs.values())):
             proc.terminate(timeout_s=8)
+        # An agent killed earlier (a test of its death) left its tasks re-parented to init, out
+        # of reach of `children`: they still name their agent's state directory.
+        everyone.extend(_started_under(self.agent_states))
         for child in everyone:  # job processes live in their own process groups
             with suppress(psutil.Error):
                 child.kill()
@@ -322,3 +325,20 @@ class Fleet:
 
         for state in self.agent_states:  # their network namespaces, as the agent would
             remove_all(state)
+
+
+def _started_under(roots: list[Path]) -> list[psutil.Process]:
+    """The processes whose command line names a path under one of `roots`, and their
+    descendants."""
+    prefixes = tuple(str(root.resolve()) + os.sep for root in roots)
+    if not prefixes:
+        return []
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        if any(arg.startswith(prefixes) for arg in proc.info["cmdline"] or ()):
+            found[proc.pid] = proc
+            with suppress(psutil.Error):
+                found.update((child.pid, child) for child in proc.children(recursive=True))
+    return list(found.values())
