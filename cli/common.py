@@ -12,6 +12,18 @@ import typer
 if TYPE_CHECKING:
     from scheduler.settings import Settings
 
+NetworkOption = Annotated[
+    str | None,
+    typer.Option(
+        "--network",
+        help="private: a network of the job's own (no other job reaches what it listens on; "
+        "one-node jobs, on nodes that can); host: the node's, shared with every job there "
+        "(NCCL across nodes). Default: private where the node can, for a one-node job "
+        "without --image.",
+    ),
+]
+"""`submit` and `run`: the job's network (docs/ISOLATION.md, "The network")."""
+
 DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(

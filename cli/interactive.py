@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.client import ApiError, Client, Patience, connect, report
-from cli.common import fail
+from cli.common import NetworkOption, fail
 from cli.parse import parse_duration, parse_env, parse_gpus, parse_memory
 
 POLL_S = 0.2
@@ -68,16 +68,7 @@ def run(
     ] = None,
     workdir: Annotated[str | None, typer.Option("--workdir", help="Working directory.")] = None,
     site: Annotated[str | None, typer.Option("--site", help="Run only at this site.")] = None,
-    network: Annotated[
-        str | None,
-        typer.Option(
-            "--network",
-            help="private: a network of the job's own (no other job reaches what it listens on; "
-            "one-node jobs, on nodes that can); host: the node's, shared with every job there "
-            "(NCCL across nodes). Default: private where the node can, for a one-node job "
-            "without --image.",
-        ),
-    ] = None,
+    network: NetworkOption = None,
 ) -> None:
     """Run a program on allocated GPUs with this terminal attached: `run --pty -- bash`.
 

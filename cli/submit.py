@@ -15,7 +15,7 @@ import typer
 from typer import _click as click  # typer's click: its contexts say where a value came from
 
 from cli.client import connect
-from cli.common import fail
+from cli.common import NetworkOption, fail
 from cli.directives import DirectiveError, Directives, fail_directive, parse_directives
 from cli.parse import (
     parse_duration,
@@ -78,16 +78,7 @@ def submit(
             "the time limit, and instead of SIGTERM when preempted; B: only to the batch shell.",
         ),
     ] = None,
-    network: Annotated[
-        str | None,
-        typer.Option(
-            "--network",
-            help="private: a network of the job's own (no other job reaches what it listens on; "
-            "one-node jobs, on nodes that can); host: the node's, shared with every job there "
-            "(NCCL across nodes). Default: private where the node can, for a one-node job "
-            "without --image.",
-        ),
-    ] = None,
+    network: NetworkOption = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="K=V for the job (repeatable).")
     ] = None,
