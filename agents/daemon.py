@@ -345,7 +345,12 @@ class Agent:
             for request in reply.streams:
                 terminal = self.runner.terminal(request.task_id)
                 processes = self.runner.processes(request.task_id)
-                self.streams.open(request, self.credential.credential, terminal, processes)
+                # A new stream: poll again at once rather than wait out the interval here, so
+                # that the next stream (another tenant's, perhaps) comes with the held poll. The
+                # server holds that poll, since the streams it has sent are no news.
+                changed |= self.streams.open(
+                    request, self.credential.credential, terminal, processes
+                )
         return changed
 
 

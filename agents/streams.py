@@ -65,15 +65,17 @@ class Streams:
         credential: str,
         terminal: Path | None,
         processes: TaskProcesses | None = None,
-    ) -> None:
+    ) -> bool:
         """Open the stream in the background (`terminal`: the task's socket directory;
-        `processes`: the task's, for a "port" stream, agents/forward.py)."""
+        `processes`: the task's, for a "port" stream, agents/forward.py); False when it was
+        asked for before (a server repeats a stream until it is claimed)."""
         if request.id in self._seen:
-            return
+            return False
         self._seen.add(request.id)
         task = asyncio.create_task(self._run(request, credential, terminal, processes))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -106,6 +106,8 @@ class StreamHub:
         """Tells the other processes (PostgreSQL NOTIFY); None: this process is alone."""
         self._local: dict[str, PendingStream] = {}
         self._waiting: dict[int, dict[str, _Waiting]] = {}
+        self._handed: set[str] = set()
+        """Waiting streams a reply of this process has carried: news no more (`has_news`)."""
         self._keeper: asyncio.Task[None] | None = None
 
     # -- the user's side ------------------------------------------------------------------------
@@ -167,14 +169,19 @@ class StreamHub:
 
     # -- the agent's side -----------------------------------------------------------------------
 
+    def has_news(self, node_id: int) -> bool:
+        """Whether the node has a waiting stream that no reply of this process has carried yet:
+        only such a stream ends a held heartbeat. One already carried is on its agent's way to
+        being claimed, so the agent can poll again at once without the reply coming straight
+        back (and one other tenant's next stream still reaches it at once)."""
+        waiting = self._live(node_id)
+        return any(stream_id not in self._handed for stream_id in waiting)
+
     def for_node(self, node_id: int) -> list[StreamOpen]:
         """The streams the node's agent must open now (cheap when there are none)."""
-        waiting = self._waiting.get(node_id)
+        waiting = self._live(node_id)
         if not waiting:
             return []
-        now = time.monotonic()
-        for stream_id in [i for i, entry in waiting.items() if entry.expires_at < now]:
-            self._forget(node_id, stream_id)
         # One job's streams after another's in turn, each job's oldest first: however many
         # one tenant asks for, every job on the node is in the reply.
         by_job: dict[int, list[_Waiting]] = {}
@@ -183,7 +190,19 @@ class StreamHub:
         queues = [sorted(q, key=lambda e: e.expires_at) for _, q in sorted(by_job.items())]
         fair = [q[turn] for turn in range(max(map(len, queues), default=0)) for q in queues
                 if turn < len(q)]  # fmt: skip
-        return [entry.opened for entry in fair[:MAX_TASKS_PER_HEARTBEAT]]
+        opened = [entry.opened for entry in fair[:MAX_TASKS_PER_HEARTBEAT]]
+        self._handed.update(o.id for o in opened)
+        return opened
+
+    def _live(self, node_id: int) -> dict[str, _Waiting]:
+        """The node's waiting streams, less those expired (forgotten here)."""
+        waiting = self._waiting.get(node_id)
+        if not waiting:
+            return {}
+        now = time.monotonic()
+        for stream_id in [i for i, entry in waiting.items() if entry.expires_at < now]:
+            self._forget(node_id, stream_id)
+        return self._waiting.get(node_id, {})
 
     async def claim(self, stream_id: str, node_id: int) -> Claim | None:
         """The stream, claimed for good, if it is pending for this node (None otherwise)."""
@@ -301,6 +320,7 @@ class StreamHub:
         self._waiting.setdefault(node_id, {})[entry.opened.id] = entry
 
     def _forget(self, node_id: int, stream_id: str) -> None:
+        self._handed.discard(stream_id)
         waiting = self._waiting.get(node_id)
         if waiting is not None:
             waiting.pop(stream_id, None)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,8 +110,7 @@ def limited(database_url: str, tmp_path: Path, request: pytest.FixtureRequest) -
         database_url=database_url,
         migrate_on_start=False,
         cycle_interval_s=0.5,
-        heartbeat_long_poll_s=1.0,
-        **overrides,
+        **{"heartbeat_long_poll_s": 1.0, **overrides},
     )
     token = seed_admin(database_url)
     with serve_app(create_app(settings)) as url:
@@ -231,6 +232,37 @@ def test_a_node_flooding_its_side_of_streams_is_bounded_before_lookup(limited: P
     status, _, headers = _refusal(url, "/v1/agent/streams/" + "x" * 32, limited.node.credential)
     assert status == 429
     assert int(headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("limited", [{"heartbeat_long_poll_s": 30.0}], indirect=True)
+def test_a_stream_already_sent_does_not_end_the_nodes_next_poll(limited: Pool) -> None:
+    """Once a reply has carried acme's stream, the node's next poll is held as usual: rival's
+    attach a moment later comes with that poll. (When any waiting stream ended the hold, the
+    poll came straight back with acme's stream alone, and the agent then waited out its
+    heartbeat interval: one tenant's attaching delayed another's by up to an interval.)"""
+    eve_task = next(r["task_id"] for r in limited.reports if r["job_id"] == limited.jobs["eve"])
+    with limited.attach("ada", "ada"):
+        assert len(limited.streams_of("ada")) == 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            poll = pool.submit(limited.node.heartbeat, tasks=limited.reports, wait_s=25)
+            time.sleep(0.5)  # the poll reaches the server first (were it later, it holds too)
+            with limited.attach("eve", "eve"):
+                reply = poll.result(timeout=60)
+    assert eve_task in {s["task_id"] for s in reply["streams"]}
+
+
+def test_a_hub_hands_a_stream_as_news_once() -> None:
+    hub = StreamHub(async_sessionmaker())  # the waiting streams are in memory: no database
+    first, second = "acme-stream-" + "1" * 20, "rival-stream-" + "2" * 20
+    news = {"op": "open", "node": 5, "job": 1, "id": first, "task_id": 10, "kind": "attach"}
+    assert hub.heard(json.dumps(news)) == [5]
+    assert hub.has_news(5)
+    assert [s.id for s in hub.for_node(5)] == [first]
+    assert not hub.has_news(5)
+    assert [s.id for s in hub.for_node(5)] == [first]  # still asked for until claimed
+    assert hub.heard(json.dumps({**news, "id": second, "job": 2, "task_id": 20})) == [5]
+    assert hub.has_news(5)
+    assert not hub.has_news(6)
 
 
 def test_a_hub_flooded_by_one_job_still_asks_for_every_other_jobs_streams() -> None:

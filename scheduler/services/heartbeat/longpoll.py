@@ -35,16 +35,17 @@ async def hold(
     streams: StreamHub | None = None,
 ) -> HeartbeatReply:
     """`reply`, or a reply with work for the node as soon as it has some, within `wait_s`.
-    Work includes a terminal stream to open (`streams`, this process's only)."""
+    Work includes a stream to open that no reply of this process has carried yet (`streams`)."""
 
     async def check() -> HeartbeatReply | None:
         async with sessionmaker() as session:
             if not await credential_live(session, credential_hash, utcnow()):
                 raise Unauthenticated("this node's credential was revoked")
             found = await work.pending_reply(session, node_id=node_id, settings=settings)
-        opened = streams.for_node(node_id) if streams is not None else []
-        if opened:
-            found = (found or reply).model_copy(update={"streams": opened})
+        if streams is not None and (found is not None or streams.has_news(node_id)):
+            opened = streams.for_node(node_id)
+            if opened:
+                found = (found or reply).model_copy(update={"streams": opened})
         return found
 
     held = await runtime.hold(node_id, wait_s, check)

@@ -125,12 +125,14 @@ class Heartbeats:
 
     async def _held(self, caller: Caller, body: Heartbeat, reply: HeartbeatReply) -> HeartbeatReply:
         node_id = caller.node_id
+        news = self.streams is not None and self.streams.has_news(node_id)
         reply = self._with_streams(node_id, reply)
         wait_s = min(body.wait_s, self.settings.heartbeat_long_poll_s)
         held = self._holding.get(node_id, 0)
         # An agent holds one long poll at a time (two across its restart); more from one
         # credential would each read the database on every wake-up of the node: answer at once.
-        if wait_s <= 0 or reply.streams or held >= MAX_HELD_PER_NODE:
+        # Streams an earlier reply carried do not end the hold (the agent is opening them).
+        if wait_s <= 0 or news or held >= MAX_HELD_PER_NODE:
             return reply
         self._holding[node_id] = held + 1
         try:
