@@ -18,7 +18,7 @@ from api.app import create_app
 from scheduler.bench.cluster import add_org
 from scheduler.bench.procs import Fleet, Proc, free_port
 from tests.agents.helpers import wait_for
-from tests.cli.conftest import seed_admin, serve_app
+from tests.harness.served import seed_admin, serve_app
 from tests.scheduling.harness import fast_settings
 
 FAIRGPU = [sys.executable, "-c", "from cli.main import main; main()"]

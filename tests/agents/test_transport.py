@@ -23,7 +23,7 @@ from cli.main import app as cli_app
 from protocol.agent import AgentRegister
 from protocol.transport import plain_http_refusal, tls_context
 from scheduler.settings import Settings
-from tests.cli.conftest import seed_admin, serve_app
+from tests.harness.served import seed_admin, serve_app
 
 
 def openssl(*args: str, cwd: Path) -> None:

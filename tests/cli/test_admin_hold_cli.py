@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.cli.conftest import Served
+from tests.harness.served import Served
 
 
 def test_an_admins_hold_through_the_cli(served: Served) -> None:

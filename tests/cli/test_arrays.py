@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from scheduler.services.arrays import MAX_ARRAY_BYTES, MAX_ARRAY_TASKS, parse_array
-from tests.cli.conftest import Served, simulated_agent
+from tests.harness.served import Served, simulated_agent
 
 
 def _json(served: Served, *args: str, token: str | None = None) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.cli.conftest import Served, simulated_agent
+from tests.harness.served import Served, simulated_agent
 
 TRAIN = """#!/bin/bash
 # A training run.

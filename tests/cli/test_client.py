@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from cli.connection import Connection, TransportError, bypasses_proxy, proxy_for
 from cli.main import app as cli_app
-from tests.cli.conftest import serve_app
+from tests.harness.served import serve_app
 
 
 async def where_from(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.cli.conftest import Served
+from tests.harness.served import Served
 
 
 def as_json(served: Served, *args: str, token: str | None = None) -> Any:

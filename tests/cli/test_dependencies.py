@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from tests.cli.conftest import Served
+from tests.harness.served import Served
 
 
 def _json(served: Served, *args: str, token: str | None = None) -> Any:

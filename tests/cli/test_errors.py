@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from tests.cli.conftest import Served
+from tests.harness.served import Served
 
 
 def one_line(text: str) -> str:

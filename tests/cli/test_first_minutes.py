@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import app
-from tests.cli.conftest import Served
+from tests.harness.served import Served
 
 FAIRGPU = Path(sys.executable).with_name("fairgpu")
 

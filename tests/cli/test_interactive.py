@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from scheduler.bench.procs import Proc, fairgpu_command
-from tests.cli.conftest import Served, simulated_agent, wait_for
+from tests.harness.served import Served, simulated_agent, wait_for
 
 # The remote program of the terminal tests: its window size at start and on every SIGWINCH,
 # what it reads, SIGINT (Ctrl-C) as a line, and `quit` ends it with 5.

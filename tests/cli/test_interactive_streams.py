@@ -14,7 +14,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from protocol.agent import AGENT_CAPABILITIES
-from tests.cli.conftest import Served, wait_for
+from tests.harness.served import Served, wait_for
 
 
 def _ws(served: Served, path: str, token: str) -> ClientConnection:

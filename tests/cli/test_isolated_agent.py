@@ -22,7 +22,7 @@ import pytest
 
 from agents.netns import remove_all
 from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served, wait_for
+from tests.harness.served import Served, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served
 from tests.cli.test_isolated_agent import PY, UID_BASE, Pool
+from tests.harness.served import Served
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
 

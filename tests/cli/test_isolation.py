@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 
-from tests.cli.conftest import Served, wait_for
 from tests.cli.test_commands import register
 from tests.cli.test_errors import one_line
+from tests.harness.served import Served, wait_for
 
 REFUSED = "workdir /etc is outside the data roots allowed to org acme (/data/acme)"
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from api.schemas.nodes import UsageRow
-from tests.cli.conftest import Served
 from tests.cli.test_commands import register_node
+from tests.harness.served import Served
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "CLI.md"
 

@@ -6,8 +6,8 @@ import json
 
 import httpx
 
-from tests.cli.conftest import Served
 from tests.cli.test_commands import register_node
+from tests.harness.served import Served
 
 
 def test_node_identity_commands(served: Served) -> None:

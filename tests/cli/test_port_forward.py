@@ -20,7 +20,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served, serve, simulated_agent, wait_for
+from tests.harness.served import Served, serve, simulated_agent, wait_for
 
 BODY = "hello from the job\n"
 

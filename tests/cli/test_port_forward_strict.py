@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Served, wait_for
 from tests.cli.test_isolated_agent import PY, Pool
 from tests.cli.test_port_forward import _free_port, _listening, forwarding
+from tests.harness.served import Served, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cli.client import Client
-from tests.cli.conftest import Served, get_json, wait_for
+from tests.harness.served import Served, get_json, wait_for
 
 
 def test_queue_history_and_submit_on_behalf(

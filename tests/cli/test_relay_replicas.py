@@ -30,10 +30,10 @@ from scheduler.db import Stream
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.settings import Settings
 from tests.agents.test_transport import Pki, pki  # noqa: F401 - the certificates
-from tests.cli.conftest import Served, seed_admin, serve_app, simulated_agent, wait_for
 from tests.cli.test_interactive import REMOTE, Terminal, fairgpu
 from tests.cli.test_interactive_streams import FakeAgent, _refused, _ws
 from tests.conftest import run_async
+from tests.harness.served import Served, seed_admin, serve_app, simulated_agent, wait_for
 
 pytestmark = pytest.mark.parametrize(
     "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True

@@ -13,7 +13,7 @@ import pytest
 
 from api.app import create_app
 from scheduler.settings import Settings
-from tests.cli.conftest import Served, seed_admin, serve_app
+from tests.harness.served import Served, seed_admin, serve_app
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cli.conftest import seed_admin
+from tests.harness.served import seed_admin
 
 FAIRGPU = str(Path(sys.executable).parent / "fairgpu")
 FAR_S = "600"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Served, serve, simulated_agent
+from tests.harness.served import Served, serve, simulated_agent
 
 # Traps USR1 in the batch shell and in a child process; each writes a line to $OUT when it gets
 # one. The shell waits for the child in a loop, as a wait interrupted by a trap returns early.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.cli.conftest import Served
 from tests.cli.test_errors import one_line
+from tests.harness.served import Served
 
 
 def _as_json(served: Served, *args: str, token: str | None = None) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.bench.procs import fairgpu_command
-from tests.cli.conftest import Served, simulated_agent
+from tests.harness.served import Served, simulated_agent
 
 
 def test_a_job_runs_on_an_agent_and_its_logs_follow(served: Served, tmp_path: Path) -> None:

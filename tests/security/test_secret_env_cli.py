@@ -15,8 +15,8 @@ from cli.main import app as cli_app
 from scheduler.db import Job
 from scheduler.db.engine import make_engine, make_sessionmaker
 from scheduler.secretenv import cipher, generate_key, unseal
-from tests.cli.conftest import Served, serve
 from tests.conftest import run_async
+from tests.harness.served import Served, serve
 
 KEY = generate_key()
 

@@ -30,8 +30,8 @@ from cli.main import app as cli_app
 from protocol.agent import MAX_TASKS_PER_HEARTBEAT
 from scheduler.services.streams import StreamHub
 from scheduler.settings import Settings
-from tests.cli.conftest import Served, seed_admin, serve_app, wait_for
 from tests.cli.test_interactive_streams import FakeAgent
+from tests.harness.served import Served, seed_admin, serve_app, wait_for
 
 
 def _ws(url: str, path: str, token: str) -> ClientConnection:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Served, serve
+from tests.harness.served import Served, serve
 
 HOSTILE = "\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\u202e"
 
