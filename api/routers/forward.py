@@ -13,12 +13,13 @@ an event on the job; a job has at most 64 open, whichever server processes hold 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from fastapi import APIRouter, WebSocket
 
-from api.routers.jobs import JobRef, scope_of
-from api.routers.streams import deny, open_stream, relay_to_agent, user_principal
-from api.streamlimits import StreamLimits, Ticket
+from api.routers.jobs import JobRef
+from api.routers.streams import deny, open_user_stream, relay_to_agent
+from api.streamlimits import Ticket
 from scheduler.services import forwarding
 from scheduler.services.errors import DomainError, InvalidInput
 from scheduler.services.streams import PendingStream
@@ -47,22 +48,14 @@ async def _authorised(
     open), with its place in the stream limits held in `held` and the event recorded."""
     if not 0 < port < 65536:
         raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
-    principal, user_id = await user_principal(websocket, "forwarding")
-    limits: StreamLimits = websocket.app.state.stream_limits
-    limits.charge(user_id=user_id, org_id=principal.org_id)
-    async with websocket.app.state.sessionmaker() as session:
-        target = await forwarding.forward_target(
-            session,
-            job_id,
-            rank=rank,
-            user_id=user_id,
-            scope_org_id=scope_of(principal),
-            may_admin_org=principal.can_admin_org,
-        )
-        ticket = held.enter_context(
-            limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
-        )
-        forwarding.record_forward(session, target, actor=principal.actor, port=port)
-        stream = await open_stream(websocket, session, target, "port", port)
-        await session.commit()
-    return stream, ticket
+    return await open_user_stream(
+        websocket,
+        held,
+        job_id,
+        rank=rank,
+        doing="forwarding",
+        find=forwarding.forward_target,
+        record=functools.partial(forwarding.record_forward, port=port),
+        kind="port",
+        port=port,
+    )

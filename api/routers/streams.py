@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -97,30 +98,58 @@ async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0) -> None:
     org-admin of its org or a platform admin: a member who is not the owner gets 403, another
     org's user 404. Every attach is an event on the job; a terminal has at most 8 clients
     (429 beyond). Frames: protocol/streams.py."""
-    limits: StreamLimits = websocket.app.state.stream_limits
     with contextlib.ExitStack() as held:
         try:
-            principal, user_id = await user_principal(websocket, "attaching")
-            limits.charge(user_id=user_id, org_id=principal.org_id)
-            async with websocket.app.state.sessionmaker() as session:
-                target = await interactive.attach_target(
-                    session,
-                    job_id,
-                    rank=rank,
-                    user_id=user_id,
-                    scope_org_id=scope_of(principal),
-                    may_admin_org=principal.can_admin_org,
-                )
-                ticket = held.enter_context(
-                    limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
-                )
-                interactive.record_attach(session, target, actor=principal.actor)
-                stream = await open_stream(websocket, session, target, "attach")
-                await session.commit()
+            stream, ticket = await open_user_stream(
+                websocket,
+                held,
+                job_id,
+                rank=rank,
+                doing="attaching",
+                find=interactive.attach_target,
+                record=interactive.record_attach,
+                kind="attach",
+            )
         except DomainError as error:
             await deny(websocket, error)
             return
         await relay_to_agent(websocket, stream, ticket=ticket)
+
+
+async def open_user_stream(
+    websocket: WebSocket,
+    held: contextlib.ExitStack,
+    job_id: str,
+    *,
+    rank: int,
+    doing: str,
+    find: Callable[..., Awaitable[AttachTarget]],
+    record: Callable[..., None],
+    kind: StreamKind,
+    port: int | None = None,
+) -> tuple[PendingStream, Ticket]:
+    """The user's stream into `job_id`'s rank `rank` (attach or forward), once the caller may
+    (`find`: who may, as a DomainError) and there is room: its place in the stream limits held in
+    `held`, its event (`record`) committed with its row."""
+    principal, user_id = await user_principal(websocket, doing)
+    limits: StreamLimits = websocket.app.state.stream_limits
+    limits.charge(user_id=user_id, org_id=principal.org_id)
+    async with websocket.app.state.sessionmaker() as session:
+        target = await find(
+            session,
+            job_id,
+            rank=rank,
+            user_id=user_id,
+            scope_org_id=scope_of(principal),
+            may_admin_org=principal.can_admin_org,
+        )
+        ticket = held.enter_context(
+            limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
+        )
+        record(session, target, actor=principal.actor)
+        stream = await open_stream(websocket, session, target, kind, port)
+        await session.commit()
+    return stream, ticket
 
 
 async def open_stream(
