@@ -67,9 +67,15 @@ class TaskCgroup(ABC):
     def exists(self) -> bool:
         return any(d.is_dir() for d in self._directories())
 
-    def signal_all(self, sig: signal.Signals) -> None:
+    def signal_all(self, sig: signal.Signals, *, signalled_group: int | None = None) -> None:
+        """`sig` to every member, but not to those in process group `signalled_group`, which
+        the caller has just signalled through `killpg`: a process must get a SIGTERM once, since
+        a second one arriving while its handler runs re-enters that handler (in Python, a
+        "reentrant call" error in the middle of its print, or a half-imported module)."""
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):
+                if signalled_group is not None and os.getpgid(pid) == signalled_group:
+                    continue
                 os.kill(pid, sig)
 
     def kill(self, timeout_s: float = 10.0) -> bool:

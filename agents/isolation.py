@@ -249,11 +249,14 @@ class Confinement:
     def cgroup(self, task_id: int) -> TaskCgroup | None:
         return self.cgroups.task(task_id) if self.cgroups is not None else None
 
-    def signal(self, task_id: int, sig: signal.Signals) -> None:
-        """Every process of the task, wherever it moved in the process tree."""
+    def signal(
+        self, task_id: int, sig: signal.Signals, *, signalled_group: int | None = None
+    ) -> None:
+        """Every process of the task, wherever it moved in the process tree, except those still
+        in process group `signalled_group` (already signalled by the caller)."""
         group = self.cgroup(task_id)
         if group is not None:
-            group.signal_all(sig)
+            group.signal_all(sig, signalled_group=signalled_group)
 
     def kill(self, task_id: int) -> None:
         group = self.cgroup(task_id)

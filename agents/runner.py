@@ -409,8 +409,12 @@ class Runner:
         if sig is not None:
             self._send_warning(record, sig)
             return
-        self._signal(record, signal.SIGTERM)
-        self.confinement.signal(record.task_id, signal.SIGTERM)
+        signalled = self._signal(record, signal.SIGTERM)
+        # then the processes that left the wrapper's group (setsid, a daemonising child): once
+        # each, never a second SIGTERM to a process whose handler may be running
+        self.confinement.signal(
+            record.task_id, signal.SIGTERM, signalled_group=record.pid if signalled else None
+        )
 
     def _warn(self, record: TaskRecord) -> None:
         """The warning signal, once, its lead time before the time limit."""
@@ -469,11 +473,16 @@ class Runner:
             subprocess.run(argv, capture_output=True, timeout=30)
         return True
 
-    def _signal(self, record: TaskRecord, sig: signal.Signals) -> None:
+    def _signal(self, record: TaskRecord, sig: signal.Signals) -> bool:
+        """`sig` to the wrapper's process group (it leads its own session and group); False if
+        the wrapper is gone, so nothing was sent."""
         if record.pid is None or not _alive(record.pid, record.pid_create_time):
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(record.pid, sig)  # the wrapper leads its own session and group
+            return False
+        try:
+            os.killpg(record.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     def _settle_exit(self, record: TaskRecord, *, wrapper_returncode: int | None) -> None:
         """Final state from the exit file, else from how the wrapper itself ended."""

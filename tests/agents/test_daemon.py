@@ -209,8 +209,11 @@ async def test_tasks_outlive_a_server_outage_and_are_reported_after(
     await asyncio.sleep(0.3)
     assert await harness.state(job_id) == "RUNNING"  # the server has not heard yet
     wire.down = False
-    await harness.reaches(job_id, "COMPLETED")
+    # The wire records a report when the reply comes back, which a held poll may delay past
+    # the job's completion in the database: wait for the report itself.
+    await until(lambda: harness.reported(task_id, "exited"))
     assert wire.reports[task_id].exit_code == 0
+    await harness.reaches(job_id, "COMPLETED")
 
 
 async def test_restarted_agent_finds_its_task_and_never_starts_it_twice(
@@ -240,8 +243,8 @@ async def test_restarted_agent_finds_its_task_and_never_starts_it_twice(
     assert len(wire.registrations) == 1  # the stored credential was used
     go.touch()
     first.runner._children[task_id].wait()  # reap as init would for a real restarted agent
+    await until(lambda: harness.reported(task_id, "exited"))  # on the wire once its reply is
     await harness.reaches(job_id, "COMPLETED")
-    assert wire.reports[task_id].state == "exited"
     assert starts.read_text() == "x"
 
 

@@ -284,6 +284,36 @@ def test_a_double_forked_daemon_ends_when_its_task_is_stopped(node: Node) -> Non
     assert all(gone(p) for p in pids)
 
 
+def test_a_stopped_task_gets_sigterm_once_also_where_it_left_the_group(node: Node) -> None:
+    # The runner signals the wrapper's process group, then the cgroup's members that left it: a
+    # second SIGTERM during a checkpoint handler would re-enter it (the flake this replaced:
+    # Python's print in a re-entered handler raises). The wakeup fd counts deliveries in C.
+    code = (
+        "import os, signal, subprocess, sys, time\n"
+        "r, w = os.pipe(); os.set_blocking(w, False)\n"
+        "signal.set_wakeup_fd(w); signal.signal(signal.SIGTERM, lambda *_: None)\n"
+        "role = sys.argv[1]\n"
+        "if role == 'leader':\n"
+        "    child = subprocess.Popen([sys.executable, '-c', sys.argv[2], 'left', sys.argv[2]],\n"
+        "                             start_new_session=True)\n"
+        "print('ready', role, flush=True)\n"
+        "os.read(r, 1)\n"
+        "time.sleep(1.0)  # any second SIGTERM arrives meanwhile\n"
+        "os.set_blocking(r, False); extra = 0\n"
+        "try: extra = len(os.read(r, 64))\n"
+        "except BlockingIOError: pass\n"
+        "if role == 'leader': child.wait()\n"
+        "print(role, 'got', 1 + extra, flush=True)\n"
+    )
+    node.runner.start(spec(1, [PY, "-c", code, "leader", code], **ACME))
+    record = node.runner.records[1]
+    wait_for(lambda: node.state.read_log(record).decode().count("ready") == 2)
+    node.runner.stop(1, grace_s=20, reason="cancelled")
+    result = node.finish(1, timeout_s=30)
+    assert (result["state"], result["exit_code"]) == ("stopped", 0)
+    assert sorted(result["log"].splitlines()[2:]) == ["leader got 1", "left got 1"]
+
+
 def test_a_fork_bomb_is_held_by_the_pids_limit(node: Node) -> None:
     code = (
         "import os, time\n"

@@ -448,10 +448,8 @@ def test_a_private_task_keeps_its_network_through_its_grace_period(
 ) -> None:
     """A job that uploads its checkpoint when told to stop still reaches the outside then:
     pasta is not one of the task's processes, and no stop or warning signal reaches it."""
-    # encodings.idna (which create_connection needs) is imported up front: once in five CI
-    # runs its lazy import inside the handler failed ("unknown encoding: idna"), cause unknown.
     code = f"""
-import encodings.idna, signal, socket, sys, time
+import signal, socket, sys, time
 def upload(*_):
     with socket.create_connection(("{OUTSIDE}", {outside[1]}), timeout=5) as c:
         print("after SIGTERM:", c.recv(100).decode(), flush=True)
