@@ -38,7 +38,9 @@ from tests.agents.helpers import spec, wait_for
 # Tasks run as other uids: they need an interpreter those can reach (the test's own may live
 # under root's home). The probes use only the standard library.
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
-UID_BASE = 231_000
+# Task uids of this test process's own (tasks of one org run as one uid, and several tests
+# count or signal a uid's processes): two checkouts or xdist workers never share one.
+UID_BASE = 100_000 + (os.getpid() % 10_000) * 100
 ACME, RIVAL = {"org": "acme", "org_id": 1}, {"org": "rival", "org_id": 2}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")

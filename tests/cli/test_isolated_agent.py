@@ -26,8 +26,10 @@ from tests.harness.served import Served, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
-UID_BASE = 232_000
-RIVAL_UID = 232_900
+# A range of 1,000 uids of this test process's own (its clean-up kills every process in it):
+# runs from two checkouts, or two xdist workers, never share one.
+UID_BASE = 2_000_000 + (os.getpid() % 10_000) * 1_000
+RIVAL_UID = UID_BASE + 900
 DISK_MAX_BYTES = 32 * 2**20
 
 
