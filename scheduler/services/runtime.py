@@ -269,8 +269,9 @@ class SchedulerRuntime:
             if time.monotonic() >= deadline and not event.is_set():
                 return None
 
-    async def wait_cycles(self, count: int = 1, timeout_s: float = 10.0) -> None:
-        """Wait until `count` cycles that start from now on have completed (tests, tools)."""
+    async def wait_cycles(self, count: int = 1, timeout_s: float = 60.0) -> None:
+        """Wait until `count` cycles that start from now on have completed (tests, tools). The
+        bound only ends a wait that would never end: a cycle took over 10 s at load 19."""
         target = self.cycles + count + (1 if self._in_cycle else 0)
         async with self._cycle_done:
             await asyncio.wait_for(

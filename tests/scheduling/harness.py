@@ -175,5 +175,5 @@ async def running_cluster(settings: Settings) -> AsyncIterator[Cluster]:
                 # Ask for the cycle: one already running when we start waiting does not count,
                 # and the next timer cycle may be far off (a test with a long cycle_interval_s).
                 cluster.runtime.notify("test")
-                await cluster.runtime.wait_cycles(1, timeout_s=15)
+                await cluster.runtime.wait_cycles(1)
             yield cluster

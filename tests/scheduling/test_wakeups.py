@@ -62,7 +62,7 @@ async def test_a_submission_to_an_api_only_process_starts_at_once(database_url: 
         assert cluster.runtime.is_leader is False
         leader_settings = fast_settings(database_url, cycle_interval_s=FAR_S)
         async with replica(leader_settings) as leader:
-            await leader.wait_cycles(1, timeout_s=15)
+            await leader.wait_cycles(1)
             assert leader.is_leader
             org = await cluster.org(guaranteed=8)
             user = await cluster.user_token(org)
@@ -85,7 +85,7 @@ async def test_the_channel_comes_back_after_its_connection_is_killed(database_ur
     )
     leader_settings = fast_settings(database_url, cycle_interval_s=FAR_S)
     async with running_cluster(api_only) as cluster, replica(leader_settings) as leader:
-        await leader.wait_cycles(1, timeout_s=15)
+        await leader.wait_cycles(1)
         org = await cluster.org(guaranteed=8)
         user = await cluster.user_token(org)
         node = await cluster.register(await cluster.join_token(), gpus=4)
