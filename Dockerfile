@@ -18,8 +18,9 @@ RUN python -m pip wheel --wheel-dir /wheels .
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
-# pasta (passt) and ip (iproute2): the agent's private task networks (docs/ISOLATION.md).
-RUN apt-get update && apt-get install -y --no-install-recommends passt iproute2 \
+# pasta (passt), ip (iproute2) and nft (nftables): the agent's private task networks and the
+# wall between them and the node (docs/ISOLATION.md).
+RUN apt-get update && apt-get install -y --no-install-recommends passt iproute2 nftables \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m pip install /wheels/*.whl && rm -rf /wheels \
     && groupadd --system --gid 10001 fairgpu \

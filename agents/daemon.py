@@ -360,7 +360,7 @@ def confinement(config: AgentConfig, backend: GpuBackend, state: StateDir) -> Co
     root = state.root
     namespaces, why_not = None, "turned off (--no-netns)"
     if isolation.network_namespaces:
-        namespaces, why_not = open_namespaces(root)
+        namespaces, why_not = open_namespaces(root, isolation.cgroup_parent)
         if namespaces is None:
             log.warning("tasks cannot have a network namespace of their own: %s", why_not)
     return Confinement(

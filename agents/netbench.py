@@ -88,7 +88,7 @@ def run(tasks: int, mib: int) -> dict[str, object]:
             through_pasta = run_in_netns(namespaces.path(999), lambda: _send(total, port))
             direct = _send(total, port)
         finally:
-            namespaces.remove(999)
+            namespaces.close()
             sink.kill()
             sink.wait()
             subprocess.run(["ip", "link", "delete", near], check=False)

@@ -17,6 +17,10 @@ a task in the host's namespace, nor from another node. pasta runs with
   CAP_SYS_ADMIN and CAP_NET_BIND_SERVICE, under no_new_privs and a seccomp filter, in mount,
   pid, IPC and UTS namespaces of its own.
 
+pasta connects from the node's namespace, so what it sends to the node's own addresses would
+reach the node's listeners: each pasta starts inside a cgroup v2 directory that the agent's
+nftables wall (agents/netwall.py) names, and no namespace is made without its rule.
+
 The namespace is named (`ip netns add`, a file under /run/netns) so that it outlives an agent
 restart and is found again: `sweep` removes those of this agent whose task is no longer running.
 Under strict isolation the sandbox (agents/sandbox.py) joins it, with the task's cgroup, before
@@ -39,9 +43,12 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from agents.netwall import Wall, WallError, cgroup2_mount, resolvers
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,12 @@ def _pasta_argv(pasta: str, name: str, pid_file: Path) -> list[str]:
 
 class Namespaces:
     """The network namespaces of one agent's tasks: `fairgpu-<agent>-<task id>`, where <agent>
-    is taken from the agent's state directory (two agents on one host never share names)."""
+    is taken from the agent's state directory (two agents on one host never share names).
+
+    Each pasta runs in a cgroup v2 directory that the agent's wall (agents/netwall.py) names in
+    a rule of its own: `<cgroup v2 mount>/<cgroup parent>-pasta/<agent>/<namespace name>`, or
+    the one the caller gives (inside the task's own cgroup, which pasta is then charged to),
+    joined before pasta starts, with any other cgroups it must be charged to."""
 
     def __init__(
         self,
@@ -93,14 +105,19 @@ class Namespaces:
         *,
         pasta: str,
         ip: str,
+        wall: Wall,
+        cgroup_parent: str = "fairgpu",
         run_dir: Path = RUN_DIR,
         etc_dir: Path = ETC_DIR,
     ) -> None:
-        self.pasta, self.ip = pasta, ip
+        self.pasta, self.ip, self.wall = pasta, ip, wall
         self.run_dir, self.etc_dir = run_dir, etc_dir
         tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:8]
         self.prefix = f"fairgpu-{tag}-"
         self.pid_dir = state_root / "netns"
+        self.pasta_cgroups = wall.cgroup2 / f"{cgroup_parent.strip('/')}-pasta" / tag
+        """Where the pastas that run in no cgroup of their task's have theirs (this agent's
+        alone: `close` removes it, never the directory above, which other agents share)."""
 
     # per task ---------------------------------------------------------------------------------
     def name(self, task_id: int) -> str:
@@ -116,32 +133,53 @@ class Namespaces:
     def exists(self, task_id: int) -> bool:
         return self.path(task_id).exists()
 
-    def create(self, task_id: int) -> list[str]:
-        """Make the task's namespace with pasta attached; the prefix that runs a command in it."""
+    def create(
+        self, task_id: int, *, cgroup: Path | None = None, charge_to: Sequence[Path] = ()
+    ) -> list[str]:
+        """Make the task's namespace with pasta attached, walled; the prefix that runs a command
+        in it. `cgroup`: pasta's cgroup v2 directory (made, empty) instead of one of its own;
+        `charge_to`: more `cgroup.procs` files (cgroup v1 controllers) it joins before it starts."""
         name = self.name(task_id)
         self.remove(task_id)  # what a crash between two steps left behind
         self.pid_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
+            if cgroup is None:
+                cgroup = self.pasta_cgroups / name
+                cgroup.mkdir(parents=True, exist_ok=True)
+            self._cgroup_file(task_id).write_text(str(cgroup))
             self._run([self.ip, "netns", "add", name])
             resolv = self.resolv_conf(task_id)
             resolv.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             resolv.write_text(f"nameserver {DNS_ADDRESS}\n{_search_lines()}")
             os.chmod(resolv, 0o644)
-            self._run(_pasta_argv(self.pasta, name, self._pid_file(task_id)))
+            self.wall.admit(task_id, cgroup)
+            joins = [cgroup / "cgroup.procs", *charge_to]
+            self._run(_in_cgroups(joins, _pasta_argv(self.pasta, name, self._pid_file(task_id))))
         except NetnsError:
             self.remove(task_id)
             raise
+        except (WallError, OSError) as exc:
+            self.remove(task_id)
+            raise NetnsError(str(exc)) from exc
         return [self.ip, "netns", "exec", name]
 
     def remove(self, task_id: int) -> None:
-        """End the namespace's pasta and delete the namespace; nothing there is fine."""
+        """End the namespace's pasta, its wall rule and its cgroup, and delete the namespace;
+        nothing there is fine."""
         pid_file = self._pid_file(task_id)
         pid = _read_pid(pid_file)
         name = self.name(task_id)
         if pid is not None and _is_pasta_for(pid, name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)  # out of its cgroups, which can then go
         pid_file.unlink(missing_ok=True)
+        with contextlib.suppress(WallError):
+            self.wall.release(task_id)
+        cgroup_file = self._cgroup_file(task_id)
+        with contextlib.suppress(OSError):
+            Path(cgroup_file.read_text()).rmdir()  # a task's own is removed with the task's
+        cgroup_file.unlink(missing_ok=True)
         if self.path(task_id).exists():
             try:
                 self._run([self.ip, "netns", "delete", name])
@@ -156,14 +194,50 @@ class Namespaces:
         for directory in (self.run_dir, self.etc_dir, self.pid_dir):
             with contextlib.suppress(OSError):
                 for entry in os.listdir(directory):
-                    match = pattern.match(entry.removesuffix(".pid"))
+                    match = pattern.match(entry.removesuffix(".pid").removesuffix(".cgroup"))
                     if match:
                         found.add(int(match.group(1)))
         removed = sorted(found - keep)
         for task_id in removed:
             log.info("task %d: removing its network namespace", task_id)
             self.remove(task_id)
+        with contextlib.suppress(WallError):
+            for task_id in self.wall.walled() - keep:  # a rule whose pasta never started
+                self.wall.release(task_id)
         return removed
+
+    def build_wall(self) -> None:
+        """The agent's wall anew, with the rules of the pastas still running (their tasks
+        outlived the agent's last run)."""
+        running = {}
+        for task_id in self.sweep_candidates():
+            pid = self.pasta_pid(task_id)
+            cgroup = _cgroup2_of(pid) if pid is not None else None
+            if cgroup is not None:
+                running[task_id] = self.wall.cgroup2 / cgroup
+        try:
+            self.wall.install(resolvers(), running)
+        except WallError as exc:
+            raise NetnsError(str(exc)) from exc
+
+    def sweep_candidates(self) -> set[int]:
+        """The task ids that have a pid file here (a pasta started for them)."""
+        pattern = re.compile(re.escape(self.prefix) + r"(\d+)\.pid$")
+        found = set()
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(self.pid_dir):
+                match = pattern.match(entry)
+                if match:
+                    found.add(int(match.group(1)))
+        return found
+
+    def close(self) -> None:
+        """Remove every namespace, the wall and the pastas' own cgroup directory."""
+        self.sweep(set())
+        with contextlib.suppress(WallError):
+            self.wall.remove()
+        with contextlib.suppress(OSError):
+            self.pasta_cgroups.rmdir()
 
     def pasta_pid(self, task_id: int) -> int | None:
         pid = _read_pid(self._pid_file(task_id))
@@ -180,6 +254,10 @@ class Namespaces:
     def _pid_file(self, task_id: int) -> Path:
         return self.pid_dir / f"{self.name(task_id)}.pid"
 
+    def _cgroup_file(self, task_id: int) -> Path:
+        """Where pasta's cgroup v2 directory is recorded (removed with the namespace)."""
+        return self.pid_dir / f"{self.name(task_id)}.cgroup"
+
     def _run(self, argv: list[str]) -> None:
         try:
             done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
@@ -195,13 +273,24 @@ class Namespaces:
             raise NetnsError(f"{Path(argv[0]).name} {argv[1]}: {detail}")
 
 
-def remove_all(state_root: Path) -> list[int]:
-    """Remove every network namespace (and pasta) of the agent with this state directory:
-    for whoever ends its tasks without it (a test harness, an operator retiring a node)."""
-    ip = shutil.which("ip")
+def remove_all(state_root: Path, cgroup_parent: str = "fairgpu") -> list[int]:
+    """Remove every network namespace (and pasta), and the wall, of the agent with this state
+    directory: for whoever ends its tasks without it (a test harness, an operator retiring a
+    node)."""
+    ip, nft, cgroup2 = shutil.which("ip"), shutil.which("nft"), cgroup2_mount()
     if ip is None or os.geteuid() != 0:
         return []
-    return Namespaces(state_root, pasta=shutil.which("pasta") or "pasta", ip=ip).sweep(set())
+    wall = Wall(_table(state_root), nft=nft or "nft", cgroup2=cgroup2 or Path("/sys/fs/cgroup"))
+    namespaces = Namespaces(
+        state_root,
+        pasta=shutil.which("pasta") or "pasta",
+        ip=ip,
+        wall=wall,
+        cgroup_parent=cgroup_parent,
+    )
+    removed = namespaces.sweep(set())
+    namespaces.close()
+    return removed
 
 
 def run_in_netns(path: Path, function: Callable[[], _T]) -> _T:
@@ -259,24 +348,50 @@ def thread_net_dir() -> Path:
     return Path("/proc/thread-self/net")
 
 
-def open_namespaces(state_root: Path) -> tuple[Namespaces | None, str]:
-    """This node's namespaces if it can build them (root, `ip` and `pasta`, a kernel that lets
-    it: tried once with a namespace made and removed), else None and why not."""
+def open_namespaces(
+    state_root: Path, cgroup_parent: str = "fairgpu"
+) -> tuple[Namespaces | None, str]:
+    """This node's namespaces if it can build them, walled (root, `ip`, `pasta`, `nft`, a cgroup
+    v2 hierarchy, a kernel that lets it: tried once with a namespace made and removed), else
+    None and why not. The wall is installed anew, with the rules of the pastas still running."""
     if os.geteuid() != 0:
         return None, "the agent does not run as root"
-    pasta, ip = shutil.which("pasta"), shutil.which("ip")
-    if pasta is None or ip is None:
-        return None, f"{'pasta (package passt)' if pasta is None else 'ip (iproute2)'} not found"
-    namespaces = Namespaces(state_root, pasta=pasta, ip=ip)
+    tools = {"pasta": "pasta (package passt)", "ip": "ip (iproute2)", "nft": "nft (nftables)"}
+    found = {tool: shutil.which(tool) for tool in tools}
+    missing = [package for tool, package in tools.items() if found[tool] is None]
+    if missing:
+        return None, f"{', '.join(missing)} not found"
+    cgroup2 = cgroup2_mount()
+    if cgroup2 is None:
+        return None, (
+            "no cgroup v2 hierarchy is mounted, which the wall between pasta and the node needs "
+            "(mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified)"
+        )
+    pasta, ip, nft = (str(found[tool]) for tool in tools)
+    wall = Wall(_table(state_root), nft=nft, cgroup2=cgroup2)
+    namespaces = Namespaces(state_root, pasta=pasta, ip=ip, wall=wall, cgroup_parent=cgroup_parent)
     probe = 0  # never a task id: the server's ids start at 1
     try:
+        namespaces.build_wall()
         namespaces.create(probe)
+        _check_walled(namespaces, probe)
         namespaces.call_inside(probe, _loopback_works)
     except (NetnsError, OSError) as exc:
         return None, str(exc)
     finally:
         namespaces.remove(probe)
     return namespaces, ""
+
+
+def _check_walled(namespaces: Namespaces, task_id: int) -> None:
+    """The probe's pasta runs in the cgroup its wall rule names, and the rule is there."""
+    pid = namespaces.pasta_pid(task_id)
+    cgroup = _cgroup2_of(pid) if pid is not None else None
+    expected = namespaces.pasta_cgroups / namespaces.name(task_id)
+    if cgroup is None or namespaces.wall.cgroup2 / cgroup != expected:
+        raise NetnsError(f"pasta did not start in its cgroup {expected}")
+    if task_id not in namespaces.wall.walled():
+        raise NetnsError(f"nft: table inet {namespaces.wall.table} has no rule for pasta")
 
 
 def _loopback_works() -> None:
@@ -295,6 +410,45 @@ def _search_lines() -> str:
         return ""
     kept = [line for line in lines if line.split()[:1] in (["search"], ["domain"], ["options"])]
     return "".join(f"{line}\n" for line in kept)
+
+
+def _table(state_root: Path) -> str:
+    return "fairgpu-" + hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:8]
+
+
+def _in_cgroups(procs_files: Sequence[Path], argv: list[str]) -> list[str]:
+    """`argv` run by a shell that first moves itself into each cgroup (`echo 0` to its
+    cgroup.procs moves the writer): pasta is in them from its first instruction, so every
+    socket it makes (it opens a pool of them at start) carries the cgroup the wall matches."""
+    script = (
+        'for f do [ "$f" = -- ] && break; echo 0 > "$f" || exit 125; shift; done; shift; exec "$@"'
+    )
+    return ["/bin/sh", "-c", script, "sh", *map(str, procs_files), "--", *argv]
+
+
+def _cgroup2_of(pid: int) -> str | None:
+    """The process's cgroup in the v2 hierarchy, relative to its mount ("0::/a/b" -> "a/b")."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            return line[3:].lstrip("/")
+    return None
+
+
+def _wait_gone(pid: int, timeout_s: float = 5.0) -> None:
+    """Until the process has exited (a zombie has left its cgroups)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.005)
 
 
 def _read_pid(path: Path) -> int | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What `make test` needs besides Python packages: PostgreSQL answering on 127.0.0.1:5432 and
-# Prometheus' promtool (tests/deploy checks the rules with it), pasta (package passt) and ip. Installs them with apt-get when
+# Prometheus' promtool (tests/deploy checks the rules with it), pasta (package passt), ip and nft. Installs them with apt-get when
 # missing (as root, or through sudo without a password) and starts PostgreSQL; with neither,
 # says in one line what to install. FAIRGPU_TEST_POSTGRES_URL pointing elsewhere skips the
 # PostgreSQL part.
@@ -23,6 +23,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The agent's private task networks (agents/netns.py, tests/agents/test_netns.py).
 command -v pasta >/dev/null 2>&1 || need+=(passt)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# The wall between pasta and the node's own addresses (agents/netwall.py).
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
   if ! { as_root apt-get update -qq &&
          DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \

@@ -27,6 +27,7 @@ import pytest
 from agents.forward import _connect
 from agents.isolation import Confinement, IsolationConfig
 from agents.netns import DNS_ADDRESS, Namespaces, open_namespaces
+from agents.netwall import Wall
 from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
 from tests.agents.helpers import spec, wait_for
@@ -186,6 +187,10 @@ class NetNode:
         if self.confinement.cgroups is not None:
             self.confinement.cgroups.remove()
         assert self.namespaces.sweep(set()) == []
+        assert self.namespaces.wall.walled() == set()
+        self.namespaces.close()
+        assert not self.namespaces.wall.exists()
+        assert not self.namespaces.pasta_cgroups.exists()
 
 
 @pytest.fixture(params=["strict", "none"])
@@ -228,6 +233,27 @@ ip netns exec {ns} ip link set lo up
         ready.unlink(missing_ok=True)
         subprocess.run(["ip", "link", "delete", host_if], check=False)
         subprocess.run(["ip", "netns", "delete", ns], check=True)
+
+
+@pytest.fixture
+def node_address() -> Iterator[str]:
+    """An address the node holds on an interface other than its default route's (a second NIC,
+    docker0, IPoIB stand in): one end of a veth pair of its own, in a random 10.x /32."""
+    tag = uuid.uuid4().hex[:6]
+    near, far = f"fga{tag}", f"fgb{tag}"
+    address = f"10.{random.randrange(100, 200)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+    script = f"""
+set -e
+ip link add {near} type veth peer name {far}
+ip addr add {address}/32 dev {near}
+ip link set {near} up
+ip link set {far} up
+"""
+    subprocess.run(["sh", "-c", script], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "link", "delete", near], check=False)
 
 
 def _targets(host: str, ports: list[int]) -> list[str]:
@@ -277,6 +303,37 @@ def test_with_network_host_another_org_can_connect(node: NetNode) -> None:
     node.start_listener(1, "acme-host", ports, network="host", **ACME)
     tried = node.probe(2, _targets("127.0.0.1", ports), network="host", **RIVAL)
     assert set(tried.values()) == {"acme-host"}, tried
+
+
+def test_a_private_task_reaches_nothing_on_the_nodes_other_addresses(
+    node: NetNode, node_address: str, outside: list[int]
+) -> None:
+    """pasta connects from the node's namespace: the wall (agents/netwall.py) keeps what it
+    sends from every address the node holds, so what listens on 0.0.0.0 there (a host-network
+    task of another org, the agent's metrics port, sshd) is out of a private task's reach."""
+    ports = _free_ports(4)
+    node.start_listener(1, "acme-host", ports, network="host", **ACME)
+    wildcard = [f"tcp {node_address} {ports[1]}", f"udp {node_address} {ports[3]}"]
+    world = _targets(OUTSIDE, outside)[1::2]
+    tried = node.probe(2, [*wildcard, *world], network="private", **RIVAL)
+    for target in wildcard:
+        assert tried[target] in ("ConnectionRefusedError", "TimeoutError"), (target, tried)
+    for target in world:
+        assert tried[target] == "outside", (target, tried)
+    # What the wall keeps out is there: a host-network task reaches it, through the same ports.
+    assert set(node.probe(3, wildcard, **RIVAL).values()) == {"acme-host"}
+
+
+def test_each_pasta_is_walled_while_it_runs(node: NetNode) -> None:
+    wall = node.namespaces.wall
+    assert wall.exists()
+    node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+    wait_for(lambda: node.namespaces.pasta_pid(1) is not None)
+    assert wall.walled() == {1}
+    node.runner.stop(1, grace_s=0, reason="cancelled")
+    node.result(1)
+    assert wall.walled() == set()
+    assert wall.exists()
 
 
 def test_a_private_task_gets_the_forwarded_resolver(node: NetNode) -> None:
@@ -344,6 +401,10 @@ def test_a_restarted_agent_removes_namespaces_whose_task_ended_meanwhile(node: N
     assert node.namespaces.exists(2)
     assert node.namespaces.pasta_pid(2) is not None
     assert restarted.records[2].state == "running"
+    # The restarted agent's wall is made anew, with the rule of the pasta still running.
+    again, why = open_namespaces(node.state.root)
+    assert again is not None, why
+    assert again.wall.walled() == {2}
 
 
 def test_port_forward_connects_inside_the_tasks_namespace(node: NetNode) -> None:
@@ -410,8 +471,9 @@ def test_a_node_without_namespaces_refuses_a_private_task_in_one_line(tmp_path: 
 
 
 def test_namespaces_of_two_agents_on_one_host_never_collide(tmp_path: Path) -> None:
-    one = Namespaces(tmp_path / "a", pasta="pasta", ip="ip")
-    two = Namespaces(tmp_path / "b", pasta="pasta", ip="ip")
+    wall = Wall("unused", nft="nft", cgroup2=tmp_path)
+    one = Namespaces(tmp_path / "a", pasta="pasta", ip="ip", wall=wall)
+    two = Namespaces(tmp_path / "b", pasta="pasta", ip="ip", wall=wall)
     assert one.name(1) != two.name(1)
     assert one.name(1).startswith("fairgpu-")
     assert one.name(1).endswith("-1")

@@ -100,7 +100,7 @@ class Pool:
             proc.kill()
         # A killed process leaves its cgroup only once it has exited.
         psutil.wait_procs(left, timeout=10)
-        remove_all(self.state)
+        remove_all(self.state, self.cgroup_parent)
         for controller_dir in Path("/sys/fs/cgroup").rglob(self.cgroup_parent):
             for task in controller_dir.glob("task-*"):
                 task.rmdir()

@@ -1,0 +1,180 @@
+"""The wall between a private task's pasta and the node itself: an nftables table of the agent's.
+
+pasta opens a private task's outbound connections from the node's network namespace, as root, so
+without a wall a connection to an address the node holds (a second NIC, docker0, IPoIB, the
+loopback of another address family) reaches whatever listens there on 0.0.0.0: the agent's
+metrics port, sshd, other orgs' host-network tasks. No uid, gid or mark tells pasta's traffic
+apart (this pasta cannot drop to another user and set no mark), but its cgroup does: each pasta
+runs in a cgroup v2 directory of its own (on a cgroup v1 host, in the unified hierarchy beside
+it, which every "hybrid" host mounts), and the table `inet fairgpu-<agent>` drops
+
+- what a pasta sends to any address of the node (`fib daddr type local`, broadcast, multicast);
+- UDP that reaches a pasta's sockets from an address of the node (`fib saddr type local`: a
+  host-network task sending datagrams to the port a private task's UDP flow left open; pasta
+  listens on no TCP port, and its connected TCP sockets take nothing from a node address they
+  were not let connect to, so TCP needs no inbound rule, and must have none: the reset that
+  refuses pasta's own connection arrives from the node's address),
+
+except DNS to and from the node's own resolvers (pasta forwards the task's queries to the first
+one, which is often 127.0.0.53). A private task has no address the node's namespace can route to,
+so the node's local addresses are every other task's addresses it could otherwise reach.
+
+TCP is refused with a reset, the rest with an ICMP "administratively prohibited", so a task that
+tries fails at once rather than after a time-out. The table names no other table and is replaced
+whole (one nft transaction) when the agent starts; a rule per pasta is added before that pasta
+starts and removed after it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+NFT_CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where nft resolves a `socket cgroupv2` path (it prefixes it with this directory)."""
+
+
+class WallError(RuntimeError):
+    """The wall could not be built or changed; the message is one line."""
+
+
+def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path | None:
+    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup on a v2 host,
+    /sys/fs/cgroup/unified on a systemd "hybrid" one; None on a host with cgroup v1 alone."""
+    with contextlib.suppress(OSError):
+        for line in mounts.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    return None
+
+
+class Wall:
+    """The agent's nftables table and the rule of each task's pasta in it."""
+
+    def __init__(self, table: str, *, nft: str, cgroup2: Path) -> None:
+        self.table, self.nft, self.cgroup2 = table, nft, cgroup2
+
+    def install(self, resolvers: Iterable[str], pastas: dict[int, Path]) -> None:
+        """Make the table anew (the previous one of this agent, if any, goes in the same
+        transaction, so nothing runs unwalled meanwhile), with the rules of `pastas`."""
+        exceptions = []
+        for address in resolvers:
+            family = "ip" if ipaddress.ip_address(address).version == 4 else "ip6"
+            exceptions += [
+                f"meta l4proto {{ tcp, udp }} {family} daddr {address} th dport 53 accept",
+                f"meta l4proto {{ tcp, udp }} {family} saddr {address} th sport 53 accept",
+            ]
+        rules = "\n".join(self._rule(task_id, path) for task_id, path in sorted(pastas.items()))
+        script = "\n".join(
+            [
+                f"table inet {self.table} {{}}",
+                f"delete table inet {self.table}",
+                f"table inet {self.table} {{",
+                "  chain output {",
+                "    type filter hook output priority filter; policy accept;",
+                "    fib daddr type { local, broadcast, multicast } jump pastas",
+                "  }",
+                "  chain input {",
+                "    type filter hook input priority filter; policy accept;",
+                "    meta l4proto udp fib saddr type local jump pastas",
+                "  }",
+                "  chain pastas {",
+                "  }",
+                "  chain wall {",
+                *exceptions,
+                "    meta l4proto tcp reject with tcp reset",
+                "    reject with icmpx admin-prohibited",
+                "  }",
+                "}",
+                rules,
+                "",
+            ]
+        )
+        self._nft(["-f", "-"], script)
+
+    def admit(self, task_id: int, cgroup: Path) -> None:
+        """Wall the pasta that will run in `cgroup` (made, and empty: sockets take the cgroup of
+        the process that makes them, so pasta must be in it before it starts)."""
+        self._nft(["-f", "-"], self._rule(task_id, cgroup) + "\n")
+
+    def release(self, task_id: int) -> None:
+        """Remove the rule of a pasta that has ended (none is fine)."""
+        for handle in self._handles(task_id):
+            with contextlib.suppress(WallError):
+                self._nft(["delete", "rule", "inet", self.table, "pastas", "handle", str(handle)])
+
+    def walled(self) -> set[int]:
+        """The tasks whose pasta has a rule."""
+        return {task_id for task_id, _handle in self._rules()}
+
+    def exists(self) -> bool:
+        try:
+            self._nft(["list", "table", "inet", self.table])
+        except WallError:
+            return False
+        return True
+
+    def remove(self) -> None:
+        """Delete the table (nothing there is fine)."""
+        if self.exists():
+            self._nft(["delete", "table", "inet", self.table])
+
+    # internals --------------------------------------------------------------------------------
+    def _rule(self, task_id: int, cgroup: Path) -> str:
+        level = len(cgroup.relative_to(self.cgroup2).parts)
+        where = os.path.relpath(cgroup, NFT_CGROUP_ROOT)
+        return (
+            f'add rule inet {self.table} pastas socket cgroupv2 level {level} "{where}" '
+            f'jump wall comment "task {task_id}"'
+        )
+
+    def _handles(self, task_id: int) -> list[int]:
+        return [handle for found, handle in self._rules() if found == task_id]
+
+    def _rules(self) -> list[tuple[int, int]]:
+        try:
+            listed = self._nft(["-j", "list", "chain", "inet", self.table, "pastas"])
+        except WallError:
+            return []
+        found = []
+        for item in json.loads(listed).get("nftables", []):
+            rule = item.get("rule")
+            comment = str(rule.get("comment", "")) if rule else ""
+            if comment.startswith("task ") and comment[5:].isdigit():
+                found.append((int(comment[5:]), int(rule["handle"])))
+        return found
+
+    def _nft(self, args: list[str], script: str | None = None) -> str:
+        try:
+            done = subprocess.run(
+                [self.nft, *args],
+                input=script,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise WallError(f"nft: {exc}") from exc
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if "Error:" in line]
+            raise WallError(f"nft: {lines[0] if lines else f'exit status {done.returncode}'}")
+        return done.stdout
+
+
+def resolvers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """The node's resolvers (pasta forwards the task's DNS to the first)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    found.append(str(ipaddress.ip_address(fields[1].split("%")[0])))
+    return found
