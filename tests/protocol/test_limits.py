@@ -17,6 +17,8 @@ from protocol.limits import (
     MAX_COMMAND_BYTES,
     MAX_ENV_BYTES,
     MAX_ENV_VARS,
+    MAX_IMAGE_CHARS,
+    MAX_WORKDIR_CHARS,
     SERVER_ENV_VARS,
 )
 from scheduler.db import Job, Task
@@ -32,25 +34,36 @@ _sized = st.builds(
     st.sampled_from([0, 1, 8191, 8192, 8193, 9000, MAX_COMMAND_BYTES // 4, MAX_COMMAND_BYTES]),
 )
 _text = st.one_of(st.text(max_size=64), _sized)
-_name = st.one_of(
-    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,40}", fullmatch=True), st.text(max_size=8)
-)
-_many = st.integers(0, MAX_ARGS + 2)
+_good_name = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,40}", fullmatch=True)
+_name = st.one_of(_good_name, _good_name, _good_name, st.text(max_size=8))
 
 
+def _path_like(most: int) -> st.SearchStrategy[str]:
+    """Printable text up to `most` characters, the limit itself often."""
+    char = st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"))
+    return st.text(char, min_size=1, max_size=8) | st.builds(
+        lambda c, n: c * n,
+        st.sampled_from(["a", "é", "\U0001f600"]),
+        st.sampled_from([most - 1, most]),
+    )
+
+
+# The property is about accepted submissions, so the values are drawn near the limits but
+# mostly within them: a body over a limit is only thrown away (other tests check the refusals).
 @st.composite
 def submissions(draw: st.DrawFn) -> dict[str, Any]:
-    args = draw(st.lists(_text, min_size=1, max_size=4))
-    args += ["x"] * draw(st.sampled_from([0, MAX_ARGS - len(args), MAX_ARGS + 1 - len(args)]))
+    args = [draw(st.text(min_size=1, max_size=64) | _sized.filter(bool))]
+    args += draw(st.lists(_text, max_size=3))
+    args += ["x"] * draw(st.sampled_from([0, 1, MAX_ARGS - len(args)]))
     env = draw(st.dictionaries(_name, _text, max_size=4))
-    for i in range(draw(st.sampled_from([0, MAX_ENV_VARS - 8, MAX_ENV_VARS + 1]))):
+    for i in range(draw(st.sampled_from([0, MAX_ENV_VARS - 8]))):
         env[f"V{i}"] = "v"
     secret_env = draw(st.dictionaries(_name, _text, max_size=3))
     if draw(st.booleans()):  # as many variables as fit, split between the two
         secret_env.update({f"S{i}": "s" for i in range(MAX_ENV_VARS - len(env) - len(secret_env))})
     body: dict[str, Any] = {"command": args, "env": env, "secret_env": secret_env}
-    body["workdir"] = draw(st.none() | st.text(max_size=8) | _sized)
-    body["image"] = draw(st.none() | st.text(max_size=8) | _sized)
+    body["workdir"] = draw(st.none() | _path_like(MAX_WORKDIR_CHARS))
+    body["image"] = draw(st.none() | _path_like(MAX_IMAGE_CHARS))
     body["time_limit"] = draw(st.none() | st.integers(-1, 2**32))
     # A batch script is sent inside the argv: script and arguments must fit one exec together.
     body["script"] = draw(st.none() | (st.text(max_size=8) | _sized).map("#!/bin/sh\n".__add__))
