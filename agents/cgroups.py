@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+HELPER = "helper"
+"""The v2 child directory of a task's cgroup where its helper (pasta) runs."""
 _V2_CONTROLLERS = ("memory", "pids", "cpu")
 
 
@@ -57,6 +59,14 @@ class TaskCgroup(ABC):
     @abstractmethod
     def oom_killed(self) -> bool:
         """The kernel's OOM killer ended a process of this task."""
+
+    @abstractmethod
+    def helper_placement(self) -> tuple[Path | None, list[Path]]:
+        """Where a helper process of the task that its signals must not reach (the task's pasta)
+        is charged to the task's memory, pids and CPU: its cgroup v2 directory (made, empty;
+        None: the v2 hierarchy holds no task cgroups here) and the `cgroup.procs` files of the
+        v1 controllers it joins. Never where `pids()` (and so `signal_all`) looks, nor the v1
+        freezer; `kill()` and the OOM killer may still take it, as the task ends anyway."""
 
     @abstractmethod
     def _kill_all(self) -> None: ...
@@ -142,6 +152,20 @@ class _V2Task(TaskCgroup):
     def oom_killed(self) -> bool:
         return _counter(self.path / "memory.events", "oom_kill") > 0
 
+    def helper_placement(self) -> tuple[Path | None, list[Path]]:
+        # A child of the task's cgroup with no controllers of its own: its processes count
+        # against the task's limits (v2 charges up the tree) but are not in the task's
+        # cgroup.procs. Enabling none keeps the task's own directory free to hold processes.
+        helper = self.path / HELPER
+        helper.mkdir(exist_ok=True)
+        return helper, []
+
+    def remove(self) -> None:
+        self.kill()
+        with contextlib.suppress(OSError):
+            (self.path / HELPER).rmdir()  # empty once its process ended (killed with the task)
+        super().remove()
+
     def _kill_all(self) -> None:
         kill_file = self.path / "cgroup.kill"
         if kill_file.exists():
@@ -215,6 +239,11 @@ class _V1Task(TaskCgroup):
 
     def oom_killed(self) -> bool:
         return _counter(self.paths["memory"] / "memory.oom_control", "oom_kill") > 0
+
+    def helper_placement(self) -> tuple[Path | None, list[Path]]:
+        # The charging controllers, not the freezer (whose members are the task's processes).
+        charged = [self.paths[c] / "cgroup.procs" for c in ("memory", "pids", "cpu")]
+        return None, charged
 
     def _kill_all(self) -> None:
         state = self.paths["freezer"] / "freezer.state"

@@ -145,11 +145,12 @@ class Confinement:
         if cwd is None:
             cwd = home
         mounts = (home, *(root for root in roots if root.is_dir()))
-        network, netns = self._network(spec)
         if self.cgroups is None or uid is None:
+            network, netns = self._network(spec, None)
             return Prepared([], cwd, home, mounts, None, network, netns)
         limits = self.limits(spec)
         group = self.cgroups.create(spec.task_id, limits)
+        network, netns = self._network(spec, group)
         config = {
             "uid": uid,
             "gid": uid,
@@ -170,8 +171,9 @@ class Confinement:
         prefix = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
         return Prepared(prefix, cwd, home, mounts, uid, network, netns)
 
-    def _network(self, spec: TaskSpec) -> tuple[list[str], Path | None]:
-        """The prefix entering the task's own network namespace, made now, and its path."""
+    def _network(self, spec: TaskSpec, group: TaskCgroup | None) -> tuple[list[str], Path | None]:
+        """The prefix entering the task's own network namespace, made now, and its path. Its
+        pasta is charged to the task's cgroup where it has one, out of reach of its signals."""
         if spec.network != "private":
             return [], None
         if self.namespaces is None:
@@ -179,8 +181,9 @@ class Confinement:
                 f"this node cannot give the task a network of its own ({self.no_namespaces}); "
                 "submit with --network host to run in the node's network"
             )
+        cgroup, charge_to = group.helper_placement() if group is not None else (None, [])
         try:
-            prefix = self.namespaces.create(spec.task_id)
+            prefix = self.namespaces.create(spec.task_id, cgroup=cgroup, charge_to=charge_to)
         except NetnsError as exc:
             raise TaskRefused(f"making the task's network namespace: {exc}") from exc
         return prefix, self.namespaces.path(spec.task_id)
@@ -269,11 +272,11 @@ class Confinement:
 
     def finish(self, task_id: int) -> None:
         """End what the task left and remove its cgroup and directory."""
+        if self.namespaces is not None:
+            self.namespaces.remove(task_id)  # first: its pasta is in the task's cgroup
         group = self.cgroup(task_id)
         if group is not None and group.exists():
             group.remove()
-        if self.namespaces is not None:
-            self.namespaces.remove(task_id)
         if self.config.task_root is not None:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.task_dir(task_id))

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
+from agents import cgroups
 from agents.forward import _connect
 from agents.isolation import Confinement, IsolationConfig
 from agents.netns import DNS_ADDRESS, Namespaces, open_namespaces
@@ -336,6 +337,41 @@ def test_each_pasta_is_walled_while_it_runs(node: NetNode) -> None:
     assert wall.exists()
 
 
+def test_pasta_is_charged_to_its_task_but_signalled_with_none_of_it(tmp_path: Path) -> None:
+    """pasta counts against the task's memory, pids and CPU (a task cannot grow past its limits
+    through it), yet is none of the processes its stop and warning signals go to."""
+    node = NetNode(tmp_path, "strict")
+    try:
+        node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+        wait_for(lambda: node.namespaces.pasta_pid(1) is not None)
+        pasta = node.namespaces.pasta_pid(1)
+        group = node.confinement.cgroup(1)
+        assert pasta is not None
+        assert group is not None
+        wait_for(lambda: len(group.pids()) == 1)  # the sandbox has become `sleep`
+        assert pasta not in group.pids()
+        memberships = dict(
+            line.split(":", 2)[1:] for line in Path(f"/proc/{pasta}/cgroup").read_text().split()
+        )
+        if isinstance(group, cgroups._V2Task):
+            assert memberships[""].endswith("/task-1/helper"), memberships
+            pids_current = group.path / "pids.current"
+        else:
+            assert isinstance(group, cgroups._V1Task)
+            for controller in ("memory", "pids", "cpu"):
+                assert memberships[controller].endswith("/task-1"), memberships
+            assert not memberships["freezer"].endswith("/task-1"), memberships
+            pids_current = group.paths["pids"] / "pids.current"
+        assert int(pids_current.read_text()) == 2  # sleep and pasta
+        node.confinement.signal(1, signal.SIGTERM)
+        wait_for(lambda: group.pids() == [])  # the task is gone (not yet reaped by the runner)
+        assert not _zombie(pasta)
+        node.result(1)
+        wait_for(lambda: _zombie(pasta))  # then it goes with the task's namespace
+    finally:
+        node.close()
+
+
 def test_a_private_task_gets_the_forwarded_resolver(node: NetNode) -> None:
     query = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")
     code = f"""
@@ -509,7 +545,7 @@ def test_a_private_task_keeps_its_network_through_its_grace_period(
     node: NetNode, outside: list[int]
 ) -> None:
     """A job that uploads its checkpoint when told to stop still reaches the outside then:
-    pasta is not one of the task's processes, and no stop or warning signal reaches it."""
+    pasta is charged to the task, but none of its stop or warning signals reaches pasta."""
     code = f"""
 import signal, socket, sys, time
 def upload(*_):
