@@ -431,6 +431,7 @@ class _Cycle:
             standings=self.standings(),
             reasons=BuiltOnRead(lambda: ex.codes(order, waits)),
             blocked_by=self.blocked_by,
+            reserved={nid: holder for nid, (_start, holder) in self.res.reserved.items()},
         )
 
     def _admit(self, job: PendingJob, in_quota: list[str], borrow: list[str]) -> bool:

@@ -271,6 +271,9 @@ class Decisions:
     standings: Mapping[int, OrgStanding] = field(default_factory=dict)
     reasons: Mapping[int, ReasonCode] = field(default_factory=dict)
     blocked_by: int | None = None  # strict order (no backfill): the job every other waits behind
+    # Node → the waiting job holding a reservation on it (EASY backfill, protected gangs): its
+    # free GPUs are held for that job while the rest of the node or the gang's nodes free up.
+    reserved: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -422,6 +422,7 @@ class Simulator:
                 0,
             )
         self.idle.looked()
+        self.idle.reserve(decisions.reserved)
         for preemption in decisions.preemptions:
             self._preempt(t, preemption.job_id, preemption.deadline)
         for start in decisions.starts:

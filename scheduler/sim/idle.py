@@ -7,6 +7,9 @@ that could use them (see docs/SIMULATION.md, "Idle GPUs while work waits"):
 
 - `unhealthy`: on a node the core may not use (draining, drained, down) or an unhealthy GPU;
 - `fragmentation`: no waiting job fits a gang on the free GPUs that includes this node;
+- `assembling`: the same, on a node the last cycle reserved for a waiting job (an EASY reservation
+  or a protected gang): its free GPUs are held for that job while the rest of the node, or the
+  gang's other nodes, free up;
 - `quota`: only jobs whose org may not hold more (its limit, or its guarantee where the job may
   not borrow) fit;
 - `cycle_gap`: a job that may start fits, but no cycle has looked since it arrived or since
@@ -23,14 +26,22 @@ they do not separate reservations from other waits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from scheduler.core.types import Node
 
-IDLE_CAUSES = ("fragmentation", "quota", "other", "reservation", "cycle_gap", "unhealthy")
+IDLE_CAUSES = (
+    "fragmentation",
+    "assembling",
+    "quota",
+    "other",
+    "reservation",
+    "cycle_gap",
+    "unhealthy",
+)
 # Ranks: when several jobs could use a node, the cause ranked highest names its idle GPUs.
-_FRAGMENTATION, _QUOTA, _OTHER, _RESERVATION, _CYCLE_GAP, _UNHEALTHY = range(6)
+_FRAGMENTATION, _ASSEMBLING, _QUOTA, _OTHER, _RESERVATION, _CYCLE_GAP, _UNHEALTHY = range(7)
 
 
 class Shape(NamedTuple):
@@ -75,6 +86,7 @@ class IdleLedger:
         self.shapes: dict[Shape, int] = {}  # waiting jobs by shape
         self.unseen: dict[Shape, int] = {}  # of those, queued since the last look
         self.freed_since_look = False
+        self.reserved: frozenset[int] = frozenset()  # nodes the last cycle reserved
         self.gpu_s = [0.0] * len(IDLE_CAUSES)
         self.rates = [0] * len(IDLE_CAUSES)
         self.since = 0.0
@@ -100,6 +112,10 @@ class IdleLedger:
         _bump(self.shapes, shape, delta)
         if delta > 0:
             _bump(self.unseen, shape, delta)
+
+    def reserve(self, nodes: Iterable[int]) -> None:
+        """The nodes a cycle left reserved for waiting jobs, until the next cycle."""
+        self.reserved = frozenset(nodes)
 
     def looked(self) -> None:
         """A cycle saw the current state (or the simulator proved the core could do nothing)."""
@@ -153,9 +169,17 @@ class IdleLedger:
                 row[shape.gpus_per_node] = max(row[shape.gpus_per_node], rank)
         for g, level in enumerate(self.levels):
             rank = _FRAGMENTATION
+            row = best[g]
             for free in range(1, top + 1):
-                rank = max(rank, best[g][free])
+                rank = max(rank, row[free])
+                row[free] = rank  # now: the cause of a node with this many free GPUs
                 rates[rank] += free * level[free]
+        # A reserved node whose free GPUs no waiting job could use: assembled for its holder.
+        for node_id in self.reserved:
+            free = self.node_free[node_id]
+            if free and best[self.node_group[node_id]][free] <= _FRAGMENTATION:
+                rates[_FRAGMENTATION] -= free
+                rates[_ASSEMBLING] += free
         return rates
 
     def _rank(self, shape: Shape, org_alloc: Sequence[int]) -> int:

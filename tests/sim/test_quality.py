@@ -56,6 +56,19 @@ def test_gpus_waiting_for_the_next_cycle_are_the_cycle_gap() -> None:
     assert idle(result) == {"cycle_gap": 8 * 10 + 8 * 20}
 
 
+def test_free_gpus_of_a_node_reserved_for_a_whole_node_job_are_assembling() -> None:
+    # a (5 GPUs, to 3,600) and b (8 GPUs, to 7,200) leave 3 GPUs free on node 1. The in-quota
+    # 8-GPU c arrives at 1 and fits nowhere; the cycle at 30 reserves node 1 for it (free first,
+    # at 3,600), whose 3 free GPUs then wait for a to end: fragmentation before the cycle saw c,
+    # assembling after. (Under slurm-like the simulator skips these cycles, in which nothing
+    # could start, so no reservation is made and the GPUs stay fragmentation.)
+    trace = [TraceJob("a", "x", 0, 3_600, 5), TraceJob("b", "x", 0, 7_200, 8)]
+    trace.append(TraceJob("c", "x", 1, 100, 8))
+    result = run(trace, [Quota("x", 24)], "2x8")
+    assert {j.trace.name: j.first_start_s for j in result.jobs} == {"a": 0, "b": 0, "c": 3_600}
+    assert idle(result) == {"fragmentation": 3 * 29, "assembling": 3 * (3_600 - 30)}
+
+
 @pytest.mark.parametrize(("policy", "cause"), [("fairgpu", "reservation"), ("fifo", "other")])
 def test_gpus_held_for_the_gang_ahead_are_a_reservation(policy: str, cause: str) -> None:
     # a holds node 1 until 7,200; the 16-GPU gang h is reserved both nodes from then. l (4 GPUs,
