@@ -93,6 +93,11 @@ class PolicySettings(BaseSettings):
         ge=0,
         description="How long a big gang waits before it is protected.",
     )
+    pack_by_end: bool = Field(
+        _DEFAULT.pack_by_end,
+        description="Place a one-node job on a partly used node whose jobs end after it, so "
+        "that nodes free whole for big jobs (else: the tightest node).",
+    )
     backfill_depth: int = Field(
         _DEFAULT.backfill_depth, ge=1, description="Pending jobs examined per cycle."
     )

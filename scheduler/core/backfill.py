@@ -52,6 +52,12 @@ class Reservations:
         self._releases = rel
         return rel
 
+    def drains_at(self, nid: int) -> float:
+        """When the last job running on the node ends (at its time limit); now if none runs."""
+        rel = self._releases if self._releases is not None else self._build()
+        ends = rel.get(nid)
+        return ends[-1][0] if ends else self.now
+
     def reserve(
         self, job: PendingJob, gpu_type: str, *, protected: bool = False
     ) -> tuple[float, list[int]] | None:

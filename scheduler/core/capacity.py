@@ -13,7 +13,7 @@ shape failed" memo valid.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from scheduler.core.types import Node, PendingJob, PolicyConfig
 from scheduler.core.usage import capacity_usage
@@ -369,6 +369,50 @@ class FreeIndex:
             return None
         key = (gpu_type, best[2], best[3]) if best[0] == 0 else (gpu_type, best[2])
         return self.take(levels[key], gpn, k)
+
+    def find_by_end(
+        self,
+        gpu_type: str,
+        site: str | None,
+        gpn: int,
+        c: int,
+        end: float,
+        drains_at: Callable[[int], float],
+    ) -> list[int] | None:
+        """One node for a job of gpn GPUs ending at `end`, packing jobs that end together.
+
+        Among the partly used nodes with room, one whose running jobs all end no earlier than
+        the job does (`drains_at`: when its last one ends) takes it without delaying the moment
+        it frees whole: the tightest such node, then the one draining soonest. Failing that, the
+        node whose drain the job delays least (the one draining last), then the tightest. Empty
+        nodes come last, as under best fit. Scans the partly used nodes with room, which are few
+        on a busy cluster; the lazy heaps are read, not popped.
+        """
+        if gpn > self.max_g:
+            return None
+        levels = self.levels_for(c)
+        top = levels.get((gpu_type,) if site is None else (gpu_type, site))
+        if top is None or top.count_ge(gpn) < 1:
+            return None
+        free = self.free
+        gpus = self._layout.gpus
+        best: tuple[int, float, float, int] | None = None
+        for f in range(gpn, len(top.heaps)):
+            if not top.cnt[f]:
+                continue
+            for nid in top.heaps[f]:
+                if free[nid] != f or f == len(gpus[nid]):
+                    continue  # stale entry, or an empty node
+                drain = drains_at(nid)
+                if end <= drain:
+                    cand = (0, float(f), drain - end, nid)
+                else:
+                    cand = (1, end - drain, float(f), nid)
+                if best is None or cand < best:
+                    best = cand
+        if best is None:
+            return self.take(top, gpn, 1)
+        return [best[3]]
 
     def take(self, lvl: Level, gpn: int, k: int) -> list[int]:
         """The k tightest nodes with ≥ gpn free (lowest id first among equals); heaps untouched."""

@@ -215,7 +215,17 @@ class _Cycle:
         need = self.index.job_class(job)
         key = (gpu_type, job.site, job.gpus_per_node, need)
         if self.failed.get(key, job.nodes + 1) > job.nodes:
-            nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes, need)
+            if job.nodes == 1 and self.cfg.pack_by_end:
+                nodes = self.index.find_by_end(
+                    gpu_type,
+                    job.site,
+                    job.gpus_per_node,
+                    need,
+                    self.now + job.time_limit_s,
+                    self.res.drains_at,
+                )
+            else:
+                nodes = self.index.find(gpu_type, job.site, job.gpus_per_node, job.nodes, need)
             if nodes is not None:
                 return nodes, False
             self.failed[key] = job.nodes

@@ -188,6 +188,10 @@ class PolicyConfig:
     # submit order; 0 GPUs turns it off. docs/SCHEDULING.md section 6 gives the bound.
     protect_gang_gpus: int = 33
     protect_gang_after_s: float = 6 * 3_600.0
+    # A one-node job goes on a partly used node whose running jobs end after it (the tightest
+    # such node), so that a node's jobs end together and the node frees whole for 8-GPU jobs
+    # and gangs; False: the tightest node (best fit) whatever its jobs' ends.
+    pack_by_end: bool = True
     # Switches that turn the fairgpu policy into the baselines the simulator compares with:
     # `fifo` = ordering "fifo", no backfill, no borrowing, no preemption;
     # `slurm-like` = ordering "multifactor", backfill, no borrowing (guarantees act as limits).

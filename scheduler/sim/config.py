@@ -23,11 +23,18 @@ class TimeLimitModel(StrEnum):
 POLICIES: dict[str, PolicyConfig] = {
     # The default policy: multifactor fair share, backfill, borrowing with reclaim.
     "fairgpu": PolicyConfig(),
-    # Strict submit order, no backfill, no borrowing (guarantees act as limits).
-    "fifo": PolicyConfig(ordering="fifo", backfill=False, borrowing=False, preemption=False),
-    # Slurm's multifactor plugin plus EASY backfill; hard guarantees as limits, no borrowing.
+    # Strict submit order, no backfill, no borrowing (guarantees act as limits); best fit.
+    "fifo": PolicyConfig(
+        ordering="fifo", backfill=False, borrowing=False, preemption=False, pack_by_end=False
+    ),
+    # Slurm's multifactor plugin plus EASY backfill; hard guarantees as limits, no borrowing;
+    # best fit, as Slurm's node selection.
     "slurm-like": PolicyConfig(
-        ordering="multifactor", backfill=True, borrowing=False, preemption=False
+        ordering="multifactor",
+        backfill=True,
+        borrowing=False,
+        preemption=False,
+        pack_by_end=False,
     ),
 }
 POLICY_NAMES = tuple(POLICIES)

@@ -33,6 +33,7 @@ def test_a_job_goes_to_a_node_with_its_capabilities_not_the_tightest() -> None:
             job(2, 1, 2, capabilities=SIGNAL | PTY),
             job(3, 1, 2),
         ],
+        pack_by_end=False,  # best fit: job 3, which needs nothing, takes the tight node
     )
     d = schedule(snap)
     where = {s.job_id: s.placements[0].node_id for s in d.starts}

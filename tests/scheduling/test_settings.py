@@ -53,6 +53,7 @@ def test_every_policy_knob_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "backfill_depth": ("100", 100),
         "protect_gang_gpus": ("64", 64),
         "protect_gang_after_s": ("7200", 7200.0),
+        "pack_by_end": ("false", False),
         "ordering": ("fifo", "fifo"),
         "backfill": ("false", False),
         "borrowing": ("false", False),
