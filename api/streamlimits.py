@@ -7,26 +7,31 @@ after it and before the job is looked up:
 
 - **Rates** (token buckets): per user over all their tokens (`stream_rate_per_s` /
   `stream_burst`), then per org over all its users (`org_stream_rate_per_s` /
-  `org_stream_burst`): one org's flood empties its own bucket, never another org's.
-- **Open streams** (waiting or relaying): `max_streams_per_user`, `max_streams_per_org`.
-- **Pending streams** (waiting for the agent): `max_pending_streams_per_user` and
-  `max_pending_streams_per_job`.
+  `org_stream_burst`): one org's flood empties its own bucket, never another org's. Per server
+  process: a rate held across processes would cost a write on a shared row per opening.
+- **This process's streams** (`max_streams_per_process`): the users' sides it holds, of all
+  orgs together, so that the sum of orgs, each within its own bounds, cannot take the process's
+  memory or file descriptors; and apart (so that a full process still takes the node sides its
+  users wait for) as many nodes' sides it carries.
 
-Past any of them: 429 with Retry-After (api/routers/streams.py `deny`). All per server process.
-Platform admins count as users, not against an org.
+The bounds on open and pending streams per user, per org and per job count the stream rows of
+every process (services/streamrows.py `open_row`). Past any bound: 429 with Retry-After
+(api/routers/streams.py `deny`). Platform admins count as users, not against an org.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import Literal
 
 from api.admission import TokenBuckets
 from scheduler.services.errors import TooManyRequests
+from scheduler.services.streamrows import StreamCaps
 from scheduler.settings import Settings
+
+Side = Literal["user", "node"]
 
 
 def _too_many(what: str, retry_after_s: float, **extra: int | float) -> TooManyRequests:
@@ -36,43 +41,20 @@ def _too_many(what: str, retry_after_s: float, **extra: int | float) -> TooManyR
     )
 
 
-@dataclass(eq=False)
-class Ticket:
-    """One admitted stream: pending until `claimed` (its agent came, or it gave up)."""
-
-    limits: StreamLimits
-    user_id: int
-    job_id: int
-    pending: bool = field(default=True)
-
-    def claimed(self) -> None:
-        if self.pending:
-            self.pending = False
-            self.limits.pending_by_user[self.user_id] -= 1
-            self.limits.pending_by_job[self.job_id] -= 1
-            _prune(self.limits.pending_by_user, self.user_id)
-            _prune(self.limits.pending_by_job, self.job_id)
-
-
-def _prune(counts: Counter[int], key: int) -> None:
-    if counts[key] <= 0:
-        del counts[key]
-
-
 class StreamLimits:
     """Kept on `app.state.stream_limits`."""
 
     def __init__(self, settings: Settings) -> None:
         self.users = TokenBuckets(settings.stream_rate_per_s, settings.stream_burst)
         self.orgs = TokenBuckets(settings.org_stream_rate_per_s, settings.org_stream_burst)
-        self.max_per_user = settings.max_streams_per_user
-        self.max_per_org = settings.max_streams_per_org
-        self.max_pending_per_user = settings.max_pending_streams_per_user
-        self.max_pending_per_job = settings.max_pending_streams_per_job
-        self.open_by_user: Counter[int] = Counter()
-        self.open_by_org: Counter[int] = Counter()
-        self.pending_by_user: Counter[int] = Counter()
-        self.pending_by_job: Counter[int] = Counter()
+        self.caps = StreamCaps(
+            open_per_user=settings.max_streams_per_user,
+            open_per_org=settings.max_streams_per_org,
+            pending_per_user=settings.max_pending_streams_per_user,
+            pending_per_job=settings.max_pending_streams_per_job,
+        )
+        self.max_held = settings.max_streams_per_process
+        self.held: dict[Side, int] = {"user": 0, "node": 0}
 
     def charge(self, *, user_id: int, org_id: int | None) -> None:
         """One stream's place in the user's rate, then the org's; TooManyRequests past one."""
@@ -98,35 +80,20 @@ class StreamLimits:
             )
 
     @contextlib.contextmanager
-    def open(self, *, user_id: int, org_id: int | None, job_id: int) -> Iterator[Ticket]:
-        """Held while the stream lives; TooManyRequests when a bound is reached already."""
-        bounds = (
-            (self.open_by_user[user_id], self.max_per_user, "streams of yours are open"),
-            (self.pending_by_user[user_id], self.max_pending_per_user, "streams of yours wait "
-             "for their node"),
-            (self.pending_by_job[job_id], self.max_pending_per_job, f"streams into job {job_id} "
-             "wait for its node"),
-            (self.open_by_org[org_id] if org_id is not None else 0, self.max_per_org,
-             "streams of your org are open"),
-        )  # fmt: skip
-        for held, limit, what in bounds:
-            if held >= limit:
-                raise _too_many(
-                    f"{held} {what} on this server, the most allowed at once", 1, limit=limit
-                )
-        # No await between the checks and the counts: no other request can come between.
-        self.open_by_user[user_id] += 1
-        self.pending_by_user[user_id] += 1
-        self.pending_by_job[job_id] += 1
-        if org_id is not None:
-            self.open_by_org[org_id] += 1
-        ticket = Ticket(self, user_id, job_id)
+    def slot(self, side: Side) -> Iterator[None]:
+        """One of this process's streams (a user's side, or a node's side it carries), held
+        while it lives; TooManyRequests when the process holds `max_streams_per_process` of
+        that side already."""
+        held = self.held[side]
+        if held >= self.max_held:
+            raise _too_many(
+                f"this server process holds {held} {side} sides of streams, the most it may "
+                "hold at once (of every org together)",
+                1,
+                limit=self.max_held,
+            )
+        self.held[side] = held + 1
         try:
-            yield ticket
+            yield
         finally:
-            ticket.claimed()
-            self.open_by_user[user_id] -= 1
-            _prune(self.open_by_user, user_id)
-            if org_id is not None:
-                self.open_by_org[org_id] -= 1
-                _prune(self.open_by_org, org_id)
+            self.held[side] -= 1

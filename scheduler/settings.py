@@ -294,23 +294,32 @@ class Settings(BaseSettings):
         128,
         ge=1,
         description="Streams one user may hold open at once (waiting for the node or "
-        "relaying), per server process; one more is 429 with Retry-After.",
+        "relaying), counted over every server process; one more is 429 with Retry-After.",
     )
     max_streams_per_org: int = Field(
         512,
         ge=1,
-        description="Streams the users of one org may hold open at once, per server process.",
+        description="Streams the users of one org may hold open at once, over every server "
+        "process.",
     )
     max_pending_streams_per_user: int = Field(
         32,
         ge=1,
         description="Streams of one user waiting for their node's agent to open its side "
-        "(at most 15 s each), per server process.",
+        "(at most 15 s each), over every server process.",
     )
     max_pending_streams_per_job: int = Field(
         32,
         ge=1,
-        description="Streams into one job waiting for their node's agent, per server process.",
+        description="Streams into one job waiting for their node's agent, over every server "
+        "process.",
+    )
+    max_streams_per_process: int = Field(
+        2048,
+        ge=1,
+        description="Users' sides of streams one server process holds at once, of all orgs "
+        "together, and apart as many nodes' sides (each side up to two sockets and a 256 KiB "
+        "frame each way); one more is 429 with Retry-After.",
     )
     task_log_retention_s: float = Field(
         30 * 86_400.0,

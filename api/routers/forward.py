@@ -19,7 +19,6 @@ from fastapi import APIRouter, WebSocket
 
 from api.routers.jobs import JobRef
 from api.routers.streams import deny, open_user_stream, relay_to_agent
-from api.streamlimits import Ticket
 from scheduler.services import forwarding
 from scheduler.services.errors import DomainError, InvalidInput
 from scheduler.services.streams import PendingStream
@@ -34,18 +33,18 @@ async def forward(websocket: WebSocket, job_id: JobRef, port: int, rank: int = 0
     are the connection's bytes; `{"type": "eof"}` a half-close (protocol/tcpstream.py)."""
     with contextlib.ExitStack() as held:
         try:
-            stream, ticket = await _authorised(websocket, job_id, port, rank, held)
+            stream = await _authorised(websocket, job_id, port, rank, held)
         except DomainError as error:
             await deny(websocket, error)
             return
-        await relay_to_agent(websocket, stream, ticket=ticket)
+        await relay_to_agent(websocket, stream)
 
 
 async def _authorised(
     websocket: WebSocket, job_id: str, port: int, rank: int, held: contextlib.ExitStack
-) -> tuple[PendingStream, Ticket]:
+) -> PendingStream:
     """The stream to the task, once the caller may and the job has room (429 beyond 64
-    open), with its place in the stream limits held in `held` and the event recorded."""
+    open), with its place in this process held in `held` and the event recorded."""
     if not 0 < port < 65536:
         raise InvalidInput(f"port {port} is not a TCP port (1-65535)")
     return await open_user_stream(

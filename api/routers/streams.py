@@ -22,13 +22,14 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from api.relayhop import RELAY_PATH, carry, connect_holder
 from api.routers.jobs import JobRef, scope_of
-from api.streamlimits import StreamLimits, Ticket
+from api.streamlimits import StreamLimits
 from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
 from scheduler.db.types import utcnow
@@ -36,6 +37,7 @@ from scheduler.services import interactive
 from scheduler.services.errors import DomainError, Forbidden, NotFound, Unauthenticated
 from scheduler.services.interactive import AttachTarget
 from scheduler.services.runtime import SchedulerRuntime
+from scheduler.services.streamrows import StreamOwner
 from scheduler.services.streams import PendingStream, StreamHub, StreamKind
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0) -> None:
     (429 beyond). Frames: protocol/streams.py."""
     with contextlib.ExitStack() as held:
         try:
-            stream, ticket = await open_user_stream(
+            stream = await open_user_stream(
                 websocket,
                 held,
                 job_id,
@@ -113,7 +115,7 @@ async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0) -> None:
         except DomainError as error:
             await deny(websocket, error)
             return
-        await relay_to_agent(websocket, stream, ticket=ticket)
+        await relay_to_agent(websocket, stream)
 
 
 async def open_user_stream(
@@ -127,13 +129,16 @@ async def open_user_stream(
     record: Callable[..., None],
     kind: StreamKind,
     port: int | None = None,
-) -> tuple[PendingStream, Ticket]:
+) -> PendingStream:
     """The user's stream into `job_id`'s rank `rank` (attach or forward), once the caller may
-    (`find`: who may, as a DomainError) and there is room: its place in the stream limits held in
-    `held`, its event (`record`) committed with its row."""
+    (`find`: who may, as a DomainError) and there is room: its place in this process held in
+    `held`, its row opened under the per-user, per-org and per-job bounds, its event (`record`)
+    committed with its row."""
     principal, user_id = await user_principal(websocket, doing)
     limits: StreamLimits = websocket.app.state.stream_limits
     limits.charge(user_id=user_id, org_id=principal.org_id)
+    held.enter_context(limits.slot("user"))
+    owner = StreamOwner(user_id=user_id, org_id=principal.org_id)
     async with websocket.app.state.sessionmaker() as session:
         target = await find(
             session,
@@ -143,13 +148,10 @@ async def open_user_stream(
             scope_org_id=scope_of(principal),
             may_admin_org=principal.can_admin_org,
         )
-        ticket = held.enter_context(
-            limits.open(user_id=user_id, org_id=principal.org_id, job_id=target.job_id)
-        )
         record(session, target, actor=principal.actor)
-        stream = await open_stream(websocket, session, target, kind, port)
+        stream = await open_stream(websocket, session, target, kind, owner, port)
         await session.commit()
-    return stream, ticket
+    return stream
 
 
 async def open_stream(
@@ -157,11 +159,21 @@ async def open_stream(
     session: AsyncSession,
     target: AttachTarget,
     kind: StreamKind,
+    owner: StreamOwner,
     port: int | None = None,
 ) -> PendingStream:
     """The stream's row, in the caller's transaction, naming this process as its holder."""
     hub: StreamHub = websocket.app.state.streams
-    return await hub.open(session, target, kind, holder_url=relay_url(websocket), port=port)
+    limits: StreamLimits = websocket.app.state.stream_limits
+    return await hub.open(
+        session,
+        target,
+        kind,
+        owner=owner,
+        caps=limits.caps,
+        holder_url=relay_url(websocket),
+        port=port,
+    )
 
 
 def relay_url(websocket: WebSocket) -> str:
@@ -175,19 +187,19 @@ def relay_url(websocket: WebSocket) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-async def relay_to_agent(websocket: WebSocket, stream: PendingStream, *, ticket: Ticket) -> None:
+async def relay_to_agent(websocket: WebSocket, stream: PendingStream) -> None:
     """Ask the node's agent for its side of the committed stream, accept the user's, and
-    relay; the stream stops counting as pending (`ticket`) once the agent came or the wait
-    ended, and its row goes when it ends."""
+    relay; its row goes when it ends, when the agent does not come in time, or as soon as the
+    user leaves while it waits (their pending place is free again at once)."""
     hub: StreamHub = websocket.app.state.streams
     hub.publish(stream)
     try:
         runtime: SchedulerRuntime = websocket.app.state.runtime
         runtime.wake_nodes([stream.node_id])
         await websocket.accept()
+        early: list[Message] = []
         try:
-            agent = await asyncio.wait_for(asyncio.shield(stream.agent), AGENT_WAIT_S)
-            ticket.claimed()
+            agent = await _agent_unless_user_leaves(websocket, stream, early)
         except TimeoutError:
             await _fail(
                 websocket,
@@ -196,8 +208,10 @@ async def relay_to_agent(websocket: WebSocket, stream: PendingStream, *, ticket:
                 "FAIRGPU_SERVER_RELAY_URL, docs/OPERATIONS.md)",
             )
             return
+        if agent is None:
+            return  # the user left before the agent came
         try:
-            await _relay(websocket, agent, stream)
+            await _relay(websocket, agent, stream, early)
         finally:
             stream.done.set()
     finally:
@@ -209,26 +223,72 @@ async def relay_to_agent(websocket: WebSocket, stream: PendingStream, *, ticket:
         await hub.end(stream)
 
 
+MAX_EARLY_FRAMES = 64
+MAX_EARLY_BYTES = 64 * 1024
+"""What the user may send before the agent's side comes (a resize, early keystrokes) that is
+kept for it; beyond, the user's side is not read until the agent comes."""
+
+
+async def _agent_unless_user_leaves(
+    websocket: WebSocket, stream: PendingStream, early: list[Message]
+) -> WebSocket | None:
+    """The agent's side once it comes (TimeoutError after AGENT_WAIT_S), or None as soon as the
+    user's side disconnects. The user's frames read meanwhile are kept in `early`."""
+
+    async def listen() -> bool:
+        """True when the user left; False when `early` is full (reading stops)."""
+        size = 0
+        while len(early) < MAX_EARLY_FRAMES and size < MAX_EARLY_BYTES:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return True
+            early.append(message)
+            size += len(message.get("bytes") or b"") + len(message.get("text") or "")
+        return False
+
+    agent = asyncio.ensure_future(asyncio.shield(stream.agent))
+    listener = asyncio.create_task(listen())
+    waiting: set[asyncio.Future[Any]] = {agent, listener}
+    try:
+        async with asyncio.timeout(AGENT_WAIT_S):
+            while agent in waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if listener in done and listener.result():
+                    return None
+        result: WebSocket = agent.result()
+        return result
+    finally:
+        for task in (listener, agent):
+            task.cancel()
+        await asyncio.gather(listener, agent, return_exceptions=True)
+
+
 @router.websocket("/v1/agent/streams/{stream_id}")
 async def agent_stream(websocket: WebSocket, stream_id: str) -> None:
     """The agent's side of a stream the heartbeat reply asked it to open; only the node the
     stream is for may open it, once (404 otherwise, also for a user token). A stream whose
-    user's side another server process holds is relayed there (api/relayhop.py)."""
-    try:
-        principal = await _principal(websocket)
-        hub: StreamHub = websocket.app.state.streams
-        node_id = principal.node_id if principal.kind == "agent" else None
-        claim = await hub.claim(stream_id, node_id) if node_id is not None else None
-        if claim is None:
-            raise NotFound("no such stream for this node")
-        holder = await connect_holder(claim) if claim.holder_id != hub.holder_id else None
-    except DomainError as error:
-        await deny(websocket, error)
-        return
-    if holder is not None:
-        await carry(websocket, holder)
-    else:
-        await _hand_over(websocket, claim.local)
+    user's side another server process holds is relayed there (api/relayhop.py). It takes one
+    of this process's stream places (429 before the claim when none is left)."""
+    limits: StreamLimits = websocket.app.state.stream_limits
+    with contextlib.ExitStack() as held:
+        try:
+            principal = await _principal(websocket)
+            hub: StreamHub = websocket.app.state.streams
+            node_id = principal.node_id if principal.kind == "agent" else None
+            if node_id is None:
+                raise NotFound("no such stream for this node")
+            held.enter_context(limits.slot("node"))
+            claim = await hub.claim(stream_id, node_id)
+            if claim is None:
+                raise NotFound("no such stream for this node")
+            holder = await connect_holder(claim) if claim.holder_id != hub.holder_id else None
+        except DomainError as error:
+            await deny(websocket, error)
+            return
+        if holder is not None:
+            await carry(websocket, holder)
+        else:
+            await _hand_over(websocket, claim.local)
 
 
 @router.websocket(RELAY_PATH)
@@ -256,8 +316,11 @@ async def _hand_over(websocket: WebSocket, stream: PendingStream | None) -> None
     await stream.done.wait()
 
 
-async def _relay(user: WebSocket, agent: WebSocket, stream: PendingStream) -> None:
-    """Frame by frame both ways until either side ends; one frame in flight per direction."""
+async def _relay(
+    user: WebSocket, agent: WebSocket, stream: PendingStream, early: list[Message]
+) -> None:
+    """Frame by frame both ways until either side ends, what the user sent before the agent
+    came (`early`) first; one frame in flight per direction."""
     exited = asyncio.Event()
     user_left = asyncio.Event()
 
@@ -276,16 +339,21 @@ async def _relay(user: WebSocket, agent: WebSocket, stream: PendingStream) -> No
                 await user.send_text(text)
 
     async def user_to_agent() -> None:
+        for message in early:
+            await to_agent(message)
         while True:
             message = await user.receive()
             if message["type"] == "websocket.disconnect":
                 user_left.set()  # a detach: the session goes on
                 return
-            if (data := message.get("bytes")) is not None:
-                meter.to_job(len(data))
-                await agent.send_bytes(data)
-            elif (text := message.get("text")) is not None:
-                await agent.send_text(text)
+            await to_agent(message)
+
+    async def to_agent(message: Message) -> None:
+        if (data := message.get("bytes")) is not None:
+            meter.to_job(len(data))
+            await agent.send_bytes(data)
+        elif (text := message.get("text")) is not None:
+            await agent.send_text(text)
 
     meter = StreamMeter(stream.kind, stream.requested_at)
     pumps = {asyncio.create_task(agent_to_user()), asyncio.create_task(user_to_agent())}

@@ -3,7 +3,7 @@
 The row names the server process holding the user's side (its relay URL and a random id of
 that process), so that whichever replica the node's agent reaches can hand the agent's side over
 (docs/INTERACTIVE.md, "Several server replicas"). It also makes the per-job caps hold across
-replicas: they count rows, not what one process holds.
+replicas, and so do the per-user and per-org ones: they count rows, not what one process holds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ class Stream(Base):
     task_id: Mapped[int] = mapped_column(BigId, ForeignKey("tasks.id", ondelete="CASCADE"))
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
     rank: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    """Who opened it (None on rows older than the column); no foreign key: a row lives for
+    seconds to hours and is swept with its holder, and it must never hold a user's deletion."""
+    org_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    """The org it counts against: its user's (None for a platform admin's)."""
     kind: Mapped[str] = mapped_column(String(16))  # "attach" | "port"
     port: Mapped[int | None] = mapped_column(Integer)
     holder_id: Mapped[str] = mapped_column(String(64), index=True)

@@ -1,5 +1,6 @@
-"""Stream rows (scheduler/db/streams.py): opened under the per-job caps, claimed once by their
-node, kept alive by their holder, deleted at their end, swept when their holder is gone.
+"""Stream rows (scheduler/db/streams.py): opened under the per-job, per-user and per-org caps,
+claimed once by their node, kept alive by their holder, deleted at their end, swept when their
+holder is gone.
 
 Services take a session and never commit (the caller owns the transaction).
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import Job, Stream
@@ -46,6 +47,48 @@ class Claimed:
     kind: str
 
 
+@dataclass(frozen=True, slots=True)
+class StreamCaps:
+    """The per-tenant bounds on streams, whichever server processes hold them
+    (scheduler/settings.py: `max_streams_per_user`, ...)."""
+
+    open_per_user: int = 128
+    open_per_org: int = 512
+    pending_per_user: int = 32
+    pending_per_job: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOwner:
+    """Who a stream counts against: its user, and their org (None for a platform admin)."""
+
+    user_id: int
+    org_id: int | None
+
+
+# pg_advisory_xact_lock(class, id): openings of one user, and of one org, queue behind each
+# other across processes. The two-key form's space is apart from the one-key locks of the
+# scheduler lease and the migrations.
+USER_LOCK_CLASS = 0x66670001
+ORG_LOCK_CLASS = 0x66670002
+
+
+async def _queue_behind(session: AsyncSession, target: AttachTarget, owner: StreamOwner) -> None:
+    """Openings that one count could see pass each other wait here instead, always in the
+    order job, user, org (no cycle between two openings). On SQLite the insert takes the
+    database's one write lock before the counts, which serialises them alike."""
+    await session.execute(select(Job.id).where(Job.id == target.job_id).with_for_update())
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    locks = [(USER_LOCK_CLASS, owner.user_id)]
+    if owner.org_id is not None:
+        locks.append((ORG_LOCK_CLASS, owner.org_id))
+    for lock_class, key in locks:
+        await session.execute(
+            select(func.pg_advisory_xact_lock(lock_class, key)),
+        )
+
+
 async def open_row(
     session: AsyncSession,
     *,
@@ -53,15 +96,16 @@ async def open_row(
     target: AttachTarget,
     kind: StreamKind,
     port: int | None,
+    owner: StreamOwner,
+    caps: StreamCaps,
     holder_id: str,
     holder_url: str,
     now: datetime,
     ttl_s: float,
 ) -> None:
-    """A new pending stream, unless its job has `MAX_OPEN[kind]` open already (429)."""
-    # Openings of one job queue behind each other: on PostgreSQL the job's row is locked; on
-    # SQLite the insert takes the database's one write lock before the count below.
-    await session.execute(select(Job.id).where(Job.id == target.job_id).with_for_update())
+    """A new pending stream, unless a bound is reached already (429): its job's
+    `MAX_OPEN[kind]`, or one of `caps`. Every live row counts, whichever process holds it."""
+    await _queue_behind(session, target, owner)
     session.add(
         Stream(
             id=stream_id,
@@ -71,6 +115,8 @@ async def open_row(
             rank=target.rank,
             kind=kind,
             port=port,
+            user_id=owner.user_id,
+            org_id=owner.org_id,
             holder_id=holder_id,
             holder_url=holder_url,
             created_at=now,
@@ -79,21 +125,44 @@ async def open_row(
         )
     )
     await session.flush()
-    open_now = await session.scalar(
-        select(func.count())
-        .select_from(Stream)
-        .where(
-            Stream.job_id == target.job_id,
-            Stream.kind == kind,
-            Stream.alive_at >= now - timedelta(seconds=STALE_AFTER_S),
+    pending = and_(Stream.claimed_at.is_(None), Stream.expires_at >= now)
+    mine = Stream.user_id == owner.user_id
+    ours = Stream.org_id == owner.org_id if owner.org_id is not None else false()
+    its = Stream.job_id == target.job_id
+    counts = (
+        await session.execute(
+            select(
+                func.count().filter(its, Stream.kind == kind),
+                func.count().filter(mine),
+                func.count().filter(mine, pending),
+                func.count().filter(its, pending),
+                func.count().filter(ours),
+            ).where(
+                Stream.alive_at >= now - timedelta(seconds=STALE_AFTER_S),
+                or_(mine, ours, its),
+            )
         )
-    )
+    ).one()
+    job_open, user_open, user_pending, job_pending, org_open = (int(n or 0) for n in counts)
     limit = MAX_OPEN[kind]
-    if (open_now or 0) > limit:
+    if job_open > limit:
         what = "forwarded connections" if kind == "port" else "terminal clients"
         raise TooManyRequests(
             f"job {target.job_id} has {limit} {what} open already; close some first"
         )
+    bounds = (
+        (user_open, caps.open_per_user, "streams of yours are open"),
+        (user_pending, caps.pending_per_user, "streams of yours wait for their node"),
+        (job_pending, caps.pending_per_job, f"streams into job {target.job_id} wait for its node"),
+        (org_open, caps.open_per_org, "streams of your org are open"),
+    )
+    for held, cap, what in bounds:
+        if held > cap:
+            raise TooManyRequests(
+                f"{held - 1} {what}, the most allowed at once; retry after 1 s",
+                limit=cap,
+                retry_after_s=1,
+            )
 
 
 async def claim_row(

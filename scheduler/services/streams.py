@@ -30,7 +30,13 @@ from scheduler.db.engine import run_to_end
 from scheduler.db.types import utcnow
 from scheduler.services import streamrows
 from scheduler.services.interactive import AttachTarget
-from scheduler.services.streamrows import ALIVE_REFRESH_S, Claimed, StreamKind
+from scheduler.services.streamrows import (
+    ALIVE_REFRESH_S,
+    Claimed,
+    StreamCaps,
+    StreamKind,
+    StreamOwner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +124,13 @@ class StreamHub:
         target: AttachTarget,
         kind: StreamKind,
         *,
+        owner: StreamOwner,
+        caps: StreamCaps,
         holder_url: str,
         port: int | None = None,
     ) -> PendingStream:
-        """A new stream's row, in the caller's transaction (429 beyond the job's cap); once
-        committed, `publish` it."""
+        """A new stream's row, in the caller's transaction (429 past the job's cap or one of
+        `caps`, counted over every process); once committed, `publish` it."""
         stream = PendingStream(
             id=secrets.token_urlsafe(24),
             job_id=target.job_id,
@@ -138,6 +146,8 @@ class StreamHub:
             target=target,
             kind=kind,
             port=port,
+            owner=owner,
+            caps=caps,
             holder_id=self.holder_id,
             holder_url=holder_url,
             now=utcnow(),

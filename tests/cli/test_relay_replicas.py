@@ -3,7 +3,8 @@ database, the node's agent heartbeating to B while the CLI attaches through A, s
 stream's agent side reaches a process that does not hold its user side and is relayed there
 (api/relayhop.py). Also the walls: the relay route takes only the claiming replica's secret,
 a node claims only its own streams, once; the per-job caps count every replica's streams; and
-a holder that is gone ends the agent's stream cleanly and the CLI with one line."""
+a holder that is gone ends the agent's stream cleanly and the CLI with one line; the per-user
+and per-org stream bounds count every replica's streams."""
 
 from __future__ import annotations
 
@@ -187,6 +188,40 @@ def test_the_caps_count_every_replicas_streams(
         assert _stream_rows(database_url) == 8
         assert _refused(a, attach, owner) == 429  # 8 clients per terminal, four through each
         assert _refused(b, attach, owner) == 429
+
+
+def test_the_per_user_and_per_org_bounds_count_every_replicas_streams(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two replicas, each allowing a user 2 open streams and an org 3: a user spread over both
+    still holds 2, and the org 3, not twice as many; one that leaves frees its place on the
+    other replica."""
+    token = seed_admin(database_url)
+    bounds = {"max_streams_per_user": 2, "max_streams_per_org": 3}
+    settings = _settings(database_url).model_copy(update=bounds)
+    with (
+        serve_app(create_app(settings)) as url_a,
+        serve_app(create_app(settings)) as url_b,
+    ):
+        a = Served(url=url_a, admin_token=token, config_dir=tmp_path / "a")
+        b = Served(url=url_b, admin_token=token, config_dir=tmp_path / "b")
+        owner = _owner(a)
+        made = a.ok(
+            "user", "create", "bea", "--org", "acme", "--role", "org-admin", "--token", "-o", "json"
+        )  # an org-admin may attach to ada's job
+        colleague = str(json.loads(made)["token"])
+        node = FakeAgent(b, "n1")
+        attach = f"/v1/jobs/{_running_interactive_job(a, owner, node)['job_id']}/attach"
+        with contextlib.ExitStack() as users:
+            first = users.enter_context(_ws(a, attach, owner))
+            users.enter_context(_ws(b, attach, owner))
+            assert _refused(a, attach, owner) == 429  # yours: one here, one there
+            assert _refused(b, attach, owner) == 429
+            users.enter_context(_ws(b, attach, colleague))
+            assert _refused(a, attach, colleague) == 429  # the org's 3, over both
+            first.close()
+            wait_for(lambda: _stream_rows(database_url) == 2)
+            users.enter_context(_ws(b, attach, owner))
 
 
 def test_a_holder_that_is_gone_refuses_the_agent_with_502(

@@ -339,3 +339,61 @@ def test_a_streams_bad_path_or_query_is_a_422_problem(limited: Pool) -> None:
         status, body, _ = _refusal(url, path, token)
         assert status == 404, (path, body)
         assert f"job 0_{job} not found" in body["detail"]
+
+
+@pytest.mark.parametrize("limited", [{"max_streams_per_process": 2}], indirect=True)
+def test_a_process_holds_a_bounded_number_of_streams_of_all_orgs(limited: Pool) -> None:
+    """Each org within its own bounds, their sum still stops at the process's; the node's
+    sides of the streams it holds are bounded apart, so they still come."""
+    url = limited.served.url
+    with limited.attach("ada", "ada") as ada, limited.attach("eve", "eve"):
+        status, body, headers = _refusal(
+            url, f"/v1/jobs/{limited.jobs['ada']}/attach", limited.tokens["bob"]
+        )
+        assert status == 429
+        assert "of every org together" in body["detail"]
+        assert body["limit"] == 2
+        assert headers["retry-after"] == "1"
+        (stream,) = limited.streams_of("ada")
+        with _ws(url, f"/v1/agent/streams/{stream['id']}", limited.node.credential) as agent:
+            ada.send(b"typed")
+            assert agent.recv(timeout=10) == b"typed"
+
+    def admitted() -> bool:  # the places are free again once the server has seen them leave
+        try:
+            with limited.attach("eve", "eve"):
+                return True
+        except InvalidStatus as refused:
+            if refused.response.status_code != 429:
+                raise
+            return False
+
+    wait_for(admitted)
+
+
+@pytest.mark.parametrize("limited", [{"max_pending_streams_per_user": 1}], indirect=True)
+def test_a_user_who_leaves_while_waiting_frees_their_place_at_once(
+    limited: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node never comes, and the server would wait an hour for it: the user's second
+    attach gets the one waiting place only because the first one's leaving gave it back. What a
+    user sends before the node's side comes (a resize, keystrokes) reaches it."""
+    monkeypatch.setattr("api.routers.streams.AGENT_WAIT_S", 3600.0)  # the server's thread
+    with limited.attach("ada", "ada") as first:
+        first.send(json.dumps({"type": "resize", "rows": 5, "cols": 7}))
+
+    def admitted() -> bool:
+        try:
+            with limited.attach("ada", "ada") as second:
+                second.send(b"early")
+                (stream,) = limited.streams_of("ada")
+                agent_path = f"/v1/agent/streams/{stream['id']}"
+                with _ws(limited.served.url, agent_path, limited.node.credential) as agent:
+                    assert agent.recv(timeout=10) == b"early"
+        except InvalidStatus as refused:
+            if refused.response.status_code != 429:
+                raise
+            return False
+        return True
+
+    wait_for(admitted)

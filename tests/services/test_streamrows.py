@@ -1,21 +1,30 @@
-"""Stream rows on both databases: the per-job caps count every holder's live rows, a stream is
+"""Stream rows on both databases: the per-job, per-user and per-org caps count every holder's
+live rows (and openings racing each other queue rather than pass a cap together), a stream is
 claimed once and only by its node before it expires, the relay secret is stored hashed and
 checked, and rows of a holder gone quiet stop counting and are swept."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from scheduler.db import Stream
+from scheduler.db.engine import make_sessionmaker
 from scheduler.db.types import utcnow
 from scheduler.services import streamrows
 from scheduler.services.errors import TooManyRequests
 from scheduler.services.interactive import AttachTarget
-from scheduler.services.streamrows import MAX_OPEN, STALE_AFTER_S, StreamKind
+from scheduler.services.streamrows import (
+    MAX_OPEN,
+    STALE_AFTER_S,
+    StreamCaps,
+    StreamKind,
+    StreamOwner,
+)
 from tests import factories as f
 
 
@@ -28,6 +37,10 @@ async def _target(session: AsyncSession) -> AttachTarget:
     return AttachTarget(job_id=j.id, org_id=o.id, task_id=t.id, node_id=n.id, rank=0)
 
 
+OWNER = StreamOwner(user_id=1, org_id=1)
+CAPS = StreamCaps()
+
+
 async def _open(
     session: AsyncSession,
     target: AttachTarget,
@@ -35,6 +48,8 @@ async def _open(
     kind: StreamKind = "attach",
     holder: str = "holder-a",
     ttl_s: float = 15.0,
+    owner: StreamOwner = OWNER,
+    caps: StreamCaps = CAPS,
 ) -> None:
     await streamrows.open_row(
         session,
@@ -42,6 +57,8 @@ async def _open(
         target=target,
         kind=kind,
         port=8888 if kind == "port" else None,
+        owner=owner,
+        caps=caps,
         holder_id=holder,
         holder_url="http://127.0.0.1:1",
         now=utcnow(),
@@ -118,3 +135,87 @@ async def test_a_stream_is_claimed_once_only_by_its_node_before_it_expires(
     assert not await ok("the-secret", holder="holder-b")  # not a stream that holder holds
     assert not await ok("the-secreT")
     assert not await ok("")
+
+
+async def test_the_per_user_and_per_org_caps_count_every_holders_rows(
+    session: AsyncSession,
+) -> None:
+    caps = StreamCaps(open_per_user=2, open_per_org=3, pending_per_user=9, pending_per_job=9)
+    ada, bob, eve = StreamOwner(1, 1), StreamOwner(2, 1), StreamOwner(3, 2)
+    admin = StreamOwner(4, None)  # a platform admin counts as a user, against no org
+    target = await _target(session)
+    await _open(session, target, "ada-0-xxxxxxxxxxxxxxx", "port", "holder-a", owner=ada, caps=caps)
+    await _open(session, target, "ada-1-xxxxxxxxxxxxxxx", "port", "holder-b", owner=ada, caps=caps)
+    await session.commit()
+    with pytest.raises(TooManyRequests, match="2 streams of yours are open") as refused:
+        await _open(session, target, "ada-2-xxxxxxxxxxxxxxx", "port", owner=ada, caps=caps)
+    assert refused.value.extra == {"limit": 2, "retry_after_s": 1}
+    await session.rollback()
+    await _open(session, target, "bob-0-xxxxxxxxxxxxxxx", "port", owner=bob, caps=caps)
+    await session.commit()
+    with pytest.raises(TooManyRequests, match="3 streams of your org are open"):
+        await _open(session, target, "bob-1-xxxxxxxxxxxxxxx", "port", owner=bob, caps=caps)
+    await session.rollback()
+    # Another org's user, and a platform admin, have room of their own.
+    await _open(session, target, "eve-0-xxxxxxxxxxxxxxx", "port", owner=eve, caps=caps)
+    for i in range(2):
+        await _open(session, target, f"admin-{i}-xxxxxxxxxxxxx", "port", owner=admin, caps=caps)
+    await session.commit()
+    # A row of a holder gone quiet no longer counts: ada has room again.
+    gone = await session.get(Stream, "ada-0-xxxxxxxxxxxxxxx")
+    assert gone is not None
+    gone.alive_at = utcnow() - timedelta(seconds=STALE_AFTER_S + 1)
+    await session.commit()
+    await _open(session, target, "ada-3-xxxxxxxxxxxxxxx", "port", owner=ada, caps=caps)
+    await session.commit()
+
+
+async def test_the_pending_caps_count_streams_not_yet_claimed(session: AsyncSession) -> None:
+    caps = StreamCaps(pending_per_user=2, pending_per_job=3)
+    ada, bob = StreamOwner(1, 1), StreamOwner(2, 1)
+    target = await _target(session)
+    for i in range(2):
+        await _open(session, target, f"ada-{i}-xxxxxxxxxxxxxxx", owner=ada, caps=caps)
+    await session.commit()
+    with pytest.raises(TooManyRequests, match="2 streams of yours wait for their node"):
+        await _open(session, target, "ada-2-xxxxxxxxxxxxxxx", owner=ada, caps=caps)
+    await session.rollback()
+    await _open(session, target, "bob-0-xxxxxxxxxxxxxxx", owner=bob, caps=caps)
+    await session.commit()
+    with pytest.raises(TooManyRequests, match=f"3 streams into job {target.job_id} wait"):
+        await _open(session, target, "bob-1-xxxxxxxxxxxxxxx", owner=bob, caps=caps)
+    await session.rollback()
+    # Claimed by the node, or expired: no longer waiting.
+    claimed = await streamrows.claim_row(
+        session, stream_id="ada-0-xxxxxxxxxxxxxxx", node_id=target.node_id,
+        relay_secret="s" * 43, now=utcnow(),
+    )  # fmt: skip
+    assert claimed is not None
+    expired = await session.get(Stream, "ada-1-xxxxxxxxxxxxxxx")
+    assert expired is not None
+    expired.expires_at = utcnow() - timedelta(seconds=1)
+    await session.commit()
+    for i in (2, 3):
+        await _open(session, target, f"ada-{i}-xxxxxxxxxxxxxxx", owner=ada, caps=caps)
+    await session.commit()
+
+
+async def test_openings_racing_for_a_users_last_place_pass_one_at_a_time(
+    engine: AsyncEngine, session: AsyncSession
+) -> None:
+    """Two processes' openings of one user, each in its own transaction, on two jobs (no job
+    row shared): the second waits for the first to commit, then sees its row and is refused.
+    Without the wait each would count only itself and both would pass a cap of 1."""
+    caps = StreamCaps(open_per_user=1)
+    first_job, second_job = await _target(session), await _target(session)
+    await session.commit()
+    sessions = make_sessionmaker(engine)
+    async with sessions() as first, sessions() as second:
+        await _open(first, first_job, "first-xxxxxxxxxxxxxxx", owner=OWNER, caps=caps)
+        racing = asyncio.create_task(
+            _open(second, second_job, "second-xxxxxxxxxxxxxx", owner=OWNER, caps=caps)
+        )
+        await asyncio.wait({racing}, timeout=0.5)  # time to run ahead, were it not queued
+        await first.commit()
+        with pytest.raises(TooManyRequests, match="1 streams of yours are open"):
+            await racing
