@@ -20,22 +20,24 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agents import disk
+from agents import disk, idle
 from agents.client import AgentClient, AuthError, ServerUnavailable
 from agents.gpu import GpuBackend
+from agents.idle import IdleWatch
 from agents.isolation import Confinement, IsolationConfig
 from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.netns import open_namespaces
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir
-from agents.streams import Streams
+from agents.streams import Streams, notify_terminal
 from protocol.agent import (
     AGENT_CAPABILITIES,
     MAX_TASKS_PER_HEARTBEAT,
     MAX_WAIT_S,
     NETNS_CAPABILITY,
     AgentRegister,
+    GpuSample,
     Heartbeat,
     HeartbeatReply,
 )
@@ -102,7 +104,8 @@ class Agent:
         self.runner = Runner(self.state, config.runner, confinement(config, backend, self.state))
         self.logs = LogShipper(self.state, max_bytes=config.runner.log_max_bytes)
         self.metrics = metrics
-        self.streams = Streams(config.server, client.tls)
+        self.idle = IdleWatch()
+        self.streams = Streams(config.server, client.tls, on_input=self.idle.touch)
         self.dcgm = (
             DcgmJobMapping(config.dcgm_mapping_dir, [g.index for g in backend.devices()])
             if config.dcgm_mapping_dir
@@ -230,11 +233,44 @@ class Agent:
             try:
                 if self.runner.poll():
                     self._changed.set()
+                await self._enforce_idle()
                 self.logs.enforce_cap(list(self.runner.records.values()))
                 self.runner.prune(older_than_s=self.config.keep_ended_tasks_s)
             except Exception:
                 log.exception("checking tasks failed; trying again")  # e.g. a full disk
             await _sleep_or(stop, self.config.poll_interval_s)
+
+    async def _enforce_idle(self) -> None:
+        """Warn, then end, the interactive tasks nobody uses (agents/idle.py); the GPUs are
+        looked at once more before either."""
+        if not self.idle.due(self.runner.running()):
+            return
+        await self._sample()
+        for record, action in self.idle.due(self.runner.running()):
+            timeout_s = record.spec.idle_timeout_s
+            terminal = self.runner.terminal(record.task_id)
+            if timeout_s is None or terminal is None:
+                continue
+            if action == "warn":
+                self.idle.warned(record.task_id)
+                await notify_terminal(terminal, idle.warning_text(timeout_s))
+                continue
+            log.info("task %d: idle for %g s, ending it", record.task_id, timeout_s)
+            await notify_terminal(terminal, idle.ending_text(timeout_s))
+            if self.runner.stop(
+                record.task_id,
+                grace_s=self.config.runner.time_limit_grace_s,
+                reason=idle.STOP_REASON,
+            ):
+                self._changed.set()
+
+    async def _sample(self) -> list[GpuSample]:
+        """Every GPU now; a task whose GPUs are busy counts as used (agents/idle.py)."""
+        samples = await asyncio.to_thread(
+            self.backend.sample, self.runner.busy_gpus(), self.runner.driven_utilization()
+        )
+        self.idle.observe(samples, self.runner.running())
+        return samples
 
     async def _watch_disk(self, stop: asyncio.Event) -> None:
         """Measure the tasks' disk use in a thread (a task of a million files takes a while to
@@ -259,7 +295,7 @@ class Agent:
         assert self.credential is not None
         self._changed.clear()
         self.runner.poll()
-        samples = await asyncio.to_thread(self.backend.sample, self.runner.busy_gpus())
+        samples = await self._sample()
         allocated = allocations(self.runner.records)
         if self.metrics is not None:
             self.metrics.update(samples, allocated)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agents.netns import NetnsError, entry, run_in_netns, thread_net_dir
@@ -23,9 +24,14 @@ if TYPE_CHECKING:
 
 
 async def forward_port(
-    websocket: ClientConnection, port: int | None, task: TaskProcesses | None, task_id: int
+    websocket: ClientConnection,
+    port: int | None,
+    task: TaskProcesses | None,
+    task_id: int,
+    on_input: Callable[[], None] | None = None,
 ) -> None:
-    """Connect the stream to `port` of the task, or tell the user why not."""
+    """Connect the stream to `port` of the task, or tell the user why not (`on_input`: the
+    client sent bytes, agents/idle.py)."""
     if port is None:
         await _refuse(websocket, "a port stream needs a port")
         return
@@ -39,7 +45,7 @@ async def forward_port(
         await _refuse(websocket, str(refused))
         return
     reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_FRAME_BYTES)
-    await splice(websocket, reader, writer)
+    await splice(websocket, reader, writer, on_input)
 
 
 def _connect(task: TaskProcesses, port: int, pids: set[int]) -> socket.socket:

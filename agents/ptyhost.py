@@ -12,6 +12,8 @@ is missed) or after ATTACH_WAIT_S without one, and then:
   same output and send input, window sizes and signals in frames (`FRAME_*` below);
 - reads no more output while a connected client has `BACKLOG_BYTES` unsent, and takes no more
   input while the terminal has that much unwritten: back-pressure both ways, bounded memory;
+- shows a notice the agent sends (the idle timeout's warning, agents/idle.py) to every client
+  and in the log, as output of the terminal's own but not on the command's input;
 - forwards SIGTERM and SIGHUP (a stop, a time limit) to the session, whose leader it is not;
 - when the command exits, sends the rest of the output and its exit status (a signal as 128+N,
   as a shell reports it) to every client, and exits with that status.
@@ -35,6 +37,7 @@ import time
 
 FRAME_DATA, FRAME_RESIZE, FRAME_SIGNAL, FRAME_EXIT = b"D", b"R", b"S", b"X"
 FRAME_REFUSED = b"E"  # the host refuses this client (the payload says why), then closes
+FRAME_NOTICE = b"N"  # the agent's line for every client and the log, not the command's input
 HEADER = struct.Struct(">cI")  # frame type, payload length
 MAX_PAYLOAD = 1024 * 1024
 READ_BYTES = 128 * 1024
@@ -146,6 +149,9 @@ class Host:
             self.control(kind, payload)
 
     def control(self, kind: bytes, payload: bytes) -> None:
+        if kind == FRAME_NOTICE:
+            self.notice(payload)
+            return
         self.heard = True
         if kind == FRAME_DATA:
             self.to_terminal += payload
@@ -157,6 +163,12 @@ class Host:
         elif kind == FRAME_SIGNAL:
             with contextlib.suppress(OSError, ValueError):
                 os.killpg(os.tcgetpgrp(self.master), signal.Signals(int(payload)))
+
+    def notice(self, text: bytes) -> None:
+        _write_all(1, text)
+        message = frame(FRAME_DATA, text)
+        for client in self.clients.values():
+            client.outbox += message
 
     def send(self, client: Client) -> None:
         try:

@@ -17,8 +17,10 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
+import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from agents import disk, logcap, ptyhost
+from agents import disk, idle, logcap, ptyhost
 from agents.container import Runtime, container_launch
 from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
@@ -56,6 +58,8 @@ _PTYHOST = str(Path(ptyhost.__file__).resolve())
 # Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
 # HOME is the task's own directory; USER and LOGNAME would name the agent's user.
 _INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+SIMULATED_UTILIZATION_FILE = ".fairgpu-simulated-utilization"
+"""In a task's home: the utilisation (0 to 1) its simulated GPUs show, as the task says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +285,22 @@ class Runner:
                 for gpu in r.spec.gpus:
                     busy.setdefault(gpu, []).append(r.pid)
         return busy
+
+    def driven_utilization(self) -> dict[int, float]:
+        """GPU index -> the utilisation its task says it has, for the simulated backend: the
+        ratio in SIMULATED_UTILIZATION_FILE of the task's home, for that task's GPUs only (a
+        task drives no other task's figures). A terminal that says nothing is idle (a shell
+        computes nothing); a batch task that says nothing is busy, as simulated GPUs are."""
+        driven: dict[int, float] = {}
+        for record in self.running():
+            ratio = _read_ratio(
+                self.confinement.task_dir(record.task_id) / SIMULATED_UTILIZATION_FILE
+            )
+            if ratio is None and not record.spec.pty:
+                continue
+            for gpu in record.spec.gpus:
+                driven[gpu] = ratio or 0.0
+        return driven
 
     def terminal(self, task_id: int) -> Path | None:
         """The directory of the running task's terminal socket (ptyhost.SOCKET_NAME), if it
@@ -513,6 +533,8 @@ class Runner:
         state: TaskState
         if record.stop_reason == "time limit":
             state, reason = "timeout", f"time limit of {record.spec.time_limit_s:g} s reached"
+        elif record.stop_reason == idle.STOP_REASON and record.spec.idle_timeout_s is not None:
+            state, reason = "timeout", idle.ended_reason(record.spec.idle_timeout_s)
         elif self.confinement.oom_killed(record.task_id):
             state, reason = "exited", "out of memory"
         elif record.stop_reason is not None:
@@ -563,6 +585,28 @@ def _warning_signal(record: TaskRecord) -> signal.Signals | None:
     except KeyError:
         log.warning("task %d: no signal %s here", record.task_id, record.spec.signal.name)
         return None
+
+
+def _read_ratio(path: Path) -> float | None:
+    """A number from 0 to 1 in a small regular file the task owns, or None. Not through a
+    link, nor from a FIFO or a device the task put there (the agent may be root)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 64).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        ratio = float(text)
+    except ValueError:
+        return None
+    return min(1.0, max(0.0, ratio)) if math.isfinite(ratio) else None
 
 
 def _is_copier(process: psutil.Process) -> bool:

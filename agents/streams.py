@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,11 +52,18 @@ def stream_url(server: str, stream_id: str) -> str:
 
 
 class Streams:
-    """The agent's open streams; each id is opened once."""
+    """The agent's open streams; each id is opened once. `on_input(task_id)` hears of every
+    byte (and signal) a client sends into a task: the idle timeout's clock (agents/idle.py)."""
 
-    def __init__(self, server: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        tls: ssl.SSLContext | None = None,
+        on_input: Callable[[int], None] | None = None,
+    ) -> None:
         self.server = server
         self.tls = tls
+        self.on_input = on_input
         self._seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -92,6 +100,13 @@ class Streams:
         from websockets.asyncio.client import connect  # only an agent that relays needs it
 
         url = stream_url(self.server, request.id)
+        on_input = self.on_input
+        task_id = request.task_id
+
+        def used() -> None:
+            if on_input is not None:
+                on_input(task_id)
+
         try:
             async with connect(
                 url,
@@ -102,7 +117,7 @@ class Streams:
                 ssl=self.tls if url.startswith("wss:") else None,
             ) as websocket:
                 if request.kind == "port":
-                    await forward_port(websocket, request.port, processes, request.task_id)
+                    await forward_port(websocket, request.port, processes, task_id, used)
                     return
                 if terminal is None:
                     await _refuse(websocket, f"task {request.task_id} has no terminal here")
@@ -113,7 +128,7 @@ class Streams:
                     await _refuse(websocket, f"the task's terminal is gone ({exc.strerror})")
                     return
                 try:
-                    await _relay(websocket, reader, writer)
+                    await _relay(websocket, reader, writer, used)
                 finally:
                     writer.close()
                     with contextlib.suppress(OSError):
@@ -144,12 +159,35 @@ async def _refuse(websocket: ClientConnection, message: str) -> None:
     await websocket.send(control_text(Error(type="error", message=message)))
 
 
+async def notify_terminal(directory: Path, text: str) -> bool:
+    """Show `text` on every client of the task's terminal and in its log (not as the command's
+    input); False when the terminal could not be reached."""
+    try:
+        _reader, writer = await _connect_terminal(directory)
+    except OSError:
+        return False
+    try:
+        writer.write(ptyhost.frame(ptyhost.FRAME_NOTICE, text.encode()))
+        await writer.drain()
+        return True
+    except OSError:
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 async def _relay(
-    websocket: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    websocket: ClientConnection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    used: Callable[[], None],
 ) -> None:
     async def to_terminal() -> None:
         async for message in websocket:
             if isinstance(message, bytes):
+                used()
                 writer.write(ptyhost.frame(ptyhost.FRAME_DATA, message))
             else:
                 control = parse_control(message)
@@ -157,6 +195,7 @@ async def _relay(
                     size = struct.pack(">HH", min(control.rows, 65535), min(control.cols, 65535))
                     writer.write(ptyhost.frame(ptyhost.FRAME_RESIZE, size))
                 elif isinstance(control, Signal):
+                    used()
                     number = str(int(signal.Signals["SIG" + control.name])).encode()
                     writer.write(ptyhost.frame(ptyhost.FRAME_SIGNAL, number))
             await writer.drain()

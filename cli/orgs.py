@@ -56,6 +56,11 @@ ORG_COLUMNS = [
         lambda o: human_duration(o.get("interactive_max_time_s")),
         wide_only=True,
     ),
+    Column(
+        "INTERACTIVE_IDLE",
+        lambda o: human_duration(o.get("interactive_idle_timeout_s")) or "off",
+        wide_only=True,
+    ),
     Column("CREATED", lambda o: relative(o["created_at"]), wide_only=True),
 ]
 
@@ -150,6 +155,16 @@ def org_update(
             "server's.",
         ),
     ] = None,
+    interactive_idle_timeout: Annotated[
+        str | None,
+        typer.Option(
+            "--interactive-idle-timeout",
+            help="How long its interactive jobs may go without input and without GPU use before "
+            "they end (a warning reaches their terminal first), e.g. 30m; 'off': never; the orgs "
+            "below it that set none take it too; 'default' returns to its parent's or the "
+            "server's.",
+        ),
+    ] = None,
     output: OutputOption = Format.TABLE,
 ) -> None:
     """Change an organisation (platform admins)."""
@@ -170,6 +185,10 @@ def org_update(
         body["interactive_max_time"] = (
             None if interactive_max_time == "default" else parse_duration(interactive_max_time)
         )
+    if interactive_idle_timeout is not None:
+        body["interactive_idle_timeout"] = {"default": None, "off": 0}.get(interactive_idle_timeout)
+        if interactive_idle_timeout not in ("default", "off"):
+            body["interactive_idle_timeout"] = parse_duration(interactive_idle_timeout)
     if not body:
         raise typer.BadParameter("nothing to change: give at least one option")
     with connect("org update") as client:

@@ -312,6 +312,9 @@ class TaskSpec(_Reply):
     pty: bool | None = None
     """True: run the command under a pseudo-terminal that streams attach to (rank 0 of an
     interactive job, docs/INTERACTIVE.md). Left out when None, as `signal`."""
+    idle_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIME_LIMIT_S)] | None = None
+    """With `pty`: end the task after this long with no input from its clients and no use of
+    its GPUs, warning its terminal first (agents/idle.py); None: never. Left out when None."""
     network: Literal["private", "host"] | None = None
     """"private": the task in a network namespace of its own (an agent with the "netns"
     capability), reaching the outside but no other task's listeners; "host" or None: the

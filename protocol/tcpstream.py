@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from protocol.streams import MAX_FRAME_BYTES, Eof, Error, control_text, parse_control
@@ -27,9 +28,13 @@ assert CHUNK_BYTES <= MAX_FRAME_BYTES
 
 
 async def splice(
-    websocket: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    websocket: Connection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    on_input: Callable[[], None] | None = None,
 ) -> str | None:
-    """Relay until both directions end; the error message received, if any."""
+    """Relay until both directions end; the error message received, if any. `on_input` is
+    called for every frame of bytes the stream brings (the agent's idle clock)."""
     error: list[str] = []
 
     async def socket_to_stream() -> None:
@@ -40,6 +45,8 @@ async def splice(
     async def stream_to_socket() -> None:
         async for message in websocket:
             if isinstance(message, bytes):
+                if on_input is not None:
+                    on_input()
                 writer.write(message)
                 await writer.drain()
                 continue

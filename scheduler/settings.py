@@ -181,6 +181,13 @@ class Settings(BaseSettings):
         "GPUs whether or not anybody types) unless its org, or an org above it, sets its own "
         "(`fairgpu org update NAME --interactive-max-time 12h`).",
     )
+    interactive_idle_timeout_s: int = Field(
+        3600,
+        ge=0,
+        description="An interactive job with no input from its clients and no use of its GPUs "
+        "for this long ends (with a warning to its terminal first); 0: never. An org, or an org "
+        "above it, may set its own (`fairgpu org update NAME --interactive-idle-timeout 30m`).",
+    )
     token_ttl_s: int = Field(
         90 * 86_400, gt=0, description="Lifetime of a new API token unless one is given."
     )

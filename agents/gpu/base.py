@@ -16,8 +16,10 @@ class GpuBackendError(RuntimeError):
 class GpuBackend(Protocol):
     """What the agent needs from GPUs: what is there, and how each one is doing now.
 
-    `sample` takes the pids of the tasks running on each GPU index: NVML ignores it (the driver
-    knows its processes), the simulated backend derives utilisation and memory from it.
+    `sample` takes the pids of the tasks running on each GPU index, and the utilisation the
+    tasks on some GPUs say they have (`driven`, agents/runner.py): NVML ignores both (the
+    driver knows its processes and their use), the simulated backend derives utilisation and
+    memory from them.
     """
 
     def devices(self) -> list[GpuInfo]: ...
@@ -26,7 +28,9 @@ class GpuBackend(Protocol):
         """GPU index → minor number of its device file (/dev/nvidiaN), for the task fence."""
         ...
 
-    def sample(self, busy: Mapping[int, Sequence[int]]) -> list[GpuSample]: ...
+    def sample(
+        self, busy: Mapping[int, Sequence[int]], driven: Mapping[int, float] | None = None
+    ) -> list[GpuSample]: ...
 
     def close(self) -> None: ...
 

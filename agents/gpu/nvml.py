@@ -76,8 +76,10 @@ class NvmlBackend:
     def device_minors(self) -> dict[int, int]:
         return {d.index: d.minor for d in self._devices if d.minor is not None}
 
-    def sample(self, busy: Mapping[int, Sequence[int]]) -> list[GpuSample]:
-        del busy  # the driver knows which processes use each GPU
+    def sample(
+        self, busy: Mapping[int, Sequence[int]], driven: Mapping[int, float] | None = None
+    ) -> list[GpuSample]:
+        del busy, driven  # the driver knows which processes use each GPU, and how much
         self._drain_xid_events()
         now = dt.datetime.now(dt.UTC)
         return [self._sample_one(device, now) for device in self._devices]

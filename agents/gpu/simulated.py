@@ -1,8 +1,10 @@
 """Simulated GPUs, so that the agent, the scheduler and demos run on machines without GPUs.
 
-Utilisation and memory follow the tasks the runner has on each GPU; power, temperature and the
-energy counter follow utilisation. Faults (an XID, a lost GPU) are injected by method call in
-tests, or by writing lines such as `xid 3 79` or `lost 5` to a faults file during a demo.
+Utilisation and memory follow the tasks the runner has on each GPU (busy while a task runs, or
+what the task says: `driven`, the ratio a task writes to `$HOME/.fairgpu-simulated-utilization`,
+agents/runner.py); power, temperature and the energy counter follow utilisation.
+Faults (an XID, a lost GPU) are injected by method call in tests, or by writing lines such as
+`xid 3 79` or `lost 5` to a faults file during a demo.
 """
 
 from __future__ import annotations
@@ -125,21 +127,32 @@ class SimulatedBackend:
             gpu.pending_xids.append(79)
             gpu.health, gpu.health_reason = GpuHealth.LOST, "GPU has fallen off the bus (simulated)"
 
-    def sample(self, busy: Mapping[int, Sequence[int]]) -> list[GpuSample]:
+    def sample(
+        self, busy: Mapping[int, Sequence[int]], driven: Mapping[int, float] | None = None
+    ) -> list[GpuSample]:
         self._read_faults_file()
+        driven = driven or {}
         now = dt.datetime.now(dt.UTC)
         now_s = time.monotonic()
         with self._lock:
             elapsed_s, self._last_sample_s = now_s - self._last_sample_s, now_s
             return [
-                self._sample_one(g, busy.get(g.info.index, ()), now, elapsed_s) for g in self._gpus
+                self._sample_one(
+                    g, busy.get(g.info.index, ()), driven.get(g.info.index), now, elapsed_s
+                )
+                for g in self._gpus
             ]
 
     def close(self) -> None:
         return None
 
     def _sample_one(
-        self, gpu: _SimGpu, pids: Sequence[int], now: dt.datetime, elapsed_s: float
+        self,
+        gpu: _SimGpu,
+        pids: Sequence[int],
+        driven: float | None,
+        now: dt.datetime,
+        elapsed_s: float,
     ) -> GpuSample:
         xids, gpu.pending_xids = gpu.pending_xids, []
         base = {"index": gpu.info.index, "uuid": gpu.info.uuid, "sampled_at": now}
@@ -147,7 +160,7 @@ class SimulatedBackend:
             return GpuSample(
                 **base, xid_events=xids, health=GpuHealth.LOST, health_reason=gpu.health_reason
             )
-        utilization = _BUSY_UTILIZATION if pids else 0.0
+        utilization = (driven if driven is not None else _BUSY_UTILIZATION) if pids else 0.0
         power_w = (
             gpu.model.idle_power_w + (gpu.model.max_power_w - gpu.model.idle_power_w) * utilization
         )

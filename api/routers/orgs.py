@@ -64,6 +64,11 @@ def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
             if view.interactive_max_time_s is not None
             else limits.interactive_max_time_s
         ),
+        interactive_idle_timeout_s=(
+            view.interactive_idle_timeout_s
+            if view.interactive_idle_timeout_s is not None
+            else limits.interactive_idle_timeout_s
+        ),
         created_at=o.created_at,
         quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
     )
@@ -124,7 +129,9 @@ async def update_org(
     class its members may submit at (`max_priority_class`) or its cap on pending jobs
     (`max_pending_jobs`); null for either returns it to the server's default; or the longest
     time limit of its interactive jobs (`interactive_max_time`, inherited by the orgs below it
-    that set none; null returns to the parent's or the server's) (platform admins).
+    that set none; null returns to the parent's or the server's), or how long its interactive
+    jobs may sit idle, with no input and no GPU use, before they end
+    (`interactive_idle_timeout`, 0: never; inherited and reset as the maximum) (platform admins).
 
     A narrower image list refuses new submissions only; jobs already accepted keep running.
     """
@@ -140,6 +147,7 @@ async def update_org(
         max_priority_class=body.max_priority_class,
         max_pending_jobs=body.max_pending_jobs,
         interactive_max_time_s=body.interactive_max_time,
+        interactive_idle_timeout_s=body.interactive_idle_timeout,
         fields=set(body.model_fields_set),
         actor=principal.actor,
     )

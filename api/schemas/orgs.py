@@ -5,9 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from api.schemas.common import DurationS, InputModel, OrgName, OutputModel, Printable
+from api.schemas.common import (
+    DurationS,
+    InputModel,
+    OrgName,
+    OutputModel,
+    Printable,
+    parse_duration_s,
+)
 from api.schemas.jobs import PriorityClass
 from protocol.limits import MAX_TIME_LIMIT_S
 
@@ -21,6 +28,11 @@ ImagePattern = Annotated[str, Printable, Field(min_length=1, max_length=512, pat
 
 Shares = Annotated[float, Field(gt=0, le=MAX_SHARES, allow_inf_nan=False)]
 TimeLimit = Annotated[DurationS, Field(le=MAX_TIME_LIMIT_S)]  # an INTEGER column
+IdleTimeoutS = Annotated[
+    int,
+    BeforeValidator(parse_duration_s),
+    Field(ge=0, le=MAX_TIME_LIMIT_S, description="Seconds or a duration such as '30m'; 0: never."),
+]
 GpuCount = Annotated[int, Field(ge=0, le=MAX_QUOTA_GPUS)]
 
 
@@ -54,6 +66,10 @@ class OrgUpdate(InputModel):
     """The longest time limit of its interactive jobs (`fairgpu run --pty`, `--jupyter`), and of
     those of the orgs below it that set none; null: its parent's, or the server's
     `interactive_max_time_s`."""
+    interactive_idle_timeout: IdleTimeoutS | None = None
+    """How long its interactive jobs may go without input from their clients and without use
+    of their GPUs before they end (0: never), for the orgs below it that set none too; null:
+    its parent's, or the server's `interactive_idle_timeout_s`."""
 
 
 class QuotaSet(InputModel):
@@ -98,6 +114,9 @@ class OrgPublic(OutputModel):
     interactive_max_time_s: int = 0
     """The longest time limit of its interactive jobs: its own, an org above it's, or the
     server's."""
+    interactive_idle_timeout_s: int = 0
+    """Idle time that ends its interactive jobs (its own, an org above it's, or the server's);
+    0: never."""
     created_at: datetime
     quotas: list[QuotaPublic] = Field(default_factory=list)
 

@@ -59,6 +59,8 @@ class Org(Base):
     max_pending_jobs: Mapped[int | None] = mapped_column(Integer)
     # Longest time limit of its interactive jobs; None: its parent's, up to the server's default.
     interactive_max_time_s: Mapped[int | None] = mapped_column(Integer)
+    # Idle time that ends its interactive jobs (0: never); None: its parent's, or the server's.
+    interactive_idle_timeout_s: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

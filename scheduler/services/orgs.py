@@ -30,6 +30,7 @@ class OrgView:
     quotas: list[Quota]
     isolation_required: bool = False  # set on it or on an ancestor
     interactive_max_time_s: int | None = None  # its own or its nearest ancestor's; None: none set
+    interactive_idle_timeout_s: int | None = None  # the same, for the idle timeout
 
 
 def nearest_set(values: Iterable[int | None]) -> int | None:
@@ -95,6 +96,7 @@ async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[
             quotas.get(o.id, []),
             any(a.require_isolation for a in line),
             nearest_set(a.interactive_max_time_s for a in reversed(line)),
+            nearest_set(a.interactive_idle_timeout_s for a in reversed(line)),
         )
         for o in orgs
         if o.id in visible
@@ -160,12 +162,13 @@ async def update_org(
     max_priority_class: str | None = None,
     max_pending_jobs: int | None = None,
     interactive_max_time_s: int | None = None,
+    interactive_idle_timeout_s: int | None = None,
     fields: set[str],
     actor: str,
 ) -> Org:
     """Change what `fields` names; a field sent as null leaves it as it is, except the default
-    time limit, the two tenant limits and the interactive maximum, which null returns to the
-    default (the interactive maximum: its parent's, or the server's)."""
+    time limit, the two tenant limits and the interactive maximum and idle timeout, which null
+    returns to the default (for the interactive two: its parent's, or the server's)."""
     changes: dict[str, object] = {}
     if "shares" in fields and shares is not None:
         org.shares = shares
@@ -188,6 +191,9 @@ async def update_org(
     if "interactive_max_time" in fields:
         org.interactive_max_time_s = interactive_max_time_s
         changes["interactive_max_time_s"] = interactive_max_time_s
+    if "interactive_idle_timeout" in fields:
+        org.interactive_idle_timeout_s = interactive_idle_timeout_s
+        changes["interactive_idle_timeout_s"] = interactive_idle_timeout_s
     if changes:
         session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
     await session.flush()

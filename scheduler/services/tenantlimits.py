@@ -47,6 +47,7 @@ class SubmitLimits:
     max_pending_jobs_per_user: int = 5_000
     max_pending_jobs_per_org: int = 20_000
     interactive_max_time_s: int = 8 * 3600
+    interactive_idle_timeout_s: int = 3600
     priority_classes: Mapping[str, int] = field(
         default_factory=lambda: PolicyConfig().priority_classes
     )
@@ -58,6 +59,7 @@ class SubmitLimits:
             max_pending_jobs_per_user=settings.max_pending_jobs_per_user,
             max_pending_jobs_per_org=settings.max_pending_jobs_per_org,
             interactive_max_time_s=settings.interactive_max_time_s,
+            interactive_idle_timeout_s=settings.interactive_idle_timeout_s,
             priority_classes=dict(settings.policy.priority_classes),
         )
 

@@ -125,3 +125,68 @@ async def test_an_interactive_job_counts_against_its_orgs_limit(database_url: st
         assert (await cluster.job(user, batch["id"]))["state"] == "PENDING"
         explain = await cluster.call("GET", f"/v1/jobs/{batch['id']}/explain", user)
         assert explain["reasons"][0]["code"] == "OrgLimit", explain
+
+
+async def _started(cluster: Cluster, credential: str) -> dict[int, dict[str, Any]]:
+    """job id -> the spec a heartbeat reply asks the node to start."""
+    await cluster.cycle()
+    reply = await cluster.heartbeat(credential, samples=[], tasks=[])
+    return {spec["job_id"]: spec for spec in reply.get("start", [])}
+
+
+async def test_the_idle_timeout_is_inherited_and_reaches_the_terminals_agent(
+    database_url: str,
+) -> None:
+    settings = fast_settings(database_url, interactive_idle_timeout_s=HOUR)
+    async with running_cluster(settings) as cluster:
+        parent = await cluster.org(guaranteed=8)
+        child = await cluster.org(guaranteed=8, parent=parent)
+        user = await cluster.user_token(child)
+        node = await cluster.register(await cluster.join_token())
+
+        async def idle_of(org: str) -> int:
+            shown = await cluster.call("GET", f"/v1/orgs/{org}", cluster.admin)
+            return int(shown["interactive_idle_timeout_s"])
+
+        assert await idle_of(child) == HOUR  # the server's default
+        await cluster.call(
+            "PATCH", f"/v1/orgs/{parent}", cluster.admin, {"interactive_idle_timeout": "30m"}
+        )
+        assert (await idle_of(parent), await idle_of(child)) == (1800, 1800)
+        shell = (await _post(cluster, user, time_limit=HOUR, gpus_per_node=1)).json()
+        batch = await cluster.submit(user, gpus_per_node=1)
+        started = await _started(cluster, node["credential"])
+        assert started[shell["id"]]["pty"] is True
+        assert started[shell["id"]]["idle_timeout_s"] == 1800
+        assert "idle_timeout_s" not in started[batch["id"]]  # a batch job has none
+
+        # The child's own 0 is "never": its terminals carry no timeout; null: the parent's.
+        await cluster.call(
+            "PATCH", f"/v1/orgs/{child}", cluster.admin, {"interactive_idle_timeout": 0}
+        )
+        assert await idle_of(child) == 0
+        never = (await _post(cluster, user, time_limit=HOUR, gpus_per_node=1)).json()
+        started = await _started(cluster, node["credential"])
+        assert started[never["id"]]["pty"] is True
+        assert "idle_timeout_s" not in started[never["id"]]
+        await cluster.call(
+            "PATCH", f"/v1/orgs/{child}", cluster.admin, {"interactive_idle_timeout": None}
+        )
+        assert await idle_of(child) == 1800
+
+        for bad in (-5, "soon", "99999d"):
+            refused = await cluster.http.patch(
+                f"/v1/orgs/{child}",
+                json={"interactive_idle_timeout": bad},
+                headers={"Authorization": f"Bearer {cluster.admin}"},
+            )
+            assert refused.status_code == 422, (bad, refused.text)
+            assert refused.headers["content-type"].startswith("application/problem+json")
+        # Only platform admins set it.
+        denied = await cluster.http.patch(
+            f"/v1/orgs/{child}",
+            json={"interactive_idle_timeout": "1m"},
+            headers={"Authorization": f"Bearer {user}"},
+        )
+        assert denied.status_code in (403, 404), denied.text
+        assert await idle_of(child) == 1800

@@ -24,6 +24,7 @@ from scheduler.db import Node as NodeRow
 from scheduler.db.types import utcnow
 from scheduler.secretenv import SecretsUnreadable, settings_cipher, unseal
 from scheduler.services.arrays import array_env
+from scheduler.services.interactivelimits import interactive_idle_timeout_of
 from scheduler.services.jobstate import STOP_PREEMPT
 from scheduler.services.scheduling.tasks import ACTIVE_STATES
 from scheduler.settings import Settings
@@ -66,18 +67,20 @@ class NodeWork:
 
 
 def reply_json(reply: HeartbeatReply) -> str:
-    """The reply as sent. `credential`, `streams` and the tasks' `signal` and `pty` are left out
-    unless set: an agent older than those fields refuses unknown fields, and only a renewal, an
-    attach, a job with `--signal` or an interactive job needs them."""
+    """The reply as sent. `credential`, `streams` and the tasks' `signal`, `pty` and
+    `idle_timeout_s` are left out unless set: an agent older than those fields refuses unknown
+    fields, and only a renewal, an attach, a job with `--signal` or an interactive job needs
+    them."""
     exclude: dict[str, Any] = {}
     if reply.credential is None:
         exclude["credential"] = True
     if not reply.streams:
         exclude["streams"] = True
+    optional = ("signal", "pty", "idle_timeout_s")
     starts = {
-        i: {name for name in ("signal", "pty") if getattr(spec, name) is None}
+        i: unset
         for i, spec in enumerate(reply.start)
-        if spec.signal is None or spec.pty is None
+        if (unset := {name for name in optional if getattr(spec, name) is None})
     }
     if starts:
         exclude["start"] = starts
@@ -135,6 +138,7 @@ async def node_work(session: AsyncSession, *, node_id: int, settings: Settings) 
         signals=signals,
         terminals=terminals,
         private=private,
+        idle_default_s=settings.interactive_idle_timeout_s,
     )
     return work
 
@@ -159,6 +163,7 @@ async def _task_specs(
     signals: bool = True,
     terminals: bool = True,
     private: bool = False,
+    idle_default_s: int = 0,
 ) -> list[TaskSpec]:
     if not pairs:
         return []
@@ -196,6 +201,11 @@ async def _task_specs(
             array_stats[array_job_id] = (count, low, high)  # type: ignore[index,assignment]
     org_ids = {j.org_id for _, j in pairs}
     orgs = dict((await session.execute(select(Org.id, Org.name).where(Org.id.in_(org_ids)))).all())
+    # The idle timeout of each org with a terminal to start (few: rank 0 of interactive jobs).
+    idle_s = {
+        org_id: await interactive_idle_timeout_of(session, org_id, idle_default_s)
+        for org_id in {j.org_id for t, j in pairs if j.interactive and t.node_rank == 0}
+    }
     specs: list[TaskSpec] = []
     for task, job in pairs:
         try:
@@ -211,6 +221,7 @@ async def _task_specs(
                     signals=signals,
                     terminals=terminals,
                     private=private,
+                    idle_timeout_s=idle_s.get(job.org_id, 0),
                 )
             )
         except ValidationError as error:
@@ -232,6 +243,7 @@ def task_spec(
     signals: bool = True,
     terminals: bool = True,
     private: bool = False,
+    idle_timeout_s: int = 0,
 ) -> TaskSpec:
     """What the agent is sent to start `task`; `gpus` are its (index, uuid) in index order.
 
@@ -243,13 +255,15 @@ def task_spec(
     `terminals`, an interactive job's rank 0 runs without a terminal (`pty`). With `private`
     (the node can make network namespaces) a one-node job without an image that leaves its
     `--network` unsaid runs in one of its own; one that asks for it does wherever it was
-    placed (on such nodes only).
+    placed (on such nodes only). A terminal gets `idle_timeout_s` (0: none), which the agent
+    enforces.
 
     Raises ValidationError when the stored job does not fit the protocol (it was stored under
     other limits), SecretsUnreadable when no configured key opens its secrets: the caller fails
     that task alone.
     """
     gang = job.num_nodes > 1
+    pty = job.interactive and task.node_rank == 0 and terminals
     env = dict(job.env or {})
     env.update(unseal(secret_cipher, job.secret_env_ciphertext or {}))
     env.update(array_env(job, array_stats))
@@ -274,7 +288,8 @@ def task_spec(
         memory_bytes=job.memory_bytes,
         job_secret=job.job_secret,
         signal=_task_signal(job.signal) if signals else None,
-        pty=True if job.interactive and task.node_rank == 0 and terminals else None,
+        pty=True if pty else None,
+        idle_timeout_s=float(idle_timeout_s) if pty and idle_timeout_s > 0 else None,
         network="private" if _private(job, private) else None,
     )
 
