@@ -5,6 +5,11 @@ host's CUDA_VISIBLE_DEVICES is not passed in; apptainer's `--nv` exposes every G
 is (and the agent's sandbox fences the device files around it). Environment values are passed by
 name (`-e NAME`) so they never appear in `ps` output.
 
+An interactive task's command runs on its terminal host's pty (agents/ptyhost.py): docker and
+podman are asked for a terminal of their own inside the container (`--interactive --tty`), which
+they join to that pty, so the program sees a terminal (window size, job control, Ctrl-C) and
+reads its input; apptainer's `exec` runs the program on the pty itself.
+
 Under strict isolation a container runs as the task's uid with no capabilities and no way to
 gain privileges, with its own IPC namespace, the task's memory, pids and CPU limits, and only the
 task's directory and its org's data roots mounted.
@@ -47,6 +52,7 @@ def container_launch(
     mounts: Sequence[Path] = (),
     limits: Limits | None = None,
     netns: Path | None = None,
+    tty: bool = False,
 ) -> ContainerLaunch:
     exe = binary or runtime
     binds = [str(m) for m in mounts]
@@ -70,6 +76,8 @@ def container_launch(
     # The output reaches the task's log through the attached client; a copy in the runtime's own
     # log files (json-file keeps everything, unbounded, by default) would fill the node's disk.
     argv.append("--log-driver=none")
+    if tty:
+        argv += ["--interactive", "--tty"]
     if user is not None:
         argv += [
             "--user", f"{user}:{user}", "--cap-drop=ALL", "--security-opt=no-new-privileges",

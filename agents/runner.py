@@ -362,6 +362,7 @@ class Runner:
                 mounts=prepared.container_mounts,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
                 netns=prepared.netns,
+                tty=bool(spec.pty),
             )
             # docker and podman confine the container themselves (their client needs root);
             # apptainer runs as the task's uid inside the sandbox.

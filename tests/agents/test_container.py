@@ -97,3 +97,13 @@ def test_apptainer_under_strict_isolation_is_contained() -> None:
         "apptainer", "exec", "--nv", "--contain", "--home", "/var/lib/fairgpu/tasks/12",
     ]  # fmt: skip
     assert launch.argv.count("--bind") == 1
+
+
+def test_a_terminal_asks_docker_and_podman_for_one_and_apptainer_for_none() -> None:
+    for runtime in ("docker", "podman"):
+        argv = build(runtime, tty=True).argv
+        assert argv[argv.index("--log-driver=none") + 1 :][:2] == ["--interactive", "--tty"]
+        assert argv[-3:] == ["nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py"]
+        assert "--tty" not in build(runtime).argv  # a batch task: no terminal, no stdin
+        assert "--interactive" not in build(runtime).argv
+    assert build("apptainer", tty=True).argv == build("apptainer").argv

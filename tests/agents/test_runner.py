@@ -401,3 +401,27 @@ def test_a_container_filling_its_writable_layer_is_ended_at_the_disk_limit(
     assert record.state == "stopped"
     assert record.reason.startswith("disk limit: the task holds ")
     assert "over its limit of 4.0 MiB" in record.reason
+
+
+def test_an_interactive_container_task_gets_a_terminal(state: StateDir, tmp_path: Path) -> None:
+    # No container daemon here: a stand-in client that says what it was given and whether its
+    # standard input is a terminal (the terminal host's pty), as docker's client would see it.
+    fake_docker = tmp_path / "docker"
+    fake_docker.write_text(
+        f'#!/bin/sh\necho "$@" > {tmp_path}/argv\n'
+        f"if [ -t 0 ]; then echo tty >> {tmp_path}/argv; else echo no-tty >> {tmp_path}/argv; fi\n"
+    )
+    fake_docker.chmod(0o755)
+    runner = Runner(
+        state,
+        RunnerConfig(
+            container_runtime="docker", container_binary=str(fake_docker), pty_attach_wait_s=0
+        ),
+    )
+    runner.start(spec(1, ["bash"], image="pytorch:24", pty=True))
+    run_to_end(runner, 1)
+    argv, terminal = (tmp_path / "argv").read_text().splitlines()
+    assert "--log-driver=none --interactive --tty" in argv
+    assert argv.endswith("pytorch:24 bash")
+    assert terminal == "tty"
+    assert runner.records[1].exit_code == 0
