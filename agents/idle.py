@@ -4,10 +4,11 @@ ends the task, with a warning to its terminal first (docs/INTERACTIVE.md, "Idle 
 Input is any byte a client sends into the task: keys (and Ctrl-C) to its terminal
 (agents/streams.py) and bytes to a port of it that is forwarded (agents/forward.py): a notebook
 used in a browser through `port-forward` is in use though nobody types in its terminal. A
-window's resize is not input. GPU use is a sample of the backend (NVML's utilisation on a real
-node; what the task says on a simulated one, agents/gpu/simulated.py) showing one of the task's
-own GPUs at BUSY_RATIO or more. Before a warning or an end the daemon looks at the GPUs once
-more, so that neither rests on a sample a heartbeat interval old.
+client attaching, or a new forwarded connection, is input too (the program of a session starts
+at its first attach); a window's resize is not. GPU use is a sample of the backend (NVML's
+utilisation on a real node; what the task says on a simulated one, agents/gpu/simulated.py)
+showing one of the task's own GPUs at BUSY_RATIO or more. Before a warning or an end the daemon
+looks at the GPUs once more, so that neither rests on a sample a heartbeat interval old.
 
 The clock is the agent's: a task the agent meets again after its own restart counts as used
 at that moment (the agent has no record of the input meanwhile), which only ever lengthens a

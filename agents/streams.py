@@ -116,6 +116,7 @@ class Streams:
                 open_timeout=CONNECT_TIMEOUT_S,
                 ssl=self.tls if url.startswith("wss:") else None,
             ) as websocket:
+                used()  # an attach, or a new forwarded connection, is someone using the task
                 if request.kind == "port":
                     await forward_port(websocket, request.port, processes, task_id, used)
                     return
