@@ -40,6 +40,12 @@ def _isolation(org: dict[str, Any]) -> str:
     return "inherited" if org.get("isolation_required") else "-"
 
 
+def _network(org: dict[str, Any]) -> str:
+    if org.get("require_private_network"):
+        return "private"
+    return "private-inherited" if org.get("private_network_required") else "-"
+
+
 ORG_COLUMNS = [
     Column("ID", lambda o: o["id"], justify="right"),
     Column("NAME", lambda o: "  " * int(o.get("depth", 0)) + o["name"]),
@@ -50,6 +56,7 @@ ORG_COLUMNS = [
     Column("MAX_PENDING", lambda o: o.get("max_pending_jobs", "-"), justify="right"),
     Column("IMAGES", lambda o: ",".join(o.get("image_patterns") or []) or "any", wide_only=True),
     Column("PATH", lambda o: o.get("path"), wide_only=True),
+    Column("NETWORK", _network, wide_only=True),
     Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
     Column(
         "INTERACTIVE_MAX",
@@ -121,6 +128,16 @@ def org_update(
             show_default=False,
         ),
     ] = None,
+    require_private_network: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-private-network/--no-require-private-network",
+            help="Run every one-node job of it (and of the orgs below it) in a network of its "
+            "own, refusing --network host for one; multi-node jobs still use their nodes' "
+            "network.",
+            show_default=False,
+        ),
+    ] = None,
     images: Annotated[
         list[str] | None,
         typer.Option(
@@ -175,6 +192,8 @@ def org_update(
         body["default_time_limit"] = parse_duration(default_time)
     if require_isolation is not None:
         body["require_isolation"] = require_isolation
+    if require_private_network is not None:
+        body["require_private_network"] = require_private_network
     if images is not None:
         body["image_patterns"] = [p for p in images if p.strip()]
     if max_priority is not None:

@@ -43,6 +43,7 @@ from scheduler.db import Job, Org, User
 from scheduler.secretenv import masked, settings_cipher
 from scheduler.services import arrays, dependencies, holds, jobupdate
 from scheduler.services import jobs as svc
+from scheduler.services import orgs as orgs_svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.joblist import ListedJob, TimeWindow, first_reason, get_listed
 from scheduler.services.joblist import list_jobs as list_listed
@@ -225,7 +226,7 @@ async def submit_job(
         raise InvalidInput("jobs belong to a user")
     org_id = await _submit_org(session, principal, body.org)
     key = checked_idempotency_key(idempotency_key)
-    spec = svc.JobSpec(**{**body.spec_fields(), **_network(request, body)})
+    spec = svc.JobSpec(**{**body.spec_fields(), **await _network(request, session, body, org_id)})
     if body.array is not None:
         return await _submit_array(request, body.array, spec, org_id, principal, key)
     try:
@@ -258,15 +259,26 @@ async def submit_job(
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
 
 
-def _network(request: Request, body: JobCreate) -> dict[str, str]:
-    """Under FAIRGPU_PRIVATE_NETWORK_REQUIRED a one-node job runs in a network of its own."""
+async def _network(
+    request: Request, session: AsyncSession, body: JobCreate, org_id: int
+) -> dict[str, str]:
+    """Under FAIRGPU_PRIVATE_NETWORK_REQUIRED, or for an org whose admin set
+    `require_private_network` (on it or above it), a one-node job runs in a network of its own."""
+    if body.nodes > 1 or body.network == "private":
+        return {}
     settings: Settings = request.app.state.settings
-    if not settings.private_network_required or body.nodes > 1:
+    if settings.private_network_required:
+        why = "this server runs every one-node job in a network of its own"
+    elif await orgs_svc.private_network_required(session, org_id):
+        why = (
+            "org settings run every one-node job of this org in a network of its own "
+            "(require_private_network)"
+        )
+    else:
         return {}
     if body.network == "host":
         raise InvalidInput(
-            "this server runs every one-node job in a network of its own: leave --network "
-            "out or say private (gangs run in their nodes' network)"
+            f"{why}: leave --network out or say private (gangs run in their nodes' network)"
         )
     return {"network": "private"}
 

@@ -52,6 +52,8 @@ def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
         default_time_limit_s=o.default_time_limit_s,
         require_isolation=o.require_isolation,
         isolation_required=view.isolation_required,
+        require_private_network=o.require_private_network,
+        private_network_required=o.private_network_required,
         image_patterns=list(o.image_patterns or []),
         max_priority_class=o.max_priority_class or limits.default_max_priority_class,
         max_pending_jobs=(
@@ -124,7 +126,9 @@ async def update_org(
     request: Request, org: OrgRef, body: OrgUpdate, session: SessionDep, principal: PlatformAdmin
 ) -> OrgPublic:
     """Change shares (fair-share weight), the default time limit, whether the org's jobs need
-    nodes with strict isolation (`require_isolation`, inherited by the orgs below it), or the
+    nodes with strict isolation (`require_isolation`, inherited by the orgs below it), whether
+    every one-node job of it runs in a network of its own (`require_private_network`, inherited
+    by the orgs below it: `network: host` is then refused for one with 422), or the
     images its jobs may use (`image_patterns`, fnmatch; [] allows any), the highest priority
     class its members may submit at (`max_priority_class`) or its cap on pending jobs
     (`max_pending_jobs`); null for either returns it to the server's default; or the longest
@@ -143,6 +147,7 @@ async def update_org(
         shares=body.shares,
         default_time_limit_s=body.default_time_limit,
         require_isolation=body.require_isolation,
+        require_private_network=body.require_private_network,
         image_patterns=body.image_patterns,
         max_priority_class=body.max_priority_class,
         max_pending_jobs=body.max_pending_jobs,

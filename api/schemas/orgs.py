@@ -50,6 +50,10 @@ class OrgUpdate(InputModel):
     require_isolation: bool | None = None
     """True: the org's jobs, and those of every org below it, run only on nodes whose agent
     confines tasks (strict isolation)."""
+    require_private_network: bool | None = None
+    """True: every one-node job of the org, and of every org below it, runs in a network of
+    its own (`private`, only on nodes that can make one) and `network: host` for one is refused
+    (422); multi-node jobs still run in their nodes' network."""
     image_patterns: Annotated[list[ImagePattern], Field(max_length=MAX_IMAGE_PATTERNS)] | None = (
         None
     )
@@ -105,6 +109,11 @@ class OrgPublic(OutputModel):
     see `isolation_required`)."""
     isolation_required: bool = False
     """Whether its jobs need strict isolation: set on it or on an org above it."""
+    require_private_network: bool = False
+    """Whether its one-node jobs must run in a network of their own (set here or on an
+    ancestor: see `private_network_required`)."""
+    private_network_required: bool = False
+    """Whether its one-node jobs run in a network of their own: set on it or on an org above."""
     image_patterns: list[str] = Field(default_factory=list)
     """Images its jobs may use (fnmatch patterns); empty: any."""
     max_priority_class: str = "normal"

@@ -51,6 +51,11 @@ class Org(Base):
     default_time_limit_s: Mapped[int | None] = mapped_column(Integer)
     # Its jobs, and those of every org below it, run only on nodes with strict isolation.
     require_isolation: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Its one-node jobs, and those of every org below it, run in a network of their own
+    # (`private`); `require_private_network` is its own setting, `private_network_required`
+    # that or its parent's (kept when either changes: the submission guard reads one row).
+    require_private_network: Mapped[bool] = mapped_column(Boolean, default=False)
+    private_network_required: Mapped[bool] = mapped_column(Boolean, default=False)
     # fnmatch patterns a job's image must match; empty: any image.
     image_patterns: Mapped[list[str]] = mapped_column(default=list)
     # The highest priority class its members may submit at; None: the server's default.

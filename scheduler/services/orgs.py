@@ -117,18 +117,20 @@ async def create_org(
 ) -> Org:
     if await session.scalar(select(Org.id).where(Org.name == name)) is not None:
         raise Conflict(f"org {name!r} already exists")
-    parent_id = None
+    parent_id, inherited = None, False
     if parent is not None:
         parent_row = await find_org(session, parent)
         depth = len(await _ancestors(session, parent_row))
         if depth >= MAX_TREE_DEPTH:
             raise InvalidInput(f"the org tree may be at most {MAX_TREE_DEPTH} levels deep")
         parent_id = parent_row.id
+        inherited = parent_row.private_network_required
     org = Org(
         name=name,
         parent_id=parent_id,
         shares=shares,
         default_time_limit_s=default_time_limit_s,
+        private_network_required=inherited,
     )
     session.add(org)
     await session.flush()
@@ -158,6 +160,7 @@ async def update_org(
     shares: float | None,
     default_time_limit_s: int | None,
     require_isolation: bool | None = None,
+    require_private_network: bool | None = None,
     image_patterns: list[str] | None = None,
     max_priority_class: str | None = None,
     max_pending_jobs: int | None = None,
@@ -179,6 +182,10 @@ async def update_org(
     if "require_isolation" in fields and require_isolation is not None:
         org.require_isolation = require_isolation
         changes["require_isolation"] = require_isolation
+    if "require_private_network" in fields and require_private_network is not None:
+        org.require_private_network = require_private_network
+        changes["require_private_network"] = require_private_network
+        await _inherit_private_network(session, org)
     if "image_patterns" in fields and image_patterns is not None:
         org.image_patterns = list(dict.fromkeys(image_patterns))  # once each, in order
         changes["image_patterns"] = org.image_patterns
@@ -198,6 +205,32 @@ async def update_org(
         session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
     await session.flush()
     return org
+
+
+async def private_network_required(session: AsyncSession, org_id: int) -> bool:
+    """Whether the org's one-node jobs must run in a network of their own."""
+    required = await session.scalar(select(Org.private_network_required).where(Org.id == org_id))
+    return bool(required)
+
+
+async def _inherit_private_network(session: AsyncSession, changed: Org) -> None:
+    """`private_network_required` of the changed org and every org below it: its own setting
+    or its parent's (parents first, so each reads its parent's new value)."""
+    orgs = await all_orgs(session)
+    by_id = {o.id: o for o in orgs}
+    children: dict[int | None, list[Org]] = {}
+    for o in orgs:
+        children.setdefault(o.parent_id, []).append(o)
+    parent = by_id.get(changed.parent_id) if changed.parent_id is not None else None
+    pending = [(changed, parent is not None and parent.private_network_required)]
+    seen: set[int] = set()
+    while pending:
+        org, inherited = pending.pop()
+        if org.id in seen:
+            continue
+        seen.add(org.id)
+        org.private_network_required = org.require_private_network or inherited
+        pending.extend((child, org.private_network_required) for child in children.get(org.id, []))
 
 
 async def _guaranteed(session: AsyncSession, org_id: int, gpu_type: str) -> tuple[int, int | None]:

@@ -24,8 +24,11 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    false,
     func,
     literal,
+    not_,
+    or_,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -94,7 +97,8 @@ def _counted(kind: str, owner_id: Any) -> Any:
 
 
 def submission_guard() -> ColumnElement[bool]:
-    """True when a job of `j_org_id`, `j_user_id` at `j_priority_class` may be inserted.
+    """True when a job of `j_org_id`, `j_user_id` at `j_priority_class` may be inserted (and,
+    for an org whose one-node jobs must be private, `j_network` and `j_num_nodes` say it is).
 
     Parameters: `allowed_max` (classes_at_least(priority)), `default_max_priority`,
     `user_cap`, `org_cap_default` (SubmitLimits). Shares the job's own `j_` parameters.
@@ -110,8 +114,17 @@ def submission_guard() -> ColumnElement[bool]:
     priority_ok = func.coalesce(org_max, bindparam("default_max_priority", type_=String)) == any_(
         bindparam("allowed_max", type_=ARRAY(String))
     )
+    # An org whose one-node jobs must be private: the route that submits one has made it so
+    # (or refused it); a direct submission that has not goes to that route instead.
+    forced = select(Org.private_network_required).where(Org.id == org_id).scalar_subquery()
+    network_ok = or_(
+        bindparam("j_network", type_=String) == "private",
+        bindparam("j_num_nodes", type_=Integer) > 1,
+        not_(func.coalesce(forced, false())),
+    )
     return and_(
         priority_ok,
+        network_ok,
         _counted("user", user_id) < user_cap,
         _counted("org", org_id) < org_cap,
     )

@@ -72,6 +72,30 @@ def test_org_isolation_and_images(served: Served) -> None:
     assert nothing.exit_code == 2
 
 
+def test_org_private_network(served: Served) -> None:
+    served.ok("org", "create", "acme")
+    served.ok("org", "create", "acme-lab", "--parent", "acme")
+    assert "Updated org acme" in served.ok("org", "update", "acme", "--require-private-network")
+    rows = {line.split()[1]: line for line in served.ok("org", "list", "-o", "wide").splitlines()}
+    assert "NETWORK" in served.ok("org", "list", "-o", "wide").splitlines()[0]
+    assert " private " in f"{rows['acme']} "
+    assert "private-inherited" in rows["acme-lab"]
+    user = _as_json(served, "user", "create", "ada", "--org", "acme-lab", "--token")["token"]
+    refused = served.run("submit", "--network", "host", "-t", "1h", "--", "x", token=user)
+    assert refused.exit_code != 0
+    assert "require_private_network" in one_line(refused.stderr)
+    assert refused.stdout == ""
+    job_id = served.ok("submit", "-t", "1h", "--parsable", "--", "x", token=user).strip()
+    assert _as_json(served, "describe", job_id, token=user)["network"] == "private"
+    gang = served.ok("submit", "-N", "2", "-t", "1h", "--parsable", "--", "x", token=user)
+    assert _as_json(served, "describe", gang.strip(), token=user)["network"] is None
+    denied = served.run("org", "update", "acme", "--no-require-private-network", token=user)
+    assert denied.exit_code != 0
+    one_line(denied.stderr)
+    served.ok("org", "update", "acme", "--no-require-private-network")
+    assert _as_json(served, "org", "get", "acme-lab")["private_network_required"] is False
+
+
 def test_mem_describe_and_a_refused_task(served: Served) -> None:
     served.ok("org", "create", "acme")
     served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")

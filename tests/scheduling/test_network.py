@@ -119,3 +119,74 @@ async def test_a_server_requiring_private_networks_makes_one_node_jobs_private(
         walled = await _node(cluster, 8, NETNS)
         await cluster.cycle()
         assert (await _started(cluster, walled))[unsaid["id"]]["network"] == "private"
+
+
+async def test_an_org_requiring_private_networks_makes_its_one_node_jobs_private(
+    cluster: Cluster,
+) -> None:
+    """`require_private_network` on an org: its one-node jobs and those of the orgs below it
+    (made before or after) run private, `host` for one is refused naming the setting; gangs
+    keep their nodes' network; other orgs are untouched. Each user submits once first, so that
+    on PostgreSQL the later submissions reach the direct route (api/direct.py), which must hand
+    them on rather than store them as they came."""
+    parent = await cluster.org(guaranteed=16)
+    child = await cluster.org(guaranteed=8, parent=parent)
+    other = await cluster.org(guaranteed=8)
+    updated = await cluster.call(
+        "PATCH", f"/v1/orgs/{parent}", cluster.admin, {"require_private_network": True}
+    )
+    assert updated["require_private_network"] is True
+    assert updated["private_network_required"] is True
+    late = await cluster.org(guaranteed=8, parent=child)  # made after the setting
+    body = {"command": ["python", "train.py"], "time_limit": 3600}
+    for org in (parent, child, late):
+        shown = await cluster.call("GET", f"/v1/orgs/{org}", cluster.admin)
+        assert shown["private_network_required"] is True, shown
+        assert shown["require_private_network"] is (org == parent), shown
+        token = await cluster.user_token(org)
+        await cluster.call("POST", "/v1/jobs", token, {**body, "network": "private"}, 201)
+        unsaid = await cluster.call("POST", "/v1/jobs", token, body, 201)
+        assert unsaid["network"] == "private", (org, unsaid)
+        assert (await cluster.job(token, unsaid["id"]))["network"] == "private"
+        problem = await cluster.call("POST", "/v1/jobs", token, {**body, "network": "host"}, 422)
+        assert "require_private_network" in str(problem), problem
+        gang = await cluster.call("POST", "/v1/jobs", token, {**body, "nodes": 2}, 201)
+        assert gang["network"] is None
+    token = await cluster.user_token(other)
+    await cluster.call("POST", "/v1/jobs", token, body, 201)
+    assert (await cluster.call("POST", "/v1/jobs", token, body, 201))["network"] is None
+    await cluster.call("POST", "/v1/jobs", token, {**body, "network": "host"}, 201)
+    # Unset on the parent, the orgs below are free again (none set it on itself).
+    await cluster.call(
+        "PATCH", f"/v1/orgs/{parent}", cluster.admin, {"require_private_network": False}
+    )
+    token = await cluster.user_token(late)
+    await cluster.call("POST", "/v1/jobs", token, body, 201)
+    assert (await cluster.call("POST", "/v1/jobs", token, body, 201))["network"] is None
+
+
+async def test_an_unsaid_job_of_such_an_org_waits_for_a_node_that_can_wall_it(
+    cluster: Cluster,
+) -> None:
+    org = await cluster.org(guaranteed=16)
+    await cluster.call("PATCH", f"/v1/orgs/{org}", cluster.admin, {"require_private_network": True})
+    token = await cluster.user_token(org)
+    plain = await _node(cluster, 2, EVERY)  # the tighter fit: best fit alone would pick it
+    job = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    assert job["id"] not in await _started(cluster, plain)
+    walled = await _node(cluster, 8, NETNS)
+    await cluster.cycle()
+    assert (await _started(cluster, walled))[job["id"]]["network"] == "private"
+
+
+async def test_only_a_platform_admin_sets_an_orgs_private_network(cluster: Cluster) -> None:
+    org = await cluster.org(guaranteed=1)
+    token = await cluster.user_token(org)
+    change = {"require_private_network": True}
+    await cluster.call("PATCH", f"/v1/orgs/{org}", token, change, 403)
+    await cluster.call(
+        "PATCH", f"/v1/orgs/{org}", cluster.admin, {"require_private_network": 2}, 422
+    )
+    shown = await cluster.call("GET", f"/v1/orgs/{org}", cluster.admin)
+    assert shown["private_network_required"] is False
