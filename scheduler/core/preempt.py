@@ -114,7 +114,11 @@ class Preemptor:
                 inc.by_org[r.org_id] = inc.by_org.get(r.org_id, 0) + g
             key = (r.org_id, r.gpu_type)
             self.own_incoming[key] = self.own_incoming.get(key, 0) + g
-            self._inc_by_org.setdefault(key, set()).add(p.node_id)
+            nodes = self._inc_by_org.get(key)
+            if nodes is None:
+                self._inc_by_org[key] = {p.node_id}
+            else:
+                nodes.add(p.node_id)
             self._inc_sorted.pop(r.gpu_type, None)
 
     def _consume(self, inc: Incoming, used: int, org_id: int, gpu_type: str) -> None:
@@ -315,7 +319,8 @@ class Preemptor:
         # Per node: the victims it needs, whether they stay within borrowing, and their cost.
         options: list[_Option] = []
         touched = list(by_node)
-        touched.extend(n for n in leaving if n not in by_node)
+        if leaving:
+            touched.extend(n for n in leaving if n not in by_node)
         for nid in touched:  # any order: options are sorted below
             have = free[nid] + leaving.get(nid, 0)
             victims = self._least_lost(by_node.get(nid, []), gpn - have)
@@ -328,7 +333,8 @@ class Preemptor:
                 lost += self._lost[id(r)]
                 if r.org_id != job.org_id:
                     spent[r.org_id] = spent.get(r.org_id, 0) + count[id(r)]
-            beyond = any(n > over.get(o, 0) for o, n in spent.items())
+            # Only other orgs' victims count (a bump takes its own org's jobs alone: none).
+            beyond = bool(spent) and any(n > over.get(o, 0) for o, n in spent.items())
             options.append(_Option(beyond, gpus, lost, nid, victims))
         chosen_site: str | None = None
         picked: list[_Option] = []
