@@ -216,6 +216,7 @@ class Agent:
             disk_watcher.cancel()
             await asyncio.gather(watcher, disk_watcher, return_exceptions=True)
             await self.streams.close()
+            await asyncio.to_thread(self.runner.confinement.close_network)
 
     async def _register_with_retry(self, stop: asyncio.Event) -> None:
         backoff_s = 0.5

@@ -194,6 +194,11 @@ class Confinement:
             return None
         return self.namespaces.path(task_id)
 
+    def close_network(self) -> None:
+        """The agent stops: its nftables wall goes unless a task's pasta still needs it."""
+        if self.namespaces is not None:
+            self.namespaces.close_if_idle()
+
     def sweep_namespaces(self, keep: set[int]) -> None:
         """Remove the network namespaces (and their pasta) of tasks not in `keep`: those an
         agent that stopped before their task ended left behind."""

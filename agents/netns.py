@@ -152,7 +152,13 @@ class Namespaces:
             resolv.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             resolv.write_text(f"nameserver {DNS_ADDRESS}\n{_search_lines()}")
             os.chmod(resolv, 0o644)
-            self.wall.admit(task_id, cgroup)
+            try:
+                self.wall.admit(task_id, cgroup)
+            except WallError:
+                # The table went (a `flush ruleset`, an agent that stopped idle): anew, with
+                # the rules of the pastas still running, then this one's.
+                self.build_wall()
+                self.wall.admit(task_id, cgroup)
             joins = [cgroup / "cgroup.procs", *charge_to]
             self._run(_in_cgroups(joins, _pasta_argv(self.pasta, name, self._pid_file(task_id))))
         except NetnsError:
@@ -230,6 +236,19 @@ class Namespaces:
                 if match:
                     found.add(int(match.group(1)))
         return found
+
+    def close_if_idle(self) -> bool:
+        """Remove the wall when no pasta of this agent runs (an agent that stops with none
+        leaves no table behind; one with tasks running keeps it for their pastas)."""
+        if self.sweep_candidates() or any(
+            entry.startswith(self.prefix) for entry in _listdir(self.run_dir)
+        ):
+            return False
+        with contextlib.suppress(WallError):
+            self.wall.remove()
+        with contextlib.suppress(OSError):
+            self.pasta_cgroups.rmdir()
+        return True
 
     def close(self) -> None:
         """Remove every namespace, the wall and the pastas' own cgroup directory."""
@@ -377,9 +396,10 @@ def open_namespaces(
         _check_walled(namespaces, probe)
         namespaces.call_inside(probe, _loopback_works)
     except (NetnsError, OSError) as exc:
-        return None, str(exc)
-    finally:
         namespaces.remove(probe)
+        namespaces.close_if_idle()  # no table left for a node that cannot use it
+        return None, str(exc)
+    namespaces.remove(probe)
     return namespaces, ""
 
 
@@ -424,6 +444,13 @@ def _in_cgroups(procs_files: Sequence[Path], argv: list[str]) -> list[str]:
         'for f do [ "$f" = -- ] && break; echo 0 > "$f" || exit 125; shift; done; shift; exec "$@"'
     )
     return ["/bin/sh", "-c", script, "sh", *map(str, procs_files), "--", *argv]
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def _cgroup2_of(pid: int) -> str | None:

@@ -337,6 +337,23 @@ def test_each_pasta_is_walled_while_it_runs(node: NetNode) -> None:
     assert wall.exists()
 
 
+def test_a_lost_wall_comes_back_whole_and_an_idle_agent_leaves_none(node: NetNode) -> None:
+    wall = node.namespaces.wall
+    node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+    wait_for(lambda: node.namespaces.pasta_pid(1) is not None)
+    assert not node.namespaces.close_if_idle()  # a pasta runs: its wall stays
+    assert wall.walled() == {1}
+    wall.remove()  # what `nft flush ruleset` does to it
+    node.runner.start(spec(2, ["sleep", "60"], network="private", **RIVAL))
+    wait_for(lambda: node.namespaces.pasta_pid(2) is not None)
+    assert wall.walled() == {1, 2}  # made anew, with the running pasta's rule
+    for task_id in (1, 2):
+        node.runner.stop(task_id, grace_s=0, reason="cancelled")
+        node.result(task_id)
+    assert node.namespaces.close_if_idle()
+    assert not wall.exists()
+
+
 def test_pasta_is_charged_to_its_task_but_signalled_with_none_of_it(tmp_path: Path) -> None:
     """pasta counts against the task's memory, pids and CPU (a task cannot grow past its limits
     through it), yet is none of the processes its stop and warning signals go to."""

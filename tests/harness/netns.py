@@ -6,13 +6,16 @@ test that failed half-way may leave one. At the end of a session every `fairgpu-
 which no process runs any more, made more than `min_age_s` ago (a task's namespace holds its
 processes for as long as it runs, and gets them within a moment of being made), is removed with
 its resolver file and its pasta. Namespaces of other test sessions on the host that still run
-something are left alone.
+something are left alone. So are agents' nftables walls (agents/netwall.py) with a pasta's rule
+or a namespace of theirs; an idle one is removed (an agent whose table is gone makes it anew
+for its next pasta).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 from agents.netns import ETC_DIR, RUN_DIR
+from agents.netwall import Wall
 
 
 def remove_orphans(min_age_s: float = 120.0) -> list[str]:
@@ -52,4 +56,23 @@ def remove_orphans(min_age_s: float = 120.0) -> list[str]:
         subprocess.run(["ip", "netns", "delete", path.name], capture_output=True, check=False)
         shutil.rmtree(ETC_DIR / path.name, ignore_errors=True)
         removed.append(path.name)
+    remove_idle_walls()
+    return removed
+
+
+def remove_idle_walls() -> list[str]:
+    """The `inet fairgpu-<agent>` tables with no pasta rule and no namespace of their agent."""
+    nft = shutil.which("nft")
+    if os.geteuid() != 0 or nft is None:
+        return []
+    listed = subprocess.run([nft, "list", "tables", "inet"], capture_output=True, text=True)
+    names = re.findall(r"^table inet (fairgpu-[0-9a-f]{8})$", listed.stdout, re.MULTILINE)
+    in_use = {path.name.rsplit("-", 1)[0] for path in RUN_DIR.glob("fairgpu-*")}
+    removed = []
+    for name in names:
+        wall = Wall(name, nft=nft, cgroup2=Path("/sys/fs/cgroup"))
+        if name in in_use or wall.walled():
+            continue
+        wall.remove()
+        removed.append(name)
     return removed
