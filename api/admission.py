@@ -98,6 +98,16 @@ class TokenBuckets:
         bucket[0] = tokens
         return (cost - tokens) / self.rate_per_s
 
+    def wait_s(self, key: str, now: float | None = None) -> float:
+        """The seconds until `key` could take one (0: now), taking nothing; a key never seen
+        is full and is not remembered."""
+        bucket = self._buckets.get(key)
+        if self.rate_per_s <= 0 or bucket is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_s)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
     def _prune(self, now: float) -> None:
         def level(item: tuple[str, list[float]]) -> float:
             tokens, at = item[1]
@@ -196,6 +206,22 @@ async def _refuse_websocket(
     await send({"type": "websocket.accept"})
     code = CLOSE_TRY_AGAIN_LATER if status == 429 else 1008
     await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+async def refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    detail: str,
+    headers: list[Any],
+    **extra: Any,
+) -> None:
+    """A problem answered before the request is read, on HTTP or as a WebSocket handshake's."""
+    if scope["type"] == "websocket":
+        await _refuse_websocket(scope, receive, send, status, detail, headers, **extra)
+    else:
+        await _refuse(send, status, detail, scope["path"], headers, **extra)
 
 
 def _headers(scope: Scope) -> tuple[bytes, bytes | None]:

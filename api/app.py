@@ -15,6 +15,13 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.admission import Admission
 from api.authcache import AuthCache
+from api.authfailures import (
+    AuthFailures,
+    client_address,
+    has_bearer,
+    parse_proxies,
+    refuse_address,
+)
 from api.direct import DirectRoutes, Handler, send_problem
 from api.limits import BodySizeLimit
 from api.problems import install_problem_handlers
@@ -84,8 +91,20 @@ class FairgpuApp(FastAPI):
 
     direct: DirectRoutes | None = None
     admission: Admission | None = None
+    auth_failures: AuthFailures | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.auth_failures is not None
+            and scope["type"] in ("http", "websocket")
+            and has_bearer(scope)
+        ):
+            address = client_address(scope, self.auth_failures.proxies)
+            refused_for_s = self.auth_failures.refused_for_s(address)
+            if refused_for_s > 0:
+                await refuse_address(scope, receive, send, refused_for_s)
+                return
+            send = self.auth_failures.watch(address, send)
         if scope["type"] == "http" and self.admission is not None:
             maker = getattr(self.state, "sessionmaker", None)
             if not await self.admission.admit(scope, send, maker):
@@ -204,6 +223,11 @@ def create_app(
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
     app.state.submit_limits = SubmitLimits.of(settings)
     app.admission = Admission(settings)
+    app.auth_failures = AuthFailures(
+        settings.auth_failure_rate_per_s,
+        settings.auth_failure_burst,
+        parse_proxies(settings.trusted_proxies),
+    )
     app.state.stream_limits = StreamLimits(settings)
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit)

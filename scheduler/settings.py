@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Self
@@ -268,6 +269,23 @@ class Settings(BaseSettings):
         description="Log reads one user may hold open at once while they wait for output "
         "(`wait_s`, `fairgpu logs -f`), per server process; one more is 429 with Retry-After.",
     )
+    auth_failure_rate_per_s: float = Field(
+        1.0,
+        ge=0,
+        description="Failed authentications (401 to a request with a bearer token: made-up, "
+        "expired or revoked) one client address may cause per second on average, per server "
+        "process; while past it, the address's requests with a token are 429 with Retry-After "
+        "before the token is looked up. 0: no limit.",
+    )
+    auth_failure_burst: int = Field(
+        30, ge=1, description="Failed authentications one client address may cause at once."
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Reverse proxies and load balancers (addresses or CIDR networks, separated "
+        "by commas) whose X-Forwarded-For names the client; from any other peer the header is "
+        "ignored. Empty: the connection's peer is the client.",
+    )
     stream_rate_per_s: float = Field(
         5.0,
         ge=0,
@@ -375,6 +393,13 @@ class Settings(BaseSettings):
     def _check_secret_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             check_keys(value.get_secret_value())
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            ipaddress.ip_network(part, strict=False)  # ValueError names the bad entry
         return value
 
     @field_validator("database_url")

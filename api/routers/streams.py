@@ -44,11 +44,14 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["interactive"])
 
 UVICORN_WEBSOCKETS: dict[str, Any] = {
+    # The client's address is the peer's, or what FAIRGPU_TRUSTED_PROXIES forward
+    # (api/authfailures.py); uvicorn's own rewriting would believe any loopback peer.
+    "proxy_headers": False,
     "ws": "websockets-sansio",
     "ws_max_size": MAX_FRAME_BYTES,  # a larger frame closes the stream (1009)
     "ws_per_message_deflate": False,  # terminal bytes are small; compression costs CPU
 }
-"""uvicorn's WebSocket settings for a server (cli/server.py, the tests' servers)."""
+"""uvicorn's settings for a server (cli/server.py, the tests' servers)."""
 AGENT_WAIT_S = 15.0
 """How long a user's attach waits for the node's agent to open its side."""
 AGENT_GONE = (
