@@ -80,13 +80,10 @@ async def _queue_behind(session: AsyncSession, target: AttachTarget, owner: Stre
     await session.execute(select(Job.id).where(Job.id == target.job_id).with_for_update())
     if session.get_bind().dialect.name != "postgresql":
         return
-    locks = [(USER_LOCK_CLASS, owner.user_id)]
-    if owner.org_id is not None:
-        locks.append((ORG_LOCK_CLASS, owner.org_id))
-    for lock_class, key in locks:
-        await session.execute(
-            select(func.pg_advisory_xact_lock(lock_class, key)),
-        )
+    locks = [func.pg_advisory_xact_lock(USER_LOCK_CLASS, owner.user_id)]
+    if owner.org_id is not None:  # after the user's: PostgreSQL runs a select list in order
+        locks.append(func.pg_advisory_xact_lock(ORG_LOCK_CLASS, owner.org_id))
+    await session.execute(select(*locks))  # one round trip
 
 
 async def open_row(

@@ -284,6 +284,8 @@ class StreamHub:
             expires = clock + (row.expires_at - now).total_seconds()
             waiting.setdefault(row.node_id, {})[row.id] = _Waiting(opened, row.job_id, expires)
         self._waiting = waiting
+        # What the rows no longer hold is forgotten here too, not kept for ever.
+        self._handed &= {stream_id for node in waiting.values() for stream_id in node}
         return list(waiting)
 
     # -- keeping rows alive -----------------------------------------------------------------------

@@ -1,24 +1,31 @@
 """schemathesis against the live server's /openapi.json: every operation, generated inputs (valid
 and invalid), each sent with the token of every role. No 5xx; every documented response matches
-its schema and content type. `make test` runs a few examples per operation (FAIRGPU_FUZZ_EXAMPLES
-changes it); `make test-faults` runs 40 (tests/faults/full_suite.py).
+its schema and content type. The WebSocket routes, which OpenAPI does not describe, get the same
+from hypothesis: hostile path and query values with every role's token, never a 5xx. `make test`
+runs a few examples per operation (FAIRGPU_FUZZ_EXAMPLES changes it); `make test-faults` runs 40
+(tests/faults/full_suite.py).
 """
 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
 )
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from scheduler.bench.procs import Fleet
 from tests.security.conftest import Live, seed
@@ -41,6 +48,7 @@ def _call_as_every_role(case: schemathesis.Case[Any], live: Live) -> None:
 
 def test_every_operation_as_every_role(live: Live) -> None:
     fuzz(live, examples=EXAMPLES)
+    fuzz_websockets(live, examples=EXAMPLES)
 
 
 def test_every_operation_as_every_role_on_postgresql(database_url: str, tmp_path: Path) -> None:
@@ -55,6 +63,7 @@ def test_every_operation_as_every_role_on_postgresql(database_url: str, tmp_path
         live = Live(url=url, fleet=fleet)
         seed(live, admin)
         fuzz(live, examples=EXAMPLES)
+        fuzz_websockets(live, examples=EXAMPLES)
     finally:
         fleet.close()
 
@@ -90,3 +99,62 @@ def fuzz(live: Live, *, examples: int) -> None:
     assert not failures, "\n\n".join(failures)
     assert operations >= 30
     assert sum(SEEN.values()) >= operations * len(ROLES)
+
+
+WEBSOCKET_ROUTES = (
+    "/v1/jobs/{ref}/attach?rank={rank}",
+    "/v1/jobs/{ref}/forward?port={port}&rank={rank}",
+    "/v1/agent/streams/{ref}",
+    "/v1/relay/streams/{ref}",
+)
+HOSTILE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.sampled_from(["1", "1_0", "0_1", "2_99999999999999999999", "1e3", "", "..", "%00"]),
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=80),
+)
+
+
+def _websocket_cases(
+    live: Live, route: str, examples: int, statuses: Counter[int]
+) -> Callable[[], None]:
+    @given(ref=HOSTILE, rank=HOSTILE, port=HOSTILE)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def run(ref: str, rank: str, port: str) -> None:
+        quoted = {k: urllib.parse.quote(v, safe="") for k, v in
+                  (("ref", ref), ("rank", rank), ("port", port))}  # fmt: skip
+        url = live.url.replace("http://", "ws://") + route.format(**quoted)
+        for role in ROLES:
+            headers = {"Authorization": f"Bearer {live.tokens[role]}"} if role else {}
+            try:
+                with connect(url, additional_headers=headers, open_timeout=30):
+                    statuses[101] += 1
+            except InvalidStatus as refused:
+                status = refused.response.status_code
+                statuses[status] += 1
+                body = refused.response.body
+                if status >= 500:
+                    raise AssertionError(f"{url} as {role}: {status} {body!r}") from None
+
+    return run  # type: ignore[no-any-return]
+
+
+def fuzz_websockets(live: Live, *, examples: int) -> None:
+    """Each WebSocket route, hostile values in its path and query, with every role's token:
+    refused with a 4xx problem or accepted (then closed at once), never a 5xx."""
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    for route in WEBSOCKET_ROUTES:
+        run = _websocket_cases(live, route, examples, statuses)
+        try:
+            run()
+        except (AssertionError, BaseExceptionGroup) as exc:
+            failures.append(f"{route}: {exc}"[:3000])
+    print(f"websocket fuzz: handshakes by status: {dict(sorted(statuses.items()))}")
+    assert not failures, "\n\n".join(failures)
+    assert sum(statuses.values()) >= len(WEBSOCKET_ROUTES) * len(ROLES)
