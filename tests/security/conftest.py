@@ -76,6 +76,16 @@ def seed(live: Live, admin_token: str) -> None:
             live.ids[f"job_{key}"] = job["id"]
 
 
+FUZZ_ENV = {
+    "FAIRGPU_CYCLE_INTERVAL_S": "1",
+    "FAIRGPU_NODE_TIMEOUT_S": "3600",
+    # Every role's token, join and node credentials included, on every route, all from one
+    # address: the bound on an address's failed authentications (tests/api/test_auth_failures)
+    # would answer most of the fuzz 429 before its route.
+    "FAIRGPU_AUTH_FAILURE_RATE_PER_S": "0",
+}
+
+
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
     workdir = Path(tempfile.mkdtemp(prefix="fairgpu-sec-"))
@@ -83,9 +93,7 @@ def live() -> Iterator[Live]:
     try:
         admin = fleet.bootstrap()
         # debug logging and the access log: the secrets test greps everything the server wrote
-        url = fleet.server(
-            log_level="debug", FAIRGPU_CYCLE_INTERVAL_S="1", FAIRGPU_NODE_TIMEOUT_S="3600"
-        )
+        url = fleet.server(log_level="debug", **FUZZ_ENV)
         live = Live(url=url, fleet=fleet)
         seed(live, admin)
         yield live

@@ -28,7 +28,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from scheduler.bench.procs import Fleet
-from tests.security.conftest import Live, seed
+from tests.security.conftest import FUZZ_ENV, Live, seed
 
 EXAMPLES = int(os.environ.get("FAIRGPU_FUZZ_EXAMPLES", "4"))
 ROLES = ("platform", "admin_a", "member_a", "member_b", "agent", "join", None)
@@ -59,7 +59,7 @@ def test_every_operation_as_every_role_on_postgresql(database_url: str, tmp_path
     fleet = Fleet(workdir=tmp_path, database_url=database_url)
     try:
         admin = fleet.bootstrap()
-        url = fleet.server(FAIRGPU_CYCLE_INTERVAL_S="1", FAIRGPU_NODE_TIMEOUT_S="3600")
+        url = fleet.server(**FUZZ_ENV)
         live = Live(url=url, fleet=fleet)
         seed(live, admin)
         fuzz(live, examples=EXAMPLES)
