@@ -17,6 +17,7 @@ from api.admission import Admission
 from api.authcache import AuthCache
 from api.authfailures import (
     AuthFailures,
+    bearer_digest,
     client_address,
     has_bearer,
     parse_proxies,
@@ -101,10 +102,11 @@ class FairgpuApp(FastAPI):
         ):
             address = client_address(scope, self.auth_failures.proxies)
             refused_for_s = self.auth_failures.refused_for_s(address)
-            if refused_for_s > 0:
+            cache: AuthCache = self.state.auth_cache
+            if refused_for_s > 0 and not cache.vouched(bearer_digest(scope)):
                 await refuse_address(scope, receive, send, refused_for_s)
                 return
-            send = self.auth_failures.watch(address, send)
+            send = self.auth_failures.watch(address, send, cache, scope)
         if scope["type"] == "http" and self.admission is not None:
             maker = getattr(self.state, "sessionmaker", None)
             if not await self.admission.admit(scope, send, maker):

@@ -4,8 +4,11 @@ A made-up token costs the server an indexed lookup and starts with a full rate b
 own, so a client spraying new ones is not bound by the per-token rates. Every answer 401 to a
 request that carried a bearer token takes one from its address's bucket
 (`auth_failure_rate_per_s` / `auth_failure_burst`); while that bucket is empty, the address's
-requests with a bearer are 429 with Retry-After before any lookup (HTTP and WebSocket alike).
-A live token pays nothing here, however often it is used.
+requests with a bearer are 429 with Retry-After before any lookup (HTTP and WebSocket alike),
+except a token this process has seen work (api/authcache.py `vouched`): the node's own agent
+keeps its heartbeats while a task on that node sprays tokens, and users behind a proxy or NAT
+that a hostile tenant shares keep working. A live token pays nothing here, however often it is
+used; a vouched one that fails is forgotten and charged like any other.
 
 The address is the connection's peer, unless that peer is one of `trusted_proxies`: then the
 rightmost address of `X-Forwarded-For` that is not itself a trusted proxy (what a proxy that
@@ -23,6 +26,9 @@ from collections.abc import Sequence
 from starlette.types import Message, Receive, Scope, Send
 
 from api.admission import TokenBuckets, refuse
+from api.authcache import AuthCache
+from api.deps import parse_bearer
+from scheduler.services.tokens import hash_token
 
 MAX_ADDRESSES = 100_000
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -71,6 +77,15 @@ def has_bearer(scope: Scope) -> bool:
     return any(name == b"authorization" for name, _ in scope["headers"])
 
 
+def bearer_digest(scope: Scope) -> str:
+    """The stored hash of the request's bearer token ("" when there is none or it is malformed)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            secret = parse_bearer(value.decode("latin-1"))
+            return hash_token(secret) if secret is not None else ""
+    return ""
+
+
 class AuthFailures:
     """Kept on the app (`FairgpuApp.auth_failures`)."""
 
@@ -82,12 +97,13 @@ class AuthFailures:
         """0 when the address may try a token; otherwise the seconds until it may."""
         return self.buckets.wait_s(address)
 
-    def watch(self, address: str, send: Send) -> Send:
-        """`send`, charging the address once if the answer is 401."""
+    def watch(self, address: str, send: Send, cache: AuthCache, scope: Scope) -> Send:
+        """`send`, charging the address once (and forgetting the token) if the answer is 401."""
 
         async def watched(message: Message) -> None:
             if message["type"] in DENIAL_STARTS and message.get("status") == 401:
                 self.buckets.take(address)
+                cache.unvouch(bearer_digest(scope))
             await send(message)
 
         return watched

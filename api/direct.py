@@ -206,6 +206,7 @@ class DirectRoutes:
             return False
         if found is None or not found.credential.usable_without_routing(utcnow()):
             return False
+        self.state.auth_cache.vouch(credential_hash)  # live (api/authfailures.py)
         assert found.credential.node_id is not None
         caller = Caller(
             node_id=found.credential.node_id,

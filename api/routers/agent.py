@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from api.authcache import AuthCache
 from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep, parse_bearer
 from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
 from scheduler.services import agents as svc
@@ -41,7 +42,9 @@ async def register(request: Request, body: AgentRegister, session: SessionDep) -
         session, join_secret=_join_token(request), body=body, settings=settings
     )
     await session.commit()
-    request.app.state.auth_cache.clear()  # the node's previous credential was just revoked
+    cache: AuthCache = request.app.state.auth_cache
+    cache.clear()  # the node's previous credential was just revoked
+    cache.vouch(hash_token(registered.credential))  # its first heartbeat is let through
     heartbeats: Heartbeats = request.app.state.heartbeats
     heartbeats.forget(registered.node_id)
     runtime: SchedulerRuntime = request.app.state.runtime
@@ -77,4 +80,6 @@ async def heartbeat(
     classified = getattr(request.state, "direct_route_tried", False)
     reply = await heartbeats.answer(caller, body, quiet=not classified)
     assert reply is not None  # the full path always answers
+    if reply.credential is not None:  # renewed: its first use is let through (api/authfailures)
+        request.app.state.auth_cache.vouch(hash_token(reply.credential))
     return Response(work.reply_json(reply), media_type="application/json")

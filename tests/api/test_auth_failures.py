@@ -154,4 +154,48 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket(
             )
         assert refused.value.response.status_code == 401
         assert json.loads(refused.value.response.body or b"{}")["status"] == 401
-    assert _get(url, admin, forwarded="203.0.113.4").status_code == 429
+    assert _get(url, "made-up-4", forwarded="203.0.113.4").status_code == 429
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_tokens_seen_working_here_pass_while_their_address_is_refused(
+    server: tuple[str, str],
+) -> None:
+    """A task spraying made-up tokens from its node must not silence the node's agent (its
+    tasks would be lost, other orgs' among them), nor the users already working from that
+    address; a stranger's token waits, and a vouched token that fails is forgotten."""
+    url, admin = server
+    assert _get(url, admin).status_code == 200
+    join = httpx.post(url + "/v1/join-tokens", json={}, headers=_bearer(admin))
+    node = {
+        "name": "n1",
+        "site": "dc1",
+        "domain": "rack1",
+        "hostname": "n1",
+        "address": "127.0.0.1",
+        "agent_version": "test",
+        "gpus": [{"index": 0, "uuid": "GPU-n1-0", "model": "H100", "memory_bytes": 80 << 30}],
+    }
+    registered = httpx.post(
+        url + "/v1/agent/register", json=node, headers=_bearer(join.json()["token"])
+    )
+    assert registered.status_code in (200, 201), registered.text
+    credential = registered.json()["credential"]
+    mine = httpx.post(url + "/v1/tokens", json={"name": "ci"}, headers=_bearer(admin)).json()
+    assert _get(url, mine["token"]).status_code == 200
+
+    for i in range(3):
+        assert _get(url, f"made-up-{i}").status_code == 401
+    assert _get(url, "made-up-3").status_code == 429  # a stranger's token: refused, no lookup
+    for _ in range(3):  # the agent's first heartbeat uses the credential its registration gave
+        beat = httpx.post(url + "/v1/agent/heartbeat", json={}, headers=_bearer(credential))
+        assert beat.status_code == 200, beat.text
+    assert _get(url, admin).status_code == 200
+
+    revoked = httpx.delete(url + f"/v1/tokens/{mine['id']}", headers=_bearer(admin))
+    assert revoked.status_code == 200
+    assert _get(url, mine["token"]).status_code == 401  # still looked up once: it is revoked
+    assert _get(url, mine["token"]).status_code == 429  # then a stranger like the others
