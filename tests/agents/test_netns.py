@@ -325,6 +325,39 @@ def test_a_private_task_reaches_nothing_on_the_nodes_other_addresses(
     assert set(node.probe(3, wildcard, **RIVAL).values()) == {"acme-host"}
 
 
+def test_nothing_on_the_node_can_send_into_a_private_tasks_udp_flow(
+    node: NetNode, node_address: str, outside: list[int]
+) -> None:
+    """pasta receives a UDP flow's replies on a socket bound to 0.0.0.0 and the task's port:
+    the wall drops what reaches it there from an address of the node (a host-network task of
+    another org), while the outside's reply still comes in."""
+    (port,) = _free_ports(1)
+    code = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port}))
+s.settimeout(5)
+s.sendto(b"?", ("{OUTSIDE}", {outside[3]}))
+print("reply:", s.recv(100).decode(), flush=True)
+open(sys.argv[1], "w").close()
+s.settimeout(3)
+try:
+    while True:
+        print("got:", s.recv(100).decode(), flush=True)
+except OSError:
+    pass
+"""
+    ready = node.confinement.task_dir(1) / "ready"
+    node.runner.start(spec(1, [PY, "-c", code, str(ready)], network="private", **ACME))
+    wait_for(lambda: ready.exists() or node._ended(1), 20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder:
+        for host in ("127.0.0.1", node_address, _host_address()):
+            for _ in range(3):
+                intruder.sendto(b"intruder", (host, port))
+    log = node.result(1)["log"]
+    assert "reply: outside" in log, log
+    assert "intruder" not in log, log
+
+
 def test_each_pasta_is_walled_while_it_runs(node: NetNode) -> None:
     wall = node.namespaces.wall
     assert wall.exists()
