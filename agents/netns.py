@@ -184,7 +184,7 @@ class Namespaces:
             self.wall.release(task_id)
         cgroup_file = self._cgroup_file(task_id)
         with contextlib.suppress(OSError):
-            Path(cgroup_file.read_text()).rmdir()  # a task's own is removed with the task's
+            _rmdir_cgroup(Path(cgroup_file.read_text()))
         cgroup_file.unlink(missing_ok=True)
         if self.path(task_id).exists():
             try:
@@ -463,6 +463,22 @@ def _cgroup2_of(pid: int) -> str | None:
         if line.startswith("0::"):
             return line[3:].lstrip("/")
     return None
+
+
+def _rmdir_cgroup(path: Path, timeout_s: float = 5.0) -> None:
+    """Remove pasta's cgroup once empty: a pasta killed by someone else (the task's cgroup.kill,
+    a janitor) may still be leaving it, past the point where its pid says it is pasta."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _wait_gone(pid: int, timeout_s: float = 5.0) -> None:
