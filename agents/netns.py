@@ -217,10 +217,9 @@ class Namespaces:
         outlived the agent's last run)."""
         running = {}
         for task_id in self.sweep_candidates():
-            pid = self.pasta_pid(task_id)
-            cgroup = _cgroup2_of(pid) if pid is not None else None
-            if cgroup is not None:
-                running[task_id] = self.wall.cgroup2 / cgroup
+            cgroup = self.pasta_cgroup(task_id)
+            if self.pasta_pid(task_id) is not None and cgroup is not None:
+                running[task_id] = cgroup
         try:
             self.wall.install(resolvers(), running)
         except WallError as exc:
@@ -257,6 +256,15 @@ class Namespaces:
             self.wall.remove()
         with contextlib.suppress(OSError):
             self.pasta_cgroups.rmdir()
+
+    def pasta_cgroup(self, task_id: int) -> Path | None:
+        """The cgroup v2 directory the task's pasta was started in (recorded, not read from
+        /proc/PID/cgroup, whose paths are relative to the reader's cgroup namespace: an agent
+        in a container with one of its own would misread them)."""
+        try:
+            return Path(self._cgroup_file(task_id).read_text())
+        except OSError:
+            return None
 
     def pasta_pid(self, task_id: int) -> int | None:
         pid = _read_pid(self._pid_file(task_id))
@@ -406,9 +414,12 @@ def open_namespaces(
 def _check_walled(namespaces: Namespaces, task_id: int) -> None:
     """The probe's pasta runs in the cgroup its wall rule names, and the rule is there."""
     pid = namespaces.pasta_pid(task_id)
-    cgroup = _cgroup2_of(pid) if pid is not None else None
     expected = namespaces.pasta_cgroups / namespaces.name(task_id)
-    if cgroup is None or namespaces.wall.cgroup2 / cgroup != expected:
+    try:
+        members = (expected / "cgroup.procs").read_text().split()
+    except OSError:
+        members = []
+    if pid is None or str(pid) not in members:
         raise NetnsError(f"pasta did not start in its cgroup {expected}")
     if task_id not in namespaces.wall.walled():
         raise NetnsError(f"nft: table inet {namespaces.wall.table} has no rule for pasta")
@@ -451,18 +462,6 @@ def _listdir(directory: Path) -> list[str]:
         return os.listdir(directory)
     except OSError:
         return []
-
-
-def _cgroup2_of(pid: int) -> str | None:
-    """The process's cgroup in the v2 hierarchy, relative to its mount ("0::/a/b" -> "a/b")."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("0::"):
-            return line[3:].lstrip("/")
-    return None
 
 
 def _rmdir_cgroup(path: Path, timeout_s: float = 5.0) -> None:
