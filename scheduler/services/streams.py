@@ -90,6 +90,7 @@ class Claim:
     holder_url: str
     relay_secret: str
     local: PendingStream | None
+    kind: str = "attach"
 
 
 class StreamHub:
@@ -239,6 +240,7 @@ class StreamHub:
             holder_url=claimed.holder_url,
             relay_secret=relay_secret,
             local=self._local.get(stream_id) if mine else None,
+            kind=claimed.kind,
         )
 
     async def relay_secret_ok(self, stream_id: str, secret: str) -> bool:
@@ -272,17 +274,18 @@ class StreamHub:
 
     async def resync(self) -> list[int]:
         """The waiting streams as the rows say (news may have been missed); their nodes."""
+        waiting: dict[int, dict[str, _Waiting]] = {}
         async with self.sessionmaker() as session:
             now = utcnow()
-            rows = await streamrows.pending_rows(session, now=now)
+            clock = time.monotonic()
+            # Read inside the session: its rollback expires the rows, which then cannot load.
+            for row in await streamrows.pending_rows(session, now=now):
+                kind: StreamKind = "port" if row.kind == "port" else "attach"
+                opened = StreamOpen(id=row.id, task_id=row.task_id, kind=kind, port=row.port)
+                expires = clock + (row.expires_at - now).total_seconds()
+                entry = _Waiting(opened, row.job_id, expires)
+                waiting.setdefault(row.node_id, {})[row.id] = entry
             await session.rollback()
-        waiting: dict[int, dict[str, _Waiting]] = {}
-        clock = time.monotonic()
-        for row in rows:
-            kind: StreamKind = "port" if row.kind == "port" else "attach"
-            opened = StreamOpen(id=row.id, task_id=row.task_id, kind=kind, port=row.port)
-            expires = clock + (row.expires_at - now).total_seconds()
-            waiting.setdefault(row.node_id, {})[row.id] = _Waiting(opened, row.job_id, expires)
         self._waiting = waiting
         # What the rows no longer hold is forgotten here too, not kept for ever.
         self._handed &= {stream_id for node in waiting.values() for stream_id in node}

@@ -219,3 +219,23 @@ async def test_openings_racing_for_a_users_last_place_pass_one_at_a_time(
         await first.commit()
         with pytest.raises(TooManyRequests, match="1 streams of yours are open"):
             await racing
+
+
+async def test_a_process_that_missed_news_reloads_the_waiting_streams(
+    session: AsyncSession, engine: AsyncEngine
+) -> None:
+    """The wake-up channel reconnected: the rows say which streams wait, for which nodes (the
+    rows are read before the reload's session ends, whose rollback expires them)."""
+    from scheduler.services.streams import StreamHub
+
+    target = await _target(session)
+    await _open(session, target, "waiting-port-xxxxxxxxx", kind="port", holder="another")
+    await _open(session, target, "waiting-term-xxxxxxxxx", holder="another")
+    await session.commit()
+    hub = StreamHub(make_sessionmaker(engine))
+    assert await hub.resync() == [target.node_id]
+    asked = sorted((s.id, s.kind, s.port) for s in hub.for_node(target.node_id))
+    assert asked == [
+        ("waiting-port-xxxxxxxxx", "port", 8888),
+        ("waiting-term-xxxxxxxxx", "attach", None),
+    ]
