@@ -110,6 +110,7 @@ def server(
                 http="httptools",
                 lifespan="on",
                 timeout_graceful_shutdown=10,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
                 **UVICORN_WEBSOCKETS,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None,
@@ -120,6 +121,13 @@ def server(
             scheduler.stop()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+WORKER_HEALTHCHECK_S = 30
+"""How long uvicorn's supervisor waits for a worker's answer to its ping before it kills the
+worker as hung. A new worker answers only once it has imported the app (fastapi, SQLAlchemy,
+the routers): uvicorn's 5 s default killed every worker of `--workers 2`, again and again,
+at load 11 on two cores, and the server never served."""
 
 
 def _serve(config: uvicorn.Config) -> None:
