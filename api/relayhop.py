@@ -4,7 +4,9 @@ replicas").
 
 The claiming process connects to the holder's `WS /v1/relay/streams/{id}` at the URL the
 stream's row names, with the secret it chose when it claimed the stream (the row keeps only
-its hash), then carries frames both ways, one in flight per direction, as every relay does.
+its hash), then carries frames both ways, one in flight per direction, as every relay does;
+it meters its side of the hop (api/streammetrics.py: hops, bytes carried) as the holder meters
+the stream.
 When the holder cannot be reached, the agent's handshake is refused (502): the agent logs it
 and the stream ends; the user's side, if its process still lives, ends at its own timeout.
 """
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 from fastapi import WebSocket
 from starlette.websockets import WebSocketState
 
+from api.streammetrics import HopMeter
 from protocol.streams import MAX_FRAME_BYTES
 from scheduler.services.errors import DomainError
 from scheduler.services.streams import Claim
@@ -67,10 +70,11 @@ async def connect_holder(claim: Claim) -> ClientConnection:
         ) from None
 
 
-async def carry(agent: WebSocket, holder: ClientConnection) -> None:
+async def carry(agent: WebSocket, holder: ClientConnection, kind: str) -> None:
     """Frames both ways between the agent's side and the hop, until either ends."""
     async with holder:
         await agent.accept()
+        meter = HopMeter(kind)
 
         async def agent_to_holder() -> None:
             while True:
@@ -78,6 +82,7 @@ async def carry(agent: WebSocket, holder: ClientConnection) -> None:
                 if message["type"] == "websocket.disconnect":
                     return
                 if (data := message.get("bytes")) is not None:
+                    meter.from_job(len(data))
                     await holder.send(data)
                 elif (text := message.get("text")) is not None:
                     await holder.send(text)
@@ -85,13 +90,15 @@ async def carry(agent: WebSocket, holder: ClientConnection) -> None:
         async def holder_to_agent() -> None:
             async for message in holder:
                 if isinstance(message, bytes):
+                    meter.to_job(len(message))
                     await agent.send_bytes(message)
                 else:
                     await agent.send_text(message)
 
         pumps = {asyncio.create_task(agent_to_holder()), asyncio.create_task(holder_to_agent())}
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            with meter:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for pump in pumps:
                 pump.cancel()

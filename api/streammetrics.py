@@ -1,4 +1,10 @@
-"""The relay's Prometheus instruments: streams open, bytes relayed, attach latency.
+"""The relay's Prometheus instruments: streams open, bytes relayed, attach latency, and the hop
+between server processes as the claiming process sees it.
+
+A stream whose agent reached another process than its holder crosses two: the holder meters it
+as every stream (sessions, bytes, latency), the claiming process meters its side of the hop
+(hops, bytes carried), so that a byte relayed is counted once in `relayed_bytes` and the hop's
+traffic is seen on both of its ends.
 
 They live in the process registry (scheduler/metrics.py `PROCESS_REGISTRY`), so `/metrics`
 carries them on every replica, summed over a host's workers in multiprocess mode. No job, user
@@ -36,6 +42,52 @@ ATTACH_LATENCY = Histogram(
     registry=PROCESS_REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+
+
+HOPS = Counter(
+    "fairgpu_interactive_hops",
+    "Streams this process carried to the process holding their user's side (the agent reached "
+    "this one), by kind.",
+    ["kind"],
+    registry=PROCESS_REGISTRY,
+)
+HOPS_OPEN = Gauge(
+    "fairgpu_interactive_hops_open",
+    "Streams this process is carrying to their holder now, by kind.",
+    ["kind"],
+    registry=PROCESS_REGISTRY,
+    multiprocess_mode="livesum",
+)
+HOP_BYTES = Counter(
+    "fairgpu_interactive_hop_bytes",
+    "Bytes this process carried on hops to holders (binary frames), by direction (to_job, "
+    "from_job); the holders count the same bytes in fairgpu_interactive_relayed_bytes_total.",
+    ["direction"],
+    registry=PROCESS_REGISTRY,
+)
+
+
+class HopMeter:
+    """The claiming process's side of one hop: counted when it starts, open until it ends."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._to_job = HOP_BYTES.labels(TO_JOB)
+        self._from_job = HOP_BYTES.labels(FROM_JOB)
+
+    def __enter__(self) -> HopMeter:
+        HOPS.labels(self.kind).inc()
+        HOPS_OPEN.labels(self.kind).inc()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        HOPS_OPEN.labels(self.kind).dec()
+
+    def to_job(self, size: int) -> None:
+        self._to_job.inc(size)
+
+    def from_job(self, size: int) -> None:
+        self._from_job.inc(size)
 
 
 class StreamMeter:

@@ -289,7 +289,7 @@ async def agent_stream(websocket: WebSocket, stream_id: str) -> None:
             await deny(websocket, error)
             return
         if holder is not None:
-            await carry(websocket, holder)
+            await carry(websocket, holder, claim.kind)
         else:
             await _hand_over(websocket, claim.local)
 

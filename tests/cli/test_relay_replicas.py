@@ -29,6 +29,7 @@ from websockets.sync.client import connect
 from api.app import create_app
 from scheduler.db import Stream
 from scheduler.db.engine import make_engine, make_sessionmaker
+from scheduler.metrics import PROCESS_REGISTRY
 from scheduler.settings import Settings
 from tests.agents.test_transport import Pki, pki  # noqa: F401 - the certificates
 from tests.cli.test_interactive import REMOTE, Terminal, fairgpu
@@ -126,6 +127,12 @@ def test_a_stream_held_by_a_reaches_the_agent_through_b(
     replicas: tuple[Served, Served, str], database_url: str
 ) -> None:
     a, b, relay_a = replicas
+    # A and B share this process's registry; only a claiming process meters a hop (B here).
+    hops, hop_to_job, hop_from_job = (
+        _sample("fairgpu_interactive_hops_total", kind="attach"),
+        _sample("fairgpu_interactive_hop_bytes_total", direction="to_job"),
+        _sample("fairgpu_interactive_hop_bytes_total", direction="from_job"),
+    )
     owner = _owner(a)
     node = FakeAgent(b, "n1")
     other = FakeAgent(b, "n2")
@@ -156,10 +163,20 @@ def test_a_stream_held_by_a_reaches_the_agent_through_b(
             # Claimed: the secret B chose is not for anybody else, nor a second claim.
             assert _refused(a, relay, node.credential) == 404
             assert _refused(a, path, node.credential) == 404
+            assert _sample("fairgpu_interactive_hops_open", kind="attach") == 1
             agent.send(json.dumps({"type": "exit", "code": 7}))
             assert json.loads(user.recv(timeout=10)) == {"type": "exit", "code": 7}
     assert _refused(b, path, node.credential) == 404
+    # B metered its end of the hop: one hop, the bytes each way (the holder, A, the stream).
+    assert _sample("fairgpu_interactive_hops_total", kind="attach") == hops + 1
+    assert _sample("fairgpu_interactive_hop_bytes_total", direction="to_job") == hop_to_job + 5
+    assert _sample("fairgpu_interactive_hop_bytes_total", direction="from_job") == hop_from_job + 7
+    wait_for(lambda: _sample("fairgpu_interactive_hops_open", kind="attach") == 0)
     wait_for(lambda: _stream_rows(database_url) == 0)  # the holder deleted its row
+
+
+def _sample(name: str, **labels: str) -> float:
+    return PROCESS_REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _stream_rows(database_url: str) -> int:
@@ -353,8 +370,10 @@ def test_the_workers_of_one_server_hand_streams_to_each_other(
 ) -> None:
     """`fairgpu server --workers 2`: the workers share the users' port, so the agent's side of
     a stream reaches the worker holding its user's side only half of the time; each worker's
-    relay listener (api/relaylisten.py) takes the other half. Four sessions in a row: without
-    the hand-off all four would have to land on their holder (1 in 16)."""
+    relay listener (api/relaylisten.py) takes the other half. Sessions go on until one has
+    crossed between the workers (the claiming worker's hop counter on /metrics, summed over
+    the workers, says so) and one has not: a broken hand-off fails the first that crosses,
+    whichever session that is, instead of going unseen when all land on their holder."""
     token = seed_admin(database_url)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -374,13 +393,28 @@ def test_the_workers_of_one_server_hand_streams_to_each_other(
         _wait_up(server, served.url, tmp_path / "server.log")
         owner = _owner(served)
         with simulated_agent(served, tmp_path):
-            for status in (3, 4, 5, 6):
+            crossed = direct = 0
+            for session in range(MAX_SESSIONS):
+                hops = _scraped(served, "fairgpu_interactive_hops_total", 'kind="attach"')
+                status = 3 + session % 100
+                # The node's network (not a namespace per task): what is tested is the relay.
                 code, out, err = fairgpu(
-                    served, owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
+                    served, owner, "run", "--pty", "-G", "H100:1", "-t", "10m",
+                    "--network", "host", "--",
                     "sh", "-c", f"echo session-{status}; exit {status}",
                 )  # fmt: skip
                 assert code == status, (out, err)
                 assert f"session-{status}" in out
+                if _scraped(served, "fairgpu_interactive_hops_total", 'kind="attach"') > hops:
+                    crossed += 1
+                else:
+                    direct += 1
+                if crossed and direct:
+                    break
+            # Each session lands on its holder half of the time: 2 in a billion runs go on
+            # this long, and the count says so rather than passing without a hand-off.
+            assert crossed, (crossed, direct)
+            assert direct, (crossed, direct)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -388,6 +422,17 @@ def test_the_workers_of_one_server_hand_streams_to_each_other(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+MAX_SESSIONS = 30
+
+
+def _scraped(served: Served, name: str, labels: str) -> float:
+    """A counter on the server's /metrics (whichever worker answers sums them all)."""
+    for line in httpx.get(served.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
