@@ -397,7 +397,8 @@ class FreeIndex:
         free = self.free
         gpus = self._layout.gpus
         best: tuple[int, float, float, int] | None = None
-        for f in range(gpn, len(top.heaps)):
+        # A node with max_g free is empty (never scanned); smaller nodes may be empty below it.
+        for f in range(gpn, self.max_g):
             if not top.cnt[f]:
                 continue
             for nid in top.heaps[f]:
