@@ -236,15 +236,22 @@ async def _agent_unless_user_leaves(
     websocket: WebSocket, stream: PendingStream, early: list[Message]
 ) -> WebSocket | None:
     """The agent's side once it comes (TimeoutError after AGENT_WAIT_S), or None as soon as the
-    user's side disconnects. The user's frames read meanwhile are kept in `early`."""
+    user's side disconnects having sent nothing. The user's frames read meanwhile are kept in
+    `early`; one who sent some and left (a resize that starts a terminal's program, as `run
+    --jupyter` does; a forwarded connection's request) still has them delivered: the wait goes
+    on, and their disconnect is kept after them."""
 
     async def listen() -> bool:
-        """True when the user left; False when `early` is full (reading stops)."""
+        """True when the user left having sent nothing; False when reading stops (`early` is
+        full, or ends with the user's leaving)."""
         size = 0
         while len(early) < MAX_EARLY_FRAMES and size < MAX_EARLY_BYTES:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                return True
+                if not early:
+                    return True
+                early.append(message)
+                return False
             early.append(message)
             size += len(message.get("bytes") or b"") + len(message.get("text") or "")
         return False
@@ -343,6 +350,9 @@ async def _relay(
 
     async def user_to_agent() -> None:
         for message in early:
+            if message["type"] == "websocket.disconnect":
+                user_left.set()  # left before the agent came, once it had said something
+                return
             await to_agent(message)
         while True:
             message = await user.receive()

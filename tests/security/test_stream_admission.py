@@ -397,8 +397,8 @@ def test_a_user_who_leaves_while_waiting_frees_their_place_at_once(
     attach gets the one waiting place only because the first one's leaving gave it back. What a
     user sends before the node's side comes (a resize, keystrokes) reaches it."""
     monkeypatch.setattr("api.routers.streams.AGENT_WAIT_S", 3600.0)  # the server's thread
-    with limited.attach("ada", "ada") as first:
-        first.send(json.dumps({"type": "resize", "rows": 5, "cols": 7}))
+    with limited.attach("ada", "ada"):
+        pass
 
     def admitted() -> bool:
         try:
@@ -415,3 +415,18 @@ def test_a_user_who_leaves_while_waiting_frees_their_place_at_once(
         return True
 
     wait_for(admitted)
+
+
+def test_what_a_user_said_before_leaving_still_reaches_the_node(
+    limited: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --jupyter` attaches, says the window size (which starts the terminal's program) and
+    leaves at once: the stream waits on for the node's side, which hears it."""
+    monkeypatch.setattr("api.routers.streams.AGENT_WAIT_S", 3600.0)  # the server's thread
+    resize = json.dumps({"type": "resize", "rows": 5, "cols": 7})
+    with limited.attach("ada", "ada") as said:
+        said.send(resize)
+    (stream,) = limited.streams_of("ada")
+    path = f"/v1/agent/streams/{stream['id']}"
+    with _ws(limited.served.url, path, limited.node.credential) as agent:
+        assert agent.recv(timeout=10) == resize
