@@ -150,12 +150,15 @@ class Preemptor:
 
     def has_lower(self, org_id: int, types: tuple[str, ...], cls: int) -> bool:
         """Whether the org runs a preemptible lower-class job, or has jobs leaving, on a type."""
+        shares, stats, own_incoming = self._shares, self._stats, self.own_incoming
         for t in types:
-            if t not in self._shares:
+            if t not in shares:
                 self._scan(t)
             key = (org_id, t)
-            st = self._stat(key)
-            if (st is not None and st[0] < cls and st[2]) or self.own_incoming.get(key):
+            st = stats.get(key)
+            if st is None:
+                st = self._stat(key)
+            if (st is not None and st[0] < cls and st[2]) or own_incoming.get(key):
                 return True
         return False
 
@@ -165,7 +168,9 @@ class Preemptor:
             self._scan(gpu_type)
         key = (org_id, gpu_type)
         leaving = self.own_incoming.get(key, 0)
-        st = self._stat(key)
+        st = self._stats.get(key)
+        if st is None:
+            st = self._stat(key)
         if st is None or st[0] >= cls:
             return leaving
         return st[1] + leaving
@@ -253,8 +258,11 @@ class Preemptor:
             if not cands and not self._incoming_of(gpu_type):
                 return None
         else:
-            self._scan(gpu_type)
-            st = self._stat((job.org_id, gpu_type))
+            if gpu_type not in self._shares:
+                self._scan(gpu_type)
+            st = self._stats.get((job.org_id, gpu_type))
+            if st is None:
+                st = self._stat((job.org_id, gpu_type))
             if (st is None or st[0] >= cls) and not self.own_incoming.get((job.org_id, gpu_type)):
                 return None  # no lower-class job of its own org to preempt, none leaving
             cands = self._own_order(job.org_id, gpu_type)
