@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -239,7 +240,8 @@ ip netns exec {ns} ip link set lo up
 @pytest.fixture
 def node_address() -> Iterator[str]:
     """An address the node holds on an interface other than its default route's (a second NIC,
-    docker0, IPoIB stand in): one end of a veth pair of its own, in a random 10.x /32."""
+    docker0, IPoIB stand in): one end of a veth pair of its own, in a random 10.x /32; the
+    same end also holds `node_address_v6(that address)`."""
     tag = uuid.uuid4().hex[:6]
     near, far = f"fga{tag}", f"fgb{tag}"
     address = f"10.{random.randrange(100, 200)}.{random.randrange(256)}.{random.randrange(1, 255)}"
@@ -247,6 +249,7 @@ def node_address() -> Iterator[str]:
 set -e
 ip link add {near} type veth peer name {far}
 ip addr add {address}/32 dev {near}
+ip addr add {node_address_v6(address)}/128 dev {near} nodad
 ip link set {near} up
 ip link set {far} up
 """
@@ -255,6 +258,11 @@ ip link set {far} up
         yield address
     finally:
         subprocess.run(["ip", "link", "delete", near], check=False)
+
+
+def node_address_v6(address: str) -> str:
+    """A unique-local IPv6 address made from the IPv4 one (fd99::10:a:b:c)."""
+    return "fd99::" + ":".join(address.split("."))
 
 
 def _targets(host: str, ports: list[int]) -> list[str]:
@@ -314,15 +322,24 @@ def test_a_private_task_reaches_nothing_on_the_nodes_other_addresses(
     task of another org, the agent's metrics port, sshd) is out of a private task's reach."""
     ports = _free_ports(4)
     node.start_listener(1, "acme-host", ports, network="host", **ACME)
-    wildcard = [f"tcp {node_address} {ports[1]}", f"udp {node_address} {ports[3]}"]
-    world = _targets(OUTSIDE, outside)[1::2]
-    tried = node.probe(2, [*wildcard, *world], network="private", **RIVAL)
-    for target in wildcard:
-        assert tried[target] in ("ConnectionRefusedError", "TimeoutError"), (target, tried)
-    for target in world:
-        assert tried[target] == "outside", (target, tried)
-    # What the wall keeps out is there: a host-network task reaches it, through the same ports.
-    assert set(node.probe(3, wildcard, **RIVAL).values()) == {"acme-host"}
+    # And over IPv6, which the table (family inet) walls as well.
+    with socket.socket(socket.AF_INET6) as six:
+        six.bind(("::", 0))
+        six.listen()
+        threading.Thread(target=_answer, args=(six, b"acme-host"), daemon=True).start()
+        wildcard = [
+            f"tcp {node_address} {ports[1]}",
+            f"udp {node_address} {ports[3]}",
+            f"tcp {node_address_v6(node_address)} {six.getsockname()[1]}",
+        ]
+        world = _targets(OUTSIDE, outside)[1::2]
+        tried = node.probe(2, [*wildcard, *world], network="private", **RIVAL)
+        for target in wildcard:
+            assert tried[target] in ("ConnectionRefusedError", "TimeoutError"), (target, tried)
+        for target in world:
+            assert tried[target] == "outside", (target, tried)
+        # What the wall keeps out is there: a host-network task reaches it, at the same ports.
+        assert set(node.probe(3, wildcard, **RIVAL).values()) == {"acme-host"}
 
 
 def test_nothing_on_the_node_can_send_into_a_private_tasks_udp_flow(
@@ -563,6 +580,15 @@ def test_namespaces_of_two_agents_on_one_host_never_collide(tmp_path: Path) -> N
     assert one.name(1) != two.name(1)
     assert one.name(1).startswith("fairgpu-")
     assert one.name(1).endswith("-1")
+
+
+def _answer(server: socket.socket, name: bytes) -> None:
+    """Answer each connection with `name` until the socket closes."""
+    with contextlib.suppress(OSError):
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(name)
 
 
 def _zombie(pid: int) -> bool:
