@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from agents.netns import ETC_DIR, RUN_DIR
-from agents.netwall import Wall
+from agents.netwall import Wall, cgroup2_mount
 
 
 def remove_orphans(min_age_s: float = 120.0) -> list[str]:
@@ -75,4 +75,9 @@ def remove_idle_walls() -> list[str]:
             continue
         wall.remove()
         removed.append(name)
+        tag = name.removeprefix("fairgpu-")
+        cgroup2 = cgroup2_mount()
+        for directory in cgroup2.glob(f"*-pasta/{tag}") if cgroup2 is not None else []:
+            with contextlib.suppress(OSError):  # its pastas' cgroups: none is left running
+                directory.rmdir()
     return removed
