@@ -274,8 +274,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Failed authentications (401 to a request with a bearer token: made-up, "
         "expired or revoked) one client address may cause per second on average, per server "
-        "process; while past it, the address's requests with a token are 429 with Retry-After "
-        "before the token is looked up. 0: no limit.",
+        "process; while past it, the address's requests with a token this process has not seen "
+        "work are 429 with Retry-After before the token is looked up. 0: no limit.",
     )
     auth_failure_burst: int = Field(
         30, ge=1, description="Failed authentications one client address may cause at once."
