@@ -3,7 +3,6 @@ than `task_log_retention_s`, in bounded batches; running and recently ended task
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -58,20 +57,22 @@ async def test_the_leader_deletes_expired_logs_in_batches(
 ) -> None:
     monkeypatch.setattr(logretention, "BATCH_CHUNKS", 4)
     monkeypatch.setattr(logretention, "MAX_BATCHES_PER_PASS", 2)
-    settings = fast_settings(database_url, task_log_retention_s=1.0, cycle_interval_s=60.0)
+    # Ages far from the retention: a slow machine takes seconds between these steps, and a
+    # "recent" log that had ended just 1 s before was once expired by the second pass.
+    settings = fast_settings(database_url, task_log_retention_s=600.0, cycle_interval_s=60.0)
     async with running_cluster(settings) as cluster:
         maker = cluster.sessionmaker
         async with maker() as session:
             org = await factories.org(session)
             user = await factories.user(session, org)
-            old = await _task_with_log(session, org, user, ended_s_ago=0, chunks=10)
-            await session.commit()
-        await asyncio.sleep(1.1)  # the first task's log is now past its retention
-        async with maker() as session:
+            old = await _task_with_log(session, org, user, ended_s_ago=1200, chunks=10)
             recent = await _task_with_log(session, org, user, ended_s_ago=0, chunks=3)
             running = await _task_with_log(session, org, user, ended_s_ago=None, chunks=3)
             await session.commit()
 
+        # The start-up pass recorded that what ended before its cutoff is gone; these rows were
+        # written backdated after it, so the leader starts over.
+        cluster.runtime.log_retention.done_until = None
         # One pass deletes at most BATCH_CHUNKS × MAX_BATCHES_PER_PASS chunks.
         assert await cluster.runtime.expire_logs() == 8
         assert await _chunks(maker, old) == 2
@@ -83,6 +84,6 @@ async def test_the_leader_deletes_expired_logs_in_batches(
         assert await cluster.runtime.expire_logs() == 0
 
         # The recent task's log goes once it is older than the retention.
-        later = datetime.now(UTC) + timedelta(seconds=2)
+        later = datetime.now(UTC) + timedelta(seconds=601)
         assert await cluster.runtime.log_retention.run_pass(maker, now=later) == 3
         assert await _chunks(maker, running) == 3

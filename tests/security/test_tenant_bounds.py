@@ -120,7 +120,7 @@ async def test_changes_past_the_rate_are_429_and_change_nothing(changes: World) 
         assert accepted == [200, 200, 200]
         refused = await c.patch(path, json={"hold": True, "name": "too-fast"})
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "100"
+        assert 98 <= int(refused.headers["retry-after"]) <= 100  # 100 s a change, less the 3 sent
         assert "changes (POST, PATCH, PUT, DELETE) per second" in refused.json()["detail"]
         assert (await c.post(f"{path}/cancel")).status_code == 429
         assert (await c.post("/v1/tokens", json={"name": "t"})).status_code == 429
