@@ -32,6 +32,7 @@ from api.routers.jobs import JobRef, scope_of
 from api.streamlimits import StreamLimits
 from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
+from scheduler.db.engine import run_to_end
 from scheduler.db.types import utcnow
 from scheduler.services import interactive
 from scheduler.services.errors import DomainError, Forbidden, NotFound, Unauthenticated
@@ -142,19 +143,26 @@ async def open_user_stream(
     limits.charge(user_id=user_id, org_id=principal.org_id)
     held.enter_context(limits.slot("user"))
     owner = StreamOwner(user_id=user_id, org_id=principal.org_id)
-    async with websocket.app.state.sessionmaker() as session:
-        target = await find(
-            session,
-            job_id,
-            rank=rank,
-            user_id=user_id,
-            scope_org_id=scope_of(principal),
-            may_admin_org=principal.can_admin_org,
-        )
-        record(session, target, actor=principal.actor)
-        stream = await open_stream(websocket, session, target, kind, owner, port)
-        await session.commit()
-    return stream
+
+    async def transaction() -> PendingStream:
+        async with websocket.app.state.sessionmaker() as session:
+            target = await find(
+                session,
+                job_id,
+                rank=rank,
+                user_id=user_id,
+                scope_org_id=scope_of(principal),
+                may_admin_org=principal.can_admin_org,
+            )
+            record(session, target, actor=principal.actor)
+            stream = await open_stream(websocket, session, target, kind, owner, port)
+            await session.commit()
+        return stream
+
+    # To its end even if the handler is cancelled: it may wait on the job's row and the user's
+    # and org's locks behind other openings, and a cancellation there left the connection
+    # mid-statement ("another operation is in progress" for the next request to get it).
+    return await run_to_end(transaction())
 
 
 async def open_stream(
