@@ -224,6 +224,12 @@ async def refuse(
         await _refuse(send, status, detail, scope["path"], headers, **extra)
 
 
+def bearer_secret(scope: Scope) -> str | None:
+    """The secret of the request's `Authorization: Bearer` header; None when absent or malformed."""
+    authorization, _ = _headers(scope)
+    return parse_bearer(authorization.decode("latin-1"))
+
+
 def _headers(scope: Scope) -> tuple[bytes, bytes | None]:
     authorization = b""
     length: bytes | None = None
@@ -253,8 +259,7 @@ class Admission:
             await _refuse_websocket(scope, receive, send, 400, "a URL must not contain NUL "
                                     "characters", [])  # fmt: skip
             return False
-        authorization, _ = _headers(scope)
-        secret = parse_bearer(authorization.decode("latin-1"))
+        secret = bearer_secret(scope)
         if secret is None:
             return True  # the route answers 401 without looking anything up
         buckets = self.agent_streams if path.startswith(AGENT_PREFIX) else self.streams

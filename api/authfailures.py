@@ -25,9 +25,8 @@ from collections.abc import Sequence
 
 from starlette.types import Message, Receive, Scope, Send
 
-from api.admission import TokenBuckets, refuse
+from api.admission import TokenBuckets, bearer_secret, refuse
 from api.authcache import AuthCache
-from api.deps import parse_bearer
 from scheduler.services.tokens import hash_token
 
 MAX_ADDRESSES = 100_000
@@ -79,11 +78,8 @@ def has_bearer(scope: Scope) -> bool:
 
 def bearer_digest(scope: Scope) -> str:
     """The stored hash of the request's bearer token ("" when there is none or it is malformed)."""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            secret = parse_bearer(value.decode("latin-1"))
-            return hash_token(secret) if secret is not None else ""
-    return ""
+    secret = bearer_secret(scope)
+    return hash_token(secret) if secret is not None else ""
 
 
 class AuthFailures:
