@@ -48,16 +48,21 @@ def _describe(served: Served, job: str) -> dict[str, Any]:
     return dict(json.loads(served.ok("describe", job, "-o", "json")))
 
 
+def _session(served: Served, people: Org, program: str) -> Terminal:
+    """`run --pty` of `program` in an org whose idle timeout is IDLE_S."""
+    _idle_org(served)
+    return Terminal.start(
+        served, people.owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
+        "python3", "-u", "-c", program, rows=30, cols=100,
+    )  # fmt: skip
+
+
 def test_a_silent_session_is_warned_then_ended(
     served: Served,
     org: Org,  # noqa: F811
     agent: object,  # noqa: F811
 ) -> None:
-    _idle_org(served)
-    run = Terminal.start(
-        served, org.owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
-        "python3", "-u", "-c", QUIET, rows=30, cols=100,
-    )  # fmt: skip
+    run = _session(served, org, QUIET)
     job = run.expect(r"job (\d+) submitted")[1]
     run.expect(r"ready")
     run.expect(WARNING)  # first the warning, on the terminal
@@ -75,11 +80,7 @@ def test_a_typing_session_is_not_ended(
     org: Org,  # noqa: F811
     agent: object,  # noqa: F811
 ) -> None:
-    _idle_org(served)
-    run = Terminal.start(
-        served, org.owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
-        "python3", "-u", "-c", QUIET, rows=30, cols=100,
-    )  # fmt: skip
+    run = _session(served, org, QUIET)
     job = run.expect(r"job (\d+) submitted")[1]
     run.expect(r"ready")
     # Each line waits for the previous one's echo: input never stops for a whole timeout,
@@ -99,11 +100,7 @@ def test_a_session_whose_gpu_is_busy_is_not_ended(
     org: Org,  # noqa: F811
     agent: object,  # noqa: F811
 ) -> None:
-    _idle_org(served)
-    run = Terminal.start(
-        served, org.owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
-        "python3", "-u", "-c", BUSY, rows=30, cols=100,
-    )  # fmt: skip
+    run = _session(served, org, BUSY)
     run.expect(r"busy")
     run.expect(r"survived", timeout_s=120)
     assert run.wait() == 7, run.seen
