@@ -267,9 +267,8 @@ class Agent:
 
     async def _sample(self) -> list[GpuSample]:
         """Every GPU now; a task whose GPUs are busy counts as used (agents/idle.py)."""
-        samples = await asyncio.to_thread(
-            self.backend.sample, self.runner.busy_gpus(), self.runner.driven_utilization()
-        )
+        driven = self.runner.driven_utilization() if self.backend.follows_tasks else None
+        samples = await asyncio.to_thread(self.backend.sample, self.runner.busy_gpus(), driven)
         self.idle.observe(samples, self.runner.running())
         return samples
 

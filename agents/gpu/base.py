@@ -22,6 +22,10 @@ class GpuBackend(Protocol):
     memory from them.
     """
 
+    follows_tasks: bool
+    """True when `sample` derives the figures from `busy` and `driven` (the simulated backend):
+    only then does the agent read what each task says of its use (a file per task)."""
+
     def devices(self) -> list[GpuInfo]: ...
 
     def device_minors(self) -> dict[int, int]:

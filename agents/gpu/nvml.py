@@ -46,6 +46,8 @@ class _Device:
 class NvmlBackend:
     """GPUs as the NVIDIA driver reports them."""
 
+    follows_tasks = False
+
     def __init__(self, nvml: Any, devices: list[_Device], event_set: Any | None) -> None:
         self._nv = nvml
         self._devices = devices

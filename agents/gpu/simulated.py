@@ -83,6 +83,8 @@ class _SimGpu:
 class SimulatedBackend:
     """GPUs that exist only in memory. `seed` keeps uuids stable across restarts of one node."""
 
+    follows_tasks = True
+
     def __init__(
         self, models: Sequence[str], *, seed: str = "sim", faults_file: Path | None = None
     ) -> None:
