@@ -34,6 +34,16 @@ HEADLINE: tuple[tuple[str, str], ...] = (
 )
 
 
+# Issue #19's bar for the policy at saturation (docs/SIMULATION.md, "the matrix"): the big
+# gangs' wait tail against everyone's, GPUs kept busy while work waits, little work lost to
+# preemption, fairness across tenants, and a clear lead over slurm-like in completion time.
+BIG_GANG_WAIT_P99_RATIO_MAX = 2.0
+WHILE_WAITING_RATIO_MIN = 0.97
+LOST_OVER_DELIVERED_MAX = 0.002
+JAIN_INDEX_MIN = 0.95
+JCT_BELOW_SLURM_MIN = 0.30
+
+
 def lookup(summary: Mapping[str, Any], path: str) -> Any:
     value: Any = summary
     for key in path.split("."):
@@ -89,7 +99,13 @@ def checks(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 b = fifo["wait_s"][bucket].get(stat)
                 holds = None if a is None or b is None else a < b
                 out.append(_check(f"wait {bucket} GPUs {stat}: fairgpu < fifo", a, b, holds))
+    if fair and slurm:
+        a, b = fair["jct_s"]["all"].get("mean"), slurm["jct_s"]["all"].get("mean")
+        holds = None if a is None or b is None else a <= (1 - JCT_BELOW_SLURM_MIN) * b
+        claim = f"JCT mean: fairgpu >= {JCT_BELOW_SLURM_MIN:.0%} below slurm-like"
+        out.append(_check(claim, a, b, holds))
     if fair:
+        out += _saturation_checks(fair)
         bound = 3_600.0 + POLICIES["fairgpu"].preemption_grace_s
         worst = fair["fairness"]["longest_in_quota_wait_s"]
         who = fair["fairness"]["longest_in_quota_wait_tenant"]
@@ -102,6 +118,36 @@ def checks(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             )
         )
     return out
+
+
+def _saturation_checks(fair: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """fairgpu's own figures against #19's bar; the gang ratio is n/a without 33+ GPU jobs."""
+    ratio = fair["wait_p99_33plus_over_all"]
+    waiting = fair["allocation"]["while_waiting_ratio"]
+    lost = fair["preemptions"]["lost_over_delivered"]
+    jain = fair["fairness"]["jain_index"]
+    big = BIG_GANG_WAIT_P99_RATIO_MAX
+    return [
+        _check(
+            f"wait p99 of 33+ GPU jobs / of all jobs <= {big:g}",
+            ratio,
+            big,
+            None if ratio is None else ratio <= big,
+        ),
+        _check(
+            f"allocation while work waits >= {WHILE_WAITING_RATIO_MIN:g}",
+            waiting,
+            WHILE_WAITING_RATIO_MIN,
+            waiting >= WHILE_WAITING_RATIO_MIN,
+        ),
+        _check(
+            f"GPU-h lost to preemption / delivered <= {LOST_OVER_DELIVERED_MAX:.1%}",
+            lost,
+            LOST_OVER_DELIVERED_MAX,
+            lost <= LOST_OVER_DELIVERED_MAX,
+        ),
+        _check(f"Jain's index >= {JAIN_INDEX_MIN:g}", jain, JAIN_INDEX_MIN, jain >= JAIN_INDEX_MIN),
+    ]
 
 
 def _check(claim: str, value: Any, against: Any, holds: bool | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -18,6 +19,7 @@ from scheduler.sim.config import SimConfig
 from scheduler.sim.idle import IDLE_CAUSES, IdleLedger, Shape
 from scheduler.sim.metrics import summarize
 from scheduler.sim.records import SimResult
+from scheduler.sim.report import checks
 from scheduler.sim.runner import make_workload, run_policy
 from scheduler.sim.trace import Quota, TraceJob, add_big_gangs, generate_trace, write_trace
 
@@ -148,6 +150,50 @@ def test_big_gang_wait_ratio_and_lost_over_delivered() -> None:
         (16 * 3_600 + 64 * 600 + 4 * 60) / 3_600, abs=0.01
     )
     assert preemptions["lost_over_delivered"] == 0.0
+
+
+SATURATION_CLAIMS = {
+    "wait p99 of 33+ GPU jobs / of all jobs <= 2": ("wait_p99_33plus_over_all",),
+    "allocation while work waits >= 0.97": ("allocation", "while_waiting_ratio"),
+    "GPU-h lost to preemption / delivered <= 0.2%": ("preemptions", "lost_over_delivered"),
+    "Jain's index >= 0.95": ("fairness", "jain_index"),
+    "JCT mean: fairgpu >= 30% below slurm-like": ("jct_s", "all", "mean"),
+}
+
+
+def _set(summary: dict[str, Any], path: tuple[str, ...], value: float | None) -> None:
+    for key in path[:-1]:
+        summary = summary[key]
+    summary[path[-1]] = value
+
+
+@pytest.mark.parametrize(
+    ("ratio", "waiting", "lost", "jain", "jct_share", "holds"),
+    [(2.0, 0.97, 0.002, 0.95, 0.7, True), (2.001, 0.9699, 0.00201, 0.9499, 0.701, False)],
+)
+def test_checks_hold_fairgpu_to_the_saturation_bar(
+    ratio: float, waiting: float, lost: float, jain: float, jct_share: float, holds: bool
+) -> None:
+    """Each of #19's figures on its bound holds, and just past it does not."""
+    trace = [TraceJob("a", "x", 0, 3_600, 16), TraceJob("g", "x", 10, 600, 64)]
+    trace += [TraceJob(f"s{i}", "y", 20, 60, 1) for i in range(4)]
+    quotas = [Quota("x", 64), Quota("y", 8)]
+    fair, slurm = (
+        summarize(run(trace, quotas, "9x8", policy), bucket_s=300, grace_s=30)[0]
+        for policy in ("fairgpu", "slurm-like")
+    )
+    slurm_jct = slurm["jct_s"]["all"]["mean"]
+    values = (ratio, waiting, lost, jain, jct_share * slurm_jct)
+    for path, value in zip(SATURATION_CLAIMS.values(), values, strict=True):
+        _set(fair, path, value)
+    claims = {c["claim"]: c for c in checks([fair, slurm])}
+    for (claim, path), value in zip(SATURATION_CLAIMS.items(), values, strict=True):
+        assert (claims[claim]["value"], claims[claim]["holds"]) == (value, holds), path
+    # Without 33+ GPU jobs the gang claim cannot be judged, and without slurm-like no JCT one.
+    fair["wait_p99_33plus_over_all"] = None
+    alone = {c["claim"]: c["holds"] for c in checks([fair])}
+    assert alone["wait p99 of 33+ GPU jobs / of all jobs <= 2"] is None
+    assert not any(claim.startswith("JCT") for claim in alone)
 
 
 def test_big_gangs_come_at_the_rates_asked_and_are_reproducible() -> None:
