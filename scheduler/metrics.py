@@ -123,6 +123,15 @@ class SchedulerMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.purged = Counter(
+            f"{PREFIX}_retention_purged_rows",
+            "Rows deleted by retention, by table (log_chunks: task_log_retention_s; events: "
+            "job_detail_retention_s).",
+            ["table"],
+            registry=r,
+        )
+        for table in ("log_chunks", "events"):
+            self.purged.labels(table=table)
         self.pending_by_reason: dict[tuple[str, str], int] = {}
         self.cycles.labels(result="ok")
         self.leader.set(0)

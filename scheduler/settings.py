@@ -346,11 +346,27 @@ class Settings(BaseSettings):
         "together, and apart as many nodes' sides (each side up to two sockets and a 256 KiB "
         "frame each way); one more is 429 with Retry-After.",
     )
+    max_job_events_per_kind: int = Field(
+        100,
+        ge=1,
+        description="Events of one kind a tenant can repeat at will (`job.attach`, "
+        "`job.forward`) stored one by one per job; every later one is counted in a single "
+        "`<kind>.more` row (how many, the first and the last), so that a loop of connections "
+        "cannot fill the database.",
+    )
     task_log_retention_s: float = Field(
         30 * 86_400.0,
         gt=0,
         description="Log chunks of a task that ended longer ago than this are deleted by the "
         "scheduler (in batches), so that old output does not fill the database.",
+    )
+    job_detail_retention_s: float = Field(
+        90 * 86_400.0,
+        gt=0,
+        description="The events of a job that ended longer ago than this, and the batch script "
+        "and secrets it kept, are deleted by the scheduler (in batches); one `job.purged` event "
+        "says how many went. The job's row, tasks, allocations and usage ledger stay: "
+        "`fairgpu history` and usage reports are unchanged.",
     )
 
     @model_validator(mode="before")

@@ -130,7 +130,7 @@ async def open_user_stream(
     rank: int,
     doing: str,
     find: Callable[..., Awaitable[AttachTarget]],
-    record: Callable[..., None],
+    record: Callable[..., Awaitable[None]],
     kind: StreamKind,
     port: int | None = None,
 ) -> PendingStream:
@@ -154,7 +154,12 @@ async def open_user_stream(
                 scope_org_id=scope_of(principal),
                 may_admin_org=principal.can_admin_org,
             )
-            record(session, target, actor=principal.actor)
+            await record(
+                session,
+                target,
+                actor=principal.actor,
+                max_events=websocket.app.state.settings.max_job_events_per_kind,
+            )
             stream = await open_stream(websocket, session, target, kind, owner, port)
             await session.commit()
         return stream

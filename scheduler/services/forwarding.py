@@ -43,13 +43,16 @@ async def forward_target(
     )
 
 
-def record_forward(session: AsyncSession, target: AttachTarget, *, actor: str, port: int) -> None:
+async def record_forward(
+    session: AsyncSession, target: AttachTarget, *, actor: str, port: int, max_events: int
+) -> None:
     """Who forwarded a connection, when, to which port and rank."""
-    record_stream_event(
+    await record_stream_event(
         session,
         target,
         kind=FORWARD_EVENT,
         actor=actor,
         reason=f"forwarded a connection to port {port} of rank {target.rank}",
         details={"rank": target.rank, "port": port},
+        max_events=max_events,
     )

@@ -2,7 +2,8 @@
 
 A terminal reaches into a running task, so it is an act on the job: its owner, an org-admin of
 its org or a platform admin; a member of the same org who is not the owner is refused (403),
-anybody else does not see the job (404, as every job route). Every attach is an event.
+anybody else does not see the job (404, as every job route). Every attach is an event (the
+first `max_job_events_per_kind` one by one, later ones counted in one row).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from scheduler.db import Event, Job, Node, Task
 from scheduler.db.types import utcnow
 from scheduler.services.arrays import get_job_ref
 from scheduler.services.errors import Conflict
+from scheduler.services.jobevents import record_job_event
 from scheduler.services.jobs import check_may_act
 
 ATTACH_EVENT = "job.attach"
@@ -84,7 +86,7 @@ async def task_target(
     )
 
 
-def record_stream_event(
+async def record_stream_event(
     session: AsyncSession,
     target: AttachTarget,
     *,
@@ -92,9 +94,12 @@ def record_stream_event(
     actor: str,
     reason: str,
     details: dict[str, int],
+    max_events: int,
 ) -> None:
-    """The event `describe` shows for a stream opened into a job: who, when, what."""
-    session.add(
+    """The event `describe` shows for a stream opened into a job: who, when, what; past
+    `max_events` of its kind on the job, counted in one row (scheduler/services/jobevents.py)."""
+    await record_job_event(
+        session,
         Event(
             at=utcnow(),
             kind=kind,
@@ -104,17 +109,21 @@ def record_stream_event(
             actor=actor,
             reason=reason,
             details=details,
-        )
+        ),
+        max_per_kind=max_events,
     )
 
 
-def record_attach(session: AsyncSession, target: AttachTarget, *, actor: str) -> None:
+async def record_attach(
+    session: AsyncSession, target: AttachTarget, *, actor: str, max_events: int
+) -> None:
     """Who attached, when, to which rank."""
-    record_stream_event(
+    await record_stream_event(
         session,
         target,
         kind=ATTACH_EVENT,
         actor=actor,
         reason=f"attached to the terminal of rank {target.rank}",
         details={"rank": target.rank},
+        max_events=max_events,
     )

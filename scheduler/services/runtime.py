@@ -36,6 +36,7 @@ from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
 from scheduler.services.heartbeat.buffer import FlushResult, HeartbeatBuffer
+from scheduler.services.jobretention import JobRetention
 from scheduler.services.logretention import LogRetention
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
 from scheduler.services.streams import StreamHub
@@ -47,7 +48,8 @@ log = logging.getLogger("fairgpu.scheduler")
 # The leader also serves requests: under a stream of submissions, a cycle that took d seconds
 # is followed by at least 3·d without one (cycles at most a quarter of the process).
 MAX_CYCLE_SHARE = 0.25
-# How often the leader deletes expired log chunks (scheduler/services/logretention.py).
+# How often the leader deletes expired log chunks and job details (scheduler/services/
+# logretention.py, jobretention.py).
 LOG_RETENTION_INTERVAL_S = 60.0
 T = TypeVar("T")
 
@@ -80,6 +82,7 @@ class SchedulerRuntime:
         self._in_cycle = False
         self._explained_at = float("-inf")
         self.log_retention = LogRetention(settings.task_log_retention_s)
+        self.job_retention = JobRetention(settings.job_detail_retention_s)
         self.logs_expired_at = float("-inf")  # monotonic time of the last retention pass
         self._last_duration_s = 0.0
         self._settled_until: datetime | None = None  # open allocations in the ledger up to here
@@ -363,6 +366,7 @@ class SchedulerRuntime:
         self.wake_nodes(result.applied.wake_nodes | result.lifecycle.wake_nodes)
         if time.monotonic() - self.logs_expired_at >= LOG_RETENTION_INTERVAL_S:
             await self.expire_logs()
+            await self.expire_job_details()
         async with self._cycle_done:
             self.cycles += 1
             self._cycle_done.notify_all()
@@ -377,8 +381,22 @@ class SchedulerRuntime:
             log.exception("log retention pass failed")
             return 0
         if deleted:
+            self.metrics.purged.labels(table="log_chunks").inc(deleted)
             log.info("deleted %d expired log chunks", deleted)
         return deleted
+
+    async def expire_job_details(self) -> int:
+        """One pass of job detail retention (after the log pass): deletes the events of jobs
+        that ended before `job_detail_retention_s`, a bounded number per pass."""
+        try:
+            purged = await self.job_retention.run_pass(self.sessionmaker)
+        except Exception:  # the next pass retries
+            log.exception("job detail retention pass failed")
+            return 0
+        if purged.events or purged.jobs:
+            self.metrics.purged.labels(table="events").inc(purged.events)
+            log.info("purged %d events of %d or more expired jobs", purged.events, purged.jobs)
+        return purged.events
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

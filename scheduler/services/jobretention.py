@@ -1,0 +1,151 @@
+"""Job detail retention: the events of jobs that ended longer ago than
+`job_detail_retention_s`, and the batch script and secrets they kept, are deleted by the
+scheduler leader in small batches (a short transaction each), never by a request.
+
+What stays is what accounting and `fairgpu history` read: the job row (state, exit code, times,
+GPUs), its tasks and allocations, and the usage ledger (the ledger's rows cascade from them, so
+removing them would break "the ledger equals the sum of allocation intervals"). In place of its
+events each purged job keeps one `job.purged` row: how many were deleted, the first and the last,
+so that `describe` says what happened to them. Log chunks have their own, shorter retention
+(scheduler/services/logretention.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from scheduler.db import Event, Job
+from scheduler.db.types import utcnow
+
+PURGED_EVENT = "job.purged"
+BATCH_JOBS = 200  # jobs looked at per transaction
+BATCH_EVENTS = 2_000  # events deleted per transaction, however many of them one job has
+MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never holds up a cycle
+
+
+@dataclass
+class Purged:
+    """What one pass removed: event rows, and jobs whose script or secrets were cleared."""
+
+    events: int = 0
+    jobs: int = 0
+
+    def add(self, other: Purged) -> None:
+        self.events += other.events
+        self.jobs += other.jobs
+
+
+async def ended_jobs(
+    session: AsyncSession, *, ended_before: datetime, after: tuple[datetime, int] | None, limit: int
+) -> Sequence[Any]:
+    """(ended_at, id) of up to `limit` jobs that ended before `ended_before`, past `after` in
+    that order (through `ix_jobs_ended_at`)."""
+    stmt = select(Job.ended_at, Job.id).where(Job.ended_at < ended_before)
+    if after is not None:
+        at, job_id = after
+        stmt = stmt.where(or_(Job.ended_at > at, and_(Job.ended_at == at, Job.id > job_id)))
+    return (await session.execute(stmt.order_by(Job.ended_at, Job.id).limit(limit))).all()
+
+
+async def purge_jobs(session: AsyncSession, job_ids: list[int], *, limit: int) -> Purged:
+    """Delete up to `limit` events of `job_ids` (their `job.purged` rows aside), count them in
+    each job's `job.purged` row, and clear the jobs' script and secrets."""
+    doomed = (
+        await session.execute(
+            select(Event.id, Event.job_id, Event.at)
+            .where(Event.job_id.in_(job_ids), Event.kind != PURGED_EVENT)
+            .order_by(Event.id)
+            .limit(limit)
+        )
+    ).all()
+    if doomed:
+        await session.execute(delete(Event).where(Event.id.in_([row.id for row in doomed])))
+        await _count_purged(session, doomed)
+    cleared = await session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(job_ids),
+            or_(
+                Job.script.is_not(None),
+                Job.job_secret.is_not(None),
+                Job.secret_env_ciphertext.is_not(None),
+            ),
+        )
+        .values(script=None, job_secret=None, secret_env_ciphertext=None)
+        .execution_options(synchronize_session=False)
+    )
+    return Purged(events=len(doomed), jobs=int(cleared.rowcount or 0))  # type: ignore[attr-defined]
+
+
+async def _count_purged(session: AsyncSession, doomed: Sequence[Any]) -> None:
+    """Add the deleted events to their jobs' `job.purged` rows (one per job, made at its
+    first purge)."""
+    spans: dict[int, tuple[int, datetime, datetime]] = {}
+    for row in doomed:
+        count, first, last = spans.get(row.job_id, (0, row.at, row.at))
+        spans[row.job_id] = (count + 1, min(first, row.at), max(last, row.at))
+    kept = {
+        e.job_id: e
+        for e in await session.scalars(
+            select(Event).where(Event.job_id.in_(list(spans)), Event.kind == PURGED_EVENT)
+        )
+    }
+    orgs = {
+        row.id: row.org_id
+        for row in await session.execute(select(Job.id, Job.org_id).where(Job.id.in_(list(spans))))
+    }
+    for job_id, (count, first, last) in spans.items():
+        row = kept.get(job_id)
+        if row is not None:
+            old = row.details or {}
+            count += int(old.get("count", 0))
+            first = min(first, datetime.fromisoformat(str(old.get("first_at", first.isoformat()))))
+            last = max(last, datetime.fromisoformat(str(old.get("last_at", last.isoformat()))))
+        else:
+            row = Event(kind=PURGED_EVENT, job_id=job_id, org_id=orgs.get(job_id))
+            session.add(row)
+        row.at, row.actor = utcnow(), "scheduler"
+        row.reason = (
+            f"{count} events from {first.isoformat(timespec='seconds')} to "
+            f"{last.isoformat(timespec='seconds')} deleted by retention"
+        )
+        row.details = {"count": count, "first_at": first.isoformat(), "last_at": last.isoformat()}
+
+
+@dataclass
+class JobRetention:
+    """One leader's passes; `done_through`: every job that ended up to it, in (ended_at, id)
+    order, is purged already (None after a start: the first pass looks at them all once)."""
+
+    retention_s: float
+    done_through: tuple[datetime, int] | None = None
+    total: Purged = field(default_factory=Purged)
+
+    async def run_pass(
+        self, sessionmaker: async_sessionmaker[AsyncSession], now: datetime | None = None
+    ) -> Purged:
+        """Purge expired jobs, at most MAX_BATCHES_PER_PASS transactions; returns what went."""
+        cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
+        purged = Purged()
+        for _ in range(MAX_BATCHES_PER_PASS):
+            async with sessionmaker() as session:
+                jobs = await ended_jobs(
+                    session, ended_before=cutoff, after=self.done_through, limit=BATCH_JOBS
+                )
+                if not jobs:
+                    break
+                batch = await purge_jobs(session, [j.id for j in jobs], limit=BATCH_EVENTS)
+                await session.commit()
+            purged.add(batch)
+            if batch.events < BATCH_EVENTS:  # else these jobs have more: the same batch again
+                self.done_through = (jobs[-1].ended_at, jobs[-1].id)
+                if len(jobs) < BATCH_JOBS:
+                    break
+        self.total.add(purged)
+        return purged
