@@ -263,6 +263,13 @@ class Settings(BaseSettings):
         description="Live API tokens (neither revoked nor expired) one user may hold; one more "
         "is 409. Rate limits are per token, so this also bounds the rate one user can reach.",
     )
+    max_users_per_org: int = Field(
+        1_000,
+        ge=1,
+        description="Enabled users one org may have; one more is 409 (disable one first). Rates "
+        "and stream caps are per token and per user, so this bounds what one org's admin can "
+        "multiply them by.",
+    )
     max_log_follows_per_user: int = Field(
         8,
         ge=1,

@@ -12,6 +12,7 @@ from scheduler.db import User
 from scheduler.services import users as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.services.orgs import find_org
+from scheduler.settings import Settings
 from scheduler.states import Role
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
@@ -41,9 +42,12 @@ async def list_users(session: SessionDep, principal: OrgAdmin) -> UsersPublic:
 
 
 @router.post("", status_code=201)
-async def create_user(body: UserCreate, session: SessionDep, principal: OrgAdmin) -> UserPublic:
+async def create_user(
+    request: Request, body: UserCreate, session: SessionDep, principal: OrgAdmin
+) -> UserPublic:
     """Create a user. Org admins create members and org admins of their own org; only platform
-    admins create users elsewhere or other platform admins."""
+    admins create users elsewhere or other platform admins. An org has at most
+    `max_users_per_org` enabled users (409 beyond)."""
     if principal.is_platform_admin:
         org_id = (await find_org(session, body.org)).id if body.org is not None else None
         if org_id is None and body.role is not Role.PLATFORM_ADMIN:
@@ -54,8 +58,14 @@ async def create_user(body: UserCreate, session: SessionDep, principal: OrgAdmin
         org_id = principal.org_id
         if body.org is not None and (await find_org(session, body.org)).id != org_id:
             raise Forbidden("org admins create users in their own org only")
+    settings: Settings = request.app.state.settings
     user = await svc.create_user(
-        session, name=body.name, org_id=org_id, role=body.role, actor=principal.actor
+        session,
+        name=body.name,
+        org_id=org_id,
+        role=body.role,
+        actor=principal.actor,
+        max_per_org=settings.max_users_per_org,
     )
     await session.commit()
     return UserPublic.model_validate(user)

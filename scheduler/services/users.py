@@ -19,10 +19,21 @@ from scheduler.states import Role, TokenKind
 
 
 async def create_user(
-    session: AsyncSession, *, name: str, org_id: int | None, role: Role, actor: str
+    session: AsyncSession,
+    *,
+    name: str,
+    org_id: int | None,
+    role: Role,
+    actor: str,
+    max_per_org: int | None = None,
 ) -> User:
+    """A new user; in an org, only while it has fewer than `max_per_org` enabled users (409):
+    rates and stream caps are per user and per token, so an org admin creating users without
+    end would multiply what the org can load onto the server."""
     if await session.scalar(select(User.id).where(User.name == name)) is not None:
         raise Conflict(f"user {name!r} already exists")
+    if org_id is not None and max_per_org is not None:
+        await _check_room(session, org_id, max_per_org)
     user = User(name=name, org_id=org_id, role=role)
     session.add(user)
     await session.flush()
@@ -31,6 +42,22 @@ async def create_user(
     )
     await session.flush()
     return user
+
+
+async def _check_room(session: AsyncSession, org_id: int, cap: int) -> None:
+    """409 when the org has `cap` enabled users already (counted up to the cap)."""
+    enabled = select(User.id).where(User.org_id == org_id, User.disabled_at.is_(None))
+    count = int(
+        await session.scalar(select(func.count()).select_from(enabled.limit(cap).subquery())) or 0
+    )
+    if count >= cap:
+        raise Conflict(
+            f"the org has {count} enabled users, the most one org may have "
+            "(max_users_per_org): disable one first (fairgpu user disable NAME)",
+            limit="max_users_per_org",
+            cap=cap,
+            count=count,
+        )
 
 
 async def get_user(session: AsyncSession, user_id: int, *, scope_org_id: int | None) -> User:

@@ -206,3 +206,39 @@ async def test_a_nul_in_a_url_is_400(world: World, url: str) -> None:
     async with world.client("member_a") as c:
         r = await c.post("/v1/jobs", json={**JOB, "org": "a\x00b"})
     assert r.status_code == 422, r.text
+
+
+@pytest.fixture
+async def staffed(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url, max_users_per_org=4) as app:
+        yield await seed_world(app)
+
+
+async def test_an_org_admin_cannot_multiply_its_orgs_rate_with_users(staffed: World) -> None:
+    """Rates and stream caps are per token and per user: an org admin creating users without
+    end would multiply them. Past `max_users_per_org` enabled users a new one is 409, whoever
+    asks; disabling one makes room; another org has its own count."""
+    async with staffed.client("admin_a") as c:  # org-a has 3 users
+        made = await c.post("/v1/users", json={"name": "fourth", "role": "member"})
+        assert made.status_code == 201, made.text
+        refused = await c.post("/v1/users", json={"name": "fifth", "role": "member"})
+        assert refused.status_code == 409
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        body = refused.json()
+        assert (body["limit"], body["cap"], body["count"]) == ("max_users_per_org", 4, 4)
+        listed = (await c.get("/v1/users")).json()
+        assert sorted(u["name"] for u in listed["data"]) == [
+            "admin-a", "fourth", "member-a", "member-a2"
+        ]  # fmt: skip
+    async with staffed.client("platform") as c:  # the cap is the org's, whoever creates
+        r = await c.post("/v1/users", json={"name": "fifth", "role": "member", "org": "org-a"})
+        assert r.status_code == 409
+    async with staffed.client("admin_b") as c:
+        for name in ("b3", "b4"):
+            r = await c.post("/v1/users", json={"name": name, "role": "member"})
+            assert r.status_code == 201
+    async with staffed.client("admin_a") as c:
+        disabled = await c.delete(f"/v1/users/{made.json()['id']}")
+        assert disabled.status_code == 200
+        again = await c.post("/v1/users", json={"name": "fifth", "role": "member"})
+        assert again.status_code == 201, again.text
