@@ -115,6 +115,8 @@ class Agent:
         self._join_token = config.join_token
         """Kept only until the node is registered: a join token never takes over a node."""
         self._isolation_reported = False
+        self._capabilities_reported: list[str] | None = None
+        """What the server last heard this agent can do (None: nothing yet since it started)."""
         self.heartbeat_interval_s = 10.0
         self.connected = asyncio.Event()
         self._changed = asyncio.Event()
@@ -154,14 +156,17 @@ class Agent:
         self.state.save_credential(self.credential)
         self.heartbeat_interval_s = reply.heartbeat_interval_s
         self._isolation_reported = True
+        self._capabilities_reported = body.capabilities
         self._forget_join_token()
         log.info("registered as node %s (id %d)", reply.node_name, reply.node_id)
         return self.credential
 
     def capabilities(self) -> list[str]:
-        """What this agent can do: "netns" only where it can build the namespaces."""
-        extra = [NETNS_CAPABILITY] if self.runner.confinement.namespaces is not None else []
-        return [*AGENT_CAPABILITIES, *extra]
+        """What this agent can do: "netns" only where it can build the namespaces and their
+        wall stands (agents/wallwatch.py)."""
+        wall = self.runner.confinement.wall
+        netns = wall is not None and wall.intact
+        return [*AGENT_CAPABILITIES, *([NETNS_CAPABILITY] if netns else [])]
 
     def _renew(self, credential: str) -> None:
         """The server renewed the node's credential: keep it (atomically) and use it next."""
@@ -181,6 +186,7 @@ class Agent:
         # Time limits and stops are enforced even before the server is reachable.
         watcher = asyncio.create_task(self._watch(stop))
         disk_watcher = asyncio.create_task(self._watch_disk(stop))
+        wall_watcher = asyncio.create_task(self._watch_wall(stop))
         backoff_s = 0.5
         try:
             await self._register_with_retry(stop)
@@ -212,9 +218,10 @@ class Agent:
                     await _sleep_or(stop, backoff_s)
                     backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
         finally:
-            watcher.cancel()
-            disk_watcher.cancel()
-            await asyncio.gather(watcher, disk_watcher, return_exceptions=True)
+            watchers = (watcher, disk_watcher, wall_watcher)
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
             await self.streams.close()
             await asyncio.to_thread(self.runner.confinement.close_network)
 
@@ -291,6 +298,22 @@ class Agent:
             except Exception:
                 log.exception("measuring the tasks' disk use failed; trying again")
 
+    async def _watch_wall(self, stop: asyncio.Event) -> None:
+        """Check the private tasks' nftables wall, in a thread, and put it back where anything
+        removed or changed it; report at once when the node can or cannot run private tasks."""
+        wall = self.runner.confinement.wall
+        if wall is None:
+            return
+        if self.metrics is not None:
+            self.metrics.wall = wall
+        while not stop.is_set():
+            await _sleep_or(stop, self.config.isolation.wall_check_interval_s)
+            try:
+                if await asyncio.to_thread(wall.check):
+                    self._changed.set()
+            except Exception:
+                log.exception("checking the network wall failed; trying again")
+
     async def _heartbeat_once(self, stop: asyncio.Event) -> None:
         assert self.credential is not None
         self._changed.clear()
@@ -315,20 +338,26 @@ class Agent:
         )
         held = self.connected.is_set() and not flushing
         wait_s = min(self.heartbeat_interval_s, MAX_WAIT_S) if held else 0.0
+        capabilities = self.capabilities()
         body = Heartbeat(
             samples=samples,
             tasks=reports,
             logs=chunks,
             wait_s=wait_s,
             isolation=None if self._isolation_reported else self.runner.confinement.mode,
-            capabilities=None if self._isolation_reported else self.capabilities(),
+            capabilities=None if capabilities == self._capabilities_reported else capabilities,
         )
+        if body.capabilities is not None:
+            # A request cut short may still have reached the server: until a reply says it has
+            # them, what the server knows is unknown, and the next heartbeat sends them again.
+            self._capabilities_reported = None
         sent_at = asyncio.get_running_loop().time()
         reply = await self._send_unless_changed(body, stop)
         if reply is None:
             return  # a task changed state locally: report it now, the reply comes again
         self.connected.set()
         self._isolation_reported = True
+        self._capabilities_reported = capabilities
         if reply.credential is not None:
             self._renew(reply.credential)
         self.runner.acknowledge({r.task_id for r in reports if r.state in TERMINAL_TASK_STATES})

@@ -29,6 +29,7 @@ import psutil
 from agents import sandbox
 from agents.cgroups import CgroupError, Hierarchy, Limits, TaskCgroup, open_hierarchy
 from agents.netns import Namespaces, NetnsError
+from agents.wallwatch import WallWatch
 from protocol.agent import Isolation, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class IsolationConfig:
     """Give tasks that ask for it (`TaskSpec.network="private"`) a network namespace of their
     own, where the node can (agents/netns.py); False: never (the agent then does not say
     "netns", and the server places no such job here)."""
+    wall_check_interval_s: float = 5.0
+    """How often the nftables wall of the private tasks' pastas is checked and put back if
+    anything removed or changed it (agents/wallwatch.py): the longest it can be missing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,8 @@ class Confinement:
         self.namespaces = namespaces
         self.no_namespaces = no_namespaces or "network namespaces are off on this node"
         """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
+        self.wall = WallWatch(namespaces) if namespaces is not None else None
+        """The periodic check of the namespaces' wall (the agent runs it)."""
         if config.mode == "strict":
             if os.geteuid() != 0:
                 raise IsolationUnavailable(
@@ -180,6 +186,12 @@ class Confinement:
             raise TaskRefused(
                 f"this node cannot give the task a network of its own ({self.no_namespaces}); "
                 "submit with --network host to run in the node's network"
+            )
+        if self.wall is not None and not self.wall.intact:
+            raise TaskRefused(
+                "this node cannot give the task a network of its own now (its nftables wall "
+                "was removed and cannot be made anew); submit again: it is placed on a node "
+                "that can"
             )
         cgroup, charge_to = group.helper_placement() if group is not None else (None, [])
         try:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -21,6 +21,9 @@ from prometheus_client.registry import Collector
 
 from agents.state import write_atomic
 from protocol.agent import GpuInfo, GpuSample
+
+if TYPE_CHECKING:
+    from agents.wallwatch import WallWatch
 
 log = logging.getLogger(__name__)
 _HEALTH_VALUE = {"healthy": 1.0, "unhealthy": 0.0, "lost": 0.0}
@@ -37,6 +40,8 @@ class AgentMetrics(Collector):
         self._samples: list[GpuSample] = []
         self._xid_totals: dict[int, int] = {}
         self._allocations: list[tuple[int, int, str]] = []
+        self.wall: WallWatch | None = None
+        """The check of the private tasks' nftables wall, on a node that has one."""
         self.registry.register(self)
 
     def update(
@@ -101,6 +106,8 @@ class AgentMetrics(Collector):
         for gpu, job, org in allocations:
             alloc.add_metric([self.node, str(gpu), str(job), org], 1.0)
         yield from (util, used, total, power, temp, healthy, energy, ecc, xid, alloc)
+        if self.wall is not None:
+            yield from _wall_metrics(self.node, self.wall)
 
     def serve(self, port: int, addr: str = "0.0.0.0", *, token: str | None = None) -> None:
         """In a thread. With `token`, a scrape must bring it as a bearer token: tasks share the
@@ -109,6 +116,30 @@ class AgentMetrics(Collector):
         guarded = _bearer_guard(app, token) if token else app
         server = make_server(addr, port, guarded, _ThreadingServer, handler_class=_QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+def _wall_metrics(node: str, wall: WallWatch) -> Iterator[Metric]:
+    """How often the wall was found removed or changed: each one a window in which private
+    tasks ran unwalled (at most one check interval), or stood still (while it stayed lost)."""
+    restores = CounterMetricFamily(
+        "fairgpu_agent_wall_restores",
+        "Times the nftables wall of the private tasks was found removed or changed and made anew.",
+        labels=["node"],
+    )
+    restores.add_metric([node], float(wall.restores))
+    failures = CounterMetricFamily(
+        "fairgpu_agent_wall_failures",
+        "Checks that found the nftables wall lost and could not make it anew.",
+        labels=["node"],
+    )
+    failures.add_metric([node], float(wall.failures))
+    intact = GaugeMetricFamily(
+        "fairgpu_agent_wall_intact",
+        "1 while the wall stands and the node takes private tasks, 0 while it is lost.",
+        labels=["node"],
+    )
+    intact.add_metric([node], 1.0 if wall.intact else 0.0)
+    yield from (restores, failures, intact)
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):

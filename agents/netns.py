@@ -118,6 +118,9 @@ class Namespaces:
         self.pasta_cgroups = wall.cgroup2 / f"{cgroup_parent.strip('/')}-pasta" / tag
         """Where the pastas that run in no cgroup of their task's have theirs (this agent's
         alone: `close` removes it, never the directory above, which other agents share)."""
+        self.lock = threading.RLock()
+        """Held while the wall's rules and the pastas change, so that a check of the wall
+        (agents/wallwatch.py, in a thread) never sees a rule whose pasta is only starting."""
 
     # per task ---------------------------------------------------------------------------------
     def name(self, task_id: int) -> str:
@@ -139,6 +142,10 @@ class Namespaces:
         """Make the task's namespace with pasta attached, walled; the prefix that runs a command
         in it. `cgroup`: pasta's cgroup v2 directory (made, empty) instead of one of its own;
         `charge_to`: more `cgroup.procs` files (cgroup v1 controllers) it joins before it starts."""
+        with self.lock:
+            return self._create(task_id, cgroup, charge_to)
+
+    def _create(self, task_id: int, cgroup: Path | None, charge_to: Sequence[Path]) -> list[str]:
         name = self.name(task_id)
         self.remove(task_id)  # what a crash between two steps left behind
         self.pid_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -172,6 +179,10 @@ class Namespaces:
     def remove(self, task_id: int) -> None:
         """End the namespace's pasta, its wall rule and its cgroup, and delete the namespace;
         nothing there is fine."""
+        with self.lock:
+            self._remove(task_id)
+
+    def _remove(self, task_id: int) -> None:
         pid_file = self._pid_file(task_id)
         pid = _read_pid(pid_file)
         name = self.name(task_id)
@@ -215,15 +226,22 @@ class Namespaces:
     def build_wall(self) -> None:
         """The agent's wall anew, with the rules of the pastas still running (their tasks
         outlived the agent's last run)."""
-        running = {}
+        with self.lock:
+            try:
+                self.wall.install(resolvers(), self.walled_pastas())
+            except WallError as exc:
+                raise NetnsError(str(exc)) from exc
+
+    def walled_pastas(self) -> dict[int, Path]:
+        """The pastas the wall has a rule for, and their cgroups: each one started whose cgroup
+        is still there (nft names a cgroup that exists; a rule of a pasta that died before its
+        task ended matches nothing, and goes with the task)."""
+        walled = {}
         for task_id in self.sweep_candidates():
             cgroup = self.pasta_cgroup(task_id)
-            if self.pasta_pid(task_id) is not None and cgroup is not None:
-                running[task_id] = cgroup
-        try:
-            self.wall.install(resolvers(), running)
-        except WallError as exc:
-            raise NetnsError(str(exc)) from exc
+            if cgroup is not None and cgroup.is_dir():
+                walled[task_id] = cgroup
+        return walled
 
     def sweep_candidates(self) -> set[int]:
         """The task ids that have a pid file here (a pasta started for them)."""

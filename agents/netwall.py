@@ -13,7 +13,11 @@ it, which every "hybrid" host mounts), and the table `inet fairgpu-<agent>` drop
   host-network task sending datagrams to the port a private task's UDP flow left open; pasta
   listens on no TCP port, and its connected TCP sockets take nothing from a node address they
   were not let connect to, so TCP needs no inbound rule, and must have none: the reset that
-  refuses pasta's own connection arrives from the node's address),
+  refuses pasta's own connection arrives from the node's address);
+- UDP that reaches a pasta's sockets from anywhere but a peer the task sent to (conntrack's
+  `ct state` neither established nor related): pasta receives a flow's replies on a socket
+  bound to the node's addresses at the task's port, which would otherwise take a datagram from
+  any machine that can reach the node, or from another port of the peer's,
 
 except DNS to and from the node's own resolvers (pasta forwards the task's queries to the first
 one, which is often 127.0.0.53). A private task has no address the node's namespace can route to,
@@ -22,7 +26,9 @@ so the node's local addresses are every other task's addresses it could otherwis
 TCP is refused with a reset, the rest with an ICMP "administratively prohibited", so a task that
 tries fails at once rather than after a time-out. The table names no other table and is replaced
 whole (one nft transaction) when the agent starts; a rule per pasta is added before that pasta
-starts and removed after it ended.
+starts and removed after it ended. Anything else may remove or change it (`nft flush ruleset`, a
+firewall reload): `differences` compares it with what the agent made, which agents/wallwatch.py
+does periodically, putting it back when it differs.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class Wall:
 
     def __init__(self, table: str, *, nft: str, cgroup2: Path) -> None:
         self.table, self.nft, self.cgroup2 = table, nft, cgroup2
+        self._made: dict[str, list[str]] | None = None
+        """The table as nft listed it right after `install` made it, less the pastas' rules
+        (which come and go): what `differences` compares the table with."""
 
     def install(self, resolvers: Iterable[str], pastas: dict[int, Path]) -> None:
         """Make the table anew (the previous one of this agent, if any, goes in the same
@@ -83,6 +92,7 @@ class Wall:
                 "  chain input {",
                 "    type filter hook input priority filter; policy accept;",
                 "    meta l4proto udp fib saddr type local jump pastas",
+                "    meta l4proto udp ct state != { established, related } jump pastas",
                 "  }",
                 "  chain pastas {",
                 "  }",
@@ -97,6 +107,30 @@ class Wall:
             ]
         )
         self._nft(["-f", "-"], script)
+        made = _blocks(self._nft(["list", "table", "inet", self.table]))
+        made.pop(_PASTAS, None)
+        self._made = made
+
+    def differences(self, pastas: dict[int, Path]) -> list[str]:
+        """How the table differs from the one `install` made with the rules of `pastas` (one
+        line each; none: it is intact). nft's own listing is compared, so a rule changed in
+        any way, added or removed is seen, whatever nft version prints it."""
+        if self._made is None:
+            return ["it was never made"]
+        try:
+            found = _blocks(self._nft(["list", "table", "inet", self.table]))
+        except WallError:
+            return [f"table inet {self.table} is gone"]
+        differences = []
+        expected = {**self._made, _PASTAS: sorted(self._rule_text(t, c) for t, c in pastas.items())}
+        for block in sorted(expected.keys() | found.keys()):
+            if block not in found:
+                differences.append(f"{block} is gone")
+            elif block not in expected:
+                differences.append(f"{block} was added")
+            elif sorted(found[block]) != sorted(expected[block]):
+                differences.append(f"{block} was changed")
+        return differences
 
     def admit(self, task_id: int, cgroup: Path) -> None:
         """Wall the pasta that will run in `cgroup` (made, and empty: sockets take the cgroup of
@@ -127,12 +161,13 @@ class Wall:
 
     # internals --------------------------------------------------------------------------------
     def _rule(self, task_id: int, cgroup: Path) -> str:
+        return f"add rule inet {self.table} pastas {self._rule_text(task_id, cgroup)}"
+
+    def _rule_text(self, task_id: int, cgroup: Path) -> str:
+        """A pasta's rule as nft lists it."""
         level = len(cgroup.relative_to(self.cgroup2).parts)
         where = os.path.relpath(cgroup, NFT_CGROUP_ROOT)
-        return (
-            f'add rule inet {self.table} pastas socket cgroupv2 level {level} "{where}" '
-            f'jump wall comment "task {task_id}"'
-        )
+        return f'socket cgroupv2 level {level} "{where}" jump wall comment "task {task_id}"'
 
     def _handles(self, task_id: int) -> list[int]:
         return [handle for found, handle in self._rules() if found == task_id]
@@ -166,6 +201,26 @@ class Wall:
             lines = [line for line in done.stderr.splitlines() if "Error:" in line]
             raise WallError(f"nft: {lines[0] if lines else f'exit status {done.returncode}'}")
         return done.stdout
+
+
+_PASTAS = "chain pastas"
+
+
+def _blocks(listing: str) -> dict[str, list[str]]:
+    """`nft list table`'s output as {"chain NAME" (or "set NAME", ...): its lines}."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in listing.splitlines()[1:]:  # the first opens the table
+        line = raw.strip()
+        if not line:
+            continue
+        if current is None and line.endswith("{"):
+            current = blocks.setdefault(line.removesuffix("{").strip(), [])
+        elif line == "}":
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
 
 
 def resolvers(path: Path = Path("/etc/resolv.conf")) -> list[str]:

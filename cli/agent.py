@@ -133,6 +133,15 @@ def agent(
             envvar="FAIRGPU_AGENT_NETNS",
         ),
     ] = True,
+    wall_check_interval_s: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between two checks of the nftables wall of the private tasks' "
+            "networks, which put it back where anything (nft flush ruleset, a firewall reload) "
+            "removed or changed it: the longest it can be missing.",
+            min=0.1,
+        ),
+    ] = 5.0,
     task_uid_base: Annotated[
         int,
         typer.Option(
@@ -289,6 +298,7 @@ def agent(
             cgroup_parent=cgroup_parent,
             dev_dir=gpu_dev_dir,
             network_namespaces=netns,
+            wall_check_interval_s=wall_check_interval_s,
         ),
     )
     try:

@@ -18,6 +18,7 @@ import pytest
 from agents.client import AgentClient
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
+from agents.isolation import IsolationConfig
 from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
 from scheduler.settings import Settings
 from tests.harness.wire import Wire
@@ -58,7 +59,9 @@ class Harness:
         self.token = await self.cluster.user_token(await self.cluster.org(guaranteed=2))
         self.join = await self.cluster.join_token()
 
-    def start(self, *, join_token: str | None = "") -> Agent:
+    def start(
+        self, *, join_token: str | None = "", isolation: IsolationConfig | None = None
+    ) -> Agent:
         """An agent with two simulated H100s; `join_token` defaults to a valid one."""
         config = AgentConfig(
             server="http://fairgpu",
@@ -68,6 +71,7 @@ class Harness:
             address="127.0.0.1",
             poll_interval_s=0.02,
             max_backoff_s=0.2,
+            isolation=isolation or IsolationConfig(),
         )
         backend = SimulatedBackend(parse_simulate_spec("2xH100"), seed="node-a")
         client = AgentClient(config.server, transport=self.wire)

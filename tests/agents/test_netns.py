@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +203,22 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NetNode]:
     n.close()
 
 
+@dataclass(frozen=True)
+class Outside:
+    namespace: str
+    ports: list[int]
+
+
 @pytest.fixture
-def outside() -> Iterator[list[int]]:
+def outside(outside_network: Outside) -> list[int]:
+    """The ports the internet stand-in (`outside_network`) listens on."""
+    return outside_network.ports
+
+
+@pytest.fixture
+def outside_network() -> Iterator[Outside]:
     """A network namespace beyond the node, joined to it by a veth pair: the internet stand-in,
-    listening on TCP and UDP ports (returned)."""
+    listening on TCP and UDP ports."""
     tag = uuid.uuid4().hex[:6]
     ns, host_if, far_if = f"fgtest-out-{tag}", f"fgo{tag}", f"fgi{tag}"
     base = 47000 + random.randrange(500) * 4
@@ -228,7 +241,7 @@ ip netns exec {ns} ip link set lo up
     )
     try:
         wait_for(ready.exists, 10)
-        yield ports
+        yield Outside(ns, ports)
     finally:
         server.kill()
         server.wait()

@@ -1,0 +1,71 @@
+"""What the wall (agents/netwall.py) keeps out of a private task's pasta from other machines, as
+root, with real namespaces, pasta and an "outside" network namespace behind a veth pair."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.agents.helpers import spec, wait_for
+from tests.agents.test_isolation import ACME, PY
+from tests.agents.test_netns import (  # noqa: F401 - the fixtures
+    HOST_SIDE,
+    OUTSIDE,
+    NetNode,
+    Outside,
+    _free_ports,
+    node,
+    outside_network,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+# In the task: a UDP flow to the outside's listener (argv: its port), then 4 s of listening on
+# the flow's socket, printing what arrives.
+FLOW = """
+import socket, sys
+port, peer_port, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+s.settimeout(5)
+s.sendto(b"?", ("%s", peer_port))
+print("reply:", s.recv(100).decode(), flush=True)
+open(ready, "w").close()
+s.settimeout(4)
+try:
+    while True:
+        print("got:", s.recv(100).decode(), flush=True)
+except OSError:
+    pass
+"""
+
+
+def test_no_other_machine_can_send_into_a_private_tasks_udp_flow(
+    node: NetNode,  # noqa: F811
+    outside_network: Outside,  # noqa: F811
+) -> None:
+    """pasta receives the flow's replies on a socket bound to the node's addresses at the
+    task's port: only the flow's peer (its address and port) gets through, not another port of
+    the same machine nor another machine."""
+    ports = outside_network.ports
+    (port,) = _free_ports(1)
+    ready = node.confinement.task_dir(1) / "ready"
+    code = FLOW % OUTSIDE
+    node.runner.start(
+        spec(1, [PY, "-c", code, str(port), str(ports[3]), str(ready)], network="private", **ACME)
+    )
+    wait_for(lambda: ready.exists() or node._ended(1), 20)
+    intruder = f"""
+import socket
+for source in (0, {ports[0]}):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("{OUTSIDE}", source))
+        for _ in range(3):
+            s.sendto(b"intruder", ("{HOST_SIDE}", {port}))
+"""
+    namespace = outside_network.namespace
+    subprocess.run(["ip", "netns", "exec", namespace, PY, "-c", intruder], check=True)
+    log = node.result(1)["log"]
+    assert "reply: outside" in log, log
+    assert "intruder" not in log, log
