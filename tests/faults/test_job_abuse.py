@@ -165,6 +165,10 @@ def test_log_flood_through_an_agent_restart(tmp_path: Path, database_url: str) -
         url = f.server(
             FAIRGPU_TASK_LOG_MAX_BYTES=str(SERVER_LOG_CAP_BYTES),
             FAIRGPU_NODE_TIMEOUT_S="60",  # the restart below is not a node failure
+            # The job ends at SIGTERM, once its last buffered lines are through the pipe; on a
+            # crowded machine the log copier may not drain them within the fleet's 2 s grace,
+            # and a SIGKILL then would cut the log this test reads mid-line.
+            FAIRGPU_POLICY_PREEMPTION_GRACE_S="30",
         )
         org = stack.enter_context(setup_org(url, f.bootstrap(), tmp_path / "pids"))
         extra = ("--log-max-bytes", str(NODE_LOG_CAP_BYTES))

@@ -119,7 +119,7 @@ def serve_app(app: Any, **config: Any) -> Iterator[str]:
         sock.close()
 
 
-def wait_for(predicate: object, timeout_s: float = 15.0) -> None:
+def wait_for(predicate: object, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not callable(predicate) or not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
