@@ -357,9 +357,9 @@ class Settings(BaseSettings):
         100,
         ge=1,
         description="Events of one kind a tenant can repeat at will (`job.attach`, "
-        "`job.forward`) stored one by one per job; every later one is counted in a single "
-        "`<kind>.more` row (how many, the first and the last), so that a loop of connections "
-        "cannot fill the database.",
+        "`job.forward`, `job.hold`, `job.release`, `job.update`) stored one by one per job; "
+        "every later one is counted in a single `<kind>.more` row (how many, the first and the "
+        "last), so that a loop of connections or of hold and release cannot fill the database.",
     )
     task_log_retention_s: float = Field(
         30 * 86_400.0,

@@ -453,10 +453,16 @@ async def update_job(
         max_time_limit_s=settings.max_time_limit_s,
         interactive_max_time_s=settings.interactive_max_time_s,
         actor=principal.actor,
+        max_events=settings.max_job_events_per_kind,
     )
     await session.commit()
     _notify(request, "update")
     return await _read_public(session, job, principal)
+
+
+def _max_events(request: Request) -> int:
+    settings: Settings = request.app.state.settings
+    return settings.max_job_events_per_kind
 
 
 async def _job_to_change(session: SessionDep, job_id: str, principal: Principal) -> Job:
@@ -516,6 +522,7 @@ async def hold_job(
         may_admin=principal.can_admin_org(job.org_id),
         level=body.level if body else None,
         reason=body.reason if body else None,
+        max_events=_max_events(request),
     )
     await session.commit()
     _notify(request, "hold")
@@ -536,6 +543,7 @@ async def release_job(
         whole_array=arrays.names_array(job, job_id),
         actor=principal.actor,
         may_admin=principal.can_admin_org(job.org_id),
+        max_events=_max_events(request),
     )
     await session.commit()
     _notify(request, "release")

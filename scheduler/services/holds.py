@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Table, and_, func, insert, not_, or_, select, update
+from sqlalchemy import Table, and_, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event, Job
+from scheduler.db import Job
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, Forbidden
+from scheduler.services.jobevents import record_job_events
 
 HoldLevel = Literal["user", "admin"]
 USER: HoldLevel = "user"
@@ -30,7 +31,6 @@ HELD_USER = "JobHeldUser"
 HELD_ADMIN = "JobHeldAdmin"
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
-_EVENTS: Table = Event.__table__  # type: ignore[assignment]
 
 
 def level_of(job: Job) -> HoldLevel | None:
@@ -81,10 +81,12 @@ async def change_hold(
     level: HoldLevel | None = None,
     reason: str | None = None,
     now: datetime | None = None,
+    max_events: int,
 ) -> None:
     """Hold (at `level`, by default the caller's) or release the pending job, or every pending
     element of its array when `whole_array`. 409 when nothing is pending, 403 for a member
-    asking for an admin hold or releasing one."""
+    asking for an admin hold or releasing one. Each changed job gets its event, up to
+    `max_events` holds (and releases) per job, then counted (scheduler/services/jobevents.py)."""
     which = (
         _JOBS.c.array_job_id == job.array_job_id if whole_array else _JOBS.c.id == job.id,
         _JOBS.c.state == JobState.PENDING,
@@ -140,13 +142,14 @@ async def change_hold(
     ).all()
     if changed:
         at = now or utcnow()
-        await session.execute(
-            insert(_EVENTS),
+        await record_job_events(
+            session,
             [
                 {"at": at, "job_id": job_id, "org_id": org_id, "actor": actor,
                  "details": details, **event}
                 for job_id, org_id in changed
             ],
+            max_per_kind=max_events,
         )  # fmt: skip
     await session.flush()
     await session.refresh(job)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event, Job, Node, Task
+from scheduler.db import Job, Node, Task
 from scheduler.db.types import utcnow
 from scheduler.services.arrays import get_job_ref
 from scheduler.services.errors import Conflict
@@ -100,16 +100,16 @@ async def record_stream_event(
     `max_events` of its kind on the job, counted in one row (scheduler/services/jobevents.py)."""
     await record_job_event(
         session,
-        Event(
-            at=utcnow(),
-            kind=kind,
-            job_id=target.job_id,
-            node_id=target.node_id,
-            org_id=target.org_id,
-            actor=actor,
-            reason=reason,
-            details=details,
-        ),
+        {
+            "at": utcnow(),
+            "kind": kind,
+            "job_id": target.job_id,
+            "node_id": target.node_id,
+            "org_id": target.org_id,
+            "actor": actor,
+            "reason": reason,
+            "details": details,
+        },
         max_per_kind=max_events,
     )
 

@@ -10,19 +10,19 @@ import math
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, literal, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event, Job
+from scheduler.db import Job
 from scheduler.db.types import utcnow
 from scheduler.services import holds
 from scheduler.services import jobs as svc
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput
 from scheduler.services.interactivelimits import check_interactive_time
+from scheduler.services.jobevents import record_job_events
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
-_EVENTS: Table = Event.__table__  # type: ignore[assignment]
 
 
 async def update_job(
@@ -37,12 +37,14 @@ async def update_job(
     max_time_limit_s: int,
     interactive_max_time_s: int,
     actor: str,
+    max_events: int,
     now: datetime | None = None,
 ) -> None:
     """Apply the changes given (None: unchanged) to a pending job, or to every pending task of
     its array when `whole_array` (`may_admin`: the caller administers the job's org); 409 when
     there is none, 403 for a member raising the time or releasing an admin hold,
-    422 beyond the maximum (for an interactive job, its org's interactive maximum)."""
+    422 beyond the maximum (for an interactive job, its org's interactive maximum). Each
+    changed job gets a `job.update` event, up to `max_events` per job, then counted."""
     if job.state is not JobState.PENDING and not whole_array:
         raise Conflict(f"only pending jobs can be updated; job {job.id} is {job.state}")
     changes: dict[str, Any] = {}
@@ -77,17 +79,22 @@ async def update_job(
         changed = await session.execute(update(_JOBS).where(*which).values(**changes))
         if not changed.rowcount:  # type: ignore[attr-defined]
             raise Conflict(f"job {job.id} has no pending job or task to update")
-        elements = select(_JOBS.c.id, _JOBS.c.org_id).where(*which)
+        elements = (await session.execute(select(_JOBS.c.id, _JOBS.c.org_id).where(*which))).all()
         fields = {"at": now or utcnow(), "kind": "job.update", "actor": actor, "details": changes}
-        await session.execute(
-            insert(_EVENTS).from_select(
-                ["job_id", "org_id", *fields],
-                elements.add_columns(*(literal(v, _EVENTS.c[k].type) for k, v in fields.items())),
-            )
+        await record_job_events(
+            session,
+            [{"job_id": job_id, "org_id": org_id, **fields} for job_id, org_id in elements],
+            max_per_kind=max_events,
         )
     if hold is not None:
         await holds.change_hold(
-            session, job, hold=hold, whole_array=whole_array, actor=actor, may_admin=may_admin
+            session,
+            job,
+            hold=hold,
+            whole_array=whole_array,
+            actor=actor,
+            may_admin=may_admin,
+            max_events=max_events,
         )
     await session.flush()
     await session.refresh(job)

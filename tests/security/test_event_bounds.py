@@ -1,11 +1,12 @@
-"""A tenant looping attaches (or forwarded connections) into its job writes at most
-`max_job_events_per_kind` event rows of that kind on it; every later one is counted in one
-`<kind>.more` row, so `describe` still says how many, the first and the last. Real server
-(uvicorn on loopback), real WebSockets, SQLite and PostgreSQL."""
+"""A tenant looping attaches (or forwarded connections, holds, releases, updates) on its job
+writes at most `max_job_events_per_kind` event rows of each such kind; every later one is
+counted in one `<kind>.more` row, so `describe` still says how many, the first and the last.
+Real server (uvicorn on loopback or the app over httpx), real WebSockets, SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ import pytest
 
 from api.app import create_app
 from scheduler.settings import Settings
+from tests.api.helpers import World, running_app, seed_world
 from tests.harness.served import Served, seed_admin, serve_app
 from tests.security.test_stream_admission import Pool, _pool
 
 BOUND = 3
+JOB = {"command": ["python", "train.py"], "gpus_per_node": 1, "time_limit": 60}
 
 
 @pytest.fixture
@@ -71,3 +74,53 @@ def test_a_loop_of_attaches_stores_a_bounded_number_of_events(pool: Pool) -> Non
     out = pool.served.ok("describe", str(pool.jobs["ada"]))
     assert "job.attach.more" in out
     assert "4 more job.attach events" in out
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url, max_job_events_per_kind=2) as app:
+        yield await seed_world(app)
+
+
+async def _kinds(c: httpx.AsyncClient, job: int | str) -> dict[str, list[dict[str, Any]]]:
+    response = await c.get(f"/v1/jobs/{job}/events", params={"limit": 500})
+    assert response.status_code == 200, response.text
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for event in response.json()["data"]:
+        kinds.setdefault(event["kind"], []).append(event)
+    return kinds
+
+
+async def test_a_loop_of_hold_release_and_update_stores_a_bounded_number_of_events(
+    world: World,
+) -> None:
+    """A pending job held and released, or renamed, in a loop: each kind keeps its first two
+    events and one counted row; an array's elements are each bounded alike, and the job's
+    state changes stay exactly what they were."""
+    async with world.client("member_a") as c:
+        single = await c.post("/v1/jobs", json=JOB)
+        array = await c.post("/v1/jobs", json={**JOB, "array": "0-2"})
+        assert single.status_code == array.status_code == 201, (single.text, array.text)
+        job, first = single.json()["id"], array.json()["id"]
+        for target in (job, first):
+            for round_ in range(5):
+                assert (await c.post(f"/v1/jobs/{target}/hold")).status_code == 200
+                assert (await c.post(f"/v1/jobs/{target}/release")).status_code == 200
+                renamed = await c.patch(f"/v1/jobs/{target}", json={"name": f"n{round_}"})
+                assert renamed.status_code == 200, renamed.text
+        kinds = await _kinds(c, job)
+        for kind in ("job.hold", "job.release", "job.update"):
+            assert len(kinds[kind]) == 2
+            (more,) = kinds[kind + ".more"]
+            assert more["details"]["count"] == 3
+            assert more["actor"] == "user:member-a"
+        assert kinds["job.update.more"][0]["details"]["last"] == {"name": "n4"}
+        assert len(kinds["job.state"]) == 1  # the submission, unfolded
+        element = await c.get(f"/v1/jobs/{first}_2")
+        assert element.json()["name"] == "n4"  # the whole array was renamed
+        for ref in (f"{first}_0", f"{first}_2"):
+            kinds = await _kinds(c, ref)
+            assert [len(kinds["job.hold"]), kinds["job.hold.more"][0]["details"]["count"]] == [2, 3]
+        # The job can still be held, and it is: the folded rows change nothing but the count.
+        assert (await c.post(f"/v1/jobs/{job}/hold")).json()["held"] is True
+        assert (await _kinds(c, job))["job.hold.more"][0]["details"]["count"] == 4
