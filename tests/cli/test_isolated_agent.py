@@ -121,16 +121,17 @@ def test_two_orgs_on_one_strict_node(pool: Pool) -> None:
     )
     pool.wait_state("acme", acme, {"RUNNING"})
     acme_uid = UID_BASE + pool.org_ids["acme"]
-    wait_for(
-        lambda: any(
-            p.info["uids"] and p.info["uids"].real == acme_uid
-            for p in psutil.process_iter(["uids"])
-        )
-    )
-    [victim] = [
-        p.pid for p in psutil.process_iter(["uids", "name"])
-        if p.info["uids"] and p.info["uids"].real == acme_uid and p.info["name"] == "sleep"
-    ]  # fmt: skip
+
+    def acme_sleeps() -> list[int]:
+        return [
+            p.pid for p in psutil.process_iter(["uids", "name"])
+            if p.info["uids"] and p.info["uids"].real == acme_uid and p.info["name"] == "sleep"
+        ]  # fmt: skip
+
+    # RUNNING is reported once the task's first process runs: its `sh` may not have started
+    # `sleep` yet.
+    wait_for(acme_sleeps)
+    [victim] = acme_sleeps()
     probe = f"""
 import json, os, signal
 def attempt(fn):
