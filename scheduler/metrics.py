@@ -125,12 +125,12 @@ class SchedulerMetrics:
         )
         self.purged = Counter(
             f"{PREFIX}_retention_purged_rows",
-            "Rows deleted by retention, by table (log_chunks: task_log_retention_s; events: "
-            "job_detail_retention_s).",
+            "Rows deleted by retention, by table (log_chunks: task_log_retention_s; events, "
+            "and jobs that never started: job_detail_retention_s).",
             ["table"],
             registry=r,
         )
-        for table in ("log_chunks", "events"):
+        for table in ("log_chunks", "events", "jobs"):
             self.purged.labels(table=table)
         self.pending_by_reason: dict[tuple[str, str], int] = {}
         self.cycles.labels(result="ok")

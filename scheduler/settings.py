@@ -372,8 +372,9 @@ class Settings(BaseSettings):
         gt=0,
         description="The events of a job that ended longer ago than this, and the batch script "
         "and secrets it kept, are deleted by the scheduler (in batches); one `job.purged` event "
-        "says how many went. The job's row, tasks, allocations and usage ledger stay: "
-        "`fairgpu history` and usage reports are unchanged.",
+        "says how many went. The row, tasks, allocations and usage ledger of a job that ran "
+        "stay (`fairgpu history` and usage reports read them); a job that never started is "
+        "deleted whole.",
     )
 
     @model_validator(mode="before")

@@ -2,12 +2,15 @@
 `job_detail_retention_s`, and the batch script and secrets they kept, are deleted by the
 scheduler leader in small batches (a short transaction each), never by a request.
 
-What stays is what accounting and `fairgpu history` read: the job row (state, exit code, times,
-GPUs), its tasks and allocations, and the usage ledger (the ledger's rows cascade from them, so
-removing them would break "the ledger equals the sum of allocation intervals"). In place of its
-events each purged job keeps one `job.purged` row: how many were deleted, the first and the last,
-so that `describe` says what happened to them. Log chunks have their own, shorter retention
-(scheduler/services/logretention.py).
+What stays of a job that ran is what accounting and `fairgpu history` read: the job row (state,
+exit code, times, GPUs), its tasks and allocations, and the usage ledger (the ledger's rows
+cascade from them, so removing them would break "the ledger equals the sum of allocation
+intervals"). In place of its events each purged job keeps one `job.purged` row: how many were
+deleted, the first and the last, so that `describe` says what happened to them. A job that never
+started (cancelled while pending, say) has no task, allocation or ledger row: it is deleted
+whole, unless another job still names it (a dependency, or the array it heads), so that a loop
+of submit and cancel leaves nothing behind for ever. Log chunks have their own, shorter
+retention (scheduler/services/logretention.py).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
-from scheduler.db import Event, Job
+from scheduler.db import Event, Job, JobDependency, Task
 from scheduler.db.types import utcnow
 
 PURGED_EVENT = "job.purged"
+ArrayElement = aliased(Job)
 BATCH_JOBS = 200  # jobs looked at per transaction
 BATCH_EVENTS = 2_000  # events deleted per transaction, however many of them one job has
 MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never holds up a cycle
@@ -31,14 +36,17 @@ MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never hold
 
 @dataclass
 class Purged:
-    """What one pass removed: event rows, and jobs whose script or secrets were cleared."""
+    """What one pass removed: event rows, jobs whose script or secrets were cleared, and jobs
+    that never started, deleted whole."""
 
     events: int = 0
     jobs: int = 0
+    deleted_jobs: int = 0
 
     def add(self, other: Purged) -> None:
         self.events += other.events
         self.jobs += other.jobs
+        self.deleted_jobs += other.deleted_jobs
 
 
 async def ended_jobs(
@@ -67,6 +75,7 @@ async def purge_jobs(session: AsyncSession, job_ids: list[int], *, limit: int) -
     if doomed:
         await session.execute(delete(Event).where(Event.id.in_([row.id for row in doomed])))
         await _count_purged(session, doomed)
+        await session.flush()  # before a delete of the jobs, which takes their new row along
     cleared = await session.execute(
         update(Job)
         .where(
@@ -81,6 +90,28 @@ async def purge_jobs(session: AsyncSession, job_ids: list[int], *, limit: int) -
         .execution_options(synchronize_session=False)
     )
     return Purged(events=len(doomed), jobs=int(cleared.rowcount or 0))  # type: ignore[attr-defined]
+
+
+async def delete_unstarted(session: AsyncSession, job_ids: list[int]) -> int:
+    """Delete the jobs among `job_ids` that never had a task (so no allocation and no ledger
+    row) and that no other job names: as its dependency, or as the head of its array."""
+    dependent = select(JobDependency.job_id).where(JobDependency.depends_on_id == Job.id)
+    task = select(Task.id).where(Task.job_id == Job.id)
+    element = select(ArrayElement.id).where(
+        ArrayElement.array_job_id == Job.id, ArrayElement.id != Job.id
+    )
+    result = await session.execute(
+        delete(Job)
+        .where(
+            Job.id.in_(job_ids),
+            Job.ended_at.is_not(None),
+            ~task.exists(),
+            ~dependent.exists(),
+            ~element.exists(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 async def _count_purged(session: AsyncSession, doomed: Sequence[Any]) -> None:
@@ -140,10 +171,14 @@ class JobRetention:
                 )
                 if not jobs:
                     break
-                batch = await purge_jobs(session, [j.id for j in jobs], limit=BATCH_EVENTS)
+                ids = [j.id for j in jobs]
+                batch = await purge_jobs(session, ids, limit=BATCH_EVENTS)
+                done = batch.events < BATCH_EVENTS  # else they have more: the same batch again
+                if done:
+                    batch.deleted_jobs = await delete_unstarted(session, ids)
                 await session.commit()
             purged.add(batch)
-            if batch.events < BATCH_EVENTS:  # else these jobs have more: the same batch again
+            if done:
                 self.done_through = (jobs[-1].ended_at, jobs[-1].id)
                 if len(jobs) < BATCH_JOBS:
                     break

@@ -393,9 +393,15 @@ class SchedulerRuntime:
         except Exception:  # the next pass retries
             log.exception("job detail retention pass failed")
             return 0
-        if purged.events or purged.jobs:
+        if purged.events or purged.jobs or purged.deleted_jobs:
             self.metrics.purged.labels(table="events").inc(purged.events)
-            log.info("purged %d events of %d or more expired jobs", purged.events, purged.jobs)
+            self.metrics.purged.labels(table="jobs").inc(purged.deleted_jobs)
+            log.info(
+                "purged %d events of %d or more expired jobs; deleted %d that never started",
+                purged.events,
+                purged.jobs,
+                purged.deleted_jobs,
+            )
         return purged.events
 
     async def _sleep(self, seconds: float) -> None:

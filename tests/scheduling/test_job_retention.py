@@ -9,11 +9,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from protocol.states import JobState
-from scheduler.db import Allocation, Event, Job, Org, Task, UsageRecord, User
+from scheduler.db import Allocation, Event, Job, JobDependency, Org, Task, UsageRecord, User
 from scheduler.services import jobretention
 from scheduler.services.accounting import settle_allocations
 from scheduler.services.usage import usage_report
@@ -178,3 +178,61 @@ async def test_the_leader_purges_expired_job_details_in_batches(
         purged = await cluster.runtime.job_retention.run_pass(maker, now=later)
         assert (purged.events, purged.jobs) == (2, 1)
         assert len(await _events(maker, running)) == 2
+
+
+async def test_jobs_that_never_started_are_deleted_whole_unless_another_names_them(
+    database_url: str,
+) -> None:
+    """A loop of submit and cancel leaves job rows with no task, allocation or ledger row:
+    past the retention they go whole; one that a dependency or its array's other elements
+    still name stays (with its events purged), and a job that ran keeps its row."""
+    settings = fast_settings(
+        database_url, job_detail_retention_s=RETENTION_S, cycle_interval_s=60.0
+    )
+    async with running_cluster(settings) as cluster:
+        maker = cluster.sessionmaker
+        old = datetime.now(UTC) - timedelta(seconds=2 * RETENTION_S)
+        async with maker() as session:
+            org = await factories.org(session)
+            user = await factories.user(session, org)
+            ran = await _job_with_events(session, org, user, ended_s_ago=1200, events=1)
+
+            async def cancelled(**kw: object) -> int:
+                job = await factories.job(
+                    session, org, user, state=JobState.CANCELLED, ended_at=old, **kw
+                )
+                session.add(Event(at=old, kind="job.state", job_id=job.id, actor="user:ada"))
+                await session.flush()
+                return job.id
+
+            alone = await cancelled()
+            named = await cancelled()
+            waiting = await factories.job(session, org, user, state=JobState.PENDING)
+            session.add(JobDependency(job_id=waiting.id, depends_on_id=named))
+            head = await cancelled()
+            await session.execute(update(Job).where(Job.id == head).values(array_job_id=head))
+            element = await cancelled(array_job_id=head)
+            await session.commit()
+        ledger = await _ledger(maker)
+
+        cluster.runtime.job_retention.done_through = None  # the rows were written backdated
+        cluster.runtime.logs_expired_at = time.monotonic() + 3600
+        assert await cluster.runtime.expire_job_details() == 5  # ran's 1 and the four's
+        async with maker() as session:
+            left = set(await session.scalars(select(Job.id)))
+        assert left == {ran, named, head, waiting.id}  # alone and the element are gone
+        assert {alone, element}.isdisjoint(left)
+        assert [e.kind for e in await _events(maker, named)] == ["job.purged"]
+        allocated, allocations, tasks, _ = await _ledger(maker)
+        assert (allocated, allocations, tasks) == ledger[:3]  # nothing that ran was touched
+        registry = cluster.runtime.metrics.registry
+        assert (
+            registry.get_sample_value("fairgpu_retention_purged_rows_total", {"table": "jobs"}) == 2
+        )
+
+        # Once its last element is gone, the array's head goes too (on a later pass: the
+        # leader starts over after a restart).
+        cluster.runtime.job_retention.done_through = None
+        await cluster.runtime.expire_job_details()
+        async with maker() as session:
+            assert set(await session.scalars(select(Job.id))) == {ran, named, waiting.id}
