@@ -53,6 +53,11 @@ class TaskCgroup(ABC):
     def procs_files(self) -> list[Path]:
         """Where a process writes its pid to join (every controller's directory on v1)."""
 
+    @property
+    @abstractmethod
+    def members_file(self) -> Path:
+        """The `cgroup.procs` file that lists the task's own processes (what `pids()` reads)."""
+
     @abstractmethod
     def pids(self) -> list[int]: ...
 
@@ -146,8 +151,12 @@ class _V2Task(TaskCgroup):
     def procs_files(self) -> list[Path]:
         return [self.path / "cgroup.procs"]
 
+    @property
+    def members_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
     def pids(self) -> list[int]:
-        return _read_pids(self.path / "cgroup.procs")
+        return _read_pids(self.members_file)
 
     def oom_killed(self) -> bool:
         return _counter(self.path / "memory.events", "oom_kill") > 0
@@ -233,9 +242,13 @@ class _V1Task(TaskCgroup):
     def procs_files(self) -> list[Path]:
         return [path / "cgroup.procs" for path in self.paths.values()]
 
-    def pids(self) -> list[int]:
+    @property
+    def members_file(self) -> Path:
         # Every member joined every controller; the freezer's list is the one kill() acts on.
-        return _read_pids(self.paths["freezer"] / "cgroup.procs")
+        return self.paths["freezer"] / "cgroup.procs"
+
+    def pids(self) -> list[int]:
+        return _read_pids(self.members_file)
 
     def oom_killed(self) -> bool:
         return _counter(self.paths["memory"] / "memory.oom_control", "oom_kill") > 0

@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agents import disk, idle
+from agents import disk, idle, shells
 from agents.client import AgentClient, AuthError, ServerUnavailable
 from agents.gpu import GpuBackend
 from agents.idle import IdleWatch
@@ -413,8 +413,11 @@ class Agent:
                 # A new stream: poll again at once rather than wait out the interval here, so
                 # that the next stream (another tenant's, perhaps) comes with the held poll. The
                 # server holds that poll, since the streams it has sent are no news.
+                shell = (
+                    shells.opener(self.runner, request.task_id) if request.kind == "new" else None
+                )
                 changed |= self.streams.open(
-                    request, self.credential.credential, terminal, processes
+                    request, self.credential.credential, terminal, processes, shell
                 )
         return changed
 

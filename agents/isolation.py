@@ -244,6 +244,10 @@ class Confinement:
     def org_roots(self, org: str) -> list[Path]:
         return [Path(template.replace("{org}", org)) for template in self.config.org_roots]
 
+    def workdir(self, spec: TaskSpec) -> Path:
+        """The directory the task runs in (it has been checked when the task started)."""
+        return self._workdir(spec, self.org_roots(spec.org)) or self.task_dir(spec.task_id)
+
     def _workdir(self, spec: TaskSpec, roots: list[Path]) -> Path | None:
         if spec.workdir is None:
             return None

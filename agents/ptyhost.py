@@ -19,6 +19,12 @@ is missed) or after ATTACH_WAIT_S without one, and then:
   as a shell reports it) to every client, and exits with that status.
 
 Living outside the agent, the terminal survives an agent restart as the task itself does.
+
+With `--new WATCH_FD` first (`fairgpu attach --new`, agents/shells.py) it hosts a new shell in a
+running task's sandbox instead: nothing runs unless a client comes within ATTACH_WAIT_S, and the
+shell is hung up (SIGHUP, SIGTERM, then SIGKILL after HANGUP_S) once its last client has left
+or the task has ended (WATCH_FD, a pidfd of the task's wrapper, becomes readable), as a
+terminal whose connection drops is.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ MAX_CLIENTS = 8
 """Attached at once; each may hold BACKLOG_BYTES here, so this bounds the host's memory."""
 DRAIN_S = 0.2
 """After the command exits: how long output its leftovers still print is waited for."""
+HANGUP_S = 2.0
+"""A new shell hung up: how long it has to end before SIGKILL."""
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -61,10 +69,15 @@ class Client:
 
 
 class Host:
-    def __init__(self, master: int, listener: socket.socket, wakeup: int) -> None:
+    def __init__(
+        self, master: int, listener: socket.socket, wakeup: int, watch: int | None = None
+    ) -> None:
         self.master = master
         self.wakeup = wakeup  # signal.set_wakeup_fd's pipe: SIGCHLD ends the wait at once
         self.listener = listener
+        self.watch = watch
+        """A pidfd of the task's wrapper (a new shell's host): readable once the task ended."""
+        self.task_ended = False
         self.heard = False
         """A client has sent its first frame (the CLI's window size): the command may start."""
         self.clients: dict[int, Client] = {}
@@ -205,6 +218,8 @@ class Host:
             selector.register(self.master, events_master, "master")
         selector.register(self.listener, selectors.EVENT_READ, "listener")
         selector.register(self.wakeup, selectors.EVENT_READ, "wakeup")
+        if self.watch is not None and not self.task_ended:
+            selector.register(self.watch, selectors.EVENT_READ, "watch")
         for client in self.clients.values():
             events = 0 if len(self.to_terminal) >= BACKLOG_BYTES else selectors.EVENT_READ
             if client.outbox:
@@ -222,6 +237,8 @@ class Host:
             elif key.data == "wakeup":
                 with contextlib.suppress(OSError):
                     os.read(self.wakeup, 4096)
+            elif key.data == "watch":
+                self.task_ended = True
             elif isinstance(key.data, Client) and key.data.sock.fileno() in self.clients:
                 if mask & selectors.EVENT_WRITE:
                     self.send(key.data)
@@ -306,23 +323,51 @@ def _listen(directory: str) -> socket.socket:
     return listener
 
 
+def _signal_session(child: int, master: int, sig: signal.Signals) -> None:
+    """`sig` to the command's session leader's group and the terminal's foreground group."""
+    with contextlib.suppress(OSError):
+        os.killpg(child, sig)
+    with contextlib.suppress(OSError):
+        os.killpg(os.tcgetpgrp(master), sig)
+
+
+def _wait_command(host: Host, child: int, *, new: bool) -> int:
+    """Relay until the command exits; its wait status. A new shell whose last client left, or
+    whose task ended, is hung up first (then killed after HANGUP_S)."""
+    hung_up_at: float | None = None
+    while True:
+        host.step(0.5 if hung_up_at is None else 0.05)
+        pid, wait_status = os.waitpid(child, os.WNOHANG)
+        if pid == child:
+            return os.waitstatus_to_exitcode(wait_status)
+        if not new:
+            continue
+        if hung_up_at is None and (host.task_ended or not host.clients):
+            hung_up_at = time.monotonic()
+            for sig in (signal.SIGHUP, signal.SIGCONT, signal.SIGTERM):
+                _signal_session(child, host.master, sig)
+        elif hung_up_at is not None and time.monotonic() - hung_up_at > HANGUP_S:
+            _signal_session(child, host.master, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
+    new = argv[1] == "--new"
+    watch = int(argv[2]) if new else None
+    if new:
+        argv = argv[2:]
     directory, attach_wait_s, command = argv[1], float(argv[2]), argv[3:]
     listener = _listen(directory)
     master, slave = _open_terminal()
     wakeup_r, wakeup_w = os.pipe()
     os.set_blocking(wakeup_r, False)
     os.set_blocking(wakeup_w, False)
-    host = Host(master, listener, wakeup_r)
+    host = Host(master, listener, wakeup_r, watch)
     child: int | None = None
 
     def forward(signum: int, _frame: object) -> None:
         if child is None:  # stopped before anybody attached: nothing has run
             sys.exit(128 + signum)
-        with contextlib.suppress(OSError):
-            os.killpg(child, signum)
-        with contextlib.suppress(OSError):
-            os.killpg(os.tcgetpgrp(master), signum)
+        _signal_session(child, master, signal.Signals(signum))
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -331,17 +376,18 @@ def main(argv: list[str]) -> int:
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)
     # The command starts once the first client has said its window size (so that nothing it
-    # prints is missed and it draws for the right size), or unattended after attach_wait_s.
+    # prints is missed and it draws for the right size), or unattended after attach_wait_s;
+    # a new shell never runs unattended, nor once its task has ended.
     deadline = time.monotonic() + attach_wait_s
-    while not host.heard and time.monotonic() < deadline:
+    while not host.heard and not host.task_ended and time.monotonic() < deadline:
         host.step(0.1)
+    if new and (not host.heard or host.task_ended):
+        host.finish(1)  # a client that came as the task ended: no shell, status 1
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, SOCKET_NAME))
+        return 1
     child = _spawn(command, master, slave)
-    status: int | None = None
-    while status is None:
-        host.step(0.5)
-        pid, wait_status = os.waitpid(child, os.WNOHANG)
-        if pid == child:
-            status = os.waitstatus_to_exitcode(wait_status)
+    status = _wait_command(host, child, new=new)
     code = 128 - status if status < 0 else status
     host.finish(code)
     with contextlib.suppress(OSError):

@@ -108,6 +108,13 @@ def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[
     return env
 
 
+def launch_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[str, str]:
+    """A task's whole environment: what it inherits of the agent's, then fairgpu's and the
+    job's variables (`task_environment`)."""
+    inherited = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+    return inherited | task_environment(spec, cuda_by_uuid=cuda_by_uuid, home=home)
+
+
 class Runner:
     """The tasks of this node. Not thread-safe: the daemon calls it from one place."""
 
@@ -340,7 +347,7 @@ class Runner:
         error_path = self.state.sandbox_error_path(spec.task_id)
         prepared = self.confinement.prepare(spec, error_path)
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
-        env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ} | job_env
+        env = launch_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         argv = [*prepared.prefix, *spec.command]
         if spec.image and cfg.container_runtime == "docker" and prepared.netns is not None:
             raise TaskRefused(

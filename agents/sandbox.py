@@ -24,14 +24,21 @@ every task start pays for its start-up. In order, it
 
 A step that fails writes one line to the error file (opened before privileges are dropped) and
 exits 126 (127: command not found): the runner reports that line as the task's reason.
+
+With `"enter": true` in its config it instead puts a new process into a running task's sandbox
+(`fairgpu attach --new`, agents/shells.py): it joins the task's cgroup and network namespace,
+enters the mount and IPC namespaces of one of the task's processes, then takes steps 3 and 4 as
+above. A step that fails writes its line to stderr (the new shell's terminal) and exits 126.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import re
+import signal
 import sys
 from typing import Any
 
@@ -39,6 +46,7 @@ CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_NO_NEW_PRIVS = 38
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), linux/nsfs.h
 # Landlock (linux/landlock.h); the numbers are the same on every architecture.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_RESTRICT_SELF = 444, 446
 LANDLOCK_CREATE_RULESET_VERSION = 1
@@ -209,9 +217,93 @@ def scope() -> bool:
     return True
 
 
+def task_namespaces(members_file: str) -> tuple[int, int]:
+    """Open (mount, IPC) namespace fds of one of the task's processes: ones the sandbox made.
+
+    A task's process may have made namespaces of its own (an unprivileged user namespace with
+    a mount namespace in it): those are the tenant's, and entering them as root would let the
+    task arrange what this process sees before it drops its privileges. Only namespaces owned
+    by this process's own user namespace (which no task process can create) and other than
+    this process's own (the host's) are taken. The pid is held through a pidfd and checked
+    to be still a member after its namespaces are opened, so a pid reused meanwhile is not."""
+    own_user = os.stat("/proc/self/ns/user")
+    own_mnt = os.stat("/proc/self/ns/mnt")
+    for pid in _members(members_file):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        fds: list[int] = []
+        try:
+            for ns in ("mnt", "ipc"):
+                fds.append(os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
+            signal.pidfd_send_signal(pidfd, 0)  # still that process: the fds are its
+            ours = all(_owned_by(fd, own_user) for fd in fds)
+            host = _same_file(os.fstat(fds[0]), own_mnt)
+            if ours and not host and pid in _members(members_file):
+                mnt, ipc = fds
+                fds = []
+                return mnt, ipc
+        except OSError:
+            pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+            os.close(pidfd)
+    raise SandboxError("no process of the task is in its sandbox (has it ended?)")
+
+
+def _members(path: str) -> list[int]:
+    with open(path) as f:
+        return [int(line) for line in f if line.strip()]
+
+
+def _owned_by(ns_fd: int, user_ns: os.stat_result) -> bool:
+    owner = fcntl.ioctl(ns_fd, NS_GET_USERNS)
+    try:
+        return _same_file(os.fstat(owner), user_ns)
+    finally:
+        os.close(owner)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def enter(config: dict[str, Any], command: list[str]) -> int:
+    """A new process in the running task's sandbox, then `command` as the task's uid."""
+    step = "finding the task's sandbox"
+    try:
+        mnt, ipc = task_namespaces(config["members"])
+        netns = (
+            os.open(config["netns"], os.O_RDONLY | os.O_CLOEXEC) if config.get("netns") else None
+        )
+        step = "joining the task's cgroup"
+        join_cgroup(config["cgroup_procs"])
+        step = "entering the task's namespaces"
+        if netns is not None:
+            _check(_libc.setns(netns, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+        _check(_libc.setns(ipc, CLONE_NEWIPC), "setns(CLONE_NEWIPC)")
+        _check(_libc.setns(mnt, CLONE_NEWNS), "setns(CLONE_NEWNS)")
+        step = "switching to the task's user"
+        become(config["uid"], config["gid"])
+        step = "scoping the shell's abstract sockets and signals"
+        scope()
+        step = f"entering the working directory {config['cwd']}"
+        os.chdir(config["cwd"])
+        step = f"starting {command[0]}"
+        os.execvp(command[0], command)  # noqa: S606 - the agent's shell, no shell string
+    except (OSError, SandboxError, ValueError, KeyError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        os.write(2, f"fairgpu: {step}: {detail}\r\n".encode())
+    return 126
+
+
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     command = argv[2:]
+    if config.get("enter"):
+        return enter(config, command)
     error_fd = os.open(
         config["error_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
     )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from agents import ptyhost
 from agents.forward import forward_port
 from agents.ports import TaskProcesses
+from agents.shells import ShellOpener, ShellRefused
 from protocol.agent import StreamOpen
 from protocol.streams import (
     AGENT_STREAM_PATH,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 TERMINAL_WAIT_S = 5.0
+NEW_SHELL_WAIT_S = 15.0
+"""A new shell's host has just been started: it may take longer to listen on a busy node."""
 
 
 def stream_url(server: str, stream_id: str) -> str:
@@ -73,14 +76,16 @@ class Streams:
         credential: str,
         terminal: Path | None,
         processes: TaskProcesses | None = None,
+        shell: ShellOpener | None = None,
     ) -> bool:
         """Open the stream in the background (`terminal`: the task's socket directory;
-        `processes`: the task's, for a "port" stream, agents/forward.py); False when it was
-        asked for before (a server repeats a stream until it is claimed)."""
+        `processes`: the task's, for a "port" stream, agents/forward.py; `shell`: what opens
+        a new shell in the task, for a "new" one, agents/shells.py); False when it was asked
+        for before (a server repeats a stream until it is claimed)."""
         if request.id in self._seen:
             return False
         self._seen.add(request.id)
-        task = asyncio.create_task(self._run(request, credential, terminal, processes))
+        task = asyncio.create_task(self._run(request, credential, terminal, processes, shell))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -96,6 +101,7 @@ class Streams:
         credential: str,
         terminal: Path | None,
         processes: TaskProcesses | None,
+        shell: ShellOpener | None,
     ) -> None:
         from websockets.asyncio.client import connect  # only an agent that relays needs it
 
@@ -119,29 +125,61 @@ class Streams:
                 used()  # an attach, or a new forwarded connection, is someone using the task
                 if request.kind == "port":
                     await forward_port(websocket, request.port, processes, task_id, used)
-                    return
-                if terminal is None:
+                elif request.kind == "new":
+                    await _new_shell(websocket, shell, task_id, used)
+                elif terminal is None:
                     await _refuse(websocket, f"task {request.task_id} has no terminal here")
-                    return
-                try:
-                    reader, writer = await _connect_terminal(terminal)
-                except OSError as exc:
-                    await _refuse(websocket, f"the task's terminal is gone ({exc.strerror})")
-                    return
-                try:
-                    await _relay(websocket, reader, writer, used)
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
+                else:
+                    await _to_terminal(websocket, terminal, used)
         except Exception as exc:  # one stream's failure must not reach the agent
             log.warning("stream %s for task %d: %r", request.id[:8], request.task_id, exc)
 
 
-async def _connect_terminal(directory: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _to_terminal(
+    websocket: ClientConnection, directory: Path, used: Callable[[], None], wait_s: float = 0
+) -> None:
+    """Relay between the stream and the terminal host listening in `directory`."""
+    try:
+        reader, writer = await _connect_terminal(directory, wait_s or TERMINAL_WAIT_S)
+    except OSError as exc:
+        await _refuse(websocket, f"the task's terminal is gone ({exc.strerror})")
+        return
+    try:
+        await _relay(websocket, reader, writer, used)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _new_shell(
+    websocket: ClientConnection,
+    shell: ShellOpener | None,
+    task_id: int,
+    used: Callable[[], None],
+) -> None:
+    """A new shell in the task's sandbox on a terminal of its own, relayed until it ends (it
+    ends with this stream: its host hangs it up once its one client has gone)."""
+    if shell is None:
+        await _refuse(websocket, f"task {task_id} is not running on this node")
+        return
+    try:
+        opened = await shell()
+    except (ShellRefused, OSError) as exc:
+        await _refuse(websocket, f"cannot open a shell in task {task_id}: {exc}")
+        return
+    try:
+        await _to_terminal(websocket, opened.directory, used, wait_s=NEW_SHELL_WAIT_S)
+    finally:
+        await opened.close()
+
+
+async def _connect_terminal(
+    directory: Path, wait_s: float = TERMINAL_WAIT_S
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Through the directory's fd (a unix socket's path is limited to 108 bytes). A task that
-    has just started may not be listening yet: its host gets TERMINAL_WAIT_S to begin."""
-    deadline = asyncio.get_running_loop().time() + TERMINAL_WAIT_S
+    has just started may not be listening yet: its host gets `wait_s` to begin."""
+    deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
         try:

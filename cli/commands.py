@@ -30,7 +30,7 @@ COMMANDS: dict[str, Lazy] = {
     "attach": Lazy(
         "cli.interactive",
         "attach",
-        "Attach this terminal to a running interactive job (`run --pty`) again.",
+        "Attach to a running interactive job's terminal again, or open a new shell in a job.",
     ),
     "port-forward": Lazy(
         "cli.forward",

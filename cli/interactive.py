@@ -139,14 +139,24 @@ def attach(
     rank: Annotated[
         int, typer.Option("--rank", min=0, help="The node rank (0: the terminal).")
     ] = 0,
+    new: Annotated[
+        bool,
+        typer.Option(
+            "--new",
+            help="Open a new shell in the task's sandbox (any running job, any rank) beside "
+            "its own terminal; it ends when this connection does.",
+        ),
+    ] = False,
 ) -> None:
-    """Attach this terminal to a running interactive job (`run --pty`) again.
+    """Attach to a running interactive job's terminal again, or open a new shell in a job.
 
-    Ctrl-] then d detaches; the exit status is the remote program's when it ends."""
-    raise typer.Exit(_attach_when_ready(job, rank, retry=False))
+    With --new: a shell in any running job's sandbox (its uid, cgroup, namespaces, GPUs and
+    directory). Ctrl-] then d detaches (a new shell ends then); the exit status is the remote
+    program's."""
+    raise typer.Exit(_attach_when_ready(job, rank, retry=False, new=new))
 
 
-def _attach_when_ready(job_id: str, rank: int, *, retry: bool = True) -> int:
+def _attach_when_ready(job_id: str, rank: int, *, retry: bool = True, new: bool = False) -> int:
     """Attach and relay. A job that has only just started may need a moment before its
     terminal can be reached (409): `retry` waits for it up to START_GRACE_S."""
     from cli.config import resolve
@@ -158,7 +168,7 @@ def _attach_when_ready(job_id: str, rank: int, *, retry: bool = True) -> int:
     patience = Patience()  # a 429 (too many streams) is waited as the server says, bounded
     while True:
         try:
-            websocket = open_stream(creds, job_id, rank)
+            websocket = open_stream(creds, job_id, rank, new=new)
             break
         except ApiError as exc:
             if exc.status == 429 and patience.wait(exc, f"attach {job_id}"):
@@ -166,7 +176,7 @@ def _attach_when_ready(job_id: str, rank: int, *, retry: bool = True) -> int:
             if not (retry and exc.status == 409 and time.monotonic() < deadline):
                 report(exc, f"attach {job_id}", server=creds.server)
         time.sleep(POLL_S)
-    return relay(websocket, job_id)
+    return relay(websocket, job_id, new=new)
 
 
 def _wait_running(client: Client, job_id: str) -> None:

@@ -48,21 +48,23 @@ class Outcome:
     detached: bool = False
 
 
-def attach_url(server: str, job: str, rank: int) -> str:
+def attach_url(server: str, job: str, rank: int, *, new: bool = False) -> str:
     base = server.rstrip("/")
     scheme, _, rest = base.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws"
-    return f"{ws_scheme}://{rest}{ATTACH_PATH.format(job=job)}?rank={rank}"
+    query = f"rank={rank}&new=true" if new else f"rank={rank}"
+    return f"{ws_scheme}://{rest}{ATTACH_PATH.format(job=job)}?{query}"
 
 
-def open_stream(creds: Credentials, job: str, rank: int) -> ClientConnection:
-    """The WebSocket; ApiError for the server's refusal (404, 403, 409...)."""
+def open_stream(creds: Credentials, job: str, rank: int, *, new: bool = False) -> ClientConnection:
+    """The WebSocket (`new`: to a new shell in the task's sandbox); ApiError for the server's
+    refusal (404, 403, 409...)."""
     from websockets.exceptions import InvalidHandshake, InvalidStatus
     from websockets.sync.client import connect
 
     from cli.client import _tls
 
-    url = attach_url(creds.server, job, rank)
+    url = attach_url(creds.server, job, rank, new=new)
     tls = _tls(creds) if url.startswith("wss:") else None
     try:
         return connect(
@@ -247,14 +249,19 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def relay(websocket: ClientConnection, job: str) -> int:
-    """Relay until the end; the exit status for the CLI: the remote program's, 0 when detached."""
+def relay(websocket: ClientConnection, job: str, *, new: bool = False) -> int:
+    """Relay until the end; the exit status for the CLI: the remote program's, 0 when detached
+    (`new`: a new shell, which ends with this connection)."""
     if os.isatty(0):
-        sys.stderr.write(f"fairgpu: attached to job {job} ({ESCAPE_HELP})\r\n")
+        help_line = "Ctrl-] then d leaves and ends this shell" if new else ESCAPE_HELP
+        sys.stderr.write(f"fairgpu: attached to job {job} ({help_line})\r\n")
     with websocket:  # websockets wants its connections used as context managers
         outcome = Session(websocket).run()
     if outcome.detached:
-        sys.stderr.write(f"fairgpu: detached; `fairgpu attach {job}` returns to it\n")
+        if new:
+            sys.stderr.write(f"fairgpu: left the new shell in job {job}; it ends\n")
+        else:
+            sys.stderr.write(f"fairgpu: detached; `fairgpu attach {job}` returns to it\n")
         return 0
     if outcome.error is not None:
         fail(outcome.error, EXIT_STREAM_ERROR)

@@ -61,11 +61,12 @@ Capability = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-
 """Something an agent can do beyond what every agent of the protocol does; the server gives a
 node only the work its agent can carry out (and stores names it does not know yet, for a
 server upgraded after its agents)."""
-AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward")
+AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward", "new-shell")
 """What this agent can do. "signal": it takes `TaskSpec.signal` and `TaskStop.signal` (a job's
 `--signal`) and delivers them; an agent that does not say so may refuse a reply that has them.
 "pty": it runs `TaskSpec.pty` tasks under a terminal and opens `HeartbeatReply.streams`.
 "port-forward": it opens `StreamOpen` of kind "port" (to a port its task listens on).
+"new-shell": it opens `StreamOpen` of kind "new" (a new shell in a running task's sandbox).
 "netns" (not in this tuple: an agent adds it only where it can build the namespace, see
 agents/netns.py): it runs `TaskSpec.network="private"` tasks in a network namespace of their own."""
 NETNS_CAPABILITY = "netns"
@@ -341,9 +342,11 @@ class StreamOpen(_Reply):
 
     id: StreamId
     task_id: int
-    kind: Literal["attach", "port"] = "attach"
-    """"attach": the task's own terminal; "port": a TCP connection to `port`, if the task itself
-    listens there (`fairgpu port-forward`, an agent with the "port-forward" capability)."""
+    kind: Literal["attach", "new", "port"] = "attach"
+    """"attach": the task's own terminal; "new": a new shell in the task's sandbox on a terminal
+    of its own (`fairgpu attach --new`, an agent with the "new-shell" capability); "port": a TCP
+    connection to `port`, if the task itself listens there (`fairgpu port-forward`, an agent
+    with the "port-forward" capability)."""
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     """The task's TCP port, for a "port" stream."""
 

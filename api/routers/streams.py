@@ -99,11 +99,13 @@ async def deny(websocket: WebSocket, error: DomainError) -> None:
 
 
 @router.websocket("/v1/jobs/{job_id}/attach")
-async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0) -> None:
-    """Attach to a running job's terminal (rank 0 of a `run --pty` job). The job's owner, an
-    org-admin of its org or a platform admin: a member who is not the owner gets 403, another
-    org's user 404. Every attach is an event on the job; a terminal has at most 8 clients
-    (429 beyond). Frames: protocol/streams.py."""
+async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0, new: bool = False) -> None:
+    """Attach to a running job's terminal (rank 0 of a `run --pty` job), or with `new=true`
+    open a new shell in the sandbox of rank `rank` of any running job (on a terminal of its
+    own, ending with its connection). The job's owner, an org-admin of its org or a platform
+    admin: a member who is not the owner gets 403, another org's user 404. Every attach and new
+    shell is an event on the job; a job has at most 8 terminals, attached clients and new
+    shells together (429 beyond). Frames: protocol/streams.py."""
     with contextlib.ExitStack() as held:
         try:
             stream = await open_user_stream(
@@ -111,10 +113,10 @@ async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0) -> None:
                 held,
                 job_id,
                 rank=rank,
-                doing="attaching",
-                find=interactive.attach_target,
-                record=interactive.record_attach,
-                kind="attach",
+                doing="opening a shell" if new else "attaching",
+                find=interactive.new_shell_target if new else interactive.attach_target,
+                record=interactive.record_new_shell if new else interactive.record_attach,
+                kind="new" if new else "attach",
             )
         except DomainError as error:
             await deny(websocket, error)

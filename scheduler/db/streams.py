@@ -35,7 +35,7 @@ class Stream(Base):
     seconds to hours and is swept with its holder, and it must never hold a user's deletion."""
     org_id: Mapped[int | None] = mapped_column(Integer, index=True)
     """The org it counts against: its user's (None for a platform admin's)."""
-    kind: Mapped[str] = mapped_column(String(16))  # "attach" | "port"
+    kind: Mapped[str] = mapped_column(String(16))  # "attach" | "new" | "port"
     port: Mapped[int | None] = mapped_column(Integer)
     holder_id: Mapped[str] = mapped_column(String(64), index=True)
     holder_url: Mapped[str] = mapped_column(String(512))

@@ -23,6 +23,7 @@ from scheduler.services.jobevents import record_job_event
 from scheduler.services.jobs import check_may_act
 
 ATTACH_EVENT = "job.attach"
+SHELL_EVENT = "job.shell"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,32 @@ async def attach_target(
         raise Conflict(f"job {job.id}'s terminal is on rank 0; rank {rank} has none")
     return await task_target(
         session, job, rank, capability="pty", lacking="has no terminals (older than `run --pty`)"
+    )
+
+
+async def new_shell_target(
+    session: AsyncSession,
+    job_ref: str,
+    *,
+    rank: int,
+    user_id: int,
+    scope_org_id: int | None,
+    may_admin_org: Callable[[int], bool],
+) -> AttachTarget:
+    """The running task of rank `rank` of the job, if the caller may open a new shell in its
+    sandbox (`attach --new`): any rank of any running job, batch or interactive, as Slurm's
+    `srun --overlap --jobid`; not a container task, whose sandbox is its runtime's."""
+    job = await get_job_ref(session, job_ref, scope_org_id=scope_org_id)
+    check_may_act(job, user_id=user_id, may_admin_org=may_admin_org(job.org_id))
+    if job.state is not JobState.RUNNING:
+        raise Conflict(f"job {job.id} is {job.state.value}: only a running job takes a new shell")
+    if job.image:
+        raise Conflict(
+            f"job {job.id} runs in a container ({job.image}): `attach --new` opens shells "
+            "only in tasks that run on the node itself"
+        )
+    return await task_target(
+        session, job, rank, capability="new-shell", lacking="cannot open new shells"
     )
 
 
@@ -111,6 +138,21 @@ async def record_stream_event(
             "details": details,
         },
         max_per_kind=max_events,
+    )
+
+
+async def record_new_shell(
+    session: AsyncSession, target: AttachTarget, *, actor: str, max_events: int
+) -> None:
+    """Who opened a new shell, when, on which rank."""
+    await record_stream_event(
+        session,
+        target,
+        kind=SHELL_EVENT,
+        actor=actor,
+        reason=f"opened a new shell in the sandbox of rank {target.rank}",
+        details={"rank": target.rank},
+        max_events=max_events,
     )
 
 

@@ -20,12 +20,20 @@ from scheduler.db import Job, Stream
 from scheduler.services.errors import TooManyRequests
 from scheduler.services.interactive import AttachTarget
 
-StreamKind = Literal["attach", "port"]
+StreamKind = Literal["attach", "new", "port"]
 
-MAX_OPEN: dict[str, int] = {"attach": 8, "port": 64}
-"""Open streams of one job, per kind, whichever replicas hold them: a terminal takes at most 8
-clients (agents/ptyhost.MAX_CLIENTS), and 64 forwarded connections are what one user's browser
-tabs need while bounding the streams one tenant can ask a node's agent to open."""
+CAP_GROUP: dict[str, tuple[str, ...]] = {
+    "attach": ("attach", "new"),
+    "new": ("attach", "new"),
+    "port": ("port",),
+}
+"""The kinds counted together against a kind's cap: a terminal client and a new shell are both
+terminals into the job (`attach`, `attach --new`)."""
+MAX_OPEN: dict[str, int] = {"attach": 8, "new": 8, "port": 64}
+"""Open streams of one job, per cap group, whichever replicas hold them: 8 terminals (clients of
+the job's own terminal, agents/ptyhost.MAX_CLIENTS, and new shells together), and 64 forwarded
+connections, what one user's browser tabs need while bounding the streams one tenant can ask a
+node's agent to open."""
 ALIVE_REFRESH_S = 30.0
 """How often a server process marks the rows it holds as alive."""
 STALE_AFTER_S = 120.0
@@ -129,7 +137,7 @@ async def open_row(
     counts = (
         await session.execute(
             select(
-                func.count().filter(its, Stream.kind == kind),
+                func.count().filter(its, Stream.kind.in_(CAP_GROUP[kind])),
                 func.count().filter(mine),
                 func.count().filter(mine, pending),
                 func.count().filter(its, pending),
@@ -143,7 +151,7 @@ async def open_row(
     job_open, user_open, user_pending, job_pending, org_open = (int(n or 0) for n in counts)
     limit = MAX_OPEN[kind]
     if job_open > limit:
-        what = "forwarded connections" if kind == "port" else "terminal clients"
+        what = "forwarded connections" if kind == "port" else "terminals (attached or new shells)"
         raise TooManyRequests(
             f"job {target.job_id} has {limit} {what} open already; close some first"
         )

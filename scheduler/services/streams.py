@@ -281,6 +281,8 @@ class StreamHub:
             # Read inside the session: its rollback expires the rows, which then cannot load.
             for row in await streamrows.pending_rows(session, now=now):
                 kind: StreamKind = "port" if row.kind == "port" else "attach"
+                if row.kind == "new":
+                    kind = "new"
                 opened = StreamOpen(id=row.id, task_id=row.task_id, kind=kind, port=row.port)
                 expires = clock + (row.expires_at - now).total_seconds()
                 entry = _Waiting(opened, row.job_id, expires)

@@ -68,12 +68,15 @@ async def _open(
 
 async def test_the_caps_count_every_holders_rows_per_kind(session: AsyncSession) -> None:
     target = await _target(session)
+    # Clients of the job's terminal and new shells in its sandbox are terminals alike.
     for i in range(MAX_OPEN["attach"]):
-        await _open(session, target, f"attach-{i:02d}-xxxxxxxxxx", holder=f"holder-{i % 2}")
+        kind: StreamKind = "new" if i % 3 == 0 else "attach"
+        await _open(session, target, f"{kind}-{i:02d}-xxxxxxxxxxx", kind, holder=f"holder-{i % 2}")
     await session.commit()
-    with pytest.raises(TooManyRequests, match="8 terminal clients open already"):
-        await _open(session, target, "attach-one-too-many-xx")
-    await session.rollback()
+    for kind in ("attach", "new"):
+        with pytest.raises(TooManyRequests, match="8 terminals .attached or new shells. open"):
+            await _open(session, target, f"{kind}-one-too-many-xxx", kind)
+        await session.rollback()
     # Forwards are counted apart from terminals.
     await _open(session, target, "port-00-xxxxxxxxxxxxx", kind="port")
     await session.commit()
