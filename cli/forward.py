@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -97,11 +98,13 @@ def port_forward(
         report(fatal, f"port-forward {job}", server=creds.server)
 
 
-def stream_url(server: str, job: str, remote: int, rank: int) -> str:
+def stream_url(server: str, job: str, remote: int, rank: int, session: str) -> str:
+    """`session`: this run's id, so that its connections make one event on the job."""
     base = server.rstrip("/")
     scheme, _, rest = base.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws"
-    return f"{ws_scheme}://{rest}{FORWARD_PATH.format(job=job)}?port={remote}&rank={rank}"
+    query = f"port={remote}&rank={rank}&session={session}"
+    return f"{ws_scheme}://{rest}{FORWARD_PATH.format(job=job)}?{query}"
 
 
 class Forwarder:
@@ -110,7 +113,7 @@ class Forwarder:
     def __init__(self, creds: Credentials, job: str, remote: int, rank: int) -> None:
         self.creds = creds
         self.job = job
-        self.url = stream_url(creds.server, job, remote, rank)
+        self.url = stream_url(creds.server, job, remote, rank, secrets.token_hex(8))
         self.fatal: ApiError | None = None
         self._stop: asyncio.Event | None = None
 

@@ -132,14 +132,15 @@ async def open_user_stream(
     rank: int,
     doing: str,
     find: Callable[..., Awaitable[AttachTarget]],
-    record: Callable[..., Awaitable[None]],
+    record: Callable[..., Awaitable[int | None]],
     kind: StreamKind,
     port: int | None = None,
 ) -> PendingStream:
     """The user's stream into `job_id`'s rank `rank` (attach or forward), once the caller may
     (`find`: who may, as a DomainError) and there is room: its place in this process held in
     `held`, its row opened under the per-user, per-org and per-job bounds, its event (`record`)
-    committed with its row."""
+    committed with its row (and, when `record` names an event to count this stream in, a
+    forward session's, the stream's end is counted there)."""
     principal, user_id = await user_principal(websocket, doing)
     limits: StreamLimits = websocket.app.state.stream_limits
     limits.charge(user_id=user_id, org_id=principal.org_id)
@@ -156,7 +157,7 @@ async def open_user_stream(
                 scope_org_id=scope_of(principal),
                 may_admin_org=principal.can_admin_org,
             )
-            await record(
+            event_id = await record(
                 session,
                 target,
                 actor=principal.actor,
@@ -164,6 +165,7 @@ async def open_user_stream(
             )
             stream = await open_stream(websocket, session, target, kind, owner, port)
             await session.commit()
+        stream.event_id = event_id
         return stream
 
     # To its end even if the handler is cancelled: it may wait on the job's row and the user's
@@ -356,6 +358,7 @@ async def _relay(
                 return
             if (data := message.get("bytes")) is not None:
                 meter.from_job(len(data))
+                stream.bytes_from_job += len(data)
                 await user.send_bytes(data)
             elif (text := message.get("text")) is not None:
                 meter.from_job(0)
@@ -379,6 +382,7 @@ async def _relay(
     async def to_agent(message: Message) -> None:
         if (data := message.get("bytes")) is not None:
             meter.to_job(len(data))
+            stream.bytes_to_job += len(data)
             await agent.send_bytes(data)
         elif (text := message.get("text")) is not None:
             await agent.send_text(text)

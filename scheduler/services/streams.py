@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from protocol.agent import MAX_TASKS_PER_HEARTBEAT, StreamOpen
 from scheduler.db.engine import run_to_end
 from scheduler.db.types import utcnow
-from scheduler.services import streamrows
+from scheduler.services import forwarding, streamrows
 from scheduler.services.interactive import AttachTarget
 from scheduler.services.streamrows import (
     ALIVE_REFRESH_S,
@@ -64,6 +64,11 @@ class PendingStream:
     """The agent's side (its WebSocket, or another process's relay hop), once connected."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the relay has ended: the agent's endpoint returns (and closes) then."""
+    event_id: int | None = None
+    """The forward session's event that counts this connection at its end (services/
+    forwarding.py); None: nothing to count."""
+    bytes_to_job: int = 0
+    bytes_from_job: int = 0
 
     def open_message(self) -> StreamOpen:
         return StreamOpen(id=self.id, task_id=self.task_id, kind=self.kind, port=self.port)
@@ -173,8 +178,19 @@ class StreamHub:
         self._local.pop(stream.id, None)
         self._forget(stream.node_id, stream.id)
         self._tell({"op": "gone", "node": stream.node_id, "id": stream.id})
+
+        async def end(session: AsyncSession) -> None:
+            await streamrows.end_rows(session, [stream.id])
+            if stream.event_id is not None:  # in the same transaction: no write of its own
+                await forwarding.count_connection(
+                    session,
+                    event_id=stream.event_id,
+                    bytes_to_job=stream.bytes_to_job,
+                    bytes_from_job=stream.bytes_from_job,
+                )
+
         try:
-            await self._write(lambda session: streamrows.end_rows(session, [stream.id]))
+            await self._write(end)
         except Exception:  # swept once its holder stops keeping it alive
             log.exception("stream %s: its row could not be deleted", stream.id[:8])
 

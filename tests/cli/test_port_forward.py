@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -165,7 +166,20 @@ def test_forwarded_connections_reach_the_jobs_server(
         assert _metric(served, 'fairgpu_interactive_relayed_bytes_total{direction="from_job"}') > 0
         assert _metric(served, 'fairgpu_interactive_attach_latency_seconds_count{kind="port"}') >= 5
         described = served.ok("describe", job, token=people.owner)
-        assert f"forwarded a connection to port {port} of rank 0" in described
+        assert f"started forwarding port {port} of rank 0" in described
+
+        # One event for the whole port-forward run, however many connections it made: it
+        # counts them (and their bytes) as they end.
+        def forwards() -> list[dict[str, Any]]:
+            events = json.loads(served.ok("describe", job, "-o", "json"))["events"]
+            return [e for e in events if e["kind"].startswith("job.forward")]
+
+        wait_for(lambda: (forwards()[0]["details"] or {}).get("connections", 0) >= 6, 30)
+        [event] = forwards()
+        assert event["actor"] == "user:ada"
+        assert event["details"]["port"] == port
+        assert event["details"]["bytes_from_job"] >= 5 * len(BODY)
+        assert event["details"]["bytes_to_job"] > 0
 
 
 def test_another_orgs_port_on_the_same_node_is_refused(
