@@ -100,7 +100,7 @@ class SchedulerMetrics:
         )
         self.preemptions = Counter(
             f"{PREFIX}_preemptions",
-            "Jobs preempted, by reason (reclaim of a guarantee, priority).",
+            "Jobs preempted, by reason (reclaim of a guarantee, priority, consolidate).",
             ["reason"],
             registry=r,
         )

@@ -98,6 +98,17 @@ class PolicySettings(BaseSettings):
         description="Place a one-node job on a partly used node whose jobs end after it, so "
         "that nodes free whole for big jobs (else: the tightest node).",
     )
+    consolidate: bool = Field(
+        _DEFAULT.consolidate,
+        description="A borrower that fits nowhere may preempt small borrowers holding no more "
+        "GPUs than lie idle on a node, to gather it whole (docs/SCHEDULING.md section 7).",
+    )
+    consolidate_max_lost_s: float = Field(
+        _DEFAULT.consolidate_max_lost_s,
+        ge=0,
+        description="Most work (seconds since its last checkpoint, or its start) a job moved by "
+        "consolidation may lose.",
+    )
     backfill_depth: int = Field(
         _DEFAULT.backfill_depth, ge=1, description="Pending jobs examined per cycle."
     )

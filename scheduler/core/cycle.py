@@ -525,11 +525,30 @@ class _Cycle:
         self._bump_failed.add(memo)
         return False
 
-    def _commit(self, job: PendingJob, t: str, plan: Plan) -> None:
+    def _consolidate(self, job: PendingJob, types: tuple[str, ...]) -> bool:
+        """A borrower that fits nowhere gathers a mostly idle node from a few small borrowers.
+
+        Fragmentation leaves GPUs idle that no waiting gang can use; moving the few jobs that
+        keep such a node from being whole puts more GPUs to work than it stops (see `plan`).
+        """
+        if not (self.cfg.preemption and self.cfg.consolidate):
+            return False
+        for t in types:
+            plan = self.pre.plan(job, t, in_quota=False, consolidate=True)
+            if plan is not None:
+                self._commit(job, t, plan, PreemptionReason.CONSOLIDATE)
+                return True
+        return False
+
+    def _commit(
+        self, job: PendingJob, t: str, plan: Plan, reason: PreemptionReason | None = None
+    ) -> None:
         ready_at = self.pre.commit(job, t, plan)
         deadline = self.now + self.cfg.preemption_grace_s
         for v in plan.victims:
-            why = PreemptionReason.PRIORITY if v.org_id == job.org_id else PreemptionReason.RECLAIM
+            why = reason or (
+                PreemptionReason.PRIORITY if v.org_id == job.org_id else PreemptionReason.RECLAIM
+            )
             self.preemptions.append(Preemption(v.job_id, why, job.job_id, deadline))
         self.waits[job.job_id] = self.ex.preempting(job, t, plan, ready_at)
 
@@ -582,7 +601,7 @@ class _Cycle:
             if nodes is not None:
                 self.start(job, t, nodes, borrowed=True)
                 return True
-        if self._bump(job, types):
+        if self._bump(job, types) or self._consolidate(job, types):
             return True
         wait = self.ex.queued(job, types[0], None, borrowing=True)
         self._borrow_failed[key] = self.waits[job.job_id] = wait

@@ -239,21 +239,29 @@ class Preemptor:
             self._candidates[gpu_type] = out
         return out
 
-    def plan(self, job: PendingJob, gpu_type: str, in_quota: bool) -> Plan | None:
+    def plan(
+        self, job: PendingJob, gpu_type: str, in_quota: bool, consolidate: bool = False
+    ) -> Plan | None:
         """The cheapest nodes to free for the job's gang, or None (nothing is preempted then).
 
         Per node: GPUs free now, then GPUs already leaving, then victims in candidate order
         until the node fits; its cost is the GPUs those victims hold. Nodes whose victims stay
         within what their orgs borrow come first, then the cheapest, then the lowest id.
+        `consolidate` (a borrower that fits nowhere): victims are borrowers whose org keeps a
+        weighted share at least the job's, or its own jobs of no higher class, each losing at
+        most `consolidate_max_lost_s`, and only on nodes where they hold no more GPUs than are
+        idle there and no org drops below its guarantee.
         """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
         need = self.index.job_class(job)  # only nodes with the features it needs are freed
         cls = self.classes.get(job.priority_class, 0)
         # Beyond quota only the org's own jobs are victims: the memo is then per org.
-        memo = (gpu_type, site, gpn, cls, 0 if in_quota else job.org_id, need)
+        # Consolidation's victims depend on the org too; its memo keys are negative.
+        scope = 0 if in_quota else -1 - job.org_id if consolidate else job.org_id
+        memo = (gpu_type, site, gpn, cls, scope, need)
         if self.failed.get(memo, k + 1) <= k:
             return None
-        if in_quota:
+        if in_quota or consolidate:
             cands = self.candidates(gpu_type)
             if not cands and not self._incoming_of(gpu_type):
                 return None
@@ -291,7 +299,13 @@ class Preemptor:
             if g > 0 and matches(nid):
                 leaving[nid] = g
         # Eligible victims, grouped by the nodes they would free, in candidate order.
-        after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count) if in_quota else 0.0
+        after_share = (
+            books.weighted_share(job.org_id, gpu_type, job.gpu_count)
+            if in_quota or consolidate
+            else 0.0
+        )
+        kill_at = self.now + self.config.preemption_grace_s
+        most_lost = self.config.consolidate_max_lost_s
         over: dict[int, int] = {}
         # A victim org's weighted share without a candidate's GPUs, per (org, GPUs): the books do
         # not change during a plan, and a reclaim reads every candidate of the type.
@@ -301,10 +315,13 @@ class Preemptor:
         for r in cands:
             if r.job_id in chosen:
                 continue
+            if consolidate and work_lost_s(r, kill_at) > most_lost:
+                continue
             if r.org_id == job.org_id:
-                if classes.get(r.priority_class, 0) >= cls:
+                # A bump takes lower classes; consolidation moves any of no higher class.
+                if classes.get(r.priority_class, 0) >= cls + consolidate:
                     continue
-            elif in_quota:
+            elif in_quota or consolidate:
                 left = over.get(r.org_id)
                 if left is None:
                     left = over[r.org_id] = books.over(r.org_id, gpu_type)
@@ -343,6 +360,8 @@ class Preemptor:
                     spent[r.org_id] = spent.get(r.org_id, 0) + count[id(r)]
             # Only other orgs' victims count (a bump takes its own org's jobs alone: none).
             beyond = bool(spent) and any(n > over.get(o, 0) for o, n in spent.items())
+            if consolidate and (beyond or gpus > free[nid]):
+                continue
             options.append(_Option(beyond, gpus, lost, nid, victims))
         chosen_site: str | None = None
         picked: list[_Option] = []

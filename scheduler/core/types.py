@@ -51,6 +51,7 @@ class ReasonCode(StrEnum):
 class PreemptionReason(StrEnum):
     RECLAIM = "reclaim"  # an org takes its guarantee back from a borrower
     PRIORITY = "priority"  # a higher priority class inside the same org
+    CONSOLIDATE = "consolidate"  # a few small borrowers make a mostly idle node whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,12 @@ class PolicyConfig:
     # such node), so that a node's jobs end together and the node frees whole for 8-GPU jobs
     # and gangs; False: the tightest node (best fit) whatever its jobs' ends.
     pack_by_end: bool = True
+    # A borrowing job that fits nowhere may preempt borrowers (its own org's, or of orgs whose
+    # weighted share stays at least its own) on a node where they hold no more GPUs than lie
+    # idle there, each losing at most `consolidate_max_lost_s` of work: the scattered free GPUs
+    # come together for it, and the victims restart on the free GPUs left elsewhere.
+    consolidate: bool = True
+    consolidate_max_lost_s: float = 900.0
     # Switches that turn the fairgpu policy into the baselines the simulator compares with:
     # `fifo` = ordering "fifo", no backfill, no borrowing, no preemption;
     # `slurm-like` = ordering "multifactor", backfill, no borrowing (guarantees act as limits).
