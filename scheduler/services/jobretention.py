@@ -31,7 +31,8 @@ PURGED_EVENT = "job.purged"
 ArrayElement = aliased(Job)
 BATCH_JOBS = 200  # jobs looked at per transaction
 BATCH_EVENTS = 2_000  # events deleted per transaction, however many of them one job has
-MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never holds up a cycle
+MAX_BATCHES_PER_PASS = 5  # the rest waits for the next pass (a minute): a pass runs between
+# cycles, and 5 transactions of 2,000 events took 0.9-2.2 s on PostgreSQL at load 8-12
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Purged:
     events: int = 0
     jobs: int = 0
     deleted_jobs: int = 0
+    more: bool = False  # of one batch: its jobs have events left
 
     def add(self, other: Purged) -> None:
         self.events += other.events
@@ -63,15 +65,17 @@ async def ended_jobs(
 
 async def purge_jobs(session: AsyncSession, job_ids: list[int], *, limit: int) -> Purged:
     """Delete up to `limit` events of `job_ids` (their `job.purged` rows aside), count them in
-    each job's `job.purged` row, and clear the jobs' script and secrets."""
-    doomed = (
+    each job's `job.purged` row, and clear the jobs' script and secrets; `more`: events are
+    left."""
+    found = (
         await session.execute(
             select(Event.id, Event.job_id, Event.at)
             .where(Event.job_id.in_(job_ids), Event.kind != PURGED_EVENT)
             .order_by(Event.id)
-            .limit(limit)
+            .limit(limit + 1)
         )
     ).all()
+    doomed = found[:limit]
     if doomed:
         await session.execute(delete(Event).where(Event.id.in_([row.id for row in doomed])))
         await _count_purged(session, doomed)
@@ -89,7 +93,8 @@ async def purge_jobs(session: AsyncSession, job_ids: list[int], *, limit: int) -
         .values(script=None, job_secret=None, secret_env_ciphertext=None)
         .execution_options(synchronize_session=False)
     )
-    return Purged(events=len(doomed), jobs=int(cleared.rowcount or 0))  # type: ignore[attr-defined]
+    jobs = int(cleared.rowcount or 0)  # type: ignore[attr-defined]
+    return Purged(events=len(doomed), jobs=jobs, more=len(found) > limit)
 
 
 async def delete_unstarted(session: AsyncSession, job_ids: list[int]) -> int:
@@ -173,7 +178,7 @@ class JobRetention:
                     break
                 ids = [j.id for j in jobs]
                 batch = await purge_jobs(session, ids, limit=BATCH_EVENTS)
-                done = batch.events < BATCH_EVENTS  # else they have more: the same batch again
+                done = not batch.more  # else the same batch again
                 if done:
                     batch.deleted_jobs = await delete_unstarted(session, ids)
                 await session.commit()
