@@ -533,7 +533,16 @@ class _Cycle:
         """
         if not (self.cfg.preemption and self.cfg.consolidate):
             return False
+        half = (job.gpus_per_node + 1) // 2
         for t in types:
+            # Victims hold no more than lies idle, so every node of the gang has at least half
+            # its GPUs free, unless its own org's GPUs are leaving: a count decides most cases
+            # before a plan reads every candidate.
+            lvl = self.index.levels.get((t,))
+            if not self.pre.own_incoming.get((job.org_id, t)) and (
+                lvl is None or lvl.count_ge(half) < job.nodes
+            ):
+                continue
             plan = self.pre.plan(job, t, in_quota=False, consolidate=True)
             if plan is not None:
                 self._commit(job, t, plan, PreemptionReason.CONSOLIDATE)
