@@ -126,11 +126,12 @@ class SchedulerMetrics:
         self.purged = Counter(
             f"{PREFIX}_retention_purged_rows",
             "Rows deleted by retention, by table (log_chunks: task_log_retention_s; events, "
-            "and jobs that never started: job_detail_retention_s).",
+            "and jobs that never started: job_detail_retention_s; events of no job and "
+            "api_tokens: audit_retention_s).",
             ["table"],
             registry=r,
         )
-        for table in ("log_chunks", "events", "jobs"):
+        for table in ("log_chunks", "events", "jobs", "api_tokens"):
             self.purged.labels(table=table)
         self.pending_by_reason: dict[tuple[str, str], int] = {}
         self.cycles.labels(result="ok")

@@ -361,6 +361,13 @@ class Settings(BaseSettings):
         "every later one is counted in a single `<kind>.more` row (how many, the first and the "
         "last), so that a loop of connections or of hold and release cannot fill the database.",
     )
+    audit_retention_s: float = Field(
+        90 * 86_400.0,
+        gt=0,
+        description="Events that belong to no job (users, tokens, orgs, nodes) older than "
+        "this, and tokens revoked or expired longer ago than this, are deleted by the "
+        "scheduler (in batches): a tenant can write both at its change rate for ever.",
+    )
     task_log_retention_s: float = Field(
         30 * 86_400.0,
         gt=0,

@@ -35,6 +35,7 @@ from scheduler.db.engine import asyncpg_dsn
 from scheduler.db.types import utcnow
 from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
+from scheduler.services.auditretention import AuditRetention
 from scheduler.services.heartbeat.buffer import FlushResult, HeartbeatBuffer
 from scheduler.services.jobretention import JobRetention
 from scheduler.services.logretention import LogRetention
@@ -83,6 +84,7 @@ class SchedulerRuntime:
         self._explained_at = float("-inf")
         self.log_retention = LogRetention(settings.task_log_retention_s)
         self.job_retention = JobRetention(settings.job_detail_retention_s)
+        self.audit_retention = AuditRetention(settings.audit_retention_s)
         self.logs_expired_at = float("-inf")  # monotonic time of the last retention pass
         self._last_duration_s = 0.0
         self._settled_until: datetime | None = None  # open allocations in the ledger up to here
@@ -367,6 +369,7 @@ class SchedulerRuntime:
         if time.monotonic() - self.logs_expired_at >= LOG_RETENTION_INTERVAL_S:
             await self.expire_logs()
             await self.expire_job_details()
+            await self.expire_audit()
         async with self._cycle_done:
             self.cycles += 1
             self._cycle_done.notify_all()
@@ -403,6 +406,20 @@ class SchedulerRuntime:
                 purged.deleted_jobs,
             )
         return purged.events
+
+    async def expire_audit(self) -> tuple[int, int]:
+        """One pass of audit retention: events of no job and dead tokens past
+        `audit_retention_s`, a bounded number per pass; (events, tokens) deleted."""
+        try:
+            events, tokens = await self.audit_retention.run_pass(self.sessionmaker)
+        except Exception:  # the next pass retries
+            log.exception("audit retention pass failed")
+            return 0, 0
+        if events or tokens:
+            self.metrics.purged.labels(table="events").inc(events)
+            self.metrics.purged.labels(table="api_tokens").inc(tokens)
+            log.info("deleted %d old events of no job and %d dead tokens", events, tokens)
+        return events, tokens
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -1,0 +1,67 @@
+"""Audit retention: events that belong to no job (users, tokens, orgs, nodes) and tokens that
+were revoked or expired, older than `audit_retention_s`, are deleted by the scheduler leader in
+small batches (a short transaction each), never by a request.
+
+A tenant can write both at its change rate for as long as it likes (issue and revoke a token,
+create and disable a user); jobs' own events have their own retention
+(scheduler/services/jobretention.py). Nothing refers to a token row, and an event names its
+actor by name, so deleting either loses only the old audit line itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from scheduler.db import ApiToken, Event
+from scheduler.db.types import utcnow
+
+BATCH_ROWS = 2_000  # rows deleted per transaction
+MAX_BATCHES_PER_PASS = 5  # the rest waits for the next pass (a minute): it runs between cycles
+
+
+async def delete_old_events(session: AsyncSession, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` events of no job from before `before` (through `ix_events_at`)."""
+    old = select(Event.id).where(Event.at < before, Event.job_id.is_(None)).limit(limit)
+    result = await session.execute(delete(Event).where(Event.id.in_(old)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def delete_dead_tokens(session: AsyncSession, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` tokens revoked, or expired, before `before`."""
+    dead = (
+        select(ApiToken.id)
+        .where(or_(ApiToken.revoked_at < before, ApiToken.expires_at < before))
+        .limit(limit)
+    )
+    result = await session.execute(delete(ApiToken).where(ApiToken.id.in_(dead)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+@dataclass
+class AuditRetention:
+    """One leader's passes over audit rows older than `retention_s`."""
+
+    retention_s: float
+
+    async def run_pass(
+        self, sessionmaker: async_sessionmaker[AsyncSession], now: datetime | None = None
+    ) -> tuple[int, int]:
+        """(events, tokens) deleted, at most MAX_BATCHES_PER_PASS transactions in all."""
+        cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
+        deleted = [0, 0]
+        steps = (delete_old_events, delete_dead_tokens)
+        batches = 0
+        for index, step in enumerate(steps):
+            while batches < MAX_BATCHES_PER_PASS:
+                batches += 1
+                async with sessionmaker() as session:
+                    count = await step(session, before=cutoff, limit=BATCH_ROWS)
+                    await session.commit()
+                deleted[index] += count
+                if count < BATCH_ROWS:
+                    break
+        return deleted[0], deleted[1]
