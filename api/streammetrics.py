@@ -67,6 +67,31 @@ HOP_BYTES = Counter(
 )
 
 
+KINDS = ("attach", "new", "port")
+"""The streams' kinds (scheduler/services/streamrows.StreamKind)."""
+
+
+def _born() -> None:
+    """Every series the operators' dashboard draws exists from the start, at zero: a series
+    born with its first observation is invisible to rate() (no earlier point), and a gauge with
+    no series yet reads as "no data" rather than as none open."""
+    for kind in KINDS:
+        SESSIONS_OPEN.labels(kind)
+        ATTACH_LATENCY.labels(kind)
+        HOPS.labels(kind)
+        HOPS_OPEN.labels(kind)
+    for direction in (TO_JOB, FROM_JOB):
+        RELAYED_BYTES.labels(direction)
+        HOP_BYTES.labels(direction)
+
+
+_born()
+# Counted on every frame: the labelled children are looked up once, not per frame (a lock and
+# a dictionary lookup each time).
+_RELAYED_TO_JOB = RELAYED_BYTES.labels(TO_JOB)
+_RELAYED_FROM_JOB = RELAYED_BYTES.labels(FROM_JOB)
+
+
 class HopMeter:
     """The claiming process's side of one hop: counted when it starts, open until it ends."""
 
@@ -116,8 +141,8 @@ class StreamMeter:
             self._first_seen = True
             ATTACH_LATENCY.labels(self.kind).observe(time.monotonic() - self.requested_at)
         if size:
-            RELAYED_BYTES.labels(FROM_JOB).inc(size)
+            _RELAYED_FROM_JOB.inc(size)
 
     @staticmethod
     def to_job(size: int) -> None:
-        RELAYED_BYTES.labels(TO_JOB).inc(size)
+        _RELAYED_TO_JOB.inc(size)

@@ -10,6 +10,7 @@ pytest from collecting it unless named on the command line.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from websockets.sync.client import connect as ws_connect
 
 from tests.deploy.promql import (
     ALL_VALUES,
@@ -153,8 +155,29 @@ def run_workload(stack: Stack, prometheus: Prometheus) -> None:
     # acme wants its guarantee back: the borrower is preempted and waits again.
     stack.submit(acme, name="reclaim", command=SLEEP, gpus_per_node=2, gpu_type="H100",
                  time_limit=600)  # fmt: skip
+    interactive_session(stack, globex)
     _h100, a100 = stack.agents
     a100.inject("xid 2 48", "xid 2 13", "lost 3")
+
+
+def interactive_session(stack: Stack, token: str) -> None:
+    """A `run --pty` job attached to once, as the CLI does: the relay's series move."""
+    job = stack.submit(token, name="shell", command=["sh", "-c", "echo shell-ready; sleep 600"],
+                       gpus_per_node=1, gpu_type="A100-80GB", preemptible=True,
+                       interactive=True, time_limit=600)  # fmt: skip
+    with stack.client(token) as http:
+        wait_until(
+            "the shell runs", lambda: http.get(f"/v1/jobs/{job}").json()["state"] == "RUNNING", 60
+        )
+    url = stack.url.replace("http://", "ws://") + f"/v1/jobs/{job}/attach?rank=0"
+    with ws_connect(
+        url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=30
+    ) as ws:
+        ws.send(json.dumps({"type": "resize", "rows": 24, "cols": 80}))  # starts the command
+        seen = b""
+        while b"shell-ready" not in seen:
+            message = ws.recv(timeout=60)
+            seen += message if isinstance(message, bytes) else b""
 
 
 def test_every_panel_query_returns_data(prometheus_and_stack: tuple[Prometheus, Stack]) -> None:
