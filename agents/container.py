@@ -13,19 +13,32 @@ reads its input; apptainer's `exec` runs the program on the pty itself.
 Under strict isolation a container runs as the task's uid with no capabilities and no way to
 gain privileges, with its own IPC namespace, the task's memory, pids and CPU limits, and only the
 task's directory and its org's data roots mounted.
+
+A private network (`TaskSpec.network="private"`): podman joins the task's namespace by path.
+docker cannot, but it can join another container's: the pod model of Kubernetes. The agent
+starts a pause container (`--container-pause-image`, e.g. registry.k8s.io/pause) with no network
+of its own, makes its namespace the task's (agents/netns.py attaches pasta to it, walled), and
+runs the task's container in it (`--network container:<pod>`); the pod goes with the task.
 """
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from agents.cgroups import Limits
+from agents.netns import DNS_ADDRESS
 
 Runtime = Literal["docker", "podman", "apptainer"]
 RUNTIMES: tuple[Runtime, ...] = ("docker", "podman", "apptainer")
+
+
+class ContainerError(RuntimeError):
+    """A runtime command failed; the message is one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,7 @@ def container_launch(
     mounts: Sequence[Path] = (),
     limits: Limits | None = None,
     netns: Path | None = None,
+    pod: str | None = None,
     tty: bool = False,
 ) -> ContainerLaunch:
     exe = binary or runtime
@@ -69,9 +83,12 @@ def container_launch(
         return ContainerLaunch([*argv, image, *command], None, None)
     name = f"fairgpu-task-{task_id}"
     devices = list(gpu_uuids) if gpu_uuids else [str(g) for g in gpus]
-    # The task's own network namespace (podman joins one by path; the runner refuses docker
-    # such a task), else the node's.
-    network = f"--network=ns:{netns}" if netns is not None else "--network=host"
+    # The task's own network namespace (podman joins one by path, docker its pod's), else the
+    # node's.
+    if pod is not None:
+        network = f"--network=container:{pod}"
+    else:
+        network = f"--network=ns:{netns}" if netns is not None else "--network=host"
     argv = [exe, "run", "--rm", "--name", name, network, "--ipc=private", "--init"]
     # The output reaches the task's log through the attached client; a copy in the runtime's own
     # log files (json-file keeps everything, unbounded, by default) would fill the node's disk.
@@ -107,3 +124,45 @@ def container_launch(
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def pod_name(task_id: int) -> str:
+    return f"fairgpu-pod-{task_id}"
+
+
+def start_pod(binary: str, task_id: int, image: str) -> int:
+    """Start the task's docker pod (a pause container with no network, no capabilities, as
+    nobody, a few MiB and processes) and return its process, whose namespace the task gets.
+    Its resolver, which the task's container shares, is the one pasta forwards."""
+    name = pod_name(task_id)
+    remove_pod(binary, task_id)  # what a crash left
+    _docker(
+        binary, "run", "--detach", "--rm", "--name", name, "--network=none", "--ipc=private",
+        "--cap-drop=ALL", "--security-opt=no-new-privileges", "--user=65534:65534",
+        "--pids-limit=8", "--memory=64m", "--log-driver=none", f"--dns={DNS_ADDRESS}", image,
+    )  # fmt: skip
+    pid = _docker(binary, "inspect", "--format", "{{.State.Pid}}", name).strip()
+    if not pid.isdigit() or int(pid) <= 0:
+        remove_pod(binary, task_id)
+        raise ContainerError(f"the pod {name} is not running (its image {image} ended at once)")
+    return int(pid)
+
+
+def remove_pod(binary: str, task_id: int) -> None:
+    """Remove the task's pod (none is fine)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        argv = [binary, "rm", "--force", pod_name(task_id)]
+        subprocess.run(argv, capture_output=True, timeout=60, check=False)
+
+
+def _docker(binary: str, *args: str) -> str:
+    try:
+        done = subprocess.run(
+            [binary, *args], capture_output=True, text=True, timeout=120, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ContainerError(f"{binary} {args[0]}: {exc}") from exc
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise ContainerError(f"{binary} {args[0]}: {lines[-1] if lines else done.returncode}")
+    return done.stdout

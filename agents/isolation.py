@@ -136,8 +136,9 @@ class Confinement:
         return self.config.mode
 
     # per task ---------------------------------------------------------------------------------
-    def prepare(self, spec: TaskSpec, error_file: Path) -> Prepared:
-        """Make the task's directory and cgroup; TaskRefused when the job cannot run here."""
+    def prepare(self, spec: TaskSpec, error_file: Path, *, adopt: int | None = None) -> Prepared:
+        """Make the task's directory and cgroup; TaskRefused when the job cannot run here.
+        `adopt`: the process whose network namespace a private task gets (a docker pod's)."""
         roots = self.org_roots(spec.org)
         cwd = self._workdir(spec, roots)
         uid = self.task_uid(spec) if self.cgroups is not None else None
@@ -152,11 +153,11 @@ class Confinement:
             cwd = home
         mounts = (home, *(root for root in roots if root.is_dir()))
         if self.cgroups is None or uid is None:
-            network, netns = self._network(spec, None)
+            network, netns = self._network(spec, None, adopt)
             return Prepared([], cwd, home, mounts, None, network, netns)
         limits = self.limits(spec)
         group = self.cgroups.create(spec.task_id, limits)
-        network, netns = self._network(spec, group)
+        network, netns = self._network(spec, group, adopt)
         config = {
             "uid": uid,
             "gid": uid,
@@ -177,7 +178,9 @@ class Confinement:
         prefix = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
         return Prepared(prefix, cwd, home, mounts, uid, network, netns)
 
-    def _network(self, spec: TaskSpec, group: TaskCgroup | None) -> tuple[list[str], Path | None]:
+    def _network(
+        self, spec: TaskSpec, group: TaskCgroup | None, adopt: int | None
+    ) -> tuple[list[str], Path | None]:
         """The prefix entering the task's own network namespace, made now, and its path. Its
         pasta is charged to the task's cgroup where it has one, out of reach of its signals."""
         if spec.network != "private":
@@ -195,7 +198,9 @@ class Confinement:
             )
         cgroup, charge_to = group.helper_placement() if group is not None else (None, [])
         try:
-            prefix = self.namespaces.create(spec.task_id, cgroup=cgroup, charge_to=charge_to)
+            prefix = self.namespaces.create(
+                spec.task_id, cgroup=cgroup, charge_to=charge_to, adopt=adopt
+            )
         except NetnsError as exc:
             raise TaskRefused(f"making the task's network namespace: {exc}") from exc
         return prefix, self.namespaces.path(spec.task_id)

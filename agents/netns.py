@@ -137,15 +137,24 @@ class Namespaces:
         return self.path(task_id).exists()
 
     def create(
-        self, task_id: int, *, cgroup: Path | None = None, charge_to: Sequence[Path] = ()
+        self,
+        task_id: int,
+        *,
+        cgroup: Path | None = None,
+        charge_to: Sequence[Path] = (),
+        adopt: int | None = None,
     ) -> list[str]:
         """Make the task's namespace with pasta attached, walled; the prefix that runs a command
         in it. `cgroup`: pasta's cgroup v2 directory (made, empty) instead of one of its own;
-        `charge_to`: more `cgroup.procs` files (cgroup v1 controllers) it joins before it starts."""
+        `charge_to`: more `cgroup.procs` files (cgroup v1 controllers) it joins before it starts;
+        `adopt`: a process whose (empty) namespace becomes the task's instead of a new one (a
+        docker pod's, agents/container.py)."""
         with self.lock:
-            return self._create(task_id, cgroup, charge_to)
+            return self._create(task_id, cgroup, charge_to, adopt)
 
-    def _create(self, task_id: int, cgroup: Path | None, charge_to: Sequence[Path]) -> list[str]:
+    def _create(
+        self, task_id: int, cgroup: Path | None, charge_to: Sequence[Path], adopt: int | None
+    ) -> list[str]:
         name = self.name(task_id)
         self.remove(task_id)  # what a crash between two steps left behind
         self.pid_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -154,7 +163,8 @@ class Namespaces:
                 cgroup = self.pasta_cgroups / name
                 cgroup.mkdir(parents=True, exist_ok=True)
             self._cgroup_file(task_id).write_text(str(cgroup))
-            self._run([self.ip, "netns", "add", name])
+            made = ["add", name] if adopt is None else ["attach", name, str(adopt)]
+            self._run([self.ip, "netns", *made])
             resolv = self.resolv_conf(task_id)
             resolv.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             resolv.write_text(f"nameserver {DNS_ADDRESS}\n{_search_lines()}")

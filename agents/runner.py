@@ -31,7 +31,14 @@ from pathlib import Path
 import psutil
 
 from agents import disk, idle, logcap, ptyhost
-from agents.container import Runtime, container_launch
+from agents.container import (
+    ContainerError,
+    Runtime,
+    container_launch,
+    pod_name,
+    remove_pod,
+    start_pod,
+)
 from agents.disk import DiskConfig
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
 from agents.ports import TaskProcesses, process_tree
@@ -68,6 +75,9 @@ class RunnerConfig:
     """CUDA_VISIBLE_DEVICES as GPU uuids (stable under renumbering) instead of indices."""
     container_runtime: Runtime | None = None
     container_binary: str | None = None
+    container_pause_image: str | None = None
+    """The image of a docker task's pod, whose network namespace a private task's container
+    joins (agents/container.py); None: docker runs no private task."""
     time_limit_grace_s: float = 30.0
     log_max_bytes: int = 64 * 1024 * 1024
     """The most of a task's log kept on the node's disk (its latest output)."""
@@ -345,15 +355,11 @@ class Runner:
                 "the job asks for a container image but this node has no container runtime"
             )
         error_path = self.state.sandbox_error_path(spec.task_id)
-        prepared = self.confinement.prepare(spec, error_path)
+        pod = self._start_pod(spec)
+        prepared = self.confinement.prepare(spec, error_path, adopt=pod)
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         env = launch_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         argv = [*prepared.prefix, *spec.command]
-        if spec.image and cfg.container_runtime == "docker" and prepared.netns is not None:
-            raise TaskRefused(
-                "docker cannot run a container in the task's own network namespace: submit "
-                "with --network host, or run the node's containers with podman or apptainer"
-            )
         if spec.image and cfg.container_runtime:
             launch = container_launch(
                 runtime=cfg.container_runtime,
@@ -369,6 +375,7 @@ class Runner:
                 mounts=prepared.container_mounts,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
                 netns=prepared.netns,
+                pod=pod_name(spec.task_id) if pod is not None else None,
                 tty=bool(spec.pty),
             )
             # docker and podman confine the container themselves (their client needs root);
@@ -572,12 +579,33 @@ class Runner:
         except FileNotFoundError:
             return ""
 
+    def _start_pod(self, spec: TaskSpec) -> int | None:
+        """A private docker task's pod (agents/container.py), started: its process."""
+        binary = self.config.container_binary or "docker"
+        if not (spec.image and self.config.container_runtime == "docker"):
+            return None
+        if spec.network != "private":
+            return None
+        if self.config.container_pause_image is None:
+            raise TaskRefused(
+                "docker runs a container in the task's own network namespace only with a pod "
+                "image (fairgpu agent --container-pause-image): submit with --network host, "
+                "or run the node's containers with podman or apptainer"
+            )
+        try:
+            return start_pod(binary, spec.task_id, self.config.container_pause_image)
+        except ContainerError as exc:
+            raise TaskRefused(f"starting the task's pod: {exc}") from exc
+
     def _end(self, record: TaskRecord, state: TaskState, *, reason: str) -> None:
         record.state = state
         record.reason = reason
         record.ended_at = utcnow()
         self.state.save(record)
         self.confinement.finish(record.task_id)
+        spec = record.spec
+        if spec.image and spec.network == "private" and self.config.container_runtime == "docker":
+            remove_pod(self.config.container_binary or "docker", record.task_id)
         log.info("task %d: %s %s", record.task_id, state, reason)
 
 

@@ -88,6 +88,14 @@ def agent(
     container_binary: Annotated[
         str | None, typer.Option(help="Path of the container runtime's command.")
     ] = None,
+    container_pause_image: Annotated[
+        str | None,
+        typer.Option(
+            help="With docker: the image of each private task's pod (e.g. "
+            "registry.k8s.io/pause:3.9, pulled beforehand), whose network namespace the task's "
+            "container joins. Without it docker runs no task that asks for a private network.",
+        ),
+    ] = None,
     dcgm_mapping_dir: Annotated[
         Path | None,
         typer.Option(help="Write dcgm-exporter HPC job-mapping files (one per GPU) here."),
@@ -275,6 +283,7 @@ def agent(
             cuda_by_uuid=cuda_uuids,
             container_runtime=container_runtime,
             container_binary=container_binary,
+            container_pause_image=container_pause_image,
             time_limit_grace_s=time_limit_grace_s,
             log_max_bytes=log_max_bytes,
             log_max_rate_bytes_per_s=log_max_rate,
