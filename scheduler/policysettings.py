@@ -101,7 +101,8 @@ class PolicySettings(BaseSettings):
     consolidate: bool = Field(
         _DEFAULT.consolidate,
         description="A borrower that fits nowhere may preempt small borrowers holding no more "
-        "GPUs than lie idle on a node, to gather it whole (docs/SCHEDULING.md section 7).",
+        "GPUs than lie idle on a node, to gather it whole; only jobs that checkpointed during "
+        "their run are moved (docs/SCHEDULING.md section 7).",
     )
     consolidate_max_lost_s: float = Field(
         _DEFAULT.consolidate_max_lost_s,

@@ -57,6 +57,19 @@ def work_lost_s(r: RunningJob, kill_at: float) -> float:
     return ran % interval if interval else ran
 
 
+def movable(r: RunningJob, kill_at: float, most_lost_s: float) -> bool:
+    """Consolidation may move it: it checkpointed during this run and loses little since.
+
+    Every move then leaves at least one checkpoint interval of work saved, so a job moved
+    again and again still finishes; a job with no known checkpoints (the server's) is never
+    moved.
+    """
+    interval = r.checkpoint_interval_s
+    if not interval:
+        return False
+    return kill_at - r.started_at >= interval and work_lost_s(r, kill_at) <= most_lost_s
+
+
 class Preemptor:
     def __init__(
         self,
@@ -248,9 +261,9 @@ class Preemptor:
         until the node fits; its cost is the GPUs those victims hold. Nodes whose victims stay
         within what their orgs borrow come first, then the cheapest, then the lowest id.
         `consolidate` (a borrower that fits nowhere): victims are borrowers whose org keeps a
-        weighted share at least the job's, or its own jobs of no higher class, each losing at
-        most `consolidate_max_lost_s`, and only on nodes where they hold no more GPUs than are
-        idle there and no org drops below its guarantee.
+        weighted share at least the job's, or its own jobs of no higher class, each `movable`,
+        and only on nodes where they hold no more GPUs than are idle there and no org drops
+        below its guarantee.
         """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
         need = self.index.job_class(job)  # only nodes with the features it needs are freed
@@ -315,7 +328,7 @@ class Preemptor:
         for r in cands:
             if r.job_id in chosen:
                 continue
-            if consolidate and work_lost_s(r, kill_at) > most_lost:
+            if consolidate and not movable(r, kill_at, most_lost):
                 continue
             if r.org_id == job.org_id:
                 # A bump takes lower classes; consolidation moves any of no higher class.

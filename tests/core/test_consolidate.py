@@ -1,8 +1,9 @@
 """A borrower that fits nowhere gathers a mostly idle node from a few small borrowers (#19 item 2).
 
 Docs: docs/SCHEDULING.md section 7, "Consolidation". The bound: on every node it frees, the
-victims hold no more GPUs than lie idle there, each loses at most `consolidate_max_lost_s` of
-work, no victim org drops below its guarantee, and none ends below the preemptor's weighted share.
+victims hold no more GPUs than lie idle there, each checkpointed during its run and loses at
+most `consolidate_max_lost_s` of work, no victim org drops below its guarantee, and none ends
+below the preemptor's weighted share.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def test_a_victim_that_would_lose_more_than_the_bound_stays() -> None:
     assert schedule(late).preemptions == ()
     allowed = cluster(started_1=-3_000.0, consolidate_max_lost_s=1_230.0)
     assert len(schedule(allowed).preemptions) == 1
+
+
+def test_a_job_that_has_not_checkpointed_in_this_run_is_never_moved() -> None:
+    # Started 20 min ago with 30 min checkpoints: nothing saved yet, a move would undo its run.
+    assert schedule(cluster(started_1=-1_200.0, consolidate_max_lost_s=3_600.0)).preemptions == ()
+    # No checkpoint known (the server's jobs): never moved, however young.
+    s = cluster()
+    unknown = [
+        r if r.job_id != 100 else run(100, 1, [(1, [0])], preemptible=True, started=-700.0)
+        for r in s.running
+    ]
+    blind = Snapshot(s.now, s.nodes, s.orgs, tuple(unknown), s.pending, s.config)
+    assert schedule(blind).preemptions == ()
 
 
 def test_no_victim_org_falls_below_its_guarantee_or_the_preemptors_share() -> None:
@@ -147,6 +161,9 @@ def test_consolidation_never_takes_more_than_lies_idle_nor_more_than_the_bound(
         assert victim.preemptible
         assert s.now - victim.started_at >= s.config.min_runtime_s
         assert work_lost_s(victim, kill_at) <= s.config.consolidate_max_lost_s
+        # It checkpointed during this run: a move never undoes a whole run.
+        assert victim.checkpoint_interval_s
+        assert kill_at - victim.started_at >= victim.checkpoint_interval_s
         for placement in victim.placements:
             taken[placement.node_id] = taken.get(placement.node_id, 0) + len(placement.gpus)
     for node_id, gpus in taken.items():
