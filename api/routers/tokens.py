@@ -78,8 +78,8 @@ async def list_tokens(
     principal: UserPrincipal,
     user_id: Annotated[int | None, Query(gt=0, lt=2**31)] = None,
 ) -> TokensPublic:
-    """Your tokens; org admins see their org's users' tokens, platform admins everyone's.
-    Secrets are never listed."""
+    """Your tokens; org admins see their org's users' tokens, platform admins everyone's:
+    every live one, and the latest 100 revoked or expired. Secrets are never listed."""
     assert principal.user_id is not None
     if user_id is not None:
         ids: list[int] | None = [(await _may_manage(session, principal, user_id)).id]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import ApiToken, Event, Site, User
@@ -137,14 +137,29 @@ async def create_user_token(
     )
 
 
+MAX_DEAD_TOKENS_LISTED = 100
+"""Revoked or expired tokens a listing shows, the latest first: a loop of issue and revoke
+leaves dead rows (until audit retention) that one listing must not load all at once."""
+
+
 async def list_tokens(
     session: AsyncSession, *, kind: TokenKind, user_ids: list[int] | None
 ) -> list[ApiToken]:
-    """Tokens of `kind`; for `user_ids` only (None: all)."""
-    stmt = select(ApiToken).where(ApiToken.kind == kind).order_by(ApiToken.id)
+    """Live tokens of `kind` (at most `max_tokens_per_user` each) and the latest
+    MAX_DEAD_TOKENS_LISTED revoked or expired ones, by id; for `user_ids` only (None: all)."""
+    now = utcnow()
+    dead = or_(
+        ApiToken.revoked_at.is_not(None),
+        and_(ApiToken.expires_at.is_not(None), ApiToken.expires_at <= now),
+    )
+    stmt = select(ApiToken).where(ApiToken.kind == kind)
     if user_ids is not None:
         stmt = stmt.where(ApiToken.user_id.in_(user_ids))
-    return list((await session.scalars(stmt)).all())
+    live = await session.scalars(stmt.where(~dead))
+    latest_dead = await session.scalars(
+        stmt.where(dead).order_by(ApiToken.id.desc()).limit(MAX_DEAD_TOKENS_LISTED)
+    )
+    return sorted([*live, *latest_dead], key=lambda t: t.id)
 
 
 async def get_token(session: AsyncSession, token_id: int) -> ApiToken:

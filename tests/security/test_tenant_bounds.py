@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from api.admission import TokenBuckets
 from scheduler.db import JobDependency
+from scheduler.services import users as users_service
 from tests.api.helpers import World, running_app, seed_world
 
 JOB = {"command": ["python", "train.py"], "gpus_per_node": 1, "time_limit": 60}
@@ -242,3 +243,28 @@ async def test_an_org_admin_cannot_multiply_its_orgs_rate_with_users(staffed: Wo
         assert disabled.status_code == 200
         again = await c.post("/v1/users", json={"name": "fifth", "role": "member"})
         assert again.status_code == 201, again.text
+
+
+async def test_a_token_listing_shows_live_tokens_and_only_the_latest_dead_ones(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop of issue and revoke leaves dead rows until audit retention deletes them: a
+    listing shows every live token but only the latest MAX_DEAD_TOKENS_LISTED dead ones, so
+    one request never loads them all."""
+    monkeypatch.setattr(users_service, "MAX_DEAD_TOKENS_LISTED", 2)
+    async with world.client("member_a2") as c:
+        revoked = []
+        for round_ in range(4):
+            made = await c.post("/v1/tokens", json={"name": f"t{round_}"})
+            assert made.status_code == 201, made.text
+            token_id = made.json()["id"]
+            assert (await c.delete(f"/v1/tokens/{token_id}")).status_code == 200
+            revoked.append(token_id)
+        kept = await c.post("/v1/tokens", json={"name": "kept"})
+        listed = (await c.get("/v1/tokens")).json()
+        ids = [t["id"] for t in listed["data"]]
+        live = [t["id"] for t in listed["data"] if t["revoked_at"] is None]
+        assert len(live) == 2  # the seeded token and "kept"
+        assert kept.json()["id"] in live
+        assert ids == sorted([*live, *revoked[-2:]])  # the two latest dead, in id order
+        assert listed["count"] == 4
