@@ -37,6 +37,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -65,6 +66,10 @@ class Wall:
 
     def __init__(self, table: str, *, nft: str, cgroup2: Path) -> None:
         self.table, self.nft, self.cgroup2 = table, nft, cgroup2
+        self._rule_handles: dict[int, int] = {}
+        """task id → handle of its pasta's rule, as nft echoed them when this object added them
+        (a table made anew renumbers them all, and `install` reads them again): `release` then
+        needs one nft call, not two."""
         self._made: dict[str, list[str]] | None = None
         """The table as nft listed it right after `install` made it, less the pastas' rules
         (which come and go): what `differences` compares the table with."""
@@ -106,7 +111,7 @@ class Wall:
                 "",
             ]
         )
-        self._nft(["-f", "-"], script)
+        self._rule_handles = _echoed_handles(self._nft(["--echo", "--handle", "-f", "-"], script))
         made = _blocks(self._nft(["list", "table", "inet", self.table]))
         made.pop(_PASTAS, None)
         self._made = made
@@ -135,10 +140,18 @@ class Wall:
     def admit(self, task_id: int, cgroup: Path) -> None:
         """Wall the pasta that will run in `cgroup` (made, and empty: sockets take the cgroup of
         the process that makes them, so pasta must be in it before it starts)."""
-        self._nft(["-f", "-"], self._rule(task_id, cgroup) + "\n")
+        echoed = self._nft(["--echo", "--handle", "-f", "-"], self._rule(task_id, cgroup) + "\n")
+        self._rule_handles.update(_echoed_handles(echoed))
 
     def release(self, task_id: int) -> None:
         """Remove the rule of a pasta that has ended (none is fine)."""
+        known = self._rule_handles.pop(task_id, None)
+        if known is not None:
+            try:
+                self._nft(["delete", "rule", "inet", self.table, "pastas", "handle", str(known)])
+                return
+            except WallError:
+                pass  # the table went or was changed since: look it up
         for handle in self._handles(task_id):
             with contextlib.suppress(WallError):
                 self._nft(["delete", "rule", "inet", self.table, "pastas", "handle", str(handle)])
@@ -158,6 +171,7 @@ class Wall:
         """Delete the table (nothing there is fine)."""
         if self.exists():
             self._nft(["delete", "table", "inet", self.table])
+        self._rule_handles.clear()
 
     # internals --------------------------------------------------------------------------------
     def _rule(self, task_id: int, cgroup: Path) -> str:
@@ -204,6 +218,12 @@ class Wall:
 
 
 _PASTAS = "chain pastas"
+_ECHOED_RULE = re.compile(r'^add rule .* comment "task (\d+)" # handle (\d+)$', re.MULTILINE)
+
+
+def _echoed_handles(echoed: str) -> dict[int, int]:
+    """{task id: handle} of the pasta rules in what `nft --echo --handle` printed."""
+    return {int(task): int(handle) for task, handle in _ECHOED_RULE.findall(echoed)}
 
 
 def _blocks(listing: str) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ test's image from: no registry is reachable here)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,9 @@ from tests.agents.test_netns import (  # noqa: F401 - the fixtures
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+TASK = random.randrange(10_000, 1_000_000)
+"""The task id: docker's container names (fairgpu-task-<id>, fairgpu-pod-<id>) are the daemon's,
+shared by every test process on the host."""
 IMAGE = "fairgpu-test/busybox:1"
 """Made from the host's busybox: the pod's pause process and the task's tools at once."""
 
@@ -99,19 +103,21 @@ def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(
         service.listen()
         threading.Thread(target=_answer, args=(service, b"node-service"), daemon=True).start()
         port = service.getsockname()[1]
-        # `timeout`: nc, its input at an end, waits for the far end's FIN, which this pasta
-        # (2023_03_09) sometimes never passes on when the far end closes as the task half-closes.
+        # nc's input stays open until the far end has closed: with its input at an end at once,
+        # nc half-closes as the far end closes, and this pasta (2023_03_09) then sometimes never
+        # passes the far end's FIN on, or sends its data again.
+        nc = "sleep 2 | timeout 5 nc -w 3"
         script = (
             "readlink /proc/self/ns/net; cat /etc/resolv.conf; "
-            f"echo out: $(timeout 5 nc -w 3 {OUTSIDE} {outside[1]} </dev/null); "
-            f"echo node: $(timeout 5 nc -w 3 {node_address} {port} </dev/null); "
-            f"echo loopback: $(timeout 5 nc -w 3 127.0.0.1 {port} </dev/null)"
+            f"echo out: $({nc} {OUTSIDE} {outside[1]}); "
+            f"echo node: $({nc} {node_address} {port}); "
+            f"echo loopback: $({nc} 127.0.0.1 {port})"
         )
-        task = spec(1, ["sh", "-c", script], image=image, gpus=[], network="private", **ACME)
+        task = spec(TASK, ["sh", "-c", script], image=image, gpus=[], network="private", **ACME)
         net.runner.start(task)
-        wait_for(lambda: net.namespaces.pasta_pid(1) is not None or net._ended(1), 60)
-        inode = os.stat(net.namespaces.path(1)).st_ino
-        result = net.result(1, timeout_s=60)
+        wait_for(lambda: net.namespaces.pasta_pid(TASK) is not None or net._ended(TASK), 60)
+        inode = os.stat(net.namespaces.path(TASK)).st_ino
+        result = net.result(TASK, timeout_s=60)
     log = result["log"]
     assert result["exit_code"] == 0, result
     assert f"net:[{inode}]" in log, log  # the task's named namespace, walled
@@ -122,9 +128,9 @@ def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(
     assert "loopback:" in lines, log  # its 127.0.0.1 is its own
     assert "node-service" not in log, log
     # The pod and the namespace went with the task.
-    gone = subprocess.run(["docker", "inspect", pod_name(1)], capture_output=True)
+    gone = subprocess.run(["docker", "inspect", pod_name(TASK)], capture_output=True)
     assert gone.returncode != 0
-    assert not net.namespaces.exists(1)
+    assert not net.namespaces.exists(TASK)
 
 
 def test_docker_without_a_pod_image_refuses_a_private_task_in_one_line(
@@ -134,10 +140,10 @@ def test_docker_without_a_pod_image_refuses_a_private_task_in_one_line(
     net.runner = Runner(
         net.state, RunnerConfig(container_runtime="docker"), confinement=net.confinement
     )
-    net.runner.start(spec(1, ["true"], image=image, gpus=[], network="private", **ACME))
-    record = net.runner.records[1]
+    net.runner.start(spec(TASK, ["true"], image=image, gpus=[], network="private", **ACME))
+    record = net.runner.records[TASK]
     assert record.state == "failed_to_start"
     assert record.reason.startswith(
         "docker runs a container in the task's own network namespace only with a pod image"
     )
-    assert not net.namespaces.exists(1)
+    assert not net.namespaces.exists(TASK)

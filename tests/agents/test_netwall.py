@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
+from pathlib import Path
 
 import pytest
 
+from agents.netwall import Wall, cgroup2_mount
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_isolation import ACME, PY
 from tests.agents.test_netns import (  # noqa: F401 - the fixtures
@@ -69,3 +72,37 @@ for source in (0, {ports[0]}):
     log = node.result(1)["log"]
     assert "reply: outside" in log, log
     assert "intruder" not in log, log
+
+
+def test_a_released_rule_is_its_pastas_alone_whatever_happened_to_the_table(
+    tmp_path: Path,
+) -> None:
+    """`release` deletes by the handle nft echoed when the rule was added: a table made anew
+    since (new handles), or a rule removed by someone else, never costs another pasta its rule."""
+    cgroup2 = cgroup2_mount()
+    assert cgroup2 is not None
+    wall = Wall(f"fairgpu-t{uuid.uuid4().hex[:7]}", nft="nft", cgroup2=cgroup2)
+    base = cgroup2 / f"fairgpu-test-{uuid.uuid4().hex[:8]}"
+    cgroups = {task: base / f"pasta-{task}" for task in (1, 2, 3, 4)}
+    for cgroup in cgroups.values():
+        cgroup.mkdir(parents=True)
+    try:
+        wall.install([], {})
+        for task in (1, 2):
+            wall.admit(task, cgroups[task])
+        wall.install([], {2: cgroups[2], 3: cgroups[3]})  # anew: every handle is another
+        wall.admit(4, cgroups[4])
+        wall.release(1)  # gone with the old table
+        assert wall.walled() == {2, 3, 4}
+        wall.release(3)
+        assert wall.walled() == {2, 4}
+        subprocess.run(["nft", "flush", "chain", "inet", wall.table, "pastas"], check=True)
+        wall.admit(2, cgroups[2])  # someone removed the rules; the check puts them back
+        wall.release(4)
+        assert wall.walled() == {2}
+        assert wall.differences({2: cgroups[2]}) == []
+    finally:
+        wall.remove()
+        for cgroup in cgroups.values():
+            cgroup.rmdir()
+        base.rmdir()
