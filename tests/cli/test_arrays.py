@@ -101,6 +101,7 @@ def test_an_array_may_not_make_the_server_store_more_than_its_bound(served: Serv
         f"{served.url}/v1/jobs",
         json={"command": ["x"], "org": "acme", "env": env, "array": "0-4999"},
         headers=headers,
+        timeout=60,  # the array that fits below stores about 32 MiB: slow on a crowded machine
     )
     assert r.status_code == 422, r.text
     problem = r.json()
@@ -116,6 +117,7 @@ def test_an_array_may_not_make_the_server_store_more_than_its_bound(served: Serv
         f"{served.url}/v1/jobs",
         json={"command": ["x"], "org": "acme", "env": env, "array": f"0-{fits - 1}"},
         headers={"Authorization": f"Bearer {ada}"},
+        timeout=60,
     )
     assert r.status_code == 201, r.text
     refused = served.run("submit", "-A", "acme", "--array", "0-4999", "--", "x" * 10_000)
