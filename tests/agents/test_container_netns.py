@@ -48,8 +48,8 @@ def _docker_unusable() -> str:
     except subprocess.TimeoutExpired:
         return "docker info did not answer in 60 s"
     if info.returncode != 0:
-        lines = [line for line in (info.stderr + info.stdout).splitlines() if "rror" in line]
-        return f"the docker daemon is not usable ({lines[-1].strip() if lines else 'docker info'})"
+        lines = [line.strip() for line in info.stderr.splitlines() if line.strip()]
+        return f"docker info failed: {lines[-1] if lines else info.returncode}"
     if shutil.which("busybox") is None:
         return "no busybox on the host to make the test's image from"
     return ""
