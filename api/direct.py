@@ -38,7 +38,8 @@ from starlette.types import Message, Receive, Scope, Send
 from api.deps import parse_bearer
 from api.limits import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
-from api.routers.jobs import checked_idempotency_key, job_public
+from api.routers.jobs.submit import checked_idempotency_key
+from api.routers.jobs.view import job_public
 from api.schemas.jobs import JobCreate
 from protocol.agent import Heartbeat
 from scheduler.db.engine import error_line

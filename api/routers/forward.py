@@ -19,7 +19,7 @@ import re
 
 from fastapi import APIRouter, WebSocket
 
-from api.routers.jobs import JobRef
+from api.routers.jobs.view import JobRef
 from api.routers.streams import deny, open_user_stream, relay_to_agent
 from scheduler.services import forwarding
 from scheduler.services.errors import DomainError, InvalidInput

@@ -28,7 +28,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from api.relayhop import RELAY_PATH, carry, connect_holder
-from api.routers.jobs import JobRef, scope_of
+from api.routers.jobs.view import JobRef, scope_of
 from api.streamlimits import StreamLimits
 from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
