@@ -10,18 +10,30 @@ delay the reservation.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
 from scheduler.core.capacity import FreeIndex
 from scheduler.core.types import PendingJob, RunningJob
 
 
 class Reservations:
-    def __init__(self, index: FreeIndex, running: tuple[RunningJob, ...], now: float) -> None:
+    def __init__(
+        self,
+        index: FreeIndex,
+        running: tuple[RunningJob, ...],
+        now: float,
+        drains: Mapping[int, float],
+    ) -> None:
+        """`drains`: per node, when its last running job ends (its time limit, or its preemption
+        deadline), gathered in the cycle's one pass over the running jobs; earlier than `now`
+        for a job past its limit."""
         self.index = index
         self.now = now
         self._running = running
         self._releases: dict[int, list[tuple[float, int]]] | None = None
         self._late: list[tuple[int, int, float]] = []
+        self._drains = drains
+        self._late_drains: dict[int, float] = {}  # node → the latest end of this cycle's starts
         self.reserved: dict[int, tuple[float, int]] = {}  # node → (start, job id)
         self.protected: set[int] = set()  # nodes reserved for protected gangs: never reclaimed
         self.holder: dict[str, int] = {}  # GPU type → first job holding a reservation on it
@@ -32,6 +44,9 @@ class Reservations:
 
     def note_start(self, nid: int, gpus: int, end: float) -> None:
         """A job started this cycle: its GPUs come back at `end`."""
+        late = self._late_drains
+        if nid not in late or end > late[nid]:
+            late[nid] = end
         if self._releases is None:
             self._late.append((nid, gpus, end))
         else:
@@ -53,10 +68,14 @@ class Reservations:
         return rel
 
     def drains_at(self, nid: int) -> float:
-        """When the last job running on the node ends (at its time limit); now if none runs."""
-        rel = self._releases if self._releases is not None else self._build()
-        ends = rel.get(nid)
-        return ends[-1][0] if ends else self.now
+        """When the last job running on the node ends (at its time limit); now if none runs.
+
+        The last entry of the node's release profile, without building the profiles:
+        `pack_by_end` asks this of every partly used node, and most cycles reserve nothing.
+        """
+        drain = self._drains.get(nid, self.now)
+        late = self._late_drains.get(nid, drain)
+        return max(drain, late, self.now)
 
     def reserve(
         self, job: PendingJob, gpu_type: str, *, protected: bool = False

@@ -80,6 +80,9 @@ class _Cycle:
         self.now = snap.now
         # One pass over the running jobs gathers what the index, the books and the preemptor need.
         held: dict[int, tuple[int, ...]] = {}  # node → GPUs running jobs hold (a few each)
+        # node → when its last running job ends (time limit or preemption deadline), which
+        # `pack_by_end` asks of every partly used node: spares building every release profile.
+        drains: dict[int, float] = {}
         gpus_of: list[int] = []
         self.running_gpus = gpus_of
         booked: dict[tuple[int, str], int] = {}
@@ -91,10 +94,18 @@ class _Cycle:
         oldest = self.now - cfg.min_runtime_s
         for r in snap.running:
             n = 0
+            end = r.preempt_deadline if r.preempting and r.preempt_deadline else r.expected_end
             for p in r.placements:
                 g = p.gpus
-                had = held.get(p.node_id)
-                held[p.node_id] = g if had is None else had + g
+                nid = p.node_id
+                had = held.get(nid)
+                if had is None:
+                    held[nid] = g
+                    drains[nid] = end
+                else:
+                    held[nid] = had + g
+                    if end > drains[nid]:
+                        drains[nid] = end
                 n += len(g)
             gpus_of.append(n)
             key = (r.org_id, r.gpu_type)
@@ -115,7 +126,7 @@ class _Cycle:
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
         if cfg.fairshare_algorithm == "fairtree":
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
-        self.res = Reservations(self.index, snap.running, self.now)
+        self.res = Reservations(self.index, snap.running, self.now, drains)
         self.pre = Preemptor(
             preempting, aged, self.index, self.books, cfg, self.now, self.res.protected
         )
