@@ -106,6 +106,7 @@ class Simulator:
             per_type.setdefault(node.gpu_type, []).append(len(node.gpus))
         gpn = max((len(n.gpus) for n in self.nodes), default=self.sim.gpus_per_node)
         jobs: list[SimJob] = []
+        wide_enough: dict[tuple[str | None, int], int] = {}
         for i, row in enumerate(trace):
             org = self.org_index[row.tenant]
             preemptible = self.sim.preemptible if row.preemptible is None else row.preemptible
@@ -114,12 +115,19 @@ class Simulator:
                 per_node, count = row.gpus_per_node, row.num_gpus // row.gpus_per_node
             else:
                 per_node, count = gang_shape(row.num_gpus, gpn)
-            sizes = (
-                per_type.get(row.gpu_type, [])
-                if row.gpu_type
-                else functools.reduce(operator.iadd, per_type.values(), [])
-            )
-            fits = sum(1 for s in sizes if s >= per_node) >= count
+            # Nodes wide enough for one task, per (type, GPUs per node): a handful of shapes
+            # for the whole trace, rather than a pass over every node per job.
+            wide = wide_enough.get((row.gpu_type, per_node))
+            if wide is None:
+                sizes = (
+                    per_type.get(row.gpu_type, [])
+                    if row.gpu_type
+                    else functools.reduce(operator.iadd, per_type.values(), [])
+                )
+                wide = wide_enough[(row.gpu_type, per_node)] = sum(
+                    1 for s in sizes if s >= per_node
+                )
+            fits = wide >= count
             job_id = i + 1
             pending = PendingJob(
                 job_id=job_id,
