@@ -50,7 +50,7 @@ from scheduler.services.errors import InvalidInput, Unauthenticated
 from scheduler.services.heartbeat.read import read_by_credential
 from scheduler.services.heartbeat.service import Caller, Heartbeats
 from scheduler.services.jobinsert import insert_job
-from scheduler.services.jobs import JobSpec, new_job, submission_rows
+from scheduler.services.jobsubmit import JobSpec, new_job, submission_rows
 from scheduler.services.scheduling import work
 from scheduler.services.tenantlimits import guard_params
 from scheduler.services.tokens import hash_token

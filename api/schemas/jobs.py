@@ -136,7 +136,7 @@ class JobCreate(InputModel):
         return self
 
     def spec_fields(self) -> dict[str, Any]:
-        """The keyword arguments of the job's `JobSpec` (scheduler/services/jobs.py)."""
+        """The keyword arguments of the job's `JobSpec` (scheduler/services/jobsubmit.py)."""
         fields = self.model_dump(exclude={"org", "array", "dependency"})
         parsed = parse_dependency(self.dependency) if self.dependency else Dependencies()
         kinds = {**dict.fromkeys(self.depends_on, AFTEROK), **parsed.kinds}

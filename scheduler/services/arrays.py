@@ -27,7 +27,7 @@ from protocol.states import JobState
 from scheduler.db import Event, Job, JobDependency
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
-from scheduler.services import jobs as svc
+from scheduler.services import jobactions, jobqueries, jobsubmit
 from scheduler.services.dependencies import AFTEROK
 from scheduler.services.errors import Conflict, InvalidInput, NotFound, SecretsNotConfigured
 from scheduler.services.interactivelimits import check_interactive_time
@@ -79,7 +79,7 @@ def parse_array(text: str) -> ArraySpec:
     return ArraySpec(tuple(sorted(ids)), limit)
 
 
-def task_payload_bytes(spec: svc.JobSpec) -> int:
+def task_payload_bytes(spec: jobsubmit.JobSpec) -> int:
     """What every task of an array stores of its own: command, environment, secrets, script."""
     pairs = {**spec.env, **spec.secret_env}
     return (
@@ -91,7 +91,7 @@ def task_payload_bytes(spec: svc.JobSpec) -> int:
     )
 
 
-def check_array_bytes(spec: svc.JobSpec, tasks: int) -> None:
+def check_array_bytes(spec: jobsubmit.JobSpec, tasks: int) -> None:
     """Refuse an array whose tasks together would store more than MAX_ARRAY_BYTES."""
     per_task = task_payload_bytes(spec)
     if per_task * tasks > MAX_ARRAY_BYTES:
@@ -112,16 +112,16 @@ async def submit_array(
     org_id: int,
     user_id: int,
     actor: str,
-    spec: svc.JobSpec,
+    spec: jobsubmit.JobSpec,
     array: ArraySpec,
     idempotency_key: str | None = None,
     default_time_limit_s: int,
     max_time_limit_s: int,
-    max_preemption_grace_s: float = svc.DEFAULT_MAX_GRACE_S,
+    max_preemption_grace_s: float = jobactions.DEFAULT_MAX_GRACE_S,
     secret_cipher: MultiFernet | None = None,
     limits: SubmitLimits | None = None,
     now: datetime | None = None,
-) -> svc.Submitted:
+) -> jobsubmit.Submitted:
     """Store every element PENDING, with its event and dependencies; the first element's job
     (whose id names the array) is returned. The idempotency key goes on the first element: a
     retry returns it and stores nothing. Needs a transaction (the caller commits)."""
@@ -130,11 +130,11 @@ async def submit_array(
             f"this server stores no secrets: it has no key to encrypt them ({HOW_TO_CONFIGURE})"
         )
     if idempotency_key is not None:
-        existing = await svc.find_by_idempotency_key(session, user_id, idempotency_key)
+        existing = await jobqueries.find_by_idempotency_key(session, user_id, idempotency_key)
         if existing is not None:
-            return svc.Submitted(existing, created=False)
+            return jobsubmit.Submitted(existing, created=False)
     check_array_bytes(spec, len(array.task_ids))
-    org = await svc.get_org(session, org_id)
+    org = await jobsubmit.get_org(session, org_id)
     await check_submission(
         session,
         org=org,
@@ -144,8 +144,10 @@ async def submit_array(
         adding=len(array.task_ids),
     )
     now = now or utcnow()
-    time_limit_s = svc.time_limit_of(org, spec.time_limit, default_time_limit_s, max_time_limit_s)
-    svc.check_signal_lead(spec.signal, time_limit_s, max_preemption_grace_s)
+    time_limit_s = jobsubmit.time_limit_of(
+        org, spec.time_limit, default_time_limit_s, max_time_limit_s
+    )
+    jobsubmit.check_signal_lead(spec.signal, time_limit_s, max_preemption_grace_s)
     if spec.interactive:
         await check_interactive_time(
             session,
@@ -153,11 +155,11 @@ async def submit_array(
             time_limit_s=time_limit_s,
             default_s=(limits or SubmitLimits()).interactive_max_time_s,
         )
-    await svc.check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
+    await jobsubmit.check_dependencies(session, org_id, spec.depends_on, spec.dependency_kinds)
     if spec.image is not None:
-        await svc.check_image_allowed(session, org_id, spec.image)
+        await jobsubmit.check_image_allowed(session, org_id, spec.image)
     sealed = seal(secret_cipher, spec.secret_env) if secret_cipher and spec.secret_env else None
-    values, event = svc.submission_rows(
+    values, event = jobsubmit.submission_rows(
         org_id=org_id,
         user_id=user_id,
         actor=actor,
@@ -206,7 +208,7 @@ async def submit_array(
         )
     job = await session.get(Job, first_id)
     assert job is not None
-    return svc.Submitted(job, created=True)
+    return jobsubmit.Submitted(job, created=True)
 
 
 def array_env(job: Job, stats: tuple[int, int, int] | None) -> dict[str, str]:
@@ -233,7 +235,7 @@ async def get_job_ref(session: AsyncSession, ref: str, *, scope_org_id: int | No
     of array 42 with task id 7). NotFound as for `get_job` (also for another org's job)."""
     array_text, separator, task_text = ref.partition("_")
     if not separator:
-        return await svc.get_job(session, int(array_text), scope_org_id=scope_org_id)
+        return await jobqueries.get_job(session, int(array_text), scope_org_id=scope_org_id)
     array_job_id, task_id = int(array_text), int(task_text)
     job = None
     if 0 < array_job_id < 2**63 and task_id <= MAX_ARRAY_TASK_ID:
@@ -284,7 +286,9 @@ async def cancel_array(
     nodes: set[int] = set()
     for element in active:
         nodes.update(
-            await svc.cancel_job(session, element, actor=actor, reason=reason, grace_s=grace_s)
+            await jobactions.cancel_job(
+                session, element, actor=actor, reason=reason, grace_s=grace_s
+            )
         )
     if not cancelled and not active:
         raise Conflict(f"every element of array {array_job_id} already ended")

@@ -17,7 +17,7 @@ from scheduler.db import Event
 from scheduler.services.arrays import get_job_ref
 from scheduler.services.errors import Conflict
 from scheduler.services.interactive import AttachTarget, record_stream_event, task_target
-from scheduler.services.jobs import check_may_act
+from scheduler.services.jobactions import check_may_act
 
 FORWARD_EVENT = "job.forward"
 

@@ -19,8 +19,8 @@ from scheduler.db import Job, Node, Task
 from scheduler.db.types import utcnow
 from scheduler.services.arrays import get_job_ref
 from scheduler.services.errors import Conflict
+from scheduler.services.jobactions import check_may_act
 from scheduler.services.jobevents import record_job_event
-from scheduler.services.jobs import check_may_act
 
 ATTACH_EVENT = "job.attach"
 SHELL_EVENT = "job.shell"

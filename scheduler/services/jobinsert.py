@@ -1,7 +1,7 @@
 """A plain submission as one prepared statement on the lean pool (api/direct.py answers it).
 
 The job and its PENDING event, with ON CONFLICT for idempotency keys and the tenant limits'
-guard: the very statement scheduler/services/jobs.py runs for a submission on a session.
+guard: the very statement scheduler/services/jobsubmit.py runs for a submission on a session.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from scheduler.db.leanpool import LeanPool, Prepared
-from scheduler.services.jobs import SUBMIT_PG
+from scheduler.services.jobsubmit import SUBMIT_PG
 
 _INSERT_JOB = Prepared(SUBMIT_PG)
 

@@ -3,7 +3,7 @@
 A page is three queries whatever its size, never one per job: the jobs joined to their org
 and user names; the node names of the jobs' latest attempts; their dependencies. The first
 pending reason comes from `jobs.pending_reasons`, which every scheduling cycle writes.
-Visibility is `scope_org_id`, as in `scheduler/services/jobs.py`: None sees every org.
+Visibility is `scope_org_id`, as in `scheduler/services/jobqueries.py`: None sees every org.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from protocol.states import JobState
 from scheduler.db import Job, Org, Task, User
 from scheduler.db import Node as NodeRow
 from scheduler.services import holds
-from scheduler.services.jobs import dependencies_of
+from scheduler.services.jobqueries import dependencies_of
 
 MAX_REASON_MESSAGE_CHARS = 200
 

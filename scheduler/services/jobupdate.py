@@ -16,8 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from protocol.states import JobState
 from scheduler.db import Job
 from scheduler.db.types import utcnow
-from scheduler.services import holds
-from scheduler.services import jobs as svc
+from scheduler.services import holds, jobsubmit
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput
 from scheduler.services.interactivelimits import check_interactive_time
 from scheduler.services.jobevents import record_job_events
@@ -67,7 +66,7 @@ async def update_job(
                 default_s=interactive_max_time_s,
             )
         # The warning signal still has to come after the start (every task of an array has one).
-        svc.check_signal_lead(job.signal, time_limit_s, math.inf)
+        jobsubmit.check_signal_lead(job.signal, time_limit_s, math.inf)
         changes["time_limit_s"] = time_limit_s
     if name is not None:
         changes["name"] = name

@@ -24,7 +24,7 @@ from protocol.limits import (
 from scheduler.db import Job, Task
 from scheduler.secretenv import cipher, generate_key, seal
 from scheduler.services.arrays import MAX_ARRAY_TASK_ID, MAX_ARRAY_TASKS
-from scheduler.services.jobs import JobSpec, submission_rows
+from scheduler.services.jobsubmit import JobSpec, submission_rows
 from scheduler.services.scheduling.work import task_spec
 
 # Lengths near every limit, in characters of one, two and four UTF-8 bytes.

@@ -10,8 +10,7 @@ from api.deps import Principal, SessionDep, UserPrincipal
 from api.routers.jobs.view import JobRef, notify, read_public, scope_of
 from api.schemas.jobs import CancelRequest, HoldRequest, JobPublic, JobUpdate
 from scheduler.db import Job
-from scheduler.services import arrays, holds, jobupdate
-from scheduler.services import jobs as svc
+from scheduler.services import arrays, holds, jobactions, jobupdate
 from scheduler.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -52,7 +51,7 @@ def _max_events(request: Request) -> int:
 async def _job_to_change(session: SessionDep, job_id: str, principal: Principal) -> Job:
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     assert principal.user_id is not None
-    svc.check_may_act(
+    jobactions.check_may_act(
         job, user_id=principal.user_id, may_admin_org=principal.can_admin_org(job.org_id)
     )
     return job
@@ -71,7 +70,7 @@ async def cancel_job(
     An array's id (`42`) cancels all its elements; `42_7` one of them."""
     job = await _job_to_change(session, job_id, principal)
     settings: Settings = request.app.state.settings
-    cancel = arrays.cancel_array if arrays.names_array(job, job_id) else svc.cancel_job
+    cancel = arrays.cancel_array if arrays.names_array(job, job_id) else jobactions.cancel_job
     nodes = await cancel(
         session,
         job,

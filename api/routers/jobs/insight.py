@@ -16,8 +16,7 @@ from api.schemas.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from api.schemas.jobs import EventPublic, EventsPublic, JobExplain, JobLogs
 from protocol.states import JobState
 from scheduler.db import Job
-from scheduler.services import arrays, dependencies
-from scheduler.services import jobs as svc
+from scheduler.services import arrays, dependencies, jobqueries
 from scheduler.services.errors import InvalidInput
 from scheduler.services.logs import MAX_LOG_RESPONSE_BYTES, LogSlice, read_log
 from scheduler.services.redact import hidden_from, redact
@@ -33,7 +32,7 @@ async def explain_job(job_id: JobRef, session: SessionDep, principal: UserPrinci
     """Why a job waits (Slurm's reason words, with numbers) and when it is expected to start,
     as the last scheduling cycle saw it."""
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
-    explained = svc.explain(job)
+    explained = jobqueries.explain(job)
     waits_on = await dependencies.unmet(session, job) if job.state is JobState.PENDING else {}
     for reason in explained["reasons"]:
         if reason["code"] in ("Dependency", "DependencyNeverSatisfied") and waits_on:
@@ -117,7 +116,7 @@ async def job_events(
     """The job's history: every state change with who, when and why, oldest first."""
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
     after = int(cursor) if cursor is not None and int(cursor) < 2**63 else None
-    rows, more = await svc.job_events(session, job.id, after_id=after, limit=limit)
+    rows, more = await jobqueries.job_events(session, job.id, after_id=after, limit=limit)
     data = [EventPublic.model_validate(e) for e in rows]
     if not principal.is_platform_admin:
         data = await _redacted_events(session, principal, data)

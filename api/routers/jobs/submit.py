@@ -14,8 +14,7 @@ from api.routers.jobs.view import job_public, notify
 from api.schemas.jobs import MAX_IDEMPOTENCY_KEY_CHARS, JobCreate, JobPublic
 from scheduler.db import Org
 from scheduler.secretenv import settings_cipher
-from scheduler.services import arrays
-from scheduler.services import jobs as svc
+from scheduler.services import arrays, jobqueries, jobsubmit
 from scheduler.services import orgs as orgs_svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
 from scheduler.settings import Settings
@@ -85,11 +84,13 @@ async def submit_job(
         raise InvalidInput("jobs belong to a user")
     org_id = await _submit_org(session, principal, body.org)
     key = checked_idempotency_key(idempotency_key)
-    spec = svc.JobSpec(**{**body.spec_fields(), **await _network(request, session, body, org_id)})
+    spec = jobsubmit.JobSpec(
+        **{**body.spec_fields(), **await _network(request, session, body, org_id)}
+    )
     if body.array is not None:
         return await _submit_array(request, body.array, spec, org_id, principal, key)
     try:
-        result = await svc.submit_job(
+        result = await jobsubmit.submit_job(
             session,
             org_id=org_id,
             user_id=principal.user_id,
@@ -103,17 +104,19 @@ async def submit_job(
         # Two submissions with one key raced; the other one won. Return its job.
         await session.rollback()
         existing = (
-            await svc.find_by_idempotency_key(session, principal.user_id, key) if key else None
+            await jobqueries.find_by_idempotency_key(session, principal.user_id, key)
+            if key
+            else None
         )
         if existing is None:
             raise
-        result = svc.Submitted(existing, created=False)
+        result = jobsubmit.Submitted(existing, created=False)
     # Serialised once, straight to JSON: this is the hot path.
     if result.created:
         notify(request, "submit")
         public = job_public(result.job, spec.depends_on)
         return Response(public.model_dump_json(), status_code=201, media_type="application/json")
-    deps = await svc.dependencies_of(session, [result.job.id])
+    deps = await jobqueries.dependencies_of(session, [result.job.id])
     public = job_public(result.job, deps.get(result.job.id))
     return Response(public.model_dump_json(), status_code=200, media_type="application/json")
 
@@ -157,7 +160,7 @@ def _server_limits(request: Request) -> dict[str, Any]:
 async def _submit_array(
     request: Request,
     array: str,
-    spec: svc.JobSpec,
+    spec: jobsubmit.JobSpec,
     org_id: int,
     principal: Principal,
     key: str | None,
@@ -181,7 +184,7 @@ async def _submit_array(
             **_server_limits(request),
         )
         await session.commit()
-        deps = await svc.dependencies_of(session, [result.job.id])
+        deps = await jobqueries.dependencies_of(session, [result.job.id])
         public = job_public(result.job, deps.get(result.job.id))
     if result.created:
         notify(request, "submit")

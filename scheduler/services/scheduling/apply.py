@@ -27,7 +27,7 @@ from scheduler.core.types import JOB_CAPABILITIES, Decisions, PendingInfo, Preem
 from scheduler.db import Allocation, Event, Gpu, Job, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
-from scheduler.services.jobs import DEFAULT_MAX_GRACE_S, preemption_grace_of
+from scheduler.services.jobactions import DEFAULT_MAX_GRACE_S, preemption_grace_of
 from scheduler.services.jobstate import STOP_PREEMPT, transition_job
 from scheduler.services.scheduling.load import Loaded, from_epoch, isolated_orgs
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop

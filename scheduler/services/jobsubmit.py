@@ -1,8 +1,7 @@
-"""Job use cases: submit (idempotent per user and key), find, cancel, explain (holds: holds.py).
+"""Job submission: a PENDING job, idempotent per user and key (reading: jobqueries.py; cancel:
+jobactions.py; holds: holds.py).
 
-Services flush and never commit: the route owns the transaction. Visibility is passed in as
-`scope_org_id` (None = every org, for platform admins), so that a job of another org is simply
-not found: ids cannot be probed.
+Services flush and never commit: the route owns the transaction.
 
 Submission is the hot path (hundreds per second): on PostgreSQL it is one prepared statement
 built once at import, inserting the job, its PENDING event and its dependencies together, with
@@ -25,21 +24,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.signals import parse_signal
 from protocol.states import JobState
-from scheduler.core.types import PolicyConfig
-from scheduler.db import Event, Job, JobDependency, Org, Task
+from scheduler.db import Event, Job, JobDependency, Org
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
-from scheduler.services import holds
 from scheduler.services.dependencies import AFTEROK, met
 from scheduler.services.errors import (
     Conflict,
-    Forbidden,
     InvalidInput,
     NotFound,
     SecretsNotConfigured,
 )
 from scheduler.services.interactivelimits import check_interactive_time
-from scheduler.services.jobstate import STOP_CANCEL, transition_job
+from scheduler.services.jobactions import DEFAULT_MAX_GRACE_S
+from scheduler.services.jobqueries import find_by_idempotency_key
 from scheduler.services.tenantlimits import (
     SubmitLimits,
     check_submission,
@@ -47,7 +44,6 @@ from scheduler.services.tenantlimits import (
     submission_guard,
 )
 
-DEFAULT_MAX_GRACE_S = PolicyConfig().max_preemption_grace_s
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
 _DEPS: Table = JobDependency.__table__  # type: ignore[assignment]
@@ -92,12 +88,6 @@ class Submitted:
     created: bool  # False: an earlier submission with the same idempotency key
 
 
-async def find_by_idempotency_key(session: AsyncSession, user_id: int, key: str) -> Job | None:
-    return await session.scalar(
-        select(Job).where(Job.user_id == user_id, Job.idempotency_key == key)
-    )
-
-
 async def get_org(session: AsyncSession, org_id: int) -> Org:
     org = await session.get(Org, org_id)
     if org is None:
@@ -130,14 +120,6 @@ def check_signal_lead(signal: str | None, time_limit_s: int, max_grace_s: float)
             f"--signal {signal}: {lead_s} s is more than the maximum of {max_grace_s:g} s",
             max_preemption_grace_s=max_grace_s,
         )
-
-
-def preemption_grace_of(job_signal: str | None, grace_s: float, max_grace_s: float) -> float:
-    """A preempted job's grace: the configured one, or its `--signal` lead time when longer
-    (up to `max_grace_s`)."""
-    if job_signal is None:
-        return grace_s
-    return max(grace_s, min(float(parse_signal(job_signal).lead_s), max_grace_s))
 
 
 async def check_dependencies(
@@ -427,144 +409,3 @@ async def _insert_job_and_event_pg(
     params.update(guard)
     job_id: int | None = await session.scalar(SUBMIT_PG, params)
     return job_id
-
-
-async def get_job(session: AsyncSession, job_id: int, *, scope_org_id: int | None) -> Job:
-    """The job, if the caller may see it; NotFound otherwise (also for another org's job)."""
-    if not 0 < job_id < 2**63:
-        raise NotFound(f"job {job_id} not found")
-    job = await session.get(Job, job_id)
-    if job is None or (scope_org_id is not None and job.org_id != scope_org_id):
-        raise NotFound(f"job {job_id} not found")
-    return job
-
-
-async def dependencies_of(session: AsyncSession, job_ids: Sequence[int]) -> dict[int, list[int]]:
-    if not job_ids:
-        return {}
-    rows = await session.execute(
-        select(JobDependency.job_id, JobDependency.depends_on_id)
-        .where(JobDependency.job_id.in_(job_ids))
-        .order_by(JobDependency.depends_on_id)
-    )
-    out: dict[int, list[int]] = {}
-    for job_id, dep in rows:
-        out.setdefault(job_id, []).append(dep)
-    return out
-
-
-def check_may_act(job: Job, *, user_id: int, may_admin_org: bool) -> None:
-    """Members act on their own jobs; org admins and platform admins on every job they see."""
-    if not may_admin_org and job.user_id != user_id:
-        raise Forbidden("only the job's owner or an org admin may change this job")
-
-
-async def cancel_job(
-    session: AsyncSession,
-    job: Job,
-    *,
-    actor: str,
-    reason: str | None,
-    grace_s: float,
-    now: datetime | None = None,
-) -> list[int]:
-    """Cancel at once when pending; otherwise ask each active task to stop (the job becomes
-    CANCELLED when its agent reports the exit). Returns the node ids whose agents to wake."""
-    now = now or utcnow()
-    if job.state.is_terminal:
-        raise Conflict(f"job {job.id} already ended ({job.state})", state=str(job.state))
-    why = reason or "cancelled"
-    if job.state is JobState.PENDING:
-        transition_job(session, job, JobState.CANCELLED, actor=actor, reason=why, at=now)
-        await session.flush()
-        return []
-    tasks = (
-        await session.scalars(
-            select(Task).where(
-                Task.job_id == job.id,
-                Task.state.in_([JobState.STARTING, JobState.RUNNING]),
-            )
-        )
-    ).all()
-    nodes: list[int] = []
-    for task in tasks:
-        if task.stop_requested_at is None:
-            task.stop_requested_at = now
-            task.stop_reason = STOP_CANCEL
-            task.stop_grace_s = grace_s
-        if task.node_id is not None:
-            nodes.append(task.node_id)
-    session.add(
-        Event(
-            at=now,
-            kind="job.cancel",
-            job_id=job.id,
-            org_id=job.org_id,
-            actor=actor,
-            reason=why[:1024],
-            details={"tasks": [t.id for t in tasks]},
-        )
-    )
-    await session.flush()
-    return sorted(set(nodes))
-
-
-def explain(job: Job) -> dict[str, Any]:
-    """Why the job waits and until when, as the last scheduling cycle saw it."""
-    base: dict[str, Any] = {
-        "job_id": job.id,
-        "state": job.state,
-        "held": job.held,
-        "priority": job.priority,
-        "reasons": [],
-        "estimated_start_at": None,
-        "evaluated": job.pending_reasons is not None,
-    }
-    if job.state is not JobState.PENDING:
-        since = job.started_at if job.state.is_active else job.ended_at
-        when = f" since {since.isoformat()}" if since else ""
-        base["evaluated"] = True
-        base["message"] = f"job is {job.state}{when}" + (
-            f": {job.state_reason}" if job.state_reason else ""
-        )
-        return base
-    held = holds.hold_reason(job)
-    if job.pending_reasons is None:
-        base["message"] = "pending; no scheduling cycle has looked at this job yet"
-        if held is not None:
-            base["reasons"] = [held]
-        return base
-    base["reasons"] = [
-        {
-            "code": str(r.get("code", "")),
-            "message": str(r.get("message", "")),
-            "details": dict(r.get("details") or {}),
-        }
-        for r in job.pending_reasons
-    ]
-    if held is not None:  # the hold as it is now, with who held it and why
-        base["reasons"] = [held, *(r for r in base["reasons"] if r["code"] != held["code"])]
-    base["estimated_start_at"] = job.estimated_start_at
-    codes = ", ".join(r["code"] for r in base["reasons"]) or "none"
-    base["message"] = f"pending ({codes})"
-    return base
-
-
-async def job_events(
-    session: AsyncSession, job_id: int, *, after_id: int | None, limit: int
-) -> tuple[list[Event], bool]:
-    stmt = select(Event).where(Event.job_id == job_id)
-    if after_id is not None:
-        stmt = stmt.where(Event.id > after_id)
-    rows = list((await session.scalars(stmt.order_by(Event.id).limit(limit + 1))).all())
-    return rows[:limit], len(rows) > limit
-
-
-async def count_pending(session: AsyncSession, org_id: int) -> int:
-    """Pending jobs of an org (for quick checks and tests)."""
-    return int(
-        await session.scalar(
-            select(func.count()).where(Job.org_id == org_id, Job.state == JobState.PENDING)
-        )
-        or 0
-    )
