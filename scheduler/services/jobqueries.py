@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
@@ -98,12 +98,3 @@ async def job_events(
     rows = list((await session.scalars(stmt.order_by(Event.id).limit(limit + 1))).all())
     return rows[:limit], len(rows) > limit
 
-
-async def count_pending(session: AsyncSession, org_id: int) -> int:
-    """Pending jobs of an org (for quick checks and tests)."""
-    return int(
-        await session.scalar(
-            select(func.count()).where(Job.org_id == org_id, Job.state == JobState.PENDING)
-        )
-        or 0
-    )
