@@ -97,4 +97,3 @@ async def job_events(
         stmt = stmt.where(Event.id > after_id)
     rows = list((await session.scalars(stmt.order_by(Event.id).limit(limit + 1))).all())
     return rows[:limit], len(rows) > limit
-
