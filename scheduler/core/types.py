@@ -196,8 +196,10 @@ class PolicyConfig:
     # A borrowing job that fits nowhere may preempt borrowers (its own org's, or of orgs whose
     # weighted share stays at least its own) on a node where they hold no more GPUs than lie
     # idle there, each losing at most `consolidate_max_lost_s` of work: the scattered free GPUs
-    # come together for it, and the victims restart on the free GPUs left elsewhere.
-    consolidate: bool = True
+    # come together for it, and the victims restart on the free GPUs left elsewhere. Off: on
+    # the whole Philly trace it lifted allocation while work waits but cost mean JCT 10 %
+    # (docs/SIMULATION.md, "Consolidation").
+    consolidate: bool = False
     consolidate_max_lost_s: float = 900.0
     # Switches that turn the fairgpu policy into the baselines the simulator compares with:
     # `fifo` = ordering "fifo", no backfill, no borrowing, no preemption;

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from scheduler.core import schedule
 from scheduler.core.preempt import work_lost_s
-from scheduler.core.types import Org, PreemptionReason, RunningJob, Snapshot
+from scheduler.core.types import Org, PolicyConfig, PreemptionReason, RunningJob, Snapshot
 from tests.core.builder import job, nodes, org, run, snapshot
 
 HOUR_S = 3_600.0
@@ -39,7 +39,7 @@ def cluster(
         orgs=orgs or [org(1), org(2)],
         running=busy(1, on_node_1, 100, started=started_1) + busy(2, range(8), 200),
         pending=[job(1, 2, 8, at=-60.0, preemptible=True)],
-        **kw,
+        **{"consolidate": True, **kw},
     )
 
 
@@ -92,6 +92,16 @@ def test_no_victim_org_falls_below_its_guarantee_or_the_preemptors_share() -> No
 
 def test_switched_off_or_without_preemption_nothing_moves() -> None:
     assert schedule(cluster(consolidate=False)).preemptions == ()
+    off_by_default = cluster()
+    default = Snapshot(
+        off_by_default.now,
+        off_by_default.nodes,
+        off_by_default.orgs,
+        off_by_default.running,
+        off_by_default.pending,
+        PolicyConfig(),
+    )
+    assert schedule(default).preemptions == ()
     assert schedule(cluster(preemption=False)).preemptions == ()
 
 
@@ -101,6 +111,7 @@ def test_its_own_jobs_of_no_higher_class_may_move_for_it() -> None:
         orgs=[org(1), org(2)],
         running=busy(1, range(2), 100, org_id=2) + busy(2, range(8), 200),
         pending=[job(1, 2, 8, at=-60.0, preemptible=True, priority_class="low")],
+        consolidate=True,
     )
     assert schedule(own).preemptions == ()  # its jobs are "normal", above its "low"
     same = snapshot(
@@ -108,6 +119,7 @@ def test_its_own_jobs_of_no_higher_class_may_move_for_it() -> None:
         orgs=own.orgs,
         running=own.running,
         pending=[job(1, 2, 8, at=-60.0, preemptible=True)],
+        consolidate=True,
     )
     assert [p.job_id for p in schedule(same).preemptions] == [100, 101]
 
@@ -139,7 +151,7 @@ def fragmented(draw: st.DrawFn) -> Snapshot:
     ]
     guarantees = [draw(st.sampled_from([0, 0, 2, 8])) for _ in range(3)]
     orgs = [org(i + 1, guaranteed=g) for i, g in enumerate(guarantees)]
-    return snapshot(nodes=nodes(4), orgs=orgs, running=running, pending=pending)
+    return snapshot(nodes=nodes(4), orgs=orgs, running=running, pending=pending, consolidate=True)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
