@@ -8,7 +8,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply, JobGpuUse
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,17 +49,36 @@ class AgentClient:
         timeout_s = self._timeout_s + body.wait_s
         return await self._post("/v1/agent/heartbeat", credential, body, HeartbeatReply, timeout_s)
 
+    async def job_gpu_use(self, credential: str, task_id: int) -> JobGpuUse:
+        path = f"/v1/agent/tasks/{task_id}/job-gpu-use"
+        return await self._call("GET", path, credential, None, JobGpuUse, self._timeout_s)
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def _post(
         self, path: str, token: str, body: BaseModel, reply: type[M], timeout_s: float
     ) -> M:
+        return await self._call("POST", path, token, body, reply, timeout_s)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        token: str,
+        body: BaseModel | None,
+        reply: type[M],
+        timeout_s: float,
+    ) -> M:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            response = await self._http.post(
+            response = await self._http.request(
+                method,
                 path,
-                content=body.model_dump_json(),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                content=body.model_dump_json() if body is not None else None,
+                headers=headers,
                 timeout=timeout_s,
             )
         except httpx.HTTPError as exc:

@@ -29,7 +29,7 @@ from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.netns import open_namespaces
 from agents.runner import Runner, RunnerConfig, allocations
-from agents.state import Credential, StateDir
+from agents.state import Credential, StateDir, TaskRecord
 from agents.streams import Streams, notify_terminal
 from protocol.agent import (
     AGENT_CAPABILITIES,
@@ -249,11 +249,22 @@ class Agent:
             await _sleep_or(stop, self.config.poll_interval_s)
 
     async def _enforce_idle(self) -> None:
-        """Warn, then end, the interactive tasks nobody uses (agents/idle.py); the GPUs are
-        looked at once more before either."""
+        """Warn, then end, the interactive tasks nobody uses (agents/idle.py); the GPUs, and a
+        multi-node session's other ranks' GPUs (through the server), are looked at once more
+        before either."""
+        sessions = [
+            record for record in self.runner.running()
+            if record.spec.idle_timeout_s is not None and record.spec.num_nodes > 1
+            and self.runner.terminal(record.task_id) is not None
+        ]  # fmt: skip
+        await self._look_at_other_ranks(
+            [record for record in sessions if self.idle.needs_baseline(record.task_id)]
+        )
         if not self.idle.due(self.runner.running()):
             return
         await self._sample()
+        due = {record.task_id for record, _action in self.idle.due(self.runner.running())}
+        await self._look_at_other_ranks([record for record in sessions if record.task_id in due])
         for record, action in self.idle.due(self.runner.running()):
             timeout_s = record.spec.idle_timeout_s
             terminal = self.runner.terminal(record.task_id)
@@ -271,6 +282,21 @@ class Agent:
                 reason=idle.STOP_REASON,
             ):
                 self._changed.set()
+
+    async def _look_at_other_ranks(self, records: list[TaskRecord]) -> None:
+        """Ask the server how busy each multi-node session's other ranks' GPUs have been (once
+        when the session is first seen, then only when it is due a warning or an end)."""
+        for record in records:
+            busy_s: float | None = None
+            if self.credential is not None:
+                try:
+                    use = await self.client.job_gpu_use(self.credential.credential, record.task_id)
+                    busy_s = use.busy_gpu_seconds
+                except (ServerUnavailable, AuthError) as exc:
+                    log.warning(
+                        "task %d: its other ranks' GPU use is unknown: %s", record.task_id, exc
+                    )
+            self.idle.other_ranks(record.task_id, busy_s)
 
     async def _sample(self) -> list[GpuSample]:
         """Every GPU now; a task whose GPUs are busy counts as used (agents/idle.py)."""

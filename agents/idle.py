@@ -27,6 +27,9 @@ from protocol.agent import GpuSample
 
 BUSY_RATIO = 0.05
 """A GPU at this utilisation or more is in use (a notebook's kernel between cells sits at 0)."""
+OTHER_RANKS_BUSY_S = 1.0
+"""Busy GPU-seconds on a multi-node session's other ranks since the last look that count as GPU
+use (one GPU at BUSY_RATIO for 20 s)."""
 MAX_WARNING_LEAD_S = 300.0
 STOP_REASON = "idle timeout"
 """The runner's stop reason for an idle task: reported as `timeout` with the idle time."""
@@ -78,6 +81,9 @@ def ended_reason(timeout_s: float) -> str:
 class _Activity:
     at: float
     warned: bool = False
+    others_busy_s: float | None = None
+    """The other ranks' busy GPU-seconds at the last look (multi-node sessions); None: not
+    looked at yet."""
 
 
 class IdleWatch:
@@ -101,6 +107,26 @@ class IdleWatch:
         for record in records:
             if record.spec.idle_timeout_s is not None and busy.intersection(record.spec.gpus):
                 self.touch(record.task_id)
+
+    def needs_baseline(self, task_id: int) -> bool:
+        """Whether the other ranks of this multi-node task were never looked at."""
+        activity = self._tasks.get(task_id)
+        return activity is None or activity.others_busy_s is None
+
+    def other_ranks(self, task_id: int, busy_s: float | None) -> None:
+        """What the server says the job's other ranks' GPUs did (busy GPU-seconds, a total):
+        a rise of OTHER_RANKS_BUSY_S or more since the last look is GPU use; the first look
+        only sets where the count starts. None (the server could not say) counts as use, and
+        as a start of 0: a session is never ended on what could not be seen."""
+        activity = self._tasks.setdefault(task_id, _Activity(self._clock()))
+        before = activity.others_busy_s
+        if busy_s is None:
+            activity.others_busy_s = 0.0 if before is None else before
+            self.touch(task_id)
+            return
+        activity.others_busy_s = busy_s
+        if before is not None and busy_s - before >= OTHER_RANKS_BUSY_S:
+            self.touch(task_id)
 
     def due(self, records: Iterable[TaskRecord]) -> list[tuple[TaskRecord, Action]]:
         """The running interactive tasks whose idle time reached their warning or their end.

@@ -351,6 +351,15 @@ class StreamOpen(_Reply):
     """The task's TCP port, for a "port" stream."""
 
 
+class JobGpuUse(_Reply):
+    """`GET /v1/agent/tasks/{task_id}/job-gpu-use`: the busy GPU-seconds the usage ledger holds
+    for the GPUs of the task's job on its other nodes, a total that only grows. Rank 0's agent
+    reads it before it warns or ends a multi-node interactive session as idle (agents/idle.py):
+    work on another rank is GPU use of the session."""
+
+    busy_gpu_seconds: Annotated[float, Field(ge=0)]
+
+
 class HeartbeatReply(_Reply):
     start: Annotated[list[TaskSpec], Field(max_length=MAX_TASKS_PER_HEARTBEAT)] = Field(
         default_factory=list

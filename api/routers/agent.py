@@ -5,14 +5,23 @@ Only node agents call these. The heartbeat is answered by scheduler/services/hea
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
 
 from api.authcache import AuthCache
-from api.deps import AutocommitAgentPrincipal, AutocommitSessionDep, SessionDep, parse_bearer
-from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply
+from api.deps import (
+    AgentPrincipal,
+    AutocommitAgentPrincipal,
+    AutocommitSessionDep,
+    SessionDep,
+    parse_bearer,
+)
+from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply, JobGpuUse
 from scheduler.services import agents as svc
 from scheduler.services.errors import Unauthenticated
 from scheduler.services.heartbeat.service import Caller, Heartbeats
+from scheduler.services.jobgpuuse import other_ranks_busy_s
 from scheduler.services.runtime import SchedulerRuntime
 from scheduler.services.scheduling import work
 from scheduler.services.tokens import hash_token
@@ -83,3 +92,17 @@ async def heartbeat(
     if reply.credential is not None:  # renewed: its first use is let through (api/authfailures)
         request.app.state.auth_cache.vouch(hash_token(reply.credential))
     return Response(work.reply_json(reply), media_type="application/json")
+
+
+@router.get("/tasks/{task_id}/job-gpu-use", response_model=JobGpuUse)
+async def job_gpu_use(
+    task_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+    principal: AgentPrincipal,
+    session: SessionDep,
+) -> JobGpuUse:
+    """The busy GPU-seconds of the task's job on its other nodes (the usage ledger's total, which
+    only grows), read by rank 0's agent before it warns or ends a multi-node interactive session
+    as idle. Only for a task of the calling node: any other is 404."""
+    assert principal.node_id is not None
+    busy_s = await other_ranks_busy_s(session, node_id=principal.node_id, task_id=task_id)
+    return JobGpuUse(busy_gpu_seconds=busy_s)

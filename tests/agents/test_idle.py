@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from agents.gpu import SimulatedBackend, parse_simulate_spec
-from agents.idle import IdleWatch, human_s, warning_lead_s
+from agents.idle import OTHER_RANKS_BUSY_S, IdleWatch, human_s, warning_lead_s
 from agents.runner import SIMULATED_UTILIZATION_FILE, Runner
 from agents.state import StateDir, TaskRecord
 from tests.agents.helpers import spec
@@ -59,6 +59,29 @@ def test_busy_gpus_count_as_use_only_for_their_own_task() -> None:
     samples = backend.sample({0: [10], 1: [20]}, {0: 0.9, 1: 0.0})
     watch.observe(samples, [first, second])
     assert [(r.task_id, a) for r, a in watch.due([first, second])] == [(2, "end")]
+
+
+def test_other_ranks_gpu_use_counts_only_as_a_rise_and_the_unknown_as_use() -> None:
+    clock = Clock()
+    watch = IdleWatch(clock)
+    session = _running(1, [0])
+    assert watch.needs_baseline(1)
+    watch.other_ranks(1, 500.0)  # first look: where the count starts, not use
+    assert not watch.needs_baseline(1)
+    clock.now += 100
+    watch.other_ranks(1, 500.0 + OTHER_RANKS_BUSY_S / 2)  # barely moved: not use
+    assert [(r.task_id, a) for r, a in watch.due([session])] == [(1, "end")]
+    watch.other_ranks(1, 500.0 + OTHER_RANKS_BUSY_S * 2)  # rank 1 worked: used now
+    assert watch.due([session]) == []
+    clock.now += 100
+    watch.other_ranks(1, None)  # the server could not say: never ended on that
+    assert watch.due([session]) == []
+    unseen = _running(2, [1])
+    watch.other_ranks(2, None)  # a failed first look starts the count at 0
+    assert not watch.needs_baseline(2)
+    clock.now += 100
+    watch.other_ranks(2, 0.5)
+    assert [(r.task_id, a) for r, a in watch.due([unseen])] == [(2, "end")]
 
 
 def test_a_stopping_or_ended_task_is_not_due_and_is_forgotten() -> None:

@@ -23,7 +23,7 @@ import pytest
 from fastapi import APIRouter, FastAPI, WebSocket
 from sqlalchemy import update
 
-from scheduler.db import ApiToken
+from scheduler.db import ApiToken, Node
 from scheduler.services.tokens import issue_token
 from scheduler.states import NodeState, TokenKind
 from tests import factories
@@ -161,6 +161,22 @@ def new_node(suffix: str, state: NodeState = NodeState.READY) -> Callable[..., A
             node.state = state
             await session.commit()
         return f"/v1/nodes/{node.id}{suffix}", None
+
+    return build
+
+
+def task_on_the_agents_node(suffix: str) -> Callable[..., Any]:
+    """A running task of member_a's on the node of the `agent` credential."""
+
+    async def build(w: World) -> tuple[str, Any]:
+        job = await w.job("member_a")
+        assert w.node is not None
+        async with w.app.state.sessionmaker() as session:
+            node = await session.get(Node, w.node.id)
+            assert node is not None
+            task = await factories.running_task(session, job, node, [])
+            await session.commit()
+        return f"/v1/agent/tasks/{task.id}{suffix}", None
 
     return build
 
@@ -362,6 +378,14 @@ CASES = [
         "POST",
         fixed("/v1/agent/heartbeat", {"wait_s": 0}),
         {**AGENTS_ONLY, "agent": 200, "agent2": 200, "platform": 403},
+    ),
+    # A task's job's GPU use elsewhere: only for the node running the task (another node's
+    # credential does not see it exist).
+    Case(
+        "job gpu use",
+        "GET",
+        task_on_the_agents_node("/job-gpu-use"),
+        {**AGENTS_ONLY, "agent": 200, "agent2": 404, "platform": 403},
     ),
     # Open to all.
     Case("healthz", "GET", fixed("/healthz"), {}, 200),

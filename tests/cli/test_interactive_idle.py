@@ -8,8 +8,13 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from scheduler.bench.procs import Fleet
 from tests.cli.test_interactive import Org, Terminal, agent, org  # noqa: F401 - fixtures
 from tests.harness.served import Served, wait_for
 
@@ -102,6 +107,55 @@ def test_a_session_whose_gpu_is_busy_is_not_ended(
 ) -> None:
     run = _session(served, org, BUSY)
     run.expect(r"busy")
+    run.expect(r"survived", timeout_s=120)
+    assert run.wait() == 7, run.seen
+    assert "no input and no GPU use" not in run.seen
+
+
+# Rank 1 keeps its (simulated) GPU busy until the job ends; rank 0, where the terminal is, does
+# nothing and says nothing for three idle timeouts, then ends with 7 (which ends rank 1).
+ELSEWHERE = f"""
+import os, time
+rank = os.environ["FAIRGPU_NODE_RANK"]
+print("rank", rank, "up", flush=True)
+if rank != "0":
+    with open(os.path.join(os.environ["HOME"], ".fairgpu-simulated-utilization"), "w") as f:
+        f.write("0.9")
+    time.sleep(600)
+time.sleep({3 * IDLE_S})
+print("survived", flush=True)
+raise SystemExit(7)
+"""
+
+
+@pytest.fixture
+def two_nodes(served: Served, tmp_path: Path) -> Iterator[None]:
+    """Two real `fairgpu agent` processes (n1, n2), one simulated H100 each."""
+    made = served.ok("join-token", "create", "--uses", "2", "-o", "json")
+    join = json.loads(made)["token"]
+    fleet = Fleet(workdir=tmp_path)
+    try:
+        for name in ("n1", "n2"):
+            fleet.agent(
+                name, served.url, join, "1xH100", log_level="warning", time_limit_grace_s=None
+            )
+        yield
+    finally:
+        fleet.close()
+
+
+def test_a_session_whose_other_rank_uses_its_gpu_is_not_ended(
+    served: Served,
+    org: Org,  # noqa: F811
+    two_nodes: None,
+) -> None:
+    """The terminal is on rank 0, the work on rank 1: GPU use anywhere in the job is use."""
+    _idle_org(served)
+    run = Terminal.start(
+        served, org.owner, "run", "--pty", "-N", "2", "-G", "H100:1", "-t", "10m", "--",
+        "python3", "-u", "-c", ELSEWHERE, rows=30, cols=100,
+    )  # fmt: skip
+    run.expect(r"rank 0 up", timeout_s=120)
     run.expect(r"survived", timeout_s=120)
     assert run.wait() == 7, run.seen
     assert "no input and no GPU use" not in run.seen
