@@ -55,6 +55,7 @@ from scheduler.states import TokenKind
 
 JOBS_PATH = "/v1/jobs"
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
+AGENT_TASKS_PREFIX = "/v1/agent/tasks/"  # an agent's reads about its tasks (job-gpu-use)
 MAX_BUCKETS = 100_000  # tokens remembered per kind of request before the fullest are dropped
 AGENT_KINDS = frozenset({TokenKind.AGENT, TokenKind.JOIN})
 CHANGE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
@@ -286,6 +287,8 @@ class Admission:
         if method == "POST" and path == JOBS_PATH:
             return self.submits, "submissions"
         if method == "POST" and path == HEARTBEAT_PATH:
+            return self.heartbeats, "heartbeats"
+        if method == "GET" and path.startswith(AGENT_TASKS_PREFIX):  # counted as heartbeats
             return self.heartbeats, "heartbeats"
         if (
             method in CHANGE_METHODS

@@ -112,6 +112,11 @@ async def test_heartbeats_past_the_rate_are_429(database_url: str, hot: bool) ->
         # slow moment): never the long poll's 5 s, never 0.
         assert 1 <= _retry_after(refused) <= 4
         assert "heartbeats per second" in refused.json()["detail"]
+        # An agent's reads about its tasks count against the same rate.
+        read = await cluster.http.get(
+            "/v1/agent/tasks/1/job-gpu-use", headers={"Authorization": f"Bearer {cred}"}
+        )
+        assert read.status_code == 429, read.text
 
 
 class Streamed:
