@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What `make test` needs besides Python packages: PostgreSQL answering on 127.0.0.1:5432 and
-# Prometheus' promtool (tests/deploy checks the rules with it), pasta (package passt), ip and nft. Installs them with apt-get when
-# missing (as root, or through sudo without a password) and starts PostgreSQL; with neither,
-# says in one line what to install. FAIRGPU_TEST_POSTGRES_URL pointing elsewhere skips the
-# PostgreSQL part.
+# Prometheus' promtool (tests/deploy checks the rules with it), pasta (package passt), ip and nft,
+# docker and busybox. Installs them with apt-get when missing (as root, or through sudo without a
+# password) and starts PostgreSQL and dockerd; with neither, says in one line what to install.
+# FAIRGPU_TEST_POSTGRES_URL pointing elsewhere skips the PostgreSQL part.
 set -euo pipefail
 
 as_root() {
@@ -25,6 +25,10 @@ command -v pasta >/dev/null 2>&1 || need+=(passt)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # The wall between pasta and the node's own addresses (agents/netwall.py).
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+# Docker for the private networks of container tasks (tests/agents/test_container_netns.py):
+# the daemon, and busybox to make the test's image from (no image registry is reachable).
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   if ! { as_root apt-get update -qq &&
          DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
@@ -42,4 +46,15 @@ if [ "$local_pg" = 1 ] && ! pg_isready -h 127.0.0.1 -p 5432 -q; then
   }
   for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
   pg_isready -h 127.0.0.1 -p 5432 -q || { echo "make test: PostgreSQL did not come up" >&2; exit 1; }
+fi
+
+# dockerd without its iptables rules and bridge: the tests' containers use no network of
+# docker's own (--network none, and container:<pod> for the task), and the host's firewall
+# stays as it was. A daemon that cannot start here (no privileges) only warns: the docker
+# tests then skip, saying why.
+if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
+  as_root sh -c 'nohup dockerd --iptables=false --bridge=none >/var/log/fairgpu-test-dockerd.log 2>&1 &' || true
+  for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 ||
+    echo "make test: dockerd did not start (/var/log/fairgpu-test-dockerd.log); the docker tests will skip" >&2
 fi
