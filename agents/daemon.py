@@ -252,11 +252,7 @@ class Agent:
         """Warn, then end, the interactive tasks nobody uses (agents/idle.py); the GPUs, and a
         multi-node session's other ranks' GPUs (through the server), are looked at once more
         before either."""
-        sessions = [
-            record for record in self.runner.running()
-            if record.spec.idle_timeout_s is not None and record.spec.num_nodes > 1
-            and self.runner.terminal(record.task_id) is not None
-        ]  # fmt: skip
+        sessions = [r for r in self.runner.running() if idle.watches_other_ranks(r)]
         await self._look_at_other_ranks(
             [record for record in sessions if self.idle.needs_baseline(record.task_id)]
         )

@@ -37,6 +37,12 @@ STOP_REASON = "idle timeout"
 Action = Literal["warn", "end"]
 
 
+def watches_other_ranks(record: TaskRecord) -> bool:
+    """A multi-node session's terminal task (only that rank carries an idle timeout): its
+    other ranks' GPU use, which the server knows, counts too."""
+    return record.spec.idle_timeout_s is not None and record.spec.num_nodes > 1
+
+
 def warning_lead_s(timeout_s: float) -> float:
     """How long before the end the warning comes: a quarter of the timeout, 5 minutes at most."""
     return min(MAX_WARNING_LEAD_S, timeout_s / 4)

@@ -12,15 +12,14 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from scheduler.bench.procs import Proc, fairgpu_command
-from tests.cli.test_interactive import Org, Terminal, fairgpu
-from tests.harness.served import Served, simulated_agent, wait_for
+from scheduler.bench.procs import fairgpu_command
+from tests.cli.test_interactive import Org, Terminal, agent, fairgpu, org  # noqa: F401 - fixtures
+from tests.harness.served import Served, wait_for
 
 # What the task itself says, then what a new shell says: the same lines, to compare.
 PROBE = (
@@ -60,24 +59,6 @@ def _events(served: Served, job: str) -> list[dict[str, object]]:
     return list(json.loads(served.ok("describe", job, "-o", "json"))["events"])
 
 
-@pytest.fixture
-def org(served: Served) -> Org:
-    served.ok("org", "create", "acme")
-    served.ok("quota", "set", "acme", "--gpu-type", "H100", "--guaranteed", "2")
-
-    def token(name: str, *role: str) -> str:
-        made = served.ok("user", "create", name, "--org", "acme", *role, "--token", "-o", "json")
-        return str(json.loads(made)["token"])
-
-    return Org(owner=token("ada"), member=token("bob"), admin=token("cy", "--role", "org-admin"))
-
-
-@pytest.fixture
-def agent(served: Served, tmp_path: Path) -> Iterator[Proc]:
-    with simulated_agent(served, tmp_path) as process:
-        yield process
-
-
 def _submit(served: Served, token: str, *args: str) -> str:
     return served.ok(
         "submit", "--parsable", "-G", "H100:1", "-t", "10m", *args, token=token
@@ -85,7 +66,9 @@ def _submit(served: Served, token: str, *args: str) -> str:
 
 
 def test_a_new_shell_sees_the_tasks_values_and_only_the_owner_and_admins_open_one(
-    served: Served, org: Org, agent: object
+    served: Served,
+    org: Org,  # noqa: F811
+    agent: object,  # noqa: F811
 ) -> None:
     # A batch job on the second GPU (the first is held by another job): the shell must see 1.
     first = _submit(served, org.owner, "--", "sleep", "600")
@@ -128,7 +111,9 @@ def test_a_new_shell_sees_the_tasks_values_and_only_the_owner_and_admins_open_on
 
 
 def test_a_new_shell_beside_a_terminal_is_a_new_session_and_ends_with_the_task(
-    served: Served, org: Org, agent: object
+    served: Served,
+    org: Org,  # noqa: F811
+    agent: object,  # noqa: F811
 ) -> None:
     run = Terminal.start(
         served, org.owner, "run", "--pty", "-G", "H100:1", "-t", "10m", "--",
@@ -156,7 +141,7 @@ def test_a_new_shell_beside_a_terminal_is_a_new_session_and_ends_with_the_task(
     wait_for(lambda: sessions("new") == 0, timeout_s=30)
 
 
-def test_a_new_shell_needs_a_running_job(served: Served, org: Org) -> None:
+def test_a_new_shell_needs_a_running_job(served: Served, org: Org) -> None:  # noqa: F811
     job = _submit(served, org.owner, "--hold", "--", "sleep", "60")
     code, _, err = fairgpu(served, org.owner, "attach", job, "--new", stdin=b"id\n")
     assert code == 1, err
