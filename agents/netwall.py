@@ -23,6 +23,15 @@ except DNS to and from the node's own resolvers (pasta forwards the task's queri
 one, which is often 127.0.0.53). A private task has no address the node's namespace can route to,
 so the node's local addresses are every other task's addresses it could otherwise reach.
 
+The same table bounds the connections each pasta may hold in the node's connection tracking
+table (`ct count over flows_max`, chain `flows`): the wall's `ct state` rule makes the kernel
+track every flow of the node, and the table (`net.netfilter.nf_conntrack_max`) is the node's
+alone: once full, the kernel drops the first packet of every new flow on the node, other orgs'
+host-network tasks' and the agent's own included. Without the bound one task sending a datagram
+to each port of some address fills it in seconds (each unanswered UDP flow stays 30 s, a
+connection attempt to a silent address 120 s). Past it, a new flow of that pasta's is refused
+like the rest the wall refuses (DNS to the resolvers still passes); flows already open go on.
+
 TCP is refused with a reset, the rest with an ICMP "administratively prohibited", so a task that
 tries fails at once rather than after a time-out. The table names no other table and is replaced
 whole (one nft transaction) when the agent starts; a rule per pasta is added before that pasta
@@ -44,6 +53,10 @@ from pathlib import Path
 
 NFT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 """Where nft resolves a `socket cgroupv2` path (it prefixes it with this directory)."""
+FLOWS_MAX = 4096
+"""The connections (TCP, UDP flows) one pasta may hold in the node's connection tracking table
+at once: 8 private tasks hold at most an eighth of the 262,144 a large node's kernel allows;
+closed TCP connections do not count."""
 
 
 class WallError(RuntimeError):
@@ -64,12 +77,14 @@ def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path | None:
 class Wall:
     """The agent's nftables table and the rule of each task's pasta in it."""
 
-    def __init__(self, table: str, *, nft: str, cgroup2: Path) -> None:
+    def __init__(self, table: str, *, nft: str, cgroup2: Path, flows_max: int = FLOWS_MAX) -> None:
         self.table, self.nft, self.cgroup2 = table, nft, cgroup2
-        self._rule_handles: dict[int, int] = {}
-        """task id → handle of its pasta's rule, as nft echoed them when this object added them
-        (a table made anew renumbers them all, and `install` reads them again): `release` then
-        needs one nft call, not two."""
+        self.flows_max = flows_max
+        """The connections one pasta may hold in the node's connection tracking table."""
+        self._rule_handles: dict[int, list[tuple[str, int]]] = {}
+        """task id → (chain, handle) of its pasta's rules, as nft echoed them when this object
+        added them (a table made anew renumbers them all, and `install` reads them again):
+        `release` then needs no listing."""
         self._made: dict[str, list[str]] | None = None
         """The table as nft listed it right after `install` made it, less the pastas' rules
         (which come and go): what `differences` compares the table with."""
@@ -93,6 +108,7 @@ class Wall:
                 "  chain output {",
                 "    type filter hook output priority filter; policy accept;",
                 "    fib daddr type { local, broadcast, multicast } jump pastas",
+                "    ct state new jump flows",
                 "  }",
                 "  chain input {",
                 "    type filter hook input priority filter; policy accept;",
@@ -100,6 +116,8 @@ class Wall:
                 "    meta l4proto udp ct state != { established, related } jump pastas",
                 "  }",
                 "  chain pastas {",
+                "  }",
+                "  chain flows {",
                 "  }",
                 "  chain wall {",
                 *exceptions,
@@ -113,7 +131,8 @@ class Wall:
         )
         self._rule_handles = _echoed_handles(self._nft(["--echo", "--handle", "-f", "-"], script))
         made = _blocks(self._nft(["list", "table", "inet", self.table]))
-        made.pop(_PASTAS, None)
+        for chain in _PER_PASTA:
+            made.pop(f"chain {chain}", None)
         self._made = made
 
     def differences(self, pastas: dict[int, Path]) -> list[str]:
@@ -127,7 +146,13 @@ class Wall:
         except WallError:
             return [f"table inet {self.table} is gone"]
         differences = []
-        expected = {**self._made, _PASTAS: sorted(self._rule_text(t, c) for t, c in pastas.items())}
+        expected = {
+            **self._made,
+            **{
+                f"chain {chain}": sorted(self._rule_text(chain, t, c) for t, c in pastas.items())
+                for chain in _PER_PASTA
+            },
+        }
         for block in sorted(expected.keys() | found.keys()):
             if block not in found:
                 differences.append(f"{block} is gone")
@@ -144,21 +169,21 @@ class Wall:
         self._rule_handles.update(_echoed_handles(echoed))
 
     def release(self, task_id: int) -> None:
-        """Remove the rule of a pasta that has ended (none is fine)."""
-        known = self._rule_handles.pop(task_id, None)
-        if known is not None:
+        """Remove the rules of a pasta that has ended (none is fine)."""
+        known = self._rule_handles.pop(task_id, [])
+        if known:
             try:
-                self._nft(["delete", "rule", "inet", self.table, "pastas", "handle", str(known)])
+                self._nft(["-f", "-"], "".join(self._delete(c, h) for c, h in known))
                 return
             except WallError:
-                pass  # the table went or was changed since: look it up
-        for handle in self._handles(task_id):
+                pass  # the table went or was changed since: look them up
+        for chain, handle in self._handles(task_id):
             with contextlib.suppress(WallError):
-                self._nft(["delete", "rule", "inet", self.table, "pastas", "handle", str(handle)])
+                self._nft(["-f", "-"], self._delete(chain, handle))
 
     def walled(self) -> set[int]:
         """The tasks whose pasta has a rule."""
-        return {task_id for task_id, _handle in self._rules()}
+        return {task_id for task_id, _chain, _handle in self._rules()}
 
     def exists(self) -> bool:
         try:
@@ -175,28 +200,38 @@ class Wall:
 
     # internals --------------------------------------------------------------------------------
     def _rule(self, task_id: int, cgroup: Path) -> str:
-        return f"add rule inet {self.table} pastas {self._rule_text(task_id, cgroup)}"
+        """A pasta's rules, one in each chain of `_PER_PASTA`."""
+        return "\n".join(
+            f"add rule inet {self.table} {chain} {self._rule_text(chain, task_id, cgroup)}"
+            for chain in _PER_PASTA
+        )
 
-    def _rule_text(self, task_id: int, cgroup: Path) -> str:
-        """A pasta's rule as nft lists it."""
+    def _rule_text(self, chain: str, task_id: int, cgroup: Path) -> str:
+        """A pasta's rule in `chain` as nft lists it."""
         level = len(cgroup.relative_to(self.cgroup2).parts)
         where = os.path.relpath(cgroup, NFT_CGROUP_ROOT)
-        return f'socket cgroupv2 level {level} "{where}" jump wall comment "task {task_id}"'
+        bound = f" ct count over {self.flows_max}" if chain == "flows" else ""
+        return f'socket cgroupv2 level {level} "{where}"{bound} jump wall comment "task {task_id}"'
 
-    def _handles(self, task_id: int) -> list[int]:
-        return [handle for found, handle in self._rules() if found == task_id]
+    def _delete(self, chain: str, handle: int) -> str:
+        return f"delete rule inet {self.table} {chain} handle {handle}\n"
 
-    def _rules(self) -> list[tuple[int, int]]:
-        try:
-            listed = self._nft(["-j", "list", "chain", "inet", self.table, "pastas"])
-        except WallError:
-            return []
+    def _handles(self, task_id: int) -> list[tuple[str, int]]:
+        return [(chain, handle) for found, chain, handle in self._rules() if found == task_id]
+
+    def _rules(self) -> list[tuple[int, str, int]]:
+        """(task id, chain, handle) of every pasta rule in the table."""
         found = []
-        for item in json.loads(listed).get("nftables", []):
-            rule = item.get("rule")
-            comment = str(rule.get("comment", "")) if rule else ""
-            if comment.startswith("task ") and comment[5:].isdigit():
-                found.append((int(comment[5:]), int(rule["handle"])))
+        for chain in _PER_PASTA:
+            try:
+                listed = self._nft(["-j", "list", "chain", "inet", self.table, chain])
+            except WallError:
+                continue
+            for item in json.loads(listed).get("nftables", []):
+                rule = item.get("rule")
+                comment = str(rule.get("comment", "")) if rule else ""
+                if comment.startswith("task ") and comment[5:].isdigit():
+                    found.append((int(comment[5:]), chain, int(rule["handle"])))
         return found
 
     def _nft(self, args: list[str], script: str | None = None) -> str:
@@ -217,13 +252,19 @@ class Wall:
         return done.stdout
 
 
-_PASTAS = "chain pastas"
-_ECHOED_RULE = re.compile(r'^add rule .* comment "task (\d+)" # handle (\d+)$', re.MULTILINE)
+_PER_PASTA = ("pastas", "flows")
+"""The chains holding one rule per pasta: what it may not reach, how many flows it may hold."""
+_ECHOED_RULE = re.compile(
+    r'^add rule inet \S+ (\S+) .* comment "task (\d+)" # handle (\d+)$', re.MULTILINE
+)
 
 
-def _echoed_handles(echoed: str) -> dict[int, int]:
-    """{task id: handle} of the pasta rules in what `nft --echo --handle` printed."""
-    return {int(task): int(handle) for task, handle in _ECHOED_RULE.findall(echoed)}
+def _echoed_handles(echoed: str) -> dict[int, list[tuple[str, int]]]:
+    """{task id: [(chain, handle)]} of the pasta rules in what `nft --echo --handle` printed."""
+    found: dict[int, list[tuple[str, int]]] = {}
+    for chain, task, handle in _ECHOED_RULE.findall(echoed):
+        found.setdefault(int(task), []).append((chain, int(handle)))
+    return found
 
 
 def _blocks(listing: str) -> dict[str, list[str]]:

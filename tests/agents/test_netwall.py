@@ -12,7 +12,7 @@ import pytest
 
 from agents.netwall import Wall, cgroup2_mount
 from tests.agents.helpers import spec, wait_for
-from tests.agents.test_isolation import ACME, PY
+from tests.agents.test_isolation import ACME, PY, RIVAL
 from tests.agents.test_netns import (  # noqa: F401 - the fixtures
     HOST_SIDE,
     OUTSIDE,
@@ -96,7 +96,8 @@ def test_a_released_rule_is_its_pastas_alone_whatever_happened_to_the_table(
         assert wall.walled() == {2, 3, 4}
         wall.release(3)
         assert wall.walled() == {2, 4}
-        subprocess.run(["nft", "flush", "chain", "inet", wall.table, "pastas"], check=True)
+        for chain in ("pastas", "flows"):
+            subprocess.run(["nft", "flush", "chain", "inet", wall.table, chain], check=True)
         wall.admit(2, cgroups[2])  # someone removed the rules; the check puts them back
         wall.release(4)
         assert wall.walled() == {2}
@@ -106,3 +107,64 @@ def test_a_released_rule_is_its_pastas_alone_whatever_happened_to_the_table(
         for cgroup in cgroups.values():
             cgroup.rmdir()
         base.rmdir()
+
+
+# In the task: one datagram to each of argv[1] ports of the outside (none listens there), then
+# one to the outside's listener at argv[2], printing its answer or the error.
+SPRAY = """
+import socket, sys, time
+count, listener = int(sys.argv[1]), int(sys.argv[2])
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for i in range(count):
+        s.sendto(b"x", ("%s", 20000 + i))
+        if i %% 25 == 24:
+            time.sleep(0.02)  # as fast as pasta's tap queue takes them without drops
+time.sleep(1)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(3)
+    s.sendto(b"?", ("%s", listener))
+    try:
+        print("listener:", s.recv(100).decode())
+    except OSError as exc:
+        print("listener:", type(exc).__name__)
+"""
+
+
+def _received(namespace: str) -> int:
+    """Packets the outside's interfaces have received (its loopback aside)."""
+    dev = subprocess.run(
+        ["ip", "netns", "exec", namespace, "cat", "/proc/net/dev"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return sum(
+        int(line.split(":", 1)[1].split()[1])
+        for line in dev.splitlines()[2:]
+        if line.split(":", 1)[0].strip() != "lo"
+    )
+
+
+def test_a_private_task_holds_a_bounded_share_of_the_nodes_connection_tracking(
+    node: NetNode,  # noqa: F811
+    outside_network: Outside,  # noqa: F811
+) -> None:
+    """The wall's `ct state` rule makes the kernel track every flow of the node, in a table of
+    the node's (nf_conntrack_max): a task spraying datagrams at the ports of some address fills
+    it in seconds, and then the kernel drops the first packet of every new flow on the node,
+    every org's. Past its bound a pasta's new flows are refused; another task's are not."""
+    bound = 40
+    node.namespaces.wall.flows_max = bound
+    listener = outside_network.ports[3]
+    before = _received(outside_network.namespace)
+    node.runner.start(
+        spec(1, [PY, "-c", SPRAY % (OUTSIDE, OUTSIDE), "200", str(listener)],
+             network="private", **ACME)
+    )  # fmt: skip
+    sprayer = node.result(1)
+    reached = _received(outside_network.namespace) - before
+    assert sprayer["exit_code"] == 0, sprayer
+    # Its first flows reached the outside (a few ARP packets besides), the rest went nowhere,
+    # and so did its next flow, to the listener.
+    assert bound <= reached <= bound + 8, (reached, sprayer)
+    assert "listener: outside" not in sprayer["log"], sprayer
+    other = node.probe(2, [f"udp {OUTSIDE} {listener}"], network="private", **RIVAL)
+    assert other == {f"udp {OUTSIDE} {listener}": "outside"}
