@@ -114,11 +114,16 @@ def tree_standing(
                 seen.add(child)
                 stack.append((child, depth + 1))
     shares_norm: dict[int, float] = {}
+    # Each parent's children's shares summed once (in the same order, so the same float), not
+    # once per child: a flat tree of N orgs would otherwise cost N² steps a cycle.
+    totals: dict[int | None, float] = {}
     for oid in order:
         o = by_id[oid]
         parent = o.parent_id if o.parent_id in by_id else None
-        siblings = children.get(parent, ())
-        total = sum(max(0.0, by_id[s].shares) for s in siblings)
+        total = totals.get(parent)
+        if total is None:
+            siblings = children.get(parent, ())
+            total = totals[parent] = sum(max(0.0, by_id[s].shares) for s in siblings)
         own = max(0.0, o.shares) / total if total > 0 else 0.0
         shares_norm[oid] = own * (shares_norm.get(parent, 1.0) if parent is not None else 1.0)
     for oid in reversed(order):

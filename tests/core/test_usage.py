@@ -85,6 +85,36 @@ def test_shares_and_usage_follow_the_tree() -> None:
     assert usage[2] == 0.0
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 12), st.sampled_from([0.0, -1.0, 0.5, 1.0, 3.0, 64.0])),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_each_orgs_share_is_its_part_of_its_siblings_along_the_path(
+    spec: list[tuple[int, float]],
+) -> None:
+    # Org i + 1's parent is drawn among the orgs before it (0: a root); wide sibling groups and
+    # zero or negative shares included. Each parent's sum is taken once; this checks it against
+    # the sum taken for every child, as the definition reads.
+    orgs = [
+        org(i + 1, parent=(p if 0 < p <= i else None), shares=s) for i, (p, s) in enumerate(spec)
+    ]
+    shares, _, _ = tree_standing(orgs, 10.0)
+    by_id = {o.id: o for o in orgs}
+
+    def expected(oid: int) -> float:
+        o = by_id[oid]
+        siblings = [x for x in orgs if x.parent_id == o.parent_id]
+        total = sum(max(0.0, x.shares) for x in siblings)
+        own = max(0.0, o.shares) / total if total > 0 else 0.0
+        return own * (expected(o.parent_id) if o.parent_id is not None else 1.0)
+
+    assert shares == {o.id: expected(o.id) for o in orgs}
+
+
 def test_recovery_time_is_when_the_factor_gets_back_to_the_target() -> None:
     cluster = nodes(4)
     cap = capacity_usage(cluster, PolicyConfig())
