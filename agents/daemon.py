@@ -27,7 +27,7 @@ from agents.idle import IdleWatch
 from agents.isolation import Confinement, IsolationConfig
 from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
-from agents.netns import open_namespaces
+from agents.netopen import open_namespaces
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir, TaskRecord
 from agents.streams import Streams, notify_terminal

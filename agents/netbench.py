@@ -21,7 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from agents.netns import open_namespaces, run_in_netns
+from agents.netns import run_in_netns
+from agents.netopen import open_namespaces
 
 OUTSIDE, HOST_SIDE = "198.51.100.2", "198.51.100.1"
 CHUNK = 256 * 1024

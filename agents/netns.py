@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -48,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from agents.netwall import Wall, WallError, cgroup2_mount, resolvers
+from agents.netwall import Wall, WallError, resolvers
 
 log = logging.getLogger(__name__)
 
@@ -328,26 +327,6 @@ class Namespaces:
             raise NetnsError(f"{Path(argv[0]).name} {argv[1]}: {detail}")
 
 
-def remove_all(state_root: Path, cgroup_parent: str = "fairgpu") -> list[int]:
-    """Remove every network namespace (and pasta), and the wall, of the agent with this state
-    directory: for whoever ends its tasks without it (a test harness, an operator retiring a
-    node)."""
-    ip, nft, cgroup2 = shutil.which("ip"), shutil.which("nft"), cgroup2_mount()
-    if ip is None or os.geteuid() != 0:
-        return []
-    wall = Wall(_table(state_root), nft=nft or "nft", cgroup2=cgroup2 or Path("/sys/fs/cgroup"))
-    namespaces = Namespaces(
-        state_root,
-        pasta=shutil.which("pasta") or "pasta",
-        ip=ip,
-        wall=wall,
-        cgroup_parent=cgroup_parent,
-    )
-    removed = namespaces.sweep(set())
-    namespaces.close()
-    return removed
-
-
 def run_in_netns(path: Path, function: Callable[[], _T]) -> _T:
     """Call `function` in a fresh thread that first joins the network namespace at `path`."""
     result: list[_T] = []
@@ -403,64 +382,6 @@ def thread_net_dir() -> Path:
     return Path("/proc/thread-self/net")
 
 
-def open_namespaces(
-    state_root: Path, cgroup_parent: str = "fairgpu"
-) -> tuple[Namespaces | None, str]:
-    """This node's namespaces if it can build them, walled (root, `ip`, `pasta`, `nft`, a cgroup
-    v2 hierarchy, a kernel that lets it: tried once with a namespace made and removed), else
-    None and why not. The wall is installed anew, with the rules of the pastas still running."""
-    if os.geteuid() != 0:
-        return None, "the agent does not run as root"
-    tools = {"pasta": "pasta (package passt)", "ip": "ip (iproute2)", "nft": "nft (nftables)"}
-    found = {tool: shutil.which(tool) for tool in tools}
-    missing = [package for tool, package in tools.items() if found[tool] is None]
-    if missing:
-        return None, f"{', '.join(missing)} not found"
-    cgroup2 = cgroup2_mount()
-    if cgroup2 is None:
-        return None, (
-            "no cgroup v2 hierarchy is mounted, which the wall between pasta and the node needs "
-            "(mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified)"
-        )
-    pasta, ip, nft = (str(found[tool]) for tool in tools)
-    wall = Wall(_table(state_root), nft=nft, cgroup2=cgroup2)
-    namespaces = Namespaces(state_root, pasta=pasta, ip=ip, wall=wall, cgroup_parent=cgroup_parent)
-    probe = 0  # never a task id: the server's ids start at 1
-    try:
-        namespaces.build_wall()
-        namespaces.create(probe)
-        _check_walled(namespaces, probe)
-        namespaces.call_inside(probe, _loopback_works)
-    except (NetnsError, OSError) as exc:
-        namespaces.remove(probe)
-        namespaces.close_if_idle()  # no table left for a node that cannot use it
-        return None, str(exc)
-    namespaces.remove(probe)
-    return namespaces, ""
-
-
-def _check_walled(namespaces: Namespaces, task_id: int) -> None:
-    """The probe's pasta runs in the cgroup its wall rule names, and the rule is there."""
-    pid = namespaces.pasta_pid(task_id)
-    expected = namespaces.pasta_cgroups / namespaces.name(task_id)
-    try:
-        members = (expected / "cgroup.procs").read_text().split()
-    except OSError:
-        members = []
-    if pid is None or str(pid) not in members:
-        raise NetnsError(f"pasta did not start in its cgroup {expected}")
-    if task_id not in namespaces.wall.walled():
-        raise NetnsError(f"nft: table inet {namespaces.wall.table} has no rule for pasta")
-
-
-def _loopback_works() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        with socket.create_connection(server.getsockname(), timeout=5):
-            pass
-
-
 def _search_lines() -> str:
     """The node's search domains and options, which stay meaningful inside the namespace."""
     try:
@@ -469,10 +390,6 @@ def _search_lines() -> str:
         return ""
     kept = [line for line in lines if line.split()[:1] in (["search"], ["domain"], ["options"])]
     return "".join(f"{line}\n" for line in kept)
-
-
-def _table(state_root: Path) -> str:
-    return "fairgpu-" + hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:8]
 
 
 def _in_cgroups(procs_files: Sequence[Path], argv: list[str]) -> list[str]:

@@ -1,36 +1,22 @@
 """Runs tasks as process groups, enforces time limits and stops, and finds them after a restart.
 
-Each task runs under a tiny `sh` wrapper that is the leader of a new session (so a signal to the
-group reaches everything the job started) and writes the command's exit status to a file; the
-exit file gives the exit status even when the agent that started the task is not the one that
-sees it end. The task's output goes through a pipe to a copier the wrapper starts in the same
-session (agents.logcap), never to the agent, so neither the log nor the task dies with the agent,
-and the copier keeps the log on disk within `log_max_bytes` however fast the task writes. The
-copier holds a lock the agent took for it until it has written the last byte: a task has ended
-once its wrapper has exited and that lock is free (or `output_drain_s` has passed: processes the
-task left behind may keep the pipe open).
+Each task runs under a wrapper that leads its own session and records the command's exit status,
+with a log copier beside it (agents/wrapper.py): neither the log nor the task dies with the agent,
+and an agent that did not start a task still learns how it ended.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import logging
-import math
-import os
 import signal
-import stat
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
-from agents import disk, idle, logcap, ptyhost
+from agents import disk, idle, wrapper
 from agents.container import (
     ContainerError,
     Runtime,
@@ -40,33 +26,17 @@ from agents.container import (
     start_pod,
 )
 from agents.disk import DiskConfig
+from agents.gpu.simulated import task_utilization
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
 from agents.ports import TaskProcesses, process_tree
+from agents.procs import alive, create_time, descendants
 from agents.state import StateDir, TaskRecord, utcnow
+from agents.taskenv import launch_environment, task_environment
+from agents.tasksignal import container_kill, send_warning, signal_group, warning_signal
 from protocol.agent import TaskSpec
 from protocol.states import TERMINAL_TASK_STATES, TaskState
 
 log = logging.getLogger(__name__)
-
-# Started with the output pipe's read end on stdin, its write end on stdout and the copier's lock
-# on stderr. The copier inherits "ignore" for TERM, INT and HUP, the read end and the lock (as fd
-# 3); the wrapper then keeps only the write end (for its own "Terminated" lines too). `trap :`
-# (a handler, not "ignore") lets the wrapper outlive SIGTERM to record the status while the
-# command itself still gets SIGTERM's default action: ignored signals would be inherited.
-# (A background command's stdin would be /dev/null without an explicit redirection: hence fd 4.)
-_WRAPPER = (
-    "trap '' TERM INT HUP; exec 4<&0; "
-    '"$1" -I -S "$2" "$3" "$4" "$5" <&4 4<&- 3>&2 >/dev/null 2>>"$3/logcap.err" & '
-    "trap : TERM INT HUP; exec 2>&1 </dev/null 4<&-; shift 5; "
-    '"$@"; s=$?; echo $s > "$0.tmp" && mv "$0.tmp" "$0"; exit $s'
-)
-_LOGCAP = str(Path(logcap.__file__).resolve())
-_PTYHOST = str(Path(ptyhost.__file__).resolve())
-# Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
-# HOME is the task's own directory; USER and LOGNAME would name the agent's user.
-_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
-SIMULATED_UTILIZATION_FILE = ".fairgpu-simulated-utilization"
-"""In a task's home: the utilisation (0 to 1) its simulated GPUs show, as the task says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,38 +61,6 @@ class RunnerConfig:
     as soon as the job starts), then starts unattended, its output still in the log."""
     disk: DiskConfig = field(default_factory=DiskConfig)
     """What each task may hold of the node's local disk, and the reserve kept free."""
-
-
-def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[str, str]:
-    """The variables fairgpu sets for a task, on top of the job's own environment."""
-    env = dict(spec.env)
-    env.setdefault("TMPDIR", "/tmp")  # noqa: S108 - private to the task under strict isolation
-    visible = spec.gpu_uuids if cuda_by_uuid and spec.gpu_uuids else [str(g) for g in spec.gpus]
-    env.update(
-        CUDA_VISIBLE_DEVICES=",".join(visible),
-        FAIRGPU_JOB_ID=str(spec.job_id),
-        FAIRGPU_TASK_ID=str(spec.task_id),
-        FAIRGPU_NODE_RANK=str(spec.node_rank),
-        FAIRGPU_NUM_NODES=str(spec.num_nodes),
-        FAIRGPU_GPUS_PER_NODE=str(len(spec.gpus)),
-        HOME=str(home),
-    )
-    if spec.job_secret:
-        env["FAIRGPU_JOB_SECRET"] = spec.job_secret
-    if spec.num_nodes > 1:
-        env.update(NODE_RANK=str(spec.node_rank), WORLD_SIZE=str(spec.num_nodes))
-        if spec.master_addr:
-            env["MASTER_ADDR"] = spec.master_addr
-        if spec.master_port:
-            env["MASTER_PORT"] = str(spec.master_port)
-    return env
-
-
-def launch_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[str, str]:
-    """A task's whole environment: what it inherits of the agent's, then fairgpu's and the
-    job's variables (`task_environment`)."""
-    inherited = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
-    return inherited | task_environment(spec, cuda_by_uuid=cuda_by_uuid, home=home)
 
 
 class Runner:
@@ -152,7 +90,7 @@ class Runner:
                 continue
             if record.pid is None:
                 self._end(record, "lost", reason="agent stopped while starting the task")
-            elif _alive(record.pid, record.pid_create_time):
+            elif alive(record.pid, record.pid_create_time):
                 log.info("task %d: found running as pid %d", record.task_id, record.pid)
             elif not self._output_pending(record):
                 self._settle_exit(record, wrapper_returncode=None)
@@ -184,7 +122,7 @@ class Runner:
         record = self.records.get(task_id)
         if record is None or record.state in TERMINAL_TASK_STATES or record.stop_reason:
             return False
-        warning = _warning_signal(record) if warn else None
+        warning = warning_signal(record) if warn else None
         self._terminate(record, grace_s=grace_s, reason=reason or "stop requested", sig=warning)
         return True
 
@@ -200,7 +138,7 @@ class Runner:
                 returncode = child.poll()
                 exited = returncode is not None
             else:
-                returncode, exited = None, not _alive(record.pid, record.pid_create_time)
+                returncode, exited = None, not alive(record.pid, record.pid_create_time)
             if exited:
                 # What the task left running ends with it (under isolation: its whole cgroup).
                 self.confinement.kill(record.task_id)
@@ -234,12 +172,10 @@ class Runner:
             if group is not None:
                 pids = tuple(group.pids()) if group.exists() else ()
             else:
-                pids = tuple(_descendants(record.pid, record.pid_create_time))
+                pids = tuple(descendants(record.pid, record.pid_create_time))
             directory = self.confinement.task_dir(record.task_id)
-            container = None
-            runtime = self.config.container_runtime
-            if record.container_name and runtime in ("docker", "podman"):
-                container = (self.config.container_binary or str(runtime), record.container_name)
+            cli = self._container_cli
+            container = (cli, record.container_name) if cli and record.container_name else None
             targets.append(disk.Target(record.task_id, directory, pids, container))
         return targets
 
@@ -291,6 +227,15 @@ class Runner:
                 self.state.remove(task_id)
                 del self.records[task_id]
 
+    @property
+    def _container_cli(self) -> str | None:
+        """docker's or podman's client, which runs and signals this node's containers; None
+        where no container runs through one (apptainer's are the task's own processes)."""
+        runtime = self.config.container_runtime
+        if runtime not in ("docker", "podman"):
+            return None
+        return self.config.container_binary or runtime
+
     # queries ---------------------------------------------------------------------------------
     def unacknowledged(self) -> list[TaskRecord]:
         return [r for r in self.records.values() if not r.final_acked]
@@ -305,14 +250,12 @@ class Runner:
 
     def driven_utilization(self) -> dict[int, float]:
         """GPU index -> the utilisation its task says it has, for the simulated backend: the
-        ratio in SIMULATED_UTILIZATION_FILE of the task's home, for that task's GPUs only (a
+        ratio in the simulated utilisation file of the task's home, for that task's GPUs only (a
         task drives no other task's figures). A terminal that says nothing is idle (a shell
         computes nothing); a batch task that says nothing is busy, as simulated GPUs are."""
         driven: dict[int, float] = {}
         for record in self.running():
-            ratio = _read_ratio(
-                self.confinement.task_dir(record.task_id) / SIMULATED_UTILIZATION_FILE
-            )
+            ratio = task_utilization(self.confinement.task_dir(record.task_id))
             if ratio is None and not record.spec.pty:
                 continue
             for gpu in record.spec.gpus:
@@ -386,44 +329,23 @@ class Runner:
         # (a terminal's host, the sandbox, a container's client), the wrapper and copier not.
         argv = [*prepared.network, *argv]
         if spec.pty:
-            # The command on a terminal that streams attach to (agents/ptyhost.py); the
-            # terminal's output is the task's log as any task's output is.
-            task_dir = str(self.state.task_dir(spec.task_id))
-            wait_s = str(cfg.pty_attach_wait_s)
-            argv = [sys.executable, "-I", "-S", _PTYHOST, task_dir, wait_s, *argv]
-        exit_path = self.state.exit_path(spec.task_id)
-        exit_path.unlink(missing_ok=True)
-        copier = [
-            sys.executable,
-            _LOGCAP,
-            str(self.state.task_dir(spec.task_id)),
-            str(cfg.log_max_bytes),
-            str(cfg.log_max_rate_bytes_per_s),
-        ]
-        read_fd, write_fd = os.pipe()
-        try:
-            lock_path = self.state.output_lock_path(spec.task_id)
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)  # the copier holds it from here on
-                child = subprocess.Popen(
-                    ["/bin/sh", "-c", _WRAPPER, str(exit_path), *copier, *argv],
-                    stdin=read_fd,
-                    stdout=write_fd,
-                    stderr=lock_fd,
-                    # Under isolation the sandbox enters the working directory as the task's uid.
-                    cwd=prepared.home if prepared.prefix else prepared.cwd,
-                    env=env,
-                    start_new_session=True,
-                )
-            finally:
-                os.close(lock_fd)
-        finally:
-            os.close(read_fd)
-            os.close(write_fd)
+            argv = wrapper.on_terminal(
+                self.state.task_dir(spec.task_id), cfg.pty_attach_wait_s, argv
+            )
+        child = wrapper.start(
+            argv,
+            task_dir=self.state.task_dir(spec.task_id),
+            exit_path=self.state.exit_path(spec.task_id),
+            lock_path=self.state.output_lock_path(spec.task_id),
+            log_max_bytes=cfg.log_max_bytes,
+            log_max_rate_bytes_per_s=cfg.log_max_rate_bytes_per_s,
+            # Under isolation the sandbox enters the working directory as the task's uid.
+            cwd=prepared.home if prepared.prefix else prepared.cwd,
+            env=env,
+        )
         self._children[spec.task_id] = child
         record.pid = child.pid
-        record.pid_create_time = _create_time(child.pid)
+        record.pid_create_time = create_time(child.pid)
         record.state = "running"
         record.started_at = utcnow()
         self.state.save(record)
@@ -442,9 +364,11 @@ class Runner:
         record.kill_at = utcnow() + dt.timedelta(seconds=grace_s)
         self.state.save(record)
         if sig is not None:
-            self._send_warning(record, sig)
+            send_warning(
+                record, sig, confinement=self.confinement, container_cli=self._container_cli
+            )
             return
-        signalled = self._signal(record, signal.SIGTERM)
+        signalled = signal_group(record, signal.SIGTERM)
         # then the processes that left the wrapper's group (setsid, a daemonising child): once
         # each, never a second SIGTERM to a process whose handler may be running
         self.confinement.signal(
@@ -455,69 +379,19 @@ class Runner:
         """The warning signal, once, its lead time before the time limit."""
         record.warned = True
         self.state.save(record)
-        sig = _warning_signal(record)
+        sig = warning_signal(record)
         if sig is not None:
             log.info("task %d: %s ahead of the time limit", record.task_id, sig.name)
-            self._send_warning(record, sig)
-
-    def _send_warning(self, record: TaskRecord, sig: signal.Signals) -> None:
-        """To the batch shell alone (`B:`), or to every process of the task. Never to the wrapper
-        or the log copier, which a signal they do not handle would end: so not to the group."""
-        assert record.spec.signal is not None
-        if record.pid is None or not _alive(record.pid, record.pid_create_time):
-            return
-        if self._container_kill(record, sig):
-            return
-        try:
-            children = psutil.Process(record.pid).children()
-        except psutil.Error:
-            return
-        commands = [c for c in children if not _is_copier(c)]
-        if record.spec.signal.batch_only:
-            targets = commands  # under strict isolation the sandbox has exec'd the command
-        elif self.confinement.cgroup(record.task_id) is not None:
-            self.confinement.signal(record.task_id, sig)
-            return
-        else:
-            targets = [*commands]
-            for command in commands:
-                with contextlib.suppress(psutil.Error):
-                    targets.extend(command.children(recursive=True))
-        for process in targets:
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(sig)
+            send_warning(
+                record, sig, confinement=self.confinement, container_cli=self._container_cli
+            )
 
     def _kill(self, record: TaskRecord) -> None:
         record.killed = True
         self.state.save(record)
-        self._signal(record, signal.SIGKILL)
+        signal_group(record, signal.SIGKILL)
         self.confinement.kill(record.task_id)
-        self._container_kill(record, signal.SIGKILL)
-
-    def _container_kill(self, record: TaskRecord, sig: signal.Signals) -> bool:
-        """Through docker or podman for a container task (False for any other task): the
-        container's processes are the runtime's, in no cgroup or process group of the agent's.
-        The signal goes to the container's main process, whose init (`--init`) hands it to the
-        job's command, inside the container and as the task's uid's process."""
-        if not record.container_name or self.config.container_runtime not in ("docker", "podman"):
-            return False
-        binary = self.config.container_binary or self.config.container_runtime
-        assert binary is not None
-        argv = [binary, "kill", "--signal", sig.name, record.container_name]
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(argv, capture_output=True, timeout=30)
-        return True
-
-    def _signal(self, record: TaskRecord, sig: signal.Signals) -> bool:
-        """`sig` to the wrapper's process group (it leads its own session and group); False if
-        the wrapper is gone, so nothing was sent."""
-        if record.pid is None or not _alive(record.pid, record.pid_create_time):
-            return False
-        try:
-            os.killpg(record.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        container_kill(record, signal.SIGKILL, self._container_cli)
 
     def _settle_exit(self, record: TaskRecord, *, wrapper_returncode: int | None) -> None:
         """Final state from the exit file, else from how the wrapper itself ended."""
@@ -529,15 +403,9 @@ class Runner:
             return
         exit_code: int | None = None
         sig: int | None = None
-        try:
-            status = int(self.state.exit_path(record.task_id).read_text().strip())
-        except (OSError, ValueError):
-            status = None
-        if status is not None:
-            if status > 128 and status - 128 in _SIGNALS:  # the shell's encoding of a signal
-                sig = status - 128
-            else:
-                exit_code = status
+        recorded = wrapper.exit_status(self.state.exit_path(record.task_id))
+        if recorded is not None:
+            exit_code, sig = recorded
         elif wrapper_returncode is not None and wrapper_returncode < 0:
             sig = -wrapper_returncode
         elif record.killed:
@@ -563,7 +431,7 @@ class Runner:
 
     def _output_pending(self, record: TaskRecord) -> bool:
         """The wrapper has exited; True while its copier may still be writing the output."""
-        if _lock_free(self.state.output_lock_path(record.task_id)):
+        if wrapper.lock_free(self.state.output_lock_path(record.task_id)):
             return False
         since = self._draining_since.setdefault(record.task_id, time.monotonic())
         if time.monotonic() - since < self.config.output_drain_s:
@@ -607,94 +475,6 @@ class Runner:
         if spec.image and spec.network == "private" and self.config.container_runtime == "docker":
             remove_pod(self.config.container_binary or "docker", record.task_id)
         log.info("task %d: %s %s", record.task_id, state, reason)
-
-
-_SIGNALS = frozenset(int(s) for s in signal.Signals)
-
-
-def _warning_signal(record: TaskRecord) -> signal.Signals | None:
-    """The task's warning signal, if it has one that this platform knows."""
-    if record.spec.signal is None:
-        return None
-    try:
-        return signal.Signals["SIG" + record.spec.signal.name]
-    except KeyError:
-        log.warning("task %d: no signal %s here", record.task_id, record.spec.signal.name)
-        return None
-
-
-def _read_ratio(path: Path) -> float | None:
-    """A number from 0 to 1 in a small regular file the task owns, or None. Not through a
-    link, nor from a FIFO or a device the task put there (the agent may be root)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, 64).decode("ascii", errors="replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        ratio = float(text)
-    except ValueError:
-        return None
-    return min(1.0, max(0.0, ratio)) if math.isfinite(ratio) else None
-
-
-def _is_copier(process: psutil.Process) -> bool:
-    """The wrapper's log copier (agents.logcap), as opposed to the task's command."""
-    try:
-        return _LOGCAP in process.cmdline()
-    except psutil.Error:
-        return False
-
-
-def _descendants(pid: int | None, create_time: float | None) -> list[int]:
-    """The processes under an unconfined task's wrapper (it has no cgroup to list them)."""
-    if pid is None or not _alive(pid, create_time):
-        return []
-    with contextlib.suppress(psutil.Error):
-        return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
-    return []
-
-
-def _lock_free(path: Path) -> bool:
-    """Nobody holds the lock (a task started before the copier existed has no lock file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # also releases the lock if it was taken
-    return True
-
-
-def _create_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _alive(pid: int | None, create_time: float | None) -> bool:
-    """The process is there, is the one we started (not a reused pid), and is not a zombie."""
-    if pid is None:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if create_time is not None and abs(process.create_time() - create_time) > 0.01:
-            return False
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def allocations(records: Mapping[int, TaskRecord]) -> list[tuple[int, int, str]]:

@@ -29,8 +29,9 @@ import psutil
 
 from agents import ptyhost, sandbox
 from agents.isolation import TaskRefused
-from agents.runner import Runner, launch_environment
+from agents.runner import Runner
 from agents.state import TaskRecord
+from agents.taskenv import launch_environment
 
 _PTYHOST = str(Path(ptyhost.__file__).resolve())
 _SANDBOX = str(Path(sandbox.__file__).resolve())

@@ -2,7 +2,7 @@
 
 Utilisation and memory follow the tasks the runner has on each GPU (busy while a task runs, or
 what the task says: `driven`, the ratio a task writes to `$HOME/.fairgpu-simulated-utilization`,
-agents/runner.py); power, temperature and the energy counter follow utilisation.
+agents/runner.py, `task_utilization`); power, temperature and the energy counter follow utilisation.
 Faults (an XID, a lost GPU) are injected by method call in tests, or by writing lines such as
 `xid 3 79` or `lost 5` to a faults file during a demo.
 """
@@ -10,7 +10,10 @@ Faults (an XID, a lost GPU) are injected by method call in tests, or by writing 
 from __future__ import annotations
 
 import datetime as dt
+import math
+import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -23,6 +26,8 @@ from protocol.agent import MAX_GPUS_PER_NODE, GpuInfo, GpuProcess, GpuSample
 from protocol.states import GpuHealth
 
 GIB = 1024**3
+SIMULATED_UTILIZATION_FILE = ".fairgpu-simulated-utilization"
+"""In a task's home: the utilisation (0 to 1) its simulated GPUs show, as the task says."""
 _UUID_NAMESPACE = uuid.UUID("8f2b5f52-4f4e-4a3e-9a55-2f6f1d0c9e11")
 
 
@@ -206,3 +211,27 @@ class SimulatedBackend:
                     self.lose(int(words[1]))
             except (ValueError, IndexError):
                 continue
+
+
+def task_utilization(home: Path) -> float | None:
+    """The utilisation (0 to 1) a task says its GPUs have, from a small regular file in its
+    home, or None. Not through a link, nor from a FIFO or a device the task put there (the
+    agent may be root)."""
+    path = home / SIMULATED_UTILIZATION_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 64).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        ratio = float(text)
+    except ValueError:
+        return None
+    return min(1.0, max(0.0, ratio)) if math.isfinite(ratio) else None

@@ -321,7 +321,7 @@ class Fleet:
             with suppress(psutil.Error):
                 child.kill()
         psutil.wait_procs(everyone, timeout=3)
-        from agents.netns import remove_all
+        from agents.netopen import remove_all
 
         for state in self.agent_states:  # their network namespaces, as the agent would
             remove_all(state)

@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from agents.gpu import SimulatedBackend, parse_simulate_spec
+from agents.gpu.simulated import SIMULATED_UTILIZATION_FILE
 from agents.idle import OTHER_RANKS_BUSY_S, IdleWatch, human_s, warning_lead_s
-from agents.runner import SIMULATED_UTILIZATION_FILE, Runner
+from agents.runner import Runner
 from agents.state import StateDir, TaskRecord
 from tests.agents.helpers import spec
 

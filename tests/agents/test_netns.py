@@ -29,7 +29,8 @@ import pytest
 from agents import cgroups
 from agents.forward import _connect
 from agents.isolation import Confinement, IsolationConfig
-from agents.netns import DNS_ADDRESS, Namespaces, open_namespaces
+from agents.netns import DNS_ADDRESS, Namespaces
+from agents.netopen import open_namespaces
 from agents.netwall import Wall
 from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agents.netns import remove_all
+from agents.netopen import remove_all
 from scheduler.bench.procs import fairgpu_command
 from tests.harness.served import Served, wait_for
 

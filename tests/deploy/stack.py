@@ -23,7 +23,7 @@ from typing import IO, Any
 import httpx
 import psutil
 
-from agents.netns import remove_all
+from agents.netopen import remove_all
 
 FAST_SETTINGS = {
     "FAIRGPU_CYCLE_INTERVAL_S": "1",

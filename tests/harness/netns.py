@@ -1,7 +1,7 @@
 """Removes the task network namespaces (agents/netns.py) that tests left without a process.
 
 Tasks outlive their agent by design, and their namespaces with them; harnesses that start agent
-processes remove their agents' own (`agents.netns.remove_all`), but an in-process agent or a
+processes remove their agents' own (`agents.netopen.remove_all`), but an in-process agent or a
 test that failed half-way may leave one. At the end of a session every `fairgpu-*` namespace in
 which no process runs any more, made more than `min_age_s` ago (a task's namespace holds its
 processes for as long as it runs, and gets them within a moment of being made), is removed with
