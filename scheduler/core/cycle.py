@@ -19,10 +19,11 @@ from scheduler.core.capacity import FreeIndex, Layout
 from scheduler.core.explain import BuiltOnRead, CycleState, Ended, Explainer, Wait
 from scheduler.core.order import priority_order
 from scheduler.core.preempt import Plan, Preemptor
-from scheduler.core.quota import OrgBooks
+from scheduler.core.quota import OrgBooks, Paths
 from scheduler.core.types import (
     Decisions,
     DependencyState,
+    Org,
     OrgStanding,
     PendingJob,
     Placement,
@@ -33,7 +34,7 @@ from scheduler.core.types import (
     Snapshot,
     Start,
 )
-from scheduler.core.usage import fair_tree_factors, tree_standing
+from scheduler.core.usage import TreeShares, fair_tree_factors, tree_standing
 
 _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
@@ -51,6 +52,8 @@ class Scheduler:
     def __init__(self) -> None:
         self._last: tuple[tuple[object, ...], Layout] | None = None
         self.layouts_built = 0  # how often the nodes changed (a figure for tests and benches)
+        self._tree: tuple[tuple[object, ...], Paths, TreeShares] | None = None
+        self.trees_built = 0  # how often the org tree changed (a figure for tests)
 
     def layout(self, snap: Snapshot) -> Layout:
         nodes = snap.nodes
@@ -63,9 +66,23 @@ class Scheduler:
             self._last = (nodes, layout)
         return layout
 
+    def tree(self, snap: Snapshot) -> tuple[Paths, TreeShares]:
+        """The org tree's paths and shares, kept while every org keeps its id, parent, shares,
+        guarantees and limits (in the same order): usage alone changes from cycle to cycle."""
+        key = tuple((o.id, o.parent_id, o.shares, o.guaranteed, o.limit) for o in snap.orgs)
+        last = self._tree  # one read, as in `layout`
+        if last is not None and last[0] == key:
+            return last[1], last[2]
+        first: dict[int, Org] = {}
+        for o in snap.orgs:
+            first.setdefault(o.id, o)
+        got = self._tree = (key, Paths(first), TreeShares(snap.orgs))
+        self.trees_built += 1
+        return got[1], got[2]
+
     def schedule(self, snapshot: Snapshot) -> Decisions:
         """Decide starts, preemptions and every pending job's reasons for one snapshot (pure)."""
-        return _Cycle(snapshot, self.layout(snapshot)).run()
+        return _Cycle(snapshot, self.layout(snapshot), self.tree(snapshot)).run()
 
 
 def schedule(snapshot: Snapshot) -> Decisions:
@@ -74,7 +91,9 @@ def schedule(snapshot: Snapshot) -> Decisions:
 
 
 class _Cycle:
-    def __init__(self, snap: Snapshot, layout: Layout) -> None:
+    def __init__(
+        self, snap: Snapshot, layout: Layout, tree: tuple[Paths, TreeShares] | None = None
+    ) -> None:
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
@@ -124,10 +143,11 @@ class _Cycle:
                 else:
                     group.append((r, n))
         self.index = FreeIndex(layout, held)
-        self.books = OrgBooks(snap.orgs, self.index.capacity)
+        paths, shares = tree if tree is not None else (None, None)
+        self.books = OrgBooks(snap.orgs, self.index.capacity, paths)
         self.books.add_totals(booked, leaving)
         cap = self.index.capacity_usage(cfg)
-        self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap)
+        self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap, shares)
         if cfg.fairshare_algorithm == "fairtree":
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
         self.res = Reservations(self.index, snap.running, self.now, drains)

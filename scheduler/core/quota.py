@@ -8,41 +8,63 @@ the path to the root. Kueue's ClusterQueue nominal quota / borrowingLimit, with 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from scheduler.core.types import Org, RunningJob
 
 _NEVER = 1 << 62  # more GPUs than any job asks for
 
 
-class OrgBooks:
-    def __init__(self, orgs: Iterable[Org], capacity: dict[str, int]) -> None:
-        self.orgs: dict[int, Org] = {}
-        for o in orgs:
-            self.orgs.setdefault(o.id, o)
-        self.capacity = capacity
+class Paths:
+    """Each org's path to the root, and who on it sets a limit or a guarantee.
+
+    They follow from the orgs' ids, parents, limits and guarantees alone, so a `Scheduler`
+    keeps them while those are unchanged (usage changes every cycle; these rarely do).
+    """
+
+    __slots__ = ("children", "guarded", "limited", "path")
+
+    def __init__(self, orgs: Mapping[int, Org]) -> None:
         self.path: dict[int, tuple[int, ...]] = {}
-        for oid in self.orgs:
+        for oid in orgs:
             chain = [oid]
-            parent = self.orgs[oid].parent_id
-            while parent is not None and parent in self.orgs and parent not in chain:
+            parent = orgs[oid].parent_id
+            while parent is not None and parent in orgs and parent not in chain:
                 chain.append(parent)
-                parent = self.orgs[parent].parent_id
+                parent = orgs[parent].parent_id
             # A malformed tree (a parent cycle) must not make orgs charge each other: such an
             # org stands alone.
             self.path[oid] = (oid,) if parent is not None and parent in chain else tuple(chain)
         # Only orgs that set a limit or a guarantee need looking at on the way up.
         self.limited = {
-            oid: tuple(a for a in chain if self.orgs[a].limit) for oid, chain in self.path.items()
+            oid: tuple(a for a in chain if orgs[a].limit) for oid, chain in self.path.items()
         }
         self.guarded = {
-            oid: tuple(a for a in chain[1:] if any(v > 0 for v in self.orgs[a].guaranteed.values()))
+            oid: tuple(a for a in chain[1:] if any(v > 0 for v in orgs[a].guaranteed.values()))
             for oid, chain in self.path.items()
         }
         self.children: dict[int, list[int]] = {}
         for oid, up in self.path.items():
             if len(up) > 1:
                 self.children.setdefault(up[1], []).append(oid)
+
+
+class OrgBooks:
+    def __init__(
+        self, orgs: Iterable[Org], capacity: dict[str, int], paths: Paths | None = None
+    ) -> None:
+        """`paths`: kept from an earlier cycle whose orgs had these ids, parents, limits and
+        guarantees (`Scheduler` checks that); None builds them."""
+        self.orgs: dict[int, Org] = {}
+        for o in orgs:
+            self.orgs.setdefault(o.id, o)
+        self.capacity = capacity
+        if paths is None:
+            paths = Paths(self.orgs)
+        self.path = paths.path
+        self.limited = paths.limited
+        self.guarded = paths.guarded
+        self.children = paths.children
         self.alloc: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}
         # GPUs of jobs being preempted (sent before or this cycle): leaving, not yet gone.
         self.leaving: dict[int, dict[str, int]] = {oid: {} for oid in self.orgs}

@@ -83,58 +83,87 @@ def fairshare_factor(usage_norm: float, shares_norm: float) -> float:
     return float(2.0 ** (-usage_norm / shares_norm))
 
 
+class TreeShares:
+    """What `tree_standing` needs from the org tree alone: ids, the post-order walk, shares.
+
+    It follows from the orgs' ids, parents and shares (and their order, for a repeated id), so a
+    `Scheduler` keeps it while those are unchanged; only usage is read anew each cycle.
+    """
+
+    __slots__ = ("ids", "shares_norm", "ups")
+
+    def __init__(self, orgs: Iterable[Org]) -> None:
+        by_id: dict[int, Org] = {}
+        for o in sorted(orgs, key=lambda o: o.id):  # id order: float sums independent of input
+            by_id.setdefault(o.id, o)
+        children: dict[int | None, list[int]] = {}
+        for o in by_id.values():
+            parent = o.parent_id if o.parent_id in by_id else None
+            children.setdefault(parent, []).append(o.id)
+        # Post-order accumulation; a depth guard ignores cycles in a malformed tree.
+        order: list[int] = []
+        stack: list[tuple[int | None, int]] = [(None, 0)]
+        seen: set[int] = set()
+        while stack:
+            oid, depth = stack.pop()
+            if oid is not None:
+                order.append(oid)
+            if depth > 64:
+                continue
+            for child in children.get(oid, ()):
+                if child not in seen:
+                    seen.add(child)
+                    stack.append((child, depth + 1))
+        shares_norm: dict[int, float] = {}
+        # Each parent's children's shares summed once (in the same order, so the same float),
+        # not once per child: a flat tree of N orgs would otherwise cost N² steps.
+        totals: dict[int | None, float] = {}
+        for oid in order:
+            o = by_id[oid]
+            parent = o.parent_id if o.parent_id in by_id else None
+            total = totals.get(parent)
+            if total is None:
+                siblings = children.get(parent, ())
+                total = totals[parent] = sum(max(0.0, by_id[s].shares) for s in siblings)
+            own = max(0.0, o.shares) / total if total > 0 else 0.0
+            shares_norm[oid] = own * (shares_norm.get(parent, 1.0) if parent is not None else 1.0)
+        self.ids = list(by_id)  # id order
+        # (child, parent) in reverse post-order: subtree usage adds up from the leaves.
+        self.ups: list[tuple[int, int]] = []
+        for oid in reversed(order):
+            parent = by_id[oid].parent_id
+            if parent in by_id and parent is not None:
+                self.ups.append((oid, parent))
+        for oid in by_id:
+            shares_norm.setdefault(oid, 0.0)
+        self.shares_norm = shares_norm
+
+
 def tree_standing(
-    orgs: Iterable[Org], cap_usage: float
+    orgs: Iterable[Org], cap_usage: float, shares: TreeShares | None = None
 ) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
     """(shares_norm, usage_norm, factor) per org id, along the tree.
 
     `shares_norm` is the product along the path of shares ÷ siblings' shares; `usage_norm` is the
-    org's subtree usage ÷ the cluster's capacity usage.
+    org's subtree usage ÷ the cluster's capacity usage. `shares`: kept from an earlier cycle
+    whose orgs had these ids, parents and shares, in this order (`Scheduler` checks); None
+    builds it.
     """
-    by_id: dict[int, Org] = {}
-    for o in sorted(orgs, key=lambda o: o.id):  # id order: float sums independent of input order
-        by_id.setdefault(o.id, o)
-    children: dict[int | None, list[int]] = {}
-    for o in by_id.values():
-        parent = o.parent_id if o.parent_id in by_id else None
-        children.setdefault(parent, []).append(o.id)
-    subtree_usage = {oid: max(0.0, o.usage) for oid, o in by_id.items()}
-    # Post-order accumulation; a depth guard ignores cycles in a malformed tree.
-    order: list[int] = []
-    stack: list[tuple[int | None, int]] = [(None, 0)]
-    seen: set[int] = set()
-    while stack:
-        oid, depth = stack.pop()
-        if oid is not None:
-            order.append(oid)
-        if depth > 64:
-            continue
-        for child in children.get(oid, ()):
-            if child not in seen:
-                seen.add(child)
-                stack.append((child, depth + 1))
-    shares_norm: dict[int, float] = {}
-    # Each parent's children's shares summed once (in the same order, so the same float), not
-    # once per child: a flat tree of N orgs would otherwise cost N² steps a cycle.
-    totals: dict[int | None, float] = {}
-    for oid in order:
-        o = by_id[oid]
-        parent = o.parent_id if o.parent_id in by_id else None
-        total = totals.get(parent)
-        if total is None:
-            siblings = children.get(parent, ())
-            total = totals[parent] = sum(max(0.0, by_id[s].shares) for s in siblings)
-        own = max(0.0, o.shares) / total if total > 0 else 0.0
-        shares_norm[oid] = own * (shares_norm.get(parent, 1.0) if parent is not None else 1.0)
-    for oid in reversed(order):
-        parent = by_id[oid].parent_id
-        if parent in by_id and parent is not None:
-            subtree_usage[parent] += subtree_usage[oid]
-    usage_norm = {oid: (subtree_usage[oid] / cap_usage if cap_usage > 0 else 0.0) for oid in by_id}
-    factor = {oid: fairshare_factor(usage_norm[oid], shares_norm.get(oid, 0.0)) for oid in by_id}
-    for oid in by_id:
-        shares_norm.setdefault(oid, 0.0)
-    return shares_norm, usage_norm, factor
+    if shares is None:
+        orgs = list(orgs)
+        shares = TreeShares(orgs)
+    usage: dict[int, float] = {}
+    for o in orgs:  # the first org of an id, as `TreeShares` takes it (a stable sort)
+        if o.id not in usage:
+            usage[o.id] = o.usage
+    ids = shares.ids
+    subtree_usage = {oid: max(0.0, usage[oid]) for oid in ids}
+    for oid, parent in shares.ups:
+        subtree_usage[parent] += subtree_usage[oid]
+    usage_norm = {oid: (subtree_usage[oid] / cap_usage if cap_usage > 0 else 0.0) for oid in ids}
+    shares_norm = shares.shares_norm
+    factor = {oid: fairshare_factor(usage_norm[oid], shares_norm[oid]) for oid in ids}
+    return dict(shares_norm), usage_norm, factor
 
 
 def fair_tree_factors(

@@ -469,21 +469,29 @@ def test_isolation_everywhere_decides_as_isolation_nowhere(snap: Snapshot) -> No
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     snapshots(),
-    st.lists(st.sampled_from(["submit", "end", "time", "same-nodes", "drain"]), max_size=8),
+    st.lists(
+        st.sampled_from(["submit", "end", "time", "same-nodes", "drain", "usage", "org"]),
+        max_size=8,
+    ),
     st.randoms(use_true_random=False),
 )
 def test_a_kept_scheduler_decides_as_a_fresh_one(
     snap: Snapshot, steps: list[str], rnd: random.Random
 ) -> None:
     """What a `Scheduler` keeps across cycles never changes a decision: over random sequences
-    of submissions, ends, time steps and node changes (equal nodes in a new tuple, a drain), its
+    of submissions, ends, time steps, node changes (equal nodes in a new tuple, a drain) and org
+    changes (new usage in new objects; one org's shares, guarantees, limits or parent), its
     decisions are those of a cycle that keeps nothing, explanations and standings included."""
     kept = Scheduler()
     next_id = 10_000
     s = snap
+    trees, changed_orgs = 0, True
     for step in [*steps, "time"]:
         d = kept.schedule(s)
         assert digest(d) == digest(schedule(s)), step
+        # The org tree is built at the first cycle and after an org's structure changed, only.
+        assert kept.trees_built == trees + changed_orgs, step
+        trees, changed_orgs = kept.trees_built, step == "org"
         s = advance(s, d, 30.0 if step != "time" else rnd.choice([1.0, 700.0, 1e5]))
         if step == "submit":
             extra = []
@@ -500,3 +508,23 @@ def test_a_kept_scheduler_decides_as_a_fresh_one(
         elif step == "drain":
             victim = rnd.choice(s.nodes).id
             s = replace(s, nodes=tuple(replace(n, schedulable=n.id != victim) for n in s.nodes))
+        elif step == "usage":
+            s = replace(
+                s, orgs=tuple(replace(o, usage=rnd.choice([0.0, 1e3, 1e6])) for o in s.orgs)
+            )
+        elif step == "org":
+            o = rnd.choice(s.orgs)
+            others = [x.id for x in s.orgs if x.id != o.id]
+            changed = rnd.choice(
+                [
+                    replace(o, shares=o.shares + rnd.choice([0.5, 3.0])),
+                    replace(
+                        o, guaranteed={t: g + 8 for t, g in o.guaranteed.items()} or {"H100": 8}
+                    ),
+                    replace(o, limit={**o.limit, "A100": o.limit.get("A100", 0) + 9}),
+                    replace(
+                        o, parent_id=None if o.parent_id is not None else rnd.choice(others or [0])
+                    ),
+                ]
+            )
+            s = replace(s, orgs=tuple(changed if x is o else x for x in s.orgs))
