@@ -56,12 +56,16 @@ def remove_orphans(min_age_s: float = 120.0) -> list[str]:
         subprocess.run(["ip", "netns", "delete", path.name], capture_output=True, check=False)
         shutil.rmtree(ETC_DIR / path.name, ignore_errors=True)
         removed.append(path.name)
-    remove_idle_walls()
+    remove_idle_walls(min_age_s)
     return removed
 
 
-def remove_idle_walls() -> list[str]:
-    """The `inet fairgpu-<agent>` tables with no pasta rule and no namespace of their agent."""
+def remove_idle_walls(min_age_s: float = 120.0) -> list[str]:
+    """The `inet fairgpu-<agent>` tables with no pasta rule and no namespace of their agent,
+    whose agent's pasta cgroup directory (made when it opened its namespaces, removed when it
+    stops idle) is gone or older than `min_age_s`: a running agent with no private task yet,
+    in another test session on the host, keeps its wall (removing it would count as a restore
+    in that session's tests of the wall)."""
     nft = shutil.which("nft")
     if os.geteuid() != 0 or nft is None:
         return []
@@ -69,15 +73,27 @@ def remove_idle_walls() -> list[str]:
     names = re.findall(r"^table inet (fairgpu-[0-9a-f]{8})$", listed.stdout, re.MULTILINE)
     in_use = {path.name.rsplit("-", 1)[0] for path in RUN_DIR.glob("fairgpu-*")}
     removed = []
+    cgroup2 = cgroup2_mount()
+    now = time.time()
     for name in names:
         wall = Wall(name, nft=nft, cgroup2=Path("/sys/fs/cgroup"))
-        if name in in_use or wall.walled():
+        tag = name.removeprefix("fairgpu-")
+        directories = list(cgroup2.glob(f"*-pasta/{tag}")) if cgroup2 is not None else []
+        if name in in_use or _made_since(directories, now - min_age_s) or wall.walled():
             continue
         wall.remove()
         removed.append(name)
-        tag = name.removeprefix("fairgpu-")
-        cgroup2 = cgroup2_mount()
-        for directory in cgroup2.glob(f"*-pasta/{tag}") if cgroup2 is not None else []:
+        for directory in directories:
             with contextlib.suppress(OSError):  # its pastas' cgroups: none is left running
                 directory.rmdir()
     return removed
+
+
+def _made_since(directories: list[Path], since: float) -> bool:
+    """One of the directories was made after `since` (a cgroup directory's mtime is when it was
+    made: its children do not change it)."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            if directory.stat().st_mtime > since:
+                return True
+    return False
