@@ -321,20 +321,25 @@ class Agent:
                 log.exception("measuring the tasks' disk use failed; trying again")
 
     async def _watch_wall(self, stop: asyncio.Event) -> None:
-        """Check the private tasks' nftables wall, in a thread, and put it back where anything
-        removed or changed it; report at once when the node can or cannot run private tasks."""
+        """Check the private tasks' nftables wall on every change to it and periodically, in
+        threads, and put it back where anything removed or changed it; report at once when the
+        node can or cannot run private tasks."""
         wall = self.runner.confinement.wall
         if wall is None:
             return
         if self.metrics is not None:
             self.metrics.wall = wall
-        while not stop.is_set():
-            await _sleep_or(stop, self.config.isolation.wall_check_interval_s)
-            try:
-                if await asyncio.to_thread(wall.check):
-                    self._changed.set()
-            except Exception:
-                log.exception("checking the network wall failed; trying again")
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._changed.set)
+
+        wall.follow(self.config.isolation.wall_check_interval_s, changed)
+        try:
+            await stop.wait()
+        finally:
+            await asyncio.to_thread(wall.unfollow)
 
     async def _heartbeat_once(self, stop: asyncio.Event) -> None:
         assert self.credential is not None

@@ -73,7 +73,8 @@ class IsolationConfig:
     "netns", and the server places no such job here)."""
     wall_check_interval_s: float = 5.0
     """How often the nftables wall of the private tasks' pastas is checked and put back if
-    anything removed or changed it (agents/wallwatch.py): the longest it can be missing."""
+    anything removed or changed it (agents/wallwatch.py), besides at once on every change
+    `nft monitor` reports: the backstop should the monitor be down."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ class Confinement:
         self.no_namespaces = no_namespaces or "network namespaces are off on this node"
         """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
         self.wall = WallWatch(namespaces) if namespaces is not None else None
-        """The periodic check of the namespaces' wall (the agent runs it)."""
+        """The watch over the namespaces' wall (the agent runs it)."""
         if config.mode == "strict":
             if os.geteuid() != 0:
                 raise IsolationUnavailable(

@@ -120,7 +120,8 @@ class AgentMetrics(Collector):
 
 def _wall_metrics(node: str, wall: WallWatch) -> Iterator[Metric]:
     """How often the wall was found removed or changed: each one a window in which private
-    tasks ran unwalled (at most one check interval), or stood still (while it stayed lost)."""
+    tasks ran unwalled (until the check that nft monitor's event started, or at most one check
+    interval with the monitor down), or stood still (while it stayed lost)."""
     restores = CounterMetricFamily(
         "fairgpu_agent_wall_restores",
         "Times the nftables wall of the private tasks was found removed or changed and made anew.",

@@ -1,10 +1,12 @@
-"""The periodic check of the agent's nftables wall: put back when anything removed or changed it.
+"""The watch over the agent's nftables wall: put back at once when anything removed or changed it.
 
 The agent makes its table once at start (agents/netwall.py), but the table is not its alone to
 keep: an operator's `nft flush ruleset`, a firewall reload (`systemctl restart nftables`, whose
 `/etc/nftables.conf` usually begins with one) or any other root process can remove it or change
-a rule, and the private tasks' pastas would then reach the node's own addresses silently. Every
-`wall_check_interval_s` the agent compares the table with what it made, with the rule of each
+a rule, and the private tasks' pastas would then reach the node's own addresses silently. The
+agent follows the kernel's ruleset events (`nft monitor`, agents/nftmonitor.py) and checks the
+table on every event about it, and every `wall_check_interval_s` besides (the backstop, should
+the monitor be down or miss one): it compares the table with what it made, with the rule of each
 pasta that runs, and on any difference
 
 - makes it anew (one nft transaction, the running pastas' rules included), logs what differed
@@ -17,8 +19,8 @@ pasta that runs, and on any difference
   later check tries again, and once the wall is back the pastas go on (SIGCONT) and the
   capability returns.
 
-Between a removal and the next check (at most one interval) the pastas run unwalled: the
-interval bounds that window, at the cost of one `nft list table` per check.
+The pastas run unwalled from a removal until the check that the event starts has made the table
+anew (tens of milliseconds on an idle node); with the monitor down, until the next periodic check.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 from agents.netns import Namespaces, NetnsError
+from agents.nftmonitor import NftMonitor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,47 @@ class WallWatch:
         self._lock = threading.Lock()
         self._stopped: dict[int, int] = {}
         """task id → pid of each pasta stopped while the wall is lost."""
+        self.monitor: NftMonitor | None = None
+        """The ruleset events being followed (`follow`), None when not."""
+        self._wake = threading.Event()
+        self._following = threading.Event()
+        self._checker: threading.Thread | None = None
+
+    def follow(self, interval_s: float, on_change: Callable[[], None]) -> None:
+        """Check in a thread of its own on every event about the table and every `interval_s`,
+        until `unfollow`; `on_change` (from that thread) when the node's ability to run private
+        tasks changed."""
+        wall = self.namespaces.wall
+        self._following.set()
+        self.monitor = NftMonitor(lambda: wall.nft, wall.table, self._wake.set)
+        self._checker = threading.Thread(
+            target=self._check_until_unfollowed,
+            args=(interval_s, on_change),
+            name="wall-check",
+            daemon=True,
+        )
+        self._checker.start()
+        self.monitor.start()
+
+    def unfollow(self) -> None:
+        self._following.clear()
+        self._wake.set()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self._checker is not None:
+            self._checker.join(timeout=30)
+
+    def _check_until_unfollowed(self, interval_s: float, on_change: Callable[[], None]) -> None:
+        while True:
+            self._wake.wait(interval_s)
+            if not self._following.is_set():
+                return
+            self._wake.clear()  # events from here on start another check
+            try:
+                if self.check():
+                    on_change()
+            except Exception:
+                log.exception("checking the network wall failed; trying again")
 
     def check(self) -> bool:
         """Compare the wall with what it should be, and put it back; True when that changed

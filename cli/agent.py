@@ -144,9 +144,11 @@ def agent(
     wall_check_interval_s: Annotated[
         float,
         typer.Option(
-            help="Seconds between two checks of the nftables wall of the private tasks' "
-            "networks, which put it back where anything (nft flush ruleset, a firewall reload) "
-            "removed or changed it: the longest it can be missing.",
+            help="Seconds between two periodic checks of the nftables wall of the private "
+            "tasks' networks, which put it back where anything (nft flush ruleset, a firewall "
+            "reload) removed or changed it. The agent also checks at once on every change "
+            "nft monitor reports; the periodic check is the backstop should the monitor miss "
+            "one.",
             min=0.1,
         ),
     ] = 5.0,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from sqlalchemy import select
 
 from agents.isolation import IsolationConfig
 from agents.metrics import AgentMetrics
+from agents.nftmonitor import NftMonitor
 from agents.wallwatch import WallWatch
 from scheduler.db.models import Node
 from tests.agents.helpers import spec, wait_for
@@ -203,3 +206,61 @@ async def test_the_server_hears_when_the_node_loses_and_regains_its_wall(
     await netns(True)
     assert watch.failures >= 1
     assert watch.restores == 1
+
+
+def _remove_and_time_restore(net: NetNode, watch: WallWatch) -> float:
+    """Seconds from the wall's removal to its being made anew by the followed watch."""
+    restores = watch.restores
+    start = time.monotonic()
+    subprocess.run(["nft", "delete", "table", "inet", net.namespaces.wall.table], check=True)
+    while watch.restores == restores:
+        assert time.monotonic() - start < 30, "the wall was not made anew"
+        time.sleep(0.001)
+    return time.monotonic() - start
+
+
+def _listening(monitor: NftMonitor) -> None:
+    """Until the monitor has joined the kernel's event group: it prints a change of anyone's."""
+    probe = f"fairgpu-probe-{os.getpid()}"
+    seen = monitor.lines
+    while monitor.lines == seen:
+        subprocess.run(["nft", "add", "table", "inet", probe], check=True)
+        subprocess.run(["nft", "delete", "table", "inet", probe], check=True)
+        time.sleep(0.05)
+
+
+def test_a_followed_wall_is_back_at_once_and_after_its_monitor_died(
+    net: NetNode,
+    node_address: str,  # noqa: F811
+) -> None:
+    """Followed through `nft monitor`, a removed wall is made anew within a fraction of the
+    periodic check's interval (a minute here: no periodic check runs during the test), and
+    again once the killed monitor was started anew; the task is walled out of the node's
+    listener after each."""
+    watch = _watch(net)
+    with _knock(net, node_address):
+        changes: list[int] = []
+        watch.follow(60.0, lambda: changes.append(1))
+        try:
+            monitor = watch.monitor
+            assert monitor is not None
+            wait_for(lambda: monitor.pid is not None)
+            _listening(monitor)
+            first = _remove_and_time_restore(net, watch)
+            assert first < 5.0, first
+            killed = monitor.pid
+            assert killed is not None
+            os.kill(killed, signal.SIGKILL)
+            wait_for(lambda: monitor.starts == 2 and monitor.pid not in (None, killed), 30)
+            _listening(monitor)
+            second = _remove_and_time_restore(net, watch)
+            assert second < 5.0, second
+        finally:
+            watch.unfollow()
+        print(f"wall back in {first * 1000:.0f} ms, after a monitor restart {second * 1000:.0f} ms")
+        assert (watch.restores, watch.failures, watch.intact) == (2, 0, True)
+        assert changes == []  # the node could run private tasks all along
+        assert net.namespaces.wall.differences(net.namespaces.walled_pastas()) == []
+        wait_for(lambda: _lines(net, 1)[-1] == "walled", 30)
+        assert monitor.pid is None  # unfollowed: no monitor left running
+        assert not [c for c in psutil.Process().children() if c.name() == "nft"]
