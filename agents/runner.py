@@ -301,7 +301,7 @@ class Runner:
         pod = self._start_pod(spec)
         prepared = self.confinement.prepare(spec, error_path, adopt=pod)
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
-        env = launch_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
+        confined = bool(prepared.prefix)
         argv = [*prepared.prefix, *spec.command]
         if spec.image and cfg.container_runtime:
             launch = container_launch(
@@ -324,7 +324,11 @@ class Runner:
             # docker and podman confine the container themselves (their client needs root);
             # apptainer runs as the task's uid inside the sandbox.
             argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
+            confined = confined and launch.name is None
             record.container_name = launch.name
+        env = launch_environment(
+            spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home, confined=confined
+        )
         # The task's own network namespace, entered first: everything of the task is inside
         # (a terminal's host, the sandbox, a container's client), the wrapper and copier not.
         argv = [*prepared.network, *argv]

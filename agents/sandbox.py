@@ -20,7 +20,14 @@ every task start pays for its start-up. In order, it
    connect to an abstract unix socket nor signal a process outside its own domain, so another
    task's abstract sockets (NCCL's, say: the host's network namespace shares them) are out of
    its reach, and enters the working directory as that uid;
-4. execs the command: same pid, so the wrapper waits for the command itself.
+4. execs the command, with the task's environment: same pid, so the wrapper waits for the
+   command itself.
+
+The task's environment reaches it carried (`carried`): every variable under a prefix that
+nothing between the agent and here reads. The wrapper's shell, the log copier, the terminal host
+and this process run as root, and the job chooses its variables: a job's `PATH` would have the
+wrapper's shell run the org's own `mv` as root, its `LD_PRELOAD` load the org's library into
+every one of them. Only the command gets them, as the task's uid (`uncarried`).
 
 A step that fails writes one line to the error file (opened before privileges are dropped) and
 exits 126 (127: command not found): the runner reports that line as the task's reason.
@@ -60,7 +67,25 @@ _GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
 # own, so that nothing it writes there reaches the host's disk or another task.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/crash")  # noqa: S108
 
+CARRIED_PREFIX = "FAIRGPU_SANDBOXED_"
+"""Before each variable of the task's environment on its way through root's processes."""
+
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def carried(task_env: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    """The environment of root's processes between the agent and a confined task's command:
+    `own` (the agent's PATH and locale, which they run with) and the task's variables, each
+    under CARRIED_PREFIX (job variable names never start with FAIRGPU_)."""
+    return own | {CARRIED_PREFIX + name: value for name, value in task_env.items()}
+
+
+def uncarried(environ: dict[str, str]) -> dict[str, str]:
+    """The task's environment, from what `carried` made: nothing else of this process's."""
+    size = len(CARRIED_PREFIX)
+    return {
+        name[size:]: value for name, value in environ.items() if name.startswith(CARRIED_PREFIX)
+    }
 
 
 class SandboxError(Exception):
@@ -292,7 +317,7 @@ def enter(config: dict[str, Any], command: list[str]) -> int:
         step = f"entering the working directory {config['cwd']}"
         os.chdir(config["cwd"])
         step = f"starting {command[0]}"
-        os.execvp(command[0], command)  # noqa: S606 - the agent's shell, no shell string
+        os.execvpe(command[0], command, uncarried(dict(os.environ)))  # noqa: S606 - no shell string
     except (OSError, SandboxError, ValueError, KeyError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         os.write(2, f"fairgpu: {step}: {detail}\r\n".encode())
@@ -323,7 +348,7 @@ def main(argv: list[str]) -> int:
         step = f"entering the working directory {config['cwd']}"
         os.chdir(config["cwd"])
         step = f"starting {command[0]}"
-        os.execvp(command[0], command)  # noqa: S606 - argv as the job gave it, no shell
+        os.execvpe(command[0], command, uncarried(dict(os.environ)))  # noqa: S606 - argv as given
     except FileNotFoundError as exc:
         if step.startswith("starting "):
             os.write(error_fd, f"command not found: {command[0]}\n".encode())

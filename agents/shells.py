@@ -88,7 +88,12 @@ async def _start(runner: Runner, record: TaskRecord) -> NewShell:
     except TaskRefused as exc:
         raise ShellRefused(str(exc)) from None
     home = runner.confinement.task_dir(record.spec.task_id)
-    env = launch_environment(record.spec, cuda_by_uuid=runner.config.cuda_by_uuid, home=home)
+    env = launch_environment(
+        record.spec,
+        cuda_by_uuid=runner.config.cuda_by_uuid,
+        home=home,
+        confined=runner.confinement.cgroups is not None,
+    )
     directory = runner.state.root / "shells" / secrets.token_hex(8)
     directory.mkdir(mode=0o700, parents=True)
     assert record.pid is not None

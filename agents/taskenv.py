@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agents import sandbox
 from protocol.agent import TaskSpec
 
 # Variables of the agent's own environment a task inherits; nothing else (no agent secrets).
@@ -38,8 +39,12 @@ def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[
     return env
 
 
-def launch_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[str, str]:
+def launch_environment(
+    spec: TaskSpec, *, cuda_by_uuid: bool, home: Path, confined: bool = False
+) -> dict[str, str]:
     """A task's whole environment: what it inherits of the agent's, then fairgpu's and the
-    job's variables (`task_environment`)."""
+    job's variables (`task_environment`). `confined`: the command starts through the sandbox,
+    after root's processes that must not see the job's variables (sandbox.carried)."""
     inherited = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
-    return inherited | task_environment(spec, cuda_by_uuid=cuda_by_uuid, home=home)
+    env = inherited | task_environment(spec, cuda_by_uuid=cuda_by_uuid, home=home)
+    return sandbox.carried(env, inherited) if confined else env

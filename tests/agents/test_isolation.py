@@ -404,6 +404,46 @@ def test_the_job_environment_and_secret_never_reach_the_nodes_disk(node: Node) -
         assert key.encode() not in path.read_bytes(), path
 
 
+def test_the_jobs_variables_reach_its_command_never_roots_processes(node: Node) -> None:
+    """The wrapper's shell, the log copier and the sandbox run as root before the command: a
+    job whose PATH names its org's directory first had the wrapper run the org's own `mv` as
+    root when the task ended (and LD_PRELOAD would have loaded its library into all three)."""
+    tools = node.data / "acme" / "bin"
+    tools.mkdir()
+    ran_as = node.data / "acme" / "ran-as"
+    for name in ("mv", "sh", "sleep"):  # what the wrapper, and the job itself, look up
+        (tools / name).write_text(f'#!/bin/sh\nid -u >> {ran_as}\nexec /bin/{name} "$@"\n')
+        (tools / name).chmod(0o755)
+    os.chown(node.data / "acme", UID_BASE + 1, UID_BASE + 1)
+    os.chown(tools, UID_BASE + 1, UID_BASE + 1)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "LD_LIBRARY_PATH": str(tools), "MARK": "acme-mark"}
+    node.runner.start(spec(1, ["sh", "-c", 'echo "$MARK $PATH"; exec sleep 3'], env=env, **ACME))
+
+    def sleeping() -> bool:
+        with contextlib.suppress(psutil.Error):
+            return any(
+                psutil.Process(p).cmdline() == ["/bin/sleep", "3"] for p in node.task_pids(1)
+            )
+        return False
+
+    wait_for(sleeping)  # the command is what runs now: the processes before it are done
+    wrapper = node.runner.records[1].pid
+    assert wrapper is not None
+    for pid in (wrapper, *node.task_pids(1)):
+        process = psutil.Process(pid)
+        seen = process.environ()
+        if process.uids().real == 0:
+            assert not {"MARK", "LD_LIBRARY_PATH"} & seen.keys(), (process.cmdline(), seen)
+            assert str(tools) not in seen.get("PATH", ""), (process.cmdline(), seen)
+        else:  # the command has them all
+            assert (seen["MARK"], seen["LD_LIBRARY_PATH"]) == ("acme-mark", str(tools)), seen
+    result = node.finish(1)
+    assert (result["state"], result["exit_code"]) == ("exited", 0), result
+    assert result["log"] == f"acme-mark {tools}:/usr/bin:/bin\n"
+    # The job's own sh and sleep were the org's, run as its uid; nothing of it ran as root.
+    assert ran_as.read_text().split() == [str(UID_BASE + 1)] * 2
+
+
 def _until_disk_ends_a_task(node: Node, timeout_s: float = 20.0) -> None:
     wait_for(node.runner.check_disk, timeout_s)
 
