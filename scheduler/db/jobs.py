@@ -39,6 +39,10 @@ class Job(Base):
         Index("ix_jobs_org_id_state", "org_id", "state"),
         # A submission counts the user's pending jobs (the per-user cap).
         Index("ix_jobs_user_id_state", "user_id", "state"),
+        # A listing (newest first, one page) of one org or one user walks its own jobs only:
+        # without these, an org whose jobs are older than another's reads the other's rows.
+        Index("ix_jobs_org_id_id", "org_id", "id"),
+        Index("ix_jobs_user_id_id", "user_id", "id"),
         # History and accounting filter finished jobs by when they ended or were submitted.
         Index("ix_jobs_ended_at", "ended_at"),
         Index("ix_jobs_submitted_at", "submitted_at"),
@@ -228,6 +232,9 @@ class UsageRecord(Base):
     __table_args__ = (
         UniqueConstraint("allocation_id", "period_start"),
         Index("ix_usage_ledger_org_id_period_start", "org_id", "period_start"),
+        # Deleting a job checks its ledger rows (the foreign key): without this, PostgreSQL
+        # scans the whole ledger once per deleted job.
+        Index("ix_usage_ledger_job_id", "job_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -132,8 +132,9 @@ class ApiToken(Base):
         ForeignKey("users.id", ondelete="SET NULL")
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    expires_at: Mapped[datetime | None] = mapped_column()
-    revoked_at: Mapped[datetime | None] = mapped_column()
+    # Audit retention finds dead tokens by these (scheduler/services/auditretention.py).
+    expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(index=True)
     last_used_at: Mapped[datetime | None] = mapped_column()
 
 
