@@ -33,6 +33,7 @@ from agents.state import Credential, StateDir, TaskRecord
 from agents.streams import Streams, notify_terminal
 from protocol.agent import (
     AGENT_CAPABILITIES,
+    CONTAINER_NETNS_CAPABILITY,
     MAX_TASKS_PER_HEARTBEAT,
     MAX_WAIT_S,
     NETNS_CAPABILITY,
@@ -163,10 +164,13 @@ class Agent:
 
     def capabilities(self) -> list[str]:
         """What this agent can do: "netns" only where it can build the namespaces and their
-        wall stands (agents/wallwatch.py)."""
+        wall stands (agents/wallwatch.py), and "container-netns" beside it where its container
+        runtime can put a container in one (Runner.containers_join_netns)."""
         wall = self.runner.confinement.wall
-        netns = wall is not None and wall.intact
-        return [*AGENT_CAPABILITIES, *([NETNS_CAPABILITY] if netns else [])]
+        if wall is None or not wall.intact:
+            return list(AGENT_CAPABILITIES)
+        containers = [CONTAINER_NETNS_CAPABILITY] if self.runner.containers_join_netns else []
+        return [*AGENT_CAPABILITIES, NETNS_CAPABILITY, *containers]
 
     def _renew(self, credential: str) -> None:
         """The server renewed the node's credential: keep it (atomically) and use it next."""

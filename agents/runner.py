@@ -228,6 +228,15 @@ class Runner:
                 del self.records[task_id]
 
     @property
+    def containers_join_netns(self) -> bool:
+        """This node's containers can run in a private task's network namespace: podman and
+        apptainer join it by path, docker through the task's pod (which needs its image)."""
+        runtime = self.config.container_runtime
+        if runtime == "docker":
+            return self.config.container_pause_image is not None
+        return runtime is not None
+
+    @property
     def _container_cli(self) -> str | None:
         """docker's or podman's client, which runs and signals this node's containers; None
         where no container runs through one (apptainer's are the task's own processes)."""

@@ -68,8 +68,12 @@ AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward", "new-she
 "port-forward": it opens `StreamOpen` of kind "port" (to a port its task listens on).
 "new-shell": it opens `StreamOpen` of kind "new" (a new shell in a running task's sandbox).
 "netns" (not in this tuple: an agent adds it only where it can build the namespace, see
-agents/netns.py): it runs `TaskSpec.network="private"` tasks in a network namespace of their own."""
+agents/netns.py): it runs `TaskSpec.network="private"` tasks in a network namespace of their own.
+"container-netns" (nor this one: an agent adds it only beside "netns", where its container
+runtime can put a container in the task's namespace: podman and apptainer, and docker given a
+pod image, agents/container.py): it runs such a task with an image too."""
 NETNS_CAPABILITY = "netns"
+CONTAINER_NETNS_CAPABILITY = "container-netns"
 MAX_CAPABILITIES = 32
 
 Isolation = Literal["strict", "none"]

@@ -19,6 +19,7 @@ from agents.client import AgentClient
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
 from agents.isolation import IsolationConfig
+from agents.runner import RunnerConfig
 from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
 from scheduler.settings import Settings
 from tests.harness.wire import Wire
@@ -60,7 +61,11 @@ class Harness:
         self.join = await self.cluster.join_token()
 
     def start(
-        self, *, join_token: str | None = "", isolation: IsolationConfig | None = None
+        self,
+        *,
+        join_token: str | None = "",
+        isolation: IsolationConfig | None = None,
+        runner: RunnerConfig | None = None,
     ) -> Agent:
         """An agent with two simulated H100s; `join_token` defaults to a valid one."""
         config = AgentConfig(
@@ -72,6 +77,7 @@ class Harness:
             poll_interval_s=0.02,
             max_backoff_s=0.2,
             isolation=isolation or IsolationConfig(),
+            runner=runner or RunnerConfig(),
         )
         backend = SimulatedBackend(parse_simulate_spec("2xH100"), seed="node-a")
         client = AgentClient(config.server, transport=self.wire)

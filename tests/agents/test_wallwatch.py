@@ -20,6 +20,7 @@ from sqlalchemy import select
 from agents.isolation import IsolationConfig
 from agents.metrics import AgentMetrics
 from agents.nftmonitor import NftMonitor
+from agents.runner import RunnerConfig
 from agents.wallwatch import WallWatch
 from scheduler.db.models import Node
 from tests.agents.helpers import spec, wait_for
@@ -264,3 +265,34 @@ def test_a_followed_wall_is_back_at_once_and_after_its_monitor_died(
         wait_for(lambda: _lines(net, 1)[-1] == "walled", 30)
         assert monitor.pid is None  # unfollowed: no monitor left running
         assert not [c for c in psutil.Process().children() if c.name() == "nft"]
+
+
+@pytest.mark.parametrize(
+    ("runner", "containers"),
+    [
+        (RunnerConfig(container_runtime="docker"), False),  # no pod image: no private container
+        (RunnerConfig(container_runtime="docker", container_pause_image="pause:1"), True),
+        (RunnerConfig(container_runtime="podman"), True),
+        (RunnerConfig(), False),  # no container runtime
+    ],
+)
+async def test_the_server_hears_whether_the_node_puts_containers_in_private_networks(
+    harness: Harness,  # noqa: F811
+    runner: RunnerConfig,
+    containers: bool,
+) -> None:
+    """ "container-netns" beside "netns" only where the node's runtime can put a container in
+    the task's namespace: the scheduler places a private job with an image by it."""
+    agent = harness.start(runner=runner)
+    await asyncio.wait_for(agent.connected.wait(), 10)
+
+    async def reported() -> bool:
+        async with harness.cluster.sessionmaker() as session:
+            found = await session.scalar(select(Node.capabilities).where(Node.name == "node-a"))
+        return found is not None and "netns" in found
+
+    await until(reported, 30)
+    async with harness.cluster.sessionmaker() as session:
+        found = await session.scalar(select(Node.capabilities).where(Node.name == "node-a"))
+    assert found is not None
+    assert ("container-netns" in found) is containers

@@ -190,3 +190,29 @@ async def test_only_a_platform_admin_sets_an_orgs_private_network(cluster: Clust
     )
     shown = await cluster.call("GET", f"/v1/orgs/{org}", cluster.admin)
     assert shown["private_network_required"] is False
+
+
+async def test_a_private_container_job_goes_only_to_a_node_that_can_put_it_there(
+    cluster: Cluster,
+) -> None:
+    """A docker node without a pod image says "netns" but not "container-netns": a private job
+    with an image waits for a node that says both, with the reason, rather than failing at start
+    there; a private job without an image still runs there."""
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    walled = await _node(cluster, 2, NETNS)  # the tighter fit: best fit alone would pick it
+    container = await cluster.submit(token, gpus_per_node=1, network="private", image="python:3.11")
+    plain = await cluster.submit(token, gpus_per_node=1, network="private")
+    await cluster.cycle()
+    started = await _started(cluster, walled)
+    assert container["id"] not in started
+    assert started[plain["id"]]["network"] == "private"
+    explain = await cluster.call("GET", f"/v1/jobs/{container['id']}/explain", token)
+    (reason,) = explain["reasons"]
+    assert reason["code"] == "Resources"
+    assert reason["details"]["capabilities"] == "container-netns,netns"
+    assert "agent can do container-netns,netns" in reason["message"], reason
+    able = await _node(cluster, 8, [*NETNS, "container-netns"])
+    await cluster.cycle()
+    spec = (await _started(cluster, able))[container["id"]]
+    assert (spec["network"], spec["image"]) == ("private", "python:3.11")

@@ -211,6 +211,8 @@ async def apply_starts(
                 usable = usable - lacking["pty"]
             if job.network == "private":
                 usable = usable - lacking["netns"]
+                if job.image is not None:
+                    usable = usable - lacking["container-netns"]
             chosen = _check(start, gpus, usable, taken)
         if job is None or chosen is None:
             applied.skipped.append(start.job_id)

@@ -152,6 +152,7 @@ _PENDING = (
         Job.signal.is_not(None),
         Job.interactive,
         Job.network == "private",
+        Job.image.is_not(None),
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
@@ -297,16 +298,25 @@ def _node_capabilities(names: list[str] | None) -> frozenset[str]:
 
 
 # Agent capabilities a pending job needs, by (has `--signal`, interactive, `--network
-# private`): the warning signal is delivered only by a "signal" agent, a terminal opened only by
-# a "pty" one, a network namespace made only by a "netns" one (a job that leaves its network
-# unsaid runs in one where the node can, in the node's elsewhere: it needs nothing).
+# private`, `--network private` with an image): the warning signal is delivered only by a
+# "signal" agent, a terminal opened only by a "pty" one, a network namespace made only by a
+# "netns" one, and a container put in it only by a "container-netns" one (a job that leaves its
+# network unsaid runs in one where the node can, in the node's elsewhere: it needs nothing).
 _NEEDS = {
-    (signal, pty, private): frozenset(
-        name for name, wanted in (("signal", signal), ("pty", pty), ("netns", private)) if wanted
+    (signal, pty, private, container): frozenset(
+        name
+        for name, wanted in (
+            ("signal", signal),
+            ("pty", pty),
+            ("netns", private),
+            ("container-netns", container),
+        )
+        if wanted
     )
     for signal in (False, True)
     for pty in (False, True)
     for private in (False, True)
+    for container in (False, True)
 }
 _CAPS = {caps: caps for caps in _NEEDS.values()}
 
@@ -430,6 +440,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         signal,
         interactive,
         private,
+        image,
     ) in fetched.pending:
         dependency = deps.get(job_id, none)
         throttled = False
@@ -453,7 +464,9 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 held=held,
                 dependency=dependency,
                 needs_isolation=org_id in isolated,
-                capabilities=_NEEDS[(bool(signal), bool(interactive), bool(private))],
+                capabilities=_NEEDS[
+                    (bool(signal), bool(interactive), bool(private), bool(private and image))
+                ],
                 not_before=not_before_s,
                 array_throttled=throttled,
             )
