@@ -24,6 +24,8 @@ runs the task's container in it (`--network container:<pod>`); the pod goes with
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,11 @@ from typing import Literal
 from agents.cgroups import Limits
 from agents.netns import DNS_ADDRESS
 
+log = logging.getLogger(__name__)
+
+AGENT_LABEL = "fairgpu.agent"
+"""The label naming the agent (its tag) on each container and pod it starts."""
+TASK_LABEL = "fairgpu.task"
 Runtime = Literal["docker", "podman", "apptainer"]
 RUNTIMES: tuple[Runtime, ...] = ("docker", "podman", "apptainer")
 
@@ -54,6 +61,7 @@ def container_launch(
     *,
     runtime: Runtime,
     binary: str | None,
+    agent: str,
     task_id: int,
     image: str,
     command: Sequence[str],
@@ -81,7 +89,7 @@ def container_launch(
         if workdir:
             argv += ["--pwd", workdir]
         return ContainerLaunch([*argv, image, *command], None, None)
-    name = f"fairgpu-task-{task_id}"
+    name = container_name(agent, task_id)
     devices = list(gpu_uuids) if gpu_uuids else [str(g) for g in gpus]
     # The task's own network namespace (podman joins one by path, docker its pod's), else the
     # node's.
@@ -89,7 +97,8 @@ def container_launch(
         network = f"--network=container:{pod}"
     else:
         network = f"--network=ns:{netns}" if netns is not None else "--network=host"
-    argv = [exe, "run", "--rm", "--name", name, network, "--ipc=private", "--init"]
+    argv = [exe, "run", "--rm", "--name", name, *_labels(agent, task_id), network]
+    argv += ["--ipc=private", "--init"]
     # The output reaches the task's log through the attached client; a copy in the runtime's own
     # log files (json-file keeps everything, unbounded, by default) would fill the node's disk.
     argv.append("--log-driver=none")
@@ -126,32 +135,68 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def pod_name(task_id: int) -> str:
-    return f"fairgpu-pod-{task_id}"
+def container_name(agent: str, task_id: int) -> str:
+    """The task's container: docker's names are global to the daemon, which several agents
+    may share, so the agent's tag (agents.state.agent_tag) is in it."""
+    return f"fairgpu-{agent}-task-{task_id}"
 
 
-def start_pod(binary: str, task_id: int, image: str) -> int:
+def pod_name(agent: str, task_id: int) -> str:
+    return f"fairgpu-{agent}-pod-{task_id}"
+
+
+def _labels(agent: str, task_id: int) -> list[str]:
+    return ["--label", f"{AGENT_LABEL}={agent}", "--label", f"{TASK_LABEL}={task_id}"]
+
+
+def sweep(binary: str, agent: str, keep: set[int]) -> list[str]:
+    """Remove this agent's containers and pods (its label, and a name of its own) whose task is
+    not in `keep`: what a task that ended while the agent was away, or a crash between two
+    steps, left behind. Never another agent's: both the label and the name must be this one's.
+    The names removed."""
+    try:
+        listed = _docker(
+            binary, "ps", "--all", "--filter", f"label={AGENT_LABEL}={agent}",
+            "--format", "{{.Names}}",
+        )  # fmt: skip
+    except ContainerError as exc:
+        log.warning("listing this agent's containers: %s", exc)
+        return []
+    ours = re.compile(rf"^fairgpu-{re.escape(agent)}-(?:task|pod)-(\d+)$")
+    removed = []
+    for name in listed.split():
+        match = ours.match(name)
+        if match is None or int(match.group(1)) in keep:
+            continue
+        with contextlib.suppress(ContainerError):
+            _docker(binary, "rm", "--force", name)
+            removed.append(name)
+    return removed
+
+
+def start_pod(binary: str, agent: str, task_id: int, image: str) -> int:
     """Start the task's docker pod (a pause container with no network, no capabilities, as
     nobody, a few MiB and processes) and return its process, whose namespace the task gets.
     Its resolver, which the task's container shares, is the one pasta forwards."""
-    name = pod_name(task_id)
-    remove_pod(binary, task_id)  # what a crash left
+    name = pod_name(agent, task_id)
+    remove_pod(binary, agent, task_id)  # what a crash left
     _docker(
-        binary, "run", "--detach", "--rm", "--name", name, "--network=none", "--ipc=private",
+        binary, "run", "--detach", "--rm", "--name", name, *_labels(agent, task_id),
+        "--network=none", "--ipc=private",
         "--cap-drop=ALL", "--security-opt=no-new-privileges", "--user=65534:65534",
         "--pids-limit=8", "--memory=64m", "--log-driver=none", f"--dns={DNS_ADDRESS}", image,
     )  # fmt: skip
     pid = _docker(binary, "inspect", "--format", "{{.State.Pid}}", name).strip()
     if not pid.isdigit() or int(pid) <= 0:
-        remove_pod(binary, task_id)
+        remove_pod(binary, agent, task_id)
         raise ContainerError(f"the pod {name} is not running (its image {image} ended at once)")
     return int(pid)
 
 
-def remove_pod(binary: str, task_id: int) -> None:
+def remove_pod(binary: str, agent: str, task_id: int) -> None:
     """Remove the task's pod (none is fine)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        argv = [binary, "rm", "--force", pod_name(task_id)]
+        argv = [binary, "rm", "--force", pod_name(agent, task_id)]
         subprocess.run(argv, capture_output=True, timeout=60, check=False)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import re
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from agents.netwall import Wall, WallError, resolvers
+from agents.state import agent_tag
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Namespaces:
     ) -> None:
         self.pasta, self.ip, self.wall = pasta, ip, wall
         self.run_dir, self.etc_dir = run_dir, etc_dir
-        tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:8]
+        tag = agent_tag(state_root)
         self.prefix = f"fairgpu-{tag}-"
         self.pid_dir = state_root / "netns"
         self.pasta_cgroups = wall.cgroup2 / f"{cgroup_parent.strip('/')}-pasta" / tag

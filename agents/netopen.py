@@ -8,7 +8,6 @@ namespace and checking its wall, as the agent does once at start.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from agents.netns import Namespaces, NetnsError
 from agents.netwall import Wall, cgroup2_mount
+from agents.state import agent_tag
 
 
 def open_namespaces(
@@ -97,4 +97,4 @@ def remove_all(state_root: Path, cgroup_parent: str = "fairgpu") -> list[int]:
 
 
 def _table(state_root: Path) -> str:
-    return "fairgpu-" + hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:8]
+    return f"fairgpu-{agent_tag(state_root)}"

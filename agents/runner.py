@@ -24,13 +24,14 @@ from agents.container import (
     pod_name,
     remove_pod,
     start_pod,
+    sweep,
 )
 from agents.disk import DiskConfig
 from agents.gpu.simulated import task_utilization
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
 from agents.ports import TaskProcesses, process_tree
 from agents.procs import alive, create_time, descendants
-from agents.state import StateDir, TaskRecord, utcnow
+from agents.state import StateDir, TaskRecord, agent_tag, utcnow
 from agents.taskenv import launch_environment, task_environment
 from agents.tasksignal import container_kill, send_warning, signal_group, warning_signal
 from protocol.agent import TaskSpec
@@ -77,6 +78,8 @@ class Runner:
         self.confinement = confinement or Confinement(
             IsolationConfig(task_root=state.root.with_name(f"{state.root.name}-tasks"))
         )
+        self.tag = agent_tag(state.root)
+        """Names this agent's containers (agents/container.py) on a daemon others may share."""
         self.records: dict[int, TaskRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._draining_since: dict[int, float] = {}
@@ -97,9 +100,12 @@ class Runner:
             # else: the wrapper has exited and the copier is still writing; poll settles it.
         # Network namespaces whose task ended while the agent was away (or that a crash left
         # half made) go with their pasta; a running task keeps its own.
-        self.confinement.sweep_namespaces(
-            {r.task_id for r in self.records.values() if r.state not in TERMINAL_TASK_STATES}
-        )
+        running = {r.task_id for r in self.records.values() if r.state not in TERMINAL_TASK_STATES}
+        self.confinement.sweep_namespaces(running)
+        # So do this agent's containers and pods (docker's and podman's outlive their client).
+        if self._container_cli is not None:
+            for name in sweep(self._container_cli, self.tag, running):
+                log.info("removed container %s: its task is not running", name)
 
     def start(self, spec: TaskSpec) -> bool:
         """Start a task unless this node already knows it (a task never starts twice)."""
@@ -316,6 +322,7 @@ class Runner:
             launch = container_launch(
                 runtime=cfg.container_runtime,
                 binary=cfg.container_binary,
+                agent=self.tag,
                 task_id=spec.task_id,
                 image=spec.image,
                 command=list(spec.command),
@@ -327,7 +334,7 @@ class Runner:
                 mounts=prepared.container_mounts,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
                 netns=prepared.netns,
-                pod=pod_name(spec.task_id) if pod is not None else None,
+                pod=pod_name(self.tag, spec.task_id) if pod is not None else None,
                 tty=bool(spec.pty),
             )
             # docker and podman confine the container themselves (their client needs root);
@@ -474,7 +481,7 @@ class Runner:
                 "or run the node's containers with podman or apptainer"
             )
         try:
-            return start_pod(binary, spec.task_id, self.config.container_pause_image)
+            return start_pod(binary, self.tag, spec.task_id, self.config.container_pause_image)
         except ContainerError as exc:
             raise TaskRefused(f"starting the task's pod: {exc}") from exc
 
@@ -486,7 +493,7 @@ class Runner:
         self.confinement.finish(record.task_id)
         spec = record.spec
         if spec.image and spec.network == "private" and self.config.container_runtime == "docker":
-            remove_pod(self.config.container_binary or "docker", record.task_id)
+            remove_pod(self.config.container_binary or "docker", self.tag, record.task_id)
         log.info("task %d: %s %s", record.task_id, state, reason)
 
 

@@ -21,6 +21,7 @@ starting the task again.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from pathlib import Path
 
@@ -184,3 +185,10 @@ class StateDir:
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def agent_tag(state_root: Path) -> str:
+    """What names this agent's things that live beyond it on a host several agents may share
+    (network namespaces, its nftables table, docker's containers): 8 hex digits of its state
+    directory's path, so two agents on one host never share a name."""
+    return hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:8]

@@ -12,6 +12,7 @@ def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
     args: dict[str, object] = {
         "runtime": runtime,
         "binary": None,
+        "agent": "n0de",
         "task_id": 12,
         "image": "nvcr.io/nvidia/pytorch:24.05-py3",
         "command": ["torchrun", "train.py"],
@@ -27,13 +28,14 @@ def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
 def test_docker() -> None:
     launch = build("docker")
     assert launch.argv == [
-        "docker", "run", "--rm", "--name", "fairgpu-task-12", "--network=host", "--ipc=private",
-        "--init", "--log-driver=none", "--gpus", '"device=2,3"', "-e", "FAIRGPU_JOB_ID",
-        "-e", "SECRET",
+        "docker", "run", "--rm", "--name", "fairgpu-n0de-task-12",
+        "--label", "fairgpu.agent=n0de", "--label", "fairgpu.task=12", "--network=host",
+        "--ipc=private", "--init", "--log-driver=none", "--gpus", '"device=2,3"',
+        "-e", "FAIRGPU_JOB_ID", "-e", "SECRET",
         "-v", "/data/run:/data/run", "-w", "/data/run",
         "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
     ]  # fmt: skip
-    assert launch.kill_argv == ["docker", "kill", "fairgpu-task-12"]
+    assert launch.kill_argv == ["docker", "kill", "fairgpu-n0de-task-12"]
     assert "x" not in launch.argv  # values travel in the environment, not on the command line
 
 
@@ -49,7 +51,7 @@ def test_podman_uses_cdi_devices() -> None:
     assert argv.count("--device") == 2
     assert "nvidia.com/gpu=2" in argv
     assert "nvidia.com/gpu=3" in argv
-    assert launch.kill_argv == ["/usr/bin/podman", "kill", "fairgpu-task-12"]
+    assert launch.kill_argv == ["/usr/bin/podman", "kill", "fairgpu-n0de-task-12"]
 
 
 def test_apptainer_keeps_cuda_visible_devices_in_the_environment() -> None:

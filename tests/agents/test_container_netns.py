@@ -13,11 +13,13 @@ import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from agents.container import pod_name
+from agents.container import container_name, pod_name, sweep
 from agents.runner import Runner, RunnerConfig
+from agents.state import agent_tag
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_isolation import ACME
 from tests.agents.test_netns import (  # noqa: F401 - the fixtures
@@ -32,8 +34,8 @@ from tests.agents.test_netns import (  # noqa: F401 - the fixtures
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 TASK = random.randrange(10_000, 1_000_000)
-"""The task id: docker's container names (fairgpu-task-<id>, fairgpu-pod-<id>) are the daemon's,
-shared by every test process on the host."""
+"""The task id: docker's container names (fairgpu-<agent>-task-<id>, fairgpu-<agent>-pod-<id>) are
+the daemon's, shared by every test process on the host; the agent's tag keeps them apart too."""
 IMAGE = "fairgpu-test/busybox:1"
 """Made from the host's busybox: the pod's pause process and the task's tools at once."""
 
@@ -86,9 +88,10 @@ def docker_node(node: NetNode, image: str) -> Iterator[NetNode]:  # noqa: F811
         confinement=node.confinement,
     )
     yield node
+    tag = node.runner.tag
     for task_id in node.runner.records:
-        subprocess.run(["docker", "rm", "--force", f"fairgpu-task-{task_id}"], capture_output=True)
-        subprocess.run(["docker", "rm", "--force", pod_name(task_id)], capture_output=True)
+        for name in (container_name(tag, task_id), pod_name(tag, task_id)):
+            subprocess.run(["docker", "rm", "--force", name], capture_output=True)
 
 
 def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(
@@ -128,7 +131,9 @@ def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(
     assert "loopback:" in lines, log  # its 127.0.0.1 is its own
     assert "node-service" not in log, log
     # The pod and the namespace went with the task.
-    gone = subprocess.run(["docker", "inspect", pod_name(TASK)], capture_output=True)
+    gone = subprocess.run(
+        ["docker", "inspect", pod_name(net.runner.tag, TASK)], capture_output=True
+    )
     assert gone.returncode != 0
     assert not net.namespaces.exists(TASK)
 
@@ -147,3 +152,46 @@ def test_docker_without_a_pod_image_refuses_a_private_task_in_one_line(
         "docker runs a container in the task's own network namespace only with a pod image"
     )
     assert not net.namespaces.exists(TASK)
+
+
+def _exists(name: str) -> bool:
+    return subprocess.run(["docker", "inspect", name], capture_output=True).returncode == 0
+
+
+def test_an_agent_sweeps_its_own_orphaned_containers_and_never_another_agents(
+    docker_node: NetNode, image: str, tmp_path: Path
+) -> None:
+    """Containers and pods outlive their agent; the agent that starts again removes those of
+    its tasks that are not running, by its label and its name, and leaves another agent's on
+    the same daemon alone."""
+    tag, other = docker_node.runner.tag, agent_tag(tmp_path / "another-agent")
+    assert tag != other
+    names: list[str] = []
+
+    def run(agent: str, task_id: int, kind: str) -> str:
+        name = f"fairgpu-{agent}-{kind}-{task_id}"
+        labels = ["--label", f"fairgpu.agent={agent}", "--label", f"fairgpu.task={task_id}"]
+        argv = ["docker", "run", "--detach", "--rm", "--name", name, *labels, "--network=none"]
+        subprocess.run([*argv, image], check=True, capture_output=True)
+        names.append(name)
+        return name
+
+    try:
+        orphan, orphan_pod = run(tag, TASK, "task"), run(tag, TASK, "pod")
+        running = run(tag, TASK + 1, "task")
+        others = run(other, TASK, "task")
+        assert sorted(sweep("docker", tag, keep={TASK + 1})) == sorted([orphan, orphan_pod])
+        assert [_exists(n) for n in (orphan, orphan_pod, running, others)] == [
+            False, False, True, True,
+        ]  # fmt: skip
+        restarted = Runner(
+            docker_node.state,
+            RunnerConfig(container_runtime="docker", container_pause_image=image),
+            confinement=docker_node.confinement,
+        )
+        restarted.recover()  # no task of its is running: none of its containers stays
+        assert not _exists(running)
+        assert _exists(others)
+    finally:
+        for name in names:
+            subprocess.run(["docker", "rm", "--force", name], capture_output=True)

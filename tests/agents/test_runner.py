@@ -273,7 +273,7 @@ def test_container_task_runs_through_the_runtime(state: StateDir, tmp_path: Path
     runner.start(spec(1, ["python", "train.py"], image="pytorch:24", gpus=[4, 5]))
     run_to_end(runner, 1)
     argv, job = (tmp_path / "argv").read_text().splitlines()
-    assert argv.startswith("run --rm --name fairgpu-task-1")
+    assert argv.startswith(f"run --rm --name fairgpu-{runner.tag}-task-1 ")
     assert '--gpus "device=4,5"' in argv
     assert argv.endswith("pytorch:24 python train.py")
     assert job == "101"
@@ -368,11 +368,13 @@ def test_a_container_task_gets_its_warning_signal_through_the_runtime(
     assert started is not None
     runner.poll(now=started + dt.timedelta(seconds=10))
     kills = tmp_path / "kills"
-    assert kills.read_text() == "kill --signal SIGUSR1 fairgpu-task-1\n"
+    assert kills.read_text() == f"kill --signal SIGUSR1 fairgpu-{runner.tag}-task-1\n"
     assert runner.records[1].state == "running"  # the runtime's client was not signalled
     runner.stop(1, grace_s=0, reason="done")
     wait_for(lambda: (runner.poll(), runner.records[1].state)[1] == "stopped")
-    assert kills.read_text().splitlines()[-1] == "kill --signal SIGKILL fairgpu-task-1"
+    assert (
+        kills.read_text().splitlines()[-1] == f"kill --signal SIGKILL fairgpu-{runner.tag}-task-1"
+    )
 
 
 def test_a_container_filling_its_writable_layer_is_ended_at_the_disk_limit(
