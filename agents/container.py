@@ -174,6 +174,21 @@ def sweep(binary: str, agent: str, keep: set[int]) -> list[str]:
     return removed
 
 
+def start_task_pod(binary: str, agent: str, task_id: int, image: str | None) -> int:
+    """A private docker task's pod, started with the node's pod `image`: its process.
+    ContainerError (one line, for the task's reason) when there is none or it did not start."""
+    if image is None:
+        raise ContainerError(
+            "docker runs a container in the task's own network namespace only with a pod "
+            "image (fairgpu agent --container-pause-image): submit with --network host, "
+            "or run the node's containers with podman or apptainer"
+        )
+    try:
+        return start_pod(binary, agent, task_id, image)
+    except ContainerError as exc:
+        raise ContainerError(f"starting the task's pod: {exc}") from exc
+
+
 def start_pod(binary: str, agent: str, task_id: int, image: str) -> int:
     """Start the task's docker pod (a pause container with no network, no capabilities, as
     nobody, a few MiB and processes) and return its process, whose namespace the task gets.

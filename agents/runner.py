@@ -23,7 +23,7 @@ from agents.container import (
     container_launch,
     pod_name,
     remove_pod,
-    start_pod,
+    start_task_pod,
     sweep,
 )
 from agents.disk import DiskConfig
@@ -313,7 +313,13 @@ class Runner:
                 "the job asks for a container image but this node has no container runtime"
             )
         error_path = self.state.sandbox_error_path(spec.task_id)
-        pod = self._start_pod(spec)
+        pod = None
+        if spec.image and spec.network == "private" and cfg.container_runtime == "docker":
+            binary, image = cfg.container_binary or "docker", cfg.container_pause_image
+            try:
+                pod = start_task_pod(binary, self.tag, spec.task_id, image)
+            except ContainerError as exc:
+                raise TaskRefused(str(exc)) from exc
         prepared = self.confinement.prepare(spec, error_path, adopt=pod)
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         confined = bool(prepared.prefix)
@@ -466,24 +472,6 @@ class Runner:
             return self.state.sandbox_error_path(task_id).read_text().strip()[:1024]
         except FileNotFoundError:
             return ""
-
-    def _start_pod(self, spec: TaskSpec) -> int | None:
-        """A private docker task's pod (agents/container.py), started: its process."""
-        binary = self.config.container_binary or "docker"
-        if not (spec.image and self.config.container_runtime == "docker"):
-            return None
-        if spec.network != "private":
-            return None
-        if self.config.container_pause_image is None:
-            raise TaskRefused(
-                "docker runs a container in the task's own network namespace only with a pod "
-                "image (fairgpu agent --container-pause-image): submit with --network host, "
-                "or run the node's containers with podman or apptainer"
-            )
-        try:
-            return start_pod(binary, self.tag, spec.task_id, self.config.container_pause_image)
-        except ContainerError as exc:
-            raise TaskRefused(f"starting the task's pod: {exc}") from exc
 
     def _end(self, record: TaskRecord, state: TaskState, *, reason: str) -> None:
         record.state = state
