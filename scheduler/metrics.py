@@ -126,7 +126,8 @@ class SchedulerMetrics:
         self.purged = Counter(
             f"{PREFIX}_retention_purged_rows",
             "Rows deleted by retention, by table (log_chunks: task_log_retention_s; events, "
-            "and jobs that never started: job_detail_retention_s; events of no job and "
+            "and jobs that never started: job_detail_retention_s; jobs that ran: "
+            "job_purge_after_s; events of no job and "
             "api_tokens: audit_retention_s).",
             ["table"],
             registry=r,

@@ -383,6 +383,14 @@ class Settings(BaseSettings):
         "stay (`fairgpu history` and usage reports read them); a job that never started is "
         "deleted whole.",
     )
+    job_purge_after_s: float = Field(
+        2 * 365 * 86_400.0,
+        gt=0,
+        description="A job that ended longer ago than this is deleted whole (row, tasks, "
+        "allocations, usage ledger, events) by the scheduler (in batches), after its ledger "
+        "is summed into the usage rollup (per org, user, GPU type and hour): usage reports "
+        "keep their totals; `fairgpu history` no longer lists it (Slurm's PurgeJobAfter).",
+    )
 
     @model_validator(mode="before")
     @classmethod

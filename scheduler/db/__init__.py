@@ -10,6 +10,7 @@ from scheduler.db.jobs import (
     PendingJobCount,
     Task,
     UsageRecord,
+    UsageRollup,
 )
 from scheduler.db.models import (
     ApiToken,
@@ -43,5 +44,6 @@ __all__ = [
     "Stream",
     "Task",
     "UsageRecord",
+    "UsageRollup",
     "User",
 ]

@@ -253,6 +253,29 @@ class UsageRecord(Base):
     preempted: Mapped[bool] = mapped_column(Boolean, default=False)  # lost to preemption
 
 
+class UsageRollup(Base):
+    """The usage of jobs purged after `job_purge_after_s`: their ledger rows summed per org,
+    user, GPU type, hour and preempted, written in the transaction that deletes them, so that
+    usage reports (ledger plus rollup) add up to the same totals before and after a purge."""
+
+    __tablename__ = "usage_rollup"
+    __table_args__ = (Index("ix_usage_rollup_org_id_period_start", "org_id", "period_start"),)
+
+    org_id: Mapped[int] = mapped_column(
+        ForeignKey("orgs.id", ondelete="RESTRICT"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="RESTRICT"), primary_key=True
+    )
+    gpu_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    preempted: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    gpu_seconds_allocated: Mapped[float] = mapped_column(Float, default=0.0)
+    gpu_seconds_busy: Mapped[float] = mapped_column(Float, default=0.0)
+    billed_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    energy_joules: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class LogChunk(Base):
     """Task output shipped by the agent, so that the server can serve logs without reaching it."""
 

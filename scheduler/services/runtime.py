@@ -37,6 +37,7 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.services.accounting import bucket_start
 from scheduler.services.auditretention import AuditRetention
 from scheduler.services.heartbeat.buffer import FlushResult, HeartbeatBuffer
+from scheduler.services.jobpurge import JobPurge
 from scheduler.services.jobretention import JobRetention
 from scheduler.services.logretention import LogRetention
 from scheduler.services.scheduling import CycleResult, Lease, LeaseLost, run_cycle
@@ -84,6 +85,7 @@ class SchedulerRuntime:
         self._explained_at = float("-inf")
         self.log_retention = LogRetention(settings.task_log_retention_s)
         self.job_retention = JobRetention(settings.job_detail_retention_s)
+        self.job_purge = JobPurge(settings.job_purge_after_s)
         self.audit_retention = AuditRetention(settings.audit_retention_s)
         self.logs_expired_at = float("-inf")  # monotonic time of the last retention pass
         self._last_duration_s = 0.0
@@ -369,6 +371,7 @@ class SchedulerRuntime:
         if time.monotonic() - self.logs_expired_at >= LOG_RETENTION_INTERVAL_S:
             await self.expire_logs()
             await self.expire_job_details()
+            await self.purge_jobs()
             await self.expire_audit()
         async with self._cycle_done:
             self.cycles += 1
@@ -406,6 +409,20 @@ class SchedulerRuntime:
                 purged.deleted_jobs,
             )
         return purged.events
+
+    async def purge_jobs(self) -> int:
+        """One pass of the job purge (after job detail retention): jobs that ended before
+        `job_purge_after_s` are rolled up into the usage rollup and deleted, a bounded number
+        per pass."""
+        try:
+            deleted = await self.job_purge.run_pass(self.sessionmaker)
+        except Exception:  # the next pass retries
+            log.exception("job purge pass failed")
+            return 0
+        if deleted:
+            self.metrics.purged.labels(table="jobs").inc(deleted)
+            log.info("purged %d jobs that ended before job_purge_after_s", deleted)
+        return deleted
 
     async def expire_audit(self) -> tuple[int, int]:
         """One pass of audit retention: events of no job and dead tokens past

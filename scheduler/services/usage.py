@@ -1,5 +1,5 @@
-"""Usage reports from the ledger: GPU-hours allocated and busy, energy, by org, user or GPU
-type, per day, week (ISO, from Monday) or month, in UTC.
+"""Usage reports from the ledger and the rollup of purged jobs: GPU-hours allocated and busy,
+energy, by org, user or GPU type, per day, week (ISO, from Monday) or month, in UTC.
 
 The database sums the hourly ledger rows per key and hour; the roll-up to days, weeks and
 months happens here, so the same code serves PostgreSQL and SQLite.
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scheduler.db import Org, UsageRecord, User
+from scheduler.db import Org, UsageRecord, UsageRollup, User
 
 By = Literal["org", "user", "gpu_type"]
 Period = Literal["day", "week", "month"]
@@ -50,36 +50,53 @@ async def usage_report(
     until: datetime,
     org_ids: set[int] | None,
 ) -> list[UsageLine]:
-    """Rows ordered by period, then key. `org_ids` limits the report (None: every org)."""
-    key_col = {"org": Org.name, "user": User.name, "gpu_type": UsageRecord.gpu_type}[by]
+    """Rows ordered by period, then key. `org_ids` limits the report (None: every org).
+
+    The ledger holds the jobs still kept; the rollup, the purged ones' sums
+    (scheduler/services/jobpurge.py): the report adds both, so a purge changes no total."""
+    lines: dict[tuple[datetime, str], UsageLine] = {}
+    for table in (UsageRecord, UsageRollup):
+        stmt = _summed(table, by=by, since=since, until=until, org_ids=org_ids)
+        for row in (await session.execute(stmt)).all():
+            start = period_start(row.period_start, period)
+            line = lines.setdefault((start, row.key), UsageLine(start, row.key))
+            alloc_h = float(row.alloc or 0.0) / 3600.0
+            line.gpu_hours_allocated += alloc_h
+            line.gpu_hours_busy += float(row.busy or 0.0) / 3600.0
+            line.billed_gpu_hours += float(row.billed or 0.0) / 3600.0
+            line.energy_joules += float(row.energy or 0.0)
+            if row.preempted:
+                line.preempted_gpu_hours += alloc_h
+    return [lines[k] for k in sorted(lines)]
+
+
+def _summed(
+    table: type[UsageRecord] | type[UsageRollup],
+    *,
+    by: By,
+    since: datetime,
+    until: datetime,
+    org_ids: set[int] | None,
+) -> Select[str, datetime, bool, float, float, float, float]:
+    """One table's sums per key, hour and preempted (both tables have the same columns)."""
+    key_col = {"org": Org.name, "user": User.name, "gpu_type": table.gpu_type}[by]
     stmt = (
         select(
             key_col.label("key"),
-            UsageRecord.period_start,
-            UsageRecord.preempted,
-            func.sum(UsageRecord.gpu_seconds_allocated).label("alloc"),
-            func.sum(UsageRecord.gpu_seconds_busy).label("busy"),
-            func.sum(UsageRecord.billed_gpu_seconds).label("billed"),
-            func.sum(UsageRecord.energy_joules).label("energy"),
+            table.period_start,
+            table.preempted,
+            func.sum(table.gpu_seconds_allocated).label("alloc"),
+            func.sum(table.gpu_seconds_busy).label("busy"),
+            func.sum(table.billed_gpu_seconds).label("billed"),
+            func.sum(table.energy_joules).label("energy"),
         )
-        .where(UsageRecord.period_start >= since, UsageRecord.period_start < until)
-        .group_by(key_col, UsageRecord.period_start, UsageRecord.preempted)
+        .where(table.period_start >= since, table.period_start < until)
+        .group_by(key_col, table.period_start, table.preempted)
     )
     if by == "org":
-        stmt = stmt.join(Org, Org.id == UsageRecord.org_id)
+        stmt = stmt.join(Org, Org.id == table.org_id)
     elif by == "user":
-        stmt = stmt.join(User, User.id == UsageRecord.user_id)
+        stmt = stmt.join(User, User.id == table.user_id)
     if org_ids is not None:
-        stmt = stmt.where(UsageRecord.org_id.in_(sorted(org_ids)))
-    lines: dict[tuple[datetime, str], UsageLine] = {}
-    for row in (await session.execute(stmt)).all():
-        start = period_start(row.period_start, period)
-        line = lines.setdefault((start, row.key), UsageLine(start, row.key))
-        alloc_h = float(row.alloc or 0.0) / 3600.0
-        line.gpu_hours_allocated += alloc_h
-        line.gpu_hours_busy += float(row.busy or 0.0) / 3600.0
-        line.billed_gpu_hours += float(row.billed or 0.0) / 3600.0
-        line.energy_joules += float(row.energy or 0.0)
-        if row.preempted:
-            line.preempted_gpu_hours += alloc_h
-    return [lines[k] for k in sorted(lines)]
+        stmt = stmt.where(table.org_id.in_(sorted(org_ids)))
+    return stmt
