@@ -4,8 +4,9 @@ scheduler leader in small batches (a short transaction each), never by a request
 
 What stays of a job that ran is what accounting and `fairgpu history` read: the job row (state,
 exit code, times, GPUs), its tasks and allocations, and the usage ledger, until the job purge
-(scheduler/services/jobpurge.py) takes the whole job after `job_purge_after_s`. In place of its events each purged job keeps one `job.purged` row: how many were
-deleted, the first and the last, so that `describe` says what happened to them. A job that never
+(scheduler/services/jobpurge.py) takes the whole job after `job_purge_after_s`. In place of
+its events each purged job keeps one `job.purged` row: how many were deleted, the first and the
+last, so that `describe` says what happened to them. A job that never
 started (cancelled while pending, say) has no task, allocation or ledger row: it is deleted
 whole, unless another job still names it (a dependency, or the array it heads), so that a loop
 of submit and cancel leaves nothing behind for ever. Log chunks have their own, shorter
