@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -115,7 +116,7 @@ async def attach(websocket: WebSocket, job_id: JobRef, rank: int = 0, new: bool 
                 rank=rank,
                 doing="opening a shell" if new else "attaching",
                 find=interactive.new_shell_target if new else interactive.attach_target,
-                record=interactive.record_new_shell if new else interactive.record_attach,
+                record=functools.partial(interactive.record_terminal, new=new),
                 kind="new" if new else "attach",
             )
         except DomainError as error:

@@ -141,31 +141,21 @@ async def record_stream_event(
     )
 
 
-async def record_new_shell(
-    session: AsyncSession, target: AttachTarget, *, actor: str, max_events: int
+async def record_terminal(
+    session: AsyncSession, target: AttachTarget, *, new: bool, actor: str, max_events: int
 ) -> None:
-    """Who opened a new shell, when, on which rank."""
-    await record_stream_event(
-        session,
-        target,
-        kind=SHELL_EVENT,
-        actor=actor,
-        reason=f"opened a new shell in the sandbox of rank {target.rank}",
-        details={"rank": target.rank},
-        max_events=max_events,
+    """Who attached to a terminal, or opened a new shell (`new`), when, on which rank."""
+    reason = (
+        f"opened a new shell in the sandbox of rank {target.rank}"
+        if new
+        else f"attached to the terminal of rank {target.rank}"
     )
-
-
-async def record_attach(
-    session: AsyncSession, target: AttachTarget, *, actor: str, max_events: int
-) -> None:
-    """Who attached, when, to which rank."""
     await record_stream_event(
         session,
         target,
-        kind=ATTACH_EVENT,
+        kind=SHELL_EVENT if new else ATTACH_EVENT,
         actor=actor,
-        reason=f"attached to the terminal of rank {target.rank}",
+        reason=reason,
         details={"rank": target.rank},
         max_events=max_events,
     )
