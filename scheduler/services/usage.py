@@ -15,10 +15,15 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import Org, UsageRecord, UsageRollup, User
+from scheduler.services.errors import InvalidInput
 
 By = Literal["org", "user", "gpu_type"]
 Period = Literal["day", "week", "month"]
 MAX_REPORT_DAYS = 3 * 366
+# Lines of one report (periods x keys): a day report by user of an org of 1,000 users over
+# three years would be a million lines; beyond this the caller narrows it (422).
+MAX_REPORT_LINES = 50_000
+STREAM_ROWS = 5_000  # hourly sums fetched at a time
 
 
 @dataclass(slots=True)
@@ -51,15 +56,24 @@ async def usage_report(
     org_ids: set[int] | None,
 ) -> list[UsageLine]:
     """Rows ordered by period, then key. `org_ids` limits the report (None: every org).
+    InvalidInput past MAX_REPORT_LINES lines; the rows it reads are the orgs' own ledger rows
+    in the window, at most their GPUs held times its hours.
 
     The ledger holds the jobs still kept; the rollup, the purged ones' sums
     (scheduler/services/jobpurge.py): the report adds both, so a purge changes no total."""
     lines: dict[tuple[datetime, str], UsageLine] = {}
     for table in (UsageRecord, UsageRollup):
         stmt = _summed(table, by=by, since=since, until=until, org_ids=org_ids)
-        for row in (await session.execute(stmt)).all():
+        async for row in await session.stream(stmt.execution_options(yield_per=STREAM_ROWS)):
             start = period_start(row.period_start, period)
-            line = lines.setdefault((start, row.key), UsageLine(start, row.key))
+            line = lines.get((start, row.key))
+            if line is None:
+                if len(lines) >= MAX_REPORT_LINES:
+                    raise InvalidInput(
+                        f"the report has more than {MAX_REPORT_LINES} lines: ask for a shorter "
+                        "period (since, until), a coarser one (week, month) or one org"
+                    )
+                line = lines[start, row.key] = UsageLine(start, row.key)
             alloc_h = float(row.alloc or 0.0) / 3600.0
             line.gpu_hours_allocated += alloc_h
             line.gpu_hours_busy += float(row.busy or 0.0) / 3600.0

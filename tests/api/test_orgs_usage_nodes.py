@@ -6,10 +6,12 @@ import csv
 import io
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import select
 
 from protocol.states import JobState
 from scheduler.db import Allocation, Gpu, Node, OrgUsage, Task, UsageRecord
+from scheduler.services import usage
 from scheduler.states import NodeState
 from tests.api.helpers import World
 
@@ -86,7 +88,7 @@ async def test_shares_standing(world: World) -> None:
     assert [r["org"] for r in only_b] == ["org-b"]
 
 
-async def test_usage_report_json_and_csv(world: World) -> None:
+async def test_usage_report_json_and_csv(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     jan = datetime(2026, 1, 5, 10, tzinfo=UTC)  # a Monday
     job_a = await world.job("member_a")
     job_b = await world.job("member_b")
@@ -157,6 +159,16 @@ async def test_usage_report_json_and_csv(world: World) -> None:
         ("member-b", 1.0),
     }
     assert [(r["key"], r["gpu_hours_allocated"]) for r in own] == [("org-a", 3.0)]
+
+    # A report is bounded in lines (periods x keys): past the bound, a 422 that says how to
+    # narrow it, never a response that grows with the window.
+    monkeypatch.setattr(usage, "MAX_REPORT_LINES", 2)
+    async with world.client("platform") as c:
+        refused = await c.get(f"/v1/usage?by=org&period=day&{window}")
+        fits = await c.get(f"/v1/usage?by=org&period=month&{window}")
+    assert refused.status_code == 422
+    assert "more than 2 lines" in refused.json()["detail"]
+    assert [r["key"] for r in fits.json()["data"]] == ["org-a", "org-b"]
 
 
 async def test_nodes_drain_and_resume(world: World) -> None:
