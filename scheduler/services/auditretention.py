@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scheduler.db import ApiToken, Event
 from scheduler.db.types import utcnow
+from scheduler.services.batches import Batch, Transactions
 
 BATCH_ROWS = 2_000  # rows deleted per transaction
 MAX_BATCHES_PER_PASS = 5  # the rest waits for the next pass (a minute): it runs between cycles
@@ -52,16 +53,21 @@ class AuditRetention:
     ) -> tuple[int, int]:
         """(events, tokens) deleted, at most MAX_BATCHES_PER_PASS transactions in all."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
-        deleted = [0, 0]
-        steps = (delete_old_events, delete_dead_tokens)
-        batches = 0
-        for index, step in enumerate(steps):
-            while batches < MAX_BATCHES_PER_PASS:
-                batches += 1
-                async with sessionmaker() as session:
-                    count = await step(session, before=cutoff, limit=BATCH_ROWS)
-                    await session.commit()
-                deleted[index] += count
-                if count < BATCH_ROWS:
-                    break
-        return deleted[0], deleted[1]
+        events = tokens = 0
+
+        async def old_events(session: AsyncSession) -> Batch:
+            nonlocal events
+            count = await delete_old_events(session, before=cutoff, limit=BATCH_ROWS)
+            events += count
+            return Batch(more=count == BATCH_ROWS)
+
+        async def dead_tokens(session: AsyncSession) -> Batch:
+            nonlocal tokens
+            count = await delete_dead_tokens(session, before=cutoff, limit=BATCH_ROWS)
+            tokens += count
+            return Batch(more=count == BATCH_ROWS)
+
+        transactions = Transactions(MAX_BATCHES_PER_PASS)  # the two share them
+        await transactions.run(sessionmaker, old_events)
+        await transactions.run(sessionmaker, dead_tokens)
+        return events, tokens

@@ -24,6 +24,7 @@ from sqlalchemy.orm import aliased
 
 from scheduler.db import Job, JobDependency, UsageRecord, UsageRollup
 from scheduler.db.types import utcnow
+from scheduler.services.batches import Batch, Transactions
 from scheduler.services.jobretention import ended_jobs
 
 Dependent = aliased(Job)
@@ -118,16 +119,20 @@ class JobPurge:
         returns how many jobs were deleted."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.purge_after_s)
         deleted = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            async with sessionmaker() as session:
-                jobs = await ended_jobs(
-                    session, ended_before=cutoff, after=self.done_through, limit=BATCH_JOBS
-                )
-                if not jobs:
-                    break
-                deleted += await purge_jobs(session, [j.id for j in jobs])
-                await session.commit()
-            self.done_through = (jobs[-1].ended_at, jobs[-1].id)
-            if len(jobs) < BATCH_JOBS:
-                break
+
+        async def step(session: AsyncSession) -> Batch:
+            nonlocal deleted
+            jobs = await ended_jobs(
+                session, ended_before=cutoff, after=self.done_through, limit=BATCH_JOBS
+            )
+            if not jobs:
+                return Batch(more=False)
+            deleted += await purge_jobs(session, [j.id for j in jobs])
+            last = (jobs[-1].ended_at, jobs[-1].id)
+            return Batch(
+                more=len(jobs) == BATCH_JOBS,
+                committed=lambda: setattr(self, "done_through", last),
+            )
+
+        await Transactions(MAX_BATCHES_PER_PASS).run(sessionmaker, step)
         return deleted

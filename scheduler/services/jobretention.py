@@ -26,6 +26,7 @@ from sqlalchemy.orm import aliased
 
 from scheduler.db import Event, Job, JobDependency, Task
 from scheduler.db.types import utcnow
+from scheduler.services.batches import Batch, Transactions
 
 PURGED_EVENT = "job.purged"
 ArrayElement = aliased(Job)
@@ -169,23 +170,26 @@ class JobRetention:
         """Purge expired jobs, at most MAX_BATCHES_PER_PASS transactions; returns what went."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
         purged = Purged()
-        for _ in range(MAX_BATCHES_PER_PASS):
-            async with sessionmaker() as session:
-                jobs = await ended_jobs(
-                    session, ended_before=cutoff, after=self.done_through, limit=BATCH_JOBS
-                )
-                if not jobs:
-                    break
-                ids = [j.id for j in jobs]
-                batch = await purge_jobs(session, ids, limit=BATCH_EVENTS)
-                done = not batch.more  # else the same batch again
-                if done:
-                    batch.deleted_jobs = await delete_unstarted(session, ids)
-                await session.commit()
+
+        async def step(session: AsyncSession) -> Batch:
+            jobs = await ended_jobs(
+                session, ended_before=cutoff, after=self.done_through, limit=BATCH_JOBS
+            )
+            if not jobs:
+                return Batch(more=False)
+            ids = [j.id for j in jobs]
+            batch = await purge_jobs(session, ids, limit=BATCH_EVENTS)
+            if batch.more:  # events are left: the same jobs again
+                purged.add(batch)
+                return Batch(more=True)
+            batch.deleted_jobs = await delete_unstarted(session, ids)
             purged.add(batch)
-            if done:
-                self.done_through = (jobs[-1].ended_at, jobs[-1].id)
-                if len(jobs) < BATCH_JOBS:
-                    break
+            last = (jobs[-1].ended_at, jobs[-1].id)
+            return Batch(
+                more=len(jobs) == BATCH_JOBS,
+                committed=lambda: setattr(self, "done_through", last),
+            )
+
+        await Transactions(MAX_BATCHES_PER_PASS).run(sessionmaker, step)
         self.total.add(purged)
         return purged

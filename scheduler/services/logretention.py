@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scheduler.db import LogChunk, Task
 from scheduler.db.types import utcnow
+from scheduler.services.batches import Batch, Transactions
 
 BATCH_CHUNKS = 1_000  # chunks deleted per transaction (each up to 64 Ki characters)
 MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never holds up a cycle
@@ -46,14 +47,16 @@ class LogRetention:
         """Delete expired chunks, at most MAX_BATCHES_PER_PASS batches; returns how many."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
         deleted = 0
-        for _ in range(MAX_BATCHES_PER_PASS):
-            async with sessionmaker() as session:
-                count = await delete_expired_chunks(
-                    session, ended_before=cutoff, ended_since=self.done_until, limit=BATCH_CHUNKS
-                )
-                await session.commit()
+
+        async def step(session: AsyncSession) -> Batch:
+            nonlocal deleted
+            count = await delete_expired_chunks(
+                session, ended_before=cutoff, ended_since=self.done_until, limit=BATCH_CHUNKS
+            )
             deleted += count
-            if count < BATCH_CHUNKS:
-                self.done_until = cutoff
-                break
+            if count == BATCH_CHUNKS:
+                return Batch(more=True)
+            return Batch(more=False, committed=lambda: setattr(self, "done_until", cutoff))
+
+        await Transactions(MAX_BATCHES_PER_PASS).run(sessionmaker, step)
         return deleted
