@@ -22,7 +22,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
-from scheduler.db import Job, JobDependency, UsageRecord, UsageRollup
+from protocol.states import TERMINAL_STATES
+from scheduler.db import Allocation, Job, JobDependency, UsageRecord, UsageRollup
 from scheduler.db.types import utcnow
 from scheduler.services.batches import Batch, Transactions
 from scheduler.services.jobretention import ended_jobs
@@ -34,8 +35,9 @@ SUMMED = ("gpu_seconds_allocated", "gpu_seconds_busy", "billed_gpu_seconds", "en
 
 
 async def purgeable(session: AsyncSession, job_ids: list[int]) -> list[int]:
-    """The jobs among `job_ids` that no job still to end names (as a dependency, or as the
-    head of its array)."""
+    """The jobs among `job_ids` in a final state, holding no GPU (an allocation not ended, as
+    after a node that never reported its task's end) and that no job still to end names (as
+    a dependency, or as the head of its array)."""
     named_by_live = (
         select(JobDependency.job_id)
         .join(Dependent, Dependent.id == JobDependency.job_id)
@@ -44,10 +46,15 @@ async def purgeable(session: AsyncSession, job_ids: list[int]) -> list[int]:
     live_element = select(Dependent.id).where(
         Dependent.array_job_id == Job.id, Dependent.id != Job.id, Dependent.ended_at.is_(None)
     )
+    holds_gpu = select(Allocation.id).where(
+        Allocation.job_id == Job.id, Allocation.ended_at.is_(None)
+    )
     rows = await session.scalars(
         select(Job.id).where(
             Job.id.in_(job_ids),
             Job.ended_at.is_not(None),
+            Job.state.in_(sorted(TERMINAL_STATES)),
+            ~holds_gpu.exists(),
             ~named_by_live.exists(),
             ~live_element.exists(),
         )

@@ -104,6 +104,17 @@ async def test_purged_jobs_leave_usage_reports_as_they_were(
             named = await _job_with_events(session, org, ada, ended_s_ago=1500, events=1)
             waiting = await factories.job(session, org, ada)
             session.add(JobDependency(job_id=waiting.id, depends_on_id=named))
+            # Ended long ago by the server's account, yet a GPU not released: it stays.
+            holding = await _job_with_events(session, org, bob, ended_s_ago=1600, events=1)
+            session.add(
+                Allocation(
+                    task_id=(await session.scalar(select(Task.id).where(Task.job_id == holding))),
+                    job_id=holding,
+                    org_id=org.id,
+                    user_id=bob.id,
+                    gpu_type="H100",
+                )
+            )
             recent = await _job_with_events(session, org, bob, ended_s_ago=0, events=1)
             running = await _job_with_events(session, org, eve, ended_s_ago=None, events=1)
             await session.commit()
@@ -114,17 +125,18 @@ async def test_purged_jobs_leave_usage_reports_as_they_were(
 
         cluster.runtime.logs_expired_at = time.monotonic() + 3600  # no pass but those asked for
         fair_share = await _fair_share(maker)
-        # Oldest first, two transactions of two: `named` (which stays) and four old jobs.
-        assert await cluster.runtime.purge_jobs() == 3
+        # Oldest first, two transactions of two: `holding` and `named` (which stay), then
+        # four old jobs; then the fifth.
         assert await cluster.runtime.purge_jobs() == 2
+        assert await cluster.runtime.purge_jobs() == 3
         assert await cluster.runtime.purge_jobs() == 0
 
         gone = old
         assert await _count(maker, Job, id=gone) == 0
         for table in (Task, Allocation, UsageRecord, Event):
             assert await _count(maker, table, job_id=gone) == 0, table
-        kept = [named, waiting.id, recent, running]
-        assert await _count(maker, Job, id=kept) == 4
+        kept = [named, holding, waiting.id, recent, running]
+        assert await _count(maker, Job, id=kept) == 5
         assert await _count(maker, UsageRecord) == ledger_before - ledger_of_old
         # One rollup row per org, user, GPU type, hour and preempted: ada's three jobs share
         # theirs, so three users' rows, as many as one old job has ledger rows each.
