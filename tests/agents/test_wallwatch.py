@@ -296,3 +296,35 @@ async def test_the_server_hears_whether_the_node_puts_containers_in_private_netw
         found = await session.scalar(select(Node.capabilities).where(Node.name == "node-a"))
     assert found is not None
     assert ("container-netns" in found) is containers
+
+
+async def test_the_agent_puts_its_wall_back_at_once_not_at_its_next_check(
+    harness: Harness,  # noqa: F811
+) -> None:
+    """The agent follows `nft monitor`: with a periodic check a minute apart, a deleted wall is
+    back within seconds, and the monitor goes with the agent."""
+    agent = harness.start(isolation=IsolationConfig(wall_check_interval_s=60.0))
+    await asyncio.wait_for(agent.connected.wait(), 10)
+    watch = agent.runner.confinement.wall
+    assert watch is not None
+    monitor = watch.monitor
+    assert monitor is not None
+    await until(lambda: _heard(monitor), 30)
+    wall = watch.namespaces.wall
+    deleted = await asyncio.create_subprocess_exec("nft", "delete", "table", "inet", wall.table)
+    assert await deleted.wait() == 0
+    await until(lambda: watch.restores == 1, 5)
+    assert wall.exists()
+    await harness.stop(agent)
+    assert monitor.pid is None
+
+
+async def _heard(monitor: NftMonitor) -> bool:
+    """The monitor listens once it prints anyone's change (see `_listening`)."""
+    probe = f"fairgpu-probe-{os.getpid()}"
+    seen = monitor.lines
+    for verb in ("add", "delete"):
+        done = await asyncio.create_subprocess_exec("nft", verb, "table", "inet", probe)
+        assert await done.wait() == 0
+    await asyncio.sleep(0.05)
+    return monitor.lines > seen
