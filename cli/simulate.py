@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,8 +66,8 @@ def simulate(
     cycle_interval_s: Annotated[
         float | None,
         typer.Option(
-            help="Least virtual time between scheduling cycles (default 30 s for a trace; 1 s "
-            "with --from-db, closer to the server, which cycles on every event).",
+            help="Least virtual time between scheduling cycles, start to start (default 1 s: "
+            "the server cycles on every event, no closer than 4x its last cycle's duration).",
             min=0.001,
         ),
     ] = None,
@@ -119,7 +120,7 @@ def simulate(
             cluster=cluster,
             policies=policies,
             out=out,
-            config=_config(checkpoint_interval_s, cycle_interval_s or 1.0, half_life_s),
+            config=_config(checkpoint_interval_s, cycle_interval_s, half_life_s),
         )
         return
     if trace is None or quotas is None:
@@ -128,9 +129,10 @@ def simulate(
         time_limit_model=time_limit,
         time_limit_factor=time_limit_factor,
         checkpoint_interval_s=checkpoint_interval_s,
-        cycle_interval_s=30.0 if cycle_interval_s is None else cycle_interval_s,
         half_life_s=half_life_s,
     )
+    if cycle_interval_s is not None:
+        config = dataclasses.replace(config, cycle_interval_s=cycle_interval_s)
     try:
         gangs = None if big_gangs is None else BigGangs(big_gangs, big_gang_rate_factor)
         workload = load_workload(trace, quotas, cluster, time_scale, gangs)
@@ -163,13 +165,14 @@ def _config_inputs(config: SimConfig) -> dict[str, object]:
     }
 
 
-def _config(checkpoint_interval_s: float, cycle_interval_s: float, half_life_s: float) -> SimConfig:
+def _config(
+    checkpoint_interval_s: float, cycle_interval_s: float | None, half_life_s: float
+) -> SimConfig:
     """`--from-db` jobs carry their own time limits; the time-limit model does not apply."""
-    return SimConfig(
-        checkpoint_interval_s=checkpoint_interval_s,
-        cycle_interval_s=cycle_interval_s,
-        half_life_s=half_life_s,
-    )
+    config = SimConfig(checkpoint_interval_s=checkpoint_interval_s, half_life_s=half_life_s)
+    if cycle_interval_s is not None:
+        config = dataclasses.replace(config, cycle_interval_s=cycle_interval_s)
+    return config
 
 
 @contextmanager

@@ -57,8 +57,10 @@ class SimConfig:
     time_limit_model: TimeLimitModel = TimeLimitModel.HOUR
     time_limit_factor: float = 1.5
     checkpoint_interval_s: float = 1_800.0
-    # A cycle runs only when something changed, and at most once per interval.
-    cycle_interval_s: float = 30.0
+    # A cycle runs only when something changed, and at most once per interval (start to
+    # start). The server cycles on every event, no closer than four times its last cycle's
+    # duration: about 1 s at Philly's size (docs/SIMULATION.md, "Cycle timing").
+    cycle_interval_s: float = 1.0
     # While jobs wait, a cycle also runs at least this often so that ageing, decayed usage and
     # the end of preemption-protected runtime are noticed without any event.
     idle_cycle_interval_s: float = 600.0

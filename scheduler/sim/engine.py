@@ -1,7 +1,8 @@
 """The discrete-event loop: trace arrivals, job ends and preemption kills in virtual time.
 
 The simulator drives the real `scheduler.core.schedule` in coalesced cycles: a cycle runs only
-when something changed (an arrival, freed GPUs) and at most once per `cycle_interval_s`, plus
+when something changed (an arrival, freed GPUs) and at most once per `cycle_interval_s` (1 s, as
+the server, which cycles on events no closer than four times its last cycle's duration), plus
 a slow idle cycle while jobs wait so that ageing and decayed usage can reorder them. Snapshot
 pieces are kept between cycles and rebuilt only when they changed.
 """

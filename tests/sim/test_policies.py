@@ -63,7 +63,9 @@ def gang_behind_small_jobs() -> list[TraceJob]:
 
 
 @pytest.mark.parametrize(
-    ("policy", "small_start"), [("fairgpu", 30), ("slurm-like", 30), ("fifo", 1_000)]
+    # Backfill starts the small jobs at their arrival's cycle (20), FIFO behind the gang.
+    ("policy", "small_start"),
+    [("fairgpu", 20), ("slurm-like", 20), ("fifo", 1_000)],
 )
 def test_gang_is_not_starved_and_backfill_only_uses_the_gap(
     policy: str, small_start: float

@@ -23,11 +23,14 @@ from scheduler.sim.report import checks
 from scheduler.sim.runner import make_workload, run_policy
 from scheduler.sim.trace import Quota, TraceJob, add_big_gangs, generate_trace, write_trace
 
+# The answers below are worked out for cycles at most 30 s apart (the default is 1 s).
+THIRTY_S_CYCLES = SimConfig(cycle_interval_s=30.0)
+
 
 def run(
     trace: list[TraceJob], quotas: list[Quota], cluster: str, policy: str = "fairgpu"
 ) -> SimResult:
-    return run_policy(make_workload(trace, quotas, cluster), policy, SimConfig())
+    return run_policy(make_workload(trace, quotas, cluster), policy, THIRTY_S_CYCLES)
 
 
 def idle(result: SimResult) -> dict[str, float]:
@@ -56,6 +59,16 @@ def test_gpus_waiting_for_the_next_cycle_are_the_cycle_gap() -> None:
     starts = {j.trace.name: j.first_start_s for j in result.jobs}
     assert starts == {"a": 0, "c": 30, "b": 60}
     assert idle(result) == {"cycle_gap": 8 * 10 + 8 * 20}
+
+
+def test_default_cycles_follow_events_as_the_server_does() -> None:
+    # The same trace with the default interval (1 s, the server's pace at this size): c starts
+    # on arrival at 20 and b when a frees node 1 at 40, so no GPU waits for a cycle.
+    trace = [TraceJob("a", "x", 0, 40, 8), TraceJob("c", "x", 20, 1_000, 8)]
+    trace.append(TraceJob("b", "x", 25, 100, 1))
+    result = run_policy(make_workload(trace, [Quota("x", 16)], "2x8"), "fairgpu", SimConfig())
+    assert {j.trace.name: j.first_start_s for j in result.jobs} == {"a": 0, "c": 20, "b": 40}
+    assert idle(result) == {}
 
 
 def test_free_gpus_of_a_node_reserved_for_a_whole_node_job_are_assembling() -> None:
