@@ -2,8 +2,10 @@
 
 docker and podman expose only the task's GPUs inside the container (renumbered from 0), so the
 host's CUDA_VISIBLE_DEVICES is not passed in; apptainer's `--nv` exposes every GPU, so there it
-is (and the agent's sandbox fences the device files around it). Environment values are passed by
-name (`-e NAME`) so they never appear in `ps` output.
+is (and the agent's sandbox fences the device files around it). docker and podman read the job's
+variables from `--env-file`, a memory file the agent hands their client (`env_file`): never on
+the node's disk nor in `ps` output, and never in the environment of the client, which runs as
+root.
 
 An interactive task's command runs on its terminal host's pty (agents/ptyhost.py): docker and
 podman are asked for a terminal of their own inside the container (`--interactive --tty`), which
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -69,6 +72,7 @@ def container_launch(
     gpu_uuids: Sequence[str],
     env: Mapping[str, str],
     workdir: str | None,
+    env_file: str | None = None,
     user: int | None = None,
     mounts: Sequence[Path] = (),
     limits: Limits | None = None,
@@ -121,14 +125,35 @@ def container_launch(
     else:  # podman: the Container Device Interface names
         for device in devices:
             argv += ["--device", f"nvidia.com/gpu={device}"]
-    for key in sorted(env):
-        if key != "CUDA_VISIBLE_DEVICES":
-            argv += ["-e", key]
+    if env_file is not None:
+        argv += ["--env-file", env_file]
     for bind in binds:
         argv += ["-v", f"{bind}:{bind}"]
     if workdir:
         argv += ["-w", workdir]
     return ContainerLaunch([*argv, image, *command], name, [exe, "kill", name])
+
+
+def env_file(env: Mapping[str, str]) -> int:
+    """A memory file (never on the node's disk) holding `env` as docker's and podman's
+    `--env-file` reads it, NAME=value a line (the GPUs are the runtime's to give). The client
+    runs as root, so the job's variables reach it in this file rather than in its own
+    environment, where PATH, LD_PRELOAD, HOME or DOCKER_HOST would choose what it runs, loads
+    and talks to. ContainerError for a value such a file cannot hold."""
+    lines = []
+    for name in sorted(env):
+        if name == "CUDA_VISIBLE_DEVICES":
+            continue
+        value = env[name]
+        if "\n" in value or "\r" in value:
+            raise ContainerError(
+                f"the variable {name} holds a line break, which a container's environment "
+                "file cannot carry"
+            )
+        lines.append(f"{name}={value}\n")
+    fd = os.memfd_create("fairgpu-task-env")
+    os.write(fd, "".join(lines).encode())
+    return fd
 
 
 def _under(path: str, root: str) -> bool:

@@ -21,6 +21,7 @@ from agents.container import (
     ContainerError,
     Runtime,
     container_launch,
+    env_file,
     pod_name,
     remove_pod,
     start_task_pod,
@@ -322,9 +323,17 @@ class Runner:
                 raise TaskRefused(str(exc)) from exc
         prepared = self.confinement.prepare(spec, error_path, adopt=pod)
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
-        confined = bool(prepared.prefix)
+        # Root's processes before the command never hold the job's variables (taskenv): the
+        # sandbox hands them over as the task's uid, a container's client reads them in a file.
+        carried = bool(prepared.prefix)
         argv = [*prepared.prefix, *spec.command]
+        env_fd: int | None = None
         if spec.image and cfg.container_runtime:
+            if cfg.container_runtime != "apptainer":  # its client runs as root: see env_file
+                try:
+                    env_fd = env_file(job_env)
+                except ContainerError as exc:
+                    raise TaskRefused(str(exc)) from None
             launch = container_launch(
                 runtime=cfg.container_runtime,
                 binary=cfg.container_binary,
@@ -336,6 +345,7 @@ class Runner:
                 gpu_uuids=spec.gpu_uuids,
                 env=job_env,
                 workdir=str(prepared.cwd),
+                env_file=f"/proc/self/fd/{env_fd}" if env_fd is not None else None,
                 user=prepared.uid,
                 mounts=prepared.container_mounts,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
@@ -346,10 +356,10 @@ class Runner:
             # docker and podman confine the container themselves (their client needs root);
             # apptainer runs as the task's uid inside the sandbox.
             argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
-            confined = confined and launch.name is None
+            carried = (carried and launch.name is None) or env_fd is not None
             record.container_name = launch.name
         env = launch_environment(
-            spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home, confined=confined
+            spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home, carried=carried
         )
         # The task's own network namespace, entered first: everything of the task is inside
         # (a terminal's host, the sandbox, a container's client), the wrapper and copier not.
@@ -368,6 +378,7 @@ class Runner:
             # Under isolation the sandbox enters the working directory as the task's uid.
             cwd=prepared.home if prepared.prefix else prepared.cwd,
             env=env,
+            handed=(env_fd,) if env_fd is not None else (),
         )
         self._children[spec.task_id] = child
         record.pid = child.pid

@@ -92,7 +92,7 @@ async def _start(runner: Runner, record: TaskRecord) -> NewShell:
         record.spec,
         cuda_by_uuid=runner.config.cuda_by_uuid,
         home=home,
-        confined=runner.confinement.cgroups is not None,
+        carried=runner.confinement.cgroups is not None,
     )
     directory = runner.state.root / "shells" / secrets.token_hex(8)
     directory.mkdir(mode=0o700, parents=True)

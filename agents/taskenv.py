@@ -40,11 +40,13 @@ def task_environment(spec: TaskSpec, *, cuda_by_uuid: bool, home: Path) -> dict[
 
 
 def launch_environment(
-    spec: TaskSpec, *, cuda_by_uuid: bool, home: Path, confined: bool = False
+    spec: TaskSpec, *, cuda_by_uuid: bool, home: Path, carried: bool = False
 ) -> dict[str, str]:
     """A task's whole environment: what it inherits of the agent's, then fairgpu's and the
-    job's variables (`task_environment`). `confined`: the command starts through the sandbox,
-    after root's processes that must not see the job's variables (sandbox.carried)."""
+    job's variables (`task_environment`). `carried`: the command gets them otherwise (from the
+    sandbox, or a container's environment file), and root's processes before it, which must
+    not see the job's variables, have them only under a prefix none of them reads
+    (sandbox.carried)."""
     inherited = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
     env = inherited | task_environment(spec, cuda_by_uuid=cuda_by_uuid, home=home)
-    return sandbox.carried(env, inherited) if confined else env
+    return sandbox.carried(env, inherited) if carried else env

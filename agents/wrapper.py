@@ -57,9 +57,11 @@ def start(
     log_max_rate_bytes_per_s: int,
     cwd: Path,
     env: dict[str, str],
+    handed: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """The wrapper running `argv`, its copier writing the output under `task_dir` and holding
-    the lock at `lock_path` until the last byte is written."""
+    the lock at `lock_path` until the last byte is written. The descriptors `handed` reach
+    `argv` under their numbers, and are closed here once they have (or the start failed)."""
     exit_path.unlink(missing_ok=True)
     copier = [
         sys.executable,
@@ -81,12 +83,13 @@ def start(
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
+                pass_fds=handed,
             )
         finally:
             os.close(lock_fd)
     finally:
-        os.close(read_fd)
-        os.close(write_fd)
+        for fd in (read_fd, write_fd, *handed):
+            os.close(fd)
 
 
 def exit_status(exit_path: Path) -> tuple[int | None, int | None] | None:

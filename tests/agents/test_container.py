@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+
 from agents.cgroups import Limits
-from agents.container import container_launch
+from agents.container import ContainerError, container_launch, env_file
 
 
 def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
@@ -20,6 +23,7 @@ def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
         "gpu_uuids": [],
         "env": {"FAIRGPU_JOB_ID": "5", "CUDA_VISIBLE_DEVICES": "2,3", "SECRET": "x"},
         "workdir": "/data/run",
+        "env_file": "/proc/self/fd/9",
     }
     args.update(overrides)
     return container_launch(**args)  # type: ignore[arg-type]
@@ -31,12 +35,12 @@ def test_docker() -> None:
         "docker", "run", "--rm", "--name", "fairgpu-n0de-task-12",
         "--label", "fairgpu.agent=n0de", "--label", "fairgpu.task=12", "--network=host",
         "--ipc=private", "--init", "--log-driver=none", "--gpus", '"device=2,3"',
-        "-e", "FAIRGPU_JOB_ID", "-e", "SECRET",
+        "--env-file", "/proc/self/fd/9",
         "-v", "/data/run:/data/run", "-w", "/data/run",
         "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
     ]  # fmt: skip
     assert launch.kill_argv == ["docker", "kill", "fairgpu-n0de-task-12"]
-    assert "x" not in launch.argv  # values travel in the environment, not on the command line
+    assert "x" not in launch.argv  # values travel in a file, not on the command line
 
 
 def test_docker_by_uuid() -> None:
@@ -109,3 +113,14 @@ def test_a_terminal_asks_docker_and_podman_for_one_and_apptainer_for_none() -> N
         assert "--tty" not in build(runtime).argv  # a batch task: no terminal, no stdin
         assert "--interactive" not in build(runtime).argv
     assert build("apptainer", tty=True).argv == build("apptainer").argv
+
+
+def test_the_env_file_holds_the_jobs_variables_and_refuses_a_line_break() -> None:
+    fd = env_file({"CUDA_VISIBLE_DEVICES": "2,3", "B": "two words ", "A": "x=y"})
+    try:
+        assert os.pread(fd, 1024, 0) == b"A=x=y\nB=two words \n"
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")  # not on any disk
+    finally:
+        os.close(fd)
+    with pytest.raises(ContainerError, match="the variable B holds a line break"):
+        env_file({"A": "x", "B": "one\ntwo"})

@@ -263,8 +263,9 @@ def test_container_task_without_runtime_fails_to_start(state: StateDir) -> None:
 
 def test_container_task_runs_through_the_runtime(state: StateDir, tmp_path: Path) -> None:
     fake_docker = tmp_path / "docker"
-    fake_docker.write_text(
-        f'#!/bin/sh\necho "$@" > {tmp_path}/argv\necho "$FAIRGPU_JOB_ID" >> {tmp_path}/argv\n'
+    fake_docker.write_text(  # its argv, the job id in its own environment, its env file
+        f'#!/bin/sh\necho "$@" > {tmp_path}/argv\necho "[$FAIRGPU_JOB_ID]" >> {tmp_path}/argv\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --env-file ] && cat "$2" >> "$0.out"; shift; done\n'
     )
     fake_docker.chmod(0o755)
     runner = Runner(
@@ -272,11 +273,13 @@ def test_container_task_runs_through_the_runtime(state: StateDir, tmp_path: Path
     )
     runner.start(spec(1, ["python", "train.py"], image="pytorch:24", gpus=[4, 5]))
     run_to_end(runner, 1)
-    argv, job = (tmp_path / "argv").read_text().splitlines()
+    argv, own = (tmp_path / "argv").read_text().splitlines()
+    env_file = (tmp_path / "docker.out").read_text().splitlines()
     assert argv.startswith(f"run --rm --name fairgpu-{runner.tag}-task-1 ")
     assert '--gpus "device=4,5"' in argv
     assert argv.endswith("pytorch:24 python train.py")
-    assert job == "101"
+    assert own == "[]"  # the client (root, outside any sandbox) does not have the job's variables
+    assert "FAIRGPU_JOB_ID=101" in env_file  # the container does
     assert runner.records[1].exit_code == 0
 
 

@@ -1,0 +1,63 @@
+"""A docker task's environment, with the real docker daemon, as root: the job's variables reach
+its container, and never the environment of the docker client, which runs as root outside the
+sandbox (a job's PATH chose which `docker` the wrapper ran, its DOCKER_HOST which daemon the
+client obeyed, its LD_PRELOAD what it loaded)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import psutil
+import pytest
+
+from tests.agents.helpers import spec, wait_for
+from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
+from tests.agents.test_isolation import ACME
+from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
+
+
+def _client(wrapper: int) -> psutil.Process | None:
+    """The task's `docker run`, once it runs."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(wrapper).children(recursive=True):
+            if child.cmdline()[1:2] == ["run"]:
+                return child
+    return None
+
+
+def test_a_docker_tasks_variables_reach_its_container_never_its_root_client(
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+) -> None:
+    net = docker_node
+    tools = net.root / "tools"  # what the org could have put in its data root
+    tools.mkdir()
+    ran = net.root / "ran"
+    for name in ("docker", "mv", "sh"):
+        (tools / name).write_text(
+            f'#!/bin/sh\nid -u >> {ran}\nexec /usr/bin/env -u PATH {name} "$@"\n'
+        )
+        (tools / name).chmod(0o755)
+    env = {
+        "PATH": f"{tools}:/usr/bin:/bin",
+        "DOCKER_HOST": "tcp://127.0.0.1:9",
+        "LD_LIBRARY_PATH": str(tools),
+        "MARK": "two words = one",
+    }
+    command = ["sh", "-c", 'echo "[$MARK] $DOCKER_HOST $LD_LIBRARY_PATH"; sleep 3']
+    net.runner.start(spec(TASK, command, image=image, gpus=[], network="host", env=env, **ACME))
+    wrapper = net.runner.records[TASK].pid
+    assert wrapper is not None, net.runner.records[TASK]
+    wait_for(lambda: _client(wrapper) is not None or net._ended(TASK), 60)
+    client = _client(wrapper)
+    assert client is not None, net.result(TASK)
+    seen = client.environ()
+    assert not {"MARK", "DOCKER_HOST", "LD_LIBRARY_PATH"} & seen.keys(), seen
+    assert str(tools) not in seen.get("PATH", ""), seen
+    result = net.result(TASK, timeout_s=60)
+    assert result["exit_code"] == 0, result
+    assert result["log"] == f"[two words = one] tcp://127.0.0.1:9 {tools}\n", result
+    assert not ran.exists()  # nothing of the org's ran outside its container
