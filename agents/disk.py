@@ -65,10 +65,17 @@ class Space:
     total_bytes: int
 
 
+PATH_MAX = 4096
+"""Linux's longest path, its NUL included: a directory nested deeper cannot be walked by path."""
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     bytes: int
     files: int
+    too_deep: bool = False
+    """The directory nests a path of PATH_MAX bytes or more: what lies below went unmeasured
+    (a task hid 48 MiB from a 16 MiB limit there), so the task is ended as over its limits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,8 @@ def measure(directory: Path, *, max_files: int | None) -> Usage:
                 files += 1
                 if max_files is not None and files > max_files:
                     return Usage(total, files)
+                if len(os.fsencode(entry.path)) + 1 >= PATH_MAX:
+                    return Usage(total, files, too_deep=True)  # beyond what a path can name
                 try:
                     info = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -163,14 +172,18 @@ def measure_all(targets: Iterable[Target], *, max_files: int | None) -> dict[int
         layer = container_layer(*target.container) if target.container else None
         if layer is not None:
             inside = measure(layer, max_files=max_files)
-            found = Usage(found.bytes + inside.bytes, found.files + inside.files)
+            found = Usage(
+                found.bytes + inside.bytes,
+                found.files + inside.files,
+                found.too_deep or inside.too_deep,
+            )
         try:
             device = os.lstat(target.directory).st_dev
         except OSError:
             usage[target.task_id] = found
             continue
         hidden = deleted_open_bytes(target.pids, device)
-        usage[target.task_id] = Usage(found.bytes + hidden, found.files)
+        usage[target.task_id] = Usage(found.bytes + hidden, found.files, found.too_deep)
     return usage
 
 
@@ -187,7 +200,12 @@ def over_limit(usage: Mapping[int, Usage], config: DiskConfig) -> dict[int, str]
     """Task id → the one-line reason it is ended, for every task over its own limits."""
     ended: dict[int, str] = {}
     for task_id, used in usage.items():
-        if config.task_max_files is not None and used.files > config.task_max_files:
+        if used.too_deep:  # whatever the limits: its usage is unknown, and could be the disk
+            ended[task_id] = (
+                f"disk limit: the task's directory nests deeper than the node measures (a path "
+                f"of {PATH_MAX} bytes or more)"
+            )
+        elif config.task_max_files is not None and used.files > config.task_max_files:
             ended[task_id] = (
                 f"disk limit: the task's directory holds more than {config.task_max_files} "
                 "files, this node's limit"

@@ -490,6 +490,28 @@ def test_a_task_making_files_without_end_is_ended_at_its_file_limit(disk_node: N
     )
 
 
+def test_a_task_hiding_its_files_deeper_than_a_path_reaches_is_ended(disk_node: Node) -> None:
+    """The walk measures by path: below a path of PATH_MAX bytes it could not go, and a task
+    held 48 MiB there under a 16 MiB limit, unseen, free to fill the node's disk (and, under
+    the node's reserve, to have another org's task ended as the one holding the most)."""
+    deep = (
+        "import os\n"
+        "for _ in range(160):\n"
+        "    os.mkdir('d' * 30); os.chdir('d' * 30)\n"
+        "fd = os.open('big', os.O_WRONLY | os.O_CREAT, 0o600)\n"
+        "for _ in range(48):\n"
+        "    os.write(fd, b'x' * 2**20)\n"
+        "os.fsync(fd)\n"
+        "import time; time.sleep(60)\n"
+    )
+    disk_node.runner.start(spec(1, python(deep), **ACME))
+    _until_disk_ends_a_task(disk_node)
+    result = disk_node.finish(1)
+    assert result["state"] == "stopped", result  # not asked by the server: the job ends FAILED
+    assert result["reason"].startswith("disk limit: the task's directory nests deeper"), result
+    assert not disk_node.confinement.task_dir(1).exists()  # its space is given back
+
+
 def test_under_the_node_reserve_the_task_holding_the_most_is_ended(tmp_path: Path) -> None:
     # A reserve above the disk's free space: the node is always under it.
     limits = DiskConfig(node_reserve_bytes=2**62, pressure_min_task_bytes=2**20)
