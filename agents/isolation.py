@@ -13,12 +13,11 @@ directory and HOME of their own and the data-root check, but run as the agent's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -305,5 +304,22 @@ class Confinement:
         if group is not None and group.exists():
             group.remove()
         if self.config.task_root is not None:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(self.task_dir(task_id))
+            remove_tree(self.task_dir(task_id))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory a task filled, however deep it nests. shutil.rmtree recurses once per
+    level: a task that left a few thousand nested directories had it raise RecursionError in
+    the agent, which kept the directory (and the node's disk it held) for ever. GNU rm walks
+    any depth, never follows a link and stays on the directory's filesystem."""
+    if not path.exists():
+        return
+    done = subprocess.run(
+        ["rm", "-rf", "--one-file-system", "--", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        log.warning("removing %s: %s", path, lines[-1] if lines else done.returncode)

@@ -512,6 +512,18 @@ def test_a_task_hiding_its_files_deeper_than_a_path_reaches_is_ended(disk_node: 
     assert not disk_node.confinement.task_dir(1).exists()  # its space is given back
 
 
+def test_a_task_leaving_thousands_of_nested_directories_is_removed_whole(node: Node) -> None:
+    """shutil.rmtree recursed once per level: the agent's clean-up of such a task raised
+    RecursionError (out of the runner's poll) and kept the directory, with the disk it held."""
+    deep = "import os\nfor _ in range(3000):\n    os.mkdir('d'); os.chdir('d')\n"
+    try:
+        result = node.run(1, python(deep), **ACME)
+        assert (result["state"], result["exit_code"]) == ("exited", 0), result
+        assert not node.confinement.task_dir(1).exists()
+    finally:  # pytest's clean-up of its temporary directories recurses the same way
+        subprocess.run(["rm", "-rf", str(node.confinement.task_dir(1))], check=False)
+
+
 def test_under_the_node_reserve_the_task_holding_the_most_is_ended(tmp_path: Path) -> None:
     # A reserve above the disk's free space: the node is always under it.
     limits = DiskConfig(node_reserve_bytes=2**62, pressure_min_task_bytes=2**20)
