@@ -309,6 +309,8 @@ class Runner:
     # internals -------------------------------------------------------------------------------
     def _spawn(self, record: TaskRecord) -> None:
         spec, cfg = record.spec, self.config
+        if spec.image and spec.image.startswith("-"):  # docker would read it as an option
+            raise TaskRefused(f"the image {spec.image[:64]!r} starts with '-'")
         if spec.image and not cfg.container_runtime:
             raise TaskRefused(
                 "the job asks for a container image but this node has no container runtime"

@@ -111,6 +111,15 @@ class JobCreate(InputModel):
     needs a platform admin: org admins admit only their own org (not its child orgs, whose jobs
     they could then neither see nor cancel)."""
 
+    @field_validator("image")
+    @classmethod
+    def _image_not_an_option(cls, value: str | None) -> str | None:
+        """The node puts the image on the container runtime's command line: `--privileged`
+        or `--user=0` there would be an option (every device of the node, root)."""
+        if value is not None and value.startswith("-"):
+            raise ValueError("an image cannot start with '-'")
+        return value
+
     @field_validator("env", "secret_env")
     @classmethod
     def _env_not_reserved(cls, value: dict[str, str]) -> dict[str, str]:

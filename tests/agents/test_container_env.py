@@ -61,3 +61,20 @@ def test_a_docker_tasks_variables_reach_its_container_never_its_root_client(
     assert result["exit_code"] == 0, result
     assert result["log"] == f"[two words = one] tcp://127.0.0.1:9 {tools}\n", result
     assert not ran.exists()  # nothing of the org's ran outside its container
+
+
+@pytest.mark.parametrize("option", ["--privileged", "--user=0"])
+def test_an_image_that_is_a_runtime_option_is_refused(
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+    option: str,
+) -> None:
+    """The image goes on docker's command line before the command: `--privileged` there gave
+    the container every device of the node (every GPU's among them), `--user=0` root, and the
+    command's first word became the image. The server refuses such a job (422); a node that
+    gets one anyway refuses the task."""
+    net = docker_node
+    net.runner.start(spec(TASK, [image, "id"], image=option, gpus=[], network="host", **ACME))
+    record = net.runner.records[TASK]
+    assert record.state == "failed_to_start", record
+    assert record.reason == f"the image {option!r} starts with '-'"

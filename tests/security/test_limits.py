@@ -78,6 +78,9 @@ def test_oversized_and_deeply_nested_bodies(live: Live) -> None:
         ("POST", "/v1/jobs", {**JOB, "time_limit": -60}),
         ("POST", "/v1/jobs", {**JOB, "time_limit": BIG}),
         ("POST", "/v1/jobs", {**JOB, "name": "\u0007bell"}),
+        # an option of the node's container runtime: every device of the node, or root
+        ("POST", "/v1/jobs", {**JOB, "image": "--privileged"}),
+        ("POST", "/v1/jobs", {**JOB, "image": "--user=0"}),
     ],
 )
 def test_bad_values_are_clear_4xx(live: Live, method: str, path: str, body: Any) -> None:
