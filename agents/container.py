@@ -199,6 +199,18 @@ def sweep(binary: str, agent: str, keep: set[int]) -> list[str]:
     return removed
 
 
+def runtime_problem(runtime: Runtime, binary: str | None) -> str | None:
+    """Why this node's runtime cannot run a container (one line), None when it answers: docker's
+    and podman's `version` (docker's asks its daemon), apptainer's `--version`."""
+    exe = binary or runtime
+    args = ("--version",) if runtime == "apptainer" else ("version",)
+    try:
+        _docker(exe, *args, timeout_s=30)
+    except ContainerError as exc:
+        return str(exc)
+    return None
+
+
 def start_task_pod(binary: str, agent: str, task_id: int, image: str | None) -> int:
     """A private docker task's pod, started with the node's pod `image`: its process.
     ContainerError (one line, for the task's reason) when there is none or it did not start."""
@@ -240,10 +252,10 @@ def remove_pod(binary: str, agent: str, task_id: int) -> None:
         subprocess.run(argv, capture_output=True, timeout=60, check=False)
 
 
-def _docker(binary: str, *args: str) -> str:
+def _docker(binary: str, *args: str, timeout_s: float = 120) -> str:
     try:
         done = subprocess.run(
-            [binary, *args], capture_output=True, text=True, timeout=120, check=False
+            [binary, *args], capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise ContainerError(f"{binary} {args[0]}: {exc}") from exc

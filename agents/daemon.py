@@ -33,6 +33,7 @@ from agents.state import Credential, StateDir, TaskRecord
 from agents.streams import Streams, notify_terminal
 from protocol.agent import (
     AGENT_CAPABILITIES,
+    CONTAINER_CAPABILITY,
     CONTAINER_NETNS_CAPABILITY,
     MAX_TASKS_PER_HEARTBEAT,
     MAX_WAIT_S,
@@ -163,14 +164,17 @@ class Agent:
         return self.credential
 
     def capabilities(self) -> list[str]:
-        """What this agent can do: "netns" only where it can build the namespaces and their
-        wall stands (agents/wallwatch.py), and "container-netns" beside it where its container
-        runtime can put a container in one (Runner.containers_join_netns)."""
+        """What this agent can do: "container" where its container runtime answers
+        (Runner.containers_work), "netns" only where it can build the namespaces and their wall
+        stands (agents/wallwatch.py), and "container-netns" beside both where its runtime can
+        put a container in one (Runner.containers_join_netns)."""
+        containers = self.runner.containers_work
+        caps = [*AGENT_CAPABILITIES, *([CONTAINER_CAPABILITY] if containers else [])]
         wall = self.runner.confinement.wall
         if wall is None or not wall.intact:
-            return list(AGENT_CAPABILITIES)
-        containers = [CONTAINER_NETNS_CAPABILITY] if self.runner.containers_join_netns else []
-        return [*AGENT_CAPABILITIES, NETNS_CAPABILITY, *containers]
+            return caps
+        private = containers and self.runner.containers_join_netns
+        return [*caps, NETNS_CAPABILITY, *([CONTAINER_NETNS_CAPABILITY] if private else [])]
 
     def _renew(self, credential: str) -> None:
         """The server renewed the node's credential: keep it (atomically) and use it next."""

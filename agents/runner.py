@@ -24,6 +24,7 @@ from agents.container import (
     env_file,
     pod_name,
     remove_pod,
+    runtime_problem,
     start_task_pod,
     sweep,
 )
@@ -84,6 +85,7 @@ class Runner:
         self.records: dict[int, TaskRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._draining_since: dict[int, float] = {}
+        self._containers_work: bool | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -107,6 +109,8 @@ class Runner:
         if self._container_cli is not None:
             for name in sweep(self._container_cli, self.tag, running):
                 log.info("removed container %s: its task is not running", name)
+        # Whether the container runtime answers, asked once now (Agent.capabilities says it).
+        _ = self.containers_work
 
     def start(self, spec: TaskSpec) -> bool:
         """Start a task unless this node already knows it (a task never starts twice)."""
@@ -233,6 +237,23 @@ class Runner:
             if r.final_acked and r.log_complete and r.ended_at is not None and r.ended_at < cutoff:
                 self.state.remove(task_id)
                 del self.records[task_id]
+
+    @property
+    def containers_work(self) -> bool:
+        """A container runtime is configured and answers (agents/container.py
+        `runtime_problem`): asked once, at the agent's start (`recover`); an agent started
+        before its runtime answered says so until it restarts."""
+        if self._containers_work is None:
+            runtime = self.config.container_runtime
+            problem = None
+            if runtime is not None:
+                problem = runtime_problem(runtime, self.config.container_binary)
+                if problem is not None:
+                    log.warning(
+                        "container runtime %s: %s (no job with an image here)", runtime, problem
+                    )
+            self._containers_work = runtime is not None and problem is None
+        return self._containers_work
 
     @property
     def containers_join_netns(self) -> bool:

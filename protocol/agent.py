@@ -71,8 +71,12 @@ AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward", "new-she
 agents/netns.py): it runs `TaskSpec.network="private"` tasks in a network namespace of their own.
 "container-netns" (nor this one: an agent adds it only beside "netns", where its container
 runtime can put a container in the task's namespace: podman and apptainer, and docker given a
-pod image, agents/container.py): it runs such a task with an image too."""
+pod image, agents/container.py): it runs such a task with an image too.
+"container" (nor this one: an agent adds it only where a container runtime is configured and
+answers, agents/container.py `runtime_problem`): it runs `TaskSpec.image` tasks; "container-netns"
+comes only beside it."""
 NETNS_CAPABILITY = "netns"
+CONTAINER_CAPABILITY = "container"
 CONTAINER_NETNS_CAPABILITY = "container-netns"
 MAX_CAPABILITIES = 32
 

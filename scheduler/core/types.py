@@ -13,11 +13,13 @@ from enum import StrEnum
 
 DAY_S = 86_400.0
 
-JOB_CAPABILITIES: frozenset[str] = frozenset({"signal", "pty", "netns", "container-netns"})
+JOB_CAPABILITIES: frozenset[str] = frozenset(
+    {"signal", "pty", "netns", "container", "container-netns"}
+)
 """Agent capabilities a job may need (protocol.agent.AGENT_CAPABILITIES names them): "signal" for
 a job with `--signal`, "pty" for an interactive one, "netns" for one with `--network private`,
-and "container-netns" too for such a job with an image. Others an agent reports play no part
-here."""
+"container" for one with an image, and "container-netns" too for a private job with an image.
+Others an agent reports play no part here."""
 STRICT_ISOLATION = "isolation=strict"
 """The node feature of strict isolation, placed like a capability; "=" is outside the protocol's
 capability names, so no agent can claim it by reporting a capability."""

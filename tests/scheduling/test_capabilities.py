@@ -1,7 +1,8 @@
 """Placement by agent capabilities, through the real app over HTTP on both databases.
 
 A job with `--signal` needs an agent that delivers the warning ("signal"), an interactive one an
-agent that opens terminals ("pty"): the scheduler places such a job only on nodes whose agent
+agent that opens terminals ("pty"), one with an image an agent whose container runtime answers
+("container"): the scheduler places such a job only on nodes whose agent
 said so, never preempts for it where it could not run, and explains the wait with numbers.
 """
 
@@ -98,3 +99,29 @@ async def test_a_job_never_preempts_on_a_node_it_could_not_use(cluster: Cluster)
     await cluster.cycle()
     assert list(await _started(cluster, capable)) == [warned["id"]]
     assert (await cluster.heartbeat(old["credential"]))["stop"] == []
+
+
+async def test_an_image_job_goes_only_to_a_node_with_a_container_runtime(cluster: Cluster) -> None:
+    """A node whose agent has no container runtime (or one that does not answer) does not say
+    "container": a job with an image waits for one that does, with the reason, rather than
+    failing at start there; a job without an image still runs there."""
+    org = await cluster.org(guaranteed=16)
+    token = await cluster.user_token(org)
+    bare = await _node(cluster, 2, EVERY)  # the tighter fit: best fit alone would pick it
+    image = await cluster.submit(token, gpus_per_node=1, image="python:3.11")
+    plain = await cluster.submit(token, gpus_per_node=1)
+    await cluster.cycle()
+    assert list(await _started(cluster, bare)) == [plain["id"]]
+    assert (await cluster.job(token, image["id"]))["state"] == "PENDING"
+    explain = await cluster.call("GET", f"/v1/jobs/{image['id']}/explain", token)
+    (reason,) = explain["reasons"]
+    assert reason["code"] == "Resources"
+    assert reason["details"]["capabilities"] == "container"
+    assert "agent can do container" in reason["message"], reason
+    # An older agent (no capabilities at all) is no better.
+    await _node(cluster, 2, None)
+    await cluster.cycle()
+    assert (await cluster.job(token, image["id"]))["state"] == "PENDING"
+    able = await _node(cluster, 8, [*EVERY, "container"])
+    await cluster.cycle()
+    assert (await _started(cluster, able))[image["id"]]["image"] == "python:3.11"

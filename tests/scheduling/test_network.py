@@ -82,7 +82,7 @@ async def test_unsaid_is_private_for_one_node_and_host_for_gangs_images_and_host
 ) -> None:
     org = await cluster.org(guaranteed=16)
     token = await cluster.user_token(org)
-    nodes = [await _node(cluster, 8, NETNS) for _ in range(2)]
+    nodes = [await _node(cluster, 8, [*NETNS, "container"]) for _ in range(2)]
     single = await cluster.submit(token, gpus_per_node=1)
     host = await cluster.submit(token, gpus_per_node=1, network="host")
     image = await cluster.submit(token, gpus_per_node=1, image="python:3.11")
@@ -195,12 +195,14 @@ async def test_only_a_platform_admin_sets_an_orgs_private_network(cluster: Clust
 async def test_a_private_container_job_goes_only_to_a_node_that_can_put_it_there(
     cluster: Cluster,
 ) -> None:
-    """A docker node without a pod image says "netns" but not "container-netns": a private job
-    with an image waits for a node that says both, with the reason, rather than failing at start
-    there; a private job without an image still runs there."""
+    """A docker node without a pod image says "netns" and "container" but not "container-netns":
+    a private job with an image waits for a node that says all three, with the reason, rather
+    than failing at start there; a private job without an image still runs there."""
     org = await cluster.org(guaranteed=16)
     token = await cluster.user_token(org)
-    walled = await _node(cluster, 2, NETNS)  # the tighter fit: best fit alone would pick it
+    walled = await _node(
+        cluster, 2, [*NETNS, "container"]
+    )  # the tighter fit: best fit alone would pick it
     container = await cluster.submit(token, gpus_per_node=1, network="private", image="python:3.11")
     plain = await cluster.submit(token, gpus_per_node=1, network="private")
     await cluster.cycle()
@@ -210,9 +212,9 @@ async def test_a_private_container_job_goes_only_to_a_node_that_can_put_it_there
     explain = await cluster.call("GET", f"/v1/jobs/{container['id']}/explain", token)
     (reason,) = explain["reasons"]
     assert reason["code"] == "Resources"
-    assert reason["details"]["capabilities"] == "container-netns,netns"
-    assert "agent can do container-netns,netns" in reason["message"], reason
-    able = await _node(cluster, 8, [*NETNS, "container-netns"])
+    assert reason["details"]["capabilities"] == "container,container-netns,netns"
+    assert "agent can do container,container-netns,netns" in reason["message"], reason
+    able = await _node(cluster, 8, [*NETNS, "container", "container-netns"])
     await cluster.cycle()
     spec = (await _started(cluster, able))[container["id"]]
     assert (spec["network"], spec["image"]) == ("private", "python:3.11")

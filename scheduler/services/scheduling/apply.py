@@ -209,6 +209,8 @@ async def apply_starts(
                 usable = usable - lacking["signal"]
             if job.interactive:
                 usable = usable - lacking["pty"]
+            if job.image is not None:
+                usable = usable - lacking["container"]
             if job.network == "private":
                 usable = usable - lacking["netns"]
                 if job.image is not None:

@@ -298,25 +298,27 @@ def _node_capabilities(names: list[str] | None) -> frozenset[str]:
 
 
 # Agent capabilities a pending job needs, by (has `--signal`, interactive, `--network
-# private`, `--network private` with an image): the warning signal is delivered only by a
-# "signal" agent, a terminal opened only by a "pty" one, a network namespace made only by a
-# "netns" one, and a container put in it only by a "container-netns" one (a job that leaves its
-# network unsaid runs in one where the node can, in the node's elsewhere: it needs nothing).
+# private`, an image): the warning signal is delivered only by a "signal" agent, a terminal
+# opened only by a "pty" one, a network namespace made only by a "netns" one, an image run only
+# by a "container" one (its runtime configured and working), and put in the namespace only by a
+# "container-netns" one (a job that leaves its network unsaid runs in one where the node can, in
+# the node's elsewhere: it needs nothing).
 _NEEDS = {
-    (signal, pty, private, container): frozenset(
+    (signal, pty, private, image): frozenset(
         name
         for name, wanted in (
             ("signal", signal),
             ("pty", pty),
             ("netns", private),
-            ("container-netns", container),
+            ("container", image),
+            ("container-netns", private and image),
         )
         if wanted
     )
     for signal in (False, True)
     for pty in (False, True)
     for private in (False, True)
-    for container in (False, True)
+    for image in (False, True)
 }
 _CAPS = {caps: caps for caps in _NEEDS.values()}
 
@@ -464,9 +466,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 held=held,
                 dependency=dependency,
                 needs_isolation=org_id in isolated,
-                capabilities=_NEEDS[
-                    (bool(signal), bool(interactive), bool(private), bool(private and image))
-                ],
+                capabilities=_NEEDS[(bool(signal), bool(interactive), bool(private), bool(image))],
                 not_before=not_before_s,
                 array_throttled=throttled,
             )
