@@ -6,18 +6,41 @@ inet NAME CHAIN ...`), so an agent that follows it learns of a deleted or change
 milliseconds instead of at its next periodic look. The monitor is a process of its own; when it
 dies (killed, nft upgraded under it, out of memory) it is started again after `restart_s`, and
 each start calls back too, since what changed while none listened was not seen.
+
+The monitor dies with the agent: a parent-death signal (SIGKILL) is set in it before nft runs,
+so an agent killed with SIGKILL (which runs no `stop`) leaves no `nft monitor` behind, which
+would otherwise live on until the next ruleset event broke its pipe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import re
+import signal
 import subprocess
 import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """Run in the child between fork and exec: SIGKILL when the thread that started it ends
+    (the kernel's "parent" is that thread, here the monitor's, which outlives its process),
+    and exit at once if the agent died before the signal was set. Only a system call and
+    `os._exit`: nothing that takes a lock another thread may have held at the fork."""
+
+    def preexec() -> None:
+        if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class NftMonitor:
@@ -100,6 +123,7 @@ class NftMonitor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
+                preexec_fn=_die_with(os.getpid()),
             )
             self.starts += 1
             return self._process

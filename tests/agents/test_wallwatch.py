@@ -4,12 +4,14 @@ real tables, namespaces, pastas and tasks; the agent's report of it against the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +21,11 @@ from sqlalchemy import select
 
 from agents.isolation import IsolationConfig
 from agents.metrics import AgentMetrics
+from agents.netopen import remove_all
 from agents.nftmonitor import NftMonitor
 from agents.runner import RunnerConfig
 from agents.wallwatch import WallWatch
+from scheduler.bench.procs import fairgpu_command
 from scheduler.db.models import Node
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_daemon import Harness, harness, until  # noqa: F401 - the fixture
@@ -304,3 +308,49 @@ async def test_the_server_hears_whether_the_node_runs_containers_and_in_private_
     assert found is not None
     assert ("container" in found) is container
     assert ("container-netns" in found) is private
+
+
+def test_an_agent_killed_with_sigkill_leaves_no_nft_monitor_behind(tmp_path: Path) -> None:
+    """A real `fairgpu agent` process follows its wall through `nft monitor`; SIGKILLed (no
+    `stop` runs), its monitor gets the parent-death signal and is gone within a second or two,
+    rather than living on until the next ruleset event broke its pipe."""
+    state = tmp_path / "state"
+    cgroup_parent = f"fairgpu-nw-{uuid.uuid4().hex[:8]}"
+    log = (tmp_path / "agent.log").open("wb")
+    agent = subprocess.Popen(
+        [
+            *fairgpu_command(), "agent", "--server", "http://127.0.0.1:9", "--join-token", "t",
+            "--simulate", "1xH100", "--state-dir", str(state), "--isolation", "none",
+            "--cgroup-parent", cgroup_parent, "--log-level", "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+
+        def monitors() -> list[psutil.Process]:
+            """The agent's `nft monitor` (not the one-off `nft` its wall checks run)."""
+            found = []
+            for child in psutil.Process(agent.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if child.name() == "nft" and child.cmdline()[1:] == ["monitor"]:
+                        found.append(child)
+            return found
+
+        wait_for(lambda: len(monitors()) == 1 or agent.poll() is not None, 60)
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+        (monitor,) = monitors()
+        agent.kill()
+        agent.wait(10)
+        gone_by = time.monotonic() + 2.0
+        while monitor.is_running() and monitor.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < gone_by, "the killed agent's nft monitor lives on"
+            time.sleep(0.02)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        log.close()
+        remove_all(state, cgroup_parent)
+        for group in Path("/sys/fs/cgroup").glob(f"{cgroup_parent}*"):
+            group.rmdir()
