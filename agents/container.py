@@ -211,6 +211,37 @@ def runtime_problem(runtime: Runtime, binary: str | None) -> str | None:
     return None
 
 
+class RuntimeCheck:
+    """Whether this node's runtime (None: none configured) answers: asked at the first look,
+    then again at each `check` (the agent's, every `container_check_interval_s`, in a thread),
+    so a runtime that starts after the agent, or stops, is seen."""
+
+    def __init__(self, runtime: Runtime | None, binary: str | None) -> None:
+        self.runtime, self.binary = runtime, binary
+        self._works: bool | None = None
+
+    @property
+    def works(self) -> bool:
+        if self._works is None:
+            self.check()
+        return bool(self._works)
+
+    def check(self) -> bool:
+        """Ask the runtime again; whether the answer changed. A change is logged."""
+        if self.runtime is None:
+            self._works = False
+            return False
+        problem = runtime_problem(self.runtime, self.binary)
+        before, self._works = self._works, problem is None
+        if problem is not None and before is not False:
+            log.warning(
+                "container runtime %s: %s (no job with an image here)", self.runtime, problem
+            )
+        elif problem is None and before is False:
+            log.info("container runtime %s answers: jobs with an image run here", self.runtime)
+        return before is not None and before != self._works
+
+
 def start_task_pod(binary: str, agent: str, task_id: int, image: str | None) -> int:
     """A private docker task's pod, started with the node's pod `image`: its process.
     ContainerError (one line, for the task's reason) when there is none or it did not start."""

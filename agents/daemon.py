@@ -165,10 +165,10 @@ class Agent:
 
     def capabilities(self) -> list[str]:
         """What this agent can do: "container" where its container runtime answers
-        (Runner.containers_work), "netns" only where it can build the namespaces and their wall
+        (Runner.containers), "netns" only where it can build the namespaces and their wall
         stands (agents/wallwatch.py), and "container-netns" beside both where its runtime can
         put a container in one (Runner.containers_join_netns)."""
-        containers = self.runner.containers_work
+        containers = self.runner.containers.works
         caps = [*AGENT_CAPABILITIES, *([CONTAINER_CAPABILITY] if containers else [])]
         wall = self.runner.confinement.wall
         if wall is None or not wall.intact:
@@ -195,6 +195,7 @@ class Agent:
         watcher = asyncio.create_task(self._watch(stop))
         disk_watcher = asyncio.create_task(self._watch_disk(stop))
         wall_watcher = asyncio.create_task(self._watch_wall(stop))
+        runtime_watcher = asyncio.create_task(self._watch_runtime(stop))
         backoff_s = 0.5
         try:
             await self._register_with_retry(stop)
@@ -226,7 +227,7 @@ class Agent:
                     await _sleep_or(stop, backoff_s)
                     backoff_s = min(backoff_s * 2, self.config.max_backoff_s)
         finally:
-            watchers = (watcher, disk_watcher, wall_watcher)
+            watchers = (watcher, disk_watcher, wall_watcher, runtime_watcher)
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
@@ -327,6 +328,16 @@ class Agent:
                     self._changed.set()
             except Exception:
                 log.exception("measuring the tasks' disk use failed; trying again")
+
+    async def _watch_runtime(self, stop: asyncio.Event) -> None:
+        """Ask the container runtime again now and then, in a thread; report at once when the
+        node can or cannot run containers."""
+        if self.config.runner.container_runtime is None:
+            return
+        while not stop.is_set():
+            await _sleep_or(stop, self.config.runner.container_check_interval_s)
+            if await asyncio.to_thread(self.runner.containers.check):
+                self._changed.set()
 
     async def _watch_wall(self, stop: asyncio.Event) -> None:
         """Check the private tasks' nftables wall on every change to it and periodically, in

@@ -20,11 +20,11 @@ from agents import disk, idle, wrapper
 from agents.container import (
     ContainerError,
     Runtime,
+    RuntimeCheck,
     container_launch,
     env_file,
     pod_name,
     remove_pod,
-    runtime_problem,
     start_task_pod,
     sweep,
 )
@@ -51,6 +51,9 @@ class RunnerConfig:
     container_pause_image: str | None = None
     """The image of a docker task's pod, whose network namespace a private task's container
     joins (agents/container.py); None: docker runs no private task."""
+    container_check_interval_s: float = 60.0
+    """How often the agent asks its container runtime whether it answers (agents/container.py
+    `RuntimeCheck`)."""
     time_limit_grace_s: float = 30.0
     log_max_bytes: int = 64 * 1024 * 1024
     """The most of a task's log kept on the node's disk (its latest output)."""
@@ -85,7 +88,8 @@ class Runner:
         self.records: dict[int, TaskRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._draining_since: dict[int, float] = {}
-        self._containers_work: bool | None = None
+        self.containers = RuntimeCheck(self.config.container_runtime, self.config.container_binary)
+        """Whether the container runtime answers (Agent.capabilities says "container")."""
 
     # lifecycle -------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -109,8 +113,7 @@ class Runner:
         if self._container_cli is not None:
             for name in sweep(self._container_cli, self.tag, running):
                 log.info("removed container %s: its task is not running", name)
-        # Whether the container runtime answers, asked once now (Agent.capabilities says it).
-        _ = self.containers_work
+        _ = self.containers.works  # asked at start, not at the first heartbeat
 
     def start(self, spec: TaskSpec) -> bool:
         """Start a task unless this node already knows it (a task never starts twice)."""
@@ -237,23 +240,6 @@ class Runner:
             if r.final_acked and r.log_complete and r.ended_at is not None and r.ended_at < cutoff:
                 self.state.remove(task_id)
                 del self.records[task_id]
-
-    @property
-    def containers_work(self) -> bool:
-        """A container runtime is configured and answers (agents/container.py
-        `runtime_problem`): asked once, at the agent's start (`recover`); an agent started
-        before its runtime answered says so until it restarts."""
-        if self._containers_work is None:
-            runtime = self.config.container_runtime
-            problem = None
-            if runtime is not None:
-                problem = runtime_problem(runtime, self.config.container_binary)
-                if problem is not None:
-                    log.warning(
-                        "container runtime %s: %s (no job with an image here)", runtime, problem
-                    )
-            self._containers_work = runtime is not None and problem is None
-        return self._containers_work
 
     @property
     def containers_join_netns(self) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import shutil
 import signal
 import sys
 import time
@@ -14,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from agents.client import AgentClient
+from agents.container import runtime_problem
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
 from agents.isolation import IsolationConfig
 from agents.runner import RunnerConfig
 from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
+from scheduler.db.models import Node
 from scheduler.settings import Settings
 from tests.harness.wire import Wire
 from tests.scheduling.harness import Cluster, fast_settings, running_cluster
@@ -346,3 +350,39 @@ async def test_the_join_token_leaves_the_environment_once_registered(
     await asyncio.wait_for(agent.connected.wait(), 30)
     assert "FAIRGPU_JOIN_TOKEN" not in os.environ
     assert agent._join_token is None
+
+
+async def test_the_server_hears_when_the_container_runtime_comes_and_goes(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The agent asks its runtime again now and then: one that answers only after the agent
+    started (here: docker's client put in place then) gives "container" at once, one that stops
+    answering takes it away, so the scheduler places image jobs by what the node can now do."""
+    docker = shutil.which("docker")
+    if docker is None or runtime_problem("docker", docker) is not None:
+        pytest.skip("docker is not usable here")
+    binary = tmp_path / "bin" / "docker"
+    binary.parent.mkdir()
+    runner = RunnerConfig(
+        container_runtime="docker", container_binary=str(binary), container_check_interval_s=0.1
+    )
+    agent = harness.start(runner=runner)
+    await asyncio.wait_for(agent.connected.wait(), 10)
+
+    async def reported() -> list[str]:
+        async with harness.cluster.sessionmaker() as session:
+            found = await session.scalar(select(Node.capabilities).where(Node.name == "node-a"))
+        assert found is not None  # registered: the agent said what it can do
+        return found
+
+    async def says_container() -> bool:
+        return "container" in await reported()
+
+    async def lacks_container() -> bool:
+        return "container" not in await reported()
+
+    assert await lacks_container()
+    binary.symlink_to(docker)
+    await until(says_container, 30)
+    binary.unlink()
+    await until(lacks_container, 30)
