@@ -29,7 +29,12 @@ from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
 from scheduler.services.jobactions import DEFAULT_MAX_GRACE_S, preemption_grace_of
 from scheduler.services.jobstate import STOP_PREEMPT, transition_job
-from scheduler.services.scheduling.load import Loaded, from_epoch, isolated_orgs
+from scheduler.services.scheduling.load import (
+    Loaded,
+    capabilities_needed,
+    from_epoch,
+    isolated_orgs,
+)
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop
 from scheduler.states import NodeState
 
@@ -205,16 +210,14 @@ async def apply_starts(
             # A node whose agent restarted unconfined, or older than a capability the job
             # needs, since the load takes no such job.
             usable = ready - unconfined if job.org_id in isolated else ready
-            if job.signal is not None:
-                usable = usable - lacking["signal"]
-            if job.interactive:
-                usable = usable - lacking["pty"]
-            if job.image is not None:
-                usable = usable - lacking["container"]
-            if job.network == "private":
-                usable = usable - lacking["netns"]
-                if job.image is not None:
-                    usable = usable - lacking["container-netns"]
+            needs = capabilities_needed(
+                signal=job.signal is not None,
+                interactive=job.interactive,
+                private=job.network == "private",
+                image=job.image is not None,
+            )
+            for cap in needs:
+                usable = usable - lacking[cap]
             chosen = _check(start, gpus, usable, taken)
         if job is None or chosen is None:
             applied.skipped.append(start.job_id)

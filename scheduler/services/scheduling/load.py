@@ -323,6 +323,14 @@ _NEEDS = {
 _CAPS = {caps: caps for caps in _NEEDS.values()}
 
 
+def capabilities_needed(
+    *, signal: bool, interactive: bool, private: bool, image: bool
+) -> frozenset[str]:
+    """The agent capabilities a job needs of its node (`_NEEDS`): the load places it by them and
+    the apply's guard checks them again."""
+    return _NEEDS[(signal, interactive, private, image)]
+
+
 def _running(fetched: _Fetched) -> tuple[tuple[RunningJob, ...], list[HeldInterval]]:
     by_job: dict[int, list[Any]] = defaultdict(list)
     held: list[HeldInterval] = []
@@ -466,7 +474,12 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 held=held,
                 dependency=dependency,
                 needs_isolation=org_id in isolated,
-                capabilities=_NEEDS[(bool(signal), bool(interactive), bool(private), bool(image))],
+                capabilities=capabilities_needed(
+                    signal=bool(signal),
+                    interactive=bool(interactive),
+                    private=bool(private),
+                    image=bool(image),
+                ),
                 not_before=not_before_s,
                 array_throttled=throttled,
             )
