@@ -56,5 +56,5 @@ if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
   as_root sh -c 'nohup dockerd --iptables=false --bridge=none >/var/log/fairgpu-test-dockerd.log 2>&1 &' || true
   for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 ||
-    echo "make test: dockerd did not start (/var/log/fairgpu-test-dockerd.log); the docker tests will skip" >&2
+    echo "make test: dockerd did not start (/var/log/fairgpu-test-dockerd.log); the docker tests will skip (fail under FAIRGPU_REQUIRE_DOCKER=1, as .ci/run sets)" >&2
 fi

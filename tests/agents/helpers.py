@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
+
+import pytest
 
 from protocol.agent import TaskSpec
+
+REQUIRE_DOCKER = os.environ.get("FAIRGPU_REQUIRE_DOCKER") == "1"
+"""Set by .ci/run, whose tests/services.sh starts dockerd: a docker test that cannot run there
+fails instead of skipping, as FAIRGPU_REQUIRE_POSTGRES does for PostgreSQL."""
+
+
+def docker_unusable(why: str) -> NoReturn:
+    """Skip a test that needs docker, saying why; fail it where docker is required."""
+    message = f"docker is not usable here: {why}"
+    if REQUIRE_DOCKER:
+        pytest.fail(message + " (FAIRGPU_REQUIRE_DOCKER=1)")
+    pytest.skip(message)
 
 
 def spec(task_id: int = 1, command: list[str] | None = None, **overrides: Any) -> TaskSpec:

@@ -20,7 +20,7 @@ import pytest
 from agents.container import container_name, pod_name, sweep
 from agents.runner import Runner, RunnerConfig
 from agents.state import agent_tag
-from tests.agents.helpers import spec, wait_for
+from tests.agents.helpers import docker_unusable, spec, wait_for
 from tests.agents.test_isolation import ACME
 from tests.agents.test_netns import (  # noqa: F401 - the fixtures
     OUTSIDE,
@@ -61,7 +61,7 @@ def _docker_unusable() -> str:
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     why = _docker_unusable()
     if why:
-        pytest.skip(f"docker is not usable here: {why}")
+        docker_unusable(why)
     busybox = shutil.which("busybox")
     assert busybox is not None
     archive = tmp_path_factory.mktemp("image") / "rootfs.tar"

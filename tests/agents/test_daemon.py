@@ -26,6 +26,7 @@ from agents.runner import RunnerConfig
 from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
 from scheduler.db.models import Node
 from scheduler.settings import Settings
+from tests.agents.helpers import docker_unusable
 from tests.harness.wire import Wire
 from tests.scheduling.harness import Cluster, fast_settings, running_cluster
 
@@ -359,8 +360,11 @@ async def test_the_server_hears_when_the_container_runtime_comes_and_goes(
     started (here: docker's client put in place then) gives "container" at once, one that stops
     answering takes it away, so the scheduler places image jobs by what the node can now do."""
     docker = shutil.which("docker")
-    if docker is None or runtime_problem("docker", docker) is not None:
-        pytest.skip("docker is not usable here")
+    if docker is None:
+        docker_unusable("no docker client")
+    problem = runtime_problem("docker", docker)
+    if problem is not None:
+        docker_unusable(problem)
     binary = tmp_path / "bin" / "docker"
     binary.parent.mkdir()
     runner = RunnerConfig(
