@@ -47,6 +47,14 @@ def simulate(
     big_gang_rate_factor: Annotated[
         float, typer.Option(help="With --big-gangs: multiply their rates by F.", min=0.0)
     ] = 1.0,
+    fit_guarantees: Annotated[
+        bool,
+        typer.Option(
+            "--fit-guarantees",
+            help="Scale each GPU type's guarantees down in proportion when they add up to more "
+            "than the cluster holds (shares unchanged); the report says by what factor.",
+        ),
+    ] = False,
     policy: Annotated[
         list[str] | None,
         typer.Option(help=f"Policy to run (repeatable): {', '.join(POLICY_NAMES)}; default all."),
@@ -106,9 +114,10 @@ def simulate(
     if from_db_:
         from cli.simulate_db import simulate_from_db
 
-        if trace is not None or time_scale != 1.0 or big_gangs is not None:
+        if trace is not None or time_scale != 1.0 or big_gangs is not None or fit_guarantees:
             raise typer.BadParameter(
-                "--from-db replays recorded jobs: no --trace, --time-scale, --big-gangs"
+                "--from-db replays recorded jobs: no --trace, --time-scale, --big-gangs, "
+                "--fit-guarantees"
             )
         if quotas is None or since is None:
             raise typer.BadParameter("--from-db needs --since and --quotas (the proposed set)")
@@ -135,7 +144,7 @@ def simulate(
         config = dataclasses.replace(config, cycle_interval_s=cycle_interval_s)
     try:
         gangs = None if big_gangs is None else BigGangs(big_gangs, big_gang_rate_factor)
-        workload = load_workload(trace, quotas, cluster, time_scale, gangs)
+        workload = load_workload(trace, quotas, cluster, time_scale, gangs, fit_guarantees)
     except (TraceError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc

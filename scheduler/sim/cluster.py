@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,9 +69,7 @@ def check_quotas(quotas: Sequence[Quota], groups: Sequence[NodeGroup], source: s
     error naming `source` and the line; guarantees of one type above its capacity are allowed
     (the simulation shows what that does) and returned as warnings.
     """
-    capacity: dict[str, int] = {}
-    for g in groups:
-        capacity[g.gpu_type] = capacity.get(g.gpu_type, 0) + g.nodes * g.gpus_per_node
+    capacity = type_capacity(groups)
     types = ", ".join(sorted(capacity))
     guaranteed: dict[str, int] = {}
     for q in quotas:
@@ -91,6 +91,54 @@ def check_quotas(quotas: Sequence[Quota], groups: Sequence[NodeGroup], source: s
         for t, g in sorted(guaranteed.items())
         if g > capacity[t]
     ]
+
+
+def type_capacity(groups: Sequence[NodeGroup]) -> dict[str, int]:
+    """GPUs of each type in the cluster."""
+    capacity: dict[str, int] = {}
+    for g in groups:
+        capacity[g.gpu_type] = capacity.get(g.gpu_type, 0) + g.nodes * g.gpus_per_node
+    return capacity
+
+
+def fit_guarantees(
+    quotas: Sequence[Quota], groups: Sequence[NodeGroup]
+) -> tuple[list[Quota], dict[str, float]]:
+    """Guarantees of each type that exceed its capacity, scaled down in proportion to fit it.
+
+    Guarantees that sum beyond the cluster cannot all be honoured, so a run with them measures
+    nothing about keeping them (`--fit-guarantees`; docs/SIMULATION.md). Each type's guarantees
+    are multiplied by capacity ÷ their sum and rounded by largest remainder, so they add up to
+    the capacity exactly. A tenant's shares stay what its written guarantees gave it, so fair
+    share orders tenants as before and only what each may claim as guaranteed changes. Returns
+    the quotas and, for each type scaled, its factor. `quotas` must already pass check_quotas.
+    """
+    capacity = type_capacity(groups)
+    only_type = next(iter(capacity))
+    totals: dict[str, int] = {}
+    for q in quotas:
+        totals[q.gpu_type or only_type] = totals.get(q.gpu_type or only_type, 0) + q.gpus
+    factors = {t: capacity[t] / total for t, total in totals.items() if total > capacity[t]}
+    if not factors:
+        return list(quotas), {}
+    exact = [q.gpus * factors.get(q.gpu_type or only_type, 1.0) for q in quotas]
+    fitted = [math.floor(x) for x in exact]
+    for gpu_type in factors:
+        rows = [i for i, q in enumerate(quotas) if (q.gpu_type or only_type) == gpu_type]
+        short = capacity[gpu_type] - sum(fitted[i] for i in rows)
+        for i in sorted(rows, key=lambda i: (fitted[i] - exact[i], i))[:short]:
+            fitted[i] += 1
+    shares: dict[str, float] = {}
+    for q in quotas:
+        if q.shares is None and q.tenant not in shares:
+            written = sum(r.gpus for r in quotas if r.tenant == q.tenant)
+            given = (r.shares for r in quotas if r.tenant == q.tenant and r.shares is not None)
+            shares[q.tenant] = next(given, float(max(written, 1)))
+    scaled = [
+        dataclasses.replace(q, gpus=gpus, shares=shares.get(q.tenant, q.shares))
+        for q, gpus in zip(quotas, fitted, strict=True)
+    ]
+    return scaled, factors
 
 
 def build_nodes(groups: Sequence[NodeGroup]) -> tuple[Node, ...]:

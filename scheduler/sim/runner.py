@@ -16,6 +16,7 @@ from scheduler.sim.cluster import (
     build_orgs,
     check_quotas,
     default_cluster,
+    fit_guarantees,
     parse_cluster_spec,
 )
 from scheduler.sim.config import POLICY_NAMES, SimConfig, policy_config
@@ -50,12 +51,22 @@ def make_workload(
     cluster_spec: str | None = None,
     description: Mapping[str, Any] | None = None,
     quotas_source: str = "quotas",
+    fit: bool = False,
 ) -> Workload:
+    """The workload to simulate; with `fit`, guarantees beyond a type's capacity are scaled
+    down to it (fit_guarantees) and the warning says by what factor."""
     groups = parse_cluster_spec(cluster_spec) if cluster_spec else default_cluster(quotas)
     warnings = check_quotas(quotas, groups, quotas_source)
+    info = dict(description or {})
+    if fit:
+        quotas, factors = fit_guarantees(quotas, groups)
+        warnings = [
+            f"{w}; --fit-guarantees scaled them by {factors[t]:.4f} to fit"
+            for w, t in zip(warnings, sorted(factors), strict=True)
+        ]
+        info["fit_guarantees"] = {t: round(f, 6) for t, f in sorted(factors.items())}
     nodes = build_nodes(groups)
     orgs = build_orgs(quotas, [j.tenant for j in trace], groups[0].gpu_type or DEFAULT_GPU_TYPE)
-    info = dict(description or {})
     info.update(
         jobs=len(trace),
         nodes=len(nodes),
@@ -74,8 +85,10 @@ def load_workload(
     cluster_spec: str | None,
     time_scale: float,
     big_gangs: BigGangs | None = None,
+    fit: bool = False,
 ) -> Workload:
-    """The trace file's workload, plus synthetic 64- and 128-GPU gangs when `big_gangs` asks."""
+    """The trace file's workload, plus synthetic 64- and 128-GPU gangs when `big_gangs` asks;
+    `fit` as make_workload's."""
     trace = load_trace(trace_path, time_scale)
     description: dict[str, Any] = {
         "trace": trace_path.name,
@@ -90,7 +103,7 @@ def load_workload(
             "added": sum(1 for j in trace if j.name.startswith("big")),
         }
     return make_workload(
-        trace, load_quotas(quotas_path), cluster_spec, description, str(quotas_path)
+        trace, load_quotas(quotas_path), cluster_spec, description, str(quotas_path), fit
     )
 
 

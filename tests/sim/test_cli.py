@@ -97,3 +97,35 @@ def test_oversubscribed_guarantees_are_warned_of_and_repeated_in_the_report(
     warning = f"{quotas}: guarantees of A100 add up to 24 GPUs, above the cluster's 16 A100 GPUs"
     assert f"warning: {warning}" in result.stderr
     assert f"**Warning:** {warning}" in (out / "report.md").read_text()
+
+
+def test_fit_guarantees_scales_an_oversubscribed_type_and_says_so(tmp_path: Path) -> None:
+    trace, _ = write_inputs(tmp_path)
+    quotas = tmp_path / "typed.csv"
+    quotas.write_text("tenant,gpus,gpu_type\nbig,16,H100\nmid,24,A100\nsmall,8,A100\n")
+    out = tmp_path / "out"
+    args = ["simulate", "--trace", str(trace), "--quotas", str(quotas), "--out", str(out)]
+    cluster = ["--cluster", "2x8xH100,4x4xA100", "--policy", "fairgpu", "--fit-guarantees"]
+    result = CliRunner().invoke(app, [*args, *cluster])
+    assert result.exit_code == 0, result.output
+    warning = (
+        f"{quotas}: guarantees of A100 add up to 32 GPUs, above the cluster's 16 A100 GPUs; "
+        "--fit-guarantees scaled them by 0.5000 to fit"
+    )
+    assert f"warning: {warning}" in result.stderr
+    report = (out / "report.md").read_text()
+    assert f"**Warning:** {warning}" in report
+    assert "| big | 0 | 16 |" in report
+    assert "| mid | 12 | 0 |" in report
+    assert "| small | 4 | 0 |" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["fit_guarantees"] == {"A100": 0.5}
+
+
+def test_fit_guarantees_is_refused_with_from_db(tmp_path: Path) -> None:
+    quotas = tmp_path / "q.csv"
+    quotas.write_text("org,gpu_type,guaranteed,limit\n")
+    args = ["simulate", "--from-db", "--since", "30d", "--quotas", str(quotas), "--fit-guarantees"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "--fit-guarantees" in result.output

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.sim.cluster import build_nodes, default_cluster, gang_shape, parse_cluster_spec
+from scheduler.sim.cluster import (
+    build_nodes,
+    default_cluster,
+    fit_guarantees,
+    gang_shape,
+    parse_cluster_spec,
+)
 from scheduler.sim.config import SimConfig, TimeLimitModel
 from scheduler.sim.runner import compare, make_workload, write_outputs
 from scheduler.sim.trace import (
@@ -172,3 +178,46 @@ def test_guarantees_above_a_types_capacity_are_a_warning_the_report_repeats(
         "| a | 12 | 0 |",
         "| b | 0 | 16 |",
     ]
+
+
+def test_fit_guarantees_scales_only_the_types_beyond_capacity_and_keeps_shares() -> None:
+    quotas = [
+        Quota("a", 512, "H100"),
+        Quota("b", 256, "H100", limit=600),
+        Quota("c", 128, "H100", shares=7.0),
+        Quota("a", 8, "A100"),
+    ]
+    groups = parse_cluster_spec("44x8xH100,2x8xA100")
+    fitted, factors = fit_guarantees(quotas, groups)
+    assert factors == {"H100": 352 / 896}
+    # 201.1, 100.6, 50.3 rounded by largest remainder to add up to the 352 H100 GPUs.
+    assert [(q.tenant, q.gpu_type, q.gpus) for q in fitted] == [
+        ("a", "H100", 201),
+        ("b", "H100", 101),
+        ("c", "H100", 50),
+        ("a", "A100", 8),
+    ]
+    assert [q.shares for q in fitted] == [520.0, 256.0, 7.0, 520.0]
+    assert fitted[1].limit == 600
+    orgs = make_workload([TraceJob("j", "a", 0, 10, 1)], fitted, "44x8xH100,2x8xA100").orgs
+    unfitted = make_workload([TraceJob("j", "a", 0, 10, 1)], quotas, "44x8xH100,2x8xA100").orgs
+    assert [o.shares for o in orgs] == [o.shares for o in unfitted]
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=5_000), min_size=1, max_size=12),
+    st.integers(min_value=1, max_value=600),
+)
+def test_fitted_guarantees_fill_the_capacity_exactly_in_proportion(
+    gpus: list[int], nodes: int
+) -> None:
+    quotas = [Quota(f"t{i}", g) for i, g in enumerate(gpus)]
+    capacity = nodes * 8
+    fitted, factors = fit_guarantees(quotas, parse_cluster_spec(f"{nodes}x8"))
+    total = sum(gpus)
+    if total <= capacity:
+        assert (fitted, factors) == (quotas, {})
+        return
+    assert sum(q.gpus for q in fitted) == capacity
+    for q, f in zip(quotas, fitted, strict=True):
+        assert abs(f.gpus - q.gpus * capacity / total) < 1
