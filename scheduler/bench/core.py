@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from scheduler.core.cycle import Scheduler
+from scheduler.core.scheduler import Scheduler
 from scheduler.core.types import (
     Decisions,
     DependencyState,

@@ -1,6 +1,7 @@
 """Pure scheduling policy: a cluster snapshot in, decisions out (no I/O, no clock)."""
 
-from scheduler.core.cycle import Scheduler, reason_codes, schedule
+from scheduler.core.cycle import reason_codes
+from scheduler.core.scheduler import Scheduler, schedule
 from scheduler.core.usage import (
     capacity_usage,
     decay_factor,

@@ -20,17 +20,16 @@ from scheduler.core.explain import BuiltOnRead, CycleState, Ended, Explainer, Wa
 from scheduler.core.order import priority_order
 from scheduler.core.preempt import Plan, Preemptor
 from scheduler.core.quota import OrgBooks, Paths
+from scheduler.core.running import RunningTables, gpu_counts
 from scheduler.core.types import (
     Decisions,
     DependencyState,
-    Org,
     OrgStanding,
     PendingJob,
     Placement,
     Preemption,
     PreemptionReason,
     ReasonCode,
-    RunningJob,
     Snapshot,
     Start,
 )
@@ -39,120 +38,25 @@ from scheduler.core.usage import TreeShares, fair_tree_factors, tree_standing
 _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
 
-class Scheduler:
-    """Runs cycles, keeping what depends on the nodes alone from one cycle to the next.
-
-    The caller owns it (the simulator, the bench, the server's scheduling loop): the layout of
-    the last `nodes` tuple is reused while the next snapshot passes the same tuple object or an
-    equal one. Tuples and nodes are immutable and the tuple itself is kept, so identity means
-    "no node changed" at no cost; the server loads fresh Node objects every cycle, and comparing
-    them (about 1 ms at 4,096 nodes) is what spares it the layout's build (about 25 ms).
-    """
-
-    def __init__(self) -> None:
-        self._last: tuple[tuple[object, ...], Layout] | None = None
-        self.layouts_built = 0  # how often the nodes changed (a figure for tests and benches)
-        self._tree: tuple[tuple[object, ...], Paths, TreeShares] | None = None
-        self.trees_built = 0  # how often the org tree changed (a figure for tests)
-
-    def layout(self, snap: Snapshot) -> Layout:
-        nodes = snap.nodes
-        last = self._last  # one read: cycles of one scheduler may run in different threads
-        if last is not None and (last[0] is nodes or last[0] == nodes):
-            return last[1]
-        layout = Layout(nodes)
-        self.layouts_built += 1
-        if isinstance(nodes, tuple):
-            self._last = (nodes, layout)
-        return layout
-
-    def tree(self, snap: Snapshot) -> tuple[Paths, TreeShares]:
-        """The org tree's paths and shares, kept while every org keeps its id, parent, shares,
-        guarantees and limits (in the same order): usage alone changes from cycle to cycle."""
-        key = tuple((o.id, o.parent_id, o.shares, o.guaranteed, o.limit) for o in snap.orgs)
-        last = self._tree  # one read, as in `layout`
-        if last is not None and last[0] == key:
-            return last[1], last[2]
-        first: dict[int, Org] = {}
-        for o in snap.orgs:
-            first.setdefault(o.id, o)
-        got = self._tree = (key, Paths(first), TreeShares(snap.orgs))
-        self.trees_built += 1
-        return got[1], got[2]
-
-    def schedule(self, snapshot: Snapshot) -> Decisions:
-        """Decide starts, preemptions and every pending job's reasons for one snapshot (pure)."""
-        return _Cycle(snapshot, self.layout(snapshot), self.tree(snapshot)).run()
-
-
-def schedule(snapshot: Snapshot) -> Decisions:
-    """One cycle with nothing kept from earlier ones (tests, one-off callers)."""
-    return _Cycle(snapshot, Layout(snapshot.nodes)).run()
-
-
-class _Cycle:
+class Cycle:
     def __init__(
         self, snap: Snapshot, layout: Layout, tree: tuple[Paths, TreeShares] | None = None
     ) -> None:
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
-        # One pass over the running jobs gathers what the index, the books and the preemptor need.
-        held: dict[int, tuple[int, ...]] = {}  # node → GPUs running jobs hold (a few each)
-        # node → when its last running job ends (time limit or preemption deadline), which
-        # `pack_by_end` asks of every partly used node: spares building every release profile.
-        drains: dict[int, float] = {}
-        gpus_of: list[int] = []
-        self.running_gpus = gpus_of
-        booked: dict[tuple[int, str], int] = {}
-        leaving: dict[tuple[int, str], int] = {}
-        preempting: list[RunningJob] = []
-        # Preemptible jobs past the minimum runtime, with their GPUs, grouped per (org, type)
-        # in running order: the victim candidates, scanned per type only when asked about.
-        aged: dict[tuple[int, str], list[tuple[RunningJob, int]]] = {}
-        oldest = self.now - cfg.min_runtime_s
-        for r in snap.running:
-            n = 0
-            # `expected_end` inlined: a property call per running job is a tenth of this pass.
-            if r.preempting and r.preempt_deadline:
-                end = r.preempt_deadline
-            else:
-                end = r.started_at + r.time_limit_s
-            for p in r.placements:
-                g = p.gpus
-                nid = p.node_id
-                had = held.get(nid)
-                if had is None:
-                    held[nid] = g
-                    drains[nid] = end
-                else:
-                    held[nid] = had + g
-                    if end > drains[nid]:
-                        drains[nid] = end
-                n += len(g)
-            gpus_of.append(n)
-            key = (r.org_id, r.gpu_type)
-            booked[key] = booked.get(key, 0) + n
-            if r.preempting:
-                leaving[key] = leaving.get(key, 0) + n
-                preempting.append(r)
-            elif r.preemptible and r.started_at <= oldest:
-                group = aged.get(key)
-                if group is None:
-                    aged[key] = [(r, n)]
-                else:
-                    group.append((r, n))
-        self.index = FreeIndex(layout, held)
+        run = RunningTables(snap.running, self.now, cfg.min_runtime_s)
+        self.index = FreeIndex(layout, run.held)
         paths, shares = tree if tree is not None else (None, None)
         self.books = OrgBooks(snap.orgs, self.index.capacity, paths)
-        self.books.add_totals(booked, leaving)
+        self.books.add_totals(run.booked, run.leaving)
         cap = self.index.capacity_usage(cfg)
         self.shares_norm, self.usage_norm, self.factor = tree_standing(snap.orgs, cap, shares)
         if cfg.fairshare_algorithm == "fairtree":
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
-        self.res = Reservations(self.index, snap.running, self.now, drains)
+        self.res = Reservations(self.index, snap.running, self.now, run.drains)
         self.pre = Preemptor(
-            preempting, aged, self.index, self.books, cfg, self.now, self.res.protected
+            run.preempting, run.aged, self.index, self.books, cfg, self.now, self.res.protected
         )
         self.ex = Explainer(
             CycleState(self.now, cfg, self.index, self.books, self.res, self.factor)
@@ -467,12 +371,17 @@ class _Cycle:
     def _decisions(self, order: list[tuple[PendingJob, float]]) -> Decisions:
         """The cycle's decisions; full explanations are built when `pending` is first read."""
         waits = self.waits
-        ended = Ended(self.snap.running, self.running_gpus, self.pre.chosen, self.starts)
+        running = self.snap.running
+        chosen, starts = self.pre.chosen, self.starts
         ex = self.ex
         return Decisions(
             starts=tuple(s for s, _, _ in self.starts),
             preemptions=tuple(self.preemptions),
-            pending=BuiltOnRead(lambda: ex.explain(order, waits, ended)),
+            pending=BuiltOnRead(
+                lambda: ex.explain(
+                    order, waits, Ended(running, gpu_counts(running), chosen, starts)
+                )
+            ),
             standings=self.standings(),
             reasons=BuiltOnRead(lambda: ex.codes(order, waits)),
             blocked_by=self.blocked_by,
@@ -688,4 +597,4 @@ def reason_codes(decisions: Decisions, job_id: int) -> list[ReasonCode]:
     return [r.code for r in info.reasons] if info is not None else []
 
 
-__all__ = ["Scheduler", "reason_codes", "schedule"]
+__all__ = ["Cycle", "reason_codes"]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scheduler.core.backfill import Reservations
 from scheduler.core.capacity import Layout
-from scheduler.core.cycle import _Cycle
+from scheduler.core.cycle import Cycle
 from scheduler.core.types import Snapshot
 from tests.core.builder import nodes, org, run, snapshot
 from tests.core.test_properties import snapshots
@@ -28,7 +28,7 @@ def _last_release(res: Reservations, nid: int) -> float:
 def test_drains_at_is_the_release_profiles_last_end(
     snap: Snapshot, rnd: random.Random, built_first: bool
 ) -> None:
-    res = _Cycle(snap, Layout(snap.nodes)).res
+    res = Cycle(snap, Layout(snap.nodes)).res
     if built_first:  # starts then go into the built profiles, not the late list
         res._build()
     node_ids = [n.id for n in snap.nodes] + [r.placements[0].node_id for r in snap.running]
@@ -45,5 +45,5 @@ def test_a_job_past_its_limit_drains_now() -> None:
         nodes=nodes(1), orgs=[org(1, guaranteed=8)], running=[run(1, 1, [(1, range(2))])]
     )
     late = snap.now + 10 * 86_400.0
-    res = _Cycle(Snapshot(late, snap.nodes, snap.orgs, snap.running, ()), Layout(snap.nodes)).res
+    res = Cycle(Snapshot(late, snap.nodes, snap.orgs, snap.running, ()), Layout(snap.nodes)).res
     assert res.drains_at(1) == late == _last_release(res, 1)
