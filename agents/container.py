@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from agents import containerenv
 from agents.cgroups import Limits
 from agents.netns import DNS_ADDRESS
 
@@ -73,6 +74,7 @@ def container_launch(
     env: Mapping[str, str],
     workdir: str | None,
     env_file: str | None = None,
+    env_dir: Path | None = None,
     user: int | None = None,
     mounts: Sequence[Path] = (),
     limits: Limits | None = None,
@@ -129,6 +131,9 @@ def container_launch(
         argv += ["--env-file", env_file]
     for bind in binds:
         argv += ["-v", f"{bind}:{bind}"]
+    if env_dir is not None:  # the job's own variables, off the runtime's disk (containerenv)
+        argv += ["-v", f"{env_dir}:{containerenv.MOUNT}:ro"]
+        command = containerenv.loader_command(list(command))
     if workdir:
         argv += ["-w", workdir]
     return ContainerLaunch([*argv, image, *command], name, [exe, "kill", name])

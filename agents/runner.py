@@ -28,6 +28,7 @@ from agents.container import (
     start_task_pod,
     sweep,
 )
+from agents.containerenv import ContainerEnv, ContainerEnvError, default_root, private_variables
 from agents.disk import DiskConfig
 from agents.gpu.simulated import task_utilization
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
@@ -51,6 +52,9 @@ class RunnerConfig:
     container_pause_image: str | None = None
     """The image of a docker task's pod, whose network namespace a private task's container
     joins (agents/container.py); None: docker runs no private task."""
+    container_env_dir: Path | None = None
+    """Where a docker or podman task's own variables are kept (a memory filesystem); None:
+    /run/fairgpu/<tag>, or /dev/shm/fairgpu-<tag> where /run is on disk."""
     container_check_interval_s: float = 60.0
     """How often the agent asks its container runtime whether it answers (agents/container.py
     `RuntimeCheck`)."""
@@ -90,6 +94,8 @@ class Runner:
         self._draining_since: dict[int, float] = {}
         self.containers = RuntimeCheck(self.config.container_runtime, self.config.container_binary)
         """Whether the container runtime answers (Agent.capabilities says "container")."""
+        self.container_env = ContainerEnv(self.config.container_env_dir or default_root(self.tag))
+        """The job's variables of its docker or podman task, in memory (agents/containerenv.py)."""
 
     # lifecycle -------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -109,6 +115,7 @@ class Runner:
         # half made) go with their pasta; a running task keeps its own.
         running = {r.task_id for r in self.records.values() if r.state not in TERMINAL_TASK_STATES}
         self.confinement.sweep_namespaces(running)
+        self.container_env.sweep(running)
         # So do this agent's containers and pods (docker's and podman's outlive their client).
         if self._container_cli is not None:
             for name in sweep(self._container_cli, self.tag, running):
@@ -338,10 +345,13 @@ class Runner:
         argv = [*prepared.prefix, *spec.command]
         env_fd: int | None = None
         if spec.image and cfg.container_runtime:
+            env_dir = None
             if cfg.container_runtime != "apptainer":  # its client runs as root: see env_file
+                private = private_variables(spec, job_env)
                 try:
-                    env_fd = env_file(job_env)
-                except ContainerError as exc:
+                    env_dir = self.container_env.write(spec.task_id, private) if private else None
+                    env_fd = env_file({k: v for k, v in job_env.items() if k not in private})
+                except (ContainerError, ContainerEnvError) as exc:
                     raise TaskRefused(str(exc)) from None
             launch = container_launch(
                 runtime=cfg.container_runtime,
@@ -355,6 +365,7 @@ class Runner:
                 env=job_env,
                 workdir=str(prepared.cwd),
                 env_file=f"/proc/self/fd/{env_fd}" if env_fd is not None else None,
+                env_dir=env_dir,
                 user=prepared.uid,
                 mounts=prepared.container_mounts,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
@@ -499,6 +510,7 @@ class Runner:
         record.ended_at = utcnow()
         self.state.save(record)
         self.confinement.finish(record.task_id)
+        self.container_env.remove(record.task_id)
         spec = record.spec
         if spec.image and spec.network == "private" and self.config.container_runtime == "docker":
             remove_pod(self.config.container_binary or "docker", self.tag, record.task_id)

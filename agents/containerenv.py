@@ -1,0 +1,150 @@
+"""A docker or podman task's own variables, kept off the node's disk.
+
+Whatever docker or podman is given as a container's environment they store on disk in clear
+(docker's /var/lib/docker/containers/<id>/config.v2.json and containerd's metadata, podman's
+container store). So the job's own variables (its `env`, secret variables included, which the
+node cannot tell apart) and FAIRGPU_JOB_SECRET never reach the runtime: the agent writes them to
+a file on a memory filesystem (`memory_backed`), in a directory of the task's own, which the
+container mounts read-only at `MOUNT`; the container's command is the image's `/bin/sh`, which
+exports them and then execs the job's command (`LOADER`), as Kubernetes and swarm hand secrets
+over in a tmpfs file. The runtime sees only fairgpu's own variables (`env_file`) and the path.
+The image's ENTRYPOINT, if it has one, still runs first, with the job's command after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from protocol.agent import TaskSpec
+
+log = logging.getLogger(__name__)
+
+MOUNT = "/run/fairgpu/env"
+"""Where a container sees its task's directory of variables."""
+_FILE = "env"
+LOADER = f'set -a && . {MOUNT}/{_FILE} && set +a && exec "$@"'
+"""The image's /bin/sh runs this: export the job's variables, then become the job's command."""
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+class ContainerEnvError(RuntimeError):
+    """The task's variables cannot be kept off the node's disk; the message is one line."""
+
+
+def private_variables(spec: TaskSpec, env: Mapping[str, str]) -> dict[str, str]:
+    """The job's own variables (their final values) and its secret: never given to the runtime."""
+    names = set(spec.env) | {"FAIRGPU_JOB_SECRET"}
+    return {name: value for name, value in env.items() if name in names}
+
+
+def loader_command(command: list[str]) -> list[str]:
+    """The container's command when it has private variables: `LOADER` in the image's shell."""
+    return ["/bin/sh", "-c", LOADER, "fairgpu-task", *command]
+
+
+def shell_assignments(env: Mapping[str, str]) -> str:
+    """`env` as lines /bin/sh sources: every value single-quoted, so nothing in a value is
+    expanded or run, and line breaks survive (names are checked by the protocol)."""
+    quote = "'\\''"
+    return "".join(
+        f"{name}='{value.replace(chr(39), quote)}'\n" for name, value in sorted(env.items())
+    )
+
+
+def memory_backed(path: Path) -> bool:
+    """Whether `path` lies on a tmpfs or ramfs: the innermost mount holding it, from
+    /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            separator = fields.index("-")
+            point = fields[4].replace("\\040", " ")
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, fstype = point, fields[separator + 1]
+    return fstype in _MEMORY_FILESYSTEMS
+
+
+def default_root(tag: str) -> Path:
+    """/run/fairgpu/<tag> where /run is a memory filesystem (root's alone), else under /dev/shm."""
+    run = Path("/run")
+    if run.is_dir() and memory_backed(run):
+        return run / "fairgpu" / tag
+    return Path("/dev/shm") / f"fairgpu-{tag}"  # noqa: S108 - created and checked as root's
+
+
+class ContainerEnv:
+    """The agent's directory of task variable files: root's, mode 0700, on a memory filesystem;
+    one read-only subdirectory per running container task."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, task_id: int, variables: Mapping[str, str]) -> Path:
+        """The task's directory holding `variables`, to mount at `MOUNT`. ContainerEnvError
+        where the file would land on the node's disk."""
+        self._ensure_root()
+        directory = self.root / str(task_id)
+        self.remove(task_id)
+        directory.mkdir(mode=0o700)
+        path = directory / _FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(shell_assignments(variables))
+        # The container's user (any uid under docker's --user, the image's own otherwise)
+        # reads it through the mount; on the node only root reaches it (the root is 0700).
+        path.chmod(0o444)
+        directory.chmod(0o555)
+        return directory
+
+    def remove(self, task_id: int) -> None:
+        directory = self.root / str(task_id)
+        with contextlib.suppress(FileNotFoundError):
+            directory.chmod(0o700)
+            shutil.rmtree(directory)
+
+    def sweep(self, keep: set[int]) -> None:
+        """Remove the files of tasks not in `keep`: what an agent that stopped abruptly left."""
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if not entry.name.isdigit():
+                _remove(entry)
+            elif int(entry.name) not in keep:
+                self.remove(int(entry.name))
+
+    def _ensure_root(self) -> None:
+        parent = self.root.parent
+        if not memory_backed(parent):
+            raise ContainerEnvError(
+                f"{parent} is not a memory filesystem (tmpfs): the job's variables would be "
+                "written to the node's disk"
+            )
+        if parent != Path("/dev/shm"):  # noqa: S108
+            parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(mode=0o700)
+        except FileExistsError:
+            info = self.root.lstat()
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+                self.root.chmod(0o700)
+                return
+            # Not ours (a world-writable parent lets anyone make the name first): replaced.
+            log.warning("replacing %s, which is not this agent's directory", self.root)
+            _remove(self.root)
+            self.root.mkdir(mode=0o700)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,112 @@
+"""A docker task's own variables and secret, with the real docker daemon, as root: the command
+sees them, and none is written to the node's disk in clear (docker keeps a container's
+environment in /var/lib/docker/containers/<id>/config.v2.json and containerd's metadata)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agents.containerenv import ContainerEnv, memory_backed, shell_assignments
+from agents.runner import Runner, RunnerConfig
+from tests.agents.helpers import spec, wait_for
+from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
+from tests.agents.test_isolation import ACME
+from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
+
+DOCKER_ROOT = Path("/var/lib/docker")
+HOSTILE = "it's $(id) `id` \\ \"q\" ${HOME}\nsecond line; exit 3 '"
+
+
+def _holding(value: str, *roots: Path) -> list[str]:
+    """The files under `roots` that hold `value` (grep, as root: every file is read)."""
+    found = subprocess.run(
+        ["grep", "-rlF", "--", value, *map(str, roots)], capture_output=True, text=True
+    )
+    assert found.returncode in (0, 1), found.stderr
+    return found.stdout.split()
+
+
+def test_the_shell_reads_back_exactly_what_was_written(tmp_path: Path) -> None:
+    """Quotes, expansions, backslashes and line breaks in a value come back as they were and
+    nothing in them runs."""
+    values = {"A": HOSTILE, "B": "", "C": "plain", "D": "'''"}
+    path = tmp_path / "env"
+    path.write_text(shell_assignments(values))
+    script = f'set -a && . {path} && set +a && printf "%s\\0" "$A" "$B" "$C" "$D"'
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\0")[:-1] == list(values.values())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
+def test_a_docker_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+) -> None:
+    net = docker_node
+    token, job_secret = secrets.token_hex(16), secrets.token_urlsafe(32)
+    env = {"HF_TOKEN": token, "NOTE": HOSTILE}
+    command = [
+        "sh", "-c",
+        'sleep 4; echo "[$HF_TOKEN] [$FAIRGPU_JOB_SECRET] [$FAIRGPU_JOB_ID]"; printf %s "$NOTE"',
+    ]  # fmt: skip
+    task = spec(
+        TASK, command, image=image, gpus=[], network="host", env=env, job_secret=job_secret, **ACME
+    )
+    net.runner.start(task)
+    name = net.runner.records[TASK].container_name
+    assert name is not None, net.runner.records[TASK]
+    running = ["docker", "inspect", "--format", "{{.State.Running}}", name]
+
+    def started() -> bool:
+        done = subprocess.run(running, capture_output=True, text=True)
+        return done.stdout.strip() == "true" or net._ended(TASK)
+
+    wait_for(started, 60)  # and the command prints nothing yet (its log is its own)
+    assert not net._ended(TASK), net.result(TASK)
+    places = (DOCKER_ROOT, net.state.root, net.confinement.task_dir(TASK))
+    for value in (token, job_secret):
+        assert _holding(value, *places) == []
+    env_dir = net.runner.container_env.root / str(TASK)
+    assert memory_backed(env_dir)
+    assert _holding(token, env_dir)  # the one copy, in memory
+    result = net.result(TASK, timeout_s=60)
+    assert result["exit_code"] == 0, result
+    assert result["log"] == f"[{token}] [{job_secret}] [{task.job_id}]\n{HOSTILE}", result
+    assert not env_dir.exists()  # gone with the task
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
+def test_a_docker_task_is_refused_where_its_secrets_would_land_on_disk(
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    net = docker_node
+    on_disk = tmp_path / "on-disk" / "env"
+    assert not memory_backed(on_disk.parent)
+    config = RunnerConfig(container_runtime="docker", container_env_dir=on_disk)
+    net.runner = Runner(net.state, config, confinement=net.confinement)
+    net.runner.start(spec(TASK, ["true"], image=image, gpus=[], env={"K": "v"}, **ACME))
+    record = net.runner.records[TASK]
+    assert record.state == "failed_to_start", record
+    assert "would be written to the node's disk" in record.reason
+    assert not on_disk.exists()
+
+
+def test_a_sweep_removes_what_tasks_no_longer_running_left(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")  # noqa: S108
+    files = ContainerEnv(shm / f"fairgpu-test-{secrets.token_hex(6)}")
+    try:
+        kept, gone = files.write(1, {"A": "1"}), files.write(2, {"A": "2"})
+        files.sweep({1})
+        assert kept.exists()
+        assert not gone.exists()
+        assert (files.root.stat().st_mode & 0o777) == 0o700
+    finally:
+        files.sweep(set())
+        files.root.rmdir()
