@@ -570,9 +570,11 @@ class Cycle:
                 claimed[(a, t)] = claimed.get((a, t), 0) + n
         out: dict[int, OrgStanding] = {}
         for oid, org in books.orgs.items():
+            # GPU types in name order: the books' own order follows whichever running job of
+            # the org came first, which a kept `Scheduler` does not keep.
             alloc = {
                 t: a - claimed.get((oid, t), 0)
-                for t, a in books.alloc[oid].items()
+                for t, a in sorted(books.alloc[oid].items())
                 if a - claimed.get((oid, t), 0) > 0
             }
             borrowed = {
