@@ -11,14 +11,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agents.scrapeserver import BoundedServer, QuietHandler
 from agents.state import write_atomic
 from protocol.agent import GpuInfo, GpuSample
 
@@ -109,13 +109,16 @@ class AgentMetrics(Collector):
         if self.wall is not None:
             yield from _wall_metrics(self.node, self.wall)
 
-    def serve(self, port: int, addr: str = "0.0.0.0", *, token: str | None = None) -> None:
-        """In a thread. With `token`, a scrape must bring it as a bearer token: tasks share the
-        node's network, and the allocation series name every org's jobs on the node."""
+    def serve(self, port: int, addr: str = "0.0.0.0", *, token: str | None = None) -> BoundedServer:
+        """In a thread; the server is returned for `shutdown()`. With `token`, a scrape must
+        bring it as a bearer token: tasks share the node's network, and the allocation series
+        name every org's jobs on the node. Tasks reach the port token or not: the server
+        bounds what their connections hold of the agent (agents/scrapeserver.py)."""
         app = make_wsgi_app(self.registry)
         guarded = _bearer_guard(app, token) if token else app
-        server = make_server(addr, port, guarded, _ThreadingServer, handler_class=_QuietHandler)
+        server = make_server(addr, port, guarded, BoundedServer, handler_class=QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
 
 
 def _wall_metrics(node: str, wall: WallWatch) -> Iterator[Metric]:
@@ -141,15 +144,6 @@ def _wall_metrics(node: str, wall: WallWatch) -> Iterator[Metric]:
     )
     intact.add_metric([node], 1.0 if wall.intact else 0.0)
     yield from (restores, failures, intact)
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 _Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents.gpu import SimulatedBackend, parse_simulate_spec
 from agents.metrics import AgentMetrics, DcgmJobMapping
+from agents.scrapeserver import SCRAPE_IDLE_S
 
 
 def scrape(metrics: AgentMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -95,3 +96,20 @@ def test_metrics_behind_a_token_refuse_a_scrape_without_it() -> None:
     scraped = httpx.get(url, headers={"Authorization": "Bearer scrape-me"}, timeout=2)
     assert scraped.status_code == 200
     assert "fairgpu_gpu_memory_total_bytes" in scraped.text
+
+
+def test_a_connection_that_sends_nothing_is_closed_by_the_metrics_server() -> None:
+    """An idle connection does not hold one of the server's few places for ever."""
+    metrics = AgentMetrics("n1", [])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = metrics.serve(port, "127.0.0.1")
+    try:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=SCRAPE_IDLE_S + 10) as idle:
+            assert idle.recv(100) == b""  # closed by the server, having sent nothing
+        assert SCRAPE_IDLE_S - 0.5 <= time.monotonic() - started < SCRAPE_IDLE_S + 5
+    finally:
+        server.shutdown()
+        server.server_close()
