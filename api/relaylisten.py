@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import uvicorn
 from fastapi import FastAPI
 
+from api.headlimits import bounded_http
 from scheduler.services.streams import StreamHub
 
 
@@ -61,7 +62,12 @@ async def relay_listener(hub: StreamHub, server_port: int) -> AsyncIterator[None
     app.add_api_websocket_route(RELAY_PATH, streams.relay_hop)
     server = _Listener(
         uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False, **streams.UVICORN_WEBSOCKETS
+            app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            http=bounded_http(),
+            **streams.UVICORN_WEBSOCKETS,
         )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]), name="fairgpu-relay-listener")

@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from api.app import create_server_app
+from api.headlimits import bounded_http
 from api.routers.streams import UVICORN_WEBSOCKETS
 from cli.common import DatabaseUrlOption, load_settings
 from scheduler.process import SchedulerProcess
@@ -107,7 +108,7 @@ def server(
                 log_level=log_level,
                 access_log=access_log,
                 loop="uvloop",
-                http="httptools",
+                http=bounded_http(),
                 lifespan="on",
                 timeout_graceful_shutdown=10,
                 timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
