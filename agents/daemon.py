@@ -24,7 +24,7 @@ from agents import disk, idle, shells
 from agents.client import AgentClient, AuthError, ServerUnavailable
 from agents.gpu import GpuBackend
 from agents.idle import IdleWatch
-from agents.isolation import Confinement, IsolationConfig
+from agents.isolation import Confinement, IsolationConfig, task_uid_ranges
 from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
 from agents.netopen import open_namespaces
@@ -474,7 +474,12 @@ def confinement(config: AgentConfig, backend: GpuBackend, state: StateDir) -> Co
     root = state.root
     namespaces, why_not = None, "turned off (--no-netns)"
     if isolation.network_namespaces:
-        namespaces, why_not = open_namespaces(root, isolation.cgroup_parent)
+        namespaces, why_not = open_namespaces(
+            root,
+            isolation.cgroup_parent,
+            flows_max=isolation.task_flow_limit,
+            task_uids=task_uid_ranges(isolation),
+        )
         if namespaces is None:
             log.warning("tasks cannot have a network namespace of their own: %s", why_not)
     return Confinement(

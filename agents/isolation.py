@@ -28,6 +28,7 @@ import psutil
 from agents import sandbox
 from agents.cgroups import CgroupError, Hierarchy, Limits, TaskCgroup, open_hierarchy
 from agents.netns import Namespaces, NetnsError
+from agents.netwall import FLOWS_MAX, UID_MAX
 from agents.wallwatch import WallWatch
 from protocol.agent import Isolation, TaskSpec
 
@@ -70,6 +71,9 @@ class IsolationConfig:
     """Give tasks that ask for it (`TaskSpec.network="private"`) a network namespace of their
     own, where the node can (agents/netns.py); False: never (the agent then does not say
     "netns", and the server places no such job here)."""
+    task_flow_limit: int = FLOWS_MAX
+    """The flows (TCP connections, UDP flows) a private task's pasta, or one task uid on the
+    host network, may hold in the node's connection tracking table (agents/netwall.py)."""
     wall_check_interval_s: float = 5.0
     """How often the nftables wall of the private tasks' pastas is checked and put back if
     anything removed or changed it (agents/wallwatch.py), besides at once on every change
@@ -323,3 +327,22 @@ def remove_tree(path: Path) -> None:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         log.warning("removing %s: %s", path, lines[-1] if lines else done.returncode)
+
+
+def task_uid_ranges(config: IsolationConfig) -> list[tuple[int, int]]:
+    """The uids tasks run as under strict isolation, as merged (first, last) ranges: the
+    `task_uid_base` range and each org's own uid. None without strict isolation, where tasks
+    run as the agent's own user."""
+    if config.mode != "strict":
+        return []
+    ranges = sorted((uid, uid) for uid in config.org_uids.values())
+    if config.task_uid_base is not None:
+        base = config.task_uid_base
+        ranges = sorted([*ranges, (base, min(base + 2**31 - 1, UID_MAX))])
+    merged: list[tuple[int, int]] = []
+    for first, last in ranges:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged

@@ -11,19 +11,25 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from agents.netns import Namespaces, NetnsError
-from agents.netwall import Wall, cgroup2_mount
+from agents.netwall import FLOWS_MAX, Wall, cgroup2_mount
 from agents.state import agent_tag
 
 
 def open_namespaces(
-    state_root: Path, cgroup_parent: str = "fairgpu"
+    state_root: Path,
+    cgroup_parent: str = "fairgpu",
+    *,
+    flows_max: int = FLOWS_MAX,
+    task_uids: Sequence[tuple[int, int]] = (),
 ) -> tuple[Namespaces | None, str]:
     """This node's namespaces if it can build them, walled (root, `ip`, `pasta`, `nft`, a cgroup
     v2 hierarchy, a kernel that lets it: tried once with a namespace made and removed), else
-    None and why not. The wall is installed anew, with the rules of the pastas still running."""
+    None and why not. The wall is installed anew, with the rules of the pastas still running,
+    bounding each pasta and each of `task_uids` to `flows_max` flows (agents/netwall.py)."""
     if os.geteuid() != 0:
         return None, "the agent does not run as root"
     tools = {"pasta": "pasta (package passt)", "ip": "ip (iproute2)", "nft": "nft (nftables)"}
@@ -38,7 +44,9 @@ def open_namespaces(
             "(mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified)"
         )
     pasta, ip, nft = (str(found[tool]) for tool in tools)
-    wall = Wall(_table(state_root), nft=nft, cgroup2=cgroup2)
+    wall = Wall(
+        _table(state_root), nft=nft, cgroup2=cgroup2, flows_max=flows_max, task_uids=task_uids
+    )
     namespaces = Namespaces(state_root, pasta=pasta, ip=ip, wall=wall, cgroup_parent=cgroup_parent)
     probe = 0  # never a task id: the server's ids start at 1
     try:

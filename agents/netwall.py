@@ -31,6 +31,11 @@ host-network tasks' and the agent's own included. Without the bound one task sen
 to each port of some address fills it in seconds (each unanswered UDP flow stays 30 s, a
 connection attempt to a silent address 120 s). Past it, a new flow of that pasta's is refused
 like the rest the wall refuses (DNS to the resolvers still passes); flows already open go on.
+Host-network tasks open their flows from the node's namespace themselves, each as its org's uid:
+the output chain bounds each task uid (`task_uids`, the agent's `--task-uid-base` range and
+`--org-uid`s) to as many new flows as a pasta (`ct count` per element of the dynamic set
+`task_flows`, keyed by `meta skuid`), so one org's tasks cannot take the node's table either,
+while other uids (the node's own services, root, other orgs) still open theirs.
 
 TCP is refused with a reset, the rest with an ICMP "administratively prohibited", so a task that
 tries fails at once rather than after a time-out. The table names no other table and is replaced
@@ -48,15 +53,18 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 NFT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 """Where nft resolves a `socket cgroupv2` path (it prefixes it with this directory)."""
 FLOWS_MAX = 4096
-"""The connections (TCP, UDP flows) one pasta may hold in the node's connection tracking table
-at once: 8 private tasks hold at most an eighth of the 262,144 a large node's kernel allows;
-closed TCP connections do not count."""
+"""The connections (TCP, UDP flows) one pasta, or one task uid on the host network, may hold in
+the node's connection tracking table at once (`fairgpu agent --task-flow-limit`): 8 of them hold
+at most an eighth of the 262,144 a large node's kernel allows; closed TCP connections do not
+count."""
+UID_MAX = 2**32 - 2
+"""The largest uid (2^32 - 1 is the kernel's "no uid")."""
 
 
 class WallError(RuntimeError):
@@ -77,10 +85,21 @@ def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path | None:
 class Wall:
     """The agent's nftables table and the rule of each task's pasta in it."""
 
-    def __init__(self, table: str, *, nft: str, cgroup2: Path, flows_max: int = FLOWS_MAX) -> None:
+    def __init__(
+        self,
+        table: str,
+        *,
+        nft: str,
+        cgroup2: Path,
+        flows_max: int = FLOWS_MAX,
+        task_uids: Sequence[tuple[int, int]] = (),
+    ) -> None:
         self.table, self.nft, self.cgroup2 = table, nft, cgroup2
         self.flows_max = flows_max
-        """The connections one pasta may hold in the node's connection tracking table."""
+        """The connections one pasta, or one task uid, may hold in the node's connection
+        tracking table."""
+        self.task_uids = tuple(task_uids)
+        """(first, last) uid ranges the tasks run as; each uid in them is bounded on its own."""
         self._rule_handles: dict[int, list[tuple[str, int]]] = {}
         """task id → (chain, handle) of its pasta's rules, as nft echoed them when this object
         added them (a table made anew renumbers them all, and `install` reads them again):
@@ -105,10 +124,14 @@ class Wall:
                 f"table inet {self.table} {{}}",
                 f"delete table inet {self.table}",
                 f"table inet {self.table} {{",
+                "  set task_flows {",
+                "    type uid; size 65536; flags dynamic;",
+                "  }",
                 "  chain output {",
                 "    type filter hook output priority filter; policy accept;",
                 "    fib daddr type { local, broadcast, multicast } jump pastas",
                 "    ct state new jump flows",
+                *self._uid_bound(),
                 "  }",
                 "  chain input {",
                 "    type filter hook input priority filter; policy accept;",
@@ -130,7 +153,7 @@ class Wall:
             ]
         )
         self._rule_handles = _echoed_handles(self._nft(["--echo", "--handle", "-f", "-"], script))
-        made = _blocks(self._nft(["list", "table", "inet", self.table]))
+        made = _blocks(self._nft(["--terse", "list", "table", "inet", self.table]))
         for chain in _PER_PASTA:
             made.pop(f"chain {chain}", None)
         self._made = made
@@ -142,7 +165,8 @@ class Wall:
         if self._made is None:
             return ["it was never made"]
         try:
-            found = _blocks(self._nft(["list", "table", "inet", self.table]))
+            # Terse: without the elements of `task_flows`, which the kernel adds per uid.
+            found = _blocks(self._nft(["--terse", "list", "table", "inet", self.table]))
         except WallError:
             return [f"table inet {self.table} is gone"]
         differences = []
@@ -199,6 +223,18 @@ class Wall:
         self._rule_handles.clear()
 
     # internals --------------------------------------------------------------------------------
+    def _uid_bound(self) -> list[str]:
+        """The rule bounding each task uid's flows: its count is kept per uid, in `task_flows`."""
+        if not self.task_uids:
+            return []
+        ranges = ", ".join(
+            str(first) if first == last else f"{first}-{last}" for first, last in self.task_uids
+        )
+        return [
+            f"    ct state new meta skuid {{ {ranges} }} "
+            f"add @task_flows {{ meta skuid ct count over {self.flows_max} }} jump wall"
+        ]
+
     def _rule(self, task_id: int, cgroup: Path) -> str:
         """A pasta's rules, one in each chain of `_PER_PASTA`."""
         return "\n".join(

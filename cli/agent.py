@@ -152,6 +152,16 @@ def agent(
             min=0.1,
         ),
     ] = 5.0,
+    task_flow_limit: Annotated[
+        int,
+        typer.Option(
+            help="The connections and UDP flows a private task's network, or one org's uid on "
+            "the host network, may hold at once in the node's connection tracking table; past "
+            "it their new flows are refused and other orgs' and the node's still open.",
+            min=16,
+            envvar="FAIRGPU_AGENT_TASK_FLOW_LIMIT",
+        ),
+    ] = 4096,
     task_uid_base: Annotated[
         int,
         typer.Option(
@@ -310,6 +320,7 @@ def agent(
             dev_dir=gpu_dev_dir,
             network_namespaces=netns,
             wall_check_interval_s=wall_check_interval_s,
+            task_flow_limit=task_flow_limit,
         ),
     )
     try:

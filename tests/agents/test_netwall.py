@@ -4,15 +4,17 @@ root, with real namespaces, pasta and an "outside" network namespace behind a ve
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
+from agents.isolation import IsolationConfig, task_uid_ranges
 from agents.netwall import Wall, cgroup2_mount
 from tests.agents.helpers import spec, wait_for
-from tests.agents.test_isolation import ACME, PY, RIVAL
+from tests.agents.test_isolation import ACME, PY, RIVAL, UID_BASE
 from tests.agents.test_netns import (  # noqa: F401 - the fixtures
     HOST_SIDE,
     OUTSIDE,
@@ -168,3 +170,67 @@ def test_a_private_task_holds_a_bounded_share_of_the_nodes_connection_tracking(
     assert "listener: outside" not in sprayer["log"], sprayer
     other = node.probe(2, [f"udp {OUTSIDE} {listener}"], network="private", **RIVAL)
     assert other == {f"udp {OUTSIDE} {listener}": "outside"}
+
+
+# In a host-network task: one datagram to each of argv[1] ports of the outside (none listens
+# there), counting those the node let out, then one to the outside's listener at argv[2].
+HOST_SPRAY = """
+import socket, sys
+count, listener = int(sys.argv[1]), int(sys.argv[2])
+sent = 0
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for i in range(count):
+        try:
+            s.sendto(b"x", ("%s", 20000 + i))
+            sent += 1
+        except OSError:
+            pass
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(3)
+    try:
+        s.sendto(b"?", ("%s", listener))
+        print(sent, s.recv(100).decode())
+    except OSError as exc:
+        print(sent, type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("node", ["strict"], indirect=True)
+def test_a_host_network_org_holds_a_bounded_share_of_the_nodes_connection_tracking(
+    node: NetNode,  # noqa: F811
+    outside_network: Outside,  # noqa: F811
+) -> None:
+    """A host-network task opens its flows from the node's namespace as its org's uid, with no
+    pasta to bound: past the bound its uid's new flows are refused, while another org's uid (and
+    root, the node's own) still open theirs, and the wall, whose set counts them, is intact."""
+    bound = 40
+    wall = node.namespaces.wall
+    wall.flows_max = bound
+    wall.task_uids = tuple(task_uid_ranges(IsolationConfig(mode="strict", task_uid_base=UID_BASE)))
+    node.namespaces.build_wall()
+    listener = outside_network.ports[3]
+    sprayer_org = {"org": "sprayer", "org_id": 7}  # a uid no other test here sends from
+    node.runner.start(
+        spec(1, [PY, "-c", HOST_SPRAY % (OUTSIDE, OUTSIDE), "200", str(listener)],
+             network="host", **sprayer_org)
+    )  # fmt: skip
+    sprayer = node.result(1)
+    assert sprayer["exit_code"] == 0, sprayer
+    assert sprayer["log"].split() == [str(bound), "PermissionError"], sprayer
+    other = node.probe(2, [f"udp {OUTSIDE} {listener}"], network="host", **RIVAL)
+    assert other == {f"udp {OUTSIDE} {listener}": "outside"}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:  # root's, the node's
+        own.settimeout(3)
+        own.sendto(b"?", (OUTSIDE, listener))
+        assert own.recv(100) == b"outside"
+    assert wall.differences(node.namespaces.walled_pastas()) == []
+
+
+def test_task_uids_are_the_base_range_and_the_orgs_own_merged() -> None:
+    config = IsolationConfig(
+        mode="strict", task_uid_base=300_000, org_uids={"a": 5000, "b": 300_010, "c": 5001}
+    )
+    assert task_uid_ranges(config) == [(5000, 5001), (300_000, 300_000 + 2**31 - 1)]
+    assert task_uid_ranges(IsolationConfig(mode="none", task_uid_base=300_000)) == []
+    high = IsolationConfig(mode="strict", task_uid_base=2**32 - 100)
+    assert task_uid_ranges(high) == [(2**32 - 100, 2**32 - 2)]
