@@ -126,6 +126,12 @@ class Hierarchy(ABC):
     @abstractmethod
     def parents(self) -> list[Path]: ...
 
+    @abstractmethod
+    def pids_ceiling(self) -> int | None:
+        """The lowest `pids.max` above the task cgroups (their parent and its ancestors: under
+        systemd the agent unit's `TasksMax`, which the agent's own threads share with every
+        task); None where none is set."""
+
     def remove(self) -> None:
         """End every task cgroup left under the parent(s), then delete them (tests, clusters
         that stop with their tasks, decommissioning)."""
@@ -195,6 +201,7 @@ class _V2(Hierarchy):
     version = 2
 
     def __init__(self, root: Path, parent: str) -> None:
+        self.root = root
         self.parent = root / parent.strip("/")
         missing = set(_V2_CONTROLLERS) - set((root / "cgroup.controllers").read_text().split())
         if missing:
@@ -219,6 +226,9 @@ class _V2(Hierarchy):
 
     def parents(self) -> list[Path]:
         return [self.parent]
+
+    def pids_ceiling(self) -> int | None:
+        return _lowest_pids_max(self.parent, self.root)
 
     def create(self, task_id: int, limits: Limits) -> TaskCgroup:
         group = _V2Task(self.parent / f"task-{task_id}")
@@ -278,6 +288,7 @@ class _V1(Hierarchy):
 
     def __init__(self, mounts: dict[str, Path], parent: str) -> None:
         own = _own_v1_cgroups()
+        self.mounts = mounts
         self.by_controller = {
             controller: mounts[controller]
             / own.get(controller, "/").lstrip("/")
@@ -292,6 +303,9 @@ class _V1(Hierarchy):
 
     def parents(self) -> list[Path]:
         return list(self.by_controller.values())
+
+    def pids_ceiling(self) -> int | None:
+        return _lowest_pids_max(self.by_controller["pids"], self.mounts["pids"])
 
     def create(self, task_id: int, limits: Limits) -> TaskCgroup:
         group = _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})
@@ -350,6 +364,29 @@ def _own_v1_cgroups() -> dict[str, str]:
         for controller in controllers.split(","):
             own[controller] = path
     return own
+
+
+def node_pid_space(kernel: Path = Path("/proc/sys/kernel")) -> int | None:
+    """How many processes and threads the node can hold at once (`kernel.pid_max`, or
+    `kernel.threads-max` where lower); None where neither can be read."""
+    found = []
+    for name in ("pid_max", "threads-max"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(int((kernel / name).read_text()))
+    return min(found) if found else None
+
+
+def _lowest_pids_max(directory: Path, top: Path) -> int | None:
+    """The lowest `pids.max` from `directory` up to `top` (the hierarchy's root, which has
+    none); None where every level says "max"."""
+    lowest: int | None = None
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            value = int((directory / "pids.max").read_text())
+            lowest = value if lowest is None else min(lowest, value)
+        if directory == top or directory.parent == directory:
+            return lowest
+        directory = directory.parent
 
 
 def _read_pids(path: Path) -> list[int]:

@@ -26,7 +26,14 @@ from pathlib import Path
 import psutil
 
 from agents import sandbox
-from agents.cgroups import CgroupError, Hierarchy, Limits, TaskCgroup, open_hierarchy
+from agents.cgroups import (
+    CgroupError,
+    Hierarchy,
+    Limits,
+    TaskCgroup,
+    node_pid_space,
+    open_hierarchy,
+)
 from agents.netns import Namespaces, NetnsError
 from agents.netwall import FLOWS_MAX, UID_MAX
 from agents.wallwatch import WallWatch
@@ -36,6 +43,10 @@ log = logging.getLogger(__name__)
 
 _SANDBOX = str(Path(sandbox.__file__).resolve())
 _MAX_UID = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid
+TASKS_PID_SHARE = 0.75
+"""Of the processes and threads the node can hold (its pid space, or the agent's cgroup
+ceiling where lower), what its tasks may hold together: the rest stays for the agent and the
+node's own services. Each task gets its GPUs' share of it (`Confinement.limits`)."""
 
 
 class TaskRefused(Exception):
@@ -108,6 +119,8 @@ class Confinement:
         self.config = config
         self.total_gpus = max(total_gpus, 1)
         self.cgroups: Hierarchy | None = None
+        self.tasks_pids: int | None = None
+        """What every task of the node may hold together of its processes and threads."""
         self.namespaces = namespaces
         self.no_namespaces = no_namespaces or "network namespaces are off on this node"
         """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
@@ -129,6 +142,13 @@ class Confinement:
                 self.cgroups = open_hierarchy(config.cgroup_parent)
             except CgroupError as exc:
                 raise IsolationUnavailable(str(exc)) from exc
+            self.tasks_pids = tasks_pid_budget(self.cgroups)
+            if self.tasks_pids is not None:
+                log.info(
+                    "tasks hold at most %d processes and threads together, %d per GPU",
+                    self.tasks_pids,
+                    self.tasks_pids // self.total_gpus,
+                )
             if sandbox.landlock_abi() < sandbox.LANDLOCK_SCOPE_ABI:
                 log.warning(
                     "this kernel has no Landlock scoping (Linux 6.12 or later): tasks of "
@@ -236,9 +256,20 @@ class Confinement:
             memory = per_gpu * gpus
         return Limits(
             memory_bytes=memory,
-            pids_max=self.config.pids_max,
+            pids_max=self._pids_max(gpus),
             cpu_weight=min(10_000, 100 * gpus),
         )
+
+    def _pids_max(self, gpus: int) -> int | None:
+        """`--task-pids-max`, but never more than the task's GPUs' share of what the node's
+        tasks may hold together: with 8,192 each, four tasks filled a 32,768-pid node (or a
+        systemd unit's TasksMax sooner), and then no process of the node, the agent's threads
+        and other orgs' tasks included, could start another."""
+        configured = self.config.pids_max
+        if self.tasks_pids is None:
+            return configured
+        share = max(self.tasks_pids * min(gpus, self.total_gpus) // self.total_gpus, 1)
+        return share if configured is None else min(configured, share)
 
     def task_uid(self, spec: TaskSpec) -> int:
         uid = self.config.org_uids.get(spec.org)
@@ -309,6 +340,13 @@ class Confinement:
             group.remove()
         if self.config.task_root is not None:
             remove_tree(self.task_dir(task_id))
+
+
+def tasks_pid_budget(cgroups: Hierarchy) -> int | None:
+    """TASKS_PID_SHARE of the processes and threads the node can hold: the lower of its pid
+    space and the pids.max above the task cgroups. None where neither is known."""
+    limits = [n for n in (node_pid_space(), cgroups.pids_ceiling()) if n is not None]
+    return int(min(limits) * TASKS_PID_SHARE) if limits else None
 
 
 def remove_tree(path: Path) -> None:

@@ -197,7 +197,12 @@ def agent(
         ),
     ] = None,
     task_pids_max: Annotated[
-        int, typer.Option(help="Most processes and threads one task may have.", min=16)
+        int,
+        typer.Option(
+            help="Most processes and threads one task may have; never more than its GPUs' "
+            "share of three quarters of the node's pid space.",
+            min=16,
+        ),
     ] = 8192,
     cgroup_parent: Annotated[
         str, typer.Option(help="Name of the cgroup holding every task's cgroup.")

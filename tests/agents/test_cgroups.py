@@ -47,6 +47,12 @@ def test_v2_hands_controllers_down_and_writes_the_limits(tmp_path: Path) -> None
     assert not group.oom_killed()
     (task / "memory.events").write_text("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n")
     assert group.oom_killed()
+    # The agent unit's TasksMax bounds every task: the lowest pids.max above them.
+    assert hierarchy.pids_ceiling() is None
+    (root / "system.slice/fairgpu-agent.service/pids.max").write_text("4915\n")
+    (root / "system.slice/pids.max").write_text("max\n")
+    (root / "system.slice/fairgpu-agent.service/tasks/pids.max").write_text("9000\n")
+    assert hierarchy.pids_ceiling() == 4915
 
 
 def test_a_parent_outside_the_hierarchy_is_refused(tmp_path: Path) -> None:

@@ -48,7 +48,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation need
 
 class Node:
     def __init__(
-        self, tmp_path: Path, runner_config: RunnerConfig | None = None, **overrides: Any
+        self,
+        tmp_path: Path,
+        runner_config: RunnerConfig | None = None,
+        *,
+        total_gpus: int = 4,
+        **overrides: Any,
     ) -> None:
         self.root = tmp_path
         self.dev = tmp_path / "dev"
@@ -72,7 +77,7 @@ class Node:
             "hide": (self.state.root,),
         }
         fields.update(overrides)
-        self.confinement = Confinement(IsolationConfig(**fields), total_gpus=4)
+        self.confinement = Confinement(IsolationConfig(**fields), total_gpus=total_gpus)
         self.runner = Runner(self.state, runner_config, confinement=self.confinement)
 
     def run(self, task_id: int, command: list[str], **fields: Any) -> dict[str, Any]:
@@ -339,6 +344,48 @@ def test_a_fork_bomb_is_held_by_the_pids_limit(node: Node) -> None:
     node.runner.stop(1, grace_s=0, reason="cancelled")
     assert node.finish(1)["state"] == "stopped"
     assert node.task_pids(1) == []
+
+
+def test_a_task_holds_at_most_its_gpus_share_of_the_nodes_pid_space(tmp_path: Path) -> None:
+    """With the default of 8,192 processes each, four one-GPU tasks of one org filled a node's
+    32,768 pids (this host's kernel.pid_max; a systemd unit's TasksMax sooner), and the node
+    could start nothing more: not the agent's threads, not another org's processes. On a node of
+    64 GPUs here, one GPU's share of the three quarters tasks get is 384."""
+    node = Node(tmp_path, total_gpus=64, pids_max=8192)
+    try:
+        budget = node.confinement.tasks_pids
+        pid_space = min(
+            int(Path("/proc/sys/kernel/pid_max").read_text()),
+            int(Path("/proc/sys/kernel/threads-max").read_text()),
+        )
+        assert budget is not None
+        assert budget <= pid_space * 3 // 4
+        share = budget // 64
+        assert share < 1000
+        # Forks until refused, or 1,000 children (enough past the share; fewer than 8,192 on a
+        # shared test machine).
+        code = (
+            "import os, time\n"
+            "children = 0\n"
+            "try:\n"
+            "    while children < 1000:\n"
+            "        if os.fork() == 0:\n"
+            "            time.sleep(60); os._exit(0)\n"
+            "        children += 1\n"
+            "except OSError as exc:\n"
+            "    print('refused', end=' ')\n"
+            "print('children', children, flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        node.runner.start(spec(1, python(code), gpus=[0], **ACME))
+        log = lambda: node.state.read_log(node.runner.records[1]).decode()  # noqa: E731
+        wait_for(lambda: "children" in log(), 60)
+        assert log().startswith("refused"), log()
+        assert int(log().split()[2]) < share
+        node.runner.stop(1, grace_s=0, reason="cancelled")
+        assert node.finish(1)["state"] == "stopped"
+    finally:
+        node.close()
 
 
 def test_a_memory_hog_dies_alone_with_out_of_memory(node: Node) -> None:
