@@ -11,9 +11,10 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scheduler.db import ApiToken, Event, Site, User
+from scheduler.db import ApiToken, Event, Org, Site, User
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, NotFound
+from scheduler.services.rowlocks import lock_owner_row
 from scheduler.services.tokens import IssuedToken, issue_token
 from scheduler.states import Role, TokenKind
 
@@ -45,7 +46,9 @@ async def create_user(
 
 
 async def _check_room(session: AsyncSession, org_id: int, cap: int) -> None:
-    """409 when the org has `cap` enabled users already (counted up to the cap)."""
+    """409 when the org has `cap` enabled users already (counted up to the cap); the org's
+    row stays locked to the end of the transaction, so that concurrent creations count in turn."""
+    await lock_owner_row(session, Org, org_id)
     enabled = select(User.id).where(User.org_id == org_id, User.disabled_at.is_(None))
     count = int(
         await session.scalar(select(func.count()).select_from(enabled.limit(cap).subquery())) or 0
@@ -109,6 +112,7 @@ async def create_user_token(
 ) -> IssuedToken:
     """A new token for `user`, unless it already holds `max_live` live ones (409): rate limits
     are per token, so an unbounded number of tokens would be an unbounded rate."""
+    await lock_owner_row(session, User, user.id)  # concurrent issues count in turn
     now = utcnow()
     live = await session.scalar(
         select(func.count()).where(
