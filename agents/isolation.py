@@ -34,6 +34,7 @@ from agents.cgroups import (
     node_pid_space,
     open_hierarchy,
 )
+from agents.dri import foreign_dri_nodes
 from agents.netns import Namespaces, NetnsError
 from agents.netwall import FLOWS_MAX, UID_MAX
 from agents.wallwatch import WallWatch
@@ -76,6 +77,9 @@ class IsolationConfig:
     dev_dir: Path = Path("/dev")
     gpu_minors: Mapping[int, int] = field(default_factory=dict)
     """GPU index → device minor number (/dev/nvidiaN); the index where absent."""
+    sys_dir: Path = Path("/sys")
+    nvidia_driver_dir: Path = Path("/proc/driver/nvidia")
+    """Where the kernel tells which GPU each DRI node (`dev_dir/dri`) is (agents/dri.py)."""
     hide: tuple[Path, ...] = ()
     """Directories a task must not see at all (the agent's state directory)."""
     network_namespaces: bool = True
@@ -180,6 +184,7 @@ class Confinement:
             network, netns = self._network(spec, None, adopt)
             return Prepared([], cwd, home, mounts, None, network, netns)
         limits = self.limits(spec)
+        minors = [self.config.gpu_minors.get(i, i) for i in spec.gpus]
         group = self.cgroups.create(spec.task_id, limits)
         network, netns = self._network(spec, group, adopt)
         config = {
@@ -188,7 +193,13 @@ class Confinement:
             "cwd": str(cwd),
             "cgroup_procs": [str(p) for p in group.procs_files],
             "dev_dir": str(self.config.dev_dir),
-            "gpu_minors": [self.config.gpu_minors.get(i, i) for i in spec.gpus],
+            "gpu_minors": minors,
+            "cover": foreign_dri_nodes(
+                self.config.dev_dir,
+                minors,
+                sys_dir=self.config.sys_dir,
+                driver_dir=self.config.nvidia_driver_dir,
+            ),
             "hide": [str(p) for p in self.config.hide],
             "keep": [str(p) for p in {home, cwd, self.config.dev_dir, *mounts}],
             "error_file": str(error_file),

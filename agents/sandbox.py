@@ -159,7 +159,7 @@ def private_mounts(config: dict[str, Any]) -> None:
             _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
         except SandboxError:  # kernels before 5.8 know only the number
             _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
-    fence_gpus(config["dev_dir"], set(config["gpu_minors"]))
+    fence_gpus(config["dev_dir"], set(config["gpu_minors"]), config.get("cover", []))
     for directory in config.get("hide", []):
         if os.path.isdir(directory):
             _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=000")
@@ -169,17 +169,19 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def fence_gpus(dev_dir: str, allowed_minors: set[int]) -> None:
-    """Cover every GPU device file but the task's own with a file nobody may open."""
+def fence_gpus(dev_dir: str, allowed_minors: set[int], others: list[str]) -> None:
+    """Cover every GPU device file but the task's own with a file nobody may open, and
+    `others` too (other GPUs' DRI nodes, which the agent found: agents/dri.py)."""
     try:
         names = os.listdir(dev_dir)
     except FileNotFoundError:
-        return
+        names = []
     foreign = [
         os.path.join(dev_dir, name)
         for name in names
         if (match := _GPU_DEVICE.match(name)) and int(match.group(1)) not in allowed_minors
     ]
+    foreign += [path for path in others if os.path.lexists(path)]
     if not foreign:
         return
     mask = "/tmp/.fairgpu-device-mask"  # noqa: S108 - the private /tmp mounted above

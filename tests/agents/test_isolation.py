@@ -265,6 +265,59 @@ for name in sorted(os.listdir("{node.dev}")):
         os.open(node.dev / "nvidia0", os.O_RDWR)
 
 
+def test_a_task_opens_no_other_gpus_dri_nodes(tmp_path: Path) -> None:
+    """With nvidia-drm each GPU also has DRI nodes, render nodes 0666 under udev's default
+    rules: before, a task fenced to its /dev/nvidiaN still opened another GPU's render node.
+
+    The DRI nodes are real character devices (major 226, mknod); what the kernel says about
+    them (sysfs's device link and vendor, the NVIDIA driver's "Device Minor") is laid out in a
+    directory as this host, which has no NVIDIA driver, cannot show it."""
+    sys_dir, driver = tmp_path / "sys", tmp_path / "driver"
+    node = Node(tmp_path, sys_dir=sys_dir, nvidia_driver_dir=driver)
+    try:
+        dri = node.dev / "dri"
+        dri.mkdir()
+        # (node, DRI minor, PCI bus id, vendor, NVIDIA minor): card0 is the BMC's graphics,
+        # renderD130 a GPU the driver says nothing of.
+        nodes = [
+            ("card0", 0, "0000:02:00.0", "0x1a03", None),
+            ("card1", 1, "0000:41:00.0", "0x10de", 0),
+            ("renderD128", 128, "0000:41:00.0", "0x10de", 0),
+            ("card2", 2, "0000:42:00.0", "0x10de", 1),
+            ("renderD129", 129, "0000:42:00.0", "0x10de", 1),
+            ("renderD130", 130, "0000:43:00.0", "0x10de", None),
+        ]
+        for name, minor, bus_id, vendor, gpu in nodes:
+            os.mknod(dri / name, 0o666 | stat.S_IFCHR, os.makedev(226, minor))
+            os.chmod(dri / name, 0o666)
+            pci = sys_dir / "devices/pci0000:00" / bus_id
+            pci.mkdir(parents=True, exist_ok=True)
+            (pci / "vendor").write_text(vendor + "\n")
+            (sys_dir / "dev/char" / f"226:{minor}").mkdir(parents=True)
+            (sys_dir / "dev/char" / f"226:{minor}" / "device").symlink_to(pci)
+            if gpu is not None:
+                (driver / "gpus" / bus_id).mkdir(parents=True, exist_ok=True)
+                (driver / "gpus" / bus_id / "information").write_text(
+                    f"Model: \t\t NVIDIA H100\nIRQ:   \t\t 42\nDevice Minor: \t {gpu}\n"
+                )
+        code = f"""
+import errno, os
+for name in sorted(os.listdir("{dri}")):
+    try:
+        os.close(os.open("{dri}/" + name, os.O_RDWR))
+        print(name, "opened")
+    except OSError as exc:
+        print(name, errno.errorcode[exc.errno])
+"""
+        result = node.run(1, python(code), gpus=[0], **ACME)
+        lines = dict(line.split() for line in result["log"].splitlines())
+        fenced = {name for name, outcome in lines.items() if outcome == "EACCES"}
+        assert set(lines) == {name for name, *_ in nodes}, result
+        assert fenced == {"card2", "renderD129", "renderD130"}, lines
+    finally:
+        node.close()
+
+
 def test_a_setsid_child_does_not_outlive_its_task(node: Node) -> None:
     code = (
         "import os, subprocess, sys\n"
