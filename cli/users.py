@@ -178,7 +178,7 @@ def user_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption =
 
 @user_app.command("disable")
 def user_disable(user_id: Annotated[int, typer.Argument(min=1, help="User id.")]) -> None:
-    """Disable a user and revoke its tokens; its jobs stay."""
+    """Disable a user: revoke its tokens and cancel its pending jobs (running ones run on)."""
     with connect("user disable") as client:
         client.delete(f"/v1/users/{user_id}")
     typer.echo(f"Disabled user {user_id}")

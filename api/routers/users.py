@@ -89,11 +89,15 @@ async def get_user(user_id: UserId, session: SessionDep, principal: UserPrincipa
 async def disable_user(
     request: Request, user_id: UserId, session: SessionDep, principal: OrgAdmin
 ) -> UserPublic:
-    """Disable a user and revoke all its tokens; its jobs stay."""
+    """Disable a user: its tokens are revoked and its pending jobs (held ones included)
+    cancelled at once, each with an event naming why; running jobs run on (cancel them
+    apart), and every job stays for accounting."""
     user = await _visible_user(session, principal, user_id)
     if user.role is Role.PLATFORM_ADMIN and not principal.is_platform_admin:
         raise Forbidden("only platform admins disable platform admins")
-    await svc.disable_user(session, user, actor=principal.actor)
+    cancelled = await svc.disable_user(session, user, actor=principal.actor)
     await session.commit()
     request.app.state.auth_cache.clear()
+    if cancelled:
+        request.app.state.runtime.notify("cancel")
     return UserPublic.model_validate(user)

@@ -11,9 +11,11 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scheduler.db import ApiToken, Event, Org, Site, User
+from protocol.states import JobState
+from scheduler.db import ApiToken, Event, Job, Org, Site, User
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, NotFound
+from scheduler.services.jobstate import transition_job
 from scheduler.services.rowlocks import lock_owner_row
 from scheduler.services.tokens import IssuedToken, issue_token
 from scheduler.states import Role, TokenKind
@@ -79,26 +81,48 @@ async def list_users(session: AsyncSession, *, scope_org_id: int | None) -> list
 
 async def disable_user(
     session: AsyncSession, user: User, *, actor: str, now: datetime | None = None
-) -> None:
-    """Disable the user and revoke every token it holds (stored jobs stay)."""
+) -> int:
+    """Disable the user, revoke every token it holds and cancel its pending jobs (held ones
+    included); returns how many were cancelled.
+
+    As when Slurm removes a user's association: nobody may act as the user any more, and
+    nothing it queued starts later on its org's quota. Jobs already running run on to their
+    end unless an admin cancels them; every job, ended or cancelled here, stays for
+    accounting, each cancellation with an event naming the disable and who did it.
+    """
     now = now or utcnow()
-    if user.disabled_at is None:
-        user.disabled_at = now
+    await session.execute(
+        update(ApiToken)
+        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    # Locked and read again: a job the scheduler started meanwhile is no longer PENDING.
+    pending = (
+        await session.scalars(
+            select(Job)
+            .where(Job.user_id == user.id, Job.state == JobState.PENDING)
+            .order_by(Job.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).all()
+    reason = f"user {user.name} was disabled by {actor}"
+    for job in pending:
+        transition_job(session, job, JobState.CANCELLED, actor=actor, reason=reason, at=now)
+    if user.disabled_at is None or pending:
         session.add(
             Event(
                 at=now,
                 kind="user.disable",
                 org_id=user.org_id,
                 actor=actor,
-                details={"user": user.name},
+                details={"user": user.name, "cancelled_jobs": len(pending)},
             )
         )
-    await session.execute(
-        update(ApiToken)
-        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
+    if user.disabled_at is None:
+        user.disabled_at = now
     await session.flush()
+    return len(pending)
 
 
 async def create_user_token(
