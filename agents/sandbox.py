@@ -182,6 +182,13 @@ def fence_gpus(dev_dir: str, allowed_minors: set[int], others: list[str]) -> Non
         if (match := _GPU_DEVICE.match(name)) and int(match.group(1)) not in allowed_minors
     ]
     foreign += [path for path in others if os.path.lexists(path)]
+    foreign += [
+        alias
+        for elsewhere in _aliases(dev_dir)
+        for path in foreign
+        if _under(path, dev_dir)
+        and _same_inode(alias := os.path.join(elsewhere, os.path.relpath(path, dev_dir)), path)
+    ]
     if not foreign:
         return
     mask = "/tmp/.fairgpu-device-mask"  # noqa: S108 - the private /tmp mounted above
@@ -189,6 +196,48 @@ def fence_gpus(dev_dir: str, allowed_minors: set[int], others: list[str]) -> Non
     for device in foreign:
         _mount(mask, device, None, MS_BIND, None)
     os.unlink(mask)  # the bind mounts keep the inode
+
+
+def _aliases(directory: str) -> list[str]:
+    """Other paths at which this mount namespace shows `directory`: its filesystem mounted, or
+    bind-mounted, elsewhere too (a second devtmpfs, a chroot's /dev) shows the same device
+    files there, and a fence by path must cover them at every such path."""
+    try:
+        device = os.stat(directory).st_dev
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    number = f"{os.major(device)}:{os.minor(device)}"
+    mounts = [  # (the mount's root within the filesystem, where it is mounted)
+        (_unescape(fields[3]), _unescape(fields[4]))
+        for fields in (line.split() for line in lines)
+        if len(fields) > 4 and fields[2] == number
+    ]
+    real = os.path.realpath(directory)
+    showing = [(root, point) for root, point in mounts if _under(real, point)]
+    if not showing:
+        return []
+    root, point = max(showing, key=lambda mount: len(mount[1]))
+    inside = os.path.normpath(os.path.join(root, os.path.relpath(real, point)))
+    aliases = [
+        os.path.realpath(os.path.join(point, os.path.relpath(inside, root)))
+        for root, point in mounts
+        if _under(inside, root)
+    ]
+    return [alias for alias in dict.fromkeys(aliases) if alias != real]
+
+
+def _unescape(field: str) -> str:
+    """mountinfo's octal escapes (a space is \\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _same_inode(path: str, original: str) -> bool:
+    try:
+        return _same_file(os.lstat(path), os.lstat(original))
+    except OSError:
+        return False
 
 
 def become(uid: int, gid: int) -> None:

@@ -265,6 +265,32 @@ for name in sorted(os.listdir("{node.dev}")):
         os.open(node.dev / "nvidia0", os.O_RDWR)
 
 
+def test_another_path_to_the_device_files_is_fenced_too(node: Node) -> None:
+    """The device files the fence covers at the device directory are the same files wherever
+    their filesystem is mounted again (a second devtmpfs, a chroot's /dev bound in): before,
+    a task opened another GPU's device file there."""
+    elsewhere = Path(f"/run/fairgpu-test-{uuid.uuid4().hex[:8]}/dev")
+    elsewhere.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(node.dev), str(elsewhere)], check=True)
+    try:
+        code = f"""
+import errno, os
+for name in ("nvidia0", "nvidia1", "nvidiactl"):
+    try:
+        os.close(os.open("{elsewhere}/" + name, os.O_RDWR))
+        print(name, "opened")
+    except OSError as exc:
+        print(name, errno.errorcode[exc.errno])
+"""
+        result = node.run(1, python(code), gpus=[0], **ACME)
+        lines = dict(line.split() for line in result["log"].splitlines())
+        assert lines == {"nvidia0": "ENXIO", "nvidia1": "EACCES", "nvidiactl": "ENXIO"}, result
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+        elsewhere.rmdir()
+        elsewhere.parent.rmdir()
+
+
 def test_a_task_opens_no_other_gpus_dri_nodes(tmp_path: Path) -> None:
     """With nvidia-drm each GPU also has DRI nodes, render nodes 0666 under udev's default
     rules: before, a task fenced to its /dev/nvidiaN still opened another GPU's render node.
