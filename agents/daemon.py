@@ -232,7 +232,9 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
             await self.streams.close()
-            await asyncio.to_thread(self.runner.confinement.close_network)
+            # Shielded: a cancelled to_thread that no worker had started yet never runs, and
+            # a wall still followed would then make anew the table close_network removes.
+            await asyncio.shield(asyncio.to_thread(self._close_network))
 
     async def _register_with_retry(self, stop: asyncio.Event) -> None:
         backoff_s = 0.5
@@ -355,10 +357,15 @@ class Agent:
                 loop.call_soon_threadsafe(self._changed.set)
 
         wall.follow(self.config.isolation.wall_check_interval_s, changed)
-        try:
-            await stop.wait()
-        finally:
-            await asyncio.to_thread(wall.unfollow)
+        await stop.wait()  # `run` unfollows, at its end (`_close_network`)
+
+    def _close_network(self) -> None:
+        """The agent stops: its wall's monitor and checker end first, then the wall goes
+        (unless a task's pasta still needs it), in this order, so that no check makes the wall
+        anew behind it."""
+        if self.runner.confinement.wall is not None:
+            self.runner.confinement.wall.unfollow()
+        self.runner.confinement.close_network()
 
     async def _heartbeat_once(self, stop: asyncio.Event) -> None:
         assert self.credential is not None

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy import select
 
@@ -22,6 +23,7 @@ from agents.container import runtime_problem
 from agents.daemon import Agent, AgentConfig, AgentError
 from agents.gpu import SimulatedBackend, parse_simulate_spec
 from agents.isolation import IsolationConfig
+from agents.netwall import Wall
 from agents.runner import RunnerConfig
 from protocol.agent import HeartbeatReply, TaskSpec, TaskStop
 from scheduler.db.models import Node
@@ -176,6 +178,46 @@ async def test_register_run_and_report_a_task(harness: Harness) -> None:
     # acknowledged final reports are not sent again
     sent = len(wire.heartbeats)
     await until(lambda: len(wire.heartbeats) > sent and not wire.heartbeats[-1].tasks)
+    followed = await _followed_wall(agent)
+    await harness.stop(agent)
+    await _gone(*followed)
+
+
+async def _followed_wall(agent: Agent) -> tuple[Wall, int]:
+    """The agent's wall and the pid of its `nft monitor`, once it runs (as root an agent
+    walls its private tasks' networks: agents/netwall.py)."""
+    watch = agent.runner.confinement.wall
+    assert watch is not None, agent.runner.confinement.no_namespaces
+    await until(lambda: watch.monitor is not None and watch.monitor.pid is not None)
+    assert watch.monitor is not None
+    pid = watch.monitor.pid
+    assert pid is not None
+    return watch.namespaces.wall, pid
+
+
+async def _gone(wall: Wall, monitor: int) -> None:
+    """Neither the stopped agent's table nor its monitor is there, nor comes back (a check
+    still running after the stop would make the table anew within milliseconds)."""
+    await asyncio.sleep(0.5)
+    assert not wall.exists(), f"table inet {wall.table} left behind"
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert psutil.Process(monitor).status() == psutil.STATUS_ZOMBIE, "nft monitor left running"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the wall needs root")
+async def test_a_stopped_agent_leaves_neither_its_wall_nor_its_monitor(harness: Harness) -> None:
+    """Stopping waits for the clean-up even while the thread pool it runs in is busy: a
+    `to_thread` that no worker had started is dropped when the task awaiting it is cancelled,
+    and the wall's watch, never told to stop, then made anew the table the agent removed, its
+    `nft monitor` running on in the process."""
+    agent = harness.start()
+    await asyncio.wait_for(agent.connected.wait(), 30)
+    followed = await _followed_wall(agent)
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(None, time.sleep, 0.3) for _ in range(64)]
+    await harness.stop(agent)
+    await asyncio.gather(*busy)
+    await _gone(*followed)
 
 
 async def test_a_start_arrives_through_the_long_poll_at_once(
