@@ -291,6 +291,63 @@ for name in ("nvidia0", "nvidia1", "nvidiactl"):
         elsewhere.parent.rmdir()
 
 
+def test_a_task_cannot_lift_its_fence_nor_leave_its_cgroup(node: Node) -> None:
+    """What an unprivileged user namespace gives a task (every capability, inside it) does not
+    undo what the sandbox mounted: the fence over another GPU's file and the task's whole /dev
+    come as one locked unit, which can be neither unmounted nor bound elsewhere without its
+    covers. Nor can the task move itself out of its cgroup, into its parent, the hierarchy's
+    root or another org's task."""
+    node.runner.start(spec(1, ["sleep", "60"], gpus=[1], **RIVAL))
+    wait_for(lambda: len(node.task_pids(1)) == 1)
+    rival = node.confinement.cgroup(1)
+    assert rival is not None
+    own_dir = node.confinement.cgroups.parents()[0]  # type: ignore[union-attr]
+    targets = [
+        own_dir / "cgroup.procs",
+        Path(os.path.commonpath([own_dir, Path("/sys/fs/cgroup")])) / "cgroup.procs",
+        *rival.procs_files,
+    ]
+    code = f"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+def err(call):
+    return "allowed" if call == 0 else errno.errorcode[ctypes.get_errno()]
+def opened(path):
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        return "opened"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+tried = {{}}
+for path in {[str(t) for t in targets]!r}:
+    try:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        tried[path] = "allowed"
+    except OSError as exc:
+        tried[path] = errno.errorcode[exc.errno]
+CLONE_NEWUSER, CLONE_NEWNS, MNT_DETACH, MS_BIND = 0x10000000, 0x20000, 2, 0x1000
+tried["userns"] = err(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS))
+tried["umount mask"] = err(libc.umount2(b"{node.dev}/nvidia0", MNT_DETACH))
+os.makedirs("/tmp/bare", exist_ok=True)
+tried["bind dev bare"] = err(libc.mount(b"{node.dev}", b"/tmp/bare", None, MS_BIND, None))
+tried["open bare"] = opened("/tmp/bare/nvidia0")
+tried["open after"] = opened("{node.dev}/nvidia0")
+for key, value in tried.items():
+    print(f"{{key}}={{value}}")
+"""
+    result = node.run(2, python(code), gpus=[1], **ACME)
+    lines = dict(line.split("=", 1) for line in result["log"].splitlines())
+    assert lines.pop("userns") == "allowed", result  # the kernel lets any user make one
+    assert lines.pop("umount mask") == "EINVAL", lines  # locked: came with the namespace
+    assert lines.pop("bind dev bare") == "EINVAL", lines  # not without the covers beneath
+    assert lines.pop("open bare") == "ENOENT", lines
+    assert lines.pop("open after") == "EACCES", lines
+    assert set(lines.values()) <= {"EACCES", "EPERM"}, lines
+    assert len(lines) == len(targets)
+    assert node.task_pids(1) == rival.pids()
+
+
 def test_a_task_opens_no_other_gpus_dri_nodes(tmp_path: Path) -> None:
     """With nvidia-drm each GPU also has DRI nodes, render nodes 0666 under udev's default
     rules: before, a task fenced to its /dev/nvidiaN still opened another GPU's render node.
