@@ -199,3 +199,16 @@ class SchedulerLease(Base):
     acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
     renewed_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RetentionCursor(Base):
+    """How far a retention pass has got, kept across restarts and leader changes: without it a
+    new leader would walk again, a few hundred rows a minute, through everything purged
+    already before it reached what expired since (secrets kept past their retention)."""
+
+    __tablename__ = "retention_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    through_at: Mapped[datetime] = mapped_column()
+    through_id: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

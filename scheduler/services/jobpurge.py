@@ -8,7 +8,8 @@ so their totals are the same before and after. Fair-share reads neither (it deca
 `org_usage`), so a purge leaves it as it was. A job still named by a job that has not ended
 (its dependency, or the head of an array with an element not ended) waits for them; what ended
 names nothing any more, and its dependency rows go with it. Those that wait are looked at
-again after the leader restarts (its cursor lives in memory).
+again after the leader restarts (its cursor lives in memory, on purpose: a restart is what
+looks at them again; jobs older than the purge are gone, so the walk is short).
 """
 
 from __future__ import annotations

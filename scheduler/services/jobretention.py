@@ -9,8 +9,15 @@ its events each purged job keeps one `job.purged` row: how many were deleted, th
 last, so that `describe` says what happened to them. A job that never
 started (cancelled while pending, say) has no task, allocation or ledger row: it is deleted
 whole, unless another job still names it (a dependency, or the array it heads), so that a loop
-of submit and cancel leaves nothing behind for ever. Log chunks have their own, shorter
-retention (scheduler/services/logretention.py).
+of submit and cancel leaves nothing behind for ever (one still named when the pass goes by
+waits for the job purge). Log chunks have their own, shorter retention
+(scheduler/services/logretention.py).
+
+How far the passes have got is kept in the database (`retention_cursors`), written with each
+batch: a leader that restarts, or another that takes over, carries on from there. Walking again
+from the first ended job, at a thousand jobs a minute, through the hundreds of days of jobs
+whose details are gone already would keep every job that expired since (its secrets and script
+included) for days past its retention, after each restart.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from sqlalchemy.orm import aliased
 from scheduler.db import Event, Job, JobDependency, Task
 from scheduler.db.types import utcnow
 from scheduler.services.batches import Batch, Transactions
+from scheduler.services.retentioncursors import load_cursor, save_cursor
 
 PURGED_EVENT = "job.purged"
+CURSOR = "job_details"  # its row in retention_cursors
 ArrayElement = aliased(Job)
 BATCH_JOBS = 200  # jobs looked at per transaction
 BATCH_EVENTS = 2_000  # events deleted per transaction, however many of them one job has
@@ -158,11 +167,12 @@ async def _count_purged(session: AsyncSession, doomed: Sequence[Any]) -> None:
 @dataclass
 class JobRetention:
     """One leader's passes; `done_through`: every job that ended up to it, in (ended_at, id)
-    order, is purged already (None after a start: the first pass looks at them all once)."""
+    order, is purged already (read from the database by the first pass; None: none is)."""
 
     retention_s: float
     done_through: tuple[datetime, int] | None = None
     total: Purged = field(default_factory=Purged)
+    loaded: bool = False
 
     async def run_pass(
         self, sessionmaker: async_sessionmaker[AsyncSession], now: datetime | None = None
@@ -170,6 +180,12 @@ class JobRetention:
         """Purge expired jobs, at most MAX_BATCHES_PER_PASS transactions; returns what went."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
         purged = Purged()
+        if not self.loaded:
+            async with sessionmaker() as session:
+                saved = await load_cursor(session, CURSOR)
+            if saved is not None and saved[1] is not None:
+                self.done_through = (saved[0], saved[1])
+            self.loaded = True
 
         async def step(session: AsyncSession) -> Batch:
             jobs = await ended_jobs(
@@ -185,6 +201,7 @@ class JobRetention:
             batch.deleted_jobs = await delete_unstarted(session, ids)
             purged.add(batch)
             last = (jobs[-1].ended_at, jobs[-1].id)
+            await save_cursor(session, CURSOR, *last)
             return Batch(
                 more=len(jobs) == BATCH_JOBS,
                 committed=lambda: setattr(self, "done_through", last),

@@ -236,3 +236,41 @@ async def test_jobs_that_never_started_are_deleted_whole_unless_another_names_th
         await cluster.runtime.expire_job_details()
         async with maker() as session:
             assert set(await session.scalars(select(Job.id))) == {ran, named, waiting.id}
+
+
+async def test_a_new_leader_carries_on_from_the_stored_cursor(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cursor is written with each batch: a JobRetention of a restarted (or another)
+    leader starts where the last one stopped instead of walking every ended job again."""
+    monkeypatch.setattr(jobretention, "BATCH_JOBS", 2)
+    settings = fast_settings(
+        database_url, job_detail_retention_s=RETENTION_S, cycle_interval_s=60.0
+    )
+    async with running_cluster(settings) as cluster:
+        maker = cluster.sessionmaker
+        async with maker() as session:
+            org = await factories.org(session)
+            user = await factories.user(session, org)
+            first = [
+                await _job_with_events(session, org, user, ended_s_ago=age, events=1)
+                for age in (1500, 1400, 1300)
+            ]
+            await session.commit()
+        leader = jobretention.JobRetention(retention_s=RETENTION_S)
+        assert (await leader.run_pass(maker)).events == 3
+        assert leader.done_through is not None
+        assert leader.done_through[1] == first[-1]
+
+        async with maker() as session:
+            # Behind the cursor (as a job whose details a pass deleted already would be,
+            # were its events still there) and ahead of it.
+            behind = await _job_with_events(session, org, user, ended_s_ago=1600, events=1)
+            ahead = await _job_with_events(session, org, user, ended_s_ago=1200, events=1)
+            await session.commit()
+        successor = jobretention.JobRetention(retention_s=RETENTION_S)
+        assert (await successor.run_pass(maker)).events == 1
+        assert successor.done_through is not None
+        assert successor.done_through[1] == ahead
+        assert [e.kind for e in await _events(maker, ahead)] == ["job.purged"]
+        assert [e.kind for e in await _events(maker, behind)] == ["job.forward"]
