@@ -621,7 +621,7 @@ def test_the_jobs_variables_reach_its_command_never_roots_processes(node: Node) 
         else:  # the command has them all
             assert (seen["MARK"], seen["LD_LIBRARY_PATH"]) == ("acme-mark", str(tools)), seen
     result = node.finish(1)
-    assert (result["state"], result["exit_code"]) == ("exited", 0), result
+    assert (result["state"], result["exit_code"]) == ("exited", 0), result["log"]
     assert result["log"] == f"acme-mark {tools}:/usr/bin:/bin\n"
     # The job's own sh and sleep were the org's, run as its uid; nothing of it ran as root.
     assert ran_as.read_text().split() == [str(UID_BASE + 1)] * 2
@@ -701,10 +701,45 @@ def test_a_task_leaving_thousands_of_nested_directories_is_removed_whole(node: N
     deep = "import os\nfor _ in range(3000):\n    os.mkdir('d'); os.chdir('d')\n"
     try:
         result = node.run(1, python(deep), **ACME)
-        assert (result["state"], result["exit_code"]) == ("exited", 0), result
+        assert (result["state"], result["exit_code"]) == ("exited", 0), result["log"]
         assert not node.confinement.task_dir(1).exists()
     finally:  # pytest's clean-up of its temporary directories recurses the same way
         subprocess.run(["rm", "-rf", str(node.confinement.task_dir(1))], check=False)
+
+
+def test_the_clean_up_of_a_task_follows_none_of_its_links(node: Node) -> None:
+    """The agent (root) removes and measures a task's directory: links the task left there to
+    another org's running task's files, to the agent's state and to a directory outside stay
+    links, and what they point at stays."""
+    node.state.credential_path.write_text("{}")
+    node.runner.start(
+        spec(1, ["sh", "-c", "echo private > $HOME/notes; exec sleep 60"], gpus=[0], **RIVAL)
+    )
+    rival_notes = node.root / "tasks/1/notes"
+    wait_for(rival_notes.exists)
+    outside = node.data / "acme" / "kept"
+    outside.mkdir()
+    (outside / "file").write_text("data")
+    os.chown(node.data / "acme", UID_BASE + 1, UID_BASE + 1)
+    os.chown(outside, UID_BASE + 1, UID_BASE + 1)
+    code = f"""
+import os
+home = os.environ["HOME"]
+os.symlink("{rival_notes}", home + "/rival-notes")
+os.symlink("{node.root / "tasks/1"}", home + "/rival-home")
+os.symlink("{node.state.root}", home + "/state")
+os.symlink("{node.state.credential_path}", home + "/credential")
+os.symlink("{outside}", home + "/outside")
+os.mkfifo(home + "/fifo")
+print("left", sorted(os.listdir(home)))
+"""
+    result = node.run(2, python(code), gpus=[1], **ACME)
+    assert (result["state"], result["exit_code"]) == ("exited", 0), result["log"]
+    assert not node.confinement.task_dir(2).exists()
+    assert rival_notes.read_text() == "private\n"
+    assert node.state.credential_path.read_text() == "{}"
+    assert (outside / "file").read_text() == "data"
+    assert node.runner.records[1].state == "running"
 
 
 def test_under_the_node_reserve_the_task_holding_the_most_is_ended(tmp_path: Path) -> None:
