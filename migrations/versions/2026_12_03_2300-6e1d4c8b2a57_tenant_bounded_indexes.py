@@ -2,6 +2,11 @@
 (user_id, id), not every org's jobs by id; deleting a job finds its ledger rows by job_id;
 audit retention finds dead tokens by revoked_at and expires_at
 
+On PostgreSQL a plain CREATE INDEX blocks writes to its table while it builds: an operator
+with a large jobs table builds these CONCURRENTLY before upgrading (docs/OPERATIONS.md,
+Upgrades), and this migration then finds them and leaves them (IF NOT EXISTS). The schema
+it leaves is the same either way.
+
 Revision ID: 6e1d4c8b2a57
 Revises: 0b755873f20c
 Create Date: 2026-12-03 23:00:00.000000
@@ -27,7 +32,7 @@ INDEXES = (
 
 def upgrade() -> None:
     for name, table, columns in INDEXES:
-        op.create_index(name, table, columns, unique=False)
+        op.create_index(name, table, columns, unique=False, if_not_exists=True)
 
 
 def downgrade() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler.db import Base
@@ -57,4 +57,31 @@ async def test_concurrent_upgrades_from_empty_migrate_once(
     finally:
         for e in engines:
             await e.dispose()
+    assert await check_schema(engine) == []
+
+
+BEFORE_TENANT_INDEXES = "0b755873f20c"
+PREBUILT = (  # docs/OPERATIONS.md, Upgrades: what an operator runs before the upgrade
+    "CREATE INDEX {c} IF NOT EXISTS ix_jobs_org_id_id ON jobs (org_id, id)",
+    "CREATE INDEX {c} IF NOT EXISTS ix_jobs_user_id_id ON jobs (user_id, id)",
+    "CREATE INDEX {c} IF NOT EXISTS ix_usage_ledger_job_id ON usage_ledger (job_id)",
+    "CREATE INDEX {c} IF NOT EXISTS ix_api_tokens_expires_at ON api_tokens (expires_at)",
+    "CREATE INDEX {c} IF NOT EXISTS ix_api_tokens_revoked_at ON api_tokens (revoked_at)",
+)
+
+
+async def test_indexes_built_concurrently_beforehand_are_taken_by_the_upgrade(
+    engine: AsyncEngine,
+) -> None:
+    """The operator step for a large jobs table: the tenant indexes built without blocking
+    writes (CONCURRENTLY, outside a transaction) before `fairgpu db upgrade`, which then
+    finds them and reaches a schema that matches the code."""
+    await run_migrations(engine, "downgrade", BEFORE_TENANT_INDEXES)
+    postgres = engine.dialect.name == "postgresql"
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    async with autocommit.connect() as conn:
+        for statement in PREBUILT:
+            await conn.execute(text(statement.format(c="CONCURRENTLY" if postgres else "")))
+    await run_migrations(engine, "upgrade", "head")
+    assert await current_revision(engine) == head_revisions()
     assert await check_schema(engine) == []
