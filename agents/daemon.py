@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import random
@@ -24,10 +23,9 @@ from agents import disk, idle, shells
 from agents.client import AgentClient, AuthError, ServerUnavailable
 from agents.gpu import GpuBackend
 from agents.idle import IdleWatch
-from agents.isolation import Confinement, IsolationConfig, task_uid_ranges
+from agents.isolation import IsolationConfig, open_confinement
 from agents.logs import LogShipper
 from agents.metrics import AgentMetrics, DcgmJobMapping
-from agents.netopen import open_namespaces
 from agents.runner import Runner, RunnerConfig, allocations
 from agents.state import Credential, StateDir, TaskRecord
 from agents.streams import Streams, notify_terminal
@@ -103,7 +101,13 @@ class Agent:
         self.backend = backend
         self.client = client
         self.state = StateDir(config.state_dir)
-        self.runner = Runner(self.state, config.runner, confinement(config, backend, self.state))
+        confinement = open_confinement(
+            config.isolation,
+            self.state.root,
+            gpu_minors=backend.device_minors(),
+            total_gpus=len(backend.devices()),
+        )
+        self.runner = Runner(self.state, config.runner, confinement)
         self.logs = LogShipper(self.state, max_bytes=config.runner.log_max_bytes)
         self.metrics = metrics
         self.idle = IdleWatch()
@@ -473,33 +477,6 @@ class Agent:
                     request, self.credential.credential, terminal, processes, shell
                 )
         return changed
-
-
-def confinement(config: AgentConfig, backend: GpuBackend, state: StateDir) -> Confinement:
-    """The agent's isolation settings completed from its GPUs and its state directory."""
-    isolation = config.isolation
-    root = state.root
-    namespaces, why_not = None, "turned off (--no-netns)"
-    if isolation.network_namespaces:
-        namespaces, why_not = open_namespaces(
-            root,
-            isolation.cgroup_parent,
-            flows_max=isolation.task_flow_limit,
-            task_uids=task_uid_ranges(isolation),
-        )
-        if namespaces is None:
-            log.warning("tasks cannot have a network namespace of their own: %s", why_not)
-    return Confinement(
-        dataclasses.replace(
-            isolation,
-            task_root=isolation.task_root or root.with_name(f"{root.name}-tasks"),
-            gpu_minors=isolation.gpu_minors or backend.device_minors(),
-            hide=(*isolation.hide, root),
-        ),
-        total_gpus=len(backend.devices()),
-        namespaces=namespaces,
-        no_namespaces=why_not,
-    )
 
 
 async def _wait_any(stop: asyncio.Event, changed: asyncio.Event, *, timeout_s: float) -> None:

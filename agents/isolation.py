@@ -13,6 +13,7 @@ directory and HOME of their own and the data-root check, but run as the agent's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from agents.cgroups import (
 )
 from agents.dri import foreign_dri_nodes
 from agents.netns import Namespaces, NetnsError
+from agents.netopen import open_namespaces
 from agents.netwall import FLOWS_MAX, UID_MAX
 from agents.wallwatch import WallWatch
 from protocol.agent import Isolation, TaskSpec
@@ -395,3 +397,35 @@ def task_uid_ranges(config: IsolationConfig) -> list[tuple[int, int]]:
         else:
             merged.append((first, last))
     return merged
+
+
+def open_confinement(
+    isolation: IsolationConfig,
+    state_root: Path,
+    *,
+    gpu_minors: Mapping[int, int],
+    total_gpus: int,
+) -> Confinement:
+    """The agent's confinement: its isolation settings completed from its GPUs and its state
+    directory, with the node's network namespaces where it can build them (agents/netopen.py)."""
+    namespaces, why_not = None, "turned off (--no-netns)"
+    if isolation.network_namespaces:
+        namespaces, why_not = open_namespaces(
+            state_root,
+            isolation.cgroup_parent,
+            flows_max=isolation.task_flow_limit,
+            task_uids=task_uid_ranges(isolation),
+        )
+        if namespaces is None:
+            log.warning("tasks cannot have a network namespace of their own: %s", why_not)
+    return Confinement(
+        dataclasses.replace(
+            isolation,
+            task_root=isolation.task_root or state_root.with_name(f"{state_root.name}-tasks"),
+            gpu_minors=isolation.gpu_minors or gpu_minors,
+            hide=(*isolation.hide, state_root),
+        ),
+        total_gpus=total_gpus,
+        namespaces=namespaces,
+        no_namespaces=why_not,
+    )

@@ -18,17 +18,14 @@ from pathlib import Path
 
 from agents import disk, idle, wrapper
 from agents.container import (
-    ContainerError,
     Runtime,
     RuntimeCheck,
-    container_launch,
-    env_file,
     pod_name,
     remove_pod,
-    start_task_pod,
     sweep,
 )
-from agents.containerenv import ContainerEnv, ContainerEnvError, default_root, private_variables
+from agents.containerenv import ContainerEnv, default_root
+from agents.containertask import container_start, task_pod
 from agents.disk import DiskConfig
 from agents.gpu.simulated import task_utilization
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
@@ -330,13 +327,9 @@ class Runner:
                 "the job asks for a container image but this node has no container runtime"
             )
         error_path = self.state.sandbox_error_path(spec.task_id)
-        pod = None
-        if spec.image and spec.network == "private" and cfg.container_runtime == "docker":
-            binary, image = cfg.container_binary or "docker", cfg.container_pause_image
-            try:
-                pod = start_task_pod(binary, self.tag, spec.task_id, image)
-            except ContainerError as exc:
-                raise TaskRefused(str(exc)) from exc
+        pod = task_pod(
+            spec, cfg.container_runtime, cfg.container_binary, cfg.container_pause_image, self.tag
+        )
         prepared = self.confinement.prepare(spec, error_path, adopt=pod)
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         # Root's processes before the command never hold the job's variables (taskenv): the
@@ -345,39 +338,20 @@ class Runner:
         argv = [*prepared.prefix, *spec.command]
         env_fd: int | None = None
         if spec.image and cfg.container_runtime:
-            env_dir = None
-            if cfg.container_runtime != "apptainer":  # its client runs as root: see env_file
-                private = private_variables(spec, job_env)
-                try:
-                    env_dir = self.container_env.write(spec.task_id, private) if private else None
-                    env_fd = env_file({k: v for k, v in job_env.items() if k not in private})
-                except (ContainerError, ContainerEnvError) as exc:
-                    raise TaskRefused(str(exc)) from None
-            launch = container_launch(
+            started = container_start(
                 runtime=cfg.container_runtime,
                 binary=cfg.container_binary,
-                agent=self.tag,
-                task_id=spec.task_id,
-                image=spec.image,
-                command=list(spec.command),
-                gpus=spec.gpus,
-                gpu_uuids=spec.gpu_uuids,
-                env=job_env,
-                workdir=str(prepared.cwd),
-                env_file=f"/proc/self/fd/{env_fd}" if env_fd is not None else None,
-                env_dir=env_dir,
-                user=prepared.uid,
-                mounts=prepared.container_mounts,
+                tag=self.tag,
+                spec=spec,
+                prepared=prepared,
+                job_env=job_env,
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
-                netns=prepared.netns,
                 pod=pod_name(self.tag, spec.task_id) if pod is not None else None,
-                tty=bool(spec.pty),
+                env_files=self.container_env,
             )
-            # docker and podman confine the container themselves (their client needs root);
-            # apptainer runs as the task's uid inside the sandbox.
-            argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
-            carried = (carried and launch.name is None) or env_fd is not None
-            record.container_name = launch.name
+            argv, env_fd = started.argv, started.env_fd
+            carried = (carried and started.name is None) or env_fd is not None
+            record.container_name = started.name
         env = launch_environment(
             spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home, carried=carried
         )

@@ -1,0 +1,87 @@
+"""A container task's start: the runtime's command line and what its client is handed, from the
+task's confinement (agents/container.py writes the line, agents/containerenv.py keeps the job's
+variables off the node's disk)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agents.cgroups import Limits
+from agents.container import ContainerError, Runtime, container_launch, env_file, start_task_pod
+from agents.containerenv import ContainerEnv, ContainerEnvError, private_variables
+from agents.isolation import Prepared, TaskRefused
+from protocol.agent import TaskSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStart:
+    argv: list[str]
+    """The command line, after the sandbox's prefix where the container runs inside it."""
+    env_fd: int | None
+    """The memory file of fairgpu's own variables handed to docker's or podman's client."""
+    name: str | None
+    """The runtime's container (docker, podman), None for apptainer's."""
+
+
+def container_start(
+    *,
+    runtime: Runtime,
+    binary: str | None,
+    tag: str,
+    spec: TaskSpec,
+    prepared: Prepared,
+    job_env: Mapping[str, str],
+    limits: Limits | None,
+    pod: str | None,
+    env_files: ContainerEnv,
+) -> ContainerStart:
+    """TaskRefused (one line, the task's reason) when the job's variables cannot be handed
+    over as the runtime needs them."""
+    assert spec.image is not None
+    env_fd: int | None = None
+    env_dir = None
+    if runtime != "apptainer":  # its client runs as root: see container.env_file
+        private = private_variables(spec, job_env)
+        try:
+            env_dir = env_files.write(spec.task_id, private) if private else None
+            env_fd = env_file({k: v for k, v in job_env.items() if k not in private})
+        except (ContainerError, ContainerEnvError) as exc:
+            raise TaskRefused(str(exc)) from None
+    launch = container_launch(
+        runtime=runtime,
+        binary=binary,
+        agent=tag,
+        task_id=spec.task_id,
+        image=spec.image,
+        command=list(spec.command),
+        gpus=spec.gpus,
+        gpu_uuids=spec.gpu_uuids,
+        env=job_env,
+        workdir=str(prepared.cwd),
+        env_file=f"/proc/self/fd/{env_fd}" if env_fd is not None else None,
+        env_dir=env_dir,
+        user=prepared.uid,
+        mounts=prepared.container_mounts,
+        limits=limits,
+        netns=prepared.netns,
+        pod=pod,
+        tty=bool(spec.pty),
+    )
+    # docker and podman confine the container themselves (their client needs root); apptainer
+    # runs as the task's uid inside the sandbox.
+    argv = [*prepared.prefix, *launch.argv] if launch.name is None else launch.argv
+    return ContainerStart(argv, env_fd, launch.name)
+
+
+def task_pod(
+    spec: TaskSpec, runtime: Runtime | None, binary: str | None, pause_image: str | None, tag: str
+) -> int | None:
+    """The process of a private docker task's pod (agents/container.py), whose network
+    namespace the task gets; None for any other task. TaskRefused when it cannot start."""
+    if not (spec.image and spec.network == "private" and runtime == "docker"):
+        return None
+    try:
+        return start_task_pod(binary or "docker", tag, spec.task_id, pause_image)
+    except ContainerError as exc:
+        raise TaskRefused(str(exc)) from exc
