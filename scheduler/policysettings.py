@@ -110,6 +110,11 @@ class PolicySettings(BaseSettings):
         description="Most work (seconds since its last checkpoint, or its start) a job moved by "
         "consolidation may lose.",
     )
+    consolidate_after_s: float = Field(
+        _DEFAULT.consolidate_after_s,
+        ge=0,
+        description="How long a borrower waits since its submission before it may consolidate.",
+    )
     backfill_depth: int = Field(
         _DEFAULT.backfill_depth, ge=1, description="Pending jobs examined per cycle."
     )

@@ -477,6 +477,8 @@ class Cycle:
         """
         if not (self.cfg.preemption and self.cfg.consolidate):
             return False
+        if self.now - job.submitted_at < self.cfg.consolidate_after_s:
+            return False
         half = (job.gpus_per_node + 1) // 2
         for t in types:
             # Victims hold no more than lies idle, so every node of the gang has at least half

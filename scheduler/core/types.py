@@ -204,6 +204,10 @@ class PolicyConfig:
     # (docs/SIMULATION.md, "Consolidation").
     consolidate: bool = False
     consolidate_max_lost_s: float = 900.0
+    # ... and only once it has waited this long since its submission: a node often frees whole
+    # by itself within the hour, and moving small jobs for a job that would soon have started
+    # anyway costs them more than it gains (docs/SIMULATION.md, "Consolidation after an hour").
+    consolidate_after_s: float = 3_600.0
     # Switches that turn the fairgpu policy into the baselines the simulator compares with:
     # `fifo` = ordering "fifo", no backfill, no borrowing, no preemption;
     # `slurm-like` = ordering "multifactor", backfill, no borrowing (guarantees act as limits).

@@ -3,7 +3,7 @@
 Docs: docs/SCHEDULING.md section 7, "Consolidation". The bound: on every node it frees, the
 victims hold no more GPUs than lie idle there, each checkpointed during its run and loses at
 most `consolidate_max_lost_s` of work, no victim org drops below its guarantee, and none ends
-below the preemptor's weighted share.
+below the preemptor's weighted share; the preemptor has waited `consolidate_after_s`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from scheduler.core.types import Org, PolicyConfig, PreemptionReason, RunningJob
 from tests.core.builder import job, nodes, org, run, snapshot
 
 HOUR_S = 3_600.0
+WAITED = -HOUR_S - 60.0  # submitted past consolidate_after_s (1 h)
 EVERY_30_MIN = {"preemptible": True, "checkpoint_interval_s": 1_800.0}
 
 
@@ -31,6 +32,7 @@ def cluster(
     on_node_1: range = range(1),
     started_1: float = -2 * HOUR_S - 10.0,
     orgs: list[Org] | None = None,
+    submitted: float = WAITED,
     **kw: object,
 ) -> Snapshot:
     """Node 1 holds a few of org 1's borrowers, node 2 is full of them; org 2 wants 8 GPUs."""
@@ -38,7 +40,7 @@ def cluster(
         nodes=nodes(2),
         orgs=orgs or [org(1), org(2)],
         running=busy(1, on_node_1, 100, started=started_1) + busy(2, range(8), 200),
-        pending=[job(1, 2, 8, at=-60.0, preemptible=True)],
+        pending=[job(1, 2, 8, at=submitted, preemptible=True)],
         **{"consolidate": True, **kw},
     )
 
@@ -50,6 +52,13 @@ def test_a_borrower_that_fits_nowhere_moves_the_one_job_off_a_mostly_idle_node()
     ]
     assert d.starts == ()
     assert d.pending[1].reasons[0].code.value == "Preempting"
+
+
+def test_a_borrower_moves_nothing_before_it_has_waited_consolidate_after_s() -> None:
+    # Node 1 may well free whole by itself within the hour: no move for a job this fresh.
+    assert schedule(cluster(submitted=-HOUR_S + 1.0)).preemptions == ()
+    assert len(schedule(cluster(submitted=-HOUR_S)).preemptions) == 1
+    assert len(schedule(cluster(submitted=-60.0, consolidate_after_s=0.0)).preemptions) == 1
 
 
 def test_victims_may_hold_as_many_gpus_as_lie_idle_but_no_more() -> None:
@@ -110,7 +119,7 @@ def test_its_own_jobs_of_no_higher_class_may_move_for_it() -> None:
         nodes=nodes(2),
         orgs=[org(1), org(2)],
         running=busy(1, range(2), 100, org_id=2) + busy(2, range(8), 200),
-        pending=[job(1, 2, 8, at=-60.0, preemptible=True, priority_class="low")],
+        pending=[job(1, 2, 8, at=WAITED, preemptible=True, priority_class="low")],
         consolidate=True,
     )
     assert schedule(own).preemptions == ()  # its jobs are "normal", above its "low"
@@ -118,7 +127,7 @@ def test_its_own_jobs_of_no_higher_class_may_move_for_it() -> None:
         nodes=own.nodes,
         orgs=own.orgs,
         running=own.running,
-        pending=[job(1, 2, 8, at=-60.0, preemptible=True)],
+        pending=[job(1, 2, 8, at=WAITED, preemptible=True)],
         consolidate=True,
     )
     assert [p.job_id for p in schedule(same).preemptions] == [100, 101]
@@ -146,12 +155,25 @@ def fragmented(draw: st.DrawFn) -> Snapshot:
             used += size
             job_id += 1
     pending = [
-        job(i, draw(st.integers(1, 3)), draw(st.sampled_from([2, 4, 8])), preemptible=True)
+        job(
+            i,
+            draw(st.integers(1, 3)),
+            draw(st.sampled_from([2, 4, 8])),
+            preemptible=True,
+            at=-draw(st.floats(0.0, 2 * HOUR_S)),
+        )
         for i in range(1, draw(st.integers(1, 4)) + 1)
     ]
     guarantees = [draw(st.sampled_from([0, 0, 2, 8])) for _ in range(3)]
     orgs = [org(i + 1, guaranteed=g) for i, g in enumerate(guarantees)]
-    return snapshot(nodes=nodes(4), orgs=orgs, running=running, pending=pending, consolidate=True)
+    return snapshot(
+        nodes=nodes(4),
+        orgs=orgs,
+        running=running,
+        pending=pending,
+        consolidate=True,
+        consolidate_after_s=draw(st.sampled_from([0.0, HOUR_S])),
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -182,4 +204,7 @@ def test_consolidation_never_takes_more_than_lies_idle_nor_more_than_the_bound(
         assert gpus <= 8 - held[node_id]  # no more than lay idle on the node
     # A consolidating job is a borrower: it starts nothing on the GPUs it frees this cycle.
     preemptors = {p.preemptor_job_id for p in moved}
+    submitted = {j.job_id: j.submitted_at for j in s.pending}
+    for preemptor in preemptors:
+        assert s.now - submitted[preemptor] >= s.config.consolidate_after_s
     assert not preemptors & {st_.job_id for st_ in d.starts}

@@ -56,6 +56,7 @@ def test_every_policy_knob_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "pack_by_end": ("false", False),
         "consolidate": ("true", True),
         "consolidate_max_lost_s": ("300", 300.0),
+        "consolidate_after_s": ("600", 600.0),
         "ordering": ("fifo", "fifo"),
         "backfill": ("false", False),
         "borrowing": ("false", False),
