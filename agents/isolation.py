@@ -260,13 +260,25 @@ class Confinement:
             self.namespaces.sweep(keep)
 
     def limits(self, spec: TaskSpec) -> Limits:
+        """The task's cgroup limits; TaskRefused when its job asks for more memory than its
+        GPUs' share of the node's (`--mem-per-gpu`, else the node's memory ÷ its GPUs).
+        Memory is not scheduled, so more than the share is other tasks' memory: a one-GPU job
+        asking `--mem 64T` got a limit the node's memory never reached, filled it, and the
+        kernel's OOM killer, out of the node's memory, ended the largest process on the node,
+        another org's training or the agent."""
         gpus = max(len(spec.gpus), 1)
+        per_gpu = self.config.memory_per_gpu_bytes
+        if per_gpu is None:
+            per_gpu = psutil.virtual_memory().total // self.total_gpus
+        share = per_gpu * gpus
         memory = spec.memory_bytes
         if memory is None:
-            per_gpu = self.config.memory_per_gpu_bytes
-            if per_gpu is None:
-                per_gpu = psutil.virtual_memory().total // self.total_gpus
-            memory = per_gpu * gpus
+            memory = share
+        elif memory > share:
+            raise TaskRefused(
+                f"the job asks for {_gib(memory)} of memory, more than its {gpus} GPU(s)' share "
+                f"of this node's memory ({_gib(share)}); ask for less (--mem) or for more GPUs"
+            )
         return Limits(
             memory_bytes=memory,
             pids_max=self._pids_max(gpus),
@@ -353,6 +365,10 @@ class Confinement:
             group.remove()
         if self.config.task_root is not None:
             remove_tree(self.task_dir(task_id))
+
+
+def _gib(size_bytes: int) -> str:
+    return f"{size_bytes / 2**30:.1f} GiB"
 
 
 def tasks_pid_budget(cgroups: Hierarchy) -> int | None:

@@ -536,6 +536,24 @@ def test_a_memory_hog_dies_alone_with_out_of_memory(node: Node) -> None:
     node.finish(1)
 
 
+def test_a_job_cannot_raise_its_memory_limit_past_its_gpus_share(node: Node) -> None:
+    """Memory is not scheduled: a job's --mem above its GPUs' share of the node's memory (512
+    MiB per GPU here) was its limit as asked, and such a task filled the node's memory, where
+    the kernel's OOM killer ends the largest process of the node, whoever's. Before, this
+    one-GPU task asking for 8 GiB held 1 GiB."""
+    hold = "x = bytearray(1024 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('held')\n"
+    result = node.run(1, python(hold), gpus=[0], memory_bytes=8 * 2**30, **ACME)
+    assert result["state"] == "failed_to_start", result
+    assert result["reason"] == (
+        "the job asks for 8.0 GiB of memory, more than its 1 GPU(s)' share of this node's "
+        "memory (0.5 GiB); ask for less (--mem) or for more GPUs"
+    )
+    # Two GPUs' share holds what one's could not.
+    small = "x = bytearray(600 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('held')\n"
+    result = node.run(2, python(small), gpus=[0, 1], memory_bytes=2**30, **ACME)
+    assert (result["state"], result["log"]) == ("exited", "held\n"), result
+
+
 def test_private_tmp_and_shm(node: Node) -> None:
     (Path("/tmp") / "fairgpu-host-file").write_text("host")
     try:
