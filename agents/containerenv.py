@@ -93,7 +93,7 @@ class ContainerEnv:
         where the file would land on the node's disk."""
         self._ensure_root()
         directory = self.root / str(task_id)
-        self.remove(task_id)
+        _remove_task(directory)  # what a crash left
         directory.mkdir(mode=0o700)
         path = directory / _FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -106,20 +106,34 @@ class ContainerEnv:
         return directory
 
     def remove(self, task_id: int) -> None:
-        directory = self.root / str(task_id)
-        with contextlib.suppress(FileNotFoundError):
-            directory.chmod(0o700)
-            shutil.rmtree(directory)
+        """Remove the task's files, and the agent's directory once it holds no other task's."""
+        if not self._ours():
+            return
+        _remove_task(self.root / str(task_id))
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
 
     def sweep(self, keep: set[int]) -> None:
         """Remove the files of tasks not in `keep`: what an agent that stopped abruptly left."""
-        if not self.root.is_dir():
+        if not self._ours():
             return
         for entry in self.root.iterdir():
             if not entry.name.isdigit():
                 _remove(entry)
             elif int(entry.name) not in keep:
                 self.remove(int(entry.name))
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+
+    def _ours(self) -> bool:
+        """The root is this agent's directory, not a link or anything someone else made under
+        a world-writable parent (nothing is followed there, or removed through it). Once it is
+        root's, the parent's sticky bit keeps anyone else from renaming it away."""
+        try:
+            info = self.root.lstat()
+        except FileNotFoundError:
+            return False
+        return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
 
     def _ensure_root(self) -> None:
         parent = self.root.parent
@@ -133,8 +147,7 @@ class ContainerEnv:
         try:
             self.root.mkdir(mode=0o700)
         except FileExistsError:
-            info = self.root.lstat()
-            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+            if self._ours():
                 self.root.chmod(0o700)
                 return
             # Not ours (a world-writable parent lets anyone make the name first): replaced.
@@ -148,3 +161,9 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _remove_task(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        directory.chmod(0o700)  # read-only once written
+        shutil.rmtree(directory)

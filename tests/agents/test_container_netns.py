@@ -92,6 +92,7 @@ def docker_node(node: NetNode, image: str) -> Iterator[NetNode]:  # noqa: F811
     for task_id in node.runner.records:
         for name in (container_name(tag, task_id), pod_name(tag, task_id)):
             subprocess.run(["docker", "rm", "--force", name], capture_output=True)
+    node.runner.container_env.sweep(set())  # what a test that failed midway left in memory
 
 
 def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(

@@ -78,6 +78,7 @@ def test_a_docker_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
     assert result["exit_code"] == 0, result
     assert result["log"] == f"[{token}] [{job_secret}] [{task.job_id}]\n{HOSTILE}", result
     assert not env_dir.exists()  # gone with the task
+    assert not net.runner.container_env.root.exists()  # and the agent's, which held only it
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
@@ -109,4 +110,29 @@ def test_a_sweep_removes_what_tasks_no_longer_running_left(tmp_path: Path) -> No
         assert (files.root.stat().st_mode & 0o777) == 0o700
     finally:
         files.sweep(set())
-        files.root.rmdir()
+    assert not files.root.exists()
+
+
+def test_a_link_planted_at_the_agents_directory_is_never_followed(tmp_path: Path) -> None:
+    """/dev/shm is anyone's to write in, and the directory's name follows from the agent's
+    state directory: a tenant's link there must not make the agent (root) remove, or write,
+    anything where it points."""
+    target = tmp_path / "elsewhere"
+    (target / "5").mkdir(parents=True)
+    (target / "keep").write_text("mine")
+    files = ContainerEnv(Path("/dev/shm") / f"fairgpu-test-{secrets.token_hex(6)}")  # noqa: S108
+    files.root.symlink_to(target)
+    try:
+        files.sweep(set())
+        files.remove(5)
+        assert sorted(p.name for p in target.iterdir()) == ["5", "keep"]
+        written = files.write(5, {"A": "1"})
+        assert not files.root.is_symlink()
+        assert written.parent == files.root
+        assert sorted(p.name for p in target.iterdir()) == ["5", "keep"]
+        assert not (target / "5" / "env").exists()
+    finally:
+        if files.root.is_symlink():
+            files.root.unlink()
+        files.sweep(set())
+    assert not files.root.exists()
