@@ -27,9 +27,11 @@ so that both paths are bound alike and a refused request costs no body read:
   and the sentence as its reason where the server cannot answer a handshake with a response
   of its own). The user's and org's bounds follow authentication (api/streamlimits.py).
 
-`Admission.follows` bounds another kind of load after authentication: the log reads one user
-holds open while they wait for output (`GET /v1/jobs/{id}/logs?wait_s=`), each of which reads
-the database twice a second. Also per process.
+`Admission.follows` and `Admission.org_follows` bound another kind of load after
+authentication: the log reads one user, and all users of one org, hold open while they wait
+for output (`GET /v1/jobs/{id}/logs?wait_s=`), each of which reads the database twice a
+second; the org's bound keeps an org admin from multiplying the user's by the org's users.
+Also per process.
 """
 
 from __future__ import annotations
@@ -119,11 +121,13 @@ class TokenBuckets:
 
 
 class OpenRequests:
-    """At most `limit` requests held open at once per key (a user id)."""
+    """At most `limit` requests held open at once per key (a user id, an org id); `whose`
+    names the key's holder in the refusal."""
 
-    def __init__(self, limit: int, what: str) -> None:
+    def __init__(self, limit: int, what: str, whose: str = "one user") -> None:
         self.limit = limit
         self.what = what
+        self.whose = whose
         self._open: dict[int, int] = {}
 
     def held(self, key: int) -> int:
@@ -135,7 +139,7 @@ class OpenRequests:
         held = self._open.get(key, 0)
         if held >= self.limit:
             raise TooManyRequests(
-                f"{held} {self.what} of yours are open on this server, the most one user may "
+                f"{held} {self.what} are open on this server, the most {self.whose} may "
                 "hold at once; wait for one to end (or read without waiting)",
                 limit=self.limit,
                 retry_after_s=1,
@@ -247,7 +251,10 @@ class Admission:
         self.submits = TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
         self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
         self.changes = TokenBuckets(settings.change_rate_per_s, settings.change_burst)
-        self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads")
+        self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads of yours")
+        self.org_follows = OpenRequests(
+            settings.max_log_follows_per_org, "waiting log reads of your org", "one org"
+        )
         self.streams = TokenBuckets(settings.stream_rate_per_s, settings.stream_burst)
         self.agent_streams = TokenBuckets(
             settings.agent_stream_rate_per_s, settings.agent_stream_burst

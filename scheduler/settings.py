@@ -276,6 +276,13 @@ class Settings(BaseSettings):
         description="Log reads one user may hold open at once while they wait for output "
         "(`wait_s`, `fairgpu logs -f`), per server process; one more is 429 with Retry-After.",
     )
+    max_log_follows_per_org: int = Field(
+        64,
+        ge=1,
+        description="Log reads all users of one org may hold open at once while they wait for "
+        "output, per server process: the per-user bound times the org's users would be no "
+        "bound; one more is 429 with Retry-After.",
+    )
     auth_failure_rate_per_s: float = Field(
         1.0,
         ge=0,

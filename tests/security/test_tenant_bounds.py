@@ -98,6 +98,47 @@ async def test_a_user_holds_a_bounded_number_of_waiting_log_reads(follows: World
 
 
 @pytest.fixture
+async def org_follows(database_url: str) -> AsyncIterator[World]:
+    async with running_app(
+        database_url, max_log_follows_per_user=2, max_log_follows_per_org=3
+    ) as app:
+        yield await seed_world(app)
+
+
+async def test_an_org_holds_a_bounded_number_of_waiting_log_reads(org_follows: World) -> None:
+    """The per-user bound alone is multiplied by the org's users (an org admin makes up to
+    `max_users_per_org` of them): past `max_log_follows_per_org` waits of one org, 429 with
+    Retry-After for every user of it; another org's users are unaffected."""
+    world = org_follows
+    job = await world.job("member_a")
+    theirs = await world.job("member_b")
+    path = f"/v1/jobs/{job.id}/logs"
+    wait = {"wait_s": 3}
+    async with (
+        world.client("member_a") as ada,
+        world.client("member_a2") as bob,
+        world.client("admin_a") as admin,
+        world.client("member_b") as rival,
+    ):
+        held = [asyncio.create_task(ada.get(path, params=wait)) for _ in range(2)]
+        held.append(asyncio.create_task(bob.get(path, params=wait)))
+        for _ in range(100):  # all three are waiting once they hold their places
+            if sum(world.app.admission.follows.held(u.id) for u in world.users.values()) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert not any(t.done() for t in held)
+        refused = await admin.get(path, params=wait)  # a user holding none, of the same org
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["limit"] == 3
+        assert "org" in refused.json()["detail"]
+        other = await rival.get(f"/v1/jobs/{theirs.id}/logs", params={"wait_s": 0.2})
+        assert other.status_code == 200
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+        assert (await admin.get(path, params={"wait_s": 0.2})).status_code == 200
+
+
+@pytest.fixture
 async def changes(database_url: str) -> AsyncIterator[World]:
     # One change per 100 s: a loaded machine cannot refill a change between two requests.
     async with running_app(database_url, change_rate_per_s=0.01, change_burst=3) as app:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -62,7 +63,8 @@ async def job_logs(
     """The output of the job's task at `rank` (latest attempt unless `attempt`), from byte
     `offset` or the last `tail` bytes. To follow, call again with `offset=next_offset`; with
     `wait_s` the call waits up to that long for new output (long poll) before answering; a
-    user holds at most `max_log_follows_per_user` such waits at once (429 beyond)."""
+    user holds at most `max_log_follows_per_user` such waits at once, all users of an org
+    `max_log_follows_per_org` (429 beyond)."""
     if offset is not None and tail is not None:
         raise InvalidInput("give offset or tail, not both")
     job = await arrays.get_job_ref(session, job_id, scope_org_id=scope_of(principal))
@@ -75,10 +77,10 @@ async def job_logs(
     }
     piece = await read_log(session, job, **kwargs)
     if wait_s > 0 and not piece.data and not piece.eof:
-        admission = getattr(request.app, "admission", None)
         assert principal.user_id is not None
-        # Each waiting read polls the database: a user holds a bounded number at once (429).
-        with admission.follows.slot(principal.user_id) if admission else contextlib.nullcontext():
+        # Each waiting read polls the database: a user, and an org, hold a bounded number
+        # at once (429).
+        with _follow_slots(request, principal.user_id, principal.org_id):
             piece = await _wait_for_output(session, job, piece, kwargs, wait_s)
     return JobLogs(
         job_id=job.id,
@@ -90,6 +92,21 @@ async def job_logs(
         data=piece.data,
         eof=piece.eof,
     )
+
+
+@contextlib.contextmanager
+def _follow_slots(request: Request, user_id: int, org_id: int | None) -> Iterator[None]:
+    """The user's place among its waiting reads, then its org's (none for a platform admin,
+    who belongs to no org)."""
+    admission = getattr(request.app, "admission", None)
+    if admission is None:
+        yield
+        return
+    with contextlib.ExitStack() as places:
+        places.enter_context(admission.follows.slot(user_id))
+        if org_id is not None:
+            places.enter_context(admission.org_follows.slot(org_id))
+        yield
 
 
 async def _wait_for_output(
