@@ -74,10 +74,12 @@ def memory_backed(path: Path) -> bool:
 
 
 def default_root(tag: str) -> Path:
-    """/run/fairgpu/<tag> where /run is a memory filesystem (root's alone), else under /dev/shm."""
-    run = Path("/run")
-    if run.is_dir() and memory_backed(run):
-        return run / "fairgpu" / tag
+    """/run/fairgpu/<tag> where /run/fairgpu is on a memory filesystem (root's alone: /run on a
+    systemd host, or the host's /run/fairgpu mounted into the agent's pod), else under
+    /dev/shm."""
+    run = Path("/run/fairgpu")
+    if run.parent.is_dir() and memory_backed(run):
+        return run / tag
     return Path("/dev/shm") / f"fairgpu-{tag}"  # noqa: S108 - created and checked as root's
 
 
