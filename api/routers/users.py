@@ -11,7 +11,7 @@ from api.schemas.users import UserCreate, UserPublic, UsersPublic
 from scheduler.db import User
 from scheduler.services import users as svc
 from scheduler.services.errors import Forbidden, InvalidInput, NotFound
-from scheduler.services.orgs import find_org
+from scheduler.services.orgs import find_org, org_id_of
 from scheduler.settings import Settings
 from scheduler.states import Role
 
@@ -56,7 +56,8 @@ async def create_user(
         if body.role is Role.PLATFORM_ADMIN:
             raise Forbidden("only platform admins create platform admins")
         org_id = principal.org_id
-        if body.org is not None and (await find_org(session, body.org)).id != org_id:
+        # The same refusal whether or not `body.org` names an org: no probing of names.
+        if body.org is not None and await org_id_of(session, body.org) != org_id:
             raise Forbidden("org admins create users in their own org only")
     settings: Settings = request.app.state.settings
     user = await svc.create_user(

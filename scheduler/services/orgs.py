@@ -51,6 +51,18 @@ async def find_org(session: AsyncSession, ref: str | int) -> Org:
     return row
 
 
+async def org_id_of(session: AsyncSession, ref: str) -> int | None:
+    """The id of the org `ref` names (by name, or by id when all digits); None when none does.
+    For callers that must answer alike whether or not another org exists."""
+    ref = ref.strip()
+    if ref.isdigit():
+        oid = int(ref)
+        if not 0 < oid < 2**31:
+            return None
+        return await session.scalar(select(Org.id).where(Org.id == oid))
+    return await session.scalar(select(Org.id).where(Org.name == ref))
+
+
 async def all_orgs(session: AsyncSession) -> list[Org]:
     return list((await session.scalars(select(Org).order_by(Org.id))).all())
 

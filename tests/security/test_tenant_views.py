@@ -118,3 +118,19 @@ async def test_metrics_ask_for_their_token_when_one_is_set(database_url: str) ->
         assert "fairgpu_" in scraped.text
     async with running_cluster(fast_settings(database_url)) as cluster:
         assert (await cluster.http.get("/metrics")).status_code == 200  # no token set: open
+
+
+async def test_an_org_admin_cannot_probe_other_orgs_names_by_creating_users(
+    world: World,
+) -> None:
+    """Another org's name and a name no org has get the same refusal: which companies share
+    the pool is not for a tenant to learn one guess at a time."""
+    answers = []
+    async with world.client("admin_a") as c:
+        for org in ("org-b", "no-such-org", str(world.org_b.id), "999999"):
+            r = await c.post("/v1/users", json={"name": "probe", "org": org, "role": "member"})
+            answers.append((r.status_code, r.json()["detail"].replace(repr(org), "ORG")))
+        own = await c.post("/v1/users", json={"name": "mine", "org": "org-a", "role": "member"})
+    assert own.status_code == 201, own.text
+    assert len(set(answers)) == 1, answers
+    assert answers[0][0] == 403
