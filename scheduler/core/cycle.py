@@ -40,12 +40,18 @@ _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
 class Cycle:
     def __init__(
-        self, snap: Snapshot, layout: Layout, tree: tuple[Paths, TreeShares] | None = None
+        self,
+        snap: Snapshot,
+        layout: Layout,
+        tree: tuple[Paths, TreeShares] | None = None,
+        run: RunningTables | None = None,
     ) -> None:
+        """`tree` and `run`: kept by a `Scheduler` for this snapshot; None builds them."""
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
-        run = RunningTables(snap.running, self.now, cfg.min_runtime_s)
+        if run is None:
+            run = RunningTables(snap.running, self.now, cfg.min_runtime_s)
         self.index = FreeIndex(layout, run.held)
         paths, shares = tree if tree is not None else (None, None)
         self.books = OrgBooks(snap.orgs, self.index.capacity, paths)
@@ -56,7 +62,13 @@ class Cycle:
             self.factor = fair_tree_factors(snap.orgs, self.shares_norm, self.usage_norm)
         self.res = Reservations(self.index, snap.running, self.now, run.drains)
         self.pre = Preemptor(
-            run.preempting, run.aged, self.index, self.books, cfg, self.now, self.res.protected
+            run.preempting.values(),
+            run.aged,
+            self.index,
+            self.books,
+            cfg,
+            self.now,
+            self.res.protected,
         )
         self.ex = Explainer(
             CycleState(self.now, cfg, self.index, self.books, self.res, self.factor)

@@ -12,6 +12,7 @@ GPUs from more jobs, and on Philly ×12 cost 3 points of allocation while work w
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -73,7 +74,7 @@ def movable(r: RunningJob, kill_at: float, most_lost_s: float) -> bool:
 class Preemptor:
     def __init__(
         self,
-        preempting: list[RunningJob],
+        preempting: Iterable[RunningJob],
         aged: dict[tuple[int, str], list[tuple[RunningJob, int]]],
         index: FreeIndex,
         books: OrgBooks,

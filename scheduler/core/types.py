@@ -222,6 +222,18 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RunningChanges:
+    """How a snapshot's running jobs differ from an earlier snapshot's (`base`, the same tuple
+    object): the jobs that started or changed (a preemption sent: the new object), and the ids
+    of those that are gone. A caller that knows them (the simulator) lets a kept `Scheduler`
+    correct what it knows of the running jobs instead of reading them all again."""
+
+    base: tuple[RunningJob, ...]
+    put: tuple[RunningJob, ...] = ()
+    gone: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     now: float
     nodes: tuple[Node, ...]
@@ -229,6 +241,9 @@ class Snapshot:
     running: tuple[RunningJob, ...] = ()
     pending: tuple[PendingJob, ...] = ()
     config: PolicyConfig = field(default_factory=PolicyConfig)
+    # What changed in `running` since an earlier snapshot, if the caller knows: read only by a
+    # kept `Scheduler` whose last cycle was that snapshot's; not part of what the snapshot is.
+    running_changes: RunningChanges | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from scheduler.core.types import (
     Placement,
     PolicyConfig,
     ReasonCode,
+    RunningChanges,
     RunningJob,
     Snapshot,
 )
@@ -90,6 +91,12 @@ class Simulator:
         self._seq = 0
         self._pending_tuple: tuple[PendingJob, ...] | None = ()
         self._running_tuple: tuple[RunningJob, ...] | None = ()
+        # What changed in `running` since the tuple the core last saw (`_base`): job id → its
+        # new object, or None when it is gone; `_fresh`: jobs started since, not in `_base`.
+        # The core's kept `Scheduler` corrects its running-job tables with them.
+        self._base: tuple[RunningJob, ...] | None = None
+        self._changed: dict[int, RunningJob | None] = {}
+        self._fresh: set[int] = set()
         self._protected: list[tuple[float, int]] = []  # (end of min runtime, job) of borrowers
         self.finished = 0
         self._strict_fifo = policy_config.ordering == "fifo" and not policy_config.backfill
@@ -363,6 +370,11 @@ class Simulator:
         self._advance_usage(org, t)
         del self.running[job.job_id]
         self._running_tuple = None
+        if job.job_id in self._fresh:  # started since the core last looked: it never saw it
+            self._fresh.discard(job.job_id)
+            del self._changed[job.job_id]
+        else:
+            self._changed[job.job_id] = None
         for placement in job.placements:
             self.idle.give(placement.node_id, len(placement.gpus))
             for gpu in placement.gpus:
@@ -399,13 +411,23 @@ class Simulator:
             self._pending_tuple = tuple(self.pending.values())
         if self._running_tuple is None:
             self._running_tuple = tuple(self.running.values())
+        base, running = self._base, self._running_tuple
+        changes = None
+        if base is not None:
+            changed = self._changed
+            put = tuple(r for r in changed.values() if r is not None)
+            changes = RunningChanges(base, put, tuple(j for j, r in changed.items() if r is None))
+        self._base = running
+        self._changed = {}
+        self._fresh = set()
         return Snapshot(
             now=t,
             nodes=self.nodes,
             orgs=orgs,
-            running=self._running_tuple,
+            running=running,
             pending=self._pending_tuple,
             config=self.config,
+            running_changes=changes,
         )
 
     def _cycle(self, t: float) -> None:
@@ -458,6 +480,7 @@ class Simulator:
             preempt_deadline=max(deadline, t),
             checkpoint_interval_s=current.checkpoint_interval_s,
         )
+        self._changed[job_id] = self.running[job_id]
         self._running_tuple = None
         self.stats.preemptions_sent += 1
         self._push(max(deadline, t), _KILL, job)
@@ -502,6 +525,9 @@ class Simulator:
             preemptible=pending.preemptible,
             checkpoint_interval_s=self.sim.checkpoint_interval_s,
         )
+        if self._changed.get(job_id, 0) is not None:  # not one that left since the core looked
+            self._fresh.add(job_id)
+        self._changed[job_id] = self.running[job_id]
         self._running_tuple = None
         self.allocated += job.gpus
         self.org_alloc[org] += job.gpus

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from scheduler.core import Scheduler, schedule
+from scheduler.core.running import RunningTables
 from scheduler.core.types import Decisions, Placement, Preemption, PreemptionReason, Snapshot, Start
 from scheduler.sim.config import SimConfig, TimeLimitModel
 from scheduler.sim.metrics import summarize
 from scheduler.sim.records import SimulationError
 from scheduler.sim.runner import make_workload, run_policy
 from scheduler.sim.trace import Quota, TraceJob
+from tests.core.golden import digest
+from tests.core.test_running import tables
 from tests.sim.greedy import greedy
 
 ONE_NODE = "1x8"
@@ -90,3 +96,45 @@ def test_a_gpu_given_twice_stops_the_simulation() -> None:
     workload = make_workload(trace, [Quota("a", 8)], ONE_NODE)
     with pytest.raises(SimulationError, match="twice"):
         run_policy(workload, "fairgpu", SimConfig(), schedule=double_booker)
+
+
+def test_the_kept_scheduler_follows_the_simulators_changes() -> None:
+    """The simulator tells its kept `Scheduler` which jobs started, ended or were sent a
+    preemption since the last cycle: every cycle then decides as one that keeps nothing, the
+    running-job tables equal tables built from every running job, and only the first cycle
+    reads them all. Busy on purpose: lending, reclaim and preemptions of preemptible borrowers."""
+    rng = random.Random(7)
+    trace = [
+        TraceJob(
+            f"j{i}",
+            rng.choice("abc"),
+            rng.uniform(0, 40_000),
+            rng.uniform(60, 9_000),
+            rng.choice([1, 1, 2, 4, 8, 16]),
+        )
+        for i in range(400)
+    ]
+    quotas = [Quota("a", 16), Quota("b", 8), Quota("c", 0)]
+    workload = make_workload(trace, quotas, "4x8")
+    kept = Scheduler()
+    cycles = 0
+
+    def checked(snapshot: Snapshot) -> Decisions:
+        nonlocal cycles
+        cycles += 1
+        decisions = kept.schedule(snapshot)
+        assert digest(decisions) == digest(schedule(snapshot))
+        run = kept._run
+        assert run is not None
+        fresh = RunningTables(snapshot.running, snapshot.now, snapshot.config.min_runtime_s)
+        assert tables(run) == tables(fresh)
+        return decisions
+
+    config = SimConfig(preemptible=True, cycle_interval_s=1.0)
+    result = run_policy(workload, "fairgpu", config, schedule=checked)
+    plain = run_policy(workload, "fairgpu", config, schedule=schedule)
+    assert [(j.outcome, j.first_start_s, j.end_s, j.preemptions) for j in result.jobs] == [
+        (j.outcome, j.first_start_s, j.end_s, j.preemptions) for j in plain.jobs
+    ]
+    assert result.stats.preemptions_sent > 0
+    assert (kept.running_built, kept.running_advanced) == (1, cycles - 1)
