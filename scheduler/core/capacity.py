@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from scheduler.core.types import Node, PendingJob, PolicyConfig
 from scheduler.core.usage import capacity_usage
+
+if TYPE_CHECKING:
+    from scheduler.core.occupied import Occupied
 
 
 class Level:
@@ -209,7 +213,9 @@ class Layout:
 
 
 class FreeIndex:
-    def __init__(self, lay: Layout, held: Mapping[int, Collection[int]]) -> None:
+    def __init__(self, lay: Layout, occupied: Occupied, kept: bool = False) -> None:
+        """`occupied`: the layout with running jobs in; `kept`: it outlives this cycle (a
+        `Scheduler` keeps it), so the index works on copies."""
         self._layout = lay
         self.max_g = lay.max_g
         self.nodes = lay.nodes
@@ -223,29 +229,15 @@ class FreeIndex:
         self.by_type = lay.by_type
         self._gpus = lay.gpus
         self.free_gpus: dict[int, list[int]] = {}  # nodes whose GPUs changed; others: `_gpus`
-        self.free = free = lay.free.copy()
-        cnts = [c.copy() for c in lay.level_cnt]
-        heaps = [[h.copy() for h in hs] for hs in lay.level_heaps]
+        if kept:
+            self.free = occupied.free.copy()
+            cnts = [c.copy() for c in occupied.cnts]
+            heaps = [[h.copy() for h in hs] for hs in occupied.heaps]
+            self._busy: Mapping[int, Collection[int]] = occupied.busy.copy()
+        else:
+            self.free, cnts, heaps = occupied.free, occupied.cnts, occupied.heaps
+            self._busy = occupied.busy
         node_lv = lay.node_lv
-        usable = lay.usable
-        self._busy: dict[int, Collection[int]] = {}  # GPUs running jobs hold, where that counts
-        push = heapq.heappush
-        for nid, busy in held.items():
-            mine = usable.get(nid)
-            if not mine:
-                continue
-            f = len(mine.difference(busy))
-            old = free[nid]
-            if f == old:
-                continue
-            self._busy[nid] = busy
-            free[nid] = f
-            for i in node_lv[nid]:
-                c = cnts[i]
-                c[old] -= 1
-                c[f] += 1
-                if f:
-                    push(heaps[i][f], nid)  # its entry under `old` is stale: `take` skips it
         # Per feature class, its levels; class 0 (every node) is `levels`.
         self.class_levels: dict[int, dict[tuple[str, ...], Level]] = {0: {}}
         self.levels = self.class_levels[0]

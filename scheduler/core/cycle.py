@@ -17,6 +17,7 @@ from collections import deque
 from scheduler.core.backfill import Reservations
 from scheduler.core.capacity import FreeIndex, Layout
 from scheduler.core.explain import BuiltOnRead, CycleState, Ended, Explainer, Wait
+from scheduler.core.occupied import Occupied
 from scheduler.core.order import priority_order
 from scheduler.core.preempt import Plan, Preemptor
 from scheduler.core.quota import OrgBooks, Paths
@@ -45,14 +46,19 @@ class Cycle:
         layout: Layout,
         tree: tuple[Paths, TreeShares] | None = None,
         run: RunningTables | None = None,
+        occupied: Occupied | None = None,
     ) -> None:
-        """`tree` and `run`: kept by a `Scheduler` for this snapshot; None builds them."""
+        """`tree`, `run` and `occupied`: kept by a `Scheduler` for this snapshot (and used, not
+        changed, by the cycle); None builds them."""
         self.snap = snap
         self.cfg = cfg = snap.config
         self.now = snap.now
         if run is None:
             run = RunningTables(snap.running, self.now, cfg.min_runtime_s)
-        self.index = FreeIndex(layout, run.held)
+        if occupied is None:
+            self.index = FreeIndex(layout, Occupied(layout, run.held))
+        else:
+            self.index = FreeIndex(layout, occupied, kept=True)
         paths, shares = tree if tree is not None else (None, None)
         self.books = OrgBooks(snap.orgs, self.index.capacity, paths)
         self.books.add_totals(run.booked, run.leaving)

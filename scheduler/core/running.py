@@ -80,6 +80,7 @@ class RunningTables:
         self._on_node: dict[int, dict[int, tuple[tuple[int, ...], float]]] = {}
         self._aged_in: dict[int, Key] = {}
         self._young: list[tuple[float, int]] = []  # (started_at, job id), a lazy min-heap
+        self.touched: set[int] = set()  # nodes whose jobs the last correction changed
 
     def advance(self, running: tuple[RunningJob, ...], changes: RunningChanges, now: float) -> bool:
         """Describe `running` at `now`, given what changed since the tuple these tables describe.
@@ -107,6 +108,7 @@ class RunningTables:
             return False
         self._refresh(touched)
         self._age(now)
+        self.touched = touched
         self.running = running
         self.now = now
         return True

@@ -12,10 +12,15 @@ import threading
 
 from scheduler.core.capacity import Layout
 from scheduler.core.cycle import Cycle
+from scheduler.core.occupied import Occupied
 from scheduler.core.quota import Paths
 from scheduler.core.running import RunningTables
 from scheduler.core.types import Decisions, Org, RunningChanges, Snapshot
 from scheduler.core.usage import TreeShares
+
+# A kept `Occupied` is built anew once its heaps hold this many stale entries per node: a
+# copy per cycle costs what the heaps hold.
+_STALE_PER_NODE = 4
 
 
 class Scheduler:
@@ -36,6 +41,7 @@ class Scheduler:
         self._tree: tuple[tuple[object, ...], Paths, TreeShares] | None = None
         self.trees_built = 0  # how often the org tree changed (a figure for tests)
         self._run: RunningTables | None = None
+        self._occupied: tuple[RunningTables, Occupied] | None = None
         self.running_built = 0  # running tables built from every running job (figures for
         self.running_advanced = 0  # tests and benches) and corrected by what changed
         self._lock = threading.Lock()
@@ -83,18 +89,29 @@ class Scheduler:
         self._run = run if isinstance(snap.running, tuple) else None
         return run
 
+    def occupied(self, layout: Layout, run: RunningTables) -> Occupied:
+        """The layout with the running jobs in, corrected for the nodes whose jobs changed
+        while the layout and the running tables are the ones it was made from."""
+        last = self._occupied
+        if last is not None and last[0] is run and last[1].layout is layout:
+            occupied = last[1]
+            if occupied.stale_pushes <= _STALE_PER_NODE * len(layout.nodes):
+                occupied.correct(run.held, run.touched)
+                return occupied
+        occupied = Occupied(layout, run.held)
+        self._occupied = (run, occupied) if run is self._run else None
+        return occupied
+
     def schedule(self, snapshot: Snapshot) -> Decisions:
         """Decide starts, preemptions and every pending job's reasons for one snapshot (pure).
 
         One cycle at a time: the kept running tables are corrected in place.
         """
         with self._lock:
-            return Cycle(
-                snapshot,
-                self.layout(snapshot),
-                self.tree(snapshot),
-                self.running_tables(snapshot),
-            ).run()
+            layout = self.layout(snapshot)
+            run = self.running_tables(snapshot)
+            occupied = self.occupied(layout, run)
+            return Cycle(snapshot, layout, self.tree(snapshot), run, occupied).run()
 
 
 def schedule(snapshot: Snapshot) -> Decisions:

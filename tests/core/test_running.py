@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler.core import Scheduler, schedule
+from scheduler.core.occupied import Occupied
 from scheduler.core.running import RunningTables
 from scheduler.core.types import Placement, RunningChanges, RunningJob, Snapshot
 from tests.core.golden import digest
@@ -33,6 +34,15 @@ def tables(run: RunningTables) -> dict[str, object]:
         "preempting": {j: id(r) for j, r in run.preempting.items()},
         "aged": {k: sorted((r.job_id, id(r), n) for r, n in g) for k, g in run.aged.items()},
     }
+
+
+def occupied(occ: Occupied) -> dict[str, object]:
+    """What the free index reads of it: free GPUs, counts, and the heaps' live entries (those
+    under the count the node has now; the rest are stale and skipped)."""
+    free = occ.free
+    live = [[sorted({n for n in h if free[n] == f}) for f, h in enumerate(hs)] for hs in occ.heaps]
+    gpus = {nid: sorted(g) for nid, g in occ.busy.items() if occ.layout.usable[nid] & set(g)}
+    return {"free": dict(free), "cnts": occ.cnts, "live": live, "busy": gpus}
 
 
 def step(s: Snapshot, what: str, rnd: random.Random) -> Snapshot:
@@ -90,6 +100,10 @@ def test_tables_corrected_by_delta_equal_tables_built_anew(
         assert run is not None
         fresh = RunningTables(s.running, s.now, s.config.min_runtime_s)
         assert tables(run) == tables(fresh), what
+        kept_occ = kept._occupied
+        assert kept_occ is not None
+        assert kept_occ[0] is run
+        assert occupied(kept_occ[1]) == occupied(Occupied(kept_occ[1].layout, fresh.held)), what
         # Only the first cycle reads every running job.
         assert kept.running_built == 1, what
         old = s.running
