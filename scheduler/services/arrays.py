@@ -24,13 +24,14 @@ from sqlalchemy import Table, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
-from scheduler.db import Event, Job, JobDependency
+from scheduler.db import Event, Job, JobDependency, User
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
 from scheduler.services import jobactions, jobqueries, jobsubmit
 from scheduler.services.dependencies import AFTEROK
 from scheduler.services.errors import Conflict, InvalidInput, NotFound, SecretsNotConfigured
 from scheduler.services.interactivelimits import check_interactive_time
+from scheduler.services.rowlocks import lock_owner_row
 from scheduler.services.tenantlimits import SubmitLimits, check_submission
 
 MAX_ARRAY_TASKS = 10_000
@@ -135,6 +136,7 @@ async def submit_array(
             return jobsubmit.Submitted(existing, created=False)
     check_array_bytes(spec, len(array.task_ids))
     org = await jobsubmit.get_org(session, org_id)
+    await lock_owner_row(session, User, user_id)  # the user's arrays count in turn
     await check_submission(
         session,
         org=org,

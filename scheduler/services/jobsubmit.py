@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.signals import parse_signal
 from protocol.states import JobState
-from scheduler.db import Event, Job, JobDependency, Org
+from scheduler.db import Event, Job, JobDependency, Org, User
 from scheduler.db.types import utcnow
 from scheduler.secretenv import HOW_TO_CONFIGURE, seal
 from scheduler.services.dependencies import AFTEROK, met
@@ -37,6 +37,7 @@ from scheduler.services.errors import (
 from scheduler.services.interactivelimits import check_interactive_time
 from scheduler.services.jobactions import DEFAULT_MAX_GRACE_S
 from scheduler.services.jobqueries import find_by_idempotency_key
+from scheduler.services.rowlocks import lock_owner_row
 from scheduler.services.tenantlimits import (
     SubmitLimits,
     check_submission,
@@ -270,6 +271,8 @@ async def submit_job(
             if existing is not None:  # a retry is answered even when a cap is now reached
                 return Submitted(existing, created=False)
         org = await get_org(session, org_id)
+        # The database's one write lock from here: concurrent submissions count in turn.
+        await lock_owner_row(session, User, user_id)
         await check_submission(
             session, org=org, user_id=user_id, priority_class=spec.priority_class, limits=limits
         )

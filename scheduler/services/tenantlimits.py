@@ -5,9 +5,12 @@ The same rules run twice, in one place each: `submission_guard` folds them into 
 itself on PostgreSQL (no extra round trip: the direct submission route keeps its one
 statement), reading the counts a trigger keeps in `pending_job_counts` (a few rows, however
 many jobs wait); and `check_submission` counts the jobs themselves, up to the cap, for a
-clear refusal (and before every insert on SQLite). Both read in their statement's snapshot,
-so concurrent submissions of one user or org may overshoot a cap by at most the number of
-submissions in flight at that instant (each sees the others' jobs only once they commit).
+clear refusal (and before every insert on SQLite). On PostgreSQL the guard reads in its
+statement's snapshot, so concurrent submissions of one user or org may overshoot a cap by at
+most the number of submissions in flight at that instant (each sees the others' jobs only
+once they commit). On SQLite a submission takes the database's write lock before it counts
+(services/rowlocks.py), so the caps hold exactly; so does an array, on either database,
+against the user's other arrays (it locks the user's row before counting).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from scheduler.db import ApiToken, Event, User
+from scheduler.db import ApiToken, Event, Job, User
 from tests.api.helpers import World, running_app, seed_world
 
 BURST = 12
@@ -87,3 +87,17 @@ async def test_concurrent_job_actions_store_at_most_the_bound_of_events(
     folded = select(func.count()).where(Event.job_id == job.id, Event.kind == kind + ".more")
     assert await _scalar(world, stored) <= CAP
     assert await _scalar(world, folded) <= 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_concurrent_submissions_stop_at_the_user_cap_on_sqlite(database_url: str) -> None:
+    """SQLite (one server process, one writer) holds the pending-job cap exactly; PostgreSQL's
+    one-statement submission may overshoot it by the submissions in flight at that instant
+    (scheduler/services/tenantlimits.py, tests/api/test_tenant_limits.py)."""
+    async with running_app(database_url, max_pending_jobs_per_user=CAP, submit_burst=1000) as app:
+        world = await seed_world(app)
+        job = {"command": ["sleep", "1"], "time_limit": 60}
+        statuses = await _burst(world, "member_a", "POST", ["/v1/jobs"] * BURST, [job] * BURST)
+        pending = select(func.count()).where(Job.user_id == world.users["member_a"].id)
+        assert await _scalar(world, pending) == CAP
+        assert statuses.count(201) == CAP
