@@ -118,14 +118,16 @@ def wait_ready(client: Client, job_id: str) -> tuple[str, int]:
     while True:
         if time.monotonic() > deadline:
             fail(f"job {job_id}: the notebook did not answer within {READY_WAIT_S:g} s")
-        output = client.get(f"/v1/jobs/{job_id}/logs", tail=64 * 1024)["data"]
+        # The state before the log: a job seen ended has its whole log once `eof` says so.
+        job = client.get(f"/v1/jobs/{job_id}")
+        piece = client.get(f"/v1/jobs/{job_id}/logs", tail=64 * 1024)
+        output = piece["data"]
         if found := _READY.search(output):
             return found.group(1), int(found.group(2))
         for line in output.splitlines():
             if line.startswith(_MISSING):
                 fail(f"job {job_id}: {line.removeprefix(_MISSING + ': ').strip()}")
-        job = client.get(f"/v1/jobs/{job_id}")
-        if job["state"] not in ("PENDING", "STARTING", "RUNNING"):
+        if job["state"] not in ("PENDING", "STARTING", "RUNNING") and piece["eof"]:
             fail(f"job {job_id} ended {job['state']} before its notebook answered")
         time.sleep(0.5)
 

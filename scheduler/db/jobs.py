@@ -163,6 +163,8 @@ class Task(Base):
     stop_reason: Mapped[str | None] = mapped_column(String(255))
     stop_grace_s: Mapped[float | None] = mapped_column(Float)
     log_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    log_complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    """The agent sent the last chunk of the ended task's log (its `eof`): a reader has it all."""
 
 
 class Allocation(Base):

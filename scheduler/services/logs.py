@@ -10,14 +10,20 @@ drops older chunks as new ones arrive): a read of the dropped range gets a marke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from protocol.states import JobState
 from scheduler.db import Job, LogChunk, Task
+from scheduler.db.types import utcnow
 from scheduler.services.errors import NotFound
 
 MAX_LOG_RESPONSE_BYTES = 1024 * 1024
+LOG_SETTLE = timedelta(seconds=60)
+"""How long after a task's end its log counts as complete without the agent's word: an agent
+sends the rest within its next few heartbeats, one that has not by then lost it or went away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,5 +111,18 @@ async def read_log(
         pos = chunk_end
         if size >= max_bytes:
             break
-    eof = task.state.is_terminal and pos >= end_total
+    eof = pos >= end_total and _log_ended(task)
     return LogSlice(task.id, task.attempt, start, max(pos, start), "".join(parts), eof)
+
+
+def _log_ended(task: Task) -> bool:
+    """Whether no more of the task's log will come: the agent sent its last chunk, or it
+    cannot any more. A task's end can reach the server before its log's tail (an agent sends a
+    bounded number of chunks per heartbeat, the rest in the next ones), so `terminal` alone
+    would let a follower stop short of the last lines."""
+    if not task.state.is_terminal:
+        return False
+    if task.log_complete or task.state is JobState.NODE_FAIL or task.started_at is None:
+        return True  # its node is gone, or it never ran there
+    ended_at = task.ended_at
+    return ended_at is None or utcnow() - ended_at > LOG_SETTLE

@@ -160,6 +160,8 @@ def test_agent_process_runs_a_task_survives_sigkill_and_serves_metrics(
         wait_for(lambda: nodes()[0]["last_heartbeat_at"] != before, timeout_s=30)
         go.touch()
         wait_for(lambda: state() == "COMPLETED", timeout_s=30)
+        # The log's last chunk may come a heartbeat after the end: `eof` says when it has.
+        wait_for(lambda: served.get(f"/v1/jobs/{job_id}/logs", token)["eof"], timeout_s=30)
         logs = served.get(f"/v1/jobs/{job_id}/logs", token)
         assert (logs["data"], logs["eof"]) == ("rank 0\n", True)
         assert [n["id"] for n in nodes()] == [node["id"]]  # the credential survived

@@ -95,7 +95,11 @@ async def test_a_flooding_task_keeps_the_latest_cap_on_the_server(cluster: Clust
     await cluster.heartbeat(cred, logs=chunks(task_id, data, 0, 1))
     assert (await stored(cluster, task_id))[2] == first
 
-    await cluster.heartbeat(cred, tasks=[report(task_id, job["id"], "exited", exit_code=0)])
+    last = {"task_id": task_id, "offset": len(data), "next_offset": len(data), "data": "",
+            "eof": True}  # fmt: skip
+    await cluster.heartbeat(
+        cred, tasks=[report(task_id, job["id"], "exited", exit_code=0)], logs=[last]
+    )
     logs = f"/v1/jobs/{job['id']}/logs"
     tail = await cluster.call("GET", f"{logs}?tail=5000", token)
     assert tail["data"].encode() == data[-5000:]

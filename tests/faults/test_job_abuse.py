@@ -218,6 +218,12 @@ def test_log_flood_through_an_agent_restart(tmp_path: Path, database_url: str) -
         assert 0 < peak_server <= SERVER_LOG_CAP_BYTES, peak_server
 
         logs = f"/v1/jobs/{job}/logs"
+        # The log's last chunks may come heartbeats after the end: `eof` says when they have.
+        wait_for(
+            "the whole log on the server",
+            lambda: org.member.get(logs, params={"tail": 1}).json()["eof"],
+            30,
+        )
         tail = org.member.get(logs, params={"tail": 8192}).json()
         assert tail["eof"] is True
         assert tail["data"].endswith("\ncheckpoint saved\n"), tail["data"][-300:]

@@ -382,13 +382,20 @@ async def _apply_logs(
     )
     rows: list[dict[str, Any]] = []
     newest: dict[int, int] = {}
+    complete: set[int] = set()
     for chunk in sorted(body.logs, key=lambda c: (c.task_id, c.offset)):
         upto = held.get(chunk.task_id)
-        if upto is None or chunk.next_offset <= upto:
+        if upto is None:
+            continue
+        if chunk.eof:  # the chunks before it came first (in order, this or earlier heartbeats)
+            complete.add(chunk.task_id)
+        if chunk.next_offset <= upto:
             continue
         rows.append({"task_id": chunk.task_id, "offset": chunk.offset, "data": chunk.data})
         held[chunk.task_id] = chunk.next_offset
         newest[chunk.task_id] = chunk.offset
+    if complete:
+        await session.execute(update(Task).where(Task.id.in_(complete)).values(log_complete=True))
     if not rows:
         return
     now = utcnow()
