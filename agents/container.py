@@ -38,6 +38,7 @@ from typing import Literal
 from agents import containerenv
 from agents.cgroups import Limits
 from agents.netns import DNS_ADDRESS
+from agents.sandbox import TASK_OOM_SCORE_ADJ
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ def container_launch(
         network = f"--network=ns:{netns}" if netns is not None else "--network=host"
     argv = [exe, "run", "--rm", "--name", name, *_labels(agent, task_id), network]
     argv += ["--ipc=private", "--init"]
+    # As the sandbox's tasks, first for the kernel's OOM killer: the container's processes are
+    # the runtime's children, and would otherwise have its daemon's choice.
+    argv.append(f"--oom-score-adj={TASK_OOM_SCORE_ADJ}")
     # The output reaches the task's log through the attached client; a copy in the runtime's own
     # log files (json-file keeps everything, unbounded, by default) would fill the node's disk.
     argv.append("--log-driver=none")

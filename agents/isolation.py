@@ -50,6 +50,13 @@ TASKS_PID_SHARE = 0.75
 """Of the processes and threads the node can hold (its pid space, or the agent's cgroup
 ceiling where lower), what its tasks may hold together: the rest stays for the agent and the
 node's own services. Each task gets its GPUs' share of it (`Confinement.limits`)."""
+AGENT_OOM_SCORE_ADJ = -900
+"""The agent's own `oom_score_adj` under strict isolation: out of the node's memory, the
+kernel's OOM killer ends tasks (sandbox.TASK_OOM_SCORE_ADJ) and the node's services before it.
+Not -1000 (never): an agent that itself grew without bound must still be the one to go."""
+MEMORY_RESERVE_MIN_BYTES = 4 * 2**30
+MEMORY_RESERVE_SHARE = 0.05
+CAP_SYS_RESOURCE = 24
 
 
 class TaskRefused(Exception):
@@ -72,8 +79,11 @@ class IsolationConfig:
     org_roots: tuple[str, ...] = ()
     """Directories an org's jobs may work in, `{org}` standing for the org's name."""
     memory_per_gpu_bytes: int | None = None
-    """A task's memory limit per GPU unless its job asks for its own. None: the node's memory
-    divided by its GPUs."""
+    """A task's memory limit per GPU unless its job asks for its own. None: the tasks' memory
+    (`node_memory_reserve_bytes`) divided by the node's GPUs; never more than that."""
+    node_memory_reserve_bytes: int | None = None
+    """The node's memory no task's limit counts on (the kernel, page cache, the agent, sshd,
+    the container runtime): tasks share the rest. None: `default_memory_reserve`."""
     pids_max: int | None = 8192
     cgroup_parent: str = "fairgpu"
     dev_dir: Path = Path("/dev")
@@ -127,6 +137,8 @@ class Confinement:
         self.cgroups: Hierarchy | None = None
         self.tasks_pids: int | None = None
         """What every task of the node may hold together of its processes and threads."""
+        self.tasks_memory_bytes = 0
+        """What every task of the node may hold together of its memory (strict isolation)."""
         self.namespaces = namespaces
         self.no_namespaces = no_namespaces or "network namespaces are off on this node"
         """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
@@ -148,6 +160,8 @@ class Confinement:
                 self.cgroups = open_hierarchy(config.cgroup_parent)
             except CgroupError as exc:
                 raise IsolationUnavailable(str(exc)) from exc
+            self.tasks_memory_bytes = tasks_memory(config.node_memory_reserve_bytes)
+            shield_agent_from_oom()
             self.tasks_pids = tasks_pid_budget(self.cgroups)
             if self.tasks_pids is not None:
                 log.info(
@@ -261,15 +275,16 @@ class Confinement:
 
     def limits(self, spec: TaskSpec) -> Limits:
         """The task's cgroup limits; TaskRefused when its job asks for more memory than its
-        GPUs' share of the node's (`--mem-per-gpu`, else the node's memory ÷ its GPUs).
-        Memory is not scheduled, so more than the share is other tasks' memory: a one-GPU job
-        asking `--mem 64T` got a limit the node's memory never reached, filled it, and the
-        kernel's OOM killer, out of the node's memory, ended the largest process on the node,
-        another org's training or the agent."""
+        GPUs' share of the tasks' memory (`--mem-per-gpu`, at most the node's memory less its
+        reserve ÷ its GPUs). Memory is not scheduled, so more than the share is other tasks'
+        memory: a one-GPU job asking `--mem 64T` got a limit the node's memory never reached,
+        filled it, and the kernel's OOM killer, out of the node's memory, ended the largest
+        process on the node, another org's training or the agent. Shares of all the node's
+        memory did the same once every task filled its own: the node itself needs some."""
         gpus = max(len(spec.gpus), 1)
-        per_gpu = self.config.memory_per_gpu_bytes
-        if per_gpu is None:
-            per_gpu = psutil.virtual_memory().total // self.total_gpus
+        per_gpu = self.tasks_memory_bytes // self.total_gpus
+        if self.config.memory_per_gpu_bytes is not None:
+            per_gpu = min(per_gpu, self.config.memory_per_gpu_bytes)
         share = per_gpu * gpus
         memory = spec.memory_bytes
         if memory is None:
@@ -365,6 +380,60 @@ class Confinement:
             group.remove()
         if self.config.task_root is not None:
             remove_tree(self.task_dir(task_id))
+
+
+def default_memory_reserve(total_bytes: int) -> int:
+    """What the node keeps for itself by default: MEMORY_RESERVE_SHARE of its memory, at
+    least MEMORY_RESERVE_MIN_BYTES, at most half of it (a small test node). As Slurm's
+    MemSpecLimit or the kubelet's system-reserved, but on by default: the page cache the jobs'
+    own data loading lives on, the agent with its log copiers, sshd, dockerd and the NVIDIA
+    daemons need a few GiB whatever the node's size, and 5 % covers the kernel's own tables,
+    which grow with it."""
+    reserve = max(MEMORY_RESERVE_MIN_BYTES, int(total_bytes * MEMORY_RESERVE_SHARE))
+    return min(reserve, total_bytes // 2)
+
+
+def tasks_memory(reserve_bytes: int | None) -> int:
+    """The node's memory less its reserve: what its tasks' limits add up to at most."""
+    total = psutil.virtual_memory().total
+    reserve = default_memory_reserve(total) if reserve_bytes is None else reserve_bytes
+    if reserve >= total:
+        raise IsolationUnavailable(
+            f"--node-memory-reserve-bytes {reserve} leaves no memory for tasks: this node has "
+            f"{total} bytes"
+        )
+    log.info(
+        "tasks hold at most %s of memory together, %s kept for the node",
+        _gib(total - reserve),
+        _gib(reserve),
+    )
+    return total - reserve
+
+
+def shield_agent_from_oom() -> bool:
+    """AGENT_OOM_SCORE_ADJ for the agent; False where it lacks CAP_SYS_RESOURCE. That
+    capability is also what makes the tasks' own value a floor (sandbox.TASK_OOM_SCORE_ADJ):
+    without it the agent keeps the value it was started with and a task may lower its own back
+    to that (not below), so out of the node's memory the OOM killer weighs the two alike."""
+    if not has_capability(CAP_SYS_RESOURCE):
+        log.warning(
+            "no CAP_SYS_RESOURCE: the agent keeps its oom_score_adj and a task may lower its "
+            "own back to it, so the kernel's OOM killer may end the agent before a task; grant "
+            "the agent CAP_SYS_RESOURCE (systemd: CapabilityBoundingSet)"
+        )
+        return False
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(AGENT_OOM_SCORE_ADJ))
+    return True
+
+
+def has_capability(number: int) -> bool:
+    """This process holds capability `number` (linux/capability.h) in its effective set."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << number))
+    return False
 
 
 def _gib(size_bytes: int) -> str:

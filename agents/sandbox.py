@@ -4,7 +4,8 @@ Run by path (`python -I -S sandbox.py CONFIG_JSON COMMAND...`) as root, between 
 records the exit status and the job's command, so it imports nothing but the standard library:
 every task start pays for its start-up. In order, it
 
-1. joins the task's cgroup (every process the task starts is then a member), and the task's own
+1. joins the task's cgroup (every process the task starts is then a member), sets its
+   `oom_score_adj` to TASK_OOM_SCORE_ADJ (a floor its uid cannot lower), and the task's own
    network namespace when it has one (agents/netns.py), whose resolver it binds over
    /etc/resolv.conf in step 2;
 2. enters a mount namespace of its own, with mounts private to it: a fresh `/tmp`, `/var/tmp`,
@@ -67,6 +68,12 @@ _GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
 # own, so that nothing it writes there reaches the host's disk or another task.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/crash")  # noqa: S108
 
+TASK_OOM_SCORE_ADJ = 500
+"""Every task process's `oom_score_adj`: when the node runs out of memory, the kernel's OOM
+killer takes a task before the agent (which sets its own low, agents.isolation) or the node's
+services. Written as root, it is also the floor the task's uid cannot go below (the kernel's
+`oom_score_adj_min`, set by a writer holding CAP_SYS_RESOURCE), and its children inherit both."""
+
 CARRIED_PREFIX = "FAIRGPU_SANDBOXED_"
 """Before each variable of the task's environment on its way through root's processes."""
 
@@ -116,6 +123,14 @@ def join_cgroup(procs_files: list[str]) -> None:
     for path in procs_files:
         with open(path, "w") as f:
             f.write(pid)
+
+
+def mark_for_oom() -> None:
+    """TASK_OOM_SCORE_ADJ for this process and all it starts, before it drops to the task's
+    uid: otherwise it keeps the agent's own low value, inherited, and the kernel's OOM killer,
+    out of the node's memory, would pass over the task to end the agent or a node service."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(TASK_OOM_SCORE_ADJ))
 
 
 def join_netns(path: str) -> None:
@@ -356,6 +371,7 @@ def enter(config: dict[str, Any], command: list[str]) -> int:
         )
         step = "joining the task's cgroup"
         join_cgroup(config["cgroup_procs"])
+        mark_for_oom()
         step = "entering the task's namespaces"
         if netns is not None:
             _check(_libc.setns(netns, CLONE_NEWNET), "setns(CLONE_NEWNET)")
@@ -387,6 +403,8 @@ def main(argv: list[str]) -> int:
     try:
         step = "joining the task's cgroup"
         join_cgroup(config["cgroup_procs"])
+        step = "setting the task's oom_score_adj"
+        mark_for_oom()
         if config.get("netns"):
             step = "entering the task's network namespace"
             join_netns(config["netns"])

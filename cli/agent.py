@@ -193,7 +193,16 @@ def agent(
         str | None,
         typer.Option(
             help="Memory limit of a task per GPU, e.g. 120G, unless its job asks (submit "
-            "--mem). Default: the node's memory divided by its GPUs.",
+            "--mem). Default and most: the node's memory less its reserve, divided by its GPUs.",
+        ),
+    ] = None,
+    node_memory_reserve_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Memory kept for the node itself (kernel, page cache, agent, sshd, container "
+            "runtime): tasks' limits share the rest. Default: 5% of the node's memory, at least "
+            "4 GiB, at most half.",
+            min=0,
         ),
     ] = None,
     task_pids_max: Annotated[
@@ -320,6 +329,7 @@ def agent(
             org_uids=_org_uids(org_uid or []),
             org_roots=tuple(org_root or ()),
             memory_per_gpu_bytes=parse_memory(mem_per_gpu) if mem_per_gpu else None,
+            node_memory_reserve_bytes=node_memory_reserve_bytes,
             pids_max=task_pids_max,
             cgroup_parent=cgroup_parent,
             dev_dir=gpu_dev_dir,

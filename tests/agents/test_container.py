@@ -34,8 +34,8 @@ def test_docker() -> None:
     assert launch.argv == [
         "docker", "run", "--rm", "--name", "fairgpu-n0de-task-12",
         "--label", "fairgpu.agent=n0de", "--label", "fairgpu.task=12", "--network=host",
-        "--ipc=private", "--init", "--log-driver=none", "--gpus", '"device=2,3"',
-        "--env-file", "/proc/self/fd/9",
+        "--ipc=private", "--init", "--oom-score-adj=500", "--log-driver=none",
+        "--gpus", '"device=2,3"', "--env-file", "/proc/self/fd/9",
         "-v", "/data/run:/data/run", "-w", "/data/run",
         "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
     ]  # fmt: skip

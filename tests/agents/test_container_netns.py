@@ -19,6 +19,7 @@ import pytest
 
 from agents.container import container_name, pod_name, sweep
 from agents.runner import Runner, RunnerConfig
+from agents.sandbox import TASK_OOM_SCORE_ADJ
 from agents.state import agent_tag
 from tests.agents.helpers import docker_unusable, spec, wait_for
 from tests.agents.test_isolation import ACME
@@ -196,3 +197,22 @@ def test_an_agent_sweeps_its_own_orphaned_containers_and_never_another_agents(
     finally:
         for name in names:
             subprocess.run(["docker", "rm", "--force", name], capture_output=True)
+
+
+def test_a_docker_task_goes_first_to_the_oom_killer_and_cannot_lower_itself(
+    docker_node: NetNode, image: str
+) -> None:
+    """A container's processes are the runtime's children, not the agent's: docker gives them
+    the daemon's choice unless told. Without `--oom-score-adj` this one had 0, and out of the
+    node's memory the kernel's OOM killer could pick the agent or a node service first. It
+    cannot go below the floor it was started with (the daemon's own value, or where the
+    runtime holds CAP_SYS_RESOURCE, TASK_OOM_SCORE_ADJ itself)."""
+    script = (
+        "cat /proc/self/oom_score_adj; "
+        "(echo -900 > /proc/self/oom_score_adj) 2>/dev/null && echo lowered || echo refused"
+    )
+    task = spec(TASK, ["sh", "-c", script], image=image, gpus=[], **ACME)
+    docker_node.runner.start(task)
+    result = docker_node.result(TASK, timeout_s=60)
+    assert result["exit_code"] == 0, result
+    assert result["log"].split() == [str(TASK_OOM_SCORE_ADJ), "refused"], result

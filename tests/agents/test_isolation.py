@@ -28,9 +28,17 @@ import pytest
 
 from agents.cgroups import CgroupError, open_hierarchy
 from agents.disk import DiskConfig
-from agents.isolation import Confinement, IsolationConfig, IsolationUnavailable
+from agents.isolation import (
+    AGENT_OOM_SCORE_ADJ,
+    CAP_SYS_RESOURCE,
+    Confinement,
+    IsolationConfig,
+    IsolationUnavailable,
+    default_memory_reserve,
+    has_capability,
+)
 from agents.runner import Runner, RunnerConfig
-from agents.sandbox import LANDLOCK_SCOPE_ABI, landlock_abi
+from agents.sandbox import LANDLOCK_SCOPE_ABI, TASK_OOM_SCORE_ADJ, landlock_abi
 from agents.state import StateDir
 from protocol.agent import TaskSignal
 from tests.agents.helpers import spec, wait_for
@@ -552,6 +560,72 @@ def test_a_job_cannot_raise_its_memory_limit_past_its_gpus_share(node: Node) -> 
     small = "x = bytearray(600 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('held')\n"
     result = node.run(2, python(small), gpus=[0, 1], memory_bytes=2**30, **ACME)
     assert (result["state"], result["log"]) == ("exited", "held\n"), result
+
+
+def test_the_node_keeps_a_reserve_of_its_memory_from_its_tasks(tmp_path: Path) -> None:
+    """Shares of all the node's memory added up to all of it: with every task at its limit the
+    node itself ran out, and the kernel's OOM killer took whatever was largest, whoever's.
+    Before, a one-GPU task asking for a quarter of this four-GPU node's memory ran."""
+    total = psutil.virtual_memory().total
+    n = Node(tmp_path, memory_per_gpu_bytes=None)
+    try:
+        reserve = default_memory_reserve(total)
+        share = (total - reserve) // 4
+        assert n.confinement.limits(spec(1, ["true"], gpus=[0])).memory_bytes == share
+        assert n.confinement.limits(spec(1, ["true"], gpus=[0, 1])).memory_bytes == 2 * share
+        result = n.run(1, ["true"], gpus=[0], memory_bytes=total // 4, **ACME)
+        assert result["state"] == "failed_to_start", result
+        assert f"share of this node's memory ({share / 2**30:.1f} GiB)" in result["reason"]
+    finally:
+        n.close()
+
+
+def test_the_memory_reserve_also_bounds_mem_per_gpu(tmp_path: Path) -> None:
+    """--mem-per-gpu cannot hand out the reserve either: here it asks for all the node's
+    memory per GPU, and an explicit reserve leaves 4 GiB for four GPUs."""
+    total = psutil.virtual_memory().total
+    n = Node(tmp_path, memory_per_gpu_bytes=total, node_memory_reserve_bytes=total - 4 * 2**30)
+    try:
+        assert n.confinement.limits(spec(1, ["true"], gpus=[0])).memory_bytes == 2**30
+    finally:
+        n.close()
+    (tmp_path / "none").mkdir()
+    with pytest.raises(IsolationUnavailable, match="leaves no memory for tasks"):
+        Node(tmp_path / "none", node_memory_reserve_bytes=total)
+
+
+def test_the_default_memory_reserve() -> None:
+    assert default_memory_reserve(2**40) == int(2**40 * 0.05)  # 51.2 GiB of a 1 TiB node
+    assert default_memory_reserve(32 * 2**30) == 4 * 2**30  # at least 4 GiB
+    assert default_memory_reserve(2 * 2**30) == 2**30  # at most half
+
+
+def test_a_task_goes_first_to_the_oom_killer_and_cannot_lower_itself(node: Node) -> None:
+    """Tasks inherited the agent's oom_score_adj, so out of the node's memory the kernel's OOM
+    killer weighed a task as the agent. Every task process is now TASK_OOM_SCORE_ADJ and its
+    uid cannot go below the agent's value; where the agent holds CAP_SYS_RESOURCE, the agent is
+    at AGENT_OOM_SCORE_ADJ and the task's value is itself the floor, children included."""
+    shielded = has_capability(CAP_SYS_RESOURCE)
+    agent = int(Path("/proc/self/oom_score_adj").read_text())
+    if shielded:
+        assert agent == AGENT_OOM_SCORE_ADJ
+    probe = (
+        "import errno, subprocess, sys\n"
+        "def lower(value):\n"
+        "    try:\n"
+        "        with open('/proc/self/oom_score_adj', 'w') as f: f.write(value)\n"
+        "        return 'lowered'\n"
+        "    except OSError as exc: return errno.errorcode[exc.errno]\n"
+        "print(open('/proc/self/oom_score_adj').read().strip())\n"
+        "print(subprocess.run(['cat', '/proc/self/oom_score_adj'], capture_output=True,"
+        " text=True).stdout.strip())\n"
+        "print(lower(str(int(sys.argv[1]) - 1)), lower(sys.argv[1]))\n"
+    )
+    result = node.run(1, [*python(probe), str(agent)], gpus=[0], **ACME)
+    assert result["state"] == "exited", result
+    adj = str(TASK_OOM_SCORE_ADJ)
+    floor = "EACCES" if shielded else "lowered"  # the agent's own value
+    assert result["log"].split() == [adj, adj, "EACCES", floor], result
 
 
 def test_private_tmp_and_shm(node: Node) -> None:
