@@ -144,6 +144,9 @@ async def _lookup(
     row = (await session.execute(stmt)).one_or_none()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise Unauthenticated("unknown token")
+    if row.kind == TokenKind.USER and row.disabled_at is not None:
+        # Before the revocation: disabling a user revokes their tokens, and says why.
+        raise Unauthenticated("user disabled")
     if row.revoked_at is not None:
         raise Unauthenticated("token revoked")
     if row.expires_at is not None and row.expires_at <= now:

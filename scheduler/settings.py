@@ -97,6 +97,17 @@ class Settings(BaseSettings):
         "made through another replica takes effect within this time; 0 checks every request.",
     )
 
+    stream_auth_recheck_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How often a server process checks again the token behind each open "
+        "stream (`attach`, `run --pty`, `port-forward`) it holds, and that its user may still "
+        "reach the job: a revoked or expired token, a disabled user or lost access closes the "
+        "stream within this time (plus `auth_cache_ttl_s` when the change went through another "
+        "replica). WebSocket close code 1008.",
+    )
+
     server_relay_url: str | None = Field(
         None,
         pattern=r"^https?://[^/?#\s]+$",

@@ -30,6 +30,7 @@ from api.deps import Principal, authenticate, parse_bearer
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from api.relayhop import RELAY_PATH, carry, connect_holder
 from api.routers.jobs.view import JobRef, scope_of
+from api.streamauth import POLICY_VIOLATION, watch
 from api.streamlimits import StreamLimits
 from api.streammetrics import StreamMeter
 from protocol.streams import MAX_FRAME_BYTES, Error, Exit, control_text, parse_control
@@ -347,8 +348,9 @@ async def _hand_over(websocket: WebSocket, stream: PendingStream | None) -> None
 async def _relay(
     user: WebSocket, agent: WebSocket, stream: PendingStream, early: list[Message]
 ) -> None:
-    """Frame by frame both ways until either side ends, what the user sent before the agent
-    came (`early`) first; one frame in flight per direction."""
+    """Frame by frame both ways until either side ends, or the user may no longer hold the
+    stream (api/streamauth.py: checked every `stream_auth_recheck_s`), what the user sent
+    before the agent came (`early`) first; one frame in flight per direction."""
     exited = asyncio.Event()
     user_left = asyncio.Event()
 
@@ -389,7 +391,9 @@ async def _relay(
             await agent.send_text(text)
 
     meter = StreamMeter(stream.kind, stream.requested_at)
-    pumps = {asyncio.create_task(agent_to_user()), asyncio.create_task(user_to_agent())}
+    every_s = user.app.state.settings.stream_auth_recheck_s
+    watcher = asyncio.create_task(watch(user, stream.job_id, every_s))
+    pumps = {asyncio.create_task(agent_to_user()), asyncio.create_task(user_to_agent()), watcher}
     try:
         with meter:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -402,21 +406,28 @@ async def _relay(
             result, WebSocketDisconnect | RuntimeError | asyncio.CancelledError
         ):
             log.warning("stream %s: relay ended with %r", stream.id, result)
+    refused = watcher.result() if watcher.done() and not watcher.cancelled() else None
+    if isinstance(refused, str):
+        log.info("stream %s into job %s closed: %s", stream.id, stream.job_id, refused)
+        await _fail(user, f"the stream was closed: {refused}", POLICY_VIOLATION, refused)
     # A forwarded connection ends when its agent closes it; a terminal ends with its exit.
-    if stream.kind != "port" and not exited.is_set() and not user_left.is_set():
+    elif stream.kind != "port" and not exited.is_set() and not user_left.is_set():
         await _fail(user, AGENT_GONE.format(job=stream.job_id))
     await _close(agent)
     await _close(user)
 
 
-async def _fail(websocket: WebSocket, message: str) -> None:
+async def _fail(
+    websocket: WebSocket, message: str, code: int = 1011, reason: str | None = None
+) -> None:
+    """The error as a control frame (the CLI prints it), then the close with `code`."""
     with contextlib.suppress(Exception):
         if websocket.application_state is WebSocketState.CONNECTED:
             await websocket.send_text(control_text(Error(type="error", message=message)))
-    await _close(websocket, 1011)
+    await _close(websocket, code, reason)
 
 
-async def _close(websocket: WebSocket, code: int = 1000) -> None:
+async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = None) -> None:
     with contextlib.suppress(Exception):
         if websocket.application_state is WebSocketState.CONNECTED:
-            await websocket.close(code)
+            await websocket.close(code, reason)
