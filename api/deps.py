@@ -174,6 +174,7 @@ async def _lookup(
             user_name=row.name,
             org_id=row.org_id,
             role=Role(row.role),
+            expires_at=row.expires_at,
         )
         return principal, row.expires_at, False
     raise Forbidden("a join token only registers nodes (POST /v1/agent/register)")

@@ -4,7 +4,8 @@ A stream (`attach`, `run --pty`, `attach --new`, `port-forward`) is authenticate
 opens, and a shell can then last for days. Without a second look, revoking its token, the
 token's expiry, disabling its user or taking away their access to the job (a departing
 engineer removed by their company) would leave a shell in the company's job running. So the
-process holding the user's side asks again every `stream_auth_recheck_s`, with the same
+process holding the user's side asks again when the relay starts, then every
+`stream_auth_recheck_s` and just after the token's expiry when that comes sooner, with the same
 authentication every request uses (api/deps.authenticate, through the auth cache: a change made
 through this process is seen at the next check, one made through another replica within
 `auth_cache_ttl_s` more) and the same rule as at the opening (the job's owner, an org-admin of
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket
@@ -39,12 +42,23 @@ POLICY_VIOLATION = 1008
 """The WebSocket close code of a stream whose user may no longer hold it (RFC 6455)."""
 
 
-async def refusal(websocket: WebSocket, job_id: int) -> str | None:
-    """Why the user behind `websocket`'s token may no longer hold a stream into `job_id`
-    ("token revoked", "token expired", "user disabled", ...); None while they may."""
+EXPIRY_SLACK_S = 0.2
+"""How long after its token's expiry a stream's next check comes: past it, not before."""
+
+
+class Verdict(NamedTuple):
+    reason: str | None
+    """Why the user may no longer hold the stream; None while they may."""
+    expires_at: datetime | None = None
+    """When the token expires, for the next check to come then if sooner."""
+
+
+async def verdict(websocket: WebSocket, job_id: int) -> Verdict:
+    """Whether the user behind `websocket`'s token may still hold a stream into `job_id`: the
+    reason why not ("token revoked", "token expired", "user disabled", ...), or None."""
     secret = parse_bearer(websocket.headers.get("authorization", ""))
     if secret is None:  # it authenticated at the opening; kept for the type checker
-        return "no bearer token"
+        return Verdict("no bearer token")
     state = websocket.app.state
     async with state.sessionmaker() as session:
         try:
@@ -52,31 +66,37 @@ async def refusal(websocket: WebSocket, job_id: int) -> str | None:
                 session, secret, utcnow(), getattr(state, "auth_cache", None)
             )
             if principal.kind != "user" or principal.user_id is None:
-                return "not a user token"
+                return Verdict("not a user token")
             job = await get_job(session, job_id, scope_org_id=scope_of(principal))
             check_may_act(
                 job, user_id=principal.user_id, may_admin_org=principal.can_admin_org(job.org_id)
             )
         except Unauthenticated as error:
-            return str(error)
+            return Verdict(str(error))
         except DomainError:
-            return f"no longer allowed to reach job {job_id}"
+            return Verdict(f"no longer allowed to reach job {job_id}")
         finally:
             await session.rollback()
-    return None
+    return Verdict(None, principal.expires_at)
 
 
 async def watch(websocket: WebSocket, job_id: int, every_s: float) -> str:
-    """Return the reason as soon as a check every `every_s` finds the stream's user may no
-    longer hold it; until then, check on."""
+    """Return the reason as soon as a check finds the stream's user may no longer hold it;
+    until then, check on: at once, then every `every_s`, and just after the token's expiry
+    when that comes sooner."""
+    delay_s = 0.0
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(delay_s)
+        delay_s = every_s
         try:
             # To its end if the relay ends meanwhile: a cancellation mid-statement leaves the
             # connection neither committed nor rolled back (scheduler/db/engine.run_to_end).
-            reason = await run_to_end(refusal(websocket, job_id))
+            found = await run_to_end(verdict(websocket, job_id))
         except (SQLAlchemyError, OSError) as error:
             log.warning("stream into job %s: could not check its token again: %r", job_id, error)
             continue
-        if reason is not None:
-            return reason
+        if found.reason is not None:
+            return found.reason
+        if found.expires_at is not None:
+            left_s = (found.expires_at - utcnow()).total_seconds()
+            delay_s = min(every_s, max(0.0, left_s) + EXPIRY_SLACK_S)

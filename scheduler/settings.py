@@ -103,9 +103,9 @@ class Settings(BaseSettings):
         le=3600,
         description="How often a server process checks again the token behind each open "
         "stream (`attach`, `run --pty`, `port-forward`) it holds, and that its user may still "
-        "reach the job: a revoked or expired token, a disabled user or lost access closes the "
-        "stream within this time (plus `auth_cache_ttl_s` when the change went through another "
-        "replica). WebSocket close code 1008.",
+        "reach the job: a revoked token, a disabled user or lost access closes the stream "
+        "within this time (plus `auth_cache_ttl_s` when the change went through another "
+        "replica), an expiring token at its expiry. WebSocket close code 1008.",
     )
 
     server_relay_url: str | None = Field(

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,13 +32,14 @@ RECHECK_S = 0.5
 
 
 @pytest.fixture
-def pool(database_url: str, tmp_path: Path) -> Iterator[Pool]:
+def pool(database_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pool]:
+    overrides: dict[str, Any] = getattr(request, "param", {})
     settings = Settings(
         database_url=database_url,
         migrate_on_start=False,
         cycle_interval_s=0.5,
         heartbeat_long_poll_s=1.0,
-        stream_auth_recheck_s=RECHECK_S,
+        **{"stream_auth_recheck_s": RECHECK_S, **overrides},
     )
     token = seed_admin(database_url)
     with serve_app(create_app(settings)) as url:
@@ -132,6 +134,14 @@ def test_an_expiring_token_closes_its_attach(pool: Pool) -> None:
     _, secret = _token(pool, "ada", ttl=3)
     path = f"/v1/jobs/{pool.jobs['ada']}/attach?new=true"
     with _relayed(pool, path, secret, "ada") as (user, agent):
+        assert _closed_for(user, agent, "token expired") < 8
+
+
+# Checks a minute apart: the token's expiry, 3 s after its issue, comes first.
+@pytest.mark.parametrize("pool", [{"stream_auth_recheck_s": 60}], indirect=True)
+def test_a_stream_closes_at_its_tokens_expiry_before_the_next_check(pool: Pool) -> None:
+    _, secret = _token(pool, "ada", ttl=3)
+    with _relayed(pool, f"/v1/jobs/{pool.jobs['ada']}/attach", secret, "ada") as (user, agent):
         assert _closed_for(user, agent, "token expired") < 8
 
 
