@@ -139,9 +139,12 @@ def _exercise(proc: subprocess.Popen[bytes], database_url: str, http: httpx.Clie
     # Any worker's scrape shows the scheduler process leading and cycling.
     def leading() -> bool:
         text = http.get("/metrics").text
-        return _metric(text, "fairgpu_scheduler_leader") == 1.0
+        cycles = _metric(text, 'fairgpu_scheduling_cycles_total{result="ok"}') or 0
+        return _metric(text, "fairgpu_scheduler_leader") == 1.0 and cycles >= 1
 
-    _until(leading, 30, "the scheduler process leads")
+    # The gauge says leader once the lease is taken, before the first cycle has ended: wait
+    # for both (the first cycle is slow on a loaded machine).
+    _until(leading, 30, "the scheduler process leads and has cycled")
     for _ in range(6):
         text = http.get("/metrics").text
         assert _metric(text, "fairgpu_scheduler_leader") == 1.0
