@@ -80,22 +80,26 @@ def test_metrics_behind_a_token_refuse_a_scrape_without_it() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    metrics.serve(port, "127.0.0.1", token="scrape-me")
-    url = f"http://127.0.0.1:{port}/metrics"
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            anonymous = httpx.get(url, timeout=2)
-            break
-        except httpx.ConnectError:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    assert anonymous.status_code == 401
-    wrong = httpx.get(url, headers={"Authorization": "Bearer nope"}, timeout=2)
-    assert wrong.status_code == 401
-    scraped = httpx.get(url, headers={"Authorization": "Bearer scrape-me"}, timeout=2)
-    assert scraped.status_code == 200
-    assert "fairgpu_gpu_memory_total_bytes" in scraped.text
+    server = metrics.serve(port, "127.0.0.1", token="scrape-me")
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                anonymous = httpx.get(url, timeout=2)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert anonymous.status_code == 401
+        wrong = httpx.get(url, headers={"Authorization": "Bearer nope"}, timeout=2)
+        assert wrong.status_code == 401
+        scraped = httpx.get(url, headers={"Authorization": "Bearer scrape-me"}, timeout=2)
+        assert scraped.status_code == 200
+        assert "fairgpu_gpu_memory_total_bytes" in scraped.text
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_connection_that_sends_nothing_is_closed_by_the_metrics_server() -> None:
