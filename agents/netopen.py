@@ -72,8 +72,11 @@ def _check_walled(namespaces: Namespaces, task_id: int) -> None:
         members = []
     if pid is None or str(pid) not in members:
         raise NetnsError(f"pasta did not start in its cgroup {expected}")
-    if task_id not in namespaces.wall.walled():
-        raise NetnsError(f"nft: table inet {namespaces.wall.table} has no rule for pasta")
+    wall = namespaces.wall
+    wall.list_error = ""
+    if task_id not in wall.walled():
+        why = f" (listing {wall.list_error})" if wall.list_error else ""
+        raise NetnsError(f"nft: table inet {wall.table} has no rule for pasta{why}")
 
 
 def _loopback_works() -> None:

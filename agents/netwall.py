@@ -104,6 +104,9 @@ class Wall:
         """task id → (chain, handle) of its pasta's rules, as nft echoed them when this object
         added them (a table made anew renumbers them all, and `install` reads them again):
         `release` then needs no listing."""
+        self.list_error = ""
+        """Why the last listing of a pasta chain failed (its rules then count as absent): for
+        the message of whoever finds a rule missing."""
         self._made: dict[str, list[str]] | None = None
         """The table as nft listed it right after `install` made it, less the pastas' rules
         (which come and go): what `differences` compares the table with."""
@@ -261,7 +264,8 @@ class Wall:
         for chain in _PER_PASTA:
             try:
                 listed = self._nft(["-j", "list", "chain", "inet", self.table, chain])
-            except WallError:
+            except WallError as exc:
+                self.list_error = f"{chain}: {exc}"
                 continue
             for item in json.loads(listed).get("nftables", []):
                 rule = item.get("rule")
