@@ -101,7 +101,12 @@ async def revoke_token(
     token: ApiToken = await svc.get_token(session, token_id)
     if token.kind is not TokenKind.USER or token.user_id is None:
         raise NotFound(f"token {token_id} not found")
-    await _may_manage(session, principal, token.user_id)
+    try:
+        await _may_manage(session, principal, token.user_id)
+    except NotFound:
+        # A token of a user the caller does not manage reads as one that does not exist: its
+        # owner's id, and that the id is taken, are not for the caller to learn.
+        raise NotFound(f"token {token_id} not found") from None
     await svc.revoke_token(session, token, actor=principal.actor)
     await session.commit()
     request.app.state.auth_cache.clear()

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from protocol.states import JobState
 from scheduler.db import Gpu, Job
 from tests import factories
-from tests.api.helpers import World, running_app, seed_world
+from tests.api.helpers import World, client, running_app, seed_world
 from tests.scheduling.harness import fast_settings, running_cluster
 
 
@@ -134,3 +134,23 @@ async def test_an_org_admin_cannot_probe_other_orgs_names_by_creating_users(
     assert own.status_code == 201, own.text
     assert len(set(answers)) == 1, answers
     assert answers[0][0] == 403
+
+
+@pytest.mark.parametrize("who", ["member_a", "admin_a"])
+async def test_revoking_another_orgs_token_reads_as_a_token_that_does_not_exist(
+    world: World, who: str
+) -> None:
+    """Another org's token id gets the answer of an id no token has: not 'user N not found',
+    which told that the id is a token and whose it is (a walk over token ids listed every
+    user of every org and how many tokens each held). The token stays live."""
+    async with world.client("member_b") as c:
+        theirs = (await c.post("/v1/tokens", json={"name": "theirs"})).json()
+    missing = theirs["id"] + 1000
+    async with world.client(who) as c:
+        hidden = await c.delete(f"/v1/tokens/{theirs['id']}")
+        absent = await c.delete(f"/v1/tokens/{missing}")
+    assert hidden.status_code == absent.status_code == 404, hidden.text
+    assert hidden.json()["detail"] == f"token {theirs['id']} not found"
+    assert absent.json()["detail"] == f"token {missing} not found"
+    async with client(world.app, theirs["token"]) as c:
+        assert (await c.get("/v1/users/me")).status_code == 200
