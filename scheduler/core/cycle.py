@@ -87,6 +87,7 @@ class Cycle:
         self._bump_failed: set[tuple[object, ...]] = set()
         self._borrow_failed: dict[tuple[object, ...], Wait] = {}
         self._quota_floor: dict[tuple[int, str, int], int] = {}
+        self._longest_waiting: int | None = None  # see _org_waiting_longest; found when needed
         self._static_memo: dict[tuple[str | None, str | None, int, int, int], tuple[str, ...]] = {}
         self._static_full: dict[
             tuple[int, str | None, str | None, int, int, bool, frozenset[str]],
@@ -497,6 +498,8 @@ class Cycle:
             return False
         if self.now - job.submitted_at < self.cfg.consolidate_after_s:
             return False
+        if self._longest_waiting is None:
+            self._longest_waiting = self._org_waiting_longest()
         half = (job.gpus_per_node + 1) // 2
         for t in types:
             # Victims hold no more than lies idle, so every node of the gang has at least half
@@ -507,11 +510,32 @@ class Cycle:
                 lvl is None or lvl.count_ge(half) < job.nodes
             ):
                 continue
-            plan = self.pre.plan(job, t, in_quota=False, consolidate=True)
+            plan = self.pre.plan(
+                job, t, in_quota=False, consolidate=True, spare_org=self._longest_waiting
+            )
             if plan is not None:
                 self._commit(job, t, plan, PreemptionReason.CONSOLIDATE)
                 return True
         return False
+
+    def _org_waiting_longest(self) -> int:
+        """The org of the runnable pending job submitted first (-1: none): consolidation takes
+        none of its jobs for another org's, so the tenant whose work already waits longest does
+        not also pay for the moves (a job of it moved waits again from the queue's back)."""
+        first: tuple[float, int, int] | None = None
+        now = self.now
+        for job in self.snap.pending:
+            if (
+                job.held
+                or job.array_throttled
+                or job.dependency not in _RUNNABLE
+                or (job.not_before is not None and job.not_before > now)
+            ):
+                continue
+            key = (job.submitted_at, job.job_id, job.org_id)
+            if first is None or key < first:
+                first = key
+        return -1 if first is None else first[2]
 
     def _commit(
         self, job: PendingJob, t: str, plan: Plan, reason: PreemptionReason | None = None

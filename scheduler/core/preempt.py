@@ -254,7 +254,12 @@ class Preemptor:
         return out
 
     def plan(
-        self, job: PendingJob, gpu_type: str, in_quota: bool, consolidate: bool = False
+        self,
+        job: PendingJob,
+        gpu_type: str,
+        in_quota: bool,
+        consolidate: bool = False,
+        spare_org: int = -1,
     ) -> Plan | None:
         """The cheapest nodes to free for the job's gang, or None (nothing is preempted then).
 
@@ -264,7 +269,7 @@ class Preemptor:
         `consolidate` (a borrower that fits nowhere): victims are borrowers whose org keeps a
         weighted share at least the job's, or its own jobs of no higher class, each `movable`,
         and only on nodes where they hold no more GPUs than are idle there and no org drops
-        below its guarantee.
+        below its guarantee; none of `spare_org`'s jobs moves for another org's.
         """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
         need = self.index.job_class(job)  # only nodes with the features it needs are freed
@@ -336,6 +341,8 @@ class Preemptor:
                 if classes.get(r.priority_class, 0) >= cls + consolidate:
                     continue
             elif in_quota or consolidate:
+                if consolidate and r.org_id == spare_org:
+                    continue
                 left = over.get(r.org_id)
                 if left is None:
                     left = over[r.org_id] = books.over(r.org_id, gpu_type)

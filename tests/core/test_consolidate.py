@@ -3,7 +3,8 @@
 Docs: docs/SCHEDULING.md section 7, "Consolidation". The bound: on every node it frees, the
 victims hold no more GPUs than lie idle there, each checkpointed during its run and loses at
 most `consolidate_max_lost_s` of work, no victim org drops below its guarantee, and none ends
-below the preemptor's weighted share; the preemptor has waited `consolidate_after_s`.
+below the preemptor's weighted share; the preemptor has waited `consolidate_after_s`; and the
+org whose pending work waits longest gives no job to another org's consolidation.
 """
 
 from __future__ import annotations
@@ -114,6 +115,19 @@ def test_switched_off_or_without_preemption_nothing_moves() -> None:
     assert schedule(cluster(preemption=False)).preemptions == ()
 
 
+def test_the_org_whose_work_waits_longest_gives_no_job_to_another_orgs() -> None:
+    # Org 1 also waits, for a 16-GPU gang that fits nowhere: submitted before org 2's job, org 1
+    # is the tenant whose work waits longest, and its job on node 1 stays where it is.
+    def with_gang(at: float) -> Snapshot:
+        s = cluster()
+        gang = job(2, 1, 8, nodes=2, at=at, preemptible=True)
+        return Snapshot(s.now, s.nodes, s.orgs, s.running, (*s.pending, gang), s.config)
+
+    assert [p.job_id for p in schedule(with_gang(WAITED - 60.0)).preemptions] == []
+    # Submitted after org 2's job, org 2 waits longest: org 1's job moves as before.
+    assert [p.job_id for p in schedule(with_gang(WAITED + 60.0)).preemptions] == [100]
+
+
 def test_its_own_jobs_of_no_higher_class_may_move_for_it() -> None:
     own = snapshot(
         nodes=nodes(2),
@@ -208,3 +222,10 @@ def test_consolidation_never_takes_more_than_lies_idle_nor_more_than_the_bound(
     for preemptor in preemptors:
         assert s.now - submitted[preemptor] >= s.config.consolidate_after_s
     assert not preemptors & {st_.job_id for st_ in d.starts}
+    # The org whose pending work waits longest gives no job to another org's consolidation.
+    if moved:
+        first = min(s.pending, key=lambda j: (j.submitted_at, j.job_id))
+        by_job = {j.job_id: j.org_id for j in s.pending}
+        for p in moved:
+            victim_org = by_id[p.job_id].org_id
+            assert victim_org != first.org_id or by_job[p.preemptor_job_id] == victim_org
