@@ -1,9 +1,15 @@
 """Job listings that carry what a queue view shows, so that a client needs one call per page.
 
-A page is three queries whatever its size, never one per job: the jobs joined to their org
-and user names; the node names of the jobs' latest attempts; their dependencies. The first
-pending reason comes from `jobs.pending_reasons`, which every scheduling cycle writes.
+A page is four queries whatever its size, never one per job: the ids of the page's jobs with
+the size of their text; those jobs joined to their org and user names; the node names of the
+jobs' latest attempts; their dependencies. The first pending reason comes from
+`jobs.pending_reasons`, which every scheduling cycle writes.
 Visibility is `scope_org_id`, as in `scheduler/services/jobqueries.py`: None sees every org.
+
+A page also stops at `MAX_PAGE_TEXT_BYTES` of its jobs' commands and environments as JSON: a
+job may carry 128 KiB of them, six times that once control characters are escaped, so 500 jobs
+made one answer of 390 MB (and about 900 MB of the server's memory, 10 s of its CPU) for any
+member to ask for as often as they liked. The cursor carries on where the page stopped.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import ColumnElement, Row, Text, and_, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
@@ -23,6 +29,7 @@ from scheduler.services import holds
 from scheduler.services.jobqueries import dependencies_of
 
 MAX_REASON_MESSAGE_CHARS = 200
+MAX_PAGE_TEXT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +87,11 @@ async def list_jobs(
     window: TimeWindow = TimeWindow(),
     before_id: int | None = None,
     limit: int = 100,
+    max_text_bytes: int = MAX_PAGE_TEXT_BYTES,
 ) -> tuple[list[ListedJob], bool]:
-    """Newest first. Returns (jobs, more): `more` says a next page exists."""
-    stmt = (
-        select(Job, Org.name, User.name)
-        .join(Org, Org.id == Job.org_id)
-        .join(User, User.id == Job.user_id)
-    )
+    """Newest first. Returns (jobs, more): `more` says a next page exists. The page holds at
+    least one job, and no more than fit in `max_text_bytes` of commands and environments."""
+    stmt = select(Job.id, _text_bytes().label("text_bytes"))
     if scope_org_id is not None:
         stmt = stmt.where(Job.org_id == scope_org_id)
     if org_id is not None:
@@ -105,9 +110,21 @@ async def list_jobs(
         stmt = stmt.where(Job.ended_at < window.ended_until)
     if before_id is not None:
         stmt = stmt.where(Job.id < before_id)
-    rows = (await session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1))).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
+    sized = (await session.execute(stmt.order_by(Job.id.desc()).limit(limit + 1))).all()
+    more = len(sized) > limit
+    sized = sized[:limit]
+    kept = _within(sized, max_text_bytes)
+    more = more or kept < len(sized)
+    wanted = [job_id for job_id, _ in sized[:kept]]
+    rows = (
+        await session.execute(
+            select(Job, Org.name, User.name)
+            .join(Org, Org.id == Job.org_id)
+            .join(User, User.id == Job.user_id)
+            .where(Job.id.in_(wanted))
+            .order_by(Job.id.desc())
+        )
+    ).all()
     ids = [job.id for job, _, _ in rows]
     placed = [job.id for job, _, _ in rows if job.state is not JobState.PENDING]
     nodes = await node_names_of(session, placed)
@@ -123,6 +140,21 @@ async def list_jobs(
         for job, org_name, user_name in rows
     ]
     return listed, more
+
+
+def _text_bytes() -> ColumnElement[int]:
+    """A job's command and environment as stored (JSON text, control characters escaped)."""
+    return func.length(cast(Job.command, Text)) + func.coalesce(func.length(cast(Job.env, Text)), 0)
+
+
+def _within(sized: Sequence[Row[int, int]], max_bytes: int) -> int:
+    """How many of the jobs, from the first, fit in `max_bytes` of text; at least one."""
+    total = 0
+    for n, (_, text_bytes) in enumerate(sized):
+        total += int(text_bytes or 0)
+        if total > max_bytes and n > 0:
+            return n
+    return len(sized)
 
 
 async def get_listed(session: AsyncSession, job: Job) -> ListedJob:

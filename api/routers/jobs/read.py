@@ -65,6 +65,9 @@ async def list_jobs(
 
     Each job carries its org and user names, the nodes it runs on and the first reason it
     waits, so that a queue view needs one call per page (the full reasons: `explain`).
+
+    A page ends at `limit` jobs or at 8 MiB of their commands and environments, whichever
+    comes first (at least one job); `next_cursor` goes on from there.
     """
     window = TimeWindow(
         submitted_since=_aware("submitted_since", submitted_since),

@@ -1,0 +1,74 @@
+"""What one request may make the server hold: answers bounded in bytes, not only in rows.
+
+A member's own jobs are within every cap, yet each may carry 128 KiB of command and
+environment, which JSON escapes to six times that: a page of 500 such jobs was one answer of
+390 MB for the server to load, build and send, as often as the member asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from scheduler.db import Org
+from scheduler.services.joblist import MAX_PAGE_TEXT_BYTES
+from tests import factories
+from tests.api.helpers import World, running_app, seed_world
+
+# Control characters: stored and answered as \u0001, six bytes each (about 770 KB a job).
+FAT = "\x01" * 64_000
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    async with running_app(database_url) as app:
+        yield await seed_world(app)
+
+
+async def test_a_page_of_jobs_stops_at_its_byte_budget_and_the_cursor_goes_on(
+    world: World,
+) -> None:
+    """16 fat jobs (12 MB as JSON) asked for in one page of 500: the page stops within the
+    budget with a cursor, and following it lists every job once, newest first."""
+    async with world.app.state.sessionmaker() as session:
+        org = await session.get(Org, world.org_a.id)
+        assert org is not None
+        ids = [
+            (
+                await factories.job(
+                    session, org, world.users["member_a"], command=["x", FAT], env={"A": FAT}
+                )
+            ).id
+            for _ in range(16)
+        ]
+        await session.commit()
+    seen: list[int] = []
+    pages = 0
+    cursor: str | None = None
+    async with world.client("member_a") as c:
+        for _ in range(16):
+            params = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+            r = await c.get("/v1/jobs", params=params)
+            assert r.status_code == 200, r.text
+            assert len(r.content) <= MAX_PAGE_TEXT_BYTES + (1 << 20), len(r.content)
+            page = r.json()
+            pages += 1
+            assert page["data"], page["next_cursor"]
+            seen += [job["id"] for job in page["data"]]
+            assert all(job["env"] == {"A": FAT} for job in page["data"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+    assert seen == sorted(ids, reverse=True)
+    assert pages > 1
+
+
+async def test_one_job_beyond_the_budget_is_still_listed(world: World) -> None:
+    """The budget never empties a page: a job is always listed, however large."""
+    job = await world.job("member_b", command=["x", FAT], env={"A": FAT})
+    async with world.client("member_b") as c:
+        r = await c.get("/v1/jobs", params={"limit": 500})
+    page = r.json()
+    assert [j["id"] for j in page["data"]] == [job.id]
+    assert page["next_cursor"] is None
