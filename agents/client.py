@@ -8,6 +8,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from agents import srcport
 from protocol.agent import AgentRegister, AgentRegistered, Heartbeat, HeartbeatReply, JobGpuUse
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,14 +30,17 @@ class AgentClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = 10.0,
         tls: ssl.SSLContext | None = None,
+        privileged_source_port: bool = False,
     ) -> None:
         self._timeout_s = timeout_s
         self.tls = tls  # also for the WebSocket streams (agents/streams.py)
+        verify: ssl.SSLContext | bool = tls if tls is not None else True
+        # As root, from a port no task can take (agents/srcport.py); behind a proxy, httpx's.
+        self.privileged_source_port = privileged_source_port and not srcport.proxied(base_url)
+        if transport is None and self.privileged_source_port:
+            transport = srcport.PrivilegedPortTransport(verify=verify)
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            transport=transport,
-            timeout=timeout_s,
-            verify=tls if tls is not None else True,
+            base_url=base_url.rstrip("/"), transport=transport, timeout=timeout_s, verify=verify
         )
 
     async def register(self, join_token: str, body: AgentRegister) -> AgentRegistered:

@@ -111,7 +111,12 @@ class Agent:
         self.logs = LogShipper(self.state, max_bytes=config.runner.log_max_bytes)
         self.metrics = metrics
         self.idle = IdleWatch()
-        self.streams = Streams(config.server, client.tls, on_input=self.idle.touch)
+        self.streams = Streams(
+            config.server,
+            client.tls,
+            on_input=self.idle.touch,
+            privileged_source_port=client.privileged_source_port,
+        )
         self.dcgm = (
             DcgmJobMapping(config.dcgm_mapping_dir, [g.index for g in backend.devices()])
             if config.dcgm_mapping_dir

@@ -14,13 +14,15 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from agents import ptyhost
+from agents import ptyhost, srcport
 from agents.forward import forward_port
 from agents.ports import TaskProcesses
 from agents.shells import ShellOpener, ShellRefused
@@ -63,9 +65,12 @@ class Streams:
         server: str,
         tls: ssl.SSLContext | None = None,
         on_input: Callable[[int], None] | None = None,
+        *,
+        privileged_source_port: bool = False,
     ) -> None:
         self.server = server
         self.tls = tls
+        self.privileged_source_port = privileged_source_port
         self.on_input = on_input
         self._seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +119,7 @@ class Streams:
                 on_input(task_id)
 
         try:
+            sock = await self._socket(url)
             async with connect(
                 url,
                 additional_headers={"Authorization": f"Bearer {credential}"},
@@ -121,6 +127,7 @@ class Streams:
                 compression=None,
                 open_timeout=CONNECT_TIMEOUT_S,
                 ssl=self.tls if url.startswith("wss:") else None,
+                sock=sock,
             ) as websocket:
                 used()  # an attach, or a new forwarded connection, is someone using the task
                 if request.kind == "port":
@@ -133,6 +140,15 @@ class Streams:
                     await _to_terminal(websocket, terminal, used)
         except Exception as exc:  # one stream's failure must not reach the agent
             log.warning("stream %s for task %d: %r", request.id[:8], request.task_id, exc)
+
+    async def _socket(self, url: str) -> socket.socket | None:
+        """The stream's connection from a privileged source port, as the heartbeat's
+        (agents/srcport.py); None: websockets connects (through a proxy, where one is set)."""
+        if not self.privileged_source_port or srcport.proxied(self.server):
+            return None
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        return await srcport.connect(parts.hostname or "", port, timeout_s=CONNECT_TIMEOUT_S)
 
 
 async def _to_terminal(

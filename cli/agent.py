@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import socket
@@ -395,7 +396,7 @@ async def run_agent(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = AgentClient(config.server, tls=tls)
+    client = AgentClient(config.server, tls=tls, privileged_source_port=os.geteuid() == 0)
     try:
         await Agent(config, backend, client, metrics=metrics).run(stop)
     finally:

@@ -82,29 +82,38 @@ BODY = AgentRegister(
 )  # fmt: skip
 
 
-async def register(url: str, tls: ssl.SSLContext | None) -> None:
-    client = AgentClient(url, tls=tls, timeout_s=5)
+async def register(url: str, tls: ssl.SSLContext | None, privileged: bool = False) -> None:
+    client = AgentClient(url, tls=tls, timeout_s=5, privileged_source_port=privileged)
+    assert client.privileged_source_port is privileged
     try:
         await client.register("fg_j_not-a-real-token", BODY)
     finally:
         await client.aclose()
 
 
-def test_the_agent_checks_the_servers_certificate_against_its_ca(tls_url: str, pki: Pki) -> None:
+# privileged: through agents/srcport.py's backend (a root agent's), from a port below 1024.
+PRIVILEGED = pytest.mark.parametrize("privileged", [False, True], ids=["ephemeral", "privileged"])
+
+
+@PRIVILEGED
+def test_the_agent_checks_the_servers_certificate_against_its_ca(
+    tls_url: str, pki: Pki, privileged: bool
+) -> None:
     ours = tls_context(ca_file=pki.ca, client_cert=None, client_key=None)
     with pytest.raises(AuthError):  # TLS held; the server read the request and refused the token
-        asyncio.run(register(tls_url, ours))
+        asyncio.run(register(tls_url, ours, privileged))
     with pytest.raises(ServerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
-        asyncio.run(register(tls_url, None))  # the system CAs do not know the test CA
+        asyncio.run(register(tls_url, None, privileged))  # the system CAs do not know the test CA
 
 
-def test_mutual_tls_needs_the_nodes_certificate(mtls_url: str, pki: Pki) -> None:
+@PRIVILEGED
+def test_mutual_tls_needs_the_nodes_certificate(mtls_url: str, pki: Pki, privileged: bool) -> None:
     anonymous = tls_context(ca_file=pki.ca, client_cert=None, client_key=None)
     with pytest.raises(ServerUnavailable):
-        asyncio.run(register(mtls_url, anonymous))
+        asyncio.run(register(mtls_url, anonymous, privileged))
     node = tls_context(ca_file=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
     with pytest.raises(AuthError):
-        asyncio.run(register(mtls_url, node))
+        asyncio.run(register(mtls_url, node, privileged))
 
 
 @pytest.mark.parametrize(

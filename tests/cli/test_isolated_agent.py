@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -233,6 +234,43 @@ def test_a_job_filling_the_disk_fails_alone(pool: Pool) -> None:
     assert "over its limit of 32.0 MiB" in described
     assert pool.job("acme", acme)["state"] == "RUNNING"
     wait_for(lambda: _last_heartbeat(pool) > beat)
+
+
+def test_a_host_network_task_cannot_take_the_agents_source_port(pool: Pool) -> None:
+    """The agent reaches its server from a port below ip_unprivileged_port_start
+    (agents/srcport.py), which a task in the node's network cannot bind: holding every
+    ephemeral port of the node no longer cuts the node off (tests/agents/test_srcport.py
+    exhausts them in a namespace of its own)."""
+    server_port = urlsplit(pool.served.url).port
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+
+    def agent_ports() -> list[int]:
+        return [
+            conn.laddr.port for conn in psutil.Process(pool.agent.pid).net_connections("tcp")
+            if conn.raddr and conn.raddr.port == server_port
+        ]  # fmt: skip
+
+    wait_for(agent_ports)
+    assert all(start - 512 <= port < start for port in agent_ports()), agent_ports()
+    [source, *_] = agent_ports()
+    probe = f"""
+import json, socket
+def bind(port):
+    try:
+        socket.socket().bind(("0.0.0.0", port))
+        return "bound"
+    except OSError as exc:
+        return type(exc).__name__
+print(json.dumps({{"agents": bind({source}),
+                   "range": sorted({{bind(port) for port in range({start - 512}, {start})}})}}))
+"""
+    rival = pool.submit("rival", "--network", "host", "--", PY, "-c", probe)
+    pool.wait_state("rival", rival, {"COMPLETED", "FAILED"})
+    out = pool.served.ok("logs", rival, token=pool.tokens["rival"])
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "agents": "PermissionError",
+        "range": ["PermissionError"],
+    }
 
 
 def _one(out: str) -> dict[str, Any]:

@@ -1,0 +1,158 @@
+"""The agent's connections to its server leave from privileged source ports (agents/srcport.py),
+so that a host-network task binding every ephemeral port of the node cannot cut it off.
+
+The node-wide port sysctls are never changed here (other tests share the machine): the
+exhaustion runs in a network namespace of its own (`unshare -n`), whose `ip_local_port_range`
+and `ip_unprivileged_port_start` are its own, with a real HTTP server on its loopback, the
+ports held by a process of an org's uid, and the real AgentClient.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agents.srcport import privileged_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLDER_UID = 2_900_000 + os.getpid() % 10_000
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1024\n", range(512, 1024)), ("300", range(1, 300)), ("0", range(0)), ("", range(0))],
+)
+def test_the_privileged_range_is_read_from_the_sysctl(
+    tmp_path: Path, value: str, expected: range
+) -> None:
+    sysctl = tmp_path / "ip_unprivileged_port_start"
+    sysctl.write_text(value)
+    assert privileged_ports(sysctl) == expected
+    assert privileged_ports(tmp_path / "missing") == range(0)
+
+
+# Runs as root in a fresh network namespace: its sysctls are its own.
+PROBE = r"""
+import asyncio, ctypes, http.server, json, os, socket, sys, threading, time
+import httpx
+from agents.client import AgentClient, AuthError, ServerUnavailable
+from protocol.agent import AgentRegister
+
+HOLDER_UID = int(sys.argv[1])
+EPHEMERAL = range(40000, 40010)
+os.system("ip link set lo up")
+with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+    f.write(f"{EPHEMERAL.start} {EPHEMERAL.stop - 1}")
+peers = []
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        peers.append(self.client_address[1])
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b'{"detail": "bad join token"}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 8080), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+
+def hold(ports, uid=None):
+    # A process (as `uid`: an org's task) binding `ports`; returns it and what it could not bind.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: it ends with the probe, however that ends
+        if uid is not None:
+            os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        held, refused = [], []
+        for port in ports:
+            s = socket.socket()
+            try:
+                s.bind(("0.0.0.0", port)); held.append(s)
+            except OSError as exc:
+                refused.append(type(exc).__name__)
+        os.write(write, json.dumps(refused).encode() + b"\n")
+        time.sleep(600)
+        os._exit(0)
+    os.close(write)
+    return pid, json.loads(os.fdopen(read).readline())
+
+BODY = AgentRegister(name="n1", site="dc1", domain="r1", hostname="n1", address="127.0.0.1",
+                     agent_version="0", gpus=[])
+
+async def register(privileged):
+    client = AgentClient("http://127.0.0.1:8080", timeout_s=5,
+                         privileged_source_port=privileged)
+    try:
+        await client.register("bad", BODY)
+    except AuthError:
+        return "reached"
+    except ServerUnavailable as exc:
+        return f"unavailable: {exc}"
+    finally:
+        await client.aclose()
+
+out = {}
+task, out["task_refused"] = hold([*EPHEMERAL, 1000, 1023], uid=HOLDER_UID)
+out["task_uid"] = HOLDER_UID
+out["plain"] = asyncio.run(register(False))
+try:
+    socket.create_connection(("127.0.0.1", 8080), timeout=5).close()
+    out["connect"] = "connected"
+except OSError as exc:
+    out["connect"] = exc.errno
+out["privileged"] = asyncio.run(register(True))
+out["privileged_peer"] = peers[-1] if peers else None
+os.kill(task, 9); os.waitpid(task, 0)
+# The privileged range itself full (root services hold it): the kernel's ports, as before.
+with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+    f.write("20")
+services, out["services_refused"] = hold(range(1, 20))
+out["fallback"] = asyncio.run(register(True))
+out["fallback_peer"] = peers[-1] if peers else None
+os.kill(services, 9); os.waitpid(services, 0)
+server.shutdown(); server.server_close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs root, unshare and ip for a network namespace of its own",
+)
+def test_the_agent_reaches_its_server_while_a_task_holds_every_ephemeral_port() -> None:
+    done = subprocess.run(
+        ["unshare", "-n", "--", sys.executable, "-c", PROBE, str(HOLDER_UID)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # The task (an org's uid, no capabilities) bound the whole ephemeral range, and none of
+    # the privileged ports.
+    assert out["task_refused"] == ["PermissionError", "PermissionError"]
+    # Any connection from the kernel's ephemeral ports now fails: the hold works.
+    assert out["plain"].startswith("unavailable:")
+    assert out["connect"] == errno.EADDRNOTAVAIL
+    # The agent's own connection, from a privileged port, reaches the server.
+    assert out["privileged"] == "reached"
+    assert 512 <= out["privileged_peer"] < 1024
+    # With every privileged port taken, it still connects, from an ephemeral one.
+    assert out["services_refused"] == []
+    assert out["fallback"] == "reached"
+    assert 40000 <= out["fallback_peer"] < 40010
