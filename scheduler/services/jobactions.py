@@ -14,6 +14,7 @@ from scheduler.db import Event, Job, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import Conflict, Forbidden
 from scheduler.services.jobstate import STOP_CANCEL, transition_job
+from scheduler.services.rowlocks import lock_owner_row
 
 DEFAULT_MAX_GRACE_S = PolicyConfig().max_preemption_grace_s
 
@@ -34,8 +35,15 @@ async def cancel_job(
     now: datetime | None = None,
 ) -> list[int]:
     """Cancel at once when pending; otherwise ask each active task to stop (the job becomes
-    CANCELLED when its agent reports the exit). Returns the node ids whose agents to wake."""
+    CANCELLED when its agent reports the exit). Returns the node ids whose agents to wake.
+
+    The job's row is locked and read again first: `job` was read before, and a scheduler
+    cycle may have started it since. Cancelling it as still pending would overwrite STARTING
+    with CANCELLED and leave its tasks to run on the GPUs they hold.
+    """
     now = now or utcnow()
+    await lock_owner_row(session, Job, job.id)
+    await session.refresh(job)
     if job.state.is_terminal:
         raise Conflict(f"job {job.id} already ended ({job.state})", state=str(job.state))
     why = reason or "cancelled"

@@ -1,5 +1,6 @@
 """A lock on one owner's row (an org, a user) held to the end of the transaction, so that
-a count against a cap and the insert it allows happen in turn for every request of that owner.
+a count against a cap and the insert it allows happen in turn for every request of that owner;
+also on any row that is read, then written on what was read (a job cancelled as pending).
 
 Without it, two requests both count, both see room and both insert: a burst of N concurrent
 requests overshoots a cap by up to N - 1, on either database.

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from protocol.states import GpuHealth, JobState
 from scheduler.core import schedule
-from scheduler.core.types import Start
+from scheduler.core.types import Org, Start
 from scheduler.db import Allocation, Gpu, Job, Node, Quota, SchedulerLease
 from scheduler.db.engine import make_sessionmaker
 from scheduler.services.scheduling import Lease, LeaseLost, run_cycle
@@ -34,7 +34,7 @@ async def _seed(engine: AsyncEngine) -> tuple[int, list[int]]:
         return job.id, [g.id for g in gpus]
 
 
-async def _decide(engine: AsyncEngine) -> tuple[Start, ...]:
+async def _decide(engine: AsyncEngine) -> tuple[tuple[Start, ...], dict[int, Org]]:
     settings = Settings(database_url="sqlite:///unused.db")
     async with make_sessionmaker(engine)() as s:
         loaded = await load_snapshot(
@@ -43,7 +43,7 @@ async def _decide(engine: AsyncEngine) -> tuple[Start, ...]:
             config=settings.policy.to_policy_config(),
             previously_open=None,
         )
-    return schedule(loaded.snapshot).starts
+    return schedule(loaded.snapshot).starts, {o.id: o for o in loaded.snapshot.orgs}
 
 
 async def _open_allocations(engine: AsyncEngine) -> int:
@@ -57,7 +57,7 @@ async def _open_allocations(engine: AsyncEngine) -> int:
 @pytest.mark.parametrize("change", ["gpu-unhealthy", "job-cancelled", "job-held"])
 async def test_stale_start_is_skipped(engine: AsyncEngine, change: str) -> None:
     job_id, gpu_ids = await _seed(engine)
-    starts = await _decide(engine)
+    starts, orgs = await _decide(engine)
     assert [s.job_id for s in starts] == [job_id]
     maker = make_sessionmaker(engine)
     async with maker() as s:  # the world moves on while the core decides
@@ -75,7 +75,7 @@ async def test_stale_start_is_skipped(engine: AsyncEngine, change: str) -> None:
         await s.commit()
     applied = Applied()
     async with maker() as s, s.begin():
-        await apply_starts(s, starts, datetime.now(UTC), applied, {})
+        await apply_starts(s, starts, datetime.now(UTC), applied, {}, decided_on=orgs)
     assert applied.started == []
     assert applied.skipped == [job_id]
     assert await _open_allocations(engine) == 0
@@ -86,11 +86,11 @@ async def test_unique_index_is_the_last_line_of_defence(
 ) -> None:
     """Even when the in-code guard is fooled, a GPU is never given twice."""
     job_id, _ = await _seed(engine)
-    (start,) = await _decide(engine)
+    (start,), orgs = await _decide(engine)
     maker = make_sessionmaker(engine)
     async with maker() as s, s.begin():
         applied = Applied()
-        await apply_starts(s, (start,), datetime.now(UTC), applied, {})
+        await apply_starts(s, (start,), datetime.now(UTC), applied, {}, decided_on=orgs)
         assert applied.started == [job_id]
     # A guard that sees nothing held (as if another writer committed between its read and our
     # insert), and the same decision again for a job made startable again.
@@ -104,7 +104,7 @@ async def test_unique_index_is_the_last_line_of_defence(
         job.state = JobState.PENDING
         await s.flush()
         with pytest.raises(IntegrityError):  # the batch fails whole; the cycle then retries
-            await apply_starts(s, (start,), datetime.now(UTC), Applied(), {})
+            await apply_starts(s, (start,), datetime.now(UTC), Applied(), {}, decided_on=orgs)
         await s.rollback()
     async with maker() as s:
         job = await s.get(Job, job_id)
@@ -112,7 +112,9 @@ async def test_unique_index_is_the_last_line_of_defence(
         job.state = JobState.PENDING
         await s.flush()
         applied = Applied()
-        await apply_starts(s, (start,), datetime.now(UTC), applied, {}, one_by_one=True)
+        await apply_starts(
+            s, (start,), datetime.now(UTC), applied, {}, decided_on=orgs, one_by_one=True
+        )
         assert applied.skipped == [job_id]  # only that start is skipped; the session lives on
         assert applied.started == []
         await s.rollback()
@@ -188,7 +190,8 @@ async def test_isolated_start_needs_a_node_still_strict_at_apply(
             await s.commit()
     applied = Applied()
     async with maker() as s, s.begin():
-        await apply_starts(s, starts, datetime.now(UTC), applied, {})
+        orgs = {o.id: o for o in loaded.snapshot.orgs}
+        await apply_starts(s, starts, datetime.now(UTC), applied, {}, decided_on=orgs)
     if agent_restarts_unconfined:
         assert (applied.started, applied.skipped) == ([], [job_id])
         assert await _open_allocations(engine) == 0
@@ -234,7 +237,8 @@ async def test_a_signal_start_needs_a_node_still_capable_at_apply(
             await s.commit()
     applied = Applied()
     async with maker() as s, s.begin():
-        await apply_starts(s, starts, datetime.now(UTC), applied, {})
+        orgs = {o.id: o for o in loaded.snapshot.orgs}
+        await apply_starts(s, starts, datetime.now(UTC), applied, {}, decided_on=orgs)
     if agent_restarts_older:
         assert (applied.started, applied.skipped) == ([], [job_id])
         assert await _open_allocations(engine) == 0

@@ -1,11 +1,16 @@
 """APPLY: write the core's decisions in one transaction, guarded so stale ones change nothing.
 
 The snapshot was read before the core ran, with no transaction open since; meanwhile jobs may
-have been cancelled or held, GPUs may have gone bad and nodes down. So every start is checked
-again against the rows as they are now (job still PENDING and not held, every GPU healthy on a
-ready node and not held by an open allocation), and is skipped whole if anything moved. The
-partial unique index on open allocations is the last line of defence: a start that trips it is
-rolled back to its savepoint and skipped.
+have been cancelled or held, quotas cut, GPUs may have gone bad and nodes down. So every start
+is checked again against the rows as they are now (job still PENDING and not held, its org's
+quotas and those above it as the core saw them, every GPU healthy on a ready node and not held
+by an open allocation), and is skipped whole if anything moved. The jobs stay locked from
+that read to the commit (PostgreSQL: `FOR NO KEY UPDATE`; SQLite: the apply holds the
+database's write lock from its first statement), so a cancel or a user's disabling lands wholly
+before the check or wholly after the commit; a quota cut committed after the quotas were read
+orders after the starts, as one committed after the commit would. The partial unique index on
+open allocations is the last line of defence: a start that trips it is rolled back to its
+savepoint and skipped.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
@@ -24,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import GpuHealth, JobState
 from scheduler.core.types import JOB_CAPABILITIES, Decisions, PendingInfo, Preemption, Start
-from scheduler.db import Allocation, Event, Gpu, Job, Task
+from scheduler.core.types import Org as CoreOrg
+from scheduler.db import Allocation, Event, Gpu, Job, Quota, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db import Org as OrgRow
 from scheduler.services.jobactions import DEFAULT_MAX_GRACE_S, preemption_grace_of
@@ -34,6 +40,7 @@ from scheduler.services.scheduling.load import (
     capabilities_needed,
     from_epoch,
     isolated_orgs,
+    quota_maps,
 )
 from scheduler.services.scheduling.tasks import ACTIVE_STATES, request_stop
 from scheduler.states import NodeState
@@ -147,6 +154,75 @@ async def _isolated_orgs(session: AsyncSession) -> frozenset[int]:
     return isolated_orgs((org_id, parent_id, required) for org_id, parent_id, required in rows)
 
 
+# Awaited once the apply holds the jobs it starts, before it reads the orgs' quotas: the seam
+# where tests land a cancel, a user's disabling or a quota cut inside the apply. None in service.
+after_jobs_locked: Callable[[], Awaitable[None]] | None = None
+
+
+async def _lock_jobs(session: AsyncSession, job_ids: Iterable[int]) -> dict[int, Job]:
+    """The jobs as they are now, locked to the commit (PostgreSQL), in id order as every
+    writer of several jobs locks them. Without the lock, a cancel committing between this read
+    and the write of STARTING is overwritten: a cancelled job gets its GPUs."""
+    jobs: dict[int, Job] = {}
+    for chunk in _chunks(sorted(job_ids), JOB_LOAD_CHUNK):  # ORM loads, a short stretch each
+        jobs.update(
+            (j.id, j)
+            for j in await session.scalars(
+                select(Job)
+                .where(Job.id.in_(chunk))
+                .order_by(Job.id)
+                .with_for_update(key_share=True)
+            )
+        )
+    return jobs
+
+
+def _path(org_id: int, decided_on: Mapping[int, CoreOrg]) -> Iterator[int]:
+    """The org and its ancestors, as the core saw the tree (a cycle ends the walk)."""
+    seen: set[int] = set()
+    current: int | None = org_id
+    while current is not None and current not in seen:
+        seen.add(current)
+        yield current
+        org = decided_on.get(current)
+        current = org.parent_id if org is not None else None
+
+
+async def _quotas_moved(
+    session: AsyncSession, org_ids: set[int], decided_on: Mapping[int, CoreOrg]
+) -> set[int]:
+    """Those of `org_ids` whose quotas, or an ancestor's, or whose place in the tree differ
+    from what the core decided on (a quota cut since the load): their starts wait a cycle, and
+    the next one decides on the quotas as they are."""
+    path = sorted({o for org_id in org_ids for o in _path(org_id, decided_on)})
+    parents: dict[int, int | None] = dict(
+        (
+            await session.execute(select(OrgRow.id, OrgRow.parent_id).where(OrgRow.id.in_(path)))
+        ).all()
+    )
+    guaranteed, limit = quota_maps(
+        await session.execute(
+            select(Quota.org_id, Quota.gpu_type, Quota.guaranteed, Quota.limit).where(
+                Quota.org_id.in_(path)
+            )
+        )
+    )
+    changed = set()
+    for org_id in path:
+        seen = decided_on.get(org_id)
+        if (
+            seen is None
+            or org_id not in parents
+            or parents[org_id] != seen.parent_id
+            or guaranteed.get(org_id, {}) != seen.guaranteed
+            or limit.get(org_id, {}) != seen.limit
+        ):
+            changed.add(org_id)
+    if not changed:
+        return set()
+    return {o for o in org_ids if not changed.isdisjoint(_path(o, decided_on))}
+
+
 async def apply_starts(
     session: AsyncSession,
     starts: tuple[Start, ...],
@@ -154,9 +230,12 @@ async def apply_starts(
     applied: Applied,
     org_names: Mapping[int, str],
     *,
+    decided_on: Mapping[int, CoreOrg],
     one_by_one: bool = False,
 ) -> None:
     """Apply the starts that still hold. Batched (two INSERTs in all) unless `one_by_one`.
+
+    `decided_on`: the orgs (quotas, tree) of the snapshot the core decided on, by id.
 
     The batch trusts the in-code guard; if the unique index still fires, the caller rolls the
     whole transaction back and applies again `one_by_one`, each start in its own savepoint, so
@@ -164,10 +243,10 @@ async def apply_starts(
     """
     if not starts:
         return
-    job_ids = [s.job_id for s in starts]
-    jobs: dict[int, Job] = {}
-    for chunk in _chunks(job_ids, JOB_LOAD_CHUNK):  # ORM loads, a short stretch of loop each
-        jobs.update((j.id, j) for j in await session.scalars(select(Job).where(Job.id.in_(chunk))))
+    jobs = await _lock_jobs(session, (s.job_id for s in starts))
+    if after_jobs_locked is not None:
+        await after_jobs_locked()
+    moved = await _quotas_moved(session, {j.org_id for j in jobs.values()}, decided_on)
     node_ids = {p.node_id for s in starts for p in s.placements}
     ready: set[int] = set()
     unconfined: set[int] = set()  # ready nodes without strict isolation
@@ -206,7 +285,12 @@ async def apply_starts(
     for start in starts:
         job = jobs.get(start.job_id)
         chosen = None
-        if job is not None and job.state is JobState.PENDING and not job.held:
+        if (
+            job is not None
+            and job.state is JobState.PENDING
+            and not job.held
+            and job.org_id not in moved
+        ):
             # A node whose agent restarted unconfined, or older than a capability the job
             # needs, since the load takes no such job.
             usable = ready - unconfined if job.org_id in isolated else ready

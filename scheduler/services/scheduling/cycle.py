@@ -109,7 +109,13 @@ async def _apply(
     async with sessionmaker() as session, session.begin():
         await check_fence(session, epoch, now=now, ttl_s=settings.lease_timeout_s)
         await apply_starts(
-            session, decisions.starts, now, applied, loaded.org_names, one_by_one=one_by_one
+            session,
+            decisions.starts,
+            now,
+            applied,
+            loaded.org_names,
+            decided_on={org.id: org for org in loaded.snapshot.orgs},
+            one_by_one=one_by_one,
         )
         await apply_preemptions(
             session,

@@ -489,13 +489,22 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
     return tuple(pending), explained
 
 
-def _orgs(fetched: _Fetched, usage: Mapping[int, float]) -> tuple[tuple[Org, ...], dict[int, str]]:
+def quota_maps(
+    rows: Iterable[Any],
+) -> tuple[dict[int, dict[str, int]], dict[int, dict[str, int]]]:
+    """Guaranteed and limit per org and GPU type from (org id, GPU type, guaranteed, limit)
+    rows, as `Org` holds them: a type without a limit is left out of `limit`."""
     guaranteed: dict[int, dict[str, int]] = defaultdict(dict)
     limit: dict[int, dict[str, int]] = defaultdict(dict)
-    for org_id, gpu_type, quota_guaranteed, quota_limit in fetched.quotas:
+    for org_id, gpu_type, quota_guaranteed, quota_limit in rows:
         guaranteed[org_id][gpu_type] = quota_guaranteed
         if quota_limit is not None:
             limit[org_id][gpu_type] = quota_limit
+    return guaranteed, limit
+
+
+def _orgs(fetched: _Fetched, usage: Mapping[int, float]) -> tuple[tuple[Org, ...], dict[int, str]]:
+    guaranteed, limit = quota_maps(fetched.quotas)
     orgs: list[Org] = []
     names: dict[int, str] = {}
     for org_id, name, parent_id, shares, _ in fetched.orgs:
