@@ -5,15 +5,18 @@
 # The agent finds NVML through the NVIDIA container runtime (libnvidia-ml is mounted in).
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# gcc, a static libc and make: the agent's container entrypoint (make helper), in the wheel.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md Makefile ./
 COPY protocol ./protocol
 COPY scheduler ./scheduler
 COPY api ./api
 COPY agents ./agents
 COPY cli ./cli
 COPY migrations ./migrations
-RUN python -m pip wheel --wheel-dir /wheels .
+RUN make helper && python -m pip wheel --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1

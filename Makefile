@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 
-.PHONY: install lint fmt test test-services test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
+.PHONY: install helper lint fmt test test-services test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
 
 # The demo needs only the runtime dependencies; tests, lint and benchmarks need the dev extra.
 $(RUNTIME_STAMP): pyproject.toml
@@ -18,7 +18,16 @@ $(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(HELPER)
+
+# The entrypoint of every docker and podman container the agent starts (docs/ISOLATION.md): a
+# static binary, since it runs inside any image. Needs a C compiler and a static libc (Debian's
+# gcc and libc6-dev; tests/services.sh installs them).
+HELPER := agents/helper/fairgpu-exec
+$(HELPER): agents/helper/fairgpu-exec.c
+	$(CC) -static -O2 -s -Wall -Wextra -Werror -o $@.tmp $< && mv -f $@.tmp $@
+
+helper: $(HELPER)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,7 +48,7 @@ test-services:
 # serial (host-wide effects) alone. Every pass always runs; any failing fails the target.
 TEST_WORKERS ?= 4
 FAULT_WORKERS ?= 3
-test: lint test-services
+test: lint test-services helper
 	status=0; \
 	$(BIN)/pytest -q -ra -n $(TEST_WORKERS) --dist worksteal -m 'not serial and not faults' || status=1; \
 	$(BIN)/pytest -q -ra -n $(FAULT_WORKERS) --dist worksteal -m faults || status=1; \

@@ -7,6 +7,13 @@ variables from `--env-file`, a memory file the agent hands their client (`env_fi
 the node's disk nor in `ps` output, and never in the environment of the client, which runs as
 root.
 
+On docker and podman the container's entrypoint is the agent's helper (agents/helper/
+fairgpu-exec.c, bind-mounted read-only at `HELPER_MOUNT`): it loads the job's variables from
+their memory file, scopes abstract unix sockets and signals under strict isolation, and execs
+the image's ENTRYPOINT with the job's command (or the image's CMD), which agents/imagelaunch.py
+reads from the image just before `run`. It needs nothing of the image: images without a shell
+run. A node without the helper (`helper_problem`) runs no docker or podman task.
+
 An interactive task's command runs on its terminal host's pty (agents/ptyhost.py): docker and
 podman are asked for a terminal of their own inside the container (`--interactive --tty`), which
 they join to that pty, so the program sees a terminal (window size, job control, Ctrl-C) and
@@ -26,16 +33,19 @@ runs the task's container in it (`--network container:<pod>`); the pod goes with
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import stat
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agents import containerenv
+from agents import containerenv, imagelaunch
 from agents.cgroups import Limits
 from agents.netns import DNS_ADDRESS
 from agents.sandbox import TASK_OOM_SCORE_ADJ
@@ -47,6 +57,11 @@ AGENT_LABEL = "fairgpu.agent"
 TASK_LABEL = "fairgpu.task"
 Runtime = Literal["docker", "podman", "apptainer"]
 RUNTIMES: tuple[Runtime, ...] = ("docker", "podman", "apptainer")
+DEFAULT_HELPER = Path(__file__).resolve().parent / "helper" / "fairgpu-exec"
+"""Where `make helper` builds the helper (the agent's `--exec-helper` names another)."""
+HELPER_MOUNT = "/run/fairgpu/exec"
+"""Where a container sees the helper: its entrypoint."""
+_LAUNCHER = str(Path(imagelaunch.__file__).resolve())
 
 
 class ContainerError(RuntimeError):
@@ -82,7 +97,12 @@ def container_launch(
     netns: Path | None = None,
     pod: str | None = None,
     tty: bool = False,
+    helper: Path = DEFAULT_HELPER,
+    scope: bool = False,
 ) -> ContainerLaunch:
+    """docker's and podman's line is agents/imagelaunch.py's, which finds the image's ENTRYPOINT
+    and CMD and then runs `run`. `scope`: the helper scopes abstract unix sockets and signals
+    (strict isolation, on a kernel that can)."""
     exe = binary or runtime
     binds = [str(m) for m in mounts]
     if workdir and not any(_under(workdir, m) for m in binds):
@@ -135,12 +155,42 @@ def container_launch(
         argv += ["--env-file", env_file]
     for bind in binds:
         argv += ["-v", f"{bind}:{bind}"]
+    argv += ["-v", f"{helper}:{HELPER_MOUNT}:ro"]
+    helper_args = ["-s"] if scope else []
     if env_dir is not None:  # the job's own variables, off the runtime's disk (containerenv)
         argv += ["-v", f"{env_dir}:{containerenv.MOUNT}:ro"]
-        command = containerenv.loader_command(list(command))
+        helper_args += ["-e", containerenv.FILE]
     if workdir:
         argv += ["-w", workdir]
-    return ContainerLaunch([*argv, image, *command], name, [exe, "kill", name])
+    config = {
+        "run": argv,
+        "image": image,
+        "helper": HELPER_MOUNT,
+        "helper_args": helper_args,
+        "command": list(command),
+    }
+    launcher = [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(config, separators=(",", ":"))]
+    return ContainerLaunch(launcher, name, [exe, "kill", name])
+
+
+def helper_problem(helper: Path) -> str | None:
+    """Why `helper` cannot be every container's entrypoint (one line), None when it can. It
+    runs in every tenant's container: it must be a regular file that only root (or the agent's
+    own user) can change, in a directory no one else can change either."""
+    try:
+        info, parent = helper.stat(), helper.parent.stat()
+    except OSError:
+        return (
+            f"no exec helper at {helper} (build it with `make helper`, or pass --exec-helper): "
+            "docker and podman containers start through it"
+        )
+    owners = {0, os.geteuid()}
+    if not stat.S_ISREG(info.st_mode) or not info.st_mode & stat.S_IXOTH:
+        return f"the exec helper {helper} is not a file every user may run"
+    for path, what in ((helper, info), (helper.parent, parent)):
+        if what.st_uid not in owners or what.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{path} is not root's, or others may change it: it cannot hold the exec helper"
+    return None
 
 
 def env_file(env: Mapping[str, str]) -> int:
@@ -208,9 +258,14 @@ def sweep(binary: str, agent: str, keep: set[int]) -> list[str]:
     return removed
 
 
-def runtime_problem(runtime: Runtime, binary: str | None) -> str | None:
+def runtime_problem(
+    runtime: Runtime, binary: str | None, helper: Path = DEFAULT_HELPER
+) -> str | None:
     """Why this node's runtime cannot run a container (one line), None when it answers: docker's
-    and podman's `version` (docker's asks its daemon), apptainer's `--version`."""
+    and podman's `version` (docker's asks its daemon) and their exec helper, apptainer's
+    `--version`."""
+    if runtime != "apptainer" and (problem := helper_problem(helper)) is not None:
+        return problem
     exe = binary or runtime
     args = ("--version",) if runtime == "apptainer" else ("version",)
     try:
@@ -225,8 +280,10 @@ class RuntimeCheck:
     then again at each `check` (the agent's, every `container_check_interval_s`, in a thread),
     so a runtime that starts after the agent, or stops, is seen."""
 
-    def __init__(self, runtime: Runtime | None, binary: str | None) -> None:
-        self.runtime, self.binary = runtime, binary
+    def __init__(
+        self, runtime: Runtime | None, binary: str | None, helper: Path = DEFAULT_HELPER
+    ) -> None:
+        self.runtime, self.binary, self.helper = runtime, binary, helper
         self._works: bool | None = None
 
     @property
@@ -240,7 +297,7 @@ class RuntimeCheck:
         if self.runtime is None:
             self._works = False
             return False
-        problem = runtime_problem(self.runtime, self.binary)
+        problem = runtime_problem(self.runtime, self.binary, self.helper)
         before, self._works = self._works, problem is None
         if problem is not None and before is not False:
             log.warning(

@@ -5,10 +5,10 @@ Whatever docker or podman is given as a container's environment they store on di
 container store). So the job's own variables (its `env`, secret variables included, which the
 node cannot tell apart) and FAIRGPU_JOB_SECRET never reach the runtime: the agent writes them to
 a file on a memory filesystem (`memory_backed`), in a directory of the task's own, which the
-container mounts read-only at `MOUNT`; the container's command is the image's `/bin/sh`, which
-exports them and then execs the job's command (`LOADER`), as Kubernetes and swarm hand secrets
-over in a tmpfs file. The runtime sees only fairgpu's own variables (`env_file`) and the path.
-The image's ENTRYPOINT, if it has one, still runs first, with the job's command after it.
+container mounts read-only at `MOUNT`; the agent's helper, the container's entrypoint
+(agents/helper/fairgpu-exec.c), adds them to its environment and then execs what the image and
+the job ask for, as Kubernetes and swarm hand secrets over in a tmpfs file. The runtime sees only
+fairgpu's own variables (`env_file`) and the path.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 MOUNT = "/run/fairgpu/env"
 """Where a container sees its task's directory of variables."""
 _FILE = "env"
-LOADER = f'set -a && . {MOUNT}/{_FILE} && set +a && exec "$@"'
-"""The image's /bin/sh runs this: export the job's variables, then become the job's command."""
+FILE = f"{MOUNT}/{_FILE}"
+"""The file of variables, as the container sees it (the helper's `-e`)."""
 _MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
@@ -43,18 +43,16 @@ def private_variables(spec: TaskSpec, env: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name in names}
 
 
-def loader_command(command: list[str]) -> list[str]:
-    """The container's command when it has private variables: `LOADER` in the image's shell."""
-    return ["/bin/sh", "-c", LOADER, "fairgpu-task", *command]
-
-
-def shell_assignments(env: Mapping[str, str]) -> str:
-    """`env` as lines /bin/sh sources: every value single-quoted, so nothing in a value is
-    expanded or run, and line breaks survive (names are checked by the protocol)."""
-    quote = "'\\''"
-    return "".join(
-        f"{name}='{value.replace(chr(39), quote)}'\n" for name, value in sorted(env.items())
-    )
+def variables_file(env: Mapping[str, str]) -> bytes:
+    """`env` as the helper reads it: NAME=value entries, each ended by a NUL byte (which no
+    value holds: the protocol refuses one), so line breaks and quotes survive as they are.
+    ContainerEnvError for a value holding one all the same."""
+    entries = []
+    for name, value in sorted(env.items()):
+        if "\0" in name or "\0" in value or "=" in name or not name:
+            raise ContainerEnvError(f"the variable {name[:64]!r} cannot be handed to a container")
+        entries.append(f"{name}={value}\0")
+    return "".join(entries).encode()
 
 
 def memory_backed(path: Path) -> bool:
@@ -93,14 +91,15 @@ class ContainerEnv:
     def write(self, task_id: int, variables: Mapping[str, str]) -> Path:
         """The task's directory holding `variables`, to mount at `MOUNT`. ContainerEnvError
         where the file would land on the node's disk."""
+        content = variables_file(variables)
         self._ensure_root()
         directory = self.root / str(task_id)
         _remove_task(directory)  # what a crash left
         directory.mkdir(mode=0o700)
         path = directory / _FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(shell_assignments(variables))
+        with os.fdopen(fd, "wb") as file:
+            file.write(content)
         # The container's user (any uid under docker's --user, the image's own otherwise)
         # reads it through the mount; on the node only root reaches it (the root is 0700).
         path.chmod(0o444)

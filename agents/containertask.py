@@ -6,9 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from agents import sandbox
 from agents.cgroups import Limits
-from agents.container import ContainerError, Runtime, container_launch, env_file, start_task_pod
+from agents.container import (
+    ContainerError,
+    Runtime,
+    container_launch,
+    env_file,
+    helper_problem,
+    start_task_pod,
+)
 from agents.containerenv import ContainerEnv, ContainerEnvError, private_variables
 from agents.isolation import Prepared, TaskRefused
 from protocol.agent import TaskSpec
@@ -35,13 +44,16 @@ def container_start(
     limits: Limits | None,
     pod: str | None,
     env_files: ContainerEnv,
+    helper: Path,
 ) -> ContainerStart:
     """TaskRefused (one line, the task's reason) when the job's variables cannot be handed
-    over as the runtime needs them."""
+    over as the runtime needs them, or the node has no exec helper (docker, podman)."""
     assert spec.image is not None
     env_fd: int | None = None
     env_dir = None
     if runtime != "apptainer":  # its client runs as root: see container.env_file
+        if (problem := helper_problem(helper)) is not None:
+            raise TaskRefused(problem)
         private = private_variables(spec, job_env)
         try:
             env_dir = env_files.write(spec.task_id, private) if private else None
@@ -67,6 +79,9 @@ def container_start(
         netns=prepared.netns,
         pod=pod,
         tty=bool(spec.pty),
+        helper=helper,
+        # As the sandbox scopes its tasks: under strict isolation, where the kernel can.
+        scope=prepared.uid is not None and sandbox.landlock_abi() >= sandbox.LANDLOCK_SCOPE_ABI,
     )
     # docker and podman confine the container themselves (their client needs root); apptainer
     # runs as the task's uid inside the sandbox.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agents import disk, idle, wrapper
 from agents.container import (
+    DEFAULT_HELPER,
     Runtime,
     RuntimeCheck,
     pod_name,
@@ -52,6 +53,9 @@ class RunnerConfig:
     container_env_dir: Path | None = None
     """Where a docker or podman task's own variables are kept (a memory filesystem); None:
     /run/fairgpu/<tag>, or /dev/shm/fairgpu-<tag> where /run is on disk."""
+    exec_helper: Path | None = None
+    """The entrypoint of docker's and podman's containers (agents/helper/fairgpu-exec.c); None:
+    the one `make helper` builds in the package (container.DEFAULT_HELPER)."""
     container_check_interval_s: float = 60.0
     """How often the agent asks its container runtime whether it answers (agents/container.py
     `RuntimeCheck`)."""
@@ -89,7 +93,10 @@ class Runner:
         self.records: dict[int, TaskRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._draining_since: dict[int, float] = {}
-        self.containers = RuntimeCheck(self.config.container_runtime, self.config.container_binary)
+        self.exec_helper = self.config.exec_helper or DEFAULT_HELPER
+        self.containers = RuntimeCheck(
+            self.config.container_runtime, self.config.container_binary, self.exec_helper
+        )
         """Whether the container runtime answers (Agent.capabilities says "container")."""
         self.container_env = ContainerEnv(self.config.container_env_dir or default_root(self.tag))
         """The job's variables of its docker or podman task, in memory (agents/containerenv.py)."""
@@ -348,6 +355,7 @@ class Runner:
                 limits=self.confinement.limits(spec) if prepared.uid is not None else None,
                 pod=pod_name(self.tag, spec.task_id) if pod is not None else None,
                 env_files=self.container_env,
+                helper=self.exec_helper,
             )
             argv, env_fd = started.argv, started.env_fd
             carried = (carried and started.name is None) or env_fd is not None

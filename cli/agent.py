@@ -97,6 +97,15 @@ def agent(
             "container joins. Without it docker runs no task that asks for a private network.",
         ),
     ] = None,
+    exec_helper: Annotated[
+        Path | None,
+        typer.Option(
+            help="With docker or podman: the static fairgpu-exec every container starts "
+            "through (default: the one `make helper` builds in the agents package). Without it "
+            "the node runs no docker or podman job.",
+            envvar="FAIRGPU_AGENT_EXEC_HELPER",
+        ),
+    ] = None,
     dcgm_mapping_dir: Annotated[
         Path | None,
         typer.Option(help="Write dcgm-exporter HPC job-mapping files (one per GPU) here."),
@@ -311,6 +320,7 @@ def agent(
             container_runtime=container_runtime,
             container_binary=container_binary,
             container_pause_image=container_pause_image,
+            exec_helper=exec_helper.absolute() if exec_helper else None,
             time_limit_grace_s=time_limit_grace_s,
             log_max_bytes=log_max_bytes,
             log_max_rate_bytes_per_s=log_max_rate,

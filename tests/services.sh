@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What `make test` needs besides Python packages: PostgreSQL answering on 127.0.0.1:5432 and
 # Prometheus' promtool (tests/deploy checks the rules with it), pasta (package passt), ip and nft,
-# docker and busybox. Installs them with apt-get when missing (as root, or through sudo without a
-# password) and starts PostgreSQL and dockerd; with neither, says in one line what to install.
+# docker and busybox, gcc and a static libc (the agent's container entrypoint: make helper).
+# Installs them with apt-get when missing (as root, or through sudo without a password) and
+# starts PostgreSQL and dockerd; with neither, says in one line what to install.
 # FAIRGPU_TEST_POSTGRES_URL pointing elsewhere skips the PostgreSQL part.
 set -euo pipefail
 
@@ -29,6 +30,9 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 # the daemon, and busybox to make the test's image from (no image registry is reachable).
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
+# The agent's container entrypoint (make helper): a C compiler and a static libc.
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+gcc -print-file-name=libc.a 2>/dev/null | grep -q / || need+=(libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if ! { as_root apt-get update -qq &&
          DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \

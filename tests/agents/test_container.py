@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agents import imagelaunch
 from agents.cgroups import Limits
-from agents.container import ContainerError, container_launch, env_file
+from agents.container import (
+    DEFAULT_HELPER,
+    HELPER_MOUNT,
+    ContainerError,
+    ContainerLaunch,
+    container_launch,
+    env_file,
+)
 
 
 def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
@@ -21,7 +32,7 @@ def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
         "command": ["torchrun", "train.py"],
         "gpus": [2, 3],
         "gpu_uuids": [],
-        "env": {"FAIRGPU_JOB_ID": "5", "CUDA_VISIBLE_DEVICES": "2,3", "SECRET": "x"},
+        "env": {"FAIRGPU_JOB_ID": "5", "CUDA_VISIBLE_DEVICES": "2,3", "SECRET": "s3cr3t"},
         "workdir": "/data/run",
         "env_file": "/proc/self/fd/9",
     }
@@ -29,28 +40,56 @@ def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
     return container_launch(**args)  # type: ignore[arg-type]
 
 
+def launched(launch: ContainerLaunch) -> dict[str, Any]:
+    """The launcher's config: docker's and podman's line goes through agents/imagelaunch.py."""
+    assert launch.argv[:4] == [sys.executable, "-I", "-S", imagelaunch.__file__]
+    config: dict[str, Any] = json.loads(launch.argv[4])
+    return config
+
+
+def run_line(launch: ContainerLaunch, entrypoint: list[str], cmd: list[str]) -> list[str]:
+    """The `run` the launcher execs for an image with this ENTRYPOINT and CMD."""
+    config = launched(launch)
+    program = imagelaunch.program(entrypoint, cmd, config["command"])
+    return imagelaunch.run_argv(config, "sha256:1d", program)
+
+
 def test_docker() -> None:
     launch = build("docker")
-    assert launch.argv == [
+    assert run_line(launch, [], []) == [
         "docker", "run", "--rm", "--name", "fairgpu-n0de-task-12",
         "--label", "fairgpu.agent=n0de", "--label", "fairgpu.task=12", "--network=host",
         "--ipc=private", "--init", "--oom-score-adj=500", "--log-driver=none",
         "--gpus", '"device=2,3"', "--env-file", "/proc/self/fd/9",
-        "-v", "/data/run:/data/run", "-w", "/data/run",
-        "nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py",
+        "-v", "/data/run:/data/run", "-v", f"{DEFAULT_HELPER}:{HELPER_MOUNT}:ro",
+        "-w", "/data/run", "--entrypoint", HELPER_MOUNT,
+        "sha256:1d", "--", "torchrun", "train.py",
     ]  # fmt: skip
     assert launch.kill_argv == ["docker", "kill", "fairgpu-n0de-task-12"]
-    assert "x" not in launch.argv  # values travel in a file, not on the command line
+    assert "s3cr3t" not in launch.argv[4]  # values travel in a file, not on the command line
+
+
+def test_the_images_entrypoint_and_cmd_are_run_as_docker_runs_them() -> None:
+    """ENTRYPOINT + the job's command; ENTRYPOINT + CMD when the job gives none."""
+    launch = build("docker", env_dir=Path("/run/fairgpu/n0de/12"), scope=True)
+    tail = ["sha256:1d", "-s", "-e", "/run/fairgpu/env/env", "--"]
+    line = run_line(launch, ["/entry", "--flag"], ["serve"])
+    assert line[line.index("sha256:1d") :] == [*tail, "/entry", "--flag", "torchrun", "train.py"]
+    assert "/run/fairgpu/n0de/12:/run/fairgpu/env:ro" in line
+    bare = build("docker", command=[], env_dir=Path("/run/fairgpu/n0de/12"), scope=True)
+    line = run_line(bare, ["/entry"], ["serve", "--port", "1"])
+    assert line[line.index("sha256:1d") :] == [*tail, "/entry", "serve", "--port", "1"]
+    assert "/bin/sh" not in line
 
 
 def test_docker_by_uuid() -> None:
     launch = build("docker", gpu_uuids=["GPU-a", "GPU-b"])
-    assert '"device=GPU-a,GPU-b"' in launch.argv
+    assert '"device=GPU-a,GPU-b"' in launched(launch)["run"]
 
 
 def test_podman_uses_cdi_devices() -> None:
     launch = build("podman", binary="/usr/bin/podman")
-    argv = launch.argv
+    argv = launched(launch)["run"]
     assert argv[:2] == ["/usr/bin/podman", "run"]
     assert argv.count("--device") == 2
     assert "nvidia.com/gpu=2" in argv
@@ -75,7 +114,7 @@ def test_docker_under_strict_isolation_runs_as_the_org_uid_with_its_limits_and_r
         workdir="/data/acme/run",
         limits=Limits(memory_bytes=2**30, pids_max=512, cpu_weight=200),
     )
-    argv = launch.argv
+    argv = launched(launch)["run"]
     assert "--ipc=host" not in argv
     assert argv[argv.index("--user") + 1] == "200003:200003"
     for flag in ("--cap-drop=ALL", "--security-opt=no-new-privileges", "--pids-limit=512"):
@@ -83,10 +122,12 @@ def test_docker_under_strict_isolation_runs_as_the_org_uid_with_its_limits_and_r
     assert f"--memory={2**30}" in argv
     assert f"--memory-swap={2**30}" in argv
     mounted = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
-    # Only the task's directory and the org's roots; the workdir lies inside a root.
+    # Only the task's directory and the org's roots (the workdir lies inside a root), and the
+    # helper.
     assert mounted == [
         "/var/lib/fairgpu/tasks/12:/var/lib/fairgpu/tasks/12",
         "/data/acme:/data/acme",
+        f"{DEFAULT_HELPER}:{HELPER_MOUNT}:ro",
     ]
     assert argv[argv.index("-w") + 1] == "/data/acme/run"
 
@@ -107,11 +148,11 @@ def test_apptainer_under_strict_isolation_is_contained() -> None:
 
 def test_a_terminal_asks_docker_and_podman_for_one_and_apptainer_for_none() -> None:
     for runtime in ("docker", "podman"):
-        argv = build(runtime, tty=True).argv
+        argv = launched(build(runtime, tty=True))["run"]
         assert argv[argv.index("--log-driver=none") + 1 :][:2] == ["--interactive", "--tty"]
-        assert argv[-3:] == ["nvcr.io/nvidia/pytorch:24.05-py3", "torchrun", "train.py"]
-        assert "--tty" not in build(runtime).argv  # a batch task: no terminal, no stdin
-        assert "--interactive" not in build(runtime).argv
+        batch = launched(build(runtime))["run"]
+        assert "--tty" not in batch  # a batch task: no terminal, no stdin
+        assert "--interactive" not in batch
     assert build("apptainer", tty=True).argv == build("apptainer").argv
 
 

@@ -23,6 +23,9 @@ from protocol.agent import TaskSignal
 from tests.agents.helpers import spec, wait_for
 
 PY = sys.executable
+# The stand-in clients' answer to `image inspect` (agents/imagelaunch.py asks it first): an image
+# with no ENTRYPOINT or CMD of its own, run by its id.
+INSPECTED = """if [ "$1" = image ]; then echo '[{"Id": "sha256:1d", "Config": {}}]'; exit 0; fi\n"""
 
 
 @pytest.fixture
@@ -264,7 +267,8 @@ def test_container_task_without_runtime_fails_to_start(state: StateDir) -> None:
 def test_container_task_runs_through_the_runtime(state: StateDir, tmp_path: Path) -> None:
     fake_docker = tmp_path / "docker"
     fake_docker.write_text(  # its argv, the job id in its own environment, its env file
-        f'#!/bin/sh\necho "$@" > {tmp_path}/argv\necho "[$FAIRGPU_JOB_ID]" >> {tmp_path}/argv\n'
+        f'#!/bin/sh\n{INSPECTED}echo "$@" > {tmp_path}/argv\n'
+        f'echo "[$FAIRGPU_JOB_ID]" >> {tmp_path}/argv\n'
         'while [ $# -gt 0 ]; do [ "$1" = --env-file ] && cat "$2" >> "$0.out"; shift; done\n'
     )
     fake_docker.chmod(0o755)
@@ -277,10 +281,36 @@ def test_container_task_runs_through_the_runtime(state: StateDir, tmp_path: Path
     env_file = (tmp_path / "docker.out").read_text().splitlines()
     assert argv.startswith(f"run --rm --name fairgpu-{runner.tag}-task-1 ")
     assert '--gpus "device=4,5"' in argv
-    assert argv.endswith("pytorch:24 python train.py")
+    assert argv.endswith("--entrypoint /run/fairgpu/exec sha256:1d -- python train.py")
     assert own == "[]"  # the client (root, outside any sandbox) does not have the job's variables
     assert "FAIRGPU_JOB_ID=101" in env_file  # the container does
     assert runner.records[1].exit_code == 0
+
+
+@pytest.mark.parametrize("problem", ["missing", "writable"])
+def test_a_container_task_is_refused_in_one_line_without_a_sound_exec_helper(
+    state: StateDir, tmp_path: Path, problem: str
+) -> None:
+    """Every docker and podman container starts through the helper, which runs in every
+    tenant's container: one that is not there, or that another user could change, runs none."""
+    helper = tmp_path / "helper" / "fairgpu-exec"
+    if problem == "writable":
+        helper.parent.mkdir()
+        helper.write_text("#!/bin/sh\n")
+        helper.chmod(0o777)
+    runner = Runner(
+        state,
+        RunnerConfig(container_runtime="docker", container_binary="true", exec_helper=helper),
+    )
+    runner.start(spec(1, ["python", "train.py"], image="pytorch:24"))
+    record = runner.records[1]
+    assert record.state == "failed_to_start", record
+    expected = {
+        "missing": f"no exec helper at {helper} (build it with `make helper`",
+        "writable": f"{helper} is not root's, or others may change it",
+    }
+    assert record.reason.startswith(expected[problem]), record.reason
+    assert "\n" not in record.reason
 
 
 def test_reaped_child_subprocess_module_is_not_confused() -> None:
@@ -356,7 +386,7 @@ def test_a_container_task_gets_its_warning_signal_through_the_runtime(
     # The fake runtime: `run` stays up like a container; `kill` records what it was asked.
     fake_docker = tmp_path / "docker"
     fake_docker.write_text(
-        "#!/bin/sh\n"
+        f"#!/bin/sh\n{INSPECTED}"
         f'if [ "$1" = kill ]; then echo "$@" >> {tmp_path}/kills; exit 0; fi\n'
         f"trap '' TERM; touch {tmp_path}/ready; exec sleep 60\n"  # ends only at SIGKILL
     )
@@ -388,7 +418,7 @@ def test_a_container_filling_its_writable_layer_is_ended_at_the_disk_limit(
     layer.mkdir(parents=True)
     fake_docker = tmp_path / "docker"
     fake_docker.write_text(
-        "#!/bin/sh\n"
+        f"#!/bin/sh\n{INSPECTED}"
         f'if [ "$1" = inspect ]; then echo {layer}; exit 0; fi\n'
         f'if [ "$1" = kill ]; then exit 0; fi\n'
         f"head -c 8388608 /dev/zero > {layer}/fill; sync; exec sleep 60\n"
@@ -413,7 +443,7 @@ def test_an_interactive_container_task_gets_a_terminal(state: StateDir, tmp_path
     # standard input is a terminal (the terminal host's pty), as docker's client would see it.
     fake_docker = tmp_path / "docker"
     fake_docker.write_text(
-        f'#!/bin/sh\necho "$@" > {tmp_path}/argv\n'
+        f'#!/bin/sh\n{INSPECTED}echo "$@" > {tmp_path}/argv\n'
         f"if [ -t 0 ]; then echo tty >> {tmp_path}/argv; else echo no-tty >> {tmp_path}/argv; fi\n"
     )
     fake_docker.chmod(0o755)
@@ -427,6 +457,6 @@ def test_an_interactive_container_task_gets_a_terminal(state: StateDir, tmp_path
     run_to_end(runner, 1)
     argv, terminal = (tmp_path / "argv").read_text().splitlines()
     assert "--log-driver=none --interactive --tty" in argv
-    assert argv.endswith("pytorch:24 bash")
+    assert argv.endswith("--entrypoint /run/fairgpu/exec sha256:1d -- bash")
     assert terminal == "tty"
     assert runner.records[1].exit_code == 0

@@ -286,6 +286,16 @@ def test_a_followed_wall_is_back_at_once_and_after_its_monitor_died(
             False,
         ),  # fmt: skip
         (RunnerConfig(), False, False),  # no container runtime
+        # docker answers, but every container starts through the helper, which is not there.
+        (
+            RunnerConfig(
+                container_runtime="docker",
+                container_pause_image="pause:1",
+                exec_helper=Path("/nonexistent/fairgpu-exec"),
+            ),
+            False,
+            False,
+        ),
     ],
 )
 async def test_the_server_hears_whether_the_node_runs_containers_and_in_private_networks(
