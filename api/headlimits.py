@@ -10,6 +10,14 @@ problem and the connection closes.
 The bytes are counted twice, because httptools hands over a field only once it is whole: the
 fields and URL it has handed over, and every read that arrives while the head is still open
 (so that one endless field is cut off after the limit, not buffered until it ends).
+
+Time is bounded too: a request must arrive whole, head and body, within `read_timeout_s` of
+its first byte (the first request of a connection: of the connection's opening), or the answer
+is a 408 problem and the connection closes. uvicorn bounds only the idle time between two
+requests of a connection; a client sending nothing after connecting, or a head or a body a
+byte at a time, held its connection (a socket, a parser, a task) for as long as it liked,
+and enough of them took the server's sockets from everyone (slowloris). Once a request is
+whole, the time the app takes (long polls, streams) is not counted.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 MAX_REQUEST_HEADERS = 100
+REQUEST_READ_TIMEOUT_S = 60.0
 FIELD_OVERHEAD_BYTES = 4  # ": " and CRLF, counted as they are on the wire
 
 
@@ -40,21 +49,71 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         *args: Any,
         max_head_bytes: int = MAX_REQUEST_HEAD_BYTES,
         max_headers: int = MAX_REQUEST_HEADERS,
+        read_timeout_s: float = REQUEST_READ_TIMEOUT_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
+        self.read_timeout_s = read_timeout_s
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._reading = False  # a request has begun and is not yet whole
         self._in_head = False
         self._head_bytes = 0  # of the URL and the fields handed over so far
         self._head_read_bytes = 0  # of the reads that arrived wholly inside the head
         self._header_count = 0
         self._head_refused: str | None = None
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_read_timer()
+        super().connection_lost(exc)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = self._head_read_bytes = self._header_count = 0
+        self._reading = True
+        if self._read_timer is None:
+            self._arm_read_timer()
+
+    def on_message_complete(self) -> None:
+        self._reading = False
+        self._disarm_read_timer()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._reading = False
+        self._disarm_read_timer()  # the WebSocket protocol takes the connection over
+        super().handle_websocket_upgrade()
+
+    def _arm_read_timer(self) -> None:
+        self._disarm_read_timer()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _disarm_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        answered = cycle is not None and cycle.response_started
+        if cycle is not None and not cycle.response_complete:
+            # The app waiting for the rest of the body reads a disconnect; whatever it sends
+            # from now on is dropped (uvicorn's cycle sends nothing once disconnected).
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if self._reading and not answered:
+            why = f"the request did not arrive whole within {self.read_timeout_s:g} s"
+            self._send_problem(408, b"Request Timeout", why)
+        self.transport.close()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -101,12 +160,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         raise HeadTooLarge(why)
 
     def _send_431(self, why: str) -> None:
+        self._send_problem(431, b"Request Header Fields Too Large", why)
+
+    def _send_problem(self, status: int, phrase: bytes, why: str) -> None:
         if self.transport.is_closing():
             return
         path = self.url.split(b"?", 1)[0][:200].decode("latin-1")
-        payload = json.dumps(problem_body(431, why, path)).encode()
+        payload = json.dumps(problem_body(status, why, path)).encode()
         head = (
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 "
+            + str(status).encode()
+            + b" "
+            + phrase
+            + b"\r\n"
             + b"content-type: "
             + PROBLEM_MEDIA_TYPE.encode()
             + b"\r\ncontent-length: "
@@ -118,11 +184,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def bounded_http(
-    max_head_bytes: int = MAX_REQUEST_HEAD_BYTES, max_headers: int = MAX_REQUEST_HEADERS
+    max_head_bytes: int = MAX_REQUEST_HEAD_BYTES,
+    max_headers: int = MAX_REQUEST_HEADERS,
+    read_timeout_s: float = REQUEST_READ_TIMEOUT_S,
 ) -> type[asyncio.Protocol]:
     """The protocol for `uvicorn.Config(http=...)`: a partial of a module-level class, so that
     the config still pickles to `--workers` processes."""
     bound: Any = partial(
-        BoundedHttpToolsProtocol, max_head_bytes=max_head_bytes, max_headers=max_headers
+        BoundedHttpToolsProtocol,
+        max_head_bytes=max_head_bytes,
+        max_headers=max_headers,
+        read_timeout_s=read_timeout_s,
     )
     return bound  # type: ignore[no-any-return]

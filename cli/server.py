@@ -108,7 +108,7 @@ def server(
                 log_level=log_level,
                 access_log=access_log,
                 loop="uvloop",
-                http=bounded_http(),
+                http=bounded_http(read_timeout_s=settings.request_read_timeout_s),
                 lifespan="on",
                 timeout_graceful_shutdown=10,
                 timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,

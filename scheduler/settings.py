@@ -371,6 +371,15 @@ class Settings(BaseSettings):
         "together, and apart as many nodes' sides (each side up to two sockets and a 256 KiB "
         "frame each way); one more is 429 with Retry-After.",
     )
+    request_read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a connection may take to send a whole request, head and body, "
+        "counted from its first byte (from the connection's opening for its first request): "
+        "past it the server answers 408 and closes. Without it a client holding many "
+        "connections that send nothing, or a byte at a time, kept them open for ever. What "
+        "the server does once the request is in (long polls, streams) is not counted.",
+    )
     max_job_events_per_kind: int = Field(
         100,
         ge=1,
