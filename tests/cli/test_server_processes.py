@@ -190,7 +190,9 @@ def _exercise(proc: subprocess.Popen[bytes], database_url: str, http: httpx.Clie
         elapsed = time.monotonic() - began
         reply = held[0].json()
         assert [s["job_id"] for s in reply["start"]] == [job["id"]], reply
-        assert elapsed < 5.0, elapsed
+        # Woken, not ended by the poll's 25 s cap: the bound tells the two apart, it times
+        # nothing (a loaded CI worker may take seconds to submit and cycle).
+        assert elapsed < 15.0, elapsed
         replies.append(reply)
         task = reply["start"][0]
         done = {"task_id": task["task_id"], "job_id": job["id"], "state": "exited", "exit_code": 0}
