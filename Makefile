@@ -25,7 +25,7 @@ install: $(STAMP) $(HELPER)
 # gcc and libc6-dev; tests/services.sh installs them).
 HELPER := agents/helper/fairgpu-exec
 $(HELPER): agents/helper/fairgpu-exec.c
-	$(CC) -static -O2 -s -Wall -Wextra -Werror -o $@.tmp $< && mv -f $@.tmp $@
+	$(CC) -static -O2 -s -Wall -Wextra -Werror -o $@.$$$$.tmp $< && mv -f $@.$$$$.tmp $@
 
 helper: $(HELPER)
 
