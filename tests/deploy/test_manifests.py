@@ -121,6 +121,24 @@ def test_agent_daemonset_runs_on_gpu_nodes_with_the_nvidia_runtime() -> None:
     assert container["securityContext"]["privileged"] is True
 
 
+def test_the_agents_exec_helper_is_where_the_hosts_runtime_finds_it() -> None:
+    """docker and podman bind-mount the helper into each container from the host's path: the
+    agent's --exec-helper lies on a host directory mounted at the same path in its pod, and the
+    init container copies the image's helper there."""
+    (daemonset,) = by_kind("DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (helper,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--exec-helper=")]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    directory = str(Path(helper).parent)
+    assert host_paths[mounts[directory]] == directory
+    (init,) = pod["initContainers"]
+    assert init["image"] == container["image"]
+    assert f'"{helper}"' in init["command"][-1]
+    assert any(m["mountPath"] == directory for m in init["volumeMounts"])
+
+
 def test_monitors_select_the_server_service_and_agent_pods() -> None:
     (service_monitor,) = by_kind("ServiceMonitor")
     (pod_monitor,) = by_kind("PodMonitor")
