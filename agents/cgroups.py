@@ -11,6 +11,13 @@ Two layouts, found at start-up (`open_hierarchy`):
   `<memory|pids|cpu|freezer mount>/<agent's own cgroup>/<parent>/task-<id>`. The freezer stops
   the task so that nothing forks while it is killed.
 
+Huge pages (hugetlbfs, `MAP_HUGETLB`, `SHM_HUGETLB`) come from the node's pools
+(/sys/kernel/mm/hugepages), which the memory controller does not charge: without a limit one
+task maps a whole pool and leaves none to the others. Where the hugetlb controller is there (v2,
+or a v1 mount, or the unified hierarchy of a hybrid host, which a task then joins as well),
+every pool's `hugetlb.<size>.max` and `.rsvd.max` is the task's `Limits.hugetlb_bytes` for it,
+0 where it has none.
+
 A process joins its task's cgroup before it becomes the task (agents.sandbox writes its pid to
 `procs_files`), so every process the task starts, double-forked or `setsid`, is a member, and
 `kill()` leaves none behind.
@@ -23,10 +30,14 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.netwall import cgroup2_mount
+
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+HUGETLB = "hugetlb"
+HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 HELPER = "helper"
 """The v2 child directory of a task's cgroup where its helper (pasta) runs."""
 _V2_CONTROLLERS = ("memory", "pids", "cpu")
@@ -43,6 +54,45 @@ class Limits:
     pids_max: int | None
     cpu_weight: int
     """cgroup v2's scale, 1..10000 with 100 the default share; v1 gets shares = weight × 10.24."""
+    hugetlb_bytes: dict[str, int] = field(default_factory=dict)
+    """Huge pages the task may hold, by the hugetlb controller's size name (`2MB`, `1GB`); a
+    size not named: none."""
+
+
+@dataclass(frozen=True, slots=True)
+class HugePool:
+    page_bytes: int
+    pages: int
+    """What the pool can hold at most: its pages and those it may add (`nr_overcommit`)."""
+
+
+def huge_pools(root: Path = HUGEPAGES) -> dict[str, HugePool]:
+    """The node's huge page pools by the hugetlb controller's name for their size."""
+    pools: dict[str, HugePool] = {}
+    for directory in sorted(root.glob("hugepages-*kB")):
+        with contextlib.suppress(OSError, ValueError):
+            kib = int(directory.name.removeprefix("hugepages-").removesuffix("kB"))
+            pages = int((directory / "nr_hugepages").read_text())
+            pages += int((directory / "nr_overcommit_hugepages").read_text())
+            pools[_size_name(kib * 1024)] = HugePool(kib * 1024, pages)
+    return pools
+
+
+def _size_name(page_bytes: int) -> str:
+    """The kernel's name for a huge page size in hugetlb's files (mm/hugetlb_cgroup.c)."""
+    for unit, name in ((2**30, "GB"), (2**20, "MB"), (2**10, "KB")):
+        if page_bytes >= unit:
+            return f"{page_bytes // unit}{name}"
+    return f"{page_bytes}B"
+
+
+def _limit_hugetlb(directory: Path, hugetlb_bytes: dict[str, int]) -> None:
+    """Every pool's limit in a task's hugetlb cgroup: its share, 0 for a pool not named."""
+    for limit in directory.glob("hugetlb.*.max"):
+        size = limit.name.split(".")[1]
+        value = str(hugetlb_bytes.get(size, 0))
+        limit.write_text(value)
+        _write_if_present(directory / f"hugetlb.{size}.rsvd.max", value)
 
 
 class TaskCgroup(ABC):
@@ -203,23 +253,15 @@ class _V2(Hierarchy):
     def __init__(self, root: Path, parent: str) -> None:
         self.root = root
         self.parent = root / parent.strip("/")
-        missing = set(_V2_CONTROLLERS) - set((root / "cgroup.controllers").read_text().split())
+        available = set((root / "cgroup.controllers").read_text().split())
+        missing = set(_V2_CONTROLLERS) - available
+        self.controllers = [*_V2_CONTROLLERS, *([HUGETLB] if HUGETLB in available else [])]
         if missing:
             raise CgroupError(
                 f"cgroup v2 at {root} lacks the {', '.join(sorted(missing))} controller(s)"
             )
         self.parent.mkdir(parents=True, exist_ok=True)
-        # Controllers are handed down level by level; none of these levels may hold a process
-        # itself (v2's rule), which is why a systemd unit gives the agent a subgroup of its own
-        # (DelegateSubgroup=) and tasks a sibling.
-        chain = [root]
-        for part in self.parent.relative_to(root).parts:
-            chain.append(chain[-1] / part)
-        for directory in chain:
-            enabled = set((directory / "cgroup.subtree_control").read_text().split())
-            wanted = [f"+{c}" for c in _V2_CONTROLLERS if c not in enabled]
-            if wanted:
-                (directory / "cgroup.subtree_control").write_text(" ".join(wanted))
+        _enable_down(root, self.parent, self.controllers)
 
     def task(self, task_id: int) -> TaskCgroup:
         return _V2Task(self.parent / f"task-{task_id}")
@@ -240,6 +282,7 @@ class _V2(Hierarchy):
         if limits.pids_max is not None:
             (group.path / "pids.max").write_text(str(limits.pids_max))
         (group.path / "cpu.weight").write_text(str(limits.cpu_weight))
+        _limit_hugetlb(group.path, limits.hugetlb_bytes)
         return group
 
 
@@ -286,17 +329,26 @@ class _V1Task(TaskCgroup):
 class _V1(Hierarchy):
     version = 1
 
-    def __init__(self, mounts: dict[str, Path], parent: str) -> None:
+    def __init__(self, mounts: dict[str, Path], parent: str, unified: Path | None = None) -> None:
         own = _own_v1_cgroups()
         self.mounts = mounts
         self.by_controller = {
             controller: mounts[controller]
             / own.get(controller, "/").lstrip("/")
             / parent.strip("/")
-            for controller in _V1_CONTROLLERS
+            for controller in (*_V1_CONTROLLERS, *([HUGETLB] if HUGETLB in mounts else []))
         }
         for directory in self.by_controller.values():
             directory.mkdir(parents=True, exist_ok=True)
+        if HUGETLB not in mounts and unified is not None:
+            # A hybrid host whose hugetlb is the unified hierarchy's: tasks join a cgroup
+            # there too, at its top as on v2 (a level holding processes hands none down).
+            with contextlib.suppress(OSError):
+                if HUGETLB in (unified / "cgroup.controllers").read_text().split():
+                    directory = unified / parent.strip("/")
+                    directory.mkdir(parents=True, exist_ok=True)
+                    _enable_down(unified, directory, [HUGETLB])
+                    self.by_controller[HUGETLB] = directory
 
     def task(self, task_id: int) -> TaskCgroup:
         return _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})
@@ -319,6 +371,8 @@ class _V1(Hierarchy):
         if limits.pids_max is not None:
             (group.paths["pids"] / "pids.max").write_text(str(limits.pids_max))
         (group.paths["cpu"] / "cpu.shares").write_text(str(max(2, limits.cpu_weight * 1024 // 100)))
+        if HUGETLB in group.paths:
+            _limit_hugetlb(group.paths[HUGETLB], limits.hugetlb_bytes)
         return group
 
 
@@ -338,7 +392,7 @@ def open_hierarchy(parent: str = "fairgpu", *, root: Path = Path("/sys/fs/cgroup
                 f"no cgroup v2 hierarchy at {root} and no cgroup v1 "
                 f"{', '.join(missing)} controller(s) mounted"
             )
-        return _V1(mounts, parent)
+        return _V1(mounts, parent, cgroup2_mount())
     except PermissionError as exc:
         raise CgroupError(f"cannot manage cgroups ({exc}): run the agent as root") from exc
     except OSError as exc:
@@ -351,9 +405,23 @@ def _v1_mounts() -> dict[str, Path]:
         fields = line.split()
         if len(fields) >= 4 and fields[2] == "cgroup":
             for option in fields[3].split(","):
-                if option in _V1_CONTROLLERS:
+                if option in (*_V1_CONTROLLERS, HUGETLB):
                     mounts.setdefault(option, Path(fields[1]))
     return mounts
+
+
+def _enable_down(root: Path, parent: Path, controllers: list[str]) -> None:
+    """Hand `controllers` down from `root` to the children of `parent`, level by level; none
+    of these levels may hold a process itself (v2's rule), which is why a systemd unit gives
+    the agent a subgroup of its own (DelegateSubgroup=) and tasks a sibling."""
+    chain = [root]
+    for part in parent.relative_to(root).parts:
+        chain.append(chain[-1] / part)
+    for directory in chain:
+        enabled = set((directory / "cgroup.subtree_control").read_text().split())
+        wanted = [f"+{c}" for c in controllers if c not in enabled]
+        if wanted:
+            (directory / "cgroup.subtree_control").write_text(" ".join(wanted))
 
 
 def _own_v1_cgroups() -> dict[str, str]:

@@ -28,10 +28,12 @@ import psutil
 
 from agents import sandbox
 from agents.cgroups import (
+    HUGEPAGES,
     CgroupError,
     Hierarchy,
     Limits,
     TaskCgroup,
+    huge_pools,
     node_pid_space,
     open_hierarchy,
 )
@@ -139,6 +141,8 @@ class Confinement:
         """What every task of the node may hold together of its processes and threads."""
         self.tasks_memory_bytes = 0
         """What every task of the node may hold together of its memory (strict isolation)."""
+        self.hugepages = HUGEPAGES
+        """The node's huge page pools, which tasks share by their GPUs."""
         self.namespaces = namespaces
         self.no_namespaces = no_namespaces or "network namespaces are off on this node"
         """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
@@ -298,7 +302,18 @@ class Confinement:
             memory_bytes=memory,
             pids_max=self._pids_max(gpus),
             cpu_weight=min(10_000, 100 * gpus),
+            hugetlb_bytes=self._hugetlb_bytes(gpus),
         )
+
+    def _hugetlb_bytes(self, gpus: int) -> dict[str, int]:
+        """The task's GPUs' share of each of the node's huge page pools, in whole pages, read
+        when it starts: the memory controller does not charge huge pages, and one task mapped
+        a whole pool (agents/cgroups.py)."""
+        taken = min(gpus, self.total_gpus)
+        return {
+            size: pool.pages * taken // self.total_gpus * pool.page_bytes
+            for size, pool in huge_pools(self.hugepages).items()
+        }
 
     def _pids_max(self, gpus: int) -> int | None:
         """`--task-pids-max`, but never more than the task's GPUs' share of what the node's

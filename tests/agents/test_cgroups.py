@@ -7,6 +7,7 @@ and reads there (the kernel's side is the boundary we do not own).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from pathlib import Path
@@ -32,16 +33,27 @@ def test_v2_hands_controllers_down_and_writes_the_limits(tmp_path: Path) -> None
     hierarchy = open_hierarchy("system.slice/fairgpu-agent.service/tasks", root=root)
     assert hierarchy.version == 2
     # Each level enables for its children what it does not already.
-    assert (root / "cgroup.subtree_control").read_text() == "+pids +cpu"
+    assert (root / "cgroup.subtree_control").read_text() == "+pids +cpu +hugetlb"
     for level in ("system.slice", "system.slice/fairgpu-agent.service"):
-        assert (root / level / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+        assert (root / level / "cgroup.subtree_control").read_text() == (
+            "+memory +pids +cpu +hugetlb"
+        )
 
     task = root / "system.slice/fairgpu-agent.service/tasks/task-7"
-    group = hierarchy.create(7, LIMITS)
+    task.mkdir()  # with the hugetlb files the kernel shows, one pair per pool
+    for size in ("2MB", "1GB"):
+        (task / f"hugetlb.{size}.max").write_text("max\n")
+        (task / f"hugetlb.{size}.rsvd.max").write_text("max\n")
+    group = hierarchy.create(7, dataclasses.replace(LIMITS, hugetlb_bytes={"2MB": 2**23}))
     assert {f.name: f.read_text() for f in task.iterdir()} == {
         "memory.max": str(256 * 2**20),
         "pids.max": "100",
         "cpu.weight": "200",
+        # Its share of the 2 MiB pool, and none of a pool it has no share of.
+        "hugetlb.2MB.max": str(2**23),
+        "hugetlb.2MB.rsvd.max": str(2**23),
+        "hugetlb.1GB.max": "0",
+        "hugetlb.1GB.rsvd.max": "0",
     }
     assert group.procs_files == [task / "cgroup.procs"]
     assert not group.oom_killed()

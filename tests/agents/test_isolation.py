@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agents.cgroups import CgroupError, open_hierarchy
+from agents.cgroups import CgroupError, HugePool, huge_pools, open_hierarchy
 from agents.disk import DiskConfig
 from agents.isolation import (
     AGENT_OOM_SCORE_ADJ,
@@ -590,8 +590,12 @@ def test_the_memory_reserve_also_bounds_mem_per_gpu(tmp_path: Path) -> None:
     finally:
         n.close()
     (tmp_path / "none").mkdir()
-    with pytest.raises(IsolationUnavailable, match="leaves no memory for tasks"):
-        Node(tmp_path / "none", node_memory_reserve_bytes=total)
+    parent = f"fairgpu-test-{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(IsolationUnavailable, match="leaves no memory for tasks"):
+            Node(tmp_path / "none", node_memory_reserve_bytes=total, cgroup_parent=parent)
+    finally:  # the hierarchy was opened before the reserve was found wanting
+        open_hierarchy(parent).remove()
 
 
 def test_the_default_memory_reserve() -> None:
@@ -641,6 +645,60 @@ def test_private_tmp_and_shm(node: Node) -> None:
     assert "fairgpu-host-file" not in result["log"]
     assert result["log"].rstrip().endswith("mine")
     assert not Path("/dev/shm/x").exists()
+
+
+HUGE_PROBE = """
+import mmap, sys
+FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000  # MAP_HUGETLB
+def mapped(pages):
+    try:
+        area = mmap.mmap(-1, pages * 2**21, flags=FLAGS)
+    except OSError as exc:
+        return exc.strerror
+    area[:: 2**21] = b"x" * pages  # touch every page: it is the task's now
+    area.close()
+    return "mapped"
+print(mapped(3), mapped(2), flush=True)
+"""
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[int]:
+    """The node's 2 MiB pool at 8 pages (16 MiB) for the test, as it was after (host-wide)."""
+    pool = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+    if not pool.exists():
+        pytest.skip("no 2 MiB huge pages on this kernel")
+    before = pool.read_text()
+    try:
+        pool.write_text("8")
+        if int(pool.read_text()) < 8:
+            pytest.skip("the kernel found no room for 8 huge pages")
+        yield 8
+    finally:
+        pool.write_text(before)
+
+
+def test_a_task_holds_at_most_its_gpus_share_of_the_huge_page_pool(
+    node: Node, huge_pages: int
+) -> None:
+    # The memory controller does not charge huge pages: a one-GPU task of a four-GPU node
+    # mapped the whole pool. Its share now: 8 pages x 1/4 = 2.
+    limits = node.confinement.limits(spec(1, ["true"], gpus=[0], **ACME))
+    assert limits.hugetlb_bytes["2MB"] == 2 * 2**21
+    result = node.run(1, python(HUGE_PROBE), gpus=[0], **ACME)
+    assert result["log"].split() == ["Cannot", "allocate", "memory", "mapped"], result
+    assert int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text()) == 8
+
+
+def test_huge_page_pools_are_read_by_their_cgroup_names(tmp_path: Path) -> None:
+    for kib, pages, overcommit in ((2048, 8, 2), (1048576, 1, 0), (64, 0, 0)):
+        pool = tmp_path / f"hugepages-{kib}kB"
+        pool.mkdir()
+        (pool / "nr_hugepages").write_text(f"{pages}\n")
+        (pool / "nr_overcommit_hugepages").write_text(f"{overcommit}\n")
+    assert huge_pools(tmp_path) == {
+        "2MB": HugePool(2**21, 10), "1GB": HugePool(2**30, 1), "64KB": HugePool(2**16, 0),
+    }  # fmt: skip
 
 
 def test_strict_isolation_needs_uids() -> None:
