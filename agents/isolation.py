@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from agents.cgroups import (
     open_hierarchy,
 )
 from agents.dri import foreign_dri_nodes
+from agents.kernelcheck import kernel_exposures
 from agents.netns import Namespaces, NetnsError
 from agents.netopen import open_namespaces
 from agents.netwall import FLOWS_MAX, UID_MAX
@@ -173,6 +175,10 @@ class Confinement:
                     self.tasks_pids,
                     self.tasks_pids // self.total_gpus,
                 )
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # what tasks inherit
+            tasks_pids = self.tasks_pids or node_pid_space()
+            for line in kernel_exposures(tasks_pids=tasks_pids, nofile=nofile):
+                log.warning("%s", line)
             if sandbox.landlock_abi() < sandbox.LANDLOCK_SCOPE_ABI:
                 log.warning(
                     "this kernel has no Landlock scoping (Linux 6.12 or later): tasks of "

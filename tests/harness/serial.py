@@ -16,6 +16,7 @@ import pytest
 # Path prefixes (relative to the repository root) or whole node ids, each with its reason.
 SERIAL: dict[str, str] = {
     "tests/agents/test_isolation.py": "kills every process of a uid range; host cgroups",
+    "tests/agents/test_node_probes.py": "tasks as other uids in host cgroups; host sysctls read",
     "tests/agents/test_netns.py": "network namespaces, a veth pair and pasta on the host",
     "tests/cli/test_isolated_agent.py": "kills every process of a uid range; host cgroups",
     "tests/cli/test_isolated_pty.py": "kills every process of a uid range; host cgroups",
