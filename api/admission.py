@@ -11,10 +11,13 @@ so that both paths are bound alike and a refused request costs no body read:
   missing Content-Length) has its bearer checked first (one indexed read), and is 401 unless it
   is a live agent or join token (403 for another live token). Ordinary heartbeats are small,
   so they pay nothing here and the route authenticates them as before.
-- A token bucket per token (by its hash) for `POST /v1/jobs`, for `POST /v1/agent/heartbeat`
-  and for every other change under `/v1/` (PATCH, cancel, hold, release, tokens, users, orgs):
-  `submit_rate_per_s`/`submit_burst`, `heartbeat_rate_per_s`/`heartbeat_burst` and
-  `change_rate_per_s`/`change_burst`; past it, 429 with Retry-After. An array of N jobs pays
+- A token bucket per token (by its hash) for `POST /v1/jobs`, for `POST /v1/agent/heartbeat`,
+  for every other change under `/v1/` (PATCH, cancel, hold, release, tokens, users, orgs) and
+  for every read (GET under `/v1/` but the agent protocol):
+  `submit_rate_per_s`/`submit_burst`, `heartbeat_rate_per_s`/`heartbeat_burst`,
+  `change_rate_per_s`/`change_burst` and `read_rate_per_s`/`read_burst`; past it, 429 with
+  Retry-After. A read also pays, once authenticated, into its user's bucket and its org's
+  (`org_read_rate_per_s`/`org_read_burst`): `charge_read`. An array of N jobs pays
   for the other N - 1 (up to the burst) once its body is read (`charge_submissions`). The
   buckets live in this process: each server process (each worker of `fairgpu server --workers
   N`, each replica) keeps its own, so a client spread over N processes may reach N times the
@@ -251,6 +254,9 @@ class Admission:
         self.submits = TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
         self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
         self.changes = TokenBuckets(settings.change_rate_per_s, settings.change_burst)
+        self.reads = TokenBuckets(settings.read_rate_per_s, settings.read_burst)
+        self.user_reads = TokenBuckets(settings.read_rate_per_s, settings.read_burst)
+        self.org_reads = TokenBuckets(settings.org_read_rate_per_s, settings.org_read_burst)
         self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads of yours")
         self.org_follows = OpenRequests(
             settings.max_log_follows_per_org, "waiting log reads of your org", "one org"
@@ -303,7 +309,27 @@ class Admission:
             and not path.startswith(AGENT_PREFIX)
         ):
             return self.changes, "changes (POST, PATCH, PUT, DELETE)"
+        if method == "GET" and path.startswith("/v1/") and not path.startswith(AGENT_PREFIX):
+            return self.reads, "reads (GET)"
         return None
+
+    def charge_read(self, user_id: int, org_id: int | None) -> None:
+        """A read, once its token is known: the user's bucket (over all their tokens), then
+        the org's (over all its users; none for a platform admin). TooManyRequests past one."""
+        charges = [(self.user_reads, str(user_id), "from your tokens together")]
+        if org_id is not None:
+            charges.append((self.org_reads, str(org_id), "from your org's users together"))
+        for buckets, key, whose in charges:
+            wait_s = buckets.take(key)
+            if wait_s > 0:
+                retry_after = max(1, math.ceil(wait_s))
+                raise TooManyRequests(
+                    f"more than {buckets.rate_per_s:g} reads (GET) per second (bursts of "
+                    f"{buckets.burst:g}) {whose}; retry after {retry_after} s",
+                    rate_per_s=buckets.rate_per_s,
+                    burst=int(buckets.burst),
+                    retry_after_s=retry_after,
+                )
 
     async def admit(
         self, scope: Scope, send: Send, sessionmaker: async_sessionmaker[AsyncSession] | None

@@ -212,9 +212,14 @@ async def current_principal(request: Request, session: SessionDep) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-async def user_principal(principal: CurrentPrincipal) -> Principal:
+async def user_principal(request: Request, principal: CurrentPrincipal) -> Principal:
+    """A person; a read (GET) also pays into its user's and its org's read rate, so that
+    neither many tokens nor many users multiply what one tenant may ask of the server."""
     if principal.kind != "user":
         raise Forbidden("agent credentials speak only the agent protocol")
+    admission = getattr(request.app, "admission", None)
+    if admission is not None and request.method == "GET" and principal.user_id is not None:
+        admission.charge_read(principal.user_id, principal.org_id)
     return principal
 
 

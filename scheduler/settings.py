@@ -268,6 +268,29 @@ class Settings(BaseSettings):
     change_burst: int = Field(
         200, ge=1, description="Changes one token may send at once before its rate applies."
     )
+    read_rate_per_s: float = Field(
+        100.0,
+        ge=0,
+        description="Reads per second (GET under /v1/ but the agent protocol: listings, "
+        "describe, explain, logs, usage, shares) one token may send on average, and one user "
+        "over all their tokens; a bucket per token and per user, per server process; beyond it "
+        "429 with Retry-After. 0: no limit.",
+    )
+    read_burst: int = Field(
+        1000,
+        ge=1,
+        description="Reads one token, or one user, may send at once before its rate applies.",
+    )
+    org_read_rate_per_s: float = Field(
+        400.0,
+        ge=0,
+        description="Reads per second all users of one org may send on average, per server "
+        "process (the per-user rate times the org's users would be no bound); beyond it 429 "
+        "with Retry-After. 0: no limit.",
+    )
+    org_read_burst: int = Field(
+        4000, ge=1, description="Reads one org's users may send at once before its rate applies."
+    )
     max_tokens_per_user: int = Field(
         100,
         ge=1,

@@ -83,6 +83,10 @@ FUZZ_ENV = {
     # address: the bound on an address's failed authentications (tests/api/test_auth_failures)
     # would answer most of the fuzz 429 before its route.
     "FAIRGPU_AUTH_FAILURE_RATE_PER_S": "0",
+    # Each role's token reads every GET route with every example: past the read burst the fuzz
+    # would meet the read rate (tests/security/test_read_rates) rather than the routes.
+    "FAIRGPU_READ_RATE_PER_S": "0",
+    "FAIRGPU_ORG_READ_RATE_PER_S": "0",
 }
 
 
