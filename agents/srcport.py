@@ -9,8 +9,10 @@ with CAP_NET_BIND_SERVICE in the network namespace's user namespace, which tasks
 root, binds each of its connections to one of those ports itself, as `rresvport` and the NFS
 client do, and a task cannot take them from it. The sysctl is read from the agent's own network
 namespace (`/proc/sys`), never assumed: at 0 there is no privileged port, and the kernel's
-choice is kept. When no port of the range is free (other root services hold them) or the agent
-cannot bind one (not root), the connection takes the kernel's ephemeral port as before.
+choice is kept. The server's name resolves through UDP from an ephemeral port, which a task can
+hold too: the last addresses found serve while resolving fails. When no port of the range is
+free (other root services hold them) or the agent cannot bind one (not root), the connection
+takes the kernel's ephemeral port as before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import random
 import socket
 import ssl
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +63,9 @@ async def connect(
 ) -> socket.socket:
     """A TCP socket connected to host:port from a privileged source port where one is free,
     else from the kernel's ephemeral range. OSError as socket.create_connection raises it."""
-    loop = asyncio.get_running_loop()
     candidates = privileged_ports() if ports is None else ports
     async with asyncio.timeout(timeout_s):
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await _resolve(host, port)
         last: OSError | None = None
         for family, kind, proto, _, address in infos:
             try:
@@ -76,6 +78,26 @@ async def connect(
             except OSError as exc:
                 last = exc
         raise last if last is not None else OSError(f"{host}: no address to connect to")
+
+
+_Addresses = Sequence[tuple[int, int, int, str, Any]]
+_resolved: dict[tuple[str, int], _Addresses] = {}
+
+
+async def _resolve(host: str, port: int) -> _Addresses:
+    """The server's addresses; the last ones found where resolving fails. A host-network task
+    can hold every ephemeral UDP port as well, and then the resolver cannot send a query: the
+    server's name must not be what cuts the node off."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        known = _resolved.get((host, port))
+        if known is None:
+            raise
+        log.warning("cannot resolve %s (%s): connecting to its last addresses", host, exc)
+        return known
+    _resolved[(host, port)] = infos
+    return infos
 
 
 async def _connect_from(

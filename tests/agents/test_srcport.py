@@ -38,8 +38,9 @@ def test_the_privileged_range_is_read_from_the_sysctl(
     assert privileged_ports(tmp_path / "missing") == range(0)
 
 
-# Runs as root in a fresh network namespace: its sysctls are its own.
-PROBE = r"""
+# Runs as root in a fresh network namespace: its sysctls are its own. An HTTP server on its
+# loopback answers the agent's registration with 401: "reached" is the agent getting that far.
+PRELUDE = r"""
 import asyncio, ctypes, http.server, json, os, socket, sys, threading, time
 import httpx
 from agents.client import AgentClient, AuthError, ServerUnavailable
@@ -68,7 +69,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 8080), Handler)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 
-def hold(ports, uid=None):
+def hold(ports, uid=None, kind=socket.SOCK_STREAM):
     # A process (as `uid`: an org's task) binding `ports`; returns it and what it could not bind.
     read, write = os.pipe()
     pid = os.fork()
@@ -79,7 +80,7 @@ def hold(ports, uid=None):
             os.setgroups([]); os.setgid(uid); os.setuid(uid)
         held, refused = [], []
         for port in ports:
-            s = socket.socket()
+            s = socket.socket(socket.AF_INET, kind)
             try:
                 s.bind(("0.0.0.0", port)); held.append(s)
             except OSError as exc:
@@ -93,9 +94,8 @@ def hold(ports, uid=None):
 BODY = AgentRegister(name="n1", site="dc1", domain="r1", hostname="n1", address="127.0.0.1",
                      agent_version="0", gpus=[])
 
-async def register(privileged):
-    client = AgentClient("http://127.0.0.1:8080", timeout_s=5,
-                         privileged_source_port=privileged)
+async def register(privileged, url="http://127.0.0.1:8080"):
+    client = AgentClient(url, timeout_s=5, privileged_source_port=privileged)
     try:
         await client.register("bad", BODY)
     except AuthError:
@@ -105,6 +105,11 @@ async def register(privileged):
     finally:
         await client.aclose()
 
+"""
+
+PROBE = (
+    PRELUDE
+    + r"""
 out = {}
 task, out["task_refused"] = hold([*EPHEMERAL, 1000, 1023], uid=HOLDER_UID)
 out["task_uid"] = HOLDER_UID
@@ -127,6 +132,7 @@ os.kill(services, 9); os.waitpid(services, 0)
 server.shutdown(); server.server_close()
 print(json.dumps(out))
 """
+)
 
 
 @pytest.mark.skipif(
@@ -156,3 +162,69 @@ def test_the_agent_reaches_its_server_while_a_task_holds_every_ephemeral_port() 
     assert out["services_refused"] == []
     assert out["fallback"] == "reached"
     assert 40000 <= out["fallback_peer"] < 40010
+
+
+# The server by name, resolved by a DNS server on the namespace's loopback (the probe's mount
+# namespace gives it its own /etc/resolv.conf); the task then holds the ephemeral UDP ports too.
+DNS_PROBE = (
+    PRELUDE
+    + r"""
+import struct
+NAME = "fairgpu-server.test"
+def answer(query):
+    end = query.index(b"\0", 12) + 5
+    qtype = struct.unpack("!H", query[end - 4 : end - 2])[0]
+    head = query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if qtype == 1 else 0, 0, 0)
+    record = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("127.0.0.1")
+    return head + query[12:end] + (record if qtype == 1 else b"")
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dns.bind(("127.0.0.1", 53))
+def serve_dns():
+    while True:
+        query, peer = dns.recvfrom(512)
+        dns.sendto(answer(query), peer)
+threading.Thread(target=serve_dns, daemon=True).start()
+url = f"http://{NAME}:8080"
+out = {"resolved": asyncio.run(register(True, url))}
+task, refused = hold(EPHEMERAL, uid=HOLDER_UID)
+udp, udp_refused = hold(EPHEMERAL, uid=HOLDER_UID, kind=socket.SOCK_DGRAM)
+out["refused"] = refused + udp_refused
+try:
+    socket.getaddrinfo(NAME, 8080)
+    out["resolver"] = "resolved"
+except OSError as exc:
+    out["resolver"] = type(exc).__name__
+out["cached"] = asyncio.run(register(True, url))
+out["cached_peer"] = peers[-1] if peers else None
+os.kill(task, 9); os.waitpid(task, 0); os.kill(udp, 9); os.waitpid(udp, 0)
+server.shutdown(); server.server_close()
+print(json.dumps(out))
+"""
+)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs root, unshare and ip for a network namespace of its own",
+)
+def test_the_agent_reaches_its_server_by_name_while_a_task_holds_the_resolvers_ports(
+    tmp_path: Path,
+) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    script = tmp_path / "probe.py"
+    script.write_text(DNS_PROBE)
+    done = subprocess.run(
+        ["unshare", "-n", "-m", "--", "sh", "-c",
+         'mount --bind "$1" /etc/resolv.conf && exec "$2" "$3" "$4"', "sh",
+         str(resolv), sys.executable, str(script), str(HOLDER_UID)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["resolved"] == "reached"
+    assert out["refused"] == []  # the task holds every ephemeral TCP and UDP port
+    assert out["resolver"] == "gaierror"  # the node's resolver cannot send a query
+    # The agent connects to the addresses it found last, from a privileged port.
+    assert out["cached"] == "reached"
+    assert 512 <= out["cached_peer"] < 1024
