@@ -216,3 +216,28 @@ def test_a_docker_task_goes_first_to_the_oom_killer_and_cannot_lower_itself(
     result = docker_node.result(TASK, timeout_s=60)
     assert result["exit_code"] == 0, result
     assert result["log"].split() == [str(TASK_OOM_SCORE_ADJ), "refused"], result
+
+
+def test_a_host_network_docker_task_cannot_bind_the_agents_source_ports(
+    docker_node: NetNode, image: str
+) -> None:
+    """The agent's connections to its server leave from ports below the node's
+    ip_unprivileged_port_start (agents/srcport.py). docker lowers that sysctl to 0 only in a
+    container's own network namespace; one in the node's network, as its org's uid with no
+    capabilities, can bind none of those ports."""
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    ports = (start - 512, start - 300, start - 1)
+    script = "cat /proc/sys/net/ipv4/ip_unprivileged_port_start; " + "; ".join(
+        f"timeout 1 nc -l -p {port} 2>&1; echo {port}: $?" for port in ports
+    )
+    task = spec(TASK, ["sh", "-c", script], image=image, gpus=[], network="host", **ACME)
+    docker_node.runner.start(task)
+    result = docker_node.result(TASK, timeout_s=60)
+    lines = result["log"].splitlines()
+    assert lines[0] == str(start), result
+    if docker_node.confinement.mode == "none":  # the agent's own user, as documented
+        assert all(f"{port}: 143" in lines for port in ports), result  # bound, until timeout
+        return
+    for port in ports:  # busybox nc: "bind: Permission denied" and 1; bound, timeout's 143
+        assert f"{port}: 1" in lines, result
+    assert result["log"].count("Permission denied") == len(ports), result
