@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 
 from scheduler.core.types import PendingJob, PolicyConfig
+
+# From this many pending jobs on, positions are sorted by priority alone (below). Shorter
+# queues sort the tuples: the extra passes over the jobs cost more than the tuples' comparisons
+# save (the simulator's Philly queues, a few hundred jobs with many equal priorities, took
+# about a fifth longer), while at 50,000 jobs the order takes about 40 % less time.
+_SORT_POSITIONS_FROM = 4_096
 
 
 def priority_order(
@@ -39,7 +44,33 @@ def priority_order(
     age_w = w_age / age_max
     size_w = w_size / total
     fs_get, cls_get = fs.get, cls.get
-    # priority = fair share + class + age + size, summed in that order.
+    if len(pending) < _SORT_POSITIONS_FROM:
+        # priority = fair share + class + age + size, summed in that order; sorted by
+        # (-priority, submitted_at, job_id, position).
+        keyed = [
+            (
+                -(
+                    fs_get(j.org_id, 0.0)
+                    + cls_get(j.priority_class, 0.0)
+                    + (
+                        w_age
+                        if (age := now - j.submitted_at) >= age_max
+                        else (age * age_w if age > 0 else 0.0)
+                    )
+                    + (w_size if (size := j.gpus_per_node * j.nodes) >= total else size * size_w)
+                ),
+                j.submitted_at,
+                j.job_id,
+                i,
+            )
+            for i, j in enumerate(pending)
+        ]
+        keyed.sort()
+        return [(pending[x[3]], -x[0]) for x in keyed]
+    # The same order for a long queue: positions sorted by priority alone, plain floats, which
+    # sort about three times faster than those tuples. Sorts are stable (reverse ones too), so
+    # equal priorities keep the order of what is sorted; where some are equal, that is first
+    # put in (submitted_at, job_id, position) order by two more sorts of plain numbers.
     prio = [
         fs_get(j.org_id, 0.0)
         + cls_get(j.priority_class, 0.0)
@@ -47,21 +78,12 @@ def priority_order(
         + (w_size if (size := j.gpus_per_node * j.nodes) >= total else size * size_w)
         for j in pending
     ]
-    # Positions by priority alone: a sort of plain floats, about three times faster than one
-    # of (priority, submitted_at, job_id) tuples. The sort is stable (reverse too), so equal
-    # priorities stay in input order; only those are then put in (submitted_at, job_id) order.
-    ranked = sorted(range(len(prio)), key=prio.__getitem__, reverse=True)
+    positions: Sequence[int] = range(len(prio))
     if len(set(prio)) != len(prio):
-        ranked = _break_ties(ranked, prio, pending)
+        ids = [j.job_id for j in pending]
+        submitted = [j.submitted_at for j in pending]
+        by_submit = sorted(positions, key=ids.__getitem__)
+        by_submit.sort(key=submitted.__getitem__)
+        positions = by_submit
+    ranked = sorted(positions, key=prio.__getitem__, reverse=True)
     return [(pending[i], prio[i]) for i in ranked]
-
-
-def _break_ties(ranked: list[int], prio: list[float], pending: Sequence[PendingJob]) -> list[int]:
-    """Runs of equal priority in (submitted_at, job_id, position) order."""
-    out: list[int] = []
-    for _p, run in itertools.groupby(ranked, key=prio.__getitem__):
-        tied = list(run)
-        if len(tied) > 1:
-            tied.sort(key=lambda i: (pending[i].submitted_at, pending[i].job_id, i))
-        out.extend(tied)
-    return out

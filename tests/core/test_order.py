@@ -1,10 +1,13 @@
-"""`priority_order`: the float sort with ties broken afterwards equals the definition's sort."""
+"""`priority_order`: both of its sorts give the definition's order."""
 
 from __future__ import annotations
+
+from unittest.mock import patch
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scheduler.core import order
 from scheduler.core.order import priority_order
 from scheduler.core.types import PendingJob, PolicyConfig
 
@@ -63,7 +66,10 @@ def queues(draw: st.DrawFn) -> list[PendingJob]:
 
 @given(queues(), st.dictionaries(st.integers(1, 3), st.sampled_from([0.0, 0.25, 0.5, 1.0])))
 def test_the_order_is_the_definitions(pending: list[PendingJob], factor: dict[int, float]) -> None:
+    """Both ways of sorting: tuples (short queues) and positions by priority (long ones)."""
     cfg = PolicyConfig()
-    got = priority_order(pending, cfg, NOW, factor, 64)
-    want = by_definition(pending, cfg, factor, 64)
-    assert [(j.job_id, p) for j, p in got] == [(j.job_id, p) for j, p in want]
+    want = [(j.job_id, p) for j, p in by_definition(pending, cfg, factor, 64)]
+    for long_from in (order._SORT_POSITIONS_FROM, 0):
+        with patch.object(order, "_SORT_POSITIONS_FROM", long_from):
+            got = priority_order(pending, cfg, NOW, factor, 64)
+        assert [(j.job_id, p) for j, p in got] == want, long_from
