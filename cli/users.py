@@ -231,9 +231,16 @@ def token_create(
 @token_app.command("list")
 def token_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
     """Tokens you manage (never their secrets)."""
+    tokens: list[dict[str, Any]] = []
     with connect("token list") as client:
-        body = client.get("/v1/tokens")
-    render(body["data"], TOKEN_COLUMNS, output, no_headers=no_headers, empty="no tokens")
+        cursor: str | None = None
+        while True:
+            page = client.get("/v1/tokens", cursor=cursor)
+            tokens += page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+    render(tokens, TOKEN_COLUMNS, output, no_headers=no_headers, empty="no tokens")
 
 
 @token_app.command("revoke")

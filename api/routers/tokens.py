@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 
 from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
+from api.schemas.common import MAX_PAGE_SIZE
 from api.schemas.users import (
     JoinTokenCreate,
     TokenCreate,
@@ -77,9 +78,15 @@ async def list_tokens(
     session: SessionDep,
     principal: UserPrincipal,
     user_id: Annotated[int | None, Query(gt=0, lt=2**31)] = None,
+    cursor: Annotated[str | None, Query(max_length=24, pattern=r"^\d+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = MAX_PAGE_SIZE,
 ) -> TokensPublic:
     """Your tokens; org admins see their org's users' tokens, platform admins everyone's:
-    every live one, and the latest 100 revoked or expired. Secrets are never listed."""
+    the live ones by id, `limit` a page (`next_cursor` goes on), and on the first page the
+    latest 100 revoked or expired. Secrets are never listed.
+
+    Pages, because an org admin may make 1,000 users of 100 live tokens each, all of which a
+    platform admin's listing would otherwise carry in one answer."""
     assert principal.user_id is not None
     if user_id is not None:
         ids: list[int] | None = [(await _may_manage(session, principal, user_id)).id]
@@ -89,8 +96,17 @@ async def list_tokens(
         ids = [u.id for u in await svc.list_users(session, scope_org_id=principal.org_id)]
     else:
         ids = [principal.user_id]
-    rows = await svc.list_tokens(session, kind=TokenKind.USER, user_ids=ids)
-    return TokensPublic(data=[TokenPublic.model_validate(t) for t in rows], count=len(rows))
+    after = int(cursor) if cursor is not None and int(cursor) < 2**31 else None
+    if cursor is not None and after is None:
+        return TokensPublic(data=[], count=0, next_cursor=None)  # beyond every id
+    rows, following = await svc.list_tokens(
+        session, kind=TokenKind.USER, user_ids=ids, after_id=after, limit=limit
+    )
+    return TokensPublic(
+        data=[TokenPublic.model_validate(t) for t in rows],
+        count=len(rows),
+        next_cursor=None if following is None else str(following),
+    )
 
 
 @router.delete("/v1/tokens/{token_id}")
@@ -134,7 +150,7 @@ async def create_join_token(
 @router.get("/v1/join-tokens")
 async def list_join_tokens(session: SessionDep, principal: PlatformAdmin) -> TokensPublic:
     """Join tokens, without their secrets."""
-    rows = await svc.list_tokens(session, kind=TokenKind.JOIN, user_ids=None)
+    rows, _ = await svc.list_tokens(session, kind=TokenKind.JOIN, user_ids=None)
     return TokensPublic(data=[TokenPublic.model_validate(t) for t in rows], count=len(rows))
 
 

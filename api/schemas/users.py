@@ -74,6 +74,7 @@ class TokenCreated(TokenPublic):
 class TokensPublic(OutputModel):
     data: list[TokenPublic]
     count: int
+    next_cursor: str | None = None
 
 
 class JoinTokenCreate(InputModel):

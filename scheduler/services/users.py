@@ -171,10 +171,17 @@ leaves dead rows (until audit retention) that one listing must not load all at o
 
 
 async def list_tokens(
-    session: AsyncSession, *, kind: TokenKind, user_ids: list[int] | None
-) -> list[ApiToken]:
-    """Live tokens of `kind` (at most `max_tokens_per_user` each) and the latest
-    MAX_DEAD_TOKENS_LISTED revoked or expired ones, by id; for `user_ids` only (None: all)."""
+    session: AsyncSession,
+    *,
+    kind: TokenKind,
+    user_ids: list[int] | None,
+    after_id: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[ApiToken], int | None]:
+    """Live tokens of `kind` by id, after `after_id`, at most `limit` (None: all), and on the
+    first page (no `after_id`) the latest MAX_DEAD_TOKENS_LISTED revoked or expired ones; for
+    `user_ids` only (None: all). Returns (tokens by id, the `after_id` of the next page, None
+    when no live one follows)."""
     now = utcnow()
     dead = or_(
         ApiToken.revoked_at.is_not(None),
@@ -183,11 +190,24 @@ async def list_tokens(
     stmt = select(ApiToken).where(ApiToken.kind == kind)
     if user_ids is not None:
         stmt = stmt.where(ApiToken.user_id.in_(user_ids))
-    live = await session.scalars(stmt.where(~dead))
-    latest_dead = await session.scalars(
-        stmt.where(dead).order_by(ApiToken.id.desc()).limit(MAX_DEAD_TOKENS_LISTED)
-    )
-    return sorted([*live, *latest_dead], key=lambda t: t.id)
+    live_stmt = stmt.where(~dead).order_by(ApiToken.id)
+    if after_id is not None:
+        live_stmt = live_stmt.where(ApiToken.id > after_id)
+    if limit is not None:
+        live_stmt = live_stmt.limit(limit + 1)
+    live = list(await session.scalars(live_stmt))
+    following = None
+    if limit is not None and len(live) > limit:
+        live = live[:limit]
+        following = live[-1].id
+    latest_dead: list[ApiToken] = []
+    if after_id is None:
+        latest_dead = list(
+            await session.scalars(
+                stmt.where(dead).order_by(ApiToken.id.desc()).limit(MAX_DEAD_TOKENS_LISTED)
+            )
+        )
+    return sorted([*live, *latest_dead], key=lambda t: t.id), following
 
 
 async def get_token(session: AsyncSession, token_id: int) -> ApiToken:

@@ -1,4 +1,4 @@
-"""What one request may make the server hold: answers bounded in bytes, not only in rows.
+"""What one request may make the server hold: answers bounded in bytes and in rows.
 
 A member's own jobs are within every cap, yet each may carry 128 KiB of command and
 environment, which JSON escapes to six times that: a page of 500 such jobs was one answer of
@@ -13,6 +13,8 @@ import pytest
 
 from scheduler.db import Org
 from scheduler.services.joblist import MAX_PAGE_TEXT_BYTES
+from scheduler.services.tokens import issue_token
+from scheduler.states import TokenKind
 from tests import factories
 from tests.api.helpers import World, running_app, seed_world
 
@@ -72,3 +74,33 @@ async def test_one_job_beyond_the_budget_is_still_listed(world: World) -> None:
     page = r.json()
     assert [j["id"] for j in page["data"]] == [job.id]
     assert page["next_cursor"] is None
+
+
+async def test_token_listings_come_in_pages(world: World) -> None:
+    """An org admin may make 1,000 users of 100 live tokens each; a platform admin's listing
+    carried them all in one answer. 600 live tokens of another org come in pages of at most
+    500, the revoked ones on the first page only, and the cursor lists every one once."""
+    async with world.app.state.sessionmaker() as session:
+        for n in range(600):
+            user = world.users["member_b" if n % 2 else "admin_b"]
+            await issue_token(session, kind=TokenKind.USER, user_id=user.id, ttl_s=3600)
+        await session.commit()
+    async with world.client("member_a") as c:
+        dead = (await c.post("/v1/tokens", json={"name": "dead"})).json()["id"]
+        assert (await c.delete(f"/v1/tokens/{dead}")).status_code == 200
+    seen: list[int] = []
+    pages: list[list[int]] = []
+    async with world.client("platform") as c:
+        cursor: str | None = None
+        while True:
+            r = await c.get("/v1/tokens", params={"cursor": cursor} if cursor else {})
+            assert r.status_code == 200, r.text
+            page = r.json()
+            pages.append([t["id"] for t in page["data"] if t["revoked_at"] is None])
+            seen += [t["id"] for t in page["data"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+    assert [len(p) for p in pages] == [500, 600 + len(world.users) - 500]
+    assert len(seen) == len(set(seen)) == 600 + len(world.users) + 1  # a token each, and dead
+    assert seen.count(dead) == 1
