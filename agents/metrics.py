@@ -6,9 +6,11 @@ so that dashboards join on (node, gpu). The registry is the agent's own, not the
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from agents.wallwatch import WallWatch
 
 log = logging.getLogger(__name__)
+METRICS_RETRY_S = 5.0
+"""How often the agent tries again for a metrics port someone else holds."""
 _HEALTH_VALUE = {"healthy": 1.0, "unhealthy": 0.0, "lost": 0.0}
 
 
@@ -119,6 +123,47 @@ class AgentMetrics(Collector):
         server = make_server(addr, port, guarded, BoundedServer, handler_class=QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
+
+    def serve_when_free(
+        self,
+        port: int,
+        addr: str = "0.0.0.0",
+        *,
+        token: str | None = None,
+        retry_s: float = METRICS_RETRY_S,
+    ) -> threading.Thread | None:
+        """serve(), or, where the port is taken, the same from a thread that tries again every
+        `retry_s` until it binds (returned; None: served at once). Tasks outlive their agent,
+        and a host-network task may hold the port while the agent is down: the agent then
+        refused to start, and the node went down for every org on it. It now heartbeats
+        without /metrics meanwhile (Prometheus sees the target down, or the task's answers:
+        docs/ISOLATION.md). Any other error (an address the node lacks) stops the start."""
+        try:
+            self.serve(port, addr, token=token)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            log.error(
+                "metrics port %d is taken (a task in the node's network?): no /metrics until "
+                "it is free; trying again every %.0f s",
+                port,
+                retry_s,
+            )
+
+        def again() -> None:
+            while True:
+                time.sleep(retry_s)
+                try:
+                    self.serve(port, addr, token=token)
+                except OSError:
+                    continue
+                log.warning("metrics port %d is free again: /metrics served", port)
+                return
+
+        thread = threading.Thread(target=again, name="metrics-retry", daemon=True)
+        thread.start()
+        return thread
 
 
 def _wall_metrics(node: str, wall: WallWatch) -> Iterator[Metric]:

@@ -401,7 +401,7 @@ async def run_agent(
         backend = open_backend(None)
     metrics = AgentMetrics(config.name, backend.devices())
     if metrics_port is not None:
-        metrics.serve(metrics_port, metrics_addr, token=metrics_token)
+        metrics.serve_when_free(metrics_port, metrics_addr, token=metrics_token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
