@@ -171,8 +171,16 @@ def user_create(
 @user_app.command("list")
 def user_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
     """Users you administer."""
+    listed: list[dict[str, Any]] = []
     with connect("user list") as client:
-        users = _with_org_names(client, client.get("/v1/users")["data"])
+        cursor: str | None = None
+        while True:
+            page = client.get("/v1/users", cursor=cursor)
+            listed += page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        users = _with_org_names(client, listed)
     render(users, USER_COLUMNS, output, no_headers=no_headers, empty="no users")
 
 

@@ -88,19 +88,21 @@ async def list_tokens(
     Pages, because an org admin may make 1,000 users of 100 live tokens each, all of which a
     platform admin's listing would otherwise carry in one answer."""
     assert principal.user_id is not None
+    ids: list[int] | None = None  # None: every user's (or every user's of org_id)
+    org_id: int | None = None
     if user_id is not None:
-        ids: list[int] | None = [(await _may_manage(session, principal, user_id)).id]
+        ids = [(await _may_manage(session, principal, user_id)).id]
     elif principal.is_platform_admin:
-        ids = None
+        pass
     elif principal.role is Role.ORG_ADMIN and principal.org_id is not None:
-        ids = [u.id for u in await svc.list_users(session, scope_org_id=principal.org_id)]
+        org_id = principal.org_id
     else:
         ids = [principal.user_id]
     after = int(cursor) if cursor is not None and int(cursor) < 2**31 else None
     if cursor is not None and after is None:
         return TokensPublic(data=[], count=0, next_cursor=None)  # beyond every id
     rows, following = await svc.list_tokens(
-        session, kind=TokenKind.USER, user_ids=ids, after_id=after, limit=limit
+        session, kind=TokenKind.USER, user_ids=ids, org_id=org_id, after_id=after, limit=limit
     )
     return TokensPublic(
         data=[TokenPublic.model_validate(t) for t in rows],

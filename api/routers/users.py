@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from api.deps import OrgAdmin, Principal, SessionDep, UserPrincipal
+from api.schemas.common import MAX_PAGE_SIZE
 from api.schemas.users import UserCreate, UserPublic, UsersPublic
 from scheduler.db import User
 from scheduler.services import users as svc
@@ -35,10 +36,26 @@ async def me(session: SessionDep, principal: UserPrincipal) -> UserPublic:
 
 
 @router.get("")
-async def list_users(session: SessionDep, principal: OrgAdmin) -> UsersPublic:
-    """Users of the caller's org (org admins) or of every org (platform admins)."""
-    rows = await svc.list_users(session, scope_org_id=admin_scope(principal))
-    return UsersPublic(data=[UserPublic.model_validate(u) for u in rows], count=len(rows))
+async def list_users(
+    session: SessionDep,
+    principal: OrgAdmin,
+    cursor: Annotated[str | None, Query(max_length=24, pattern=r"^\d+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = MAX_PAGE_SIZE,
+) -> UsersPublic:
+    """Users of the caller's org (org admins) or of every org (platform admins), disabled ones
+    included, by id: `limit` a page, `next_cursor` goes on. Pages, because disabled users stay
+    and an org admin may create and disable users without end (the cap counts enabled ones)."""
+    after = int(cursor) if cursor is not None and int(cursor) < 2**31 else None
+    if cursor is not None and after is None:
+        return UsersPublic(data=[], count=0, next_cursor=None)  # beyond every id
+    rows, following = await svc.list_users(
+        session, scope_org_id=admin_scope(principal), after_id=after, limit=limit
+    )
+    return UsersPublic(
+        data=[UserPublic.model_validate(u) for u in rows],
+        count=len(rows),
+        next_cursor=None if following is None else str(following),
+    )
 
 
 @router.post("", status_code=201)

@@ -41,6 +41,7 @@ class UserPublic(OutputModel):
 class UsersPublic(OutputModel):
     data: list[UserPublic]
     count: int
+    next_cursor: str | None = None
 
 
 class TokenCreate(InputModel):

@@ -72,11 +72,28 @@ async def get_user(session: AsyncSession, user_id: int, *, scope_org_id: int | N
     return user
 
 
-async def list_users(session: AsyncSession, *, scope_org_id: int | None) -> list[User]:
+async def list_users(
+    session: AsyncSession,
+    *,
+    scope_org_id: int | None,
+    after_id: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[User], int | None]:
+    """Users by id, after `after_id`, at most `limit` (None: all); of one org unless
+    `scope_org_id` is None. Returns (users, the `after_id` of the next page or None).
+    Disabled users stay (their jobs name them), so an org's rows grow with every user it
+    ever had: a listing comes in pages."""
     stmt = select(User).order_by(User.id)
     if scope_org_id is not None:
         stmt = stmt.where(User.org_id == scope_org_id)
-    return list((await session.scalars(stmt)).all())
+    if after_id is not None:
+        stmt = stmt.where(User.id > after_id)
+    if limit is not None:
+        stmt = stmt.limit(limit + 1)
+    rows = list((await session.scalars(stmt)).all())
+    if limit is not None and len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
 
 
 async def disable_user(
@@ -175,13 +192,14 @@ async def list_tokens(
     *,
     kind: TokenKind,
     user_ids: list[int] | None,
+    org_id: int | None = None,
     after_id: int | None = None,
     limit: int | None = None,
 ) -> tuple[list[ApiToken], int | None]:
     """Live tokens of `kind` by id, after `after_id`, at most `limit` (None: all), and on the
     first page (no `after_id`) the latest MAX_DEAD_TOKENS_LISTED revoked or expired ones; for
-    `user_ids` only (None: all). Returns (tokens by id, the `after_id` of the next page, None
-    when no live one follows)."""
+    `user_ids` only (None: all), and of `org_id`'s users only when given. Returns (tokens by
+    id, the `after_id` of the next page, None when no live one follows)."""
     now = utcnow()
     dead = or_(
         ApiToken.revoked_at.is_not(None),
@@ -190,6 +208,8 @@ async def list_tokens(
     stmt = select(ApiToken).where(ApiToken.kind == kind)
     if user_ids is not None:
         stmt = stmt.where(ApiToken.user_id.in_(user_ids))
+    if org_id is not None:  # by a subquery: the org's users may be many more than a statement's
+        stmt = stmt.where(ApiToken.user_id.in_(select(User.id).where(User.org_id == org_id)))
     live_stmt = stmt.where(~dead).order_by(ApiToken.id)
     if after_id is not None:
         live_stmt = live_stmt.where(ApiToken.id > after_id)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import insert
 
-from scheduler.db import Org
+from scheduler.db import Org, User
+from scheduler.db.types import utcnow
 from scheduler.services.joblist import MAX_PAGE_TEXT_BYTES
 from scheduler.services.tokens import issue_token
-from scheduler.states import TokenKind
+from scheduler.states import Role, TokenKind
 from tests import factories
 from tests.api.helpers import World, running_app, seed_world
 
@@ -104,3 +106,37 @@ async def test_token_listings_come_in_pages(world: World) -> None:
     assert [len(p) for p in pages] == [500, 600 + len(world.users) - 500]
     assert len(seen) == len(set(seen)) == 600 + len(world.users) + 1  # a token each, and dead
     assert seen.count(dead) == 1
+
+
+async def test_an_org_of_many_disabled_users_lists_its_users_in_pages_and_its_tokens(
+    world: World,
+) -> None:
+    """Disabled users stay and the cap counts enabled ones, so an org admin's loop of create
+    and disable grows the org's rows without end. 33,000 of them: `GET /v1/users` comes in
+    pages that list each once, and the org admin's token listing still answers (it named every
+    user of the org in one statement, past PostgreSQL's 32,767 parameters: a 500)."""
+    async with world.app.state.sessionmaker() as session:
+        rows = [
+            {"name": f"gone-{n}", "org_id": world.org_a.id, "role": Role.MEMBER,
+             "disabled_at": utcnow()}
+            for n in range(33_000)
+        ]  # fmt: skip
+        await session.execute(insert(User), rows)
+        await session.commit()
+    async with world.client("admin_a") as c:
+        tokens = await c.get("/v1/tokens")
+        assert tokens.status_code == 200, tokens.text
+        assert {t["user_id"] for t in tokens.json()["data"]} == {
+            world.users[k].id for k in ("member_a", "member_a2", "admin_a")
+        }
+        seen: list[int] = []
+        cursor: str | None = None
+        while True:
+            r = await c.get("/v1/users", params={"cursor": cursor} if cursor else {})
+            assert r.status_code == 200, r.text
+            assert r.json()["count"] <= 500
+            seen += [u["id"] for u in r.json()["data"]]
+            cursor = r.json()["next_cursor"]
+            if cursor is None:
+                break
+    assert len(seen) == len(set(seen)) == 33_000 + 3
