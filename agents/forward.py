@@ -10,6 +10,7 @@ namespace of its own is connected to from inside it (agents/netns.py).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -52,8 +53,8 @@ def _connect(task: TaskProcesses, port: int, pids: set[int]) -> socket.socket:
     """In the task's own network namespace when it has one: its listeners are there (and the
     node's port of the same number may be anyone's)."""
     netns = task.netns
-    if netns is None:
-        return connect_owned(port, pids, job_id=task.job_id)
+    if netns is None:  # the node's network, which a task may have filled: ports only root has
+        return connect_owned(port, pids, job_id=task.job_id, privileged_source=os.geteuid() == 0)
     return run_in_netns(
         entry(netns, pids),
         lambda: connect_owned(port, pids, job_id=task.job_id, net=thread_net_dir()),

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psutil
 
+from agents import srcport
+
 PROC = Path("/proc")
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 
@@ -132,10 +134,13 @@ def connect_owned(
     timeout_s: float = 10.0,
     proc: Path = PROC,
     net: Path | None = None,
+    privileged_source: bool = False,
 ) -> socket.socket:
     """A connected socket to `port`, provided every listener on it belongs to `pids` before
     and after connecting; PortRefused otherwise (or when the connection fails). Run in the
-    task's network namespace with `net` its /proc/net when the task has one of its own."""
+    task's network namespace with `net` its /proc/net when the task has one of its own.
+    `privileged_source`: from a port tasks cannot hold (agents/srcport.py; a root agent in the
+    node's network, which a task may have filled)."""
     task = set(pids)
     net = net if net is not None else proc / "net"
     if not 0 < port < 65536:
@@ -143,7 +148,10 @@ def connect_owned(
     before = _owned(port, task, job_id, proc, net)
     target = _reachable(before[0].address)
     try:
-        conn = socket.create_connection((target, port), timeout=timeout_s)
+        if privileged_source:
+            conn = srcport.connect_sync((target, port), timeout_s=timeout_s)
+        else:
+            conn = socket.create_connection((target, port), timeout=timeout_s)
     except OSError as exc:
         raise PortRefused(f"port {port} of job {job_id} refused the connection: {exc}") from exc
     try:

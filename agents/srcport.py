@@ -100,41 +100,88 @@ async def _resolve(host: str, port: int) -> _Addresses:
     return infos
 
 
+def _bound(family: int, kind: int, proto: int, source: int) -> socket.socket | None:
+    """A socket bound to `source` (None: someone holds it); _NoPrivilegedPort where the agent
+    may not bind it."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        # A service that later listens on this port with SO_REUSEADDR (most do) may still.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise _NoPrivilegedPort(f"the agent may not bind port {source}") from exc
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+    return sock
+
+
+def _shuffled(candidates: range) -> list[int]:
+    order = list(candidates)
+    random.shuffle(order)  # two agents' (or two connections') tries do not walk in step
+    return order
+
+
+def _all_taken(candidates: range) -> _NoPrivilegedPort:
+    return _NoPrivilegedPort(
+        f"every privileged port {candidates.start}-{candidates.stop - 1} is taken"
+    )
+
+
 async def _connect_from(
     family: int, kind: int, proto: int, address: Any, candidates: range
 ) -> socket.socket:
     loop = asyncio.get_running_loop()
-    order = list(candidates)
-    random.shuffle(order)  # two agents' (or two connections') tries do not walk in step
-    for source in order:
-        sock = socket.socket(family, kind, proto)
+    for source in _shuffled(candidates):
+        sock = _bound(family, kind, proto, source)
+        if sock is None:
+            continue
         try:
             sock.setblocking(False)
-            # A service that later listens on this port with SO_REUSEADDR (most do) may still.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source))
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EPERM):
-                    raise _NoPrivilegedPort(f"the agent may not bind port {source}") from exc
-                if exc.errno == errno.EADDRINUSE:
-                    sock.close()
-                    continue
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRNOTAVAIL:  # this port's last connection there lingers
                 raise
-            try:
-                await loop.sock_connect(sock, address)
-            except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL:  # this port's last connection there lingers
-                    raise
-                sock.close()
-                continue
-            return sock
+            continue
         except BaseException:
             sock.close()
             raise
-    raise _NoPrivilegedPort(
-        f"every privileged port {candidates.start}-{candidates.stop - 1} is taken"
+        return sock
+    raise _all_taken(candidates)
+
+
+def connect_sync(
+    address: tuple[str, int], *, timeout_s: float, ports: range | None = None
+) -> socket.socket:
+    """connect() for a thread and a numeric address (the agent's connection to a task's port
+    for a port-forward): a task holding the node's ephemeral ports must not stop another
+    org's forwards either."""
+    candidates = privileged_ports() if ports is None else ports
+    [(family, kind, proto, _, target), *_] = socket.getaddrinfo(
+        *address, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
     )
+    if candidates:
+        try:
+            for source in _shuffled(candidates):
+                sock = _bound(family, kind, proto, source)
+                if sock is None:
+                    continue
+                try:
+                    sock.settimeout(timeout_s)
+                    sock.connect(target)
+                except OSError as exc:
+                    sock.close()
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    continue
+                return sock
+            raise _all_taken(candidates)
+        except _NoPrivilegedPort as exc:
+            log.warning("%s: connecting from an ephemeral port", exc)
+    return socket.create_connection(address, timeout=timeout_s)
 
 
 async def _connect_plain(family: int, kind: int, proto: int, address: Any) -> socket.socket:

@@ -120,6 +120,14 @@ try:
 except OSError as exc:
     out["connect"] = exc.errno
 out["privileged"] = asyncio.run(register(True))
+# A port-forward's connection to a task's port (here the probe's own listener).
+from agents.ports import PortRefused, connect_owned
+for privileged in (False, True):
+    try:
+        connect_owned(8080, [os.getpid()], job_id=1, privileged_source=privileged).close()
+        out[f"forward_{privileged}"] = "connected"
+    except PortRefused as exc:
+        out[f"forward_{privileged}"] = str(exc)
 out["privileged_peer"] = peers[-1] if peers else None
 os.kill(task, 9); os.waitpid(task, 0)
 # The privileged range itself full (root services hold it): the kernel's ports, as before.
@@ -158,6 +166,9 @@ def test_the_agent_reaches_its_server_while_a_task_holds_every_ephemeral_port() 
     # The agent's own connection, from a privileged port, reaches the server.
     assert out["privileged"] == "reached"
     assert 512 <= out["privileged_peer"] < 1024
+    # So does a port-forward's connection to a task's listener, in the node's network.
+    assert "Cannot assign requested address" in out["forward_False"]
+    assert out["forward_True"] == "connected"
     # With every privileged port taken, it still connects, from an ephemeral one.
     assert out["services_refused"] == []
     assert out["fallback"] == "reached"
