@@ -7,10 +7,11 @@ environment, which JSON escapes to six times that: a page of 500 such jobs was o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import event, insert
 
 from scheduler.db import Org, User
 from scheduler.db.types import utcnow
@@ -19,6 +20,7 @@ from scheduler.services.tokens import issue_token
 from scheduler.states import Role, TokenKind
 from tests import factories
 from tests.api.helpers import World, running_app, seed_world
+from tests.scheduling.harness import fast_settings, running_cluster
 
 # Control characters: stored and answered as \u0001, six bytes each (about 770 KB a job).
 FAT = "\x01" * 64_000
@@ -140,3 +142,31 @@ async def test_an_org_of_many_disabled_users_lists_its_users_in_pages_and_its_to
             if cursor is None:
                 break
     assert len(seen) == len(set(seen)) == 33_000 + 3
+
+
+async def test_concurrent_scrapes_share_one_read_of_the_cluster(database_url: str) -> None:
+    """Without a metrics token anyone may scrape /metrics, and each scrape held a connection of
+    the pool every tenant shares while its queries ran: 40 at once now read the cluster once
+    (or twice, should some arrive as the first read ends), and each gets the gauges."""
+    statements = 0
+
+    def count(*_: object) -> None:
+        nonlocal statements
+        statements += 1
+
+    async with running_cluster(fast_settings(database_url, run_scheduler=False)) as cluster:
+        engine = cluster.app.state.engine.sync_engine
+        c = cluster.http
+        assert (await c.get("/metrics")).status_code == 200
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            before = statements
+            one = await c.get("/metrics")
+            per_read = statements - before
+            answers = await asyncio.gather(*(c.get("/metrics") for _ in range(40)))
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    assert per_read > 0
+    assert all(r.status_code == 200 for r in answers)
+    assert all(b"fairgpu_gpus" in r.content for r in [one, *answers])
+    assert statements - before - per_read <= 2 * per_read, (statements, per_read)
