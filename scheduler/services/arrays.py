@@ -32,7 +32,11 @@ from scheduler.services.dependencies import AFTEROK
 from scheduler.services.errors import Conflict, InvalidInput, NotFound, SecretsNotConfigured
 from scheduler.services.interactivelimits import check_interactive_time
 from scheduler.services.rowlocks import lock_owner_row
-from scheduler.services.tenantlimits import SubmitLimits, check_submission
+from scheduler.services.tenantlimits import (
+    SubmitLimits,
+    check_submission,
+    lock_pending_counts,
+)
 
 MAX_ARRAY_TASKS = 10_000
 # Each task is a job row with its own copy of the command, environment and script: one request
@@ -137,6 +141,7 @@ async def submit_array(
     check_array_bytes(spec, len(array.task_ids))
     org = await jobsubmit.get_org(session, org_id)
     await lock_owner_row(session, User, user_id)  # the user's arrays count in turn
+    await lock_pending_counts(session, user_id=user_id, org_id=org_id)  # and every submission
     await check_submission(
         session,
         org=org,

@@ -5,12 +5,16 @@ The same rules run twice, in one place each: `submission_guard` folds them into 
 itself on PostgreSQL (no extra round trip: the direct submission route keeps its one
 statement), reading the counts a trigger keeps in `pending_job_counts` (a few rows, however
 many jobs wait); and `check_submission` counts the jobs themselves, up to the cap, for a
-clear refusal (and before every insert on SQLite). On PostgreSQL the guard reads in its
-statement's snapshot, so concurrent submissions of one user or org may overshoot a cap by at
-most the number of submissions in flight at that instant (each sees the others' jobs only
-once they commit). On SQLite a submission takes the database's write lock before it counts
-(services/rowlocks.py), so the caps hold exactly; so does an array, on either database,
-against the user's other arrays (it locks the user's row before counting).
+clear refusal (and before every insert on SQLite).
+
+The caps hold exactly under concurrent submissions. PostgreSQL: the guard's counts are read by
+`fairgpu_pending_room()` (migration 7c3e9a2d5f18) after it takes the user's, then the org's,
+transaction-level advisory lock, in a snapshot of their own taken after the locks (a plain
+subquery would read in the statement's snapshot, taken before it waited, and miss the jobs of
+the submission it waited for); an array takes the same locks (`lock_pending_counts`) before it
+counts. One org's submissions, and one user's, go one at a time through their insert and
+commit; other orgs' never wait for them. SQLite: a submission takes the database's write lock
+before it counts (services/rowlocks.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    Boolean,
     ColumnElement,
     Integer,
     String,
@@ -38,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.states import JobState
 from scheduler.core.types import PolicyConfig
-from scheduler.db import Job, Org, PendingJobCount
+from scheduler.db import Job, Org
 from scheduler.services.errors import Conflict, Forbidden, InvalidInput
 from scheduler.settings import Settings
 
@@ -90,13 +95,20 @@ def _pending_of(column: Any, value: Any, cap: Any) -> Any:
     return select(func.count()).select_from(capped.subquery()).scalar_subquery()
 
 
-def _counted(kind: str, owner_id: Any) -> Any:
-    """Pending jobs of one user or org as the trigger counts them (PostgreSQL): a few rows."""
-    return (
-        select(func.coalesce(func.sum(PendingJobCount.n), 0))
-        .where(PendingJobCount.owner_kind == kind, PendingJobCount.owner_id == owner_id)
-        .scalar_subquery()
-    )
+# Advisory lock classes (the first of the two keys) of one user's and one org's pending
+# counts; fairgpu_pending_room() takes the same, user first. Streams use 0x66670001-2.
+PENDING_USER_LOCK_CLASS = 0x66670003
+PENDING_ORG_LOCK_CLASS = 0x66670004
+
+
+async def lock_pending_counts(session: AsyncSession, *, user_id: int, org_id: int) -> None:
+    """PostgreSQL: wait, to the end of the transaction, for the user's and the org's other
+    submissions (in the order the submit statement takes them), so that a count read next
+    sees every job they inserted. SQLite: nothing (a writer holds the whole database)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    await session.execute(select(func.pg_advisory_xact_lock(PENDING_USER_LOCK_CLASS, user_id)))
+    await session.execute(select(func.pg_advisory_xact_lock(PENDING_ORG_LOCK_CLASS, org_id)))
 
 
 def submission_guard() -> ColumnElement[bool]:
@@ -125,12 +137,9 @@ def submission_guard() -> ColumnElement[bool]:
         bindparam("j_num_nodes", type_=Integer) > 1,
         not_(func.coalesce(forced, false())),
     )
-    return and_(
-        priority_ok,
-        network_ok,
-        _counted("user", user_id) < user_cap,
-        _counted("org", org_id) < org_cap,
-    )
+    # Counted under the user's and the org's advisory locks: exact under concurrency.
+    room = func.fairgpu_pending_room(user_id, org_id, user_cap, org_cap, type_=Boolean)
+    return and_(priority_ok, network_ok, room)
 
 
 def guard_params(priority_class: str, limits: SubmitLimits) -> dict[str, Any]:

@@ -89,11 +89,10 @@ async def test_concurrent_job_actions_store_at_most_the_bound_of_events(
     assert await _scalar(world, folded) <= 1
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_concurrent_submissions_stop_at_the_user_cap_on_sqlite(database_url: str) -> None:
-    """SQLite (one server process, one writer) holds the pending-job cap exactly; PostgreSQL's
-    one-statement submission may overshoot it by the submissions in flight at that instant
-    (scheduler/services/tenantlimits.py, tests/api/test_tenant_limits.py)."""
+async def test_concurrent_submissions_stop_at_the_user_cap(database_url: str) -> None:
+    """Both databases hold the pending-job cap exactly: SQLite (one writer) counts under its
+    write lock, PostgreSQL's one-statement submission under the user's and the org's advisory
+    locks (scheduler/services/tenantlimits.py, tests/api/test_tenant_limits.py)."""
     async with running_app(database_url, max_pending_jobs_per_user=CAP, submit_burst=1000) as app:
         world = await seed_world(app)
         job = {"command": ["sleep", "1"], "time_limit": 60}
