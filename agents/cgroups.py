@@ -165,6 +165,8 @@ class Hierarchy(ABC):
     """Where task cgroups are made on this host."""
 
     version: int
+    limits_hugetlb: bool = False
+    """Task cgroups have the hugetlb controller: their huge pages are bounded."""
 
     @abstractmethod
     def task(self, task_id: int) -> TaskCgroup:
@@ -255,7 +257,8 @@ class _V2(Hierarchy):
         self.parent = root / parent.strip("/")
         available = set((root / "cgroup.controllers").read_text().split())
         missing = set(_V2_CONTROLLERS) - available
-        self.controllers = [*_V2_CONTROLLERS, *([HUGETLB] if HUGETLB in available else [])]
+        self.limits_hugetlb = HUGETLB in available
+        self.controllers = [*_V2_CONTROLLERS, *([HUGETLB] if self.limits_hugetlb else [])]
         if missing:
             raise CgroupError(
                 f"cgroup v2 at {root} lacks the {', '.join(sorted(missing))} controller(s)"
@@ -349,6 +352,7 @@ class _V1(Hierarchy):
                     directory.mkdir(parents=True, exist_ok=True)
                     _enable_down(unified, directory, [HUGETLB])
                     self.by_controller[HUGETLB] = directory
+        self.limits_hugetlb = HUGETLB in self.by_controller
 
     def task(self, task_id: int) -> TaskCgroup:
         return _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})

@@ -39,7 +39,7 @@ from agents.cgroups import (
     open_hierarchy,
 )
 from agents.dri import foreign_dri_nodes
-from agents.kernelcheck import kernel_exposures
+from agents.kernelcheck import kernel_exposures, unbounded_huge_pages
 from agents.netns import Namespaces, NetnsError
 from agents.netopen import open_namespaces
 from agents.netwall import FLOWS_MAX, UID_MAX
@@ -179,6 +179,11 @@ class Confinement:
             tasks_pids = self.tasks_pids or node_pid_space()
             for line in kernel_exposures(tasks_pids=tasks_pids, nofile=nofile):
                 log.warning("%s", line)
+            huge = unbounded_huge_pages(
+                huge_pools(self.hugepages), limited=self.cgroups.limits_hugetlb
+            )
+            if huge is not None:
+                log.warning("%s", huge)
             if sandbox.landlock_abi() < sandbox.LANDLOCK_SCOPE_ABI:
                 log.warning(
                     "this kernel has no Landlock scoping (Linux 6.12 or later): tasks of "

@@ -9,7 +9,10 @@ a task could do and what to set (docs/ISOLATION.md, "Kernel settings").
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
+
+from agents.cgroups import HugePool
 
 PROC_SYS = Path("/proc/sys")
 
@@ -55,3 +58,16 @@ def kernel_exposures(
             "9223372036854775807: each open file is charged to its task's memory)"
         )
     return found
+
+
+def unbounded_huge_pages(pools: Mapping[str, HugePool], *, limited: bool) -> str | None:
+    """The line to log where the node has huge pages and task cgroups cannot bound them."""
+    held = {size: pool.pages for size, pool in pools.items() if pool.pages > 0}
+    if limited or not held:
+        return None
+    sizes = ", ".join(f"{pages} of {size}" for size, pages in held.items())
+    return (
+        f"this node has huge pages ({sizes}) and no hugetlb cgroup controller for tasks: the "
+        "memory controller does not charge them, so one task may map them all; enable "
+        "hugetlb (cgroup v2, or a v1 mount)"
+    )

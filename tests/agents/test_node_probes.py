@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.cgroups import node_pid_space
-from agents.kernelcheck import kernel_exposures
+from agents.cgroups import HugePool, node_pid_space
+from agents.kernelcheck import kernel_exposures, unbounded_huge_pages
+from agents.netwall import cgroup2_mount
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_isolation import ACME, RIVAL, Node, python
 
@@ -173,5 +174,34 @@ def test_a_strict_agent_warns_of_this_nodes_weak_kernel_settings(
         )
         logged = [r.getMessage() for r in caplog.records if r.name == "agents.isolation"]
         assert [line for line in logged if line in expected] == expected
+    finally:
+        n.close()
+
+
+def test_huge_pages_a_task_could_map_unbounded_are_named() -> None:
+    pools = {"2MB": HugePool(2**21, 8), "1GB": HugePool(2**30, 0)}
+    line = unbounded_huge_pages(pools, limited=False)
+    assert line is not None
+    assert "huge pages (8 of 2MB) and no hugetlb cgroup controller" in line
+    assert unbounded_huge_pages(pools, limited=True) is None
+    assert unbounded_huge_pages({"1GB": HugePool(2**30, 0)}, limited=False) is None
+
+
+def test_this_hosts_task_cgroups_bound_huge_pages(tmp_path: Path) -> None:
+    """Wherever the host has the hugetlb controller (v2, a v1 mount, or the unified hierarchy
+    of a "hybrid" host, as the test machine: tasks then join it), tasks are bounded by it."""
+    n = Node(tmp_path)
+    try:
+        assert n.confinement.cgroups is not None
+        unified = cgroup2_mount()
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        expected = any(
+            line.split()[2] == "cgroup" and "hugetlb" in line.split()[3].split(",")
+            for line in mounts
+        ) or (
+            unified is not None
+            and "hugetlb" in (unified / "cgroup.controllers").read_text().split()
+        )
+        assert n.confinement.cgroups.limits_hugetlb is expected
     finally:
         n.close()
