@@ -205,3 +205,37 @@ def test_this_hosts_task_cgroups_bound_huge_pages(tmp_path: Path) -> None:
         assert n.confinement.cgroups.limits_hugetlb is expected
     finally:
         n.close()
+
+
+USERNS_BIND = """
+import ctypes, json, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+uid = os.getuid()
+made = libc.unshare(0x10000000)  # CLONE_NEWUSER: the kernel lets any user make one
+if made == 0:
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"0 {uid} 1")
+def bind(port):
+    try:
+        socket.socket().bind(("0.0.0.0", port))
+        return "bound"
+    except OSError as exc:
+        return exc.strerror
+start = int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+print(json.dumps({"userns": made, "root_inside": os.getuid() == 0, "privileged": bind(start - 1)}))
+"""
+
+
+def test_a_task_root_in_a_user_namespace_of_its_own_still_cannot_bind_a_privileged_port(
+    node: Node,
+) -> None:
+    """The agent's connections leave from ports below ip_unprivileged_port_start
+    (agents/srcport.py): CAP_NET_BIND_SERVICE in a user namespace the task made does not
+    count for the node's network, which the node's own user namespace owns."""
+    result = node.run(1, python(USERNS_BIND), **ACME)
+    tried = json.loads(result["log"].strip().splitlines()[-1])
+    assert tried["privileged"] == "Permission denied"
+    if tried["userns"] == 0:  # where the host lets tasks make one (this one does)
+        assert tried["root_inside"]
