@@ -52,7 +52,7 @@ NODE_COLUMNS = [
 def _node_id(client: Client, ref: str) -> int:
     if ref.isdigit():
         return int(ref)
-    found = [n for n in client.get("/v1/nodes")["data"] if n["name"] == ref]
+    found = [n for n in client.get("/v1/nodes", name=ref)["data"] if n["name"] == ref]
     if not found:
         fail(f"node {ref!r} not found", 5)
     return int(found[0]["id"])
@@ -61,9 +61,16 @@ def _node_id(client: Client, ref: str) -> int:
 @node_app.command("list")
 def node_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
     """Every node with its state, GPUs, allocation and last heartbeat."""
+    nodes: list[dict[str, Any]] = []
     with connect("node list") as client:
-        body = client.get("/v1/nodes")
-    render(body["data"], NODE_COLUMNS, output, no_headers=no_headers, empty="no nodes")
+        cursor: str | None = None
+        while True:
+            page = client.get("/v1/nodes", cursor=cursor)
+            nodes += page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+    render(nodes, NODE_COLUMNS, output, no_headers=no_headers, empty="no nodes")
 
 
 @node_app.command("show")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 
 from api.deps import PlatformAdmin, Principal, SessionDep, UserPrincipal
+from api.schemas.common import MAX_NAME_CHARS, MAX_PAGE_SIZE
 from api.schemas.nodes import DrainRequest, GpuPublic, NodeApproved, NodePublic, NodesPublic
 from protocol.states import GpuHealth
 from scheduler.db import Gpu
@@ -73,11 +74,25 @@ async def _one(session: SessionDep, node_id: int, viewer: Principal) -> NodePubl
 
 
 @router.get("")
-async def list_nodes(session: SessionDep, principal: UserPrincipal) -> NodesPublic:
-    """Every node with its GPUs, their health, and the job of the caller's org on each GPU
-    (other orgs' jobs show only as allocated GPUs)."""
-    views = await svc.list_nodes(session)
-    return NodesPublic(data=[_public(v, principal) for v in views], count=len(views))
+async def list_nodes(
+    session: SessionDep,
+    principal: UserPrincipal,
+    name: Annotated[str | None, Query(max_length=MAX_NAME_CHARS)] = None,
+    cursor: Annotated[str | None, Query(max_length=MAX_NAME_CHARS)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = MAX_PAGE_SIZE,
+) -> NodesPublic:
+    """Every node (or the one called `name`) with its GPUs, their health, and the job of the
+    caller's org on each GPU (other orgs' jobs show only as allocated GPUs), by name: `limit`
+    a page, `next_cursor` goes on. Pages, because every member may ask, and a pool of
+    thousands of nodes made each answer megabytes."""
+    views = await svc.list_nodes(session, name=name, after_name=cursor, limit=limit + 1)
+    more = len(views) > limit
+    views = views[:limit]
+    return NodesPublic(
+        data=[_public(v, principal) for v in views],
+        count=len(views),
+        next_cursor=views[-1].node.name if more else None,
+    )
 
 
 @router.get("/{node_id}")

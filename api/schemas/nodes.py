@@ -50,6 +50,7 @@ class NodePublic(OutputModel):
 class NodesPublic(OutputModel):
     data: list[NodePublic]
     count: int
+    next_cursor: str | None = None
 
 
 class DrainRequest(InputModel):

@@ -30,10 +30,25 @@ class NodeView:
     allocated_orgs: dict[int, int]  # gpu id -> org id of that job
 
 
-async def list_nodes(session: AsyncSession, node_id: int | None = None) -> list[NodeView]:
+async def list_nodes(
+    session: AsyncSession,
+    node_id: int | None = None,
+    *,
+    name: str | None = None,
+    after_name: str | None = None,
+    limit: int | None = None,
+) -> list[NodeView]:
+    """Nodes by name (one by `node_id` or `name`), after `after_name`, at most `limit` (None:
+    all; ask for one more to learn whether a next page exists)."""
     stmt = select(Node, Site.name).join(Site, Site.id == Node.site_id).order_by(Node.name)
     if node_id is not None:
         stmt = stmt.where(Node.id == node_id)
+    if name is not None:
+        stmt = stmt.where(Node.name == name)
+    if after_name is not None:
+        stmt = stmt.where(Node.name > after_name)
+    if limit is not None:
+        stmt = stmt.limit(limit)
     rows = (await session.execute(stmt)).all()
     ids = [n.id for n, _ in rows]
     gpus: dict[int, list[Gpu]] = {}

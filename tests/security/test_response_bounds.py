@@ -170,3 +170,28 @@ async def test_concurrent_scrapes_share_one_read_of_the_cluster(database_url: st
     assert all(r.status_code == 200 for r in answers)
     assert all(b"fairgpu_gpus" in r.content for r in [one, *answers])
     assert statements - before - per_read <= 2 * per_read, (statements, per_read)
+
+
+async def test_node_listings_come_in_pages_and_find_one_by_name(world: World) -> None:
+    """Every member may list the nodes, and a pool of thousands of nodes made each answer
+    megabytes: 520 nodes come in pages of at most 500 by name, each once; `name` finds one."""
+    async with world.app.state.sessionmaker() as session:
+        names = [(await factories.node(session, gpus=1))[0].name for _ in range(520)]
+        await session.commit()
+    seen: list[str] = []
+    sizes: list[int] = []
+    async with world.client("member_b") as c:
+        cursor: str | None = None
+        while True:
+            r = await c.get("/v1/nodes", params={"cursor": cursor} if cursor else {})
+            assert r.status_code == 200, r.text
+            sizes.append(r.json()["count"])
+            seen += [n["name"] for n in r.json()["data"]]
+            cursor = r.json().get("next_cursor")
+            if cursor is None:
+                break
+        one = (await c.get("/v1/nodes", params={"name": names[7]})).json()["data"]
+    assert sizes == [500, 21]  # and the world's own node
+    assert len(seen) == len(set(seen)) == 521
+    assert set(names) < set(seen)
+    assert [n["name"] for n in one] == [names[7]]
