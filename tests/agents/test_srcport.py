@@ -9,6 +9,7 @@ ports held by a process of an org's uid, and the real AgentClient.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.srcport import privileged_ports
+from agents.client import AgentClient
+from agents.srcport import privileged_ports, proxied
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLDER_UID = 2_900_000 + os.getpid() % 10_000
@@ -239,3 +241,29 @@ def test_the_agent_reaches_its_server_by_name_while_a_task_holds_the_resolvers_p
     # The agent connects to the addresses it found last, from a privileged port.
     assert out["cached"] == "reached"
     assert 512 <= out["cached_peer"] < 1024
+
+
+def test_behind_a_proxy_the_agent_connects_as_httpx_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy from the environment (HTTPS_PROXY, ALL_PROXY...) is reached as httpx reaches
+    it, from an ephemeral port; a server the proxy is bypassed for keeps the privileged one."""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    url = "https://fairgpu.example.org"
+    assert not proxied(url)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    assert proxied(url)
+    assert not proxied("http://fairgpu.example.org")  # no proxy for plain http here
+    monkeypatch.setenv("NO_PROXY", "example.org")
+    assert not proxied(url)
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "http://proxy.example.org:3128")
+    assert proxied("http://fairgpu.example.org")
+
+    async def privileged(server: str) -> bool:
+        client = AgentClient(server, privileged_source_port=True)
+        await client.aclose()
+        return client.privileged_source_port
+
+    assert asyncio.run(privileged(url)) is False
+    monkeypatch.setenv("NO_PROXY", "fairgpu.example.org")
+    assert asyncio.run(privileged(url)) is True
