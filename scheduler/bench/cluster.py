@@ -49,7 +49,7 @@ class Cluster:
             ready = 0
             while time.monotonic() < deadline:
                 self.fleet.check_alive()
-                nodes = http.get("/v1/nodes").json().get("data", [])
+                nodes = _all_nodes(http)
                 ready = sum(1 for n in nodes if n["state"] == "ready" and n["gpus_total"] > 0)
                 if ready == self.nodes:
                     return
@@ -57,6 +57,18 @@ class Cluster:
         raise HarnessError(
             f"only {ready} of {self.nodes} agents registered in {AGENTS_READY_S:.0f} s"
         )
+
+
+def _all_nodes(http: httpx.Client) -> list[dict[str, Any]]:
+    """Every node, following the listing's pages."""
+    nodes: list[dict[str, Any]] = []
+    params: dict[str, str] = {}
+    while True:
+        page = http.get("/v1/nodes", params=params).json()
+        nodes += page.get("data", [])
+        if not page.get("next_cursor"):
+            return nodes
+        params = {"cursor": page["next_cursor"]}
 
 
 @contextmanager
