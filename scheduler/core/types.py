@@ -200,10 +200,10 @@ class PolicyConfig:
     # weighted share stays at least its own) on a node where they hold no more GPUs than lie
     # idle there, each losing at most `consolidate_max_lost_s` of work: the scattered free GPUs
     # come together for it, and the victims restart on the free GPUs left elsewhere. The org
-    # whose pending work waits longest gives no job to another org's. On by default: across
-    # the #19 matrix it lifts allocation while work waits at no JCT cost (docs/SIMULATION.md,
-    # "Consolidation's default"); it moves only jobs with a known checkpoint interval.
-    consolidate: bool = True
+    # whose pending work waits longest gives no job to another org's. Off: on the #19 window
+    # it costs no JCT, but on the whole Philly trace (x12) it cost mean JCT 9.6 % and the
+    # 1-GPU jobs' wait p99 42 % (docs/SIMULATION.md, "Consolidation's default").
+    consolidate: bool = False
     consolidate_max_lost_s: float = 900.0
     # ... and only once it has waited this long since its submission: a node often frees whole
     # by itself within the hour, and moving small jobs for a job that would soon have started

@@ -100,11 +100,12 @@ def test_no_victim_org_falls_below_its_guarantee_or_the_preemptors_share() -> No
     assert schedule(crowded).preemptions == ()
 
 
-def test_on_by_default_and_switched_off_or_without_preemption_nothing_moves() -> None:
+def test_off_by_default_and_switched_off_or_without_preemption_nothing_moves() -> None:
     assert schedule(cluster(consolidate=False)).preemptions == ()
     s = cluster()
     default = Snapshot(s.now, s.nodes, s.orgs, s.running, s.pending, PolicyConfig())
-    assert [p.job_id for p in schedule(default).preemptions] == [100]
+    assert schedule(default).preemptions == ()
+    assert [p.job_id for p in schedule(cluster()).preemptions] == [100]
     assert schedule(cluster(preemption=False)).preemptions == ()
 
 

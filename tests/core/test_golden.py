@@ -1,8 +1,8 @@
 """The core decides exactly what was recorded: at 9648a50 before its speed work, re-recorded only
 for deliberate policy changes (preemption victims by least work lost, #19 item 3; protected big
-gangs, #19 item 1; one-node jobs packed by their end, #19 item 2; consolidation on by default,
-#19 item 2: 3 of the 79 cycles, where a borrower that waited the hour takes its org's leaving
-GPUs before a lower-priority job of the org does). Re-recorded once more, with no decision
+gangs, #19 item 1; one-node jobs packed by their end, #19 item 2). Consolidation (#19 item 2)
+is off by default (it was on for one commit, eec6ed6, and these digests are again those from
+before it), so it is not recorded here. Re-recorded once more, with no decision
 changed, when the standings began listing each org's GPU types in name order (#18: a kept
 `Scheduler` books the running jobs in no particular order)."""
 

@@ -54,7 +54,7 @@ def test_every_policy_knob_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -
         "protect_gang_gpus": ("64", 64),
         "protect_gang_after_s": ("7200", 7200.0),
         "pack_by_end": ("false", False),
-        "consolidate": ("false", False),
+        "consolidate": ("true", True),
         "consolidate_max_lost_s": ("300", 300.0),
         "consolidate_after_s": ("600", 600.0),
         "ordering": ("fifo", "fifo"),
