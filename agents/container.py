@@ -108,7 +108,9 @@ def container_launch(
     if workdir and not any(_under(workdir, m) for m in binds):
         binds.append(workdir)
     if runtime == "apptainer":
-        argv = [exe, "exec", "--nv"]
+        # `run` starts the image's runscript (a docker image's ENTRYPOINT and CMD) where the job
+        # gives no command; `exec` runs the job's.
+        argv = [exe, "exec" if command else "run", "--nv"]
         if user is not None:
             argv += ["--contain", "--home", env.get("HOME", binds[0] if binds else "/tmp")]  # noqa: S108
         for bind in binds:

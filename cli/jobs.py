@@ -284,7 +284,7 @@ def describe(
             "Dependency",
             job.get("dependency") or ",".join(str(d) for d in job.get("depends_on") or []) or None,
         ),
-        ("Command", " ".join(job["command"])),
+        ("Command", " ".join(job["command"]) or "(the image's ENTRYPOINT and CMD)"),
         ("Script", "yes (fairgpu describe --script)" if job.get("script") else None),
         ("Image", job.get("image")),
         ("WorkDir", job.get("workdir")),

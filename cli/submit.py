@@ -34,9 +34,13 @@ _COMMANDLINE = click.core.ParameterSource.COMMANDLINE
 def submit(
     ctx: typer.Context,
     command: Annotated[
-        list[str],
-        typer.Argument(help="The program and its arguments, or a batch script and its arguments."),
-    ],
+        list[str] | None,
+        typer.Argument(
+            help="The program and its arguments, or a batch script and its arguments; with "
+            "--image, none runs the image's own ENTRYPOINT and CMD.",
+            show_default=False,
+        ),
+    ] = None,
     gpus: Annotated[
         str, typer.Option("--gpus", "-G", help="GPUs per node: N or TYPE:N (e.g. H100:8).")
     ] = "1",
@@ -125,6 +129,9 @@ def submit(
 ) -> None:
     """Submit a job: `fairgpu submit -G H100:8 -N 2 -t 4h -- torchrun train.py`, or a script.
 
+    `fairgpu submit --image IMG` with no command runs the image's ENTRYPOINT and CMD, as
+    `docker run IMG` does; `--image IMG -- ARGS` runs its ENTRYPOINT with ARGS.
+
     `fairgpu submit train.sh ARGS` submits a batch script (it must start with `#!`): its leading
     comments may hold `#FAIRGPU` lines with these options (`#FAIRGPU -G H100:8 -t 4h`) and the
     common `#SBATCH` ones (--gres, --gpus-per-node, -N, -t, -J, -A, --mem, -D, -H, -a/--array,
@@ -132,9 +139,15 @@ def submit(
     here win over the script's. The node runs the script's interpreter on its text, with ARGS as
     $1...; `describe --script` shows it.
     """
+    if not command:
+        if image is None:  # only an image has a program of its own
+            from typer._click.exceptions import MissingParameter
+
+            raise MissingParameter(ctx=ctx, param_hint="'command'", param_type="argument")
+        command = []
     body: dict[str, Any] = {}
     directives = Directives()
-    script_path = _script_path(ctx, command)
+    script_path = _script_path(ctx, command) if command else None
     if script_path is not None:
         body["script"] = _read_script(script_path)
         try:
@@ -162,7 +175,7 @@ def submit(
     body.update(
         {
             "command": command,
-            "name": given("name", name) or command[0].rsplit("/", 1)[-1][:128],
+            "name": given("name", name) or _default_name(command, image),
             "gpus_per_node": request.count,
             "nodes": _int(given("nodes", nodes), "-N"),
             "gpu_type": request.gpu_type,
@@ -210,6 +223,14 @@ def submit(
     with connect("submit") as client:
         job = client.post("/v1/jobs", body)
     typer.echo(str(job["id"]) if parsable else f"Submitted job {job['id']}")
+
+
+def _default_name(command: list[str], image: str | None) -> str:
+    """The program's file name, or the image's name without its registry, tag or digest."""
+    if command:
+        return command[0].rsplit("/", 1)[-1][:128]
+    assert image is not None
+    return image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0][:128] or "job"
 
 
 def _script_path(ctx: typer.Context, command: list[str]) -> Path | None:

@@ -43,15 +43,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from protocol.limits import (
     MAX_GPUS_PER_NODE as MAX_GPUS_PER_NODE,
 )
 from protocol.limits import (
     MAX_TIME_LIMIT_S,
-    Command,
     Image,
+    ImageCommand,
     TaskEnvironment,
     Workdir,
 )
@@ -61,12 +61,14 @@ Capability = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-
 """Something an agent can do beyond what every agent of the protocol does; the server gives a
 node only the work its agent can carry out (and stores names it does not know yet, for a
 server upgraded after its agents)."""
-AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward", "new-shell")
+AGENT_CAPABILITIES: tuple[str, ...] = ("signal", "pty", "port-forward", "new-shell", "image-cmd")
 """What this agent can do. "signal": it takes `TaskSpec.signal` and `TaskStop.signal` (a job's
 `--signal`) and delivers them; an agent that does not say so may refuse a reply that has them.
 "pty": it runs `TaskSpec.pty` tasks under a terminal and opens `HeartbeatReply.streams`.
 "port-forward": it opens `StreamOpen` of kind "port" (to a port its task listens on).
 "new-shell": it opens `StreamOpen` of kind "new" (a new shell in a running task's sandbox).
+"image-cmd": it takes a `TaskSpec` with an image and no command, and runs the image's ENTRYPOINT
+and CMD (an agent that does not say so refuses the reply that has one).
 "netns" (not in this tuple: an agent adds it only where it can build the namespace, see
 agents/netns.py): it runs `TaskSpec.network="private"` tasks in a network namespace of their own.
 "container-netns" (nor this one: an agent adds it only beside "netns", where its container
@@ -301,7 +303,9 @@ class TaskSpec(_Reply):
     gpu_uuids: Annotated[list[Uuid], Field(max_length=MAX_GPUS_PER_NODE)] = Field(
         default_factory=list
     )
-    command: Command
+    command: ImageCommand
+    """argv; empty only with `image`: the image's ENTRYPOINT and CMD run (docker's `run IMAGE`).
+    Only an agent with the "image-cmd" capability is given such a task."""
     env: TaskEnvironment = Field(default_factory=dict)
     workdir: Workdir | None = None
     image: Image | None = None
@@ -328,6 +332,12 @@ class TaskSpec(_Reply):
     """"private": the task in a network namespace of its own (an agent with the "netns"
     capability), reaching the outside but no other task's listeners; "host" or None: the
     node's network namespace. Left out when None, as `signal`."""
+
+    @model_validator(mode="after")
+    def _command_or_image(self) -> TaskSpec:
+        if not self.command and self.image is None:
+            raise ValueError("a task without an image needs a command")
+        return self
 
 
 class TaskStop(_Reply):

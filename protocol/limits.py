@@ -37,7 +37,7 @@ def _utf8_bytes(value: str) -> int:
 
 
 def check_command(value: list[str]) -> list[str]:
-    if not value[0]:
+    if value and not value[0]:
         raise ValueError("the program (first argument) must not be empty")
     total = sum(_utf8_bytes(a) + 1 for a in value)
     if total > MAX_COMMAND_BYTES:
@@ -91,6 +91,9 @@ Command = Annotated[
     list[Arg], Field(min_length=1, max_length=MAX_ARGS), AfterValidator(check_command)
 ]
 """argv; the first element is the program."""
+ImageCommand = Annotated[list[Arg], Field(max_length=MAX_ARGS), AfterValidator(check_command)]
+"""A command, or none (`[]`) where a container image is given: the image's ENTRYPOINT and CMD
+then run, as `docker run IMAGE` runs them (agents/imagelaunch.py)."""
 Environment = Annotated[
     dict[str, Annotated[str, Field(max_length=MAX_ENV_BYTES)]], AfterValidator(check_env)
 ]

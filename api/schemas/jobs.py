@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from api.schemas.common import (
     DurationS,
@@ -19,9 +19,9 @@ from api.schemas.common import (
 from protocol.limits import (
     MAX_GPUS_PER_NODE,
     MAX_TIME_LIMIT_S,
-    Command,
     Environment,
     Image,
+    ImageCommand,
     Workdir,
     check_env_with_secrets,
 )
@@ -50,13 +50,15 @@ class JobCreate(InputModel):
     """A job: `nodes` tasks × `gpus_per_node` GPUs, started all at once or not at all."""
 
     name: Name = "job"
-    command: Command
+    image: Annotated[Image, Printable] | None = None
+    """Container image. Without `command`, the image's ENTRYPOINT and CMD run (as `docker run
+    IMAGE` does); with one, its ENTRYPOINT and `command`."""
+    command: ImageCommand = Field(default_factory=list, validate_default=True)
     """argv; the first element is the program. With `script`: the script's name and its
-    arguments (the script's `$0 $1...`)."""
+    arguments (the script's `$0 $1...`). Required unless `image` is given."""
     script: Annotated[str, AfterValidator(check_script)] | None = None
     """A batch script's text, starting with its `#!` line (at most 60 KiB). The node runs
     `INTERPRETER -c SCRIPT NAME ARGS...` with `command` = [NAME, *ARGS]."""
-    image: Annotated[Image, Printable] | None = None
     env: Environment = Field(default_factory=dict)
     secret_env: Environment = Field(default_factory=dict, repr=False)
     """Set in the task's environment like `env`, but stored encrypted and never shown: the API
@@ -118,6 +120,14 @@ class JobCreate(InputModel):
         or `--user=0` there would be an option (every device of the node, root)."""
         if value is not None and value.startswith("-"):
             raise ValueError("an image cannot start with '-'")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command_unless_image(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Only an image has a program of its own to run (its ENTRYPOINT and CMD)."""
+        if not value and info.data.get("image") is None:
+            raise ValueError("a job without an image needs a command")
         return value
 
     @field_validator("env", "secret_env")
@@ -182,6 +192,8 @@ class JobCreate(InputModel):
     @model_validator(mode="after")
     def _script_fits(self) -> JobCreate:
         if self.script is not None:
+            if not self.command:
+                raise ValueError("a script needs a command: its name and arguments")
             script_command(self.script, self.command)
         return self
 

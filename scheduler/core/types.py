@@ -14,11 +14,12 @@ from enum import StrEnum
 DAY_S = 86_400.0
 
 JOB_CAPABILITIES: frozenset[str] = frozenset(
-    {"signal", "pty", "netns", "container", "container-netns"}
+    {"signal", "pty", "netns", "container", "container-netns", "image-cmd"}
 )
 """Agent capabilities a job may need (protocol.agent.AGENT_CAPABILITIES names them): "signal" for
 a job with `--signal`, "pty" for an interactive one, "netns" for one with `--network private`,
-"container" for one with an image, and "container-netns" too for a private job with an image.
+"container" for one with an image, "container-netns" too for a private job with an image, and
+"image-cmd" too for one whose image runs its own ENTRYPOINT and CMD (no command).
 Others an agent reports play no part here."""
 STRICT_ISOLATION = "isolation=strict"
 """The node feature of strict isolation, placed like a capability; "=" is outside the protocol's

@@ -106,6 +106,15 @@ def test_apptainer_keeps_cuda_visible_devices_in_the_environment() -> None:
     assert launch.kill_argv is None
 
 
+def test_apptainer_runs_the_images_runscript_for_a_job_without_a_command() -> None:
+    """`exec IMAGE` with no program is an error; `run` starts the runscript, which for an image
+    built from docker's is its ENTRYPOINT and CMD."""
+    assert build("apptainer", command=[]).argv == [
+        "apptainer", "run", "--nv", "--bind", "/data/run", "--pwd", "/data/run",
+        "nvcr.io/nvidia/pytorch:24.05-py3",
+    ]  # fmt: skip
+
+
 def test_docker_under_strict_isolation_runs_as_the_org_uid_with_its_limits_and_roots() -> None:
     launch = build(
         "docker",

@@ -24,6 +24,7 @@ import pytest
 from agents import imagelaunch
 from agents.container import DEFAULT_HELPER, HELPER_MOUNT
 from agents.sandbox import LANDLOCK_SCOPE_ABI, landlock_abi
+from protocol.agent import HeartbeatReply
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
 from tests.agents.test_isolation import ABSTRACT, ACME, PY, RIVAL
@@ -155,6 +156,29 @@ def test_an_entrypoint_that_is_the_program_gets_the_jobs_arguments(
     assert result["log"] == "entry: a  b c\n", result
 
 
+def test_a_task_sent_without_a_command_runs_the_images_entrypoint_and_cmd(
+    docker_node: NetNode,  # noqa: F811
+    make_image,  # type: ignore[no-untyped-def]
+) -> None:
+    """`fairgpu submit --image IMG` with no command: the heartbeat reply's task, as the server
+    words it, has `"command": []`, and the node runs the image's ENTRYPOINT and CMD. Before,
+    the agent refused such a reply (a command had at least one argument)."""
+    net = docker_node
+    tag = make_image('ENTRYPOINT ["/bb/busybox", "echo", "entry:"]', 'CMD ["from", "cmd"]')
+    task = {
+        "task_id": TASK, "job_id": TASK + 100, **ACME, "node_rank": 0,
+        "num_nodes": 1, "gpus": [], "command": [], "image": tag, "time_limit_s": 60,
+        "network": "host", "job_secret": "s" * 16,
+    }  # fmt: skip
+    server_time = "2026-01-01T00:00:00+00:00"
+    reply = json.dumps({"start": [task], "heartbeat_interval_s": 5, "server_time": server_time})
+    (started,) = HeartbeatReply.model_validate_json(reply).start
+    net.runner.start(started)
+    result = net.result(TASK, timeout_s=90)
+    assert result["exit_code"] == 0, result
+    assert result["log"] == "entry: from cmd\n", result
+
+
 @pytest.mark.parametrize(
     ("changes", "command", "printed"),
     [
@@ -169,8 +193,7 @@ def test_the_launcher_runs_the_images_cmd_when_the_job_gives_no_command(
     command: list[str],
     printed: str,
 ) -> None:
-    """agents/imagelaunch.py as the agent runs it, with a `run` of its own. A job always has a
-    command today (the API requires one); an image job without one would run the image's CMD."""
+    """agents/imagelaunch.py as the agent runs it, with a `run` of its own."""
     tag = make_image(*changes)
     run = ["docker", "run", "--rm", "--network=none", "--log-driver=none"]
     config = {

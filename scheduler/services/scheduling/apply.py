@@ -299,6 +299,7 @@ async def apply_starts(
                 interactive=job.interactive,
                 private=job.network == "private",
                 image=job.image is not None,
+                image_cmd=job.image is not None and not job.command,
             )
             for cap in needs:
                 usable = usable - lacking[cap]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Executable, Result, func, select
+from sqlalchemy import Executable, Result, Text, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from protocol.states import GpuHealth, JobState
@@ -153,6 +153,8 @@ _PENDING = (
         Job.interactive,
         Job.network == "private",
         Job.image.is_not(None),
+        # No command: the image's own ENTRYPOINT and CMD (only an image job's command is read).
+        case((Job.image.is_(None), False), else_=cast(Job.command, Text) == "[]"),
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
@@ -298,13 +300,14 @@ def _node_capabilities(names: list[str] | None) -> frozenset[str]:
 
 
 # Agent capabilities a pending job needs, by (has `--signal`, interactive, `--network
-# private`, an image): the warning signal is delivered only by a "signal" agent, a terminal
-# opened only by a "pty" one, a network namespace made only by a "netns" one, an image run only
-# by a "container" one (its runtime configured and working), and put in the namespace only by a
-# "container-netns" one (a job that leaves its network unsaid runs in one where the node can, in
-# the node's elsewhere: it needs nothing).
+# private`, an image, an image without a command): the warning signal is delivered only by a
+# "signal" agent, a terminal opened only by a "pty" one, a network namespace made only by a
+# "netns" one, an image run only by a "container" one (its runtime configured and working), and
+# put in the namespace only by a "container-netns" one (a job that leaves its network unsaid
+# runs in one where the node can, in the node's elsewhere: it needs nothing); a task with no
+# command is taken only by an "image-cmd" one (older agents refuse it).
 _NEEDS = {
-    (signal, pty, private, image): frozenset(
+    (signal, pty, private, image, image_cmd): frozenset(
         name
         for name, wanted in (
             ("signal", signal),
@@ -312,6 +315,7 @@ _NEEDS = {
             ("netns", private),
             ("container", image),
             ("container-netns", private and image),
+            ("image-cmd", image_cmd),
         )
         if wanted
     )
@@ -319,16 +323,17 @@ _NEEDS = {
     for pty in (False, True)
     for private in (False, True)
     for image in (False, True)
+    for image_cmd in (False, True)
 }
 _CAPS = {caps: caps for caps in _NEEDS.values()}
 
 
 def capabilities_needed(
-    *, signal: bool, interactive: bool, private: bool, image: bool
+    *, signal: bool, interactive: bool, private: bool, image: bool, image_cmd: bool
 ) -> frozenset[str]:
     """The agent capabilities a job needs of its node (`_NEEDS`): the load places it by them and
-    the apply's guard checks them again."""
-    return _NEEDS[(signal, interactive, private, image)]
+    the apply's guard checks them again. `image_cmd`: an image job without a command."""
+    return _NEEDS[(signal, interactive, private, image, image_cmd)]
 
 
 def _running(fetched: _Fetched) -> tuple[tuple[RunningJob, ...], list[HeldInterval]]:
@@ -451,6 +456,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         interactive,
         private,
         image,
+        image_cmd,
     ) in fetched.pending:
         dependency = deps.get(job_id, none)
         throttled = False
@@ -479,6 +485,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                     interactive=bool(interactive),
                     private=bool(private),
                     image=bool(image),
+                    image_cmd=bool(image_cmd),
                 ),
                 not_before=not_before_s,
                 array_throttled=throttled,
