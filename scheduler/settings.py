@@ -221,6 +221,15 @@ class Settings(BaseSettings):
         "how many bytes are gone.",
     )
 
+    org_log_max_bytes: int = Field(
+        16 * 1024**3,
+        ge=0,
+        description="The most log text the server keeps for all of one org's tasks (0: no "
+        "bound). Past it the logs of the org's tasks that ended first are deleted whole (reading "
+        "one says so); while only running tasks' logs are left, the org's new output is dropped "
+        "with a one-line marker in the task's log. Other orgs' logs are never touched.",
+    )
+
     default_max_priority_class: str = Field(
         "normal",
         description="The highest priority class an org may submit at unless a platform admin "

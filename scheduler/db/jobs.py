@@ -164,6 +164,8 @@ class Task(Base):
     stop_grace_s: Mapped[float | None] = mapped_column(Float)
     log_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     log_complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # When the org's log budget deleted this (ended) task's log; reads say so instead of "".
+    log_dropped_at: Mapped[datetime | None] = mapped_column()
     """The agent sent the last chunk of the ended task's log (its `eof`): a reader has it all."""
 
 
@@ -289,6 +291,19 @@ class LogChunk(Base):
     offset: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OrgLogBytes(Base):
+    """Bytes of log text one org keeps in `log_chunks`, kept in the transaction that inserts or
+    deletes its chunks (scheduler.services.logbudget), so that `org_log_max_bytes` is a bound
+    read in one row."""
+
+    __tablename__ = "org_log_bytes"
+
+    org_id: Mapped[int] = mapped_column(
+        ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class PendingJobCount(Base):

@@ -24,10 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from protocol.states import TERMINAL_STATES
-from scheduler.db import Allocation, Job, JobDependency, UsageRecord, UsageRollup
+from scheduler.db import Allocation, Job, JobDependency, LogChunk, Task, UsageRecord, UsageRollup
 from scheduler.db.types import utcnow
 from scheduler.services.batches import Batch, Transactions
 from scheduler.services.jobretention import ended_jobs
+from scheduler.services.logbudget import delete_chunks
 
 Dependent = aliased(Job)
 BATCH_JOBS = 50  # jobs per transaction: their ledger rows are read to be summed
@@ -105,6 +106,9 @@ async def purge_jobs(session: AsyncSession, job_ids: list[int]) -> int:
     if not doomed:
         return 0
     await roll_up(session, doomed)
+    # Their chunks would go with the tasks' rows; deleted here, they leave the orgs' counters.
+    tasks = select(Task.id).where(Task.job_id.in_(doomed))
+    await delete_chunks(session, LogChunk.task_id.in_(tasks))
     await session.execute(delete(JobDependency).where(JobDependency.depends_on_id.in_(doomed)))
     result = await session.execute(
         delete(Job).where(Job.id.in_(doomed)).execution_options(synchronize_session=False)

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from scheduler.db import LogChunk, Task
 from scheduler.db.types import utcnow
 from scheduler.services.batches import Batch, Transactions
+from scheduler.services.logbudget import delete_chunks
 
 BATCH_CHUNKS = 1_000  # chunks deleted per transaction (each up to 64 Ki characters)
 MAX_BATCHES_PER_PASS = 20  # the rest waits for the next pass: a pass never holds up a cycle
@@ -30,8 +31,8 @@ async def delete_expired_chunks(
     if ended_since is not None:
         tasks = tasks.where(Task.ended_at >= ended_since)
     chunks = select(LogChunk.id).where(LogChunk.task_id.in_(tasks)).limit(limit)
-    result = await session.execute(delete(LogChunk).where(LogChunk.id.in_(chunks)))
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    rows, _bytes = await delete_chunks(session, LogChunk.id.in_(chunks))
+    return rows
 
 
 @dataclass

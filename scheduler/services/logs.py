@@ -19,6 +19,7 @@ from protocol.states import JobState
 from scheduler.db import Job, LogChunk, Task
 from scheduler.db.types import utcnow
 from scheduler.services.errors import NotFound
+from scheduler.services.logbudget import BUDGET_MARKER
 
 MAX_LOG_RESPONSE_BYTES = 1024 * 1024
 LOG_SETTLE = timedelta(seconds=60)
@@ -38,6 +39,13 @@ class LogSlice:
 
 def _dropped_marker(dropped: int) -> str:
     return f"[fairgpu: {dropped} bytes of log dropped on the server (size cap)]\n"
+
+
+def _budget_marker(task: Task) -> str:
+    return (
+        f"[fairgpu: this task's log ({task.log_bytes or 0} bytes) was deleted on the server "
+        "for its org's log budget (org_log_max_bytes)]\n"
+    )
 
 
 async def _task(session: AsyncSession, job: Job, rank: int, attempt: int | None) -> Task | None:
@@ -66,6 +74,9 @@ async def read_log(
             raise NotFound(f"job {job.id} has no attempt {attempt} at rank {rank}")
         start = offset or 0
         return LogSlice(None, None, start, start, "", job.state.is_terminal)
+    if task.log_dropped_at is not None:
+        end = task.log_bytes or 0
+        return LogSlice(task.id, task.attempt, end, end, _budget_marker(task), True)
     last = await session.scalar(
         select(func.max(LogChunk.offset)).where(LogChunk.task_id == task.id)
     )
@@ -102,7 +113,8 @@ async def read_log(
             parts.append(_dropped_marker(row.offset - pos))
             pos = row.offset
         raw = row.data.encode()
-        skip = max(0, pos - row.offset)
+        # The budget's marker stands for the whole range it covers: never a slice of it.
+        skip = 0 if row.data == BUDGET_MARKER else max(0, pos - row.offset)
         piece = raw[skip:] if skip else raw
         if size and size + len(piece) > max_bytes:
             break

@@ -9,11 +9,12 @@ already ended, is stopped as stale. The protocol contract is in protocol/agent.p
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, delete, select, update
+from sqlalchemy import Table, and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from protocol.agent import GpuSample, Heartbeat, HeartbeatReply, TaskReport, TaskStop
@@ -22,6 +23,7 @@ from scheduler.db import Allocation, Event, Gpu, Job, LogChunk, Task
 from scheduler.db import Node as NodeRow
 from scheduler.db.engine import dialect_insert
 from scheduler.db.types import utcnow
+from scheduler.services import logbudget
 from scheduler.services.accounting import SampleUsage, record_sample_usage
 from scheduler.services.agents import issue_node_credential
 from scheduler.services.errors import Unauthenticated
@@ -115,7 +117,7 @@ async def heartbeat(
             session, node_id, body.tasks, settings, now, actor, outcome, stale, effects
         )
     if body.logs:
-        await _apply_logs(session, node_id, body, max_bytes=settings.task_log_max_bytes)
+        await _apply_logs(session, node_id, body, settings)
     await session.flush()
     outcome.wake_nodes = effects.wake_nodes - {node_id}
     if effects.gpus_freed or effects.jobs_requeued:
@@ -362,26 +364,28 @@ async def _apply_reports(
 
 
 async def _apply_logs(
-    session: AsyncSession, node_id: int, body: Heartbeat, *, max_bytes: int
+    session: AsyncSession, node_id: int, body: Heartbeat, settings: Settings
 ) -> None:
     """Append new chunks; a chunk whose end is not beyond what is held is a resend.
 
-    A task keeps at most `max_bytes` of log: the chunks that start before its new end minus
-    that are deleted (one indexed range per task, only what this heartbeat pushed out), never
-    the newest one. Reading that range gives a marker (scheduler.services.logs).
+    A task keeps at most `task_log_max_bytes` of log: the chunks that start before its new end
+    minus that are deleted (one indexed range per task, only what this heartbeat pushed out),
+    never the newest one. Reading that range gives a marker (scheduler.services.logs). Its
+    org keeps at most `org_log_max_bytes` of all its tasks' logs (scheduler.services.logbudget).
     """
     task_ids = {c.task_id for c in body.logs}
-    held = dict(
-        (
-            await session.execute(
-                select(Task.id, Task.log_bytes).where(
-                    Task.id.in_(task_ids), Task.node_id == node_id
-                )
-            )
-        ).all()
-    )
+    found = (
+        await session.execute(
+            select(Task.id, Task.log_bytes, Task.log_dropped_at, Job.org_id)
+            .join(Job, Job.id == Task.job_id)
+            .where(Task.id.in_(task_ids), Task.node_id == node_id)
+        )
+    ).all()
+    held = {row.id: row.log_bytes for row in found}
+    org_of = {row.id: row.org_id for row in found}
+    gone = {row.id for row in found if row.log_dropped_at is not None}
     rows: list[dict[str, Any]] = []
-    newest: dict[int, int] = {}
+    advanced: set[int] = set()
     complete: set[int] = set()
     for chunk in sorted(body.logs, key=lambda c: (c.task_id, c.offset)):
         upto = held.get(chunk.task_id)
@@ -391,35 +395,43 @@ async def _apply_logs(
             complete.add(chunk.task_id)
         if chunk.next_offset <= upto:
             continue
-        rows.append({"task_id": chunk.task_id, "offset": chunk.offset, "data": chunk.data})
         held[chunk.task_id] = chunk.next_offset
-        newest[chunk.task_id] = chunk.offset
+        advanced.add(chunk.task_id)
+        if chunk.task_id not in gone:  # else the org's log budget deleted the task's log
+            rows.append({"task_id": chunk.task_id, "offset": chunk.offset, "data": chunk.data})
     if complete:
         await session.execute(update(Task).where(Task.id.in_(complete)).values(log_complete=True))
-    if not rows:
+    if not advanced:
         return
     now = utcnow()
-    for row in rows:
-        row["created_at"] = now
-    stmt = dialect_insert(session, _LOGS).values(rows).on_conflict_do_nothing()
-    await session.execute(stmt)
-    sizes = [{"b_id": t, "b_bytes": held[t]} for t in newest]
+    rows = await logbudget.admit(
+        session, rows, org_of=org_of, max_bytes=settings.org_log_max_bytes, now=now
+    )
     conn = await session.connection()
     await conn.execute(
         update(_TASKS)
         .where(_TASKS.c.id == bindparam("b_id"))
         .values(log_bytes=bindparam("b_bytes")),
-        sizes,
+        [{"b_id": t, "b_bytes": held[t]} for t in sorted(advanced)],
     )
-    cuts = [
-        {"b_id": t, "b_cut": min(held[t] - max_bytes, newest_offset)}
-        for t, newest_offset in newest.items()
-        if held[t] > max_bytes
-    ]
-    if cuts:
-        await conn.execute(
-            delete(_LOGS).where(
-                _LOGS.c.task_id == bindparam("b_id"), _LOGS.c.offset < bindparam("b_cut")
-            ),
-            cuts,
-        )
+    if not rows:
+        return
+    for row in rows:
+        row["created_at"] = now
+    stmt = dialect_insert(session, _LOGS).values(rows).on_conflict_do_nothing()
+    stmt = stmt.returning(_LOGS.c.task_id, _LOGS.c.offset)
+    inserted = {(row[0], row[1]) for row in (await session.execute(stmt)).all()}
+    added: dict[int, int] = defaultdict(int)
+    newest: dict[int, int] = {}
+    for row in rows:
+        if (row["task_id"], row["offset"]) in inserted:
+            added[org_of[row["task_id"]]] += logbudget.text_bytes(row["data"])
+        newest[row["task_id"]] = max(row["offset"], newest.get(row["task_id"], row["offset"]))
+    await logbudget.add(session, added)
+    max_bytes = settings.task_log_max_bytes
+    for task_id, newest_offset in sorted(newest.items()):
+        if held[task_id] > max_bytes:
+            cut = min(held[task_id] - max_bytes, newest_offset)
+            await logbudget.delete_chunks(
+                session, LogChunk.task_id == task_id, LogChunk.offset < cut
+            )

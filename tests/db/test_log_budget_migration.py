@@ -1,0 +1,47 @@
+"""The migration that adds the per-org log counter fills it from the chunks already stored."""
+
+from __future__ import annotations
+
+from sqlalchemy import Table, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from protocol.states import JobState
+from scheduler.db import LogChunk, OrgLogBytes, Task
+from scheduler.db.engine import make_sessionmaker
+from scheduler.db.migrate import check_schema, run_migrations
+from tests import factories
+
+BEFORE = "7c3e9a2d5f18"
+# Core statements name only the columns there were before the revision.
+TASKS: Table = Task.__table__  # type: ignore[assignment]
+CHUNKS: Table = LogChunk.__table__  # type: ignore[assignment]
+
+
+async def test_the_upgrade_backfills_each_orgs_log_bytes(engine: AsyncEngine) -> None:
+    # Rows written at the revision before: the downgrade on SQLite rebuilds `tasks`, and that
+    # drop, with foreign keys on, takes the chunks with it.
+    await run_migrations(engine, "downgrade", BEFORE)
+    maker = make_sessionmaker(engine)
+    async with maker() as session:
+        orgs = [await factories.org(session) for _ in range(3)]
+        for org, texts in zip(orgs, (["abc\n", "é\n"], ["x" * 1000], []), strict=True):
+            user = await factories.user(session, org)
+            job = await factories.job(session, org, user, state=JobState.RUNNING)
+            task_id = await session.scalar(
+                insert(TASKS)
+                .values(job_id=job.id, node_rank=0, state=JobState.RUNNING)
+                .returning(TASKS.c.id)
+            )
+            for i, text in enumerate(texts):
+                await session.execute(
+                    insert(CHUNKS).values(task_id=task_id, offset=i * 1000, data=text)
+                )
+        await session.commit()
+        ids = [org.id for org in orgs]
+
+    await run_migrations(engine, "upgrade", "head")
+    assert await check_schema(engine) == []
+    async with maker() as session:
+        rows = dict((await session.execute(select(OrgLogBytes.org_id, OrgLogBytes.bytes))).all())
+    # "é" is two bytes: the counter is in bytes of text, not characters.
+    assert rows == {ids[0]: 4 + 3, ids[1]: 1000}
