@@ -59,9 +59,12 @@ async def orgs_of(session: AsyncSession, task_ids: Iterable[int]) -> dict[int, i
     return dict(rows.all())
 
 
-async def delete_chunks(session: AsyncSession, *conditions: ColumnElement[bool]) -> tuple[int, int]:
-    """Delete the chunks that meet `conditions`, taking their bytes off their orgs' counters;
-    returns how many rows and bytes were deleted."""
+async def delete_chunks(
+    session: AsyncSession, *conditions: ColumnElement[bool], deltas: dict[int, int] | None = None
+) -> tuple[int, int]:
+    """Delete the chunks that meet `conditions`, taking their bytes off their orgs' counters
+    (or off `deltas`, for a caller that applies them with its own, last); returns how many
+    rows and bytes were deleted."""
     stmt = delete(LogChunk).where(*conditions).returning(LogChunk.task_id, stored_bytes(session))
     gone = (await session.execute(stmt.execution_options(synchronize_session=False))).all()
     if not gone:
@@ -70,10 +73,11 @@ async def delete_chunks(session: AsyncSession, *conditions: ColumnElement[bool])
     for task_id, size in gone:
         per_task[task_id] += int(size)
     orgs = await orgs_of(session, per_task)
-    deltas: dict[int, int] = defaultdict(int)
+    changes: dict[int, int] = defaultdict(int) if deltas is None else deltas
     for task_id, size in per_task.items():
-        deltas[orgs[task_id]] -= size
-    await add(session, deltas)
+        changes[orgs[task_id]] = changes.get(orgs[task_id], 0) - size
+    if deltas is None:
+        await add(session, changes)
     return len(gone), sum(per_task.values())
 
 
@@ -85,7 +89,13 @@ async def kept(session: AsyncSession, org_ids: Iterable[int]) -> dict[int, int]:
 
 
 async def make_room(
-    session: AsyncSession, org_id: int, *, need: int, spare: set[int], now: datetime
+    session: AsyncSession,
+    org_id: int,
+    *,
+    need: int,
+    spare: set[int],
+    now: datetime,
+    deltas: dict[int, int],
 ) -> int:
     """Delete whole logs of the org's ended tasks, those that ended first first, until `need`
     bytes are freed or none is left (the tasks in `spare` are skipped); returns bytes freed.
@@ -106,7 +116,7 @@ async def make_room(
         if not task_ids:
             break
         for task_id in task_ids:
-            _rows, size = await delete_chunks(session, LogChunk.task_id == task_id)
+            _rows, size = await delete_chunks(session, LogChunk.task_id == task_id, deltas=deltas)
             await session.execute(update(Task).where(Task.id == task_id).values(log_dropped_at=now))
             freed += size
             if freed >= need:
@@ -131,11 +141,14 @@ async def admit(
     org_of: dict[int, int],
     max_bytes: int,
     now: datetime,
+    deltas: dict[int, int],
 ) -> list[dict[str, Any]]:
     """The chunk rows (task_id, offset, data; in offset order per task) that fit their orgs'
     budgets, after deleting the logs of ended tasks to make room; for a task whose output does
     not fit, one marker row in place of what is dropped (none when its log already ends with
-    one). Only the orgs of `rows` are looked at or touched."""
+    one). Only the orgs of `rows` are looked at or touched. What the deletions free goes into
+    `deltas`, for the caller to apply after all its chunk statements: every writer then locks
+    chunks first and counters last (in org order), so none waits for another in a cycle."""
     if max_bytes <= 0 or not rows:
         return rows
     incoming: dict[int, int] = defaultdict(int)
@@ -148,7 +161,7 @@ async def admit(
         over = usage.get(org_id, 0) + incoming[org_id] - max_bytes
         freed = 0
         if over > 0:
-            freed = await make_room(session, org_id, need=over, spare=spare, now=now)
+            freed = await make_room(session, org_id, need=over, spare=spare, now=now, deltas=deltas)
         room[org_id] = max_bytes - usage.get(org_id, 0) + freed
     out: list[dict[str, Any]] = []
     dropping: set[int] = set()

@@ -131,3 +131,25 @@ async def test_two_nodes_of_one_org_keep_the_counter_exact(database_url: str) ->
 
         await asyncio.gather(ship(a, ta), ship(b, tb))
         assert await org_bytes(cluster, org) == (48 * CHUNK, 48 * CHUNK)
+
+
+async def test_two_nodes_making_room_at_once_keep_the_counter_exact(cluster: Cluster) -> None:
+    """Both nodes' heartbeats delete the org's ended logs at once (on PostgreSQL, concurrent
+    transactions that may pick the same task): each byte comes off the counter once."""
+    org = await cluster.org(guaranteed=16)
+    a, token, [(j1, t1), (j2, t2), (j3, t3), (_, t4)] = await start(cluster, org, 4)
+    b, _, [(_, t5)] = await start(cluster, org, 1)
+    await cluster.heartbeat(a, logs=chunks(t1, 0, 2) + chunks(t2, 0, 2) + chunks(t3, 0, 2))
+    for job, task in ((j1, t1), (j2, t2), (j3, t3)):
+        await cluster.heartbeat(a, tasks=[report(task, job, "exited", exit_code=0)])
+
+    async def ship(cred: str, task: int) -> None:
+        for n in range(8):
+            await cluster.heartbeat(cred, logs=chunks(task, n * CHUNK, 1))
+
+    await asyncio.gather(ship(a, t4), ship(b, t5))
+    counter, actual = await org_bytes(cluster, org)
+    assert counter == actual
+    assert BUDGET < actual <= BUDGET + 2 * len(BUDGET_MARKER)
+    for job in (j1, j2, j3):
+        assert "log budget" in (await read(cluster, token, job))["data"]

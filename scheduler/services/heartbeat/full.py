@@ -404,8 +404,10 @@ async def _apply_logs(
     if not advanced:
         return
     now = utcnow()
+    # Counters change last, after every chunk statement (see logbudget.admit).
+    deltas: dict[int, int] = defaultdict(int)
     rows = await logbudget.admit(
-        session, rows, org_of=org_of, max_bytes=settings.org_log_max_bytes, now=now
+        session, rows, org_of=org_of, max_bytes=settings.org_log_max_bytes, now=now, deltas=deltas
     )
     conn = await session.connection()
     await conn.execute(
@@ -414,24 +416,35 @@ async def _apply_logs(
         .values(log_bytes=bindparam("b_bytes")),
         [{"b_id": t, "b_bytes": held[t]} for t in sorted(advanced)],
     )
-    if not rows:
-        return
+    if rows:
+        await _store_chunks(session, rows, org_of, held, now, deltas, settings.task_log_max_bytes)
+    await logbudget.add(session, deltas)
+
+
+async def _store_chunks(
+    session: AsyncSession,
+    rows: list[dict[str, Any]],
+    org_of: dict[int, int],
+    held: dict[int, int],
+    now: datetime,
+    deltas: dict[int, int],
+    max_bytes: int,
+) -> None:
+    """Insert the rows (a resend's conflict is not counted), then cut each task to `max_bytes`
+    (never its newest chunk); the bytes stored and cut go into `deltas`."""
     for row in rows:
         row["created_at"] = now
     stmt = dialect_insert(session, _LOGS).values(rows).on_conflict_do_nothing()
     stmt = stmt.returning(_LOGS.c.task_id, _LOGS.c.offset)
     inserted = {(row[0], row[1]) for row in (await session.execute(stmt)).all()}
-    added: dict[int, int] = defaultdict(int)
     newest: dict[int, int] = {}
     for row in rows:
         if (row["task_id"], row["offset"]) in inserted:
-            added[org_of[row["task_id"]]] += logbudget.text_bytes(row["data"])
+            deltas[org_of[row["task_id"]]] += logbudget.text_bytes(row["data"])
         newest[row["task_id"]] = max(row["offset"], newest.get(row["task_id"], row["offset"]))
-    await logbudget.add(session, added)
-    max_bytes = settings.task_log_max_bytes
     for task_id, newest_offset in sorted(newest.items()):
         if held[task_id] > max_bytes:
             cut = min(held[task_id] - max_bytes, newest_offset)
             await logbudget.delete_chunks(
-                session, LogChunk.task_id == task_id, LogChunk.offset < cut
+                session, LogChunk.task_id == task_id, LogChunk.offset < cut, deltas=deltas
             )
