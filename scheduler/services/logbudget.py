@@ -106,7 +106,12 @@ async def make_room(
         stmt = (
             select(Task.id)
             .join(Job, Job.id == Task.job_id)
-            .where(Job.org_id == org_id, Task.ended_at.is_not(None), has_chunks)
+            .where(
+                Job.org_id == org_id,
+                Task.ended_at.is_not(None),
+                Task.log_dropped_at.is_(None),  # skips those already emptied, unlooked at
+                has_chunks,
+            )
             .order_by(Task.ended_at, Task.id)
             .limit(EVICT_TASKS_PER_STEP)
         )
