@@ -150,6 +150,8 @@ async def test_two_nodes_making_room_at_once_keep_the_counter_exact(cluster: Clu
     await asyncio.gather(ship(a, t4), ship(b, t5))
     counter, actual = await org_bytes(cluster, org)
     assert counter == actual
-    assert BUDGET < actual <= BUDGET + 2 * len(BUDGET_MARKER)
+    # Each heartbeat decides from the counter as it was when it began: the two at once may
+    # both take the last room, so the org can end up past the budget by one heartbeat's chunk.
+    assert BUDGET < actual <= BUDGET + CHUNK + 2 * len(BUDGET_MARKER)
     for job in (j1, j2, j3):
         assert "log budget" in (await read(cluster, token, job))["data"]
