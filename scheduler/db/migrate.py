@@ -74,8 +74,31 @@ def _run(connection: Connection, action: str, revision: str) -> None:
 async def run_migrations(
     engine: AsyncEngine, action: str = "upgrade", revision: str = "head"
 ) -> None:
-    async with _sqlite_file_lock(engine), engine.begin() as conn:
-        await conn.run_sync(_run, action, revision)
+    if engine.dialect.name != "sqlite":
+        async with engine.begin() as conn:
+            await conn.run_sync(_run, action, revision)
+        return
+    # SQLite changes a column by rebuilding its table (copy, drop, rename: Alembic's batch
+    # mode), and with foreign keys on, the drop deletes every child row by its ON DELETE
+    # CASCADE (a downgrade that dropped a `tasks` column took every log chunk). So the
+    # migrations run with them off (the pragma is a no-op inside a transaction) and the
+    # references are checked before the commit: a migration that broke one is rolled back.
+    async with _sqlite_file_lock(engine), engine.connect() as conn:
+        await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        await conn.commit()
+        try:
+            async with conn.begin():
+                await conn.run_sync(_run, action, revision)
+                broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).fetchall()
+                if broken:
+                    table, rowid, parent = (str(value) for value in tuple(broken[0])[:3])
+                    raise RuntimeError(
+                        f"migration {action} to {revision} left {len(broken)} broken "
+                        f"references (first: {table} row {rowid} to {parent}); rolled back"
+                    )
+        finally:
+            await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            await conn.commit()
 
 
 def _current_and_diff(connection: Connection) -> tuple[tuple[str, ...], list[Any]]:

@@ -195,6 +195,8 @@ def connect_proxy() -> Iterator[tuple[str, list[str]]]:
     Proxy-Authorization, then relays bytes both ways (TLS runs end to end through it)."""
     listener = socket.create_server(("127.0.0.1", 0))
     seen: list[str] = []
+    relayed: list[socket.socket] = []  # closed on the way out (left open, the garbage collector
+    # closed them in whichever later test ran then, which failed on its ResourceWarning)
 
     def pipe(source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -209,6 +211,7 @@ def connect_proxy() -> Iterator[tuple[str, list[str]]]:
                 client, _ = listener.accept()
             except OSError:
                 return
+            relayed.append(client)
             head = b""
             while b"\r\n\r\n" not in head:
                 head += client.recv(4096)
@@ -217,6 +220,7 @@ def connect_proxy() -> Iterator[tuple[str, list[str]]]:
             seen.append(" ".join([*lines[0].split()[:2], *auth]))  # not the HTTP version
             host, port = lines[0].split()[1].rsplit(":", 1)
             upstream = socket.create_connection((host, int(port)))
+            relayed.append(upstream)
             client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=pipe, args=(a, b), daemon=True).start()
@@ -228,6 +232,10 @@ def connect_proxy() -> Iterator[tuple[str, list[str]]]:
     finally:
         listener.close()
         thread.join(timeout=5)
+        for relay in relayed:
+            with contextlib.suppress(OSError):
+                relay.shutdown(socket.SHUT_RDWR)  # wakes a pipe blocked in recv
+            relay.close()
 
 
 def test_the_cli_reaches_an_https_server_through_a_connect_proxy(

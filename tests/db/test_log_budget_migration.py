@@ -45,3 +45,28 @@ async def test_the_upgrade_backfills_each_orgs_log_bytes(engine: AsyncEngine) ->
         rows = dict((await session.execute(select(OrgLogBytes.org_id, OrgLogBytes.bytes))).all())
     # "é" is two bytes: the counter is in bytes of text, not characters.
     assert rows == {ids[0]: 4 + 3, ids[1]: 1000}
+
+
+async def test_a_downgrade_that_rebuilds_tasks_keeps_their_chunks(engine: AsyncEngine) -> None:
+    """On SQLite a downgrade that drops a `tasks` column rebuilds the table (copy, drop, rename);
+    with foreign keys on, that drop deleted every task's log chunks by their ON DELETE CASCADE.
+    Migrations run with foreign keys off and check them before they commit."""
+    maker = make_sessionmaker(engine)
+    async with maker() as session:
+        org = await factories.org(session)
+        user = await factories.user(session, org)
+        job = await factories.job(session, org, user, state=JobState.RUNNING)
+        task_id = await session.scalar(
+            insert(TASKS)
+            .values(job_id=job.id, node_rank=0, state=JobState.RUNNING)
+            .returning(TASKS.c.id)
+        )
+        await session.execute(insert(CHUNKS).values(task_id=task_id, offset=0, data="kept\n"))
+        await session.commit()
+
+    await run_migrations(engine, "downgrade", BEFORE)
+    async with maker() as session:
+        kept = (await session.execute(select(CHUNKS.c.data))).scalars().all()
+    assert kept == ["kept\n"]
+    await run_migrations(engine, "upgrade", "head")
+    assert await check_schema(engine) == []
