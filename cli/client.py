@@ -182,6 +182,17 @@ class Client:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
+    def get_all(self, path: str, **params: Any) -> list[dict[str, Any]]:
+        """Every item of a listing that comes in pages (`data`, `next_cursor`)."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            page = self.get(path, cursor=cursor, **params)
+            items += page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
     def post(self, path: str, body: Any = None, **params: Any) -> Any:
         return self.request("POST", path, json=body, params=params)
 

@@ -61,15 +61,8 @@ def _node_id(client: Client, ref: str) -> int:
 @node_app.command("list")
 def node_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
     """Every node with its state, GPUs, allocation and last heartbeat."""
-    nodes: list[dict[str, Any]] = []
     with connect("node list") as client:
-        cursor: str | None = None
-        while True:
-            page = client.get("/v1/nodes", cursor=cursor)
-            nodes += page["data"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
+        nodes = client.get_all("/v1/nodes")
     render(nodes, NODE_COLUMNS, output, no_headers=no_headers, empty="no nodes")
 
 

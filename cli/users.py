@@ -171,15 +171,8 @@ def user_create(
 @user_app.command("list")
 def user_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
     """Users you administer."""
-    listed: list[dict[str, Any]] = []
     with connect("user list") as client:
-        cursor: str | None = None
-        while True:
-            page = client.get("/v1/users", cursor=cursor)
-            listed += page["data"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
+        listed = client.get_all("/v1/users")
         users = _with_org_names(client, listed)
     render(users, USER_COLUMNS, output, no_headers=no_headers, empty="no users")
 
@@ -239,15 +232,8 @@ def token_create(
 @token_app.command("list")
 def token_list(output: OutputOption = Format.TABLE, no_headers: NoHeadersOption = False) -> None:
     """Tokens you manage (never their secrets)."""
-    tokens: list[dict[str, Any]] = []
     with connect("token list") as client:
-        cursor: str | None = None
-        while True:
-            page = client.get("/v1/tokens", cursor=cursor)
-            tokens += page["data"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
+        tokens = client.get_all("/v1/tokens")
     render(tokens, TOKEN_COLUMNS, output, no_headers=no_headers, empty="no tokens")
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from cli.client import Client
+from cli.config import Credentials
 from cli.connection import Connection, TransportError, bypasses_proxy, proxy_for
 from cli.main import app as cli_app
 from tests.harness.served import serve_app
@@ -228,3 +230,28 @@ def test_no_proxy_names_hosts_domains_ports_and_networks(
 def test_a_proxy_other_than_plain_http_is_refused_in_one_line() -> None:
     with pytest.raises(TransportError, match="only http:// proxies"):
         proxy_for("https://gpu.example.org", {"HTTPS_PROXY": "socks5://127.0.0.1:1080"})
+
+
+async def pager(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A listing of five items in pages of two: the cursor is the next item's index."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    query = dict(
+        part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
+    )
+    start = int(query.get("cursor", "0"))
+    page: dict[str, Any] = {"data": [{"id": i} for i in range(start, min(start + 2, 5))]}
+    if start + 2 < 5:
+        page["next_cursor"] = str(start + 2)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": json.dumps(page).encode()})
+
+
+def test_a_listing_in_pages_is_read_whole() -> None:
+    """`node list`, `user list` and `token list` follow the cursor to the last page."""
+    with serve_app(pager) as url, Client(Credentials(server=url, token="t")) as client:
+        assert client.get_all("/v1/tokens") == [{"id": i} for i in range(5)]
