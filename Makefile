@@ -3,9 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The entrypoint of every docker and podman container the agent starts (docs/ISOLATION.md): a
+# static binary, since it runs inside any image. Needs a C compiler and a static libc (Debian's
+# gcc and libc6-dev; tests/services.sh installs them). Defined before `install`, whose
+# prerequisites make reads where the rule stands (below it, `make install` built no helper).
+HELPER := agents/helper/fairgpu-exec
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 
-.PHONY: install helper lint fmt test test-services test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
+.PHONY: install helper lint fmt test test-gpu test-services test-fast test-faults test-dashboards demo bench bench-sim bench-soak clean
 
 # The demo needs only the runtime dependencies; tests, lint and benchmarks need the dev extra.
 $(RUNTIME_STAMP): pyproject.toml
@@ -20,10 +25,6 @@ $(STAMP): $(RUNTIME_STAMP)
 
 install: $(STAMP) $(HELPER)
 
-# The entrypoint of every docker and podman container the agent starts (docs/ISOLATION.md): a
-# static binary, since it runs inside any image. Needs a C compiler and a static libc (Debian's
-# gcc and libc6-dev; tests/services.sh installs them).
-HELPER := agents/helper/fairgpu-exec
 $(HELPER): agents/helper/fairgpu-exec.c
 	$(CC) -static -O2 -s -Wall -Wextra -Werror -o $@.$$$$.tmp $< && mv -f $@.$$$$.tmp $@
 
@@ -54,6 +55,12 @@ test: lint test-services helper
 	$(BIN)/pytest -q -ra -n $(FAULT_WORKERS) --dist worksteal -m faults || status=1; \
 	$(BIN)/pytest -q -ra -m serial || status=1; \
 	exit $$status
+
+# On a GPU node, as root: the NVML backend and the task sandbox's GPU fence against the real
+# driver (tests/gpu; about 20 s). Needs PyTorch with CUDA (FAIRGPU_TEST_CUDA_PYTHON names the
+# interpreter that has it), for the tasks' CUDA probes; fails, never skips, without a GPU.
+test-gpu: $(STAMP)
+	FAIRGPU_REAL_GPU=1 $(BIN)/pytest -v -rA tests/gpu tests/agents/test_isolation.py
 
 # Slow (about a minute): Debian's Prometheus scrapes a live server and agents running a small
 # workload, and every Grafana panel's query must return data (tests/deploy/dashboards_live.py).

@@ -60,6 +60,25 @@ def foreign_dri_nodes(
     return foreign
 
 
+def foreign_driver_dirs(own_minors: Iterable[int], *, driver_dir: Path) -> list[str]:
+    """The NVIDIA driver's directories (`driver_dir/gpus/<bus id>`) of GPUs whose device minor
+    is not one of `own_minors`, or cannot be told. Each tells its GPU's UUID, PCI address and
+    firmware to any reader; a task fenced off a GPU is shown none of it (seen on an H200: a
+    task given no GPU read the node's GPU's UUID there, while CUDA, NVML and nvidia-smi found
+    none). The NVIDIA container toolkit hides them from containers the same way."""
+    own = set(own_minors)
+    try:
+        buses = sorted(os.listdir(driver_dir / "gpus"))
+    except OSError:
+        return []
+    foreign = []
+    for bus_id in buses:
+        match = _MINOR.search(_read(driver_dir / "gpus" / bus_id / "information") or "")
+        if match is None or int(match.group(1)) not in own:
+            foreign.append(str(driver_dir / "gpus" / bus_id))
+    return foreign
+
+
 def _nvidia_minor(device: Path, driver_dir: Path) -> int | None:
     """The NVIDIA device minor of the PCI device at `device` (a sysfs link); None unknown."""
     bus_id = os.path.basename(os.path.realpath(device))

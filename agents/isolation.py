@@ -38,7 +38,7 @@ from agents.cgroups import (
     node_pid_space,
     open_hierarchy,
 )
-from agents.dri import foreign_dri_nodes
+from agents.dri import foreign_dri_nodes, foreign_driver_dirs
 from agents.kernelcheck import kernel_exposures, unbounded_huge_pages
 from agents.netns import Namespaces, NetnsError
 from agents.netopen import open_namespaces
@@ -231,7 +231,8 @@ class Confinement:
                 sys_dir=self.config.sys_dir,
                 driver_dir=self.config.nvidia_driver_dir,
             ),
-            "hide": [str(p) for p in self.config.hide],
+            "hide": [str(p) for p in self.config.hide]
+            + foreign_driver_dirs(minors, driver_dir=self.config.nvidia_driver_dir),
             "keep": [str(p) for p in {home, cwd, self.config.dev_dir, *mounts}],
             "error_file": str(error_file),
             "tmpfs_bytes": limits.memory_bytes,

@@ -12,7 +12,9 @@ every task start pays for its start-up. In order, it
    `/dev/shm` and the host's other world-writable directories (`PRIVATE_DIRS`), each a tmpfs no
    larger than the task's memory and charged to it, `/proc` showing only the task's own
    processes (hidepid), and every NVIDIA GPU device file other than the task's own covered by an
-   unreadable file, so unsetting CUDA_VISIBLE_DEVICES finds nothing; and an IPC namespace of its
+   unreadable file, so unsetting CUDA_VISIBLE_DEVICES finds nothing (and the driver's
+   directories of those GPUs under /proc/driver/nvidia/gpus, which tell their UUIDs, by an
+   empty one: agents/dri.py); and an IPC namespace of its
    own, so that System V shared memory, semaphores and message queues are the task's alone and
    end with it (a segment left behind would otherwise hold the node's memory after the task);
 3. drops to the task's uid and gid with no supplementary groups, sets no_new_privs (setuid

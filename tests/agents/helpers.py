@@ -24,6 +24,19 @@ def docker_unusable(why: str) -> NoReturn:
     pytest.skip(message)
 
 
+def require_cgroups() -> None:
+    """Fail the test where this host's cgroups cannot hold task groups. The probe group is this
+    process's own: xdist workers creating and removing one shared name raced on cgroup v2 (one
+    removed it between another's mkdir and its write of cgroup.subtree_control: ENOENT, seen
+    with 8 workers on a GPU machine's 6.18 kernel)."""
+    from agents.cgroups import CgroupError, open_hierarchy
+
+    try:
+        open_hierarchy(f"fairgpu-probe-{os.getpid()}").remove()
+    except CgroupError as exc:
+        pytest.fail(f"this host has no usable cgroups: {exc}")
+
+
 def spec(task_id: int = 1, command: list[str] | None = None, **overrides: Any) -> TaskSpec:
     fields: dict[str, Any] = {
         "task_id": task_id,

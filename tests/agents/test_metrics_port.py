@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.cgroups import CgroupError, open_hierarchy
 from agents.metrics import AgentMetrics
 from agents.scrapeserver import MAX_SCRAPES, MAX_SCRAPES_PER_PEER
-from tests.agents.helpers import spec, wait_for
+from tests.agents.helpers import require_cgroups, spec, wait_for
 from tests.agents.test_isolation import ACME, PY, Node, python
 from tests.agents.test_netns import HOST_SIDE, Outside, outside_network  # noqa: F401 - the fixture
 
@@ -62,10 +61,7 @@ except OSError as exc:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    try:
-        open_hierarchy("fairgpu-probe").remove()
-    except CgroupError as exc:
-        pytest.fail(f"this host has no usable cgroups: {exc}")
+    require_cgroups()
     n = Node(tmp_path)
     yield n
     n.close()

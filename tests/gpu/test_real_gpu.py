@@ -1,0 +1,293 @@
+"""Against a real NVIDIA GPU and driver: the agent's NVML backend and the task sandbox's GPU fence.
+
+Everywhere else these run against a fake `pynvml` (tests/agents/fake_pynvml.py) and `mknod`
+device files with no driver behind them (tests/agents/test_isolation.py); here the driver
+answers. Run on a GPU node, as root: `make test-gpu`. Collected only with FAIRGPU_REAL_GPU=1
+(tests/conftest.py), and then a node without a GPU fails them: they never skip.
+
+The CUDA probes use PyTorch, from FAIRGPU_TEST_CUDA_PYTHON (default: this interpreter), which
+task uids must be able to read and run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.gpu.nvml import NvmlBackend
+from agents.isolation import Confinement, IsolationConfig
+from agents.runner import Runner
+from agents.state import StateDir
+from protocol.states import GpuHealth
+from tests.agents.helpers import require_cgroups, spec, wait_for
+
+CUDA_PY = os.environ.get("FAIRGPU_TEST_CUDA_PYTHON", sys.executable)
+UID_BASE = 200_000 + (os.getpid() % 10_000) * 100
+ACME, RIVAL = {"org": "acme", "org_id": 1}, {"org": "rival", "org_id": 2}
+NVIDIA_MAJOR = 195
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[NvmlBackend]:
+    nvml = NvmlBackend.open()
+    yield nvml
+    nvml.close()
+
+
+def driver_gpus() -> list[Path]:
+    """The GPUs the kernel driver knows, one directory each (by PCI address)."""
+    return sorted(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def test_the_backend_lists_every_gpu_the_driver_has(backend: NvmlBackend) -> None:
+    infos = backend.devices()
+    print("\n".join(info.model_dump_json() for info in infos))
+    assert len(infos) == len(driver_gpus()) > 0
+    assert [info.index for info in infos] == list(range(len(infos)))
+    minors = backend.device_minors()
+    assert sorted(minors) == [info.index for info in infos], minors
+    for info in infos:
+        assert info.uuid.startswith("GPU-"), info
+        assert info.model not in ("", "unknown"), info
+        assert info.memory_bytes > 8 * GIB, info
+        device = os.stat(f"/dev/nvidia{minors[info.index]}")
+        assert stat.S_ISCHR(device.st_mode)
+        assert os.major(device.st_rdev) == NVIDIA_MAJOR
+        assert os.minor(device.st_rdev) == minors[info.index]
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:  # the driver's own tool agrees on the UUIDs and their order
+        listed = subprocess.run(
+            [smi, "--query-gpu=uuid", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert listed == [info.uuid for info in infos]
+
+
+def test_an_idle_gpu_is_sampled_whole(backend: NvmlBackend) -> None:
+    first = backend.sample({})
+    time.sleep(1.0)
+    second = backend.sample({})
+    for before, after in zip(first, second, strict=True):
+        print(after.model_dump_json())
+        assert after.health is GpuHealth.HEALTHY, after
+        assert after.utilization_ratio is not None
+        assert 0.0 <= after.utilization_ratio <= 1.0
+        assert after.memory_total_bytes is not None
+        assert after.memory_total_bytes > 8 * GIB
+        assert after.memory_used_bytes is not None
+        assert 0 <= after.memory_used_bytes <= after.memory_total_bytes
+        assert after.temperature_c is not None
+        assert 5.0 <= after.temperature_c <= 110.0
+        assert after.power_w is not None
+        assert after.power_w > 0.0
+        assert before.energy_joules is not None
+        assert after.energy_joules is not None
+        assert after.energy_joules >= before.energy_joules
+        assert after.xid_events == []
+        assert after.sampled_at > before.sampled_at
+
+
+CUDA_LOAD = """
+import sys, time, torch
+x = torch.randn(8192, 8192, device="cuda")
+hold = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+torch.cuda.synchronize()
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    y = x @ x
+    torch.cuda.synchronize()
+"""
+
+
+def test_a_cuda_process_shows_in_its_gpus_sample(backend: NvmlBackend) -> None:
+    idle = backend.sample({})[0]
+    load = subprocess.Popen([CUDA_PY, "-c", CUDA_LOAD, "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert load.stdout is not None
+        assert load.stdout.readline().strip() == "ready"
+        seen: list[Any] = []
+
+        def busy() -> bool:
+            sample = backend.sample({})[0]
+            seen.append(sample)
+            procs = {p.pid: p for p in sample.processes}
+            return (
+                load.pid in procs
+                and (procs[load.pid].used_memory_bytes or 0) >= 2 * GIB
+                and (sample.utilization_ratio or 0.0) >= 0.5
+            )
+
+        try:
+            wait_for(busy, 20.0)
+        finally:
+            print("idle", idle.model_dump_json())
+            print("last", seen[-1].model_dump_json() if seen else None)
+        assert seen[-1].memory_used_bytes is not None
+        assert idle.memory_used_bytes is not None
+        assert seen[-1].memory_used_bytes - idle.memory_used_bytes >= 2 * GIB
+    finally:
+        load.kill()
+        load.wait()
+
+
+class Node:
+    """A strictly confining agent over the host's real /dev and its real GPUs."""
+
+    def __init__(self, tmp_path: Path, backend: NvmlBackend) -> None:
+        self.data = tmp_path / "data"
+        for org in ("acme", "rival"):
+            (self.data / org).mkdir(parents=True)
+        self.state = StateDir(tmp_path / "state")
+        self.confinement = Confinement(
+            IsolationConfig(
+                mode="strict",
+                task_root=tmp_path / "tasks",
+                task_uid_base=UID_BASE,
+                org_roots=(str(self.data / "{org}"),),
+                memory_per_gpu_bytes=16 * GIB,
+                cgroup_parent=f"fairgpu-test-{uuid.uuid4().hex[:8]}",
+                gpu_minors=backend.device_minors(),
+                hide=(self.state.root,),
+            ),
+            total_gpus=len(backend.devices()),
+        )
+        self.runner = Runner(self.state, confinement=self.confinement)
+
+    def run(self, task_id: int, command: list[str], **fields: Any) -> dict[str, Any]:
+        self.runner.start(spec(task_id, command, time_limit_s=300, **fields))
+        wait_for(
+            lambda: (
+                (self.runner.poll(), self.runner.records[task_id].state)[1]
+                not in ("starting", "running")
+            ),
+            120.0,
+        )
+        record = self.runner.records[task_id]
+        log = self.state.read_log(record).decode()
+        return {
+            "state": record.state,
+            "exit": record.exit_code,
+            "reason": record.reason,
+            "log": log,
+        }
+
+    def close(self) -> None:
+        for task_id, record in self.runner.records.items():
+            if record.state in ("starting", "running"):
+                self.confinement.kill(task_id)
+            self.confinement.finish(task_id)
+        assert self.confinement.cgroups is not None
+        self.confinement.cgroups.remove()
+
+
+@pytest.fixture
+def node(tmp_path: Path, backend: NvmlBackend) -> Iterator[Node]:
+    require_cgroups()
+    tmp_path.chmod(0o755)  # task uids pass through it to their directories
+    n = Node(tmp_path, backend)
+    yield n
+    n.close()
+
+
+# What a task finds of the node's GPUs: each NVIDIA device file opened or refused, NVML's and
+# CUDA's counts and UUIDs, what nvidia-smi prints, and the driver's /proc files readable.
+PROBE = """
+import errno, glob, json, os, shutil, subprocess
+out = {"uid": os.getuid(), "files": {}, "proc": []}
+for path in sorted(glob.glob("/dev/nvidia*")):
+    if os.path.isdir(path):  # /dev/nvidia-caps; a covered device file is a plain file
+        continue
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        out["files"][path] = "opened"
+    except OSError as exc:
+        out["files"][path] = errno.errorcode[exc.errno]
+for path in glob.glob("/proc/driver/nvidia/gpus/*/information"):
+    try:
+        with open(path) as f:
+            out["proc"].append(f.read())
+    except OSError as exc:
+        out["proc"].append(errno.errorcode[exc.errno])
+try:
+    import pynvml
+    pynvml.nvmlInit()
+    count = pynvml.nvmlDeviceGetCount()
+    uuids = []
+    for i in range(count):
+        try:
+            uuids.append(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+        except pynvml.NVMLError as exc:
+            uuids.append("error: " + str(exc))
+    out["nvml"] = {"count": count, "uuids": uuids}
+except Exception as exc:
+    out["nvml"] = {"error": type(exc).__name__ + ": " + str(exc)}
+try:
+    import torch
+    count = torch.cuda.device_count()
+    out["cuda"] = {"count": count}
+    if count:
+        x = torch.ones(1024, 1024, device="cuda")
+        out["cuda"]["sum"] = float((x @ x).sum())
+        out["cuda"]["uuid"] = str(torch.cuda.get_device_properties(0).uuid)
+except Exception as exc:
+    out["cuda"] = {"error": type(exc).__name__ + ": " + str(exc)}
+smi = shutil.which("nvidia-smi")
+if smi:
+    run = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    out["smi"] = {"rc": run.returncode, "text": run.stdout + run.stderr}
+print("PROBE " + json.dumps(out))
+"""
+
+
+def probe(node: Node, task_id: int, **fields: Any) -> dict[str, Any]:
+    result = node.run(task_id, [CUDA_PY, "-c", PROBE], **fields)
+    lines = [line for line in result["log"].splitlines() if line.startswith("PROBE ")]
+    assert (result["state"], result["exit"]) == ("exited", 0), result
+    assert lines, result
+    found: dict[str, Any] = json.loads(lines[-1].removeprefix("PROBE "))
+    print(json.dumps(found, indent=1))
+    return found
+
+
+def test_a_task_uses_its_own_gpu_through_cuda_and_nvml(node: Node, backend: NvmlBackend) -> None:
+    info = backend.devices()[0]
+    minor = backend.device_minors()[0]
+    found = probe(node, 1, gpus=[0], **ACME)
+    assert found["uid"] == UID_BASE + 1
+    assert found["files"][f"/dev/nvidia{minor}"] == "opened"
+    assert found["cuda"].get("count") == 1, found["cuda"]
+    assert found["cuda"]["sum"] == 1024.0**3
+    assert info.uuid.endswith(found["cuda"]["uuid"]), (info.uuid, found["cuda"])
+    assert found["nvml"].get("uuids") == [info.uuid], found["nvml"]
+    assert any(info.uuid in text for text in found["proc"]), found["proc"]
+
+
+def test_a_task_without_that_gpu_finds_none_of_it(node: Node, backend: NvmlBackend) -> None:
+    """A task not given a GPU (a CPU-only task here; on a node of several, another task's GPU)
+    opens none of its device file, and neither CUDA, NVML nor nvidia-smi gives it the GPU, nor
+    its UUID, not even the driver's /proc files: the fence by mount holds against the real
+    driver, which CUDA_VISIBLE_DEVICES alone would not."""
+    info = backend.devices()[0]
+    minor = backend.device_minors()[0]
+    found = probe(node, 2, gpus=[], env={"CUDA_VISIBLE_DEVICES": "0"}, **RIVAL)
+    assert found["files"][f"/dev/nvidia{minor}"] == "EACCES"
+    assert found["cuda"].get("count", 0) == 0, found["cuda"]
+    assert info.uuid not in json.dumps(found["nvml"]), found["nvml"]
+    assert info.uuid not in json.dumps(found.get("smi", {}))
+    assert found["nvml"].get("count", 0) == 0, found["nvml"]
+    assert info.uuid not in json.dumps(found["proc"]), found["proc"]  # the driver's /proc too
