@@ -26,6 +26,8 @@ A process joins its task's cgroup before it becomes the task (agents.sandbox wri
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import signal
 import time
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.netwall import cgroup2_mount
+
+log = logging.getLogger(__name__)
 
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 HUGETLB = "hugetlb"
@@ -153,12 +157,28 @@ class TaskCgroup(ABC):
             time.sleep(0.01)
         return True
 
-    def remove(self) -> None:
-        """Kill what is left and delete the cgroup (its counters with it)."""
-        self.kill()
+    def remove(self, timeout_s: float = 10.0) -> None:
+        """Kill what is left and delete the cgroup (its counters with it). A killed process
+        leaves `pids()` as it starts to exit but stays a member until it has exited, and the
+        kernel refuses to delete a cgroup with members (EBUSY): a CUDA process takes a second
+        or more to exit while the driver tears its context down (seen on an H200: the agent's
+        poll failed and the task's directory stayed on the node's disk). Each directory is
+        tried again until `timeout_s`; one still busy then is left, with a warning, for the
+        node's operator: nothing of the task's is left running in it."""
+        self.kill(timeout_s)
+        deadline = time.monotonic() + timeout_s
         for directory in self._directories():
-            with contextlib.suppress(FileNotFoundError):
-                directory.rmdir()
+            while True:
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        log.warning("cannot remove cgroup %s: %s", directory, exc)
+                        break
+                    time.sleep(0.01)
 
 
 class Hierarchy(ABC):
@@ -227,12 +247,6 @@ class _V2Task(TaskCgroup):
         helper.mkdir(exist_ok=True)
         return helper, []
 
-    def remove(self) -> None:
-        self.kill()
-        with contextlib.suppress(OSError):
-            (self.path / HELPER).rmdir()  # empty once its process ended (killed with the task)
-        super().remove()
-
     def _kill_all(self) -> None:
         kill_file = self.path / "cgroup.kill"
         if kill_file.exists():
@@ -246,7 +260,8 @@ class _V2Task(TaskCgroup):
             freeze.write_text("0")
 
     def _directories(self) -> list[Path]:
-        return [self.path]
+        # The helper's child first: the task's own directory is deleted only without it.
+        return [self.path / HELPER, self.path]
 
 
 class _V2(Hierarchy):

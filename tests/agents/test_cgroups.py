@@ -1,20 +1,24 @@
 """Task cgroups: the real v1 hierarchy of this host, and v2's file protocol on a directory tree.
 
-This host is cgroup v1 with an empty unified hierarchy ("hybrid"), so v2 cannot be exercised
-for real here: its test lays out the files a v2 kernel shows and checks what the agent writes
-and reads there (the kernel's side is the boundary we do not own).
+This host is cgroup v1 with an empty unified hierarchy ("hybrid"), so v2's limits cannot be
+exercised for real here: its test lays out the files a v2 kernel shows and checks what the agent
+writes and reads there (the kernel's side is the boundary we do not own). The unified hierarchy
+does hold processes, so how a v2 task cgroup is ended and removed is tested on it for real.
+(tests/gpu runs the isolation suite on a cgroup v2 GPU machine.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from agents.cgroups import CgroupError, Limits, open_hierarchy
+from agents.cgroups import CgroupError, Limits, _V2Task, open_hierarchy
 
 LIMITS = Limits(memory_bytes=256 * 2**20, pids_max=100, cpu_weight=200)
 
@@ -92,3 +96,46 @@ def test_v1_limits_on_this_host() -> None:
     finally:
         hierarchy.remove()
     assert not any(p.exists() for p in hierarchy.parents())
+
+
+UNIFIED = Path("/sys/fs/cgroup/unified")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
+def test_a_v2_task_is_removed_once_its_slow_exiting_process_has_exited() -> None:
+    """A killed process leaves a v2 cgroup's `cgroup.procs` as it starts to exit but stays a
+    member until it has, and the kernel refuses to delete a cgroup with members (EBUSY): on a
+    GPU machine a CUDA process left by a task took long enough that the agent's poll raised and
+    the task's directory stayed. Here the slow exit is 1.5 GiB to unmap."""
+    if not (UNIFIED / "cgroup.procs").exists():
+        pytest.fail(f"no cgroup v2 hierarchy at {UNIFIED} (this host is hybrid)")
+    parent = UNIFIED / f"fairgpu-test-{uuid.uuid4().hex[:8]}"
+    task = parent / "task-1"
+    task.mkdir(parents=True)
+    hog = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "b = bytearray(1536 << 20)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\n"
+            "print('ready', flush=True)\n"
+            "import time; time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        (task / "cgroup.procs").write_text(str(hog.pid))
+        assert hog.stdout is not None
+        assert hog.stdout.readline() == "ready\n"
+        _V2Task(task).remove()
+        assert not task.exists()
+        assert hog.wait(timeout=10) == -9
+    finally:
+        hog.kill()
+        hog.wait()
+        if hog.stdout is not None:
+            hog.stdout.close()
+        for directory in (task, parent):
+            if directory.exists():
+                directory.rmdir()

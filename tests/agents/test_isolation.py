@@ -436,6 +436,35 @@ for bus_id in ("0000:41:00.0", "0000:42:00.0"):
         shutil.rmtree(driver.parent, ignore_errors=True)
 
 
+def test_a_process_slow_to_exit_is_waited_for_before_its_task_is_removed(tmp_path: Path) -> None:
+    """A killed process leaves `cgroup.procs` as it starts to exit and stays a member until
+    it has: a CUDA process on a real H200 took long enough that removing the task's cgroup
+    failed (EBUSY), the agent's poll raised, and the task's directory stayed on the node's disk.
+    Here the slow exit is a process with 1.5 GiB to unmap, left behind by the task."""
+    node = Node(tmp_path, memory_per_gpu_bytes=3 * 2**30)
+    try:
+        hog = (
+            "b = bytearray(1536 << 20)\n"
+            "for i in range(0, len(b), 4096): b[i] = 1\n"
+            "print('ready', flush=True)\n"
+            "import time; time.sleep(600)\n"
+        )
+        code = (
+            "import subprocess, sys\n"
+            f"p = subprocess.Popen([sys.executable, '-c', {hog!r}], start_new_session=True,"
+            " stdout=subprocess.PIPE, text=True)\n"
+            "print(p.stdout.readline().strip(), flush=True)\n"
+        )
+        result = node.run(1, python(code), **ACME)
+        assert (result["state"], result["log"]) == ("exited", "ready\n"), result
+        group = node.confinement.cgroup(1)
+        assert group is not None
+        assert not group.exists()
+        assert not node.confinement.task_dir(1).exists()
+    finally:
+        node.close()
+
+
 def test_a_setsid_child_does_not_outlive_its_task(node: Node) -> None:
     code = (
         "import os, subprocess, sys\n"

@@ -291,3 +291,97 @@ def test_a_task_without_that_gpu_finds_none_of_it(node: Node, backend: NvmlBacke
     assert info.uuid not in json.dumps(found.get("smi", {}))
     assert found["nvml"].get("count", 0) == 0, found["nvml"]
     assert info.uuid not in json.dumps(found["proc"]), found["proc"]  # the driver's /proc too
+
+
+def test_a_tasks_gpu_processes_end_with_it(node: Node, backend: NvmlBackend) -> None:
+    """A CUDA process the task left behind in a session of its own is ended with the task, and
+    the GPU's memory is back before the next task gets the GPU."""
+    idle = backend.sample({})[0]
+    code = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {CUDA_LOAD!r}, '600'],"
+        " start_new_session=True, stdout=subprocess.PIPE, text=True)\n"
+        "print(p.stdout.readline().strip(), p.pid, flush=True)\n"
+    )
+    result = node.run(3, [CUDA_PY, "-c", code], gpus=[0], **ACME)
+    assert result["log"].startswith("ready "), result
+    left = int(result["log"].split()[1])
+
+    def released() -> bool:
+        sample = backend.sample({})[0]
+        return (
+            not sample.processes
+            and (sample.memory_used_bytes or 0) <= (idle.memory_used_bytes or 0) + 256 * 2**20
+        )
+
+    wait_for(released, 30.0)
+    assert not Path(f"/proc/{left}").exists()
+
+
+# What a task tries on its own GPU's settings (each `nvidia-smi` call's exit status), with the
+# state read as root before and after: the driver refuses these to non-root users by default.
+SETTINGS = "persistence_mode,compute_mode,power.limit,clocks.applications.graphics,accounting.mode"
+TRIES = [
+    ["-pm", "1"],
+    ["-c", "EXCLUSIVE_PROCESS"],
+    ["-pl", "200"],
+    ["-ac", "3201,1000"],
+    ["-lgc", "500,500"],
+    ["-am", "1"],
+    ["-r"],
+]
+
+
+def gpu_settings() -> str:
+    return subprocess.run(
+        ["nvidia-smi", f"--query-gpu={SETTINGS}", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_a_task_cannot_change_its_gpus_settings(node: Node) -> None:
+    before = gpu_settings()
+    code = (
+        "import json, subprocess\n"
+        f"for args in {TRIES!r}:\n"
+        "    run = subprocess.run(['nvidia-smi', *args], capture_output=True, text=True)\n"
+        "    print('TRY', json.dumps([args, run.returncode, (run.stdout + run.stderr)[-200:]]))\n"
+    )
+    result = node.run(4, [CUDA_PY, "-c", code], gpus=[0], **ACME)
+    tries = [json.loads(line[4:]) for line in result["log"].splitlines() if line.startswith("TRY ")]
+    print("\n".join(map(str, tries)))
+    assert [args for args, _, _ in tries] == TRIES, result
+    # Refused, or nothing to do (persistence mode already on; clocks the GPU does not offer).
+    changed = [
+        (args, text)
+        for args, rc, text in tries
+        if rc == 0 and "already" not in text and "not supported" not in text
+    ]
+    assert changed == [], tries
+    assert gpu_settings() == before
+
+
+# The first org's job leaves its weights in GPU memory; the next org's job on the same GPU reads
+# what uninitialised GPU memory holds. The driver must have cleared it between them.
+PATTERN = 1234.5678
+WRITE = f"""
+import torch
+blocks = [torch.full((2**28,), {PATTERN}, device="cuda") for _ in range(8)]  # 8 GiB
+torch.cuda.synchronize()
+print("written", sum(int((b == {PATTERN}).sum()) for b in blocks), flush=True)
+"""
+READ = f"""
+import torch
+blocks = [torch.empty((2**28,), device="cuda") for _ in range(8)]
+torch.cuda.synchronize()
+print("found", sum(int((b == {PATTERN}).sum()) for b in blocks), flush=True)
+"""
+
+
+def test_the_next_org_finds_nothing_of_the_last_ones_gpu_memory(node: Node) -> None:
+    wrote = node.run(5, [CUDA_PY, "-c", WRITE], gpus=[0], **ACME)
+    assert wrote["log"].split() == ["written", str(8 * 2**28)], wrote
+    found = node.run(6, [CUDA_PY, "-c", READ], gpus=[0], **RIVAL)
+    assert found["log"].split() == ["found", "0"], found
