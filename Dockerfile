@@ -22,8 +22,10 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
 # pasta (passt), ip (iproute2) and nft (nftables): the agent's private task networks and the
-# wall between them and the node (docs/ISOLATION.md).
-RUN apt-get update && apt-get install -y --no-install-recommends passt iproute2 nftables \
+# wall between them and the node (docs/ISOLATION.md). tini: process 1 of the container, which
+# reaps what the agent's tasks leave behind (as process 1 the agent would leave them zombies,
+# each holding a pid, until no task on the node could start one).
+RUN apt-get update && apt-get install -y --no-install-recommends passt iproute2 nftables tini \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m pip install /wheels/*.whl && rm -rf /wheels \
     && groupadd --system --gid 10001 fairgpu \
@@ -33,5 +35,5 @@ USER 10001:10001
 WORKDIR /var/lib/fairgpu
 # Server API and /metrics; the agent's /metrics when started with --metrics-port 9400.
 EXPOSE 8080 9400
-ENTRYPOINT ["fairgpu"]
+ENTRYPOINT ["tini", "--", "fairgpu"]
 CMD ["server", "--host", "0.0.0.0", "--port", "8080"]

@@ -301,6 +301,13 @@ def agent(
         fail(refusal, 2)
     if client_key is not None and client_cert is None:
         fail("--client-key needs --client-cert", 2)
+    if os.getpid() == 1:
+        logging.getLogger("fairgpu.agent").warning(
+            "the agent is process 1 of its pid namespace: it does not reap the processes its "
+            "tasks leave behind, which stay zombies, each holding a pid of the node's and of "
+            "the tasks' pid budget until none can start; run it under an init (the image's "
+            "tini, docker run --init, or systemd)"
+        )
     if isolation == "none":
         logging.getLogger("fairgpu.agent").warning(
             "isolation none: tasks run unconfined as this user and can see and signal each "

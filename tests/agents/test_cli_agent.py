@@ -180,3 +180,28 @@ def _metrics(port: int) -> str:
         return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a pid namespace of its own needs root")
+def test_an_agent_that_is_process_1_says_it_leaves_zombies(tmp_path: Path) -> None:
+    """As process 1 of a container (a Kubernetes pod without an init) the agent inherits every
+    process its tasks leave behind and reaps none: each stays a zombie holding a pid. The image
+    runs it under tini (tests/deploy); run otherwise, it says so at once."""
+    agent = subprocess.run(
+        [
+            "timeout", "-s", "INT", "5",
+            "unshare", "--pid", "--fork", "--kill-child=SIGINT", "--mount-proc",
+            *FAIRGPU, "agent", "--server", "http://127.0.0.1:9", "--join-token", "x",
+            "--simulate", "1xH100", "--isolation", "none", "--state-dir", str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert "the agent is process 1 of its pid namespace" in agent.stderr, agent.stderr
+    alone = run_cli(
+        "agent", "--server", "http://127.0.0.1:9", "--simulate", "1xH100", "--isolation", "none",
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert "process 1" not in alone.stderr, alone.stderr

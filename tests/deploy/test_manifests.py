@@ -171,6 +171,9 @@ def test_dockerfile_copies_paths_that_exist_and_runs_as_non_root() -> None:
             assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
     stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert all(s.startswith("python:3.11-slim") for s in stages)
+    # Process 1 of the container is an init that reaps orphans, not the agent (cli/agent.py).
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "fairgpu"\]$', text, re.MULTILINE)
+    assert "tini" in re.findall(r"install -y --no-install-recommends (.*) \\$", text, re.M)[-1]
     users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users
     assert not users[-1].startswith(("root", "0"))
