@@ -60,7 +60,7 @@ test: lint test-services helper
 # driver (tests/gpu; about 20 s). Needs PyTorch with CUDA (FAIRGPU_TEST_CUDA_PYTHON names the
 # interpreter that has it), for the tasks' CUDA probes; fails, never skips, without a GPU.
 test-gpu: $(STAMP)
-	FAIRGPU_REAL_GPU=1 $(BIN)/pytest -v -rA tests/gpu tests/agents/test_isolation.py
+	FAIRGPU_REAL_GPU=1 $(BIN)/pytest -v -rA tests/gpu tests/agents/test_isolation.py tests/agents/test_cgroups.py
 
 # Slow (about a minute): Debian's Prometheus scrapes a live server and agents running a small
 # workload, and every Grafana panel's query must return data (tests/deploy/dashboards_live.py).
