@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -71,6 +72,12 @@ def server(
     settings = settings.model_copy(
         update={"host": host or settings.host, "port": settings.port if port is None else port}
     )
+    if settings.metrics_token is None and not _is_loopback(settings.host):
+        typer.echo(
+            "fairgpu: /metrics answers only this machine: set FAIRGPU_METRICS_TOKEN and give "
+            "Prometheus the same token to scrape from elsewhere",
+            err=True,
+        )
     separate = workers > 1 if scheduler_process is None else scheduler_process
     if settings.is_sqlite and (workers > 1 or separate):
         flag = "--workers > 1" if workers > 1 else "--scheduler-process"
@@ -129,6 +136,13 @@ WORKER_HEALTHCHECK_S = 30
 worker as hung. A new worker answers only once it has imported the app (fastapi, SQLAlchemy,
 the routers): uvicorn's 5 s default killed every worker of `--workers 2`, again and again,
 at load 11 on two cores, and the server never served."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _serve(config: uvicorn.Config) -> None:

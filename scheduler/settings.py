@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = Field(
         None,
         description="Bearer token /metrics asks for (Prometheus' `authorization` setting); unset, "
-        "/metrics is open: it shows org names and counts, never job ids or user names.",
+        "/metrics answers only clients on the server's own machine (loopback, not through a "
+        "proxy): it shows every org's name and counts.",
     )
     secret_keys: SecretStr | None = Field(
         None,

@@ -1,5 +1,14 @@
-"""`/metrics`: Prometheus exposition of the scheduler and the cluster (FAIRGPU_METRICS_TOKEN,
-when set, is the bearer token it asks for; user tokens never open it).
+"""`/metrics`: Prometheus exposition of the scheduler and the cluster, closed by default.
+
+It names every org with its jobs by state, quota, allocation and fair-share factor, which
+competing tenants must not read of each other. With `FAIRGPU_METRICS_TOKEN` set, it asks every
+client for that bearer token; unset, it answers only a client on the server's own machine (the
+connection's peer is a loopback address and no proxy forwarded the request), which keeps a
+fresh install's local Prometheus and `fairgpu demo` working while nobody else reaches it. User
+tokens never open it: the scraper's credential is not a person's, and a platform admin's token
+kept in a Prometheus config would be a far larger one at rest. A refused client without a
+bearer pays into its address's bucket of failed authentications (api/authfailures.py), as a
+bearer that fails does, so guessing is as slow here as on the API.
 
 The cluster's gauges are a few aggregate queries. Scrapes that arrive while a read is under
 way share it: without a metrics token anyone may scrape, and each concurrent scrape held a
@@ -11,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import math
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api.authfailures import AuthFailures, client_address
 from api.deps import parse_bearer
 from scheduler.metrics import ClusterStats, read_cluster, render
-from scheduler.services.errors import Unauthenticated
+from scheduler.services.errors import TooManyRequests, Unauthenticated
 from scheduler.services.runtime import SchedulerRuntime
 
 router = APIRouter(tags=["metrics"])
@@ -27,14 +39,59 @@ router = APIRouter(tags=["metrics"])
 async def metrics(request: Request) -> Response:
     """Scheduler instruments of this replica plus cluster gauges read now with a few queries
     (shared with the scrapes that arrive while they run)."""
-    expected = request.app.state.settings.metrics_token
-    if expected is not None:
-        given = parse_bearer(request.headers.get("authorization", "")) or ""
-        if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-            raise Unauthenticated("/metrics needs the metrics token (FAIRGPU_METRICS_TOKEN)")
+    _admit(request)
     runtime: SchedulerRuntime = request.app.state.runtime
     stats = await _shared_read(request.app)
     return Response(content=render(runtime.metrics, stats), media_type=CONTENT_TYPE_LATEST)
+
+
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+"""What a reverse proxy adds: a request carrying one came from elsewhere through the proxy,
+whatever its peer's address."""
+
+
+def _admit(request: Request) -> None:
+    """Return when the client may scrape; otherwise 401 (429 once its address has failed too
+    often)."""
+    expected = request.app.state.settings.metrics_token
+    header = request.headers.get("authorization")
+    if expected is not None:
+        given = parse_bearer(header or "") or ""
+        if hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+            return
+        detail = "/metrics needs the metrics token (FAIRGPU_METRICS_TOKEN)"
+    else:
+        if _on_this_machine(request):
+            return
+        detail = (
+            "/metrics answers only this machine while FAIRGPU_METRICS_TOKEN is unset: set it "
+            "on the server and give Prometheus the same token"
+        )
+    failures: AuthFailures | None = getattr(request.app, "auth_failures", None)
+    if failures is not None and header is None:
+        # A bearer's 401 is charged by the app itself (api/app.py); an anonymous one here.
+        address = client_address(request.scope, failures.proxies)
+        wait_s = failures.buckets.take(address)
+        if wait_s > 0:
+            raise TooManyRequests(
+                "too many refused requests from this address; retry later",
+                retry_after_s=max(1, math.ceil(wait_s)),
+            )
+    raise Unauthenticated(detail)
+
+
+def _on_this_machine(request: Request) -> bool:
+    """The peer is a loopback address and no proxy stands between (a proxy on this machine
+    that adds none of FORWARDING_HEADERS hides its clients: set the token there)."""
+    if request.client is None or any(h in request.headers for h in FORWARDING_HEADERS):
+        return False
+    try:
+        peer = ipaddress.ip_address(request.client.host)
+    except ValueError:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    return peer.is_loopback
 
 
 async def _shared_read(app: FastAPI) -> ClusterStats:

@@ -60,6 +60,10 @@ def prometheus_config(stack: Stack, workdir: Path) -> Path:
     for job in config["scrape_configs"]:
         if job["job_name"] == "fairgpu-server":
             job["static_configs"] = [{"targets": [stack.url.removeprefix("http://")]}]
+            # The stack's server sets no metrics token and answers its own machine; the file
+            # the shipped config names is the deployment's.
+            (workdir / "metrics-token").write_text("unused-on-loopback\n")
+            job["authorization"]["credentials_file"] = str(workdir / "metrics-token")
         if job["job_name"] == "fairgpu-agent":
             targets = [a.metrics_url.split("/")[2] for a in stack.agents]
             (workdir / "agents.yml").write_text(yaml.safe_dump([{"targets": targets}]))

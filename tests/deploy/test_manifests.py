@@ -43,6 +43,18 @@ def test_compose_file_matches_the_compose_spec() -> None:
     assert services["server"]["build"]["dockerfile"] == "Dockerfile"
     assert (DEPLOY / services["server"]["build"]["context"] / "Dockerfile").is_file()
     assert "postgresql://" in services["server"]["environment"]["FAIRGPU_DATABASE_URL"]
+    # /metrics answers only its own machine without a token: the server reads the token
+    # Prometheus sends (prometheus.yml's credentials_file) from the volume they share.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [scrape] = [j for j in prometheus["scrape_configs"] if j["job_name"] == "fairgpu-server"]
+    token_file = Path(scrape["authorization"]["credentials_file"])
+    mount = f"metrics-token:{token_file.parent}:ro"
+    assert mount in services["server"]["volumes"]
+    assert mount in services["prometheus"]["volumes"]
+    assert f"FAIRGPU_METRICS_TOKEN=$$(cat {token_file})" in services["server"]["command"][0]
+    assert services["server"]["depends_on"]["metrics-token"] == {
+        "condition": "service_completed_successfully"
+    }
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

@@ -1,11 +1,12 @@
 """What a member sees of other orgs (#14): allocated GPUs and "a job of another org", no ids;
-/metrics closed by its own token when one is set."""
+/metrics closed by its own token, and without one to all but the server's own machine."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -116,8 +117,31 @@ async def test_metrics_ask_for_their_token_when_one_is_set(database_url: str) ->
         scraped = await cluster.http.get("/metrics", headers=bearer("prom-scrape-secret"))
         assert scraped.status_code == 200
         assert "fairgpu_" in scraped.text
-    async with running_cluster(fast_settings(database_url)) as cluster:
-        assert (await cluster.http.get("/metrics")).status_code == 200  # no token set: open
+
+
+async def test_metrics_without_a_token_answer_only_this_machine(database_url: str) -> None:
+    """Without FAIRGPU_METRICS_TOKEN, /metrics (every org's name, jobs, quota and allocation)
+    was open to every client that reached the server; now only to the server's own machine,
+    and a client elsewhere that keeps asking is slowed like one guessing tokens."""
+    settings = fast_settings(database_url, auth_failure_burst=3, auth_failure_rate_per_s=0.001)
+    async with running_cluster(settings) as cluster:
+        local = await cluster.http.get("/metrics")  # ASGITransport's peer: 127.0.0.1
+        assert local.status_code == 200
+        assert "fairgpu_" in local.text
+        proxied = await cluster.http.get("/metrics", headers={"X-Forwarded-For": "192.0.2.9"})
+        assert proxied.status_code == 401  # a proxy on this machine relayed someone else
+        remote = httpx.ASGITransport(app=cluster.app, client=("198.51.100.7", 40000))
+        async with httpx.AsyncClient(transport=remote, base_url="http://fairgpu") as elsewhere:
+            refused = await elsewhere.get("/metrics")
+            assert refused.status_code == 401
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert "FAIRGPU_METRICS_TOKEN" in refused.json()["detail"]
+            assert "fairgpu_" not in refused.text
+            as_admin = await elsewhere.get("/metrics", headers=bearer(cluster.admin))
+            assert as_admin.status_code == 401  # a user token, even an admin's, never opens it
+            statuses = [(await elsewhere.get("/metrics")).status_code for _ in range(3)]
+            assert statuses[-1] == 429, statuses
+        assert (await cluster.http.get("/metrics")).status_code == 200  # this machine is not slowed
 
 
 async def test_an_org_admin_cannot_probe_other_orgs_names_by_creating_users(
