@@ -161,16 +161,23 @@ class HeartbeatBuffer:
         if not self.pending():
             return FlushResult()
         liveness, samples = self._take()
+        committed = False
 
         async def write() -> FlushResult:
+            nonlocal committed
             async with sessionmaker() as session, session.begin():
-                return await _write(session, liveness, samples, settings, now, self)
+                result = await _write(session, liveness, samples, settings, now, self)
+            committed = True
+            return result
 
         try:
             result = await run_to_end(write())
         except BaseException:
-            self.failures += 1
-            self._put_back(liveness, samples)
+            # A cancellation raised after the commit (run_to_end) is not a failure: what was
+            # written must not be written again by the next flush.
+            if not committed:
+                self.failures += 1
+                self._put_back(liveness, samples)
             raise
         self.flushes += 1
         return result

@@ -160,7 +160,10 @@ class Heartbeats:
         if buffered:  # counted before this heartbeat's reports may end their allocations
             body = body.model_copy(update={"samples": [*buffered, *body.samples]})
 
+        committed = False
+
         async def apply() -> full.HeartbeatOutcome:
+            nonlocal committed
             async with self.sessionmaker() as session:
                 outcome = await full.heartbeat(
                     session,
@@ -170,6 +173,7 @@ class Heartbeats:
                     renew_token_id=caller.token_id if renew else None,
                 )
                 await session.commit()
+            committed = True
             # Committed: what it changed is news even when the request has been cancelled.
             if buffer is not None and outcome.gpus is not None:
                 buffer.learn(node_id, outcome.gpus)
@@ -184,7 +188,9 @@ class Heartbeats:
             # cancelled, so SQLite's write lock is never left held (engine.run_to_end).
             outcome = await run_to_end(apply())
         except BaseException:
-            if buffer is not None and buffered:
+            # Only samples this heartbeat did not apply go back: a cancellation raised after
+            # the commit (run_to_end) would otherwise have the next flush write them again.
+            if buffer is not None and buffered and not committed:
                 buffer.put_back_node(node_id, buffered)
             raise
         reply = outcome.reply
