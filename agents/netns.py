@@ -237,9 +237,18 @@ class Namespaces:
         outlived the agent's last run)."""
         with self.lock:
             try:
+                self._claim_pasta_cgroups()
                 self.wall.install(resolvers(), self.walled_pastas())
-            except WallError as exc:
+            except (WallError, OSError) as exc:
                 raise NetnsError(str(exc)) from exc
+
+    def _claim_pasta_cgroups(self) -> None:
+        """Make the pastas' cgroup directory, or mark it made now, before the table: until a
+        pasta has a rule, the directory's age is what says the table is in use to a janitor of
+        idle walls (tests/harness/netns.py in another test session on the host), which would
+        otherwise remove a table between its building and its first rule."""
+        self.pasta_cgroups.mkdir(parents=True, exist_ok=True)
+        os.utime(self.pasta_cgroups)
 
     def walled_pastas(self) -> dict[int, Path]:
         """The pastas the wall has a rule for, and their cgroups: each one started whose cgroup

@@ -36,7 +36,7 @@ from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_isolation import ACME, PY, RIVAL, UID_BASE
-from tests.harness.netns import remove_orphans
+from tests.harness.netns import remove_idle_walls, remove_orphans
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -629,6 +629,21 @@ def test_the_session_janitor_removes_only_namespaces_without_a_process(node: Net
     assert node.namespaces.exists(1)
     wait_for(lambda: not psutil.pid_exists(orphan_pasta) or _zombie(orphan_pasta))
     node.namespaces.remove(2)  # the agent's own record of it (its pid file) goes with the agent
+
+
+def test_a_wall_just_built_is_left_by_the_session_janitor(tmp_path: Path) -> None:
+    # Another test session's janitor (or this one's, in another worker) may run between an
+    # agent building its wall and admitting its first pasta: the wall then has no rule and no
+    # namespace, and only its agent's pasta cgroup directory, made just now, says it is in use.
+    namespaces, why = open_namespaces(tmp_path / "state")
+    assert namespaces is not None, why
+    try:
+        namespaces.close()  # as an agent that stopped idle, and now starts again
+        namespaces.build_wall()
+        assert namespaces.wall.table not in remove_idle_walls()
+        assert namespaces.wall.exists()
+    finally:
+        namespaces.close()
 
 
 def test_a_private_task_keeps_its_network_through_its_grace_period(
