@@ -127,12 +127,12 @@ class SchedulerMetrics:
             f"{PREFIX}_retention_purged_rows",
             "Rows deleted by retention, by table (log_chunks: task_log_retention_s; events, "
             "and jobs that never started: job_detail_retention_s; jobs that ran: "
-            "job_purge_after_s; events of no job and "
-            "api_tokens: audit_retention_s).",
+            "job_purge_after_s; events of no job, api_tokens and disabled users that own "
+            "nothing: audit_retention_s).",
             ["table"],
             registry=r,
         )
-        for table in ("log_chunks", "events", "jobs", "api_tokens"):
+        for table in ("log_chunks", "events", "jobs", "api_tokens", "users"):
             self.purged.labels(table=table)
         self.pending_by_reason: dict[tuple[str, str], int] = {}
         self.cycles.labels(result="ok")

@@ -314,6 +314,15 @@ class Settings(BaseSettings):
         "and stream caps are per token and per user, so this bounds what one org's admin can "
         "multiply them by.",
     )
+    max_user_rows_per_org: int = Field(
+        10_000,
+        ge=1,
+        description="Users one org may keep, disabled ones included; one more is 409. A "
+        "disabled user's row stays while its jobs or usage name it, and user names are "
+        "global: without this an org admin creating and disabling users would grow the users "
+        "table without end and take the names other orgs want. Disabled users that own "
+        "nothing are deleted after `audit_retention_s`.",
+    )
     max_log_follows_per_user: int = Field(
         8,
         ge=1,

@@ -64,7 +64,8 @@ async def create_user(
 ) -> UserPublic:
     """Create a user. Org admins create members and org admins of their own org; only platform
     admins create users elsewhere or other platform admins. An org has at most
-    `max_users_per_org` enabled users (409 beyond)."""
+    `max_users_per_org` enabled users and `max_user_rows_per_org` users in all, disabled ones
+    included (409 beyond)."""
     if principal.is_platform_admin:
         org_id = (await find_org(session, body.org)).id if body.org is not None else None
         if org_id is None and body.role is not Role.PLATFORM_ADMIN:
@@ -84,6 +85,7 @@ async def create_user(
         role=body.role,
         actor=principal.actor,
         max_per_org=settings.max_users_per_org,
+        max_rows_per_org=settings.max_user_rows_per_org,
     )
     await session.commit()
     return UserPublic.model_validate(user)

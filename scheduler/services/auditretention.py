@@ -1,11 +1,14 @@
-"""Audit retention: events that belong to no job (users, tokens, orgs, nodes) and tokens that
-were revoked or expired, older than `audit_retention_s`, are deleted by the scheduler leader in
-small batches (a short transaction each), never by a request.
+"""Audit retention: events that belong to no job (users, tokens, orgs, nodes), tokens that
+were revoked or expired, and users disabled, older than `audit_retention_s`, are deleted by
+the scheduler leader in small batches (a short transaction each), never by a request.
 
-A tenant can write both at its change rate for as long as it likes (issue and revoke a token,
-create and disable a user); jobs' own events have their own retention
+A tenant can write all three at its change rate for as long as it likes (issue and revoke a
+token, create and disable a user); jobs' own events have their own retention
 (scheduler/services/jobretention.py). Nothing refers to a token row, and an event names its
-actor by name, so deleting either loses only the old audit line itself.
+actor by name, so deleting either loses only the old audit line itself. A disabled user is
+deleted only once nothing names it: no job (ended jobs stay for accounting until the job purge)
+and no usage rollup row (the purged jobs' usage, kept for ever); its name is then free for any
+org, and its org has room under `max_user_rows_per_org` again.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from scheduler.db import ApiToken, Event
+from scheduler.db import ApiToken, Event, Job, UsageRollup, User
 from scheduler.db.types import utcnow
 from scheduler.services.batches import Batch, Transactions
 
@@ -42,6 +45,21 @@ async def delete_dead_tokens(session: AsyncSession, *, before: datetime, limit: 
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+async def delete_disabled_users(session: AsyncSession, *, before: datetime, limit: int) -> int:
+    """Delete up to `limit` users disabled before `before` that no job and no usage rollup
+    row names (their tokens go with them: ON DELETE CASCADE)."""
+    owns_job = exists().where(Job.user_id == User.id)
+    has_usage = exists().where(UsageRollup.org_id == User.org_id, UsageRollup.user_id == User.id)
+    idle = (
+        select(User.id)
+        .where(User.disabled_at < before, ~owns_job, ~has_usage)
+        .order_by(User.id)
+        .limit(limit)
+    )
+    result = await session.execute(delete(User).where(User.id.in_(idle)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 @dataclass
 class AuditRetention:
     """One leader's passes over audit rows older than `retention_s`."""
@@ -50,10 +68,10 @@ class AuditRetention:
 
     async def run_pass(
         self, sessionmaker: async_sessionmaker[AsyncSession], now: datetime | None = None
-    ) -> tuple[int, int]:
-        """(events, tokens) deleted, at most MAX_BATCHES_PER_PASS transactions in all."""
+    ) -> tuple[int, int, int]:
+        """(events, tokens, users) deleted, at most MAX_BATCHES_PER_PASS transactions in all."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
-        events = tokens = 0
+        events = tokens = users = 0
 
         async def old_events(session: AsyncSession) -> Batch:
             nonlocal events
@@ -67,7 +85,14 @@ class AuditRetention:
             tokens += count
             return Batch(more=count == BATCH_ROWS)
 
-        transactions = Transactions(MAX_BATCHES_PER_PASS)  # the two share them
+        async def disabled_users(session: AsyncSession) -> Batch:
+            nonlocal users
+            count = await delete_disabled_users(session, before=cutoff, limit=BATCH_ROWS)
+            users += count
+            return Batch(more=count == BATCH_ROWS)
+
+        transactions = Transactions(MAX_BATCHES_PER_PASS)  # the three share them
         await transactions.run(sessionmaker, old_events)
         await transactions.run(sessionmaker, dead_tokens)
-        return events, tokens
+        await transactions.run(sessionmaker, disabled_users)
+        return events, tokens, users

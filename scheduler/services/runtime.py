@@ -424,19 +424,26 @@ class SchedulerRuntime:
             log.info("purged %d jobs that ended before job_purge_after_s", deleted)
         return deleted
 
-    async def expire_audit(self) -> tuple[int, int]:
-        """One pass of audit retention: events of no job and dead tokens past
-        `audit_retention_s`, a bounded number per pass; (events, tokens) deleted."""
+    async def expire_audit(self) -> tuple[int, int, int]:
+        """One pass of audit retention: events of no job, dead tokens and disabled users that
+        own nothing, past `audit_retention_s`, a bounded number per pass; (events, tokens,
+        users) deleted."""
         try:
-            events, tokens = await self.audit_retention.run_pass(self.sessionmaker)
+            events, tokens, users = await self.audit_retention.run_pass(self.sessionmaker)
         except Exception:  # the next pass retries
             log.exception("audit retention pass failed")
-            return 0, 0
-        if events or tokens:
+            return 0, 0, 0
+        if events or tokens or users:
             self.metrics.purged.labels(table="events").inc(events)
             self.metrics.purged.labels(table="api_tokens").inc(tokens)
-            log.info("deleted %d old events of no job and %d dead tokens", events, tokens)
-        return events, tokens
+            self.metrics.purged.labels(table="users").inc(users)
+            log.info(
+                "deleted %d old events of no job, %d dead tokens and %d disabled users",
+                events,
+                tokens,
+                users,
+            )
+        return events, tokens, users
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

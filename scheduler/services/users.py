@@ -29,14 +29,21 @@ async def create_user(
     role: Role,
     actor: str,
     max_per_org: int | None = None,
+    max_rows_per_org: int | None = None,
 ) -> User:
-    """A new user; in an org, only while it has fewer than `max_per_org` enabled users (409):
-    rates and stream caps are per user and per token, so an org admin creating users without
-    end would multiply what the org can load onto the server."""
+    """A new user; in an org, only while it has fewer than `max_per_org` enabled users and
+    `max_rows_per_org` users in all, disabled ones included (409): rates and stream caps are
+    per user and per token, so an org admin creating users without end would multiply what
+    the org can load onto the server, and creating and disabling them without end would grow
+    the users table and take names from every other org."""
     if await session.scalar(select(User.id).where(User.name == name)) is not None:
         raise Conflict(f"user {name!r} already exists")
-    if org_id is not None and max_per_org is not None:
-        await _check_room(session, org_id, max_per_org)
+    if org_id is not None and (max_per_org is not None or max_rows_per_org is not None):
+        await lock_owner_row(session, Org, org_id)
+        if max_per_org is not None:
+            await _check_room(session, org_id, max_per_org)
+        if max_rows_per_org is not None:
+            await _check_rows(session, org_id, max_rows_per_org)
     user = User(name=name, org_id=org_id, role=role)
     session.add(user)
     await session.flush()
@@ -48,9 +55,9 @@ async def create_user(
 
 
 async def _check_room(session: AsyncSession, org_id: int, cap: int) -> None:
-    """409 when the org has `cap` enabled users already (counted up to the cap); the org's
-    row stays locked to the end of the transaction, so that concurrent creations count in turn."""
-    await lock_owner_row(session, Org, org_id)
+    """409 when the org has `cap` enabled users already (counted up to the cap). The caller
+    holds the org's row locked to the end of the transaction, so that concurrent creations
+    count in turn."""
     enabled = select(User.id).where(User.org_id == org_id, User.disabled_at.is_(None))
     count = int(
         await session.scalar(select(func.count()).select_from(enabled.limit(cap).subquery())) or 0
@@ -60,6 +67,24 @@ async def _check_room(session: AsyncSession, org_id: int, cap: int) -> None:
             f"the org has {count} enabled users, the most one org may have "
             "(max_users_per_org): disable one first (fairgpu user disable NAME)",
             limit="max_users_per_org",
+            cap=cap,
+            count=count,
+        )
+
+
+async def _check_rows(session: AsyncSession, org_id: int, cap: int) -> None:
+    """409 when the org keeps `cap` users already, disabled ones included (counted up to the
+    cap, under the caller's lock of the org's row)."""
+    rows = select(User.id).where(User.org_id == org_id)
+    count = int(
+        await session.scalar(select(func.count()).select_from(rows.limit(cap).subquery())) or 0
+    )
+    if count >= cap:
+        raise Conflict(
+            f"the org keeps {count} users, disabled ones included, the most one org may keep "
+            "(max_user_rows_per_org): a disabled user that owns no jobs is deleted after the "
+            "audit retention (FAIRGPU_AUDIT_RETENTION_S), or a platform admin may raise the cap",
+            limit="max_user_rows_per_org",
             cap=cap,
             count=count,
         )

@@ -1,6 +1,7 @@
-"""Caps that a burst of concurrent requests must not overshoot: enabled users per org, live
-tokens per user and stored events per job and kind. Each burst is N requests at once from N
-clients over HTTP to the real app, on SQLite and PostgreSQL; the count never passes the cap."""
+"""Caps that a burst of concurrent requests must not overshoot: enabled users and users kept
+(disabled ones included) per org, live tokens per user and stored events per job and kind.
+Each burst is N requests at once from N clients over HTTP to the real app, on SQLite and
+PostgreSQL; the count never passes the cap."""
 
 from __future__ import annotations
 
@@ -63,6 +64,25 @@ async def test_concurrent_user_creations_stop_at_the_org_cap(world: World) -> No
     assert await _scalar(world, enabled) == CAP
     assert statuses.count(201) == CAP - before
     assert statuses.count(409) == BURST - (CAP - before)
+
+
+async def test_concurrent_user_creations_stop_at_the_org_cap_of_rows(database_url: str) -> None:
+    """The cap on the rows an org keeps, disabled users included, holds under a burst as the
+    enabled users' cap does (the org's row locked while it counts)."""
+    async with running_app(
+        database_url, max_users_per_org=100, max_user_rows_per_org=CAP, change_burst=1000
+    ) as app:
+        world = await seed_world(app)
+        async with world.client("admin_a") as c:  # a disabled user still counts
+            made = await c.post("/v1/users", json={"name": "gone", "role": "member"})
+            assert (await c.delete(f"/v1/users/{made.json()['id']}")).status_code == 200
+        kept = select(func.count()).where(User.org_id == world.org_a.id)
+        before = await _scalar(world, kept)  # member_a, member_a2, admin_a, gone
+        bodies = [{"name": f"burst-{i}", "role": "member"} for i in range(BURST)]
+        statuses = await _burst(world, "admin_a", "POST", ["/v1/users"] * BURST, bodies)
+        assert await _scalar(world, kept) == CAP
+        assert statuses.count(201) == CAP - before
+        assert statuses.count(409) == BURST - (CAP - before)
 
 
 async def test_concurrent_token_issues_stop_at_the_user_cap(world: World) -> None:

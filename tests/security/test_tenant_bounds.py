@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -15,6 +15,7 @@ from sqlalchemy import select
 from api.admission import TokenBuckets
 from scheduler.db import JobDependency
 from scheduler.services import users as users_service
+from scheduler.services.auditretention import AuditRetention
 from tests.api.helpers import World, running_app, seed_world
 
 JOB = {"command": ["python", "train.py"], "gpus_per_node": 1, "time_limit": 60}
@@ -284,6 +285,44 @@ async def test_an_org_admin_cannot_multiply_its_orgs_rate_with_users(staffed: Wo
         assert disabled.status_code == 200
         again = await c.post("/v1/users", json={"name": "fifth", "role": "member"})
         assert again.status_code == 201, again.text
+
+
+async def test_an_org_admin_cannot_grow_the_users_table_by_disabling(database_url: str) -> None:
+    """Creating and disabling users (one change each) kept every row for ever, each name taken
+    from every org. Past `max_user_rows_per_org` users, disabled ones included, a new one is
+    409 whoever asks; once the audit retention has deleted disabled users that own nothing,
+    the org has room again and their names are free."""
+    async with running_app(database_url, max_users_per_org=4, max_user_rows_per_org=5) as app:
+        world = await seed_world(app)
+        async with world.client("admin_a") as c:  # org-a keeps 3 users
+            for name in ("fourth", "fifth"):
+                made = await c.post("/v1/users", json={"name": name, "role": "member"})
+                assert made.status_code == 201, made.text
+                disabled = await c.delete(f"/v1/users/{made.json()['id']}")
+                assert disabled.status_code == 200
+            refused = await c.post("/v1/users", json={"name": "sixth", "role": "member"})
+            assert refused.status_code == 409, refused.text  # 3 enabled, 5 kept
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            body = refused.json()
+            assert (body["limit"], body["cap"], body["count"]) == ("max_user_rows_per_org", 5, 5)
+        async with world.client("platform") as c:  # the cap is the org's, whoever creates
+            r = await c.post("/v1/users", json={"name": "sixth", "role": "member", "org": "org-a"})
+            assert r.status_code == 409
+        async with world.client("admin_b") as c:
+            taken = await c.post("/v1/users", json={"name": "fourth", "role": "member"})
+            assert taken.status_code == 409  # names are global
+            assert (await c.post("/v1/users", json={"name": "b3", "role": "member"})).is_success
+
+        later = datetime.now(UTC) + timedelta(seconds=app.state.settings.audit_retention_s + 60)
+        retention = AuditRetention(app.state.settings.audit_retention_s)
+        _, _, users = await retention.run_pass(app.state.sessionmaker, now=later)
+        assert users == 2
+        async with world.client("admin_a") as c:
+            again = await c.post("/v1/users", json={"name": "sixth", "role": "member"})
+            assert again.status_code == 201, again.text
+        async with world.client("admin_b") as c:
+            freed = await c.post("/v1/users", json={"name": "fourth", "role": "member"})
+            assert freed.status_code == 201, freed.text
 
 
 async def test_a_token_listing_shows_live_tokens_and_only_the_latest_dead_ones(
