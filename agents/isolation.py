@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from agents import sandbox
+from agents import sandbox, seccomp
 from agents.cgroups import (
     HUGEPAGES,
     CgroupError,
@@ -105,6 +105,9 @@ class IsolationConfig:
     task_flow_limit: int = FLOWS_MAX
     """The flows (TCP connections, UDP flows) a private task's pasta, or one task uid on the
     host network, may hold in the node's connection tracking table (agents/netwall.py)."""
+    seccomp: bool = True
+    """Confine strict tasks' system calls with agents/seccomp.py's filter (`--seccomp off`:
+    every call their uid allows). docker and podman containers get their runtime's profile."""
     wall_check_interval_s: float = 5.0
     """How often the nftables wall of the private tasks' pastas is checked and put back if
     anything removed or changed it (agents/wallwatch.py), besides at once on every change
@@ -150,6 +153,8 @@ class Confinement:
         """Why tasks here cannot have a network namespace of their own (without `namespaces`)."""
         self.wall = WallWatch(namespaces) if namespaces is not None else None
         """The watch over the namespaces' wall (the agent runs it)."""
+        self._seccomp: dict[bool, str] = {}
+        """The tasks' seccomp filters, by whether they may make user namespaces."""
         if config.mode == "strict":
             if os.geteuid() != 0:
                 raise IsolationUnavailable(
@@ -189,6 +194,13 @@ class Confinement:
                     "this kernel has no Landlock scoping (Linux 6.12 or later): tasks of "
                     "different orgs can reach each other's abstract unix sockets"
                 )
+            self._seccomp = seccomp_programs(config.seccomp)
+
+    def seccomp_program(self, spec: TaskSpec) -> str | None:
+        """The task's seccomp filter as the sandbox takes it (hex), None without one. A task
+        with an image runs it inside the sandbox only under apptainer, whose containers are
+        user namespaces the task makes: it may, and mount in them."""
+        return self._seccomp.get(spec.image is not None)
 
     @property
     def mode(self) -> Isolation:
@@ -237,6 +249,8 @@ class Confinement:
             "error_file": str(error_file),
             "tmpfs_bytes": limits.memory_bytes,
         }
+        if (program := self.seccomp_program(spec)) is not None:
+            config["seccomp"] = program
         if netns is not None and self.namespaces is not None:
             # The sandbox joins it itself (`ip netns exec` would unmount the cgroups it joins).
             network = []
@@ -418,6 +432,31 @@ def default_memory_reserve(total_bytes: int) -> int:
     which grow with it."""
     reserve = max(MEMORY_RESERVE_MIN_BYTES, int(total_bytes * MEMORY_RESERVE_SHARE))
     return min(reserve, total_bytes // 2)
+
+
+def seccomp_programs(on: bool) -> dict[bool, str]:
+    """The filters of this machine's tasks (hex), by whether they may make user namespaces;
+    none when `on` is False. IsolationUnavailable where the kernel or the machine has none."""
+    machine = os.uname().machine
+    if not on:
+        log.warning("seccomp off: tasks run with every system call their uid allows")
+        return {}
+    try:
+        with open("/proc/self/status") as f:
+            filters = any(line.startswith("Seccomp:") for line in f)
+        programs = {
+            user_namespaces: seccomp.program(machine, user_namespaces=user_namespaces).hex()
+            for user_namespaces in (False, True)
+        }
+    except seccomp.SeccompUnavailable as exc:
+        raise IsolationUnavailable(str(exc)) from exc
+    if not filters:
+        raise IsolationUnavailable(
+            "this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER): pass --seccomp off "
+            "to run tasks without one"
+        )
+    log.info("%s", seccomp.summary(machine))
+    return programs
 
 
 def tasks_memory(reserve_bytes: int | None) -> int:

@@ -23,7 +23,11 @@ every task start pays for its start-up. In order, it
    connect to an abstract unix socket nor signal a process outside its own domain, so another
    task's abstract sockets (NCCL's, say: the host's network namespace shares them) are out of
    its reach, and enters the working directory as that uid;
-4. execs the command, with the task's environment: same pid, so the wrapper waits for the
+4. installs the task's seccomp filter, the program agents/seccomp.py built (`"seccomp"` in its
+   config, absent with `--seccomp off`): last, so that nothing before is refused, and it binds
+   every process the task starts, which can neither remove it nor lift it with a filter of
+   their own;
+5. execs the command, with the task's environment: same pid, so the wrapper waits for the
    command itself.
 
 The task's environment reaches it carried (`carried`): every variable under a prefix that
@@ -37,7 +41,7 @@ exits 126 (127: command not found): the runner reports that line as the task's r
 
 With `"enter": true` in its config it instead puts a new process into a running task's sandbox
 (`fairgpu attach --new`, agents/shells.py): it joins the task's cgroup and network namespace,
-enters the mount and IPC namespaces of one of the task's processes, then takes steps 3 and 4 as
+enters the mount and IPC namespaces of one of the task's processes, then takes steps 3 to 5 as
 above. A step that fails writes its line to stderr (the new shell's terminal) and exits 126.
 """
 
@@ -56,6 +60,9 @@ CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_NO_NEW_PRIVS = 38
+# seccomp(2): SECCOMP_SET_MODE_FILTER with SECCOMP_FILTER_FLAG_SPEC_ALLOW (linux/seccomp.h).
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine)
+SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 4
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), linux/nsfs.h
 # Landlock (linux/landlock.h); the numbers are the same on every architecture.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_RESTRICT_SELF = 444, 446
@@ -310,6 +317,27 @@ def scope() -> bool:
     return True
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def filter_system_calls(program: bytes) -> None:
+    """Install `program` (struct sock_filter entries, agents/seccomp.py) for this process and
+    all it starts. Needs no_new_privs, which `become` has set.
+
+    SPEC_ALLOW, as docker's runtime asks: before Linux 5.16 a filter also turned on the CPU's
+    speculative store bypass mitigation for the task, slowing its own computation, against
+    an attack from within its own address space that no other tenant shares."""
+    assert SYS_SECCOMP is not None  # the agent builds programs only for machines it knows
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    done = _libc.syscall(
+        SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW, ctypes.byref(fprog)
+    )
+    if done != 0:
+        raise SandboxError(f"seccomp(SET_MODE_FILTER): {os.strerror(ctypes.get_errno())}")
+
+
 def task_namespaces(members_file: str) -> tuple[int, int]:
     """Open (mount, IPC) namespace fds of one of the task's processes: ones the sandbox made.
 
@@ -385,6 +413,9 @@ def enter(config: dict[str, Any], command: list[str]) -> int:
         scope()
         step = f"entering the working directory {config['cwd']}"
         os.chdir(config["cwd"])
+        if config.get("seccomp"):
+            step = "applying the task's seccomp filter"
+            filter_system_calls(bytes.fromhex(config["seccomp"]))
         step = f"starting {command[0]}"
         os.execvpe(command[0], command, uncarried(dict(os.environ)))  # noqa: S606 - no shell string
     except (OSError, SandboxError, ValueError, KeyError) as exc:
@@ -418,6 +449,9 @@ def main(argv: list[str]) -> int:
         scope()
         step = f"entering the working directory {config['cwd']}"
         os.chdir(config["cwd"])
+        if config.get("seccomp"):
+            step = "applying the task's seccomp filter"
+            filter_system_calls(bytes.fromhex(config["seccomp"]))
         step = f"starting {command[0]}"
         os.execvpe(command[0], command, uncarried(dict(os.environ)))  # noqa: S606 - argv as given
     except FileNotFoundError as exc:

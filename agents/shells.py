@@ -143,6 +143,8 @@ def _command(runner: Runner, record: TaskRecord) -> tuple[list[str], Path]:
     }
     if netns is not None:
         config["netns"] = str(netns)
+    if (program := confinement.seccomp_program(spec)) is not None:
+        config["seccomp"] = program  # the task's own filter: the shell is one of its processes
     entering = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
     return [*entering, shell], confinement.task_dir(spec.task_id)
 

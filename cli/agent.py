@@ -141,6 +141,16 @@ def agent(
             envvar="FAIRGPU_AGENT_ISOLATION",
         ),
     ] = "strict",
+    seccomp: Annotated[
+        str,
+        typer.Option(
+            help="on: strict tasks run under a seccomp filter refusing the system calls a "
+            "training job has no use for and that widen the kernel surface a task can attack "
+            "(bpf, io_uring, user namespaces, ...; docs/ISOLATION.md). off: every call their "
+            "uid allows. docker and podman containers get their runtime's default profile.",
+            envvar="FAIRGPU_AGENT_SECCOMP",
+        ),
+    ] = "on",
     netns: Annotated[
         bool,
         typer.Option(
@@ -296,6 +306,8 @@ def agent(
         fail(f"--container-runtime must be one of {', '.join(RUNTIMES)}", 2)
     if isolation not in ("strict", "none"):
         fail("--isolation must be strict or none", 2)
+    if seccomp not in ("on", "off"):
+        fail("--seccomp must be on or off", 2)
     refusal = plain_http_refusal(server)
     if refusal and not insecure:
         fail(refusal, 2)
@@ -352,6 +364,7 @@ def agent(
             cgroup_parent=cgroup_parent,
             dev_dir=gpu_dev_dir,
             network_namespaces=netns,
+            seccomp=seccomp == "on",
             wall_check_interval_s=wall_check_interval_s,
             task_flow_limit=task_flow_limit,
         ),

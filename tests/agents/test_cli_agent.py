@@ -89,6 +89,15 @@ def test_bad_simulate_spec_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0
 
 
+def test_a_bad_seccomp_value_is_one_line(tmp_path: Path) -> None:
+    result = run_cli(
+        "agent", "--server", "http://127.0.0.1:9", "--simulate", "1xH100", "--join-token", "t",
+        "--state-dir", str(tmp_path), "--seccomp", "maybe", "--log-level", "error",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fairgpu: error: --seccomp must be on or off", result.stderr
+
+
 def start_agent(fleet: Fleet, url: str, join: str, metrics_port: int) -> Proc:
     """The agent process (its state: tmp_path/gpu-node-1-state); restarted under the same
     name, it finds that state again."""

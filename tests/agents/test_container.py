@@ -128,6 +128,10 @@ def test_docker_under_strict_isolation_runs_as_the_org_uid_with_its_limits_and_r
     assert argv[argv.index("--user") + 1] == "200003:200003"
     for flag in ("--cap-drop=ALL", "--security-opt=no-new-privileges", "--pids-limit=512"):
         assert flag in argv
+    # The runtime's default seccomp profile (docs/ISOLATION.md): never lifted.
+    assert "--privileged" not in argv
+    assert not [arg for arg in argv if arg.startswith("--security-opt=seccomp")], argv
+    assert "seccomp=unconfined" not in argv  # the `--security-opt seccomp=...` spelling
     assert f"--memory={2**30}" in argv
     assert f"--memory-swap={2**30}" in argv
     mounted = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]

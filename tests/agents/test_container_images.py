@@ -251,3 +251,25 @@ def test_a_container_cannot_reach_another_tasks_abstract_socket(
     assert result["log"] == "own: allowed\nother: Operation not permitted\n", result
     net.runner.stop(listener, grace_s=0, reason="done")
     assert "own connect allowed" in net.result(listener)["log"]
+
+
+def test_a_docker_task_runs_under_the_runtimes_seccomp_profile_alone(
+    node: NetNode,  # noqa: F811
+    docker_node: NetNode,  # noqa: F811
+    make_image,  # type: ignore[no-untyped-def]
+) -> None:
+    """docker confines its container with its default profile (the agent never passes
+    `seccomp=unconfined`), and the agent adds no filter of its own (agents/seccomp.py is the
+    sandbox's, and the container runs outside the sandbox): one filter, the runtime's."""
+    probe = spec(
+        TASK,
+        ["/bb/busybox", "grep", "^Seccomp", "/proc/self/status"],
+        image=make_image(),
+        gpus=[],
+        network="host",
+        **ACME,
+    )
+    docker_node.runner.start(probe)
+    result = docker_node.result(TASK, timeout_s=90)
+    assert result["exit_code"] == 0, result
+    assert result["log"].split() == ["Seccomp:", "2", "Seccomp_filters:", "1"], result

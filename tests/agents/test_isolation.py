@@ -138,6 +138,16 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 
 @pytest.fixture
+def unfiltered_node(tmp_path: Path) -> Iterator[Node]:
+    """A node with `--seccomp off`: the walls the filter stands in front of (the user
+    namespaces and keys it refuses, tests/agents/test_seccomp.py) must hold without it too."""
+    require_cgroups()
+    n = Node(tmp_path, seccomp=False)
+    yield n
+    n.close()
+
+
+@pytest.fixture
 def disk_node(tmp_path: Path) -> Iterator[Node]:
     """A node whose tasks may hold 16 MiB and 200 files of its disk."""
     limits = DiskConfig(task_max_bytes=16 * 2**20, task_max_files=200, node_reserve_bytes=0)
@@ -312,12 +322,14 @@ for name in ("nvidia0", "nvidia1", "nvidiactl"):
         elsewhere.parent.rmdir()
 
 
-def test_a_task_cannot_lift_its_fence_nor_leave_its_cgroup(node: Node) -> None:
+def test_a_task_cannot_lift_its_fence_nor_leave_its_cgroup(unfiltered_node: Node) -> None:
     """What an unprivileged user namespace gives a task (every capability, inside it) does not
     undo what the sandbox mounted: the fence over another GPU's file and the task's whole /dev
     come as one locked unit, which can be neither unmounted nor bound elsewhere without its
     covers. Nor can the task move itself out of its cgroup, into its parent, the hierarchy's
-    root or another org's task."""
+    root or another org's task. On a node with `--seccomp off`: the filter refuses the user
+    namespace (and the mounts) before any of this is reached."""
+    node = unfiltered_node
     node.runner.start(spec(1, ["sleep", "60"], gpus=[1], **RIVAL))
     wait_for(lambda: len(node.task_pids(1)) == 1)
     rival = node.confinement.cgroup(1)
@@ -1131,7 +1143,9 @@ KEYRING_PROBE = (
 
 
 @pytest.mark.skipif(KEYCTL is None, reason="keyctl's number is known for x86_64 and aarch64")
-def test_a_task_does_not_possess_the_agents_session_keyring(node: Node) -> None:
+def test_a_task_does_not_possess_the_agents_session_keyring(unfiltered_node: Node) -> None:
+    """With `--seccomp off`: the filter refuses the key calls altogether."""
+    node = unfiltered_node
     assert KEYCTL is not None
     libc = ctypes.CDLL(None, use_errno=True)
     # The agent's own session keyring, as systemd gives a service one (this test process).

@@ -82,12 +82,41 @@ print(json.dumps({
 """
 
 
-def test_a_task_cannot_watch_the_agent_nor_another_org_nor_tune_the_kernel(node: Node) -> None:
+def kernel_probe(node: Node) -> dict[str, object]:
+    """What the probe's task (rival) finds, with another org's task (acme) running beside it."""
     node.runner.start(spec(1, ["sleep", "60"], **ACME))
     wait_for(lambda: len(node.task_pids(1)) == 1)
     [other] = node.task_pids(1)
     result = node.run(2, [*python(KERNEL_PROBE), str(os.getpid()), str(other)], **RIVAL)
-    tried = json.loads(result["log"].strip().splitlines()[-1])
+    node.runner.stop(1, grace_s=0, reason="done")
+    node.finish(1)
+    tried: dict[str, object] = json.loads(result["log"].strip().splitlines()[-1])
+    return tried
+
+
+def test_the_seccomp_filter_refuses_the_kernels_riskiest_calls_whatever_the_sysctls(
+    node: Node,
+) -> None:
+    tried = kernel_probe(node)
+    not_permitted = "Operation not permitted"
+    for name in ("perf_agent", "perf_other_org", "perf_cpu_wide", "bpf_prog_load"):
+        assert tried.pop(name) == not_permitted, name
+    assert tried.pop("userfaultfd_kernel_faults") == not_permitted
+    assert tried.pop("userfaultfd_user_faults") == not_permitted
+    assert tried.pop("io_uring") == "Function not implemented"  # as a kernel without it
+    assert tried.pop("sys") == tried.pop("proc_sys") == "Permission denied"
+    assert tried == {"nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+
+
+def test_a_task_cannot_watch_the_agent_nor_another_org_nor_tune_the_kernel(
+    tmp_path: Path,
+) -> None:
+    """With `--seccomp off`, where the uid's rights and the node's sysctls decide."""
+    node = Node(tmp_path, seccomp=False)
+    try:
+        tried = kernel_probe(node)
+    finally:
+        node.close()
     denied = "Permission denied"
     # Another uid's process: ptrace's rule, whatever perf_event_paranoid says.
     assert tried["perf_agent"] == denied
@@ -99,16 +128,14 @@ def test_a_task_cannot_watch_the_agent_nor_another_org_nor_tune_the_kernel(node:
     assert (tried["bpf_prog_load"] == not_permitted) is bpf_off
     uffd_off = sysctl("vm/unprivileged_userfaultfd") == 0
     assert (tried["userfaultfd_kernel_faults"] == not_permitted) is uffd_off
-    # Open, as documented: no seccomp filter (user-mode userfaultfd and io_uring reach nothing
-    # of another task's, but widen the kernel a task can attack).
+    # Open without the seccomp filter (user-mode userfaultfd and io_uring reach nothing of
+    # another task's, but widen the kernel a task can attack).
     assert tried["userfaultfd_user_faults"] == "allowed"
     assert (tried["io_uring"] == "allowed") is (sysctl("kernel/io_uring_disabled") == 0)
     assert tried["sys"] == denied
     assert tried["proc_sys"] == denied
     # It inherits the agent's open file limit: what fs.file-max is checked against.
     assert tried["nofile"] == resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    node.runner.stop(1, grace_s=0, reason="done")
-    node.finish(1)
 
 
 MQUEUE = """

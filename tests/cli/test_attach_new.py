@@ -26,9 +26,10 @@ from tests.harness.served import Served, wait_for
 PROBE = (
     'echo "uid=$(id -u)"; echo "gpus=$CUDA_VISIBLE_DEVICES"; echo "cwd=$(pwd)"; '
     'echo "mnt=$(readlink /proc/self/ns/mnt)"; echo "cgroup=$(cut -d: -f3 /proc/self/cgroup | '
-    'tr \'\\n\' ,)"; echo "oom=$(cat /proc/self/oom_score_adj)"'
+    'tr \'\\n\' ,)"; echo "oom=$(cat /proc/self/oom_score_adj)"; '
+    'echo "seccomp=$(grep ^Seccomp: /proc/self/status | cut -f2)"'
 )
-FIELDS = ("uid", "gpus", "cwd", "mnt", "cgroup", "oom")
+FIELDS = ("uid", "gpus", "cwd", "mnt", "cgroup", "oom", "seccomp")
 UNCONFINED = ("uid", "gpus", "cwd", "cgroup")
 """What an unconfined task and its new shell share (`ip netns exec` gives each process of a
 private network a mount namespace of its own)."""
@@ -39,7 +40,7 @@ def _seen(text: str) -> dict[str, str]:
     """The probe's answers (`name=value` lines; an echoed command line has `$` in it)."""
     found: dict[str, str] = {}
     for line in ESCAPES.sub("", text).replace("\r", "").splitlines():
-        match = re.fullmatch(r"(uid|gpus|cwd|mnt|cgroup|oom)=([^$\"]*)", line.strip())
+        match = re.fullmatch(r"(uid|gpus|cwd|mnt|cgroup|oom|seccomp)=([^$\"]*)", line.strip())
         if match:
             found.setdefault(match[1], match[2])
     return found
@@ -178,9 +179,11 @@ def test_on_a_strict_node_the_new_shell_is_in_the_tasks_sandbox(
         out = result.stdout.decode(errors="replace")
         assert result.returncode == 3, (out, result.stderr.decode())
         shell = _seen(out)
-        # The same uid, GPUs, directory, cgroup, mount namespace and oom_score_adj as the task:
-        # the shell is the agent's child too, and kept the agent's value before.
+        # The same uid, GPUs, directory, cgroup, mount namespace, oom_score_adj and seccomp
+        # filter as the task: the shell is the agent's child too, and kept the agent's value
+        # before.
         assert task["oom"] == str(TASK_OOM_SCORE_ADJ)
+        assert task["seccomp"] == "2"  # its filter, which the shell must be under too
         assert {name: shell.get(name) for name in FIELDS} == task, out
         code, _, err = fairgpu(served, pool.tokens["rival"], "attach", job, "--new", stdin=b"")
         assert code == 5, err

@@ -211,6 +211,8 @@ def node(tmp_path: Path, backend: NvmlBackend) -> Iterator[Node]:
 PROBE = """
 import errno, glob, json, os, shutil, subprocess
 out = {"uid": os.getuid(), "files": {}, "proc": []}
+with open("/proc/self/status") as f:  # 2: under the sandbox's seccomp filter
+    out["seccomp"] = [line.split()[1] for line in f if line.startswith("Seccomp:")][0]
 for path in sorted(glob.glob("/dev/nvidia*")):
     if os.path.isdir(path):  # /dev/nvidia-caps; a covered device file is a plain file
         continue
@@ -271,6 +273,7 @@ def test_a_task_uses_its_own_gpu_through_cuda_and_nvml(node: Node, backend: Nvml
     minor = backend.device_minors()[0]
     found = probe(node, 1, gpus=[0], **ACME)
     assert found["uid"] == UID_BASE + 1
+    assert found["seccomp"] == "2"  # CUDA works under the task's seccomp filter
     assert found["files"][f"/dev/nvidia{minor}"] == "opened"
     assert found["cuda"].get("count") == 1, found["cuda"]
     assert found["cuda"]["sum"] == 1024.0**3
