@@ -174,8 +174,10 @@ class Host:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         elif kind == FRAME_SIGNAL:
+            group = _foreground_group(self.master)
             with contextlib.suppress(OSError, ValueError):
-                os.killpg(os.tcgetpgrp(self.master), signal.Signals(int(payload)))
+                if group is not None:
+                    os.killpg(group, signal.Signals(int(payload)))
 
     def notice(self, text: bytes) -> None:
         _write_all(1, text)
@@ -323,12 +325,26 @@ def _listen(directory: str) -> socket.socket:
     return listener
 
 
+def _foreground_group(master: int) -> int | None:
+    """The terminal's foreground process group; None when it has none. Once the session's
+    leader has exited, tcgetpgrp gives 0, and killpg(0) signals the caller's own group: the
+    host, its wrapper and the log copier. A stop's SIGTERM arriving then came back to the host,
+    which forwarded it again, until a RecursionError ended the host before its exit frame."""
+    try:
+        group = os.tcgetpgrp(master)
+    except OSError:
+        return None
+    return group if group > 0 else None
+
+
 def _signal_session(child: int, master: int, sig: signal.Signals) -> None:
     """`sig` to the command's session leader's group and the terminal's foreground group."""
     with contextlib.suppress(OSError):
         os.killpg(child, sig)
-    with contextlib.suppress(OSError):
-        os.killpg(os.tcgetpgrp(master), sig)
+    group = _foreground_group(master)
+    if group is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(group, sig)
 
 
 def _wait_command(host: Host, child: int, *, new: bool) -> int:

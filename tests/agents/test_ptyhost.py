@@ -5,6 +5,7 @@ back in frames, and the number of clients is bounded."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -73,6 +74,39 @@ def test_a_terminal_session_over_the_hosts_socket(tmp_path: Path) -> None:
         assert host.returncode == 4
         assert b"got:hello" in stdout  # the session is the task's log too
         assert not (tmp_path / ptyhost.SOCKET_NAME).exists()
+    finally:
+        host.kill()
+        host.wait()
+        assert host.stdout is not None
+        host.stdout.close()
+
+
+def test_a_stop_that_comes_as_the_command_ends_still_gets_its_exit_status(tmp_path: Path) -> None:
+    # The runner's SIGTERM reaches the host (through its wrapper's group) just after the
+    # command has ended on its own: the terminal has no foreground group any more, and the host
+    # must neither signal its own group (tcgetpgrp gives 0 then; killpg(0) is the caller's
+    # group) nor lose the exit status.
+    script = "echo ready; sleep 0.3; exit 3"
+    host = subprocess.Popen(
+        [sys.executable, "-I", "-S", ptyhost.__file__, str(tmp_path), "30", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        start_new_session=True,  # as under its wrapper: a group of its own
+    )
+    try:
+        client = _connect(tmp_path)
+        client.sendall(ptyhost.frame(ptyhost.FRAME_RESIZE, struct.pack(">HH", 24, 80)))
+        seen = b""
+        while b"ready" not in seen:
+            seen += client.recv(65536)
+        host.send_signal(signal.SIGSTOP)  # the command ends while the host cannot notice
+        time.sleep(1.0)  # no event to await: the host is stopped, the command's end unseen
+        host.send_signal(signal.SIGTERM)
+        host.send_signal(signal.SIGCONT)
+        frames = _frames(client)
+        client.close()
+        assert frames[-1:] == [(ptyhost.FRAME_EXIT, b"3")], frames
+        host.communicate(timeout=10)
+        assert host.returncode == 3
     finally:
         host.kill()
         host.wait()
