@@ -153,6 +153,7 @@ class Agent:
             gpus=self.backend.devices(),
             isolation=self.runner.confinement.mode,
             capabilities=self.capabilities(),
+            memory_per_gpu_bytes=self.runner.confinement.memory_per_gpu_bytes,
         )
         try:
             reply = await self.client.register(self._join_token, body)
@@ -407,6 +408,9 @@ class Agent:
             logs=chunks,
             wait_s=wait_s,
             isolation=None if self._isolation_reported else self.runner.confinement.mode,
+            memory_per_gpu_bytes=(
+                None if self._isolation_reported else self.runner.confinement.memory_per_gpu_bytes
+            ),
             capabilities=None if capabilities == self._capabilities_reported else capabilities,
         )
         if body.capabilities is not None:

@@ -303,19 +303,31 @@ class Confinement:
         if self.namespaces is not None:
             self.namespaces.sweep(keep)
 
+    @property
+    def memory_per_gpu_bytes(self) -> int | None:
+        """Each GPU's share of the tasks' memory: the tasks' memory ÷ the node's GPUs, at most
+        `--mem-per-gpu`. A task gets its GPUs' share, and a job asking more is refused at
+        start (`limits`), so the agent reports it and the server places `--mem` jobs only on
+        nodes whose share holds them. None without a task cgroup (no strict isolation): no
+        limit is set, and none refused."""
+        if self.cgroups is None:
+            return None
+        per_gpu = self.tasks_memory_bytes // self.total_gpus
+        if self.config.memory_per_gpu_bytes is not None:
+            per_gpu = min(per_gpu, self.config.memory_per_gpu_bytes)
+        return per_gpu
+
     def limits(self, spec: TaskSpec) -> Limits:
         """The task's cgroup limits; TaskRefused when its job asks for more memory than its
         GPUs' share of the tasks' memory (`--mem-per-gpu`, at most the node's memory less its
-        reserve ÷ its GPUs). Memory is not scheduled, so more than the share is other tasks'
-        memory: a one-GPU job asking `--mem 64T` got a limit the node's memory never reached,
+        reserve ÷ its GPUs). The other GPUs' shares are other tasks' memory (the server
+        places by the share, `memory_per_gpu_bytes`; this is the check should a job reach the
+        node anyway): a one-GPU job asking `--mem 64T` got a limit the node's memory never reached,
         filled it, and the kernel's OOM killer, out of the node's memory, ended the largest
         process on the node, another org's training or the agent. Shares of all the node's
         memory did the same once every task filled its own: the node itself needs some."""
         gpus = max(len(spec.gpus), 1)
-        per_gpu = self.tasks_memory_bytes // self.total_gpus
-        if self.config.memory_per_gpu_bytes is not None:
-            per_gpu = min(per_gpu, self.config.memory_per_gpu_bytes)
-        share = per_gpu * gpus
+        share = (self.memory_per_gpu_bytes or 0) * gpus
         memory = spec.memory_bytes
         if memory is None:
             memory = share

@@ -176,6 +176,11 @@ class AgentRegister(_Model):
     capabilities: Annotated[list[Capability], Field(max_length=MAX_CAPABILITIES)] | None = None
     """What the agent can do (`AGENT_CAPABILITIES`); None: an agent older than the field, which
     can do none of them."""
+    memory_per_gpu_bytes: NonNegInt | None = None
+    """Each GPU's share of the memory the node's tasks may hold together (the tasks' memory ÷
+    its GPUs, at most the agent's `--mem-per-gpu`): a task asking more is refused at start, so
+    the server places a job's `--mem` only where its GPUs' share holds it. None: unknown (an
+    agent older than the field, or one that sets no memory limit), placed as any node."""
 
 
 class AgentRegistered(_Reply):
@@ -267,6 +272,9 @@ class Heartbeat(_Model):
     while keeping its credential); None: unchanged since the last report."""
     capabilities: Annotated[list[Capability], Field(max_length=MAX_CAPABILITIES)] | None = None
     """Sent with `isolation` (an upgraded agent keeps its credential); None: unchanged."""
+    memory_per_gpu_bytes: NonNegInt | None = None
+    """As at registration; read only with `isolation` (where the agent restarted), when None
+    means unknown: an agent older than the field, or one that sets no memory limit."""
 
 
 class TaskSignal(_Reply):

@@ -12,11 +12,12 @@ shape failed" memo valid.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from scheduler.core.types import Node, PendingJob, PolicyConfig
+from scheduler.core.types import MEMORY_NEED, Node, PendingJob, PolicyConfig, memory_need
 from scheduler.core.usage import capacity_usage
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Level:
 
 _NO_LEVELS: dict[tuple[str, ...], Level] = {}
 _NO_STATIC: dict[tuple[str, str], list[int]] = {}
+_MEMORY_ANY = MEMORY_NEED + "any"
+"""The tier above every reported share: only nodes that reported none (they fit any job)."""
 
 
 class Layout:
@@ -82,6 +85,7 @@ class Layout:
         "site_domains",
         "static",
         "statics",
+        "tiers",
         "type_sites",
         "types",
         "union",
@@ -171,8 +175,26 @@ class Layout:
         of them picks the nodes having it all, and subsets picking the same nodes share a class.
         Class 0 is every node. When every node has every feature (the common case) class 0 is
         the only one, and placement costs what it would with no features at all.
+
+        Memory per GPU is a chain of features rather than one: the cluster's distinct reported
+        shares are its tiers (`memory_need(share)`), a node has every tier up to its own share,
+        and a node that reported none has every tier and `_MEMORY_ANY` (it fits any job, as
+        before nodes reported). A job's need (`PendingJob.needs`) is read as the lowest tier
+        that holds it (`need_class`), so one tier at a time is combined with the other features:
+        classes grow with the distinct shares, not with their subsets.
         """
-        feats = {nid: n.features for nid, n in self.nodes.items()}
+        shares = {nid: n.memory_per_gpu_bytes for nid, n in self.nodes.items()}
+        self.tiers: list[int] = sorted({s for s in shares.values() if s is not None})
+        feats: dict[int, frozenset[str]] = {}
+        for nid, n in self.nodes.items():
+            share = shares[nid]
+            if not self.tiers:
+                feats[nid] = n.features
+            elif share is None:
+                tiers = [memory_need(t) for t in self.tiers]
+                feats[nid] = n.features.union(tiers, (_MEMORY_ANY,))
+            else:
+                feats[nid] = n.features.union(memory_need(t) for t in self.tiers if t <= share)
         every = list(feats.values())
         self.union: frozenset[str] = frozenset().union(*every)
         common = every[0].intersection(*every[1:]) if every else frozenset()
@@ -182,16 +204,22 @@ class Layout:
         self.class_nodes: list[int] = [len(feats)]  # nodes per class
         if not self.varying:
             return
-        names = sorted(self.varying)
+        chain = [memory_need(t) for t in self.tiers] + [_MEMORY_ANY]
+        memory = [f for f in chain if f in self.varying]
+        names = sorted(self.varying.difference(memory))
         by_members: dict[tuple[int, ...], int] = {tuple(feats): 0}
-        for mask in range(1, 1 << len(names)):
-            need = frozenset(f for i, f in enumerate(names) if mask >> i & 1)
-            members = tuple(nid for nid, have in feats.items() if need <= have)
-            c = by_members.get(members)
-            if c is None:
-                c = by_members[members] = len(self.class_nodes)
-                self.class_nodes.append(len(members))
-            self.need_memo[need] = c
+        for mask in range(1 << len(names)):
+            plain = frozenset(f for i, f in enumerate(names) if mask >> i & 1)
+            for tier in (None, *memory):
+                need = plain if tier is None else plain | {tier}
+                if not need:
+                    continue
+                members = tuple(nid for nid, have in feats.items() if need <= have)
+                c = by_members.get(members)
+                if c is None:
+                    c = by_members[members] = len(self.class_nodes)
+                    self.class_nodes.append(len(members))
+                self.need_memo[need] = c
         for members, c in by_members.items():
             for nid in members:
                 self.node_classes[nid] = (*self.node_classes.get(nid, ()), c)
@@ -202,10 +230,30 @@ class Layout:
             return 0
         c = self.need_memo.get(needs)
         if c is None:
+            have = needs
+            memory = [f for f in needs if f.startswith(MEMORY_NEED)]
+            if memory:
+                have = needs.difference(memory)
+                tier = self.memory_tier(max(int(f.removeprefix(MEMORY_NEED)) for f in memory))
+                if tier is not None:
+                    have = have | {tier}
             # A feature no node has: -1, the class of no nodes.
-            c = self.need_memo.get(needs & self.varying, 0) if needs <= self.union else -1
+            c = self.need_memo.get(have & self.varying, 0) if have <= self.union else -1
             self.need_memo[needs] = c
         return c
+
+    def memory_tier(self, per_gpu_bytes: int) -> str | None:
+        """The feature of the nodes whose share holds `per_gpu_bytes` per GPU: the lowest tier
+        at least that large, else `_MEMORY_ANY` (only nodes that reported no share; where every
+        node reported one, a feature no node has). None: no node reported a share, all fit."""
+        if not self.tiers:
+            return None
+        i = bisect.bisect_left(self.tiers, per_gpu_bytes)
+        return memory_need(self.tiers[i]) if i < len(self.tiers) else _MEMORY_ANY
+
+    def largest_share(self) -> int | None:
+        """The largest memory per GPU a node reported; None where none did."""
+        return self.tiers[-1] if self.tiers else None
 
     def class_size(self, c: int) -> int:
         """How many nodes (whatever their state) a feature class holds."""
@@ -278,7 +326,7 @@ class FreeIndex:
 
     def job_class(self, job: PendingJob) -> int:
         """The feature class of the nodes the job may run on (0: every node)."""
-        if not job.capabilities and not job.needs_isolation:
+        if not job.capabilities and not job.needs_isolation and job.memory_bytes is None:
             return 0
         return self._layout.need_class(job.needs)
 
@@ -287,6 +335,9 @@ class FreeIndex:
 
     def class_size(self, c: int) -> int:
         return self._layout.class_size(c)
+
+    def largest_share(self) -> int | None:
+        return self._layout.largest_share()
 
     def in_class(self, nid: int, c: int) -> bool:
         """Whether the node has every feature of class `c`."""

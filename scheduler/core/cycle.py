@@ -90,7 +90,7 @@ class Cycle:
         self._longest_waiting: int | None = None  # see _org_waiting_longest; found when needed
         self._static_memo: dict[tuple[str | None, str | None, int, int, int], tuple[str, ...]] = {}
         self._static_full: dict[
-            tuple[int, str | None, str | None, int, int, bool, frozenset[str]],
+            tuple[int, str | None, str | None, int, int, bool, frozenset[str], int | None],
             tuple[str, ...] | Wait,
         ] = {}
 
@@ -122,6 +122,7 @@ class Cycle:
             job.nodes,
             job.needs_isolation,
             job.capabilities,
+            job.memory_bytes,
         )
         known = self._static_full.get(full)
         if known is None:
@@ -167,8 +168,9 @@ class Cycle:
         """Nodes for the job, and whether they are reserved nodes it may use because it is short.
 
         This is where a job is kept to the nodes having the features it needs (`PendingJob.needs`:
-        agent capabilities, strict isolation): the index places it from the levels of their
-        feature class only, and reservations and preemption plans take only them.
+        agent capabilities, strict isolation, its memory per GPU): the index places it from the
+        levels of their feature class only, and reservations and preemption plans take only
+        them.
         """
         need = self.index.job_class(job)
         key = (gpu_type, job.site, job.gpus_per_node, need)
@@ -232,6 +234,7 @@ class Cycle:
                     job.nodes,
                     job.needs_isolation,
                     job.capabilities,
+                    job.memory_bytes,
                 )
             )
             if (
@@ -456,6 +459,7 @@ class Cycle:
             may_borrow,
             job.needs_isolation,
             job.capabilities,
+            job.memory_bytes,
         )
         if memo in self._bump_failed:
             return False
@@ -588,6 +592,7 @@ class Cycle:
             job.time_limit_s if self.res.reserved else 0.0,
             job.needs_isolation,
             job.capabilities,
+            job.memory_bytes,
         )
         failed = self._borrow_failed.get(key)
         if failed is not None:

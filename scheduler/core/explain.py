@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from scheduler.core.estimate import OrgReleases, Profile
 from scheduler.core.types import (
+    MEMORY_NEED,
     STRICT_ISOLATION,
     PendingInfo,
     PendingJob,
@@ -22,6 +23,7 @@ from scheduler.core.types import (
     ReasonCode,
     RunningJob,
     Start,
+    memory_need,
 )
 
 if TYPE_CHECKING:
@@ -202,8 +204,10 @@ class Explainer:
 
     def features(self, job: PendingJob) -> Wait:
         """The job would fit the cluster's nodes, but not those having the features it needs:
-        strict isolation (its org requires it) or agent capabilities (`--signal`, `run --pty`).
-        It waits for agents to start (or restart) in strict mode, or upgraded."""
+        strict isolation (its org requires it), agent capabilities (`--signal`, `run --pty`), or
+        memory per GPU (`--mem`). It waits for agents to start (or restart) in strict mode,
+        upgraded, or with more memory; where no node gives a GPU the memory it asks, it says
+        so as BadConstraints (it stays pending: nodes come and go)."""
         idx = self.c.index
         needs = job.needs
         key = ("feat", job.gpu_type, job.site, job.gpus_per_node, job.nodes, needs)
@@ -219,7 +223,25 @@ class Explainer:
             gpu_type=job.gpu_type or "",
             site=job.site or "",
         )
-        if job.capabilities:
+        per_gpu = job.memory_per_gpu_bytes
+        code = ReasonCode.RESOURCES
+        if per_gpu is not None:
+            largest = idx.largest_share() or 0
+            details["largest_memory_per_gpu_bytes"] = largest
+            details["memory_nodes"] = capable
+            if not idx.class_size(idx.need_class(frozenset({memory_need(per_gpu)}))):
+                code = ReasonCode.BAD_CONSTRAINTS
+                text = (
+                    f"--mem {_gib(job.memory_bytes or 0)} over {job.gpus_per_node} GPU(s) per "
+                    f"node is {_gib(per_gpu)} per GPU; no node gives a GPU more than "
+                    f"{_gib(largest)} of its memory: ask for less or for more GPUs per node"
+                )
+            else:
+                text = (
+                    f"needs a node {' and '.join(_node_needs(job, details))}; "
+                    f"none of the {capable} such node(s) can hold {what}"
+                )
+        elif job.capabilities:
             caps = details["capabilities"]
             details["capable_nodes"] = capable
             extra = " and strict isolation" if job.needs_isolation else ""
@@ -233,7 +255,7 @@ class Explainer:
                 f"needs a node with strict isolation (its org requires it); "
                 f"none of the {capable} such node(s) can hold {what}"
             )
-        w = self.waits[key] = Wait((Reason(ReasonCode.RESOURCES, text, details),))
+        w = self.waits[key] = Wait((Reason(code, text, details),))
         return w
 
     def limit(self, job: PendingJob, t: str, lim_org: int, never: bool) -> Wait:
@@ -313,13 +335,15 @@ class Explainer:
             "largest_free_gang_nodes": largest,
         }
         text = f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs; {largest} node(s) fit now"
-        if job.needs_isolation or job.capabilities:
+        if job.needs_isolation or job.capabilities or job.memory_bytes is not None:
             details.update(_feature_details(job))
             on = []
             if job.needs_isolation:
                 on.append("strict isolation")
             if job.capabilities:
                 on.append(f"agents that can do {details['capabilities']}")
+            if job.memory_bytes is not None:
+                on.append(f"{_gib(int(details['memory_per_gpu_bytes']))} of memory per GPU")
             text = (
                 f"needs {job.nodes}x{job.gpus_per_node} {t} GPUs on nodes with "
                 f"{' and '.join(on)}; {largest} such node(s) fit now"
@@ -396,7 +420,10 @@ class Explainer:
             }
             if STRICT_ISOLATION in needs:
                 shared["isolation"] = "strict"
-            caps = needs - {STRICT_ISOLATION}
+            caps = {n for n in needs if n != STRICT_ISOLATION and not n.startswith(MEMORY_NEED)}
+            memory = needs.difference(caps, {STRICT_ISOLATION})
+            if memory:
+                shared["memory_per_gpu_bytes"] = int(min(memory).removeprefix(MEMORY_NEED))
             if caps:
                 shared["capabilities"] = ",".join(sorted(caps))
         rank = self.rank()
@@ -592,4 +619,25 @@ def _feature_details(job: PendingJob) -> dict[str, float | int | str]:
         details["isolation"] = "strict"
     if job.capabilities:
         details["capabilities"] = ",".join(sorted(job.capabilities))
+    per_gpu = job.memory_per_gpu_bytes
+    if per_gpu is not None:
+        details["memory_bytes"] = job.memory_bytes or 0
+        details["memory_per_gpu_bytes"] = per_gpu
     return details
+
+
+def _node_needs(job: PendingJob, details: Mapping[str, float | int | str]) -> list[str]:
+    """What a node must have for the job, as the words of a reason."""
+    on = []
+    if job.capabilities:
+        on.append(f"whose agent can do {details['capabilities']}")
+    if job.needs_isolation:
+        on.append("with strict isolation")
+    per_gpu = job.memory_per_gpu_bytes
+    if per_gpu is not None:
+        on.append(f"giving each GPU {_gib(per_gpu)} of memory")
+    return on
+
+
+def _gib(size_bytes: int) -> str:
+    return f"{size_bytes / 2**30:.1f} GiB"

@@ -24,6 +24,15 @@ Others an agent reports play no part here."""
 STRICT_ISOLATION = "isolation=strict"
 """The node feature of strict isolation, placed like a capability; "=" is outside the protocol's
 capability names, so no agent can claim it by reporting a capability."""
+MEMORY_NEED = "memory-per-gpu>="
+"""Prefix of the node feature "holds N bytes of memory per GPU": a job with `--mem` needs
+`memory_need(ceil(mem / GPUs per node))`. A node's share is not a feature of its own (which
+shares exist depends on the cluster): the capacity index gives each node the tiers of the
+cluster's distinct shares it reaches (scheduler/core/capacity.py)."""
+
+
+def memory_need(per_gpu_bytes: int) -> str:
+    return f"{MEMORY_NEED}{per_gpu_bytes}"
 
 
 class DependencyState(StrEnum):
@@ -72,6 +81,9 @@ class Node:
     schedulable: bool = True  # False when draining, drained, down or unhealthy
     strict_isolation: bool = False  # its agent confines each task (own uid, cgroup, mounts)
     capabilities: frozenset[str] = JOB_CAPABILITIES  # what its agent said it can do
+    # Each GPU's share of the memory its tasks may hold together (its agent's report); a task
+    # asking more than its GPUs' share is refused at start. None: not reported, fits any job.
+    memory_per_gpu_bytes: int | None = None
 
     @property
     def features(self) -> frozenset[str]:
@@ -155,16 +167,29 @@ class PendingJob:
     """It may not start before this time (a requeued job's backoff); None: at once."""
     array_throttled: bool = False
     """An array element beyond the room its array's `%N` limit leaves (the load counts it)."""
+    memory_bytes: int | None = None
+    """Memory per node (`--mem`); None: whatever the node gives its GPUs, which always fits."""
 
     @property
     def gpu_count(self) -> int:
         return self.gpus_per_node * self.nodes
 
     @property
+    def memory_per_gpu_bytes(self) -> int | None:
+        """What each of its GPUs' nodes must give a GPU for its `--mem` to fit, rounded up."""
+        if self.memory_bytes is None:
+            return None
+        return -(-self.memory_bytes // max(self.gpus_per_node, 1))
+
+    @property
     def needs(self) -> frozenset[str]:
-        """Node features it may only run on (`Node.features`): capabilities and isolation."""
-        caps = self.capabilities
-        return caps | {STRICT_ISOLATION} if self.needs_isolation else caps
+        """Node features it may only run on (`Node.features`): capabilities, isolation, and
+        its memory per GPU (`memory_need`)."""
+        needs = self.capabilities
+        if self.needs_isolation:
+            needs = needs | {STRICT_ISOLATION}
+        per_gpu = self.memory_per_gpu_bytes
+        return needs if per_gpu is None else needs | {memory_need(per_gpu)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,6 +165,9 @@ class Node(Base):
     isolation: Mapped[str] = mapped_column(String(16), default="none")
     # What its agent can do (protocol.agent.AGENT_CAPABILITIES); NULL: an agent older than that.
     capabilities: Mapped[list[str] | None] = mapped_column()
+    # Each GPU's share of the memory its tasks may hold (protocol.agent.AgentRegister); a job's
+    # `--mem` is placed only where its GPUs' share holds it. NULL: unknown, placed as before.
+    memory_per_gpu_bytes: Mapped[int | None] = mapped_column(BigInteger)
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column()
     # Until then, one registration with a join token alone may take this node over (an

@@ -117,6 +117,7 @@ async def _registered(
     node.agent_version = body.agent_version
     node.isolation = body.isolation
     node.capabilities = body.capabilities
+    node.memory_per_gpu_bytes = body.memory_per_gpu_bytes
     node.last_heartbeat_at = now
     await session.flush()
     await _register_gpus(session, node, body, now)

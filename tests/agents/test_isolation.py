@@ -640,6 +640,7 @@ def test_the_node_keeps_a_reserve_of_its_memory_from_its_tasks(tmp_path: Path) -
         reserve = default_memory_reserve(total)
         share = (total - reserve) // 4
         assert n.confinement.limits(spec(1, ["true"], gpus=[0])).memory_bytes == share
+        assert n.confinement.memory_per_gpu_bytes == share  # what the agent reports
         assert n.confinement.limits(spec(1, ["true"], gpus=[0, 1])).memory_bytes == 2 * share
         result = n.run(1, ["true"], gpus=[0], memory_bytes=total // 4, **ACME)
         assert result["state"] == "failed_to_start", result
@@ -655,6 +656,7 @@ def test_the_memory_reserve_also_bounds_mem_per_gpu(tmp_path: Path) -> None:
     n = Node(tmp_path, memory_per_gpu_bytes=total, node_memory_reserve_bytes=total - 4 * 2**30)
     try:
         assert n.confinement.limits(spec(1, ["true"], gpus=[0])).memory_bytes == 2**30
+        assert n.confinement.memory_per_gpu_bytes == 2**30
     finally:
         n.close()
     (tmp_path / "none").mkdir()

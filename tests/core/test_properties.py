@@ -17,6 +17,7 @@ from scheduler.core.types import (
     PendingJob,
     Placement,
     PolicyConfig,
+    ReasonCode,
     RunningJob,
     Snapshot,
 )
@@ -528,3 +529,74 @@ def test_a_kept_scheduler_decides_as_a_fresh_one(
                 ]
             )
             s = replace(s, orgs=tuple(changed if x is o else x for x in s.orgs))
+
+
+_SHARES = (None, 16 * 2**30, 80 * 2**30, 80 * 2**30, 200 * 2**30)
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_jobs_start_only_on_nodes_their_memory_fits(snap: Snapshot, rnd: random.Random) -> None:
+    """Memory shares at random on nodes (some unreported) and `--mem` at random on jobs, with
+    capabilities beside them: no job starts on (or has GPUs freed on) a node that reported a
+    share its memory per node does not fit in, and a job told no node could ever hold its
+    memory could indeed start on none."""
+    caps = ("signal", "pty")
+    nodes = tuple(
+        replace(n, memory_per_gpu_bytes=rnd.choice(_SHARES), capabilities=_some(rnd, caps))
+        for n in snap.nodes
+    )
+    pending = tuple(
+        replace(
+            j,
+            memory_bytes=rnd.choice((None, 2**30, 100 * 2**30, 900 * 2**30, 4000 * 2**30)),
+            capabilities=_some(rnd, caps) if rnd.random() < 0.3 else frozenset(),
+        )
+        for j in snap.pending
+    )
+    snap = replace(snap, nodes=nodes, pending=pending)
+    decisions = schedule(snap)
+    check_invariants(snap, decisions)
+    by_id = {n.id: n for n in nodes}
+    jobs = {j.job_id: j for j in pending}
+
+    def fits(j: PendingJob, nid: int) -> bool:
+        share = by_id[nid].memory_per_gpu_bytes
+        mem = j.memory_bytes
+        return share is None or mem is None or share * j.gpus_per_node >= mem
+
+    for start in decisions.starts:
+        j = jobs[start.job_id]
+        assert all(fits(j, p.node_id) and len(p.gpus) == j.gpus_per_node for p in start.placements)
+    placed = {r.job_id: {p.node_id for p in r.placements} for r in snap.running}
+    for pre in decisions.preemptions:
+        assert any(fits(jobs[pre.preemptor_job_id], nid) for nid in placed[pre.job_id]), pre
+    for job_id, info in decisions.pending.items():
+        for reason in info.reasons:
+            if "largest_memory_per_gpu_bytes" in reason.details and (
+                reason.code == ReasonCode.BAD_CONSTRAINTS
+            ):
+                assert not any(fits(jobs[job_id], n.id) for n in nodes)
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_memory_every_node_holds_decides_as_none(snap: Snapshot, rnd: random.Random) -> None:
+    """Nodes that report no share, or shares every job's memory fits in: jobs with `--mem`
+    are decided exactly as jobs without (their memory selects every node: class 0)."""
+    plain = schedule(snap)
+    reported = rnd.random() < 0.5
+    nodes = tuple(
+        replace(n, memory_per_gpu_bytes=rnd.choice((None, 2**40)) if reported else None)
+        for n in snap.nodes
+    )
+    pending = tuple(
+        replace(j, memory_bytes=rnd.choice((None, 2**30, 2**40 * j.gpus_per_node)))
+        for j in snap.pending
+    )
+    asking = schedule(replace(snap, nodes=nodes, pending=pending))
+    assert asking.starts == plain.starts
+    assert asking.preemptions == plain.preemptions
+    assert {k: [r.code for r in v.reasons] for k, v in asking.pending.items()} == {
+        k: [r.code for r in v.reasons] for k, v in plain.pending.items()
+    }

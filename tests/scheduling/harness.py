@@ -108,9 +108,11 @@ class Cluster:
         model: str = "H100",
         name: str | None = None,
         capabilities: Sequence[str] | None = AGENT_CAPABILITIES,
+        memory_per_gpu_bytes: int | None = None,
     ) -> dict[str, Any]:
         """Register a node as a current agent does (every capability), or as an older one
-        (`capabilities=None`)."""
+        (`capabilities=None`); with `memory_per_gpu_bytes`, as a strict agent reporting its
+        GPUs' memory share."""
         name = name or f"node{next(_names)}"
         body = {
             "name": name,
@@ -126,6 +128,9 @@ class Cluster:
         }
         if capabilities is not None:  # an older agent sends no such field
             body["capabilities"] = list(capabilities)
+        if memory_per_gpu_bytes is not None:
+            body["isolation"] = "strict"
+            body["memory_per_gpu_bytes"] = memory_per_gpu_bytes
         result: dict[str, Any] = await self.call("POST", "/v1/agent/register", join, body)
         result["gpu_uuids"] = [g["uuid"] for g in body["gpus"]]  # type: ignore[index]
         return result

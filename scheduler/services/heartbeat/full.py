@@ -84,7 +84,9 @@ async def heartbeat(
     outcome = HeartbeatOutcome(reply=reply(settings, now))
     actor = f"agent:{node_name}"
     if body.isolation is not None:  # the agent (re)started, perhaps in another mode
-        await _set_isolation(session, node_id, body.isolation, actor, now, outcome)
+        await _set_confinement(
+            session, node_id, body.isolation, body.memory_per_gpu_bytes, actor, now, outcome
+        )
     if body.capabilities is not None:  # the agent (re)started, perhaps upgraded
         await session.execute(
             update(NodeRow)
@@ -179,35 +181,43 @@ async def heartbeat(
     return outcome
 
 
-async def _set_isolation(
+async def _set_confinement(
     session: AsyncSession,
     node_id: int,
     isolation: str,
+    memory: int | None,
     actor: str,
     now: datetime,
     outcome: HeartbeatOutcome,
 ) -> None:
-    """Store the mode the agent reports; a change is an event and news for the scheduler."""
-    before = await session.scalar(select(NodeRow.isolation).where(NodeRow.id == node_id))
-    if before == isolation:
+    """Store the mode and memory share the agent reports when it (re)starts (a share of None:
+    an older agent, or one that sets no limit, so unknown); a change is news for the
+    scheduler, and a change of mode an event."""
+    before = (
+        await session.execute(
+            select(NodeRow.isolation, NodeRow.memory_per_gpu_bytes).where(NodeRow.id == node_id)
+        )
+    ).one()
+    if tuple(before) == (isolation, memory):
         return
     await session.execute(
         update(NodeRow)
         .where(NodeRow.id == node_id)
-        .values(isolation=isolation)
+        .values(isolation=isolation, memory_per_gpu_bytes=memory)
         .execution_options(synchronize_session=False)
     )
-    session.add(
-        Event(
-            at=now,
-            kind="node.isolation",
-            node_id=node_id,
-            from_state=before,
-            to_state=isolation,
-            actor=actor,
-            reason="reported by the agent",
+    if before.isolation != isolation:
+        session.add(
+            Event(
+                at=now,
+                kind="node.isolation",
+                node_id=node_id,
+                from_state=before.isolation,
+                to_state=isolation,
+                actor=actor,
+                reason="reported by the agent",
+            )
         )
-    )
     outcome.changed = True  # which jobs the node may run has changed
 
 

@@ -103,6 +103,7 @@ _NODES = select(
     Site.name,
     NodeRow.isolation,
     NodeRow.capabilities,
+    NodeRow.memory_per_gpu_bytes,
 ).join(Site, Site.id == NodeRow.site_id)
 # In id order: a cycle's nodes then equal the last cycle's while no node changed, which lets the
 # loop's Scheduler keep its layout (PostgreSQL returns updated rows in another order).
@@ -155,6 +156,7 @@ _PENDING = (
         Job.image.is_not(None),
         # No command: the image's own ENTRYPOINT and CMD (only an image job's command is read).
         case((Job.image.is_(None), False), else_=cast(Job.command, Text) == "[]"),
+        Job.memory_bytes,
     )
     .where(Job.state == JobState.PENDING)
     .order_by(Job.id)
@@ -268,7 +270,7 @@ def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
     for node_id, index, model, health in fetched.gpus:
         gpus[node_id].append((index, model, health))
     nodes: list[Node] = []
-    for node_id, name, state, domain, site, isolation, capabilities in fetched.nodes:
+    for node_id, name, state, domain, site, isolation, capabilities, memory in fetched.nodes:
         node_gpus = sorted(gpus.get(node_id, ()))
         if not node_gpus:
             continue
@@ -288,6 +290,7 @@ def _nodes(fetched: _Fetched) -> tuple[Node, ...]:
                 strict_isolation=isolation == "strict",
                 # An agent that never said (older than `capabilities`) can do none of them.
                 capabilities=_node_capabilities(capabilities),
+                memory_per_gpu_bytes=memory,
             )
         )
     return tuple(nodes)
@@ -457,6 +460,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
         private,
         image,
         image_cmd,
+        memory_bytes,
     ) in fetched.pending:
         dependency = deps.get(job_id, none)
         throttled = False
@@ -489,6 +493,7 @@ def _pending(fetched: _Fetched) -> tuple[tuple[PendingJob, ...], set[int]]:
                 ),
                 not_before=not_before_s,
                 array_throttled=throttled,
+                memory_bytes=memory_bytes,
             )
         )
         if has_priority:
