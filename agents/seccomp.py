@@ -107,9 +107,11 @@ NAMESPACE_FLAGS = 0x7E020080
 """clone's and unshare's flags that make a namespace: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC,
 NEWUSER, NEWPID, NEWNET and NEWTIME. Every one but NEWUSER needs a capability, which an
 unprivileged uid only has inside a user namespace of its own."""
-PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
-"""The execution domains `personality` may set, as docker's profile allows: Linux, with
-UNAME26 (old programs' version checks) and ADDR_NO_RANDOMIZE (debuggers), and the query."""
+PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0x40000, 0xFFFFFFFF)
+"""What `personality` may set: Linux's (PER_LINUX, PER_LINUX32, with UNAME26 for old programs'
+version checks) and the query, as docker's profile allows; and ADDR_NO_RANDOMIZE, which
+docker's refuses: debuggers (gdb, rr) turn address randomisation off in the processes they
+start, which are the task's own."""
 SOCKET_FAMILIES_REFUSED = (
     3, 4, 5, 6, 8, 9, 11, 12, 13, 15, 19, 20, 21, 22, 23, 24, 25, 26, 29, 30, 31, 32, 33,
     34, 35, 36, 37, 38, 39, 40, 41, 42, 45,

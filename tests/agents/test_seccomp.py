@@ -124,7 +124,7 @@ os.waitpid(child.pid, 0)
 print("ptrace", traced, libc.ptrace(17, child.pid, 0, 0))  # PTRACE_DETACH
 child.kill(); child.wait()
 print("unshare files", libc.unshare(0x400))
-print("personality", libc.personality(0xFFFFFFFF) >= 0, libc.personality(0x20000) >= 0)
+print("personality", libc.personality(0xFFFFFFFF) >= 0, libc.personality(0x40000) >= 0)  # gdb
 print("affinity", len(os.sched_getaffinity(0)) > 0)
 print(open("/proc/self/status").read().split("Seccomp:")[1].split()[0])
 """

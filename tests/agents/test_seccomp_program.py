@@ -73,6 +73,8 @@ def test_each_machines_filter_answers_as_documented(machine: str) -> None:
     assert verdict(program, arch, nr["clone"], 0x003D0F00) == SECCOMP_RET_ALLOW  # a thread
     assert verdict(program, arch, nr["personality"], 0xFFFFFFFF) == SECCOMP_RET_ALLOW
     assert verdict(program, arch, nr["personality"], 6) == EPERM  # PER_BSD
+    assert verdict(program, arch, nr["personality"], 0x40000) == SECCOMP_RET_ALLOW  # as gdb
+    assert verdict(program, arch, nr["personality"], 0x0400000) == EPERM  # READ_IMPLIES_EXEC
     assert verdict(program, arch, nr["socket"], 2) == SECCOMP_RET_ALLOW  # AF_INET
     assert verdict(program, arch, nr["socket"], 16) == SECCOMP_RET_ALLOW  # AF_NETLINK
     assert verdict(program, arch, nr["socket"], 40) == EAFNOSUPPORT  # AF_VSOCK
