@@ -16,9 +16,12 @@ so that both paths are bound alike and a refused request costs no body read:
   for every read (GET under `/v1/` but the agent protocol):
   `submit_rate_per_s`/`submit_burst`, `heartbeat_rate_per_s`/`heartbeat_burst`,
   `change_rate_per_s`/`change_burst` and `read_rate_per_s`/`read_burst`; past it, 429 with
-  Retry-After. A read also pays, once authenticated, into its user's bucket and its org's
-  (`org_read_rate_per_s`/`org_read_burst`): `charge_read`. An array of N jobs pays
-  for the other N - 1 (up to the burst) once its body is read (`charge_submissions`). The
+  Retry-After. Every read, submission and change also pays, once authenticated, into its
+  user's bucket (the token's rate, over all the user's tokens) and its org's
+  (`org_read_*`, `org_submit_*`, `org_change_*`): `charge_user`, so that neither a user's
+  tokens nor an org's users multiply what one tenant may load onto the server. An array of N
+  jobs pays for the other N - 1 (up to the burst) once its body is read
+  (`charge_submissions`). The
   buckets live in this process: each server process (each worker of `fairgpu server --workers
   N`, each replica) keeps its own, so a client spread over N processes may reach N times the
   rate.
@@ -50,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import Receive, Scope, Send
 
 from api.deps import parse_bearer
-from api.limits import AGENT_PREFIX, MAX_BODY_BYTES
+from api.limits import AGENT_PREFIX, CHANGE_METHODS, JOBS_PATH, MAX_BODY_BYTES, UserCharge
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, WEBSOCKET_DENIAL, problem_body
 from scheduler.db.types import utcnow
 from scheduler.services.errors import TooManyRequests
@@ -58,12 +61,15 @@ from scheduler.services.tokens import find_valid_token, hash_token
 from scheduler.settings import Settings
 from scheduler.states import TokenKind
 
-JOBS_PATH = "/v1/jobs"
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
 AGENT_TASKS_PREFIX = "/v1/agent/tasks/"  # an agent's reads about its tasks (job-gpu-use)
 MAX_BUCKETS = 100_000  # tokens remembered per kind of request before the fullest are dropped
 AGENT_KINDS = frozenset({TokenKind.AGENT, TokenKind.JOIN})
-CHANGE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+USER_CHARGES: dict[UserCharge, str] = {
+    "reads": "reads (GET)",
+    "submissions": "submissions",
+    "changes": "changes (POST, PATCH, PUT, DELETE)",
+}
 
 
 class TokenBuckets:
@@ -255,8 +261,17 @@ class Admission:
         self.heartbeats = TokenBuckets(settings.heartbeat_rate_per_s, settings.heartbeat_burst)
         self.changes = TokenBuckets(settings.change_rate_per_s, settings.change_burst)
         self.reads = TokenBuckets(settings.read_rate_per_s, settings.read_burst)
-        self.user_reads = TokenBuckets(settings.read_rate_per_s, settings.read_burst)
-        self.org_reads = TokenBuckets(settings.org_read_rate_per_s, settings.org_read_burst)
+        # Once the token is known: per user (the token's rate) and per org, for each kind.
+        self.per_user = {
+            "reads": TokenBuckets(settings.read_rate_per_s, settings.read_burst),
+            "submissions": TokenBuckets(settings.submit_rate_per_s, settings.submit_burst),
+            "changes": TokenBuckets(settings.change_rate_per_s, settings.change_burst),
+        }
+        self.per_org = {
+            "reads": TokenBuckets(settings.org_read_rate_per_s, settings.org_read_burst),
+            "submissions": TokenBuckets(settings.org_submit_rate_per_s, settings.org_submit_burst),
+            "changes": TokenBuckets(settings.org_change_rate_per_s, settings.org_change_burst),
+        }
         self.follows = OpenRequests(settings.max_log_follows_per_user, "waiting log reads of yours")
         self.org_follows = OpenRequests(
             settings.max_log_follows_per_org, "waiting log reads of your org", "one org"
@@ -313,23 +328,41 @@ class Admission:
             return self.reads, "reads (GET)"
         return None
 
-    def charge_read(self, user_id: int, org_id: int | None) -> None:
-        """A read, once its token is known: the user's bucket (over all their tokens), then
-        the org's (over all its users; none for a platform admin). TooManyRequests past one."""
-        charges = [(self.user_reads, str(user_id), "from your tokens together")]
-        if org_id is not None:
-            charges.append((self.org_reads, str(org_id), "from your org's users together"))
-        for buckets, key, whose in charges:
-            wait_s = buckets.take(key)
+    def charge_user(
+        self, kind: UserCharge, user_id: int, org_id: int | None, cost: float = 1.0
+    ) -> None:
+        """A request of `kind`, once its token is known: the user's bucket (over all their
+        tokens), then the org's (over all its users; none for a platform admin).
+        TooManyRequests past one."""
+        for buckets, key, whose in self._user_buckets(kind, user_id, org_id):
+            wait_s = buckets.take(key, cost=cost)
             if wait_s > 0:
                 retry_after = max(1, math.ceil(wait_s))
                 raise TooManyRequests(
-                    f"more than {buckets.rate_per_s:g} reads (GET) per second (bursts of "
-                    f"{buckets.burst:g}) {whose}; retry after {retry_after} s",
+                    f"more than {buckets.rate_per_s:g} {USER_CHARGES[kind]} per second (bursts "
+                    f"of {buckets.burst:g}) {whose}; retry after {retry_after} s",
                     rate_per_s=buckets.rate_per_s,
                     burst=int(buckets.burst),
                     retry_after_s=retry_after,
                 )
+
+    def try_charge_user(self, kind: UserCharge, user_id: int, org_id: int | None) -> bool:
+        """`charge_user` for one request, taken only when every bucket has room (True); False
+        takes nothing (the direct routes then hand the request on, whose route refuses it)."""
+        charges = self._user_buckets(kind, user_id, org_id)
+        if any(buckets.wait_s(key) > 0 for buckets, key, _ in charges):
+            return False
+        for buckets, key, _ in charges:
+            buckets.take(key)
+        return True
+
+    def _user_buckets(
+        self, kind: UserCharge, user_id: int, org_id: int | None
+    ) -> list[tuple[TokenBuckets, str, str]]:
+        charges = [(self.per_user[kind], str(user_id), "from your tokens together")]
+        if org_id is not None:
+            charges.append((self.per_org[kind], str(org_id), "from your org's users together"))
+        return charges
 
     async def admit(
         self, scope: Scope, send: Send, sessionmaker: async_sessionmaker[AsyncSession] | None
@@ -382,14 +415,18 @@ class Admission:
                 return False
         return True
 
-    def charge_submissions(self, authorization: str, jobs: int) -> None:
+    def charge_submissions(
+        self, authorization: str, jobs: int, user_id: int, org_id: int | None
+    ) -> None:
         """An array is `jobs` submissions, not one: the request paid for one on admission,
-        the rest (up to the burst) is taken now, or TooManyRequests says when to retry."""
+        the rest (up to the burst) is taken now, from the token's, the user's and the org's
+        buckets, or TooManyRequests says when to retry."""
         secret = parse_bearer(authorization)
         if secret is None or jobs <= 1:
             return
         # Admission took one; at most the rest of a full bucket, so one large array can pass.
-        wait_s = self.submits.take(hash_token(secret), cost=min(jobs, self.submits.burst) - 1.0)
+        cost = min(jobs, self.submits.burst) - 1.0
+        wait_s = self.submits.take(hash_token(secret), cost=cost)
         if wait_s > 0:
             retry_after = max(1, math.ceil(wait_s))
             raise TooManyRequests(
@@ -400,6 +437,13 @@ class Admission:
                 burst=int(self.submits.burst),
                 retry_after_s=retry_after,
             )
+        try:
+            self.charge_user("submissions", user_id, org_id, cost)
+        except TooManyRequests as refused:
+            refused.detail = f"an array of {jobs} jobs counts as {jobs} submissions: " + (
+                refused.detail
+            )
+            raise
 
     async def _agent_token(
         self,

@@ -71,7 +71,7 @@ async def _direct_routes(
         size=settings.database_pool_size,
         idle_in_transaction_timeout_s=settings.lease_timeout_s,
     )
-    app.direct = DirectRoutes(app.state, app.ordinary, pool, heartbeats)
+    app.direct = DirectRoutes(app.state, app.ordinary, pool, heartbeats, app.admission)
     try:
         yield
     finally:

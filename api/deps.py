@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.authcache import AuthCache
+from api.limits import user_charge
 from scheduler.db import ApiToken, User
 from scheduler.db.engine import run_to_end
 from scheduler.db.types import utcnow
@@ -213,13 +214,12 @@ CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
 async def user_principal(request: Request, principal: CurrentPrincipal) -> Principal:
-    """A person; a read (GET) also pays into its user's and its org's read rate, so that
-    neither many tokens nor many users multiply what one tenant may ask of the server."""
+    """A person; the request also pays into its user's and its org's rate of its kind (reads,
+    submissions, other changes), so that neither many tokens nor many users multiply what one
+    tenant may ask of the server."""
     if principal.kind != "user":
         raise Forbidden("agent credentials speak only the agent protocol")
-    admission = getattr(request.app, "admission", None)
-    if admission is not None and request.method == "GET" and principal.user_id is not None:
-        admission.charge_read(principal.user_id, principal.org_id)
+    _charge_user(request, principal)
     return principal
 
 
@@ -231,7 +231,19 @@ async def autocommit_user_principal(request: Request, session: AutocommitSession
     principal = await authenticate(session, _bearer(request), utcnow(), auth_cache(request))
     if principal.kind != "user":
         raise Forbidden("agent credentials speak only the agent protocol")
+    _charge_user(request, principal)
     return principal
+
+
+def _charge_user(request: Request, principal: Principal) -> None:
+    """The user's and the org's buckets (api/admission.py `charge_user`); TooManyRequests."""
+    admission = getattr(request.app, "admission", None)
+    if admission is None or principal.user_id is None:
+        return
+    kind = user_charge(request.method, request.url.path)
+    if kind is None:
+        return
+    admission.charge_user(kind, principal.user_id, principal.org_id)
 
 
 AutocommitUserPrincipal = Annotated[Principal, Depends(autocommit_user_principal)]

@@ -35,8 +35,9 @@ from pydantic import ValidationError
 from starlette.datastructures import State
 from starlette.types import Message, Receive, Scope, Send
 
+from api.admission import Admission
 from api.deps import parse_bearer
-from api.limits import MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
+from api.limits import JOBS_PATH, MAX_AGENT_BODY_BYTES, MAX_BODY_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, problem_body
 from api.routers.jobs.submit import checked_idempotency_key
 from api.routers.jobs.view import job_public
@@ -58,7 +59,6 @@ from scheduler.services.tokens import hash_token
 log = logging.getLogger("fairgpu.api")
 
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
-JOBS_PATH = "/v1/jobs"
 
 DIRECT_REQUESTS = Counter(
     "fairgpu_api_hot_path_requests",
@@ -149,12 +149,18 @@ async def send_problem(
 
 class DirectRoutes:
     def __init__(
-        self, state: State, ordinary: Handler, pool: LeanPool, heartbeats: Heartbeats
+        self,
+        state: State,
+        ordinary: Handler,
+        pool: LeanPool,
+        heartbeats: Heartbeats,
+        admission: Admission | None = None,
     ) -> None:
         self.state = state  # the app's
         self.ordinary = ordinary  # the request through FastAPI (FairgpuApp.ordinary)
         self.pool = pool
         self.heartbeats = heartbeats
+        self.admission = admission  # the user's and org's rates (api/admission.py)
 
     def route(self, scope: Scope) -> Handler | None:
         if scope["method"] != "POST":
@@ -250,6 +256,10 @@ class DirectRoutes:
             or principal.org_id is None
         ):
             return False
+        if self.admission is not None and not self.admission.try_charge_user(
+            "submissions", principal.user_id, principal.org_id
+        ):
+            return False  # the ordinary route refuses it with 429 and Retry-After
         try:
             key = checked_idempotency_key(_header(scope, b"idempotency-key"))
         except InvalidInput:

@@ -10,6 +10,7 @@ announces a Content-Length or streams in chunks.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +18,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MAX_BODY_BYTES = 1024 * 1024
 MAX_AGENT_BODY_BYTES = 32 * 1024 * 1024
 AGENT_PREFIX = "/v1/agent/"
+JOBS_PATH = "/v1/jobs"
+CHANGE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+UserCharge = Literal["reads", "submissions", "changes"]
+
+
+def user_charge(method: str, path: str) -> UserCharge | None:
+    """The kind of rate a user's request pays into (api/admission.py), None for none."""
+    if not path.startswith("/v1/") or path.startswith(AGENT_PREFIX):
+        return None
+    if method == "GET":
+        return "reads"
+    if method == "POST" and path == JOBS_PATH:
+        return "submissions"
+    if method in CHANGE_METHODS:
+        return "changes"
+    return None
 
 
 def _limit_bytes(path: str) -> int:

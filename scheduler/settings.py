@@ -301,6 +301,28 @@ class Settings(BaseSettings):
     org_read_burst: int = Field(
         4000, ge=1, description="Reads one org's users may send at once before its rate applies."
     )
+    org_submit_rate_per_s: float = Field(
+        80.0,
+        ge=0,
+        description="Job submissions per second all users of one org may send on average, per "
+        "server process (the per-token rate is also each user's over all their tokens; times "
+        "an org's users and their tokens it would be no bound); beyond it 429 with "
+        "Retry-After. 0: no limit.",
+    )
+    org_submit_burst: int = Field(
+        800,
+        ge=1,
+        description="Submissions one org's users may send at once before its rate applies.",
+    )
+    org_change_rate_per_s: float = Field(
+        80.0,
+        ge=0,
+        description="Other changes (see change_rate_per_s) per second all users of one org may "
+        "send on average, per server process; beyond it 429 with Retry-After. 0: no limit.",
+    )
+    org_change_burst: int = Field(
+        800, ge=1, description="Changes one org's users may send at once before its rate applies."
+    )
     max_tokens_per_user: int = Field(
         100,
         ge=1,

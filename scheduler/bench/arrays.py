@@ -28,7 +28,8 @@ def run_array_bench(
     caps = str(tasks * (runs + 1))
     # No submission rate limit: an array of N jobs is N submissions, and this times inserts.
     env = {**QUICK_SERVER_ENV, "FAIRGPU_MAX_PENDING_JOBS_PER_USER": caps,
-           "FAIRGPU_MAX_PENDING_JOBS_PER_ORG": caps, "FAIRGPU_SUBMIT_RATE_PER_S": "0"}  # fmt: skip
+           "FAIRGPU_MAX_PENDING_JOBS_PER_ORG": caps, "FAIRGPU_SUBMIT_RATE_PER_S": "0",
+           "FAIRGPU_ORG_SUBMIT_RATE_PER_S": "0"}  # fmt: skip
     submit_s: list[float] = []
     cancel_s: list[float] = []
     try:

@@ -171,7 +171,12 @@ async def _submit_array(
     arrays.check_array_bytes(spec, len(tasks.task_ids))  # before it is charged: a 422 is free
     admission = getattr(request.app, "admission", None)
     if admission is not None:
-        admission.charge_submissions(request.headers.get("authorization", ""), len(tasks.task_ids))
+        admission.charge_submissions(
+            request.headers.get("authorization", ""),
+            len(tasks.task_ids),
+            principal.user_id,
+            principal.org_id,
+        )
     async with request.app.state.sessionmaker() as session:
         result = await arrays.submit_array(
             session,
