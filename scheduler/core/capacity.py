@@ -52,8 +52,34 @@ class Level:
 
 _NO_LEVELS: dict[tuple[str, ...], Level] = {}
 _NO_STATIC: dict[tuple[str, str], list[int]] = {}
+MEMORY_TIERS_MAX = 8
+"""Memory tiers a layout makes at most, besides the largest share (`memory_tiers`)."""
 _MEMORY_ANY = MEMORY_NEED + "any"
 """The tier above every reported share: only nodes that reported none (they fit any job)."""
+
+
+def memory_tiers(shares: Iterable[int]) -> list[int]:
+    """The tiers of memory per GPU placement tells nodes apart by: the distinct shares, or
+    where there are more than MEMORY_TIERS_MAX + 1, the lowest share of each group of shares
+    within a relative tolerance (the smallest of 1/1024, 1/256, ... that leaves at most
+    MEMORY_TIERS_MAX), and the largest share. Each tier costs a feature class's levels and
+    every node is counted in those of each tier it reaches: 4,096 nodes whose totals differ by
+    a MiB (as one model's nodes under another firmware do) made 4,096 tiers and a layout of
+    four minutes. A node counts as having its group's lowest share, so a job is never placed
+    where it does not fit, at worst kept off a node with less than the tolerance to spare;
+    the largest share stays a tier, so "no node could ever hold it" stays exact."""
+    distinct = sorted(set(shares))
+    if len(distinct) <= MEMORY_TIERS_MAX + 1:
+        return distinct
+    tolerance = 2**-10
+    while True:
+        tiers: list[int] = []
+        for share in distinct[:-1]:
+            if not tiers or share >= tiers[-1] * (1 + tolerance):
+                tiers.append(share)
+        if len(tiers) <= MEMORY_TIERS_MAX:
+            return [*tiers, distinct[-1]]
+        tolerance *= 4
 
 
 class Layout:
@@ -176,15 +202,16 @@ class Layout:
         Class 0 is every node. When every node has every feature (the common case) class 0 is
         the only one, and placement costs what it would with no features at all.
 
-        Memory per GPU is a chain of features rather than one: the cluster's distinct reported
-        shares are its tiers (`memory_need(share)`), a node has every tier up to its own share,
+        Memory per GPU is a chain of features rather than one: the cluster's reported shares
+        are its tiers (`memory_tiers`, `memory_need(tier)`), a node has every tier up to its
+        own share,
         and a node that reported none has every tier and `_MEMORY_ANY` (it fits any job, as
         before nodes reported). A job's need (`PendingJob.needs`) is read as the lowest tier
         that holds it (`need_class`), so one tier at a time is combined with the other features:
         classes grow with the distinct shares, not with their subsets.
         """
         shares = {nid: n.memory_per_gpu_bytes for nid, n in self.nodes.items()}
-        self.tiers: list[int] = sorted({s for s in shares.values() if s is not None})
+        self.tiers = memory_tiers(s for s in shares.values() if s is not None)
         feats: dict[int, frozenset[str]] = {}
         for nid, n in self.nodes.items():
             share = shares[nid]

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler.core import Scheduler, schedule
+from scheduler.core.capacity import MEMORY_TIERS_MAX, memory_tiers
 from scheduler.core.types import (
     Decisions,
     DependencyState,
@@ -600,3 +601,16 @@ def test_memory_every_node_holds_decides_as_none(snap: Snapshot, rnd: random.Ran
     assert {k: [r.code for r in v.reasons] for k, v in asking.pending.items()} == {
         k: [r.code for r in v.reasons] for k, v in plain.pending.items()
     }
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 2**45), min_size=1, max_size=200))
+def test_memory_tiers_are_few_shares_holding_the_lowest_and_largest(shares: list[int]) -> None:
+    """A node counts as having the largest tier at most its share: tiers taken from the shares
+    keep every placement within a node's real share, and the largest kept makes "no node could
+    ever hold it" exact; at most MEMORY_TIERS_MAX + 1 of them bound the layout's classes."""
+    tiers = memory_tiers(shares)
+    assert tiers == sorted(set(tiers))
+    assert set(tiers) <= set(shares)
+    assert (tiers[0], tiers[-1]) == (min(shares), max(shares))
+    assert len(tiers) <= MEMORY_TIERS_MAX + 1
