@@ -77,7 +77,8 @@ async def test_metrics_are_valid_and_describe_the_cluster(cluster: Cluster) -> N
     assert all(name not in ("job", "job_id", "user") for (_, labels) in m for name, _ in labels)
 
 
-async def test_metrics_need_no_token(cluster: Cluster) -> None:
+async def test_metrics_need_no_token_on_the_servers_machine(cluster: Cluster) -> None:
+    """ASGITransport's client is 127.0.0.1 (elsewhere: tests/security/test_tenant_views)."""
     response = await cluster.http.get("/metrics")
     assert response.status_code == 200
     assert "fairgpu_scheduling_cycles_total" in response.text

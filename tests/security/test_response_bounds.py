@@ -172,6 +172,34 @@ async def test_concurrent_scrapes_share_one_read_of_the_cluster(database_url: st
     assert statements - before - per_read <= 2 * per_read, (statements, per_read)
 
 
+async def test_concurrent_readiness_probes_share_one_check(database_url: str) -> None:
+    """/readyz needs no token and has no rate, and each probe held a connection of the pool
+    every tenant shares while it asked the database: 40 at once now check it once (or twice,
+    should some arrive as the first check ends), and each gets the answer."""
+    statements = 0
+
+    def count(*_: object) -> None:
+        nonlocal statements
+        statements += 1
+
+    async with running_cluster(fast_settings(database_url, run_scheduler=False)) as cluster:
+        engine = cluster.app.state.engine.sync_engine
+        c = cluster.http
+        assert (await c.get("/readyz")).status_code == 200
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            before = statements
+            one = await c.get("/readyz")
+            per_check = statements - before
+            answers = await asyncio.gather(*(c.get("/readyz") for _ in range(40)))
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    assert per_check > 0
+    assert all(r.status_code == 200 for r in [one, *answers])
+    assert all(r.json()["status"] == "ready" for r in answers)
+    assert statements - before - per_check <= 2 * per_check, (statements, per_check)
+
+
 async def test_node_listings_come_in_pages_and_find_one_by_name(world: World) -> None:
     """Every member may list the nodes, and a pool of thousands of nodes made each answer
     megabytes: 520 nodes come in pages of at most 500 by name, each once; `name` finds one."""
