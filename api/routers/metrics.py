@@ -8,7 +8,8 @@ fresh install's local Prometheus and `fairgpu demo` working while nobody else re
 tokens never open it: the scraper's credential is not a person's, and a platform admin's token
 kept in a Prometheus config would be a far larger one at rest. A refused client without a
 bearer pays into its address's bucket of failed authentications (api/authfailures.py), as a
-bearer that fails does, so guessing is as slow here as on the API.
+bearer that fails does, so guessing is as slow here as on the API; the metrics token, once
+it has worked, passes that bucket as a user's working token does.
 
 The cluster's gauges are a few aggregate queries. Scrapes that arrive while a read is under
 way share it: without a metrics token anyone may scrape, and each concurrent scrape held a
@@ -31,6 +32,7 @@ from api.deps import parse_bearer
 from scheduler.metrics import ClusterStats, read_cluster, render
 from scheduler.services.errors import TooManyRequests, Unauthenticated
 from scheduler.services.runtime import SchedulerRuntime
+from scheduler.services.tokens import hash_token
 
 router = APIRouter(tags=["metrics"])
 
@@ -58,6 +60,9 @@ def _admit(request: Request) -> None:
     if expected is not None:
         given = parse_bearer(header or "") or ""
         if hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+            # Seen to work, as a user's token that authenticated is (api/authfailures.py):
+            # a client flooding from Prometheus' address does not lock Prometheus out.
+            request.app.state.auth_cache.vouch(hash_token(given))
             return
         detail = "/metrics needs the metrics token (FAIRGPU_METRICS_TOKEN)"
     else:

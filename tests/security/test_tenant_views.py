@@ -178,3 +178,25 @@ async def test_revoking_another_orgs_token_reads_as_a_token_that_does_not_exist(
     assert absent.json()["detail"] == f"token {missing} not found"
     async with client(world.app, theirs["token"]) as c:
         assert (await c.get("/v1/users/me")).status_code == 200
+
+
+async def test_a_client_sharing_prometheus_address_cannot_lock_it_out(database_url: str) -> None:
+    """Refused scrapes drain their address's bucket of failed authentications, and past it
+    the address's requests with a bearer this process has not seen work are 429 before any
+    check. The metrics token that scraped here is seen to work, as a user's token that
+    authenticated is: a client behind Prometheus' NAT that floods /metrics slows itself."""
+    settings = fast_settings(
+        database_url,
+        metrics_token="prom-scrape-secret",
+        auth_failure_burst=2,
+        auth_failure_rate_per_s=0.001,
+    )
+    async with running_cluster(settings) as cluster:
+        shared = httpx.ASGITransport(app=cluster.app, client=("198.51.100.7", 40000))
+        async with httpx.AsyncClient(transport=shared, base_url="http://fairgpu") as nat:
+            prometheus = bearer("prom-scrape-secret")
+            assert (await nat.get("/metrics", headers=prometheus)).status_code == 200
+            flood = [(await nat.get("/metrics")).status_code for _ in range(3)]
+            assert flood == [401, 401, 429]
+            assert (await nat.get("/metrics", headers=bearer("guess"))).status_code == 429
+            assert (await nat.get("/metrics", headers=prometheus)).status_code == 200
