@@ -45,8 +45,16 @@ NODE_COLUMNS = [
     Column("DOMAIN", lambda n: n.get("domain"), wide_only=True),
     Column("AGENT", lambda n: n.get("agent_version"), wide_only=True),
     Column("ISOLATION", lambda n: n.get("isolation"), wide_only=True),
+    Column("MEM/GPU", lambda n: _share(n.get("memory_per_gpu_bytes")), wide_only=True),
     Column("REASON", lambda n: n.get("state_reason"), wide_only=True),
 ]
+
+
+def _share(memory_per_gpu_bytes: int | None) -> str:
+    """The memory a job's `--mem` may ask per GPU here; "-" where the agent reported none."""
+    if memory_per_gpu_bytes is None:
+        return "-"
+    return f"{memory_per_gpu_bytes / 2**30:.1f}GiB"
 
 
 def _node_id(client: Client, ref: str) -> int:

@@ -57,6 +57,7 @@ def _public(view: svc.NodeView, viewer: Principal) -> NodePublic:
         hostname=n.hostname,
         agent_version=n.agent_version,
         isolation=n.isolation,
+        memory_per_gpu_bytes=n.memory_per_gpu_bytes,
         registered_at=n.registered_at,
         last_heartbeat_at=n.last_heartbeat_at,
         gpus=gpus,

@@ -39,6 +39,10 @@ class NodePublic(OutputModel):
     """How its agent confines tasks: "strict" (each task as its org's uid, in its own cgroup and
     mount namespace, with only its own GPUs) or "none". Jobs of an org that requires isolation
     run only on "strict" nodes."""
+    memory_per_gpu_bytes: int | None = None
+    """Each GPU's share of the memory the node's tasks may hold, as its agent reported it: a
+    job's `--mem` over its GPUs per node must fit in it to be placed here. None: unknown (an
+    older agent, or one without isolation, which limits nothing): any job is placed."""
     registered_at: datetime
     last_heartbeat_at: datetime | None
     gpus: list[GpuPublic]

@@ -140,3 +140,10 @@ def test_mem_describe_and_a_refused_task(served: Served) -> None:
     events = described.split("Events:")[1]
     assert "FAILED" in events
     assert "outside the data roots" in events
+
+    # The agent restarts and reports its GPUs' memory share: the operator sees it.
+    _heartbeat(served, cred, isolation="strict", memory_per_gpu_bytes=32 << 30)
+    rows = {line.split()[1]: line for line in served.ok("node", "list", "-o", "wide").splitlines()}
+    assert "MEM/GPU" in rows["NAME"]
+    assert "32.0GiB" in rows["iso1"]
+    assert "GiB" not in rows["loose1"]

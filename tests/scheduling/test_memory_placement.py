@@ -62,6 +62,8 @@ async def test_a_job_too_large_for_every_node_waits_saying_so(cluster: Cluster) 
     await cluster.heartbeat(big["credential"], isolation="strict", memory_per_gpu_bytes=256 * GIB)
     await cluster.cycle()
     assert list(await _started(cluster, big)) == [job["id"]]
+    shown = await cluster.call("GET", f"/v1/nodes/{big['node_id']}", cluster.admin)
+    assert shown["memory_per_gpu_bytes"] == 256 * GIB
 
 
 async def test_a_node_whose_agent_reports_no_share_is_placed_as_before(cluster: Cluster) -> None:
@@ -76,6 +78,8 @@ async def test_a_node_whose_agent_reports_no_share_is_placed_as_before(cluster: 
     await cluster.heartbeat(small["credential"], isolation="none")
     await cluster.cycle()
     assert list(await _started(cluster, small)) == [job["id"]]
+    shown = await cluster.call("GET", f"/v1/nodes/{small['node_id']}", token)
+    assert shown["memory_per_gpu_bytes"] is None
 
 
 async def test_a_share_out_of_range_is_refused_with_a_problem(cluster: Cluster) -> None:
