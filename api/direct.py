@@ -256,10 +256,6 @@ class DirectRoutes:
             or principal.org_id is None
         ):
             return False
-        if self.admission is not None and not self.admission.try_charge_user(
-            "submissions", principal.user_id, principal.org_id
-        ):
-            return False  # the ordinary route refuses it with 429 and Retry-After
         try:
             key = checked_idempotency_key(_header(scope, b"idempotency-key"))
         except InvalidInput:
@@ -290,6 +286,11 @@ class DirectRoutes:
             return False
         if create.time_limit > settings.max_time_limit_s:
             return False
+        # Last: a request handed on above pays in the ordinary route, once.
+        if self.admission is not None and not self.admission.try_charge_user(
+            "submissions", principal.user_id, principal.org_id
+        ):
+            return False  # the ordinary route refuses it with 429 and Retry-After
         spec = JobSpec(**create.spec_fields())
         values, event = submission_rows(
             org_id=principal.org_id,

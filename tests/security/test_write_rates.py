@@ -103,3 +103,15 @@ async def test_users_and_orgs_cannot_multiply_their_change_rate(world: World) ->
     assert statuses[-1] == 429, statuses  # the org's is empty
     other = await world.job("member_b")
     assert 429 not in await _holds(world, world.tokens["member_b"], other.id, BURST)
+
+
+async def test_a_submission_the_direct_route_hands_on_pays_once(world: World) -> None:
+    """On PostgreSQL a plain submission is served before routing (api/direct.py); one it
+    hands on (an array, an image, dependencies...) is charged by the ordinary route, and must
+    not have been charged on the way as well."""
+    async with client(world.app, world.tokens["member_a"]) as c:
+        statuses = [(await c.post("/v1/jobs", json=JOB)).status_code]  # the token now cached
+        for _ in range(BURST):
+            r = await c.post("/v1/jobs", json={**JOB, "array": "0"})  # handed on
+            statuses.append(r.status_code)
+    assert statuses == [201] * BURST + [429]
