@@ -245,3 +245,51 @@ async def test_a_signal_start_needs_a_node_still_capable_at_apply(
     else:
         assert (applied.started, applied.skipped) == ([job_id], [])
         assert await _open_allocations(engine) == 2
+
+
+@pytest.mark.parametrize("agent_restarts_smaller", [False, True])
+async def test_a_mem_start_needs_a_node_whose_share_still_holds_it_at_apply(
+    engine: AsyncEngine, agent_restarts_smaller: bool
+) -> None:
+    """The snapshot carries the job's `--mem` and the node's memory share per GPU; a node whose
+    agent restarted with a share the job no longer fits in, between load and apply, takes no
+    such job (its agent would refuse the task at start)."""
+    async with make_sessionmaker(engine)() as s:
+        org = await factories.org(s)
+        s.add(Quota(org_id=org.id, gpu_type="H100", guaranteed=2, limit=2))
+        user = await factories.user(s, org)
+        node, _ = await factories.node(s, gpus=2)
+        node.memory_per_gpu_bytes = 64 * 2**30
+        job = await factories.job(s, org, user, gpus_per_node=2)
+        job.memory_bytes = 100 * 2**30
+        await s.commit()
+        job_id, node_id = job.id, node.id
+    settings = Settings(database_url="sqlite:///unused.db")
+    async with make_sessionmaker(engine)() as s:
+        loaded = await load_snapshot(
+            s,
+            now=datetime.now(UTC),
+            config=settings.policy.to_policy_config(),
+            previously_open=None,
+        )
+    assert [j.memory_bytes for j in loaded.snapshot.pending] == [100 * 2**30]
+    assert [n.memory_per_gpu_bytes for n in loaded.snapshot.nodes] == [64 * 2**30]
+    starts = schedule(loaded.snapshot).starts
+    assert [s.job_id for s in starts] == [job_id]
+    maker = make_sessionmaker(engine)
+    if agent_restarts_smaller:
+        async with maker() as s:
+            row = await s.get(Node, node_id)
+            assert row is not None
+            row.memory_per_gpu_bytes = 32 * 2**30
+            await s.commit()
+    applied = Applied()
+    async with maker() as s, s.begin():
+        orgs = {o.id: o for o in loaded.snapshot.orgs}
+        await apply_starts(s, starts, datetime.now(UTC), applied, {}, decided_on=orgs)
+    if agent_restarts_smaller:
+        assert (applied.started, applied.skipped) == ([], [job_id])
+        assert await _open_allocations(engine) == 0
+    else:
+        assert (applied.started, applied.skipped) == ([job_id], [])
+        assert await _open_allocations(engine) == 2

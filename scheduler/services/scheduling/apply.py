@@ -251,12 +251,15 @@ async def apply_starts(
     ready: set[int] = set()
     unconfined: set[int] = set()  # ready nodes without strict isolation
     lacking: dict[str, set[int]] = {cap: set() for cap in JOB_CAPABILITIES}  # ready nodes
-    for node_id, isolation, capabilities in await session.execute(
-        select(NodeRow.id, NodeRow.isolation, NodeRow.capabilities).where(
-            NodeRow.id.in_(node_ids), NodeRow.state == NodeState.READY
-        )
+    shares: dict[int, int] = {}  # ready nodes' reported memory per GPU (absent: unknown)
+    for node_id, isolation, capabilities, share in await session.execute(
+        select(
+            NodeRow.id, NodeRow.isolation, NodeRow.capabilities, NodeRow.memory_per_gpu_bytes
+        ).where(NodeRow.id.in_(node_ids), NodeRow.state == NodeState.READY)
     ):
         ready.add(node_id)
+        if share is not None:
+            shares[node_id] = share
         if isolation != "strict":
             unconfined.add(node_id)
         for cap, nodes in lacking.items():
@@ -291,8 +294,9 @@ async def apply_starts(
             and not job.held
             and job.org_id not in moved
         ):
-            # A node whose agent restarted unconfined, or older than a capability the job
-            # needs, since the load takes no such job.
+            # A node whose agent restarted unconfined, older than a capability the job needs,
+            # or with a share of memory its `--mem` does not fit, since the load takes no such
+            # job.
             usable = ready - unconfined if job.org_id in isolated else ready
             needs = capabilities_needed(
                 signal=job.signal is not None,
@@ -303,6 +307,12 @@ async def apply_starts(
             )
             for cap in needs:
                 usable = usable - lacking[cap]
+            if job.memory_bytes is not None:
+                usable = {
+                    n
+                    for n in usable
+                    if shares.get(n) is None or shares[n] * job.gpus_per_node >= job.memory_bytes
+                }
             chosen = _check(start, gpus, usable, taken)
         if job is None or chosen is None:
             applied.skipped.append(start.job_id)
