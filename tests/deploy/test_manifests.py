@@ -40,6 +40,8 @@ def test_compose_file_matches_the_compose_spec() -> None:
     assert len(agents) >= 2
     for name in agents:
         assert "--simulate" in " ".join(services[name]["command"]), name
+        # An init is process 1, not the agent that the shell execs (cli/agent.py).
+        assert services[name]["init"] is True, name
     assert services["server"]["build"]["dockerfile"] == "Dockerfile"
     assert (DEPLOY / services["server"]["build"]["context"] / "Dockerfile").is_file()
     assert "postgresql://" in services["server"]["environment"]["FAIRGPU_DATABASE_URL"]
