@@ -18,6 +18,10 @@ or a v1 mount, or the unified hierarchy of a hybrid host, which a task then join
 every pool's `hugetlb.<size>.max` and `.rsvd.max` is the task's `Limits.hugetlb_bytes` for it,
 0 where it has none.
 
+A docker container is the daemon's process, not the task's: `container_parent` names the
+`--cgroup-parent` (docker's cgroupfs driver, a path below each hierarchy's root) that puts it
+below the task's cgroup, where the task's limits bound it together with the task's own processes.
+
 A process joins its task's cgroup before it becomes the task (agents.sandbox writes its pid to
 `procs_files`), so every process the task starts, double-forked or `setsid`, is a member, and
 `kill()` leaves none behind.
@@ -97,6 +101,19 @@ def _limit_hugetlb(directory: Path, hugetlb_bytes: dict[str, int]) -> None:
         value = str(hugetlb_bytes.get(size, 0))
         limit.write_text(value)
         _write_if_present(directory / f"hugetlb.{size}.rsvd.max", value)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerParent:
+    """Where docker's cgroupfs driver puts a task's container: `path` below the root of every
+    hierarchy it joins (mkdir -p, the container a child of it)."""
+
+    path: str
+    bounded: tuple[str, ...]
+    """The task's controllers whose directory is `path`: they bound the container."""
+    unbounded: tuple[str, ...]
+    """The task's controllers that are elsewhere (the agent's own cgroup differs between v1
+    controllers): there the container has docker's own flags alone."""
 
 
 class TaskCgroup(ABC):
@@ -199,6 +216,10 @@ class Hierarchy(ABC):
     def parents(self) -> list[Path]: ...
 
     @abstractmethod
+    def container_parent(self, task_id: int) -> ContainerParent:
+        """docker's `--cgroup-parent` for the task's container (cgroupfs driver)."""
+
+    @abstractmethod
     def pids_ceiling(self) -> int | None:
         """The lowest `pids.max` above the task cgroups (their parent and its ancestors: under
         systemd the agent unit's `TasksMax`, which the agent's own threads share with every
@@ -290,6 +311,12 @@ class _V2(Hierarchy):
     def pids_ceiling(self) -> int | None:
         return _lowest_pids_max(self.parent, self.root)
 
+    def container_parent(self, task_id: int) -> ContainerParent:
+        # The task's directory holds no process of a container task (docker's client runs
+        # outside it), so runc may enable the controllers for the container's child there.
+        path = "/" + str((self.parent / f"task-{task_id}").relative_to(self.root))
+        return ContainerParent(path, tuple(self.controllers), ())
+
     def create(self, task_id: int, limits: Limits) -> TaskCgroup:
         group = _V2Task(self.parent / f"task-{task_id}")
         group.path.mkdir(exist_ok=True)
@@ -306,8 +333,9 @@ class _V2(Hierarchy):
 
 # cgroup v1 -------------------------------------------------------------------------------------
 class _V1Task(TaskCgroup):
-    def __init__(self, paths: dict[str, Path]) -> None:
+    def __init__(self, paths: dict[str, Path], leftovers: list[Path]) -> None:
         self.paths = paths
+        self.leftovers = leftovers
 
     @property
     def procs_files(self) -> list[Path]:
@@ -341,7 +369,10 @@ class _V1Task(TaskCgroup):
                 state.write_text("THAWED")  # SIGKILL takes effect once thawed
 
     def _directories(self) -> list[Path]:
-        return list(self.paths.values())
+        return [*self.paths.values(), *self.leftovers]
+
+    def exists(self) -> bool:
+        return any(d.is_dir() for d in self.paths.values())
 
 
 class _V1(Hierarchy):
@@ -356,6 +387,9 @@ class _V1(Hierarchy):
             / parent.strip("/")
             for controller in (*_V1_CONTROLLERS, *([HUGETLB] if HUGETLB in mounts else []))
         }
+        self.roots = {controller: mounts[controller] for controller in self.by_controller}
+        self.hierarchies = _cgroup_roots()
+        """Every hierarchy's root, where docker's --cgroup-parent makes directories."""
         for directory in self.by_controller.values():
             directory.mkdir(parents=True, exist_ok=True)
         if HUGETLB not in mounts and unified is not None:
@@ -367,19 +401,57 @@ class _V1(Hierarchy):
                     directory.mkdir(parents=True, exist_ok=True)
                     _enable_down(unified, directory, [HUGETLB])
                     self.by_controller[HUGETLB] = directory
+                    self.roots[HUGETLB] = unified
         self.limits_hugetlb = HUGETLB in self.by_controller
 
     def task(self, task_id: int) -> TaskCgroup:
-        return _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})
+        return _V1Task(
+            {c: p / f"task-{task_id}" for c, p in self.by_controller.items()},
+            self._container_leftovers(task_id),
+        )
+
+    def _container_leftovers(self, task_id: int) -> list[Path]:
+        """What docker's `--cgroup-parent` makes beside the task's directories (in every other
+        hierarchy, cpuset and devices among them), which runc leaves when it removes the
+        container's own: deleted with the task's cgroup, or every container task would leave
+        empty cgroups on the node."""
+        path = self.container_parent(task_id).path.lstrip("/")
+        own = {p / f"task-{task_id}" for p in self.by_controller.values()}
+        return [root / path for root in self.hierarchies if root / path not in own]
 
     def parents(self) -> list[Path]:
-        return list(self.by_controller.values())
+        # and where docker's --cgroup-parent made the same parent in the other hierarchies
+        made = Path(self.container_parent(0).path.lstrip("/")).parent
+        docker = [root / made for root in self.hierarchies]
+        own = list(self.by_controller.values())
+        return [*own, *(d for d in docker if d not in own)]
 
     def pids_ceiling(self) -> int | None:
         return _lowest_pids_max(self.by_controller["pids"], self.mounts["pids"])
 
+    def _relative(self, task_id: int) -> dict[str, str]:
+        """Each controller's task directory below its hierarchy's root."""
+        return {
+            controller: "/"
+            + str((directory / f"task-{task_id}").relative_to(self.roots[controller]))
+            for controller, directory in self.by_controller.items()
+        }
+
+    def container_parent(self, task_id: int) -> ContainerParent:
+        # One path for every hierarchy: the hugetlb directory's where there is one (what no
+        # flag of docker's bounds), else the memory one's. The freezer is not a bound: the
+        # agent stops a container through docker.
+        relative = self._relative(task_id)
+        path = relative.get(HUGETLB, relative["memory"])
+        limits = [c for c in relative if c != "freezer"]
+        bounded = tuple(c for c in limits if relative[c] == path)
+        return ContainerParent(path, bounded, tuple(c for c in limits if relative[c] != path))
+
     def create(self, task_id: int, limits: Limits) -> TaskCgroup:
-        group = _V1Task({c: p / f"task-{task_id}" for c, p in self.by_controller.items()})
+        group = _V1Task(
+            {c: p / f"task-{task_id}" for c, p in self.by_controller.items()},
+            self._container_leftovers(task_id),
+        )
         for directory in group.paths.values():
             directory.mkdir(exist_ok=True)
         memory = group.paths["memory"]
@@ -427,6 +499,16 @@ def _v1_mounts() -> dict[str, Path]:
                 if option in (*_V1_CONTROLLERS, HUGETLB):
                     mounts.setdefault(option, Path(fields[1]))
     return mounts
+
+
+def _cgroup_roots() -> list[Path]:
+    """Every cgroup hierarchy mounted here (v1 controllers, named ones, a hybrid's unified)."""
+    roots = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
+            roots.append(Path(fields[1]))
+    return roots
 
 
 def _enable_down(root: Path, parent: Path, controllers: list[str]) -> None:

@@ -99,10 +99,12 @@ def container_launch(
     tty: bool = False,
     helper: Path = DEFAULT_HELPER,
     scope: bool = False,
+    cgroup_parent: str | None = None,
 ) -> ContainerLaunch:
     """docker's and podman's line is agents/imagelaunch.py's, which finds the image's ENTRYPOINT
     and CMD and then runs `run`. `scope`: the helper scopes abstract unix sockets and signals
-    (strict isolation, on a kernel that can)."""
+    (strict isolation, on a kernel that can). `cgroup_parent`: docker's, below the task's
+    cgroup (agents/containertask.py)."""
     exe = binary or runtime
     binds = [str(m) for m in mounts]
     if workdir and not any(_under(workdir, m) for m in binds):
@@ -148,6 +150,8 @@ def container_launch(
         if limits.pids_max is not None:
             argv.append(f"--pids-limit={limits.pids_max}")
         argv.append(f"--cpu-shares={max(2, limits.cpu_weight * 1024 // 100)}")
+    if cgroup_parent is not None:
+        argv.append(f"--cgroup-parent={cgroup_parent}")
     if runtime == "docker":
         argv += ["--gpus", f'"device={",".join(devices)}"'] if devices else []
     else:  # podman: the Container Device Interface names
@@ -287,6 +291,8 @@ class RuntimeCheck:
     ) -> None:
         self.runtime, self.binary, self.helper = runtime, binary, helper
         self._works: bool | None = None
+        self.cgroup_driver: str | None = None
+        """docker's cgroup driver (`cgroupfs`, `systemd`), asked when it answers."""
 
     @property
     def works(self) -> bool:
@@ -301,6 +307,8 @@ class RuntimeCheck:
             return False
         problem = runtime_problem(self.runtime, self.binary, self.helper)
         before, self._works = self._works, problem is None
+        if problem is None and self.runtime == "docker":
+            self.cgroup_driver = cgroup_driver(self.binary or self.runtime)
         if problem is not None and before is not False:
             log.warning(
                 "container runtime %s: %s (no job with an image here)", self.runtime, problem
@@ -308,6 +316,14 @@ class RuntimeCheck:
         elif problem is None and before is False:
             log.info("container runtime %s answers: jobs with an image run here", self.runtime)
         return before is not None and before != self._works
+
+
+def cgroup_driver(binary: str) -> str | None:
+    """docker's cgroup driver, None where it does not say."""
+    try:
+        return _docker(binary, "info", "--format", "{{.CgroupDriver}}", timeout_s=30).strip()
+    except ContainerError:
+        return None
 
 
 def start_task_pod(binary: str, agent: str, task_id: int, image: str | None) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents import sandbox
-from agents.cgroups import Limits
+from agents.cgroups import Hierarchy, Limits
 from agents.container import (
     ContainerError,
     Runtime,
@@ -45,6 +45,7 @@ def container_start(
     pod: str | None,
     env_files: ContainerEnv,
     helper: Path,
+    cgroup_parent: str | None = None,
 ) -> ContainerStart:
     """TaskRefused (one line, the task's reason) when the job's variables cannot be handed
     over as the runtime needs them, or the node has no exec helper (docker, podman)."""
@@ -82,6 +83,7 @@ def container_start(
         helper=helper,
         # As the sandbox scopes its tasks: under strict isolation, where the kernel can.
         scope=prepared.uid is not None and sandbox.landlock_abi() >= sandbox.LANDLOCK_SCOPE_ABI,
+        cgroup_parent=cgroup_parent,
     )
     # docker and podman confine the container themselves (their client needs root); apptainer
     # runs as the task's uid inside the sandbox.
@@ -100,3 +102,49 @@ def task_pod(
         return start_task_pod(binary or "docker", tag, spec.task_id, pause_image)
     except ContainerError as exc:
         raise TaskRefused(str(exc)) from exc
+
+
+def cgroup_parent(
+    runtime: Runtime | None, driver: str | None, cgroups: Hierarchy | None, task_id: int
+) -> str | None:
+    """docker's `--cgroup-parent` that puts the task's container below the task's cgroup, so
+    that the task's limits (huge pages among them, which no flag of docker's bounds) hold it;
+    None where the agent cannot place it there (`placement` says why)."""
+    if runtime != "docker" or driver != "cgroupfs" or cgroups is None:
+        return None
+    return cgroups.container_parent(task_id).path
+
+
+def placement(
+    runtime: Runtime | None, driver: str | None, cgroups: Hierarchy | None
+) -> tuple[str, bool]:
+    """One line for the agent's log: what bounds a container task here, and where; and
+    whether the task's cgroup bounds it whole."""
+    flags = "docker's own --memory, --pids-limit and --cpu-shares on the container alone"
+    if runtime == "apptainer":
+        return "apptainer containers run in their task's sandbox and cgroup", True
+    if runtime != "docker":
+        line = (
+            f"{runtime} containers are not put below their task's cgroup: "
+            "the runtime's own limits bound them, their huge pages are unbounded"
+        )
+        return line, False
+    if driver != "cgroupfs":
+        line = (
+            f"docker's cgroup driver is {driver or 'unknown'}, not cgroupfs: its containers are "
+            f"in cgroups of its own, bounded by {flags}; their huge pages are unbounded"
+        )
+        return line, False
+    if cgroups is None:
+        return (
+            "tasks have no cgroups here (isolation none): containers have docker's defaults",
+            False,
+        )
+    parent = cgroups.container_parent(0)
+    line = f"docker containers run below their task's cgroup ({', '.join(parent.bounded)})"
+    if parent.unbounded:
+        line += (
+            f"; {', '.join(parent.unbounded)}: the agent's own cgroup differs between cgroup "
+            f"v1 controllers, so there {flags}"
+        )
+    return line, not parent.unbounded

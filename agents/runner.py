@@ -26,7 +26,7 @@ from agents.container import (
     sweep,
 )
 from agents.containerenv import ContainerEnv, default_root
-from agents.containertask import container_start, task_pod
+from agents.containertask import cgroup_parent, container_start, placement, task_pod
 from agents.disk import DiskConfig
 from agents.gpu.simulated import task_utilization
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
@@ -124,7 +124,10 @@ class Runner:
         if self._container_cli is not None:
             for name in sweep(self._container_cli, self.tag, running):
                 log.info("removed container %s: its task is not running", name)
-        _ = self.containers.works  # asked at start, not at the first heartbeat
+        if self.containers.works:  # asked at start, not at the first heartbeat
+            driver, cgroups = self.containers.cgroup_driver, self.confinement.cgroups
+            line, whole = placement(self.config.container_runtime, driver, cgroups)
+            log.log(logging.INFO if whole else logging.WARNING, "%s", line)
 
     def start(self, spec: TaskSpec) -> bool:
         """Start a task unless this node already knows it (a task never starts twice)."""
@@ -356,6 +359,12 @@ class Runner:
                 pod=pod_name(self.tag, spec.task_id) if pod is not None else None,
                 env_files=self.container_env,
                 helper=self.exec_helper,
+                cgroup_parent=cgroup_parent(
+                    cfg.container_runtime,
+                    self.containers.cgroup_driver if self.containers.works else None,
+                    self.confinement.cgroups if prepared.uid is not None else None,
+                    spec.task_id,
+                ),
             )
             argv, env_fd = started.argv, started.env_fd
             carried = (carried and started.name is None) or env_fd is not None

@@ -20,6 +20,7 @@ from agents.container import (
     container_launch,
     env_file,
 )
+from agents.containertask import cgroup_parent, placement
 
 
 def build(runtime: str, **overrides: object):  # type: ignore[no-untyped-def]
@@ -143,6 +144,26 @@ def test_docker_under_strict_isolation_runs_as_the_org_uid_with_its_limits_and_r
         f"{DEFAULT_HELPER}:{HELPER_MOUNT}:ro",
     ]
     assert argv[argv.index("-w") + 1] == "/data/acme/run"
+
+
+def test_docker_is_given_the_tasks_cgroup_as_its_containers_parent() -> None:
+    launch = build("docker", user=200_003, cgroup_parent="/fairgpu/task-12")
+    assert "--cgroup-parent=/fairgpu/task-12" in launched(launch)["run"]
+    assert not [a for a in launched(build("docker"))["run"] if a.startswith("--cgroup-parent")]
+
+
+def test_the_agent_says_what_bounds_a_container_where_the_task_cgroup_cannot() -> None:
+    """Nothing refused silently: a node whose containers escape their task's huge page limit
+    says so in its log."""
+    for runtime, driver in (("podman", None), ("docker", "systemd"), ("docker", None)):
+        line, whole = placement(runtime, driver, None)  # type: ignore[arg-type]
+        assert not whole
+        assert "huge pages are unbounded" in line, line
+    assert cgroup_parent("docker", "systemd", None, 12) is None
+    assert placement("apptainer", None, None) == (
+        "apptainer containers run in their task's sandbox and cgroup",
+        True,
+    )
 
 
 def test_apptainer_under_strict_isolation_is_contained() -> None:

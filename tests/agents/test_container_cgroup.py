@@ -1,0 +1,98 @@
+"""A docker task's container below its task's cgroup (`--cgroup-parent`, agents/containertask.py),
+with the real docker daemon, as root: the task's limits bound it, huge pages among them, which no
+flag of docker's bounds, and stopping the task ends it and leaves no cgroup behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agents.cgroups import HUGETLB, _cgroup_roots
+from agents.container import container_name
+from tests.agents.helpers import spec, wait_for
+from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
+from tests.agents.test_isolation import ACME
+from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
+
+
+def _container_pid(name: str) -> int:
+    done = subprocess.run(
+        ["docker", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True, text=True
+    )
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+
+def _cgroups_of(pid: int) -> dict[str, str]:
+    """The process's cgroup by controller ("" for the unified hierarchy)."""
+    found = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _id, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            found[controller] = path
+    return found
+
+
+def _gone(name: str) -> bool:
+    done = subprocess.run(["docker", "inspect", name], capture_output=True)
+    return done.returncode != 0
+
+
+@pytest.mark.parametrize("node", ["strict"], indirect=True)
+def test_a_docker_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
+    node: NetNode,  # noqa: F811
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+) -> None:
+    """Before, the container was docker's own (/docker/<id>): a task's container could map the
+    node's whole huge page pool, and its processes counted against none of the task's limits."""
+    net = docker_node
+    cgroups = net.confinement.cgroups
+    assert cgroups is not None
+    if net.runner.containers.works and net.runner.containers.cgroup_driver != "cgroupfs":
+        pytest.skip(f"docker's cgroup driver is {net.runner.containers.cgroup_driver}")
+    name = container_name(net.runner.tag, TASK)
+    net.runner.start(
+        spec(TASK, ["/bin/sleep", "600"], image=image, gpus=[], network="host", **ACME)
+    )
+    wait_for(lambda: _container_pid(name) > 0 or net._ended(TASK), 90)
+    pid = _container_pid(name)
+    assert pid > 0, net.result(TASK)
+    parent = cgroups.container_parent(TASK)
+    assert HUGETLB in parent.bounded, parent
+    assert "pids" in parent.bounded, parent
+    joined = _cgroups_of(pid)
+    group = cgroups.task(TASK)
+    for controller in parent.bounded:
+        # v1 names each controller; the unified hierarchy (v2, a hybrid's hugetlb) is "".
+        path = joined.get(controller, joined[""])
+        assert path.startswith(parent.path + "/"), (controller, path, parent)
+    limits = net.confinement.limits(spec(TASK, gpus=[], **ACME))
+    if "memory" not in parent.bounded:
+        # v1 where the agent's memory cgroup is not its other controllers' (this test host):
+        # docker's --memory gives the container the task's limit, on the container alone.
+        limit = Path("/sys/fs/cgroup/memory", joined["memory"].lstrip("/"), "memory.limit_in_bytes")
+        assert int(limit.read_text()) == limits.memory_bytes
+    # The task's own directory holds none of the container's processes (docker's client runs
+    # outside it), yet counts them: the limits below are the task's, charged hierarchically.
+    pids_dir = getattr(group, "paths", {}).get("pids", getattr(group, "path", None))
+    assert pids_dir is not None
+    assert int((pids_dir / "pids.current").read_text()) >= 1
+    assert (pids_dir / "pids.max").read_text().strip() == str(limits.pids_max)
+    hugetlb_dir = getattr(group, "paths", {}).get(HUGETLB, getattr(group, "path", None))
+    assert hugetlb_dir is not None
+    files = sorted(hugetlb_dir.glob("hugetlb.*.max"))
+    assert files, "the task's cgroup has no huge page limits"
+    for limit in files:
+        size = limit.name.split(".")[1]
+        assert limit.read_text().strip() == str(limits.hugetlb_bytes.get(size, 0)), limit
+    net.runner.stop(TASK, grace_s=0, reason="done")
+    wait_for(lambda: _gone(name), 60)
+    net.result(TASK, timeout_s=60)
+    net.confinement.finish(TASK)
+    left = [root / parent.path.lstrip("/") for root in _cgroup_roots()]
+    assert [path for path in left if path.exists()] == []
