@@ -128,6 +128,8 @@ class Prepared:
     node's)."""
     netns: Path | None = None
     """The task's own network namespace, if it has one."""
+    seccomp: str | None = None
+    """The seccomp filter the sandbox installs (hex), None without one."""
 
 
 class Confinement:
@@ -249,7 +251,8 @@ class Confinement:
             "error_file": str(error_file),
             "tmpfs_bytes": limits.memory_bytes,
         }
-        if (program := self.seccomp_program(spec)) is not None:
+        program = self.seccomp_program(spec)
+        if program is not None:
             config["seccomp"] = program
         if netns is not None and self.namespaces is not None:
             # The sandbox joins it itself (`ip netns exec` would unmount the cgroups it joins).
@@ -257,7 +260,7 @@ class Confinement:
             config["netns"] = str(netns)
             config["resolv_conf"] = str(self.namespaces.resolv_conf(spec.task_id))
         prefix = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
-        return Prepared(prefix, cwd, home, mounts, uid, network, netns)
+        return Prepared(prefix, cwd, home, mounts, uid, network, netns, program)
 
     def _network(
         self, spec: TaskSpec, group: TaskCgroup | None, adopt: int | None

@@ -341,6 +341,7 @@ class Runner:
             spec, cfg.container_runtime, cfg.container_binary, cfg.container_pause_image, self.tag
         )
         prepared = self.confinement.prepare(spec, error_path, adopt=pod)
+        record.seccomp = prepared.seccomp or ""  # saved with the pid: a restart keeps it
         job_env = task_environment(spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home)
         # Root's processes before the command never hold the job's variables (taskenv): the
         # sandbox hands them over as the task's uid, a container's client reads them in a file.

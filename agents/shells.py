@@ -143,8 +143,11 @@ def _command(runner: Runner, record: TaskRecord) -> tuple[list[str], Path]:
     }
     if netns is not None:
         config["netns"] = str(netns)
-    if (program := confinement.seccomp_program(spec)) is not None:
-        config["seccomp"] = program  # the task's own filter: the shell is one of its processes
+    # The task's own filter, as its sandbox installed it: the shell is one of its processes,
+    # and an agent restarted with another `--seccomp` must not open it unfiltered.
+    program = record.seccomp if record.seccomp is not None else confinement.seccomp_program(spec)
+    if program:
+        config["seccomp"] = program
     entering = [sys.executable, "-I", "-S", _SANDBOX, json.dumps(config, separators=(",", ":"))]
     return [*entering, shell], confinement.task_dir(spec.task_id)
 

@@ -1,7 +1,8 @@
 """The agent's state directory: what must survive an agent restart.
 
     credential.json        node id, name and bearer token (mode 0600)
-    tasks/<id>/record.json the task spec, pid and pid start time, state, log and report progress
+    tasks/<id>/record.json the task spec, pid and pid start time, seccomp filter, state, log and
+                           report progress
     tasks/<id>/log.<offset> the task's combined stdout and stderr in at most two segments, each
                            named by the offset of its first byte (agents.logcap writes them)
     tasks/<id>/log         the same as one file, from tasks started before the copier existed
@@ -48,6 +49,10 @@ class TaskRecord(BaseModel):
     pid_create_time: float | None = None
     """psutil's create time of `pid`: a live pid with another start time is a reused pid."""
     container_name: str | None = None
+    seccomp: str | None = None
+    """The seccomp filter the task's sandbox installed (its program, hex; "" for none): a new
+    shell in the task gets this one, whatever `--seccomp` the agent runs with now. None in a
+    record an agent wrote that did not keep it: the shell gets the agent's current filter."""
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime | None = None
     exit_code: int | None = None

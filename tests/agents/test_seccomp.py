@@ -4,18 +4,24 @@ nor anything it starts can shed the filter."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import errno
 import json
 import logging
 import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from agents import seccomp
-from tests.agents.helpers import require_cgroups, spec
+from agents import ptyhost, seccomp, shells, streams
+from agents.isolation import Confinement
+from agents.runner import Runner
+from tests.agents.helpers import require_cgroups, spec, wait_for
 from tests.agents.test_isolation import ACME, PY, Node, node, python  # noqa: F401 - node: fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
@@ -263,3 +269,74 @@ def test_the_agent_says_at_start_which_filter_its_tasks_get(
         started = Node(directory, seccomp=seccomp_on)
         started.close()
         assert said in caplog.text
+
+
+# A new shell's view, as `name=value` lines (the terminal's echo of the command has `$` in it).
+SHELL_UNSHARE = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+print("allowed" if libc.unshare(0x10000000) == 0 else errno.errorcode[ctypes.get_errno()])
+"""
+
+
+def _new_shell_says(runner: Runner, task_id: int, script: Path) -> dict[str, str]:
+    """Open a new shell in the task as `fairgpu attach --new` does (agents/shells.py, with the
+    agent's own connection to its terminal host, agents/streams.py) and ask it for its filter
+    and a call the filter refuses."""
+    typed = (
+        'echo "seccomp=$(grep ^Seccomp: /proc/self/status | cut -f2)"\r'
+        f'echo "unshare=$({PY} {script})"\r'
+        "exit\r"
+    )
+
+    async def session() -> bytes:
+        opener = shells.opener(runner, task_id)
+        assert opener is not None
+        shell = await opener()
+        try:
+            reader, writer = await streams._connect_terminal(shell.directory)
+            writer.write(ptyhost.frame(ptyhost.FRAME_RESIZE, struct.pack(">HH", 24, 80)))
+            writer.write(ptyhost.frame(ptyhost.FRAME_DATA, typed.encode()))
+            data = await reader.read()  # until the host closes: after the shell's exit
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            await shell.close()
+        frames = []
+        while data:
+            kind, length = ptyhost.HEADER.unpack_from(data)
+            frames.append((kind, data[ptyhost.HEADER.size : ptyhost.HEADER.size + length]))
+            data = data[ptyhost.HEADER.size + length :]
+        assert frames[-1] == (ptyhost.FRAME_EXIT, b"0"), frames
+        return b"".join(payload for kind, payload in frames if kind == ptyhost.FRAME_DATA)
+
+    out = asyncio.run(session()).decode(errors="replace")
+    return dict(re.findall(r"^(\w+)=([^$\r\n]*)\r?$", out, re.MULTILINE))
+
+
+@pytest.mark.parametrize(("started_on", "restarted_on"), [(True, False), (False, True)])
+def test_a_new_shell_gets_the_filter_its_task_started_under_whatever_the_agent_has_now(
+    tmp_path: Path, started_on: bool, restarted_on: bool
+) -> None:
+    """An agent restarted with the other `--seccomp` opened new shells into the tasks it
+    adopted under its own setting: unfiltered shells into filtered tasks."""
+    require_cgroups()
+    started = Node(tmp_path, seccomp=started_on)
+    try:
+        script = started.data / "acme" / "unshare.py"
+        script.write_text(SHELL_UNSHARE)
+        script.chmod(0o644)
+        started.runner.start(spec(1, ["sleep", "300"], **ACME))
+        wait_for(lambda: started.runner.records[1].state == "running" and started.task_pids(1))
+        # The agent restarts on the same state directory and cgroups, `--seccomp` flipped.
+        config = dataclasses.replace(started.confinement.config, seccomp=restarted_on)
+        restarted = Runner(started.state, confinement=Confinement(config, total_gpus=4))
+        restarted.recover()
+        assert restarted.records[1].state == "running"
+        seen = _new_shell_says(restarted, 1, script)
+    finally:
+        started.close()
+    if started_on:
+        assert seen == {"seccomp": "2", "unshare": "EPERM"}
+    else:
+        assert seen == {"seccomp": "0", "unshare": "allowed"}
