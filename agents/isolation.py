@@ -14,6 +14,7 @@ directory and HOME of their own and the data-root check, but run as the agent's 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -470,6 +471,14 @@ def seccomp_programs(on: bool) -> dict[bool, str]:
             "this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER): pass --seccomp off "
             "to run tasks without one"
         )
+    for program in programs.values():
+        if refused := sandbox.filter_refusal(bytes.fromhex(program)):
+            name = errno.errorcode.get(refused, str(refused))
+            raise IsolationUnavailable(
+                f"this kernel refuses the tasks' seccomp filter ({name}: {os.strerror(refused)}; "
+                "its SPEC_ALLOW flag needs Linux 4.17 or later): pass --seccomp off to run "
+                "tasks without one"
+            )
     log.info("%s", seccomp.summary(machine))
     return programs
 

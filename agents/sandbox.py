@@ -63,6 +63,9 @@ PR_SET_NO_NEW_PRIVS = 38
 # seccomp(2): SECCOMP_SET_MODE_FILTER with SECCOMP_FILTER_FLAG_SPEC_ALLOW (linux/seccomp.h).
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine)
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1, 4
+SECCOMP_FLAGS = SECCOMP_FILTER_FLAG_SPEC_ALLOW
+"""What the filter is installed with; read at each install, so that a test can make the agent's
+start-up probe (`filter_refusal`) ask for what a kernel refuses."""
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1), linux/nsfs.h
 # Landlock (linux/landlock.h); the numbers are the same on every architecture.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_RESTRICT_SELF = 444, 446
@@ -331,11 +334,29 @@ def filter_system_calls(program: bytes) -> None:
     assert SYS_SECCOMP is not None  # the agent builds programs only for machines it knows
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-    done = _libc.syscall(
-        SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW, ctypes.byref(fprog)
-    )
+    done = _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FLAGS, ctypes.byref(fprog))
     if done != 0:
         raise SandboxError(f"seccomp(SET_MODE_FILTER): {os.strerror(ctypes.get_errno())}")
+
+
+def filter_refusal(program: bytes) -> int:
+    """The errno with which this kernel refuses `program` as the sandbox installs it (the same
+    call and flags, after no_new_privs); 0 when it takes it. Tried in a forked child that
+    exits at once, so the caller stays unfiltered. The agent asks at start: a kernel that
+    refused the flags (Linux 4.14 to 4.16 has seccomp filters but no SPEC_ALLOW) failed every
+    strict task at its start, each with the same line, instead of the agent refusing once."""
+    pid = os.fork()
+    if pid == 0:
+        status = 255  # anything but the call's own refusal: the child itself failed
+        try:
+            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+            filter_system_calls(program)
+            status = 0
+        except SandboxError:
+            status = ctypes.get_errno() or 255
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def task_namespaces(members_file: str) -> tuple[int, int]:

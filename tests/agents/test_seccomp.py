@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import ptyhost, seccomp, shells, streams
-from agents.isolation import Confinement
+from agents import ptyhost, sandbox, seccomp, shells, streams
+from agents.isolation import Confinement, IsolationUnavailable, seccomp_programs
 from agents.runner import Runner
 from tests.agents.helpers import require_cgroups, spec, wait_for
 from tests.agents.test_isolation import ACME, PY, Node, node, python  # noqa: F401 - node: fixture
@@ -340,3 +340,32 @@ def test_a_new_shell_gets_the_filter_its_task_started_under_whatever_the_agent_h
         assert seen == {"seccomp": "2", "unshare": "EPERM"}
     else:
         assert seen == {"seccomp": "0", "unshare": "allowed"}
+
+
+def test_the_agent_tries_the_filter_at_start_as_the_sandbox_installs_it() -> None:
+    for user_namespaces in (False, True):
+        program = seccomp.program(MACHINE, user_namespaces=user_namespaces)
+        assert sandbox.filter_refusal(program) == 0
+    before = _own_filters()
+    assert set(seccomp_programs(True)) == {False, True}
+    assert _own_filters() == before  # the probes' filters stayed in their children
+
+
+def _own_filters() -> list[str]:
+    with open("/proc/self/status") as status:
+        return [line for line in status if line.startswith("Seccomp")]
+
+
+def test_a_kernel_refusing_the_filters_flags_needs_seccomp_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Linux 4.14 to 4.16 has seccomp filters but not SPEC_ALLOW: every strict task failed at
+    its start. An undefined flag is refused as that one is there (EINVAL)."""
+    monkeypatch.setattr(sandbox, "SECCOMP_FLAGS", 1 << 30)
+    with pytest.raises(IsolationUnavailable) as refused:
+        seccomp_programs(True)
+    assert str(refused.value) == (
+        "this kernel refuses the tasks' seccomp filter (EINVAL: Invalid argument; its "
+        "SPEC_ALLOW flag needs Linux 4.17 or later): pass --seccomp off to run tasks without one"
+    )
+    assert seccomp_programs(False) == {}  # what it says to do starts
