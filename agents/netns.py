@@ -160,7 +160,7 @@ class Namespaces:
         try:
             if cgroup is None:
                 cgroup = self.pasta_cgroups / name
-                cgroup.mkdir(parents=True, exist_ok=True)
+                _make_cgroup(cgroup)
             self._cgroup_file(task_id).write_text(str(cgroup))
             made = ["add", name] if adopt is None else ["attach", name, str(adopt)]
             self._run([self.ip, "netns", *made])
@@ -247,7 +247,7 @@ class Namespaces:
         pasta has a rule, the directory's age is what says the table is in use to a janitor of
         idle walls (tests/harness/netns.py in another test session on the host), which would
         otherwise remove a table between its building and its first rule."""
-        self.pasta_cgroups.mkdir(parents=True, exist_ok=True)
+        _make_cgroup(self.pasta_cgroups)
         os.utime(self.pasta_cgroups)
 
     def walled_pastas(self) -> dict[int, Path]:
@@ -281,8 +281,7 @@ class Namespaces:
             return False
         with contextlib.suppress(WallError):
             self.wall.remove()
-        with contextlib.suppress(OSError):
-            self.pasta_cgroups.rmdir()
+        self._remove_pasta_cgroups()
         return True
 
     def close(self) -> None:
@@ -290,8 +289,17 @@ class Namespaces:
         self.sweep(set())
         with contextlib.suppress(WallError):
             self.wall.remove()
-        with contextlib.suppress(OSError):
-            self.pasta_cgroups.rmdir()
+        self._remove_pasta_cgroups()
+
+    def _remove_pasta_cgroups(self) -> None:
+        """This agent's directory of pasta cgroups, then the one above it when no other agent
+        of the host has its own there (the kernel refuses a cgroup with children): with a
+        cgroup parent of their own, test sessions left one each behind, every run."""
+        for directory in (self.pasta_cgroups, self.pasta_cgroups.parent):
+            try:
+                directory.rmdir()
+            except OSError:
+                return
 
     def pasta_cgroup(self, task_id: int) -> Path | None:
         """The cgroup v2 directory the task's pasta was started in (recorded, not read from
@@ -465,3 +473,15 @@ def _is_pasta_for(pid: int, name: str) -> bool:
         and Path(argv[0].decode(errors="replace")).name == "pasta"
         and (name.encode() in argv)
     )
+
+
+def _make_cgroup(path: Path) -> None:
+    """`mkdir -p` of a cgroup directory whose parents another agent of the host may remove
+    when it stops (`_remove_pasta_cgroups`), between the making of a parent and of its child."""
+    for _ in range(3):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    path.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,8 @@ class NetNode:
     def __init__(self, tmp_path: Path, mode: str) -> None:
         self.root = tmp_path
         self.state = StateDir(tmp_path / "state")
-        namespaces, why = open_namespaces(self.state.root)
+        parent = f"fairgpu-test-{uuid.uuid4().hex[:8]}"
+        namespaces, why = open_namespaces(self.state.root, cgroup_parent=parent)
         if namespaces is None:
             pytest.fail(f"this host cannot build network namespaces: {why}")
         self.namespaces = namespaces
@@ -128,7 +129,7 @@ class NetNode:
             fields |= {
                 "task_uid_base": UID_BASE,
                 "memory_per_gpu_bytes": 512 * 2**20,
-                "cgroup_parent": f"fairgpu-test-{uuid.uuid4().hex[:8]}",
+                "cgroup_parent": parent,
                 "dev_dir": tmp_path / "dev",
                 "hide": (self.state.root,),
             }
@@ -195,6 +196,8 @@ class NetNode:
         self.namespaces.close()
         assert not self.namespaces.wall.exists()
         assert not self.namespaces.pasta_cgroups.exists()
+        # Nor the directory above, which only this test's agent had (the test's own parent).
+        assert not self.namespaces.pasta_cgroups.parent.exists()
 
 
 @pytest.fixture(params=["strict", "none"])
