@@ -198,6 +198,29 @@ def _body(name: str) -> dict[str, Any]:
     }
 
 
+async def test_a_held_heartbeat_returns_when_its_credential_needs_renewing(
+    database_url: str,
+) -> None:
+    """A quiet heartbeat is held up to the long poll; one that arrived just before its
+    credential needed renewing was held past that, and with a lifetime whose half is shorter
+    than the long poll past the credential's end: the agent's next heartbeat was refused and the
+    agent stopped (CI: test_agent_real's "never renewed"). Now the hold ends when renewal is
+    due, and the next heartbeat renews."""
+    settings = fast_settings(database_url, node_credential_ttl_s=1000, heartbeat_long_poll_s=5.0)
+    async with running_cluster(settings) as cluster:
+        node = await cluster.register(await cluster.join_token(), name="held")
+        credential = node["credential"]
+        await cluster.heartbeat(credential)  # the node's GPUs known: the next one is quiet
+        await _age(cluster, credential, left_s=500.5)  # renewal due in half a second
+        began = asyncio.get_running_loop().time()
+        reply = await cluster.heartbeat(credential, wait_s=5)
+        held_s = asyncio.get_running_loop().time() - began
+        assert "credential" not in reply
+        assert held_s < 3.0, held_s  # not the whole 5 s
+        renewed = await cluster.heartbeat(credential, wait_s=5)
+        assert renewed["credential"], renewed
+
+
 async def _age(cluster: Cluster, credential: str, *, left_s: float) -> None:
     from scheduler.services.tokens import hash_token
 

@@ -46,9 +46,14 @@ class Caller:
 
 def needs_renewal(expires_at: datetime | None, now: datetime, settings: Settings) -> bool:
     """Less than half of the credential's lifetime is left: the reply carries a new one."""
+    return renewal_in_s(expires_at, now, settings) <= 0
+
+
+def renewal_in_s(expires_at: datetime | None, now: datetime, settings: Settings) -> float:
+    """Seconds until the credential needs renewing (infinite for one that never expires)."""
     if expires_at is None:
-        return False
-    return (expires_at - now).total_seconds() < settings.node_credential_ttl_s / 2
+        return float("inf")
+    return (expires_at - now).total_seconds() - settings.node_credential_ttl_s / 2
 
 
 class Heartbeats:
@@ -107,7 +112,11 @@ class Heartbeats:
                     raise Unauthenticated("this node is no longer registered")
                 if verdict is Verdict.QUIET:
                     buffer.note(caller.node_id, now, body.samples)
-                    return await self._held(caller, body, work.reply(settings, now))
+                    # Held no longer than until the credential needs renewing: a hold begun
+                    # just before, as long as a short lifetime's half, outlived the credential
+                    # and the agent's next heartbeat was refused (401: it stopped).
+                    until_s = renewal_in_s(caller.expires_at, now, settings)
+                    return await self._held(caller, body, work.reply(settings, now), until_s)
         if not full_path:
             return None
         return await self._full(caller, body, renew)
@@ -123,11 +132,13 @@ class Heartbeats:
         opened = self.streams.for_node(node_id) if self.streams is not None else []
         return reply.model_copy(update={"streams": opened}) if opened else reply
 
-    async def _held(self, caller: Caller, body: Heartbeat, reply: HeartbeatReply) -> HeartbeatReply:
+    async def _held(
+        self, caller: Caller, body: Heartbeat, reply: HeartbeatReply, until_s: float
+    ) -> HeartbeatReply:
         node_id = caller.node_id
         news = self.streams is not None and self.streams.has_news(node_id)
         reply = self._with_streams(node_id, reply)
-        wait_s = min(body.wait_s, self.settings.heartbeat_long_poll_s)
+        wait_s = min(body.wait_s, self.settings.heartbeat_long_poll_s, until_s)
         held = self._holding.get(node_id, 0)
         # An agent holds one long poll at a time (two across its restart); more from one
         # credential would each read the database on every wake-up of the node: answer at once.
@@ -196,4 +207,9 @@ class Heartbeats:
         reply = outcome.reply
         if outcome.urgent or reply.start or reply.stop:
             return self._with_streams(node_id, reply)
-        return await self._held(caller, body, reply)
+        until_s = (
+            float("inf")  # renewed: the new credential has its whole lifetime
+            if reply.credential is not None
+            else renewal_in_s(caller.expires_at, utcnow(), self.settings)
+        )
+        return await self._held(caller, body, reply, until_s)
