@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from agents.netopen import remove_all
 from scheduler.bench.procs import fairgpu_command
 from tests.harness.served import Served, wait_for
+from tests.harness.strict_agent import end_strict_agent
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
@@ -87,25 +87,13 @@ class Pool:
         wait_for(lambda: self.job(org, job_id)["state"] in states, timeout_s)
 
     def close(self) -> None:
-        self.agent.terminate()
-        try:
-            self.agent.wait(timeout=15)
-        finally:
-            self.log.close()
-        # Tasks outlive their agent by design; the test's own end with their cgroups.
-        left = [
-            proc for proc in psutil.process_iter(["uids"])
-            if proc.info["uids"] and UID_BASE <= proc.info["uids"].real < UID_BASE + 1000
-        ]  # fmt: skip
-        for proc in left:
-            proc.kill()
-        # A killed process leaves its cgroup only once it has exited.
-        psutil.wait_procs(left, timeout=10)
-        remove_all(self.state, self.cgroup_parent)
-        for controller_dir in Path("/sys/fs/cgroup").rglob(self.cgroup_parent):
-            for task in controller_dir.glob("task-*"):
-                task.rmdir()
-            controller_dir.rmdir()
+        end_strict_agent(
+            self.agent,
+            self.log,
+            uids=range(UID_BASE, UID_BASE + 1000),
+            state=self.state,
+            cgroup_parent=self.cgroup_parent,
+        )
 
 
 @pytest.fixture

@@ -14,13 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from agents.netopen import remove_all
 from scheduler.bench.procs import fairgpu_command
 from tests.gpu.test_real_gpu import CUDA_PY, PATTERN, READ, WRITE
 from tests.harness.served import Served, serve, wait_for
+from tests.harness.strict_agent import end_strict_agent
 
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 UID_BASE = 3_000_000 + (os.getpid() % 10_000) * 1_000
@@ -82,23 +81,13 @@ class Pool:
         return self.served.ok("logs", job_id, token=self.tokens[org])
 
     def close(self) -> None:
-        self.agent.terminate()
-        try:
-            self.agent.wait(timeout=15)
-        finally:
-            self.log.close()
-        left = [
-            proc for proc in psutil.process_iter(["uids"])
-            if proc.info["uids"] and UID_BASE <= proc.info["uids"].real < UID_BASE + 1000
-        ]  # fmt: skip
-        for proc in left:
-            proc.kill()
-        psutil.wait_procs(left, timeout=10)
-        remove_all(self.state, self.cgroup_parent)
-        for controller_dir in Path("/sys/fs/cgroup").rglob(self.cgroup_parent):
-            for task in controller_dir.glob("task-*"):
-                task.rmdir()
-            controller_dir.rmdir()
+        end_strict_agent(
+            self.agent,
+            self.log,
+            uids=range(UID_BASE, UID_BASE + 1000),
+            state=self.state,
+            cgroup_parent=self.cgroup_parent,
+        )
 
 
 def ended(pool: Pool, org: str, job_id: str) -> None:
