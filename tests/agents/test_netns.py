@@ -119,7 +119,7 @@ class NetNode:
     def __init__(self, tmp_path: Path, mode: str) -> None:
         self.root = tmp_path
         self.state = StateDir(tmp_path / "state")
-        parent = f"fairgpu-test-{uuid.uuid4().hex[:8]}"
+        self.cgroup_parent = parent = f"fairgpu-test-{uuid.uuid4().hex[:8]}"
         namespaces, why = open_namespaces(self.state.root, cgroup_parent=parent)
         if namespaces is None:
             pytest.fail(f"this host cannot build network namespaces: {why}")
@@ -522,7 +522,7 @@ def test_a_restarted_agent_removes_namespaces_whose_task_ended_meanwhile(node: N
     assert node.namespaces.pasta_pid(2) is not None
     assert restarted.records[2].state == "running"
     # The restarted agent's wall is made anew, with the rule of the pasta still running.
-    again, why = open_namespaces(node.state.root)
+    again, why = open_namespaces(node.state.root, cgroup_parent=node.cgroup_parent)
     assert again is not None, why
     assert again.wall.walled() == {2}
 
