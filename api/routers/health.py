@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.problems import RETRY_AFTER_S, problem
+from api.shared import shared_call
 from scheduler.db.migrate import head_revisions
 
 router = APIRouter(tags=["health"])
@@ -33,7 +33,7 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
     pool every tenant shares: probes that arrive while a check runs share it (as scrapes of
     /metrics do), so a flood of them holds one connection, not one each."""
     headers = {"Retry-After": str(RETRY_AFTER_S)}
-    found = await _shared_check(request.app)
+    found = await shared_call(request.app, "readyz_check", lambda: _check(request.app))
     if found.revisions is None:
         return problem(request, 503, "database unreachable", headers=headers)
     expected = sorted(head_revisions())
@@ -51,15 +51,6 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
 class Readiness:
     revisions: list[str] | None  # None: the database did not answer
     leader: bool
-
-
-async def _shared_check(app: FastAPI) -> Readiness:
-    """The check under way, or a new one; a probe that goes away does not cancel it."""
-    under_way: asyncio.Task[Readiness] | None = getattr(app.state, "readyz_check", None)
-    if under_way is None or under_way.done():
-        under_way = asyncio.create_task(_check(app), name="fairgpu-readyz-check")
-        app.state.readyz_check = under_way
-    return await asyncio.shield(under_way)
 
 
 async def _check(app: FastAPI) -> Readiness:

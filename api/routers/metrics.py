@@ -19,7 +19,6 @@ the client kept asking). A process now reads the cluster once at a time.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import math
@@ -29,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.authfailures import AuthFailures, client_address
 from api.deps import parse_bearer
+from api.shared import shared_call
 from scheduler.metrics import ClusterStats, read_cluster, render
 from scheduler.services.errors import TooManyRequests, Unauthenticated
 from scheduler.services.runtime import SchedulerRuntime
@@ -43,7 +43,7 @@ async def metrics(request: Request) -> Response:
     (shared with the scrapes that arrive while they run)."""
     _admit(request)
     runtime: SchedulerRuntime = request.app.state.runtime
-    stats = await _shared_read(request.app)
+    stats = await shared_call(request.app, "metrics_read", lambda: _read(request.app))
     return Response(content=render(runtime.metrics, stats), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -97,15 +97,6 @@ def _on_this_machine(request: Request) -> bool:
     if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
         peer = peer.ipv4_mapped
     return peer.is_loopback
-
-
-async def _shared_read(app: FastAPI) -> ClusterStats:
-    """The read under way, or a new one; a scrape that goes away does not cancel it."""
-    under_way: asyncio.Task[ClusterStats] | None = getattr(app.state, "metrics_read", None)
-    if under_way is None or under_way.done():
-        under_way = asyncio.create_task(_read(app), name="fairgpu-metrics-read")
-        app.state.metrics_read = under_way
-    return await asyncio.shield(under_way)
 
 
 async def _read(app: FastAPI) -> ClusterStats:
