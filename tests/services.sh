@@ -33,6 +33,9 @@ command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
 # The agent's container entrypoint (make helper): a C compiler and a static libc.
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 gcc -print-file-name=libc.a 2>/dev/null | grep -q / || need+=(libc6-dev)
+# The kernel's system call tables, which the seccomp filter's numbers are checked against
+# (tests/agents/test_seccomp_program.py).
+[ -f /usr/include/asm-generic/unistd.h ] || need+=(linux-libc-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if ! { as_root apt-get update -qq &&
          DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
