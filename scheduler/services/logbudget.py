@@ -88,20 +88,34 @@ async def kept(session: AsyncSession, org_ids: Iterable[int]) -> dict[int, int]:
     return {org_id: int(size) for org_id, size in rows.all()}
 
 
+async def _usage(session: AsyncSession, org_id: int, deltas: dict[int, int]) -> int:
+    """The org's bytes as this transaction leaves them: the committed counter (read afresh)
+    plus what this transaction has yet to apply to it."""
+    return (await kept(session, [org_id])).get(org_id, 0) + deltas.get(org_id, 0)
+
+
 async def make_room(
     session: AsyncSession,
     org_id: int,
     *,
-    need: int,
+    incoming: int,
+    max_bytes: int,
     spare: set[int],
     now: datetime,
     deltas: dict[int, int],
 ) -> int:
-    """Delete whole logs of the org's ended tasks, those that ended first first, until `need`
-    bytes are freed or none is left (the tasks in `spare` are skipped); returns bytes freed.
-    Each such task is marked, so that reading its log says why it is gone."""
-    freed = 0
-    while freed < need:
+    """Delete whole logs of the org's ended tasks, those that ended first first, until
+    `incoming` more bytes fit in `max_bytes` or none is left (the tasks in `spare` are
+    skipped); returns the room left for them. Each such task is marked, so that reading its
+    log says why it is gone.
+
+    The org's usage is read afresh before each deletion, after the candidates: another
+    heartbeat of the org making room at once picks the same oldest task, and whichever
+    deletes it second waits for the first to commit and finds it gone. Reading the counter
+    then shows the room the first made, and no further log is deleted for room that is
+    already there (the candidates are read first, so that a deletion committed in between is
+    in the counter too)."""
+    while True:
         has_chunks = exists().where(LogChunk.task_id == Task.id)
         stmt = (
             select(Task.id)
@@ -118,15 +132,17 @@ async def make_room(
         if spare:
             stmt = stmt.where(Task.id.not_in(spare))
         task_ids = list((await session.scalars(stmt)).all())
-        if not task_ids:
-            break
         for task_id in task_ids:
-            _rows, size = await delete_chunks(session, LogChunk.task_id == task_id, deltas=deltas)
-            await session.execute(update(Task).where(Task.id == task_id).values(log_dropped_at=now))
-            freed += size
-            if freed >= need:
-                break
-    return freed
+            room = max_bytes - await _usage(session, org_id, deltas)
+            if room >= incoming:
+                return room
+            rows, _size = await delete_chunks(session, LogChunk.task_id == task_id, deltas=deltas)
+            if rows:  # else another transaction deleted them: it says why
+                await session.execute(
+                    update(Task).where(Task.id == task_id).values(log_dropped_at=now)
+                )
+        if not task_ids:
+            return max_bytes - await _usage(session, org_id, deltas)
 
 
 async def _ends_with_marker(session: AsyncSession, task_id: int) -> bool:
@@ -163,11 +179,17 @@ async def admit(
     spare = {row["task_id"] for row in rows}
     room: dict[int, int] = {}
     for org_id in sorted(incoming):
-        over = usage.get(org_id, 0) + incoming[org_id] - max_bytes
-        freed = 0
-        if over > 0:
-            freed = await make_room(session, org_id, need=over, spare=spare, now=now, deltas=deltas)
-        room[org_id] = max_bytes - usage.get(org_id, 0) + freed
+        room[org_id] = max_bytes - usage.get(org_id, 0)
+        if incoming[org_id] > room[org_id]:
+            room[org_id] = await make_room(
+                session,
+                org_id,
+                incoming=incoming[org_id],
+                max_bytes=max_bytes,
+                spare=spare,
+                now=now,
+                deltas=deltas,
+            )
     out: list[dict[str, Any]] = []
     dropping: set[int] = set()
     for row in rows:

@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 from sqlalchemy import LargeBinary, cast, func, select
 
+from protocol.agent import Heartbeat
 from scheduler.db import Job, LogChunk, Org, OrgLogBytes, Task
 from scheduler.db.types import utcnow
+from scheduler.services.heartbeat.full import heartbeat
 from scheduler.services.logbudget import BUDGET_MARKER
 from scheduler.services.logretention import LogRetention
+from tests.harness.locks import done_or_waiting
 from tests.scheduling.harness import Cluster, fast_settings, report, running_cluster
 
 CHUNK = 4096
@@ -131,6 +134,41 @@ async def test_two_nodes_of_one_org_keep_the_counter_exact(database_url: str) ->
 
         await asyncio.gather(ship(a, ta), ship(b, tb))
         assert await org_bytes(cluster, org) == (48 * CHUNK, 48 * CHUNK)
+
+
+async def test_a_heartbeat_waiting_on_another_making_room_counts_the_room_it_made(
+    cluster: Cluster,
+) -> None:
+    """Two heartbeats of one org past the budget at once both pick its oldest ended log. The
+    second waits on the first's deletion (PostgreSQL's row locks; SQLite takes them in turn)
+    and finds it gone: the room the first made is there for both, so no other log is deleted
+    and none of the second's output is dropped."""
+    org = await cluster.org(guaranteed=16)
+    a, token, [(j1, t1), (j2, t2), (_, t3)] = await start(cluster, org, 3)
+    b, _, [(_, t4)] = await start(cluster, org, 1)
+    await cluster.heartbeat(a, logs=chunks(t1, 0, 2) + chunks(t2, 0, 2) + chunks(t3, 0, 6))
+    for job, task in ((j1, t1), (j2, t2)):
+        await cluster.heartbeat(a, tasks=[report(task, job, "exited", exit_code=0)])
+    assert await org_bytes(cluster, org) == (BUDGET, BUDGET)
+    async with cluster.sessionmaker() as session:
+        node_a = await session.scalar(select(Task.node_id).where(Task.id == t3))
+    assert node_a is not None
+
+    async with cluster.sessionmaker() as first:
+        # Node a's heartbeat deletes the oldest ended log (t1's) to make room, uncommitted.
+        body = Heartbeat.model_validate({"logs": chunks(t3, 6 * CHUNK, 1)})
+        await heartbeat(first, node_id=node_a, body=body, settings=cluster.app.state.settings)
+        second = asyncio.create_task(cluster.heartbeat(b, logs=chunks(t4, 0, 1)))
+        await done_or_waiting(cluster.app.state.engine, second)
+        await first.commit()
+    await asyncio.wait_for(second, timeout=120)
+
+    assert await org_bytes(cluster, org) == (BUDGET, BUDGET)
+    assert "log budget" in (await read(cluster, token, j1))["data"]
+    assert (await read(cluster, token, j2))["data"] == chunks(t2, 0, 1)[0]["data"] * 2
+    async with cluster.sessionmaker() as session:
+        stored = await session.scalars(select(LogChunk.data).where(LogChunk.task_id == t4))
+        assert list(stored) == [chunks(t4, 0, 1)[0]["data"]]
 
 
 async def test_two_nodes_making_room_at_once_keep_the_counter_exact(cluster: Cluster) -> None:

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from protocol.states import JobState
@@ -28,6 +28,7 @@ from scheduler.services.scheduling.apply import Applied
 from scheduler.services.scheduling.cycle import CycleResult
 from scheduler.settings import Settings
 from tests import factories
+from tests.harness.locks import done_or_waiting
 
 
 async def _seed(engine: AsyncEngine) -> tuple[int, int, int]:
@@ -78,29 +79,6 @@ async def _state(
         return job.state, stops, int(held or 0)
 
 
-async def _done_or_waiting(engine: AsyncEngine, task: asyncio.Task[Any]) -> None:
-    """Until `task` ended, or (PostgreSQL) some session waits on a row lock: the other side has
-    gone as far as it can inside the apply. SQLite: its first write waits on the apply's write
-    lock whatever it is, so one turn of the loop lets it read and reach that wait."""
-    await asyncio.sleep(0)
-    if engine.dialect.name != "postgresql":
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 120
-    async with engine.connect() as conn:
-        while not task.done() and loop.time() < deadline:
-            waiting = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            )
-            await conn.rollback()
-            if waiting:
-                return
-            await asyncio.sleep(0.05)
-
-
 async def test_a_cancel_read_before_the_start_commits_stops_the_started_job(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,7 +104,7 @@ async def test_a_cancel_read_before_the_start_commits_stops_the_started_job(
                 return nodes
 
         cancels.append(asyncio.create_task(cancel()))
-        await _done_or_waiting(engine, cancels[0])
+        await done_or_waiting(engine, cancels[0])
 
     monkeypatch.setattr(apply_module, "after_jobs_locked", cancel_inside_the_apply)
     async with _leader(engine) as cycle:
@@ -160,7 +138,7 @@ async def test_a_user_disabled_inside_the_apply_is_not_started_after_being_cance
                 return cancelled
 
         disables.append(asyncio.create_task(disable()))
-        await _done_or_waiting(engine, disables[0])
+        await done_or_waiting(engine, disables[0])
 
     monkeypatch.setattr(apply_module, "after_jobs_locked", disable_inside_the_apply)
     async with _leader(engine) as cycle:
