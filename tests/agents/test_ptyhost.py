@@ -17,17 +17,26 @@ from agents import ptyhost
 
 
 def _connect(directory: Path) -> socket.socket:
+    """As the agent's streams connect: through the directory's fd (a unix socket's path is
+    limited to 108 bytes), while the host is not listening yet."""
     deadline = time.monotonic() + 10
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
         try:
-            sock.connect(str(directory / ptyhost.SOCKET_NAME))
-            sock.settimeout(10)
-            return sock
+            sock.connect(f"/proc/self/fd/{dir_fd}/{ptyhost.SOCKET_NAME}")
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             assert time.monotonic() < deadline, "the host did not listen"
-            time.sleep(0.02)
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            sock.settimeout(10)
+            return sock
+        finally:
+            os.close(dir_fd)
+        time.sleep(0.02)
 
 
 def _frames(sock: socket.socket) -> list[tuple[bytes, bytes]]:
@@ -74,6 +83,31 @@ def test_a_terminal_session_over_the_hosts_socket(tmp_path: Path) -> None:
         assert host.returncode == 4
         assert b"got:hello" in stdout  # the session is the task's log too
         assert not (tmp_path / ptyhost.SOCKET_NAME).exists()
+    finally:
+        host.kill()
+        host.wait()
+        assert host.stdout is not None
+        host.stdout.close()
+
+
+def test_a_terminal_whose_directory_is_past_the_unix_path_limit(tmp_path: Path) -> None:
+    # A task's directory may be deep: the host listens, and the agent connects, through the
+    # directory's fd, whatever the length of its path.
+    directory = tmp_path / ("d" * 120)
+    directory.mkdir()
+    assert len(str(directory / ptyhost.SOCKET_NAME)) > 108
+    host = subprocess.Popen(
+        [sys.executable, "-I", "-S", ptyhost.__file__, str(directory), "30", "sh", "-c", "exit 6"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        client = _connect(directory)
+        client.sendall(ptyhost.frame(ptyhost.FRAME_RESIZE, struct.pack(">HH", 24, 80)))
+        frames = _frames(client)
+        client.close()
+        assert frames[-1:] == [(ptyhost.FRAME_EXIT, b"6")], frames
+        host.communicate(timeout=10)
+        assert host.returncode == 6
     finally:
         host.kill()
         host.wait()
