@@ -56,6 +56,7 @@ ORG_COLUMNS = [
     Column("MAX_PENDING", lambda o: o.get("max_pending_jobs", "-"), justify="right"),
     Column("IMAGES", lambda o: ",".join(o.get("image_patterns") or []) or "any", wide_only=True),
     Column("PATH", lambda o: o.get("path"), wide_only=True),
+    Column("WALL", lambda o: "tenant" if o.get("tenant", True) else "group", wide_only=True),
     Column("NETWORK", _network, wide_only=True),
     Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
     Column(
@@ -80,10 +81,21 @@ def org_create(
     default_time: Annotated[
         str | None, typer.Option("--default-time", help="Default job time limit (e.g. 4h).")
     ] = None,
+    group: Annotated[
+        bool,
+        typer.Option(
+            "--group",
+            help="A group of its parent's tenant (a team inside a company), which the parent's "
+            "members and admins see in full; by default an org is a tenant of its own, which "
+            "the orgs above it see only in aggregates.",
+        ),
+    ] = False,
     output: OutputOption = Format.TABLE,
 ) -> None:
     """Create an organisation."""
     body: dict[str, Any] = {"name": name, "shares": shares}
+    if group:
+        body["tenant"] = False
     if parent:
         body["parent"] = parent
     if default_time:
@@ -135,6 +147,16 @@ def org_update(
             help="Run every one-node job of it (and of the orgs below it) in a network of its "
             "own, refusing --network host for one; multi-node jobs still use their nodes' "
             "network.",
+            show_default=False,
+        ),
+    ] = None,
+    tenant: Annotated[
+        bool | None,
+        typer.Option(
+            "--tenant/--group",
+            help="A tenant of its own (a company: the orgs above it see it only in aggregates, "
+            "never its users' names), or a group of its parent's tenant (seen in full by the "
+            "parent's members and admins).",
             show_default=False,
         ),
     ] = None,
@@ -194,6 +216,8 @@ def org_update(
         body["require_isolation"] = require_isolation
     if require_private_network is not None:
         body["require_private_network"] = require_private_network
+    if tenant is not None:
+        body["tenant"] = tenant
     if images is not None:
         body["image_patterns"] = [p for p in images if p.strip()]
     if max_priority is not None:

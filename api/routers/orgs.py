@@ -71,6 +71,7 @@ def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
             if view.interactive_idle_timeout_s is not None
             else limits.interactive_idle_timeout_s
         ),
+        tenant=o.tenant,
         created_at=o.created_at,
         quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
     )
@@ -97,13 +98,15 @@ async def list_orgs(request: Request, session: SessionDep, principal: UserPrinci
 async def create_org(
     request: Request, body: OrgCreate, session: SessionDep, principal: PlatformAdmin
 ) -> OrgPublic:
-    """Create an organisation, optionally under a parent (platform admins)."""
+    """Create an organisation, optionally under a parent (platform admins): a tenant of its
+    own unless `tenant` is false (a group of its parent's tenant)."""
     org = await svc.create_org(
         session,
         name=body.name,
         parent=body.parent,
         shares=body.shares,
         default_time_limit_s=body.default_time_limit,
+        tenant=body.tenant,
         actor=principal.actor,
     )
     await session.commit()
@@ -135,7 +138,9 @@ async def update_org(
     time limit of its interactive jobs (`interactive_max_time`, inherited by the orgs below it
     that set none; null returns to the parent's or the server's), or how long its interactive
     jobs may sit idle, with no input and no GPU use, before they end
-    (`interactive_idle_timeout`, 0: never; inherited and reset as the maximum) (platform admins).
+    (`interactive_idle_timeout`, 0: never; inherited and reset as the maximum), or whether it
+    is a tenant of its own (`tenant`: true, a company, which the orgs above it see only in
+    aggregates; false, a group of its parent's tenant) (platform admins).
 
     A narrower image list refuses new submissions only; jobs already accepted keep running.
     """
@@ -153,6 +158,7 @@ async def update_org(
         max_pending_jobs=body.max_pending_jobs,
         interactive_max_time_s=body.interactive_max_time,
         interactive_idle_timeout_s=body.interactive_idle_timeout,
+        tenant=body.tenant,
         fields=set(body.model_fields_set),
         actor=principal.actor,
     )

@@ -15,7 +15,7 @@ from api.schemas.nodes import UsageReport, UsageRow
 from scheduler.db import Org
 from scheduler.db.types import utcnow
 from scheduler.services.errors import InvalidInput, NotFound
-from scheduler.services.orgs import all_orgs, find_org, subtree_ids
+from scheduler.services.orgs import all_orgs, find_org, full_view_ids, subtree_ids
 from scheduler.services.usage import MAX_REPORT_DAYS, By, Period, usage_report
 
 router = APIRouter(tags=["usage"])
@@ -32,17 +32,25 @@ CSV_FIELDS = (
 )
 
 
-async def _org_ids(session: SessionDep, principal: Principal, org: str | None) -> set[int] | None:
-    """Orgs the report covers: an org and the orgs below it; never outside the caller's view."""
+async def _scope(
+    session: SessionDep, principal: Principal, org: str | None
+) -> tuple[set[int] | None, set[int]]:
+    """Orgs the report covers (an org and the orgs below it; never outside the caller's view;
+    None: every org), and those of them beyond the caller's tenant wall, whose users it does
+    not name (scheduler/services/orgs.py `full_view_ids`)."""
     orgs = await all_orgs(session)
+    own = _own_subtree(orgs, principal)
     if org is not None:
         root = (await find_org(session, org)).id
-        if not principal.is_platform_admin and root not in _own_subtree(orgs, principal):
+        if not principal.is_platform_admin and root not in own:
             raise NotFound(f"org {org!r} not found")
-        return subtree_ids(orgs, root)
-    if principal.is_platform_admin:
-        return None
-    return _own_subtree(orgs, principal)
+        covered: set[int] | None = subtree_ids(orgs, root)
+    else:
+        covered = None if principal.is_platform_admin else own
+    if principal.is_platform_admin or principal.org_id is None:
+        return covered, set()
+    assert covered is not None
+    return covered, covered - full_view_ids(orgs, principal.org_id)
 
 
 def _own_subtree(orgs: list[Org], principal: Principal) -> set[int]:
@@ -74,7 +82,9 @@ async def usage(
 ) -> UsageReport | Response:
     """GPU-hours allocated, busy (from utilisation) and billed, energy, and GPU-hours lost to
     preemption, per `period` and per `by`. Default: the last 30 days. `format=csv` for
-    spreadsheets. Members and org admins see their org and the orgs below it."""
+    spreadsheets. Members and org admins see their org and the orgs below it; by user, the
+    users of an org beyond a tenant wall below theirs (a company under their programme) are
+    summed in one line per org, `ORG/*`, never named."""
     now = utcnow()
     until_at = _utc(until, now)
     since_at = _utc(since, until_at - timedelta(days=DEFAULT_REPORT_DAYS))
@@ -82,13 +92,15 @@ async def usage(
         raise InvalidInput("since must be before until")
     if until_at - since_at > timedelta(days=MAX_REPORT_DAYS):
         raise InvalidInput(f"a report covers at most {MAX_REPORT_DAYS} days")
+    org_ids, unnamed = await _scope(session, principal, org)
     lines = await usage_report(
         session,
         by=by,
         period=period,
         since=since_at,
         until=until_at,
-        org_ids=await _org_ids(session, principal, org),
+        org_ids=org_ids,
+        unnamed_org_ids=unnamed,
     )
     rows = [UsageRow.model_validate(line) for line in lines]
     if format == "csv":

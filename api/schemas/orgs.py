@@ -42,11 +42,19 @@ class OrgCreate(InputModel):
     """Name of the parent organisation (a programme pooling its members); none for a root."""
     shares: Shares = 1.0
     default_time_limit: TimeLimit | None = None
+    tenant: bool = True
+    """True (the default): a tenant of its own, a company: the orgs above it (a programme)
+    see it only in aggregates: usage by org and GPU type, standing, counts, never its users'
+    names. False: a group of its parent's tenant, whose members and admins see it in full."""
 
 
 class OrgUpdate(InputModel):
     shares: Shares | None = None
     default_time_limit: TimeLimit | None = None
+    tenant: bool | None = None
+    """True (the default): a tenant of its own, a company: the orgs above it (a programme)
+    see it only in aggregates: usage by org and GPU type, standing, counts, never its users'
+    names. False: a group of its parent's tenant, whose members and admins see it in full."""
     require_isolation: bool | None = None
     """True: the org's jobs, and those of every org below it, run only on nodes whose agent
     confines tasks (strict isolation)."""
@@ -126,6 +134,9 @@ class OrgPublic(OutputModel):
     interactive_idle_timeout_s: int = 0
     """Idle time that ends its interactive jobs (its own, an org above it's, or the server's);
     0: never."""
+    tenant: bool = True
+    """A tenant of its own (a company), which the orgs above it see only in aggregates; false:
+    a group of its parent's tenant."""
     created_at: datetime
     quotas: list[QuotaPublic] = Field(default_factory=list)
 

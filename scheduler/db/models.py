@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -66,6 +67,9 @@ class Org(Base):
     interactive_max_time_s: Mapped[int | None] = mapped_column(Integer)
     # Idle time that ends its interactive jobs (0: never); None: its parent's, or the server's.
     interactive_idle_timeout_s: Mapped[int | None] = mapped_column(Integer)
+    # A tenant of its own (a company): the orgs above it see it only in aggregates. False: a
+    # group of its parent's tenant, which the orgs above it, up to that tenant, see in full.
+    tenant: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -107,7 +111,7 @@ class User(Base):
     )
     role: Mapped[Role] = mapped_column(_enum(Role), default=Role.MEMBER)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    disabled_at: Mapped[datetime | None] = mapped_column()
+    disabled_at: Mapped[datetime | None] = mapped_column(index=True)
 
 
 class ApiToken(Base):

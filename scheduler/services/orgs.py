@@ -82,6 +82,26 @@ def subtree_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
     return out
 
 
+def full_view_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
+    """`root_id` and the orgs below it that its people see in full: those reached without
+    passing a tenant wall. An org marked `tenant` (a company, the default) is a tenant of its
+    own: the orgs above it see it, and everything below it, only in aggregates (usage by org
+    and GPU type, standing, counts), never its people's names or its jobs. An org that is not
+    (a group) belongs to its parent's tenant, whose people see it in full."""
+    children: dict[int | None, list[Org]] = {}
+    for o in orgs:
+        children.setdefault(o.parent_id, []).append(o)
+    out: set[int] = set()
+    stack = [root_id]
+    while stack:
+        oid = stack.pop()
+        if oid in out:
+            continue
+        out.add(oid)
+        stack.extend(child.id for child in children.get(oid, ()) if not child.tenant)
+    return out
+
+
 async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[OrgView]:
     """The tree in depth-first order; non-admins see their org and the orgs below it."""
     orgs = await all_orgs(session)
@@ -125,6 +145,7 @@ async def create_org(
     parent: str | None,
     shares: float,
     default_time_limit_s: int | None,
+    tenant: bool = True,
     actor: str,
 ) -> Org:
     if await session.scalar(select(Org.id).where(Org.name == name)) is not None:
@@ -143,11 +164,17 @@ async def create_org(
         shares=shares,
         default_time_limit_s=default_time_limit_s,
         private_network_required=inherited,
+        tenant=tenant,
     )
     session.add(org)
     await session.flush()
     session.add(
-        Event(kind="org.create", org_id=org.id, actor=actor, details={"parent_id": parent_id})
+        Event(
+            kind="org.create",
+            org_id=org.id,
+            actor=actor,
+            details={"parent_id": parent_id, "tenant": tenant},
+        )
     )
     await session.flush()
     return org
@@ -178,6 +205,7 @@ async def update_org(
     max_pending_jobs: int | None = None,
     interactive_max_time_s: int | None = None,
     interactive_idle_timeout_s: int | None = None,
+    tenant: bool | None = None,
     fields: set[str],
     actor: str,
 ) -> Org:
@@ -213,6 +241,9 @@ async def update_org(
     if "interactive_idle_timeout" in fields:
         org.interactive_idle_timeout_s = interactive_idle_timeout_s
         changes["interactive_idle_timeout_s"] = interactive_idle_timeout_s
+    if "tenant" in fields and tenant is not None:
+        org.tenant = tenant
+        changes["tenant"] = tenant
     if changes:
         session.add(Event(kind="org.update", org_id=org.id, actor=actor, details=changes))
     await session.flush()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scheduler.db import Org, UsageRecord, UsageRollup, User
@@ -54,8 +54,11 @@ async def usage_report(
     since: datetime,
     until: datetime,
     org_ids: set[int] | None,
+    unnamed_org_ids: set[int] | None = None,
 ) -> list[UsageLine]:
     """Rows ordered by period, then key. `org_ids` limits the report (None: every org).
+    By user, the users of `unnamed_org_ids` (orgs beyond the caller's tenant wall) are not
+    named: each such org's are summed in one line, `ORG/*` (`/` is in no user name).
     InvalidInput past MAX_REPORT_LINES lines; the rows it reads are the orgs' own ledger rows
     in the window, at most their GPUs held times its hours.
 
@@ -63,7 +66,14 @@ async def usage_report(
     (scheduler/services/jobpurge.py): the report adds both, so a purge changes no total."""
     lines: dict[tuple[datetime, str], UsageLine] = {}
     for table in (UsageRecord, UsageRollup):
-        stmt = _summed(table, by=by, since=since, until=until, org_ids=org_ids)
+        stmt = _summed(
+            table,
+            by=by,
+            since=since,
+            until=until,
+            org_ids=org_ids,
+            unnamed_org_ids=unnamed_org_ids or set(),
+        )
         async for row in await session.stream(stmt.execution_options(yield_per=STREAM_ROWS)):
             start = period_start(row.period_start, period)
             line = lines.get((start, row.key))
@@ -91,9 +101,15 @@ def _summed(
     since: datetime,
     until: datetime,
     org_ids: set[int] | None,
+    unnamed_org_ids: set[int],
 ) -> Select[str, datetime, bool, float, float, float, float]:
     """One table's sums per key, hour and preempted (both tables have the same columns)."""
-    key_col = {"org": Org.name, "user": User.name, "gpu_type": table.gpu_type}[by]
+    key_col: Any = {"org": Org.name, "user": User.name, "gpu_type": table.gpu_type}[by]
+    if by == "user" and unnamed_org_ids:
+        key_col = case(
+            (table.org_id.in_(sorted(unnamed_org_ids)), Org.name.concat("/*")),
+            else_=User.name,
+        )
     stmt = (
         select(
             key_col.label("key"),
@@ -111,6 +127,8 @@ def _summed(
         stmt = stmt.join(Org, Org.id == table.org_id)
     elif by == "user":
         stmt = stmt.join(User, User.id == table.user_id)
+        if unnamed_org_ids:
+            stmt = stmt.join(Org, Org.id == table.org_id)
     if org_ids is not None:
         stmt = stmt.where(table.org_id.in_(sorted(org_ids)))
     return stmt

@@ -10,6 +10,7 @@ from scheduler.db import LogChunk, OrgLogBytes, Task
 from scheduler.db.engine import make_sessionmaker
 from scheduler.db.migrate import check_schema, run_migrations
 from tests import factories
+from tests.db.oldrows import org_before_tenant
 
 BEFORE = "7c3e9a2d5f18"
 # Core statements name only the columns there were before the revision.
@@ -23,7 +24,7 @@ async def test_the_upgrade_backfills_each_orgs_log_bytes(engine: AsyncEngine) ->
     await run_migrations(engine, "downgrade", BEFORE)
     maker = make_sessionmaker(engine)
     async with maker() as session:
-        orgs = [await factories.org(session) for _ in range(3)]
+        orgs = [await org_before_tenant(session, f"org-{i}") for i in range(3)]
         for org, texts in zip(orgs, (["abc\n", "é\n"], ["x" * 1000], []), strict=True):
             user = await factories.user(session, org)
             job = await factories.job(session, org, user, state=JobState.RUNNING)

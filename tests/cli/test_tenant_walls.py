@@ -1,0 +1,44 @@
+"""The tenant wall from the CLI: `org create --group`, `org update --tenant/--group`, the WALL
+column, and what `usage --by user` shows a programme's admin of the companies under it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.harness.served import Served
+
+
+def _as_json(served: Served, *args: str, token: str | None = None) -> Any:
+    return json.loads(served.ok(*args, "-o", "json", token=token))
+
+
+def test_org_wall_is_set_and_shown(served: Served) -> None:
+    served.ok("org", "create", "startups")
+    served.ok("org", "create", "acme", "--parent", "startups")
+    served.ok("org", "create", "acme-vision", "--parent", "acme", "--group")
+    orgs = {o["name"]: o["tenant"] for o in _as_json(served, "org", "list")}
+    assert orgs == {"startups": True, "acme": True, "acme-vision": False}
+    wide = served.ok("org", "list", "-o", "wide")
+    assert "WALL" in wide
+    assert "group" in wide
+
+    served.ok("org", "update", "acme-vision", "--tenant")
+    assert _as_json(served, "org", "get", "acme-vision")["tenant"] is True
+    served.ok("org", "update", "acme-vision", "--group")
+    assert _as_json(served, "org", "get", "acme-vision")["tenant"] is False
+
+    admin = _as_json(
+        served,
+        "user",
+        "create",
+        "prog-admin",
+        "--org",
+        "startups",
+        "--role",
+        "org-admin",
+        "--token",
+    )["token"]
+    refused = served.run("org", "update", "acme", "--group", token=admin)
+    assert refused.exit_code != 0
+    assert "Traceback" not in refused.stderr

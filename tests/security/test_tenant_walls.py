@@ -1,0 +1,229 @@
+"""The tenant wall in the org tree: a programme's people see the companies under it only in
+aggregates (usage by org and GPU type, standing, counts), never their users' names, jobs or
+logs; a company's people see its groups in full. Real app over HTTP, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from protocol.states import JobState
+from scheduler.db import Allocation, Job, Node, Org, Task, UsageRecord, UsageRollup, User
+from scheduler.services.tokens import issue_token
+from scheduler.states import Role, TokenKind
+from tests import factories
+from tests.api.helpers import client, running_app
+
+JAN = datetime(2026, 1, 5, 10, tzinfo=UTC)
+WINDOW = "since=2026-01-01T00:00:00Z&until=2026-02-01T00:00:00Z&period=month"
+PEOPLE = {  # user name: (org, role)
+    "prog-admin": ("startups", Role.ORG_ADMIN),
+    "prog-member": ("startups", Role.MEMBER),
+    "acme-admin": ("acme", Role.ORG_ADMIN),
+    "acme-ada": ("acme", Role.MEMBER),
+    "vision-vic": ("acme-vision", Role.MEMBER),
+    "globex-gus": ("globex", Role.MEMBER),
+}
+HOURS = {"acme-ada": 3, "vision-vic": 2, "globex-gus": 5}  # GPU-hours each used in January
+ROLLED_UP = "vision-vic"  # one of them has a purged job: its hours are in the rollup
+
+
+@dataclass
+class Programme:
+    """startups (a programme) > acme (a company) > acme-vision (a group of acme); and globex,
+    another company of the programme. Platform admins built it through the API."""
+
+    app: FastAPI
+    tokens: dict[str, str] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
+
+    def client(self, who: str) -> httpx.AsyncClient:
+        return client(self.app, self.tokens[who])
+
+
+@pytest.fixture
+async def programme(database_url: str) -> AsyncIterator[Programme]:
+    async with running_app(database_url) as app:
+        world = Programme(app)
+        async with app.state.sessionmaker() as session:
+            platform = User(name="root", org_id=None, role=Role.PLATFORM_ADMIN)
+            session.add(platform)
+            await session.flush()
+            issued = await issue_token(session, kind=TokenKind.USER, user_id=platform.id)
+            world.tokens["platform"] = issued.secret
+            await session.commit()
+        async with world.client("platform") as c:
+            for body in (
+                {"name": "startups"},
+                {"name": "acme", "parent": "startups"},
+                {"name": "acme-vision", "parent": "acme", "tenant": False},
+                {"name": "globex", "parent": "startups"},
+            ):
+                assert (await c.post("/v1/orgs", json=body)).status_code == 201
+        async with app.state.sessionmaker() as session:
+            node, [gpu, *_] = await factories.node(session, gpus=1)
+            for name, (org_name, role) in PEOPLE.items():
+                org = await session.scalar(select(Org).where(Org.name == org_name))
+                assert org is not None
+                user = User(name=name, org_id=org.id, role=role)
+                session.add(user)
+                await session.flush()
+                issued = await issue_token(session, kind=TokenKind.USER, user_id=user.id)
+                world.tokens[name] = issued.secret
+                if name in HOURS:
+                    job = await factories.job(
+                        session, org, user, name=f"{name}-secret-model", state=JobState.COMPLETED
+                    )
+                    world.jobs[name] = job
+                    if name == ROLLED_UP:
+                        _roll_up(session, job, HOURS[name])
+                    else:
+                        await _charge(session, job, node, gpu.id, HOURS[name])
+            await session.commit()
+        yield world
+
+
+def _roll_up(session: AsyncSession, job: Job, hours: int) -> None:
+    """`hours` GPU-hours of January in the rollup of purged jobs."""
+    session.add(
+        UsageRollup(
+            org_id=job.org_id,
+            user_id=job.user_id,
+            gpu_type="H100",
+            period_start=JAN,
+            preempted=False,
+            gpu_seconds_allocated=hours * 3600.0,
+            gpu_seconds_busy=0.0,
+            billed_gpu_seconds=hours * 3600.0,
+            energy_joules=0.0,
+        )
+    )
+
+
+async def _charge(session: AsyncSession, job: Job, node: Node, gpu_id: int, hours: int) -> None:
+    """`hours` GPU-hours of January in the ledger, one allocation of the job."""
+    task = Task(job_id=job.id, node_rank=0, node_id=node.id, state=JobState.COMPLETED)
+    session.add(task)
+    await session.flush()
+    alloc = Allocation(
+        task_id=task.id,
+        job_id=job.id,
+        org_id=job.org_id,
+        user_id=job.user_id,
+        gpu_id=gpu_id,
+        gpu_type="H100",
+        started_at=JAN,
+        ended_at=JAN + timedelta(hours=hours),
+    )
+    session.add(alloc)
+    await session.flush()
+    for h in range(hours):
+        session.add(
+            UsageRecord(
+                allocation_id=alloc.id,
+                org_id=job.org_id,
+                user_id=job.user_id,
+                job_id=job.id,
+                gpu_type="H100",
+                period_start=JAN + timedelta(hours=h),
+                gpu_seconds_allocated=3600.0,
+                gpu_seconds_busy=0.0,
+                billed_gpu_seconds=3600.0,
+                energy_joules=0.0,
+                preempted=False,
+            )
+        )
+
+
+async def _usage(c: httpx.AsyncClient, by: str, extra: str = "") -> dict[str, float]:
+    response = await c.get(f"/v1/usage?by={by}&{WINDOW}{extra}")
+    assert response.status_code == 200, response.text
+    return {r["key"]: r["gpu_hours_allocated"] for r in response.json()["data"]}
+
+
+@pytest.mark.parametrize("who", ["prog-admin", "prog-member"])
+async def test_a_programme_sees_its_companies_only_in_aggregates(
+    programme: Programme, who: str
+) -> None:
+    async with programme.client(who) as c:
+        by_user = await _usage(c, "user")
+        by_user_csv = (await c.get(f"/v1/usage?by=user&{WINDOW}&format=csv")).text
+        by_org = await _usage(c, "org")
+        by_type = await _usage(c, "gpu_type")
+        one_company = await _usage(c, "user", "&org=acme")
+        standing = (await c.get("/v1/shares")).json()["data"]
+        orgs = (await c.get("/v1/orgs")).json()["data"]
+        job = programme.jobs["acme-ada"]
+        seen = [
+            await c.get(f"/v1/jobs/{job.id}"),
+            await c.get(f"/v1/jobs/{job.id}/logs"),
+            await c.get(f"/v1/jobs/{job.id}/events"),
+            await c.get(f"/v1/jobs/{job.id}/explain"),
+            await c.get("/v1/jobs?org=acme"),
+        ]
+        listed = (await c.get("/v1/jobs")).json()["data"]
+    # Each company's people are one line, named by the org, with the same figures.
+    assert by_user == {"acme/*": 3.0, "acme-vision/*": 2.0, "globex/*": 5.0}
+    assert one_company == {"acme/*": 3.0, "acme-vision/*": 2.0}
+    rows = list(csv.DictReader(io.StringIO(by_user_csv)))
+    assert sorted(r["key"] for r in rows) == ["acme-vision/*", "acme/*", "globex/*"]
+    for person in HOURS:
+        assert person not in by_user_csv
+    # Counts stay: usage by org and GPU type, standing, the tree.
+    assert by_org == {"acme": 3.0, "acme-vision": 2.0, "globex": 5.0}
+    assert by_type == {"H100": 10.0}
+    assert {s["org"] for s in standing} >= {"acme", "acme-vision", "globex"}
+    assert {o["name"]: o["tenant"] for o in orgs} == {
+        "startups": True,
+        "acme": True,
+        "acme-vision": False,
+        "globex": True,
+    }
+    # Jobs, logs and events of a company are its own: 404, as for a job that does not exist.
+    assert [r.status_code for r in seen] == [404] * 5
+    assert listed == []
+
+
+async def test_a_company_sees_its_groups_in_full_and_nothing_beside(
+    programme: Programme,
+) -> None:
+    async with programme.client("acme-admin") as c:
+        by_user = await _usage(c, "user")
+        beside = await c.get(f"/v1/usage?by=user&{WINDOW}&org=globex")
+        above = await c.get(f"/v1/usage?by=org&{WINDOW}&org=startups")
+    assert by_user == {"acme-ada": 3.0, "vision-vic": 2.0}
+    assert (beside.status_code, above.status_code) == (404, 404)
+    async with programme.client("vision-vic") as c:
+        assert await _usage(c, "user") == {"vision-vic": 2.0}
+    async with programme.client("globex-gus") as c:
+        assert await _usage(c, "user") == {"globex-gus": 5.0}
+
+
+async def test_platform_admins_set_the_wall_and_see_everyone(programme: Programme) -> None:
+    async with programme.client("platform") as c:
+        assert await _usage(c, "user") == {"acme-ada": 3.0, "vision-vic": 2.0, "globex-gus": 5.0}
+        walled = await c.patch("/v1/orgs/acme-vision", json={"tenant": True})
+        bad = await c.patch("/v1/orgs/acme-vision", json={"tenant": "perhaps"})
+    assert (walled.status_code, walled.json()["tenant"]) == (200, True)
+    assert bad.status_code == 422
+    assert bad.headers["content-type"].startswith("application/problem+json")
+    async with programme.client("acme-admin") as c:
+        # acme-vision is now a tenant of its own: acme sees it as a line, not its people.
+        assert await _usage(c, "user") == {"acme-ada": 3.0, "acme-vision/*": 2.0}
+        refused = await c.patch("/v1/orgs/acme-vision", json={"tenant": False})
+    assert refused.status_code == 403
+    async with programme.client("platform") as c:
+        assert (await c.patch("/v1/orgs/acme-vision", json={"tenant": False})).status_code == 200
+        events = (await c.get("/v1/orgs/acme-vision")).json()
+    assert events["tenant"] is False
+    async with programme.client("acme-admin") as c:
+        assert await _usage(c, "user") == {"acme-ada": 3.0, "vision-vic": 2.0}
