@@ -2,9 +2,11 @@
 
 It names every org with its jobs by state, quota, allocation and fair-share factor, which
 competing tenants must not read of each other. With `FAIRGPU_METRICS_TOKEN` set, it asks every
-client for that bearer token; unset, it answers only a client on the server's own machine (the
-connection's peer is a loopback address and no proxy forwarded the request), which keeps a
-fresh install's local Prometheus and `fairgpu demo` working while nobody else reaches it. User
+client for that bearer token; unset, it answers only the server's own machine's services: the
+connection's peer is a loopback address, no proxy forwarded the request, and the peer's socket
+is the server's uid's or root's (api/peercred.py). That keeps `fairgpu demo` and a Prometheus
+run by the same user working while nobody else reaches it, not even a task on this machine
+(which shares its loopback when it has no network of its own, as its org's uid). User
 tokens never open it: the scraper's credential is not a person's, and a platform admin's token
 kept in a Prometheus config would be a far larger one at rest. A refused client without a
 bearer pays into its address's bucket of failed authentications (api/authfailures.py), as a
@@ -20,14 +22,15 @@ the client kept asking). A process now reads the cluster once at a time.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import math
+import os
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.authfailures import AuthFailures, client_address
 from api.deps import parse_bearer
+from api.peercred import Endpoint, LookupUnavailable, socket_uid
 from api.shared import shared_call
 from scheduler.metrics import ClusterStats, read_cluster, render
 from scheduler.services.errors import TooManyRequests, Unauthenticated
@@ -69,8 +72,9 @@ def _admit(request: Request) -> None:
         if _on_this_machine(request):
             return
         detail = (
-            "/metrics answers only this machine while FAIRGPU_METRICS_TOKEN is unset: set it "
-            "on the server and give Prometheus the same token"
+            "/metrics answers only this machine's services (the server's uid or root) while "
+            "FAIRGPU_METRICS_TOKEN is unset: set it on the server and give Prometheus the same "
+            "token"
         )
     failures: AuthFailures | None = getattr(request.app, "auth_failures", None)
     if failures is not None and header is None:
@@ -86,17 +90,30 @@ def _admit(request: Request) -> None:
 
 
 def _on_this_machine(request: Request) -> bool:
-    """The peer is a loopback address and no proxy stands between (a proxy on this machine
-    that adds none of FORWARDING_HEADERS hides its clients: set the token there)."""
+    """The peer is a loopback address, no proxy stands between (a proxy on this machine that
+    adds none of FORWARDING_HEADERS hides its clients: set the token there), and the peer's
+    socket belongs to the server's own uid or root (api/peercred.py): a task on this machine
+    that shares its network runs as its org's uid, and is not one of the machine's services.
+
+    A request that no TCP connection on this machine carries (the app called inside its own
+    process, as the tests' in-process transport does) is the process's own. When the kernel
+    cannot be asked, the answer is no."""
     if request.client is None or any(h in request.headers for h in FORWARDING_HEADERS):
         return False
-    try:
-        peer = ipaddress.ip_address(request.client.host)
-    except ValueError:
+    peer = Endpoint.of(request.client.host, request.client.port)
+    if peer is None or not peer.address.is_loopback:
         return False
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
-    return peer.is_loopback
+    server = request.scope.get("server")
+    local = Endpoint.of(server[0], server[1] or 0) if server else None
+    if local is None:
+        return True  # not a TCP server's request: the in-process transport's
+    try:
+        uid = socket_uid(peer, local)
+        if uid is not None:
+            return uid in (0, os.geteuid())
+        return socket_uid(local, peer) is None  # neither end on this machine: in-process
+    except LookupUnavailable:
+        return False
 
 
 async def _read(app: FastAPI) -> ClusterStats:
