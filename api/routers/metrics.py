@@ -95,25 +95,26 @@ def _on_this_machine(request: Request) -> bool:
     socket belongs to the server's own uid or root (api/peercred.py): a task on this machine
     that shares its network runs as its org's uid, and is not one of the machine's services.
 
-    A request that no TCP connection on this machine carries (the app called inside its own
-    process, as the tests' in-process transport does) is the process's own. When the kernel
-    cannot be asked, the answer is no."""
+    A request whose server is named by a host name rather than a socket's address is no TCP
+    connection's: the app called inside its own process (the tests' in-process transport), so
+    the process's own. When the kernel cannot be asked, or knows no such socket, the answer is
+    no."""
     if request.client is None or any(h in request.headers for h in FORWARDING_HEADERS):
         return False
     peer = Endpoint.of(request.client.host, request.client.port)
     if peer is None or not peer.address.is_loopback:
         return False
     server = request.scope.get("server")
-    local = Endpoint.of(server[0], server[1] or 0) if server else None
+    if not server:
+        return False
+    local = Endpoint.of(server[0], server[1] or 0)
     if local is None:
-        return True  # not a TCP server's request: the in-process transport's
+        return True
     try:
         uid = socket_uid(peer, local)
-        if uid is not None:
-            return uid in (0, os.geteuid())
-        return socket_uid(local, peer) is None  # neither end on this machine: in-process
     except LookupUnavailable:
         return False
+    return uid is not None and uid in (0, os.geteuid())
 
 
 async def _read(app: FastAPI) -> ClusterStats:
