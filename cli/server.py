@@ -74,8 +74,8 @@ def server(
     )
     if settings.metrics_token is None and not _is_loopback(settings.host):
         typer.echo(
-            "fairgpu: /metrics answers only this machine: set FAIRGPU_METRICS_TOKEN and give "
-            "Prometheus the same token to scrape from elsewhere",
+            "fairgpu: /metrics answers only this machine's processes of this user or root: set "
+            "FAIRGPU_METRICS_TOKEN and give Prometheus the same token to scrape from elsewhere",
             err=True,
         )
     separate = workers > 1 if scheduler_process is None else scheduler_process
