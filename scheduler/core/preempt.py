@@ -281,6 +281,18 @@ class Preemptor:
         if self.failed.get(memo, k + 1) <= k:
             return None
         if in_quota or consolidate:
+            if not consolidate:
+                # A reclaim that cannot free enough GPUs fails after reading, ordering and
+                # costing every candidate of the type: decide that from sums first.
+                self._scan(gpu_type)
+                aged = self._aged
+                if not any(aged.get((o, gpu_type)) for o in self._shares[gpu_type]) and (
+                    not self._incoming_of(gpu_type)
+                ):
+                    return None  # as below: no candidate of the type and nothing leaving
+                if not self._could_free(job, gpu_type, need):
+                    self.failed[memo] = min(k, self.failed.get(memo, k + 1))
+                    return None
             cands = self.candidates(gpu_type)
             if not cands and not self._incoming_of(gpu_type):
                 return None
@@ -432,6 +444,73 @@ class Preemptor:
                     seen.add(r.job_id)
                     needed.append(r)
         return Plan(from_index + [o.node for o in picked], needed, ready_at)
+
+    def _could_free(self, job: PendingJob, gpu_type: str, need: int) -> bool:
+        """Whether a reclaim for `job` could free its gang: False only when `plan` would fail.
+
+        The plan's own test, with sums in place of ordered victims: a node is an option when
+        its free GPUs, the GPUs leaving it and those of its eligible victims (the candidates
+        `plan` would take for an in-quota job: other orgs' jobs while their org borrows and
+        keeps a weighted share at least the job's, and the org's own lower classes, none
+        chosen yet) reach the task's size; the gang fits when, on some site, those options and
+        the nodes free enough already number the job's nodes. Which victims and in what order
+        only decide among options, so a "no" needs no candidate list, cost or sort.
+        """
+        gpn, k, site = job.gpus_per_node, job.nodes, job.site
+        index, books = self.index, self.books
+        free, nodes, avoid = index.free, index.nodes, self.avoid
+        cls = self.classes.get(job.priority_class, 0)
+        after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count)
+        chosen, classes = self.chosen, self.classes
+        share_without: dict[tuple[int, int], float] = {}
+        freeable: dict[int, int] = {}  # node → GPUs free, leaving or held by eligible victims
+        for org_id in self._shares[gpu_type]:
+            own = org_id == job.org_id
+            if not own and books.over(org_id, gpu_type) <= 0:
+                continue
+            for r, n in self._aged.get((org_id, gpu_type), ()):
+                if r.job_id in chosen:
+                    continue
+                if own:
+                    if classes.get(r.priority_class, 0) >= cls:
+                        continue
+                elif after_share:  # a weighted share is never below 0: at 0 all qualify
+                    victim_share = share_without.get((org_id, n))
+                    if victim_share is None:
+                        victim_share = share_without[(org_id, n)] = books.weighted_share(
+                            org_id, gpu_type, -n
+                        )
+                    if after_share > victim_share:
+                        continue
+                for p in r.placements:
+                    nid = p.node_id
+                    freeable[nid] = freeable.get(nid, 0) + len(p.gpus)
+        for nid in self._incoming_of(gpu_type):
+            g = self.incoming[nid].gpus
+            if g > 0:
+                freeable[nid] = freeable.get(nid, 0) + g
+        per_site: dict[str, int] = {}
+        for nid, g in freeable.items():
+            node = nodes.get(nid)
+            if (
+                node is None
+                or node.gpu_type != gpu_type
+                or (site is not None and node.site != site)
+                or (need and not index.in_class(nid, need))
+                or free[nid] >= gpn
+                or nid in avoid
+                or free[nid] + g < gpn
+            ):
+                continue
+            if k == 1:
+                return True
+            per_site[node.site] = per_site.get(node.site, 0) + 1
+        levels = index.levels_for(need)
+        for s, options in per_site.items():
+            lvl = levels.get((gpu_type, s))
+            if min(k, lvl.count_ge(gpn) if lvl is not None else 0) + options >= k:
+                return True
+        return False
 
     def _least_lost(
         self, on_node: list[tuple[RunningJob, int]], short: int
