@@ -75,6 +75,7 @@ class Cycle:
             cfg,
             self.now,
             self.res.protected,
+            run.aged_classes,
         )
         self.ex = Explainer(
             CycleState(self.now, cfg, self.index, self.books, self.res, self.factor)

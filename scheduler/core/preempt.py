@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from scheduler.core.capacity import FreeIndex
+from scheduler.core.capacity import FreeIndex, Level
 from scheduler.core.quota import OrgBooks
 from scheduler.core.types import PendingJob, PolicyConfig, RunningJob
 
@@ -45,6 +45,9 @@ class _Option(NamedTuple):
     lost: float  # GPU-seconds of work its victims would lose
     node: int
     victims: list[RunningJob]
+
+
+_NO_CLASS = 1 << 62  # the lowest class when there is no candidate: above every class
 
 
 def _youngest_first(r: RunningJob) -> tuple[float, int]:
@@ -81,7 +84,12 @@ class Preemptor:
         config: PolicyConfig,
         now: float,
         avoid: set[int] | None = None,
+        aged_classes: Iterable[str] | None = None,
     ) -> None:
+        """`aged_classes`: the priority classes of the candidates in `aged` (None: read them
+        from `aged`)."""
+        if aged_classes is None:
+            aged_classes = {r.priority_class for grp in aged.values() for r, _ in grp}
         self.index = index
         # Nodes reserved for protected gangs (filled as the cycle goes): no plan frees them.
         self.avoid: set[int] = avoid if avoid is not None else set()
@@ -89,6 +97,11 @@ class Preemptor:
         self.config = config
         self.now = now
         self.classes = config.priority_classes
+        # The lowest class of any candidate (a class not configured is 0): a question about
+        # lower classes than that needs no candidate read.
+        self._lowest_class = min(
+            (self.classes.get(name, 0) for name in aged_classes), default=_NO_CLASS
+        )
         self.incoming: dict[int, Incoming] = {}
         self.own_incoming: dict[tuple[int, str], int] = {}  # (org, type) → GPUs of its leaving
         self._inc_by_org: dict[tuple[int, str], set[int]] = {}  # (org, type) → nodes
@@ -165,14 +178,22 @@ class Preemptor:
     def has_lower(self, org_id: int, types: tuple[str, ...], cls: int) -> bool:
         """Whether the org runs a preemptible lower-class job, or has jobs leaving, on a type."""
         shares, stats, own_incoming = self._shares, self._stats, self.own_incoming
+        # No candidate's class is below `cls`: then only leaving GPUs count, and the org's
+        # candidates need not be read (where all jobs have one class, every borrower that
+        # finds no idle GPUs asks this, every cycle).
+        lowest = cls <= self._lowest_class
         for t in types:
             if t not in shares:
                 self._scan(t)
             key = (org_id, t)
+            if own_incoming.get(key):
+                return True
+            if lowest:
+                continue
             st = stats.get(key)
             if st is None:
                 st = self._stat(key)
-            if (st is not None and st[0] < cls and st[2]) or own_incoming.get(key):
+            if st is not None and st[0] < cls and st[2]:
                 return True
         return False
 
@@ -290,6 +311,9 @@ class Preemptor:
                     not self._incoming_of(gpu_type)
                 ):
                     return None  # as below: no candidate of the type and nothing leaving
+                waiting = self._leaving_only(job, gpu_type, need)
+                if waiting is not None:
+                    return waiting
                 if not self._could_free(job, gpu_type, need):
                     self.failed[memo] = min(k, self.failed.get(memo, k + 1))
                     return None
@@ -396,6 +420,24 @@ class Preemptor:
             if consolidate and (beyond or gpus > free[nid]):
                 continue
             options.append(_Option(beyond, gpus, lost, nid, victims))
+        got = self._pick(job, gpu_type, options, by_node, levels)
+        if got is None:
+            self.failed[memo] = min(k, self.failed.get(memo, k + 1))
+        return got
+
+    def _pick(
+        self,
+        job: PendingJob,
+        gpu_type: str,
+        options: list[_Option],
+        by_node: dict[int, list[tuple[RunningJob, int]]],
+        levels: dict[tuple[str, ...], Level],
+    ) -> Plan | None:
+        """The plan from the options: the best node, or the best site's nodes for a gang
+        (None: no site holds the gang)."""
+        gpn, k = job.gpus_per_node, job.nodes
+        index = self.index
+        free, nodes = index.free, index.nodes
         chosen_site: str | None = None
         picked: list[_Option] = []
         from_index: list[int] = []
@@ -429,7 +471,6 @@ class Preemptor:
                 if base and lvl is not None:
                     from_index = index.take(lvl, gpn, base)
         if chosen_site is None:
-            self.failed[memo] = min(k, self.failed.get(memo, k + 1))
             return None
         needed: list[RunningJob] = []
         seen: set[int] = set()
@@ -444,6 +485,36 @@ class Preemptor:
                     seen.add(r.job_id)
                     needed.append(r)
         return Plan(from_index + [o.node for o in picked], needed, ready_at)
+
+    def _leaving_only(self, job: PendingJob, gpu_type: str, need: int) -> Plan | None:
+        """The reclaim's plan when GPUs already leaving suffice, or None.
+
+        A node that GPUs already leaving make whole is an option that preempts nothing, and
+        such options come before every option with victims (no GPUs taken, no work lost), so
+        `plan` would pick among them alone, by node id or by site: the candidates need not
+        be read. A job waiting for an earlier reclaim asks this every cycle until it starts.
+        """
+        gpn, site = job.gpus_per_node, job.site
+        index = self.index
+        free, nodes = index.free, index.nodes
+        options: list[_Option] = []
+        for nid in self._incoming_of(gpu_type):
+            g = self.incoming[nid].gpus
+            node = nodes.get(nid)
+            if (
+                g > 0
+                and node is not None
+                and node.gpu_type == gpu_type
+                and (site is None or node.site == site)
+                and (not need or index.in_class(nid, need))
+                and free[nid] < gpn
+                and nid not in self.avoid
+                and free[nid] + g >= gpn
+            ):
+                options.append(_Option(False, 0, 0.0, nid, []))
+        if not options:
+            return None
+        return self._pick(job, gpu_type, options, {}, index.levels_for(need))
 
     def _could_free(self, job: PendingJob, gpu_type: str, need: int) -> bool:
         """Whether a reclaim for `job` could free its gang: False only when `plan` would fail.

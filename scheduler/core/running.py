@@ -36,6 +36,8 @@ class RunningTables:
         # Preemptible jobs past the minimum runtime, with their GPUs, grouped per (org, type):
         # the victim candidates, scanned per type only when asked about.
         aged: dict[Key, list[tuple[RunningJob, int]]] = {}
+        # Candidates per priority class name: which classes any victim could have.
+        aged_classes: dict[str, int] = {}
         oldest = now - min_runtime_s
         for r in running:
             n = 0
@@ -67,12 +69,14 @@ class RunningTables:
                     aged[key] = [(r, n)]
                 else:
                     group.append((r, n))
+                aged_classes[r.priority_class] = aged_classes.get(r.priority_class, 0) + 1
         self.held = held
         self.drains = drains
         self.booked = booked
         self.leaving = leaving
         self.preempting = preempting
         self.aged = aged
+        self.aged_classes = aged_classes
         # What correcting by delta needs, made at the first correction (a cycle that keeps
         # nothing never pays for it): job id → (job, GPUs, end); node → job id → (GPUs, end);
         # candidate job id → its group; preemptible jobs not yet past the minimum runtime.
@@ -168,6 +172,8 @@ class RunningTables:
             self.aged[key] = [(r, n)]
         else:
             group.append((r, n))
+        classes = self.aged_classes
+        classes[r.priority_class] = classes.get(r.priority_class, 0) + 1
 
     def _remove(self, job_id: int, touched: set[int]) -> None:
         assert self._jobs is not None
@@ -190,6 +196,11 @@ class RunningTables:
                     break
             if not group:
                 del self.aged[group_key]
+            left = self.aged_classes[r.priority_class] - 1
+            if left:
+                self.aged_classes[r.priority_class] = left
+            else:
+                del self.aged_classes[r.priority_class]
 
     def _refresh(self, touched: set[int]) -> None:
         """Held GPUs and drain time of each node whose jobs changed."""

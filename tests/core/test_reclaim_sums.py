@@ -7,6 +7,7 @@ property below runs every plan in full beside it and compares.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from unittest.mock import patch
 
 from hypothesis import HealthCheck, given, settings
@@ -77,17 +78,28 @@ def _chain(snap: Snapshot, step_s: float, cycles: int = 4) -> list[str]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(snapshots(), st.sampled_from([40.0, 700.0]))
-def test_the_sums_say_no_exactly_when_the_full_plan_fails(snap: Snapshot, step_s: float) -> None:
-    """Every reclaim plan runs in full beside the sums' answer: "no" exactly when the plan
-    finds nothing, and the decisions (explanations and standings included) are the same over
-    a chain of cycles whether the sums may stop a plan or not."""
-    answers: list[bool] = []
-    compared: list[tuple[bool, bool]] = []
-    real_could_free, real_plan = Preemptor._could_free, Preemptor.plan
+def test_the_shortcuts_answer_as_the_full_plan(snap: Snapshot, step_s: float) -> None:
+    """Every reclaim plan runs in full beside the shortcuts' answers: the sums say no exactly
+    when the plan finds nothing, and a plan from leaving GPUs alone is the full plan; and the
+    decisions (explanations and standings included) are the same over a chain of cycles
+    whether the shortcuts may answer or not."""
+    could: list[bool] = []
+    leaving: list[Plan | None] = []
+    compared: list[tuple[bool, Plan | None, Plan | None]] = []
+    real_could_free, real_leaving_only, real_plan = (
+        Preemptor._could_free,
+        Preemptor._leaving_only,
+        Preemptor.plan,
+    )
 
-    def always_full(self: Preemptor, job: PendingJob, gpu_type: str, need: int) -> bool:
-        answers.append(real_could_free(self, job, gpu_type, need))
+    def could_noting(self: Preemptor, job: PendingJob, gpu_type: str, need: int) -> bool:
+        could.append(real_could_free(self, job, gpu_type, need))
         return True
+
+    def leaving_noting(self: Preemptor, job: PendingJob, gpu_type: str, need: int) -> Plan | None:
+        # A gang's plan may take nodes from the free index: only single tasks are compared.
+        leaving.append(real_leaving_only(self, job, gpu_type, need) if job.nodes == 1 else None)
+        return None
 
     def plan_noting(
         self: Preemptor,
@@ -97,16 +109,75 @@ def test_the_sums_say_no_exactly_when_the_full_plan_fails(snap: Snapshot, step_s
         consolidate: bool = False,
         spare_org: int = -1,
     ) -> Plan | None:
-        asked = len(answers)
+        asked = len(could)
         got = real_plan(self, job, gpu_type, in_quota, consolidate, spare_org)
-        if len(answers) > asked:
-            compared.append((answers[-1], got is not None))
+        if len(could) > asked:
+            compared.append((could[-1], leaving[-1], got))
         return got
 
     with (
-        patch.object(Preemptor, "_could_free", always_full),
+        patch.object(Preemptor, "_could_free", could_noting),
+        patch.object(Preemptor, "_leaving_only", leaving_noting),
         patch.object(Preemptor, "plan", plan_noting),
     ):
         full = _chain(snap, step_s)
-    assert all(could == found for could, found in compared), compared
+    for could_free, from_leaving, found in compared:
+        assert could_free == (found is not None)
+        if from_leaving is not None:
+            assert from_leaving == found
     assert _chain(snap, step_s) == full
+
+
+def test_a_borrower_no_candidate_is_below_reads_no_candidates() -> None:
+    # Org 1 borrows (no guarantee) and finds no idle GPU; its own job on the node is a
+    # candidate of the same class: nothing to bump, known from the candidates' classes alone.
+    same = snapshot(
+        nodes=nodes(1),
+        orgs=[org(1), org(2)],
+        running=[run(100, 1, [(1, range(8))], preemptible=True, started=-HOUR_S)],
+        pending=[job(1, 1, 8, preemptible=True)],
+    )
+    read: list[tuple[int, str]] = []
+    real = Preemptor._stat
+
+    def noting(self: Preemptor, key: tuple[int, str]) -> list[int] | None:
+        read.append(key)
+        return real(self, key)
+
+    with patch.object(Preemptor, "_stat", noting):
+        d = Scheduler().schedule(same)
+    assert d.preemptions == ()
+    assert read == []
+    # A lower class among its candidates: the bump reads them and takes that job.
+    low = replace(same, running=(replace(same.running[0], priority_class="low"),))
+    with patch.object(Preemptor, "_stat", noting):
+        d = Scheduler().schedule(low)
+    assert [p.job_id for p in d.preemptions] == [100]
+    assert read
+
+
+def test_a_job_waiting_for_leaving_gpus_orders_no_candidate() -> None:
+    # Org 1's in-quota job waits for node 1, which an earlier reclaim is emptying; node 2 runs
+    # another borrower that could be taken but need not be.
+    s = snapshot(
+        nodes=nodes(2),
+        orgs=[org(1, guaranteed=8), org(2)],
+        running=[
+            run(100, 2, [(1, range(8))], preemptible=True, preempting=True, preempt_deadline=20.0),
+            run(101, 2, [(2, range(8))], preemptible=True, started=-HOUR_S),
+        ],
+        pending=[job(1, 1, 8)],
+    )
+    asked: list[str] = []
+    real = Preemptor.candidates
+
+    def noting(self: Preemptor, gpu_type: str) -> object:
+        asked.append(gpu_type)
+        return real(self, gpu_type)
+
+    with patch.object(Preemptor, "candidates", noting):
+        d = Scheduler().schedule(s)
+    assert d.preemptions == ()
+    assert d.starts == ()
+    assert asked == []
+    assert d.pending[1].estimated_start == 20.0

@@ -33,6 +33,7 @@ def tables(run: RunningTables) -> dict[str, object]:
         "leaving": {k: n for k, n in run.leaving.items() if n},
         "preempting": {j: id(r) for j, r in run.preempting.items()},
         "aged": {k: sorted((r.job_id, id(r), n) for r, n in g) for k, g in run.aged.items()},
+        "aged_classes": dict(run.aged_classes),
     }
 
 
