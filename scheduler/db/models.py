@@ -12,6 +12,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -102,10 +103,24 @@ class OrgUsage(Base):
 
 
 class User(Base):
+    """A person. A name is unique within its org, and among platform admins (no org): a name
+    taken in one company tells nothing to another, nor keeps it from using the name."""
+
     __tablename__ = "users"
+    __table_args__ = (
+        UniqueConstraint("org_id", "name"),
+        # NULLs are distinct in a unique constraint: platform admins need their own index.
+        Index(
+            "uq_users_platform_admin_name",
+            "name",
+            unique=True,
+            postgresql_where=text("org_id IS NULL"),
+            sqlite_where=text("org_id IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
     org_id: Mapped[int | None] = mapped_column(
         ForeignKey("orgs.id", ondelete="RESTRICT"), index=True
     )

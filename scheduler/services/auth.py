@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scheduler.db import Event, User
 from scheduler.services.errors import Conflict
 from scheduler.services.tokens import IssuedToken, issue_token
+from scheduler.services.users import find_user
 from scheduler.states import Role, TokenKind
 
 
@@ -29,7 +30,7 @@ async def bootstrap_admin(
     if existing and not force:
         names = ", ".join(u.name for u in existing)
         raise Conflict(f"a platform admin already exists ({names}); use --force to add a token")
-    user = await session.scalar(select(User).where(User.name == name))
+    user = await find_user(session, name, org_id=None)  # an org's user of that name is another
     if user is None:
         user = User(name=name, org_id=None, role=Role.PLATFORM_ADMIN)
         session.add(user)

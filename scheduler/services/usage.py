@@ -57,8 +57,9 @@ async def usage_report(
     unnamed_org_ids: set[int] | None = None,
 ) -> list[UsageLine]:
     """Rows ordered by period, then key. `org_ids` limits the report (None: every org).
-    By user, the users of `unnamed_org_ids` (orgs beyond the caller's tenant wall) are not
-    named: each such org's are summed in one line, `ORG/*` (`/` is in no user name).
+    By user, a line is `ORG/NAME` (names are unique per org only); the users of
+    `unnamed_org_ids` (orgs beyond the caller's tenant wall) are not named: each such org's
+    are summed in one line, `ORG/*` (`/` and `*` are in no user name).
     InvalidInput past MAX_REPORT_LINES lines; the rows it reads are the orgs' own ledger rows
     in the window, at most their GPUs held times its hours.
 
@@ -104,11 +105,14 @@ def _summed(
     unnamed_org_ids: set[int],
 ) -> Select[str, datetime, bool, float, float, float, float]:
     """One table's sums per key, hour and preempted (both tables have the same columns)."""
-    key_col: Any = {"org": Org.name, "user": User.name, "gpu_type": table.gpu_type}[by]
+    # By user, `ORG/NAME`: a name is unique within its org only, and two orgs' users of one
+    # name are two lines.
+    user_key = Org.name.concat("/").concat(User.name)
+    key_col: Any = {"org": Org.name, "user": user_key, "gpu_type": table.gpu_type}[by]
     if by == "user" and unnamed_org_ids:
         key_col = case(
             (table.org_id.in_(sorted(unnamed_org_ids)), Org.name.concat("/*")),
-            else_=User.name,
+            else_=user_key,
         )
     stmt = (
         select(
@@ -126,9 +130,7 @@ def _summed(
     if by == "org":
         stmt = stmt.join(Org, Org.id == table.org_id)
     elif by == "user":
-        stmt = stmt.join(User, User.id == table.user_id)
-        if unnamed_org_ids:
-            stmt = stmt.join(Org, Org.id == table.org_id)
+        stmt = stmt.join(User, User.id == table.user_id).join(Org, Org.id == table.org_id)
     if org_ids is not None:
         stmt = stmt.where(table.org_id.in_(sorted(org_ids)))
     return stmt

@@ -35,9 +35,11 @@ async def create_user(
     `max_rows_per_org` users in all, disabled ones included (409): rates and stream caps are
     per user and per token, so an org admin creating users without end would multiply what
     the org can load onto the server, and creating and disabling them without end would grow
-    the users table and take names from every other org."""
-    if await session.scalar(select(User.id).where(User.name == name)) is not None:
-        raise Conflict(f"user {name!r} already exists")
+    the users table. A name is unique within its org only (platform admins: among them), so
+    that a refusal says nothing of other orgs' users."""
+    if await find_user(session, name, org_id=org_id) is not None:
+        where = "in this org" if org_id is not None else "among platform admins"
+        raise Conflict(f"user {name!r} already exists {where}")
     if org_id is not None and (max_per_org is not None or max_rows_per_org is not None):
         await lock_owner_row(session, Org, org_id)
         if max_per_org is not None:
@@ -88,6 +90,13 @@ async def _check_rows(session: AsyncSession, org_id: int, cap: int) -> None:
             cap=cap,
             count=count,
         )
+
+
+async def find_user(session: AsyncSession, name: str, *, org_id: int | None) -> User | None:
+    """The user named `name` in org `org_id`, or among platform admins when None: names are
+    unique only there (uq_users_org_id, uq_users_platform_admin_name)."""
+    in_org = User.org_id.is_(None) if org_id is None else User.org_id == org_id
+    return await session.scalar(select(User).where(in_org, User.name == name))
 
 
 async def get_user(session: AsyncSession, user_id: int, *, scope_org_id: int | None) -> User:

@@ -155,8 +155,8 @@ async def test_usage_report_json_and_csv(world: World, monkeypatch: pytest.Monke
     ]
     rows = list(csv.DictReader(io.StringIO(csv_text)))
     assert {(r["key"], float(r["gpu_hours_allocated"])) for r in rows} == {
-        ("member-a", 3.0),
-        ("member-b", 1.0),
+        ("org-a/member-a", 3.0),
+        ("org-b/member-b", 1.0),
     }
     assert [(r["key"], r["gpu_hours_allocated"]) for r in own] == [("org-a", 3.0)]
 

@@ -200,17 +200,21 @@ async def test_a_company_sees_its_groups_in_full_and_nothing_beside(
         by_user = await _usage(c, "user")
         beside = await c.get(f"/v1/usage?by=user&{WINDOW}&org=globex")
         above = await c.get(f"/v1/usage?by=org&{WINDOW}&org=startups")
-    assert by_user == {"acme-ada": 3.0, "vision-vic": 2.0}
+    assert by_user == {"acme/acme-ada": 3.0, "acme-vision/vision-vic": 2.0}
     assert (beside.status_code, above.status_code) == (404, 404)
     async with programme.client("vision-vic") as c:
-        assert await _usage(c, "user") == {"vision-vic": 2.0}
+        assert await _usage(c, "user") == {"acme-vision/vision-vic": 2.0}
     async with programme.client("globex-gus") as c:
-        assert await _usage(c, "user") == {"globex-gus": 5.0}
+        assert await _usage(c, "user") == {"globex/globex-gus": 5.0}
 
 
 async def test_platform_admins_set_the_wall_and_see_everyone(programme: Programme) -> None:
     async with programme.client("platform") as c:
-        assert await _usage(c, "user") == {"acme-ada": 3.0, "vision-vic": 2.0, "globex-gus": 5.0}
+        assert await _usage(c, "user") == {
+            "acme/acme-ada": 3.0,
+            "acme-vision/vision-vic": 2.0,
+            "globex/globex-gus": 5.0,
+        }
         walled = await c.patch("/v1/orgs/acme-vision", json={"tenant": True})
         bad = await c.patch("/v1/orgs/acme-vision", json={"tenant": "perhaps"})
     assert (walled.status_code, walled.json()["tenant"]) == (200, True)
@@ -218,7 +222,7 @@ async def test_platform_admins_set_the_wall_and_see_everyone(programme: Programm
     assert bad.headers["content-type"].startswith("application/problem+json")
     async with programme.client("acme-admin") as c:
         # acme-vision is now a tenant of its own: acme sees it as a line, not its people.
-        assert await _usage(c, "user") == {"acme-ada": 3.0, "acme-vision/*": 2.0}
+        assert await _usage(c, "user") == {"acme/acme-ada": 3.0, "acme-vision/*": 2.0}
         refused = await c.patch("/v1/orgs/acme-vision", json={"tenant": False})
     assert refused.status_code == 403
     async with programme.client("platform") as c:
@@ -226,4 +230,4 @@ async def test_platform_admins_set_the_wall_and_see_everyone(programme: Programm
         events = (await c.get("/v1/orgs/acme-vision")).json()
     assert events["tenant"] is False
     async with programme.client("acme-admin") as c:
-        assert await _usage(c, "user") == {"acme-ada": 3.0, "vision-vic": 2.0}
+        assert await _usage(c, "user") == {"acme/acme-ada": 3.0, "acme-vision/vision-vic": 2.0}

@@ -18,6 +18,7 @@ from scheduler.services import arrays, dependencies
 from scheduler.services.errors import InvalidInput, NotFound
 from scheduler.services.joblist import TimeWindow
 from scheduler.services.joblist import list_jobs as list_listed
+from scheduler.services.users import find_user
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -45,13 +46,38 @@ async def _org_id(session: SessionDep, ref: str) -> int | None:
     return await session.scalar(select(Org.id).where(Org.name == ref))
 
 
+async def _user_id(session: SessionDep, ref: str, *, org_id: int | None) -> int | None:
+    """The id of the user `ref` names: a number is an id; a name is one of org `org_id`'s
+    users (the caller's org, or the one `org` names), since names are unique per org only.
+    With no org (a platform admin's whole view), the one user of that name anywhere, and a
+    name that several orgs hold is refused: the caller names the org or the user's id."""
+    if ref.isdigit():
+        return _row_id(ref)
+    if org_id is not None:
+        found = await find_user(session, ref, org_id=org_id)
+        return found.id if found is not None else None
+    ids = (await session.scalars(select(User.id).where(User.name == ref).limit(2))).all()
+    if len(ids) > 1:
+        raise InvalidInput(
+            f"more than one org has a user {ref!r}: give `org` as well, or the user's id"
+        )
+    return ids[0] if ids else None
+
+
 @router.get("")
 async def list_jobs(
     session: SessionDep,
     principal: UserPrincipal,
     state: Annotated[list[JobState], Query(max_length=16)] = [],  # noqa: B006
     org: Annotated[str | None, Query(max_length=63, description="Org name or id.")] = None,
-    user: Annotated[str | None, Query(max_length=64, description="User name or id.")] = None,
+    user: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="User id, or name: of the caller's org, or of `org`'s (names are "
+            "unique per org; a platform admin naming a name two orgs hold gets 422).",
+        ),
+    ] = None,
     mine: bool = False,
     submitted_since: Annotated[datetime | None, Query(description=_SINCE)] = None,
     submitted_until: Annotated[datetime | None, Query(description=_UNTIL)] = None,
@@ -83,11 +109,7 @@ async def list_jobs(
         if org_id is None or (scope is not None and org_id != scope):
             raise NotFound(f"org {org!r} not found")
     if user is not None:
-        user_id = (
-            _row_id(user)
-            if user.isdigit()
-            else await session.scalar(select(User.id).where(User.name == user))
-        )
+        user_id = await _user_id(session, user, org_id=org_id if org_id is not None else scope)
         if user_id is None:
             return empty
     if mine:
