@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -46,27 +47,40 @@ def _network(org: dict[str, Any]) -> str:
     return "private-inherited" if org.get("private_network_required") else "-"
 
 
+def _own(show: Callable[[dict[str, Any]], object]) -> Callable[[dict[str, Any]], object]:
+    """A company's setting: `hidden` past the caller's tenant wall (the API sends null)."""
+    return lambda org: "hidden" if org.get("settings_hidden") else show(org)
+
+
 ORG_COLUMNS = [
     Column("ID", lambda o: o["id"], justify="right"),
     Column("NAME", lambda o: "  " * int(o.get("depth", 0)) + o["name"]),
     Column("SHARES", lambda o: o["shares"], justify="right"),
     Column("QUOTA(GUAR/LIMIT)", _quotas),
-    Column("ISOLATION", _isolation),
-    Column("MAX_PRIORITY", lambda o: o.get("max_priority_class", "-")),
-    Column("MAX_PENDING", lambda o: o.get("max_pending_jobs", "-"), justify="right"),
-    Column("IMAGES", lambda o: ",".join(o.get("image_patterns") or []) or "any", wide_only=True),
+    Column("ISOLATION", _own(_isolation)),
+    Column("MAX_PRIORITY", _own(lambda o: o.get("max_priority_class", "-"))),
+    Column("MAX_PENDING", _own(lambda o: o.get("max_pending_jobs", "-")), justify="right"),
+    Column(
+        "IMAGES",
+        _own(lambda o: ",".join(o.get("image_patterns") or []) or "any"),
+        wide_only=True,
+    ),
     Column("PATH", lambda o: o.get("path"), wide_only=True),
     Column("WALL", lambda o: "tenant" if o.get("tenant", True) else "group", wide_only=True),
-    Column("NETWORK", _network, wide_only=True),
-    Column("DEFAULT_TIME", lambda o: human_duration(o.get("default_time_limit_s")), wide_only=True),
+    Column("NETWORK", _own(_network), wide_only=True),
+    Column(
+        "DEFAULT_TIME",
+        _own(lambda o: human_duration(o.get("default_time_limit_s"))),
+        wide_only=True,
+    ),
     Column(
         "INTERACTIVE_MAX",
-        lambda o: human_duration(o.get("interactive_max_time_s")),
+        _own(lambda o: human_duration(o.get("interactive_max_time_s"))),
         wide_only=True,
     ),
     Column(
         "INTERACTIVE_IDLE",
-        lambda o: human_duration(o.get("interactive_idle_timeout_s")) or "off",
+        _own(lambda o: human_duration(o.get("interactive_idle_timeout_s")) or "off"),
         wide_only=True,
     ),
     Column("CREATED", lambda o: relative(o["created_at"]), wide_only=True),

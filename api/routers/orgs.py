@@ -42,39 +42,50 @@ def _scope(principal: Principal) -> int | None:
 
 def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
     o = view.org
-    return OrgPublic(
+    public = OrgPublic(
         id=o.id,
         name=o.name,
         parent_id=o.parent_id,
         path=view.path,
         depth=view.depth,
         shares=o.shares,
-        default_time_limit_s=o.default_time_limit_s,
-        require_isolation=o.require_isolation,
-        isolation_required=view.isolation_required,
-        require_private_network=o.require_private_network,
-        private_network_required=o.private_network_required,
-        image_patterns=list(o.image_patterns or []),
-        max_priority_class=o.max_priority_class or limits.default_max_priority_class,
-        max_pending_jobs=(
+        tenant=o.tenant,
+        created_at=o.created_at,
+        quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
+        settings_hidden=not view.settings_shown,
+    )
+    if not view.settings_shown:
+        return public  # past the caller's tenant wall: the company's configuration is its own
+    return public.model_copy(update=_settings(view, limits))
+
+
+def _settings(view: svc.OrgView, limits: SubmitLimits) -> dict[str, object]:
+    """The org's own configuration, with the server's defaults where it sets none."""
+    o = view.org
+    return {
+        "default_time_limit_s": o.default_time_limit_s,
+        "require_isolation": o.require_isolation,
+        "isolation_required": view.isolation_required,
+        "require_private_network": o.require_private_network,
+        "private_network_required": o.private_network_required,
+        "image_patterns": list(o.image_patterns or []),
+        "max_priority_class": o.max_priority_class or limits.default_max_priority_class,
+        "max_pending_jobs": (
             o.max_pending_jobs
             if o.max_pending_jobs is not None
             else limits.max_pending_jobs_per_org
         ),
-        interactive_max_time_s=(
+        "interactive_max_time_s": (
             view.interactive_max_time_s
             if view.interactive_max_time_s is not None
             else limits.interactive_max_time_s
         ),
-        interactive_idle_timeout_s=(
+        "interactive_idle_timeout_s": (
             view.interactive_idle_timeout_s
             if view.interactive_idle_timeout_s is not None
             else limits.interactive_idle_timeout_s
         ),
-        tenant=o.tenant,
-        created_at=o.created_at,
-        quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
-    )
+    }
 
 
 async def _visible_view(session: SessionDep, principal: Principal, ref: str) -> svc.OrgView:

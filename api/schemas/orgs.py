@@ -104,6 +104,12 @@ class QuotaPublic(OutputModel):
 
 
 class OrgPublic(OutputModel):
+    """An org of the caller's view. Past the caller's tenant wall (an org of another company
+    below the caller's programme: `settings_hidden`), its name, place in the tree, shares,
+    quotas and `tenant` only: the fields from `default_time_limit_s` to
+    `interactive_idle_timeout_s` are null there, a company's configuration being its own
+    (docs/OPERATIONS.md, Tenant walls). Platform admins and the company's people see all."""
+
     id: int
     name: str
     parent_id: int | None
@@ -111,29 +117,33 @@ class OrgPublic(OutputModel):
     """Names from the root down, joined by '/'."""
     depth: int
     shares: float
-    default_time_limit_s: int | None
-    require_isolation: bool = False
+    default_time_limit_s: int | None = None
+    """Its jobs' default time limit; null: the server's (or hidden: `settings_hidden`)."""
+    require_isolation: bool | None = None
     """Whether its jobs run only on nodes with strict isolation (set here or on an ancestor:
     see `isolation_required`)."""
-    isolation_required: bool = False
+    isolation_required: bool | None = None
     """Whether its jobs need strict isolation: set on it or on an org above it."""
-    require_private_network: bool = False
+    require_private_network: bool | None = None
     """Whether its one-node jobs must run in a network of their own (set here or on an
     ancestor: see `private_network_required`)."""
-    private_network_required: bool = False
+    private_network_required: bool | None = None
     """Whether its one-node jobs run in a network of their own: set on it or on an org above."""
-    image_patterns: list[str] = Field(default_factory=list)
+    image_patterns: list[str] | None = None
     """Images its jobs may use (fnmatch patterns); empty: any."""
-    max_priority_class: str = "normal"
+    max_priority_class: str | None = None
     """The highest priority class its members may submit at (its own or the server's)."""
-    max_pending_jobs: int = 0
+    max_pending_jobs: int | None = None
     """The most pending jobs it may have at once (its own or the server's)."""
-    interactive_max_time_s: int = 0
+    interactive_max_time_s: int | None = None
     """The longest time limit of its interactive jobs: its own, an org above it's, or the
     server's."""
-    interactive_idle_timeout_s: int = 0
+    interactive_idle_timeout_s: int | None = None
     """Idle time that ends its interactive jobs (its own, an org above it's, or the server's);
     0: never."""
+    settings_hidden: bool = False
+    """True past the caller's tenant wall: the settings above are null (not shown), and only
+    name, parent, shares, quotas and `tenant` are the org's."""
     tenant: bool = True
     """A tenant of its own (a company), which the orgs above it see only in aggregates; false:
     a group of its parent's tenant."""

@@ -31,6 +31,9 @@ class OrgView:
     isolation_required: bool = False  # set on it or on an ancestor
     interactive_max_time_s: int | None = None  # its own or its nearest ancestor's; None: none set
     interactive_idle_timeout_s: int | None = None  # the same, for the idle timeout
+    # False past the caller's tenant wall: the org's settings are its company's own; the
+    # caller sees its name, place, shares and quotas only (full_view_ids).
+    settings_shown: bool = True
 
 
 def nearest_set(values: Iterable[int | None]) -> int | None:
@@ -103,10 +106,12 @@ def full_view_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
 
 
 async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[OrgView]:
-    """The tree in depth-first order; non-admins see their org and the orgs below it."""
+    """The tree in depth-first order; non-admins see their org and the orgs below it, and
+    the settings of those within their tenant only."""
     orgs = await all_orgs(session)
     by_id = {o.id: o for o in orgs}
     visible = set(by_id) if scope_org_id is None else subtree_ids(orgs, scope_org_id)
+    in_full = visible if scope_org_id is None else full_view_ids(orgs, scope_org_id)
     quotas: dict[int, list[Quota]] = {}
     for q in (await session.scalars(select(Quota).order_by(Quota.gpu_type))).all():
         quotas.setdefault(q.org_id, []).append(q)
@@ -129,6 +134,7 @@ async def list_orgs(session: AsyncSession, *, scope_org_id: int | None) -> list[
             any(a.require_isolation for a in line),
             nearest_set(a.interactive_max_time_s for a in reversed(line)),
             nearest_set(a.interactive_idle_timeout_s for a in reversed(line)),
+            o.id in in_full,
         )
         for o in orgs
         if o.id in visible

@@ -103,7 +103,7 @@ def _auth(token: str) -> dict[str, str]:
 
 async def test_require_isolation_is_set_by_platform_admins_and_inherited(cluster: Cluster) -> None:
     parent = await cluster.org(guaranteed=8)
-    child = await cluster.org(parent=parent)
+    child = await cluster.org(parent=parent, tenant=False)  # a group: the parent's see it all
     member = await cluster.user_token(parent)
     await cluster.call(
         "PATCH", f"/v1/orgs/{parent}", member, {"require_isolation": True}, expect=403

@@ -231,3 +231,84 @@ async def test_platform_admins_set_the_wall_and_see_everyone(programme: Programm
     assert events["tenant"] is False
     async with programme.client("acme-admin") as c:
         assert await _usage(c, "user") == {"acme/acme-ada": 3.0, "acme-vision/vision-vic": 2.0}
+
+
+SETTINGS = (
+    "default_time_limit_s",
+    "require_isolation",
+    "isolation_required",
+    "require_private_network",
+    "private_network_required",
+    "image_patterns",
+    "max_priority_class",
+    "max_pending_jobs",
+    "interactive_max_time_s",
+    "interactive_idle_timeout_s",
+)
+ACME_SETTINGS = {
+    "image_patterns": ["registry.acme.internal/secret-model-*"],
+    "require_isolation": True,
+    "max_priority_class": "high",
+    "max_pending_jobs": 7,
+    "default_time_limit": 7200,
+    "interactive_max_time": 1800,
+}
+
+
+async def _configure_acme(programme: Programme) -> None:
+    async with programme.client("platform") as c:
+        for org in ("acme", "acme-vision"):
+            response = await c.patch(f"/v1/orgs/{org}", json=ACME_SETTINGS)
+            assert response.status_code == 200, response.text
+        for org in ("startups", "acme"):
+            quota = await c.put(f"/v1/orgs/{org}/quota/H100", json={"guaranteed": 4, "limit": 8})
+            assert quota.status_code == 200, quota.text
+
+
+async def _orgs(programme: Programme, who: str) -> dict[str, dict[str, object]]:
+    async with programme.client(who) as c:
+        listed = {o["name"]: o for o in (await c.get("/v1/orgs")).json()["data"]}
+        for name in listed:
+            one = await c.get(f"/v1/orgs/{name}")
+            assert one.json() == listed[name], name
+    return listed
+
+
+@pytest.mark.parametrize("who", ["prog-admin", "prog-member"])
+async def test_a_programme_sees_its_companies_settings_not(programme: Programme, who: str) -> None:
+    """Past the wall, an org's name, place, shares and quotas (what sharing a pool needs);
+    its image patterns, isolation, network, priority, pending and interactive settings are
+    its company's own: null, with `settings_hidden`."""
+    await _configure_acme(programme)
+    orgs = await _orgs(programme, who)
+    for company in ("acme", "acme-vision", "globex"):
+        org = orgs[company]
+        assert org["settings_hidden"] is True
+        assert {key: org[key] for key in SETTINGS} == dict.fromkeys(SETTINGS)
+        assert org["parent_id"] is not None
+        assert org["shares"] == 1.0
+    assert orgs["acme"]["quotas"] == [{"gpu_type": "H100", "guaranteed": 4, "limit": 8}]
+    assert orgs["acme"]["path"] == "startups/acme"
+    assert orgs["startups"]["settings_hidden"] is False  # its own
+    assert orgs["startups"]["image_patterns"] == []
+    async with programme.client(who) as c:
+        assert "secret-model" not in (await c.get("/v1/orgs")).text
+
+
+@pytest.mark.parametrize("who", ["acme-admin", "acme-ada", "vision-vic", "platform"])
+async def test_a_company_and_platform_admins_see_its_settings(
+    programme: Programme, who: str
+) -> None:
+    await _configure_acme(programme)
+    orgs = await _orgs(programme, who)
+    seen = {"acme", "acme-vision"} & set(orgs)
+    assert seen == ({"acme-vision"} if who == "vision-vic" else {"acme", "acme-vision"})
+    for name in seen:
+        org = orgs[name]
+        assert org["settings_hidden"] is False
+        assert org["image_patterns"] == ACME_SETTINGS["image_patterns"]
+        assert (org["require_isolation"], org["max_priority_class"]) == (True, "high")
+        assert (org["max_pending_jobs"], org["default_time_limit_s"]) == (7, 7200)
+        assert org["interactive_max_time_s"] == 1800
+    if who == "platform":
+        assert not any(o["settings_hidden"] for o in orgs.values())
