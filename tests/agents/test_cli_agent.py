@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,19 +197,30 @@ def test_an_agent_that_is_process_1_says_it_leaves_zombies(tmp_path: Path) -> No
     """As process 1 of a container (a Kubernetes pod without an init) the agent inherits every
     process its tasks leave behind and reaps none: each stays a zombie holding a pid. The image
     runs it under tini (tests/deploy); run otherwise, it says so at once."""
-    agent = subprocess.run(
-        [
-            "timeout", "-s", "INT", "5",
-            "unshare", "--pid", "--fork", "--kill-child=SIGINT", "--mount-proc",
-            *FAIRGPU, "agent", "--server", "http://127.0.0.1:9", "--join-token", "x",
-            "--simulate", "1xH100", "--isolation", "none", "--state-dir", str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )  # fmt: skip
-    assert "the agent is process 1 of its pid namespace" in agent.stderr, agent.stderr
+    # Until it says so (or a minute: a loaded machine takes seconds to import the agent), then
+    # SIGINT to its process group (unshare --fork ignores it while it waits for the agent).
+    log = tmp_path / "agent.err"
+    with log.open("wb") as err:
+        agent = subprocess.Popen(
+            [
+                "unshare", "--pid", "--fork", "--kill-child=SIGINT", "--mount-proc",
+                *FAIRGPU, "agent", "--server", "http://127.0.0.1:9", "--join-token", "x",
+                "--simulate", "1xH100", "--isolation", "none", "--state-dir", str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )  # fmt: skip
+    said = "the agent is process 1 of its pid namespace"
+    try:
+        deadline = time.monotonic() + 60
+        while said not in log.read_text() and agent.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        os.killpg(agent.pid, signal.SIGINT)
+        agent.wait(timeout=60)
+    assert said in log.read_text(), log.read_text()
     alone = run_cli(
         "agent", "--server", "http://127.0.0.1:9", "--simulate", "1xH100", "--isolation", "none",
         "--state-dir", str(tmp_path),

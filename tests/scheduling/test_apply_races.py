@@ -88,11 +88,13 @@ async def test_a_cancel_read_before_the_start_commits_stops_the_started_job(
     _, _, job_id = await _seed(engine)
     maker = make_sessionmaker(engine)
     cancels: list[asyncio.Task[list[int]]] = []
+    read = asyncio.Event()
 
     async def cancel_inside_the_apply() -> None:
         async def cancel() -> list[int]:
             async with maker() as s:
                 job = await s.get(Job, job_id)  # what the route reads first
+                read.set()
                 assert job is not None
                 assert job.state is JobState.PENDING
                 # The write goes on while the apply continues: with the job locked it waits
@@ -104,6 +106,9 @@ async def test_a_cancel_read_before_the_start_commits_stops_the_started_job(
                 return nodes
 
         cancels.append(asyncio.create_task(cancel()))
+        # The read is the race's premise: on SQLite it goes through a thread and takes more
+        # than one turn of the loop, so the apply must not commit before it has happened.
+        await asyncio.wait_for(read.wait(), timeout=120)
         await done_or_waiting(engine, cancels[0])
 
     monkeypatch.setattr(apply_module, "after_jobs_locked", cancel_inside_the_apply)
