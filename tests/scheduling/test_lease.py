@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from scheduler.db.engine import asyncpg_dsn, make_engine, make_sessionmaker
+from scheduler.db.migrate import migrate_url
 from scheduler.services.runtime import SchedulerRuntime
+from scheduler.services.scheduling.lease import LEASE_ROW_ID, Lease
 from scheduler.settings import Settings
 from tests.scheduling.harness import fast_settings, running_cluster
 
@@ -100,7 +106,8 @@ async def test_readiness_asks_the_database_whether_this_replica_still_leads(
         try:
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+                "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
         finally:
             await admin.close()
@@ -138,3 +145,51 @@ async def _alive(conn: asyncpg.Connection) -> bool:
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
         return False
     return True
+
+
+@pytest.mark.postgres
+async def test_a_new_leader_ends_no_session_of_another_database(
+    postgres_server_url: str,
+) -> None:
+    """One PostgreSQL server may hold several fairgpu databases (staging beside production, or
+    one made from another as a template, whose tables keep their oids). A new leader ending the
+    deposed leader's session must look in its own database only: `scheduler_lease`'s oid in
+    pg_locks may be another database's lease table too, held by that database's own leader."""
+    admin_dsn = asyncpg_dsn(postgres_server_url)
+    base = f"fairgpu_lease_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    ours, theirs = f"{base}_a", f"{base}_b"
+    url = make_url(postgres_server_url)
+    ours_url = url.set(database=ours).render_as_string(hide_password=False)
+    theirs_url = url.set(database=theirs).render_as_string(hide_password=False)
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{ours}"')
+        await migrate_url(ours_url)
+        await admin.execute(f'CREATE DATABASE "{theirs}" TEMPLATE "{ours}"')  # same oids
+        engine = make_engine(ours_url)
+        other = await asyncpg.connect(asyncpg_dsn(theirs_url))
+        try:
+            await other.execute(
+                "INSERT INTO scheduler_lease (id, holder, epoch, acquired_at, renewed_at,"
+                " expires_at) VALUES ($1, 'theirs', 1, now(), now(), now())",
+                LEASE_ROW_ID,
+            )
+            same = await other.fetchval("SELECT 'scheduler_lease'::regclass::oid")
+            async with engine.connect() as conn:
+                assert same == await conn.scalar(text("SELECT 'scheduler_lease'::regclass::oid"))
+            # The other database's leader, in the middle of its apply.
+            await other.execute("BEGIN")
+            await other.fetch("SELECT epoch FROM scheduler_lease FOR UPDATE")
+            lease = Lease(engine, ttl_s=60.0)
+            async with make_sessionmaker(engine)() as session:
+                assert await lease.try_acquire(session)
+            await lease._end_deposed_transactions()
+            assert await _alive(other)
+            await lease.release()
+        finally:
+            await other.close()
+            await engine.dispose()
+    finally:
+        for name in (theirs, ours):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -164,13 +164,16 @@ class Lease:
         """We hold the lock, so whoever holds the lease row is a leader that lost it: frozen
         in the middle of an apply, its session neither idle (the database would end it after
         `idle_in_transaction_session_timeout`) nor gone. Its transaction would fail the epoch
-        check anyway; end it so that we can lead now."""
+        check anyway; end it so that we can lead now. Only in this database: the table's oid
+        may also be another database's lease table on the same server (one made from this one
+        as a template), whose own leader is not ours to end."""
         assert self._conn is not None
         ended = await self._conn.scalar(
             text(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
                 "WHERE relation = 'scheduler_lease'::regclass AND granted "
-                "AND pid <> pg_backend_pid()"
+                "AND pid <> pg_backend_pid() "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             )
         )
         await self._conn.commit()
