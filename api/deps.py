@@ -72,9 +72,13 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        """How events name who did something."""
+        """How events name who did something: `user:NAME` for an org's user, `admin:NAME` for
+        a platform admin (user names are per org: a platform admin `jane` and an org's `jane`
+        acting on the same job must not read alike)."""
         if self.kind == "agent":
             return f"agent:{self.node_id}"
+        if self.is_platform_admin:
+            return f"admin:{self.user_name}"
         return f"user:{self.user_name}"
 
     def can_see_org(self, org_id: int | None) -> bool:
