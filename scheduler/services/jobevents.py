@@ -40,7 +40,9 @@ async def record_job_event(
     job count in turn and the folded row is created once; on SQLite the database's single writer
     does the same.
     """
-    await session.execute(select(Job.id).where(Job.id == event["job_id"]).with_for_update())
+    await session.execute(
+        select(Job.id).where(Job.id == event["job_id"]).with_for_update(key_share=True)
+    )  # FOR NO KEY UPDATE: see streamrows._queue_behind
     await record_job_events(session, [event], max_per_kind=max_per_kind)
 
 

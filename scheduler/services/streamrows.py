@@ -85,7 +85,13 @@ async def _queue_behind(session: AsyncSession, target: AttachTarget, owner: Stre
     """Openings that one count could see pass each other wait here instead, always in the
     order job, user, org (no cycle between two openings). On SQLite the insert takes the
     database's one write lock before the counts, which serialises them alike."""
-    await session.execute(select(Job.id).where(Job.id == target.job_id).with_for_update())
+    # FOR NO KEY UPDATE (as the heartbeat and the apply lock jobs): it queues openings and
+    # event recordings of the job behind each other and behind its state's updates, but not
+    # behind transactions that only insert rows pointing at the job (KEY SHARE), such as a
+    # heartbeat's usage and log chunks, which a plain FOR UPDATE would wait for.
+    await session.execute(
+        select(Job.id).where(Job.id == target.job_id).with_for_update(key_share=True)
+    )
     if session.get_bind().dialect.name != "postgresql":
         return
     locks = [func.pg_advisory_xact_lock(USER_LOCK_CLASS, owner.user_id)]

@@ -12,12 +12,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from scheduler.db import Stream
+from scheduler.db import Event, Stream
 from scheduler.db.engine import make_sessionmaker
 from scheduler.db.types import utcnow
 from scheduler.services import streamrows
 from scheduler.services.errors import TooManyRequests
 from scheduler.services.interactive import AttachTarget
+from scheduler.services.jobevents import record_job_event
 from scheduler.services.streamrows import (
     MAX_OPEN,
     STALE_AFTER_S,
@@ -26,6 +27,7 @@ from scheduler.services.streamrows import (
     StreamOwner,
 )
 from tests import factories as f
+from tests.harness.locks import done_or_waiting
 
 
 async def _target(session: AsyncSession) -> AttachTarget:
@@ -242,3 +244,45 @@ async def test_a_process_that_missed_news_reloads_the_waiting_streams(
         ("waiting-port-xxxxxxxxx", "port", 8888),
         ("waiting-term-xxxxxxxxx", "attach", None),
     ]
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_an_opening_and_an_event_wait_for_no_transaction_that_only_references_the_job(
+    engine: AsyncEngine,
+) -> None:
+    """A transaction that inserts a row pointing at the job (a heartbeat's events, usage
+    ledger, log chunks) holds the job's row in KEY SHARE until it commits. Openings of streams
+    and job events lock the job to queue behind each other, not behind those: FOR NO KEY
+    UPDATE, as the heartbeat and the apply take it (a plain FOR UPDATE waits for every
+    referencing insert, however long its transaction)."""
+    maker = make_sessionmaker(engine)
+    async with maker() as s:
+        target = await _target(s)
+        await s.commit()
+
+    async def opening() -> None:
+        async with maker() as s:
+            await _open(s, target, "attach-while-referenced-x")
+            await s.commit()
+
+    async def event() -> None:
+        async with maker() as s:
+            await record_job_event(
+                s,
+                {"kind": "job.attach", "job_id": target.job_id, "actor": "user:ada"},
+                max_per_kind=100,
+            )
+            await s.commit()
+
+    for other_side in (opening, event):
+        async with maker() as first:
+            first.add(Event(kind="task.state", job_id=target.job_id, actor="agent:1"))
+            await first.flush()  # the foreign key's check: KEY SHARE on the job's row
+            task = asyncio.create_task(other_side())
+            await done_or_waiting(engine, task)
+            waited = not task.done()
+            await first.commit()
+        await asyncio.wait_for(task, timeout=120)
+        assert not waited, f"{other_side.__name__} waited on a transaction referencing the job"
