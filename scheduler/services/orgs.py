@@ -8,7 +8,7 @@ scheduler would have to second-guess.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,18 +71,8 @@ async def all_orgs(session: AsyncSession) -> list[Org]:
 
 
 def subtree_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
-    children: dict[int | None, list[int]] = {}
-    for o in orgs:
-        children.setdefault(o.parent_id, []).append(o.id)
-    out: set[int] = set()
-    stack = [root_id]
-    while stack:
-        oid = stack.pop()
-        if oid in out:
-            continue
-        out.add(oid)
-        stack.extend(children.get(oid, ()))
-    return out
+    """`root_id` and every org below it."""
+    return _reach(orgs, root_id, lambda _child: True)
 
 
 def full_view_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
@@ -91,6 +81,11 @@ def full_view_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
     own: the orgs above it see it, and everything below it, only in aggregates (usage by org
     and GPU type, standing, counts), never its people's names or its jobs. An org that is not
     (a group) belongs to its parent's tenant, whose people see it in full."""
+    return _reach(orgs, root_id, lambda child: not child.tenant)
+
+
+def _reach(orgs: Sequence[Org], root_id: int, enter: Callable[[Org], bool]) -> set[int]:
+    """`root_id` and the orgs below it reached through children that `enter` lets in."""
     children: dict[int | None, list[Org]] = {}
     for o in orgs:
         children.setdefault(o.parent_id, []).append(o)
@@ -101,7 +96,7 @@ def full_view_ids(orgs: Sequence[Org], root_id: int) -> set[int]:
         if oid in out:
             continue
         out.add(oid)
-        stack.extend(child.id for child in children.get(oid, ()) if not child.tenant)
+        stack.extend(child.id for child in children.get(oid, ()) if enter(child))
     return out
 
 
