@@ -330,28 +330,17 @@ class Preemptor:
                 return None  # no lower-class job of its own org to preempt, none leaving
             cands = self._own_order(job.org_id, gpu_type)
         index, books = self.index, self.books
-        free, nodes = index.free, index.nodes
+        free = index.free
         levels = index.levels_for(need)
         count = self._count
-        avoid = self.avoid
-
-        def matches(nid: int) -> bool:
-            node = nodes.get(nid)
-            return (
-                node is not None
-                and node.gpu_type == gpu_type
-                and (site is None or node.site == site)
-                and (not need or index.in_class(nid, need))
-                and free[nid] < gpn
-                and nid not in avoid
-            )
+        matches = self._matches
 
         # Leaving GPUs first: in quota any serve; beyond quota only the org's own (its bumps).
         leaving: dict[int, int] = {}
         for nid in self._incoming_of(gpu_type, None if in_quota else job.org_id):
             inc = self.incoming[nid]
             g = inc.gpus if in_quota else min(inc.gpus, inc.by_org.get(job.org_id, 0))
-            if g > 0 and matches(nid):
+            if g > 0 and matches(nid, gpu_type, site, need, gpn):
                 leaving[nid] = g
         # Eligible victims, grouped by the nodes they would free, in candidate order.
         after_share = (
@@ -396,7 +385,7 @@ class Preemptor:
             else:
                 continue
             for p in r.placements:
-                if matches(p.node_id):
+                if matches(p.node_id, gpu_type, site, need, gpn):
                     by_node.setdefault(p.node_id, []).append((r, len(p.gpus)))
         # Per node: the victims it needs, whether they stay within borrowing, and their cost.
         options: list[_Option] = []
@@ -495,26 +484,28 @@ class Preemptor:
         be read. A job waiting for an earlier reclaim asks this every cycle until it starts.
         """
         gpn, site = job.gpus_per_node, job.site
-        index = self.index
-        free, nodes = index.free, index.nodes
+        free = self.index.free
         options: list[_Option] = []
         for nid in self._incoming_of(gpu_type):
             g = self.incoming[nid].gpus
-            node = nodes.get(nid)
-            if (
-                g > 0
-                and node is not None
-                and node.gpu_type == gpu_type
-                and (site is None or node.site == site)
-                and (not need or index.in_class(nid, need))
-                and free[nid] < gpn
-                and nid not in self.avoid
-                and free[nid] + g >= gpn
-            ):
+            if g > 0 and self._matches(nid, gpu_type, site, need, gpn) and free[nid] + g >= gpn:
                 options.append(_Option(False, 0, 0.0, nid, []))
         if not options:
             return None
-        return self._pick(job, gpu_type, options, {}, index.levels_for(need))
+        return self._pick(job, gpu_type, options, {}, self.index.levels_for(need))
+
+    def _matches(self, nid: int, gpu_type: str, site: str | None, need: int, gpn: int) -> bool:
+        """A node a plan may free for a task of `gpn` GPUs: of the type (and site) and of the
+        job's feature class, not free enough already, not reserved for a protected gang."""
+        node = self.index.nodes.get(nid)
+        return (
+            node is not None
+            and node.gpu_type == gpu_type
+            and (site is None or node.site == site)
+            and (not need or self.index.in_class(nid, need))
+            and self.index.free[nid] < gpn
+            and nid not in self.avoid
+        )
 
     def _could_free(self, job: PendingJob, gpu_type: str, need: int) -> bool:
         """Whether a reclaim for `job` could free its gang: False only when `plan` would fail.
@@ -529,7 +520,7 @@ class Preemptor:
         """
         gpn, k, site = job.gpus_per_node, job.nodes, job.site
         index, books = self.index, self.books
-        free, nodes, avoid = index.free, index.nodes, self.avoid
+        free, nodes = index.free, index.nodes
         cls = self.classes.get(job.priority_class, 0)
         after_share = books.weighted_share(job.org_id, gpu_type, job.gpu_count)
         chosen, classes = self.chosen, self.classes
@@ -562,20 +553,12 @@ class Preemptor:
                 freeable[nid] = freeable.get(nid, 0) + g
         per_site: dict[str, int] = {}
         for nid, g in freeable.items():
-            node = nodes.get(nid)
-            if (
-                node is None
-                or node.gpu_type != gpu_type
-                or (site is not None and node.site != site)
-                or (need and not index.in_class(nid, need))
-                or free[nid] >= gpn
-                or nid in avoid
-                or free[nid] + g < gpn
-            ):
+            if not self._matches(nid, gpu_type, site, need, gpn) or free[nid] + g < gpn:
                 continue
             if k == 1:
                 return True
-            per_site[node.site] = per_site.get(node.site, 0) + 1
+            node_site = nodes[nid].site
+            per_site[node_site] = per_site.get(node_site, 0) + 1
         levels = index.levels_for(need)
         for s, options in per_site.items():
             lvl = levels.get((gpu_type, s))
