@@ -5,7 +5,7 @@ Everyone sees their own org and the orgs below it; platform admins see and chang
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
@@ -42,7 +42,9 @@ def _scope(principal: Principal) -> int | None:
 
 def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
     o = view.org
-    public = OrgPublic(
+    # Past the caller's tenant wall the company's configuration is its own: left null.
+    settings = _settings(view, limits) if view.settings_shown else {}
+    return OrgPublic(
         id=o.id,
         name=o.name,
         parent_id=o.parent_id,
@@ -53,13 +55,11 @@ def _public(view: svc.OrgView, limits: SubmitLimits) -> OrgPublic:
         created_at=o.created_at,
         quotas=[QuotaPublic.model_validate(q) for q in view.quotas],
         settings_hidden=not view.settings_shown,
+        **settings,
     )
-    if not view.settings_shown:
-        return public  # past the caller's tenant wall: the company's configuration is its own
-    return public.model_copy(update=_settings(view, limits))
 
 
-def _settings(view: svc.OrgView, limits: SubmitLimits) -> dict[str, object]:
+def _settings(view: svc.OrgView, limits: SubmitLimits) -> dict[str, Any]:
     """The org's own configuration, with the server's defaults where it sets none."""
     o = view.org
     return {

@@ -52,9 +52,7 @@ class OrgUpdate(InputModel):
     shares: Shares | None = None
     default_time_limit: TimeLimit | None = None
     tenant: bool | None = None
-    """True (the default): a tenant of its own, a company: the orgs above it (a programme)
-    see it only in aggregates: usage by org and GPU type, standing, counts, never its users'
-    names. False: a group of its parent's tenant, whose members and admins see it in full."""
+    """True: a tenant of its own; false: a group of its parent's tenant (see OrgCreate's)."""
     require_isolation: bool | None = None
     """True: the org's jobs, and those of every org below it, run only on nodes whose agent
     confines tasks (strict isolation)."""
