@@ -17,12 +17,12 @@ every task start pays for its start-up. In order, it
    empty one: agents/dri.py); and an IPC namespace of its
    own, so that System V shared memory, semaphores and message queues are the task's alone and
    end with it (a segment left behind would otherwise hold the node's memory after the task);
-3. drops to the task's uid and gid with no supplementary groups, sets no_new_privs (setuid
-   programs give nothing back), joins a session keyring of its own, enters a Landlock domain of
-   its own where the kernel has one that scopes (6.12 or later): the task can then neither
-   connect to an abstract unix socket nor signal a process outside its own domain, so another
-   task's abstract sockets (NCCL's, say: the host's network namespace shares them) are out of
-   its reach, and enters the working directory as that uid;
+3. drops to the task's uid and gid with no supplementary groups and umask `TASK_UMASK`, sets
+   no_new_privs (setuid programs give nothing back), joins a session keyring of its own, enters
+   a Landlock domain of its own where the kernel has one that scopes (6.12 or later): the task
+   can then neither connect to an abstract unix socket nor signal a process outside its own
+   domain, so another task's abstract sockets (NCCL's, say: the host's network namespace shares
+   them) are out of its reach, and enters the working directory as that uid;
 4. installs the task's seccomp filter, the program agents/seccomp.py built (`"seccomp"` in its
    config, absent with `--seccomp off`): last, so that nothing before is refused, and it binds
    every process the task starts, which can neither remove it nor lift it with a filter of
@@ -79,6 +79,12 @@ _GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
 # Directories any user may write to on common distributions: each task gets empty ones of its
 # own, so that nothing it writes there reaches the host's disk or another task.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/crash")  # noqa: S108
+
+TASK_UMASK = 0o027
+"""Every task process's umask, whatever the agent's was: what a task creates outside its own
+0700 directory (a node's world-writable `/scratch`, an org root left 0755) is readable by its
+org's uid and gid alone, never by another org's. The systemd unit's `UMask=0027`, which tasks
+inherited, did this on those nodes only; under the DaemonSet or a root shell tasks got 0022."""
 
 TASK_OOM_SCORE_ADJ = 500
 """Every task process's `oom_score_adj`: when the node runs out of memory, the kernel's OOM
@@ -268,6 +274,7 @@ def _same_inode(path: str, original: str) -> bool:
 
 
 def become(uid: int, gid: int) -> None:
+    os.umask(TASK_UMASK)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)

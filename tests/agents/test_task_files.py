@@ -1,0 +1,112 @@
+"""What a strict task writes outside its own directory is its org's alone, however the agent
+was started (real processes, as root, two orgs on one node).
+
+A node may have directories every user can write that the sandbox does not replace with one of
+its own (a local NVMe `/scratch` with mode 1777, a site's shared cache): tasks of different orgs
+meet there. The systemd unit's `UMask=0027` made the files tasks created there unreadable to
+other uids; an agent started elsewhere (the Kubernetes DaemonSet, a root shell, `make demo`)
+passed on umask 0022, and another org's task read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agents import ptyhost, shells, streams
+from tests.agents.helpers import spec, wait_for
+from tests.agents.test_isolation import ACME, RIVAL, Node, node, python  # noqa: F401 - node: fixture
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="strict isolation needs root")
+
+TASK_UMASK = "0o27"
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A world-writable directory of the node outside the sandbox's private ones (which hide
+    anything under /tmp), as a local `/scratch` is."""
+    directory = Path(tempfile.mkdtemp(prefix="fairgpu-test-scratch-", dir="/srv"))
+    directory.chmod(0o1777)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    """The agent started with the usual umask of a root shell or a container."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_another_org_cannot_read_what_a_task_leaves_in_a_shared_directory(
+    node: Node,  # noqa: F811
+    scratch: Path,
+) -> None:
+    written = node.run(
+        1,
+        python(
+            "import os\n"
+            "mask = os.umask(0)\n"
+            "os.umask(mask)\n"
+            "print('umask', oct(mask))\n"
+            f"open('{scratch}/checkpoint', 'w').write('acme weights')\n"
+            f"os.mkdir('{scratch}/run')\n"
+            f"open('{scratch}/run/metrics', 'w').write('acme loss')\n"
+        ),
+        **ACME,
+    )
+    assert (written["state"], written["exit_code"]) == ("exited", 0), written
+    assert written["log"].split() == ["umask", TASK_UMASK]
+    assert (scratch / "checkpoint").stat().st_mode & 0o777 == 0o640
+    assert (scratch / "run").stat().st_mode & 0o777 == 0o750
+    probe = f"""
+import os
+for attempt in (lambda: open('{scratch}/checkpoint').read(),
+                lambda: os.listdir('{scratch}/run'),
+                lambda: open('{scratch}/run/metrics').read()):
+    try:
+        print(attempt())
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+    read = node.run(2, python(probe), **RIVAL)
+    assert read["log"].split() == ["PermissionError"] * 3, read
+
+
+@pytest.mark.usefixtures("loose_umask")
+def test_a_new_shell_in_a_task_gets_the_tasks_umask(node: Node) -> None:  # noqa: F811
+    node.runner.start(spec(1, ["sleep", "300"], **ACME))
+    wait_for(lambda: node.runner.records[1].state == "running" and bool(node.task_pids(1)))
+
+    async def session() -> bytes:
+        opener = shells.opener(node.runner, 1)
+        assert opener is not None
+        shell = await opener()
+        try:
+            reader, writer = await streams._connect_terminal(shell.directory)
+            writer.write(ptyhost.frame(ptyhost.FRAME_RESIZE, struct.pack(">HH", 24, 80)))
+            writer.write(ptyhost.frame(ptyhost.FRAME_DATA, b'echo "mask=$(umask)"\rexit\r'))
+            data = await reader.read()  # until the host closes, after the shell's exit
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            await shell.close()
+        return data
+
+    out = asyncio.run(session()).decode(errors="replace")
+    assert re.findall(r"mask=(\d+)\r?$", out, re.MULTILINE) == ["0027"], out
