@@ -144,7 +144,7 @@ def test_a_cuda_process_shows_in_its_gpus_sample(backend: NvmlBackend) -> None:
         assert seen[-1].memory_used_bytes - idle.memory_used_bytes >= 2 * GIB
     finally:
         load.kill()
-        load.wait()
+        load.communicate()  # reaps it and closes its stdout
 
 
 class Node:
@@ -170,14 +170,16 @@ class Node:
         )
         self.runner = Runner(self.state, confinement=self.confinement)
 
-    def run(self, task_id: int, command: list[str], **fields: Any) -> dict[str, Any]:
-        self.runner.start(spec(task_id, command, time_limit_s=300, **fields))
+    def run(
+        self, task_id: int, command: list[str], wait_s: float = 120.0, **fields: Any
+    ) -> dict[str, Any]:
+        self.runner.start(spec(task_id, command, time_limit_s=int(wait_s) + 180, **fields))
         wait_for(
             lambda: (
                 (self.runner.poll(), self.runner.records[task_id].state)[1]
                 not in ("starting", "running")
             ),
-            120.0,
+            wait_s,
         )
         record = self.runner.records[task_id]
         log = self.state.read_log(record).decode()
@@ -391,3 +393,147 @@ def test_the_next_org_finds_nothing_of_the_last_ones_gpu_memory(node: Node) -> N
     assert wrote["log"].split() == ["written", str(8 * 2**28)], wrote
     found = node.run(6, [CUDA_PY, "-c", READ], gpus=[0], **RIVAL)
     assert found["log"].split() == ["found", "0"], found
+
+
+# What training jobs do beyond one process's CUDA, each in a process of its own so that one
+# failure (or an environment variable it needs set before torch loads) leaves the rest to run:
+# CUDA tensors shared between processes (cudaIpc; with expandable segments through pidfd_getfd),
+# DataLoader workers with pinned memory, torch.compile (Triton builds and loads a launcher with
+# the C compiler), NCCL's set-up and a collective, a CUDA graph, CuPy's runtime compiler (NVRTC).
+# Run as root outside any sandbox first: a check the machine cannot do there is not the filter's.
+WORKLOAD_CHECKS: dict[str, tuple[dict[str, str], str]] = {
+    "ipc": (
+        {},
+        """
+import torch, torch.multiprocessing as mp
+def child(q, r):
+    t = q.get(); t += 1; torch.cuda.synchronize(); r.put(float(t.sum()))
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn"); q, r = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=child, args=(q, r)); p.start()
+    t = torch.zeros(1024, device="cuda"); q.put(t); got = r.get(timeout=120); p.join(60)
+    torch.cuda.synchronize()
+    assert got == 1024.0 and float(t.sum()) == 1024.0 and p.exitcode == 0, (got, p.exitcode)
+""",
+    ),
+    "ipc_expandable": (
+        {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+        """
+import torch, torch.multiprocessing as mp
+def child(q, r):
+    t = q.get(); t += 1; torch.cuda.synchronize(); r.put(float(t.sum()))
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn"); q, r = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=child, args=(q, r)); p.start()
+    t = torch.zeros(1024, device="cuda"); q.put(t); got = r.get(timeout=120); p.join(60)
+    assert got == 1024.0 and p.exitcode == 0, (got, p.exitcode)
+""",
+    ),
+    "dataloader": (
+        {},
+        """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+if __name__ == "__main__":
+    data = TensorDataset(torch.arange(4096, dtype=torch.float32).reshape(-1, 4))
+    total = 0.0
+    for (batch,) in DataLoader(data, batch_size=64, num_workers=2, pin_memory=True):
+        total += float(batch.cuda(non_blocking=True).sum())
+    assert total == float(sum(range(4096))), total
+""",
+    ),
+    "compile": (
+        {},
+        """
+import torch
+f = torch.compile(lambda x: (x.sin() ** 2 + x.cos() ** 2).sum())
+x = torch.rand(1 << 20, device="cuda")
+got = float(f(x))
+assert abs(got - (1 << 20)) < 1.0, got
+""",
+    ),
+    "nccl": (
+        {},
+        """
+import os, tempfile, torch, torch.distributed as dist
+store = os.path.join(tempfile.mkdtemp(), "store")
+dist.init_process_group("nccl", init_method="file://" + store, rank=0, world_size=1,
+                        device_id=torch.device("cuda", 0))
+t = torch.ones(1 << 20, device="cuda"); dist.all_reduce(t); torch.cuda.synchronize()
+assert float(t.sum()) == float(1 << 20)
+dist.destroy_process_group()
+""",
+    ),
+    "graph": (
+        {},
+        """
+import torch
+x = torch.ones(1024, device="cuda"); g = torch.cuda.CUDAGraph()
+s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    y = x * 2
+torch.cuda.current_stream().wait_stream(s)
+with torch.cuda.graph(g):
+    y = x * 2
+x += 1; g.replay(); torch.cuda.synchronize()
+assert float(y.sum()) == 4096.0, float(y.sum())
+""",
+    ),
+    "nvrtc": (
+        {},
+        """
+import cupy
+k = cupy.RawKernel(r'extern "C" __global__ void twice(float* x) { x[threadIdx.x] *= 2; }', "twice")
+x = cupy.ones(256, dtype=cupy.float32); k((1,), (256,), (x,))
+assert float(x.sum()) == 512.0
+""",
+    ),
+}
+
+WORKLOADS = f"""
+import json, os, shutil, subprocess, sys, tempfile
+checks = {WORKLOAD_CHECKS!r}
+out = {{}}
+for name, (env, code) in checks.items():
+    cache = tempfile.mkdtemp()
+    run_env = {{**os.environ, **env, "TRITON_CACHE_DIR": cache + "/triton",
+               "TORCHINDUCTOR_CACHE_DIR": cache + "/inductor", "CUPY_CACHE_DIR": cache + "/cupy",
+               "USER": os.environ.get("USER", "task")}}
+    path = os.path.join(cache, name + ".py")
+    with open(path, "w") as f:
+        f.write(code)
+    try:
+        run = subprocess.run([sys.executable, path], env=run_env, capture_output=True, text=True,
+                             timeout=90)
+        out[name] = "ok" if run.returncode == 0 else f"rc {{run.returncode}}: " + (
+            run.stdout + run.stderr)[-600:]
+    except subprocess.TimeoutExpired:
+        out[name] = "timeout"
+    shutil.rmtree(cache, ignore_errors=True)
+print("WORKLOADS " + json.dumps(out))
+"""
+
+
+def workloads(log: str) -> dict[str, str]:
+    lines = [line for line in log.splitlines() if line.startswith("WORKLOADS ")]
+    assert lines, log[-3000:]
+    found: dict[str, str] = json.loads(lines[-1].removeprefix("WORKLOADS "))
+    return found
+
+
+@pytest.mark.timeout(560)
+def test_training_workloads_run_under_the_tasks_filter(node: Node) -> None:
+    """Each check that runs as root outside any sandbox runs in a strict task too: the seccomp
+    filter, the fence and the task's uid refuse none of what a training job's libraries do."""
+    outside = subprocess.run(
+        [CUDA_PY, "-c", WORKLOADS], capture_output=True, text=True, timeout=900, check=False
+    )
+    baseline = workloads(outside.stdout + outside.stderr)
+    print("outside", json.dumps(baseline, indent=1))
+    result = node.run(7, [CUDA_PY, "-c", WORKLOADS], wait_s=1200.0, gpus=[0], **ACME)
+    inside = workloads(result["log"])
+    print("in the task", json.dumps(inside, indent=1))
+    assert set(baseline) == set(WORKLOAD_CHECKS)
+    assert baseline["ipc"] == baseline["dataloader"] == baseline["graph"] == "ok", baseline
+    refused = {name: inside[name] for name, ok in baseline.items() if ok == "ok" != inside[name]}
+    assert refused == {}, refused
