@@ -36,7 +36,8 @@ from tests.agents.helpers import require_cgroups, spec, wait_for
 
 CUDA_PY = os.environ.get("FAIRGPU_TEST_CUDA_PYTHON", sys.executable)
 UID_BASE = 200_000 + (os.getpid() % 10_000) * 100
-ACME, RIVAL = {"org": "acme", "org_id": 1}, {"org": "rival", "org_id": 2}
+ACME: dict[str, Any] = {"org": "acme", "org_id": 1}
+RIVAL: dict[str, Any] = {"org": "rival", "org_id": 2}
 NVIDIA_MAJOR = 195
 GIB = 2**30
 
