@@ -210,7 +210,9 @@ class Hierarchy(ABC):
         """The cgroup of a task, made or not (recovery finds the cgroups of adopted tasks)."""
 
     @abstractmethod
-    def create(self, task_id: int, limits: Limits) -> TaskCgroup: ...
+    def create(self, task_id: int, limits: Limits, *, gid: int | None = None) -> TaskCgroup:
+        """The task's cgroup, made with its limits; readable by `gid` (the task's) and root
+        alone where given (`_private`)."""
 
     @abstractmethod
     def parents(self) -> list[Path]: ...
@@ -300,6 +302,7 @@ class _V2(Hierarchy):
                 f"cgroup v2 at {root} lacks the {', '.join(sorted(missing))} controller(s)"
             )
         self.parent.mkdir(parents=True, exist_ok=True)
+        _unlisted(self.parent, root)
         _enable_down(root, self.parent, self.controllers)
 
     def task(self, task_id: int) -> TaskCgroup:
@@ -317,9 +320,10 @@ class _V2(Hierarchy):
         path = "/" + str((self.parent / f"task-{task_id}").relative_to(self.root))
         return ContainerParent(path, tuple(self.controllers), ())
 
-    def create(self, task_id: int, limits: Limits) -> TaskCgroup:
+    def create(self, task_id: int, limits: Limits, *, gid: int | None = None) -> TaskCgroup:
         group = _V2Task(self.parent / f"task-{task_id}")
         group.path.mkdir(exist_ok=True)
+        _private(group.path, gid)
         if limits.memory_bytes is not None:
             (group.path / "memory.max").write_text(str(limits.memory_bytes))
             _write_if_present(group.path / "memory.swap.max", "0")
@@ -390,8 +394,9 @@ class _V1(Hierarchy):
         self.roots = {controller: mounts[controller] for controller in self.by_controller}
         self.hierarchies = _cgroup_roots()
         """Every hierarchy's root, where docker's --cgroup-parent makes directories."""
-        for directory in self.by_controller.values():
+        for controller, directory in self.by_controller.items():
             directory.mkdir(parents=True, exist_ok=True)
+            _unlisted(directory, mounts[controller])
         if HUGETLB not in mounts and unified is not None:
             # A hybrid host whose hugetlb is the unified hierarchy's: tasks join a cgroup
             # there too, at its top as on v2 (a level holding processes hands none down).
@@ -399,6 +404,7 @@ class _V1(Hierarchy):
                 if HUGETLB in (unified / "cgroup.controllers").read_text().split():
                     directory = unified / parent.strip("/")
                     directory.mkdir(parents=True, exist_ok=True)
+                    _unlisted(directory, unified)
                     _enable_down(unified, directory, [HUGETLB])
                     self.by_controller[HUGETLB] = directory
                     self.roots[HUGETLB] = unified
@@ -447,13 +453,14 @@ class _V1(Hierarchy):
         bounded = tuple(c for c in limits if relative[c] == path)
         return ContainerParent(path, bounded, tuple(c for c in limits if relative[c] != path))
 
-    def create(self, task_id: int, limits: Limits) -> TaskCgroup:
+    def create(self, task_id: int, limits: Limits, *, gid: int | None = None) -> TaskCgroup:
         group = _V1Task(
             {c: p / f"task-{task_id}" for c, p in self.by_controller.items()},
             self._container_leftovers(task_id),
         )
         for directory in group.paths.values():
             directory.mkdir(exist_ok=True)
+            _private(directory, gid)
         memory = group.paths["memory"]
         if limits.memory_bytes is not None:
             (memory / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
@@ -574,6 +581,24 @@ def _counter(path: Path, name: str) -> int:
     except (FileNotFoundError, ValueError):
         pass
     return 0
+
+
+def _private(directory: Path, gid: int | None) -> None:
+    """A task's cgroup directory, entered by root and the task's gid alone. Every cgroup file
+    is readable by any uid: another org's task read a task's members (the pids hidepid hides),
+    memory, CPU time, I/O and pressure there while it ran. The task still reads its own (Go,
+    the JVM and others size themselves from the limits there): its gid is the group."""
+    if gid is None:
+        return
+    os.chown(directory, -1, gid)
+    directory.chmod(0o750)
+
+
+def _unlisted(parent: Path, root: Path) -> None:
+    """The task cgroups' parent: passed through, never listed (which tasks the node runs is
+    nobody's business but the agent's). Never a hierarchy's root, which the host owns."""
+    if parent != root:
+        parent.chmod(0o711)
 
 
 def _write_if_present(path: Path, value: str) -> None:

@@ -231,7 +231,7 @@ class Confinement:
             return Prepared([], cwd, home, mounts, None, network, netns)
         limits = self.limits(spec)
         minors = [self.config.gpu_minors.get(i, i) for i in spec.gpus]
-        group = self.cgroups.create(spec.task_id, limits)
+        group = self.cgroups.create(spec.task_id, limits, gid=uid)
         network, netns = self._network(spec, group, adopt)
         config = {
             "uid": uid,

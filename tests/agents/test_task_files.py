@@ -11,6 +11,7 @@ passed on umask 0022, and another org's task read them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -110,3 +111,43 @@ def test_a_new_shell_in_a_task_gets_the_tasks_umask(node: Node) -> None:  # noqa
 
     out = asyncio.run(session()).decode(errors="replace")
     assert re.findall(r"mask=(\d+)\r?$", out, re.MULTILINE) == ["0027"], out
+
+
+def test_another_org_cannot_read_a_tasks_cgroup(node: Node) -> None:  # noqa: F811
+    """Every cgroup file is readable by any uid unless its directory says otherwise: another
+    org's task read a task's pids (which hidepid hides), memory, CPU time and I/O pressure
+    there while it ran, and listed the node's tasks."""
+    node.runner.start(spec(1, ["sleep", "300"], **ACME))
+    wait_for(lambda: node.runner.records[1].state == "running" and bool(node.task_pids(1)))
+    group = node.confinement.cgroup(1)
+    assert group is not None
+    directories = [str(path.parent) for path in group.procs_files]
+    probe = f"""
+import json, os
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as exc:
+        return type(exc).__name__
+print(json.dumps({{
+    "members": [attempt(lambda: open(d + "/cgroup.procs").read()) for d in {directories!r}],
+    "stats": [attempt(lambda: os.listdir(d)) for d in {directories!r}],
+    "tasks": [attempt(lambda: os.listdir(os.path.dirname(d))) for d in {directories!r}],
+}}))
+"""
+    rival = node.run(2, python(probe), **RIVAL)
+    tried = json.loads(rival["log"])
+    assert set(tried["members"]) == set(tried["stats"]) == {"PermissionError"}, tried
+    assert set(tried["tasks"]) == {"PermissionError"}, tried
+    # A task still reads its own cgroup (runtimes size themselves from their limits there).
+    assert node.confinement.cgroups is not None
+    own = [str(path.parent) for path in node.confinement.cgroups.task(3).procs_files]
+    reads = f"""
+import os
+for d in {own!r}:
+    members = open(d + "/cgroup.procs").read().split()
+    print(str(os.getpid()) in members, "cgroup.procs" in os.listdir(d))
+"""
+    mine = node.run(3, python(reads), **ACME)
+    assert mine["log"].split() == ["True"] * 2 * len(own), mine
