@@ -1,7 +1,14 @@
-"""The order a cycle considers pending jobs in: submit order, or multifactor priority."""
+"""The order a cycle considers pending jobs in: submit order, or multifactor priority.
+
+With preemption on, a higher priority class always comes first inside an org (Kueue's queue
+order: priority, then creation; Slurm schedules a higher partition `PriorityTier` first): a job
+may preempt its org's lower classes, so a lower-class job ahead of it could otherwise take the
+quota its preemption freed, and it would preempt again (docs/SCHEDULING.md section 7).
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 from scheduler.core.types import PendingJob, PolicyConfig
@@ -28,7 +35,58 @@ def priority_order(
     """
     if cfg.ordering == "fifo":
         jobs = sorted(pending, key=lambda j: (j.submitted_at, j.job_id))
-        return [(j, 0.0) for j in jobs]
+        return _classes_first([(j, 0.0) for j in jobs], cfg, 0.0)
+    return _classes_first(
+        _multifactor(pending, cfg, now, factor, total_gpus),
+        cfg,
+        abs(cfg.weight_age) + abs(cfg.weight_size),
+    )
+
+
+def _classes_first(
+    order: list[tuple[PendingJob, float]], cfg: PolicyConfig, spread: float
+) -> list[tuple[PendingJob, float]]:
+    """The order with each org's jobs higher class first, in the places its jobs had.
+
+    Other orgs' jobs keep their places; an org's jobs of one class keep their order. `spread`:
+    how far apart age and size may put two jobs of one org (its fair share is one); when every
+    gap between classes weighs more, the order is already so and is returned as it is. Without
+    preemption no class takes another's GPUs, and the order is left as it is (the `fifo`
+    baseline keeps strict submit order).
+    """
+    if not cfg.preemption:
+        return order
+    classes = cfg.priority_classes
+    top = max(classes.values(), default=1) or 1
+    if spread > 0 and cfg.weight_class > 0 and top > 0:
+        # Decided from the configured classes (a class not configured is 0), with no pass over
+        # the queue: the default weights stop here.
+        values = sorted({*classes.values(), 0})
+        gap = min((b - a for a, b in itertools.pairwise(values)), default=0)
+        if cfg.weight_class * gap / top > spread:
+            return order
+    if len({classes.get(c, 0) for c in {j.priority_class for j, _ in order}}) < 2:
+        return order
+    places: dict[int, list[int]] = {}
+    for i, (j, _) in enumerate(order):
+        places.setdefault(j.org_id, []).append(i)
+    out = list(order)
+    for slots in places.values():
+        if len(slots) > 1:
+            # A stable sort: the same class keeps the org's order.
+            ranked = sorted(slots, key=lambda i: -classes.get(order[i][0].priority_class, 0))
+            for dst, src in zip(slots, ranked, strict=True):
+                out[dst] = order[src]
+    return out
+
+
+def _multifactor(
+    pending: Sequence[PendingJob],
+    cfg: PolicyConfig,
+    now: float,
+    factor: Mapping[int, float],
+    total_gpus: int,
+) -> list[tuple[PendingJob, float]]:
     classes = cfg.priority_classes
     top = max(classes.values(), default=1) or 1
     total = total_gpus or 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from unittest.mock import patch
 
 from hypothesis import given
@@ -73,3 +74,34 @@ def test_the_order_is_the_definitions(pending: list[PendingJob], factor: dict[in
         with patch.object(order, "_SORT_POSITIONS_FROM", long_from):
             got = priority_order(pending, cfg, NOW, factor, 64)
         assert [(j.job_id, p) for j, p in got] == want, long_from
+
+
+@given(
+    queues(),
+    st.sampled_from(["fifo", "multifactor"]),
+    st.sampled_from([0.0, 500.0, 5_000.0]),
+    st.booleans(),
+)
+def test_inside_an_org_a_higher_class_comes_first_when_classes_preempt(
+    pending: list[PendingJob], ordering: str, weight_class: float, preemption: bool
+) -> None:
+    """Each org's jobs take the places its jobs had, higher class first, a class's jobs in
+    their order; other orgs keep their places. Without preemption the order is as defined."""
+    cfg = PolicyConfig(ordering=ordering, weight_class=weight_class, preemption=preemption)
+    factor = {1: 0.25, 2: 0.5, 3: 1.0}
+    plain = replace(cfg, preemption=False)
+    before = [j for j, _ in priority_order(pending, plain, NOW, factor, 64)]
+    got = [j for j, _ in priority_order(pending, cfg, NOW, factor, 64)]
+    if not preemption:
+        assert got == before
+        return
+    cls = cfg.priority_classes
+    for org_id in {j.org_id for j in pending}:
+        mine = [i for i, j in enumerate(got) if j.org_id == org_id]
+        assert mine == [i for i, j in enumerate(before) if j.org_id == org_id]
+        classes = [cls.get(got[i].priority_class, 0) for i in mine]
+        assert classes == sorted(classes, reverse=True)
+        for c in set(classes):
+            assert [j for j in got if j.org_id == org_id and cls.get(j.priority_class, 0) == c] == [
+                j for j in before if j.org_id == org_id and cls.get(j.priority_class, 0) == c
+            ]

@@ -466,3 +466,43 @@ def test_requeued_job_waits_for_its_begin_time_and_nothing_waits_for_it() -> Non
     assert d.pending[1].reasons[0].details == {"not_before": 100.0}
     later = schedule(replace(s, now=100.0, pending=(job(1, 1, 2, not_before=100.0),)))
     assert [st.job_id for st in later.starts] == [1]
+
+
+def test_a_preemptors_freed_quota_is_not_taken_by_a_lower_class_job_ahead_of_it() -> None:
+    """Hypothesis found job 1002 preempted twice in a world where nothing ends (strict FIFO).
+
+    Job 9 (normal) bumps its org's low-class 1001 for room on node 4; once 1001 has left, the
+    low-class job 4, ahead of 9 in submit order, took the quota 1001 freed, and 9, now beyond
+    its guarantee, bumped the borrower 1002 that had started meanwhile. An org's jobs are
+    considered higher class first (Kueue's queue order): 9 starts, 4 waits for quota.
+    """
+    s2 = tuple(replace(n, unhealthy_gpus=frozenset({0})) for n in nodes(2, site="s2", first_id=4))
+    cluster = (*nodes(1, gpus=3), *s2)
+    s = snapshot(
+        nodes=cluster,
+        orgs=[org(1, guaranteed=13)],
+        running=[
+            run(1001, 1, [(4, range(1, 6))], priority_class="low", preemptible=True, started=-1e4),
+            run(1003, 1, [(4, (6, 7))], started=-1e4),
+            run(1004, 1, [(1, range(3))], started=-1e4),
+        ],
+        pending=[
+            job(4, 1, 4, at=0.0, priority_class="low"),
+            job(9, 1, 1, nodes=2, site="s2", at=1.0),
+            job(1002, 1, 3, at=500.0, priority_class="low", preemptible=True),
+        ],
+        now=700.0,
+        ordering="fifo",
+        backfill=False,
+    )
+    d = schedule(s)
+    assert [(p.job_id, p.preemptor_job_id) for p in d.preemptions] == [(1001, 9)]
+    assert [st.job_id for st in d.starts] == [1002]
+    later = apply(s, d, now=1400.0, drop=[1001])  # 1001 has left (it may requeue, low class)
+    later = replace(
+        later, pending=(*later.pending, job(1001, 1, 5, at=730.0, priority_class="low"))
+    )
+    d2 = schedule(later)
+    assert d2.preemptions == ()
+    assert [st.job_id for st in d2.starts] == [9]
+    assert codes(d2, 4) == [ReasonCode.QUOTA_GUARANTEED]
