@@ -248,6 +248,9 @@ class Namespaces:
         idle walls (tests/harness/netns.py in another test session on the host), which would
         otherwise remove a table between its building and its first rule."""
         _make_cgroup(self.pasta_cgroups)
+        # Root's alone: the CPU time in a pasta's cgroup tells how much its task sends and
+        # receives, which is no other org's business (any uid may read a cgroup's files).
+        self.pasta_cgroups.chmod(0o700)
         os.utime(self.pasta_cgroups)
 
     def walled_pastas(self) -> dict[int, Path]:

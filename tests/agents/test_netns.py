@@ -456,6 +456,34 @@ def test_pasta_is_charged_to_its_task_but_signalled_with_none_of_it(tmp_path: Pa
         node.close()
 
 
+def test_another_org_cannot_read_a_private_tasks_pasta_cgroup(tmp_path: Path) -> None:
+    """pasta carries all of a private task's traffic, so the CPU time in its cgroup tells how
+    much the task sends and receives: another org's task read it there (and pasta's pid, and
+    which tasks have one) while it ran."""
+    node = NetNode(tmp_path, "strict")
+    try:
+        node.runner.start(spec(1, ["sleep", "60"], network="private", **ACME))
+        wait_for(lambda: node.namespaces.pasta_pid(1) is not None)
+        pasta = node.namespaces.walled_pastas()[1]
+        probe = f"""
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as exc:
+        return type(exc).__name__
+import os
+print(attempt(lambda: open({str(pasta / "cpu.stat")!r}).read()),
+      attempt(lambda: open({str(pasta / "cgroup.procs")!r}).read()),
+      attempt(lambda: os.listdir({str(node.namespaces.pasta_cgroups)!r})))
+"""
+        node.runner.start(spec(2, [PY, "-c", probe], gpus=[1], network="host", **RIVAL))
+        result = node.result(2)
+        assert result["log"].split() == ["PermissionError"] * 3, result
+    finally:
+        node.close()
+
+
 def test_a_private_task_gets_the_forwarded_resolver(node: NetNode) -> None:
     query = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")
     code = f"""
