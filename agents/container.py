@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import resource
 import stat
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def container_launch(
         argv.append(f"--cpu-shares={max(2, limits.cpu_weight * 1024 // 100)}")
     if cgroup_parent is not None:
         argv.append(f"--cgroup-parent={cgroup_parent}")
+    if runtime == "podman":
+        argv += podman_ulimits()
     if runtime == "docker":
         argv += ["--gpus", f'"device={",".join(devices)}"'] if devices else []
     else:  # podman: the Container Device Interface names
@@ -177,6 +180,21 @@ def container_launch(
     }
     launcher = [sys.executable, "-I", "-S", _LAUNCHER, json.dumps(config, separators=(",", ":"))]
     return ContainerLaunch(launcher, name, [exe, "kill", name])
+
+
+def podman_ulimits() -> list[str]:
+    """podman, as root, gives every container RLIMIT_NOFILE 1048576 and RLIMIT_NPROC 4194304
+    whatever the node's, which the runtime can set only holding CAP_SYS_RESOURCE: where the agent
+    lacks it (an agent in a pod, a root shell without it, as on the test machine) no container
+    started at all (`error setting rlimit ...: operation not permitted`). The container gets the
+    agent's own limits, which its sandboxed tasks inherit; processes no more than the kernel's
+    `pid_max`, which no uid passes anyway and to which podman lowers its own limit."""
+    files = ":".join(map(str, resource.getrlimit(resource.RLIMIT_NOFILE)))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    with contextlib.suppress(OSError, ValueError):
+        most = int(Path("/proc/sys/kernel/pid_max").read_text())
+        soft, hard = (most if v == resource.RLIM_INFINITY else min(v, most) for v in (soft, hard))
+    return [f"--ulimit=nofile={files}", f"--ulimit=nproc={soft}:{hard}"]
 
 
 def helper_problem(helper: Path) -> str | None:

@@ -374,8 +374,14 @@ class Runner:
             spec, cuda_by_uuid=cfg.cuda_by_uuid, home=prepared.home, carried=carried
         )
         # The task's own network namespace, entered first: everything of the task is inside
-        # (a terminal's host, the sandbox, a container's client), the wrapper and copier not.
-        argv = [*prepared.network, *argv]
+        # (a terminal's host, the sandbox, apptainer's client), the wrapper and copier not. A
+        # docker or podman container is put in it by the runtime (its pod's, or by path), so
+        # their client stays in the node's: inside, podman's runc took the namespace it was
+        # itself in for the node's and refused the container (`sysctl ... not allowed in host
+        # network namespace`), and `ip netns exec` hid the cgroups from podman, which then
+        # dropped the container's pids limit.
+        if record.container_name is None:
+            argv = [*prepared.network, *argv]
         if spec.pty:
             argv = wrapper.on_terminal(
                 self.state.task_dir(spec.task_id), cfg.pty_attach_wait_s, argv

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What `make test` needs besides Python packages: PostgreSQL answering on 127.0.0.1:5432 and
 # Prometheus' promtool (tests/deploy checks the rules with it), pasta (package passt), ip and nft,
-# docker and busybox, gcc and a static libc (the agent's container entrypoint: make helper).
+# docker, podman and busybox, gcc and a static libc (the agent's container entrypoint: make helper).
 # Installs them with apt-get when missing (as root, or through sudo without a password) and
 # starts PostgreSQL and dockerd; with neither, says in one line what to install.
 # FAIRGPU_TEST_POSTGRES_URL pointing elsewhere skips the PostgreSQL part.
@@ -30,6 +30,11 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 # the daemon, and busybox to make the test's image from (no image registry is reachable).
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
+# podman, the other runtime image tasks run on (tests/agents/test_container*.py run on both): no
+# daemon. runc, not crun, which Debian's podman would otherwise pull: crun 1.8 refuses a hybrid
+# cgroup host whose unified hierarchy holds a controller ("cgroups in hybrid mode not
+# supported"), and catatonit for its `--init`. conmon comes with podman.
+command -v podman >/dev/null 2>&1 || need+=(podman runc catatonit)
 # The agent's container entrypoint (make helper): a C compiler and a static libc.
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 gcc -print-file-name=libc.a 2>/dev/null | grep -q / || need+=(libc6-dev)
@@ -64,4 +69,9 @@ if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
   for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 ||
     echo "make test: dockerd did not start (/var/log/fairgpu-test-dockerd.log); the docker tests will skip (fail under FAIRGPU_REQUIRE_DOCKER=1, as .ci/run sets)" >&2
+fi
+
+# podman needs no daemon; one that cannot run here (not root) only warns, as dockerd does.
+if command -v podman >/dev/null 2>&1 && ! podman info >/dev/null 2>&1; then
+  echo "make test: podman info failed; the podman tests will skip (fail under FAIRGPU_REQUIRE_PODMAN=1, as .ci/run sets)" >&2
 fi

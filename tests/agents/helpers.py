@@ -14,13 +14,17 @@ from protocol.agent import TaskSpec
 REQUIRE_DOCKER = os.environ.get("FAIRGPU_REQUIRE_DOCKER") == "1"
 """Set by .ci/run, whose tests/services.sh starts dockerd: a docker test that cannot run there
 fails instead of skipping, as FAIRGPU_REQUIRE_POSTGRES does for PostgreSQL."""
+REQUIRE_PODMAN = os.environ.get("FAIRGPU_REQUIRE_PODMAN") == "1"
+"""Set by .ci/run, whose tests/services.sh installs podman: the same for podman's tests."""
 
 
-def docker_unusable(why: str) -> NoReturn:
-    """Skip a test that needs docker, saying why; fail it where docker is required."""
-    message = f"docker is not usable here: {why}"
-    if REQUIRE_DOCKER:
-        pytest.fail(message + " (FAIRGPU_REQUIRE_DOCKER=1)")
+def docker_unusable(why: str, runtime: str = "docker") -> NoReturn:
+    """Skip a test that needs docker (or podman), saying why; fail it where that runtime is
+    required."""
+    message = f"{runtime} is not usable here: {why}"
+    variable = "FAIRGPU_REQUIRE_PODMAN" if runtime == "podman" else "FAIRGPU_REQUIRE_DOCKER"
+    if REQUIRE_PODMAN if runtime == "podman" else REQUIRE_DOCKER:
+        pytest.fail(f"{message} ({variable}=1)")
     pytest.skip(message)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,20 @@ def test_podman_uses_cdi_devices() -> None:
     assert "nvidia.com/gpu=2" in argv
     assert "nvidia.com/gpu=3" in argv
     assert launch.kill_argv == ["/usr/bin/podman", "kill", "fairgpu-n0de-task-12"]
+
+
+def test_podman_gives_its_container_the_agents_own_file_and_process_limits() -> None:
+    """podman's own (1048576 files, 4194304 processes) need CAP_SYS_RESOURCE to set: without
+    it no podman container started (tests/agents/test_container_netns.py, on this machine's
+    root, which lacks it). docker's line is unchanged: its daemon's limits."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    most = int(Path("/proc/sys/kernel/pid_max").read_text())
+    argv = launched(build("podman"))["run"]
+    assert f"--ulimit=nofile={files[0]}:{files[1]}" in argv
+    soft, hard = (most if v == resource.RLIM_INFINITY else min(v, most) for v in (soft, hard))
+    assert f"--ulimit=nproc={soft}:{hard}" in argv
+    assert not [a for a in launched(build("docker"))["run"] if a.startswith("--ulimit")]
 
 
 def test_apptainer_keeps_cuda_visible_devices_in_the_environment() -> None:

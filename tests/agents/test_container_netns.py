@@ -1,7 +1,9 @@
-"""A docker task's private network (agents/container.py's pod, agents/netns.py's namespace), with
-the real docker daemon, as root: it reaches the outside through its walled pasta and nothing of
-the node's. Skipped, saying why, where docker is not usable (no daemon, no busybox to make the
-test's image from: no registry is reachable here)."""
+"""A container task's private network (agents/container.py's pod for docker, the namespace by
+path for podman, agents/netns.py's namespace), with the real docker daemon and the real podman,
+as root: it reaches the outside through its walled pasta and nothing of the node's. Skipped,
+saying why, where the runtime is not usable (no daemon, no podman, no busybox to make the test's
+image from: no registry is reachable here), failed instead under FAIRGPU_REQUIRE_DOCKER=1 or
+FAIRGPU_REQUIRE_PODMAN=1."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.container import container_name, pod_name, sweep
+from agents.container import Runtime, container_name, pod_name, podman_ulimits, sweep
 from agents.runner import Runner, RunnerConfig
 from agents.sandbox import TASK_OOM_SCORE_ADJ
 from agents.state import agent_tag
@@ -37,32 +39,41 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 TASK = random.randrange(10_000, 1_000_000)
 """The task id: docker's container names (fairgpu-<agent>-task-<id>, fairgpu-<agent>-pod-<id>) are
 the daemon's, shared by every test process on the host; the agent's tag keeps them apart too."""
+RUNTIMES = ("docker", "podman")
 IMAGE = "fairgpu-test/busybox:1"
 """Made from the host's busybox: the pod's pause process and the task's tools at once."""
 
 
-def _docker_unusable() -> str:
-    """Why docker cannot run here, or ""."""
-    docker = shutil.which("docker")
-    if docker is None:
-        return "no docker client"
+def _docker_unusable(runtime: str = "docker") -> str:
+    """Why docker (or podman) cannot run here, or ""."""
+    client = shutil.which(runtime)
+    if client is None:
+        return f"no {runtime} client"
     try:
-        info = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=60)
+        info = subprocess.run([client, "info"], capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        return "docker info did not answer in 60 s"
+        return f"{runtime} info did not answer in 60 s"
     if info.returncode != 0:
         lines = [line.strip() for line in info.stderr.splitlines() if line.strip()]
-        return f"docker info failed: {lines[-1] if lines else info.returncode}"
+        return f"{runtime} info failed: {lines[-1] if lines else info.returncode}"
     if shutil.which("busybox") is None:
         return "no busybox on the host to make the test's image from"
     return ""
 
 
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    """The container runtime under test: every test taking a container node runs on docker and
+    on podman, but for those that override it (`parametrize("runtime", ["docker"], ...)`)."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    why = _docker_unusable()
+def image(runtime: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    why = _docker_unusable(runtime)
     if why:
-        docker_unusable(why)
+        docker_unusable(why, runtime)
     busybox = shutil.which("busybox")
     assert busybox is not None
     archive = tmp_path_factory.mktemp("image") / "rootfs.tar"
@@ -77,28 +88,32 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
             entry.type, entry.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
             tar.addfile(entry)
     pause = 'CMD ["/bin/busybox", "sleep", "2147483647"]'
-    subprocess.run(["docker", "import", "--change", pause, str(archive), IMAGE], check=True)
+    subprocess.run(
+        [runtime, "import", "--change", pause, str(archive), IMAGE], check=True, capture_output=True
+    )
     return IMAGE
 
 
 @pytest.fixture
-def docker_node(node: NetNode, image: str) -> Iterator[NetNode]:  # noqa: F811
+def docker_node(node: NetNode, image: str, runtime: Runtime) -> Iterator[NetNode]:  # noqa: F811
+    """A node whose container runtime is `runtime` (docker or podman, despite the name)."""
     node.runner = Runner(
         node.state,
-        RunnerConfig(container_runtime="docker", container_pause_image=image),
+        RunnerConfig(container_runtime=runtime, container_pause_image=image),
         confinement=node.confinement,
     )
     yield node
     tag = node.runner.tag
     for task_id in node.runner.records:
         for name in (container_name(tag, task_id), pod_name(tag, task_id)):
-            subprocess.run(["docker", "rm", "--force", name], capture_output=True)
+            subprocess.run([runtime, "rm", "--force", name], capture_output=True)
     node.runner.container_env.sweep(set())  # what a test that failed midway left in memory
 
 
-def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(
+def test_a_private_container_task_reaches_the_outside_and_nothing_of_the_node(
     docker_node: NetNode,
     image: str,
+    runtime: str,
     node_address: str,  # noqa: F811
     outside: list[int],  # noqa: F811
 ) -> None:
@@ -132,14 +147,14 @@ def test_a_private_docker_task_reaches_the_outside_and_nothing_of_the_node(
     assert "node:" in lines, log  # nothing answered on the node's address
     assert "loopback:" in lines, log  # its 127.0.0.1 is its own
     assert "node-service" not in log, log
-    # The pod and the namespace went with the task.
-    gone = subprocess.run(
-        ["docker", "inspect", pod_name(net.runner.tag, TASK)], capture_output=True
-    )
-    assert gone.returncode != 0
+    # The container, docker's pod and the namespace went with the task (podman joins the
+    # namespace by path: no pod).
+    for name in (container_name(net.runner.tag, TASK), pod_name(net.runner.tag, TASK)):
+        assert not _exists(runtime, name), name
     assert not net.namespaces.exists(TASK)
 
 
+@pytest.mark.parametrize("runtime", ["docker"], indirect=True)
 def test_docker_without_a_pod_image_refuses_a_private_task_in_one_line(
     docker_node: NetNode, image: str
 ) -> None:
@@ -156,12 +171,12 @@ def test_docker_without_a_pod_image_refuses_a_private_task_in_one_line(
     assert not net.namespaces.exists(TASK)
 
 
-def _exists(name: str) -> bool:
-    return subprocess.run(["docker", "inspect", name], capture_output=True).returncode == 0
+def _exists(runtime: str, name: str) -> bool:
+    return subprocess.run([runtime, "inspect", name], capture_output=True).returncode == 0
 
 
 def test_an_agent_sweeps_its_own_orphaned_containers_and_never_another_agents(
-    docker_node: NetNode, image: str, tmp_path: Path
+    docker_node: NetNode, image: str, runtime: Runtime, tmp_path: Path
 ) -> None:
     """Containers and pods outlive their agent; the agent that starts again removes those of
     its tasks that are not running, by its label and its name, and leaves another agent's on
@@ -173,7 +188,8 @@ def test_an_agent_sweeps_its_own_orphaned_containers_and_never_another_agents(
     def run(agent: str, task_id: int, kind: str) -> str:
         name = f"fairgpu-{agent}-{kind}-{task_id}"
         labels = ["--label", f"fairgpu.agent={agent}", "--label", f"fairgpu.task={task_id}"]
-        argv = ["docker", "run", "--detach", "--rm", "--name", name, *labels, "--network=none"]
+        argv = [runtime, "run", "--detach", "--rm", "--name", name, *labels, "--network=none"]
+        argv += podman_ulimits() if runtime == "podman" else []
         subprocess.run([*argv, image], check=True, capture_output=True)
         names.append(name)
         return name
@@ -182,24 +198,24 @@ def test_an_agent_sweeps_its_own_orphaned_containers_and_never_another_agents(
         orphan, orphan_pod = run(tag, TASK, "task"), run(tag, TASK, "pod")
         running = run(tag, TASK + 1, "task")
         others = run(other, TASK, "task")
-        assert sorted(sweep("docker", tag, keep={TASK + 1})) == sorted([orphan, orphan_pod])
-        assert [_exists(n) for n in (orphan, orphan_pod, running, others)] == [
+        assert sorted(sweep(runtime, tag, keep={TASK + 1})) == sorted([orphan, orphan_pod])
+        assert [_exists(runtime, n) for n in (orphan, orphan_pod, running, others)] == [
             False, False, True, True,
         ]  # fmt: skip
         restarted = Runner(
             docker_node.state,
-            RunnerConfig(container_runtime="docker", container_pause_image=image),
+            RunnerConfig(container_runtime=runtime, container_pause_image=image),
             confinement=docker_node.confinement,
         )
         restarted.recover()  # no task of its is running: none of its containers stays
-        assert not _exists(running)
-        assert _exists(others)
+        assert not _exists(runtime, running)
+        assert _exists(runtime, others)
     finally:
         for name in names:
-            subprocess.run(["docker", "rm", "--force", name], capture_output=True)
+            subprocess.run([runtime, "rm", "--force", name], capture_output=True)
 
 
-def test_a_docker_task_goes_first_to_the_oom_killer_and_cannot_lower_itself(
+def test_a_container_task_goes_first_to_the_oom_killer_and_cannot_lower_itself(
     docker_node: NetNode, image: str
 ) -> None:
     """A container's processes are the runtime's children, not the agent's: docker gives them
@@ -218,7 +234,7 @@ def test_a_docker_task_goes_first_to_the_oom_killer_and_cannot_lower_itself(
     assert result["log"].split() == [str(TASK_OOM_SCORE_ADJ), "refused"], result
 
 
-def test_a_host_network_docker_task_cannot_bind_the_agents_source_ports(
+def test_a_host_network_container_task_cannot_bind_the_agents_source_ports(
     docker_node: NetNode, image: str
 ) -> None:
     """The agent's connections to its server leave from ports below the node's
