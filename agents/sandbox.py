@@ -14,7 +14,8 @@ every task start pays for its start-up. In order, it
    processes (hidepid), and every NVIDIA GPU device file other than the task's own covered by an
    unreadable file, so unsetting CUDA_VISIBLE_DEVICES finds nothing (and the driver's
    directories of those GPUs under /proc/driver/nvidia/gpus, which tell their UUIDs, by an
-   empty one: agents/dri.py); and an IPC namespace of its
+   empty one: agents/dri.py), and the node's D-Bus system bus and journal sockets covered
+   (`NODE_SERVICES`); and an IPC namespace of its
    own, so that System V shared memory, semaphores and message queues are the task's alone and
    end with it (a segment left behind would otherwise hold the node's memory after the task);
 3. drops to the task's uid and gid with no supplementary groups and umask `TASK_UMASK`, sets
@@ -79,6 +80,19 @@ _GPU_DEVICE = re.compile(r"^nvidia(\d+)$")
 # Directories any user may write to on common distributions: each task gets empty ones of its
 # own, so that nothing it writes there reaches the host's disk or another task.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/crash")  # noqa: S108
+
+NODE_SERVICES = (
+    "/run/dbus/system_bus_socket",
+    "/var/run/dbus/system_bus_socket",
+    "/run/systemd/journal",
+    "/dev/log",
+)
+"""The node's services a task has no use for and must not reach (each covered where it is, a
+link through its target). On the D-Bus system bus, systemd answers any uid's
+`GetUnitProcesses` with every process of a unit and its command line, read as root: tasks live
+in the agent's unit, so another org's task read every task's command line there, past hidepid.
+Lines sent to the journal (or syslog's `/dev/log`) read as the agent's unit's own and spent its
+share of journald's rate limit."""
 
 TASK_UMASK = 0o027
 """Every task process's umask, whatever the agent's was: what a task creates outside its own
@@ -195,7 +209,23 @@ def private_mounts(config: dict[str, Any]) -> None:
     fence_gpus(config["dev_dir"], set(config["gpu_minors"]), config.get("cover", []))
     for directory in config.get("hide", []):
         if os.path.isdir(directory):
-            _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=000")
+            _hide_directory(directory)
+    close_node_services()
+
+
+def _hide_directory(directory: str) -> None:
+    _mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=000")
+
+
+def close_node_services() -> None:
+    """Cover each of NODE_SERVICES present: a directory by an empty one nobody may enter, a
+    socket by a file nobody may open (connecting to it is refused)."""
+    found = dict.fromkeys(os.path.realpath(path) for path in NODE_SERVICES)
+    directories = [path for path in found if os.path.isdir(path)]
+    for directory in directories:
+        _hide_directory(directory)
+    # What lies under a directory just covered is gone already.
+    _cover([path for path in found if os.path.exists(path) and path not in directories])
 
 
 def _under(path: str, root: str) -> bool:
@@ -222,12 +252,17 @@ def fence_gpus(dev_dir: str, allowed_minors: set[int], others: list[str]) -> Non
         if _under(path, dev_dir)
         and _same_inode(alias := os.path.join(elsewhere, os.path.relpath(path, dev_dir)), path)
     ]
-    if not foreign:
+    _cover(foreign)
+
+
+def _cover(paths: list[str]) -> None:
+    """Bind a file nobody may open over each of `paths` (device files, sockets)."""
+    if not paths:
         return
-    mask = "/tmp/.fairgpu-device-mask"  # noqa: S108 - the private /tmp mounted above
+    mask = "/tmp/.fairgpu-mask"  # noqa: S108 - the private /tmp mounted above
     os.close(os.open(mask, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o000))
-    for device in foreign:
-        _mount(mask, device, None, MS_BIND, None)
+    for path in paths:
+        _mount(mask, path, None, MS_BIND, None)
     os.unlink(mask)  # the bind mounts keep the inode
 
 

@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +153,80 @@ for d in {own!r}:
 """
     mine = node.run(3, python(reads), **ACME)
     assert mine["log"].split() == ["True"] * 2 * len(own), mine
+
+
+SYSTEM_BUS = "/run/dbus/system_bus_socket"
+JOURNAL = "/run/systemd/journal/socket"
+SYSLOG = "/dev/log"
+
+
+@pytest.fixture
+def node_services() -> Iterator[None]:
+    """The node's D-Bus system bus and journal sockets, made (and removed after) where this host
+    has none: any uid may connect to them."""
+    made: list[Path] = []
+    held: list[socket.socket] = []
+    try:
+        for path, kind in ((SYSTEM_BUS, socket.SOCK_STREAM), (JOURNAL, socket.SOCK_DGRAM)):
+            target = Path(path)
+            if target.exists():
+                continue  # the host's own: the probe only tries to reach it
+            for parent in reversed(target.parents):
+                if not parent.exists():
+                    parent.mkdir()
+                    made.append(parent)
+            listener = socket.socket(socket.AF_UNIX, kind)
+            listener.bind(path)
+            if kind == socket.SOCK_STREAM:
+                listener.listen(1)
+            target.chmod(0o666)
+            held.append(listener)
+            made.append(target)
+        if not os.path.lexists(SYSLOG):
+            os.symlink(JOURNAL, SYSLOG)
+            made.append(Path(SYSLOG))
+        yield
+    finally:
+        for listener in held:
+            listener.close()
+        for path in reversed(made):
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+
+
+REACH_SERVICES = f"""
+import socket
+def attempt(kind, path):
+    s = socket.socket(socket.AF_UNIX, kind)
+    try:
+        s.connect(path)
+        return "connected"
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        s.close()
+print(attempt(socket.SOCK_STREAM, {SYSTEM_BUS!r}),
+      attempt(socket.SOCK_DGRAM, {JOURNAL!r}),
+      attempt(socket.SOCK_DGRAM, {SYSLOG!r}))
+"""
+
+
+@pytest.mark.usefixtures("node_services")
+def test_a_task_reaches_neither_the_system_bus_nor_the_journal(node: Node) -> None:  # noqa: F811
+    """Tasks live in the agent's systemd unit. systemd answers any uid's GetUnitProcesses with
+    every process of a unit, its command line read as root: another org's task read every
+    task's command line there, past hidepid. Lines a task sent the journal read as the
+    agent's own, and spent the agent's share of journald's rate limit."""
+    # The test's own process reaches them: they are there to be reached.
+    assert "connected" in python_here(REACH_SERVICES)
+    result = node.run(1, python(REACH_SERVICES), **ACME)
+    assert (result["state"], result["exit_code"]) == ("exited", 0), result
+    assert "connected" not in result["log"], result
+
+
+def python_here(code: str) -> str:
+    return subprocess.run(
+        python(code), capture_output=True, text=True, check=True, timeout=30
+    ).stdout
