@@ -109,14 +109,30 @@ def process_tree(leader: int) -> set[int]:
     return pids
 
 
-def _reachable(address: str) -> str:
-    """Where to connect for a listener bound to `address`: a wildcard is reached on loopback."""
+def _reachable(address: str) -> str | None:
+    """Where to connect for a listener bound to `address`: a wildcard is reached on loopback;
+    None for an address of no interface of this network namespace. Any uid may listen on
+    another machine's address (IP_FREEBIND), and connecting there reaches that machine, not
+    the task: as root, from a port below 1024, which NFS's `secure` exports trust."""
     ip = ipaddress.ip_address(address)
     if ip.is_unspecified:
         return "::1" if ip.version == 6 else "127.0.0.1"
     if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return address
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip in _local_addresses():
+        return str(ip)
+    return None
+
+
+def _local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of this thread's network namespace (getifaddrs asks its netlink)."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(ValueError):
+                    found.add(ipaddress.ip_address(entry.address.partition("%")[0]))
+    return found
 
 
 def _owned(port: int, pids: set[int], job_id: int, proc: Path, net: Path) -> list[Listener]:
@@ -147,6 +163,8 @@ def connect_owned(
         raise PortRefused(f"port {port} is not a TCP port")
     before = _owned(port, task, job_id, proc, net)
     target = _reachable(before[0].address)
+    if target is None:  # the same words as for a port nobody of the job listens on
+        raise PortRefused(f"nothing in job {job_id} listens on port {port}")
     try:
         if privileged_source:
             conn = srcport.connect_sync((target, port), timeout_s=timeout_s)

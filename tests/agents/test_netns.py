@@ -32,6 +32,7 @@ from agents.isolation import Confinement, IsolationConfig
 from agents.netns import DNS_ADDRESS, Namespaces
 from agents.netopen import open_namespaces
 from agents.netwall import Wall
+from agents.ports import PortRefused
 from agents.runner import Runner, RunnerConfig
 from agents.state import StateDir
 from tests.agents.helpers import spec, wait_for
@@ -572,10 +573,50 @@ def test_port_forward_connects_inside_the_tasks_namespace(node: NetNode) -> None
         with socket.socket() as other:
             other.bind(("127.0.0.1", 0))
             other.listen()
-            from agents.ports import PortRefused
-
             with pytest.raises(PortRefused, match="nothing in job 101 listens"):
                 _connect(task, other.getsockname()[1], task.pids())
+
+
+# Listens on HOST:PORT, bound with IP_FREEBIND (any uid may: the address need not be the
+# node's), answers each connection with "task"; then writes $HOME/ready.
+FREEBIND_LISTENER = """
+import os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+s.bind((host, port)); s.listen()
+open(os.path.join(os.environ["HOME"], "ready"), "w").close()
+while True:
+    c = s.accept()[0]; c.sendall(b"task"); c.close()
+"""
+
+
+def test_port_forward_reaches_only_the_nodes_own_addresses(
+    node: NetNode, outside_network: Outside, node_address: str
+) -> None:
+    """A host-network task that listened on another machine's address (IP_FREEBIND) had the
+    agent connect there, as root from a port below 1024: the job's owner reached whatever the
+    node reaches (an NFS server whose `secure` exports trust such ports, a metadata service)
+    through its port-forward. Its own listener on one of the node's addresses is still reached."""
+    port = outside_network.ports[1]  # the outside answers "outside" there
+    argv = [PY, "-c", FREEBIND_LISTENER, OUTSIDE, str(port)]
+    node.runner.start(spec(1, argv, gpus=[1], network="host", **ACME))
+    wait_for(lambda: (node.confinement.task_dir(1) / "ready").exists(), 20)
+    task = node.runner.processes(1)
+    assert task is not None
+    with (
+        pytest.raises(PortRefused, match="nothing in job 101 listens"),
+        _connect(task, port, task.pids()) as conn,
+    ):
+        pytest.fail(f"connected to {conn.getpeername()}: {conn.recv(100)!r}")
+    [own] = _free_ports(1)
+    argv = [PY, "-c", FREEBIND_LISTENER, node_address, str(own)]
+    node.runner.start(spec(2, argv, gpus=[2], network="host", **ACME))
+    wait_for(lambda: (node.confinement.task_dir(2) / "ready").exists(), 20)
+    task = node.runner.processes(2)
+    assert task is not None
+    with _connect(task, own, task.pids()) as conn:
+        assert conn.recv(100) == b"task"
 
 
 def test_port_forward_finds_the_namespace_when_its_name_is_gone(node: NetNode) -> None:
