@@ -13,12 +13,15 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
+from itertools import repeat
 
 from scheduler.core.backfill import Reservations
 from scheduler.core.capacity import FreeIndex, Layout
 from scheduler.core.explain import BuiltOnRead, CycleState, Ended, Explainer, Wait
 from scheduler.core.occupied import Occupied
-from scheduler.core.order import priority_order
+from scheduler.core.order import class_order_holds, priority_of, priority_order
+from scheduler.core.pending import PendingClass, PendingClasses
 from scheduler.core.preempt import Plan, Preemptor
 from scheduler.core.quota import OrgBooks, Paths
 from scheduler.core.running import RunningTables, gpu_counts
@@ -38,6 +41,11 @@ from scheduler.core.usage import TreeShares, fair_tree_factors, tree_standing
 
 _RUNNABLE = frozenset({DependencyState.NONE, DependencyState.SATISFIED})
 
+# A stretch of one class's jobs waiting in pass 2, the first one next: its place in the order
+# (-priority, submitted_at, job_id: unique, so the rest is never compared), the index of that
+# job in the class, the end of the stretch, the class, and the types its jobs may borrow on.
+_Run = tuple[float, float, int, int, int, PendingClass, tuple[str, ...]]
+
 
 class Cycle:
     def __init__(
@@ -47,10 +55,14 @@ class Cycle:
         tree: tuple[Paths, TreeShares] | None = None,
         run: RunningTables | None = None,
         occupied: Occupied | None = None,
+        classes: PendingClasses | None = None,
     ) -> None:
         """`tree`, `run` and `occupied`: kept by a `Scheduler` for this snapshot (and used, not
-        changed, by the cycle); None builds them."""
+        changed, by the cycle); None builds them. `classes`: the snapshot's pending queue by
+        class (`scheduler.core.pending`), kept by a `Scheduler`; with them the passes visit
+        the queue class by class where that decides the same (`run`)."""
         self.snap = snap
+        self.classes = classes
         self.cfg = cfg = snap.config
         self.now = snap.now
         if run is None:
@@ -214,6 +226,14 @@ class Cycle:
     # -- passes ------------------------------------------------------------------------------
 
     def run(self) -> Decisions:
+        classes = self.classes
+        if (
+            classes is not None
+            and len(self.snap.pending) <= self.cfg.backfill_depth
+            and class_order_holds(self.cfg)
+        ):
+            self._run_by_class(classes)
+            return self._decisions(None)
         order = priority_order(
             self.snap.pending, self.cfg, self.now, self.factor, sum(self.index.capacity.values())
         )
@@ -299,16 +319,118 @@ class Cycle:
             n = job.gpus_per_node * job.nodes
             if within(job.org_id) or any(self.books.in_quota(job.org_id, t, n) for t in types):
                 oldest[job.org_id] = job
+        return self._protect_oldest(oldest)
+
+    def _protect_oldest(self, oldest: dict[int, PendingJob]) -> set[int]:
+        """Settle each org's oldest protected gang, oldest first; returns those settled."""
         settled: set[int] = set()
         # The oldest `backfill_reservations` only: as many as could hold a reservation, which
         # bounds the work (one plan each) on a cluster of a thousand orgs. A gang among them
         # stays among them until it starts, since only older ones are ahead of it.
         first = sorted(oldest.values(), key=lambda j: (j.submitted_at, j.job_id))
-        for job in first[: cfg.backfill_reservations]:
+        for job in first[: self.cfg.backfill_reservations]:
             types = self.static_types(job)
             if types is not None and self._protect(job, types):
                 settled.add(job.job_id)
         return settled
+
+    def _run_by_class(self, classes: PendingClasses) -> None:
+        """Pass 1 and pass 2 as `run` does them, visiting the queue class by class.
+
+        The jobs are taken in the order `run` takes them: a heap holds each class's next job
+        under its place in the priority order, and within a class the order is submit order
+        (`scheduler.core.pending`). A job's outcome is then the one `run` gives it, and the
+        rest of its class is settled without a visit where each of them would end the same
+        way with nothing changed on the way (the same as `run` gives them):
+        - a reason that holds for any job of the class (held, dependency, no node fits ...);
+        - a job behind the strict order's blocked head: the same `queued` wait;
+        - a borrower with no type in quota, of an org without limits: allocations only grow
+          in a cycle, so the rest is not in quota either; all wait for pass 2, in order;
+        - in pass 2, a borrower that found nothing: the rest of its class finds the same
+          failed borrow (capacity and victims only shrank), without its limits (an org without
+          limits) or its time limit (the same) changing that.
+        A job not settled that way is visited as in `run`, and the next of its class after it.
+        Every `rank` is below `backfill_depth` (the caller checked the queue's length).
+        """
+        waits = self.waits
+        prio = priority_of(self.cfg, self.now, self.factor, sum(self.index.capacity.values()))
+        settled = self._protect_first_by_class(classes)
+        heap: list[tuple[float, float, int, int, PendingClass]] = []
+        for c in classes.classes.values():
+            jobs = c.jobs
+            i = 0
+            if settled:
+                while i < len(jobs) and jobs[i].job_id in settled:
+                    i += 1
+                if i == len(jobs):
+                    continue
+            j = jobs[i]
+            heap.append((-prio(j), j.submitted_at, j.job_id, i, c))
+        heapq.heapify(heap)
+        limited = self.books.limited
+        deferred: dict[int, list[_Run]] = {}
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            negp, sub, jid, i, c = pop(heap)
+            jobs = c.jobs
+            job = jobs[i]
+            end = len(jobs)
+            types = self.static_types(job)
+            if types is None:
+                waits.update(zip(c.ids[i + 1 :], repeat(waits[jid])))
+                continue
+            if self.blocked_by is not None:
+                w = self.ex.queued(job, types[0], self.blocked_by)
+                waits.update(zip(c.ids[i:], repeat(w)))
+                continue
+            borrow = self._consider(job, types)
+            if borrow:
+                last = end if borrow is types and not limited[job.org_id] else i + 1
+                run: _Run = (negp, sub, jid, i, last, c, borrow)
+                queue = deferred.get(job.org_id)
+                if queue is None:
+                    deferred[job.org_id] = [run]
+                else:
+                    push(queue, run)
+                if last == end:
+                    continue
+            i += 1
+            if i < end:
+                j = jobs[i]
+                push(heap, (-prio(j), j.submitted_at, j.job_id, i, c))
+        self._lend_runs(deferred, prio)
+
+    def _protect_first_by_class(self, classes: PendingClasses) -> set[int]:
+        """`_protect_first` over the classes: the same gangs, in the same order.
+
+        Which big job of an org it picks depends on the job's class (its types, whether one is
+        in quota) and submission only, the oldest among those that qualify: a class's first
+        job when its class qualifies.
+        """
+        cfg = self.cfg
+        least = cfg.protect_gang_gpus
+        if least <= 0 or not cfg.backfill:
+            return set()
+        since = self.now - cfg.protect_gang_after_s
+        oldest: dict[int, PendingJob] = {}
+        within = self._within_share
+        for c in classes.classes.values():
+            job = c.jobs[0]
+            if job.submitted_at > since or job.gpus_per_node * job.nodes < least:
+                continue
+            have = oldest.get(job.org_id)
+            if have is not None and (have.submitted_at, have.job_id) < (
+                job.submitted_at,
+                job.job_id,
+            ):
+                continue
+            types = self.static_types(job)
+            if types is None:
+                continue
+            n = job.gpus_per_node * job.nodes
+            if within(job.org_id) or any(self.books.in_quota(job.org_id, t, n) for t in types):
+                oldest[job.org_id] = job
+        return self._protect_oldest(oldest)
 
     def _within_share(self, org_id: int) -> bool:
         """Its subtree's decayed usage is no more than its share of the cluster (F ≥ 0.5)."""
@@ -391,25 +513,47 @@ class Cycle:
             )
         return ()
 
-    def _decisions(self, order: list[tuple[PendingJob, float]]) -> Decisions:
-        """The cycle's decisions; full explanations are built when `pending` is first read."""
+    def _decisions(self, order: list[tuple[PendingJob, float]] | None) -> Decisions:
+        """The cycle's decisions; full explanations are built when `pending` is first read.
+
+        `order`: the priority order, or None when the passes did not need it whole: it is then
+        made when an explanation is first read (from inputs that no longer change).
+        """
         waits = self.waits
         running = self.snap.running
         chosen, starts = self.pre.chosen, self.starts
         ex = self.ex
+        ordered = self._order_on_read(order)
         return Decisions(
             starts=tuple(s for s, _, _ in self.starts),
             preemptions=tuple(self.preemptions),
             pending=BuiltOnRead(
                 lambda: ex.explain(
-                    order, waits, Ended(running, gpu_counts(running), chosen, starts)
+                    ordered(), waits, Ended(running, gpu_counts(running), chosen, starts)
                 )
             ),
             standings=self.standings(),
-            reasons=BuiltOnRead(lambda: ex.codes(order, waits)),
+            reasons=BuiltOnRead(lambda: ex.codes(ordered(), waits)),
             blocked_by=self.blocked_by,
             reserved={nid: holder for nid, (_start, holder) in self.res.reserved.items()},
         )
+
+    def _order_on_read(
+        self, order: list[tuple[PendingJob, float]] | None
+    ) -> Callable[[], list[tuple[PendingJob, float]]]:
+        if order is not None:
+            known = order
+            return lambda: known
+        made: list[list[tuple[PendingJob, float]]] = []
+        snap, cfg, now, factor = self.snap, self.cfg, self.now, self.factor
+        total = sum(self.index.capacity.values())
+
+        def ordered() -> list[tuple[PendingJob, float]]:
+            if not made:
+                made.append(priority_order(snap.pending, cfg, now, factor, total))
+            return made[0]
+
+        return ordered
 
     def _admit(self, job: PendingJob, in_quota: list[str], borrow: list[str]) -> bool:
         """Try an in-quota start; else reclaim or reserve. True when the job is settled."""
@@ -569,6 +713,34 @@ class Cycle:
                     break
             if queue:
                 heapq.heappush(heap, (books.dominant_share(oid), oid))
+
+    def _lend_runs(
+        self, deferred: dict[int, list[_Run]], prio: Callable[[PendingJob], float]
+    ) -> None:
+        """`_lend` over stretches of classes: each org's borrowers in the order `_lend` takes
+        them (a heap by their place in the priority order), a stretch settled whole where its
+        first job found nothing to borrow (`_run_by_class`)."""
+        books = self.books
+        waits = self.waits
+        heap = [(books.dominant_share(oid), oid) for oid in deferred]
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _share, oid = pop(heap)
+            queue = deferred[oid]
+            while queue:
+                _negp, _sub, jid, i, end, c, types = pop(queue)
+                job = c.jobs[i]
+                if self._borrow(job, types):
+                    i += 1
+                    if i < end:
+                        j = c.jobs[i]
+                        push(queue, (-prio(j), j.submitted_at, j.job_id, i, end, c, types))
+                    break
+                if i + 1 < end:
+                    waits.update(zip(c.ids[i + 1 : end], repeat(waits[jid])))
+            if queue:
+                push(heap, (books.dominant_share(oid), oid))
 
     def _borrow(self, job: PendingJob, types: tuple[str, ...]) -> bool:
         """Start a borrower if idle GPUs fit it (or its own lower classes make room)."""

@@ -9,7 +9,8 @@ quota its preemption freed, and it would preempt again (docs/SCHEDULING.md secti
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 from scheduler.core.types import PendingJob, PolicyConfig
 
@@ -54,17 +55,9 @@ def _classes_first(
     preemption no class takes another's GPUs, and the order is left as it is (the `fifo`
     baseline keeps strict submit order).
     """
-    if not cfg.preemption:
+    if classes_first_changes_nothing(cfg, spread):
         return order
     classes = cfg.priority_classes
-    top = max(classes.values(), default=1) or 1
-    if spread > 0 and cfg.weight_class > 0 and top > 0:
-        # Decided from the configured classes (a class not configured is 0), with no pass over
-        # the queue: the default weights stop here.
-        values = sorted({*classes.values(), 0})
-        gap = min((b - a for a, b in itertools.pairwise(values)), default=0)
-        if cfg.weight_class * gap / top > spread:
-            return order
     if len({classes.get(c, 0) for c in {j.priority_class for j, _ in order}}) < 2:
         return order
     places: dict[int, list[int]] = {}
@@ -78,6 +71,22 @@ def _classes_first(
             for dst, src in zip(slots, ranked, strict=True):
                 out[dst] = order[src]
     return out
+
+
+def classes_first_changes_nothing(cfg: PolicyConfig, spread: float) -> bool:
+    """Whether `_classes_first` leaves every order as it is, from the config alone."""
+    if not cfg.preemption:
+        return True
+    classes = cfg.priority_classes
+    top = max(classes.values(), default=1) or 1
+    if spread > 0 and cfg.weight_class > 0 and top > 0:
+        # Decided from the configured classes (a class not configured is 0), with no pass over
+        # the queue: the default weights stop here.
+        values = sorted({*classes.values(), 0})
+        gap = min((b - a for a, b in itertools.pairwise(values)), default=0)
+        if cfg.weight_class * gap / top > spread:
+            return True
+    return False
 
 
 def _multifactor(
@@ -145,3 +154,68 @@ def _multifactor(
         positions = by_submit
     ranked = sorted(positions, key=prio.__getitem__, reverse=True)
     return [(pending[i], prio[i]) for i in ranked]
+
+
+def priority_of(
+    cfg: PolicyConfig, now: float, factor: Mapping[int, float], total_gpus: int
+) -> Callable[[PendingJob], float]:
+    """One job's priority, the very float `priority_order` gives it (the same sums, in the
+    same order): for a cycle that visits the queue class by class (`scheduler.core.pending`)."""
+    if cfg.ordering == "fifo":
+        return _zero
+    classes = cfg.priority_classes
+    top = max(classes.values(), default=1) or 1
+    total = total_gpus or 1
+    w_fs, w_cls, w_age, w_size = (
+        cfg.weight_fairshare,
+        cfg.weight_class,
+        cfg.weight_age,
+        cfg.weight_size,
+    )
+    age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
+    fs = {o: w_fs * f for o, f in factor.items()}
+    cls = {c: w_cls * v / top for c, v in classes.items()}
+    age_w = w_age / age_max
+    size_w = w_size / total
+    fs_get, cls_get = fs.get, cls.get
+
+    def priority(j: PendingJob) -> float:
+        return (
+            fs_get(j.org_id, 0.0)
+            + cls_get(j.priority_class, 0.0)
+            + (
+                w_age
+                if (age := now - j.submitted_at) >= age_max
+                else (age * age_w if age > 0 else 0.0)
+            )
+            + (w_size if (size := j.gpus_per_node * j.nodes) >= total else size * size_w)
+        )
+
+    return priority
+
+
+def _zero(_job: PendingJob) -> float:
+    return 0.0
+
+
+def class_order_holds(cfg: PolicyConfig) -> bool:
+    """Whether `priority_order` is the multifactor (or submit) order alone, with jobs that
+    differ only in submission in submit order (what a cycle by class relies on).
+
+    With preemption on, `_classes_first` may move an org's jobs between classes; a cycle by
+    class is taken only where the config alone says it does not.
+
+    Such jobs' priorities differ only in the age term, and floating-point sums never fall when a
+    term grows, so it holds while the age term never falls with age: a weight of at least zero,
+    and `age × (weight / age_max)` rounded to no more than the weight just below `age_max` (where
+    the term jumps to the weight itself). Ties are broken by submission, then id, in both.
+    """
+    if cfg.ordering == "fifo":
+        return classes_first_changes_nothing(cfg, 0.0)
+    if not classes_first_changes_nothing(cfg, abs(cfg.weight_age) + abs(cfg.weight_size)):
+        return False
+    w_age = cfg.weight_age
+    age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
+    if not w_age >= 0.0 or not math.isfinite(age_max):
+        return False
+    return math.nextafter(age_max, 0.0) * (w_age / age_max) <= w_age

@@ -146,10 +146,12 @@ def cases() -> Iterator[tuple[str, list[Snapshot]]]:
             yield f"bench-{seed}-{name}", [snap]
 
 
-def chain_decisions(snap: Snapshot, cycles: int) -> Iterator[Decisions]:
+def chain_decisions(
+    snap: Snapshot, cycles: int, by_class: bool | None = None
+) -> Iterator[Decisions]:
     """Cycles of one `Scheduler` on one `nodes` tuple object, each on the state the previous one
     left (the layout is reused until a node drains)."""
-    scheduler = Scheduler()
+    scheduler = Scheduler(by_class=by_class)
     for i in range(cycles):
         d = scheduler.schedule(snap)
         yield d
@@ -160,14 +162,19 @@ def chain_decisions(snap: Snapshot, cycles: int) -> Iterator[Decisions]:
             snap = replace(snap, nodes=nodes)
 
 
-def record() -> dict[str, list[str]]:
+def record(by_class: bool | None = None) -> dict[str, list[str]]:
+    """The digests; `by_class` True or False: every cycle in a `Scheduler` that takes the
+    pending queue class by class, or job by job (`Scheduler`'s `by_class`)."""
     out: dict[str, list[str]] = {}
     for name, snaps in cases():
-        out[name] = [digest(schedule(s)) for s in snaps]
+        if by_class is None:
+            out[name] = [digest(schedule(s)) for s in snaps]
+        else:
+            out[name] = [digest(Scheduler(by_class=by_class).schedule(s)) for s in snaps]
     for seed in range(4):
         cfg = list(CONFIGS.values())[seed % len(CONFIGS)]
         snap = replace(build(Size("c", 64, 600, 300, 16), seed=200 + seed), config=cfg)
-        out[f"chain-{seed}"] = [digest(d) for d in chain_decisions(snap, 6)]
+        out[f"chain-{seed}"] = [digest(d) for d in chain_decisions(snap, 6, by_class)]
     return out
 
 

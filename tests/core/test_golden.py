@@ -29,6 +29,14 @@ def test_decisions_match_those_recorded_before_the_speed_work() -> None:
     assert differ == []
 
 
+@pytest.mark.parametrize("by_class", [True, False])
+def test_the_queue_taken_class_by_class_or_job_by_job_decides_as_recorded(by_class: bool) -> None:
+    # A kept `Scheduler` chooses between the two by the queue's classes (#18); both are exact.
+    expected = json.loads(RECORDED.read_text())
+    got = record(by_class=by_class)
+    assert [name for name in expected if got[name] != expected[name]] == []
+
+
 def test_the_digest_sees_a_changed_decision() -> None:
     # Guard against a digest that cannot fail: a different snapshot gives different digests.
     expected = json.loads(RECORDED.read_text())
