@@ -1,7 +1,8 @@
-"""A docker task's environment, with the real docker daemon, as root: the job's variables reach
-its container, and never the environment of the docker client, which runs as root outside the
-sandbox (a job's PATH chose which `docker` the wrapper ran, its DOCKER_HOST which daemon the
-client obeyed, its LD_PRELOAD what it loaded)."""
+"""A docker or podman task's environment, with the real docker daemon and the real podman, as
+root: the job's variables reach its container, and never the environment of the runtime's
+client, which runs as root outside the sandbox (a job's PATH chose which `docker` the wrapper
+ran, its DOCKER_HOST which daemon the client obeyed, its LD_PRELOAD what it loaded; podman reads
+CONTAINER_HOST and CONTAINERS_CONF alike)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ import psutil
 import pytest
 
 from tests.agents.helpers import spec, wait_for
-from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
+from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
+    TASK,
+    docker_node,
+    image,
+    runtime,
+)
 from tests.agents.test_isolation import ACME
 from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
 
@@ -20,7 +26,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need roo
 
 
 def _client(wrapper: int) -> psutil.Process | None:
-    """The task's `docker run`, once it runs."""
+    """The task's `docker run` (or `podman run`), once it runs."""
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process(wrapper).children(recursive=True):
             if child.cmdline()[1:2] == ["run"]:
@@ -28,7 +34,7 @@ def _client(wrapper: int) -> psutil.Process | None:
     return None
 
 
-def test_a_docker_tasks_variables_reach_its_container_never_its_root_client(
+def test_a_container_tasks_variables_reach_its_container_never_its_root_client(
     docker_node: NetNode,  # noqa: F811
     image: str,  # noqa: F811
 ) -> None:
@@ -36,7 +42,7 @@ def test_a_docker_tasks_variables_reach_its_container_never_its_root_client(
     tools = net.root / "tools"  # what the org could have put in its data root
     tools.mkdir()
     ran = net.root / "ran"
-    for name in ("docker", "mv", "sh"):
+    for name in ("docker", "podman", "mv", "sh"):
         (tools / name).write_text(
             f'#!/bin/sh\nid -u >> {ran}\nexec /usr/bin/env -u PATH {name} "$@"\n'
         )
@@ -44,6 +50,8 @@ def test_a_docker_tasks_variables_reach_its_container_never_its_root_client(
     env = {
         "PATH": f"{tools}:/usr/bin:/bin",
         "DOCKER_HOST": "tcp://127.0.0.1:9",
+        "CONTAINER_HOST": "tcp://127.0.0.1:9",
+        "CONTAINERS_CONF": str(tools / "containers.conf"),
         "LD_LIBRARY_PATH": str(tools),
         "MARK": "two words = one",
     }
@@ -55,7 +63,9 @@ def test_a_docker_tasks_variables_reach_its_container_never_its_root_client(
     client = _client(wrapper)
     assert client is not None, net.result(TASK)
     seen = client.environ()
-    assert not {"MARK", "DOCKER_HOST", "LD_LIBRARY_PATH"} & seen.keys(), seen
+    assert not {"MARK", "DOCKER_HOST", "CONTAINER_HOST", "CONTAINERS_CONF", "LD_LIBRARY_PATH"} & (
+        seen.keys()
+    ), seen
     assert str(tools) not in seen.get("PATH", ""), seen
     result = net.result(TASK, timeout_s=60)
     assert result["exit_code"] == 0, result

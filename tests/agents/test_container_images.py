@@ -1,7 +1,8 @@
-"""What a docker task's container runs, with the real docker daemon, as root: the image's own
-ENTRYPOINT and CMD as docker runs them, in images without a shell, and walled from other tasks'
-abstract unix sockets (the agent's helper, agents/helper/fairgpu-exec.c, is every container's
-entrypoint; agents/imagelaunch.py reads the image).
+"""What a docker or podman task's container runs, with the real docker daemon and the real
+podman, as root: the image's own ENTRYPOINT and CMD as docker runs them, in images without a
+shell, and walled from other tasks' abstract unix sockets (the agent's helper,
+agents/helper/fairgpu-exec.c, is every container's entrypoint; agents/imagelaunch.py reads the
+image).
 
 The images are made here from `scratch`, holding the host's static busybox at /bb/busybox (no
 /bin, so no /bin/sh) and a static probe that connects to an abstract unix socket."""
@@ -22,11 +23,16 @@ from pathlib import Path
 import pytest
 
 from agents import imagelaunch
-from agents.container import DEFAULT_HELPER, HELPER_MOUNT
+from agents.container import DEFAULT_HELPER, HELPER_MOUNT, podman_ulimits
 from agents.sandbox import LANDLOCK_SCOPE_ABI, landlock_abi
 from protocol.agent import HeartbeatReply
 from tests.agents.helpers import spec, wait_for
-from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
+from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
+    TASK,
+    docker_node,
+    image,
+    runtime,
+)
 from tests.agents.test_isolation import ABSTRACT, ACME, PY, RIVAL
 from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
 
@@ -99,7 +105,7 @@ def rootfs(image: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 
 
 @pytest.fixture(scope="module")
-def make_image(rootfs: tuple[Path, Path]) -> Iterator[object]:
+def make_image(rootfs: tuple[Path, Path], runtime: str) -> Iterator[object]:  # noqa: F811
     """make(*changes, shell=False): an image with these Dockerfile lines (ENTRYPOINT, CMD),
     without a shell unless asked."""
     made: list[str] = []
@@ -108,12 +114,12 @@ def make_image(rootfs: tuple[Path, Path]) -> Iterator[object]:
         tag = f"fairgpu-test/scratch:{uuid.uuid4().hex[:12]}"
         flags = [arg for change in changes for arg in ("--change", change)]
         archive = rootfs[1] if shell else rootfs[0]
-        subprocess.run(["docker", "import", *flags, str(archive), tag], check=True)
+        subprocess.run([runtime, "import", *flags, str(archive), tag], check=True)
         made.append(tag)
         return tag
 
     yield make
-    subprocess.run(["docker", "rmi", "--force", *made], capture_output=True)
+    subprocess.run([runtime, "rmi", "--force", *made], capture_output=True)
 
 
 def test_an_image_without_a_shell_runs_and_sees_its_variables(
@@ -189,13 +195,15 @@ def test_a_task_sent_without_a_command_runs_the_images_entrypoint_and_cmd(
 )
 def test_the_launcher_runs_the_images_cmd_when_the_job_gives_no_command(
     make_image,  # type: ignore[no-untyped-def]
+    runtime: str,  # noqa: F811
     changes: list[str],
     command: list[str],
     printed: str,
 ) -> None:
     """agents/imagelaunch.py as the agent runs it, with a `run` of its own."""
     tag = make_image(*changes)
-    run = ["docker", "run", "--rm", "--network=none", "--log-driver=none"]
+    run = [runtime, "run", "--rm", "--network=none", "--log-driver=none"]
+    run += podman_ulimits() if runtime == "podman" else []
     config = {
         "run": [*run, "-v", f"{DEFAULT_HELPER}:{HELPER_MOUNT}:ro"],
         "image": tag,
@@ -210,9 +218,10 @@ def test_the_launcher_runs_the_images_cmd_when_the_job_gives_no_command(
 
 def test_the_launcher_says_in_one_line_when_an_image_has_nothing_to_run(
     make_image,  # type: ignore[no-untyped-def]
+    runtime: str,  # noqa: F811
 ) -> None:
     config = {
-        "run": ["docker", "run", "--rm"], "image": make_image(), "helper": HELPER_MOUNT,
+        "run": [runtime, "run", "--rm"], "image": make_image(), "helper": HELPER_MOUNT,
         "helper_args": [], "command": [],
     }  # fmt: skip
     argv = [sys.executable, "-I", "-S", imagelaunch.__file__, json.dumps(config)]
@@ -253,13 +262,13 @@ def test_a_container_cannot_reach_another_tasks_abstract_socket(
     assert "own connect allowed" in net.result(listener)["log"]
 
 
-def test_a_docker_task_runs_under_the_runtimes_seccomp_profile_alone(
+def test_a_container_task_runs_under_the_runtimes_seccomp_profile_alone(
     node: NetNode,  # noqa: F811
     docker_node: NetNode,  # noqa: F811
     make_image,  # type: ignore[no-untyped-def]
 ) -> None:
-    """docker confines its container with its default profile (the agent never passes
-    `seccomp=unconfined`), and the agent adds no filter of its own (agents/seccomp.py is the
+    """docker and podman confine their container with their default profile (the agent never
+    passes `seccomp=unconfined`), and the agent adds no filter of its own (agents/seccomp.py is the
     sandbox's, and the container runs outside the sandbox): one filter, the runtime's."""
     probe = spec(
         TASK,

@@ -1,6 +1,7 @@
-"""A docker task's own variables and secret, with the real docker daemon, as root: the command
-sees them, and none is written to the node's disk in clear (docker keeps a container's
-environment in /var/lib/docker/containers/<id>/config.v2.json and containerd's metadata)."""
+"""A docker or podman task's own variables and secret, with the real docker daemon and the real
+podman, as root: the command sees them, and none is written to the node's disk in clear (docker
+keeps a container's environment in /var/lib/docker/containers/<id>/config.v2.json and
+containerd's metadata, podman in its bolt database and each container's OCI config.json)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from agents.container import DEFAULT_HELPER
+from agents.container import DEFAULT_HELPER, Runtime
 from agents.containerenv import ContainerEnv, memory_backed, variables_file
 from agents.runner import Runner, RunnerConfig
 from tests.agents.helpers import spec, wait_for
-from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
+from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
+    TASK,
+    docker_node,
+    image,
+    runtime,
+)
 from tests.agents.test_isolation import ACME
 from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
 
-DOCKER_ROOT = Path("/var/lib/docker")
+RUNTIME_ROOTS = {
+    "docker": (Path("/var/lib/docker"),),
+    "podman": (Path("/var/lib/containers"), Path("/run/containers"), Path("/run/libpod")),
+}
+"""Where each runtime keeps its containers' configuration (podman: its store and its run
+directory, the bolt database and each container's OCI config.json among them)."""
 HOSTILE = "it's $(id) `id` \\ \"q\" ${HOME}\nsecond line; exit 3 '"
 
 
@@ -52,9 +63,10 @@ def test_the_helper_reads_back_exactly_what_was_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
-def test_a_docker_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
+def test_a_container_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
     docker_node: NetNode,  # noqa: F811
     image: str,  # noqa: F811
+    runtime: str,  # noqa: F811
 ) -> None:
     net = docker_node
     token, job_secret = secrets.token_hex(16), secrets.token_urlsafe(32)
@@ -69,7 +81,7 @@ def test_a_docker_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
     net.runner.start(task)
     name = net.runner.records[TASK].container_name
     assert name is not None, net.runner.records[TASK]
-    running = ["docker", "inspect", "--format", "{{.State.Running}}", name]
+    running = [runtime, "inspect", "--format", "{{.State.Running}}", name]
 
     def started() -> bool:
         done = subprocess.run(running, capture_output=True, text=True)
@@ -77,7 +89,7 @@ def test_a_docker_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
 
     wait_for(started, 60)  # and the command prints nothing yet (its log is its own)
     assert not net._ended(TASK), net.result(TASK)
-    places = (DOCKER_ROOT, net.state.root, net.confinement.task_dir(TASK))
+    places = (*RUNTIME_ROOTS[runtime], net.state.root, net.confinement.task_dir(TASK))
     for value in (token, job_secret):
         assert _holding(value, *places) == []
     env_dir = net.runner.container_env.root / str(TASK)
@@ -91,15 +103,16 @@ def test_a_docker_tasks_secrets_reach_its_command_and_never_the_nodes_disk(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
-def test_a_docker_task_is_refused_where_its_secrets_would_land_on_disk(
+def test_a_container_task_is_refused_where_its_secrets_would_land_on_disk(
     docker_node: NetNode,  # noqa: F811
     image: str,  # noqa: F811
+    runtime: Runtime,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     net = docker_node
     on_disk = tmp_path / "on-disk" / "env"
     assert not memory_backed(on_disk.parent)
-    config = RunnerConfig(container_runtime="docker", container_env_dir=on_disk)
+    config = RunnerConfig(container_runtime=runtime, container_env_dir=on_disk)
     net.runner = Runner(net.state, config, confinement=net.confinement)
     net.runner.start(spec(TASK, ["true"], image=image, gpus=[], env={"K": "v"}, **ACME))
     record = net.runner.records[TASK]
