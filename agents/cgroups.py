@@ -221,6 +221,11 @@ class Hierarchy(ABC):
     def container_parent(self, task_id: int) -> ContainerParent:
         """docker's `--cgroup-parent` for the task's container (cgroupfs driver)."""
 
+    def make_container_parent(self, task_id: int, gid: int) -> ContainerParent:
+        """`container_parent`, made private to the task's gid (`_private`) in every hierarchy
+        runc will put the container in, before it does."""
+        return self.container_parent(task_id)
+
     @abstractmethod
     def pids_ceiling(self) -> int | None:
         """The lowest `pids.max` above the task cgroups (their parent and its ancestors: under
@@ -442,6 +447,20 @@ class _V1(Hierarchy):
             + str((directory / f"task-{task_id}").relative_to(self.roots[controller]))
             for controller, directory in self.by_controller.items()
         }
+
+    def make_container_parent(self, task_id: int, gid: int) -> ContainerParent:
+        # runc makes the path in the hierarchies the task has no directory in (blkio, cpuset,
+        # devices, ...) as readable by any uid: another org read the container's there.
+        parent = self.container_parent(task_id)
+        relative = Path(parent.path.lstrip("/"))
+        for root in self.hierarchies:
+            directory = root / relative
+            if directory.is_dir():
+                continue  # the task's own (made private with it)
+            directory.mkdir(parents=True, exist_ok=True)
+            _unlisted(directory.parent, root)
+            _private(directory, gid)
+        return parent
 
     def container_parent(self, task_id: int) -> ContainerParent:
         # One path for every hierarchy: the hugetlb directory's where there is one (what no

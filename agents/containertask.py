@@ -105,14 +105,19 @@ def task_pod(
 
 
 def cgroup_parent(
-    runtime: Runtime | None, driver: str | None, cgroups: Hierarchy | None, task_id: int
+    runtime: Runtime | None,
+    driver: str | None,
+    cgroups: Hierarchy | None,
+    task_id: int,
+    gid: int | None,
 ) -> str | None:
     """docker's `--cgroup-parent` that puts the task's container below the task's cgroup, so
     that the task's limits (huge pages among them, which no flag of docker's bounds) hold it;
-    None where the agent cannot place it there (`placement` says why)."""
-    if runtime != "docker" or driver != "cgroupfs" or cgroups is None:
+    None where the agent cannot place it there (`placement` says why). Made, private to the
+    task's `gid`, wherever runc will make it."""
+    if runtime != "docker" or driver != "cgroupfs" or cgroups is None or gid is None:
         return None
-    return cgroups.container_parent(task_id).path
+    return cgroups.make_container_parent(task_id, gid).path
 
 
 def placement(

@@ -365,6 +365,7 @@ class Runner:
                     self.containers.cgroup_driver if self.containers.works else None,
                     self.confinement.cgroups if prepared.uid is not None else None,
                     spec.task_id,
+                    prepared.uid,
                 ),
             )
             argv, env_fd = started.argv, started.env_fd

@@ -174,7 +174,7 @@ def test_the_agent_says_what_bounds_a_container_where_the_task_cgroup_cannot() -
         line, whole = placement(runtime, driver, None)  # type: ignore[arg-type]
         assert not whole
         assert "huge pages are unbounded" in line, line
-    assert cgroup_parent("docker", "systemd", None, 12) is None
+    assert cgroup_parent("docker", "systemd", None, 12, 200_001) is None
     assert placement("apptainer", None, None) == (
         "apptainer containers run in their task's sandbox and cgroup",
         True,

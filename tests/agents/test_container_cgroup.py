@@ -4,6 +4,7 @@ flag of docker's bounds, and stopping the task ends it and leaves no cgroup behi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -13,8 +14,13 @@ import pytest
 from agents.cgroups import HUGETLB, _cgroup_roots
 from agents.container import container_name
 from tests.agents.helpers import spec, wait_for
-from tests.agents.test_container_netns import TASK, docker_node, image  # noqa: F401 - fixtures
-from tests.agents.test_isolation import ACME
+from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
+    TASK,
+    docker_node,
+    image,
+    runtime,
+)
+from tests.agents.test_isolation import ACME, PY, UID_BASE
 from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
@@ -42,6 +48,7 @@ def _gone(name: str) -> bool:
     return done.returncode != 0
 
 
+@pytest.mark.parametrize("runtime", ["docker"], indirect=True)
 @pytest.mark.parametrize("node", ["strict"], indirect=True)
 def test_a_docker_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
     node: NetNode,  # noqa: F811
@@ -96,3 +103,69 @@ def test_a_docker_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
     net.confinement.finish(TASK)
     left = [root / parent.path.lstrip("/") for root in _cgroup_roots()]
     assert [path for path in left if path.exists()] == []
+
+
+READ_CGROUPS = """
+import json, sys
+out = []
+for path in sys.argv[1:]:
+    try:
+        open(path).read()
+        out.append("allowed")
+    except OSError as exc:
+        out.append(type(exc).__name__)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["docker"], indirect=True)
+@pytest.mark.parametrize("node", ["strict"], indirect=True)
+def test_another_org_cannot_read_a_docker_tasks_container_cgroups(
+    node: NetNode,  # noqa: F811
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+) -> None:
+    """runc makes the container's cgroup in every hierarchy, under the task's path: on cgroup
+    v1 those the task has no directory in (blkio, cpuset, devices, ...) were runc's, readable by
+    any uid, and another org read the container's disk I/O, CPUs and devices there."""
+    net = docker_node
+    cgroups = net.confinement.cgroups
+    assert cgroups is not None
+    if net.runner.containers.works and net.runner.containers.cgroup_driver != "cgroupfs":
+        pytest.skip(f"docker's cgroup driver is {net.runner.containers.cgroup_driver}")
+    name = container_name(net.runner.tag, TASK)
+    net.runner.start(
+        spec(TASK, ["/bin/sleep", "600"], image=image, gpus=[], network="host", **ACME)
+    )
+    wait_for(lambda: _container_pid(name) > 0 or net._ended(TASK), 90)
+    pid = _container_pid(name)
+    assert pid > 0, net.result(TASK)
+    parent = cgroups.container_parent(TASK).path
+    joined = _cgroups_of(pid)
+    files = sorted(
+        {
+            str(Path(root, path.lstrip("/"), "cgroup.procs"))
+            for root in _cgroup_roots()
+            for path in joined.values()
+            if path.startswith(parent + "/") and Path(root, path.lstrip("/")).is_dir()
+        }
+    )
+    assert len(files) > 1, joined
+    rival = UID_BASE + 2
+    done = subprocess.run(
+        [PY, "-c", READ_CGROUPS, *files],
+        capture_output=True,
+        text=True,
+        user=rival,
+        group=rival,
+        extra_groups=[],
+        check=True,
+        timeout=30,
+    )
+    assert set(json.loads(done.stdout)) == {"PermissionError"}, dict(
+        zip(files, json.loads(done.stdout), strict=True)
+    )
+    net.runner.stop(TASK, grace_s=0, reason="done")
+    wait_for(lambda: _gone(name), 60)
+    net.result(TASK, timeout_s=60)
+    net.confinement.finish(TASK)
