@@ -84,15 +84,18 @@ PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/var/
 NODE_SERVICES = (
     "/run/dbus/system_bus_socket",
     "/var/run/dbus/system_bus_socket",
+    "/run/systemd/private",
+    "/run/systemd/io.systemd.Manager",
     "/run/systemd/journal",
     "/dev/log",
 )
 """The node's services a task has no use for and must not reach (each covered where it is, a
 link through its target). On the D-Bus system bus, systemd answers any uid's
 `GetUnitProcesses` with every process of a unit and its command line, read as root: tasks live
-in the agent's unit, so another org's task read every task's command line there, past hidepid.
-Lines sent to the journal (or syslog's `/dev/log`) read as the agent's unit's own and spent its
-share of journald's rate limit."""
+in the agent's unit, so another org's task read every task's command line there, past hidepid
+(systemd's own sockets, its private bus and its varlink API, go with it). Lines sent to the
+journal (or syslog's `/dev/log`) read as the agent's unit's own and spent its share of
+journald's rate limit."""
 
 TASK_UMASK = 0o027
 """Every task process's umask, whatever the agent's was: what a task creates outside its own
