@@ -310,7 +310,8 @@ class RuntimeCheck:
         self.runtime, self.binary, self.helper = runtime, binary, helper
         self._works: bool | None = None
         self.cgroup_driver: str | None = None
-        """docker's cgroup driver (`cgroupfs`, `systemd`), asked when it answers."""
+        """docker's cgroup driver, podman's cgroup manager (`cgroupfs`, `systemd`), asked when
+        it answers."""
 
     @property
     def works(self) -> bool:
@@ -325,8 +326,8 @@ class RuntimeCheck:
             return False
         problem = runtime_problem(self.runtime, self.binary, self.helper)
         before, self._works = self._works, problem is None
-        if problem is None and self.runtime == "docker":
-            self.cgroup_driver = cgroup_driver(self.binary or self.runtime)
+        if problem is None and self.runtime in ("docker", "podman"):
+            self.cgroup_driver = cgroup_driver(self.binary or self.runtime, self.runtime)
         if problem is not None and before is not False:
             log.warning(
                 "container runtime %s: %s (no job with an image here)", self.runtime, problem
@@ -336,10 +337,11 @@ class RuntimeCheck:
         return before is not None and before != self._works
 
 
-def cgroup_driver(binary: str) -> str | None:
-    """docker's cgroup driver, None where it does not say."""
+def cgroup_driver(binary: str, runtime: Runtime = "docker") -> str | None:
+    """docker's cgroup driver or podman's cgroup manager, None where it does not say."""
+    field = "{{.Host.CgroupManager}}" if runtime == "podman" else "{{.CgroupDriver}}"
     try:
-        return _docker(binary, "info", "--format", "{{.CgroupDriver}}", timeout_s=30).strip()
+        return _docker(binary, "info", "--format", field, timeout_s=30).strip() or None
     except ContainerError:
         return None
 

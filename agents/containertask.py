@@ -4,12 +4,15 @@ variables off the node's disk)."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from agents import sandbox
-from agents.cgroups import Hierarchy, Limits
+from agents.cgroups import Hierarchy, Limits, _cgroup_roots
 from agents.container import (
     ContainerError,
     Runtime,
@@ -21,6 +24,8 @@ from agents.container import (
 from agents.containerenv import ContainerEnv, ContainerEnvError, private_variables
 from agents.isolation import Prepared, TaskRefused
 from protocol.agent import TaskSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +116,36 @@ def cgroup_parent(
     task_id: int,
     gid: int | None,
 ) -> str | None:
-    """docker's `--cgroup-parent` that puts the task's container below the task's cgroup, so
-    that the task's limits (huge pages among them, which no flag of docker's bounds) hold it;
-    None where the agent cannot place it there (`placement` says why). Made, private to the
-    task's `gid`, wherever runc will make it."""
-    if runtime != "docker" or driver != "cgroupfs" or cgroups is None or gid is None:
+    """docker's and podman's `--cgroup-parent` that puts the task's container below the task's
+    cgroup, so that the task's limits (huge pages among them, which no flag of docker's or
+    podman's bounds) hold it; None where the agent cannot place it there (`placement` says
+    why). Made, private to the task's `gid`, wherever runc will make it."""
+    placed = runtime in ("docker", "podman") and driver == "cgroupfs"
+    if not placed or cgroups is None or gid is None:
         return None
     return cgroups.make_container_parent(task_id, gid).path
+
+
+def remove_conmon_cgroups(path: str, timeout_s: float = 10.0) -> None:
+    """What podman leaves below a `--cgroup-parent` of cgroupfs: its conmon's own cgroup
+    (`<parent>/conmon`, in every hierarchy), which it never deletes; the task's cgroup, its
+    parent, could not be deleted with it there. Waits for the conmon to end (it runs podman's
+    cleanup of the container after the task's client has gone); one still busy at
+    `timeout_s` is left, with a warning."""
+    deadline = time.monotonic() + timeout_s
+    for root in _cgroup_roots():
+        directory = root / path.lstrip("/") / "conmon"
+        while True:
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    log.warning("cannot remove podman's cgroup %s: %s", directory, exc)
+                    break
+                time.sleep(0.02)
 
 
 def placement(
@@ -125,28 +153,25 @@ def placement(
 ) -> tuple[str, bool]:
     """One line for the agent's log: what bounds a container task here, and where; and
     whether the task's cgroup bounds it whole."""
-    flags = "docker's own --memory, --pids-limit and --cpu-shares on the container alone"
     if runtime == "apptainer":
         return "apptainer containers run in their task's sandbox and cgroup", True
-    if runtime != "docker":
-        line = (
-            f"{runtime} containers are not put below their task's cgroup: "
-            "the runtime's own limits bound them, their huge pages are unbounded"
-        )
-        return line, False
+    if runtime is None:
+        return "no container runtime", True
+    flags = f"{runtime}'s own --memory, --pids-limit and --cpu-shares on the container alone"
     if driver != "cgroupfs":
+        what = "cgroup manager" if runtime == "podman" else "cgroup driver"
         line = (
-            f"docker's cgroup driver is {driver or 'unknown'}, not cgroupfs: its containers are "
+            f"{runtime}'s {what} is {driver or 'unknown'}, not cgroupfs: its containers are "
             f"in cgroups of its own, bounded by {flags}; their huge pages are unbounded"
         )
         return line, False
     if cgroups is None:
         return (
-            "tasks have no cgroups here (isolation none): containers have docker's defaults",
+            f"tasks have no cgroups here (isolation none): containers have {runtime}'s defaults",
             False,
         )
     parent = cgroups.container_parent(0)
-    line = f"docker containers run below their task's cgroup ({', '.join(parent.bounded)})"
+    line = f"{runtime} containers run below their task's cgroup ({', '.join(parent.bounded)})"
     if parent.unbounded:
         line += (
             f"; {', '.join(parent.unbounded)}: the agent's own cgroup differs between cgroup "

@@ -26,7 +26,13 @@ from agents.container import (
     sweep,
 )
 from agents.containerenv import ContainerEnv, default_root
-from agents.containertask import cgroup_parent, container_start, placement, task_pod
+from agents.containertask import (
+    cgroup_parent,
+    container_start,
+    placement,
+    remove_conmon_cgroups,
+    task_pod,
+)
 from agents.disk import DiskConfig
 from agents.gpu.simulated import task_utilization
 from agents.isolation import Confinement, IsolationConfig, TaskRefused
@@ -508,9 +514,13 @@ class Runner:
         record.reason = reason
         record.ended_at = utcnow()
         self.state.save(record)
+        spec = record.spec
+        cgroups = self.confinement.cgroups
+        if spec.image and self.config.container_runtime == "podman" and cgroups is not None:
+            # podman's conmon leaves a cgroup of its own below the task's (`--cgroup-parent`)
+            remove_conmon_cgroups(cgroups.container_parent(record.task_id).path)
         self.confinement.finish(record.task_id)
         self.container_env.remove(record.task_id)
-        spec = record.spec
         if spec.image and spec.network == "private" and self.config.container_runtime == "docker":
             remove_pod(self.config.container_binary or "docker", self.tag, record.task_id)
         log.info("task %d: %s %s", record.task_id, state, reason)

@@ -170,11 +170,16 @@ def test_docker_is_given_the_tasks_cgroup_as_its_containers_parent() -> None:
 def test_the_agent_says_what_bounds_a_container_where_the_task_cgroup_cannot() -> None:
     """Nothing refused silently: a node whose containers escape their task's huge page limit
     says so in its log."""
-    for runtime, driver in (("podman", None), ("docker", "systemd"), ("docker", None)):
+    drivers = (("podman", None), ("podman", "systemd"), ("docker", "systemd"), ("docker", None))
+    for runtime, driver in drivers:
         line, whole = placement(runtime, driver, None)  # type: ignore[arg-type]
         assert not whole
         assert "huge pages are unbounded" in line, line
+    assert placement("podman", "systemd", None)[0].startswith(
+        "podman's cgroup manager is systemd, not cgroupfs"
+    )
     assert cgroup_parent("docker", "systemd", None, 12, 200_001) is None
+    assert cgroup_parent("podman", "systemd", None, 12, 200_001) is None
     assert placement("apptainer", None, None) == (
         "apptainer containers run in their task's sandbox and cgroup",
         True,

@@ -1,6 +1,7 @@
-"""A docker task's container below its task's cgroup (`--cgroup-parent`, agents/containertask.py),
-with the real docker daemon, as root: the task's limits bound it, huge pages among them, which no
-flag of docker's bounds, and stopping the task ends it and leaves no cgroup behind."""
+"""A docker or podman task's container below its task's cgroup (`--cgroup-parent`,
+agents/containertask.py), with the real docker daemon and the real podman, as root: the task's
+limits bound it, huge pages among them, which no flag of docker's or podman's bounds, and
+stopping the task ends it and leaves no cgroup behind (podman's conmon's among them)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
 
 
-def _container_pid(name: str) -> int:
+def _container_pid(client: str, name: str) -> int:
     done = subprocess.run(
-        ["docker", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True, text=True
+        [client, "inspect", "--format", "{{.State.Pid}}", name], capture_output=True, text=True
     )
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
@@ -43,31 +44,32 @@ def _cgroups_of(pid: int) -> dict[str, str]:
     return found
 
 
-def _gone(name: str) -> bool:
-    done = subprocess.run(["docker", "inspect", name], capture_output=True)
+def _gone(client: str, name: str) -> bool:
+    done = subprocess.run([client, "inspect", name], capture_output=True)
     return done.returncode != 0
 
 
-@pytest.mark.parametrize("runtime", ["docker"], indirect=True)
 @pytest.mark.parametrize("node", ["strict"], indirect=True)
-def test_a_docker_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
+def test_a_container_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
     node: NetNode,  # noqa: F811
     docker_node: NetNode,  # noqa: F811
     image: str,  # noqa: F811
+    runtime: str,  # noqa: F811
 ) -> None:
-    """Before, the container was docker's own (/docker/<id>): a task's container could map the
-    node's whole huge page pool, and its processes counted against none of the task's limits."""
+    """Before, the container was docker's own (/docker/<id>), podman's (/libpod_parent/...): a
+    task's container could map the node's whole huge page pool, and its processes counted
+    against none of the task's limits."""
     net = docker_node
     cgroups = net.confinement.cgroups
     assert cgroups is not None
     if net.runner.containers.works and net.runner.containers.cgroup_driver != "cgroupfs":
-        pytest.skip(f"docker's cgroup driver is {net.runner.containers.cgroup_driver}")
+        pytest.skip(f"{runtime}'s cgroup driver is {net.runner.containers.cgroup_driver}")
     name = container_name(net.runner.tag, TASK)
     net.runner.start(
         spec(TASK, ["/bin/sleep", "600"], image=image, gpus=[], network="host", **ACME)
     )
-    wait_for(lambda: _container_pid(name) > 0 or net._ended(TASK), 90)
-    pid = _container_pid(name)
+    wait_for(lambda: _container_pid(runtime, name) > 0 or net._ended(TASK), 90)
+    pid = _container_pid(runtime, name)
     assert pid > 0, net.result(TASK)
     parent = cgroups.container_parent(TASK)
     assert HUGETLB in parent.bounded, parent
@@ -98,7 +100,7 @@ def test_a_docker_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
         size = limit.name.split(".")[1]
         assert limit.read_text().strip() == str(limits.hugetlb_bytes.get(size, 0)), limit
     net.runner.stop(TASK, grace_s=0, reason="done")
-    wait_for(lambda: _gone(name), 60)
+    wait_for(lambda: _gone(runtime, name), 60)
     net.result(TASK, timeout_s=60)
     net.confinement.finish(TASK)
     left = [root / parent.path.lstrip("/") for root in _cgroup_roots()]
@@ -118,12 +120,12 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("runtime", ["docker"], indirect=True)
 @pytest.mark.parametrize("node", ["strict"], indirect=True)
-def test_another_org_cannot_read_a_docker_tasks_container_cgroups(
+def test_another_org_cannot_read_a_container_tasks_container_cgroups(
     node: NetNode,  # noqa: F811
     docker_node: NetNode,  # noqa: F811
     image: str,  # noqa: F811
+    runtime: str,  # noqa: F811
 ) -> None:
     """runc makes the container's cgroup in every hierarchy, under the task's path: on cgroup
     v1 those the task has no directory in (blkio, cpuset, devices, ...) were runc's, readable by
@@ -132,13 +134,13 @@ def test_another_org_cannot_read_a_docker_tasks_container_cgroups(
     cgroups = net.confinement.cgroups
     assert cgroups is not None
     if net.runner.containers.works and net.runner.containers.cgroup_driver != "cgroupfs":
-        pytest.skip(f"docker's cgroup driver is {net.runner.containers.cgroup_driver}")
+        pytest.skip(f"{runtime}'s cgroup driver is {net.runner.containers.cgroup_driver}")
     name = container_name(net.runner.tag, TASK)
     net.runner.start(
         spec(TASK, ["/bin/sleep", "600"], image=image, gpus=[], network="host", **ACME)
     )
-    wait_for(lambda: _container_pid(name) > 0 or net._ended(TASK), 90)
-    pid = _container_pid(name)
+    wait_for(lambda: _container_pid(runtime, name) > 0 or net._ended(TASK), 90)
+    pid = _container_pid(runtime, name)
     assert pid > 0, net.result(TASK)
     parent = cgroups.container_parent(TASK).path
     joined = _cgroups_of(pid)
@@ -151,6 +153,10 @@ def test_another_org_cannot_read_a_docker_tasks_container_cgroups(
         }
     )
     assert len(files) > 1, joined
+    # podman's conmon, which watches the container, has a cgroup of its own under the path too
+    conmon = [Path(root, parent.lstrip("/"), "conmon", "cgroup.procs") for root in _cgroup_roots()]
+    files += [str(path) for path in conmon if path.exists()]
+    assert runtime != "podman" or any("/conmon/" in f for f in files), files
     rival = UID_BASE + 2
     done = subprocess.run(
         [PY, "-c", READ_CGROUPS, *files],
@@ -166,6 +172,6 @@ def test_another_org_cannot_read_a_docker_tasks_container_cgroups(
         zip(files, json.loads(done.stdout), strict=True)
     )
     net.runner.stop(TASK, grace_s=0, reason="done")
-    wait_for(lambda: _gone(name), 60)
+    wait_for(lambda: _gone(runtime, name), 60)
     net.result(TASK, timeout_s=60)
     net.confinement.finish(TASK)
