@@ -37,6 +37,9 @@ the output chain bounds each task uid (`task_uids`, the agent's `--task-uid-base
 `task_flows`, keyed by `meta skuid`), so one org's tasks cannot take the node's table either,
 while other uids (the node's own services, root, other orgs) still open theirs.
 
+The output chain also refuses every task uid a TCP connection to the node's own GPU services on
+any of its addresses (`NODE_SERVICE_PORTS`: DCGM's host engine, which authenticates nobody).
+
 TCP is refused with a reset, the rest with an ICMP "administratively prohibited", so a task that
 tries fails at once rather than after a time-out. The table names no other table and is replaced
 whole (one nft transaction) when the agent starts; a rule per pasta is added before that pasta
@@ -63,6 +66,12 @@ FLOWS_MAX = 4096
 the node's connection tracking table at once (`fairgpu agent --task-flow-limit`): 8 of them hold
 at most an eighth of the 262,144 a large node's kernel allows; closed TCP connections do not
 count."""
+NODE_SERVICE_PORTS = (5555,)
+"""TCP ports of the node's own services that no task uid may connect to on any of the node's
+addresses: NVIDIA DCGM's host engine (`nv-hostengine`, run by `nvidia-dcgm.service`) listens on
+127.0.0.1:5555 and asks nothing of who connects, so a host-network task could ask it for every
+GPU's processes (other orgs' among them), run diagnostics across the node's GPUs and, where the
+engine runs as root, change their settings (NVIDIA's documentation; not tried: no DCGM here)."""
 UID_MAX = 2**32 - 2
 """The largest uid (2^32 - 1 is the kernel's "no uid")."""
 
@@ -93,9 +102,12 @@ class Wall:
         cgroup2: Path,
         flows_max: int = FLOWS_MAX,
         task_uids: Sequence[tuple[int, int]] = (),
+        service_ports: Sequence[int] = NODE_SERVICE_PORTS,
     ) -> None:
         self.table, self.nft, self.cgroup2 = table, nft, cgroup2
         self.flows_max = flows_max
+        self.service_ports = tuple(service_ports)
+        """TCP ports of the node's own services closed to every task uid (NODE_SERVICE_PORTS)."""
         """The connections one pasta, or one task uid, may hold in the node's connection
         tracking table."""
         self.task_uids = tuple(task_uids)
@@ -132,6 +144,7 @@ class Wall:
                 "  }",
                 "  chain output {",
                 "    type filter hook output priority filter; policy accept;",
+                *self._services_closed(),
                 "    fib daddr type { local, broadcast, multicast } jump pastas",
                 "    ct state new jump flows",
                 *self._uid_bound(),
@@ -226,13 +239,26 @@ class Wall:
         self._rule_handles.clear()
 
     # internals --------------------------------------------------------------------------------
+    def _ranges(self) -> str:
+        return ", ".join(
+            str(first) if first == last else f"{first}-{last}" for first, last in self.task_uids
+        )
+
+    def _services_closed(self) -> list[str]:
+        """The rule refusing task uids the node's own services (`service_ports`)."""
+        if not self.task_uids or not self.service_ports:
+            return []
+        ports = ", ".join(str(port) for port in sorted(set(self.service_ports)))
+        return [
+            f"    meta skuid {{ {self._ranges()} }} fib daddr type local "
+            f"tcp dport {{ {ports} }} reject with tcp reset"
+        ]
+
     def _uid_bound(self) -> list[str]:
         """The rule bounding each task uid's flows: its count is kept per uid, in `task_flows`."""
         if not self.task_uids:
             return []
-        ranges = ", ".join(
-            str(first) if first == last else f"{first}-{last}" for first, last in self.task_uids
-        )
+        ranges = self._ranges()
         return [
             f"    ct state new meta skuid {{ {ranges} }} "
             f"add @task_flows {{ meta skuid ct count over {self.flows_max} }} jump wall"

@@ -21,6 +21,7 @@ from tests.agents.test_netns import (  # noqa: F401 - the fixtures
     NetNode,
     Outside,
     _free_ports,
+    _host_address,
     node,
     outside_network,
 )
@@ -234,3 +235,46 @@ def test_task_uids_are_the_base_range_and_the_orgs_own_merged() -> None:
     assert task_uid_ranges(IsolationConfig(mode="none", task_uid_base=300_000)) == []
     high = IsolationConfig(mode="strict", task_uid_base=2**32 - 100)
     assert task_uid_ranges(high) == [(2**32 - 100, 2**32 - 2)]
+
+
+# Connects to each "HOST PORT" of argv; prints "connected", or the error's name.
+CONNECT = """
+import socket, sys
+for host, port in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        print("connected")
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("node", ["strict"], indirect=True)
+def test_no_task_reaches_the_nodes_own_gpu_services(node: NetNode) -> None:  # noqa: F811
+    """DCGM's host engine listens on 127.0.0.1:5555 and asks nothing of who connects: a
+    host-network task could ask it for every GPU's processes, other orgs' among them, run
+    diagnostics on the node's GPUs and, with the engine as root, change their settings. The
+    port stands in for it here. The node's own (root, dcgm-exporter) still reach it; the
+    task's other connections to the node too."""
+    wall = node.namespaces.wall
+    wall.task_uids = tuple(task_uid_ranges(IsolationConfig(mode="strict", task_uid_base=UID_BASE)))
+    with socket.socket() as service, socket.socket() as other:
+        for listener in (service, other):
+            listener.bind(("0.0.0.0", 0))
+            listener.listen(8)
+        closed, open_port = service.getsockname()[1], other.getsockname()[1]
+        wall.service_ports = (closed,)  # a free port, not 5555: a real engine may listen there
+        node.namespaces.build_wall()
+        node.runner.start(
+            spec(1, [PY, "-c", CONNECT, "127.0.0.1", str(closed), _host_address(), str(closed),
+                     "127.0.0.1", str(open_port)], network="host", **ACME)
+        )  # fmt: skip
+        result = node.result(1)
+        assert result["log"].split() == [
+            "ConnectionRefusedError",
+            "ConnectionRefusedError",
+            "connected",
+        ], result
+        with socket.create_connection(("127.0.0.1", closed), timeout=3):  # root's, the node's
+            pass
+    assert wall.differences(node.namespaces.walled_pastas()) == []
