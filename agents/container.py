@@ -287,7 +287,7 @@ def runtime_problem(
 ) -> str | None:
     """Why this node's runtime cannot run a container (one line), None when it answers: docker's
     and podman's `version` (docker's asks its daemon) and their exec helper, apptainer's
-    `--version`."""
+    `--version`; podman's OCI runtime where the host's cgroups refuse crun (`crun_problem`)."""
     if runtime != "apptainer" and (problem := helper_problem(helper)) is not None:
         return problem
     exe = binary or runtime
@@ -296,7 +296,36 @@ def runtime_problem(
         _docker(exe, *args, timeout_s=30)
     except ContainerError as exc:
         return str(exc)
-    return None
+    return crun_problem(exe) if runtime == "podman" else None
+
+
+def crun_problem(binary: str, mounts: Path = Path("/proc/self/mounts")) -> str | None:
+    """Why podman cannot start a container here where its OCI runtime is crun on a hybrid
+    cgroup host whose unified hierarchy holds a controller (hugetlb, as the agent's tasks use):
+    crun 1.8 refuses every container there ("cgroups in hybrid mode not supported"). None
+    elsewhere, without asking podman where the host is not such a one."""
+    v1, controllers = False, []
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        v1 = v1 or fields[2] == "cgroup"
+        if fields[2] == "cgroup2":
+            with contextlib.suppress(OSError):
+                controllers += (Path(fields[1]) / "cgroup.controllers").read_text().split()
+    if not (v1 and controllers):
+        return None
+    try:
+        name = _docker(binary, "info", "--format", "{{.Host.OCIRuntime.Name}}", timeout_s=30)
+    except ContainerError as exc:
+        return str(exc)
+    if name.strip() != "crun":
+        return None
+    return (
+        f"podman's OCI runtime is crun, which refuses every container on this hybrid cgroup "
+        f"host (its unified hierarchy holds {', '.join(controllers)}): install runc and set "
+        'runtime = "runc" in /etc/containers/containers.conf'
+    )
 
 
 class RuntimeCheck:

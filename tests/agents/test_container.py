@@ -19,6 +19,7 @@ from agents.container import (
     ContainerError,
     ContainerLaunch,
     container_launch,
+    crun_problem,
     env_file,
 )
 from agents.containertask import cgroup_parent, placement
@@ -219,3 +220,32 @@ def test_the_env_file_holds_the_jobs_variables_and_refuses_a_line_break() -> Non
         os.close(fd)
     with pytest.raises(ContainerError, match="the variable B holds a line break"):
         env_file({"A": "x", "B": "one\ntwo"})
+
+
+@pytest.mark.parametrize(
+    ("oci", "unified", "refused"),
+    [("crun", "hugetlb", True), ("runc", "hugetlb", False), ("crun", "", False)],
+)
+def test_podman_with_crun_on_a_hybrid_host_is_a_runtime_that_cannot_run(
+    tmp_path: Path, oci: str, unified: str, refused: bool
+) -> None:
+    """crun 1.8 refuses every container on a hybrid host whose unified hierarchy holds a
+    controller: the node says so once at the runtime's check (it then reports no `container`)
+    rather than fail every podman task at its start with crun's line."""
+    podman = tmp_path / "podman"
+    podman.write_text(f'#!/bin/sh\n[ "$1" = info ] && echo {oci}\nexit 0\n')
+    podman.chmod(0o755)
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text(unified + "\n")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n"
+        f"cgroup2 {tmp_path / 'unified'} cgroup2 rw 0 0\n"
+    )
+    problem = crun_problem(str(podman), mounts)
+    if refused:
+        assert problem is not None
+        assert problem.startswith("podman's OCI runtime is crun, which refuses every container")
+        assert "holds hugetlb" in problem
+    else:
+        assert problem is None
