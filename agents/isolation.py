@@ -43,7 +43,7 @@ from agents.dri import foreign_dri_nodes, foreign_driver_dirs
 from agents.kernelcheck import kernel_exposures, unbounded_huge_pages
 from agents.netns import Namespaces, NetnsError
 from agents.netopen import open_namespaces
-from agents.netwall import FLOWS_MAX, UID_MAX
+from agents.netwall import FLOWS_MAX, NODE_SERVICE_PORTS, UID_MAX
 from agents.wallwatch import WallWatch
 from protocol.agent import Isolation, TaskSpec
 
@@ -106,6 +106,9 @@ class IsolationConfig:
     task_flow_limit: int = FLOWS_MAX
     """The flows (TCP connections, UDP flows) a private task's pasta, or one task uid on the
     host network, may hold in the node's connection tracking table (agents/netwall.py)."""
+    node_service_ports: tuple[int, ...] = NODE_SERVICE_PORTS
+    """TCP ports of the node's own services that the wall closes to every task uid on the node's
+    addresses (agents/netwall.py `NODE_SERVICE_PORTS`: DCGM's host engine, Fabric Manager)."""
     seccomp: bool = True
     """Confine strict tasks' system calls with agents/seccomp.py's filter (`--seccomp off`:
     every call their uid allows). docker and podman containers get their runtime's profile."""
@@ -590,6 +593,7 @@ def open_confinement(
             isolation.cgroup_parent,
             flows_max=isolation.task_flow_limit,
             task_uids=task_uid_ranges(isolation),
+            service_ports=isolation.node_service_ports,
         )
         if namespaces is None:
             log.warning("tasks cannot have a network namespace of their own: %s", why_not)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agents.netns import Namespaces, NetnsError
-from agents.netwall import FLOWS_MAX, Wall, cgroup2_mount
+from agents.netwall import FLOWS_MAX, NODE_SERVICE_PORTS, Wall, cgroup2_mount
 from agents.state import agent_tag
 
 
@@ -25,11 +25,13 @@ def open_namespaces(
     *,
     flows_max: int = FLOWS_MAX,
     task_uids: Sequence[tuple[int, int]] = (),
+    service_ports: Sequence[int] = NODE_SERVICE_PORTS,
 ) -> tuple[Namespaces | None, str]:
     """This node's namespaces if it can build them, walled (root, `ip`, `pasta`, `nft`, a cgroup
     v2 hierarchy, a kernel that lets it: tried once with a namespace made and removed), else
     None and why not. The wall is installed anew, with the rules of the pastas still running,
-    bounding each pasta and each of `task_uids` to `flows_max` flows (agents/netwall.py)."""
+    bounding each pasta and each of `task_uids` to `flows_max` flows and closing
+    `service_ports` to `task_uids` (agents/netwall.py)."""
     if os.geteuid() != 0:
         return None, "the agent does not run as root"
     tools = {"pasta": "pasta (package passt)", "ip": "ip (iproute2)", "nft": "nft (nftables)"}
@@ -45,7 +47,12 @@ def open_namespaces(
         )
     pasta, ip, nft = (str(found[tool]) for tool in tools)
     wall = Wall(
-        _table(state_root), nft=nft, cgroup2=cgroup2, flows_max=flows_max, task_uids=task_uids
+        _table(state_root),
+        nft=nft,
+        cgroup2=cgroup2,
+        flows_max=flows_max,
+        task_uids=task_uids,
+        service_ports=service_ports,
     )
     namespaces = Namespaces(state_root, pasta=pasta, ip=ip, wall=wall, cgroup_parent=cgroup_parent)
     probe = 0  # never a task id: the server's ids start at 1

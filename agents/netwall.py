@@ -66,12 +66,14 @@ FLOWS_MAX = 4096
 the node's connection tracking table at once (`fairgpu agent --task-flow-limit`): 8 of them hold
 at most an eighth of the 262,144 a large node's kernel allows; closed TCP connections do not
 count."""
-NODE_SERVICE_PORTS = (5555,)
+NODE_SERVICE_PORTS = (5555, 6666)
 """TCP ports of the node's own services that no task uid may connect to on any of the node's
-addresses: NVIDIA DCGM's host engine (`nv-hostengine`, run by `nvidia-dcgm.service`) listens on
-127.0.0.1:5555 and asks nothing of who connects, so a host-network task could ask it for every
-GPU's processes (other orgs' among them), run diagnostics across the node's GPUs and, where the
-engine runs as root, change their settings (NVIDIA's documentation; not tried: no DCGM here)."""
+addresses (`fairgpu agent --node-service-port`). NVIDIA DCGM's host engine (`nv-hostengine`, run
+by `nvidia-dcgm.service`) listens on 127.0.0.1:5555 and asks nothing of who connects, so a
+host-network task could ask it for every GPU's processes (other orgs' among them), run
+diagnostics across the node's GPUs and, where the engine runs as root, change their settings;
+Fabric Manager's API (127.0.0.1:6666 where `FM_CMD_BIND_INTERFACE` is set) activates and
+deactivates NVSwitch partitions (NVIDIA's documentation; neither tried: not on the test machine)."""
 UID_MAX = 2**32 - 2
 """The largest uid (2^32 - 1 is the kernel's "no uid")."""
 

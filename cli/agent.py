@@ -182,6 +182,17 @@ def agent(
             envvar="FAIRGPU_AGENT_TASK_FLOW_LIMIT",
         ),
     ] = 4096,
+    node_service_port: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="A TCP port of the node's own services that no task may connect to on the "
+            "node's addresses (repeatable; replaces the default, 5555 for DCGM's host engine "
+            "and 6666 for Fabric Manager's API, which authenticate nobody; 0 alone: none). "
+            "Needs the nftables wall (private task networks).",
+            min=0,
+            max=65535,
+        ),
+    ] = None,
     task_uid_base: Annotated[
         int,
         typer.Option(
@@ -367,6 +378,7 @@ def agent(
             seccomp=seccomp == "on",
             wall_check_interval_s=wall_check_interval_s,
             task_flow_limit=task_flow_limit,
+            node_service_ports=_service_ports(node_service_port),
         ),
     )
     try:
@@ -382,6 +394,15 @@ def agent(
         )
     except (AgentError, GpuBackendError, IsolationUnavailable, ValueError, OSError) as exc:
         fail(str(exc))
+
+
+def _service_ports(given: list[int] | None) -> tuple[int, ...]:
+    """`--node-service-port`s: the default where none is given, none for a lone 0."""
+    from agents.netwall import NODE_SERVICE_PORTS
+
+    if not given:
+        return NODE_SERVICE_PORTS
+    return tuple(sorted({port for port in given if port}))
 
 
 def _org_uids(pairs: list[str]) -> dict[str, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agents.isolation import IsolationConfig, task_uid_ranges
-from agents.netwall import Wall, cgroup2_mount
+from agents.netwall import NODE_SERVICE_PORTS, Wall, cgroup2_mount
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_isolation import ACME, PY, RIVAL, UID_BASE
 from tests.agents.test_netns import (  # noqa: F401 - the fixtures
@@ -278,3 +278,16 @@ def test_no_task_reaches_the_nodes_own_gpu_services(node: NetNode) -> None:  # n
         with socket.create_connection(("127.0.0.1", closed), timeout=3):  # root's, the node's
             pass
     assert wall.differences(node.namespaces.walled_pastas()) == []
+
+
+def test_the_services_closed_to_tasks_are_dcgms_and_fabric_managers_unless_told() -> None:
+    from cli.agent import _service_ports
+
+    assert _service_ports(None) == NODE_SERVICE_PORTS == (5555, 6666)
+    assert _service_ports([7777, 7777]) == (7777,)
+    assert _service_ports([0]) == ()
+    uids = [(UID_BASE, UID_BASE + 99)]
+    closed = Wall("t", nft="nft", cgroup2=Path("/sys/fs/cgroup"), task_uids=uids)
+    assert "tcp dport { 5555, 6666 } reject" in closed._services_closed()[0]
+    none = Wall("t", nft="nft", cgroup2=Path("/sys/fs/cgroup"), task_uids=uids, service_ports=())
+    assert none._services_closed() == []
