@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.container import container_name
+from agents.container import Runtime, container_name
+from agents.disk import DiskConfig
+from agents.runner import Runner, RunnerConfig
 from protocol.agent import TaskSignal
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
@@ -148,3 +150,51 @@ def test_a_cancelled_container_task_ends_and_leaves_nothing_behind(
         assert result["log"] == "ready\ngot TERM\n", result
     wait_for(lambda: not _left(runtime, container), 30)
     assert not (net.runner.container_env.root / str(TASK)).exists()
+
+
+def test_a_container_filling_its_writable_layer_is_ended_at_its_disk_limit(
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+    runtime: Runtime,  # noqa: F811
+) -> None:
+    """The container's writable layer (overlay's upper directory, which `inspect` names, as
+    docker's and podman's do alike) counts against the task's disk limit."""
+    net = docker_node
+    limits = DiskConfig(task_max_bytes=4 * 2**20, node_reserve_bytes=0)
+    config = RunnerConfig(container_runtime=runtime, disk=limits)
+    net.runner = Runner(net.state, config, confinement=net.confinement)
+    script = "head -c 8388608 /dev/zero > /tmp/fill && sync && echo filled; sleep 120"
+    task = spec(TASK, ["sh", "-c", script], image=image, gpus=[], network="host", **ACME)
+    net.runner.start(task)
+    container = _running_id(net, runtime)
+    wait_for(lambda: "filled" in _log(net) or net._ended(TASK), 60)
+    wait_for(net.runner.check_disk, 30)
+    result = net.result(TASK, timeout_s=60)
+    assert result["state"] == "stopped", result
+    assert result["reason"].startswith("disk limit: the task holds "), result
+    wait_for(lambda: not _left(runtime, container), 30)
+
+
+def test_an_interactive_container_task_has_a_terminal_in_its_own_network(
+    docker_node: NetNode,  # noqa: F811
+    image: str,  # noqa: F811
+    runtime: Runtime,  # noqa: F811
+) -> None:
+    """`--interactive --tty`: the runtime's terminal inside the container, joined to the task's
+    pty; and a private one runs in its task's namespace (podman's joined by path, docker's
+    through its pod), its client in the node's."""
+    net = docker_node
+    config = RunnerConfig(
+        container_runtime=runtime, container_pause_image=image, pty_attach_wait_s=0.2
+    )
+    net.runner = Runner(net.state, config, confinement=net.confinement)
+    script = "[ -t 0 ] && [ -t 1 ] && echo tty; readlink /proc/self/ns/net"
+    task = spec(
+        TASK, ["sh", "-c", script], image=image, gpus=[], network="private", pty=True, **ACME
+    )
+    net.runner.start(task)
+    wait_for(lambda: net.namespaces.exists(TASK) or net._ended(TASK), 60)
+    inode = os.stat(net.namespaces.path(TASK)).st_ino
+    result = net.result(TASK, timeout_s=90)
+    assert result["exit_code"] == 0, result
+    assert result["log"].replace("\r\n", "\n") == f"tty\nnet:[{inode}]\n", result
