@@ -23,12 +23,13 @@ NodeId = Annotated[int, Path(gt=0, lt=2**31)]
 
 
 def _gpu(view: svc.NodeView, gpu: Gpu, viewer: Principal) -> GpuPublic:
-    """Another org's job on a GPU is shown as "allocated", without its id or processes."""
+    """Another org's job on a GPU is shown as "allocated", without its id or the GPU's sample:
+    its utilisation, memory and power over time are that org's training (the model's size, its
+    progress), which a member polling the node read before."""
     job_id = view.allocated.get(gpu.id)
     ours = job_id is not None and viewer.can_see_org(view.allocated_orgs.get(gpu.id))
-    sample = gpu.last_sample
-    if job_id is not None and not ours and sample is not None:
-        sample = {k: v for k, v in sample.items() if k != "processes"}
+    theirs = job_id is not None and not ours
+    sample = None if theirs else gpu.last_sample
     return GpuPublic(
         id=gpu.id,
         index=gpu.index,
@@ -40,7 +41,7 @@ def _gpu(view: svc.NodeView, gpu: Gpu, viewer: Principal) -> GpuPublic:
         allocated=job_id is not None,
         allocated_job_id=job_id if ours else None,
         last_sample=sample,
-        last_sample_at=gpu.last_sample_at,
+        last_sample_at=None if theirs else gpu.last_sample_at,
     )
 
 

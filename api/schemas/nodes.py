@@ -22,7 +22,7 @@ class GpuPublic(OutputModel):
     allocated_job_id: int | None = None
     """Only for jobs of the caller's own org (platform admins: every job)."""
     last_sample: dict[str, Any] | None
-    """The GPU's latest sample; without its process list when another org's job holds it."""
+    """The GPU's latest sample; none (and no time) while another org's job holds it."""
     last_sample_at: datetime | None
 
 

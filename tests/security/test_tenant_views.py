@@ -54,13 +54,19 @@ async def test_members_see_other_orgs_jobs_on_a_node_only_as_allocated_gpus(worl
     assert (gpus[0]["allocated"], gpus[0]["allocated_job_id"]) == (True, ours.id)
     assert gpus[0]["last_sample"]["processes"] == [{"pid": 4242}]
     assert (gpus[2]["allocated"], gpus[2]["allocated_job_id"]) == (True, None)
-    assert "processes" not in gpus[2]["last_sample"]
-    assert gpus[2]["last_sample"]["utilization_ratio"] == 0.5
+    # Nor how it uses the GPU: utilisation, memory, power over time are the rival's training
+    # (its model's size, its progress), not a count.
+    assert gpus[2]["last_sample"] is None
+    assert gpus[0]["last_sample"]["utilization_ratio"] == 0.5
     assert (gpus[3]["allocated"], gpus[3]["allocated_job_id"]) == (False, None)
     assert node["gpus_allocated"] == 3
+    async with world.client("member_a") as c:
+        one = (await c.get(f"/v1/nodes/{node['id']}")).json()
+    assert {g["index"]: g["last_sample"] for g in one["gpus"]}[2] is None
     async with world.client("platform") as c:
         [node] = (await c.get("/v1/nodes")).json()["data"]
     assert {g["index"]: g["allocated_job_id"] for g in node["gpus"]}[2] == theirs.id
+    assert {g["index"]: g["last_sample"] for g in node["gpus"]}[2]["utilization_ratio"] == 0.5
 
 
 async def test_reasons_name_other_orgs_jobs_without_their_ids(world: World) -> None:
