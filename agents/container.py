@@ -174,6 +174,7 @@ def container_launch(
     config = {
         "run": argv,
         "image": image,
+        "qualify": runtime == "podman",  # docker's name, not podman's search (imagelaunch)
         "helper": HELPER_MOUNT,
         "helper_args": helper_args,
         "command": list(command),

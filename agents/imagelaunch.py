@@ -31,6 +31,28 @@ class LaunchError(RuntimeError):
     """The container cannot be started; the message is one line."""
 
 
+def qualified(image: str) -> str:
+    """`image` named in full as docker names it (its `ParseNormalizedNamed`): a first component
+    with a `.` or `:`, or `localhost`, is a registry, anything else is on docker.io, and a
+    one-component name there is in `library/`. podman, given a short name, resolves it through
+    its own configuration (registries.conf's search list and aliases: Debian's names `centos`
+    quay.io's) and, in its local store, matches any image whose name ends the same way, from any
+    registry: on a podman node another org's `quay.io/them/trainer:1`, once pulled there, was
+    what a job naming `trainer:1` ran, with its variables and data. Named in full, the image
+    is the one docker would run and the org's image patterns (`--images`) checked."""
+    name, at, digest = image.partition("@")
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, rest
+    else:
+        registry, path = "docker.io", name
+    if registry == "index.docker.io":
+        registry = "docker.io"
+    if registry == "docker.io" and "/" not in path:
+        path = f"library/{path}"
+    return f"{registry}/{path}{at}{digest}"
+
+
 def program(entrypoint: list[str], cmd: list[str], command: list[str]) -> list[str]:
     """What docker runs for `docker run IMAGE COMMAND...`: ENTRYPOINT + (COMMAND or CMD)."""
     return [*entrypoint, *(command or cmd)]
@@ -72,7 +94,7 @@ def _strings(value: object) -> bool:
 
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
-    image = config["image"]
+    image = qualified(config["image"]) if config.get("qualify") else config["image"]
     try:
         image_id, entrypoint, cmd = image_config(config["run"][0], image)
         run = program(entrypoint, cmd, config["command"])

@@ -249,3 +249,22 @@ def test_podman_with_crun_on_a_hybrid_host_is_a_runtime_that_cannot_run(
         assert "holds hugetlb" in problem
     else:
         assert problem is None
+
+
+@pytest.mark.parametrize(
+    ("image", "named"),
+    [
+        ("trainer:1", "docker.io/library/trainer:1"),
+        ("pytorch/pytorch:2.3", "docker.io/pytorch/pytorch:2.3"),
+        ("docker.io/ubuntu", "docker.io/library/ubuntu"),
+        ("index.docker.io/library/ubuntu:22.04", "docker.io/library/ubuntu:22.04"),
+        ("ubuntu@sha256:" + "a" * 64, "docker.io/library/ubuntu@sha256:" + "a" * 64),
+        ("nvcr.io/nvidia/pytorch:24.05-py3", "nvcr.io/nvidia/pytorch:24.05-py3"),
+        ("localhost/mine:1", "localhost/mine:1"),
+        ("registry.example:5000/team/img", "registry.example:5000/team/img"),
+    ],
+)
+def test_podman_is_given_the_image_as_docker_names_it(image: str, named: str) -> None:
+    assert imagelaunch.qualified(image) == named
+    assert launched(build("podman", image=image))["qualify"] is True
+    assert launched(build("docker", image=image))["qualify"] is False

@@ -114,7 +114,9 @@ def make_image(rootfs: tuple[Path, Path], runtime: str) -> Iterator[object]:  # 
         tag = f"fairgpu-test/scratch:{uuid.uuid4().hex[:12]}"
         flags = [arg for change in changes for arg in ("--change", change)]
         archive = rootfs[1] if shell else rootfs[0]
-        subprocess.run([runtime, "import", *flags, str(archive), tag], check=True)
+        subprocess.run(
+            [runtime, "import", *flags, str(archive), imagelaunch.qualified(tag)], check=True
+        )
         made.append(tag)
         return tag
 
@@ -207,6 +209,7 @@ def test_the_launcher_runs_the_images_cmd_when_the_job_gives_no_command(
     config = {
         "run": [*run, "-v", f"{DEFAULT_HELPER}:{HELPER_MOUNT}:ro"],
         "image": tag,
+        "qualify": runtime == "podman",
         "helper": HELPER_MOUNT,
         "helper_args": [],
         "command": command,
@@ -221,7 +224,8 @@ def test_the_launcher_says_in_one_line_when_an_image_has_nothing_to_run(
     runtime: str,  # noqa: F811
 ) -> None:
     config = {
-        "run": [runtime, "run", "--rm"], "image": make_image(), "helper": HELPER_MOUNT,
+        "run": [runtime, "run", "--rm"], "image": make_image(), "qualify": runtime == "podman",
+        "helper": HELPER_MOUNT,
         "helper_args": [], "command": [],
     }  # fmt: skip
     argv = [sys.executable, "-I", "-S", imagelaunch.__file__, json.dumps(config)]
@@ -282,3 +286,30 @@ def test_a_container_task_runs_under_the_runtimes_seccomp_profile_alone(
     result = docker_node.result(TASK, timeout_s=90)
     assert result["exit_code"] == 0, result
     assert result["log"].split() == ["Seccomp:", "2", "Seccomp_filters:", "1"], result
+
+
+def test_a_short_name_runs_the_image_docker_names_never_another_registrys(
+    docker_node: NetNode,  # noqa: F811
+    make_image,  # type: ignore[no-untyped-def]
+    runtime: str,  # noqa: F811
+) -> None:
+    """podman matched a short name in its store against any image whose name ends the same
+    way, from any registry: once another org's `quay.io/.../trainer:T` was on the node, a job
+    naming `trainer:T` (docker: docker.io/library/trainer:T) ran it, with the job's variables
+    and data. Named as docker names it, the image is not on this node and cannot be pulled
+    here (no registry is reachable): the task fails to start, on docker and podman alike."""
+    net = docker_node
+    tail = f"trainer:{uuid.uuid4().hex[:12]}"
+    theirs = f"quay.io/fairgpu-test-other/{tail}"
+    made = make_image('CMD ["/bb/busybox", "echo", "another org\'s image"]')
+    subprocess.run([runtime, "tag", made, theirs], check=True, capture_output=True)
+    try:
+        net.runner.start(spec(TASK, [], image=tail, gpus=[], network="host", **ACME))
+        result = net.result(TASK, timeout_s=90)
+    finally:
+        subprocess.run([runtime, "rmi", theirs], capture_output=True)
+    assert "another org's image" not in result["log"], result
+    assert result["exit_code"] == imagelaunch.FAILED, result
+    assert f"cannot pull the image docker.io/library/{tail}" in result["log"] or (
+        runtime == "docker" and f"cannot pull the image {tail}" in result["log"]
+    ), result

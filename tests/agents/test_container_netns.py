@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agents.container import Runtime, container_name, pod_name, podman_ulimits, sweep
+from agents.imagelaunch import qualified
 from agents.runner import Runner, RunnerConfig
 from agents.sandbox import TASK_OOM_SCORE_ADJ
 from agents.state import agent_tag
@@ -88,8 +89,10 @@ def image(runtime: str, tmp_path_factory: pytest.TempPathFactory) -> str:
             entry.type, entry.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
             tar.addfile(entry)
     pause = 'CMD ["/bin/busybox", "sleep", "2147483647"]'
+    # Named in full: the agent runs a podman task's image by docker's name (imagelaunch).
+    named = qualified(IMAGE)
     subprocess.run(
-        [runtime, "import", "--change", pause, str(archive), IMAGE], check=True, capture_output=True
+        [runtime, "import", "--change", pause, str(archive), named], check=True, capture_output=True
     )
     return IMAGE
 
