@@ -71,7 +71,8 @@ class PendingClass:
 
     def remove(self, job: PendingJob) -> None:
         at = bisect_left(self.jobs, _submit_order(job), key=_submit_order)
-        assert self.jobs[at] is job
+        if at >= len(self.jobs) or self.jobs[at] is not job:  # unordered times (NaN)
+            at = next(i for i, j in enumerate(self.jobs) if j is job)
         del self.jobs[at]
         del self.ids[at]
 
