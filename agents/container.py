@@ -63,6 +63,8 @@ DEFAULT_HELPER = Path(__file__).resolve().parent / "helper" / "fairgpu-exec"
 HELPER_MOUNT = "/run/fairgpu/exec"
 """Where a container sees the helper: its entrypoint."""
 _LAUNCHER = str(Path(imagelaunch.__file__).resolve())
+NO_NVIDIA_DEVICES = "void"
+"""NVIDIA_VISIBLE_DEVICES for a container the runtime's NVIDIA hook must give no GPU."""
 
 
 class ContainerError(RuntimeError):
@@ -160,6 +162,13 @@ def container_launch(
     else:  # podman: the Container Device Interface names
         for device in devices:
             argv += ["--device", f"nvidia.com/gpu={device}"]
+    if runtime == "podman" or not devices:
+        # NVIDIA's runtime hook takes the GPUs to mount from the container's environment, the
+        # image's own included: CUDA's images say NVIDIA_VISIBLE_DEVICES=all, so where the hook
+        # runs for every container (docker's default runtime `nvidia`, podman's legacy hook) a
+        # container given no GPUs (or its GPUs through CDI) got every GPU of the node, other
+        # orgs' among them. `void`: none, nor the driver. docker's `--gpus` sets its own last.
+        argv += ["-e", f"NVIDIA_VISIBLE_DEVICES={NO_NVIDIA_DEVICES}"]
     if env_file is not None:
         argv += ["--env-file", env_file]
     for bind in binds:

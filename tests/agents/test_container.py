@@ -268,3 +268,22 @@ def test_podman_is_given_the_image_as_docker_names_it(image: str, named: str) ->
     assert imagelaunch.qualified(image) == named
     assert launched(build("podman", image=image))["qualify"] is True
     assert launched(build("docker", image=image))["qualify"] is False
+
+
+def test_no_image_opens_the_nodes_gpus_to_a_container_given_none() -> None:
+    """NVIDIA's runtime hook mounts the GPUs the container's environment names, the image's
+    own included (CUDA's images say NVIDIA_VISIBLE_DEVICES=all): where it runs for every
+    container (docker's default runtime `nvidia`, podman's legacy hook), a container given no
+    GPUs got every GPU of the node. docker's `--gpus` names its own, after the image's.
+    (The hook itself is not on this machine: the line is what is checked.)"""
+    void = ["-e", "NVIDIA_VISIBLE_DEVICES=void"]
+
+    def has(argv: list[str], pair: list[str]) -> bool:
+        return any(argv[i : i + 2] == pair for i in range(len(argv) - 1))
+
+    none = launched(build("docker", gpus=[], gpu_uuids=None))["run"]
+    assert "--gpus" not in none
+    assert has(none, void), none
+    assert not has(launched(build("docker"))["run"], void)  # --gpus says which
+    for gpus in ([], [2, 3]):
+        assert has(launched(build("podman", gpus=gpus))["run"], void)  # CDI says which
