@@ -57,6 +57,17 @@ def kernel_exposures(
             "leaves every other org's task unable to open one (ENFILE); raise it (systemd sets "
             "9223372036854775807: each open file is charged to its task's memory)"
         )
+    with contextlib.suppress(OSError):
+        pattern = (proc_sys / "kernel/core_pattern").read_text().strip()
+        if pattern.startswith("|"):
+            helper = pattern[1:].split()[0] if pattern[1:].split() else "?"
+            found.append(
+                f"kernel.core_pattern pipes core dumps to {helper}: a task that crashes has "
+                "its memory and environment, its secret variables among them, written by it "
+                "to the node's disk outside the task's directory (systemd-coredump: "
+                "/var/lib/systemd/coredump and the journal; apport: /var/crash), kept after the "
+                "task; set a relative pattern (`core`: into the task's working directory)"
+            )
     return found
 
 

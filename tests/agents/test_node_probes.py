@@ -165,23 +165,27 @@ def test_weak_kernel_settings_are_named(tmp_path: Path) -> None:
         "kernel/unprivileged_bpf_disabled": "0",
         "vm/unprivileged_userfaultfd": "1",
         "fs/file-max": "2466290",
+        "kernel/core_pattern": "|/usr/lib/systemd/systemd-coredump %P %u %g %s %t %c %h",
     }.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(value + "\n")
     found = kernel_exposures(tasks_pids=24_576, nofile=20_000, proc_sys=tmp_path)
-    assert [line.split(" is ")[0] for line in found] == [
+    assert [line.split(" is ")[0].split(" pipes ")[0] for line in found] == [
         "kernel.perf_event_paranoid",
         "kernel.unprivileged_bpf_disabled",
         "vm.unprivileged_userfaultfd",
         "fs.file-max",
+        "kernel.core_pattern",
     ]
     assert "CPU-wide performance events" in found[0]
     assert "up to 491520000 files" in found[3]
+    assert "to /usr/lib/systemd/systemd-coredump: " in found[4]
     for name, value in {
         "kernel/perf_event_paranoid": "2",
         "kernel/unprivileged_bpf_disabled": "2",
         "vm/unprivileged_userfaultfd": "0",
         "fs/file-max": "9223372036854775807",
+        "kernel/core_pattern": "core",
     }.items():
         (tmp_path / name).write_text(value + "\n")
     assert kernel_exposures(tasks_pids=24_576, nofile=20_000, proc_sys=tmp_path) == []
