@@ -309,6 +309,8 @@ class _V2(Hierarchy):
         self.parent.mkdir(parents=True, exist_ok=True)
         _unlisted(self.parent, root)
         _enable_down(root, self.parent, self.controllers)
+        self.sealed = _levels_to_seal(self.parent, root, _own_v2_cgroup(root))
+        _seal(self.sealed)
 
     def task(self, task_id: int) -> TaskCgroup:
         return _V2Task(self.parent / f"task-{task_id}")
@@ -326,6 +328,7 @@ class _V2(Hierarchy):
         return ContainerParent(path, tuple(self.controllers), ())
 
     def create(self, task_id: int, limits: Limits, *, gid: int | None = None) -> TaskCgroup:
+        _seal(self.sealed)  # files a controller enabled since then brought
         group = _V2Task(self.parent / f"task-{task_id}")
         group.path.mkdir(exist_ok=True)
         _private(group.path, gid)
@@ -402,6 +405,15 @@ class _V1(Hierarchy):
         for controller, directory in self.by_controller.items():
             directory.mkdir(parents=True, exist_ok=True)
             _unlisted(directory, mounts[controller])
+        # The levels `parent` names below the agent's own cgroup; the agent's own (its unit's
+        # under systemd) is the host's: docs/ISOLATION.md says what it sums.
+        self.sealed = [
+            level
+            for controller, directory in self.by_controller.items()
+            for level in _levels_to_seal(
+                directory, mounts[controller] / own.get(controller, "/").lstrip("/"), None
+            )
+        ]
         if HUGETLB not in mounts and unified is not None:
             # A hybrid host whose hugetlb is the unified hierarchy's: tasks join a cgroup
             # there too, at its top as on v2 (a level holding processes hands none down).
@@ -413,7 +425,9 @@ class _V1(Hierarchy):
                     _enable_down(unified, directory, [HUGETLB])
                     self.by_controller[HUGETLB] = directory
                     self.roots[HUGETLB] = unified
+                    self.sealed += _levels_to_seal(directory, unified, _own_v2_cgroup(unified))
         self.limits_hugetlb = HUGETLB in self.by_controller
+        _seal(self.sealed)
 
     def task(self, task_id: int) -> TaskCgroup:
         return _V1Task(
@@ -459,6 +473,8 @@ class _V1(Hierarchy):
                 continue  # the task's own (made private with it)
             directory.mkdir(parents=True, exist_ok=True)
             _unlisted(directory.parent, root)
+            # that parent sums every container task's I/O, CPUs, ...: sealed as the parent is
+            _seal([directory.parent])
             _private(directory, gid)
         return parent
 
@@ -473,6 +489,7 @@ class _V1(Hierarchy):
         return ContainerParent(path, bounded, tuple(c for c in limits if relative[c] != path))
 
     def create(self, task_id: int, limits: Limits, *, gid: int | None = None) -> TaskCgroup:
+        _seal(self.sealed)
         group = _V1Task(
             {c: p / f"task-{task_id}" for c, p in self.by_controller.items()},
             self._container_leftovers(task_id),
@@ -618,6 +635,47 @@ def _unlisted(parent: Path, root: Path) -> None:
     nobody's business but the agent's). Never a hierarchy's root, which the host owns."""
     if parent != root:
         parent.chmod(0o711)
+
+
+def _levels_to_seal(parent: Path, root: Path, own: Path | None) -> list[Path]:
+    """The task cgroups' parent and the levels above it that hold nothing but the agent and its
+    tasks: up to where the agent's own cgroup (`own`, below `root`) branches off (a systemd
+    unit's, whose `agent` subgroup sits beside `tasks`), else up to `root`, which is the
+    host's as is every level above that branch."""
+    levels: list[Path] = []
+    level = parent
+    while level != root and level.is_relative_to(root):
+        levels.append(level)
+        if own is not None and own.is_relative_to(level):
+            break
+        level = level.parent
+    return levels
+
+
+def _own_v2_cgroup(root: Path) -> Path | None:
+    """The agent's own cgroup in the v2 hierarchy mounted at `root`, where /proc says one."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return root / line[3:].strip().lstrip("/")
+    return None
+
+
+def _seal(levels: list[Path]) -> None:
+    """The interface files of the levels above tasks read by root alone. Each sums the tasks
+    below it (memory.current, memory.stat, cpu.stat, io.stat, pids.current, the *.pressure
+    files; on v1 memory.usage_in_bytes, cpuacct.usage, blkio.*, ...) and cgroupfs makes them
+    readable by any uid: on a node with two tasks, a rival's figure was the parent's minus
+    one's own. The agent reads and writes there as root; a task reads its own directory."""
+    for level in levels:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(level):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                mode = entry.stat(follow_symlinks=False).st_mode & 0o777
+                if mode & 0o077:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chmod(entry.path, mode & 0o700)
 
 
 def _write_if_present(path: Path, value: str) -> None:

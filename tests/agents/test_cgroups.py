@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.cgroups import CgroupError, Limits, _V2Task, open_hierarchy
+from agents.cgroups import CgroupError, Limits, _levels_to_seal, _V2Task, open_hierarchy
 
 LIMITS = Limits(memory_bytes=256 * 2**20, pids_max=100, cpu_weight=200)
 
@@ -69,6 +69,48 @@ def test_v2_hands_controllers_down_and_writes_the_limits(tmp_path: Path) -> None
     (root / "system.slice/pids.max").write_text("max\n")
     (root / "system.slice/fairgpu-agent.service/tasks/pids.max").write_text("9000\n")
     assert hierarchy.pids_ceiling() == 4915
+
+
+def test_the_levels_summing_tasks_are_sealed_up_to_where_the_agent_branches_off(
+    tmp_path: Path,
+) -> None:
+    """The parent's own files (and those of each level above that holds the agent and its
+    tasks alone) sum the tasks: read by root alone, so a rival's figure is not the sum minus
+    one's own. The levels above the agent's unit are the host's and stay as they are."""
+    root = tmp_path / "cgroup"
+    unit = root / "system.slice/fairgpu-agent.service"
+    tasks = unit / "tasks"
+    # A systemd unit with DelegateSubgroup=agent: the agent beside its tasks.
+    assert _levels_to_seal(tasks, root, unit / "agent") == [tasks, unit]
+    # An agent started from a shell elsewhere: every level the parent names.
+    assert _levels_to_seal(tasks, root, root / "user.slice/session-1.scope") == [
+        tasks,
+        unit,
+        root / "system.slice",
+    ]
+    assert _levels_to_seal(root / "fairgpu", root, None) == [root / "fairgpu"]
+    assert _levels_to_seal(root, root, None) == []
+
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("")
+    (root / "fairgpu").mkdir()
+    for name in ("cgroup.subtree_control", "memory.current", "cpu.stat", "io.pressure"):
+        (root / "fairgpu" / name).write_text("")
+        (root / "fairgpu" / name).chmod(0o644)
+    hierarchy = open_hierarchy("fairgpu", root=root)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (root / "fairgpu").iterdir()} == {
+        "cgroup.subtree_control": 0o600,
+        "memory.current": 0o600,
+        "cpu.stat": 0o600,
+        "io.pressure": 0o600,
+    }
+    # A controller enabled later brings files of its own: sealed by the next task's start.
+    (root / "fairgpu/hugetlb.2MB.current").write_text("0")
+    (root / "fairgpu/hugetlb.2MB.current").chmod(0o444)
+    hierarchy.create(1, LIMITS)
+    assert (root / "fairgpu/hugetlb.2MB.current").stat().st_mode & 0o777 == 0o400
+    assert (root / "cgroup.controllers").stat().st_mode & 0o777 == 0o644  # the host's
 
 
 def test_a_parent_outside_the_hierarchy_is_refused(tmp_path: Path) -> None:

@@ -124,6 +124,16 @@ def test_another_org_cannot_read_a_tasks_cgroup(node: Node) -> None:  # noqa: F8
     group = node.confinement.cgroup(1)
     assert group is not None
     directories = [str(path.parent) for path in group.procs_files]
+    # The parents' own files sum every task below them (memory, CPU time, pids, I/O,
+    # pressure): a rival's figure was the parent's minus its own. Named here by root, as
+    # the rival could name them from the kernel's documentation.
+    summed = sorted(
+        str(entry)
+        for directory in {path.parent.parent for path in group.procs_files}
+        for entry in directory.iterdir()
+        if entry.is_file()
+    )
+    assert any(name.endswith(("memory.usage_in_bytes", "memory.current")) for name in summed)
     probe = f"""
 import json, os
 def attempt(fn):
@@ -136,12 +146,15 @@ print(json.dumps({{
     "members": [attempt(lambda: open(d + "/cgroup.procs").read()) for d in {directories!r}],
     "stats": [attempt(lambda: os.listdir(d)) for d in {directories!r}],
     "tasks": [attempt(lambda: os.listdir(os.path.dirname(d))) for d in {directories!r}],
+    "summed": {{f: attempt(lambda: open(f).read()) for f in {summed!r}}},
 }}))
 """
     rival = node.run(2, python(probe), **RIVAL)
     tried = json.loads(rival["log"])
     assert set(tried["members"]) == set(tried["stats"]) == {"PermissionError"}, tried
     assert set(tried["tasks"]) == {"PermissionError"}, tried
+    readable = [name for name, result in tried["summed"].items() if result != "PermissionError"]
+    assert readable == [], readable
     # A task still reads its own cgroup (runtimes size themselves from their limits there).
     assert node.confinement.cgroups is not None
     own = [str(path.parent) for path in node.confinement.cgroups.task(3).procs_files]
