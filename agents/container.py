@@ -65,6 +65,28 @@ HELPER_MOUNT = "/run/fairgpu/exec"
 _LAUNCHER = str(Path(imagelaunch.__file__).resolve())
 NO_NVIDIA_DEVICES = "void"
 """NVIDIA_VISIBLE_DEVICES for a container the runtime's NVIDIA hook must give no GPU."""
+NVIDIA_TOOLKIT_OFF = {
+    "NVIDIA_IMEX_CHANNELS": "void",
+    "NVIDIA_MOFED": "disabled",
+    "NVIDIA_NVSWITCH": "disabled",
+    "NVIDIA_GDS": "disabled",
+    "NVIDIA_GDRCOPY": "disabled",
+    "NVIDIA_MIG_CONFIG_DEVICES": "",
+    "NVIDIA_MIG_MONITOR_DEVICES": "",
+}
+"""The NVIDIA container toolkit's variables that give a container devices beyond its GPUs,
+set so that they give none whatever the image's ENV says (`-e` wins over it; the job's own
+variables never reach the runtime: agents/containerenv.py). The hook and
+nvidia-container-runtime read them from the container's environment: an IMEX channel id
+(`/dev/nvidia-caps-imex-channels/channelN`, through which jobs on NVLink-connected nodes
+import each other's GPU memory: the node's channels are the operator's to hand out, not an
+image's to name), `enabled` for every InfiniBand/RoCE device of the node (`/dev/infiniband/*`),
+the NVSwitches' devices (`/dev/nvidia-nvswitch*`, which Fabric Manager drives), GPUDirect
+Storage's `/dev/nvidia-fs*` and gdrcopy's `/dev/gdrdrv`; no task gets any of these outside a
+container either. The MIG config and monitor devices (the capabilities to repartition and
+watch every MIG instance of a GPU) the hook gives only a container holding CAP_SYS_ADMIN,
+which none holds here, and it refuses to start any other that names some: empty, they name
+none, which the hook accepts."""
 
 
 class ContainerError(RuntimeError):
@@ -169,6 +191,8 @@ def container_launch(
         # container given no GPUs (or its GPUs through CDI) got every GPU of the node, other
         # orgs' among them. `void`: none, nor the driver. docker's `--gpus` sets its own last.
         argv += ["-e", f"NVIDIA_VISIBLE_DEVICES={NO_NVIDIA_DEVICES}"]
+    for variable, value in NVIDIA_TOOLKIT_OFF.items():
+        argv += ["-e", f"{variable}={value}"]
     if env_file is not None:
         argv += ["--env-file", env_file]
     for bind in binds:

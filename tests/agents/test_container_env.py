@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
+from agents.imagelaunch import qualified
 from tests.agents.helpers import spec, wait_for
 from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
     TASK,
@@ -88,3 +94,68 @@ def test_an_image_that_is_a_runtime_option_is_refused(
     record = net.runner.records[TASK]
     assert record.state == "failed_to_start", record
     assert record.reason == f"the image {option!r} starts with '-'"
+
+
+TOOLKIT_ASKED = {
+    "NVIDIA_MOFED": "enabled",
+    "NVIDIA_IMEX_CHANNELS": "0",
+    "NVIDIA_NVSWITCH": "enabled",
+    "NVIDIA_GDS": "enabled",
+    "NVIDIA_GDRCOPY": "enabled",
+    "NVIDIA_MIG_CONFIG_DEVICES": "all",
+    "NVIDIA_MIG_MONITOR_DEVICES": "all",
+}
+
+
+@pytest.fixture
+def toolkit_image(runtime: str, image: str, tmp_path: Path) -> Iterator[str]:  # noqa: F811
+    """An image whose ENV asks NVIDIA's runtime hook for devices beyond the container's GPUs."""
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    archive = tmp_path / "rootfs.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(busybox, "bin/busybox")
+        link = tarfile.TarInfo("bin/sh")
+        link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+        tar.addfile(link)
+        for directory in ("tmp", "proc", "sys", "dev", "etc"):
+            entry = tarfile.TarInfo(directory)
+            entry.type, entry.mode = tarfile.DIRTYPE, 0o1777 if directory == "tmp" else 0o755
+            tar.addfile(entry)
+    name = "fairgpu-test/nvidia-env:1"
+    changes = [arg for n, v in TOOLKIT_ASKED.items() for arg in ("--change", f"ENV {n}={v}")]
+    subprocess.run(
+        [runtime, "import", *changes, str(archive), qualified(name)],
+        check=True,
+        capture_output=True,
+    )
+    yield name
+    subprocess.run([runtime, "rmi", "--force", qualified(name)], capture_output=True)
+
+
+def test_an_image_names_no_nvidia_device_beyond_its_gpus_through_the_toolkits_variables(
+    docker_node: NetNode,  # noqa: F811
+    toolkit_image: str,
+) -> None:
+    """NVIDIA's runtime hook reads the environment docker or podman gives the container, the
+    image's ENV included (a job's own variables never reach the runtime: containerenv):
+    NVIDIA_MOFED=enabled gave every InfiniBand device of the node, NVIDIA_IMEX_CHANNELS an
+    IMEX channel (through which jobs import each other's GPU memory over NVLink),
+    NVIDIA_NVSWITCH the NVSwitches' devices, NVIDIA_GDS and NVIDIA_GDRCOPY theirs; the MIG
+    config and monitor devices it refuses without CAP_SYS_ADMIN, emptied anyway. The hook is
+    not on this machine: what is checked is the environment the runtime gives the container,
+    which is what it reads."""
+    net = docker_node
+    command = ["sh", "-c", " ".join(f'echo "{n}=${n}";' for n in sorted(TOOLKIT_ASKED))]
+    net.runner.start(spec(TASK, command, image=toolkit_image, gpus=[], network="host", **ACME))
+    result = net.result(TASK, timeout_s=60)
+    assert result["exit_code"] == 0, result
+    assert result["log"].split() == [
+        "NVIDIA_GDRCOPY=disabled",
+        "NVIDIA_GDS=disabled",
+        "NVIDIA_IMEX_CHANNELS=void",
+        "NVIDIA_MIG_CONFIG_DEVICES=",
+        "NVIDIA_MIG_MONITOR_DEVICES=",
+        "NVIDIA_MOFED=disabled",
+        "NVIDIA_NVSWITCH=disabled",
+    ], result
