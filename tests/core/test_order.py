@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from unittest.mock import patch
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler.core import order
@@ -65,6 +65,12 @@ def queues(draw: st.DrawFn) -> list[PendingJob]:
     return jobs
 
 
+# Generating long queues is slow on a loaded machine (CI beside other work): no deadline, and
+# no health check on the draws' speed.
+LOADED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@LOADED
 @given(queues(), st.dictionaries(st.integers(1, 3), st.sampled_from([0.0, 0.25, 0.5, 1.0])))
 def test_the_order_is_the_definitions(pending: list[PendingJob], factor: dict[int, float]) -> None:
     """Both ways of sorting: tuples (short queues) and positions by priority (long ones)."""
@@ -76,6 +82,7 @@ def test_the_order_is_the_definitions(pending: list[PendingJob], factor: dict[in
         assert [(j.job_id, p) for j, p in got] == want, long_from
 
 
+@LOADED
 @given(
     queues(),
     st.sampled_from(["fifo", "multifactor"]),
