@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -207,11 +208,21 @@ def _bearer_guard(app: _Wsgi, token: str) -> _Wsgi:
     return guarded
 
 
+MAPPING_DIR_MODE = 0o2750
+MAPPING_FILE_MODE = 0o640
+
+
 class DcgmJobMapping:
     """dcgm-exporter's HPC job mapping: one file per GPU index holding its job ids, one a line.
 
     Point dcgm-exporter's `--hpc-job-mapping-dir` at the same directory and every DCGM series
     gets an `hpc_job` label. Files are rewritten only when the allocation changes.
+
+    Which jobs hold which GPUs is no task's to read (another org's task learnt there when a
+    rival's job started, on how many GPUs, and next to whom): the directory is root's and its
+    group's alone (2750, the group it has, which the files inherit) and the files 0640.
+    dcgm-exporter reads them as root, or as a member of the group the operator gives the
+    directory (`chgrp dcgm-exporter DIR`), which no task uid is.
     """
 
     def __init__(self, directory: Path, gpu_indices: Iterable[int]) -> None:
@@ -219,6 +230,11 @@ class DcgmJobMapping:
         self.gpu_indices = sorted(gpu_indices)
         self._written: dict[int, str] = {}
         directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(MAPPING_DIR_MODE)
+        for entry in directory.iterdir():  # what an earlier agent wrote, readable by any uid
+            if entry.is_file() and not entry.is_symlink():
+                os.chown(entry, -1, directory.stat().st_gid)
+                entry.chmod(MAPPING_FILE_MODE)
 
     def write(self, allocations: Iterable[tuple[int, int, str]]) -> None:
         jobs: dict[int, list[str]] = {i: [] for i in self.gpu_indices}
@@ -228,7 +244,7 @@ class DcgmJobMapping:
             text = "".join(f"{job}\n" for job in sorted(set(ids)))
             if self._written.get(gpu) != text:
                 try:
-                    write_atomic(self.directory / str(gpu), text)
+                    write_atomic(self.directory / str(gpu), text, MAPPING_FILE_MODE)
                     self._written[gpu] = text
                 except OSError as exc:
                     log.warning("cannot write dcgm job mapping for GPU %d: %s", gpu, exc)

@@ -108,7 +108,10 @@ def agent(
     ] = None,
     dcgm_mapping_dir: Annotated[
         Path | None,
-        typer.Option(help="Write dcgm-exporter HPC job-mapping files (one per GPU) here."),
+        typer.Option(
+            help="Write dcgm-exporter HPC job-mapping files (one per GPU) here; the directory "
+            "is made root's and its group's alone (2750): give dcgm-exporter that group or root."
+        ),
     ] = None,
     log_max_bytes: Annotated[
         int, typer.Option(help="Cap on each task's log kept on the node.", min=4096)

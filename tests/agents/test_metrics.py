@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,6 +78,55 @@ def test_dcgm_job_mapping_files(tmp_path: Path) -> None:
     mapping.write([(3, 9, "b")])
     assert (tmp_path / "jobs" / "0").read_text() == ""
     assert (tmp_path / "jobs" / "3").read_text() == "9\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading as another uid needs root")
+def test_no_task_reads_which_jobs_hold_which_gpus() -> None:
+    """The mapping files told any uid on the node which job ids held which GPU: another org's
+    task saw when a rival's job started, on how many GPUs and beside whom. dcgm-exporter reads
+    them as root or through the directory's group, which the operator gives it."""
+    base = Path(tempfile.mkdtemp(prefix="fairgpu-test-dcgm-", dir="/srv"))
+    try:
+        base.chmod(0o755)  # as /run or /var/lib is: every uid passes through
+        directory = base / "jobs"
+        directory.mkdir()
+        (directory / "0").write_text("3\n")  # an earlier agent's, made readable by anyone
+        (directory / "0").chmod(0o644)
+        os.chown(directory, -1, EXPORTER_GID)
+        mapping = DcgmJobMapping(directory, range(2))
+        mapping.write([(1, 7, "a")])
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o2750
+        for name in ("0", "1"):
+            info = (directory / name).stat()
+            assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o640, EXPORTER_GID)
+        probe = (
+            "import sys\n"
+            "for f in sys.argv[1:]:\n"
+            "    try:\n"
+            "        print(open(f).read().strip() or 'none')\n"
+            "    except OSError as exc:\n"
+            "        print(type(exc).__name__)\n"
+        )
+        files = [str(directory / "0"), str(directory / "1")]
+
+        def read_as(uid: int, gid: int, groups: list[int]) -> list[str]:
+            out = subprocess.run(
+                ["/usr/bin/python3", "-c", probe, *files],
+                user=uid, group=gid, extra_groups=groups, capture_output=True, text=True,
+                check=True,
+            )  # fmt: skip
+            return out.stdout.split()
+
+        task = 200_007  # a task's uid and gid: --task-uid-base (200000) + its org's id
+        assert read_as(task, task, []) == ["PermissionError"] * 2
+        # dcgm-exporter, run as a user of the directory's group
+        assert read_as(task + 1, task + 1, [EXPORTER_GID]) == ["none", "7"]
+    finally:
+        shutil.rmtree(base)
+
+
+EXPORTER_GID = 1_499_990
+"""The group an operator gives dcgm-exporter (any gid outside the tasks' range)."""
 
 
 def test_metrics_behind_a_token_refuse_a_scrape_without_it() -> None:
