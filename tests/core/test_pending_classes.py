@@ -314,3 +314,19 @@ def test_a_job_without_an_ordered_submission_time_leaves_its_class() -> None:
     kept = PendingClasses((*jobs, odd))
     assert kept.advance(jobs)
     assert classes_of(kept) == classes_of(PendingClasses(jobs))
+
+
+def test_without_borrowing_the_queue_is_taken_job_by_job_unless_asked() -> None:
+    """Guarantees as limits with backfill (slurm-like): jobs beyond their guarantee are asked
+    one by one, so a kept `Scheduler` does not keep classes for it; it does when asked."""
+    jobs = tuple(PendingJob(i, 1, 1, 1, 1, 3600.0, float(-i)) for i in range(1, 50))
+    nodes = (_node(1, "H100"),)
+    orgs = (Org(1, "o", None, 1.0, {"H100": 2}),)
+    slurm_like = PolicyConfig(borrowing=False, preemption=False)
+    snap = Snapshot(0.0, nodes, orgs, (), jobs, slurm_like)
+    chosen, asked = Scheduler(), Scheduler(by_class=True)
+    assert digest(chosen.schedule(snap)) == digest(asked.schedule(snap)) == digest(schedule(snap))
+    assert (chosen.classes_built, asked.classes_built) == (0, 1)
+    kept = Scheduler()
+    kept.schedule(replace(snap, config=PolicyConfig(preemption=False)))
+    assert kept.classes_built == 1
