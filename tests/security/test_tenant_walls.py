@@ -208,6 +208,57 @@ async def test_a_company_sees_its_groups_in_full_and_nothing_beside(
         assert await _usage(c, "user") == {"globex/globex-gus": 5.0}
 
 
+async def test_a_groups_admin_sees_neither_its_companys_nor_a_sibling_groups_jobs(
+    programme: Programme,
+) -> None:
+    """A group's org admin administers its group alone: its company's jobs (the company's own
+    people's) and a sibling group's are another org's to it, logs, events and reasons
+    included, and so are their people in usage (404, as for what does not exist)."""
+    async with programme.client("platform") as c:
+        made = await c.post(
+            "/v1/orgs", json={"name": "acme-nlp", "parent": "acme", "tenant": False}
+        )
+        assert made.status_code == 201, made.text
+    async with programme.app.state.sessionmaker() as session:
+        orgs = {o.name: o for o in (await session.scalars(select(Org))).all()}
+        for name, org, role in (
+            ("vision-admin", "acme-vision", Role.ORG_ADMIN),
+            ("nlp-nia", "acme-nlp", Role.MEMBER),
+        ):
+            user = User(name=name, org_id=orgs[org].id, role=role)
+            session.add(user)
+            await session.flush()
+            issued = await issue_token(session, kind=TokenKind.USER, user_id=user.id)
+            programme.tokens[name] = issued.secret
+            if name == "nlp-nia":
+                sibling = await factories.job(
+                    session, orgs[org], user, name="nlp-secret-model", state=JobState.RUNNING
+                )
+        await session.commit()
+    others = {"company": programme.jobs["acme-ada"].id, "sibling": sibling.id}
+    own = programme.jobs["vision-vic"].id
+    async with programme.client("vision-admin") as c:
+        for job_id in others.values():
+            for path in ("", "/logs", "/events", "/explain"):
+                response = await c.get(f"/v1/jobs/{job_id}{path}")
+                assert response.status_code == 404, (job_id, path, response.text)
+            for action in ("cancel", "hold", "release"):
+                response = await c.post(f"/v1/jobs/{job_id}/{action}")
+                assert response.status_code == 404, (job_id, action, response.text)
+            patched = await c.patch(f"/v1/jobs/{job_id}", json={"priority": 1})
+            assert patched.status_code in (404, 422), patched.text
+        for org in ("acme", "acme-nlp", "startups"):
+            assert (await c.get(f"/v1/jobs?org={org}")).status_code == 404, org
+            usage = await c.get(f"/v1/usage?by=user&{WINDOW}&org={org}")
+            assert usage.status_code == 404, (org, usage.text)
+        listed = [j["id"] for j in (await c.get("/v1/jobs")).json()["data"]]
+        mine = await c.get(f"/v1/jobs/{own}/events")
+        by_user = await _usage(c, "user")
+    assert listed == [own]
+    assert mine.status_code == 200, mine.text
+    assert by_user == {"acme-vision/vision-vic": 2.0}
+
+
 async def test_platform_admins_set_the_wall_and_see_everyone(programme: Programme) -> None:
     async with programme.client("platform") as c:
         assert await _usage(c, "user") == {
