@@ -317,8 +317,8 @@ def test_a_job_without_an_ordered_submission_time_leaves_its_class() -> None:
 
 
 def test_without_borrowing_the_queue_is_taken_job_by_job_unless_asked() -> None:
-    """Guarantees as limits with backfill (slurm-like): jobs beyond their guarantee are asked
-    one by one, so a kept `Scheduler` does not keep classes for it; it does when asked."""
+    """Guarantees as limits (slurm-like, fifo): jobs beyond their guarantee are asked one by
+    one, so a kept `Scheduler` does not keep classes for them; it does when asked."""
     jobs = tuple(PendingJob(i, 1, 1, 1, 1, 3600.0, float(-i)) for i in range(1, 50))
     nodes = (_node(1, "H100"),)
     orgs = (Org(1, "o", None, 1.0, {"H100": 2}),)
@@ -327,6 +327,9 @@ def test_without_borrowing_the_queue_is_taken_job_by_job_unless_asked() -> None:
     chosen, asked = Scheduler(), Scheduler(by_class=True)
     assert digest(chosen.schedule(snap)) == digest(asked.schedule(snap)) == digest(schedule(snap))
     assert (chosen.classes_built, asked.classes_built) == (0, 1)
+    strict = Scheduler()
+    strict.schedule(replace(snap, config=replace(slurm_like, ordering="fifo", backfill=False)))
+    assert strict.classes_built == 0
     kept = Scheduler()
     kept.schedule(replace(snap, config=PolicyConfig(preemption=False)))
     assert kept.classes_built == 1
