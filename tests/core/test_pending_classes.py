@@ -25,6 +25,7 @@ from scheduler.core.types import (
     PendingJob,
     Placement,
     PolicyConfig,
+    ReasonCode,
     RunningJob,
     Snapshot,
 )
@@ -333,3 +334,26 @@ def test_without_borrowing_the_queue_is_taken_job_by_job_unless_asked() -> None:
     kept = Scheduler()
     kept.schedule(replace(snap, config=PolicyConfig(preemption=False)))
     assert kept.classes_built == 1
+
+
+def test_borrowers_of_a_class_behind_the_strict_orders_blocked_head_wait_behind_it() -> None:
+    """Strict order (no backfill): borrowers x1 and x2 of one class are deferred to pass 2
+    whole when x1 is visited, but in-quota y, between them in the order, blocks the queue: x1
+    (ahead of y) borrows, x2 (behind it) waits behind y as job by job (found by hypothesis:
+    the class's later job started past the blocked head)."""
+    nodes = (_node(1, "A100"), _node(2, "H100"))
+    orgs = (
+        Org(1, "borrower", None, 1.0, {}),
+        Org(2, "owner", None, 1.0, {"A100": 8}, limit={"H100": 0}),
+    )
+    running = (RunningJob(900, 1, 1, "A100", (Placement(1, tuple(range(7))),), 0.0, 7200.0),)
+    x1 = PendingJob(1, 1, 1, 1, 1, 3600.0, -300.0, preemptible=True)
+    z = PendingJob(2, 2, 1, 1, 1, 3600.0, -250.0)  # takes the last A100 in quota
+    y = PendingJob(3, 2, 1, 1, 1, 3600.0, -200.0)  # in quota, nothing free: blocks
+    x2 = replace(x1, job_id=4, submitted_at=-100.0)
+    snap = Snapshot(0.0, nodes, orgs, running, (x1, z, y, x2), _by_age(backfill=False))
+    expected = schedule(snap)
+    assert expected.blocked_by == 3
+    assert {s.job_id for s in expected.starts} == {1, 2}
+    assert expected.reasons[4] == ReasonCode.PRIORITY
+    assert digest(Scheduler(by_class=True).schedule(snap)) == digest(expected)
