@@ -185,17 +185,7 @@ class TaskCgroup(ABC):
         self.kill(timeout_s)
         deadline = time.monotonic() + timeout_s
         for directory in self._directories():
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                        log.warning("cannot remove cgroup %s: %s", directory, exc)
-                        break
-                    time.sleep(0.01)
+            remove_when_empty(directory, deadline, "cgroup")
 
 
 class Hierarchy(ABC):
@@ -542,6 +532,23 @@ def _v1_mounts() -> dict[str, Path]:
                 if option in (*_V1_CONTROLLERS, HUGETLB):
                     mounts.setdefault(option, Path(fields[1]))
     return mounts
+
+
+def remove_when_empty(directory: Path, deadline: float, what: str) -> None:
+    """Delete a cgroup directory, trying again while the kernel says it still has members
+    (EBUSY: a killed process stays one until it has exited) until `deadline` (monotonic); one
+    still busy then, or refused otherwise, is left with a warning naming it as `what`."""
+    while True:
+        try:
+            directory.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                log.warning("cannot remove %s %s: %s", what, directory, exc)
+                return
+            time.sleep(0.01)
 
 
 def _cgroup_roots() -> list[Path]:

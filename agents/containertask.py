@@ -4,7 +4,6 @@ variables off the node's disk)."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Mapping
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents import sandbox
-from agents.cgroups import Hierarchy, Limits, _cgroup_roots
+from agents.cgroups import Hierarchy, Limits, _cgroup_roots, remove_when_empty
 from agents.container import (
     ContainerError,
     Runtime,
@@ -134,18 +133,7 @@ def remove_conmon_cgroups(path: str, timeout_s: float = 10.0) -> None:
     `timeout_s` is left, with a warning."""
     deadline = time.monotonic() + timeout_s
     for root in _cgroup_roots():
-        directory = root / path.lstrip("/") / "conmon"
-        while True:
-            try:
-                directory.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    log.warning("cannot remove podman's cgroup %s: %s", directory, exc)
-                    break
-                time.sleep(0.02)
+        remove_when_empty(root / path.lstrip("/") / "conmon", deadline, "podman's cgroup")
 
 
 def placement(
