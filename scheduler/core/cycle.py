@@ -14,7 +14,7 @@ import heapq
 import itertools
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import repeat
 
 from scheduler.core.backfill import Reservations
@@ -302,25 +302,8 @@ class Cycle:
         least = cfg.protect_gang_gpus
         if least <= 0 or not cfg.backfill:
             return set()
-        since = self.now - cfg.protect_gang_after_s
-        oldest: dict[int, PendingJob] = {}
-        within = self._within_share
-        for job, _prio in itertools.islice(order, cfg.backfill_depth):
-            if job.submitted_at > since or job.gpus_per_node * job.nodes < least:
-                continue
-            have = oldest.get(job.org_id)
-            if have is not None and (have.submitted_at, have.job_id) < (
-                job.submitted_at,
-                job.job_id,
-            ):
-                continue
-            types = self.static_types(job)
-            if types is None:
-                continue
-            n = job.gpus_per_node * job.nodes
-            if within(job.org_id) or any(self.books.in_quota(job.org_id, t, n) for t in types):
-                oldest[job.org_id] = job
-        return self._protect_oldest(oldest)
+        jobs = (job for job, _prio in itertools.islice(order, cfg.backfill_depth))
+        return self._protect_oldest(self._oldest_protected(jobs))
 
     def _protect_oldest(self, oldest: dict[int, PendingJob]) -> set[int]:
         """Settle each org's oldest protected gang, oldest first; returns those settled."""
@@ -448,11 +431,18 @@ class Cycle:
         least = cfg.protect_gang_gpus
         if least <= 0 or not cfg.backfill:
             return set()
+        firsts = (c.jobs[0] for c in classes.classes.values())
+        return self._protect_oldest(self._oldest_protected(firsts))
+
+    def _oldest_protected(self, jobs: Iterable[PendingJob]) -> dict[int, PendingJob]:
+        """Each org's oldest job among `jobs` that is big enough, has waited long enough, has a
+        type it may run on, and whose org is within its share or in quota on one of them."""
+        cfg = self.cfg
+        least = cfg.protect_gang_gpus
         since = self.now - cfg.protect_gang_after_s
         oldest: dict[int, PendingJob] = {}
         within = self._within_share
-        for c in classes.classes.values():
-            job = c.jobs[0]
+        for job in jobs:
             if job.submitted_at > since or job.gpus_per_node * job.nodes < least:
                 continue
             have = oldest.get(job.org_id)
@@ -467,7 +457,7 @@ class Cycle:
             n = job.gpus_per_node * job.nodes
             if within(job.org_id) or any(self.books.in_quota(job.org_id, t, n) for t in types):
                 oldest[job.org_id] = job
-        return self._protect_oldest(oldest)
+        return oldest
 
     def _within_share(self, org_id: int) -> bool:
         """Its subtree's decayed usage is no more than its share of the cluster (F ≥ 0.5)."""

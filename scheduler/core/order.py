@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from scheduler.core.types import PendingJob, PolicyConfig
 
@@ -89,6 +90,39 @@ def classes_first_changes_nothing(cfg: PolicyConfig, spread: float) -> bool:
     return False
 
 
+class _Terms(NamedTuple):
+    """What each job's priority is summed from: its org's and class's terms by lookup, the age
+    and size terms' weights, caps and slopes."""
+
+    fs_get: Callable[[int, float], float]
+    cls_get: Callable[[str, float], float]
+    w_age: float
+    age_max: float
+    age_w: float
+    w_size: float
+    size_w: float
+    total: int
+
+
+def _terms(cfg: PolicyConfig, factor: Mapping[int, float], total_gpus: int) -> _Terms:
+    classes = cfg.priority_classes
+    top = max(classes.values(), default=1) or 1
+    total = total_gpus or 1
+    age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
+    fs = {o: cfg.weight_fairshare * f for o, f in factor.items()}
+    cls = {c: cfg.weight_class * v / top for c, v in classes.items()}
+    return _Terms(
+        fs.get,
+        cls.get,
+        cfg.weight_age,
+        age_max,
+        cfg.weight_age / age_max,
+        cfg.weight_size,
+        cfg.weight_size / total,
+        total,
+    )
+
+
 def _multifactor(
     pending: Sequence[PendingJob],
     cfg: PolicyConfig,
@@ -96,21 +130,7 @@ def _multifactor(
     factor: Mapping[int, float],
     total_gpus: int,
 ) -> list[tuple[PendingJob, float]]:
-    classes = cfg.priority_classes
-    top = max(classes.values(), default=1) or 1
-    total = total_gpus or 1
-    w_fs, w_cls, w_age, w_size = (
-        cfg.weight_fairshare,
-        cfg.weight_class,
-        cfg.weight_age,
-        cfg.weight_size,
-    )
-    age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
-    fs = {o: w_fs * f for o, f in factor.items()}
-    cls = {c: w_cls * v / top for c, v in classes.items()}
-    age_w = w_age / age_max
-    size_w = w_size / total
-    fs_get, cls_get = fs.get, cls.get
+    fs_get, cls_get, w_age, age_max, age_w, w_size, size_w, total = _terms(cfg, factor, total_gpus)
     if len(pending) < _SORT_POSITIONS_FROM:
         # priority = fair share + class + age + size, summed in that order; sorted by
         # (-priority, submitted_at, job_id, position).
@@ -163,21 +183,7 @@ def priority_of(
     same order): for a cycle that visits the queue class by class (`scheduler.core.pending`)."""
     if cfg.ordering == "fifo":
         return _zero
-    classes = cfg.priority_classes
-    top = max(classes.values(), default=1) or 1
-    total = total_gpus or 1
-    w_fs, w_cls, w_age, w_size = (
-        cfg.weight_fairshare,
-        cfg.weight_class,
-        cfg.weight_age,
-        cfg.weight_size,
-    )
-    age_max = cfg.age_max_s if cfg.age_max_s > 0 else 1.0
-    fs = {o: w_fs * f for o, f in factor.items()}
-    cls = {c: w_cls * v / top for c, v in classes.items()}
-    age_w = w_age / age_max
-    size_w = w_size / total
-    fs_get, cls_get = fs.get, cls.get
+    fs_get, cls_get, w_age, age_max, age_w, w_size, size_w, total = _terms(cfg, factor, total_gpus)
 
     def priority(j: PendingJob) -> float:
         return (
