@@ -61,7 +61,12 @@ def step(s: Snapshot, what: str, rnd: random.Random) -> Snapshot:
         node = rnd.choice(s.nodes)
         free = [g for g in node.gpus if (node.id, g) not in used]
         if free:
-            job_id = 50_000 + len(s.running) + rnd.randrange(10**6)
+            # A fresh id: two jobs of one id never run at once (and the kept tables would,
+            # rightly, be rebuilt for such a queue rather than corrected).
+            taken = {r.job_id for r in s.running}
+            job_id = 50_000 + rnd.randrange(10**6)
+            while job_id in taken:
+                job_id += 1
             gpus = tuple(free[: rnd.randint(1, len(free))])
             new = RunningJob(
                 job_id,
