@@ -52,7 +52,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import Receive, Scope, Send
 
-from api.deps import parse_bearer
+from api.deps import ADMITTED_AT, parse_bearer
 from api.limits import AGENT_PREFIX, CHANGE_METHODS, JOBS_PATH, MAX_BODY_BYTES, UserCharge
 from api.problems import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, WEBSOCKET_DENIAL, problem_body
 from scheduler.db.types import utcnow
@@ -329,13 +329,22 @@ class Admission:
         return None
 
     def charge_user(
-        self, kind: UserCharge, user_id: int, org_id: int | None, cost: float = 1.0
+        self,
+        kind: UserCharge,
+        user_id: int,
+        org_id: int | None,
+        cost: float = 1.0,
+        now: float | None = None,
     ) -> None:
         """A request of `kind`, once its token is known: the user's bucket (over all their
         tokens), then the org's (over all its users; none for a platform admin).
-        TooManyRequests past one."""
+        TooManyRequests past one. `now`: when the request was admitted (`ADMITTED_AT` in its
+        scope's state), so that its token's bucket and these are charged at one instant and
+        refill together: charged after authentication, under load a second later, they made a
+        client that waited the token bucket's Retry-After meet a user bucket still short of a
+        token, and that refusal spend the token bucket's token again."""
         for buckets, key, whose in self._user_buckets(kind, user_id, org_id):
-            wait_s = buckets.take(key, cost=cost)
+            wait_s = buckets.take(key, now=now, cost=cost)
             if wait_s > 0:
                 retry_after = max(1, math.ceil(wait_s))
                 raise TooManyRequests(
@@ -398,7 +407,9 @@ class Admission:
                 return False
         if limited is not None and secret is not None:
             buckets, what = limited
-            wait_s = buckets.take(hash_token(secret))
+            now = time.monotonic()
+            scope.setdefault("state", {})[ADMITTED_AT] = now
+            wait_s = buckets.take(hash_token(secret), now=now)
             if wait_s > 0:
                 retry_after = max(1, math.ceil(wait_s))
                 await _refuse(

@@ -239,6 +239,11 @@ async def autocommit_user_principal(request: Request, session: AutocommitSession
     return principal
 
 
+ADMITTED_AT = "fairgpu_admitted_at"
+"""The key in a request's scope state of the monotonic time its token's bucket was charged
+(api/admission.py `admit`): the user's and the org's buckets are charged at that instant."""
+
+
 def _charge_user(request: Request, principal: Principal) -> None:
     """The user's and the org's buckets (api/admission.py `charge_user`); TooManyRequests."""
     admission = getattr(request.app, "admission", None)
@@ -247,7 +252,8 @@ def _charge_user(request: Request, principal: Principal) -> None:
     kind = user_charge(request.method, request.url.path)
     if kind is None:
         return
-    admission.charge_user(kind, principal.user_id, principal.org_id)
+    at = request.scope.get("state", {}).get(ADMITTED_AT)
+    admission.charge_user(kind, principal.user_id, principal.org_id, now=at)
 
 
 AutocommitUserPrincipal = Annotated[Principal, Depends(autocommit_user_principal)]
