@@ -14,7 +14,7 @@ import pytest
 
 from agents.cgroups import HUGETLB, _cgroup_roots
 from agents.container import container_name
-from tests.agents.helpers import spec, wait_for
+from tests.agents.helpers import docker_unusable, spec, wait_for
 from tests.agents.test_container_netns import (  # noqa: F401 - fixtures
     TASK,
     docker_node,
@@ -25,6 +25,21 @@ from tests.agents.test_isolation import ACME, PY, UID_BASE
 from tests.agents.test_netns import NetNode, node  # noqa: F401 - the fixtures
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="docker tasks need root")
+
+
+def _sleeping_container(net: NetNode, img: str, client: str) -> tuple[int, str]:
+    """Task TASK's container, started sleeping: its first process's pid and its name. Where
+    the runtime's cgroup driver is not cgroupfs the agent places no container below its task:
+    not usable for these tests (a failure where CI requires the runtime)."""
+    containers = net.runner.containers
+    if containers.works and containers.cgroup_driver != "cgroupfs":  # `works` asks the runtime
+        docker_unusable(f"its cgroup driver is {containers.cgroup_driver}", client)
+    name = container_name(net.runner.tag, TASK)
+    net.runner.start(spec(TASK, ["/bin/sleep", "600"], image=img, gpus=[], network="host", **ACME))
+    wait_for(lambda: _container_pid(client, name) > 0 or net._ended(TASK), 90)
+    pid = _container_pid(client, name)
+    assert pid > 0, net.result(TASK)
+    return pid, name
 
 
 def _container_pid(client: str, name: str) -> int:
@@ -62,15 +77,7 @@ def test_a_container_tasks_container_is_below_its_tasks_cgroup_and_ends_with_it(
     net = docker_node
     cgroups = net.confinement.cgroups
     assert cgroups is not None
-    if net.runner.containers.works and net.runner.containers.cgroup_driver != "cgroupfs":
-        pytest.skip(f"{runtime}'s cgroup driver is {net.runner.containers.cgroup_driver}")
-    name = container_name(net.runner.tag, TASK)
-    net.runner.start(
-        spec(TASK, ["/bin/sleep", "600"], image=image, gpus=[], network="host", **ACME)
-    )
-    wait_for(lambda: _container_pid(runtime, name) > 0 or net._ended(TASK), 90)
-    pid = _container_pid(runtime, name)
-    assert pid > 0, net.result(TASK)
+    pid, name = _sleeping_container(net, image, runtime)
     parent = cgroups.container_parent(TASK)
     assert HUGETLB in parent.bounded, parent
     assert "pids" in parent.bounded, parent
@@ -133,15 +140,7 @@ def test_another_org_cannot_read_a_container_tasks_container_cgroups(
     net = docker_node
     cgroups = net.confinement.cgroups
     assert cgroups is not None
-    if net.runner.containers.works and net.runner.containers.cgroup_driver != "cgroupfs":
-        pytest.skip(f"{runtime}'s cgroup driver is {net.runner.containers.cgroup_driver}")
-    name = container_name(net.runner.tag, TASK)
-    net.runner.start(
-        spec(TASK, ["/bin/sleep", "600"], image=image, gpus=[], network="host", **ACME)
-    )
-    wait_for(lambda: _container_pid(runtime, name) > 0 or net._ended(TASK), 90)
-    pid = _container_pid(runtime, name)
-    assert pid > 0, net.result(TASK)
+    pid, name = _sleeping_container(net, image, runtime)
     parent = cgroups.container_parent(TASK).path
     joined = _cgroups_of(pid)
     files = sorted(
