@@ -28,17 +28,7 @@ def test_org_wall_is_set_and_shown(served: Served) -> None:
     served.ok("org", "update", "acme-vision", "--group")
     assert _as_json(served, "org", "get", "acme-vision")["tenant"] is False
 
-    admin = _as_json(
-        served,
-        "user",
-        "create",
-        "prog-admin",
-        "--org",
-        "startups",
-        "--role",
-        "org-admin",
-        "--token",
-    )["token"]
+    admin = _programme_admin(served)
     refused = served.run("org", "update", "acme", "--group", token=admin)
     assert refused.exit_code != 0
     assert "Traceback" not in refused.stderr
@@ -48,7 +38,17 @@ def test_a_programme_admin_sees_a_companys_settings_as_hidden(served: Served) ->
     served.ok("org", "create", "startups")
     served.ok("org", "create", "acme", "--parent", "startups")
     served.ok("org", "update", "acme", "--images", "registry.acme.internal/secret-*")
-    admin = _as_json(
+    admin = _programme_admin(served)
+    wide = served.ok("org", "list", "-o", "wide", token=admin)
+    [acme] = [line for line in wide.splitlines() if " acme " in f"{line} "]
+    assert "hidden" in acme
+    assert "secret" not in wide
+    assert "secret" in served.ok("org", "list", "-o", "wide")  # the platform admin's view
+
+
+def _programme_admin(served: Served) -> str:
+    """A new org admin of `startups` (the programme above the companies): their token."""
+    token: str = _as_json(
         served,
         "user",
         "create",
@@ -59,8 +59,4 @@ def test_a_programme_admin_sees_a_companys_settings_as_hidden(served: Served) ->
         "org-admin",
         "--token",
     )["token"]
-    wide = served.ok("org", "list", "-o", "wide", token=admin)
-    [acme] = [line for line in wide.splitlines() if " acme " in f"{line} "]
-    assert "hidden" in acme
-    assert "secret" not in wide
-    assert "secret" in served.ok("org", "list", "-o", "wide")  # the platform admin's view
+    return token
