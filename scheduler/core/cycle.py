@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import repeat
@@ -328,8 +327,9 @@ class Cycle:
         way with nothing changed on the way (the same as `run` gives them):
         - a reason that holds for any job of the class (held, dependency, no node fits ...);
         - a job behind the strict order's blocked head: the same `queued` wait;
-        - a borrower with no type in quota, of an org without limits: allocations only grow
-          in a cycle, so the rest is not in quota either; all wait for pass 2, in order;
+        - a borrower with no type in quota, of an org without limits, where the order cannot
+          block (backfill on): allocations only grow in a cycle, so the rest is not in quota
+          either; all wait for pass 2, in order;
         - in pass 2, a borrower that found nothing: the rest of its class finds the same
           failed borrow (capacity and victims only shrank), without its limits (an org without
           limits) or its time limit (the same) changing that.
@@ -353,7 +353,6 @@ class Cycle:
         heapq.heapify(heap)
         limited = self.books.limited
         deferred: dict[int, list[_Run]] = {}
-        blocked_at: tuple[float, float, int] | None = None  # the strict order's blocked head
         pop, push = heapq.heappop, heapq.heappush
         while heap:
             negp, sub, jid, i, c = pop(heap)
@@ -369,10 +368,12 @@ class Cycle:
                 waits.update(zip(c.ids[i:], repeat(w)))
                 continue
             borrow = self._consider(job, types)
-            if self.blocked_by is not None and blocked_at is None:
-                blocked_at = (negp, sub, jid)
             if borrow:
-                last = end if borrow is types and not limited[job.org_id] else i + 1
+                # The rest of the class waits for pass 2 with it, unless the strict order may
+                # still block ahead of them (a later job of another class in quota, nothing
+                # free): job by job, those behind the blocked head then wait behind it.
+                whole = borrow is types and not limited[job.org_id] and self.cfg.backfill
+                last = end if whole else i + 1
                 run: _Run = (negp, sub, jid, i, last, c, borrow)
                 queue = deferred.get(job.org_id)
                 if queue is None:
@@ -385,40 +386,7 @@ class Cycle:
             if i < end:
                 j = jobs[i]
                 push(heap, (-prio(j), j.submitted_at, j.job_id, i, c))
-        if blocked_at is not None:
-            self._cut_behind(deferred, blocked_at, prio)
         self._lend_runs(deferred, prio)
-
-    def _cut_behind(
-        self,
-        deferred: dict[int, list[_Run]],
-        blocked_at: tuple[float, float, int],
-        prio: Callable[[PendingJob], float],
-    ) -> None:
-        """End each stretch of borrowers deferred before the strict order blocked at the
-        blocked head's place: `run` defers only the jobs ahead of it, and queues the rest
-        behind it, those of a stretch settled whole before the head was reached among them."""
-        for oid, queue in deferred.items():
-            kept: list[_Run] = []
-            for run in queue:
-                negp, sub, jid, i, last, c, types = run
-                jobs = c.jobs
-                # A class's places rise with its index (submit order): the first one behind.
-                cut = (
-                    bisect_right(
-                        range(i, last),
-                        blocked_at,
-                        key=lambda k: (-prio(jobs[k]), jobs[k].submitted_at, jobs[k].job_id),
-                    )
-                    + i
-                )
-                if cut < last:
-                    wait = self.ex.queued(jobs[cut], types[0], self.blocked_by)
-                    self.waits.update(zip(c.ids[cut:last], repeat(wait)))
-                if cut > i:
-                    kept.append((negp, sub, jid, i, cut, c, types))
-            heapq.heapify(kept)
-            deferred[oid] = kept
 
     def _protect_first_by_class(self, classes: PendingClasses) -> set[int]:
         """`_protect_first` over the classes: the same gangs, in the same order.
